@@ -1,0 +1,82 @@
+//! # warden: process pools and child processes that always clean up after themselves
+//!
+//! warden runs work in child processes and guarantees that every process and
+//! every resource it starts is cleaned up, on every exit path: finish,
+//! retirement, panic, timeout, cancel, signal, parent death, crash.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! fn fib(n: u64) -> u64 {
+//!     if n < 2 { n } else { fib(n - 1) + fib(n - 2) }
+//! }
+//!
+//! fn opened() { eprintln!("worker {} up", std::process::id()); }
+//! fn closed(reason: warden::ExitReason) { eprintln!("worker {} down: {reason:?}", std::process::id()); }
+//!
+//! fn main() -> Result<(), warden::Error> {
+//!     warden::init(); // a re-executed copy of this program becomes a worker here
+//!
+//!     let pool = warden::Pool::builder()
+//!         .workers(2)
+//!         .on_start(opened)
+//!         .on_exit(closed)
+//!         .task_timeout(Duration::from_secs(10))
+//!         .build()?;
+//!     let handles: Vec<_> = (20..30).map(|n| pool.spawn(fib, n)).collect::<Result<_, _>>()?;
+//!     for h in handles {
+//!         println!("{}", h.join()?);
+//!     }
+//!     pool.shutdown(); // workers retire and run `closed`
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## Modules
+//!
+//! * [`pool`]: the builder, pools, task handles and one-off children;
+//! * [`supervisor`]: the event loop that owns the workers (lifecycle diagram there);
+//! * [`spawn`]: how a worker process is started (exec, fds, death signal, group);
+//! * [`worker`]: the worker-side loop and its single exit path;
+//! * [`wire`]: frames and messages;
+//! * [`finalize`]: exit finalizers;
+//! * [`signals`]: worker signal handling (flags only).
+//!
+//! ## Caveats
+//!
+//! * [`init`] must be the first thing `main` does: workers are this executable
+//!   run again, and everything before `init` runs in them too.
+//! * Linux only: pidfds (5.3), `close_range` (5.11), `PR_SET_PDEATHSIG`.
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod finalize;
+pub mod pool;
+pub mod signals;
+pub mod spawn;
+pub mod supervisor;
+pub mod task;
+pub mod wire;
+pub mod worker;
+
+pub use error::{Error, ErrorKind, ExitStatus, Result};
+pub use pool::{spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, TaskOptions};
+pub use supervisor::{Event, StopCause, WorkerExit, WorkerSnapshot};
+pub use wire::{ExitReason, RetireReason};
+
+/// Turns this process into a worker if it was started as one, and never
+/// returns in that case; otherwise returns at once.
+///
+/// Call it first thing in `main` of any program that uses [`Pool::builder`] or
+/// [`spawn`]: their workers run this same executable, and serve tasks from here.
+pub fn init() {
+    let Some(env) = worker::WorkerEnv::take() else { return };
+    match env {
+        Ok(env) => worker::serve(env, task::RustHandler).exit(),
+        Err(msg) => {
+            eprintln!("warden: bad worker environment: {msg}");
+            std::process::exit(worker::EXIT_PROTOCOL);
+        }
+    }
+}

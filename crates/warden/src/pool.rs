@@ -1,0 +1,669 @@
+//! Pools of worker processes: the builder, the pool, and task handles.
+//!
+//! ```no_run
+//! fn square(x: u64) -> u64 {
+//!     x * x
+//! }
+//!
+//! fn main() -> Result<(), warden::Error> {
+//!     warden::init(); // first thing: a worker process stops here and serves tasks
+//!     let pool = warden::Pool::builder().workers(2).build()?;
+//!     let handle = pool.spawn(square, 7)?;
+//!     assert_eq!(handle.join()?, 49);
+//!     pool.shutdown();
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Shutting down
+//!
+//! | call | queued tasks | running tasks | workers |
+//! |------|--------------|---------------|---------|
+//! | [`Pool::shutdown`] / [`Pool::close`] + [`Pool::join`] | run | finish | retire (exit hooks), then escalate after the grace period |
+//! | dropping the pool | cancelled | get one grace period to finish, then are cancelled | retire, then escalate |
+//! | [`Pool::terminate`] | cancelled | cancelled | SIGTERM (exit hooks run), SIGKILL after the grace period |
+//! | [`Pool::kill`] | cancelled | cancelled | SIGKILL now |
+//!
+//! Every stage that waits on a worker has a deadline; only waiting for tasks
+//! the caller asked to drain is as long as those tasks (bound them with
+//! [`Builder::task_timeout`] or [`Pool::shutdown_timeout`]). When a shutdown
+//! returns, every worker has been reaped and every fd the pool opened is closed.
+//!
+//! # Caveats
+//!
+//! * Lifecycle events ([`Builder::on_event`]) and task outcomes are delivered on
+//!   the supervisor thread: callbacks must be quick and must not block.
+//! * The pool spawns its workers from its supervisor thread, because the
+//!   parent-death signal is tied to the thread that spawned a process.
+
+use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::spawn::WorkerCommand;
+use crate::supervisor::{self, Command, Config, Event, EventSink, Reply, Shared, Task, WorkerSnapshot};
+use crate::task::{self, Call, RustInit};
+use crate::wire::{ExitReason, DEFAULT_MAX_FRAME};
+
+/// Default time a worker gets to finish its exit path before it is signalled.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+/// Default time a worker gets to say hello and run its start hook.
+pub const DEFAULT_INIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default restart intensity: more than this many crashes …
+pub const DEFAULT_RESTART_LIMIT: u32 = 10;
+/// … within this window fail the pool.
+pub const DEFAULT_RESTART_WINDOW: Duration = Duration::from_secs(5);
+
+/// Builds a [`Pool`].
+pub struct Builder {
+    cfg: Config,
+    on_start: Option<fn()>,
+    on_exit: Option<fn(ExitReason)>,
+    raw_init: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder").field("name", &self.cfg.name).field("workers", &self.cfg.workers).finish()
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+impl Builder {
+    fn new(command: WorkerCommand, identity: Option<u64>) -> Self {
+        Builder {
+            cfg: Config {
+                name: "warden".into(),
+                workers: default_workers(),
+                command,
+                init_payload: Vec::new(),
+                pass_fds: Vec::new(),
+                max_tasks_per_child: None,
+                task_timeout: None,
+                init_timeout: DEFAULT_INIT_TIMEOUT,
+                grace: DEFAULT_GRACE,
+                restart_limit: DEFAULT_RESTART_LIMIT,
+                restart_window: DEFAULT_RESTART_WINDOW,
+                max_frame: DEFAULT_MAX_FRAME,
+                prefetch: 1,
+                identity,
+                on_event: None,
+                one_off: false,
+            },
+            on_start: None,
+            on_exit: None,
+            raw_init: None,
+        }
+    }
+
+    /// Number of worker processes (default: the number of CPUs).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.cfg.workers = n;
+        self
+    }
+
+    /// A name for logs and the supervisor thread.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.cfg.name = name.into();
+        self
+    }
+
+    /// Runs in every worker before it takes tasks. A panic fails that worker's
+    /// start (and counts toward the restart intensity).
+    pub fn on_start(mut self, hook: fn()) -> Self {
+        self.on_start = Some(hook);
+        self
+    }
+
+    /// Runs in every worker at the end of its life, whatever ends it except
+    /// SIGKILL: retirement, shutdown, SIGTERM (task timeout, cancel, terminate),
+    /// parent death. See [`crate::worker`] for which thread runs it.
+    pub fn on_exit(mut self, hook: fn(ExitReason)) -> Self {
+        self.on_exit = Some(hook);
+        self
+    }
+
+    /// Retires a worker (running its exit hook) after this many tasks and
+    /// starts a fresh one.
+    pub fn max_tasks_per_child(mut self, n: u64) -> Self {
+        self.cfg.max_tasks_per_child = Some(n.max(1));
+        self
+    }
+
+    /// Default timeout for each task, counted from when a worker starts it.
+    /// On expiry the task ends as timed out and its worker is stopped (SIGTERM,
+    /// exit hook, grace period, SIGKILL) and replaced.
+    pub fn task_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.task_timeout = Some(timeout);
+        self
+    }
+
+    /// Time a new worker has to start and run its start hook.
+    pub fn init_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.init_timeout = timeout;
+        self
+    }
+
+    /// Grace period of every escalation step: after a retire before SIGTERM,
+    /// after SIGTERM before SIGKILL.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.cfg.grace = grace;
+        self
+    }
+
+    /// Restart intensity, as in an OTP supervisor: more than `max` worker
+    /// failures (crashes, failed starts) within `window` fail the pool.
+    pub fn restart_intensity(mut self, max: u32, window: Duration) -> Self {
+        self.cfg.restart_limit = max;
+        self.cfg.restart_window = window;
+        self
+    }
+
+    /// Largest frame (task or result) accepted on the wire; default 256 MiB.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.cfg.max_frame = bytes.max(64);
+        self
+    }
+
+    /// How many tasks a worker may have been sent at once (default 1: a task is
+    /// only sent to an idle worker). More hides the round trip for tiny tasks.
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.cfg.prefetch = n.max(1);
+        self
+    }
+
+    /// Sets an environment variable in every worker.
+    pub fn env(mut self, key: impl Into<std::ffi::OsString>, value: impl Into<std::ffi::OsString>) -> Self {
+        self.cfg.command.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Receives lifecycle events, on the supervisor thread.
+    pub fn on_event(mut self, sink: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.cfg.on_event = Some(Arc::new(sink) as EventSink);
+        self
+    }
+
+    /// Runs another program as the workers (a front end for another language).
+    /// Such a pool takes [`Pool::submit_raw`] tasks only.
+    pub fn command(mut self, command: WorkerCommand) -> Self {
+        self.cfg.command = command;
+        self.cfg.identity = None;
+        self
+    }
+
+    /// The opaque payload of the `Init` message, for a [`Builder::command`] pool.
+    pub fn init_payload(mut self, payload: Vec<u8>) -> Self {
+        self.raw_init = Some(payload);
+        self
+    }
+
+    /// Passes an fd to every worker, at the number it has in this process.
+    /// The pool keeps it open until it shuts down.
+    pub fn pass_fd(mut self, fd: OwnedFd) -> Self {
+        self.cfg.pass_fds.push(fd);
+        self
+    }
+
+    /// Makes this a one-off child: one worker, one task, no replacement.
+    pub(crate) fn one_off(mut self) -> Self {
+        self.cfg.one_off = true;
+        self.cfg.workers = 1;
+        self.cfg.max_tasks_per_child = Some(1);
+        self.cfg.restart_limit = 0;
+        self
+    }
+
+    /// Starts the supervisor thread and the workers. Returns at once; tasks
+    /// submitted before the workers are ready wait in the queue.
+    pub fn build(mut self) -> Result<Pool> {
+        if self.cfg.workers == 0 {
+            return Err(Error::config("a pool needs at least one worker"));
+        }
+        self.cfg.init_payload = match self.raw_init.take() {
+            Some(payload) => payload,
+            None => postcard::to_allocvec(&RustInit::new(self.on_start, self.on_exit)).map_err(Error::codec)?,
+        };
+        let grace = self.cfg.grace;
+        let name = self.cfg.name.clone();
+        let default_timeout = self.cfg.task_timeout;
+        let max_frame = self.cfg.max_frame;
+        let typed = self.cfg.identity.is_some();
+        let (sup, shared) = supervisor::create(self.cfg)?;
+        let thread = std::thread::Builder::new().name(format!("{name}-supervisor")).spawn(move || sup.run())?;
+        Ok(Pool { shared, thread: Mutex::new(Some(thread)), grace, default_timeout, max_frame, typed })
+    }
+}
+
+/// A pool of worker processes. See the [module documentation](self).
+pub struct Pool {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    grace: Duration,
+    default_timeout: Option<Duration>,
+    max_frame: usize,
+    typed: bool,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("done", &self.shared.is_done()).finish()
+    }
+}
+
+/// Options of one task.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskOptions {
+    /// Overrides the pool's task timeout for this task.
+    pub timeout: Option<Duration>,
+}
+
+impl Pool {
+    /// A builder for a pool whose workers run this executable's Rust functions.
+    /// The program must call [`crate::init`] first thing in `main`.
+    pub fn builder() -> Builder {
+        Builder::new(WorkerCommand::current_exe(), Some(task::identity()))
+    }
+
+    /// Runs `f(args)` in a worker.
+    pub fn spawn<A, R>(&self, f: fn(A) -> R, args: A) -> Result<Handle<R>>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        self.spawn_with(f, args, TaskOptions::default())
+    }
+
+    /// Runs `f(args)` in a worker, with options.
+    pub fn spawn_with<A, R>(&self, f: fn(A) -> R, args: A, options: TaskOptions) -> Result<Handle<R>>
+    where
+        A: Serialize + DeserializeOwned,
+        R: Serialize + DeserializeOwned,
+    {
+        if !self.typed {
+            return Err(Error::config("this pool runs another program; use submit_raw"));
+        }
+        let payload = Call::encode(f, &args).map_err(Error::codec)?;
+        let slot = Arc::new(Slot::default());
+        let reply_slot = Arc::clone(&slot);
+        let id = self.submit_raw(payload, options, Box::new(move |outcome| reply_slot.fill(outcome)))?;
+        Ok(Handle { id, slot, shared: Arc::clone(&self.shared), _result: PhantomData })
+    }
+
+    /// Queues an opaque payload; `reply` gets its outcome exactly once, on the
+    /// supervisor thread. Returns the task's id.
+    pub fn submit_raw(&self, payload: Vec<u8>, options: TaskOptions, reply: Reply) -> Result<u64> {
+        if !self.shared.accepting.load(Ordering::SeqCst) {
+            return Err(self.closed_error());
+        }
+        // Frame overhead is a few bytes; refuse what can never be sent.
+        if payload.len() + 32 > self.max_frame {
+            return Err(Error::new(ErrorKind::Rejected(format!(
+                "task of {} bytes exceeds the frame limit of {} bytes",
+                payload.len(),
+                self.max_frame
+            ))));
+        }
+        let id = self.shared.next_task.fetch_add(1, Ordering::Relaxed);
+        let task = Task::new(id, payload, options.timeout.or(self.default_timeout), reply);
+        match self.shared.send(Command::Submit(task)) {
+            Ok(()) => Ok(id),
+            Err(cmd) => {
+                // The supervisor is gone; the task's Drop tells `reply` so.
+                drop(cmd);
+                Err(self.closed_error())
+            }
+        }
+    }
+
+    fn closed_error(&self) -> Error {
+        match self.shared.failure() {
+            Some(reason) => Error::new(ErrorKind::PoolFailed { reason }),
+            None => Error::closed(),
+        }
+    }
+
+    /// Cancels a task by id: a queued task is removed, a running one is stopped
+    /// with its worker (which runs its exit hook and is replaced). Returns
+    /// whether the task was cancelled (false if it had already finished).
+    pub fn cancel(&self, id: u64) -> bool {
+        cancel(&self.shared, id)
+    }
+
+    /// Stops taking tasks; queued tasks still run, then the workers retire.
+    /// Returns at once; see [`Pool::join`].
+    pub fn close(&self) {
+        self.shared.accepting.store(false, Ordering::SeqCst);
+        let _ = self.shared.send(Command::Close { drain: true, deadline: None });
+    }
+
+    /// Cancels queued and running tasks and stops every worker with SIGTERM
+    /// (exit hooks run), then SIGKILL after the grace period. Returns at once.
+    pub fn terminate(&self) {
+        self.shared.accepting.store(false, Ordering::SeqCst);
+        let _ = self.shared.send(Command::Terminate);
+    }
+
+    /// Cancels everything and kills every worker with SIGKILL now (no exit
+    /// hooks). Returns at once.
+    pub fn kill(&self) {
+        self.shared.accepting.store(false, Ordering::SeqCst);
+        let _ = self.shared.send(Command::Kill);
+    }
+
+    /// Waits until the pool has shut down and every worker is reaped; `false`
+    /// if `timeout` ran out first.
+    pub fn join(&self, timeout: Option<Duration>) -> bool {
+        if !self.shared.wait_done(timeout) {
+            return false;
+        }
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+        true
+    }
+
+    /// Graceful shutdown: queued tasks run, then workers retire. Blocks until
+    /// every worker is reaped.
+    pub fn shutdown(self) {
+        self.close();
+        self.join(None);
+    }
+
+    /// Like [`Pool::shutdown`], but after `timeout` the rest is terminated.
+    /// Returns whether it finished without terminating.
+    pub fn shutdown_timeout(self, timeout: Duration) -> bool {
+        self.close();
+        if self.join(Some(timeout)) {
+            return true;
+        }
+        self.terminate();
+        self.join_bounded();
+        false
+    }
+
+    /// Waits at most long enough for a terminate to run its course, then kills.
+    fn join_bounded(&self) {
+        if self.join(Some(self.grace * 2 + Duration::from_secs(2))) {
+            return;
+        }
+        self.kill();
+        if !self.join(Some(supervisor::KILL_WAIT + Duration::from_secs(2))) {
+            tracing::error!("warden pool did not finish shutting down");
+        }
+    }
+
+    /// Whether the pool has finished shutting down.
+    pub fn is_shut_down(&self) -> bool {
+        self.shared.is_done()
+    }
+
+    /// Why the pool failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure()
+    }
+
+    /// A snapshot of the live workers. Empty once the pool has shut down.
+    pub fn workers(&self) -> Vec<WorkerSnapshot> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if self.shared.send(Command::Snapshot { reply: tx }).is_err() {
+            return Vec::new();
+        }
+        rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default()
+    }
+}
+
+impl Drop for Pool {
+    /// A graceful shutdown with a bounded wait: queued tasks are cancelled,
+    /// running ones get one grace period, workers retire and run their exit hooks.
+    fn drop(&mut self) {
+        if self.shared.is_done() {
+            self.join(Some(Duration::ZERO));
+            return;
+        }
+        self.shared.accepting.store(false, Ordering::SeqCst);
+        let _ = self.shared.send(Command::Close { drain: false, deadline: Some(Instant::now() + self.grace) });
+        if self.join(Some(self.grace * 3 + Duration::from_secs(2))) {
+            return;
+        }
+        self.kill();
+        if !self.join(Some(supervisor::KILL_WAIT + Duration::from_secs(2))) {
+            tracing::error!("warden pool did not finish shutting down");
+        }
+    }
+}
+
+fn cancel(shared: &Shared, id: u64) -> bool {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    if shared.send(Command::Cancel { id, reply: tx }).is_err() {
+        return false;
+    }
+    rx.recv_timeout(Duration::from_secs(10)).unwrap_or(false)
+}
+
+#[derive(Default)]
+enum SlotState {
+    #[default]
+    Pending,
+    Done(Result<Vec<u8>>),
+    Taken,
+}
+
+/// Where a task's outcome lands.
+#[derive(Default)]
+pub(crate) struct Slot {
+    state: Mutex<SlotState>,
+    cv: Condvar,
+}
+
+impl Slot {
+    pub(crate) fn fill(&self, outcome: Result<Vec<u8>>) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*state, SlotState::Pending) {
+            *state = SlotState::Done(outcome);
+            self.cv.notify_all();
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        !matches!(*self.state.lock().unwrap_or_else(|p| p.into_inner()), SlotState::Pending)
+    }
+
+    fn take(&self, timeout: Option<Duration>) -> Result<Vec<u8>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match std::mem::replace(&mut *state, SlotState::Taken) {
+                SlotState::Done(outcome) => return outcome,
+                SlotState::Taken => return Err(Error::new(ErrorKind::AlreadyJoined)),
+                SlotState::Pending => *state = SlotState::Pending,
+            }
+            match deadline {
+                None => state = self.cv.wait(state).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Err(Error::new(ErrorKind::WaitTimedOut));
+                    }
+                    state = self.cv.wait_timeout(state, d - now).unwrap_or_else(|p| p.into_inner()).0;
+                }
+            }
+        }
+    }
+}
+
+/// A task running in a pool. Dropping it detaches the task (it still runs).
+pub struct Handle<R> {
+    id: u64,
+    slot: Arc<Slot>,
+    shared: Arc<Shared>,
+    _result: PhantomData<fn() -> R>,
+}
+
+impl<R> std::fmt::Debug for Handle<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle").field("id", &self.id).field("finished", &self.slot.is_done()).finish()
+    }
+}
+
+impl<R: DeserializeOwned> Handle<R> {
+    /// The task's id within its pool.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Waits for the task's outcome.
+    pub fn join(self) -> Result<R> {
+        decode(self.slot.take(None))
+    }
+
+    /// Waits at most `timeout`. On [`Error::is_wait_timeout`] the task goes on
+    /// and the handle can be joined again; any other outcome is taken, and later
+    /// joins return an "already joined" error.
+    pub fn join_timeout(&self, timeout: Duration) -> Result<R> {
+        decode(self.slot.take(Some(timeout)))
+    }
+
+    /// Whether the outcome is there.
+    pub fn is_finished(&self) -> bool {
+        self.slot.is_done()
+    }
+
+    /// Cancels the task: removed if queued, stopped with its worker if running.
+    /// Returns whether it was cancelled; `false` if it had already finished.
+    pub fn cancel(&self) -> bool {
+        cancel(&self.shared, self.id)
+    }
+}
+
+fn decode<R: DeserializeOwned>(outcome: Result<Vec<u8>>) -> Result<R> {
+    let bytes = outcome?;
+    postcard::from_bytes(&bytes).map_err(|e| Error::codec(format!("cannot decode the task's result: {e}")))
+}
+
+/// A one-off child process running one function, with the same lifecycle as a
+/// pool worker: start hook, exit path, supervision, bounded shutdown.
+pub struct Child<R> {
+    pool: Pool,
+    handle: Handle<R>,
+    pid: Arc<(Mutex<Option<i32>>, Condvar)>,
+    exit: Arc<Mutex<Option<supervisor::WorkerExit>>>,
+}
+
+impl<R> std::fmt::Debug for Child<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Child").field("task", &self.handle).finish()
+    }
+}
+
+/// Options for [`spawn_with`].
+#[derive(Debug, Clone)]
+pub struct ChildOptions {
+    /// Start hook.
+    pub on_start: Option<fn()>,
+    /// Exit hook.
+    pub on_exit: Option<fn(ExitReason)>,
+    /// Timeout for the function.
+    pub timeout: Option<Duration>,
+    /// Grace period of each escalation step.
+    pub grace: Duration,
+}
+
+impl Default for ChildOptions {
+    fn default() -> Self {
+        ChildOptions { on_start: None, on_exit: None, timeout: None, grace: DEFAULT_GRACE }
+    }
+}
+
+/// Runs `f(args)` in a new child process of this executable.
+pub fn spawn<A, R>(f: fn(A) -> R, args: A) -> Result<Child<R>>
+where
+    A: Serialize + DeserializeOwned,
+    R: Serialize + DeserializeOwned,
+{
+    spawn_with(f, args, ChildOptions::default())
+}
+
+/// Runs `f(args)` in a new child process of this executable, with options.
+pub fn spawn_with<A, R>(f: fn(A) -> R, args: A, options: ChildOptions) -> Result<Child<R>>
+where
+    A: Serialize + DeserializeOwned,
+    R: Serialize + DeserializeOwned,
+{
+    let pid = Arc::new((Mutex::new(None), Condvar::new()));
+    let exit = Arc::new(Mutex::new(None));
+    let (pid_sink, exit_sink) = (Arc::clone(&pid), Arc::clone(&exit));
+    let mut builder =
+        Pool::builder().name("warden-child").one_off().grace(options.grace).on_event(move |event| match event {
+            Event::WorkerStarted { pid, .. } => {
+                *pid_sink.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(*pid);
+                pid_sink.1.notify_all();
+            }
+            Event::WorkerExited(e) => *exit_sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone()),
+            _ => {}
+        });
+    if let Some(h) = options.on_start {
+        builder = builder.on_start(h);
+    }
+    if let Some(h) = options.on_exit {
+        builder = builder.on_exit(h);
+    }
+    let pool = builder.build()?;
+    let handle = pool.spawn_with(f, args, TaskOptions { timeout: options.timeout })?;
+    pool.close();
+    Ok(Child { pool, handle, pid, exit })
+}
+
+impl<R: DeserializeOwned> Child<R> {
+    /// The child's process id, once it has started (waits up to 10 s for that).
+    pub fn pid(&self) -> Option<i32> {
+        let (lock, cv) = &*self.pid;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) =
+            cv.wait_timeout_while(guard, Duration::from_secs(10), |p| p.is_none()).unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+
+    /// Waits for the function's result and for the child to exit and be reaped.
+    pub fn join(self) -> Result<R> {
+        let outcome = self.handle.slot.take(None);
+        self.pool.join(None);
+        decode(outcome)
+    }
+
+    /// Waits at most `timeout` for the result; see [`Handle::join_timeout`].
+    pub fn join_timeout(&self, timeout: Duration) -> Result<R> {
+        decode(self.handle.slot.take(Some(timeout)))
+    }
+
+    /// Stops the child: SIGTERM (its exit hook runs), SIGKILL after the grace period.
+    pub fn terminate(&self) {
+        self.pool.terminate();
+    }
+
+    /// Kills the child with SIGKILL.
+    pub fn kill(&self) {
+        self.pool.kill();
+    }
+
+    /// Waits for the child process to be reaped; `false` if `timeout` ran out.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        self.pool.join(timeout)
+    }
+
+    /// How the child ended, once it has been reaped.
+    pub fn exit(&self) -> Option<supervisor::WorkerExit> {
+        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

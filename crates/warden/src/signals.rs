@@ -1,0 +1,93 @@
+//! Signal handling inside a worker: handlers only set flags.
+//!
+//! A signal handler is concurrency the program never asked for (seed 004), so
+//! the handlers installed here run no user code and take no locks. On SIGTERM,
+//! SIGHUP or SIGINT they:
+//!
+//! 1. record the signal number in an atomic (the first one wins),
+//! 2. shut down the reading side of the worker's channel (`shutdown(2)` is
+//!    async-signal-safe), so a worker blocked waiting for its next task wakes up
+//!    with end-of-file and goes to its exit path on its own thread,
+//! 3. wake the worker's monitor thread with a futex, which decides what to do
+//!    if a task is running.
+//!
+//! No fd is opened for any of this (no self-pipe, no signalfd): a worker's fd
+//! table holds only stdio and its channel.
+//!
+//! # Caveats
+//!
+//! Handlers are installed with `signal-hook-registry`, which chains to a handler
+//! installed earlier (the Python worker relies on that to keep its own). Code that
+//! replaces the SIGTERM handler later (a task calling `signal.signal`) takes
+//! these flags away; the pool then stops that worker with SIGKILL after the
+//! grace period, and its exit hook does not run.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+
+/// The first stop signal received, or 0.
+static PENDING: AtomicU32 = AtomicU32::new(0);
+/// The channel fd whose read side a stop signal shuts down, or -1.
+static CHANNEL: AtomicI32 = AtomicI32::new(-1);
+
+/// The signals that ask a worker to stop.
+pub const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT];
+
+fn on_stop_signal(sig: i32) {
+    let _ = PENDING.compare_exchange(0, sig as u32, Ordering::SeqCst, Ordering::SeqCst);
+    let fd = CHANNEL.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: shutdown(2) is async-signal-safe and takes integers only.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_RD);
+        }
+    }
+    let _ = rustix::thread::futex::wake(&PENDING, rustix::thread::futex::Flags::PRIVATE, u32::MAX);
+}
+
+/// Installs the stop-signal handlers for a worker whose channel is `channel`.
+pub(crate) fn install(channel: RawFd) -> io::Result<()> {
+    CHANNEL.store(channel, Ordering::SeqCst);
+    for sig in STOP_SIGNALS {
+        // SAFETY: the action only touches atomics and makes the async-signal-safe
+        // calls shutdown(2) and futex(2).
+        unsafe { signal_hook_registry::register(sig, move || on_stop_signal(sig)) }?;
+    }
+    Ok(())
+}
+
+/// The stop signal received so far, if any.
+pub fn pending() -> Option<i32> {
+    match PENDING.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s as i32),
+    }
+}
+
+/// Blocks the calling thread until a stop signal has been received.
+pub(crate) fn wait_for_stop() -> i32 {
+    loop {
+        if let Some(sig) = pending() {
+            return sig;
+        }
+        // Spurious wake-ups and EINTR just loop.
+        let _ = rustix::thread::futex::wait(&PENDING, rustix::thread::futex::Flags::PRIVATE, 0, None);
+    }
+}
+
+/// Ends the process the way `sig` would, after the exit path ran: restores the
+/// default action and raises it, so the parent sees "killed by SIGTERM" as it
+/// would without warden. Falls back to exit code 128+sig.
+pub(crate) fn die_by(sig: i32) -> ! {
+    // SAFETY: plain libc calls with integer arguments.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+        libc::_exit(128 + sig)
+    }
+}

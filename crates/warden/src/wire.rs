@@ -1,0 +1,595 @@
+//! The frame codec and the messages a worker and its pool exchange.
+//!
+//! Every message travels in one frame:
+//!
+//! ```text
+//!  0      2         3        4              8
+//!  +------+---------+--------+--------------+---------------------------+
+//!  | "WD" | version | flags  | body length  | body: postcard(Message)   |
+//!  +------+---------+--------+--------------+---------------------------+
+//!                      (0)     u32, little endian
+//! ```
+//!
+//! The wire is untrusted in both directions: a worker runs user code and can
+//! write anything to its end. Decoding therefore never panics, never trusts a
+//! length it has not checked against the configured maximum, and never
+//! allocates ahead of the bytes that actually arrived ([`FrameReader`] grows its
+//! buffer as data comes in, not as a header promises). Payloads are opaque bytes:
+//! pickle for Python, postcard for Rust; this module never looks inside them.
+//!
+//! Message bodies are encoded with [`postcard`], which is compact, has a stable
+//! format, and decodes borrowed byte slices without copying.
+
+use std::io::{self, Read};
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks. A peer with another version is refused.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Bytes in a frame header.
+pub const HEADER_LEN: usize = 8;
+
+/// The two bytes every frame starts with.
+pub const MAGIC: [u8; 2] = *b"WD";
+
+/// The default limit on a frame body (256 MiB).
+pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
+
+/// How much the reader asks the kernel for at once while no frame is pending.
+const READ_CHUNK: usize = 64 << 10;
+
+/// The most the reader grows its buffer by in one step while a large frame arrives.
+const MAX_GROWTH: usize = 4 << 20;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The frame did not start with the magic bytes.
+    #[error("bad frame magic {0:02x?} (expected \"WD\")")]
+    BadMagic([u8; 2]),
+    /// The peer speaks another protocol version.
+    #[error("unsupported protocol version {0} (this build speaks {PROTOCOL_VERSION})")]
+    Version(u8),
+    /// A reserved header field was not zero.
+    #[error("reserved header flags {0:#04x} are set")]
+    Flags(u8),
+    /// The header announced a body larger than the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// The announced body length.
+        len: u64,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The body is not a well-formed message.
+    #[error("malformed message body: {0}")]
+    Malformed(String),
+    /// The connection ended in the middle of a frame.
+    #[error("connection closed in the middle of a frame ({0} bytes pending)")]
+    Truncated(usize),
+}
+
+/// Why a pool asks a worker to retire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RetireReason {
+    /// The pool is shutting down.
+    Shutdown,
+    /// The worker ran `max_tasks_per_child` tasks.
+    MaxTasks,
+    /// A one-off child finished its only task.
+    Done,
+}
+
+/// How a worker's life ended, as the worker saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitReason {
+    /// The pool asked it to retire.
+    Retired(RetireReason),
+    /// A signal (usually SIGTERM from the pool on a timeout, cancel or terminate).
+    Signal(i32),
+    /// The parent died: its channel reached end-of-file or the death signal came.
+    ParentGone,
+    /// The start hook failed.
+    InitFailed,
+    /// The parent sent something the worker could not understand.
+    ProtocolError,
+}
+
+/// What kind of failure a [`RemoteError`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoteErrorKind {
+    /// The task raised an error (an exception, for Python).
+    Raised,
+    /// The task panicked (Rust) and the panic was caught.
+    Panicked,
+    /// The task's arguments or result could not be decoded or encoded.
+    Codec,
+    /// The task was interrupted because the worker was told to stop.
+    Interrupted,
+}
+
+/// A failure that happened inside a worker, carried back as data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteError {
+    /// What kind of failure.
+    pub kind: RemoteErrorKind,
+    /// The error's type, e.g. `ValueError` or `panic`.
+    pub type_name: String,
+    /// A one-line description.
+    pub message: String,
+    /// The remote traceback or backtrace as text; may be empty.
+    pub traceback: String,
+    /// Front-end specific detail (a pickled exception for Python); may be empty.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl RemoteError {
+    /// A remote error with only a kind, type and message.
+    pub fn new(kind: RemoteErrorKind, type_name: impl Into<String>, message: impl Into<String>) -> Self {
+        RemoteError {
+            kind,
+            type_name: type_name.into(),
+            message: message.into(),
+            traceback: String::new(),
+            data: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.message.is_empty() {
+            write!(f, "{}", self.type_name)
+        } else {
+            write!(f, "{}: {}", self.type_name, self.message)
+        }
+    }
+}
+
+/// How a task ended, as the worker reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireOutcome<'a> {
+    /// The task returned; the encoded value.
+    Value(#[serde(borrow, with = "serde_bytes")] &'a [u8]),
+    /// The task failed.
+    Error(RemoteError),
+    /// The worker skipped the task because a cancel for it arrived first.
+    Skipped,
+}
+
+/// What the worker's exit path reports before the process ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookReport {
+    /// Whether an exit hook was installed and ran.
+    pub hook_ran: bool,
+    /// The hook's error, if it failed.
+    pub hook_error: Option<String>,
+    /// Exit finalizers that ran.
+    pub finalizers_run: u32,
+    /// Exit finalizers that failed (panicked or raised).
+    pub finalizers_failed: u32,
+    /// Exit finalizers that could not run before the deadline.
+    pub finalizers_skipped: u32,
+}
+
+/// One message on the wire.
+///
+/// Parent to worker: [`Init`](Message::Init), [`Task`](Message::Task),
+/// [`Cancel`](Message::Cancel), [`Retire`](Message::Retire).
+/// Worker to parent: [`Hello`](Message::Hello), [`Ready`](Message::Ready),
+/// [`InitFailed`](Message::InitFailed), [`Result`](Message::Result),
+/// [`Goodbye`](Message::Goodbye).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message<'a> {
+    /// First message of a worker: who it is.
+    Hello {
+        /// The worker's process id.
+        pid: u32,
+        /// A fingerprint of the worker program; 0 if it has none.
+        identity: u64,
+    },
+    /// The parent's answer to `Hello`: the worker's number and the start hook's payload.
+    Init {
+        /// The worker's number within its pool.
+        worker: u64,
+        /// Front-end specific: the start and exit hooks.
+        #[serde(borrow, with = "serde_bytes")]
+        payload: &'a [u8],
+    },
+    /// The start hook succeeded; the worker takes tasks.
+    Ready,
+    /// The start hook failed; the worker is exiting.
+    InitFailed {
+        /// What went wrong.
+        error: RemoteError,
+    },
+    /// Run a task.
+    Task {
+        /// The task's id, unique within the pool.
+        id: u64,
+        /// The encoded call.
+        #[serde(borrow, with = "serde_bytes")]
+        payload: &'a [u8],
+    },
+    /// A task ended.
+    Result {
+        /// The task's id.
+        id: u64,
+        /// How it ended.
+        #[serde(borrow)]
+        outcome: WireOutcome<'a>,
+    },
+    /// Skip a task that has been sent but not started.
+    Cancel {
+        /// The task's id.
+        id: u64,
+    },
+    /// Finish: run the exit path and exit.
+    Retire {
+        /// Why.
+        reason: RetireReason,
+    },
+    /// The exit path ran; the process is about to exit.
+    Goodbye {
+        /// Why the worker is exiting.
+        reason: ExitReason,
+        /// What the exit path did.
+        report: HookReport,
+    },
+}
+
+impl Message<'_> {
+    /// The message's name, for diagnostics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Init { .. } => "init",
+            Message::Ready => "ready",
+            Message::InitFailed { .. } => "init-failed",
+            Message::Task { .. } => "task",
+            Message::Result { .. } => "result",
+            Message::Cancel { .. } => "cancel",
+            Message::Retire { .. } => "retire",
+            Message::Goodbye { .. } => "goodbye",
+        }
+    }
+}
+
+/// Appends `msg` as one frame to `out`.
+///
+/// On error `out` is left as it was.
+pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>, max_frame: usize) -> Result<(), WireError> {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.push(PROTOCOL_VERSION);
+    out.push(0);
+    out.extend_from_slice(&[0; 4]);
+    let buf = std::mem::take(out);
+    let mut buf = match postcard::to_extend(msg, buf) {
+        Ok(buf) => buf,
+        Err(e) => {
+            // postcard consumed the buffer; encoding into a Vec only fails on
+            // a serializer error, which our message types cannot produce.
+            return Err(WireError::Malformed(e.to_string()));
+        }
+    };
+    let len = buf.len() - start - HEADER_LEN;
+    if len > max_frame || len > u32::MAX as usize {
+        buf.truncate(start);
+        *out = buf;
+        return Err(WireError::TooLarge { len: len as u64, max: max_frame });
+    }
+    buf[start + 4..start + 8].copy_from_slice(&(len as u32).to_le_bytes());
+    *out = buf;
+    Ok(())
+}
+
+/// Decodes one frame body.
+pub fn decode_body(body: &[u8]) -> Result<Message<'_>, WireError> {
+    let (msg, rest) =
+        postcard::take_from_bytes::<Message<'_>>(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed(format!("{} trailing bytes after a {} message", rest.len(), msg.name())));
+    }
+    Ok(msg)
+}
+
+/// Checks a header and returns the body length it announces.
+pub fn parse_header(header: &[u8; HEADER_LEN], max_frame: usize) -> Result<usize, WireError> {
+    let magic = [header[0], header[1]];
+    if magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    if header[2] != PROTOCOL_VERSION {
+        return Err(WireError::Version(header[2]));
+    }
+    if header[3] != 0 {
+        return Err(WireError::Flags(header[3]));
+    }
+    let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    if len > max_frame {
+        return Err(WireError::TooLarge { len: len as u64, max: max_frame });
+    }
+    Ok(len)
+}
+
+/// Where a frame's body lies in a [`FrameReader`]'s buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRange {
+    start: usize,
+    end: usize,
+}
+
+/// Buffers bytes from a stream and cuts them into messages.
+///
+/// Messages borrow from the reader's buffer: decode one, use it, then ask for
+/// the next. The buffer grows only as bytes arrive, in steps of at most a few
+/// MiB, so a header that lies about its length costs nothing until the bytes
+/// actually come (and then at most `max_frame`).
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    max_frame: usize,
+    /// Set once a frame failed to decode: the stream is unusable after that.
+    poisoned: Option<WireError>,
+}
+
+impl FrameReader {
+    /// A reader that refuses frames whose body is larger than `max_frame`.
+    pub fn new(max_frame: usize) -> Self {
+        FrameReader { buf: Vec::new(), start: 0, end: 0, max_frame, poisoned: None }
+    }
+
+    /// Bytes received but not yet consumed as messages.
+    pub fn pending(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Reads once from `r` into the buffer. Returns the number of bytes read;
+    /// 0 means end of stream.
+    pub fn fill_from<R: Read>(&mut self, mut r: R) -> io::Result<usize> {
+        self.make_room();
+        let n = r.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Appends bytes that were read elsewhere (used by tests and fuzzing).
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.make_room();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            if self.end == self.buf.len() {
+                let grow = rest.len().clamp(READ_CHUNK, MAX_GROWTH);
+                self.buf.resize(self.buf.len() + grow, 0);
+            }
+            let n = rest.len().min(self.buf.len() - self.end);
+            self.buf[self.end..self.end + n].copy_from_slice(&rest[..n]);
+            self.end += n;
+            rest = &rest[n..];
+        }
+    }
+
+    /// Makes sure there is free space after `end`, moving pending bytes to the
+    /// front and growing only as far as the frame in progress needs.
+    fn make_room(&mut self) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > 0 && (self.start >= self.buf.len() / 2 || self.end == self.buf.len()) {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end < self.buf.len() {
+            return;
+        }
+        // How much more the frame in progress needs, if its header is here.
+        let wanted = match self.peek_len() {
+            Some(Ok(len)) => (HEADER_LEN + len).saturating_sub(self.pending()),
+            _ => READ_CHUNK,
+        };
+        let grow = wanted.clamp(READ_CHUNK, MAX_GROWTH);
+        self.buf.resize(self.buf.len() + grow, 0);
+    }
+
+    fn peek_len(&self) -> Option<Result<usize, WireError>> {
+        if self.pending() < HEADER_LEN {
+            return None;
+        }
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&self.buf[self.start..self.start + HEADER_LEN]);
+        Some(parse_header(&header, self.max_frame))
+    }
+
+    /// The position of the next complete frame's body in the buffer, if one
+    /// has arrived. Read it with [`FrameReader::body`]; it stays valid until the
+    /// next call that reads more bytes.
+    ///
+    /// After an error the reader stays failed: a stream that produced one bad
+    /// frame cannot be trusted to be aligned on the next.
+    pub fn next_frame(&mut self) -> Result<Option<FrameRange>, WireError> {
+        if let Some(e) = &self.poisoned {
+            return Err(e.clone());
+        }
+        let len = match self.peek_len() {
+            None => return Ok(None),
+            Some(Err(e)) => {
+                self.poisoned = Some(e.clone());
+                return Err(e);
+            }
+            Some(Ok(len)) => len,
+        };
+        if self.pending() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let body_start = self.start + HEADER_LEN;
+        self.start = body_start + len;
+        Ok(Some(FrameRange { start: body_start, end: body_start + len }))
+    }
+
+    /// The body of a frame returned by [`FrameReader::next_frame`].
+    pub fn body(&self, range: FrameRange) -> &[u8] {
+        &self.buf[range.start..range.end]
+    }
+
+    /// Decodes the body of a frame, remembering a failure like `next_frame` does.
+    pub fn decode(&mut self, range: FrameRange) -> Result<Message<'_>, WireError> {
+        let buf = &self.buf;
+        match decode_body(&buf[range.start..range.end]) {
+            Ok(msg) => Ok(msg),
+            Err(e) => {
+                self.poisoned = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// The next complete message, if one has arrived.
+    pub fn next_message(&mut self) -> Result<Option<Message<'_>>, WireError> {
+        match self.next_frame()? {
+            None => Ok(None),
+            Some(range) => self.decode(range).map(Some),
+        }
+    }
+
+    /// Calls `f` with the id of every `Cancel` message among the complete
+    /// frames already buffered, without consuming anything. A worker uses this
+    /// to skip a task whose cancel arrived right behind it.
+    pub fn scan_cancels(&self, mut f: impl FnMut(u64)) {
+        let mut at = self.start;
+        while self.end - at >= HEADER_LEN {
+            let mut header = [0u8; HEADER_LEN];
+            header.copy_from_slice(&self.buf[at..at + HEADER_LEN]);
+            let Ok(len) = parse_header(&header, self.max_frame) else { return };
+            if self.end - at < HEADER_LEN + len {
+                return;
+            }
+            if let Ok(Message::Cancel { id }) = decode_body(&self.buf[at + HEADER_LEN..at + HEADER_LEN + len]) {
+                f(id);
+            }
+            at += HEADER_LEN + len;
+        }
+    }
+
+    /// An error if the stream ended with a partial frame buffered.
+    pub fn check_clean_eof(&self) -> Result<(), WireError> {
+        if self.pending() == 0 {
+            Ok(())
+        } else {
+            Err(WireError::Truncated(self.pending()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(msg: &Message<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(msg, &mut out, DEFAULT_MAX_FRAME).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_message_survives_a_round_trip() {
+        let msgs = [
+            Message::Hello { pid: 42, identity: 7 },
+            Message::Init { worker: 3, payload: b"hooks" },
+            Message::Ready,
+            Message::Task { id: 9, payload: b"call" },
+            Message::Result { id: 9, outcome: WireOutcome::Value(b"\x00\x01") },
+            Message::Result {
+                id: 10,
+                outcome: WireOutcome::Error(RemoteError::new(RemoteErrorKind::Panicked, "panic", "boom")),
+            },
+            Message::Cancel { id: 11 },
+            Message::Retire { reason: RetireReason::MaxTasks },
+            Message::Goodbye {
+                reason: ExitReason::Signal(15),
+                report: HookReport {
+                    hook_ran: true,
+                    hook_error: None,
+                    finalizers_run: 2,
+                    finalizers_failed: 0,
+                    finalizers_skipped: 0,
+                },
+            },
+        ];
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        for m in &msgs {
+            reader.push(&frame(m));
+        }
+        for m in &msgs {
+            assert_eq!(reader.next_message().unwrap().as_ref(), Some(m));
+        }
+        assert_eq!(reader.next_message().unwrap(), None);
+    }
+
+    #[test]
+    fn a_frame_split_byte_by_byte_is_reassembled() {
+        let bytes = frame(&Message::Task { id: 1, payload: &[7; 300] });
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        for (i, b) in bytes.iter().enumerate() {
+            assert!(reader.next_message().unwrap().is_none(), "complete after {i} bytes");
+            reader.push(&[*b]);
+        }
+        assert_eq!(reader.next_message().unwrap(), Some(Message::Task { id: 1, payload: &[7; 300] }));
+    }
+
+    #[test]
+    fn an_oversized_header_is_refused_before_any_allocation() {
+        let mut reader = FrameReader::new(1024);
+        reader.push(&[b'W', b'D', PROTOCOL_VERSION, 0, 0xff, 0xff, 0xff, 0x7f]);
+        assert!(matches!(reader.next_message(), Err(WireError::TooLarge { .. })));
+        assert!(reader.buf.len() <= READ_CHUNK);
+    }
+
+    #[test]
+    fn encoding_refuses_a_body_over_the_limit_and_leaves_the_buffer_as_it_was() {
+        let mut out = vec![1, 2, 3];
+        let err = encode(&Message::Task { id: 1, payload: &[0; 100] }, &mut out, 50).unwrap_err();
+        assert!(matches!(err, WireError::TooLarge { .. }));
+        assert_eq!(out, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn wrong_version_and_magic_are_errors() {
+        let mut bytes = frame(&Message::Ready);
+        bytes[2] = 99;
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        reader.push(&bytes);
+        assert_eq!(reader.next_message(), Err(WireError::Version(99)));
+
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        reader.push(b"GET / HTTP/1.1\r\n");
+        assert!(matches!(reader.next_message(), Err(WireError::BadMagic(_))));
+    }
+
+    #[test]
+    fn trailing_bytes_in_a_body_are_an_error() {
+        let mut bytes = frame(&Message::Ready);
+        bytes.push(0);
+        let len = (bytes.len() - HEADER_LEN) as u32;
+        bytes[4..8].copy_from_slice(&len.to_le_bytes());
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        reader.push(&bytes);
+        assert!(matches!(reader.next_message(), Err(WireError::Malformed(_))));
+    }
+
+    #[test]
+    fn cancels_behind_a_task_are_visible_before_the_task_runs() {
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        reader.push(&frame(&Message::Task { id: 5, payload: b"x" }));
+        reader.push(&frame(&Message::Task { id: 6, payload: b"y" }));
+        reader.push(&frame(&Message::Cancel { id: 6 }));
+        let mut seen = Vec::new();
+        reader.scan_cancels(|id| seen.push(id));
+        assert_eq!(seen, vec![6]);
+    }
+}

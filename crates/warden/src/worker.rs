@@ -1,0 +1,522 @@
+//! The worker side: handshake, start hook, tasks, and the one exit path.
+//!
+//! A worker process runs [`serve`] with a [`Handler`] that knows how to run
+//! tasks in its language (Rust functions for [`crate::init`], pickled Python
+//! callables for the Python package). The loop is the same for both:
+//!
+//! ```text
+//! hello ─► init (start hook) ─► ready ─► task ⇄ result ─► … ─► exit path
+//! ```
+//!
+//! Every way out of the loop goes through [`exit path`](#the-exit-path), exactly once:
+//! a `Retire` from the pool, SIGTERM/SIGHUP/SIGINT, end-of-file on the channel
+//! (the parent died), the death signal, a failed start hook, or a frame the
+//! worker cannot read.
+//!
+//! # The exit path
+//!
+//! 1. the exit hook the handler installed at init (the user's finalizer),
+//! 2. the process's exit finalizers ([`crate::finalize`]), in priority order,
+//! 3. stdout and stderr are flushed,
+//! 4. `Goodbye` tells the parent what ran,
+//! 5. the process exits with a status that says how it ended: code 0 when
+//!    retired, [`EXIT_INIT_FAILED`], [`EXIT_PROTOCOL`] or [`EXIT_PARENT_GONE`],
+//!    or — after a stop signal — by raising that signal again with its default
+//!    action, so the parent sees "killed by SIGTERM" exactly as without warden
+//!    (the `Goodbye` tells it the exit path ran first).
+//!
+//! A task is a panic boundary: a panic becomes an error result and the worker
+//! lives on, so its exit hook still runs when it retires.
+//!
+//! # Stopping while a task runs
+//!
+//! The task runs on the worker's main thread. A second thread, the monitor,
+//! sleeps on a futex until a stop signal arrives. If a task is running then, the
+//! monitor asks the handler to interrupt it (Python raises an exception in the
+//! task; the main thread unwinds and runs the exit path itself). A handler that
+//! cannot interrupt (Rust: a running function cannot be stopped from outside),
+//! or a task that does not unwind within [`UNWIND_GRACE`], leaves the exit path
+//! to the monitor, which runs it and ends the process while the task is still
+//! on the main thread's stack.
+//!
+//! # Caveats
+//!
+//! * When the monitor runs the exit path, the exit hook runs concurrently with
+//!   the abandoned task. That is why exit hooks must be `Send + Sync`: they must
+//!   not wait for anything the task may hold. The pool's grace period bounds this;
+//!   after it the worker is killed with SIGKILL.
+//! * Built with `panic = "abort"`, a panicking task kills the worker; the pool
+//!   reports a crash instead of a panic.
+
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::signals;
+use crate::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
+use crate::wire::{
+    self, ExitReason, FrameReader, HookReport, Message, RemoteError, RemoteErrorKind, WireOutcome, DEFAULT_MAX_FRAME,
+};
+
+/// Exit code of a worker whose start hook failed.
+pub const EXIT_INIT_FAILED: i32 = 3;
+/// Exit code of a worker that received something it could not understand.
+pub const EXIT_PROTOCOL: i32 = 4;
+/// Exit code of a worker whose parent died.
+pub const EXIT_PARENT_GONE: i32 = 5;
+
+/// How long the monitor waits for an interrupted task to unwind before it runs
+/// the exit path itself.
+pub const UNWIND_GRACE: Duration = Duration::from_millis(500);
+
+const STARTING: u8 = 0;
+const IDLE: u8 = 1;
+const BUSY: u8 = 2;
+const EXITING: u8 = 3;
+
+/// What an exit hook reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HookResult {
+    /// The hook's error, if it failed. The exit path goes on regardless.
+    pub error: Option<String>,
+    /// An exit code the process should end with, instead of the default for the
+    /// exit reason (used by one-off children, whose exit code is their task's).
+    /// Ignored when the worker stops because of a signal.
+    pub exit_code: Option<i32>,
+}
+
+/// A worker's exit hook: runs once, on whichever thread runs the exit path.
+pub type ExitHook = Arc<dyn Fn(&ExitReason) -> HookResult + Send + Sync>;
+
+/// Asks the running task to stop (called on the monitor thread).
+pub type Interrupter = Arc<dyn Fn() + Send + Sync>;
+
+/// Runs tasks in one language. Implemented by the Rust task runner and by the
+/// Python extension; payloads are opaque to everything else.
+pub trait Handler {
+    /// A fingerprint of this program, checked by pools that expect one; 0 for none.
+    fn identity(&self) -> u64 {
+        0
+    }
+
+    /// Runs the start hook described by `payload`. Returns the exit hook to run
+    /// at the end of the worker's life, if any. An error ends the worker
+    /// (without running an exit hook: it never started).
+    fn init(&mut self, info: &WorkerInfo, payload: &[u8]) -> Result<Option<ExitHook>, RemoteError>;
+
+    /// Runs one task. Panics are caught by the caller.
+    fn run(&mut self, payload: &[u8]) -> Result<Vec<u8>, RemoteError>;
+
+    /// How to interrupt a running task, if this handler can.
+    fn interrupter(&self) -> Option<Interrupter> {
+        None
+    }
+}
+
+/// Facts about the worker process, available to tasks through [`current`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// The worker's number within its pool (unique for the pool's lifetime).
+    pub worker: u64,
+    /// This process's id.
+    pub pid: u32,
+    /// The parent's process id.
+    pub parent: u32,
+}
+
+static CURRENT: OnceLock<WorkerInfo> = OnceLock::new();
+
+/// The worker this process is, if it is one.
+pub fn current() -> Option<&'static WorkerInfo> {
+    CURRENT.get()
+}
+
+/// How a worker process should end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Exit with this code.
+    Code(i32),
+    /// Die by this signal (after the exit path ran).
+    Signal(i32),
+}
+
+impl WorkerExit {
+    /// Ends the process accordingly.
+    pub fn exit(self) -> ! {
+        let _ = io::stdout().flush();
+        let _ = io::stderr().flush();
+        match self {
+            WorkerExit::Code(c) => std::process::exit(c),
+            WorkerExit::Signal(s) => signals::die_by(s),
+        }
+    }
+}
+
+/// What a worker learns from its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerEnv {
+    fd: RawFd,
+    parent: u32,
+    max_frame: usize,
+}
+
+impl WorkerEnv {
+    /// Reads the worker variables and removes them from the environment, so
+    /// that processes the worker starts are not mistaken for workers.
+    /// `None` if this process is not a worker; an error if the variables are
+    /// there but malformed.
+    ///
+    /// Call it before starting threads: it changes the environment.
+    pub fn take() -> Option<Result<WorkerEnv, String>> {
+        let fd = std::env::var_os(ENV_FD)?;
+        let parent = std::env::var_os(ENV_PARENT);
+        let max = std::env::var_os(ENV_MAX_FRAME);
+        for key in [ENV_FD, ENV_PARENT, ENV_MAX_FRAME] {
+            std::env::remove_var(key);
+        }
+        Some(Self::parse(
+            &fd.to_string_lossy(),
+            parent.as_deref().map(|p| p.to_string_lossy()).as_deref(),
+            max.as_deref().map(|m| m.to_string_lossy()).as_deref(),
+        ))
+    }
+
+    fn parse(fd: &str, parent: Option<&str>, max: Option<&str>) -> Result<WorkerEnv, String> {
+        let fd: RawFd = fd.parse().map_err(|_| format!("{ENV_FD}={fd:?} is not an fd number"))?;
+        if fd < 3 {
+            return Err(format!("{ENV_FD}={fd} names a stdio fd"));
+        }
+        let parent = parent.ok_or_else(|| format!("{ENV_PARENT} is missing"))?;
+        let parent: u32 = parent.parse().map_err(|_| format!("{ENV_PARENT}={parent:?} is not a pid"))?;
+        let max_frame = match max {
+            None => DEFAULT_MAX_FRAME,
+            Some(m) => m.parse().map_err(|_| format!("{ENV_MAX_FRAME}={m:?} is not a size"))?,
+        };
+        Ok(WorkerEnv { fd, parent, max_frame })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Text of a caught panic.
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// State shared by the main thread and the monitor.
+struct Core {
+    stream: UnixStream,
+    /// Encoding buffer; holding it also serialises whole frames on the channel.
+    out: Mutex<Vec<u8>>,
+    max_frame: usize,
+    parent: u32,
+    state: AtomicU8,
+    hook: Mutex<Option<ExitHook>>,
+    /// Set once the exit path has run; holding it serialises the exit path.
+    exit: Mutex<Option<WorkerExit>>,
+}
+
+impl Core {
+    fn send(&self, msg: &Message<'_>) -> io::Result<()> {
+        let mut out = lock(&self.out);
+        out.clear();
+        wire::encode(msg, &mut out, self.max_frame).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut rest: &[u8] = &out;
+        while !rest.is_empty() {
+            match rustix::net::send(&self.stream, rest, rustix::net::SendFlags::NOSIGNAL) {
+                Ok(n) => rest = &rest[n..],
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn parent_alive(&self) -> bool {
+        rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) == Some(self.parent)
+    }
+
+    fn stop_reason(&self, sig: i32) -> ExitReason {
+        if self.parent_alive() {
+            ExitReason::Signal(sig)
+        } else {
+            ExitReason::ParentGone
+        }
+    }
+
+    /// The one exit path. Runs once; a second caller waits for the first and
+    /// gets the same answer.
+    fn exit_path(&self, reason: ExitReason) -> WorkerExit {
+        let mut done = lock(&self.exit);
+        if let Some(exit) = *done {
+            return exit;
+        }
+        self.state.store(EXITING, Ordering::SeqCst);
+        tracing::debug!(?reason, "worker exit path");
+        let mut report = HookReport {
+            hook_ran: false,
+            hook_error: None,
+            finalizers_run: 0,
+            finalizers_failed: 0,
+            finalizers_skipped: 0,
+        };
+        let mut code = None;
+        let hook = lock(&self.hook).take();
+        if let Some(hook) = hook {
+            report.hook_ran = true;
+            match catch_unwind(AssertUnwindSafe(|| hook(&reason))) {
+                Ok(result) => {
+                    report.hook_error = result.error;
+                    code = result.exit_code;
+                }
+                Err(p) => report.hook_error = Some(format!("exit hook panicked: {}", panic_text(&*p))),
+            }
+        }
+        let fin = crate::finalize::run_exit_finalizers();
+        report.finalizers_run = fin.ran;
+        report.finalizers_failed = fin.failed;
+        report.finalizers_skipped = fin.skipped;
+        let _ = io::stdout().flush();
+        let _ = io::stderr().flush();
+        if let Some(err) = &report.hook_error {
+            eprintln!("warden worker {}: exit hook failed: {err}", std::process::id());
+        }
+        if reason != ExitReason::ParentGone {
+            let _ = self.send(&Message::Goodbye { reason, report });
+        }
+        let exit = match reason {
+            ExitReason::Signal(sig) => WorkerExit::Signal(sig),
+            ExitReason::Retired(_) => WorkerExit::Code(code.unwrap_or(0)),
+            ExitReason::InitFailed => WorkerExit::Code(code.unwrap_or(EXIT_INIT_FAILED)),
+            ExitReason::ProtocolError => WorkerExit::Code(code.unwrap_or(EXIT_PROTOCOL)),
+            ExitReason::ParentGone => WorkerExit::Code(code.unwrap_or(EXIT_PARENT_GONE)),
+        };
+        *done = Some(exit);
+        exit
+    }
+}
+
+/// The monitor thread: waits for a stop signal; if a task is running, gets the
+/// exit path done without waiting for the task.
+fn monitor(core: Arc<Core>, interrupter: Option<Interrupter>) {
+    let sig = signals::wait_for_stop();
+    if core.state.load(Ordering::SeqCst) != BUSY {
+        return; // the main thread wakes on end-of-file and runs the exit path
+    }
+    if let Some(interrupt) = interrupter {
+        interrupt();
+        let deadline = Instant::now() + UNWIND_GRACE;
+        while Instant::now() < deadline {
+            if core.state.load(Ordering::SeqCst) != BUSY {
+                return; // unwound: the main thread runs the exit path
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let reason = core.stop_reason(sig);
+    tracing::debug!(sig, "stop signal while a task runs: exit path on the monitor thread");
+    core.exit_path(reason).exit();
+}
+
+/// Runs the worker loop on the calling thread until the worker must exit, and
+/// returns how the process should end. The caller then ends the process with
+/// [`WorkerExit::exit`] (after any language-level teardown of its own).
+pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> WorkerExit {
+    // The fd number came from our parent; make sure it is an open socket before
+    // taking ownership of it.
+    if let Err(e) = check_socket(env.fd) {
+        eprintln!("warden worker: {ENV_FD}={} is not a usable channel: {e}", env.fd);
+        return WorkerExit::Code(EXIT_PROTOCOL);
+    }
+    // SAFETY: the fd is an open socket (checked above) that our parent handed to
+    // us; nothing else in this process owns it.
+    let stream = unsafe { UnixStream::from_raw_fd(env.fd) };
+    // Processes the tasks start must not inherit the channel.
+    let _ = rustix::io::fcntl_setfd(&stream, rustix::io::FdFlags::CLOEXEC);
+
+    let core = Arc::new(Core {
+        stream,
+        out: Mutex::new(Vec::with_capacity(4096)),
+        max_frame: env.max_frame,
+        parent: env.parent,
+        state: AtomicU8::new(STARTING),
+        hook: Mutex::new(None),
+        exit: Mutex::new(None),
+    });
+
+    // Parent death: arm the signal, then check we did not miss it.
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
+    if !core.parent_alive() {
+        return core.exit_path(ExitReason::ParentGone);
+    }
+    if let Err(e) = signals::install(core.stream.as_raw_fd()) {
+        eprintln!("warden worker: cannot install signal handlers: {e}");
+        return core.exit_path(ExitReason::ProtocolError);
+    }
+    let monitor_core = Arc::clone(&core);
+    let interrupter = handler.interrupter();
+    if let Err(e) =
+        std::thread::Builder::new().name("warden-monitor".into()).spawn(move || monitor(monitor_core, interrupter))
+    {
+        eprintln!("warden worker: cannot start the monitor thread: {e}");
+        return core.exit_path(ExitReason::ProtocolError);
+    }
+
+    let pid = std::process::id();
+    if core.send(&Message::Hello { pid, identity: handler.identity() }).is_err() {
+        return core.exit_path(core.stop_reason(signals::pending().unwrap_or(libc::SIGTERM)));
+    }
+
+    let reason = run_loop(&core, &mut handler, env.max_frame);
+    core.exit_path(reason)
+}
+
+fn check_socket(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fstat fills a plain struct for an fd number.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a socket"));
+    }
+    Ok(())
+}
+
+fn run_loop<H: Handler>(core: &Core, handler: &mut H, max_frame: usize) -> ExitReason {
+    let mut reader = FrameReader::new(max_frame);
+    let mut initialized = false;
+    loop {
+        if let Some(sig) = signals::pending() {
+            return core.stop_reason(sig);
+        }
+        let range = match reader.next_frame() {
+            Ok(Some(range)) => range,
+            Ok(None) => match reader.fill_from(&core.stream) {
+                Ok(0) => {
+                    return match signals::pending() {
+                        Some(sig) => core.stop_reason(sig),
+                        None => ExitReason::ParentGone,
+                    }
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return ExitReason::ParentGone,
+            },
+            Err(e) => {
+                eprintln!("warden worker {}: bad frame from the parent: {e}", std::process::id());
+                return ExitReason::ProtocolError;
+            }
+        };
+        let msg = match wire::decode_body(reader.body(range)) {
+            Ok(msg) => msg,
+            Err(e) => {
+                eprintln!("warden worker {}: bad frame from the parent: {e}", std::process::id());
+                return ExitReason::ProtocolError;
+            }
+        };
+        match msg {
+            Message::Init { worker, payload } if !initialized => {
+                let info = WorkerInfo { worker, pid: std::process::id(), parent: core.parent };
+                let _ = CURRENT.set(info.clone());
+                core.state.store(BUSY, Ordering::SeqCst);
+                let result = catch_unwind(AssertUnwindSafe(|| handler.init(&info, payload)));
+                if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+                    return ExitReason::Signal(signals::pending().unwrap_or(libc::SIGTERM));
+                }
+                let result = result
+                    .unwrap_or_else(|p| Err(RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&*p))));
+                match result {
+                    Ok(hook) => {
+                        *lock(&core.hook) = hook;
+                        initialized = true;
+                        if let Some(sig) = signals::pending() {
+                            return core.stop_reason(sig);
+                        }
+                        if core.send(&Message::Ready).is_err() {
+                            return ExitReason::ParentGone;
+                        }
+                    }
+                    Err(error) => {
+                        let _ = core.send(&Message::InitFailed { error });
+                        return ExitReason::InitFailed;
+                    }
+                }
+            }
+            Message::Task { id, payload } if initialized => {
+                let mut cancelled = false;
+                reader.scan_cancels(|c| cancelled |= c == id);
+                if cancelled {
+                    if core.send(&Message::Result { id, outcome: WireOutcome::Skipped }).is_err() {
+                        return ExitReason::ParentGone;
+                    }
+                    continue;
+                }
+                core.state.store(BUSY, Ordering::SeqCst);
+                if let Some(sig) = signals::pending() {
+                    core.state.store(IDLE, Ordering::SeqCst);
+                    return core.stop_reason(sig);
+                }
+                let result = catch_unwind(AssertUnwindSafe(|| handler.run(payload)));
+                if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+                    // The monitor is running the exit path; it ends the process.
+                    return ExitReason::Signal(signals::pending().unwrap_or(libc::SIGTERM));
+                }
+                if let Some(sig) = signals::pending() {
+                    return core.stop_reason(sig);
+                }
+                let sent = match &result {
+                    Ok(Ok(value)) => core.send(&Message::Result { id, outcome: WireOutcome::Value(value) }),
+                    Ok(Err(error)) => core.send(&Message::Result { id, outcome: WireOutcome::Error(error.clone()) }),
+                    Err(p) => {
+                        let error = RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&**p));
+                        core.send(&Message::Result { id, outcome: WireOutcome::Error(error) })
+                    }
+                };
+                if let Err(e) = sent {
+                    if e.kind() == io::ErrorKind::InvalidData {
+                        // The result is larger than the frame limit: report that instead.
+                        let error = RemoteError::new(RemoteErrorKind::Codec, "FrameTooLarge", e.to_string());
+                        let _ = core.send(&Message::Result { id, outcome: WireOutcome::Error(error) });
+                    } else {
+                        return ExitReason::ParentGone;
+                    }
+                }
+            }
+            // A cancel always travels behind its task, so one read here is for
+            // a task already run or skipped (see `scan_cancels` above): stale.
+            Message::Cancel { .. } => {}
+            Message::Retire { reason } => return ExitReason::Retired(reason),
+            other => {
+                eprintln!("warden worker {}: unexpected {} message from the parent", std::process::id(), other.name());
+                return ExitReason::ProtocolError;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_env_rejects_malformed_variables() {
+        assert!(WorkerEnv::parse("x", Some("1"), None).is_err());
+        assert!(WorkerEnv::parse("1", Some("1"), None).is_err());
+        assert!(WorkerEnv::parse("7", None, None).is_err());
+        assert!(WorkerEnv::parse("7", Some("1"), Some("big")).is_err());
+        assert_eq!(WorkerEnv::parse("7", Some("12"), Some("100")), Ok(WorkerEnv { fd: 7, parent: 12, max_frame: 100 }));
+    }
+}
