@@ -215,8 +215,10 @@ impl Builder {
         self
     }
 
-    /// Makes this a one-off child: one worker, one task, no replacement.
-    pub(crate) fn one_off(mut self) -> Self {
+    /// Makes this a one-off child: one worker that runs one task and retires
+    /// ([`crate::RetireReason::Done`]), never replaced. Close the pool right
+    /// after submitting the task.
+    pub fn one_off(mut self) -> Self {
         self.cfg.one_off = true;
         self.cfg.workers = 1;
         self.cfg.max_tasks_per_child = Some(1);
@@ -337,7 +339,13 @@ impl Pool {
     /// with its worker (which runs its exit hook and is replaced). Returns
     /// whether the task was cancelled (false if it had already finished).
     pub fn cancel(&self, id: u64) -> bool {
-        cancel(&self.shared, id)
+        cancel(&self.shared, id, true)
+    }
+
+    /// Cancels a task only if it is still queued (the semantics of
+    /// `concurrent.futures.Future.cancel`). Returns whether it was.
+    pub fn cancel_queued(&self, id: u64) -> bool {
+        cancel(&self.shared, id, false)
     }
 
     /// Stops taking tasks; queued tasks still run, then the workers retire.
@@ -345,6 +353,13 @@ impl Pool {
     pub fn close(&self) {
         self.shared.accepting.store(false, Ordering::SeqCst);
         let _ = self.shared.send(Command::Close { drain: true, deadline: None });
+    }
+
+    /// Stops taking tasks and cancels the queued ones; running tasks finish,
+    /// then the workers retire. Returns at once; see [`Pool::join`].
+    pub fn close_cancel_queued(&self) {
+        self.shared.accepting.store(false, Ordering::SeqCst);
+        let _ = self.shared.send(Command::Close { drain: false, deadline: None });
     }
 
     /// Cancels queued and running tasks and stops every worker with SIGTERM
@@ -444,9 +459,9 @@ impl Drop for Pool {
     }
 }
 
-fn cancel(shared: &Shared, id: u64) -> bool {
+fn cancel(shared: &Shared, id: u64, running_too: bool) -> bool {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    if shared.send(Command::Cancel { id, reply: tx }).is_err() {
+    if shared.send(Command::Cancel { id, running_too, reply: tx }).is_err() {
         return false;
     }
     rx.recv_timeout(Duration::from_secs(10)).unwrap_or(false)
@@ -543,7 +558,7 @@ impl<R: DeserializeOwned> Handle<R> {
     /// Cancels the task: removed if queued, stopped with its worker if running.
     /// Returns whether it was cancelled; `false` if it had already finished.
     pub fn cancel(&self) -> bool {
-        cancel(&self.shared, self.id)
+        cancel(&self.shared, self.id, true)
     }
 }
 

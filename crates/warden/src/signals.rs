@@ -65,6 +65,20 @@ pub fn pending() -> Option<i32> {
     }
 }
 
+/// Blocks the stop signals in the calling thread, so the kernel delivers them
+/// to a thread that runs tasks (where they can interrupt a blocking call).
+pub(crate) fn block_in_this_thread() {
+    // SAFETY: plain libc calls on a local signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in STOP_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 /// Blocks the calling thread until a stop signal has been received.
 pub(crate) fn wait_for_stop() -> i32 {
     loop {

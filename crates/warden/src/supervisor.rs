@@ -235,7 +235,7 @@ impl Drop for Task {
 /// Requests to the supervisor.
 pub(crate) enum Command {
     Submit(Task),
-    Cancel { id: u64, reply: SyncSender<bool> },
+    Cancel { id: u64, running_too: bool, reply: SyncSender<bool> },
     Close { drain: bool, deadline: Option<Instant> },
     Terminate,
     Kill,
@@ -589,8 +589,8 @@ impl Supervisor {
                 PoolPhase::Failed => task.deliver(Err(self.failed_error())),
                 _ => task.deliver(Err(Error::closed())),
             },
-            Command::Cancel { id, reply } => {
-                let _ = reply.send(self.cancel(id));
+            Command::Cancel { id, running_too, reply } => {
+                let _ = reply.send(self.cancel(id, running_too));
             }
             Command::Close { drain, deadline } => {
                 if self.phase == PoolPhase::Running {
@@ -619,12 +619,15 @@ impl Supervisor {
         }
     }
 
-    fn cancel(&mut self, id: u64) -> bool {
+    fn cancel(&mut self, id: u64, running_too: bool) -> bool {
         if let Some(pos) = self.queue.iter().position(|t| t.id == id) {
             if let Some(mut task) = self.queue.remove(pos) {
                 task.deliver(Err(Error::cancelled()));
             }
             return true;
+        }
+        if !running_too {
+            return false;
         }
         let grace = self.cfg.grace;
         let max_frame = self.cfg.max_frame;

@@ -311,6 +311,7 @@ impl Core {
 /// The monitor thread: waits for a stop signal; if a task is running, gets the
 /// exit path done without waiting for the task.
 fn monitor(core: Arc<Core>, interrupter: Option<Interrupter>) {
+    signals::block_in_this_thread();
     let sig = signals::wait_for_stop();
     if core.state.load(Ordering::SeqCst) != BUSY {
         return; // the main thread wakes on end-of-file and runs the exit path
