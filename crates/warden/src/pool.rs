@@ -593,11 +593,13 @@ pub struct ChildOptions {
     pub timeout: Option<Duration>,
     /// Grace period of each escalation step.
     pub grace: Duration,
+    /// Extra environment variables for the child.
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
 }
 
 impl Default for ChildOptions {
     fn default() -> Self {
-        ChildOptions { on_start: None, on_exit: None, timeout: None, grace: DEFAULT_GRACE }
+        ChildOptions { on_start: None, on_exit: None, timeout: None, grace: DEFAULT_GRACE, env: Vec::new() }
     }
 }
 
@@ -633,6 +635,9 @@ where
     }
     if let Some(h) = options.on_exit {
         builder = builder.on_exit(h);
+    }
+    for (k, v) in options.env {
+        builder = builder.env(k, v);
     }
     let pool = builder.build()?;
     let handle = pool.spawn_with(f, args, TaskOptions { timeout: options.timeout })?;

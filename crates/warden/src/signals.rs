@@ -31,6 +31,10 @@ static PENDING: AtomicU32 = AtomicU32::new(0);
 /// The channel fd whose read side a stop signal shuts down, or -1.
 static CHANNEL: AtomicI32 = AtomicI32::new(-1);
 
+/// The signal a worker gets when the thread that spawned it dies (the pool's
+/// supervisor, or the whole parent process).
+pub const PARENT_DEATH_SIGNAL: i32 = libc::SIGHUP;
+
 /// The signals that ask a worker to stop.
 pub const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT];
 

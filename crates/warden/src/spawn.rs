@@ -19,8 +19,12 @@
 //!   `O_CLOEXEC`;
 //! * its own process group, so a Ctrl-C at the terminal reaches the parent
 //!   only, and the pool can signal the worker together with anything it started;
-//! * `PR_SET_PDEATHSIG = SIGTERM`, armed before `exec` (and again by the worker
+//! * `PR_SET_PDEATHSIG = SIGHUP`, armed before `exec` (and again by the worker
 //!   itself, which also checks its parent pid in case the parent died first).
+//!   SIGHUP, "the other side hung up", is a signal the pool itself never sends,
+//!   so a worker can tell its parent's death from being stopped by its pool
+//!   (which uses SIGTERM) even while the dying parent's other threads briefly
+//!   stand in as its parent.
 //!
 //! # Caveats
 //!
@@ -168,7 +172,9 @@ fn prepare_child(keep: &[RawFd]) -> io::Result<()> {
     }
     cloexec_range(from, libc::c_uint::MAX)?;
     // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) } == -1 {
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, crate::signals::PARENT_DEATH_SIGNAL as libc::c_ulong, 0, 0, 0) }
+        == -1
+    {
         return Err(io::Error::last_os_error());
     }
     Ok(())

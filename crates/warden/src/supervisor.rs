@@ -1041,9 +1041,15 @@ impl Supervisor {
         let exit = WorkerExit { worker: id, pid, status, cause: w.cause.clone(), goodbye: w.goodbye.clone(), crashed };
         tracing::debug!(pool = %self.cfg.name, worker = id, pid, %status, crashed, "worker reaped");
         drop(w);
-        self.emit(Event::WorkerExited(exit));
+        self.emit(Event::WorkerExited(exit.clone()));
         if crashed && self.phase != PoolPhase::Failed {
-            self.note_crash(format!("worker {pid} ended with {status}"));
+            let what = match &exit.cause {
+                Some(StopCause::InitFailed(e)) => format!("worker {pid}'s start hook failed: {e}"),
+                Some(StopCause::InitTimeout) => format!("worker {pid} did not start within the init timeout"),
+                Some(StopCause::Protocol(d)) => format!("worker {pid} broke the protocol: {d}"),
+                _ => format!("worker {pid} ended with {status}"),
+            };
+            self.note_crash(what);
         }
     }
 

@@ -249,7 +249,7 @@ impl Core {
     }
 
     fn stop_reason(&self, sig: i32) -> ExitReason {
-        if self.parent_alive() {
+        if sig != signals::PARENT_DEATH_SIGNAL && self.parent_alive() {
             ExitReason::Signal(sig)
         } else {
             ExitReason::ParentGone
@@ -358,7 +358,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> WorkerExit {
     });
 
     // Parent death: arm the signal, then check we did not miss it.
-    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::HUP));
     if !core.parent_alive() {
         return core.exit_path(ExitReason::ParentGone);
     }

@@ -1,3 +1,848 @@
+//! Lifecycle tests of the core, asserting what an outsider sees: files written
+//! by hooks, `/proc` (children, fds, process groups), exit statuses.
+//!
+//! This binary is three programs in one, which is how warden is meant to be used:
+//! * a pool worker, when a pool re-executes it (`warden::init()` first in `main`);
+//! * a scenario host, when a test runs it with `WARDEN_SCENARIO` set, for tests
+//!   that need a whole process to kill or to inspect from outside;
+//! * the test runner (libtest-mimic), otherwise.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use warden::{Event, ExitReason, Pool, TaskOptions};
+
+const HOOKS_ENV: &str = "WARDEN_TEST_HOOKS";
+const SCENARIO_ENV: &str = "WARDEN_SCENARIO";
+
+type TestResult = Result<(), Failed>;
+
 fn main() {
     warden::init();
+    if let Ok(name) = std::env::var(SCENARIO_ENV) {
+        std::process::exit(run_scenario(&name));
+    }
+    let args = Arguments::from_args();
+    let tests = vec![
+        trial("exit_hook_runs_on_pool_shutdown", exit_hook_runs_on_pool_shutdown),
+        trial("exit_hook_runs_when_max_tasks_per_child_retires_a_worker", exit_hook_runs_on_max_tasks_retirement),
+        trial("exit_hook_runs_when_the_worker_gets_sigterm", exit_hook_runs_on_sigterm_to_the_worker),
+        trial("exit_hook_runs_after_a_task_panicked_and_the_worker_lived_on", exit_hook_runs_after_a_panic),
+        trial(
+            "every_worker_busy_or_idle_exits_and_runs_its_exit_hook_when_its_owner_is_sigkilled",
+            workers_exit_when_owner_is_killed,
+        ),
+        trial("a_worker_sigkilled_mid_task_gives_a_crash_with_sigkill", crash_by_sigkill),
+        trial("an_aborting_worker_gives_a_crash_with_sigabrt", crash_by_abort),
+        trial("a_segfaulting_worker_gives_a_crash_with_sigsegv", crash_by_segfault),
+        trial("a_timed_out_task_stops_its_worker_runs_the_exit_hook_and_replaces_it", timeout_stops_and_replaces),
+        trial("cancelling_a_running_task_stops_its_worker_runs_the_exit_hook_and_replaces_it", cancel_running),
+        trial("cancelling_a_queued_task_removes_it_and_leaves_the_running_one_alone", cancel_queued),
+        trial("too_many_crashes_in_the_window_fail_the_pool_with_a_clear_error", restart_intensity_escalates),
+        trial("a_failing_start_hook_fails_the_pool_instead_of_respawning_forever", failing_start_hook),
+        trial("a_start_hook_that_hangs_is_stopped_at_the_init_timeout", init_timeout),
+        trial("a_worker_that_writes_a_malformed_frame_is_replaced_and_its_task_errors", malformed_frame),
+        trial("shutdown_leaves_no_children_no_zombies_and_no_open_fds", shutdown_leaves_nothing),
+        trial("terminate_and_kill_leave_no_children", terminate_and_kill_leave_nothing),
+        trial("dropping_a_busy_pool_returns_within_its_grace_and_runs_exit_hooks", drop_is_bounded),
+        trial("a_worker_holds_only_stdio_and_its_channel", worker_fds_are_only_stdio_and_channel),
+        trial("a_worker_lives_in_its_own_process_group", worker_has_own_process_group),
+        trial("every_task_of_a_burst_gets_exactly_one_outcome", burst_exactly_once),
+        trial("prefetching_workers_still_give_every_task_one_outcome", prefetch_exactly_once),
+        trial("a_one_off_child_returns_its_value_and_runs_its_exit_hook", one_off_child),
+        trial("terminating_a_one_off_child_runs_its_exit_hook_and_it_dies_by_sigterm", one_off_terminate),
+        trial("a_task_larger_than_the_frame_limit_is_refused_and_the_pool_goes_on", oversized_task),
+    ];
+    libtest_mimic::run(&args, tests).exit();
+}
+
+fn trial(name: &'static str, f: fn() -> TestResult) -> Trial {
+    Trial::test(name, f)
+}
+
+fn check(cond: bool, msg: impl Into<String>) -> TestResult {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg.into().into())
+    }
+}
+
+// ---- tasks and hooks (run inside workers) ---------------------------------
+
+fn hooks_dir() -> Option<PathBuf> {
+    std::env::var_os(HOOKS_ENV).map(PathBuf::from)
+}
+
+fn on_start() {
+    if let Some(dir) = hooks_dir() {
+        let _ = std::fs::write(dir.join(format!("start-{}", std::process::id())), "");
+    }
+}
+
+fn on_exit(reason: ExitReason) {
+    if let Some(dir) = hooks_dir() {
+        let _ = std::fs::write(dir.join(format!("exit-{}", std::process::id())), format!("{reason:?}"));
+    }
+}
+
+fn panicking_start() {
+    panic!("cannot open the database");
+}
+
+fn hanging_start() {
+    std::thread::sleep(Duration::from_secs(30));
+}
+
+fn pid(_: ()) -> u32 {
+    std::process::id()
+}
+
+fn echo(x: u64) -> u64 {
+    x
+}
+
+fn sleep_ms(ms: u64) -> u32 {
+    std::thread::sleep(Duration::from_millis(ms));
+    std::process::id()
+}
+
+fn no_core_dumps() {
+    let limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: setrlimit with a valid struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &limit) };
+}
+
+fn abort_task(_: ()) {
+    no_core_dumps();
+    std::process::abort();
+}
+
+fn segfault_task(_: ()) {
+    no_core_dumps();
+    // SAFETY: none; this deliberately stores through an invalid pointer to
+    // produce a real segmentation fault.
+    unsafe { std::ptr::write_volatile(std::ptr::null_mut::<u64>().wrapping_add(2), 1) };
+    unreachable!();
+}
+
+fn panic_task(msg: String) -> u32 {
+    panic!("{msg}");
+}
+
+/// Writes bytes that are not a frame onto the worker's own channel.
+fn garbage_task(_: ()) -> u32 {
+    for (fd, target) in list_fds() {
+        if target.starts_with("socket:") {
+            let junk = b"this is not a warden frame";
+            // SAFETY: writing a byte buffer to an fd number we just listed.
+            unsafe { libc::write(fd, junk.as_ptr().cast(), junk.len()) };
+        }
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    0
+}
+
+fn fds_task(_: ()) -> Vec<(i32, String)> {
+    list_fds()
+}
+
+fn pgid_task(_: ()) -> (i32, i32) {
+    // SAFETY: getpgid(0) and getpid() take and return integers.
+    unsafe { (libc::getpgid(0), libc::getpid()) }
+}
+
+/// The fds of this process and what they point to, without the one used to list them.
+fn list_fds() -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return out };
+    for entry in dir.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let target = std::fs::read_link(entry.path()).map(|p| p.display().to_string()).unwrap_or_default();
+        if target.starts_with("/proc/") && target.ends_with("/fd") {
+            continue;
+        }
+        out.push((fd, target));
+    }
+    out.sort();
+    out
+}
+
+// ---- helpers for tests -------------------------------------------------------
+
+struct Hooks {
+    dir: tempfile::TempDir,
+}
+
+impl Hooks {
+    fn new() -> Self {
+        Hooks { dir: tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}")) }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn exit_reason(&self, pid: u32) -> Option<String> {
+        std::fs::read_to_string(self.path().join(format!("exit-{pid}"))).ok()
+    }
+
+    fn started(&self) -> BTreeSet<u32> {
+        self.pids_with_prefix("start-")
+    }
+
+    fn exited(&self) -> BTreeSet<u32> {
+        self.pids_with_prefix("exit-")
+    }
+
+    fn pids_with_prefix(&self, prefix: &str) -> BTreeSet<u32> {
+        std::fs::read_dir(self.path())
+            .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    fn env(&self) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+        vec![(HOOKS_ENV.into(), self.path().into())]
+    }
+
+    fn builder(&self) -> warden::Builder {
+        Pool::builder()
+            .env(HOOKS_ENV, self.path())
+            .on_start(on_start)
+            .on_exit(on_exit)
+            .grace(Duration::from_secs(2))
+            .init_timeout(Duration::from_secs(20))
+    }
+}
+
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether a process has exited: gone from /proc, or a zombie.
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+fn running_task_pid(pool: &Pool, task: u64) -> Option<i32> {
+    pool.workers().into_iter().find(|w| w.running == Some(task)).map(|w| w.pid)
+}
+
+fn sigterm(pid: i32) {
+    // SAFETY: kill(2) with integers.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
+
+// ---- retirement paths ---------------------------------------------------------
+
+fn exit_hook_runs_on_pool_shutdown() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(2).build()?;
+    let pids: BTreeSet<u32> = (0..6)
+        .map(|_| pool.spawn(sleep_ms, 20))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .map(|h| h.join())
+        .collect::<Result<_, _>>()?;
+    pool.shutdown();
+    check(hooks.started().len() == 2, format!("two workers started: {:?}", hooks.started()))?;
+    check(pids.is_subset(&hooks.started()), "tasks ran in the started workers")?;
+    for pid in hooks.started() {
+        let reason = hooks.exit_reason(pid);
+        check(reason.as_deref() == Some("Retired(Shutdown)"), format!("worker {pid}: {reason:?}"))?;
+    }
+    Ok(())
+}
+
+fn exit_hook_runs_on_max_tasks_retirement() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).max_tasks_per_child(2).build()?;
+    let mut pids = Vec::new();
+    for _ in 0..6 {
+        pids.push(pool.spawn(pid, ())?.join()?);
+    }
+    check(pids[0] == pids[1] && pids[2] == pids[3] && pids[4] == pids[5], format!("pairs share a worker: {pids:?}"))?;
+    check(pids[0] != pids[2] && pids[2] != pids[4], format!("every third task gets a new worker: {pids:?}"))?;
+    for p in [pids[0], pids[2]] {
+        check(wait_until(Duration::from_secs(5), || hooks.exit_reason(p).is_some()), format!("worker {p} exit hook"))?;
+        let reason = hooks.exit_reason(p);
+        check(reason.as_deref() == Some("Retired(MaxTasks)"), format!("worker {p}: {reason:?}"))?;
+    }
+    pool.shutdown();
+    Ok(())
+}
+
+fn exit_hook_runs_on_sigterm_to_the_worker() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).build()?;
+    let first = pool.spawn(pid, ())?.join()?;
+    sigterm(first as i32);
+    check(
+        wait_until(Duration::from_secs(5), || hooks.exit_reason(first).is_some()),
+        "the exit hook ran after SIGTERM",
+    )?;
+    check(hooks.exit_reason(first).as_deref() == Some("Signal(15)"), format!("{:?}", hooks.exit_reason(first)))?;
+    let second = pool.spawn(pid, ())?.join()?;
+    check(second != first, "a replacement serves the next task")?;
+    pool.shutdown();
+    Ok(())
+}
+
+fn exit_hook_runs_after_a_panic() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).build()?;
+    let before = pool.spawn(pid, ())?.join()?;
+    let err = match pool.spawn(panic_task, "the answer is not 42".to_string())?.join() {
+        Ok(_) => return Err("a panicking task returned a value".into()),
+        Err(e) => e,
+    };
+    check(err.is_panic(), format!("is_panic: {err}"))?;
+    check(err.panic_message() == Some("the answer is not 42"), format!("message: {err}"))?;
+    let after = pool.spawn(pid, ())?.join()?;
+    check(before == after, "the worker lives on after a panic")?;
+    pool.shutdown();
+    check(hooks.exit_reason(after).as_deref() == Some("Retired(Shutdown)"), "exit hook ran at shutdown")?;
+    Ok(())
+}
+
+fn workers_exit_when_owner_is_killed() -> TestResult {
+    let hooks = Hooks::new();
+    let mut owner = Command::new(std::env::current_exe()?)
+        .env(SCENARIO_ENV, "owner")
+        .env(HOOKS_ENV, hooks.path())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = owner.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut pids = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("worker ") => pids.push(line[7..].trim().parse::<i32>()?),
+            Some(Ok(line)) if line == "ready" => break,
+            Some(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    let result = (|| {
+        check(pids.len() == 2, format!("owner reported its workers: {pids:?}"))?;
+        owner.kill()?; // SIGKILL: no chance to clean up anything itself
+        owner.wait()?;
+        let gone = wait_until(Duration::from_secs(1), || pids.iter().all(|&p| process_gone(p)));
+        check(gone, format!("all workers gone within a second: {pids:?}"))?;
+        for &p in &pids {
+            let reason = hooks.exit_reason(p as u32);
+            check(reason.as_deref() == Some("ParentGone"), format!("worker {p} exit hook: {reason:?}"))?;
+        }
+        Ok(())
+    })();
+    let _ = owner.kill();
+    let _ = owner.wait();
+    for &p in &pids {
+        // SAFETY: kill(2) with integers; cleanup if the test failed.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    result
+}
+
+// ---- crashes, timeouts, cancels ---------------------------------------------------
+
+fn crash_case(task: fn(()), signal: i32) -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).build()?;
+    let first = pool.spawn(pid, ())?.join()?;
+    let err = match pool.spawn(task, ())?.join() {
+        Ok(()) => return Err("the crashing task returned".into()),
+        Err(e) => e,
+    };
+    check(err.is_crash(), format!("is_crash: {err}"))?;
+    check(err.signal() == Some(signal), format!("signal {signal}: {err}"))?;
+    let next = pool.spawn(pid, ())?.join()?;
+    check(next != first, "a replacement worker serves the next task")?;
+    check(pool.spawn(echo, 7)?.join()? == 7, "and the one after")?;
+    pool.shutdown();
+    Ok(())
+}
+
+fn crash_by_abort() -> TestResult {
+    crash_case(abort_task, libc::SIGABRT)
+}
+
+fn crash_by_segfault() -> TestResult {
+    crash_case(segfault_task, libc::SIGSEGV)
+}
+
+fn crash_by_sigkill() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(2).build()?;
+    let victim = pool.spawn(sleep_ms, 30_000)?;
+    let bystander = pool.spawn(sleep_ms, 300)?;
+    let mut pid = None;
+    check(
+        wait_until(Duration::from_secs(10), || {
+            pid = running_task_pid(&pool, victim.id());
+            pid.is_some()
+        }),
+        "the task started",
+    )?;
+    let pid = pid.ok_or("no pid")?;
+    // SAFETY: kill(2) with integers.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let err = match victim.join() {
+        Ok(_) => return Err("a SIGKILLed task returned".into()),
+        Err(e) => e,
+    };
+    check(err.is_crash() && err.signal() == Some(libc::SIGKILL), format!("crash by SIGKILL: {err}"))?;
+    check(bystander.join().is_ok(), "the other worker's task is unaffected")?;
+    check(pool.spawn(echo, 3)?.join()? == 3, "the pool serves the next task")?;
+    check(hooks.exit_reason(pid as u32).is_none(), "SIGKILL leaves no chance for an exit hook")?;
+    pool.shutdown();
+    Ok(())
+}
+
+fn timeout_stops_and_replaces() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).build()?;
+    let first = pool.spawn(pid, ())?.join()?;
+    let h = pool.spawn_with(sleep_ms, 30_000, TaskOptions { timeout: Some(Duration::from_millis(200)) })?;
+    let err = match h.join() {
+        Ok(_) => return Err("a timed-out task returned".into()),
+        Err(e) => e,
+    };
+    check(err.is_timeout(), format!("is_timeout: {err}"))?;
+    check(
+        wait_until(Duration::from_secs(5), || hooks.exit_reason(first).is_some()),
+        "the stopped worker ran its exit hook",
+    )?;
+    check(hooks.exit_reason(first).as_deref() == Some("Signal(15)"), format!("{:?}", hooks.exit_reason(first)))?;
+    let next = pool.spawn(pid, ())?.join()?;
+    check(next != first, "a replacement serves the next task")?;
+    pool.shutdown();
+    Ok(())
+}
+
+fn cancel_running() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).build()?;
+    let h = pool.spawn(sleep_ms, 30_000)?;
+    let mut pid = None;
+    check(
+        wait_until(Duration::from_secs(10), || {
+            pid = running_task_pid(&pool, h.id());
+            pid.is_some()
+        }),
+        "the task started",
+    )?;
+    let pid = pid.ok_or("no pid")? as u32;
+    check(h.cancel(), "cancel reports success")?;
+    let err = match h.join() {
+        Ok(_) => return Err("a cancelled task returned".into()),
+        Err(e) => e,
+    };
+    check(err.is_cancelled(), format!("is_cancelled: {err}"))?;
+    check(wait_until(Duration::from_secs(5), || hooks.exit_reason(pid).is_some()), "exit hook ran")?;
+    check(hooks.exit_reason(pid).as_deref() == Some("Signal(15)"), format!("{:?}", hooks.exit_reason(pid)))?;
+    check(pool.spawn(pid_task_alias, ())?.join()? != pid, "a replacement serves the next task")?;
+    pool.shutdown();
+    Ok(())
+}
+
+fn pid_task_alias(x: ()) -> u32 {
+    pid(x)
+}
+
+fn cancel_queued() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).build()?;
+    let running = pool.spawn(sleep_ms, 500)?;
+    let queued = pool.spawn(echo, 5)?;
+    check(queued.cancel(), "a queued task can be cancelled")?;
+    let err = match queued.join() {
+        Ok(_) => return Err("a cancelled task returned".into()),
+        Err(e) => e,
+    };
+    check(err.is_cancelled(), format!("is_cancelled: {err}"))?;
+    let worker = running.join()?;
+    check(hooks.exit_reason(worker).is_none(), "the running task's worker was not stopped")?;
+    check(pool.spawn(pid, ())?.join()? == worker, "the same worker serves the next task")?;
+    pool.shutdown();
+    Ok(())
+}
+
+fn restart_intensity_escalates() -> TestResult {
+    let hooks = Hooks::new();
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&failures);
+    let pool = hooks
+        .builder()
+        .workers(1)
+        .restart_intensity(2, Duration::from_secs(60))
+        .on_event(move |e| {
+            if let Event::PoolFailed { reason } = e {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(reason.clone());
+            }
+        })
+        .build()?;
+    for _ in 0..2 {
+        let e = pool.spawn(abort_task, ())?.join().err().ok_or("crash expected")?;
+        check(e.is_crash(), format!("crash: {e}"))?;
+    }
+    check(pool.spawn(echo, 1)?.join()? == 1, "two crashes are within the limit")?;
+    let third = pool.spawn(abort_task, ())?.join().err().ok_or("crash expected")?;
+    check(third.is_crash(), "the third crash is still a crash for its task")?;
+    check(wait_until(Duration::from_secs(5), || pool.failure().is_some()), "the pool failed")?;
+    let reason = pool.failure().unwrap_or_default();
+    check(reason.contains("exceed the restart limit of 2"), format!("clear reason: {reason}"))?;
+    let refused = pool.spawn(echo, 1).err().ok_or("a failed pool takes no tasks")?;
+    check(refused.is_pool_failed(), format!("refusal says the pool failed: {refused}"))?;
+    check(pool.join(Some(Duration::from_secs(10))), "a failed pool shuts itself down")?;
+    check(failures.lock().map(|f| f.len()).unwrap_or(0) == 1, "one PoolFailed event")?;
+    Ok(())
+}
+
+fn failing_start_hook() -> TestResult {
+    let hooks = Hooks::new();
+    let pool =
+        hooks.builder().on_start(panicking_start).workers(1).restart_intensity(3, Duration::from_secs(60)).build()?;
+    let err = pool.spawn(echo, 1)?.join().err().ok_or("no worker can start")?;
+    check(err.is_pool_failed(), format!("pool failed: {err}"))?;
+    check(err.to_string().contains("cannot open the database"), format!("the start hook's panic is named: {err}"))?;
+    check(pool.join(Some(Duration::from_secs(10))), "the pool stopped")?;
+    check(hooks.exited().is_empty(), "no exit hook runs for a worker that never started")?;
+    Ok(())
+}
+
+fn init_timeout() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks
+        .builder()
+        .on_start(hanging_start)
+        .init_timeout(Duration::from_millis(300))
+        .grace(Duration::from_millis(300))
+        .workers(1)
+        .restart_intensity(1, Duration::from_secs(60))
+        .build()?;
+    let started = Instant::now();
+    let err = pool.spawn(echo, 1)?.join().err().ok_or("no worker can start")?;
+    check(err.is_pool_failed(), format!("pool failed: {err}"))?;
+    check(err.to_string().contains("init timeout"), format!("the reason names the init timeout: {err}"))?;
+    check(started.elapsed() < Duration::from_secs(15), "bounded by the init timeout, not the hook")?;
+    check(pool.join(Some(Duration::from_secs(10))), "the pool stopped")?;
+    Ok(())
+}
+
+fn malformed_frame() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).build()?;
+    let first = pool.spawn(pid, ())?.join()?;
+    let err = pool.spawn(garbage_task, ())?.join().err().ok_or("the task must fail")?;
+    check(err.is_protocol(), format!("is_protocol: {err}"))?;
+    check(err.to_string().contains("bad frame magic"), format!("says what was wrong: {err}"))?;
+    let next = pool.spawn(pid, ())?.join()?;
+    check(next != first, "the worker was replaced")?;
+    check(process_gone(first as i32), "the offending worker is gone")?;
+    pool.shutdown();
+    Ok(())
+}
+
+// ---- shutdown leaves nothing behind --------------------------------------------
+
+/// Runs this binary as a scenario host and returns its stdout.
+fn run_scenario_process(name: &str, hooks: &Path, timeout: Duration) -> Result<String, Failed> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .env(SCENARIO_ENV, name)
+        .env(HOOKS_ENV, hooks)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("scenario {name} did not finish within {timeout:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = reader.join().map_err(|_| "reader thread")?;
+    check(status.success(), format!("scenario {name} failed ({status}): {out}"))?;
+    Ok(out)
+}
+
+fn shutdown_leaves_nothing() -> TestResult {
+    let hooks = Hooks::new();
+    let out = run_scenario_process("leaves-nothing", hooks.path(), Duration::from_secs(60))?;
+    check(out.contains("fds-before=") && out.contains("ok"), format!("scenario output: {out}"))?;
+    Ok(())
+}
+
+fn terminate_and_kill_leave_nothing() -> TestResult {
+    let hooks = Hooks::new();
+    let out = run_scenario_process("terminate-and-kill", hooks.path(), Duration::from_secs(60))?;
+    check(out.contains("ok"), format!("scenario output: {out}"))?;
+    Ok(())
+}
+
+fn drop_is_bounded() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(2).grace(Duration::from_millis(300)).build()?;
+    let busy = pool.spawn(sleep_ms, 60_000)?;
+    let idle = pool.spawn(pid, ())?.join()?;
+    check(wait_until(Duration::from_secs(10), || running_task_pid(&pool, busy.id()).is_some()), "busy")?;
+    let started = Instant::now();
+    drop(pool);
+    let took = started.elapsed();
+    // Bound: grace for the task, grace after SIGTERM, plus slack. Not a speed
+    // claim: only that dropping does not wait for the 60 s task.
+    check(took < Duration::from_secs(20), format!("drop returned after {took:?}"))?;
+    let err = busy.join().err().ok_or("the busy task cannot finish")?;
+    check(err.is_cancelled(), format!("the running task was cancelled: {err}"))?;
+    check(hooks.exit_reason(idle).as_deref() == Some("Retired(Shutdown)"), "the idle worker retired")?;
+    check(hooks.exited().len() == 2, format!("both workers ran their exit hooks: {:?}", hooks.exited()))?;
+    Ok(())
+}
+
+fn worker_fds_are_only_stdio_and_channel() -> TestResult {
+    let hooks = Hooks::new();
+    let out = run_scenario_process("worker-fds", hooks.path(), Duration::from_secs(60))?;
+    check(out.contains("ok"), format!("scenario output: {out}"))?;
+    Ok(())
+}
+
+fn worker_has_own_process_group() -> TestResult {
+    let pool = Pool::builder().workers(1).build()?;
+    let (pgid, pid) = pool.spawn(pgid_task, ())?.join()?;
+    pool.shutdown();
+    // SAFETY: getpgid(0) takes and returns integers.
+    let ours = unsafe { libc::getpgid(0) };
+    check(pgid == pid, format!("worker {pid} leads its group {pgid}"))?;
+    check(pgid != ours, "not the parent's group")?;
+    Ok(())
+}
+
+fn burst_exactly_once() -> TestResult {
+    let pool = Pool::builder().workers(2).build()?;
+    let handles: Vec<_> = (0..2000u64).map(|i| pool.spawn(echo, i)).collect::<Result<_, _>>()?;
+    for (i, h) in handles.into_iter().enumerate() {
+        check(h.join()? == i as u64, format!("task {i} got its own value"))?;
+    }
+    pool.shutdown();
+    Ok(())
+}
+
+fn prefetch_exactly_once() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(2).prefetch(4).build()?;
+    let mut handles: Vec<_> = (0..500u64).map(|i| pool.spawn(echo, i)).collect::<Result<_, _>>()?;
+    // Crash a worker with tasks prefetched behind it: they must be re-run, not lost.
+    let crash = pool.spawn(abort_task, ())?;
+    handles.extend((500..1000u64).map(|i| pool.spawn(echo, i)).collect::<Result<Vec<_>, _>>()?);
+    check(crash.join().err().is_some_and(|e| e.is_crash()), "the crash is reported")?;
+    for (i, h) in handles.into_iter().enumerate() {
+        check(h.join()? == i as u64, format!("task {i} got its own value"))?;
+    }
+    pool.shutdown();
+    Ok(())
+}
+
+fn one_off_child() -> TestResult {
+    let hooks = Hooks::new();
+    let options = warden::ChildOptions { on_exit: Some(on_exit), env: hooks.env(), ..Default::default() };
+    let child = warden::spawn_with(pid, (), options)?;
+    let announced = child.pid().ok_or("pid")?;
+    let ran_in = child.join_timeout(Duration::from_secs(30))?;
+    check(ran_in as i32 == announced, "ran in the announced child")?;
+    check(child.wait(Some(Duration::from_secs(10))), "the child was reaped")?;
+    let exit = child.exit().ok_or("exit recorded")?;
+    check(exit.status.success(), format!("exited 0: {:?}", exit.status))?;
+    check(exit.hook_ran(), "its exit hook ran")?;
+    check(hooks.exit_reason(ran_in).as_deref() == Some("Retired(Done)"), format!("{:?}", hooks.exit_reason(ran_in)))?;
+    check(process_gone(announced), "the child is gone")?;
+    Ok(())
+}
+
+fn one_off_terminate() -> TestResult {
+    let hooks = Hooks::new();
+    let options = warden::ChildOptions {
+        on_start: Some(on_start),
+        on_exit: Some(on_exit),
+        grace: Duration::from_secs(2),
+        env: hooks.env(),
+        ..Default::default()
+    };
+    let child = warden::spawn_with(sleep_ms, 60_000, options)?;
+    let pid = child.pid().ok_or("pid")?;
+    check(wait_until(Duration::from_secs(20), || hooks.started().contains(&(pid as u32))), "the child started")?;
+    child.terminate();
+    check(child.wait(Some(Duration::from_secs(10))), "terminated child is reaped")?;
+    let exit = child.exit().ok_or("exit recorded")?;
+    check(exit.status.signal() == Some(libc::SIGTERM), format!("died by SIGTERM: {:?}", exit.status))?;
+    check(exit.hook_ran(), "after running its exit hook")?;
+    check(hooks.exit_reason(pid as u32).as_deref() == Some("Signal(15)"), "hook saw the signal")?;
+    let err = child.join().err().ok_or("the task cannot finish")?;
+    check(err.is_cancelled(), format!("the task was cancelled: {err}"))?;
+    Ok(())
+}
+
+fn big_echo(v: Vec<u8>) -> usize {
+    v.len()
+}
+
+fn oversized_task() -> TestResult {
+    let pool = Pool::builder().workers(1).max_frame_size(64 * 1024).build()?;
+    let err = pool.spawn(big_echo, vec![0u8; 100 * 1024]).err().ok_or("must be refused")?;
+    check(err.to_string().contains("exceeds the frame limit"), format!("clear error: {err}"))?;
+    check(pool.spawn(big_echo, vec![0u8; 1000])?.join()? == 1000, "the pool goes on")?;
+    pool.shutdown();
+    Ok(())
+}
+
+// ---- scenario hosts (run in a subprocess) ------------------------------------------
+
+fn run_scenario(name: &str) -> i32 {
+    let result = match name {
+        "owner" => scenario_owner(),
+        "leaves-nothing" => scenario_leaves_nothing(),
+        "terminate-and-kill" => scenario_terminate_and_kill(),
+        "worker-fds" => scenario_worker_fds(),
+        other => Err(format!("unknown scenario {other}").into()),
+    };
+    match result {
+        Ok(()) => {
+            println!("ok");
+            0
+        }
+        Err(e) => {
+            println!("FAILED: {}", e.message().unwrap_or("?"));
+            1
+        }
+    }
+}
+
+/// Owns a pool with one busy and one idle worker, prints their pids, waits to be killed.
+fn scenario_owner() -> TestResult {
+    let pool = Pool::builder().workers(2).on_start(on_start).on_exit(on_exit).build()?;
+    let busy = pool.spawn(sleep_ms, 120_000)?;
+    check(wait_until(Duration::from_secs(20), || running_task_pid(&pool, busy.id()).is_some()), "busy")?;
+    check(
+        wait_until(Duration::from_secs(20), || pool.workers().iter().filter(|w| w.phase == "ready").count() == 2),
+        "ready",
+    )?;
+    for w in pool.workers() {
+        println!("worker {}", w.pid);
+    }
+    println!("ready");
+    std::thread::sleep(Duration::from_secs(120));
+    Ok(())
+}
+
+fn own_fds() -> BTreeSet<i32> {
+    list_fds().into_iter().map(|(fd, _)| fd).collect()
+}
+
+fn own_children() -> BTreeSet<i32> {
+    let mut out = BTreeSet::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+fn scenario_leaves_nothing() -> TestResult {
+    let before = own_fds();
+    println!("fds-before={before:?}");
+    check(own_children().is_empty(), "no children to begin with")?;
+    let pool = Pool::builder().workers(2).on_exit(on_exit).build()?;
+    let pids: BTreeSet<u32> = (0..10)
+        .map(|_| pool.spawn(sleep_ms, 10))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .map(|h| h.join())
+        .collect::<Result<_, _>>()?;
+    check(!own_children().is_empty(), "workers are our children while the pool runs")?;
+    check(own_fds().len() > before.len(), "the pool holds fds while it runs")?;
+    pool.shutdown();
+    let after = own_fds();
+    println!("fds-after={after:?}");
+    check(after == before, format!("fds back where they started: {before:?} -> {after:?}"))?;
+    let children = own_children();
+    check(children.is_empty(), format!("no children or zombies left: {children:?}"))?;
+    for p in pids {
+        check(process_gone(p as i32), format!("worker {p} is gone"))?;
+    }
+    Ok(())
+}
+
+fn scenario_terminate_and_kill() -> TestResult {
+    let before = own_fds();
+    for kill in [false, true] {
+        let pool = Pool::builder().workers(2).grace(Duration::from_millis(500)).on_exit(on_exit).build()?;
+        let a = pool.spawn(sleep_ms, 60_000)?;
+        let b = pool.spawn(sleep_ms, 60_000)?;
+        let queued = pool.spawn(echo, 1)?;
+        check(wait_until(Duration::from_secs(20), || running_task_pid(&pool, b.id()).is_some()), "running")?;
+        if kill {
+            pool.kill();
+        } else {
+            pool.terminate();
+        }
+        check(pool.join(Some(Duration::from_secs(15))), "bounded")?;
+        for h in [a, b] {
+            check(h.join().err().is_some_and(|e| e.is_cancelled()), "running tasks cancelled")?;
+        }
+        check(queued.join().err().is_some_and(|e| e.is_cancelled()), "queued task cancelled")?;
+        let children = own_children();
+        check(children.is_empty(), format!("kill={kill}: no children or zombies: {children:?}"))?;
+    }
+    check(own_fds() == before, "fds back where they started")?;
+    Ok(())
+}
+
+fn scenario_worker_fds() -> TestResult {
+    // A careless library opens a file without O_CLOEXEC before the pool starts.
+    let path = std::ffi::CString::new("/proc/self/status").map_err(|e| e.to_string())?;
+    // SAFETY: open(2) with a valid C string; the fd is closed below.
+    let careless = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+    check(careless >= 3, "opened a careless fd")?;
+    let pool = Pool::builder().workers(1).build()?;
+    let fds = pool.spawn(fds_task, ())?.join()?;
+    pool.shutdown();
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(careless) };
+    let numbers: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
+    check(numbers.len() == 4, format!("stdio and one channel: {fds:?}"))?;
+    check(numbers[..3] == [0, 1, 2], format!("stdio: {fds:?}"))?;
+    check(fds[0].1 == "/dev/null", format!("stdin is /dev/null: {fds:?}"))?;
+    check(fds[3].1.starts_with("socket:"), format!("the fourth is the channel: {fds:?}"))?;
+    check(!numbers.contains(&careless), "the careless fd did not leak")?;
+    Ok(())
 }
