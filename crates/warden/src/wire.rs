@@ -33,6 +33,10 @@ pub const HEADER_LEN: usize = 8;
 /// The two bytes every frame starts with.
 pub const MAGIC: [u8; 2] = *b"WD";
 
+/// The most a reader's buffer grows by in one step while a large frame
+/// arrives: allocation stays within a small factor of the bytes that arrived.
+pub const MAX_GROWTH_STEP: usize = MAX_GROWTH;
+
 /// The default limit on a frame body (256 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 256 << 20;
 
@@ -347,6 +351,11 @@ impl FrameReader {
     /// Bytes received but not yet consumed as messages.
     pub fn pending(&self) -> usize {
         self.end - self.start
+    }
+
+    /// Bytes the reader has allocated for its buffer.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// Reads once from `r` into the buffer. Returns the number of bytes read;

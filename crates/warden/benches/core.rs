@@ -1,0 +1,149 @@
+//! Core benchmark: what the pool costs over a bare socketpair between two
+//! processes, measured in the same run.
+//!
+//! `cargo bench -p warden --bench core` (or `make bench`). Prints a Markdown
+//! table; `docs/benchmarks.md` holds a copy with the machine it ran on.
+//!
+//! * raw ping-pong: 8 bytes there and back over a socketpair to a child
+//!   process (this binary re-executed), the floor for any round trip;
+//! * pool round trip: `pool.spawn(noop, ()).join()` on a one-worker pool;
+//! * pipelined throughput: many no-op tasks in flight on two workers
+//!   (prefetch 1 and 4);
+//! * start-up: `build()` until every worker has run its start hook.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use warden::{Event, Pool};
+
+const ECHO_ENV: &str = "WARDEN_BENCH_ECHO_FD";
+
+fn noop(_: ()) {}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    warden::init();
+    if let Ok(fd) = std::env::var(ECHO_ENV) {
+        echo(fd.parse()?);
+        return Ok(());
+    }
+    // `cargo bench` passes --bench; a name filter is not supported.
+    let quick = std::env::args().any(|a| a == "--quick");
+    let scale = if quick { 10 } else { 1 };
+
+    let rounds = 5;
+    let n_rt = 20_000 / scale;
+    let raw = median((0..rounds).map(|_| raw_ping_pong(n_rt)).collect::<Result<Vec<_>, _>>()?);
+    let pool_rt = median((0..rounds).map(|_| pool_round_trip(n_rt)).collect::<Result<Vec<_>, _>>()?);
+    let n_pipe = 200_000 / scale;
+    let pipe1 = median((0..rounds).map(|_| pipelined(n_pipe, 1)).collect::<Result<Vec<_>, _>>()?);
+    let pipe4 = median((0..rounds).map(|_| pipelined(n_pipe, 4)).collect::<Result<Vec<_>, _>>()?);
+    let start = median((0..10).map(|_| startup(2)).collect::<Result<Vec<_>, _>>()?);
+
+    println!("| measurement | result | per operation |");
+    println!("|---|---|---|");
+    println!("| raw socketpair ping-pong (2 processes) | {:.0} round trips/s | {:.1} µs |", 1.0 / raw, raw * 1e6);
+    println!("| pool no-op round trip (1 worker) | {:.0} tasks/s | {:.1} µs |", 1.0 / pool_rt, pool_rt * 1e6);
+    println!("| pool round trip / raw ping-pong | **{:.2}×** | |", pool_rt / raw);
+    println!("| pipelined no-op, 2 workers, prefetch 1 | {:.0} tasks/s | {:.2} µs |", 1.0 / pipe1, pipe1 * 1e6);
+    println!("| pipelined no-op, 2 workers, prefetch 4 | {:.0} tasks/s | {:.2} µs |", 1.0 / pipe4, pipe4 * 1e6);
+    println!("| pool start-up, 2 workers ready | {:.1} ms | |", start * 1e3);
+    println!();
+    println!("medians of {rounds} rounds; {n_rt} round trips, {n_pipe} pipelined tasks per round");
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The child side of the raw ping-pong: echo 8-byte messages until EOF.
+fn echo(fd: i32) {
+    // SAFETY: the parent passed us this socket fd, and nothing else owns it.
+    let mut s = unsafe { UnixStream::from_raw_fd(fd) };
+    let mut buf = [0u8; 8];
+    while s.read_exact(&mut buf).is_ok() {
+        if s.write_all(&buf).is_err() {
+            return;
+        }
+    }
+}
+
+/// Seconds per round trip over a bare socketpair to another process.
+fn raw_ping_pong(n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    let (mut ours, theirs) = UnixStream::pair()?;
+    let fd = theirs.as_raw_fd();
+    rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty())?;
+    let mut child = Command::new(std::env::current_exe()?).env(ECHO_ENV, fd.to_string()).spawn()?;
+    drop(theirs);
+    let mut buf = [0u8; 8];
+    // Warm up.
+    for i in 0..100u64 {
+        ours.write_all(&i.to_le_bytes())?;
+        ours.read_exact(&mut buf)?;
+    }
+    let t = Instant::now();
+    for i in 0..n as u64 {
+        ours.write_all(&i.to_le_bytes())?;
+        ours.read_exact(&mut buf)?;
+    }
+    let per = t.elapsed().as_secs_f64() / n as f64;
+    drop(ours);
+    child.wait()?;
+    Ok(per)
+}
+
+/// Seconds per sequential no-op task on a one-worker pool.
+fn pool_round_trip(n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    let pool = Pool::builder().workers(1).build()?;
+    for _ in 0..100 {
+        pool.spawn(noop, ())?.join()?;
+    }
+    let t = Instant::now();
+    for _ in 0..n {
+        pool.spawn(noop, ())?.join()?;
+    }
+    let per = t.elapsed().as_secs_f64() / n as f64;
+    pool.shutdown();
+    Ok(per)
+}
+
+/// Seconds per task with `n` no-op tasks in flight on two workers.
+fn pipelined(n: usize, prefetch: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    let pool = Pool::builder().workers(2).prefetch(prefetch).build()?;
+    for _ in 0..100 {
+        pool.spawn(noop, ())?.join()?;
+    }
+    let t = Instant::now();
+    let handles = (0..n).map(|_| pool.spawn(noop, ())).collect::<Result<Vec<_>, _>>()?;
+    for h in handles {
+        h.join()?;
+    }
+    let per = t.elapsed().as_secs_f64() / n as f64;
+    pool.shutdown();
+    Ok(per)
+}
+
+/// Seconds from `build()` until `workers` workers are ready.
+fn startup(workers: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    let (tx, rx) = mpsc::channel();
+    let t = Instant::now();
+    let pool = Pool::builder()
+        .workers(workers)
+        .on_event(move |e| {
+            if let Event::WorkerReady { .. } = e {
+                let _ = tx.send(());
+            }
+        })
+        .build()?;
+    for _ in 0..workers {
+        rx.recv_timeout(Duration::from_secs(30))?;
+    }
+    let took = t.elapsed().as_secs_f64();
+    pool.shutdown();
+    Ok(took)
+}
