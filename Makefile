@@ -27,6 +27,7 @@ clippy:
 
 test-rust:
 	$(T) 1200 $(CARGO) test --all-targets
+	$(T) 600 $(CARGO) test --doc
 
 bench: bench-core
 

@@ -60,6 +60,11 @@ pub mod task;
 pub mod wire;
 pub mod worker;
 
+/// The README's examples, compiled as doctests so they stay true.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub use error::{Error, ErrorKind, ExitStatus, Result};
 pub use pool::{spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, TaskOptions};
 pub use supervisor::{Event, StopCause, WorkerExit, WorkerSnapshot};

@@ -592,14 +592,19 @@ impl Supervisor {
             Command::Cancel { id, running_too, reply } => {
                 let _ = reply.send(self.cancel(id, running_too));
             }
-            Command::Close { drain, deadline } => {
-                if self.phase == PoolPhase::Running {
-                    self.close(drain, deadline);
-                } else if let (PoolPhase::Closing { .. }, Some(d)) = (self.phase, deadline) {
-                    // A bounded close on top of an unbounded one.
-                    self.close_deadline = Some(self.close_deadline.map_or(d, |c| c.min(d)));
+            Command::Close { drain, deadline } => match self.phase {
+                PoolPhase::Running => self.close(drain, deadline),
+                PoolPhase::Closing { drain: was_draining } => {
+                    // A stricter close on top of an earlier one: stop draining
+                    // if asked, and keep the earlier deadline if it is sooner.
+                    let deadline = match (self.close_deadline, deadline) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    self.close(was_draining && drain, deadline);
                 }
-            }
+                PoolPhase::Terminating | PoolPhase::Failed => {}
+            },
             Command::Terminate => self.terminate(false),
             Command::Kill => self.terminate(true),
             Command::Snapshot { reply } => {

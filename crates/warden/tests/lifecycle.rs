@@ -50,6 +50,7 @@ fn main() {
         trial("shutdown_leaves_no_children_no_zombies_and_no_open_fds", shutdown_leaves_nothing),
         trial("terminate_and_kill_leave_no_children", terminate_and_kill_leave_nothing),
         trial("dropping_a_busy_pool_returns_within_its_grace_and_runs_exit_hooks", drop_is_bounded),
+        trial("dropping_a_closing_pool_stops_draining_its_queue", drop_after_close_stops_draining),
         trial("a_worker_holds_only_stdio_and_its_channel", worker_fds_are_only_stdio_and_channel),
         trial("a_worker_lives_in_its_own_process_group", worker_has_own_process_group),
         trial("every_task_of_a_burst_gets_exactly_one_outcome", burst_exactly_once),
@@ -624,6 +625,24 @@ fn drop_is_bounded() -> TestResult {
     check(err.is_cancelled(), format!("the running task was cancelled: {err}"))?;
     check(hooks.exit_reason(idle).as_deref() == Some("Retired(Shutdown)"), "the idle worker retired")?;
     check(hooks.exited().len() == 2, format!("both workers ran their exit hooks: {:?}", hooks.exited()))?;
+    Ok(())
+}
+
+fn drop_after_close_stops_draining() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).grace(Duration::from_millis(300)).build()?;
+    let busy = pool.spawn(sleep_ms, 60_000)?;
+    let queued: Vec<_> = (0..3).map(|i| pool.spawn(echo, i)).collect::<Result<_, _>>()?;
+    check(wait_until(Duration::from_secs(10), || running_task_pid(&pool, busy.id()).is_some()), "busy")?;
+    pool.close(); // drain…
+    let started = Instant::now();
+    drop(pool); // …but dropping bounds it: the queue is cancelled, the running task stopped
+    check(started.elapsed() < Duration::from_secs(20), format!("drop returned after {:?}", started.elapsed()))?;
+    check(busy.join().err().is_some_and(|e| e.is_cancelled()), "the running task was cancelled")?;
+    for h in queued {
+        let outcome = h.join();
+        check(outcome.as_ref().err().is_some_and(|e| e.is_cancelled()), format!("queued task: {outcome:?}"))?;
+    }
     Ok(())
 }
 
