@@ -284,7 +284,7 @@ impl Core {
                 Err(p) => report.hook_error = Some(format!("exit hook panicked: {}", panic_text(&*p))),
             }
         }
-        let fin = crate::finalize::run_exit_finalizers();
+        let fin = crate::finalize::run_exit_finalizers(crate::finalize::exit_timeout());
         report.finalizers_run = fin.ran;
         report.finalizers_failed = fin.failed;
         report.finalizers_skipped = fin.skipped;
