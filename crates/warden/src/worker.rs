@@ -17,6 +17,7 @@
 //!
 //! 1. the exit hook the handler installed at init (the user's finalizer),
 //! 2. the process's exit finalizers ([`crate::finalize`]), in priority order,
+//!    within [`crate::finalize::exit_timeout`],
 //! 3. stdout and stderr are flushed,
 //! 4. `Goodbye` tells the parent what ran,
 //! 5. the process exits with a status that says how it ended: code 0 when
