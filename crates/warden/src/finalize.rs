@@ -1114,8 +1114,9 @@ impl Service {
             // Left alone: the process is exiting, and its destructor might block too.
             std::mem::forget(entry);
         }
-        // Every queued entry is also in the registry (and was just leaked): no drop here.
-        inner.queue.clear();
+        // Queued entries may hold the last reference to a finished registration:
+        // leak them rather than drop them under the lock (the process is exiting).
+        std::mem::forget(std::mem::take(&mut inner.queue));
         inner.report = Some(out);
         self.changed.notify_all();
         self.wake.notify_all();
@@ -1134,7 +1135,12 @@ impl Service {
             return false;
         }
         loop {
-            if inner.phase == Phase::Closed || (inner.queue.is_empty() && inner.current.is_none()) {
+            let idle = match inner.phase {
+                Phase::Open => inner.queue.is_empty() && inner.current.is_none(),
+                Phase::Draining => false,
+                Phase::Closed => true,
+            };
+            if idle {
                 return true;
             }
             let now = Instant::now();
@@ -1244,6 +1250,16 @@ mod tests {
         let log = Arc::clone(log);
         let s = s.to_string();
         move || lock(&log).push(s)
+    }
+
+    #[test]
+    fn handles_can_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Token>();
+        send_sync::<Guarded<u8>>();
+        send_sync::<Guardian<u8>>();
+        send_sync::<Ward<u8>>();
+        send_sync::<FinalizeError>();
     }
 
     #[test]
