@@ -39,7 +39,7 @@
 //! * [`spawn`]: how a worker process is started (exec, fds, death signal, group);
 //! * [`worker`]: the worker-side loop and its single exit path;
 //! * [`wire`]: frames and messages;
-//! * [`finalize`]: exit finalizers;
+//! * [`finalize`]: the finalizer thread, guardians and exit finalizers (`docs/finalization.md`);
 //! * [`signals`]: worker signal handling (flags only).
 //!
 //! ## Caveats

@@ -17,6 +17,7 @@
 //!
 //! 1. the exit hook the handler installed at init (the user's finalizer),
 //! 2. the process's exit finalizers ([`crate::finalize`]), in priority order,
+//!    within [`crate::finalize::exit_timeout`],
 //! 3. stdout and stderr are flushed,
 //! 4. `Goodbye` tells the parent what ran,
 //! 5. the process exits with a status that says how it ended: code 0 when
@@ -284,7 +285,7 @@ impl Core {
                 Err(p) => report.hook_error = Some(format!("exit hook panicked: {}", panic_text(&*p))),
             }
         }
-        let fin = crate::finalize::run_exit_finalizers();
+        let fin = crate::finalize::run_exit_finalizers(crate::finalize::exit_timeout());
         report.finalizers_run = fin.ran;
         report.finalizers_failed = fin.failed;
         report.finalizers_skipped = fin.skipped;
