@@ -10,20 +10,23 @@ VPY := $(VENV)/bin/python
 # Every step that runs processes is bounded, so no step can hang.
 T := timeout --kill-after=30
 
-.PHONY: demo demo-rust test test-rust fmt-check clippy bench bench-core fuzz clean
+.PHONY: demo demo-rust test test-rust fmt-check clippy doc bench bench-core fuzz clean
 
 demo: demo-rust
 
 demo-rust:
 	$(T) 600 $(CARGO) run --quiet --release -p warden --example demo
 
-test: fmt-check clippy test-rust
+test: fmt-check clippy doc test-rust
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
 clippy:
 	$(T) 1200 $(CARGO) clippy --all-targets -- -D warnings
+
+doc:
+	RUSTDOCFLAGS="-D warnings" $(T) 600 $(CARGO) doc --no-deps --quiet
 
 test-rust:
 	$(T) 1200 $(CARGO) test --all-targets

@@ -36,7 +36,7 @@
 //!
 //! * [`pool`]: the builder, pools, task handles and one-off children;
 //! * [`supervisor`]: the event loop that owns the workers (lifecycle diagram there);
-//! * [`spawn`]: how a worker process is started (exec, fds, death signal, group);
+//! * [`spawn`](mod@spawn): how a worker process is started (exec, fds, death signal, group);
 //! * [`worker`]: the worker-side loop and its single exit path;
 //! * [`wire`]: frames and messages;
 //! * [`finalize`]: the finalizer thread, guardians and exit finalizers (`docs/finalization.md`);
@@ -74,7 +74,7 @@ pub use wire::{ExitReason, RetireReason};
 /// returns in that case; otherwise returns at once.
 ///
 /// Call it first thing in `main` of any program that uses [`Pool::builder`] or
-/// [`spawn`]: their workers run this same executable, and serve tasks from here.
+/// [`spawn()`](fn@spawn): their workers run this same executable, and serve tasks from here.
 pub fn init() {
     let Some(env) = worker::WorkerEnv::take() else { return };
     match env {
