@@ -246,6 +246,27 @@ fn running_task_pid(pool: &Pool, task: u64) -> Option<i32> {
     pool.workers().into_iter().find(|w| w.running == Some(task)).map(|w| w.pid)
 }
 
+/// Waits until task `task` runs on a worker and returns that worker's pid.
+fn wait_running(pool: &Pool, task: u64) -> Result<i32, Failed> {
+    let mut pid = None;
+    wait_until(Duration::from_secs(10), || {
+        pid = running_task_pid(pool, task);
+        pid.is_some()
+    });
+    pid.ok_or_else(|| format!("task {task} never started").into())
+}
+
+/// Worker `pid` was stopped with SIGTERM: it ran its exit hook, saw the
+/// signal, and a replacement serves the next task.
+fn check_stopped_and_replaced(hooks: &Hooks, pool: &Pool, pid: u32) -> TestResult {
+    check(
+        wait_until(Duration::from_secs(5), || hooks.exit_reason(pid).is_some()),
+        format!("the stopped worker {pid} ran its exit hook"),
+    )?;
+    check(hooks.exit_reason(pid).as_deref() == Some("Signal(15)"), format!("{:?}", hooks.exit_reason(pid)))?;
+    check(pool.spawn(self::pid, ())?.join()? != pid, "a replacement serves the next task")
+}
+
 fn sigterm(pid: i32) {
     // SAFETY: kill(2) with integers.
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -295,13 +316,7 @@ fn exit_hook_runs_on_sigterm_to_the_worker() -> TestResult {
     let pool = hooks.builder().workers(1).build()?;
     let first = pool.spawn(pid, ())?.join()?;
     sigterm(first as i32);
-    check(
-        wait_until(Duration::from_secs(5), || hooks.exit_reason(first).is_some()),
-        "the exit hook ran after SIGTERM",
-    )?;
-    check(hooks.exit_reason(first).as_deref() == Some("Signal(15)"), format!("{:?}", hooks.exit_reason(first)))?;
-    let second = pool.spawn(pid, ())?.join()?;
-    check(second != first, "a replacement serves the next task")?;
+    check_stopped_and_replaced(&hooks, &pool, first)?;
     pool.shutdown();
     Ok(())
 }
@@ -395,15 +410,7 @@ fn crash_by_sigkill() -> TestResult {
     let pool = hooks.builder().workers(2).build()?;
     let victim = pool.spawn(sleep_ms, 30_000)?;
     let bystander = pool.spawn(sleep_ms, 300)?;
-    let mut pid = None;
-    check(
-        wait_until(Duration::from_secs(10), || {
-            pid = running_task_pid(&pool, victim.id());
-            pid.is_some()
-        }),
-        "the task started",
-    )?;
-    let pid = pid.ok_or("no pid")?;
+    let pid = wait_running(&pool, victim.id())?;
     // SAFETY: kill(2) with integers.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let err = match victim.join() {
@@ -428,13 +435,7 @@ fn timeout_stops_and_replaces() -> TestResult {
         Err(e) => e,
     };
     check(err.is_timeout(), format!("is_timeout: {err}"))?;
-    check(
-        wait_until(Duration::from_secs(5), || hooks.exit_reason(first).is_some()),
-        "the stopped worker ran its exit hook",
-    )?;
-    check(hooks.exit_reason(first).as_deref() == Some("Signal(15)"), format!("{:?}", hooks.exit_reason(first)))?;
-    let next = pool.spawn(pid, ())?.join()?;
-    check(next != first, "a replacement serves the next task")?;
+    check_stopped_and_replaced(&hooks, &pool, first)?;
     pool.shutdown();
     Ok(())
 }
@@ -443,30 +444,16 @@ fn cancel_running() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(1).build()?;
     let h = pool.spawn(sleep_ms, 30_000)?;
-    let mut pid = None;
-    check(
-        wait_until(Duration::from_secs(10), || {
-            pid = running_task_pid(&pool, h.id());
-            pid.is_some()
-        }),
-        "the task started",
-    )?;
-    let pid = pid.ok_or("no pid")? as u32;
+    let pid = wait_running(&pool, h.id())? as u32;
     check(h.cancel(), "cancel reports success")?;
     let err = match h.join() {
         Ok(_) => return Err("a cancelled task returned".into()),
         Err(e) => e,
     };
     check(err.is_cancelled(), format!("is_cancelled: {err}"))?;
-    check(wait_until(Duration::from_secs(5), || hooks.exit_reason(pid).is_some()), "exit hook ran")?;
-    check(hooks.exit_reason(pid).as_deref() == Some("Signal(15)"), format!("{:?}", hooks.exit_reason(pid)))?;
-    check(pool.spawn(pid_task_alias, ())?.join()? != pid, "a replacement serves the next task")?;
+    check_stopped_and_replaced(&hooks, &pool, pid)?;
     pool.shutdown();
     Ok(())
-}
-
-fn pid_task_alias(x: ()) -> u32 {
-    pid(x)
 }
 
 fn cancel_queued() -> TestResult {
@@ -614,7 +601,7 @@ fn drop_is_bounded() -> TestResult {
     let pool = hooks.builder().workers(2).grace(Duration::from_millis(300)).build()?;
     let busy = pool.spawn(sleep_ms, 60_000)?;
     let idle = pool.spawn(pid, ())?.join()?;
-    check(wait_until(Duration::from_secs(10), || running_task_pid(&pool, busy.id()).is_some()), "busy")?;
+    wait_running(&pool, busy.id())?;
     let started = Instant::now();
     drop(pool);
     let took = started.elapsed();
@@ -633,7 +620,7 @@ fn drop_after_close_stops_draining() -> TestResult {
     let pool = hooks.builder().workers(1).grace(Duration::from_millis(300)).build()?;
     let busy = pool.spawn(sleep_ms, 60_000)?;
     let queued: Vec<_> = (0..3).map(|i| pool.spawn(echo, i)).collect::<Result<_, _>>()?;
-    check(wait_until(Duration::from_secs(10), || running_task_pid(&pool, busy.id()).is_some()), "busy")?;
+    wait_running(&pool, busy.id())?;
     pool.close(); // drain…
     let started = Instant::now();
     drop(pool); // …but dropping bounds it: the queue is cancelled, the running task stopped
@@ -767,7 +754,7 @@ fn run_scenario(name: &str) -> i32 {
 fn scenario_owner() -> TestResult {
     let pool = Pool::builder().workers(2).on_start(on_start).on_exit(on_exit).build()?;
     let busy = pool.spawn(sleep_ms, 120_000)?;
-    check(wait_until(Duration::from_secs(20), || running_task_pid(&pool, busy.id()).is_some()), "busy")?;
+    wait_running(&pool, busy.id())?;
     check(
         wait_until(Duration::from_secs(20), || pool.workers().iter().filter(|w| w.phase == "ready").count() == 2),
         "ready",
@@ -828,7 +815,7 @@ fn scenario_terminate_and_kill() -> TestResult {
         let a = pool.spawn(sleep_ms, 60_000)?;
         let b = pool.spawn(sleep_ms, 60_000)?;
         let queued = pool.spawn(echo, 1)?;
-        check(wait_until(Duration::from_secs(20), || running_task_pid(&pool, b.id()).is_some()), "running")?;
+        wait_running(&pool, b.id())?;
         if kill {
             pool.kill();
         } else {
