@@ -100,11 +100,6 @@ class TaskInterrupted(BaseException):
     collection) runs and the worker exits."""
 
 
-def remote_traceback(text: str) -> _RemoteTraceback:
-    """The standard library's remote-traceback exception, in its format."""
-    return _RemoteTraceback(f'\n"""\n{text}"""')
-
-
 class ErrorData:
     """How a task failed, as data. :meth:`build` makes a fresh exception."""
 
@@ -152,11 +147,14 @@ class ErrorData:
     def cancelled(self) -> bool:
         return self.kind == "cancelled"
 
-    def build(self) -> BaseException:
-        """A new exception for this failure, never raised before."""
+    def build(self, traceback_type: type[Exception] = _RemoteTraceback) -> BaseException:
+        """A new exception for this failure, never raised before. A remote
+        traceback becomes its ``__cause__``, of ``traceback_type`` (the
+        standard library's type: ``concurrent.futures`` and
+        ``multiprocessing.pool`` each have their own)."""
         kind = self.kind
         if kind == "remote" and self.remote is not None:
-            return self._build_remote(*self.remote)
+            return self._build_remote(traceback_type, *self.remote)
         if kind in ("crashed", "protocol"):
             exitcode = -self.signal if self.signal is not None else self.exitcode
             return WorkerCrashed(self.message, self.pid, exitcode, self.signal)
@@ -172,7 +170,15 @@ class ErrorData:
             )
         return RemoteError(self.message)
 
-    def _build_remote(self, rkind: str, type_name: str, message: str, tb: str, data: bytes) -> BaseException:
+    def _build_remote(
+        self,
+        traceback_type: type[Exception],
+        rkind: str,
+        type_name: str,
+        message: str,
+        tb: str,
+        data: bytes,
+    ) -> BaseException:
         exc: BaseException | None = None
         if rkind == "raised" and data:
             try:
@@ -189,7 +195,7 @@ class ErrorData:
         if exc is None:
             exc = RemoteError(f"task failed: {type_name}: {message}", type_name, message)
         if tb:
-            exc.__cause__ = remote_traceback(tb)
+            exc.__cause__ = traceback_type(f'\n"""\n{tb}"""')
         return exc
 
     def describe(self) -> str:

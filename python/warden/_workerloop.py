@@ -63,7 +63,10 @@ def _error(exc: BaseException, kind: str = "raised") -> tuple[str, str, str, str
     exception pickled if it survives a round trip, else a stand-in."""
     type_name = _type_name(exc)
     message = _text(exc)
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    frames = exc.__traceback__
+    if frames is not None and frames.tb_frame.f_code.co_filename == __file__:
+        frames = frames.tb_next  # the worker's own frame is noise to the user
+    tb = "".join(traceback.format_exception(type(exc), exc, frames))
     if isinstance(exc, Exception):
         try:
             data = dumps(exc)
@@ -79,7 +82,7 @@ def _error(exc: BaseException, kind: str = "raised") -> tuple[str, str, str, str
     else:
         data = dumps(
             TaskAborted(
-                f"task raised {type_name}({message!r}); a BaseException that is not an "
+                f"task raised {exc!r}; a BaseException that is not an "
                 "Exception is reported as TaskAborted so that it cannot end this process",
                 type_name,
                 message,

@@ -179,11 +179,34 @@ class ProcessPoolExecutor(_base.Executor):
         if wait:
             runner.join()
 
+    def terminate_workers(self) -> None:
+        """Stops every worker now (as in Python 3.14): queued and running tasks
+        are cancelled, workers get SIGTERM (their finalizers run) and SIGKILL
+        after the grace period; then shuts down. Returns when they are gone."""
+        self._stop_workers(kill=False)
+
+    def kill_workers(self) -> None:
+        """Kills every worker with SIGKILL now (as in Python 3.14); no
+        finalizers run. Queued and running tasks are cancelled."""
+        self._stop_workers(kill=True)
+
+    def _stop_workers(self, kill: bool) -> None:
+        with self._lock:
+            self._shutdown_called = True
+            runner = self._runner
+        if runner is None:
+            return
+        if kill:
+            runner.core.kill()
+        else:
+            runner.core.terminate()
+        runner.join_bounded()
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         # Ctrl-C inside the with block: stop the workers rather than wait.
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             runner = self._runner
-            if runner is not None:
+            if runner is not None and not runner.interrupted:
                 runner.interrupt()
         self.shutdown(wait=True)
         return False

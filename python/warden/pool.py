@@ -11,6 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.pool import RemoteTraceback
 from typing import Any
 
 from . import _runner, _warden
@@ -106,10 +107,9 @@ class Pool:
         try:
             self._runner.submit(payload, on_done)
         except _warden.CoreError as e:
-            error = core_error(e)
-            if isinstance(error, RuntimeError):
+            if e.args[0] == "closed":
                 raise ValueError("Pool not running") from None
-            raise error from None
+            raise core_error(e) from None
 
     # -- single calls ------------------------------------------------------
 
@@ -297,7 +297,7 @@ class ApplyResult:
         if not self.ready():
             raise multiprocessing.TimeoutError
         if self._error is not None:
-            raise self._error.build()
+            raise self._error.build(RemoteTraceback)
         return self._value
 
     def _deliver(self, ok: bool, data: Any) -> None:
@@ -318,7 +318,7 @@ class ApplyResult:
                 if self._callback is not None:
                     self._callback(value)
             elif self._error_callback is not None:
-                self._error_callback(error.build())
+                self._error_callback(error.build(RemoteTraceback))
         finally:
             self._event.set()
             self._pool = None
@@ -425,7 +425,7 @@ class IMapIterator:
                 raise
             ok, value = item
             if not ok:
-                raise value.build()
+                raise value.build(RemoteTraceback)
             self._buffer.extend(value)
         return self._buffer.popleft()
 
