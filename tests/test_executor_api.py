@@ -17,6 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 import warden
+
 from conftest import alive, wait_until
 
 

@@ -13,6 +13,7 @@ from concurrent.futures import CancelledError
 import pytest
 
 import warden
+
 from conftest import wait_until
 
 
