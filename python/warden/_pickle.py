@@ -63,7 +63,8 @@ def _main_is_importable() -> bool:
         return True
     if getattr(getattr(main, "__spec__", None), "name", None) is not None:
         return True
-    return getattr(main, "__file__", None) is not None
+    path = getattr(main, "__file__", None)
+    return path is not None and os.path.isfile(path)
 
 
 def _plain(obj: Any) -> bytes:

@@ -67,6 +67,11 @@ def preparation_data(name: str) -> dict[str, Any]:
         default._actual_context = chosen
     if chosen is None:
         data.pop("start_method", None)
+    main_path = data.get("init_main_from_path")
+    if main_path is not None and not os.path.isfile(main_path):
+        # `python - < file`: there is no __main__ to import; functions defined
+        # there are pickled by value instead (see _pickle.dumps).
+        del data["init_main_from_path"]
     data["authkey"] = bytes(data["authkey"])
     return data
 

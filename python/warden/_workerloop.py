@@ -140,8 +140,7 @@ class Handler:
             return _interrupted()
         except BaseException as e:
             self.running = False
-            what = "initializer" if self.mode == "pool" else "start"
-            print(f"warden: worker {os.getpid()}: exception in {what}:", file=sys.stderr)
+            print(f"warden: worker {os.getpid()} failed to start:", file=sys.stderr)
             traceback.print_exc()
             return _error(e)
         finally:
