@@ -31,12 +31,27 @@ PROTOCOL = 5
 
 loads = pickle.loads
 
-# ForkingPickler's reducers, looked up live (libraries register more later).
-_DISPATCH = collections.ChainMap(ForkingPickler._extra_reducers, copyreg.dispatch_table)
-
 
 class _Pickler(pickle.Pickler):
-    dispatch_table = _DISPATCH
+    dispatch_table: dict[type, Any] = {}
+
+
+_dispatch_sizes = (-1, -1)
+
+
+def _pickler() -> type[_Pickler]:
+    """The pickler, its dispatch table being copyreg's reducers plus
+    ForkingPickler's as one dict (much faster for the C pickler than a chain
+    of mappings), rebuilt when either gains entries (libraries register
+    reducers when they are imported)."""
+    global _dispatch_sizes
+    sizes = (len(copyreg.dispatch_table), len(ForkingPickler._extra_reducers))
+    if sizes != _dispatch_sizes:
+        table = dict(copyreg.dispatch_table)
+        table.update(ForkingPickler._extra_reducers)
+        _Pickler.dispatch_table = table
+        _dispatch_sizes = sizes
+    return _Pickler
 
 
 _cloud_pickler: type | None = None
@@ -56,20 +71,27 @@ def _cloud_pickler_class() -> type:
     return _cloud_pickler
 
 
+_main_checked: tuple[Any, Any, bool] = (None, None, True)
+
+
 def _main_is_importable() -> bool:
     """Whether a child can import this process's ``__main__`` (as spawn does)."""
+    global _main_checked
     main = sys.modules.get("__main__")
-    if main is None:
-        return True
-    if getattr(getattr(main, "__spec__", None), "name", None) is not None:
-        return True
     path = getattr(main, "__file__", None)
-    return path is not None and os.path.isfile(path)
+    if _main_checked[0] is main and _main_checked[1] == path:
+        return _main_checked[2]
+    if main is None or getattr(getattr(main, "__spec__", None), "name", None) is not None:
+        importable = True
+    else:
+        importable = path is not None and os.path.isfile(path)
+    _main_checked = (main, path, importable)
+    return importable
 
 
 def _plain(obj: Any) -> bytes:
     buf = io.BytesIO()
-    _Pickler(buf, PROTOCOL).dump(obj)
+    _pickler()(buf, PROTOCOL).dump(obj)
     return buf.getvalue()
 
 
