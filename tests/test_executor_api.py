@@ -428,12 +428,22 @@ def test_max_tasks_per_child_replaces_workers(tmp_path):
     assert sorted(int(line.split()[1]) for line in out.read_text().splitlines()) == sorted(set(pids))
 
 
+def wait_for_lines(path, prefix, n, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(line.startswith(prefix) for line in path.read_text().splitlines()) >= n:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_initializer_and_finalizer_run_in_every_worker(tmp_path):
     out = tmp_path / "log"
     with warden.ProcessPoolExecutor(
         2, initializer=record, initargs=(out, "init"), finalizer=record, finalargs=(out, "fin")
     ) as ex:
-        list(ex.map(sleep_then, [0.2] * 4))
+        # Each task waits until both workers have run their initializer.
+        list(ex.map(wait_for_lines, [out] * 4, ["init"] * 4, [2] * 4))
     lines = out.read_text().splitlines()
     inits = {line.split()[1] for line in lines if line.startswith("init")}
     fins = {line.split()[1] for line in lines if line.startswith("fin")}

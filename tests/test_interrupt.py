@@ -72,6 +72,14 @@ BODIES = {
 }
 
 
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def start(program, body, env=None):
     prog = program(PROGRAM.format(body=body))
     proc = prog.start(env=env)
@@ -143,9 +151,39 @@ def test_ctrl_c_while_joining_a_process_stops_it_gracefully(program):
     proc = prog.start()
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
+    # Send it while the parent is blocked in join() (its only thread waiting on a futex).
+    assert wait_until(lambda: "futex" in read(f"/proc/{proc.pid}/wchan"), timeout=10)
     os.kill(proc.pid, signal.SIGINT)
     out, err = finish(proc)
     assert proc.returncode == 0, err
     assert out.strip() == f"exitcode {-signal.SIGTERM}"
     assert prog.out_lines() == ["started", "child cleaned up"]
     assert "Traceback" not in err
+
+
+def test_a_program_ended_by_ctrl_c_stops_its_children_instead_of_joining_them(program):
+    prog = program(
+        """
+        import os, time, warden
+        def child(path):
+            with open(path, "a") as f:
+                f.write("child started\\n")
+            try:
+                time.sleep(60)
+            finally:
+                with open(path, "a") as f:
+                    f.write("child cleaned up\\n")
+        if __name__ == "__main__":
+            p = warden.Process(target=child, args=(os.environ["OUT"],))
+            p.start()
+            time.sleep(60)
+        """
+    )
+    proc = prog.start()
+    assert wait_until(lambda: prog.out_lines() == ["child started"], timeout=30)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = finish(proc)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == -signal.SIGINT, err
+    assert prog.out_lines() == ["child started", "child cleaned up"]

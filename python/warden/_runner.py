@@ -249,18 +249,23 @@ def _call(callback: Callable[[bool, Any], None], ok: bool, data: Any) -> None:
 def _shut_down_at_exit() -> None:
     """At interpreter exit: every pool still running is shut down with a
     bounded grace; daemon processes are terminated and other processes joined,
-    as ``multiprocessing`` does. Ctrl-C meanwhile kills what is left."""
+    as ``multiprocessing`` does. If the program is ending because of Ctrl-C,
+    everything is stopped gracefully at once instead (nothing is joined: the
+    children, in their own process groups, did not see the Ctrl-C). Ctrl-C
+    meanwhile kills what is left."""
     global exiting
     exiting = True
     with _live_lock:
         everyone = list(_live)
     runners = [r for r in everyone if not r.core.is_shut_down()]
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
     try:
         for r in runners:
-            if r.exit_policy == "pool":
-                r.core.close_cancel_queued()
-            elif r.exit_policy == "daemon":
+            if interrupted or r.exit_policy == "daemon":
+                r.exit_policy = "daemon"
                 r.core.terminate()
+            elif r.exit_policy == "pool":
+                r.core.close_cancel_queued()
         for r in runners:
             if r.exit_policy == "join":
                 r.core.join()
