@@ -204,14 +204,18 @@ def test_a_pool_left_open_does_not_keep_the_interpreter_from_exiting(program):
         def fin(path):
             with open(path, "a") as f:
                 f.write(f"fin {os.getpid()}\\n")
+        def nap(path):
+            with open(path, "a") as f:
+                f.write(f"ran {os.getpid()}\\n")
+            time.sleep(60)
         if __name__ == "__main__":
             out = os.environ["OUT"]
             ex = warden.ProcessPoolExecutor(2, finalizer=fin, finalargs=(out,))
-            running = ex.submit(time.sleep, 60)
-            queued = [ex.submit(time.sleep, 60) for _ in range(5)]
+            tasks = [ex.submit(nap, out) for _ in range(6)]
             pool = warden.Pool(1, finalizer=fin, finalargs=(out,))
-            pool.apply_async(time.sleep, (60,))
-            time.sleep(0.5)
+            pool.map_async(nap, [out] * 3, chunksize=1)
+            while open(out).read().count("ran") < 3 if os.path.exists(out) else True:
+                time.sleep(0.02)
             print("leaving", flush=True)
         """
     )
@@ -219,5 +223,7 @@ def test_a_pool_left_open_does_not_keep_the_interpreter_from_exiting(program):
     assert run.returncode == 0, run.stderr
     # Queued tasks are cancelled; running ones get one grace period, then a terminate.
     assert run.elapsed < 15
-    assert len([line for line in prog.out_lines() if line.startswith("fin")]) == 3
+    lines = prog.out_lines()
+    assert len([line for line in lines if line.startswith("ran")]) == 3
+    assert len([line for line in lines if line.startswith("fin")]) == 3
     assert not descendants(run.pid)

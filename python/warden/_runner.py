@@ -24,6 +24,7 @@ import os
 import pickle
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -246,6 +247,10 @@ def _call(callback: Callable[[bool, Any], None], ok: bool, data: Any) -> None:
         traceback.print_exc()
 
 
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
 def _shut_down_at_exit() -> None:
     """At interpreter exit: every pool still running is shut down with a
     bounded grace; daemon processes are terminated and other processes joined,
@@ -269,13 +274,18 @@ def _shut_down_at_exit() -> None:
         for r in runners:
             if r.exit_policy == "join":
                 r.core.join()
+        # One grace period for all pools, not one each.
+        deadline = time.monotonic() + GRACE
         for r in runners:
-            if r.exit_policy == "pool" and not r.core.join(GRACE):
+            if r.exit_policy == "pool" and not r.core.join(_left(deadline)):
                 r.core.terminate()
+        deadline = time.monotonic() + GRACE + 2.0
         for r in runners:
-            if not r.core.join(GRACE + 2.0):
+            if not r.core.join(_left(deadline)):
                 r.core.kill()
-                r.core.join(10.0)
+        deadline = time.monotonic() + 10.0
+        for r in runners:
+            r.core.join(_left(deadline))
     except KeyboardInterrupt:
         for r in runners:
             r.core.kill()

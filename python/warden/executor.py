@@ -107,7 +107,8 @@ class ProcessPoolExecutor(_base.Executor):
             )
             # An executor nobody can reach any more shuts down on its own
             # (queued tasks still run); the callback holds the runner only.
-            weakref.finalize(self, runner.close_nowait)
+            # (Not at interpreter exit: _runner shuts every pool down then.)
+            weakref.finalize(self, runner.close_nowait).atexit = False
             self._runner = runner
         return self._runner
 

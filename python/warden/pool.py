@@ -90,7 +90,8 @@ class Pool:
         )
         # A pool nobody can reach any more is terminated, as the standard
         # library does; results being waited for keep their pool reachable.
-        weakref.finalize(self, self._runner.terminate_nowait)
+        # (Not at interpreter exit: _runner shuts every pool down then.)
+        weakref.finalize(self, self._runner.terminate_nowait).atexit = False
 
     def __repr__(self) -> str:
         cls = type(self)
