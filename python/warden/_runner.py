@@ -99,11 +99,11 @@ class Runner:
         deliver: bool = True,
         exit_policy: str = "pool",
     ) -> None:
-        if exiting:
-            raise RuntimeError("cannot start new workers after interpreter shutdown")
         _prune()
         fds = list(pass_fds or [])
         try:
+            if exiting:
+                raise RuntimeError("cannot start new workers after interpreter shutdown")
             hook_bytes = b""
             if hooks is not None:
                 hook_bytes, hook_fds = dumps_for_spawn(hooks)

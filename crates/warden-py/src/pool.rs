@@ -28,6 +28,8 @@ use crate::convert::{core_err, error_tuple, exit_reason, seconds, stop_cause};
 const SLICE: Duration = Duration::from_millis(50);
 /// How often a drained queue re-checks whether its closing pool has finished.
 const DONE_POLL: Duration = Duration::from_millis(20);
+/// How often it re-checks a pool nobody asked to stop.
+const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Lifecycle events kept for [`CorePool::events`]; older ones are dropped.
 const EVENT_LOG: usize = 1024;
 
@@ -144,24 +146,19 @@ impl CorePool {
                 let n = queue.len().min(max.max(1));
                 return Some(queue.drain(..n).collect());
             }
-            let closing = self.inner.closing.load(Ordering::SeqCst);
-            if closing && self.is_done() {
+            if self.is_done() {
                 return None;
             }
             let now = Instant::now();
-            let mut wait = match deadline {
+            let wait = match deadline {
                 Some(d) if now >= d => return Some(Vec::new()),
                 Some(d) => d - now,
                 None => Duration::MAX,
             };
-            if closing {
-                wait = wait.min(DONE_POLL);
-            }
-            queue = if wait == Duration::MAX {
-                self.inner.ready.wait(queue).unwrap_or_else(|p| p.into_inner())
-            } else {
-                self.inner.ready.wait_timeout(queue, wait).unwrap_or_else(|p| p.into_inner()).0
-            };
+            // A closing pool is watched closely; a running one only finishes
+            // unasked if its supervisor died, which a slow poll still notices.
+            let poll = if self.inner.closing.load(Ordering::SeqCst) { DONE_POLL } else { IDLE_POLL };
+            queue = self.inner.ready.wait_timeout(queue, wait.min(poll)).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
