@@ -249,12 +249,12 @@ class Handler:
 
 def _set_parent(name: str, pid: int) -> None:
     """``multiprocessing.parent_process()`` in the worker, as under spawn; its
-    sentinel is a pidfd of the parent, readable once the parent has exited."""
+    sentinel is a pidfd of the parent (close-on-exec), readable once the
+    parent has exited."""
     try:
         sentinel = os.pidfd_open(pid)
     except OSError:
         return
-    os.set_inheritable(sentinel, False)
     multiprocessing.process._parent_process = multiprocessing.process._ParentProcess(  # type: ignore[attr-defined]
         name, pid, sentinel
     )

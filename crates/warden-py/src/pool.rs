@@ -181,7 +181,7 @@ impl CorePool {
         args: Vec<OsString>,
         workers: usize,
         name: Option<String>,
-        init_payload: Option<Vec<u8>>,
+        init_payload: Option<&[u8]>,
         pass_fds: Vec<RawFd>,
         env: Vec<(OsString, OsString)>,
         max_tasks_per_child: Option<u64>,
@@ -207,7 +207,7 @@ impl CorePool {
         let mut builder = Pool::builder()
             .command(WorkerCommand::new(program, args))
             .workers(workers)
-            .init_payload(init_payload.unwrap_or_default())
+            .init_payload(init_payload.map(<[u8]>::to_vec).unwrap_or_default())
             .on_event(move |e| sink.on_event(e));
         if one_off {
             builder = builder.one_off();
