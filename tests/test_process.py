@@ -108,6 +108,25 @@ def test_an_exception_prints_the_traceback_in_the_child(program):
     assert "ValueError: from the child" in run.stderr
 
 
+def test_a_target_the_child_cannot_unpickle_gives_exit_code_one(program):
+    prog = program(
+        """
+        import sys, types, warden
+        if __name__ == "__main__":
+            ghost = types.ModuleType("ghost")  # exists in this process only
+            exec("def hello():\\n    print('never')", ghost.__dict__)
+            ghost.hello.__module__ = "ghost"
+            sys.modules["ghost"] = ghost
+            p = warden.Process(target=ghost.hello)
+            p.start(); p.join()
+            print("exitcode", p.exitcode)
+        """
+    )
+    run = prog.run()
+    assert run.stdout.strip() == "exitcode 1"
+    assert "No module named 'ghost'" in run.stderr
+
+
 def test_terminate_gives_minus_sigterm_and_runs_finally_blocks(tmp_path):
     out = tmp_path / "out"
     p = warden.Process(target=sleep_forever, args=(out,))

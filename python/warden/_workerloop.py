@@ -180,6 +180,14 @@ class Handler:
         me._inheriting = True  # type: ignore[attr-defined]
         try:
             process = pickle.loads(payload)
+        except TaskInterrupted:
+            raise
+        except BaseException:
+            # As under spawn: the child cannot get its target; traceback, exit code 1.
+            traceback.print_exc()
+            self.exit_code = 1
+            self.running = False
+            return dumps(None)
         finally:
             del me._inheriting  # type: ignore[attr-defined]
         multiprocessing.process._current_process = process  # type: ignore[attr-defined]
