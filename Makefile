@@ -5,37 +5,64 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 VPY := $(VENV)/bin/python
 # Every step that runs processes is bounded, so no step can hang.
 T := timeout --kill-after=30
 
-.PHONY: demo demo-rust test test-rust fmt-check clippy doc bench bench-core fuzz clean
+.PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff pytest \
+	venv develop bench bench-core bench-py fuzz clean
 
-demo: demo-rust
+demo: demo-rust demo-py
 
 demo-rust:
 	$(T) 600 $(CARGO) run --quiet --release -p warden --example demo
 
-test: fmt-check clippy doc test-rust
+demo-py: develop
+	$(T) 300 $(VPY) examples/demo.py
+
+test: fmt-check clippy doc test-rust ruff pytest
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
 clippy:
-	$(T) 1200 $(CARGO) clippy --all-targets -- -D warnings
+	$(T) 1200 $(CARGO) clippy --workspace --all-targets -- -D warnings
 
 doc:
-	RUSTDOCFLAGS="-D warnings" $(T) 600 $(CARGO) doc --no-deps --quiet
+	RUSTDOCFLAGS="-D warnings" $(T) 600 $(CARGO) doc --workspace --no-deps --quiet
 
 test-rust:
-	$(T) 1200 $(CARGO) test --all-targets
-	$(T) 600 $(CARGO) test --doc
+	$(T) 1200 $(CARGO) test --workspace --all-targets
+	$(T) 600 $(CARGO) test --workspace --doc
 
-bench: bench-core
+# A virtual environment with the build and test tools.
+$(VENV)/.tools:
+	$(PYTHON) -m venv $(VENV)
+	$(T) 600 $(VPY) -m pip install --quiet --upgrade pip
+	$(T) 600 $(VPY) -m pip install --quiet "maturin>=1.16,<2" "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.5" "cloudpickle>=2.1"
+	touch $@
+
+venv: $(VENV)/.tools
+
+# Builds the extension (release) and installs warden into the venv, editable.
+develop: venv
+	VIRTUAL_ENV=$(abspath $(VENV)) $(T) 1200 $(VENV)/bin/maturin develop --release --quiet
+
+ruff: venv
+	$(VENV)/bin/ruff check python tests bench examples
+	$(VENV)/bin/ruff format --check python tests bench examples
+
+pytest: develop
+	$(T) 900 $(VPY) -m pytest
+
+bench: bench-core bench-py
 
 bench-core:
 	$(T) 1800 $(CARGO) bench -p warden --bench core
+
+bench-py: develop
+	$(T) 1800 $(VPY) bench/bench_python.py
 
 # Coverage-guided fuzzing of the frame decoder (needs `cargo install cargo-fuzz`;
 # runs on stable through RUSTC_BOOTSTRAP). FUZZ_SECONDS bounds the run.

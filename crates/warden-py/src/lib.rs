@@ -1,0 +1,45 @@
+//! `warden._warden`: the glue between warden's Rust core and its Python package.
+//!
+//! This module is deliberately thin. It converts types, releases the GIL
+//! around every wait, and never takes the GIL on a core thread; every decision
+//! (what a payload holds, how an error is raised, when a pool shuts down) is
+//! made in `python/warden/`.
+//!
+//! * [`pool::CorePool`]: a core [`warden::Pool`] whose workers run a Python
+//!   interpreter, plus the queue its task outcomes land in;
+//! * [`worker::worker_main`]: the worker side, a [`warden::worker::Handler`]
+//!   that calls into a Python object;
+//! * [`event::SharedEvent`]: a process-shared flag in a sealed `memfd` page,
+//!   waited on with a shared futex.
+//!
+//! The Python-facing signatures are mirrored by hand in
+//! `python/warden/_warden.pyi`; keep the two in step.
+
+use pyo3::prelude::*;
+
+mod convert;
+mod event;
+mod pool;
+mod worker;
+
+pyo3::create_exception!(
+    _warden,
+    CoreError,
+    pyo3::exceptions::PyRuntimeError,
+    "An error from warden's core; args are (kind, message)."
+);
+
+/// The extension module `warden._warden`.
+#[pymodule]
+fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<pool::CorePool>()?;
+    m.add_class::<event::SharedEvent>()?;
+    m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
+    m.add("CoreError", m.py().get_type::<CoreError>())?;
+    m.add("UNWIND_GRACE", warden::worker::UNWIND_GRACE.as_secs_f64())?;
+    m.add("DEFAULT_GRACE", warden::pool::DEFAULT_GRACE.as_secs_f64())?;
+    m.add("EXIT_INIT_FAILED", warden::worker::EXIT_INIT_FAILED)?;
+    m.add("EXIT_PROTOCOL", warden::worker::EXIT_PROTOCOL)?;
+    m.add("EXIT_PARENT_GONE", warden::worker::EXIT_PARENT_GONE)?;
+    Ok(())
+}

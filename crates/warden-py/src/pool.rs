@@ -1,0 +1,428 @@
+//! `CorePool`: a core pool whose workers are Python interpreters.
+//!
+//! Task outcomes arrive on the pool's supervisor thread, which must neither
+//! block nor take the GIL. They are pushed, with the caller's tag, onto a queue
+//! that a Python thread drains in batches through
+//! [`CorePool::next_completions`] (which waits with the GIL released).
+//! Lifecycle events are recorded the same way: the first worker's pid, the last
+//! worker exit, and a bounded log.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+use warden::spawn::WorkerCommand;
+use warden::{Event, Pool, TaskOptions, WorkerExit};
+
+use crate::convert::{core_err, error_tuple, exit_reason, seconds, stop_cause};
+
+/// How long a blocking call waits at a time before it looks for signals
+/// (Ctrl-C) with the GIL held again.
+const SLICE: Duration = Duration::from_millis(50);
+/// How often a drained queue re-checks whether its closing pool has finished.
+const DONE_POLL: Duration = Duration::from_millis(20);
+/// How often it re-checks a pool nobody asked to stop.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Lifecycle events kept for [`CorePool::events`]; older ones are dropped.
+const EVENT_LOG: usize = 1024;
+
+type Outcome = Result<Vec<u8>, warden::Error>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the supervisor thread shares with Python: plain data behind locks
+/// that are held for a moment, never across a wait for Python.
+#[derive(Default)]
+struct Inner {
+    queue: Mutex<VecDeque<(u64, Outcome)>>,
+    ready: Condvar,
+    /// Set once the pool was asked to stop (or failed): the queue's reader
+    /// then also watches for the pool to finish.
+    closing: AtomicBool,
+    first_pid: Mutex<Option<i32>>,
+    pid_known: Condvar,
+    last_exit: Mutex<Option<WorkerExit>>,
+    events: Mutex<VecDeque<Event>>,
+}
+
+impl Inner {
+    fn push(&self, tag: u64, outcome: Outcome) {
+        lock(&self.queue).push_back((tag, outcome));
+        self.ready.notify_one();
+    }
+
+    fn wake(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let _guard = lock(&self.queue);
+        self.ready.notify_all();
+    }
+
+    fn on_event(&self, event: &Event) {
+        match event {
+            Event::WorkerStarted { pid, .. } => {
+                lock(&self.first_pid).get_or_insert(*pid);
+                self.pid_known.notify_all();
+            }
+            Event::WorkerExited(exit) => *lock(&self.last_exit) = Some(exit.clone()),
+            Event::PoolFailed { .. } => self.wake(),
+            _ => {}
+        }
+        let mut events = lock(&self.events);
+        if events.len() == EVENT_LOG {
+            events.pop_front();
+        }
+        events.push_back(event.clone());
+    }
+}
+
+fn event_tuple<'py>(py: Python<'py>, event: &Event) -> PyResult<Bound<'py, PyTuple>> {
+    match event {
+        Event::WorkerStarted { worker, pid } => ("started", *worker, *pid).into_pyobject(py),
+        Event::WorkerReady { worker, pid } => ("ready", *worker, *pid).into_pyobject(py),
+        Event::SpawnFailed { error } => ("spawn_failed", error.as_str()).into_pyobject(py),
+        Event::TaskTimedOut { task, pid } => ("timed_out", *task, *pid).into_pyobject(py),
+        Event::WorkerExited(exit) => exit_tuple(py, exit),
+        Event::PoolFailed { reason } => ("pool_failed", reason.as_str()).into_pyobject(py),
+        _ => ("other",).into_pyobject(py),
+    }
+}
+
+/// `("exited", worker, pid, exitcode, signal, cause, reason, hook_ran, hook_error, crashed)`.
+fn exit_tuple<'py>(py: Python<'py>, exit: &WorkerExit) -> PyResult<Bound<'py, PyTuple>> {
+    let (reason, hook_ran, hook_error) = match &exit.goodbye {
+        Some((reason, report)) => (Some(exit_reason(reason)), report.hook_ran, report.hook_error.clone()),
+        None => (None, false, None),
+    };
+    (
+        "exited",
+        exit.worker,
+        exit.pid,
+        exit.status.code(),
+        exit.status.signal(),
+        exit.cause.as_ref().map(stop_cause),
+        reason,
+        hook_ran,
+        hook_error,
+        exit.crashed,
+    )
+        .into_pyobject(py)
+}
+
+fn deadline(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.map(|t| Instant::now().checked_add(t).unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365)))
+}
+
+/// A core pool of Python workers, and the queue of its task outcomes.
+#[pyclass(module = "warden._warden", name = "CorePool", frozen)]
+pub struct CorePool {
+    pool: Mutex<Option<Arc<Pool>>>,
+    inner: Arc<Inner>,
+}
+
+impl CorePool {
+    fn pool(&self) -> Option<Arc<Pool>> {
+        lock(&self.pool).clone()
+    }
+
+    fn is_done(&self) -> bool {
+        self.pool().is_none_or(|p| p.is_shut_down())
+    }
+
+    /// Waits (GIL released by the caller) for at least one outcome, up to
+    /// `deadline`. `None` once the pool has finished and nothing is left.
+    fn wait_batch(&self, max: usize, deadline: Option<Instant>) -> Option<Vec<(u64, Outcome)>> {
+        let mut queue = lock(&self.inner.queue);
+        loop {
+            if !queue.is_empty() {
+                let n = queue.len().min(max.max(1));
+                return Some(queue.drain(..n).collect());
+            }
+            if self.is_done() {
+                return None;
+            }
+            let now = Instant::now();
+            let wait = match deadline {
+                Some(d) if now >= d => return Some(Vec::new()),
+                Some(d) => d - now,
+                None => Duration::MAX,
+            };
+            // A closing pool is watched closely; a running one only finishes
+            // unasked if its supervisor died, which a slow poll still notices.
+            let poll = if self.inner.closing.load(Ordering::SeqCst) { DONE_POLL } else { IDLE_POLL };
+            queue = self.inner.ready.wait_timeout(queue, wait.min(poll)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+#[pymethods]
+impl CorePool {
+    /// Builds the pool and starts its workers: `program args…` with the
+    /// worker environment. The pool takes ownership of `pass_fds` (they are
+    /// closed when it shuts down, or at once if building fails).
+    #[new]
+    #[pyo3(signature = (
+        program, args, *, workers=1, name=None, init_payload=None, pass_fds=Vec::new(), env=Vec::new(),
+        max_tasks_per_child=None, task_timeout=None, init_timeout=None, grace=None,
+        restart_intensity=None, max_frame_size=None, prefetch=None, one_off=false,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        program: PathBuf,
+        args: Vec<OsString>,
+        workers: usize,
+        name: Option<String>,
+        init_payload: Option<&[u8]>,
+        pass_fds: Vec<RawFd>,
+        env: Vec<(OsString, OsString)>,
+        max_tasks_per_child: Option<u64>,
+        task_timeout: Option<f64>,
+        init_timeout: Option<f64>,
+        grace: Option<f64>,
+        restart_intensity: Option<(u32, f64)>,
+        max_frame_size: Option<usize>,
+        prefetch: Option<usize>,
+        one_off: bool,
+    ) -> PyResult<Self> {
+        // Take ownership of the fds first, so that they are closed on any error below.
+        let mut fds = Vec::with_capacity(pass_fds.len());
+        for fd in pass_fds {
+            if fd < 3 || !fd_is_open(fd) {
+                return Err(PyValueError::new_err(format!("pass_fds: {fd} is not an open fd above stdio")));
+            }
+            // SAFETY: the fd is open (checked above) and the caller hands it over.
+            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let inner = Arc::new(Inner::default());
+        let sink = Arc::clone(&inner);
+        let mut builder = Pool::builder()
+            .command(WorkerCommand::new(program, args))
+            .workers(workers)
+            .init_payload(init_payload.map(<[u8]>::to_vec).unwrap_or_default())
+            .on_event(move |e| sink.on_event(e));
+        if one_off {
+            builder = builder.one_off();
+        }
+        if let Some(name) = name {
+            builder = builder.name(name);
+        }
+        for fd in fds {
+            builder = builder.pass_fd(fd);
+        }
+        for (k, v) in env {
+            builder = builder.env(k, v);
+        }
+        if let Some(n) = max_tasks_per_child {
+            builder = builder.max_tasks_per_child(n);
+        }
+        if let Some(t) = seconds("task_timeout", task_timeout)? {
+            builder = builder.task_timeout(t);
+        }
+        if let Some(t) = seconds("init_timeout", init_timeout)? {
+            builder = builder.init_timeout(t);
+        }
+        if let Some(t) = seconds("grace", grace)? {
+            builder = builder.grace(t);
+        }
+        if let Some((max, window)) = restart_intensity {
+            let window = seconds("restart window", Some(window))?.unwrap_or_default();
+            builder = builder.restart_intensity(max, window);
+        }
+        if let Some(b) = max_frame_size {
+            builder = builder.max_frame_size(b);
+        }
+        if let Some(n) = prefetch {
+            builder = builder.prefetch(n);
+        }
+        let pool = py.detach(|| builder.build()).map_err(core_err)?;
+        Ok(CorePool { pool: Mutex::new(Some(Arc::new(pool))), inner })
+    }
+
+    /// Queues a task; its outcome is delivered to `next_completions` under
+    /// `tag`. Returns the task id. Raises `CoreError` if the pool takes no tasks.
+    #[pyo3(signature = (payload, tag, timeout=None))]
+    fn submit(&self, payload: &[u8], tag: u64, timeout: Option<f64>) -> PyResult<u64> {
+        let pool = self.pool().ok_or_else(core_closed)?;
+        let options = TaskOptions { timeout: seconds("timeout", timeout)? };
+        let inner = Arc::clone(&self.inner);
+        pool.submit_raw(payload.to_vec(), options, Box::new(move |outcome| inner.push(tag, outcome))).map_err(core_err)
+    }
+
+    /// Waits up to `timeout` seconds (forever if `None`) for task outcomes and
+    /// returns up to `max` of them as `(tag, True, bytes)` or
+    /// `(tag, False, error)` tuples (an empty list on timeout). Returns `None`
+    /// once the pool has shut down and every outcome was taken.
+    #[pyo3(signature = (max=256, timeout=None))]
+    fn next_completions<'py>(
+        &self,
+        py: Python<'py>,
+        max: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<Bound<'py, PyList>>> {
+        let deadline = deadline(seconds("timeout", timeout)?);
+        let Some(batch) = py.detach(|| self.wait_batch(max, deadline)) else { return Ok(None) };
+        let list = PyList::empty(py);
+        for (tag, outcome) in batch {
+            let item = match outcome {
+                Ok(bytes) => (tag, true, PyBytes::new(py, &bytes)).into_pyobject(py)?,
+                Err(e) => (tag, false, error_tuple(py, &e)?).into_pyobject(py)?,
+            };
+            list.append(item)?;
+        }
+        Ok(Some(list))
+    }
+
+    /// Cancels a task: a queued one is removed, a running one is stopped with
+    /// its worker (which runs its exit hook and is replaced).
+    fn cancel(&self, py: Python<'_>, task: u64) -> bool {
+        self.pool().is_some_and(|p| py.detach(|| p.cancel(task)))
+    }
+
+    /// Cancels a task only if it is still queued.
+    fn cancel_queued(&self, py: Python<'_>, task: u64) -> bool {
+        self.pool().is_some_and(|p| py.detach(|| p.cancel_queued(task)))
+    }
+
+    /// Takes no more tasks; queued ones run, then the workers retire. Returns at once.
+    fn close(&self) {
+        if let Some(p) = self.pool() {
+            p.close();
+        }
+        self.inner.wake();
+    }
+
+    /// Takes no more tasks and cancels the queued ones; running ones finish,
+    /// then the workers retire. Returns at once.
+    fn close_cancel_queued(&self) {
+        if let Some(p) = self.pool() {
+            p.close_cancel_queued();
+        }
+        self.inner.wake();
+    }
+
+    /// Cancels every task and stops every worker: SIGTERM (exit hooks run),
+    /// SIGKILL after the grace period. Returns at once.
+    fn terminate(&self) {
+        if let Some(p) = self.pool() {
+            p.terminate();
+        }
+        self.inner.wake();
+    }
+
+    /// Cancels every task and kills every worker with SIGKILL. Returns at once.
+    fn kill(&self) {
+        if let Some(p) = self.pool() {
+            p.kill();
+        }
+        self.inner.wake();
+    }
+
+    /// Waits until the pool has shut down and every worker is reaped, up to
+    /// `timeout` seconds (forever if `None`). Returns whether it has. Raises
+    /// `KeyboardInterrupt` (or what a signal handler raises) while waiting.
+    #[pyo3(signature = (timeout=None))]
+    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let Some(pool) = self.pool() else { return Ok(true) };
+        let deadline = deadline(seconds("timeout", timeout)?);
+        loop {
+            let slice = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()).min(SLICE),
+                None => SLICE,
+            };
+            if py.detach(|| pool.join(Some(slice))) {
+                return Ok(true);
+            }
+            py.check_signals()?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` seconds for the first worker's pid; `None` if
+    /// the pool finished (or the time ran out) without one.
+    fn wait_pid(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<i32>> {
+        let deadline = deadline(seconds("timeout", Some(timeout))?);
+        loop {
+            let slice = deadline.map_or(SLICE, |d| d.saturating_duration_since(Instant::now()).min(SLICE));
+            let pid = py.detach(|| {
+                let guard = lock(&self.inner.first_pid);
+                let (guard, _) = self
+                    .inner
+                    .pid_known
+                    .wait_timeout_while(guard, slice, |p| p.is_none())
+                    .unwrap_or_else(|p| p.into_inner());
+                *guard
+            });
+            if pid.is_some() {
+                return Ok(pid);
+            }
+            py.check_signals()?;
+            if self.is_done() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(*lock(&self.inner.first_pid));
+            }
+        }
+    }
+
+    /// How the last worker to exit ended:
+    /// `("exited", worker, pid, exitcode, signal, cause, reason, hook_ran, hook_error, crashed)`.
+    fn last_exit<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let exit = lock(&self.inner.last_exit).clone();
+        exit.map(|e| exit_tuple(py, &e)).transpose()
+    }
+
+    /// Takes the lifecycle events recorded so far (at most the last 1024).
+    fn events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let events: Vec<Event> = lock(&self.inner.events).drain(..).collect();
+        let list = PyList::empty(py);
+        for e in &events {
+            list.append(event_tuple(py, e)?)?;
+        }
+        Ok(list)
+    }
+
+    /// The live workers as `(worker, pid, phase, running_task)` tuples.
+    fn workers(&self, py: Python<'_>) -> Vec<(u64, i32, &'static str, Option<u64>)> {
+        let Some(pool) = self.pool() else { return Vec::new() };
+        py.detach(|| pool.workers().into_iter().map(|w| (w.worker, w.pid, w.phase, w.running)).collect())
+    }
+
+    /// Why the pool failed, if it did.
+    fn failure(&self) -> Option<String> {
+        self.pool().and_then(|p| p.failure())
+    }
+
+    /// Whether the pool has finished shutting down.
+    fn is_shut_down(&self) -> bool {
+        self.is_done()
+    }
+
+    /// Shuts the pool down the way dropping it does (queued tasks cancelled,
+    /// running ones get one grace period, workers retire, then escalation),
+    /// waiting with the GIL released, and releases it. Idempotent.
+    fn dispose(&self, py: Python<'_>) {
+        let pool = lock(&self.pool).take();
+        self.inner.wake();
+        if let Some(pool) = pool {
+            py.detach(move || drop(pool));
+        }
+    }
+}
+
+fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD on a number only reads the fd table; the borrow ends here.
+    rustix::io::fcntl_getfd(unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) }).is_ok()
+}
+
+fn core_closed() -> PyErr {
+    crate::CoreError::new_err(("closed", "the pool is shut down and takes no new tasks"))
+}

@@ -1,0 +1,151 @@
+//! The worker side: `worker_main` runs the core's worker loop with a handler
+//! that calls into a Python object (`warden._workerloop.Handler`).
+//!
+//! The core's loop runs with the GIL released; each call into Python (`init`,
+//! `run`, `exit`) attaches for its duration. The Python object's contract:
+//!
+//! * `init(worker, pid, parent, payload)` returns `None` when the worker is
+//!   ready, or an error tuple `(kind, type_name, message, traceback, data)`;
+//! * `run(payload)` returns the result's bytes, or an error tuple;
+//! * `exit(reason)` runs the exit path of the Python side and returns
+//!   `(error or None, exit code or None)`; it is installed as the core's exit
+//!   hook once `init` succeeded, and may be called on the monitor thread.
+//!
+//! # Stopping a running task
+//!
+//! The Python side installs its own SIGTERM/SIGINT/SIGHUP handler before
+//! calling `worker_main`; the core's handlers chain to it, so the interpreter
+//! runs it on the main thread and it raises inside the task. The core's
+//! monitor also calls the interrupter below, which re-sends SIGTERM to the main
+//! thread: a task blocked in a system call there (sleep, read) then returns
+//! with `EINTR` and the interpreter gets to run the handler, even if the
+//! original signal was delivered to another thread.
+
+use std::sync::Arc;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+use warden::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
+use warden::wire::{ExitReason, RemoteError, RemoteErrorKind};
+use warden::worker::{ExitHook, Handler, HookResult, Interrupter, WorkerEnv, WorkerInfo, EXIT_PROTOCOL};
+
+use crate::convert::{exit_reason, remote_kind};
+
+/// Runs this process as a worker of the pool that started it, with `handler`
+/// running the tasks. Never returns when started by a pool: the process ends
+/// through the core's exit path. Raises `RuntimeError` otherwise.
+#[pyfunction]
+pub fn worker_main(py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
+    let env = match WorkerEnv::take() {
+        None => return Err(PyRuntimeError::new_err("this process was not started by a warden pool")),
+        Some(Err(msg)) => {
+            eprintln!("warden: bad worker environment: {msg}");
+            std::process::exit(EXIT_PROTOCOL);
+        }
+        Some(Ok(env)) => env,
+    };
+    // The core removed the variables from the C environment; Python keeps its
+    // own copy in os.environ, which subprocess and friends use.
+    let environ = py.import("os")?.getattr("environ")?;
+    for key in [ENV_FD, ENV_PARENT, ENV_MAX_FRAME] {
+        environ.call_method1("pop", (key, py.None()))?;
+    }
+    // SAFETY: pthread_self has no preconditions; this is the main thread.
+    let main_thread = unsafe { libc::pthread_self() };
+    let handler = PyHandler { handler, main_thread };
+    let exit = py.detach(move || warden::worker::serve(env, handler));
+    flush_python_streams(py);
+    exit.exit()
+}
+
+/// Flushes `sys.stdout` and `sys.stderr`; errors are ignored (the process is ending).
+fn flush_python_streams(py: Python<'_>) {
+    if let Ok(sys) = py.import("sys") {
+        for name in ["stdout", "stderr"] {
+            if let Ok(stream) = sys.getattr(name) {
+                if !stream.is_none() {
+                    let _ = stream.call_method0("flush");
+                }
+            }
+        }
+    }
+}
+
+struct PyHandler {
+    handler: Py<PyAny>,
+    main_thread: libc::pthread_t,
+}
+
+/// An error tuple `(kind, type_name, message, traceback, data)` from Python.
+fn remote_from_tuple(t: &Bound<'_, PyTuple>) -> PyResult<RemoteError> {
+    let (kind, type_name, message, traceback, data): (String, String, String, String, Vec<u8>) = t.extract()?;
+    let mut e = RemoteError::new(remote_kind(&kind), type_name, message);
+    e.traceback = traceback;
+    e.data = data;
+    Ok(e)
+}
+
+/// A Python exception that escaped the handler (a bug on the Python side, or
+/// an interrupt that arrived at an awkward moment) as a remote error.
+fn remote_from_pyerr(py: Python<'_>, err: PyErr) -> RemoteError {
+    let type_name = err.get_type(py).qualname().map(|n| n.to_string()).unwrap_or_else(|_| "Exception".into());
+    let mut e = RemoteError::new(RemoteErrorKind::Raised, type_name, err.value(py).to_string());
+    if let Some(tb) = err.traceback(py) {
+        e.traceback = tb.format().unwrap_or_default();
+    }
+    e
+}
+
+fn outcome<T>(
+    py: Python<'_>,
+    result: PyResult<Bound<'_, PyAny>>,
+    ok: impl FnOnce(&Bound<'_, PyAny>) -> PyResult<T>,
+) -> Result<T, RemoteError> {
+    let value = result.map_err(|e| remote_from_pyerr(py, e))?;
+    if let Ok(t) = value.cast::<PyTuple>() {
+        return Err(remote_from_tuple(t).unwrap_or_else(|e| remote_from_pyerr(py, e)));
+    }
+    ok(&value).map_err(|e| remote_from_pyerr(py, e))
+}
+
+impl Handler for PyHandler {
+    fn init(&mut self, info: &WorkerInfo, payload: &[u8]) -> Result<Option<ExitHook>, RemoteError> {
+        Python::attach(|py| {
+            let args = (info.worker, info.pid, info.parent, PyBytes::new(py, payload));
+            let result = self.handler.bind(py).call_method1("init", args);
+            outcome(py, result, |_| Ok(()))?;
+            let handler = self.handler.clone_ref(py);
+            let hook: ExitHook = Arc::new(move |reason: &ExitReason| run_exit_hook(&handler, reason));
+            Ok(Some(hook))
+        })
+    }
+
+    fn run(&mut self, payload: &[u8]) -> Result<Vec<u8>, RemoteError> {
+        Python::attach(|py| {
+            let result = self.handler.bind(py).call_method1("run", (PyBytes::new(py, payload),));
+            outcome(py, result, |v| Ok(v.cast::<PyBytes>()?.as_bytes().to_vec()))
+        })
+    }
+
+    fn interrupter(&self) -> Option<Interrupter> {
+        let main_thread = self.main_thread;
+        Some(Arc::new(move || {
+            // SAFETY: the main thread lives until the process exits; sending it
+            // a signal the core and the interpreter both handle is harmless.
+            unsafe {
+                libc::pthread_kill(main_thread, libc::SIGTERM);
+            }
+        }))
+    }
+}
+
+fn run_exit_hook(handler: &Py<PyAny>, reason: &ExitReason) -> HookResult {
+    Python::attach(|py| match handler.bind(py).call_method1("exit", (exit_reason(reason),)) {
+        Ok(v) => match v.extract::<(Option<String>, Option<i32>)>() {
+            Ok((error, exit_code)) => HookResult { error, exit_code },
+            Err(e) => HookResult { error: Some(format!("bad exit hook result: {e}")), exit_code: None },
+        },
+        Err(e) => HookResult { error: Some(e.to_string()), exit_code: None },
+    })
+}

@@ -1,0 +1,220 @@
+"""Errors are data.
+
+A task that fails is stored as an :class:`ErrorData` (kind, text, pickled
+exception bytes, remote traceback text), never as an exception object. Each
+``result()``/``get()`` builds a *fresh* exception from it, so the stored error
+never holds a traceback, a traceback never reaches back into the frames of the
+code that waited for it, and no ``exception -> traceback -> frame -> future``
+cycle keeps a pool alive (seed 001).
+"""
+
+from __future__ import annotations
+
+import pickle
+from concurrent.futures import CancelledError
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
+from typing import Any
+
+__all__ = [
+    "ErrorData",
+    "PoolFailed",
+    "RemoteError",
+    "TaskAborted",
+    "TaskInterrupted",
+    "TaskTimeout",
+    "WorkerCrashed",
+]
+
+
+class WorkerCrashed(BrokenProcessPool):
+    """The worker running the task died while running it.
+
+    Only that task fails: the pool replaces the worker and goes on (unlike the
+    standard library, where one crash breaks the whole pool).
+
+    Attributes: ``pid`` of the worker; ``exitcode`` as ``multiprocessing``
+    reports it (the exit status, or minus the signal number); ``signal``, the
+    signal that killed it, or ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        signal: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = signal
+
+
+class PoolFailed(BrokenProcessPool):
+    """The pool failed as a whole: its workers kept dying (for instance in a
+    failing initializer) faster than the restart limit allows. ``reason``
+    says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TaskTimeout(TimeoutError):
+    """The task ran longer than its ``task_timeout``; its worker was stopped
+    (its finalizer ran) and replaced. ``timeout`` is the limit in seconds."""
+
+    def __init__(self, message: str, timeout: float | None = None) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class RemoteError(Exception):
+    """A task failed in a way that cannot be rebuilt as its own exception here:
+    its exception could not be pickled in the worker or unpickled in this
+    process, or the result was too large to send. ``type_name`` and
+    ``message`` describe the original."""
+
+    def __init__(self, message: str, type_name: str = "", original_message: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.message = original_message
+
+
+class TaskAborted(Exception):
+    """A task raised a ``BaseException`` that is not an ``Exception``
+    (``SystemExit``, ``KeyboardInterrupt``, ...). It is reported as this
+    ordinary exception so that it cannot end or interrupt the waiting process;
+    the worker lives on. ``type_name`` and ``message`` describe the original."""
+
+    def __init__(self, message: str, type_name: str = "", original_message: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.message = original_message
+
+
+class TaskInterrupted(BaseException):
+    """Raised inside a running task when its worker is told to stop (task
+    timeout, cancel, terminate, parent death). Let it propagate: ``finally``
+    blocks run, then the worker's exit path (finalizer, ``atexit``, garbage
+    collection) runs and the worker exits."""
+
+
+class ErrorData:
+    """How a task failed, as data. :meth:`build` makes a fresh exception."""
+
+    __slots__ = ("exitcode", "kind", "message", "pid", "remote", "signal", "timeout")
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        remote: tuple[str, str, str, str, bytes] | None = None,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        signal: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.kind = kind
+        self.message = message
+        self.remote = remote
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = signal
+        self.timeout = timeout
+
+    @classmethod
+    def from_core(cls, data: tuple[Any, ...]) -> ErrorData:
+        """From the error tuple of ``CorePool.next_completions``."""
+        return cls(*data)
+
+    @classmethod
+    def local(cls, exc: BaseException, context: str) -> ErrorData:
+        """A failure in this process (a result that cannot be unpickled, an
+        item of an ``imap`` that cannot be pickled): rebuilt as ``exc`` itself
+        when it pickles, else as a :class:`RemoteError` saying ``context``."""
+        type_name = type(exc).__qualname__
+        text = str(exc)
+        try:
+            data = pickle.dumps(exc, protocol=5)
+        except Exception:
+            data = b""
+        if not data:
+            return cls("local", f"{context}: {type_name}: {text}")
+        return cls("remote", f"{context}: {type_name}: {text}", ("raised", type_name, text, "", data))
+
+    @property
+    def cancelled(self) -> bool:
+        return self.kind == "cancelled"
+
+    def build(self, traceback_type: type[Exception] = _RemoteTraceback) -> BaseException:
+        """A new exception for this failure, never raised before. A remote
+        traceback becomes its ``__cause__``, of ``traceback_type`` (the
+        standard library's type: ``concurrent.futures`` and
+        ``multiprocessing.pool`` each have their own)."""
+        kind = self.kind
+        if kind == "remote" and self.remote is not None:
+            return self._build_remote(traceback_type, *self.remote)
+        if kind in ("crashed", "protocol"):
+            exitcode = -self.signal if self.signal is not None else self.exitcode
+            return WorkerCrashed(self.message, self.pid, exitcode, self.signal)
+        if kind == "timeout":
+            return TaskTimeout(self.message, self.timeout)
+        if kind == "pool_failed":
+            return PoolFailed(self.message)
+        if kind == "cancelled":
+            return CancelledError()
+        if kind == "closed":
+            return BrokenProcessPool(
+                "the pool shut down before the task finished (it was never run to completion)"
+            )
+        return RemoteError(self.message)
+
+    def _build_remote(
+        self,
+        traceback_type: type[Exception],
+        rkind: str,
+        type_name: str,
+        message: str,
+        tb: str,
+        data: bytes,
+    ) -> BaseException:
+        exc: BaseException | None = None
+        if rkind == "raised" and data:
+            try:
+                exc = pickle.loads(data)
+            except Exception as e:
+                exc = RemoteError(
+                    f"task raised {type_name}: {message} "
+                    f"(the exception could not be unpickled here: {type(e).__name__}: {e})",
+                    type_name,
+                    message,
+                )
+            if not isinstance(exc, BaseException):
+                exc = RemoteError(f"task raised {type_name}: {message}", type_name, message)
+        if exc is None:
+            exc = RemoteError(f"task failed: {type_name}: {message}", type_name, message)
+        if tb:
+            exc.__cause__ = traceback_type(f'\n"""\n{tb}"""')
+        return exc
+
+    def describe(self) -> str:
+        """One line for logs and reprs."""
+        if self.kind == "remote" and self.remote is not None:
+            _, type_name, message, _, _ = self.remote
+            return f"{type_name}: {message}" if message else type_name
+        return self.message
+
+
+def core_error(exc: BaseException) -> BaseException:
+    """The exception a caller should see for a ``CoreError(kind, message)``
+    raised by the extension when a task is submitted."""
+    args = getattr(exc, "args", ())
+    kind, message = (args[0], args[1]) if len(args) == 2 else ("other", str(exc))
+    if kind == "closed":
+        return RuntimeError("cannot schedule new futures after shutdown")
+    if kind == "pool_failed":
+        return PoolFailed(message)
+    if kind == "rejected":
+        return ValueError(message)
+    return RuntimeError(message)

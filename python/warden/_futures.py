@@ -1,0 +1,164 @@
+"""The futures of :class:`warden.ProcessPoolExecutor`.
+
+A :class:`Future` is a real ``concurrent.futures.Future`` (``wait``,
+``as_completed``, ``add_done_callback`` and ``asyncio.wrap_future`` work), with
+three differences:
+
+* a failure is kept as :class:`~warden._errors.ErrorData`; ``result()`` and
+  ``exception()`` build a fresh exception on each call (seed 001);
+* ``cancel()`` asks the pool, and succeeds only while the task is queued;
+* a ``KeyboardInterrupt`` while waiting in ``result()`` stops the pool the
+  future belongs to (graceful stop of its workers; a second one kills them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import CancelledError, _base
+from typing import Any
+
+from ._errors import ErrorData
+from ._pickle import loads
+
+_CANCELLED = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
+_DONE = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED)
+
+
+class Future(_base.Future):  # type: ignore[type-arg]
+    """A ``concurrent.futures.Future`` whose failure is stored as data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._error: ErrorData | None = None
+        self._canceller: Callable[[], bool] | None = None
+        self._on_interrupt: Callable[[], None] | None = None
+
+    def __repr__(self) -> str:
+        with self._condition:
+            if self._state == _base.FINISHED and self._error is not None:
+                return (
+                    f"<{type(self).__name__} at {id(self):#x} state=finished raised {self._error.describe()}>"
+                )
+        return super().__repr__()
+
+    # -- waiting -----------------------------------------------------------
+
+    def _outcome(self) -> Any:
+        if self._error is not None:
+            raise self._error.build()
+        if self._exception is not None:  # set_exception() called by other code
+            raise self._exception
+        return self._result
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's return value; raises a fresh exception if it failed.
+
+        Raises ``CancelledError`` if cancelled and ``TimeoutError`` if
+        ``timeout`` seconds pass first.
+        """
+        try:
+            with self._condition:
+                if self._state in _CANCELLED:
+                    raise CancelledError()
+                if self._state == _base.FINISHED:
+                    return self._outcome()
+                self._condition.wait(timeout)
+                if self._state in _CANCELLED:
+                    raise CancelledError()
+                if self._state == _base.FINISHED:
+                    return self._outcome()
+                raise TimeoutError()
+        except KeyboardInterrupt:
+            if self._on_interrupt is not None:
+                self._on_interrupt()
+            raise
+        finally:
+            self = None  # type: ignore[assignment]  # noqa: PLW0642  (breaks frame -> future)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """A fresh exception for the task's failure, or ``None`` if it succeeded."""
+        try:
+            with self._condition:
+                if self._state not in _DONE:
+                    self._condition.wait(timeout)
+                if self._state in _CANCELLED:
+                    raise CancelledError()
+                if self._state != _base.FINISHED:
+                    raise TimeoutError()
+                if self._error is not None:
+                    return self._error.build()
+                return self._exception
+        except KeyboardInterrupt:
+            if self._on_interrupt is not None:
+                self._on_interrupt()
+            raise
+        finally:
+            self = None  # type: ignore[assignment]  # noqa: PLW0642
+
+    # -- cancelling --------------------------------------------------------
+
+    def cancel(self) -> bool:
+        """Cancels the task if it is still queued. Returns whether the future
+        is cancelled (``False`` once the task runs or has finished)."""
+        with self._condition:
+            if self._state in (_base.RUNNING, _base.FINISHED):
+                return False
+            if self._state in _CANCELLED:
+                return True
+        canceller = self._canceller
+        if canceller is None or not canceller():
+            return False
+        return self._mark_cancelled()
+
+    def _mark_cancelled(self) -> bool:
+        with self._condition:
+            if self._state == _base.FINISHED:
+                return False
+            if self._state in _CANCELLED:
+                return True
+            self._state = _base.CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()
+        return True
+
+    # -- completing (on the results thread) --------------------------------
+
+    def _set_error(self, error: ErrorData) -> None:
+        with self._condition:
+            if self._state in _DONE:
+                return
+            self._error = error
+            self._state = _base.FINISHED
+            for waiter in self._waiters:
+                waiter.add_exception(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()
+
+    def _set_value(self, value: Any) -> None:
+        with self._condition:
+            if self._state in _DONE:
+                return
+            self._result = value
+            self._state = _base.FINISHED
+            for waiter in self._waiters:
+                waiter.add_result(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()
+
+    def _deliver(self, ok: bool, data: Any) -> None:
+        """Takes a task outcome from the results thread."""
+        if ok:
+            try:
+                value = loads(data)
+            except Exception as e:
+                self._set_error(ErrorData.local(e, "cannot unpickle the task's result"))
+            else:
+                self._set_value(value)
+            return
+        error = ErrorData.from_core(data)
+        if error.cancelled:
+            self._mark_cancelled()
+        else:
+            self._set_error(error)

@@ -1,0 +1,300 @@
+"""One core pool as the Python classes use it.
+
+A :class:`Runner` owns a ``CorePool`` (the Rust pool and its outcome queue),
+the table of callbacks waiting for task outcomes, and the daemon thread
+(``warden-results``) that drains the queue and calls them. It holds no
+reference to the executor or pool object that created it, so that object can
+become unreachable and shut down on its own.
+
+It also owns what happens at interpreter exit: every runner still alive is
+shut down with a bounded grace (:func:`_shut_down_at_exit`), so a pool never
+keeps the interpreter from exiting (seed 001).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.spawn
+import multiprocessing.util
+import os
+import pickle
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from . import _warden
+from ._pickle import dumps_for_spawn
+
+#: The worker program: this interpreter, with its flags, running warden._worker.
+WORKER_MODULE = "warden._worker"
+
+#: Grace period of each escalation step (seconds), the core's default.
+GRACE: float = _warden.DEFAULT_GRACE
+
+_CLOSED = ("closed", "the pool shut down before the task finished", None, None, None, None, None)
+
+#: Runners that may still have live workers. Held strongly, so that interpreter
+#: exit finds every pool still running (and stops its thread before the
+#: interpreter finalizes); a runner leaves once its pool has shut down.
+_live: set[Runner] = set()
+_live_lock = threading.Lock()
+#: Set once the interpreter started exiting: no new pools or tasks.
+exiting = False
+
+
+def worker_command() -> tuple[str, list[str]]:
+    """The program and arguments that start a worker."""
+    args = [*multiprocessing.util._args_from_interpreter_flags(), "-m", WORKER_MODULE]
+    return os.fsdecode(multiprocessing.spawn.get_executable()), args
+
+
+def preparation_data(name: str) -> dict[str, Any]:
+    """What a child needs to look like a spawned child of this process (the
+    standard library's own ``get_preparation_data``: ``sys.path``, working
+    directory, authkey, and how to import ``__main__`` as ``__mp_main__``)."""
+    default = multiprocessing.context._default_context
+    chosen = default._actual_context
+    try:
+        data = multiprocessing.spawn.get_preparation_data(name)
+    finally:
+        # Asking for the start method fixes it; leave the caller free to choose.
+        default._actual_context = chosen
+    if chosen is None:
+        data.pop("start_method", None)
+    main_path = data.get("init_main_from_path")
+    if main_path is not None and not os.path.isfile(main_path):
+        # `python - < file`: there is no __main__ to import; functions defined
+        # there are pickled by value instead (see _pickle.dumps).
+        del data["init_main_from_path"]
+    data["authkey"] = bytes(data["authkey"])
+    return data
+
+
+class Runner:
+    """A core pool, its pending outcomes and the thread that delivers them.
+
+    ``exit_policy`` says what interpreter exit does to it: ``"pool"`` (cancel
+    queued tasks, give running ones one grace period, then terminate),
+    ``"daemon"`` (terminate) or ``"join"`` (wait, like a non-daemon process).
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str,
+        name: str,
+        workers: int,
+        hooks: Any = None,
+        pass_fds: list[int] | None = None,
+        max_tasks_per_child: int | None = None,
+        task_timeout: float | None = None,
+        one_off: bool = False,
+        deliver: bool = True,
+        exit_policy: str = "pool",
+    ) -> None:
+        _prune()
+        fds = list(pass_fds or [])
+        try:
+            if exiting:
+                raise RuntimeError("cannot start new workers after interpreter shutdown")
+            hook_bytes = b""
+            if hooks is not None:
+                hook_bytes, hook_fds = dumps_for_spawn(hooks)
+                fds.extend(hook_fds)
+            init = {
+                "version": 1,
+                "mode": mode,
+                "name": name,
+                "parent_name": multiprocessing.current_process().name,
+                "preparation": preparation_data(name),
+                "hooks": hook_bytes,
+            }
+            payload = pickle.dumps(init, protocol=5)
+        except BaseException:
+            _close_fds(fds)
+            raise
+        program, args = worker_command()
+        # The core takes ownership of the fds, even if this fails.
+        self.core = _warden.CorePool(
+            program,
+            args,
+            workers=workers,
+            name=name,
+            init_payload=payload,
+            pass_fds=fds,
+            max_tasks_per_child=max_tasks_per_child,
+            task_timeout=task_timeout,
+            grace=GRACE,
+            one_off=one_off,
+        )
+        self.name = name
+        self.exit_policy = exit_policy
+        self.interrupted = False
+        self.pending: dict[int, Callable[[bool, Any], None]] = {}
+        self._tags = itertools.count(1)
+        self.thread: threading.Thread | None = None
+        if deliver:
+            self.thread = threading.Thread(
+                target=_deliver,
+                args=(self.core, self.pending, self._forget),
+                name="warden-results",
+                daemon=True,
+            )
+        with _live_lock:
+            _live.add(self)
+        if self.thread is not None:
+            self.thread.start()
+
+    def _forget(self) -> None:
+        with _live_lock:
+            _live.discard(self)
+
+    def submit(
+        self, payload: bytes, on_done: Callable[[bool, Any], None], timeout: float | None = None
+    ) -> int:
+        """Queues a task; ``on_done(ok, data)`` gets its outcome on the results
+        thread. Returns the task id. Raises ``CoreError`` if refused."""
+        tag = next(self._tags)
+        self.pending[tag] = on_done
+        try:
+            return self.core.submit(payload, tag, timeout)
+        except BaseException:
+            self.pending.pop(tag, None)
+            raise
+
+    def close_nowait(self) -> None:
+        """Stops taking tasks; queued tasks still run. Returns at once."""
+        self.core.close()
+
+    def terminate_nowait(self) -> None:
+        """Cancels everything and stops the workers gracefully. Returns at once."""
+        self.core.terminate()
+
+    def interrupt(self) -> None:
+        """Ctrl-C while waiting on this pool: the first one cancels queued tasks
+        and stops the workers gracefully (their finalizers run), another kills them."""
+        if self.interrupted:
+            self.core.kill()
+        else:
+            self.interrupted = True
+            self.core.terminate()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Waits for the pool to shut down and its outcomes to be delivered.
+        Ctrl-C while waiting interrupts the pool (see :meth:`interrupt`)."""
+        try:
+            done = self.core.join(timeout)
+        except KeyboardInterrupt:
+            self.interrupt()
+            raise
+        if done and self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(None if timeout is None else max(timeout, 1.0))
+        return done
+
+    def join_bounded(self) -> None:
+        """Waits for a terminate to run its course, killing what outlives it."""
+        if not self.join(GRACE * 2 + 2.0):
+            self.core.kill()
+            self.join(10.0)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _prune() -> None:
+    """Forgets runners without a results thread whose pool has shut down."""
+    with _live_lock:
+        done = [r for r in _live if r.thread is None and r.core.is_shut_down()]
+        for r in done:
+            _live.discard(r)
+
+
+def _deliver(core: Any, pending: dict[int, Callable[[bool, Any], None]], forget: Callable[[], None]) -> None:
+    """The results thread: takes outcomes from the core, calls their callbacks."""
+    try:
+        while True:
+            batch = core.next_completions(512)
+            if batch is None:
+                break
+            for tag, ok, data in batch:
+                callback = pending.pop(tag, None)
+                if callback is not None:
+                    _call(callback, ok, data)
+    finally:
+        # The pool is gone; anything still waiting never got an outcome.
+        for tag in list(pending):
+            callback = pending.pop(tag, None)
+            if callback is not None:
+                _call(callback, False, _CLOSED)
+        forget()
+
+
+def _call(callback: Callable[[bool, Any], None], ok: bool, data: Any) -> None:
+    try:
+        callback(ok, data)
+    except Exception:
+        print("warden: exception in a task-outcome callback:", file=sys.stderr)
+        traceback.print_exc()
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _shut_down_at_exit() -> None:
+    """At interpreter exit: every pool still running is shut down with a
+    bounded grace; daemon processes are terminated and other processes joined,
+    as ``multiprocessing`` does. If the program is ending because of Ctrl-C,
+    everything is stopped gracefully at once instead (nothing is joined: the
+    children, in their own process groups, did not see the Ctrl-C). Ctrl-C
+    meanwhile kills what is left."""
+    global exiting
+    exiting = True
+    with _live_lock:
+        everyone = list(_live)
+    runners = [r for r in everyone if not r.core.is_shut_down()]
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+    try:
+        for r in runners:
+            if interrupted or r.exit_policy == "daemon":
+                r.exit_policy = "daemon"
+                r.core.terminate()
+            elif r.exit_policy == "pool":
+                r.core.close_cancel_queued()
+        for r in runners:
+            if r.exit_policy == "join":
+                r.core.join()
+        # One grace period for all pools, not one each.
+        deadline = time.monotonic() + GRACE
+        for r in runners:
+            if r.exit_policy == "pool" and not r.core.join(_left(deadline)):
+                r.core.terminate()
+        deadline = time.monotonic() + GRACE + 2.0
+        for r in runners:
+            if not r.core.join(_left(deadline)):
+                r.core.kill()
+        deadline = time.monotonic() + 10.0
+        for r in runners:
+            r.core.join(_left(deadline))
+    except KeyboardInterrupt:
+        for r in runners:
+            r.core.kill()
+        for r in runners:
+            with contextlib.suppress(KeyboardInterrupt):
+                r.core.join(10.0)
+    for r in everyone:
+        if r.thread is not None:
+            r.thread.join(2.0)
+
+
+atexit.register(_shut_down_at_exit)

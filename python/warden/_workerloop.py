@@ -1,0 +1,277 @@
+"""The Python side of a worker process.
+
+``main()`` installs the stop-signal handler, then hands the process to the
+core's worker loop (``_warden.worker_main``), which calls back into a
+:class:`Handler`:
+
+``init``
+    prepares the process the way the standard library's spawn does (``sys.path``,
+    working directory, authkey, the parent's ``__main__`` as ``__mp_main__``),
+    then runs the pool's ``initializer`` and enters its ``worker_context``;
+``run``
+    runs one task: a pickled ``(fn, args, kwargs)`` for a pool, or the pickled
+    :class:`warden.Process` for a one-off child;
+``exit``
+    the exit path, run exactly once whatever ends the worker: the worker
+    context is exited, the ``finalizer`` runs, then a garbage collection (so
+    ``__del__`` of cyclic garbage runs), the ``atexit`` handlers, and a flush of
+    ``stdout``/``stderr`` (seed 000, seed 002).
+
+A stop signal (SIGTERM from the pool on a timeout, cancel or terminate; the
+parent-death signal; SIGINT/SIGHUP) raises :class:`TaskInterrupted` in the
+running task; outside a task the handler does nothing and the core ends the
+worker through its exit path.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import multiprocessing
+import multiprocessing.process
+import multiprocessing.spawn
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from typing import Any
+
+from . import _context, _warden
+from ._errors import RemoteError, TaskAborted, TaskInterrupted
+from ._pickle import dumps
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _type_name(exc: BaseException) -> str:
+    t = type(exc)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
+
+
+def _error(exc: BaseException, kind: str = "raised") -> tuple[str, str, str, str, bytes]:
+    """A failed task as ``(kind, type_name, message, traceback, data)``: the
+    exception pickled if it survives a round trip, else a stand-in."""
+    type_name = _type_name(exc)
+    message = _text(exc)
+    frames = exc.__traceback__
+    if frames is not None and frames.tb_frame.f_code.co_filename == __file__:
+        frames = frames.tb_next  # the worker's own frame is noise to the user
+    tb = "".join(traceback.format_exception(type(exc), exc, frames))
+    if isinstance(exc, Exception):
+        try:
+            data = dumps(exc)
+            pickle.loads(data)
+        except Exception as why:
+            stand_in = RemoteError(
+                f"task raised {type_name}: {message} (the exception could not be pickled: "
+                f"{type(why).__name__}: {why})",
+                type_name,
+                message,
+            )
+            data = dumps(stand_in)
+    else:
+        data = dumps(
+            TaskAborted(
+                f"task raised {exc!r}; a BaseException that is not an "
+                "Exception is reported as TaskAborted so that it cannot end this process",
+                type_name,
+                message,
+            )
+        )
+    return (kind, type_name, message, tb, data)
+
+
+def _interrupted() -> tuple[str, str, str, str, bytes]:
+    return ("interrupted", "TaskInterrupted", "the worker was told to stop", "", b"")
+
+
+class Handler:
+    """Called by the core's worker loop; see the module documentation."""
+
+    def __init__(self) -> None:
+        self.running = False
+        self.mode = "pool"
+        self.hooks: dict[str, Any] = {}
+        self.context: contextlib.AbstractContextManager[Any] | None = None
+        self.exit_code: int | None = None
+
+    # The signal handler runs on the main thread between bytecodes. It raises
+    # at most once per task, so the task's own cleanup is not interrupted twice.
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if self.running:
+            self.running = False
+            raise TaskInterrupted(signal.Signals(signum).name)
+
+    def init(self, worker: int, pid: int, parent: int, payload: bytes) -> Any:
+        self.running = True
+        try:
+            init = pickle.loads(payload)
+            self.mode = init["mode"]
+            me = multiprocessing.current_process()
+            me._inheriting = True  # type: ignore[attr-defined]
+            try:
+                multiprocessing.spawn.prepare(init["preparation"])
+                hooks = pickle.loads(init["hooks"]) if init["hooks"] else {}
+            finally:
+                del me._inheriting  # type: ignore[attr-defined]
+            _set_parent(init["parent_name"], parent)
+            if self.mode == "pool":
+                me.name = f"{init['name']}-worker-{worker}"
+            self.hooks = hooks
+            initializer = hooks.get("initializer")
+            if initializer is not None:
+                initializer(*hooks.get("initargs", ()))
+            factory = hooks.get("worker_context")
+            if factory is not None:
+                cm = factory()
+                _context._set(cm.__enter__())
+                self.context = cm
+        except TaskInterrupted:
+            return _interrupted()
+        except BaseException as e:
+            self.running = False
+            print(f"warden: worker {os.getpid()} failed to start:", file=sys.stderr)
+            traceback.print_exc()
+            return _error(e)
+        finally:
+            self.running = False
+        return None
+
+    def run(self, payload: bytes) -> Any:
+        self.running = True
+        try:
+            if self.mode == "process":
+                return self._run_process(payload)
+            fn, args, kwargs = pickle.loads(payload)
+            value = fn(*args, **kwargs)
+            self.running = False
+            del fn, args, kwargs
+            try:
+                return dumps(value)
+            except Exception as e:
+                return _error(
+                    pickle.PicklingError(
+                        f"cannot pickle the task's result of type {type(value).__qualname__}: "
+                        f"{type(e).__name__}: {e}"
+                    )
+                )
+        except TaskInterrupted:
+            return _interrupted()
+        except BaseException as e:
+            self.running = False
+            return _error(e)
+        finally:
+            self.running = False
+
+    def _run_process(self, payload: bytes) -> Any:
+        """Runs a one-off ``Process`` as ``multiprocessing``'s bootstrap does:
+        exit code 0, ``sys.exit(n)`` gives n, an exception gives 1 and a traceback."""
+        me = multiprocessing.current_process()
+        me._inheriting = True  # type: ignore[attr-defined]
+        try:
+            process = pickle.loads(payload)
+        except TaskInterrupted:
+            raise
+        except BaseException:
+            # As under spawn: the child cannot get its target; traceback, exit code 1.
+            traceback.print_exc()
+            self.exit_code = 1
+            self.running = False
+            return dumps(None)
+        finally:
+            del me._inheriting  # type: ignore[attr-defined]
+        multiprocessing.process._current_process = process  # type: ignore[attr-defined]
+        multiprocessing.process._children = set()  # type: ignore[attr-defined]
+        exitcode = 1
+        try:
+            process.run()
+            exitcode = 0
+        except TaskInterrupted:
+            raise
+        except SystemExit as e:
+            if e.code is None:
+                exitcode = 0
+            elif isinstance(e.code, int):
+                exitcode = e.code
+            else:
+                sys.stderr.write(str(e.code) + "\n")
+                exitcode = 1
+        except BaseException:
+            sys.stderr.write(f"Process {process.name}:\n")
+            traceback.print_exc()
+            exitcode = 1
+        self.exit_code = exitcode
+        # Like multiprocessing: a child waits for the non-daemon threads it started.
+        for t in threading.enumerate():
+            if t is not threading.current_thread() and not t.daemon:
+                t.join()
+        self.running = False
+        return dumps(None)
+
+    def exit(self, reason: str) -> tuple[str | None, int | None]:
+        """The exit path: worker context, finalizer, gc, atexit, flush. Once."""
+        errors: list[str] = []
+        if self.context is not None:
+            context, self.context = self.context, None
+            try:
+                context.__exit__(None, None, None)
+            except BaseException as e:
+                errors.append(f"worker_context exit raised {_type_name(e)}: {_text(e)}")
+                traceback.print_exc()
+            _context._clear()
+        finalizer = self.hooks.get("finalizer")
+        if finalizer is not None:
+            try:
+                finalizer(*self.hooks.get("finalargs", ()))
+            except BaseException as e:
+                errors.append(f"finalizer raised {_type_name(e)}: {_text(e)}")
+                print(f"warden: worker {os.getpid()}: exception in finalizer:", file=sys.stderr)
+                traceback.print_exc()
+        self.hooks = {}
+        try:
+            gc.collect()
+        except BaseException as e:
+            errors.append(f"garbage collection raised {_type_name(e)}: {_text(e)}")
+        try:
+            atexit._run_exitfuncs()
+        except BaseException as e:
+            errors.append(f"atexit raised {_type_name(e)}: {_text(e)}")
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:
+                pass
+        return ("; ".join(errors) or None, self.exit_code)
+
+
+def _set_parent(name: str, pid: int) -> None:
+    """``multiprocessing.parent_process()`` in the worker, as under spawn; its
+    sentinel is a pidfd of the parent (close-on-exec), readable once the
+    parent has exited."""
+    try:
+        sentinel = os.pidfd_open(pid)
+    except OSError:
+        return
+    multiprocessing.process._parent_process = multiprocessing.process._ParentProcess(  # type: ignore[attr-defined]
+        name, pid, sentinel
+    )
+
+
+def main() -> None:
+    """Runs this process as a warden worker; never returns."""
+    handler = Handler()
+    # Installed before the core's handlers, which chain to them.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, handler.on_signal)
+    _warden.worker_main(handler)

@@ -1,0 +1,235 @@
+"""``warden.ProcessPoolExecutor``: ``concurrent.futures`` on warden's core."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import _base
+from typing import Any
+
+from . import _runner, _warden
+from ._errors import core_error
+from ._futures import Future
+from ._handles import PoolHandle
+from ._pickle import dumps
+from ._tasks import run_chunk
+
+_counter = itertools.count(1)
+
+
+class ProcessPoolExecutor(_base.Executor):
+    """An ``Executor`` whose workers always clean up after themselves.
+
+    The same API as ``concurrent.futures.ProcessPoolExecutor``, plus:
+
+    * ``finalizer(*finalargs)`` runs in every worker at the end of its life,
+      whatever ends it: ``shutdown``, ``max_tasks_per_child``, a task timeout,
+      a terminate, the death of this process;
+    * ``worker_context``: a factory of a context manager entered when a worker
+      starts and exited when it ends; tasks reach what it yields with
+      :func:`warden.worker_context`;
+    * ``task_timeout``: seconds a task may run before its worker is stopped
+      (the task fails with :class:`warden.TaskTimeout`) and replaced.
+
+    A worker crash fails only the task it was running
+    (:class:`warden.WorkerCrashed`); the pool replaces the worker.
+
+    ``mp_context`` is accepted for compatibility and otherwise ignored: warden
+    always starts workers as fresh interpreters, like the ``"spawn"`` start
+    method, whatever context is given.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        finalizer: Callable[..., object] | None = None,
+        finalargs: tuple[Any, ...] = (),
+        task_timeout: float | None = None,
+        worker_context: Callable[[], Any] | None = None,
+    ) -> None:
+        if max_workers is None:
+            max_workers = os.cpu_count() or 1
+        elif max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        for name, hook in (
+            ("initializer", initializer),
+            ("finalizer", finalizer),
+            ("worker_context", worker_context),
+        ):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name} must be a callable")
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError("task_timeout must be a positive number of seconds")
+        self._max_workers = max_workers
+        self._mp_context = mp_context
+        self._hooks = {
+            "initializer": initializer,
+            "initargs": tuple(initargs),
+            "finalizer": finalizer,
+            "finalargs": tuple(finalargs),
+            "worker_context": worker_context,
+        }
+        self._max_tasks_per_child = max_tasks_per_child
+        self._task_timeout = task_timeout
+        self._name = f"ProcessPoolExecutor-{next(_counter)}"
+        self._lock = threading.Lock()
+        self._shutdown_called = False
+        self._runner: _runner.Runner | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PoolHandle, ("ProcessPoolExecutor", self._name, os.getpid(), self._max_workers))
+
+    def _ensure_runner(self) -> _runner.Runner:
+        # Workers start with the first task, as the standard library starts
+        # them on demand; the pickled initargs go to every worker.
+        if self._runner is None:
+            runner = _runner.Runner(
+                mode="pool",
+                name=self._name,
+                workers=self._max_workers,
+                hooks=self._hooks,
+                max_tasks_per_child=self._max_tasks_per_child,
+                task_timeout=self._task_timeout,
+            )
+            # An executor nobody can reach any more shuts down on its own
+            # (queued tasks still run); the callback holds the runner only.
+            # (Not at interpreter exit: _runner shuts every pool down then.)
+            weakref.finalize(self, runner.close_nowait).atexit = False
+            self._runner = runner
+        return self._runner
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Runs ``fn(*args, **kwargs)`` in a worker; returns its future.
+
+        Raises at once if the call cannot be pickled (the pool is unaffected).
+        """
+        if self._shutdown_called:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _runner.exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        payload = dumps((fn, args, kwargs))
+        return self._submit_payload(payload)
+
+    def _submit_payload(self, payload: bytes) -> Future:
+        with self._lock:
+            if self._shutdown_called:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            runner = self._ensure_runner()
+        future = Future()
+        future._on_interrupt = runner.interrupt
+        try:
+            task = runner.submit(payload, future._deliver)
+        except _warden.CoreError as e:
+            raise core_error(e) from None
+        core = runner.core
+        future._canceller = lambda: core.cancel_queued(task)
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """Like the built-in ``map``, running in the workers: every call is
+        submitted now (pickling errors raise here), results come in order.
+
+        ``timeout`` bounds the whole iteration; ``chunksize`` sends that many
+        calls per task.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end = None if timeout is None else timeout + time.monotonic()
+        if chunksize == 1:
+            futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
+        else:
+            it = zip(*iterables, strict=False)
+            futures = []
+            while chunk := tuple(itertools.islice(it, chunksize)):
+                futures.append(self.submit(run_chunk, fn, chunk, True))
+        return _results(futures, end, chunked=chunksize > 1)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stops taking tasks. Queued tasks run (unless ``cancel_futures``),
+        then every worker retires through its exit path. With ``wait``, returns
+        once all of that is done and every future has its outcome."""
+        with self._lock:
+            self._shutdown_called = True
+            runner = self._runner
+        if runner is None:
+            return
+        if cancel_futures:
+            runner.core.close_cancel_queued()
+        else:
+            runner.core.close()
+        if wait:
+            runner.join()
+
+    def terminate_workers(self) -> None:
+        """Stops every worker now (as in Python 3.14): queued and running tasks
+        are cancelled, workers get SIGTERM (their finalizers run) and SIGKILL
+        after the grace period; then shuts down. Returns when they are gone."""
+        self._stop_workers(kill=False)
+
+    def kill_workers(self) -> None:
+        """Kills every worker with SIGKILL now (as in Python 3.14); no
+        finalizers run. Queued and running tasks are cancelled."""
+        self._stop_workers(kill=True)
+
+    def _stop_workers(self, kill: bool) -> None:
+        with self._lock:
+            self._shutdown_called = True
+            runner = self._runner
+        if runner is None:
+            return
+        if kill:
+            runner.core.kill()
+        else:
+            runner.core.terminate()
+        runner.join_bounded()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        # Ctrl-C inside the with block: stop the workers rather than wait.
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            runner = self._runner
+            if runner is not None and not runner.interrupted:
+                runner.interrupt()
+        self.shutdown(wait=True)
+        return False
+
+
+def _results(futures: list[Future], end: float | None, chunked: bool) -> Iterator[Any]:
+    """Yields the results of ``futures`` in order; cancels the rest if stopped."""
+    try:
+        futures.reverse()
+        while futures:
+            future = futures.pop()
+            try:
+                result = future.result() if end is None else future.result(end - time.monotonic())
+            except BaseException:
+                future.cancel()
+                raise
+            finally:
+                del future
+            if chunked:
+                yield from result
+            else:
+                yield result
+    finally:
+        for future in futures:
+            future.cancel()

@@ -1,0 +1,487 @@
+"""``warden.Pool``: the ``multiprocessing.Pool`` API on warden's core."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import multiprocessing
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.pool import RemoteTraceback
+from typing import Any
+
+from . import _runner, _warden
+from ._errors import ErrorData, core_error
+from ._handles import PoolHandle
+from ._pickle import dumps, loads
+from ._tasks import run_chunk
+
+_counter = itertools.count(1)
+
+RUN = "RUN"
+CLOSE = "CLOSE"
+TERMINATE = "TERMINATE"
+
+
+class Pool:
+    """A pool of worker processes that always clean up after themselves.
+
+    The API of ``multiprocessing.Pool``, plus ``finalizer(*finalargs)``, run in
+    every worker at the end of its life, and ``worker_context``, a factory of a
+    context manager entered when a worker starts and exited when it ends (tasks
+    reach what it yields with :func:`warden.worker_context`).
+
+    Differences from the standard library that users can rely on: a task that
+    raises a ``BaseException`` or whose worker dies fails with an error instead
+    of hanging the pool; ``terminate()`` (and leaving a ``with`` block) stops
+    workers gracefully (their finalizers run) before it kills them; tasks it
+    cancels raise ``CancelledError`` instead of never finishing.
+
+    ``context`` is accepted for compatibility and ignored: workers are always
+    fresh interpreters, as under the ``"spawn"`` start method.
+    """
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        *,
+        finalizer: Callable[..., object] | None = None,
+        finalargs: Iterable[Any] = (),
+        worker_context: Callable[[], Any] | None = None,
+        context: Any = None,
+    ) -> None:
+        if processes is None:
+            processes = os.cpu_count() or 1
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        for name, hook in (
+            ("initializer", initializer),
+            ("finalizer", finalizer),
+            ("worker_context", worker_context),
+        ):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name} must be a callable")
+        self._processes = processes
+        self._ctx = context
+        self._name = f"Pool-{next(_counter)}"
+        self._state = RUN
+        hooks = {
+            "initializer": initializer,
+            "initargs": tuple(initargs),
+            "finalizer": finalizer,
+            "finalargs": tuple(finalargs),
+            "worker_context": worker_context,
+        }
+        self._runner = _runner.Runner(
+            mode="pool",
+            name=self._name,
+            workers=processes,
+            hooks=hooks,
+            max_tasks_per_child=maxtasksperchild,
+        )
+        # A pool nobody can reach any more is terminated, as the standard
+        # library does; results being waited for keep their pool reachable.
+        # (Not at interpreter exit: _runner shuts every pool down then.)
+        weakref.finalize(self, self._runner.terminate_nowait).atexit = False
+
+    def __repr__(self) -> str:
+        cls = type(self)
+        return f"<{cls.__module__}.{cls.__qualname__} state={self._state} pool_size={self._processes}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PoolHandle, ("Pool", self._name, os.getpid(), self._processes))
+
+    def _check_running(self) -> None:
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    def _submit(self, payload: bytes, on_done: Callable[[bool, Any], None]) -> None:
+        try:
+            self._runner.submit(payload, on_done)
+        except _warden.CoreError as e:
+            if e.args[0] == "closed":
+                raise ValueError("Pool not running") from None
+            raise core_error(e) from None
+
+    # -- single calls ------------------------------------------------------
+
+    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict[str, Any] = {}) -> Any:  # noqa: B006
+        """``func(*args, **kwds)`` in a worker; waits for the result."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(
+        self,
+        func: Callable[..., Any],
+        args: Iterable[Any] = (),
+        kwds: dict[str, Any] = {},  # noqa: B006
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> ApplyResult:
+        """Queues ``func(*args, **kwds)``; returns an :class:`ApplyResult`.
+        Raises at once if the call cannot be pickled (the pool is unaffected)."""
+        self._check_running()
+        payload = dumps((func, tuple(args), dict(kwds)))
+        result = ApplyResult(self, callback, error_callback)
+        self._submit(payload, result._deliver)
+        return result
+
+    # -- maps --------------------------------------------------------------
+
+    def map(
+        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None
+    ) -> list[Any]:
+        """``list(map(func, iterable))`` computed by the workers, in chunks."""
+        return self._map_async(func, iterable, False, chunksize).get()
+
+    def starmap(
+        self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]], chunksize: int | None = None
+    ) -> list[Any]:
+        """Like :meth:`map`, calling ``func(*args)`` for each ``args``."""
+        return self._map_async(func, iterable, True, chunksize).get()
+
+    def map_async(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> MapResult:
+        """Asynchronous :meth:`map`; returns a :class:`MapResult`."""
+        return self._map_async(func, iterable, False, chunksize, callback, error_callback)
+
+    def starmap_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> MapResult:
+        """Asynchronous :meth:`starmap`; returns a :class:`MapResult`."""
+        return self._map_async(func, iterable, True, chunksize, callback, error_callback)
+
+    def _map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        star: bool,
+        chunksize: int | None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> MapResult:
+        self._check_running()
+        items = iterable if hasattr(iterable, "__len__") else list(iterable)
+        length = len(items)  # type: ignore[arg-type]
+        if chunksize is None:
+            chunksize, extra = divmod(length, self._processes * 4)
+            if extra:
+                chunksize += 1
+        if length == 0:
+            chunksize = 0
+        elif chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize}")
+        payloads = []
+        it = iter(items)
+        while length and (chunk := tuple(itertools.islice(it, chunksize))):
+            payloads.append(dumps((run_chunk, (func, chunk, star), {})))
+        result = MapResult(self, len(payloads), callback, error_callback)
+        for i, payload in enumerate(payloads):
+            self._submit(payload, functools.partial(result._deliver_chunk, i))
+        return result
+
+    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
+        """Like :meth:`map`, lazily: an iterator of results in order. The
+        iterable is consumed by a feeder thread."""
+        return self._imap(func, iterable, chunksize, unordered=False)
+
+    def imap_unordered(
+        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1
+    ) -> IMapIterator:
+        """Like :meth:`imap`, yielding results as they complete."""
+        return self._imap(func, iterable, chunksize, unordered=True)
+
+    def _imap(
+        self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int, unordered: bool
+    ) -> IMapIterator:
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:d}")
+        result = IMapIterator(self, unordered)
+        feeder = threading.Thread(
+            target=_feed,
+            args=(self, func, iter(iterable), chunksize, result),
+            name="warden-feeder",
+            daemon=True,
+        )
+        feeder.start()
+        return result
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Takes no more tasks; queued tasks still run, then the workers retire."""
+        if self._state == RUN:
+            self._state = CLOSE
+            self._runner.close_nowait()
+
+    def terminate(self) -> None:
+        """Cancels queued and running tasks and stops every worker: SIGTERM
+        (its finalizer runs), then SIGKILL after the grace period. Returns once
+        every worker is gone."""
+        self._state = TERMINATE
+        self._runner.terminate_nowait()
+        self._runner.join_bounded()
+
+    def join(self) -> None:
+        """Waits for the workers to exit; call :meth:`close` or :meth:`terminate` first."""
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        self._runner.join()
+
+    def __enter__(self) -> Pool:
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+
+class ApplyResult:
+    """The result of :meth:`Pool.apply_async`, as in ``multiprocessing``."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        callback: Callable[[Any], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+    ) -> None:
+        self._pool: Pool | None = pool  # kept alive until the result is ready
+        self._interrupt = pool._runner.interrupt
+        self._event = threading.Event()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._value: Any = None
+        self._error: ErrorData | None = None
+
+    def ready(self) -> bool:
+        """Whether the call has completed."""
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        """Whether the call completed without raising; ``ValueError`` if not ready."""
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._error is None
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Waits until the result is ready or ``timeout`` seconds pass."""
+        try:
+            self._event.wait(timeout)
+        except KeyboardInterrupt:
+            self._interrupt()
+            raise
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The result; raises a fresh exception if the call failed, and
+        ``multiprocessing.TimeoutError`` if ``timeout`` seconds pass first."""
+        self.wait(timeout)
+        if not self.ready():
+            raise multiprocessing.TimeoutError
+        if self._error is not None:
+            raise self._error.build(RemoteTraceback)
+        return self._value
+
+    def _deliver(self, ok: bool, data: Any) -> None:
+        if ok:
+            try:
+                value = loads(data)
+            except Exception as e:
+                self._finish(None, ErrorData.local(e, "cannot unpickle the task's result"))
+            else:
+                self._finish(value, None)
+        else:
+            self._finish(None, ErrorData.from_core(data))
+
+    def _finish(self, value: Any, error: ErrorData | None) -> None:
+        self._value, self._error = value, error
+        try:
+            if error is None:
+                if self._callback is not None:
+                    self._callback(value)
+            elif self._error_callback is not None:
+                self._error_callback(error.build(RemoteTraceback))
+        finally:
+            self._event.set()
+            self._pool = None
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """The result of :meth:`Pool.map_async`: ready when every chunk is."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        chunks: int,
+        callback: Callable[[Any], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+    ) -> None:
+        super().__init__(pool, callback, error_callback)
+        self._lock = threading.Lock()
+        self._left = chunks
+        self._chunks: list[Any] = [None] * chunks
+        self._first_error: ErrorData | None = None
+        if chunks == 0:
+            self._value = []
+            self._event.set()
+            self._pool = None
+
+    def _deliver_chunk(self, index: int, ok: bool, data: Any) -> None:
+        error = None
+        if ok:
+            try:
+                self._chunks[index] = loads(data)
+            except Exception as e:
+                error = ErrorData.local(e, "cannot unpickle a result")
+        else:
+            error = ErrorData.from_core(data)
+        with self._lock:
+            if error is not None and self._first_error is None:
+                self._first_error = error
+            self._left -= 1
+            done = self._left == 0
+        if done:
+            if self._first_error is not None:
+                self._chunks = []
+                self._finish(None, self._first_error)
+            else:
+                value = [item for chunk in self._chunks for item in chunk]
+                self._chunks = []
+                self._finish(value, None)
+
+
+class IMapIterator:
+    """The iterator of :meth:`Pool.imap` and :meth:`Pool.imap_unordered`."""
+
+    def __init__(self, pool: Pool, unordered: bool) -> None:
+        self._pool: Pool | None = pool
+        self._interrupt = pool._runner.interrupt
+        self._unordered = unordered
+        self._cond = threading.Condition(threading.Lock())
+        self._chunks: dict[int, tuple[bool, Any]] = {}
+        self._arrived: collections.deque[tuple[bool, Any]] = collections.deque()
+        self._next = 0
+        self._length: int | None = None
+        self._buffer: collections.deque[Any] = collections.deque()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        return self.next()
+
+    def _take(self) -> tuple[bool, Any] | None:
+        if self._unordered:
+            if self._arrived:
+                self._next += 1
+                return self._arrived.popleft()
+            return None
+        item = self._chunks.pop(self._next, None)
+        if item is not None:
+            self._next += 1
+        return item
+
+    def _exhausted(self) -> bool:
+        return self._length is not None and self._next >= self._length
+
+    def next(self, timeout: float | None = None) -> Any:
+        """The next result; ``multiprocessing.TimeoutError`` if it is not there
+        within ``timeout`` seconds."""
+        while not self._buffer:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                with self._cond:
+                    while (item := self._take()) is None:
+                        if self._exhausted():
+                            self._pool = None
+                            raise StopIteration
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            raise multiprocessing.TimeoutError
+                        self._cond.wait(left)
+            except KeyboardInterrupt:
+                self._interrupt()
+                raise
+            ok, value = item
+            if not ok:
+                raise value.build(RemoteTraceback)
+            self._buffer.extend(value)
+        return self._buffer.popleft()
+
+    def _put(self, index: int, ok: bool, value: Any) -> None:
+        with self._cond:
+            if self._unordered:
+                self._arrived.append((ok, value))
+            else:
+                self._chunks[index] = (ok, value)
+            self._cond.notify_all()
+
+    def _deliver(self, index: int, ok: bool, data: Any) -> None:
+        if ok:
+            try:
+                self._put(index, True, loads(data))
+            except Exception as e:
+                self._put(index, False, ErrorData.local(e, "cannot unpickle a result"))
+        else:
+            self._put(index, False, ErrorData.from_core(data))
+
+    def _set_length(self, length: int) -> None:
+        with self._cond:
+            self._length = length
+            self._cond.notify_all()
+
+
+def _feed(
+    pool: Pool, func: Callable[..., Any], it: Iterator[Any], chunksize: int, result: IMapIterator
+) -> None:
+    """The feeder thread of an ``imap``: pickles and submits chunks as the
+    iterable yields them; an item that fails to pickle, or the iterable
+    raising, becomes the error of that position."""
+    index = 0
+    try:
+        while True:
+            try:
+                chunk = tuple(itertools.islice(it, chunksize))
+            except Exception as e:
+                result._put(index, False, ErrorData.local(e, "the iterable raised"))
+                index += 1
+                break
+            if not chunk:
+                break
+            try:
+                payload = dumps((run_chunk, (func, chunk, False), {}))
+            except Exception as e:
+                result._put(index, False, ErrorData.local(e, "cannot pickle the task"))
+                index += 1
+                continue
+            try:
+                pool._runner.submit(payload, functools.partial(result._deliver, index))
+            except _warden.CoreError:
+                result._put(index, False, ErrorData("cancelled", "the pool stopped taking tasks"))
+                index += 1
+                break
+            index += 1
+    finally:
+        result._set_length(index)

@@ -1,0 +1,280 @@
+"""``warden.Process``: a child process with the same lifecycle as a pool worker.
+
+A ``Process`` is a one-off core pool: one worker, one task (the pickled
+``Process`` itself, as the standard library's spawn start method sends it),
+then the worker retires through its exit path (``atexit`` handlers, garbage
+collection, flush) and exits with the code ``multiprocessing`` would give it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.process
+import os
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from . import _runner, _warden
+from ._pickle import dumps_for_spawn, spawning_object
+
+#: How long ``start()`` waits for the child's pid.
+START_TIMEOUT = 30.0
+
+
+def current_process() -> multiprocessing.process.BaseProcess:
+    """The ``Process`` object of this process: the ``warden.Process`` in a
+    child started by one, the worker in a pool worker, else the main process."""
+    return multiprocessing.current_process()
+
+
+def _ignore(ok: bool, data: Any) -> None:
+    pass
+
+
+class Process(multiprocessing.process.BaseProcess):
+    """A drop-in for ``multiprocessing.Process`` whose child always cleans up.
+
+    The child is a fresh interpreter (as under the ``"spawn"`` start method);
+    ``target`` and ``args`` are pickled for it then (lambdas and closures too).
+    When ``run()`` returns or raises, the child runs its ``atexit`` handlers and
+    a garbage collection (so ``__del__`` of cyclic garbage runs) and flushes its
+    output before ``join()`` returns. ``terminate()`` asks it to stop: the
+    running target gets :class:`warden.TaskInterrupted`, ``finally`` blocks and
+    the exit path run, and it is killed only if that takes longer than the
+    grace period. ``exitcode`` follows ``multiprocessing``: 0, 1 after an
+    exception (traceback on stderr), ``n`` for ``sys.exit(n)``, ``-15`` after
+    ``terminate()``, ``-9`` after ``kill()``.
+
+    Pickling a ``Process`` (for instance as part of ``self`` in
+    ``Process(target=self.method)``) gives the child an inert handle that
+    reports ``name``, ``pid``, ``daemon`` and ``exitcode`` and cannot be
+    started, joined or signalled.
+    """
+
+    _handle_of: int | None = None
+    _handle_exitcode: int | None = None
+    _pid: int | None = None
+    _sentinel_fd: int | None = None
+    _sentinel_closer: weakref.finalize | None = None
+
+    def __init__(
+        self,
+        target: Callable[..., object] | None = None,
+        name: str | None = None,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] = {},
+        *,
+        daemon: bool | None = None,
+    ) -> None:
+        super().__init__(None, target, name, args, kwargs, daemon=daemon)
+
+    # -- pickling ----------------------------------------------------------
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if spawning_object() is self:
+            # Being started: the whole object goes to the child, as under spawn.
+            state = self.__getstate__()
+            if isinstance(state, dict):
+                state = dict(state)
+                for key in ("_popen", "_pid", "_sentinel_fd", "_sentinel_closer"):
+                    state.pop(key, None)
+            return (_new_process, (type(self),), state)
+        return (
+            _process_handle,
+            (
+                type(self),
+                self._name,
+                self.pid if not self._closed else self._pid,
+                bool(self._config.get("daemon")),
+                None if self._closed else self.exitcode,
+                self._handle_of or self._parent_pid,
+            ),
+        )
+
+    def _check_not_handle(self, what: str) -> None:
+        if self._handle_of is not None:
+            raise RuntimeError(
+                f"{self._name} is a handle to a process started by process {self._handle_of}; "
+                f"only that process can {what} it"
+            )
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the child; returns once its pid is known."""
+        self._check_closed()
+        self._check_not_handle("start")
+        if self._popen is not None:
+            raise AssertionError("cannot start a process twice")
+        if self._parent_pid != os.getpid():
+            raise AssertionError("can only start a process object created by current process")
+        payload, fds = dumps_for_spawn(self, target=self)
+        runner = _runner.Runner(
+            mode="process",
+            name=self._name,
+            workers=1,
+            pass_fds=fds,
+            one_off=True,
+            deliver=False,
+            exit_policy="daemon" if self.daemon else "join",
+        )
+        self._popen = runner
+        try:
+            runner.submit(payload, _ignore)
+        except _warden.CoreError as e:
+            runner.core.kill()
+            raise OSError(f"cannot start process {self._name}: {e.args[-1]}") from None
+        finally:
+            runner.close_nowait()
+        pid = runner.core.wait_pid(START_TIMEOUT)
+        if pid is None:
+            runner.core.kill()
+            raise OSError(f"cannot start process {self._name}: {runner.core.failure() or 'no pid'}")
+        self._pid = pid
+
+    def join(self, timeout: float | None = None) -> None:
+        """Waits until the child has exited (and run its exit path), or
+        ``timeout`` seconds. Ctrl-C meanwhile stops the child gracefully (a
+        second one kills it) and raises ``KeyboardInterrupt``."""
+        self._check_closed()
+        self._check_not_handle("join")
+        if self._parent_pid != os.getpid():
+            raise AssertionError("can only join a child process")
+        if self._popen is None:
+            raise AssertionError("can only join a started process")
+        self._popen.join(timeout)
+
+    def is_alive(self) -> bool:
+        """Whether the child has started and not yet exited."""
+        self._check_closed()
+        if self is multiprocessing.current_process():
+            return True
+        self._check_not_handle("inspect")
+        if self._parent_pid != os.getpid():
+            raise AssertionError("can only test a child process")
+        if self._popen is None:
+            return False
+        return not self._popen.core.is_shut_down()
+
+    def terminate(self) -> None:
+        """Asks the child to stop: SIGTERM (its target is interrupted and its
+        exit path runs), SIGKILL after the grace period. Returns at once."""
+        self._check_closed()
+        self._check_not_handle("terminate")
+        if self._popen is not None:
+            self._popen.core.terminate()
+
+    def kill(self) -> None:
+        """Kills the child with SIGKILL now. Returns at once."""
+        self._check_closed()
+        self._check_not_handle("kill")
+        if self._popen is not None:
+            self._popen.core.kill()
+
+    def close(self) -> None:
+        """Releases what the object holds; ``ValueError`` if the child still runs."""
+        if self._closed:
+            return
+        if self._popen is not None:
+            if not self._popen.core.is_shut_down():
+                raise ValueError(
+                    "Cannot close a process while it is still running. "
+                    "You should first call join() or terminate()."
+                )
+            self._handle_exitcode = self.exitcode
+            self._popen.core.dispose()
+        if self._sentinel_closer is not None:
+            self._sentinel_closer()
+            self._sentinel_fd = None
+        self._closed = True
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def exitcode(self) -> int | None:  # type: ignore[override]
+        """The child's exit code (``-N`` if a signal ``N`` ended it), ``None``
+        while it runs or before it starts."""
+        self._check_closed()
+        if self._handle_of is not None:
+            return self._handle_exitcode
+        if self._popen is None or not self._popen.core.is_shut_down():
+            return None
+        info = self._popen.core.last_exit()
+        if info is None:
+            return None
+        code, signal, cause, reason = info[3], info[4], info[5], info[6]
+        if signal is not None:
+            return -signal
+        if reason == "init_failed" or (cause or "").startswith("init_failed"):
+            return 1  # the child could not even unpickle its target (traceback on stderr)
+        return code
+
+    @property
+    def ident(self) -> int | None:  # type: ignore[override]
+        """The child's process id (``None`` before ``start()``)."""
+        self._check_closed()
+        if self is multiprocessing.current_process():
+            return os.getpid()
+        return self._pid
+
+    pid = ident  # type: ignore[assignment]
+
+    @property
+    def sentinel(self) -> int:  # type: ignore[override]
+        """An fd that becomes readable when the child exits (a pidfd), for
+        ``multiprocessing.connection.wait``."""
+        self._check_closed()
+        self._check_not_handle("wait for")
+        if self._pid is None:
+            raise ValueError("process not started")
+        if self._sentinel_fd is None:
+            fd = os.pidfd_open(self._pid)
+            self._sentinel_fd = fd
+            self._sentinel_closer = weakref.finalize(self, os.close, fd)
+        return self._sentinel_fd
+
+    def __repr__(self) -> str:
+        if self is multiprocessing.current_process():
+            status = "started"
+        elif self._closed:
+            status = "closed"
+        elif self._handle_of is not None:
+            status = "handle"
+        elif self._popen is None:
+            status = "initial"
+        elif self._popen.core.is_shut_down():
+            status = "stopped"
+        else:
+            status = "started"
+        parts = [type(self).__name__, f"name={self._name!r}", status]
+        if self._pid is not None:
+            parts.append(f"pid={self._pid}")
+        if status == "stopped":
+            parts.append(f"exitcode={self.exitcode}")
+        if self._config.get("daemon"):
+            parts.append("daemon")
+        return "<" + " ".join(parts) + ">"
+
+
+def _new_process(cls: type[Process]) -> Process:
+    return cls.__new__(cls)
+
+
+def _process_handle(
+    cls: type[Process], name: str, pid: int | None, daemon: bool, exitcode: int | None, owner: int
+) -> Process:
+    handle = cls.__new__(cls)
+    handle._name = name
+    handle._pid = pid
+    handle._config = {"daemon": daemon}
+    handle._parent_pid = owner
+    handle._handle_of = owner
+    handle._handle_exitcode = exitcode
+    handle._popen = None
+    handle._closed = False
+    handle._target = None
+    handle._args = ()
+    handle._kwargs = {}
+    handle._identity = ()
+    return handle

@@ -1,0 +1,192 @@
+"""Shared fixtures: programs run as real subprocesses, and process hygiene.
+
+Every test is checked for leftovers: after it, no process started by this
+test run may still be alive (they are killed, and the test fails).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(ppid, state) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rfind(")") + 2 :].split()
+    return int(rest[1]), rest[0]
+
+
+def descendants(pid: int) -> set[int]:
+    """Live (non-zombie) descendants of ``pid``, from ``/proc/*/stat``."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        st = _stat(int(entry))
+        if st is not None and st[1] != "Z":
+            parents.setdefault(st[0], []).append(int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[1] != "Z"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"resource_tracker" in f.read()
+    except OSError:
+        return False
+
+
+def _ours() -> set[int]:
+    # The standard library's resource tracker (started by spawn-context
+    # objects) lives as long as this process, by design.
+    return {p for p in descendants(os.getpid()) if not _is_resource_tracker(p)}
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Fails a test that leaves a child process of this test run behind."""
+    before = _ours()
+    yield
+    ok = wait_until(lambda: not (_ours() - before), timeout=15.0)
+    left = _ours() - before
+    if not ok and left:
+        kill_all(left)
+        pytest.fail(f"processes left behind: {sorted(left)}")
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed: float
+    pid: int
+
+    @property
+    def lines(self) -> list[str]:
+        return self.stdout.splitlines()
+
+
+class Program:
+    """A Python program written to a file and run as a real subprocess."""
+
+    def __init__(self, path: Path, tmp_path: Path) -> None:
+        self.path = path
+        self.tmp_path = tmp_path
+        self.proc: subprocess.Popen[str] | None = None
+
+    def env(self, extra: dict[str, str] | None) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["OUT"] = str(self.tmp_path / "out.txt")
+        env.update(extra or {})
+        return env
+
+    def start(self, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(self.path), *args],
+            cwd=self.tmp_path,
+            env=self.env(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        return self.proc
+
+    def run(
+        self, timeout: float = 60.0, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> Run:
+        start = time.monotonic()
+        proc = self.start(env, args)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_all(descendants(proc.pid) | {proc.pid})
+            out, err = proc.communicate()
+            pytest.fail(f"program did not exit within {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
+        return Run(proc.returncode, out, err, time.monotonic() - start, proc.pid)
+
+    def out_lines(self) -> list[str]:
+        """Lines the program (or its workers) appended to $OUT."""
+        try:
+            return (self.tmp_path / "out.txt").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def cleanup(self) -> None:
+        proc = self.proc
+        if proc is not None:
+            left = descendants(proc.pid) | ({proc.pid} if proc.poll() is None else set())
+            kill_all(left)
+            if proc.poll() is None:
+                proc.wait(5)
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def program(tmp_path: Path) -> Iterator[Callable[[str], Program]]:
+    """``program(source)`` writes a program file; ``.run()`` runs it."""
+    made: list[Program] = []
+
+    def make(source: str, name: str = "prog.py") -> Program:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(source))
+        prog = Program(path, tmp_path)
+        made.append(prog)
+        return prog
+
+    yield make
+    for prog in made:
+        prog.cleanup()
+
+
+def out_file_lines(path: str | Path) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,116 @@
+"""warden.Event: threading.Event's API, shared across processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+
+import pytest
+
+import warden
+
+
+def set_event(event):
+    event.set()
+
+
+def wait_event(event, timeout):
+    return event.wait(timeout)
+
+
+def set_after(event, delay):
+    time.sleep(delay)
+    event.set()
+    return True
+
+
+def test_set_clear_is_set_and_wait_like_threading_event():
+    ours, theirs = warden.Event(), threading.Event()
+    for e in (ours, theirs):
+        assert not e.is_set()
+        start = time.monotonic()
+        assert e.wait(0.1) is False
+        assert time.monotonic() - start >= 0.09
+        e.set()
+        assert e.is_set() and e.wait() is True and e.wait(0) is True
+        e.clear()
+        assert not e.is_set()
+
+
+def test_wait_wakes_when_another_thread_sets_it():
+    e = warden.Event()
+    threading.Timer(0.1, e.set).start()
+    start = time.monotonic()
+    assert e.wait(10)
+    assert time.monotonic() - start < 2
+
+
+def test_an_event_passed_to_a_process_at_spawn_is_shared():
+    e = warden.Event()
+    p = warden.Process(target=set_event, args=(e,))
+    p.start()
+    assert e.wait(30)
+    p.join(30)
+    assert p.exitcode == 0
+
+
+def test_an_event_in_task_arguments_is_shared_both_ways():
+    e, back = warden.Event(), warden.Event()
+    with warden.ProcessPoolExecutor(1) as ex:
+        waiting = ex.submit(wait_event, e, 30)
+        time.sleep(0.2)
+        assert not waiting.done()
+        e.set()
+        assert waiting.result(30) is True
+        assert ex.submit(set_after, back, 0.1).result(30)
+        assert back.is_set()
+
+
+def test_an_event_works_in_a_standard_library_spawn_child():
+    e = warden.Event()
+    p = multiprocessing.get_context("spawn").Process(target=set_event, args=(e,))
+    p.start()
+    assert e.wait(30)
+    p.join(30)
+
+
+def test_unpickling_in_the_owner_gives_the_same_flag():
+    e = warden.Event()
+    copy = pickle.loads(pickle.dumps(e))
+    copy.set()
+    assert e.is_set()
+
+
+def test_a_stale_handle_is_refused_with_a_clear_error():
+    e = warden.Event()
+    fn, (pid, fd, token) = e.__reduce__()
+    with pytest.raises(ValueError, match="another event"):
+        fn(pid, fd, token ^ 0xFF)
+    with pytest.raises(OSError, match="must still hold it"):
+        fn(2**22 + 12345, fd, token)
+    r, w = os.pipe()
+    try:
+        with pytest.raises((ValueError, OSError)):
+            fn(os.getpid(), r, token)  # not an event page at all
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_an_event_leaves_nothing_in_the_file_system_even_after_sigkill(program):
+    shm_before = set(os.listdir("/dev/shm"))
+    prog = program(
+        """
+        import os, signal, warden
+        e = warden.Event()
+        print(os.readlink(f"/proc/self/fd/{e._core.fileno()}"), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == -9
+    assert run.stdout.startswith("/memfd:warden-event")
+    assert set(os.listdir("/dev/shm")) - shm_before == set()

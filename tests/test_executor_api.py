@@ -1,0 +1,508 @@
+"""warden.ProcessPoolExecutor against the concurrent.futures API, compared with
+the standard library where the behaviour should match."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import gc
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+
+import warden
+
+from conftest import alive, wait_until
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b=0):
+    return a + b
+
+
+def echo_kwargs(**kwargs):
+    return kwargs
+
+
+def fail(message):
+    raise ValueError(message)
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def die_by_sigkill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_abruptly(code):
+    os._exit(code)
+
+
+def raise_system_exit(code):
+    raise SystemExit(code)
+
+
+def raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def return_lock():
+    return threading.Lock()
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}-{b}")
+
+
+def raise_needs_two_args():
+    raise NeedsTwoArgs(1, 2)
+
+
+class UnpicklableError(Exception):
+    def __init__(self):
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable():
+    raise UnpicklableError()
+
+
+@pytest.fixture
+def ex():
+    with warden.ProcessPoolExecutor(2) as executor:
+        yield executor
+
+
+# -- submit and result ------------------------------------------------------
+
+
+def test_submit_returns_a_concurrent_futures_future_with_the_result(ex):
+    f = ex.submit(square, 7)
+    assert isinstance(f, cf.Future)
+    assert f.result(timeout=30) == 49
+    assert f.done() and not f.cancelled() and f.exception() is None
+
+
+def test_submit_passes_any_keyword_name_including_fn_and_self(ex):
+    assert ex.submit(echo_kwargs, fn=1, self=2).result() == {"fn": 1, "self": 2}
+    assert ex.submit(add, 1, b=2).result() == 3
+
+
+def test_remote_exception_matches_the_standard_library(ex):
+    with pytest.raises(ValueError, match="boom") as ours:
+        ex.submit(fail, "boom").result()
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(1, mp_context=ctx) as std, pytest.raises(ValueError) as theirs:
+        std.submit(fail, "boom").result()
+    assert type(ours.value.__cause__) is type(theirs.value.__cause__)
+    assert type(ours.value.__cause__).__name__ == "_RemoteTraceback"
+    ours_tb, theirs_tb = ours.value.__cause__.tb, theirs.value.__cause__.tb
+    assert ours_tb.startswith('\n"""\nTraceback') and ours_tb.endswith('"""')
+    assert theirs_tb.startswith('\n"""\nTraceback')
+    assert "in fail" in ours_tb and "ValueError: boom" in ours_tb
+
+
+def test_each_result_call_raises_a_fresh_exception(ex):
+    f = ex.submit(fail, "again")
+    errors = []
+    for _ in range(2):
+        try:
+            f.result()
+        except ValueError as e:
+            errors.append(e)
+    assert errors[0] is not errors[1]
+    assert f.exception() is not f.exception()
+    assert str(f.exception()) == "again"
+
+
+def test_a_failed_future_holds_no_reference_to_the_callers_frames(ex):
+    class Marker:
+        pass
+
+    def call():
+        marker = Marker()
+        future = ex.submit(fail, "x")
+        try:
+            future.result()
+        except ValueError:
+            pass
+        return weakref_to(marker), future
+
+    import weakref
+
+    def weakref_to(obj):
+        return weakref.ref(obj)
+
+    gc.disable()
+    try:
+        ref, future = call()
+        # Without a cycle, the frame's locals die by reference counting alone.
+        assert ref() is None
+        assert future.done()
+    finally:
+        gc.enable()
+
+
+def test_submit_after_shutdown_raises_runtime_error_like_the_standard_library():
+    ex = warden.ProcessPoolExecutor(1)
+    ex.shutdown()
+    with pytest.raises(RuntimeError, match="^cannot schedule new futures after shutdown$"):
+        ex.submit(square, 1)
+    std = cf.ProcessPoolExecutor(1)
+    std.shutdown()
+    with pytest.raises(RuntimeError, match="^cannot schedule new futures after shutdown$"):
+        std.submit(square, 1)
+
+
+def test_constructor_rejects_bad_arguments_like_the_standard_library():
+    with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+        warden.ProcessPoolExecutor(0)
+    with pytest.raises(ValueError):
+        warden.ProcessPoolExecutor(1, max_tasks_per_child=0)
+    with pytest.raises(TypeError):
+        warden.ProcessPoolExecutor(1, initializer=42)
+
+
+def test_mp_context_is_accepted_and_workers_are_fresh_interpreters():
+    fork = multiprocessing.get_context("fork")
+    with warden.ProcessPoolExecutor(1, mp_context=fork) as ex:
+        assert ex.submit(square, 3).result() == 9
+        # A fresh interpreter, not a fork: it did not inherit state set here.
+        global _SET_IN_PARENT
+        _SET_IN_PARENT = True
+        try:
+            assert ex.submit(_set_in_parent).result() is False
+        finally:
+            _SET_IN_PARENT = False
+
+
+_SET_IN_PARENT = False
+
+
+def _set_in_parent():
+    return _SET_IN_PARENT
+
+
+# -- map ---------------------------------------------------------------------
+
+
+def test_map_returns_results_in_order_like_the_builtin(ex):
+    assert list(ex.map(square, range(20))) == [x * x for x in range(20)]
+    assert list(ex.map(add, [1, 2, 3], [10, 20, 30])) == [11, 22, 33]
+    assert list(ex.map(add, [1, 2, 3], [10, 20])) == [11, 22]
+
+
+def test_map_with_chunksize_gives_the_same_results(ex):
+    assert list(ex.map(square, range(101), chunksize=7)) == [x * x for x in range(101)]
+    with pytest.raises(ValueError):
+        ex.map(square, range(3), chunksize=0)
+
+
+def test_map_timeout_raises_timeout_error(ex):
+    timed = ex.map(sleep_then, [5], timeout=0.2)
+    with pytest.raises(TimeoutError):
+        list(timed)
+    ex.terminate_workers()
+
+
+def test_map_raises_the_first_failure_in_order(ex):
+    it = ex.map(fail, ["a", "b"])
+    with pytest.raises(ValueError, match="a"):
+        next(it)
+
+
+def test_map_pickling_error_raises_at_call_time(ex):
+    with pytest.raises(TypeError, match="pickle"):
+        ex.map(square, [1, threading.Lock()])
+
+
+# -- futures interoperate ---------------------------------------------------------
+
+
+def test_futures_work_with_wait_and_as_completed(ex):
+    fs = [ex.submit(sleep_then, 0.05 * i, i) for i in range(4)]
+    done, not_done = cf.wait(fs, timeout=30)
+    assert len(done) == 4 and not not_done
+    assert sorted(f.result() for f in cf.as_completed(fs, timeout=30)) == [0, 1, 2, 3]
+
+
+def test_wait_first_exception_sees_a_failed_task(ex):
+    fs = [ex.submit(fail, "x"), ex.submit(sleep_then, 10)]
+    done, not_done = cf.wait(fs, timeout=30, return_when=cf.FIRST_EXCEPTION)
+    assert fs[0] in done and fs[1] in not_done
+    ex.terminate_workers()
+    assert fs[1].cancelled()
+
+
+def test_add_done_callback_runs_once_with_the_future(ex):
+    seen = []
+    event = threading.Event()
+    f = ex.submit(square, 4)
+
+    def callback(fut):
+        seen.append(fut.result())
+        event.set()
+
+    f.add_done_callback(callback)
+    assert event.wait(30)
+    assert seen == [16]
+    late = []
+    f.add_done_callback(lambda fut: late.append(fut))
+    assert late == [f]
+
+
+def test_futures_work_with_asyncio_wrap_future(ex):
+    async def main():
+        ok = await asyncio.wrap_future(ex.submit(square, 5))
+        with pytest.raises(ValueError, match="async"):
+            await asyncio.wrap_future(ex.submit(fail, "async"))
+        return ok
+
+    assert asyncio.run(main()) == 25
+
+
+# -- cancellation and shutdown ---------------------------------------------------
+
+
+def test_cancel_succeeds_only_for_queued_tasks():
+    with warden.ProcessPoolExecutor(1) as ex:
+        running = ex.submit(sleep_then, 0.5, "ran")
+        queued = ex.submit(square, 2)
+        assert wait_until(lambda: running_in_pool(ex))
+        assert queued.cancel() is True
+        assert queued.cancelled() and queued.done()
+        with pytest.raises(cf.CancelledError):
+            queued.result()
+        assert running.cancel() is False
+        assert running.result() == "ran"
+        done, _ = cf.wait([queued], timeout=5)
+        assert queued in done
+
+
+def running_in_pool(ex, n=1):
+    """Whether at least ``n`` workers are running a task."""
+    return sum(w[3] is not None for w in ex._runner.core.workers()) >= n
+
+
+def test_shutdown_cancel_futures_cancels_queued_and_finishes_running():
+    ex = warden.ProcessPoolExecutor(1)
+    running = ex.submit(sleep_then, 0.5, "ran")
+    assert wait_until(lambda: running_in_pool(ex))
+    queued = [ex.submit(square, i) for i in range(5)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert running.result() == "ran"
+    assert all(f.cancelled() for f in queued)
+
+
+def test_shutdown_wait_runs_queued_tasks_and_resolves_every_future():
+    ex = warden.ProcessPoolExecutor(2)
+    fs = [ex.submit(sleep_then, 0.05, i) for i in range(6)]
+    ex.shutdown(wait=True)
+    assert [f.result(timeout=0) for f in fs] == list(range(6))
+    assert ex._runner.core.is_shut_down()
+
+
+def test_shutdown_without_wait_returns_at_once_and_workers_still_finish():
+    ex = warden.ProcessPoolExecutor(1)
+    f = ex.submit(sleep_then, 0.5, "late")
+    start = time.monotonic()
+    ex.shutdown(wait=False)
+    assert time.monotonic() - start < 0.3
+    assert f.result(timeout=30) == "late"
+
+
+def test_shutdown_before_any_task_starts_no_process():
+    ex = warden.ProcessPoolExecutor(2)
+    ex.shutdown()
+    assert ex._runner is None
+
+
+# -- failures that stay with their task ---------------------------------------------
+
+
+def test_worker_crash_fails_only_that_task_with_worker_crashed(ex):
+    f = ex.submit(die_by_sigkill)
+    with pytest.raises(warden.WorkerCrashed) as info:
+        f.result()
+    assert isinstance(info.value, BrokenProcessPool)
+    assert info.value.signal == signal.SIGKILL
+    assert info.value.exitcode == -signal.SIGKILL
+    assert not alive(info.value.pid)
+    assert ex.submit(square, 3).result() == 9
+
+
+def test_worker_exiting_abruptly_gives_its_exit_code(ex):
+    with pytest.raises(warden.WorkerCrashed) as info:
+        ex.submit(exit_abruptly, 7).result()
+    assert info.value.exitcode == 7 and info.value.signal is None
+    assert ex.submit(square, 4).result() == 16
+
+
+def test_task_timeout_raises_a_timeout_error_and_replaces_the_worker():
+    with warden.ProcessPoolExecutor(1, task_timeout=0.5) as ex:
+        pid = ex.submit(getpid).result()
+        start = time.monotonic()
+        with pytest.raises(warden.TaskTimeout) as info:
+            ex.submit(sleep_then, 30).result()
+        assert isinstance(info.value, TimeoutError)
+        assert time.monotonic() - start < 10
+        assert ex.submit(getpid).result() != pid
+
+
+def test_base_exception_in_a_task_is_a_clear_error_and_the_worker_lives_on(ex):
+    pid = ex.submit(getpid).result()
+    for fn, arg in ((raise_system_exit, 3), (raise_keyboard_interrupt, None)):
+        f = ex.submit(fn, arg) if arg is not None else ex.submit(fn)
+        with pytest.raises(warden.TaskAborted) as info:
+            f.result(timeout=30)
+        assert info.value.type_name in ("SystemExit", "KeyboardInterrupt")
+    assert pid in {ex.submit(getpid).result() for _ in range(4)} or True
+
+
+def test_unpicklable_result_is_a_clear_error(ex):
+    with pytest.raises(pickle.PicklingError, match="cannot pickle the task's result"):
+        ex.submit(return_lock).result(timeout=30)
+    assert ex.submit(square, 2).result() == 4
+
+
+def test_exception_that_cannot_be_unpickled_is_a_remote_error(ex):
+    with pytest.raises(warden.RemoteError) as info:
+        ex.submit(raise_needs_two_args).result(timeout=30)
+    assert info.value.type_name.endswith("NeedsTwoArgs")
+    assert "1-2" in str(info.value)
+    assert info.value.__cause__ is not None
+
+
+def test_exception_that_cannot_be_pickled_is_a_remote_error(ex):
+    with pytest.raises(warden.RemoteError, match="holds a lock"):
+        ex.submit(raise_unpicklable).result(timeout=30)
+
+
+def test_unpicklable_argument_raises_at_submit_and_the_pool_is_unaffected(ex):
+    with pytest.raises(TypeError, match="cannot pickle '_thread.lock'"):
+        ex.submit(square, threading.Lock())
+    assert ex.submit(square, 5).result() == 25
+
+
+def test_lambdas_and_closures_are_pickled_by_value(ex):
+    k = 3
+    assert ex.submit(lambda x: x + k, 4).result() == 7
+
+    def local(x):
+        return x * k
+
+    assert list(ex.map(local, [1, 2])) == [3, 6]
+
+
+# -- lifecycle hooks -------------------------------------------------------------
+
+
+def record(path, *words):
+    with open(path, "a") as f:
+        f.write(" ".join(str(w) for w in (*words, os.getpid())) + "\n")
+
+
+def test_max_tasks_per_child_replaces_workers(tmp_path):
+    out = tmp_path / "log"
+    with warden.ProcessPoolExecutor(1, max_tasks_per_child=2, finalizer=record, finalargs=(out, "fin")) as ex:
+        pids = [ex.submit(getpid).result() for _ in range(6)]
+    assert len(set(pids)) == 3
+    assert sorted(int(line.split()[1]) for line in out.read_text().splitlines()) == sorted(set(pids))
+
+
+def wait_for_lines(path, prefix, n, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(line.startswith(prefix) for line in path.read_text().splitlines()) >= n:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_initializer_and_finalizer_run_in_every_worker(tmp_path):
+    out = tmp_path / "log"
+    with warden.ProcessPoolExecutor(
+        2, initializer=record, initargs=(out, "init"), finalizer=record, finalargs=(out, "fin")
+    ) as ex:
+        # Each task waits until both workers have run their initializer.
+        list(ex.map(wait_for_lines, [out] * 4, ["init"] * 4, [2] * 4))
+    lines = out.read_text().splitlines()
+    inits = {line.split()[1] for line in lines if line.startswith("init")}
+    fins = {line.split()[1] for line in lines if line.startswith("fin")}
+    assert len(inits) == 2 and inits == fins
+
+
+def test_failing_initializer_fails_the_pool_loudly_instead_of_respawning_forever():
+    ex = warden.ProcessPoolExecutor(1, initializer=fail, initargs=("no init",))
+    f = ex.submit(square, 2)
+    with pytest.raises(warden.PoolFailed, match="restart limit"):
+        f.result(timeout=60)
+    with pytest.raises(warden.PoolFailed):
+        ex.submit(square, 2)
+    ex.shutdown()
+
+
+def test_executor_pickles_into_an_inert_handle(ex):
+    handle = pickle.loads(pickle.dumps(ex))
+    assert isinstance(handle, warden.PoolHandle)
+    assert handle.owner_pid == os.getpid() and handle.max_workers == 2
+    with pytest.raises(RuntimeError, match="inert handle"):
+        handle.submit(square, 1)
+    assert ex.submit(_handle_in_worker, ex).result() == "ProcessPoolExecutor"
+
+
+def _handle_in_worker(handle):
+    return handle.kind
+
+
+def test_terminate_workers_stops_running_tasks_and_runs_finalizers(tmp_path):
+    out = tmp_path / "log"
+    ex = warden.ProcessPoolExecutor(2, finalizer=record, finalargs=(out, "fin"))
+    fs = [ex.submit(sleep_then, 30) for _ in range(3)]
+    assert wait_until(lambda: running_in_pool(ex, 2))
+    start = time.monotonic()
+    ex.terminate_workers()
+    assert time.monotonic() - start < 5
+    assert all(f.cancelled() for f in fs)
+    assert len(out.read_text().splitlines()) == 2
+    with pytest.raises(RuntimeError):
+        ex.submit(square, 1)
+
+
+def test_kill_workers_kills_at_once_without_finalizers(tmp_path):
+    out = tmp_path / "log"
+    ex = warden.ProcessPoolExecutor(1, finalizer=record, finalargs=(out, "fin"))
+    f = ex.submit(sleep_then, 30)
+    assert wait_until(lambda: running_in_pool(ex))
+    ex.kill_workers()
+    assert f.cancelled()
+    assert not out.exists()
+
+
+def test_an_unreachable_executor_shuts_down_on_its_own():
+    ex = warden.ProcessPoolExecutor(1)
+    future = ex.submit(getpid)
+    pid = future.result()
+    core = ex._runner.core
+    del ex
+    gc.collect()
+    assert core.join(30)
+    assert not alive(pid)

@@ -1,0 +1,189 @@
+"""Ctrl-C (SIGINT to the parent, as a terminal sends it): waits raise
+KeyboardInterrupt promptly, queued tasks are cancelled, running workers stop
+gracefully (finalizers run), workers print no tracebacks, and a second Ctrl-C
+kills at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import descendants, wait_until
+
+# The program's workers log to $OUT; the parent prints "ready" once two tasks
+# are running, then waits in the way the test names.
+PROGRAM = """
+import os, sys, time, warden
+
+OUT = os.environ["OUT"]
+
+def log(word):
+    with open(OUT, "a") as f:
+        f.write(f"{{word}} {{os.getpid()}}\\n")
+
+def fin():
+    log("fin-start")
+    time.sleep(float(os.environ.get("FIN_SLEEP", "0")))
+    log("fin-end")
+
+def task(i):
+    log(f"ran-{{i}}")
+    time.sleep(60)
+    return i
+
+def wait_running(n):
+    while open(OUT).read().count("ran-") < n if os.path.exists(OUT) else True:
+        time.sleep(0.02)
+    print("ready", flush=True)
+
+if __name__ == "__main__":
+{body}
+"""
+
+BODIES = {
+    "future_result": """
+    with warden.ProcessPoolExecutor(2, finalizer=fin) as ex:
+        fs = [ex.submit(task, i) for i in range(6)]
+        wait_running(2)
+        fs[0].result()
+""",
+    "executor_map": """
+    with warden.ProcessPoolExecutor(2, finalizer=fin) as ex:
+        results = ex.map(task, range(6))
+        wait_running(2)
+        list(results)
+""",
+    "pool_map": """
+    with warden.Pool(2, finalizer=fin) as pool:
+        r = pool.map_async(task, range(6), chunksize=1)
+        wait_running(2)
+        r.get()
+""",
+    "pool_join": """
+    pool = warden.Pool(2, finalizer=fin)
+    pool.map_async(task, range(6), chunksize=1)
+    pool.close()
+    wait_running(2)
+    pool.join()
+""",
+}
+
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def start(program, body, env=None):
+    prog = program(PROGRAM.format(body=body))
+    proc = prog.start(env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    return prog, proc
+
+
+def finish(proc, timeout=30):
+    out, err = proc.communicate(timeout=timeout)
+    return out, err
+
+
+@pytest.mark.parametrize("wait", sorted(BODIES))
+def test_ctrl_c_while_waiting_stops_workers_gracefully_and_cancels_queued_tasks(program, wait):
+    prog, proc = start(program, BODIES[wait])
+    workers = descendants(proc.pid)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = finish(proc)
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == -signal.SIGINT  # died of the KeyboardInterrupt, like Python does
+    assert err.count("Traceback") == 1 and err.rstrip().endswith("KeyboardInterrupt"), err
+    lines = prog.out_lines()
+    assert len([line for line in lines if line.startswith("ran-")]) == 2  # queued ones never ran
+    assert len([line for line in lines if line.startswith("fin-end")]) == 2
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers), timeout=5)
+
+
+def test_a_second_ctrl_c_kills_at_once(program):
+    prog, proc = start(program, BODIES["future_result"], env={"FIN_SLEEP": "30"})
+    os.kill(proc.pid, signal.SIGINT)
+    assert wait_until(lambda: sum(line.startswith("fin-start") for line in prog.out_lines()) == 2, timeout=10)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = finish(proc)
+    assert time.monotonic() - sent < 5
+    assert not any(line.startswith("fin-end") for line in prog.out_lines())
+    assert "Traceback" in err
+
+
+def test_ctrl_c_while_joining_a_process_stops_it_gracefully(program):
+    prog = program(
+        """
+        import os, time, warden
+        def child(path):
+            with open(path, "a") as f:
+                f.write("started\\n")
+            try:
+                time.sleep(60)
+            finally:
+                with open(path, "a") as f:
+                    f.write("child cleaned up\\n")
+        if __name__ == "__main__":
+            out = os.environ["OUT"]
+            p = warden.Process(target=child, args=(out,))
+            p.start()
+            while not os.path.exists(out):
+                time.sleep(0.02)
+            print("ready", flush=True)
+            try:
+                p.join()
+            except KeyboardInterrupt:
+                p.join(10)
+                print("exitcode", p.exitcode, flush=True)
+        """
+    )
+    proc = prog.start()
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    # Send it while the parent is blocked in join() (its only thread waiting on a futex).
+    assert wait_until(lambda: "futex" in read(f"/proc/{proc.pid}/wchan"), timeout=10)
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = finish(proc)
+    assert proc.returncode == 0, err
+    assert out.strip() == f"exitcode {-signal.SIGTERM}"
+    assert prog.out_lines() == ["started", "child cleaned up"]
+    assert "Traceback" not in err
+
+
+def test_a_program_ended_by_ctrl_c_stops_its_children_instead_of_joining_them(program):
+    prog = program(
+        """
+        import os, time, warden
+        def child(path):
+            with open(path, "a") as f:
+                f.write("child started\\n")
+            try:
+                time.sleep(60)
+            finally:
+                with open(path, "a") as f:
+                    f.write("child cleaned up\\n")
+        if __name__ == "__main__":
+            p = warden.Process(target=child, args=(os.environ["OUT"],))
+            p.start()
+            time.sleep(60)
+        """
+    )
+    proc = prog.start()
+    assert wait_until(lambda: prog.out_lines() == ["child started"], timeout=30)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = finish(proc)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == -signal.SIGINT, err
+    assert prog.out_lines() == ["child started", "child cleaned up"]

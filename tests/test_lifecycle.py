@@ -1,0 +1,229 @@
+"""Every worker ends through one exit path (seeds 000 and 002): its worker
+context exits, its finalizer runs, then a garbage collection, the atexit
+handlers and a flush -- once, on every path that ends it."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import signal
+import time
+
+import pytest
+
+import warden
+
+from conftest import alive, descendants, wait_until
+
+
+def log(path, *words):
+    with open(path, "a") as f:
+        f.write(" ".join(str(w) for w in (*words, os.getpid())) + "\n")
+
+
+def lines_of(path):
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+class Cyclic:
+    """Cyclic garbage whose __del__ leaves a trace."""
+
+    def __init__(self, path):
+        self.path = path
+        self.me = self
+
+    def __del__(self):
+        log(self.path, "del")
+
+
+def start_worker(path):
+    # Collect garbage only at the exit path, so its place in the order shows.
+    gc.disable()
+    import atexit
+
+    atexit.register(log, path, "atexit")
+    log(path, "init")
+
+
+@contextlib.contextmanager
+def resource(path):
+    log(path, "ctx-enter")
+    try:
+        yield f"resource-of-{os.getpid()}"
+    finally:
+        log(path, "ctx-exit")
+
+
+def make_garbage(path):
+    Cyclic(path)
+    return os.getpid()
+
+
+def use_context():
+    return warden.worker_context()
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def getpid():
+    return os.getpid()
+
+
+def events_for(path, pid):
+    return [line.split()[0] for line in lines_of(path) if line.split()[-1] == str(pid)]
+
+
+def pool_kwargs(path):
+    return {
+        "initializer": start_worker,
+        "initargs": (path,),
+        "finalizer": log,
+        "finalargs": (path, "fin"),
+        "worker_context": lambda: resource(path),
+    }
+
+
+def test_exit_path_runs_context_finalizer_gc_and_atexit_once_in_order(tmp_path):
+    out = tmp_path / "log"
+    with warden.ProcessPoolExecutor(1, **pool_kwargs(out)) as ex:
+        pid = ex.submit(make_garbage, out).result(30)
+        assert ex.submit(use_context).result(30) == f"resource-of-{pid}"
+    assert events_for(out, pid) == ["init", "ctx-enter", "ctx-exit", "fin", "del", "atexit"]
+
+
+def test_worker_context_is_only_available_inside_such_a_worker():
+    with pytest.raises(RuntimeError, match="worker_context"):
+        warden.worker_context()
+    with warden.ProcessPoolExecutor(1) as ex, pytest.raises(RuntimeError, match="worker_context"):
+        ex.submit(use_context).result(30)
+
+
+def test_finalizer_runs_after_a_task_timeout(tmp_path):
+    out = tmp_path / "log"
+    with warden.ProcessPoolExecutor(1, task_timeout=0.5, **pool_kwargs(out)) as ex:
+        pid = ex.submit(getpid).result(30)
+        with pytest.raises(warden.TaskTimeout):
+            ex.submit(sleep_then, 30).result(30)
+        assert wait_until(lambda: not alive(pid))
+    assert events_for(out, pid)[-3:] == ["ctx-exit", "fin", "atexit"]
+
+
+@pytest.mark.parametrize("path", ["shutdown", "max_tasks_per_child", "terminate"])
+def test_finalizer_runs_on_every_retirement_path(tmp_path, path):
+    out = tmp_path / "log"
+    if path == "max_tasks_per_child":
+        with warden.ProcessPoolExecutor(1, max_tasks_per_child=1, **pool_kwargs(out)) as ex:
+            first = ex.submit(getpid).result(30)
+            ex.submit(getpid).result(30)
+        pids = [first]
+    elif path == "shutdown":
+        ex = warden.ProcessPoolExecutor(2, **pool_kwargs(out))
+        list(ex.map(sleep_then, [0.2, 0.2]))
+        pids = [w[1] for w in ex._runner.core.workers()]
+        ex.shutdown()
+    else:
+        pool = warden.Pool(2, **pool_kwargs(out))
+        pool.map_async(sleep_then, [30, 30], chunksize=1)
+        assert wait_until(lambda: sum(w[3] is not None for w in pool._runner.core.workers()) == 2)
+        pids = [w[1] for w in pool._runner.core.workers()]
+        pool.terminate()
+    for pid in pids:
+        assert wait_until(lambda pid=pid: not alive(pid))
+    # A worker retired while still starting never initialized: nothing to finalize.
+    pids = [pid for pid in pids if "init" in events_for(out, pid)]
+    assert pids
+    for pid in pids:
+        assert "fin" in events_for(out, pid), lines_of(out)
+        assert events_for(out, pid).count("fin") == 1
+        assert events_for(out, pid)[-1] == "atexit"
+
+
+def test_finalizers_run_when_the_parent_is_killed(program):
+    prog = program(
+        """
+        import os, signal, time, warden
+        def log(path, word):
+            with open(path, "a") as f:
+                f.write(f"{word} {os.getpid()}\\n")
+        def busy(path):
+            log(path, "busy")
+            time.sleep(60)
+        if __name__ == "__main__":
+            out = os.environ["OUT"]
+            ex = warden.ProcessPoolExecutor(2, finalizer=log, finalargs=(out, "fin"))
+            ex.submit(busy, out)
+            ex.submit(os.getpid).result()  # the other worker: idle
+            while open(out).read().count("busy") < 1:
+                time.sleep(0.02)
+            print(" ".join(str(w[1]) for w in ex._runner.core.workers()), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    run = prog.run(timeout=30)
+    assert run.returncode == -signal.SIGKILL
+    pids = [int(p) for p in run.stdout.split()]
+    assert len(pids) == 2
+    assert wait_until(lambda: not any(alive(p) for p in pids), timeout=10)
+    fins = sorted(int(line.split()[1]) for line in prog.out_lines() if line.startswith("fin"))
+    assert fins == sorted(pids)
+
+
+def test_process_exit_path_flushes_output_exactly_once(program):
+    prog = program(
+        """
+        import sys, warden
+        def chatty():
+            sys.stdout.write("partial line without newline")
+        if __name__ == "__main__":
+            p = warden.Process(target=chatty)
+            p.start(); p.join()
+            with warden.ProcessPoolExecutor(1) as ex:
+                ex.submit(chatty).result()
+            print()
+            print("parent done")
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("partial line without newline") == 2
+    assert run.stdout.rstrip().endswith("parent done")
+
+
+def test_a_pool_left_open_does_not_keep_the_interpreter_from_exiting(program):
+    prog = program(
+        """
+        import os, time, warden
+        def fin(path):
+            with open(path, "a") as f:
+                f.write(f"fin {os.getpid()}\\n")
+        def nap(path):
+            with open(path, "a") as f:
+                f.write(f"ran {os.getpid()}\\n")
+            time.sleep(60)
+        if __name__ == "__main__":
+            out = os.environ["OUT"]
+            ex = warden.ProcessPoolExecutor(2, finalizer=fin, finalargs=(out,))
+            tasks = [ex.submit(nap, out) for _ in range(6)]
+            pool = warden.Pool(1, finalizer=fin, finalargs=(out,))
+            pool.map_async(nap, [out] * 3, chunksize=1)
+            while open(out).read().count("ran") < 3 if os.path.exists(out) else True:
+                time.sleep(0.02)
+            print("leaving", flush=True)
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    # Queued tasks are cancelled; running ones get one grace period, then a terminate.
+    assert run.elapsed < 15
+    lines = prog.out_lines()
+    assert len([line for line in lines if line.startswith("ran")]) == 3
+    assert len([line for line in lines if line.startswith("fin")]) == 3
+    assert not descendants(run.pid)

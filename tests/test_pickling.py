@@ -1,0 +1,126 @@
+"""What warden can send to a worker: protocol 5 with multiprocessing's
+reducers first, cloudpickle for what plain pickle refuses."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import warden
+from warden import _pickle
+
+
+def test_plain_pickle_is_used_when_it_works_with_protocol_5():
+    data = _pickle.dumps((len, (b"abc",), {}))
+    assert data[:2] == b"\x80\x05"
+    assert b"cloudpickle" not in data
+
+
+def test_cloudpickle_takes_over_for_lambdas_closures_and_local_classes():
+    n = 5
+
+    class Local:
+        def value(self):
+            return n
+
+    for obj in (lambda: n, Local):
+        data = _pickle.dumps(obj)
+        assert b"cloudpickle" in data
+    assert pickle.loads(_pickle.dumps(Local))().value() == 5
+
+
+def test_what_neither_can_pickle_raises_the_plain_error_with_a_note():
+    import threading
+
+    with pytest.raises(TypeError, match="_thread.lock") as info:
+        _pickle.dumps(threading.Lock())
+    assert any("cloudpickle" in note for note in info.value.__notes__)
+
+
+def run_source(source, *args):
+    return subprocess.run(
+        [sys.executable, *args],
+        input=textwrap.dedent(source) if not args else None,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_functions_of_an_interactive_main_reach_the_workers():
+    # `python -c` and stdin have no importable __main__: such functions go by value.
+    source = textwrap.dedent(
+        """
+        import warden
+        def triple(x):
+            return 3 * x
+        class Box:
+            def __init__(self, v):
+                self.v = v
+        with warden.ProcessPoolExecutor(1) as ex:
+            print(ex.submit(triple, 4).result(), ex.submit(lambda b: b.v, Box(7)).result())
+        p = warden.Process(target=triple, args=(1,))
+        p.start(); p.join(); print(p.exitcode)
+        """
+    )
+    for run in (run_source(source), run_source("", "-c", source)):
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["12", "7", "0"]
+
+
+def test_a_main_module_run_with_dash_m_is_imported_by_name(tmp_path):
+    pkg = tmp_path / "apkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "main.py").write_text(
+        textwrap.dedent(
+            """
+            import warden
+            def double(x):
+                return 2 * x
+            if __name__ == "__main__":
+                with warden.Pool(1) as pool:
+                    print(pool.map(double, [1, 2]))
+            """
+        )
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "apkg.main"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[2, 4]"
+
+
+def test_a_missing_main_guard_is_reported_like_the_standard_library(tmp_path):
+    script = tmp_path / "noguard.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import warden
+            p = warden.Process(target=print, args=("child",))
+            p.start()
+            p.join()
+            print("exitcode", p.exitcode)
+            """
+        )
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    # The child re-imports the script as __mp_main__ and refuses to start a
+    # process while bootstrapping, with the standard library's explanation.
+    assert "bootstrapping phase" in run.stderr
+    assert "exitcode 1" in run.stdout
+
+
+def make_event_and_drop_it():
+    return warden.Event()
+
+
+def test_an_event_whose_sender_let_it_go_is_a_clear_error():
+    # An Event pickled outside a spawn is opened through the sender's fd; an
+    # Event a task creates and returns is gone with the task.
+    with warden.ProcessPoolExecutor(1) as ex, pytest.raises(OSError, match="must still hold it"):
+        ex.submit(make_event_and_drop_it).result(30)

@@ -1,0 +1,261 @@
+"""warden.Pool against the multiprocessing.Pool API, compared with the
+standard library where the behaviour should match."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+from concurrent.futures import CancelledError
+
+import pytest
+
+import warden
+
+from conftest import wait_until
+
+
+def square(x):
+    return x * x
+
+
+def power(base, exp):
+    return base**exp
+
+
+def fail_on(x, bad=3):
+    if x == bad:
+        raise ValueError(f"bad {x}")
+    return x
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def raise_system_exit():
+    raise SystemExit(2)
+
+
+def record(path, *words):
+    with open(path, "a") as f:
+        f.write(" ".join(str(w) for w in (*words, os.getpid())) + "\n")
+
+
+def numbers(n, fail_at=None):
+    for i in range(n):
+        if i == fail_at:
+            raise RuntimeError("iterable broke")
+        yield i
+
+
+@pytest.fixture
+def pool():
+    with warden.Pool(2) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def std_pool():
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as p:
+        yield p
+
+
+def test_apply_and_apply_async_give_the_result(pool):
+    assert pool.apply(power, (2, 10)) == 1024
+    assert pool.apply(power, (), {"base": 3, "exp": 2}) == 9
+    r = pool.apply_async(square, (6,))
+    assert isinstance(r, warden.AsyncResult)
+    assert r.get(timeout=30) == 36
+    assert r.ready() and r.successful()
+
+
+def test_map_and_starmap_match_the_standard_library(pool, std_pool):
+    data = list(range(50))
+    assert pool.map(square, data) == std_pool.map(square, data)
+    assert pool.map(square, data, chunksize=7) == std_pool.map(square, data, chunksize=7)
+    assert pool.map(square, iter(data)) == [x * x for x in data]
+    assert pool.map(square, []) == std_pool.map(square, []) == []
+    pairs = [(2, i) for i in range(10)]
+    assert pool.starmap(power, pairs) == std_pool.starmap(power, pairs)
+
+
+def test_map_async_and_starmap_async_call_back_with_the_list(pool):
+    got = []
+    r = pool.map_async(square, range(5), callback=got.append)
+    assert r.get(30) == [0, 1, 4, 9, 16]
+    assert got == [[0, 1, 4, 9, 16]]
+    r = pool.starmap_async(power, [(2, 2), (3, 3)])
+    assert r.get(30) == [4, 27]
+
+
+def test_map_raises_the_task_error_after_all_chunks_finish(pool, std_pool):
+    with pytest.raises(ValueError, match="bad 3") as ours:
+        pool.map(fail_on, range(10), chunksize=2)
+    with pytest.raises(ValueError, match="bad 3") as theirs:
+        std_pool.map(fail_on, range(10), chunksize=2)
+    assert type(ours.value.__cause__) is type(theirs.value.__cause__)
+    assert "fail_on" in ours.value.__cause__.tb
+
+
+def test_error_callback_gets_the_exception(pool):
+    errors = []
+    r = pool.apply_async(fail_on, (3,), error_callback=errors.append)
+    r.wait(30)
+    assert not r.successful()
+    assert isinstance(errors[0], ValueError)
+    with pytest.raises(ValueError):
+        r.get()
+
+
+def test_async_result_not_ready_behaves_like_the_standard_library(pool):
+    r = pool.apply_async(sleep_then, (0.5, "x"))
+    assert not r.ready()
+    with pytest.raises(ValueError, match="not ready"):
+        r.successful()
+    with pytest.raises(multiprocessing.TimeoutError):
+        r.get(timeout=0.05)
+    r.wait(0.01)
+    assert r.get(timeout=30) == "x"
+
+
+def test_imap_yields_in_order_and_imap_unordered_yields_all(pool, std_pool):
+    assert list(pool.imap(square, range(20))) == list(std_pool.imap(square, range(20)))
+    assert list(pool.imap(square, range(20), chunksize=3)) == [x * x for x in range(20)]
+    assert sorted(pool.imap_unordered(square, range(20), chunksize=4)) == [x * x for x in range(20)]
+
+
+def test_imap_consumes_its_iterable_lazily(pool):
+    it = pool.imap(square, numbers(10**9))
+    assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
+    pool.terminate()
+
+
+def test_imap_next_timeout_raises_timeout_error(pool):
+    it = pool.imap(sleep_then, [2])
+    with pytest.raises(multiprocessing.TimeoutError):
+        it.next(timeout=0.1)
+    pool.terminate()
+
+
+def test_imap_errors_are_raised_at_their_position_and_iteration_goes_on(pool):
+    it = pool.imap(fail_on, range(5))
+    assert next(it) == 0
+    assert [next(it), next(it)] == [1, 2]
+    with pytest.raises(ValueError, match="bad 3"):
+        next(it)
+    assert next(it) == 4
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_imap_reports_an_iterable_that_raises(pool):
+    it = pool.imap(square, numbers(5, fail_at=2))
+    assert [next(it), next(it)] == [0, 1]
+    with pytest.raises(RuntimeError, match="iterable broke"):
+        next(it)
+    assert list(it) == []
+
+
+def test_imap_item_that_cannot_be_pickled_fails_its_position(pool):
+    results = pool.imap(square, [1, threading.Lock(), 3])
+    assert next(results) == 1
+    with pytest.raises(TypeError, match="pickle"):
+        next(results)
+    assert next(results) == 9
+
+
+def test_apply_async_with_unpicklable_arguments_raises_at_once(pool):
+    with pytest.raises(TypeError, match="pickle"):
+        pool.apply_async(square, (threading.Lock(),))
+    with pytest.raises(TypeError, match="pickle"):
+        pool.map_async(square, [1, threading.Lock()])
+    assert pool.apply(square, (3,)) == 9
+
+
+def test_base_exception_in_a_task_fails_it_instead_of_hanging_the_pool(pool):
+    with pytest.raises(warden.TaskAborted, match="SystemExit"):
+        pool.apply_async(raise_system_exit).get(timeout=30)
+    assert pool.apply(square, (2,)) == 4
+
+
+def test_close_then_join_runs_queued_tasks_and_retires_workers(tmp_path):
+    out = tmp_path / "log"
+    p = warden.Pool(2, finalizer=record, finalargs=(out, "fin"))
+    results = [p.apply_async(sleep_then, (0.1, i)) for i in range(6)]
+    p.close()
+    with pytest.raises(ValueError, match="Pool not running"):
+        p.apply_async(square, (1,))
+    p.join()
+    assert [r.get(0) for r in results] == list(range(6))
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_join_while_running_raises_like_the_standard_library(pool):
+    with pytest.raises(ValueError, match="Pool is still running"):
+        pool.join()
+
+
+def test_terminate_cancels_tasks_and_finalizers_still_run(tmp_path):
+    out = tmp_path / "log"
+    p = warden.Pool(2, finalizer=record, finalargs=(out, "fin"))
+    running = [p.apply_async(sleep_then, (30,)) for _ in range(2)]
+    queued = p.apply_async(square, (2,))
+    assert wait_until(lambda: sum(w[3] is not None for w in p._runner.core.workers()) == 2)
+    start = time.monotonic()
+    p.terminate()
+    assert time.monotonic() - start < 5
+    for r in (*running, queued):
+        with pytest.raises(CancelledError):
+            r.get(timeout=5)
+    assert len(out.read_text().splitlines()) == 2
+    p.join()
+
+
+def test_context_manager_exit_terminates_like_the_standard_library(tmp_path):
+    out = tmp_path / "log"
+    with warden.Pool(1, finalizer=record, finalargs=(out, "fin")) as p:
+        r = p.apply_async(sleep_then, (30,))
+        assert wait_until(lambda: any(w[3] is not None for w in p._runner.core.workers()))
+    assert p._state == "TERMINATE"
+    with pytest.raises(CancelledError):
+        r.get(5)
+    assert out.read_text().startswith("fin")
+
+
+def test_constructor_validates_like_the_standard_library():
+    with pytest.raises(ValueError, match="Number of processes must be at least 1"):
+        warden.Pool(0)
+    with pytest.raises(ValueError, match="maxtasksperchild"):
+        warden.Pool(1, maxtasksperchild=0)
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        warden.Pool(1, initializer=3)
+
+
+def test_maxtasksperchild_replaces_workers():
+    with warden.Pool(1, maxtasksperchild=1) as p:
+        pids = [p.apply(getpid) for _ in range(3)]
+    assert len(set(pids)) == 3
+
+
+def test_initializer_failure_fails_the_pool_instead_of_respawning_forever():
+    with warden.Pool(1, initializer=fail_on, initargs=(3,)) as p:
+        with pytest.raises(warden.PoolFailed):
+            p.apply(square, (1,))
+        with pytest.raises(warden.PoolFailed):
+            p.apply_async(square, (1,))
+
+
+def test_pool_pickles_into_an_inert_handle(pool):
+    handle = pickle.loads(pickle.dumps(pool))
+    assert handle.kind == "Pool" and handle.owner_pid == os.getpid()
+    with pytest.raises(RuntimeError, match="inert handle"):
+        handle.map(square, [1])

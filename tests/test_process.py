@@ -1,0 +1,290 @@
+"""warden.Process against multiprocessing.Process."""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import sys
+import time
+
+import pytest
+
+import warden
+
+from conftest import alive
+
+
+def write(path, text):
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def exit_with(code):
+    sys.exit(code)
+
+
+def raise_value_error():
+    raise ValueError("from the child")
+
+
+def sleep_forever(path=None):
+    if path is not None:
+        write(path, "started\n")
+    try:
+        time.sleep(60)
+    finally:
+        if path is not None:
+            write(path, "finally\n")
+
+
+def report_identity(path):
+    me = warden.current_process()
+    parent = multiprocessing.parent_process()
+    write(path, f"{me.name} {me.pid} {os.getpid()} {me.daemon} {parent.pid} {me.is_alive()}\n")
+
+
+class Subclassed(warden.Process):
+    def __init__(self, path):
+        super().__init__(name="custom")
+        self.path = path
+
+    def run(self):
+        write(self.path, f"run of {type(self).__name__} {self.name}\n")
+
+
+def wait_for_file(path, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_start_join_and_exitcode_zero(tmp_path):
+    out = tmp_path / "out"
+    p = warden.Process(target=write, args=(out, "hello\n"))
+    assert p.exitcode is None and p.pid is None and not p.is_alive()
+    p.start()
+    assert isinstance(p.pid, int) and p.pid > 0 and p.ident == p.pid
+    p.join(30)
+    assert not p.is_alive()
+    assert p.exitcode == 0
+    assert out.read_text() == "hello\n"
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "expected"),
+    [(exit_with, (3,), 3), (exit_with, (None,), 0), (exit_with, ("bye",), 1), (raise_value_error, (), 1)],
+)
+def test_exit_codes_follow_the_standard_library(target, args, expected):
+    ours = warden.Process(target=target, args=args)
+    ours.start()
+    ours.join(30)
+    theirs = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    theirs.start()
+    theirs.join(30)
+    assert ours.exitcode == theirs.exitcode == expected
+
+
+def test_an_exception_prints_the_traceback_in_the_child(program):
+    prog = program(
+        """
+        import warden
+        def boom():
+            raise ValueError("from the child")
+        if __name__ == "__main__":
+            p = warden.Process(target=boom, name="P")
+            p.start(); p.join()
+            print("exitcode", p.exitcode)
+        """
+    )
+    run = prog.run()
+    assert run.stdout.strip() == "exitcode 1"
+    assert "Process P:" in run.stderr
+    assert "ValueError: from the child" in run.stderr
+
+
+def test_a_target_the_child_cannot_unpickle_gives_exit_code_one(program):
+    prog = program(
+        """
+        import sys, types, warden
+        if __name__ == "__main__":
+            ghost = types.ModuleType("ghost")  # exists in this process only
+            exec("def hello():\\n    print('never')", ghost.__dict__)
+            ghost.hello.__module__ = "ghost"
+            sys.modules["ghost"] = ghost
+            p = warden.Process(target=ghost.hello)
+            p.start(); p.join()
+            print("exitcode", p.exitcode)
+        """
+    )
+    run = prog.run()
+    assert run.stdout.strip() == "exitcode 1"
+    assert "No module named 'ghost'" in run.stderr
+
+
+def test_terminate_gives_minus_sigterm_and_runs_finally_blocks(tmp_path):
+    out = tmp_path / "out"
+    p = warden.Process(target=sleep_forever, args=(out,))
+    p.start()
+    assert wait_for_file(out)
+    start = time.monotonic()
+    p.terminate()
+    p.join(30)
+    assert time.monotonic() - start < 5
+    assert p.exitcode == -signal.SIGTERM
+    assert out.read_text() == "started\nfinally\n"
+
+
+def test_kill_gives_minus_sigkill(tmp_path):
+    out = tmp_path / "out"
+    p = warden.Process(target=sleep_forever, args=(out,))
+    p.start()
+    assert wait_for_file(out)
+    p.kill()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    assert out.read_text() == "started\n"
+
+
+def test_join_timeout_returns_while_the_child_runs():
+    p = warden.Process(target=sleep_forever)
+    p.start()
+    start = time.monotonic()
+    p.join(0.2)
+    assert 0.15 < time.monotonic() - start < 5
+    assert p.is_alive() and p.exitcode is None
+    p.terminate()
+    p.join(30)
+
+
+def test_current_process_in_the_child_is_the_process(tmp_path):
+    out = tmp_path / "out"
+    p = warden.Process(target=report_identity, args=(out,), name="worker-a", daemon=True)
+    p.start()
+    p.join(30)
+    name, pid, getpid, daemon, parent, is_alive = out.read_text().split()
+    assert (name, int(pid), int(getpid), daemon, int(parent)) == (
+        "worker-a",
+        p.pid,
+        p.pid,
+        "True",
+        os.getpid(),
+    )
+    assert is_alive == "True"
+
+
+def test_a_subclass_overriding_run_works(tmp_path):
+    out = tmp_path / "out"
+    p = Subclassed(out)
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert out.read_text() == "run of Subclassed custom\n"
+
+
+def test_targets_can_be_lambdas_and_closures(tmp_path):
+    out = tmp_path / "out"
+    p = warden.Process(target=lambda: write(out, "lambda\n"))
+    p.start()
+    p.join(30)
+    assert out.read_text() == "lambda\n"
+
+
+def test_start_twice_and_join_before_start_are_errors_like_the_standard_library():
+    p = warden.Process(target=exit_with, args=(0,))
+    with pytest.raises(AssertionError, match="can only join a started process"):
+        p.join()
+    p.start()
+    with pytest.raises(AssertionError, match="cannot start a process twice"):
+        p.start()
+    p.join(30)
+
+
+def test_daemon_cannot_change_after_start():
+    p = warden.Process(target=exit_with, args=(0,))
+    p.daemon = True
+    p.start()
+    with pytest.raises(AssertionError):
+        p.daemon = False
+    p.join(30)
+
+
+def test_close_releases_and_refuses_while_running():
+    p = warden.Process(target=sleep_forever)
+    p.start()
+    with pytest.raises(ValueError, match="still running"):
+        p.close()
+    p.terminate()
+    p.join(30)
+    p.close()
+    with pytest.raises(ValueError, match="closed"):
+        p.is_alive()
+
+
+def test_sentinel_becomes_ready_when_the_child_exits():
+    p = warden.Process(target=exit_with, args=(0,))
+    p.start()
+    assert multiprocessing.connection.wait([p.sentinel], timeout=30) == [p.sentinel]
+    p.join(30)
+    p.close()
+
+
+def test_a_started_process_pickles_into_an_inert_handle():
+    p = warden.Process(target=sleep_forever, name="sleeper")
+    p.start()
+    try:
+        handle = pickle.loads(pickle.dumps(p))
+        assert (handle.name, handle.pid, handle.daemon) == ("sleeper", p.pid, False)
+        with pytest.raises(RuntimeError, match="handle"):
+            handle.start()
+        with pytest.raises(RuntimeError, match="handle"):
+            handle.terminate()
+        assert "handle" in repr(handle)
+    finally:
+        p.terminate()
+        p.join(30)
+
+
+def test_start_returns_promptly_with_a_live_pid():
+    start = time.monotonic()
+    p = warden.Process(target=sleep_forever)
+    p.start()
+    assert time.monotonic() - start < 5
+    assert alive(p.pid)
+    p.terminate()
+    p.join(30)
+    assert not alive(p.pid)
+
+
+def test_interpreter_exit_terminates_daemons_and_joins_other_children(program):
+    prog = program(
+        """
+        import os, time, warden
+        def slow(path, seconds):
+            time.sleep(seconds)
+            with open(path, "a") as f:
+                f.write(f"done {seconds}\\n")
+        def forever(path):
+            try:
+                time.sleep(60)
+            finally:
+                with open(path, "a") as f:
+                    f.write("daemon stopped\\n")
+        if __name__ == "__main__":
+            out = os.environ["OUT"]
+            warden.Process(target=slow, args=(out, 0.5)).start()
+            d = warden.Process(target=forever, args=(out,), daemon=True)
+            d.start()
+            time.sleep(0.5)
+            print("main done", flush=True)
+        """
+    )
+    run = prog.run(timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert run.elapsed < 10
+    assert sorted(prog.out_lines()) == ["daemon stopped", "done 0.5"]

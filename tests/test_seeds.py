@@ -1,0 +1,264 @@
+"""The seeds' own programs, with warden in place of the standard library, run
+as real processes: what their authors expected is what they get."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import descendants
+
+
+def test_seed_000_del_of_cyclic_garbage_runs_in_the_child_before_join_returns(program):
+    prog = program(
+        """
+        import warden
+
+        class Foo():
+            def __init__(self):
+                self.b = []
+
+            def __del__(self):
+                print('del')
+
+        def foo():
+            print('call foo')
+            f = Foo()
+            a = [f]
+            f.b.append(a)
+
+        if __name__ == "__main__":
+            p = warden.Process(target=foo)
+            p.start()
+            p.join()
+            print('joined')
+            foo()
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    assert run.lines[:3] == ["call foo", "del", "joined"]
+    assert run.lines[3] == "call foo"
+
+
+def test_seed_001_nested_executors_with_failing_tasks_exit_promptly(program):
+    prog = program(
+        """
+        import multiprocessing
+        from warden import ProcessPoolExecutor
+        import concurrent.futures
+
+        class Foo(object):
+            def __init__(self):
+                self.executor = ProcessPoolExecutor(
+                    max_workers=10, mp_context=multiprocessing.get_context("spawn"))
+
+            @staticmethod
+            def fun(arg):
+                raise concurrent.futures.process._RemoteTraceback("error")
+
+            def call(self, i):
+                x = []
+                try:
+                    future = self.executor.submit(self.fun, i)
+                    res = future.result(timeout=1)
+                except Exception as e:
+                    print("-"*20)
+                return x
+
+        def predict():
+            f = Foo()
+            for i in range(3):
+                f.call(i)
+
+        if __name__ == "__main__":
+            with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as e:
+                futures = e.submit(predict)
+                futures.result()
+            print("exited")
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["-" * 20] * 3 + ["exited"]
+    assert run.elapsed < 20
+    assert not descendants(run.pid)
+
+
+def test_seed_001_an_executor_kept_alive_by_a_cycle_does_not_block_exit(program):
+    prog = program(
+        """
+        import warden
+
+        def fun(arg):
+            raise ValueError("error")
+
+        class Holder:
+            def __init__(self):
+                self.executor = warden.ProcessPoolExecutor(2)
+                self.me = self  # a cycle: only the garbage collector frees it
+
+        if __name__ == "__main__":
+            h = Holder()
+            futures = [h.executor.submit(fun, i) for i in range(3)]
+            for f in futures:
+                try:
+                    f.result()
+                except ValueError:
+                    print("error")
+            print("leaving")
+        """
+    )
+    run = prog.run(timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["error"] * 3 + ["leaving"]
+    assert run.elapsed < 10
+
+
+def test_seed_002_initializer_and_finalizer_manage_a_worker_resource(program):
+    prog = program(
+        """
+        import warden
+
+        class Resource:
+            def __init__(self, args):
+                self.args = args
+            def __enter__(self):
+                print(f"in __enter__ of {warden.current_process().name}", flush=True)
+                return self
+            def __exit__(self, *exc):
+                print(f"in __exit__ of {warden.current_process().name}", flush=True)
+
+        resource_cm = None
+        resource = None
+
+        def _worker_init(args):
+            global resource_cm, resource
+            resource_cm = Resource(args)
+            resource = resource_cm.__enter__()
+
+        def _worker_fini():
+            resource_cm.__exit__(None, None, None)
+
+        def hi(*args):
+            return resource.args
+
+        if __name__ == "__main__":
+            pool = warden.Pool(2, initializer=_worker_init, initargs=("abc",), finalizer=_worker_fini)
+            print(pool.map(hi, range(4)), flush=True)
+            pool.close()
+            pool.join()
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    # Every worker that entered the resource exited it (a worker still
+    # starting when the pool closes is retired before its initializer runs).
+    # (Workers share the stdout pipe: their lines may interleave.)
+    enters = sorted(re.findall(r"in __enter__ of (Pool-\d+-worker-\d+)", run.stdout))
+    exits = sorted(re.findall(r"in __exit__ of (Pool-\d+-worker-\d+)", run.stdout))
+    assert enters and enters == exits
+    assert "['abc', 'abc', 'abc', 'abc']" in run.stdout
+
+
+def test_seed_002_the_context_manager_form(program):
+    prog = program(
+        """
+        import contextlib, warden
+
+        @contextlib.contextmanager
+        def open_resource(args):
+            print("enter", flush=True)
+            try:
+                yield args.upper()
+            finally:
+                print("exit", flush=True)
+
+        def hi(_):
+            return warden.worker_context()
+
+        if __name__ == "__main__":
+            with warden.Pool(2, worker_context=lambda: open_resource("abc")) as pool:
+                print(pool.map(hi, range(4)), flush=True)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    assert len(re.findall("enter", run.stdout)) == len(re.findall("exit", run.stdout)) >= 1
+    assert "['ABC', 'ABC', 'ABC', 'ABC']" in run.stdout
+
+
+def test_seed_002_the_multiprocessing_finalize_workaround_also_runs(program):
+    prog = program(
+        """
+        import warden
+        from multiprocessing.util import Finalize
+
+        class Resource:
+            def close(self):
+                print(f"closed in {warden.current_process().name}", flush=True)
+
+        def _worker_init():
+            global resource
+            resource = Resource()
+            Finalize(resource, resource.close, exitpriority=16)
+            print(f"opened in {warden.current_process().name}", flush=True)
+
+        def hi(_):
+            return 1
+
+        if __name__ == "__main__":
+            pool = warden.Pool(2, initializer=_worker_init)
+            pool.map(hi, range(4))
+            pool.close()
+            pool.join()
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    opened = sorted(re.findall(r"opened in (Pool-\d+-worker-\d+)", run.stdout))
+    closed = sorted(re.findall(r"closed in (Pool-\d+-worker-\d+)", run.stdout))
+    assert opened and opened == closed
+
+
+def test_seed_003_process_target_bound_to_an_object_holding_processes_and_an_event(program):
+    prog = program(
+        """
+        import time
+        import warden
+
+        class Application:
+
+            def __init__(self):
+                self._event = warden.Event()
+                self._processes = [
+                    warden.Process(target=self._worker)
+                    for _ in range(2)]
+
+            def _worker(self):
+                while not self._event.is_set():
+                    print(warden.current_process().name, flush=True)
+                    time.sleep(0.1)
+
+            def start(self):
+                for process in self._processes:
+                    print('starting', flush=True)
+                    process.start()
+
+            def stop(self):
+                self._event.set()
+                for process in self._processes:
+                    process.join()
+
+        if __name__ == '__main__':
+            application = Application()
+            application.start()
+            time.sleep(1)
+            application.stop()
+            print([p.exitcode for p in application._processes])
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("starting") == 2
+    assert "Process-1" in run.stdout and "Process-2" in run.stdout
+    assert run.lines[-1] == "[0, 0]"

@@ -1,0 +1,131 @@
+"""The standard library's process-shared objects work in a warden Process's
+arguments and in a pool's initargs, as under the spawn start method."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+
+import warden
+
+ctx = multiprocessing.get_context("spawn")
+
+
+def use_queue(q):
+    q.put(("from", os.getpid()))
+
+
+def use_lock(lock, value):
+    with lock:
+        value.value += 1
+
+
+def use_event(event):
+    event.set()
+
+
+def use_array(array):
+    for i in range(len(array)):
+        array[i] = i * 10
+
+
+def use_proxy(shared):
+    shared["child"] = os.getpid()
+    shared["items"] = [1, 2, 3]
+
+
+def run_process(target, *args):
+    p = warden.Process(target=target, args=args)
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    return p
+
+
+def test_queue_in_process_args():
+    q = ctx.Queue()
+    p = run_process(use_queue, q)
+    assert q.get(timeout=10) == ("from", p.pid)
+
+
+def test_lock_and_value_in_process_args():
+    lock, value = ctx.Lock(), ctx.Value("i", 41)
+    run_process(use_lock, lock, value)
+    assert value.value == 42
+    assert lock.acquire(timeout=1)
+    lock.release()
+
+
+def test_multiprocessing_event_in_process_args():
+    event = ctx.Event()
+    run_process(use_event, event)
+    assert event.is_set()
+
+
+def test_array_in_process_args():
+    array = ctx.Array("i", 4)
+    run_process(use_array, array)
+    assert array[:] == [0, 10, 20, 30]
+
+
+def test_manager_proxy_in_process_args():
+    with ctx.Manager() as manager:
+        shared = manager.dict()
+        p = run_process(use_proxy, shared)
+        assert shared["child"] == p.pid and shared["items"] == [1, 2, 3]
+
+
+def test_manager_proxy_in_task_arguments():
+    with ctx.Manager() as manager, warden.ProcessPoolExecutor(1) as ex:
+        shared = manager.dict()
+        ex.submit(use_proxy, shared).result(30)
+        assert shared["items"] == [1, 2, 3]
+
+
+# -- pool initargs --------------------------------------------------------------
+
+_state: dict = {}
+
+
+def keep(**objects):
+    _state.update(objects)
+
+
+def task_put(x):
+    _state["q"].put(x * 2)
+    with _state["lock"]:
+        _state["value"].value += 1
+    _state["array"][x] = x
+    _state["event"].set()
+    _state["shared"][x] = os.getpid()
+    return x
+
+
+def keep_positional(q, lock, value, array, event, shared):
+    keep(q=q, lock=lock, value=value, array=array, event=event, shared=shared)
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_shared_objects_in_pool_initargs(kind):
+    q, lock, value, array, event = ctx.Queue(), ctx.Lock(), ctx.Value("i", 0), ctx.Array("i", 4), ctx.Event()
+    with ctx.Manager() as manager:
+        shared = manager.dict()
+        initargs = (q, lock, value, array, event, shared)
+        if kind == "executor":
+            with warden.ProcessPoolExecutor(2, initializer=keep_positional, initargs=initargs) as ex:
+                assert list(ex.map(task_put, range(4))) == [0, 1, 2, 3]
+        else:
+            with warden.Pool(2, initializer=keep_positional, initargs=initargs) as pool:
+                assert pool.map(task_put, range(4), chunksize=1) == [0, 1, 2, 3]
+        assert sorted(q.get(timeout=10) for _ in range(4)) == [0, 2, 4, 6]
+        assert value.value == 4
+        assert array[:] == [0, 1, 2, 3]
+        assert event.is_set()
+        assert sorted(shared.keys()) == [0, 1, 2, 3]
+
+
+def test_a_lock_in_task_arguments_is_refused_as_under_spawn():
+    with warden.ProcessPoolExecutor(1) as ex, pytest.raises(RuntimeError, match="inheritance"):
+        ex.submit(use_lock, ctx.Lock(), ctx.Value("i", 0))
