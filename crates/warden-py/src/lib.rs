@@ -5,11 +5,11 @@
 //! (what a payload holds, how an error is raised, when a pool shuts down) is
 //! made in `python/warden/`.
 //!
-//! * [`pool::CorePool`]: a core [`warden::Pool`] whose workers run a Python
+//! * `pool::CorePool`: a core [`warden::Pool`] whose workers run a Python
 //!   interpreter, plus the queue its task outcomes land in;
-//! * [`worker::worker_main`]: the worker side, a [`warden::worker::Handler`]
+//! * `worker::worker_main`: the worker side, a [`warden::worker::Handler`]
 //!   that calls into a Python object;
-//! * [`event::SharedEvent`]: a process-shared flag in a sealed `memfd` page,
+//! * `event::SharedEvent`: a process-shared flag in a sealed `memfd` page,
 //!   waited on with a shared futex.
 //!
 //! The Python-facing signatures are mirrored by hand in
