@@ -72,7 +72,7 @@ _exiting = False
 class _Registration:
     """A callback registered with the finalizer service, and its outcome."""
 
-    __slots__ = ("__weakref__", "_args", "_func", "_kwargs", "_outcome", "_token")
+    __slots__ = ("__weakref__", "_args", "_func", "_kwargs", "_label", "_outcome", "_token")
 
     def __init__(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], priority: int
@@ -83,11 +83,14 @@ class _Registration:
         self._args: tuple[Any, ...] | None = args
         self._kwargs: dict[str, Any] | None = kwargs or None
         self._outcome: tuple[bool, Any] | None = None
+        # Set before registering: the callback may run (during the exit drain,
+        # on the finalizer thread) before register_finalizer has even returned.
+        self._label = _label(func)
         try:
-            self._token = _warden.register_finalizer(self._fire, int(priority), _label(func))
+            self._token = _warden.register_finalizer(self._fire, int(priority), self._label)
         except RuntimeError as e:
             self._clear()
-            raise RuntimeError(f"cannot register {_label(func)}: {e}") from None
+            raise RuntimeError(f"cannot register {self._label}: {e}") from None
 
     def _clear(self) -> None:
         self._func = self._args = self._kwargs = None
@@ -96,7 +99,7 @@ class _Registration:
         """Runs the callback; the service calls this at most once, on the thread
         that won the run. Returns whether the callback succeeded."""
         func, args, kwargs = self._func, self._args or (), self._kwargs or {}
-        label = self._token.label
+        label = self._label
         self._clear()
         direct = getattr(_local, "direct", None) is self
         if func is None:
@@ -249,7 +252,7 @@ class ExitHandle(_Registration):
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else "dead"
-        return f"<warden.ExitHandle {self._token.label} priority={self.priority} {state}>"
+        return f"<warden.ExitHandle {self._label} priority={self.priority} {state}>"
 
 
 def at_exit(func: Callable[..., Any], /, *args: Any, priority: int = 0, **kwargs: Any) -> ExitHandle:
@@ -339,11 +342,17 @@ class Guardian(Generic[T]):
 
 
 class _Member:
-    __slots__ = ("handle", "resource")
+    __slots__ = ("handle", "owner", "resource")
 
     def __init__(self, resource: Any) -> None:
         self.resource = resource
+        self.owner: weakref.ref[Any] | None = None
         self.handle: finalize | None = None
+
+    def keep(self) -> Any:
+        """Something that keeps the member alive while held (its owner, or the
+        member itself if it has none); ``None`` if its owner has died."""
+        return self if self.owner is None else self.owner()
 
 
 class ResourceSet(Generic[R]):
@@ -352,11 +361,16 @@ class ResourceSet(Generic[R]):
 
     ``ResourceSet(close)``: ``add(resource, owner)`` makes ``resource`` a
     member; when ``owner`` dies, ``close(resource)`` runs on the finalizer
-    thread (or at exit, if ``owner`` is still alive then). Iterating gives a
-    snapshot of the members, skipping those closed meanwhile, so it never
-    fails because a finalizer removed one. Each member is closed at most once,
-    whoever gets there first: :meth:`close`, :meth:`close_all`, or its owner's
-    finalizer.
+    thread (or at exit, if ``owner`` is still alive then). A member whose owner
+    has died is no longer counted, iterated or ``in`` the set, even before its
+    close has run.
+
+    Iterating gives a snapshot of the members, skipping those removed
+    meanwhile, so it never fails because a finalizer removed one; and while
+    the loop body runs, the owner of the resource it was given is kept alive,
+    so that resource's finalizer cannot close it under the loop. Each member
+    is closed at most once, whoever gets there first: :meth:`close`,
+    :meth:`close_all`, or its owner's finalizer.
 
     The set's own lock is held only for its bookkeeping, never while
     ``close`` runs, so :meth:`close_all` may be called from any exit path
@@ -380,6 +394,7 @@ class ResourceSet(Generic[R]):
             self._members[resource] = member
         if owner is not None:
             try:
+                member.owner = weakref.ref(owner)
                 member.handle = finalize(owner, self._release, member, priority=self._priority)
             except BaseException:
                 self._take(member)
@@ -445,14 +460,24 @@ class ResourceSet(Generic[R]):
             snapshot = list(self._members.items())
         members = self._members
         for resource, member in snapshot:
-            if members.get(resource) is member:
-                yield resource
+            if members.get(resource) is not member:
+                continue
+            # Held until the loop asks for the next one: the owner cannot die,
+            # so its finalizer cannot close the resource, while the body runs.
+            keep = member.keep()
+            if keep is None:
+                continue
+            yield resource
+        keep = None
 
     def __contains__(self, resource: object) -> bool:
-        return resource in self._members
+        member = self._members.get(resource)  # type: ignore[call-overload]
+        return member is not None and member.keep() is not None
 
     def __len__(self) -> int:
-        return len(self._members)
+        with self._lock:
+            members = list(self._members.values())
+        return sum(1 for m in members if m.keep() is not None)
 
     def __repr__(self) -> str:
         return f"<warden.ResourceSet of {len(self._members)}>"
