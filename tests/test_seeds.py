@@ -262,3 +262,152 @@ def test_seed_003_process_target_bound_to_an_object_holding_processes_and_an_eve
     assert run.stdout.count("starting") == 2
     assert "Process-1" in run.stdout and "Process-2" in run.stdout
     assert run.lines[-1] == "[0, 0]"
+
+
+# Seed 004's FD class, as its author wrote it: __del__ closes the descriptor
+# and removes it from the class-wide set, on whatever thread drops the last
+# reference, at whatever point that thread is.
+SEED_004_ORIGINAL = """
+import os
+
+class FD:
+    _all_fds = set()
+
+    def __init__(self, fd):
+        self.fd = fd
+        self._all_fds.add(fd)
+
+    def close(self):
+        if (self.fd):
+            os.close(self.fd)
+            self._all_fds.remove(self.fd)
+            self.fd = None
+
+    def for_each_fd(self, proc):
+        for fd in self._all_fds:
+            proc(fd)
+
+    def __del__(self):
+        self.close()
+
+owners = {}
+for _ in range(50):
+    fd = os.open(os.devnull, os.O_RDONLY)
+    owners[fd] = FD(fd)
+
+def proc(fd):
+    os.fstat(fd)
+    if fd % 2:
+        del owners[fd]  # the FD dies here: its __del__ runs now, mid-iteration
+
+next(iter(owners.values())).for_each_fd(proc)
+print("iterated")
+"""
+
+
+def test_seed_004_the_original_breaks_when_a_finalizer_runs_mid_iteration(program):
+    """The control: without warden, the finalizer runs inside the loop that
+    iterates the set it mutates, and the iteration fails."""
+    prog = program(SEED_004_ORIGINAL)
+    run = prog.run()
+    assert run.returncode == 1
+    assert "RuntimeError: Set changed size during iteration" in run.stderr
+    assert "iterated" not in run.stdout
+
+
+def test_seed_004_finalizers_that_shrink_a_shared_set_never_break_its_iteration(program):
+    """Seed 004 with warden: the set is a ``warden.ResourceSet``, and an FD's
+    descriptor is closed by its owner's finalizer on warden's finalizer thread.
+    The main thread iterates the set while it drops FDs (and closes some
+    explicitly); the finalizer thread shrinks the set all the while, with the
+    interpreter switching threads as often as it can. Run the seed's own way
+    (``SEED_004_ORIGINAL`` above), the first dropped FD breaks the iteration
+    with "Set changed size during iteration"; here no iteration ever fails,
+    every descriptor the loop is given is still open, each is closed exactly
+    once, and none is left open."""
+    prog = program(
+        """
+        import os
+        import sys
+        import threading
+        import warden
+
+        opened = set()
+        closed_on = []
+        iterating = False
+        closed_mid_iteration = 0
+
+        def close(fd):
+            global closed_mid_iteration
+            opened.remove(fd)  # KeyError if it were closed twice
+            os.close(fd)
+            closed_on.append(threading.get_ident())
+            if iterating and threading.get_ident() != main:
+                closed_mid_iteration += 1
+
+        fds = warden.ResourceSet(close)
+
+        class FD:
+            def __init__(self, fd):
+                self.fd = fd
+                fds.add(fd, owner=self)  # closed on the finalizer thread once self dies
+
+            def close(self):
+                if self.fd is not None:
+                    fds.close(self.fd)
+                    self.fd = None
+
+        def for_each_fd(proc):
+            global iterating
+            iterating = True
+            try:
+                for fd in fds:
+                    proc(fd)
+            finally:
+                iterating = False
+
+        def open_fds():
+            return len(os.listdir("/proc/self/fd"))
+
+        main = threading.get_ident()
+        sys.setswitchinterval(1e-6)  # interleave the two threads as much as possible
+        baseline = open_fds()
+        visited = 0
+        for round in range(20):
+            owners = {}
+            for _ in range(100):
+                fd = os.open(os.devnull, os.O_RDONLY)
+                opened.add(fd)
+                owners[fd] = FD(fd)
+
+            def proc(fd):
+                global visited
+                os.fstat(fd)  # raises if the descriptor were closed under us
+                visited += 1
+                if fd % 3 == 0:
+                    owners.pop(fd).close()  # explicitly, on this thread
+                elif fd % 3 == 1:
+                    del owners[fd]  # the owner dies: its finalizer closes fd later
+
+            for_each_fd(proc)
+            for_each_fd(lambda fd: None)
+            owners.clear()
+
+        assert warden.wait_for_finalizers(10)
+        print("visited", visited)
+        print("left in the set", len(fds))
+        print("closed", len(closed_on), "still open", len(opened))
+        print("closed on the finalizer thread during an iteration", closed_mid_iteration > 0)
+        print("open descriptors back to baseline", open_fds() == baseline)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "visited 2000",
+        "left in the set 0",
+        "closed 2000 still open 0",
+        "closed on the finalizer thread during an iteration True",
+        "open descriptors back to baseline True",
+    ]
+    assert run.stderr == ""

@@ -11,7 +11,11 @@ Drop-in replacements for ``concurrent.futures.ProcessPoolExecutor``,
 * pools take a ``finalizer`` (and a ``worker_context``) as well as an
   ``initializer``, run on every retirement path;
 * processes, events and pools pickle into inert, useful handles;
-* Ctrl-C stops waits promptly and workers gracefully.
+* Ctrl-C stops waits promptly and workers gracefully;
+* finalizers run on a dedicated thread (``finalize``), or when the program
+  asks (``Guardian``); exit callbacks run in priority order in every warden
+  process (``at_exit``); ``ResourceSet`` is a registry finalizers may shrink
+  while it is iterated.
 
 See ``docs/python.md`` for the guide.
 """
@@ -29,6 +33,7 @@ from ._errors import (
     TaskTimeout,
     WorkerCrashed,
 )
+from ._finalize import ExitHandle, Guardian, ResourceSet, at_exit, finalize, wait_for_finalizers
 from ._futures import Future
 from ._handles import PoolHandle
 from .event import Event
@@ -43,7 +48,9 @@ __all__ = [
     "AsyncResult",
     "BrokenProcessPool",
     "Event",
+    "ExitHandle",
     "Future",
+    "Guardian",
     "IMapIterator",
     "MapResult",
     "Pool",
@@ -52,10 +59,14 @@ __all__ = [
     "Process",
     "ProcessPoolExecutor",
     "RemoteError",
+    "ResourceSet",
     "TaskAborted",
     "TaskInterrupted",
     "TaskTimeout",
     "WorkerCrashed",
+    "at_exit",
     "current_process",
+    "finalize",
+    "wait_for_finalizers",
     "worker_context",
 ]

@@ -8,7 +8,8 @@ become unreachable and shut down on its own.
 
 It also owns what happens at interpreter exit: every runner still alive is
 shut down with a bounded grace (:func:`_shut_down_at_exit`), so a pool never
-keeps the interpreter from exiting (seed 001).
+keeps the interpreter from exiting (seed 001); then the process's exit
+callbacks run (:func:`_at_interpreter_exit`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from . import _warden
+from . import _finalize, _warden
 from ._pickle import dumps_for_spawn
 
 #: The worker program: this interpreter, with its flags, running warden._worker.
@@ -297,4 +298,17 @@ def _shut_down_at_exit() -> None:
             r.thread.join(2.0)
 
 
-atexit.register(_shut_down_at_exit)
+def _at_interpreter_exit() -> None:
+    """warden's step of interpreter exit (one ``atexit`` handler, registered
+    when warden is imported): first every pool and ``Process`` child still
+    running is shut down, then this process's exit callbacks run
+    (``warden.at_exit``, and ``warden.finalize`` callbacks of objects still
+    alive). So an exit callback can rely on every worker and child having
+    ended, and cannot use a pool."""
+    try:
+        _shut_down_at_exit()
+    finally:
+        _finalize.run_exit_callbacks()
+
+
+atexit.register(_at_interpreter_exit)

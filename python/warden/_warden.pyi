@@ -1,7 +1,7 @@
 # Hand-kept stub of the extension module built from crates/warden-py.
 # Keep it in step with the #[pymethods] there.
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
 UNWIND_GRACE: Final[float]
@@ -94,3 +94,33 @@ class WorkerHandler(Protocol):
 
 def worker_main(handler: WorkerHandler) -> None:
     """Runs this process as a worker of the pool that started it; never returns then."""
+
+class FinalizerToken:
+    """One registration with the core's finalizer service; see crates/warden-py/src/finalize.rs."""
+
+    def run_now(self) -> bool: ...
+    def schedule(self) -> bool: ...
+    def cancel(self) -> bool: ...
+    def is_pending(self) -> bool: ...
+    def state(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def at_exit(self) -> bool: ...
+    def set_at_exit(self, at_exit: bool) -> None: ...
+
+def register_finalizer(
+    callback: Callable[[], bool], priority: int = 0, label: str | None = None, at_exit: bool = True
+) -> FinalizerToken:
+    """Registers ``callback()`` (which returns whether it succeeded); ``RuntimeError`` once closed."""
+
+def run_exit_finalizers(timeout: float | None = None) -> tuple[int, int, int, bool]:
+    """The exit drain, with the GIL released: ``(ran, failed, skipped, timed_out)``. Idempotent."""
+
+def wait_finalizers_idle(timeout: float | None = None) -> bool:
+    """Waits, with the GIL released, until the finalizer thread is idle."""
+
+def is_finalizer_thread() -> bool: ...
+def finalizer_exit_timeout() -> float: ...

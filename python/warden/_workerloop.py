@@ -14,8 +14,9 @@ core's worker loop (``_warden.worker_main``), which calls back into a
 ``exit``
     the exit path, run exactly once whatever ends the worker: the worker
     context is exited, the ``finalizer`` runs, then a garbage collection (so
-    ``__del__`` of cyclic garbage runs), the ``atexit`` handlers, and a flush of
-    ``stdout``/``stderr`` (seed 000, seed 002).
+    ``__del__`` of cyclic garbage runs), the ``atexit`` handlers (among them
+    warden's, which runs the ``warden.at_exit`` callbacks), and a flush of
+    ``stdout``/``stderr`` (seed 000, seed 002, seed 004).
 
 A stop signal (SIGTERM from the pool on a timeout, cancel or terminate; the
 parent-death signal; SIGINT/SIGHUP) raises :class:`TaskInterrupted` in the
@@ -39,7 +40,7 @@ import threading
 import traceback
 from typing import Any
 
-from . import _context, _warden
+from . import _context, _finalize, _warden
 from ._errors import RemoteError, TaskAborted, TaskInterrupted
 from ._pickle import dumps
 
@@ -219,7 +220,8 @@ class Handler:
         return dumps(None)
 
     def exit(self, reason: str) -> tuple[str | None, int | None]:
-        """The exit path: worker context, finalizer, gc, atexit, flush. Once."""
+        """The exit path: worker context, finalizer, gc, atexit (with warden's
+        exit callbacks), flush. Once."""
         errors: list[str] = []
         if self.context is not None:
             context, self.context = self.context, None
@@ -243,9 +245,17 @@ class Handler:
         except BaseException as e:
             errors.append(f"garbage collection raised {_type_name(e)}: {_text(e)}")
         try:
+            # warden's own handler is among them (registered when warden was
+            # imported, so it runs after those registered since): it shuts down
+            # the pools this worker started, then runs the exit callbacks.
             atexit._run_exitfuncs()
         except BaseException as e:
             errors.append(f"atexit raised {_type_name(e)}: {_text(e)}")
+        try:
+            # Idempotent: in case the handler above did not get to run them.
+            _finalize.run_exit_callbacks()
+        except BaseException as e:
+            errors.append(f"exit callbacks raised {_type_name(e)}: {_text(e)}")
         for stream in (sys.stdout, sys.stderr):
             try:
                 if stream is not None:

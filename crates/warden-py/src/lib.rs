@@ -10,7 +10,10 @@
 //! * `worker::worker_main`: the worker side, a [`warden::worker::Handler`]
 //!   that calls into a Python object;
 //! * `event::SharedEvent`: a process-shared flag in a sealed `memfd` page,
-//!   waited on with a shared futex.
+//!   waited on with a shared futex;
+//! * `finalize`: Python callbacks on the core's finalizer service
+//!   (`FinalizerToken`, the exit drain), attached to the interpreter one call
+//!   at a time and never once it is finalizing.
 //!
 //! The Python-facing signatures are mirrored by hand in
 //! `python/warden/_warden.pyi`; keep the two in step.
@@ -19,6 +22,7 @@ use pyo3::prelude::*;
 
 mod convert;
 mod event;
+mod finalize;
 mod pool;
 mod worker;
 
@@ -35,6 +39,13 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::CorePool>()?;
     m.add_class::<event::SharedEvent>()?;
     m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
+    m.add_class::<finalize::FinalizerToken>()?;
+    m.add_function(wrap_pyfunction!(finalize::register_finalizer, m)?)?;
+    m.add_function(wrap_pyfunction!(finalize::run_exit_finalizers, m)?)?;
+    m.add_function(wrap_pyfunction!(finalize::wait_finalizers_idle, m)?)?;
+    m.add_function(wrap_pyfunction!(finalize::is_finalizer_thread, m)?)?;
+    m.add_function(wrap_pyfunction!(finalize::finalizer_exit_timeout, m)?)?;
+    finalize::install_sink();
     m.add("CoreError", m.py().get_type::<CoreError>())?;
     m.add("UNWIND_GRACE", warden::worker::UNWIND_GRACE.as_secs_f64())?;
     m.add("DEFAULT_GRACE", warden::pool::DEFAULT_GRACE.as_secs_f64())?;

@@ -1,0 +1,741 @@
+"""warden.finalize, at_exit, Guardian and ResourceSet: when callbacks run, on
+which thread, in which order, and how often."""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+import warden
+
+from conftest import wait_until
+
+
+class Obj:
+    """Something that can be weakly referenced."""
+
+
+def thread_name(native_id: int) -> str:
+    """The kernel's name of a thread of this process (what `ps -L` shows)."""
+    with open(f"/proc/self/task/{native_id}/comm") as f:
+        return f.read().strip()
+
+
+def record_thread(log: list[tuple[int, int]]):
+    def callback() -> None:
+        log.append((threading.get_ident(), threading.get_native_id()))
+
+    return callback
+
+
+# --- warden.finalize -----------------------------------------------------------
+
+
+def test_finalize_callbacks_run_on_one_dedicated_thread_that_is_not_the_dropping_thread():
+    ran: list[tuple[int, int]] = []
+    droppers: list[int] = []
+
+    def drop_some(n: int) -> None:
+        droppers.append(threading.get_ident())
+        objs = [Obj() for _ in range(n)]
+        for o in objs:
+            warden.finalize(o, record_thread(ran))
+        del o
+        objs.clear()  # the last references die here, on this thread
+
+    drop_some(5)
+    threads = [threading.Thread(target=drop_some, args=(5,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert warden.wait_for_finalizers(10)
+    assert len(ran) == 25
+    idents = {ident for ident, _ in ran}
+    assert len(idents) == 1, "one finalizer thread runs every callback"
+    assert not idents & set(droppers), "never the thread that dropped the object"
+    native = ran[0][1]
+    assert thread_name(native) == "warden-finalize"  # "warden-finalizer", cut to 15 bytes by the kernel
+
+
+def test_a_finalizer_needing_a_lock_the_dropping_thread_holds_waits_for_it_instead_of_running_inside():
+    """Boehm's point: run inline, this callback would deadlock (or see the
+    half-done update); on the finalizer thread it waits for the lock."""
+    lock = threading.Lock()
+    state = {"a": 0, "b": 0}
+    seen: list[dict[str, int]] = []
+
+    def check() -> None:
+        with lock:
+            seen.append(dict(state))
+
+    obj = Obj()
+    warden.finalize(obj, check)
+    with lock:
+        state["a"] = 1
+        del obj  # the object dies in the middle of the update
+        time.sleep(0.05)
+        state["b"] = 1
+    assert warden.wait_for_finalizers(10)
+    assert seen == [{"a": 1, "b": 1}]
+
+
+def test_a_finalizer_never_runs_inside_a_signal_handler():
+    ran: list[tuple[int, int]] = []
+    in_handler: list[bool] = []
+    box = [Obj()]
+    warden.finalize(box[0], record_thread(ran))
+
+    def handler(signum, frame):
+        box.clear()  # the last reference dies inside the handler
+        in_handler.append(True)
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert wait_until(lambda: in_handler, timeout=5)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert warden.wait_for_finalizers(10)
+    assert in_handler == [True]
+    # Run inside the handler, it would have run on the main thread.
+    assert len(ran) == 1 and ran[0][0] != threading.main_thread().ident
+
+
+def test_calling_the_handle_runs_the_callback_now_once_and_returns_its_result():
+    obj = Obj()
+    calls: list[tuple[tuple, dict]] = []
+
+    def callback(*args, **kwargs):
+        calls.append((args, kwargs))
+        return threading.get_ident()
+
+    f = warden.finalize(obj, callback, 1, 2, key="v")
+    assert f.alive
+    assert f() == threading.get_ident(), "runs on the calling thread"
+    assert f() is None
+    assert not f.alive
+    assert calls == [((1, 2), {"key": "v"})]
+    del obj
+    assert warden.wait_for_finalizers(10)
+    assert len(calls) == 1, "it never runs again"
+
+
+def test_calling_the_handle_raises_what_the_callback_raised():
+    obj = Obj()
+
+    def fail():
+        raise KeyError("nope")
+
+    f = warden.finalize(obj, fail)
+    with pytest.raises(KeyError, match="nope"):
+        f()
+    assert not f.alive
+    assert f() is None
+
+
+def test_peek_detach_atexit_and_repr_behave_like_weakref_finalize():
+    obj = Obj()
+    f = warden.finalize(obj, print, "x", priority=3, sep="")
+    assert f.atexit is True
+    assert f.priority == 3
+    assert f.peek() == (obj, print, ("x",), {"sep": ""})
+    assert "for 'Obj'" in repr(f)
+    f.atexit = False
+    assert f.atexit is False
+    assert f.detach() == (obj, print, ("x",), {"sep": ""})
+    assert not f.alive
+    assert f.peek() is None and f.detach() is None and f() is None
+    assert "dead" in repr(f)
+
+
+def test_a_detached_finalizer_does_not_run_when_its_object_dies():
+    ran: list[int] = []
+    obj = Obj()
+    f = warden.finalize(obj, ran.append, 1)
+    assert f.detach() is not None
+    del obj
+    assert warden.wait_for_finalizers(10)
+    assert ran == []
+
+
+def test_a_finalizer_whose_object_died_runs_even_if_it_was_not_to_run_at_exit():
+    ran: list[int] = []
+    obj = Obj()
+    f = warden.finalize(obj, ran.append, 1)
+    f.atexit = False
+    del obj
+    assert warden.wait_for_finalizers(10)
+    assert ran == [1]
+
+
+def test_an_object_that_cannot_be_weakly_referenced_is_refused():
+    with pytest.raises(TypeError):
+        warden.finalize(42, print)
+
+
+def test_the_callback_runs_at_most_once_when_many_threads_call_the_handle_while_the_object_dies():
+    for _ in range(30):
+        count = [0]
+        lock = threading.Lock()
+
+        def bump(count=count, lock=lock):
+            with lock:
+                count[0] += 1
+            return "ran"
+
+        box = [Obj()]
+        f = warden.finalize(box[0], bump)
+        results: list[object] = []
+        start = threading.Barrier(9)
+
+        def call(f=f, start=start, results=results):
+            start.wait()
+            results.append(f())
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        start.wait()
+        box.clear()  # the object dies while the threads call the handle
+        for t in threads:
+            t.join()
+        assert warden.wait_for_finalizers(10)
+        assert count[0] == 1
+        assert results.count("ran") <= 1
+        assert results.count(None) == 8 - results.count("ran")
+        assert not f.alive
+
+
+def test_a_finalizer_that_raises_is_reported_and_the_thread_goes_on(capfd):
+    ran: list[int] = []
+    a, b = Obj(), Obj()
+
+    def fail():
+        raise ValueError("finalizer failed")
+
+    warden.finalize(a, fail)
+    warden.finalize(b, ran.append, 2)
+    del a, b
+    assert warden.wait_for_finalizers(10)
+    assert ran == [2]
+    err = capfd.readouterr().err
+    assert "warden: exception in finalizer" in err and "fail" in err
+    assert "Traceback (most recent call last)" in err
+    assert "ValueError: finalizer failed" in err
+
+
+# --- warden.Guardian ------------------------------------------------------------
+
+
+def test_a_guardian_returns_exactly_the_dead_objects_values_and_runs_nothing_before_drain():
+    closed: list[str] = []
+
+    class Conn:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    g: warden.Guardian[str] = warden.Guardian()
+    conns = {name: Conn(name) for name in "abcde"}
+    for name, conn in conns.items():
+        g.register(conn, value=name)
+    del conn
+    assert len(g) == 5
+    del conns["b"], conns["d"]
+    gc.collect()
+    dropped = threading.Thread(target=lambda: conns.pop("e"))
+    dropped.start()
+    dropped.join()
+    time.sleep(0.05)
+    assert closed == [], "nothing ran by itself"
+    dead = g.drain()
+    assert sorted(dead) == ["b", "d", "e"]
+    for name in dead:
+        closed.append(name)
+    assert g.drain() == []
+    assert len(g) == 2
+    del conns["a"]
+    assert g.drain() == ["a"]
+
+
+def test_a_guardian_register_without_a_value_drains_none():
+    g = warden.Guardian()
+    obj = Obj()
+    g.register(obj)
+    del obj
+    assert g.drain() == [None]
+
+
+def test_objects_outliving_their_guardian_die_quietly():
+    g = warden.Guardian()
+    obj = Obj()
+    g.register(obj, "v")
+    del g
+    gc.collect()
+    del obj  # no guardian to hand "v" to: nothing happens
+
+
+# --- warden.ResourceSet ---------------------------------------------------------
+
+
+def test_a_resource_set_closes_a_member_when_its_owner_dies_on_the_finalizer_thread():
+    closed: list[tuple[int, int]] = []
+    rs = warden.ResourceSet(lambda r: closed.append((r, threading.get_ident())))
+    owner = Obj()
+    rs.add(7, owner)
+    rs.add(8)
+    assert set(rs) == {7, 8} and 7 in rs and len(rs) == 2
+    del owner
+    assert warden.wait_for_finalizers(10)
+    assert [r for r, _ in closed] == [7]
+    assert closed[0][1] != threading.get_ident()
+    assert set(rs) == {8}
+
+
+def test_a_resource_set_closes_each_member_once_whoever_gets_there_first():
+    closes: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def close(r: int) -> None:
+        with lock:
+            closes[r] = closes.get(r, 0) + 1
+
+    rs: warden.ResourceSet[int] = warden.ResourceSet(close)
+    owners = [Obj() for _ in range(300)]
+    for i, o in enumerate(owners):
+        rs.add(i, o)
+    del o
+    start = threading.Barrier(3)
+
+    def close_explicitly():
+        start.wait()
+        for i in range(0, 300, 2):
+            rs.close(i)
+
+    def close_everything():
+        start.wait()
+        rs.close_all()
+
+    threads = [threading.Thread(target=close_explicitly), threading.Thread(target=close_everything)]
+    for t in threads:
+        t.start()
+    start.wait()
+    owners.clear()  # every owner dies: their finalizers race the two threads
+    for t in threads:
+        t.join()
+    assert warden.wait_for_finalizers(10)
+    assert closes == dict.fromkeys(range(300), 1)
+    assert len(rs) == 0 and list(rs) == []
+    assert rs.close_all() == 0
+
+
+def test_a_closed_resource_reused_by_a_new_owner_is_not_closed_by_the_old_finalizer():
+    closed: list[int] = []
+    rs = warden.ResourceSet(closed.append)
+    old = Obj()
+    rs.add(3, old)
+    assert rs.close(3)  # explicitly, like FD.close()
+    new = Obj()
+    rs.add(3, new)  # the OS hands out the same number again
+    del old
+    assert warden.wait_for_finalizers(10)
+    assert closed == [3] and 3 in rs
+    assert rs.discard(3) and 3 not in rs
+    del new
+    assert warden.wait_for_finalizers(10)
+    assert closed == [3], "a discarded member is not closed by its owner either"
+
+
+def test_close_all_reports_a_failing_close_and_closes_the_rest(capfd):
+    closed: list[int] = []
+
+    def close(r: int) -> None:
+        if r == 2:
+            raise OSError("bad descriptor")
+        closed.append(r)
+
+    rs = warden.ResourceSet(close)
+    for r in range(4):
+        rs.add(r)
+    assert rs.close_all() == 3
+    assert sorted(closed) == [0, 1, 3]
+    assert "OSError: bad descriptor" in capfd.readouterr().err
+
+
+# --- exit: real programs ------------------------------------------------------
+
+
+def test_exit_callbacks_run_higher_priority_first_then_last_registered_first(program):
+    prog = program(
+        """
+        import warden
+
+        class Obj:
+            pass
+
+        def say(word):
+            print(word, flush=True)
+
+        warden.at_exit(say, "zero-a")
+        warden.at_exit(say, "minus-one", priority=-1)
+        warden.at_exit(say, "ten-a", priority=10)
+        warden.at_exit(say, "zero-b")
+        warden.at_exit(say, "ten-b", priority=10)
+        alive = Obj()
+        warden.finalize(alive, say, "five (object alive at exit)", priority=5)
+        quiet = Obj()
+        warden.finalize(quiet, say, "never").atexit = False
+        cancelled = warden.at_exit(say, "cancelled", priority=99)
+        cancelled.cancel()
+        early = warden.at_exit(say, "called early", priority=99)
+        early()
+        print("main done", flush=True)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "called early",
+        "main done",
+        "ten-b",
+        "ten-a",
+        "five (object alive at exit)",
+        "zero-b",
+        "zero-a",
+        "minus-one",
+    ]
+
+
+def test_an_exit_callback_that_raises_is_reported_with_its_traceback_and_the_rest_run(program):
+    prog = program(
+        """
+        import warden
+
+        def broken():
+            raise RuntimeError("cleanup failed")
+
+        warden.at_exit(print, "low", priority=-1)
+        warden.at_exit(broken)
+        warden.at_exit(print, "high", priority=1)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0
+    assert run.lines == ["high", "low"]
+    assert "warden: exception in finalizer __main__.broken (at exit):" in run.stderr
+    assert 'line 5, in broken\n    raise RuntimeError("cleanup failed")' in run.stderr
+    assert "RuntimeError: cleanup failed" in run.stderr
+
+
+def test_callbacks_registered_during_the_exit_drain_run_and_after_it_are_refused(program):
+    prog = program(
+        """
+        import atexit
+
+        def late():
+            # Registered before warden was imported: runs after warden's exit step.
+            try:
+                warden.at_exit(print, "too late")
+            except RuntimeError as e:
+                print("refused:", e, flush=True)
+
+        atexit.register(late)
+
+        import warden
+
+        def first():
+            print("first", flush=True)
+            warden.at_exit(print, "added while draining", priority=-5)
+
+        warden.at_exit(first, priority=1)
+        warden.at_exit(print, "second")
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    assert run.lines[:3] == ["first", "second", "added while draining"]
+    assert run.lines[3].startswith("refused: cannot register print")
+    assert "too late" not in run.stdout
+
+
+def test_a_hung_exit_callback_is_abandoned_at_the_deadline_and_reported(program):
+    prog = program(
+        """
+        import time
+        import warden
+
+        warden.at_exit(print, "skipped")
+        warden.at_exit(time.sleep, 30, priority=1)
+        """
+    )
+    run = prog.run(timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert run.elapsed < 10
+    assert "skipped" not in run.stdout
+    assert re.search(r"warden: finalizer .*sleep was still running at the exit deadline", run.stderr)
+    assert re.search(r"warden: finalizer print did not run before the exit deadline", run.stderr)
+
+
+def test_objects_dying_while_the_interpreter_shuts_down_neither_crash_nor_hang_it(program):
+    prog = program(
+        """
+        import threading
+        import time
+        import warden
+
+        class Obj:
+            pass
+
+        def churn():
+            while True:  # a daemon thread still dropping objects at shutdown
+                o = Obj()
+                try:
+                    warden.finalize(o, len, "x")
+                except RuntimeError:
+                    return  # the exit callbacks have run: no more registrations
+                del o
+                time.sleep(0.0005)
+
+        for _ in range(2):
+            threading.Thread(target=churn, daemon=True).start()
+        keep = [Obj() for _ in range(100)]
+        for o in keep:
+            warden.finalize(o, len, "y").atexit = False
+        print("bye", flush=True)
+        """
+    )
+    for _ in range(3):
+        run = prog.run(timeout=30)
+        assert run.returncode == 0, run.stderr
+        assert run.lines == ["bye"]
+        assert run.stderr == ""
+        assert run.elapsed < 10
+
+
+def test_exit_callbacks_in_the_parent_run_after_its_pools_and_children_have_ended(program):
+    prog = program(
+        """
+        import os
+        import warden
+
+        def init():
+            warden.at_exit(print, "worker exit callback", flush=True)
+
+        def pid(_):
+            return os.getpid()
+
+        def check(pool, pids, child):
+            alive = [p for p in pids | {child.pid} if os.path.exists(f"/proc/{p}/status")
+                     and "zombie" not in open(f"/proc/{p}/status").read()]
+            print("children alive:", alive, flush=True)
+            try:
+                pool.apply(pid, (0,))
+            except Exception as e:
+                print("pool refused:", type(e).__name__, flush=True)
+
+        if __name__ == "__main__":
+            pool = warden.Pool(2, initializer=init)
+            pids = set(pool.map(pid, range(4)))
+            child = warden.Process(target=init)
+            child.start()
+            warden.at_exit(check, pool, pids, child)
+            print("main done", flush=True)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    lines = run.lines
+    assert lines[0] == "main done"
+    assert lines[-2:] == ["children alive: []", "pool refused: ValueError"]  # Pool not running
+    assert lines.count("worker exit callback") >= 2  # the child's, and every started worker's
+
+
+# --- exit in workers and children -------------------------------------------------
+
+WORKER_PROGRAM = """
+import os
+import sys
+import time
+import warden
+
+OUT = os.environ["OUT"]
+
+def note(line):
+    with open(OUT, "a") as f:
+        f.write(line + "\\n")
+
+def init():
+    note(f"start {os.getpid()}")
+    warden.at_exit(note, f"exit {os.getpid()}")
+
+def pid(_):
+    return os.getpid()
+
+if __name__ == "__main__":
+    how = sys.argv[1]
+    if how == "close_join":
+        pool = warden.Pool(2, initializer=init)
+        pool.map(pid, range(4))
+        pool.close()
+        pool.join()
+    elif how == "terminate":
+        pool = warden.Pool(2, initializer=init)
+        pool.map(pid, range(4))
+        pool.terminate()
+        pool.join()
+    elif how == "shutdown":
+        ex = warden.ProcessPoolExecutor(2, initializer=init)
+        list(ex.map(pid, range(4)))
+        ex.shutdown()
+    elif how == "max_tasks_per_child":
+        with warden.ProcessPoolExecutor(1, initializer=init, max_tasks_per_child=1) as ex:
+            pids = {ex.submit(pid, i).result() for i in range(3)}
+        assert len(pids) == 3, pids
+    elif how == "timeout":
+        with warden.ProcessPoolExecutor(1, initializer=init, task_timeout=0.5) as ex:
+            try:
+                ex.submit(time.sleep, 30).result()
+            except warden.TaskTimeout:
+                pass
+            ex.submit(pid, 0).result()
+    elif how == "process":
+        p = warden.Process(target=init)
+        p.start()
+        p.join()
+        assert p.exitcode == 0
+"""
+
+
+@pytest.mark.parametrize(
+    "how", ["close_join", "terminate", "shutdown", "max_tasks_per_child", "timeout", "process"]
+)
+def test_exit_callbacks_run_in_every_worker_and_child_when_it_retires(program, how):
+    prog = program(WORKER_PROGRAM)
+    run = prog.run(args=(how,))
+    assert run.returncode == 0, run.stderr
+    lines = prog.out_lines()
+    started = {line.split()[1] for line in lines if line.startswith("start ")}
+    exited = [line.split()[1] for line in lines if line.startswith("exit ")]
+    assert started, lines
+    assert sorted(exited) == sorted(started), "each worker ran its exit callback, once"
+    # Replacements: one per retired worker (one may retire before it starts).
+    expected = {"max_tasks_per_child": 3, "timeout": 2, "process": 1}.get(how)
+    if expected is not None:
+        assert len(started) >= expected
+
+
+def test_a_worker_runs_its_finalizer_then_gc_then_atexit_then_exit_callbacks_in_priority_order(program):
+    prog = program(
+        """
+        import atexit
+        import os
+        import warden
+
+        OUT = os.environ["OUT"]
+
+        def note(line):
+            with open(OUT, "a") as f:
+                f.write(line + "\\n")
+
+        class Cycle:
+            def __init__(self):
+                self.me = self
+            def __del__(self):
+                note("gc: __del__ of cyclic garbage")
+
+        def init():
+            global garbage
+            garbage = Cycle()
+            atexit.register(note, "atexit handler")
+            warden.at_exit(note, "at_exit priority 0")
+            warden.at_exit(note, "at_exit priority 1", priority=1)
+            warden.at_exit(note, "at_exit priority -1", priority=-1)
+
+        def fini():
+            global garbage
+            garbage = None
+            note("pool finalizer")
+
+        def task(_):
+            warden.at_exit(note, "at_exit from a task")
+
+        if __name__ == "__main__":
+            with warden.Pool(1, initializer=init, finalizer=fini) as pool:
+                pool.map(task, [0])
+                pool.close()
+                pool.join()
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    assert prog.out_lines() == [
+        "pool finalizer",
+        "gc: __del__ of cyclic garbage",
+        "atexit handler",
+        "at_exit priority 1",
+        "at_exit from a task",
+        "at_exit priority 0",
+        "at_exit priority -1",
+    ]
+
+
+def test_a_child_never_runs_its_parents_exit_callbacks(program):
+    prog = program(
+        """
+        import os
+        import sys
+        import warden
+
+        def child():
+            warden.at_exit(print, f"child {os.getpid()} own", flush=True)
+
+        if __name__ == "__main__":
+            warden.at_exit(print, f"parent {os.getpid()} callback", flush=True)
+            pid = os.fork()
+            if pid == 0:  # a forked copy of the parent, registrations and all
+                child()
+                sys.exit(0)
+            os.waitpid(pid, 0)
+            p = warden.Process(target=child)
+            p.start()
+            p.join()
+            with warden.Pool(1) as pool:
+                pool.apply(child)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    parent_lines = [line for line in run.lines if line.startswith("parent ")]
+    child_lines = [line for line in run.lines if line.startswith("child ")]
+    assert parent_lines == [f"parent {run.pid} callback"]
+    assert len(child_lines) == 3
+    assert len({line.split()[1] for line in child_lines}) == 3
+    assert str(run.pid) not in " ".join(child_lines)
+
+
+def test_exit_callbacks_see_the_exit_order_in_a_process_child(program):
+    prog = program(
+        """
+        import warden
+
+        def child():
+            warden.at_exit(print, "child low", priority=-3, flush=True)
+            warden.at_exit(print, "child high", priority=3, flush=True)
+            print("child body", flush=True)
+
+        if __name__ == "__main__":
+            p = warden.Process(target=child)
+            p.start()
+            p.join()
+            print("joined", flush=True)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["child body", "child high", "child low", "joined"]
