@@ -50,6 +50,32 @@ _live_lock = threading.Lock()
 exiting = False
 
 
+def worker_hooks(
+    initializer: Callable[..., Any] | None,
+    initargs: Any,
+    finalizer: Callable[..., Any] | None,
+    finalargs: Any,
+    worker_context: Callable[[], Any] | None,
+) -> dict[str, Any]:
+    """The per-worker hooks of a pool, checked: what a worker runs when it
+    starts (``initializer``, entering ``worker_context``) and as it retires
+    (exiting ``worker_context``, ``finalizer``)."""
+    for name, hook in (
+        ("initializer", initializer),
+        ("finalizer", finalizer),
+        ("worker_context", worker_context),
+    ):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{name} must be a callable")
+    return {
+        "initializer": initializer,
+        "initargs": tuple(initargs),
+        "finalizer": finalizer,
+        "finalargs": tuple(finalargs),
+        "worker_context": worker_context,
+    }
+
+
 def worker_command() -> tuple[str, list[str]]:
     """The program and arguments that start a worker."""
     args = [*multiprocessing.util._args_from_interpreter_flags(), "-m", WORKER_MODULE]

@@ -65,24 +65,11 @@ class ProcessPoolExecutor(_base.Executor):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
-        for name, hook in (
-            ("initializer", initializer),
-            ("finalizer", finalizer),
-            ("worker_context", worker_context),
-        ):
-            if hook is not None and not callable(hook):
-                raise TypeError(f"{name} must be a callable")
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be a positive number of seconds")
         self._max_workers = max_workers
         self._mp_context = mp_context
-        self._hooks = {
-            "initializer": initializer,
-            "initargs": tuple(initargs),
-            "finalizer": finalizer,
-            "finalargs": tuple(finalargs),
-            "worker_context": worker_context,
-        }
+        self._hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
         self._max_tasks_per_child = max_tasks_per_child
         self._task_timeout = task_timeout
         self._name = f"ProcessPoolExecutor-{next(_counter)}"

@@ -63,24 +63,11 @@ class Pool:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
             raise ValueError("maxtasksperchild must be a positive int or None")
-        for name, hook in (
-            ("initializer", initializer),
-            ("finalizer", finalizer),
-            ("worker_context", worker_context),
-        ):
-            if hook is not None and not callable(hook):
-                raise TypeError(f"{name} must be a callable")
         self._processes = processes
         self._ctx = context
         self._name = f"Pool-{next(_counter)}"
         self._state = RUN
-        hooks = {
-            "initializer": initializer,
-            "initargs": tuple(initargs),
-            "finalizer": finalizer,
-            "finalargs": tuple(finalargs),
-            "worker_context": worker_context,
-        }
+        hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
         self._runner = _runner.Runner(
             mode="pool",
             name=self._name,
