@@ -234,6 +234,19 @@ def test_sentinel_becomes_ready_when_the_child_exits():
     p.close()
 
 
+def test_the_sentinel_of_a_reaped_child_is_ready_and_never_names_another_process():
+    p = warden.Process(target=exit_with, args=(0,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    # The child is reaped: its pid may name another process by now, so the
+    # sentinel must not be a pidfd opened from it.
+    fd = p.sentinel
+    assert multiprocessing.connection.wait([fd], timeout=0) == [fd]
+    assert not os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:[pidfd]")
+    p.close()
+
+
 def test_a_started_process_pickles_into_an_inert_handle():
     p = warden.Process(target=sleep_forever, name="sleeper")
     p.start()

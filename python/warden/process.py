@@ -8,6 +8,7 @@ collection, flush) and exits with the code ``multiprocessing`` would give it.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.process
 import os
@@ -229,7 +230,7 @@ class Process(multiprocessing.process.BaseProcess):
         if self._pid is None:
             raise ValueError("process not started")
         if self._sentinel_fd is None:
-            fd = os.pidfd_open(self._pid)
+            fd = _exit_sentinel(self._pid, self._popen)
             self._sentinel_fd = fd
             self._sentinel_closer = weakref.finalize(self, os.close, fd)
         return self._sentinel_fd
@@ -255,6 +256,26 @@ class Process(multiprocessing.process.BaseProcess):
         if self._config.get("daemon"):
             parts.append("daemon")
         return "<" + " ".join(parts) + ">"
+
+
+def _exit_sentinel(pid: int, runner: Any) -> int:
+    """An fd that is readable once child ``pid`` has exited.
+
+    A pidfd, unless the child may already have been reaped: the core reaps
+    before it reports its pool shut down, so a pidfd opened *before* the pool
+    was seen running names our child, and one opened after may name a process
+    that reused the pid. Then an already-readable fd stands in (a pipe whose
+    write end is closed)."""
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = os.pidfd_open(pid)
+    if fd is not None and runner is not None and not runner.core.is_shut_down():
+        return fd
+    if fd is not None:
+        os.close(fd)
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    return read_end
 
 
 def _new_process(cls: type[Process]) -> Process:
