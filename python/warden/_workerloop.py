@@ -273,6 +273,11 @@ def _set_parent(name: str, pid: int) -> None:
         sentinel = os.pidfd_open(pid)
     except OSError:
         return
+    if os.getppid() != pid:
+        # The parent died before the pidfd was opened; the pid may name
+        # another process now. The death signal is ending this worker anyway.
+        os.close(sentinel)
+        return
     multiprocessing.process._parent_process = multiprocessing.process._ParentProcess(  # type: ignore[attr-defined]
         name, pid, sentinel
     )
