@@ -125,25 +125,18 @@ class Future(_base.Future):  # type: ignore[type-arg]
 
     # -- completing (on the results thread) --------------------------------
 
-    def _set_error(self, error: ErrorData) -> None:
+    def _finish(self, value: Any = None, error: ErrorData | None = None) -> None:
+        """Finishes the future with a value or an error (kept as data)."""
         with self._condition:
             if self._state in _DONE:
                 return
-            self._error = error
+            self._result, self._error = value, error
             self._state = _base.FINISHED
             for waiter in self._waiters:
-                waiter.add_exception(self)
-            self._condition.notify_all()
-        self._invoke_callbacks()
-
-    def _set_value(self, value: Any) -> None:
-        with self._condition:
-            if self._state in _DONE:
-                return
-            self._result = value
-            self._state = _base.FINISHED
-            for waiter in self._waiters:
-                waiter.add_result(self)
+                if error is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
             self._condition.notify_all()
         self._invoke_callbacks()
 
@@ -153,12 +146,12 @@ class Future(_base.Future):  # type: ignore[type-arg]
             try:
                 value = loads(data)
             except Exception as e:
-                self._set_error(ErrorData.local(e, "cannot unpickle the task's result"))
+                self._finish(error=ErrorData.local(e, "cannot unpickle the task's result"))
             else:
-                self._set_value(value)
+                self._finish(value)
             return
         error = ErrorData.from_core(data)
         if error.cancelled:
             self._mark_cancelled()
         else:
-            self._set_error(error)
+            self._finish(error=error)
