@@ -6,10 +6,14 @@ the table of callbacks waiting for task outcomes, and the daemon thread
 reference to the executor or pool object that created it, so that object can
 become unreachable and shut down on its own.
 
-It also owns what happens at interpreter exit: every runner still alive is
-shut down with a bounded grace (:func:`_shut_down_at_exit`), so a pool never
-keeps the interpreter from exiting (seed 001); then the process's exit
-callbacks run (:func:`_at_interpreter_exit`).
+It also owns what happens at interpreter exit (:func:`_shut_down_at_exit`):
+an executor runs what was submitted to it, then its workers retire, as
+``concurrent.futures`` promises (only Ctrl-C or its ``exit_timeout`` cuts that
+short, and stderr then says how many tasks were dropped); a ``Pool`` and
+daemon processes are terminated and other processes joined, as
+``multiprocessing`` does. A pool with nothing pending never keeps the
+interpreter from exiting (seed 001). Then the process's exit callbacks run
+(:func:`_at_interpreter_exit`).
 """
 
 from __future__ import annotations
@@ -107,9 +111,10 @@ def preparation_data(name: str) -> dict[str, Any]:
 class Runner:
     """A core pool, its pending outcomes and the thread that delivers them.
 
-    ``exit_policy`` says what interpreter exit does to it: ``"pool"`` (cancel
-    queued tasks, give running ones one grace period, then terminate),
-    ``"daemon"`` (terminate) or ``"join"`` (wait, like a non-daemon process).
+    ``exit_policy`` says what interpreter exit does to it: ``"drain"`` (run
+    every task submitted, then retire the workers; cut short after
+    ``exit_timeout`` seconds if given), ``"terminate"`` (a ``Pool``, or a
+    daemon process) or ``"join"`` (wait, like a non-daemon process).
     """
 
     def __init__(
@@ -124,7 +129,8 @@ class Runner:
         task_timeout: float | None = None,
         one_off: bool = False,
         deliver: bool = True,
-        exit_policy: str = "pool",
+        exit_policy: str = "drain",
+        exit_timeout: float | None = None,
     ) -> None:
         _prune()
         fds = list(pass_fds or [])
@@ -163,6 +169,7 @@ class Runner:
         )
         self.name = name
         self.exit_policy = exit_policy
+        self.exit_timeout = exit_timeout
         self.interrupted = False
         self.pending: dict[int, Callable[[bool, Any], None]] = {}
         self._tags = itertools.count(1)
@@ -279,34 +286,49 @@ def _left(deadline: float) -> float:
 
 
 def _shut_down_at_exit() -> None:
-    """At interpreter exit: every pool still running is shut down with a
-    bounded grace; daemon processes are terminated and other processes joined,
-    as ``multiprocessing`` does. If the program is ending because of Ctrl-C,
-    everything is stopped gracefully at once instead (nothing is joined: the
-    children, in their own process groups, did not see the Ctrl-C). Ctrl-C
-    meanwhile kills what is left."""
+    """At interpreter exit, for every runner still running:
+
+    * an executor (``"drain"``) stops taking tasks, runs every task already
+      submitted, then its workers retire through their exit path, as
+      ``concurrent.futures`` promises; its ``exit_timeout``, if given, bounds
+      that, and what is unfinished then is dropped (terminated) and counted on
+      stderr;
+    * a ``Pool`` and a daemon process are terminated (``"terminate"``), as
+      ``multiprocessing`` does;
+    * a non-daemon process is joined (``"join"``).
+
+    If the program is ending because of Ctrl-C, everything is stopped
+    gracefully at once instead (nothing is joined: the children, in their own
+    process groups, did not see the Ctrl-C). A Ctrl-C while waiting stops
+    everything gracefully; another one kills what is left. After a terminate,
+    every wait is bounded by the grace periods."""
     global exiting
     exiting = True
     with _live_lock:
         everyone = list(_live)
     runners = [r for r in everyone if not r.core.is_shut_down()]
     interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+    started = time.monotonic()
     try:
-        for r in runners:
-            if interrupted or r.exit_policy == "daemon":
-                r.exit_policy = "daemon"
-                r.core.terminate()
-            elif r.exit_policy == "pool":
-                r.core.close_cancel_queued()
-        for r in runners:
-            if r.exit_policy == "join":
-                r.core.join()
-        # One grace period for all pools, not one each.
-        deadline = time.monotonic() + GRACE
-        for r in runners:
-            if r.exit_policy == "pool" and not r.core.join(_left(deadline)):
-                r.core.terminate()
-        deadline = time.monotonic() + GRACE + 2.0
+        try:
+            for r in runners:
+                if interrupted:
+                    _cut_short(r, "the program was interrupted")
+                elif r.exit_policy == "drain":
+                    r.core.close()
+                elif r.exit_policy == "terminate":
+                    r.core.terminate()
+            for r in runners:
+                if r.exit_policy == "join":
+                    r.core.join()
+                elif r.exit_policy == "drain" and not interrupted:
+                    limit = None if r.exit_timeout is None else _left(started + r.exit_timeout)
+                    if not r.core.join(limit):
+                        _cut_short(r, f"exit_timeout={r.exit_timeout:g}s passed")
+        except KeyboardInterrupt:
+            for r in runners:
+                _cut_short(r, "interrupted (Ctrl-C)")
+        deadline = time.monotonic() + GRACE * 2 + 2.0
         for r in runners:
             if not r.core.join(_left(deadline)):
                 r.core.kill()
@@ -322,6 +344,23 @@ def _shut_down_at_exit() -> None:
     for r in everyone:
         if r.thread is not None:
             r.thread.join(2.0)
+
+
+def _cut_short(runner: Runner, why: str) -> None:
+    """Terminates a runner at interpreter exit; for an executor whose
+    submitted work is thereby lost, says on stderr how many tasks."""
+    if runner.core.is_shut_down():
+        return
+    dropped = len(runner.pending) if runner.exit_policy == "drain" else 0
+    runner.exit_policy = "terminate"
+    runner.core.terminate()
+    if dropped:
+        tasks = "task" if dropped == 1 else "tasks"
+        print(
+            f"warden: {runner.name}: {dropped} submitted {tasks} dropped at interpreter exit ({why})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _at_interpreter_exit() -> None:

@@ -33,7 +33,11 @@ class ProcessPoolExecutor(_base.Executor):
       starts and exited when it ends; tasks reach what it yields with
       :func:`warden.worker_context`;
     * ``task_timeout``: seconds a task may run before its worker is stopped
-      (the task fails with :class:`warden.TaskTimeout`) and replaced.
+      (the task fails with :class:`warden.TaskTimeout`) and replaced;
+    * ``exit_timeout``: seconds that interpreter exit waits for the tasks
+      still pending in an executor left open. By default it waits for all of
+      them, as ``concurrent.futures`` promises; past the limit (or on Ctrl-C)
+      the rest are dropped, and stderr says how many.
 
     A worker crash fails only the task it was running
     (:class:`warden.WorkerCrashed`); the pool replaces the worker.
@@ -55,6 +59,7 @@ class ProcessPoolExecutor(_base.Executor):
         finalargs: tuple[Any, ...] = (),
         task_timeout: float | None = None,
         worker_context: Callable[[], Any] | None = None,
+        exit_timeout: float | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -67,11 +72,14 @@ class ProcessPoolExecutor(_base.Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be a positive number of seconds")
+        if exit_timeout is not None and not exit_timeout >= 0:
+            raise ValueError("exit_timeout must be a number of seconds >= 0")
         self._max_workers = max_workers
         self._mp_context = mp_context
         self._hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
         self._max_tasks_per_child = max_tasks_per_child
         self._task_timeout = task_timeout
+        self._exit_timeout = exit_timeout
         self._name = f"ProcessPoolExecutor-{next(_counter)}"
         self._lock = threading.Lock()
         self._shutdown_called = False
@@ -91,6 +99,7 @@ class ProcessPoolExecutor(_base.Executor):
                 hooks=self._hooks,
                 max_tasks_per_child=self._max_tasks_per_child,
                 task_timeout=self._task_timeout,
+                exit_timeout=self._exit_timeout,
             )
             # An executor nobody can reach any more shuts down on its own
             # (queued tasks still run); the callback holds the runner only.

@@ -74,6 +74,7 @@ class Pool:
             workers=processes,
             hooks=hooks,
             max_tasks_per_child=maxtasksperchild,
+            exit_policy="terminate",
         )
         # A pool nobody can reach any more is terminated, as the standard
         # library does; results being waited for keep their pool reachable.

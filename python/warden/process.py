@@ -118,7 +118,7 @@ class Process(multiprocessing.process.BaseProcess):
             pass_fds=fds,
             one_off=True,
             deliver=False,
-            exit_policy="daemon" if self.daemon else "join",
+            exit_policy="terminate" if self.daemon else "join",
         )
         self._popen = runner
         try:
