@@ -8,9 +8,21 @@ the same observable result for both.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import gc
+import multiprocessing
+import multiprocessing.pool
+import re
 import signal
+import textwrap
+import threading
+import time
+import warnings
 
 import pytest
+
+import warden
 
 #: Chooses the implementation from $IMPL; every program below starts with it.
 HEADER = """
@@ -36,8 +48,6 @@ IMPLS = ["warden", "stdlib"]
 
 def user_program(program, body: str):
     """A program file: the implementation header, then ``body``."""
-    import textwrap
-
     return program(HEADER + textwrap.dedent(body))
 
 
@@ -142,8 +152,6 @@ def test_ctrl_c_while_exit_waits_for_submitted_tasks_drops_them_and_says_so(prog
     proc = prog.start()
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ended"
-    import time
-
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
@@ -169,3 +177,150 @@ def test_a_pool_left_open_at_exit_is_terminated(program, impl):
     assert run.returncode == 0, run.stderr
     assert run.elapsed < 30
     assert prog.out_lines() == []
+
+
+# -- in this process: the same calls on both implementations -----------------
+
+
+class Impl:
+    """The standard library (spawn context) or warden, by the same names."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        if name == "warden":
+            self.Executor = warden.ProcessPoolExecutor
+            self.Pool = warden.Pool
+            self.Process = warden.Process
+            self.Event = warden.Event
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            self.Executor = functools.partial(concurrent.futures.ProcessPoolExecutor, mp_context=ctx)
+            self.Pool = ctx.Pool
+            self.Process = ctx.Process
+            self.Event = ctx.Event
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request) -> Impl:
+    return Impl(request.param)
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def return_lock():
+    return threading.Lock()
+
+
+def lock_for(_):
+    return threading.Lock()
+
+
+def identity(x):
+    return x
+
+
+class Payload:
+    """Something a weak reference can watch."""
+
+    def __init__(self, n=0):
+        self.n = n
+
+
+def make_payload(n):
+    return Payload(n)
+
+
+def test_shutdown_with_cancel_futures_leaves_every_queued_future_cancelled(impl):
+    ex = impl.Executor(1)
+    assert ex.submit(identity, 0).result(timeout=60) == 0  # the worker is up
+    first = ex.submit(sleep_then, 1.0, "first")
+    time.sleep(0.3)  # and has taken the first task
+    queued = [ex.submit(sleep_then, 0, i) for i in range(6)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert first.result(timeout=0) == "first"
+    # The standard library may already have handed one more call to its worker.
+    assert queued[0].cancelled() or queued[0].result(timeout=0) == 0
+    assert all(f.cancelled() for f in queued[1:])
+    for f in queued[1:]:
+        assert f.done()
+        assert not f.running()
+        with pytest.raises(concurrent.futures.CancelledError):
+            f.result(timeout=0)
+
+
+def test_shutdown_without_waiting_cancels_the_queued_futures_before_it_returns():
+    ex = warden.ProcessPoolExecutor(1)
+    first = ex.submit(sleep_then, 0.5, "first")
+    queued = [ex.submit(sleep_then, 0, i) for i in range(20)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in queued)
+    done, not_done = concurrent.futures.wait(queued, timeout=0)
+    assert len(done) == 20 and not not_done
+    assert first.cancelled() or first.result(timeout=30) == "first"
+    ex.shutdown(wait=True)
+
+
+def test_a_result_that_cannot_be_pickled_raises_maybe_encoding_error(impl):
+    with impl.Pool(1) as pool:
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError, match="Error sending result: .*lock"):
+            pool.apply(return_lock)
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError):
+            pool.map(lock_for, [1, 2])
+        assert pool.apply(identity, (3,)) == 3
+
+
+def test_async_result_get_with_a_timeout_raises_multiprocessing_timeout_error(impl):
+    with impl.Pool(1) as pool:
+        result = pool.apply_async(sleep_then, (5,))
+        with pytest.raises(multiprocessing.TimeoutError):
+            result.get(timeout=0.1)
+        assert not result.ready()
+
+
+@pytest.mark.parametrize("stop", ["close", "terminate"])
+def test_using_a_closed_or_terminated_pool_raises_value_error(impl, stop):
+    pool = impl.Pool(1)
+    getattr(pool, stop)()
+    for use in (
+        lambda: pool.apply_async(identity, (1,)),
+        lambda: pool.map(identity, [1]),
+        lambda: pool.imap(identity, [1]),
+        lambda: pool.starmap(identity, [(1,)]),
+    ):
+        with pytest.raises(ValueError, match="Pool not running"):
+            use()
+    pool.join()
+
+
+@pytest.mark.parametrize("args", [(0,), (-2,), (1, None, (), 0), (1, None, (), -1), (1, None, (), 1.5)])
+def test_a_pool_with_no_processes_or_a_bad_maxtasksperchild_raises_value_error(impl, args):
+    with pytest.raises(ValueError):
+        impl.Pool(*args)
+
+
+def test_event_repr_says_set_or_unset_in_the_standard_librarys_form(impl):
+    event = impl.Event()
+    assert re.fullmatch(r"<Event at 0x[0-9a-f]+ unset>", repr(event))
+    event.set()
+    assert re.fullmatch(r"<Event at 0x[0-9a-f]+ set>", repr(event))
+
+
+def test_a_running_pool_that_is_garbage_collected_warns_resource_warning(impl):
+    pool = impl.Pool(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del pool
+        gc.collect()
+    messages = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert any(m.startswith("unclosed running multiprocessing pool <") for m in messages), messages
+    closed = impl.Pool(1)
+    closed.close()
+    closed.join()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del closed
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -92,6 +92,25 @@ def _error(exc: BaseException, kind: str = "raised") -> tuple[str, str, str, str
     return (kind, type_name, message, tb, data)
 
 
+def _unpicklable_result(value: Any, why: Exception) -> pickle.PicklingError:
+    """The error of a task whose result cannot be pickled. It carries the
+    reprs ``multiprocessing.pool.MaybeEncodingError`` is made of, so that a
+    ``Pool`` raises that instead."""
+    error = pickle.PicklingError(
+        f"cannot pickle the task's result of type {type(value).__qualname__}: {type(why).__name__}: {why}"
+    )
+    error.result_repr = _text_of(repr, value)  # type: ignore[attr-defined]
+    error.reason_repr = _text_of(repr, why)  # type: ignore[attr-defined]
+    return error
+
+
+def _text_of(fn: Any, obj: Any) -> str:
+    try:
+        return str(fn(obj))
+    except Exception:
+        return f"<unprintable {type(obj).__name__}>"
+
+
 def _interrupted() -> tuple[str, str, str, str, bytes]:
     return ("interrupted", "TaskInterrupted", "the worker was told to stop", "", b"")
 
@@ -160,12 +179,7 @@ class Handler:
             try:
                 return dumps(value)
             except Exception as e:
-                return _error(
-                    pickle.PicklingError(
-                        f"cannot pickle the task's result of type {type(value).__qualname__}: "
-                        f"{type(e).__name__}: {e}"
-                    )
-                )
+                return _error(_unpicklable_result(value, e))
         except TaskInterrupted:
             return _interrupted()
         except BaseException as e:

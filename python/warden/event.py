@@ -45,7 +45,8 @@ class Event:
         return self._core.wait(timeout)
 
     def __repr__(self) -> str:
-        return f"<warden.Event {'set' if self.is_set() else 'unset'}>"
+        # The standard library's form (multiprocessing.synchronize.Event).
+        return f"<{type(self).__qualname__} at {id(self):#x} {'set' if self.is_set() else 'unset'}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
         popen = _mp_context.get_spawning_popen()

@@ -170,6 +170,12 @@ class ProcessPoolExecutor(_base.Executor):
         if runner is None:
             return
         if cancel_futures:
+            # Every queued future reads as cancelled when this returns, as in
+            # the standard library; the core then cancels whatever is left.
+            for on_done in list(runner.pending.values()):
+                future = getattr(on_done, "__self__", None)
+                if isinstance(future, Future):
+                    future.cancel()
             runner.core.close_cancel_queued()
         else:
             runner.core.close()

@@ -9,9 +9,11 @@ import multiprocessing
 import os
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from multiprocessing.pool import RemoteTraceback
+import pickle
+from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import Any
 
 from . import _runner, _warden
@@ -84,6 +86,12 @@ class Pool:
     def __repr__(self) -> str:
         cls = type(self)
         return f"<{cls.__module__}.{cls.__qualname__} state={self._state} pool_size={self._processes}>"
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # As multiprocessing.Pool: a running pool should have been closed or
+        # terminated (the finalizer above terminates it now).
+        if getattr(self, "_state", None) == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (PoolHandle, ("Pool", self._name, os.getpid(), self._processes))
@@ -286,7 +294,7 @@ class ApplyResult:
         if not self.ready():
             raise multiprocessing.TimeoutError
         if self._error is not None:
-            raise self._error.build(RemoteTraceback)
+            raise _exception(self._error)
         return self._value
 
     def _deliver(self, ok: bool, data: Any) -> None:
@@ -307,7 +315,7 @@ class ApplyResult:
                 if self._callback is not None:
                     self._callback(value)
             elif self._error_callback is not None:
-                self._error_callback(error.build(RemoteTraceback))
+                self._error_callback(_exception(error))
         finally:
             self._event.set()
             self._pool = None
@@ -414,7 +422,7 @@ class IMapIterator:
                 raise
             ok, value = item
             if not ok:
-                raise value.build(RemoteTraceback)
+                raise _exception(value)
             self._buffer.extend(value)
         return self._buffer.popleft()
 
@@ -439,6 +447,19 @@ class IMapIterator:
         with self._cond:
             self._length = length
             self._cond.notify_all()
+
+
+def _exception(error: ErrorData) -> BaseException:
+    """A fresh exception for a failed task, as ``multiprocessing.pool`` raises
+    it: with a ``RemoteTraceback`` cause, and ``MaybeEncodingError`` for a
+    result that could not be pickled."""
+    exc = error.build(RemoteTraceback)
+    if isinstance(exc, pickle.PicklingError) and hasattr(exc, "result_repr"):
+        encoding = MaybeEncodingError.__new__(MaybeEncodingError)
+        Exception.__init__(encoding, exc.reason_repr, exc.result_repr)
+        encoding.exc, encoding.value = exc.reason_repr, exc.result_repr
+        return encoding
+    return exc
 
 
 def _feed(
