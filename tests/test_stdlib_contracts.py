@@ -154,7 +154,7 @@ def test_ctrl_c_while_exit_waits_for_submitted_tasks_drops_them_and_says_so(prog
     assert proc.stdout.readline().strip() == "ended"
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert "3 submitted tasks dropped at interpreter exit (interrupted (Ctrl-C))" in err
 
 

@@ -7,12 +7,12 @@ import functools
 import itertools
 import multiprocessing
 import os
+import pickle
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-import pickle
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import Any
 
