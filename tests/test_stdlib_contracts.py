@@ -13,16 +13,20 @@ import functools
 import gc
 import multiprocessing
 import multiprocessing.pool
+import os
 import re
 import signal
 import textwrap
 import threading
 import time
 import warnings
+import weakref
 
 import pytest
 
 import warden
+
+from conftest import wait_until
 
 #: Chooses the implementation from $IMPL; every program below starts with it.
 HEADER = """
@@ -324,3 +328,141 @@ def test_a_running_pool_that_is_garbage_collected_warns_resource_warning(impl):
         del closed
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+# -- nothing is kept alive that the standard library releases -----------------
+
+
+def test_the_map_iterator_keeps_no_reference_to_results_already_yielded(impl):
+    with impl.Executor(2) as ex:
+        results = ex.map(make_payload, range(4))
+        first = next(results)
+        ref = weakref.ref(first)
+        del first
+        gc.collect()
+        assert ref() is None
+        assert [p.n for p in results] == [1, 2, 3]
+
+
+def test_a_finished_task_keeps_no_reference_to_its_function_arguments_or_result(impl):
+    with impl.Executor(1) as ex:
+        fn, argument = Doubler(), Payload(21)
+        refs = [weakref.ref(fn), weakref.ref(argument)]
+        future = ex.submit(fn, argument)
+        result = future.result(timeout=60)
+        assert result.n == 42
+        refs.append(weakref.ref(result))
+        del fn, argument, result
+        assert wait_until(lambda: gc.collect() is not None and refs[0]() is None and refs[1]() is None)
+        assert refs[2]() is not None  # the future holds its result...
+        del future
+        assert wait_until(lambda: gc.collect() is not None and refs[2]() is None)  # ...nothing else
+
+
+class Doubler:
+    def __call__(self, payload):
+        return Payload(payload.n * 2)
+
+
+def remember_and_return(tag):
+    """In a worker: makes an argument-like and a result-like object, keeping
+    only weak references to them."""
+    global _refs
+    value = Payload(tag)
+    _refs = [weakref.ref(value)]
+    return tag
+
+
+def worker_refs_are_dead():
+    gc.collect()
+    return all(r() is None for r in _refs)
+
+
+def test_a_worker_keeps_no_reference_to_a_finished_tasks_objects(impl):
+    with impl.Executor(1) as ex:
+        assert ex.submit(remember_and_return, 3).result(timeout=60) == 3
+        assert ex.submit(worker_refs_are_dead).result(timeout=60) is True
+    with impl.Pool(1) as pool:
+        assert pool.apply(remember_and_return, (4,)) == 4
+        assert pool.apply(worker_refs_are_dead) is True
+
+
+def test_process_start_drops_its_references_to_target_args_and_kwargs(impl):
+    target, arg, kwarg = Payload(), Payload(1), Payload(2)
+    refs = [weakref.ref(o) for o in (target, arg, kwarg)]
+    p = impl.Process(target=target, args=(arg,), kwargs={"k": kwarg})
+    p.start()
+    del target, arg, kwarg
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+    p.join(60)
+    assert p.exitcode == 1  # Payload() does not take arguments: the child says so
+
+
+# -- workers as the standard library starts them -------------------------------
+
+
+def name_and_parent():
+    parent = multiprocessing.parent_process()
+    me = multiprocessing.current_process()
+    return me.name, parent.pid if parent else None, parent.name if parent else None
+
+
+def test_pool_workers_are_active_children_with_pid_name_and_is_alive(impl):
+    with impl.Pool(2) as pool:
+        pool.map(identity, range(8))
+        assert wait_until(lambda: len(multiprocessing.active_children()) == 2)
+        children = multiprocessing.active_children()
+        pids = {c.pid for c in children}
+        assert all(c.is_alive() and c.name for c in children)
+        worker_pids = set(pool.map(os_getpid_of, range(8), chunksize=1))
+        assert worker_pids <= pids
+        assert {c.pid for c in pool._pool} == pids
+        assert pool._processes == 2
+        name, parent_pid, _ = pool.apply(name_and_parent)
+        assert parent_pid == os.getpid()
+        assert name in {c.name for c in children}
+    assert wait_until(lambda: multiprocessing.active_children() == [], timeout=30)
+
+
+def test_a_process_is_an_active_child_until_joined_and_its_child_sees_its_parent(impl):
+    queue = multiprocessing.get_context("spawn").SimpleQueue()
+    p = impl.Process(target=put_name_and_parent, args=(queue,), name="child-7")
+    p.start()
+    assert p in multiprocessing.active_children()
+    assert queue.get() == ("child-7", os.getpid(), multiprocessing.current_process().name)
+    p.join(60)
+    assert p not in multiprocessing.active_children()
+
+
+def put_name_and_parent(queue):
+    queue.put(name_and_parent())
+
+
+def os_getpid_of(_):
+    time.sleep(0.01)
+    return os.getpid()
+
+
+def test_executor_processes_max_workers_and_mp_context_are_live_compatibility_views():
+    with warden.ProcessPoolExecutor(2) as ex:
+        assert ex._max_workers == 2
+        assert ex._mp_context is multiprocessing.get_context("spawn")
+        assert ex._processes == {}
+        pids = set(ex.map(os_getpid_of, range(8)))
+        assert wait_until(lambda: len(ex._processes) == 2)
+        assert pids <= set(ex._processes)
+        victim = ex._processes[min(pids)]
+        assert victim.pid == min(pids) and victim.is_alive() and victim.exitcode is None
+        victim.terminate()
+        victim.join(30)
+        assert not victim.is_alive()
+        assert victim.exitcode == -signal.SIGTERM
+        assert wait_until(lambda: len(ex._processes) == 2 and min(pids) not in ex._processes)
+        other = next(iter(ex._processes.values()))
+        other.kill()
+        other.join(30)
+        assert other.exitcode == -signal.SIGKILL
+        assert ex.submit(identity, 5).result(timeout=60) == 5  # the pool goes on
+    forkserver = multiprocessing.get_context("forkserver")
+    assert warden.ProcessPoolExecutor(1, mp_context=forkserver)._mp_context is forkserver

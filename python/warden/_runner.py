@@ -232,6 +232,29 @@ class Runner:
             self.thread.join(None if timeout is None else max(timeout, 1.0))
         return done
 
+    def exitcode(self) -> int | None:
+        """A one-off child's exit code as ``multiprocessing`` gives it (``-N``
+        if signal ``N`` ended it); ``None`` while it runs."""
+        if not self.core.is_shut_down():
+            return None
+        info = self.core.last_exit()
+        if info is None:
+            return 1  # it never started (the error was raised to the caller)
+        code, signal, cause, reason = info[3], info[4], info[5], info[6]
+        if signal is not None:
+            return -signal
+        if reason == "init_failed" or (cause or "").startswith("init_failed"):
+            return 1  # the child could not even unpickle its target (traceback on stderr)
+        return code
+
+    # multiprocessing's Popen API, which its bookkeeping of children calls
+    # (active_children(), its exit handler) on a Process's _popen.
+    poll = exitcode
+
+    def terminate(self) -> None:
+        """Stops the workers gracefully (``multiprocessing``'s Popen API)."""
+        self.core.terminate()
+
     def join_bounded(self) -> None:
         """Waits for a terminate to run its course, killing what outlives it."""
         if not self.join(GRACE * 2 + 2.0):
@@ -264,6 +287,8 @@ def _deliver(core: Any, pending: dict[int, Callable[[bool, Any], None]], forget:
                 callback = pending.pop(tag, None)
                 if callback is not None:
                     _call(callback, ok, data)
+            # Hold no outcome (nor its future) while waiting for the next.
+            batch = callback = data = None
     finally:
         # The pool is gone; anything still waiting never got an outcome.
         for tag in list(pending):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 import threading
 import time
@@ -12,6 +13,7 @@ from concurrent.futures import _base
 from typing import Any
 
 from . import _runner, _warden
+from ._children import WorkerProcess, workers_of
 from ._errors import core_error
 from ._futures import Future
 from ._handles import PoolHandle
@@ -75,7 +77,8 @@ class ProcessPoolExecutor(_base.Executor):
         if exit_timeout is not None and not exit_timeout >= 0:
             raise ValueError("exit_timeout must be a number of seconds >= 0")
         self._max_workers = max_workers
-        self._mp_context = mp_context
+        # Only a compatibility view: workers always start like "spawn".
+        self._mp_context = mp_context if mp_context is not None else multiprocessing.get_context("spawn")
         self._hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
         self._max_tasks_per_child = max_tasks_per_child
         self._task_timeout = task_timeout
@@ -84,6 +87,13 @@ class ProcessPoolExecutor(_base.Executor):
         self._lock = threading.Lock()
         self._shutdown_called = False
         self._runner: _runner.Runner | None = None
+
+    @property
+    def _processes(self) -> dict[int, WorkerProcess]:
+        """The live workers by pid (a compatibility view, as the standard
+        library's executor has it): ``pid``, ``is_alive()``, ``exitcode``,
+        ``terminate()``, ``kill()``, ``join(timeout)``."""
+        return {w.pid: w for w in workers_of(self._runner)}
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (PoolHandle, ("ProcessPoolExecutor", self._name, os.getpid(), self._max_workers))
@@ -220,18 +230,24 @@ def _results(futures: list[Future], end: float | None, chunked: bool) -> Iterato
     try:
         futures.reverse()
         while futures:
-            future = futures.pop()
-            try:
-                result = future.result() if end is None else future.result(end - time.monotonic())
-            except BaseException:
-                future.cancel()
-                raise
-            finally:
-                del future
+            # Nothing here holds a result once it is yielded (nor its future).
             if chunked:
-                yield from result
+                yield from _next_result(futures, end)
             else:
-                yield result
+                yield _next_result(futures, end)
     finally:
         for future in futures:
             future.cancel()
+
+
+def _next_result(futures: list[Future], end: float | None) -> Any:
+    """The result of the last future of ``futures``, which it removes;
+    cancels that future if waiting for it fails."""
+    future = futures.pop()
+    try:
+        return future.result() if end is None else future.result(end - time.monotonic())
+    except BaseException:
+        future.cancel()
+        raise
+    finally:
+        del future

@@ -17,6 +17,7 @@ from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import Any
 
 from . import _runner, _warden
+from ._children import WorkerProcess, workers_of
 from ._errors import ErrorData, core_error
 from ._handles import PoolHandle
 from ._pickle import dumps, loads
@@ -86,6 +87,13 @@ class Pool:
     def __repr__(self) -> str:
         cls = type(self)
         return f"<{cls.__module__}.{cls.__qualname__} state={self._state} pool_size={self._processes}>"
+
+    @property
+    def _pool(self) -> list[WorkerProcess]:
+        """The live workers (a compatibility view, as ``multiprocessing.Pool``
+        has it): ``pid``, ``name``, ``is_alive()``, ``exitcode``,
+        ``terminate()``, ``kill()``, ``join(timeout)``."""
+        return workers_of(self._runner)
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         # As multiprocessing.Pool: a running pool should have been closed or

@@ -133,6 +133,9 @@ class Process(multiprocessing.process.BaseProcess):
             runner.core.kill()
             raise OSError(f"cannot start process {self._name}: {runner.core.failure() or 'no pid'}")
         self._pid = pid
+        # As the standard library does: the child has them, this object need not.
+        del self._target, self._args, self._kwargs
+        multiprocessing.process._children.add(self)  # type: ignore[attr-defined]
 
     def join(self, timeout: float | None = None) -> None:
         """Waits until the child has exited (and run its exit path), or
@@ -144,7 +147,8 @@ class Process(multiprocessing.process.BaseProcess):
             raise AssertionError("can only join a child process")
         if self._popen is None:
             raise AssertionError("can only join a started process")
-        self._popen.join(timeout)
+        if self._popen.join(timeout):
+            multiprocessing.process._children.discard(self)  # type: ignore[attr-defined]
 
     def is_alive(self) -> bool:
         """Whether the child has started and not yet exited."""
@@ -185,6 +189,7 @@ class Process(multiprocessing.process.BaseProcess):
                 )
             self._handle_exitcode = self.exitcode
             self._popen.core.dispose()
+            multiprocessing.process._children.discard(self)  # type: ignore[attr-defined]
         if self._sentinel_closer is not None:
             self._sentinel_closer()
             self._sentinel_fd = None
@@ -199,17 +204,9 @@ class Process(multiprocessing.process.BaseProcess):
         self._check_closed()
         if self._handle_of is not None:
             return self._handle_exitcode
-        if self._popen is None or not self._popen.core.is_shut_down():
+        if self._popen is None:
             return None
-        info = self._popen.core.last_exit()
-        if info is None:
-            return None
-        code, signal, cause, reason = info[3], info[4], info[5], info[6]
-        if signal is not None:
-            return -signal
-        if reason == "init_failed" or (cause or "").startswith("init_failed"):
-            return 1  # the child could not even unpickle its target (traceback on stderr)
-        return code
+        return self._popen.exitcode()
 
     @property
     def ident(self) -> int | None:  # type: ignore[override]

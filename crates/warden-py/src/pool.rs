@@ -51,6 +51,9 @@ struct Inner {
     first_pid: Mutex<Option<i32>>,
     pid_known: Condvar,
     last_exit: Mutex<Option<WorkerExit>>,
+    /// `(pid, exitcode, signal)` of the workers that exited, the last
+    /// [`EVENT_LOG`] of them, for [`CorePool::exit_status`].
+    exits: Mutex<VecDeque<(i32, Option<i32>, Option<i32>)>>,
     events: Mutex<VecDeque<Event>>,
 }
 
@@ -72,7 +75,15 @@ impl Inner {
                 lock(&self.first_pid).get_or_insert(*pid);
                 self.pid_known.notify_all();
             }
-            Event::WorkerExited(exit) => *lock(&self.last_exit) = Some(exit.clone()),
+            Event::WorkerExited(exit) => {
+                let mut exits = lock(&self.exits);
+                if exits.len() == EVENT_LOG {
+                    exits.pop_front();
+                }
+                exits.push_back((exit.pid, exit.status.code(), exit.status.signal()));
+                drop(exits);
+                *lock(&self.last_exit) = Some(exit.clone());
+            }
             Event::PoolFailed { .. } => self.wake(),
             _ => {}
         }
@@ -378,6 +389,12 @@ impl CorePool {
     fn last_exit<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let exit = lock(&self.inner.last_exit).clone();
         exit.map(|e| exit_tuple(py, &e)).transpose()
+    }
+
+    /// `(exitcode, signal)` of worker `pid` once it has exited and was
+    /// reaped (among the last 1024 to exit); `None` otherwise.
+    fn exit_status(&self, pid: i32) -> Option<(Option<i32>, Option<i32>)> {
+        lock(&self.inner.exits).iter().rev().find(|e| e.0 == pid).map(|e| (e.1, e.2))
     }
 
     /// Takes the lifecycle events recorded so far (at most the last 1024).

@@ -1,0 +1,170 @@
+"""warden's pool workers as ``multiprocessing`` sees its children.
+
+Code in the wild looks at a pool's processes through the standard library:
+``multiprocessing.active_children()``, ``executor._processes``,
+``pool._pool``. A :class:`WorkerProcess` is such a view of one live pool
+worker: ``pid``, ``name``, ``daemon``, ``is_alive()``, ``exitcode``,
+``terminate()``, ``kill()``, ``join(timeout)``, and the ``_popen.poll()``
+that ``multiprocessing``'s own bookkeeping calls.
+
+The pool's supervisor owns its workers and reaps them; a view never waits for
+or reaps a worker. It signals one through a pidfd that it opened while the
+core still listed the worker as running: an unreaped process's pid cannot be
+reused, so the pidfd names that worker even after it exits. A worker stopped
+this way ends through its exit path (SIGTERM) or not at all (SIGKILL); the
+pool sees an exit it did not ask for, fails the task that was running and
+starts a replacement, as when anything else signals a worker.
+
+``multiprocessing.active_children()`` lists ``multiprocessing.process._children``;
+:func:`install` replaces that set with one that also yields the live workers
+of every warden pool of this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing.process
+import os
+import select
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from . import _runner
+
+
+class WorkerProcess:
+    """A live view of one pool worker, with ``multiprocessing.Process``'s
+    read-and-signal API. Made by :func:`workers_of`; not started by users."""
+
+    daemon = True  # as the standard library's pool workers
+
+    def __init__(self, runner: _runner.Runner, worker: int, pid: int) -> None:
+        self._runner = runner
+        self.pid = self.ident = pid
+        self.name = f"{runner.name}-worker-{worker}"
+        self._parent_pid = os.getpid()
+        self._pidfd: int | None = None
+        with contextlib.suppress(OSError):
+            fd = os.pidfd_open(pid)
+            if self._listed():  # opened before the core could reap it: it is ours
+                self._pidfd = fd
+                weakref.finalize(self, os.close, fd)
+            else:
+                os.close(fd)
+
+    @property
+    def _popen(self) -> WorkerProcess:
+        return self  # what multiprocessing's bookkeeping calls poll() on
+
+    def _listed(self) -> bool:
+        return any(w[1] == self.pid for w in self._runner.core.workers())
+
+    def poll(self) -> int | None:
+        """``exitcode`` (``multiprocessing``'s ``Popen`` API)."""
+        return self.exitcode
+
+    def is_alive(self) -> bool:
+        """Whether the worker is still running."""
+        if self._pidfd is None:
+            return False
+        readable, _, _ = select.select([self._pidfd], [], [], 0)
+        return not readable
+
+    @property
+    def exitcode(self) -> int | None:
+        """``None`` while it runs, then its exit code (``-N`` after signal ``N``)."""
+        if self.is_alive():
+            return None
+        status = self._runner.core.exit_status(self.pid)
+        if status is None:
+            return None if self._listed() else 0
+        code, sig = status
+        return -sig if sig is not None else code
+
+    def _signal(self, sig: int) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    def terminate(self) -> None:
+        """SIGTERM: the worker runs its exit path (finalizer) and exits."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        self._signal(signal.SIGKILL)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Waits until the worker has exited, or ``timeout`` seconds."""
+        if self._pidfd is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+            readable, _, _ = select.select([self._pidfd], [], [], left)
+            if readable or (deadline is not None and time.monotonic() >= deadline):
+                return
+
+    @property
+    def sentinel(self) -> int:
+        """A pidfd, readable once the worker has exited."""
+        if self._pidfd is None:
+            raise ValueError("the worker has exited")
+        return self._pidfd
+
+    def __repr__(self) -> str:
+        code = self.exitcode
+        status = "started" if code is None else f"stopped exitcode={code}"
+        name = type(self).__name__
+        return f"<{name} name={self.name!r} pid={self.pid} parent={self._parent_pid} {status} daemon>"
+
+
+_views: weakref.WeakKeyDictionary[_runner.Runner, dict[int, WorkerProcess]] = weakref.WeakKeyDictionary()
+_views_lock = threading.Lock()
+
+
+def workers_of(runner: _runner.Runner | None) -> list[WorkerProcess]:
+    """The live workers of a runner, one stable view per worker."""
+    if runner is None:
+        return []
+    listed = [(w[0], w[1]) for w in runner.core.workers()]
+    with _views_lock:
+        views = _views.setdefault(runner, {})
+        current = {pid: views.get(pid) or WorkerProcess(runner, worker, pid) for worker, pid in listed}
+        views.clear()
+        views.update(current)
+        return list(current.values())
+
+
+class _Children(set):  # type: ignore[type-arg]
+    """``multiprocessing.process._children``, plus the live workers of every
+    warden pool of this process when iterated (``active_children()``)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from set.__iter__(self)
+        if os.getpid() != _owner:
+            return
+        with _runner._live_lock:
+            # Pools (a Process is in the set itself, and has no results thread).
+            pools = [r for r in _runner._live if r.thread is not None]
+        for runner in pools:
+            yield from workers_of(runner)
+
+
+_owner = os.getpid()
+
+
+def install() -> None:
+    """Makes ``multiprocessing.active_children()`` see warden's pool workers."""
+    global _owner
+    children = multiprocessing.process._children  # type: ignore[attr-defined]
+    if not isinstance(children, _Children):
+        multiprocessing.process._children = _Children(children)  # type: ignore[attr-defined]
+    _owner = os.getpid()
+
+
+install()
