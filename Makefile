@@ -41,6 +41,8 @@ $(VENV)/.tools:
 	$(PYTHON) -m venv $(VENV)
 	$(T) 600 $(VPY) -m pip install --quiet --upgrade pip
 	$(T) 600 $(VPY) -m pip install --quiet "maturin>=1.16,<2" "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.5" "cloudpickle>=2.1"
+	# Optional dependencies some tests use with warden (they skip without them).
+	$(T) 600 $(VPY) -m pip install --quiet "dask>=2023.1" "tqdm>=4.60"
 	touch $@
 
 venv: $(VENV)/.tools

@@ -466,3 +466,57 @@ def test_executor_processes_max_workers_and_mp_context_are_live_compatibility_vi
         assert ex.submit(identity, 5).result(timeout=60) == 5  # the pool goes on
     forkserver = multiprocessing.get_context("forkserver")
     assert warden.ProcessPoolExecutor(1, mp_context=forkserver)._mp_context is forkserver
+
+
+# -- libraries that check types or pass locks ----------------------------------
+
+
+def pid_of(_):
+    return os.getpid()
+
+
+def test_dask_takes_a_warden_pool_where_it_takes_a_multiprocessing_pool(impl):
+    dask = pytest.importorskip("dask", reason="dask is an optional test dependency (`make test` installs it)")
+    with impl.Pool(2) as pool, dask.config.set(scheduler="processes", pool=pool):
+        assert isinstance(pool, multiprocessing.pool.Pool)
+        pids = dask.compute(*[dask.delayed(pid_of)(i) for i in range(6)])
+        workers = {w.pid for w in pool._pool}
+    assert len(workers) == 2
+    assert set(pids) <= workers
+
+
+def test_a_fork_context_lock_in_initargs_is_refused_once_naming_it_and_the_fix(program):
+    pytest.importorskip("tqdm", reason="tqdm is an optional test dependency (`make test` installs it)")
+    prog = program(
+        """
+        import concurrent.futures, multiprocessing, traceback
+        import warden
+        concurrent.futures.ProcessPoolExecutor = warden.ProcessPoolExecutor  # the drop-in
+        import tqdm.auto
+        from tqdm.contrib.concurrent import process_map
+
+        def square(x):
+            return x * x
+
+        if __name__ == "__main__":
+            try:
+                process_map(square, range(5), max_workers=2, disable=True)
+            except RuntimeError as e:
+                print("error:", e)
+                shown = "".join(traceback.format_exception(e))
+                print("shown:", shown.count("was made for"), "fork context" in shown, "cloudpickle" in shown)
+            # The recipe in docs/python.md:
+            tqdm.auto.tqdm.set_lock(multiprocessing.get_context("spawn").RLock())
+            print("result:", process_map(square, range(5), max_workers=2, disable=True))
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    error = next(line for line in run.lines if line.startswith("error:"))
+    assert error.startswith(
+        "error: initargs[0] (a multiprocessing.synchronize.RLock) was made for the 'fork'"
+    )
+    assert 'multiprocessing.get_context("spawn")' in error
+    assert "tqdm.auto.tqdm.set_lock(" in error
+    assert "shown: 1 False False" in run.lines  # once: not again by cloudpickle, nor as a context
+    assert "result: [0, 1, 4, 9, 16]" in run.lines

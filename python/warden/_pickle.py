@@ -22,7 +22,7 @@ import os
 import pickle
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from multiprocessing import context as _mp_context
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -101,11 +101,12 @@ def _cloud(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def dumps(obj: Any, before_retry: Callable[[], None] | None = None) -> bytes:
+def dumps(obj: Any, before_retry: Callable[[Exception], None] | None = None) -> bytes:
     """Pickles ``obj``: plain pickle first, ``cloudpickle`` if that refuses.
 
     Raises the plain pickler's error (with a note) if neither can pickle it.
-    ``before_retry`` runs before the ``cloudpickle`` attempt.
+    ``before_retry(error)`` runs before the ``cloudpickle`` attempt, with the
+    plain pickler's error; it may raise instead.
     """
     if not _main_is_importable():
         return _cloud(obj)
@@ -113,7 +114,7 @@ def dumps(obj: Any, before_retry: Callable[[], None] | None = None) -> bytes:
         return _plain(obj)
     except Exception as plain_error:
         if before_retry is not None:
-            before_retry()
+            before_retry(plain_error)
         try:
             return _cloud(obj)
         except Exception as cloud_error:
@@ -165,17 +166,31 @@ def spawning_object() -> Any:
     return getattr(_spawning, "target", None)
 
 
-def dumps_for_spawn(obj: Any, target: Any = None) -> tuple[bytes, list[int]]:
+def dumps_for_spawn(
+    obj: Any, target: Any = None, parameters: Callable[[], Iterable[tuple[str, Any]]] = tuple
+) -> tuple[bytes, list[int]]:
     """Pickles ``obj`` for a child about to be started. Returns the bytes and
     the fds to pass to the child (the caller owns them). ``target`` is the
-    object being started, if any (a ``Process`` pickles fully only then)."""
+    object being started, if any (a ``Process`` pickles fully only then).
+
+    ``parameters()`` lists what ``obj`` carries by the names the user gave
+    them (``("initargs[0]", value)``, ...): an object made for the ``fork``
+    start method among them is refused with an error that names it (once:
+    ``cloudpickle`` would only fail the same way)."""
     fds = SpawnFds()
     previous_popen = _mp_context.get_spawning_popen()
     previous_target = spawning_object()
     _mp_context.set_spawning_popen(fds)
     _spawning.target = target
+
+    def before_retry(error: Exception) -> None:
+        fds.close()
+        culprit = _made_for_fork(error)
+        if culprit is not None:
+            raise _fork_error(culprit, parameters()) from None
+
     try:
-        data = dumps(obj, before_retry=fds.close)
+        data = dumps(obj, before_retry=before_retry)
     except BaseException:
         fds.close()
         raise
@@ -183,3 +198,60 @@ def dumps_for_spawn(obj: Any, target: Any = None) -> tuple[bytes, list[int]]:
         _mp_context.set_spawning_popen(previous_popen)
         _spawning.target = previous_target
     return data, fds.fds
+
+
+def _made_for_fork(error: BaseException) -> Any:
+    """The lock or semaphore whose pickling raised ``error`` because it was
+    made for the ``fork`` start method (multiprocessing's ``SemLock`` refuses
+    to go to a spawned child then), or ``None`` if that is not what happened."""
+    from multiprocessing.synchronize import SemLock
+
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        candidate = frame.f_locals.get("self") if frame.f_code.co_name == "__getstate__" else None
+        if isinstance(candidate, SemLock) and getattr(candidate, "_is_fork_ctx", False):
+            return candidate
+        tb = tb.tb_next
+    return None
+
+
+def _type_name(obj: Any) -> str:
+    t = type(obj)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _fork_error(culprit: Any, parameters: Iterable[tuple[str, Any]]) -> RuntimeError:
+    """The error for an object made for the ``fork`` start method, naming the
+    parameter that carries it."""
+    where = "an argument"
+    for name, value in parameters:
+        if value is culprit:
+            where = f"{name} (a {_type_name(culprit)})"
+            break
+        if _carries_fork_object(value):
+            where = f"{name} (a {_type_name(value)} holding a {_type_name(culprit)})"
+            break
+    else:
+        where = f"a {_type_name(culprit)} in the arguments"
+    return RuntimeError(
+        f"{where} was made for the 'fork' start method (by multiprocessing's default context, "
+        "which is 'fork' on Linux before Python 3.14) and cannot be passed to warden's workers, "
+        "which start like 'spawn'. Make it from multiprocessing.get_context(\"spawn\") instead "
+        "(for tqdm's process_map: call "
+        'tqdm.auto.tqdm.set_lock(multiprocessing.get_context("spawn").RLock()) first).'
+    )
+
+
+def _carries_fork_object(value: Any) -> bool:
+    fds = SpawnFds()
+    previous = _mp_context.get_spawning_popen()
+    _mp_context.set_spawning_popen(fds)
+    try:
+        _plain(value)
+    except Exception as e:
+        return _made_for_fork(e) is not None
+    finally:
+        _mp_context.set_spawning_popen(previous)
+        fds.close()
+    return False

@@ -139,7 +139,9 @@ class Runner:
                 raise RuntimeError("cannot start new workers after interpreter shutdown")
             hook_bytes = b""
             if hooks is not None:
-                hook_bytes, hook_fds = dumps_for_spawn(hooks)
+                hook_bytes, hook_fds = dumps_for_spawn(
+                    hooks, parameters=lambda: _named("initargs", hooks.get("initargs", ()))
+                )
                 fds.extend(hook_fds)
             init = {
                 "version": 1,
@@ -260,6 +262,13 @@ class Runner:
         if not self.join(GRACE * 2 + 2.0):
             self.core.kill()
             self.join(10.0)
+
+
+def _named(name: str, values: Any) -> list[tuple[str, Any]]:
+    """``name[i]`` for each item (``name['key']`` for a mapping's items)."""
+    if isinstance(values, dict):
+        return [(f"{name}[{k!r}]", v) for k, v in values.items()]
+    return [(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 
 def _close_fds(fds: list[int]) -> None:

@@ -6,6 +6,7 @@ import collections
 import functools
 import itertools
 import multiprocessing
+import multiprocessing.pool
 import os
 import pickle
 import threading
@@ -30,8 +31,12 @@ CLOSE = "CLOSE"
 TERMINATE = "TERMINATE"
 
 
-class Pool:
+class Pool(multiprocessing.pool.Pool):
     """A pool of worker processes that always clean up after themselves.
+
+    A subclass of ``multiprocessing.pool.Pool`` (none of whose machinery it
+    uses), so that libraries that accept only that type (dask's ``pool=``)
+    take it.
 
     The API of ``multiprocessing.Pool``, plus ``finalizer(*finalargs)``, run in
     every worker at the end of its life, and ``worker_context``, a factory of a
@@ -60,6 +65,8 @@ class Pool:
         worker_context: Callable[[], Any] | None = None,
         context: Any = None,
     ) -> None:
+        # multiprocessing.pool.Pool.__init__ is not called: none of its queues,
+        # threads or processes exist here.
         if processes is None:
             processes = os.cpu_count() or 1
         if processes < 1:

@@ -110,7 +110,15 @@ class Process(multiprocessing.process.BaseProcess):
             raise AssertionError("cannot start a process twice")
         if self._parent_pid != os.getpid():
             raise AssertionError("can only start a process object created by current process")
-        payload, fds = dumps_for_spawn(self, target=self)
+        payload, fds = dumps_for_spawn(
+            self,
+            target=self,
+            parameters=lambda: [
+                *_runner._named("args", self._args),
+                *_runner._named("kwargs", self._kwargs),
+                ("target", self._target),
+            ],
+        )
         runner = _runner.Runner(
             mode="process",
             name=self._name,
