@@ -520,3 +520,72 @@ def test_a_fork_context_lock_in_initargs_is_refused_once_naming_it_and_the_fix(p
     assert "tqdm.auto.tqdm.set_lock(" in error
     assert "shown: 1 False False" in run.lines  # once: not again by cloudpickle, nor as a context
     assert "result: [0, 1, 4, 9, 16]" in run.lines
+
+
+# -- a stop while starting -----------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_process_terminated_while_it_imports_ends_quietly_by_that_signal(program, impl):
+    prog = user_program(
+        program,
+        """
+        if __name__ == "__mp_main__":
+            note("importing")
+            try:
+                time.sleep(30)  # a heavy import, which turns any error into its own
+            except BaseException as e:
+                raise ImportError("the import failed") from e
+
+        def work():
+            note("ran")
+
+        if __name__ == "__main__":
+            p = Process(target=work)
+            p.start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not os.path.exists(os.environ["OUT"]):
+                time.sleep(0.02)
+            time.sleep(0.2)
+            p.terminate()
+            p.join(30)
+            print("exitcode", p.exitcode)
+        """,
+    )
+    run = prog.run(timeout=60, env={"IMPL": impl})
+    assert run.returncode == 0, run.stderr
+    assert prog.out_lines() == ["importing"]
+    assert run.lines == ["exitcode -15"]
+    assert "Traceback" not in run.stderr and "failed to start" not in run.stderr
+
+
+def test_pool_workers_terminated_while_their_initializer_imports_end_quietly(program):
+    prog = program(
+        """
+        import os, sys, time, warden
+
+        def heavy_import():
+            with open(os.environ["OUT"], "a") as f:
+                f.write(f"importing {os.getpid()}\\n")
+            try:
+                time.sleep(30)
+            except BaseException as e:
+                raise ImportError("the import failed") from e
+
+        if __name__ == "__main__":
+            pool = warden.Pool(2, initializer=heavy_import)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if os.path.exists(os.environ["OUT"]) and len(open(os.environ["OUT"]).readlines()) == 2:
+                    break
+                time.sleep(0.02)
+            time.sleep(0.2)
+            pool.terminate()
+            print("failure", pool._runner.core.failure())
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert len(prog.out_lines()) == 2
+    assert run.lines == ["failure None"]
+    assert "Traceback" not in run.stderr and "failed to start" not in run.stderr

@@ -124,10 +124,12 @@ class Handler:
         self.hooks: dict[str, Any] = {}
         self.context: contextlib.AbstractContextManager[Any] | None = None
         self.exit_code: int | None = None
+        self.stopping = False
 
     # The signal handler runs on the main thread between bytecodes. It raises
     # at most once per task, so the task's own cleanup is not interrupted twice.
     def on_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
         if self.running:
             self.running = False
             raise TaskInterrupted(signal.Signals(signum).name)
@@ -160,6 +162,10 @@ class Handler:
             return _interrupted()
         except BaseException as e:
             self.running = False
+            if self.stopping:
+                # Told to stop while starting (what was importing may have
+                # turned TaskInterrupted into its own error): a stop, not a failure.
+                return _interrupted()
             print(f"warden: worker {os.getpid()} failed to start:", file=sys.stderr)
             traceback.print_exc()
             return _error(e)
