@@ -589,3 +589,48 @@ def test_pool_workers_terminated_while_their_initializer_imports_end_quietly(pro
     assert len(prog.out_lines()) == 2
     assert run.lines == ["failure None"]
     assert "Traceback" not in run.stderr and "failed to start" not in run.stderr
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_pool_closed_at_once_still_starts_every_worker_and_runs_each_initializer(program, impl):
+    prog = user_program(
+        program,
+        """
+        def hello():
+            note(f"init {os.getpid()}")
+
+        if __name__ == "__main__":
+            pool = Pool(3, initializer=hello)
+            pool.close()
+            pool.join()
+            print("joined")
+        """,
+    )
+    run = prog.run(timeout=60, env={"IMPL": impl})
+    assert run.returncode == 0, run.stderr
+    inits = prog.out_lines()
+    assert len(inits) == 3 and len(set(inits)) == 3, inits
+
+
+def test_each_worker_of_a_pool_closed_at_once_runs_its_initializer_then_its_finalizer(program):
+    prog = program(
+        """
+        import os, warden
+
+        def note(text):
+            with open(os.environ["OUT"], "a") as f:
+                f.write(f"{text} {os.getpid()}\\n")
+
+        if __name__ == "__main__":
+            pool = warden.Pool(3, initializer=note, initargs=("init",), finalizer=note, finalargs=("final",))
+            pool.close()
+            pool.join()
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = [line.split() for line in prog.out_lines()]
+    pids = {pid for _, pid in lines}
+    assert len(pids) == 3
+    for pid in pids:
+        assert [what for what, p in lines if p == pid] == ["init", "final"]
