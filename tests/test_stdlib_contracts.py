@@ -634,3 +634,37 @@ def test_each_worker_of_a_pool_closed_at_once_runs_its_initializer_then_its_fina
     assert len(pids) == 3
     for pid in pids:
         assert [what for what, p in lines if p == pid] == ["init", "final"]
+
+
+def test_a_worker_told_to_stop_drops_the_work_pending_in_executors_it_started(program):
+    prog = program(
+        """
+        import os, time, warden
+
+        def note(text):
+            with open(os.environ["OUT"], "a") as f:
+                f.write(text + "\\n")
+
+        def outer():
+            inner = warden.ProcessPoolExecutor(1)
+            for _ in range(3):
+                inner.submit(time.sleep, 60)
+            note("submitted")
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            pool = warden.Pool(1)
+            pool.apply_async(outer)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not os.path.exists(os.environ["OUT"]):
+                time.sleep(0.02)
+            pool.terminate()
+            exit = pool._runner.core.last_exit()
+            print("worker ended by signal", exit[4])
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert prog.out_lines() == ["submitted"]
+    assert run.lines == ["worker ended by signal 15"]  # its exit path ran to the end, not killed
+    assert "3 submitted tasks dropped at interpreter exit" in run.stderr

@@ -52,6 +52,9 @@ _live: set[Runner] = set()
 _live_lock = threading.Lock()
 #: Set once the interpreter started exiting: no new pools or tasks.
 exiting = False
+#: Set in a worker told to stop (a signal): at its exit, the pools it started
+#: are stopped, as after Ctrl-C, instead of running what is pending.
+stop_requested = False
 
 
 def worker_hooks(
@@ -331,8 +334,8 @@ def _shut_down_at_exit() -> None:
       ``multiprocessing`` does;
     * a non-daemon process is joined (``"join"``).
 
-    If the program is ending because of Ctrl-C, everything is stopped
-    gracefully at once instead (nothing is joined: the children, in their own
+    If the program is ending because of Ctrl-C (or, in a worker, a stop
+    signal), everything is stopped gracefully at once instead (nothing is joined: the children, in their own
     process groups, did not see the Ctrl-C). A Ctrl-C while waiting stops
     everything gracefully; another one kills what is left. After a terminate,
     every wait is bounded by the grace periods."""
@@ -341,7 +344,7 @@ def _shut_down_at_exit() -> None:
     with _live_lock:
         everyone = list(_live)
     runners = [r for r in everyone if not r.core.is_shut_down()]
-    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+    interrupted = stop_requested or isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
     started = time.monotonic()
     try:
         try:

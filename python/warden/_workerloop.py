@@ -40,7 +40,7 @@ import threading
 import traceback
 from typing import Any
 
-from . import _context, _finalize, _warden
+from . import _context, _finalize, _runner, _warden
 from ._errors import RemoteError, TaskAborted, TaskInterrupted
 from ._pickle import dumps
 
@@ -130,6 +130,7 @@ class Handler:
     # at most once per task, so the task's own cleanup is not interrupted twice.
     def on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
+        _runner.stop_requested = True
         if self.running:
             self.running = False
             raise TaskInterrupted(signal.Signals(signum).name)
