@@ -197,7 +197,7 @@ def test_process_exit_path_flushes_output_exactly_once(program):
     assert run.stdout.rstrip().endswith("parent done")
 
 
-def test_a_pool_left_open_does_not_keep_the_interpreter_from_exiting(program):
+def test_pools_left_open_with_an_exit_timeout_do_not_keep_the_interpreter_from_exiting(program):
     prog = program(
         """
         import os, time, warden
@@ -210,7 +210,7 @@ def test_a_pool_left_open_does_not_keep_the_interpreter_from_exiting(program):
             time.sleep(60)
         if __name__ == "__main__":
             out = os.environ["OUT"]
-            ex = warden.ProcessPoolExecutor(2, finalizer=fin, finalargs=(out,))
+            ex = warden.ProcessPoolExecutor(2, finalizer=fin, finalargs=(out,), exit_timeout=1)
             tasks = [ex.submit(nap, out) for _ in range(6)]
             pool = warden.Pool(1, finalizer=fin, finalargs=(out,))
             pool.map_async(nap, [out] * 3, chunksize=1)
@@ -221,9 +221,11 @@ def test_a_pool_left_open_does_not_keep_the_interpreter_from_exiting(program):
     )
     run = prog.run(timeout=60)
     assert run.returncode == 0, run.stderr
-    # Queued tasks are cancelled; running ones get one grace period, then a terminate.
+    # The executor waits exit_timeout for its 6 tasks, then they are dropped
+    # (the running ones terminated: the finalizers run); the Pool is terminated.
     assert run.elapsed < 15
     lines = prog.out_lines()
     assert len([line for line in lines if line.startswith("ran")]) == 3
     assert len([line for line in lines if line.startswith("fin")]) == 3
+    assert "6 submitted tasks dropped at interpreter exit (exit_timeout=1s passed)" in run.stderr
     assert not descendants(run.pid)

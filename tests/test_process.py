@@ -284,6 +284,8 @@ def test_interpreter_exit_terminates_daemons_and_joins_other_children(program):
                 f.write(f"done {seconds}\\n")
         def forever(path):
             try:
+                with open(path, "a") as f:
+                    f.write("daemon running\\n")
                 time.sleep(60)
             finally:
                 with open(path, "a") as f:
@@ -293,11 +295,12 @@ def test_interpreter_exit_terminates_daemons_and_joins_other_children(program):
             warden.Process(target=slow, args=(out, 0.5)).start()
             d = warden.Process(target=forever, args=(out,), daemon=True)
             d.start()
-            time.sleep(0.5)
+            while "daemon running" not in (open(out).read() if os.path.exists(out) else ""):
+                time.sleep(0.02)
             print("main done", flush=True)
         """
     )
     run = prog.run(timeout=30)
     assert run.returncode == 0, run.stderr
     assert run.elapsed < 10
-    assert sorted(prog.out_lines()) == ["daemon stopped", "done 0.5"]
+    assert sorted(prog.out_lines()) == ["daemon running", "daemon stopped", "done 0.5"]

@@ -36,6 +36,10 @@ from typing import Any
 from . import _runner
 
 
+#: How long ``exitcode`` waits for the pool to record an exit it saw happen.
+STATUS_WAIT = 2.0
+
+
 class WorkerProcess:
     """A live view of one pool worker, with ``multiprocessing.Process``'s
     read-and-signal API. Made by :func:`workers_of`; not started by users."""
@@ -79,11 +83,27 @@ class WorkerProcess:
         """``None`` while it runs, then its exit code (``-N`` after signal ``N``)."""
         if self.is_alive():
             return None
+        # Between its exit and the pool recording it (the pool reaps it
+        # meanwhile) the status is read without reaping, or waited for briefly.
+        deadline = time.monotonic() + (STATUS_WAIT if self._pidfd is not None else 0.0)
+        while (code := self._exit_status()) is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return code
+
+    def _exit_status(self) -> int | None:
         status = self._runner.core.exit_status(self.pid)
-        if status is None:
-            return None if self._listed() else 0
-        code, sig = status
-        return -sig if sig is not None else code
+        if status is not None:
+            code, sig = status
+            return -sig if sig is not None else code
+        if self._pidfd is None:
+            return None
+        try:
+            info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped by the pool already: it records it next
+            return None
+        if info is None:
+            return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
     def _signal(self, sig: int) -> None:
         if self._pidfd is not None:
