@@ -35,7 +35,6 @@ from typing import Any
 
 from . import _runner
 
-
 #: How long ``exitcode`` waits for the pool to record an exit it saw happen.
 STATUS_WAIT = 2.0
 
