@@ -255,6 +255,30 @@ def test_shutdown_with_cancel_futures_leaves_every_queued_future_cancelled(impl)
             f.result(timeout=0)
 
 
+def test_a_future_is_running_while_a_worker_runs_its_task_and_cannot_be_cancelled_then(impl):
+    with impl.Executor(1) as ex:
+        assert ex.submit(identity, 0).result(timeout=60) == 0  # the worker is up
+        future = ex.submit(sleep_then, 1.0, "slept")
+        assert wait_until(future.running, timeout=30)
+        assert not future.cancel()
+        assert not future.cancelled() and not future.done()
+        done, _ = concurrent.futures.wait([future], timeout=30)
+        assert done == {future}
+        assert future.result(timeout=0) == "slept"
+        assert not future.running()
+
+
+def test_a_task_waiting_behind_another_is_not_running_and_can_be_cancelled():
+    with warden.ProcessPoolExecutor(1) as ex:
+        first = ex.submit(sleep_then, 1.0, "first")
+        second = ex.submit(sleep_then, 0, "second")
+        assert wait_until(first.running, timeout=30)
+        assert not second.running()
+        assert second.cancel() and second.cancelled()
+        assert list(concurrent.futures.as_completed([first, second], timeout=30)) == [second, first]
+        assert first.result(timeout=0) == "first"
+
+
 def test_shutdown_without_waiting_cancels_the_queued_futures_before_it_returns():
     ex = warden.ProcessPoolExecutor(1)
     first = ex.submit(sleep_then, 0.5, "first")

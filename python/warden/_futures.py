@@ -6,7 +6,8 @@ three differences:
 
 * a failure is kept as :class:`~warden._errors.ErrorData`; ``result()`` and
   ``exception()`` build a fresh exception on each call (seed 001);
-* ``cancel()`` asks the pool, and succeeds only while the task is queued;
+* ``cancel()`` asks the pool, and succeeds only while the task is queued
+  (the future is ``running()`` once a worker has started it);
 * a ``KeyboardInterrupt`` while waiting in ``result()`` stops the pool the
   future belongs to (graceful stop of its workers; a second one kills them).
 """
@@ -140,8 +141,14 @@ class Future(_base.Future):  # type: ignore[type-arg]
             self._condition.notify_all()
         self._invoke_callbacks()
 
-    def _deliver(self, ok: bool, data: Any) -> None:
-        """Takes a task outcome from the results thread."""
+    def _deliver(self, ok: bool | None, data: Any) -> None:
+        """Takes a task outcome from the results thread (``ok`` is ``None``
+        when a worker started the task)."""
+        if ok is None:
+            with self._condition:
+                if self._state == _base.PENDING:
+                    self.set_running_or_notify_cancel()
+            return
         if ok:
             try:
                 value = loads(data)

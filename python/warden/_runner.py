@@ -196,14 +196,19 @@ class Runner:
             _live.discard(self)
 
     def submit(
-        self, payload: bytes, on_done: Callable[[bool, Any], None], timeout: float | None = None
+        self,
+        payload: bytes,
+        on_done: Callable[[bool, Any], None],
+        timeout: float | None = None,
+        report_start: bool = False,
     ) -> int:
         """Queues a task; ``on_done(ok, data)`` gets its outcome on the results
-        thread. Returns the task id. Raises ``CoreError`` if refused."""
+        thread (and with ``report_start``, first ``on_done(None, None)`` when a
+        worker starts it). Returns the task id. Raises ``CoreError`` if refused."""
         tag = next(self._tags)
         self.pending[tag] = on_done
         try:
-            return self.core.submit(payload, tag, timeout)
+            return self.core.submit(payload, tag, timeout, report_start)
         except BaseException:
             self.pending.pop(tag, None)
             raise
@@ -296,7 +301,7 @@ def _deliver(core: Any, pending: dict[int, Callable[[bool, Any], None]], forget:
             if batch is None:
                 break
             for tag, ok, data in batch:
-                callback = pending.pop(tag, None)
+                callback = pending.pop(tag, None) if ok is not None else pending.get(tag)
                 if callback is not None:
                     _call(callback, ok, data)
             # Hold no outcome (nor its future) while waiting for the next.

@@ -26,7 +26,8 @@ ErrorTuple = tuple[
 ]
 # (kind, type_name, message, traceback, pickled exception)
 RemoteTuple = tuple[str, str, str, str, bytes]
-Completion = tuple[int, bool, bytes | ErrorTuple]
+# (tag, True, result) | (tag, False, error) | (tag, None, None): a worker started the task
+Completion = tuple[int, bool | None, bytes | ErrorTuple | None]
 # ("exited", worker, pid, exitcode, signal, cause, reason, hook_ran, hook_error, crashed)
 ExitTuple = tuple[str, int, int, int | None, int | None, str | None, str | None, bool, str | None, bool]
 
@@ -52,7 +53,9 @@ class CorePool:
         prefetch: int | None = None,
         one_off: bool = False,
     ) -> CorePool: ...
-    def submit(self, payload: bytes, tag: int, timeout: float | None = None) -> int: ...
+    def submit(
+        self, payload: bytes, tag: int, timeout: float | None = None, report_start: bool = False
+    ) -> int: ...
     def next_completions(self, max: int = 256, timeout: float | None = None) -> list[Completion] | None: ...
     def cancel(self, task: int) -> bool: ...
     def cancel_queued(self, task: int) -> bool: ...

@@ -138,7 +138,7 @@ class ProcessPoolExecutor(_base.Executor):
         future = Future()
         future._on_interrupt = runner.interrupt
         try:
-            task = runner.submit(payload, future._deliver)
+            task = runner.submit(payload, future._deliver, report_start=True)
         except _warden.CoreError as e:
             raise core_error(e) from None
         core = runner.core

@@ -7,11 +7,11 @@
 //! Lifecycle events are recorded the same way: the first worker's pid, the last
 //! worker exit, and a bounded log.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,22 @@ const EVENT_LOG: usize = 1024;
 
 type Outcome = Result<Vec<u8>, warden::Error>;
 
+/// An entry of the outcome queue: a task's outcome, or (`None`) the news
+/// that a worker started it, for tasks submitted with `report_start`.
+type Entry = (u64, Option<Outcome>);
+
+/// The tasks whose start is reported, by task id. A start can come before
+/// `submit` has the task's id (`early`), and an outcome before `submit`
+/// registers it; both are settled under this one lock.
+#[derive(Default)]
+struct Starts {
+    watched: HashMap<u64, u64>,
+    early: HashSet<u64>,
+    /// The highest task id a `submit` has returned: a start of an unwatched
+    /// task at or below it is nobody's business.
+    returned: u64,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -43,7 +59,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// that are held for a moment, never across a wait for Python.
 #[derive(Default)]
 struct Inner {
-    queue: Mutex<VecDeque<(u64, Outcome)>>,
+    queue: Mutex<VecDeque<Entry>>,
     ready: Condvar,
     /// Set once the pool was asked to stop (or failed): the queue's reader
     /// then also watches for the pool to finish.
@@ -55,12 +71,23 @@ struct Inner {
     /// [`EVENT_LOG`] of them, for [`CorePool::exit_status`].
     exits: Mutex<VecDeque<(i32, Option<i32>, Option<i32>)>>,
     events: Mutex<VecDeque<LifecycleEvent>>,
+    starts: Mutex<Starts>,
 }
 
 impl Inner {
-    fn push(&self, tag: u64, outcome: Outcome) {
+    fn push(&self, tag: u64, outcome: Option<Outcome>) {
         lock(&self.queue).push_back((tag, outcome));
         self.ready.notify_one();
+    }
+
+    fn started(&self, task: u64) {
+        let mut starts = lock(&self.starts);
+        if let Some(tag) = starts.watched.remove(&task) {
+            drop(starts);
+            self.push(tag, None);
+        } else if task > starts.returned {
+            starts.early.insert(task);
+        }
     }
 
     fn wake(&self) {
@@ -85,6 +112,7 @@ impl Inner {
                 *lock(&self.last_exit) = Some(exit.clone());
             }
             LifecycleEvent::PoolFailed { .. } => self.wake(),
+            LifecycleEvent::TaskStarted { task, .. } => return self.started(*task),
             _ => {}
         }
         let mut events = lock(&self.events);
@@ -150,7 +178,7 @@ impl CorePool {
 
     /// Waits (GIL released by the caller) for at least one outcome, up to
     /// `deadline`. `None` once the pool has finished and nothing is left.
-    fn wait_batch(&self, max: usize, deadline: Option<Instant>) -> Option<Vec<(u64, Outcome)>> {
+    fn wait_batch(&self, max: usize, deadline: Option<Instant>) -> Option<Vec<Entry>> {
         let mut queue = lock(&self.inner.queue);
         loop {
             if !queue.is_empty() {
@@ -259,18 +287,55 @@ impl CorePool {
     }
 
     /// Queues a task; its outcome is delivered to `next_completions` under
-    /// `tag`. Returns the task id. Raises `CoreError` if the pool takes no tasks.
-    #[pyo3(signature = (payload, tag, timeout=None))]
-    fn submit(&self, payload: &[u8], tag: u64, timeout: Option<f64>) -> PyResult<u64> {
+    /// `tag`, and with `report_start`, first the news that a worker started
+    /// it. Returns the task id. Raises `CoreError` if the pool takes no tasks.
+    #[pyo3(signature = (payload, tag, timeout=None, report_start=false))]
+    fn submit(&self, payload: &[u8], tag: u64, timeout: Option<f64>, report_start: bool) -> PyResult<u64> {
         let pool = self.pool().ok_or_else(core_closed)?;
         let options = TaskOptions { timeout: seconds("timeout", timeout)? };
         let inner = Arc::clone(&self.inner);
-        pool.submit_raw(payload.to_vec(), options, Box::new(move |outcome| inner.push(tag, outcome))).map_err(core_err)
+        if !report_start {
+            let reply = Box::new(move |outcome| inner.push(tag, Some(outcome)));
+            let id = pool.submit_raw(payload.to_vec(), options, reply).map_err(core_err)?;
+            let mut starts = lock(&self.inner.starts);
+            starts.returned = starts.returned.max(id);
+            starts.early.remove(&id);
+            return Ok(id);
+        }
+        // The id is known only once `submit_raw` returns; the outcome may come first.
+        let state = Arc::new((AtomicU64::new(0), AtomicBool::new(false)));
+        let seen = Arc::clone(&state);
+        let reply = Box::new(move |outcome| {
+            {
+                let mut starts = lock(&inner.starts);
+                seen.1.store(true, Ordering::SeqCst);
+                let id = seen.0.load(Ordering::SeqCst);
+                if id != 0 {
+                    starts.watched.remove(&id);
+                }
+            }
+            inner.push(tag, Some(outcome));
+        });
+        let id = pool.submit_raw(payload.to_vec(), options, reply).map_err(core_err)?;
+        let mut starts = lock(&self.inner.starts);
+        starts.returned = starts.returned.max(id);
+        state.0.store(id, Ordering::SeqCst);
+        let early = starts.early.remove(&id);
+        if !state.1.load(Ordering::SeqCst) {
+            if early {
+                drop(starts);
+                self.inner.push(tag, None);
+            } else {
+                starts.watched.insert(id, tag);
+            }
+        }
+        Ok(id)
     }
 
     /// Waits up to `timeout` seconds (forever if `None`) for task outcomes and
     /// returns up to `max` of them as `(tag, True, bytes)` or
-    /// `(tag, False, error)` tuples (an empty list on timeout). Returns `None`
+    /// `(tag, False, error)` tuples, or `(tag, None, None)` when a worker
+    /// started a task submitted with `report_start` (an empty list on timeout). Returns `None`
     /// once the pool has shut down and every outcome was taken.
     #[pyo3(signature = (max=256, timeout=None))]
     fn next_completions<'py>(
@@ -284,8 +349,9 @@ impl CorePool {
         let list = PyList::empty(py);
         for (tag, outcome) in batch {
             let item = match outcome {
-                Ok(bytes) => (tag, true, PyBytes::new(py, &bytes)).into_pyobject(py)?,
-                Err(e) => (tag, false, error_tuple(py, &e)?).into_pyobject(py)?,
+                Some(Ok(bytes)) => (tag, true, PyBytes::new(py, &bytes)).into_pyobject(py)?,
+                Some(Err(e)) => (tag, false, error_tuple(py, &e)?).into_pyobject(py)?,
+                None => (tag, py.None(), py.None()).into_pyobject(py)?,
             };
             list.append(item)?;
         }

@@ -433,6 +433,12 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, max_frame: usize) -
                         }
                     }
                     Err(error) => {
+                        // A start hook that failed because a stop signal came
+                        // (whatever error the interrupted code made of it) is
+                        // a stop, not a failure to start.
+                        if let Some(sig) = signals::pending() {
+                            return core.stop_reason(sig);
+                        }
                         let _ = core.send(&Message::InitFailed { error });
                         return ExitReason::InitFailed;
                     }

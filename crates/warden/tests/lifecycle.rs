@@ -30,6 +30,11 @@ fn main() {
     let args = Arguments::from_args();
     let tests = vec![
         trial("exit_hook_runs_on_pool_shutdown", exit_hook_runs_on_pool_shutdown),
+        trial(
+            "a_pool_shut_down_at_once_runs_every_workers_start_hook_then_its_exit_hook",
+            shutdown_at_once_runs_every_start_hook,
+        ),
+        trial("a_task_start_is_reported_once_when_a_worker_starts_it", task_starts_are_reported),
         trial("exit_hook_runs_when_max_tasks_per_child_retires_a_worker", exit_hook_runs_on_max_tasks_retirement),
         trial("exit_hook_runs_when_the_worker_gets_sigterm", exit_hook_runs_on_sigterm_to_the_worker),
         trial("exit_hook_runs_after_a_task_panicked_and_the_worker_lived_on", exit_hook_runs_after_a_panic),
@@ -290,6 +295,46 @@ fn exit_hook_runs_on_pool_shutdown() -> TestResult {
         let reason = hooks.exit_reason(pid);
         check(reason.as_deref() == Some("Retired(Shutdown)"), format!("worker {pid}: {reason:?}"))?;
     }
+    Ok(())
+}
+
+fn shutdown_at_once_runs_every_start_hook() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(3).build()?;
+    pool.shutdown();
+    let started = hooks.started();
+    check(started.len() == 3, format!("every worker ran its start hook: {started:?}"))?;
+    for pid in started {
+        let reason = hooks.exit_reason(pid);
+        check(reason.as_deref() == Some("Retired(Shutdown)"), format!("worker {pid}: {reason:?}"))?;
+    }
+    Ok(())
+}
+
+fn task_starts_are_reported() -> TestResult {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let pool = Pool::builder()
+        .workers(1)
+        .prefetch(2)
+        .on_event(move |e| {
+            if let LifecycleEvent::TaskStarted { task, pid } = e {
+                let _ = tx.lock().map(|tx| tx.send((*task, *pid)));
+            }
+        })
+        .build()?;
+    let first = pool.spawn(sleep_ms, 300)?;
+    let second = pool.spawn(sleep_ms, 0)?;
+    let (task, worker) = rx.recv_timeout(Duration::from_secs(30))?;
+    check(task == first.id(), format!("the first task starts first: {task}"))?;
+    check(rx.try_recv().is_err(), "the second, sent along but waiting, has not started")?;
+    let pid = first.join()?;
+    check(pid as i32 == worker, "the start names the worker that ran it")?;
+    let (task, _) = rx.recv_timeout(Duration::from_secs(30))?;
+    check(task == second.id(), "the second starts when the first is done")?;
+    second.join()?;
+    check(rx.try_recv().is_err(), "each task starts once")?;
+    pool.shutdown();
     Ok(())
 }
 

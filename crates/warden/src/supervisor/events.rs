@@ -32,6 +32,14 @@ pub enum LifecycleEvent {
         /// The error.
         error: String,
     },
+    /// A worker started running a task (it was sent to an idle worker, or the
+    /// task before it in that worker's pipeline finished).
+    TaskStarted {
+        /// The task's id.
+        task: u64,
+        /// The worker's process id.
+        pid: i32,
+    },
     /// A task ran past its timeout; its worker is being stopped.
     TaskTimedOut {
         /// The task's id.

@@ -132,6 +132,8 @@ impl Supervisor {
                 if let Some(mut done) = w.inflight.pop_front() {
                     done.task.deliver(outcome);
                 }
+                let pid = w.raw_pid();
+                let mut started = None;
                 if let Some(next) = w.inflight.front_mut() {
                     let now = Instant::now();
                     next.started = Some(now);
@@ -139,6 +141,8 @@ impl Supervisor {
                     if next.cancel_requested {
                         // The cancel may have crossed the task: stop to be sure.
                         w.stop(StopCause::Cancelled, cfg.grace);
+                    } else {
+                        started = Some(next.task.id);
                     }
                 }
                 if w.phase == WorkerPhase::Ready
@@ -147,6 +151,9 @@ impl Supervisor {
                 {
                     let reason = if cfg.one_off { RetireReason::Done } else { RetireReason::MaxTasks };
                     retire(w, reason, &cfg);
+                }
+                if let Some(task) = started {
+                    self.emit(LifecycleEvent::TaskStarted { task, pid });
                 }
             }
             (_, Incoming::Goodbye(reason, report)) => {

@@ -99,8 +99,9 @@ impl Supervisor {
             return;
         }
         let cfg = Arc::clone(&self.cfg);
+        let mut started = Vec::new();
         // Idle workers first, then fill pipelines up to `prefetch`.
-        for depth in 0..cfg.prefetch {
+        'fill: for depth in 0..cfg.prefetch {
             let mut ids: Vec<u64> = self
                 .workers
                 .values()
@@ -113,7 +114,7 @@ impl Supervisor {
                 if cfg.max_tasks_per_child.is_some_and(|max| w.assigned >= max) {
                     continue;
                 }
-                let Some(task) = self.queue.pop_front() else { return };
+                let Some(task) = self.queue.pop_front() else { break 'fill };
                 if let Err(e) = w.queue(&Message::Task { id: task.id, payload: &task.payload }, cfg.max_frame) {
                     let mut task = task;
                     task.deliver(Err(e.into()));
@@ -121,6 +122,9 @@ impl Supervisor {
                 }
                 let now = Instant::now();
                 let first = w.inflight.is_empty();
+                if first {
+                    started.push((task.id, w.raw_pid()));
+                }
                 w.inflight.push_back(InFlight {
                     deadline: if first { task.timeout.map(|t| now + t) } else { None },
                     started: first.then_some(now),
@@ -131,6 +135,9 @@ impl Supervisor {
                 w.flush();
             }
         }
+        for (task, pid) in started {
+            self.emit(LifecycleEvent::TaskStarted { task, pid });
+        }
     }
 
     pub(super) fn retire_idle(&mut self) {
@@ -140,7 +147,11 @@ impl Supervisor {
         }
         let cfg = Arc::clone(&self.cfg);
         for w in self.workers.values_mut() {
-            if w.inflight.is_empty() && w.is_serving() {
+            // A worker still starting finishes its start (its start hook runs,
+            // bounded by the init timeout) and retires once ready, so every
+            // worker a pool started runs its start and exit hooks, as
+            // `multiprocessing.Pool`'s workers run their initializer.
+            if w.inflight.is_empty() && w.phase == WorkerPhase::Ready {
                 retire(w, RetireReason::Shutdown, &cfg);
             }
         }
