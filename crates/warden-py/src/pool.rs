@@ -35,6 +35,9 @@ const EVENT_LOG: usize = 1024;
 
 type Outcome = Result<Vec<u8>, warden::Error>;
 
+/// `(pid, exitcode, signal)` of a worker that exited.
+type ExitRecord = (i32, Option<i32>, Option<i32>);
+
 /// An entry of the outcome queue: a task's outcome, or (`None`) the news
 /// that a worker started it, for tasks submitted with `report_start`.
 type Entry = (u64, Option<Outcome>);
@@ -67,9 +70,9 @@ struct Inner {
     first_pid: Mutex<Option<i32>>,
     pid_known: Condvar,
     last_exit: Mutex<Option<WorkerEnd>>,
-    /// `(pid, exitcode, signal)` of the workers that exited, the last
-    /// [`EVENT_LOG`] of them, for [`CorePool::exit_status`].
-    exits: Mutex<VecDeque<(i32, Option<i32>, Option<i32>)>>,
+    /// The workers that exited, the last [`EVENT_LOG`] of them, for
+    /// [`CorePool::exit_status`].
+    exits: Mutex<VecDeque<ExitRecord>>,
     events: Mutex<VecDeque<LifecycleEvent>>,
     starts: Mutex<Starts>,
 }
