@@ -425,7 +425,10 @@ def test_max_tasks_per_child_replaces_workers(tmp_path):
     with warden.ProcessPoolExecutor(1, max_tasks_per_child=2, finalizer=record, finalargs=(out, "fin")) as ex:
         pids = [ex.submit(getpid).result() for _ in range(6)]
     assert len(set(pids)) == 3
-    assert sorted(int(line.split()[1]) for line in out.read_text().splitlines()) == sorted(set(pids))
+    fins = [int(line.split()[1]) for line in out.read_text().splitlines()]
+    # Each worker's finalizer runs once; so does that of the replacement
+    # started as the third worker retired, if it was started before shutdown.
+    assert len(fins) == len(set(fins)) and set(pids) <= set(fins) and len(fins) <= 4
 
 
 def wait_for_lines(path, prefix, n, timeout=30.0):
