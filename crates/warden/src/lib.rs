@@ -59,6 +59,7 @@ pub mod supervisor;
 pub mod task;
 pub mod wire;
 pub mod worker;
+pub mod zygote;
 
 /// The README's examples, compiled as doctests so they stay true.
 #[doc = include_str!("../../../README.md")]
@@ -76,6 +77,18 @@ pub use wire::{ExitReason, RetireReason};
 /// Call it first thing in `main` of any program that uses [`Pool::builder`] or
 /// [`spawn()`](fn@spawn): their workers run this same executable, and serve tasks from here.
 pub fn init() {
+    if let Some(zygote) = zygote::ZygoteEnv::take() {
+        match zygote {
+            Ok(env) => match zygote::serve(env, &mut zygote::NoHooks) {
+                zygote::Parked::Worker(env) => worker::serve(env, task::RustHandler).exit(),
+                zygote::Parked::Exit(code) => std::process::exit(code),
+            },
+            Err(msg) => {
+                eprintln!("warden: bad zygote environment: {msg}");
+                std::process::exit(zygote::EXIT_ZYGOTE_PROTOCOL);
+            }
+        }
+    }
     let Some(env) = worker::WorkerEnv::take() else { return };
     match env {
         Ok(env) => worker::serve(env, task::RustHandler).exit(),
