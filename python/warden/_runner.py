@@ -9,12 +9,11 @@ become unreachable and shut down on its own.
 It also owns what happens at interpreter exit: every runner still alive is
 shut down with a bounded grace (:func:`_shut_down_at_exit`), so a pool never
 keeps the interpreter from exiting (seed 001); then the process's exit
-callbacks run (:func:`_at_interpreter_exit`).
+callbacks run (:func:`at_interpreter_exit`).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import itertools
 import multiprocessing
@@ -324,9 +323,9 @@ def _shut_down_at_exit() -> None:
             r.thread.join(2.0)
 
 
-def _at_interpreter_exit() -> None:
-    """warden's step of interpreter exit (one ``atexit`` handler, registered
-    when warden is imported): first every pool and ``Process`` child still
+def at_interpreter_exit() -> None:
+    """warden's step of interpreter exit (called by the one ``atexit`` handler
+    ``warden`` registers when it is imported): first every pool and ``Process`` child still
     running is shut down, then this process's exit callbacks run
     (``warden.at_exit``, and ``warden.finalize`` callbacks of objects still
     alive). So an exit callback can rely on every worker and child having
@@ -335,6 +334,3 @@ def _at_interpreter_exit() -> None:
         _shut_down_at_exit()
     finally:
         _finalize.run_exit_callbacks()
-
-
-atexit.register(_at_interpreter_exit)

@@ -27,7 +27,6 @@ worker through its exit path.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import gc
 import multiprocessing
 import multiprocessing.process
@@ -37,14 +36,25 @@ import pickle
 import signal
 import sys
 import threading
-import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _context, _finalize, _warden
-from ._errors import RemoteError, TaskAborted, TaskInterrupted
 from ._pickle import dumps
+from ._remote import RemoteError, TaskAborted, TaskInterrupted
+
+if TYPE_CHECKING:
+    import contextlib
+
+# ``traceback`` is imported only when there is one to format: a worker that
+# never fails never pays for it (nor for ``linecache`` and ``tokenize``).
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _print_exc() -> None:
+    import traceback
+
+    traceback.print_exc()
 
 
 def _type_name(exc: BaseException) -> str:
@@ -67,6 +77,8 @@ def _error(exc: BaseException, kind: str = "raised") -> tuple[str, str, str, str
     frames = exc.__traceback__
     if frames is not None and frames.tb_frame.f_code.co_filename == __file__:
         frames = frames.tb_next  # the worker's own frame is noise to the user
+    import traceback
+
     tb = "".join(traceback.format_exception(type(exc), exc, frames))
     if isinstance(exc, Exception):
         try:
@@ -142,7 +154,7 @@ class Handler:
         except BaseException as e:
             self.running = False
             print(f"warden: worker {os.getpid()} failed to start:", file=sys.stderr)
-            traceback.print_exc()
+            _print_exc()
             return _error(e)
         finally:
             self.running = False
@@ -185,7 +197,7 @@ class Handler:
             raise
         except BaseException:
             # As under spawn: the child cannot get its target; traceback, exit code 1.
-            traceback.print_exc()
+            _print_exc()
             self.exit_code = 1
             self.running = False
             return dumps(None)
@@ -209,7 +221,7 @@ class Handler:
                 exitcode = 1
         except BaseException:
             sys.stderr.write(f"Process {process.name}:\n")
-            traceback.print_exc()
+            _print_exc()
             exitcode = 1
         self.exit_code = exitcode
         # Like multiprocessing: a child waits for the non-daemon threads it started.
@@ -229,7 +241,7 @@ class Handler:
                 context.__exit__(None, None, None)
             except BaseException as e:
                 errors.append(f"worker_context exit raised {_type_name(e)}: {_text(e)}")
-                traceback.print_exc()
+                _print_exc()
             _context._clear()
         finalizer = self.hooks.get("finalizer")
         if finalizer is not None:
@@ -238,7 +250,7 @@ class Handler:
             except BaseException as e:
                 errors.append(f"finalizer raised {_type_name(e)}: {_text(e)}")
                 print(f"warden: worker {os.getpid()}: exception in finalizer:", file=sys.stderr)
-                traceback.print_exc()
+                _print_exc()
         self.hooks = {}
         try:
             gc.collect()
