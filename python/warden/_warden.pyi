@@ -95,6 +95,11 @@ class WorkerHandler(Protocol):
 def worker_main(handler: WorkerHandler) -> None:
     """Runs this process as a worker of the pool that started it; never returns then."""
 
+def zygote_main(prepare: Callable[[bytes], object]) -> None:
+    """Runs this process as the zygote of the pool that started it: calls
+    ``prepare(payload)``, then forks workers on request. Returns only in a
+    forked worker; the zygote itself exits when its pool is done with it."""
+
 class FinalizerToken:
     """One registration with the core's finalizer service; see crates/warden-py/src/finalize.rs."""
 

@@ -9,6 +9,8 @@
 //!   interpreter, plus the queue its task outcomes land in;
 //! * `worker::worker_main`: the worker side, a [`warden::worker::Handler`]
 //!   that calls into a Python object;
+//! * `zygote::zygote_main`: the interpreter as a pool's zygote (fork server),
+//!   with the interpreter's own fork protocol around each fork;
 //! * `event::SharedEvent`: a process-shared flag in a sealed `memfd` page,
 //!   waited on with a shared futex;
 //! * `finalize`: Python callbacks on the core's finalizer service
@@ -25,6 +27,7 @@ mod event;
 mod finalize;
 mod pool;
 mod worker;
+mod zygote;
 
 pyo3::create_exception!(
     _warden,
@@ -39,6 +42,7 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::CorePool>()?;
     m.add_class::<event::SharedEvent>()?;
     m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
+    m.add_function(wrap_pyfunction!(zygote::zygote_main, m)?)?;
     m.add_class::<finalize::FinalizerToken>()?;
     m.add_function(wrap_pyfunction!(finalize::register_finalizer, m)?)?;
     m.add_function(wrap_pyfunction!(finalize::run_exit_finalizers, m)?)?;
