@@ -19,6 +19,7 @@ is as fresh as an exec'd one where it matters:
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.spawn
 import multiprocessing.util
 import os
@@ -31,10 +32,9 @@ from . import _warden, _workerloop
 def _reseed_numpy() -> None:
     numpy = sys.modules.get("numpy")
     if numpy is not None:
-        try:
+        # A numpy without the legacy global generator has nothing to reseed.
+        with contextlib.suppress(Exception):
             numpy.random.seed()
-        except Exception:  # a numpy without the legacy global generator
-            pass
 
 
 def _after_fork_in_child() -> None:
@@ -59,7 +59,8 @@ def prepare(payload: bytes) -> None:
         try:
             __import__(name)
         except Exception as e:
-            print(f"warden: zygote {os.getpid()}: cannot preload {name!r}: {type(e).__name__}: {e}", file=sys.stderr)
+            why = f"{type(e).__name__}: {e}"
+            print(f"warden: zygote {os.getpid()}: cannot preload {name!r}: {why}", file=sys.stderr)
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
