@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _finalize, _warden
@@ -73,6 +73,26 @@ def worker_hooks(
         "finalargs": tuple(finalargs),
         "worker_context": worker_context,
     }
+
+
+#: How a pool starts its workers: forked by its zygote (falling back to exec
+#: where a zygote cannot work), or each by exec.
+START_METHODS = ("zygote", "exec")
+
+
+def start_options(start: str, preload: Iterable[str] | None) -> tuple[str, list[str]]:
+    """The ``start`` and ``preload`` arguments of a pool, checked."""
+    if start not in START_METHODS:
+        raise ValueError(f"start must be one of {START_METHODS}, not {start!r}")
+    if preload is None:
+        return start, []
+    if isinstance(preload, (str, bytes)):
+        raise TypeError("preload must be a list of module names, not a single string")
+    names = list(preload)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"preload must name modules as non-empty strings, not {name!r}")
+    return start, names
 
 
 def worker_command() -> tuple[str, list[str]]:
@@ -124,6 +144,8 @@ class Runner:
         one_off: bool = False,
         deliver: bool = True,
         exit_policy: str = "pool",
+        start: str = "zygote",
+        preload: list[str] | None = None,
     ) -> None:
         _prune()
         fds = list(pass_fds or [])
@@ -143,6 +165,9 @@ class Runner:
                 "hooks": hook_bytes,
             }
             payload = pickle.dumps(init, protocol=5)
+            # What the zygote loads before it forks: this process's sys.path
+            # and directory (and its __main__, if asked), then the preloads.
+            zygote = pickle.dumps({"preparation": init["preparation"], "preload": preload or []}, protocol=5)
         except BaseException:
             _close_fds(fds)
             raise
@@ -159,6 +184,8 @@ class Runner:
             task_timeout=task_timeout,
             grace=GRACE,
             one_off=one_off,
+            start=start,
+            zygote_payload=zygote,
         )
         self.name = name
         self.exit_policy = exit_policy
