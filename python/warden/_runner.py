@@ -80,8 +80,17 @@ def worker_hooks(
 START_METHODS = ("zygote", "exec")
 
 
-def start_options(start: str, preload: Iterable[str] | None) -> tuple[str, list[str]]:
-    """The ``start`` and ``preload`` arguments of a pool, checked."""
+#: Environment variable giving the default ``start`` of every pool.
+START_ENV = "WARDEN_START"
+
+
+def start_options(start: str | None, preload: Iterable[str] | None) -> tuple[str, list[str]]:
+    """The ``start`` and ``preload`` arguments of a pool, checked. Without a
+    ``start``, ``$WARDEN_START`` says, else ``"zygote"``."""
+    if start is None:
+        start = os.environ.get(START_ENV) or "zygote"
+        if start not in START_METHODS:
+            raise ValueError(f"${START_ENV} must be one of {START_METHODS}, not {start!r}")
     if start not in START_METHODS:
         raise ValueError(f"start must be one of {START_METHODS}, not {start!r}")
     if preload is None:

@@ -34,9 +34,10 @@ class ProcessPoolExecutor(_base.Executor):
       :func:`warden.worker_context`;
     * ``task_timeout``: seconds a task may run before its worker is stopped
       (the task fails with :class:`warden.TaskTimeout`) and replaced;
-    * ``start``: ``"zygote"`` (the default) forks each worker from the pool's
-      zygote, a fresh interpreter that has imported warden's worker code and
-      the modules named in ``preload`` (``"__main__"`` preloads this
+    * ``start``: ``"zygote"`` (the default, unless ``$WARDEN_START`` says
+      otherwise) forks each worker from the pool's zygote, a fresh
+      interpreter that has imported warden's worker code and the modules
+      named in ``preload`` (``"__main__"`` preloads this
       program's main module); ``"exec"`` starts every worker as a new
       interpreter. Where a zygote cannot work the pool falls back to exec by
       itself (see ``docs/python.md``).
@@ -62,7 +63,7 @@ class ProcessPoolExecutor(_base.Executor):
         finalargs: tuple[Any, ...] = (),
         task_timeout: float | None = None,
         worker_context: Callable[[], Any] | None = None,
-        start: str = "zygote",
+        start: str | None = None,
         preload: Iterable[str] | None = None,
     ) -> None:
         if max_workers is None:

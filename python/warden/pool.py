@@ -60,7 +60,7 @@ class Pool:
         finalargs: Iterable[Any] = (),
         worker_context: Callable[[], Any] | None = None,
         context: Any = None,
-        start: str = "zygote",
+        start: str | None = None,
         preload: Iterable[str] | None = None,
     ) -> None:
         if processes is None:
