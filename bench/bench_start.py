@@ -21,6 +21,7 @@ which prepare like spawn) import it as ``__mp_main__``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -63,10 +64,8 @@ def crash_replacement(make, n):
     with make() as pool:
         pool.submit(abs, 0).result()
         for _ in range(n):
-            try:
+            with contextlib.suppress(Exception):  # the crash is the point
                 pool.submit(os._exit, 3).result()
-            except Exception:
-                pass
             start = time.perf_counter()
             pool.submit(abs, -1).result()
             times.append(time.perf_counter() - start)
@@ -74,13 +73,19 @@ def crash_replacement(make, n):
 
 
 COLD = {
-    "warden (zygote)": "import warden\np = warden.ProcessPoolExecutor({w}, start='zygote')\np.submit(abs, -1).result()",
-    "warden (exec)": "import warden\np = warden.ProcessPoolExecutor({w}, start='exec')\np.submit(abs, -1).result()",
+    "warden (zygote)": (
+        "import warden\np = warden.ProcessPoolExecutor({w}, start='zygote')\np.submit(abs, -1).result()"
+    ),
+    "warden (exec)": (
+        "import warden\np = warden.ProcessPoolExecutor({w}, start='exec')\np.submit(abs, -1).result()"
+    ),
     "ProcessPoolExecutor (spawn)": (
         "import concurrent.futures as cf, multiprocessing as mp\n"
         "p = cf.ProcessPoolExecutor({w}, mp_context=mp.get_context('spawn'))\np.submit(abs, -1).result()"
     ),
-    "multiprocessing.Pool (fork)": "import multiprocessing as mp\np = mp.get_context('fork').Pool({w})\np.apply(abs, (-1,))",
+    "multiprocessing.Pool (fork)": (
+        "import multiprocessing as mp\np = mp.get_context('fork').Pool({w})\np.apply(abs, (-1,))"
+    ),
     "pebble.ProcessPool": "import pebble\np = pebble.ProcessPool({w})\np.schedule(abs, args=(-1,)).result()",
 }
 
@@ -105,7 +110,8 @@ def cold_start(name, runs):
     code = COLD_HARNESS.format(body=body)
     times = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        argv = [sys.executable, "-c", code]
+        out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"{name}: {out.stderr}")
         times.append(float(out.stdout.split()[0]))
