@@ -16,6 +16,9 @@ import warden
 
 from conftest import alive, descendants, wait_until
 
+# Every test here runs with zygote-forked workers and with exec'd ones.
+pytestmark = pytest.mark.usefixtures("start_method")
+
 
 def log(path, *words):
     with open(path, "a") as f:

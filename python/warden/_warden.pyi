@@ -102,6 +102,10 @@ def zygote_main(prepare: Callable[[bytes], object]) -> None:
     ``prepare(payload)``, then forks workers on request. Returns only in a
     forked worker; the zygote itself exits when its pool is done with it."""
 
+def forked_from() -> int | None:
+    """The pid of the zygote this worker was forked from; ``None`` in a
+    worker started by exec, and in any other process."""
+
 class FinalizerToken:
     """One registration with the core's finalizer service; see crates/warden-py/src/finalize.rs."""
 

@@ -88,3 +88,10 @@ pub fn zygote_main(py: Python<'_>, prepare: Bound<'_, PyAny>) -> PyResult<()> {
         }
     }
 }
+
+/// The pid of the zygote this worker was forked from; `None` in a worker
+/// started by exec, and in any other process.
+#[pyfunction]
+pub fn forked_from() -> Option<u32> {
+    warden::zygote::forked_from()
+}

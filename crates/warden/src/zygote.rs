@@ -67,6 +67,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
@@ -84,6 +85,18 @@ pub const ENV_ZYGOTE: &str = "WARDEN_ZYGOTE";
 
 /// The largest control message (the start payload travels in one).
 pub const MAX_CONTROL_MESSAGE: usize = 1 << 20;
+
+/// The pid of the zygote this process was forked from, or 0.
+static FORKED_FROM: AtomicU32 = AtomicU32::new(0);
+
+/// The pid of the zygote this worker was forked from; `None` in a worker
+/// started by exec (and in any other process).
+pub fn forked_from() -> Option<u32> {
+    match FORKED_FROM.load(Ordering::Relaxed) {
+        0 => None,
+        pid => Some(pid),
+    }
+}
 
 /// Exit code of a zygote that could not read its control socket.
 pub const EXIT_ZYGOTE_PROTOCOL: i32 = 4;
@@ -328,6 +341,7 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
             let _ = reply(&env, &Reply::Failed { error: &why, permanent: true });
             continue;
         }
+        let zygote = std::process::id();
         hooks.before_fork();
         // SAFETY: this process is single-threaded (checked just above), so the
         // child is a complete copy and may go on running Rust code.
@@ -341,6 +355,7 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
                 }
             }
             Ok(None) => {
+                FORKED_FROM.store(zygote, Ordering::Relaxed);
                 let channel_fd = channel.as_raw_fd();
                 // The child: arm the death signal first, then shed everything
                 // that is not its own.
