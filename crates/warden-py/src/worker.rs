@@ -17,8 +17,9 @@
 //! calling `worker_main`; the core's handlers chain to it, so the interpreter
 //! runs it on the main thread and it raises inside the task. The core's
 //! monitor also calls the interrupter below, which re-sends SIGTERM to the main
-//! thread (by its kernel thread id, which is right in a zygote-forked worker too): a task blocked in a system call there (sleep, read) then returns
-//! with `EINTR` and the interpreter gets to run the handler, even if the
+//! thread (by its kernel thread id, which is right in a zygote-forked worker
+//! too): a task blocked in a system call there (sleep, read) then returns with
+//! `EINTR` and the interpreter gets to run the handler, even if the
 //! original signal was delivered to another thread.
 
 use std::sync::Arc;
@@ -26,9 +27,10 @@ use std::sync::Arc;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
-use warden::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
-use warden::wire::{ExitReason, RemoteError, RemoteErrorKind};
-use warden::worker::{ExitHook, Handler, HookResult, Interrupter, WorkerEnv, WorkerInfo, EXIT_PROTOCOL};
+use warden::frontend::{ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_PROTOCOL};
+use warden::frontend::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
+use warden::WorkerInfo;
+use warden::{ExitReason, RemoteError, RemoteErrorKind};
 
 use crate::convert::{exit_reason, remote_kind};
 
@@ -55,7 +57,7 @@ pub fn worker_main(py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
     // by a zygote, glibc's cached id of this thread is the zygote's.
     let main_thread = rustix::thread::gettid().as_raw_nonzero().get();
     let handler = PyHandler { handler, main_thread };
-    let exit = py.detach(move || warden::worker::serve(env, handler));
+    let exit = py.detach(move || warden::frontend::serve(env, handler));
     flush_python_streams(py);
     exit.exit()
 }
@@ -143,12 +145,12 @@ impl Handler for PyHandler {
     }
 }
 
-fn run_exit_hook(handler: &Py<PyAny>, reason: &ExitReason) -> HookResult {
+fn run_exit_hook(handler: &Py<PyAny>, reason: &ExitReason) -> ExitHookOutcome {
     Python::attach(|py| match handler.bind(py).call_method1("exit", (exit_reason(reason),)) {
         Ok(v) => match v.extract::<(Option<String>, Option<i32>)>() {
-            Ok((error, exit_code)) => HookResult { error, exit_code },
-            Err(e) => HookResult { error: Some(format!("bad exit hook result: {e}")), exit_code: None },
+            Ok((error, exit_code)) => ExitHookOutcome { error, exit_code },
+            Err(e) => ExitHookOutcome { error: Some(format!("bad exit hook result: {e}")), exit_code: None },
         },
-        Err(e) => HookResult { error: Some(e.to_string()), exit_code: None },
+        Err(e) => ExitHookOutcome { error: Some(e.to_string()), exit_code: None },
     })
 }

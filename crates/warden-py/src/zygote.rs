@@ -1,4 +1,4 @@
-//! `zygote_main`: this interpreter as a pool's zygote (see `warden::zygote`).
+//! `zygote_main`: this interpreter as a pool's zygote (see `warden::frontend::zygote`).
 //!
 //! `python -m warden._worker`, started by a pool as its zygote, imports the
 //! worker runtime and the pool's preloads (through the `prepare` callable the
@@ -16,9 +16,8 @@ use std::sync::Mutex;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use warden::spawn::ENV_PARENT;
-use warden::worker::WorkerEnv;
-use warden::zygote::{ForkHooks, Parked, ZygoteEnv, ENV_ZYGOTE, EXIT_ZYGOTE_PROTOCOL};
+use warden::frontend::zygote::{ForkHooks, Parked, ZygoteEnv, ENV_ZYGOTE, EXIT_ZYGOTE_PROTOCOL};
+use warden::frontend::{WorkerEnv, ENV_PARENT};
 
 /// The environment of the worker this process was forked to be, if it was.
 static FORKED: Mutex<Option<WorkerEnv>> = Mutex::new(None);
@@ -77,7 +76,7 @@ pub fn zygote_main(py: Python<'_>, prepare: Bound<'_, PyAny>) -> PyResult<()> {
         environ.call_method1("pop", (key, py.None()))?;
     }
     let mut hooks = PyForkHooks { prepare };
-    match warden::zygote::serve(env, &mut hooks) {
+    match warden::frontend::zygote::serve(env, &mut hooks) {
         Parked::Worker(env) => {
             *FORKED.lock().unwrap_or_else(|p| p.into_inner()) = Some(env);
             Ok(())
@@ -93,5 +92,5 @@ pub fn zygote_main(py: Python<'_>, prepare: Bound<'_, PyAny>) -> PyResult<()> {
 /// started by exec, and in any other process.
 #[pyfunction]
 pub fn forked_from() -> Option<u32> {
-    warden::zygote::forked_from()
+    warden::forked_from()
 }
