@@ -67,8 +67,8 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use rustix::net::{
@@ -472,6 +472,48 @@ pub(crate) struct Zygote {
     /// Set once the process was reaped.
     pub reaped: bool,
 }
+
+impl Zygote {
+    /// Waits up to `grace` for the zygote to exit, then SIGKILLs it and waits
+    /// a little more; reaps it. Returns its status, or `None` if it could not
+    /// be reaped (stuck in the kernel; logged).
+    pub fn wait_exit(&mut self, grace: Duration) -> Option<crate::error::ExitStatus> {
+        if self.reaped {
+            return None;
+        }
+        for (i, wait) in [grace, KILL_WAIT].into_iter().enumerate() {
+            if i == 1 {
+                let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
+            }
+            wait_readable(self.pidfd.as_fd(), wait);
+            if let Ok(Some(st)) = rustix::process::waitid(
+                rustix::process::WaitId::PidFd(self.pidfd.as_fd()),
+                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
+            ) {
+                self.reaped = true;
+                return Some(match st.terminating_signal() {
+                    Some(sig) => crate::error::ExitStatus::Signal(sig),
+                    None => crate::error::ExitStatus::Code(st.exit_status().unwrap_or(-1)),
+                });
+            }
+        }
+        tracing::error!(pid = self.pid.as_raw_nonzero().get(), "the zygote did not die after SIGKILL");
+        None
+    }
+}
+
+impl Drop for Zygote {
+    /// The last line of defence (the supervisor panicked): kill and reap.
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
+            self.wait_exit(Duration::ZERO);
+        }
+    }
+}
+
+/// How long a SIGKILLed zygote gets to become reapable.
+const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a fork request did not give a worker.
 #[derive(Debug, thiserror::Error)]
