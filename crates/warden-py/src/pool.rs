@@ -19,7 +19,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 use warden::frontend::WorkerCommand;
-use warden::{LifecycleEvent, Pool, TaskOptions, WorkerEnd};
+use warden::{LifecycleEvent, Pool, StartMethod, TaskOptions, WorkerEnd};
 
 use crate::convert::{core_err, error_tuple, exit_reason, seconds, stop_cause};
 
@@ -49,6 +49,8 @@ struct Inner {
     /// then also watches for the pool to finish.
     closing: AtomicBool,
     first_pid: Mutex<Option<i32>>,
+    /// The pool's zygote while it is ready to fork.
+    zygote: Mutex<Option<i32>>,
     pid_known: Condvar,
     last_exit: Mutex<Option<WorkerEnd>>,
     events: Mutex<VecDeque<LifecycleEvent>>,
@@ -74,6 +76,13 @@ impl Inner {
             }
             LifecycleEvent::WorkerExited(exit) => *lock(&self.last_exit) = Some(exit.clone()),
             LifecycleEvent::PoolFailed { .. } => self.wake(),
+            LifecycleEvent::ZygoteReady { pid } => *lock(&self.zygote) = Some(*pid),
+            LifecycleEvent::ZygoteExited { pid, .. } => {
+                let mut zygote = lock(&self.zygote);
+                if *zygote == Some(*pid) {
+                    *zygote = None;
+                }
+            }
             _ => {}
         }
         let mut events = lock(&self.events);
@@ -92,6 +101,11 @@ fn event_tuple<'py>(py: Python<'py>, event: &LifecycleEvent) -> PyResult<Bound<'
         LifecycleEvent::TaskTimedOut { task, pid } => ("timed_out", *task, *pid).into_pyobject(py),
         LifecycleEvent::WorkerExited(exit) => exit_tuple(py, exit),
         LifecycleEvent::PoolFailed { reason } => ("pool_failed", reason.as_str()).into_pyobject(py),
+        LifecycleEvent::ZygoteReady { pid } => ("zygote_ready", *pid).into_pyobject(py),
+        LifecycleEvent::ZygoteExited { pid, status, intended } => {
+            ("zygote_exited", *pid, status.code(), status.signal(), *intended).into_pyobject(py)
+        }
+        LifecycleEvent::ZygoteRefused { reason } => ("zygote_refused", reason.as_str()).into_pyobject(py),
         _ => ("other",).into_pyobject(py),
     }
 }
@@ -173,6 +187,7 @@ impl CorePool {
         program, args, *, workers=1, name=None, init_payload=None, pass_fds=Vec::new(), env=Vec::new(),
         max_tasks_per_child=None, task_timeout=None, init_timeout=None, grace=None,
         restart_intensity=None, max_frame_size=None, prefetch=None, one_off=false,
+        start="zygote", zygote_payload=None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -192,6 +207,8 @@ impl CorePool {
         max_frame_size: Option<usize>,
         prefetch: Option<usize>,
         one_off: bool,
+        start: &str,
+        zygote_payload: Option<&[u8]>,
     ) -> PyResult<Self> {
         // Take ownership of the fds first, so that they are closed on any error below.
         let mut fds = Vec::with_capacity(pass_fds.len());
@@ -211,6 +228,14 @@ impl CorePool {
             .on_event(move |e| sink.on_event(e));
         if one_off {
             builder = builder.one_off();
+        }
+        builder = builder.start(match start {
+            "zygote" => StartMethod::Zygote,
+            "exec" => StartMethod::Exec,
+            other => return Err(PyValueError::new_err(format!("start must be 'zygote' or 'exec', not {other:?}"))),
+        });
+        if let Some(payload) = zygote_payload {
+            builder = builder.zygote_payload(payload.to_vec());
         }
         if let Some(name) = name {
             builder = builder.name(name);
@@ -394,6 +419,11 @@ impl CorePool {
     fn workers(&self, py: Python<'_>) -> Vec<(u64, i32, &'static str, Option<u64>)> {
         let Some(pool) = self.pool() else { return Vec::new() };
         py.detach(|| pool.workers().into_iter().map(|w| (w.worker, w.pid, w.phase, w.running)).collect())
+    }
+
+    /// The pid of the pool's zygote while it is ready to fork workers.
+    fn zygote_pid(&self) -> Option<i32> {
+        *lock(&self.inner.zygote)
     }
 
     /// Why the pool failed, if it did.
