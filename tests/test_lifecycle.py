@@ -164,7 +164,7 @@ def test_finalizers_run_when_the_parent_is_killed(program):
             ex = warden.ProcessPoolExecutor(2, finalizer=log, finalargs=(out, "fin"))
             ex.submit(busy, out)
             ex.submit(os.getpid).result()  # the other worker: idle
-            while open(out).read().count("busy") < 1:
+            while not os.path.exists(out) or open(out).read().count("busy") < 1:
                 time.sleep(0.02)
             print(" ".join(str(w[1]) for w in ex._runner.core.workers()), flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
