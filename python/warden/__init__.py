@@ -28,10 +28,12 @@ from __future__ import annotations
 import atexit as _atexit
 import importlib as _importlib
 import sys as _sys
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 
 if TYPE_CHECKING:
     from concurrent.futures.process import BrokenProcessPool
+    from typing import Any
 
     from ._context import worker_context
     from ._errors import PoolFailed, TaskTimeout, WorkerCrashed

@@ -36,14 +36,15 @@ import pickle
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
 
-from . import _context, _finalize, _warden
+from . import _context, _warden
 from ._pickle import dumps
 from ._remote import RemoteError, TaskAborted, TaskInterrupted
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     import contextlib
+    from typing import Any
 
 # ``traceback`` is imported only when there is one to format: a worker that
 # never fails never pays for it (nor for ``linecache`` and ``tokenize``).
@@ -265,7 +266,10 @@ class Handler:
             errors.append(f"atexit raised {_type_name(e)}: {_text(e)}")
         try:
             # Idempotent: in case the handler above did not get to run them.
-            _finalize.run_exit_callbacks()
+            # Only a process that loaded warden._finalize can have any.
+            finalizers = sys.modules.get("warden._finalize")
+            if finalizers is not None:
+                finalizers.run_exit_callbacks()
         except BaseException as e:
             errors.append(f"exit callbacks raised {_type_name(e)}: {_text(e)}")
         for stream in (sys.stdout, sys.stderr):
