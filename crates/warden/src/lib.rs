@@ -47,6 +47,7 @@
 //! Private modules, each with its own docs: `pool` (the public API above),
 //! `supervisor` (the event loop that owns the workers, lifecycle diagram there),
 //! `spawn` (how a worker process is started: exec, fds, death signal, group),
+//! `zygote` (the fork server a pool starts its workers from),
 //! `worker` (the worker-side loop and its single exit path), `wire` (frames and
 //! messages), `signals` (worker signal handling: flags only), `task` (Rust
 //! functions as tasks), `panics` (a poison-tolerant lock, panic text).

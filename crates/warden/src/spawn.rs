@@ -28,6 +28,12 @@
 //!   (which uses SIGTERM) even while the dying parent's other threads briefly
 //!   stand in as its parent.
 //!
+//! A worker forked by the pool's zygote ([`fork_worker`]) gets the same, set
+//! up by the zygote's child before any worker code runs (see `zygote`): its
+//! channel arrives over the zygote's control socket with `SCM_RIGHTS`, so its
+//! number is whatever the child got; every other fd is closed, not just
+//! marked close-on-exec.
+//!
 //! # Caveats
 //!
 //! * The parent-death signal fires when the *thread* that spawned the worker

@@ -34,15 +34,17 @@ impl Supervisor {
     }
 
     pub(super) fn ensure_workers(&mut self, now: Instant) {
+        let want = self.wanted_workers();
+        if want > 0 {
+            // Due or not, a zygote's own retry time is its deadline: start it
+            // here even while exec starts wait for theirs.
+            self.ensure_zygote(now);
+        }
         if self.spawn_retry_at.is_some_and(|t| now < t) {
             return;
         }
         self.spawn_retry_at = None;
-        let want = self.wanted_workers();
         let mut serving = self.workers.values().filter(|w| w.is_serving()).count();
-        if want > 0 {
-            self.ensure_zygote(now);
-        }
         while serving < want && self.phase != PoolPhase::Failed {
             match self.spawn_one() {
                 Ok(true) => serving += 1,
