@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from . import _finalize, _warden
 from ._pickle import dumps_for_spawn
@@ -226,10 +226,16 @@ class Runner:
         return done
 
     def join_bounded(self) -> None:
-        """Waits for a terminate to run its course, killing what outlives it."""
-        if not self.join(GRACE * 2 + 2.0):
-            self.core.kill()
-            self.join(10.0)
+        """Waits for a terminate to run its course, killing what outlives it:
+        the core's shutdown ladder (``CorePool.stop``). Ctrl-C while waiting
+        interrupts the pool (see :meth:`interrupt`)."""
+        try:
+            self.core.stop("terminate")
+        except KeyboardInterrupt:
+            self.interrupt()
+            raise
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(10.0)
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -278,6 +284,14 @@ def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
 
+# How interrupted or interpreter exit stops a pool, by its exit policy.
+_EXIT_STOP: dict[str, Literal["cancel_queued", "terminate", "drain"]] = {
+    "pool": "cancel_queued",
+    "daemon": "terminate",
+    "join": "drain",
+}
+
+
 def _shut_down_at_exit() -> None:
     """At interpreter exit: every pool still running is shut down with a
     bounded grace; daemon processes are terminated and other processes joined,
@@ -295,30 +309,24 @@ def _shut_down_at_exit() -> None:
         for r in runners:
             if interrupted or r.exit_policy == "daemon":
                 r.exit_policy = "daemon"
-                r.core.terminate()
-            elif r.exit_policy == "pool":
-                r.core.close_cancel_queued()
+            if r.exit_policy != "join":
+                r.core.stop(_EXIT_STOP[r.exit_policy], wait=False)
         for r in runners:
             if r.exit_policy == "join":
                 r.core.join()
-        # One grace period for all pools, not one each.
+        # One grace period for all pools, not one each: every pool's shutdown
+        # ladder runs against the same deadline, then each is waited for.
         deadline = time.monotonic() + GRACE
         for r in runners:
-            if r.exit_policy == "pool" and not r.core.join(_left(deadline)):
-                r.core.terminate()
-        deadline = time.monotonic() + GRACE + 2.0
+            r.core.stop(_EXIT_STOP[r.exit_policy], within=_left(deadline), wait=False)
         for r in runners:
-            if not r.core.join(_left(deadline)):
-                r.core.kill()
-        deadline = time.monotonic() + 10.0
-        for r in runners:
-            r.core.join(_left(deadline))
+            r.core.stop(_EXIT_STOP[r.exit_policy], within=_left(deadline))
     except KeyboardInterrupt:
         for r in runners:
-            r.core.kill()
+            r.core.stop("kill", wait=False)
         for r in runners:
             with contextlib.suppress(KeyboardInterrupt):
-                r.core.join(10.0)
+                r.core.stop("kill")
     for r in everyone:
         if r.thread is not None:
             r.thread.join(2.0)

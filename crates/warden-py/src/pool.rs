@@ -19,7 +19,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 use warden::frontend::WorkerCommand;
-use warden::{LifecycleEvent, Pool, TaskOptions, WorkerEnd};
+use warden::{LifecycleEvent, Pool, StopMode, TaskOptions, WorkerEnd};
 
 use crate::convert::{core_err, error_tuple, exit_reason, seconds, stop_cause};
 
@@ -345,6 +345,39 @@ impl CorePool {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(false);
             }
+        }
+    }
+
+    /// The core's shutdown ladder (`warden::Pool::stop`): starts it with
+    /// `mode` ("drain", "cancel_queued", "terminate" or "kill") and a deadline
+    /// `within` seconds from now (none if `None`), or makes a started one
+    /// stricter (the earliest deadline and the harshest mode win). With
+    /// `wait`, waits for the ladder to end (bounded by the ladder itself, the
+    /// GIL released; raises `KeyboardInterrupt` or what a signal handler
+    /// raises) and returns whether the pool finished by the deadline; without,
+    /// returns at once whether it has finished.
+    #[pyo3(signature = (mode, within=None, wait=true))]
+    fn stop(&self, py: Python<'_>, mode: &str, within: Option<f64>, wait: bool) -> PyResult<bool> {
+        let mode = match mode {
+            "drain" => StopMode::Drain,
+            "cancel_queued" => StopMode::CancelQueued,
+            "terminate" => StopMode::Terminate,
+            "kill" => StopMode::Kill,
+            other => return Err(PyValueError::new_err(format!("unknown stop mode {other:?}"))),
+        };
+        let deadline = deadline(seconds("within", within)?);
+        let Some(pool) = self.pool() else { return Ok(true) };
+        pool.begin_stop(mode, deadline);
+        self.inner.wake();
+        if !wait {
+            return Ok(pool.is_shut_down());
+        }
+        loop {
+            let until = Instant::now() + SLICE;
+            if let Some(in_time) = py.detach(|| pool.wait_stopped(Some(until))) {
+                return Ok(in_time);
+            }
+            py.check_signals()?;
         }
     }
 

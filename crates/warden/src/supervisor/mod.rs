@@ -62,7 +62,7 @@ use mio::{Events, Poll, Token, Waker};
 pub(crate) use config::Config;
 pub use events::{EventSink, LifecycleEvent, StopCause, WorkerEnd, WorkerSnapshot};
 pub use link::Reply;
-pub(crate) use link::{Command, SupervisorLink, Task};
+pub(crate) use link::{Command, StopPlan, SupervisorLink, Task};
 use restart::RestartIntensity;
 use worker::Worker;
 pub(crate) use worker::KILL_WAIT;
@@ -105,9 +105,10 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         wake_pending: AtomicBool::new(false),
         accepting: AtomicBool::new(true),
         failure: Mutex::new(None),
-        done: Mutex::new(false),
+        done: Mutex::new(None),
         done_cv: Condvar::new(),
         next_task: AtomicU64::new(1),
+        stop: Mutex::new(StopPlan::default()),
     });
     let pass_fds = cfg.pass_fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let crashes = RestartIntensity::new(cfg.restart_limit, cfg.restart_window);
