@@ -87,6 +87,18 @@ fn main() {
             dropping_a_busy_pool_returns_within_its_grace_and_runs_exit_hooks,
         ),
         trial("dropping_a_closing_pool_stops_draining_its_queue", dropping_a_closing_pool_stops_draining_its_queue),
+        trial(
+            "a_draining_stop_cut_off_at_its_deadline_cancels_the_queue_and_the_running_task",
+            a_draining_stop_cut_off_at_its_deadline_cancels_the_queue_and_the_running_task,
+        ),
+        trial(
+            "a_draining_stop_that_finishes_before_its_deadline_runs_every_task",
+            a_draining_stop_that_finishes_before_its_deadline_runs_every_task,
+        ),
+        trial(
+            "pools_stopped_against_one_deadline_are_all_cut_off_at_it",
+            pools_stopped_against_one_deadline_are_all_cut_off_at_it,
+        ),
         trial("a_worker_holds_only_stdio_and_its_channel", a_worker_holds_only_stdio_and_its_channel),
         trial("a_worker_lives_in_its_own_process_group", a_worker_lives_in_its_own_process_group),
         trial("every_task_of_a_burst_gets_exactly_one_outcome", every_task_of_a_burst_gets_exactly_one_outcome),
@@ -677,6 +689,63 @@ fn dropping_a_closing_pool_stops_draining_its_queue() -> TestResult {
     for h in queued {
         let outcome = h.join();
         check(outcome.as_ref().err().is_some_and(|e| e.is_cancelled()), format!("queued task: {outcome:?}"))?;
+    }
+    Ok(())
+}
+
+fn a_draining_stop_cut_off_at_its_deadline_cancels_the_queue_and_the_running_task() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).grace(Duration::from_millis(300)).build()?;
+    let busy = pool.spawn(sleep_ms, 60_000)?;
+    let queued: Vec<_> = (0..3).map(|i| pool.spawn(echo, i)).collect::<Result<_, _>>()?;
+    let worker = wait_running(&pool, busy.id())?;
+    let in_time = pool.shutdown_timeout(Duration::from_millis(500));
+    check(!in_time, "a stop cut off at its deadline says so")?;
+    check(busy.join().err().is_some_and(|e| e.is_cancelled()), "the running task was cancelled")?;
+    for h in queued {
+        check(h.join().err().is_some_and(|e| e.is_cancelled()), "a queued task was cancelled, not run")?;
+    }
+    check(
+        hooks.exit_reason(worker as u32).as_deref() == Some("Signal(15)"),
+        "the worker got SIGTERM and ran its exit hook",
+    )?;
+    check(process_gone(worker), "the worker was reaped")?;
+    Ok(())
+}
+
+fn a_draining_stop_that_finishes_before_its_deadline_runs_every_task() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(2).build()?;
+    let handles: Vec<_> = (0..6).map(|i| pool.spawn(echo, i)).collect::<Result<_, _>>()?;
+    let in_time = pool.stop(warden::StopMode::Drain, Some(Instant::now() + Duration::from_secs(60)));
+    check(in_time, "the pool finished before its deadline")?;
+    for (i, h) in handles.into_iter().enumerate() {
+        check(h.join()? == i as u64, "every queued task ran")?;
+    }
+    check(hooks.exited().len() == 2, format!("both workers retired: {:?}", hooks.exited()))?;
+    Ok(())
+}
+
+fn pools_stopped_against_one_deadline_are_all_cut_off_at_it() -> TestResult {
+    let hooks = Hooks::new();
+    let pools = [
+        hooks.builder().workers(1).grace(Duration::from_millis(300)).build()?,
+        hooks.builder().workers(1).grace(Duration::from_millis(300)).build()?,
+    ];
+    let busy = [pools[0].spawn(sleep_ms, 60_000)?, pools[1].spawn(sleep_ms, 60_000)?];
+    wait_running(&pools[0], busy[0].id())?;
+    wait_running(&pools[1], busy[1].id())?;
+    let deadline = Instant::now() + Duration::from_millis(500);
+    for pool in &pools {
+        pool.begin_stop(warden::StopMode::CancelQueued, Some(deadline));
+    }
+    // Waiting on the first pool only: the second one's ladder ran meanwhile,
+    // against the same deadline, so it has ended too (or very nearly).
+    check(pools[0].wait_stopped(None) == Some(false), "the first pool was cut off at the deadline")?;
+    let second = pools[1].wait_stopped(Some(Instant::now() + Duration::from_secs(5)));
+    check(second == Some(false), format!("the second pool was cut off at the same deadline: {second:?}"))?;
+    for h in busy {
+        check(h.join().err().is_some_and(|e| e.is_cancelled()), "a running task was cancelled")?;
     }
     Ok(())
 }
