@@ -299,7 +299,7 @@ def test_cancel_succeeds_only_for_queued_tasks():
 
 def running_in_pool(ex, n=1):
     """Whether at least ``n`` workers are running a task."""
-    return sum(w[3] is not None for w in ex._runner.core.workers()) >= n
+    return sum(w.running_task is not None for w in ex._runner.core.workers()) >= n
 
 
 def test_shutdown_cancel_futures_cancels_queued_and_finishes_running():

@@ -173,24 +173,9 @@ impl FinalizerToken {
         self.token.is_pending()
     }
 
-    /// "pending", "running", "done" or "cancelled".
-    fn state(&self) -> &'static str {
-        match self.token.state() {
-            State::Pending => "pending",
-            State::Running => "running",
-            State::Done => "done",
-            _ => "cancelled",
-        }
-    }
-
     #[getter]
     fn priority(&self) -> i32 {
         self.token.priority()
-    }
-
-    #[getter]
-    fn label(&self) -> &str {
-        self.token.label()
     }
 
     #[getter]
@@ -203,7 +188,12 @@ impl FinalizerToken {
     }
 
     fn __repr__(&self) -> String {
-        format!("<FinalizerToken {} priority={} {}>", self.token.label(), self.token.priority(), self.state())
+        format!(
+            "<FinalizerToken {} priority={} {}>",
+            self.token.label(),
+            self.token.priority(),
+            state_name(&self.token)
+        )
     }
 }
 
@@ -267,14 +257,12 @@ pub fn wait_finalizers_idle(py: Python<'_>, timeout: Option<f64>) -> PyResult<bo
     }
 }
 
-/// Whether the calling thread is this process's finalizer thread.
-#[pyfunction]
-pub fn is_finalizer_thread() -> bool {
-    warden::finalize::is_finalizer_thread()
-}
-
-/// Seconds the exit drain is given (`warden::finalize::exit_timeout`).
-#[pyfunction]
-pub fn finalizer_exit_timeout() -> f64 {
-    warden::finalize::exit_timeout().as_secs_f64()
+/// "pending", "running", "done" or "cancelled".
+fn state_name(token: &Token) -> &'static str {
+    match token.state() {
+        State::Pending => "pending",
+        State::Running => "running",
+        State::Done => "done",
+        _ => "cancelled",
+    }
 }
