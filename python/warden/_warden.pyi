@@ -226,12 +226,12 @@ class FinalizerToken:
     def set_at_exit(self, at_exit: bool) -> None: ...
 
 def register_finalizer(
-    callback: Callable[[], bool], priority: int = 0, label: str | None = None, at_exit: bool = True
+    callback: Callable[[], bool], priority: int = 0, label: str | None = None
 ) -> FinalizerToken:
     """Registers ``callback()`` (which returns whether it succeeded); ``RuntimeError`` once closed."""
 
-def run_exit_finalizers(timeout: float | None = None) -> tuple[int, int, int, bool]:
-    """The exit drain, with the GIL released: ``(ran, failed, skipped, timed_out)``. Idempotent."""
+def run_exit_finalizers(timeout: float | None = None) -> None:
+    """The exit drain, with the GIL released. Idempotent."""
 
 def wait_finalizers_idle(timeout: float | None = None) -> bool:
     """Waits, with the GIL released, until the finalizer thread is idle."""
