@@ -10,7 +10,7 @@
 //! * `records`: what crosses to Python, as frozen classes with named fields
 //!   (`Completion`, `TaskError`, `RemoteFailure`, `WorkerEnd`, `WorkerState`)
 //!   and enums of kinds (`ErrorKind`, `RemoteKind`);
-//! * `worker::worker_main`: the worker side, a [`warden::worker::Handler`]
+//! * `worker::worker_main`: the worker side, a [`warden::frontend::Handler`]
 //!   that calls into a Python object;
 //! * `event::SharedEvent`: a process-shared flag in a sealed `memfd` page,
 //!   waited on with a shared futex;
@@ -47,7 +47,7 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<records::RemoteFailure>()?;
     m.add_class::<records::TaskError>()?;
     m.add_class::<records::Completion>()?;
-    m.add_class::<records::WorkerEnd>()?;
+    m.add_class::<records::PyWorkerEnd>()?;
     m.add_class::<records::WorkerState>()?;
     m.add_class::<event::SharedEvent>()?;
     m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
@@ -57,6 +57,6 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(finalize::wait_finalizers_idle, m)?)?;
     finalize::install_sink();
     m.add("CoreError", m.py().get_type::<CoreError>())?;
-    m.add("DEFAULT_GRACE", warden::pool::DEFAULT_GRACE.as_secs_f64())?;
+    m.add("DEFAULT_GRACE", warden::DEFAULT_GRACE.as_secs_f64())?;
     Ok(())
 }

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
-use warden::spawn::WorkerCommand;
-use warden::{Event, Pool, TaskOptions, WorkerExit};
+use warden::frontend::WorkerCommand;
+use warden::{LifecycleEvent, Pool, TaskOptions, WorkerEnd};
 
 use crate::convert::seconds;
-use crate::records::{core_err, core_error, Completion, PyErrorKind, WorkerEnd, WorkerState};
+use crate::records::{core_err, core_error, Completion, PyErrorKind, PyWorkerEnd, WorkerState};
 
 /// How long a blocking call waits at a time before it looks for signals
 /// (Ctrl-C) with the GIL held again.
@@ -58,7 +58,7 @@ struct Inner {
     closing: AtomicBool,
     first_pid: Mutex<Option<i32>>,
     pid_known: Condvar,
-    last_exit: Mutex<Option<WorkerExit>>,
+    last_exit: Mutex<Option<WorkerEnd>>,
 }
 
 impl Inner {
@@ -73,14 +73,14 @@ impl Inner {
         self.ready.notify_all();
     }
 
-    fn on_event(&self, event: &Event) {
+    fn on_event(&self, event: &LifecycleEvent) {
         match event {
-            Event::WorkerStarted { pid, .. } => {
+            LifecycleEvent::WorkerStarted { pid, .. } => {
                 lock(&self.first_pid).get_or_insert(*pid);
                 self.pid_known.notify_all();
             }
-            Event::WorkerExited(exit) => *lock(&self.last_exit) = Some(exit.clone()),
-            Event::PoolFailed { .. } => self.wake(),
+            LifecycleEvent::WorkerExited(exit) => *lock(&self.last_exit) = Some(exit.clone()),
+            LifecycleEvent::PoolFailed { .. } => self.wake(),
             _ => {}
         }
     }
@@ -347,8 +347,8 @@ impl CorePool {
     }
 
     /// How the last worker to exit ended, if one has.
-    fn last_exit(&self) -> Option<WorkerEnd> {
-        lock(&self.inner.last_exit).as_ref().map(WorkerEnd::from)
+    fn last_exit(&self) -> Option<PyWorkerEnd> {
+        lock(&self.inner.last_exit).as_ref().map(PyWorkerEnd::from)
     }
 
     /// The live workers.

@@ -6,7 +6,7 @@
 //! * [`Completion`]: one task's outcome, under the core's task id;
 //! * [`TaskError`] (of an [`ErrorKind`]) and [`RemoteFailure`] (of a
 //!   [`RemoteKind`]): how a task failed, and what the worker said about it;
-//! * [`WorkerEnd`]: how a worker's life ended;
+//! * [`PyWorkerEnd`] (`WorkerEnd` in Python): how a worker's life ended;
 //! * [`WorkerState`]: a live worker in a pool's snapshot.
 //!
 //! `python/warden/_warden.pyi` mirrors these classes; `make stubtest` checks
@@ -14,8 +14,7 @@
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use warden::wire::{RemoteError, RemoteErrorKind};
-use warden::{ExitReason, RetireReason, StopCause, WorkerExit, WorkerSnapshot};
+use warden::{ExitReason, RemoteError, RemoteErrorKind, RetireReason, StopCause, WorkerEnd, WorkerSnapshot};
 
 use crate::CoreError;
 
@@ -244,9 +243,9 @@ impl Completion {
     }
 }
 
-/// How a worker's life ended.
-#[pyclass(module = "warden._warden", frozen, get_all)]
-pub struct WorkerEnd {
+/// How a worker's life ended (the core's [`WorkerEnd`], for Python).
+#[pyclass(module = "warden._warden", name = "WorkerEnd", frozen, get_all)]
+pub struct PyWorkerEnd {
     /// The worker's number in its pool.
     worker: u64,
     /// Its process id.
@@ -270,15 +269,15 @@ pub struct WorkerEnd {
     crashed: bool,
 }
 
-impl From<&WorkerExit> for WorkerEnd {
-    fn from(exit: &WorkerExit) -> Self {
+impl From<&WorkerEnd> for PyWorkerEnd {
+    fn from(exit: &WorkerEnd) -> Self {
         let (reason, hook_ran, hook_error) = match &exit.goodbye {
             Some((reason, report)) => (Some(reason), report.hook_ran, report.hook_error.clone()),
             None => (None, false, None),
         };
         let init_failed =
             matches!(reason, Some(ExitReason::InitFailed)) || matches!(exit.cause, Some(StopCause::InitFailed(_)));
-        WorkerEnd {
+        PyWorkerEnd {
             worker: exit.worker,
             pid: exit.pid,
             exitcode: exit.status.code(),
