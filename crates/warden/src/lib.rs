@@ -80,7 +80,7 @@ pub struct ReadmeDoctests;
 
 pub use error::{signal_name, Error, ErrorKind, ExitStatus, Result};
 pub use pool::{
-    spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, StartMethod, TaskOptions, DEFAULT_GRACE,
+    spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, StartMethod, StopMode, TaskOptions, DEFAULT_GRACE,
     DEFAULT_INIT_TIMEOUT, DEFAULT_RESTART_LIMIT, DEFAULT_RESTART_WINDOW,
 };
 pub use supervisor::{LifecycleEvent, StopCause, WorkerEnd, WorkerSnapshot};

@@ -38,6 +38,7 @@ mod command;
 mod config;
 mod events;
 mod link;
+mod process;
 mod protocol;
 mod reap;
 mod restart;
@@ -45,6 +46,9 @@ mod schedule;
 mod timers;
 mod worker;
 mod zygote;
+
+#[cfg(test)]
+mod tests;
 
 use crate::panics::lock;
 use std::collections::{HashMap, VecDeque};
@@ -59,7 +63,8 @@ use mio::{Events, Poll, Token, Waker};
 pub(crate) use config::Config;
 pub use events::{EventSink, LifecycleEvent, StopCause, WorkerEnd, WorkerSnapshot};
 pub use link::Reply;
-pub(crate) use link::{Command, SupervisorLink, Task};
+pub(crate) use link::{Command, StopPlan, SupervisorLink, Task};
+use restart::RestartIntensity;
 use worker::Worker;
 pub(crate) use worker::KILL_WAIT;
 use zygote::{ZygoteSlot, ZYGOTE_CONTROL, ZYGOTE_PIDFD};
@@ -83,7 +88,7 @@ pub(crate) struct Supervisor {
     next_worker: u64,
     queue: VecDeque<Task>,
     phase: PoolPhase,
-    crashes: VecDeque<Instant>,
+    crashes: RestartIntensity,
     close_deadline: Option<Instant>,
     spawn_retry_at: Option<Instant>,
     spawned: u64,
@@ -105,11 +110,13 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         wake_pending: AtomicBool::new(false),
         accepting: AtomicBool::new(true),
         failure: Mutex::new(None),
-        done: Mutex::new(false),
+        done: Mutex::new(None),
         done_cv: Condvar::new(),
         next_task: AtomicU64::new(1),
+        stop: Mutex::new(StopPlan::default()),
     });
     let pass_fds = cfg.pass_fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let crashes = RestartIntensity::new(cfg.restart_limit, cfg.restart_window);
     // A one-off child is one worker: a zygote would only add a process.
     let with_zygote = cfg.start == crate::pool::StartMethod::Zygote && !cfg.one_off;
     let zygote = if with_zygote { ZygoteSlot::Down { retry_at: Instant::now() } } else { ZygoteSlot::Off };
@@ -122,7 +129,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         next_worker: 1,
         queue: VecDeque::new(),
         phase: PoolPhase::Running,
-        crashes: VecDeque::new(),
+        crashes,
         close_deadline: None,
         spawn_retry_at: None,
         spawned: 0,
