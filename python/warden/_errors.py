@@ -14,9 +14,8 @@ import pickle
 from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
-from ._warden import CoreError, ErrorKind, RemoteFailure, RemoteKind, TaskError
-
 from ._remote import RemoteError, TaskAborted, TaskInterrupted
+from ._warden import CoreError, ErrorKind, RemoteFailure, RemoteKind, TaskError
 
 __all__ = [
     "ErrorData",

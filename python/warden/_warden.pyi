@@ -20,7 +20,9 @@ __all__ = [
     "register_finalizer",
     "run_exit_finalizers",
     "wait_finalizers_idle",
+    "forked_from",
     "worker_main",
+    "zygote_main",
 ]
 
 DEFAULT_GRACE: Final[float]
