@@ -17,10 +17,10 @@ __all__ = [
     "TaskError",
     "WorkerEnd",
     "WorkerState",
+    "forked_from",
     "register_finalizer",
     "run_exit_finalizers",
     "wait_finalizers_idle",
-    "forked_from",
     "worker_main",
     "zygote_main",
 ]

@@ -113,8 +113,13 @@ fn raw_ping_pong(n: usize) -> Result<f64, Box<dyn std::error::Error>> {
 
 /// Seconds per sequential no-op task on a one-worker pool.
 fn pool_round_trip(n: usize) -> Result<f64, Box<dyn std::error::Error>> {
-    let pool = Pool::builder().workers(1).build()?;
-    for _ in 0..100 {
+    one_at_a_time(Pool::builder().workers(1).build()?, 100, n)
+}
+
+/// Seconds per task of `n` no-op tasks run one after the other on `pool`,
+/// after `warm` unmeasured ones; shuts the pool down.
+fn one_at_a_time(pool: Pool, warm: usize, n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    for _ in 0..warm {
         pool.spawn(noop, ())?.join()?;
     }
     let t = Instant::now();
@@ -144,15 +149,7 @@ fn pipelined(n: usize, prefetch: usize) -> Result<f64, Box<dyn std::error::Error
 
 /// Seconds per task on one worker that retires after every task.
 fn respawn(n: usize, start: StartMethod) -> Result<f64, Box<dyn std::error::Error>> {
-    let pool = Pool::builder().workers(1).max_tasks_per_child(1).start(start).build()?;
-    pool.spawn(noop, ())?.join()?;
-    let t = Instant::now();
-    for _ in 0..n {
-        pool.spawn(noop, ())?.join()?;
-    }
-    let per = t.elapsed().as_secs_f64() / n as f64;
-    pool.shutdown();
-    Ok(per)
+    one_at_a_time(Pool::builder().workers(1).max_tasks_per_child(1).start(start).build()?, 1, n)
 }
 
 /// Seconds from `build()` until `workers` workers are ready.

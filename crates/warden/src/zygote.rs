@@ -604,15 +604,19 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn control_messages_carry_an_fd_and_their_bytes() {
-        let (a, b) = rustix::net::socketpair(
+    fn control_pair() -> (OwnedFd, OwnedFd) {
+        rustix::net::socketpair(
             rustix::net::AddressFamily::UNIX,
             rustix::net::SocketType::SEQPACKET,
             rustix::net::SocketFlags::CLOEXEC,
             None,
         )
-        .unwrap_or_else(|e| panic!("socketpair: {e}"));
+        .unwrap_or_else(|e| panic!("socketpair: {e}"))
+    }
+
+    #[test]
+    fn control_messages_carry_an_fd_and_their_bytes() {
+        let (a, b) = control_pair();
         let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap_or_else(|e| panic!("pair: {e}"));
         let msg = encode(&Request::Fork { max_frame: 77 }).unwrap_or_else(|e| panic!("{e}"));
         send_message(a.as_fd(), &msg, Some(x.as_fd())).unwrap_or_else(|e| panic!("send: {e}"));
@@ -628,13 +632,7 @@ mod tests {
 
     #[test]
     fn an_oversized_control_message_is_an_error_not_a_truncated_message() {
-        let (a, b) = rustix::net::socketpair(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::SEQPACKET,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap_or_else(|e| panic!("socketpair: {e}"));
+        let (a, b) = control_pair();
         send_message(a.as_fd(), &[7u8; 100], None).unwrap_or_else(|e| panic!("send: {e}"));
         let mut buf = [0u8; 10];
         assert!(recv_message(b.as_fd(), &mut buf, RecvFlags::empty()).is_err());
