@@ -66,5 +66,9 @@ def prepare(payload: bytes) -> None:
 
 def main() -> None:
     """Parks as a zygote; in each forked worker, runs the worker loop."""
+    # What an exec'd worker imports only when it needs it (to report a
+    # failure) costs a forked one nothing once the zygote has it.
+    import traceback  # noqa: F401
+
     _warden.zygote_main(prepare)
     _workerloop.main()
