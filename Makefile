@@ -37,7 +37,8 @@ test-rust:
 	$(T) 600 $(CARGO) test --workspace --doc
 
 # A virtual environment with the build and test tools.
-$(VENV)/.tools:
+# Rebuilt when this Makefile changes, so a new tool reaches existing venvs too.
+$(VENV)/.tools: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(T) 600 $(VPY) -m pip install --quiet --upgrade pip
 	$(T) 600 $(VPY) -m pip install --quiet "maturin>=1.16,<2" "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.5" "cloudpickle>=2.1" "mypy>=1.10"

@@ -282,8 +282,9 @@ def test_interpreter_exit_terminates_daemons_and_joins_other_children(program):
             time.sleep(seconds)
             with open(path, "a") as f:
                 f.write(f"done {seconds}\\n")
-        def forever(path):
+        def forever(path, running):
             try:
+                running.set()
                 time.sleep(60)
             finally:
                 with open(path, "a") as f:
@@ -291,9 +292,10 @@ def test_interpreter_exit_terminates_daemons_and_joins_other_children(program):
         if __name__ == "__main__":
             out = os.environ["OUT"]
             warden.Process(target=slow, args=(out, 0.5)).start()
-            d = warden.Process(target=forever, args=(out,), daemon=True)
+            running = warden.Event()
+            d = warden.Process(target=forever, args=(out, running), daemon=True)
             d.start()
-            time.sleep(0.5)
+            assert running.wait(30), "the daemon never started its target"
             print("main done", flush=True)
         """
     )

@@ -238,9 +238,10 @@ def test_process_target_bound_to_an_object_holding_processes_and_an_event(progra
                     for _ in range(2)]
 
             def _worker(self):
-                while not self._event.is_set():
+                while True:
                     print(warden.current_process().name, flush=True)
-                    time.sleep(0.1)
+                    if self._event.wait(0.1):
+                        break
 
             def start(self):
                 for process in self._processes:
