@@ -9,6 +9,7 @@ DEFAULT_GRACE: Final[float]
 EXIT_INIT_FAILED: Final[int]
 EXIT_PROTOCOL: Final[int]
 EXIT_PARENT_GONE: Final[int]
+WORKER_VARIABLES: Final[list[str]]
 
 class CoreError(RuntimeError):
     """An error from warden's core; ``args`` are ``(kind, message)``."""
@@ -92,8 +93,12 @@ class WorkerHandler(Protocol):
     def run(self, payload: bytes) -> bytes | RemoteTuple: ...
     def exit(self, reason: str) -> tuple[str | None, int | None]: ...
 
-def worker_main(handler: WorkerHandler) -> None:
-    """Runs this process as a worker of the pool that started it; never returns then."""
+def worker_main(handler: WorkerHandler, variables: dict[str, str]) -> None:
+    """Runs this process as a worker of the pool that started it; never returns then.
+    ``variables`` are the ``WORKER_VARIABLES``, already removed from ``os.environ``."""
+
+def send_record(data: bytes) -> None:
+    """Sends the parent this worker's cleanup record (for ``on_worker_lost``)."""
 
 class FinalizerToken:
     """One registration with the core's finalizer service; see crates/warden-py/src/finalize.rs."""

@@ -99,13 +99,14 @@ pub fn error_tuple<'py>(py: Python<'py>, e: &warden::Error) -> PyResult<Bound<'p
 }
 
 /// Why a worker's life ended, as a short string: `retired:shutdown`,
-/// `retired:max_tasks`, `retired:done`, `signal:<n>`, `parent_gone`,
+/// `retired:max_tasks`, `retired:done`, `retired:max_memory`, `signal:<n>`, `parent_gone`,
 /// `init_failed` or `protocol`.
 pub fn exit_reason(reason: &ExitReason) -> String {
     match reason {
         ExitReason::Retired(RetireReason::Shutdown) => "retired:shutdown".into(),
         ExitReason::Retired(RetireReason::MaxTasks) => "retired:max_tasks".into(),
         ExitReason::Retired(RetireReason::Done) => "retired:done".into(),
+        ExitReason::Retired(RetireReason::MaxMemory) => "retired:max_memory".into(),
         ExitReason::Signal(sig) => format!("signal:{sig}"),
         ExitReason::ParentGone => "parent_gone".into(),
         ExitReason::InitFailed => "init_failed".into(),
@@ -119,6 +120,7 @@ pub fn stop_cause(cause: &StopCause) -> String {
         StopCause::Retired(RetireReason::Shutdown) => "retired:shutdown".into(),
         StopCause::Retired(RetireReason::MaxTasks) => "retired:max_tasks".into(),
         StopCause::Retired(RetireReason::Done) => "retired:done".into(),
+        StopCause::Retired(RetireReason::MaxMemory) => "retired:max_memory".into(),
         StopCause::TimedOut => "timed_out".into(),
         StopCause::Cancelled => "cancelled".into(),
         StopCause::Terminated => "terminated".into(),

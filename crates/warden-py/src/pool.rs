@@ -193,15 +193,7 @@ impl CorePool {
         prefetch: Option<usize>,
         one_off: bool,
     ) -> PyResult<Self> {
-        // Take ownership of the fds first, so that they are closed on any error below.
-        let mut fds = Vec::with_capacity(pass_fds.len());
-        for fd in pass_fds {
-            if fd < 3 || !fd_is_open(fd) {
-                return Err(PyValueError::new_err(format!("pass_fds: {fd} is not an open fd above stdio")));
-            }
-            // SAFETY: the fd is open (checked above) and the caller hands it over.
-            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
+        let fds = own_fds(pass_fds)?;
         let inner = Arc::new(Inner::default());
         let sink = Arc::clone(&inner);
         let mut builder = Pool::builder()
@@ -415,6 +407,33 @@ impl CorePool {
         if let Some(pool) = pool {
             py.detach(move || drop(pool));
         }
+    }
+}
+
+/// Takes ownership of the fds handed over as `pass_fds`: each distinct fd
+/// gets exactly one owner (a repeated number is the same fd, passed once).
+/// If any is not an open fd above stdio, every valid one is closed, since the
+/// caller handed them all over, and the error names the first bad one.
+fn own_fds(pass_fds: Vec<RawFd>) -> PyResult<Vec<OwnedFd>> {
+    let mut fds: Vec<OwnedFd> = Vec::with_capacity(pass_fds.len());
+    let mut taken = std::collections::HashSet::with_capacity(pass_fds.len());
+    let mut bad = None;
+    for fd in pass_fds {
+        if !taken.insert(fd) {
+            continue;
+        }
+        if fd < 3 || !fd_is_open(fd) {
+            bad.get_or_insert(fd);
+            continue;
+        }
+        // SAFETY: the fd is open (checked above), the caller hands it over, and
+        // it is taken once (repeats are skipped above).
+        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    match bad {
+        // Dropping `fds` closes every valid one.
+        Some(fd) => Err(PyValueError::new_err(format!("pass_fds: {fd} is not an open fd above stdio"))),
+        None => Ok(fds),
     }
 }
 

@@ -21,23 +21,27 @@
 //! with `EINTR` and the interpreter gets to run the handler, even if the
 //! original signal was delivered to another thread.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
-use warden::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 use warden::wire::{ExitReason, RemoteError, RemoteErrorKind};
 use warden::worker::{ExitHook, Handler, HookResult, Interrupter, WorkerEnv, WorkerInfo, EXIT_PROTOCOL};
 
 use crate::convert::{exit_reason, remote_kind};
 
 /// Runs this process as a worker of the pool that started it, with `handler`
-/// running the tasks. Never returns when started by a pool: the process ends
-/// through the core's exit path. Raises `RuntimeError` otherwise.
+/// running the tasks. `variables` holds the worker variables
+/// ([`WORKER_VARIABLES`]), which the caller has already removed from the
+/// environment with the interpreter's own API (`os.environ.pop`): this
+/// function never changes the C environment, which is unsafe once the
+/// interpreter may have threads. Never returns when started by a pool: the
+/// process ends through the core's exit path. Raises `RuntimeError` otherwise.
 #[pyfunction]
-pub fn worker_main(py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
-    let env = match WorkerEnv::take() {
+pub fn worker_main(py: Python<'_>, handler: Py<PyAny>, variables: HashMap<String, String>) -> PyResult<()> {
+    let env = match WorkerEnv::from_vars(|key| variables.get(key).cloned()) {
         None => return Err(PyRuntimeError::new_err("this process was not started by a warden pool")),
         Some(Err(msg)) => {
             eprintln!("warden: bad worker environment: {msg}");
@@ -45,18 +49,21 @@ pub fn worker_main(py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
         }
         Some(Ok(env)) => env,
     };
-    // The core removed the variables from the C environment; Python keeps its
-    // own copy in os.environ, which subprocess and friends use.
-    let environ = py.import("os")?.getattr("environ")?;
-    for key in [ENV_FD, ENV_PARENT, ENV_MAX_FRAME] {
-        environ.call_method1("pop", (key, py.None()))?;
-    }
     // SAFETY: pthread_self has no preconditions; this is the main thread.
     let main_thread = unsafe { libc::pthread_self() };
     let handler = PyHandler { handler, main_thread };
     let exit = py.detach(move || warden::worker::serve(env, handler));
     flush_python_streams(py);
     exit.exit()
+}
+
+/// Sends the parent this worker's cleanup record (bytes for the pool's
+/// `on_worker_lost` hook, should the worker die without its exit path).
+/// Raises `RuntimeError` outside a worker or if the channel is gone.
+#[pyfunction]
+pub fn send_record(py: Python<'_>, data: &[u8]) -> PyResult<()> {
+    py.detach(|| warden::worker::send_record(data))
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot send the cleanup record: {e}")))
 }
 
 /// Flushes `sys.stdout` and `sys.stderr`; errors are ignored (the process is ending).
