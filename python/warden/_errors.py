@@ -23,6 +23,7 @@ __all__ = [
     "TaskInterrupted",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerMemoryExceeded",
 ]
 
 
@@ -48,6 +49,29 @@ class WorkerCrashed(BrokenProcessPool):
         self.pid = pid
         self.exitcode = exitcode
         self.signal = signal
+
+
+class WorkerMemoryExceeded(WorkerCrashed):
+    """The worker's resident memory passed the pool's ``memory_limit`` while
+    it ran the task: the pool stopped it (SIGTERM, its finalizer, SIGKILL after
+    the grace period) and replaced it.
+
+    Attributes: those of :class:`WorkerCrashed`, plus ``limit`` and ``rss``,
+    the limit and the resident set size seen, in bytes.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        signal: int | None = None,
+        limit: int | None = None,
+        rss: int | None = None,
+    ) -> None:
+        super().__init__(message, pid, exitcode, signal)
+        self.limit = limit
+        self.rss = rss
 
 
 class PoolFailed(BrokenProcessPool):
@@ -103,7 +127,7 @@ class TaskInterrupted(BaseException):
 class ErrorData:
     """How a task failed, as data. :meth:`build` makes a fresh exception."""
 
-    __slots__ = ("exitcode", "kind", "message", "pid", "remote", "signal", "timeout")
+    __slots__ = ("exitcode", "kind", "memory", "message", "pid", "remote", "signal", "timeout")
 
     def __init__(
         self,
@@ -114,6 +138,7 @@ class ErrorData:
         exitcode: int | None = None,
         signal: int | None = None,
         timeout: float | None = None,
+        memory: tuple[int, int] | None = None,
     ) -> None:
         self.kind = kind
         self.message = message
@@ -122,6 +147,7 @@ class ErrorData:
         self.exitcode = exitcode
         self.signal = signal
         self.timeout = timeout
+        self.memory = memory
 
     @classmethod
     def from_core(cls, data: tuple[Any, ...]) -> ErrorData:
@@ -155,6 +181,9 @@ class ErrorData:
         kind = self.kind
         if kind == "remote" and self.remote is not None:
             return self._build_remote(traceback_type, *self.remote)
+        if kind == "memory_exceeded":
+            limit, rss = self.memory if self.memory is not None else (None, None)
+            return WorkerMemoryExceeded(self.message, self.pid, None, None, limit, rss)
         if kind in ("crashed", "protocol"):
             exitcode = -self.signal if self.signal is not None else self.exitcode
             return WorkerCrashed(self.message, self.pid, exitcode, self.signal)

@@ -39,7 +39,7 @@ WORKER_MODULE = "warden._worker"
 #: Grace period of each escalation step (seconds), the core's default.
 GRACE: float = _warden.DEFAULT_GRACE
 
-_CLOSED = ("closed", "the pool shut down before the task finished", None, None, None, None, None)
+_CLOSED = ("closed", "the pool shut down before the task finished", None, None, None, None, None, None)
 
 #: Runners that may still have live workers. Held strongly, so that interpreter
 #: exit finds every pool still running (and stops its thread before the

@@ -14,8 +14,9 @@ WORKER_VARIABLES: Final[list[str]]
 class CoreError(RuntimeError):
     """An error from warden's core; ``args`` are ``(kind, message)``."""
 
-# (kind, message, remote, pid, exitcode, signal, timeout), where remote is
-# None or (remote_kind, type_name, message, traceback, data).
+# (kind, message, remote, pid, exitcode, signal, timeout, memory), where remote
+# is None or (remote_kind, type_name, message, traceback, data) and memory is
+# None or (limit, rss) in bytes.
 ErrorTuple = tuple[
     str,
     str,
@@ -24,6 +25,7 @@ ErrorTuple = tuple[
     int | None,
     int | None,
     float | None,
+    tuple[int, int] | None,
 ]
 # (kind, type_name, message, traceback, pickled exception)
 RemoteTuple = tuple[str, str, str, str, bytes]

@@ -25,6 +25,7 @@ pub fn kind_name(kind: &ErrorKind) -> &'static str {
     match kind {
         ErrorKind::Remote(_) => "remote",
         ErrorKind::Crashed { .. } => "crashed",
+        ErrorKind::MemoryExceeded { .. } => "memory_exceeded",
         ErrorKind::TimedOut { .. } => "timeout",
         ErrorKind::Cancelled => "cancelled",
         ErrorKind::Protocol { .. } => "protocol",
@@ -65,8 +66,9 @@ pub fn remote_kind(name: &str) -> RemoteErrorKind {
 }
 
 /// A failed task's outcome as a tuple:
-/// `(kind, message, remote, pid, exitcode, signal, timeout)` where `remote` is
-/// `None` or `(remote_kind, type_name, message, traceback, data)`.
+/// `(kind, message, remote, pid, exitcode, signal, timeout, memory)` where
+/// `remote` is `None` or `(remote_kind, type_name, message, traceback, data)`
+/// and `memory` is `None` or `(limit, rss)` in bytes.
 pub fn error_tuple<'py>(py: Python<'py>, e: &warden::Error) -> PyResult<Bound<'py, PyTuple>> {
     let remote = e.remote().map(|r: &RemoteError| {
         (
@@ -78,12 +80,18 @@ pub fn error_tuple<'py>(py: Python<'py>, e: &warden::Error) -> PyResult<Bound<'p
         )
     });
     let pid = match e.kind() {
-        ErrorKind::Crashed { pid, .. } | ErrorKind::Protocol { pid, .. } => Some(*pid),
+        ErrorKind::Crashed { pid, .. } | ErrorKind::Protocol { pid, .. } | ErrorKind::MemoryExceeded { pid, .. } => {
+            Some(*pid)
+        }
         _ => None,
     };
     let status = e.exit_status();
     let timeout = match e.kind() {
         ErrorKind::TimedOut { after } => Some(after.as_secs_f64()),
+        _ => None,
+    };
+    let memory = match e.kind() {
+        ErrorKind::MemoryExceeded { limit, rss, .. } => Some((*limit, *rss)),
         _ => None,
     };
     (
@@ -94,6 +102,7 @@ pub fn error_tuple<'py>(py: Python<'py>, e: &warden::Error) -> PyResult<Bound<'p
         status.and_then(|s| s.code()),
         status.and_then(|s| s.signal()),
         timeout,
+        memory,
     )
         .into_pyobject(py)
 }

@@ -52,6 +52,8 @@
 
 pub mod error;
 pub mod finalize;
+pub mod lost;
+pub mod memory;
 pub mod pool;
 pub mod signals;
 pub mod spawn;
@@ -66,6 +68,7 @@ pub mod worker;
 pub struct ReadmeDoctests;
 
 pub use error::{Error, ErrorKind, ExitStatus, Result};
+pub use lost::LostWorker;
 pub use pool::{spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, TaskOptions};
 pub use supervisor::{Event, StopCause, WorkerExit, WorkerSnapshot};
 pub use wire::{ExitReason, RetireReason};
