@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from concurrent.futures.process import BrokenProcessPool
 
-from ._context import worker_context
+from ._context import set_cleanup_record, worker_context
 from ._errors import (
     PoolFailed,
     RemoteError,
@@ -32,10 +32,12 @@ from ._errors import (
     TaskInterrupted,
     TaskTimeout,
     WorkerCrashed,
+    WorkerMemoryExceeded,
 )
 from ._finalize import ExitHandle, Guardian, ResourceSet, at_exit, finalize, wait_for_finalizers
 from ._futures import Future
 from ._handles import PoolHandle
+from ._runner import WorkerLost
 from .event import Event
 from .executor import ProcessPoolExecutor
 from .pool import ApplyResult, AsyncResult, IMapIterator, MapResult, Pool
@@ -64,9 +66,12 @@ __all__ = [
     "TaskInterrupted",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerLost",
+    "WorkerMemoryExceeded",
     "at_exit",
     "current_process",
     "finalize",
+    "set_cleanup_record",
     "wait_for_finalizers",
     "worker_context",
 ]

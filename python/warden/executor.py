@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -33,10 +34,23 @@ class ProcessPoolExecutor(_base.Executor):
       starts and exited when it ends; tasks reach what it yields with
       :func:`warden.worker_context`;
     * ``task_timeout``: seconds a task may run before its worker is stopped
-      (the task fails with :class:`warden.TaskTimeout`) and replaced.
+      (the task fails with :class:`warden.TaskTimeout`) and replaced;
+    * ``restart_limit=(count, seconds)``: more than ``count`` worker failures
+      that no task explains (a worker that cannot start, dies idle, or breaks
+      the protocol) within ``seconds`` fail the pool; ``None`` for no limit;
+    * ``max_memory_per_child`` (bytes, or a string like ``"512MiB"``): a
+      worker above it after a task retires (its finalizer runs) and is
+      replaced; the task's result is kept;
+    * ``memory_limit``: a worker above it while a task runs is stopped
+      (SIGTERM, finalizer, SIGKILL after the grace period); the task fails
+      with :class:`warden.WorkerMemoryExceeded`;
+    * ``on_worker_lost(info)``: runs in this process, on a thread of its own,
+      for each worker that died without running its exit path (SIGKILL, a
+      segfault), with a :class:`warden.WorkerLost`.
 
     A worker crash fails only the task it was running
-    (:class:`warden.WorkerCrashed`); the pool replaces the worker.
+    (:class:`warden.WorkerCrashed`); the pool replaces the worker, and such
+    crashes never count toward ``restart_limit``.
 
     ``mp_context`` is accepted for compatibility and otherwise ignored: warden
     always starts workers as fresh interpreters, like the ``"spawn"`` start
@@ -55,6 +69,10 @@ class ProcessPoolExecutor(_base.Executor):
         finalargs: tuple[Any, ...] = (),
         task_timeout: float | None = None,
         worker_context: Callable[[], Any] | None = None,
+        restart_limit: tuple[int, float] | None = _runner.DEFAULT_RESTART_LIMIT,
+        max_memory_per_child: int | str | None = None,
+        memory_limit: int | str | None = None,
+        on_worker_lost: Callable[[_runner.WorkerLost], object] | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -67,6 +85,14 @@ class ProcessPoolExecutor(_base.Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be a positive number of seconds")
+        if on_worker_lost is not None and not callable(on_worker_lost):
+            raise TypeError("on_worker_lost must be a callable")
+        self._limits: dict[str, Any] = {
+            "restart": _runner.restart_limit(restart_limit),
+            "max_memory_per_child": _runner.memory_size("max_memory_per_child", max_memory_per_child),
+            "memory_limit": _runner.memory_size("memory_limit", memory_limit),
+            "on_worker_lost": on_worker_lost,
+        }
         self._max_workers = max_workers
         self._mp_context = mp_context
         self._hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
@@ -91,6 +117,7 @@ class ProcessPoolExecutor(_base.Executor):
                 hooks=self._hooks,
                 max_tasks_per_child=self._max_tasks_per_child,
                 task_timeout=self._task_timeout,
+                **self._limits,
             )
             # An executor nobody can reach any more shuts down on its own
             # (queued tasks still run); the callback holds the runner only.
@@ -119,11 +146,10 @@ class ProcessPoolExecutor(_base.Executor):
         future = Future()
         future._on_interrupt = runner.interrupt
         try:
-            task = runner.submit(payload, future._deliver)
+            task = runner.submit(payload, future._deliver, owner=future)
         except _warden.CoreError as e:
             raise core_error(e) from None
-        core = runner.core
-        future._canceller = lambda: core.cancel_queued(task)
+        future._canceller = functools.partial(_runner.cancel, runner.core, task)
         return future
 
     def map(
