@@ -230,7 +230,7 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--kills", type=int, default=1_000)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--pause", type=float, default=0.0, help="seconds each task sleeps")
+    parser.add_argument("--pause", type=float, default=0.001, help="seconds each task sleeps")
     parser.add_argument("--stdlib-tasks", type=int, default=2_000, help="0 to skip the standard library run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

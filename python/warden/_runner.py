@@ -281,8 +281,9 @@ class Runner:
             task_timeout=task_timeout,
             grace=GRACE,
             one_off=one_off,
-            restart_intensity=restart,
-            unlimited_restarts=restart is None,
+            # A one-off child is never replaced: the core's one-off settings stand.
+            restart_intensity=None if one_off else restart,
+            unlimited_restarts=restart is None and not one_off,
             max_memory_per_child=max_memory_per_child,
             memory_limit=memory_limit,
             on_worker_lost=None if self._tasks is None else _lost_hook(on_worker_lost, self._tasks),  # type: ignore[arg-type]

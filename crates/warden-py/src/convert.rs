@@ -138,6 +138,7 @@ pub fn stop_cause(cause: &StopCause) -> String {
         StopCause::Protocol(detail) => format!("protocol:{detail}"),
         StopCause::InitFailed(detail) => format!("init_failed:{detail}"),
         StopCause::InitTimeout => "init_timeout".into(),
+        StopCause::MemoryExceeded { .. } => "memory_exceeded".into(),
         _ => "other".into(),
     }
 }

@@ -37,6 +37,7 @@ pyo3::create_exception!(
 #[pymodule]
 fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::CorePool>()?;
+    m.add_class::<pool::LostWorker>()?;
     m.add_class::<event::SharedEvent>()?;
     m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
     m.add_function(wrap_pyfunction!(worker::send_record, m)?)?;

@@ -30,6 +30,18 @@
 //!   as `ps` and `top` count them.
 
 use std::io;
+use std::time::Duration;
+
+/// A pool's memory settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MemoryLimits {
+    /// Retire a worker above this after a task.
+    pub soft: Option<u64>,
+    /// Stop a worker above this while a task runs.
+    pub hard: Option<u64>,
+    /// How often busy workers are sampled for `hard`.
+    pub interval: Duration,
+}
 
 /// The resident set size of process `pid`, in bytes.
 ///

@@ -11,11 +11,10 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use warden::{Event, ExitReason, Pool, TaskOptions};
+use warden::{ExitReason, Pool, TaskOptions};
 
 const HOOKS_ENV: &str = "WARDEN_TEST_HOOKS";
 const SCENARIO_ENV: &str = "WARDEN_SCENARIO";
@@ -43,7 +42,6 @@ fn main() {
         trial("a_timed_out_task_stops_its_worker_runs_the_exit_hook_and_replaces_it", timeout_stops_and_replaces),
         trial("cancelling_a_running_task_stops_its_worker_runs_the_exit_hook_and_replaces_it", cancel_running),
         trial("cancelling_a_queued_task_removes_it_and_leaves_the_running_one_alone", cancel_queued),
-        trial("too_many_crashes_in_the_window_fail_the_pool_with_a_clear_error", restart_intensity_escalates),
         trial("a_failing_start_hook_fails_the_pool_instead_of_respawning_forever", failing_start_hook),
         trial("a_start_hook_that_hangs_is_stopped_at_the_init_timeout", init_timeout),
         trial("a_worker_that_writes_a_malformed_frame_is_replaced_and_its_task_errors", malformed_frame),
@@ -471,37 +469,6 @@ fn cancel_queued() -> TestResult {
     check(hooks.exit_reason(worker).is_none(), "the running task's worker was not stopped")?;
     check(pool.spawn(pid, ())?.join()? == worker, "the same worker serves the next task")?;
     pool.shutdown();
-    Ok(())
-}
-
-fn restart_intensity_escalates() -> TestResult {
-    let hooks = Hooks::new();
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&failures);
-    let pool = hooks
-        .builder()
-        .workers(1)
-        .restart_intensity(2, Duration::from_secs(60))
-        .on_event(move |e| {
-            if let Event::PoolFailed { reason } = e {
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(reason.clone());
-            }
-        })
-        .build()?;
-    for _ in 0..2 {
-        let e = pool.spawn(abort_task, ())?.join().err().ok_or("crash expected")?;
-        check(e.is_crash(), format!("crash: {e}"))?;
-    }
-    check(pool.spawn(echo, 1)?.join()? == 1, "two crashes are within the limit")?;
-    let third = pool.spawn(abort_task, ())?.join().err().ok_or("crash expected")?;
-    check(third.is_crash(), "the third crash is still a crash for its task")?;
-    check(wait_until(Duration::from_secs(5), || pool.failure().is_some()), "the pool failed")?;
-    let reason = pool.failure().unwrap_or_default();
-    check(reason.contains("exceed the restart limit of 2"), format!("clear reason: {reason}"))?;
-    let refused = pool.spawn(echo, 1).err().ok_or("a failed pool takes no tasks")?;
-    check(refused.is_pool_failed(), format!("refusal says the pool failed: {refused}"))?;
-    check(pool.join(Some(Duration::from_secs(10))), "a failed pool shuts itself down")?;
-    check(failures.lock().map(|f| f.len()).unwrap_or(0) == 1, "one PoolFailed event")?;
     Ok(())
 }
 
