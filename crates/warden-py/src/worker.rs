@@ -27,14 +27,15 @@ use std::sync::Arc;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
-use warden::wire::{ExitReason, RemoteError, RemoteErrorKind};
-use warden::worker::{ExitHook, Handler, HookResult, Interrupter, WorkerEnv, WorkerInfo, EXIT_PROTOCOL};
+use warden::frontend::{ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_PROTOCOL};
+use warden::WorkerInfo;
+use warden::{ExitReason, RemoteError, RemoteErrorKind};
 
 use crate::convert::{exit_reason, remote_kind};
 
 /// Runs this process as a worker of the pool that started it, with `handler`
 /// running the tasks. `variables` holds the worker variables
-/// ([`WORKER_VARIABLES`]), which the caller has already removed from the
+/// (`warden::frontend::WORKER_VARIABLES`), which the caller has already removed from the
 /// environment with the interpreter's own API (`os.environ.pop`): this
 /// function never changes the C environment, which is unsafe once the
 /// interpreter may have threads. Never returns when started by a pool: the
@@ -52,7 +53,7 @@ pub fn worker_main(py: Python<'_>, handler: Py<PyAny>, variables: HashMap<String
     // SAFETY: pthread_self has no preconditions; this is the main thread.
     let main_thread = unsafe { libc::pthread_self() };
     let handler = PyHandler { handler, main_thread };
-    let exit = py.detach(move || warden::worker::serve(env, handler));
+    let exit = py.detach(move || warden::frontend::serve(env, handler));
     flush_python_streams(py);
     exit.exit()
 }
@@ -62,7 +63,7 @@ pub fn worker_main(py: Python<'_>, handler: Py<PyAny>, variables: HashMap<String
 /// Raises `RuntimeError` outside a worker or if the channel is gone.
 #[pyfunction]
 pub fn send_record(py: Python<'_>, data: &[u8]) -> PyResult<()> {
-    py.detach(|| warden::worker::send_record(data))
+    py.detach(|| warden::set_cleanup_record(data))
         .map_err(|e| PyRuntimeError::new_err(format!("cannot send the cleanup record: {e}")))
 }
 
@@ -147,12 +148,12 @@ impl Handler for PyHandler {
     }
 }
 
-fn run_exit_hook(handler: &Py<PyAny>, reason: &ExitReason) -> HookResult {
+fn run_exit_hook(handler: &Py<PyAny>, reason: &ExitReason) -> ExitHookOutcome {
     Python::attach(|py| match handler.bind(py).call_method1("exit", (exit_reason(reason),)) {
         Ok(v) => match v.extract::<(Option<String>, Option<i32>)>() {
-            Ok((error, exit_code)) => HookResult { error, exit_code },
-            Err(e) => HookResult { error: Some(format!("bad exit hook result: {e}")), exit_code: None },
+            Ok((error, exit_code)) => ExitHookOutcome { error, exit_code },
+            Err(e) => ExitHookOutcome { error: Some(format!("bad exit hook result: {e}")), exit_code: None },
         },
-        Err(e) => HookResult { error: Some(e.to_string()), exit_code: None },
+        Err(e) => ExitHookOutcome { error: Some(e.to_string()), exit_code: None },
     })
 }

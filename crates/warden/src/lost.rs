@@ -7,7 +7,7 @@
 //! is still there. Its parent can clean up: a pool's
 //! [`crate::Builder::on_worker_lost`] hook is called with a [`LostWorker`] for
 //! every worker that ended without saying goodbye, carrying the record the
-//! worker left for this purpose ([`crate::worker::send_record`]).
+//! worker left for this purpose ([`crate::set_cleanup_record`]).
 //!
 //! The hook runs on a thread of its own (`<pool name>-lost`), never on the
 //! supervisor thread: a slow hook (removing a large directory, a network
@@ -42,7 +42,7 @@ pub struct LostWorker {
     pub status: ExitStatus,
     /// The id of the task it was running, if any.
     pub task: Option<u64>,
-    /// The last record it sent with [`crate::worker::send_record`], if any.
+    /// The last record it sent with [`crate::set_cleanup_record`], if any.
     pub record: Option<Vec<u8>>,
 }
 
@@ -95,7 +95,7 @@ fn run(rx: &Receiver<LostWorker>, hook: &LostHook) {
     for lost in rx {
         let pid = lost.pid;
         if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(&lost))) {
-            let msg = crate::worker::panic_text(&*p);
+            let msg = crate::panics::panic_text(&*p);
             tracing::error!(pid, "on_worker_lost hook panicked: {msg}");
         }
     }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use warden::{Event, ExitReason, LostWorker, Pool};
+use warden::{ExitReason, LifecycleEvent, LostWorker, Pool};
 
 const HOOKS_ENV: &str = "WARDEN_FAULTS_HOOKS";
 const SCENARIO_ENV: &str = "WARDEN_FAULTS_SCENARIO";
@@ -113,7 +113,7 @@ fn grow_slowly_then_sleep(mib: u64) -> u32 {
 fn record_then_die(dir: String) {
     let path = Path::new(&dir).join(format!("scratch-{}", std::process::id()));
     let _ = std::fs::write(&path, "");
-    let _ = warden::worker::send_record(path.to_string_lossy().as_bytes());
+    let _ = warden::set_cleanup_record(path.to_string_lossy().as_bytes());
     sigkill_self(());
 }
 
@@ -188,7 +188,7 @@ fn idle_deaths_are_counted() -> TestResult {
         .workers(1)
         .restart_intensity(2, Duration::from_secs(60))
         .on_event(move |e| {
-            if let Event::PoolFailed { reason } = e {
+            if let LifecycleEvent::PoolFailed { reason } = e {
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(reason.clone());
             }
         })
