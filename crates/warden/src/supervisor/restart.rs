@@ -1,6 +1,15 @@
 //! Restart intensity: more than `restart_limit` worker failures within
 //! `restart_window` fail the pool as a whole, with a reason that says what
 //! happened last.
+//!
+//! Only failures no task explains are noted here (`reap.rs` decides): a
+//! worker that could not be started, whose start hook failed or timed out,
+//! that died while idle, or that broke the protocol. A worker that dies while
+//! running a task fails that task instead: each such death consumes a task,
+//! so a crashing task cannot loop forever, and an OOM burst killing busy
+//! workers never takes the pool down. In OTP's terms this is a `one_for_one`
+//! supervisor's intensity and period, with deaths during a task treated as
+//! the task's own outcome. `u32::MAX` means no limit.
 
 use std::time::Instant;
 
