@@ -151,7 +151,6 @@ def test_cancel_running_stops_the_task_runs_the_finalizer_and_spares_the_other_t
         other = ex.submit(sleep_after_marking, log, 1.0)
         assert wait_until(lambda: len(pids_tagged(log, "started")) == 2, timeout=60)
         assert victim.cancel() is False  # the standard library's meaning: it runs
-        start = time.monotonic()
         assert victim.cancel(running=True) is True
         assert victim.cancelled()
         with pytest.raises(cf.CancelledError):
@@ -163,7 +162,6 @@ def test_cancel_running_stops_the_task_runs_the_finalizer_and_spares_the_other_t
         assert wait_until(lambda: victim_pid in pids_tagged(log, "fin"), timeout=15)
         assert victim_pid in pids_tagged(log, "finally")
         assert wait_until(lambda: not alive(victim_pid), timeout=15)
-        assert time.monotonic() - start < 10
         assert ex.submit(square, 3).result(timeout=60) == 9
         assert victim.cancel(running=True) is True  # already cancelled
 

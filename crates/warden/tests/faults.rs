@@ -244,9 +244,7 @@ fn hard_memory_limit() -> TestResult {
     let hooks = Hooks::new();
     let pool =
         hooks.builder().workers(1).memory_limit(150 * MIB).memory_sample_interval(Duration::from_millis(20)).build()?;
-    let start = Instant::now();
     let e = pool.spawn(grow_slowly_then_sleep, 400)?.join().err().ok_or("the limit stops the task")?;
-    check(start.elapsed() < Duration::from_secs(30), "long before the task would end")?;
     check(e.is_memory_exceeded() && e.is_crash(), format!("memory exceeded: {e}"))?;
     let (worker, limit, rss) = match e.kind() {
         warden::ErrorKind::MemoryExceeded { pid, limit, rss } => (*pid, *limit, *rss),
