@@ -56,20 +56,16 @@ class WorkerMemoryExceeded(WorkerCrashed):
     it ran the task: the pool stopped it (SIGTERM, its finalizer, SIGKILL after
     the grace period) and replaced it.
 
-    Attributes: those of :class:`WorkerCrashed`, plus ``limit`` and ``rss``,
-    the limit and the resident set size seen, in bytes.
+    Attributes: ``pid`` of the worker, ``limit`` and ``rss``, the limit and
+    the resident set size seen, in bytes. (``exitcode`` and ``signal`` are
+    ``None``: the task fails as soon as the limit is seen, before the worker
+    has exited.)
     """
 
     def __init__(
-        self,
-        message: str,
-        pid: int | None = None,
-        exitcode: int | None = None,
-        signal: int | None = None,
-        limit: int | None = None,
-        rss: int | None = None,
+        self, message: str, pid: int | None = None, *, limit: int | None = None, rss: int | None = None
     ) -> None:
-        super().__init__(message, pid, exitcode, signal)
+        super().__init__(message, pid)
         self.limit = limit
         self.rss = rss
 
@@ -183,7 +179,7 @@ class ErrorData:
             return self._build_remote(traceback_type, *self.remote)
         if kind == "memory_exceeded":
             limit, rss = self.memory if self.memory is not None else (None, None)
-            return WorkerMemoryExceeded(self.message, self.pid, None, None, limit, rss)
+            return WorkerMemoryExceeded(self.message, self.pid, limit=limit, rss=rss)
         if kind in ("crashed", "protocol"):
             exitcode = -self.signal if self.signal is not None else self.exitcode
             return WorkerCrashed(self.message, self.pid, exitcode, self.signal)

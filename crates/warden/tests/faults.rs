@@ -1,40 +1,27 @@
 //! Fault tolerance of the core, seen from outside: restart intensity that
-//! tells a crashing task from a crashing pool, memory caps, the
-//! `on_worker_lost` hook after a SIGKILL, and a pool that holds no fd once it
-//! has been joined.
+//! tells a crashing task from a crashing pool, memory caps, and the
+//! `on_worker_lost` hook after a SIGKILL. (That a joined pool holds no fd is
+//! a lifecycle test: it needs a process of its own.)
 //!
 //! Like the lifecycle tests, this binary is also the pool's worker program
-//! (`warden::init()` first in `main`) and, with `WARDEN_FAULTS_SCENARIO` set,
-//! a scenario host for checks that need a process of their own.
+//! (`warden::init()` first in `main`).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use libtest_mimic::{Arguments, Failed, Trial};
+mod common;
+
+use common::{check, wait_until, TestResult};
+use libtest_mimic::{Arguments, Trial};
 use warden::{ExitReason, LifecycleEvent, LostWorker, Pool};
 
 const HOOKS_ENV: &str = "WARDEN_FAULTS_HOOKS";
-const SCENARIO_ENV: &str = "WARDEN_FAULTS_SCENARIO";
 const MIB: u64 = 1 << 20;
-
-type TestResult = Result<(), Failed>;
 
 fn main() {
     warden::init();
-    if let Ok(name) = std::env::var(SCENARIO_ENV) {
-        let result = match name.as_str() {
-            "join-leaves-nothing" => scenario_join_leaves_nothing(),
-            other => Err(format!("unknown scenario {other}").into()),
-        };
-        match result {
-            Ok(()) => println!("ok"),
-            Err(e) => println!("FAILED: {}", e.message().unwrap_or("?")),
-        }
-        return;
-    }
     let args = Arguments::from_args();
     let tests = vec![
         Trial::test("workers_dying_in_their_tasks_never_fail_the_pool", task_crashes_are_not_counted),
@@ -44,30 +31,8 @@ fn main() {
         Trial::test("memory_limit_stops_a_busy_worker_and_fails_its_task", hard_memory_limit),
         Trial::test("on_worker_lost_runs_on_its_own_thread_with_the_record_after_a_sigkill", lost_after_sigkill),
         Trial::test("a_worker_that_retires_is_not_lost", retired_is_not_lost),
-        Trial::test("join_leaves_no_children_and_no_fds_while_the_pool_is_still_held", join_leaves_nothing),
     ];
     libtest_mimic::run(&args, tests).exit();
-}
-
-fn check(cond: bool, msg: impl Into<String>) -> TestResult {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg.into().into())
-    }
-}
-
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 // ---- tasks and hooks (run inside workers) ---------------------------------
@@ -310,51 +275,4 @@ fn retired_is_not_lost() -> TestResult {
     pool.shutdown();
     let n = *seen.lock().unwrap_or_else(|p| p.into_inner());
     check(n == 0, format!("no worker that said goodbye is lost: {n}"))
-}
-
-// ---- nothing left open -------------------------------------------------------------
-
-fn join_leaves_nothing() -> TestResult {
-    let exe = std::env::current_exe()?;
-    let out = Command::new(exe).env(SCENARIO_ENV, "join-leaves-nothing").arg("--exact").arg("no-such-test").output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    check(stdout.lines().any(|l| l == "ok"), format!("scenario: {stdout}"))
-}
-
-fn own_fds() -> BTreeSet<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return BTreeSet::new() };
-    let fds: BTreeSet<i32> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
-    // The directory listing's own fd is gone again; keep only those still open.
-    fds.into_iter().filter(|fd| Path::new(&format!("/proc/self/fd/{fd}")).exists()).collect()
-}
-
-fn own_children() -> BTreeSet<i32> {
-    let mut out = BTreeSet::new();
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for t in tasks.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-            }
-        }
-    }
-    out
-}
-
-/// Joins a pool (with an `on_worker_lost` thread) and, with the pool still
-/// held, finds this process's fds and children exactly as before it.
-fn scenario_join_leaves_nothing() -> TestResult {
-    let before = own_fds();
-    let pool = Pool::builder().workers(2).on_worker_lost(|_| {}).build()?;
-    for _ in 0..4 {
-        pool.spawn(pid, ())?.join()?;
-    }
-    check(own_fds().len() > before.len(), "the pool holds fds while it runs")?;
-    pool.close();
-    check(pool.join(Some(Duration::from_secs(30))), "joined")?;
-    let after = own_fds();
-    check(after == before, format!("fds back where they started: {before:?} -> {after:?}"))?;
-    let children = own_children();
-    check(children.is_empty(), format!("no children or zombies: {children:?}"))?;
-    drop(pool);
-    Ok(())
 }

@@ -13,13 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{check, wait_until, TestResult};
 use libtest_mimic::{Arguments, Failed, Trial};
 use warden::{ExitReason, Pool, TaskOptions};
 
 const HOOKS_ENV: &str = "WARDEN_TEST_HOOKS";
 const SCENARIO_ENV: &str = "WARDEN_SCENARIO";
-
-type TestResult = Result<(), Failed>;
 
 fn main() {
     warden::init();
@@ -47,6 +48,7 @@ fn main() {
         trial("a_worker_that_writes_a_malformed_frame_is_replaced_and_its_task_errors", malformed_frame),
         trial("shutdown_leaves_no_children_no_zombies_and_no_open_fds", shutdown_leaves_nothing),
         trial("terminate_and_kill_leave_no_children", terminate_and_kill_leave_nothing),
+        trial("join_leaves_no_children_and_no_fds_while_the_pool_is_still_held", join_leaves_nothing),
         trial("dropping_a_busy_pool_returns_within_its_grace_and_runs_exit_hooks", drop_is_bounded),
         trial("dropping_a_closing_pool_stops_draining_its_queue", drop_after_close_stops_draining),
         trial("a_worker_holds_only_stdio_and_its_channel", worker_fds_are_only_stdio_and_channel),
@@ -62,14 +64,6 @@ fn main() {
 
 fn trial(name: &'static str, f: fn() -> TestResult) -> Trial {
     Trial::test(name, f)
-}
-
-fn check(cond: bool, msg: impl Into<String>) -> TestResult {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg.into().into())
-    }
 }
 
 // ---- tasks and hooks (run inside workers) ---------------------------------
@@ -216,19 +210,6 @@ impl Hooks {
             .on_exit(on_exit)
             .grace(Duration::from_secs(2))
             .init_timeout(Duration::from_secs(20))
-    }
-}
-
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -556,6 +537,12 @@ fn shutdown_leaves_nothing() -> TestResult {
     Ok(())
 }
 
+fn join_leaves_nothing() -> TestResult {
+    let hooks = Hooks::new();
+    let out = run_scenario_process("join-leaves-nothing", hooks.path(), Duration::from_secs(60))?;
+    check(out.contains("ok"), format!("scenario output: {out}"))
+}
+
 fn terminate_and_kill_leave_nothing() -> TestResult {
     let hooks = Hooks::new();
     let out = run_scenario_process("terminate-and-kill", hooks.path(), Duration::from_secs(60))?;
@@ -701,6 +688,7 @@ fn run_scenario(name: &str) -> i32 {
     let result = match name {
         "owner" => scenario_owner(),
         "leaves-nothing" => scenario_leaves_nothing(),
+        "join-leaves-nothing" => scenario_join_leaves_nothing(),
         "terminate-and-kill" => scenario_terminate_and_kill(),
         "worker-fds" => scenario_worker_fds(),
         other => Err(format!("unknown scenario {other}").into()),
@@ -772,6 +760,25 @@ fn scenario_leaves_nothing() -> TestResult {
     for p in pids {
         check(process_gone(p as i32), format!("worker {p} is gone"))?;
     }
+    Ok(())
+}
+
+/// Joins a pool (with an `on_worker_lost` thread) and, with the pool still
+/// held, finds this process's fds and children exactly as before it.
+fn scenario_join_leaves_nothing() -> TestResult {
+    let before = own_fds();
+    let pool = Pool::builder().workers(2).on_worker_lost(|_| {}).build()?;
+    for _ in 0..4 {
+        pool.spawn(pid, ())?.join()?;
+    }
+    check(own_fds().len() > before.len(), "the pool holds fds while it runs")?;
+    pool.close();
+    check(pool.join(Some(Duration::from_secs(30))), "joined")?;
+    let after = own_fds();
+    check(after == before, format!("fds back where they started: {before:?} -> {after:?}"))?;
+    let children = own_children();
+    check(children.is_empty(), format!("no children or zombies: {children:?}"))?;
+    drop(pool);
     Ok(())
 }
 
