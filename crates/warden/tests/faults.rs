@@ -31,6 +31,7 @@ fn main() {
         Trial::test("memory_limit_stops_a_busy_worker_and_fails_its_task", hard_memory_limit),
         Trial::test("on_worker_lost_runs_on_its_own_thread_with_the_record_after_a_sigkill", lost_after_sigkill),
         Trial::test("a_worker_that_retires_is_not_lost", retired_is_not_lost),
+        Trial::test("a_panic_in_the_supervisor_kills_and_reaps_every_worker", supervisor_panic_kills_every_worker),
     ];
     libtest_mimic::run(&args, tests).exit();
 }
@@ -275,4 +276,42 @@ fn retired_is_not_lost() -> TestResult {
     pool.shutdown();
     let n = *seen.lock().unwrap_or_else(|p| p.into_inner());
     check(n == 0, format!("no worker that said goodbye is lost: {n}"))
+}
+
+// ---- the supervisor's panic path ----------------------------------------------------
+
+/// Whether a process has exited: gone from /proc, or a zombie.
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+fn supervisor_panic_kills_every_worker() -> TestResult {
+    let pids: Arc<Mutex<Vec<i32>>> = Arc::default();
+    let sink = Arc::clone(&pids);
+    let pool = Pool::builder()
+        .workers(3)
+        .on_event(move |e| {
+            if let LifecycleEvent::WorkerReady { pid, .. } = e {
+                let mut pids = sink.lock().unwrap_or_else(|p| p.into_inner());
+                pids.push(*pid);
+                // A callback that panics on the supervisor thread takes the loop down.
+                assert!(pids.len() < 3, "an event sink that panics");
+            }
+        })
+        .build()?;
+    let busy = pool.spawn(grow_slowly_then_sleep, 8)?;
+    let e = busy.join().err().ok_or("the task cannot finish")?;
+    check(e.is_closed(), format!("the pool went away under the task: {e}"))?;
+    check(pool.join(Some(Duration::from_secs(20))), "the pool finished")?;
+    let reason = pool.failure().unwrap_or_default();
+    check(reason.contains("supervisor panicked"), format!("the failure says so: {reason}"))?;
+    let pids = pids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    check(pids.len() == 3, format!("three workers were ready: {pids:?}"))?;
+    for pid in pids {
+        check(process_gone(pid), format!("worker {pid} was killed and reaped"))?;
+    }
+    Ok(())
 }
