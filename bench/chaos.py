@@ -110,9 +110,7 @@ def run_warden(tasks: int, kills: int, workers: int, pause: float) -> dict[str, 
         core = ex._ensure_runner().core
 
         def busy_pids() -> list[int]:
-            return [
-                pid for _, pid, phase, running in core.workers() if running is not None and phase == "ready"
-            ]
+            return [w.pid for w in core.workers() if w.running_task is not None and w.phase == "ready"]
 
         start = time.perf_counter()
         killer = Killer(busy_pids, kills, tasks // (kills + 1), lambda: finished[0])

@@ -63,11 +63,11 @@ def pids_tagged(path, tag):
 
 
 def busy_pids(pool_runner):
-    return [pid for _, pid, _, running in pool_runner.core.workers() if running is not None]
+    return [w.pid for w in pool_runner.core.workers() if w.running_task is not None]
 
 
 def ready_pids(pool_runner):
-    return [pid for _, pid, phase, _ in pool_runner.core.workers() if phase == "ready"]
+    return [w.pid for w in pool_runner.core.workers() if w.phase == "ready"]
 
 
 def kill_idle_workers(pool_runner, n):
@@ -85,7 +85,7 @@ def kill_idle_workers(pool_runner, n):
         pid = fresh[0]
         os.kill(pid, signal.SIGKILL)
         killed.add(pid)
-        assert wait_until(lambda pid=pid: pid not in [w[1] for w in pool_runner.core.workers()], timeout=30)
+        assert wait_until(lambda pid=pid: pid not in [w.pid for w in pool_runner.core.workers()], timeout=30)
 
 
 # -- restart intensity -------------------------------------------------------

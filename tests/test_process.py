@@ -64,7 +64,7 @@ def wait_for_file(path, timeout=30.0):
     return False
 
 
-def test_start_join_and_exitcode_zero(tmp_path):
+def test_start_then_join_runs_the_target_and_gives_exit_code_zero(tmp_path):
     out = tmp_path / "out"
     p = warden.Process(target=write, args=(out, "hello\n"))
     assert p.exitcode is None and p.pid is None and not p.is_alive()
@@ -178,7 +178,7 @@ def test_current_process_in_the_child_is_the_process(tmp_path):
     assert is_alive == "True"
 
 
-def test_a_subclass_overriding_run_works(tmp_path):
+def test_a_subclass_overriding_run_has_its_run_called_in_the_child(tmp_path):
     out = tmp_path / "out"
     p = Subclassed(out)
     p.start()

@@ -2,7 +2,6 @@
 //! what it wrote last, and settling its tasks (the running one gets exactly
 //! one outcome; those sent but not started go back to the front of the queue).
 
-use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -17,17 +16,8 @@ use super::{LifecycleEvent, PoolPhase, StopCause, Supervisor, WorkerEnd, KILL_WA
 impl Supervisor {
     pub(super) fn reap(&mut self, id: u64) {
         let Some(w) = self.workers.get_mut(&id) else { return };
-        let status = match rustix::process::waitid(
-            rustix::process::WaitId::PidFd(w.pidfd.as_fd()),
-            rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
-        ) {
-            Ok(Some(st)) => {
-                if let Some(sig) = st.terminating_signal() {
-                    ExitStatus::Signal(sig)
-                } else {
-                    ExitStatus::Code(st.exit_status().unwrap_or(-1))
-                }
-            }
+        let status = match w.process.try_wait() {
+            Ok(Some(status)) => status,
             Ok(None) => return, // not yet
             Err(e) => {
                 tracing::error!(pool = %self.cfg.name, pid = w.raw_pid(), "waitid failed: {e}");
@@ -45,20 +35,14 @@ impl Supervisor {
     /// them all against one deadline ([`KILL_WAIT`] in all, not per worker).
     /// Their tasks are told the pool is gone as the workers are dropped.
     pub(super) fn kill_all_now(&mut self) {
-        for w in self.workers.values().filter(|w| w.status.is_none()) {
+        for w in self.workers.values_mut().filter(|w| w.status.is_none()) {
             w.signal(Signal::KILL);
         }
         let deadline = Instant::now() + KILL_WAIT;
         loop {
             for w in self.workers.values_mut().filter(|w| w.status.is_none()) {
-                if let Ok(Some(st)) = rustix::process::waitid(
-                    rustix::process::WaitId::PidFd(w.pidfd.as_fd()),
-                    rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
-                ) {
-                    w.status = Some(match st.terminating_signal() {
-                        Some(sig) => ExitStatus::Signal(sig),
-                        None => ExitStatus::Code(st.exit_status().unwrap_or(-1)),
-                    });
+                if let Ok(Some(status)) = w.process.try_wait() {
+                    w.status = Some(status);
                 }
             }
             if self.workers.values().all(|w| w.status.is_some()) || Instant::now() >= deadline {
@@ -77,7 +61,9 @@ impl Supervisor {
         let Some(mut w) = self.workers.remove(&id) else { return };
         let registry = self.poll.registry();
         let _ = registry.deregister(&mut w.sock);
-        let _ = registry.deregister(&mut SourceFd(&w.pidfd.as_raw_fd()));
+        if let Some(fd) = w.process.exit_fd() {
+            let _ = registry.deregister(&mut SourceFd(&fd));
+        }
         let pid = w.raw_pid();
         let status = w.status.unwrap_or(ExitStatus::Signal(libc::SIGKILL));
 
