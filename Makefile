@@ -10,8 +10,8 @@ VPY := $(VENV)/bin/python
 # Every step that runs processes is bounded, so no step can hang.
 T := timeout --kill-after=30
 
-.PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff pytest \
-	venv develop bench bench-core bench-py fuzz clean
+.PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff stubtest pytest \
+	venv develop bench bench-core bench-py chaos fuzz clean
 
 demo: demo-rust demo-py
 
@@ -21,7 +21,7 @@ demo-rust:
 demo-py: develop
 	$(T) 300 $(VPY) examples/demo.py
 
-test: fmt-check clippy doc test-rust ruff pytest
+test: fmt-check clippy doc test-rust ruff stubtest pytest
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -37,10 +37,11 @@ test-rust:
 	$(T) 600 $(CARGO) test --workspace --doc
 
 # A virtual environment with the build and test tools.
-$(VENV)/.tools:
+# Rebuilt when this Makefile changes, so a new tool reaches existing venvs too.
+$(VENV)/.tools: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(T) 600 $(VPY) -m pip install --quiet --upgrade pip
-	$(T) 600 $(VPY) -m pip install --quiet "maturin>=1.16,<2" "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.5" "cloudpickle>=2.1"
+	$(T) 600 $(VPY) -m pip install --quiet "maturin>=1.16,<2" "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.5" "cloudpickle>=2.1" "mypy>=1.10"
 	# Optional dependencies some tests use with warden (they skip without them).
 	$(T) 600 $(VPY) -m pip install --quiet "dask>=2023.1" "tqdm>=4.60"
 	touch $@
@@ -55,6 +56,11 @@ ruff: venv
 	$(VENV)/bin/ruff check python tests bench examples
 	$(VENV)/bin/ruff format --check python tests bench examples
 
+# Checks python/warden/_warden.pyi against the built extension; each
+# allowlist entry says why it is there.
+stubtest: develop
+	$(T) 600 $(VPY) -m mypy.stubtest warden._warden --allowlist python/stubtest-allowlist.txt
+
 pytest: develop
 	$(T) 900 $(VPY) -m pytest
 
@@ -64,7 +70,16 @@ bench-core:
 	$(T) 1800 $(CARGO) bench -p warden --bench core
 
 bench-py: develop
+	-$(T) 600 $(VPY) -m pip install --quiet "pebble>=5" || echo "pebble not installed: its row is skipped"
 	$(T) 1800 $(VPY) bench/bench_python.py
+	$(T) 1800 $(VPY) bench/bench_start.py
+
+# Busy workers SIGKILLed at random while a pool runs many tasks; checks every
+# outcome, no double runs, no leftover children or fds (see docs/benchmarks.md).
+CHAOS_TASKS ?= 100000
+CHAOS_KILLS ?= 1000
+chaos: develop
+	$(T) 3600 $(VPY) bench/chaos.py --tasks $(CHAOS_TASKS) --kills $(CHAOS_KILLS)
 
 # Coverage-guided fuzzing of the frame decoder (needs `cargo install cargo-fuzz`;
 # runs on stable through RUSTC_BOOTSTRAP). FUZZ_SECONDS bounds the run.

@@ -64,7 +64,7 @@ class WorkerProcess:
         return self  # what multiprocessing's bookkeeping calls poll() on
 
     def _listed(self) -> bool:
-        return any(w[1] == self.pid for w in self._runner.core.workers())
+        return any(w.pid == self.pid for w in self._runner.core.workers())
 
     def poll(self) -> int | None:
         """``exitcode`` (``multiprocessing``'s ``Popen`` API)."""
@@ -146,11 +146,26 @@ _views: weakref.WeakKeyDictionary[_runner.Runner, dict[int, WorkerProcess]] = we
 _views_lock = threading.Lock()
 
 
+#: How long a first look at a pool's workers waits for them to start (as
+#: ``Process.start()`` waits for its child's pid).
+START_WAIT = 30.0
+
+
+def wait_for_workers(runner: _runner.Runner, count: int, timeout: float = START_WAIT) -> None:
+    """Waits, at most ``timeout`` seconds, until ``runner``'s pool has
+    ``count`` live workers or has shut down. ``multiprocessing.Pool`` has
+    started all its processes when its constructor returns; a warden pool's
+    first workers may still be waiting for its zygote."""
+    deadline = time.monotonic() + timeout
+    while len(runner.core.workers()) < count and not runner.core.is_shut_down() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def workers_of(runner: _runner.Runner | None) -> list[WorkerProcess]:
     """The live workers of a runner, one stable view per worker."""
     if runner is None:
         return []
-    listed = [(w[0], w[1]) for w in runner.core.workers()]
+    listed = [(w.worker, w.pid) for w in runner.core.workers()]
     with _views_lock:
         views = _views.setdefault(runner, {})
         current = {pid: views.get(pid) or WorkerProcess(runner, worker, pid) for worker, pid in listed}

@@ -5,7 +5,7 @@ exception bytes, remote traceback text), never as an exception object. Each
 ``result()``/``get()`` builds a *fresh* exception from it, so the stored error
 never holds a traceback, a traceback never reaches back into the frames of the
 code that waited for it, and no ``exception -> traceback -> frame -> future``
-cycle keeps a pool alive (seed 001).
+cycle keeps a pool (and its workers) alive after the program let go of it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from __future__ import annotations
 import pickle
 from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
-from typing import Any
+
+from ._remote import RemoteError, TaskAborted, TaskInterrupted
+from ._warden import CoreError, ErrorKind, RemoteFailure, RemoteKind, TaskError
 
 __all__ = [
     "ErrorData",
@@ -23,6 +25,7 @@ __all__ = [
     "TaskInterrupted",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerMemoryExceeded",
 ]
 
 
@@ -50,6 +53,25 @@ class WorkerCrashed(BrokenProcessPool):
         self.signal = signal
 
 
+class WorkerMemoryExceeded(WorkerCrashed):
+    """The worker's resident memory passed the pool's ``memory_limit`` while
+    it ran the task: the pool stopped it (SIGTERM, its finalizer, SIGKILL after
+    the grace period) and replaced it.
+
+    Attributes: ``pid`` of the worker, ``limit`` and ``rss``, the limit and
+    the resident set size seen, in bytes. (``exitcode`` and ``signal`` are
+    ``None``: the task fails as soon as the limit is seen, before the worker
+    has exited.)
+    """
+
+    def __init__(
+        self, message: str, pid: int | None = None, *, limit: int | None = None, rss: int | None = None
+    ) -> None:
+        super().__init__(message, pid)
+        self.limit = limit
+        self.rss = rss
+
+
 class PoolFailed(BrokenProcessPool):
     """The pool failed as a whole: its workers kept dying (for instance in a
     failing initializer) faster than the restart limit allows. ``reason``
@@ -69,51 +91,21 @@ class TaskTimeout(TimeoutError):
         self.timeout = timeout
 
 
-class RemoteError(Exception):
-    """A task failed in a way that cannot be rebuilt as its own exception here:
-    its exception could not be pickled in the worker or unpickled in this
-    process, or the result was too large to send. ``type_name`` and
-    ``message`` describe the original."""
-
-    def __init__(self, message: str, type_name: str = "", original_message: str = "") -> None:
-        super().__init__(message)
-        self.type_name = type_name
-        self.message = original_message
-
-
-class TaskAborted(Exception):
-    """A task raised a ``BaseException`` that is not an ``Exception``
-    (``SystemExit``, ``KeyboardInterrupt``, ...). It is reported as this
-    ordinary exception so that it cannot end or interrupt the waiting process;
-    the worker lives on. ``type_name`` and ``message`` describe the original."""
-
-    def __init__(self, message: str, type_name: str = "", original_message: str = "") -> None:
-        super().__init__(message)
-        self.type_name = type_name
-        self.message = original_message
-
-
-class TaskInterrupted(BaseException):
-    """Raised inside a running task when its worker is told to stop (task
-    timeout, cancel, terminate, parent death). Let it propagate: ``finally``
-    blocks run, then the worker's exit path (finalizer, ``atexit``, garbage
-    collection) runs and the worker exits."""
-
-
 class ErrorData:
     """How a task failed, as data. :meth:`build` makes a fresh exception."""
 
-    __slots__ = ("exitcode", "kind", "message", "pid", "remote", "signal", "timeout")
+    __slots__ = ("exitcode", "kind", "memory", "message", "pid", "remote", "signal", "timeout")
 
     def __init__(
         self,
-        kind: str,
+        kind: ErrorKind,
         message: str,
-        remote: tuple[str, str, str, str, bytes] | None = None,
+        remote: RemoteFailure | None = None,
         pid: int | None = None,
         exitcode: int | None = None,
         signal: int | None = None,
         timeout: float | None = None,
+        memory: tuple[int, int] | None = None,
     ) -> None:
         self.kind = kind
         self.message = message
@@ -122,11 +114,21 @@ class ErrorData:
         self.exitcode = exitcode
         self.signal = signal
         self.timeout = timeout
+        self.memory = memory
 
     @classmethod
-    def from_core(cls, data: tuple[Any, ...]) -> ErrorData:
-        """From the error tuple of ``CorePool.next_completions``."""
-        return cls(*data)
+    def from_core(cls, error: TaskError) -> ErrorData:
+        """From the error of a ``Completion``."""
+        return cls(
+            error.kind,
+            error.message,
+            error.remote,
+            pid=error.pid,
+            exitcode=error.exitcode,
+            signal=error.signal,
+            timeout=error.timeout,
+            memory=error.memory,
+        )
 
     @classmethod
     def local(cls, exc: BaseException, context: str) -> ErrorData:
@@ -140,12 +142,16 @@ class ErrorData:
         except Exception:
             data = b""
         if not data:
-            return cls("local", f"{context}: {type_name}: {text}")
-        return cls("remote", f"{context}: {type_name}: {text}", ("raised", type_name, text, "", data))
+            return cls(ErrorKind.OTHER, f"{context}: {type_name}: {text}")
+        return cls(
+            ErrorKind.REMOTE,
+            f"{context}: {type_name}: {text}",
+            RemoteFailure(RemoteKind.RAISED, type_name, text, "", data),
+        )
 
     @property
     def cancelled(self) -> bool:
-        return self.kind == "cancelled"
+        return self.kind == ErrorKind.CANCELLED
 
     def build(self, traceback_type: type[Exception] = _RemoteTraceback) -> BaseException:
         """A new exception for this failure, never raised before. A remote
@@ -153,68 +159,66 @@ class ErrorData:
         standard library's type: ``concurrent.futures`` and
         ``multiprocessing.pool`` each have their own)."""
         kind = self.kind
-        if kind == "remote" and self.remote is not None:
-            return self._build_remote(traceback_type, *self.remote)
-        if kind in ("crashed", "protocol"):
+        if kind == ErrorKind.REMOTE and self.remote is not None:
+            return _build_remote(traceback_type, self.remote)
+        if kind == ErrorKind.MEMORY_EXCEEDED:
+            limit, rss = self.memory if self.memory is not None else (None, None)
+            return WorkerMemoryExceeded(self.message, self.pid, limit=limit, rss=rss)
+        if kind in (ErrorKind.CRASHED, ErrorKind.PROTOCOL):
             exitcode = -self.signal if self.signal is not None else self.exitcode
             return WorkerCrashed(self.message, self.pid, exitcode, self.signal)
-        if kind == "timeout":
+        if kind == ErrorKind.TIMED_OUT:
             return TaskTimeout(self.message, self.timeout)
-        if kind == "pool_failed":
+        if kind == ErrorKind.POOL_FAILED:
             return PoolFailed(self.message)
-        if kind == "cancelled":
+        if kind == ErrorKind.CANCELLED:
             return CancelledError()
-        if kind == "closed":
+        if kind == ErrorKind.CLOSED:
             return BrokenProcessPool(
                 "the pool shut down before the task finished (it was never run to completion)"
             )
         return RemoteError(self.message)
 
-    def _build_remote(
-        self,
-        traceback_type: type[Exception],
-        rkind: str,
-        type_name: str,
-        message: str,
-        tb: str,
-        data: bytes,
-    ) -> BaseException:
-        exc: BaseException | None = None
-        if rkind == "raised" and data:
-            try:
-                exc = pickle.loads(data)
-            except Exception as e:
-                exc = RemoteError(
-                    f"task raised {type_name}: {message} "
-                    f"(the exception could not be unpickled here: {type(e).__name__}: {e})",
-                    type_name,
-                    message,
-                )
-            if not isinstance(exc, BaseException):
-                exc = RemoteError(f"task raised {type_name}: {message}", type_name, message)
-        if exc is None:
-            exc = RemoteError(f"task failed: {type_name}: {message}", type_name, message)
-        if tb:
-            exc.__cause__ = traceback_type(f'\n"""\n{tb}"""')
-        return exc
-
     def describe(self) -> str:
         """One line for logs and reprs."""
-        if self.kind == "remote" and self.remote is not None:
-            _, type_name, message, _, _ = self.remote
+        if self.kind == ErrorKind.REMOTE and self.remote is not None:
+            type_name, message = self.remote.type_name, self.remote.message
             return f"{type_name}: {message}" if message else type_name
         return self.message
 
 
-def core_error(exc: BaseException) -> BaseException:
-    """The exception a caller should see for a ``CoreError(kind, message)``
-    raised by the extension when a task is submitted."""
-    args = getattr(exc, "args", ())
-    kind, message = (args[0], args[1]) if len(args) == 2 else ("other", str(exc))
-    if kind == "closed":
+def _build_remote(traceback_type: type[Exception], remote: RemoteFailure) -> BaseException:
+    """The exception a worker reported, unpickled, or a :class:`RemoteError`
+    standing in for it; its traceback text becomes the ``__cause__``."""
+    type_name, message = remote.type_name, remote.message
+    exc: BaseException | None = None
+    if remote.kind == RemoteKind.RAISED and remote.data:
+        try:
+            exc = pickle.loads(remote.data)
+        except Exception as e:
+            exc = RemoteError(
+                f"task raised {type_name}: {message} "
+                f"(the exception could not be unpickled here: {type(e).__name__}: {e})",
+                type_name,
+                message,
+            )
+        if not isinstance(exc, BaseException):
+            exc = RemoteError(f"task raised {type_name}: {message}", type_name, message)
+    if exc is None:
+        exc = RemoteError(f"task failed: {type_name}: {message}", type_name, message)
+    if remote.traceback:
+        exc.__cause__ = traceback_type(f'\n"""\n{remote.traceback}"""')
+    return exc
+
+
+def core_error(exc: CoreError) -> BaseException:
+    """The exception a caller should see for a ``CoreError`` raised by the
+    extension when a task is submitted."""
+    kind, message = exc.kind, str(exc)
+    if kind == ErrorKind.CLOSED:
         return RuntimeError("cannot schedule new futures after shutdown")
-    if kind == "pool_failed":
+    if kind == ErrorKind.POOL_FAILED:
         return PoolFailed(message)
-    if kind == "rejected":
+    if kind == ErrorKind.REJECTED:
         return ValueError(message)
     return RuntimeError(message)

@@ -6,35 +6,37 @@ the table of callbacks waiting for task outcomes, and the daemon thread
 reference to the executor or pool object that created it, so that object can
 become unreachable and shut down on its own.
 
-It also owns what happens at interpreter exit (:func:`_shut_down_at_exit`):
-an executor runs what was submitted to it, then its workers retire, as
-``concurrent.futures`` promises (only Ctrl-C or its ``exit_timeout`` cuts that
-short, and stderr then says how many tasks were dropped); a ``Pool`` and
-daemon processes are terminated and other processes joined, as
-``multiprocessing`` does. A pool with nothing pending never keeps the
-interpreter from exiting (seed 001). Then the process's exit callbacks run
-(:func:`_at_interpreter_exit`).
+It also owns what happens at interpreter exit (:func:`_shut_down_at_exit`),
+through the core's shutdown ladder (``CorePool.stop``): an executor runs what
+was submitted to it, then its workers retire, as ``concurrent.futures``
+promises (only Ctrl-C or its ``exit_timeout`` cuts that short, and stderr then
+says how many tasks were dropped); a ``Pool`` and daemon processes are
+terminated and other processes joined, as ``multiprocessing`` does. A pool
+with nothing pending never keeps the interpreter from exiting, even one whose
+executor is still referenced at exit. Then the process's exit callbacks run
+(:func:`at_interpreter_exit`).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import itertools
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.spawn
 import multiprocessing.util
 import os
 import pickle
+import re
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 from . import _finalize, _warden
+from ._errors import ErrorData
 from ._pickle import dumps_for_spawn
 
 #: The worker program: this interpreter, with its flags, running warden._worker.
@@ -43,7 +45,9 @@ WORKER_MODULE = "warden._worker"
 #: Grace period of each escalation step (seconds), the core's default.
 GRACE: float = _warden.DEFAULT_GRACE
 
-_CLOSED = ("closed", "the pool shut down before the task finished", None, None, None, None, None)
+#: A task's outcome: ``(True, result bytes)`` or ``(False, ErrorData)``; or
+#: ``(None, None)`` when a worker started a task submitted with ``report_start``.
+OnDone = Callable[[bool | None, Any], None]
 
 #: Runners that may still have live workers. Held strongly, so that interpreter
 #: exit finds every pool still running (and stops its thread before the
@@ -81,6 +85,146 @@ def worker_hooks(
         "finalargs": tuple(finalargs),
         "worker_context": worker_context,
     }
+
+
+#: How a pool starts its workers: forked by its zygote (falling back to exec
+#: where a zygote cannot work), or each by exec.
+START_METHODS = ("zygote", "exec")
+
+
+#: Environment variable giving the default ``start`` of every pool.
+START_ENV = "WARDEN_START"
+
+
+def start_options(start: str | None, preload: Iterable[str] | None) -> tuple[str, list[str]]:
+    """The ``start`` and ``preload`` arguments of a pool, checked. Without a
+    ``start``, ``$WARDEN_START`` says, else ``"zygote"``."""
+    if start is None:
+        start = os.environ.get(START_ENV) or "zygote"
+        if start not in START_METHODS:
+            raise ValueError(f"${START_ENV} must be one of {START_METHODS}, not {start!r}")
+    if start not in START_METHODS:
+        raise ValueError(f"start must be one of {START_METHODS}, not {start!r}")
+    if preload is None:
+        return start, []
+    if isinstance(preload, (str, bytes)):
+        raise TypeError("preload must be a list of module names, not a single string")
+    names = list(preload)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"preload must name modules as non-empty strings, not {name!r}")
+    return start, names
+
+
+#: The restart intensity pools get unless told otherwise: more than 10
+#: failures no task explains within 5 seconds fail the pool.
+DEFAULT_RESTART_LIMIT: tuple[int, float] = (10, 5.0)
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+
+
+def memory_size(name: str, value: int | str | None) -> int | None:
+    """A memory size in bytes from an ``int`` or a string such as ``"512MiB"``
+    or ``"1.5 GB"`` (``kB``/``MB``/``GB``/``TB`` count in powers of 1000,
+    ``KiB``/``MiB``/``GiB``/``TiB`` in powers of 1024). ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{name} must be a number of bytes or a string like '512MiB', not {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.fullmatch(value)
+        unit = _UNITS.get(match.group(2).lower()) if match else None
+        if match is None or unit is None:
+            raise ValueError(
+                f"{name}: cannot read {value!r} as a size (a number of bytes, or a number "
+                "with one of B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            )
+        size = int(float(match.group(1)) * unit)
+    if size <= 0:
+        raise ValueError(f"{name} must be a positive number of bytes, not {value!r}")
+    return size
+
+
+def restart_limit(value: tuple[int, float] | None) -> tuple[int, float] | None:
+    """Checks a pool's ``restart_limit``: ``(count, seconds)`` or ``None``."""
+    if value is None:
+        return None
+    try:
+        count, window = value
+    except (TypeError, ValueError):
+        raise TypeError(f"restart_limit must be (count, seconds) or None, not {value!r}") from None
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"restart_limit: count must be an int >= 0, not {count!r}")
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 0:
+        raise ValueError(f"restart_limit: seconds must be a positive number, not {window!r}")
+    return (count, float(window))
+
+
+class WorkerLost:
+    """What a pool's ``on_worker_lost`` hook learns about a worker that died
+    without running its exit path (SIGKILL, a segfault, ``os._exit``).
+
+    ``pid``: the worker's process id (reaped: the number may be reused);
+    ``exitcode``: as ``multiprocessing`` reports it (minus the signal number
+    when a signal killed it); ``signal``: that signal, or ``None``; ``task``:
+    the ``Future`` (executor) or ``AsyncResult`` (``Pool``) of the task it was
+    running, or ``None``; ``record``: what the worker left with
+    :func:`warden.set_cleanup_record`, or ``None``.
+    """
+
+    __slots__ = ("exitcode", "pid", "record", "signal", "task")
+
+    def __init__(self, pid: int, exitcode: int | None, signal: int | None, task: Any, record: Any) -> None:
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = signal
+        self.task = task
+        self.record = record
+
+    def __repr__(self) -> str:
+        return (
+            f"<WorkerLost pid={self.pid} exitcode={self.exitcode} "
+            f"task={'yes' if self.task is not None else 'none'} record={self.record!r}>"
+        )
+
+
+def _lost_hook(
+    hook: Callable[[WorkerLost], object], tasks: weakref.WeakValueDictionary[int, Any]
+) -> Callable[[Any], None]:
+    """The callable the core calls (on its ``-lost`` thread) for each lost worker."""
+
+    def on_lost(lost: Any) -> None:
+        record = None
+        if lost.record:
+            try:
+                record = pickle.loads(lost.record)
+            except Exception as e:
+                print(
+                    f"warden: cannot unpickle the cleanup record of worker {lost.pid}: {e!r}", file=sys.stderr
+                )
+        exitcode = -lost.signal if lost.signal is not None else lost.exitcode
+        task = tasks.get(lost.task) if lost.task is not None else None
+        try:
+            hook(WorkerLost(lost.pid, exitcode, lost.signal, task, record))
+        except Exception:
+            print(f"warden: exception in on_worker_lost for worker {lost.pid}:", file=sys.stderr)
+            traceback.print_exc()
+
+    return on_lost
 
 
 def worker_command() -> tuple[str, list[str]]:
@@ -134,8 +278,18 @@ class Runner:
         deliver: bool = True,
         exit_policy: str = "drain",
         exit_timeout: float | None = None,
+        start: str = "zygote",
+        preload: list[str] | None = None,
+        restart: tuple[int, float] | None = DEFAULT_RESTART_LIMIT,
+        max_memory_per_child: int | None = None,
+        memory_limit: int | None = None,
+        on_worker_lost: Callable[[WorkerLost], object] | None = None,
     ) -> None:
-        _prune()
+        _forget_finished_runners()
+        #: Tasks by core id, for ``on_worker_lost`` (only kept when there is one).
+        self._tasks: weakref.WeakValueDictionary[int, Any] | None = (
+            weakref.WeakValueDictionary() if on_worker_lost is not None else None
+        )
         fds = list(pass_fds or [])
         try:
             if exiting:
@@ -155,6 +309,9 @@ class Runner:
                 "hooks": hook_bytes,
             }
             payload = pickle.dumps(init, protocol=5)
+            # What the zygote loads before it forks: this process's sys.path
+            # and directory (and its __main__, if asked), then the preloads.
+            zygote = pickle.dumps({"preparation": init["preparation"], "preload": preload or []}, protocol=5)
         except BaseException:
             _close_fds(fds)
             raise
@@ -171,18 +328,29 @@ class Runner:
             task_timeout=task_timeout,
             grace=GRACE,
             one_off=one_off,
+            start=start,
+            zygote_payload=zygote,
+            # A one-off child is never replaced: the core's one-off settings stand.
+            restart_intensity=None if one_off else restart,
+            unlimited_restarts=restart is None and not one_off,
+            max_memory_per_child=max_memory_per_child,
+            memory_limit=memory_limit,
+            on_worker_lost=None if self._tasks is None else _lost_hook(on_worker_lost, self._tasks),  # type: ignore[arg-type]
         )
         self.name = name
         self.exit_policy = exit_policy
         self.exit_timeout = exit_timeout
         self.interrupted = False
-        self.pending: dict[int, Callable[[bool, Any], None]] = {}
-        self._tags = itertools.count(1)
+        #: What to call with each task's outcome, by the core's task id.
+        self.pending: dict[int, OnDone] = {}
+        #: Held from submitting a task until its callback is in ``pending``,
+        #: and by the results thread while it looks callbacks up there.
+        self.pending_lock = threading.Lock()
         self.thread: threading.Thread | None = None
         if deliver:
             self.thread = threading.Thread(
-                target=_deliver,
-                args=(self.core, self.pending, self._forget),
+                target=_deliver_outcomes,
+                args=(self.core, self.pending, self.pending_lock, self._leave_live_set),
                 name="warden-results",
                 daemon=True,
             )
@@ -191,27 +359,29 @@ class Runner:
         if self.thread is not None:
             self.thread.start()
 
-    def _forget(self) -> None:
+    def _leave_live_set(self) -> None:
         with _live_lock:
             _live.discard(self)
 
     def submit(
         self,
         payload: bytes,
-        on_done: Callable[[bool, Any], None],
+        on_done: OnDone,
         timeout: float | None = None,
+        owner: Any = None,
         report_start: bool = False,
     ) -> int:
         """Queues a task; ``on_done(ok, data)`` gets its outcome on the results
-        thread (and with ``report_start``, first ``on_done(None, None)`` when a
-        worker starts it). Returns the task id. Raises ``CoreError`` if refused."""
-        tag = next(self._tags)
-        self.pending[tag] = on_done
-        try:
-            return self.core.submit(payload, tag, timeout, report_start)
-        except BaseException:
-            self.pending.pop(tag, None)
-            raise
+        thread (see :data:`OnDone`; with ``report_start``, first
+        ``on_done(None, None)`` when a worker starts it). Returns the task id.
+        Raises ``CoreError`` if refused. ``owner`` (the future or result) is
+        what ``on_worker_lost`` reports as the task."""
+        with self.pending_lock:
+            task = self.core.submit(payload, timeout, report_start)
+            self.pending[task] = on_done
+        if self._tasks is not None and owner is not None:
+            self._tasks[task] = owner
+        return task
 
     def close_nowait(self) -> None:
         """Stops taking tasks; queued tasks still run. Returns at once."""
@@ -247,15 +417,14 @@ class Runner:
         if signal ``N`` ended it); ``None`` while it runs."""
         if not self.core.is_shut_down():
             return None
-        info = self.core.last_exit()
-        if info is None:
+        end = self.core.last_exit()
+        if end is None:
             return 1  # it never started (the error was raised to the caller)
-        code, signal, cause, reason = info[3], info[4], info[5], info[6]
-        if signal is not None:
-            return -signal
-        if reason == "init_failed" or (cause or "").startswith("init_failed"):
+        if end.signal is not None:
+            return -end.signal
+        if end.init_failed:
             return 1  # the child could not even unpickle its target (traceback on stderr)
-        return code
+        return end.exitcode
 
     # multiprocessing's Popen API, which its bookkeeping of children calls
     # (active_children(), its exit handler) on a Process's _popen.
@@ -266,10 +435,24 @@ class Runner:
         self.core.terminate()
 
     def join_bounded(self) -> None:
-        """Waits for a terminate to run its course, killing what outlives it."""
-        if not self.join(GRACE * 2 + 2.0):
-            self.core.kill()
-            self.join(10.0)
+        """Waits for a terminate to run its course, killing what outlives it:
+        the core's shutdown ladder (``CorePool.stop``). Ctrl-C while waiting
+        interrupts the pool (see :meth:`interrupt`)."""
+        try:
+            self.core.stop("terminate")
+        except KeyboardInterrupt:
+            self.interrupt()
+            raise
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(10.0)
+
+
+def cancel(core: Any, task: int, running: bool) -> bool:
+    """Cancels a task of ``core``: only while queued, or also while it runs
+    (its worker is then stopped: SIGTERM, finalizer, grace period, SIGKILL,
+    and replaced). Returns whether the task was cancelled. Futures and
+    results hold this with their core, never the runner."""
+    return bool(core.cancel(task) if running else core.cancel_queued(task))
 
 
 def _named(name: str, values: Any) -> list[tuple[str, Any]]:
@@ -285,7 +468,7 @@ def _close_fds(fds: list[int]) -> None:
             os.close(fd)
 
 
-def _prune() -> None:
+def _forget_finished_runners() -> None:
     """Forgets runners without a results thread whose pool has shut down."""
     with _live_lock:
         done = [r for r in _live if r.thread is None and r.core.is_shut_down()]
@@ -293,29 +476,49 @@ def _prune() -> None:
             _live.discard(r)
 
 
-def _deliver(core: Any, pending: dict[int, Callable[[bool, Any], None]], forget: Callable[[], None]) -> None:
+def _deliver_outcomes(
+    core: _warden.CorePool,
+    pending: dict[int, OnDone],
+    pending_lock: threading.Lock,
+    leave_live_set: Callable[[], None],
+) -> None:
     """The results thread: takes outcomes from the core, calls their callbacks."""
     try:
         while True:
             batch = core.next_completions(512)
             if batch is None:
                 break
-            for tag, ok, data in batch:
-                callback = pending.pop(tag, None) if ok is not None else pending.get(tag)
-                if callback is not None:
-                    _call(callback, ok, data)
+            with pending_lock:
+                # A start leaves the callback in place for the outcome to come.
+                callbacks = [
+                    pending.get(done.task) if done.started else pending.pop(done.task, None) for done in batch
+                ]
+            for done, callback in zip(batch, callbacks, strict=True):
+                if callback is None:
+                    continue
+                if done.started:
+                    _call_outcome_callback(callback, None, None)
+                elif done.error is None:
+                    _call_outcome_callback(callback, True, done.value)
+                else:
+                    _call_outcome_callback(callback, False, ErrorData.from_core(done.error))
             # Hold no outcome (nor its future) while waiting for the next.
-            batch = callback = data = None
+            batch = callbacks = done = callback = None
     finally:
         # The pool is gone; anything still waiting never got an outcome.
-        for tag in list(pending):
-            callback = pending.pop(tag, None)
-            if callback is not None:
-                _call(callback, False, _CLOSED)
-        forget()
+        with pending_lock:
+            orphans = list(pending.values())
+            pending.clear()
+        for callback in orphans:
+            _call_outcome_callback(
+                callback,
+                False,
+                ErrorData(_warden.ErrorKind.CLOSED, "the pool shut down before the task finished"),
+            )
+        leave_live_set()
 
 
-def _call(callback: Callable[[bool, Any], None], ok: bool, data: Any) -> None:
+def _call_outcome_callback(callback: OnDone, ok: bool | None, data: Any) -> None:
     try:
         callback(ok, data)
     except Exception:
@@ -325,6 +528,15 @@ def _call(callback: Callable[[bool, Any], None], ok: bool, data: Any) -> None:
 
 def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
+
+
+# How interpreter exit stops a pool, by its exit policy (``"join"`` is waited
+# for first, so its stop finds it finished).
+_EXIT_STOP: dict[str, Literal["terminate", "drain"]] = {
+    "drain": "drain",
+    "terminate": "terminate",
+    "join": "drain",
+}
 
 
 def _shut_down_at_exit() -> None:
@@ -356,46 +568,50 @@ def _shut_down_at_exit() -> None:
             for r in runners:
                 if interrupted:
                     _cut_short(r, "the program was interrupted")
-                elif r.exit_policy == "drain":
-                    r.core.close()
-                elif r.exit_policy == "terminate":
-                    r.core.terminate()
+                elif r.exit_policy != "join":
+                    r.core.stop(_EXIT_STOP[r.exit_policy], wait=False)
             for r in runners:
                 if r.exit_policy == "join":
                     r.core.join()
-                elif r.exit_policy == "drain" and not interrupted:
+                elif r.exit_policy == "drain":
                     limit = None if r.exit_timeout is None else _left(started + r.exit_timeout)
                     if not r.core.join(limit):
                         _cut_short(r, f"exit_timeout={r.exit_timeout:g}s passed")
         except KeyboardInterrupt:
             for r in runners:
                 _cut_short(r, "interrupted (Ctrl-C)")
-        deadline = time.monotonic() + GRACE * 2 + 2.0
+        # One grace period for all pools, not one each: every pool's shutdown
+        # ladder runs against the same deadline, then each is waited for.
+        deadline = time.monotonic() + GRACE
         for r in runners:
-            if not r.core.join(_left(deadline)):
-                r.core.kill()
-        deadline = time.monotonic() + 10.0
+            r.core.stop(_EXIT_STOP[r.exit_policy], within=_left(deadline), wait=False)
         for r in runners:
-            r.core.join(_left(deadline))
+            r.core.stop(_EXIT_STOP[r.exit_policy], within=_left(deadline))
     except KeyboardInterrupt:
         for r in runners:
-            r.core.kill()
+            r.core.stop("kill", wait=False)
         for r in runners:
             with contextlib.suppress(KeyboardInterrupt):
-                r.core.join(10.0)
+                r.core.stop("kill")
     for r in everyone:
         if r.thread is not None:
             r.thread.join(2.0)
 
 
 def _cut_short(runner: Runner, why: str) -> None:
-    """Terminates a runner at interpreter exit; for an executor whose
-    submitted work is thereby lost, says on stderr how many tasks."""
+    """Ends a runner's wait at interpreter exit now: a draining stop whose
+    deadline is now (what is queued or running is cancelled, its workers get
+    SIGTERM, run their exit path, SIGKILL after the grace period), else a
+    terminate. For an executor whose submitted work is thereby lost, says on
+    stderr how many tasks."""
     if runner.core.is_shut_down():
         return
-    dropped = len(runner.pending) if runner.exit_policy == "drain" else 0
+    draining = runner.exit_policy == "drain"
+    with runner.pending_lock:
+        # Counted before the cut, so no cancelled outcome is missed.
+        dropped = len(runner.pending) if draining else 0
+    runner.core.stop("drain" if draining else "terminate", within=0.0, wait=False)
     runner.exit_policy = "terminate"
-    runner.core.terminate()
     if dropped:
         tasks = "task" if dropped == 1 else "tasks"
         print(
@@ -405,9 +621,9 @@ def _cut_short(runner: Runner, why: str) -> None:
         )
 
 
-def _at_interpreter_exit() -> None:
-    """warden's step of interpreter exit (one ``atexit`` handler, registered
-    when warden is imported): first every pool and ``Process`` child still
+def at_interpreter_exit() -> None:
+    """warden's step of interpreter exit (called by the one ``atexit`` handler
+    ``warden`` registers when it is imported): first every pool and ``Process`` child still
     running is shut down, then this process's exit callbacks run
     (``warden.at_exit``, and ``warden.finalize`` callbacks of objects still
     alive). So an exit callback can rely on every worker and child having
@@ -416,6 +632,3 @@ def _at_interpreter_exit() -> None:
         _shut_down_at_exit()
     finally:
         _finalize.run_exit_callbacks()
-
-
-atexit.register(_at_interpreter_exit)

@@ -16,7 +16,7 @@ core's worker loop (``_warden.worker_main``), which calls back into a
     context is exited, the ``finalizer`` runs, then a garbage collection (so
     ``__del__`` of cyclic garbage runs), the ``atexit`` handlers (among them
     warden's, which runs the ``warden.at_exit`` callbacks), and a flush of
-    ``stdout``/``stderr`` (seed 000, seed 002, seed 004).
+    ``stdout``/``stderr``.
 
 A stop signal (SIGTERM from the pool on a timeout, cancel or terminate; the
 parent-death signal; SIGINT/SIGHUP) raises :class:`TaskInterrupted` in the
@@ -27,7 +27,6 @@ worker through its exit path.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import gc
 import multiprocessing
 import multiprocessing.process
@@ -37,14 +36,26 @@ import pickle
 import signal
 import sys
 import threading
-import traceback
-from typing import Any
 
-from . import _context, _finalize, _runner, _warden
-from ._errors import RemoteError, TaskAborted, TaskInterrupted
+from . import _context, _warden
 from ._pickle import dumps
+from ._remote import RemoteError, TaskAborted, TaskInterrupted
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import contextlib
+    from typing import Any
+
+# ``traceback`` is imported only when there is one to format: a worker that
+# never fails never pays for it (nor for ``linecache`` and ``tokenize``).
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _print_exc() -> None:
+    import traceback
+
+    traceback.print_exc()
 
 
 def _type_name(exc: BaseException) -> str:
@@ -59,14 +70,16 @@ def _text(exc: BaseException) -> str:
         return f"<unprintable {type(exc).__name__}>"
 
 
-def _error(exc: BaseException, kind: str = "raised") -> tuple[str, str, str, str, bytes]:
-    """A failed task as ``(kind, type_name, message, traceback, data)``: the
-    exception pickled if it survives a round trip, else a stand-in."""
+def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAISED) -> _warden.RemoteFailure:
+    """A failed task as the core reports it: the exception pickled if it
+    survives a round trip, else a stand-in."""
     type_name = _type_name(exc)
     message = _text(exc)
     frames = exc.__traceback__
     if frames is not None and frames.tb_frame.f_code.co_filename == __file__:
         frames = frames.tb_next  # the worker's own frame is noise to the user
+    import traceback
+
     tb = "".join(traceback.format_exception(type(exc), exc, frames))
     if isinstance(exc, Exception):
         try:
@@ -89,7 +102,7 @@ def _error(exc: BaseException, kind: str = "raised") -> tuple[str, str, str, str
                 message,
             )
         )
-    return (kind, type_name, message, tb, data)
+    return _warden.RemoteFailure(kind, type_name, message, tb, data)
 
 
 def _unpicklable_result(value: Any, why: Exception) -> pickle.PicklingError:
@@ -111,8 +124,10 @@ def _text_of(fn: Any, obj: Any) -> str:
         return f"<unprintable {type(obj).__name__}>"
 
 
-def _interrupted() -> tuple[str, str, str, str, bytes]:
-    return ("interrupted", "TaskInterrupted", "the worker was told to stop", "", b"")
+def _interrupted() -> _warden.RemoteFailure:
+    return _warden.RemoteFailure(
+        _warden.RemoteKind.INTERRUPTED, "TaskInterrupted", "the worker was told to stop", "", b""
+    )
 
 
 class Handler:
@@ -130,12 +145,16 @@ class Handler:
     # at most once per task, so the task's own cleanup is not interrupted twice.
     def on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
-        _runner.stop_requested = True
+        # Pools this worker started stop at once at its exit (only a worker
+        # that started one has loaded warden._runner).
+        runner = sys.modules.get("warden._runner")
+        if runner is not None:
+            runner.stop_requested = True
         if self.running:
             self.running = False
             raise TaskInterrupted(signal.Signals(signum).name)
 
-    def init(self, worker: int, pid: int, parent: int, payload: bytes) -> Any:
+    def init(self, worker: int, pid: int, parent: int, payload: bytes) -> _warden.RemoteFailure | None:
         self.running = True
         try:
             init = pickle.loads(payload)
@@ -168,13 +187,13 @@ class Handler:
                 # turned TaskInterrupted into its own error): a stop, not a failure.
                 return _interrupted()
             print(f"warden: worker {os.getpid()} failed to start:", file=sys.stderr)
-            traceback.print_exc()
+            _print_exc()
             return _error(e)
         finally:
             self.running = False
         return None
 
-    def run(self, payload: bytes) -> Any:
+    def run(self, payload: bytes) -> bytes | _warden.RemoteFailure:
         self.running = True
         try:
             if self.mode == "process":
@@ -195,7 +214,7 @@ class Handler:
         finally:
             self.running = False
 
-    def _run_process(self, payload: bytes) -> Any:
+    def _run_process(self, payload: bytes) -> bytes | _warden.RemoteFailure:
         """Runs a one-off ``Process`` as ``multiprocessing``'s bootstrap does:
         exit code 0, ``sys.exit(n)`` gives n, an exception gives 1 and a traceback."""
         me = multiprocessing.current_process()
@@ -206,7 +225,7 @@ class Handler:
             raise
         except BaseException:
             # As under spawn: the child cannot get its target; traceback, exit code 1.
-            traceback.print_exc()
+            _print_exc()
             self.exit_code = 1
             self.running = False
             return dumps(None)
@@ -230,7 +249,7 @@ class Handler:
                 exitcode = 1
         except BaseException:
             sys.stderr.write(f"Process {process.name}:\n")
-            traceback.print_exc()
+            _print_exc()
             exitcode = 1
         self.exit_code = exitcode
         # Like multiprocessing: a child waits for the non-daemon threads it started.
@@ -250,7 +269,7 @@ class Handler:
                 context.__exit__(None, None, None)
             except BaseException as e:
                 errors.append(f"worker_context exit raised {_type_name(e)}: {_text(e)}")
-                traceback.print_exc()
+                _print_exc()
             _context._clear()
         finalizer = self.hooks.get("finalizer")
         if finalizer is not None:
@@ -259,7 +278,7 @@ class Handler:
             except BaseException as e:
                 errors.append(f"finalizer raised {_type_name(e)}: {_text(e)}")
                 print(f"warden: worker {os.getpid()}: exception in finalizer:", file=sys.stderr)
-                traceback.print_exc()
+                _print_exc()
         self.hooks = {}
         try:
             gc.collect()
@@ -274,7 +293,10 @@ class Handler:
             errors.append(f"atexit raised {_type_name(e)}: {_text(e)}")
         try:
             # Idempotent: in case the handler above did not get to run them.
-            _finalize.run_exit_callbacks()
+            # Only a process that loaded warden._finalize can have any.
+            finalizers = sys.modules.get("warden._finalize")
+            if finalizers is not None:
+                finalizers.run_exit_callbacks()
         except BaseException as e:
             errors.append(f"exit callbacks raised {_type_name(e)}: {_text(e)}")
         for stream in (sys.stdout, sys.stderr):
@@ -306,8 +328,12 @@ def _set_parent(name: str, pid: int) -> None:
 
 def main() -> None:
     """Runs this process as a warden worker; never returns."""
+    # The worker variables leave the environment first, through Python's own
+    # API (so os.environ and the C environment agree), so that processes the
+    # tasks start are not mistaken for workers.
+    variables = {key: os.environ.pop(key) for key in _warden.WORKER_VARIABLES if key in os.environ}
     handler = Handler()
     # Installed before the core's handlers, which chain to them.
     for sig in _STOP_SIGNALS:
         signal.signal(sig, handler.on_signal)
-    _warden.worker_main(handler)
+    _warden.worker_main(handler, variables)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
@@ -36,17 +37,38 @@ class ProcessPoolExecutor(_base.Executor):
       :func:`warden.worker_context`;
     * ``task_timeout``: seconds a task may run before its worker is stopped
       (the task fails with :class:`warden.TaskTimeout`) and replaced;
+    * ``start``: ``"zygote"`` (the default, unless ``$WARDEN_START`` says
+      otherwise) forks each worker from the pool's zygote, a fresh
+      interpreter that has imported warden's worker code and the modules
+      named in ``preload`` (``"__main__"`` preloads this
+      program's main module); ``"exec"`` starts every worker as a new
+      interpreter. Where a zygote cannot work the pool falls back to exec by
+      itself (see ``docs/python.md``).
+    * ``restart_limit=(count, seconds)``: more than ``count`` worker failures
+      that no task explains (a worker that cannot start, dies idle, or breaks
+      the protocol) within ``seconds`` fail the pool; ``None`` for no limit;
+    * ``max_memory_per_child`` (bytes, or a string like ``"512MiB"``): a
+      worker above it after a task retires (its finalizer runs) and is
+      replaced; the task's result is kept;
+    * ``memory_limit``: a worker above it while a task runs is stopped
+      (SIGTERM, finalizer, SIGKILL after the grace period); the task fails
+      with :class:`warden.WorkerMemoryExceeded`;
+    * ``on_worker_lost(info)``: runs in this process, on a thread of its own,
+      for each worker that died without running its exit path (SIGKILL, a
+      segfault), with a :class:`warden.WorkerLost`;
     * ``exit_timeout``: seconds that interpreter exit waits for the tasks
       still pending in an executor left open. By default it waits for all of
       them, as ``concurrent.futures`` promises; past the limit (or on Ctrl-C)
       the rest are dropped, and stderr says how many.
 
     A worker crash fails only the task it was running
-    (:class:`warden.WorkerCrashed`); the pool replaces the worker.
+    (:class:`warden.WorkerCrashed`); the pool replaces the worker, and such
+    crashes never count toward ``restart_limit``.
 
     ``mp_context`` is accepted for compatibility and otherwise ignored: warden
-    always starts workers as fresh interpreters, like the ``"spawn"`` start
-    method, whatever context is given.
+    never forks this process; its workers are fresh interpreters (or forks of
+    one, the zygote), as under the ``"spawn"`` start method, whatever context
+    is given.
     """
 
     def __init__(
@@ -61,6 +83,12 @@ class ProcessPoolExecutor(_base.Executor):
         finalargs: tuple[Any, ...] = (),
         task_timeout: float | None = None,
         worker_context: Callable[[], Any] | None = None,
+        start: str | None = None,
+        preload: Iterable[str] | None = None,
+        restart_limit: tuple[int, float] | None = _runner.DEFAULT_RESTART_LIMIT,
+        max_memory_per_child: int | str | None = None,
+        memory_limit: int | str | None = None,
+        on_worker_lost: Callable[[_runner.WorkerLost], object] | None = None,
         exit_timeout: float | None = None,
     ) -> None:
         if max_workers is None:
@@ -76,6 +104,15 @@ class ProcessPoolExecutor(_base.Executor):
             raise ValueError("task_timeout must be a positive number of seconds")
         if exit_timeout is not None and not exit_timeout >= 0:
             raise ValueError("exit_timeout must be a number of seconds >= 0")
+        self._start, self._preload = _runner.start_options(start, preload)
+        if on_worker_lost is not None and not callable(on_worker_lost):
+            raise TypeError("on_worker_lost must be a callable")
+        self._limits: dict[str, Any] = {
+            "restart": _runner.restart_limit(restart_limit),
+            "max_memory_per_child": _runner.memory_size("max_memory_per_child", max_memory_per_child),
+            "memory_limit": _runner.memory_size("memory_limit", memory_limit),
+            "on_worker_lost": on_worker_lost,
+        }
         self._max_workers = max_workers
         # Only a compatibility view: workers always start like "spawn".
         self._mp_context = mp_context if mp_context is not None else multiprocessing.get_context("spawn")
@@ -110,6 +147,9 @@ class ProcessPoolExecutor(_base.Executor):
                 max_tasks_per_child=self._max_tasks_per_child,
                 task_timeout=self._task_timeout,
                 exit_timeout=self._exit_timeout,
+                start=self._start,
+                preload=self._preload,
+                **self._limits,
             )
             # An executor nobody can reach any more shuts down on its own
             # (queued tasks still run); the callback holds the runner only.
@@ -138,11 +178,10 @@ class ProcessPoolExecutor(_base.Executor):
         future = Future()
         future._on_interrupt = runner.interrupt
         try:
-            task = runner.submit(payload, future._deliver, report_start=True)
+            task = runner.submit(payload, future._deliver, owner=future, report_start=True)
         except _warden.CoreError as e:
             raise core_error(e) from None
-        core = runner.core
-        future._canceller = lambda: core.cancel_queued(task)
+        future._canceller = functools.partial(_runner.cancel, runner.core, task)
         return future
 
     def map(

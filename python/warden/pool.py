@@ -18,7 +18,7 @@ from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import Any
 
 from . import _runner, _warden
-from ._children import WorkerProcess, workers_of
+from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
 from ._handles import PoolHandle
 from ._pickle import dumps, loads
@@ -41,7 +41,12 @@ class Pool(multiprocessing.pool.Pool):
     The API of ``multiprocessing.Pool``, plus ``finalizer(*finalargs)``, run in
     every worker at the end of its life, and ``worker_context``, a factory of a
     context manager entered when a worker starts and exited when it ends (tasks
-    reach what it yields with :func:`warden.worker_context`).
+    reach what it yields with :func:`warden.worker_context`); ``start`` and
+    ``preload`` choose how workers start, as for
+    :class:`warden.ProcessPoolExecutor`: forked from a zygote that imported the
+    ``preload`` modules (the default), or each by exec (``start="exec"``); and
+    ``restart_limit``, ``max_memory_per_child``, ``memory_limit`` and
+    ``on_worker_lost`` as on :class:`warden.ProcessPoolExecutor`.
 
     Differences from the standard library that users can rely on: a task that
     raises a ``BaseException`` or whose worker dies fails with an error instead
@@ -49,8 +54,9 @@ class Pool(multiprocessing.pool.Pool):
     workers gracefully (their finalizers run) before it kills them; tasks it
     cancels raise ``CancelledError`` instead of never finishing.
 
-    ``context`` is accepted for compatibility and ignored: workers are always
-    fresh interpreters, as under the ``"spawn"`` start method.
+    ``context`` is accepted for compatibility and ignored: this process is
+    never forked; workers are fresh interpreters (or forks of one, the
+    zygote), as under the ``"spawn"`` start method.
     """
 
     def __init__(
@@ -64,6 +70,12 @@ class Pool(multiprocessing.pool.Pool):
         finalargs: Iterable[Any] = (),
         worker_context: Callable[[], Any] | None = None,
         context: Any = None,
+        start: str | None = None,
+        preload: Iterable[str] | None = None,
+        restart_limit: tuple[int, float] | None = _runner.DEFAULT_RESTART_LIMIT,
+        max_memory_per_child: int | str | None = None,
+        memory_limit: int | str | None = None,
+        on_worker_lost: Callable[[_runner.WorkerLost], object] | None = None,
     ) -> None:
         # multiprocessing.pool.Pool.__init__ is not called: none of its queues,
         # threads or processes exist here.
@@ -73,11 +85,15 @@ class Pool(multiprocessing.pool.Pool):
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
             raise ValueError("maxtasksperchild must be a positive int or None")
+        start, preload = _runner.start_options(start, preload)
         self._processes = processes
+        self._first_workers_seen = False
         self._ctx = context
         self._name = f"Pool-{next(_counter)}"
         self._state = RUN
         hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
+        if on_worker_lost is not None and not callable(on_worker_lost):
+            raise TypeError("on_worker_lost must be a callable")
         self._runner = _runner.Runner(
             mode="pool",
             name=self._name,
@@ -85,6 +101,12 @@ class Pool(multiprocessing.pool.Pool):
             hooks=hooks,
             max_tasks_per_child=maxtasksperchild,
             exit_policy="terminate",
+            start=start,
+            preload=preload,
+            restart=_runner.restart_limit(restart_limit),
+            max_memory_per_child=_runner.memory_size("max_memory_per_child", max_memory_per_child),
+            memory_limit=_runner.memory_size("memory_limit", memory_limit),
+            on_worker_lost=on_worker_lost,
         )
         # A pool nobody can reach any more is terminated, as the standard
         # library does; results being waited for keep their pool reachable.
@@ -99,7 +121,13 @@ class Pool(multiprocessing.pool.Pool):
     def _pool(self) -> list[WorkerProcess]:
         """The live workers (a compatibility view, as ``multiprocessing.Pool``
         has it): ``pid``, ``name``, ``is_alive()``, ``exitcode``,
-        ``terminate()``, ``kill()``, ``join(timeout)``."""
+        ``terminate()``, ``kill()``, ``join(timeout)``. The first look waits
+        (bounded) for the pool's first workers to start, so that, as with
+        ``multiprocessing.Pool``, it lists all of them."""
+        if not self._first_workers_seen:
+            self._first_workers_seen = True
+            if self._state == RUN:
+                wait_for_workers(self._runner, self._processes)
         return workers_of(self._runner)
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
@@ -115,11 +143,11 @@ class Pool(multiprocessing.pool.Pool):
         if self._state != RUN:
             raise ValueError("Pool not running")
 
-    def _submit(self, payload: bytes, on_done: Callable[[bool, Any], None]) -> None:
+    def _submit(self, payload: bytes, on_done: Callable[[bool, Any], None], owner: Any = None) -> int:
         try:
-            self._runner.submit(payload, on_done)
+            return self._runner.submit(payload, on_done, owner=owner)
         except _warden.CoreError as e:
-            if e.args[0] == "closed":
+            if e.kind == _warden.ErrorKind.CLOSED:
                 raise ValueError("Pool not running") from None
             raise core_error(e) from None
 
@@ -142,7 +170,7 @@ class Pool(multiprocessing.pool.Pool):
         self._check_running()
         payload = dumps((func, tuple(args), dict(kwds)))
         result = ApplyResult(self, callback, error_callback)
-        self._submit(payload, result._deliver)
+        result._tasks.append(self._submit(payload, result._deliver, result))
         return result
 
     # -- maps --------------------------------------------------------------
@@ -207,7 +235,7 @@ class Pool(multiprocessing.pool.Pool):
             payloads.append(dumps((run_chunk, (func, chunk, star), {})))
         result = MapResult(self, len(payloads), callback, error_callback)
         for i, payload in enumerate(payloads):
-            self._submit(payload, functools.partial(result._deliver_chunk, i))
+            result._tasks.append(self._submit(payload, functools.partial(result._deliver_chunk, i), result))
         return result
 
     def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
@@ -229,7 +257,7 @@ class Pool(multiprocessing.pool.Pool):
             raise ValueError(f"Chunksize must be 1+, not {chunksize:d}")
         result = IMapIterator(self, unordered)
         feeder = threading.Thread(
-            target=_feed,
+            target=_feed_imap,
             args=(self, func, iter(iterable), chunksize, result),
             name="warden-feeder",
             daemon=True,
@@ -278,6 +306,8 @@ class ApplyResult:
     ) -> None:
         self._pool: Pool | None = pool  # kept alive until the result is ready
         self._interrupt = pool._runner.interrupt
+        self._core = pool._runner.core
+        self._tasks: list[int] = []
         self._event = threading.Event()
         self._callback = callback
         self._error_callback = error_callback
@@ -293,6 +323,20 @@ class ApplyResult:
         if not self.ready():
             raise ValueError(f"{self!r} not ready")
         return self._error is None
+
+    def cancel(self, running: bool = False) -> bool:
+        """*warden*: cancels the call (every chunk of a map). Without
+        ``running``, only what is still queued; with ``running=True``, a
+        running call too: its worker is stopped (SIGTERM, its finalizer runs,
+        SIGKILL after the grace period) and replaced. ``get()`` then raises
+        ``concurrent.futures.CancelledError``. Returns whether anything was
+        cancelled (``False`` once the result is ready)."""
+        if self.ready():
+            return False
+        cancelled = False
+        for task in self._tasks:
+            cancelled = _runner.cancel(self._core, task, running) or cancelled
+        return cancelled
 
     def wait(self, timeout: float | None = None) -> None:
         """Waits until the result is ready or ``timeout`` seconds pass."""
@@ -321,7 +365,7 @@ class ApplyResult:
             else:
                 self._finish(value, None)
         else:
-            self._finish(None, ErrorData.from_core(data))
+            self._finish(None, data)
 
     def _finish(self, value: Any, error: ErrorData | None) -> None:
         self._value, self._error = value, error
@@ -367,7 +411,7 @@ class MapResult(ApplyResult):
             except Exception as e:
                 error = ErrorData.local(e, "cannot unpickle a result")
         else:
-            error = ErrorData.from_core(data)
+            error = data
         with self._lock:
             if error is not None and self._first_error is None:
                 self._first_error = error
@@ -456,7 +500,7 @@ class IMapIterator:
             except Exception as e:
                 self._put(index, False, ErrorData.local(e, "cannot unpickle a result"))
         else:
-            self._put(index, False, ErrorData.from_core(data))
+            self._put(index, False, data)
 
     def _set_length(self, length: int) -> None:
         with self._cond:
@@ -477,7 +521,7 @@ def _exception(error: ErrorData) -> BaseException:
     return exc
 
 
-def _feed(
+def _feed_imap(
     pool: Pool, func: Callable[..., Any], it: Iterator[Any], chunksize: int, result: IMapIterator
 ) -> None:
     """The feeder thread of an ``imap``: pickles and submits chunks as the
@@ -503,7 +547,9 @@ def _feed(
             try:
                 pool._runner.submit(payload, functools.partial(result._deliver, index))
             except _warden.CoreError:
-                result._put(index, False, ErrorData("cancelled", "the pool stopped taking tasks"))
+                result._put(
+                    index, False, ErrorData(_warden.ErrorKind.CANCELLED, "the pool stopped taking tasks")
+                )
                 index += 1
                 break
             index += 1

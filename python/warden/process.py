@@ -29,7 +29,7 @@ def current_process() -> multiprocessing.process.BaseProcess:
     return multiprocessing.current_process()
 
 
-def _ignore(ok: bool, data: Any) -> None:
+def _ignore_outcome(ok: bool, data: Any) -> None:
     pass
 
 
@@ -127,13 +127,14 @@ class Process(multiprocessing.process.BaseProcess):
             one_off=True,
             deliver=False,
             exit_policy="terminate" if self.daemon else "join",
+            start="exec",  # one child: a zygote would only add a process
         )
         self._popen = runner
         try:
-            runner.submit(payload, _ignore)
+            runner.submit(payload, _ignore_outcome)
         except _warden.CoreError as e:
             runner.core.kill()
-            raise OSError(f"cannot start process {self._name}: {e.args[-1]}") from None
+            raise OSError(f"cannot start process {self._name}: {e}") from None
         finally:
             runner.close_nowait()
         pid = runner.core.wait_pid(START_TIMEOUT)

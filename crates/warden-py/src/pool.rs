@@ -1,27 +1,28 @@
 //! `CorePool`: a core pool whose workers are Python interpreters.
 //!
 //! Task outcomes arrive on the pool's supervisor thread, which must neither
-//! block nor take the GIL. They are pushed, with the caller's tag, onto a queue
-//! that a Python thread drains in batches through
-//! [`CorePool::next_completions`] (which waits with the GIL released).
-//! Lifecycle events are recorded the same way: the first worker's pid, the last
-//! worker exit, and a bounded log.
+//! block nor take the GIL. They are pushed onto a queue that a Python thread
+//! drains in batches through [`CorePool::next_completions`] (which waits with
+//! the GIL released); each outcome carries the core's task id, the one id
+//! Python knows the task by. Two lifecycle facts are recorded the same way:
+//! the first worker's pid and the last worker's end.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyList};
 use warden::frontend::WorkerCommand;
-use warden::{LifecycleEvent, Pool, TaskOptions, WorkerEnd};
+use warden::{LifecycleEvent, Pool, StartMethod, StopMode, TaskOptions, WorkerEnd};
 
-use crate::convert::{core_err, error_tuple, exit_reason, seconds, stop_cause};
+use crate::convert::seconds;
+use crate::records::{core_err, core_error, Completion, PyErrorKind, PyWorkerEnd, WorkerState};
 
 /// How long a blocking call waits at a time before it looks for signals
 /// (Ctrl-C) with the GIL held again.
@@ -30,24 +31,30 @@ const SLICE: Duration = Duration::from_millis(50);
 const DONE_POLL: Duration = Duration::from_millis(20);
 /// How often it re-checks a pool nobody asked to stop.
 const IDLE_POLL: Duration = Duration::from_secs(1);
-/// Lifecycle events kept for [`CorePool::events`]; older ones are dropped.
-const EVENT_LOG: usize = 1024;
-
 type Outcome = Result<Vec<u8>, warden::Error>;
+
+/// Workers whose exit status [`CorePool::exit_status`] remembers (the last ones to exit).
+const EXIT_LOG: usize = 1024;
 
 /// `(pid, exitcode, signal)` of a worker that exited.
 type ExitRecord = (i32, Option<i32>, Option<i32>);
 
+/// Where a task's id is written once `submit` knows it. An outcome can reach
+/// the queue before that (the supervisor runs concurrently, and a refused task
+/// answers at once); the queue's reader resolves the id only after every
+/// `submit` in progress has finished (see [`Inner::submitting`]).
+type TaskId = Arc<OnceLock<u64>>;
+
 /// An entry of the outcome queue: a task's outcome, or (`None`) the news
 /// that a worker started it, for tasks submitted with `report_start`.
-type Entry = (u64, Option<Outcome>);
+type Entry = (TaskId, Option<Outcome>);
 
 /// The tasks whose start is reported, by task id. A start can come before
 /// `submit` has the task's id (`early`), and an outcome before `submit`
 /// registers it; both are settled under this one lock.
 #[derive(Default)]
 struct Starts {
-    watched: HashMap<u64, u64>,
+    watched: HashSet<u64>,
     early: HashSet<u64>,
     /// The highest task id a `submit` has returned: a start of an unwatched
     /// task at or below it is nobody's business.
@@ -64,30 +71,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Inner {
     queue: Mutex<VecDeque<Entry>>,
     ready: Condvar,
+    /// Held by `submit` from queueing a task until its id is written, and
+    /// taken by the queue's reader (never while it holds `queue`) before it
+    /// reads ids.
+    submitting: Mutex<()>,
     /// Set once the pool was asked to stop (or failed): the queue's reader
     /// then also watches for the pool to finish.
     closing: AtomicBool,
     first_pid: Mutex<Option<i32>>,
+    /// The pool's zygote while it is ready to fork.
+    zygote: Mutex<Option<i32>>,
+    /// Why the pool's zygote refused to fork, if it did.
+    zygote_refused: Mutex<Option<String>>,
     pid_known: Condvar,
     last_exit: Mutex<Option<WorkerEnd>>,
-    /// The workers that exited, the last [`EVENT_LOG`] of them, for
+    /// The workers that exited, the last [`EXIT_LOG`] of them, for
     /// [`CorePool::exit_status`].
     exits: Mutex<VecDeque<ExitRecord>>,
-    events: Mutex<VecDeque<LifecycleEvent>>,
     starts: Mutex<Starts>,
 }
 
 impl Inner {
-    fn push(&self, tag: u64, outcome: Option<Outcome>) {
-        lock(&self.queue).push_back((tag, outcome));
+    fn push(&self, task: TaskId, outcome: Option<Outcome>) {
+        lock(&self.queue).push_back((task, outcome));
         self.ready.notify_one();
     }
 
     fn started(&self, task: u64) {
         let mut starts = lock(&self.starts);
-        if let Some(tag) = starts.watched.remove(&task) {
+        if starts.watched.remove(&task) {
             drop(starts);
-            self.push(tag, None);
+            self.push(Arc::new(OnceLock::from(task)), None);
         } else if task > starts.returned {
             starts.early.insert(task);
         }
@@ -107,7 +121,7 @@ impl Inner {
             }
             LifecycleEvent::WorkerExited(exit) => {
                 let mut exits = lock(&self.exits);
-                if exits.len() == EVENT_LOG {
+                if exits.len() == EXIT_LOG {
                     exits.pop_front();
                 }
                 exits.push_back((exit.pid, exit.status.code(), exit.status.signal()));
@@ -115,48 +129,18 @@ impl Inner {
                 *lock(&self.last_exit) = Some(exit.clone());
             }
             LifecycleEvent::PoolFailed { .. } => self.wake(),
-            LifecycleEvent::TaskStarted { task, .. } => return self.started(*task),
+            LifecycleEvent::TaskStarted { task, .. } => self.started(*task),
+            LifecycleEvent::ZygoteReady { pid } => *lock(&self.zygote) = Some(*pid),
+            LifecycleEvent::ZygoteExited { pid, .. } => {
+                let mut zygote = lock(&self.zygote);
+                if *zygote == Some(*pid) {
+                    *zygote = None;
+                }
+            }
+            LifecycleEvent::ZygoteRefused { reason } => *lock(&self.zygote_refused) = Some(reason.clone()),
             _ => {}
         }
-        let mut events = lock(&self.events);
-        if events.len() == EVENT_LOG {
-            events.pop_front();
-        }
-        events.push_back(event.clone());
     }
-}
-
-fn event_tuple<'py>(py: Python<'py>, event: &LifecycleEvent) -> PyResult<Bound<'py, PyTuple>> {
-    match event {
-        LifecycleEvent::WorkerStarted { worker, pid } => ("started", *worker, *pid).into_pyobject(py),
-        LifecycleEvent::WorkerReady { worker, pid } => ("ready", *worker, *pid).into_pyobject(py),
-        LifecycleEvent::SpawnFailed { error } => ("spawn_failed", error.as_str()).into_pyobject(py),
-        LifecycleEvent::TaskTimedOut { task, pid } => ("timed_out", *task, *pid).into_pyobject(py),
-        LifecycleEvent::WorkerExited(exit) => exit_tuple(py, exit),
-        LifecycleEvent::PoolFailed { reason } => ("pool_failed", reason.as_str()).into_pyobject(py),
-        _ => ("other",).into_pyobject(py),
-    }
-}
-
-/// `("exited", worker, pid, exitcode, signal, cause, reason, hook_ran, hook_error, crashed)`.
-fn exit_tuple<'py>(py: Python<'py>, exit: &WorkerEnd) -> PyResult<Bound<'py, PyTuple>> {
-    let (reason, hook_ran, hook_error) = match &exit.goodbye {
-        Some((reason, report)) => (Some(exit_reason(reason)), report.hook_ran, report.hook_error.clone()),
-        None => (None, false, None),
-    };
-    (
-        "exited",
-        exit.worker,
-        exit.pid,
-        exit.status.code(),
-        exit.status.signal(),
-        exit.cause.as_ref().map(stop_cause),
-        reason,
-        hook_ran,
-        hook_error,
-        exit.crashed,
-    )
-        .into_pyobject(py)
 }
 
 fn deadline(timeout: Option<Duration>) -> Option<Instant> {
@@ -181,12 +165,17 @@ impl CorePool {
 
     /// Waits (GIL released by the caller) for at least one outcome, up to
     /// `deadline`. `None` once the pool has finished and nothing is left.
-    fn wait_batch(&self, max: usize, deadline: Option<Instant>) -> Option<Vec<Entry>> {
+    fn wait_batch(&self, max: usize, deadline: Option<Instant>) -> Option<Vec<(u64, Option<Outcome>)>> {
         let mut queue = lock(&self.inner.queue);
         loop {
             if !queue.is_empty() {
                 let n = queue.len().min(max.max(1));
-                return Some(queue.drain(..n).collect());
+                let batch: Vec<Entry> = queue.drain(..n).collect();
+                drop(queue);
+                // Every id is written now, except those of tasks `submit`
+                // refused: their caller got the error instead.
+                drop(lock(&self.inner.submitting));
+                return Some(batch.into_iter().filter_map(|(id, outcome)| Some((*id.get()?, outcome))).collect());
             }
             if self.is_done() {
                 return None;
@@ -214,7 +203,8 @@ impl CorePool {
     #[pyo3(signature = (
         program, args, *, workers=1, name=None, init_payload=None, pass_fds=Vec::new(), env=Vec::new(),
         max_tasks_per_child=None, task_timeout=None, init_timeout=None, grace=None,
-        restart_intensity=None, max_frame_size=None, prefetch=None, one_off=false,
+        restart_intensity=None, unlimited_restarts=false, max_frame_size=None, prefetch=None, one_off=false,
+        start="zygote", zygote_payload=None, max_memory_per_child=None, memory_limit=None, on_worker_lost=None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -231,19 +221,17 @@ impl CorePool {
         init_timeout: Option<f64>,
         grace: Option<f64>,
         restart_intensity: Option<(u32, f64)>,
+        unlimited_restarts: bool,
         max_frame_size: Option<usize>,
         prefetch: Option<usize>,
         one_off: bool,
+        start: &str,
+        zygote_payload: Option<&[u8]>,
+        max_memory_per_child: Option<u64>,
+        memory_limit: Option<u64>,
+        on_worker_lost: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
-        // Take ownership of the fds first, so that they are closed on any error below.
-        let mut fds = Vec::with_capacity(pass_fds.len());
-        for fd in pass_fds {
-            if fd < 3 || !fd_is_open(fd) {
-                return Err(PyValueError::new_err(format!("pass_fds: {fd} is not an open fd above stdio")));
-            }
-            // SAFETY: the fd is open (checked above) and the caller hands it over.
-            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
+        let fds = own_fds(pass_fds)?;
         let inner = Arc::new(Inner::default());
         let sink = Arc::clone(&inner);
         let mut builder = Pool::builder()
@@ -253,6 +241,14 @@ impl CorePool {
             .on_event(move |e| sink.on_event(e));
         if one_off {
             builder = builder.one_off();
+        }
+        builder = builder.start(match start {
+            "zygote" => StartMethod::Zygote,
+            "exec" => StartMethod::Exec,
+            other => return Err(PyValueError::new_err(format!("start must be 'zygote' or 'exec', not {other:?}"))),
+        });
+        if let Some(payload) = zygote_payload {
+            builder = builder.zygote_payload(payload.to_vec());
         }
         if let Some(name) = name {
             builder = builder.name(name);
@@ -279,6 +275,18 @@ impl CorePool {
             let window = seconds("restart window", Some(window))?.unwrap_or_default();
             builder = builder.restart_intensity(max, window);
         }
+        if unlimited_restarts {
+            builder = builder.no_restart_limit();
+        }
+        if let Some(bytes) = max_memory_per_child {
+            builder = builder.max_memory_per_child(bytes);
+        }
+        if let Some(bytes) = memory_limit {
+            builder = builder.memory_limit(bytes);
+        }
+        if let Some(hook) = on_worker_lost {
+            builder = builder.on_worker_lost(move |lost| call_lost_hook(&hook, lost));
+        }
         if let Some(b) = max_frame_size {
             builder = builder.max_frame_size(b);
         }
@@ -289,57 +297,64 @@ impl CorePool {
         Ok(CorePool { pool: Mutex::new(Some(Arc::new(pool))), inner })
     }
 
-    /// Queues a task; its outcome is delivered to `next_completions` under
-    /// `tag`, and with `report_start`, first the news that a worker started
-    /// it. Returns the task id. Raises `CoreError` if the pool takes no tasks.
-    #[pyo3(signature = (payload, tag, timeout=None, report_start=false))]
-    fn submit(&self, payload: &[u8], tag: u64, timeout: Option<f64>, report_start: bool) -> PyResult<u64> {
+    /// Queues a task and returns its id; its outcome comes out of
+    /// `next_completions` under that id, and with `report_start`, first a
+    /// `Completion` with `started` set when a worker starts it. Raises
+    /// `CoreError` if the pool takes no tasks.
+    #[pyo3(signature = (payload, timeout=None, report_start=false))]
+    fn submit(&self, payload: &[u8], timeout: Option<f64>, report_start: bool) -> PyResult<u64> {
         let pool = self.pool().ok_or_else(core_closed)?;
         let options = TaskOptions { timeout: seconds("timeout", timeout)? };
         let inner = Arc::clone(&self.inner);
+        let id: TaskId = Arc::default();
+        let slot = Arc::clone(&id);
+        let _submitting = lock(&self.inner.submitting);
         if !report_start {
-            let reply = Box::new(move |outcome| inner.push(tag, Some(outcome)));
-            let id = pool.submit_raw(payload.to_vec(), options, reply).map_err(core_err)?;
+            let task = pool
+                .submit_raw(payload.to_vec(), options, Box::new(move |outcome| inner.push(slot, Some(outcome))))
+                .map_err(core_err)?;
+            // Written once, here: `set` cannot fail.
+            let _ = id.set(task);
             let mut starts = lock(&self.inner.starts);
-            starts.returned = starts.returned.max(id);
-            starts.early.remove(&id);
-            return Ok(id);
+            starts.returned = starts.returned.max(task);
+            starts.early.remove(&task);
+            return Ok(task);
         }
-        // The id is known only once `submit_raw` returns; the outcome may come first.
-        let state = Arc::new((AtomicU64::new(0), AtomicBool::new(false)));
-        let seen = Arc::clone(&state);
+        // The outcome may come before `submit_raw` returns the id: `done`
+        // tells the code below, under the `starts` lock, not to watch it.
+        let done = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&done);
         let reply = Box::new(move |outcome| {
             {
                 let mut starts = lock(&inner.starts);
-                seen.1.store(true, Ordering::SeqCst);
-                let id = seen.0.load(Ordering::SeqCst);
-                if id != 0 {
-                    starts.watched.remove(&id);
+                seen.store(true, Ordering::SeqCst);
+                if let Some(task) = slot.get() {
+                    starts.watched.remove(task);
                 }
             }
-            inner.push(tag, Some(outcome));
+            inner.push(slot, Some(outcome));
         });
-        let id = pool.submit_raw(payload.to_vec(), options, reply).map_err(core_err)?;
+        let task = pool.submit_raw(payload.to_vec(), options, reply).map_err(core_err)?;
+        let _ = id.set(task);
         let mut starts = lock(&self.inner.starts);
-        starts.returned = starts.returned.max(id);
-        state.0.store(id, Ordering::SeqCst);
-        let early = starts.early.remove(&id);
-        if !state.1.load(Ordering::SeqCst) {
+        starts.returned = starts.returned.max(task);
+        let early = starts.early.remove(&task);
+        if !done.load(Ordering::SeqCst) {
             if early {
                 drop(starts);
-                self.inner.push(tag, None);
+                self.inner.push(id, None);
             } else {
-                starts.watched.insert(id, tag);
+                starts.watched.insert(task);
             }
         }
-        Ok(id)
+        Ok(task)
     }
 
     /// Waits up to `timeout` seconds (forever if `None`) for task outcomes and
-    /// returns up to `max` of them as `(tag, True, bytes)` or
-    /// `(tag, False, error)` tuples, or `(tag, None, None)` when a worker
-    /// started a task submitted with `report_start` (an empty list on timeout). Returns `None`
-    /// once the pool has shut down and every outcome was taken.
+    /// returns up to `max` of them as `Completion` records (an empty list on
+    /// timeout); a task submitted with `report_start` also gives one with
+    /// `started` set, before its outcome. Returns `None` once the pool has
+    /// shut down and every outcome was taken.
     #[pyo3(signature = (max=256, timeout=None))]
     fn next_completions<'py>(
         &self,
@@ -350,19 +365,20 @@ impl CorePool {
         let deadline = deadline(seconds("timeout", timeout)?);
         let Some(batch) = py.detach(|| self.wait_batch(max, deadline)) else { return Ok(None) };
         let list = PyList::empty(py);
-        for (tag, outcome) in batch {
-            let item = match outcome {
-                Some(Ok(bytes)) => (tag, true, PyBytes::new(py, &bytes)).into_pyobject(py)?,
-                Some(Err(e)) => (tag, false, error_tuple(py, &e)?).into_pyobject(py)?,
-                None => (tag, py.None(), py.None()).into_pyobject(py)?,
+        for (task, outcome) in batch {
+            let record = match outcome {
+                Some(outcome) => Completion::new(py, task, &outcome)?,
+                None => Completion::started(task),
             };
-            list.append(item)?;
+            list.append(record)?;
         }
         Ok(Some(list))
     }
 
     /// Cancels a task: a queued one is removed, a running one is stopped with
-    /// its worker (which runs its exit hook and is replaced).
+    /// its worker (SIGTERM, exit hook, grace period, SIGKILL; replaced).
+    /// Returns whether it was cancelled. `Future.cancel(running=True)` is the
+    /// one Python caller.
     fn cancel(&self, py: Python<'_>, task: u64) -> bool {
         self.pool().is_some_and(|p| py.detach(|| p.cancel(task)))
     }
@@ -428,6 +444,39 @@ impl CorePool {
         }
     }
 
+    /// The core's shutdown ladder (`warden::Pool::stop`): starts it with
+    /// `mode` ("drain", "cancel_queued", "terminate" or "kill") and a deadline
+    /// `within` seconds from now (none if `None`), or makes a started one
+    /// stricter (the earliest deadline and the harshest mode win). With
+    /// `wait`, waits for the ladder to end (bounded by the ladder itself, the
+    /// GIL released; raises `KeyboardInterrupt` or what a signal handler
+    /// raises) and returns whether the pool finished by the deadline; without,
+    /// returns at once whether it has finished.
+    #[pyo3(signature = (mode, within=None, wait=true))]
+    fn stop(&self, py: Python<'_>, mode: &str, within: Option<f64>, wait: bool) -> PyResult<bool> {
+        let mode = match mode {
+            "drain" => StopMode::Drain,
+            "cancel_queued" => StopMode::CancelQueued,
+            "terminate" => StopMode::Terminate,
+            "kill" => StopMode::Kill,
+            other => return Err(PyValueError::new_err(format!("unknown stop mode {other:?}"))),
+        };
+        let deadline = deadline(seconds("within", within)?);
+        let Some(pool) = self.pool() else { return Ok(true) };
+        pool.begin_stop(mode, deadline);
+        self.inner.wake();
+        if !wait {
+            return Ok(pool.is_shut_down());
+        }
+        loop {
+            let until = Instant::now() + SLICE;
+            if let Some(in_time) = py.detach(|| pool.wait_stopped(Some(until))) {
+                return Ok(in_time);
+            }
+            py.check_signals()?;
+        }
+    }
+
     /// Waits up to `timeout` seconds for the first worker's pid; `None` if
     /// the pool finished (or the time ran out) without one.
     fn wait_pid(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<i32>> {
@@ -453,11 +502,9 @@ impl CorePool {
         }
     }
 
-    /// How the last worker to exit ended:
-    /// `("exited", worker, pid, exitcode, signal, cause, reason, hook_ran, hook_error, crashed)`.
-    fn last_exit<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let exit = lock(&self.inner.last_exit).clone();
-        exit.map(|e| exit_tuple(py, &e)).transpose()
+    /// How the last worker to exit ended, if one has.
+    fn last_exit(&self) -> Option<PyWorkerEnd> {
+        lock(&self.inner.last_exit).as_ref().map(PyWorkerEnd::from)
     }
 
     /// `(exitcode, signal)` of worker `pid` once it has exited and was
@@ -466,20 +513,21 @@ impl CorePool {
         lock(&self.inner.exits).iter().rev().find(|e| e.0 == pid).map(|e| (e.1, e.2))
     }
 
-    /// Takes the lifecycle events recorded so far (at most the last 1024).
-    fn events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let events: Vec<LifecycleEvent> = lock(&self.inner.events).drain(..).collect();
-        let list = PyList::empty(py);
-        for e in &events {
-            list.append(event_tuple(py, e)?)?;
-        }
-        Ok(list)
+    /// The live workers.
+    fn workers(&self, py: Python<'_>) -> Vec<WorkerState> {
+        let Some(pool) = self.pool() else { return Vec::new() };
+        py.detach(|| pool.workers().into_iter().map(WorkerState::from).collect())
     }
 
-    /// The live workers as `(worker, pid, phase, running_task)` tuples.
-    fn workers(&self, py: Python<'_>) -> Vec<(u64, i32, &'static str, Option<u64>)> {
-        let Some(pool) = self.pool() else { return Vec::new() };
-        py.detach(|| pool.workers().into_iter().map(|w| (w.worker, w.pid, w.phase, w.running)).collect())
+    /// The pid of the pool's zygote while it is ready to fork workers.
+    fn zygote_pid(&self) -> Option<i32> {
+        *lock(&self.inner.zygote)
+    }
+
+    /// Why the pool's zygote refused to fork (the pool starts workers by
+    /// exec since), if it did.
+    fn zygote_refused(&self) -> Option<String> {
+        lock(&self.inner.zygote_refused).clone()
     }
 
     /// Why the pool failed, if it did.
@@ -504,11 +552,74 @@ impl CorePool {
     }
 }
 
+/// Takes ownership of the fds handed over as `pass_fds`: each distinct fd
+/// gets exactly one owner (a repeated number is the same fd, passed once).
+/// If any is not an open fd above stdio, every valid one is closed, since the
+/// caller handed them all over, and the error names the first bad one.
+fn own_fds(pass_fds: Vec<RawFd>) -> PyResult<Vec<OwnedFd>> {
+    let mut fds: Vec<OwnedFd> = Vec::with_capacity(pass_fds.len());
+    let mut taken = std::collections::HashSet::with_capacity(pass_fds.len());
+    let mut bad = None;
+    for fd in pass_fds {
+        if !taken.insert(fd) {
+            continue;
+        }
+        if fd < 3 || !fd_is_open(fd) {
+            bad.get_or_insert(fd);
+            continue;
+        }
+        // SAFETY: the fd is open (checked above), the caller hands it over, and
+        // it is taken once (repeats are skipped above).
+        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    match bad {
+        // Dropping `fds` closes every valid one.
+        Some(fd) => Err(PyValueError::new_err(format!("pass_fds: {fd} is not an open fd above stdio"))),
+        None => Ok(fds),
+    }
+}
+
+/// A worker that died without running its exit path, as `on_worker_lost`
+/// receives it: `worker`, `pid`, `exitcode` or `signal`, the core's `task`
+/// id, and the `record` it left (bytes), each `None` when unknown.
+#[pyclass(module = "warden._warden", name = "LostWorker", frozen, get_all)]
+pub struct LostWorker {
+    worker: u64,
+    pid: i32,
+    exitcode: Option<i32>,
+    signal: Option<i32>,
+    task: Option<u64>,
+    record: Option<Py<PyBytes>>,
+}
+
+/// Calls the Python `on_worker_lost` hook, on the pool's `-lost` thread, if
+/// the interpreter can still run it. Errors are the Python side's to report;
+/// one that escapes is printed here.
+fn call_lost_hook(hook: &Py<PyAny>, lost: &warden::LostWorker) {
+    if !crate::finalize::interpreter_usable() {
+        return;
+    }
+    let _ = Python::try_attach(|py| {
+        let record = lost.record.as_deref().map(|r| PyBytes::new(py, r).unbind());
+        let info = LostWorker {
+            worker: lost.worker,
+            pid: lost.pid,
+            exitcode: lost.status.code(),
+            signal: lost.status.signal(),
+            task: lost.task,
+            record,
+        };
+        if let Err(e) = hook.bind(py).call1((info,)) {
+            e.print(py);
+        }
+    });
+}
+
 fn fd_is_open(fd: RawFd) -> bool {
     // SAFETY: F_GETFD on a number only reads the fd table; the borrow ends here.
     rustix::io::fcntl_getfd(unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) }).is_ok()
 }
 
 fn core_closed() -> PyErr {
-    crate::CoreError::new_err(("closed", "the pool is shut down and takes no new tasks"))
+    core_error(PyErrorKind::Closed, "the pool is shut down and takes no new tasks".into())
 }

@@ -29,13 +29,35 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::lost::{LostHook, LostThread, LostWorker};
+use crate::memory::MemoryLimits;
 use crate::panics::lock;
 use crate::spawn::WorkerCommand;
 use crate::supervisor::{
-    self, Command, Config, EventSink, LifecycleEvent, Reply, SupervisorLink, Task, WorkerEnd, WorkerSnapshot,
+    self, Command, Config, EventSink, LifecycleEvent, Reply, SupervisorLink, Task, WorkerEnd, WorkerSnapshot, KILL_WAIT,
 };
 use crate::task::{self, Call, RustInit};
 use crate::wire::{ExitReason, DEFAULT_MAX_FRAME};
+
+/// How [`Pool::stop`] (and [`Pool::begin_stop`]) starts the shutdown ladder:
+/// what happens to tasks before the deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StopMode {
+    /// Queued tasks still run, running ones finish, then workers retire
+    /// ([`Pool::close`], [`Pool::shutdown`]).
+    Drain,
+    /// Queued tasks are cancelled, running ones finish, then workers retire
+    /// ([`Pool::close_cancel_queued`], dropping the pool).
+    CancelQueued,
+    /// Every task is cancelled and every worker gets SIGTERM now; SIGKILL one
+    /// grace period later ([`Pool::terminate`]).
+    Terminate,
+    /// Every task is cancelled and every worker gets SIGKILL now ([`Pool::kill`]).
+    Kill,
+}
+
+/// Margin a waiter adds to the ladder's own deadlines before acting itself.
+const STOP_SLACK: Duration = Duration::from_secs(2);
 
 /// Default time a worker gets to finish its exit path before it is signalled.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -46,12 +68,32 @@ pub const DEFAULT_RESTART_LIMIT: u32 = 10;
 /// … within this window fail the pool.
 pub const DEFAULT_RESTART_WINDOW: Duration = Duration::from_secs(5);
 
+/// How a pool starts its workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StartMethod {
+    /// Forked by the pool's zygote: the worker program executed once, parked
+    /// after loading what workers share, forking a worker per request (a few
+    /// milliseconds instead of a program start). Where a zygote cannot work
+    /// (it died, is not ready yet after dying, or refuses to fork: see
+    /// [`LifecycleEvent::ZygoteRefused`](crate::LifecycleEvent::ZygoteRefused))
+    /// workers start by exec, so the pool keeps serving. One-off children
+    /// always start by exec.
+    #[default]
+    Zygote,
+    /// Each worker is the worker program executed afresh.
+    Exec,
+}
+/// Default interval between two samples of a busy worker's memory under
+/// [`Builder::memory_limit`].
+pub const DEFAULT_MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Builds a [`Pool`].
 pub struct Builder {
     cfg: Config,
     on_start: Option<fn()>,
     on_exit: Option<fn(ExitReason)>,
     raw_init: Option<Vec<u8>>,
+    on_lost: Option<LostHook>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -79,15 +121,20 @@ impl Builder {
                 grace: DEFAULT_GRACE,
                 restart_limit: DEFAULT_RESTART_LIMIT,
                 restart_window: DEFAULT_RESTART_WINDOW,
+                memory: MemoryLimits { soft: None, hard: None, interval: DEFAULT_MEMORY_SAMPLE_INTERVAL },
+                lost: None,
                 max_frame: DEFAULT_MAX_FRAME,
                 prefetch: 1,
                 identity,
                 on_event: None,
                 one_off: false,
+                start: StartMethod::Zygote,
+                zygote_payload: Vec::new(),
             },
             on_start: None,
             on_exit: None,
             raw_init: None,
+            on_lost: None,
         }
     }
 
@@ -148,10 +195,74 @@ impl Builder {
     }
 
     /// Restart intensity, as in an OTP supervisor: more than `max` worker
-    /// failures (crashes, failed starts) within `window` fail the pool.
+    /// failures within `window` fail the pool (default: 10 in 5 s).
+    ///
+    /// Only failures no task explains count: a worker that cannot start (the
+    /// program cannot be run, its start hook fails, it is not ready within
+    /// the init timeout), that dies while idle, or that breaks the protocol.
+    /// A worker that dies while running a task fails that task
+    /// ([`Error::is_crash`]) and is replaced without counting: each such death
+    /// consumes a task, so it cannot loop forever.
     pub fn restart_intensity(mut self, max: u32, window: Duration) -> Self {
         self.cfg.restart_limit = max;
         self.cfg.restart_window = window;
+        self
+    }
+
+    /// No restart intensity: failures never fail the pool (workers that
+    /// cannot start are retried every 100 ms for as long as the pool runs).
+    pub fn no_restart_limit(mut self) -> Self {
+        self.cfg.restart_limit = u32::MAX;
+        self
+    }
+
+    /// A soft memory cap: after each task the worker's resident set size
+    /// (from `/proc/<pid>/statm`) is read, and a worker above `bytes` retires
+    /// (its exit hook runs, [`crate::RetireReason::MaxMemory`]) and is
+    /// replaced. The task's result is kept.
+    pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
+        self.cfg.memory.soft = Some(bytes);
+        self
+    }
+
+    /// A hard memory limit: while a task runs, its worker's resident set size
+    /// is sampled every [`Builder::memory_sample_interval`]; a worker above
+    /// `bytes` is stopped (SIGTERM, exit hook, grace period, SIGKILL) and
+    /// replaced, and the task fails with [`ErrorKind::MemoryExceeded`].
+    ///
+    /// The resident set size is read from `/proc/<pid>/statm`, not enforced
+    /// through a cgroup's `memory.max`: that needs a delegated, writable
+    /// cgroup subtree most processes do not have, and the kernel answers it
+    /// with the OOM killer's SIGKILL, which skips the exit hook. Caveats: a
+    /// task that allocates faster than the sampling can pass the limit
+    /// briefly; processes a task starts are not counted; shared pages count
+    /// in full, as `ps` counts them.
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.cfg.memory.hard = Some(bytes);
+        self
+    }
+
+    /// How often a busy worker's memory is sampled under
+    /// [`Builder::memory_limit`] (default 100 ms, at least 1 ms).
+    pub fn memory_sample_interval(mut self, interval: Duration) -> Self {
+        self.cfg.memory.interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Runs `hook` in this process for every worker that ended without
+    /// running its exit path (SIGKILL from the OOM killer or `kill -9`, a
+    /// segfault, an abort), with what the worker left for it
+    /// ([`crate::set_cleanup_record`]): the parent cleans up what the worker
+    /// could not (a temporary directory, a lock file, a session).
+    ///
+    /// The hook runs on a thread of the pool's own (`<name>-lost`), never on
+    /// the supervisor thread, one call at a time in the order the workers
+    /// were reaped; a panic in it is logged and the next call still runs.
+    /// [`Pool::join`] waits for pending calls (within its timeout; without
+    /// one, for at most the grace period). A worker that ran its exit path
+    /// (retired, stopped by SIGTERM) is not lost, even if its hook failed.
+    pub fn on_worker_lost(mut self, hook: impl Fn(&LostWorker) + Send + Sync + 'static) -> Self {
+        self.on_lost = Some(Arc::new(hook));
         self
     }
 
@@ -201,6 +312,19 @@ impl Builder {
         self
     }
 
+    /// How workers start (default: [`StartMethod::Zygote`]).
+    pub fn start(mut self, start: StartMethod) -> Self {
+        self.cfg.start = start;
+        self
+    }
+
+    /// The opaque payload a [`Builder::command`] pool's zygote prepares from
+    /// before it parks (the Python worker reads its preloads from it).
+    pub fn zygote_payload(mut self, payload: Vec<u8>) -> Self {
+        self.cfg.zygote_payload = payload;
+        self
+    }
+
     /// Makes this a one-off child: one worker that runs one task and retires
     /// ([`crate::RetireReason::Done`]), never replaced. Close the pool right
     /// after submitting the task.
@@ -227,9 +351,25 @@ impl Builder {
         let default_timeout = self.cfg.task_timeout;
         let max_frame = self.cfg.max_frame;
         let typed = self.cfg.identity.is_some();
+        let lost = match self.on_lost.take() {
+            Some(hook) => {
+                let (tx, thread) = LostThread::start(&name, hook)?;
+                self.cfg.lost = Some(tx);
+                Some(thread)
+            }
+            None => None,
+        };
         let (sup, shared) = supervisor::create(self.cfg)?;
         let thread = std::thread::Builder::new().name(format!("{name}-supervisor")).spawn(move || sup.run())?;
-        Ok(Pool { shared, thread: Mutex::new(Some(thread)), grace, default_timeout, max_frame, typed })
+        Ok(Pool {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            lost: Mutex::new(lost),
+            grace,
+            default_timeout,
+            max_frame,
+            typed,
+        })
     }
 }
 
@@ -243,6 +383,10 @@ impl Builder {
 /// | dropping the pool | cancelled | get one grace period to finish, then are cancelled | retire, then escalate |
 /// | [`Pool::terminate`] | cancelled | cancelled | SIGTERM (exit hooks run), SIGKILL after the grace period |
 /// | [`Pool::kill`] | cancelled | cancelled | SIGKILL now |
+///
+/// Each row is [`Pool::stop`] with a [`StopMode`] and a deadline: one
+/// shutdown ladder (retire → grace → SIGTERM → grace → SIGKILL → reap), which
+/// the Python package also uses for every way it shuts a pool down.
 ///
 /// Every stage that waits on a worker has a deadline; only waiting for tasks
 /// the caller asked to drain is as long as those tasks (bound them with
@@ -258,6 +402,8 @@ impl Builder {
 pub struct Pool {
     shared: Arc<SupervisorLink>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The thread running `on_worker_lost`, until it is joined.
+    lost: Mutex<Option<LostThread>>,
     grace: Duration,
     default_timeout: Option<Duration>,
     max_frame: usize,
@@ -356,36 +502,37 @@ impl Pool {
     }
 
     /// Stops taking tasks; queued tasks still run, then the workers retire.
-    /// Returns at once; see [`Pool::join`].
+    /// Returns at once; see [`Pool::join`]. Same as [`Pool::begin_stop`] with
+    /// [`StopMode::Drain`] and no deadline.
     pub fn close(&self) {
-        self.shared.accepting.store(false, Ordering::SeqCst);
-        let _ = self.shared.send(Command::Close { drain: true, deadline: None });
+        self.begin_stop(StopMode::Drain, None);
     }
 
     /// Stops taking tasks and cancels the queued ones; running tasks finish,
     /// then the workers retire. Returns at once; see [`Pool::join`].
     pub fn close_cancel_queued(&self) {
-        self.shared.accepting.store(false, Ordering::SeqCst);
-        let _ = self.shared.send(Command::Close { drain: false, deadline: None });
+        self.begin_stop(StopMode::CancelQueued, None);
     }
 
     /// Cancels queued and running tasks and stops every worker with SIGTERM
     /// (exit hooks run), then SIGKILL after the grace period. Returns at once.
     pub fn terminate(&self) {
-        self.shared.accepting.store(false, Ordering::SeqCst);
-        let _ = self.shared.send(Command::Terminate);
+        self.begin_stop(StopMode::Terminate, None);
     }
 
     /// Cancels everything and kills every worker with SIGKILL now (no exit
     /// hooks). Returns at once.
     pub fn kill(&self) {
-        self.shared.accepting.store(false, Ordering::SeqCst);
-        let _ = self.shared.send(Command::Kill);
+        self.begin_stop(StopMode::Kill, None);
     }
 
-    /// Waits until the pool has shut down and every worker is reaped; `false`
-    /// if `timeout` ran out first.
+    /// Waits until the pool has shut down and every worker is reaped, and
+    /// the [`Builder::on_worker_lost`] calls for them have run; `false` if
+    /// `timeout` ran out first. Without a timeout, those calls get at most
+    /// one grace period once the last worker is reaped (a hook still running
+    /// then finishes on its own). Escalates nothing (see [`Pool::stop`]).
     pub fn join(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
         if !self.shared.wait_done(timeout) {
             return false;
         }
@@ -393,36 +540,128 @@ impl Pool {
         if let Some(thread) = thread {
             let _ = thread.join();
         }
+        let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hooks) = lost.as_mut() {
+            let wait = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => self.grace,
+            };
+            if !hooks.wait(wait) {
+                if deadline.is_some() {
+                    return false;
+                }
+                tracing::warn!("warden: an on_worker_lost hook is still running after the pool shut down");
+            }
+            *lost = None;
+        }
         true
     }
 
     /// Graceful shutdown: queued tasks run, then workers retire. Blocks until
-    /// every worker is reaped.
+    /// every worker is reaped. Same as `stop(StopMode::Drain, None)`.
     pub fn shutdown(self) {
-        self.close();
-        self.join(None);
+        self.stop(StopMode::Drain, None);
     }
 
     /// Like [`Pool::shutdown`], but after `timeout` the rest is terminated.
-    /// Returns whether it finished without terminating.
+    /// Returns whether it finished without terminating. Same as
+    /// `stop(StopMode::Drain, Some(now + timeout))`.
     pub fn shutdown_timeout(self, timeout: Duration) -> bool {
-        self.close();
-        if self.join(Some(timeout)) {
-            return true;
-        }
-        self.terminate();
-        self.join_bounded();
-        false
+        self.stop(StopMode::Drain, Instant::now().checked_add(timeout))
     }
 
-    /// Waits at most long enough for a terminate to run its course, then kills.
-    fn join_bounded(&self) {
-        if self.join(Some(self.grace * 2 + Duration::from_secs(2))) {
-            return;
+    /// The shutdown ladder, from start to end: [`begin_stop`](Pool::begin_stop)
+    /// then [`wait_stopped`](Pool::wait_stopped). Every way a pool shuts down
+    /// is this call with some mode and deadline: [`Pool::shutdown`],
+    /// [`Pool::shutdown_timeout`], dropping the pool, and the Python package
+    /// (including at interpreter exit).
+    ///
+    /// Returns whether the pool finished by `deadline`, so that nothing was
+    /// cut off (always `true` without a deadline, always `false` for
+    /// [`StopMode::Terminate`] and [`StopMode::Kill`], which cut off at once).
+    /// Blocks only as long as the ladder allows: without a deadline, a
+    /// draining stop waits for the tasks it drains.
+    pub fn stop(&self, mode: StopMode, deadline: Option<Instant>) -> bool {
+        self.begin_stop(mode, deadline);
+        self.wait_stopped(None).unwrap_or(false)
+    }
+
+    /// Starts the shutdown ladder, or makes a started one stricter, and
+    /// returns at once. The pool takes no more tasks.
+    ///
+    /// The ladder, each rung bounded:
+    ///
+    /// 1. *retire*: per `mode`, queued tasks run ([`StopMode::Drain`]) or are
+    ///    cancelled; running tasks finish; idle workers retire and run their
+    ///    exit hooks (a retiring worker gets one grace period for that);
+    /// 2. at `deadline` (at once for [`StopMode::Terminate`]): queued and
+    ///    running tasks are cancelled and their workers get SIGTERM; their exit
+    ///    hooks run;
+    /// 3. one grace period later, SIGKILL (at once for [`StopMode::Kill`]);
+    /// 4. reap, or give up on a process that cannot die after a few seconds.
+    ///
+    /// The supervisor thread climbs the ladder by itself. A caller waiting in
+    /// [`wait_stopped`](Pool::wait_stopped) also kills the pool if it is still
+    /// running two grace periods after the deadline, so no wait can hang.
+    ///
+    /// Calling it again, on this pool or on several pools one after the other,
+    /// keeps the earliest deadline and the harshest mode: to give several
+    /// pools one grace period between them, begin all with the same absolute
+    /// `deadline`, then wait for each.
+    pub fn begin_stop(&self, mode: StopMode, deadline: Option<Instant>) {
+        let now = Instant::now();
+        let cutoff = match mode {
+            StopMode::Drain | StopMode::CancelQueued => deadline,
+            StopMode::Terminate | StopMode::Kill => Some(now),
+        };
+        {
+            let mut plan = lock(&self.shared.stop);
+            plan.cutoff = earliest(plan.cutoff, cutoff);
+            if mode == StopMode::Kill {
+                plan.killed_at = earliest(plan.killed_at, Some(now));
+            }
         }
-        self.kill();
-        if !self.join(Some(supervisor::KILL_WAIT + Duration::from_secs(2))) {
-            tracing::error!("warden pool did not finish shutting down");
+        self.shared.accepting.store(false, Ordering::SeqCst);
+        let cmd = match mode {
+            StopMode::Drain => Command::Close { drain: true, deadline },
+            StopMode::CancelQueued => Command::Close { drain: false, deadline },
+            StopMode::Terminate => Command::Terminate,
+            StopMode::Kill => Command::Kill,
+        };
+        let _ = self.shared.send(cmd);
+    }
+
+    /// Waits for a ladder started with [`begin_stop`](Pool::begin_stop) to
+    /// end, at most until `until`: `Some(in_time)` once the pool has shut down
+    /// (`in_time` as [`Pool::stop`] returns it), `None` if `until` came first.
+    ///
+    /// Two grace periods (plus a little) after the deadline, a pool still
+    /// running is killed; a few seconds after that, the wait gives up, logs an
+    /// error and returns `Some(false)`.
+    pub fn wait_stopped(&self, until: Option<Instant>) -> Option<bool> {
+        loop {
+            let plan = *lock(&self.shared.stop);
+            // When this waiter must act next: kill, or give up after a kill.
+            let act_at = match plan.killed_at {
+                Some(killed) => Some(killed + KILL_WAIT + STOP_SLACK),
+                None => plan.cutoff.map(|c| c + self.grace * 2 + STOP_SLACK),
+            };
+            let wake = earliest(act_at, until);
+            if self.join(wake.map(|w| w.saturating_duration_since(Instant::now()))) {
+                return Some(self.shared.finished_by(plan.cutoff));
+            }
+            let now = Instant::now();
+            if act_at.is_some_and(|a| now >= a) {
+                if plan.killed_at.is_none() {
+                    self.begin_stop(StopMode::Kill, None);
+                    continue;
+                }
+                tracing::error!("warden pool did not finish shutting down");
+                return Some(false);
+            }
+            if until.is_some_and(|u| now >= u) {
+                return None;
+            }
         }
     }
 
@@ -442,36 +681,46 @@ impl Pool {
         if self.shared.send(Command::Snapshot { reply: tx }).is_err() {
             return Vec::new();
         }
-        rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default()
+        // Bounded by the supervisor: see `cancel`.
+        rx.recv().unwrap_or_default()
     }
 }
 
 impl Drop for Pool {
     /// A graceful shutdown with a bounded wait: queued tasks are cancelled,
-    /// running ones get one grace period, workers retire and run their exit hooks.
+    /// running ones get one grace period, workers retire and run their exit
+    /// hooks. Same as `stop(StopMode::CancelQueued, Some(now + grace))`.
     fn drop(&mut self) {
         if self.shared.is_done() {
             self.join(Some(Duration::ZERO));
             return;
         }
-        self.shared.accepting.store(false, Ordering::SeqCst);
-        let _ = self.shared.send(Command::Close { drain: false, deadline: Some(Instant::now() + self.grace) });
-        if self.join(Some(self.grace * 3 + Duration::from_secs(2))) {
-            return;
-        }
-        self.kill();
-        if !self.join(Some(supervisor::KILL_WAIT + Duration::from_secs(2))) {
-            tracing::error!("warden pool did not finish shutting down");
-        }
+        self.stop(StopMode::CancelQueued, Instant::now().checked_add(self.grace));
     }
 }
 
+/// The earlier of two optional instants (`None` is "never").
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Asks the supervisor to cancel a task and waits for its answer.
+///
+/// The wait has no timeout of its own because it needs none: the supervisor
+/// answers a command in the loop turn that reads it (it never blocks on a
+/// worker), and if it goes away first, the command and its reply sender are
+/// dropped with its channel, which ends the wait with `false`, truthfully,
+/// since then nothing will cancel the task. A timeout here could only report
+/// `false` for a cancel that still lands.
 fn cancel(shared: &SupervisorLink, id: u64, running_too: bool) -> bool {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     if shared.send(Command::Cancel { id, running_too, reply: tx }).is_err() {
         return false;
     }
-    rx.recv_timeout(Duration::from_secs(10)).unwrap_or(false)
+    rx.recv().unwrap_or(false)
 }
 
 #[derive(Default)]

@@ -2,8 +2,6 @@
 //! worker gets the next task (idle workers first, then pipelines up to
 //! `prefetch`); retiring idle workers once the pool closes.
 
-use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,9 +10,11 @@ use mio::unix::SourceFd;
 use mio::Interest;
 
 use crate::spawn::spawn_worker;
-use crate::wire::{FrameReader, Message, RetireReason};
+use crate::wire::{Message, RetireReason};
 
+use super::process::Pidfd;
 use super::worker::{retire, InFlight, Worker, WorkerPhase};
+use super::zygote::NextStart;
 use super::{pidfd_token, sock_token, LifecycleEvent, PoolPhase, StopCause, Supervisor};
 
 /// Delay before trying again after a worker could not be spawned at all.
@@ -25,23 +25,39 @@ impl Supervisor {
         if self.cfg.one_off && self.spawned >= 1 {
             return 0;
         }
-        match self.phase {
-            PoolPhase::Running => self.cfg.workers,
+        let draining = match self.phase {
+            PoolPhase::Running => return self.cfg.workers,
             PoolPhase::Closing { drain: true } if !self.queue.is_empty() => self.cfg.workers.min(self.queue.len()),
-            _ => 0,
+            PoolPhase::Closing { .. } => 0,
+            _ => return 0,
+        };
+        // A pool closed before its first workers started (they wait for its
+        // zygote) still starts them: each runs its start hook, then retires,
+        // as every worker `multiprocessing.Pool` starts runs its initializer.
+        let owed = usize::try_from(self.spawned).map_or(0, |spawned| self.cfg.workers.saturating_sub(spawned));
+        if owed == 0 {
+            return draining;
         }
+        let serving = self.workers.values().filter(|w| w.is_serving()).count();
+        draining.max(serving + owed)
     }
 
     pub(super) fn ensure_workers(&mut self, now: Instant) {
+        let want = self.wanted_workers();
+        if want > 0 {
+            // Due or not, a zygote's own retry time is its deadline: start it
+            // here even while exec starts wait for theirs.
+            self.ensure_zygote(now);
+        }
         if self.spawn_retry_at.is_some_and(|t| now < t) {
             return;
         }
         self.spawn_retry_at = None;
-        let want = self.wanted_workers();
         let mut serving = self.workers.values().filter(|w| w.is_serving()).count();
         while serving < want && self.phase != PoolPhase::Failed {
             match self.spawn_one() {
-                Ok(()) => serving += 1,
+                Ok(true) => serving += 1,
+                Ok(false) => return, // waiting for the zygote
                 Err(e) => {
                     let error = format!("cannot start a worker ({}): {e}", self.cfg.command.program.display());
                     tracing::warn!(pool = %self.cfg.name, "{error}");
@@ -54,44 +70,35 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn spawn_one(&mut self) -> std::io::Result<()> {
-        let spawned = spawn_worker(&self.cfg.command, &self.pass_fds, self.cfg.max_frame)?;
+    /// Starts one worker, forked by the zygote or by exec; `Ok(false)` if it
+    /// must wait for the pool's first zygote.
+    pub(super) fn spawn_one(&mut self) -> std::io::Result<bool> {
+        let spawned = match self.next_start() {
+            NextStart::Forked(spawned) => spawned,
+            NextStart::Exec => spawn_worker(&self.cfg.command, &self.pass_fds, self.cfg.max_frame)?,
+            NextStart::Wait => return Ok(false),
+        };
         let id = self.next_worker;
         self.next_worker += 1;
         self.spawned += 1;
         spawned.channel.set_nonblocking(true)?;
         let mut sock = UnixStream::from_std(spawned.channel);
         let registry = self.poll.registry();
-        let mut worker = Worker {
-            id,
-            pid: spawned.pid,
-            pidfd: spawned.pidfd,
-            sock: {
-                registry.register(&mut sock, sock_token(id), Interest::READABLE | Interest::WRITABLE)?;
-                sock
-            },
-            reader: FrameReader::new(self.cfg.max_frame),
-            out: Vec::new(),
-            out_pos: 0,
-            phase: WorkerPhase::Starting,
-            deadline: Some(Instant::now() + self.cfg.init_timeout),
-            inflight: VecDeque::new(),
-            assigned: 0,
-            cause: None,
-            goodbye: None,
-            status: None,
-            eof: false,
-        };
-        let pidfd_raw = worker.pidfd.as_raw_fd();
-        if let Err(e) = registry.register(&mut SourceFd(&pidfd_raw), pidfd_token(id), Interest::READABLE) {
-            worker.kill(StopCause::Killed);
-            return Err(e);
+        registry.register(&mut sock, sock_token(id), Interest::READABLE | Interest::WRITABLE)?;
+        let process = Box::new(Pidfd::new(spawned.pid, spawned.pidfd));
+        let init_deadline = Instant::now() + self.cfg.init_timeout;
+        let mut worker = Worker::new(id, process, sock, self.cfg.max_frame, init_deadline);
+        if let Some(exit_fd) = worker.process.exit_fd() {
+            if let Err(e) = registry.register(&mut SourceFd(&exit_fd), pidfd_token(id), Interest::READABLE) {
+                worker.kill(StopCause::Killed);
+                return Err(e);
+            }
         }
         let pid = worker.raw_pid();
         tracing::debug!(pool = %self.cfg.name, worker = id, pid, "worker started");
         self.workers.insert(id, worker);
         self.emit(LifecycleEvent::WorkerStarted { worker: id, pid });
-        Ok(())
+        Ok(true)
     }
 
     pub(super) fn dispatch(&mut self) {
@@ -105,7 +112,7 @@ impl Supervisor {
             let mut ids: Vec<u64> = self
                 .workers
                 .values()
-                .filter(|w| w.phase == WorkerPhase::Ready && w.inflight.len() == depth)
+                .filter(|w| w.phase == WorkerPhase::Ready && !w.over_memory && w.inflight.len() == depth)
                 .map(|w| w.id)
                 .collect();
             ids.sort_unstable();

@@ -1,5 +1,6 @@
-//! Deadlines: task timeouts, a bounded close, init timeouts and the grace
-//! periods of the retire → SIGTERM → SIGKILL escalation.
+//! Deadlines: task timeouts, a bounded close, init timeouts, the grace
+//! periods of the retire → SIGTERM → SIGKILL escalation, and the memory
+//! samples of a pool with a hard limit (`memory.rs`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,7 +9,7 @@ use crate::error::{Error, ErrorKind, ExitStatus};
 use crate::wire::RetireReason;
 
 use super::worker::WorkerPhase;
-use super::{LifecycleEvent, StopCause, Supervisor};
+use super::{LifecycleEvent, PoolPhase, StopCause, Supervisor};
 
 impl Supervisor {
     pub(super) fn check_timers(&mut self, now: Instant) {
@@ -47,7 +48,12 @@ impl Supervisor {
         }
         if bounded_close {
             self.close_deadline = None;
+            // Queued tasks the close was draining are cancelled too.
+            if self.phase == (PoolPhase::Closing { drain: true }) {
+                self.close(false, None);
+            }
         }
+        self.check_memory(now);
         for (task, pid) in timed_out {
             self.emit(LifecycleEvent::TaskTimedOut { task, pid });
         }
