@@ -684,7 +684,7 @@ def test_a_worker_told_to_stop_drops_the_work_pending_in_executors_it_started(pr
                 time.sleep(0.02)
             pool.terminate()
             exit = pool._runner.core.last_exit()
-            print("worker ended by signal", exit[4])
+            print("worker ended by signal", exit.signal)
         """
     )
     run = prog.run(timeout=60)
