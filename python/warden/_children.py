@@ -157,7 +157,8 @@ def wait_for_workers(runner: _runner.Runner, count: int, timeout: float = START_
     started all its processes when its constructor returns; a warden pool's
     first workers may still be waiting for its zygote."""
     deadline = time.monotonic() + timeout
-    while len(runner.core.workers()) < count and not runner.core.is_shut_down() and time.monotonic() < deadline:
+    core = runner.core
+    while len(core.workers()) < count and not core.is_shut_down() and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
