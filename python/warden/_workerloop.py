@@ -153,12 +153,15 @@ class Handler:
                 _context._set(cm.__enter__())
                 self.context = cm
         except TaskInterrupted:
+            self._end_process([])
             return _interrupted()
         except BaseException as e:
             self.running = False
             print(f"warden: worker {os.getpid()} failed to start:", file=sys.stderr)
             _print_exc()
-            return _error(e)
+            failure = _error(e)
+            self._end_process([])
+            return failure
         finally:
             self.running = False
         return None
@@ -255,6 +258,14 @@ class Handler:
                 print(f"warden: worker {os.getpid()}: exception in finalizer:", file=sys.stderr)
                 _print_exc()
         self.hooks = {}
+        self._end_process(errors)
+        return ("; ".join(errors) or None, self.exit_code)
+
+    def _end_process(self, errors: list[str]) -> None:
+        """The process's part of the exit path, also run when the worker never
+        finished starting (what a partly run initializer registered still
+        runs): gc, atexit (with warden's exit callbacks), flush. Once: the
+        registries are empty afterwards."""
         try:
             gc.collect()
         except BaseException as e:
@@ -280,7 +291,6 @@ class Handler:
                     stream.flush()
             except Exception:
                 pass
-        return ("; ".join(errors) or None, self.exit_code)
 
 
 def _set_parent(name: str, pid: int) -> None:

@@ -451,11 +451,17 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, max_frame: usize) -
                 let _ = CURRENT.set(info.clone());
                 core.state.store(BUSY, Ordering::SeqCst);
                 let result = catch_unwind(AssertUnwindSafe(|| handler.init(&info, payload)));
-                if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-                    return ExitReason::Signal(signals::pending().unwrap_or(libc::SIGTERM));
-                }
                 let result = result
                     .unwrap_or_else(|p| Err(RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&*p))));
+                if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+                    // A stop signal came while the start hook ran. If the hook
+                    // finished, what it set up is torn down by its exit hook
+                    // like on any other stop.
+                    if let Ok(hook) = result {
+                        *lock(&core.hook) = hook;
+                    }
+                    return ExitReason::Signal(signals::pending().unwrap_or(libc::SIGTERM));
+                }
                 match result {
                     Ok(hook) => {
                         *lock(&core.hook) = hook;
