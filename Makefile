@@ -11,7 +11,7 @@ VPY := $(VENV)/bin/python
 T := timeout --kill-after=30
 
 .PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff pytest \
-	venv develop bench bench-core bench-py fuzz clean
+	venv develop bench bench-core bench-py bench-peers fuzz clean
 
 demo: demo-rust demo-py
 
@@ -56,13 +56,22 @@ ruff: venv
 pytest: develop
 	$(T) 900 $(VPY) -m pytest
 
-bench: bench-core bench-py
+bench: bench-core bench-py bench-peers
 
 bench-core:
 	$(T) 1800 $(CARGO) bench -p warden --bench core
 
 bench-py: develop
 	$(T) 1800 $(VPY) bench/bench_python.py
+
+# Peers measured against warden: benchmark-only dependencies, installed here.
+$(VENV)/.bench-peers: $(VENV)/.tools
+	$(T) 600 $(VPY) -m pip install --quiet loky pebble mpire numpy
+	touch $@
+
+# WARDEN_BENCH_QUICK=1 makes a short run.
+bench-peers: develop $(VENV)/.bench-peers
+	$(T) 3600 $(VPY) bench/bench_peers.py
 
 # Coverage-guided fuzzing of the frame decoder (needs `cargo install cargo-fuzz`;
 # runs on stable through RUSTC_BOOTSTRAP). FUZZ_SECONDS bounds the run.
