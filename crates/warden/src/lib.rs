@@ -67,7 +67,7 @@ pub struct ReadmeDoctests;
 
 pub use error::{Error, ErrorKind, ExitStatus, Result};
 pub use pool::{spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, TaskOptions};
-pub use supervisor::{Event, StopCause, WorkerExit, WorkerSnapshot};
+pub use supervisor::{Event, Output, StopCause, WorkerExit, WorkerSnapshot};
 pub use wire::{ExitReason, RetireReason};
 
 /// Turns this process into a worker if it was started as one, and never

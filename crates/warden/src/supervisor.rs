@@ -35,6 +35,7 @@
 //!   SIGKILL; after [`KILL_WAIT`] the supervisor logs it and lets it go.
 
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::BorrowedFd;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
@@ -58,8 +59,19 @@ const SPAWN_RETRY: Duration = Duration::from_millis(100);
 
 const WAKER: Token = Token(0);
 
+/// What a task returned: its encoded value, and the shared segment the worker
+/// passed with it, if any (the front end's business; see
+/// [`crate::wire::FLAG_SEGMENT`]). The receiver owns the descriptor.
+#[derive(Debug)]
+pub struct Output {
+    /// The encoded value.
+    pub bytes: Vec<u8>,
+    /// The segment descriptor that came with it.
+    pub segment: Option<OwnedFd>,
+}
+
 /// Delivers a task's outcome; called exactly once, on the supervisor thread.
-pub type Reply = Box<dyn FnOnce(Result<Vec<u8>, Error>) + Send>;
+pub type Reply = Box<dyn FnOnce(Result<Output, Error>) + Send>;
 
 /// Receives lifecycle events on the supervisor thread. Must not block.
 pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
@@ -204,16 +216,26 @@ pub(crate) struct Config {
 pub(crate) struct Task {
     pub id: u64,
     pub payload: Vec<u8>,
+    /// The call's shared segment, passed to the worker with the task's frame.
+    /// Held until the task is done, so that a task requeued after a crash
+    /// can be sent again; dropped (closed) with the task.
+    pub segment: Option<OwnedFd>,
     pub timeout: Option<Duration>,
     reply: Option<Reply>,
 }
 
 impl Task {
-    pub(crate) fn new(id: u64, payload: Vec<u8>, timeout: Option<Duration>, reply: Reply) -> Self {
-        Task { id, payload, timeout, reply: Some(reply) }
+    pub(crate) fn new(
+        id: u64,
+        payload: Vec<u8>,
+        segment: Option<OwnedFd>,
+        timeout: Option<Duration>,
+        reply: Reply,
+    ) -> Self {
+        Task { id, payload, segment, timeout, reply: Some(reply) }
     }
 
-    fn deliver(&mut self, outcome: Result<Vec<u8>, Error>) {
+    fn deliver(&mut self, outcome: Result<Output, Error>) {
         if let Some(reply) = self.reply.take() {
             reply(outcome);
         }
@@ -338,6 +360,9 @@ struct Worker {
     reader: FrameReader,
     out: Vec<u8>,
     out_pos: usize,
+    /// Segment descriptors to pass with the frames in `out`: the offset of
+    /// the frame's first byte, and a duplicate the worker gets its copy of.
+    out_fds: VecDeque<(usize, OwnedFd)>,
     phase: Phase,
     deadline: Option<Instant>,
     inflight: VecDeque<InFlight>,
@@ -391,22 +416,48 @@ impl Worker {
         wire::encode(msg, &mut self.out, max_frame)
     }
 
-    /// Writes as much of the outgoing buffer as the socket takes.
+    /// Queues a frame with a segment descriptor riding on its first byte.
+    fn queue_with_segment(
+        &mut self,
+        msg: &Message<'_>,
+        segment: Option<BorrowedFd<'_>>,
+        max_frame: usize,
+    ) -> Result<(), wire::WireError> {
+        let Some(segment) = segment else { return self.queue(msg, max_frame) };
+        let dup = segment
+            .try_clone_to_owned()
+            .map_err(|e| wire::WireError::Malformed(format!("cannot duplicate the task's segment: {e}")))?;
+        let at = self.out.len();
+        wire::encode_frame(msg, &mut self.out, max_frame, true)?;
+        self.out_fds.push_back((at, dup));
+        Ok(())
+    }
+
+    /// Writes as much of the outgoing buffer as the socket takes, each
+    /// segment descriptor with the first byte of its frame.
     fn flush(&mut self) {
         while self.out_pos < self.out.len() {
-            match rustix::net::send(&self.sock, &self.out[self.out_pos..], rustix::net::SendFlags::NOSIGNAL) {
-                Ok(n) => self.out_pos += n,
-                Err(rustix::io::Errno::AGAIN) => return,
-                Err(rustix::io::Errno::INTR) => continue,
+            // Stop at the next frame that carries a descriptor, unless it is this one.
+            let here = self.out_fds.front().filter(|(at, _)| *at == self.out_pos).map(|(_, fd)| fd.as_fd());
+            let next = self.out_fds.iter().map(|(at, _)| *at).find(|at| *at > self.out_pos);
+            let end = next.unwrap_or(self.out.len());
+            match wire::send_with_fd(&self.sock, &self.out[self.out_pos..end], here) {
+                Ok(n) => {
+                    if here.is_some() {
+                        self.out_fds.pop_front(); // the worker has its copy now
+                    }
+                    self.out_pos += n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     // The worker closed its end; its pidfd will tell us the rest.
-                    self.out.clear();
-                    self.out_pos = 0;
-                    return;
+                    break;
                 }
             }
         }
         self.out.clear();
+        self.out_fds.clear();
         self.out_pos = 0;
     }
 
@@ -428,7 +479,7 @@ enum Incoming {
     Hello { pid: u32, identity: u64 },
     Ready,
     InitFailed(RemoteError),
-    Result { id: u64, outcome: Result<Vec<u8>, Error> },
+    Result { id: u64, outcome: Result<Output, Error> },
     Goodbye(ExitReason, HookReport),
     Unexpected(&'static str),
 }
@@ -769,6 +820,7 @@ impl Supervisor {
             reader: FrameReader::new(self.cfg.max_frame),
             out: Vec::new(),
             out_pos: 0,
+            out_fds: VecDeque::new(),
             phase: Phase::Starting,
             deadline: Some(Instant::now() + self.cfg.init_timeout),
             inflight: VecDeque::new(),
@@ -813,7 +865,7 @@ impl Supervisor {
             if w.eof {
                 return;
             }
-            match w.reader.fill_from(&w.sock) {
+            match w.reader.fill_from_socket(&w.sock) {
                 Ok(0) => {
                     w.eof = true;
                     let truncated = w.reader.check_clean_eof().err();
@@ -840,16 +892,16 @@ impl Supervisor {
             if w.cause.as_ref().is_some_and(|c| matches!(c, StopCause::Protocol(_))) {
                 return; // nothing it says counts any more
             }
-            let incoming = match w.reader.next_message() {
+            let incoming = match w.reader.next_message_with_segment() {
                 Ok(None) => return,
-                Ok(Some(msg)) => match msg {
+                Ok(Some((msg, segment))) => match msg {
                     Message::Hello { pid, identity } => Incoming::Hello { pid, identity },
                     Message::Ready => Incoming::Ready,
                     Message::InitFailed { error } => Incoming::InitFailed(error),
                     Message::Result { id, outcome } => Incoming::Result {
                         id,
                         outcome: match outcome {
-                            WireOutcome::Value(v) => Ok(v.to_vec()),
+                            WireOutcome::Value(v) => Ok(Output { bytes: v.to_vec(), segment }),
                             WireOutcome::Error(e) => Err(Error::new(ErrorKind::Remote(e))),
                             WireOutcome::Skipped => Err(Error::cancelled()),
                         },
@@ -1080,7 +1132,8 @@ impl Supervisor {
                     continue;
                 }
                 let Some(task) = self.queue.pop_front() else { return };
-                if let Err(e) = w.queue(&Message::Task { id: task.id, payload: &task.payload }, cfg.max_frame) {
+                let msg = Message::Task { id: task.id, payload: &task.payload };
+                if let Err(e) = w.queue_with_segment(&msg, task.segment.as_ref().map(|f| f.as_fd()), cfg.max_frame) {
                     let mut task = task;
                     task.deliver(Err(e.into()));
                     continue;
