@@ -12,6 +12,8 @@ Drop-in replacements for ``concurrent.futures.ProcessPoolExecutor``,
   ``initializer``, run on every retirement path;
 * processes, events and pools pickle into inert, useful handles;
 * Ctrl-C stops waits promptly and workers gracefully;
+* large buffers (numpy arrays, ``bytes``) travel in shared memory beside the
+  pickle, and are freed on every exit path;
 * finalizers run on a dedicated thread (``finalize``), or when the program
   asks (``Guardian``); exit callbacks run in priority order in every warden
   process (``at_exit``); ``ResourceSet`` is a registry finalizers may shrink
@@ -36,6 +38,7 @@ from ._errors import (
 from ._finalize import ExitHandle, Guardian, ResourceSet, at_exit, finalize, wait_for_finalizers
 from ._futures import Future
 from ._handles import PoolHandle
+from ._oob import SegmentError, SegmentTooLarge
 from .event import Event
 from .executor import ProcessPoolExecutor
 from .pool import ApplyResult, AsyncResult, IMapIterator, MapResult, Pool
@@ -60,6 +63,8 @@ __all__ = [
     "ProcessPoolExecutor",
     "RemoteError",
     "ResourceSet",
+    "SegmentError",
+    "SegmentTooLarge",
     "TaskAborted",
     "TaskInterrupted",
     "TaskTimeout",

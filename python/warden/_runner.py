@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from . import _finalize, _warden
+from . import _finalize, _oob, _warden
 from ._pickle import dumps_for_spawn
 
 #: The worker program: this interpreter, with its flags, running warden._worker.
@@ -38,6 +38,9 @@ WORKER_MODULE = "warden._worker"
 
 #: Grace period of each escalation step (seconds), the core's default.
 GRACE: float = _warden.DEFAULT_GRACE
+#: The largest frame on a worker channel (bytes); None for the core's default.
+#: Out-of-band buffers do not count against it (see _oob).
+MAX_FRAME: int | None = None
 
 _CLOSED = ("closed", "the pool shut down before the task finished", None, None, None, None, None)
 
@@ -159,6 +162,7 @@ class Runner:
             max_tasks_per_child=max_tasks_per_child,
             task_timeout=task_timeout,
             grace=GRACE,
+            max_frame_size=MAX_FRAME,
             one_off=one_off,
         )
         self.name = name
@@ -184,14 +188,24 @@ class Runner:
             _live.discard(self)
 
     def submit(
-        self, payload: bytes, on_done: Callable[[bool, Any], None], timeout: float | None = None
+        self,
+        payload: bytes,
+        on_done: Callable[[bool, Any], None],
+        timeout: float | None = None,
+        segment: int | None = None,
     ) -> int:
         """Queues a task; ``on_done(ok, data)`` gets its outcome on the results
-        thread. Returns the task id. Raises ``CoreError`` if refused."""
-        tag = next(self._tags)
-        self.pending[tag] = on_done
+        thread. ``segment`` is the fd of the call's out-of-band buffers; the
+        core owns it from here on, even if this raises. Returns the task id.
+        Raises ``CoreError`` if refused."""
         try:
-            return self.core.submit(payload, tag, timeout)
+            tag = next(self._tags)
+            self.pending[tag] = on_done
+        except BaseException:
+            close_fd(segment)
+            raise
+        try:
+            return self.core.submit(payload, tag, timeout, segment)
         except BaseException:
             self.pending.pop(tag, None)
             raise
@@ -238,6 +252,12 @@ def _close_fds(fds: list[int]) -> None:
             os.close(fd)
 
 
+def close_fd(fd: int | None) -> None:
+    """Closes a segment fd that never reached the core."""
+    if fd is not None:
+        _close_fds([fd])
+
+
 def _prune() -> None:
     """Forgets runners without a results thread whose pool has shut down."""
     with _live_lock:
@@ -253,10 +273,11 @@ def _deliver(core: Any, pending: dict[int, Callable[[bool, Any], None]], forget:
             batch = core.next_completions(512)
             if batch is None:
                 break
-            for tag, ok, data in batch:
-                callback = pending.pop(tag, None)
-                if callback is not None:
-                    _call(callback, ok, data)
+            for item in batch:
+                _deliver_one(pending, *item)
+            # Hold nothing while waiting: a result's mapping lives only as
+            # long as what was built on it.
+            batch = item = None
     finally:
         # The pool is gone; anything still waiting never got an outcome.
         for tag in list(pending):
@@ -264,6 +285,16 @@ def _deliver(core: Any, pending: dict[int, Callable[[bool, Any], None]], forget:
             if callback is not None:
                 _call(callback, False, _CLOSED)
         forget()
+
+
+def _deliver_one(
+    pending: dict[int, Callable[[bool, Any], None]], tag: int, ok: bool, data: Any, segment: int | None
+) -> None:
+    # A segment is mapped (and its fd closed) now, whoever takes it.
+    outcome = data if segment is None else _oob.Received(data, segment)
+    callback = pending.pop(tag, None)
+    if callback is not None:
+        _call(callback, ok, outcome)
 
 
 def _call(callback: Callable[[bool, Any], None], ok: bool, data: Any) -> None:

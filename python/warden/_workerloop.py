@@ -40,9 +40,9 @@ import threading
 import traceback
 from typing import Any
 
-from . import _context, _finalize, _warden
+from . import _context, _finalize, _oob, _warden
 from ._errors import RemoteError, TaskAborted, TaskInterrupted
-from ._pickle import dumps
+from ._pickle import dumps, dumps_oob
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -148,17 +148,21 @@ class Handler:
             self.running = False
         return None
 
-    def run(self, payload: bytes) -> Any:
+    def run(self, payload: bytes, segment: int | None = None) -> Any:
+        """Runs one task: returns the pickled result (with the fd of its
+        out-of-band buffers, as ``(bytes, fd)``, if it has some) or an error
+        tuple. ``segment`` is the fd of the call's buffers, if any (closed here)."""
         self.running = True
         try:
             if self.mode == "process":
                 return self._run_process(payload)
-            fn, args, kwargs = pickle.loads(payload)
+            fn, args, kwargs = _oob.loads(payload, segment)
             value = fn(*args, **kwargs)
             self.running = False
             del fn, args, kwargs
             try:
-                return dumps(value)
+                data, out = dumps_oob(value)
+                return data if out is None else (data, out)
             except Exception as e:
                 return _error(
                     pickle.PicklingError(

@@ -11,6 +11,8 @@
 //!   that calls into a Python object;
 //! * `event::SharedEvent`: a process-shared flag in a sealed `memfd` page,
 //!   waited on with a shared futex;
+//! * `segment::Segment`: a shared segment of large buffers received from
+//!   another process, mapped and exposed through the buffer protocol;
 //! * `finalize`: Python callbacks on the core's finalizer service
 //!   (`FinalizerToken`, the exit drain), attached to the interpreter one call
 //!   at a time and never once it is finalizing.
@@ -24,6 +26,7 @@ mod convert;
 mod event;
 mod finalize;
 mod pool;
+mod segment;
 mod worker;
 
 pyo3::create_exception!(
@@ -38,6 +41,8 @@ pyo3::create_exception!(
 fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::CorePool>()?;
     m.add_class::<event::SharedEvent>()?;
+    m.add_class::<segment::Segment>()?;
+    m.add_function(wrap_pyfunction!(segment::map_segment, m)?)?;
     m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
     m.add_class::<finalize::FinalizerToken>()?;
     m.add_function(wrap_pyfunction!(finalize::register_finalizer, m)?)?;

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -33,7 +33,7 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Lifecycle events kept for [`CorePool::events`]; older ones are dropped.
 const EVENT_LOG: usize = 1024;
 
-type Outcome = Result<Vec<u8>, warden::Error>;
+type Outcome = Result<warden::Output, warden::Error>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -248,18 +248,40 @@ impl CorePool {
     }
 
     /// Queues a task; its outcome is delivered to `next_completions` under
-    /// `tag`. Returns the task id. Raises `CoreError` if the pool takes no tasks.
-    #[pyo3(signature = (payload, tag, timeout=None))]
-    fn submit(&self, payload: &[u8], tag: u64, timeout: Option<f64>) -> PyResult<u64> {
+    /// `tag`. `segment` is the fd of the call's shared segment (see
+    /// `warden._oob`): the pool owns it from this call on, even if the call
+    /// fails, and passes it to the worker with the task. Returns the task id.
+    /// Raises `CoreError` if the pool takes no tasks.
+    #[pyo3(signature = (payload, tag, timeout=None, segment=None))]
+    fn submit(&self, payload: &[u8], tag: u64, timeout: Option<f64>, segment: Option<RawFd>) -> PyResult<u64> {
+        // Own the fd first, so that it is closed on any error below.
+        let segment = match segment {
+            None => None,
+            Some(fd) if fd < 0 || !fd_is_open(fd) => {
+                return Err(PyValueError::new_err(format!("segment: {fd} is not an open fd")));
+            }
+            // SAFETY: the fd is open (checked above) and the caller hands it over.
+            Some(fd) => Some(unsafe { OwnedFd::from_raw_fd(fd) }),
+        };
         let pool = self.pool().ok_or_else(core_closed)?;
         let options = TaskOptions { timeout: seconds("timeout", timeout)? };
         let inner = Arc::clone(&self.inner);
-        pool.submit_raw(payload.to_vec(), options, Box::new(move |outcome| inner.push(tag, outcome))).map_err(core_err)
+        // The one copy of the inline part at this boundary: the core's queue
+        // owns its payload (large buffers travel in the segment instead).
+        pool.submit_raw_with_segment(
+            payload.to_vec(),
+            segment,
+            options,
+            Box::new(move |outcome| inner.push(tag, outcome)),
+        )
+        .map_err(core_err)
     }
 
     /// Waits up to `timeout` seconds (forever if `None`) for task outcomes and
-    /// returns up to `max` of them as `(tag, True, bytes)` or
-    /// `(tag, False, error)` tuples (an empty list on timeout). Returns `None`
+    /// returns up to `max` of them as `(tag, True, bytes, segment)` or
+    /// `(tag, False, error, None)` tuples (an empty list on timeout), where
+    /// `segment` is the fd of the result's shared segment or `None`; the
+    /// caller owns it. Returns `None`
     /// once the pool has shut down and every outcome was taken.
     #[pyo3(signature = (max=256, timeout=None))]
     fn next_completions<'py>(
@@ -273,8 +295,11 @@ impl CorePool {
         let list = PyList::empty(py);
         for (tag, outcome) in batch {
             let item = match outcome {
-                Ok(bytes) => (tag, true, PyBytes::new(py, &bytes)).into_pyobject(py)?,
-                Err(e) => (tag, false, error_tuple(py, &e)?).into_pyobject(py)?,
+                Ok(out) => {
+                    let segment = out.segment.map(IntoRawFd::into_raw_fd);
+                    (tag, true, PyBytes::new(py, &out.bytes), segment).into_pyobject(py)?
+                }
+                Err(e) => (tag, false, error_tuple(py, &e)?, None::<RawFd>).into_pyobject(py)?,
             };
             list.append(item)?;
         }

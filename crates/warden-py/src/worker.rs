@@ -6,7 +6,14 @@
 //!
 //! * `init(worker, pid, parent, payload)` returns `None` when the worker is
 //!   ready, or an error tuple `(kind, type_name, message, traceback, data)`;
-//! * `run(payload)` returns the result's bytes, or an error tuple;
+//! * `run(payload, segment)` returns the result's bytes, or `(bytes, fd)`
+//!   when the result's large buffers travel in a shared segment, or an error
+//!   tuple. `payload` is a read-only `memoryview` of the frame in the core's
+//!   buffer (no copy), valid only during the call: it is released when `run`
+//!   returns, and a worker whose handler kept it exported aborts rather than
+//!   let Python read reused memory. `segment` is the fd of the call's
+//!   shared segment or `None`; Python owns it (and the fd it returns is the
+//!   core's from then on);
 //! * `exit(reason)` runs the exit path of the Python side and returns
 //!   `(error or None, exit code or None)`; it is installed as the core's exit
 //!   hook once `init` succeeded, and may be called on the monitor thread.
@@ -21,6 +28,7 @@
 //! with `EINTR` and the interpreter gets to run the handler, even if the
 //! original signal was delivered to another thread.
 
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use pyo3::exceptions::PyRuntimeError;
@@ -122,9 +130,40 @@ impl Handler for PyHandler {
     }
 
     fn run(&mut self, payload: &[u8]) -> Result<Vec<u8>, RemoteError> {
+        self.run_with_segment(payload, None).map(|(value, _)| value)
+    }
+
+    fn run_with_segment(
+        &mut self,
+        payload: &[u8],
+        segment: Option<OwnedFd>,
+    ) -> Result<(Vec<u8>, Option<OwnedFd>), RemoteError> {
+        use std::os::fd::IntoRawFd;
         Python::attach(|py| {
-            let result = self.handler.bind(py).call_method1("run", (PyBytes::new(py, payload),));
-            outcome(py, result, |v| Ok(v.cast::<PyBytes>()?.as_bytes().to_vec()))
+            let view = match borrowed_view(py, payload) {
+                Ok(view) => view,
+                Err(e) => return Err(remote_from_pyerr(py, e)),
+            };
+            let fd = segment.map(IntoRawFd::into_raw_fd);
+            let result = self.handler.bind(py).call_method1("run", (&view, fd));
+            if view.call_method0("release").is_err() {
+                eprintln!("warden worker: the task handler kept its payload view exported; aborting");
+                std::process::abort();
+            }
+            let value = result.map_err(|e| remote_from_pyerr(py, e))?;
+            if let Ok(t) = value.cast::<PyTuple>() {
+                if t.len() != 2 {
+                    return Err(remote_from_tuple(t).unwrap_or_else(|e| remote_from_pyerr(py, e)));
+                }
+                // (bytes, fd): own the fd before anything else can fail.
+                let fd = t.get_item(1).and_then(|f| f.extract::<RawFd>()).map_err(|e| remote_from_pyerr(py, e))?;
+                let fd = owned_segment(fd).map_err(|e| remote_from_pyerr(py, e))?;
+                let bytes = t.get_item(0).map_err(|e| remote_from_pyerr(py, e))?;
+                let bytes = bytes.cast::<PyBytes>().map_err(|e| remote_from_pyerr(py, e.into()))?;
+                return Ok((bytes.as_bytes().to_vec(), Some(fd)));
+            }
+            let bytes = value.cast::<PyBytes>().map_err(|e| remote_from_pyerr(py, e.into()))?;
+            Ok((bytes.as_bytes().to_vec(), None))
         })
     }
 
@@ -138,6 +177,29 @@ impl Handler for PyHandler {
             }
         }))
     }
+}
+
+/// A read-only `memoryview` over `bytes`, which the caller must release
+/// before `bytes` goes away.
+fn borrowed_view<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let len = pyo3::ffi::Py_ssize_t::try_from(bytes.len())
+        .map_err(|_| PyRuntimeError::new_err("payload too large for a memoryview"))?;
+    // SAFETY: PyBUF_READ makes the view read-only, so Python never writes
+    // through the pointer; the caller releases the view before the borrow ends.
+    unsafe {
+        let ptr = pyo3::ffi::PyMemoryView_FromMemory(bytes.as_ptr() as *mut _, len, pyo3::ffi::PyBUF_READ);
+        Bound::from_owned_ptr_or_err(py, ptr)
+    }
+}
+
+/// Takes ownership of a segment fd returned by the Python handler.
+fn owned_segment(fd: RawFd) -> PyResult<OwnedFd> {
+    // SAFETY: F_GETFD on a number only reads the fd table.
+    if fd < 0 || rustix::io::fcntl_getfd(unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) }).is_err() {
+        return Err(PyRuntimeError::new_err(format!("the result's segment fd {fd} is not open")));
+    }
+    // SAFETY: the fd is open and the handler hands it over.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn run_exit_hook(handler: &Py<PyAny>, reason: &ExitReason) -> HookResult {
