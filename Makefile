@@ -11,7 +11,7 @@ VPY := $(VENV)/bin/python
 T := timeout --kill-after=30
 
 .PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff pytest \
-	venv develop bench bench-core bench-py bench-peers fuzz clean
+	venv test-tools develop bench bench-core bench-py bench-peers fuzz clean
 
 demo: demo-rust demo-py
 
@@ -45,6 +45,14 @@ $(VENV)/.tools:
 
 venv: $(VENV)/.tools
 
+# What the optional features' tests need (each test skips, saying so, without it).
+TEST_TOOLS := "numpy>=1.24"
+$(VENV)/.test-tools: $(VENV)/.tools
+	$(T) 900 $(VPY) -m pip install --quiet $(TEST_TOOLS)
+	touch $@
+
+test-tools: $(VENV)/.test-tools
+
 # Builds the extension (release) and installs warden into the venv, editable.
 develop: venv
 	VIRTUAL_ENV=$(abspath $(VENV)) $(T) 1200 $(VENV)/bin/maturin develop --release --quiet
@@ -53,7 +61,7 @@ ruff: venv
 	$(VENV)/bin/ruff check python tests bench examples
 	$(VENV)/bin/ruff format --check python tests bench examples
 
-pytest: develop
+pytest: develop test-tools
 	$(T) 900 $(VPY) -m pytest
 
 bench: bench-core bench-py bench-peers

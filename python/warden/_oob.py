@@ -42,8 +42,9 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-#: Buffers smaller than this stay inline in the frame (see docs/benchmarks.md).
-INLINE_LIMIT = 64 << 10
+#: Buffers smaller than this stay inline in the frame (see docs/benchmarks.md);
+#: ``WARDEN_INLINE_LIMIT`` (bytes) changes it, for measurements.
+INLINE_LIMIT = int(os.environ.get("WARDEN_INLINE_LIMIT", str(64 << 10)))
 #: The largest segment a process sends or accepts (default 16 GiB).
 MAX_SEGMENT = int(os.environ.get("WARDEN_MAX_SEGMENT", str(16 << 30)))
 
