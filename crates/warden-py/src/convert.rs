@@ -1,6 +1,7 @@
 //! Conversions between core types and the plain tuples and strings the Python
 //! package reads. Names here are the vocabulary of `python/warden/_errors.py`.
 
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
@@ -10,6 +11,21 @@ use warden::{ErrorKind, ExitReason, RetireReason, StopCause};
 use warden::{RemoteError, RemoteErrorKind};
 
 use crate::CoreError;
+
+/// Takes ownership of an fd number Python hands over (at least `min`: 0, or 3
+/// for fds that must not be stdio). `ValueError` if it is not open.
+pub fn take_fd(what: &str, fd: RawFd, min: RawFd) -> PyResult<OwnedFd> {
+    // SAFETY: F_GETFD on a number only reads the fd table; the borrow ends here.
+    let open = fd >= 0 && rustix::io::fcntl_getfd(unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) }).is_ok();
+    if fd < min || !open {
+        return Err(PyValueError::new_err(format!(
+            "{what}: {fd} is not an open fd{}",
+            if min > 0 { " above stdio" } else { "" }
+        )));
+    }
+    // SAFETY: the fd is open (checked above) and the caller hands it over.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
 
 /// A number of seconds from Python as a duration; `None` stays `None`.
 pub fn seconds(what: &str, secs: Option<f64>) -> PyResult<Option<Duration>> {

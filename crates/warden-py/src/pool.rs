@@ -9,19 +9,18 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{IntoRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 use warden::frontend::WorkerCommand;
 use warden::{LifecycleEvent, Pool, TaskOptions, WorkerEnd};
 
-use crate::convert::{core_err, error_tuple, exit_reason, seconds, stop_cause};
+use crate::convert::{core_err, error_tuple, exit_reason, seconds, stop_cause, take_fd};
 
 /// How long a blocking call waits at a time before it looks for signals
 /// (Ctrl-C) with the GIL held again.
@@ -196,11 +195,7 @@ impl CorePool {
         // Take ownership of the fds first, so that they are closed on any error below.
         let mut fds = Vec::with_capacity(pass_fds.len());
         for fd in pass_fds {
-            if fd < 3 || !fd_is_open(fd) {
-                return Err(PyValueError::new_err(format!("pass_fds: {fd} is not an open fd above stdio")));
-            }
-            // SAFETY: the fd is open (checked above) and the caller hands it over.
-            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            fds.push(take_fd("pass_fds", fd, 3)?);
         }
         let inner = Arc::new(Inner::default());
         let sink = Arc::clone(&inner);
@@ -255,14 +250,7 @@ impl CorePool {
     #[pyo3(signature = (payload, tag, timeout=None, segment=None))]
     fn submit(&self, payload: &[u8], tag: u64, timeout: Option<f64>, segment: Option<RawFd>) -> PyResult<u64> {
         // Own the fd first, so that it is closed on any error below.
-        let segment = match segment {
-            None => None,
-            Some(fd) if fd < 0 || !fd_is_open(fd) => {
-                return Err(PyValueError::new_err(format!("segment: {fd} is not an open fd")));
-            }
-            // SAFETY: the fd is open (checked above) and the caller hands it over.
-            Some(fd) => Some(unsafe { OwnedFd::from_raw_fd(fd) }),
-        };
+        let segment = segment.map(|fd| take_fd("segment", fd, 0)).transpose()?;
         let pool = self.pool().ok_or_else(core_closed)?;
         let options = TaskOptions { timeout: seconds("timeout", timeout)? };
         let inner = Arc::clone(&self.inner);
@@ -441,11 +429,6 @@ impl CorePool {
             py.detach(move || drop(pool));
         }
     }
-}
-
-fn fd_is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD on a number only reads the fd table; the borrow ends here.
-    rustix::io::fcntl_getfd(unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) }).is_ok()
 }
 
 fn core_closed() -> PyErr {

@@ -18,7 +18,7 @@
 //!   SIGBUS. Unsealed segments are refused.
 
 use std::ffi::c_int;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::ptr::NonNull;
 
 use pyo3::exceptions::PyValueError;
@@ -26,6 +26,8 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use rustix::fs::SealFlags;
 use rustix::mm::{MapFlags, ProtFlags};
+
+use crate::convert::take_fd;
 
 /// A private, writable mapping of a received segment. See the module documentation.
 #[pyclass(module = "warden._warden", name = "Segment", frozen)]
@@ -81,12 +83,8 @@ impl Segment {
 /// `min` and at most `max` bytes; the fd is closed in every case.
 #[pyfunction]
 pub fn map_segment(fd: RawFd, min: usize, max: usize) -> PyResult<Segment> {
-    // SAFETY: F_GETFD on a number only reads the fd table.
-    if fd < 0 || rustix::io::fcntl_getfd(unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) }).is_err() {
-        return Err(PyValueError::new_err(format!("segment fd {fd} is not open")));
-    }
-    // SAFETY: the fd is open and the caller hands it over; dropped (closed) on return.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Dropped (closed) on return: the mapping does not need it.
+    let fd = take_fd("segment", fd, 0)?;
     let seals = rustix::fs::fcntl_get_seals(&fd)
         .map_err(|e| PyValueError::new_err(format!("the shared segment is not a sealable memory file: {e}")))?;
     if !seals.contains(SealFlags::SHRINK | SealFlags::WRITE) {

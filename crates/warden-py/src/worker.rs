@@ -28,7 +28,7 @@
 //! with `EINTR` and the interpreter gets to run the handler, even if the
 //! original signal was delivered to another thread.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
 
 use pyo3::exceptions::PyRuntimeError;
@@ -39,7 +39,7 @@ use warden::frontend::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 use warden::WorkerInfo;
 use warden::{ExitReason, RemoteError, RemoteErrorKind};
 
-use crate::convert::{exit_reason, remote_kind};
+use crate::convert::{exit_reason, remote_kind, take_fd};
 
 /// Runs this process as a worker of the pool that started it, with `handler`
 /// running the tasks. Never returns when started by a pool: the process ends
@@ -158,7 +158,7 @@ impl Handler for PyHandler {
                 }
                 // (bytes, fd): own the fd before anything else can fail.
                 let fd = t.get_item(1).and_then(|f| f.extract::<RawFd>()).map_err(|e| remote_from_pyerr(py, e))?;
-                let fd = owned_segment(fd).map_err(|e| remote_from_pyerr(py, e))?;
+                let fd = take_fd("the result's segment", fd, 0).map_err(|e| remote_from_pyerr(py, e))?;
                 let bytes = t.get_item(0).map_err(|e| remote_from_pyerr(py, e))?;
                 let bytes = bytes.cast::<PyBytes>().map_err(|e| remote_from_pyerr(py, e.into()))?;
                 return Ok((bytes.as_bytes().to_vec(), Some(fd)));
@@ -191,16 +191,6 @@ fn borrowed_view<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyAn
         let ptr = pyo3::ffi::PyMemoryView_FromMemory(bytes.as_ptr() as *mut _, len, pyo3::ffi::PyBUF_READ);
         Bound::from_owned_ptr_or_err(py, ptr)
     }
-}
-
-/// Takes ownership of a segment fd returned by the Python handler.
-fn owned_segment(fd: RawFd) -> PyResult<OwnedFd> {
-    // SAFETY: F_GETFD on a number only reads the fd table.
-    if fd < 0 || rustix::io::fcntl_getfd(unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) }).is_err() {
-        return Err(PyRuntimeError::new_err(format!("the result's segment fd {fd} is not open")));
-    }
-    // SAFETY: the fd is open and the handler hands it over.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn run_exit_hook(handler: &Py<PyAny>, reason: &ExitReason) -> ExitHookOutcome {
