@@ -28,7 +28,8 @@ time / warden's time), then the figures themselves. Run with
 ``make bench-peers`` (which installs the peers into the venv) or
 ``python bench/bench_peers.py``. ``WARDEN_BENCH_QUICK=1`` makes a short run
 (fewer tasks and items, 16 MiB payloads, 100 arrays) for a smoke
-test on a small machine.
+test on a small machine; ``WARDEN_BENCH_ONLY=MiB,map`` runs only the rows
+whose name contains one of the words.
 """
 
 from __future__ import annotations
@@ -322,9 +323,12 @@ def main() -> None:
     missing = [c for c in CONTENDERS if not available(c)]
     if missing:
         print(f"not installed (skipped): {', '.join(missing)}")
+    only = [w for w in os.environ.get("WARDEN_BENCH_ONLY", "").split(",") if w]
     results: list[tuple[Bench, dict[str, float]]] = []
     for bench in BENCHES:
         if bench.needs_numpy and np is None:
+            continue
+        if only and not any(w in bench.name for w in only):
             continue
         start = time.perf_counter()
         results.append((bench, measure(bench)))
