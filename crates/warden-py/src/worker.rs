@@ -5,15 +5,15 @@
 //! `run`, `exit`) attaches for its duration. The Python object's contract:
 //!
 //! * `init(worker, pid, parent, payload)` returns `None` when the worker is
-//!   ready, or an error tuple `(kind, type_name, message, traceback, data)`;
+//!   ready, or a `RemoteFailure` saying why it cannot start;
 //! * `run(payload, segment)` returns the result's bytes, or `(bytes, fd)`
-//!   when the result's large buffers travel in a shared segment, or an error
-//!   tuple. `payload` is a read-only `memoryview` of the frame in the core's
-//!   buffer (no copy), valid only during the call: it is released when `run`
-//!   returns, and a worker whose handler kept it exported aborts rather than
-//!   let Python read reused memory. `segment` is the fd of the call's
-//!   shared segment or `None`; Python owns it (and the fd it returns is the
-//!   core's from then on);
+//!   when the result's large buffers travel in a shared segment, or a
+//!   `RemoteFailure`. `payload` is a read-only `memoryview` of the frame in
+//!   the core's buffer (no copy), valid only during the call: it is released
+//!   when `run` returns, and a worker whose handler kept it exported aborts
+//!   rather than let Python read reused memory. `segment` is the fd of the
+//!   call's shared segment or `None`; Python owns it (and the fd it returns
+//!   is the core's from then on);
 //! * `exit(reason)` runs the exit path of the Python side and returns
 //!   `(error or None, exit code or None)`; it is installed as the core's exit
 //!   hook once `init` succeeded, and may be called on the monitor thread.
@@ -31,7 +31,7 @@
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
 
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 use warden::frontend::{ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_PROTOCOL};
@@ -39,7 +39,8 @@ use warden::frontend::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 use warden::WorkerInfo;
 use warden::{ExitReason, RemoteError, RemoteErrorKind};
 
-use crate::convert::{exit_reason, remote_kind, take_fd};
+use crate::convert::take_fd;
+use crate::records::{exit_reason, RemoteFailure};
 
 /// Runs this process as a worker of the pool that started it, with `handler`
 /// running the tasks. Never returns when started by a pool: the process ends
@@ -86,15 +87,6 @@ struct PyHandler {
     main_thread: libc::pthread_t,
 }
 
-/// An error tuple `(kind, type_name, message, traceback, data)` from Python.
-fn remote_from_tuple(t: &Bound<'_, PyTuple>) -> PyResult<RemoteError> {
-    let (kind, type_name, message, traceback, data): (String, String, String, String, Vec<u8>) = t.extract()?;
-    let mut e = RemoteError::new(remote_kind(&kind), type_name, message);
-    e.traceback = traceback;
-    e.data = data;
-    Ok(e)
-}
-
 /// A Python exception that escaped the handler (a bug on the Python side, or
 /// an interrupt that arrived at an awkward moment) as a remote error.
 fn remote_from_pyerr(py: Python<'_>, err: PyErr) -> RemoteError {
@@ -112,8 +104,8 @@ fn outcome<T>(
     ok: impl FnOnce(&Bound<'_, PyAny>) -> PyResult<T>,
 ) -> Result<T, RemoteError> {
     let value = result.map_err(|e| remote_from_pyerr(py, e))?;
-    if let Ok(t) = value.cast::<PyTuple>() {
-        return Err(remote_from_tuple(t).unwrap_or_else(|e| remote_from_pyerr(py, e)));
+    if let Ok(failure) = value.cast::<RemoteFailure>() {
+        return Err(failure.get().to_core(py));
     }
     ok(&value).map_err(|e| remote_from_pyerr(py, e))
 }
@@ -151,20 +143,20 @@ impl Handler for PyHandler {
                 eprintln!("warden worker: the task handler kept its payload view exported; aborting");
                 std::process::abort();
             }
-            let value = result.map_err(|e| remote_from_pyerr(py, e))?;
-            if let Ok(t) = value.cast::<PyTuple>() {
-                if t.len() != 2 {
-                    return Err(remote_from_tuple(t).unwrap_or_else(|e| remote_from_pyerr(py, e)));
+            outcome(py, result, |value| {
+                if let Ok(t) = value.cast::<PyTuple>() {
+                    if t.len() != 2 {
+                        return Err(PyTypeError::new_err(format!(
+                            "run() returned a tuple of {} items, not (bytes, fd)",
+                            t.len()
+                        )));
+                    }
+                    // (bytes, fd): own the fd before anything else can fail.
+                    let fd = take_fd("the result's segment", t.get_item(1)?.extract::<RawFd>()?, 0)?;
+                    return Ok((t.get_item(0)?.cast::<PyBytes>()?.as_bytes().to_vec(), Some(fd)));
                 }
-                // (bytes, fd): own the fd before anything else can fail.
-                let fd = t.get_item(1).and_then(|f| f.extract::<RawFd>()).map_err(|e| remote_from_pyerr(py, e))?;
-                let fd = take_fd("the result's segment", fd, 0).map_err(|e| remote_from_pyerr(py, e))?;
-                let bytes = t.get_item(0).map_err(|e| remote_from_pyerr(py, e))?;
-                let bytes = bytes.cast::<PyBytes>().map_err(|e| remote_from_pyerr(py, e.into()))?;
-                return Ok((bytes.as_bytes().to_vec(), Some(fd)));
-            }
-            let bytes = value.cast::<PyBytes>().map_err(|e| remote_from_pyerr(py, e.into()))?;
-            Ok((bytes.as_bytes().to_vec(), None))
+                Ok((value.cast::<PyBytes>()?.as_bytes().to_vec(), None))
+            })
         })
     }
 
