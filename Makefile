@@ -76,7 +76,9 @@ bench-core:
 	$(T) 1800 $(CARGO) bench -p warden --bench core
 
 bench-py: develop
+	-$(T) 600 $(VPY) -m pip install --quiet "pebble>=5" || echo "pebble not installed: its row is skipped"
 	$(T) 1800 $(VPY) bench/bench_python.py
+	$(T) 1800 $(VPY) bench/bench_start.py
 
 # Peers measured against warden: benchmark-only dependencies, installed here.
 $(VENV)/.bench-peers: $(VENV)/.tools

@@ -14,6 +14,7 @@ import pickle
 from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
+from ._remote import RemoteError, TaskAborted, TaskInterrupted
 from ._warden import CoreError, ErrorKind, RemoteFailure, RemoteKind, TaskError
 
 __all__ = [
@@ -68,37 +69,6 @@ class TaskTimeout(TimeoutError):
     def __init__(self, message: str, timeout: float | None = None) -> None:
         super().__init__(message)
         self.timeout = timeout
-
-
-class RemoteError(Exception):
-    """A task failed in a way that cannot be rebuilt as its own exception here:
-    its exception could not be pickled in the worker or unpickled in this
-    process, or the result was too large to send. ``type_name`` and
-    ``message`` describe the original."""
-
-    def __init__(self, message: str, type_name: str = "", original_message: str = "") -> None:
-        super().__init__(message)
-        self.type_name = type_name
-        self.message = original_message
-
-
-class TaskAborted(Exception):
-    """A task raised a ``BaseException`` that is not an ``Exception``
-    (``SystemExit``, ``KeyboardInterrupt``, ...). It is reported as this
-    ordinary exception so that it cannot end or interrupt the waiting process;
-    the worker lives on. ``type_name`` and ``message`` describe the original."""
-
-    def __init__(self, message: str, type_name: str = "", original_message: str = "") -> None:
-        super().__init__(message)
-        self.type_name = type_name
-        self.message = original_message
-
-
-class TaskInterrupted(BaseException):
-    """Raised inside a running task when its worker is told to stop (task
-    timeout, cancel, terminate, parent death). Let it propagate: ``finally``
-    blocks run, then the worker's exit path (finalizer, ``atexit``, garbage
-    collection) runs and the worker exits."""
 
 
 class ErrorData:

@@ -39,8 +39,11 @@ import io
 import os
 import pickle
 import struct
-from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 #: Buffers smaller than this stay inline in the frame (see docs/benchmarks.md);
 #: ``WARDEN_INLINE_LIMIT`` (bytes) changes it, for measurements.

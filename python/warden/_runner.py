@@ -10,12 +10,11 @@ It also owns what happens at interpreter exit: every runner still alive is
 shut down with a bounded grace (:func:`_shut_down_at_exit`), so a pool never
 keeps the interpreter from exiting, even one whose executor is still
 referenced at exit; then the process's exit callbacks run
-(:func:`_at_interpreter_exit`).
+(:func:`at_interpreter_exit`).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import multiprocessing
 import multiprocessing.context
@@ -27,7 +26,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from . import _finalize, _oob, _warden
@@ -81,6 +80,35 @@ def worker_hooks(
     }
 
 
+#: How a pool starts its workers: forked by its zygote (falling back to exec
+#: where a zygote cannot work), or each by exec.
+START_METHODS = ("zygote", "exec")
+
+
+#: Environment variable giving the default ``start`` of every pool.
+START_ENV = "WARDEN_START"
+
+
+def start_options(start: str | None, preload: Iterable[str] | None) -> tuple[str, list[str]]:
+    """The ``start`` and ``preload`` arguments of a pool, checked. Without a
+    ``start``, ``$WARDEN_START`` says, else ``"zygote"``."""
+    if start is None:
+        start = os.environ.get(START_ENV) or "zygote"
+        if start not in START_METHODS:
+            raise ValueError(f"${START_ENV} must be one of {START_METHODS}, not {start!r}")
+    if start not in START_METHODS:
+        raise ValueError(f"start must be one of {START_METHODS}, not {start!r}")
+    if preload is None:
+        return start, []
+    if isinstance(preload, (str, bytes)):
+        raise TypeError("preload must be a list of module names, not a single string")
+    names = list(preload)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"preload must name modules as non-empty strings, not {name!r}")
+    return start, names
+
+
 def worker_command() -> tuple[str, list[str]]:
     """The program and arguments that start a worker."""
     args = [*multiprocessing.util._args_from_interpreter_flags(), "-m", WORKER_MODULE]
@@ -130,6 +158,8 @@ class Runner:
         one_off: bool = False,
         deliver: bool = True,
         exit_policy: str = "pool",
+        start: str = "zygote",
+        preload: list[str] | None = None,
     ) -> None:
         _forget_finished_runners()
         fds = list(pass_fds or [])
@@ -149,6 +179,9 @@ class Runner:
                 "hooks": hook_bytes,
             }
             payload = pickle.dumps(init, protocol=5)
+            # What the zygote loads before it forks: this process's sys.path
+            # and directory (and its __main__, if asked), then the preloads.
+            zygote = pickle.dumps({"preparation": init["preparation"], "preload": preload or []}, protocol=5)
         except BaseException:
             _close_fds(fds)
             raise
@@ -166,6 +199,8 @@ class Runner:
             grace=GRACE,
             max_frame_size=MAX_FRAME,
             one_off=one_off,
+            start=start,
+            zygote_payload=zygote,
         )
         self.name = name
         self.exit_policy = exit_policy
@@ -380,9 +415,9 @@ def _shut_down_at_exit() -> None:
             r.thread.join(2.0)
 
 
-def _at_interpreter_exit() -> None:
-    """warden's step of interpreter exit (one ``atexit`` handler, registered
-    when warden is imported): first every pool and ``Process`` child still
+def at_interpreter_exit() -> None:
+    """warden's step of interpreter exit (called by the one ``atexit`` handler
+    ``warden`` registers when it is imported): first every pool and ``Process`` child still
     running is shut down, then this process's exit callbacks run
     (``warden.at_exit``, and ``warden.finalize`` callbacks of objects still
     alive). So an exit callback can rely on every worker and child having
@@ -391,6 +426,3 @@ def _at_interpreter_exit() -> None:
         _shut_down_at_exit()
     finally:
         _finalize.run_exit_callbacks()
-
-
-atexit.register(_at_interpreter_exit)

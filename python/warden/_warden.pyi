@@ -18,11 +18,13 @@ __all__ = [
     "TaskError",
     "WorkerEnd",
     "WorkerState",
+    "forked_from",
     "map_segment",
     "register_finalizer",
     "run_exit_finalizers",
     "wait_finalizers_idle",
     "worker_main",
+    "zygote_main",
 ]
 
 DEFAULT_GRACE: Final[float]
@@ -172,6 +174,8 @@ class CorePool:
         max_frame_size: int | None = None,
         prefetch: int | None = None,
         one_off: bool = False,
+        start: str = "zygote",
+        zygote_payload: bytes | None = None,
     ) -> CorePool: ...
     def submit(self, payload: bytes, timeout: float | None = None, segment: int | None = None) -> int: ...
     def next_completions(self, max: int = 256, timeout: float | None = None) -> list[Completion] | None: ...
@@ -190,6 +194,8 @@ class CorePool:
     def wait_pid(self, timeout: float) -> int | None: ...
     def last_exit(self) -> WorkerEnd | None: ...
     def workers(self) -> list[WorkerState]: ...
+    def zygote_pid(self) -> int | None: ...
+    def zygote_refused(self) -> str | None: ...
     def failure(self) -> str | None: ...
     def is_shut_down(self) -> bool: ...
     def dispose(self) -> None: ...
@@ -229,6 +235,15 @@ class WorkerHandler(Protocol):
 
 def worker_main(handler: WorkerHandler) -> None:
     """Runs this process as a worker of the pool that started it; never returns then."""
+
+def zygote_main(prepare: Callable[[bytes], object]) -> None:
+    """Runs this process as the zygote of the pool that started it: calls
+    ``prepare(payload)``, then forks workers on request. Returns only in a
+    forked worker; the zygote itself exits when its pool is done with it."""
+
+def forked_from() -> int | None:
+    """The pid of the zygote this worker was forked from; ``None`` in a
+    worker started by exec, and in any other process."""
 
 @final
 class FinalizerToken:

@@ -27,7 +27,6 @@ worker through its exit path.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import gc
 import multiprocessing
 import multiprocessing.process
@@ -37,14 +36,26 @@ import pickle
 import signal
 import sys
 import threading
-import traceback
-from typing import Any
 
-from . import _context, _finalize, _oob, _warden
-from ._errors import RemoteError, TaskAborted, TaskInterrupted
+from . import _context, _oob, _warden
 from ._pickle import dumps, dumps_oob
+from ._remote import RemoteError, TaskAborted, TaskInterrupted
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import contextlib
+    from typing import Any
+
+# ``traceback`` is imported only when there is one to format: a worker that
+# never fails never pays for it (nor for ``linecache`` and ``tokenize``).
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _print_exc() -> None:
+    import traceback
+
+    traceback.print_exc()
 
 
 def _type_name(exc: BaseException) -> str:
@@ -67,6 +78,8 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
     frames = exc.__traceback__
     if frames is not None and frames.tb_frame.f_code.co_filename == __file__:
         frames = frames.tb_next  # the worker's own frame is noise to the user
+    import traceback
+
     tb = "".join(traceback.format_exception(type(exc), exc, frames))
     if isinstance(exc, Exception):
         try:
@@ -144,7 +157,7 @@ class Handler:
         except BaseException as e:
             self.running = False
             print(f"warden: worker {os.getpid()} failed to start:", file=sys.stderr)
-            traceback.print_exc()
+            _print_exc()
             return _error(e)
         finally:
             self.running = False
@@ -194,7 +207,7 @@ class Handler:
             raise
         except BaseException:
             # As under spawn: the child cannot get its target; traceback, exit code 1.
-            traceback.print_exc()
+            _print_exc()
             self.exit_code = 1
             self.running = False
             return dumps(None)
@@ -218,7 +231,7 @@ class Handler:
                 exitcode = 1
         except BaseException:
             sys.stderr.write(f"Process {process.name}:\n")
-            traceback.print_exc()
+            _print_exc()
             exitcode = 1
         self.exit_code = exitcode
         # Like multiprocessing: a child waits for the non-daemon threads it started.
@@ -238,7 +251,7 @@ class Handler:
                 context.__exit__(None, None, None)
             except BaseException as e:
                 errors.append(f"worker_context exit raised {_type_name(e)}: {_text(e)}")
-                traceback.print_exc()
+                _print_exc()
             _context._clear()
         finalizer = self.hooks.get("finalizer")
         if finalizer is not None:
@@ -247,7 +260,7 @@ class Handler:
             except BaseException as e:
                 errors.append(f"finalizer raised {_type_name(e)}: {_text(e)}")
                 print(f"warden: worker {os.getpid()}: exception in finalizer:", file=sys.stderr)
-                traceback.print_exc()
+                _print_exc()
         self.hooks = {}
         try:
             gc.collect()
@@ -262,7 +275,10 @@ class Handler:
             errors.append(f"atexit raised {_type_name(e)}: {_text(e)}")
         try:
             # Idempotent: in case the handler above did not get to run them.
-            _finalize.run_exit_callbacks()
+            # Only a process that loaded warden._finalize can have any.
+            finalizers = sys.modules.get("warden._finalize")
+            if finalizers is not None:
+                finalizers.run_exit_callbacks()
         except BaseException as e:
             errors.append(f"exit callbacks raised {_type_name(e)}: {_text(e)}")
         for stream in (sys.stdout, sys.stderr):

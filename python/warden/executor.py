@@ -33,14 +33,22 @@ class ProcessPoolExecutor(_base.Executor):
       starts and exited when it ends; tasks reach what it yields with
       :func:`warden.worker_context`;
     * ``task_timeout``: seconds a task may run before its worker is stopped
-      (the task fails with :class:`warden.TaskTimeout`) and replaced.
+      (the task fails with :class:`warden.TaskTimeout`) and replaced;
+    * ``start``: ``"zygote"`` (the default, unless ``$WARDEN_START`` says
+      otherwise) forks each worker from the pool's zygote, a fresh
+      interpreter that has imported warden's worker code and the modules
+      named in ``preload`` (``"__main__"`` preloads this
+      program's main module); ``"exec"`` starts every worker as a new
+      interpreter. Where a zygote cannot work the pool falls back to exec by
+      itself (see ``docs/python.md``).
 
     A worker crash fails only the task it was running
     (:class:`warden.WorkerCrashed`); the pool replaces the worker.
 
     ``mp_context`` is accepted for compatibility and otherwise ignored: warden
-    always starts workers as fresh interpreters, like the ``"spawn"`` start
-    method, whatever context is given.
+    never forks this process; its workers are fresh interpreters (or forks of
+    one, the zygote), as under the ``"spawn"`` start method, whatever context
+    is given.
     """
 
     def __init__(
@@ -55,6 +63,8 @@ class ProcessPoolExecutor(_base.Executor):
         finalargs: tuple[Any, ...] = (),
         task_timeout: float | None = None,
         worker_context: Callable[[], Any] | None = None,
+        start: str | None = None,
+        preload: Iterable[str] | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -67,6 +77,7 @@ class ProcessPoolExecutor(_base.Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be a positive number of seconds")
+        self._start, self._preload = _runner.start_options(start, preload)
         self._max_workers = max_workers
         self._mp_context = mp_context
         self._hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
@@ -91,6 +102,8 @@ class ProcessPoolExecutor(_base.Executor):
                 hooks=self._hooks,
                 max_tasks_per_child=self._max_tasks_per_child,
                 task_timeout=self._task_timeout,
+                start=self._start,
+                preload=self._preload,
             )
             # An executor nobody can reach any more shuts down on its own
             # (queued tasks still run); the callback holds the runner only.

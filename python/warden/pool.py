@@ -33,7 +33,10 @@ class Pool:
     The API of ``multiprocessing.Pool``, plus ``finalizer(*finalargs)``, run in
     every worker at the end of its life, and ``worker_context``, a factory of a
     context manager entered when a worker starts and exited when it ends (tasks
-    reach what it yields with :func:`warden.worker_context`).
+    reach what it yields with :func:`warden.worker_context`). ``start`` and
+    ``preload`` choose how workers start, as for
+    :class:`warden.ProcessPoolExecutor`: forked from a zygote that imported the
+    ``preload`` modules (the default), or each by exec (``start="exec"``).
 
     Differences from the standard library that users can rely on: a task that
     raises a ``BaseException`` or whose worker dies fails with an error instead
@@ -41,8 +44,9 @@ class Pool:
     workers gracefully (their finalizers run) before it kills them; tasks it
     cancels raise ``CancelledError`` instead of never finishing.
 
-    ``context`` is accepted for compatibility and ignored: workers are always
-    fresh interpreters, as under the ``"spawn"`` start method.
+    ``context`` is accepted for compatibility and ignored: this process is
+    never forked; workers are fresh interpreters (or forks of one, the
+    zygote), as under the ``"spawn"`` start method.
     """
 
     def __init__(
@@ -56,6 +60,8 @@ class Pool:
         finalargs: Iterable[Any] = (),
         worker_context: Callable[[], Any] | None = None,
         context: Any = None,
+        start: str | None = None,
+        preload: Iterable[str] | None = None,
     ) -> None:
         if processes is None:
             processes = os.cpu_count() or 1
@@ -63,6 +69,7 @@ class Pool:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
             raise ValueError("maxtasksperchild must be a positive int or None")
+        start, preload = _runner.start_options(start, preload)
         self._processes = processes
         self._ctx = context
         self._name = f"Pool-{next(_counter)}"
@@ -74,6 +81,8 @@ class Pool:
             workers=processes,
             hooks=hooks,
             max_tasks_per_child=maxtasksperchild,
+            start=start,
+            preload=preload,
         )
         # A pool nobody can reach any more is terminated, as the standard
         # library does; results being waited for keep their pool reachable.

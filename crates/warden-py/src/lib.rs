@@ -12,6 +12,8 @@
 //!   and enums of kinds (`ErrorKind`, `RemoteKind`);
 //! * `worker::worker_main`: the worker side, a [`warden::frontend::Handler`]
 //!   that calls into a Python object;
+//! * `zygote::zygote_main`: the interpreter as a pool's zygote (fork server),
+//!   with the interpreter's own fork protocol around each fork;
 //! * `event::SharedEvent`: a process-shared flag in a sealed `memfd` page,
 //!   waited on with a shared futex;
 //! * `segment::Segment`: a shared segment of large buffers received from
@@ -33,6 +35,7 @@ mod pool;
 mod records;
 mod segment;
 mod worker;
+mod zygote;
 
 pyo3::create_exception!(
     _warden,
@@ -56,6 +59,8 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<segment::Segment>()?;
     m.add_function(wrap_pyfunction!(segment::map_segment, m)?)?;
     m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
+    m.add_function(wrap_pyfunction!(zygote::zygote_main, m)?)?;
+    m.add_function(wrap_pyfunction!(zygote::forked_from, m)?)?;
     m.add_class::<finalize::FinalizerToken>()?;
     m.add_function(wrap_pyfunction!(finalize::register_finalizer, m)?)?;
     m.add_function(wrap_pyfunction!(finalize::run_exit_finalizers, m)?)?;

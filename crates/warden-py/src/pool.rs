@@ -19,7 +19,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 use warden::frontend::WorkerCommand;
-use warden::{LifecycleEvent, Pool, StopMode, TaskOptions, WorkerEnd};
+use warden::{LifecycleEvent, Pool, StartMethod, StopMode, TaskOptions, WorkerEnd};
 
 use crate::convert::{seconds, take_fd};
 use crate::records::{core_err, core_error, Completion, PyErrorKind, PyWorkerEnd, WorkerState};
@@ -57,6 +57,10 @@ struct Inner {
     /// then also watches for the pool to finish.
     closing: AtomicBool,
     first_pid: Mutex<Option<i32>>,
+    /// The pool's zygote while it is ready to fork.
+    zygote: Mutex<Option<i32>>,
+    /// Why the pool's zygote refused to fork, if it did.
+    zygote_refused: Mutex<Option<String>>,
     pid_known: Condvar,
     last_exit: Mutex<Option<WorkerEnd>>,
 }
@@ -81,6 +85,14 @@ impl Inner {
             }
             LifecycleEvent::WorkerExited(exit) => *lock(&self.last_exit) = Some(exit.clone()),
             LifecycleEvent::PoolFailed { .. } => self.wake(),
+            LifecycleEvent::ZygoteReady { pid } => *lock(&self.zygote) = Some(*pid),
+            LifecycleEvent::ZygoteExited { pid, .. } => {
+                let mut zygote = lock(&self.zygote);
+                if *zygote == Some(*pid) {
+                    *zygote = None;
+                }
+            }
+            LifecycleEvent::ZygoteRefused { reason } => *lock(&self.zygote_refused) = Some(reason.clone()),
             _ => {}
         }
     }
@@ -147,6 +159,7 @@ impl CorePool {
         program, args, *, workers=1, name=None, init_payload=None, pass_fds=Vec::new(), env=Vec::new(),
         max_tasks_per_child=None, task_timeout=None, init_timeout=None, grace=None,
         restart_intensity=None, max_frame_size=None, prefetch=None, one_off=false,
+        start="zygote", zygote_payload=None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -166,6 +179,8 @@ impl CorePool {
         max_frame_size: Option<usize>,
         prefetch: Option<usize>,
         one_off: bool,
+        start: &str,
+        zygote_payload: Option<&[u8]>,
     ) -> PyResult<Self> {
         // Take ownership of the fds first, so that they are closed on any error below.
         let mut fds = Vec::with_capacity(pass_fds.len());
@@ -181,6 +196,14 @@ impl CorePool {
             .on_event(move |e| sink.on_event(e));
         if one_off {
             builder = builder.one_off();
+        }
+        builder = builder.start(match start {
+            "zygote" => StartMethod::Zygote,
+            "exec" => StartMethod::Exec,
+            other => return Err(PyValueError::new_err(format!("start must be 'zygote' or 'exec', not {other:?}"))),
+        });
+        if let Some(payload) = zygote_payload {
+            builder = builder.zygote_payload(payload.to_vec());
         }
         if let Some(name) = name {
             builder = builder.name(name);
@@ -396,6 +419,17 @@ impl CorePool {
     fn workers(&self, py: Python<'_>) -> Vec<WorkerState> {
         let Some(pool) = self.pool() else { return Vec::new() };
         py.detach(|| pool.workers().into_iter().map(WorkerState::from).collect())
+    }
+
+    /// The pid of the pool's zygote while it is ready to fork workers.
+    fn zygote_pid(&self) -> Option<i32> {
+        *lock(&self.inner.zygote)
+    }
+
+    /// Why the pool's zygote refused to fork (the pool starts workers by
+    /// exec since), if it did.
+    fn zygote_refused(&self) -> Option<String> {
+        lock(&self.inner.zygote_refused).clone()
     }
 
     /// Why the pool failed, if it did.

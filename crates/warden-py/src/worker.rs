@@ -24,8 +24,9 @@
 //! calling `worker_main`; the core's handlers chain to it, so the interpreter
 //! runs it on the main thread and it raises inside the task. The core's
 //! monitor also calls the interrupter below, which re-sends SIGTERM to the main
-//! thread: a task blocked in a system call there (sleep, read) then returns
-//! with `EINTR` and the interpreter gets to run the handler, even if the
+//! thread (by its kernel thread id, which is right in a zygote-forked worker
+//! too): a task blocked in a system call there (sleep, read) then returns with
+//! `EINTR` and the interpreter gets to run the handler, even if the
 //! original signal was delivered to another thread.
 
 use std::os::fd::{OwnedFd, RawFd};
@@ -47,7 +48,7 @@ use crate::records::{exit_reason, RemoteFailure};
 /// through the core's exit path. Raises `RuntimeError` otherwise.
 #[pyfunction]
 pub fn worker_main(py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
-    let env = match WorkerEnv::take() {
+    let env = match crate::zygote::take_forked().map(Ok).or_else(WorkerEnv::take) {
         None => return Err(PyRuntimeError::new_err("this process was not started by a warden pool")),
         Some(Err(msg)) => {
             eprintln!("warden: bad worker environment: {msg}");
@@ -61,8 +62,9 @@ pub fn worker_main(py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
     for key in [ENV_FD, ENV_PARENT, ENV_MAX_FRAME] {
         environ.call_method1("pop", (key, py.None()))?;
     }
-    // SAFETY: pthread_self has no preconditions; this is the main thread.
-    let main_thread = unsafe { libc::pthread_self() };
+    // The main thread by its kernel id, not its pthread_t: in a worker forked
+    // by a zygote, glibc's cached id of this thread is the zygote's.
+    let main_thread = rustix::thread::gettid().as_raw_nonzero().get();
     let handler = PyHandler { handler, main_thread };
     let exit = py.detach(move || warden::frontend::serve(env, handler));
     flush_python_streams(py);
@@ -70,7 +72,7 @@ pub fn worker_main(py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
 }
 
 /// Flushes `sys.stdout` and `sys.stderr`; errors are ignored (the process is ending).
-fn flush_python_streams(py: Python<'_>) {
+pub(crate) fn flush_python_streams(py: Python<'_>) {
     if let Ok(sys) = py.import("sys") {
         for name in ["stdout", "stderr"] {
             if let Ok(stream) = sys.getattr(name) {
@@ -84,7 +86,8 @@ fn flush_python_streams(py: Python<'_>) {
 
 struct PyHandler {
     handler: Py<PyAny>,
-    main_thread: libc::pthread_t,
+    /// The main thread's kernel thread id.
+    main_thread: libc::pid_t,
 }
 
 /// A Python exception that escaped the handler (a bug on the Python side, or
@@ -163,10 +166,11 @@ impl Handler for PyHandler {
     fn interrupter(&self) -> Option<Interrupter> {
         let main_thread = self.main_thread;
         Some(Arc::new(move || {
-            // SAFETY: the main thread lives until the process exits; sending it
-            // a signal the core and the interpreter both handle is harmless.
+            // SAFETY: tgkill with integers. The main thread lives until the
+            // process exits (its id cannot name another thread of ours), and a
+            // signal the core and the interpreter both handle is harmless.
             unsafe {
-                libc::pthread_kill(main_thread, libc::SIGTERM);
+                libc::syscall(libc::SYS_tgkill, libc::getpid(), main_thread, libc::SIGTERM);
             }
         }))
     }

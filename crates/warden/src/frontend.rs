@@ -31,3 +31,13 @@ pub mod wire {
         FLAG_SEGMENT, HEADER_LEN, MAGIC, MAX_GROWTH_STEP, MAX_PENDING_FDS, PROTOCOL_VERSION,
     };
 }
+
+/// The zygote (fork server) side, for a binding whose worker program can
+/// also park as a pool's zygote: read [`ZygoteEnv`](zygote::ZygoteEnv), run
+/// [`serve`](zygote::serve) with the language's [`ForkHooks`](zygote::ForkHooks),
+/// and in the [`Parked::Worker`](zygote::Parked::Worker) it returns in each
+/// forked child, run the worker loop. See the crate's `zygote` module docs in
+/// ARCHITECTURE.md for what a forked worker gets.
+pub mod zygote {
+    pub use crate::zygote::{serve, ForkHooks, NoHooks, Parked, ZygoteEnv, ENV_ZYGOTE, EXIT_ZYGOTE_PROTOCOL};
+}

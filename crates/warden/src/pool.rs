@@ -66,6 +66,22 @@ pub const DEFAULT_RESTART_LIMIT: u32 = 10;
 /// … within this window fail the pool.
 pub const DEFAULT_RESTART_WINDOW: Duration = Duration::from_secs(5);
 
+/// How a pool starts its workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StartMethod {
+    /// Forked by the pool's zygote: the worker program executed once, parked
+    /// after loading what workers share, forking a worker per request (a few
+    /// milliseconds instead of a program start). Where a zygote cannot work
+    /// (it died, is not ready yet after dying, or refuses to fork: see
+    /// [`LifecycleEvent::ZygoteRefused`](crate::LifecycleEvent::ZygoteRefused))
+    /// workers start by exec, so the pool keeps serving. One-off children
+    /// always start by exec.
+    #[default]
+    Zygote,
+    /// Each worker is the worker program executed afresh.
+    Exec,
+}
+
 /// Builds a [`Pool`].
 pub struct Builder {
     cfg: Config,
@@ -104,6 +120,8 @@ impl Builder {
                 identity,
                 on_event: None,
                 one_off: false,
+                start: StartMethod::Zygote,
+                zygote_payload: Vec::new(),
             },
             on_start: None,
             on_exit: None,
@@ -218,6 +236,19 @@ impl Builder {
     /// The pool keeps it open until it shuts down.
     pub fn pass_fd(mut self, fd: OwnedFd) -> Self {
         self.cfg.pass_fds.push(fd);
+        self
+    }
+
+    /// How workers start (default: [`StartMethod::Zygote`]).
+    pub fn start(mut self, start: StartMethod) -> Self {
+        self.cfg.start = start;
+        self
+    }
+
+    /// The opaque payload a [`Builder::command`] pool's zygote prepares from
+    /// before it parks (the Python worker reads its preloads from it).
+    pub fn zygote_payload(mut self, payload: Vec<u8>) -> Self {
+        self.cfg.zygote_payload = payload;
         self
     }
 

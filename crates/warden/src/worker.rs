@@ -176,6 +176,12 @@ pub struct WorkerEnv {
 }
 
 impl WorkerEnv {
+    /// The environment of a worker forked by a zygote: its channel fd, the
+    /// pool's pid and the frame size limit.
+    pub(crate) fn new(fd: RawFd, parent: u32, max_frame: usize) -> Self {
+        WorkerEnv { fd, parent, max_frame }
+    }
+
     /// Reads the worker variables and removes them from the environment, so
     /// that processes the worker starts are not mistaken for workers.
     /// `None` if this process is not a worker; an error if the variables are
@@ -390,7 +396,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     core.exit_path(reason)
 }
 
-fn check_socket(fd: RawFd) -> io::Result<()> {
+pub(crate) fn check_socket(fd: RawFd) -> io::Result<()> {
     // SAFETY: fstat fills a plain struct for an fd number.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstat(fd, &mut st) } == -1 {

@@ -26,4 +26,8 @@ pub(crate) struct Config {
     pub on_event: Option<EventSink>,
     /// A one-off child: one worker, one task, no replacement.
     pub one_off: bool,
+    /// How workers start.
+    pub start: crate::pool::StartMethod,
+    /// What the zygote's preparation reads (opaque: Python's preloads).
+    pub zygote_payload: Vec<u8>,
 }

@@ -46,6 +46,28 @@ pub enum LifecycleEvent {
         /// Why.
         reason: String,
     },
+    /// The pool's zygote is parked, ready to fork workers.
+    ZygoteReady {
+        /// Its process id.
+        pid: i32,
+    },
+    /// The pool's zygote ended and was reaped. Unless the pool ended it
+    /// (`intended`), that counts toward the restart intensity and a new
+    /// zygote is started; workers start by exec meanwhile.
+    ZygoteExited {
+        /// Its process id.
+        pid: i32,
+        /// How it ended.
+        status: ExitStatus,
+        /// Whether the pool ended it.
+        intended: bool,
+    },
+    /// The zygote cannot fork (see the zygote's caveats: a thread, clone
+    /// refused); the pool starts its workers by exec from now on.
+    ZygoteRefused {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Why the pool stopped a worker, if it did.

@@ -45,6 +45,7 @@ mod restart;
 mod schedule;
 mod timers;
 mod worker;
+mod zygote;
 
 #[cfg(test)]
 mod tests;
@@ -66,6 +67,7 @@ pub use link::{Output, Reply};
 use restart::RestartIntensity;
 use worker::Worker;
 pub(crate) use worker::KILL_WAIT;
+use zygote::{ZygoteSlot, ZYGOTE_CONTROL, ZYGOTE_PIDFD};
 
 const WAKER: Token = Token(0);
 
@@ -91,6 +93,9 @@ pub(crate) struct Supervisor {
     spawn_retry_at: Option<Instant>,
     spawned: u64,
     pass_fds: Vec<RawFd>,
+    zygote: ZygoteSlot,
+    /// The pool's first workers wait for its first zygote.
+    zygote_first: bool,
 }
 
 /// Creates the channel, waker and poller for a pool; the supervisor runs on
@@ -112,6 +117,9 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
     });
     let pass_fds = cfg.pass_fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let crashes = RestartIntensity::new(cfg.restart_limit, cfg.restart_window);
+    // A one-off child is one worker: a zygote would only add a process.
+    let with_zygote = cfg.start == crate::pool::StartMethod::Zygote && !cfg.one_off;
+    let zygote = if with_zygote { ZygoteSlot::Down { retry_at: Instant::now() } } else { ZygoteSlot::Off };
     let sup = Supervisor {
         poll,
         cfg: Arc::new(cfg),
@@ -126,6 +134,8 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         spawn_retry_at: None,
         spawned: 0,
         pass_fds,
+        zygote,
+        zygote_first: with_zygote,
     };
     Ok((sup, shared))
 }
@@ -170,6 +180,14 @@ impl Supervisor {
                     self.shared.wake_pending.store(false, Ordering::Release);
                     continue;
                 }
+                if token == ZYGOTE_PIDFD {
+                    self.reap_zygote();
+                    continue;
+                }
+                if token == ZYGOTE_CONTROL {
+                    self.zygote_readable();
+                    continue;
+                }
                 let id = ((token.0 - 2) / 2) as u64;
                 if token == sock_token(id) {
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -187,6 +205,7 @@ impl Supervisor {
             self.drain_commands();
             let now = Instant::now();
             self.check_timers(now);
+            self.check_zygote_timer(now);
             self.ensure_workers(now);
             self.dispatch();
             self.retire_idle();
@@ -194,6 +213,7 @@ impl Supervisor {
                 break;
             }
         }
+        self.stop_zygote();
         tracing::debug!(pool = %self.cfg.name, "supervisor finished");
     }
 
@@ -208,6 +228,7 @@ impl Supervisor {
             .filter_map(Worker::next_deadline)
             .chain(self.close_deadline)
             .chain(self.spawn_retry_at)
+            .chain(self.zygote_deadline())
             .min()
     }
 }
