@@ -11,7 +11,7 @@ VPY := $(VENV)/bin/python
 T := timeout --kill-after=30
 
 .PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff stubtest pytest \
-	venv test-tools develop bench bench-core bench-py bench-peers fuzz clean
+	venv test-tools develop bench bench-core bench-py bench-peers chaos fuzz clean
 
 demo: demo-rust demo-py
 
@@ -88,6 +88,13 @@ $(VENV)/.bench-peers: $(VENV)/.tools
 # WARDEN_BENCH_QUICK=1 makes a short run.
 bench-peers: develop $(VENV)/.bench-peers
 	$(T) 3600 $(VPY) bench/bench_peers.py
+
+# Busy workers SIGKILLed at random while a pool runs many tasks; checks every
+# outcome, no double runs, no leftover children or fds (see docs/benchmarks.md).
+CHAOS_TASKS ?= 100000
+CHAOS_KILLS ?= 1000
+chaos: develop
+	$(T) 3600 $(VPY) bench/chaos.py --tasks $(CHAOS_TASKS) --kills $(CHAOS_KILLS)
 
 # Coverage-guided fuzzing of the frame decoder (needs `cargo install cargo-fuzz`;
 # runs on stable through RUSTC_BOOTSTRAP). FUZZ_SECONDS bounds the run.

@@ -37,13 +37,14 @@ if TYPE_CHECKING:
     from concurrent.futures.process import BrokenProcessPool
     from typing import Any
 
-    from ._context import worker_context
-    from ._errors import PoolFailed, TaskTimeout, WorkerCrashed
+    from ._context import set_cleanup_record, worker_context
+    from ._errors import PoolFailed, TaskTimeout, WorkerCrashed, WorkerMemoryExceeded
     from ._finalize import ExitHandle, Guardian, ResourceSet, at_exit, finalize, wait_for_finalizers
     from ._futures import Future
     from ._handles import PoolHandle
     from ._oob import SegmentError, SegmentTooLarge
     from ._remote import RemoteError, TaskAborted, TaskInterrupted
+    from ._runner import WorkerLost
     from .event import Event
     from .executor import ProcessPoolExecutor
     from .pool import ApplyResult, AsyncResult, IMapIterator, MapResult, Pool
@@ -75,9 +76,12 @@ _HOMES = {
     "TaskInterrupted": "._remote",
     "TaskTimeout": "._errors",
     "WorkerCrashed": "._errors",
+    "WorkerLost": "._runner",
+    "WorkerMemoryExceeded": "._errors",
     "at_exit": "._finalize",
     "current_process": ".process",
     "finalize": "._finalize",
+    "set_cleanup_record": "._context",
     "wait_for_finalizers": "._finalize",
     "worker_context": "._context",
 }
@@ -105,9 +109,12 @@ __all__ = [
     "TaskInterrupted",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerLost",
+    "WorkerMemoryExceeded",
     "at_exit",
     "current_process",
     "finalize",
+    "set_cleanup_record",
     "wait_for_finalizers",
     "worker_context",
 ]

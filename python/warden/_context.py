@@ -27,6 +27,25 @@ def worker_context() -> Any:
     return _value
 
 
+def set_cleanup_record(record: Any) -> None:
+    """In a pool's worker: leaves ``record`` for the pool's ``on_worker_lost``
+    hook, which runs in the parent if this worker dies without running its
+    exit path (SIGKILL from the OOM killer or ``kill -9``, a segfault,
+    ``os._exit`` in a task), so that its finalizer could not clean up.
+
+    ``record`` is anything picklable and small (temporary paths, a lock file,
+    a session id); it reaches the hook as ``info.record``. Call it from the
+    ``initializer``, the ``worker_context`` or a task; a later call replaces
+    an earlier one, and ``None`` clears it.
+
+    Raises ``RuntimeError`` outside a pool's worker.
+    """
+    from . import _warden
+    from ._pickle import dumps
+
+    _warden.send_record(b"" if record is None else dumps(record))
+
+
 def _set(value: Any) -> None:
     global _value
     _value = value

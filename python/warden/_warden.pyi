@@ -6,11 +6,13 @@ from typing import ClassVar, Final, Literal, Protocol, final
 
 __all__ = [
     "DEFAULT_GRACE",
+    "WORKER_VARIABLES",
     "Completion",
     "CoreError",
     "CorePool",
     "ErrorKind",
     "FinalizerToken",
+    "LostWorker",
     "RemoteFailure",
     "RemoteKind",
     "Segment",
@@ -22,12 +24,14 @@ __all__ = [
     "map_segment",
     "register_finalizer",
     "run_exit_finalizers",
+    "send_record",
     "wait_finalizers_idle",
     "worker_main",
     "zygote_main",
 ]
 
 DEFAULT_GRACE: Final[float]
+WORKER_VARIABLES: Final[list[str]]
 
 class CoreError(RuntimeError):
     """An error from warden's core; ``kind`` says which."""
@@ -40,6 +44,7 @@ class ErrorKind:
 
     REMOTE: ClassVar[ErrorKind]
     CRASHED: ClassVar[ErrorKind]
+    MEMORY_EXCEEDED: ClassVar[ErrorKind]
     TIMED_OUT: ClassVar[ErrorKind]
     CANCELLED: ClassVar[ErrorKind]
     PROTOCOL: ClassVar[ErrorKind]
@@ -100,6 +105,8 @@ class TaskError:
     def signal(self) -> int | None: ...
     @property
     def timeout(self) -> float | None: ...
+    @property
+    def memory(self) -> tuple[int, int] | None: ...
 
 @final
 class Completion:
@@ -153,6 +160,23 @@ class WorkerState:
     def running_task(self) -> int | None: ...
 
 @final
+class LostWorker:
+    """A worker that died without running its exit path, as the core reports it."""
+
+    @property
+    def worker(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def exitcode(self) -> int | None: ...
+    @property
+    def signal(self) -> int | None: ...
+    @property
+    def task(self) -> int | None: ...
+    @property
+    def record(self) -> bytes | None: ...
+
+@final
 class CorePool:
     """A core pool whose workers run ``program args...``; see crates/warden-py/src/pool.rs."""
 
@@ -171,14 +195,19 @@ class CorePool:
         init_timeout: float | None = None,
         grace: float | None = None,
         restart_intensity: tuple[int, float] | None = None,
+        unlimited_restarts: bool = False,
         max_frame_size: int | None = None,
         prefetch: int | None = None,
         one_off: bool = False,
         start: str = "zygote",
         zygote_payload: bytes | None = None,
+        max_memory_per_child: int | None = None,
+        memory_limit: int | None = None,
+        on_worker_lost: Callable[[LostWorker], object] | None = None,
     ) -> CorePool: ...
     def submit(self, payload: bytes, timeout: float | None = None, segment: int | None = None) -> int: ...
     def next_completions(self, max: int = 256, timeout: float | None = None) -> list[Completion] | None: ...
+    def cancel(self, task: int) -> bool: ...
     def cancel_queued(self, task: int) -> bool: ...
     def close(self) -> None: ...
     def close_cancel_queued(self) -> None: ...
@@ -233,8 +262,12 @@ class WorkerHandler(Protocol):
     def run(self, payload: bytes, segment: int | None) -> bytes | tuple[bytes, int] | RemoteFailure: ...
     def exit(self, reason: str) -> tuple[str | None, int | None]: ...
 
-def worker_main(handler: WorkerHandler) -> None:
-    """Runs this process as a worker of the pool that started it; never returns then."""
+def worker_main(handler: WorkerHandler, variables: dict[str, str]) -> None:
+    """Runs this process as a worker of the pool that started it; never returns then.
+    ``variables`` are the ``WORKER_VARIABLES``, already removed from ``os.environ``."""
+
+def send_record(data: bytes) -> None:
+    """Sends the parent this worker's cleanup record (for ``on_worker_lost``)."""
 
 def zygote_main(prepare: Callable[[bytes], object]) -> None:
     """Runs this process as the zygote of the pool that started it: calls

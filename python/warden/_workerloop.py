@@ -310,8 +310,12 @@ def _set_parent(name: str, pid: int) -> None:
 
 def main() -> None:
     """Runs this process as a warden worker; never returns."""
+    # The worker variables leave the environment first, through Python's own
+    # API (so os.environ and the C environment agree), so that processes the
+    # tasks start are not mistaken for workers.
+    variables = {key: os.environ.pop(key) for key in _warden.WORKER_VARIABLES if key in os.environ}
     handler = Handler()
     # Installed before the core's handlers, which chain to them.
     for sig in _STOP_SIGNALS:
         signal.signal(sig, handler.on_signal)
-    _warden.worker_main(handler)
+    _warden.worker_main(handler, variables)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -41,9 +42,22 @@ class ProcessPoolExecutor(_base.Executor):
       program's main module); ``"exec"`` starts every worker as a new
       interpreter. Where a zygote cannot work the pool falls back to exec by
       itself (see ``docs/python.md``).
+    * ``restart_limit=(count, seconds)``: more than ``count`` worker failures
+      that no task explains (a worker that cannot start, dies idle, or breaks
+      the protocol) within ``seconds`` fail the pool; ``None`` for no limit;
+    * ``max_memory_per_child`` (bytes, or a string like ``"512MiB"``): a
+      worker above it after a task retires (its finalizer runs) and is
+      replaced; the task's result is kept;
+    * ``memory_limit``: a worker above it while a task runs is stopped
+      (SIGTERM, finalizer, SIGKILL after the grace period); the task fails
+      with :class:`warden.WorkerMemoryExceeded`;
+    * ``on_worker_lost(info)``: runs in this process, on a thread of its own,
+      for each worker that died without running its exit path (SIGKILL, a
+      segfault), with a :class:`warden.WorkerLost`.
 
     A worker crash fails only the task it was running
-    (:class:`warden.WorkerCrashed`); the pool replaces the worker.
+    (:class:`warden.WorkerCrashed`); the pool replaces the worker, and such
+    crashes never count toward ``restart_limit``.
 
     ``mp_context`` is accepted for compatibility and otherwise ignored: warden
     never forks this process; its workers are fresh interpreters (or forks of
@@ -65,6 +79,10 @@ class ProcessPoolExecutor(_base.Executor):
         worker_context: Callable[[], Any] | None = None,
         start: str | None = None,
         preload: Iterable[str] | None = None,
+        restart_limit: tuple[int, float] | None = _runner.DEFAULT_RESTART_LIMIT,
+        max_memory_per_child: int | str | None = None,
+        memory_limit: int | str | None = None,
+        on_worker_lost: Callable[[_runner.WorkerLost], object] | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -78,6 +96,14 @@ class ProcessPoolExecutor(_base.Executor):
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be a positive number of seconds")
         self._start, self._preload = _runner.start_options(start, preload)
+        if on_worker_lost is not None and not callable(on_worker_lost):
+            raise TypeError("on_worker_lost must be a callable")
+        self._limits: dict[str, Any] = {
+            "restart": _runner.restart_limit(restart_limit),
+            "max_memory_per_child": _runner.memory_size("max_memory_per_child", max_memory_per_child),
+            "memory_limit": _runner.memory_size("memory_limit", memory_limit),
+            "on_worker_lost": on_worker_lost,
+        }
         self._max_workers = max_workers
         self._mp_context = mp_context
         self._hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
@@ -104,6 +130,7 @@ class ProcessPoolExecutor(_base.Executor):
                 task_timeout=self._task_timeout,
                 start=self._start,
                 preload=self._preload,
+                **self._limits,
             )
             # An executor nobody can reach any more shuts down on its own
             # (queued tasks still run); the callback holds the runner only.
@@ -136,11 +163,10 @@ class ProcessPoolExecutor(_base.Executor):
             _runner.close_fd(segment)
             raise
         try:
-            task = runner.submit(payload, future._deliver, segment=segment)
+            task = runner.submit(payload, future._deliver, owner=future, segment=segment)
         except _warden.CoreError as e:
             raise core_error(e) from None
-        core = runner.core
-        future._canceller = lambda: core.cancel_queued(task)
+        future._canceller = functools.partial(_runner.cancel, runner.core, task)
         return future
 
     def map(

@@ -33,10 +33,12 @@ class Pool:
     The API of ``multiprocessing.Pool``, plus ``finalizer(*finalargs)``, run in
     every worker at the end of its life, and ``worker_context``, a factory of a
     context manager entered when a worker starts and exited when it ends (tasks
-    reach what it yields with :func:`warden.worker_context`). ``start`` and
+    reach what it yields with :func:`warden.worker_context`); ``start`` and
     ``preload`` choose how workers start, as for
     :class:`warden.ProcessPoolExecutor`: forked from a zygote that imported the
-    ``preload`` modules (the default), or each by exec (``start="exec"``).
+    ``preload`` modules (the default), or each by exec (``start="exec"``); and
+    ``restart_limit``, ``max_memory_per_child``, ``memory_limit`` and
+    ``on_worker_lost`` as on :class:`warden.ProcessPoolExecutor`.
 
     Differences from the standard library that users can rely on: a task that
     raises a ``BaseException`` or whose worker dies fails with an error instead
@@ -62,6 +64,10 @@ class Pool:
         context: Any = None,
         start: str | None = None,
         preload: Iterable[str] | None = None,
+        restart_limit: tuple[int, float] | None = _runner.DEFAULT_RESTART_LIMIT,
+        max_memory_per_child: int | str | None = None,
+        memory_limit: int | str | None = None,
+        on_worker_lost: Callable[[_runner.WorkerLost], object] | None = None,
     ) -> None:
         if processes is None:
             processes = os.cpu_count() or 1
@@ -75,6 +81,8 @@ class Pool:
         self._name = f"Pool-{next(_counter)}"
         self._state = RUN
         hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
+        if on_worker_lost is not None and not callable(on_worker_lost):
+            raise TypeError("on_worker_lost must be a callable")
         self._runner = _runner.Runner(
             mode="pool",
             name=self._name,
@@ -83,6 +91,10 @@ class Pool:
             max_tasks_per_child=maxtasksperchild,
             start=start,
             preload=preload,
+            restart=_runner.restart_limit(restart_limit),
+            max_memory_per_child=_runner.memory_size("max_memory_per_child", max_memory_per_child),
+            memory_limit=_runner.memory_size("memory_limit", memory_limit),
+            on_worker_lost=on_worker_lost,
         )
         # A pool nobody can reach any more is terminated, as the standard
         # library does; results being waited for keep their pool reachable.
@@ -100,9 +112,11 @@ class Pool:
         if self._state != RUN:
             raise ValueError("Pool not running")
 
-    def _submit(self, payload: bytes, segment: int | None, on_done: Callable[[bool, Any], None]) -> None:
+    def _submit(
+        self, payload: bytes, segment: int | None, on_done: Callable[[bool, Any], None], owner: Any = None
+    ) -> int:
         try:
-            self._runner.submit(payload, on_done, segment=segment)
+            return self._runner.submit(payload, on_done, owner=owner, segment=segment)
         except _warden.CoreError as e:
             if e.kind == _warden.ErrorKind.CLOSED:
                 raise ValueError("Pool not running") from None
@@ -131,7 +145,7 @@ class Pool:
         except BaseException:
             _runner.close_fd(segment)
             raise
-        self._submit(payload, segment, result._deliver)
+        result._tasks.append(self._submit(payload, segment, result._deliver, result))
         return result
 
     # -- maps --------------------------------------------------------------
@@ -202,7 +216,9 @@ class Pool:
             raise
         for i, (payload, segment) in enumerate(payloads):
             try:
-                self._submit(payload, segment, functools.partial(result._deliver_chunk, i))
+                result._tasks.append(
+                    self._submit(payload, segment, functools.partial(result._deliver_chunk, i), result)
+                )
             except BaseException:
                 for _, later in payloads[i + 1 :]:
                     _runner.close_fd(later)
@@ -277,6 +293,8 @@ class ApplyResult:
     ) -> None:
         self._pool: Pool | None = pool  # kept alive until the result is ready
         self._interrupt = pool._runner.interrupt
+        self._core = pool._runner.core
+        self._tasks: list[int] = []
         self._event = threading.Event()
         self._callback = callback
         self._error_callback = error_callback
@@ -292,6 +310,20 @@ class ApplyResult:
         if not self.ready():
             raise ValueError(f"{self!r} not ready")
         return self._error is None
+
+    def cancel(self, running: bool = False) -> bool:
+        """*warden*: cancels the call (every chunk of a map). Without
+        ``running``, only what is still queued; with ``running=True``, a
+        running call too: its worker is stopped (SIGTERM, its finalizer runs,
+        SIGKILL after the grace period) and replaced. ``get()`` then raises
+        ``concurrent.futures.CancelledError``. Returns whether anything was
+        cancelled (``False`` once the result is ready)."""
+        if self.ready():
+            return False
+        cancelled = False
+        for task in self._tasks:
+            cancelled = _runner.cancel(self._core, task, running) or cancelled
+        return cancelled
 
     def wait(self, timeout: float | None = None) -> None:
         """Waits until the result is ready or ``timeout`` seconds pass."""

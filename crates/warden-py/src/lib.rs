@@ -55,12 +55,15 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<records::Completion>()?;
     m.add_class::<records::PyWorkerEnd>()?;
     m.add_class::<records::WorkerState>()?;
+    m.add_class::<pool::LostWorker>()?;
     m.add_class::<event::SharedEvent>()?;
     m.add_class::<segment::Segment>()?;
     m.add_function(wrap_pyfunction!(segment::map_segment, m)?)?;
     m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
     m.add_function(wrap_pyfunction!(zygote::zygote_main, m)?)?;
     m.add_function(wrap_pyfunction!(zygote::forked_from, m)?)?;
+    m.add_function(wrap_pyfunction!(worker::send_record, m)?)?;
+    m.add("WORKER_VARIABLES", warden::frontend::WORKER_VARIABLES.to_vec())?;
     m.add_class::<finalize::FinalizerToken>()?;
     m.add_function(wrap_pyfunction!(finalize::register_finalizer, m)?)?;
     m.add_function(wrap_pyfunction!(finalize::run_exit_finalizers, m)?)?;

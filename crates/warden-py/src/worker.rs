@@ -29,6 +29,7 @@
 //! `EINTR` and the interpreter gets to run the handler, even if the
 //! original signal was delivered to another thread.
 
+use std::collections::HashMap;
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
 
@@ -36,7 +37,6 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 use warden::frontend::{ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_PROTOCOL};
-use warden::frontend::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 use warden::WorkerInfo;
 use warden::{ExitReason, RemoteError, RemoteErrorKind};
 
@@ -44,11 +44,16 @@ use crate::convert::take_fd;
 use crate::records::{exit_reason, RemoteFailure};
 
 /// Runs this process as a worker of the pool that started it, with `handler`
-/// running the tasks. Never returns when started by a pool: the process ends
-/// through the core's exit path. Raises `RuntimeError` otherwise.
+/// running the tasks. `variables` holds the worker variables
+/// (`warden::frontend::WORKER_VARIABLES`), which the caller has already removed from the
+/// environment with the interpreter's own API (`os.environ.pop`): this
+/// function never changes the C environment, which is unsafe once the
+/// interpreter may have threads. Never returns when started by a pool: the
+/// process ends through the core's exit path. Raises `RuntimeError` otherwise.
 #[pyfunction]
-pub fn worker_main(py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
-    let env = match crate::zygote::take_forked().map(Ok).or_else(WorkerEnv::take) {
+pub fn worker_main(py: Python<'_>, handler: Py<PyAny>, variables: HashMap<String, String>) -> PyResult<()> {
+    let forked = crate::zygote::take_forked().map(Ok);
+    let env = match forked.or_else(|| WorkerEnv::from_vars(|key| variables.get(key).cloned())) {
         None => return Err(PyRuntimeError::new_err("this process was not started by a warden pool")),
         Some(Err(msg)) => {
             eprintln!("warden: bad worker environment: {msg}");
@@ -56,12 +61,6 @@ pub fn worker_main(py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
         }
         Some(Ok(env)) => env,
     };
-    // The core removed the variables from the C environment; Python keeps its
-    // own copy in os.environ, which subprocess and friends use.
-    let environ = py.import("os")?.getattr("environ")?;
-    for key in [ENV_FD, ENV_PARENT, ENV_MAX_FRAME] {
-        environ.call_method1("pop", (key, py.None()))?;
-    }
     // The main thread by its kernel id, not its pthread_t: in a worker forked
     // by a zygote, glibc's cached id of this thread is the zygote's.
     let main_thread = rustix::thread::gettid().as_raw_nonzero().get();
@@ -69,6 +68,15 @@ pub fn worker_main(py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
     let exit = py.detach(move || warden::frontend::serve(env, handler));
     flush_python_streams(py);
     exit.exit()
+}
+
+/// Sends the parent this worker's cleanup record (bytes for the pool's
+/// `on_worker_lost` hook, should the worker die without its exit path).
+/// Raises `RuntimeError` outside a worker or if the channel is gone.
+#[pyfunction]
+pub fn send_record(py: Python<'_>, data: &[u8]) -> PyResult<()> {
+    py.detach(|| warden::set_cleanup_record(data))
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot send the cleanup record: {e}")))
 }
 
 /// Flushes `sys.stdout` and `sys.stderr`; errors are ignored (the process is ending).

@@ -18,7 +18,7 @@ pub use crate::spawn::{WorkerCommand, ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 pub use crate::supervisor::{Output, Reply};
 pub use crate::worker::{
     serve, ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_INIT_FAILED, EXIT_PARENT_GONE,
-    EXIT_PROTOCOL, UNWIND_GRACE,
+    EXIT_PROTOCOL, UNWIND_GRACE, WORKER_VARIABLES,
 };
 
 /// The frame codec and the messages of the parent–worker protocol (see the

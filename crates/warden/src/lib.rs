@@ -63,6 +63,8 @@
 mod error;
 pub mod finalize;
 pub mod frontend;
+mod lost;
+mod memory;
 mod panics;
 mod pool;
 mod signals;
@@ -79,13 +81,15 @@ mod zygote;
 pub struct ReadmeDoctests;
 
 pub use error::{signal_name, Error, ErrorKind, ExitStatus, Result};
+pub use lost::LostWorker;
 pub use pool::{
     spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, StartMethod, StopMode, TaskOptions, DEFAULT_GRACE,
     DEFAULT_INIT_TIMEOUT, DEFAULT_RESTART_LIMIT, DEFAULT_RESTART_WINDOW,
 };
 pub use supervisor::{LifecycleEvent, Output, StopCause, WorkerEnd, WorkerSnapshot};
 pub use wire::{ExitPathReport, ExitReason, RemoteError, RemoteErrorKind, RetireReason};
-pub use worker::{current_worker, WorkerInfo};
+
+pub use worker::{current_worker, set_cleanup_record, WorkerInfo};
 pub use zygote::forked_from;
 
 /// Turns this process into a worker if it was started as one, and never

@@ -14,6 +14,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{check, wait_until, TestResult};
 use libtest_mimic::{Arguments, Failed, Trial};
 use warden::{ExitReason, LifecycleEvent, Pool, StartMethod, TaskOptions};
 
@@ -21,8 +24,6 @@ const HOOKS_ENV: &str = "WARDEN_TEST_HOOKS";
 const SCENARIO_ENV: &str = "WARDEN_SCENARIO";
 /// How a scenario host's pools start their workers ("zygote" or "exec").
 const START_ENV: &str = "WARDEN_TEST_START";
-
-type TestResult = Result<(), Failed>;
 
 fn main() {
     warden::init();
@@ -68,10 +69,6 @@ fn main() {
             cancelling_a_queued_task_removes_it_and_leaves_the_running_one_alone,
         ),
         both(
-            "too_many_crashes_in_the_window_fail_the_pool_with_a_clear_error",
-            too_many_crashes_in_the_window_fail_the_pool_with_a_clear_error,
-        ),
-        both(
             "a_failing_start_hook_fails_the_pool_instead_of_respawning_forever",
             a_failing_start_hook_fails_the_pool_instead_of_respawning_forever,
         ),
@@ -88,6 +85,10 @@ fn main() {
             shutdown_leaves_no_children_no_zombies_and_no_open_fds,
         ),
         both("terminate_and_kill_leave_no_children", terminate_and_kill_leave_no_children),
+        both(
+            "join_leaves_no_children_and_no_fds_while_the_pool_is_still_held",
+            join_leaves_no_children_and_no_fds_while_the_pool_is_still_held,
+        ),
         both(
             "dropping_a_busy_pool_returns_within_its_grace_and_runs_exit_hooks",
             dropping_a_busy_pool_returns_within_its_grace_and_runs_exit_hooks,
@@ -167,14 +168,6 @@ thread_local! {
 /// A pool builder for the current test's start method.
 fn builder() -> warden::Builder {
     Pool::builder().start(START.with(|s| s.get()))
-}
-
-fn check(cond: bool, msg: impl Into<String>) -> TestResult {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg.into().into())
-    }
 }
 
 // ---- tasks and hooks (run inside workers) ---------------------------------
@@ -321,19 +314,6 @@ impl Hooks {
             .on_exit(on_exit)
             .grace(Duration::from_secs(2))
             .init_timeout(Duration::from_secs(20))
-    }
-}
-
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -578,37 +558,6 @@ fn cancelling_a_queued_task_removes_it_and_leaves_the_running_one_alone() -> Tes
     Ok(())
 }
 
-fn too_many_crashes_in_the_window_fail_the_pool_with_a_clear_error() -> TestResult {
-    let hooks = Hooks::new();
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&failures);
-    let pool = hooks
-        .builder()
-        .workers(1)
-        .restart_intensity(2, Duration::from_secs(60))
-        .on_event(move |e| {
-            if let LifecycleEvent::PoolFailed { reason } = e {
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(reason.clone());
-            }
-        })
-        .build()?;
-    for _ in 0..2 {
-        let e = pool.spawn(abort_task, ())?.join().err().ok_or("crash expected")?;
-        check(e.is_crash(), format!("crash: {e}"))?;
-    }
-    check(pool.spawn(echo, 1)?.join()? == 1, "two crashes are within the limit")?;
-    let third = pool.spawn(abort_task, ())?.join().err().ok_or("crash expected")?;
-    check(third.is_crash(), "the third crash is still a crash for its task")?;
-    check(wait_until(Duration::from_secs(5), || pool.failure().is_some()), "the pool failed")?;
-    let reason = pool.failure().unwrap_or_default();
-    check(reason.contains("exceed the restart limit of 2"), format!("clear reason: {reason}"))?;
-    let refused = pool.spawn(echo, 1).err().ok_or("a failed pool takes no tasks")?;
-    check(refused.is_pool_failed(), format!("refusal says the pool failed: {refused}"))?;
-    check(pool.join(Some(Duration::from_secs(10))), "a failed pool shuts itself down")?;
-    check(failures.lock().map(|f| f.len()).unwrap_or(0) == 1, "one PoolFailed event")?;
-    Ok(())
-}
-
 fn a_failing_start_hook_fails_the_pool_instead_of_respawning_forever() -> TestResult {
     let hooks = Hooks::new();
     let pool =
@@ -692,6 +641,12 @@ fn shutdown_leaves_no_children_no_zombies_and_no_open_fds() -> TestResult {
     let out = run_scenario_process("leaves-nothing", hooks.path(), Duration::from_secs(60))?;
     check(out.contains("fds-before=") && out.contains("ok"), format!("scenario output: {out}"))?;
     Ok(())
+}
+
+fn join_leaves_no_children_and_no_fds_while_the_pool_is_still_held() -> TestResult {
+    let hooks = Hooks::new();
+    let out = run_scenario_process("join-leaves-nothing", hooks.path(), Duration::from_secs(60))?;
+    check(out.contains("ok"), format!("scenario output: {out}"))
 }
 
 fn terminate_and_kill_leave_no_children() -> TestResult {
@@ -990,6 +945,7 @@ fn run_scenario(name: &str) -> i32 {
     let result = match name {
         "owner" => scenario_owner(),
         "leaves-nothing" => scenario_leaves_nothing(),
+        "join-leaves-nothing" => scenario_join_leaves_nothing(),
         "terminate-and-kill" => scenario_terminate_and_kill(),
         "worker-fds" => scenario_worker_fds(),
         other => Err(format!("unknown scenario {other}").into()),
@@ -1061,6 +1017,25 @@ fn scenario_leaves_nothing() -> TestResult {
     for p in pids {
         check(process_gone(p as i32), format!("worker {p} is gone"))?;
     }
+    Ok(())
+}
+
+/// Joins a pool (with an `on_worker_lost` thread) and, with the pool still
+/// held, finds this process's fds and children exactly as before it.
+fn scenario_join_leaves_nothing() -> TestResult {
+    let before = own_fds();
+    let pool = Pool::builder().workers(2).on_worker_lost(|_| {}).build()?;
+    for _ in 0..4 {
+        pool.spawn(pid, ())?.join()?;
+    }
+    check(own_fds().len() > before.len(), "the pool holds fds while it runs")?;
+    pool.close();
+    check(pool.join(Some(Duration::from_secs(30))), "joined")?;
+    let after = own_fds();
+    check(after == before, format!("fds back where they started: {before:?} -> {after:?}"))?;
+    let children = own_children();
+    check(children.is_empty(), format!("no children or zombies: {children:?}"))?;
+    drop(pool);
     Ok(())
 }
 

@@ -92,6 +92,13 @@ pub enum StopCause {
     InitFailed(String),
     /// It did not say hello and ready within the init timeout.
     InitTimeout,
+    /// Its resident memory passed the pool's hard limit while it ran a task.
+    MemoryExceeded {
+        /// The limit, in bytes.
+        limit: u64,
+        /// The resident set size seen, in bytes.
+        rss: u64,
+    },
 }
 
 impl StopCause {
@@ -105,6 +112,7 @@ impl StopCause {
                 | StopCause::Terminated
                 | StopCause::Killed
                 | StopCause::PoolFailed
+                | StopCause::MemoryExceeded { .. }
         )
     }
 }
@@ -122,8 +130,11 @@ pub struct WorkerEnd {
     pub cause: Option<StopCause>,
     /// What its exit path reported, if it got that far.
     pub goodbye: Option<(ExitReason, ExitPathReport)>,
-    /// Whether this counts as a crash (restart intensity).
+    /// Whether the pool did not mean to end it (a crash, a failed start).
     pub crashed: bool,
+    /// Whether it counted toward the restart intensity: a crash no task
+    /// explains (one during a task is that task's outcome instead).
+    pub counted: bool,
 }
 
 impl WorkerEnd {

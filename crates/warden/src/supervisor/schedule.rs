@@ -102,7 +102,7 @@ impl Supervisor {
             let mut ids: Vec<u64> = self
                 .workers
                 .values()
-                .filter(|w| w.phase == WorkerPhase::Ready && w.inflight.len() == depth)
+                .filter(|w| w.phase == WorkerPhase::Ready && !w.over_memory && w.inflight.len() == depth)
                 .map(|w| w.id)
                 .collect();
             ids.sort_unstable();

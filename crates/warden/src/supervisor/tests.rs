@@ -103,6 +103,8 @@ fn harness(prefetch: usize, restart_limit: u32) -> Harness {
         // Stand-in workers only: no program to park as a zygote.
         start: crate::pool::StartMethod::Exec,
         zygote_payload: Vec::new(),
+        memory: crate::memory::MemoryLimits { soft: None, hard: None, interval: Duration::from_millis(100) },
+        lost: None,
     };
     let (sup, link) = match create(cfg) {
         Ok(pair) => pair,
