@@ -37,8 +37,8 @@ import signal
 import sys
 import threading
 
-from . import _context, _warden
-from ._pickle import dumps
+from . import _context, _oob, _warden
+from ._pickle import dumps, dumps_oob
 from ._remote import RemoteError, TaskAborted, TaskInterrupted
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
@@ -166,17 +166,24 @@ class Handler:
             self.running = False
         return None
 
-    def run(self, payload: bytes) -> bytes | _warden.RemoteFailure:
+    def run(
+        self, payload: bytes, segment: int | None = None
+    ) -> bytes | tuple[bytes, int] | _warden.RemoteFailure:
+        """Runs one task: returns the pickled result (with the fd of its
+        out-of-band buffers, as ``(bytes, fd)``, if it has some) or a
+        ``RemoteFailure``. ``segment`` is the fd of the call's buffers, if any
+        (closed here)."""
         self.running = True
         try:
             if self.mode == "process":
                 return self._run_process(payload)
-            fn, args, kwargs = pickle.loads(payload)
+            fn, args, kwargs = _oob.loads(payload, segment)
             value = fn(*args, **kwargs)
             self.running = False
             del fn, args, kwargs
             try:
-                return dumps(value)
+                data, out = dumps_oob(value)
+                return data if out is None else (data, out)
             except Exception as e:
                 return _error(
                     pickle.PicklingError(

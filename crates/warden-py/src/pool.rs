@@ -21,7 +21,7 @@ use pyo3::types::{PyBytes, PyList};
 use warden::frontend::WorkerCommand;
 use warden::{LifecycleEvent, Pool, StartMethod, StopMode, TaskOptions, WorkerEnd};
 
-use crate::convert::seconds;
+use crate::convert::{fd_is_open, seconds, take_fd};
 use crate::records::{core_err, core_error, Completion, PyErrorKind, PyWorkerEnd, WorkerState};
 
 /// How long a blocking call waits at a time before it looks for signals
@@ -31,7 +31,7 @@ const SLICE: Duration = Duration::from_millis(50);
 const DONE_POLL: Duration = Duration::from_millis(20);
 /// How often it re-checks a pool nobody asked to stop.
 const IDLE_POLL: Duration = Duration::from_secs(1);
-type Outcome = Result<Vec<u8>, warden::Error>;
+type Outcome = Result<warden::Output, warden::Error>;
 
 /// Where a task's id is written once `submit` knows it. An outcome can reach
 /// the queue before that (the supervisor runs concurrently, and a refused task
@@ -253,18 +253,29 @@ impl CorePool {
     }
 
     /// Queues a task and returns its id; its outcome comes out of
-    /// `next_completions` under that id. Raises `CoreError` if the pool takes
-    /// no tasks.
-    #[pyo3(signature = (payload, timeout=None))]
-    fn submit(&self, payload: &[u8], timeout: Option<f64>) -> PyResult<u64> {
+    /// `next_completions` under that id. `segment` is the fd of the call's
+    /// shared segment (see `warden._oob`): the pool owns it from this call
+    /// on, even if the call fails, and passes it to the worker with the task.
+    /// Raises `CoreError` if the pool takes no tasks.
+    #[pyo3(signature = (payload, timeout=None, segment=None))]
+    fn submit(&self, payload: &[u8], timeout: Option<f64>, segment: Option<RawFd>) -> PyResult<u64> {
+        // Own the fd first, so that it is closed on any error below.
+        let segment = segment.map(|fd| take_fd("segment", fd, 0)).transpose()?;
         let pool = self.pool().ok_or_else(core_closed)?;
         let options = TaskOptions { timeout: seconds("timeout", timeout)? };
         let inner = Arc::clone(&self.inner);
         let id: TaskId = Arc::default();
         let slot = Arc::clone(&id);
         let _submitting = lock(&self.inner.submitting);
+        // The one copy of the inline part at this boundary: the core's queue
+        // owns its payload (large buffers travel in the segment instead).
         let task = pool
-            .submit_raw(payload.to_vec(), options, Box::new(move |outcome| inner.push(slot, outcome)))
+            .submit_raw_with_segment(
+                payload.to_vec(),
+                segment,
+                options,
+                Box::new(move |outcome| inner.push(slot, outcome)),
+            )
             .map_err(core_err)?;
         // Written once, here: `set` cannot fail.
         let _ = id.set(task);
@@ -273,7 +284,8 @@ impl CorePool {
 
     /// Waits up to `timeout` seconds (forever if `None`) for task outcomes and
     /// returns up to `max` of them as `Completion` records (an empty list on
-    /// timeout). Returns `None` once the pool has shut down and every outcome
+    /// timeout); a result's shared segment comes with its record
+    /// (`Completion.take_segment`). Returns `None` once the pool has shut down and every outcome
     /// was taken.
     #[pyo3(signature = (max=256, timeout=None))]
     fn next_completions<'py>(
@@ -286,7 +298,7 @@ impl CorePool {
         let Some(batch) = py.detach(|| self.wait_batch(max, deadline)) else { return Ok(None) };
         let list = PyList::empty(py);
         for (task, outcome) in batch {
-            list.append(Completion::new(py, task, &outcome)?)?;
+            list.append(Completion::new(py, task, outcome)?)?;
         }
         Ok(Some(list))
     }
@@ -523,11 +535,6 @@ fn call_lost_hook(hook: &Py<PyAny>, lost: &warden::LostWorker) {
             e.print(py);
         }
     });
-}
-
-fn fd_is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD on a number only reads the fd table; the borrow ends here.
-    rustix::io::fcntl_getfd(unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) }).is_ok()
 }
 
 fn core_closed() -> PyErr {
