@@ -11,7 +11,7 @@ VPY := $(VENV)/bin/python
 T := timeout --kill-after=30
 
 .PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff stubtest pytest \
-	venv develop bench bench-core bench-py chaos fuzz clean
+	venv test-tools develop bench bench-core bench-py bench-peers chaos fuzz clean
 
 demo: demo-rust demo-py
 
@@ -48,6 +48,14 @@ $(VENV)/.tools: Makefile
 
 venv: $(VENV)/.tools
 
+# What the optional features' tests need (each test skips, saying so, without it).
+TEST_TOOLS := "numpy>=1.24"
+$(VENV)/.test-tools: $(VENV)/.tools
+	$(T) 900 $(VPY) -m pip install --quiet $(TEST_TOOLS)
+	touch $@
+
+test-tools: $(VENV)/.test-tools
+
 # Builds the extension (release) and installs warden into the venv, editable.
 develop: venv
 	VIRTUAL_ENV=$(abspath $(VENV)) $(T) 1200 $(VENV)/bin/maturin develop --release --quiet
@@ -61,10 +69,10 @@ ruff: venv
 stubtest: develop
 	$(T) 600 $(VPY) -m mypy.stubtest warden._warden --allowlist python/stubtest-allowlist.txt
 
-pytest: develop
+pytest: develop test-tools
 	$(T) 900 $(VPY) -m pytest
 
-bench: bench-core bench-py
+bench: bench-core bench-py bench-peers
 
 bench-core:
 	$(T) 1800 $(CARGO) bench -p warden --bench core
@@ -73,6 +81,15 @@ bench-py: develop
 	-$(T) 600 $(VPY) -m pip install --quiet "pebble>=5" || echo "pebble not installed: its row is skipped"
 	$(T) 1800 $(VPY) bench/bench_python.py
 	$(T) 1800 $(VPY) bench/bench_start.py
+
+# Peers measured against warden: benchmark-only dependencies, installed here.
+$(VENV)/.bench-peers: $(VENV)/.tools
+	$(T) 600 $(VPY) -m pip install --quiet loky pebble mpire numpy
+	touch $@
+
+# WARDEN_BENCH_QUICK=1 makes a short run.
+bench-peers: develop $(VENV)/.bench-peers
+	$(T) 3600 $(VPY) bench/bench_peers.py
 
 # Busy workers SIGKILLed at random while a pool runs many tasks; checks every
 # outcome, no double runs, no leftover children or fds (see docs/benchmarks.md).

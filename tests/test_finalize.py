@@ -571,8 +571,19 @@ def note(line):
         f.write(line + "\\n")
 
 def init():
-    note(f"start {os.getpid()}")
+    # Registered before "start" is written: a worker stopped between the two
+    # must not look like one that skipped its exit callback.
     warden.at_exit(note, f"exit {os.getpid()}")
+    note(f"start {os.getpid()}")
+
+def wait_for_starts(n):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with open(OUT) as f:
+            if sum(line.startswith("start ") for line in f) >= n:
+                return
+        time.sleep(0.01)
+    raise SystemExit("workers did not start")
 
 def pid(_):
     return os.getpid()
@@ -587,6 +598,7 @@ if __name__ == "__main__":
     elif how == "terminate":
         pool = warden.Pool(2, initializer=init)
         pool.map(pid, range(4))
+        wait_for_starts(2)
         pool.terminate()
         pool.join()
     elif how == "shutdown":
@@ -628,6 +640,41 @@ def test_exit_callbacks_run_in_every_worker_and_child_when_it_retires(program, h
     expected = {"max_tasks_per_child": 3, "timeout": 2, "process": 1}.get(how)
     if expected is not None:
         assert len(started) >= expected
+
+
+def test_exit_callbacks_and_atexit_handlers_registered_by_an_initializer_that_then_fails_still_run(program):
+    prog = program(
+        """
+        import atexit
+        import os
+        import warden
+
+        def note(line):
+            with open(os.environ["OUT"], "a") as f:
+                f.write(line + "\\n")
+
+        def init():
+            warden.at_exit(note, f"exit callback of {os.getpid()}")
+            atexit.register(note, f"atexit handler of {os.getpid()}")
+            raise ValueError("the initializer fails after registering")
+
+        if __name__ == "__main__":
+            with warden.ProcessPoolExecutor(1, initializer=init, restart_limit=(0, 60.0)) as ex:
+                try:
+                    ex.submit(os.getpid).result(timeout=60)
+                except Exception as e:
+                    print(type(e).__name__)
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["PoolFailed"], run.stdout
+    lines = prog.out_lines()
+    pids = {line.rsplit(" ", 1)[1] for line in lines}
+    assert pids, "the initializer ran"
+    for pid in pids:
+        assert f"atexit handler of {pid}" in lines, lines
+        assert f"exit callback of {pid}" in lines, lines
 
 
 def test_a_worker_runs_its_finalizer_then_gc_then_atexit_then_exit_callbacks_in_priority_order(program):

@@ -12,6 +12,8 @@ Drop-in replacements for ``concurrent.futures.ProcessPoolExecutor``,
   ``initializer``, run on every retirement path;
 * processes, events and pools pickle into inert, useful handles;
 * Ctrl-C stops waits promptly and workers gracefully;
+* large buffers (numpy arrays, ``bytes``) travel in shared memory beside the
+  pickle, and are freed on every exit path;
 * finalizers run on a dedicated thread (``finalize``), or when the program
   asks (``Guardian``); exit callbacks run in priority order in every warden
   process (``at_exit``); ``ResourceSet`` is a registry finalizers may shrink
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from ._finalize import ExitHandle, Guardian, ResourceSet, at_exit, finalize, wait_for_finalizers
     from ._futures import Future
     from ._handles import PoolHandle
+    from ._oob import SegmentError, SegmentTooLarge
     from ._remote import RemoteError, TaskAborted, TaskInterrupted
     from ._runner import WorkerLost
     from .event import Event
@@ -67,6 +70,8 @@ _HOMES = {
     "ProcessPoolExecutor": ".executor",
     "RemoteError": "._remote",
     "ResourceSet": "._finalize",
+    "SegmentError": "._oob",
+    "SegmentTooLarge": "._oob",
     "TaskAborted": "._remote",
     "TaskInterrupted": "._remote",
     "TaskTimeout": "._errors",
@@ -98,6 +103,8 @@ __all__ = [
     "ProcessPoolExecutor",
     "RemoteError",
     "ResourceSet",
+    "SegmentError",
+    "SegmentTooLarge",
     "TaskAborted",
     "TaskInterrupted",
     "TaskTimeout",

@@ -26,13 +26,20 @@ from collections.abc import Callable, Iterable
 from multiprocessing import context as _mp_context
 from multiprocessing.reduction import ForkingPickler
 
+from . import _oob
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from typing import Any
 
 PROTOCOL = 5
 
-loads = pickle.loads
+
+def loads(data: Any) -> Any:
+    """Unpickles a task's call or outcome, with its out-of-band buffers if it has some."""
+    if type(data) is _oob.Received:
+        return data.load()
+    return pickle.loads(data)
 
 
 class _Pickler(pickle.Pickler):
@@ -102,6 +109,33 @@ def _cloud(obj: Any) -> bytes:
     buf = io.BytesIO()
     _cloud_pickler_class()(buf, protocol=PROTOCOL).dump(obj)
     return buf.getvalue()
+
+
+def _plain_oob(file: io.BytesIO, callback: _oob.Collector) -> pickle.Pickler:
+    return _pickler()(file, PROTOCOL, buffer_callback=callback)
+
+
+def _cloud_oob(file: io.BytesIO, callback: _oob.Collector) -> pickle.Pickler:
+    return _cloud_pickler_class()(file, protocol=PROTOCOL, buffer_callback=callback)  # type: ignore[no-any-return]
+
+
+def dumps_oob(obj: Any) -> tuple[bytes, int | None]:
+    """Pickles a task's call or result: like :func:`dumps`, with large
+    buffers out of band in a shared segment. Returns the pickle and the
+    segment's fd (owned by the caller), or ``None`` if there is none."""
+    obj = _oob.prepare(obj)
+    if not _main_is_importable():
+        return _oob.dumps(obj, _cloud_oob)
+    try:
+        return _oob.dumps(obj, _plain_oob)
+    except _oob.SegmentTooLarge:
+        raise
+    except Exception as plain_error:
+        try:
+            return _oob.dumps(obj, _cloud_oob)
+        except Exception as cloud_error:
+            plain_error.add_note(f"(cloudpickle could not pickle it either: {cloud_error!r})")
+            raise plain_error from None
 
 
 def dumps(obj: Any, before_retry: Callable[[Exception], None] | None = None) -> bytes:

@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from . import _finalize, _warden
+from . import _finalize, _oob, _warden
 from ._errors import ErrorData
 from ._pickle import dumps_for_spawn
 
@@ -44,6 +44,9 @@ WORKER_MODULE = "warden._worker"
 
 #: Grace period of each escalation step (seconds), the core's default.
 GRACE: float = _warden.DEFAULT_GRACE
+#: The largest frame on a worker channel (bytes); None for the core's default.
+#: Out-of-band buffers do not count against it (see _oob).
+MAX_FRAME: int | None = None
 
 #: A task's outcome: ``(True, result bytes)`` or ``(False, ErrorData)``; or
 #: ``(None, None)`` when a worker started a task submitted with ``report_start``.
@@ -327,6 +330,7 @@ class Runner:
             max_tasks_per_child=max_tasks_per_child,
             task_timeout=task_timeout,
             grace=GRACE,
+            max_frame_size=MAX_FRAME,
             one_off=one_off,
             start=start,
             zygote_payload=zygote,
@@ -369,16 +373,26 @@ class Runner:
         on_done: OnDone,
         timeout: float | None = None,
         owner: Any = None,
+        segment: int | None = None,
         report_start: bool = False,
     ) -> int:
         """Queues a task; ``on_done(ok, data)`` gets its outcome on the results
         thread (see :data:`OnDone`; with ``report_start``, first
-        ``on_done(None, None)`` when a worker starts it). Returns the task id.
-        Raises ``CoreError`` if refused. ``owner`` (the future or result) is
-        what ``on_worker_lost`` reports as the task."""
-        with self.pending_lock:
-            task = self.core.submit(payload, timeout, report_start)
+        ``on_done(None, None)`` when a worker starts it). Returns the task id. Raises ``CoreError``
+        if refused. ``owner`` (the future or result) is what
+        ``on_worker_lost`` reports as the task. ``segment`` is the fd of the
+        call's out-of-band buffers; the core owns it from here on, even if
+        this raises."""
+        try:
+            self.pending_lock.acquire()
+        except BaseException:
+            close_fd(segment)
+            raise
+        try:
+            task = self.core.submit(payload, timeout, segment, report_start)
             self.pending[task] = on_done
+        finally:
+            self.pending_lock.release()
         if self._tasks is not None and owner is not None:
             self._tasks[task] = owner
         return task
@@ -468,6 +482,12 @@ def _close_fds(fds: list[int]) -> None:
             os.close(fd)
 
 
+def close_fd(fd: int | None) -> None:
+    """Closes a segment fd that never reached the core."""
+    if fd is not None:
+        _close_fds([fd])
+
+
 def _forget_finished_runners() -> None:
     """Forgets runners without a results thread whose pool has shut down."""
     with _live_lock:
@@ -488,22 +508,10 @@ def _deliver_outcomes(
             batch = core.next_completions(512)
             if batch is None:
                 break
-            with pending_lock:
-                # A start leaves the callback in place for the outcome to come.
-                callbacks = [
-                    pending.get(done.task) if done.started else pending.pop(done.task, None) for done in batch
-                ]
-            for done, callback in zip(batch, callbacks, strict=True):
-                if callback is None:
-                    continue
-                if done.started:
-                    _call_outcome_callback(callback, None, None)
-                elif done.error is None:
-                    _call_outcome_callback(callback, True, done.value)
-                else:
-                    _call_outcome_callback(callback, False, ErrorData.from_core(done.error))
-            # Hold no outcome (nor its future) while waiting for the next.
-            batch = callbacks = done = callback = None
+            _deliver_batch(batch, pending, pending_lock)
+            # Hold nothing (no outcome, nor its future) while waiting: a
+            # result's mapping lives only as long as what was built on it.
+            batch = None
     finally:
         # The pool is gone; anything still waiting never got an outcome.
         with pending_lock:
@@ -516,6 +524,29 @@ def _deliver_outcomes(
                 ErrorData(_warden.ErrorKind.CLOSED, "the pool shut down before the task finished"),
             )
         leave_live_set()
+
+
+def _deliver_batch(
+    batch: list[_warden.Completion], pending: dict[int, OnDone], pending_lock: threading.Lock
+) -> None:
+    with pending_lock:
+        # A start leaves the callback in place for the outcome to come.
+        callbacks = [
+            pending.get(done.task) if done.started else pending.pop(done.task, None) for done in batch
+        ]
+    for done, callback in zip(batch, callbacks, strict=True):
+        if callback is None:
+            continue  # its segment, if any, is closed with the record
+        if done.started:
+            _call_outcome_callback(callback, None, None)
+            continue
+        if done.error is not None:
+            _call_outcome_callback(callback, False, ErrorData.from_core(done.error))
+            continue
+        # A result's segment is mapped (and its fd closed) now.
+        segment = done.take_segment()
+        value = done.value if segment is None else _oob.Received(done.value or b"", segment)
+        _call_outcome_callback(callback, True, value)
 
 
 def _call_outcome_callback(callback: OnDone, ok: bool | None, data: Any) -> None:

@@ -15,11 +15,13 @@ __all__ = [
     "LostWorker",
     "RemoteFailure",
     "RemoteKind",
+    "Segment",
     "SharedEvent",
     "TaskError",
     "WorkerEnd",
     "WorkerState",
     "forked_from",
+    "map_segment",
     "register_finalizer",
     "run_exit_finalizers",
     "send_record",
@@ -119,6 +121,8 @@ class Completion:
     def error(self) -> TaskError | None: ...
     @property
     def started(self) -> bool: ...
+    def take_segment(self) -> int | None:
+        """The fd of the result's shared segment, handed over (the caller closes it)."""
 
 @final
 class WorkerEnd:
@@ -204,7 +208,13 @@ class CorePool:
         memory_limit: int | None = None,
         on_worker_lost: Callable[[LostWorker], object] | None = None,
     ) -> CorePool: ...
-    def submit(self, payload: bytes, timeout: float | None = None, report_start: bool = False) -> int: ...
+    def submit(
+        self,
+        payload: bytes,
+        timeout: float | None = None,
+        segment: int | None = None,
+        report_start: bool = False,
+    ) -> int: ...
     def next_completions(self, max: int = 256, timeout: float | None = None) -> list[Completion] | None: ...
     def cancel(self, task: int) -> bool: ...
     def cancel_queued(self, task: int) -> bool: ...
@@ -230,6 +240,15 @@ class CorePool:
     def dispose(self) -> None: ...
 
 @final
+class Segment:
+    """A received shared segment, mapped copy-on-write; supports the buffer protocol."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+def map_segment(fd: int, min: int, max: int) -> Segment: ...
+
+@final
 class SharedEvent:
     """A process-shared event flag in a sealed memfd page."""
 
@@ -250,7 +269,7 @@ class WorkerHandler(Protocol):
     """What ``worker_main`` calls; see python/warden/_workerloop.py."""
 
     def init(self, worker: int, pid: int, parent: int, payload: bytes) -> RemoteFailure | None: ...
-    def run(self, payload: bytes) -> bytes | RemoteFailure: ...
+    def run(self, payload: bytes, segment: int | None) -> bytes | tuple[bytes, int] | RemoteFailure: ...
     def exit(self, reason: str) -> tuple[str | None, int | None]: ...
 
 def worker_main(handler: WorkerHandler, variables: dict[str, str]) -> None:

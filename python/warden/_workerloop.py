@@ -37,8 +37,8 @@ import signal
 import sys
 import threading
 
-from . import _context, _warden
-from ._pickle import dumps
+from . import _context, _oob, _warden
+from ._pickle import dumps, dumps_oob
 from ._remote import RemoteError, TaskAborted, TaskInterrupted
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
@@ -179,6 +179,7 @@ class Handler:
                 _context._set(cm.__enter__())
                 self.context = cm
         except TaskInterrupted:
+            self._end_process([])
             return _interrupted()
         except BaseException as e:
             self.running = False
@@ -188,22 +189,31 @@ class Handler:
                 return _interrupted()
             print(f"warden: worker {os.getpid()} failed to start:", file=sys.stderr)
             _print_exc()
-            return _error(e)
+            failure = _error(e)
+            self._end_process([])
+            return failure
         finally:
             self.running = False
         return None
 
-    def run(self, payload: bytes) -> bytes | _warden.RemoteFailure:
+    def run(
+        self, payload: bytes, segment: int | None = None
+    ) -> bytes | tuple[bytes, int] | _warden.RemoteFailure:
+        """Runs one task: returns the pickled result (with the fd of its
+        out-of-band buffers, as ``(bytes, fd)``, if it has some) or a
+        ``RemoteFailure``. ``segment`` is the fd of the call's buffers, if any
+        (closed here)."""
         self.running = True
         try:
             if self.mode == "process":
                 return self._run_process(payload)
-            fn, args, kwargs = pickle.loads(payload)
+            fn, args, kwargs = _oob.loads(payload, segment)
             value = fn(*args, **kwargs)
             self.running = False
             del fn, args, kwargs
             try:
-                return dumps(value)
+                data, out = dumps_oob(value)
+                return data if out is None else (data, out)
             except Exception as e:
                 return _error(_unpicklable_result(value, e))
         except TaskInterrupted:
@@ -280,6 +290,14 @@ class Handler:
                 print(f"warden: worker {os.getpid()}: exception in finalizer:", file=sys.stderr)
                 _print_exc()
         self.hooks = {}
+        self._end_process(errors)
+        return ("; ".join(errors) or None, self.exit_code)
+
+    def _end_process(self, errors: list[str]) -> None:
+        """The process's part of the exit path, also run when the worker never
+        finished starting (what a partly run initializer registered still
+        runs): gc, atexit (with warden's exit callbacks), flush. Once: the
+        registries are empty afterwards."""
         try:
             gc.collect()
         except BaseException as e:
@@ -305,7 +323,6 @@ class Handler:
                     stream.flush()
             except Exception:
                 pass
-        return ("; ".join(errors) or None, self.exit_code)
 
 
 def _set_parent(name: str, pid: int) -> None:

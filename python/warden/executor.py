@@ -18,7 +18,7 @@ from ._children import WorkerProcess, workers_of
 from ._errors import core_error
 from ._futures import Future
 from ._handles import PoolHandle
-from ._pickle import dumps
+from ._pickle import dumps_oob
 from ._tasks import run_chunk
 
 _counter = itertools.count(1)
@@ -167,18 +167,22 @@ class ProcessPoolExecutor(_base.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         if _runner.exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        payload = dumps((fn, args, kwargs))
-        return self._submit_payload(payload)
+        payload, segment = dumps_oob((fn, args, kwargs))
+        return self._submit_payload(payload, segment)
 
-    def _submit_payload(self, payload: bytes) -> Future:
-        with self._lock:
-            if self._shutdown_called:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            runner = self._ensure_runner()
-        future = Future()
-        future._on_interrupt = runner.interrupt
+    def _submit_payload(self, payload: bytes, segment: int | None = None) -> Future:
         try:
-            task = runner.submit(payload, future._deliver, owner=future, report_start=True)
+            with self._lock:
+                if self._shutdown_called:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                runner = self._ensure_runner()
+            future = Future()
+            future._on_interrupt = runner.interrupt
+        except BaseException:
+            _runner.close_fd(segment)
+            raise
+        try:
+            task = runner.submit(payload, future._deliver, owner=future, segment=segment, report_start=True)
         except _warden.CoreError as e:
             raise core_error(e) from None
         future._canceller = functools.partial(_runner.cancel, runner.core, task)

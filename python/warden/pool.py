@@ -21,7 +21,7 @@ from . import _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
 from ._handles import PoolHandle
-from ._pickle import dumps, loads
+from ._pickle import dumps_oob, loads
 from ._tasks import run_chunk
 
 _counter = itertools.count(1)
@@ -143,9 +143,11 @@ class Pool(multiprocessing.pool.Pool):
         if self._state != RUN:
             raise ValueError("Pool not running")
 
-    def _submit(self, payload: bytes, on_done: Callable[[bool, Any], None], owner: Any = None) -> int:
+    def _submit(
+        self, payload: bytes, segment: int | None, on_done: Callable[[bool, Any], None], owner: Any = None
+    ) -> int:
         try:
-            return self._runner.submit(payload, on_done, owner=owner)
+            return self._runner.submit(payload, on_done, owner=owner, segment=segment)
         except _warden.CoreError as e:
             if e.kind == _warden.ErrorKind.CLOSED:
                 raise ValueError("Pool not running") from None
@@ -168,9 +170,13 @@ class Pool(multiprocessing.pool.Pool):
         """Queues ``func(*args, **kwds)``; returns an :class:`ApplyResult`.
         Raises at once if the call cannot be pickled (the pool is unaffected)."""
         self._check_running()
-        payload = dumps((func, tuple(args), dict(kwds)))
-        result = ApplyResult(self, callback, error_callback)
-        result._tasks.append(self._submit(payload, result._deliver, result))
+        payload, segment = dumps_oob((func, tuple(args), dict(kwds)))
+        try:
+            result = ApplyResult(self, callback, error_callback)
+        except BaseException:
+            _runner.close_fd(segment)
+            raise
+        result._tasks.append(self._submit(payload, segment, result._deliver, result))
         return result
 
     # -- maps --------------------------------------------------------------
@@ -229,13 +235,25 @@ class Pool(multiprocessing.pool.Pool):
             chunksize = 0
         elif chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize}")
-        payloads = []
+        payloads: list[tuple[bytes, int | None]] = []
         it = iter(items)
-        while length and (chunk := tuple(itertools.islice(it, chunksize))):
-            payloads.append(dumps((run_chunk, (func, chunk, star), {})))
-        result = MapResult(self, len(payloads), callback, error_callback)
-        for i, payload in enumerate(payloads):
-            result._tasks.append(self._submit(payload, functools.partial(result._deliver_chunk, i), result))
+        try:
+            while length and (chunk := tuple(itertools.islice(it, chunksize))):
+                payloads.append(dumps_oob((run_chunk, (func, chunk, star), {})))
+            result = MapResult(self, len(payloads), callback, error_callback)
+        except BaseException:
+            for _, segment in payloads:
+                _runner.close_fd(segment)
+            raise
+        for i, (payload, segment) in enumerate(payloads):
+            try:
+                result._tasks.append(
+                    self._submit(payload, segment, functools.partial(result._deliver_chunk, i), result)
+                )
+            except BaseException:
+                for _, later in payloads[i + 1 :]:
+                    _runner.close_fd(later)
+                raise
         return result
 
     def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
@@ -539,13 +557,13 @@ def _feed_imap(
             if not chunk:
                 break
             try:
-                payload = dumps((run_chunk, (func, chunk, False), {}))
+                payload, segment = dumps_oob((run_chunk, (func, chunk, False), {}))
             except Exception as e:
                 result._put(index, False, ErrorData.local(e, "cannot pickle the task"))
                 index += 1
                 continue
             try:
-                pool._runner.submit(payload, functools.partial(result._deliver, index))
+                pool._runner.submit(payload, functools.partial(result._deliver, index), segment=segment)
             except _warden.CoreError:
                 result._put(
                     index, False, ErrorData(_warden.ErrorKind.CANCELLED, "the pool stopped taking tasks")

@@ -1,9 +1,29 @@
 //! Conversions of plain values from Python.
 
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+
+/// Takes ownership of an fd number Python hands over (at least `min`: 0, or 3
+/// for fds that must not be stdio). `ValueError` if it is not open.
+pub fn take_fd(what: &str, fd: RawFd, min: RawFd) -> PyResult<OwnedFd> {
+    if fd < min || !fd_is_open(fd) {
+        return Err(PyValueError::new_err(format!(
+            "{what}: {fd} is not an open fd{}",
+            if min > 0 { " above stdio" } else { "" }
+        )));
+    }
+    // SAFETY: the fd is open (checked above) and the caller hands it over.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether `fd` is an open fd of this process.
+pub fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD on a number only reads the fd table; the borrow ends here.
+    fd >= 0 && rustix::io::fcntl_getfd(unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) }).is_ok()
+}
 
 /// A number of seconds from Python as a duration; `None` stays `None`.
 pub fn seconds(what: &str, secs: Option<f64>) -> PyResult<Option<Duration>> {

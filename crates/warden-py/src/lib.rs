@@ -16,6 +16,8 @@
 //!   with the interpreter's own fork protocol around each fork;
 //! * `event::SharedEvent`: a process-shared flag in a sealed `memfd` page,
 //!   waited on with a shared futex;
+//! * `segment::Segment`: a shared segment of large buffers received from
+//!   another process, mapped and exposed through the buffer protocol;
 //! * `finalize`: Python callbacks on the core's finalizer service
 //!   (`FinalizerToken`, the exit drain), attached to the interpreter one call
 //!   at a time and never once it is finalizing.
@@ -31,6 +33,7 @@ mod event;
 mod finalize;
 mod pool;
 mod records;
+mod segment;
 mod worker;
 mod zygote;
 
@@ -54,6 +57,8 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<records::WorkerState>()?;
     m.add_class::<pool::LostWorker>()?;
     m.add_class::<event::SharedEvent>()?;
+    m.add_class::<segment::Segment>()?;
+    m.add_function(wrap_pyfunction!(segment::map_segment, m)?)?;
     m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
     m.add_function(wrap_pyfunction!(zygote::zygote_main, m)?)?;
     m.add_function(wrap_pyfunction!(zygote::forked_from, m)?)?;

@@ -21,7 +21,7 @@ use pyo3::types::{PyBytes, PyList};
 use warden::frontend::WorkerCommand;
 use warden::{LifecycleEvent, Pool, StartMethod, StopMode, TaskOptions, WorkerEnd};
 
-use crate::convert::seconds;
+use crate::convert::{fd_is_open, seconds, take_fd};
 use crate::records::{core_err, core_error, Completion, PyErrorKind, PyWorkerEnd, WorkerState};
 
 /// How long a blocking call waits at a time before it looks for signals
@@ -31,7 +31,7 @@ const SLICE: Duration = Duration::from_millis(50);
 const DONE_POLL: Duration = Duration::from_millis(20);
 /// How often it re-checks a pool nobody asked to stop.
 const IDLE_POLL: Duration = Duration::from_secs(1);
-type Outcome = Result<Vec<u8>, warden::Error>;
+type Outcome = Result<warden::Output, warden::Error>;
 
 /// Workers whose exit status [`CorePool::exit_status`] remembers (the last ones to exit).
 const EXIT_LOG: usize = 1024;
@@ -299,33 +299,32 @@ impl CorePool {
 
     /// Queues a task and returns its id; its outcome comes out of
     /// `next_completions` under that id, and with `report_start`, first a
-    /// `Completion` with `started` set when a worker starts it. Raises
-    /// `CoreError` if the pool takes no tasks.
-    #[pyo3(signature = (payload, timeout=None, report_start=false))]
-    fn submit(&self, payload: &[u8], timeout: Option<f64>, report_start: bool) -> PyResult<u64> {
+    /// `Completion` with `started` set when a worker starts it. `segment` is
+    /// the fd of the call's shared segment (see `warden._oob`): the pool owns
+    /// it from this call on, even if the call fails, and passes it to the
+    /// worker with the task. Raises `CoreError` if the pool takes no tasks.
+    #[pyo3(signature = (payload, timeout=None, segment=None, report_start=false))]
+    fn submit(
+        &self,
+        payload: &[u8],
+        timeout: Option<f64>,
+        segment: Option<RawFd>,
+        report_start: bool,
+    ) -> PyResult<u64> {
+        // Own the fd first, so that it is closed on any error below.
+        let segment = segment.map(|fd| take_fd("segment", fd, 0)).transpose()?;
         let pool = self.pool().ok_or_else(core_closed)?;
         let options = TaskOptions { timeout: seconds("timeout", timeout)? };
         let inner = Arc::clone(&self.inner);
         let id: TaskId = Arc::default();
         let slot = Arc::clone(&id);
         let _submitting = lock(&self.inner.submitting);
-        if !report_start {
-            let task = pool
-                .submit_raw(payload.to_vec(), options, Box::new(move |outcome| inner.push(slot, Some(outcome))))
-                .map_err(core_err)?;
-            // Written once, here: `set` cannot fail.
-            let _ = id.set(task);
-            let mut starts = lock(&self.inner.starts);
-            starts.returned = starts.returned.max(task);
-            starts.early.remove(&task);
-            return Ok(task);
-        }
-        // The outcome may come before `submit_raw` returns the id: `done`
-        // tells the code below, under the `starts` lock, not to watch it.
-        let done = Arc::new(AtomicBool::new(false));
-        let seen = Arc::clone(&done);
-        let reply = Box::new(move |outcome| {
-            {
+        // With `report_start`, the outcome may come before the id is known:
+        // `done` tells the code below, under the `starts` lock, not to watch it.
+        let done = report_start.then(|| Arc::new(AtomicBool::new(false)));
+        let seen = done.clone();
+        let reply: Box<dyn FnOnce(Outcome) + Send> = Box::new(move |outcome| {
+            if let Some(seen) = seen {
                 let mut starts = lock(&inner.starts);
                 seen.store(true, Ordering::SeqCst);
                 if let Some(task) = slot.get() {
@@ -334,12 +333,15 @@ impl CorePool {
             }
             inner.push(slot, Some(outcome));
         });
-        let task = pool.submit_raw(payload.to_vec(), options, reply).map_err(core_err)?;
+        // The one copy of the inline part at this boundary: the core's queue
+        // owns its payload (large buffers travel in the segment instead).
+        let task = pool.submit_raw_with_segment(payload.to_vec(), segment, options, reply).map_err(core_err)?;
+        // Written once, here: `set` cannot fail.
         let _ = id.set(task);
         let mut starts = lock(&self.inner.starts);
         starts.returned = starts.returned.max(task);
         let early = starts.early.remove(&task);
-        if !done.load(Ordering::SeqCst) {
+        if done.is_some_and(|done| !done.load(Ordering::SeqCst)) {
             if early {
                 drop(starts);
                 self.inner.push(id, None);
@@ -352,9 +354,10 @@ impl CorePool {
 
     /// Waits up to `timeout` seconds (forever if `None`) for task outcomes and
     /// returns up to `max` of them as `Completion` records (an empty list on
-    /// timeout); a task submitted with `report_start` also gives one with
-    /// `started` set, before its outcome. Returns `None` once the pool has
-    /// shut down and every outcome was taken.
+    /// timeout); a result's shared segment comes with its record
+    /// (`Completion.take_segment`), and a task submitted with `report_start`
+    /// also gives one with `started` set, before its outcome. Returns `None`
+    /// once the pool has shut down and every outcome was taken.
     #[pyo3(signature = (max=256, timeout=None))]
     fn next_completions<'py>(
         &self,
@@ -367,7 +370,7 @@ impl CorePool {
         let list = PyList::empty(py);
         for (task, outcome) in batch {
             let record = match outcome {
-                Some(outcome) => Completion::new(py, task, &outcome)?,
+                Some(outcome) => Completion::new(py, task, outcome)?,
                 None => Completion::started(task),
             };
             list.append(record)?;
@@ -613,11 +616,6 @@ fn call_lost_hook(hook: &Py<PyAny>, lost: &warden::LostWorker) {
             e.print(py);
         }
     });
-}
-
-fn fd_is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD on a number only reads the fd table; the borrow ends here.
-    rustix::io::fcntl_getfd(unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) }).is_ok()
 }
 
 fn core_closed() -> PyErr {

@@ -13,6 +13,9 @@
 //! `python/warden/_warden.pyi` mirrors these classes; `make stubtest` checks
 //! the two against each other.
 
+use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use warden::{ExitReason, RemoteError, RemoteErrorKind, RetireReason, StopCause, WorkerEnd, WorkerSnapshot};
@@ -236,33 +239,47 @@ impl TaskError {
     }
 }
 
-/// One task's outcome: exactly one of `value` (the result's bytes) and `error`;
-/// or, with `started` set and neither, the news that a worker started the task.
-#[pyclass(module = "warden._warden", frozen, get_all)]
+/// One task's outcome: exactly one of `value` (the result's bytes) and
+/// `error`; a value may come with the fd of the result's shared segment
+/// (see `python/warden/_oob.py`), which [`Completion::take_segment`] hands
+/// over. A segment nobody took is closed with the record. Or, with `started`
+/// set and neither, the news that a worker started the task.
+#[pyclass(module = "warden._warden", frozen)]
 pub struct Completion {
     /// The task's id, as `CorePool.submit` returned it.
+    #[pyo3(get)]
     task: u64,
     /// The result's bytes, if the task succeeded.
+    #[pyo3(get)]
     value: Option<Py<PyBytes>>,
     /// Why it failed, if it did.
+    #[pyo3(get)]
     error: Option<Py<TaskError>>,
     /// Set (with neither a value nor an error) for the news that a worker
     /// started the task, which `CorePool.submit(..., report_start=True)`
     /// asks for; its outcome follows in a later record.
+    #[pyo3(get)]
     started: bool,
+    /// The result's shared segment, until it is taken.
+    segment: Mutex<Option<OwnedFd>>,
 }
 
 impl Completion {
-    /// The record of `task`'s outcome.
-    pub fn new(py: Python<'_>, task: u64, outcome: &Result<Vec<u8>, warden::Error>) -> PyResult<Self> {
+    /// The record of `task`'s outcome; it owns the result's segment, if any.
+    pub fn new(py: Python<'_>, task: u64, outcome: Result<warden::Output, warden::Error>) -> PyResult<Self> {
         Ok(match outcome {
-            Ok(bytes) => {
-                Completion { task, value: Some(PyBytes::new(py, bytes).unbind()), error: None, started: false }
-            }
+            Ok(out) => Completion {
+                task,
+                value: Some(PyBytes::new(py, &out.bytes).unbind()),
+                error: None,
+                segment: Mutex::new(out.segment),
+                started: false,
+            },
             Err(e) => Completion {
                 task,
                 value: None,
-                error: Some(Py::new(py, TaskError::from_core(py, e)?)?),
+                error: Some(Py::new(py, TaskError::from_core(py, &e)?)?),
+                segment: Mutex::new(None),
                 started: false,
             },
         })
@@ -270,7 +287,16 @@ impl Completion {
 
     /// The record that a worker started `task`.
     pub fn started(task: u64) -> Self {
-        Completion { task, value: None, error: None, started: true }
+        Completion { task, value: None, error: None, started: true, segment: Mutex::new(None) }
+    }
+}
+
+#[pymethods]
+impl Completion {
+    /// The fd of the result's shared segment, handed over: the caller closes
+    /// it. `None` if the result has none, or it was taken already.
+    fn take_segment(&self) -> Option<RawFd> {
+        self.segment.lock().unwrap_or_else(|p| p.into_inner()).take().map(IntoRawFd::into_raw_fd)
     }
 }
 

@@ -6,7 +6,14 @@
 //!
 //! * `init(worker, pid, parent, payload)` returns `None` when the worker is
 //!   ready, or a `RemoteFailure` saying why it cannot start;
-//! * `run(payload)` returns the result's bytes, or a `RemoteFailure`;
+//! * `run(payload, segment)` returns the result's bytes, or `(bytes, fd)`
+//!   when the result's large buffers travel in a shared segment, or a
+//!   `RemoteFailure`. `payload` is a read-only `memoryview` of the frame in
+//!   the core's buffer (no copy), valid only during the call: it is released
+//!   when `run` returns, and a worker whose handler kept it exported aborts
+//!   rather than let Python read reused memory. `segment` is the fd of the
+//!   call's shared segment or `None`; Python owns it (and the fd it returns
+//!   is the core's from then on);
 //! * `exit(reason)` runs the exit path of the Python side and returns
 //!   `(error or None, exit code or None)`; it is installed as the core's exit
 //!   hook once `init` succeeded, and may be called on the monitor thread.
@@ -23,15 +30,17 @@
 //! original signal was delivered to another thread.
 
 use std::collections::HashMap;
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
 
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyTuple};
 use warden::frontend::{ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_PROTOCOL};
 use warden::WorkerInfo;
 use warden::{ExitReason, RemoteError, RemoteErrorKind};
 
+use crate::convert::take_fd;
 use crate::records::{exit_reason, RemoteFailure};
 
 /// Runs this process as a worker of the pool that started it, with `handler`
@@ -125,9 +134,40 @@ impl Handler for PyHandler {
     }
 
     fn run(&mut self, payload: &[u8]) -> Result<Vec<u8>, RemoteError> {
+        self.run_with_segment(payload, None).map(|(value, _)| value)
+    }
+
+    fn run_with_segment(
+        &mut self,
+        payload: &[u8],
+        segment: Option<OwnedFd>,
+    ) -> Result<(Vec<u8>, Option<OwnedFd>), RemoteError> {
+        use std::os::fd::IntoRawFd;
         Python::attach(|py| {
-            let result = self.handler.bind(py).call_method1("run", (PyBytes::new(py, payload),));
-            outcome(py, result, |v| Ok(v.cast::<PyBytes>()?.as_bytes().to_vec()))
+            let view = match borrowed_view(py, payload) {
+                Ok(view) => view,
+                Err(e) => return Err(remote_from_pyerr(py, e)),
+            };
+            let fd = segment.map(IntoRawFd::into_raw_fd);
+            let result = self.handler.bind(py).call_method1("run", (&view, fd));
+            if view.call_method0("release").is_err() {
+                eprintln!("warden worker: the task handler kept its payload view exported; aborting");
+                std::process::abort();
+            }
+            outcome(py, result, |value| {
+                if let Ok(t) = value.cast::<PyTuple>() {
+                    if t.len() != 2 {
+                        return Err(PyTypeError::new_err(format!(
+                            "run() returned a tuple of {} items, not (bytes, fd)",
+                            t.len()
+                        )));
+                    }
+                    // (bytes, fd): own the fd before anything else can fail.
+                    let fd = take_fd("the result's segment", t.get_item(1)?.extract::<RawFd>()?, 0)?;
+                    return Ok((t.get_item(0)?.cast::<PyBytes>()?.as_bytes().to_vec(), Some(fd)));
+                }
+                Ok((value.cast::<PyBytes>()?.as_bytes().to_vec(), None))
+            })
         })
     }
 
@@ -141,6 +181,19 @@ impl Handler for PyHandler {
                 libc::syscall(libc::SYS_tgkill, libc::getpid(), main_thread, libc::SIGTERM);
             }
         }))
+    }
+}
+
+/// A read-only `memoryview` over `bytes`, which the caller must release
+/// before `bytes` goes away.
+fn borrowed_view<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let len = pyo3::ffi::Py_ssize_t::try_from(bytes.len())
+        .map_err(|_| PyRuntimeError::new_err("payload too large for a memoryview"))?;
+    // SAFETY: PyBUF_READ makes the view read-only, so Python never writes
+    // through the pointer; the caller releases the view before the borrow ends.
+    unsafe {
+        let ptr = pyo3::ffi::PyMemoryView_FromMemory(bytes.as_ptr() as *mut _, len, pyo3::ffi::PyBUF_READ);
+        Bound::from_owned_ptr_or_err(py, ptr)
     }
 }
 

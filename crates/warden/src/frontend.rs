@@ -15,7 +15,7 @@
 //!   [`ExitStatus`](crate::ExitStatus) it returns.
 
 pub use crate::spawn::{WorkerCommand, ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
-pub use crate::supervisor::Reply;
+pub use crate::supervisor::{Output, Reply};
 pub use crate::worker::{
     serve, ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_INIT_FAILED, EXIT_PARENT_GONE,
     EXIT_PROTOCOL, UNWIND_GRACE, WORKER_VARIABLES,
@@ -26,9 +26,9 @@ pub use crate::worker::{
 /// it, and for property tests and fuzzing of the decoder.
 pub mod wire {
     pub use crate::wire::{
-        decode_body, encode, parse_header, ExitPathReport, ExitReason, FrameRange, FrameReader, Message, RemoteError,
-        RemoteErrorKind, RetireReason, WireError, WireOutcome, DEFAULT_MAX_FRAME, HEADER_LEN, MAGIC, MAX_GROWTH_STEP,
-        PROTOCOL_VERSION,
+        decode_body, encode, encode_frame, parse_header, send_with_fd, ExitPathReport, ExitReason, FrameRange,
+        FrameReader, Message, RemoteError, RemoteErrorKind, RetireReason, WireError, WireOutcome, DEFAULT_MAX_FRAME,
+        FLAG_SEGMENT, HEADER_LEN, MAGIC, MAX_GROWTH_STEP, MAX_PENDING_FDS, PROTOCOL_VERSION,
     };
 }
 

@@ -86,7 +86,7 @@ pub use pool::{
     spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, StartMethod, StopMode, TaskOptions, DEFAULT_GRACE,
     DEFAULT_INIT_TIMEOUT, DEFAULT_RESTART_LIMIT, DEFAULT_RESTART_WINDOW,
 };
-pub use supervisor::{LifecycleEvent, StopCause, WorkerEnd, WorkerSnapshot};
+pub use supervisor::{LifecycleEvent, Output, StopCause, WorkerEnd, WorkerSnapshot};
 pub use wire::{ExitPathReport, ExitReason, RemoteError, RemoteErrorKind, RetireReason};
 
 pub use worker::{current_worker, set_cleanup_record, WorkerInfo};

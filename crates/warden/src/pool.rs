@@ -451,13 +451,29 @@ impl Pool {
         let payload = Call::encode(f, &args).map_err(Error::codec)?;
         let slot = Arc::new(Slot::default());
         let reply_slot = Arc::clone(&slot);
-        let id = self.submit_raw(payload, options, Box::new(move |outcome| reply_slot.fill(outcome)))?;
+        let reply: Reply = Box::new(move |outcome| reply_slot.fill(outcome.map(|o| o.bytes)));
+        let id = self.submit_raw(payload, options, reply)?;
         Ok(Handle { id, slot, shared: Arc::clone(&self.shared), _result: PhantomData })
     }
 
     /// Queues an opaque payload; `reply` gets its outcome exactly once, on the
     /// supervisor thread. Returns the task's id.
     pub fn submit_raw(&self, payload: Vec<u8>, options: TaskOptions, reply: Reply) -> Result<u64> {
+        self.submit_raw_with_segment(payload, None, options, reply)
+    }
+
+    /// Like [`Pool::submit_raw`], with a shared segment (any descriptor) that
+    /// the worker receives with the task, over the channel (`SCM_RIGHTS`).
+    /// The pool owns it until the task is done, then closes it; the worker's
+    /// [`Handler::run_with_segment`](crate::worker::Handler::run_with_segment)
+    /// gets its own copy.
+    pub fn submit_raw_with_segment(
+        &self,
+        payload: Vec<u8>,
+        segment: Option<OwnedFd>,
+        options: TaskOptions,
+        reply: Reply,
+    ) -> Result<u64> {
         if !self.shared.accepting.load(Ordering::SeqCst) {
             return Err(self.closed_error());
         }
@@ -470,7 +486,7 @@ impl Pool {
             ))));
         }
         let id = self.shared.next_task.fetch_add(1, Ordering::Relaxed);
-        let task = Task::new(id, payload, options.timeout.or(self.default_timeout), reply);
+        let task = Task::new(id, payload, segment, options.timeout.or(self.default_timeout), reply);
         match self.shared.send(Command::Submit(task)) {
             Ok(()) => Ok(id),
             Err(cmd) => {

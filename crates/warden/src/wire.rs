@@ -7,8 +7,16 @@
 //!  +------+---------+--------+--------------+---------------------------+
 //!  | "WD" | version | flags  | body length  | body: postcard(Message)   |
 //!  +------+---------+--------+--------------+---------------------------+
-//!                      (0)     u32, little endian
+//!                              u32, little endian
 //! ```
+//!
+//! The only flag is [`FLAG_SEGMENT`]: one file descriptor travels with the
+//! frame, passed with `SCM_RIGHTS` on the frame's first byte (a shared-memory
+//! segment holding a payload's large buffers, see [`FrameReader::take_segment`]).
+//! The kernel delivers it no later than that byte, so by the time a frame is
+//! complete its descriptor has arrived; descriptors are matched to frames in
+//! order. A peer that announces a descriptor it did not send, or sends more
+//! than [`MAX_PENDING_FDS`] it never announces, breaks the protocol.
 //!
 //! The wire is untrusted in both directions: a worker runs user code and can
 //! write anything to its end. Decoding therefore never panics, never trusts a
@@ -20,12 +28,22 @@
 //! Message bodies are encoded with [`postcard`], which is compact, has a stable
 //! format, and decodes borrowed byte slices without copying.
 
-use std::io::{self, Read};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
+
+/// Header flag: one file descriptor (a shared segment) travels with this frame.
+pub const FLAG_SEGMENT: u8 = 0x01;
+
+/// Descriptors a reader holds for frames that have not arrived yet; more is a
+/// protocol error (a peer cannot make the other side hoard descriptors).
+pub const MAX_PENDING_FDS: usize = 16;
 
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 8;
@@ -72,6 +90,12 @@ pub enum WireError {
     /// The connection ended in the middle of a frame.
     #[error("connection closed in the middle of a frame ({0} bytes pending)")]
     Truncated(usize),
+    /// A frame announced a shared segment whose descriptor did not arrive.
+    #[error("a frame announced a shared segment but no descriptor came with it")]
+    MissingSegment,
+    /// The peer sent descriptors no frame announced.
+    #[error("more than {MAX_PENDING_FDS} descriptors arrived that no frame announced")]
+    TooManyFds,
 }
 
 /// Why a pool asks a worker to retire.
@@ -275,7 +299,16 @@ impl Message<'_> {
 ///
 /// On error `out` is left as it was.
 pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>, max_frame: usize) -> Result<(), WireError> {
-    encode_value(msg, out, max_frame)
+    encode_frame(msg, out, max_frame, false)
+}
+
+/// Appends `msg` as one frame to `out`, flagged as carrying a segment
+/// descriptor if `segment` (the caller sends the descriptor with the frame's
+/// first byte, see [`send_with_fd`]).
+///
+/// On error `out` is left as it was.
+pub fn encode_frame(msg: &Message<'_>, out: &mut Vec<u8>, max_frame: usize, segment: bool) -> Result<(), WireError> {
+    encode_value(msg, out, max_frame, segment)
 }
 
 /// Appends bytes to the end of a borrowed buffer, so that a failed encoding
@@ -288,12 +321,17 @@ impl Extend<u8> for Append<'_> {
     }
 }
 
-/// [`encode`] for any serializable body (the seam its error branches are tested through).
-fn encode_value<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>, max_frame: usize) -> Result<(), WireError> {
+/// [`encode_frame`] for any serializable body (the seam its error branches are tested through).
+fn encode_value<T: Serialize + ?Sized>(
+    msg: &T,
+    out: &mut Vec<u8>,
+    max_frame: usize,
+    segment: bool,
+) -> Result<(), WireError> {
     let start = out.len();
     out.extend_from_slice(&MAGIC);
     out.push(PROTOCOL_VERSION);
-    out.push(0);
+    out.push(if segment { FLAG_SEGMENT } else { 0 });
     out.extend_from_slice(&[0; 4]);
     if let Err(e) = postcard::to_extend(msg, Append(out)) {
         // Other frames' unsent bytes before `start` stay where they are.
@@ -328,7 +366,7 @@ pub fn parse_header(header: &[u8; HEADER_LEN], max_frame: usize) -> Result<usize
     if header[2] != PROTOCOL_VERSION {
         return Err(WireError::Version(header[2]));
     }
-    if header[3] != 0 {
+    if header[3] & !FLAG_SEGMENT != 0 {
         return Err(WireError::Flags(header[3]));
     }
     let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
@@ -343,6 +381,33 @@ pub fn parse_header(header: &[u8; HEADER_LEN], max_frame: usize) -> Result<usize
 pub struct FrameRange {
     start: usize,
     end: usize,
+    segment: bool,
+}
+
+impl FrameRange {
+    /// Whether the frame announced a segment descriptor.
+    pub fn has_segment(&self) -> bool {
+        self.segment
+    }
+}
+
+/// Sends `bytes` on a stream socket, `fd` riding on the first byte with
+/// `SCM_RIGHTS` if given. Returns how many bytes were sent (possibly fewer
+/// than all; the descriptor went with the first one, so send the rest
+/// without it). The caller keeps its descriptor: the receiver gets a new one.
+pub fn send_with_fd(sock: impl AsFd, bytes: &[u8], fd: Option<std::os::fd::BorrowedFd<'_>>) -> io::Result<usize> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let flags = SendFlags::NOSIGNAL;
+    let Some(fd) = fd else {
+        return Ok(rustix::net::send(sock, bytes, flags)?);
+    };
+    let fds = [fd];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("no room for a descriptor in the control message"));
+    }
+    Ok(rustix::net::sendmsg(sock, &[IoSlice::new(bytes)], &mut control, flags)?)
 }
 
 /// Buffers bytes from a stream and cuts them into messages.
@@ -359,12 +424,15 @@ pub struct FrameReader {
     max_frame: usize,
     /// Set once a frame failed to decode: the stream is unusable after that.
     poisoned: Option<WireError>,
+    /// Descriptors received with [`FrameReader::fill_from_socket`], in order,
+    /// not yet taken by their frames.
+    fds: VecDeque<OwnedFd>,
 }
 
 impl FrameReader {
     /// A reader that refuses frames whose body is larger than `max_frame`.
     pub fn new(max_frame: usize) -> Self {
-        FrameReader { buf: Vec::new(), start: 0, end: 0, max_frame, poisoned: None }
+        FrameReader { buf: Vec::new(), start: 0, end: 0, max_frame, poisoned: None, fds: VecDeque::new() }
     }
 
     /// Bytes received but not yet consumed as messages.
@@ -384,6 +452,48 @@ impl FrameReader {
         let n = r.read(&mut self.buf[self.end..])?;
         self.end += n;
         Ok(n)
+    }
+
+    /// Receives once from a stream socket into the buffer, keeping any
+    /// descriptors that came with the bytes (close-on-exec) for the frames
+    /// that announce them. Returns the number of bytes read; 0 means end of
+    /// stream. More than [`MAX_PENDING_FDS`] unclaimed descriptors poison the
+    /// reader ([`WireError::TooManyFds`] from the next `next_frame`).
+    pub fn fill_from_socket(&mut self, sock: impl AsFd) -> io::Result<usize> {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+        self.make_room();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [IoSliceMut::new(&mut self.buf[self.end..])];
+        let got = rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+        for msg in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = msg {
+                self.fds.extend(fds);
+            }
+        }
+        if self.fds.len() > MAX_PENDING_FDS && self.poisoned.is_none() {
+            self.fds.clear();
+            self.poisoned = Some(WireError::TooManyFds);
+        }
+        self.end += got.bytes;
+        Ok(got.bytes)
+    }
+
+    /// The segment descriptor of a frame returned by [`FrameReader::next_frame`],
+    /// if it announced one; the caller owns it. Take it before decoding the
+    /// next frame. An announced descriptor that did not arrive is an error
+    /// that poisons the reader.
+    pub fn take_segment(&mut self, range: FrameRange) -> Result<Option<OwnedFd>, WireError> {
+        if !range.segment {
+            return Ok(None);
+        }
+        match self.fds.pop_front() {
+            Some(fd) => Ok(Some(fd)),
+            None => {
+                self.poisoned = Some(WireError::MissingSegment);
+                Err(WireError::MissingSegment)
+            }
+        }
     }
 
     /// Appends bytes that were read elsewhere (used by tests and fuzzing).
@@ -455,9 +565,10 @@ impl FrameReader {
         if self.pending() < HEADER_LEN + len {
             return Ok(None);
         }
+        let segment = self.buf[self.start + 3] & FLAG_SEGMENT != 0;
         let body_start = self.start + HEADER_LEN;
         self.start = body_start + len;
-        Ok(Some(FrameRange { start: body_start, end: body_start + len }))
+        Ok(Some(FrameRange { start: body_start, end: body_start + len, segment }))
     }
 
     /// The body of a frame returned by [`FrameReader::next_frame`].
@@ -477,11 +588,21 @@ impl FrameReader {
         }
     }
 
-    /// The next complete message, if one has arrived.
+    /// The next complete message, if one has arrived. A segment descriptor
+    /// its frame announced is closed: see [`FrameReader::next_message_with_segment`].
     pub fn next_message(&mut self) -> Result<Option<Message<'_>>, WireError> {
+        Ok(self.next_message_with_segment()?.map(|(m, _)| m))
+    }
+
+    /// The next complete message, if one has arrived, with the segment
+    /// descriptor its frame announced, if any.
+    pub fn next_message_with_segment(&mut self) -> Result<Option<(Message<'_>, Option<OwnedFd>)>, WireError> {
         match self.next_frame()? {
             None => Ok(None),
-            Some(range) => self.decode(range).map(Some),
+            Some(range) => {
+                let segment = self.take_segment(range)?;
+                self.decode(range).map(|m| Some((m, segment)))
+            }
         }
     }
 
@@ -599,7 +720,7 @@ mod tests {
     fn a_body_that_fails_to_serialize_leaves_the_other_frames_bytes_in_place() {
         let mut out = frame(&Message::Ready);
         let before = out.clone();
-        let err = encode_value(&Unserializable, &mut out, DEFAULT_MAX_FRAME).unwrap_err();
+        let err = encode_value(&Unserializable, &mut out, DEFAULT_MAX_FRAME, false).unwrap_err();
         assert!(matches!(err, WireError::Malformed(_)), "{err:?}");
         assert_eq!(out, before);
     }
@@ -626,6 +747,67 @@ mod tests {
         let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
         reader.push(&bytes);
         assert!(matches!(reader.next_message(), Err(WireError::Malformed(_))));
+    }
+
+    fn memfd_with(bytes: &[u8]) -> OwnedFd {
+        let fd = rustix::fs::memfd_create("wire-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::io::write(&fd, bytes).unwrap();
+        fd
+    }
+
+    fn read_all(fd: &OwnedFd) -> Vec<u8> {
+        let mut out = vec![0; 64];
+        let n = rustix::io::pread(fd, &mut out, 0).unwrap();
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn a_segment_descriptor_arrives_with_its_frame_and_in_order() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let one = memfd_with(b"first");
+        let two = memfd_with(b"second");
+        for (id, fd) in [(1, Some(&one)), (2, None), (3, Some(&two))] {
+            let mut out = Vec::new();
+            encode_frame(&Message::Task { id, payload: b"call" }, &mut out, DEFAULT_MAX_FRAME, fd.is_some()).unwrap();
+            let mut sent = send_with_fd(&a, &out, fd.map(|f| f.as_fd())).unwrap();
+            while sent < out.len() {
+                sent += send_with_fd(&a, &out[sent..], None).unwrap();
+            }
+        }
+        drop(a);
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        let mut got = Vec::new();
+        while reader.fill_from_socket(&b).unwrap() > 0 {}
+        while let Some((msg, fd)) = reader.next_message_with_segment().unwrap() {
+            let Message::Task { id, .. } = msg else { panic!("not a task") };
+            got.push((id, fd.map(|f| read_all(&f))));
+        }
+        assert_eq!(got, vec![(1, Some(b"first".to_vec())), (2, None), (3, Some(b"second".to_vec()))]);
+    }
+
+    #[test]
+    fn a_frame_announcing_a_segment_it_did_not_send_is_an_error() {
+        let mut out = Vec::new();
+        encode_frame(&Message::Ready, &mut out, DEFAULT_MAX_FRAME, true).unwrap();
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        reader.push(&out);
+        assert_eq!(reader.next_message().err(), Some(WireError::MissingSegment));
+        assert_eq!(reader.next_message().err(), Some(WireError::MissingSegment));
+    }
+
+    #[test]
+    fn descriptors_no_frame_announces_are_refused_past_a_bound() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = memfd_with(b"x");
+        for _ in 0..=MAX_PENDING_FDS {
+            send_with_fd(&a, &[0], Some(fd.as_fd())).unwrap();
+        }
+        drop(a);
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        while reader.fill_from_socket(&b).unwrap() > 0 {}
+        assert_eq!(reader.next_frame().err(), Some(WireError::TooManyFds));
+        assert!(reader.fds.is_empty(), "the unclaimed descriptors were closed");
     }
 
     #[test]

@@ -50,7 +50,7 @@
 //!   reports a crash instead of a panic.
 
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -114,6 +114,20 @@ pub trait Handler {
 
     /// Runs one task. Panics are caught by the caller.
     fn run(&mut self, payload: &[u8]) -> Result<Vec<u8>, RemoteError>;
+
+    /// Runs one task whose call may have come with a shared segment (a
+    /// descriptor the parent passed with the frame, see
+    /// [`crate::frontend::wire::FLAG_SEGMENT`]); the result may carry one
+    /// back. Both are the front end's business: the core only carries them.
+    /// The default closes the segment and calls [`Handler::run`].
+    fn run_with_segment(
+        &mut self,
+        payload: &[u8],
+        segment: Option<OwnedFd>,
+    ) -> Result<(Vec<u8>, Option<OwnedFd>), RemoteError> {
+        drop(segment);
+        self.run(payload).map(|value| (value, None))
+    }
 
     /// How to interrupt a running task, if this handler can.
     fn interrupter(&self) -> Option<Interrupter> {
@@ -246,15 +260,25 @@ struct WorkerState {
 
 impl WorkerState {
     fn send(&self, msg: &Message<'_>) -> io::Result<()> {
+        self.send_with_segment(msg, None)
+    }
+
+    /// Sends one frame, with `segment` passed on its first byte if given.
+    fn send_with_segment(&self, msg: &Message<'_>, segment: Option<BorrowedFd<'_>>) -> io::Result<()> {
         let mut out = lock(&self.out);
         out.clear();
-        wire::encode(msg, &mut out, self.max_frame).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        wire::encode_frame(msg, &mut out, self.max_frame, segment.is_some())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut fd = segment;
         let mut rest: &[u8] = &out;
         while !rest.is_empty() {
-            match rustix::net::send(&self.stream, rest, rustix::net::SendFlags::NOSIGNAL) {
-                Ok(n) => rest = &rest[n..],
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
+            match wire::send_with_fd(&self.stream, rest, fd) {
+                Ok(n) => {
+                    rest = &rest[n..];
+                    fd = None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
         }
         Ok(())
@@ -422,7 +446,7 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, max_frame: usize) -
         }
         let range = match reader.next_frame() {
             Ok(Some(range)) => range,
-            Ok(None) => match reader.fill_from(&core.stream) {
+            Ok(None) => match reader.fill_from_socket(&core.stream) {
                 Ok(0) => {
                     return match signals::pending() {
                         Some(sig) => core.stop_reason(sig),
@@ -433,6 +457,13 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, max_frame: usize) -
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return ExitReason::ParentGone,
             },
+            Err(e) => {
+                eprintln!("warden worker {}: bad frame from the parent: {e}", std::process::id());
+                return ExitReason::ProtocolError;
+            }
+        };
+        let segment = match reader.take_segment(range) {
+            Ok(segment) => segment,
             Err(e) => {
                 eprintln!("warden worker {}: bad frame from the parent: {e}", std::process::id());
                 return ExitReason::ProtocolError;
@@ -451,11 +482,17 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, max_frame: usize) -
                 let _ = CURRENT.set(info.clone());
                 core.state.store(BUSY, Ordering::SeqCst);
                 let result = catch_unwind(AssertUnwindSafe(|| handler.init(&info, payload)));
-                if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-                    return ExitReason::Signal(signals::pending().unwrap_or(libc::SIGTERM));
-                }
                 let result = result
                     .unwrap_or_else(|p| Err(RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&*p))));
+                if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+                    // A stop signal came while the start hook ran. If the hook
+                    // finished, what it set up is torn down by its exit hook
+                    // like on any other stop.
+                    if let Ok(hook) = result {
+                        *lock(&core.hook) = hook;
+                    }
+                    return ExitReason::Signal(signals::pending().unwrap_or(libc::SIGTERM));
+                }
                 match result {
                     Ok(hook) => {
                         *lock(&core.hook) = hook;
@@ -493,7 +530,7 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, max_frame: usize) -
                     core.state.store(IDLE, Ordering::SeqCst);
                     return core.stop_reason(sig);
                 }
-                let result = catch_unwind(AssertUnwindSafe(|| handler.run(payload)));
+                let result = catch_unwind(AssertUnwindSafe(|| handler.run_with_segment(payload, segment)));
                 if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
                     // The monitor is running the exit path; it ends the process.
                     return ExitReason::Signal(signals::pending().unwrap_or(libc::SIGTERM));
@@ -502,7 +539,10 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, max_frame: usize) -
                     return core.stop_reason(sig);
                 }
                 let sent = match &result {
-                    Ok(Ok(value)) => core.send(&Message::Result { id, outcome: WireOutcome::Value(value) }),
+                    Ok(Ok((value, out))) => core.send_with_segment(
+                        &Message::Result { id, outcome: WireOutcome::Value(value) },
+                        out.as_ref().map(|fd| fd.as_fd()),
+                    ),
                     Ok(Err(error)) => core.send(&Message::Result { id, outcome: WireOutcome::Error(error.clone()) }),
                     Err(p) => {
                         let error = RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&**p));

@@ -4,6 +4,7 @@
 //! why it failed, and whether the supervisor has finished).
 
 use crate::panics::lock;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, SyncSender};
 use std::sync::{Condvar, Mutex};
@@ -15,23 +16,44 @@ use crate::error::Error;
 
 use super::WorkerSnapshot;
 
+/// What a task returned: its encoded value, and the shared segment the worker
+/// passed with it, if any (the front end's business; see
+/// [`crate::frontend::wire::FLAG_SEGMENT`]). The receiver owns the descriptor.
+#[derive(Debug)]
+pub struct Output {
+    /// The encoded value.
+    pub bytes: Vec<u8>,
+    /// The segment descriptor that came with it.
+    pub segment: Option<OwnedFd>,
+}
+
 /// Delivers a task's outcome; called exactly once, on the supervisor thread.
-pub type Reply = Box<dyn FnOnce(Result<Vec<u8>, Error>) + Send>;
+pub type Reply = Box<dyn FnOnce(Result<Output, Error>) + Send>;
 
 /// A queued or running task.
 pub(crate) struct Task {
     pub id: u64,
     pub payload: Vec<u8>,
+    /// The call's shared segment, passed to the worker with the task's frame.
+    /// Held until the task is done, so that a task requeued after a crash
+    /// can be sent again; dropped (closed) with the task.
+    pub segment: Option<OwnedFd>,
     pub timeout: Option<Duration>,
     pub(super) reply: Option<Reply>,
 }
 
 impl Task {
-    pub(crate) fn new(id: u64, payload: Vec<u8>, timeout: Option<Duration>, reply: Reply) -> Self {
-        Task { id, payload, timeout, reply: Some(reply) }
+    pub(crate) fn new(
+        id: u64,
+        payload: Vec<u8>,
+        segment: Option<OwnedFd>,
+        timeout: Option<Duration>,
+        reply: Reply,
+    ) -> Self {
+        Task { id, payload, segment, timeout, reply: Some(reply) }
     }
 
-    pub(super) fn deliver(&mut self, outcome: Result<Vec<u8>, Error>) {
+    pub(super) fn deliver(&mut self, outcome: Result<Output, Error>) {
         if let Some(reply) = self.reply.take() {
             reply(outcome);
         }

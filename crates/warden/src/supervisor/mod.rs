@@ -71,8 +71,8 @@ use mio::{Events, Poll, Token, Waker};
 
 pub(crate) use config::Config;
 pub use events::{EventSink, LifecycleEvent, StopCause, WorkerEnd, WorkerSnapshot};
-pub use link::Reply;
 pub(crate) use link::{Command, StopPlan, SupervisorLink, Task};
+pub use link::{Output, Reply};
 use restart::RestartIntensity;
 use worker::Worker;
 pub(crate) use worker::KILL_WAIT;

@@ -9,14 +9,14 @@ use crate::error::{Error, ErrorKind};
 use crate::wire::{ExitPathReport, ExitReason, Message, RemoteError, RetireReason, WireOutcome};
 
 use super::worker::{retire, WorkerPhase};
-use super::{LifecycleEvent, StopCause, Supervisor};
+use super::{LifecycleEvent, Output, StopCause, Supervisor};
 
 /// A message from a worker, copied out of its read buffer.
 enum Incoming {
     Hello { pid: u32, identity: u64 },
     Ready,
     InitFailed(RemoteError),
-    Result { id: u64, outcome: Result<Vec<u8>, Error> },
+    Result { id: u64, outcome: Result<Output, Error> },
     Goodbye(ExitReason, ExitPathReport),
     Record(Vec<u8>),
     Unexpected(&'static str),
@@ -29,7 +29,7 @@ impl Supervisor {
             if w.eof {
                 return;
             }
-            match w.reader.fill_from(&w.sock) {
+            match w.reader.fill_from_socket(&w.sock) {
                 Ok(0) => {
                     w.eof = true;
                     let truncated = w.reader.check_clean_eof().err();
@@ -56,16 +56,16 @@ impl Supervisor {
             if w.cause.as_ref().is_some_and(|c| matches!(c, StopCause::Protocol(_))) {
                 return; // nothing it says counts any more
             }
-            let incoming = match w.reader.next_message() {
+            let incoming = match w.reader.next_message_with_segment() {
                 Ok(None) => return,
-                Ok(Some(msg)) => match msg {
+                Ok(Some((msg, segment))) => match msg {
                     Message::Hello { pid, identity } => Incoming::Hello { pid, identity },
                     Message::Ready => Incoming::Ready,
                     Message::InitFailed { error } => Incoming::InitFailed(error),
                     Message::Result { id, outcome } => Incoming::Result {
                         id,
                         outcome: match outcome {
-                            WireOutcome::Value(v) => Ok(v.to_vec()),
+                            WireOutcome::Value(v) => Ok(Output { bytes: v.to_vec(), segment }),
                             WireOutcome::Error(e) => Err(Error::new(ErrorKind::Remote(e))),
                             WireOutcome::Skipped => Err(Error::cancelled()),
                         },

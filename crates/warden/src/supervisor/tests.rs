@@ -67,7 +67,7 @@ impl Stand {
     }
 }
 
-type Outcomes = Arc<Mutex<Vec<(u64, Result<Vec<u8>, Error>)>>>;
+type Outcomes = Arc<Mutex<Vec<(u64, Result<Output, Error>)>>>;
 
 struct Harness {
     sup: Supervisor,
@@ -134,7 +134,7 @@ impl Harness {
     fn submit(&mut self, id: u64) {
         let outcomes = Arc::clone(&self.outcomes);
         let reply: Reply = Box::new(move |outcome| lock(&outcomes).push((id, outcome)));
-        self.sup.queue.push_back(Task::new(id, vec![id as u8], None, reply));
+        self.sup.queue.push_back(Task::new(id, vec![id as u8], None, None, reply));
     }
 
     fn queued(&self) -> Vec<u64> {
@@ -346,7 +346,7 @@ fn a_task_past_its_timeout_times_out_and_its_worker_is_stopped() {
     let w = h.worker(WorkerPhase::Ready);
     let outcomes = Arc::clone(&h.outcomes);
     let reply: Reply = Box::new(move |o| lock(&outcomes).push((7, o)));
-    h.sup.queue.push_back(Task::new(7, Vec::new(), Some(Duration::from_secs(3)), reply));
+    h.sup.queue.push_back(Task::new(7, Vec::new(), None, Some(Duration::from_secs(3)), reply));
     h.sup.dispatch();
     let due = h.sup.workers[&w.id].inflight[0].deadline.expect("task deadline");
     h.sup.check_timers(due - Duration::from_millis(1));

@@ -10,6 +10,7 @@
 //!   SIGKILL; after [`KILL_WAIT`] the supervisor gives up on it.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use mio::net::UnixStream;
@@ -63,6 +64,9 @@ pub(super) struct Worker {
     pub(super) reader: FrameReader,
     pub(super) out: Vec<u8>,
     pub(super) out_pos: usize,
+    /// Segment descriptors to pass with the frames in `out`: the offset of
+    /// the frame's first byte, and a duplicate the worker gets its copy of.
+    pub(super) out_fds: VecDeque<(usize, OwnedFd)>,
     pub(super) phase: WorkerPhase,
     pub(super) deadline: Option<Instant>,
     pub(super) inflight: VecDeque<InFlight>,
@@ -93,6 +97,7 @@ impl Worker {
             reader: FrameReader::new(max_frame),
             out: Vec::new(),
             out_pos: 0,
+            out_fds: VecDeque::new(),
             phase: WorkerPhase::Starting,
             deadline: Some(init_deadline),
             inflight: VecDeque::new(),
@@ -146,22 +151,46 @@ impl Worker {
         wire::encode(msg, &mut self.out, max_frame)
     }
 
-    /// Writes as much of the outgoing buffer as the socket takes.
+    /// Queues a frame with a segment descriptor riding on its first byte.
+    pub(super) fn queue_with_segment(
+        &mut self,
+        msg: &Message<'_>,
+        segment: Option<BorrowedFd<'_>>,
+        max_frame: usize,
+    ) -> Result<(), wire::WireError> {
+        let Some(segment) = segment else { return self.queue(msg, max_frame) };
+        let dup = segment
+            .try_clone_to_owned()
+            .map_err(|e| wire::WireError::Malformed(format!("cannot duplicate the task's segment: {e}")))?;
+        let at = self.out.len();
+        wire::encode_frame(msg, &mut self.out, max_frame, true)?;
+        self.out_fds.push_back((at, dup));
+        Ok(())
+    }
+
+    /// Writes as much of the outgoing buffer as the socket takes, each
+    /// segment descriptor with the first byte of its frame.
     pub(super) fn flush(&mut self) {
         while self.out_pos < self.out.len() {
-            match rustix::net::send(&self.sock, &self.out[self.out_pos..], rustix::net::SendFlags::NOSIGNAL) {
-                Ok(n) => self.out_pos += n,
-                Err(rustix::io::Errno::AGAIN) => return,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(_) => {
-                    // The worker closed its end; its pidfd will tell us the rest.
-                    self.out.clear();
-                    self.out_pos = 0;
-                    return;
+            // Stop at the next frame that carries a descriptor, unless it is this one.
+            let here = self.out_fds.front().filter(|(at, _)| *at == self.out_pos).map(|(_, fd)| fd.as_fd());
+            let next = self.out_fds.iter().map(|(at, _)| *at).find(|at| *at > self.out_pos);
+            let end = next.unwrap_or(self.out.len());
+            match wire::send_with_fd(&self.sock, &self.out[self.out_pos..end], here) {
+                Ok(n) => {
+                    if here.is_some() {
+                        self.out_fds.pop_front(); // the worker has its copy now
+                    }
+                    self.out_pos += n;
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // The worker closed its end; its pidfd will tell us the rest.
+                Err(_) => break,
             }
         }
         self.out.clear();
+        self.out_fds.clear();
         self.out_pos = 0;
     }
 

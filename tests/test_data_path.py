@@ -1,0 +1,333 @@
+"""Large data travels out of band, in shared segments passed over the worker
+channel, and every segment is released on every exit path.
+
+What an outsider sees: values come back byte for byte; a numpy array above
+the inline limit is built on a shared mapping in the worker (no copy); no
+``memfd`` stays open and no ``/dev/shm`` entry appears, whether the task
+returns, the worker is killed mid-task, or the pool shuts down.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import os
+import pickle
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import warden
+from warden import _oob, _runner
+
+from conftest import wait_until
+
+LIMIT = _oob.INLINE_LIMIT
+SIZES = [0, 1, LIMIT - 1, LIMIT, LIMIT + 1, 3 * LIMIT + 7, 4 << 20]
+
+
+def identity(x):
+    return x
+
+
+def describe(x):
+    """What the worker received: its type, its bytes, and whether a numpy
+    array is built on a shared mapping."""
+    base = x
+    while base is not None and not isinstance(base, memoryview):
+        base = getattr(base, "base", None)
+    on_mapping = isinstance(base, memoryview) and type(base.obj).__name__ == "Segment"
+    return type(x).__name__, on_mapping
+
+
+def own_memfds(pid: int | None = None) -> list[str]:
+    """The memfd segments a process has open (fds) or mapped."""
+    pid = os.getpid() if pid is None else pid
+    found = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if "warden-oob" in target:
+                found.append(f"fd {fd}: {target}")
+        with open(f"/proc/{pid}/maps") as maps:
+            found += [line.strip() for line in maps if "warden-oob" in line]
+    except OSError:
+        pass
+    return found
+
+
+def dev_shm() -> set[str]:
+    """Shared-memory names in /dev/shm. POSIX semaphores ("sem.*") of other
+    programs on this machine (multiprocessing, loky) come and go there; warden
+    creates no name at all, so every other new entry counts."""
+    try:
+        return {n for n in os.listdir("/dev/shm") if not n.startswith("sem.")}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture
+def no_segment_leaks():
+    """Fails the test if this process keeps a segment (fd or mapping) or a
+    new /dev/shm entry appears."""
+    shm = dev_shm()
+    yield
+    gc.collect()
+    assert wait_until(lambda: not own_memfds(), timeout=5), own_memfds()
+    assert dev_shm() - shm == set()
+
+
+@pytest.fixture
+def executor():
+    with warden.ProcessPoolExecutor(2) as ex:
+        yield ex
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "memoryview", "picklebuffer"])
+def test_buffers_round_trip_byte_exact_around_the_inline_limit(executor, no_segment_leaks, kind):
+    expected_type = {"bytes": bytes, "bytearray": bytearray, "memoryview": memoryview, "picklebuffer": bytes}
+    for size in SIZES:
+        raw = os.urandom(size)
+        value = {
+            "bytes": raw,
+            "bytearray": bytearray(raw),
+            "memoryview": memoryview(bytearray(raw)),
+            "picklebuffer": pickle.PickleBuffer(raw),
+        }[kind]
+        back = executor.submit(identity, value).result(timeout=60)
+        assert type(back) is expected_type[kind], size
+        assert bytes(back) == raw, size
+        del back
+
+
+def test_memoryview_keeps_its_format_shape_and_readonly_flag(executor, no_segment_leaks):
+    data = bytes(range(256)) * (LIMIT // 64)
+    view = memoryview(data).cast("i", (len(data) // 16, 4))
+    back = executor.submit(identity, view).result(timeout=60)
+    assert (back.format, back.shape, back.readonly) == ("i", view.shape, True)
+    assert back.tobytes() == data
+    del back
+
+
+def test_buffers_inside_arguments_and_results_travel_too(executor, no_segment_leaks):
+    big = os.urandom(3 * LIMIT)
+    args = ([big, bytearray(big)], {"k": big})
+    back = executor.submit(identity, args).result(timeout=60)
+    assert back == ([big, bytearray(big)], {"k": big})
+
+
+def test_a_pool_map_of_large_buffers_returns_them_in_order(no_segment_leaks):
+    items = [os.urandom(LIMIT + i) for i in range(20)]
+    with warden.Pool(2) as pool:
+        assert pool.map(identity, items, chunksize=3) == items
+        assert pool.apply_async(identity, (items[0],)).get(timeout=60) == items[0]
+
+
+def test_buffers_larger_than_the_frame_limit_travel_out_of_band(monkeypatch, no_segment_leaks):
+    monkeypatch.setattr(_runner, "MAX_FRAME", 1 << 20)
+    big = os.urandom(8 << 20)
+    with warden.ProcessPoolExecutor(1) as ex:
+        assert ex.submit(identity, big).result(timeout=60) == big
+        # Data the pickle must carry inline still meets the frame limit, with
+        # a clear error, and the pool carries on.
+        with pytest.raises(Exception, match="exceeds the frame limit"):
+            ex.submit(identity, list(range(1 << 18))).result(timeout=60)
+        assert ex.submit(identity, b"after").result(timeout=60) == b"after"
+
+
+def test_a_segment_over_the_cap_is_refused_at_submit_and_loses_nothing(monkeypatch, no_segment_leaks):
+    with warden.ProcessPoolExecutor(1) as ex:
+        first = ex.submit(identity, 1)
+        monkeypatch.setattr(_oob, "MAX_SEGMENT", 1 << 20)
+        with pytest.raises(_oob.SegmentTooLarge, match="shared segment limit"):
+            ex.submit(identity, os.urandom(2 << 20))
+        assert first.result(timeout=60) == 1
+        assert ex.submit(identity, os.urandom(LIMIT)).result(timeout=60) is not None
+
+
+def test_a_result_segment_over_the_receivers_cap_fails_that_task_only(monkeypatch, no_segment_leaks):
+    with warden.ProcessPoolExecutor(1) as ex:
+        ex.submit(identity, 0).result(timeout=60)
+        monkeypatch.setattr(_oob, "MAX_SEGMENT", 1 << 20)
+        with pytest.raises(Exception, match="exceeds the limit"):
+            ex.submit(os.urandom, 2 << 20).result(timeout=60)
+        assert ex.submit(identity, 7).result(timeout=60) == 7
+
+
+def test_a_segment_that_could_shrink_is_refused():
+    fd = os.memfd_create("warden-oob-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    with pytest.raises(_oob.SegmentError, match="not sealed"):
+        _oob.open_segment(fd)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # open_segment took it and closed it
+
+
+def test_a_sealed_segment_without_a_buffer_table_is_refused():
+    fd = os.memfd_create("warden-oob-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    with pytest.raises(_oob.SegmentError, match="no valid table"):
+        _oob.open_segment(fd)
+
+
+def wait_for_file_then(path, value):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return value
+
+
+def test_a_worker_killed_with_a_large_payload_in_flight_leaks_nothing(tmp_path, no_segment_leaks):
+    started = tmp_path / "started"
+    never = tmp_path / "never"
+    big = os.urandom(16 << 20)
+    with warden.ProcessPoolExecutor(1) as ex:
+        pid = ex.submit(os.getpid).result(timeout=60)
+        # A memoryview stays on the mapping in the worker while the task runs.
+        future = ex.submit(touch_then_wait, str(started), str(never), memoryview(big))
+        assert wait_until(started.exists, timeout=60)
+        assert own_memfds(pid), "the worker holds the task's segment while it runs"
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(warden.WorkerCrashed):
+            future.result(timeout=60)
+        # The replacement takes large payloads as before.
+        assert ex.submit(identity, big).result(timeout=60) == big
+    assert not os.path.exists(f"/proc/{pid}") or not own_memfds(pid)
+
+
+def touch_then_wait(started, never, payload):
+    Path(started).write_text("x")
+    return wait_for_file_then(never, len(payload))
+
+
+def test_a_shutdown_with_large_payloads_queued_releases_every_segment(tmp_path, no_segment_leaks):
+    started = tmp_path / "started"
+    release = tmp_path / "release"
+    big = os.urandom(4 << 20)
+    ex = warden.ProcessPoolExecutor(1)
+    blocker = ex.submit(touch_then_wait, str(started), str(release), b"")
+    assert wait_until(started.exists, timeout=60)
+    queued = [ex.submit(identity, big) for _ in range(5)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    release.write_text("x")
+    assert blocker.result(timeout=60) == 0
+    ex.shutdown(wait=True)
+    assert all(f.cancelled() for f in queued)
+    del queued
+
+
+def test_a_parent_killed_with_large_payloads_in_flight_leaves_no_segment(program):
+    shm = dev_shm()
+    prog = program(
+        """
+        import os, sys, time
+        import warden
+
+        def hold(payload):
+            print("holding", os.getpid(), flush=True)
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            ex = warden.ProcessPoolExecutor(2)
+            futures = [ex.submit(hold, os.urandom(8 << 20)) for _ in range(4)]
+            time.sleep(60)
+        """
+    )
+    proc = prog.start()
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("holding"), line
+    worker = int(line.split()[1])
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    # The workers see their parent die and end; the kernel frees the segments.
+    assert wait_until(lambda: not os.path.exists(f"/proc/{worker}"), timeout=30)
+    assert dev_shm() - shm == set()
+
+
+# -- numpy --------------------------------------------------------------------
+
+
+def numpy():
+    return pytest.importorskip("numpy", reason="numpy is optional (make test installs it)")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "uint8", "int32", "complex128"])
+def test_numpy_arrays_round_trip_byte_exact_around_the_inline_limit(executor, no_segment_leaks, dtype):
+    np = numpy()
+    itemsize = np.dtype(dtype).itemsize
+    for n in [0, 1, LIMIT // itemsize - 1, LIMIT // itemsize, LIMIT // itemsize + 1, (4 << 20) // itemsize]:
+        rng = np.random.default_rng(n)
+        a = (rng.random(n) * 1000).astype(dtype)
+        back = executor.submit(identity, a).result(timeout=60)
+        assert back.dtype == a.dtype and back.shape == a.shape, n
+        assert back.tobytes() == a.tobytes(), n
+        assert back.flags.writeable, n
+        del back
+
+
+@pytest.mark.parametrize("order", ["C", "F", "strided"])
+def test_numpy_array_layouts_round_trip(executor, no_segment_leaks, order):
+    np = numpy()
+    a = np.arange(512 * 300, dtype=np.float64).reshape(512, 300)
+    if order == "F":
+        a = np.asfortranarray(a)
+    elif order == "strided":
+        a = a[::2, ::3]
+    back = executor.submit(identity, a).result(timeout=60)
+    assert np.array_equal(back, a)
+    assert back.flags.f_contiguous == a.flags.f_contiguous or order == "strided"
+    del back
+
+
+def test_a_large_numpy_array_is_built_on_a_shared_mapping_without_a_copy(executor, no_segment_leaks):
+    np = numpy()
+    a = np.ones(1 << 20)
+    assert executor.submit(describe, a).result(timeout=60) == ("ndarray", True)
+    back = executor.submit(identity, a).result(timeout=60)
+    assert describe(back) == ("ndarray", True)
+    back[0] = 5.0  # writable, and private to this process
+    assert a[0] == 1.0
+    del back
+
+
+def test_a_small_numpy_array_stays_inline(executor, no_segment_leaks):
+    np = numpy()
+    assert executor.submit(describe, np.ones(16)).result(timeout=60) == ("ndarray", False)
+
+
+def test_many_arrays_through_map_come_back_in_order(no_segment_leaks):
+    np = numpy()
+    arrays = [np.full(LIMIT // 8 + i, i, dtype=np.float64) for i in range(40)]
+    with warden.ProcessPoolExecutor(2) as ex:
+        back = list(ex.map(identity, arrays, chunksize=7))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, back, strict=True))
+    del back
+
+
+# -- fairness -----------------------------------------------------------------
+
+
+def test_a_short_task_never_waits_for_a_long_one_while_a_worker_is_idle(tmp_path):
+    """The long task finishes only once the short one has: if the short one
+    were queued behind it, neither would finish (the wait is bounded)."""
+    long_go = tmp_path / "long"
+    mid_go = tmp_path / "mid"
+    with warden.ProcessPoolExecutor(2) as ex:
+        ex.submit(identity, 0).result(timeout=60)
+        long = ex.submit(wait_for_file_then, str(long_go), "long")
+        mid = ex.submit(wait_for_file_then, str(mid_go), "mid")
+        short = ex.submit(identity, "short")
+        # Both workers are busy; the short task must go to whichever frees first.
+        mid_go.write_text("x")
+        assert mid.result(timeout=60) == "mid"
+        assert short.result(timeout=30) == "short"
+        assert not long.done()
+        long_go.write_text("x")
+        assert long.result(timeout=60) == "long"
