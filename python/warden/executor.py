@@ -7,11 +7,11 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import _base
 from typing import Any
 
-from . import _runner, _warden
+from . import _aio, _runner, _warden
 from ._errors import core_error
 from ._futures import Future
 from ._handles import PoolHandle
@@ -104,27 +104,68 @@ class ProcessPoolExecutor(_base.Executor):
 
         Raises at once if the call cannot be pickled (the pool is unaffected).
         """
+        return self._submit_payload(self._payload(fn, args, kwargs))
+
+    def _payload(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         if self._shutdown_called:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if _runner.exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        payload = dumps((fn, args, kwargs))
-        return self._submit_payload(payload)
+        return dumps((fn, args, kwargs))
 
-    def _submit_payload(self, payload: bytes) -> Future:
+    def _queue(self, payload: bytes, on_done: Callable[[bool, Any], None]) -> tuple[_runner.Runner, int]:
+        """Queues a pickled call; ``on_done(ok, data)`` gets its outcome on the
+        results thread. Returns the runner and the task id."""
         with self._lock:
             if self._shutdown_called:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             runner = self._ensure_runner()
-        future = Future()
-        future._on_interrupt = runner.interrupt
         try:
-            task = runner.submit(payload, future._deliver)
+            return runner, runner.submit(payload, on_done)
         except _warden.CoreError as e:
             raise core_error(e) from None
+
+    def _submit_payload(self, payload: bytes) -> Future:
+        future = Future()
+        runner, task = self._queue(payload, future._deliver)
+        future._on_interrupt = runner.interrupt
         core = runner.core
         future._canceller = lambda: core.cancel_queued(task)
         return future
+
+    def _starter(self, payload: bytes) -> _aio.Starter:
+        def start(on_done: _aio.OnDone) -> Callable[[], object]:
+            runner, task = self._queue(payload, on_done)
+            core = runner.core
+            return lambda: core.cancel(task)
+
+        return start
+
+    async def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """``await ex.run(fn, *args, **kwargs)``: runs the call in a worker and
+        returns its value (or raises its error) without blocking the event
+        loop, and without a thread per call.
+
+        Cancelling the awaiting coroutine cancels the task: a queued task is
+        dropped, a running one is stopped through its worker's exit path (its
+        finalizer runs) and the worker is replaced.
+        """
+        return await _aio.call(self._starter(self._payload(fn, args, kwargs)))
+
+    def amap(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int = 1
+    ) -> AsyncIterator[Any]:
+        """``async for result in ex.amap(fn, *iterables)``: :meth:`map` for
+        asyncio. Every call is queued now (pickling errors raise here, and
+        cancel the calls queued before); results come in order. Call it from
+        a coroutine. Leaving the loop early (an error, cancellation, or
+        ``break`` once the iterator is closed, e.g. by ``contextlib.aclosing``)
+        cancels the calls not done, running ones included."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        calls = _calls(fn, iterables, chunksize)
+        starters = (self._starter(self._payload(f, args, {})) for f, args in calls)
+        return _aio.results(starters, chunked=chunksize > 1)
 
     def map(
         self,
@@ -142,13 +183,7 @@ class ProcessPoolExecutor(_base.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else timeout + time.monotonic()
-        if chunksize == 1:
-            futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
-        else:
-            it = zip(*iterables, strict=False)
-            futures = []
-            while chunk := tuple(itertools.islice(it, chunksize)):
-                futures.append(self.submit(run_chunk, fn, chunk, True))
+        futures = [self.submit(f, *args) for f, args in _calls(fn, iterables, chunksize)]
         return _results(futures, end, chunked=chunksize > 1)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -198,6 +233,20 @@ class ProcessPoolExecutor(_base.Executor):
                 runner.interrupt()
         self.shutdown(wait=True)
         return False
+
+
+def _calls(
+    fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], chunksize: int
+) -> Iterator[tuple[Callable[..., Any], tuple[Any, ...]]]:
+    """The calls of a ``map``: ``(fn, args)`` per item, or one ``run_chunk``
+    call per ``chunksize`` items."""
+    it = zip(*iterables, strict=False)
+    if chunksize == 1:
+        for args in it:
+            yield fn, args
+    else:
+        while chunk := tuple(itertools.islice(it, chunksize)):
+            yield run_chunk, (fn, chunk, True)
 
 
 def _results(futures: list[Future], end: float | None, chunked: bool) -> Iterator[Any]:

@@ -10,11 +10,11 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from multiprocessing.pool import RemoteTraceback
 from typing import Any
 
-from . import _runner, _warden
+from . import _aio, _runner, _warden
 from ._errors import ErrorData, core_error
 from ._handles import PoolHandle
 from ._pickle import dumps, loads
@@ -91,9 +91,9 @@ class Pool:
         if self._state != RUN:
             raise ValueError("Pool not running")
 
-    def _submit(self, payload: bytes, on_done: Callable[[bool, Any], None]) -> None:
+    def _submit(self, payload: bytes, on_done: Callable[[bool, Any], None]) -> int:
         try:
-            self._runner.submit(payload, on_done)
+            return self._runner.submit(payload, on_done)
         except _warden.CoreError as e:
             if e.args[0] == "closed":
                 raise ValueError("Pool not running") from None
@@ -120,6 +120,43 @@ class Pool:
         result = ApplyResult(self, callback, error_callback)
         self._submit(payload, result._deliver)
         return result
+
+    # -- asyncio -----------------------------------------------------------
+
+    def _starter(self, payload: bytes) -> _aio.Starter:
+        def start(on_done: _aio.OnDone) -> Callable[[], object]:
+            self._check_running()
+            task = self._submit(payload, on_done)
+            core = self._runner.core
+            return lambda: core.cancel(task)
+
+        return start
+
+    async def run(self, func: Callable[..., Any], /, *args: Any, **kwds: Any) -> Any:
+        """``await pool.run(func, *args, **kwds)``: :meth:`apply` for asyncio,
+        without a thread per call. Cancelling the awaiting coroutine cancels
+        the task: a queued task is dropped, a running one is stopped through
+        its worker's exit path (its finalizer runs) and the worker is replaced."""
+        self._check_running()
+        payload = dumps((func, args, kwds))
+        return await _aio.call(self._starter(payload), RemoteTraceback)
+
+    def amap(
+        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1
+    ) -> AsyncIterator[Any]:
+        """``async for result in pool.amap(func, iterable)``: :meth:`imap` for
+        asyncio. Every chunk is queued now (pickling errors raise here);
+        results come in order. Leaving the loop early cancels the chunks not
+        done, running ones included (see :meth:`ProcessPoolExecutor.amap`)."""
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:d}")
+        it = iter(iterable)
+        starters = (
+            self._starter(dumps((run_chunk, (func, chunk, False), {})))
+            for chunk in iter(lambda: tuple(itertools.islice(it, chunksize)), ())
+        )
+        return _aio.results(starters, chunked=True, traceback_type=RemoteTraceback)
 
     # -- maps --------------------------------------------------------------
 
