@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from . import _finalize, _warden
+from . import _finalize, _logging, _warden
 from ._pickle import dumps_for_spawn
 
 #: The worker program: this interpreter, with its flags, running warden._worker.
@@ -125,6 +125,7 @@ class Runner:
         one_off: bool = False,
         deliver: bool = True,
         exit_policy: str = "pool",
+        forward_logging: bool = False,
     ) -> None:
         _prune()
         fds = list(pass_fds or [])
@@ -135,6 +136,10 @@ class Runner:
             if hooks is not None:
                 hook_bytes, hook_fds = dumps_for_spawn(hooks)
                 fds.extend(hook_fds)
+            log_to = None
+            if forward_logging:
+                fds.append(log_fd := _logging.sender_fd())
+                log_to = {"fd": log_fd, "levels": _logging.parent_levels()}
             init = {
                 "version": 1,
                 "mode": mode,
@@ -142,6 +147,7 @@ class Runner:
                 "parent_name": multiprocessing.current_process().name,
                 "preparation": preparation_data(name),
                 "hooks": hook_bytes,
+                "logging": log_to,
             }
             payload = pickle.dumps(init, protocol=5)
         except BaseException:
@@ -163,6 +169,7 @@ class Runner:
         )
         self.name = name
         self.exit_policy = exit_policy
+        self.forward_logging = forward_logging
         self.interrupted = False
         self.pending: dict[int, Callable[[bool, Any], None]] = {}
         self._tags = itertools.count(1)
@@ -170,7 +177,7 @@ class Runner:
         if deliver:
             self.thread = threading.Thread(
                 target=_deliver,
-                args=(self.core, self.pending, self._forget),
+                args=(self.core, self.pending, self._forget, forward_logging),
                 name="warden-results",
                 daemon=True,
             )
@@ -223,6 +230,8 @@ class Runner:
             raise
         if done and self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(None if timeout is None else max(timeout, 1.0))
+        if done and self.forward_logging:
+            _logging.drain()  # what the finalizers logged
         return done
 
     def join_bounded(self) -> None:
@@ -246,13 +255,22 @@ def _prune() -> None:
             _live.discard(r)
 
 
-def _deliver(core: Any, pending: dict[int, Callable[[bool, Any], None]], forget: Callable[[], None]) -> None:
-    """The results thread: takes outcomes from the core, calls their callbacks."""
+def _deliver(
+    core: Any,
+    pending: dict[int, Callable[[bool, Any], None]],
+    forget: Callable[[], None],
+    forward_logging: bool = False,
+) -> None:
+    """The results thread: takes outcomes from the core, calls their callbacks.
+    With ``forward_logging``, the workers' log records queued before a batch
+    are handled before it (so a task's records come before its result)."""
     try:
         while True:
             batch = core.next_completions(512)
             if batch is None:
                 break
+            if forward_logging:
+                _logging.drain()
             for tag, ok, data in batch:
                 callback = pending.pop(tag, None)
                 if callback is not None:
@@ -322,6 +340,8 @@ def _shut_down_at_exit() -> None:
     for r in everyone:
         if r.thread is not None:
             r.thread.join(2.0)
+    # What the workers logged on their way out, before logging shuts down.
+    _logging.drain()
 
 
 def _at_interpreter_exit() -> None:

@@ -40,7 +40,7 @@ import threading
 import traceback
 from typing import Any
 
-from . import _context, _finalize, _warden
+from . import _context, _finalize, _logging, _warden
 from ._errors import RemoteError, TaskAborted, TaskInterrupted
 from ._pickle import dumps
 
@@ -128,6 +128,8 @@ class Handler:
             _set_parent(init["parent_name"], parent)
             if self.mode == "pool":
                 me.name = f"{init['name']}-worker-{worker}"
+            if init.get("logging"):
+                _logging.forward_to_parent(init["logging"]["fd"], init["logging"]["levels"])
             self.hooks = hooks
             initializer = hooks.get("initializer")
             if initializer is not None:

@@ -33,7 +33,11 @@ class ProcessPoolExecutor(_base.Executor):
       starts and exited when it ends; tasks reach what it yields with
       :func:`warden.worker_context`;
     * ``task_timeout``: seconds a task may run before its worker is stopped
-      (the task fails with :class:`warden.TaskTimeout`) and replaced.
+      (the task fails with :class:`warden.TaskTimeout`) and replaced;
+    * ``forward_logging`` (default on): records logged in the workers are
+      handled by this process's ``logging`` (see ``warden._logging``);
+    * ``run`` and ``amap``: the same for asyncio, where cancelling the
+      awaiting coroutine stops the task.
 
     A worker crash fails only the task it was running
     (:class:`warden.WorkerCrashed`); the pool replaces the worker.
@@ -55,6 +59,7 @@ class ProcessPoolExecutor(_base.Executor):
         finalargs: tuple[Any, ...] = (),
         task_timeout: float | None = None,
         worker_context: Callable[[], Any] | None = None,
+        forward_logging: bool = True,
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -72,6 +77,7 @@ class ProcessPoolExecutor(_base.Executor):
         self._hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
         self._max_tasks_per_child = max_tasks_per_child
         self._task_timeout = task_timeout
+        self._forward_logging = forward_logging
         self._name = f"ProcessPoolExecutor-{next(_counter)}"
         self._lock = threading.Lock()
         self._shutdown_called = False
@@ -91,6 +97,7 @@ class ProcessPoolExecutor(_base.Executor):
                 hooks=self._hooks,
                 max_tasks_per_child=self._max_tasks_per_child,
                 task_timeout=self._task_timeout,
+                forward_logging=self._forward_logging,
             )
             # An executor nobody can reach any more shuts down on its own
             # (queued tasks still run); the callback holds the runner only.

@@ -33,7 +33,9 @@ class Pool:
     The API of ``multiprocessing.Pool``, plus ``finalizer(*finalargs)``, run in
     every worker at the end of its life, and ``worker_context``, a factory of a
     context manager entered when a worker starts and exited when it ends (tasks
-    reach what it yields with :func:`warden.worker_context`).
+    reach what it yields with :func:`warden.worker_context`). Records logged in
+    the workers are handled by this process's ``logging`` unless
+    ``forward_logging=False``; ``run`` and ``amap`` serve asyncio.
 
     Differences from the standard library that users can rely on: a task that
     raises a ``BaseException`` or whose worker dies fails with an error instead
@@ -56,6 +58,7 @@ class Pool:
         finalargs: Iterable[Any] = (),
         worker_context: Callable[[], Any] | None = None,
         context: Any = None,
+        forward_logging: bool = True,
     ) -> None:
         if processes is None:
             processes = os.cpu_count() or 1
@@ -74,6 +77,7 @@ class Pool:
             workers=processes,
             hooks=hooks,
             max_tasks_per_child=maxtasksperchild,
+            forward_logging=forward_logging,
         )
         # A pool nobody can reach any more is terminated, as the standard
         # library does; results being waited for keep their pool reachable.
