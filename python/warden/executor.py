@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -11,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import _base
 from typing import Any
 
-from . import _aio, _runner, _warden
+from . import _aio, _progress, _runner, _warden
 from ._errors import core_error
 from ._futures import Future
 from ._handles import PoolHandle
@@ -180,18 +181,36 @@ class ProcessPoolExecutor(_base.Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        progress: _progress.ProgressArg = None,
     ) -> Iterator[Any]:
         """Like the built-in ``map``, running in the workers: every call is
         submitted now (pickling errors raise here), results come in order.
 
         ``timeout`` bounds the whole iteration; ``chunksize`` sends that many
-        calls per task.
+        calls per task; ``progress`` (``True``, a tqdm bar or a dict of tqdm
+        options) shows a bar that counts results as they arrive.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else timeout + time.monotonic()
-        futures = [self.submit(f, *args) for f, args in _calls(fn, iterables, chunksize)]
-        return _results(futures, end, chunked=chunksize > 1)
+        bar = _progress.make(progress, _progress.length(*iterables))
+        futures = []
+        try:
+            items = 0
+            for f, args in _calls(fn, iterables, chunksize):
+                future = self.submit(f, *args)
+                size = len(args[1]) if chunksize > 1 else 1
+                items += size
+                if bar is not None:
+                    future.add_done_callback(functools.partial(_advance, bar, size))
+                futures.append(future)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        if bar is not None:
+            bar.set_total(items)
+        return _results(futures, end, chunked=chunksize > 1, bar=bar)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stops taking tasks. Queued tasks run (unless ``cancel_futures``),
@@ -256,7 +275,14 @@ def _calls(
             yield run_chunk, (fn, chunk, True)
 
 
-def _results(futures: list[Future], end: float | None, chunked: bool) -> Iterator[Any]:
+def _advance(bar: _progress.Progress, size: int, future: Future) -> None:
+    if not future.cancelled() and future._error is None:
+        bar.advance(size)
+
+
+def _results(
+    futures: list[Future], end: float | None, chunked: bool, bar: _progress.Progress | None = None
+) -> Iterator[Any]:
     """Yields the results of ``futures`` in order; cancels the rest if stopped."""
     try:
         futures.reverse()
@@ -276,3 +302,5 @@ def _results(futures: list[Future], end: float | None, chunked: bool) -> Iterato
     finally:
         for future in futures:
             future.cancel()
+        if bar is not None:
+            bar.close()

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from multiprocessing.pool import RemoteTraceback
 from typing import Any
 
-from . import _aio, _runner, _warden
+from . import _aio, _progress, _runner, _warden
 from ._errors import ErrorData, core_error
 from ._handles import PoolHandle
 from ._pickle import dumps, loads
@@ -165,16 +165,36 @@ class Pool:
     # -- maps --------------------------------------------------------------
 
     def map(
-        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        progress: _progress.ProgressArg = None,
     ) -> list[Any]:
-        """``list(map(func, iterable))`` computed by the workers, in chunks."""
-        return self._map_async(func, iterable, False, chunksize).get()
+        """``list(map(func, iterable))`` computed by the workers, in chunks.
+        ``progress`` (``True``, a tqdm bar or a dict of tqdm options) shows a
+        bar that counts results as they arrive."""
+        return self._map_wait(self._map_async(func, iterable, False, chunksize, progress=progress))
 
     def starmap(
-        self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]], chunksize: int | None = None
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        *,
+        progress: _progress.ProgressArg = None,
     ) -> list[Any]:
         """Like :meth:`map`, calling ``func(*args)`` for each ``args``."""
-        return self._map_async(func, iterable, True, chunksize).get()
+        return self._map_wait(self._map_async(func, iterable, True, chunksize, progress=progress))
+
+    @staticmethod
+    def _map_wait(result: MapResult) -> list[Any]:
+        try:
+            return result.get()
+        finally:
+            if result._progress is not None:
+                result._progress.close()
 
     def map_async(
         self,
@@ -206,6 +226,7 @@ class Pool:
         chunksize: int | None,
         callback: Callable[[Any], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
+        progress: _progress.ProgressArg = None,
     ) -> MapResult:
         self._check_running()
         items = iterable if hasattr(iterable, "__len__") else list(iterable)
@@ -223,28 +244,48 @@ class Pool:
         while length and (chunk := tuple(itertools.islice(it, chunksize))):
             payloads.append(dumps((run_chunk, (func, chunk, star), {})))
         result = MapResult(self, len(payloads), callback, error_callback)
+        result._progress = _progress.make(progress, length)
         for i, payload in enumerate(payloads):
             self._submit(payload, functools.partial(result._deliver_chunk, i))
         return result
 
-    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
+    def imap(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        progress: _progress.ProgressArg = None,
+    ) -> IMapIterator:
         """Like :meth:`map`, lazily: an iterator of results in order. The
-        iterable is consumed by a feeder thread."""
-        return self._imap(func, iterable, chunksize, unordered=False)
+        iterable is consumed by a feeder thread. ``progress``: as for :meth:`map`
+        (the bar's total is known only if the iterable has a length)."""
+        return self._imap(func, iterable, chunksize, unordered=False, progress=progress)
 
     def imap_unordered(
-        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        progress: _progress.ProgressArg = None,
     ) -> IMapIterator:
         """Like :meth:`imap`, yielding results as they complete."""
-        return self._imap(func, iterable, chunksize, unordered=True)
+        return self._imap(func, iterable, chunksize, unordered=True, progress=progress)
 
     def _imap(
-        self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int, unordered: bool
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int,
+        unordered: bool,
+        progress: _progress.ProgressArg = None,
     ) -> IMapIterator:
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:d}")
         result = IMapIterator(self, unordered)
+        result._progress = _progress.make(progress, _progress.length(iterable))
         feeder = threading.Thread(
             target=_feed,
             args=(self, func, iter(iterable), chunksize, result),
@@ -368,6 +409,7 @@ class MapResult(ApplyResult):
     ) -> None:
         super().__init__(pool, callback, error_callback)
         self._lock = threading.Lock()
+        self._progress: _progress.Progress | None = None
         self._left = chunks
         self._chunks: list[Any] = [None] * chunks
         self._first_error: ErrorData | None = None
@@ -383,6 +425,9 @@ class MapResult(ApplyResult):
                 self._chunks[index] = loads(data)
             except Exception as e:
                 error = ErrorData.local(e, "cannot unpickle a result")
+            else:
+                if self._progress is not None:
+                    self._progress.advance(len(self._chunks[index]))
         else:
             error = ErrorData.from_core(data)
         with self._lock:
@@ -413,6 +458,7 @@ class IMapIterator:
         self._next = 0
         self._length: int | None = None
         self._buffer: collections.deque[Any] = collections.deque()
+        self._progress: _progress.Progress | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -437,6 +483,17 @@ class IMapIterator:
     def next(self, timeout: float | None = None) -> Any:
         """The next result; ``multiprocessing.TimeoutError`` if it is not there
         within ``timeout`` seconds."""
+        if self._progress is None:
+            return self._next_result(timeout)
+        try:
+            return self._next_result(timeout)
+        except multiprocessing.TimeoutError:
+            raise
+        except BaseException:  # the end, an error, or Ctrl-C: the bar is done
+            self._progress.close()
+            raise
+
+    def _next_result(self, timeout: float | None) -> Any:
         while not self._buffer:
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
@@ -469,7 +526,10 @@ class IMapIterator:
     def _deliver(self, index: int, ok: bool, data: Any) -> None:
         if ok:
             try:
-                self._put(index, True, loads(data))
+                value = loads(data)
+                if self._progress is not None:
+                    self._progress.advance(len(value))
+                self._put(index, True, value)
             except Exception as e:
                 self._put(index, False, ErrorData.local(e, "cannot unpickle a result"))
         else:
