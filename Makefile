@@ -76,10 +76,12 @@ wheel: venv
 
 # The other CPython versions people use, found through pyenv. Each gets a venv
 # with the wheel installed (not the source tree), checks that it imports and
-# runs a task from outside the tree, then runs the test suite. PYTHONS_TESTS
-# picks the tests (all by default).
+# runs a task from outside the tree, then runs the tests that lean on what
+# changes between versions (concurrent.futures and multiprocessing internals,
+# pickling, asyncio, logging); PYTHONS_TESTS=tests runs them all.
 PYTHONS ?= 3.12 3.13
-PYTHONS_TESTS ?=
+PYTHONS_TESTS ?= tests/test_executor_api.py tests/test_pickling.py tests/test_spawn_objects.py \
+	tests/test_asyncio.py tests/test_logging.py
 pytest-pythons: wheel
 	@set -e; for v in $(PYTHONS); do \
 		prefix=$$(pyenv prefix $$v 2>/dev/null || true); \

@@ -171,7 +171,9 @@ if __name__ == "__main__":
 def test_a_bar_warden_makes_is_closed_on_ctrl_c(program):
     prog = program(CTRL_C)
     proc = prog.start()
-    assert wait_until(lambda: "running" in prog.out_lines(), timeout=30)
+    # Both slow items run: the fast one's result came back before the second began.
+    assert wait_until(lambda: prog.out_lines() == ["running", "running"], timeout=30)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert out.splitlines() == ["bar closed at 1", "interrupted"], err

@@ -55,6 +55,10 @@ class _Listener:
     def __init__(self) -> None:
         self.receiver, self.sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.receiver.setblocking(False)
+        # One buffer for every record (a fresh bytes object of this size per
+        # recv would cost more than handling the record).
+        self.buffer = bytearray(_RECV_SIZE)
+        self.view = memoryview(self.buffer)
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="warden-logging", daemon=True)
         self.thread.start()
@@ -74,12 +78,12 @@ class _Listener:
         with self.lock:
             while True:
                 try:
-                    data = self.receiver.recv(_RECV_SIZE)
+                    size = self.receiver.recv_into(self.buffer)
                 except (BlockingIOError, InterruptedError):
                     return
-                if not data:
+                if not size:
                     return
-                _handle(data)
+                _handle(self.view[:size])
 
 
 _listener: _Listener | None = None
@@ -121,7 +125,7 @@ def parent_levels() -> dict[str, int]:
     return levels
 
 
-def _handle(data: bytes) -> None:
+def _handle(data: bytes | memoryview) -> None:
     """In the parent: one record, by the logger of its name."""
     try:
         attrs = pickle.loads(data)
