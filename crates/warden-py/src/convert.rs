@@ -6,8 +6,8 @@ use std::time::Duration;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
-use warden::wire::{RemoteError, RemoteErrorKind};
 use warden::{ErrorKind, ExitReason, RetireReason, StopCause};
+use warden::{RemoteError, RemoteErrorKind};
 
 use crate::CoreError;
 

@@ -7,7 +7,7 @@
 //!
 //! * `pool::CorePool`: a core [`warden::Pool`] whose workers run a Python
 //!   interpreter, plus the queue its task outcomes land in;
-//! * `worker::worker_main`: the worker side, a [`warden::worker::Handler`]
+//! * `worker::worker_main`: the worker side, a [`warden::frontend::Handler`]
 //!   that calls into a Python object;
 //! * `event::SharedEvent`: a process-shared flag in a sealed `memfd` page,
 //!   waited on with a shared futex;
@@ -47,10 +47,10 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(finalize::finalizer_exit_timeout, m)?)?;
     finalize::install_sink();
     m.add("CoreError", m.py().get_type::<CoreError>())?;
-    m.add("UNWIND_GRACE", warden::worker::UNWIND_GRACE.as_secs_f64())?;
-    m.add("DEFAULT_GRACE", warden::pool::DEFAULT_GRACE.as_secs_f64())?;
-    m.add("EXIT_INIT_FAILED", warden::worker::EXIT_INIT_FAILED)?;
-    m.add("EXIT_PROTOCOL", warden::worker::EXIT_PROTOCOL)?;
-    m.add("EXIT_PARENT_GONE", warden::worker::EXIT_PARENT_GONE)?;
+    m.add("UNWIND_GRACE", warden::frontend::UNWIND_GRACE.as_secs_f64())?;
+    m.add("DEFAULT_GRACE", warden::DEFAULT_GRACE.as_secs_f64())?;
+    m.add("EXIT_INIT_FAILED", warden::frontend::EXIT_INIT_FAILED)?;
+    m.add("EXIT_PROTOCOL", warden::frontend::EXIT_PROTOCOL)?;
+    m.add("EXIT_PARENT_GONE", warden::frontend::EXIT_PARENT_GONE)?;
     Ok(())
 }

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
-use warden::spawn::WorkerCommand;
-use warden::{Event, Pool, TaskOptions, WorkerExit};
+use warden::frontend::WorkerCommand;
+use warden::{LifecycleEvent, Pool, TaskOptions, WorkerEnd};
 
 use crate::convert::{core_err, error_tuple, exit_reason, seconds, stop_cause};
 
@@ -50,8 +50,8 @@ struct Inner {
     closing: AtomicBool,
     first_pid: Mutex<Option<i32>>,
     pid_known: Condvar,
-    last_exit: Mutex<Option<WorkerExit>>,
-    events: Mutex<VecDeque<Event>>,
+    last_exit: Mutex<Option<WorkerEnd>>,
+    events: Mutex<VecDeque<LifecycleEvent>>,
 }
 
 impl Inner {
@@ -66,14 +66,14 @@ impl Inner {
         self.ready.notify_all();
     }
 
-    fn on_event(&self, event: &Event) {
+    fn on_event(&self, event: &LifecycleEvent) {
         match event {
-            Event::WorkerStarted { pid, .. } => {
+            LifecycleEvent::WorkerStarted { pid, .. } => {
                 lock(&self.first_pid).get_or_insert(*pid);
                 self.pid_known.notify_all();
             }
-            Event::WorkerExited(exit) => *lock(&self.last_exit) = Some(exit.clone()),
-            Event::PoolFailed { .. } => self.wake(),
+            LifecycleEvent::WorkerExited(exit) => *lock(&self.last_exit) = Some(exit.clone()),
+            LifecycleEvent::PoolFailed { .. } => self.wake(),
             _ => {}
         }
         let mut events = lock(&self.events);
@@ -84,20 +84,20 @@ impl Inner {
     }
 }
 
-fn event_tuple<'py>(py: Python<'py>, event: &Event) -> PyResult<Bound<'py, PyTuple>> {
+fn event_tuple<'py>(py: Python<'py>, event: &LifecycleEvent) -> PyResult<Bound<'py, PyTuple>> {
     match event {
-        Event::WorkerStarted { worker, pid } => ("started", *worker, *pid).into_pyobject(py),
-        Event::WorkerReady { worker, pid } => ("ready", *worker, *pid).into_pyobject(py),
-        Event::SpawnFailed { error } => ("spawn_failed", error.as_str()).into_pyobject(py),
-        Event::TaskTimedOut { task, pid } => ("timed_out", *task, *pid).into_pyobject(py),
-        Event::WorkerExited(exit) => exit_tuple(py, exit),
-        Event::PoolFailed { reason } => ("pool_failed", reason.as_str()).into_pyobject(py),
+        LifecycleEvent::WorkerStarted { worker, pid } => ("started", *worker, *pid).into_pyobject(py),
+        LifecycleEvent::WorkerReady { worker, pid } => ("ready", *worker, *pid).into_pyobject(py),
+        LifecycleEvent::SpawnFailed { error } => ("spawn_failed", error.as_str()).into_pyobject(py),
+        LifecycleEvent::TaskTimedOut { task, pid } => ("timed_out", *task, *pid).into_pyobject(py),
+        LifecycleEvent::WorkerExited(exit) => exit_tuple(py, exit),
+        LifecycleEvent::PoolFailed { reason } => ("pool_failed", reason.as_str()).into_pyobject(py),
         _ => ("other",).into_pyobject(py),
     }
 }
 
 /// `("exited", worker, pid, exitcode, signal, cause, reason, hook_ran, hook_error, crashed)`.
-fn exit_tuple<'py>(py: Python<'py>, exit: &WorkerExit) -> PyResult<Bound<'py, PyTuple>> {
+fn exit_tuple<'py>(py: Python<'py>, exit: &WorkerEnd) -> PyResult<Bound<'py, PyTuple>> {
     let (reason, hook_ran, hook_error) = match &exit.goodbye {
         Some((reason, report)) => (Some(exit_reason(reason)), report.hook_ran, report.hook_error.clone()),
         None => (None, false, None),
@@ -382,7 +382,7 @@ impl CorePool {
 
     /// Takes the lifecycle events recorded so far (at most the last 1024).
     fn events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let events: Vec<Event> = lock(&self.inner.events).drain(..).collect();
+        let events: Vec<LifecycleEvent> = lock(&self.inner.events).drain(..).collect();
         let list = PyList::empty(py);
         for e in &events {
             list.append(event_tuple(py, e)?)?;

@@ -18,7 +18,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use warden::{Event, Pool};
+use warden::{LifecycleEvent, Pool};
 
 const ECHO_ENV: &str = "WARDEN_BENCH_ECHO_FD";
 
@@ -135,7 +135,7 @@ fn startup(workers: usize) -> Result<f64, Box<dyn std::error::Error>> {
     let pool = Pool::builder()
         .workers(workers)
         .on_event(move |e| {
-            if let Event::WorkerReady { .. } = e {
+            if let LifecycleEvent::WorkerReady { .. } = e {
                 let _ = tx.send(());
             }
         })

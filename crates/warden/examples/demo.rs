@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use warden::{Event, ExitReason, Pool, TaskOptions};
+use warden::{ExitReason, LifecycleEvent, Pool, TaskOptions};
 
 fn started() {
     println!("    [worker {}] start hook: opened its resources", std::process::id());
@@ -65,8 +65,8 @@ fn main() -> Result<(), warden::Error> {
         .grace(Duration::from_secs(2))
         .on_event(move |e| {
             let line = match e {
-                Event::WorkerStarted { pid, .. } => format!("worker {pid} started"),
-                Event::WorkerExited(x) => format!(
+                LifecycleEvent::WorkerStarted { pid, .. } => format!("worker {pid} started"),
+                LifecycleEvent::WorkerExited(x) => format!(
                     "worker {} exited: {}{}{}",
                     x.pid,
                     x.status,
@@ -77,7 +77,7 @@ fn main() -> Result<(), warden::Error> {
                     },
                     if x.crashed { ", counted as a crash" } else { "" }
                 ),
-                Event::TaskTimedOut { task, pid } => format!("task {task} timed out on worker {pid}"),
+                LifecycleEvent::TaskTimedOut { task, pid } => format!("task {task} timed out on worker {pid}"),
                 _ => return,
             };
             println!("  event: {line}");

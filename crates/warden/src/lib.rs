@@ -32,15 +32,24 @@
 //! }
 //! ```
 //!
-//! ## Modules
+//! ## Public surface
 //!
-//! * [`pool`]: the builder, pools, task handles and one-off children;
-//! * [`supervisor`]: the event loop that owns the workers (lifecycle diagram there);
-//! * [`spawn`](mod@spawn): how a worker process is started (exec, fds, death signal, group);
-//! * [`worker`]: the worker-side loop and its single exit path;
-//! * [`wire`]: frames and messages;
+//! * the root: [`init`], [`Pool`] and its [`Builder`], task [`Handle`]s,
+//!   one-off children ([`spawn()`](fn@spawn), [`Child`]), errors
+//!   ([`Error`], [`ErrorKind`], [`ExitStatus`]), what a pool reports about its
+//!   workers ([`LifecycleEvent`], [`WorkerEnd`], [`StopCause`],
+//!   [`WorkerSnapshot`]) and how a worker ends ([`ExitReason`]);
 //! * [`finalize`]: the finalizer thread, guardians and exit finalizers (`docs/finalization.md`);
-//! * [`signals`]: worker signal handling (flags only).
+//! * [`frontend`]: what a binding for another language needs (the Python extension uses it).
+//!
+//! ## Inside
+//!
+//! Private modules, each with its own docs: `pool` (the public API above),
+//! `supervisor` (the event loop that owns the workers, lifecycle diagram there),
+//! `spawn` (how a worker process is started: exec, fds, death signal, group),
+//! `worker` (the worker-side loop and its single exit path), `wire` (frames and
+//! messages), `signals` (worker signal handling: flags only), `task` (Rust
+//! functions as tasks), `panics` (a poison-tolerant lock, panic text).
 //!
 //! ## Caveats
 //!
@@ -50,25 +59,31 @@
 
 #![warn(missing_docs)]
 
-pub mod error;
+mod error;
 pub mod finalize;
-pub mod pool;
-pub mod signals;
-pub mod spawn;
-pub mod supervisor;
-pub mod task;
-pub mod wire;
-pub mod worker;
+pub mod frontend;
+mod panics;
+mod pool;
+mod signals;
+mod spawn;
+mod supervisor;
+mod task;
+mod wire;
+mod worker;
 
 /// The README's examples, compiled as doctests so they stay true.
 #[doc = include_str!("../../../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
-pub use error::{Error, ErrorKind, ExitStatus, Result};
-pub use pool::{spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, TaskOptions};
-pub use supervisor::{Event, StopCause, WorkerExit, WorkerSnapshot};
-pub use wire::{ExitReason, RetireReason};
+pub use error::{signal_name, Error, ErrorKind, ExitStatus, Result};
+pub use pool::{
+    spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, TaskOptions, DEFAULT_GRACE, DEFAULT_INIT_TIMEOUT,
+    DEFAULT_RESTART_LIMIT, DEFAULT_RESTART_WINDOW,
+};
+pub use supervisor::{LifecycleEvent, StopCause, WorkerEnd, WorkerSnapshot};
+pub use wire::{ExitPathReport, ExitReason, RemoteError, RemoteErrorKind, RetireReason};
+pub use worker::{current_worker, WorkerInfo};
 
 /// Turns this process into a worker if it was started as one, and never
 /// returns in that case; otherwise returns at once.

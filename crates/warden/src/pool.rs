@@ -15,26 +15,8 @@
 //! }
 //! ```
 //!
-//! # Shutting down
-//!
-//! | call | queued tasks | running tasks | workers |
-//! |------|--------------|---------------|---------|
-//! | [`Pool::shutdown`] / [`Pool::close`] + [`Pool::join`] | run | finish | retire (exit hooks), then escalate after the grace period |
-//! | dropping the pool | cancelled | get one grace period to finish, then are cancelled | retire, then escalate |
-//! | [`Pool::terminate`] | cancelled | cancelled | SIGTERM (exit hooks run), SIGKILL after the grace period |
-//! | [`Pool::kill`] | cancelled | cancelled | SIGKILL now |
-//!
-//! Every stage that waits on a worker has a deadline; only waiting for tasks
-//! the caller asked to drain is as long as those tasks (bound them with
-//! [`Builder::task_timeout`] or [`Pool::shutdown_timeout`]). When a shutdown
-//! returns, every worker has been reaped and every fd the pool opened is closed.
-//!
-//! # Caveats
-//!
-//! * Lifecycle events ([`Builder::on_event`]) and task outcomes are delivered on
-//!   the supervisor thread: callbacks must be quick and must not block.
-//! * The pool spawns its workers from its supervisor thread, because the
-//!   parent-death signal is tied to the thread that spawned a process.
+//! The public API is re-exported at the crate root; [`Pool`]'s docs say how
+//! a pool shuts down.
 
 use std::marker::PhantomData;
 use std::os::fd::OwnedFd;
@@ -47,8 +29,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::panics::lock;
 use crate::spawn::WorkerCommand;
-use crate::supervisor::{self, Command, Config, Event, EventSink, Reply, Shared, Task, WorkerSnapshot};
+use crate::supervisor::{
+    self, Command, Config, EventSink, LifecycleEvent, Reply, SupervisorLink, Task, WorkerEnd, WorkerSnapshot,
+};
 use crate::task::{self, Call, RustInit};
 use crate::wire::{ExitReason, DEFAULT_MAX_FRAME};
 
@@ -127,7 +112,8 @@ impl Builder {
 
     /// Runs in every worker at the end of its life, whatever ends it except
     /// SIGKILL: retirement, shutdown, SIGTERM (task timeout, cancel, terminate),
-    /// parent death. See [`crate::worker`] for which thread runs it.
+    /// parent death. It runs on the worker's main thread, or on its monitor thread
+    /// when a stop signal arrives while a task runs.
     pub fn on_exit(mut self, hook: fn(ExitReason)) -> Self {
         self.on_exit = Some(hook);
         self
@@ -189,7 +175,7 @@ impl Builder {
     }
 
     /// Receives lifecycle events, on the supervisor thread.
-    pub fn on_event(mut self, sink: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+    pub fn on_event(mut self, sink: impl Fn(&LifecycleEvent) + Send + Sync + 'static) -> Self {
         self.cfg.on_event = Some(Arc::new(sink) as EventSink);
         self
     }
@@ -247,9 +233,30 @@ impl Builder {
     }
 }
 
-/// A pool of worker processes. See the [module documentation](self).
+/// A pool of worker processes.
+///
+/// # Shutting down
+///
+/// | call | queued tasks | running tasks | workers |
+/// |------|--------------|---------------|---------|
+/// | [`Pool::shutdown`] / [`Pool::close`] + [`Pool::join`] | run | finish | retire (exit hooks), then escalate after the grace period |
+/// | dropping the pool | cancelled | get one grace period to finish, then are cancelled | retire, then escalate |
+/// | [`Pool::terminate`] | cancelled | cancelled | SIGTERM (exit hooks run), SIGKILL after the grace period |
+/// | [`Pool::kill`] | cancelled | cancelled | SIGKILL now |
+///
+/// Every stage that waits on a worker has a deadline; only waiting for tasks
+/// the caller asked to drain is as long as those tasks (bound them with
+/// [`Builder::task_timeout`] or [`Pool::shutdown_timeout`]). When a shutdown
+/// returns, every worker has been reaped and every fd the pool opened is closed.
+///
+/// # Caveats
+///
+/// * Lifecycle events ([`Builder::on_event`]) and task outcomes are delivered on
+///   the supervisor thread: callbacks must be quick and must not block.
+/// * The pool spawns its workers from its supervisor thread, because the
+///   parent-death signal is tied to the thread that spawned a process.
 pub struct Pool {
-    shared: Arc<Shared>,
+    shared: Arc<SupervisorLink>,
     thread: Mutex<Option<JoinHandle<()>>>,
     grace: Duration,
     default_timeout: Option<Duration>,
@@ -382,7 +389,7 @@ impl Pool {
         if !self.shared.wait_done(timeout) {
             return false;
         }
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let thread = lock(&self.thread).take();
         if let Some(thread) = thread {
             let _ = thread.join();
         }
@@ -459,7 +466,7 @@ impl Drop for Pool {
     }
 }
 
-fn cancel(shared: &Shared, id: u64, running_too: bool) -> bool {
+fn cancel(shared: &SupervisorLink, id: u64, running_too: bool) -> bool {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     if shared.send(Command::Cancel { id, running_too, reply: tx }).is_err() {
         return false;
@@ -484,7 +491,7 @@ pub(crate) struct Slot {
 
 impl Slot {
     pub(crate) fn fill(&self, outcome: Result<Vec<u8>>) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         if matches!(*state, SlotState::Pending) {
             *state = SlotState::Done(outcome);
             self.cv.notify_all();
@@ -492,12 +499,12 @@ impl Slot {
     }
 
     fn is_done(&self) -> bool {
-        !matches!(*self.state.lock().unwrap_or_else(|p| p.into_inner()), SlotState::Pending)
+        !matches!(*lock(&self.state), SlotState::Pending)
     }
 
     fn take(&self, timeout: Option<Duration>) -> Result<Vec<u8>> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         loop {
             match std::mem::replace(&mut *state, SlotState::Taken) {
                 SlotState::Done(outcome) => return outcome,
@@ -522,7 +529,7 @@ impl Slot {
 pub struct Handle<R> {
     id: u64,
     slot: Arc<Slot>,
-    shared: Arc<Shared>,
+    shared: Arc<SupervisorLink>,
     _result: PhantomData<fn() -> R>,
 }
 
@@ -573,7 +580,7 @@ pub struct Child<R> {
     pool: Pool,
     handle: Handle<R>,
     pid: Arc<(Mutex<Option<i32>>, Condvar)>,
-    exit: Arc<Mutex<Option<supervisor::WorkerExit>>>,
+    exit: Arc<Mutex<Option<WorkerEnd>>>,
 }
 
 impl<R> std::fmt::Debug for Child<R> {
@@ -623,11 +630,11 @@ where
     let (pid_sink, exit_sink) = (Arc::clone(&pid), Arc::clone(&exit));
     let mut builder =
         Pool::builder().name("warden-child").one_off().grace(options.grace).on_event(move |event| match event {
-            Event::WorkerStarted { pid, .. } => {
-                *pid_sink.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(*pid);
+            LifecycleEvent::WorkerStarted { pid, .. } => {
+                *lock(&pid_sink.0) = Some(*pid);
                 pid_sink.1.notify_all();
             }
-            Event::WorkerExited(e) => *exit_sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone()),
+            LifecycleEvent::WorkerExited(e) => *lock(&exit_sink) = Some(e.clone()),
             _ => {}
         });
     if let Some(h) = options.on_start {
@@ -648,8 +655,8 @@ where
 impl<R: DeserializeOwned> Child<R> {
     /// The child's process id, once it has started (waits up to 10 s for that).
     pub fn pid(&self) -> Option<i32> {
-        let (lock, cv) = &*self.pid;
-        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (slot, cv) = &*self.pid;
+        let guard = lock(slot);
         let (guard, _) =
             cv.wait_timeout_while(guard, Duration::from_secs(10), |p| p.is_none()).unwrap_or_else(|p| p.into_inner());
         *guard
@@ -683,7 +690,7 @@ impl<R: DeserializeOwned> Child<R> {
     }
 
     /// How the child ended, once it has been reaped.
-    pub fn exit(&self) -> Option<supervisor::WorkerExit> {
-        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    pub fn exit(&self) -> Option<WorkerEnd> {
+        lock(&self.exit).clone()
     }
 }

@@ -33,10 +33,10 @@ static CHANNEL: AtomicI32 = AtomicI32::new(-1);
 
 /// The signal a worker gets when the thread that spawned it dies (the pool's
 /// supervisor, or the whole parent process).
-pub const PARENT_DEATH_SIGNAL: i32 = libc::SIGHUP;
+pub(crate) const PARENT_DEATH_SIGNAL: i32 = libc::SIGHUP;
 
 /// The signals that ask a worker to stop.
-pub const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT];
+pub(crate) const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT];
 
 fn on_stop_signal(sig: i32) {
     let _ = PENDING.compare_exchange(0, sig as u32, Ordering::SeqCst, Ordering::SeqCst);
@@ -62,7 +62,7 @@ pub(crate) fn install(channel: RawFd) -> io::Result<()> {
 }
 
 /// The stop signal received so far, if any.
-pub fn pending() -> Option<i32> {
+pub(crate) fn pending() -> Option<i32> {
     match PENDING.load(Ordering::SeqCst) {
         0 => None,
         s => Some(s as i32),

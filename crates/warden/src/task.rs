@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::wire::{ExitReason, RemoteError, RemoteErrorKind};
-use crate::worker::{ExitHook, Handler, HookResult, WorkerInfo};
+use crate::worker::{ExitHook, ExitHookOutcome, Handler, WorkerInfo};
 
 #[inline(never)]
 fn anchor() -> u64 {
@@ -141,7 +141,7 @@ impl Handler for RustHandler {
             let f = unsafe { std::mem::transmute::<usize, fn(ExitReason)>(address_of(offset)) };
             Arc::new(move |reason: &ExitReason| {
                 f(*reason);
-                HookResult::default()
+                ExitHookOutcome::default()
             }) as ExitHook
         }))
     }

@@ -165,7 +165,7 @@ pub enum WireOutcome<'a> {
 
 /// What the worker's exit path reports before the process ends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HookReport {
+pub struct ExitPathReport {
     /// Whether an exit hook was installed and ran.
     pub hook_ran: bool,
     /// The hook's error, if it failed.
@@ -240,7 +240,7 @@ pub enum Message<'a> {
         /// Why the worker is exiting.
         reason: ExitReason,
         /// What the exit path did.
-        report: HookReport,
+        report: ExitPathReport,
     },
 }
 
@@ -521,7 +521,7 @@ mod tests {
             Message::Retire { reason: RetireReason::MaxTasks },
             Message::Goodbye {
                 reason: ExitReason::Signal(15),
-                report: HookReport {
+                report: ExitPathReport {
                     hook_ran: true,
                     hook_error: None,
                     finalizers_run: 2,

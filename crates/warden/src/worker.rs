@@ -54,13 +54,16 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::error::ExitStatus;
+use crate::panics::{lock, panic_text};
 use crate::signals;
 use crate::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 use crate::wire::{
-    self, ExitReason, FrameReader, HookReport, Message, RemoteError, RemoteErrorKind, WireOutcome, DEFAULT_MAX_FRAME,
+    self, ExitPathReport, ExitReason, FrameReader, Message, RemoteError, RemoteErrorKind, WireOutcome,
+    DEFAULT_MAX_FRAME,
 };
 
 /// Exit code of a worker whose start hook failed.
@@ -81,7 +84,7 @@ const EXITING: u8 = 3;
 
 /// What an exit hook reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HookResult {
+pub struct ExitHookOutcome {
     /// The hook's error, if it failed. The exit path goes on regardless.
     pub error: Option<String>,
     /// An exit code the process should end with, instead of the default for the
@@ -91,7 +94,7 @@ pub struct HookResult {
 }
 
 /// A worker's exit hook: runs once, on whichever thread runs the exit path.
-pub type ExitHook = Arc<dyn Fn(&ExitReason) -> HookResult + Send + Sync>;
+pub type ExitHook = Arc<dyn Fn(&ExitReason) -> ExitHookOutcome + Send + Sync>;
 
 /// Asks the running task to stop (called on the monitor thread).
 pub type Interrupter = Arc<dyn Fn() + Send + Sync>;
@@ -118,7 +121,7 @@ pub trait Handler {
     }
 }
 
-/// Facts about the worker process, available to tasks through [`current`].
+/// Facts about the worker process, available to tasks through [`current_worker`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerInfo {
     /// The worker's number within its pool (unique for the pool's lifetime).
@@ -132,27 +135,20 @@ pub struct WorkerInfo {
 static CURRENT: OnceLock<WorkerInfo> = OnceLock::new();
 
 /// The worker this process is, if it is one.
-pub fn current() -> Option<&'static WorkerInfo> {
+pub fn current_worker() -> Option<&'static WorkerInfo> {
     CURRENT.get()
 }
 
-/// How a worker process should end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerExit {
-    /// Exit with this code.
-    Code(i32),
-    /// Die by this signal (after the exit path ran).
-    Signal(i32),
-}
-
-impl WorkerExit {
-    /// Ends the process accordingly.
+impl ExitStatus {
+    /// Ends this process the way `self` says: exit with the code, or die by
+    /// the signal with its default action (a worker, after its exit path ran).
+    /// Flushes stdout and stderr first.
     pub fn exit(self) -> ! {
         let _ = io::stdout().flush();
         let _ = io::stderr().flush();
         match self {
-            WorkerExit::Code(c) => std::process::exit(c),
-            WorkerExit::Signal(s) => signals::die_by(s),
+            ExitStatus::Code(c) => std::process::exit(c),
+            ExitStatus::Signal(s) => signals::die_by(s),
         }
     }
 }
@@ -201,23 +197,8 @@ impl WorkerEnv {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Text of a caught panic.
-pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_string()
-    }
-}
-
 /// State shared by the main thread and the monitor.
-struct Core {
+struct WorkerState {
     stream: UnixStream,
     /// Encoding buffer; holding it also serialises whole frames on the channel.
     out: Mutex<Vec<u8>>,
@@ -226,10 +207,10 @@ struct Core {
     state: AtomicU8,
     hook: Mutex<Option<ExitHook>>,
     /// Set once the exit path has run; holding it serialises the exit path.
-    exit: Mutex<Option<WorkerExit>>,
+    exit: Mutex<Option<ExitStatus>>,
 }
 
-impl Core {
+impl WorkerState {
     fn send(&self, msg: &Message<'_>) -> io::Result<()> {
         let mut out = lock(&self.out);
         out.clear();
@@ -259,14 +240,14 @@ impl Core {
 
     /// The one exit path. Runs once; a second caller waits for the first and
     /// gets the same answer.
-    fn exit_path(&self, reason: ExitReason) -> WorkerExit {
+    fn exit_path(&self, reason: ExitReason) -> ExitStatus {
         let mut done = lock(&self.exit);
         if let Some(exit) = *done {
             return exit;
         }
         self.state.store(EXITING, Ordering::SeqCst);
         tracing::debug!(?reason, "worker exit path");
-        let mut report = HookReport {
+        let mut report = ExitPathReport {
             hook_ran: false,
             hook_error: None,
             finalizers_run: 0,
@@ -298,11 +279,11 @@ impl Core {
             let _ = self.send(&Message::Goodbye { reason, report });
         }
         let exit = match reason {
-            ExitReason::Signal(sig) => WorkerExit::Signal(sig),
-            ExitReason::Retired(_) => WorkerExit::Code(code.unwrap_or(0)),
-            ExitReason::InitFailed => WorkerExit::Code(code.unwrap_or(EXIT_INIT_FAILED)),
-            ExitReason::ProtocolError => WorkerExit::Code(code.unwrap_or(EXIT_PROTOCOL)),
-            ExitReason::ParentGone => WorkerExit::Code(code.unwrap_or(EXIT_PARENT_GONE)),
+            ExitReason::Signal(sig) => ExitStatus::Signal(sig),
+            ExitReason::Retired(_) => ExitStatus::Code(code.unwrap_or(0)),
+            ExitReason::InitFailed => ExitStatus::Code(code.unwrap_or(EXIT_INIT_FAILED)),
+            ExitReason::ProtocolError => ExitStatus::Code(code.unwrap_or(EXIT_PROTOCOL)),
+            ExitReason::ParentGone => ExitStatus::Code(code.unwrap_or(EXIT_PARENT_GONE)),
         };
         *done = Some(exit);
         exit
@@ -311,7 +292,7 @@ impl Core {
 
 /// The monitor thread: waits for a stop signal; if a task is running, gets the
 /// exit path done without waiting for the task.
-fn monitor(core: Arc<Core>, interrupter: Option<Interrupter>) {
+fn monitor(core: Arc<WorkerState>, interrupter: Option<Interrupter>) {
     signals::block_in_this_thread();
     let sig = signals::wait_for_stop();
     if core.state.load(Ordering::SeqCst) != BUSY {
@@ -334,13 +315,13 @@ fn monitor(core: Arc<Core>, interrupter: Option<Interrupter>) {
 
 /// Runs the worker loop on the calling thread until the worker must exit, and
 /// returns how the process should end. The caller then ends the process with
-/// [`WorkerExit::exit`] (after any language-level teardown of its own).
-pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> WorkerExit {
+/// [`ExitStatus::exit`] (after any language-level teardown of its own).
+pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     // The fd number came from our parent; make sure it is an open socket before
     // taking ownership of it.
     if let Err(e) = check_socket(env.fd) {
         eprintln!("warden worker: {ENV_FD}={} is not a usable channel: {e}", env.fd);
-        return WorkerExit::Code(EXIT_PROTOCOL);
+        return ExitStatus::Code(EXIT_PROTOCOL);
     }
     // SAFETY: the fd is an open socket (checked above) that our parent handed to
     // us; nothing else in this process owns it.
@@ -348,7 +329,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> WorkerExit {
     // Processes the tasks start must not inherit the channel.
     let _ = rustix::io::fcntl_setfd(&stream, rustix::io::FdFlags::CLOEXEC);
 
-    let core = Arc::new(Core {
+    let core = Arc::new(WorkerState {
         stream,
         out: Mutex::new(Vec::with_capacity(4096)),
         max_frame: env.max_frame,
@@ -397,7 +378,7 @@ fn check_socket(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-fn run_loop<H: Handler>(core: &Core, handler: &mut H, max_frame: usize) -> ExitReason {
+fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, max_frame: usize) -> ExitReason {
     let mut reader = FrameReader::new(max_frame);
     let mut initialized = false;
     loop {

@@ -508,7 +508,7 @@ fn pool_worker_exit_finalizers() -> Result<(), Failed> {
             .workers(1)
             .grace(Duration::from_secs(10))
             .on_event(move |e| {
-                if let warden::Event::WorkerExited(exit) = e {
+                if let warden::LifecycleEvent::WorkerExited(exit) = e {
                     lock(&sink).push(exit.clone());
                 }
             })
@@ -644,7 +644,7 @@ fn closed_after_drain() -> Result<(), Failed> {
 // ---------------------------------------------------------------------------
 // Scenarios (run in a child process)
 
-fn say_report(r: finalize::ExitReport) {
+fn say_report(r: finalize::ExitDrainReport) {
     say(format!("report ran={} failed={} skipped={} timed_out={}", r.ran, r.failed, r.skipped, r.timed_out));
 }
 

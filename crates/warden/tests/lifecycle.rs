@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use warden::{Event, ExitReason, Pool, TaskOptions};
+use warden::{ExitReason, LifecycleEvent, Pool, TaskOptions};
 
 const HOOKS_ENV: &str = "WARDEN_TEST_HOOKS";
 const SCENARIO_ENV: &str = "WARDEN_SCENARIO";
@@ -483,7 +483,7 @@ fn restart_intensity_escalates() -> TestResult {
         .workers(1)
         .restart_intensity(2, Duration::from_secs(60))
         .on_event(move |e| {
-            if let Event::PoolFailed { reason } = e {
+            if let LifecycleEvent::PoolFailed { reason } = e {
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(reason.clone());
             }
         })

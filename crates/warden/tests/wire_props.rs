@@ -3,8 +3,8 @@
 //! message we encode comes back unchanged however the stream is cut.
 
 use proptest::prelude::*;
-use warden::wire::{
-    encode, ExitReason, FrameReader, HookReport, Message, RemoteError, RemoteErrorKind, RetireReason, WireError,
+use warden::frontend::wire::{
+    encode, ExitPathReport, ExitReason, FrameReader, Message, RemoteError, RemoteErrorKind, RetireReason, WireError,
     WireOutcome, HEADER_LEN, MAGIC, MAX_GROWTH_STEP, PROTOCOL_VERSION,
 };
 
@@ -54,7 +54,7 @@ impl Owned {
             },
             Owned::Goodbye(sig, ran, err, n) => Message::Goodbye {
                 reason: ExitReason::Signal(*sig),
-                report: HookReport {
+                report: ExitPathReport {
                     hook_ran: *ran,
                     hook_error: err.clone(),
                     finalizers_run: *n,

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use warden::wire::{FrameReader, MAX_GROWTH_STEP};
+use warden::frontend::wire::{FrameReader, MAX_GROWTH_STEP};
 
 const MAX_FRAME: usize = 1 << 16;
 

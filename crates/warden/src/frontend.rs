@@ -1,0 +1,33 @@
+//! What a binding for another language needs, and nothing a Rust program
+//! using pools does: the worker loop with a [`Handler`] of its own, pools
+//! that run another program as their worker ([`WorkerCommand`], opaque
+//! payloads and replies), and the wire codec.
+//!
+//! The Python extension (`warden._warden`) is built on this module alone, plus
+//! the crate's root types. Rust programs use [`crate::Pool`] and
+//! [`crate::spawn()`](fn@crate::spawn) instead.
+//!
+//! # Caveats
+//!
+//! * A worker's [`serve`] loop installs signal handlers and owns the process's
+//!   exit: call it on the main thread of a process a pool started (see
+//!   [`WorkerEnv::take`]), and end the process with the
+//!   [`ExitStatus`](crate::ExitStatus) it returns.
+
+pub use crate::spawn::{WorkerCommand, ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
+pub use crate::supervisor::Reply;
+pub use crate::worker::{
+    serve, ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_INIT_FAILED, EXIT_PARENT_GONE,
+    EXIT_PROTOCOL, UNWIND_GRACE,
+};
+
+/// The frame codec and the messages of the parent–worker protocol (see the
+/// crate's `wire` documentation in ARCHITECTURE.md): for bindings that speak
+/// it, and for property tests and fuzzing of the decoder.
+pub mod wire {
+    pub use crate::wire::{
+        decode_body, encode, parse_header, ExitPathReport, ExitReason, FrameRange, FrameReader, Message, RemoteError,
+        RemoteErrorKind, RetireReason, WireError, WireOutcome, DEFAULT_MAX_FRAME, HEADER_LEN, MAGIC, MAX_GROWTH_STEP,
+        PROTOCOL_VERSION,
+    };
+}

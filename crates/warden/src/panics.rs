@@ -1,0 +1,25 @@
+//! Living with panics elsewhere: a lock that ignores poisoning, and the text
+//! of a caught panic.
+//!
+//! The supervisor, the worker loop and the finalizer service all catch panics
+//! (in user code, hooks and callbacks) and go on; a mutex poisoned by such a
+//! panic still holds consistent data here, because no lock is held across
+//! user code.
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks `m`, taking the data even if a panicking thread poisoned it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The text of a caught panic's payload.
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}

@@ -1,0 +1,29 @@
+//! A pool's settings, fixed when it is built.
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use crate::spawn::WorkerCommand;
+
+use super::EventSink;
+
+/// Pool settings, fixed at build time.
+pub(crate) struct Config {
+    pub name: String,
+    pub workers: usize,
+    pub command: WorkerCommand,
+    pub init_payload: Vec<u8>,
+    pub pass_fds: Vec<OwnedFd>,
+    pub max_tasks_per_child: Option<u64>,
+    pub task_timeout: Option<Duration>,
+    pub init_timeout: Duration,
+    pub grace: Duration,
+    pub restart_limit: u32,
+    pub restart_window: Duration,
+    pub max_frame: usize,
+    pub prefetch: usize,
+    pub identity: Option<u64>,
+    pub on_event: Option<EventSink>,
+    /// A one-off child: one worker, one task, no replacement.
+    pub one_off: bool,
+}

@@ -1,0 +1,204 @@
+//! Reading what workers say and what each message means in each phase: the
+//! handshake (hello, init, ready), results in order, goodbye; anything else
+//! is a protocol error, and the worker is killed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::{Error, ErrorKind};
+use crate::wire::{ExitPathReport, ExitReason, Message, RemoteError, RetireReason, WireOutcome};
+
+use super::worker::{retire, WorkerPhase};
+use super::{LifecycleEvent, StopCause, Supervisor};
+
+/// A message from a worker, copied out of its read buffer.
+enum Incoming {
+    Hello { pid: u32, identity: u64 },
+    Ready,
+    InitFailed(RemoteError),
+    Result { id: u64, outcome: Result<Vec<u8>, Error> },
+    Goodbye(ExitReason, ExitPathReport),
+    Unexpected(&'static str),
+}
+
+impl Supervisor {
+    pub(super) fn read_worker(&mut self, id: u64) {
+        loop {
+            let Some(w) = self.workers.get_mut(&id) else { return };
+            if w.eof {
+                return;
+            }
+            match w.reader.fill_from(&w.sock) {
+                Ok(0) => {
+                    w.eof = true;
+                    let truncated = w.reader.check_clean_eof().err();
+                    self.process_frames(id);
+                    if let Some(e) = truncated {
+                        self.protocol_error(id, e.to_string());
+                    }
+                    return;
+                }
+                Ok(_) => self.process_frames(id),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    w.eof = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn process_frames(&mut self, id: u64) {
+        loop {
+            let Some(w) = self.workers.get_mut(&id) else { return };
+            if w.cause.as_ref().is_some_and(|c| matches!(c, StopCause::Protocol(_))) {
+                return; // nothing it says counts any more
+            }
+            let incoming = match w.reader.next_message() {
+                Ok(None) => return,
+                Ok(Some(msg)) => match msg {
+                    Message::Hello { pid, identity } => Incoming::Hello { pid, identity },
+                    Message::Ready => Incoming::Ready,
+                    Message::InitFailed { error } => Incoming::InitFailed(error),
+                    Message::Result { id, outcome } => Incoming::Result {
+                        id,
+                        outcome: match outcome {
+                            WireOutcome::Value(v) => Ok(v.to_vec()),
+                            WireOutcome::Error(e) => Err(Error::new(ErrorKind::Remote(e))),
+                            WireOutcome::Skipped => Err(Error::cancelled()),
+                        },
+                    },
+                    Message::Goodbye { reason, report } => Incoming::Goodbye(reason, report),
+                    other => Incoming::Unexpected(other.name()),
+                },
+                Err(e) => {
+                    self.protocol_error(id, format!("malformed frame: {e}"));
+                    return;
+                }
+            };
+            self.handle(id, incoming);
+        }
+    }
+
+    fn handle(&mut self, id: u64, msg: Incoming) {
+        let cfg = Arc::clone(&self.cfg);
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        match (w.phase, msg) {
+            (WorkerPhase::Starting, Incoming::Hello { pid, identity }) => {
+                if pid as i32 != w.raw_pid() {
+                    let detail = format!("said hello as pid {pid}");
+                    return self.protocol_error(id, detail);
+                }
+                if let Some(expected) = cfg.identity {
+                    if identity != expected {
+                        let detail = format!(
+                            "runs a different program (identity {identity:#x}, expected {expected:#x}); \
+                             call warden::init() first in main"
+                        );
+                        return self.protocol_error(id, detail);
+                    }
+                }
+                if w.queue(&Message::Init { worker: id, payload: &cfg.init_payload }, cfg.max_frame).is_err() {
+                    return self.protocol_error(id, "init payload exceeds the frame limit".into());
+                }
+                w.flush();
+                w.phase = WorkerPhase::Initializing;
+            }
+            (WorkerPhase::Initializing, Incoming::Ready) => {
+                w.phase = WorkerPhase::Ready;
+                w.deadline = None;
+                let pid = w.raw_pid();
+                self.emit(LifecycleEvent::WorkerReady { worker: id, pid });
+            }
+            (WorkerPhase::Initializing, Incoming::InitFailed(error)) => {
+                tracing::warn!(pool = %cfg.name, pid = w.raw_pid(), "start hook failed: {error}");
+                w.cause.get_or_insert(StopCause::InitFailed(error.to_string()));
+                w.phase = WorkerPhase::Retiring;
+                w.deadline = Some(Instant::now() + cfg.grace);
+            }
+            (
+                WorkerPhase::Ready | WorkerPhase::Retiring | WorkerPhase::Stopping | WorkerPhase::Killed,
+                Incoming::Result { id: task_id, outcome },
+            ) => {
+                let Some(front) = w.inflight.front() else {
+                    let detail = format!("sent a result for task {task_id} it was not running");
+                    return self.protocol_error(id, detail);
+                };
+                if front.task.id != task_id {
+                    let detail = format!("sent a result for task {task_id} while running task {}", front.task.id);
+                    return self.protocol_error(id, detail);
+                }
+                if let Some(mut done) = w.inflight.pop_front() {
+                    done.task.deliver(outcome);
+                }
+                if let Some(next) = w.inflight.front_mut() {
+                    let now = Instant::now();
+                    next.started = Some(now);
+                    next.deadline = next.task.timeout.map(|t| now + t);
+                    if next.cancel_requested {
+                        // The cancel may have crossed the task: stop to be sure.
+                        w.stop(StopCause::Cancelled, cfg.grace);
+                    }
+                }
+                if w.phase == WorkerPhase::Ready
+                    && w.inflight.is_empty()
+                    && cfg.max_tasks_per_child.is_some_and(|max| w.assigned >= max)
+                {
+                    let reason = if cfg.one_off { RetireReason::Done } else { RetireReason::MaxTasks };
+                    retire(w, reason, &cfg);
+                }
+            }
+            (_, Incoming::Goodbye(reason, report)) => {
+                if w.phase == WorkerPhase::Ready
+                    || w.phase == WorkerPhase::Initializing
+                    || w.phase == WorkerPhase::Starting
+                {
+                    // Leaving on its own (a signal from outside): take no more tasks.
+                    w.phase = WorkerPhase::Retiring;
+                    w.deadline = Some(Instant::now() + cfg.grace);
+                }
+                w.goodbye = Some((reason, report));
+            }
+            // A worker we already told to go may still be saying hello.
+            (
+                WorkerPhase::Retiring | WorkerPhase::Stopping | WorkerPhase::Killed,
+                Incoming::Hello { .. } | Incoming::Ready,
+            ) => {}
+            (WorkerPhase::Retiring | WorkerPhase::Stopping | WorkerPhase::Killed, Incoming::InitFailed(error)) => {
+                w.cause.get_or_insert(StopCause::InitFailed(error.to_string()));
+            }
+            (phase, Incoming::Unexpected(name)) => {
+                let detail = format!("sent an unexpected {name} message while {}", phase.name());
+                self.protocol_error(id, detail);
+            }
+            (phase, other) => {
+                let name = match other {
+                    Incoming::Hello { .. } => "hello",
+                    Incoming::Ready => "ready",
+                    Incoming::InitFailed(_) => "init-failed",
+                    Incoming::Result { .. } => "result",
+                    Incoming::Goodbye(..) | Incoming::Unexpected(_) => "message",
+                };
+                let detail = format!("sent {name} while {}", phase.name());
+                self.protocol_error(id, detail);
+            }
+        }
+    }
+
+    /// A worker broke the protocol: its task fails saying so, and it is killed.
+    pub(super) fn protocol_error(&mut self, id: u64, detail: String) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        let pid = w.raw_pid();
+        tracing::warn!(pool = %self.cfg.name, pid, "worker broke the protocol: {detail}");
+        if let Some(front) = w.inflight.front_mut() {
+            if front.started.is_some() {
+                front.task.deliver(Err(Error::new(ErrorKind::Protocol { pid, detail: detail.clone() })));
+            }
+        }
+        if !w.cause.as_ref().is_some_and(|c| c.intended() && !matches!(c, StopCause::Retired(_))) {
+            w.cause = Some(StopCause::Protocol(detail));
+        }
+        w.kill(StopCause::Killed);
+    }
+}

@@ -1,0 +1,62 @@
+//! Deadlines: task timeouts, a bounded close, init timeouts and the grace
+//! periods of the retire → SIGTERM → SIGKILL escalation.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::{Error, ErrorKind, ExitStatus};
+use crate::wire::RetireReason;
+
+use super::worker::WorkerPhase;
+use super::{LifecycleEvent, StopCause, Supervisor};
+
+impl Supervisor {
+    pub(super) fn check_timers(&mut self, now: Instant) {
+        let cfg = Arc::clone(&self.cfg);
+        let bounded_close = self.close_deadline.is_some_and(|d| now >= d);
+        let mut timed_out = Vec::new();
+        let mut abandoned = Vec::new();
+        for w in self.workers.values_mut() {
+            if let Some(front) = w.inflight.front_mut() {
+                if !front.task.delivered() && front.deadline.is_some_and(|d| now >= d) {
+                    let after = front.task.timeout.unwrap_or_default();
+                    front.task.deliver(Err(Error::new(ErrorKind::TimedOut { after })));
+                    timed_out.push((front.task.id, w.raw_pid()));
+                    w.stop(StopCause::TimedOut, cfg.grace);
+                }
+            }
+            if bounded_close && !w.inflight.is_empty() && w.is_serving() {
+                for f in w.inflight.iter_mut() {
+                    f.task.deliver(Err(Error::cancelled()));
+                }
+                w.stop(StopCause::Terminated, cfg.grace);
+            }
+            if w.deadline.is_some_and(|d| now >= d) {
+                match w.phase {
+                    WorkerPhase::Starting | WorkerPhase::Initializing => w.stop(StopCause::InitTimeout, cfg.grace),
+                    WorkerPhase::Ready => w.deadline = None,
+                    WorkerPhase::Retiring => {
+                        let cause = w.cause.clone().unwrap_or(StopCause::Retired(RetireReason::Shutdown));
+                        w.phase = WorkerPhase::Ready; // let stop() escalate from here
+                        w.stop(cause, cfg.grace);
+                    }
+                    WorkerPhase::Stopping => w.kill(StopCause::Killed),
+                    WorkerPhase::Killed => abandoned.push(w.id),
+                }
+            }
+        }
+        if bounded_close {
+            self.close_deadline = None;
+        }
+        for (task, pid) in timed_out {
+            self.emit(LifecycleEvent::TaskTimedOut { task, pid });
+        }
+        for id in abandoned {
+            if let Some(w) = self.workers.get_mut(&id) {
+                tracing::error!(pool = %self.cfg.name, pid = w.raw_pid(), "worker did not die after SIGKILL; giving up on it");
+                w.status = Some(ExitStatus::Signal(libc::SIGKILL));
+            }
+            self.finish(id);
+        }
+    }
+}
