@@ -107,6 +107,9 @@ def test_finalizers_run_on_client_restart_and_new_pools_start(tmp_path):
         assert ex.submit(square, 5).result() == 25
         cl.restart(timeout=60)
         assert wait_until(lambda: {d for d, _ in exits(path)} == old, timeout=30)
+        cl.wait_for_workers(2, timeout=60)
+        # The plugin set up a pool on each new Dask worker.
+        assert wait_until(lambda: all(cl.run(wdask.has_pool, ex.name).values()), timeout=60, step=0.5)
         new = dask_worker_pids(cl)
         assert new.isdisjoint(old)
         dask_pid, _ = ex.submit(pids).result()

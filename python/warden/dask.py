@@ -65,7 +65,8 @@ class WardenPlugin(distributed.WorkerPlugin):
     ``max_workers`` (default: the Dask worker's thread count, so that every
     Dask thread has a process to hand its task to) and every other keyword
     argument go to :class:`warden.ProcessPoolExecutor`. The pool's workers
-    start in ``setup`` (so a failing ``initializer`` shows at registration);
+    start in ``setup`` (so a failing ``initializer`` shows at registration;
+    ``TimeoutError`` if they are not up within ``start_timeout`` seconds);
     ``teardown`` shuts the pool down, cancelling calls not started, and
     stops what still runs after ``teardown_timeout`` seconds (gracefully:
     finalizers run).
@@ -78,11 +79,13 @@ class WardenPlugin(distributed.WorkerPlugin):
         name: str = "warden",
         *,
         max_workers: int | None = None,
+        start_timeout: float = 120.0,
         teardown_timeout: float = 10.0,
         **pool_options: Any,
     ) -> None:
         self.name = name
         self.max_workers = max_workers
+        self.start_timeout = start_timeout
         self.teardown_timeout = teardown_timeout
         self.pool_options = pool_options
 
@@ -90,7 +93,7 @@ class WardenPlugin(distributed.WorkerPlugin):
         ex = ProcessPoolExecutor(self.max_workers or nthreads, **self.pool_options)
         try:
             # Every worker starts with the first call (os.getpid: nothing to import).
-            ex.submit(os.getpid).result()
+            ex.submit(os.getpid).result(timeout=self.start_timeout)
         except BaseException:
             ex.shutdown(wait=False, cancel_futures=True)
             raise
@@ -120,6 +123,12 @@ def _stop(ex: ProcessPoolExecutor, timeout: float) -> None:
     runner = ex._runner
     if runner is not None and not runner.join(timeout):
         ex.terminate_workers()
+
+
+def has_pool(name: str) -> bool:
+    """Whether this Dask worker has the warden pool ``name`` (for ``client.run``)."""
+    with _pools_lock:
+        return name in _pools
 
 
 def _call_in_pool(name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
