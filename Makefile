@@ -10,7 +10,7 @@ VPY := $(VENV)/bin/python
 # Every step that runs processes is bounded, so no step can hang.
 T := timeout --kill-after=30
 
-.PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff pytest \
+.PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff stubtest pytest \
 	venv test-tools develop wheel pytest-pythons bench bench-core bench-py bench-logging fuzz clean
 
 demo: demo-rust demo-py
@@ -21,7 +21,7 @@ demo-rust:
 demo-py: develop
 	$(T) 300 $(VPY) examples/demo.py
 
-test: fmt-check clippy doc test-rust ruff pytest pytest-pythons
+test: fmt-check clippy doc test-rust ruff stubtest pytest pytest-pythons
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -37,10 +37,11 @@ test-rust:
 	$(T) 600 $(CARGO) test --workspace --doc
 
 # A virtual environment with the build and test tools.
-$(VENV)/.tools:
+# Rebuilt when this Makefile changes, so a new tool reaches existing venvs too.
+$(VENV)/.tools: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(T) 600 $(VPY) -m pip install --quiet --upgrade pip
-	$(T) 600 $(VPY) -m pip install --quiet "maturin>=1.16,<2" "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.5" "cloudpickle>=2.1"
+	$(T) 600 $(VPY) -m pip install --quiet "maturin>=1.16,<2" "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.5" "cloudpickle>=2.1" "mypy>=1.10"
 	touch $@
 
 venv: $(VENV)/.tools
@@ -62,6 +63,11 @@ develop: venv
 ruff: venv
 	$(VENV)/bin/ruff check python tests bench examples
 	$(VENV)/bin/ruff format --check python tests bench examples
+
+# Checks python/warden/_warden.pyi against the built extension; each
+# allowlist entry says why it is there.
+stubtest: develop
+	$(T) 600 $(VPY) -m mypy.stubtest warden._warden --allowlist python/stubtest-allowlist.txt
 
 pytest: develop test-tools
 	$(T) 900 $(VPY) -m pytest

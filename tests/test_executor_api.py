@@ -299,7 +299,26 @@ def test_cancel_succeeds_only_for_queued_tasks():
 
 def running_in_pool(ex, n=1):
     """Whether at least ``n`` workers are running a task."""
-    return sum(w[3] is not None for w in ex._runner.core.workers()) >= n
+    return sum(w.running_task is not None for w in ex._runner.core.workers()) >= n
+
+
+def test_a_task_is_known_by_one_id_in_python_and_in_the_core():
+    """The id ``submit`` returns is the one the pool's snapshot shows the
+    task running under, and the one its outcome comes back with."""
+    with warden.ProcessPoolExecutor(1) as ex:
+        assert ex.submit(square, 2).result(30) == 4
+        runner = ex._runner
+        outcomes: list[tuple[bool, object]] = []
+        done = threading.Event()
+
+        def on_done(ok, data):
+            outcomes.append((ok, data))
+            done.set()
+
+        task = runner.submit(pickle.dumps((sleep_then, (1.0, "slept"), {})), on_done)
+        assert wait_until(lambda: [w.running_task for w in runner.core.workers()] == [task])
+        assert done.wait(30)
+        assert outcomes[0][0] is True and pickle.loads(outcomes[0][1]) == "slept"
 
 
 def test_shutdown_cancel_futures_cancels_queued_and_finishes_running():
@@ -357,7 +376,9 @@ def test_worker_exiting_abruptly_gives_its_exit_code(ex):
 
 
 def test_task_timeout_raises_a_timeout_error_and_replaces_the_worker():
-    with warden.ProcessPoolExecutor(1, task_timeout=0.5) as ex:
+    # The initializer imports this module in the worker, so the first task's
+    # 0.5 s is not spent importing it on a loaded machine.
+    with warden.ProcessPoolExecutor(1, task_timeout=0.5, initializer=getpid) as ex:
         pid = ex.submit(getpid).result()
         start = time.monotonic()
         with pytest.raises(warden.TaskTimeout) as info:

@@ -209,7 +209,7 @@ def test_terminate_cancels_tasks_and_finalizers_still_run(tmp_path):
     p = warden.Pool(2, finalizer=record, finalargs=(out, "fin"))
     running = [p.apply_async(sleep_then, (30,)) for _ in range(2)]
     queued = p.apply_async(square, (2,))
-    assert wait_until(lambda: sum(w[3] is not None for w in p._runner.core.workers()) == 2)
+    assert wait_until(lambda: sum(w.running_task is not None for w in p._runner.core.workers()) == 2)
     start = time.monotonic()
     p.terminate()
     assert time.monotonic() - start < 5
@@ -224,7 +224,7 @@ def test_context_manager_exit_terminates_like_the_standard_library(tmp_path):
     out = tmp_path / "log"
     with warden.Pool(1, finalizer=record, finalargs=(out, "fin")) as p:
         r = p.apply_async(sleep_then, (30,))
-        assert wait_until(lambda: any(w[3] is not None for w in p._runner.core.workers()))
+        assert wait_until(lambda: any(w.running_task is not None for w in p._runner.core.workers()))
     assert p._state == "TERMINATE"
     with pytest.raises(CancelledError):
         r.get(5)

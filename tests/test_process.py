@@ -64,7 +64,7 @@ def wait_for_file(path, timeout=30.0):
     return False
 
 
-def test_start_join_and_exitcode_zero(tmp_path):
+def test_start_then_join_runs_the_target_and_gives_exit_code_zero(tmp_path):
     out = tmp_path / "out"
     p = warden.Process(target=write, args=(out, "hello\n"))
     assert p.exitcode is None and p.pid is None and not p.is_alive()
@@ -178,7 +178,7 @@ def test_current_process_in_the_child_is_the_process(tmp_path):
     assert is_alive == "True"
 
 
-def test_a_subclass_overriding_run_works(tmp_path):
+def test_a_subclass_overriding_run_has_its_run_called_in_the_child(tmp_path):
     out = tmp_path / "out"
     p = Subclassed(out)
     p.start()
@@ -282,8 +282,9 @@ def test_interpreter_exit_terminates_daemons_and_joins_other_children(program):
             time.sleep(seconds)
             with open(path, "a") as f:
                 f.write(f"done {seconds}\\n")
-        def forever(path):
+        def forever(path, running):
             try:
+                running.set()
                 time.sleep(60)
             finally:
                 with open(path, "a") as f:
@@ -291,9 +292,10 @@ def test_interpreter_exit_terminates_daemons_and_joins_other_children(program):
         if __name__ == "__main__":
             out = os.environ["OUT"]
             warden.Process(target=slow, args=(out, 0.5)).start()
-            d = warden.Process(target=forever, args=(out,), daemon=True)
+            running = warden.Event()
+            d = warden.Process(target=forever, args=(out, running), daemon=True)
             d.start()
-            time.sleep(0.5)
+            assert running.wait(30), "the daemon never started its target"
             print("main done", flush=True)
         """
     )

@@ -44,13 +44,13 @@ def run_process(target, *args):
     return p
 
 
-def test_queue_in_process_args():
+def test_a_queue_in_process_args_carries_what_the_child_puts():
     q = ctx.Queue()
     p = run_process(use_queue, q)
     assert q.get(timeout=10) == ("from", p.pid)
 
 
-def test_lock_and_value_in_process_args():
+def test_a_lock_and_value_in_process_args_are_shared_with_the_child():
     lock, value = ctx.Lock(), ctx.Value("i", 41)
     run_process(use_lock, lock, value)
     assert value.value == 42
@@ -58,26 +58,26 @@ def test_lock_and_value_in_process_args():
     lock.release()
 
 
-def test_multiprocessing_event_in_process_args():
+def test_a_multiprocessing_event_in_process_args_is_set_by_the_child():
     event = ctx.Event()
     run_process(use_event, event)
     assert event.is_set()
 
 
-def test_array_in_process_args():
+def test_an_array_in_process_args_is_written_by_the_child():
     array = ctx.Array("i", 4)
     run_process(use_array, array)
     assert array[:] == [0, 10, 20, 30]
 
 
-def test_manager_proxy_in_process_args():
+def test_a_manager_proxy_in_process_args_is_updated_by_the_child():
     with ctx.Manager() as manager:
         shared = manager.dict()
         p = run_process(use_proxy, shared)
         assert shared["child"] == p.pid and shared["items"] == [1, 2, 3]
 
 
-def test_manager_proxy_in_task_arguments():
+def test_a_manager_proxy_in_task_arguments_is_updated_by_the_worker():
     with ctx.Manager() as manager, warden.ProcessPoolExecutor(1) as ex:
         shared = manager.dict()
         ex.submit(use_proxy, shared).result(30)
@@ -108,7 +108,7 @@ def keep_positional(q, lock, value, array, event, shared):
 
 
 @pytest.mark.parametrize("kind", ["executor", "pool"])
-def test_shared_objects_in_pool_initargs(kind):
+def test_shared_objects_in_pool_initargs_are_shared_with_every_worker(kind):
     q, lock, value, array, event = ctx.Queue(), ctx.Lock(), ctx.Value("i", 0), ctx.Array("i", 4), ctx.Event()
     with ctx.Manager() as manager:
         shared = manager.dict()

@@ -42,7 +42,7 @@ def _decode(ok: bool, data: Any) -> tuple[bool, Any]:
             return True, loads(data)
         except Exception as e:
             return False, ErrorData.local(e, "cannot unpickle the task's result")
-    return False, ErrorData.from_core(data)
+    return False, data  # the results thread made it an ErrorData
 
 
 def _settle(waiter: asyncio.Future[tuple[bool, Any]], outcome: tuple[bool, Any]) -> None:

@@ -5,7 +5,7 @@ exception bytes, remote traceback text), never as an exception object. Each
 ``result()``/``get()`` builds a *fresh* exception from it, so the stored error
 never holds a traceback, a traceback never reaches back into the frames of the
 code that waited for it, and no ``exception -> traceback -> frame -> future``
-cycle keeps a pool alive (seed 001).
+cycle keeps a pool (and its workers) alive after the program let go of it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import pickle
 from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
-from typing import Any
+
+from ._warden import CoreError, ErrorKind, RemoteFailure, RemoteKind, TaskError
 
 __all__ = [
     "ErrorData",
@@ -107,9 +108,9 @@ class ErrorData:
 
     def __init__(
         self,
-        kind: str,
+        kind: ErrorKind,
         message: str,
-        remote: tuple[str, str, str, str, bytes] | None = None,
+        remote: RemoteFailure | None = None,
         pid: int | None = None,
         exitcode: int | None = None,
         signal: int | None = None,
@@ -124,9 +125,17 @@ class ErrorData:
         self.timeout = timeout
 
     @classmethod
-    def from_core(cls, data: tuple[Any, ...]) -> ErrorData:
-        """From the error tuple of ``CorePool.next_completions``."""
-        return cls(*data)
+    def from_core(cls, error: TaskError) -> ErrorData:
+        """From the error of a ``Completion``."""
+        return cls(
+            error.kind,
+            error.message,
+            error.remote,
+            pid=error.pid,
+            exitcode=error.exitcode,
+            signal=error.signal,
+            timeout=error.timeout,
+        )
 
     @classmethod
     def local(cls, exc: BaseException, context: str) -> ErrorData:
@@ -140,12 +149,16 @@ class ErrorData:
         except Exception:
             data = b""
         if not data:
-            return cls("local", f"{context}: {type_name}: {text}")
-        return cls("remote", f"{context}: {type_name}: {text}", ("raised", type_name, text, "", data))
+            return cls(ErrorKind.OTHER, f"{context}: {type_name}: {text}")
+        return cls(
+            ErrorKind.REMOTE,
+            f"{context}: {type_name}: {text}",
+            RemoteFailure(RemoteKind.RAISED, type_name, text, "", data),
+        )
 
     @property
     def cancelled(self) -> bool:
-        return self.kind == "cancelled"
+        return self.kind == ErrorKind.CANCELLED
 
     def build(self, traceback_type: type[Exception] = _RemoteTraceback) -> BaseException:
         """A new exception for this failure, never raised before. A remote
@@ -153,68 +166,63 @@ class ErrorData:
         standard library's type: ``concurrent.futures`` and
         ``multiprocessing.pool`` each have their own)."""
         kind = self.kind
-        if kind == "remote" and self.remote is not None:
-            return self._build_remote(traceback_type, *self.remote)
-        if kind in ("crashed", "protocol"):
+        if kind == ErrorKind.REMOTE and self.remote is not None:
+            return _build_remote(traceback_type, self.remote)
+        if kind in (ErrorKind.CRASHED, ErrorKind.PROTOCOL):
             exitcode = -self.signal if self.signal is not None else self.exitcode
             return WorkerCrashed(self.message, self.pid, exitcode, self.signal)
-        if kind == "timeout":
+        if kind == ErrorKind.TIMED_OUT:
             return TaskTimeout(self.message, self.timeout)
-        if kind == "pool_failed":
+        if kind == ErrorKind.POOL_FAILED:
             return PoolFailed(self.message)
-        if kind == "cancelled":
+        if kind == ErrorKind.CANCELLED:
             return CancelledError()
-        if kind == "closed":
+        if kind == ErrorKind.CLOSED:
             return BrokenProcessPool(
                 "the pool shut down before the task finished (it was never run to completion)"
             )
         return RemoteError(self.message)
 
-    def _build_remote(
-        self,
-        traceback_type: type[Exception],
-        rkind: str,
-        type_name: str,
-        message: str,
-        tb: str,
-        data: bytes,
-    ) -> BaseException:
-        exc: BaseException | None = None
-        if rkind == "raised" and data:
-            try:
-                exc = pickle.loads(data)
-            except Exception as e:
-                exc = RemoteError(
-                    f"task raised {type_name}: {message} "
-                    f"(the exception could not be unpickled here: {type(e).__name__}: {e})",
-                    type_name,
-                    message,
-                )
-            if not isinstance(exc, BaseException):
-                exc = RemoteError(f"task raised {type_name}: {message}", type_name, message)
-        if exc is None:
-            exc = RemoteError(f"task failed: {type_name}: {message}", type_name, message)
-        if tb:
-            exc.__cause__ = traceback_type(f'\n"""\n{tb}"""')
-        return exc
-
     def describe(self) -> str:
         """One line for logs and reprs."""
-        if self.kind == "remote" and self.remote is not None:
-            _, type_name, message, _, _ = self.remote
+        if self.kind == ErrorKind.REMOTE and self.remote is not None:
+            type_name, message = self.remote.type_name, self.remote.message
             return f"{type_name}: {message}" if message else type_name
         return self.message
 
 
-def core_error(exc: BaseException) -> BaseException:
-    """The exception a caller should see for a ``CoreError(kind, message)``
-    raised by the extension when a task is submitted."""
-    args = getattr(exc, "args", ())
-    kind, message = (args[0], args[1]) if len(args) == 2 else ("other", str(exc))
-    if kind == "closed":
+def _build_remote(traceback_type: type[Exception], remote: RemoteFailure) -> BaseException:
+    """The exception a worker reported, unpickled, or a :class:`RemoteError`
+    standing in for it; its traceback text becomes the ``__cause__``."""
+    type_name, message = remote.type_name, remote.message
+    exc: BaseException | None = None
+    if remote.kind == RemoteKind.RAISED and remote.data:
+        try:
+            exc = pickle.loads(remote.data)
+        except Exception as e:
+            exc = RemoteError(
+                f"task raised {type_name}: {message} "
+                f"(the exception could not be unpickled here: {type(e).__name__}: {e})",
+                type_name,
+                message,
+            )
+        if not isinstance(exc, BaseException):
+            exc = RemoteError(f"task raised {type_name}: {message}", type_name, message)
+    if exc is None:
+        exc = RemoteError(f"task failed: {type_name}: {message}", type_name, message)
+    if remote.traceback:
+        exc.__cause__ = traceback_type(f'\n"""\n{remote.traceback}"""')
+    return exc
+
+
+def core_error(exc: CoreError) -> BaseException:
+    """The exception a caller should see for a ``CoreError`` raised by the
+    extension when a task is submitted."""
+    kind, message = exc.kind, str(exc)
+    if kind == ErrorKind.CLOSED:
         return RuntimeError("cannot schedule new futures after shutdown")
-    if kind == "pool_failed":
+    if kind == ErrorKind.POOL_FAILED:
         return PoolFailed(message)
-    if kind == "rejected":
+    if kind == ErrorKind.REJECTED:
         return ValueError(message)
     return RuntimeError(message)

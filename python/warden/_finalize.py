@@ -1,4 +1,4 @@
-"""Finalizers without hidden concurrency (seed 004; see docs/finalization.md).
+"""Finalizers without hidden concurrency (see docs/finalization.md).
 
 Every callback here is registered with the core's finalizer service
 (``_warden.register_finalizer``), which runs it at most once, whichever of
@@ -16,9 +16,10 @@ its handle is called: then the caller gets the exception), and the others
 still run.
 
 :class:`Guardian` runs nothing at all: it hands dead objects' values back when
-the program asks. :class:`ResourceSet` is the registry of seed 004's
-``FD._all_fds`` made safe: finalizers on the finalizer thread may shrink it
-while the program iterates it.
+the program asks. :class:`ResourceSet` is a class-wide
+registry of open resources (a set of descriptors that ``__del__`` shrinks)
+made safe: finalizers on the finalizer thread may shrink it while the program
+iterates it.
 """
 
 from __future__ import annotations
@@ -356,8 +357,8 @@ class _Member:
 
 
 class ResourceSet(Generic[R]):
-    """A registry of open resources (seed 004's ``FD._all_fds``) that
-    finalizers may shrink while the program iterates it.
+    """A registry of open resources (say, every open descriptor of a class)
+    that finalizers may shrink while the program iterates it.
 
     ``ResourceSet(close)``: ``add(resource, owner)`` makes ``resource`` a
     member; when ``owner`` dies, ``close(resource)`` runs on the finalizer

@@ -5,7 +5,8 @@ A :class:`Future` is a real ``concurrent.futures.Future`` (``wait``,
 three differences:
 
 * a failure is kept as :class:`~warden._errors.ErrorData`; ``result()`` and
-  ``exception()`` build a fresh exception on each call (seed 001);
+  ``exception()`` build a fresh exception on each call, so a future never
+  holds the frames of the code that waited on it;
 * ``cancel()`` asks the pool, and succeeds only while the task is queued;
 * a ``KeyboardInterrupt`` while waiting in ``result()`` stops the pool the
   future belongs to (graceful stop of its workers; a second one kills them).
@@ -150,7 +151,7 @@ class Future(_base.Future):  # type: ignore[type-arg]
             else:
                 self._finish(value)
             return
-        error = ErrorData.from_core(data)
+        error = data
         if error.cancelled:
             self._mark_cancelled()
         else:

@@ -1,4 +1,4 @@
-"""Inert handles: what warden's pools become when pickled (seed 003).
+"""Inert handles: what warden's pools become when pickled.
 
 Pickling a pool (say, as part of ``self`` in ``submit(self.method)``) gives
 the child a handle that reports which pool it was and refuses to do work,

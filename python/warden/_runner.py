@@ -8,15 +8,15 @@ become unreachable and shut down on its own.
 
 It also owns what happens at interpreter exit: every runner still alive is
 shut down with a bounded grace (:func:`_shut_down_at_exit`), so a pool never
-keeps the interpreter from exiting (seed 001); then the process's exit
-callbacks run (:func:`_at_interpreter_exit`).
+keeps the interpreter from exiting, even one whose executor is still
+referenced at exit; then the process's exit callbacks run
+(:func:`_at_interpreter_exit`).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import itertools
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.spawn
@@ -28,9 +28,10 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from . import _finalize, _logging, _warden
+from ._errors import ErrorData
 from ._pickle import dumps_for_spawn
 
 #: The worker program: this interpreter, with its flags, running warden._worker.
@@ -39,7 +40,8 @@ WORKER_MODULE = "warden._worker"
 #: Grace period of each escalation step (seconds), the core's default.
 GRACE: float = _warden.DEFAULT_GRACE
 
-_CLOSED = ("closed", "the pool shut down before the task finished", None, None, None, None, None)
+#: A task's outcome: ``(True, result bytes)`` or ``(False, ErrorData)``.
+OnDone = Callable[[bool, Any], None]
 
 #: Runners that may still have live workers. Held strongly, so that interpreter
 #: exit finds every pool still running (and stops its thread before the
@@ -127,7 +129,7 @@ class Runner:
         exit_policy: str = "pool",
         forward_logging: bool = False,
     ) -> None:
-        _prune()
+        _forget_finished_runners()
         fds = list(pass_fds or [])
         try:
             if exiting:
@@ -171,13 +173,16 @@ class Runner:
         self.exit_policy = exit_policy
         self.forward_logging = forward_logging
         self.interrupted = False
-        self.pending: dict[int, Callable[[bool, Any], None]] = {}
-        self._tags = itertools.count(1)
+        #: What to call with each task's outcome, by the core's task id.
+        self.pending: dict[int, OnDone] = {}
+        #: Held from submitting a task until its callback is in ``pending``,
+        #: and by the results thread while it looks callbacks up there.
+        self.pending_lock = threading.Lock()
         self.thread: threading.Thread | None = None
         if deliver:
             self.thread = threading.Thread(
-                target=_deliver,
-                args=(self.core, self.pending, self._forget, forward_logging),
+                target=_deliver_outcomes,
+                args=(self.core, self.pending, self.pending_lock, self._leave_live_set, forward_logging),
                 name="warden-results",
                 daemon=True,
             )
@@ -186,22 +191,18 @@ class Runner:
         if self.thread is not None:
             self.thread.start()
 
-    def _forget(self) -> None:
+    def _leave_live_set(self) -> None:
         with _live_lock:
             _live.discard(self)
 
-    def submit(
-        self, payload: bytes, on_done: Callable[[bool, Any], None], timeout: float | None = None
-    ) -> int:
+    def submit(self, payload: bytes, on_done: OnDone, timeout: float | None = None) -> int:
         """Queues a task; ``on_done(ok, data)`` gets its outcome on the results
-        thread. Returns the task id. Raises ``CoreError`` if refused."""
-        tag = next(self._tags)
-        self.pending[tag] = on_done
-        try:
-            return self.core.submit(payload, tag, timeout)
-        except BaseException:
-            self.pending.pop(tag, None)
-            raise
+        thread (see :data:`OnDone`). Returns the task id. Raises ``CoreError``
+        if refused."""
+        with self.pending_lock:
+            task = self.core.submit(payload, timeout)
+            self.pending[task] = on_done
+        return task
 
     def close_nowait(self) -> None:
         """Stops taking tasks; queued tasks still run. Returns at once."""
@@ -235,10 +236,16 @@ class Runner:
         return done
 
     def join_bounded(self) -> None:
-        """Waits for a terminate to run its course, killing what outlives it."""
-        if not self.join(GRACE * 2 + 2.0):
-            self.core.kill()
-            self.join(10.0)
+        """Waits for a terminate to run its course, killing what outlives it:
+        the core's shutdown ladder (``CorePool.stop``). Ctrl-C while waiting
+        interrupts the pool (see :meth:`interrupt`)."""
+        try:
+            self.core.stop("terminate")
+        except KeyboardInterrupt:
+            self.interrupt()
+            raise
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(10.0)
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -247,7 +254,7 @@ def _close_fds(fds: list[int]) -> None:
             os.close(fd)
 
 
-def _prune() -> None:
+def _forget_finished_runners() -> None:
     """Forgets runners without a results thread whose pool has shut down."""
     with _live_lock:
         done = [r for r in _live if r.thread is None and r.core.is_shut_down()]
@@ -255,10 +262,11 @@ def _prune() -> None:
             _live.discard(r)
 
 
-def _deliver(
-    core: Any,
-    pending: dict[int, Callable[[bool, Any], None]],
-    forget: Callable[[], None],
+def _deliver_outcomes(
+    core: _warden.CorePool,
+    pending: dict[int, OnDone],
+    pending_lock: threading.Lock,
+    leave_live_set: Callable[[], None],
     forward_logging: bool = False,
 ) -> None:
     """The results thread: takes outcomes from the core, calls their callbacks.
@@ -271,20 +279,30 @@ def _deliver(
                 break
             if forward_logging:
                 _logging.drain()
-            for tag, ok, data in batch:
-                callback = pending.pop(tag, None)
-                if callback is not None:
-                    _call(callback, ok, data)
+            with pending_lock:
+                callbacks = [pending.pop(done.task, None) for done in batch]
+            for done, callback in zip(batch, callbacks, strict=True):
+                if callback is None:
+                    continue
+                if done.error is None:
+                    _call_outcome_callback(callback, True, done.value)
+                else:
+                    _call_outcome_callback(callback, False, ErrorData.from_core(done.error))
     finally:
         # The pool is gone; anything still waiting never got an outcome.
-        for tag in list(pending):
-            callback = pending.pop(tag, None)
-            if callback is not None:
-                _call(callback, False, _CLOSED)
-        forget()
+        with pending_lock:
+            orphans = list(pending.values())
+            pending.clear()
+        for callback in orphans:
+            _call_outcome_callback(
+                callback,
+                False,
+                ErrorData(_warden.ErrorKind.CLOSED, "the pool shut down before the task finished"),
+            )
+        leave_live_set()
 
 
-def _call(callback: Callable[[bool, Any], None], ok: bool, data: Any) -> None:
+def _call_outcome_callback(callback: OnDone, ok: bool, data: Any) -> None:
     try:
         callback(ok, data)
     except Exception:
@@ -294,6 +312,14 @@ def _call(callback: Callable[[bool, Any], None], ok: bool, data: Any) -> None:
 
 def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
+
+
+# How interrupted or interpreter exit stops a pool, by its exit policy.
+_EXIT_STOP: dict[str, Literal["cancel_queued", "terminate", "drain"]] = {
+    "pool": "cancel_queued",
+    "daemon": "terminate",
+    "join": "drain",
+}
 
 
 def _shut_down_at_exit() -> None:
@@ -313,30 +339,24 @@ def _shut_down_at_exit() -> None:
         for r in runners:
             if interrupted or r.exit_policy == "daemon":
                 r.exit_policy = "daemon"
-                r.core.terminate()
-            elif r.exit_policy == "pool":
-                r.core.close_cancel_queued()
+            if r.exit_policy != "join":
+                r.core.stop(_EXIT_STOP[r.exit_policy], wait=False)
         for r in runners:
             if r.exit_policy == "join":
                 r.core.join()
-        # One grace period for all pools, not one each.
+        # One grace period for all pools, not one each: every pool's shutdown
+        # ladder runs against the same deadline, then each is waited for.
         deadline = time.monotonic() + GRACE
         for r in runners:
-            if r.exit_policy == "pool" and not r.core.join(_left(deadline)):
-                r.core.terminate()
-        deadline = time.monotonic() + GRACE + 2.0
+            r.core.stop(_EXIT_STOP[r.exit_policy], within=_left(deadline), wait=False)
         for r in runners:
-            if not r.core.join(_left(deadline)):
-                r.core.kill()
-        deadline = time.monotonic() + 10.0
-        for r in runners:
-            r.core.join(_left(deadline))
+            r.core.stop(_EXIT_STOP[r.exit_policy], within=_left(deadline))
     except KeyboardInterrupt:
         for r in runners:
-            r.core.kill()
+            r.core.stop("kill", wait=False)
         for r in runners:
             with contextlib.suppress(KeyboardInterrupt):
-                r.core.join(10.0)
+                r.core.stop("kill")
     for r in everyone:
         if r.thread is not None:
             r.thread.join(2.0)

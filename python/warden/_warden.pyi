@@ -1,35 +1,152 @@
-# Hand-kept stub of the extension module built from crates/warden-py.
-# Keep it in step with the #[pymethods] there.
+# Hand-kept stub of the extension module built from crates/warden-py;
+# `make stubtest` checks it against the built module.
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Protocol
+from typing import ClassVar, Final, Literal, Protocol, final
 
-UNWIND_GRACE: Final[float]
+__all__ = [
+    "DEFAULT_GRACE",
+    "Completion",
+    "CoreError",
+    "CorePool",
+    "ErrorKind",
+    "FinalizerToken",
+    "RemoteFailure",
+    "RemoteKind",
+    "SharedEvent",
+    "TaskError",
+    "WorkerEnd",
+    "WorkerState",
+    "register_finalizer",
+    "run_exit_finalizers",
+    "wait_finalizers_idle",
+    "worker_main",
+]
+
 DEFAULT_GRACE: Final[float]
-EXIT_INIT_FAILED: Final[int]
-EXIT_PROTOCOL: Final[int]
-EXIT_PARENT_GONE: Final[int]
 
 class CoreError(RuntimeError):
-    """An error from warden's core; ``args`` are ``(kind, message)``."""
+    """An error from warden's core; ``kind`` says which."""
 
-# (kind, message, remote, pid, exitcode, signal, timeout), where remote is
-# None or (remote_kind, type_name, message, traceback, data).
-ErrorTuple = tuple[
-    str,
-    str,
-    tuple[str, str, str, str, bytes] | None,
-    int | None,
-    int | None,
-    int | None,
-    float | None,
-]
-# (kind, type_name, message, traceback, pickled exception)
-RemoteTuple = tuple[str, str, str, str, bytes]
-Completion = tuple[int, bool, bytes | ErrorTuple]
-# ("exited", worker, pid, exitcode, signal, cause, reason, hook_ran, hook_error, crashed)
-ExitTuple = tuple[str, int, int, int | None, int | None, str | None, str | None, bool, str | None, bool]
+    kind: ErrorKind
 
+@final
+class ErrorKind:
+    """What kind of error ended a task or refused a call."""
+
+    REMOTE: ClassVar[ErrorKind]
+    CRASHED: ClassVar[ErrorKind]
+    TIMED_OUT: ClassVar[ErrorKind]
+    CANCELLED: ClassVar[ErrorKind]
+    PROTOCOL: ClassVar[ErrorKind]
+    POOL_FAILED: ClassVar[ErrorKind]
+    CLOSED: ClassVar[ErrorKind]
+    CODEC: ClassVar[ErrorKind]
+    REJECTED: ClassVar[ErrorKind]
+    WAIT_TIMED_OUT: ClassVar[ErrorKind]
+    ALREADY_JOINED: ClassVar[ErrorKind]
+    IO: ClassVar[ErrorKind]
+    CONFIG: ClassVar[ErrorKind]
+    OTHER: ClassVar[ErrorKind]
+    def __int__(self) -> int: ...
+
+@final
+class RemoteKind:
+    """How a task failed inside the worker."""
+
+    RAISED: ClassVar[RemoteKind]
+    PANICKED: ClassVar[RemoteKind]
+    CODEC: ClassVar[RemoteKind]
+    INTERRUPTED: ClassVar[RemoteKind]
+    def __int__(self) -> int: ...
+
+@final
+class RemoteFailure:
+    """What a worker reports about a task that failed."""
+
+    def __new__(
+        cls, kind: RemoteKind, type_name: str, message: str, traceback: str, data: bytes
+    ) -> RemoteFailure: ...
+    @property
+    def kind(self) -> RemoteKind: ...
+    @property
+    def type_name(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def traceback(self) -> str: ...
+    @property
+    def data(self) -> bytes: ...
+
+@final
+class TaskError:
+    """Why a task did not produce a value."""
+
+    @property
+    def kind(self) -> ErrorKind: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def remote(self) -> RemoteFailure | None: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def exitcode(self) -> int | None: ...
+    @property
+    def signal(self) -> int | None: ...
+    @property
+    def timeout(self) -> float | None: ...
+
+@final
+class Completion:
+    """One task's outcome: exactly one of ``value`` and ``error``."""
+
+    @property
+    def task(self) -> int: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def error(self) -> TaskError | None: ...
+
+@final
+class WorkerEnd:
+    """How a worker's life ended."""
+
+    @property
+    def worker(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def exitcode(self) -> int | None: ...
+    @property
+    def signal(self) -> int | None: ...
+    @property
+    def stop_cause(self) -> str | None: ...
+    @property
+    def exit_reason(self) -> str | None: ...
+    @property
+    def init_failed(self) -> bool: ...
+    @property
+    def hook_ran(self) -> bool: ...
+    @property
+    def hook_error(self) -> str | None: ...
+    @property
+    def crashed(self) -> bool: ...
+
+@final
+class WorkerState:
+    """A live worker, as a pool's snapshot shows it."""
+
+    @property
+    def worker(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def phase(self) -> str: ...
+    @property
+    def running_task(self) -> int | None: ...
+
+@final
 class CorePool:
     """A core pool whose workers run ``program args...``; see crates/warden-py/src/pool.rs."""
 
@@ -52,23 +169,28 @@ class CorePool:
         prefetch: int | None = None,
         one_off: bool = False,
     ) -> CorePool: ...
-    def submit(self, payload: bytes, tag: int, timeout: float | None = None) -> int: ...
+    def submit(self, payload: bytes, timeout: float | None = None) -> int: ...
     def next_completions(self, max: int = 256, timeout: float | None = None) -> list[Completion] | None: ...
-    def cancel(self, task: int) -> bool: ...
     def cancel_queued(self, task: int) -> bool: ...
     def close(self) -> None: ...
     def close_cancel_queued(self) -> None: ...
     def terminate(self) -> None: ...
     def kill(self) -> None: ...
     def join(self, timeout: float | None = None) -> bool: ...
+    def stop(
+        self,
+        mode: Literal["drain", "cancel_queued", "terminate", "kill"],
+        within: float | None = None,
+        wait: bool = True,
+    ) -> bool: ...
     def wait_pid(self, timeout: float) -> int | None: ...
-    def last_exit(self) -> ExitTuple | None: ...
-    def events(self) -> list[tuple[Any, ...]]: ...
-    def workers(self) -> list[tuple[int, int, str, int | None]]: ...
+    def last_exit(self) -> WorkerEnd | None: ...
+    def workers(self) -> list[WorkerState]: ...
     def failure(self) -> str | None: ...
     def is_shut_down(self) -> bool: ...
     def dispose(self) -> None: ...
 
+@final
 class SharedEvent:
     """A process-shared event flag in a sealed memfd page."""
 
@@ -88,13 +210,14 @@ class SharedEvent:
 class WorkerHandler(Protocol):
     """What ``worker_main`` calls; see python/warden/_workerloop.py."""
 
-    def init(self, worker: int, pid: int, parent: int, payload: bytes) -> RemoteTuple | None: ...
-    def run(self, payload: bytes) -> bytes | RemoteTuple: ...
+    def init(self, worker: int, pid: int, parent: int, payload: bytes) -> RemoteFailure | None: ...
+    def run(self, payload: bytes) -> bytes | RemoteFailure: ...
     def exit(self, reason: str) -> tuple[str | None, int | None]: ...
 
 def worker_main(handler: WorkerHandler) -> None:
     """Runs this process as a worker of the pool that started it; never returns then."""
 
+@final
 class FinalizerToken:
     """One registration with the core's finalizer service; see crates/warden-py/src/finalize.rs."""
 
@@ -102,25 +225,19 @@ class FinalizerToken:
     def schedule(self) -> bool: ...
     def cancel(self) -> bool: ...
     def is_pending(self) -> bool: ...
-    def state(self) -> str: ...
     @property
     def priority(self) -> int: ...
-    @property
-    def label(self) -> str: ...
     @property
     def at_exit(self) -> bool: ...
     def set_at_exit(self, at_exit: bool) -> None: ...
 
 def register_finalizer(
-    callback: Callable[[], bool], priority: int = 0, label: str | None = None, at_exit: bool = True
+    callback: Callable[[], bool], priority: int = 0, label: str | None = None
 ) -> FinalizerToken:
     """Registers ``callback()`` (which returns whether it succeeded); ``RuntimeError`` once closed."""
 
-def run_exit_finalizers(timeout: float | None = None) -> tuple[int, int, int, bool]:
-    """The exit drain, with the GIL released: ``(ran, failed, skipped, timed_out)``. Idempotent."""
+def run_exit_finalizers(timeout: float | None = None) -> None:
+    """The exit drain, with the GIL released. Idempotent."""
 
 def wait_finalizers_idle(timeout: float | None = None) -> bool:
     """Waits, with the GIL released, until the finalizer thread is idle."""
-
-def is_finalizer_thread() -> bool: ...
-def finalizer_exit_timeout() -> float: ...

@@ -16,7 +16,7 @@ core's worker loop (``_warden.worker_main``), which calls back into a
     context is exited, the ``finalizer`` runs, then a garbage collection (so
     ``__del__`` of cyclic garbage runs), the ``atexit`` handlers (among them
     warden's, which runs the ``warden.at_exit`` callbacks), and a flush of
-    ``stdout``/``stderr`` (seed 000, seed 002, seed 004).
+    ``stdout``/``stderr``.
 
 A stop signal (SIGTERM from the pool on a timeout, cancel or terminate; the
 parent-death signal; SIGINT/SIGHUP) raises :class:`TaskInterrupted` in the
@@ -59,9 +59,9 @@ def _text(exc: BaseException) -> str:
         return f"<unprintable {type(exc).__name__}>"
 
 
-def _error(exc: BaseException, kind: str = "raised") -> tuple[str, str, str, str, bytes]:
-    """A failed task as ``(kind, type_name, message, traceback, data)``: the
-    exception pickled if it survives a round trip, else a stand-in."""
+def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAISED) -> _warden.RemoteFailure:
+    """A failed task as the core reports it: the exception pickled if it
+    survives a round trip, else a stand-in."""
     type_name = _type_name(exc)
     message = _text(exc)
     frames = exc.__traceback__
@@ -89,11 +89,13 @@ def _error(exc: BaseException, kind: str = "raised") -> tuple[str, str, str, str
                 message,
             )
         )
-    return (kind, type_name, message, tb, data)
+    return _warden.RemoteFailure(kind, type_name, message, tb, data)
 
 
-def _interrupted() -> tuple[str, str, str, str, bytes]:
-    return ("interrupted", "TaskInterrupted", "the worker was told to stop", "", b"")
+def _interrupted() -> _warden.RemoteFailure:
+    return _warden.RemoteFailure(
+        _warden.RemoteKind.INTERRUPTED, "TaskInterrupted", "the worker was told to stop", "", b""
+    )
 
 
 class Handler:
@@ -113,7 +115,7 @@ class Handler:
             self.running = False
             raise TaskInterrupted(signal.Signals(signum).name)
 
-    def init(self, worker: int, pid: int, parent: int, payload: bytes) -> Any:
+    def init(self, worker: int, pid: int, parent: int, payload: bytes) -> _warden.RemoteFailure | None:
         self.running = True
         try:
             init = pickle.loads(payload)
@@ -150,7 +152,7 @@ class Handler:
             self.running = False
         return None
 
-    def run(self, payload: bytes) -> Any:
+    def run(self, payload: bytes) -> bytes | _warden.RemoteFailure:
         self.running = True
         try:
             if self.mode == "process":
@@ -176,7 +178,7 @@ class Handler:
         finally:
             self.running = False
 
-    def _run_process(self, payload: bytes) -> Any:
+    def _run_process(self, payload: bytes) -> bytes | _warden.RemoteFailure:
         """Runs a one-off ``Process`` as ``multiprocessing``'s bootstrap does:
         exit code 0, ``sys.exit(n)`` gives n, an exception gives 1 and a traceback."""
         me = multiprocessing.current_process()

@@ -99,7 +99,7 @@ class Pool:
         try:
             return self._runner.submit(payload, on_done)
         except _warden.CoreError as e:
-            if e.args[0] == "closed":
+            if e.kind == _warden.ErrorKind.CLOSED:
                 raise ValueError("Pool not running") from None
             raise core_error(e) from None
 
@@ -287,7 +287,7 @@ class Pool:
         result = IMapIterator(self, unordered)
         result._progress = _progress.make(progress, _progress.length(iterable))
         feeder = threading.Thread(
-            target=_feed,
+            target=_feed_imap,
             args=(self, func, iter(iterable), chunksize, result),
             name="warden-feeder",
             daemon=True,
@@ -379,7 +379,7 @@ class ApplyResult:
             else:
                 self._finish(value, None)
         else:
-            self._finish(None, ErrorData.from_core(data))
+            self._finish(None, data)
 
     def _finish(self, value: Any, error: ErrorData | None) -> None:
         self._value, self._error = value, error
@@ -429,7 +429,7 @@ class MapResult(ApplyResult):
                 if self._progress is not None:
                     self._progress.advance(len(self._chunks[index]))
         else:
-            error = ErrorData.from_core(data)
+            error = data
         with self._lock:
             if error is not None and self._first_error is None:
                 self._first_error = error
@@ -533,7 +533,7 @@ class IMapIterator:
             except Exception as e:
                 self._put(index, False, ErrorData.local(e, "cannot unpickle a result"))
         else:
-            self._put(index, False, ErrorData.from_core(data))
+            self._put(index, False, data)
 
     def _set_length(self, length: int) -> None:
         with self._cond:
@@ -541,7 +541,7 @@ class IMapIterator:
             self._cond.notify_all()
 
 
-def _feed(
+def _feed_imap(
     pool: Pool, func: Callable[..., Any], it: Iterator[Any], chunksize: int, result: IMapIterator
 ) -> None:
     """The feeder thread of an ``imap``: pickles and submits chunks as the
@@ -567,7 +567,9 @@ def _feed(
             try:
                 pool._runner.submit(payload, functools.partial(result._deliver, index))
             except _warden.CoreError:
-                result._put(index, False, ErrorData("cancelled", "the pool stopped taking tasks"))
+                result._put(
+                    index, False, ErrorData(_warden.ErrorKind.CANCELLED, "the pool stopped taking tasks")
+                )
                 index += 1
                 break
             index += 1

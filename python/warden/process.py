@@ -29,7 +29,7 @@ def current_process() -> multiprocessing.process.BaseProcess:
     return multiprocessing.current_process()
 
 
-def _ignore(ok: bool, data: Any) -> None:
+def _ignore_outcome(ok: bool, data: Any) -> None:
     pass
 
 
@@ -122,10 +122,10 @@ class Process(multiprocessing.process.BaseProcess):
         )
         self._popen = runner
         try:
-            runner.submit(payload, _ignore)
+            runner.submit(payload, _ignore_outcome)
         except _warden.CoreError as e:
             runner.core.kill()
-            raise OSError(f"cannot start process {self._name}: {e.args[-1]}") from None
+            raise OSError(f"cannot start process {self._name}: {e}") from None
         finally:
             runner.close_nowait()
         pid = runner.core.wait_pid(START_TIMEOUT)
@@ -201,15 +201,14 @@ class Process(multiprocessing.process.BaseProcess):
             return self._handle_exitcode
         if self._popen is None or not self._popen.core.is_shut_down():
             return None
-        info = self._popen.core.last_exit()
-        if info is None:
+        end = self._popen.core.last_exit()
+        if end is None:
             return None
-        code, signal, cause, reason = info[3], info[4], info[5], info[6]
-        if signal is not None:
-            return -signal
-        if reason == "init_failed" or (cause or "").startswith("init_failed"):
+        if end.signal is not None:
+            return -end.signal
+        if end.init_failed:
             return 1  # the child could not even unpickle its target (traceback on stderr)
-        return code
+        return end.exitcode
 
     @property
     def ident(self) -> int | None:  # type: ignore[override]

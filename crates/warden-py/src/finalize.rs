@@ -1,6 +1,6 @@
 //! Python callbacks on the core's finalizer service ([`warden::finalize`]).
 //!
-//! `register_finalizer(callback, priority, label, at_exit)` registers a
+//! `register_finalizer(callback, priority, label)` registers a
 //! zero-argument Python callable and returns a `FinalizerToken`. Everything
 //! else (what the callable does, how errors are reported, the `weakref` that
 //! schedules it when an object dies) is in `python/warden/_finalize.py`.
@@ -173,24 +173,9 @@ impl FinalizerToken {
         self.token.is_pending()
     }
 
-    /// "pending", "running", "done" or "cancelled".
-    fn state(&self) -> &'static str {
-        match self.token.state() {
-            State::Pending => "pending",
-            State::Running => "running",
-            State::Done => "done",
-            _ => "cancelled",
-        }
-    }
-
     #[getter]
     fn priority(&self) -> i32 {
         self.token.priority()
-    }
-
-    #[getter]
-    fn label(&self) -> &str {
-        self.token.label()
     }
 
     #[getter]
@@ -203,27 +188,27 @@ impl FinalizerToken {
     }
 
     fn __repr__(&self) -> String {
-        format!("<FinalizerToken {} priority={} {}>", self.token.label(), self.token.priority(), self.state())
+        format!(
+            "<FinalizerToken {} priority={} {}>",
+            self.token.label(),
+            self.token.priority(),
+            state_name(&self.token)
+        )
     }
 }
 
 /// Registers `callback()` with this process's finalizer service. Raises
 /// `RuntimeError` once the process's exit finalizers have run.
 #[pyfunction]
-#[pyo3(signature = (callback, priority = 0, label = None, at_exit = true))]
-pub fn register_finalizer(
-    callback: Py<PyAny>,
-    priority: i32,
-    label: Option<String>,
-    at_exit: bool,
-) -> PyResult<FinalizerToken> {
+#[pyo3(signature = (callback, priority = 0, label = None))]
+pub fn register_finalizer(callback: Py<PyAny>, priority: i32, label: Option<String>) -> PyResult<FinalizerToken> {
     let func = PyCallback(ManuallyDrop::new(callback));
     let run: Callback = Box::new(move || {
         if func.call() == Some(false) {
             resume_unwind(Box::new(Raised));
         }
     });
-    let mut f = Finalizer::from_box(run).priority(priority).host(host()).at_exit(at_exit);
+    let mut f = Finalizer::from_box(run).priority(priority).host(host());
     if let Some(label) = label {
         f = f.label(label);
     }
@@ -232,14 +217,14 @@ pub fn register_finalizer(
 }
 
 /// Runs the process's remaining exit finalizers on the finalizer thread, with
-/// the GIL released, and returns `(ran, failed, skipped, timed_out)`. The
+/// the GIL released. The
 /// deadline defaults to the service's exit timeout. Idempotent.
 #[pyfunction]
 #[pyo3(signature = (timeout = None))]
-pub fn run_exit_finalizers(py: Python<'_>, timeout: Option<f64>) -> PyResult<(u32, u32, u32, bool)> {
+pub fn run_exit_finalizers(py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
     let timeout = seconds("timeout", timeout)?.unwrap_or_else(warden::finalize::exit_timeout);
-    let r = py.detach(|| warden::finalize::run_exit_finalizers(timeout));
-    Ok((r.ran, r.failed, r.skipped, r.timed_out))
+    py.detach(|| warden::finalize::run_exit_finalizers(timeout));
+    Ok(())
 }
 
 /// Waits, with the GIL released, until the finalizer thread has run every
@@ -267,14 +252,12 @@ pub fn wait_finalizers_idle(py: Python<'_>, timeout: Option<f64>) -> PyResult<bo
     }
 }
 
-/// Whether the calling thread is this process's finalizer thread.
-#[pyfunction]
-pub fn is_finalizer_thread() -> bool {
-    warden::finalize::is_finalizer_thread()
-}
-
-/// Seconds the exit drain is given (`warden::finalize::exit_timeout`).
-#[pyfunction]
-pub fn finalizer_exit_timeout() -> f64 {
-    warden::finalize::exit_timeout().as_secs_f64()
+/// "pending", "running", "done" or "cancelled".
+fn state_name(token: &Token) -> &'static str {
+    match token.state() {
+        State::Pending => "pending",
+        State::Running => "running",
+        State::Done => "done",
+        _ => "cancelled",
+    }
 }

@@ -7,6 +7,9 @@
 //!
 //! * `pool::CorePool`: a core [`warden::Pool`] whose workers run a Python
 //!   interpreter, plus the queue its task outcomes land in;
+//! * `records`: what crosses to Python, as frozen classes with named fields
+//!   (`Completion`, `TaskError`, `RemoteFailure`, `WorkerEnd`, `WorkerState`)
+//!   and enums of kinds (`ErrorKind`, `RemoteKind`);
 //! * `worker::worker_main`: the worker side, a [`warden::frontend::Handler`]
 //!   that calls into a Python object;
 //! * `event::SharedEvent`: a process-shared flag in a sealed `memfd` page,
@@ -16,7 +19,8 @@
 //!   at a time and never once it is finalizing.
 //!
 //! The Python-facing signatures are mirrored by hand in
-//! `python/warden/_warden.pyi`; keep the two in step.
+//! `python/warden/_warden.pyi`; `make stubtest` checks the two against each
+//! other.
 
 use pyo3::prelude::*;
 
@@ -24,33 +28,35 @@ mod convert;
 mod event;
 mod finalize;
 mod pool;
+mod records;
 mod worker;
 
 pyo3::create_exception!(
     _warden,
     CoreError,
     pyo3::exceptions::PyRuntimeError,
-    "An error from warden's core; args are (kind, message)."
+    "An error from warden's core; its `kind` attribute is an `ErrorKind`."
 );
 
 /// The extension module `warden._warden`.
 #[pymodule]
 fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::CorePool>()?;
+    m.add_class::<records::PyErrorKind>()?;
+    m.add_class::<records::PyRemoteKind>()?;
+    m.add_class::<records::RemoteFailure>()?;
+    m.add_class::<records::TaskError>()?;
+    m.add_class::<records::Completion>()?;
+    m.add_class::<records::PyWorkerEnd>()?;
+    m.add_class::<records::WorkerState>()?;
     m.add_class::<event::SharedEvent>()?;
     m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
     m.add_class::<finalize::FinalizerToken>()?;
     m.add_function(wrap_pyfunction!(finalize::register_finalizer, m)?)?;
     m.add_function(wrap_pyfunction!(finalize::run_exit_finalizers, m)?)?;
     m.add_function(wrap_pyfunction!(finalize::wait_finalizers_idle, m)?)?;
-    m.add_function(wrap_pyfunction!(finalize::is_finalizer_thread, m)?)?;
-    m.add_function(wrap_pyfunction!(finalize::finalizer_exit_timeout, m)?)?;
     finalize::install_sink();
     m.add("CoreError", m.py().get_type::<CoreError>())?;
-    m.add("UNWIND_GRACE", warden::frontend::UNWIND_GRACE.as_secs_f64())?;
     m.add("DEFAULT_GRACE", warden::DEFAULT_GRACE.as_secs_f64())?;
-    m.add("EXIT_INIT_FAILED", warden::frontend::EXIT_INIT_FAILED)?;
-    m.add("EXIT_PROTOCOL", warden::frontend::EXIT_PROTOCOL)?;
-    m.add("EXIT_PARENT_GONE", warden::frontend::EXIT_PARENT_GONE)?;
     Ok(())
 }

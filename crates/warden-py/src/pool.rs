@@ -1,27 +1,28 @@
 //! `CorePool`: a core pool whose workers are Python interpreters.
 //!
 //! Task outcomes arrive on the pool's supervisor thread, which must neither
-//! block nor take the GIL. They are pushed, with the caller's tag, onto a queue
-//! that a Python thread drains in batches through
-//! [`CorePool::next_completions`] (which waits with the GIL released).
-//! Lifecycle events are recorded the same way: the first worker's pid, the last
-//! worker exit, and a bounded log.
+//! block nor take the GIL. They are pushed onto a queue that a Python thread
+//! drains in batches through [`CorePool::next_completions`] (which waits with
+//! the GIL released); each outcome carries the core's task id, the one id
+//! Python knows the task by. Two lifecycle facts are recorded the same way:
+//! the first worker's pid and the last worker's end.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::PyList;
 use warden::frontend::WorkerCommand;
-use warden::{LifecycleEvent, Pool, TaskOptions, WorkerEnd};
+use warden::{LifecycleEvent, Pool, StopMode, TaskOptions, WorkerEnd};
 
-use crate::convert::{core_err, error_tuple, exit_reason, seconds, stop_cause};
+use crate::convert::seconds;
+use crate::records::{core_err, core_error, Completion, PyErrorKind, PyWorkerEnd, WorkerState};
 
 /// How long a blocking call waits at a time before it looks for signals
 /// (Ctrl-C) with the GIL held again.
@@ -30,10 +31,13 @@ const SLICE: Duration = Duration::from_millis(50);
 const DONE_POLL: Duration = Duration::from_millis(20);
 /// How often it re-checks a pool nobody asked to stop.
 const IDLE_POLL: Duration = Duration::from_secs(1);
-/// Lifecycle events kept for [`CorePool::events`]; older ones are dropped.
-const EVENT_LOG: usize = 1024;
-
 type Outcome = Result<Vec<u8>, warden::Error>;
+
+/// Where a task's id is written once `submit` knows it. An outcome can reach
+/// the queue before that (the supervisor runs concurrently, and a refused task
+/// answers at once); the queue's reader resolves the id only after every
+/// `submit` in progress has finished (see [`Inner::submitting`]).
+type TaskId = Arc<OnceLock<u64>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -43,20 +47,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// that are held for a moment, never across a wait for Python.
 #[derive(Default)]
 struct Inner {
-    queue: Mutex<VecDeque<(u64, Outcome)>>,
+    queue: Mutex<VecDeque<(TaskId, Outcome)>>,
     ready: Condvar,
+    /// Held by `submit` from queueing a task until its id is written, and
+    /// taken by the queue's reader (never while it holds `queue`) before it
+    /// reads ids.
+    submitting: Mutex<()>,
     /// Set once the pool was asked to stop (or failed): the queue's reader
     /// then also watches for the pool to finish.
     closing: AtomicBool,
     first_pid: Mutex<Option<i32>>,
     pid_known: Condvar,
     last_exit: Mutex<Option<WorkerEnd>>,
-    events: Mutex<VecDeque<LifecycleEvent>>,
 }
 
 impl Inner {
-    fn push(&self, tag: u64, outcome: Outcome) {
-        lock(&self.queue).push_back((tag, outcome));
+    fn push(&self, task: TaskId, outcome: Outcome) {
+        lock(&self.queue).push_back((task, outcome));
         self.ready.notify_one();
     }
 
@@ -76,45 +83,7 @@ impl Inner {
             LifecycleEvent::PoolFailed { .. } => self.wake(),
             _ => {}
         }
-        let mut events = lock(&self.events);
-        if events.len() == EVENT_LOG {
-            events.pop_front();
-        }
-        events.push_back(event.clone());
     }
-}
-
-fn event_tuple<'py>(py: Python<'py>, event: &LifecycleEvent) -> PyResult<Bound<'py, PyTuple>> {
-    match event {
-        LifecycleEvent::WorkerStarted { worker, pid } => ("started", *worker, *pid).into_pyobject(py),
-        LifecycleEvent::WorkerReady { worker, pid } => ("ready", *worker, *pid).into_pyobject(py),
-        LifecycleEvent::SpawnFailed { error } => ("spawn_failed", error.as_str()).into_pyobject(py),
-        LifecycleEvent::TaskTimedOut { task, pid } => ("timed_out", *task, *pid).into_pyobject(py),
-        LifecycleEvent::WorkerExited(exit) => exit_tuple(py, exit),
-        LifecycleEvent::PoolFailed { reason } => ("pool_failed", reason.as_str()).into_pyobject(py),
-        _ => ("other",).into_pyobject(py),
-    }
-}
-
-/// `("exited", worker, pid, exitcode, signal, cause, reason, hook_ran, hook_error, crashed)`.
-fn exit_tuple<'py>(py: Python<'py>, exit: &WorkerEnd) -> PyResult<Bound<'py, PyTuple>> {
-    let (reason, hook_ran, hook_error) = match &exit.goodbye {
-        Some((reason, report)) => (Some(exit_reason(reason)), report.hook_ran, report.hook_error.clone()),
-        None => (None, false, None),
-    };
-    (
-        "exited",
-        exit.worker,
-        exit.pid,
-        exit.status.code(),
-        exit.status.signal(),
-        exit.cause.as_ref().map(stop_cause),
-        reason,
-        hook_ran,
-        hook_error,
-        exit.crashed,
-    )
-        .into_pyobject(py)
 }
 
 fn deadline(timeout: Option<Duration>) -> Option<Instant> {
@@ -144,7 +113,12 @@ impl CorePool {
         loop {
             if !queue.is_empty() {
                 let n = queue.len().min(max.max(1));
-                return Some(queue.drain(..n).collect());
+                let batch: Vec<(TaskId, Outcome)> = queue.drain(..n).collect();
+                drop(queue);
+                // Every id is written now, except those of tasks `submit`
+                // refused: their caller got the error instead.
+                drop(lock(&self.inner.submitting));
+                return Some(batch.into_iter().filter_map(|(id, outcome)| Some((*id.get()?, outcome))).collect());
             }
             if self.is_done() {
                 return None;
@@ -247,20 +221,29 @@ impl CorePool {
         Ok(CorePool { pool: Mutex::new(Some(Arc::new(pool))), inner })
     }
 
-    /// Queues a task; its outcome is delivered to `next_completions` under
-    /// `tag`. Returns the task id. Raises `CoreError` if the pool takes no tasks.
-    #[pyo3(signature = (payload, tag, timeout=None))]
-    fn submit(&self, payload: &[u8], tag: u64, timeout: Option<f64>) -> PyResult<u64> {
+    /// Queues a task and returns its id; its outcome comes out of
+    /// `next_completions` under that id. Raises `CoreError` if the pool takes
+    /// no tasks.
+    #[pyo3(signature = (payload, timeout=None))]
+    fn submit(&self, payload: &[u8], timeout: Option<f64>) -> PyResult<u64> {
         let pool = self.pool().ok_or_else(core_closed)?;
         let options = TaskOptions { timeout: seconds("timeout", timeout)? };
         let inner = Arc::clone(&self.inner);
-        pool.submit_raw(payload.to_vec(), options, Box::new(move |outcome| inner.push(tag, outcome))).map_err(core_err)
+        let id: TaskId = Arc::default();
+        let slot = Arc::clone(&id);
+        let _submitting = lock(&self.inner.submitting);
+        let task = pool
+            .submit_raw(payload.to_vec(), options, Box::new(move |outcome| inner.push(slot, outcome)))
+            .map_err(core_err)?;
+        // Written once, here: `set` cannot fail.
+        let _ = id.set(task);
+        Ok(task)
     }
 
     /// Waits up to `timeout` seconds (forever if `None`) for task outcomes and
-    /// returns up to `max` of them as `(tag, True, bytes)` or
-    /// `(tag, False, error)` tuples (an empty list on timeout). Returns `None`
-    /// once the pool has shut down and every outcome was taken.
+    /// returns up to `max` of them as `Completion` records (an empty list on
+    /// timeout). Returns `None` once the pool has shut down and every outcome
+    /// was taken.
     #[pyo3(signature = (max=256, timeout=None))]
     fn next_completions<'py>(
         &self,
@@ -271,20 +254,10 @@ impl CorePool {
         let deadline = deadline(seconds("timeout", timeout)?);
         let Some(batch) = py.detach(|| self.wait_batch(max, deadline)) else { return Ok(None) };
         let list = PyList::empty(py);
-        for (tag, outcome) in batch {
-            let item = match outcome {
-                Ok(bytes) => (tag, true, PyBytes::new(py, &bytes)).into_pyobject(py)?,
-                Err(e) => (tag, false, error_tuple(py, &e)?).into_pyobject(py)?,
-            };
-            list.append(item)?;
+        for (task, outcome) in batch {
+            list.append(Completion::new(py, task, &outcome)?)?;
         }
         Ok(Some(list))
-    }
-
-    /// Cancels a task: a queued one is removed, a running one is stopped with
-    /// its worker (which runs its exit hook and is replaced).
-    fn cancel(&self, py: Python<'_>, task: u64) -> bool {
-        self.pool().is_some_and(|p| py.detach(|| p.cancel(task)))
     }
 
     /// Cancels a task only if it is still queued.
@@ -348,6 +321,39 @@ impl CorePool {
         }
     }
 
+    /// The core's shutdown ladder (`warden::Pool::stop`): starts it with
+    /// `mode` ("drain", "cancel_queued", "terminate" or "kill") and a deadline
+    /// `within` seconds from now (none if `None`), or makes a started one
+    /// stricter (the earliest deadline and the harshest mode win). With
+    /// `wait`, waits for the ladder to end (bounded by the ladder itself, the
+    /// GIL released; raises `KeyboardInterrupt` or what a signal handler
+    /// raises) and returns whether the pool finished by the deadline; without,
+    /// returns at once whether it has finished.
+    #[pyo3(signature = (mode, within=None, wait=true))]
+    fn stop(&self, py: Python<'_>, mode: &str, within: Option<f64>, wait: bool) -> PyResult<bool> {
+        let mode = match mode {
+            "drain" => StopMode::Drain,
+            "cancel_queued" => StopMode::CancelQueued,
+            "terminate" => StopMode::Terminate,
+            "kill" => StopMode::Kill,
+            other => return Err(PyValueError::new_err(format!("unknown stop mode {other:?}"))),
+        };
+        let deadline = deadline(seconds("within", within)?);
+        let Some(pool) = self.pool() else { return Ok(true) };
+        pool.begin_stop(mode, deadline);
+        self.inner.wake();
+        if !wait {
+            return Ok(pool.is_shut_down());
+        }
+        loop {
+            let until = Instant::now() + SLICE;
+            if let Some(in_time) = py.detach(|| pool.wait_stopped(Some(until))) {
+                return Ok(in_time);
+            }
+            py.check_signals()?;
+        }
+    }
+
     /// Waits up to `timeout` seconds for the first worker's pid; `None` if
     /// the pool finished (or the time ran out) without one.
     fn wait_pid(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<i32>> {
@@ -373,27 +379,15 @@ impl CorePool {
         }
     }
 
-    /// How the last worker to exit ended:
-    /// `("exited", worker, pid, exitcode, signal, cause, reason, hook_ran, hook_error, crashed)`.
-    fn last_exit<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let exit = lock(&self.inner.last_exit).clone();
-        exit.map(|e| exit_tuple(py, &e)).transpose()
+    /// How the last worker to exit ended, if one has.
+    fn last_exit(&self) -> Option<PyWorkerEnd> {
+        lock(&self.inner.last_exit).as_ref().map(PyWorkerEnd::from)
     }
 
-    /// Takes the lifecycle events recorded so far (at most the last 1024).
-    fn events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let events: Vec<LifecycleEvent> = lock(&self.inner.events).drain(..).collect();
-        let list = PyList::empty(py);
-        for e in &events {
-            list.append(event_tuple(py, e)?)?;
-        }
-        Ok(list)
-    }
-
-    /// The live workers as `(worker, pid, phase, running_task)` tuples.
-    fn workers(&self, py: Python<'_>) -> Vec<(u64, i32, &'static str, Option<u64>)> {
+    /// The live workers.
+    fn workers(&self, py: Python<'_>) -> Vec<WorkerState> {
         let Some(pool) = self.pool() else { return Vec::new() };
-        py.detach(|| pool.workers().into_iter().map(|w| (w.worker, w.pid, w.phase, w.running)).collect())
+        py.detach(|| pool.workers().into_iter().map(WorkerState::from).collect())
     }
 
     /// Why the pool failed, if it did.
@@ -424,5 +418,5 @@ fn fd_is_open(fd: RawFd) -> bool {
 }
 
 fn core_closed() -> PyErr {
-    crate::CoreError::new_err(("closed", "the pool is shut down and takes no new tasks"))
+    core_error(PyErrorKind::Closed, "the pool is shut down and takes no new tasks".into())
 }

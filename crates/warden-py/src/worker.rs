@@ -5,8 +5,8 @@
 //! `run`, `exit`) attaches for its duration. The Python object's contract:
 //!
 //! * `init(worker, pid, parent, payload)` returns `None` when the worker is
-//!   ready, or an error tuple `(kind, type_name, message, traceback, data)`;
-//! * `run(payload)` returns the result's bytes, or an error tuple;
+//!   ready, or a `RemoteFailure` saying why it cannot start;
+//! * `run(payload)` returns the result's bytes, or a `RemoteFailure`;
 //! * `exit(reason)` runs the exit path of the Python side and returns
 //!   `(error or None, exit code or None)`; it is installed as the core's exit
 //!   hook once `init` succeeded, and may be called on the monitor thread.
@@ -25,13 +25,13 @@ use std::sync::Arc;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::PyBytes;
 use warden::frontend::{ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_PROTOCOL};
 use warden::frontend::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 use warden::WorkerInfo;
 use warden::{ExitReason, RemoteError, RemoteErrorKind};
 
-use crate::convert::{exit_reason, remote_kind};
+use crate::records::{exit_reason, RemoteFailure};
 
 /// Runs this process as a worker of the pool that started it, with `handler`
 /// running the tasks. Never returns when started by a pool: the process ends
@@ -78,15 +78,6 @@ struct PyHandler {
     main_thread: libc::pthread_t,
 }
 
-/// An error tuple `(kind, type_name, message, traceback, data)` from Python.
-fn remote_from_tuple(t: &Bound<'_, PyTuple>) -> PyResult<RemoteError> {
-    let (kind, type_name, message, traceback, data): (String, String, String, String, Vec<u8>) = t.extract()?;
-    let mut e = RemoteError::new(remote_kind(&kind), type_name, message);
-    e.traceback = traceback;
-    e.data = data;
-    Ok(e)
-}
-
 /// A Python exception that escaped the handler (a bug on the Python side, or
 /// an interrupt that arrived at an awkward moment) as a remote error.
 fn remote_from_pyerr(py: Python<'_>, err: PyErr) -> RemoteError {
@@ -104,8 +95,8 @@ fn outcome<T>(
     ok: impl FnOnce(&Bound<'_, PyAny>) -> PyResult<T>,
 ) -> Result<T, RemoteError> {
     let value = result.map_err(|e| remote_from_pyerr(py, e))?;
-    if let Ok(t) = value.cast::<PyTuple>() {
-        return Err(remote_from_tuple(t).unwrap_or_else(|e| remote_from_pyerr(py, e)));
+    if let Ok(failure) = value.cast::<RemoteFailure>() {
+        return Err(failure.get().to_core(py));
     }
     ok(&value).map_err(|e| remote_from_pyerr(py, e))
 }

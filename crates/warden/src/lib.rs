@@ -78,8 +78,8 @@ pub struct ReadmeDoctests;
 
 pub use error::{signal_name, Error, ErrorKind, ExitStatus, Result};
 pub use pool::{
-    spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, TaskOptions, DEFAULT_GRACE, DEFAULT_INIT_TIMEOUT,
-    DEFAULT_RESTART_LIMIT, DEFAULT_RESTART_WINDOW,
+    spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, StopMode, TaskOptions, DEFAULT_GRACE,
+    DEFAULT_INIT_TIMEOUT, DEFAULT_RESTART_LIMIT, DEFAULT_RESTART_WINDOW,
 };
 pub use supervisor::{LifecycleEvent, StopCause, WorkerEnd, WorkerSnapshot};
 pub use wire::{ExitPathReport, ExitReason, RemoteError, RemoteErrorKind, RetireReason};

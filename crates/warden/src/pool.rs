@@ -32,10 +32,30 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::panics::lock;
 use crate::spawn::WorkerCommand;
 use crate::supervisor::{
-    self, Command, Config, EventSink, LifecycleEvent, Reply, SupervisorLink, Task, WorkerEnd, WorkerSnapshot,
+    self, Command, Config, EventSink, LifecycleEvent, Reply, SupervisorLink, Task, WorkerEnd, WorkerSnapshot, KILL_WAIT,
 };
 use crate::task::{self, Call, RustInit};
 use crate::wire::{ExitReason, DEFAULT_MAX_FRAME};
+
+/// How [`Pool::stop`] (and [`Pool::begin_stop`]) starts the shutdown ladder:
+/// what happens to tasks before the deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StopMode {
+    /// Queued tasks still run, running ones finish, then workers retire
+    /// ([`Pool::close`], [`Pool::shutdown`]).
+    Drain,
+    /// Queued tasks are cancelled, running ones finish, then workers retire
+    /// ([`Pool::close_cancel_queued`], dropping the pool).
+    CancelQueued,
+    /// Every task is cancelled and every worker gets SIGTERM now; SIGKILL one
+    /// grace period later ([`Pool::terminate`]).
+    Terminate,
+    /// Every task is cancelled and every worker gets SIGKILL now ([`Pool::kill`]).
+    Kill,
+}
+
+/// Margin a waiter adds to the ladder's own deadlines before acting itself.
+const STOP_SLACK: Duration = Duration::from_secs(2);
 
 /// Default time a worker gets to finish its exit path before it is signalled.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -244,6 +264,10 @@ impl Builder {
 /// | [`Pool::terminate`] | cancelled | cancelled | SIGTERM (exit hooks run), SIGKILL after the grace period |
 /// | [`Pool::kill`] | cancelled | cancelled | SIGKILL now |
 ///
+/// Each row is [`Pool::stop`] with a [`StopMode`] and a deadline: one
+/// shutdown ladder (retire → grace → SIGTERM → grace → SIGKILL → reap), which
+/// the Python package also uses for every way it shuts a pool down.
+///
 /// Every stage that waits on a worker has a deadline; only waiting for tasks
 /// the caller asked to drain is as long as those tasks (bound them with
 /// [`Builder::task_timeout`] or [`Pool::shutdown_timeout`]). When a shutdown
@@ -356,35 +380,32 @@ impl Pool {
     }
 
     /// Stops taking tasks; queued tasks still run, then the workers retire.
-    /// Returns at once; see [`Pool::join`].
+    /// Returns at once; see [`Pool::join`]. Same as [`Pool::begin_stop`] with
+    /// [`StopMode::Drain`] and no deadline.
     pub fn close(&self) {
-        self.shared.accepting.store(false, Ordering::SeqCst);
-        let _ = self.shared.send(Command::Close { drain: true, deadline: None });
+        self.begin_stop(StopMode::Drain, None);
     }
 
     /// Stops taking tasks and cancels the queued ones; running tasks finish,
     /// then the workers retire. Returns at once; see [`Pool::join`].
     pub fn close_cancel_queued(&self) {
-        self.shared.accepting.store(false, Ordering::SeqCst);
-        let _ = self.shared.send(Command::Close { drain: false, deadline: None });
+        self.begin_stop(StopMode::CancelQueued, None);
     }
 
     /// Cancels queued and running tasks and stops every worker with SIGTERM
     /// (exit hooks run), then SIGKILL after the grace period. Returns at once.
     pub fn terminate(&self) {
-        self.shared.accepting.store(false, Ordering::SeqCst);
-        let _ = self.shared.send(Command::Terminate);
+        self.begin_stop(StopMode::Terminate, None);
     }
 
     /// Cancels everything and kills every worker with SIGKILL now (no exit
     /// hooks). Returns at once.
     pub fn kill(&self) {
-        self.shared.accepting.store(false, Ordering::SeqCst);
-        let _ = self.shared.send(Command::Kill);
+        self.begin_stop(StopMode::Kill, None);
     }
 
     /// Waits until the pool has shut down and every worker is reaped; `false`
-    /// if `timeout` ran out first.
+    /// if `timeout` ran out first. Escalates nothing (see [`Pool::stop`]).
     pub fn join(&self, timeout: Option<Duration>) -> bool {
         if !self.shared.wait_done(timeout) {
             return false;
@@ -397,32 +418,110 @@ impl Pool {
     }
 
     /// Graceful shutdown: queued tasks run, then workers retire. Blocks until
-    /// every worker is reaped.
+    /// every worker is reaped. Same as `stop(StopMode::Drain, None)`.
     pub fn shutdown(self) {
-        self.close();
-        self.join(None);
+        self.stop(StopMode::Drain, None);
     }
 
     /// Like [`Pool::shutdown`], but after `timeout` the rest is terminated.
-    /// Returns whether it finished without terminating.
+    /// Returns whether it finished without terminating. Same as
+    /// `stop(StopMode::Drain, Some(now + timeout))`.
     pub fn shutdown_timeout(self, timeout: Duration) -> bool {
-        self.close();
-        if self.join(Some(timeout)) {
-            return true;
-        }
-        self.terminate();
-        self.join_bounded();
-        false
+        self.stop(StopMode::Drain, Instant::now().checked_add(timeout))
     }
 
-    /// Waits at most long enough for a terminate to run its course, then kills.
-    fn join_bounded(&self) {
-        if self.join(Some(self.grace * 2 + Duration::from_secs(2))) {
-            return;
+    /// The shutdown ladder, from start to end: [`begin_stop`](Pool::begin_stop)
+    /// then [`wait_stopped`](Pool::wait_stopped). Every way a pool shuts down
+    /// is this call with some mode and deadline: [`Pool::shutdown`],
+    /// [`Pool::shutdown_timeout`], dropping the pool, and the Python package
+    /// (including at interpreter exit).
+    ///
+    /// Returns whether the pool finished by `deadline`, so that nothing was
+    /// cut off (always `true` without a deadline, always `false` for
+    /// [`StopMode::Terminate`] and [`StopMode::Kill`], which cut off at once).
+    /// Blocks only as long as the ladder allows: without a deadline, a
+    /// draining stop waits for the tasks it drains.
+    pub fn stop(&self, mode: StopMode, deadline: Option<Instant>) -> bool {
+        self.begin_stop(mode, deadline);
+        self.wait_stopped(None).unwrap_or(false)
+    }
+
+    /// Starts the shutdown ladder, or makes a started one stricter, and
+    /// returns at once. The pool takes no more tasks.
+    ///
+    /// The ladder, each rung bounded:
+    ///
+    /// 1. *retire*: per `mode`, queued tasks run ([`StopMode::Drain`]) or are
+    ///    cancelled; running tasks finish; idle workers retire and run their
+    ///    exit hooks (a retiring worker gets one grace period for that);
+    /// 2. at `deadline` (at once for [`StopMode::Terminate`]): queued and
+    ///    running tasks are cancelled and their workers get SIGTERM; their exit
+    ///    hooks run;
+    /// 3. one grace period later, SIGKILL (at once for [`StopMode::Kill`]);
+    /// 4. reap, or give up on a process that cannot die after a few seconds.
+    ///
+    /// The supervisor thread climbs the ladder by itself. A caller waiting in
+    /// [`wait_stopped`](Pool::wait_stopped) also kills the pool if it is still
+    /// running two grace periods after the deadline, so no wait can hang.
+    ///
+    /// Calling it again, on this pool or on several pools one after the other,
+    /// keeps the earliest deadline and the harshest mode: to give several
+    /// pools one grace period between them, begin all with the same absolute
+    /// `deadline`, then wait for each.
+    pub fn begin_stop(&self, mode: StopMode, deadline: Option<Instant>) {
+        let now = Instant::now();
+        let cutoff = match mode {
+            StopMode::Drain | StopMode::CancelQueued => deadline,
+            StopMode::Terminate | StopMode::Kill => Some(now),
+        };
+        {
+            let mut plan = lock(&self.shared.stop);
+            plan.cutoff = earliest(plan.cutoff, cutoff);
+            if mode == StopMode::Kill {
+                plan.killed_at = earliest(plan.killed_at, Some(now));
+            }
         }
-        self.kill();
-        if !self.join(Some(supervisor::KILL_WAIT + Duration::from_secs(2))) {
-            tracing::error!("warden pool did not finish shutting down");
+        self.shared.accepting.store(false, Ordering::SeqCst);
+        let cmd = match mode {
+            StopMode::Drain => Command::Close { drain: true, deadline },
+            StopMode::CancelQueued => Command::Close { drain: false, deadline },
+            StopMode::Terminate => Command::Terminate,
+            StopMode::Kill => Command::Kill,
+        };
+        let _ = self.shared.send(cmd);
+    }
+
+    /// Waits for a ladder started with [`begin_stop`](Pool::begin_stop) to
+    /// end, at most until `until`: `Some(in_time)` once the pool has shut down
+    /// (`in_time` as [`Pool::stop`] returns it), `None` if `until` came first.
+    ///
+    /// Two grace periods (plus a little) after the deadline, a pool still
+    /// running is killed; a few seconds after that, the wait gives up, logs an
+    /// error and returns `Some(false)`.
+    pub fn wait_stopped(&self, until: Option<Instant>) -> Option<bool> {
+        loop {
+            let plan = *lock(&self.shared.stop);
+            // When this waiter must act next: kill, or give up after a kill.
+            let act_at = match plan.killed_at {
+                Some(killed) => Some(killed + KILL_WAIT + STOP_SLACK),
+                None => plan.cutoff.map(|c| c + self.grace * 2 + STOP_SLACK),
+            };
+            let wake = earliest(act_at, until);
+            if self.join(wake.map(|w| w.saturating_duration_since(Instant::now()))) {
+                return Some(self.shared.finished_by(plan.cutoff));
+            }
+            let now = Instant::now();
+            if act_at.is_some_and(|a| now >= a) {
+                if plan.killed_at.is_none() {
+                    self.begin_stop(StopMode::Kill, None);
+                    continue;
+                }
+                tracing::error!("warden pool did not finish shutting down");
+                return Some(false);
+            }
+            if until.is_some_and(|u| now >= u) {
+                return None;
+            }
         }
     }
 
@@ -448,21 +547,22 @@ impl Pool {
 
 impl Drop for Pool {
     /// A graceful shutdown with a bounded wait: queued tasks are cancelled,
-    /// running ones get one grace period, workers retire and run their exit hooks.
+    /// running ones get one grace period, workers retire and run their exit
+    /// hooks. Same as `stop(StopMode::CancelQueued, Some(now + grace))`.
     fn drop(&mut self) {
         if self.shared.is_done() {
             self.join(Some(Duration::ZERO));
             return;
         }
-        self.shared.accepting.store(false, Ordering::SeqCst);
-        let _ = self.shared.send(Command::Close { drain: false, deadline: Some(Instant::now() + self.grace) });
-        if self.join(Some(self.grace * 3 + Duration::from_secs(2))) {
-            return;
-        }
-        self.kill();
-        if !self.join(Some(supervisor::KILL_WAIT + Duration::from_secs(2))) {
-            tracing::error!("warden pool did not finish shutting down");
-        }
+        self.stop(StopMode::CancelQueued, Instant::now().checked_add(self.grace));
+    }
+}
+
+/// The earlier of two optional instants (`None` is "never").
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

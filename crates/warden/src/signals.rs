@@ -1,6 +1,7 @@
 //! Signal handling inside a worker: handlers only set flags.
 //!
-//! A signal handler is concurrency the program never asked for (seed 004), so
+//! A signal handler is concurrency the program never asked for: it interrupts
+//! whatever the thread was doing, locks held and data half-updated. So
 //! the handlers installed here run no user code and take no locks. On SIGTERM,
 //! SIGHUP or SIGINT they:
 //!

@@ -42,23 +42,65 @@ fn main() {
     finalize::set_sink(Some(Arc::new(|i: &Incident| lock(&INCIDENTS).push(i.clone()))));
     let args = Arguments::from_args();
     let tests: Vec<(&str, Body)> = vec![
-        ("callbacks_run_on_one_dedicated_thread_that_is_not_the_dropping_thread", one_dedicated_thread),
-        ("dropping_a_guarded_value_returns_before_its_callback_runs", drop_only_enqueues),
-        ("run_now_racing_with_drop_runs_the_callback_at_most_once", at_most_once_under_race),
-        ("a_panicking_callback_is_reported_and_the_rest_run", panicking_callback_on_the_thread),
-        ("a_cancelled_callback_never_runs", cancelled_never_runs),
-        ("a_host_can_refuse_to_run_its_callbacks_and_the_refusal_is_reported", host_refusal),
-        ("a_guardian_returns_exactly_the_dead_values_and_nothing_runs_before_drain", guardian_drain),
-        ("seed_004_finalizers_mutating_a_shared_set_never_break_an_iteration_of_it", seed_004),
-        ("a_pool_worker_runs_its_exit_finalizers_when_it_retires", pool_worker_exit_finalizers),
-        ("exit_runs_remaining_callbacks_higher_priority_first_then_last_registered_first", exit_order),
-        ("a_panicking_exit_callback_is_reported_and_the_rest_run", exit_panic),
-        ("a_forked_child_does_not_run_its_parents_registrations", forked_child),
-        ("exit_finalizers_run_when_the_program_calls_process_exit", process_exit),
-        ("exit_finalizers_run_when_main_panics", main_panics),
-        ("a_program_killed_by_a_signal_does_not_run_its_exit_finalizers", killed_by_signal),
-        ("the_exit_deadline_abandons_a_hung_callback_and_reports_what_did_not_run", exit_deadline),
-        ("registrations_made_while_draining_run_and_later_ones_are_refused", closed_after_drain),
+        (
+            "callbacks_run_on_one_dedicated_thread_that_is_not_the_dropping_thread",
+            callbacks_run_on_one_dedicated_thread_that_is_not_the_dropping_thread,
+        ),
+        (
+            "dropping_a_guarded_value_returns_before_its_callback_runs",
+            dropping_a_guarded_value_returns_before_its_callback_runs,
+        ),
+        (
+            "run_now_racing_with_drop_runs_the_callback_at_most_once",
+            run_now_racing_with_drop_runs_the_callback_at_most_once,
+        ),
+        ("a_panicking_callback_is_reported_and_the_rest_run", a_panicking_callback_is_reported_and_the_rest_run),
+        ("a_cancelled_callback_never_runs", a_cancelled_callback_never_runs),
+        (
+            "a_host_can_refuse_to_run_its_callbacks_and_the_refusal_is_reported",
+            a_host_can_refuse_to_run_its_callbacks_and_the_refusal_is_reported,
+        ),
+        (
+            "a_guardian_returns_exactly_the_dead_values_and_nothing_runs_before_drain",
+            a_guardian_returns_exactly_the_dead_values_and_nothing_runs_before_drain,
+        ),
+        (
+            "finalizers_mutating_a_shared_set_never_break_an_iteration_of_it",
+            finalizers_mutating_a_shared_set_never_break_an_iteration_of_it,
+        ),
+        (
+            "a_pool_worker_runs_its_exit_finalizers_when_it_retires",
+            a_pool_worker_runs_its_exit_finalizers_when_it_retires,
+        ),
+        (
+            "exit_runs_remaining_callbacks_higher_priority_first_then_last_registered_first",
+            exit_runs_remaining_callbacks_higher_priority_first_then_last_registered_first,
+        ),
+        (
+            "a_panicking_exit_callback_is_reported_and_the_rest_run",
+            a_panicking_exit_callback_is_reported_and_the_rest_run,
+        ),
+        (
+            "a_forked_child_does_not_run_its_parents_registrations",
+            a_forked_child_does_not_run_its_parents_registrations,
+        ),
+        (
+            "exit_finalizers_run_when_the_program_calls_process_exit",
+            exit_finalizers_run_when_the_program_calls_process_exit,
+        ),
+        ("exit_finalizers_run_when_main_panics", exit_finalizers_run_when_main_panics),
+        (
+            "a_program_killed_by_a_signal_does_not_run_its_exit_finalizers",
+            a_program_killed_by_a_signal_does_not_run_its_exit_finalizers,
+        ),
+        (
+            "the_exit_deadline_abandons_a_hung_callback_and_reports_what_did_not_run",
+            the_exit_deadline_abandons_a_hung_callback_and_reports_what_did_not_run,
+        ),
+        (
+            "registrations_made_while_draining_run_and_later_ones_are_refused",
+            registrations_made_while_draining_run_and_later_ones_are_refused,
+        ),
     ];
     let trials = tests.into_iter().map(|(name, body)| Trial::test(name, move || bounded(body))).collect();
     libtest_mimic::run(&args, trials).exit();
@@ -173,7 +215,7 @@ fn run_scenario(name: &str, timeout: Duration) -> Result<Ran, Failed> {
 // ---------------------------------------------------------------------------
 // In-process tests
 
-fn one_dedicated_thread() -> Result<(), Failed> {
+fn callbacks_run_on_one_dedicated_thread_that_is_not_the_dropping_thread() -> Result<(), Failed> {
     let (tx, rx) = mpsc::channel();
     let droppers: Vec<_> = (0..4)
         .map(|_| {
@@ -211,7 +253,7 @@ fn one_dedicated_thread() -> Result<(), Failed> {
     Ok(())
 }
 
-fn drop_only_enqueues() -> Result<(), Failed> {
+fn dropping_a_guarded_value_returns_before_its_callback_runs() -> Result<(), Failed> {
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let (seen_tx, seen_rx) = mpsc::channel();
     let value = finalize::guard((), 0, move || {
@@ -230,7 +272,7 @@ fn drop_only_enqueues() -> Result<(), Failed> {
     Ok(())
 }
 
-fn at_most_once_under_race() -> Result<(), Failed> {
+fn run_now_racing_with_drop_runs_the_callback_at_most_once() -> Result<(), Failed> {
     const ROUNDS: usize = 200;
     const RACERS: usize = 4;
     for round in 0..ROUNDS {
@@ -271,7 +313,7 @@ fn at_most_once_under_race() -> Result<(), Failed> {
     Ok(())
 }
 
-fn panicking_callback_on_the_thread() -> Result<(), Failed> {
+fn a_panicking_callback_is_reported_and_the_rest_run() -> Result<(), Failed> {
     let (tx, rx) = mpsc::channel();
     let label = unique("boom");
     let message = format!("{label} went off");
@@ -306,7 +348,7 @@ fn panicking_callback_on_the_thread() -> Result<(), Failed> {
     Ok(())
 }
 
-fn cancelled_never_runs() -> Result<(), Failed> {
+fn a_cancelled_callback_never_runs() -> Result<(), Failed> {
     let runs = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&runs);
     let value = finalize::guard((), 0, move || {
@@ -339,7 +381,7 @@ impl Host for Gate {
     }
 }
 
-fn host_refusal() -> Result<(), Failed> {
+fn a_host_can_refuse_to_run_its_callbacks_and_the_refusal_is_reported() -> Result<(), Failed> {
     let gate = Arc::new(Gate { open: AtomicBool::new(true), discarded: AtomicUsize::new(0) });
     let runs = Arc::new(AtomicUsize::new(0));
     let register = |label: &str| {
@@ -380,7 +422,7 @@ impl Drop for Noisy {
     }
 }
 
-fn guardian_drain() -> Result<(), Failed> {
+fn a_guardian_returns_exactly_the_dead_values_and_nothing_runs_before_drain() -> Result<(), Failed> {
     let drops = Arc::new(AtomicUsize::new(0));
     let guardian = Guardian::new();
     let mut wards: Vec<_> = (0..6).map(|id| Some(guardian.register(Noisy { id, drops: Arc::clone(&drops) }))).collect();
@@ -409,7 +451,7 @@ fn guardian_drain() -> Result<(), Failed> {
     Ok(())
 }
 
-/// Seed 004's `FD` class: a registry of open descriptors (`_all_fds`) that
+/// The classic finalizer hazard: a registry of open descriptors that
 /// `for_each_fd` iterates, and whose members remove themselves when finalized.
 #[derive(Clone, Default)]
 struct FdRegistry {
@@ -450,7 +492,7 @@ impl FdRegistry {
     }
 }
 
-fn seed_004() -> Result<(), Failed> {
+fn finalizers_mutating_a_shared_set_never_break_an_iteration_of_it() -> Result<(), Failed> {
     const N: i32 = 200;
     let registry = FdRegistry::default();
     let mut mine: Vec<Option<finalize::Guarded<i32>>> =
@@ -465,7 +507,7 @@ fn seed_004() -> Result<(), Failed> {
     });
     for round in 0..20 {
         // The proc makes descriptors unreachable in the middle of the
-        // iteration, as in the seed. Their finalizers wait for the iteration
+        // iteration. Their finalizers wait for the iteration
         // to release the registry; were they run by the dropping thread, this
         // would deadlock on the registry's lock (Python: "Set changed size
         // during iteration").
@@ -497,7 +539,7 @@ fn register_exit_file(path: String) -> bool {
     .is_ok()
 }
 
-fn pool_worker_exit_finalizers() -> Result<(), Failed> {
+fn a_pool_worker_runs_its_exit_finalizers_when_it_retires() -> Result<(), Failed> {
     let dir = std::env::temp_dir().join(unique(&format!("warden-finalize-{}", std::process::id())));
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let result = (|| -> Result<(), Failed> {
@@ -534,7 +576,7 @@ fn pool_worker_exit_finalizers() -> Result<(), Failed> {
 // ---------------------------------------------------------------------------
 // Exit behaviour, in child processes
 
-fn exit_order() -> Result<(), Failed> {
+fn exit_runs_remaining_callbacks_higher_priority_first_then_last_registered_first() -> Result<(), Failed> {
     let ran = run_scenario("exit-order", SOON)?;
     ensure!(ran.code == Some(0), "exit {:?} / signal {:?}; stderr: {}", ran.code, ran.signal, ran.stderr);
     let mut expected = vec!["exit early on main".to_string()];
@@ -547,7 +589,7 @@ fn exit_order() -> Result<(), Failed> {
     Ok(())
 }
 
-fn exit_panic() -> Result<(), Failed> {
+fn a_panicking_exit_callback_is_reported_and_the_rest_run() -> Result<(), Failed> {
     let ran = run_scenario("exit-panic", SOON)?;
     ensure!(ran.code == Some(0), "exit {:?} / signal {:?}; stderr: {}", ran.code, ran.signal, ran.stderr);
     let expected = [
@@ -561,7 +603,7 @@ fn exit_panic() -> Result<(), Failed> {
     Ok(())
 }
 
-fn forked_child() -> Result<(), Failed> {
+fn a_forked_child_does_not_run_its_parents_registrations() -> Result<(), Failed> {
     let ran = run_scenario("fork", SOON)?;
     ensure!(ran.code == Some(0), "exit {:?} / signal {:?}; stderr: {}", ran.code, ran.signal, ran.stderr);
     let (mut parent, mut child) = (None, None);
@@ -591,28 +633,28 @@ fn forked_child() -> Result<(), Failed> {
     Ok(())
 }
 
-fn process_exit() -> Result<(), Failed> {
+fn exit_finalizers_run_when_the_program_calls_process_exit() -> Result<(), Failed> {
     let ran = run_scenario("process-exit", SOON)?;
     ensure!(ran.code == Some(7), "exit {:?} / signal {:?}; stderr: {}", ran.code, ran.signal, ran.stderr);
     ensure!(ran.lines() == ["exit finalizer ran"], "got:\n{}", ran.stdout);
     Ok(())
 }
 
-fn main_panics() -> Result<(), Failed> {
+fn exit_finalizers_run_when_main_panics() -> Result<(), Failed> {
     let ran = run_scenario("panic-main", SOON)?;
     ensure!(ran.code == Some(101), "exit {:?} / signal {:?}; stderr: {}", ran.code, ran.signal, ran.stderr);
     ensure!(ran.lines() == ["exit finalizer ran"], "got:\n{}", ran.stdout);
     Ok(())
 }
 
-fn killed_by_signal() -> Result<(), Failed> {
+fn a_program_killed_by_a_signal_does_not_run_its_exit_finalizers() -> Result<(), Failed> {
     let ran = run_scenario("signal", SOON)?;
     ensure!(ran.signal == Some(libc::SIGTERM), "exit {:?} / signal {:?}", ran.code, ran.signal);
     ensure!(ran.stdout.is_empty(), "an exit finalizer ran: {}", ran.stdout);
     Ok(())
 }
 
-fn exit_deadline() -> Result<(), Failed> {
+fn the_exit_deadline_abandons_a_hung_callback_and_reports_what_did_not_run() -> Result<(), Failed> {
     let start = Instant::now();
     let ran = run_scenario("deadline", SOON)?;
     ensure!(ran.code == Some(0), "exit {:?} / signal {:?}; stderr: {}", ran.code, ran.signal, ran.stderr);
@@ -627,7 +669,7 @@ fn exit_deadline() -> Result<(), Failed> {
     Ok(())
 }
 
-fn closed_after_drain() -> Result<(), Failed> {
+fn registrations_made_while_draining_run_and_later_ones_are_refused() -> Result<(), Failed> {
     let ran = run_scenario("closed", SOON)?;
     ensure!(ran.code == Some(0), "exit {:?} / signal {:?}; stderr: {}", ran.code, ran.signal, ran.stderr);
     let expected = [

@@ -30,34 +30,94 @@ fn main() {
     let args = Arguments::from_args();
     let tests = vec![
         trial("exit_hook_runs_on_pool_shutdown", exit_hook_runs_on_pool_shutdown),
-        trial("exit_hook_runs_when_max_tasks_per_child_retires_a_worker", exit_hook_runs_on_max_tasks_retirement),
-        trial("exit_hook_runs_when_the_worker_gets_sigterm", exit_hook_runs_on_sigterm_to_the_worker),
-        trial("exit_hook_runs_after_a_task_panicked_and_the_worker_lived_on", exit_hook_runs_after_a_panic),
+        trial(
+            "exit_hook_runs_when_max_tasks_per_child_retires_a_worker",
+            exit_hook_runs_when_max_tasks_per_child_retires_a_worker,
+        ),
+        trial("exit_hook_runs_when_the_worker_gets_sigterm", exit_hook_runs_when_the_worker_gets_sigterm),
+        trial(
+            "exit_hook_runs_after_a_task_panicked_and_the_worker_lived_on",
+            exit_hook_runs_after_a_task_panicked_and_the_worker_lived_on,
+        ),
         trial(
             "every_worker_busy_or_idle_exits_and_runs_its_exit_hook_when_its_owner_is_sigkilled",
             workers_exit_when_owner_is_killed,
         ),
-        trial("a_worker_sigkilled_mid_task_gives_a_crash_with_sigkill", crash_by_sigkill),
-        trial("an_aborting_worker_gives_a_crash_with_sigabrt", crash_by_abort),
-        trial("a_segfaulting_worker_gives_a_crash_with_sigsegv", crash_by_segfault),
-        trial("a_timed_out_task_stops_its_worker_runs_the_exit_hook_and_replaces_it", timeout_stops_and_replaces),
-        trial("cancelling_a_running_task_stops_its_worker_runs_the_exit_hook_and_replaces_it", cancel_running),
-        trial("cancelling_a_queued_task_removes_it_and_leaves_the_running_one_alone", cancel_queued),
-        trial("too_many_crashes_in_the_window_fail_the_pool_with_a_clear_error", restart_intensity_escalates),
-        trial("a_failing_start_hook_fails_the_pool_instead_of_respawning_forever", failing_start_hook),
-        trial("a_start_hook_that_hangs_is_stopped_at_the_init_timeout", init_timeout),
-        trial("a_worker_that_writes_a_malformed_frame_is_replaced_and_its_task_errors", malformed_frame),
-        trial("shutdown_leaves_no_children_no_zombies_and_no_open_fds", shutdown_leaves_nothing),
-        trial("terminate_and_kill_leave_no_children", terminate_and_kill_leave_nothing),
-        trial("dropping_a_busy_pool_returns_within_its_grace_and_runs_exit_hooks", drop_is_bounded),
-        trial("dropping_a_closing_pool_stops_draining_its_queue", drop_after_close_stops_draining),
-        trial("a_worker_holds_only_stdio_and_its_channel", worker_fds_are_only_stdio_and_channel),
-        trial("a_worker_lives_in_its_own_process_group", worker_has_own_process_group),
-        trial("every_task_of_a_burst_gets_exactly_one_outcome", burst_exactly_once),
-        trial("prefetching_workers_still_give_every_task_one_outcome", prefetch_exactly_once),
-        trial("a_one_off_child_returns_its_value_and_runs_its_exit_hook", one_off_child),
-        trial("terminating_a_one_off_child_runs_its_exit_hook_and_it_dies_by_sigterm", one_off_terminate),
-        trial("a_task_larger_than_the_frame_limit_is_refused_and_the_pool_goes_on", oversized_task),
+        trial(
+            "a_worker_sigkilled_mid_task_gives_a_crash_with_sigkill",
+            a_worker_sigkilled_mid_task_gives_a_crash_with_sigkill,
+        ),
+        trial("an_aborting_worker_gives_a_crash_with_sigabrt", an_aborting_worker_gives_a_crash_with_sigabrt),
+        trial("a_segfaulting_worker_gives_a_crash_with_sigsegv", a_segfaulting_worker_gives_a_crash_with_sigsegv),
+        trial(
+            "a_timed_out_task_stops_its_worker_runs_the_exit_hook_and_replaces_it",
+            a_timed_out_task_stops_its_worker_runs_the_exit_hook_and_replaces_it,
+        ),
+        trial(
+            "cancelling_a_running_task_stops_its_worker_runs_the_exit_hook_and_replaces_it",
+            cancelling_a_running_task_stops_its_worker_runs_the_exit_hook_and_replaces_it,
+        ),
+        trial(
+            "cancelling_a_queued_task_removes_it_and_leaves_the_running_one_alone",
+            cancelling_a_queued_task_removes_it_and_leaves_the_running_one_alone,
+        ),
+        trial(
+            "too_many_crashes_in_the_window_fail_the_pool_with_a_clear_error",
+            too_many_crashes_in_the_window_fail_the_pool_with_a_clear_error,
+        ),
+        trial(
+            "a_failing_start_hook_fails_the_pool_instead_of_respawning_forever",
+            a_failing_start_hook_fails_the_pool_instead_of_respawning_forever,
+        ),
+        trial(
+            "a_start_hook_that_hangs_is_stopped_at_the_init_timeout",
+            a_start_hook_that_hangs_is_stopped_at_the_init_timeout,
+        ),
+        trial(
+            "a_worker_that_writes_a_malformed_frame_is_replaced_and_its_task_errors",
+            a_worker_that_writes_a_malformed_frame_is_replaced_and_its_task_errors,
+        ),
+        trial(
+            "shutdown_leaves_no_children_no_zombies_and_no_open_fds",
+            shutdown_leaves_no_children_no_zombies_and_no_open_fds,
+        ),
+        trial("terminate_and_kill_leave_no_children", terminate_and_kill_leave_no_children),
+        trial(
+            "dropping_a_busy_pool_returns_within_its_grace_and_runs_exit_hooks",
+            dropping_a_busy_pool_returns_within_its_grace_and_runs_exit_hooks,
+        ),
+        trial("dropping_a_closing_pool_stops_draining_its_queue", dropping_a_closing_pool_stops_draining_its_queue),
+        trial(
+            "a_draining_stop_cut_off_at_its_deadline_cancels_the_queue_and_the_running_task",
+            a_draining_stop_cut_off_at_its_deadline_cancels_the_queue_and_the_running_task,
+        ),
+        trial(
+            "a_draining_stop_that_finishes_before_its_deadline_runs_every_task",
+            a_draining_stop_that_finishes_before_its_deadline_runs_every_task,
+        ),
+        trial(
+            "pools_stopped_against_one_deadline_are_all_cut_off_at_it",
+            pools_stopped_against_one_deadline_are_all_cut_off_at_it,
+        ),
+        trial("a_worker_holds_only_stdio_and_its_channel", a_worker_holds_only_stdio_and_its_channel),
+        trial("a_worker_lives_in_its_own_process_group", a_worker_lives_in_its_own_process_group),
+        trial("every_task_of_a_burst_gets_exactly_one_outcome", every_task_of_a_burst_gets_exactly_one_outcome),
+        trial(
+            "prefetching_workers_still_give_every_task_one_outcome",
+            prefetching_workers_still_give_every_task_one_outcome,
+        ),
+        trial(
+            "a_one_off_child_returns_its_value_and_runs_its_exit_hook",
+            a_one_off_child_returns_its_value_and_runs_its_exit_hook,
+        ),
+        trial(
+            "terminating_a_one_off_child_runs_its_exit_hook_and_it_dies_by_sigterm",
+            terminating_a_one_off_child_runs_its_exit_hook_and_it_dies_by_sigterm,
+        ),
+        trial(
+            "a_task_larger_than_the_frame_limit_is_refused_and_the_pool_goes_on",
+            a_task_larger_than_the_frame_limit_is_refused_and_the_pool_goes_on,
+        ),
     ];
     libtest_mimic::run(&args, tests).exit();
 }
@@ -293,7 +353,7 @@ fn exit_hook_runs_on_pool_shutdown() -> TestResult {
     Ok(())
 }
 
-fn exit_hook_runs_on_max_tasks_retirement() -> TestResult {
+fn exit_hook_runs_when_max_tasks_per_child_retires_a_worker() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(1).max_tasks_per_child(2).build()?;
     let mut pids = Vec::new();
@@ -311,7 +371,7 @@ fn exit_hook_runs_on_max_tasks_retirement() -> TestResult {
     Ok(())
 }
 
-fn exit_hook_runs_on_sigterm_to_the_worker() -> TestResult {
+fn exit_hook_runs_when_the_worker_gets_sigterm() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(1).build()?;
     let first = pool.spawn(pid, ())?.join()?;
@@ -321,7 +381,7 @@ fn exit_hook_runs_on_sigterm_to_the_worker() -> TestResult {
     Ok(())
 }
 
-fn exit_hook_runs_after_a_panic() -> TestResult {
+fn exit_hook_runs_after_a_task_panicked_and_the_worker_lived_on() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(1).build()?;
     let before = pool.spawn(pid, ())?.join()?;
@@ -397,15 +457,15 @@ fn crash_case(task: fn(()), signal: i32) -> TestResult {
     Ok(())
 }
 
-fn crash_by_abort() -> TestResult {
+fn an_aborting_worker_gives_a_crash_with_sigabrt() -> TestResult {
     crash_case(abort_task, libc::SIGABRT)
 }
 
-fn crash_by_segfault() -> TestResult {
+fn a_segfaulting_worker_gives_a_crash_with_sigsegv() -> TestResult {
     crash_case(segfault_task, libc::SIGSEGV)
 }
 
-fn crash_by_sigkill() -> TestResult {
+fn a_worker_sigkilled_mid_task_gives_a_crash_with_sigkill() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(2).build()?;
     let victim = pool.spawn(sleep_ms, 30_000)?;
@@ -425,7 +485,7 @@ fn crash_by_sigkill() -> TestResult {
     Ok(())
 }
 
-fn timeout_stops_and_replaces() -> TestResult {
+fn a_timed_out_task_stops_its_worker_runs_the_exit_hook_and_replaces_it() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(1).build()?;
     let first = pool.spawn(pid, ())?.join()?;
@@ -440,7 +500,7 @@ fn timeout_stops_and_replaces() -> TestResult {
     Ok(())
 }
 
-fn cancel_running() -> TestResult {
+fn cancelling_a_running_task_stops_its_worker_runs_the_exit_hook_and_replaces_it() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(1).build()?;
     let h = pool.spawn(sleep_ms, 30_000)?;
@@ -456,7 +516,7 @@ fn cancel_running() -> TestResult {
     Ok(())
 }
 
-fn cancel_queued() -> TestResult {
+fn cancelling_a_queued_task_removes_it_and_leaves_the_running_one_alone() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(1).build()?;
     let running = pool.spawn(sleep_ms, 500)?;
@@ -474,7 +534,7 @@ fn cancel_queued() -> TestResult {
     Ok(())
 }
 
-fn restart_intensity_escalates() -> TestResult {
+fn too_many_crashes_in_the_window_fail_the_pool_with_a_clear_error() -> TestResult {
     let hooks = Hooks::new();
     let failures = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&failures);
@@ -505,7 +565,7 @@ fn restart_intensity_escalates() -> TestResult {
     Ok(())
 }
 
-fn failing_start_hook() -> TestResult {
+fn a_failing_start_hook_fails_the_pool_instead_of_respawning_forever() -> TestResult {
     let hooks = Hooks::new();
     let pool =
         hooks.builder().on_start(panicking_start).workers(1).restart_intensity(3, Duration::from_secs(60)).build()?;
@@ -517,7 +577,7 @@ fn failing_start_hook() -> TestResult {
     Ok(())
 }
 
-fn init_timeout() -> TestResult {
+fn a_start_hook_that_hangs_is_stopped_at_the_init_timeout() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks
         .builder()
@@ -536,7 +596,7 @@ fn init_timeout() -> TestResult {
     Ok(())
 }
 
-fn malformed_frame() -> TestResult {
+fn a_worker_that_writes_a_malformed_frame_is_replaced_and_its_task_errors() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(1).build()?;
     let first = pool.spawn(pid, ())?.join()?;
@@ -582,21 +642,21 @@ fn run_scenario_process(name: &str, hooks: &Path, timeout: Duration) -> Result<S
     Ok(out)
 }
 
-fn shutdown_leaves_nothing() -> TestResult {
+fn shutdown_leaves_no_children_no_zombies_and_no_open_fds() -> TestResult {
     let hooks = Hooks::new();
     let out = run_scenario_process("leaves-nothing", hooks.path(), Duration::from_secs(60))?;
     check(out.contains("fds-before=") && out.contains("ok"), format!("scenario output: {out}"))?;
     Ok(())
 }
 
-fn terminate_and_kill_leave_nothing() -> TestResult {
+fn terminate_and_kill_leave_no_children() -> TestResult {
     let hooks = Hooks::new();
     let out = run_scenario_process("terminate-and-kill", hooks.path(), Duration::from_secs(60))?;
     check(out.contains("ok"), format!("scenario output: {out}"))?;
     Ok(())
 }
 
-fn drop_is_bounded() -> TestResult {
+fn dropping_a_busy_pool_returns_within_its_grace_and_runs_exit_hooks() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(2).grace(Duration::from_millis(300)).build()?;
     let busy = pool.spawn(sleep_ms, 60_000)?;
@@ -615,7 +675,7 @@ fn drop_is_bounded() -> TestResult {
     Ok(())
 }
 
-fn drop_after_close_stops_draining() -> TestResult {
+fn dropping_a_closing_pool_stops_draining_its_queue() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(1).grace(Duration::from_millis(300)).build()?;
     let busy = pool.spawn(sleep_ms, 60_000)?;
@@ -633,14 +693,71 @@ fn drop_after_close_stops_draining() -> TestResult {
     Ok(())
 }
 
-fn worker_fds_are_only_stdio_and_channel() -> TestResult {
+fn a_draining_stop_cut_off_at_its_deadline_cancels_the_queue_and_the_running_task() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).grace(Duration::from_millis(300)).build()?;
+    let busy = pool.spawn(sleep_ms, 60_000)?;
+    let queued: Vec<_> = (0..3).map(|i| pool.spawn(echo, i)).collect::<Result<_, _>>()?;
+    let worker = wait_running(&pool, busy.id())?;
+    let in_time = pool.shutdown_timeout(Duration::from_millis(500));
+    check(!in_time, "a stop cut off at its deadline says so")?;
+    check(busy.join().err().is_some_and(|e| e.is_cancelled()), "the running task was cancelled")?;
+    for h in queued {
+        check(h.join().err().is_some_and(|e| e.is_cancelled()), "a queued task was cancelled, not run")?;
+    }
+    check(
+        hooks.exit_reason(worker as u32).as_deref() == Some("Signal(15)"),
+        "the worker got SIGTERM and ran its exit hook",
+    )?;
+    check(process_gone(worker), "the worker was reaped")?;
+    Ok(())
+}
+
+fn a_draining_stop_that_finishes_before_its_deadline_runs_every_task() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(2).build()?;
+    let handles: Vec<_> = (0..6).map(|i| pool.spawn(echo, i)).collect::<Result<_, _>>()?;
+    let in_time = pool.stop(warden::StopMode::Drain, Some(Instant::now() + Duration::from_secs(60)));
+    check(in_time, "the pool finished before its deadline")?;
+    for (i, h) in handles.into_iter().enumerate() {
+        check(h.join()? == i as u64, "every queued task ran")?;
+    }
+    check(hooks.exited().len() == 2, format!("both workers retired: {:?}", hooks.exited()))?;
+    Ok(())
+}
+
+fn pools_stopped_against_one_deadline_are_all_cut_off_at_it() -> TestResult {
+    let hooks = Hooks::new();
+    let pools = [
+        hooks.builder().workers(1).grace(Duration::from_millis(300)).build()?,
+        hooks.builder().workers(1).grace(Duration::from_millis(300)).build()?,
+    ];
+    let busy = [pools[0].spawn(sleep_ms, 60_000)?, pools[1].spawn(sleep_ms, 60_000)?];
+    wait_running(&pools[0], busy[0].id())?;
+    wait_running(&pools[1], busy[1].id())?;
+    let deadline = Instant::now() + Duration::from_millis(500);
+    for pool in &pools {
+        pool.begin_stop(warden::StopMode::CancelQueued, Some(deadline));
+    }
+    // Waiting on the first pool only: the second one's ladder ran meanwhile,
+    // against the same deadline, so it has ended too (or very nearly).
+    check(pools[0].wait_stopped(None) == Some(false), "the first pool was cut off at the deadline")?;
+    let second = pools[1].wait_stopped(Some(Instant::now() + Duration::from_secs(5)));
+    check(second == Some(false), format!("the second pool was cut off at the same deadline: {second:?}"))?;
+    for h in busy {
+        check(h.join().err().is_some_and(|e| e.is_cancelled()), "a running task was cancelled")?;
+    }
+    Ok(())
+}
+
+fn a_worker_holds_only_stdio_and_its_channel() -> TestResult {
     let hooks = Hooks::new();
     let out = run_scenario_process("worker-fds", hooks.path(), Duration::from_secs(60))?;
     check(out.contains("ok"), format!("scenario output: {out}"))?;
     Ok(())
 }
 
-fn worker_has_own_process_group() -> TestResult {
+fn a_worker_lives_in_its_own_process_group() -> TestResult {
     let pool = Pool::builder().workers(1).build()?;
     let (pgid, pid) = pool.spawn(pgid_task, ())?.join()?;
     pool.shutdown();
@@ -651,7 +768,7 @@ fn worker_has_own_process_group() -> TestResult {
     Ok(())
 }
 
-fn burst_exactly_once() -> TestResult {
+fn every_task_of_a_burst_gets_exactly_one_outcome() -> TestResult {
     let pool = Pool::builder().workers(2).build()?;
     let handles: Vec<_> = (0..2000u64).map(|i| pool.spawn(echo, i)).collect::<Result<_, _>>()?;
     for (i, h) in handles.into_iter().enumerate() {
@@ -661,7 +778,7 @@ fn burst_exactly_once() -> TestResult {
     Ok(())
 }
 
-fn prefetch_exactly_once() -> TestResult {
+fn prefetching_workers_still_give_every_task_one_outcome() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(2).prefetch(4).build()?;
     let mut handles: Vec<_> = (0..500u64).map(|i| pool.spawn(echo, i)).collect::<Result<_, _>>()?;
@@ -676,7 +793,7 @@ fn prefetch_exactly_once() -> TestResult {
     Ok(())
 }
 
-fn one_off_child() -> TestResult {
+fn a_one_off_child_returns_its_value_and_runs_its_exit_hook() -> TestResult {
     let hooks = Hooks::new();
     let options = warden::ChildOptions { on_exit: Some(on_exit), env: hooks.env(), ..Default::default() };
     let child = warden::spawn_with(pid, (), options)?;
@@ -692,7 +809,7 @@ fn one_off_child() -> TestResult {
     Ok(())
 }
 
-fn one_off_terminate() -> TestResult {
+fn terminating_a_one_off_child_runs_its_exit_hook_and_it_dies_by_sigterm() -> TestResult {
     let hooks = Hooks::new();
     let options = warden::ChildOptions {
         on_start: Some(on_start),
@@ -719,7 +836,7 @@ fn big_echo(v: Vec<u8>) -> usize {
     v.len()
 }
 
-fn oversized_task() -> TestResult {
+fn a_task_larger_than_the_frame_limit_is_refused_and_the_pool_goes_on() -> TestResult {
     let pool = Pool::builder().workers(1).max_frame_size(64 * 1024).build()?;
     let err = pool.spawn(big_echo, vec![0u8; 100 * 1024]).err().ok_or("must be refused")?;
     check(err.to_string().contains("exceeds the frame limit"), format!("clear error: {err}"))?;

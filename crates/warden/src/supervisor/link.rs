@@ -67,9 +67,21 @@ pub(crate) struct SupervisorLink {
     pub(super) wake_pending: AtomicBool,
     pub accepting: AtomicBool,
     pub failure: Mutex<Option<String>>,
-    pub(super) done: Mutex<bool>,
+    /// When the supervisor finished (every worker reaped), once it has.
+    pub(super) done: Mutex<Option<Instant>>,
     pub(super) done_cv: Condvar,
     pub next_task: AtomicU64,
+    /// The shutdown ladder's progress, as callers drive it.
+    pub stop: Mutex<StopPlan>,
+}
+
+/// Where a pool's shutdown ladder stands (see [`crate::Pool::stop`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct StopPlan {
+    /// The earliest deadline asked for: at it, what still runs is terminated.
+    pub cutoff: Option<Instant>,
+    /// When a caller escalated to SIGKILL.
+    pub killed_at: Option<Instant>,
 }
 
 impl SupervisorLink {
@@ -88,7 +100,7 @@ impl SupervisorLink {
     pub fn wait_done(&self, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut done = lock(&self.done);
-        while !*done {
+        while done.is_none() {
             match deadline {
                 None => done = self.done_cv.wait(done).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
@@ -104,11 +116,16 @@ impl SupervisorLink {
     }
 
     pub fn is_done(&self) -> bool {
-        *lock(&self.done)
+        lock(&self.done).is_some()
+    }
+
+    /// Whether the supervisor finished no later than `cutoff` (any time, if none).
+    pub fn finished_by(&self, cutoff: Option<Instant>) -> bool {
+        lock(&self.done).is_some_and(|t| cutoff.map_or(true, |c| t <= c))
     }
 
     pub(super) fn set_done(&self) {
-        *lock(&self.done) = true;
+        *lock(&self.done) = Some(Instant::now());
         self.done_cv.notify_all();
     }
 

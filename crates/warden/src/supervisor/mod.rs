@@ -38,12 +38,16 @@ mod command;
 mod config;
 mod events;
 mod link;
+mod process;
 mod protocol;
 mod reap;
 mod restart;
 mod schedule;
 mod timers;
 mod worker;
+
+#[cfg(test)]
+mod tests;
 
 use crate::panics::lock;
 use std::collections::{HashMap, VecDeque};
@@ -58,7 +62,8 @@ use mio::{Events, Poll, Token, Waker};
 pub(crate) use config::Config;
 pub use events::{EventSink, LifecycleEvent, StopCause, WorkerEnd, WorkerSnapshot};
 pub use link::Reply;
-pub(crate) use link::{Command, SupervisorLink, Task};
+pub(crate) use link::{Command, StopPlan, SupervisorLink, Task};
+use restart::RestartIntensity;
 use worker::Worker;
 pub(crate) use worker::KILL_WAIT;
 
@@ -81,7 +86,7 @@ pub(crate) struct Supervisor {
     next_worker: u64,
     queue: VecDeque<Task>,
     phase: PoolPhase,
-    crashes: VecDeque<Instant>,
+    crashes: RestartIntensity,
     close_deadline: Option<Instant>,
     spawn_retry_at: Option<Instant>,
     spawned: u64,
@@ -100,11 +105,13 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         wake_pending: AtomicBool::new(false),
         accepting: AtomicBool::new(true),
         failure: Mutex::new(None),
-        done: Mutex::new(false),
+        done: Mutex::new(None),
         done_cv: Condvar::new(),
         next_task: AtomicU64::new(1),
+        stop: Mutex::new(StopPlan::default()),
     });
     let pass_fds = cfg.pass_fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let crashes = RestartIntensity::new(cfg.restart_limit, cfg.restart_window);
     let sup = Supervisor {
         poll,
         cfg: Arc::new(cfg),
@@ -114,7 +121,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         next_worker: 1,
         queue: VecDeque::new(),
         phase: PoolPhase::Running,
-        crashes: VecDeque::new(),
+        crashes,
         close_deadline: None,
         spawn_retry_at: None,
         spawned: 0,

@@ -2,8 +2,6 @@
 //! what it wrote last, and settling its tasks (the running one gets exactly
 //! one outcome; those sent but not started go back to the front of the queue).
 
-use std::os::fd::{AsFd, AsRawFd};
-
 use mio::unix::SourceFd;
 
 use crate::error::{Error, ErrorKind, ExitStatus};
@@ -14,17 +12,8 @@ use super::{LifecycleEvent, PoolPhase, StopCause, Supervisor, WorkerEnd};
 impl Supervisor {
     pub(super) fn reap(&mut self, id: u64) {
         let Some(w) = self.workers.get_mut(&id) else { return };
-        let status = match rustix::process::waitid(
-            rustix::process::WaitId::PidFd(w.pidfd.as_fd()),
-            rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
-        ) {
-            Ok(Some(st)) => {
-                if let Some(sig) = st.terminating_signal() {
-                    ExitStatus::Signal(sig)
-                } else {
-                    ExitStatus::Code(st.exit_status().unwrap_or(-1))
-                }
-            }
+        let status = match w.process.try_wait() {
+            Ok(Some(status)) => status,
             Ok(None) => return, // not yet
             Err(e) => {
                 tracing::error!(pool = %self.cfg.name, pid = w.raw_pid(), "waitid failed: {e}");
@@ -42,7 +31,9 @@ impl Supervisor {
         let Some(mut w) = self.workers.remove(&id) else { return };
         let registry = self.poll.registry();
         let _ = registry.deregister(&mut w.sock);
-        let _ = registry.deregister(&mut SourceFd(&w.pidfd.as_raw_fd()));
+        if let Some(fd) = w.process.exit_fd() {
+            let _ = registry.deregister(&mut SourceFd(&fd));
+        }
         let pid = w.raw_pid();
         let status = w.status.unwrap_or(ExitStatus::Signal(libc::SIGKILL));
 

@@ -2,8 +2,6 @@
 //! worker gets the next task (idle workers first, then pipelines up to
 //! `prefetch`); retiring idle workers once the pool closes.
 
-use std::collections::VecDeque;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,8 +10,9 @@ use mio::unix::SourceFd;
 use mio::Interest;
 
 use crate::spawn::spawn_worker;
-use crate::wire::{FrameReader, Message, RetireReason};
+use crate::wire::{Message, RetireReason};
 
+use super::process::Pidfd;
 use super::worker::{retire, InFlight, Worker, WorkerPhase};
 use super::{pidfd_token, sock_token, LifecycleEvent, PoolPhase, StopCause, Supervisor};
 
@@ -62,30 +61,15 @@ impl Supervisor {
         spawned.channel.set_nonblocking(true)?;
         let mut sock = UnixStream::from_std(spawned.channel);
         let registry = self.poll.registry();
-        let mut worker = Worker {
-            id,
-            pid: spawned.pid,
-            pidfd: spawned.pidfd,
-            sock: {
-                registry.register(&mut sock, sock_token(id), Interest::READABLE | Interest::WRITABLE)?;
-                sock
-            },
-            reader: FrameReader::new(self.cfg.max_frame),
-            out: Vec::new(),
-            out_pos: 0,
-            phase: WorkerPhase::Starting,
-            deadline: Some(Instant::now() + self.cfg.init_timeout),
-            inflight: VecDeque::new(),
-            assigned: 0,
-            cause: None,
-            goodbye: None,
-            status: None,
-            eof: false,
-        };
-        let pidfd_raw = worker.pidfd.as_raw_fd();
-        if let Err(e) = registry.register(&mut SourceFd(&pidfd_raw), pidfd_token(id), Interest::READABLE) {
-            worker.kill(StopCause::Killed);
-            return Err(e);
+        registry.register(&mut sock, sock_token(id), Interest::READABLE | Interest::WRITABLE)?;
+        let process = Box::new(Pidfd::new(spawned.pid, spawned.pidfd));
+        let init_deadline = Instant::now() + self.cfg.init_timeout;
+        let mut worker = Worker::new(id, process, sock, self.cfg.max_frame, init_deadline);
+        if let Some(exit_fd) = worker.process.exit_fd() {
+            if let Err(e) = registry.register(&mut SourceFd(&exit_fd), pidfd_token(id), Interest::READABLE) {
+                worker.kill(StopCause::Killed);
+                return Err(e);
+            }
         }
         let pid = worker.raw_pid();
         tracing::debug!(pool = %self.cfg.name, worker = id, pid, "worker started");

@@ -8,7 +8,7 @@ use crate::error::{Error, ErrorKind, ExitStatus};
 use crate::wire::RetireReason;
 
 use super::worker::WorkerPhase;
-use super::{LifecycleEvent, StopCause, Supervisor};
+use super::{LifecycleEvent, PoolPhase, StopCause, Supervisor};
 
 impl Supervisor {
     pub(super) fn check_timers(&mut self, now: Instant) {
@@ -47,6 +47,10 @@ impl Supervisor {
         }
         if bounded_close {
             self.close_deadline = None;
+            // Queued tasks the close was draining are cancelled too.
+            if self.phase == (PoolPhase::Closing { drain: true }) {
+                self.close(false, None);
+            }
         }
         for (task, pid) in timed_out {
             self.emit(LifecycleEvent::TaskTimedOut { task, pid });

@@ -10,15 +10,15 @@
 //!   SIGKILL; after [`KILL_WAIT`] the supervisor gives up on it.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use mio::net::UnixStream;
-use rustix::process::{Pid, Signal};
+use rustix::process::Signal;
 
 use crate::error::ExitStatus;
 use crate::wire::{self, ExitPathReport, ExitReason, FrameReader, Message, RetireReason};
 
+use super::process::WorkerProcess;
 use super::{Config, StopCause, Task};
 
 /// How long the supervisor waits for a SIGKILLed process to be reapable.
@@ -57,8 +57,8 @@ pub(super) struct InFlight {
 
 pub(super) struct Worker {
     pub(super) id: u64,
-    pub(super) pid: Pid,
-    pub(super) pidfd: OwnedFd,
+    /// The OS process behind it.
+    pub(super) process: Box<dyn WorkerProcess>,
     pub(super) sock: UnixStream,
     pub(super) reader: FrameReader,
     pub(super) out: Vec<u8>,
@@ -74,8 +74,34 @@ pub(super) struct Worker {
 }
 
 impl Worker {
+    /// A worker just started: it has until `init_deadline` to say hello and ready.
+    pub(super) fn new(
+        id: u64,
+        process: Box<dyn WorkerProcess>,
+        sock: UnixStream,
+        max_frame: usize,
+        init_deadline: Instant,
+    ) -> Self {
+        Worker {
+            id,
+            process,
+            sock,
+            reader: FrameReader::new(max_frame),
+            out: Vec::new(),
+            out_pos: 0,
+            phase: WorkerPhase::Starting,
+            deadline: Some(init_deadline),
+            inflight: VecDeque::new(),
+            assigned: 0,
+            cause: None,
+            goodbye: None,
+            status: None,
+            eof: false,
+        }
+    }
+
     pub(super) fn raw_pid(&self) -> i32 {
-        self.pid.as_raw_nonzero().get()
+        self.process.pid()
     }
 
     pub(super) fn is_serving(&self) -> bool {
@@ -85,11 +111,9 @@ impl Worker {
     /// Sends a signal to the worker and everything in its process group. The
     /// group is only signalled while the worker is unreaped, so its id cannot
     /// have been reused.
-    pub(super) fn signal(&self, sig: Signal) {
-        if self.status.is_none() {
-            let _ = rustix::process::kill_process_group(self.pid, sig);
-        }
-        let _ = rustix::process::pidfd_send_signal(&self.pidfd, sig);
+    pub(super) fn signal(&mut self, sig: Signal) {
+        let unreaped = self.status.is_none();
+        self.process.signal(sig, unreaped);
     }
 
     pub(super) fn stop(&mut self, cause: StopCause, grace: Duration) {
@@ -167,10 +191,7 @@ impl Drop for Worker {
         self.signal(Signal::KILL);
         let deadline = Instant::now() + KILL_WAIT;
         while Instant::now() < deadline {
-            match rustix::process::waitid(
-                rustix::process::WaitId::PidFd(self.pidfd.as_fd()),
-                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
-            ) {
+            match self.process.try_wait() {
                 Ok(Some(_)) | Err(_) => return,
                 Ok(None) => std::thread::sleep(Duration::from_millis(5)),
             }

@@ -1,5 +1,8 @@
-"""The seeds' own programs, with warden in place of the standard library, run
-as real processes: what their authors expected is what they get."""
+"""Programs that go wrong with the standard library (a forked child that
+never runs ``__del__``, nested executors that never exit, a pool without a
+finalizer, a ``Process`` target bound to an unpicklable object, finalizers
+that run mid-iteration), with warden in place of it, run as real processes:
+what their authors expected is what they get."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import re
 from conftest import descendants
 
 
-def test_seed_000_del_of_cyclic_garbage_runs_in_the_child_before_join_returns(program):
+def test_del_of_cyclic_garbage_runs_in_the_child_before_join_returns(program):
     prog = program(
         """
         import warden
@@ -40,7 +43,7 @@ def test_seed_000_del_of_cyclic_garbage_runs_in_the_child_before_join_returns(pr
     assert run.lines[3] == "call foo"
 
 
-def test_seed_001_nested_executors_with_failing_tasks_exit_promptly(program):
+def test_nested_executors_with_failing_tasks_exit_promptly(program):
     prog = program(
         """
         import multiprocessing
@@ -84,7 +87,7 @@ def test_seed_001_nested_executors_with_failing_tasks_exit_promptly(program):
     assert not descendants(run.pid)
 
 
-def test_seed_001_an_executor_kept_alive_by_a_cycle_does_not_block_exit(program):
+def test_an_executor_kept_alive_by_a_cycle_does_not_block_exit(program):
     prog = program(
         """
         import warden
@@ -114,7 +117,7 @@ def test_seed_001_an_executor_kept_alive_by_a_cycle_does_not_block_exit(program)
     assert run.elapsed < 10
 
 
-def test_seed_002_initializer_and_finalizer_manage_a_worker_resource(program):
+def test_initializer_and_finalizer_manage_a_worker_resource(program):
     prog = program(
         """
         import warden
@@ -160,7 +163,7 @@ def test_seed_002_initializer_and_finalizer_manage_a_worker_resource(program):
     assert "['abc', 'abc', 'abc', 'abc']" in run.stdout
 
 
-def test_seed_002_the_context_manager_form(program):
+def test_a_worker_context_is_entered_and_exited_once_per_worker(program):
     prog = program(
         """
         import contextlib, warden
@@ -187,7 +190,7 @@ def test_seed_002_the_context_manager_form(program):
     assert "['ABC', 'ABC', 'ABC', 'ABC']" in run.stdout
 
 
-def test_seed_002_the_multiprocessing_finalize_workaround_also_runs(program):
+def test_a_multiprocessing_finalize_registered_in_the_initializer_runs_at_worker_exit(program):
     prog = program(
         """
         import warden
@@ -220,7 +223,7 @@ def test_seed_002_the_multiprocessing_finalize_workaround_also_runs(program):
     assert opened and opened == closed
 
 
-def test_seed_003_process_target_bound_to_an_object_holding_processes_and_an_event(program):
+def test_process_target_bound_to_an_object_holding_processes_and_an_event(program):
     prog = program(
         """
         import time
@@ -235,9 +238,10 @@ def test_seed_003_process_target_bound_to_an_object_holding_processes_and_an_eve
                     for _ in range(2)]
 
             def _worker(self):
-                while not self._event.is_set():
+                while True:
                     print(warden.current_process().name, flush=True)
-                    time.sleep(0.1)
+                    if self._event.wait(0.1):
+                        break
 
             def start(self):
                 for process in self._processes:
@@ -264,10 +268,10 @@ def test_seed_003_process_target_bound_to_an_object_holding_processes_and_an_eve
     assert run.lines[-1] == "[0, 0]"
 
 
-# Seed 004's FD class, as its author wrote it: __del__ closes the descriptor
+# A registry of descriptors as people write it: __del__ closes the descriptor
 # and removes it from the class-wide set, on whatever thread drops the last
 # reference, at whatever point that thread is.
-SEED_004_ORIGINAL = """
+FD_REGISTRY_ORIGINAL = """
 import os
 
 class FD:
@@ -305,23 +309,23 @@ print("iterated")
 """
 
 
-def test_seed_004_the_original_breaks_when_a_finalizer_runs_mid_iteration(program):
+def test_without_warden_a_del_mid_iteration_breaks_the_registry_iteration(program):
     """The control: without warden, the finalizer runs inside the loop that
     iterates the set it mutates, and the iteration fails."""
-    prog = program(SEED_004_ORIGINAL)
+    prog = program(FD_REGISTRY_ORIGINAL)
     run = prog.run()
     assert run.returncode == 1
     assert "RuntimeError: Set changed size during iteration" in run.stderr
     assert "iterated" not in run.stdout
 
 
-def test_seed_004_finalizers_that_shrink_a_shared_set_never_break_its_iteration(program):
-    """Seed 004 with warden: the set is a ``warden.ResourceSet``, and an FD's
+def test_finalizers_that_shrink_a_shared_set_never_break_its_iteration(program):
+    """The descriptor registry with warden: the set is a ``warden.ResourceSet``, and an FD's
     descriptor is closed by its owner's finalizer on warden's finalizer thread.
     The main thread iterates the set while it drops FDs (and closes some
     explicitly); the finalizer thread shrinks the set all the while, with the
-    interpreter switching threads as often as it can. Run the seed's own way
-    (``SEED_004_ORIGINAL`` above), the first dropped FD breaks the iteration
+    interpreter switching threads as often as it can. Run the original way
+    (``FD_REGISTRY_ORIGINAL`` above), the first dropped FD breaks the iteration
     with "Set changed size during iteration"; here no iteration ever fails,
     every descriptor the loop is given is still open, each is closed exactly
     once, and none is left open."""

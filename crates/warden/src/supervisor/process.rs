@@ -1,0 +1,83 @@
+//! The seam between the supervisor and the operating system for one worker
+//! process: signalling it ([`Kill`]) and reaping it ([`Wait`]), in the manner
+//! of tokio's `process::Kill`/`Wait`. [`Pidfd`] is the real thing; unit tests
+//! put a stand-in behind the same traits, so the supervisor's logic (restart
+//! intensity, scheduling, cancelling, escalation) runs without processes.
+//!
+//! # Caveats
+//!
+//! * The process group is signalled only while the process is unreaped: once
+//!   reaped, its pid (and so its group id) may be reused by anyone.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
+
+use crate::error::ExitStatus;
+
+/// Sends signals to a worker.
+pub(super) trait Kill {
+    /// Sends `sig` to the process, and to its whole process group if `group`.
+    fn signal(&mut self, sig: Signal, group: bool);
+}
+
+/// Reaps a worker.
+pub(super) trait Wait {
+    /// Reaps the process if it has exited; `None` if it is still running.
+    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>>;
+}
+
+/// A worker process as the supervisor drives it.
+pub(super) trait WorkerProcess: Kill + Wait + Send {
+    /// Its process id.
+    fn pid(&self) -> i32;
+    /// An fd that becomes readable when the process exits, for the poller.
+    fn exit_fd(&self) -> Option<RawFd>;
+}
+
+/// A real child process, held by its pidfd (so signals and `waitid` can never
+/// reach another process that reused its pid).
+pub(super) struct Pidfd {
+    pid: Pid,
+    pidfd: OwnedFd,
+}
+
+impl Pidfd {
+    pub(super) fn new(pid: Pid, pidfd: OwnedFd) -> Self {
+        Pidfd { pid, pidfd }
+    }
+}
+
+impl Kill for Pidfd {
+    fn signal(&mut self, sig: Signal, group: bool) {
+        if group {
+            let _ = rustix::process::kill_process_group(self.pid, sig);
+        }
+        let _ = rustix::process::pidfd_send_signal(&self.pidfd, sig);
+    }
+}
+
+impl Wait for Pidfd {
+    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        let status = waitid_exited(&self.pidfd)?;
+        Ok(status.map(|st| match st.terminating_signal() {
+            Some(sig) => ExitStatus::Signal(sig),
+            None => ExitStatus::Code(st.exit_status().unwrap_or(-1)),
+        }))
+    }
+}
+
+fn waitid_exited(pidfd: &OwnedFd) -> io::Result<Option<rustix::process::WaitIdStatus>> {
+    Ok(rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED | WaitIdOptions::NOHANG)?)
+}
+
+impl WorkerProcess for Pidfd {
+    fn pid(&self) -> i32 {
+        self.pid.as_raw_nonzero().get()
+    }
+
+    fn exit_fd(&self) -> Option<RawFd> {
+        Some(self.pidfd.as_raw_fd())
+    }
+}

@@ -1,0 +1,425 @@
+//! Unit tests of the supervisor's logic with stand-in processes: scheduling,
+//! cancelling, the SIGTERM → SIGKILL escalation and restart intensity. A
+//! stand-in records the signals it gets and exits when a test says so; the
+//! channel is a real socket pair, so what the supervisor sends is decoded as a
+//! worker would. The process-level behaviour is tested in `tests/lifecycle.rs`.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream as StdStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+
+use super::process::{Kill, Wait, WorkerProcess};
+use super::worker::{Worker, WorkerPhase};
+use super::*;
+use crate::error::{Error, ExitStatus};
+use crate::panics::lock;
+use crate::spawn::WorkerCommand;
+use crate::wire::{FrameReader, Message, RetireReason};
+
+const GRACE: Duration = Duration::from_secs(5);
+const MAX_FRAME: usize = 1 << 20;
+
+/// A stand-in process: records signals, exits when told to, and dies of
+/// SIGKILL as a real process does.
+#[derive(Clone, Default)]
+struct Stand {
+    signals: Arc<Mutex<Vec<(Signal, bool)>>>,
+    exit: Arc<Mutex<Option<ExitStatus>>>,
+}
+
+struct StandProcess(Stand, i32);
+
+impl Kill for StandProcess {
+    fn signal(&mut self, sig: Signal, group: bool) {
+        lock(&self.0.signals).push((sig, group));
+        if sig == Signal::KILL {
+            lock(&self.0.exit).get_or_insert(ExitStatus::Signal(libc::SIGKILL));
+        }
+    }
+}
+
+impl Wait for StandProcess {
+    fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        Ok(*lock(&self.0.exit))
+    }
+}
+
+impl WorkerProcess for StandProcess {
+    fn pid(&self) -> i32 {
+        self.1
+    }
+
+    fn exit_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+}
+
+impl Stand {
+    fn signals(&self) -> Vec<(Signal, bool)> {
+        lock(&self.signals).clone()
+    }
+
+    fn exit_with(&self, status: ExitStatus) {
+        *lock(&self.exit) = Some(status);
+    }
+}
+
+type Outcomes = Arc<Mutex<Vec<(u64, Result<Vec<u8>, Error>)>>>;
+
+struct Harness {
+    sup: Supervisor,
+    link: Arc<SupervisorLink>,
+    outcomes: Outcomes,
+}
+
+/// One stand-in worker: its id, its process, the worker's end of the channel.
+struct StandIn {
+    id: u64,
+    stand: Stand,
+    peer: StdStream,
+}
+
+fn harness(prefetch: usize, restart_limit: u32) -> Harness {
+    let cfg = Config {
+        name: "test".into(),
+        workers: 0,
+        command: WorkerCommand::new("/nonexistent", Vec::<String>::new()),
+        init_payload: Vec::new(),
+        pass_fds: Vec::new(),
+        max_tasks_per_child: None,
+        task_timeout: None,
+        init_timeout: Duration::from_secs(60),
+        grace: GRACE,
+        restart_limit,
+        restart_window: Duration::from_secs(60),
+        max_frame: MAX_FRAME,
+        prefetch,
+        identity: None,
+        on_event: None,
+        one_off: false,
+    };
+    let (sup, link) = match create(cfg) {
+        Ok(pair) => pair,
+        Err(e) => panic!("cannot create a supervisor: {e}"),
+    };
+    Harness { sup, link, outcomes: Arc::default() }
+}
+
+impl Harness {
+    /// Adds a stand-in worker in `phase`.
+    fn worker(&mut self, phase: WorkerPhase) -> StandIn {
+        let (ours, peer) = StdStream::pair().expect("socketpair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        peer.set_nonblocking(true).expect("nonblocking");
+        let id = self.sup.next_worker;
+        self.sup.next_worker += 1;
+        let stand = Stand::default();
+        let process = Box::new(StandProcess(stand.clone(), 1000 + id as i32));
+        let mut w = Worker::new(id, process, mio::net::UnixStream::from_std(ours), MAX_FRAME, Instant::now());
+        w.phase = phase;
+        w.deadline = None;
+        self.sup.workers.insert(id, w);
+        StandIn { id, stand, peer }
+    }
+
+    /// Queues a task whose outcome is recorded.
+    fn submit(&mut self, id: u64) {
+        let outcomes = Arc::clone(&self.outcomes);
+        let reply: Reply = Box::new(move |outcome| lock(&outcomes).push((id, outcome)));
+        self.sup.queue.push_back(Task::new(id, vec![id as u8], None, reply));
+    }
+
+    fn queued(&self) -> Vec<u64> {
+        self.sup.queue.iter().map(|t| t.id).collect()
+    }
+
+    fn inflight(&self, w: &StandIn) -> Vec<u64> {
+        self.sup.workers[&w.id].inflight.iter().map(|f| f.task.id).collect()
+    }
+
+    fn phase(&self, w: &StandIn) -> WorkerPhase {
+        self.sup.workers[&w.id].phase
+    }
+
+    /// The outcomes delivered so far, as (task, what) with what one of
+    /// "value", "cancelled", "crashed", "pool failed", "timed out", "other".
+    fn outcomes(&self) -> Vec<(u64, &'static str)> {
+        lock(&self.outcomes)
+            .iter()
+            .map(|(id, o)| {
+                let what = match o {
+                    Ok(_) => "value",
+                    Err(e) if e.is_cancelled() => "cancelled",
+                    Err(e) if e.is_crash() => "crashed",
+                    Err(e) if e.is_pool_failed() => "pool failed",
+                    Err(e) if e.is_timeout() => "timed out",
+                    Err(_) => "other",
+                };
+                (*id, what)
+            })
+            .collect()
+    }
+}
+
+/// What the supervisor sent to a stand-in worker, as a worker would decode it.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    Task(u64),
+    Cancel(u64),
+    Retire(RetireReason),
+    Other(&'static str),
+}
+
+fn sent(w: &mut StandIn) -> Vec<Sent> {
+    let mut reader = FrameReader::new(MAX_FRAME);
+    let mut buf = [0u8; 4096];
+    loop {
+        match w.peer.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => reader.push(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("reading the channel: {e}"),
+        }
+    }
+    let mut out = Vec::new();
+    while let Some(msg) = reader.next_message().expect("a well-formed frame") {
+        out.push(match msg {
+            Message::Task { id, .. } => Sent::Task(id),
+            Message::Cancel { id } => Sent::Cancel(id),
+            Message::Retire { reason } => Sent::Retire(reason),
+            other => Sent::Other(other.name()),
+        });
+    }
+    out
+}
+
+// ---- scheduling --------------------------------------------------------
+
+#[test]
+fn dispatch_gives_every_idle_worker_a_task_before_filling_pipelines() {
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let mut b = h.worker(WorkerPhase::Ready);
+    for id in 1..=5 {
+        h.submit(id);
+    }
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&a), [1, 3]);
+    assert_eq!(h.inflight(&b), [2, 4]);
+    assert_eq!(h.queued(), [5], "prefetch 2 bounds each pipeline");
+    assert_eq!(sent(&mut a), [Sent::Task(1), Sent::Task(3)]);
+    assert_eq!(sent(&mut b), [Sent::Task(2), Sent::Task(4)]);
+    // Only the first task of a pipeline has started.
+    let w = &h.sup.workers[&a.id];
+    assert!(w.inflight[0].started.is_some() && w.inflight[1].started.is_none());
+}
+
+#[test]
+fn dispatch_sends_nothing_to_workers_that_are_not_ready() {
+    let mut h = harness(1, 10);
+    let mut starting = h.worker(WorkerPhase::Starting);
+    let mut retiring = h.worker(WorkerPhase::Retiring);
+    let mut ready = h.worker(WorkerPhase::Ready);
+    h.submit(1);
+    h.submit(2);
+    h.sup.dispatch();
+    assert_eq!(sent(&mut starting), []);
+    assert_eq!(sent(&mut retiring), []);
+    assert_eq!(sent(&mut ready), [Sent::Task(1)]);
+    assert_eq!(h.queued(), [2]);
+}
+
+#[test]
+fn a_worker_that_reached_max_tasks_gets_no_more() {
+    let mut h = harness(1, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    Arc::get_mut(&mut h.sup.cfg).expect("sole owner").max_tasks_per_child = Some(1);
+    h.sup.workers.get_mut(&w.id).expect("worker").assigned = 1;
+    h.submit(1);
+    h.sup.dispatch();
+    assert_eq!(sent(&mut w), []);
+    assert_eq!(h.queued(), [1]);
+}
+
+// ---- cancelling --------------------------------------------------------
+
+#[test]
+fn cancelling_a_queued_task_delivers_cancelled_and_signals_nobody() {
+    let mut h = harness(1, 10);
+    let w = h.worker(WorkerPhase::Starting);
+    h.submit(1);
+    h.submit(2);
+    assert!(h.sup.cancel(2, false));
+    assert_eq!(h.queued(), [1]);
+    assert_eq!(h.outcomes(), [(2, "cancelled")]);
+    assert_eq!(w.stand.signals(), []);
+    assert!(!h.sup.cancel(2, true), "a task is cancelled at most once");
+}
+
+#[test]
+fn cancelling_a_running_task_stops_its_worker_with_sigterm_to_the_group() {
+    let mut h = harness(1, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    h.submit(1);
+    h.sup.dispatch();
+    let before = Instant::now();
+    assert!(h.sup.cancel(1, true));
+    assert_eq!(h.outcomes(), [(1, "cancelled")]);
+    assert_eq!(w.stand.signals(), [(Signal::TERM, true)]);
+    let worker = &h.sup.workers[&w.id];
+    assert_eq!(worker.phase, WorkerPhase::Stopping);
+    assert_eq!(worker.cause, Some(StopCause::Cancelled));
+    let deadline = worker.deadline.expect("a grace deadline");
+    assert!(deadline >= before + GRACE && deadline <= Instant::now() + GRACE);
+}
+
+#[test]
+fn cancel_queued_only_leaves_a_running_task_alone() {
+    let mut h = harness(1, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    h.submit(1);
+    h.sup.dispatch();
+    assert!(!h.sup.cancel(1, false));
+    assert_eq!(h.outcomes(), []);
+    assert_eq!(w.stand.signals(), []);
+    assert_eq!(h.phase(&w), WorkerPhase::Ready);
+}
+
+#[test]
+fn cancelling_a_sent_but_unstarted_task_sends_cancel_and_no_signal() {
+    let mut h = harness(2, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit(1);
+    h.submit(2);
+    h.sup.dispatch();
+    assert_eq!(sent(&mut w), [Sent::Task(1), Sent::Task(2)]);
+    assert!(h.sup.cancel(2, true));
+    assert_eq!(sent(&mut w), [Sent::Cancel(2)]);
+    assert_eq!(h.outcomes(), [(2, "cancelled")]);
+    assert_eq!(w.stand.signals(), []);
+    assert!(h.sup.workers[&w.id].inflight[1].cancel_requested);
+}
+
+// ---- escalation --------------------------------------------------------
+
+#[test]
+fn a_stopping_worker_is_killed_when_its_grace_runs_out_and_not_before() {
+    let mut h = harness(1, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    h.submit(1);
+    h.sup.dispatch();
+    h.sup.cancel(1, true);
+    let deadline = h.sup.workers[&w.id].deadline.expect("grace deadline");
+    h.sup.check_timers(deadline - Duration::from_millis(1));
+    assert_eq!(w.stand.signals(), [(Signal::TERM, true)]);
+    h.sup.check_timers(deadline);
+    assert_eq!(w.stand.signals(), [(Signal::TERM, true), (Signal::KILL, true)]);
+    assert_eq!(h.phase(&w), WorkerPhase::Killed);
+}
+
+#[test]
+fn a_retiring_worker_that_outstays_its_grace_gets_sigterm() {
+    let mut h = harness(1, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.sup.close(false, None);
+    h.sup.retire_idle();
+    assert_eq!(sent(&mut w), [Sent::Retire(RetireReason::Shutdown)]);
+    assert_eq!(h.phase(&w), WorkerPhase::Retiring);
+    assert_eq!(w.stand.signals(), []);
+    let deadline = h.sup.workers[&w.id].deadline.expect("grace deadline");
+    h.sup.check_timers(deadline);
+    assert_eq!(w.stand.signals(), [(Signal::TERM, true)]);
+    assert_eq!(h.phase(&w), WorkerPhase::Stopping);
+}
+
+#[test]
+fn a_task_past_its_timeout_times_out_and_its_worker_is_stopped() {
+    let mut h = harness(1, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    let outcomes = Arc::clone(&h.outcomes);
+    let reply: Reply = Box::new(move |o| lock(&outcomes).push((7, o)));
+    h.sup.queue.push_back(Task::new(7, Vec::new(), Some(Duration::from_secs(3)), reply));
+    h.sup.dispatch();
+    let due = h.sup.workers[&w.id].inflight[0].deadline.expect("task deadline");
+    h.sup.check_timers(due - Duration::from_millis(1));
+    assert_eq!(h.outcomes(), []);
+    h.sup.check_timers(due);
+    assert_eq!(h.outcomes(), [(7, "timed out")]);
+    assert_eq!(w.stand.signals(), [(Signal::TERM, true)]);
+    assert_eq!(h.sup.workers[&w.id].cause, Some(StopCause::TimedOut));
+}
+
+// ---- the end of a worker and restart intensity -------------------------
+
+#[test]
+fn a_crashed_worker_fails_its_started_task_and_requeues_the_rest_in_order() {
+    let mut h = harness(2, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    for id in 1..=3 {
+        h.submit(id);
+    }
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&w), [1, 2]);
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGKILL));
+    h.sup.reap(w.id);
+    assert!(!h.sup.workers.contains_key(&w.id), "reaped");
+    assert_eq!(h.outcomes(), [(1, "crashed")]);
+    assert_eq!(h.queued(), [2, 3]);
+}
+
+#[test]
+fn a_worker_that_has_not_exited_is_not_reaped() {
+    let mut h = harness(1, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    h.sup.reap(w.id);
+    assert!(h.sup.workers.contains_key(&w.id));
+}
+
+#[test]
+fn crashes_beyond_the_restart_limit_fail_the_pool_and_its_queued_tasks() {
+    let mut h = harness(1, 2);
+    h.submit(1);
+    for n in 1..=3 {
+        let w = h.worker(WorkerPhase::Starting);
+        w.stand.exit_with(ExitStatus::Code(1));
+        h.sup.reap(w.id);
+        let failed = h.link.failure();
+        if n <= 2 {
+            assert_eq!(failed, None, "{n} crashes are within the limit of 2");
+        } else {
+            let reason = failed.expect("the pool failed");
+            assert!(reason.contains("exceed the restart limit of 2"), "{reason}");
+            assert!(reason.contains("ended with exit code 1"), "{reason}");
+        }
+    }
+    assert_eq!(h.outcomes(), [(1, "pool failed")]);
+}
+
+#[test]
+fn an_exit_the_pool_asked_for_is_not_a_crash() {
+    let mut h = harness(1, 0); // any crash at all fails the pool
+    let w = h.worker(WorkerPhase::Ready);
+    h.sup.close(false, None);
+    h.sup.retire_idle();
+    w.stand.exit_with(ExitStatus::Code(0));
+    h.sup.reap(w.id);
+    assert_eq!(h.link.failure(), None);
+
+    let w = h.worker(WorkerPhase::Ready);
+    h.sup.terminate(false);
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGTERM));
+    h.sup.reap(w.id);
+    assert_eq!(h.link.failure(), None);
+}
+
+#[test]
+fn an_exit_nobody_asked_for_is_a_crash_even_with_code_zero() {
+    let mut h = harness(1, 0);
+    let w = h.worker(WorkerPhase::Ready);
+    w.stand.exit_with(ExitStatus::Code(0));
+    h.sup.reap(w.id);
+    assert!(h.link.failure().is_some_and(|r| r.contains("exceed the restart limit of 0")));
+}
