@@ -260,6 +260,13 @@ impl CorePool {
         Ok(Some(list))
     }
 
+    /// Cancels a task: a queued one is removed, a running one is stopped with
+    /// its worker (which runs its exit path and is replaced). asyncio's
+    /// cancellation uses it.
+    fn cancel(&self, py: Python<'_>, task: u64) -> bool {
+        self.pool().is_some_and(|p| py.detach(|| p.cancel(task)))
+    }
+
     /// Cancels a task only if it is still queued.
     fn cancel_queued(&self, py: Python<'_>, task: u64) -> bool {
         self.pool().is_some_and(|p| py.detach(|| p.cancel_queued(task)))
