@@ -11,7 +11,7 @@ VPY := $(VENV)/bin/python
 T := timeout --kill-after=30
 
 .PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff stubtest pytest \
-	venv test-tools develop wheel pytest-pythons bench bench-core bench-py bench-logging fuzz clean
+	venv test-tools develop wheel pytest-pythons bench bench-core bench-py bench-logging chaos fuzz clean
 
 demo: demo-rust demo-py
 
@@ -110,7 +110,16 @@ bench-core:
 	$(T) 1800 $(CARGO) bench -p warden --bench core
 
 bench-py: develop
+	-$(T) 600 $(VPY) -m pip install --quiet "pebble>=5" || echo "pebble not installed: its row is skipped"
 	$(T) 1800 $(VPY) bench/bench_python.py
+	$(T) 1800 $(VPY) bench/bench_start.py
+
+# Busy workers SIGKILLed at random while a pool runs many tasks; checks every
+# outcome, no double runs, no leftover children or fds (see docs/benchmarks.md).
+CHAOS_TASKS ?= 100000
+CHAOS_KILLS ?= 1000
+chaos: develop
+	$(T) 3600 $(VPY) bench/chaos.py --tasks $(CHAOS_TASKS) --kills $(CHAOS_KILLS)
 
 # Coverage-guided fuzzing of the frame decoder (needs `cargo install cargo-fuzz`;
 # runs on stable through RUSTC_BOOTSTRAP). FUZZ_SECONDS bounds the run.

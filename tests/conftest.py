@@ -79,6 +79,14 @@ def _is_resource_tracker(pid: int) -> bool:
         return False
 
 
+@pytest.fixture(params=["zygote", "exec"])
+def start_method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per way a pool starts its workers, through
+    ``$WARDEN_START`` (seen by pools made here and by programs run from here)."""
+    monkeypatch.setenv("WARDEN_START", request.param)
+    return str(request.param)
+
+
 def _ours() -> set[int]:
     # The standard library's resource tracker (started by spawn-context
     # objects) lives as long as this process, by design.

@@ -472,7 +472,8 @@ def test_initializer_and_finalizer_run_in_every_worker(tmp_path):
 
 
 def test_failing_initializer_fails_the_pool_loudly_instead_of_respawning_forever():
-    ex = warden.ProcessPoolExecutor(1, initializer=fail, initargs=("no init",))
+    # A limit wide enough in time that a slow (loaded) machine still reaches it.
+    ex = warden.ProcessPoolExecutor(1, initializer=fail, initargs=("no init",), restart_limit=(3, 300.0))
     f = ex.submit(square, 2)
     with pytest.raises(warden.PoolFailed, match="restart limit"):
         f.result(timeout=60)

@@ -13,6 +13,9 @@ import pytest
 
 from conftest import descendants, wait_until
 
+# Every test here runs with zygote-forked workers and with exec'd ones.
+pytestmark = pytest.mark.usefixtures("start_method")
+
 # The program's workers log to $OUT; the parent prints "ready" once two tasks
 # are running, then waits in the way the test names.
 PROGRAM = """

@@ -16,6 +16,9 @@ import warden
 
 from conftest import alive, descendants, wait_until
 
+# Every test here runs with zygote-forked workers and with exec'd ones.
+pytestmark = pytest.mark.usefixtures("start_method")
+
 
 def log(path, *words):
     with open(path, "a") as f:
@@ -161,7 +164,7 @@ def test_finalizers_run_when_the_parent_is_killed(program):
             ex = warden.ProcessPoolExecutor(2, finalizer=log, finalargs=(out, "fin"))
             ex.submit(busy, out)
             ex.submit(os.getpid).result()  # the other worker: idle
-            while open(out).read().count("busy") < 1:
+            while not os.path.exists(out) or open(out).read().count("busy") < 1:
                 time.sleep(0.02)
             print(" ".join(str(w.pid) for w in ex._runner.core.workers()), flush=True)
             os.kill(os.getpid(), signal.SIGKILL)

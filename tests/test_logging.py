@@ -28,11 +28,14 @@ def fin():
 if __name__ == "__main__":
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format=FORMAT)
     forward = sys.argv[2] == "on"
+    start = sys.argv[3] if len(sys.argv) > 3 else None
     if sys.argv[1] == "executor":
-        with warden.ProcessPoolExecutor(1, initializer=init, finalizer=fin, forward_logging=forward) as ex:
+        with warden.ProcessPoolExecutor(
+            1, initializer=init, finalizer=fin, forward_logging=forward, start=start
+        ) as ex:
             print("result", ex.submit(task, 7).result())
     else:
-        pool = warden.Pool(1, initializer=init, finalizer=fin, forward_logging=forward)
+        pool = warden.Pool(1, initializer=init, finalizer=fin, forward_logging=forward, start=start)
         print("result", pool.apply(task, (7,)))
         pool.close()
         pool.join()
@@ -40,9 +43,13 @@ if __name__ == "__main__":
 """
 
 
+STARTS = ["zygote", "exec"]
+
+
+@pytest.mark.parametrize("start", STARTS)
 @pytest.mark.parametrize("kind", ["executor", "pool"])
-def test_a_worker_info_record_comes_out_in_the_parents_format(program, kind):
-    run = program(PROGRAM).run(args=(kind, "on"))
+def test_a_worker_info_record_comes_out_in_the_parents_format(program, kind, start):
+    run = program(PROGRAM).run(args=(kind, "on", start))
     assert run.returncode == 0, run.stderr
     lines = run.lines
     pid = int(next(line for line in lines if line.startswith("result ")).split()[1])
@@ -54,8 +61,9 @@ def test_a_worker_info_record_comes_out_in_the_parents_format(program, kind):
     assert run.stderr == ""
 
 
-def test_without_forwarding_a_worker_info_record_is_lost(program):
-    run = program(PROGRAM).run(args=("executor", "off"))
+@pytest.mark.parametrize("start", STARTS)
+def test_without_forwarding_a_worker_info_record_is_lost(program, start):
+    run = program(PROGRAM).run(args=("executor", "off", start))
     assert run.returncode == 0, run.stderr
     assert [line.split()[0] for line in run.lines] == ["result", "done"]
 
@@ -84,11 +92,12 @@ def log_exception():
         logging.getLogger("app").exception("lookup failed")
 
 
-def test_records_keep_the_worker_pid_name_levels_and_exception_text(caplog):
+@pytest.mark.parametrize("start", STARTS)
+def test_records_keep_the_worker_pid_name_levels_and_exception_text(caplog, start):
     caplog.set_level(logging.INFO)
     logging.getLogger("app.quiet").setLevel(logging.ERROR)
     try:
-        with warden.ProcessPoolExecutor(1) as ex:
+        with warden.ProcessPoolExecutor(1, start=start) as ex:
             pid = ex.submit(log_at, "app.loud", logging.INFO, "heard").result()
             ex.submit(log_at, "app.quiet", logging.WARNING, "not heard").result()
             ex.submit(log_at, "app.quiet", logging.ERROR, "heard too").result()
@@ -119,3 +128,45 @@ def test_a_record_too_large_is_cut_not_lost(caplog):
     assert len(messages) == 2
     assert len(messages[0]) < 1_000_000 and "cut" in messages[0]
     assert messages[1] == "after"
+
+
+@pytest.mark.parametrize("start", STARTS)
+def test_every_replacement_worker_forwards_its_records(caplog, start):
+    # One task per worker: each record comes from a worker started (forked by
+    # the zygote, or exec'd) after the pool was made, each over the channel
+    # it got at its start.
+    caplog.set_level(logging.INFO)
+    with warden.Pool(2, maxtasksperchild=1, start=start) as pool:
+        pids = pool.starmap(log_at, [("app.each", logging.INFO, f"task {i}") for i in range(6)])
+    records = [r for r in caplog.records if r.name == "app.each"]
+    assert sorted(r.getMessage() for r in records) == sorted(f"task {i}" for i in range(6))
+    assert len(set(pids)) == 6
+    assert {r.process for r in records} == set(pids)
+
+
+LAZY = """
+import sys
+import warden
+
+def logging_loaded():
+    return "logging" in sys.modules
+
+def log_late():
+    import logging
+    logging.getLogger("app").warning("imported late")
+
+if __name__ == "__main__":
+    import logging
+    logging.basicConfig(stream=sys.stdout, format="%(levelname)s|%(name)s|%(message)s")
+    with warden.Pool(1, start=sys.argv[1]) as pool:
+        print("logging loaded:", pool.apply(logging_loaded))
+        pool.apply(log_late)
+    print("done")
+"""
+
+
+@pytest.mark.parametrize("start", STARTS)
+def test_a_worker_imports_logging_only_when_its_code_does_and_still_forwards(program, start):
+    run = program(LAZY).run(args=(start,))
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["logging loaded: False", "WARNING|app|imported late", "done"], run.stdout

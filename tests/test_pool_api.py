@@ -247,7 +247,8 @@ def test_maxtasksperchild_replaces_workers():
 
 
 def test_initializer_failure_fails_the_pool_instead_of_respawning_forever():
-    with warden.Pool(1, initializer=fail_on, initargs=(3,)) as p:
+    # A limit wide enough in time that a slow (loaded) machine still reaches it.
+    with warden.Pool(1, initializer=fail_on, initargs=(3,), restart_limit=(3, 300.0)) as p:
         with pytest.raises(warden.PoolFailed):
             p.apply(square, (1,))
         with pytest.raises(warden.PoolFailed):

@@ -18,30 +18,68 @@ Drop-in replacements for ``concurrent.futures.ProcessPoolExecutor``,
   while it is iterated.
 
 See ``docs/python.md`` for the guide.
+
+The names below are loaded on first use, so a worker process (which imports
+this package first) loads only what it needs to start.
 """
 
 from __future__ import annotations
 
-from concurrent.futures.process import BrokenProcessPool
+import atexit as _atexit
+import importlib as _importlib
+import sys as _sys
 
-from ._context import worker_context
-from ._errors import (
-    PoolFailed,
-    RemoteError,
-    TaskAborted,
-    TaskInterrupted,
-    TaskTimeout,
-    WorkerCrashed,
-)
-from ._finalize import ExitHandle, Guardian, ResourceSet, at_exit, finalize, wait_for_finalizers
-from ._futures import Future
-from ._handles import PoolHandle
-from .event import Event
-from .executor import ProcessPoolExecutor
-from .pool import ApplyResult, AsyncResult, IMapIterator, MapResult, Pool
-from .process import Process, current_process
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+
+if TYPE_CHECKING:
+    from concurrent.futures.process import BrokenProcessPool
+    from typing import Any
+
+    from ._context import set_cleanup_record, worker_context
+    from ._errors import PoolFailed, TaskTimeout, WorkerCrashed, WorkerMemoryExceeded
+    from ._finalize import ExitHandle, Guardian, ResourceSet, at_exit, finalize, wait_for_finalizers
+    from ._futures import Future
+    from ._handles import PoolHandle
+    from ._remote import RemoteError, TaskAborted, TaskInterrupted
+    from ._runner import WorkerLost
+    from .event import Event
+    from .executor import ProcessPoolExecutor
+    from .pool import ApplyResult, AsyncResult, IMapIterator, MapResult, Pool
+    from .process import Process, current_process
 
 __version__ = "0.1.0"
+
+#: Where each public name lives; imported on first access.
+_HOMES = {
+    "ApplyResult": ".pool",
+    "AsyncResult": ".pool",
+    "BrokenProcessPool": "concurrent.futures.process",
+    "Event": ".event",
+    "ExitHandle": "._finalize",
+    "Future": "._futures",
+    "Guardian": "._finalize",
+    "IMapIterator": ".pool",
+    "MapResult": ".pool",
+    "Pool": ".pool",
+    "PoolFailed": "._errors",
+    "PoolHandle": "._handles",
+    "Process": ".process",
+    "ProcessPoolExecutor": ".executor",
+    "RemoteError": "._remote",
+    "ResourceSet": "._finalize",
+    "TaskAborted": "._remote",
+    "TaskInterrupted": "._remote",
+    "TaskTimeout": "._errors",
+    "WorkerCrashed": "._errors",
+    "WorkerLost": "._runner",
+    "WorkerMemoryExceeded": "._errors",
+    "at_exit": "._finalize",
+    "current_process": ".process",
+    "finalize": "._finalize",
+    "set_cleanup_record": "._context",
+    "wait_for_finalizers": "._finalize",
+    "worker_context": "._context",
+}
 
 __all__ = [
     "ApplyResult",
@@ -64,9 +102,43 @@ __all__ = [
     "TaskInterrupted",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerLost",
+    "WorkerMemoryExceeded",
     "at_exit",
     "current_process",
     "finalize",
+    "set_cleanup_record",
     "wait_for_finalizers",
     "worker_context",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _at_interpreter_exit() -> None:
+    """warden's step of interpreter exit, registered when warden is imported
+    (so ``atexit`` handlers registered later run before it): every pool and
+    ``Process`` child still running is shut down, then this process's exit
+    callbacks run (``warden.at_exit``, and ``warden.finalize`` callbacks of
+    objects still alive). Only what was loaded has anything to do."""
+    runner = _sys.modules.get(__name__ + "._runner")
+    if runner is not None:
+        runner.at_interpreter_exit()
+        return
+    finalizers = _sys.modules.get(__name__ + "._finalize")
+    if finalizers is not None:
+        finalizers.run_exit_callbacks()
+
+
+_atexit.register(_at_interpreter_exit)

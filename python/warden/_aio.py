@@ -7,7 +7,8 @@ on the loop.
 
 Cancelling the awaiting coroutine (``Task.cancel()``, ``asyncio.timeout``,
 ``asyncio.wait_for``, a failing sibling in an ``asyncio.TaskGroup``) cancels
-the task in the pool: a queued task is dropped, and a running one is stopped
+the task in the pool exactly as ``Future.cancel(running=True)`` does (one
+code path): a queued task is dropped, and a running one is stopped
 through its worker's exit path (``TaskInterrupted`` is raised in the task,
 the worker's finalizer runs) and the worker is replaced. The stop is asked
 for at once and goes on in the background: the coroutine does not wait for
@@ -30,9 +31,11 @@ from ._pickle import loads
 
 #: Called on the results thread with a task's outcome ``(ok, data)``.
 OnDone = Callable[[bool, Any], None]
-#: Queues one task whose outcome goes to ``on_done``; returns a function that
-#: cancels it (queued or running). Raises if the task cannot be queued.
-Starter = Callable[[OnDone], Callable[[], object]]
+#: Queues one task whose outcome goes to ``on_done``, with the loop future
+#: that waits for it as its owner (what ``on_worker_lost`` reports); returns a
+#: function that cancels it, queued or running, the way
+#: ``Future.cancel(running=True)`` does. Raises if the task cannot be queued.
+Starter = Callable[[OnDone, Any], Callable[[], object]]
 
 
 def _decode(ok: bool, data: Any) -> tuple[bool, Any]:
@@ -70,7 +73,7 @@ def _start(loop: asyncio.AbstractEventLoop, starter: Starter) -> Call:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_settle, waiter, outcome)
 
-    return waiter, starter(on_done)
+    return waiter, starter(on_done, waiter)
 
 
 def _unwrap(outcome: tuple[bool, Any], traceback_type: type[Exception] | None) -> Any:

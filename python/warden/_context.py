@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 _UNSET: Any = object()
 _value: Any = _UNSET
@@ -23,6 +25,25 @@ def worker_context() -> Any:
             "warden.worker_context() is only available in a worker of a pool created with worker_context="
         )
     return _value
+
+
+def set_cleanup_record(record: Any) -> None:
+    """In a pool's worker: leaves ``record`` for the pool's ``on_worker_lost``
+    hook, which runs in the parent if this worker dies without running its
+    exit path (SIGKILL from the OOM killer or ``kill -9``, a segfault,
+    ``os._exit`` in a task), so that its finalizer could not clean up.
+
+    ``record`` is anything picklable and small (temporary paths, a lock file,
+    a session id); it reaches the hook as ``info.record``. Call it from the
+    ``initializer``, the ``worker_context`` or a task; a later call replaces
+    an earlier one, and ``None`` clears it.
+
+    Raises ``RuntimeError`` outside a pool's worker.
+    """
+    from . import _warden
+    from ._pickle import dumps
+
+    _warden.send_record(b"" if record is None else dumps(record))
 
 
 def _set(value: Any) -> None:

@@ -14,6 +14,7 @@ import pickle
 from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
+from ._remote import RemoteError, TaskAborted, TaskInterrupted
 from ._warden import CoreError, ErrorKind, RemoteFailure, RemoteKind, TaskError
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "TaskInterrupted",
     "TaskTimeout",
     "WorkerCrashed",
+    "WorkerMemoryExceeded",
 ]
 
 
@@ -51,6 +53,25 @@ class WorkerCrashed(BrokenProcessPool):
         self.signal = signal
 
 
+class WorkerMemoryExceeded(WorkerCrashed):
+    """The worker's resident memory passed the pool's ``memory_limit`` while
+    it ran the task: the pool stopped it (SIGTERM, its finalizer, SIGKILL after
+    the grace period) and replaced it.
+
+    Attributes: ``pid`` of the worker, ``limit`` and ``rss``, the limit and
+    the resident set size seen, in bytes. (``exitcode`` and ``signal`` are
+    ``None``: the task fails as soon as the limit is seen, before the worker
+    has exited.)
+    """
+
+    def __init__(
+        self, message: str, pid: int | None = None, *, limit: int | None = None, rss: int | None = None
+    ) -> None:
+        super().__init__(message, pid)
+        self.limit = limit
+        self.rss = rss
+
+
 class PoolFailed(BrokenProcessPool):
     """The pool failed as a whole: its workers kept dying (for instance in a
     failing initializer) faster than the restart limit allows. ``reason``
@@ -70,41 +91,10 @@ class TaskTimeout(TimeoutError):
         self.timeout = timeout
 
 
-class RemoteError(Exception):
-    """A task failed in a way that cannot be rebuilt as its own exception here:
-    its exception could not be pickled in the worker or unpickled in this
-    process, or the result was too large to send. ``type_name`` and
-    ``message`` describe the original."""
-
-    def __init__(self, message: str, type_name: str = "", original_message: str = "") -> None:
-        super().__init__(message)
-        self.type_name = type_name
-        self.message = original_message
-
-
-class TaskAborted(Exception):
-    """A task raised a ``BaseException`` that is not an ``Exception``
-    (``SystemExit``, ``KeyboardInterrupt``, ...). It is reported as this
-    ordinary exception so that it cannot end or interrupt the waiting process;
-    the worker lives on. ``type_name`` and ``message`` describe the original."""
-
-    def __init__(self, message: str, type_name: str = "", original_message: str = "") -> None:
-        super().__init__(message)
-        self.type_name = type_name
-        self.message = original_message
-
-
-class TaskInterrupted(BaseException):
-    """Raised inside a running task when its worker is told to stop (task
-    timeout, cancel, terminate, parent death). Let it propagate: ``finally``
-    blocks run, then the worker's exit path (finalizer, ``atexit``, garbage
-    collection) runs and the worker exits."""
-
-
 class ErrorData:
     """How a task failed, as data. :meth:`build` makes a fresh exception."""
 
-    __slots__ = ("exitcode", "kind", "message", "pid", "remote", "signal", "timeout")
+    __slots__ = ("exitcode", "kind", "memory", "message", "pid", "remote", "signal", "timeout")
 
     def __init__(
         self,
@@ -115,6 +105,7 @@ class ErrorData:
         exitcode: int | None = None,
         signal: int | None = None,
         timeout: float | None = None,
+        memory: tuple[int, int] | None = None,
     ) -> None:
         self.kind = kind
         self.message = message
@@ -123,6 +114,7 @@ class ErrorData:
         self.exitcode = exitcode
         self.signal = signal
         self.timeout = timeout
+        self.memory = memory
 
     @classmethod
     def from_core(cls, error: TaskError) -> ErrorData:
@@ -135,6 +127,7 @@ class ErrorData:
             exitcode=error.exitcode,
             signal=error.signal,
             timeout=error.timeout,
+            memory=error.memory,
         )
 
     @classmethod
@@ -168,6 +161,9 @@ class ErrorData:
         kind = self.kind
         if kind == ErrorKind.REMOTE and self.remote is not None:
             return _build_remote(traceback_type, self.remote)
+        if kind == ErrorKind.MEMORY_EXCEEDED:
+            limit, rss = self.memory if self.memory is not None else (None, None)
+            return WorkerMemoryExceeded(self.message, self.pid, limit=limit, rss=rss)
         if kind in (ErrorKind.CRASHED, ErrorKind.PROTOCOL):
             exitcode = -self.signal if self.signal is not None else self.exitcode
             return WorkerCrashed(self.message, self.pid, exitcode, self.signal)

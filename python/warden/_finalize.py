@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
-import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -60,6 +59,8 @@ def _report(label: str, exc: BaseException) -> None:
         frames = frames.tb_next  # warden's own frame is noise to the user
     try:
         print(f"warden: exception in finalizer {label} ({where}):", file=stream)
+        import traceback  # only when there is one to print
+
         traceback.print_exception(type(exc), exc, frames, file=stream)
         stream.flush()
     except Exception:

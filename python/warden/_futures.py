@@ -8,6 +8,8 @@ three differences:
   ``exception()`` build a fresh exception on each call, so a future never
   holds the frames of the code that waited on it;
 * ``cancel()`` asks the pool, and succeeds only while the task is queued;
+  ``cancel(running=True)`` also stops a task that is running (its worker is
+  stopped: SIGTERM, finalizer, grace period, SIGKILL; and replaced);
 * a ``KeyboardInterrupt`` while waiting in ``result()`` stops the pool the
   future belongs to (graceful stop of its workers; a second one kills them).
 """
@@ -31,7 +33,7 @@ class Future(_base.Future):  # type: ignore[type-arg]
     def __init__(self) -> None:
         super().__init__()
         self._error: ErrorData | None = None
-        self._canceller: Callable[[], bool] | None = None
+        self._canceller: Callable[[bool], bool] | None = None
         self._on_interrupt: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
@@ -98,16 +100,26 @@ class Future(_base.Future):  # type: ignore[type-arg]
 
     # -- cancelling --------------------------------------------------------
 
-    def cancel(self) -> bool:
-        """Cancels the task if it is still queued. Returns whether the future
-        is cancelled (``False`` once the task runs or has finished)."""
+    def cancel(self, running: bool = False) -> bool:
+        """Cancels the task. Returns whether the future is cancelled.
+
+        ``cancel()`` keeps the standard library's meaning: it succeeds only
+        while the task is queued, and returns ``False`` once the task runs or
+        has finished.
+
+        ``cancel(running=True)`` also stops a task that is already running:
+        its worker gets SIGTERM (the task is interrupted, ``finally`` blocks
+        and the worker's finalizer run), SIGKILL after the grace period, and
+        is replaced; the other tasks are unaffected. The future ends
+        cancelled. ``False`` only once the task has finished.
+        """
         with self._condition:
-            if self._state in (_base.RUNNING, _base.FINISHED):
+            if self._state == _base.FINISHED or (self._state == _base.RUNNING and not running):
                 return False
             if self._state in _CANCELLED:
                 return True
         canceller = self._canceller
-        if canceller is None or not canceller():
+        if canceller is None or not canceller(running):
             return False
         return self._mark_cancelled()
 

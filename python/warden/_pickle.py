@@ -25,7 +25,10 @@ import threading
 from collections.abc import Callable
 from multiprocessing import context as _mp_context
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL = 5
 

@@ -10,12 +10,11 @@ It also owns what happens at interpreter exit: every runner still alive is
 shut down with a bounded grace (:func:`_shut_down_at_exit`), so a pool never
 keeps the interpreter from exiting, even one whose executor is still
 referenced at exit; then the process's exit callbacks run
-(:func:`_at_interpreter_exit`).
+(:func:`at_interpreter_exit`).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import multiprocessing
 import multiprocessing.context
@@ -23,11 +22,13 @@ import multiprocessing.spawn
 import multiprocessing.util
 import os
 import pickle
+import re
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from . import _finalize, _logging, _warden
@@ -76,6 +77,146 @@ def worker_hooks(
         "finalargs": tuple(finalargs),
         "worker_context": worker_context,
     }
+
+
+#: How a pool starts its workers: forked by its zygote (falling back to exec
+#: where a zygote cannot work), or each by exec.
+START_METHODS = ("zygote", "exec")
+
+
+#: Environment variable giving the default ``start`` of every pool.
+START_ENV = "WARDEN_START"
+
+
+def start_options(start: str | None, preload: Iterable[str] | None) -> tuple[str, list[str]]:
+    """The ``start`` and ``preload`` arguments of a pool, checked. Without a
+    ``start``, ``$WARDEN_START`` says, else ``"zygote"``."""
+    if start is None:
+        start = os.environ.get(START_ENV) or "zygote"
+        if start not in START_METHODS:
+            raise ValueError(f"${START_ENV} must be one of {START_METHODS}, not {start!r}")
+    if start not in START_METHODS:
+        raise ValueError(f"start must be one of {START_METHODS}, not {start!r}")
+    if preload is None:
+        return start, []
+    if isinstance(preload, (str, bytes)):
+        raise TypeError("preload must be a list of module names, not a single string")
+    names = list(preload)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"preload must name modules as non-empty strings, not {name!r}")
+    return start, names
+
+
+#: The restart intensity pools get unless told otherwise: more than 10
+#: failures no task explains within 5 seconds fail the pool.
+DEFAULT_RESTART_LIMIT: tuple[int, float] = (10, 5.0)
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+
+
+def memory_size(name: str, value: int | str | None) -> int | None:
+    """A memory size in bytes from an ``int`` or a string such as ``"512MiB"``
+    or ``"1.5 GB"`` (``kB``/``MB``/``GB``/``TB`` count in powers of 1000,
+    ``KiB``/``MiB``/``GiB``/``TiB`` in powers of 1024). ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{name} must be a number of bytes or a string like '512MiB', not {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.fullmatch(value)
+        unit = _UNITS.get(match.group(2).lower()) if match else None
+        if match is None or unit is None:
+            raise ValueError(
+                f"{name}: cannot read {value!r} as a size (a number of bytes, or a number "
+                "with one of B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            )
+        size = int(float(match.group(1)) * unit)
+    if size <= 0:
+        raise ValueError(f"{name} must be a positive number of bytes, not {value!r}")
+    return size
+
+
+def restart_limit(value: tuple[int, float] | None) -> tuple[int, float] | None:
+    """Checks a pool's ``restart_limit``: ``(count, seconds)`` or ``None``."""
+    if value is None:
+        return None
+    try:
+        count, window = value
+    except (TypeError, ValueError):
+        raise TypeError(f"restart_limit must be (count, seconds) or None, not {value!r}") from None
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"restart_limit: count must be an int >= 0, not {count!r}")
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 0:
+        raise ValueError(f"restart_limit: seconds must be a positive number, not {window!r}")
+    return (count, float(window))
+
+
+class WorkerLost:
+    """What a pool's ``on_worker_lost`` hook learns about a worker that died
+    without running its exit path (SIGKILL, a segfault, ``os._exit``).
+
+    ``pid``: the worker's process id (reaped: the number may be reused);
+    ``exitcode``: as ``multiprocessing`` reports it (minus the signal number
+    when a signal killed it); ``signal``: that signal, or ``None``; ``task``:
+    the ``Future`` (executor) or ``AsyncResult`` (``Pool``) of the task it was
+    running, or ``None``; ``record``: what the worker left with
+    :func:`warden.set_cleanup_record`, or ``None``.
+    """
+
+    __slots__ = ("exitcode", "pid", "record", "signal", "task")
+
+    def __init__(self, pid: int, exitcode: int | None, signal: int | None, task: Any, record: Any) -> None:
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = signal
+        self.task = task
+        self.record = record
+
+    def __repr__(self) -> str:
+        return (
+            f"<WorkerLost pid={self.pid} exitcode={self.exitcode} "
+            f"task={'yes' if self.task is not None else 'none'} record={self.record!r}>"
+        )
+
+
+def _lost_hook(
+    hook: Callable[[WorkerLost], object], tasks: weakref.WeakValueDictionary[int, Any]
+) -> Callable[[Any], None]:
+    """The callable the core calls (on its ``-lost`` thread) for each lost worker."""
+
+    def on_lost(lost: Any) -> None:
+        record = None
+        if lost.record:
+            try:
+                record = pickle.loads(lost.record)
+            except Exception as e:
+                print(
+                    f"warden: cannot unpickle the cleanup record of worker {lost.pid}: {e!r}", file=sys.stderr
+                )
+        exitcode = -lost.signal if lost.signal is not None else lost.exitcode
+        task = tasks.get(lost.task) if lost.task is not None else None
+        try:
+            hook(WorkerLost(lost.pid, exitcode, lost.signal, task, record))
+        except Exception:
+            print(f"warden: exception in on_worker_lost for worker {lost.pid}:", file=sys.stderr)
+            traceback.print_exc()
+
+    return on_lost
 
 
 def worker_command() -> tuple[str, list[str]]:
@@ -127,9 +268,19 @@ class Runner:
         one_off: bool = False,
         deliver: bool = True,
         exit_policy: str = "pool",
+        start: str = "zygote",
+        preload: list[str] | None = None,
+        restart: tuple[int, float] | None = DEFAULT_RESTART_LIMIT,
+        max_memory_per_child: int | None = None,
+        memory_limit: int | None = None,
+        on_worker_lost: Callable[[WorkerLost], object] | None = None,
         forward_logging: bool = False,
     ) -> None:
         _forget_finished_runners()
+        #: Tasks by core id, for ``on_worker_lost`` (only kept when there is one).
+        self._tasks: weakref.WeakValueDictionary[int, Any] | None = (
+            weakref.WeakValueDictionary() if on_worker_lost is not None else None
+        )
         fds = list(pass_fds or [])
         try:
             if exiting:
@@ -152,6 +303,9 @@ class Runner:
                 "logging": log_to,
             }
             payload = pickle.dumps(init, protocol=5)
+            # What the zygote loads before it forks: this process's sys.path
+            # and directory (and its __main__, if asked), then the preloads.
+            zygote = pickle.dumps({"preparation": init["preparation"], "preload": preload or []}, protocol=5)
         except BaseException:
             _close_fds(fds)
             raise
@@ -168,6 +322,14 @@ class Runner:
             task_timeout=task_timeout,
             grace=GRACE,
             one_off=one_off,
+            start=start,
+            zygote_payload=zygote,
+            # A one-off child is never replaced: the core's one-off settings stand.
+            restart_intensity=None if one_off else restart,
+            unlimited_restarts=restart is None and not one_off,
+            max_memory_per_child=max_memory_per_child,
+            memory_limit=memory_limit,
+            on_worker_lost=None if self._tasks is None else _lost_hook(on_worker_lost, self._tasks),  # type: ignore[arg-type]
         )
         self.name = name
         self.exit_policy = exit_policy
@@ -195,13 +357,16 @@ class Runner:
         with _live_lock:
             _live.discard(self)
 
-    def submit(self, payload: bytes, on_done: OnDone, timeout: float | None = None) -> int:
+    def submit(self, payload: bytes, on_done: OnDone, timeout: float | None = None, owner: Any = None) -> int:
         """Queues a task; ``on_done(ok, data)`` gets its outcome on the results
         thread (see :data:`OnDone`). Returns the task id. Raises ``CoreError``
-        if refused."""
+        if refused. ``owner`` (the future or result) is what
+        ``on_worker_lost`` reports as the task."""
         with self.pending_lock:
             task = self.core.submit(payload, timeout)
             self.pending[task] = on_done
+        if self._tasks is not None and owner is not None:
+            self._tasks[task] = owner
         return task
 
     def close_nowait(self) -> None:
@@ -246,6 +411,14 @@ class Runner:
             raise
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(10.0)
+
+
+def cancel(core: Any, task: int, running: bool) -> bool:
+    """Cancels a task of ``core``: only while queued, or also while it runs
+    (its worker is then stopped: SIGTERM, finalizer, grace period, SIGKILL,
+    and replaced). Returns whether the task was cancelled. Futures and
+    results hold this with their core, never the runner."""
+    return bool(core.cancel(task) if running else core.cancel_queued(task))
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -364,9 +537,9 @@ def _shut_down_at_exit() -> None:
     _logging.drain()
 
 
-def _at_interpreter_exit() -> None:
-    """warden's step of interpreter exit (one ``atexit`` handler, registered
-    when warden is imported): first every pool and ``Process`` child still
+def at_interpreter_exit() -> None:
+    """warden's step of interpreter exit (called by the one ``atexit`` handler
+    ``warden`` registers when it is imported): first every pool and ``Process`` child still
     running is shut down, then this process's exit callbacks run
     (``warden.at_exit``, and ``warden.finalize`` callbacks of objects still
     alive). So an exit callback can rely on every worker and child having
@@ -375,6 +548,3 @@ def _at_interpreter_exit() -> None:
         _shut_down_at_exit()
     finally:
         _finalize.run_exit_callbacks()
-
-
-atexit.register(_at_interpreter_exit)

@@ -6,24 +6,30 @@ from typing import ClassVar, Final, Literal, Protocol, final
 
 __all__ = [
     "DEFAULT_GRACE",
+    "WORKER_VARIABLES",
     "Completion",
     "CoreError",
     "CorePool",
     "ErrorKind",
     "FinalizerToken",
+    "LostWorker",
     "RemoteFailure",
     "RemoteKind",
     "SharedEvent",
     "TaskError",
     "WorkerEnd",
     "WorkerState",
+    "forked_from",
     "register_finalizer",
     "run_exit_finalizers",
+    "send_record",
     "wait_finalizers_idle",
     "worker_main",
+    "zygote_main",
 ]
 
 DEFAULT_GRACE: Final[float]
+WORKER_VARIABLES: Final[list[str]]
 
 class CoreError(RuntimeError):
     """An error from warden's core; ``kind`` says which."""
@@ -36,6 +42,7 @@ class ErrorKind:
 
     REMOTE: ClassVar[ErrorKind]
     CRASHED: ClassVar[ErrorKind]
+    MEMORY_EXCEEDED: ClassVar[ErrorKind]
     TIMED_OUT: ClassVar[ErrorKind]
     CANCELLED: ClassVar[ErrorKind]
     PROTOCOL: ClassVar[ErrorKind]
@@ -96,6 +103,8 @@ class TaskError:
     def signal(self) -> int | None: ...
     @property
     def timeout(self) -> float | None: ...
+    @property
+    def memory(self) -> tuple[int, int] | None: ...
 
 @final
 class Completion:
@@ -147,6 +156,23 @@ class WorkerState:
     def running_task(self) -> int | None: ...
 
 @final
+class LostWorker:
+    """A worker that died without running its exit path, as the core reports it."""
+
+    @property
+    def worker(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def exitcode(self) -> int | None: ...
+    @property
+    def signal(self) -> int | None: ...
+    @property
+    def task(self) -> int | None: ...
+    @property
+    def record(self) -> bytes | None: ...
+
+@final
 class CorePool:
     """A core pool whose workers run ``program args...``; see crates/warden-py/src/pool.rs."""
 
@@ -165,9 +191,15 @@ class CorePool:
         init_timeout: float | None = None,
         grace: float | None = None,
         restart_intensity: tuple[int, float] | None = None,
+        unlimited_restarts: bool = False,
         max_frame_size: int | None = None,
         prefetch: int | None = None,
         one_off: bool = False,
+        start: str = "zygote",
+        zygote_payload: bytes | None = None,
+        max_memory_per_child: int | None = None,
+        memory_limit: int | None = None,
+        on_worker_lost: Callable[[LostWorker], object] | None = None,
     ) -> CorePool: ...
     def submit(self, payload: bytes, timeout: float | None = None) -> int: ...
     def next_completions(self, max: int = 256, timeout: float | None = None) -> list[Completion] | None: ...
@@ -187,6 +219,8 @@ class CorePool:
     def wait_pid(self, timeout: float) -> int | None: ...
     def last_exit(self) -> WorkerEnd | None: ...
     def workers(self) -> list[WorkerState]: ...
+    def zygote_pid(self) -> int | None: ...
+    def zygote_refused(self) -> str | None: ...
     def failure(self) -> str | None: ...
     def is_shut_down(self) -> bool: ...
     def dispose(self) -> None: ...
@@ -215,8 +249,21 @@ class WorkerHandler(Protocol):
     def run(self, payload: bytes) -> bytes | RemoteFailure: ...
     def exit(self, reason: str) -> tuple[str | None, int | None]: ...
 
-def worker_main(handler: WorkerHandler) -> None:
-    """Runs this process as a worker of the pool that started it; never returns then."""
+def worker_main(handler: WorkerHandler, variables: dict[str, str]) -> None:
+    """Runs this process as a worker of the pool that started it; never returns then.
+    ``variables`` are the ``WORKER_VARIABLES``, already removed from ``os.environ``."""
+
+def send_record(data: bytes) -> None:
+    """Sends the parent this worker's cleanup record (for ``on_worker_lost``)."""
+
+def zygote_main(prepare: Callable[[bytes], object]) -> None:
+    """Runs this process as the zygote of the pool that started it: calls
+    ``prepare(payload)``, then forks workers on request. Returns only in a
+    forked worker; the zygote itself exits when its pool is done with it."""
+
+def forked_from() -> int | None:
+    """The pid of the zygote this worker was forked from; ``None`` in a
+    worker started by exec, and in any other process."""
 
 @final
 class FinalizerToken:

@@ -2,10 +2,17 @@
 
 Kept tiny on purpose: the stdlib's spawn preparation replaces ``__main__``
 (with the parent's main module, imported as ``__mp_main__``), so the worker's
-code lives in an ordinary module.
+code lives in an ordinary module. Started with ``WARDEN_ZYGOTE`` set, the
+process is a pool's zygote instead (``warden._zygote``), and becomes a worker
+in each child it forks.
 """
 
 if __name__ == "__main__":
-    from warden._workerloop import main
+    import os
+
+    if "WARDEN_ZYGOTE" in os.environ:
+        from warden._zygote import main
+    else:
+        from warden._workerloop import main
 
     main()

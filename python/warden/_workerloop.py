@@ -27,7 +27,6 @@ worker through its exit path.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import gc
 import multiprocessing
 import multiprocessing.process
@@ -37,14 +36,26 @@ import pickle
 import signal
 import sys
 import threading
-import traceback
-from typing import Any
 
-from . import _context, _finalize, _logging, _warden
-from ._errors import RemoteError, TaskAborted, TaskInterrupted
+from . import _context, _warden
 from ._pickle import dumps
+from ._remote import RemoteError, TaskAborted, TaskInterrupted
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
+if TYPE_CHECKING:
+    import contextlib
+    from typing import Any
+
+# ``traceback`` is imported only when there is one to format: a worker that
+# never fails never pays for it (nor for ``linecache`` and ``tokenize``).
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _print_exc() -> None:
+    import traceback
+
+    traceback.print_exc()
 
 
 def _type_name(exc: BaseException) -> str:
@@ -67,6 +78,8 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
     frames = exc.__traceback__
     if frames is not None and frames.tb_frame.f_code.co_filename == __file__:
         frames = frames.tb_next  # the worker's own frame is noise to the user
+    import traceback
+
     tb = "".join(traceback.format_exception(type(exc), exc, frames))
     if isinstance(exc, Exception):
         try:
@@ -131,7 +144,7 @@ class Handler:
             if self.mode == "pool":
                 me.name = f"{init['name']}-worker-{worker}"
             if init.get("logging"):
-                _logging.forward_to_parent(init["logging"]["fd"], init["logging"]["levels"])
+                _forward_logging(init["logging"]["fd"], init["logging"]["levels"])
             self.hooks = hooks
             initializer = hooks.get("initializer")
             if initializer is not None:
@@ -146,7 +159,7 @@ class Handler:
         except BaseException as e:
             self.running = False
             print(f"warden: worker {os.getpid()} failed to start:", file=sys.stderr)
-            traceback.print_exc()
+            _print_exc()
             return _error(e)
         finally:
             self.running = False
@@ -189,7 +202,7 @@ class Handler:
             raise
         except BaseException:
             # As under spawn: the child cannot get its target; traceback, exit code 1.
-            traceback.print_exc()
+            _print_exc()
             self.exit_code = 1
             self.running = False
             return dumps(None)
@@ -213,7 +226,7 @@ class Handler:
                 exitcode = 1
         except BaseException:
             sys.stderr.write(f"Process {process.name}:\n")
-            traceback.print_exc()
+            _print_exc()
             exitcode = 1
         self.exit_code = exitcode
         # Like multiprocessing: a child waits for the non-daemon threads it started.
@@ -233,7 +246,7 @@ class Handler:
                 context.__exit__(None, None, None)
             except BaseException as e:
                 errors.append(f"worker_context exit raised {_type_name(e)}: {_text(e)}")
-                traceback.print_exc()
+                _print_exc()
             _context._clear()
         finalizer = self.hooks.get("finalizer")
         if finalizer is not None:
@@ -242,7 +255,7 @@ class Handler:
             except BaseException as e:
                 errors.append(f"finalizer raised {_type_name(e)}: {_text(e)}")
                 print(f"warden: worker {os.getpid()}: exception in finalizer:", file=sys.stderr)
-                traceback.print_exc()
+                _print_exc()
         self.hooks = {}
         try:
             gc.collect()
@@ -257,7 +270,10 @@ class Handler:
             errors.append(f"atexit raised {_type_name(e)}: {_text(e)}")
         try:
             # Idempotent: in case the handler above did not get to run them.
-            _finalize.run_exit_callbacks()
+            # Only a process that loaded warden._finalize can have any.
+            finalizers = sys.modules.get("warden._finalize")
+            if finalizers is not None:
+                finalizers.run_exit_callbacks()
         except BaseException as e:
             errors.append(f"exit callbacks raised {_type_name(e)}: {_text(e)}")
         for stream in (sys.stdout, sys.stderr):
@@ -267,6 +283,61 @@ class Handler:
             except Exception:
                 pass
         return ("; ".join(errors) or None, self.exit_code)
+
+
+def _forward_logging(fd: int, levels: dict[str, int]) -> None:
+    """Sends this worker's log records to the parent (``warden._logging``).
+
+    ``logging`` costs a worker's start ``traceback``, ``re`` and more, and a
+    worker whose code never imports it logs nothing: so the handler goes in
+    when something imports ``logging``, or now if something already has."""
+    os.set_inheritable(fd, False)
+    if "logging" in sys.modules:
+        from . import _logging
+
+        _logging.forward_to_parent(fd, levels)
+    else:
+        sys.meta_path.insert(0, _OnLoggingImport(fd, levels))
+
+
+class _OnLoggingImport:
+    """A ``sys.meta_path`` finder for ``logging`` alone: it lets the usual
+    finders find it, and once the module has run, installs the forwarding
+    handler (then takes itself out)."""
+
+    def __init__(self, fd: int, levels: dict[str, int]) -> None:
+        self.fd = fd
+        self.levels = levels
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "logging":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        fd, levels = self.fd, self.levels
+
+        class Loader:
+            def create_module(self, spec: Any) -> Any:
+                return loader.create_module(spec)
+
+            def exec_module(self, module: Any) -> None:
+                loader.exec_module(module)
+                from . import _logging
+
+                _logging.forward_to_parent(fd, levels)
+
+        spec.loader = Loader()
+        return spec
 
 
 def _set_parent(name: str, pid: int) -> None:
@@ -289,8 +360,12 @@ def _set_parent(name: str, pid: int) -> None:
 
 def main() -> None:
     """Runs this process as a warden worker; never returns."""
+    # The worker variables leave the environment first, through Python's own
+    # API (so os.environ and the C environment agree), so that processes the
+    # tasks start are not mistaken for workers.
+    variables = {key: os.environ.pop(key) for key in _warden.WORKER_VARIABLES if key in os.environ}
     handler = Handler()
     # Installed before the core's handlers, which chain to them.
     for sig in _STOP_SIGNALS:
         signal.signal(sig, handler.on_signal)
-    _warden.worker_main(handler)
+    _warden.worker_main(handler, variables)

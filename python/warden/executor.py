@@ -35,17 +35,38 @@ class ProcessPoolExecutor(_base.Executor):
       :func:`warden.worker_context`;
     * ``task_timeout``: seconds a task may run before its worker is stopped
       (the task fails with :class:`warden.TaskTimeout`) and replaced;
+    * ``start``: ``"zygote"`` (the default, unless ``$WARDEN_START`` says
+      otherwise) forks each worker from the pool's zygote, a fresh
+      interpreter that has imported warden's worker code and the modules
+      named in ``preload`` (``"__main__"`` preloads this
+      program's main module); ``"exec"`` starts every worker as a new
+      interpreter. Where a zygote cannot work the pool falls back to exec by
+      itself (see ``docs/python.md``).
+    * ``restart_limit=(count, seconds)``: more than ``count`` worker failures
+      that no task explains (a worker that cannot start, dies idle, or breaks
+      the protocol) within ``seconds`` fail the pool; ``None`` for no limit;
+    * ``max_memory_per_child`` (bytes, or a string like ``"512MiB"``): a
+      worker above it after a task retires (its finalizer runs) and is
+      replaced; the task's result is kept;
+    * ``memory_limit``: a worker above it while a task runs is stopped
+      (SIGTERM, finalizer, SIGKILL after the grace period); the task fails
+      with :class:`warden.WorkerMemoryExceeded`;
+    * ``on_worker_lost(info)``: runs in this process, on a thread of its own,
+      for each worker that died without running its exit path (SIGKILL, a
+      segfault), with a :class:`warden.WorkerLost`.
     * ``forward_logging`` (default on): records logged in the workers are
       handled by this process's ``logging`` (see ``warden._logging``);
     * ``run`` and ``amap``: the same for asyncio, where cancelling the
-      awaiting coroutine stops the task.
+      awaiting coroutine stops the task (as ``Future.cancel(running=True)``).
 
     A worker crash fails only the task it was running
-    (:class:`warden.WorkerCrashed`); the pool replaces the worker.
+    (:class:`warden.WorkerCrashed`); the pool replaces the worker, and such
+    crashes never count toward ``restart_limit``.
 
     ``mp_context`` is accepted for compatibility and otherwise ignored: warden
-    always starts workers as fresh interpreters, like the ``"spawn"`` start
-    method, whatever context is given.
+    never forks this process; its workers are fresh interpreters (or forks of
+    one, the zygote), as under the ``"spawn"`` start method, whatever context
+    is given.
     """
 
     def __init__(
@@ -60,6 +81,12 @@ class ProcessPoolExecutor(_base.Executor):
         finalargs: tuple[Any, ...] = (),
         task_timeout: float | None = None,
         worker_context: Callable[[], Any] | None = None,
+        start: str | None = None,
+        preload: Iterable[str] | None = None,
+        restart_limit: tuple[int, float] | None = _runner.DEFAULT_RESTART_LIMIT,
+        max_memory_per_child: int | str | None = None,
+        memory_limit: int | str | None = None,
+        on_worker_lost: Callable[[_runner.WorkerLost], object] | None = None,
         forward_logging: bool = True,
     ) -> None:
         if max_workers is None:
@@ -73,6 +100,15 @@ class ProcessPoolExecutor(_base.Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError("task_timeout must be a positive number of seconds")
+        self._start, self._preload = _runner.start_options(start, preload)
+        if on_worker_lost is not None and not callable(on_worker_lost):
+            raise TypeError("on_worker_lost must be a callable")
+        self._limits: dict[str, Any] = {
+            "restart": _runner.restart_limit(restart_limit),
+            "max_memory_per_child": _runner.memory_size("max_memory_per_child", max_memory_per_child),
+            "memory_limit": _runner.memory_size("memory_limit", memory_limit),
+            "on_worker_lost": on_worker_lost,
+        }
         self._max_workers = max_workers
         self._mp_context = mp_context
         self._hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
@@ -99,6 +135,9 @@ class ProcessPoolExecutor(_base.Executor):
                 max_tasks_per_child=self._max_tasks_per_child,
                 task_timeout=self._task_timeout,
                 forward_logging=self._forward_logging,
+                start=self._start,
+                preload=self._preload,
+                **self._limits,
             )
             # An executor nobody can reach any more shuts down on its own
             # (queued tasks still run); the callback holds the runner only.
@@ -121,31 +160,33 @@ class ProcessPoolExecutor(_base.Executor):
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         return dumps((fn, args, kwargs))
 
-    def _queue(self, payload: bytes, on_done: Callable[[bool, Any], None]) -> tuple[_runner.Runner, int]:
+    def _queue(
+        self, payload: bytes, on_done: Callable[[bool, Any], None], owner: Any
+    ) -> tuple[_runner.Runner, int]:
         """Queues a pickled call; ``on_done(ok, data)`` gets its outcome on the
-        results thread. Returns the runner and the task id."""
+        results thread; ``owner`` is what ``on_worker_lost`` reports as the
+        task. Returns the runner and the task id."""
         with self._lock:
             if self._shutdown_called:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             runner = self._ensure_runner()
         try:
-            return runner, runner.submit(payload, on_done)
+            return runner, runner.submit(payload, on_done, owner=owner)
         except _warden.CoreError as e:
             raise core_error(e) from None
 
     def _submit_payload(self, payload: bytes) -> Future:
         future = Future()
-        runner, task = self._queue(payload, future._deliver)
+        runner, task = self._queue(payload, future._deliver, future)
         future._on_interrupt = runner.interrupt
-        core = runner.core
-        future._canceller = lambda: core.cancel_queued(task)
+        future._canceller = functools.partial(_runner.cancel, runner.core, task)
         return future
 
     def _starter(self, payload: bytes) -> _aio.Starter:
-        def start(on_done: _aio.OnDone) -> Callable[[], object]:
-            runner, task = self._queue(payload, on_done)
-            core = runner.core
-            return lambda: core.cancel(task)
+        def start(on_done: _aio.OnDone, owner: Any) -> Callable[[], object]:
+            runner, task = self._queue(payload, on_done, owner)
+            # The one way to stop a task, queued or running: cancel(running=True)'s.
+            return functools.partial(_runner.cancel, runner.core, task, True)
 
         return start
 

@@ -33,7 +33,12 @@ class Pool:
     The API of ``multiprocessing.Pool``, plus ``finalizer(*finalargs)``, run in
     every worker at the end of its life, and ``worker_context``, a factory of a
     context manager entered when a worker starts and exited when it ends (tasks
-    reach what it yields with :func:`warden.worker_context`). Records logged in
+    reach what it yields with :func:`warden.worker_context`); ``start`` and
+    ``preload`` choose how workers start, as for
+    :class:`warden.ProcessPoolExecutor`: forked from a zygote that imported the
+    ``preload`` modules (the default), or each by exec (``start="exec"``);
+    ``restart_limit``, ``max_memory_per_child``, ``memory_limit`` and
+    ``on_worker_lost`` as on :class:`warden.ProcessPoolExecutor`. Records logged in
     the workers are handled by this process's ``logging`` unless
     ``forward_logging=False``; ``run`` and ``amap`` serve asyncio.
 
@@ -43,8 +48,9 @@ class Pool:
     workers gracefully (their finalizers run) before it kills them; tasks it
     cancels raise ``CancelledError`` instead of never finishing.
 
-    ``context`` is accepted for compatibility and ignored: workers are always
-    fresh interpreters, as under the ``"spawn"`` start method.
+    ``context`` is accepted for compatibility and ignored: this process is
+    never forked; workers are fresh interpreters (or forks of one, the
+    zygote), as under the ``"spawn"`` start method.
     """
 
     def __init__(
@@ -58,6 +64,12 @@ class Pool:
         finalargs: Iterable[Any] = (),
         worker_context: Callable[[], Any] | None = None,
         context: Any = None,
+        start: str | None = None,
+        preload: Iterable[str] | None = None,
+        restart_limit: tuple[int, float] | None = _runner.DEFAULT_RESTART_LIMIT,
+        max_memory_per_child: int | str | None = None,
+        memory_limit: int | str | None = None,
+        on_worker_lost: Callable[[_runner.WorkerLost], object] | None = None,
         forward_logging: bool = True,
     ) -> None:
         if processes is None:
@@ -66,17 +78,26 @@ class Pool:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
             raise ValueError("maxtasksperchild must be a positive int or None")
+        start, preload = _runner.start_options(start, preload)
         self._processes = processes
         self._ctx = context
         self._name = f"Pool-{next(_counter)}"
         self._state = RUN
         hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
+        if on_worker_lost is not None and not callable(on_worker_lost):
+            raise TypeError("on_worker_lost must be a callable")
         self._runner = _runner.Runner(
             mode="pool",
             name=self._name,
             workers=processes,
             hooks=hooks,
             max_tasks_per_child=maxtasksperchild,
+            start=start,
+            preload=preload,
+            restart=_runner.restart_limit(restart_limit),
+            max_memory_per_child=_runner.memory_size("max_memory_per_child", max_memory_per_child),
+            memory_limit=_runner.memory_size("memory_limit", memory_limit),
+            on_worker_lost=on_worker_lost,
             forward_logging=forward_logging,
         )
         # A pool nobody can reach any more is terminated, as the standard
@@ -95,9 +116,9 @@ class Pool:
         if self._state != RUN:
             raise ValueError("Pool not running")
 
-    def _submit(self, payload: bytes, on_done: Callable[[bool, Any], None]) -> int:
+    def _submit(self, payload: bytes, on_done: Callable[[bool, Any], None], owner: Any = None) -> int:
         try:
-            return self._runner.submit(payload, on_done)
+            return self._runner.submit(payload, on_done, owner=owner)
         except _warden.CoreError as e:
             if e.kind == _warden.ErrorKind.CLOSED:
                 raise ValueError("Pool not running") from None
@@ -122,17 +143,17 @@ class Pool:
         self._check_running()
         payload = dumps((func, tuple(args), dict(kwds)))
         result = ApplyResult(self, callback, error_callback)
-        self._submit(payload, result._deliver)
+        result._tasks.append(self._submit(payload, result._deliver, result))
         return result
 
     # -- asyncio -----------------------------------------------------------
 
     def _starter(self, payload: bytes) -> _aio.Starter:
-        def start(on_done: _aio.OnDone) -> Callable[[], object]:
+        def start(on_done: _aio.OnDone, owner: Any) -> Callable[[], object]:
             self._check_running()
-            task = self._submit(payload, on_done)
-            core = self._runner.core
-            return lambda: core.cancel(task)
+            task = self._submit(payload, on_done, owner)
+            # The one way to stop a task, queued or running: cancel(running=True)'s.
+            return functools.partial(_runner.cancel, self._runner.core, task, True)
 
         return start
 
@@ -246,7 +267,7 @@ class Pool:
         result = MapResult(self, len(payloads), callback, error_callback)
         result._progress = _progress.make(progress, length)
         for i, payload in enumerate(payloads):
-            self._submit(payload, functools.partial(result._deliver_chunk, i))
+            result._tasks.append(self._submit(payload, functools.partial(result._deliver_chunk, i), result))
         return result
 
     def imap(
@@ -336,6 +357,8 @@ class ApplyResult:
     ) -> None:
         self._pool: Pool | None = pool  # kept alive until the result is ready
         self._interrupt = pool._runner.interrupt
+        self._core = pool._runner.core
+        self._tasks: list[int] = []
         self._event = threading.Event()
         self._callback = callback
         self._error_callback = error_callback
@@ -351,6 +374,20 @@ class ApplyResult:
         if not self.ready():
             raise ValueError(f"{self!r} not ready")
         return self._error is None
+
+    def cancel(self, running: bool = False) -> bool:
+        """*warden*: cancels the call (every chunk of a map). Without
+        ``running``, only what is still queued; with ``running=True``, a
+        running call too: its worker is stopped (SIGTERM, its finalizer runs,
+        SIGKILL after the grace period) and replaced. ``get()`` then raises
+        ``concurrent.futures.CancelledError``. Returns whether anything was
+        cancelled (``False`` once the result is ready)."""
+        if self.ready():
+            return False
+        cancelled = False
+        for task in self._tasks:
+            cancelled = _runner.cancel(self._core, task, running) or cancelled
+        return cancelled
 
     def wait(self, timeout: float | None = None) -> None:
         """Waits until the result is ready or ``timeout`` seconds pass."""

@@ -119,6 +119,7 @@ class Process(multiprocessing.process.BaseProcess):
             one_off=True,
             deliver=False,
             exit_policy="daemon" if self.daemon else "join",
+            start="exec",  # one child: a zygote would only add a process
         )
         self._popen = runner
         try:

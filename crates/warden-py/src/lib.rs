@@ -12,6 +12,8 @@
 //!   and enums of kinds (`ErrorKind`, `RemoteKind`);
 //! * `worker::worker_main`: the worker side, a [`warden::frontend::Handler`]
 //!   that calls into a Python object;
+//! * `zygote::zygote_main`: the interpreter as a pool's zygote (fork server),
+//!   with the interpreter's own fork protocol around each fork;
 //! * `event::SharedEvent`: a process-shared flag in a sealed `memfd` page,
 //!   waited on with a shared futex;
 //! * `finalize`: Python callbacks on the core's finalizer service
@@ -30,6 +32,7 @@ mod finalize;
 mod pool;
 mod records;
 mod worker;
+mod zygote;
 
 pyo3::create_exception!(
     _warden,
@@ -49,8 +52,13 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<records::Completion>()?;
     m.add_class::<records::PyWorkerEnd>()?;
     m.add_class::<records::WorkerState>()?;
+    m.add_class::<pool::LostWorker>()?;
     m.add_class::<event::SharedEvent>()?;
     m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
+    m.add_function(wrap_pyfunction!(zygote::zygote_main, m)?)?;
+    m.add_function(wrap_pyfunction!(zygote::forked_from, m)?)?;
+    m.add_function(wrap_pyfunction!(worker::send_record, m)?)?;
+    m.add("WORKER_VARIABLES", warden::frontend::WORKER_VARIABLES.to_vec())?;
     m.add_class::<finalize::FinalizerToken>()?;
     m.add_function(wrap_pyfunction!(finalize::register_finalizer, m)?)?;
     m.add_function(wrap_pyfunction!(finalize::run_exit_finalizers, m)?)?;

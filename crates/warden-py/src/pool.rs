@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyList;
+use pyo3::types::{PyBytes, PyList};
 use warden::frontend::WorkerCommand;
-use warden::{LifecycleEvent, Pool, StopMode, TaskOptions, WorkerEnd};
+use warden::{LifecycleEvent, Pool, StartMethod, StopMode, TaskOptions, WorkerEnd};
 
 use crate::convert::seconds;
 use crate::records::{core_err, core_error, Completion, PyErrorKind, PyWorkerEnd, WorkerState};
@@ -57,6 +57,10 @@ struct Inner {
     /// then also watches for the pool to finish.
     closing: AtomicBool,
     first_pid: Mutex<Option<i32>>,
+    /// The pool's zygote while it is ready to fork.
+    zygote: Mutex<Option<i32>>,
+    /// Why the pool's zygote refused to fork, if it did.
+    zygote_refused: Mutex<Option<String>>,
     pid_known: Condvar,
     last_exit: Mutex<Option<WorkerEnd>>,
 }
@@ -81,6 +85,14 @@ impl Inner {
             }
             LifecycleEvent::WorkerExited(exit) => *lock(&self.last_exit) = Some(exit.clone()),
             LifecycleEvent::PoolFailed { .. } => self.wake(),
+            LifecycleEvent::ZygoteReady { pid } => *lock(&self.zygote) = Some(*pid),
+            LifecycleEvent::ZygoteExited { pid, .. } => {
+                let mut zygote = lock(&self.zygote);
+                if *zygote == Some(*pid) {
+                    *zygote = None;
+                }
+            }
+            LifecycleEvent::ZygoteRefused { reason } => *lock(&self.zygote_refused) = Some(reason.clone()),
             _ => {}
         }
     }
@@ -146,7 +158,8 @@ impl CorePool {
     #[pyo3(signature = (
         program, args, *, workers=1, name=None, init_payload=None, pass_fds=Vec::new(), env=Vec::new(),
         max_tasks_per_child=None, task_timeout=None, init_timeout=None, grace=None,
-        restart_intensity=None, max_frame_size=None, prefetch=None, one_off=false,
+        restart_intensity=None, unlimited_restarts=false, max_frame_size=None, prefetch=None, one_off=false,
+        start="zygote", zygote_payload=None, max_memory_per_child=None, memory_limit=None, on_worker_lost=None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -163,19 +176,17 @@ impl CorePool {
         init_timeout: Option<f64>,
         grace: Option<f64>,
         restart_intensity: Option<(u32, f64)>,
+        unlimited_restarts: bool,
         max_frame_size: Option<usize>,
         prefetch: Option<usize>,
         one_off: bool,
+        start: &str,
+        zygote_payload: Option<&[u8]>,
+        max_memory_per_child: Option<u64>,
+        memory_limit: Option<u64>,
+        on_worker_lost: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
-        // Take ownership of the fds first, so that they are closed on any error below.
-        let mut fds = Vec::with_capacity(pass_fds.len());
-        for fd in pass_fds {
-            if fd < 3 || !fd_is_open(fd) {
-                return Err(PyValueError::new_err(format!("pass_fds: {fd} is not an open fd above stdio")));
-            }
-            // SAFETY: the fd is open (checked above) and the caller hands it over.
-            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
+        let fds = own_fds(pass_fds)?;
         let inner = Arc::new(Inner::default());
         let sink = Arc::clone(&inner);
         let mut builder = Pool::builder()
@@ -185,6 +196,14 @@ impl CorePool {
             .on_event(move |e| sink.on_event(e));
         if one_off {
             builder = builder.one_off();
+        }
+        builder = builder.start(match start {
+            "zygote" => StartMethod::Zygote,
+            "exec" => StartMethod::Exec,
+            other => return Err(PyValueError::new_err(format!("start must be 'zygote' or 'exec', not {other:?}"))),
+        });
+        if let Some(payload) = zygote_payload {
+            builder = builder.zygote_payload(payload.to_vec());
         }
         if let Some(name) = name {
             builder = builder.name(name);
@@ -210,6 +229,18 @@ impl CorePool {
         if let Some((max, window)) = restart_intensity {
             let window = seconds("restart window", Some(window))?.unwrap_or_default();
             builder = builder.restart_intensity(max, window);
+        }
+        if unlimited_restarts {
+            builder = builder.no_restart_limit();
+        }
+        if let Some(bytes) = max_memory_per_child {
+            builder = builder.max_memory_per_child(bytes);
+        }
+        if let Some(bytes) = memory_limit {
+            builder = builder.memory_limit(bytes);
+        }
+        if let Some(hook) = on_worker_lost {
+            builder = builder.on_worker_lost(move |lost| call_lost_hook(&hook, lost));
         }
         if let Some(b) = max_frame_size {
             builder = builder.max_frame_size(b);
@@ -261,8 +292,10 @@ impl CorePool {
     }
 
     /// Cancels a task: a queued one is removed, a running one is stopped with
-    /// its worker (which runs its exit path and is replaced). asyncio's
-    /// cancellation uses it.
+    /// its worker (SIGTERM, exit hook, grace period, SIGKILL; replaced).
+    /// Returns whether it was cancelled. `Future.cancel(running=True)` and
+    /// `AsyncResult.cancel(running=True)` are its one Python path (asyncio's
+    /// cancellation goes through them).
     fn cancel(&self, py: Python<'_>, task: u64) -> bool {
         self.pool().is_some_and(|p| py.detach(|| p.cancel(task)))
     }
@@ -397,6 +430,17 @@ impl CorePool {
         py.detach(|| pool.workers().into_iter().map(WorkerState::from).collect())
     }
 
+    /// The pid of the pool's zygote while it is ready to fork workers.
+    fn zygote_pid(&self) -> Option<i32> {
+        *lock(&self.inner.zygote)
+    }
+
+    /// Why the pool's zygote refused to fork (the pool starts workers by
+    /// exec since), if it did.
+    fn zygote_refused(&self) -> Option<String> {
+        lock(&self.inner.zygote_refused).clone()
+    }
+
     /// Why the pool failed, if it did.
     fn failure(&self) -> Option<String> {
         self.pool().and_then(|p| p.failure())
@@ -417,6 +461,69 @@ impl CorePool {
             py.detach(move || drop(pool));
         }
     }
+}
+
+/// Takes ownership of the fds handed over as `pass_fds`: each distinct fd
+/// gets exactly one owner (a repeated number is the same fd, passed once).
+/// If any is not an open fd above stdio, every valid one is closed, since the
+/// caller handed them all over, and the error names the first bad one.
+fn own_fds(pass_fds: Vec<RawFd>) -> PyResult<Vec<OwnedFd>> {
+    let mut fds: Vec<OwnedFd> = Vec::with_capacity(pass_fds.len());
+    let mut taken = std::collections::HashSet::with_capacity(pass_fds.len());
+    let mut bad = None;
+    for fd in pass_fds {
+        if !taken.insert(fd) {
+            continue;
+        }
+        if fd < 3 || !fd_is_open(fd) {
+            bad.get_or_insert(fd);
+            continue;
+        }
+        // SAFETY: the fd is open (checked above), the caller hands it over, and
+        // it is taken once (repeats are skipped above).
+        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    match bad {
+        // Dropping `fds` closes every valid one.
+        Some(fd) => Err(PyValueError::new_err(format!("pass_fds: {fd} is not an open fd above stdio"))),
+        None => Ok(fds),
+    }
+}
+
+/// A worker that died without running its exit path, as `on_worker_lost`
+/// receives it: `worker`, `pid`, `exitcode` or `signal`, the core's `task`
+/// id, and the `record` it left (bytes), each `None` when unknown.
+#[pyclass(module = "warden._warden", name = "LostWorker", frozen, get_all)]
+pub struct LostWorker {
+    worker: u64,
+    pid: i32,
+    exitcode: Option<i32>,
+    signal: Option<i32>,
+    task: Option<u64>,
+    record: Option<Py<PyBytes>>,
+}
+
+/// Calls the Python `on_worker_lost` hook, on the pool's `-lost` thread, if
+/// the interpreter can still run it. Errors are the Python side's to report;
+/// one that escapes is printed here.
+fn call_lost_hook(hook: &Py<PyAny>, lost: &warden::LostWorker) {
+    if !crate::finalize::interpreter_usable() {
+        return;
+    }
+    let _ = Python::try_attach(|py| {
+        let record = lost.record.as_deref().map(|r| PyBytes::new(py, r).unbind());
+        let info = LostWorker {
+            worker: lost.worker,
+            pid: lost.pid,
+            exitcode: lost.status.code(),
+            signal: lost.status.signal(),
+            task: lost.task,
+            record,
+        };
+        if let Err(e) = hook.bind(py).call1((info,)) {
+            e.print(py);
+        }
+    });
 }
 
 fn fd_is_open(fd: RawFd) -> bool {

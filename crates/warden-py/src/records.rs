@@ -28,6 +28,9 @@ pub enum PyErrorKind {
     /// The worker died while running the task.
     #[pyo3(name = "CRASHED")]
     Crashed,
+    /// The worker passed the pool's memory limit while running the task; it was stopped.
+    #[pyo3(name = "MEMORY_EXCEEDED")]
+    MemoryExceeded,
     /// The task ran past its timeout; its worker was stopped.
     #[pyo3(name = "TIMED_OUT")]
     TimedOut,
@@ -72,6 +75,7 @@ impl From<&warden::ErrorKind> for PyErrorKind {
         match kind {
             K::Remote(_) => Self::Remote,
             K::Crashed { .. } => Self::Crashed,
+            K::MemoryExceeded { .. } => Self::MemoryExceeded,
             K::TimedOut { .. } => Self::TimedOut,
             K::Cancelled => Self::Cancelled,
             K::Protocol { .. } => Self::Protocol,
@@ -196,13 +200,21 @@ pub struct TaskError {
     signal: Option<i32>,
     /// The task's timeout in seconds, when it timed out.
     timeout: Option<f64>,
+    /// The memory limit and the resident size seen (bytes), when the worker passed it.
+    memory: Option<(u64, u64)>,
 }
 
 impl TaskError {
     fn from_core(py: Python<'_>, e: &warden::Error) -> PyResult<Self> {
         let remote = e.remote().map(|r| Py::new(py, RemoteFailure::from_core(py, r))).transpose()?;
         let pid = match e.kind() {
-            warden::ErrorKind::Crashed { pid, .. } | warden::ErrorKind::Protocol { pid, .. } => Some(*pid),
+            warden::ErrorKind::Crashed { pid, .. }
+            | warden::ErrorKind::Protocol { pid, .. }
+            | warden::ErrorKind::MemoryExceeded { pid, .. } => Some(*pid),
+            _ => None,
+        };
+        let memory = match e.kind() {
+            warden::ErrorKind::MemoryExceeded { limit, rss, .. } => Some((*limit, *rss)),
             _ => None,
         };
         let timeout = match e.kind() {
@@ -218,6 +230,7 @@ impl TaskError {
             exitcode: status.and_then(|s| s.code()),
             signal: status.and_then(|s| s.signal()),
             timeout,
+            memory,
         })
     }
 }
@@ -346,6 +359,7 @@ fn retire_reason(reason: &RetireReason) -> &'static str {
         RetireReason::Shutdown => "shutdown",
         RetireReason::MaxTasks => "max_tasks",
         RetireReason::Done => "done",
+        RetireReason::MaxMemory => "max_memory",
     }
 }
 
@@ -361,6 +375,7 @@ fn stop_cause(cause: &StopCause) -> String {
         StopCause::Protocol(detail) => format!("protocol:{detail}"),
         StopCause::InitFailed(detail) => format!("init_failed:{detail}"),
         StopCause::InitTimeout => "init_timeout".into(),
+        StopCause::MemoryExceeded { .. } => "memory_exceeded".into(),
         _ => "other".into(),
     }
 }

@@ -17,28 +17,34 @@
 //! calling `worker_main`; the core's handlers chain to it, so the interpreter
 //! runs it on the main thread and it raises inside the task. The core's
 //! monitor also calls the interrupter below, which re-sends SIGTERM to the main
-//! thread: a task blocked in a system call there (sleep, read) then returns
-//! with `EINTR` and the interpreter gets to run the handler, even if the
+//! thread (by its kernel thread id, which is right in a zygote-forked worker
+//! too): a task blocked in a system call there (sleep, read) then returns with
+//! `EINTR` and the interpreter gets to run the handler, even if the
 //! original signal was delivered to another thread.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use warden::frontend::{ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_PROTOCOL};
-use warden::frontend::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 use warden::WorkerInfo;
 use warden::{ExitReason, RemoteError, RemoteErrorKind};
 
 use crate::records::{exit_reason, RemoteFailure};
 
 /// Runs this process as a worker of the pool that started it, with `handler`
-/// running the tasks. Never returns when started by a pool: the process ends
-/// through the core's exit path. Raises `RuntimeError` otherwise.
+/// running the tasks. `variables` holds the worker variables
+/// (`warden::frontend::WORKER_VARIABLES`), which the caller has already removed from the
+/// environment with the interpreter's own API (`os.environ.pop`): this
+/// function never changes the C environment, which is unsafe once the
+/// interpreter may have threads. Never returns when started by a pool: the
+/// process ends through the core's exit path. Raises `RuntimeError` otherwise.
 #[pyfunction]
-pub fn worker_main(py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
-    let env = match WorkerEnv::take() {
+pub fn worker_main(py: Python<'_>, handler: Py<PyAny>, variables: HashMap<String, String>) -> PyResult<()> {
+    let forked = crate::zygote::take_forked().map(Ok);
+    let env = match forked.or_else(|| WorkerEnv::from_vars(|key| variables.get(key).cloned())) {
         None => return Err(PyRuntimeError::new_err("this process was not started by a warden pool")),
         Some(Err(msg)) => {
             eprintln!("warden: bad worker environment: {msg}");
@@ -46,22 +52,26 @@ pub fn worker_main(py: Python<'_>, handler: Py<PyAny>) -> PyResult<()> {
         }
         Some(Ok(env)) => env,
     };
-    // The core removed the variables from the C environment; Python keeps its
-    // own copy in os.environ, which subprocess and friends use.
-    let environ = py.import("os")?.getattr("environ")?;
-    for key in [ENV_FD, ENV_PARENT, ENV_MAX_FRAME] {
-        environ.call_method1("pop", (key, py.None()))?;
-    }
-    // SAFETY: pthread_self has no preconditions; this is the main thread.
-    let main_thread = unsafe { libc::pthread_self() };
+    // The main thread by its kernel id, not its pthread_t: in a worker forked
+    // by a zygote, glibc's cached id of this thread is the zygote's.
+    let main_thread = rustix::thread::gettid().as_raw_nonzero().get();
     let handler = PyHandler { handler, main_thread };
     let exit = py.detach(move || warden::frontend::serve(env, handler));
     flush_python_streams(py);
     exit.exit()
 }
 
+/// Sends the parent this worker's cleanup record (bytes for the pool's
+/// `on_worker_lost` hook, should the worker die without its exit path).
+/// Raises `RuntimeError` outside a worker or if the channel is gone.
+#[pyfunction]
+pub fn send_record(py: Python<'_>, data: &[u8]) -> PyResult<()> {
+    py.detach(|| warden::set_cleanup_record(data))
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot send the cleanup record: {e}")))
+}
+
 /// Flushes `sys.stdout` and `sys.stderr`; errors are ignored (the process is ending).
-fn flush_python_streams(py: Python<'_>) {
+pub(crate) fn flush_python_streams(py: Python<'_>) {
     if let Ok(sys) = py.import("sys") {
         for name in ["stdout", "stderr"] {
             if let Ok(stream) = sys.getattr(name) {
@@ -75,7 +85,8 @@ fn flush_python_streams(py: Python<'_>) {
 
 struct PyHandler {
     handler: Py<PyAny>,
-    main_thread: libc::pthread_t,
+    /// The main thread's kernel thread id.
+    main_thread: libc::pid_t,
 }
 
 /// A Python exception that escaped the handler (a bug on the Python side, or
@@ -123,10 +134,11 @@ impl Handler for PyHandler {
     fn interrupter(&self) -> Option<Interrupter> {
         let main_thread = self.main_thread;
         Some(Arc::new(move || {
-            // SAFETY: the main thread lives until the process exits; sending it
-            // a signal the core and the interpreter both handle is harmless.
+            // SAFETY: tgkill with integers. The main thread lives until the
+            // process exits (its id cannot name another thread of ours), and a
+            // signal the core and the interpreter both handle is harmless.
             unsafe {
-                libc::pthread_kill(main_thread, libc::SIGTERM);
+                libc::syscall(libc::SYS_tgkill, libc::getpid(), main_thread, libc::SIGTERM);
             }
         }))
     }

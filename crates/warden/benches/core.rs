@@ -9,7 +9,10 @@
 //! * pool round trip: `pool.spawn(noop, ()).join()` on a one-worker pool;
 //! * pipelined throughput: many no-op tasks in flight on two workers
 //!   (prefetch 1 and 4);
-//! * start-up: `build()` until every worker has run its start hook.
+//! * start-up: `build()` until every worker has run its start hook, with
+//!   workers forked by the pool's zygote (the default) and exec'd;
+//! * respawn: one worker with `max_tasks_per_child(1)`, one task at a time, so
+//!   each task is a whole replacement (retire, start, hello, task), zygote and exec.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -18,7 +21,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use warden::{LifecycleEvent, Pool};
+use warden::{LifecycleEvent, Pool, StartMethod};
 
 const ECHO_ENV: &str = "WARDEN_BENCH_ECHO_FD";
 
@@ -41,7 +44,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n_pipe = 200_000 / scale;
     let pipe1 = median((0..rounds).map(|_| pipelined(n_pipe, 1)).collect::<Result<Vec<_>, _>>()?);
     let pipe4 = median((0..rounds).map(|_| pipelined(n_pipe, 4)).collect::<Result<Vec<_>, _>>()?);
-    let start = median((0..10).map(|_| startup(2)).collect::<Result<Vec<_>, _>>()?);
+    let start = median((0..10).map(|_| startup(2, StartMethod::Zygote)).collect::<Result<Vec<_>, _>>()?);
+    let start_exec = median((0..10).map(|_| startup(2, StartMethod::Exec)).collect::<Result<Vec<_>, _>>()?);
+    let n_respawn = 1000 / scale;
+    let respawn_z = respawn(n_respawn, StartMethod::Zygote)?;
+    let respawn_e = respawn(n_respawn, StartMethod::Exec)?;
 
     println!("| measurement | result | per operation |");
     println!("|---|---|---|");
@@ -50,9 +57,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| pool round trip / raw ping-pong | **{:.2}×** | |", pool_rt / raw);
     println!("| pipelined no-op, 2 workers, prefetch 1 | {:.0} tasks/s | {:.2} µs |", 1.0 / pipe1, pipe1 * 1e6);
     println!("| pipelined no-op, 2 workers, prefetch 4 | {:.0} tasks/s | {:.2} µs |", 1.0 / pipe4, pipe4 * 1e6);
-    println!("| pool start-up, 2 workers ready | {:.1} ms | |", start * 1e3);
+    println!("| pool start-up, 2 workers ready (zygote) | {:.1} ms | |", start * 1e3);
+    println!("| pool start-up, 2 workers ready (exec) | {:.1} ms | |", start_exec * 1e3);
+    println!("| respawn: new worker per task (zygote) | {:.0} tasks/s | {:.2} ms |", 1.0 / respawn_z, respawn_z * 1e3);
+    println!("| respawn: new worker per task (exec) | {:.0} tasks/s | {:.2} ms |", 1.0 / respawn_e, respawn_e * 1e3);
+    println!("| respawn, exec / zygote | **{:.2}×** | |", respawn_e / respawn_z);
     println!();
-    println!("medians of {rounds} rounds; {n_rt} round trips, {n_pipe} pipelined tasks per round");
+    println!(
+        "medians of {rounds} rounds; {n_rt} round trips, {n_pipe} pipelined tasks per round; start-up: median of \
+         10; respawn: {n_respawn} tasks"
+    );
     Ok(())
 }
 
@@ -99,8 +113,13 @@ fn raw_ping_pong(n: usize) -> Result<f64, Box<dyn std::error::Error>> {
 
 /// Seconds per sequential no-op task on a one-worker pool.
 fn pool_round_trip(n: usize) -> Result<f64, Box<dyn std::error::Error>> {
-    let pool = Pool::builder().workers(1).build()?;
-    for _ in 0..100 {
+    one_at_a_time(Pool::builder().workers(1).build()?, 100, n)
+}
+
+/// Seconds per task of `n` no-op tasks run one after the other on `pool`,
+/// after `warm` unmeasured ones; shuts the pool down.
+fn one_at_a_time(pool: Pool, warm: usize, n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    for _ in 0..warm {
         pool.spawn(noop, ())?.join()?;
     }
     let t = Instant::now();
@@ -128,11 +147,17 @@ fn pipelined(n: usize, prefetch: usize) -> Result<f64, Box<dyn std::error::Error
     Ok(per)
 }
 
+/// Seconds per task on one worker that retires after every task.
+fn respawn(n: usize, start: StartMethod) -> Result<f64, Box<dyn std::error::Error>> {
+    one_at_a_time(Pool::builder().workers(1).max_tasks_per_child(1).start(start).build()?, 1, n)
+}
+
 /// Seconds from `build()` until `workers` workers are ready.
-fn startup(workers: usize) -> Result<f64, Box<dyn std::error::Error>> {
+fn startup(workers: usize, start: StartMethod) -> Result<f64, Box<dyn std::error::Error>> {
     let (tx, rx) = mpsc::channel();
     let t = Instant::now();
     let pool = Pool::builder()
+        .start(start)
         .workers(workers)
         .on_event(move |e| {
             if let LifecycleEvent::WorkerReady { .. } = e {

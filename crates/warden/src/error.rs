@@ -91,6 +91,17 @@ pub enum ErrorKind {
         /// How it ended.
         status: ExitStatus,
     },
+    /// The worker's resident memory passed the pool's hard limit while it ran
+    /// the task; the worker was stopped (SIGTERM, grace, SIGKILL) and replaced.
+    #[error("worker {pid} used {rss} bytes of memory, over the limit of {limit} bytes; it was stopped and replaced")]
+    MemoryExceeded {
+        /// The worker's process id.
+        pid: i32,
+        /// The limit, in bytes.
+        limit: u64,
+        /// The resident set size seen, in bytes.
+        rss: u64,
+    },
     /// The task ran past its timeout; its worker was stopped and replaced.
     #[error("task timed out after {after:?}; its worker was stopped and replaced")]
     TimedOut {
@@ -168,9 +179,15 @@ impl Error {
         self.kind
     }
 
-    /// The worker running the task died (crash, abort, segfault, kill).
+    /// The worker running the task died (crash, abort, segfault, kill), or
+    /// was stopped for passing the memory limit ([`Error::is_memory_exceeded`]).
     pub fn is_crash(&self) -> bool {
-        matches!(self.kind, ErrorKind::Crashed { .. })
+        matches!(self.kind, ErrorKind::Crashed { .. } | ErrorKind::MemoryExceeded { .. })
+    }
+
+    /// The worker passed the pool's hard memory limit while running the task.
+    pub fn is_memory_exceeded(&self) -> bool {
+        matches!(self.kind, ErrorKind::MemoryExceeded { .. })
     }
 
     /// The task ran past its timeout.

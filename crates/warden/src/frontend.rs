@@ -18,7 +18,7 @@ pub use crate::spawn::{WorkerCommand, ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 pub use crate::supervisor::Reply;
 pub use crate::worker::{
     serve, ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_INIT_FAILED, EXIT_PARENT_GONE,
-    EXIT_PROTOCOL, UNWIND_GRACE,
+    EXIT_PROTOCOL, UNWIND_GRACE, WORKER_VARIABLES,
 };
 
 /// The frame codec and the messages of the parent–worker protocol (see the
@@ -30,4 +30,14 @@ pub mod wire {
         RemoteErrorKind, RetireReason, WireError, WireOutcome, DEFAULT_MAX_FRAME, HEADER_LEN, MAGIC, MAX_GROWTH_STEP,
         PROTOCOL_VERSION,
     };
+}
+
+/// The zygote (fork server) side, for a binding whose worker program can
+/// also park as a pool's zygote: read [`ZygoteEnv`](zygote::ZygoteEnv), run
+/// [`serve`](zygote::serve) with the language's [`ForkHooks`](zygote::ForkHooks),
+/// and in the [`Parked::Worker`](zygote::Parked::Worker) it returns in each
+/// forked child, run the worker loop. See the crate's `zygote` module docs in
+/// ARCHITECTURE.md for what a forked worker gets.
+pub mod zygote {
+    pub use crate::zygote::{serve, ForkHooks, NoHooks, Parked, ZygoteEnv, ENV_ZYGOTE, EXIT_ZYGOTE_PROTOCOL};
 }

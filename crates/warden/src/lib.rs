@@ -47,6 +47,7 @@
 //! Private modules, each with its own docs: `pool` (the public API above),
 //! `supervisor` (the event loop that owns the workers, lifecycle diagram there),
 //! `spawn` (how a worker process is started: exec, fds, death signal, group),
+//! `zygote` (the fork server a pool starts its workers from),
 //! `worker` (the worker-side loop and its single exit path), `wire` (frames and
 //! messages), `signals` (worker signal handling: flags only), `task` (Rust
 //! functions as tasks), `panics` (a poison-tolerant lock, panic text).
@@ -62,6 +63,8 @@
 mod error;
 pub mod finalize;
 pub mod frontend;
+mod lost;
+mod memory;
 mod panics;
 mod pool;
 mod signals;
@@ -70,6 +73,7 @@ mod supervisor;
 mod task;
 mod wire;
 mod worker;
+mod zygote;
 
 /// The README's examples, compiled as doctests so they stay true.
 #[doc = include_str!("../../../README.md")]
@@ -77,13 +81,16 @@ mod worker;
 pub struct ReadmeDoctests;
 
 pub use error::{signal_name, Error, ErrorKind, ExitStatus, Result};
+pub use lost::LostWorker;
 pub use pool::{
-    spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, StopMode, TaskOptions, DEFAULT_GRACE,
+    spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, StartMethod, StopMode, TaskOptions, DEFAULT_GRACE,
     DEFAULT_INIT_TIMEOUT, DEFAULT_RESTART_LIMIT, DEFAULT_RESTART_WINDOW,
 };
 pub use supervisor::{LifecycleEvent, StopCause, WorkerEnd, WorkerSnapshot};
 pub use wire::{ExitPathReport, ExitReason, RemoteError, RemoteErrorKind, RetireReason};
-pub use worker::{current_worker, WorkerInfo};
+
+pub use worker::{current_worker, set_cleanup_record, WorkerInfo};
+pub use zygote::forked_from;
 
 /// Turns this process into a worker if it was started as one, and never
 /// returns in that case; otherwise returns at once.
@@ -91,6 +98,18 @@ pub use worker::{current_worker, WorkerInfo};
 /// Call it first thing in `main` of any program that uses [`Pool::builder`] or
 /// [`spawn()`](fn@spawn): their workers run this same executable, and serve tasks from here.
 pub fn init() {
+    if let Some(zygote) = zygote::ZygoteEnv::take() {
+        match zygote {
+            Ok(env) => match zygote::serve(env, &mut zygote::NoHooks) {
+                zygote::Parked::Worker(env) => worker::serve(env, task::RustHandler).exit(),
+                zygote::Parked::Exit(code) => std::process::exit(code),
+            },
+            Err(msg) => {
+                eprintln!("warden: bad zygote environment: {msg}");
+                std::process::exit(zygote::EXIT_ZYGOTE_PROTOCOL);
+            }
+        }
+    }
     let Some(env) = worker::WorkerEnv::take() else { return };
     match env {
         Ok(env) => worker::serve(env, task::RustHandler).exit(),

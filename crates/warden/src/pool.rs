@@ -29,6 +29,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::lost::{LostHook, LostThread, LostWorker};
+use crate::memory::MemoryLimits;
 use crate::panics::lock;
 use crate::spawn::WorkerCommand;
 use crate::supervisor::{
@@ -66,12 +68,32 @@ pub const DEFAULT_RESTART_LIMIT: u32 = 10;
 /// … within this window fail the pool.
 pub const DEFAULT_RESTART_WINDOW: Duration = Duration::from_secs(5);
 
+/// How a pool starts its workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StartMethod {
+    /// Forked by the pool's zygote: the worker program executed once, parked
+    /// after loading what workers share, forking a worker per request (a few
+    /// milliseconds instead of a program start). Where a zygote cannot work
+    /// (it died, is not ready yet after dying, or refuses to fork: see
+    /// [`LifecycleEvent::ZygoteRefused`](crate::LifecycleEvent::ZygoteRefused))
+    /// workers start by exec, so the pool keeps serving. One-off children
+    /// always start by exec.
+    #[default]
+    Zygote,
+    /// Each worker is the worker program executed afresh.
+    Exec,
+}
+/// Default interval between two samples of a busy worker's memory under
+/// [`Builder::memory_limit`].
+pub const DEFAULT_MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Builds a [`Pool`].
 pub struct Builder {
     cfg: Config,
     on_start: Option<fn()>,
     on_exit: Option<fn(ExitReason)>,
     raw_init: Option<Vec<u8>>,
+    on_lost: Option<LostHook>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -99,15 +121,20 @@ impl Builder {
                 grace: DEFAULT_GRACE,
                 restart_limit: DEFAULT_RESTART_LIMIT,
                 restart_window: DEFAULT_RESTART_WINDOW,
+                memory: MemoryLimits { soft: None, hard: None, interval: DEFAULT_MEMORY_SAMPLE_INTERVAL },
+                lost: None,
                 max_frame: DEFAULT_MAX_FRAME,
                 prefetch: 1,
                 identity,
                 on_event: None,
                 one_off: false,
+                start: StartMethod::Zygote,
+                zygote_payload: Vec::new(),
             },
             on_start: None,
             on_exit: None,
             raw_init: None,
+            on_lost: None,
         }
     }
 
@@ -168,10 +195,74 @@ impl Builder {
     }
 
     /// Restart intensity, as in an OTP supervisor: more than `max` worker
-    /// failures (crashes, failed starts) within `window` fail the pool.
+    /// failures within `window` fail the pool (default: 10 in 5 s).
+    ///
+    /// Only failures no task explains count: a worker that cannot start (the
+    /// program cannot be run, its start hook fails, it is not ready within
+    /// the init timeout), that dies while idle, or that breaks the protocol.
+    /// A worker that dies while running a task fails that task
+    /// ([`Error::is_crash`]) and is replaced without counting: each such death
+    /// consumes a task, so it cannot loop forever.
     pub fn restart_intensity(mut self, max: u32, window: Duration) -> Self {
         self.cfg.restart_limit = max;
         self.cfg.restart_window = window;
+        self
+    }
+
+    /// No restart intensity: failures never fail the pool (workers that
+    /// cannot start are retried every 100 ms for as long as the pool runs).
+    pub fn no_restart_limit(mut self) -> Self {
+        self.cfg.restart_limit = u32::MAX;
+        self
+    }
+
+    /// A soft memory cap: after each task the worker's resident set size
+    /// (from `/proc/<pid>/statm`) is read, and a worker above `bytes` retires
+    /// (its exit hook runs, [`crate::RetireReason::MaxMemory`]) and is
+    /// replaced. The task's result is kept.
+    pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
+        self.cfg.memory.soft = Some(bytes);
+        self
+    }
+
+    /// A hard memory limit: while a task runs, its worker's resident set size
+    /// is sampled every [`Builder::memory_sample_interval`]; a worker above
+    /// `bytes` is stopped (SIGTERM, exit hook, grace period, SIGKILL) and
+    /// replaced, and the task fails with [`ErrorKind::MemoryExceeded`].
+    ///
+    /// The resident set size is read from `/proc/<pid>/statm`, not enforced
+    /// through a cgroup's `memory.max`: that needs a delegated, writable
+    /// cgroup subtree most processes do not have, and the kernel answers it
+    /// with the OOM killer's SIGKILL, which skips the exit hook. Caveats: a
+    /// task that allocates faster than the sampling can pass the limit
+    /// briefly; processes a task starts are not counted; shared pages count
+    /// in full, as `ps` counts them.
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.cfg.memory.hard = Some(bytes);
+        self
+    }
+
+    /// How often a busy worker's memory is sampled under
+    /// [`Builder::memory_limit`] (default 100 ms, at least 1 ms).
+    pub fn memory_sample_interval(mut self, interval: Duration) -> Self {
+        self.cfg.memory.interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Runs `hook` in this process for every worker that ended without
+    /// running its exit path (SIGKILL from the OOM killer or `kill -9`, a
+    /// segfault, an abort), with what the worker left for it
+    /// ([`crate::set_cleanup_record`]): the parent cleans up what the worker
+    /// could not (a temporary directory, a lock file, a session).
+    ///
+    /// The hook runs on a thread of the pool's own (`<name>-lost`), never on
+    /// the supervisor thread, one call at a time in the order the workers
+    /// were reaped; a panic in it is logged and the next call still runs.
+    /// [`Pool::join`] waits for pending calls (within its timeout; without
+    /// one, for at most the grace period). A worker that ran its exit path
+    /// (retired, stopped by SIGTERM) is not lost, even if its hook failed.
+    pub fn on_worker_lost(mut self, hook: impl Fn(&LostWorker) + Send + Sync + 'static) -> Self {
+        self.on_lost = Some(Arc::new(hook));
         self
     }
 
@@ -221,6 +312,19 @@ impl Builder {
         self
     }
 
+    /// How workers start (default: [`StartMethod::Zygote`]).
+    pub fn start(mut self, start: StartMethod) -> Self {
+        self.cfg.start = start;
+        self
+    }
+
+    /// The opaque payload a [`Builder::command`] pool's zygote prepares from
+    /// before it parks (the Python worker reads its preloads from it).
+    pub fn zygote_payload(mut self, payload: Vec<u8>) -> Self {
+        self.cfg.zygote_payload = payload;
+        self
+    }
+
     /// Makes this a one-off child: one worker that runs one task and retires
     /// ([`crate::RetireReason::Done`]), never replaced. Close the pool right
     /// after submitting the task.
@@ -247,9 +351,25 @@ impl Builder {
         let default_timeout = self.cfg.task_timeout;
         let max_frame = self.cfg.max_frame;
         let typed = self.cfg.identity.is_some();
+        let lost = match self.on_lost.take() {
+            Some(hook) => {
+                let (tx, thread) = LostThread::start(&name, hook)?;
+                self.cfg.lost = Some(tx);
+                Some(thread)
+            }
+            None => None,
+        };
         let (sup, shared) = supervisor::create(self.cfg)?;
         let thread = std::thread::Builder::new().name(format!("{name}-supervisor")).spawn(move || sup.run())?;
-        Ok(Pool { shared, thread: Mutex::new(Some(thread)), grace, default_timeout, max_frame, typed })
+        Ok(Pool {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            lost: Mutex::new(lost),
+            grace,
+            default_timeout,
+            max_frame,
+            typed,
+        })
     }
 }
 
@@ -282,6 +402,8 @@ impl Builder {
 pub struct Pool {
     shared: Arc<SupervisorLink>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The thread running `on_worker_lost`, until it is joined.
+    lost: Mutex<Option<LostThread>>,
     grace: Duration,
     default_timeout: Option<Duration>,
     max_frame: usize,
@@ -404,15 +526,33 @@ impl Pool {
         self.begin_stop(StopMode::Kill, None);
     }
 
-    /// Waits until the pool has shut down and every worker is reaped; `false`
-    /// if `timeout` ran out first. Escalates nothing (see [`Pool::stop`]).
+    /// Waits until the pool has shut down and every worker is reaped, and
+    /// the [`Builder::on_worker_lost`] calls for them have run; `false` if
+    /// `timeout` ran out first. Without a timeout, those calls get at most
+    /// one grace period once the last worker is reaped (a hook still running
+    /// then finishes on its own). Escalates nothing (see [`Pool::stop`]).
     pub fn join(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
         if !self.shared.wait_done(timeout) {
             return false;
         }
         let thread = lock(&self.thread).take();
         if let Some(thread) = thread {
             let _ = thread.join();
+        }
+        let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hooks) = lost.as_mut() {
+            let wait = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => self.grace,
+            };
+            if !hooks.wait(wait) {
+                if deadline.is_some() {
+                    return false;
+                }
+                tracing::warn!("warden: an on_worker_lost hook is still running after the pool shut down");
+            }
+            *lost = None;
         }
         true
     }
@@ -541,7 +681,8 @@ impl Pool {
         if self.shared.send(Command::Snapshot { reply: tx }).is_err() {
             return Vec::new();
         }
-        rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default()
+        // Bounded by the supervisor: see `cancel`.
+        rx.recv().unwrap_or_default()
     }
 }
 
@@ -566,12 +707,20 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
+/// Asks the supervisor to cancel a task and waits for its answer.
+///
+/// The wait has no timeout of its own because it needs none: the supervisor
+/// answers a command in the loop turn that reads it (it never blocks on a
+/// worker), and if it goes away first, the command and its reply sender are
+/// dropped with its channel, which ends the wait with `false`, truthfully,
+/// since then nothing will cancel the task. A timeout here could only report
+/// `false` for a cancel that still lands.
 fn cancel(shared: &SupervisorLink, id: u64, running_too: bool) -> bool {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     if shared.send(Command::Cancel { id, running_too, reply: tx }).is_err() {
         return false;
     }
-    rx.recv_timeout(Duration::from_secs(10)).unwrap_or(false)
+    rx.recv().unwrap_or(false)
 }
 
 #[derive(Default)]

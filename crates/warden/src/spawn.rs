@@ -1,7 +1,9 @@
-//! Starting a worker process: exec, fd hygiene, parent-death signal, process group.
+//! Starting a worker process: exec, fd hygiene, parent-death signal, process
+//! group; or asking the pool's zygote to fork one (see `zygote`).
 //!
-//! A worker is always a freshly executed program, never a fork of the caller
-//! that goes on running the caller's code: the caller has threads (ours, and
+//! A worker is a freshly executed program, or a fork of the pool's zygote
+//! (itself a freshly executed program), never a fork of the caller that goes
+//! on running the caller's code: the caller has threads (ours, and
 //! maybe an interpreter's), and a forked copy of a threaded process may only call
 //! async-signal-safe functions before `exec`. Between `fork` and `exec` this
 //! module therefore only calls `fcntl`, `close_range` and `prctl`.
@@ -26,6 +28,12 @@
 //!   (which uses SIGTERM) even while the dying parent's other threads briefly
 //!   stand in as its parent.
 //!
+//! A worker forked by the pool's zygote ([`fork_worker`]) gets the same, set
+//! up by the zygote's child before any worker code runs (see `zygote`): its
+//! channel arrives over the zygote's control socket with `SCM_RIGHTS`, so its
+//! number is whatever the child got; every other fd is closed, not just
+//! marked close-on-exec.
+//!
 //! # Caveats
 //!
 //! * The parent-death signal fires when the *thread* that spawned the worker
@@ -40,13 +48,17 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use rustix::process::{pidfd_open, Pid, PidfdFlags};
+
+use crate::wire::{FrameReader, Message};
+use crate::zygote::ForkError;
 
 /// Environment variable naming the worker's channel fd.
 pub const ENV_FD: &str = "WARDEN_FD";
@@ -103,13 +115,121 @@ pub(crate) struct Spawned {
     pub channel: UnixStream,
 }
 
-/// Starts one worker. Must be called on the thread that supervises it.
+/// Starts one worker by exec. Must be called on the thread that supervises it.
 pub(crate) fn spawn_worker(cmd: &WorkerCommand, pass_fds: &[RawFd], max_frame: usize) -> io::Result<Spawned> {
     let (parent_end, child_end) = UnixStream::pair()?; // both close-on-exec
-    let child_fd = child_end.as_raw_fd();
+    let fd = child_end.as_raw_fd().to_string();
+    let (pid, pidfd) =
+        exec_child(cmd, pass_fds, child_end.as_raw_fd(), &[(ENV_FD, fd), (ENV_MAX_FRAME, max_frame.to_string())])?;
+    drop(child_end);
+    Ok(Spawned { pid, pidfd, channel: parent_end })
+}
 
+/// A zygote started by exec: its pid, pidfd and the supervisor's end of its
+/// control socket.
+pub(crate) struct SpawnedZygote {
+    pub pid: Pid,
+    pub pidfd: OwnedFd,
+    pub control: OwnedFd,
+}
+
+/// Starts the worker program as a pool's zygote (`WARDEN_ZYGOTE` names its
+/// control socket, a `SOCK_SEQPACKET` pair). Must be called on the thread
+/// that supervises the pool: the zygote's workers are that thread's children.
+pub(crate) fn spawn_zygote(cmd: &WorkerCommand, pass_fds: &[RawFd]) -> io::Result<SpawnedZygote> {
+    let (control, child_end) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let fd = child_end.as_raw_fd().to_string();
+    let (pid, pidfd) = exec_child(cmd, pass_fds, child_end.as_raw_fd(), &[(crate::zygote::ENV_ZYGOTE, fd)])?;
+    drop(child_end);
+    Ok(SpawnedZygote { pid, pidfd, control })
+}
+
+/// Asks a ready zygote for a worker: a new channel, one end sent with the
+/// request. The worker is a child of this process (the zygote forks with
+/// `CLONE_PARENT`); its pidfd is opened here and checked to be our child's.
+pub(crate) fn fork_worker(zygote: &crate::zygote::Zygote, max_frame: usize) -> Result<Spawned, ForkError> {
+    let (parent_end, child_end) = UnixStream::pair().map_err(|e| ForkError::Failed(e.to_string()))?;
+    let pid = match zygote.fork(child_end.as_fd(), max_frame) {
+        Ok(pid) => pid,
+        Err(ForkError::Failed(why)) => {
+            // The zygote may have forked before it failed to answer: a child
+            // it made says hello on the channel. Adopt it rather than leave
+            // an unsupervised child (and later a zombie) behind.
+            drop(child_end);
+            match hello_pid(&parent_end, ORPHAN_HELLO_WAIT) {
+                Some(pid) => pid,
+                None => return Err(ForkError::Failed(why)),
+            }
+        }
+        Err(refused) => return Err(refused),
+    };
+    let pid = Pid::from_raw(pid).ok_or_else(|| ForkError::Failed("the zygote reported pid 0".into()))?;
+    let pidfd = pidfd_open(pid, PidfdFlags::empty())
+        .map_err(|e| ForkError::Failed(format!("cannot open a pidfd for worker {pid:?}: {e}")))?;
+    // Our child (as CLONE_PARENT promises) or nothing we may supervise.
+    let probe = rustix::process::waitid(
+        rustix::process::WaitId::PidFd(pidfd.as_fd()),
+        rustix::process::WaitIdOptions::EXITED
+            | rustix::process::WaitIdOptions::NOHANG
+            | rustix::process::WaitIdOptions::NOWAIT,
+    );
+    if let Err(e) = probe {
+        let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+        return Err(ForkError::Refused(format!("a forked worker is not a child of the pool's process: {e}")));
+    }
+    Ok(Spawned { pid, pidfd, channel: parent_end })
+}
+
+/// How long to wait for the hello of a worker whose zygote died mid-request.
+const ORPHAN_HELLO_WAIT: Duration = Duration::from_secs(1);
+
+/// The pid in the first frame on `channel`, if a hello arrives within `wait`
+/// (peeked: the frame stays for the supervisor to read).
+fn hello_pid(channel: &UnixStream, wait: Duration) -> Option<i32> {
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let mut fds = [rustix::event::PollFd::new(channel, rustix::event::PollFlags::IN)];
+        let timeout = rustix::event::Timespec::try_from(left).ok();
+        let _ = rustix::event::poll(&mut fds, timeout.as_ref());
+        let n =
+            match rustix::net::recv(channel, &mut buf, rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT)
+            {
+                Ok((0, _)) => return None,
+                Ok((n, _)) => n,
+                Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => continue,
+                Err(_) => return None,
+            };
+        let mut reader = FrameReader::new(buf.len());
+        reader.push(&buf[..n]);
+        match reader.next_message() {
+            Ok(Some(Message::Hello { pid, .. })) => return i32::try_from(pid).ok(),
+            Ok(None) if n < buf.len() => continue, // not all of it yet
+            _ => return None,
+        }
+    }
+}
+
+/// Executes `cmd` with `channel_fd` (and `pass_fds`) kept open at their
+/// numbers, `env` added, and the hygiene this module describes. Returns the
+/// child's pid and pidfd.
+fn exec_child(
+    cmd: &WorkerCommand,
+    pass_fds: &[RawFd],
+    channel_fd: RawFd,
+    env: &[(&str, String)],
+) -> io::Result<(Pid, OwnedFd)> {
     let mut keep: Vec<RawFd> = pass_fds.to_vec();
-    keep.push(child_fd);
+    keep.push(channel_fd);
     keep.sort_unstable();
     keep.dedup();
     if keep.first().is_some_and(|&fd| fd < 3) {
@@ -124,9 +244,8 @@ pub(crate) fn spawn_worker(cmd: &WorkerCommand, pass_fds: &[RawFd], max_frame: u
     command
         .args(&cmd.args)
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-        .env(ENV_FD, child_fd.to_string())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env(ENV_PARENT, parent_pid.to_string())
-        .env(ENV_MAX_FRAME, max_frame.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
@@ -140,19 +259,17 @@ pub(crate) fn spawn_worker(cmd: &WorkerCommand, pass_fds: &[RawFd], max_frame: u
         command.pre_exec(move || prepare_child(&keep));
     }
     let child = command.spawn()?;
-    drop(child_end);
     let pid = Pid::from_raw(child.id() as i32).ok_or_else(|| io::Error::other("spawned child has pid 0"))?;
-    let pidfd = match pidfd_open(pid, PidfdFlags::empty()) {
-        Ok(fd) => fd,
+    match pidfd_open(pid, PidfdFlags::empty()) {
+        Ok(pidfd) => Ok((pid, pidfd)),
         Err(e) => {
             // Without a pidfd we cannot supervise it: kill and reap it now.
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();
-            return Err(e.into());
+            Err(e.into())
         }
-    };
-    Ok(Spawned { pid, pidfd, channel: parent_end })
+    }
 }
 
 /// Runs in the child between fork and exec. Async-signal-safe calls only.

@@ -83,6 +83,8 @@ pub enum RetireReason {
     MaxTasks,
     /// A one-off child finished its only task.
     Done,
+    /// The worker's memory grew past the pool's `max_memory_per_child`.
+    MaxMemory,
 }
 
 /// How a worker's life ended, as the worker saw it.
@@ -184,7 +186,7 @@ pub struct ExitPathReport {
 /// [`Cancel`](Message::Cancel), [`Retire`](Message::Retire).
 /// Worker to parent: [`Hello`](Message::Hello), [`Ready`](Message::Ready),
 /// [`InitFailed`](Message::InitFailed), [`Result`](Message::Result),
-/// [`Goodbye`](Message::Goodbye).
+/// [`Goodbye`](Message::Goodbye), [`Record`](Message::Record).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message<'a> {
     /// First message of a worker: who it is.
@@ -242,6 +244,13 @@ pub enum Message<'a> {
         /// What the exit path did.
         report: ExitPathReport,
     },
+    /// What the parent should know to clean up after this worker if it dies
+    /// without running its exit path (SIGKILL); replaces any earlier record.
+    Record {
+        /// Front-end specific (a pickled object for Python).
+        #[serde(borrow, with = "serde_bytes")]
+        data: &'a [u8],
+    },
 }
 
 impl Message<'_> {
@@ -257,6 +266,7 @@ impl Message<'_> {
             Message::Cancel { .. } => "cancel",
             Message::Retire { .. } => "retire",
             Message::Goodbye { .. } => "goodbye",
+            Message::Record { .. } => "record",
         }
     }
 }
@@ -265,28 +275,37 @@ impl Message<'_> {
 ///
 /// On error `out` is left as it was.
 pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>, max_frame: usize) -> Result<(), WireError> {
+    encode_value(msg, out, max_frame)
+}
+
+/// Appends bytes to the end of a borrowed buffer, so that a failed encoding
+/// can take back exactly what it added and nothing else.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Append<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
+        self.0.extend(iter);
+    }
+}
+
+/// [`encode`] for any serializable body (the seam its error branches are tested through).
+fn encode_value<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>, max_frame: usize) -> Result<(), WireError> {
     let start = out.len();
     out.extend_from_slice(&MAGIC);
     out.push(PROTOCOL_VERSION);
     out.push(0);
     out.extend_from_slice(&[0; 4]);
-    let buf = std::mem::take(out);
-    let mut buf = match postcard::to_extend(msg, buf) {
-        Ok(buf) => buf,
-        Err(e) => {
-            // postcard consumed the buffer; encoding into a Vec only fails on
-            // a serializer error, which our message types cannot produce.
-            return Err(WireError::Malformed(e.to_string()));
-        }
-    };
-    let len = buf.len() - start - HEADER_LEN;
+    if let Err(e) = postcard::to_extend(msg, Append(out)) {
+        // Other frames' unsent bytes before `start` stay where they are.
+        out.truncate(start);
+        return Err(WireError::Malformed(e.to_string()));
+    }
+    let len = out.len() - start - HEADER_LEN;
     if len > max_frame || len > u32::MAX as usize {
-        buf.truncate(start);
-        *out = buf;
+        out.truncate(start);
         return Err(WireError::TooLarge { len: len as u64, max: max_frame });
     }
-    buf[start + 4..start + 8].copy_from_slice(&(len as u32).to_le_bytes());
-    *out = buf;
+    out[start + 4..start + 8].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(())
 }
 
@@ -565,6 +584,24 @@ mod tests {
         let err = encode(&Message::Task { id: 1, payload: &[0; 100] }, &mut out, 50).unwrap_err();
         assert!(matches!(err, WireError::TooLarge { .. }));
         assert_eq!(out, vec![1, 2, 3]);
+    }
+
+    /// A body whose serializer fails, as no message type can.
+    struct Unserializable;
+
+    impl Serialize for Unserializable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("refuses to serialize"))
+        }
+    }
+
+    #[test]
+    fn a_body_that_fails_to_serialize_leaves_the_other_frames_bytes_in_place() {
+        let mut out = frame(&Message::Ready);
+        let before = out.clone();
+        let err = encode_value(&Unserializable, &mut out, DEFAULT_MAX_FRAME).unwrap_err();
+        assert!(matches!(err, WireError::Malformed(_)), "{err:?}");
+        assert_eq!(out, before);
     }
 
     #[test]

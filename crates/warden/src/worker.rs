@@ -54,7 +54,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::error::ExitStatus;
@@ -153,6 +153,9 @@ impl ExitStatus {
     }
 }
 
+/// The environment variables a pool sets for its workers.
+pub const WORKER_VARIABLES: [&str; 3] = [ENV_FD, ENV_PARENT, ENV_MAX_FRAME];
+
 /// What a worker learns from its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerEnv {
@@ -162,24 +165,36 @@ pub struct WorkerEnv {
 }
 
 impl WorkerEnv {
+    /// The environment of a worker forked by a zygote: its channel fd, the
+    /// pool's pid and the frame size limit.
+    pub(crate) fn new(fd: RawFd, parent: u32, max_frame: usize) -> Self {
+        WorkerEnv { fd, parent, max_frame }
+    }
+
     /// Reads the worker variables and removes them from the environment, so
     /// that processes the worker starts are not mistaken for workers.
     /// `None` if this process is not a worker; an error if the variables are
     /// there but malformed.
     ///
-    /// Call it before starting threads: it changes the environment.
+    /// Call it before starting threads: it changes the environment, which is
+    /// not safe while other threads may read it. A front end that runs inside
+    /// an interpreter (which may have threads of its own) removes the
+    /// variables through the interpreter's own environment API instead, and
+    /// passes what it removed to [`WorkerEnv::from_vars`].
     pub fn take() -> Option<Result<WorkerEnv, String>> {
-        let fd = std::env::var_os(ENV_FD)?;
-        let parent = std::env::var_os(ENV_PARENT);
-        let max = std::env::var_os(ENV_MAX_FRAME);
-        for key in [ENV_FD, ENV_PARENT, ENV_MAX_FRAME] {
+        let env = Self::from_vars(|key| std::env::var_os(key).map(|v| v.to_string_lossy().into_owned()))?;
+        for key in WORKER_VARIABLES {
             std::env::remove_var(key);
         }
-        Some(Self::parse(
-            &fd.to_string_lossy(),
-            parent.as_deref().map(|p| p.to_string_lossy()).as_deref(),
-            max.as_deref().map(|m| m.to_string_lossy()).as_deref(),
-        ))
+        Some(env)
+    }
+
+    /// The worker settings from variables looked up with `get` (which sees
+    /// the names in [`WORKER_VARIABLES`]); does not touch the environment.
+    /// `None` if there is no channel variable (not a worker).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Option<Result<WorkerEnv, String>> {
+        let fd = get(ENV_FD)?;
+        Some(Self::parse(&fd, get(ENV_PARENT).as_deref(), get(ENV_MAX_FRAME).as_deref()))
     }
 
     fn parse(fd: &str, parent: Option<&str>, max: Option<&str>) -> Result<WorkerEnv, String> {
@@ -194,6 +209,25 @@ impl WorkerEnv {
             Some(m) => m.parse().map_err(|_| format!("{ENV_MAX_FRAME}={m:?} is not a size"))?,
         };
         Ok(WorkerEnv { fd, parent, max_frame })
+    }
+}
+
+/// The state of the worker this process is serving as, for [`set_cleanup_record`].
+static CHANNEL: Mutex<Option<Weak<WorkerState>>> = Mutex::new(None);
+
+/// Tells the parent what to clean up after this worker should it die without
+/// running its exit path (SIGKILL, a crash): `data` reaches the pool's
+/// `on_worker_lost` hook in the parent. A later record replaces an earlier
+/// one; an empty one clears it. Any thread of the worker may call it, during
+/// its start hook or a task.
+///
+/// Fails if this process is not serving as a worker, the record is larger
+/// than the frame limit, or the channel to the parent is gone.
+pub fn set_cleanup_record(data: &[u8]) -> io::Result<()> {
+    let core = lock(&CHANNEL).as_ref().and_then(Weak::upgrade);
+    match core {
+        Some(core) => core.send(&Message::Record { data }),
+        None => Err(io::Error::new(io::ErrorKind::NotConnected, "this process is not serving as a warden worker")),
     }
 }
 
@@ -338,6 +372,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
         hook: Mutex::new(None),
         exit: Mutex::new(None),
     });
+    *lock(&CHANNEL) = Some(Arc::downgrade(&core));
 
     // Parent death: arm the signal, then check we did not miss it.
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::HUP));
@@ -366,7 +401,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     core.exit_path(reason)
 }
 
-fn check_socket(fd: RawFd) -> io::Result<()> {
+pub(crate) fn check_socket(fd: RawFd) -> io::Result<()> {
     // SAFETY: fstat fills a plain struct for an fd number.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstat(fd, &mut st) } == -1 {

@@ -22,6 +22,7 @@ enum Owned {
     Cancel(u64),
     Retire(u8),
     Goodbye(i32, bool, Option<String>, u32),
+    Record(Vec<u8>),
 }
 
 impl Owned {
@@ -46,9 +47,10 @@ impl Owned {
             Owned::Skipped(id) => Message::Result { id: *id, outcome: WireOutcome::Skipped },
             Owned::Cancel(id) => Message::Cancel { id: *id },
             Owned::Retire(r) => Message::Retire {
-                reason: match r % 3 {
+                reason: match r % 4 {
                     0 => RetireReason::Shutdown,
                     1 => RetireReason::MaxTasks,
+                    2 => RetireReason::MaxMemory,
                     _ => RetireReason::Done,
                 },
             },
@@ -62,6 +64,7 @@ impl Owned {
                     finalizers_skipped: 0,
                 },
             },
+            Owned::Record(data) => Message::Record { data },
         }
     }
 }
@@ -81,6 +84,7 @@ fn owned() -> impl Strategy<Value = Owned> {
         any::<u8>().prop_map(Owned::Retire),
         (any::<i32>(), any::<bool>(), proptest::option::of(".{0,50}"), any::<u32>())
             .prop_map(|(a, b, c, d)| Owned::Goodbye(a, b, c, d)),
+        bytes().prop_map(Owned::Record),
     ]
 }
 

@@ -3,6 +3,10 @@
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
+use std::sync::mpsc::Sender;
+
+use crate::lost::LostWorker;
+use crate::memory::MemoryLimits;
 use crate::spawn::WorkerCommand;
 
 use super::EventSink;
@@ -26,4 +30,12 @@ pub(crate) struct Config {
     pub on_event: Option<EventSink>,
     /// A one-off child: one worker, one task, no replacement.
     pub one_off: bool,
+    /// How workers start.
+    pub start: crate::pool::StartMethod,
+    /// What the zygote's preparation reads (opaque: Python's preloads).
+    pub zygote_payload: Vec<u8>,
+    /// Memory caps.
+    pub memory: MemoryLimits,
+    /// Where workers that ended without their exit path go (`on_worker_lost`).
+    pub lost: Option<Sender<LostWorker>>,
 }

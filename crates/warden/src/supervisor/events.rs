@@ -46,6 +46,28 @@ pub enum LifecycleEvent {
         /// Why.
         reason: String,
     },
+    /// The pool's zygote is parked, ready to fork workers.
+    ZygoteReady {
+        /// Its process id.
+        pid: i32,
+    },
+    /// The pool's zygote ended and was reaped. Unless the pool ended it
+    /// (`intended`), that counts toward the restart intensity and a new
+    /// zygote is started; workers start by exec meanwhile.
+    ZygoteExited {
+        /// Its process id.
+        pid: i32,
+        /// How it ended.
+        status: ExitStatus,
+        /// Whether the pool ended it.
+        intended: bool,
+    },
+    /// The zygote cannot fork (see the zygote's caveats: a thread, clone
+    /// refused); the pool starts its workers by exec from now on.
+    ZygoteRefused {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Why the pool stopped a worker, if it did.
@@ -70,6 +92,13 @@ pub enum StopCause {
     InitFailed(String),
     /// It did not say hello and ready within the init timeout.
     InitTimeout,
+    /// Its resident memory passed the pool's hard limit while it ran a task.
+    MemoryExceeded {
+        /// The limit, in bytes.
+        limit: u64,
+        /// The resident set size seen, in bytes.
+        rss: u64,
+    },
 }
 
 impl StopCause {
@@ -83,6 +112,7 @@ impl StopCause {
                 | StopCause::Terminated
                 | StopCause::Killed
                 | StopCause::PoolFailed
+                | StopCause::MemoryExceeded { .. }
         )
     }
 }
@@ -100,8 +130,11 @@ pub struct WorkerEnd {
     pub cause: Option<StopCause>,
     /// What its exit path reported, if it got that far.
     pub goodbye: Option<(ExitReason, ExitPathReport)>,
-    /// Whether this counts as a crash (restart intensity).
+    /// Whether the pool did not mean to end it (a crash, a failed start).
     pub crashed: bool,
+    /// Whether it counted toward the restart intensity: a crash no task
+    /// explains (one during a task is that task's outcome instead).
+    pub counted: bool,
 }
 
 impl WorkerEnd {

@@ -63,7 +63,9 @@ pub(crate) enum Command {
 /// What callers share with the supervisor.
 pub(crate) struct SupervisorLink {
     pub(super) tx: Sender<Command>,
-    pub(super) waker: Waker,
+    /// Dropped (its eventfd closed) by the supervisor as it finishes, so that
+    /// a joined pool holds no fd even while its handle lives on.
+    pub(super) waker: Mutex<Option<Waker>>,
     pub(super) wake_pending: AtomicBool,
     pub accepting: AtomicBool,
     pub failure: Mutex<Option<String>>,
@@ -89,8 +91,10 @@ impl SupervisorLink {
     pub fn send(&self, cmd: Command) -> Result<(), Command> {
         self.tx.send(cmd).map_err(|e| e.0)?;
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
-            if let Err(e) = self.waker.wake() {
-                tracing::error!("cannot wake the supervisor: {e}");
+            if let Some(waker) = lock(&self.waker).as_ref() {
+                if let Err(e) = waker.wake() {
+                    tracing::error!("cannot wake the supervisor: {e}");
+                }
             }
         }
         Ok(())
@@ -125,6 +129,8 @@ impl SupervisorLink {
     }
 
     pub(super) fn set_done(&self) {
+        // Nothing can wake a finished supervisor: close the eventfd now.
+        drop(lock(&self.waker).take());
         *lock(&self.done) = Some(Instant::now());
         self.done_cv.notify_all();
     }

@@ -10,11 +10,11 @@
 //!
 //! ```text
 //! Starting ─hello─► Initializing ─ready─► Ready (idle ⇄ busy)
-//!    │                   │                  │ retire (shutdown, max tasks)
+//!    │                   │                  │ retire (shutdown, max tasks, max memory)
 //!    │                   │                  ▼
 //!    │                   │              Retiring ──deadline──► Stopping (SIGTERM)
 //!    │                   │                                          │ deadline
-//!    └── init timeout ───┴── task timeout / cancel / terminate ────►│
+//!    └── init timeout ───┴── task timeout / cancel / memory / terminate ►│
 //!                                                                   ▼
 //!                                                          Killed (SIGKILL) ─► reaped
 //! ```
@@ -22,8 +22,10 @@
 //! Whatever the phase, when the pidfd says the process exited it is reaped,
 //! its remaining frames are read, and its in-flight task gets exactly one
 //! outcome: the result it sent, or the reason it was stopped (timed out,
-//! cancelled), or a crash with its exit status. Tasks it had been sent but not
-//! started go back to the front of the queue.
+//! cancelled, over its memory limit), or a crash with its exit status. Tasks
+//! it had been sent but not started go back to the front of the queue. A
+//! worker that ended without saying goodbye goes to the pool's
+//! `on_worker_lost` thread with the record it left.
 //!
 //! # Caveats
 //!
@@ -33,11 +35,18 @@
 //!   worker is stopped like for any running task that is cancelled.
 //! * A process stuck in uninterruptible sleep cannot be reaped even after
 //!   SIGKILL; after a few seconds the supervisor logs it and lets it go.
+//! * Restart intensity (`restart.rs`) counts only exits no task explains: a
+//!   worker that dies while running a task fails that task and is not counted.
+//! * If polling itself fails, the pool fails, and the loop finds exits by
+//!   asking each worker's pidfd every 20 ms until all are reaped.
+//! * After a panic of the loop, every worker is SIGKILLed first and all are
+//!   reaped against one deadline.
 
 mod command;
 mod config;
 mod events;
 mod link;
+mod memory;
 mod process;
 mod protocol;
 mod reap;
@@ -45,6 +54,7 @@ mod restart;
 mod schedule;
 mod timers;
 mod worker;
+mod zygote;
 
 #[cfg(test)]
 mod tests;
@@ -55,7 +65,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token, Waker};
 
@@ -66,8 +76,12 @@ pub(crate) use link::{Command, StopPlan, SupervisorLink, Task};
 use restart::RestartIntensity;
 use worker::Worker;
 pub(crate) use worker::KILL_WAIT;
+use zygote::{ZygoteSlot, ZYGOTE_CONTROL, ZYGOTE_PIDFD};
 
 const WAKER: Token = Token(0);
+
+/// How long the loop waits before polling again after the poll itself failed.
+const POLL_RETRY: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PoolPhase {
@@ -91,6 +105,11 @@ pub(crate) struct Supervisor {
     spawn_retry_at: Option<Instant>,
     spawned: u64,
     pass_fds: Vec<RawFd>,
+    zygote: ZygoteSlot,
+    /// The pool's first workers wait for its first zygote.
+    zygote_first: bool,
+    /// When busy workers' memory is next sampled (with a hard limit only).
+    memory_sample_at: Option<Instant>,
 }
 
 /// Creates the channel, waker and poller for a pool; the supervisor runs on
@@ -101,7 +120,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
     let (tx, rx) = std::sync::mpsc::channel();
     let shared = Arc::new(SupervisorLink {
         tx,
-        waker,
+        waker: Mutex::new(Some(waker)),
         wake_pending: AtomicBool::new(false),
         accepting: AtomicBool::new(true),
         failure: Mutex::new(None),
@@ -112,6 +131,9 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
     });
     let pass_fds = cfg.pass_fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let crashes = RestartIntensity::new(cfg.restart_limit, cfg.restart_window);
+    // A one-off child is one worker: a zygote would only add a process.
+    let with_zygote = cfg.start == crate::pool::StartMethod::Zygote && !cfg.one_off;
+    let zygote = if with_zygote { ZygoteSlot::Down { retry_at: Instant::now() } } else { ZygoteSlot::Off };
     let sup = Supervisor {
         poll,
         cfg: Arc::new(cfg),
@@ -126,6 +148,9 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         spawn_retry_at: None,
         spawned: 0,
         pass_fds,
+        zygote,
+        zygote_first: with_zygote,
+        memory_sample_at: None,
     };
     Ok((sup, shared))
 }
@@ -142,15 +167,18 @@ impl Supervisor {
     /// Runs the event loop until the pool has shut down and every worker is reaped.
     pub(crate) fn run(mut self) {
         let shared = Arc::clone(&self.shared);
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.event_loop()));
+        let this = &mut self;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.event_loop()));
         if let Err(p) = result {
             let msg = crate::panics::panic_text(&*p);
             tracing::error!("warden supervisor panicked: {msg}");
             *lock(&shared.failure) = Some(format!("supervisor panicked: {msg}"));
             shared.accepting.store(false, Ordering::SeqCst);
-            // `self` was moved into the closure and dropped during unwinding:
-            // every Worker's Drop killed and reaped its process.
+            self.kill_all_now();
         }
+        // Sockets, pidfds, the poller and passed fds close here, before anyone
+        // waiting for the pool is told it is done.
+        drop(self);
         shared.set_done();
     }
 
@@ -162,12 +190,27 @@ impl Supervisor {
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     self.fail(format!("the supervisor's poll failed: {e}"));
+                    // Nothing tells us about exits while poll fails: look for
+                    // them ourselves, and wait a little instead of spinning.
+                    let ids: Vec<u64> = self.workers.keys().copied().collect();
+                    for id in ids {
+                        self.reap(id);
+                    }
+                    std::thread::sleep(timeout.unwrap_or(POLL_RETRY).min(POLL_RETRY));
                 }
             }
             for event in events.iter() {
                 let token = event.token();
                 if token == WAKER {
                     self.shared.wake_pending.store(false, Ordering::Release);
+                    continue;
+                }
+                if token == ZYGOTE_PIDFD {
+                    self.reap_zygote();
+                    continue;
+                }
+                if token == ZYGOTE_CONTROL {
+                    self.zygote_readable();
                     continue;
                 }
                 let id = ((token.0 - 2) / 2) as u64;
@@ -187,6 +230,7 @@ impl Supervisor {
             self.drain_commands();
             let now = Instant::now();
             self.check_timers(now);
+            self.check_zygote_timer(now);
             self.ensure_workers(now);
             self.dispatch();
             self.retire_idle();
@@ -194,6 +238,7 @@ impl Supervisor {
                 break;
             }
         }
+        self.stop_zygote();
         tracing::debug!(pool = %self.cfg.name, "supervisor finished");
     }
 
@@ -208,6 +253,8 @@ impl Supervisor {
             .filter_map(Worker::next_deadline)
             .chain(self.close_deadline)
             .chain(self.spawn_retry_at)
+            .chain(self.zygote_deadline())
+            .chain(self.memory_sample_at)
             .min()
     }
 }

@@ -18,6 +18,7 @@ enum Incoming {
     InitFailed(RemoteError),
     Result { id: u64, outcome: Result<Vec<u8>, Error> },
     Goodbye(ExitReason, ExitPathReport),
+    Record(Vec<u8>),
     Unexpected(&'static str),
 }
 
@@ -70,6 +71,7 @@ impl Supervisor {
                         },
                     },
                     Message::Goodbye { reason, report } => Incoming::Goodbye(reason, report),
+                    Message::Record { data } => Incoming::Record(data.to_vec()),
                     other => Incoming::Unexpected(other.name()),
                 },
                 Err(e) => {
@@ -141,13 +143,18 @@ impl Supervisor {
                         w.stop(StopCause::Cancelled, cfg.grace);
                     }
                 }
-                if w.phase == WorkerPhase::Ready
-                    && w.inflight.is_empty()
-                    && cfg.max_tasks_per_child.is_some_and(|max| w.assigned >= max)
-                {
-                    let reason = if cfg.one_off { RetireReason::Done } else { RetireReason::MaxTasks };
-                    retire(w, reason, &cfg);
+                super::memory::check_after_task(w, &cfg);
+                if w.phase == WorkerPhase::Ready && w.inflight.is_empty() {
+                    if cfg.max_tasks_per_child.is_some_and(|max| w.assigned >= max) {
+                        let reason = if cfg.one_off { RetireReason::Done } else { RetireReason::MaxTasks };
+                        retire(w, reason, &cfg);
+                    } else if w.over_memory {
+                        retire(w, RetireReason::MaxMemory, &cfg);
+                    }
                 }
+            }
+            (_, Incoming::Record(data)) => {
+                w.record = if data.is_empty() { None } else { Some(data) };
             }
             (_, Incoming::Goodbye(reason, report)) => {
                 if w.phase == WorkerPhase::Ready
@@ -178,7 +185,7 @@ impl Supervisor {
                     Incoming::Ready => "ready",
                     Incoming::InitFailed(_) => "init-failed",
                     Incoming::Result { .. } => "result",
-                    Incoming::Goodbye(..) | Incoming::Unexpected(_) => "message",
+                    Incoming::Goodbye(..) | Incoming::Record(_) | Incoming::Unexpected(_) => "message",
                 };
                 let detail = format!("sent {name} while {}", phase.name());
                 self.protocol_error(id, detail);

@@ -2,12 +2,16 @@
 //! what it wrote last, and settling its tasks (the running one gets exactly
 //! one outcome; those sent but not started go back to the front of the queue).
 
+use std::time::{Duration, Instant};
+
 use mio::unix::SourceFd;
+use rustix::process::Signal;
 
 use crate::error::{Error, ErrorKind, ExitStatus};
+use crate::lost::LostWorker;
 use crate::wire::ExitReason;
 
-use super::{LifecycleEvent, PoolPhase, StopCause, Supervisor, WorkerEnd};
+use super::{LifecycleEvent, PoolPhase, StopCause, Supervisor, WorkerEnd, KILL_WAIT};
 
 impl Supervisor {
     pub(super) fn reap(&mut self, id: u64) {
@@ -27,6 +31,32 @@ impl Supervisor {
         self.finish(id);
     }
 
+    /// After a panic of the loop: SIGKILLs every worker first, then reaps
+    /// them all against one deadline ([`KILL_WAIT`] in all, not per worker).
+    /// Their tasks are told the pool is gone as the workers are dropped.
+    pub(super) fn kill_all_now(&mut self) {
+        for w in self.workers.values_mut().filter(|w| w.status.is_none()) {
+            w.signal(Signal::KILL);
+        }
+        let deadline = Instant::now() + KILL_WAIT;
+        loop {
+            for w in self.workers.values_mut().filter(|w| w.status.is_none()) {
+                if let Ok(Some(status)) = w.process.try_wait() {
+                    w.status = Some(status);
+                }
+            }
+            if self.workers.values().all(|w| w.status.is_some()) || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for w in self.workers.values_mut().filter(|w| w.status.is_none()) {
+            tracing::error!(pid = w.raw_pid(), "worker did not die after SIGKILL; giving up on it");
+            w.status = Some(ExitStatus::Signal(libc::SIGKILL));
+        }
+        self.workers.clear();
+    }
+
     pub(super) fn finish(&mut self, id: u64) {
         let Some(mut w) = self.workers.remove(&id) else { return };
         let registry = self.poll.registry();
@@ -38,8 +68,13 @@ impl Supervisor {
         let status = w.status.unwrap_or(ExitStatus::Signal(libc::SIGKILL));
 
         let mut inflight = std::mem::take(&mut w.inflight);
+        // The task it was running, if any, and whether its death is that
+        // task's outcome (the task was still waiting for one).
+        let running = inflight.front().filter(|f| f.started.is_some()).map(|f| f.task.id);
+        let mut task_explains = false;
         if let Some(mut front) = inflight.pop_front() {
             if front.started.is_some() {
+                task_explains = !front.task.delivered();
                 front.task.deliver(Err(Error::new(ErrorKind::Crashed { pid, status })));
             } else {
                 inflight.push_front(front);
@@ -64,11 +99,22 @@ impl Supervisor {
             Some(cause) => !cause.intended(),
             None => !retired_itself,
         };
-        let exit = WorkerEnd { worker: id, pid, status, cause: w.cause.clone(), goodbye: w.goodbye.clone(), crashed };
-        tracing::debug!(pool = %self.cfg.name, worker = id, pid, %status, crashed, "worker reaped");
+        // A crash during a task is that task's outcome, not the pool's: each
+        // such death consumes a task, so it cannot loop forever.
+        let counted = crashed && !task_explains;
+        let exit =
+            WorkerEnd { worker: id, pid, status, cause: w.cause.clone(), goodbye: w.goodbye.clone(), crashed, counted };
+        tracing::debug!(pool = %self.cfg.name, worker = id, pid, %status, crashed, counted, "worker reaped");
+        if w.goodbye.is_none() {
+            // It never ran its exit path: the parent cleans up after it.
+            if let Some(lost) = &self.cfg.lost {
+                let record = w.record.take();
+                let _ = lost.send(LostWorker { worker: id, pid, status, task: running, record });
+            }
+        }
         drop(w);
         self.emit(LifecycleEvent::WorkerExited(exit.clone()));
-        if crashed && self.phase != PoolPhase::Failed {
+        if counted && self.phase != PoolPhase::Failed {
             let what = match &exit.cause {
                 Some(StopCause::InitFailed(e)) => format!("worker {pid}'s start hook failed: {e}"),
                 Some(StopCause::InitTimeout) => format!("worker {pid} did not start within the init timeout"),

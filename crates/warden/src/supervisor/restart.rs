@@ -5,6 +5,15 @@
 //! What counts as a failure is decided elsewhere: an exit the pool did not
 //! ask for ([`super::StopCause::intended`], in `reap.rs`) and a worker that
 //! could not be spawned at all (`schedule.rs`). This file only counts.
+//!
+//! Only failures no task explains are counted (`reap.rs` decides): a worker
+//! that could not be started, whose start hook failed or timed out, that
+//! died while idle, or that broke the protocol. A worker that dies while
+//! running a task fails that task instead: each such death consumes a task,
+//! so a crashing task cannot loop forever, and an OOM burst killing busy
+//! workers never takes the pool down. In OTP's terms this is a `one_for_one`
+//! supervisor's intensity and period, with deaths during a task treated as
+//! the task's own outcome. `u32::MAX` means no limit.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

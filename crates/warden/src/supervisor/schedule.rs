@@ -14,6 +14,7 @@ use crate::wire::{Message, RetireReason};
 
 use super::process::Pidfd;
 use super::worker::{retire, InFlight, Worker, WorkerPhase};
+use super::zygote::NextStart;
 use super::{pidfd_token, sock_token, LifecycleEvent, PoolPhase, StopCause, Supervisor};
 
 /// Delay before trying again after a worker could not be spawned at all.
@@ -32,15 +33,21 @@ impl Supervisor {
     }
 
     pub(super) fn ensure_workers(&mut self, now: Instant) {
+        let want = self.wanted_workers();
+        if want > 0 {
+            // Due or not, a zygote's own retry time is its deadline: start it
+            // here even while exec starts wait for theirs.
+            self.ensure_zygote(now);
+        }
         if self.spawn_retry_at.is_some_and(|t| now < t) {
             return;
         }
         self.spawn_retry_at = None;
-        let want = self.wanted_workers();
         let mut serving = self.workers.values().filter(|w| w.is_serving()).count();
         while serving < want && self.phase != PoolPhase::Failed {
             match self.spawn_one() {
-                Ok(()) => serving += 1,
+                Ok(true) => serving += 1,
+                Ok(false) => return, // waiting for the zygote
                 Err(e) => {
                     let error = format!("cannot start a worker ({}): {e}", self.cfg.command.program.display());
                     tracing::warn!(pool = %self.cfg.name, "{error}");
@@ -53,8 +60,14 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn spawn_one(&mut self) -> std::io::Result<()> {
-        let spawned = spawn_worker(&self.cfg.command, &self.pass_fds, self.cfg.max_frame)?;
+    /// Starts one worker, forked by the zygote or by exec; `Ok(false)` if it
+    /// must wait for the pool's first zygote.
+    pub(super) fn spawn_one(&mut self) -> std::io::Result<bool> {
+        let spawned = match self.next_start() {
+            NextStart::Forked(spawned) => spawned,
+            NextStart::Exec => spawn_worker(&self.cfg.command, &self.pass_fds, self.cfg.max_frame)?,
+            NextStart::Wait => return Ok(false),
+        };
         let id = self.next_worker;
         self.next_worker += 1;
         self.spawned += 1;
@@ -75,7 +88,7 @@ impl Supervisor {
         tracing::debug!(pool = %self.cfg.name, worker = id, pid, "worker started");
         self.workers.insert(id, worker);
         self.emit(LifecycleEvent::WorkerStarted { worker: id, pid });
-        Ok(())
+        Ok(true)
     }
 
     pub(super) fn dispatch(&mut self) {
@@ -88,7 +101,7 @@ impl Supervisor {
             let mut ids: Vec<u64> = self
                 .workers
                 .values()
-                .filter(|w| w.phase == WorkerPhase::Ready && w.inflight.len() == depth)
+                .filter(|w| w.phase == WorkerPhase::Ready && !w.over_memory && w.inflight.len() == depth)
                 .map(|w| w.id)
                 .collect();
             ids.sort_unstable();

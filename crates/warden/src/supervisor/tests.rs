@@ -100,6 +100,11 @@ fn harness(prefetch: usize, restart_limit: u32) -> Harness {
         identity: None,
         on_event: None,
         one_off: false,
+        // Stand-in workers only: no program to park as a zygote.
+        start: crate::pool::StartMethod::Exec,
+        zygote_payload: Vec::new(),
+        memory: crate::memory::MemoryLimits { soft: None, hard: None, interval: Duration::from_millis(100) },
+        lost: None,
     };
     let (sup, link) = match create(cfg) {
         Ok(pair) => pair,

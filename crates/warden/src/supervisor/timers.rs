@@ -1,5 +1,6 @@
-//! Deadlines: task timeouts, a bounded close, init timeouts and the grace
-//! periods of the retire → SIGTERM → SIGKILL escalation.
+//! Deadlines: task timeouts, a bounded close, init timeouts, the grace
+//! periods of the retire → SIGTERM → SIGKILL escalation, and the memory
+//! samples of a pool with a hard limit (`memory.rs`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -52,6 +53,7 @@ impl Supervisor {
                 self.close(false, None);
             }
         }
+        self.check_memory(now);
         for (task, pid) in timed_out {
             self.emit(LifecycleEvent::TaskTimedOut { task, pid });
         }

@@ -71,6 +71,10 @@ pub(super) struct Worker {
     pub(super) goodbye: Option<(ExitReason, ExitPathReport)>,
     pub(super) status: Option<ExitStatus>,
     pub(super) eof: bool,
+    /// The last cleanup record it sent, for `on_worker_lost`.
+    pub(super) record: Option<Vec<u8>>,
+    /// Above `max_memory_per_child` after a task: takes no more, retires when idle.
+    pub(super) over_memory: bool,
 }
 
 impl Worker {
@@ -97,6 +101,8 @@ impl Worker {
             goodbye: None,
             status: None,
             eof: false,
+            record: None,
+            over_memory: false,
         }
     }
 
@@ -183,7 +189,9 @@ pub(super) fn retire(w: &mut Worker, reason: RetireReason, cfg: &Config) {
 
 impl Drop for Worker {
     /// The last line of defence: a worker still unreaped when the supervisor
-    /// goes away (it panicked) is killed and reaped here, with its group.
+    /// goes away is killed and reaped here, with its group. (After a panic
+    /// the supervisor kills and reaps all workers at once first, see
+    /// `Supervisor::kill_all_now`, so this finds them reaped.)
     fn drop(&mut self) {
         if self.status.is_some() {
             return;

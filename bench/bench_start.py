@@ -1,0 +1,179 @@
+"""Worker start-up: warden's zygote against the standard library, in one run.
+
+1. **respawn**: ``max_tasks_per_child=1``, N no-op tasks, so every task gets a
+   new worker: warden (zygote, and exec), ``concurrent.futures``'
+   ``ProcessPoolExecutor(max_tasks_per_child=1)`` (spawn) and
+   ``multiprocessing.Pool(maxtasksperchild=1)`` under fork. Tasks per second.
+2. **replacement latency**: one worker, ``max_tasks_per_child=1``, one task at
+   a time: each ``submit -> result`` retires the last worker, starts a new one
+   and runs the task on it. Median per task.
+3. **crash replacement**: one worker; a task ends its worker (``os._exit``),
+   then the time from that task's failure to the next task's result. Median.
+4. **cold start**: a fresh interpreter runs ``import``, constructs a pool of 2
+   and waits for the first ``submit -> result``. Median of several runs, with
+   pebble beside the standard library when it is installed.
+
+Run with ``make bench-py`` or ``python bench/bench_start.py [--quick]``. The
+module imports nothing heavy at the top: workers under spawn (and warden's,
+which prepare like spawn) import it as ``__mp_main__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+WORKERS = 2
+
+
+def respawn_rate(make, n):
+    """Tasks per second through a pool whose every worker runs one task."""
+    with make() as pool:
+        submit = pool.submit if hasattr(pool, "submit") else None
+        start = time.perf_counter()
+        if submit is not None:
+            for f in [submit(abs, -i) for i in range(n)]:
+                f.result()
+        else:
+            for r in [pool.apply_async(abs, (-i,)) for i in range(n)]:
+                r.get()
+        return n / (time.perf_counter() - start)
+
+
+def replacement_latency(make, n):
+    """Median seconds of a sequential submit -> result on a one-worker pool
+    with max_tasks_per_child=1 (each is a fresh worker's whole start)."""
+    times = []
+    with make() as pool:
+        pool.submit(abs, 0).result()
+        for i in range(n):
+            start = time.perf_counter()
+            pool.submit(abs, -i).result()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def crash_replacement(make, n):
+    """Median seconds from a crashed task's failure to the next result."""
+    times = []
+    with make() as pool:
+        pool.submit(abs, 0).result()
+        for _ in range(n):
+            with contextlib.suppress(Exception):  # the crash is the point
+                pool.submit(os._exit, 3).result()
+            start = time.perf_counter()
+            pool.submit(abs, -1).result()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+COLD = {
+    "warden (zygote)": (
+        "import warden\np = warden.ProcessPoolExecutor({w}, start='zygote')\np.submit(abs, -1).result()"
+    ),
+    "warden (exec)": (
+        "import warden\np = warden.ProcessPoolExecutor({w}, start='exec')\np.submit(abs, -1).result()"
+    ),
+    "ProcessPoolExecutor (spawn)": (
+        "import concurrent.futures as cf, multiprocessing as mp\n"
+        "p = cf.ProcessPoolExecutor({w}, mp_context=mp.get_context('spawn'))\np.submit(abs, -1).result()"
+    ),
+    "multiprocessing.Pool (fork)": (
+        "import multiprocessing as mp\np = mp.get_context('fork').Pool({w})\np.apply(abs, (-1,))"
+    ),
+    "pebble.ProcessPool": "import pebble\np = pebble.ProcessPool({w})\np.schedule(abs, args=(-1,)).result()",
+}
+
+COLD_HARNESS = """
+import time
+t0 = time.perf_counter()
+{body}
+print(time.perf_counter() - t0, flush=True)
+"""
+
+
+def cold_start(name, runs):
+    """Median seconds from before the import to the first result, in a fresh
+    interpreter (its own start-up excluded: it is the same for everyone)."""
+    if name.startswith("pebble"):
+        try:
+            import pebble  # noqa: F401
+        except ImportError:
+            return None
+    body = COLD[name].format(w=WORKERS)
+    # Each pool is shut down by its own exit handling, after the figure.
+    code = COLD_HARNESS.format(body=body)
+    times = []
+    for _ in range(runs):
+        argv = [sys.executable, "-c", code]
+        out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"{name}: {out.stderr}")
+        times.append(float(out.stdout.split()[0]))
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs (for a smoke test)")
+    args = parser.parse_args()
+    scale = 10 if args.quick else 1
+
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    import warden
+
+    spawn, fork = mp.get_context("spawn"), mp.get_context("fork")
+    n_fast = 2000 // scale
+    n_slow = 200 // scale
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {WORKERS} workers")
+    print(f"respawn: warden zygote and fork N={n_fast}; warden exec and spawn N={n_slow}\n")
+
+    rates = {
+        "warden (zygote)": respawn_rate(
+            lambda: warden.ProcessPoolExecutor(WORKERS, max_tasks_per_child=1, start="zygote"), n_fast
+        ),
+        "warden (exec)": respawn_rate(
+            lambda: warden.ProcessPoolExecutor(WORKERS, max_tasks_per_child=1, start="exec"), n_slow
+        ),
+        "ProcessPoolExecutor (spawn)": respawn_rate(
+            lambda: cf.ProcessPoolExecutor(WORKERS, mp_context=spawn, max_tasks_per_child=1), n_slow
+        ),
+        "multiprocessing.Pool (fork)": respawn_rate(lambda: fork.Pool(WORKERS, maxtasksperchild=1), n_fast),
+    }
+    z = rates["warden (zygote)"]
+    print(f"{'respawn, max_tasks_per_child=1':34} {'tasks/s':>10} {'zygote is':>10}")
+    for name, rate in rates.items():
+        print(f"{name:34} {rate:10.1f} {z / rate:9.2f}x")
+
+    n_lat = 200 // scale
+    print(f"\n{'one worker, max_tasks_per_child=1':34} {'median ms':>10}   (N={n_lat})")
+    for start in ("zygote", "exec"):
+        lat = replacement_latency(
+            lambda start=start: warden.ProcessPoolExecutor(1, max_tasks_per_child=1, start=start), n_lat
+        )
+        print(f"{'replacement, warden (' + start + ')':34} {lat * 1e3:10.2f}")
+    n_crash = 50 // scale
+    for start in ("zygote", "exec"):
+        lat = crash_replacement(lambda start=start: warden.ProcessPoolExecutor(1, start=start), n_crash)
+        print(f"{'after a crash, warden (' + start + ')':34} {lat * 1e3:10.2f}   (N={n_crash})")
+
+    runs = 3 if args.quick else 7
+    print(f"\n{'cold start to first result':34} {'median ms':>10} {'vs spawn':>9}   ({runs} runs each)")
+    cold = {name: cold_start(name, runs) for name in COLD}
+    base = cold["ProcessPoolExecutor (spawn)"]
+    for name, secs in cold.items():
+        if secs is None:
+            print(f"{name:34} {'(not installed)':>10}")
+        else:
+            print(f"{name:34} {secs * 1e3:10.1f} {secs / base:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

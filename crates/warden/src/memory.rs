@@ -1,0 +1,93 @@
+//! How much memory a worker uses: its resident set size (RSS), read from
+//! `/proc/<pid>/statm`.
+//!
+//! A pool uses it twice ([`crate::Builder::max_memory_per_child`] and
+//! [`crate::Builder::memory_limit`]): after each task, to retire a worker that
+//! grew past a soft limit, and while a task runs, sampled every
+//! [`crate::Builder::memory_sample_interval`], to stop a worker that passes a
+//! hard one.
+//!
+//! # Why `/proc/<pid>/statm` and not a cgroup
+//!
+//! A per-pool cgroup v2 with `memory.max` would have the kernel enforce the
+//! limit between samples, but it needs a delegated, writable cgroup subtree,
+//! which an ordinary process (a container without cgroup namespaces, a user
+//! session without systemd delegation, CI) usually does not have; moving each
+//! worker into its own cgroup would add a setup step to every start; and the
+//! kernel's answer to `memory.max` is the OOM killer, a SIGKILL that skips the
+//! worker's exit path, where warden wants SIGTERM and the finalizer first.
+//! `statm` works for any process we started, costs one small read per busy
+//! worker per sample, and lets the supervisor stop the worker with the usual
+//! SIGTERM → grace → SIGKILL.
+//!
+//! # Caveats
+//!
+//! * Between two samples a task can allocate past the hard limit; the limit
+//!   bounds what a worker keeps, not a spike shorter than the interval (and
+//!   the kernel's own OOM killer stays in charge of the machine).
+//! * RSS counts the worker process only, not processes its tasks start.
+//! * Pages shared with other processes (the interpreter's code) count in full,
+//!   as `ps` and `top` count them.
+
+use std::io;
+use std::time::Duration;
+
+/// A pool's memory settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MemoryLimits {
+    /// Retire a worker above this after a task.
+    pub soft: Option<u64>,
+    /// Stop a worker above this while a task runs.
+    pub hard: Option<u64>,
+    /// How often busy workers are sampled for `hard`.
+    pub interval: Duration,
+}
+
+/// The resident set size of process `pid`, in bytes.
+///
+/// The caller must hold the process unreaped (a pool's supervisor holds its
+/// workers' pidfds), so the pid names the process it means.
+pub fn resident_bytes(pid: i32) -> io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/statm"))?;
+    parse_statm(&text)
+        .map(|pages| pages.saturating_mul(page_size()))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unexpected /proc/{pid}/statm: {text:?}")))
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 {
+        size as u64
+    } else {
+        4096
+    }
+}
+
+/// The resident pages (second field) of a `statm` line.
+fn parse_statm(text: &str) -> Option<u64> {
+    text.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_second_statm_field_is_the_resident_page_count() {
+        assert_eq!(parse_statm("5000 1234 300 10 0 400 0\n"), Some(1234));
+        assert_eq!(parse_statm("5000"), None);
+        assert_eq!(parse_statm("5000 x"), None);
+    }
+
+    #[test]
+    fn this_process_has_a_plausible_resident_size() {
+        let before = resident_bytes(std::process::id() as i32).unwrap();
+        assert!(before > 0);
+        // Touch 64 MiB: the resident size grows by about that much.
+        let big = vec![1u8; 64 << 20];
+        let after = resident_bytes(std::process::id() as i32).unwrap();
+        assert!(after >= before + (48 << 20), "{before} -> {after}");
+        drop(big);
+    }
+}

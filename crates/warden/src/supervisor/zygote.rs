@@ -1,0 +1,237 @@
+//! The pool's zygote as its supervisor sees it: started with the pool, asked
+//! for each worker once ready, watched through its pidfd, replaced when it
+//! dies, given up on when it refuses to fork.
+//!
+//! ```text
+//!  Down ──start──► Up (starting) ──Ready──► Up (ready) ──fork requests…
+//!   ▲                  │ init timeout / bad answer: SIGKILL   │ it dies
+//!   └── reaped: counts toward the restart intensity ◄─────────┘
+//!  Off: exec starts only (configured, a one-off child, or the zygote refused)
+//! ```
+//!
+//! While a zygote is down or starting, replacements start by exec, so the
+//! pool keeps serving; only the pool's very first workers wait for the first
+//! zygote (that is what makes a cold start of many workers cheap), and at most
+//! for the init timeout.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+use rustix::process::{Signal, WaitId, WaitIdOptions};
+
+use crate::error::ExitStatus;
+use crate::spawn::{fork_worker, spawn_zygote, Spawned};
+use crate::zygote::{ForkError, Zygote};
+
+use super::{LifecycleEvent, PoolPhase, Supervisor};
+
+/// The zygote's pidfd.
+pub(super) const ZYGOTE_PIDFD: Token = Token(1);
+/// The zygote's control socket.
+pub(super) const ZYGOTE_CONTROL: Token = Token(2);
+
+/// Delay before a new zygote replaces one that died.
+const ZYGOTE_RETRY: Duration = Duration::from_millis(100);
+/// How long a zygote told to go (its control socket closed) gets before SIGKILL.
+const ZYGOTE_EXIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Where the pool's zygote is in its life.
+pub(super) enum ZygoteSlot {
+    /// No zygote: every worker starts by exec.
+    Off,
+    /// None running; start one at `retry_at`.
+    Down { retry_at: Instant },
+    /// Running. `deadline`: until it is ready; `stopping`: the pool ended it.
+    Up { zygote: Zygote, deadline: Option<Instant>, stopping: bool },
+}
+
+/// How the next worker is to start.
+pub(super) enum NextStart {
+    /// Forked by the zygote.
+    Forked(Spawned),
+    /// By exec.
+    Exec,
+    /// Not yet: the pool's first zygote is getting ready.
+    Wait,
+}
+
+impl Supervisor {
+    /// Starts a zygote if the pool wants one and none is running.
+    pub(super) fn ensure_zygote(&mut self, now: Instant) {
+        let ZygoteSlot::Down { retry_at } = self.zygote else { return };
+        if now < retry_at || self.phase != PoolPhase::Running {
+            return;
+        }
+        match spawn_zygote(&self.cfg.command, &self.pass_fds) {
+            Ok(spawned) => {
+                let zygote = Zygote {
+                    pid: spawned.pid,
+                    pidfd: spawned.pidfd,
+                    control: spawned.control,
+                    ready: false,
+                    reaped: false,
+                };
+                let registry = self.poll.registry();
+                let registered =
+                    zygote.start(&self.cfg.zygote_payload, &self.pass_fds).map_err(|e| e.to_string()).and_then(|()| {
+                        registry
+                            .register(&mut SourceFd(&zygote.pidfd.as_raw_fd()), ZYGOTE_PIDFD, Interest::READABLE)
+                            .and_then(|()| {
+                                registry.register(
+                                    &mut SourceFd(&zygote.control.as_raw_fd()),
+                                    ZYGOTE_CONTROL,
+                                    Interest::READABLE,
+                                )
+                            })
+                            .map_err(|e| e.to_string())
+                    });
+                let pid = zygote.pid.as_raw_nonzero().get();
+                tracing::debug!(pool = %self.cfg.name, pid, "zygote started");
+                self.zygote = ZygoteSlot::Up { zygote, deadline: Some(now + self.cfg.init_timeout), stopping: false };
+                if let Err(e) = registered {
+                    self.zygote_broken(format!("cannot start the zygote {pid}: {e}"));
+                }
+            }
+            Err(e) => {
+                self.zygote_first = false;
+                self.zygote = ZygoteSlot::Down { retry_at: now + ZYGOTE_RETRY };
+                let error = format!("cannot start a zygote ({}): {e}", self.cfg.command.program.display());
+                tracing::warn!(pool = %self.cfg.name, "{error}");
+                self.emit(LifecycleEvent::SpawnFailed { error: error.clone() });
+                self.note_crash(error);
+            }
+        }
+    }
+
+    /// How to start the next worker; forks it if the zygote is ready.
+    pub(super) fn next_start(&mut self) -> NextStart {
+        let ZygoteSlot::Up { zygote, stopping: false, .. } = &self.zygote else { return NextStart::Exec };
+        if !zygote.ready {
+            return if self.zygote_first { NextStart::Wait } else { NextStart::Exec };
+        }
+        match fork_worker(zygote, self.cfg.max_frame) {
+            Ok(spawned) => NextStart::Forked(spawned),
+            Err(ForkError::Refused(reason)) => {
+                self.zygote_refused(reason);
+                NextStart::Exec
+            }
+            Err(ForkError::Failed(why)) => {
+                self.zygote_broken(format!("the zygote failed to fork: {why}"));
+                NextStart::Exec
+            }
+        }
+    }
+
+    /// The control socket is readable: the answer to the start request.
+    pub(super) fn zygote_readable(&mut self) {
+        let ZygoteSlot::Up { zygote, deadline, stopping: false } = &mut self.zygote else { return };
+        if zygote.ready {
+            return; // answers to fork requests are read where they are asked
+        }
+        match zygote.read_ready() {
+            Ok(false) => {}
+            Ok(true) => {
+                *deadline = None;
+                self.zygote_first = false;
+                let pid = zygote.pid.as_raw_nonzero().get();
+                tracing::debug!(pool = %self.cfg.name, pid, "zygote ready");
+                self.emit(LifecycleEvent::ZygoteReady { pid });
+            }
+            Err(ForkError::Refused(reason)) => self.zygote_refused(reason),
+            Err(ForkError::Failed(why)) => self.zygote_broken(why),
+        }
+    }
+
+    /// The zygote's start deadline passed without a `Ready`.
+    pub(super) fn check_zygote_timer(&mut self, now: Instant) {
+        if let ZygoteSlot::Up { deadline: Some(d), stopping: false, .. } = &self.zygote {
+            if now >= *d {
+                let timeout = self.cfg.init_timeout;
+                self.zygote_broken(format!("the zygote was not ready within the init timeout ({timeout:?})"));
+            }
+        }
+    }
+
+    pub(super) fn zygote_deadline(&self) -> Option<Instant> {
+        match &self.zygote {
+            ZygoteSlot::Up { deadline, .. } => *deadline,
+            ZygoteSlot::Down { retry_at } if self.phase == PoolPhase::Running => Some(*retry_at),
+            _ => None,
+        }
+    }
+
+    /// The zygote will never fork: exec from now on, for good.
+    fn zygote_refused(&mut self, reason: String) {
+        tracing::warn!(pool = %self.cfg.name, "the zygote cannot fork, workers start by exec: {reason}");
+        self.emit(LifecycleEvent::ZygoteRefused { reason });
+        self.zygote_first = false;
+        self.stop_zygote();
+        self.zygote = ZygoteSlot::Off;
+    }
+
+    /// The zygote misbehaved: kill it; its reaping counts the failure and
+    /// schedules a new one.
+    fn zygote_broken(&mut self, why: String) {
+        tracing::warn!(pool = %self.cfg.name, "{why}");
+        self.zygote_first = false;
+        if let ZygoteSlot::Up { zygote, deadline, .. } = &mut self.zygote {
+            *deadline = None;
+            let _ = rustix::process::pidfd_send_signal(&zygote.pidfd, Signal::KILL);
+        }
+    }
+
+    /// The zygote's pidfd is readable: it exited. Reap it, and unless the
+    /// pool ended it, count a failure and schedule a new one.
+    pub(super) fn reap_zygote(&mut self) {
+        let ZygoteSlot::Up { zygote, stopping, .. } = &mut self.zygote else { return };
+        let status = match rustix::process::waitid(
+            WaitId::PidFd(zygote.pidfd.as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        ) {
+            Ok(Some(st)) => match st.terminating_signal() {
+                Some(sig) => ExitStatus::Signal(sig),
+                None => ExitStatus::Code(st.exit_status().unwrap_or(-1)),
+            },
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(pool = %self.cfg.name, "waitid on the zygote failed: {e}");
+                ExitStatus::Code(-1)
+            }
+        };
+        zygote.reaped = true;
+        let intended = *stopping;
+        let pid = zygote.pid.as_raw_nonzero().get();
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut SourceFd(&zygote.pidfd.as_raw_fd()));
+        let _ = registry.deregister(&mut SourceFd(&zygote.control.as_raw_fd()));
+        self.zygote = ZygoteSlot::Down { retry_at: Instant::now() + ZYGOTE_RETRY };
+        self.zygote_first = false;
+        tracing::debug!(pool = %self.cfg.name, pid, %status, intended, "zygote reaped");
+        self.emit(LifecycleEvent::ZygoteExited { pid, status, intended });
+        if !intended && self.phase != PoolPhase::Failed {
+            self.note_crash(format!("the zygote {pid} ended with {status}"));
+        }
+    }
+
+    /// Ends the zygote (the pool is done, or it refused): closing its control
+    /// socket tells it to exit; SIGKILL after a second; reaped either way.
+    /// Bounded: at most [`ZYGOTE_EXIT_WAIT`] plus the kill wait.
+    pub(super) fn stop_zygote(&mut self) {
+        let slot = std::mem::replace(&mut self.zygote, ZygoteSlot::Off);
+        let ZygoteSlot::Up { mut zygote, .. } = slot else {
+            self.zygote = slot;
+            return;
+        };
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut SourceFd(&zygote.pidfd.as_raw_fd()));
+        let _ = registry.deregister(&mut SourceFd(&zygote.control.as_raw_fd()));
+        let pid = zygote.pid.as_raw_nonzero().get();
+        let _ = rustix::net::shutdown(&zygote.control, rustix::net::Shutdown::Both);
+        let status = zygote.wait_exit(ZYGOTE_EXIT_WAIT);
+        if let Some(status) = status {
+            self.emit(LifecycleEvent::ZygoteExited { pid, status, intended: true });
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! Fault tolerance of the core, seen from outside: restart intensity that
+//! tells a crashing task from a crashing pool, memory caps, and the
+//! `on_worker_lost` hook after a SIGKILL. (That a joined pool holds no fd is
+//! a lifecycle test: it needs a process of its own.)
+//!
+//! Like the lifecycle tests, this binary is also the pool's worker program
+//! (`warden::init()` first in `main`).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+mod common;
+
+use common::{check, wait_until, TestResult};
+use libtest_mimic::{Arguments, Trial};
+use warden::{ExitReason, LifecycleEvent, LostWorker, Pool};
+
+const HOOKS_ENV: &str = "WARDEN_FAULTS_HOOKS";
+const MIB: u64 = 1 << 20;
+
+fn main() {
+    warden::init();
+    let args = Arguments::from_args();
+    let tests = vec![
+        Trial::test("workers_dying_in_their_tasks_never_fail_the_pool", task_crashes_are_not_counted),
+        Trial::test("workers_dying_idle_past_the_restart_limit_fail_the_pool", idle_deaths_are_counted),
+        Trial::test("no_restart_limit_keeps_the_pool_serving", no_restart_limit),
+        Trial::test("max_memory_per_child_retires_after_the_task_and_keeps_its_result", soft_memory_cap),
+        Trial::test("memory_limit_stops_a_busy_worker_and_fails_its_task", hard_memory_limit),
+        Trial::test("on_worker_lost_runs_on_its_own_thread_with_the_record_after_a_sigkill", lost_after_sigkill),
+        Trial::test("a_worker_that_retires_is_not_lost", retired_is_not_lost),
+        Trial::test("a_panic_in_the_supervisor_kills_and_reaps_every_worker", supervisor_panic_kills_every_worker),
+    ];
+    libtest_mimic::run(&args, tests).exit();
+}
+
+// ---- tasks and hooks (run inside workers) ---------------------------------
+
+fn hooks_dir() -> Option<PathBuf> {
+    std::env::var_os(HOOKS_ENV).map(PathBuf::from)
+}
+
+fn on_exit(reason: ExitReason) {
+    if let Some(dir) = hooks_dir() {
+        let _ = std::fs::write(dir.join(format!("exit-{}", std::process::id())), format!("{reason:?}"));
+    }
+}
+
+fn pid(_: ()) -> u32 {
+    std::process::id()
+}
+
+fn sigkill_self(_: ()) {
+    // SAFETY: kill(2) on our own pid.
+    unsafe { libc::kill(std::process::id() as i32, libc::SIGKILL) };
+}
+
+static BALLAST: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// Allocates and touches `mib` MiB, keeps it, returns the pid.
+fn grow_and_keep(mib: u64) -> u32 {
+    BALLAST.lock().unwrap_or_else(|p| p.into_inner()).push(vec![1u8; (mib * MIB) as usize]);
+    std::process::id()
+}
+
+/// Grows by 8 MiB steps up to `mib`, then sleeps: only a limit stops it.
+fn grow_slowly_then_sleep(mib: u64) -> u32 {
+    for _ in 0..mib / 8 {
+        grow_and_keep(8);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_secs(60));
+    std::process::id()
+}
+
+/// Leaves a cleanup record naming a file it creates, then dies by SIGKILL.
+fn record_then_die(dir: String) {
+    let path = Path::new(&dir).join(format!("scratch-{}", std::process::id()));
+    let _ = std::fs::write(&path, "");
+    let _ = warden::set_cleanup_record(path.to_string_lossy().as_bytes());
+    sigkill_self(());
+}
+
+// ---- helpers ---------------------------------------------------------------
+
+struct Hooks {
+    dir: tempfile::TempDir,
+}
+
+impl Hooks {
+    fn new() -> Self {
+        Hooks { dir: tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}")) }
+    }
+
+    fn exit_reason(&self, pid: u32) -> Option<String> {
+        std::fs::read_to_string(self.dir.path().join(format!("exit-{pid}"))).ok()
+    }
+
+    fn builder(&self) -> warden::Builder {
+        Pool::builder()
+            .env(HOOKS_ENV, self.dir.path())
+            .on_exit(on_exit)
+            .grace(Duration::from_secs(2))
+            .init_timeout(Duration::from_secs(20))
+    }
+}
+
+fn ready_pids(pool: &Pool) -> Vec<i32> {
+    pool.workers().into_iter().filter(|w| w.phase == "ready").map(|w| w.pid).collect()
+}
+
+/// SIGKILLs `n` idle workers, one after another, each once it is ready, and
+/// waits until the pool has reaped each.
+fn kill_idle_workers(pool: &Pool, n: usize) -> TestResult {
+    let mut killed = BTreeSet::new();
+    for _ in 0..n {
+        let mut target = None;
+        wait_until(Duration::from_secs(20), || {
+            target = ready_pids(pool).into_iter().find(|p| !killed.contains(p));
+            target.is_some() || pool.failure().is_some()
+        });
+        let Some(pid) = target else { return Ok(()) };
+        // SAFETY: kill(2) on a worker the pool holds unreaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        killed.insert(pid);
+        check(
+            wait_until(Duration::from_secs(20), || pool.workers().iter().all(|w| w.pid != pid)),
+            format!("worker {pid} was reaped"),
+        )?;
+    }
+    Ok(())
+}
+
+// ---- restart intensity -----------------------------------------------------
+
+fn task_crashes_are_not_counted() -> TestResult {
+    let pool = Pool::builder().workers(1).restart_intensity(1, Duration::from_secs(60)).build()?;
+    for _ in 0..5 {
+        let e = pool.spawn(sigkill_self, ())?.join().err().ok_or("a crash")?;
+        check(e.is_crash() && e.signal() == Some(libc::SIGKILL), format!("the task's own outcome: {e}"))?;
+    }
+    check(pool.failure().is_none(), format!("the pool did not fail: {:?}", pool.failure()))?;
+    check(pool.spawn(pid, ())?.join().is_ok(), "the pool still serves")?;
+    pool.shutdown();
+    Ok(())
+}
+
+fn idle_deaths_are_counted() -> TestResult {
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&failures);
+    let pool = Pool::builder()
+        .workers(1)
+        .restart_intensity(2, Duration::from_secs(60))
+        .on_event(move |e| {
+            if let LifecycleEvent::PoolFailed { reason } = e {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(reason.clone());
+            }
+        })
+        .build()?;
+    pool.spawn(pid, ())?.join()?;
+    kill_idle_workers(&pool, 2)?;
+    check(pool.failure().is_none(), "two failures are within the limit")?;
+    check(pool.spawn(pid, ())?.join().is_ok(), "and the pool serves")?;
+    kill_idle_workers(&pool, 1)?;
+    check(wait_until(Duration::from_secs(20), || pool.failure().is_some()), "the third fails the pool")?;
+    let reason = pool.failure().unwrap_or_default();
+    check(
+        reason.contains("exceed the restart limit of 2") && reason.contains("SIGKILL"),
+        format!("the reason says which failures: {reason}"),
+    )?;
+    let refused = pool.spawn(pid, ()).err().ok_or("a failed pool takes no tasks")?;
+    check(refused.is_pool_failed(), format!("refusal says the pool failed: {refused}"))?;
+    check(pool.join(Some(Duration::from_secs(10))), "a failed pool shuts itself down")?;
+    check(failures.lock().map(|f| f.len()).unwrap_or(0) == 1, "one PoolFailed event")
+}
+
+fn no_restart_limit() -> TestResult {
+    let pool = Pool::builder().workers(1).no_restart_limit().build()?;
+    pool.spawn(pid, ())?.join()?;
+    kill_idle_workers(&pool, 4)?;
+    check(pool.spawn(pid, ())?.join().is_ok(), "the pool still serves")?;
+    check(pool.failure().is_none(), "and never failed")?;
+    pool.shutdown();
+    Ok(())
+}
+
+// ---- memory -------------------------------------------------------------------
+
+fn soft_memory_cap() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).max_memory_per_child(160 * MIB).build()?;
+    let first = pool.spawn(grow_and_keep, 1)?.join()?;
+    check(pool.spawn(pid, ())?.join()? == first, "under the cap the worker stays")?;
+    let big = pool.spawn(grow_and_keep, 200)?.join()?;
+    check(big == first, "the task that went over returns its result")?;
+    check(
+        wait_until(Duration::from_secs(10), || hooks.exit_reason(big).is_some()),
+        "the worker retired through its exit path",
+    )?;
+    let reason = hooks.exit_reason(big).unwrap_or_default();
+    check(reason == "Retired(MaxMemory)", format!("retired for its memory: {reason}"))?;
+    check(pool.spawn(pid, ())?.join()? != big, "a new worker serves")?;
+    pool.shutdown();
+    Ok(())
+}
+
+fn hard_memory_limit() -> TestResult {
+    let hooks = Hooks::new();
+    let pool =
+        hooks.builder().workers(1).memory_limit(150 * MIB).memory_sample_interval(Duration::from_millis(20)).build()?;
+    let e = pool.spawn(grow_slowly_then_sleep, 400)?.join().err().ok_or("the limit stops the task")?;
+    check(e.is_memory_exceeded() && e.is_crash(), format!("memory exceeded: {e}"))?;
+    let (worker, limit, rss) = match e.kind() {
+        warden::ErrorKind::MemoryExceeded { pid, limit, rss } => (*pid, *limit, *rss),
+        other => return Err(format!("unexpected {other:?}").into()),
+    };
+    check(limit == 150 * MIB && rss > limit, format!("limit {limit}, rss {rss}"))?;
+    check(e.to_string().contains(&limit.to_string()), format!("the message names the limit: {e}"))?;
+    check(
+        wait_until(Duration::from_secs(10), || hooks.exit_reason(worker as u32).is_some()),
+        "stopped with SIGTERM: its exit hook ran",
+    )?;
+    check(pool.spawn(pid, ())?.join()? != worker as u32, "a new worker serves")?;
+    check(pool.failure().is_none(), "the pool did not fail")?;
+    pool.shutdown();
+    Ok(())
+}
+
+// ---- on_worker_lost -------------------------------------------------------------
+
+fn lost_after_sigkill() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let seen: Arc<Mutex<Vec<(LostWorker, String)>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let pool = Pool::builder()
+        .workers(1)
+        .on_worker_lost(move |lost| {
+            // What a real hook does: remove what the worker left behind.
+            if let Some(path) = lost.record.as_deref().and_then(|r| std::str::from_utf8(r).ok()) {
+                let _ = std::fs::remove_file(path);
+            }
+            let thread = std::thread::current().name().unwrap_or("").to_string();
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push((lost.clone(), thread));
+        })
+        .build()?;
+    let handle = pool.spawn(record_then_die, dir.path().to_string_lossy().into_owned())?;
+    let task = handle.id();
+    let e = handle.join().err().ok_or("the task crashed")?;
+    check(e.signal() == Some(libc::SIGKILL), format!("{e}"))?;
+    check(pool.spawn(pid, ())?.join().is_ok(), "the pool still serves")?;
+    pool.shutdown(); // waits for the hook
+    let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    check(seen.len() == 1, format!("one lost worker: {seen:?}"))?;
+    let (lost, thread) = &seen[0];
+    check(lost.status == warden::ExitStatus::Signal(libc::SIGKILL), format!("{lost:?}"))?;
+    check(lost.task == Some(task), format!("the task it ran: {lost:?}"))?;
+    check(lost.record.is_some(), "its record came along")?;
+    check(thread.ends_with("-lost"), format!("ran on the pool's lost thread: {thread:?}"))?;
+    let left: Vec<_> = std::fs::read_dir(dir.path())?.flatten().map(|e| e.file_name()).collect();
+    check(left.is_empty(), format!("the hook removed the scratch file: {left:?}"))
+}
+
+fn retired_is_not_lost() -> TestResult {
+    let seen = Arc::new(Mutex::new(0));
+    let sink = Arc::clone(&seen);
+    let pool = Pool::builder()
+        .workers(2)
+        .max_tasks_per_child(1)
+        .on_worker_lost(move |_| *sink.lock().unwrap_or_else(|p| p.into_inner()) += 1)
+        .build()?;
+    for _ in 0..4 {
+        pool.spawn(pid, ())?.join()?;
+    }
+    pool.shutdown();
+    let n = *seen.lock().unwrap_or_else(|p| p.into_inner());
+    check(n == 0, format!("no worker that said goodbye is lost: {n}"))
+}
+
+// ---- the supervisor's panic path ----------------------------------------------------
+
+/// Whether a process has exited: gone from /proc, or a zombie.
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+fn supervisor_panic_kills_every_worker() -> TestResult {
+    let pids: Arc<Mutex<Vec<i32>>> = Arc::default();
+    let sink = Arc::clone(&pids);
+    let pool = Pool::builder()
+        .workers(3)
+        .on_event(move |e| {
+            if let LifecycleEvent::WorkerReady { pid, .. } = e {
+                let mut pids = sink.lock().unwrap_or_else(|p| p.into_inner());
+                pids.push(*pid);
+                // A callback that panics on the supervisor thread takes the loop down.
+                assert!(pids.len() < 3, "an event sink that panics");
+            }
+        })
+        .build()?;
+    let busy = pool.spawn(grow_slowly_then_sleep, 8)?;
+    let e = busy.join().err().ok_or("the task cannot finish")?;
+    check(e.is_closed(), format!("the pool went away under the task: {e}"))?;
+    check(pool.join(Some(Duration::from_secs(20))), "the pool finished")?;
+    let reason = pool.failure().unwrap_or_default();
+    check(reason.contains("supervisor panicked"), format!("the failure says so: {reason}"))?;
+    let pids = pids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    check(pids.len() == 3, format!("three workers were ready: {pids:?}"))?;
+    for pid in pids {
+        check(process_gone(pid), format!("worker {pid} was killed and reaped"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,38 @@
+"""The errors a worker itself raises or reports, kept apart from the rest of
+:mod:`warden._errors` so that a worker starts without importing
+``concurrent.futures`` (the parent re-exports them from ``warden``)."""
+
+from __future__ import annotations
+
+__all__ = ["RemoteError", "TaskAborted", "TaskInterrupted"]
+
+
+class RemoteError(Exception):
+    """A task failed in a way that cannot be rebuilt as its own exception here:
+    its exception could not be pickled in the worker or unpickled in this
+    process, or the result was too large to send. ``type_name`` and
+    ``message`` describe the original."""
+
+    def __init__(self, message: str, type_name: str = "", original_message: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.message = original_message
+
+
+class TaskAborted(Exception):
+    """A task raised a ``BaseException`` that is not an ``Exception``
+    (``SystemExit``, ``KeyboardInterrupt``, ...). It is reported as this
+    ordinary exception so that it cannot end or interrupt the waiting process;
+    the worker lives on. ``type_name`` and ``message`` describe the original."""
+
+    def __init__(self, message: str, type_name: str = "", original_message: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.message = original_message
+
+
+class TaskInterrupted(BaseException):
+    """Raised inside a running task when its worker is told to stop (task
+    timeout, cancel, terminate, parent death). Let it propagate: ``finally``
+    blocks run, then the worker's exit path (finalizer, ``atexit``, garbage
+    collection) runs and the worker exits."""

@@ -1,0 +1,402 @@
+"""Fault tolerance as a user sees it: crashes that stay with their task,
+restart intensity, stopping a running task, memory caps, cleanup after a
+SIGKILL (``on_worker_lost``), and nothing left open after a shutdown."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import warden
+from warden import _warden
+
+from conftest import alive, wait_until
+
+MiB = 1 << 20
+
+
+def square(x):
+    return x * x
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def die_by_sigkill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def record(path, tag):
+    with open(path, "a") as f:
+        f.write(f"{tag} {os.getpid()}\n")
+
+
+def sleep_after_marking(path, seconds):
+    try:
+        record(path, "started")
+        time.sleep(seconds)
+        return "slept"
+    finally:
+        record(path, "finally")
+
+
+def lines(path):
+    try:
+        return Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def pids_tagged(path, tag):
+    return [int(line.split()[1]) for line in lines(path) if line.split()[0] == tag]
+
+
+def busy_pids(pool_runner):
+    return [w.pid for w in pool_runner.core.workers() if w.running_task is not None]
+
+
+def ready_pids(pool_runner):
+    return [w.pid for w in pool_runner.core.workers() if w.phase == "ready"]
+
+
+def kill_idle_workers(pool_runner, n):
+    """SIGKILLs ``n`` idle workers one after another, each once it is ready,
+    and waits until the pool has reaped it (or has failed)."""
+    killed: set[int] = set()
+    for _ in range(n):
+        assert wait_until(
+            lambda: [p for p in ready_pids(pool_runner) if p not in killed] or pool_runner.core.failure(),
+            timeout=30,
+        )
+        fresh = [p for p in ready_pids(pool_runner) if p not in killed]
+        if not fresh:
+            return
+        pid = fresh[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+        assert wait_until(lambda pid=pid: pid not in [w.pid for w in pool_runner.core.workers()], timeout=30)
+
+
+# -- restart intensity -------------------------------------------------------
+
+
+def test_workers_killed_while_running_tasks_fail_only_those_tasks_and_never_the_pool():
+    # A limit of 2 failures a minute, and 6 workers dying in their tasks: none counts.
+    with warden.ProcessPoolExecutor(2, restart_limit=(2, 60.0)) as ex:
+        for _ in range(6):
+            with pytest.raises(warden.WorkerCrashed) as info:
+                ex.submit(die_by_sigkill).result(timeout=60)
+            assert info.value.signal == signal.SIGKILL
+        assert ex.submit(square, 7).result(timeout=60) == 49
+        assert ex._runner.core.failure() is None
+
+
+def test_workers_dying_idle_past_the_restart_limit_fail_the_pool_saying_so():
+    ex = warden.ProcessPoolExecutor(1, restart_limit=(2, 60.0))
+    try:
+        assert ex.submit(square, 2).result(timeout=60) == 4
+        kill_idle_workers(ex._runner, 3)
+        assert wait_until(lambda: ex._runner.core.failure() is not None, timeout=30)
+        failure = ex._runner.core.failure()
+        assert "restart limit" in failure and "signal 9" in failure
+        with pytest.raises(warden.PoolFailed):
+            ex.submit(square, 3)
+    finally:
+        ex.shutdown()
+
+
+def test_no_restart_limit_keeps_a_pool_serving_whatever_dies():
+    with warden.ProcessPoolExecutor(1, restart_limit=None) as ex:
+        assert ex.submit(square, 2).result(timeout=60) == 4
+        kill_idle_workers(ex._runner, 4)
+        assert ex.submit(square, 5).result(timeout=60) == 25
+        assert ex._runner.core.failure() is None
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        ((1,), TypeError),
+        (5, TypeError),
+        ((-1, 5.0), ValueError),
+        ((3, 0), ValueError),
+        ((1.5, 2.0), ValueError),
+    ],
+)
+def test_a_bad_restart_limit_is_refused_with_a_clear_error(bad, error):
+    with pytest.raises(error, match="restart_limit"):
+        warden.ProcessPoolExecutor(1, restart_limit=bad)
+    with pytest.raises(error, match="restart_limit"):
+        warden.Pool(1, restart_limit=bad)
+
+
+# -- stopping a running task ---------------------------------------------------
+
+
+def test_cancel_running_stops_the_task_runs_the_finalizer_and_spares_the_other_tasks(tmp_path):
+    log = tmp_path / "log"
+    with warden.ProcessPoolExecutor(2, finalizer=record, finalargs=(log, "fin")) as ex:
+        victim = ex.submit(sleep_after_marking, log, 60)
+        other = ex.submit(sleep_after_marking, log, 1.0)
+        assert wait_until(lambda: len(pids_tagged(log, "started")) == 2, timeout=60)
+        assert victim.cancel() is False  # the standard library's meaning: it runs
+        assert victim.cancel(running=True) is True
+        assert victim.cancelled()
+        with pytest.raises(cf.CancelledError):
+            victim.result(timeout=0)
+        assert other.result(timeout=60) == "slept"
+        # The victim's worker ran the task's finally block and its finalizer,
+        # then exited; a new worker serves.
+        victim_pid = pids_tagged(log, "started")[0]
+        assert wait_until(lambda: victim_pid in pids_tagged(log, "fin"), timeout=15)
+        assert victim_pid in pids_tagged(log, "finally")
+        assert wait_until(lambda: not alive(victim_pid), timeout=15)
+        assert ex.submit(square, 3).result(timeout=60) == 9
+        assert victim.cancel(running=True) is True  # already cancelled
+
+
+def test_cancel_running_after_the_task_finished_is_false(tmp_path):
+    with warden.ProcessPoolExecutor(1) as ex:
+        f = ex.submit(square, 4)
+        assert f.result(timeout=60) == 16
+        assert f.cancel(running=True) is False
+        assert f.result() == 16
+
+
+def test_async_result_cancel_running_stops_the_call_and_runs_the_finalizer(tmp_path):
+    log = tmp_path / "log"
+    with warden.Pool(2, finalizer=record, finalargs=(log, "fin")) as pool:
+        victim = pool.apply_async(sleep_after_marking, (log, 60))
+        other = pool.apply_async(sleep_after_marking, (log, 1.0))
+        assert wait_until(lambda: len(pids_tagged(log, "started")) == 2, timeout=60)
+        assert victim.cancel() is False
+        assert victim.cancel(running=True) is True
+        with pytest.raises(cf.CancelledError):
+            victim.get(timeout=30)
+        assert other.get(timeout=60) == "slept"
+        victim_pid = pids_tagged(log, "started")[0]
+        assert wait_until(lambda: victim_pid in pids_tagged(log, "fin"), timeout=15)
+        assert pool.apply(square, (5,)) == 25
+
+
+# -- memory caps ----------------------------------------------------------------
+
+_ballast: list[bytearray] = []
+
+
+def grow_and_keep(mib):
+    """Allocates and touches ``mib`` MiB, keeps it, returns the pid."""
+    _ballast.append(bytearray(b"x" * (mib * MiB)))
+    return os.getpid()
+
+
+def grow_slowly_then_sleep(mib, path):
+    record(path, "started")
+    for _ in range(mib // 8):
+        _ballast.append(bytearray(b"x" * (8 * MiB)))
+        time.sleep(0.005)
+    time.sleep(60)
+    return "survived"
+
+
+@pytest.mark.parametrize("cap", [160 * MiB, "160MiB"])
+def test_max_memory_per_child_retires_the_worker_after_its_task_and_keeps_the_result(tmp_path, cap):
+    log = tmp_path / "log"
+    hooks = {"finalizer": record, "finalargs": (log, "fin")}
+    with warden.ProcessPoolExecutor(1, max_memory_per_child=cap, **hooks) as ex:
+        small = ex.submit(grow_and_keep, 1).result(timeout=60)
+        assert ex.submit(getpid).result(timeout=60) == small  # under the cap: the same worker
+        big = ex.submit(grow_and_keep, 200).result(timeout=60)  # the result comes back
+        assert big == small
+        assert wait_until(lambda: big in pids_tagged(log, "fin"), timeout=15)  # retired gracefully
+        assert ex.submit(getpid).result(timeout=60) != big
+
+
+def test_memory_limit_stops_a_worker_mid_task_with_worker_memory_exceeded(tmp_path):
+    log = tmp_path / "log"
+    with warden.ProcessPoolExecutor(1, memory_limit="150MiB", finalizer=record, finalargs=(log, "fin")) as ex:
+        f = ex.submit(grow_slowly_then_sleep, 400, log)
+        with pytest.raises(warden.WorkerMemoryExceeded) as info:
+            f.result(timeout=60)
+        e = info.value
+        assert isinstance(e, warden.WorkerCrashed)
+        assert e.limit == 150 * MiB and e.rss > e.limit
+        assert "150" in str(e) or str(150 * MiB) in str(e)
+        pid = pids_tagged(log, "started")[0]
+        assert e.pid == pid
+        assert wait_until(lambda: pid in pids_tagged(log, "fin"), timeout=15)  # SIGTERM: finalizer ran
+        assert ex.submit(square, 6).result(timeout=60) == 36
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [("lots", ValueError), ("12 parsecs", ValueError), (0, ValueError), (-5, ValueError), (1.5, TypeError)],
+)
+def test_a_bad_memory_size_is_refused_with_a_clear_error(value, error):
+    with pytest.raises(error, match="memory_limit"):
+        warden.ProcessPoolExecutor(1, memory_limit=value)
+    with pytest.raises(error, match="max_memory_per_child"):
+        warden.Pool(1, max_memory_per_child=value)
+
+
+# -- on_worker_lost -------------------------------------------------------------
+
+
+def make_scratch(base):
+    path = tempfile.mkdtemp(prefix="scratch-", dir=base)
+    warden.set_cleanup_record({"scratch": path})
+
+
+def scratch_then_die(base, die):
+    path = tempfile.mkdtemp(prefix="task-", dir=base)
+    warden.set_cleanup_record({"scratch": path, "task": True})
+    if die:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+
+def test_on_worker_lost_cleans_up_in_the_parent_after_a_sigkill(tmp_path):
+    seen = []
+    done = threading.Event()
+
+    def lost(info):
+        # A thread of the core's (not one Python started), not the main thread.
+        seen.append((info, threading.get_ident(), type(threading.current_thread()).__name__))
+        shutil.rmtree(info.record["scratch"])
+        done.set()
+
+    hooks = {"initializer": make_scratch, "initargs": (str(tmp_path),)}
+    ex = warden.ProcessPoolExecutor(1, on_worker_lost=lost, **hooks)
+    try:
+        f = ex.submit(scratch_then_die, str(tmp_path), True)
+        with pytest.raises(warden.WorkerCrashed) as crash:
+            f.result(timeout=60)
+        assert done.wait(30)
+        info, thread, kind = seen[0]
+        assert info.pid == crash.value.pid and info.signal == signal.SIGKILL
+        assert info.exitcode == -signal.SIGKILL
+        assert info.task is f
+        assert info.record["task"] is True
+        assert thread != threading.main_thread().ident and kind == "_DummyThread"
+        # The worker that replaced it retires normally: it is not lost.
+        assert ex.submit(square, 2).result(timeout=60) == 4
+    finally:
+        ex.shutdown()
+    assert len(seen) == 1
+    left = sorted(p.name.split("-")[0] for p in tmp_path.iterdir())
+    # The lost worker's task scratch is gone; the two initializer scratches
+    # (one per worker, never cleaned by a finalizer here) stay.
+    assert left == ["scratch", "scratch"]
+
+
+def test_on_worker_lost_on_a_pool_gets_the_async_result_and_an_error_in_it_is_reported(tmp_path, capfd):
+    seen = []
+
+    def lost(info):
+        seen.append(info)
+        raise RuntimeError("hook failed on purpose")
+
+    with warden.Pool(1, on_worker_lost=lost) as pool:
+        r = pool.apply_async(scratch_then_die, (str(tmp_path), True))
+        with pytest.raises(warden.WorkerCrashed):
+            r.get(timeout=60)
+        assert wait_until(lambda: len(seen) == 1, timeout=30)
+        assert seen[0].task is r
+        assert pool.apply(square, (3,)) == 9
+    assert wait_until(lambda: "hook failed on purpose" in capfd.readouterr().err, timeout=10)
+
+
+def test_set_cleanup_record_outside_a_worker_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="not serving as a warden worker"):
+        warden.set_cleanup_record("x")
+
+
+# -- nothing left open -------------------------------------------------------------
+
+
+def open_fds():
+    """This process's open fds (not the one that listed them)."""
+    listed = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    still = []
+    for fd in listed:
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        still.append(fd)
+    return sorted(still)
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_after_shutdown_every_fd_the_pool_opened_is_closed_while_it_is_still_referenced(kind):
+    before = open_fds()
+    if kind == "executor":
+        ex = warden.ProcessPoolExecutor(2)
+        assert ex.submit(square, 3).result(timeout=60) == 9
+        ex.shutdown(wait=True)
+        keep = ex
+    else:
+        pool = warden.Pool(2)
+        assert pool.apply(square, (3,)) == 9
+        pool.close()
+        pool.join()
+        keep = pool
+    assert open_fds() == before
+    assert keep is not None
+
+
+# -- sharp edges ----------------------------------------------------------------------
+
+
+def test_pass_fds_with_a_bad_fd_closes_every_good_one_it_was_given():
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    os.close(w1), os.close(w2)
+    bad = max(r1, r2) + 1000
+    program, args = sys.executable, ["-c", "pass"]
+    with pytest.raises(ValueError, match=f"pass_fds: {bad} "):
+        _warden.CorePool(program, args, pass_fds=[r1, bad, r2])
+    for fd in (r1, r2):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_pass_fds_with_a_repeated_fd_passes_it_once_and_closes_it():
+    from warden import _runner
+
+    r, w = os.pipe()
+    os.close(w)
+    program, args = _runner.worker_command()
+    before = open_fds()
+    core = _warden.CorePool(program, args, pass_fds=[r, r], workers=1)
+    core.close()
+    assert core.join(60)
+    core.dispose()
+    with pytest.raises(OSError):
+        os.fstat(r)
+    assert sorted(set(before) - set(open_fds())) == [r]
+
+
+def spawn_child_and_read_its_worker_variables():
+    code = "import os, sys; sys.stdout.write(repr([os.environ.get(k) for k in sys.argv[1:]]))"
+    argv = [sys.executable, "-c", code, *_warden.WORKER_VARIABLES]
+    out = subprocess.run(argv, capture_output=True, text=True)
+    return out.stdout, [os.environ.get(k) for k in _warden.WORKER_VARIABLES]
+
+
+def test_a_workers_own_children_do_not_see_the_worker_variables():
+    with warden.ProcessPoolExecutor(1) as ex:
+        child, own = ex.submit(spawn_child_and_read_its_worker_variables).result(timeout=60)
+    assert child == repr([None, None, None])
+    assert own == [None, None, None]

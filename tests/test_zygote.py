@@ -1,0 +1,203 @@
+"""Workers forked by a pool's zygote: as isolated as exec'd ones (fds,
+process group, parent, random state, finalizers), the zygote is never a
+worker, and a pool whose zygote dies or cannot fork goes on serving by exec."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import time
+
+import pytest
+
+import warden
+from warden import _warden
+
+from conftest import alive, wait_until
+
+
+def whoami():
+    return os.getpid(), os.getppid(), os.getpgid(0), _warden.forked_from()
+
+
+def fds():
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the directory listing's own fd
+    return out
+
+
+def draw():
+    return os.getpid(), random.random(), random.getrandbits(64)
+
+
+def preloaded(name):
+    return os.getpid(), name in sys.modules
+
+
+def nap(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def zygote_pid(ex):
+    """The pool's zygote, once it is ready."""
+    pid = None
+
+    def ready():
+        nonlocal pid
+        pid = ex._runner.core.zygote_pid()
+        return pid is not None
+
+    assert wait_until(ready, timeout=30)
+    return pid
+
+
+def test_zygote_workers_are_forked_children_of_the_pool_process_in_their_own_group():
+    with warden.ProcessPoolExecutor(2, start="zygote", max_tasks_per_child=1) as ex:
+        seen = [ex.submit(whoami).result(30) for _ in range(4)]
+        zygote = zygote_pid(ex)
+    assert len({pid for pid, *_ in seen}) == 4
+    for pid, ppid, pgid, forked_from in seen:
+        assert ppid == os.getpid()  # a child of this process, not of the zygote
+        assert pgid == pid != os.getpgid(0)
+        assert forked_from == zygote
+    assert zygote not in {pid for pid, *_ in seen}
+
+
+def test_exec_workers_are_not_forked():
+    with warden.ProcessPoolExecutor(1, start="exec") as ex:
+        assert ex.submit(whoami).result(30)[3] is None
+        assert ex._runner.core.zygote_pid() is None
+
+
+@pytest.mark.usefixtures("start_method")
+@pytest.mark.parametrize(
+    ("forward_logging", "expected"),
+    [
+        (False, ["anon_inode", "socket"]),  # the parent's pidfd, the channel
+        (True, ["anon_inode", "socket", "socket"]),  # and the logging channel
+    ],
+)
+def test_a_worker_holds_only_stdio_its_channel_and_the_parent_sentinel(forward_logging, expected):
+    careless = os.open("/proc/self/status", os.O_RDONLY)  # no O_CLOEXEC in effect:
+    os.set_inheritable(careless, True)  # as a careless library leaves it
+    try:
+        with warden.ProcessPoolExecutor(2, forward_logging=forward_logging) as ex:
+            held = [ex.submit(fds).result(30) for _ in range(3)]
+    finally:
+        os.close(careless)
+    for table in held:
+        assert table[0] == "/dev/null"
+        kinds = sorted(target.split(":")[0] for fd, target in table.items() if fd > 2)
+        assert kinds == expected, table
+
+
+def test_each_forked_worker_draws_fresh_random_numbers():
+    with warden.ProcessPoolExecutor(2, start="zygote", max_tasks_per_child=1) as ex:
+        draws = [ex.submit(draw).result(30) for _ in range(6)]
+    assert len({pid for pid, *_ in draws}) == 6
+    assert len({x for _, x, _ in draws}) == 6
+    assert len({bits for *_, bits in draws}) == 6
+
+
+def test_preloads_are_imported_once_by_the_zygote_not_by_each_worker(tmp_path, monkeypatch):
+    log = tmp_path / "imports"
+    (tmp_path / "heavy_preload.py").write_text(
+        f"import os\nwith open({str(log)!r}, 'a') as f:\n    f.write(f'{{os.getpid()}}\\n')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warden.Pool(2, start="zygote", preload=["heavy_preload"], maxtasksperchild=1) as pool:
+        seen = [pool.apply(preloaded, ("heavy_preload",)) for _ in range(4)]
+    assert all(loaded for _, loaded in seen)
+    importers = log.read_text().split()
+    assert len(importers) == 1, importers
+    assert int(importers[0]) not in {pid for pid, _ in seen}
+
+
+def test_bad_start_and_preload_arguments_are_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="start must be one of"):
+        warden.ProcessPoolExecutor(1, start="fork")
+    with pytest.raises(TypeError, match="list of module names"):
+        warden.Pool(1, preload="numpy")
+    monkeypatch.setenv("WARDEN_START", "forkserver")
+    with pytest.raises(ValueError, match="WARDEN_START"):
+        warden.ProcessPoolExecutor(1)
+
+
+def test_the_zygote_never_runs_a_task_nor_counts_as_a_worker():
+    with warden.ProcessPoolExecutor(2, start="zygote") as ex:
+        pids = {f.result(30) for f in [ex.submit(nap, 0.05) for _ in range(8)]}
+        zygote = zygote_pid(ex)
+        workers = {w.pid for w in ex._runner.core.workers()}
+    assert zygote not in pids
+    assert zygote not in workers
+    assert pids <= workers
+
+
+def test_killing_the_zygote_mid_run_leaves_the_pool_serving():
+    with warden.ProcessPoolExecutor(2, start="zygote", max_tasks_per_child=1) as ex:
+        ex.submit(os.getpid).result(30)
+        first = zygote_pid(ex)
+        running = ex.submit(nap, 1.0)
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: not alive(first))
+        # The running task was not the zygote's: it finishes.
+        assert running.result(30) != first
+        # Replacements keep coming (by exec until a new zygote is ready).
+        pids = [ex.submit(os.getpid).result(30) for _ in range(6)]
+        assert len(set(pids)) == 6
+        assert wait_until(lambda: ex._runner.core.zygote_pid() not in (None, first), timeout=30)
+        second = ex._runner.core.zygote_pid()
+        # Once it is ready, workers come from the new zygote.
+        assert wait_until(lambda: ex.submit(whoami).result(30)[3] == second, timeout=30)
+
+
+THREADED_PRELOAD = """
+import threading, time
+threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+"""
+
+
+def test_a_zygote_that_cannot_fork_falls_back_to_exec(tmp_path, monkeypatch):
+    (tmp_path / "starts_a_thread.py").write_text(THREADED_PRELOAD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warden.ProcessPoolExecutor(2, start="zygote", preload=["starts_a_thread"]) as ex:
+        seen = [ex.submit(whoami).result(30) for _ in range(4)]
+        refused = ex._runner.core.zygote_refused()
+    assert all(forked_from is None for *_, forked_from in seen)
+    assert refused is not None and "threads" in refused
+
+
+def test_a_parents_exit_handlers_never_run_in_its_workers(program):
+    prog = program(
+        """
+        import atexit, multiprocessing.util, os, warden
+        OUT = os.environ["OUT"]
+        def mark(word):
+            with open(OUT, "a") as f:
+                f.write(f"{word} {os.getpid()}\\n")
+        class Held:
+            pass
+        if __name__ == "__main__":
+            held = Held()
+            atexit.register(mark, "atexit")
+            warden.at_exit(mark, "at_exit")
+            warden.finalize(held, mark, "finalize")
+            multiprocessing.util.Finalize(held, mark, args=("mp-finalize",), exitpriority=10)
+            with warden.ProcessPoolExecutor(2, max_tasks_per_child=1) as ex:
+                pids = [ex.submit(os.getpid).result() for _ in range(4)]
+            print(os.getpid(), flush=True)
+        """
+    )
+    run = prog.run(env={"WARDEN_START": "zygote"})
+    assert run.returncode == 0, run.stderr
+    parent = int(run.stdout.split()[0])
+    lines = prog.out_lines()
+    assert sorted(line.split()[0] for line in lines) == ["at_exit", "atexit", "finalize", "mp-finalize"]
+    assert {int(line.split()[1]) for line in lines} == {parent}
