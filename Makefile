@@ -11,7 +11,7 @@ VPY := $(VENV)/bin/python
 T := timeout --kill-after=30
 
 .PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff stubtest pytest \
-	venv test-tools develop bench bench-core bench-py bench-peers chaos fuzz clean
+	venv test-tools develop wheel pytest-pythons bench bench-core bench-py bench-peers bench-logging chaos fuzz clean
 
 demo: demo-rust demo-py
 
@@ -21,7 +21,7 @@ demo-rust:
 demo-py: develop
 	$(T) 300 $(VPY) examples/demo.py
 
-test: fmt-check clippy doc test-rust ruff stubtest pytest
+test: fmt-check clippy doc test-rust ruff stubtest pytest pytest-pythons
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -49,7 +49,7 @@ $(VENV)/.tools: Makefile
 venv: $(VENV)/.tools
 
 # What the optional features' tests need (each test skips, saying so, without it).
-TEST_TOOLS := "numpy>=1.24"
+TEST_TOOLS := "tqdm>=4.60" "dask[distributed]>=2024.1" "numpy>=1.24" "uvloop>=0.19"
 $(VENV)/.test-tools: $(VENV)/.tools
 	$(T) 900 $(VPY) -m pip install --quiet $(TEST_TOOLS)
 	touch $@
@@ -58,6 +58,8 @@ test-tools: $(VENV)/.test-tools
 
 # Builds the extension (release) and installs warden into the venv, editable.
 develop: venv
+	@# A build for one interpreter version would shadow the abi3 build.
+	rm -f python/warden/_warden.cpython-*.so
 	VIRTUAL_ENV=$(abspath $(VENV)) $(T) 1200 $(VENV)/bin/maturin develop --release --quiet
 
 ruff: venv
@@ -71,6 +73,38 @@ stubtest: develop
 
 pytest: develop test-tools
 	$(T) 900 $(VPY) -m pytest
+
+# The release wheel (abi3: one wheel for CPython 3.11 and later) and the sdist.
+WHEELS := target/wheels
+wheel: venv
+	rm -rf $(WHEELS)
+	VIRTUAL_ENV=$(abspath $(VENV)) $(T) 1200 $(VENV)/bin/maturin build --release --quiet --out $(WHEELS)
+	$(T) 300 $(VENV)/bin/maturin sdist --out $(WHEELS)
+	$(VPY) tests/check_dist.py sdist $(WHEELS)/*.tar.gz
+
+# The other CPython versions people use, found through pyenv. Each gets a venv
+# with the wheel installed (not the source tree), checks that it imports and
+# runs a task from outside the tree, then runs the tests that lean on what
+# changes between versions (concurrent.futures and multiprocessing internals,
+# pickling, asyncio, logging); PYTHONS_TESTS=tests runs them all.
+PYTHONS ?= 3.12 3.13
+PYTHONS_TESTS ?= tests/test_executor_api.py tests/test_pickling.py tests/test_spawn_objects.py \
+	tests/test_asyncio.py tests/test_logging.py
+pytest-pythons: wheel
+	@set -e; for v in $(PYTHONS); do \
+		prefix=$$(pyenv prefix $$v 2>/dev/null || true); \
+		if [ -z "$$prefix" ] || [ ! -x "$$prefix/bin/python$$v" ]; then \
+			echo "SKIPPED: CPython $$v is not installed (pyenv install $$v)"; continue; fi; \
+		venv=.venv-$$v; \
+		if [ ! -f $$venv/.tools ]; then \
+			$$prefix/bin/python$$v -m venv $$venv; \
+			$(T) 900 $$venv/bin/python -m pip install --quiet "pytest>=8" "pytest-timeout>=2.3" "cloudpickle>=2.1" $(TEST_TOOLS); \
+			touch $$venv/.tools; fi; \
+		$(T) 300 $$venv/bin/python -m pip install --quiet --force-reinstall --no-deps $(WHEELS)/*.whl; \
+		(cd /tmp && $(T) 120 $(abspath .)/$$venv/bin/python $(abspath tests/check_dist.py) installed); \
+		echo "== pytest on CPython $$v (installed wheel)"; \
+		$(T) 900 $$venv/bin/python -m pytest -q $(PYTHONS_TESTS); \
+	done
 
 bench: bench-core bench-py bench-peers
 
@@ -107,4 +141,4 @@ fuzz:
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(foreach v,$(PYTHONS),.venv-$(v))

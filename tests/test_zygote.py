@@ -77,18 +77,25 @@ def test_exec_workers_are_not_forked():
 
 
 @pytest.mark.usefixtures("start_method")
-def test_a_worker_holds_only_stdio_its_channel_and_the_parent_sentinel():
+@pytest.mark.parametrize(
+    ("forward_logging", "expected"),
+    [
+        (False, ["anon_inode", "socket"]),  # the parent's pidfd, the channel
+        (True, ["anon_inode", "socket", "socket"]),  # and the logging channel
+    ],
+)
+def test_a_worker_holds_only_stdio_its_channel_and_the_parent_sentinel(forward_logging, expected):
     careless = os.open("/proc/self/status", os.O_RDONLY)  # no O_CLOEXEC in effect:
     os.set_inheritable(careless, True)  # as a careless library leaves it
     try:
-        with warden.ProcessPoolExecutor(2) as ex:
+        with warden.ProcessPoolExecutor(2, forward_logging=forward_logging) as ex:
             held = [ex.submit(fds).result(30) for _ in range(3)]
     finally:
         os.close(careless)
     for table in held:
         assert table[0] == "/dev/null"
         kinds = sorted(target.split(":")[0] for fd, target in table.items() if fd > 2)
-        assert kinds == ["anon_inode", "socket"], table  # the parent's pidfd, the channel
+        assert kinds == expected, table
 
 
 def test_each_forked_worker_draws_fresh_random_numbers():

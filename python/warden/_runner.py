@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from . import _finalize, _oob, _warden
+from . import _finalize, _logging, _oob, _warden
 from ._errors import ErrorData
 from ._pickle import dumps_for_spawn
 
@@ -287,6 +287,7 @@ class Runner:
         max_memory_per_child: int | None = None,
         memory_limit: int | None = None,
         on_worker_lost: Callable[[WorkerLost], object] | None = None,
+        forward_logging: bool = False,
     ) -> None:
         _forget_finished_runners()
         #: Tasks by core id, for ``on_worker_lost`` (only kept when there is one).
@@ -303,6 +304,10 @@ class Runner:
                     hooks, parameters=lambda: _named("initargs", hooks.get("initargs", ()))
                 )
                 fds.extend(hook_fds)
+            log_to = None
+            if forward_logging:
+                fds.append(log_fd := _logging.sender_fd())
+                log_to = {"fd": log_fd, "levels": _logging.parent_levels()}
             init = {
                 "version": 1,
                 "mode": mode,
@@ -310,6 +315,7 @@ class Runner:
                 "parent_name": multiprocessing.current_process().name,
                 "preparation": preparation_data(name),
                 "hooks": hook_bytes,
+                "logging": log_to,
             }
             payload = pickle.dumps(init, protocol=5)
             # What the zygote loads before it forks: this process's sys.path
@@ -344,6 +350,7 @@ class Runner:
         self.name = name
         self.exit_policy = exit_policy
         self.exit_timeout = exit_timeout
+        self.forward_logging = forward_logging
         self.interrupted = False
         #: What to call with each task's outcome, by the core's task id.
         self.pending: dict[int, OnDone] = {}
@@ -354,7 +361,7 @@ class Runner:
         if deliver:
             self.thread = threading.Thread(
                 target=_deliver_outcomes,
-                args=(self.core, self.pending, self.pending_lock, self._leave_live_set),
+                args=(self.core, self.pending, self.pending_lock, self._leave_live_set, forward_logging),
                 name="warden-results",
                 daemon=True,
             )
@@ -424,6 +431,8 @@ class Runner:
             raise
         if done and self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(None if timeout is None else max(timeout, 1.0))
+        if done and self.forward_logging:
+            _logging.drain()  # what the finalizers logged
         return done
 
     def exitcode(self) -> int | None:
@@ -501,13 +510,19 @@ def _deliver_outcomes(
     pending: dict[int, OnDone],
     pending_lock: threading.Lock,
     leave_live_set: Callable[[], None],
+    forward_logging: bool = False,
 ) -> None:
-    """The results thread: takes outcomes from the core, calls their callbacks."""
+    """The results thread: takes outcomes from the core, calls their callbacks.
+    With ``forward_logging``, the workers' log records queued before a batch
+    are handled before it (so a task's records come before its result)."""
     try:
         while True:
             batch = core.next_completions(512)
             if batch is None:
                 break
+            if forward_logging:
+                # Records a task logged come out before its result.
+                _logging.drain()
             _deliver_batch(batch, pending, pending_lock)
             # Hold nothing (no outcome, nor its future) while waiting: a
             # result's mapping lives only as long as what was built on it.
@@ -627,6 +642,8 @@ def _shut_down_at_exit() -> None:
     for r in everyone:
         if r.thread is not None:
             r.thread.join(2.0)
+    # What the workers logged on their way out, before logging shuts down.
+    _logging.drain()
 
 
 def _cut_short(runner: Runner, why: str) -> None:

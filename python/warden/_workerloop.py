@@ -169,6 +169,8 @@ class Handler:
             _set_parent(init["parent_name"], parent)
             if self.mode == "pool":
                 me.name = f"{init['name']}-worker-{worker}"
+            if init.get("logging"):
+                _forward_logging(init["logging"]["fd"], init["logging"]["levels"])
             self.hooks = hooks
             initializer = hooks.get("initializer")
             if initializer is not None:
@@ -323,6 +325,61 @@ class Handler:
                     stream.flush()
             except Exception:
                 pass
+
+
+def _forward_logging(fd: int, levels: dict[str, int]) -> None:
+    """Sends this worker's log records to the parent (``warden._logging``).
+
+    ``logging`` costs a worker's start ``traceback``, ``re`` and more, and a
+    worker whose code never imports it logs nothing: so the handler goes in
+    when something imports ``logging``, or now if something already has."""
+    os.set_inheritable(fd, False)
+    if "logging" in sys.modules:
+        from . import _logging
+
+        _logging.forward_to_parent(fd, levels)
+    else:
+        sys.meta_path.insert(0, _OnLoggingImport(fd, levels))
+
+
+class _OnLoggingImport:
+    """A ``sys.meta_path`` finder for ``logging`` alone: it lets the usual
+    finders find it, and once the module has run, installs the forwarding
+    handler (then takes itself out)."""
+
+    def __init__(self, fd: int, levels: dict[str, int]) -> None:
+        self.fd = fd
+        self.levels = levels
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "logging":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        fd, levels = self.fd, self.levels
+
+        class Loader:
+            def create_module(self, spec: Any) -> Any:
+                return loader.create_module(spec)
+
+            def exec_module(self, module: Any) -> None:
+                loader.exec_module(module)
+                from . import _logging
+
+                _logging.forward_to_parent(fd, levels)
+
+        spec.loader = Loader()
+        return spec
 
 
 def _set_parent(name: str, pid: int) -> None:

@@ -9,11 +9,11 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import _base
 from typing import Any
 
-from . import _runner, _warden
+from . import _aio, _progress, _runner, _warden
 from ._children import WorkerProcess, workers_of
 from ._errors import core_error
 from ._futures import Future
@@ -56,6 +56,10 @@ class ProcessPoolExecutor(_base.Executor):
     * ``on_worker_lost(info)``: runs in this process, on a thread of its own,
       for each worker that died without running its exit path (SIGKILL, a
       segfault), with a :class:`warden.WorkerLost`;
+    * ``forward_logging`` (default on): records logged in the workers are
+      handled by this process's ``logging`` (see ``warden._logging``);
+    * ``run`` and ``amap``: the same for asyncio, where cancelling the
+      awaiting coroutine stops the task (as ``Future.cancel(running=True)``);
     * ``exit_timeout``: seconds that interpreter exit waits for the tasks
       still pending in an executor left open. By default it waits for all of
       them, as ``concurrent.futures`` promises; past the limit (or on Ctrl-C)
@@ -89,6 +93,7 @@ class ProcessPoolExecutor(_base.Executor):
         max_memory_per_child: int | str | None = None,
         memory_limit: int | str | None = None,
         on_worker_lost: Callable[[_runner.WorkerLost], object] | None = None,
+        forward_logging: bool = True,
         exit_timeout: float | None = None,
     ) -> None:
         if max_workers is None:
@@ -119,6 +124,7 @@ class ProcessPoolExecutor(_base.Executor):
         self._hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
         self._max_tasks_per_child = max_tasks_per_child
         self._task_timeout = task_timeout
+        self._forward_logging = forward_logging
         self._exit_timeout = exit_timeout
         self._name = f"ProcessPoolExecutor-{next(_counter)}"
         self._lock = threading.Lock()
@@ -146,6 +152,7 @@ class ProcessPoolExecutor(_base.Executor):
                 hooks=self._hooks,
                 max_tasks_per_child=self._max_tasks_per_child,
                 task_timeout=self._task_timeout,
+                forward_logging=self._forward_logging,
                 exit_timeout=self._exit_timeout,
                 start=self._start,
                 preload=self._preload,
@@ -163,30 +170,86 @@ class ProcessPoolExecutor(_base.Executor):
 
         Raises at once if the call cannot be pickled (the pool is unaffected).
         """
+        return self._submit_payload(self._payload(fn, args, kwargs))
+
+    def _payload(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[bytes, int | None]:
         if self._shutdown_called:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if _runner.exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        payload, segment = dumps_oob((fn, args, kwargs))
-        return self._submit_payload(payload, segment)
+        return dumps_oob((fn, args, kwargs))
 
-    def _submit_payload(self, payload: bytes, segment: int | None = None) -> Future:
+    def _queue(
+        self,
+        call: tuple[bytes, int | None],
+        on_done: Callable[[bool, Any], None],
+        owner: Any,
+        report_start: bool = False,
+    ) -> tuple[_runner.Runner, int]:
+        """Queues a pickled call (its payload and the segment of its large
+        buffers, if any, which this takes over); ``on_done(ok, data)`` gets its
+        outcome on the results thread (with ``report_start``, first
+        ``on_done(None, None)`` when a worker starts it); ``owner`` is what
+        ``on_worker_lost`` reports as the task. Returns the runner and the
+        task id."""
+        payload, segment = call
         try:
             with self._lock:
                 if self._shutdown_called:
                     raise RuntimeError("cannot schedule new futures after shutdown")
                 runner = self._ensure_runner()
-            future = Future()
-            future._on_interrupt = runner.interrupt
         except BaseException:
             _runner.close_fd(segment)
             raise
         try:
-            task = runner.submit(payload, future._deliver, owner=future, segment=segment, report_start=True)
+            return runner, runner.submit(
+                payload, on_done, owner=owner, segment=segment, report_start=report_start
+            )
         except _warden.CoreError as e:
             raise core_error(e) from None
+
+    def _submit_payload(self, call: tuple[bytes, int | None]) -> Future:
+        future = Future()
+        runner, task = self._queue(call, future._deliver, future, report_start=True)
+        future._on_interrupt = runner.interrupt
         future._canceller = functools.partial(_runner.cancel, runner.core, task)
         return future
+
+    def _starter(self, call: tuple[bytes, int | None]) -> _aio.Starter:
+        def start(on_done: _aio.OnDone, owner: Any) -> Callable[[], object]:
+            runner, task = self._queue(call, on_done, owner)
+            # The one way to stop a task, queued or running: cancel(running=True)'s.
+            return functools.partial(_runner.cancel, runner.core, task, True)
+
+        return start
+
+    async def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """``await ex.run(fn, *args, **kwargs)``: runs the call in a worker and
+        returns its value (or raises its error) without blocking the event
+        loop, and without a thread per call.
+
+        Cancelling the awaiting coroutine cancels the task: a queued task is
+        dropped, a running one is stopped through its worker's exit path (its
+        finalizer runs) and the worker is replaced.
+        """
+        return await _aio.call(self._starter(self._payload(fn, args, kwargs)))
+
+    def amap(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int = 1
+    ) -> AsyncIterator[Any]:
+        """``async for result in ex.amap(fn, *iterables)``: :meth:`map` for
+        asyncio. Every call is queued now (pickling errors raise here, and
+        cancel the calls queued before); results come in order. Call it from
+        a coroutine. Leaving the loop early (an error, cancellation, or
+        ``break`` once the iterator is closed, e.g. by ``contextlib.aclosing``)
+        cancels the calls not done, running ones included."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        calls = _calls(fn, iterables, chunksize)
+        starters = (self._starter(self._payload(f, args, {})) for f, args in calls)
+        return _aio.results(starters, chunked=chunksize > 1)
 
     def map(
         self,
@@ -194,24 +257,36 @@ class ProcessPoolExecutor(_base.Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        progress: _progress.ProgressArg = None,
     ) -> Iterator[Any]:
         """Like the built-in ``map``, running in the workers: every call is
         submitted now (pickling errors raise here), results come in order.
 
         ``timeout`` bounds the whole iteration; ``chunksize`` sends that many
-        calls per task.
+        calls per task; ``progress`` (``True``, a tqdm bar or a dict of tqdm
+        options) shows a bar that counts results as they arrive.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else timeout + time.monotonic()
-        if chunksize == 1:
-            futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
-        else:
-            it = zip(*iterables, strict=False)
-            futures = []
-            while chunk := tuple(itertools.islice(it, chunksize)):
-                futures.append(self.submit(run_chunk, fn, chunk, True))
-        return _results(futures, end, chunked=chunksize > 1)
+        bar = _progress.make(progress, _progress.length(*iterables))
+        futures = []
+        try:
+            items = 0
+            for f, args in _calls(fn, iterables, chunksize):
+                future = self.submit(f, *args)
+                size = len(args[1]) if chunksize > 1 else 1
+                items += size
+                if bar is not None:
+                    future.add_done_callback(functools.partial(_advance, bar, size))
+                futures.append(future)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        if bar is not None:
+            bar.set_total(items)
+        return _results(futures, end, chunked=chunksize > 1, bar=bar)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stops taking tasks. Queued tasks run (unless ``cancel_futures``),
@@ -268,7 +343,28 @@ class ProcessPoolExecutor(_base.Executor):
         return False
 
 
-def _results(futures: list[Future], end: float | None, chunked: bool) -> Iterator[Any]:
+def _calls(
+    fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], chunksize: int
+) -> Iterator[tuple[Callable[..., Any], tuple[Any, ...]]]:
+    """The calls of a ``map``: ``(fn, args)`` per item, or one ``run_chunk``
+    call per ``chunksize`` items."""
+    it = zip(*iterables, strict=False)
+    if chunksize == 1:
+        for args in it:
+            yield fn, args
+    else:
+        while chunk := tuple(itertools.islice(it, chunksize)):
+            yield run_chunk, (fn, chunk, True)
+
+
+def _advance(bar: _progress.Progress, size: int, future: Future) -> None:
+    if not future.cancelled() and future._error is None:
+        bar.advance(size)
+
+
+def _results(
+    futures: list[Future], end: float | None, chunked: bool, bar: _progress.Progress | None = None
+) -> Iterator[Any]:
     """Yields the results of ``futures`` in order; cancels the rest if stopped."""
     try:
         futures.reverse()
@@ -281,6 +377,8 @@ def _results(futures: list[Future], end: float | None, chunked: bool) -> Iterato
     finally:
         for future in futures:
             future.cancel()
+        if bar is not None:
+            bar.close()
 
 
 def _next_result(futures: list[Future], end: float | None) -> Any:

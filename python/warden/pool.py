@@ -13,11 +13,11 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import Any
 
-from . import _runner, _warden
+from . import _aio, _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
 from ._handles import PoolHandle
@@ -44,9 +44,11 @@ class Pool(multiprocessing.pool.Pool):
     reach what it yields with :func:`warden.worker_context`); ``start`` and
     ``preload`` choose how workers start, as for
     :class:`warden.ProcessPoolExecutor`: forked from a zygote that imported the
-    ``preload`` modules (the default), or each by exec (``start="exec"``); and
+    ``preload`` modules (the default), or each by exec (``start="exec"``);
     ``restart_limit``, ``max_memory_per_child``, ``memory_limit`` and
-    ``on_worker_lost`` as on :class:`warden.ProcessPoolExecutor`.
+    ``on_worker_lost`` as on :class:`warden.ProcessPoolExecutor`. Records logged in
+    the workers are handled by this process's ``logging`` unless
+    ``forward_logging=False``; ``run`` and ``amap`` serve asyncio.
 
     Differences from the standard library that users can rely on: a task that
     raises a ``BaseException`` or whose worker dies fails with an error instead
@@ -76,6 +78,7 @@ class Pool(multiprocessing.pool.Pool):
         max_memory_per_child: int | str | None = None,
         memory_limit: int | str | None = None,
         on_worker_lost: Callable[[_runner.WorkerLost], object] | None = None,
+        forward_logging: bool = True,
     ) -> None:
         # multiprocessing.pool.Pool.__init__ is not called: none of its queues,
         # threads or processes exist here.
@@ -107,6 +110,7 @@ class Pool(multiprocessing.pool.Pool):
             max_memory_per_child=_runner.memory_size("max_memory_per_child", max_memory_per_child),
             memory_limit=_runner.memory_size("memory_limit", memory_limit),
             on_worker_lost=on_worker_lost,
+            forward_logging=forward_logging,
         )
         # A pool nobody can reach any more is terminated, as the standard
         # library does; results being waited for keep their pool reachable.
@@ -179,19 +183,80 @@ class Pool(multiprocessing.pool.Pool):
         result._tasks.append(self._submit(payload, segment, result._deliver, result))
         return result
 
+    # -- asyncio -----------------------------------------------------------
+
+    def _starter(self, call: tuple[bytes, int | None]) -> _aio.Starter:
+        def start(on_done: _aio.OnDone, owner: Any) -> Callable[[], object]:
+            payload, segment = call
+            try:
+                self._check_running()
+            except BaseException:
+                _runner.close_fd(segment)
+                raise
+            task = self._submit(payload, segment, on_done, owner)
+            # The one way to stop a task, queued or running: cancel(running=True)'s.
+            return functools.partial(_runner.cancel, self._runner.core, task, True)
+
+        return start
+
+    async def run(self, func: Callable[..., Any], /, *args: Any, **kwds: Any) -> Any:
+        """``await pool.run(func, *args, **kwds)``: :meth:`apply` for asyncio,
+        without a thread per call. Cancelling the awaiting coroutine cancels
+        the task: a queued task is dropped, a running one is stopped through
+        its worker's exit path (its finalizer runs) and the worker is replaced."""
+        self._check_running()
+        return await _aio.call(self._starter(dumps_oob((func, args, kwds))), RemoteTraceback)
+
+    def amap(
+        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1
+    ) -> AsyncIterator[Any]:
+        """``async for result in pool.amap(func, iterable)``: :meth:`imap` for
+        asyncio. Every chunk is queued now (pickling errors raise here);
+        results come in order. Leaving the loop early cancels the chunks not
+        done, running ones included (see :meth:`ProcessPoolExecutor.amap`)."""
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:d}")
+        it = iter(iterable)
+        starters = (
+            self._starter(dumps_oob((run_chunk, (func, chunk, False), {})))
+            for chunk in iter(lambda: tuple(itertools.islice(it, chunksize)), ())
+        )
+        return _aio.results(starters, chunked=True, traceback_type=RemoteTraceback)
+
     # -- maps --------------------------------------------------------------
 
     def map(
-        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        progress: _progress.ProgressArg = None,
     ) -> list[Any]:
-        """``list(map(func, iterable))`` computed by the workers, in chunks."""
-        return self._map_async(func, iterable, False, chunksize).get()
+        """``list(map(func, iterable))`` computed by the workers, in chunks.
+        ``progress`` (``True``, a tqdm bar or a dict of tqdm options) shows a
+        bar that counts results as they arrive."""
+        return self._map_wait(self._map_async(func, iterable, False, chunksize, progress=progress))
 
     def starmap(
-        self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]], chunksize: int | None = None
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        *,
+        progress: _progress.ProgressArg = None,
     ) -> list[Any]:
         """Like :meth:`map`, calling ``func(*args)`` for each ``args``."""
-        return self._map_async(func, iterable, True, chunksize).get()
+        return self._map_wait(self._map_async(func, iterable, True, chunksize, progress=progress))
+
+    @staticmethod
+    def _map_wait(result: MapResult) -> list[Any]:
+        try:
+            return result.get()
+        finally:
+            if result._progress is not None:
+                result._progress.close()
 
     def map_async(
         self,
@@ -223,6 +288,7 @@ class Pool(multiprocessing.pool.Pool):
         chunksize: int | None,
         callback: Callable[[Any], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
+        progress: _progress.ProgressArg = None,
     ) -> MapResult:
         self._check_running()
         items = iterable if hasattr(iterable, "__len__") else list(iterable)
@@ -241,6 +307,7 @@ class Pool(multiprocessing.pool.Pool):
             while length and (chunk := tuple(itertools.islice(it, chunksize))):
                 payloads.append(dumps_oob((run_chunk, (func, chunk, star), {})))
             result = MapResult(self, len(payloads), callback, error_callback)
+            result._progress = _progress.make(progress, length)
         except BaseException:
             for _, segment in payloads:
                 _runner.close_fd(segment)
@@ -256,24 +323,43 @@ class Pool(multiprocessing.pool.Pool):
                 raise
         return result
 
-    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
+    def imap(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        progress: _progress.ProgressArg = None,
+    ) -> IMapIterator:
         """Like :meth:`map`, lazily: an iterator of results in order. The
-        iterable is consumed by a feeder thread."""
-        return self._imap(func, iterable, chunksize, unordered=False)
+        iterable is consumed by a feeder thread. ``progress``: as for :meth:`map`
+        (the bar's total is known only if the iterable has a length)."""
+        return self._imap(func, iterable, chunksize, unordered=False, progress=progress)
 
     def imap_unordered(
-        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int = 1,
+        *,
+        progress: _progress.ProgressArg = None,
     ) -> IMapIterator:
         """Like :meth:`imap`, yielding results as they complete."""
-        return self._imap(func, iterable, chunksize, unordered=True)
+        return self._imap(func, iterable, chunksize, unordered=True, progress=progress)
 
     def _imap(
-        self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int, unordered: bool
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int,
+        unordered: bool,
+        progress: _progress.ProgressArg = None,
     ) -> IMapIterator:
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:d}")
         result = IMapIterator(self, unordered)
+        result._progress = _progress.make(progress, _progress.length(iterable))
         feeder = threading.Thread(
             target=_feed_imap,
             args=(self, func, iter(iterable), chunksize, result),
@@ -413,6 +499,7 @@ class MapResult(ApplyResult):
     ) -> None:
         super().__init__(pool, callback, error_callback)
         self._lock = threading.Lock()
+        self._progress: _progress.Progress | None = None
         self._left = chunks
         self._chunks: list[Any] = [None] * chunks
         self._first_error: ErrorData | None = None
@@ -428,6 +515,9 @@ class MapResult(ApplyResult):
                 self._chunks[index] = loads(data)
             except Exception as e:
                 error = ErrorData.local(e, "cannot unpickle a result")
+            else:
+                if self._progress is not None:
+                    self._progress.advance(len(self._chunks[index]))
         else:
             error = data
         with self._lock:
@@ -458,6 +548,7 @@ class IMapIterator:
         self._next = 0
         self._length: int | None = None
         self._buffer: collections.deque[Any] = collections.deque()
+        self._progress: _progress.Progress | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -482,6 +573,17 @@ class IMapIterator:
     def next(self, timeout: float | None = None) -> Any:
         """The next result; ``multiprocessing.TimeoutError`` if it is not there
         within ``timeout`` seconds."""
+        if self._progress is None:
+            return self._next_result(timeout)
+        try:
+            return self._next_result(timeout)
+        except multiprocessing.TimeoutError:
+            raise
+        except BaseException:  # the end, an error, or Ctrl-C: the bar is done
+            self._progress.close()
+            raise
+
+    def _next_result(self, timeout: float | None) -> Any:
         while not self._buffer:
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
@@ -514,7 +616,10 @@ class IMapIterator:
     def _deliver(self, index: int, ok: bool, data: Any) -> None:
         if ok:
             try:
-                self._put(index, True, loads(data))
+                value = loads(data)
+                if self._progress is not None:
+                    self._progress.advance(len(value))
+                self._put(index, True, value)
             except Exception as e:
                 self._put(index, False, ErrorData.local(e, "cannot unpickle a result"))
         else:

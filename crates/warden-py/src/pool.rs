@@ -380,8 +380,9 @@ impl CorePool {
 
     /// Cancels a task: a queued one is removed, a running one is stopped with
     /// its worker (SIGTERM, exit hook, grace period, SIGKILL; replaced).
-    /// Returns whether it was cancelled. `Future.cancel(running=True)` is the
-    /// one Python caller.
+    /// Returns whether it was cancelled. `Future.cancel(running=True)` and
+    /// `AsyncResult.cancel(running=True)` are its one Python path (asyncio's
+    /// cancellation goes through them).
     fn cancel(&self, py: Python<'_>, task: u64) -> bool {
         self.pool().is_some_and(|p| py.detach(|| p.cancel(task)))
     }

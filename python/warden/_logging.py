@@ -1,0 +1,231 @@
+"""Worker logging, handled by the parent's ``logging``.
+
+A record logged in a worker (by its initializer, a task or its finalizer) is
+sent to the parent and handled there by the logger of the same name, so the
+parent's handlers, formatters, filters and levels apply. The record keeps the
+worker's ``process`` (pid) and ``processName``.
+
+The channel: one ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair per parent
+process. Every forwarding worker holds a copy of the sending end (passed at
+spawn); each record is one message, so records from different workers never
+interleave. The parent reads the other end:
+
+* a daemon thread (``warden-logging``) handles records as they arrive;
+* a pool's results thread handles whatever is queued before it delivers
+  outcomes, so a record a task logged before it returned is handled before
+  its result is delivered; and joining a pool does the same, so records of
+  finalizers are handled once the pool has shut down.
+
+One lock around reading and handling keeps records in the order they were
+sent. Sending blocks while the socket's buffer is full (back pressure on a
+worker that logs faster than the parent's handlers run); after
+:data:`SEND_TIMEOUT` seconds, or if the parent is gone, a worker's record
+goes to its own stderr through ``logging.lastResort`` instead.
+
+The worker starts with the levels the parent's loggers had when the pool was
+created (the root logger's and every logger with a level set), so records the
+parent would drop are not even made; the parent checks levels again when it
+handles a record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import pickle
+import select
+import socket
+import sys
+import threading
+import traceback
+from typing import Any
+
+#: Seconds a worker waits to hand a record over before writing it to its stderr.
+SEND_TIMEOUT = 10.0
+#: Largest record message sent whole (bytes); longer ones are cut.
+MAX_MESSAGE = 64 * 1024
+_RECV_SIZE = 4 * MAX_MESSAGE + 65536
+
+
+class _Listener:
+    """The parent's end: reads records and hands them to ``logging``."""
+
+    def __init__(self) -> None:
+        self.receiver, self.sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.receiver.setblocking(False)
+        # One buffer for every record (a fresh bytes object of this size per
+        # recv would cost more than handling the record).
+        self.buffer = bytearray(_RECV_SIZE)
+        self.view = memoryview(self.buffer)
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="warden-logging", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.receiver, select.POLLIN)
+        while True:
+            try:
+                poller.poll()
+                self.drain()
+            except Exception:  # the thread must not die: records would pile up
+                traceback.print_exc()
+
+    def drain(self) -> None:
+        """Handles every record queued now, in order."""
+        with self.lock:
+            while True:
+                try:
+                    size = self.receiver.recv_into(self.buffer)
+                except (BlockingIOError, InterruptedError):
+                    return
+                if not size:
+                    return
+                _handle(self.view[:size])
+
+
+_listener: _Listener | None = None
+_listener_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    global _listener, _listener_lock
+    _listener = None
+    _listener_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def sender_fd() -> int:
+    """A new fd of the sending end, for a pool to pass to its workers (the
+    caller owns it). Starts the listener on first use."""
+    global _listener
+    with _listener_lock:
+        if _listener is None:
+            _listener = _Listener()
+        return os.dup(_listener.sender.fileno())
+
+
+def drain() -> None:
+    """Handles the records queued now (no-op if nothing ever forwarded)."""
+    listener = _listener
+    if listener is not None:
+        listener.drain()
+
+
+def parent_levels() -> dict[str, int]:
+    """The levels of the root logger (``""``) and every logger with one set."""
+    levels = {"": logging.root.level}
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
+            levels[name] = logger.level
+    return levels
+
+
+def _handle(data: bytes | memoryview) -> None:
+    """In the parent: one record, by the logger of its name."""
+    try:
+        attrs = pickle.loads(data)
+        record = logging.makeLogRecord(attrs)
+    except Exception as e:
+        print(f"warden: cannot read a worker's log record: {type(e).__name__}: {e}", file=sys.stderr)
+        return
+    logger = logging.root if record.name == "root" else logging.getLogger(record.name)
+    if logger.isEnabledFor(record.levelno):
+        logger.handle(record)
+
+
+# -- the worker's end ---------------------------------------------------------
+
+
+def _attributes(record: logging.LogRecord) -> dict[str, Any]:
+    """What travels: the record's attributes with the message formatted and the
+    exception rendered as text (as ``logging.handlers.SocketHandler`` does)."""
+    attrs = dict(record.__dict__)
+    attrs["msg"] = record.getMessage()
+    attrs["args"] = None
+    if record.exc_info and not record.exc_text:
+        attrs["exc_text"] = logging.Formatter().formatException(record.exc_info)
+    attrs["exc_info"] = None
+    attrs.pop("message", None)
+    return attrs
+
+
+def encode(record: logging.LogRecord) -> bytes:
+    attrs = _attributes(record)
+    if len(attrs["msg"]) > MAX_MESSAGE:
+        attrs["msg"] = attrs["msg"][:MAX_MESSAGE] + f"... [cut: {len(attrs['msg'])} characters]"
+    try:
+        return pickle.dumps(attrs, protocol=5)
+    except Exception:
+        # An attribute added with ``extra=`` that does not pickle: send its repr.
+        safe = {}
+        for key, value in attrs.items():
+            try:
+                pickle.dumps(value, protocol=5)
+                safe[key] = value
+            except Exception:
+                safe[key] = repr(value)
+        return pickle.dumps(safe, protocol=5)
+
+
+class ParentHandler(logging.Handler):
+    """In a worker: sends every record to the parent."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = encode(record)
+            try:
+                self.sock.send(data)
+            except OSError as e:
+                if e.errno != errno.EMSGSIZE:
+                    raise
+                attrs = {key: getattr(record, key, None) for key in _PLAIN}
+                attrs["msg"] = record.getMessage()[:1024] + "... [cut: the record was too large to send]"
+                self.sock.send(pickle.dumps(attrs, protocol=5))
+        except (OSError, pickle.PicklingError):
+            # The parent is gone or not reading: keep the record on our stderr.
+            last = logging.lastResort
+            if last is not None and record.levelno >= last.level:
+                with contextlib.suppress(Exception):
+                    last.handle(record)
+        except Exception:
+            self.handleError(record)
+
+
+#: The attributes a record too large to send is cut down to.
+_PLAIN = (
+    "name",
+    "levelno",
+    "levelname",
+    "pathname",
+    "filename",
+    "module",
+    "lineno",
+    "funcName",
+    "created",
+    "msecs",
+    "relativeCreated",
+    "thread",
+    "threadName",
+    "process",
+    "processName",
+)
+
+
+def forward_to_parent(fd: int, levels: dict[str, int]) -> None:
+    """In a worker: the root logger sends every record to the parent, and the
+    loggers take the parent's levels."""
+    sock = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    sock.settimeout(SEND_TIMEOUT)
+    for name, level in levels.items():
+        (logging.getLogger(name) if name else logging.root).setLevel(level)
+    logging.root.addHandler(ParentHandler(sock))

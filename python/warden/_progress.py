@@ -1,0 +1,88 @@
+"""Progress bars for maps: ``progress=True``, a ``tqdm`` bar, or tqdm's keyword arguments.
+
+The bar lives in the parent and counts items, not tasks: it advances as each
+task's results arrive (by the number of items in it, when the map is
+chunked), on the pool's results thread. A bar warden makes is closed when
+the map ends, whether it finished, raised, or was interrupted (Ctrl-C); a
+bar the caller passes is advanced (and given a total if it has none) but
+left open: it is the caller's to close.
+
+tqdm is an optional dependency (``pip install 'warden[progress]'``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+#: What ``progress=`` takes.
+ProgressArg = Any  # bool | tqdm.tqdm | dict[str, Any] | None
+
+
+class Progress:
+    """A bar a map advances; see the module documentation."""
+
+    def __init__(self, bar: Any, owned: bool) -> None:
+        self.bar = bar
+        self.owned = owned
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def advance(self, items: int) -> None:
+        """Counts ``items`` more results (from any thread)."""
+        with self._lock:
+            if not self._closed:
+                self.bar.update(items)
+
+    def set_total(self, total: int) -> None:
+        """Gives the bar its total once it is known, if it has none."""
+        with self._lock:
+            if not self._closed and getattr(self.bar, "total", None) is None:
+                self.bar.total = total
+                self.bar.refresh()
+
+    def close(self) -> None:
+        """Closes the bar if warden made it. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self.owned:
+            self.bar.close()
+        else:
+            self.bar.refresh()
+
+
+def make(progress: ProgressArg, total: int | None) -> Progress | None:
+    """The bar ``progress=`` asks for over ``total`` items (``None`` if unknown),
+    or ``None`` for no bar. Raises ``ImportError`` naming what to install
+    when tqdm is missing, ``TypeError`` for anything else."""
+    if progress is None or progress is False:
+        return None
+    if progress is True or isinstance(progress, dict):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as e:
+            raise ImportError(
+                "progress=... needs tqdm, which is not installed: pip install 'warden[progress]' "
+                "(or pip install tqdm)"
+            ) from e
+        options = {} if progress is True else dict(progress)
+        options.setdefault("total", total)
+        return Progress(tqdm(**options), owned=True)
+    if callable(getattr(progress, "update", None)) and callable(getattr(progress, "close", None)):
+        if getattr(progress, "total", None) is None and total is not None:
+            progress.total = total
+        return Progress(progress, owned=False)
+    raise TypeError(
+        "progress must be True, False, None, a tqdm bar or a dict of tqdm options, "
+        f"not {type(progress).__name__}"
+    )
+
+
+def length(*iterables: Any) -> int | None:
+    """How many items ``zip(*iterables)`` yields, if every iterable knows its length."""
+    try:
+        return min(len(it) for it in iterables)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,172 @@
+"""Records logged in workers are handled by the parent's ``logging``."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+import warden
+
+PROGRAM = """
+import logging, os, sys
+import warden
+
+FORMAT = "%(levelname)s|%(name)s|%(processName)s|%(process)d|%(message)s"
+
+def task(x):
+    logging.getLogger("app.task").info("task %d ran", x)
+    return os.getpid()
+
+def init():
+    logging.getLogger("app.init").info("initializer ran")
+
+def fin():
+    logging.getLogger("app.fin").info("finalizer ran")
+
+if __name__ == "__main__":
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format=FORMAT)
+    forward = sys.argv[2] == "on"
+    start = sys.argv[3] if len(sys.argv) > 3 else None
+    if sys.argv[1] == "executor":
+        with warden.ProcessPoolExecutor(
+            1, initializer=init, finalizer=fin, forward_logging=forward, start=start
+        ) as ex:
+            print("result", ex.submit(task, 7).result())
+    else:
+        pool = warden.Pool(1, initializer=init, finalizer=fin, forward_logging=forward, start=start)
+        print("result", pool.apply(task, (7,)))
+        pool.close()
+        pool.join()
+    print("done")
+"""
+
+
+STARTS = ["zygote", "exec"]
+
+
+@pytest.mark.parametrize("start", STARTS)
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_worker_info_record_comes_out_in_the_parents_format(program, kind, start):
+    run = program(PROGRAM).run(args=(kind, "on", start))
+    assert run.returncode == 0, run.stderr
+    lines = run.lines
+    pid = int(next(line for line in lines if line.startswith("result ")).split()[1])
+    name = f"{'ProcessPoolExecutor' if kind == 'executor' else 'Pool'}-1-worker-1"
+    init = f"INFO|app.init|{name}|{pid}|initializer ran"
+    task = f"INFO|app.task|{name}|{pid}|task 7 ran"
+    fin = f"INFO|app.fin|{name}|{pid}|finalizer ran"
+    assert lines == [init, task, f"result {pid}", fin, "done"], run.stdout
+    assert run.stderr == ""
+
+
+@pytest.mark.parametrize("start", STARTS)
+def test_without_forwarding_a_worker_info_record_is_lost(program, start):
+    run = program(PROGRAM).run(args=("executor", "off", start))
+    assert run.returncode == 0, run.stderr
+    assert [line.split()[0] for line in run.lines] == ["result", "done"]
+
+
+def log_at(name, level, message):
+    logging.getLogger(name).log(level, message)
+    return os.getpid()
+
+
+def log_extra(message):
+    logging.getLogger("app").warning(message, extra={"lock": _Unpicklable(), "user": "ann"})
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise TypeError("no")
+
+    def __repr__(self):
+        return "<unpicklable>"
+
+
+def log_exception():
+    try:
+        raise KeyError("missing")
+    except KeyError:
+        logging.getLogger("app").exception("lookup failed")
+
+
+@pytest.mark.parametrize("start", STARTS)
+def test_records_keep_the_worker_pid_name_levels_and_exception_text(caplog, start):
+    caplog.set_level(logging.INFO)
+    logging.getLogger("app.quiet").setLevel(logging.ERROR)
+    try:
+        with warden.ProcessPoolExecutor(1, start=start) as ex:
+            pid = ex.submit(log_at, "app.loud", logging.INFO, "heard").result()
+            ex.submit(log_at, "app.quiet", logging.WARNING, "not heard").result()
+            ex.submit(log_at, "app.quiet", logging.ERROR, "heard too").result()
+            ex.submit(log_exception).result()
+            ex.submit(log_extra, "with extras").result()
+    finally:
+        logging.getLogger("app.quiet").setLevel(logging.NOTSET)
+    records = [r for r in caplog.records if r.name.startswith("app")]
+    assert [r.getMessage() for r in records] == ["heard", "heard too", "lookup failed", "with extras"]
+    assert {r.process for r in records} == {pid} != {os.getpid()}
+    assert len({r.processName for r in records}) == 1
+    assert records[0].processName.startswith("ProcessPoolExecutor-")
+    assert records[0].processName.endswith("-worker-1")
+    assert "KeyError: 'missing'" in records[2].exc_text
+    assert records[3].user == "ann" and records[3].lock == "<unpicklable>"
+
+
+def log_big(size):
+    logging.getLogger("app").warning("x" * size)
+
+
+def test_a_record_too_large_is_cut_not_lost(caplog):
+    caplog.set_level(logging.INFO)
+    with warden.Pool(1) as pool:
+        pool.apply(log_big, (10_000_000,))
+        pool.apply(log_at, ("app", logging.WARNING, "after"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "app"]
+    assert len(messages) == 2
+    assert len(messages[0]) < 1_000_000 and "cut" in messages[0]
+    assert messages[1] == "after"
+
+
+@pytest.mark.parametrize("start", STARTS)
+def test_every_replacement_worker_forwards_its_records(caplog, start):
+    # One task per worker: each record comes from a worker started (forked by
+    # the zygote, or exec'd) after the pool was made, each over the channel
+    # it got at its start.
+    caplog.set_level(logging.INFO)
+    with warden.Pool(2, maxtasksperchild=1, start=start) as pool:
+        pids = pool.starmap(log_at, [("app.each", logging.INFO, f"task {i}") for i in range(6)])
+    records = [r for r in caplog.records if r.name == "app.each"]
+    assert sorted(r.getMessage() for r in records) == sorted(f"task {i}" for i in range(6))
+    assert len(set(pids)) == 6
+    assert {r.process for r in records} == set(pids)
+
+
+LAZY = """
+import sys
+import warden
+
+def logging_loaded():
+    return "logging" in sys.modules
+
+def log_late():
+    import logging
+    logging.getLogger("app").warning("imported late")
+
+if __name__ == "__main__":
+    import logging
+    logging.basicConfig(stream=sys.stdout, format="%(levelname)s|%(name)s|%(message)s")
+    with warden.Pool(1, start=sys.argv[1]) as pool:
+        print("logging loaded:", pool.apply(logging_loaded))
+        pool.apply(log_late)
+    print("done")
+"""
+
+
+@pytest.mark.parametrize("start", STARTS)
+def test_a_worker_imports_logging_only_when_its_code_does_and_still_forwards(program, start):
+    run = program(LAZY).run(args=(start,))
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["logging loaded: False", "WARNING|app|imported late", "done"], run.stdout
