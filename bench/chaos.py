@@ -106,7 +106,9 @@ def run_warden(tasks: int, kills: int, workers: int, pause: float) -> dict[str, 
 
             return callback
 
-        ex = warden.ProcessPoolExecutor(workers)
+        # Worker logging's channel is one per process, kept for its life (not
+        # the pool's resource): off here, so the fd check sees the pool's alone.
+        ex = warden.ProcessPoolExecutor(workers, forward_logging=False)
         core = ex._ensure_runner().core
 
         def busy_pids() -> list[int]:

@@ -148,4 +148,10 @@ def _at_interpreter_exit() -> None:
         finalizers.run_exit_callbacks()
 
 
+# multiprocessing's own exit handler joins every child in active_children(),
+# which lists warden's pool workers: imported first, it is registered first
+# and so runs after warden's (atexit runs handlers last-registered first),
+# once the pools have shut their workers down.
+import multiprocessing.util as _mp_util  # noqa: E402, F401
+
 _atexit.register(_at_interpreter_exit)

@@ -229,3 +229,10 @@ def forward_to_parent(fd: int, levels: dict[str, int]) -> None:
     for name, level in levels.items():
         (logging.getLogger(name) if name else logging.root).setLevel(level)
     logging.root.addHandler(ParentHandler(sock))
+
+
+# In a worker whose forwarding waited for ``logging`` to be imported, and
+# where this module's own import was what imported it: install it now.
+_worker_loop = sys.modules.get("warden._workerloop")
+if _worker_loop is not None:
+    _worker_loop._forward_deferred()

@@ -339,17 +339,35 @@ def _forward_logging(fd: int, levels: dict[str, int]) -> None:
 
         _logging.forward_to_parent(fd, levels)
     else:
-        sys.meta_path.insert(0, _OnLoggingImport(fd, levels))
+        global _deferred_forwarding
+        _deferred_forwarding = (fd, levels)
+        sys.meta_path.insert(0, _OnLoggingImport())
+
+
+#: The forwarding to install once ``logging`` is imported: (fd, levels).
+_deferred_forwarding: tuple[int, dict[str, int]] | None = None
+
+
+def _forward_deferred() -> None:
+    """Installs the deferred forwarding, once ``logging`` and
+    ``warden._logging`` can both be used. When it is ``warden._logging``
+    itself that imports ``logging``, it is only partly initialized here: it
+    calls this again as its last statement."""
+    global _deferred_forwarding
+    support = sys.modules.get("warden._logging")
+    if support is not None and not hasattr(support, "forward_to_parent"):
+        return
+    pending, _deferred_forwarding = _deferred_forwarding, None
+    if pending is not None:
+        from . import _logging
+
+        _logging.forward_to_parent(*pending)
 
 
 class _OnLoggingImport:
     """A ``sys.meta_path`` finder for ``logging`` alone: it lets the usual
     finders find it, and once the module has run, installs the forwarding
     handler (then takes itself out)."""
-
-    def __init__(self, fd: int, levels: dict[str, int]) -> None:
-        self.fd = fd
-        self.levels = levels
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
         if name != "logging":
@@ -366,7 +384,6 @@ class _OnLoggingImport:
         loader = spec.loader
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
-        fd, levels = self.fd, self.levels
 
         class Loader:
             def create_module(self, spec: Any) -> Any:
@@ -374,9 +391,7 @@ class _OnLoggingImport:
 
             def exec_module(self, module: Any) -> None:
                 loader.exec_module(module)
-                from . import _logging
-
-                _logging.forward_to_parent(fd, levels)
+                _forward_deferred()
 
         spec.loader = Loader()
         return spec
