@@ -201,3 +201,78 @@ def test_a_parents_exit_handlers_never_run_in_its_workers(program):
     lines = prog.out_lines()
     assert sorted(line.split()[0] for line in lines) == ["at_exit", "atexit", "finalize", "mp-finalize"]
     assert {int(line.split()[1]) for line in lines} == {parent}
+
+
+# A main module that notes each import of itself as __mp_main__ (by a child:
+# the zygote or a worker), then runs 6 one-task workers.
+COUNTS_MAIN_IMPORTS = """
+import os, sys, threading, time, warden
+from warden import _warden
+if __name__ == "__mp_main__":
+    with open(os.environ["OUT"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    if os.environ.get("MAIN_STARTS_A_THREAD"):
+        threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+
+def where():
+    return os.getpid(), _warden.forked_from()
+
+if __name__ == "__main__":
+    preload = None if sys.argv[1] == "default" else []
+    with warden.ProcessPoolExecutor(2, max_tasks_per_child=1, preload=preload) as ex:
+        seen = [ex.submit(where).result(60) for _ in range(6)]
+    print(" ".join(f"{pid}:{z}" for pid, z in seen))
+"""
+
+
+def test_the_zygote_imports_main_once_so_workers_do_not(program):
+    prog = program(COUNTS_MAIN_IMPORTS)
+    run = prog.run(env={"WARDEN_START": "zygote"}, args=("default",))
+    assert run.returncode == 0, run.stderr
+    seen = [entry.split(":") for entry in run.stdout.split()]
+    assert len({pid for pid, _ in seen}) == 6
+    zygotes = {z for _, z in seen}
+    assert len(zygotes) == 1 and "None" not in zygotes
+    # One import, by the zygote, not one per worker.
+    assert prog.out_lines() == list(zygotes)
+
+
+def test_a_pool_naming_its_preloads_leaves_main_to_each_worker(program):
+    prog = program(COUNTS_MAIN_IMPORTS)
+    run = prog.run(env={"WARDEN_START": "zygote"}, args=("none",))
+    assert run.returncode == 0, run.stderr
+    workers = {entry.split(":")[0] for entry in run.stdout.split()}
+    assert len(workers) == 6
+    assert workers <= set(prog.out_lines())
+
+
+def test_a_main_module_that_starts_a_thread_still_gets_forked_workers(program):
+    # The zygote that imported main has a thread and cannot fork: a second one,
+    # without main, forks the workers, and each of them imports main itself.
+    prog = program(COUNTS_MAIN_IMPORTS)
+    run = prog.run(env={"WARDEN_START": "zygote", "MAIN_STARTS_A_THREAD": "1"}, args=("default",))
+    assert run.returncode == 0, run.stderr
+    seen = [entry.split(":") for entry in run.stdout.split()]
+    workers = {pid for pid, _ in seen}
+    zygotes = {z for _, z in seen}
+    assert len(workers) == 6
+    assert len(zygotes) == 1 and "None" not in zygotes
+    importers = prog.out_lines()
+    assert workers <= set(importers)
+    # The first zygote imported it first; the one that forked did not.
+    assert zygotes.isdisjoint(importers)
+    assert importers[0] not in workers
+
+
+def test_a_main_module_that_starts_a_pool_unguarded_gets_the_standard_librarys_error(program):
+    prog = program(
+        """
+        import warden
+        with warden.ProcessPoolExecutor(1) as ex:
+            print(ex.submit(abs, -1).result(60))
+        """
+    )
+    run = prog.run(env={"WARDEN_START": "zygote"})
+    assert run.returncode != 0
+    assert "bootstrapping phase" in run.stderr
+    assert "freeze_support" in run.stderr

@@ -95,6 +95,10 @@ def worker_hooks(
 START_METHODS = ("zygote", "exec")
 
 
+#: What a pool's zygote preloads unless told otherwise: the program's main
+#: module, imported as ``__mp_main__`` (as ``multiprocessing``'s forkserver does).
+DEFAULT_PRELOAD = "__main__"
+
 #: Environment variable giving the default ``start`` of every pool.
 START_ENV = "WARDEN_START"
 
@@ -109,7 +113,9 @@ def start_options(start: str | None, preload: Iterable[str] | None) -> tuple[str
     if start not in START_METHODS:
         raise ValueError(f"start must be one of {START_METHODS}, not {start!r}")
     if preload is None:
-        return start, []
+        # As the standard library's forkserver: the zygote imports the main
+        # module once, so that workers do not each import it again.
+        return start, [DEFAULT_PRELOAD]
     if isinstance(preload, (str, bytes)):
         raise TypeError("preload must be a list of module names, not a single string")
     names = list(preload)
@@ -320,7 +326,14 @@ class Runner:
             payload = pickle.dumps(init, protocol=5)
             # What the zygote loads before it forks: this process's sys.path
             # and directory (and its __main__, if asked), then the preloads.
-            zygote = pickle.dumps({"preparation": init["preparation"], "preload": preload or []}, protocol=5)
+            preload = list(preload or [])
+            zygote = pickle.dumps({"preparation": init["preparation"], "preload": preload}, protocol=5)
+            # If importing __main__ starts a thread, the zygote cannot fork: then
+            # one more zygote without it, whose workers import __main__ themselves.
+            fallback = None
+            if DEFAULT_PRELOAD in preload:
+                lean = [name for name in preload if name != DEFAULT_PRELOAD]
+                fallback = pickle.dumps({"preparation": init["preparation"], "preload": lean}, protocol=5)
         except BaseException:
             _close_fds(fds)
             raise
@@ -340,6 +353,7 @@ class Runner:
             one_off=one_off,
             start=start,
             zygote_payload=zygote,
+            zygote_fallback_payload=fallback,
             # A one-off child is never replaced: the core's one-off settings stand.
             restart_intensity=None if one_off else restart,
             unlimited_restarts=restart is None and not one_off,

@@ -204,6 +204,7 @@ class CorePool:
         one_off: bool = False,
         start: str = "zygote",
         zygote_payload: bytes | None = None,
+        zygote_fallback_payload: bytes | None = None,
         max_memory_per_child: int | None = None,
         memory_limit: int | None = None,
         on_worker_lost: Callable[[LostWorker], object] | None = None,

@@ -15,6 +15,9 @@ is as fresh as an exec'd one where it matters:
   method does: a finalizer registered while preloading belongs to the zygote;
 * ``multiprocessing.active_children()`` lists the pool workers the worker
   itself starts, if a preload loaded warden's pools;
+* the objects the zygote holds are frozen (``gc.freeze()``) before each fork,
+  so a worker's garbage collections leave them, and the memory pages they
+  share with the zygote, alone;
 * ``str`` hashes use the zygote's hash secret (as under any fork), so a
   worker's ``hash("x")`` is the same in every worker of the pool.
 """
@@ -22,6 +25,7 @@ is as fresh as an exec'd one where it matters:
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing.spawn
 import multiprocessing.util
 import os
@@ -51,14 +55,29 @@ def _after_fork_in_child() -> None:
 def prepare(payload: bytes) -> None:
     """Runs in the zygote before it parks: the pool's ``sys.path`` and working
     directory, then its preloads. A preload that fails to import is reported
-    and skipped (its workers import it themselves, or fail there)."""
+    and skipped (its workers import it themselves, or fail there).
+
+    ``__main__`` (preloaded unless the pool names its preloads) is the
+    program's main module imported as ``__mp_main__``, exactly as a spawned
+    child imports it, once here instead of in every worker. If it fails, the
+    zygote says nothing: each worker imports it again and reports the error as
+    its start failure, as it would without a zygote."""
     data = pickle.loads(payload)
     preparation = dict(data["preparation"])
-    if "__main__" not in data["preload"]:
-        # The parent's __main__ is imported by each worker, unless preloaded.
-        preparation.pop("init_main_from_path", None)
-        preparation.pop("init_main_from_name", None)
+    main_keys = ("init_main_from_path", "init_main_from_name")
+    main = {key: preparation.pop(key) for key in main_keys if key in preparation}
     multiprocessing.spawn.prepare(preparation)
+    if main and "__main__" in data["preload"]:
+        me = multiprocessing.current_process()
+        # As in a spawned child: a pool started by main's unguarded top level
+        # raises the standard library's "bootstrapping phase" error.
+        me._inheriting = True  # type: ignore[attr-defined]
+        try:
+            multiprocessing.spawn.prepare(main)
+        except BaseException:  # each worker imports it again and reports the error
+            pass
+        finally:
+            del me._inheriting  # type: ignore[attr-defined]
     for name in data["preload"]:
         if name == "__main__":
             continue
@@ -67,7 +86,11 @@ def prepare(payload: bytes) -> None:
         except Exception as e:
             why = f"{type(e).__name__}: {e}"
             print(f"warden: zygote {os.getpid()}: cannot preload {name!r}: {why}", file=sys.stderr)
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    # What the zygote holds is moved out of the collector's reach before each
+    # fork: a worker's collections (and its exit path's) then never touch,
+    # and so never copy, the pages it shares with the zygote.
+    gc.freeze()
+    os.register_at_fork(before=gc.freeze, after_in_child=_after_fork_in_child)
 
 
 def main() -> None:

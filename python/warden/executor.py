@@ -11,15 +11,19 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import _base
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import _aio, _progress, _runner, _warden
+from . import _progress, _runner, _warden
 from ._children import WorkerProcess, workers_of
 from ._errors import core_error
 from ._futures import Future
 from ._handles import PoolHandle
 from ._pickle import dumps_oob
 from ._tasks import run_chunk
+
+if TYPE_CHECKING:
+    # asyncio costs ~40 ms to import: loaded when a coroutine API is first used.
+    from . import _aio
 
 _counter = itertools.count(1)
 
@@ -40,8 +44,9 @@ class ProcessPoolExecutor(_base.Executor):
     * ``start``: ``"zygote"`` (the default, unless ``$WARDEN_START`` says
       otherwise) forks each worker from the pool's zygote, a fresh
       interpreter that has imported warden's worker code and the modules
-      named in ``preload`` (``"__main__"`` preloads this
-      program's main module); ``"exec"`` starts every worker as a new
+      named in ``preload`` (by default ``["__main__"]``: this program's main
+      module, imported once there instead of in every worker, as the
+      standard library's forkserver does); ``"exec"`` starts every worker as a new
       interpreter. Where a zygote cannot work the pool falls back to exec by
       itself (see ``docs/python.md``).
     * ``restart_limit=(count, seconds)``: more than ``count`` worker failures
@@ -234,6 +239,8 @@ class ProcessPoolExecutor(_base.Executor):
         dropped, a running one is stopped through its worker's exit path (its
         finalizer runs) and the worker is replaced.
         """
+        from . import _aio
+
         return await _aio.call(self._starter(self._payload(fn, args, kwargs)))
 
     def amap(
@@ -249,6 +256,8 @@ class ProcessPoolExecutor(_base.Executor):
             raise ValueError("chunksize must be >= 1.")
         calls = _calls(fn, iterables, chunksize)
         starters = (self._starter(self._payload(f, args, {})) for f, args in calls)
+        from . import _aio
+
         return _aio.results(starters, chunked=chunksize > 1)
 
     def map(

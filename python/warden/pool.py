@@ -15,14 +15,18 @@ import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import _aio, _progress, _runner, _warden
+from . import _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
 from ._handles import PoolHandle
 from ._pickle import dumps_oob, loads
 from ._tasks import run_chunk
+
+if TYPE_CHECKING:
+    # asyncio costs ~40 ms to import: loaded when a coroutine API is first used.
+    from . import _aio
 
 _counter = itertools.count(1)
 
@@ -205,6 +209,8 @@ class Pool(multiprocessing.pool.Pool):
         the task: a queued task is dropped, a running one is stopped through
         its worker's exit path (its finalizer runs) and the worker is replaced."""
         self._check_running()
+        from . import _aio
+
         return await _aio.call(self._starter(dumps_oob((func, args, kwds))), RemoteTraceback)
 
     def amap(
@@ -222,6 +228,8 @@ class Pool(multiprocessing.pool.Pool):
             self._starter(dumps_oob((run_chunk, (func, chunk, False), {})))
             for chunk in iter(lambda: tuple(itertools.islice(it, chunksize)), ())
         )
+        from . import _aio
+
         return _aio.results(starters, chunked=True, traceback_type=RemoteTraceback)
 
     # -- maps --------------------------------------------------------------

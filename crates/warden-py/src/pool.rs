@@ -204,7 +204,7 @@ impl CorePool {
         program, args, *, workers=1, name=None, init_payload=None, pass_fds=Vec::new(), env=Vec::new(),
         max_tasks_per_child=None, task_timeout=None, init_timeout=None, grace=None,
         restart_intensity=None, unlimited_restarts=false, max_frame_size=None, prefetch=None, one_off=false,
-        start="zygote", zygote_payload=None, max_memory_per_child=None, memory_limit=None, on_worker_lost=None,
+        start="zygote", zygote_payload=None, zygote_fallback_payload=None, max_memory_per_child=None, memory_limit=None, on_worker_lost=None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -227,6 +227,7 @@ impl CorePool {
         one_off: bool,
         start: &str,
         zygote_payload: Option<&[u8]>,
+        zygote_fallback_payload: Option<&[u8]>,
         max_memory_per_child: Option<u64>,
         memory_limit: Option<u64>,
         on_worker_lost: Option<Py<PyAny>>,
@@ -249,6 +250,9 @@ impl CorePool {
         });
         if let Some(payload) = zygote_payload {
             builder = builder.zygote_payload(payload.to_vec());
+        }
+        if let Some(payload) = zygote_fallback_payload {
+            builder = builder.zygote_fallback_payload(payload.to_vec());
         }
         if let Some(name) = name {
             builder = builder.name(name);

@@ -130,6 +130,7 @@ impl Builder {
                 one_off: false,
                 start: StartMethod::Zygote,
                 zygote_payload: Vec::new(),
+                zygote_fallback: None,
             },
             on_start: None,
             on_exit: None,
@@ -322,6 +323,16 @@ impl Builder {
     /// before it parks (the Python worker reads its preloads from it).
     pub fn zygote_payload(mut self, payload: Vec<u8>) -> Self {
         self.cfg.zygote_payload = payload;
+        self
+    }
+
+    /// A second payload for a [`Builder::command`] pool's zygote: if a zygote
+    /// prepared from [`Builder::zygote_payload`] cannot fork (its preparation
+    /// started a thread), the pool starts one more zygote, prepared from this,
+    /// before it falls back to exec for good. The Python pools pass their
+    /// preloads without `__main__` here.
+    pub fn zygote_fallback_payload(mut self, payload: Vec<u8>) -> Self {
+        self.cfg.zygote_fallback = Some(payload);
         self
     }
 

@@ -34,6 +34,9 @@ pub(crate) struct Config {
     pub start: crate::pool::StartMethod,
     /// What the zygote's preparation reads (opaque: Python's preloads).
     pub zygote_payload: Vec<u8>,
+    /// A leaner payload to prepare a new zygote from, once, if the one
+    /// prepared from `zygote_payload` cannot fork (Python: without `__main__`).
+    pub zygote_fallback: Option<Vec<u8>>,
     /// Memory caps.
     pub memory: MemoryLimits,
     /// Where workers that ended without their exit path go (`on_worker_lost`).

@@ -108,6 +108,8 @@ pub(crate) struct Supervisor {
     zygote: ZygoteSlot,
     /// The pool's first workers wait for its first zygote.
     zygote_first: bool,
+    /// Zygotes are prepared from the fallback payload (the first refused).
+    zygote_fallback: bool,
     /// When busy workers' memory is next sampled (with a hard limit only).
     memory_sample_at: Option<Instant>,
 }
@@ -150,6 +152,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         pass_fds,
         zygote,
         zygote_first: with_zygote,
+        zygote_fallback: false,
         memory_sample_at: None,
     };
     Ok((sup, shared))

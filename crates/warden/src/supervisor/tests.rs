@@ -103,6 +103,7 @@ fn harness(prefetch: usize, restart_limit: u32) -> Harness {
         // Stand-in workers only: no program to park as a zygote.
         start: crate::pool::StartMethod::Exec,
         zygote_payload: Vec::new(),
+        zygote_fallback: None,
         memory: crate::memory::MemoryLimits { soft: None, hard: None, interval: Duration::from_millis(100) },
         lost: None,
     };

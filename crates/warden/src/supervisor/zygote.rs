@@ -9,6 +9,10 @@
 //!  Off: exec starts only (configured, a one-off child, or the zygote refused)
 //! ```
 //!
+//! A zygote that refuses to fork is replaced once by one prepared from the
+//! fallback payload, when the pool has one (Python: the preloads without
+//! `__main__`, whose import may start threads); a second refusal is final.
+//!
 //! While a zygote is down or starting, replacements start by exec, so the
 //! pool keeps serving; only the pool's very first workers wait for the first
 //! zygote (that is what makes a cold start of many workers cheap), and at most
@@ -74,19 +78,22 @@ impl Supervisor {
                     reaped: false,
                 };
                 let registry = self.poll.registry();
-                let registered =
-                    zygote.start(&self.cfg.zygote_payload, &self.pass_fds).map_err(|e| e.to_string()).and_then(|()| {
-                        registry
-                            .register(&mut SourceFd(&zygote.pidfd.as_raw_fd()), ZYGOTE_PIDFD, Interest::READABLE)
-                            .and_then(|()| {
-                                registry.register(
-                                    &mut SourceFd(&zygote.control.as_raw_fd()),
-                                    ZYGOTE_CONTROL,
-                                    Interest::READABLE,
-                                )
-                            })
-                            .map_err(|e| e.to_string())
-                    });
+                let payload = match &self.cfg.zygote_fallback {
+                    Some(fallback) if self.zygote_fallback => fallback,
+                    _ => &self.cfg.zygote_payload,
+                };
+                let registered = zygote.start(payload, &self.pass_fds).map_err(|e| e.to_string()).and_then(|()| {
+                    registry
+                        .register(&mut SourceFd(&zygote.pidfd.as_raw_fd()), ZYGOTE_PIDFD, Interest::READABLE)
+                        .and_then(|()| {
+                            registry.register(
+                                &mut SourceFd(&zygote.control.as_raw_fd()),
+                                ZYGOTE_CONTROL,
+                                Interest::READABLE,
+                            )
+                        })
+                        .map_err(|e| e.to_string())
+                });
                 let pid = zygote.pid.as_raw_nonzero().get();
                 tracing::debug!(pool = %self.cfg.name, pid, "zygote started");
                 self.zygote = ZygoteSlot::Up { zygote, deadline: Some(now + self.cfg.init_timeout), stopping: false };
@@ -162,8 +169,17 @@ impl Supervisor {
         }
     }
 
-    /// The zygote will never fork: exec from now on, for good.
+    /// The zygote will never fork: one more zygote from the fallback
+    /// payload if there is one, else exec from now on, for good.
     fn zygote_refused(&mut self, reason: String) {
+        if self.cfg.zygote_fallback.is_some() && !self.zygote_fallback {
+            tracing::debug!(pool = %self.cfg.name, "the zygote cannot fork, trying one from the fallback payload: {reason}");
+            self.zygote_fallback = true;
+            self.stop_zygote();
+            // Not a failure: the first workers keep waiting, for the new one.
+            self.zygote = ZygoteSlot::Down { retry_at: Instant::now() };
+            return;
+        }
         tracing::warn!(pool = %self.cfg.name, "the zygote cannot fork, workers start by exec: {reason}");
         self.emit(LifecycleEvent::ZygoteRefused { reason });
         self.zygote_first = false;
