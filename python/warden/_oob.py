@@ -118,6 +118,10 @@ _DEPTH = 3
 _MAX_LEN = 256
 
 
+#: The types :func:`prepare` looks at: buffers, and the containers it looks into.
+_SEEN = frozenset({bytes, bytearray, memoryview, pickle.PickleBuffer, tuple, list, dict})
+
+
 def prepare(obj: Any, depth: int = _DEPTH) -> Any:
     """``obj`` with large ``bytes`` and ``bytearray``, every ``PickleBuffer``
     and every contiguous ``memoryview`` wrapped so that they can travel out
@@ -125,7 +129,8 @@ def prepare(obj: Any, depth: int = _DEPTH) -> Any:
     values, three levels deep (a task's ``(fn, args, kwargs)``, a map chunk,
     a result), in containers of at most 256 items. Buffers deeper down are pickled as the
     standard library does. Containers are only rebuilt when something in
-    them was wrapped."""
+    them was wrapped; everything else is passed over at the cost of a type
+    check (this runs on every task)."""
     t = type(obj)
     if t is bytes or t is bytearray:
         return _Wrapped(obj) if len(obj) >= INLINE_LIMIT else obj
@@ -135,17 +140,30 @@ def prepare(obj: Any, depth: int = _DEPTH) -> Any:
         # Out of band, pickle would hand the receiver a memoryview; keep the
         # standard library's bytes or bytearray instead.
         return _Wrapped(obj)
-    if not depth:
+    if not depth or t not in _SEEN or len(obj) > _MAX_LEN:
         return obj
-    if (t is tuple or t is list) and len(obj) <= _MAX_LEN:
-        items = [prepare(x, depth - 1) for x in obj]
-        if any(a is not b for a, b in zip(items, obj, strict=True)):
-            return tuple(items) if t is tuple else items
-    elif t is dict and len(obj) <= _MAX_LEN:
-        values = {k: prepare(v, depth - 1) for k, v in obj.items()}
-        if any(values[k] is not v for k, v in obj.items()):
-            return values
-    return obj
+    depth -= 1
+    if t is dict:
+        changed: dict[Any, Any] | None = None
+        for k, v in obj.items():
+            if type(v) in _SEEN:
+                w = prepare(v, depth)
+                if w is not v:
+                    if changed is None:
+                        changed = dict(obj)
+                    changed[k] = w
+        return obj if changed is None else changed
+    items: list[Any] | None = None
+    for i, x in enumerate(obj):
+        if type(x) in _SEEN:
+            y = prepare(x, depth)
+            if y is not x:
+                if items is None:
+                    items = list(obj)
+                items[i] = y
+    if items is None:
+        return obj
+    return tuple(items) if t is tuple else items
 
 
 class Collector:

@@ -558,6 +558,13 @@ def _deliver_outcomes(
 def _deliver_batch(
     batch: list[_warden.Completion], pending: dict[int, OnDone], pending_lock: threading.Lock
 ) -> None:
+    if len(batch) > 1:
+        # A start whose outcome is in the same batch is news to nobody: the
+        # future goes straight to done (a short task's usual case, and one
+        # callback instead of two).
+        finished = {done.task for done in batch if not done.started}
+        if finished:
+            batch = [done for done in batch if not (done.started and done.task in finished)]
     with pending_lock:
         # A start leaves the callback in place for the outcome to come.
         callbacks = [
