@@ -212,6 +212,10 @@ def test_map_returns_results_in_order_like_the_builtin(ex):
 
 def test_map_with_chunksize_gives_the_same_results(ex):
     assert list(ex.map(square, range(101), chunksize=7)) == [x * x for x in range(101)]
+    # Chunks are slices of a list, tuple or range, tuples of anything else.
+    for items in (list(range(23)), tuple(range(23)), range(23), iter(range(23)), dict.fromkeys(range(23), 0)):
+        assert list(ex.map(square, items, chunksize=5)) == [x * x for x in range(23)]
+    assert list(ex.map(add, range(23), range(100), chunksize=5)) == [2 * x for x in range(23)]
     with pytest.raises(ValueError):
         ex.map(square, range(3), chunksize=0)
 

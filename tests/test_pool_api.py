@@ -181,6 +181,46 @@ def test_apply_async_with_unpicklable_arguments_raises_at_once(pool):
     assert pool.apply(square, (3,)) == 9
 
 
+def note_start(path, x):
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    return x
+
+
+class WaitsForFile:
+    """Pickles only once ``path`` exists (or 20 s pass): what it pickles to
+    says whether it saw the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return (str, (f"saw={os.path.exists(self.path)}",))
+
+
+def test_a_maps_first_chunk_runs_while_later_chunks_are_being_pickled(pool, tmp_path):
+    started = tmp_path / "started"
+    # Chunk 1 writes the file when it runs; chunk 2 cannot be pickled until
+    # it exists: only a map that queues each chunk as soon as it is pickled
+    # finishes without waiting out the 20 s.
+    out = pool.starmap(note_start, [(started, 1), (started, WaitsForFile(started))], chunksize=1)
+    assert out == [1, "saw=True"]
+
+
+def test_a_map_whose_chunk_cannot_be_pickled_raises_and_calls_back_nothing(pool):
+    called = []
+    items = [*range(40), threading.Lock()]
+    with pytest.raises(TypeError, match="pickle"):
+        pool.map_async(square, items, chunksize=4, callback=called.append, error_callback=called.append)
+    # The chunks queued before it ran or were cancelled: nothing calls back.
+    assert pool.map(square, range(10), chunksize=2) == [x * x for x in range(10)]
+    time.sleep(0.5)
+    assert called == []
+
+
 def test_base_exception_in_a_task_fails_it_instead_of_hanging_the_pool(pool):
     with pytest.raises(warden.TaskAborted, match="SystemExit"):
         pool.apply_async(raise_system_exit).get(timeout=30)

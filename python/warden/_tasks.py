@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 
@@ -10,5 +11,18 @@ def run_chunk(fn: Callable[..., Any], chunk: Iterable[Any], star: bool) -> list[
     """Runs ``fn`` over a chunk of a ``map``: ``fn(*args)`` for each ``args``
     if ``star``, else ``fn(item)`` for each item."""
     if star:
-        return [fn(*args) for args in chunk]
-    return [fn(item) for item in chunk]
+        return list(itertools.starmap(fn, chunk))
+    return list(map(fn, chunk))
+
+
+def chunks(items: Iterable[Any], size: int) -> Iterator[Sequence[Any]]:
+    """``items`` in chunks of ``size``: slices of a list, tuple or range (a
+    range's are ranges, a few bytes to send), tuples of anything else."""
+    if type(items) in (list, tuple, range):
+        seq: Sequence[Any] = items  # type: ignore[assignment]
+        for start in range(0, len(seq), size):
+            yield seq[start : start + size]
+        return
+    it = iter(items)
+    while chunk := tuple(itertools.islice(it, size)):
+        yield chunk

@@ -19,7 +19,7 @@ from ._errors import core_error
 from ._futures import Future
 from ._handles import PoolHandle
 from ._pickle import dumps_oob
-from ._tasks import run_chunk
+from ._tasks import chunks, run_chunk
 
 if TYPE_CHECKING:
     # asyncio costs ~40 ms to import: loaded when a coroutine API is first used.
@@ -357,11 +357,16 @@ def _calls(
 ) -> Iterator[tuple[Callable[..., Any], tuple[Any, ...]]]:
     """The calls of a ``map``: ``(fn, args)`` per item, or one ``run_chunk``
     call per ``chunksize`` items."""
-    it = zip(*iterables, strict=False)
     if chunksize == 1:
-        for args in it:
+        for args in zip(*iterables, strict=False):
             yield fn, args
+    elif len(iterables) == 1:
+        # One iterable: chunks of the items themselves, not of 1-tuples (the
+        # usual case; half the objects to build, pickle and unpickle).
+        for chunk in chunks(iterables[0], chunksize):
+            yield run_chunk, (fn, chunk, False)
     else:
+        it = zip(*iterables, strict=False)
         while chunk := tuple(itertools.islice(it, chunksize)):
             yield run_chunk, (fn, chunk, True)
 

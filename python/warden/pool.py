@@ -22,7 +22,7 @@ from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
 from ._handles import PoolHandle
 from ._pickle import dumps_oob, loads
-from ._tasks import run_chunk
+from ._tasks import chunks, run_chunk
 
 if TYPE_CHECKING:
     # asyncio costs ~40 ms to import: loaded when a coroutine API is first used.
@@ -309,26 +309,23 @@ class Pool(multiprocessing.pool.Pool):
             chunksize = 0
         elif chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize}")
-        payloads: list[tuple[bytes, int | None]] = []
-        it = iter(items)
+        count = -(-length // chunksize) if length else 0
+        result = MapResult(self, count, callback, error_callback)
+        result._progress = _progress.make(progress, length)
+        # Each chunk goes to the workers as soon as it is pickled, so they
+        # start while the rest is being pickled. A chunk that cannot be
+        # pickled (or queued) raises here: the result is abandoned (it calls
+        # no callback) and the chunks already queued are cancelled.
         try:
-            while length and (chunk := tuple(itertools.islice(it, chunksize))):
-                payloads.append(dumps_oob((run_chunk, (func, chunk, star), {})))
-            result = MapResult(self, len(payloads), callback, error_callback)
-            result._progress = _progress.make(progress, length)
-        except BaseException:
-            for _, segment in payloads:
-                _runner.close_fd(segment)
-            raise
-        for i, (payload, segment) in enumerate(payloads):
-            try:
+            for i, chunk in enumerate(chunks(items, chunksize) if count else ()):
+                payload, segment = dumps_oob((run_chunk, (func, chunk, star), {}))
+                del chunk
                 result._tasks.append(
                     self._submit(payload, segment, functools.partial(result._deliver_chunk, i), result)
                 )
-            except BaseException:
-                for _, later in payloads[i + 1 :]:
-                    _runner.close_fd(later)
-                raise
+        except BaseException:
+            result._abandon()
+            raise
         return result
 
     def imap(
@@ -516,7 +513,20 @@ class MapResult(ApplyResult):
             self._event.set()
             self._pool = None
 
+    def _abandon(self) -> None:
+        """The map could not be queued whole: its queued chunks are
+        cancelled, and no outcome will ever make it ready or call back."""
+        with self._lock:
+            self._left = -1
+            self._chunks = []
+        for task in self._tasks:
+            _runner.cancel(self._core, task, False)
+        if self._progress is not None:
+            self._progress.close()
+
     def _deliver_chunk(self, index: int, ok: bool, data: Any) -> None:
+        if self._left < 0:
+            return  # abandoned
         error = None
         if ok:
             try:
@@ -529,6 +539,8 @@ class MapResult(ApplyResult):
         else:
             error = data
         with self._lock:
+            if self._left < 0:
+                return
             if error is not None and self._first_error is None:
                 self._first_error = error
             self._left -= 1
@@ -538,7 +550,7 @@ class MapResult(ApplyResult):
                 self._chunks = []
                 self._finish(None, self._first_error)
             else:
-                value = [item for chunk in self._chunks for item in chunk]
+                value = list(itertools.chain.from_iterable(self._chunks))
                 self._chunks = []
                 self._finish(value, None)
 
