@@ -331,3 +331,35 @@ def test_a_short_task_never_waits_for_a_long_one_while_a_worker_is_idle(tmp_path
         assert not long.done()
         long_go.write_text("x")
         assert long.result(timeout=60) == "long"
+
+
+def test_tiny_tasks_in_bursts_all_come_back_right_from_the_same_workers():
+    """Between bursts the queue runs dry and an idle worker asks a busy one
+    for the tasks it was sent ahead, over and over: no task is lost or run
+    twice, and no worker answers out of turn (the pool would kill it)."""
+    with warden.ProcessPoolExecutor(2) as ex:
+        ex.submit(identity, 0).result(timeout=60)
+        assert wait_until(lambda: len(ex._runner.core.workers()) == 2, timeout=60)
+        before = {w.pid for w in ex._runner.core.workers()}
+        for burst in range(200):
+            futures = [ex.submit(identity, (burst, i)) for i in range(50)]
+            assert [f.result(timeout=60) for f in futures] == [(burst, i) for i in range(50)]
+        assert {w.pid for w in ex._runner.core.workers()} == before
+
+
+def test_a_task_sent_ahead_to_a_busy_worker_can_still_be_cancelled(tmp_path):
+    go = tmp_path / "go"
+    with warden.ProcessPoolExecutor(2) as ex:
+        busy = [ex.submit(wait_for_file_then, str(go), n) for n in range(2)]
+        assert wait_until(lambda: all(f.running() for f in busy), timeout=60)
+        # With both workers busy, these are sent ahead to them: not started,
+        # so cancel() succeeds, as for any pending future.
+        ahead = [ex.submit(identity, n) for n in range(4)]
+        assert all(f.cancel() for f in ahead)
+        assert all(f.cancelled() for f in ahead)
+        pids = {w.pid for w in ex._runner.core.workers()}
+        go.write_text("x")
+        assert [f.result(timeout=60) for f in busy] == [0, 1]
+        assert ex.submit(identity, "after").result(timeout=60) == "after"
+        # Nobody was stopped for it.
+        assert {w.pid for w in ex._runner.core.workers()} == pids

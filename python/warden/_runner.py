@@ -125,6 +125,13 @@ def start_options(start: str | None, preload: Iterable[str] | None) -> tuple[str
     return start, names
 
 
+#: How many tasks a worker may hold at once: the one it runs and the next ones,
+#: so that it goes from one short task to the next without waiting for the
+#: pool. One it has not started is taken back for an idle worker at once
+#: (while a long task runs), so no task waits behind another while a worker
+#: is idle.
+PREFETCH = 4
+
 #: The restart intensity pools get unless told otherwise: more than 10
 #: failures no task explains within 5 seconds fail the pool.
 DEFAULT_RESTART_LIMIT: tuple[int, float] = (10, 5.0)
@@ -350,6 +357,7 @@ class Runner:
             task_timeout=task_timeout,
             grace=GRACE,
             max_frame_size=MAX_FRAME,
+            prefetch=PREFETCH,
             one_off=one_off,
             start=start,
             zygote_payload=zygote,

@@ -63,6 +63,7 @@
 mod error;
 pub mod finalize;
 pub mod frontend;
+mod inbox;
 mod lost;
 mod memory;
 mod panics;

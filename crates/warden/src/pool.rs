@@ -523,7 +523,8 @@ impl Pool {
     }
 
     /// Cancels a task only if it is still queued (the semantics of
-    /// `concurrent.futures.Future.cancel`). Returns whether it was.
+    /// `concurrent.futures.Future.cancel`), in the pool or sent ahead to a
+    /// worker that has not started it. Returns whether it was.
     pub fn cancel_queued(&self, id: u64) -> bool {
         cancel(&self.shared, id, false)
     }

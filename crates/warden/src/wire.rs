@@ -606,25 +606,6 @@ impl FrameReader {
         }
     }
 
-    /// Calls `f` with the id of every `Cancel` message among the complete
-    /// frames already buffered, without consuming anything. A worker uses this
-    /// to skip a task whose cancel arrived right behind it.
-    pub fn scan_cancels(&self, mut f: impl FnMut(u64)) {
-        let mut at = self.start;
-        while self.end - at >= HEADER_LEN {
-            let mut header = [0u8; HEADER_LEN];
-            header.copy_from_slice(&self.buf[at..at + HEADER_LEN]);
-            let Ok(len) = parse_header(&header, self.max_frame) else { return };
-            if self.end - at < HEADER_LEN + len {
-                return;
-            }
-            if let Ok(Message::Cancel { id }) = decode_body(&self.buf[at + HEADER_LEN..at + HEADER_LEN + len]) {
-                f(id);
-            }
-            at += HEADER_LEN + len;
-        }
-    }
-
     /// An error if the stream ended with a partial frame buffered.
     pub fn check_clean_eof(&self) -> Result<(), WireError> {
         if self.pending() == 0 {
@@ -808,16 +789,5 @@ mod tests {
         while reader.fill_from_socket(&b).unwrap() > 0 {}
         assert_eq!(reader.next_frame().err(), Some(WireError::TooManyFds));
         assert!(reader.fds.is_empty(), "the unclaimed descriptors were closed");
-    }
-
-    #[test]
-    fn cancels_behind_a_task_are_visible_before_the_task_runs() {
-        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
-        reader.push(&frame(&Message::Task { id: 5, payload: b"x" }));
-        reader.push(&frame(&Message::Task { id: 6, payload: b"y" }));
-        reader.push(&frame(&Message::Cancel { id: 6 }));
-        let mut seen = Vec::new();
-        reader.scan_cancels(|id| seen.push(id));
-        assert_eq!(seen, vec![6]);
     }
 }

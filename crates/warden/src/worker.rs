@@ -40,6 +40,10 @@
 //! to the monitor, which runs it and ends the process while the task is still
 //! on the main thread's stack.
 //!
+//! A third thread reads the channel into an inbox the main thread takes its
+//! messages from, so that a task sent ahead of time can be given back to the
+//! pool while another runs (see [`crate::inbox`]).
+//!
 //! # Caveats
 //!
 //! * When the monitor runs the exit path, the exit hook runs concurrently with
@@ -58,6 +62,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::error::ExitStatus;
+use crate::inbox::{End, Inbox, Incoming};
 use crate::panics::{lock, panic_text};
 use crate::signals;
 use crate::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
@@ -416,12 +421,22 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
         return core.exit_path(ExitReason::ProtocolError);
     }
 
+    let inbox = Arc::new(Inbox::default());
+    let (reader_core, reader_inbox, max_frame) = (Arc::clone(&core), Arc::clone(&inbox), env.max_frame);
+    if let Err(e) = std::thread::Builder::new()
+        .name("warden-reader".into())
+        .spawn(move || read_channel(reader_core, reader_inbox, max_frame))
+    {
+        eprintln!("warden worker: cannot start the channel's reader thread: {e}");
+        return core.exit_path(ExitReason::ProtocolError);
+    }
+
     let pid = std::process::id();
     if core.send(&Message::Hello { pid, identity: handler.identity() }).is_err() {
         return core.exit_path(core.stop_reason(signals::pending().unwrap_or(libc::SIGTERM)));
     }
 
-    let reason = run_loop(&core, &mut handler, env.max_frame);
+    let reason = run_loop(&core, &mut handler, &inbox);
     core.exit_path(reason)
 }
 
@@ -437,51 +452,76 @@ pub(crate) fn check_socket(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, max_frame: usize) -> ExitReason {
+/// The reader thread: takes frames off the channel into the inbox, and
+/// answers a `Cancel` for a task still in the inbox at once (see
+/// [`crate::inbox`]).
+fn read_channel(core: Arc<WorkerState>, inbox: Arc<Inbox>, max_frame: usize) {
+    signals::block_in_this_thread();
     let mut reader = FrameReader::new(max_frame);
+    loop {
+        let range = match reader.next_frame() {
+            Ok(Some(range)) => range,
+            Ok(None) => match reader.fill_from_socket(&core.stream) {
+                Ok(0) => return inbox.end(End::Closed),
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return inbox.end(End::Closed),
+            },
+            Err(e) => return inbox.end(End::Bad(e.to_string())),
+        };
+        let segment = match reader.take_segment(range) {
+            Ok(segment) => segment,
+            Err(e) => return inbox.end(End::Bad(e.to_string())),
+        };
+        let msg = match wire::decode_body(reader.body(range)) {
+            Ok(msg) => msg,
+            Err(e) => return inbox.end(End::Bad(e.to_string())),
+        };
+        let incoming = match msg {
+            Message::Init { worker, payload } => Incoming::Init { worker, payload: payload.to_vec() },
+            Message::Task { id, payload } => Incoming::Task { id, payload: payload.to_vec(), segment },
+            Message::Retire { reason } => Incoming::Retire(reason),
+            // A cancel for a task not taken yet gives it back now; one for a
+            // task already taken (running, or done) is stale: the pool sees
+            // that task's result.
+            Message::Cancel { id } => {
+                let skipped = || core.send(&Message::Result { id, outcome: WireOutcome::Skipped });
+                if let Some(Err(_)) = inbox.withdraw(id, skipped) {
+                    return inbox.end(End::Closed);
+                }
+                continue;
+            }
+            other => return inbox.end(End::Bad(format!("unexpected {} message", other.name()))),
+        };
+        inbox.push(incoming);
+    }
+}
+
+fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> ExitReason {
     let mut initialized = false;
     loop {
         if let Some(sig) = signals::pending() {
             return core.stop_reason(sig);
         }
-        let range = match reader.next_frame() {
-            Ok(Some(range)) => range,
-            Ok(None) => match reader.fill_from_socket(&core.stream) {
-                Ok(0) => {
-                    return match signals::pending() {
-                        Some(sig) => core.stop_reason(sig),
-                        None => ExitReason::ParentGone,
-                    }
-                }
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return ExitReason::ParentGone,
-            },
-            Err(e) => {
-                eprintln!("warden worker {}: bad frame from the parent: {e}", std::process::id());
-                return ExitReason::ProtocolError;
-            }
-        };
-        let segment = match reader.take_segment(range) {
-            Ok(segment) => segment,
-            Err(e) => {
-                eprintln!("warden worker {}: bad frame from the parent: {e}", std::process::id());
-                return ExitReason::ProtocolError;
-            }
-        };
-        let msg = match wire::decode_body(reader.body(range)) {
+        let msg = match inbox.next() {
             Ok(msg) => msg,
-            Err(e) => {
+            Err(End::Closed) => {
+                return match signals::pending() {
+                    Some(sig) => core.stop_reason(sig),
+                    None => ExitReason::ParentGone,
+                }
+            }
+            Err(End::Bad(e)) => {
                 eprintln!("warden worker {}: bad frame from the parent: {e}", std::process::id());
                 return ExitReason::ProtocolError;
             }
         };
         match msg {
-            Message::Init { worker, payload } if !initialized => {
+            Incoming::Init { worker, payload } if !initialized => {
                 let info = WorkerInfo { worker, pid: std::process::id(), parent: core.parent };
                 let _ = CURRENT.set(info.clone());
                 core.state.store(BUSY, Ordering::SeqCst);
-                let result = catch_unwind(AssertUnwindSafe(|| handler.init(&info, payload)));
+                let result = catch_unwind(AssertUnwindSafe(|| handler.init(&info, &payload)));
                 let result = result
                     .unwrap_or_else(|p| Err(RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&*p))));
                 if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
@@ -516,21 +556,14 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, max_frame: usize) -
                     }
                 }
             }
-            Message::Task { id, payload } if initialized => {
-                let mut cancelled = false;
-                reader.scan_cancels(|c| cancelled |= c == id);
-                if cancelled {
-                    if core.send(&Message::Result { id, outcome: WireOutcome::Skipped }).is_err() {
-                        return ExitReason::ParentGone;
-                    }
-                    continue;
-                }
+            Incoming::Task { id, payload, segment } if initialized => {
                 core.state.store(BUSY, Ordering::SeqCst);
                 if let Some(sig) = signals::pending() {
                     core.state.store(IDLE, Ordering::SeqCst);
                     return core.stop_reason(sig);
                 }
-                let result = catch_unwind(AssertUnwindSafe(|| handler.run_with_segment(payload, segment)));
+                let result = catch_unwind(AssertUnwindSafe(|| handler.run_with_segment(&payload, segment)));
+                drop(payload);
                 if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
                     // The monitor is running the exit path; it ends the process.
                     return ExitReason::Signal(signals::pending().unwrap_or(libc::SIGTERM));
@@ -559,12 +592,13 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, max_frame: usize) -
                     }
                 }
             }
-            // A cancel always travels behind its task, so one read here is for
-            // a task already run or skipped (see `scan_cancels` above): stale.
-            Message::Cancel { .. } => {}
-            Message::Retire { reason } => return ExitReason::Retired(reason),
+            Incoming::Retire(reason) => return ExitReason::Retired(reason),
             other => {
-                eprintln!("warden worker {}: unexpected {} message from the parent", std::process::id(), other.name());
+                let name = match other {
+                    Incoming::Init { .. } => "second init",
+                    _ => "task before init",
+                };
+                eprintln!("warden worker {}: unexpected {name} message from the parent", std::process::id());
                 return ExitReason::ProtocolError;
             }
         }

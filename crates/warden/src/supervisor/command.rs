@@ -76,14 +76,12 @@ impl Supervisor {
             }
             return true;
         }
-        if !running_too {
-            return false;
-        }
         let grace = self.cfg.grace;
         let max_frame = self.cfg.max_frame;
         for w in self.workers.values_mut() {
             let Some(pos) = w.inflight.iter().position(|f| f.task.id == id) else { continue };
-            if w.inflight[pos].task.delivered() {
+            // A task sent ahead but not started is still queued, for the caller.
+            if w.inflight[pos].task.delivered() || (pos == 0 && !running_too) {
                 return false;
             }
             w.inflight[pos].task.deliver(Err(Error::cancelled()));
@@ -108,6 +106,22 @@ impl Supervisor {
         if !drain {
             for mut task in self.queue.drain(..) {
                 task.deliver(Err(Error::cancelled()));
+            }
+            // Tasks sent ahead that no worker has started are queued too.
+            let max_frame = self.cfg.max_frame;
+            for w in self.workers.values_mut() {
+                let mut ask = Vec::new();
+                for f in w.inflight.iter_mut().skip(1).filter(|f| !f.task.delivered()) {
+                    f.task.deliver(Err(Error::cancelled()));
+                    f.cancel_requested = true;
+                    ask.push(f.task.id);
+                }
+                if !ask.is_empty() {
+                    for id in ask {
+                        let _ = w.queue(&Message::Cancel { id }, max_frame);
+                    }
+                    w.flush();
+                }
             }
         }
     }

@@ -236,6 +236,7 @@ impl Supervisor {
             self.check_zygote_timer(now);
             self.ensure_workers(now);
             self.dispatch();
+            self.give_back();
             self.retire_idle();
             if self.phase != PoolPhase::Running
                 && self.workers.is_empty()

@@ -9,14 +9,24 @@ use crate::error::{Error, ErrorKind};
 use crate::wire::{ExitPathReport, ExitReason, Message, RemoteError, RetireReason, WireOutcome};
 
 use super::worker::{retire, WorkerPhase};
-use super::{LifecycleEvent, Output, StopCause, Supervisor};
+use super::{LifecycleEvent, Output, PoolPhase, StopCause, Supervisor};
 
 /// A message from a worker, copied out of its read buffer.
 enum Incoming {
-    Hello { pid: u32, identity: u64 },
+    Hello {
+        pid: u32,
+        identity: u64,
+    },
     Ready,
     InitFailed(RemoteError),
-    Result { id: u64, outcome: Result<Output, Error> },
+    Result {
+        id: u64,
+        outcome: Result<Output, Error>,
+    },
+    /// A task the worker will not run: cancelled before it started, or given back.
+    Skipped {
+        id: u64,
+    },
     Goodbye(ExitReason, ExitPathReport),
     Record(Vec<u8>),
     Unexpected(&'static str),
@@ -62,6 +72,7 @@ impl Supervisor {
                     Message::Hello { pid, identity } => Incoming::Hello { pid, identity },
                     Message::Ready => Incoming::Ready,
                     Message::InitFailed { error } => Incoming::InitFailed(error),
+                    Message::Result { id, outcome: WireOutcome::Skipped } => Incoming::Skipped { id },
                     Message::Result { id, outcome } => Incoming::Result {
                         id,
                         outcome: match outcome {
@@ -80,6 +91,75 @@ impl Supervisor {
                 }
             };
             self.handle(id, incoming);
+        }
+    }
+
+    /// A worker answered for one of its tasks: its outcome, or (`None`) that
+    /// it will not run it. Only the first in line can have an outcome; a task
+    /// behind it can only be skipped (cancelled before it started, or given
+    /// back: then it goes back to the front of the queue).
+    fn task_answered(&mut self, id: u64, task_id: u64, outcome: Option<Result<Output, Error>>) {
+        let cfg = Arc::clone(&self.cfg);
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        let pos = match w.inflight.iter().position(|f| f.task.id == task_id) {
+            Some(0) => 0,
+            Some(pos) if outcome.is_none() => pos,
+            Some(_) => {
+                let running = w.inflight.front().map_or(0, |f| f.task.id);
+                let detail = format!("sent a result for task {task_id} while running task {running}");
+                return self.protocol_error(id, detail);
+            }
+            None => {
+                let detail = format!("sent a result for task {task_id} it was not running");
+                return self.protocol_error(id, detail);
+            }
+        };
+        let Some(entry) = w.inflight.remove(pos) else { return };
+        let mut task = entry.task;
+        let mut given_back = None;
+        match outcome {
+            Some(outcome) => task.deliver(outcome),
+            None if entry.withdrawing && !task.delivered() => {
+                w.assigned = w.assigned.saturating_sub(1);
+                given_back = Some(task);
+            }
+            None => task.deliver(Err(Error::cancelled())),
+        }
+        let pid = w.raw_pid();
+        let mut started = None;
+        if pos == 0 {
+            if let Some(next) = w.inflight.front_mut() {
+                let now = Instant::now();
+                next.started = Some(now);
+                next.deadline = next.task.timeout.map(|t| now + t);
+                if next.cancel_requested {
+                    // The cancel may have crossed the task: stop to be sure.
+                    w.stop(StopCause::Cancelled, cfg.grace);
+                } else if !next.withdrawing {
+                    // (One being given back is reported started only if it
+                    // was not: it is then simply done.)
+                    started = Some(next.task.id);
+                }
+            }
+            super::memory::check_after_task(w, &cfg);
+            if w.phase == WorkerPhase::Ready && w.inflight.is_empty() {
+                if cfg.max_tasks_per_child.is_some_and(|max| w.assigned >= max) {
+                    let reason = if cfg.one_off { RetireReason::Done } else { RetireReason::MaxTasks };
+                    retire(w, reason, &cfg);
+                } else if w.over_memory {
+                    retire(w, RetireReason::MaxMemory, &cfg);
+                }
+            }
+        }
+        if let Some(mut task) = given_back {
+            match self.phase {
+                PoolPhase::Running | PoolPhase::Closing { drain: true } => self.queue.push_front(task),
+                PoolPhase::Failed => task.deliver(Err(self.failed_error())),
+                _ => task.deliver(Err(Error::cancelled())),
+            }
+        }
+        if let Some(task) = started {
+            self.emit(LifecycleEvent::TaskStarted { task, pid });
         }
     }
 
@@ -122,44 +202,11 @@ impl Supervisor {
             (
                 WorkerPhase::Ready | WorkerPhase::Retiring | WorkerPhase::Stopping | WorkerPhase::Killed,
                 Incoming::Result { id: task_id, outcome },
-            ) => {
-                let Some(front) = w.inflight.front() else {
-                    let detail = format!("sent a result for task {task_id} it was not running");
-                    return self.protocol_error(id, detail);
-                };
-                if front.task.id != task_id {
-                    let detail = format!("sent a result for task {task_id} while running task {}", front.task.id);
-                    return self.protocol_error(id, detail);
-                }
-                if let Some(mut done) = w.inflight.pop_front() {
-                    done.task.deliver(outcome);
-                }
-                let pid = w.raw_pid();
-                let mut started = None;
-                if let Some(next) = w.inflight.front_mut() {
-                    let now = Instant::now();
-                    next.started = Some(now);
-                    next.deadline = next.task.timeout.map(|t| now + t);
-                    if next.cancel_requested {
-                        // The cancel may have crossed the task: stop to be sure.
-                        w.stop(StopCause::Cancelled, cfg.grace);
-                    } else {
-                        started = Some(next.task.id);
-                    }
-                }
-                super::memory::check_after_task(w, &cfg);
-                if w.phase == WorkerPhase::Ready && w.inflight.is_empty() {
-                    if cfg.max_tasks_per_child.is_some_and(|max| w.assigned >= max) {
-                        let reason = if cfg.one_off { RetireReason::Done } else { RetireReason::MaxTasks };
-                        retire(w, reason, &cfg);
-                    } else if w.over_memory {
-                        retire(w, RetireReason::MaxMemory, &cfg);
-                    }
-                }
-                if let Some(task) = started {
-                    self.emit(LifecycleEvent::TaskStarted { task, pid });
-                }
-            }
+            ) => self.task_answered(id, task_id, Some(outcome)),
+            (
+                WorkerPhase::Ready | WorkerPhase::Retiring | WorkerPhase::Stopping | WorkerPhase::Killed,
+                Incoming::Skipped { id: task_id },
+            ) => self.task_answered(id, task_id, None),
             (_, Incoming::Record(data)) => {
                 w.record = if data.is_empty() { None } else { Some(data) };
             }
@@ -191,7 +238,7 @@ impl Supervisor {
                     Incoming::Hello { .. } => "hello",
                     Incoming::Ready => "ready",
                     Incoming::InitFailed(_) => "init-failed",
-                    Incoming::Result { .. } => "result",
+                    Incoming::Result { .. } | Incoming::Skipped { .. } => "result",
                     Incoming::Goodbye(..) | Incoming::Record(_) | Incoming::Unexpected(_) => "message",
                 };
                 let detail = format!("sent {name} while {}", phase.name());

@@ -139,6 +139,7 @@ impl Supervisor {
                     started: first.then_some(now),
                     task,
                     cancel_requested: false,
+                    withdrawing: false,
                 });
                 w.assigned += 1;
                 w.flush();
@@ -146,6 +147,67 @@ impl Supervisor {
         }
         for (task, pid) in started {
             self.emit(LifecycleEvent::TaskStarted { task, pid });
+        }
+    }
+
+    /// Gives an idle worker something to do when the queue is empty but
+    /// another worker holds tasks it was sent ahead (prefetch) and has not
+    /// started: the next of them is asked back (`Cancel`), and comes back to
+    /// the front of the queue when the worker answers `Skipped` (at once: its
+    /// reader thread answers while a task runs). So a short task never waits
+    /// behind a long one while a worker is idle, and tasks still start in the
+    /// order they were submitted. One ask per idle worker.
+    pub(super) fn give_back(&mut self) {
+        if self.cfg.prefetch < 2 || !self.queue.is_empty() || self.phase != PoolPhase::Running {
+            return;
+        }
+        let max_tasks = self.cfg.max_tasks_per_child;
+        let idle = self
+            .workers
+            .values()
+            .filter(|w| {
+                w.phase == WorkerPhase::Ready
+                    && w.inflight.is_empty()
+                    && !w.over_memory
+                    && !max_tasks.is_some_and(|max| w.assigned >= max)
+            })
+            .count();
+        let asked = self.workers.values().flat_map(|w| w.inflight.iter()).filter(|f| f.withdrawing).count();
+        let mut wanted = idle.saturating_sub(asked);
+        if wanted == 0 {
+            return;
+        }
+        let max_frame = self.cfg.max_frame;
+        let mut ids: Vec<u64> = self.workers.values().filter(|w| w.inflight.len() > 1).map(|w| w.id).collect();
+        ids.sort_unstable();
+        for id in ids {
+            let Some(w) = self.workers.get_mut(&id) else { continue };
+            if w.phase != WorkerPhase::Ready {
+                continue;
+            }
+            // Never the first in line (the worker has started it); the next
+            // one, so that tasks start in the order they came.
+            while wanted > 0 {
+                let Some(entry) = w
+                    .inflight
+                    .iter_mut()
+                    .skip(1)
+                    .find(|f| !f.withdrawing && !f.cancel_requested && !f.task.delivered())
+                else {
+                    break;
+                };
+                entry.withdrawing = true;
+                let task = entry.task.id;
+                if w.queue(&Message::Cancel { id: task }, max_frame).is_err() {
+                    break;
+                }
+                tracing::trace!(pool = %self.cfg.name, worker = id, task, "asking for a task back");
+                wanted -= 1;
+            }
+            w.flush();
+            if wanted == 0 {
+                break;
+            }
         }
     }
 

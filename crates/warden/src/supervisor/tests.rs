@@ -429,3 +429,155 @@ fn an_exit_nobody_asked_for_is_a_crash_even_with_code_zero() {
     h.sup.reap(w.id);
     assert!(h.link.failure().is_some_and(|r| r.contains("exceed the restart limit of 0")));
 }
+
+// ---- giving back prefetched tasks ----------------------------------------
+
+impl Harness {
+    /// The stand-in worker `w` says `msg`; the supervisor reads it.
+    fn answer(&mut self, w: &mut StandIn, msg: &Message<'_>) {
+        use std::io::Write;
+        let mut frame = Vec::new();
+        crate::wire::encode_frame(msg, &mut frame, MAX_FRAME, false).expect("an encodable frame");
+        w.peer.write_all(&frame).expect("writing the channel");
+        self.sup.read_worker(w.id);
+    }
+}
+
+fn value(id: u64) -> Message<'static> {
+    Message::Result { id, outcome: crate::wire::WireOutcome::Value(b"v") }
+}
+
+fn skipped(id: u64) -> Message<'static> {
+    Message::Result { id, outcome: crate::wire::WireOutcome::Skipped }
+}
+
+#[test]
+fn an_idle_worker_gets_back_a_task_sent_ahead_to_a_busy_one() {
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let mut b = h.worker(WorkerPhase::Ready);
+    for id in 1..=4 {
+        h.submit(id);
+    }
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&a), [1, 3]);
+    assert_eq!(h.inflight(&b), [2, 4]);
+    sent(&mut a);
+    sent(&mut b);
+    // b finishes both of its tasks while a is still on task 1.
+    h.answer(&mut b, &value(2));
+    h.answer(&mut b, &value(4));
+    h.sup.dispatch();
+    h.sup.give_back();
+    assert_eq!(sent(&mut a), [Sent::Cancel(3)], "a is asked for the task it has not started");
+    h.sup.give_back();
+    assert_eq!(sent(&mut a), [], "one ask per idle worker");
+    // a's reader gives it back at once, out of turn: it goes to b.
+    h.answer(&mut a, &skipped(3));
+    assert_eq!(h.inflight(&a), [1]);
+    assert_eq!(h.queued(), [3]);
+    h.sup.dispatch();
+    assert_eq!(sent(&mut b), [Sent::Task(3)]);
+    assert_eq!(h.outcomes(), [(2, "value"), (4, "value")], "a task given back has no outcome yet");
+    h.answer(&mut b, &value(3));
+    h.answer(&mut a, &value(1));
+    assert_eq!(h.outcomes(), [(2, "value"), (4, "value"), (3, "value"), (1, "value")]);
+}
+
+#[test]
+fn a_task_asked_back_that_the_worker_already_started_is_simply_done_there() {
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let mut b = h.worker(WorkerPhase::Ready);
+    for id in 1..=3 {
+        h.submit(id);
+    }
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&a), [1, 3]);
+    h.answer(&mut b, &value(2));
+    h.sup.give_back();
+    assert_eq!(sent(&mut a), [Sent::Task(1), Sent::Task(3), Sent::Cancel(3)]);
+    // The ask crossed the task: a had started 3 and answers with its result.
+    h.answer(&mut a, &value(1));
+    h.answer(&mut a, &value(3));
+    assert_eq!(h.outcomes(), [(2, "value"), (1, "value"), (3, "value")]);
+    assert_eq!(h.queued(), Vec::<u64>::new());
+    assert_eq!(a.stand.signals(), [], "nobody is stopped for it");
+}
+
+#[test]
+fn a_result_out_of_turn_is_a_protocol_error_but_a_skip_is_not() {
+    let mut h = harness(3, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    for id in 1..=3 {
+        h.submit(id);
+    }
+    h.sup.dispatch();
+    assert!(h.sup.cancel(3, true));
+    h.answer(&mut a, &skipped(3));
+    assert_eq!(h.inflight(&a), [1, 2]);
+    assert_eq!(a.stand.signals(), []);
+    h.answer(&mut a, &value(2));
+    assert!(matches!(h.sup.workers[&a.id].cause, Some(StopCause::Protocol(_))));
+}
+
+#[test]
+fn nothing_is_asked_back_without_prefetch_or_while_tasks_are_queued() {
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let _b = h.worker(WorkerPhase::Starting);
+    for id in 1..=3 {
+        h.submit(id);
+    }
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&a), [1, 2]);
+    sent(&mut a);
+    h.sup.give_back();
+    assert_eq!(sent(&mut a), [], "no worker is idle");
+    let mut h = harness(1, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let _b = h.worker(WorkerPhase::Ready);
+    h.submit(1);
+    h.sup.dispatch();
+    sent(&mut a);
+    h.sup.give_back();
+    assert_eq!(sent(&mut a), []);
+}
+
+#[test]
+fn cancel_queued_also_takes_back_a_task_sent_ahead_but_not_started() {
+    let mut h = harness(2, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit(1);
+    h.submit(2);
+    h.sup.dispatch();
+    sent(&mut w);
+    assert!(!h.sup.cancel(1, false), "the first in line has started");
+    assert!(h.sup.cancel(2, false));
+    assert_eq!(sent(&mut w), [Sent::Cancel(2)]);
+    assert_eq!(h.outcomes(), [(2, "cancelled")]);
+    h.answer(&mut w, &skipped(2));
+    h.answer(&mut w, &value(1));
+    assert_eq!(h.outcomes(), [(2, "cancelled"), (1, "value")]);
+    assert_eq!(w.stand.signals(), []);
+}
+
+#[test]
+fn closing_without_draining_cancels_tasks_sent_ahead_too() {
+    let mut h = harness(3, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    for id in 1..=4 {
+        h.submit(id);
+    }
+    h.sup.dispatch();
+    sent(&mut w);
+    h.sup.close(false, None);
+    assert_eq!(sent(&mut w), [Sent::Cancel(2), Sent::Cancel(3)]);
+    assert_eq!(h.outcomes(), [(4, "cancelled"), (2, "cancelled"), (3, "cancelled")]);
+    h.answer(&mut w, &skipped(2));
+    h.answer(&mut w, &skipped(3));
+    h.answer(&mut w, &value(1));
+    h.sup.retire_idle();
+    assert_eq!(sent(&mut w), [Sent::Retire(RetireReason::Shutdown)]);
+    assert_eq!(w.stand.signals(), []);
+}

@@ -54,6 +54,9 @@ pub(super) struct InFlight {
     pub(super) started: Option<Instant>,
     pub(super) deadline: Option<Instant>,
     pub(super) cancel_requested: bool,
+    /// Asked back (a `Cancel` sent) so that an idle worker can run it; it
+    /// comes back `Skipped` unless the worker had started it.
+    pub(super) withdrawing: bool,
 }
 
 pub(super) struct Worker {
