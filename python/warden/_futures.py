@@ -17,10 +17,12 @@ three differences:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, _base
 from typing import Any
 
+from . import _runner
 from ._errors import ErrorData
 from ._pickle import loads
 
@@ -28,14 +30,57 @@ _CANCELLED = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
 _DONE = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED)
 
 
+#: Serialises making a future's condition, and finishing a future that has
+#: none (nobody has waited on it, nor added a callback).
+_CONDITION_LOCK = threading.Lock()
+
+
 class Future(_base.Future):  # type: ignore[type-arg]
-    """A ``concurrent.futures.Future`` whose failure is stored as data."""
+    """A ``concurrent.futures.Future`` whose failure is stored as data.
+
+    Its ``_condition`` (a lock and a deque: most of a future's memory) is made
+    the first time something needs it: waiting on the future, a callback,
+    ``wait()``/``as_completed()``. A future nobody waits on before it is done
+    never gets one, and many outstanding futures cost less than the standard
+    library's."""
 
     def __init__(self) -> None:
-        super().__init__()
+        # _base.Future.__init__, but for the condition.
+        self._state = _base.PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Any], object]] = []
         self._error: ErrorData | None = None
-        self._canceller: Callable[[bool], bool] | None = None
-        self._on_interrupt: Callable[[], None] | None = None
+        #: The runner whose pool runs the task (``core``, ``interrupt``), and the task's id.
+        self._runner: Any = None
+        self._task = 0
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        condition = self.__dict__.get("_lazy_condition")
+        if condition is None:
+            with _CONDITION_LOCK:
+                condition = self.__dict__.get("_lazy_condition")
+                if condition is None:
+                    condition = self.__dict__["_lazy_condition"] = threading.Condition()
+        return condition
+
+    def _on_interrupt(self) -> None:
+        if self._runner is not None:
+            self._runner.interrupt()
+
+    def done(self) -> bool:
+        """Whether the future is cancelled or finished."""
+        return self._state in _DONE
+
+    def cancelled(self) -> bool:
+        """Whether the future was cancelled."""
+        return self._state in _CANCELLED
+
+    def running(self) -> bool:
+        """Whether a worker is running the task."""
+        return self._state == _base.RUNNING
 
     def __repr__(self) -> str:
         with self._condition:
@@ -61,6 +106,12 @@ class Future(_base.Future):  # type: ignore[type-arg]
         ``timeout`` seconds pass first.
         """
         try:
+            # Done already: no lock needed (the outcome is set before the state).
+            state = self._state
+            if state == _base.FINISHED:
+                return self._outcome()
+            if state in _CANCELLED:
+                raise CancelledError()
             with self._condition:
                 if self._state in _CANCELLED:
                     raise CancelledError()
@@ -119,8 +170,8 @@ class Future(_base.Future):  # type: ignore[type-arg]
                 return False
             if self._state in _CANCELLED:
                 return True
-        canceller = self._canceller
-        if canceller is None or not canceller(running):
+        runner = self._runner
+        if runner is None or not _runner.cancel(runner.core, self._task, running):
             return False
         return self._mark_cancelled()
 
@@ -141,6 +192,16 @@ class Future(_base.Future):  # type: ignore[type-arg]
 
     def _finish(self, value: Any = None, error: ErrorData | None = None) -> None:
         """Finishes the future with a value or an error (kept as data)."""
+        if "_lazy_condition" not in self.__dict__:
+            with _CONDITION_LOCK:
+                if "_lazy_condition" not in self.__dict__:
+                    # Nobody waits and no callback is registered (both need
+                    # the condition, made under this lock): just finish.
+                    if self._state in _DONE:
+                        return
+                    self._result, self._error = value, error
+                    self._state = _base.FINISHED
+                    return
         with self._condition:
             if self._state in _DONE:
                 return
@@ -158,6 +219,12 @@ class Future(_base.Future):  # type: ignore[type-arg]
         """Takes a task outcome from the results thread (``ok`` is ``None``
         when a worker started the task)."""
         if ok is None:
+            if "_lazy_condition" not in self.__dict__:
+                with _CONDITION_LOCK:
+                    if "_lazy_condition" not in self.__dict__:
+                        if self._state == _base.PENDING:
+                            self._state = _base.RUNNING
+                        return
             with self._condition:
                 if self._state == _base.PENDING:
                     self.set_running_or_notify_cancel()

@@ -218,8 +218,7 @@ class ProcessPoolExecutor(_base.Executor):
     def _submit_payload(self, call: tuple[bytes, int | None]) -> Future:
         future = Future()
         runner, task = self._queue(call, future._deliver, future, report_start=True)
-        future._on_interrupt = runner.interrupt
-        future._canceller = functools.partial(_runner.cancel, runner.core, task)
+        future._runner, future._task = runner, task
         return future
 
     def _starter(self, call: tuple[bytes, int | None]) -> _aio.Starter:

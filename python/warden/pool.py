@@ -404,6 +404,10 @@ class Pool(multiprocessing.pool.Pool):
         self.terminate()
 
 
+#: Serialises making a result's event and making the result ready.
+_EVENT_LOCK = threading.Lock()
+
+
 class ApplyResult:
     """The result of :meth:`Pool.apply_async`, as in ``multiprocessing``."""
 
@@ -414,18 +418,32 @@ class ApplyResult:
         error_callback: Callable[[BaseException], object] | None,
     ) -> None:
         self._pool: Pool | None = pool  # kept alive until the result is ready
-        self._interrupt = pool._runner.interrupt
         self._core = pool._runner.core
         self._tasks: list[int] = []
-        self._event = threading.Event()
+        self._ready = False
+        # Made by the first wait that finds the result not ready: most results
+        # are ready by the time anyone asks, and an Event is most of one's memory.
+        self._event: threading.Event | None = None
         self._callback = callback
         self._error_callback = error_callback
         self._value: Any = None
         self._error: ErrorData | None = None
 
+    def _interrupt(self) -> None:
+        pool = self._pool
+        if pool is not None:
+            pool._runner.interrupt()
+
+    def _set_ready(self) -> None:
+        with _EVENT_LOCK:
+            self._ready = True
+            event = self._event
+        if event is not None:
+            event.set()
+
     def ready(self) -> bool:
         """Whether the call has completed."""
-        return self._event.is_set()
+        return self._ready
 
     def successful(self) -> bool:
         """Whether the call completed without raising; ``ValueError`` if not ready."""
@@ -449,8 +467,16 @@ class ApplyResult:
 
     def wait(self, timeout: float | None = None) -> None:
         """Waits until the result is ready or ``timeout`` seconds pass."""
+        if self._ready:
+            return
+        with _EVENT_LOCK:
+            if self._ready:
+                return
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
         try:
-            self._event.wait(timeout)
+            event.wait(timeout)
         except KeyboardInterrupt:
             self._interrupt()
             raise
@@ -485,7 +511,7 @@ class ApplyResult:
             elif self._error_callback is not None:
                 self._error_callback(_exception(error))
         finally:
-            self._event.set()
+            self._set_ready()
             self._pool = None
 
 
@@ -510,7 +536,7 @@ class MapResult(ApplyResult):
         self._first_error: ErrorData | None = None
         if chunks == 0:
             self._value = []
-            self._event.set()
+            self._set_ready()
             self._pool = None
 
     def _abandon(self) -> None:
