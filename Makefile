@@ -115,6 +115,7 @@ bench-py: develop
 	-$(T) 600 $(VPY) -m pip install --quiet "pebble>=5" || echo "pebble not installed: its row is skipped"
 	$(T) 1800 $(VPY) bench/bench_python.py
 	$(T) 1800 $(VPY) bench/bench_start.py
+	$(T) 1800 $(VPY) bench/bench_memory.py
 
 # Peers measured against warden: benchmark-only dependencies, installed here.
 $(VENV)/.bench-peers: $(VENV)/.tools
