@@ -158,7 +158,8 @@ impl Supervisor {
     /// behind a long one while a worker is idle, and tasks still start in the
     /// order they were submitted. One ask per idle worker.
     pub(super) fn give_back(&mut self) {
-        if self.cfg.prefetch < 2 || !self.queue.is_empty() || self.phase != PoolPhase::Running {
+        let serving = matches!(self.phase, PoolPhase::Running | PoolPhase::Closing { drain: true });
+        if self.cfg.prefetch < 2 || !self.queue.is_empty() || !serving {
             return;
         }
         let max_tasks = self.cfg.max_tasks_per_child;
@@ -213,7 +214,9 @@ impl Supervisor {
 
     pub(super) fn retire_idle(&mut self) {
         let PoolPhase::Closing { drain } = self.phase else { return };
-        if drain && !self.queue.is_empty() {
+        // While a task asked back is on its way, an idle worker stays for it.
+        let asked_back = || self.workers.values().any(|w| w.inflight.iter().any(|f| f.withdrawing));
+        if drain && (!self.queue.is_empty() || asked_back()) {
             return;
         }
         let cfg = Arc::clone(&self.cfg);

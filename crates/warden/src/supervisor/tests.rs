@@ -581,3 +581,29 @@ fn closing_without_draining_cancels_tasks_sent_ahead_too() {
     assert_eq!(sent(&mut w), [Sent::Retire(RetireReason::Shutdown)]);
     assert_eq!(w.stand.signals(), []);
 }
+
+#[test]
+fn a_draining_pool_keeps_an_idle_worker_for_a_task_it_asked_back() {
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let mut b = h.worker(WorkerPhase::Ready);
+    for id in 1..=3 {
+        h.submit(id);
+    }
+    h.sup.dispatch();
+    sent(&mut a);
+    sent(&mut b);
+    h.sup.close(true, None);
+    h.answer(&mut b, &value(2));
+    h.sup.give_back();
+    h.sup.retire_idle();
+    assert_eq!(sent(&mut a), [Sent::Cancel(3)]);
+    assert_eq!(sent(&mut b), [], "b waits for the task asked back instead of retiring");
+    h.answer(&mut a, &skipped(3));
+    h.sup.dispatch();
+    h.sup.retire_idle();
+    assert_eq!(sent(&mut b), [Sent::Task(3)]);
+    h.answer(&mut b, &value(3));
+    h.sup.retire_idle();
+    assert_eq!(sent(&mut b), [Sent::Retire(RetireReason::Shutdown)]);
+}
