@@ -114,6 +114,10 @@ impl Supervisor {
                 .workers
                 .values()
                 .filter(|w| w.phase == WorkerPhase::Ready && !w.over_memory && w.inflight.len() == depth)
+                // A task sent to a worker that died idle would fail as crashed
+                // without having run; one sent ahead to a busy worker goes
+                // back to the queue if that worker dies.
+                .filter(|w| depth > 0 || !w.exited_unnoticed())
                 .map(|w| w.id)
                 .collect();
             ids.sort_unstable();

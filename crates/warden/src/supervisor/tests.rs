@@ -30,7 +30,7 @@ struct Stand {
     exit: Arc<Mutex<Option<ExitStatus>>>,
 }
 
-struct StandProcess(Stand, i32);
+struct StandProcess(Stand, i32, Option<std::os::fd::OwnedFd>);
 
 impl Kill for StandProcess {
     fn signal(&mut self, sig: Signal, group: bool) {
@@ -53,7 +53,8 @@ impl WorkerProcess for StandProcess {
     }
 
     fn exit_fd(&self) -> Option<std::os::fd::RawFd> {
-        None
+        use std::os::fd::AsRawFd;
+        self.2.as_ref().map(|fd| fd.as_raw_fd())
     }
 }
 
@@ -123,7 +124,7 @@ impl Harness {
         let id = self.sup.next_worker;
         self.sup.next_worker += 1;
         let stand = Stand::default();
-        let process = Box::new(StandProcess(stand.clone(), 1000 + id as i32));
+        let process = Box::new(StandProcess(stand.clone(), 1000 + id as i32, None));
         let mut w = Worker::new(id, process, mio::net::UnixStream::from_std(ours), MAX_FRAME, Instant::now());
         w.phase = phase;
         w.deadline = None;
@@ -606,4 +607,24 @@ fn a_draining_pool_keeps_an_idle_worker_for_a_task_it_asked_back() {
     h.answer(&mut b, &value(3));
     h.sup.retire_idle();
     assert_eq!(sent(&mut b), [Sent::Retire(RetireReason::Shutdown)]);
+}
+
+#[test]
+fn an_idle_worker_that_died_unnoticed_gets_no_task() {
+    let mut h = harness(1, 10);
+    let mut dead = h.worker(WorkerPhase::Ready);
+    let mut alive = h.worker(WorkerPhase::Ready);
+    // The dead one's exit fd is readable (its exit not handled yet), as a
+    // pidfd is once the process has exited.
+    let (exit_end, mut exited) = StdStream::pair().expect("socketpair");
+    std::io::Write::write_all(&mut exited, b"x").expect("write");
+    let exit_fd: std::os::fd::OwnedFd = exit_end.into();
+    if let Some(w) = h.sup.workers.get_mut(&dead.id) {
+        let pid = w.raw_pid();
+        w.process = Box::new(StandProcess(dead.stand.clone(), pid, Some(exit_fd)));
+    }
+    h.submit(1);
+    h.sup.dispatch();
+    assert_eq!(sent(&mut dead), []);
+    assert_eq!(sent(&mut alive), [Sent::Task(1)]);
 }

@@ -118,6 +118,17 @@ impl Worker {
         self.process.pid()
     }
 
+    /// Whether the process has exited though its exit is not handled yet (its
+    /// pidfd is readable): an idle worker killed from outside gets no task.
+    pub(super) fn exited_unnoticed(&self) -> bool {
+        let Some(fd) = self.process.exit_fd() else { return false };
+        // SAFETY: the fd belongs to `self.process`, alive for this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+        let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+        matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+    }
+
     pub(super) fn is_serving(&self) -> bool {
         matches!(self.phase, WorkerPhase::Starting | WorkerPhase::Initializing | WorkerPhase::Ready)
     }
