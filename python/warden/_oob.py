@@ -143,27 +143,17 @@ def prepare(obj: Any, depth: int = _DEPTH) -> Any:
     if not depth or t not in _SEEN or len(obj) > _MAX_LEN:
         return obj
     depth -= 1
-    if t is dict:
-        changed: dict[Any, Any] | None = None
-        for k, v in obj.items():
-            if type(v) in _SEEN:
-                w = prepare(v, depth)
-                if w is not v:
-                    if changed is None:
-                        changed = dict(obj)
-                    changed[k] = w
-        return obj if changed is None else changed
-    items: list[Any] | None = None
-    for i, x in enumerate(obj):
+    copy: Any = None
+    for key, x in obj.items() if t is dict else enumerate(obj):
         if type(x) in _SEEN:
             y = prepare(x, depth)
             if y is not x:
-                if items is None:
-                    items = list(obj)
-                items[i] = y
-    if items is None:
+                if copy is None:
+                    copy = dict(obj) if t is dict else list(obj)
+                copy[key] = y
+    if copy is None:
         return obj
-    return tuple(items) if t is tuple else items
+    return tuple(copy) if t is tuple else copy
 
 
 class Collector:
