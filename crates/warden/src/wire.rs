@@ -460,12 +460,22 @@ impl FrameReader {
     /// stream. More than [`MAX_PENDING_FDS`] unclaimed descriptors poison the
     /// reader ([`WireError::TooManyFds`] from the next `next_frame`).
     pub fn fill_from_socket(&mut self, sock: impl AsFd) -> io::Result<usize> {
+        self.receive(sock, rustix::net::RecvFlags::empty())
+    }
+
+    /// As [`FrameReader::fill_from_socket`], without waiting: an error of
+    /// kind `WouldBlock` if nothing has arrived.
+    pub fn try_fill_from_socket(&mut self, sock: impl AsFd) -> io::Result<usize> {
+        self.receive(sock, rustix::net::RecvFlags::DONTWAIT)
+    }
+
+    fn receive(&mut self, sock: impl AsFd, flags: rustix::net::RecvFlags) -> io::Result<usize> {
         use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
         self.make_room();
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let mut iov = [IoSliceMut::new(&mut self.buf[self.end..])];
-        let got = rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+        let got = rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC | flags)?;
         for msg in control.drain() {
             if let RecvAncillaryMessage::ScmRights(fds) = msg {
                 self.fds.extend(fds);

@@ -40,9 +40,10 @@
 //! to the monitor, which runs it and ends the process while the task is still
 //! on the main thread's stack.
 //!
-//! A third thread reads the channel into an inbox the main thread takes its
-//! messages from, so that a task sent ahead of time can be given back to the
-//! pool while another runs (see [`crate::inbox`]).
+//! The main thread reads the channel itself whenever it has nothing to run. A
+//! third thread, the watcher, reads it instead while a task runs long, so that
+//! a task sent ahead of time can be given back to the pool while another runs
+//! (see [`crate::inbox`]).
 //!
 //! # Caveats
 //!
@@ -62,7 +63,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::error::ExitStatus;
-use crate::inbox::{End, Inbox, Incoming};
+use crate::inbox::{End, Inbox, Incoming, Until};
 use crate::panics::{lock, panic_text};
 use crate::signals;
 use crate::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
@@ -421,13 +422,13 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
         return core.exit_path(ExitReason::ProtocolError);
     }
 
-    let inbox = Arc::new(Inbox::default());
-    let (reader_core, reader_inbox, max_frame) = (Arc::clone(&core), Arc::clone(&inbox), env.max_frame);
+    let inbox = Arc::new(Inbox::new(env.max_frame));
+    let (watcher_core, watcher_inbox) = (Arc::clone(&core), Arc::clone(&inbox));
     if let Err(e) = std::thread::Builder::new()
-        .name("warden-reader".into())
-        .spawn(move || read_channel(reader_core, reader_inbox, max_frame))
+        .name("warden-watcher".into())
+        .spawn(move || watch_channel(watcher_core, watcher_inbox))
     {
-        eprintln!("warden worker: cannot start the channel's reader thread: {e}");
+        eprintln!("warden worker: cannot start the channel's watcher thread: {e}");
         return core.exit_path(ExitReason::ProtocolError);
     }
 
@@ -452,21 +453,28 @@ pub(crate) fn check_socket(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// The reader thread: takes frames off the channel into the inbox, and
-/// answers a `Cancel` for a task still in the inbox at once (see
-/// [`crate::inbox`]).
-fn read_channel(core: Arc<WorkerState>, inbox: Arc<Inbox>, max_frame: usize) {
-    signals::block_in_this_thread();
-    let mut reader = FrameReader::new(max_frame);
+/// Reads frames off the channel into the inbox as `until` says, or until the
+/// channel ends; answers a `Cancel` for a task still in the inbox at once
+/// (see [`crate::inbox`]). Run by the main thread between tasks, and by the
+/// watcher while a task runs long.
+fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Until<'_>) {
     loop {
         let range = match reader.next_frame() {
             Ok(Some(range)) => range,
-            Ok(None) => match reader.fill_from_socket(&core.stream) {
-                Ok(0) => return inbox.end(End::Closed),
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return inbox.end(End::Closed),
-            },
+            Ok(None) => {
+                let got = match until {
+                    Until::Drained => reader.try_fill_from_socket(&core.stream),
+                    Until::Enough(enough) if enough() => return,
+                    Until::Enough(_) => reader.fill_from_socket(&core.stream),
+                };
+                match got {
+                    Ok(0) => return inbox.end(End::Closed),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(_) => return inbox.end(End::Closed),
+                }
+            }
             Err(e) => return inbox.end(End::Bad(e.to_string())),
         };
         let segment = match reader.take_segment(range) {
@@ -497,13 +505,22 @@ fn read_channel(core: Arc<WorkerState>, inbox: Arc<Inbox>, max_frame: usize) {
     }
 }
 
+/// The watcher thread: reads the channel while a start hook or task runs
+/// long (see [`crate::inbox`]).
+fn watch_channel(core: Arc<WorkerState>, inbox: Arc<Inbox>) {
+    signals::block_in_this_thread();
+    let mut read = |reader: &mut FrameReader, until: Until<'_>| pump(&core, &inbox, reader, until);
+    inbox.watch(&mut read);
+}
+
 fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> ExitReason {
     let mut initialized = false;
+    let mut read = |reader: &mut FrameReader, until: Until<'_>| pump(core, inbox, reader, until);
     loop {
         if let Some(sig) = signals::pending() {
             return core.stop_reason(sig);
         }
-        let msg = match inbox.next() {
+        let msg = match inbox.next(&mut read) {
             Ok(msg) => msg,
             Err(End::Closed) => {
                 return match signals::pending() {
@@ -521,7 +538,9 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                 let info = WorkerInfo { worker, pid: std::process::id(), parent: core.parent };
                 let _ = CURRENT.set(info.clone());
                 core.state.store(BUSY, Ordering::SeqCst);
+                inbox.started();
                 let result = catch_unwind(AssertUnwindSafe(|| handler.init(&info, &payload)));
+                inbox.finished();
                 let result = result
                     .unwrap_or_else(|p| Err(RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&*p))));
                 if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
@@ -562,7 +581,9 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                     core.state.store(IDLE, Ordering::SeqCst);
                     return core.stop_reason(sig);
                 }
+                inbox.started();
                 let result = catch_unwind(AssertUnwindSafe(|| handler.run_with_segment(&payload, segment)));
+                inbox.finished();
                 drop(payload);
                 if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
                     // The monitor is running the exit path; it ends the process.

@@ -85,7 +85,7 @@ impl Supervisor {
         spawned.channel.set_nonblocking(true)?;
         let mut sock = UnixStream::from_std(spawned.channel);
         let registry = self.poll.registry();
-        registry.register(&mut sock, sock_token(id), Interest::READABLE | Interest::WRITABLE)?;
+        registry.register(&mut sock, sock_token(id), Interest::READABLE)?;
         let process = Box::new(Pidfd::new(spawned.pid, spawned.pidfd));
         let init_deadline = Instant::now() + self.cfg.init_timeout;
         let mut worker = Worker::new(id, process, sock, self.cfg.max_frame, init_deadline);
@@ -157,8 +157,9 @@ impl Supervisor {
     /// Gives an idle worker something to do when the queue is empty but
     /// another worker holds tasks it was sent ahead (prefetch) and has not
     /// started: the next of them is asked back (`Cancel`), and comes back to
-    /// the front of the queue when the worker answers `Skipped` (at once: its
-    /// reader thread answers while a task runs). So a short task never waits
+    /// the front of the queue when the worker answers `Skipped` (before it takes
+    /// another task, or within a millisecond of a long one's start, when its
+    /// watcher thread reads the channel). So a short task never waits
     /// behind a long one while a worker is idle, and tasks still start in the
     /// order they were submitted. One ask per idle worker.
     pub(super) fn give_back(&mut self) {
