@@ -125,6 +125,10 @@ fn main() {
             "a_task_larger_than_the_frame_limit_is_refused_and_the_pool_goes_on",
             a_task_larger_than_the_frame_limit_is_refused_and_the_pool_goes_on,
         ),
+        both(
+            "frames_larger_than_the_socket_buffer_arrive_whole_both_ways",
+            frames_larger_than_the_socket_buffer_arrive_whole_both_ways,
+        ),
     ] {
         tests.extend(pair);
     }
@@ -976,6 +980,30 @@ fn exec_workers_are_not_forked() -> TestResult {
 
 fn big_echo(v: Vec<u8>) -> usize {
     v.len()
+}
+
+/// A patterned buffer of `n` bytes.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// Checks the pattern and sends a new one back, one byte longer.
+fn check_and_answer(v: Vec<u8>) -> Option<Vec<u8>> {
+    (v == pattern(v.len())).then(|| pattern(v.len() + 1))
+}
+
+fn frames_larger_than_the_socket_buffer_arrive_whole_both_ways() -> TestResult {
+    // Several megabytes each way: no socket buffer takes one whole, so the
+    // supervisor must wait for room to write the rest, and read in parts.
+    let pool = builder().workers(2).prefetch(4).build()?;
+    let sizes = [8 << 20, 3 << 20, 5 << 20, 1, 6 << 20];
+    let handles: Vec<_> = sizes.iter().map(|&n| pool.spawn(check_and_answer, pattern(n))).collect::<Result<_, _>>()?;
+    for (n, h) in sizes.iter().zip(handles) {
+        let back = h.join_timeout(Duration::from_secs(60))?.ok_or(format!("the worker got {n} bytes intact"))?;
+        check(back == pattern(n + 1), format!("{} bytes came back intact", n + 1))?;
+    }
+    pool.shutdown();
+    Ok(())
 }
 
 fn a_task_larger_than_the_frame_limit_is_refused_and_the_pool_goes_on() -> TestResult {

@@ -67,7 +67,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Token, Waker};
 
 pub(crate) use config::Config;
 pub use events::{EventSink, LifecycleEvent, StopCause, WorkerEnd, WorkerSnapshot};
@@ -236,8 +236,12 @@ impl Supervisor {
             self.check_zygote_timer(now);
             self.ensure_workers(now);
             self.dispatch();
+            // A task just dispatched starts the memory samples' schedule now,
+            // not at whatever wakes the loop next.
+            self.check_memory(now);
             self.give_back();
             self.retire_idle();
+            self.watch_blocked_writes();
             if self.phase != PoolPhase::Running
                 && self.workers.is_empty()
                 && self.queue.is_empty()
@@ -248,6 +252,23 @@ impl Supervisor {
         }
         self.stop_zygote();
         tracing::debug!(pool = %self.cfg.name, "supervisor finished");
+    }
+
+    /// Registers a worker's socket for writability while its outgoing buffer
+    /// waits for room, and only then.
+    fn watch_blocked_writes(&mut self) {
+        let registry = self.poll.registry();
+        for (id, w) in self.workers.iter_mut() {
+            let blocked = w.write_blocked();
+            if blocked == w.write_interest || w.status.is_some() {
+                continue;
+            }
+            let interest = if blocked { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            match registry.reregister(&mut w.sock, sock_token(*id), interest) {
+                Ok(()) => w.write_interest = blocked,
+                Err(e) => tracing::warn!(pool = %self.cfg.name, worker = id, "cannot watch the channel: {e}"),
+            }
+        }
     }
 
     fn emit(&self, event: LifecycleEvent) {

@@ -70,6 +70,10 @@ pub(super) struct Worker {
     /// Segment descriptors to pass with the frames in `out`: the offset of
     /// the frame's first byte, and a duplicate the worker gets its copy of.
     pub(super) out_fds: VecDeque<(usize, OwnedFd)>,
+    /// The socket is registered for writability too: only while `out` holds
+    /// what it would not take. (Registered for it always, every read the
+    /// worker makes would wake the supervisor.)
+    pub(super) write_interest: bool,
     pub(super) phase: WorkerPhase,
     pub(super) deadline: Option<Instant>,
     pub(super) inflight: VecDeque<InFlight>,
@@ -101,6 +105,7 @@ impl Worker {
             out: Vec::new(),
             out_pos: 0,
             out_fds: VecDeque::new(),
+            write_interest: false,
             phase: WorkerPhase::Starting,
             deadline: Some(init_deadline),
             inflight: VecDeque::new(),
@@ -180,6 +185,11 @@ impl Worker {
         wire::encode_frame(msg, &mut self.out, max_frame, true)?;
         self.out_fds.push_back((at, dup));
         Ok(())
+    }
+
+    /// Whether part of the outgoing buffer waits for the socket to take it.
+    pub(super) fn write_blocked(&self) -> bool {
+        self.out_pos < self.out.len()
     }
 
     /// Writes as much of the outgoing buffer as the socket takes, each
