@@ -11,7 +11,7 @@ use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Inner {
     queue: Mutex<VecDeque<Entry>>,
     ready: Condvar,
+    /// How many threads wait on `ready` (changed under `queue`): an outcome
+    /// pushed while nobody waits wakes nobody, and costs no system call.
+    waiting: AtomicUsize,
     /// Held by `submit` from queueing a task until its id is written, and
     /// taken by the queue's reader (never while it holds `queue`) before it
     /// reads ids.
@@ -93,8 +96,13 @@ struct Inner {
 
 impl Inner {
     fn push(&self, task: TaskId, outcome: Option<Outcome>) {
-        lock(&self.queue).push_back((task, outcome));
-        self.ready.notify_one();
+        let mut queue = lock(&self.queue);
+        queue.push_back((task, outcome));
+        let waiting = self.waiting.load(Ordering::Relaxed) > 0;
+        drop(queue);
+        if waiting {
+            self.ready.notify_one();
+        }
     }
 
     fn started(&self, task: u64) {
@@ -189,7 +197,9 @@ impl CorePool {
             // A closing pool is watched closely; a running one only finishes
             // unasked if its supervisor died, which a slow poll still notices.
             let poll = if self.inner.closing.load(Ordering::SeqCst) { DONE_POLL } else { IDLE_POLL };
+            self.inner.waiting.fetch_add(1, Ordering::Relaxed);
             queue = self.inner.ready.wait_timeout(queue, wait.min(poll)).unwrap_or_else(|p| p.into_inner()).0;
+            self.inner.waiting.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
