@@ -25,7 +25,7 @@ from warden import _oob, _runner
 from conftest import wait_until
 
 LIMIT = _oob.INLINE_LIMIT
-SIZES = [0, 1, LIMIT - 1, LIMIT, LIMIT + 1, 3 * LIMIT + 7, 4 << 20]
+SIZES = [0, 1, LIMIT - 1, LIMIT, LIMIT + 1, 3 * LIMIT + 7, 4 << 20, (6 << 20) + 13]
 
 
 def identity(x):
@@ -86,6 +86,57 @@ def no_segment_leaks():
 def executor():
     with warden.ProcessPoolExecutor(2) as ex:
         yield ex
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        return "absent"
+
+
+def _huge_kib_at(address: int) -> int:
+    """``AnonHugePages`` of the mapping of this process that holds ``address``."""
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="transparent huge pages are off here")
+@pytest.mark.parametrize("make", ["copy_to_bytes", "copy_to_bytearray"])
+def test_a_large_received_bytes_is_copied_into_huge_pages(make):
+    from warden import _warden
+
+    raw = os.urandom(16 << 20)
+    copy = getattr(_warden, make)(memoryview(raw))
+    assert type(copy) is {"copy_to_bytes": bytes, "copy_to_bytearray": bytearray}[make]
+    assert copy == raw
+    # The copy's storage starts just after the object's header (bytes) or is
+    # pointed to by it (bytearray): look where its middle lies.
+    start = id(copy) if make == "copy_to_bytes" else _bytearray_address(copy)
+    middle = start + len(copy) // 2
+    assert _huge_kib_at(middle) >= 2048
+
+
+def _bytearray_address(b: bytearray) -> int:
+    import ctypes
+
+    return ctypes.addressof((ctypes.c_char * len(b)).from_buffer(b))
+
+
+def test_copying_a_buffer_that_is_not_contiguous_is_refused():
+    from warden import _warden
+
+    with pytest.raises(Exception, match="contiguous"):
+        _warden.copy_to_bytes(memoryview(bytearray(range(256)))[::2])
 
 
 @pytest.mark.parametrize("kind", ["bytes", "bytearray", "memoryview", "picklebuffer"])

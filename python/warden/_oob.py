@@ -67,12 +67,21 @@ class SegmentError(ValueError):
 
 
 def _bytes_from(buffer: Any) -> bytes:
-    """Rebuilds a ``bytes`` sent out of band (one copy out of the mapping)."""
+    """Rebuilds a ``bytes`` sent out of band (one copy out of the mapping,
+    into huge pages when it is large: see ``_warden.copy_to_bytes``)."""
+    if type(buffer) is memoryview:
+        from . import _warden
+
+        return _warden.copy_to_bytes(buffer)  # type: ignore[no-any-return]
     return bytes(buffer)
 
 
 def _bytearray_from(buffer: Any) -> bytearray:
     """Rebuilds a ``bytearray`` sent out of band (one copy out of the mapping)."""
+    if type(buffer) is memoryview:
+        from . import _warden
+
+        return _warden.copy_to_bytearray(buffer)  # type: ignore[no-any-return]
     return bytearray(buffer)
 
 
@@ -88,7 +97,7 @@ def _memoryview_from(buffer: Any, fmt: str, shape: tuple[int, ...], readonly: bo
 def _picklebuffer_from(buffer: Any, readonly: bool) -> bytes | bytearray:
     """What the standard pickler makes of a ``PickleBuffer`` it keeps inline:
     ``bytes`` if it was read-only, else ``bytearray`` (one copy)."""
-    return bytes(buffer) if readonly else bytearray(buffer)
+    return _bytes_from(buffer) if readonly else _bytearray_from(buffer)
 
 
 class _Wrapped:

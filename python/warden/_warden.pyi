@@ -20,6 +20,8 @@ __all__ = [
     "TaskError",
     "WorkerEnd",
     "WorkerState",
+    "copy_to_bytearray",
+    "copy_to_bytes",
     "forked_from",
     "map_segment",
     "register_finalizer",
@@ -248,6 +250,8 @@ class Segment:
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
 def map_segment(fd: int, min: int, max: int) -> Segment: ...
+def copy_to_bytes(buffer: memoryview) -> bytes: ...
+def copy_to_bytearray(buffer: memoryview) -> bytearray: ...
 
 @final
 class SharedEvent:

@@ -59,6 +59,8 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event::SharedEvent>()?;
     m.add_class::<segment::Segment>()?;
     m.add_function(wrap_pyfunction!(segment::map_segment, m)?)?;
+    m.add_function(wrap_pyfunction!(segment::copy_to_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(segment::copy_to_bytearray, m)?)?;
     m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
     m.add_function(wrap_pyfunction!(zygote::zygote_main, m)?)?;
     m.add_function(wrap_pyfunction!(zygote::forked_from, m)?)?;
