@@ -94,6 +94,10 @@ fn main() {
         ),
         both("terminate_and_kill_leave_no_children", terminate_and_kill_leave_no_children),
         both(
+            "a_pool_whose_poller_fails_stops_its_workers_through_their_exit_path",
+            a_pool_whose_poller_fails_stops_its_workers_through_their_exit_path,
+        ),
+        both(
             "join_leaves_no_children_and_no_fds_while_the_pool_is_still_held",
             join_leaves_no_children_and_no_fds_while_the_pool_is_still_held,
         ),
@@ -701,6 +705,20 @@ fn join_leaves_no_children_and_no_fds_while_the_pool_is_still_held() -> TestResu
     check(out.contains("ok"), format!("scenario output: {out}"))
 }
 
+fn a_pool_whose_poller_fails_stops_its_workers_through_their_exit_path() -> TestResult {
+    let hooks = Hooks::new();
+    let out = run_scenario_process("poll-fails", hooks.path(), Duration::from_secs(90))?;
+    check(out.contains("ok"), format!("scenario output: {out}"))?;
+    let pids: Vec<u32> = out.lines().filter_map(|l| l.strip_prefix("worker ")?.parse().ok()).collect();
+    check(pids.len() == 2, format!("two workers: {out}"))?;
+    for pid in pids {
+        check(process_gone(pid as i32), format!("worker {pid} is gone"))?;
+        let reason = hooks.exit_reason(pid).unwrap_or_default();
+        check(reason.starts_with("Signal(15)"), format!("worker {pid} ran its exit path on SIGTERM: {reason:?}"))?;
+    }
+    Ok(())
+}
+
 fn terminate_and_kill_leave_no_children() -> TestResult {
     let hooks = Hooks::new();
     let out = run_scenario_process("terminate-and-kill", hooks.path(), Duration::from_secs(60))?;
@@ -1024,6 +1042,7 @@ fn run_scenario(name: &str) -> i32 {
         "join-leaves-nothing" => scenario_join_leaves_nothing(),
         "terminate-and-kill" => scenario_terminate_and_kill(),
         "worker-fds" => scenario_worker_fds(),
+        "poll-fails" => scenario_poll_fails(),
         other => Err(format!("unknown scenario {other}").into()),
     };
     match result {
@@ -1052,6 +1071,49 @@ fn scenario_owner() -> TestResult {
     }
     println!("ready");
     std::thread::sleep(Duration::from_secs(120));
+    Ok(())
+}
+
+/// The epoll instances this process has open.
+fn eventpoll_fds() -> BTreeSet<i32> {
+    list_fds().into_iter().filter(|(_, target)| target.contains("eventpoll")).map(|(fd, _)| fd).collect()
+}
+
+/// Breaks the supervisor's poller from outside while a task runs: every
+/// later `epoll_wait` fails. Prints the workers' pids; the pool must fail,
+/// tell the caller, and stop and reap its workers without its poller.
+fn scenario_poll_fails() -> TestResult {
+    let before = eventpoll_fds();
+    let pool = builder().workers(2).on_exit(on_exit).grace(Duration::from_secs(2)).build()?;
+    let busy = pool.spawn(sleep_ms, 60_000)?;
+    wait_running(&pool, busy.id())?;
+    check(
+        wait_until(Duration::from_secs(20), || pool.workers().iter().filter(|w| w.phase == "ready").count() == 2),
+        "both workers ready",
+    )?;
+    for w in pool.workers() {
+        println!("worker {}", w.pid);
+    }
+    let polls: Vec<i32> = eventpoll_fds().difference(&before).copied().collect();
+    check(polls.len() == 1, format!("the pool's one poller: {polls:?}"))?;
+    // The poller's fd now names /dev/null: epoll_wait on it fails (EINVAL),
+    // every time. The wait in progress ends with the next command.
+    let null = std::fs::File::open("/dev/null")?;
+    // SAFETY: dup2 onto an fd number the supervisor owns; it keeps using the
+    // number (and closes it when it ends), which now names /dev/null.
+    check(unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), polls[0]) } == polls[0], "dup2")?;
+    let late = pool.spawn(pid, ());
+    let e = busy.join_timeout(Duration::from_secs(30)).err().ok_or("the running task cannot succeed")?;
+    check(e.is_pool_failed(), format!("the running task hears the pool failed: {e}"))?;
+    if let Ok(late) = late {
+        let e = late.join_timeout(Duration::from_secs(30)).err().ok_or("a task queued after cannot succeed")?;
+        check(e.is_pool_failed(), format!("so does the task queued after: {e}"))?;
+    }
+    check(pool.join(Some(Duration::from_secs(30))), "the pool finishes without its poller")?;
+    let reason = pool.failure().unwrap_or_default();
+    check(reason.contains("poll failed"), format!("the failure says why: {reason}"))?;
+    let children = own_children();
+    check(children.is_empty(), format!("every worker reaped: {children:?}"))?;
     Ok(())
 }
 
