@@ -33,6 +33,49 @@ def test_cloudpickle_takes_over_for_lambdas_closures_and_local_classes():
     assert pickle.loads(_pickle.dumps(Local))().value() == 5
 
 
+def _full_path(obj):
+    """What dumps_oob makes of ``obj`` without its short cut for small calls."""
+    from warden import _oob
+
+    return _oob.dumps(_oob.prepare(obj), _pickle._plain_oob)
+
+
+def triple(x):
+    return 3 * x
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [0, -(10**30), 1.5, 2j, True, None, "", "déjà vu" * 100, (triple, (), {}), (triple, (1, 2.5, "x"), {})],
+    ids=repr,
+)
+def test_the_short_cut_for_small_calls_gives_the_bytes_of_the_full_path(obj):
+    assert _pickle._is_small_and_plain(obj)
+    data, segment = _pickle.dumps_oob(obj)
+    assert segment is None
+    assert (data, segment) == _full_path(obj)
+    assert pickle.loads(data) == obj
+
+
+def test_calls_the_short_cut_leaves_alone_take_the_full_path():
+    n = 5
+    not_plain = [
+        (triple, (b"abc",), {}),  # a buffer may go out of band
+        (triple, (1,), {"x": 1}),
+        (triple, ([1],), {}),
+        (len, (1,), {}),  # not a plain function
+        (lambda x: x + n, (1,), {}),  # plain, but only cloudpickle can
+    ]
+    for obj in not_plain[:-1]:
+        assert not _pickle._is_small_and_plain(obj), obj
+    lam = not_plain[-1]
+    assert _pickle._is_small_and_plain(lam)
+    data, _ = _pickle.dumps_oob(lam)
+    assert b"cloudpickle" in data
+    fn, args, _ = pickle.loads(data)
+    assert fn(*args) == 6
+
+
 def test_what_neither_can_pickle_raises_the_plain_error_with_a_note():
     import threading
 

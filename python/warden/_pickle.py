@@ -119,10 +119,43 @@ def _cloud_oob(file: io.BytesIO, callback: _oob.Collector) -> pickle.Pickler:
     return _cloud_pickler_class()(file, protocol=PROTOCOL, buffer_callback=callback)  # type: ignore[no-any-return]
 
 
+#: Types every pickler saves the same way (before any reducer or dispatch
+#: table is looked at), and that never carry a buffer worth sending out of band.
+_SCALARS = frozenset({int, float, bool, complex, str, type(None)})
+_FUNCTION = type(_pickler)
+
+
+def _is_small_and_plain(obj: Any) -> bool:
+    """Whether ``obj`` is a scalar, or a call ``(function, scalars, {})`` of a
+    plain function: what the standard pickler saves exactly as warden's own
+    (a function is saved by reference before any reducer is looked at)."""
+    t = type(obj)
+    if t in _SCALARS:
+        return True
+    if t is not tuple or len(obj) != 3:
+        return False
+    fn, args, kwargs = obj
+    if type(fn) is not _FUNCTION or type(args) is not tuple or type(kwargs) is not dict or kwargs:
+        return False
+    for arg in args:  # noqa: SIM110 - a loop costs less than all() over a generator, on every task
+        if type(arg) not in _SCALARS:
+            return False
+    return True
+
+
 def dumps_oob(obj: Any) -> tuple[bytes, int | None]:
     """Pickles a task's call or result: like :func:`dumps`, with large
     buffers out of band in a shared segment. Returns the pickle and the
-    segment's fd (owned by the caller), or ``None`` if there is none."""
+    segment's fd (owned by the caller), or ``None`` if there is none.
+
+    A scalar, or a plain function's call with scalar arguments (most small
+    tasks and their results), takes a short cut: the standard pickler's
+    one-call ``pickle.dumps``, which gives the same bytes."""
+    if _is_small_and_plain(obj) and _main_is_importable():
+        try:
+            return pickle.dumps(obj, PROTOCOL), None
+        except Exception:
+            pass  # e.g. a lambda: the full path below says why, or uses cloudpickle
     obj = _oob.prepare(obj)
     if not _main_is_importable():
         return _oob.dumps(obj, _cloud_oob)
