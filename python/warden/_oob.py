@@ -72,7 +72,7 @@ def _bytes_from(buffer: Any) -> bytes:
     if type(buffer) is memoryview:
         from . import _warden
 
-        return _warden.copy_to_bytes(buffer)  # type: ignore[no-any-return]
+        return _warden.copy_to_bytes(buffer)
     return bytes(buffer)
 
 
@@ -81,7 +81,7 @@ def _bytearray_from(buffer: Any) -> bytearray:
     if type(buffer) is memoryview:
         from . import _warden
 
-        return _warden.copy_to_bytearray(buffer)  # type: ignore[no-any-return]
+        return _warden.copy_to_bytearray(buffer)
     return bytearray(buffer)
 
 
