@@ -8,8 +8,9 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 mod common;
 
@@ -32,6 +33,7 @@ fn main() {
         Trial::test("on_worker_lost_runs_on_its_own_thread_with_the_record_after_a_sigkill", lost_after_sigkill),
         Trial::test("a_worker_that_retires_is_not_lost", retired_is_not_lost),
         Trial::test("a_panic_in_the_supervisor_kills_and_reaps_every_worker", supervisor_panic_kills_every_worker),
+        Trial::test("a_cancel_waits_out_a_supervisor_held_longer_than_ten_seconds", cancel_waits_out_a_busy_supervisor),
     ];
     libtest_mimic::run(&args, tests).exit();
 }
@@ -276,6 +278,38 @@ fn retired_is_not_lost() -> TestResult {
     pool.shutdown();
     let n = *seen.lock().unwrap_or_else(|p| p.into_inner());
     check(n == 0, format!("no worker that said goodbye is lost: {n}"))
+}
+
+// ---- a cancel and a busy supervisor ------------------------------------------------
+
+/// A cancel has no timeout of its own: an event sink that holds the
+/// supervisor thread for longer than the 10 s an earlier version waited does
+/// not turn a cancel that lands into `false`.
+fn cancel_waits_out_a_busy_supervisor() -> TestResult {
+    const HOLD: Duration = Duration::from_secs(12);
+    let held = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&held);
+    let pool = Pool::builder()
+        .workers(1)
+        .on_event(move |e| {
+            if matches!(e, LifecycleEvent::TaskStarted { .. }) && !flag.swap(true, Ordering::SeqCst) {
+                std::thread::sleep(HOLD);
+            }
+        })
+        .build()?;
+    let first = pool.spawn(pid, ())?;
+    check(wait_until(Duration::from_secs(20), || held.load(Ordering::SeqCst)), "the supervisor is held")?;
+    let queued = pool.spawn(pid, ())?;
+    let asked = Instant::now();
+    let cancelled = pool.cancel(queued.id());
+    let waited = asked.elapsed();
+    check(waited >= Duration::from_secs(10), format!("the cancel waited for the supervisor: {waited:?}"))?;
+    check(cancelled, "the cancel landed, and says so")?;
+    let e = queued.join().err().ok_or("a cancelled task has no result")?;
+    check(e.is_cancelled(), format!("the task was cancelled: {e}"))?;
+    first.join()?;
+    pool.shutdown();
+    Ok(())
 }
 
 // ---- the supervisor's panic path ----------------------------------------------------
