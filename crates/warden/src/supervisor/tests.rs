@@ -139,6 +139,14 @@ impl Harness {
         self.sup.queue.push_back(Task::new(id, vec![id as u8], None, None, reply));
     }
 
+    /// Queues tasks `1..=n` and dispatches them.
+    fn submit_and_dispatch(&mut self, n: u64) {
+        for id in 1..=n {
+            self.submit(id);
+        }
+        self.sup.dispatch();
+    }
+
     fn queued(&self) -> Vec<u64> {
         self.sup.queue.iter().map(|t| t.id).collect()
     }
@@ -210,10 +218,7 @@ fn dispatch_gives_every_idle_worker_a_task_before_filling_pipelines() {
     let mut h = harness(2, 10);
     let mut a = h.worker(WorkerPhase::Ready);
     let mut b = h.worker(WorkerPhase::Ready);
-    for id in 1..=5 {
-        h.submit(id);
-    }
-    h.sup.dispatch();
+    h.submit_and_dispatch(5);
     assert_eq!(h.inflight(&a), [1, 3]);
     assert_eq!(h.inflight(&b), [2, 4]);
     assert_eq!(h.queued(), [5], "prefetch 2 bounds each pipeline");
@@ -230,9 +235,7 @@ fn dispatch_sends_nothing_to_workers_that_are_not_ready() {
     let mut starting = h.worker(WorkerPhase::Starting);
     let mut retiring = h.worker(WorkerPhase::Retiring);
     let mut ready = h.worker(WorkerPhase::Ready);
-    h.submit(1);
-    h.submit(2);
-    h.sup.dispatch();
+    h.submit_and_dispatch(2);
     assert_eq!(sent(&mut starting), []);
     assert_eq!(sent(&mut retiring), []);
     assert_eq!(sent(&mut ready), [Sent::Task(1)]);
@@ -299,9 +302,7 @@ fn cancel_queued_only_leaves_a_running_task_alone() {
 fn cancelling_a_sent_but_unstarted_task_sends_cancel_and_no_signal() {
     let mut h = harness(2, 10);
     let mut w = h.worker(WorkerPhase::Ready);
-    h.submit(1);
-    h.submit(2);
-    h.sup.dispatch();
+    h.submit_and_dispatch(2);
     assert_eq!(sent(&mut w), [Sent::Task(1), Sent::Task(2)]);
     assert!(h.sup.cancel(2, true));
     assert_eq!(sent(&mut w), [Sent::Cancel(2)]);
@@ -365,10 +366,7 @@ fn a_task_past_its_timeout_times_out_and_its_worker_is_stopped() {
 fn a_crashed_worker_fails_its_started_task_and_requeues_the_rest_in_order() {
     let mut h = harness(2, 10);
     let w = h.worker(WorkerPhase::Ready);
-    for id in 1..=3 {
-        h.submit(id);
-    }
-    h.sup.dispatch();
+    h.submit_and_dispatch(3);
     assert_eq!(h.inflight(&w), [1, 2]);
     w.stand.exit_with(ExitStatus::Signal(libc::SIGKILL));
     h.sup.reap(w.id);
@@ -457,10 +455,7 @@ fn an_idle_worker_gets_back_a_task_sent_ahead_to_a_busy_one() {
     let mut h = harness(2, 10);
     let mut a = h.worker(WorkerPhase::Ready);
     let mut b = h.worker(WorkerPhase::Ready);
-    for id in 1..=4 {
-        h.submit(id);
-    }
-    h.sup.dispatch();
+    h.submit_and_dispatch(4);
     assert_eq!(h.inflight(&a), [1, 3]);
     assert_eq!(h.inflight(&b), [2, 4]);
     sent(&mut a);
@@ -490,10 +485,7 @@ fn a_task_asked_back_that_the_worker_already_started_is_simply_done_there() {
     let mut h = harness(2, 10);
     let mut a = h.worker(WorkerPhase::Ready);
     let mut b = h.worker(WorkerPhase::Ready);
-    for id in 1..=3 {
-        h.submit(id);
-    }
-    h.sup.dispatch();
+    h.submit_and_dispatch(3);
     assert_eq!(h.inflight(&a), [1, 3]);
     h.answer(&mut b, &value(2));
     h.sup.give_back();
@@ -510,10 +502,7 @@ fn a_task_asked_back_that_the_worker_already_started_is_simply_done_there() {
 fn a_result_out_of_turn_is_a_protocol_error_but_a_skip_is_not() {
     let mut h = harness(3, 10);
     let mut a = h.worker(WorkerPhase::Ready);
-    for id in 1..=3 {
-        h.submit(id);
-    }
-    h.sup.dispatch();
+    h.submit_and_dispatch(3);
     assert!(h.sup.cancel(3, true));
     h.answer(&mut a, &skipped(3));
     assert_eq!(h.inflight(&a), [1, 2]);
@@ -527,10 +516,7 @@ fn nothing_is_asked_back_without_prefetch_or_while_tasks_are_queued() {
     let mut h = harness(2, 10);
     let mut a = h.worker(WorkerPhase::Ready);
     let _b = h.worker(WorkerPhase::Starting);
-    for id in 1..=3 {
-        h.submit(id);
-    }
-    h.sup.dispatch();
+    h.submit_and_dispatch(3);
     assert_eq!(h.inflight(&a), [1, 2]);
     sent(&mut a);
     h.sup.give_back();
@@ -549,9 +535,7 @@ fn nothing_is_asked_back_without_prefetch_or_while_tasks_are_queued() {
 fn cancel_queued_also_takes_back_a_task_sent_ahead_but_not_started() {
     let mut h = harness(2, 10);
     let mut w = h.worker(WorkerPhase::Ready);
-    h.submit(1);
-    h.submit(2);
-    h.sup.dispatch();
+    h.submit_and_dispatch(2);
     sent(&mut w);
     assert!(!h.sup.cancel(1, false), "the first in line has started");
     assert!(h.sup.cancel(2, false));
@@ -567,10 +551,7 @@ fn cancel_queued_also_takes_back_a_task_sent_ahead_but_not_started() {
 fn closing_without_draining_cancels_tasks_sent_ahead_too() {
     let mut h = harness(3, 10);
     let mut w = h.worker(WorkerPhase::Ready);
-    for id in 1..=4 {
-        h.submit(id);
-    }
-    h.sup.dispatch();
+    h.submit_and_dispatch(4);
     sent(&mut w);
     h.sup.close(false, None);
     assert_eq!(sent(&mut w), [Sent::Cancel(2), Sent::Cancel(3)]);
@@ -588,10 +569,7 @@ fn a_draining_pool_keeps_an_idle_worker_for_a_task_it_asked_back() {
     let mut h = harness(2, 10);
     let mut a = h.worker(WorkerPhase::Ready);
     let mut b = h.worker(WorkerPhase::Ready);
-    for id in 1..=3 {
-        h.submit(id);
-    }
-    h.sup.dispatch();
+    h.submit_and_dispatch(3);
     sent(&mut a);
     sent(&mut b);
     h.sup.close(true, None);
