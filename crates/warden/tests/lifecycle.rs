@@ -1057,18 +1057,26 @@ fn run_scenario(name: &str) -> i32 {
     }
 }
 
-/// Owns a pool with one busy and one idle worker, prints their pids, waits to be killed.
-fn scenario_owner() -> TestResult {
-    let pool = builder().workers(2).on_start(on_start).on_exit(on_exit).build()?;
-    let busy = pool.spawn(sleep_ms, 120_000)?;
-    wait_running(&pool, busy.id())?;
+/// Gives one of a two-worker pool's workers a task of `ms` milliseconds, waits
+/// until it runs and the other worker is ready, and prints both pids
+/// (`worker <pid>` lines). Returns the running task.
+fn one_busy_one_idle(pool: &Pool, ms: u64) -> Result<warden::Handle<u32>, Failed> {
+    let busy = pool.spawn(sleep_ms, ms)?;
+    wait_running(pool, busy.id())?;
     check(
         wait_until(Duration::from_secs(20), || pool.workers().iter().filter(|w| w.phase == "ready").count() == 2),
-        "ready",
+        "both workers ready",
     )?;
     for w in pool.workers() {
         println!("worker {}", w.pid);
     }
+    Ok(busy)
+}
+
+/// Owns a pool with one busy and one idle worker, prints their pids, waits to be killed.
+fn scenario_owner() -> TestResult {
+    let pool = builder().workers(2).on_start(on_start).on_exit(on_exit).build()?;
+    let _busy = one_busy_one_idle(&pool, 120_000)?;
     println!("ready");
     std::thread::sleep(Duration::from_secs(120));
     Ok(())
@@ -1085,15 +1093,7 @@ fn eventpoll_fds() -> BTreeSet<i32> {
 fn scenario_poll_fails() -> TestResult {
     let before = eventpoll_fds();
     let pool = builder().workers(2).on_exit(on_exit).grace(Duration::from_secs(2)).build()?;
-    let busy = pool.spawn(sleep_ms, 60_000)?;
-    wait_running(&pool, busy.id())?;
-    check(
-        wait_until(Duration::from_secs(20), || pool.workers().iter().filter(|w| w.phase == "ready").count() == 2),
-        "both workers ready",
-    )?;
-    for w in pool.workers() {
-        println!("worker {}", w.pid);
-    }
+    let busy = one_busy_one_idle(&pool, 60_000)?;
     let polls: Vec<i32> = eventpoll_fds().difference(&before).copied().collect();
     check(polls.len() == 1, format!("the pool's one poller: {polls:?}"))?;
     // The poller's fd now names /dev/null: epoll_wait on it fails (EINVAL),
