@@ -6,6 +6,8 @@ from typing import ClassVar, Final, Literal, Protocol, final
 
 __all__ = [
     "DEFAULT_GRACE",
+    "LENT_BYTES",
+    "LENT_RAW",
     "WORKER_VARIABLES",
     "Completion",
     "CoreError",
@@ -20,10 +22,13 @@ __all__ = [
     "TaskError",
     "WorkerEnd",
     "WorkerState",
+    "buffer_address",
     "copy_to_bytearray",
     "copy_to_bytes",
     "forked_from",
+    "is_dumpable",
     "map_segment",
+    "read_remote",
     "register_finalizer",
     "run_exit_finalizers",
     "send_record",
@@ -252,6 +257,12 @@ class Segment:
 def map_segment(fd: int, min: int, max: int) -> Segment: ...
 def copy_to_bytes(buffer: memoryview) -> bytes: ...
 def copy_to_bytearray(buffer: memoryview) -> bytearray: ...
+def buffer_address(obj: object) -> tuple[int, int]: ...
+def read_remote(pid: int, entries: list[tuple[int, int, int]], max: int) -> list[bytes | Segment]: ...
+def is_dumpable() -> bool: ...
+
+LENT_BYTES: Final[int]
+LENT_RAW: Final[int]
 
 @final
 class SharedEvent:

@@ -18,6 +18,8 @@
 //!   waited on with a shared futex;
 //! * `segment::Segment`: a shared segment of large buffers received from
 //!   another process, mapped and exposed through the buffer protocol;
+//! * `remote`: large buffers read straight out of another process's memory
+//!   (`process_vm_readv`), where the kernel allows it;
 //! * `finalize`: Python callbacks on the core's finalizer service
 //!   (`FinalizerToken`, the exit drain), attached to the interpreter one call
 //!   at a time and never once it is finalizing.
@@ -33,6 +35,7 @@ mod event;
 mod finalize;
 mod pool;
 mod records;
+mod remote;
 mod segment;
 mod worker;
 mod zygote;
@@ -61,6 +64,11 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(segment::map_segment, m)?)?;
     m.add_function(wrap_pyfunction!(segment::copy_to_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(segment::copy_to_bytearray, m)?)?;
+    m.add_function(wrap_pyfunction!(remote::buffer_address, m)?)?;
+    m.add_function(wrap_pyfunction!(remote::read_remote, m)?)?;
+    m.add_function(wrap_pyfunction!(remote::is_dumpable, m)?)?;
+    m.add("LENT_BYTES", remote::KIND_BYTES)?;
+    m.add("LENT_RAW", remote::KIND_RAW)?;
     m.add_function(wrap_pyfunction!(worker::worker_main, m)?)?;
     m.add_function(wrap_pyfunction!(zygote::zygote_main, m)?)?;
     m.add_function(wrap_pyfunction!(zygote::forked_from, m)?)?;

@@ -18,9 +18,7 @@
 //!   SIGBUS. Unsealed segments are refused.
 //! * `bytes` and `bytearray` own their memory in CPython, so they are copied
 //!   out of the mapping ([`copy_to_bytes`], [`copy_to_bytearray`]). A large
-//!   copy's destination is advised for transparent huge pages
-//!   (`MADV_HUGEPAGE`); where THP is off (`never`), the advice does nothing
-//!   and the copy costs a page fault per 4 KiB, as before.
+//!   copy's destination is populated in one call first ([`populate`]).
 
 use std::ffi::c_int;
 use std::os::fd::RawFd;
@@ -38,7 +36,12 @@ use crate::convert::take_fd;
 #[pyclass(module = "warden._warden", name = "Segment", frozen)]
 pub struct Segment {
     ptr: NonNull<u8>,
+    /// The bytes exposed.
     len: usize,
+    /// The bytes mapped (at least `len`).
+    mapped: usize,
+    /// An anonymous mapping that may be kept as a spare when dropped.
+    spare: bool,
 }
 
 // SAFETY: the mapping is private to this process and lives exactly as long as
@@ -49,11 +52,66 @@ unsafe impl Sync for Segment {}
 
 impl Drop for Segment {
     fn drop(&mut self) {
-        // SAFETY: `ptr` is a live mapping of `len` bytes made by `map_segment`;
-        // no buffer view refers to it any more (each holds a reference to us).
-        unsafe {
-            let _ = rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len);
+        if self.spare && spares::keep(self.ptr.as_ptr() as usize, self.mapped) {
+            return;
         }
+        // SAFETY: `ptr` is a live mapping of `mapped` bytes made by this
+        // module; no buffer view refers to it any more (each holds a
+        // reference to us).
+        unsafe {
+            let _ = rustix::mm::munmap(self.ptr.as_ptr().cast(), self.mapped);
+        }
+    }
+}
+
+/// Spare destinations: anonymous mappings of buffers read from another
+/// process that were dropped, kept for the next read of about the same size.
+///
+/// A fresh mapping costs the kernel a zeroed page per 4 KiB (about 35–50 ms
+/// per 64 MiB here); a spare's pages are still there, so a program that
+/// receives large arrays in a loop copies into memory it already has. A
+/// spare is handed to the kernel with `MADV_FREE`: it may take the pages
+/// back whenever it needs memory (the next read then faults them in again,
+/// zeroed), and until then they cost nothing to reuse. At most
+/// `WARDEN_SPARE_BYTES` bytes (default 256 MiB, 0 keeps none) are kept per
+/// process; a spare is only used for a read between half its size and its
+/// size.
+mod spares {
+    use std::sync::{Mutex, OnceLock};
+
+    static SPARES: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+    fn limit() -> usize {
+        static LIMIT: OnceLock<usize> = OnceLock::new();
+        *LIMIT.get_or_init(|| {
+            std::env::var("WARDEN_SPARE_BYTES").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(256 << 20)
+        })
+    }
+
+    /// Keeps the mapping `[addr, addr + len)` as a spare, if there is room.
+    pub fn keep(addr: usize, len: usize) -> bool {
+        let Ok(mut spares) = SPARES.lock() else { return false };
+        let held: usize = spares.iter().map(|&(_, n)| n).sum();
+        if held.saturating_add(len) > limit() {
+            return false;
+        }
+        // SAFETY: the caller's own mapping, no longer referred to; MADV_FREE
+        // lets the kernel drop its pages (they then read as zeros).
+        let _ = unsafe { rustix::mm::madvise(addr as *mut _, len, rustix::mm::Advice::LinuxFree) };
+        spares.push((addr, len));
+        true
+    }
+
+    /// A spare of between `len` and twice `len` bytes (the smallest), taken.
+    pub fn take(len: usize) -> Option<(usize, usize)> {
+        let mut spares = SPARES.lock().ok()?;
+        let best = spares
+            .iter()
+            .enumerate()
+            .filter(|&(_, &(_, n))| n >= len && n / 2 <= len)
+            .min_by_key(|&(_, &(_, n))| n)
+            .map(|(i, _)| i)?;
+        Some(spares.swap_remove(best))
     }
 }
 
@@ -81,6 +139,43 @@ impl Segment {
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+impl Segment {
+    /// A private anonymous mapping of `len` bytes (at least one): a spare
+    /// one if there is one of about that size (see `spares`), else a fresh
+    /// one, populated from [`POPULATE_FROM`]. The destination of buffers
+    /// read from another process (`remote::read_remote`).
+    pub fn anonymous(len: usize) -> PyResult<Segment> {
+        if len >= POPULATE_FROM {
+            if let Some((addr, mapped)) = spares::take(len) {
+                if let Some(ptr) = NonNull::new(addr as *mut u8) {
+                    return Ok(Segment { ptr, len, mapped, spare: true });
+                }
+            }
+        }
+        let mapped = len.max(1);
+        // SAFETY: a fresh anonymous private mapping chosen by the kernel.
+        let ptr = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                mapped,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+            )
+        }
+        .map_err(|e| pyo3::exceptions::PyMemoryError::new_err(format!("cannot map {len} bytes: {e}")))?;
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| PyValueError::new_err("mmap returned null"))?;
+        if len >= POPULATE_FROM {
+            populate(ptr.as_ptr(), len);
+        }
+        Ok(Segment { ptr, len, mapped, spare: true })
+    }
+
+    /// Where the mapping starts.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
 }
 
 /// Takes ownership of `fd`, a segment received from another process, and
@@ -114,34 +209,38 @@ pub fn map_segment(fd: RawFd, min: usize, max: usize) -> PyResult<Segment> {
     }
     .map_err(|e| PyValueError::new_err(format!("cannot map the shared segment: {e}")))?;
     let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| PyValueError::new_err("mmap returned null"))?;
-    Ok(Segment { ptr, len: size })
+    Ok(Segment { ptr, len: size, mapped: size, spare: false })
 }
 
-/// Copies of at least this many bytes go into memory advised for
-/// transparent huge pages.
-const HUGE_COPY: usize = 4 << 20;
-/// The size of a transparent huge page on x86-64 and arm64 (4 KiB base pages).
-const HUGE_PAGE: usize = 2 << 20;
+/// Fresh destinations of at least this many bytes are populated before a
+/// copy into them (see [`populate`]).
+pub const POPULATE_FROM: usize = 4 << 20;
 
-/// Asks the kernel to back the whole huge pages inside `[ptr, ptr + len)`
-/// with transparent huge pages when they are first touched: a fresh 64 MiB
-/// buffer then costs 32 page faults instead of 16 384, which is most of the
-/// time of a copy into it. Advice only: without THP (or with it turned off)
-/// nothing changes.
-fn advise_huge_pages(ptr: *mut u8, len: usize) {
-    let start = (ptr as usize).next_multiple_of(HUGE_PAGE);
-    let end = (ptr as usize + len) / HUGE_PAGE * HUGE_PAGE;
+/// Asks the kernel to allocate every page of `[ptr, ptr + len)` now, in one
+/// call (`MADV_POPULATE_WRITE`), instead of one page fault per 4 KiB during
+/// the copy that follows: on this project's machines a fresh 64 MiB then
+/// costs about 35 ms instead of 50. Best effort: before Linux 5.14 the
+/// advice is refused and the copy faults the pages in as before.
+///
+/// Transparent huge pages were tried instead and left: a fresh 64 MiB in
+/// huge pages took 13 ms when the kernel handed out recently used memory,
+/// but 200–300 ms when it handed out memory the hypervisor had to back
+/// first, which on a virtual machine happens about every other time.
+pub fn populate(ptr: *mut u8, len: usize) {
+    let page = rustix::param::page_size();
+    let start = (ptr as usize).next_multiple_of(page);
+    let end = (ptr as usize + len) / page * page;
     if end > start {
-        // SAFETY: `[start, end)` lies inside the caller's allocation; the
-        // advice changes how pages are backed, never their contents.
-        let _ = unsafe { rustix::mm::madvise(start as *mut _, end - start, rustix::mm::Advice::LinuxHugepage) };
+        // SAFETY: `[start, end)` lies inside the caller's fresh allocation;
+        // populating it only allocates pages that a write would allocate.
+        let _ = unsafe { rustix::mm::madvise(start as *mut _, end - start, rustix::mm::Advice::LinuxPopulateWrite) };
     }
 }
 
 /// Copies `src` into a new, uninitialised object made by `make` (a `bytes`
 /// or `bytearray` constructor taking a null pointer and a size), whose
-/// storage `data` returns. Large copies go into huge pages and run without
-/// the GIL (the new object is nobody else's yet; `src` stays exported).
+/// storage `data` returns. Large copies go into populated pages and run
+/// without the GIL (the new object is nobody else's yet; `src` stays exported).
 fn copy_into(
     src: &Bound<'_, PyAny>,
     make: unsafe extern "C" fn(*const std::ffi::c_char, ffi::Py_ssize_t) -> *mut ffi::PyObject,
@@ -164,15 +263,15 @@ fn copy_into(
     }
     let (from, to) = (buffer.buf_ptr() as usize, dst as usize);
     let copy = move || {
-        if len >= HUGE_COPY {
-            advise_huge_pages(to as *mut u8, len);
+        if len >= POPULATE_FROM {
+            populate(to as *mut u8, len);
         }
         // SAFETY: `from` is the exported buffer's memory (held by `buffer`
         // until after the copy), `to` the new object's storage; both are
         // `len` bytes and distinct allocations.
         unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, len) };
     };
-    if len >= HUGE_COPY {
+    if len >= POPULATE_FROM {
         py.detach(copy);
     } else {
         copy();
@@ -182,7 +281,7 @@ fn copy_into(
 }
 
 /// `bytes(buffer)` for a contiguous buffer of bytes, large copies into
-/// memory advised for huge pages (see the module's caveats).
+/// populated memory (see the module's caveats).
 #[pyfunction]
 pub fn copy_to_bytes(buffer: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
     copy_into(buffer, ffi::PyBytes_FromStringAndSize, ffi::PyBytes_AsString)
