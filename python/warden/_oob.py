@@ -15,6 +15,23 @@ The receiver maps the segment copy-on-write and unpickles with those buffers:
 * ``bytes`` and ``bytearray`` are copied out of the mapping once (they own
   their memory in CPython).
 
+Lending instead of copying: where the kernel lets the receiver read the
+sender's memory (see :func:`may_lend`), the buffers of a call or a result
+whose exporters cannot be resized under the reader (``bytes``, numpy arrays)
+are *lent*: the sender keeps them alive and sends, in place of a segment,
+the read end of a pipe holding a table of their addresses; the receiver
+copies them into its own fresh memory with ``process_vm_readv``
+(``_warden.read_remote``: one copy each way, no ``memfd`` pages to allocate
+and zero; a ``bytes`` is read straight into the new object) and closes the
+pipe. The sender holds the buffers until every reader of the pipe is gone
+(:class:`_Lender`: a thread waits for the pipe's error state): for a call,
+the core keeps its copy of the read end until the task has an outcome, so a
+task given back and sent to another worker can still be read; for a
+result, the parent reads it as soon as it arrives, before the result is
+handed to anyone. A worker that lent mutable buffers (numpy arrays) waits
+until the parent has read them before it starts its next task, so the
+result is what the function returned, as with a copy.
+
 Layout of a segment (little endian, every buffer 64-byte aligned)::
 
     "WDSG" | u32 count | count * (u64 offset, u64 length) | ... buffers ...
@@ -34,11 +51,14 @@ A segment has its own size limit (:data:`MAX_SEGMENT`, environment variable
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import os
 import pickle
+import stat
 import struct
+import threading
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -64,6 +84,18 @@ class SegmentTooLarge(ValueError):
 
 class SegmentError(ValueError):
     """A segment received from another process is not one warden made."""
+
+
+#: Lend buffers where the kernel allows it; ``WARDEN_LEND_BUFFERS=0`` always
+#: copies them into segments.
+LEND = os.environ.get("WARDEN_LEND_BUFFERS", "1") != "0"
+
+_LEND_MAGIC = b"WDLN"
+_LEND_HEAD = struct.Struct("<4sII")
+_LEND_ENTRY = struct.Struct("<QQQ")
+#: The largest table of lent buffers: it must fit in a pipe that nobody reads
+#: yet (one page, the smallest a pipe gets when a user has too many).
+_LEND_TABLE_MAX = 4096
 
 
 def _bytes_from(buffer: Any) -> bytes:
@@ -186,16 +218,213 @@ class Collector:
         return False
 
 
-def dumps(obj: Any, pickler: Callable[[io.BytesIO, Collector], pickle.Pickler]) -> tuple[bytes, int | None]:
+def dumps(
+    obj: Any, pickler: Callable[[io.BytesIO, Collector], pickle.Pickler], *, to_parent: bool = False
+) -> tuple[bytes, int | None]:
     """Pickles ``obj`` with ``pickler(file, buffer_callback)``. Returns the
-    pickle and the fd of a sealed segment holding its out-of-band buffers
-    (the caller owns it), or ``None`` when everything is inline."""
+    pickle and the fd that carries its out-of-band buffers (the caller owns
+    it): the read end of a lending table, or a sealed segment; ``None`` when
+    everything is inline. ``to_parent``: the receiver is the parent of this
+    process (a result), not a child (a call)."""
     out = io.BytesIO()
     collector = Collector()
     pickler(out, collector).dump(obj)
     if not collector.buffers:
         return out.getvalue(), None
+    if may_lend(to_parent):
+        fd = lend(collector.buffers, mutable_wait=to_parent)
+        if fd is not None:
+            return out.getvalue(), fd
     return out.getvalue(), make_segment(collector.buffers)
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_SEGMENT:
+        raise SegmentTooLarge(
+            f"out-of-band buffers of {size} bytes exceed the shared segment limit of {MAX_SEGMENT} bytes "
+            "(set WARDEN_MAX_SEGMENT to raise it)"
+        )
+
+
+_may_lend: dict[bool, tuple[int, bool]] = {}
+
+
+def may_lend(to_parent: bool) -> bool:
+    """Whether buffers may be lent to the parent (``to_parent``) or to a
+    child: Yama's ``ptrace_scope`` is 0 (or 1, which lets only an ancestor
+    read: the parent), this process is dumpable, and ``process_vm_readv``
+    works here (a seccomp filter may refuse it). Decided once per process."""
+    if not LEND:
+        return False
+    pid = os.getpid()
+    known = _may_lend.get(to_parent)
+    if known is not None and known[0] == pid:
+        return known[1]
+    allowed = _lending_works(1 if to_parent else 0)
+    _may_lend[to_parent] = (pid, allowed)
+    return allowed
+
+
+def _lending_works(max_scope: int) -> bool:
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope", "rb") as f:
+            scope = int(f.read())
+    except FileNotFoundError:
+        scope = 0  # no Yama: the classic rules (same user, dumpable)
+    except (OSError, ValueError):
+        return False
+    if scope > max_scope:
+        return False
+    from . import _warden
+
+    if not _warden.is_dumpable():
+        return False
+    probe = os.urandom(64)
+    try:
+        address, size = _warden.buffer_address(probe)
+        return _warden.read_remote(os.getpid(), [(address, size, _warden.LENT_BYTES)], size) == [probe]
+    except OSError:
+        return False
+
+
+def _lent_kind(view: memoryview) -> int | None:
+    """How a lent buffer is rebuilt, or ``None`` if it cannot be lent: its
+    exporter must keep its memory where it is while we hold an export
+    (``bytes``; numpy arrays, which refuse to resize while referenced)."""
+    from . import _warden
+
+    t = type(view.obj)
+    if t is bytes:
+        return _warden.LENT_BYTES
+    if t.__name__ == "ndarray" and t.__module__ == "numpy":
+        return _warden.LENT_RAW
+    return None
+
+
+def lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool) -> int | None:
+    """Lends ``buffers``: returns the read end of a pipe holding their
+    table, or ``None`` if one of them cannot be lent (the caller copies them
+    into a segment). They are held until every reader of the pipe is gone.
+    ``mutable_wait``: :func:`wait_for_readers` waits for them if one is
+    mutable."""
+    from . import _warden
+
+    views = [b.raw() for b in buffers]
+    entries = []
+    mutable = False
+    total = 0
+    for view in views:
+        kind = _lent_kind(view)
+        if kind is None:
+            return None
+        mutable = mutable or kind != _warden.LENT_BYTES
+        address, size = _warden.buffer_address(view)
+        entries.append(_LEND_ENTRY.pack(address, size, kind))
+        total += size
+    _check_size(total)
+    table = _LEND_HEAD.pack(_LEND_MAGIC, os.getpid(), len(entries)) + b"".join(entries)
+    if len(table) > _LEND_TABLE_MAX:
+        return None
+    r, w = os.pipe()
+    try:
+        os.set_blocking(w, False)
+        if os.write(w, table) != len(table):
+            raise BlockingIOError
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return None
+    _lender().hold(w, views, mutable and mutable_wait)
+    return r
+
+
+class _Lender:
+    """Buffers lent to other processes, each set held until every reader of
+    its table's pipe is gone (the write end then reports ``POLLERR``), by a
+    daemon thread started with the first loan. Reset in a forked child
+    (nobody reads the child's copies)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.released = threading.Condition(self.lock)
+        self.held: dict[int, tuple[list[memoryview], bool]] = {}
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        self.thread: threading.Thread | None = None
+
+    def hold(self, fd: int, views: list[memoryview], mutable: bool) -> None:
+        with self.lock:
+            self.held[fd] = (views, mutable)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="warden-lender", daemon=True)
+                self.thread.start()
+        with contextlib.suppress(BlockingIOError):  # full: already awake
+            os.write(self.wake_w, b"\0")
+
+    def _run(self) -> None:
+        import select
+
+        while True:
+            poller = select.poll()
+            poller.register(self.wake_r, select.POLLIN)
+            with self.lock:
+                for fd in self.held:
+                    poller.register(fd, select.POLLERR)
+            events = poller.poll()
+            done = []
+            with self.lock:
+                for fd, _ in events:
+                    if fd == self.wake_r:
+                        os.read(self.wake_r, 4096)
+                    elif fd in self.held:
+                        done.append(self.held.pop(fd))
+                        os.close(fd)
+                if done:
+                    self.released.notify_all()
+            for views, _ in done:
+                for view in views:
+                    view.release()
+
+    def wait_for_readers(self, every: bool, timeout: float | None) -> bool:
+        """Waits until no mutable lent buffer (``every``: no lent buffer) is
+        held: every reader has its copy, or is gone. False on timeout."""
+        with self.lock:
+            return self.released.wait_for(
+                lambda: not any(every or mutable for _, mutable in self.held.values()), timeout
+            )
+
+
+_the_lender: _Lender | None = None
+
+
+def _lender() -> _Lender:
+    global _the_lender
+    if _the_lender is None:
+        _the_lender = _Lender()
+    return _the_lender
+
+
+def _forget_loans() -> None:
+    global _the_lender
+    lender, _the_lender = _the_lender, None
+    if lender is not None:
+        for fd in [*lender.held, lender.wake_r, lender.wake_w]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+os.register_at_fork(after_in_child=_forget_loans)
+
+
+def wait_for_readers(every: bool = False, timeout: float | None = None) -> bool:
+    """Waits until the readers of this process's mutable lent buffers (or,
+    ``every``, of all of them) have read them or are gone: before a worker
+    starts its next task (see the module documentation), and before it
+    exits, so that a result it lent outlives it until the parent has it.
+    False if ``timeout`` (seconds) ran out first."""
+    if _the_lender is None or not _the_lender.held:
+        return True
+    return _the_lender.wait_for_readers(every, timeout)
 
 
 def _aligned(n: int) -> int:
@@ -211,11 +440,7 @@ def make_segment(buffers: list[pickle.PickleBuffer]) -> int:
         table.append((offset, view.nbytes))
         offset = _aligned(offset + view.nbytes)
     size = offset
-    if size > MAX_SEGMENT:
-        raise SegmentTooLarge(
-            f"out-of-band buffers of {size} bytes exceed the shared segment limit of {MAX_SEGMENT} bytes "
-            "(set WARDEN_MAX_SEGMENT to raise it)"
-        )
+    _check_size(size)
     fd = os.memfd_create("warden-oob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
@@ -238,14 +463,26 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
         offset += n
 
 
-def open_segment(fd: int) -> list[memoryview]:
+def open_segment(fd: int) -> list[Any]:
     """Maps a segment received from another process (copy-on-write) and
-    returns its buffers. Takes ownership of ``fd`` and closes it. Raises
-    :class:`SegmentError` if it is not a sealed warden segment within the
-    limit: a segment that could shrink under the mapping would crash this
-    process with SIGBUS when read."""
+    returns its buffers, or reads the buffers a lending table names. Takes
+    ownership of ``fd`` and closes it. Raises :class:`SegmentError` if it
+    is not a sealed warden segment within the limit (a segment that could
+    shrink under the mapping would crash this process with SIGBUS when
+    read) or a well-formed table, ``OSError`` if the lent buffers cannot be
+    read."""
     from . import _warden
 
+    try:
+        is_table = stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    if is_table:
+        try:
+            return _read_lent(fd)
+        finally:
+            os.close(fd)
     try:
         segment = _warden.map_segment(fd, _HEAD.size, MAX_SEGMENT)
     except ValueError as e:
@@ -264,6 +501,42 @@ def open_segment(fd: int) -> list[memoryview]:
     return buffers
 
 
+def _read_exactly(fd: int, n: int) -> bytes:
+    data = b""
+    try:
+        while len(data) < n:
+            chunk = os.read(fd, n - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except BlockingIOError:
+        pass
+    if len(data) < n:
+        raise SegmentError("the table of lent buffers is truncated")
+    return data
+
+
+def _read_lent(fd: int) -> list[Any]:
+    """The buffers a lending table names, read out of the lender's memory."""
+    from . import _warden
+
+    os.set_blocking(fd, False)  # the lender keeps the write end open: never wait for more
+    magic, pid, count = _LEND_HEAD.unpack(_read_exactly(fd, _LEND_HEAD.size))
+    if magic != _LEND_MAGIC or _LEND_HEAD.size + count * _LEND_ENTRY.size > _LEND_TABLE_MAX:
+        raise SegmentError("the table of lent buffers is not valid")
+    table = _read_exactly(fd, count * _LEND_ENTRY.size)
+    entries = [_LEND_ENTRY.unpack_from(table, i * _LEND_ENTRY.size) for i in range(count)]
+    try:
+        return _warden.read_remote(pid, entries, MAX_SEGMENT)
+    except ValueError as e:
+        raise SegmentError(str(e)) from None
+    except OSError as e:
+        raise type(e)(
+            e.errno,
+            f"{e.strerror} (set WARDEN_LEND_BUFFERS=0 to send large buffers through shared segments instead)",
+        ) from None
+
+
 def loads(data: Any, fd: int | None) -> Any:
     """Unpickles ``data`` with the buffers of segment ``fd`` (closed here), if any."""
     if fd is None:
@@ -272,18 +545,19 @@ def loads(data: Any, fd: int | None) -> Any:
 
 
 class Received:
-    """A pickle that arrived with a segment, already mapped (its fd closed),
-    waiting to be unpickled by whoever takes the outcome."""
+    """A pickle that arrived with a segment, already mapped, or with lent
+    buffers, already read (either way its fd is closed), waiting to be
+    unpickled by whoever takes the outcome."""
 
     __slots__ = ("buffers", "data", "error")
 
     def __init__(self, data: bytes, fd: int) -> None:
         self.data = data
-        self.buffers: list[memoryview] = []
-        self.error: SegmentError | None = None
+        self.buffers: list[Any] = []
+        self.error: Exception | None = None
         try:
             self.buffers = open_segment(fd)
-        except SegmentError as e:
+        except (SegmentError, OSError) as e:
             self.error = e
 
     def load(self) -> Any:

@@ -143,10 +143,11 @@ def _is_small_and_plain(obj: Any) -> bool:
     return True
 
 
-def dumps_oob(obj: Any) -> tuple[bytes, int | None]:
+def dumps_oob(obj: Any, to_parent: bool = False) -> tuple[bytes, int | None]:
     """Pickles a task's call or result: like :func:`dumps`, with large
-    buffers out of band in a shared segment. Returns the pickle and the
-    segment's fd (owned by the caller), or ``None`` if there is none.
+    buffers out of band, lent or in a shared segment (see ``_oob``).
+    Returns the pickle and the fd that carries them (owned by the caller),
+    or ``None`` if there is none. ``to_parent``: a worker's result.
 
     A scalar, or a plain function's call with scalar arguments (most small
     tasks and their results), takes a short cut: the standard pickler's
@@ -158,14 +159,14 @@ def dumps_oob(obj: Any) -> tuple[bytes, int | None]:
             pass  # e.g. a lambda: the full path below says why, or uses cloudpickle
     obj = _oob.prepare(obj)
     if not _main_is_importable():
-        return _oob.dumps(obj, _cloud_oob)
+        return _oob.dumps(obj, _cloud_oob, to_parent=to_parent)
     try:
-        return _oob.dumps(obj, _plain_oob)
+        return _oob.dumps(obj, _plain_oob, to_parent=to_parent)
     except _oob.SegmentTooLarge:
         raise
     except Exception as plain_error:
         try:
-            return _oob.dumps(obj, _cloud_oob)
+            return _oob.dumps(obj, _cloud_oob, to_parent=to_parent)
         except Exception as cloud_error:
             plain_error.add_note(f"(cloudpickle could not pickle it either: {cloud_error!r})")
             raise plain_error from None

@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+#: How long a worker's exit waits for the parent to read the results it lent.
+_LOAN_GRACE = 5.0
+
+
 def _print_exc() -> None:
     import traceback
 
@@ -210,11 +214,14 @@ class Handler:
             if self.mode == "process":
                 return self._run_process(payload)
             fn, args, kwargs = _oob.loads(payload, segment)
+            # The parent has read the mutable buffers of the last result, so
+            # this task cannot change them under it.
+            _oob.wait_for_readers()
             value = fn(*args, **kwargs)
             self.running = False
             del fn, args, kwargs
             try:
-                data, out = dumps_oob(value)
+                data, out = dumps_oob(value, to_parent=True)
                 return data if out is None else (data, out)
             except Exception as e:
                 return _error(_unpicklable_result(value, e))
@@ -293,6 +300,11 @@ class Handler:
                 _print_exc()
         self.hooks = {}
         self._end_process(errors)
+        # A result lent to the parent lives in this process's memory: wait
+        # (briefly: the parent reads a result as soon as it arrives, and a
+        # parent that is gone closes its end) until it has been read.
+        if not _oob.wait_for_readers(every=True, timeout=_LOAN_GRACE):
+            print(f"warden: worker {os.getpid()}: exiting before the parent read a result", file=sys.stderr)
         return ("; ".join(errors) or None, self.exit_code)
 
     def _end_process(self, errors: list[str]) -> None:

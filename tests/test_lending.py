@@ -1,0 +1,204 @@
+"""Large buffers are lent: the receiver reads them straight out of the
+sender's memory (``process_vm_readv``), and the sender holds them until
+every reader is done.
+
+What an outsider sees: a ``bytes`` or numpy array travels as the read end of
+a pipe holding a table of addresses (no ``memfd``); the sender keeps the
+buffers alive after the caller has dropped them, and lets them go once
+every copy of that pipe is closed; a worker that exits right after its
+result, or runs another task that changes the array it returned, still
+hands the parent what the function returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+
+import pytest
+
+import warden
+from warden import _oob, _pickle, _warden
+
+from conftest import wait_until
+
+pytestmark = pytest.mark.skipif(
+    not (_oob.LEND and _oob.may_lend(False) and _oob.may_lend(True)),
+    reason="this kernel does not let these processes read each other's memory (see _oob.may_lend)",
+)
+
+BIG = 8 << 20
+
+
+def held_loans() -> int:
+    lender = _oob._the_lender
+    return 0 if lender is None else len(lender.held)
+
+
+def numpy():
+    return pytest.importorskip("numpy", reason="numpy is optional (make test installs it)")
+
+
+def carrier_kind(fd: int) -> str:
+    mode = os.fstat(fd).st_mode
+    return "table" if stat.S_ISFIFO(mode) else "segment"
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: os.urandom(BIG), "table"),
+        (lambda: numpy().ones(BIG // 8), "table"),
+        (lambda: bytearray(BIG), "segment"),  # could be resized under the reader
+        (lambda: memoryview(os.urandom(BIG)), "segment"),
+    ],
+    ids=["bytes", "numpy", "bytearray", "memoryview"],
+)
+def test_bytes_and_numpy_arrays_are_lent_and_resizable_buffers_go_in_a_segment(make, expected):
+    _, fd = _pickle.dumps_oob((len, (make(),), {}))
+    assert fd is not None
+    try:
+        assert carrier_kind(fd) == expected
+    finally:
+        os.close(fd)
+    assert wait_until(lambda: not held_loans(), timeout=5)
+
+
+def test_lent_buffers_are_held_until_every_reader_has_closed_the_table():
+    payload = os.urandom(BIG)
+    data, fd = _pickle.dumps_oob(payload)
+    assert fd is not None and carrier_kind(fd) == "table"
+    other_reader = os.dup(fd)  # as the core keeps its copy until the task ends
+    del payload  # the loan keeps the buffer alive
+    received = _oob.loads(data, fd)  # reads the table and our own memory, closes fd
+    assert len(received) == BIG
+    assert held_loans() == 1
+    os.close(other_reader)
+    assert wait_until(lambda: held_loans() == 0, timeout=5)
+
+
+def digest(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def random_block(seed: int) -> tuple[str, bytes]:
+    block = os.urandom(BIG)
+    return digest(block), block
+
+
+def test_an_argument_dropped_by_the_caller_right_after_submit_still_arrives_whole():
+    with warden.ProcessPoolExecutor(2) as ex:
+        expected = []
+        futures = []
+        for _ in range(6):
+            block = os.urandom(BIG)
+            expected.append(digest(block))
+            futures.append(ex.submit(digest, block))
+            del block
+        assert [f.result(timeout=60) for f in futures] == expected
+    assert wait_until(lambda: not held_loans(), timeout=5)
+
+
+def test_a_result_lent_by_a_worker_that_exits_after_each_task_arrives_whole():
+    with warden.ProcessPoolExecutor(2, max_tasks_per_child=1) as ex:
+        pids = set()
+        for d, block in ex.map(random_block, range(6)):
+            assert digest(block) == d
+        for pid in ex.map(_pid, range(4)):
+            pids.add(pid)
+        assert len(pids) == 4  # each task had a fresh worker
+
+
+def _pid(_: int) -> int:
+    return os.getpid()
+
+
+_SHARED = None
+
+
+def return_then_overwrite(step: int):
+    """Step 0 returns a module-level array of zeros; step 1 fills that same
+    array with ones (in the same worker) and returns its sum."""
+    global _SHARED
+    import numpy as np
+
+    if _SHARED is None:
+        _SHARED = np.zeros(32 << 17)  # 32 MiB
+    if step == 0:
+        return _SHARED
+    _SHARED[:] = 1.0
+    return float(_SHARED.sum())
+
+
+def test_a_worker_leaves_an_array_it_returned_alone_until_the_parent_has_read_it():
+    np = numpy()
+    with warden.ProcessPoolExecutor(1) as ex:
+        for _ in range(3):
+            first = ex.submit(return_then_overwrite, 0)
+            second = ex.submit(return_then_overwrite, 1)
+            returned = first.result(timeout=60)
+            assert second.result(timeout=60) == float(returned.size)
+            # What the function returned: zeros the first time; the same
+            # array, all ones, in later rounds. Never a mix of the two.
+            values = np.unique(returned)
+            assert values.size == 1, values
+            ex.submit(reset_shared).result(timeout=60)
+            del returned
+
+
+def reset_shared() -> None:
+    if _SHARED is not None:
+        _SHARED[:] = 0.0
+
+
+def test_a_truncated_or_foreign_lending_table_is_refused():
+    head = struct.Struct("<4sII")
+    for table, message in [
+        (head.pack(b"WDLN", os.getpid(), 2)[:6], "truncated"),
+        (head.pack(b"WDLN", os.getpid(), 1), "truncated"),
+        (head.pack(b"XXXX", os.getpid(), 0), "not valid"),
+    ]:
+        r, w = os.pipe()
+        os.write(w, table)
+        with pytest.raises(_oob.SegmentError, match=message):
+            _oob.open_segment(r)
+        with pytest.raises(OSError):
+            os.fstat(r)  # taken and closed
+        os.close(w)
+
+
+def test_a_lent_buffer_that_cannot_be_read_fails_with_an_error_naming_the_way_out():
+    head = struct.pack("<4sII", b"WDLN", os.getpid(), 1)
+    table = head + struct.pack("<QQQ", 4096, 1 << 20, _warden.LENT_BYTES)
+    r, w = os.pipe()
+    os.write(w, table)
+    with pytest.raises(OSError, match="WARDEN_LEND_BUFFERS=0") as caught:
+        _oob.open_segment(r)
+    assert "out of process" in str(caught.value)
+    os.close(w)
+
+
+def test_memory_a_received_array_was_read_into_is_reused_once_the_array_is_gone():
+    np = numpy()
+    source = np.arange(BIG // 8, dtype=np.float64)
+    address, size = _warden.buffer_address(memoryview(source).cast("B"))
+    first = _warden.read_remote(os.getpid(), [(address, size, _warden.LENT_RAW)], size)[0]
+    where = _warden.buffer_address(first)[0]
+    assert np.array_equal(np.frombuffer(first, dtype=np.float64), source)
+    del first
+    assert mapped_at(where), "the memory is kept as a spare"
+    source[:] = -1.0
+    second = _warden.read_remote(os.getpid(), [(address, size, _warden.LENT_RAW)], size)[0]
+    assert _warden.buffer_address(second)[0] == where
+    assert np.array_equal(np.frombuffer(second, dtype=np.float64), source)
+
+
+def mapped_at(address: int) -> bool:
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if start <= address < end:
+                return True
+    return False
