@@ -202,3 +202,20 @@ def mapped_at(address: int) -> bool:
             if start <= address < end:
                 return True
     return False
+
+
+def test_many_lent_buffers_of_odd_sizes_read_by_two_threads_arrive_byte_exact():
+    np = numpy()
+    # Over 8 MiB in all: the receiver cuts the read into 4 MiB pieces and
+    # shares them between two threads.
+    sizes = [(5 << 20) + 3, 64 << 10, (3 << 20) + 1, (9 << 20) + 7]
+    blocks = [os.urandom(n) for n in sizes]
+    arrays = [np.frombuffer(os.urandom(n - n % 8), dtype=np.float64).copy() for n in sizes]
+    with warden.ProcessPoolExecutor(1) as ex:
+        back_blocks, back_arrays = ex.submit(swap, arrays, blocks).result(timeout=60)
+    assert [digest(b) for b in back_blocks] == [digest(b) for b in blocks]
+    assert [a.tobytes() for a in back_arrays] == [a.tobytes() for a in arrays]  # random bits: NaNs too
+
+
+def swap(a, b):
+    return b, a

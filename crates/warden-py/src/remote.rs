@@ -35,8 +35,8 @@ use crate::segment::Segment;
 
 /// A lent buffer to be rebuilt as a `bytes` object.
 pub const KIND_BYTES: u8 = 1;
-/// A lent buffer to be rebuilt as a writable [`Segment`] (numpy arrays are
-/// built on it without a copy).
+/// A lent buffer to be rebuilt as a writable `memoryview` of a [`Segment`]
+/// (numpy arrays are built on it without a copy).
 pub const KIND_RAW: u8 = 0;
 
 /// The address and length of a contiguous buffer `obj` exports. The address
@@ -59,10 +59,16 @@ pub fn is_dumpable() -> bool {
     unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) == 1 }
 }
 
+/// Where a buffer read into the shared mapping starts: 64-byte aligned, as
+/// in a segment.
+const ALIGN: usize = 64;
+
 /// Reads the buffers `entries` (address, length, kind) out of process `pid`
-/// into new objects of this process: a `bytes` for [`KIND_BYTES`], a
-/// [`Segment`] for [`KIND_RAW`]. At most `max` bytes in all. The copies run
-/// without the GIL. Raises `OSError` (with the errno, e.g.
+/// into new objects of this process: a `bytes` for [`KIND_BYTES`]; for
+/// [`KIND_RAW`], a `memoryview` of one [`Segment`] that holds every such
+/// buffer of the call (one mapping, as a shared segment would be, which
+/// the arrays built on it keep alive). At most `max` bytes in all. The
+/// copies run without the GIL. Raises `OSError` (with the errno, e.g.
 /// `PermissionError`, `ProcessLookupError`) if the kernel refuses or the
 /// memory is gone.
 #[pyfunction]
@@ -76,15 +82,15 @@ pub fn read_remote(py: Python<'_>, pid: i32, entries: Vec<(usize, usize, u8)>, m
             "lent buffers of {total} bytes in all exceed the limit of {max} bytes"
         )));
     }
-    let mut objects = Vec::with_capacity(entries.len());
+    let mut objects: Vec<Option<Py<PyAny>>> = Vec::with_capacity(entries.len());
     // (remote address, local address, length) of each copy to make.
     let mut copies = Vec::with_capacity(entries.len());
-    for &(addr, len, kind) in &entries {
-        if len == 0 {
-            objects.push(pyo3::types::PyBytes::new(py, b"").into_any().unbind());
-            continue;
-        }
-        let local = match kind {
+    // (index, offset in the mapping, length) of each raw buffer.
+    let mut raw = Vec::new();
+    let mut raw_size = 0usize;
+    for (i, &(addr, len, kind)) in entries.iter().enumerate() {
+        match kind {
+            _ if len == 0 => objects.push(Some(pyo3::types::PyBytes::new(py, b"").into_any().unbind())),
             KIND_BYTES => {
                 let size = ffi::Py_ssize_t::try_from(len).map_err(|_| PyValueError::new_err("buffer too large"))?;
                 // SAFETY: a null source asks for an uninitialised `bytes` of
@@ -97,37 +103,90 @@ pub fn read_remote(py: Python<'_>, pid: i32, entries: Vec<(usize, usize, u8)>, m
                 if data.is_null() {
                     return Err(PyErr::fetch(py));
                 }
-                if len >= crate::segment::POPULATE_FROM {
-                    crate::segment::populate(data, len);
-                }
-                objects.push(obj.unbind());
-                data
+                objects.push(Some(obj.unbind()));
+                copies.push((addr, data as usize, len));
             }
             KIND_RAW => {
-                let segment = Segment::anonymous(len)?;
-                let data = segment.as_mut_ptr();
-                objects.push(Py::new(py, segment)?.into_any());
-                data
+                raw.push((i, raw_size, len));
+                raw_size = raw_size
+                    .checked_add(len)
+                    .and_then(|n| n.checked_next_multiple_of(ALIGN))
+                    .ok_or_else(|| PyValueError::new_err("lent buffers too large"))?;
+                objects.push(None);
             }
             other => return Err(PyValueError::new_err(format!("unknown kind {other} of a lent buffer"))),
-        };
-        copies.push((addr, local as usize, len));
+        }
     }
-    py.detach(|| {
-        copies.iter().try_for_each(|&(remote, local, len)| {
-            // SAFETY: `local` is the storage of an object made above, `len`
-            // bytes, owned by `objects` and seen by no one else until we return.
-            let local = unsafe { std::slice::from_raw_parts_mut(local as *mut u8, len) };
-            read_one(pid, remote, local)
-        })
-    })
-    .map_err(|e| {
+    if !raw.is_empty() {
+        let segment = Segment::anonymous(raw_size)?;
+        let base = segment.as_mut_ptr() as usize;
+        let segment = Py::new(py, segment)?;
+        let whole = pyo3::types::PyMemoryView::from(segment.bind(py))?;
+        for &(i, offset, len) in &raw {
+            copies.push((entries[i].0, base + offset, len));
+            let end = offset + len;
+            let slice = pyo3::types::PySlice::new(py, offset as isize, end as isize, 1);
+            objects[i] = Some(whole.get_item(slice)?.unbind());
+        }
+    }
+    py.detach(|| copy_all(pid, &copies)).map_err(|e| {
         PyOSError::new_err((
             e.raw_os_error().unwrap_or(0),
             format!("cannot read {} lent buffer(s) out of process {pid}: {e}", entries.len()),
         ))
     })?;
-    Ok(objects)
+    Ok(objects.into_iter().flatten().collect())
+}
+
+/// Reads of at least this many bytes in all are shared between two threads.
+const TWO_THREADS_FROM: usize = 8 << 20;
+/// The pieces the copies are cut into, to share them between threads.
+const PIECE: usize = 4 << 20;
+
+/// Makes `copies` (remote address, local address, length): each piece's
+/// destination populated, then read. Most of a large read's time is the
+/// kernel allocating and zeroing the fresh destination's pages, which two
+/// threads do about twice as fast as one: a large read is cut into pieces
+/// that this thread and one more take in turn.
+fn copy_all(pid: i32, copies: &[(usize, usize, usize)]) -> std::io::Result<()> {
+    let total: usize = copies.iter().map(|&(_, _, len)| len).sum();
+    let mut pieces = Vec::new();
+    for &(remote, local, len) in copies {
+        let mut done = 0;
+        while done < len {
+            let n = PIECE.min(len - done);
+            pieces.push((remote + done, local + done, n));
+            done += n;
+        }
+    }
+    let run = |first: usize, step: usize| -> std::io::Result<()> {
+        pieces.iter().skip(first).step_by(step).try_for_each(|&(remote, local, len)| {
+            if len >= PIECE {
+                crate::segment::populate(local as *mut u8, len);
+            }
+            // SAFETY: `local` lies in the storage of an object `read_remote`
+            // made, owned by it and seen by no one else until it returns;
+            // the pieces do not overlap.
+            let local = unsafe { std::slice::from_raw_parts_mut(local as *mut u8, len) };
+            read_one(pid, remote, local)
+        })
+    };
+    let two = total >= TWO_THREADS_FROM && std::thread::available_parallelism().map_or(1, |n| n.get()) > 1;
+    if !two {
+        return run(0, 1);
+    }
+    std::thread::scope(|scope| {
+        let other = std::thread::Builder::new().name("warden-read".into()).spawn_scoped(scope, || run(1, 2));
+        let mine = run(0, 2);
+        match other {
+            Ok(handle) => {
+                let theirs = handle.join().unwrap_or_else(|_| Err(std::io::Error::other("a reading thread panicked")));
+                mine.and(theirs)
+            }
+            // No second thread: this one takes its pieces too.
+            Err(_) => mine.and_then(|()| run(1, 2)),
+        }
+    })
 }
 
 /// Copies `local.len()` bytes at `remote` in process `pid` into `local`.

@@ -144,7 +144,7 @@ impl Segment {
 impl Segment {
     /// A private anonymous mapping of `len` bytes (at least one): a spare
     /// one if there is one of about that size (see `spares`), else a fresh
-    /// one, populated from [`POPULATE_FROM`]. The destination of buffers
+    /// one (which the caller populates as it fills it). The destination of buffers
     /// read from another process (`remote::read_remote`).
     pub fn anonymous(len: usize) -> PyResult<Segment> {
         if len >= POPULATE_FROM {
@@ -166,9 +166,6 @@ impl Segment {
         }
         .map_err(|e| pyo3::exceptions::PyMemoryError::new_err(format!("cannot map {len} bytes: {e}")))?;
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| PyValueError::new_err("mmap returned null"))?;
-        if len >= POPULATE_FROM {
-            populate(ptr.as_ptr(), len);
-        }
         Ok(Segment { ptr, len, mapped, spare: true })
     }
 
