@@ -219,3 +219,17 @@ def test_many_lent_buffers_of_odd_sizes_read_by_two_threads_arrive_byte_exact():
 
 def swap(a, b):
     return b, a
+
+
+def test_a_forked_child_holds_none_of_its_parents_loans():
+    payload = os.urandom(BIG)
+    _, fd = _pickle.dumps_oob(payload)
+    assert fd is not None and held_loans() == 1
+    pid = os.fork()
+    if pid == 0:  # the child: no lender, and the parent's loan fds closed
+        os._exit(0 if _oob._the_lender is None else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert held_loans() == 1  # the parent's loan is untouched
+    os.close(fd)
+    assert wait_until(lambda: held_loans() == 0, timeout=5)

@@ -395,17 +395,23 @@ class _Lender:
 
 
 _the_lender: _Lender | None = None
+_lender_lock = threading.Lock()
 
 
 def _lender() -> _Lender:
     global _the_lender
-    if _the_lender is None:
-        _the_lender = _Lender()
-    return _the_lender
+    lender = _the_lender
+    if lender is None:
+        with _lender_lock:
+            if _the_lender is None:
+                _the_lender = _Lender()
+            lender = _the_lender
+    return lender
 
 
 def _forget_loans() -> None:
-    global _the_lender
+    global _the_lender, _lender_lock
+    _lender_lock = threading.Lock()  # another thread may have held it at the fork
     lender, _the_lender = _the_lender, None
     if lender is not None:
         for fd in [*lender.held, lender.wake_r, lender.wake_w]:
