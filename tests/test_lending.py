@@ -233,3 +233,13 @@ def test_a_forked_child_holds_none_of_its_parents_loans():
     assert held_loans() == 1  # the parent's loan is untouched
     os.close(fd)
     assert wait_until(lambda: held_loans() == 0, timeout=5)
+
+
+def test_memory_a_small_received_array_was_read_into_is_given_back():
+    np = numpy()
+    source = np.arange((1 << 20) // 8, dtype=np.float64)  # under the size a spare is kept for
+    address, size = _warden.buffer_address(memoryview(source).cast("B"))
+    first = _warden.read_remote(os.getpid(), [(address, size, _warden.LENT_RAW)], size)[0]
+    where = _warden.buffer_address(first)[0]
+    del first
+    assert not mapped_at(where)

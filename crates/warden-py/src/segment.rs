@@ -144,8 +144,8 @@ impl Segment {
 impl Segment {
     /// A private anonymous mapping of `len` bytes (at least one): a spare
     /// one if there is one of about that size (see `spares`), else a fresh
-    /// one (which the caller populates as it fills it). The destination of buffers
-    /// read from another process (`remote::read_remote`).
+    /// one (which the caller populates as it fills it). The destination of
+    /// buffers read from another process (`remote::read_remote`).
     pub fn anonymous(len: usize) -> PyResult<Segment> {
         if len >= POPULATE_FROM {
             if let Some((addr, mapped)) = spares::take(len) {
@@ -166,7 +166,8 @@ impl Segment {
         }
         .map_err(|e| pyo3::exceptions::PyMemoryError::new_err(format!("cannot map {len} bytes: {e}")))?;
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| PyValueError::new_err("mmap returned null"))?;
-        Ok(Segment { ptr, len, mapped, spare: true })
+        // Only mappings a later read may take are worth keeping.
+        Ok(Segment { ptr, len, mapped, spare: len >= POPULATE_FROM })
     }
 
     /// Where the mapping starts.
