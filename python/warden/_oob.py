@@ -99,8 +99,9 @@ _LEND_TABLE_MAX = 4096
 
 
 def _bytes_from(buffer: Any) -> bytes:
-    """Rebuilds a ``bytes`` sent out of band (one copy out of the mapping,
-    into huge pages when it is large: see ``_warden.copy_to_bytes``)."""
+    """Rebuilds a ``bytes`` sent out of band: one copy out of the mapping
+    (see ``_warden.copy_to_bytes``), none if it was lent (read into a new
+    ``bytes`` already)."""
     if type(buffer) is memoryview:
         from . import _warden
 
@@ -383,7 +384,9 @@ class _Lender:
                     self.released.notify_all()
             for views, _ in done:
                 for view in views:
-                    view.release()
+                    with contextlib.suppress(BufferError):  # still exported: let it go with its last user
+                        view.release()
+            del done, events  # hold nothing until the next wake-up
 
     def wait_for_readers(self, every: bool, timeout: float | None) -> bool:
         """Waits until no mutable lent buffer (``every``: no lent buffer) is
