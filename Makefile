@@ -86,9 +86,11 @@ wheel: venv
 # with the wheel installed (not the source tree), checks that it imports and
 # runs a task from outside the tree, then runs the tests that lean on what
 # changes between versions (concurrent.futures and multiprocessing internals,
-# pickling, asyncio, logging); PYTHONS_TESTS=tests runs them all.
+# pickling, the buffer protocol of the data path, asyncio, logging);
+# PYTHONS_TESTS=tests runs them all.
 PYTHONS ?= 3.12 3.13
 PYTHONS_TESTS ?= tests/test_executor_api.py tests/test_pickling.py tests/test_spawn_objects.py \
+	tests/test_data_path.py tests/test_lending.py \
 	tests/test_asyncio.py tests/test_logging.py
 pytest-pythons: wheel
 	@set -e; for v in $(PYTHONS); do \
