@@ -243,3 +243,29 @@ def test_memory_a_small_received_array_was_read_into_is_given_back():
     where = _warden.buffer_address(first)[0]
     del first
     assert not mapped_at(where)
+
+
+def hold_then_digest(started: str, payload: bytes) -> str:
+    import time
+
+    with open(started, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+    return digest(payload)
+
+
+def test_a_worker_killed_with_a_lent_argument_fails_that_task_and_the_loan_is_let_go(tmp_path):
+    import signal
+
+    started = tmp_path / "started"
+    payload = os.urandom(BIG)
+    with warden.ProcessPoolExecutor(1) as ex:
+        future = ex.submit(hold_then_digest, str(started), payload)
+        assert wait_until(lambda: started.exists() and started.read_text(), timeout=60)
+        assert held_loans() == 1
+        os.kill(int(started.read_text()), signal.SIGKILL)
+        with pytest.raises(warden.WorkerCrashed):
+            future.result(timeout=60)
+        assert wait_until(lambda: held_loans() == 0, timeout=10)
+        assert ex.submit(digest, payload).result(timeout=60) == digest(payload)
+    assert wait_until(lambda: held_loans() == 0, timeout=10)
