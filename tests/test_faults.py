@@ -148,6 +148,8 @@ def test_cancel_running_stops_the_task_runs_the_finalizer_and_spares_the_other_t
     log = tmp_path / "log"
     with warden.ProcessPoolExecutor(2, finalizer=record, finalargs=(log, "fin")) as ex:
         victim = ex.submit(sleep_after_marking, log, 60)
+        # The victim starts first, so that its line is the first in the log.
+        assert wait_until(lambda: len(pids_tagged(log, "started")) == 1, timeout=60)
         other = ex.submit(sleep_after_marking, log, 1.0)
         assert wait_until(lambda: len(pids_tagged(log, "started")) == 2, timeout=60)
         assert victim.cancel() is False  # the standard library's meaning: it runs
