@@ -7,12 +7,13 @@
 //! * `init(worker, pid, parent, payload)` returns `None` when the worker is
 //!   ready, or a `RemoteFailure` saying why it cannot start;
 //! * `run(payload, segment)` returns the result's bytes, or `(bytes, fd)`
-//!   when the result's large buffers travel in a shared segment, or a
+//!   when the result's large buffers travel beside it (the fd of a shared
+//!   segment, or of a table of lent buffers: see `python/warden/_oob.py`), or a
 //!   `RemoteFailure`. `payload` is a read-only `memoryview` of the frame in
 //!   the core's buffer (no copy), valid only during the call: it is released
 //!   when `run` returns, and a worker whose handler kept it exported aborts
-//!   rather than let Python read reused memory. `segment` is the fd of the
-//!   call's shared segment or `None`; Python owns it (and the fd it returns
+//!   rather than let Python read reused memory. `segment` is the fd that
+//!   carries the call's large buffers, or `None`; Python owns it (and the fd it returns
 //!   is the core's from then on);
 //! * `exit(reason)` runs the exit path of the Python side and returns
 //!   `(error or None, exit code or None)`; it is installed as the core's exit
