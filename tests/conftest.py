@@ -63,6 +63,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, step: float
     return predicate()
 
 
+def held_loans() -> int:
+    """How many sets of buffers this process has lent and still holds."""
+    from warden import _oob
+
+    lender = _oob._the_lender
+    return 0 if lender is None else len(lender.held)
+
+
+def numpy():
+    """numpy, or a skip saying why it is missing."""
+    return pytest.importorskip("numpy", reason="numpy is optional (make test installs it)")
+
+
 def kill_all(pids: set[int]) -> None:
     for pid in pids:
         try:

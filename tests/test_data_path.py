@@ -25,7 +25,7 @@ import pytest
 import warden
 from warden import _oob, _runner
 
-from conftest import wait_until
+from conftest import held_loans, numpy, wait_until
 
 LIMIT = _oob.INLINE_LIMIT
 SIZES = [0, 1, LIMIT - 1, LIMIT, LIMIT + 1, 3 * LIMIT + 7, 4 << 20, (6 << 20) + 13]
@@ -85,11 +85,6 @@ def carrier(request, monkeypatch):
     monkeypatch.setattr(_oob, "LEND", lend)
     monkeypatch.setenv("WARDEN_LEND_BUFFERS", "1" if lend else "0")
     return request.param
-
-
-def held_loans() -> int:
-    lender = _oob._the_lender
-    return 0 if lender is None else len(lender.held)
 
 
 @pytest.fixture
@@ -291,10 +286,6 @@ def test_a_parent_killed_with_large_payloads_in_flight_leaves_no_segment(program
 
 
 # -- numpy --------------------------------------------------------------------
-
-
-def numpy():
-    return pytest.importorskip("numpy", reason="numpy is optional (make test installs it)")
 
 
 @pytest.mark.parametrize("dtype", ["float64", "uint8", "int32", "complex128"])

@@ -22,7 +22,7 @@ import pytest
 import warden
 from warden import _oob, _pickle, _warden
 
-from conftest import wait_until
+from conftest import held_loans, numpy, wait_until
 
 pytestmark = pytest.mark.skipif(
     not (_oob.LEND and _oob.may_lend(False) and _oob.may_lend(True)),
@@ -30,15 +30,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 BIG = 8 << 20
-
-
-def held_loans() -> int:
-    lender = _oob._the_lender
-    return 0 if lender is None else len(lender.held)
-
-
-def numpy():
-    return pytest.importorskip("numpy", reason="numpy is optional (make test installs it)")
 
 
 def carrier_kind(fd: int) -> str:

@@ -90,7 +90,9 @@ pub fn read_remote(py: Python<'_>, pid: i32, entries: Vec<(usize, usize, u8)>, m
     let mut raw_size = 0usize;
     for (i, &(addr, len, kind)) in entries.iter().enumerate() {
         match kind {
-            _ if len == 0 => objects.push(Some(pyo3::types::PyBytes::new(py, b"").into_any().unbind())),
+            KIND_BYTES | KIND_RAW if len == 0 => {
+                objects.push(Some(pyo3::types::PyBytes::new(py, b"").into_any().unbind()))
+            }
             KIND_BYTES => {
                 let size = ffi::Py_ssize_t::try_from(len).map_err(|_| PyValueError::new_err("buffer too large"))?;
                 // SAFETY: a null source asks for an uninitialised `bytes` of
