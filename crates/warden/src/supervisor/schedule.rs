@@ -21,6 +21,11 @@ use super::{pidfd_token, sock_token, LifecycleEvent, PoolPhase, StopCause, Super
 /// Delay before trying again after a worker could not be spawned at all.
 const SPAWN_RETRY: Duration = Duration::from_millis(100);
 
+/// How many tasks the queue keeps room for once it is empty: a burst of
+/// submissions grows it, and the room above this is given back when it
+/// drains, so that the high mark of one burst is not held for the pool's life.
+pub(super) const KEEP_QUEUED: usize = 1024;
+
 impl Supervisor {
     pub(super) fn wanted_workers(&self) -> usize {
         if self.cfg.one_off && self.spawned >= 1 {
@@ -148,6 +153,9 @@ impl Supervisor {
                 w.assigned += 1;
                 w.flush();
             }
+        }
+        if self.queue.is_empty() && self.queue.capacity() > KEEP_QUEUED {
+            self.queue.shrink_to(KEEP_QUEUED);
         }
         for (task, pid) in started {
             self.emit(LifecycleEvent::TaskStarted { task, pid });

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use rustix::process::Signal;
 
 use super::process::{Kill, Wait, WorkerProcess};
+use super::schedule::KEEP_QUEUED;
 use super::worker::{Worker, WorkerPhase};
 use super::*;
 use crate::error::{Error, ExitStatus};
@@ -227,6 +228,20 @@ fn dispatch_gives_every_idle_worker_a_task_before_filling_pipelines() {
     // Only the first task of a pipeline has started.
     let w = &h.sup.workers[&a.id];
     assert!(w.inflight[0].started.is_some() && w.inflight[1].started.is_none());
+}
+
+#[test]
+fn a_queue_drained_after_a_burst_gives_back_its_room() {
+    let burst = KEEP_QUEUED as u64 * 4;
+    let mut h = harness(burst as usize, 10);
+    let _w = h.worker(WorkerPhase::Ready);
+    for id in 1..=burst {
+        h.submit(id);
+    }
+    assert!(h.sup.queue.capacity() >= burst as usize);
+    h.sup.dispatch();
+    assert!(h.queued().is_empty());
+    assert!(h.sup.queue.capacity() <= KEEP_QUEUED, "room for {} tasks kept", h.sup.queue.capacity());
 }
 
 #[test]
