@@ -36,6 +36,12 @@ type Outcome = Result<warden::Output, warden::Error>;
 /// Workers whose exit status [`CorePool::exit_status`] remembers (the last ones to exit).
 const EXIT_LOG: usize = 1024;
 
+/// How many outcomes (and watched starts) the queues keep room for once they
+/// are empty: a burst of results waiting for the results thread grows them,
+/// and the room above this is given back when they drain, so that the high
+/// mark of one burst is not held for the pool's life.
+const KEEP_ROOM: usize = 1024;
+
 /// `(pid, exitcode, signal)` of a worker that exited.
 type ExitRecord = (i32, Option<i32>, Option<i32>);
 
@@ -59,6 +65,17 @@ struct Starts {
     /// The highest task id a `submit` has returned: a start of an unwatched
     /// task at or below it is nobody's business.
     returned: u64,
+}
+
+impl Starts {
+    /// Stops watching `task`'s start; whether it was watched.
+    fn unwatch(&mut self, task: u64) -> bool {
+        let was = self.watched.remove(&task);
+        if self.watched.is_empty() && self.watched.capacity() > KEEP_ROOM {
+            self.watched.shrink_to(KEEP_ROOM);
+        }
+        was
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,7 +124,7 @@ impl Inner {
 
     fn started(&self, task: u64) {
         let mut starts = lock(&self.starts);
-        if starts.watched.remove(&task) {
+        if starts.unwatch(task) {
             drop(starts);
             self.push(Arc::new(OnceLock::from(task)), None);
         } else if task > starts.returned {
@@ -179,6 +196,9 @@ impl CorePool {
             if !queue.is_empty() {
                 let n = queue.len().min(max.max(1));
                 let batch: Vec<Entry> = queue.drain(..n).collect();
+                if queue.is_empty() && queue.capacity() > KEEP_ROOM {
+                    queue.shrink_to(KEEP_ROOM);
+                }
                 drop(queue);
                 // Every id is written now, except those of tasks `submit`
                 // refused: their caller got the error instead.
@@ -342,7 +362,7 @@ impl CorePool {
                 let mut starts = lock(&inner.starts);
                 seen.store(true, Ordering::SeqCst);
                 if let Some(task) = slot.get() {
-                    starts.watched.remove(task);
+                    starts.unwatch(*task);
                 }
             }
             inner.push(slot, Some(outcome));
