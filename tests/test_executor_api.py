@@ -273,6 +273,23 @@ def test_add_done_callback_runs_once_with_the_future(ex):
     assert late == [f]
 
 
+def test_a_future_nobody_waited_on_gets_no_condition_lists_or_dict(ex):
+    quiet = ex.submit(square, 3)
+    assert wait_until(quiet.done)
+    # Only the attributes a finished future needs: no condition, no waiter
+    # or callback list (each allocated per future, they were most of its
+    # memory, and what a burst of futures leaves scattered in the heap).
+    assert quiet._lazy_condition is None
+    assert quiet._lazy_waiters is None and quiet._lazy_callbacks is None
+    assert "_waiters" not in vars(quiet) and "_done_callbacks" not in vars(quiet)
+    assert quiet.result() == 9
+    # Whoever waits gets them, and sees the outcome.
+    waited = ex.submit(sleep_then, 0.2, "late")
+    done, _ = cf.wait([waited], timeout=30)
+    assert done == {waited} and waited._lazy_waiters == [] and waited._lazy_condition is not None
+    assert waited.result() == "late"
+
+
 def test_futures_work_with_asyncio_wrap_future(ex):
     async def main():
         ok = await asyncio.wrap_future(ex.submit(square, 5))

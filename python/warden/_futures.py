@@ -44,13 +44,17 @@ class Future(_base.Future):  # type: ignore[type-arg]
     never gets one, and many outstanding futures cost less than the standard
     library's."""
 
+    #: Made with the condition (class defaults until then: a future nobody
+    #: waits on allocates neither list, and never materialises its ``__dict__``).
+    _lazy_condition: threading.Condition | None = None
+    _lazy_waiters: list[Any] | None = None
+    _lazy_callbacks: list[Callable[[Any], object]] | None = None
+
     def __init__(self) -> None:
-        # _base.Future.__init__, but for the condition.
+        # _base.Future.__init__, but for the condition and its two lists.
         self._state = _base.PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Any], object]] = []
         self._error: ErrorData | None = None
         #: The runner whose pool runs the task (``core``, ``interrupt``), and the task's id.
         self._runner: Any = None
@@ -58,13 +62,29 @@ class Future(_base.Future):  # type: ignore[type-arg]
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
-        condition = self.__dict__.get("_lazy_condition")
+        condition = self._lazy_condition
         if condition is None:
             with _CONDITION_LOCK:
-                condition = self.__dict__.get("_lazy_condition")
+                condition = self._lazy_condition
                 if condition is None:
-                    condition = self.__dict__["_lazy_condition"] = threading.Condition()
+                    # The lists first: whoever sees the condition sees them.
+                    self._lazy_waiters, self._lazy_callbacks = [], []
+                    condition = self._lazy_condition = threading.Condition()
         return condition
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        """``wait()``'s and ``as_completed()``'s waiters (made with the condition)."""
+        if self._lazy_waiters is None:
+            self._condition  # noqa: B018  (makes the lists)
+        return self._lazy_waiters  # type: ignore[return-value]
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Any], object]]:  # type: ignore[override]
+        """The callbacks ``add_done_callback`` registered (made with the condition)."""
+        if self._lazy_callbacks is None:
+            self._condition  # noqa: B018  (makes the lists)
+        return self._lazy_callbacks  # type: ignore[return-value]
 
     def _on_interrupt(self) -> None:
         if self._runner is not None:
@@ -192,9 +212,9 @@ class Future(_base.Future):  # type: ignore[type-arg]
 
     def _finish(self, value: Any = None, error: ErrorData | None = None) -> None:
         """Finishes the future with a value or an error (kept as data)."""
-        if "_lazy_condition" not in self.__dict__:
+        if self._lazy_condition is None:
             with _CONDITION_LOCK:
-                if "_lazy_condition" not in self.__dict__:
+                if self._lazy_condition is None:
                     # Nobody waits and no callback is registered (both need
                     # the condition, made under this lock): just finish.
                     if self._state in _DONE:
@@ -219,9 +239,9 @@ class Future(_base.Future):  # type: ignore[type-arg]
         """Takes a task outcome from the results thread (``ok`` is ``None``
         when a worker started the task)."""
         if ok is None:
-            if "_lazy_condition" not in self.__dict__:
+            if self._lazy_condition is None:
                 with _CONDITION_LOCK:
-                    if "_lazy_condition" not in self.__dict__:
+                    if self._lazy_condition is None:
                         if self._state == _base.PENDING:
                             self._state = _base.RUNNING
                         return
