@@ -290,6 +290,35 @@ def test_a_future_nobody_waited_on_gets_no_condition_lists_or_dict(ex):
     assert waited.result() == "late"
 
 
+def test_the_results_thread_trims_the_heap_once_at_the_end_of_a_burst(monkeypatch):
+    from warden import _runner, _warden
+
+    trims = []
+    real = _warden.trim_heap
+    monkeypatch.setattr(_warden, "trim_heap", lambda: trims.append(1) or real())
+    monkeypatch.setattr(_runner, "TRIM_AFTER", 200)
+    with warden.ProcessPoolExecutor(2) as ex:
+        assert list(ex.map(square, range(500))) == [x * x for x in range(500)]
+        assert wait_until(lambda: len(trims) >= 1)
+        burst = len(trims)
+        assert burst <= 2  # not once per outcome
+        for i in range(20):  # one at a time: 20 outcomes are no burst
+            assert ex.submit(square, i).result(timeout=30) == i * i
+        assert len(trims) == burst
+
+
+def test_warden_trim_heap_0_keeps_the_heap_as_it_is(monkeypatch):
+    from warden import _runner, _warden
+
+    trims = []
+    monkeypatch.setattr(_warden, "trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(_runner, "TRIM_AFTER", 50)
+    monkeypatch.setenv("WARDEN_TRIM_HEAP", "0")
+    with warden.ProcessPoolExecutor(2) as ex:
+        assert list(ex.map(square, range(300))) == [x * x for x in range(300)]
+    assert trims == []
+
+
 def test_futures_work_with_asyncio_wrap_future(ex):
     async def main():
         ok = await asyncio.wrap_future(ex.submit(square, 5))

@@ -133,6 +133,14 @@ def start_options(start: str | None, preload: Iterable[str] | None) -> tuple[str
 #: tasks per second (docs/benchmarks.md, "Tasks sent ahead"); 32 gave no more.
 PREFETCH = 16
 
+#: After how many outcomes the results thread gives the C heap's free memory
+#: back to the kernel (``malloc_trim``), when a burst of tasks is about to
+#: end: the last outcomes of a burst, with nothing else pending. A burst
+#: leaves free chunks the allocator keeps (docs/benchmarks.md, "Memory of the
+#: parent"); ``WARDEN_TRIM_HEAP=0`` keeps them.
+TRIM_AFTER = 4096
+TRIM_ENV = "WARDEN_TRIM_HEAP"
+
 #: The restart intensity pools get unless told otherwise: more than 10
 #: failures no task explains within 5 seconds fail the pool.
 DEFAULT_RESTART_LIMIT: tuple[int, float] = (10, 5.0)
@@ -538,6 +546,8 @@ def _deliver_outcomes(
     """The results thread: takes outcomes from the core, calls their callbacks.
     With ``forward_logging``, the workers' log records queued before a batch
     are handled before it (so a task's records come before its result)."""
+    trim = os.environ.get(TRIM_ENV, "1") != "0"
+    since_trim = 0
     try:
         while True:
             batch = core.next_completions(512)
@@ -546,6 +556,12 @@ def _deliver_outcomes(
             if forward_logging:
                 # Records a task logged come out before its result.
                 _logging.drain()
+            since_trim += len(batch)
+            if trim and since_trim >= TRIM_AFTER and len(pending) <= len(batch):
+                # The end of a burst: before its last waiters wake (the GIL
+                # is released meanwhile; they wait for these outcomes).
+                since_trim = 0
+                _warden.trim_heap()
             _deliver_batch(batch, pending, pending_lock)
             # Hold nothing (no outcome, nor its future) while waiting: a
             # result's mapping lives only as long as what was built on it.

@@ -656,3 +656,23 @@ fn call_lost_hook(hook: &Py<PyAny>, lost: &warden::LostWorker) {
 fn core_closed() -> PyErr {
     core_error(PyErrorKind::Closed, "the pool is shut down and takes no new tasks".into())
 }
+
+/// Gives the C heap's free memory back to the kernel (`malloc_trim(0)`,
+/// with the GIL released); whether any was. A burst of tasks leaves the
+/// parent's heap with free chunks the allocator keeps (the glue's buffers,
+/// dict tables of pending tasks); the results thread calls this when a burst
+/// ends, so the process's RSS goes back down with its load. Does nothing but
+/// with glibc.
+#[pyfunction]
+pub fn trim_heap(py: Python<'_>) -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes no pointers; glibc makes it thread-safe.
+        py.detach(|| unsafe { libc::malloc_trim(0) } == 1)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = py;
+        false
+    }
+}
