@@ -43,7 +43,7 @@ def _decode(ok: bool, data: Any) -> tuple[bool, Any]:
     if ok:
         try:
             return True, loads(data)
-        except Exception as e:
+        except BaseException as e:  # SystemExit too: this is the results thread
             return False, ErrorData.local(e, "cannot unpickle the task's result")
     return False, data  # the results thread made it an ErrorData
 

@@ -134,11 +134,13 @@ class ErrorData:
     def local(cls, exc: BaseException, context: str) -> ErrorData:
         """A failure in this process (a result that cannot be unpickled, an
         item of an ``imap`` that cannot be pickled): rebuilt as ``exc`` itself
-        when it pickles, else as a :class:`RemoteError` saying ``context``."""
+        when it pickles, else as a :class:`RemoteError` saying ``context``.
+        Never as a ``SystemExit`` or another ``BaseException`` that is not an
+        ``Exception``: waiting for a result must not end the program."""
         type_name = type(exc).__qualname__
         text = str(exc)
         try:
-            data = pickle.dumps(exc, protocol=5)
+            data = pickle.dumps(exc, protocol=5) if isinstance(exc, Exception) else b""
         except Exception:
             data = b""
         if not data:
@@ -195,7 +197,7 @@ def _build_remote(traceback_type: type[Exception], remote: RemoteFailure) -> Bas
     if remote.kind == RemoteKind.RAISED and remote.data:
         try:
             exc = pickle.loads(remote.data)
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             exc = RemoteError(
                 f"task raised {type_name}: {message} "
                 f"(the exception could not be unpickled here: {type(e).__name__}: {e})",

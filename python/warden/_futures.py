@@ -252,7 +252,7 @@ class Future(_base.Future):  # type: ignore[type-arg]
         if ok:
             try:
                 value = loads(data)
-            except Exception as e:
+            except BaseException as e:  # SystemExit too: this is the results thread
                 self._finish(error=ErrorData.local(e, "cannot unpickle the task's result"))
             else:
                 self._finish(value)

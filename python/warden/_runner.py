@@ -613,7 +613,7 @@ def _deliver_batch(
 def _call_outcome_callback(callback: OnDone, ok: bool | None, data: Any) -> None:
     try:
         callback(ok, data)
-    except Exception:
+    except BaseException:  # nothing a callback raises ends the results thread
         print("warden: exception in a task-outcome callback:", file=sys.stderr)
         traceback.print_exc()
 

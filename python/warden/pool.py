@@ -495,7 +495,7 @@ class ApplyResult:
         if ok:
             try:
                 value = loads(data)
-            except Exception as e:
+            except BaseException as e:  # SystemExit too: this is the results thread
                 self._finish(None, ErrorData.local(e, "cannot unpickle the task's result"))
             else:
                 self._finish(value, None)
@@ -557,7 +557,7 @@ class MapResult(ApplyResult):
         if ok:
             try:
                 self._chunks[index] = loads(data)
-            except Exception as e:
+            except BaseException as e:  # SystemExit too: this is the results thread
                 error = ErrorData.local(e, "cannot unpickle a result")
             else:
                 if self._progress is not None:
@@ -666,7 +666,7 @@ class IMapIterator:
                 if self._progress is not None:
                     self._progress.advance(len(value))
                 self._put(index, True, value)
-            except Exception as e:
+            except BaseException as e:  # SystemExit too: this is the results thread
                 self._put(index, False, ErrorData.local(e, "cannot unpickle a result"))
         else:
             self._put(index, False, data)
