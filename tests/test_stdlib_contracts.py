@@ -492,6 +492,40 @@ def test_executor_processes_max_workers_and_mp_context_are_live_compatibility_vi
     assert warden.ProcessPoolExecutor(1, mp_context=forkserver)._mp_context is forkserver
 
 
+def test_an_executor_lists_a_started_worker_in_processes_as_soon_as_submit_returns(impl):
+    # A common way out of a stuck executor: terminate what _processes lists.
+    ex = impl.Executor(2)
+    try:
+        future = ex.submit(sleep_then, 30)
+        workers = list(ex._processes.values())
+        assert workers, "no worker listed right after submit()"
+        for worker in workers:
+            worker.terminate()
+        # The standard library breaks the whole pool; warden fails the task.
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            future.result(timeout=60)
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def failing_initializer():
+    raise ValueError("error in initializer")
+
+
+def test_an_executor_whose_initializer_fails_is_broken_and_says_why(impl):
+    ex = impl.Executor(1, initializer=failing_initializer)
+    try:
+        assert ex._broken is False
+        with pytest.raises(concurrent.futures.BrokenExecutor):
+            ex.submit(identity, 1).result(timeout=60)
+        assert wait_until(lambda: ex._broken)
+        assert isinstance(ex._broken, str) and ex._broken
+        with pytest.raises(concurrent.futures.BrokenExecutor):
+            ex.submit(identity, 1)
+    finally:
+        ex.shutdown(wait=True)
+
+
 # -- libraries that check types or pass locks ----------------------------------
 
 

@@ -14,7 +14,7 @@ from concurrent.futures import _base
 from typing import TYPE_CHECKING, Any
 
 from . import _progress, _runner, _warden
-from ._children import WorkerProcess, workers_of
+from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import core_error
 from ._futures import Future
 from ._handles import PoolHandle
@@ -135,13 +135,28 @@ class ProcessPoolExecutor(_base.Executor):
         self._lock = threading.Lock()
         self._shutdown_called = False
         self._runner: _runner.Runner | None = None
+        self._first_workers_seen = False
 
     @property
     def _processes(self) -> dict[int, WorkerProcess]:
         """The live workers by pid (a compatibility view, as the standard
         library's executor has it): ``pid``, ``is_alive()``, ``exitcode``,
         ``terminate()``, ``kill()``, ``join(timeout)``."""
-        return {w.pid: w for w in workers_of(self._runner)}
+        runner = self._runner
+        if runner is not None and not self._first_workers_seen:
+            # The standard library has started a worker when submit()
+            # returns; a warden pool's may still be waiting for its zygote.
+            self._first_workers_seen = True
+            wait_for_workers(runner, 1)
+        return {w.pid: w for w in workers_of(runner)}
+
+    @property
+    def _broken(self) -> str | bool:
+        """Why the pool failed (what ``PoolFailed`` says), or ``False``: a
+        compatibility view, as the standard library's executor has it."""
+        runner = self._runner
+        failure = runner.core.failure() if runner is not None else None
+        return failure if failure is not None else False
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (PoolHandle, ("ProcessPoolExecutor", self._name, os.getpid(), self._max_workers))
