@@ -526,6 +526,33 @@ def test_an_executor_whose_initializer_fails_is_broken_and_says_why(impl):
         ex.shutdown(wait=True)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_failing_executor_initializer_is_logged_by_concurrent_futures_with_its_traceback(program, impl):
+    prog = user_program(
+        program,
+        """
+        def init():
+            raise ValueError("no database")
+
+        def work():
+            return 1
+
+        if __name__ == "__main__":
+            ex = Executor(1, initializer=init)
+            try:
+                ex.submit(work).result(timeout=60)
+            except concurrent.futures.BrokenExecutor as e:
+                note(f"broken {type(e).__name__}")
+            ex.shutdown()
+        """,
+    )
+    run = prog.run(timeout=120, env={"IMPL": impl})
+    assert run.returncode == 0, run.stderr
+    assert prog.out_lines()[0].startswith("broken")
+    assert "Exception in initializer:" in run.stderr
+    assert "ValueError: no database" in run.stderr and "Traceback" in run.stderr
+
+
 # -- libraries that check types or pass locks ----------------------------------
 
 

@@ -160,6 +160,7 @@ class Handler:
 
     def init(self, worker: int, pid: int, parent: int, payload: bytes) -> _warden.RemoteFailure | None:
         self.running = True
+        logged = False
         try:
             init = pickle.loads(payload)
             self.mode = init["mode"]
@@ -178,7 +179,19 @@ class Handler:
             self.hooks = hooks
             initializer = hooks.get("initializer")
             if initializer is not None:
-                initializer(*hooks.get("initargs", ()))
+                try:
+                    initializer(*hooks.get("initargs", ()))
+                except Exception:
+                    logger = hooks.get("failure_logger")
+                    if logger is None:
+                        raise
+                    # As concurrent.futures' workers report it (forwarded to
+                    # the parent's handlers, like any record of a worker).
+                    import logging
+
+                    logging.getLogger(logger).critical("Exception in initializer:", exc_info=True)
+                    logged = True
+                    raise
             factory = hooks.get("worker_context")
             if factory is not None:
                 cm = factory()
@@ -193,8 +206,9 @@ class Handler:
                 # Told to stop while starting (what was importing may have
                 # turned TaskInterrupted into its own error): a stop, not a failure.
                 return _interrupted()
-            print(f"warden: worker {os.getpid()} failed to start:", file=sys.stderr)
-            _print_exc()
+            if not logged:
+                print(f"warden: worker {os.getpid()} failed to start:", file=sys.stderr)
+                _print_exc()
             failure = _error(e)
             self._end_process([])
             return failure

@@ -127,6 +127,8 @@ class ProcessPoolExecutor(_base.Executor):
         # Only a compatibility view: workers always start like "spawn".
         self._mp_context = mp_context if mp_context is not None else multiprocessing.get_context("spawn")
         self._hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
+        # A failing initializer is logged as concurrent.futures' workers log it.
+        self._hooks["failure_logger"] = "concurrent.futures"
         self._max_tasks_per_child = max_tasks_per_child
         self._task_timeout = task_timeout
         self._forward_logging = forward_logging
