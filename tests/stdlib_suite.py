@@ -1,0 +1,140 @@
+"""CPython's own tests of ``ProcessPoolExecutor``, run against warden's.
+
+The standard library ships its tests of ``concurrent.futures`` in the
+``test`` package (``test.test_concurrent_futures``, CPython 3.13 here). This
+puts ``warden.ProcessPoolExecutor`` in the place of
+``concurrent.futures.ProcessPoolExecutor`` before those tests are imported,
+and runs their process-pool classes: the spawn variants only, since warden
+accepts ``mp_context`` and ignores it (the fork and forkserver variants run
+the same code again).
+
+Some of them fail by design. Each is listed in ``EXPECTED`` with why: a
+deliberate difference (the table in docs/python.md) or a look at the standard
+library's internals that warden does not have. The run fails if any other
+test fails, and if a listed test passes (so the list stays true).
+
+    python tests/stdlib_suite.py [-v]
+
+Prints ``SKIPPED`` and exits 0 where the interpreter has no such tests.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import importlib.util
+import sys
+import unittest
+
+import warden
+
+MODULES = [
+    "test_process_pool",
+    "test_shutdown",
+    "test_wait",
+    "test_as_completed",
+    "test_init",
+    "test_deadlock",
+]
+
+#: The deliberate differences, by test name; ``*`` stands for any class.
+_CRASH = "a worker that dies fails only its task (WorkerCrashed); the pool is not broken"
+_TASK = "a task's failure (SystemExit included) is that task's outcome; the pool is not broken"
+_AT_SUBMIT = "a call that cannot be pickled raises at submit(), not later through its future"
+_INTERNAL = "looks at the standard library's internals"
+EXPECTED: dict[str, str] = {
+    "test_process_pool.*.test_killed_child": _CRASH,
+    "test_process_pool.*.test_saturation": _AT_SUBMIT + " (a multiprocessing Semaphore)",
+    "test_process_pool.*.test_idle_process_reuse_one": "an executor starts all max_workers workers",
+    "test_process_pool.*.test_idle_process_reuse_multiple": "an executor starts all max_workers workers",
+    "test_process_pool.*.test_python_finalization_error": _INTERNAL + " (threading._start_joinable_thread)",
+    "test_shutdown.*.test_del_shutdown": _INTERNAL + " (_executor_manager_thread)",
+    "test_shutdown.*.test_shutdown_no_wait": _INTERNAL + " (_call_queue)",
+    "test_shutdown.*.test_processes_terminate": _AT_SUBMIT + " (a local function)",
+    "test_shutdown.*.test_cancel_futures": (
+        "shutdown(cancel_futures=True) cancels every task no worker has started; the standard "
+        "library has already handed some to its call queue"
+    ),
+    "test_deadlock.*.test_shutdown_deadlock_pickle": _INTERNAL + " (_executor_manager_thread)",
+    "test_deadlock.*.test_error_at_task_pickle": _AT_SUBMIT,
+    "test_deadlock.*.test_error_at_task_unpickle": _TASK,
+    "test_deadlock.*.test_exit_at_task_unpickle": _TASK,
+    "test_deadlock.*.test_exit_during_func_exec_on_worker": _TASK + " (TaskAborted)",
+    "test_deadlock.*.test_exit_during_result_pickle_on_worker": _TASK,
+    "test_deadlock.*.test_error_during_result_unpickle_in_result_handler": _TASK,
+    "test_deadlock.*.test_exit_during_result_unpickle_in_result_handler": _TASK,
+}
+
+
+def _key(test: unittest.TestCase) -> str:
+    name = getattr(test, "_testMethodName", None)
+    if name is None:  # a class or module fixture that failed
+        return str(test)
+    module = type(test).__module__.rsplit(".", 1)[-1]
+    return f"{module}.{type(test).__name__}.{name}"
+
+
+def _expected(key: str) -> str | None:
+    parts = key.split(".")
+    if len(parts) != 3:
+        return None
+    module, _cls, name = parts
+    return EXPECTED.get(key) or EXPECTED.get(f"{module}.*.{name}")
+
+
+def _suite() -> unittest.TestSuite:
+    loader = unittest.TestLoader()
+    suite = unittest.TestSuite()
+    for name in MODULES:
+        module = importlib.import_module(f"test.test_concurrent_futures.{name}")
+        for attr in dir(module):
+            cls = getattr(module, attr)
+            if (
+                isinstance(cls, type)
+                and issubclass(cls, unittest.TestCase)
+                and getattr(cls, "ctx", None) == "spawn"
+                and getattr(cls, "executor_type", None) is warden.ProcessPoolExecutor
+            ):
+                suite.addTests(loader.loadTestsFromTestCase(cls))
+    return suite
+
+
+def main() -> int:
+    if importlib.util.find_spec("test.test_concurrent_futures") is None:
+        print(f"SKIPPED: CPython {sys.version.split()[0]} has no test.test_concurrent_futures")
+        return 0
+    # Before the tests are imported: their mixins read the name at import.
+    concurrent.futures.ProcessPoolExecutor = warden.ProcessPoolExecutor  # type: ignore[misc]
+    suite = _suite()
+    if suite.countTestCases() == 0:
+        print("no process-pool tests found")
+        return 1
+    verbosity = 2 if "-v" in sys.argv[1:] else 1
+    ran = {_key(t) for t in _tests(suite)}  # the runner empties the suite
+    result = unittest.TextTestRunner(verbosity=verbosity).run(suite)
+    failed = {_key(t) for t, _ in result.failures + result.errors}
+    surprises = sorted(k for k in failed if _expected(k) is None)
+    skipped = {_key(t) for t, _ in result.skipped}
+    passed_anyway = sorted(k for k in ran - failed - skipped if _expected(k) is not None)
+    print(f"\n{len(ran)} tests, {len(failed)} failed: {len(failed) - len(surprises)} by design")
+    for key in sorted(failed - set(surprises)):
+        print(f"  expected  {key}: {_expected(key)}")
+    for key in surprises:
+        print(f"  FAILED    {key}")
+    for key in passed_anyway:
+        print(f"  PASSED    {key}, listed as failing: {_expected(key)}")
+    return 1 if surprises or passed_anyway else 0
+
+
+def _tests(suite: unittest.TestSuite) -> list[unittest.TestCase]:
+    out: list[unittest.TestCase] = []
+    for item in suite:
+        if isinstance(item, unittest.TestSuite):
+            out.extend(_tests(item))
+        else:
+            out.append(item)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
