@@ -71,8 +71,10 @@ ruff: venv
 stubtest: develop
 	$(T) 600 $(VPY) -m mypy.stubtest warden._warden --allowlist python/stubtest-allowlist.txt
 
+# Then CPython's own pool tests against warden's (tests/stdlib_suite.py).
 pytest: develop test-tools
 	$(T) 900 $(VPY) -m pytest
+	$(T) 600 $(VPY) tests/stdlib_suite.py
 
 # The release wheel (abi3: one wheel for CPython 3.11 and later) and the sdist.
 WHEELS := target/wheels
@@ -87,9 +89,9 @@ wheel: venv
 # runs a task from outside the tree, then runs the tests that lean on what
 # changes between versions (concurrent.futures and multiprocessing internals,
 # pickling, the buffer protocol of the data path, asyncio, logging);
-# PYTHONS_TESTS=tests runs them all. Where the interpreter ships them (3.13),
-# CPython's own tests of ProcessPoolExecutor then run against warden's
-# (tests/stdlib_suite.py lists the ones that fail by design, and why).
+# PYTHONS_TESTS=tests runs them all. Then CPython's own tests of Pool and
+# (where the interpreter ships them: 3.13) ProcessPoolExecutor run against
+# warden's (tests/stdlib_suite.py lists the ones that fail by design, and why).
 PYTHONS ?= 3.12 3.13
 PYTHONS_TESTS ?= tests/test_executor_api.py tests/test_pickling.py tests/test_spawn_objects.py \
 	tests/test_data_path.py tests/test_lending.py \
@@ -108,7 +110,7 @@ pytest-pythons: wheel
 		(cd /tmp && $(T) 120 $(abspath .)/$$venv/bin/python $(abspath tests/check_dist.py) installed); \
 		echo "== pytest on CPython $$v (installed wheel)"; \
 		$(T) 900 $$venv/bin/python -m pytest -q $(PYTHONS_TESTS); \
-		echo "== CPython $$v's own ProcessPoolExecutor tests, against warden's"; \
+		echo "== CPython $$v's own pool tests, against warden's"; \
 		$(T) 900 $$venv/bin/python tests/stdlib_suite.py; \
 	done
 

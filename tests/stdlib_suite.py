@@ -1,12 +1,16 @@
-"""CPython's own tests of ``ProcessPoolExecutor``, run against warden's.
+"""CPython's own tests of ``ProcessPoolExecutor`` and ``multiprocessing.Pool``,
+run against warden's.
 
-The standard library ships its tests of ``concurrent.futures`` in the
-``test`` package (``test.test_concurrent_futures``, CPython 3.13 here). This
-puts ``warden.ProcessPoolExecutor`` in the place of
+The standard library ships its tests in the ``test`` package. For
+``concurrent.futures`` (``test.test_concurrent_futures``, CPython 3.13 here),
+this puts ``warden.ProcessPoolExecutor`` in the place of
 ``concurrent.futures.ProcessPoolExecutor`` before those tests are imported,
 and runs their process-pool classes: the spawn variants only, since warden
 accepts ``mp_context`` and ignores it (the fork and forkserver variants run
-the same code again).
+the same code again). For ``multiprocessing`` (``test._test_multiprocessing``),
+it makes ``warden.Pool`` the pool of the "processes" tests and runs the
+spawn variants of the pool classes (``_TestPool``, its worker errors and
+worker lifetime).
 
 Some of them fail by design. Each is listed in ``EXPECTED`` with why: a
 deliberate difference (the table in docs/python.md) or a look at the standard
@@ -27,6 +31,23 @@ import sys
 import unittest
 
 import warden
+
+# At import, so that workers (which import this module as __mp_main__) find
+# the test classes their tasks name.
+try:
+    import test._test_multiprocessing as _mp_tests
+except ImportError:
+    _mp_tests = None  # type: ignore[assignment]
+else:
+    _mp_tests.ProcessesMixin.Pool = staticmethod(warden.Pool)  # type: ignore[assignment]
+    _mp_tests.install_tests_in_module_dict(globals(), "spawn", only_type="processes")
+
+#: The multiprocessing test classes run (as installed above).
+POOL_CLASSES = [
+    "WithProcessesTestPool",
+    "WithProcessesTestPoolWorkerErrors",
+    "WithProcessesTestPoolWorkerLifetime",
+]
 
 MODULES = [
     "test_process_pool",
@@ -82,10 +103,13 @@ def _expected(key: str) -> str | None:
     return EXPECTED.get(key) or EXPECTED.get(f"{module}.*.{name}")
 
 
-def _suite() -> unittest.TestSuite:
+def _suite(futures: bool) -> unittest.TestSuite:
     loader = unittest.TestLoader()
     suite = unittest.TestSuite()
-    for name in MODULES:
+    if _mp_tests is not None:
+        for name in POOL_CLASSES:
+            suite.addTests(loader.loadTestsFromTestCase(globals()[name]))
+    for name in MODULES if futures else []:
         module = importlib.import_module(f"test.test_concurrent_futures.{name}")
         for attr in dir(module):
             cls = getattr(module, attr)
@@ -100,14 +124,21 @@ def _suite() -> unittest.TestSuite:
 
 
 def main() -> int:
-    if importlib.util.find_spec("test.test_concurrent_futures") is None:
-        print(f"SKIPPED: CPython {sys.version.split()[0]} has no test.test_concurrent_futures")
-        return 0
+    version = sys.version.split()[0]
+    futures = importlib.util.find_spec("test.test_concurrent_futures") is not None
+    if not futures:
+        print(f"SKIPPED: CPython {version} has no test.test_concurrent_futures")
+    if _mp_tests is None:
+        print(f"SKIPPED: CPython {version} has no test._test_multiprocessing")
+        if not futures:
+            return 0
+    else:
+        globals()["setUpModule"]()  # the start method, as its own modules do
     # Before the tests are imported: their mixins read the name at import.
     concurrent.futures.ProcessPoolExecutor = warden.ProcessPoolExecutor  # type: ignore[misc]
-    suite = _suite()
+    suite = _suite(futures)
     if suite.countTestCases() == 0:
-        print("no process-pool tests found")
+        print("no pool tests found")
         return 1
     verbosity = 2 if "-v" in sys.argv[1:] else 1
     ran = {_key(t) for t in _tests(suite)}  # the runner empties the suite
