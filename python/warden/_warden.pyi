@@ -32,6 +32,7 @@ __all__ = [
     "register_finalizer",
     "run_exit_finalizers",
     "send_record",
+    "trim_heap",
     "wait_finalizers_idle",
     "worker_main",
     "zygote_main",
