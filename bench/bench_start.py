@@ -3,7 +3,9 @@
 1. **respawn**: ``max_tasks_per_child=1``, N no-op tasks, so every task gets a
    new worker: warden (zygote, and exec), ``concurrent.futures``'
    ``ProcessPoolExecutor(max_tasks_per_child=1)`` (spawn) and
-   ``multiprocessing.Pool(maxtasksperchild=1)`` under fork. Tasks per second.
+   ``multiprocessing.Pool(maxtasksperchild=1)`` under fork. Tasks per second;
+   beside them, the ceiling: processes per second that only fork, exit and
+   are reaped, two at a time.
 2. **replacement latency**: one worker, ``max_tasks_per_child=1``, one task at
    a time: each ``submit -> result`` retires the last worker, starts a new one
    and runs the task on it. Median per task.
@@ -43,6 +45,27 @@ def respawn_rate(make, n):
             for r in [pool.apply_async(abs, (-i,)) for i in range(n)]:
                 r.get()
         return n / (time.perf_counter() - start)
+
+
+def fork_ceiling(n):
+    """Processes per second that do nothing: ``os.fork()``, ``os._exit(0)`` in
+    the child, ``os.waitpid`` in the parent, ``WORKERS`` in flight, from this
+    interpreter as it is now (warden, multiprocessing and concurrent.futures
+    imported). No pool that gives each task a new process of this interpreter
+    respawns faster on this machine."""
+    start = time.perf_counter()
+    running = 0
+    for _ in range(n):
+        if running == WORKERS:
+            os.wait()
+            running -= 1
+        if os.fork() == 0:
+            os._exit(0)
+        running += 1
+    while running:
+        os.wait()
+        running -= 1
+    return n / (time.perf_counter() - start)
 
 
 def replacement_latency(make, n):
@@ -147,6 +170,7 @@ def main():
         ),
         "multiprocessing.Pool (fork)": respawn_rate(lambda: fork.Pool(WORKERS, maxtasksperchild=1), n_fast),
     }
+    rates["bare fork + _exit + wait (ceiling)"] = fork_ceiling(n_fast)
     z = rates["warden (zygote)"]
     print(f"{'respawn, max_tasks_per_child=1':34} {'tasks/s':>10} {'zygote is':>10}")
     for name, rate in rates.items():
