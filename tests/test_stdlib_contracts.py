@@ -553,6 +553,23 @@ def test_a_failing_executor_initializer_is_logged_by_concurrent_futures_with_its
     assert "ValueError: no database" in run.stderr and "Traceback" in run.stderr
 
 
+def test_a_negative_timeout_polls_in_join_and_event_wait(impl):
+    # The standard library's waits take a negative timeout as no wait at all.
+    p = impl.Process(target=time.sleep, args=(30,))
+    p.start()
+    try:
+        started = time.monotonic()
+        assert p.join(-1) is None
+        assert p.is_alive()
+        event = impl.Event()
+        assert event.wait(-1) is False
+        assert time.monotonic() - started < 10
+    finally:
+        p.terminate()
+        p.join(60)
+    assert not p.is_alive()
+
+
 # -- libraries that check types or pass locks ----------------------------------
 
 

@@ -25,6 +25,13 @@ pub fn fd_is_open(fd: RawFd) -> bool {
     fd >= 0 && rustix::io::fcntl_getfd(unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) }).is_ok()
 }
 
+/// How long a wait may last, from Python: `None` stays `None` (for ever); a
+/// negative number is no wait at all, as the standard library's waits
+/// (`Process.join(-1)`, `Event.wait(-1)`) take it. NaN is an error.
+pub fn wait_seconds(secs: Option<f64>) -> PyResult<Option<Duration>> {
+    seconds("timeout", secs.map(|s| if s < 0.0 { 0.0 } else { s }))
+}
+
 /// A number of seconds from Python as a duration; `None` stays `None`.
 pub fn seconds(what: &str, secs: Option<f64>) -> PyResult<Option<Duration>> {
     secs.map(|s| {

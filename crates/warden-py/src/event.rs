@@ -24,7 +24,7 @@ use rustix::fs::{MemfdFlags, Mode, OFlags, SealFlags};
 use rustix::mm::{MapFlags, ProtFlags};
 use rustix::thread::futex;
 
-use crate::convert::seconds;
+use crate::convert::wait_seconds;
 
 const PAGE: usize = 4096;
 const TOKEN_OFFSET: usize = 8;
@@ -161,7 +161,7 @@ impl SharedEvent {
     /// a signal handler raises) while waiting.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        let deadline = seconds("timeout", timeout)?.and_then(|t| Instant::now().checked_add(t));
+        let deadline = wait_seconds(timeout)?.and_then(|t| Instant::now().checked_add(t));
         loop {
             if self.is_set() {
                 return Ok(true);

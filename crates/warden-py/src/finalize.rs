@@ -37,7 +37,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use warden::finalize::{Callback, Finalizer, Host, Incident, State, Token};
 
-use crate::convert::seconds;
+use crate::convert::{seconds, wait_seconds};
 
 /// How long a wait sleeps at a time before it looks for signals (Ctrl-C).
 const SLICE: Duration = Duration::from_millis(50);
@@ -233,7 +233,7 @@ pub fn run_exit_finalizers(py: Python<'_>, timeout: Option<f64>) -> PyResult<()>
 #[pyfunction]
 #[pyo3(signature = (timeout = None))]
 pub fn wait_finalizers_idle(py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-    let deadline = seconds("timeout", timeout)?.and_then(|t| Instant::now().checked_add(t));
+    let deadline = wait_seconds(timeout)?.and_then(|t| Instant::now().checked_add(t));
     if warden::finalize::is_finalizer_thread() {
         return Ok(false);
     }

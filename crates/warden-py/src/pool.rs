@@ -21,7 +21,7 @@ use pyo3::types::{PyBytes, PyList};
 use warden::frontend::WorkerCommand;
 use warden::{LifecycleEvent, Pool, StartMethod, StopMode, TaskOptions, WorkerEnd};
 
-use crate::convert::{fd_is_open, seconds, take_fd};
+use crate::convert::{fd_is_open, seconds, take_fd, wait_seconds};
 use crate::records::{core_err, core_error, Completion, PyErrorKind, PyWorkerEnd, WorkerState};
 
 /// How long a blocking call waits at a time before it looks for signals
@@ -399,7 +399,7 @@ impl CorePool {
         max: usize,
         timeout: Option<f64>,
     ) -> PyResult<Option<Bound<'py, PyList>>> {
-        let deadline = deadline(seconds("timeout", timeout)?);
+        let deadline = deadline(wait_seconds(timeout)?);
         let Some(batch) = py.detach(|| self.wait_batch(max, deadline)) else { return Ok(None) };
         let list = PyList::empty(py);
         for (task, outcome) in batch {
@@ -466,7 +466,7 @@ impl CorePool {
     #[pyo3(signature = (timeout=None))]
     fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let Some(pool) = self.pool() else { return Ok(true) };
-        let deadline = deadline(seconds("timeout", timeout)?);
+        let deadline = deadline(wait_seconds(timeout)?);
         loop {
             let slice = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(SLICE),
@@ -518,7 +518,7 @@ impl CorePool {
     /// Waits up to `timeout` seconds for the first worker's pid; `None` if
     /// the pool finished (or the time ran out) without one.
     fn wait_pid(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<i32>> {
-        let deadline = deadline(seconds("timeout", Some(timeout))?);
+        let deadline = deadline(wait_seconds(Some(timeout))?);
         loop {
             let slice = deadline.map_or(SLICE, |d| d.saturating_duration_since(Instant::now()).min(SLICE));
             let pid = py.detach(|| {
