@@ -488,6 +488,17 @@ class Runner:
         """Stops the workers gracefully (``multiprocessing``'s Popen API)."""
         self.core.terminate()
 
+    def kill(self) -> None:
+        """Kills the workers at once (``multiprocessing``'s Popen API, which
+        ``multiprocessing.Process.kill`` calls)."""
+        self.core.kill()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Waits, at most ``timeout`` seconds, for a one-off child to end;
+        its exit code, or ``None`` (``multiprocessing``'s Popen API)."""
+        self.join(timeout)
+        return self.exitcode()
+
     def join_bounded(self) -> None:
         """Waits for a terminate to run its course, killing what outlives it:
         the core's shutdown ladder (``CorePool.stop``). Ctrl-C while waiting
