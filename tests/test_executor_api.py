@@ -519,6 +519,17 @@ def record(path, *words):
         f.write(" ".join(str(w) for w in (*words, os.getpid())) + "\n")
 
 
+def test_processes_lists_the_workers_serving_not_one_still_in_its_exit_path():
+    # As the standard library's: at most max_workers, the retired one gone.
+    with warden.ProcessPoolExecutor(1, max_tasks_per_child=1, finalizer=time.sleep, finalargs=(3,)) as ex:
+        first = ex.submit(getpid).result(timeout=60)
+        second = ex.submit(getpid).result(timeout=60)
+        assert first != second
+        assert alive(first)  # still in its finalizer
+        serving = ex._processes
+        assert len(serving) == 1 and first not in serving
+
+
 def test_max_tasks_per_child_replaces_workers(tmp_path):
     out = tmp_path / "log"
     with warden.ProcessPoolExecutor(1, max_tasks_per_child=2, finalizer=record, finalargs=(out, "fin")) as ex:

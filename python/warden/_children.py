@@ -162,17 +162,22 @@ def wait_for_workers(runner: _runner.Runner, count: int, timeout: float = START_
         time.sleep(0.01)
 
 
-def workers_of(runner: _runner.Runner | None) -> list[WorkerProcess]:
-    """The live workers of a runner, one stable view per worker."""
+#: The phases of a worker on its way out (its exit path runs).
+_LEAVING = ("retiring", "stopping")
+
+
+def workers_of(runner: _runner.Runner | None, leaving: bool = True) -> list[WorkerProcess]:
+    """The live workers of a runner, one stable view per worker; without
+    those on their way out (retiring, stopping) unless ``leaving``."""
     if runner is None:
         return []
-    listed = [(w.worker, w.pid) for w in runner.core.workers()]
+    listed = runner.core.workers()
     with _views_lock:
         views = _views.setdefault(runner, {})
-        current = {pid: views.get(pid) or WorkerProcess(runner, worker, pid) for worker, pid in listed}
+        current = {w.pid: views.get(w.pid) or WorkerProcess(runner, w.worker, w.pid) for w in listed}
         views.clear()
         views.update(current)
-        return list(current.values())
+        return [current[w.pid] for w in listed if leaving or w.phase not in _LEAVING]
 
 
 class _Children(set):  # type: ignore[type-arg]

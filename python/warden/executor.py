@@ -141,16 +141,19 @@ class ProcessPoolExecutor(_base.Executor):
 
     @property
     def _processes(self) -> dict[int, WorkerProcess]:
-        """The live workers by pid (a compatibility view, as the standard
-        library's executor has it): ``pid``, ``is_alive()``, ``exitcode``,
-        ``terminate()``, ``kill()``, ``join(timeout)``."""
+        """The live workers serving the pool, by pid (a compatibility view, as
+        the standard library's executor has it): ``pid``, ``is_alive()``,
+        ``exitcode``, ``terminate()``, ``kill()``, ``join(timeout)``."""
         runner = self._runner
         if runner is not None and not self._first_workers_seen:
             # The standard library has started a worker when submit()
             # returns; a warden pool's may still be waiting for its zygote.
             self._first_workers_seen = True
             wait_for_workers(runner, 1)
-        return {w.pid: w for w in workers_of(runner)}
+        # As the standard library's, which drops a worker that ends (after
+        # max_tasks_per_child, say) before it starts the next: the workers
+        # serving the pool, not one still running its exit path.
+        return {w.pid: w for w in workers_of(runner, leaving=False)}
 
     @property
     def _broken(self) -> str | bool:
