@@ -232,3 +232,38 @@ def test_pools_left_open_with_an_exit_timeout_do_not_keep_the_interpreter_from_e
     assert len([line for line in lines if line.startswith("fin")]) == 3
     assert "6 submitted tasks dropped at interpreter exit (exit_timeout=1s passed)" in run.stderr
     assert not descendants(run.pid)
+
+
+def test_a_worker_told_to_stop_before_the_cores_handlers_are_up_does_not_start(program):
+    # Between the worker's Python signal handler and the core's, a SIGTERM
+    # reaches only the first, which has nothing to interrupt: the init that
+    # follows must end the worker instead of starting it (it used to start,
+    # and the stop was lost: a terminate() of a starting worker did nothing).
+    # And a second SIGTERM must not interrupt the exit path that follows.
+    prog = program(
+        """
+        import atexit, os, pickle, signal
+        from warden import _warden, _workerloop
+
+        handler = _workerloop.Handler()
+
+        def late_stop():
+            # The monitor sends SIGTERM again while the exit path runs.
+            handler.on_signal(signal.SIGTERM, None)
+            print("exit callback ran to its end")
+
+        atexit.register(late_stop)
+        handler.on_signal(signal.SIGTERM, None)
+        payload = pickle.dumps(
+            {"mode": "pool", "preparation": {}, "hooks": b"", "parent_name": "MainProcess", "name": "t"}
+        )
+        failure = handler.init(1, os.getpid(), os.getppid(), payload)
+        print("started" if failure is None else failure.kind)
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    from warden import _warden
+
+    assert run.stdout.split("\n")[:2] == ["exit callback ran to its end", str(_warden.RemoteKind.INTERRUPTED)]
+    assert "Traceback" not in run.stderr

@@ -159,9 +159,13 @@ class Handler:
             raise TaskInterrupted(signal.Signals(signum).name)
 
     def init(self, worker: int, pid: int, parent: int, payload: bytes) -> _warden.RemoteFailure | None:
-        self.running = True
         logged = False
+        self.running = True
         try:
+            if self.stopping:
+                # Told to stop before the core's own handlers were installed:
+                # only this one ran, and raised nothing (nothing was running).
+                raise TaskInterrupted("stopped while starting")
             init = pickle.loads(payload)
             self.mode = init["mode"]
             me = multiprocessing.current_process()
@@ -198,6 +202,9 @@ class Handler:
                 _context._set(cm.__enter__())
                 self.context = cm
         except TaskInterrupted:
+            # Nothing runs any more: a second stop signal must not raise
+            # inside the exit path (the monitor re-sends SIGTERM).
+            self.running = False
             self._end_process([])
             return _interrupted()
         except BaseException as e:
@@ -240,6 +247,7 @@ class Handler:
             except Exception as e:
                 return _error(_unpicklable_result(value, e))
         except TaskInterrupted:
+            self.running = False  # the exit path comes next: not to be interrupted
             return _interrupted()
         except BaseException as e:
             self.running = False
