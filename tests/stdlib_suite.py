@@ -98,6 +98,11 @@ EXPECTED: dict[str, str] = {
 }
 
 
+#: Listed tests whose outcome depends on timing: a pass is no surprise. (A
+#: slow machine may let a worker start tasks before ``shutdown`` cancels them.)
+MAY_PASS = {"test_shutdown.*.test_cancel_futures"}
+
+
 def _key(test: unittest.TestCase) -> str:
     name = getattr(test, "_testMethodName", None)
     if name is None:  # a class or module fixture that failed
@@ -106,12 +111,14 @@ def _key(test: unittest.TestCase) -> str:
     return f"{module}.{type(test).__name__}.{name}"
 
 
-def _expected(key: str) -> str | None:
+def _wildcard(key: str) -> str:
+    """``module.*.test`` for ``module.Class.test``; anything else as it is."""
     parts = key.split(".")
-    if len(parts) != 3:
-        return None
-    module, _cls, name = parts
-    return EXPECTED.get(key) or EXPECTED.get(f"{module}.*.{name}")
+    return f"{parts[0]}.*.{parts[2]}" if len(parts) == 3 else key
+
+
+def _expected(key: str) -> str | None:
+    return EXPECTED.get(key) or EXPECTED.get(_wildcard(key))
 
 
 def _suite(futures: bool) -> unittest.TestSuite:
@@ -159,7 +166,9 @@ def main() -> int:
     failed = {_key(t) for t, _ in result.failures + result.errors}
     surprises = sorted(k for k in failed if _expected(k) is None)
     skipped = {_key(t) for t, _ in result.skipped}
-    passed_anyway = sorted(k for k in ran - failed - skipped if _expected(k) is not None)
+    passed_anyway = sorted(
+        k for k in ran - failed - skipped if _expected(k) is not None and _wildcard(k) not in MAY_PASS
+    )
     print(f"\n{len(ran)} tests, {len(failed)} failed: {len(failed) - len(surprises)} by design")
     if _mp_tests is not None:
         for key, why in NOT_RUN.items():
