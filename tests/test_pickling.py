@@ -3,6 +3,7 @@ reducers first, cloudpickle for what plain pickle refuses."""
 
 from __future__ import annotations
 
+import math
 import pickle
 import subprocess
 import sys
@@ -46,7 +47,10 @@ def triple(x):
 
 @pytest.mark.parametrize(
     "obj",
-    [0, -(10**30), 1.5, 2j, True, None, "", "déjà vu" * 100, (triple, (), {}), (triple, (1, 2.5, "x"), {})],
+    [
+        *(0, -(10**30), 1.5, 2j, True, None, "", "déjà vu" * 100),
+        *((triple, (), {}), (triple, (1, 2.5, "x"), {}), (len, ("abc",), {}), (math.sqrt, (2.0,), {})),
+    ],
     ids=repr,
 )
 def test_the_short_cut_for_small_calls_gives_the_bytes_of_the_full_path(obj):
@@ -63,7 +67,7 @@ def test_calls_the_short_cut_leaves_alone_take_the_full_path():
         (triple, (b"abc",), {}),  # a buffer may go out of band
         (triple, (1,), {"x": 1}),
         (triple, ([1],), {}),
-        (len, (1,), {}),  # not a plain function
+        ("abc".upper, (), {}),  # a builtin bound to an object, pickled with it
         (lambda x: x + n, (1,), {}),  # plain, but only cloudpickle can
     ]
     for obj in not_plain[:-1]:
@@ -113,6 +117,33 @@ def test_functions_of_an_interactive_main_reach_the_workers():
     for run in (run_source(source), run_source("", "-c", source)):
         assert run.returncode == 0, run.stderr
         assert run.stdout.split() == ["12", "7", "0"]
+
+
+def test_an_interactive_main_sends_library_calls_as_plain_pickles():
+    # Nothing of __main__ in the call: no cloudpickle, in the parent at least.
+    # What names __main__ (an initializer, a call's argument) still goes by value.
+    source = textwrap.dedent(
+        """
+        import math, operator, sys, warden
+        with warden.ProcessPoolExecutor(1) as ex:
+            print(ex.submit(abs, -3).result(), ex.submit(math.sqrt, 16.0).result(),
+                  ex.submit(operator.add, 2, 3).result(), ex.submit(sorted, [3, 1, 2]).result())
+        with warden.Pool(1) as pool:
+            print(pool.apply(divmod, (7, 2)))
+        print("cloudpickle" in sys.modules)
+        def hello(word):
+            print(word, flush=True)
+        class Box:
+            v = 9
+        with warden.ProcessPoolExecutor(1, initializer=hello, initargs=("init",)) as ex:
+            print(ex.submit(getattr, Box(), "v").result(), flush=True)
+        print("cloudpickle" in sys.modules)
+        """
+    )
+    for run in (run_source(source), run_source("", "-c", source)):
+        assert run.returncode == 0, run.stderr
+        lines = run.stdout.splitlines()
+        assert lines == ["3 4.0 5 [1, 2, 3]", "(3, 1)", "False", "init", "9", "True"]
 
 
 def test_a_main_module_run_with_dash_m_is_imported_by_name(tmp_path):

@@ -220,23 +220,31 @@ class Collector:
 
 
 def dumps(
-    obj: Any, pickler: Callable[[io.BytesIO, Collector], pickle.Pickler], *, to_parent: bool = False
+    obj: Any,
+    pickler: Callable[[io.BytesIO, Collector], pickle.Pickler],
+    *,
+    to_parent: bool = False,
+    check: Callable[[bytes], object] | None = None,
 ) -> tuple[bytes, int | None]:
     """Pickles ``obj`` with ``pickler(file, buffer_callback)``. Returns the
     pickle and the fd that carries its out-of-band buffers (the caller owns
     it): the read end of a lending table, or a sealed segment; ``None`` when
     everything is inline. ``to_parent``: the receiver is the parent of this
-    process (a result), not a child (a call)."""
+    process (a result), not a child (a call). ``check(pickle)`` may refuse
+    the pickle by raising, before any buffer is lent or copied."""
     out = io.BytesIO()
     collector = Collector()
     pickler(out, collector).dump(obj)
+    data = out.getvalue()
+    if check is not None:
+        check(data)
     if not collector.buffers:
-        return out.getvalue(), None
+        return data, None
     if may_lend(to_parent):
         fd = lend(collector.buffers, mutable_wait=to_parent)
         if fd is not None:
-            return out.getvalue(), fd
-    return out.getvalue(), make_segment(collector.buffers)
+            return data, fd
+    return data, make_segment(collector.buffers)
 
 
 def _check_size(size: int) -> None:

@@ -3,8 +3,11 @@
 * Protocol 5, with the reducers of ``multiprocessing`` (connections, sockets,
   bound methods) -- what ``ForkingPickler`` pickles, warden pickles.
 * When plain pickle refuses (lambdas, closures, local classes) or cannot work
-  (the parent's ``__main__`` is interactive, so the child cannot import it),
-  ``cloudpickle`` pickles the same object by value.
+  (the pickle names the parent's ``__main__``, and it is interactive, so the
+  child cannot import it), ``cloudpickle`` pickles the same object by value.
+  A pickle that names nothing of ``__main__`` (library functions, builtins,
+  plain data) stays a plain pickle even then: a notebook's calls of library
+  code neither import ``cloudpickle`` nor pay for it.
 * Objects handed to a child *at spawn time* (``Process`` arguments, pool
   ``initargs``) are pickled while a spawning context is set, exactly as the
   standard library's spawn start method does: process-shared objects
@@ -123,6 +126,28 @@ def _cloud_oob(file: io.BytesIO, callback: _oob.Collector) -> pickle.Pickler:
 #: table is looked at), and that never carry a buffer worth sending out of band.
 _SCALARS = frozenset({int, float, bool, complex, str, type(None)})
 _FUNCTION = type(_pickler)
+_BUILTIN = type(len)
+_MODULE = type(sys)
+
+#: How a pickle names the parent's main module: the module name of a global
+#: it saves by reference. A pickle without it refers to nothing of ``__main__``
+#: (a string value that happens to be "__main__" only costs a cloudpickle).
+_MAIN_NAME = b"__main__"
+
+
+def _child_can_load(data: bytes) -> bool:
+    """Whether a child can unpickle ``data`` made by the plain pickler: yes
+    unless it names ``__main__`` and this ``__main__`` cannot be imported."""
+    return _MAIN_NAME not in data or _main_is_importable()
+
+
+class _NamesMain(Exception):
+    """A plain pickle names a ``__main__`` the child cannot import."""
+
+
+def _refuse_main(data: bytes) -> None:
+    if _MAIN_NAME in data:
+        raise _NamesMain
 
 
 def _is_small_and_plain(obj: Any) -> bool:
@@ -135,7 +160,11 @@ def _is_small_and_plain(obj: Any) -> bool:
     if t is not tuple or len(obj) != 3:
         return False
     fn, args, kwargs = obj
-    if type(fn) is not _FUNCTION or type(args) is not tuple or type(kwargs) is not dict or kwargs:
+    if type(args) is not tuple or type(kwargs) is not dict or kwargs:
+        return False
+    # A builtin saved by reference (``abs``, ``math.sqrt``), not a bound
+    # method of some object, which would be pickled with that object.
+    if type(fn) is not _FUNCTION and not (type(fn) is _BUILTIN and type(fn.__self__) is _MODULE):
         return False
     for arg in args:  # noqa: SIM110 - a loop costs less than all() over a generator, on every task
         if type(arg) not in _SCALARS:
@@ -152,18 +181,22 @@ def dumps_oob(obj: Any, to_parent: bool = False) -> tuple[bytes, int | None]:
     A scalar, or a plain function's call with scalar arguments (most small
     tasks and their results), takes a short cut: the standard pickler's
     one-call ``pickle.dumps``, which gives the same bytes."""
-    if _is_small_and_plain(obj) and _main_is_importable():
+    if _is_small_and_plain(obj):
         try:
-            return pickle.dumps(obj, PROTOCOL), None
+            data = pickle.dumps(obj, PROTOCOL)
         except Exception:
             pass  # e.g. a lambda: the full path below says why, or uses cloudpickle
+        else:
+            if _child_can_load(data):
+                return data, None
     obj = _oob.prepare(obj)
-    if not _main_is_importable():
-        return _oob.dumps(obj, _cloud_oob, to_parent=to_parent)
+    check = None if _main_is_importable() else _refuse_main
     try:
-        return _oob.dumps(obj, _plain_oob, to_parent=to_parent)
+        return _oob.dumps(obj, _plain_oob, to_parent=to_parent, check=check)
     except _oob.SegmentTooLarge:
         raise
+    except _NamesMain:
+        return _oob.dumps(obj, _cloud_oob, to_parent=to_parent)
     except Exception as plain_error:
         try:
             return _oob.dumps(obj, _cloud_oob, to_parent=to_parent)
@@ -172,17 +205,17 @@ def dumps_oob(obj: Any, to_parent: bool = False) -> tuple[bytes, int | None]:
             raise plain_error from None
 
 
-def dumps(obj: Any, before_retry: Callable[[Exception], None] | None = None) -> bytes:
-    """Pickles ``obj``: plain pickle first, ``cloudpickle`` if that refuses.
+def dumps(obj: Any, before_retry: Callable[[Exception | None], None] | None = None) -> bytes:
+    """Pickles ``obj``: plain pickle first, ``cloudpickle`` if that refuses
+    or if the plain pickle names a ``__main__`` the child cannot import.
 
     Raises the plain pickler's error (with a note) if neither can pickle it.
     ``before_retry(error)`` runs before the ``cloudpickle`` attempt, with the
-    plain pickler's error; it may raise instead.
+    plain pickler's error (``None`` when it succeeded but its pickle cannot
+    be used); it may raise instead.
     """
-    if not _main_is_importable():
-        return _cloud(obj)
     try:
-        return _plain(obj)
+        data = _plain(obj)
     except Exception as plain_error:
         if before_retry is not None:
             before_retry(plain_error)
@@ -191,6 +224,11 @@ def dumps(obj: Any, before_retry: Callable[[Exception], None] | None = None) -> 
         except Exception as cloud_error:
             plain_error.add_note(f"(cloudpickle could not pickle it either: {cloud_error!r})")
             raise plain_error from None
+    if _child_can_load(data):
+        return data
+    if before_retry is not None:
+        before_retry(None)
+    return _cloud(obj)
 
 
 class DupFd:
@@ -254,9 +292,9 @@ def dumps_for_spawn(
     _mp_context.set_spawning_popen(fds)
     _spawning.target = target
 
-    def before_retry(error: Exception) -> None:
+    def before_retry(error: Exception | None) -> None:
         fds.close()
-        culprit = _made_for_fork(error)
+        culprit = _made_for_fork(error) if error is not None else None
         if culprit is not None:
             raise _fork_error(culprit, parameters()) from None
 
