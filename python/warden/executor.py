@@ -204,6 +204,13 @@ class ProcessPoolExecutor(_base.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         if _runner.exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        if self._runner is None:
+            # The first submit starts the pool before it pickles the call, so
+            # that the workers' start overlaps the pickling (and, the first
+            # time, the pickler's imports).
+            with self._lock:
+                if not self._shutdown_called:
+                    self._ensure_runner()
         return dumps_oob((fn, args, kwargs))
 
     def _queue(
