@@ -51,6 +51,13 @@ def sleep_after_marking(path, seconds):
         record(path, "finally")
 
 
+def fork_then_return(path):
+    # Both processes come back from the task: only the worker may answer.
+    if os.fork() == 0:
+        record(path, "copy")
+    return os.getpid()
+
+
 def lines(path):
     try:
         return Path(path).read_text().splitlines()
@@ -86,6 +93,31 @@ def kill_idle_workers(pool_runner, n):
         os.kill(pid, signal.SIGKILL)
         killed.add(pid)
         assert wait_until(lambda pid=pid: pid not in [w.pid for w in pool_runner.core.workers()], timeout=30)
+
+
+# -- tasks that fork -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_task_whose_fork_returns_twice_gets_the_workers_answer_and_the_copy_ends_quietly(tmp_path, kind):
+    path = str(tmp_path / "log")
+    hooks = {"finalizer": record, "finalargs": (path, "finalizer")}
+    if kind == "executor":
+        with warden.ProcessPoolExecutor(1, **hooks) as ex:
+            answers = [ex.submit(fork_then_return, path).result(timeout=30) for _ in range(3)]
+            worker = ex.submit(getpid).result(timeout=30)
+    else:
+        with warden.Pool(1, **hooks) as pool:
+            answers = [pool.apply_async(fork_then_return, (path,)).get(timeout=30) for _ in range(3)]
+            worker = pool.apply(getpid)
+            pool.close()
+            pool.join()
+    # Each answer is the worker's (not a copy's, not a crash), the worker
+    # served on, and only the worker ran its finalizer.
+    assert answers == [worker] * 3
+    assert len(pids_tagged(path, "copy")) == 3
+    assert worker not in pids_tagged(path, "copy")
+    assert pids_tagged(path, "finalizer") == [worker]
 
 
 # -- restart intensity -------------------------------------------------------

@@ -441,6 +441,17 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     core.exit_path(reason)
 }
 
+/// Ends a copy of this worker that a task made with `fork()` (and no exec)
+/// and that came back here from the task: it is not the worker. It must not
+/// answer on the worker's channel (the worker answers for the task), serve
+/// tasks, or run the worker's exit path (its finalizer and exit hooks belong
+/// to the worker), so it ends at once, as a forked `multiprocessing` child
+/// does. Its parent, the worker, reaps it or leaves it to the pool's teardown.
+fn leave_forked_copy() -> ! {
+    // SAFETY: _exit ends the process without running anything of this one.
+    unsafe { libc::_exit(0) }
+}
+
 pub(crate) fn check_socket(fd: RawFd) -> io::Result<()> {
     // SAFETY: fstat fills a plain struct for an fd number.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -515,6 +526,7 @@ fn watch_channel(core: Arc<WorkerState>, inbox: Arc<Inbox>) {
 
 fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> ExitReason {
     let mut initialized = false;
+    let worker_pid = std::process::id();
     let mut read = |reader: &mut FrameReader, until: Until<'_>| pump(core, inbox, reader, until);
     loop {
         if let Some(sig) = signals::pending() {
@@ -583,6 +595,9 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                 }
                 inbox.started();
                 let result = catch_unwind(AssertUnwindSafe(|| handler.run_with_segment(&payload, segment)));
+                if std::process::id() != worker_pid {
+                    leave_forked_copy();
+                }
                 inbox.finished();
                 drop(payload);
                 if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
