@@ -58,6 +58,12 @@ def fork_then_return(path):
     return os.getpid()
 
 
+def stop_own_worker(path):
+    record(path, "stopped")
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return "resumed"
+
+
 def lines(path):
     try:
         return Path(path).read_text().splitlines()
@@ -118,6 +124,20 @@ def test_a_task_whose_fork_returns_twice_gets_the_workers_answer_and_the_copy_en
     assert len(pids_tagged(path, "copy")) == 3
     assert worker not in pids_tagged(path, "copy")
     assert pids_tagged(path, "finalizer") == [worker]
+
+
+def test_a_stopped_worker_past_its_task_timeout_is_resumed_to_run_its_exit_path(tmp_path):
+    # SIGTERM waits while a process is stopped (SIGSTOP, a debugger, Ctrl-Z):
+    # the pool resumes it, so it ends through its exit path (its finalizer
+    # runs) instead of by SIGKILL once the grace is over.
+    path = str(tmp_path / "log")
+    with warden.ProcessPoolExecutor(1, task_timeout=1, finalizer=record, finalargs=(path, "finalizer")) as ex:
+        with pytest.raises(warden.TaskTimeout):
+            ex.submit(stop_own_worker, path).result(timeout=30)
+        assert ex.submit(square, 3).result(timeout=30) == 9
+    stopped = pids_tagged(path, "stopped")
+    assert len(stopped) == 1
+    assert stopped[0] in pids_tagged(path, "finalizer")
 
 
 # -- restart intensity -------------------------------------------------------

@@ -293,7 +293,7 @@ fn cancelling_a_running_task_stops_its_worker_with_sigterm_to_the_group() {
     let before = Instant::now();
     assert!(h.sup.cancel(1, true));
     assert_eq!(h.outcomes(), [(1, "cancelled")]);
-    assert_eq!(w.stand.signals(), [(Signal::TERM, true)]);
+    assert_eq!(w.stand.signals(), [(Signal::TERM, true), (Signal::CONT, true)]);
     let worker = &h.sup.workers[&w.id];
     assert_eq!(worker.phase, WorkerPhase::Stopping);
     assert_eq!(worker.cause, Some(StopCause::Cancelled));
@@ -337,9 +337,9 @@ fn a_stopping_worker_is_killed_when_its_grace_runs_out_and_not_before() {
     h.sup.cancel(1, true);
     let deadline = h.sup.workers[&w.id].deadline.expect("grace deadline");
     h.sup.check_timers(deadline - Duration::from_millis(1));
-    assert_eq!(w.stand.signals(), [(Signal::TERM, true)]);
+    assert_eq!(w.stand.signals(), [(Signal::TERM, true), (Signal::CONT, true)]);
     h.sup.check_timers(deadline);
-    assert_eq!(w.stand.signals(), [(Signal::TERM, true), (Signal::KILL, true)]);
+    assert_eq!(w.stand.signals(), [(Signal::TERM, true), (Signal::CONT, true), (Signal::KILL, true)]);
     assert_eq!(h.phase(&w), WorkerPhase::Killed);
 }
 
@@ -354,7 +354,7 @@ fn a_retiring_worker_that_outstays_its_grace_gets_sigterm() {
     assert_eq!(w.stand.signals(), []);
     let deadline = h.sup.workers[&w.id].deadline.expect("grace deadline");
     h.sup.check_timers(deadline);
-    assert_eq!(w.stand.signals(), [(Signal::TERM, true)]);
+    assert_eq!(w.stand.signals(), [(Signal::TERM, true), (Signal::CONT, true)]);
     assert_eq!(h.phase(&w), WorkerPhase::Stopping);
 }
 
@@ -371,7 +371,7 @@ fn a_task_past_its_timeout_times_out_and_its_worker_is_stopped() {
     assert_eq!(h.outcomes(), []);
     h.sup.check_timers(due);
     assert_eq!(h.outcomes(), [(7, "timed out")]);
-    assert_eq!(w.stand.signals(), [(Signal::TERM, true)]);
+    assert_eq!(w.stand.signals(), [(Signal::TERM, true), (Signal::CONT, true)]);
     assert_eq!(h.sup.workers[&w.id].cause, Some(StopCause::TimedOut));
 }
 

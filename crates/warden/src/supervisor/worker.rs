@@ -152,6 +152,11 @@ impl Worker {
             return;
         }
         self.signal(Signal::TERM);
+        // A stopped worker (SIGSTOP, a debugger, a terminal's Ctrl-Z) takes
+        // its SIGTERM only once it runs again: resume it, so that it ends
+        // through its exit path now instead of dying by SIGKILL without it
+        // once the grace is over. Harmless to a running one.
+        self.signal(Signal::CONT);
         self.phase = WorkerPhase::Stopping;
         self.deadline = Some(Instant::now() + grace);
     }
