@@ -140,6 +140,52 @@ def test_a_stopped_worker_past_its_task_timeout_is_resumed_to_run_its_exit_path(
     assert stopped[0] in pids_tagged(path, "finalizer")
 
 
+FORKED_COPY = """
+import multiprocessing, os, sys, warden
+if __name__ == "__main__":
+    ex = warden.ProcessPoolExecutor(2)
+    pool = warden.Pool(2)
+    print("parent", ex.submit(abs, -1).result(), pool.apply(abs, (-2,)), flush=True)
+    workers = sorted(p.pid for p in multiprocessing.active_children())
+    pid = os.fork()
+    if pid == 0:
+        calls = (("executor", lambda: ex.submit(abs, -3)), ("pool", lambda: pool.apply_async(abs, (-4,))))
+        for name, call in calls:
+            try:
+                call()
+            except warden.PoolFailed as e:
+                print("copy", name, "refused:", "belongs to process %d" % os.getppid() in str(e), flush=True)
+        print("copy sees", len(multiprocessing.active_children()), "workers", flush=True)
+        with warden.ProcessPoolExecutor(1) as own:
+            print("copy's own pool", own.submit(abs, -5).result(timeout=30), flush=True)
+        sys.exit(0)  # its exit waits for none of the original's pools
+    _, status = os.waitpid(pid, 0)
+    print("copy exited", os.waitstatus_to_exitcode(status), flush=True)
+    same = workers == sorted(p.pid for p in multiprocessing.active_children())
+    print("parent", ex.submit(abs, -6).result(), pool.apply(abs, (-7,)), "same workers", same, flush=True)
+    pool.close(); pool.join(); ex.shutdown()
+"""
+
+
+def test_a_forked_copy_of_the_parent_is_refused_its_pools_exits_at_once_and_leaves_them_serving(tmp_path):
+    # os.fork() in a program that has pools (a server forking its workers
+    # after building them, say): the copy's exit used to wait forever for
+    # pools that nothing in it serves.
+    script = tmp_path / "forked_copy.py"
+    script.write_text(FORKED_COPY)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "parent 1 2",
+        "copy executor refused: True",
+        "copy pool refused: True",
+        "copy sees 0 workers",
+        "copy's own pool 5",
+        "copy exited 0",
+        "parent 6 7 same workers True",
+    ]
+
+
 # -- restart intensity -------------------------------------------------------
 
 

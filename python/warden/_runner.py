@@ -547,6 +547,24 @@ def _forget_finished_runners() -> None:
             _live.discard(r)
 
 
+def _forget_runners_after_fork() -> None:
+    """In a copy of this process made by ``os.fork()`` (without exec): its
+    pools belong to the original, whose supervisor threads serve them; here
+    they are copies of memory that nothing serves. Forgotten, so that this
+    process's exit waits for none of them; using one raises ``PoolFailed``
+    (the core refuses a forked copy), and dropping one stops nothing of the
+    original's. Locks a thread that does not exist here may have held are
+    made anew."""
+    global _live_lock
+    _live_lock = threading.Lock()
+    for runner in _live:
+        runner.pending_lock = threading.Lock()
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_forget_runners_after_fork)
+
+
 def _deliver_outcomes(
     core: _warden.CorePool,
     pending: dict[int, OnDone],

@@ -410,6 +410,11 @@ impl Builder {
 ///   the supervisor thread: callbacks must be quick and must not block.
 /// * The pool spawns its workers from its supervisor thread, because the
 ///   parent-death signal is tied to the thread that spawned a process.
+/// * In a copy of the process made by `fork()` (without exec), the pool is a
+///   copy of memory with no supervisor thread: there it refuses tasks with
+///   [`ErrorKind::PoolFailed`] ("belongs to process N"), its handles fail at
+///   once, and joining, stopping or dropping it does nothing, so the copy
+///   never waits on the original's pool nor stops its workers.
 pub struct Pool {
     shared: Arc<SupervisorLink>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -485,7 +490,7 @@ impl Pool {
         options: TaskOptions,
         reply: Reply,
     ) -> Result<u64> {
-        if !self.shared.accepting.load(Ordering::SeqCst) {
+        if !self.shared.accepting.load(Ordering::SeqCst) || self.shared.foreign() {
             return Err(self.closed_error());
         }
         // Frame overhead is a few bytes; refuse what can never be sent.
@@ -509,6 +514,9 @@ impl Pool {
     }
 
     fn closed_error(&self) -> Error {
+        if self.shared.foreign() {
+            return self.shared.foreign_error();
+        }
         match self.shared.failure() {
             Some(reason) => Error::new(ErrorKind::PoolFailed { reason }),
             None => Error::closed(),
@@ -637,6 +645,9 @@ impl Pool {
     /// pools one grace period between them, begin all with the same absolute
     /// `deadline`, then wait for each.
     pub fn begin_stop(&self, mode: StopMode, deadline: Option<Instant>) {
+        if self.shared.foreign() {
+            return; // a forked copy stops nothing of the original's
+        }
         let now = Instant::now();
         let cutoff = match mode {
             StopMode::Drain | StopMode::CancelQueued => deadline,
@@ -667,6 +678,9 @@ impl Pool {
     /// running is killed; a few seconds after that, the wait gives up, logs an
     /// error and returns `Some(false)`.
     pub fn wait_stopped(&self, until: Option<Instant>) -> Option<bool> {
+        if self.shared.foreign() {
+            return Some(false);
+        }
         loop {
             let plan = *lock(&self.shared.stop);
             // When this waiter must act next: kill, or give up after a kill.
@@ -719,6 +733,9 @@ impl Drop for Pool {
     /// running ones get one grace period, workers retire and run their exit
     /// hooks. Same as `stop(StopMode::CancelQueued, Some(now + grace))`.
     fn drop(&mut self) {
+        if self.shared.foreign() {
+            return; // the original process shuts its pool down, not a forked copy
+        }
         if self.shared.is_done() {
             self.join(Some(Duration::ZERO));
             return;
@@ -822,8 +839,12 @@ impl<R: DeserializeOwned> Handle<R> {
         self.id
     }
 
-    /// Waits for the task's outcome.
+    /// Waits for the task's outcome. In a forked copy of the pool's process,
+    /// which no supervisor serves, fails at once instead.
     pub fn join(self) -> Result<R> {
+        if self.shared.foreign() {
+            return Err(self.shared.foreign_error());
+        }
         decode(self.slot.take(None))
     }
 
@@ -831,6 +852,9 @@ impl<R: DeserializeOwned> Handle<R> {
     /// and the handle can be joined again; any other outcome is taken, and later
     /// joins return an "already joined" error.
     pub fn join_timeout(&self, timeout: Duration) -> Result<R> {
+        if self.shared.foreign() {
+            return Err(self.shared.foreign_error());
+        }
         decode(self.slot.take(Some(timeout)))
     }
 
@@ -941,6 +965,9 @@ impl<R: DeserializeOwned> Child<R> {
 
     /// Waits for the function's result and for the child to exit and be reaped.
     pub fn join(self) -> Result<R> {
+        if self.handle.shared.foreign() {
+            return Err(self.handle.shared.foreign_error());
+        }
         let outcome = self.handle.slot.take(None);
         self.pool.join(None);
         decode(outcome)
@@ -948,7 +975,7 @@ impl<R: DeserializeOwned> Child<R> {
 
     /// Waits at most `timeout` for the result; see [`Handle::join_timeout`].
     pub fn join_timeout(&self, timeout: Duration) -> Result<R> {
-        decode(self.handle.slot.take(Some(timeout)))
+        self.handle.join_timeout(timeout)
     }
 
     /// Stops the child: SIGTERM (its exit hook runs), SIGKILL after the grace period.

@@ -34,6 +34,10 @@ fn main() {
         Trial::test("a_worker_that_retires_is_not_lost", retired_is_not_lost),
         Trial::test("a_panic_in_the_supervisor_kills_and_reaps_every_worker", supervisor_panic_kills_every_worker),
         Trial::test("a_cancel_waits_out_a_supervisor_held_longer_than_ten_seconds", cancel_waits_out_a_busy_supervisor),
+        Trial::test(
+            "a_forked_copy_of_the_parent_is_refused_its_pool_at_once_and_stops_nothing",
+            forked_copy_of_the_parent,
+        ),
     ];
     libtest_mimic::run(&args, tests).exit();
 }
@@ -132,6 +136,76 @@ fn kill_idle_workers(pool: &Pool, n: usize) -> TestResult {
             format!("worker {pid} was reaped"),
         )?;
     }
+    Ok(())
+}
+
+fn sleep_then_pid(ms: u64) -> u32 {
+    std::thread::sleep(Duration::from_millis(ms));
+    std::process::id()
+}
+
+// ---- a fork of the parent ----------------------------------------------------
+
+/// What the forked copy checks; its exit code says which failed (0: none).
+fn in_forked_copy(pool: Pool, running: warden::Handle<u32>) -> i32 {
+    match pool.spawn(pid, ()) {
+        Err(e) if e.is_pool_failed() && e.to_string().contains("forked copy") => {}
+        _ => return 1,
+    }
+    match running.join() {
+        Err(e) if e.is_pool_failed() => {}
+        _ => return 2,
+    }
+    if pool.join(None) {
+        return 3;
+    }
+    drop(pool); // stops nothing: the original's workers go on
+    0
+}
+
+fn forked_copy_of_the_parent() -> TestResult {
+    let pool = Pool::builder().workers(2).build()?;
+    for _ in 0..4 {
+        pool.spawn(pid, ())?.join()?;
+    }
+    let serving =
+        |pool: &Pool| pool.workers().iter().filter_map(|w| u32::try_from(w.pid).ok()).collect::<BTreeSet<u32>>();
+    let workers = serving(&pool);
+    check(workers.len() == 2, format!("two workers: {workers:?}"))?;
+    let running = pool.spawn(sleep_then_pid, 300)?;
+    // SAFETY: the child only runs code that takes no lock another thread may
+    // hold (the pool checks for a forked copy before any), then _exit.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        let code = in_forked_copy(pool, running);
+        // SAFETY: ends the forked copy without running anything of the parent's.
+        unsafe { libc::_exit(code) };
+    }
+    check(child > 0, "fork")?;
+    let mut status = 0;
+    let reaped = wait_until(Duration::from_secs(20), || {
+        // SAFETY: waitpid on our own child, without blocking.
+        unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) == child }
+    });
+    if !reaped {
+        // SAFETY: kill and reap our own child, which did not end in time.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, &mut status, 0);
+        }
+    }
+    check(reaped, "the forked copy ended at once")?;
+    check(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        format!("its checks passed (status {status:#x})"),
+    )?;
+    // The original's task finished, on one of its own workers, which serve on.
+    check(workers.contains(&running.join()?), "the running task finished in the original")?;
+    for _ in 0..4 {
+        check(workers.contains(&pool.spawn(pid, ())?.join()?), "the same workers serve")?;
+    }
+    check(serving(&pool) == workers, "and no other")?;
+    pool.shutdown();
     Ok(())
 }
 

@@ -5,9 +5,9 @@
 
 use crate::panics::lock;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, SyncSender};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use mio::Waker;
@@ -82,6 +82,38 @@ pub(crate) enum Command {
     Snapshot { reply: SyncSender<Vec<WorkerSnapshot>> },
 }
 
+/// This process's id, kept in step across `fork()` by a `pthread_atfork`
+/// handler, so that telling a pool's own process from a forked copy of it
+/// costs an atomic load instead of a system call on every task.
+static PID: AtomicU32 = AtomicU32::new(0);
+static PID_INIT: Once = Once::new();
+
+extern "C" fn pid_after_fork_in_child() {
+    // Async-signal-safe: a system call and an atomic store.
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    PID.store(u32::try_from(pid).unwrap_or(0), Ordering::Relaxed);
+}
+
+/// This process's id, as [`PID`] keeps it.
+///
+/// A raw `clone` (the zygote's) runs no `pthread_atfork` handler; the zygote
+/// never builds a pool, so a worker it forks finds the id unset here and
+/// reads its own.
+pub(crate) fn current_pid() -> u32 {
+    PID_INIT.call_once(|| {
+        PID.store(std::process::id(), Ordering::Relaxed);
+        // SAFETY: registers a handler that only makes async-signal-safe calls.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(pid_after_fork_in_child)) };
+        if rc != 0 {
+            tracing::warn!(
+                "pthread_atfork failed ({rc}): a forked copy of this process may mistake its pools for its own"
+            );
+        }
+    });
+    PID.load(Ordering::Relaxed)
+}
+
 /// What callers share with the supervisor.
 pub(crate) struct SupervisorLink {
     pub(super) tx: Sender<Command>,
@@ -97,6 +129,8 @@ pub(crate) struct SupervisorLink {
     pub next_task: AtomicU64,
     /// The shutdown ladder's progress, as callers drive it.
     pub stop: Mutex<StopPlan>,
+    /// The process that built the pool: only its supervisor thread serves it.
+    pub owner: u32,
 }
 
 /// Where a pool's shutdown ladder stands (see [`crate::Pool::stop`]).
@@ -109,8 +143,29 @@ pub(crate) struct StopPlan {
 }
 
 impl SupervisorLink {
-    /// Sends a command; gives it back if the supervisor is gone.
+    /// Whether this is a forked copy of the pool's process, where the pool is
+    /// a copy of memory that no supervisor thread serves: its workers belong
+    /// to the original. Checked before any lock, which a thread that does not
+    /// exist here may have held when the copy was made.
+    pub fn foreign(&self) -> bool {
+        current_pid() != self.owner
+    }
+
+    /// The error a forked copy of the pool's process gets from the pool.
+    pub fn foreign_error(&self) -> Error {
+        let reason = format!(
+            "this pool belongs to process {}; a forked copy of that process cannot use it (start a pool of its own)",
+            self.owner
+        );
+        Error::new(crate::error::ErrorKind::PoolFailed { reason })
+    }
+
+    /// Sends a command; gives it back if the supervisor is gone (or, in a
+    /// forked copy of the pool's process, not there).
     pub fn send(&self, cmd: Command) -> Result<(), Command> {
+        if self.foreign() {
+            return Err(cmd);
+        }
         self.tx.send(cmd).map_err(|e| e.0)?;
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
             if let Some(waker) = lock(&self.waker).as_ref() {
@@ -122,8 +177,12 @@ impl SupervisorLink {
         Ok(())
     }
 
-    /// Waits until the supervisor has finished; `false` if the timeout ran out.
+    /// Waits until the supervisor has finished; `false` if the timeout ran out
+    /// (at once in a forked copy of the pool's process: it never finishes there).
     pub fn wait_done(&self, timeout: Option<Duration>) -> bool {
+        if self.foreign() {
+            return false;
+        }
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut done = lock(&self.done);
         while done.is_none() {

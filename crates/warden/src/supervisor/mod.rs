@@ -130,6 +130,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         done_cv: Condvar::new(),
         next_task: AtomicU64::new(1),
         stop: Mutex::new(StopPlan::default()),
+        owner: link::current_pid(),
     });
     let pass_fds = cfg.pass_fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let crashes = RestartIntensity::new(cfg.restart_limit, cfg.restart_window);
