@@ -5,6 +5,8 @@ SIGKILL (``on_worker_lost``), and nothing left open after a shutdown."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import multiprocessing
 import os
 import shutil
 import signal
@@ -62,6 +64,17 @@ def stop_own_worker(path):
     record(path, "stopped")
     os.kill(os.getpid(), signal.SIGSTOP)
     return "resumed"
+
+
+def start_sleepers():
+    # One left in the worker's process group, one in a session of its own.
+    stays = subprocess.Popen(["sleep", "300"])
+    leaves = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    return stays.pid, leaves.pid
+
+
+def put_sleepers(queue):
+    queue.put(start_sleepers())
 
 
 def lines(path):
@@ -184,6 +197,34 @@ def test_a_forked_copy_of_the_parent_is_refused_its_pools_exits_at_once_and_leav
         "copy exited 0",
         "parent 6 7 same workers True",
     ]
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool", "process"])
+def test_what_a_task_leaves_running_in_its_workers_group_ends_with_the_worker(kind):
+    if kind == "executor":
+        with warden.ProcessPoolExecutor(1) as ex:
+            stays, leaves = ex.submit(start_sleepers).result(timeout=30)
+            assert alive(stays)
+    elif kind == "pool":
+        with warden.Pool(1) as pool:
+            stays, leaves = pool.apply(start_sleepers)
+            assert alive(stays)
+            pool.close()
+            pool.join()
+    else:
+        queue = multiprocessing.get_context("spawn").SimpleQueue()
+        child = warden.Process(target=put_sleepers, args=(queue,))
+        child.start()
+        stays, leaves = queue.get()
+        child.join(30)
+        assert child.exitcode == 0
+    try:
+        assert wait_until(lambda: not alive(stays), timeout=10), "the one in the worker's group ended with it"
+        assert alive(leaves), "one in a session of its own is not the worker's to end"
+    finally:
+        for pid in (stays, leaves):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # -- restart intensity -------------------------------------------------------

@@ -8,6 +8,11 @@
 //!
 //! * The process group is signalled only while the process is unreaped: once
 //!   reaped, its pid (and so its group id) may be reused by anyone.
+//! * What a worker leaves in its process group when it exits (a subprocess a
+//!   task started and never waited for) is SIGKILLed as the worker is reaped,
+//!   between seeing the exit and reaping it: the worker had its exit path
+//!   (its finalizer) to stop them gracefully, and nothing a worker started
+//!   outlives it unless it left the group (`setsid`, `start_new_session`).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -60,6 +65,13 @@ impl Kill for Pidfd {
 
 impl Wait for Pidfd {
     fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        // Exited? Look without reaping: while it is a zombie its pid, its
+        // group's id, cannot be reused, so its leftovers can be signalled.
+        let exited = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+        if rustix::process::waitid(WaitId::PidFd(self.pidfd.as_fd()), exited)?.is_none() {
+            return Ok(None);
+        }
+        let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
         let status = waitid_exited(&self.pidfd)?;
         Ok(status.map(|st| match st.terminating_signal() {
             Some(sig) => ExitStatus::Signal(sig),
