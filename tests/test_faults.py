@@ -55,9 +55,12 @@ def sleep_after_marking(path, seconds):
 
 def fork_then_return(path):
     # Both processes come back from the task: only the worker may answer.
-    if os.fork() == 0:
+    copy = os.fork()
+    if copy == 0:
         record(path, "copy")
-    return os.getpid()
+        return os.getpid()
+    _, status = os.waitpid(copy, 0)  # the copy ends by itself, at once
+    return os.getpid(), os.waitstatus_to_exitcode(status)
 
 
 def stop_own_worker(path):
@@ -131,9 +134,10 @@ def test_a_task_whose_fork_returns_twice_gets_the_workers_answer_and_the_copy_en
             worker = pool.apply(getpid)
             pool.close()
             pool.join()
-    # Each answer is the worker's (not a copy's, not a crash), the worker
-    # served on, and only the worker ran its finalizer.
-    assert answers == [worker] * 3
+    # Each answer is the worker's (not a copy's, not a crash), each copy
+    # ended by itself with 0, the worker served on, and only the worker ran
+    # its finalizer.
+    assert answers == [(worker, 0)] * 3
     assert len(pids_tagged(path, "copy")) == 3
     assert worker not in pids_tagged(path, "copy")
     assert pids_tagged(path, "finalizer") == [worker]
