@@ -146,6 +146,32 @@ def test_an_interactive_main_sends_library_calls_as_plain_pickles():
         assert lines == ["3 4.0 5 [1, 2, 3]", "(3, 1)", "False", "init", "9", "True"]
 
 
+def test_an_exception_of_the_main_script_that_cannot_travel_is_named_as_the_program_knows_it(tmp_path):
+    # The worker imports the script as __mp_main__; the error names __main__.
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import warden
+            class Odd(Exception):
+                def __init__(self, a, b):  # pickles, but cannot be rebuilt from its args
+                    super().__init__(a)
+            def fail():
+                raise Odd(1, 2)
+            if __name__ == "__main__":
+                with warden.ProcessPoolExecutor(1) as ex:
+                    try:
+                        ex.submit(fail).result()
+                    except warden.RemoteError as e:
+                        print(e.type_name)
+            """
+        )
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "__main__.Odd"
+
+
 def test_a_main_module_run_with_dash_m_is_imported_by_name(tmp_path):
     pkg = tmp_path / "apkg"
     pkg.mkdir()

@@ -64,7 +64,11 @@ def _print_exc() -> None:
 
 def _type_name(exc: BaseException) -> str:
     t = type(exc)
-    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    if t.__module__ == "builtins":
+        return t.__qualname__
+    # The program's main module is __mp_main__ here, __main__ where it is read.
+    module = "__main__" if t.__module__ == "__mp_main__" else t.__module__
+    return f"{module}.{t.__qualname__}"
 
 
 def _text(exc: BaseException) -> str:
