@@ -139,6 +139,9 @@ PREFETCH = 16
 #: leaves free chunks the allocator keeps (docs/benchmarks.md, "Memory of the
 #: parent"); ``WARDEN_TRIM_HEAP=0`` keeps them.
 TRIM_AFTER = 4096
+#: How many outcomes in a row, since the last time nothing was pending, make
+#: a burst: tasks waited for one at a time are none, and never pay for a trim.
+TRIM_MIN_BURST = 64
 TRIM_ENV = "WARDEN_TRIM_HEAP"
 
 #: The restart intensity pools get unless told otherwise: more than 10
@@ -576,7 +579,7 @@ def _deliver_outcomes(
     With ``forward_logging``, the workers' log records queued before a batch
     are handled before it (so a task's records come before its result)."""
     trim = os.environ.get(TRIM_ENV, "1") != "0"
-    since_trim = 0
+    since_trim = burst = 0
     try:
         while True:
             batch = core.next_completions(512)
@@ -586,11 +589,14 @@ def _deliver_outcomes(
                 # Records a task logged come out before its result.
                 _logging.drain()
             since_trim += len(batch)
-            if trim and since_trim >= TRIM_AFTER and len(pending) <= len(batch):
-                # The end of a burst: before its last waiters wake (the GIL
-                # is released meanwhile; they wait for these outcomes).
-                since_trim = 0
-                _warden.trim_heap()
+            burst += len(batch)
+            if len(pending) <= len(batch):  # nothing else pending
+                if trim and since_trim >= TRIM_AFTER and burst >= TRIM_MIN_BURST:
+                    # The end of a burst: before its last waiters wake (the
+                    # GIL is released meanwhile; they wait for these outcomes).
+                    since_trim = 0
+                    _warden.trim_heap()
+                burst = 0
             _deliver_batch(batch, pending, pending_lock)
             # Hold nothing (no outcome, nor its future) while waiting: a
             # result's mapping lives only as long as what was built on it.
