@@ -80,6 +80,68 @@ def test_calls_the_short_cut_leaves_alone_take_the_full_path():
     assert fn(*args) == 6
 
 
+def which_one():
+    return "original"
+
+
+def rebind_which_one():
+    # As a task may: the module's name now means another function.
+    sys.modules[__name__].which_one = lambda: "rebound"
+    return "done"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        *((triple, (2,)), (triple, (-(10**40),)), (triple, ("x",))),
+        *((len, ("abcd",)), (math.sqrt, (2.0,)), (which_one, ())),
+    ],
+    ids=repr,
+)
+def test_a_small_call_of_a_module_function_goes_by_reference_and_reads_back_the_same(call):
+    fn, args = call
+    data, segment = _pickle.dumps_call(fn, args, {})
+    assert segment is None
+    assert data[0] == _pickle.BY_REF
+    assert _pickle.loads_call(memoryview(data)) == (fn, args, {})
+
+
+def test_calls_that_cannot_go_by_reference_are_whole_pickles():
+    n = 1
+    for fn, args, kwargs in [
+        (triple, (1,), {"x": 1}),  # keyword arguments
+        (triple, ([1],), {}),  # an argument that is not a scalar
+        (lambda x: x + n, (1,), {}),  # no module name for it
+        ("abc".upper, (), {}),  # a builtin bound to an object
+    ]:
+        data, _ = _pickle.dumps_call(fn, args, kwargs)
+        assert data[:2] == b"\x80\x05", fn
+
+
+def test_a_function_its_module_no_longer_names_is_not_sent_by_that_name(monkeypatch):
+    original = which_one
+    assert _pickle.dumps_call(original, (), {})[0][0] == _pickle.BY_REF
+    monkeypatch.setattr(sys.modules[__name__], "which_one", lambda: "other")
+    data, _ = _pickle.dumps_call(original, (), {})
+    assert data[0] != _pickle.BY_REF  # by value now, as the plain pickler would refuse the name
+    fn, _, _ = pickle.loads(data)
+    assert fn() == "original"
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_worker_that_rebinds_a_module_function_runs_what_the_name_means_now(kind):
+    # A call by reference means the module's name, in the worker as a whole
+    # pickle would: a task that rebinds it changes what later calls run.
+    if kind == "executor":
+        with warden.ProcessPoolExecutor(1) as ex:
+            runs = [ex.submit(which_one).result(timeout=30), ex.submit(rebind_which_one).result(timeout=30)]
+            runs.append(ex.submit(which_one).result(timeout=30))
+    else:
+        with warden.Pool(1) as pool:
+            runs = [pool.apply(which_one), pool.apply(rebind_which_one), pool.apply(which_one)]
+    assert runs == ["original", "done", "rebound"]
+
+
 def test_what_neither_can_pickle_raises_the_plain_error_with_a_note():
     import threading
 

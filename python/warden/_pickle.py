@@ -172,6 +172,80 @@ def _is_small_and_plain(obj: Any) -> bool:
     return True
 
 
+#: The first byte of a call whose function goes by reference, apart from its
+#: arguments: ``BY_REF``, the length of the function's pickle (2 bytes, little
+#: endian), that pickle, then the pickle of the arguments tuple. No pickle
+#: starts with it (protocol 2 and later start with ``\x80``).
+BY_REF = 0
+_MAX_REF = 0xFFFF
+_MAX_REFS = 4096
+
+#: Functions sent by reference: ``fn -> (its module's namespace, its name,
+#: the payload's head)``. A function is one while its module still names it.
+_refs: dict[Any, tuple[dict[str, Any], str, bytes]] = {}
+
+
+def _new_ref(fn: Any) -> tuple[dict[str, Any], str, bytes] | None:
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    name = getattr(fn, "__qualname__", None)
+    if module is None or type(name) is not str or "." in name:
+        return None
+    namespace = vars(module)
+    if namespace.get(name) is not fn:
+        return None
+    try:
+        ref = pickle.dumps(fn, PROTOCOL)
+    except Exception:
+        return None
+    if len(ref) > _MAX_REF or not _child_can_load(ref):
+        return None
+    if len(_refs) >= _MAX_REFS:
+        _refs.clear()
+    entry = (namespace, name, bytes([BY_REF]) + len(ref).to_bytes(2, "little") + ref)
+    _refs[fn] = entry
+    return entry
+
+
+def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, int | None]:
+    """Pickles a task's call ``fn(*args, **kwargs)``, as :func:`dumps_oob`
+    does. A module-level function (or builtin) called with scalar arguments,
+    most small tasks, goes by reference apart from them: its pickle (an
+    import and a lookup each time, the larger part of a small call's cost in
+    the parent and in the worker) is made once and reused while its module
+    still names it; :func:`loads_call` reads it back."""
+    if not kwargs and type(args) is tuple and (type(fn) is _FUNCTION or type(fn) is _BUILTIN):
+        for arg in args:
+            if type(arg) not in _SCALARS:
+                break
+        else:
+            entry = _refs.get(fn) or _new_ref(fn)
+            if entry is not None and entry[0].get(entry[1]) is fn:
+                return entry[2] + pickle.dumps(args, PROTOCOL), None
+    return dumps_oob((fn, args, kwargs))
+
+
+#: In a worker, what each function's pickle named: ``ref -> (namespace, name, fn)``.
+_named: dict[bytes, tuple[dict[str, Any], str, Any]] = {}
+
+
+def loads_call(payload: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """Reads back a call made by :func:`dumps_call` by reference."""
+    n = int.from_bytes(payload[1:3], "little")
+    ref = bytes(payload[3 : 3 + n])
+    known = _named.get(ref)
+    if known is None or known[0].get(known[1]) is not known[2]:
+        fn = pickle.loads(ref)
+        module = sys.modules.get(getattr(fn, "__module__", None) or "")
+        name = getattr(fn, "__qualname__", None)
+        if module is not None and type(name) is str:
+            if len(_named) >= _MAX_REFS:
+                _named.clear()
+            _named[ref] = (vars(module), name, fn)
+    else:
+        fn = known[2]
+    return fn, pickle.loads(payload[3 + n :]), {}
+
+
 def dumps_oob(obj: Any, to_parent: bool = False) -> tuple[bytes, int | None]:
     """Pickles a task's call or result: like :func:`dumps`, with large
     buffers out of band, lent or in a shared segment (see ``_oob``).

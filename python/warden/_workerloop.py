@@ -38,7 +38,7 @@ import sys
 import threading
 
 from . import _context, _oob, _warden
-from ._pickle import dumps, dumps_oob
+from ._pickle import BY_REF, dumps, dumps_oob, loads_call
 from ._remote import RemoteError, TaskAborted, TaskInterrupted
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
@@ -238,7 +238,10 @@ class Handler:
         try:
             if self.mode == "process":
                 return self._run_process(payload)
-            fn, args, kwargs = _oob.loads(payload, segment)
+            if payload[0] == BY_REF and segment is None:
+                fn, args, kwargs = loads_call(payload)
+            else:
+                fn, args, kwargs = _oob.loads(payload, segment)
             # The parent has read the mutable buffers of the last result, so
             # this task cannot change them under it.
             _oob.wait_for_readers()

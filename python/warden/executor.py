@@ -18,7 +18,7 @@ from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import core_error
 from ._futures import Future
 from ._handles import PoolHandle
-from ._pickle import dumps_oob
+from ._pickle import dumps_call
 from ._tasks import chunks, run_chunk
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ class ProcessPoolExecutor(_base.Executor):
             with self._lock:
                 if not self._shutdown_called:
                     self._ensure_runner()
-        return dumps_oob((fn, args, kwargs))
+        return dumps_call(fn, args, kwargs)
 
     def _queue(
         self,

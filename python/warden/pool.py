@@ -21,7 +21,7 @@ from . import _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
 from ._handles import PoolHandle
-from ._pickle import dumps_oob, loads
+from ._pickle import dumps_call, dumps_oob, loads
 from ._tasks import chunks, run_chunk
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ class Pool(multiprocessing.pool.Pool):
         """Queues ``func(*args, **kwds)``; returns an :class:`ApplyResult`.
         Raises at once if the call cannot be pickled (the pool is unaffected)."""
         self._check_running()
-        payload, segment = dumps_oob((func, tuple(args), dict(kwds)))
+        payload, segment = dumps_call(func, tuple(args), dict(kwds))
         try:
             result = ApplyResult(self, callback, error_callback)
         except BaseException:
