@@ -9,7 +9,8 @@ core's worker loop (``_warden.worker_main``), which calls back into a
     working directory, authkey, the parent's ``__main__`` as ``__mp_main__``),
     then runs the pool's ``initializer`` and enters its ``worker_context``;
 ``run``
-    runs one task: a pickled ``(fn, args, kwargs)`` for a pool, or the pickled
+    runs one task: a pickled ``(fn, args, kwargs)`` for a pool (a small
+    call's function by reference: see ``_pickle.dumps_call``), or the pickled
     :class:`warden.Process` for a one-off child;
 ``exit``
     the exit path, run exactly once whatever ends the worker: the worker
