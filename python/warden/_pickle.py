@@ -181,11 +181,13 @@ _MAX_REF = 0xFFFF
 _MAX_REFS = 4096
 
 #: Functions sent by reference: ``fn -> (its module's namespace, its name,
-#: the payload's head)``. A function is one while its module still names it.
-_refs: dict[Any, tuple[dict[str, Any], str, bytes]] = {}
+#: the payload's head)``, the head ``None`` for one whose pickle cannot go
+#: (it names a ``__main__`` the child cannot import). A function goes by
+#: reference while its module still names it.
+_refs: dict[Any, tuple[dict[str, Any], str, bytes | None]] = {}
 
 
-def _new_ref(fn: Any) -> tuple[dict[str, Any], str, bytes] | None:
+def _new_ref(fn: Any) -> tuple[dict[str, Any], str, bytes | None] | None:
     module = sys.modules.get(getattr(fn, "__module__", None) or "")
     name = getattr(fn, "__qualname__", None)
     if module is None or type(name) is not str or "." in name:
@@ -197,31 +199,29 @@ def _new_ref(fn: Any) -> tuple[dict[str, Any], str, bytes] | None:
         ref = pickle.dumps(fn, PROTOCOL)
     except Exception:
         return None
-    if len(ref) > _MAX_REF or not _child_can_load(ref):
-        return None
+    head = None
+    if len(ref) <= _MAX_REF and _child_can_load(ref):
+        head = bytes([BY_REF]) + len(ref).to_bytes(2, "little") + ref
     if len(_refs) >= _MAX_REFS:
         _refs.clear()
-    entry = (namespace, name, bytes([BY_REF]) + len(ref).to_bytes(2, "little") + ref)
-    _refs[fn] = entry
+    entry = _refs[fn] = (namespace, name, head)
     return entry
 
 
 def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, int | None]:
     """Pickles a task's call ``fn(*args, **kwargs)``, as :func:`dumps_oob`
-    does. A module-level function (or builtin) called with scalar arguments,
-    most small tasks, goes by reference apart from them: its pickle (an
-    import and a lookup each time, the larger part of a small call's cost in
-    the parent and in the worker) is made once and reused while its module
-    still names it; :func:`loads_call` reads it back."""
-    if not kwargs and type(args) is tuple and (type(fn) is _FUNCTION or type(fn) is _BUILTIN):
-        for arg in args:
-            if type(arg) not in _SCALARS:
-                break
-        else:
-            entry = _refs.get(fn) or _new_ref(fn)
-            if entry is not None and entry[0].get(entry[1]) is fn:
-                return entry[2] + pickle.dumps(args, PROTOCOL), None
-    return dumps_oob((fn, args, kwargs))
+    does. A small call of a module-level function or builtin (see
+    :func:`_is_small_and_plain`), most small tasks, goes by reference apart
+    from its arguments: the function's pickle (an import and a lookup each
+    time, the larger part of a small call's cost in the parent and in the
+    worker) is made once and reused while its module still names it;
+    :func:`loads_call` reads it back."""
+    call = (fn, args, kwargs)
+    if _is_small_and_plain(call):
+        entry = _refs.get(fn) or _new_ref(fn)
+        if entry is not None and entry[2] is not None and entry[0].get(entry[1]) is fn:
+            return entry[2] + pickle.dumps(args, PROTOCOL), None
+    return dumps_oob(call)
 
 
 #: In a worker, what each function's pickle named: ``ref -> (namespace, name, fn)``.
