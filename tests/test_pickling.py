@@ -3,7 +3,9 @@ reducers first, cloudpickle for what plain pickle refuses."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import math
+import multiprocessing
 import pickle
 import subprocess
 import sys
@@ -128,16 +130,21 @@ def test_a_function_its_module_no_longer_names_is_not_sent_by_that_name(monkeypa
     assert fn() == "original"
 
 
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
 @pytest.mark.parametrize("kind", ["executor", "pool"])
-def test_a_worker_that_rebinds_a_module_function_runs_what_the_name_means_now(kind):
-    # A call by reference means the module's name, in the worker as a whole
-    # pickle would: a task that rebinds it changes what later calls run.
+def test_a_worker_that_rebinds_a_module_function_runs_what_the_name_means_now(kind, impl):
+    # A call by reference means the module's name in the worker, as a whole
+    # pickle does (the standard library's, run the same way): a task that
+    # rebinds it changes what later calls run.
+    spawn = multiprocessing.get_context("spawn")
     if kind == "executor":
-        with warden.ProcessPoolExecutor(1) as ex:
+        make = warden.ProcessPoolExecutor if impl == "warden" else cf.ProcessPoolExecutor
+        with make(1, mp_context=spawn) as ex:
             runs = [ex.submit(which_one).result(timeout=30), ex.submit(rebind_which_one).result(timeout=30)]
             runs.append(ex.submit(which_one).result(timeout=30))
     else:
-        with warden.Pool(1) as pool:
+        make = warden.Pool if impl == "warden" else spawn.Pool
+        with make(1) as pool:
             runs = [pool.apply(which_one), pool.apply(rebind_which_one), pool.apply(which_one)]
     assert runs == ["original", "done", "rebound"]
 
