@@ -165,6 +165,50 @@ def test_imap_reports_an_iterable_that_raises(pool):
     assert list(it) == []
 
 
+def slowly(n, pause=0.02):
+    for i in range(n):
+        time.sleep(pause)  # an iterable that produces items slowly (a file, a cursor)
+        yield i
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_close_after_imap_still_runs_every_item_of_its_iterable(method, std_pool):
+    ctx = multiprocessing.get_context("spawn")
+    outcomes = {}
+    for name, make in (("std", ctx.Pool), ("warden", warden.Pool)):
+        p = make(2)
+        try:
+            it = getattr(p, method)(square, slowly(20))
+            p.close()
+            outcomes[name] = sorted(it)
+            p.join()
+        finally:
+            p.terminate()
+    assert outcomes["warden"] == outcomes["std"] == [x * x for x in range(20)]
+
+
+def refilled_blocks(n, np):
+    block = np.empty(100_000, dtype=np.int64)  # above the inline limit: out of band
+    for i in range(n):
+        block[:] = i
+        yield block  # the same array each time, refilled
+
+
+def first_of(a):
+    time.sleep(0.01)
+    return int(a[0])
+
+
+def test_imap_sends_each_item_as_it_was_when_the_iterable_yielded_it(pool, std_pool):
+    from conftest import numpy
+
+    np = numpy()
+    expected = list(range(12))
+    assert list(std_pool.imap(first_of, refilled_blocks(12, np))) == expected
+    assert list(pool.imap(first_of, refilled_blocks(12, np))) == expected
+    assert sorted(pool.imap_unordered(first_of, refilled_blocks(12, np))) == expected
+
+
 def test_imap_item_that_cannot_be_pickled_fails_its_position(pool):
     results = pool.imap(square, [1, threading.Lock(), 3])
     assert next(results) == 1

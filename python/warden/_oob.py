@@ -225,13 +225,15 @@ def dumps(
     *,
     to_parent: bool = False,
     check: Callable[[bytes], object] | None = None,
+    lend: bool = True,
 ) -> tuple[bytes, int | None]:
     """Pickles ``obj`` with ``pickler(file, buffer_callback)``. Returns the
     pickle and the fd that carries its out-of-band buffers (the caller owns
     it): the read end of a lending table, or a sealed segment; ``None`` when
     everything is inline. ``to_parent``: the receiver is the parent of this
     process (a result), not a child (a call). ``check(pickle)`` may refuse
-    the pickle by raising, before any buffer is lent or copied."""
+    the pickle by raising, before any buffer is lent or copied. ``lend=False``
+    copies the buffers into a segment even where they could be lent."""
     out = io.BytesIO()
     collector = Collector()
     pickler(out, collector).dump(obj)
@@ -240,8 +242,8 @@ def dumps(
         check(data)
     if not collector.buffers:
         return data, None
-    if may_lend(to_parent):
-        fd = lend(collector.buffers, mutable_wait=to_parent)
+    if lend and may_lend(to_parent):
+        fd = _lend(collector.buffers, mutable_wait=to_parent)
         if fd is not None:
             return data, fd
     return data, make_segment(collector.buffers)
@@ -310,7 +312,7 @@ def _lent_kind(view: memoryview) -> int | None:
     return None
 
 
-def lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool) -> int | None:
+def _lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool) -> int | None:
     """Lends ``buffers``: returns the read end of a pipe holding their
     table, or ``None`` if one of them cannot be lent (the caller copies them
     into a segment). They are held until every reader of the pipe is gone.

@@ -246,11 +246,13 @@ def loads_call(payload: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     return fn, pickle.loads(payload[3 + n :]), {}
 
 
-def dumps_oob(obj: Any, to_parent: bool = False) -> tuple[bytes, int | None]:
+def dumps_oob(obj: Any, to_parent: bool = False, lend: bool = True) -> tuple[bytes, int | None]:
     """Pickles a task's call or result: like :func:`dumps`, with large
     buffers out of band, lent or in a shared segment (see ``_oob``).
     Returns the pickle and the fd that carries them (owned by the caller),
     or ``None`` if there is none. ``to_parent``: a worker's result.
+    ``lend=False`` copies large buffers into a segment now, even where they
+    could be lent: for a caller that may change them before the task starts.
 
     A scalar, or a plain function's call with scalar arguments (most small
     tasks and their results), takes a short cut: the standard pickler's
@@ -266,14 +268,14 @@ def dumps_oob(obj: Any, to_parent: bool = False) -> tuple[bytes, int | None]:
     obj = _oob.prepare(obj)
     check = None if _main_is_importable() else _refuse_main
     try:
-        return _oob.dumps(obj, _plain_oob, to_parent=to_parent, check=check)
+        return _oob.dumps(obj, _plain_oob, to_parent=to_parent, check=check, lend=lend)
     except _oob.SegmentTooLarge:
         raise
     except _NamesMain:
-        return _oob.dumps(obj, _cloud_oob, to_parent=to_parent)
+        return _oob.dumps(obj, _cloud_oob, to_parent=to_parent, lend=lend)
     except Exception as plain_error:
         try:
-            return _oob.dumps(obj, _cloud_oob, to_parent=to_parent)
+            return _oob.dumps(obj, _cloud_oob, to_parent=to_parent, lend=lend)
         except Exception as cloud_error:
             plain_error.add_note(f"(cloudpickle could not pickle it either: {cloud_error!r})")
             raise plain_error from None

@@ -98,6 +98,10 @@ class Pool(multiprocessing.pool.Pool):
         self._ctx = context
         self._name = f"Pool-{next(_counter)}"
         self._state = RUN
+        # imap feeders still consuming their iterables: close() lets them
+        # finish, and the last one closes the runner.
+        self._feeders = 0
+        self._feeders_lock = threading.Lock()
         hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
         if on_worker_lost is not None and not callable(on_worker_lost):
             raise TypeError("on_worker_lost must be a callable")
@@ -371,15 +375,36 @@ class Pool(multiprocessing.pool.Pool):
             name="warden-feeder",
             daemon=True,
         )
-        feeder.start()
+        with self._feeders_lock:
+            self._feeders += 1
+        try:
+            feeder.start()
+        except BaseException:
+            self._feeder_done()
+            raise
         return result
+
+    def _feeder_done(self) -> None:
+        """An imap feeder has consumed its iterable (or stopped): the last
+        one closes the runner if :meth:`close` was called meanwhile."""
+        with self._feeders_lock:
+            self._feeders -= 1
+            close = self._feeders == 0 and self._state == CLOSE
+        if close:
+            self._runner.close_nowait()
 
     # -- lifecycle ---------------------------------------------------------
 
     def close(self) -> None:
-        """Takes no more tasks; queued tasks still run, then the workers retire."""
-        if self._state == RUN:
+        """Takes no more tasks; queued tasks still run, then the workers retire.
+        An ``imap`` already started still gets every item of its iterable, as
+        with the standard library: the workers retire after the last one."""
+        with self._feeders_lock:
+            if self._state != RUN:
+                return
             self._state = CLOSE
+            close = self._feeders == 0
+        if close:
             self._runner.close_nowait()
 
     def terminate(self) -> None:
@@ -708,7 +733,11 @@ def _feed_imap(
             if not chunk:
                 break
             try:
-                payload, segment = dumps_oob((run_chunk, (func, chunk, False), {}))
+                # Not lent: the iterable may change an item's buffer once it
+                # yields the next one (a generator refilling one array), and
+                # each item is sent as it was when it was taken, as the
+                # standard library's imap sends it.
+                payload, segment = dumps_oob((run_chunk, (func, chunk, False), {}), lend=False)
             except Exception as e:
                 result._put(index, False, ErrorData.local(e, "cannot pickle the task"))
                 index += 1
@@ -724,3 +753,4 @@ def _feed_imap(
             index += 1
     finally:
         result._set_length(index)
+        pool._feeder_done()
