@@ -449,6 +449,42 @@ def test_pool_workers_are_active_children_with_pid_name_and_is_alive(impl):
     assert wait_until(lambda: multiprocessing.active_children() == [], timeout=30)
 
 
+def identity_after(seconds):
+    time.sleep(seconds)
+    return multiprocessing.current_process()._identity
+
+
+def test_pool_workers_number_themselves_in_their_identity_from_one(impl):
+    with impl.Pool(2, maxtasksperchild=1) as pool:
+        seen = sorted(pool.map(identity_after, [0.05] * 4, chunksize=1))
+    # Four workers in turn, each with a number of its own, counted from 1:
+    # current_process()._identity[0].
+    assert [len(i) for i in seen] == [1, 1, 1, 1]
+    assert len({i[0] for i in seen}) == 4 and min(i[0] for i in seen) >= 1
+    with impl.Executor(2) as ex:
+        numbers = {i for i in ex.map(identity_after, [0.2] * 4)}
+    assert all(len(i) == 1 and i[0] >= 1 for i in numbers)
+
+
+def test_a_future_no_pool_made_cancels_as_the_standard_librarys(impl):
+    cls = warden.Future if impl.name == "warden" else concurrent.futures.Future
+    f = cls()
+    assert f.cancel() is True
+    assert f.cancelled()
+    assert f.set_running_or_notify_cancel() is False
+    g = cls()
+    assert g.set_running_or_notify_cancel() is True
+    assert g.cancel() is False
+    g.set_result(3)
+    assert g.result(timeout=1) == 3
+
+
+def test_the_executor_refuses_a_max_workers_that_is_not_an_integer_at_construction(impl):
+    for bad in (2.0, "2"):
+        with pytest.raises(TypeError):
+            impl.Executor(bad)
+
+
 def test_a_process_is_an_active_child_until_joined_and_its_child_sees_its_parent(impl):
     queue = multiprocessing.get_context("spawn").SimpleQueue()
     p = impl.Process(target=put_name_and_parent, args=(queue,), name="child-7")

@@ -191,7 +191,11 @@ class Future(_base.Future):  # type: ignore[type-arg]
             if self._state in _CANCELLED:
                 return True
         runner = self._runner
-        if runner is None or not _runner.cancel(runner.core, self._task, running):
+        if runner is None:
+            # A future no pool made (tests and adapters make their own): the
+            # standard library's cancel, on its own state.
+            return super().cancel()
+        if not _runner.cancel(runner.core, self._task, running):
             return False
         return self._mark_cancelled()
 

@@ -183,6 +183,10 @@ class Handler:
             _set_parent(init["parent_name"], parent)
             if self.mode == "pool":
                 me.name = f"{init['name']}-worker-{worker}"
+                # As a multiprocessing pool worker's: its number, counted
+                # from 1 as the pool starts workers (``_identity[0]`` is a
+                # common way to tell workers apart, e.g. a progress bar's row).
+                me._identity = (worker,)  # type: ignore[attr-defined]
             if init.get("logging"):
                 _forward_logging(init["logging"]["fd"], init["logging"]["levels"])
             self.hooks = hooks

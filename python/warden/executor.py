@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import multiprocessing
+import operator
 import os
 import threading
 import time
@@ -103,8 +104,13 @@ class ProcessPoolExecutor(_base.Executor):
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
-        elif max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+        else:
+            # A float or a str is refused here, as the standard library's
+            # constructor refuses it ("'float' object cannot be interpreted
+            # as an integer"), not at the first submit.
+            max_workers = operator.index(max_workers)
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
         if max_tasks_per_child is not None:
             if not isinstance(max_tasks_per_child, int):
                 raise TypeError("max_tasks_per_child must be an integer")
