@@ -82,6 +82,57 @@ def test_interpreter_exit_runs_the_tasks_submitted_to_an_open_executor(program, 
     assert "dropped" not in run.stderr
 
 
+def test_a_pool_stopped_by_a_caught_ctrl_c_says_so_when_given_more_work(program):
+    # A deliberate difference (docs/python.md): a Ctrl-C while waiting stops
+    # the pool. What is left must say so, not claim a shutdown nobody called.
+    prog = user_program(
+        program,
+        """
+        import signal, threading
+
+        def slow(x):
+            time.sleep(x)
+            return x
+
+        def interrupted(wait):
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+            try:
+                wait()
+            except KeyboardInterrupt:
+                return True
+            return False
+
+        def outcome(call):
+            try:
+                return f"ok {call()}"
+            except Exception as e:
+                return f"{type(e).__name__}: {e}"
+
+        if __name__ == "__main__":
+            ex = Executor(2)
+            note(f"executor {interrupted(lambda: ex.submit(slow, 5).result(30))}")
+            note(outcome(lambda: ex.submit(abs, -5).result(30)))
+            ex.shutdown()
+            p = Pool(2)
+            note(f"pool {interrupted(lambda: p.apply(slow, (5,)))}")
+            note(outcome(lambda: p.apply_async(abs, (-5,)).get(30)))
+            note(repr(p))
+            p.close()
+            p.join()
+            with Executor(1) as fresh:
+                note(f"a new one {fresh.submit(abs, -7).result(30)}")
+        """,
+    )
+    run = prog.run(timeout=60, env={"IMPL": "warden"})
+    assert run.returncode == 0, run.stderr
+    executor, after_executor, pool, after_pool, pool_repr, fresh = prog.out_lines()
+    assert (executor, pool) == ("executor True", "pool True")
+    assert after_executor.startswith("RuntimeError: cannot schedule new futures after shutdown: a Ctrl-C")
+    assert after_pool.startswith("ValueError: Pool not running: a Ctrl-C")
+    assert "state=TERMINATE" in pool_repr
+    assert fresh == "a new one 7"
+
+
 def test_workers_of_an_executor_left_open_retire_with_their_finalizers_after_its_tasks(program):
     prog = program(
         """
@@ -462,7 +513,7 @@ def test_pool_workers_number_themselves_in_their_identity_from_one(impl):
     assert [len(i) for i in seen] == [1, 1, 1, 1]
     assert len({i[0] for i in seen}) == 4 and min(i[0] for i in seen) >= 1
     with impl.Executor(2) as ex:
-        numbers = {i for i in ex.map(identity_after, [0.2] * 4)}
+        numbers = set(ex.map(identity_after, [0.2] * 4))
     assert all(len(i) == 1 and i[0] >= 1 for i in numbers)
 
 

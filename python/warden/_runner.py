@@ -146,6 +146,16 @@ TRIM_ENV = "WARDEN_TRIM_HEAP"
 
 #: The restart intensity pools get unless told otherwise: more than 10
 #: failures no task explains within 5 seconds fail the pool.
+#: What a pool stopped by a Ctrl-C says when it is given more work: the
+#: standard library's words for a shut-down executor, and why it is one.
+INTERRUPTED_EXECUTOR = (
+    "cannot schedule new futures after shutdown: a Ctrl-C (KeyboardInterrupt) while waiting on this "
+    "executor stopped it; start a new one"
+)
+INTERRUPTED_POOL = (
+    "Pool not running: a Ctrl-C (KeyboardInterrupt) while waiting on this pool stopped it; start a new one"
+)
+
 DEFAULT_RESTART_LIMIT: tuple[int, float] = (10, 5.0)
 
 _UNITS = {
@@ -385,6 +395,7 @@ class Runner:
         self.exit_policy = exit_policy
         self.exit_timeout = exit_timeout
         self.forward_logging = forward_logging
+        #: A Ctrl-C while waiting on this pool stopped it (see :meth:`interrupt`).
         self.interrupted = False
         #: What to call with each task's outcome, by the core's task id.
         self.pending: dict[int, OnDone] = {}

@@ -208,6 +208,8 @@ class ProcessPoolExecutor(_base.Executor):
     ) -> tuple[bytes, int | None]:
         if self._shutdown_called:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._runner is not None and self._runner.interrupted:
+            raise RuntimeError(_runner.INTERRUPTED_EXECUTOR)
         if _runner.exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self._runner is None:
@@ -246,6 +248,8 @@ class ProcessPoolExecutor(_base.Executor):
                 payload, on_done, owner=owner, segment=segment, report_start=report_start
             )
         except _warden.CoreError as e:
+            if runner.interrupted and e.kind == _warden.ErrorKind.CLOSED:
+                raise RuntimeError(_runner.INTERRUPTED_EXECUTOR) from None
             raise core_error(e) from None
 
     def _submit_payload(self, call: tuple[bytes, int | None]) -> Future:

@@ -125,7 +125,16 @@ class Pool(multiprocessing.pool.Pool):
         # (Not at interpreter exit: _runner shuts every pool down then.)
         weakref.finalize(self, self._runner.terminate_nowait).atexit = False
 
+    def _stopped_by_interrupt(self) -> bool:
+        """Whether a Ctrl-C while waiting on this pool stopped it: its state
+        is then ``TERMINATE``, as after :meth:`terminate`."""
+        if self._runner.interrupted:
+            self._state = TERMINATE
+            return True
+        return False
+
     def __repr__(self) -> str:
+        self._stopped_by_interrupt()
         cls = type(self)
         return f"<{cls.__module__}.{cls.__qualname__} state={self._state} pool_size={self._processes}>"
 
@@ -152,6 +161,8 @@ class Pool(multiprocessing.pool.Pool):
         return (PoolHandle, ("Pool", self._name, os.getpid(), self._processes))
 
     def _check_running(self) -> None:
+        if self._stopped_by_interrupt():
+            raise ValueError(_runner.INTERRUPTED_POOL)
         if self._state != RUN:
             raise ValueError("Pool not running")
 
@@ -162,6 +173,7 @@ class Pool(multiprocessing.pool.Pool):
             return self._runner.submit(payload, on_done, owner=owner, segment=segment)
         except _warden.CoreError as e:
             if e.kind == _warden.ErrorKind.CLOSED:
+                self._check_running()
                 raise ValueError("Pool not running") from None
             raise core_error(e) from None
 
@@ -399,6 +411,7 @@ class Pool(multiprocessing.pool.Pool):
         """Takes no more tasks; queued tasks still run, then the workers retire.
         An ``imap`` already started still gets every item of its iterable, as
         with the standard library: the workers retire after the last one."""
+        self._stopped_by_interrupt()
         with self._feeders_lock:
             if self._state != RUN:
                 return
