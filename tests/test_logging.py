@@ -68,6 +68,35 @@ def test_without_forwarding_a_worker_info_record_is_lost(program, start):
     assert [line.split()[0] for line in run.lines] == ["result", "done"]
 
 
+TOP_LEVEL_CONFIG = """
+import logging, sys
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(name)s: %(message)s")
+logging.getLogger("lib").addHandler(logging.StreamHandler(sys.stdout))
+logging.getLogger("lib").propagate = False
+
+def task(x):
+    logging.getLogger("job").info("item %d", x)
+    logging.getLogger("lib").warning("lib says %d", x)
+    return x
+
+if __name__ == "__main__":
+    import multiprocessing, concurrent.futures, warden
+    if sys.argv[1] == "stdlib":
+        ex = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    else:
+        ex = warden.ProcessPoolExecutor(1, start=sys.argv[1])
+    with ex:
+        print("result", ex.submit(task, 1).result())
+"""
+
+
+@pytest.mark.parametrize("start", [*STARTS, "stdlib"])
+def test_logging_configured_at_the_main_modules_top_level_writes_each_worker_record_once(program, start):
+    run = program(TOP_LEVEL_CONFIG).run(args=(start,))
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["job: item 1", "lib says 1", "result 1"], run.stdout
+
+
 def log_at(name, level, message):
     logging.getLogger(name).log(level, message)
     return os.getpid()

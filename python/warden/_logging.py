@@ -228,7 +228,23 @@ def forward_to_parent(fd: int, levels: dict[str, int]) -> None:
     sock.settimeout(SEND_TIMEOUT)
     for name, level in levels.items():
         (logging.getLogger(name) if name else logging.root).setLevel(level)
-    logging.root.addHandler(ParentHandler(sock))
+    # Handlers already configured here came with the worker's imports (a main
+    # module's top-level basicConfig(), run again as under spawn, or by the
+    # zygote before the fork): the parent ran the same code and has them, and
+    # handles every forwarded record with them; kept here too, each record
+    # would be written twice. A logger that does not propagate gets the
+    # parent's handler in their place: records stop there, and must still go.
+    handler = ParentHandler(sock)
+    loggers = [logging.root, *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        configured = getattr(logger, "handlers", None)
+        if not configured:
+            continue
+        for h in configured[:]:
+            logger.removeHandler(h)
+        if logger is not logging.root and not logger.propagate:
+            logger.addHandler(handler)
+    logging.root.addHandler(handler)
 
 
 # In a worker whose forwarding waited for ``logging`` to be imported, and
