@@ -621,6 +621,25 @@ def test_an_executor_whose_initializer_fails_is_broken_and_says_why(impl):
         ex.shutdown(wait=True)
 
 
+def slowly_failing_initializer(seconds):
+    time.sleep(seconds)
+    raise ValueError("error in initializer, after a while")
+
+
+def test_an_executor_whose_initializer_fails_slowly_is_broken_too(impl):
+    # Never more than one failure in the restart window: only failures in a
+    # row, with no worker getting ready, show the pool cannot start.
+    kwargs = {"restart_limit": (3, 0.25)} if impl.name == "warden" else {}
+    ex = impl.Executor(1, initializer=slowly_failing_initializer, initargs=(0.4,), **kwargs)
+    try:
+        with pytest.raises(concurrent.futures.BrokenExecutor):
+            ex.submit(identity, 1).result(timeout=60)
+        with pytest.raises(concurrent.futures.BrokenExecutor):
+            ex.submit(identity, 1)
+    finally:
+        ex.shutdown(wait=True)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_failing_executor_initializer_is_logged_by_concurrent_futures_with_its_traceback(program, impl):
     prog = user_program(

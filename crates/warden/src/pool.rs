@@ -196,7 +196,9 @@ impl Builder {
     }
 
     /// Restart intensity, as in an OTP supervisor: more than `max` worker
-    /// failures within `window` fail the pool (default: 10 in 5 s).
+    /// failures within `window` fail the pool (default: 10 in 5 s), and so do
+    /// more than `max` in a row with no worker getting ready in between,
+    /// however slowly they come.
     ///
     /// Only failures no task explains count: a worker that cannot start (the
     /// program cannot be run, its start hook fails, it is not ready within

@@ -191,6 +191,7 @@ impl Supervisor {
                 w.phase = WorkerPhase::Ready;
                 w.deadline = None;
                 let pid = w.raw_pid();
+                self.crashes.worker_ready();
                 self.emit(LifecycleEvent::WorkerReady { worker: id, pid });
             }
             (WorkerPhase::Initializing, Incoming::InitFailed(error)) => {
