@@ -4,6 +4,7 @@ worker, and a pool whose zygote dies or cannot fork goes on serving by exec."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -15,7 +16,7 @@ import pytest
 import warden
 from warden import _warden
 
-from conftest import alive, wait_until
+from conftest import alive, numpy, wait_until
 
 
 def whoami():
@@ -276,3 +277,165 @@ def test_a_main_module_that_starts_a_pool_unguarded_gets_the_standard_librarys_e
     assert run.returncode != 0
     assert "bootstrapping phase" in run.stderr
     assert "freeze_support" in run.stderr
+
+
+# A main module as users write it: a file opened at its top level (an audit
+# log) that its tasks write to, next to a file each task opens itself.
+MAIN_KEEPS_A_FILE = """
+import concurrent.futures, json, multiprocessing, os, sys, warden
+from warden import _warden
+DIR = os.environ["RUN_DIR"]
+if __name__ == "__mp_main__":
+    with open(os.path.join(DIR, "imports"), "a") as f:
+        f.write(f"{os.getpid()}\\n")
+AUDIT = open(os.path.join(DIR, "audit.log"), "a")
+
+def export(i):
+    with open(os.path.join(DIR, f"out{i}.csv"), "w") as out:
+        out.write("id,value\\n")
+        out.flush()
+        try:
+            AUDIT.write(f"exported {i}\\n")
+            AUDIT.flush()
+        except OSError as e:
+            return f"audit failed: {e.strerror}"
+    return "ok"
+
+if __name__ == "__main__":
+    if sys.argv[1] == "stdlib":
+        spawn = multiprocessing.get_context("spawn")
+        ex = concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn, max_tasks_per_child=1)
+    else:
+        ex = warden.ProcessPoolExecutor(2, max_tasks_per_child=1)
+    with ex:
+        results = list(ex.map(export, range(4)))
+    AUDIT.close()
+    files = {}
+    for name in sorted(os.listdir(DIR)):
+        if name != "imports":
+            with open(os.path.join(DIR, name)) as f:
+                files[name] = sorted(f.read().splitlines())
+    print(json.dumps({"results": results, "files": files}))
+"""
+
+
+def _run_in(prog, tmp_path, kind, env=None, name=None):
+    """Runs ``prog kind`` with a directory of its own (``$RUN_DIR``); returns
+    its JSON answer and the pids that imported main as ``__mp_main__``."""
+    run_dir = tmp_path / (name or kind)
+    run_dir.mkdir()
+    run = prog.run(env={"RUN_DIR": str(run_dir), **(env or {})}, args=(kind,))
+    assert run.returncode == 0, run.stderr
+    imports = run_dir / "imports"
+    importers = imports.read_text().split() if imports.exists() else []
+    return json.loads(run.stdout), importers
+
+
+def test_a_file_main_opens_at_import_gets_each_workers_writes_and_no_other_file_does(program, tmp_path):
+    prog = program(MAIN_KEEPS_A_FILE)
+    stdlib, _ = _run_in(prog, tmp_path, "stdlib")
+    ours, importers = _run_in(prog, tmp_path, "warden", env={"WARDEN_START": "zygote"})
+    assert stdlib["results"] == ["ok"] * 4
+    assert stdlib["files"]["audit.log"] == [f"exported {i}" for i in range(4)]
+    assert all(stdlib["files"][f"out{i}.csv"] == ["id,value"] for i in range(4))
+    assert ours == stdlib
+    # Each worker opened the file itself: it imported main, as under spawn.
+    assert len(importers) >= 4
+
+
+def test_a_named_preload_that_keeps_a_file_open_makes_the_pool_start_workers_by_exec(tmp_path, monkeypatch):
+    log = tmp_path / "preload.log"
+    (tmp_path / "keeps_a_file.py").write_text(f"LOG = open({str(log)!r}, 'a')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warden.ProcessPoolExecutor(2, start="zygote", preload=["keeps_a_file"], max_tasks_per_child=1) as ex:
+        seen = [ex.submit(write_to_preloads_file, i).result(30) for i in range(4)]
+        refused = ex._runner.core.zygote_refused()
+    assert [wrote for _, wrote in seen] == ["ok"] * 4
+    assert all(forked_from is None for forked_from, _ in seen)
+    assert refused is not None and "fds open" in refused and str(log) in refused
+    assert sorted(log.read_text().splitlines()) == [f"line {i}" for i in range(4)]
+
+
+def write_to_preloads_file(i):
+    import keeps_a_file
+
+    try:
+        keeps_a_file.LOG.write(f"line {i}\n")
+        keeps_a_file.LOG.flush()
+    except OSError as e:
+        return _warden.forked_from(), f"failed: {e.strerror}"
+    return _warden.forked_from(), "ok"
+
+
+# A main module that seeds the global generators at its top level (and makes
+# seeded generators of its own), then draws in one-task workers. Under spawn
+# each worker imports main and starts from the seeded state.
+MAIN_SEEDS = """
+import concurrent.futures, json, multiprocessing, os, random, sys, warden
+from warden import _warden
+DIR = os.environ["RUN_DIR"]
+if __name__ == "__mp_main__":
+    with open(os.path.join(DIR, "imports"), "a") as f:
+        f.write(f"{os.getpid()}\\n")
+NUMPY = os.environ.get("WITH_NUMPY") == "1"
+SEED = os.environ.get("SEED")
+random.seed(None if SEED is None else int(SEED))
+OWN = random.Random(99)
+if NUMPY:
+    import numpy as np
+    np.random.seed(None if SEED is None else int(SEED))
+    RNG = np.random.default_rng(7)
+
+def draw(_):
+    values = [random.random(), random.getrandbits(64), OWN.random()]
+    if NUMPY:
+        values += [float(np.random.rand()), int(np.random.randint(1 << 62)), float(RNG.random())]
+    return values
+
+if __name__ == "__main__":
+    if sys.argv[1] == "stdlib":
+        spawn = multiprocessing.get_context("spawn")
+        ex = concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn, max_tasks_per_child=1)
+    else:
+        ex = warden.ProcessPoolExecutor(2, max_tasks_per_child=1)
+    with ex:
+        print(json.dumps(list(ex.map(draw, range(4)))))
+"""
+
+
+@pytest.mark.parametrize("with_numpy", [False, True], ids=["random", "numpy"])
+def test_seeds_set_at_mains_import_start_each_worker_as_under_spawn(program, tmp_path, with_numpy):
+    env = {"SEED": "1234", "WITH_NUMPY": "1" if with_numpy else "0"}
+    if with_numpy:
+        numpy()
+        # A threaded BLAS would make the zygote refuse (workers then import
+        # main themselves); this checks the zygote that imported it.
+        env["OPENBLAS_NUM_THREADS"] = "1"
+    prog = program(MAIN_SEEDS)
+    stdlib, _ = _run_in(prog, tmp_path, "stdlib", env=env)
+    first, importers = _run_in(prog, tmp_path, "warden", env={**env, "WARDEN_START": "zygote"}, name="first")
+    second, _ = _run_in(prog, tmp_path, "warden", env={**env, "WARDEN_START": "zygote"}, name="second")
+    # Every one-task worker starts from the seeded state: all four draw alike.
+    assert all(values == stdlib[0] for values in stdlib)
+    assert first == second == stdlib
+    # The zygote imported main, once; its workers were forked from it.
+    assert len(importers) == 1
+
+
+@pytest.mark.parametrize("with_numpy", [False, True], ids=["random", "numpy"])
+def test_a_main_that_seeds_from_the_os_gets_distinct_numbers_in_each_worker(program, tmp_path, with_numpy):
+    env = {"WITH_NUMPY": "1" if with_numpy else "0"}  # seed(None): from the OS
+    if with_numpy:
+        numpy()
+        env["OPENBLAS_NUM_THREADS"] = "1"
+    prog = program(MAIN_SEEDS)
+    stdlib, _ = _run_in(prog, tmp_path, "stdlib", env=env)
+    ours, importers = _run_in(prog, tmp_path, "warden", env={**env, "WARDEN_START": "zygote"})
+    for draws in (stdlib, ours):
+        # The global generators differ between workers...
+        globals_only = [tuple(v for i, v in enumerate(values) if i % 3 != 2) for values in draws]
+        assert len(set(globals_only)) == 4
+        # ...while the program's own seeded generators start alike in each.
+        assert len({tuple(values[2::3]) for values in draws}) == 1
+    assert ours[0][2::3] == stdlib[0][2::3]
+    assert len(importers) == 1

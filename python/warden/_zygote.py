@@ -11,6 +11,11 @@ is as fresh as an exec'd one where it matters:
   ``threading`` and ``logging`` reset their locks;
 * numpy's global generator (``numpy.random.seed``), if numpy was preloaded,
   is reseeded from the OS in each worker;
+* except where main or a preload seeded a global generator at import
+  (``random.seed(1234)``, ``numpy.random.seed(1234)``, or set its state):
+  then each worker starts from the state the preloads left it in, as each
+  worker under spawn does after importing main. The zygote sees the seeding
+  call itself (:class:`_SeedWatch`), not the state;
 * ``multiprocessing``'s finalizer registry is emptied, as its fork start
   method does: a finalizer registered while preloading belongs to the zygote;
 * ``multiprocessing.active_children()`` lists the pool workers the worker
@@ -25,14 +30,117 @@ is as fresh as an exec'd one where it matters:
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import multiprocessing.spawn
 import multiprocessing.util
 import os
 import pickle
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from . import _warden, _workerloop
+
+#: The global generators the zygote watches while it preloads: the module,
+#: its seeding functions, and its state's getter and setter.
+_GENERATORS = {
+    "random": (("seed", "setstate"), "getstate", "setstate"),
+    "numpy.random": (("seed", "set_state"), "get_state", "set_state"),
+}
+
+#: Set in the zygote after its preloads: for each global generator a preload
+#: seeded, by module name, its state setter and the state it left. Restored
+#: in each worker.
+_seeded: dict[str, tuple[Callable[[Any], Any], Any]] = {}
+
+
+class _SeedWatch:
+    """While the zygote imports main and its preloads, wraps the seeding
+    functions of ``random`` and ``numpy.random`` (as soon as either is
+    imported: a meta path finder sees the import) to learn whether the
+    program seeded a global generator: its last seeding call gave a seed or a
+    state (``seed(None)`` draws from the OS: each worker reseeds as usual).
+    Taken out again, originals back, by :meth:`finish`."""
+
+    def __init__(self) -> None:
+        self.active = True
+        self.seeded: dict[str, bool] = {}
+        self.wrapped: list[tuple[Any, str, Any, Any]] = []
+        for name in _GENERATORS:
+            if name in sys.modules:
+                self.watch(sys.modules[name])
+        sys.meta_path.insert(0, self)  # type: ignore[arg-type]
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name not in _GENERATORS or not self.active:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        exec_module = getattr(loader, "exec_module", None)
+        if exec_module is None or isinstance(loader, type):
+            return spec
+
+        def exec_then_watch(module: Any) -> None:
+            try:
+                exec_module(module)
+            finally:
+                with contextlib.suppress(AttributeError):
+                    del loader.exec_module  # the loader's own method again
+            self.watch(module)
+
+        loader.exec_module = exec_then_watch
+        return spec
+
+    def watch(self, module: Any) -> None:
+        names, _, _ = _GENERATORS[module.__name__]
+        for attr in names:
+            original = getattr(module, attr, None)
+            if original is None:
+                continue
+            wrapper = self._wrap(module.__name__, attr, original)
+            setattr(module, attr, wrapper)
+            self.wrapped.append((module, attr, original, wrapper))
+
+    def _wrap(self, name: str, attr: str, original: Any) -> Any:
+        @functools.wraps(original)
+        def seeding(*args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                if attr == "seed":
+                    value = args[0] if args else kwargs.get("a", kwargs.get("seed"))
+                    self.seeded[name] = value is not None
+                else:  # a state set
+                    self.seeded[name] = True
+            return original(*args, **kwargs)
+
+        return seeding
+
+    def finish(self) -> dict[str, tuple[Callable[[Any], Any], Any]]:
+        """Stops watching; returns, for each generator a preload seeded, its
+        state setter and the state it is in now."""
+        self.active = False
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)  # type: ignore[arg-type]
+        for module, attr, original, wrapper in self.wrapped:
+            if getattr(module, attr, None) is wrapper:
+                setattr(module, attr, original)
+        seeded = {}
+        for name, fixed in self.seeded.items():
+            module = sys.modules.get(name)
+            if not fixed or module is None:
+                continue
+            _, get, put = _GENERATORS[name]
+            with contextlib.suppress(Exception):
+                seeded[name] = (getattr(module, put), getattr(module, get)())
+        return seeded
 
 
 def _reseed_numpy() -> None:
@@ -45,7 +153,14 @@ def _reseed_numpy() -> None:
 
 def _after_fork_in_child() -> None:
     multiprocessing.util._finalizer_registry.clear()  # type: ignore[attr-defined]
-    _reseed_numpy()
+    # random has reseeded itself (its own at-fork hook ran first); numpy's
+    # global generator is reseeded here. A generator the program seeded gets
+    # the state the preloads left instead, as a spawned worker would have.
+    if "numpy.random" not in _seeded:
+        _reseed_numpy()
+    for put, state in _seeded.values():
+        with contextlib.suppress(Exception):
+            put(state)
     # The zygote has no pools: pools a worker starts are its own children.
     children = sys.modules.get("warden._children")
     if children is not None:
@@ -61,8 +176,30 @@ def prepare(payload: bytes) -> None:
     program's main module imported as ``__mp_main__``, exactly as a spawned
     child imports it, once here instead of in every worker. If it fails, the
     zygote says nothing: each worker imports it again and reports the error as
-    its start failure, as it would without a zygote."""
+    its start failure, as it would without a zygote.
+
+    Two things a preload does at import are checked after it. A global
+    generator it seeded keeps that state in every worker (:class:`_SeedWatch`).
+    An fd it opened and left open (a log file, a socket) would be closed under
+    its holder in every fork, so the core refuses to fork from this zygote;
+    the pool then starts one without ``__main__``, whose workers import it
+    themselves, as under spawn (or, if a named preload holds the fd, starts
+    its workers by exec)."""
+    global _seeded
     data = pickle.loads(payload)
+    watch = _SeedWatch()
+    try:
+        _preload(data)
+    finally:
+        _seeded = watch.finish()
+    # What the zygote holds is moved out of the collector's reach before each
+    # fork: a worker's collections (and its exit path's) then never touch,
+    # and so never copy, the pages it shares with the zygote.
+    gc.freeze()
+    os.register_at_fork(before=gc.freeze, after_in_child=_after_fork_in_child)
+
+
+def _preload(data: dict[str, Any]) -> None:
     preparation = dict(data["preparation"])
     main_keys = ("init_main_from_path", "init_main_from_name")
     main = {key: preparation.pop(key) for key in main_keys if key in preparation}
@@ -86,11 +223,6 @@ def prepare(payload: bytes) -> None:
         except Exception as e:
             why = f"{type(e).__name__}: {e}"
             print(f"warden: zygote {os.getpid()}: cannot preload {name!r}: {why}", file=sys.stderr)
-    # What the zygote holds is moved out of the collector's reach before each
-    # fork: a worker's collections (and its exit path's) then never touch,
-    # and so never copy, the pages it shares with the zygote.
-    gc.freeze()
-    os.register_at_fork(before=gc.freeze, after_in_child=_after_fork_in_child)
 
 
 def main() -> None:

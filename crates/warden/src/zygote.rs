@@ -50,8 +50,11 @@
 //! * A zygote must be single-threaded when it forks (only the forking thread
 //!   exists in the child). It checks `/proc/self/task` before every fork and
 //!   refuses for good if a preload started a thread; the pool then starts
-//!   every worker by exec. `pthread_atfork` handlers do not run (the fork is a
-//!   raw `clone`); a handler gets its own hooks ([`ForkHooks`]).
+//!   every worker by exec. It also refuses if its preparation left fds open
+//!   (a preload opened a file or socket and keeps it): each fork closes them,
+//!   so whatever holds them in the worker would write to a closed fd, or to
+//!   whatever reuses its number. `pthread_atfork` handlers do not run (the
+//!   fork is a raw `clone`); a handler gets its own hooks ([`ForkHooks`]).
 //! * glibc caches each thread's kernel id; after a raw `clone` the child's main
 //!   thread keeps the zygote's. Calls that address the main thread *by its
 //!   `pthread_t` from another thread* (`pthread_kill`, `pthread_setaffinity_np`,
@@ -290,8 +293,13 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
         Ok((0, _)) => return Parked::Exit(0),
         Ok((n, _)) => match decode::<Request<'_>>(&buf[..n]) {
             Ok(Request::Start { payload, keep }) => {
+                let before = open_fds();
                 if let Err(error) = hooks.prepare(payload) {
                     let _ = reply(&env, &Reply::Failed { error: &error, permanent: true });
+                    return Parked::Exit(0);
+                }
+                if let Err(why) = nothing_left_open(&before) {
+                    let _ = reply(&env, &Reply::Failed { error: &why, permanent: true });
                     return Parked::Exit(0);
                 }
                 keep
@@ -399,6 +407,45 @@ fn can_fork() -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The fds above stdio open in this process, each with what it refers to
+/// (its `/proc/self/fd` link), in order. Empty if `/proc` cannot be read.
+fn open_fds() -> Vec<(RawFd, String)> {
+    let numbers: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect(),
+        Err(_) => return Vec::new(),
+    };
+    // The listing's own fd is closed by now, so its link no longer reads.
+    let mut fds: Vec<(RawFd, String)> = numbers
+        .into_iter()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+            Some((fd, target.to_string_lossy().into_owned()))
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+/// Whether the preparation left no fd open that was not open `before` it.
+/// Each fork closes every fd but its own, so an fd a preload opened and
+/// kept (a log file, a socket, opened at a module's top level) would be
+/// closed under the object that holds it in every worker, whose writes
+/// then go to whatever reuses the number. A zygote that holds one refuses
+/// to fork.
+fn nothing_left_open(before: &[(RawFd, String)]) -> Result<(), String> {
+    let opened: Vec<String> = open_fds()
+        .into_iter()
+        .filter(|fd| !before.contains(fd))
+        .map(|(fd, target)| format!("{fd} ({target})"))
+        .collect();
+    if opened.is_empty() {
+        return Ok(());
+    }
+    let shown = opened.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    let more = if opened.len() > 5 { format!(" and {} more", opened.len() - 5) } else { String::new() };
+    Err(format!("a preload left fds open in the zygote ({shown}{more}); a forked worker would hold them closed"))
 }
 
 /// `clone(CLONE_PARENT | SIGCHLD)`: a fork whose child is our parent's child.

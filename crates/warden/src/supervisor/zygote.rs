@@ -11,7 +11,8 @@
 //!
 //! A zygote that refuses to fork is replaced once by one prepared from the
 //! fallback payload, when the pool has one (Python: the preloads without
-//! `__main__`, whose import may start threads); a second refusal is final.
+//! `__main__`, whose import may start threads or open files); a second
+//! refusal is final.
 //!
 //! While a zygote is down or starting, replacements start by exec, so the
 //! pool keeps serving; only the pool's very first workers wait for the first
