@@ -85,7 +85,7 @@ pub use error::{signal_name, Error, ErrorKind, ExitStatus, Result};
 pub use lost::LostWorker;
 pub use pool::{
     spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, StartMethod, StopMode, TaskOptions, DEFAULT_GRACE,
-    DEFAULT_INIT_TIMEOUT, DEFAULT_RESTART_LIMIT, DEFAULT_RESTART_WINDOW,
+    DEFAULT_INIT_TIMEOUT, DEFAULT_RESTART_LIMIT, DEFAULT_RESTART_WINDOW, LONGEST_WAIT, MIN_FRAME,
 };
 pub use supervisor::{LifecycleEvent, Output, StopCause, WorkerEnd, WorkerSnapshot};
 pub use wire::{ExitPathReport, ExitReason, RemoteError, RemoteErrorKind, RetireReason};

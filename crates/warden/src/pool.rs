@@ -158,10 +158,12 @@ impl Builder {
         self
     }
 
-    /// Runs in every worker at the end of its life, whatever ends it except
-    /// SIGKILL: retirement, shutdown, SIGTERM (task timeout, cancel, terminate),
+    /// Runs in every worker at the end of its life, whatever ends it through
+    /// warden: retirement, shutdown, SIGTERM (task timeout, cancel, terminate),
     /// parent death. It runs on the worker's main thread, or on its monitor thread
-    /// when a stop signal arrives while a task runs.
+    /// when a stop signal arrives while a task runs. A worker that ends on its
+    /// own, in a task (`std::process::exit`, an abort, a fatal signal, SIGKILL),
+    /// does not run it: see [`Builder::on_worker_lost`] for those.
     pub fn on_exit(mut self, hook: fn(ExitReason)) -> Self {
         self.on_exit = Some(hook);
         self
@@ -178,20 +180,20 @@ impl Builder {
     /// On expiry the task ends as timed out and its worker is stopped (SIGTERM,
     /// exit hook, grace period, SIGKILL) and replaced.
     pub fn task_timeout(mut self, timeout: Duration) -> Self {
-        self.cfg.task_timeout = Some(timeout);
+        self.cfg.task_timeout = Some(longest(timeout));
         self
     }
 
     /// Time a new worker has to start and run its start hook.
     pub fn init_timeout(mut self, timeout: Duration) -> Self {
-        self.cfg.init_timeout = timeout;
+        self.cfg.init_timeout = longest(timeout);
         self
     }
 
     /// Grace period of every escalation step: after a retire before SIGTERM,
     /// after SIGTERM before SIGKILL.
     pub fn grace(mut self, grace: Duration) -> Self {
-        self.cfg.grace = grace;
+        self.cfg.grace = longest(grace);
         self
     }
 
@@ -269,9 +271,12 @@ impl Builder {
         self
     }
 
-    /// Largest frame (task or result) accepted on the wire; default 256 MiB.
+    /// Largest frame (task or result) accepted on the wire; default 256 MiB,
+    /// at least [`MIN_FRAME`] (a smaller size is taken as that): a result
+    /// too large for the limit is replaced by an error saying so, and that
+    /// error must itself fit in a frame.
     pub fn max_frame_size(mut self, bytes: usize) -> Self {
-        self.cfg.max_frame = bytes.max(64);
+        self.cfg.max_frame = bytes.max(MIN_FRAME);
         self
     }
 
@@ -330,9 +335,9 @@ impl Builder {
 
     /// A second payload for a [`Builder::command`] pool's zygote: if a zygote
     /// prepared from [`Builder::zygote_payload`] cannot fork (its preparation
-    /// started a thread), the pool starts one more zygote, prepared from this,
-    /// before it falls back to exec for good. The Python pools pass their
-    /// preloads without `__main__` here.
+    /// started a thread or left an fd open), the pool starts one more zygote,
+    /// prepared from this, before it falls back to exec for good. The Python
+    /// pools pass their preloads without `__main__` here.
     pub fn zygote_fallback_payload(mut self, payload: Vec<u8>) -> Self {
         self.cfg.zygote_fallback = Some(payload);
         self
@@ -354,6 +359,15 @@ impl Builder {
     pub fn build(mut self) -> Result<Pool> {
         if self.cfg.workers == 0 {
             return Err(Error::config("a pool needs at least one worker"));
+        }
+        // A worker or zygote that got here never ran `init`, which takes
+        // these variables and never returns in such a process: its pool
+        // would start workers that do the same, without end.
+        if std::env::var_os(crate::spawn::ENV_FD).is_some() || std::env::var_os(crate::zygote::ENV_ZYGOTE).is_some() {
+            return Err(Error::config(
+                "this process was started by a warden pool as its worker, but main() built a pool before \
+                 calling warden::init(): call warden::init() first thing in main()",
+            ));
         }
         self.cfg.init_payload = match self.raw_init.take() {
             Some(payload) => payload,
@@ -434,6 +448,18 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// The smallest frame limit a pool takes (see [`Builder::max_frame_size`]).
+pub const MIN_FRAME: usize = 4096;
+
+/// The longest duration a pool keeps as a timeout or a grace period (about
+/// 30 years): a longer one, such as `Duration::MAX` meant as "no limit", is
+/// taken as this, so that adding it to the clock cannot overflow.
+pub const LONGEST_WAIT: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+fn longest(d: Duration) -> Duration {
+    d.min(LONGEST_WAIT)
+}
+
 /// Options of one task.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TaskOptions {
@@ -504,7 +530,8 @@ impl Pool {
             ))));
         }
         let id = self.shared.next_task.fetch_add(1, Ordering::Relaxed);
-        let task = Task::new(id, payload, segment, options.timeout.or(self.default_timeout), reply);
+        let timeout = options.timeout.map(longest).or(self.default_timeout);
+        let task = Task::new(id, payload, segment, timeout, reply);
         match self.shared.send(Command::Submit(task)) {
             Ok(()) => Ok(id),
             Err(cmd) => {
@@ -570,7 +597,8 @@ impl Pool {
     /// one grace period once the last worker is reaped (a hook still running
     /// then finishes on its own). Escalates nothing (see [`Pool::stop`]).
     pub fn join(&self, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long to add to the clock is no deadline at all.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         if !self.shared.wait_done(timeout) {
             return false;
         }
@@ -799,7 +827,7 @@ impl Slot {
     }
 
     fn take(&self, timeout: Option<Duration>) -> Result<Vec<u8>> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut state = lock(&self.state);
         loop {
             match std::mem::replace(&mut *state, SlotState::Taken) {

@@ -21,7 +21,19 @@ use warden::{ExitReason, LifecycleEvent, LostWorker, Pool};
 const HOOKS_ENV: &str = "WARDEN_FAULTS_HOOKS";
 const MIB: u64 = 1 << 20;
 
+/// Set: `main` skips `warden::init()`, builds a pool and says how that went.
+const NO_INIT_ENV: &str = "WARDEN_FAULTS_NO_INIT";
+
 fn main() {
+    if std::env::var_os(NO_INIT_ENV).is_some() {
+        // A program that forgot `warden::init()`, run as a pool's worker.
+        match Pool::builder().workers(1).build() {
+            Ok(_pool) => println!("pool running"),
+            Err(e) => println!("refused: {e}"),
+        }
+        // Without dropping the pool: its workers die with this process.
+        std::process::exit(0);
+    }
     warden::init();
     let args = Arguments::from_args();
     let tests = vec![
@@ -38,6 +50,12 @@ fn main() {
             "a_forked_copy_of_the_parent_is_refused_its_pool_at_once_and_stops_nothing",
             forked_copy_of_the_parent,
         ),
+        Trial::test(
+            "a_worker_whose_main_builds_a_pool_before_init_is_refused_with_an_error_naming_init",
+            pool_before_init_in_a_worker,
+        ),
+        Trial::test("durations_as_long_as_duration_max_mean_no_limit_and_never_panic", duration_max_is_no_limit),
+        Trial::test("a_result_over_the_smallest_frame_limit_fails_its_task_and_the_pool_goes_on", smallest_frame_limit),
     ];
     libtest_mimic::run(&args, tests).exit();
 }
@@ -421,5 +439,54 @@ fn supervisor_panic_kills_every_worker() -> TestResult {
     for pid in pids {
         check(process_gone(pid), format!("worker {pid} was killed and reaped"))?;
     }
+    Ok(())
+}
+
+fn pool_before_init_in_a_worker() -> TestResult {
+    let exe = std::env::current_exe()?;
+    // The environment a pool gives its worker (the fd is never used: the
+    // pool must be refused before anything reads it).
+    let out = std::process::Command::new(exe)
+        .env(NO_INIT_ENV, "1")
+        .env("WARDEN_FD", "1000")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    check(
+        stdout.starts_with("refused:") && stdout.contains("warden::init()") && !stdout.contains("pool running"),
+        format!("the pool is refused, naming init, and nothing else is built: {stdout:?}"),
+    )
+}
+
+fn echo_len(n: usize) -> Vec<u8> {
+    vec![7; n]
+}
+
+fn duration_max_is_no_limit() -> TestResult {
+    let pool = Pool::builder()
+        .workers(1)
+        .task_timeout(Duration::MAX)
+        .init_timeout(Duration::MAX)
+        .grace(Duration::MAX)
+        .build()?;
+    let handle = pool.spawn_with(echo_len, 3, warden::TaskOptions { timeout: Some(Duration::MAX) })?;
+    check(handle.join_timeout(Duration::MAX)? == vec![7; 3], "the task's result")?;
+    check(pool.spawn(pid, ())?.join().is_ok(), "another task")?;
+    pool.close();
+    check(pool.join(Some(Duration::MAX)), "the pool joined")?;
+    check(pool.failure().is_none(), format!("the pool did not fail: {:?}", pool.failure()))?;
+    Ok(())
+}
+
+fn smallest_frame_limit() -> TestResult {
+    let pool = Pool::builder().workers(1).max_frame_size(1).build()?;
+    let e =
+        pool.spawn(echo_len, 2 * warden::MIN_FRAME)?.join_timeout(Duration::from_secs(60)).err().ok_or("an error")?;
+    check(
+        !e.is_wait_timeout() && e.to_string().contains("frame"),
+        format!("the task says its result was too large: {e}"),
+    )?;
+    check(pool.spawn(echo_len, 10)?.join_timeout(Duration::from_secs(60))? == vec![7; 10], "the pool goes on")?;
+    pool.shutdown();
     Ok(())
 }

@@ -183,7 +183,7 @@ impl SupervisorLink {
         if self.foreign() {
             return false;
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut done = lock(&self.done);
         while done.is_none() {
             match deadline {
