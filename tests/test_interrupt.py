@@ -1,15 +1,19 @@
 """Ctrl-C (SIGINT to the parent, as a terminal sends it): waits raise
 KeyboardInterrupt promptly, queued tasks are cancelled, running workers stop
 gracefully (finalizers run), workers print no tracebacks, and a second Ctrl-C
-kills at once."""
+kills at once. And stop signals that the workers' own code handles."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
+import sys
 import time
 
 import pytest
+
+import warden
 
 from conftest import descendants, wait_until
 
@@ -190,3 +194,60 @@ def test_a_program_ended_by_ctrl_c_stops_its_children_instead_of_joining_them(pr
     assert time.monotonic() - sent < 10
     assert proc.returncode == -signal.SIGINT, err
     assert prog.out_lines() == ["child started", "child cleaned up"]
+
+
+# -- a pool whose workers handle SIGTERM themselves ---------------------------
+
+
+def note(path, text):
+    with open(path, "a") as f:
+        f.write(f"{text} {os.getpid()}\n")
+
+
+def exit_on_sigterm(path):
+    """An initializer that gives the worker its own SIGTERM handler."""
+    import atexit
+
+    def on_sigterm(signum, frame):
+        note(path, "handler")
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    atexit.register(note, path, "atexit")
+    note(path, "ready")
+
+
+def busy(path):
+    note(path, "task")
+    time.sleep(30)
+
+
+def count(path, word):
+    return sum(line.startswith(word + " ") for line in read(path).splitlines())
+
+
+@pytest.mark.parametrize("impl", ["stdlib", "warden"])
+def test_terminating_a_pool_whose_workers_handle_sigterm_runs_their_exit_path_at_once(tmp_path, impl):
+    out = str(tmp_path / "out")
+    make = warden.Pool if impl == "warden" else multiprocessing.get_context("spawn").Pool
+    pool = make(2, initializer=exit_on_sigterm, initargs=(out,))
+    took = None
+    try:
+        assert wait_until(lambda: count(out, "ready") == 2, timeout=30)
+        pool.apply_async(busy, (out,))  # one worker busy, the other idle
+        assert wait_until(lambda: count(out, "task") == 1, timeout=30)
+        start = time.monotonic()
+        pool.terminate()
+        pool.join()
+        took = time.monotonic() - start
+    finally:
+        if took is None:
+            pool.terminate()
+    assert took < 3  # well under the 5 s grace: nothing waited for SIGKILL
+    if impl == "warden":
+        # One SIGTERM each: the handler ran once, then the exit path, in the
+        # busy worker and in the idle one. (The standard library's idle
+        # worker may leave on the pool's sentinel before the signal comes,
+        # or get it while it exits: no count to compare there.)
+        assert count(out, "handler") == 2
+        assert count(out, "atexit") == 2

@@ -303,3 +303,109 @@ def test_interpreter_exit_terminates_daemons_and_joins_other_children(program):
     assert run.returncode == 0, run.stderr
     assert run.elapsed < 10
     assert sorted(prog.out_lines()) == ["daemon stopped", "done 0.5"]
+
+
+# -- signals the target handles itself, as in a child of the standard library's
+
+
+IMPLS = {"stdlib": multiprocessing.get_context("spawn").Process, "warden": warden.Process}
+
+
+def serve_until_sigterm(path, code):
+    """A server's graceful shutdown: its own SIGTERM handler asks the loop to
+    end (or ends it with ``sys.exit(code)``)."""
+    import atexit
+
+    stopping = []
+
+    def on_sigterm(signum, frame):
+        write(path, "handler\n")
+        if code is not None:
+            sys.exit(code)
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    atexit.register(write, path, "atexit\n")
+    write(path, "ready\n")
+    while not stopping:
+        time.sleep(0.02)
+    write(path, "returning\n")
+
+
+def stopped_in_time(p, path):
+    """Terminates ``p`` once its target is ready; how long ``join()`` took."""
+    try:
+        assert wait_for_file(path)
+        start = time.monotonic()
+        p.terminate()
+        p.join(30)
+        return time.monotonic() - start
+    finally:
+        if p.exitcode is None:
+            p.kill()
+            p.join(30)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [(None, ["ready", "handler", "returning", "atexit"]), (3, ["ready", "handler", "atexit"])],
+)
+def test_terminate_lets_a_target_with_its_own_sigterm_handler_return_and_run_the_exit_path(
+    tmp_path, impl, code, expected
+):
+    out = tmp_path / "out"
+    p = IMPLS[impl](target=serve_until_sigterm, args=(out, code))
+    p.start()
+    took = stopped_in_time(p, out)
+    assert p.exitcode == (code or 0)
+    assert out.read_text().splitlines() == expected
+    assert took < 3  # well under the 5 s grace: nothing waited for SIGKILL
+
+
+def wait_for_ctrl_c(path, handle):
+    import atexit
+
+    atexit.register(write, path, "atexit\n")
+    try:
+        write(path, "ready\n")
+        time.sleep(30)
+        write(path, "slept\n")
+    except KeyboardInterrupt:
+        if not handle:
+            raise
+        write(path, "KeyboardInterrupt\n")
+    finally:
+        write(path, "finally\n")
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize(
+    ("handle", "expected_code", "expected"),
+    [
+        (True, 0, ["ready", "KeyboardInterrupt", "finally", "atexit"]),
+        (False, 1, ["ready", "finally", "atexit"]),
+    ],
+)
+def test_sigint_raises_keyboard_interrupt_in_the_target(
+    tmp_path, capfd, impl, handle, expected_code, expected
+):
+    out = tmp_path / "out"
+    p = IMPLS[impl](target=wait_for_ctrl_c, args=(out, handle), name="P")
+    p.start()
+    try:
+        assert wait_for_file(out)
+        os.kill(p.pid, signal.SIGINT)
+        p.join(30)
+    finally:
+        if p.exitcode is None:
+            p.kill()
+            p.join(30)
+    assert p.exitcode == expected_code
+    assert out.read_text().splitlines() == expected
+    err = capfd.readouterr().err
+    if handle:
+        assert "Traceback" not in err
+    else:
+        # As multiprocessing's bootstrap reports an exception that ends run().
+        assert "Process P:" in err and err.rstrip().endswith("KeyboardInterrupt"), err

@@ -22,7 +22,10 @@ core's worker loop (``_warden.worker_main``), which calls back into a
 A stop signal (SIGTERM from the pool on a timeout, cancel or terminate; the
 parent-death signal; SIGINT/SIGHUP) raises :class:`TaskInterrupted` in the
 running task; outside a task the handler does nothing and the core ends the
-worker through its exit path.
+worker through its exit path. A ``Process`` child's target has SIGINT back
+(``KeyboardInterrupt``, as in any program). A task that installs its own
+SIGTERM handler gets the pool's SIGTERM there instead; the pool's
+``Retire(Stopped)`` that comes with it ends the worker once the task returns.
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ if TYPE_CHECKING:
 # never fails never pays for it (nor for ``linecache`` and ``tokenize``).
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+#: SIGINT's handler as the interpreter set it up, before the worker's own:
+#: ``signal.default_int_handler``, or ``SIG_IGN`` in a process started with
+#: SIGINT ignored. A ``Process`` child's target gets it back.
+_startup_sigint: Any = signal.default_int_handler
 
 
 #: How long a worker's exit waits for the parent to read the results it lent.
@@ -177,7 +185,7 @@ class Handler:
             me._inheriting = True  # type: ignore[attr-defined]
             try:
                 multiprocessing.spawn.prepare(init["preparation"])
-                hooks = pickle.loads(init["hooks"]) if init["hooks"] else {}
+                hooks = _oob.unpickle(init["hooks"]) if init["hooks"] else {}
             finally:
                 del me._inheriting  # type: ignore[attr-defined]
             _set_parent(init["parent_name"], parent)
@@ -269,11 +277,18 @@ class Handler:
 
     def _run_process(self, payload: bytes) -> bytes | _warden.RemoteFailure:
         """Runs a one-off ``Process`` as ``multiprocessing``'s bootstrap does:
-        exit code 0, ``sys.exit(n)`` gives n, an exception gives 1 and a traceback."""
+        exit code 0, ``sys.exit(n)`` gives n, an exception gives 1 and a traceback.
+
+        SIGINT is the target's, as in a child of the standard library's (a
+        ``Process`` is a program of its own): it raises ``KeyboardInterrupt``
+        there, not ``TaskInterrupted``, and does not stop the worker. Setting
+        its handler back also takes it from the core's, which stops
+        treating it as a stop signal."""
+        signal.signal(signal.SIGINT, _startup_sigint)
         me = multiprocessing.current_process()
         me._inheriting = True  # type: ignore[attr-defined]
         try:
-            process = pickle.loads(payload)
+            process = _oob.unpickle(payload)
         except TaskInterrupted:
             raise
         except BaseException:
@@ -468,6 +483,10 @@ def main() -> None:
     # tasks start are not mistaken for workers.
     variables = {key: os.environ.pop(key) for key in _warden.WORKER_VARIABLES if key in os.environ}
     handler = Handler()
+    global _startup_sigint
+    _startup_sigint = signal.getsignal(signal.SIGINT)
+    if _startup_sigint is None:  # not set from Python: what a fresh interpreter has
+        _startup_sigint = signal.default_int_handler
     # Installed before the core's handlers, which chain to them.
     for sig in _STOP_SIGNALS:
         signal.signal(sig, handler.on_signal)

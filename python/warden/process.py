@@ -43,9 +43,13 @@ class Process(multiprocessing.process.BaseProcess):
     output before ``join()`` returns. ``terminate()`` asks it to stop: the
     running target gets :class:`warden.TaskInterrupted`, ``finally`` blocks and
     the exit path run, and it is killed only if that takes longer than the
-    grace period. ``exitcode`` follows ``multiprocessing``: 0, 1 after an
+    grace period. A target that installed its own SIGTERM handler gets that
+    handler instead, and the child runs its exit path once the target
+    returns. SIGINT raises ``KeyboardInterrupt`` in the target, as in any
+    program. ``exitcode`` follows ``multiprocessing``: 0, 1 after an
     exception (traceback on stderr), ``n`` for ``sys.exit(n)``, ``-15`` after
-    ``terminate()``, ``-9`` after ``kill()``.
+    ``terminate()`` (or the target's own code if its handler made it return),
+    ``-9`` after ``kill()``.
 
     Pickling a ``Process`` (for instance as part of ``self`` in
     ``Process(target=self.method)``) gives the child an inert handle that
@@ -172,8 +176,9 @@ class Process(multiprocessing.process.BaseProcess):
         return not self._popen.core.is_shut_down()
 
     def terminate(self) -> None:
-        """Asks the child to stop: SIGTERM (its target is interrupted and its
-        exit path runs), SIGKILL after the grace period. Returns at once."""
+        """Asks the child to stop: SIGTERM (its target is interrupted, or its
+        own SIGTERM handler runs, and its exit path runs), SIGKILL after the
+        grace period. Returns at once."""
         self._check_closed()
         self._check_not_handle("terminate")
         if self._popen is not None:

@@ -404,6 +404,7 @@ fn retire_reason(reason: &RetireReason) -> &'static str {
         RetireReason::MaxTasks => "max_tasks",
         RetireReason::Done => "done",
         RetireReason::MaxMemory => "max_memory",
+        RetireReason::Stopped => "stopped",
     }
 }
 

@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::exceptions::{PyRuntimeError, PySystemExit, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 use warden::frontend::{ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_PROTOCOL};
@@ -199,11 +199,21 @@ fn borrowed_view<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyAn
 }
 
 fn run_exit_hook(handler: &Py<PyAny>, reason: &ExitReason) -> ExitHookOutcome {
-    Python::attach(|py| match handler.bind(py).call_method1("exit", (exit_reason(reason),)) {
-        Ok(v) => match v.extract::<(Option<String>, Option<i32>)>() {
-            Ok((error, exit_code)) => ExitHookOutcome { error, exit_code },
-            Err(e) => ExitHookOutcome { error: Some(format!("bad exit hook result: {e}")), exit_code: None },
-        },
-        Err(e) => ExitHookOutcome { error: Some(e.to_string()), exit_code: None },
+    Python::attach(|py| {
+        // A signal handler of the task's own (`signal.signal`) whose signal
+        // came while the main thread was outside Python runs now, so that
+        // what it raises (`sys.exit()`) cannot cut the exit path short.
+        if let Err(e) = py.check_signals() {
+            if !e.is_instance_of::<PySystemExit>(py) {
+                e.print(py);
+            }
+        }
+        match handler.bind(py).call_method1("exit", (exit_reason(reason),)) {
+            Ok(v) => match v.extract::<(Option<String>, Option<i32>)>() {
+                Ok((error, exit_code)) => ExitHookOutcome { error, exit_code },
+                Err(e) => ExitHookOutcome { error: Some(format!("bad exit hook result: {e}")), exit_code: None },
+            },
+            Err(e) => ExitHookOutcome { error: Some(e.to_string()), exit_code: None },
+        }
     })
 }

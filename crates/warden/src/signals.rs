@@ -20,8 +20,10 @@
 //! Handlers are installed with `signal-hook-registry`, which chains to a handler
 //! installed earlier (the Python worker relies on that to keep its own). Code that
 //! replaces the SIGTERM handler later (a task calling `signal.signal`) takes
-//! these flags away; the pool then stops that worker with SIGKILL after the
-//! grace period, and its exit hook does not run.
+//! these flags away. The pool's own stops still reach the worker: each SIGTERM
+//! comes with a `Retire(Stopped)` on the channel, taken as soon as the running
+//! task returns (see [`crate::worker`]); a task that does not return is
+//! SIGKILLed after the grace period, without the exit hook.
 
 use std::io;
 use std::os::fd::RawFd;

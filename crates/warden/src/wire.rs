@@ -109,6 +109,13 @@ pub enum RetireReason {
     Done,
     /// The worker's memory grew past the pool's `max_memory_per_child`.
     MaxMemory,
+    /// Sent with every SIGTERM the pool gives a worker (a timeout, a cancel,
+    /// `terminate`), for the case where the signal reaches a handler the
+    /// worker's own code installed instead of warden's: the worker then
+    /// leaves through its exit path as soon as its running task returns,
+    /// starting no other. A worker whose warden handler saw the signal ends by
+    /// it as usual and never acts on this.
+    Stopped,
 }
 
 /// How a worker's life ended, as the worker saw it.

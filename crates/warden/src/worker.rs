@@ -40,6 +40,12 @@
 //! to the monitor, which runs it and ends the process while the task is still
 //! on the main thread's stack.
 //!
+//! Code of the task's own may have taken SIGTERM from warden's handler; its
+//! handler then decides what the task does. The pool sends each SIGTERM with
+//! a `Retire(Stopped)`: the worker takes its exit path as soon as the running
+//! task returns, ahead of tasks queued (the grace period bounds a task that
+//! does not return). A worker that saw the signal itself ends by it.
+//!
 //! The main thread reads the channel itself whenever it has nothing to run. A
 //! third thread, the watcher, reads it instead while a task runs long, so that
 //! a task sent ahead of time can be given back to the pool while another runs
@@ -58,7 +64,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -68,7 +74,7 @@ use crate::panics::{lock, panic_text};
 use crate::signals;
 use crate::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 use crate::wire::{
-    self, ExitPathReport, ExitReason, FrameReader, Message, RemoteError, RemoteErrorKind, WireOutcome,
+    self, ExitPathReport, ExitReason, FrameReader, Message, RemoteError, RemoteErrorKind, RetireReason, WireOutcome,
     DEFAULT_MAX_FRAME,
 };
 
@@ -259,6 +265,10 @@ struct WorkerState {
     max_frame: usize,
     parent: u32,
     state: AtomicU8,
+    /// The pool sent `Retire(Stopped)`: it stopped this worker with SIGTERM,
+    /// which code of the worker's own may have taken from warden's handler.
+    /// Read as soon as the running task returns, ahead of tasks queued.
+    stop_requested: AtomicBool,
     hook: Mutex<Option<ExitHook>>,
     /// Set once the exit path has run; holding it serialises the exit path.
     exit: Mutex<Option<ExitStatus>>,
@@ -399,6 +409,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
         max_frame: env.max_frame,
         parent: env.parent,
         state: AtomicU8::new(STARTING),
+        stop_requested: AtomicBool::new(false),
         hook: Mutex::new(None),
         exit: Mutex::new(None),
     });
@@ -499,7 +510,12 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
         let incoming = match msg {
             Message::Init { worker, payload } => Incoming::Init { worker, payload: payload.to_vec() },
             Message::Task { id, payload } => Incoming::Task { id, payload: payload.to_vec(), segment },
-            Message::Retire { reason } => Incoming::Retire(reason),
+            Message::Retire { reason } => {
+                if reason == RetireReason::Stopped {
+                    core.stop_requested.store(true, Ordering::SeqCst);
+                }
+                Incoming::Retire(reason)
+            }
             // A cancel for a task not taken yet gives it back now; one for a
             // task already taken (running, or done) is stale: the pool sees
             // that task's result.
@@ -524,13 +540,23 @@ fn watch_channel(core: Arc<WorkerState>, inbox: Arc<Inbox>) {
     inbox.watch(&mut read);
 }
 
+/// Why the worker must leave now, if it must: a stop signal warden's
+/// handler saw, or (the signal taken by a handler of the worker's own code)
+/// the pool's `Retire(Stopped)` that came with it.
+fn stop_requested(core: &WorkerState) -> Option<ExitReason> {
+    if let Some(sig) = signals::pending() {
+        return Some(core.stop_reason(sig));
+    }
+    core.stop_requested.load(Ordering::SeqCst).then_some(ExitReason::Retired(RetireReason::Stopped))
+}
+
 fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> ExitReason {
     let mut initialized = false;
     let worker_pid = std::process::id();
     let mut read = |reader: &mut FrameReader, until: Until<'_>| pump(core, inbox, reader, until);
     loop {
-        if let Some(sig) = signals::pending() {
-            return core.stop_reason(sig);
+        if let Some(reason) = stop_requested(core) {
+            return reason;
         }
         let msg = match inbox.next(&mut read) {
             Ok(msg) => msg,
@@ -589,9 +615,9 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
             }
             Incoming::Task { id, payload, segment } if initialized => {
                 core.state.store(BUSY, Ordering::SeqCst);
-                if let Some(sig) = signals::pending() {
+                if let Some(reason) = stop_requested(core) {
                     core.state.store(IDLE, Ordering::SeqCst);
-                    return core.stop_reason(sig);
+                    return reason;
                 }
                 inbox.started();
                 let result = catch_unwind(AssertUnwindSafe(|| handler.run_with_segment(&payload, segment)));
@@ -628,7 +654,12 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                     }
                 }
             }
-            Incoming::Retire(reason) => return ExitReason::Retired(reason),
+            Incoming::Retire(reason) => {
+                return match signals::pending() {
+                    Some(sig) => core.stop_reason(sig),
+                    None => ExitReason::Retired(reason),
+                }
+            }
             other => {
                 let name = match other {
                     Incoming::Init { .. } => "second init",

@@ -57,7 +57,13 @@ impl Pidfd {
 impl Kill for Pidfd {
     fn signal(&mut self, sig: Signal, group: bool) {
         if group {
-            let _ = rustix::process::kill_process_group(self.pid, sig);
+            // The worker leads its group unless it left it: then the group's
+            // signal is its one signal. Twice would run a handler of its own
+            // twice (the standard library's `terminate()` sends one SIGTERM).
+            let leads = rustix::process::getpgid(Some(self.pid)).is_ok_and(|g| g == self.pid);
+            if rustix::process::kill_process_group(self.pid, sig).is_ok() && leads {
+                return;
+            }
         }
         let _ = rustix::process::pidfd_send_signal(&self.pidfd, sig);
     }

@@ -65,6 +65,8 @@ pub(super) struct Worker {
     pub(super) process: Box<dyn WorkerProcess>,
     pub(super) sock: UnixStream,
     pub(super) reader: FrameReader,
+    /// The pool's frame limit, for what the worker is sent.
+    max_frame: usize,
     pub(super) out: Vec<u8>,
     pub(super) out_pos: usize,
     /// Segment descriptors to pass with the frames in `out`: the offset of
@@ -102,6 +104,7 @@ impl Worker {
             process,
             sock,
             reader: FrameReader::new(max_frame),
+            max_frame,
             out: Vec::new(),
             out_pos: 0,
             out_fds: VecDeque::new(),
@@ -157,6 +160,13 @@ impl Worker {
         // through its exit path now instead of dying by SIGKILL without it
         // once the grace is over. Harmless to a running one.
         self.signal(Signal::CONT);
+        // The same request on the channel, for a worker whose own code took
+        // SIGTERM from warden's handler (a task's `signal.signal`): it
+        // leaves as soon as its running task returns, instead of waiting
+        // for work until the grace is over. One that saw the signal ignores it.
+        if self.queue(&Message::Retire { reason: RetireReason::Stopped }, self.max_frame).is_ok() {
+            self.flush();
+        }
         self.phase = WorkerPhase::Stopping;
         self.deadline = Some(Instant::now() + grace);
     }
