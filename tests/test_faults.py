@@ -231,6 +231,35 @@ def test_what_a_task_leaves_running_in_its_workers_group_ends_with_the_worker(ki
                 os.kill(pid, signal.SIGKILL)
 
 
+ORPHANING_PARENT = """
+import os, signal, subprocess, warden
+
+def start_sleeper():
+    return subprocess.Popen(["sleep", "300"]).pid
+
+if __name__ == "__main__":
+    ex = warden.ProcessPoolExecutor(1)
+    sleeper = ex.submit(start_sleeper).result(timeout=60)
+    worker = ex.submit(os.getpid).result(timeout=60)
+    print(sleeper, worker, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # nothing of this process cleans up
+"""
+
+
+def test_what_a_task_leaves_running_ends_with_its_worker_when_the_parent_is_sigkilled(program):
+    run = program(ORPHANING_PARENT).run(timeout=60)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    sleeper, worker = (int(p) for p in run.stdout.split())
+    try:
+        assert wait_until(lambda: not alive(worker) and not alive(sleeper), timeout=15), (
+            f"worker alive: {alive(worker)}, what its task left alive: {alive(sleeper)}"
+        )
+    finally:
+        for pid in (sleeper, worker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 # -- restart intensity -------------------------------------------------------
 
 

@@ -165,13 +165,58 @@ pub fn current_worker() -> Option<&'static WorkerInfo> {
     CURRENT.get()
 }
 
+/// Set once a worker's exit path starts because its parent is gone: nobody
+/// will reap it, nor kill what its tasks left running in its process group.
+static ORPHANED: AtomicBool = AtomicBool::new(false);
+
+/// How long an orphaned worker's exit path may take (the pool's default
+/// grace period: no supervisor is left to enforce the pool's own).
+const ORPHAN_GRACE: Duration = crate::pool::DEFAULT_GRACE;
+
+/// Ends an orphaned worker and what its tasks left running: SIGKILL to its
+/// process group, which it leads (every worker does; one that left it kills
+/// only itself), this process included.
+fn end_orphan(code: i32) -> ! {
+    let me = rustix::process::getpid();
+    if rustix::process::getpgrp() == me {
+        let _ = rustix::process::kill_process_group(me, rustix::process::Signal::KILL);
+    }
+    // SAFETY: ends this process at once, as a killed one would end.
+    unsafe { libc::_exit(code) }
+}
+
+/// In an orphaned worker: a thread that ends the worker (and its group) if
+/// its exit path is not done within [`ORPHAN_GRACE`], as a live pool would.
+fn bound_orphan_exit() {
+    let spawned = std::thread::Builder::new().name("warden-orphan".into()).spawn(|| {
+        std::thread::sleep(ORPHAN_GRACE);
+        eprintln!(
+            "warden worker {}: the pool's process is gone and the exit path is still running after {ORPHAN_GRACE:?}: killed",
+            std::process::id()
+        );
+        end_orphan(EXIT_PARENT_GONE);
+    });
+    if spawned.is_err() {
+        // No thread for the bound: no exit path either, rather than one
+        // that may never end.
+        end_orphan(EXIT_PARENT_GONE);
+    }
+}
+
 impl ExitStatus {
     /// Ends this process the way `self` says: exit with the code, or die by
     /// the signal with its default action (a worker, after its exit path ran).
-    /// Flushes stdout and stderr first.
+    /// Flushes stdout and stderr first. A worker whose pool's process is
+    /// gone takes its process group with it (what its tasks left running).
     pub fn exit(self) -> ! {
         let _ = io::stdout().flush();
         let _ = io::stderr().flush();
+        if ORPHANED.load(Ordering::SeqCst) {
+            end_orphan(match self {
+                ExitStatus::Code(c) => c,
+                ExitStatus::Signal(s) => 128 + s,
+            });
+        }
         match self {
             ExitStatus::Code(c) => std::process::exit(c),
             ExitStatus::Signal(s) => signals::die_by(s),
@@ -321,6 +366,9 @@ impl WorkerState {
         }
         self.state.store(EXITING, Ordering::SeqCst);
         tracing::debug!(?reason, "worker exit path");
+        if reason == ExitReason::ParentGone && !ORPHANED.swap(true, Ordering::SeqCst) {
+            bound_orphan_exit();
+        }
         let mut report = ExitPathReport {
             hook_ran: false,
             hook_error: None,

@@ -59,6 +59,10 @@ fn main() {
             workers_exit_when_owner_is_killed,
         ),
         both(
+            "after_its_owner_is_sigkilled_a_worker_takes_what_its_task_left_running_and_a_hung_exit_hook_is_cut_short",
+            orphaned_workers_leave_nothing_behind,
+        ),
+        both(
             "a_worker_sigkilled_mid_task_gives_a_crash_with_sigkill",
             a_worker_sigkilled_mid_task_gives_a_crash_with_sigkill,
         ),
@@ -514,6 +518,43 @@ fn workers_exit_when_owner_is_killed() -> TestResult {
     for &p in &pids {
         // SAFETY: kill(2) with integers; cleanup if the test failed.
         unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    result
+}
+
+fn orphaned_workers_leave_nothing_behind() -> TestResult {
+    let hooks = Hooks::new();
+    let mut owner = Command::new(std::env::current_exe()?)
+        .env(SCENARIO_ENV, "owner-with-leftovers")
+        .env(START_ENV, start_name(START.with(|s| s.get())))
+        .env(HOOKS_ENV, hooks.path())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = owner.stdout.take().ok_or("no stdout")?;
+    let mut pids: Vec<i32> = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if let Some(rest) = line.strip_prefix("pids ") {
+            pids = rest.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+            break;
+        }
+    }
+    let result = (|| {
+        check(pids.len() == 3 && pids.iter().all(|&p| p > 0), format!("the owner's pids: {pids:?}"))?;
+        owner.kill()?; // SIGKILL: the owner cleans up nothing itself
+        owner.wait()?;
+        // The hung exit hook is cut short after the default grace (5 s).
+        let gone = wait_until(Duration::from_secs(15), || pids.iter().all(|&p| process_gone(p)));
+        let left: Vec<i32> = pids.iter().copied().filter(|&p| !process_gone(p)).collect();
+        check(gone, format!("sleeper, worker and stuck worker all gone; still there: {left:?} of {pids:?}"))
+    })();
+    let _ = owner.kill();
+    let _ = owner.wait();
+    for &p in &pids {
+        if p > 0 {
+            // SAFETY: kill(2) with integers; cleanup if the test failed.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
     }
     result
 }
@@ -1038,6 +1079,7 @@ fn a_task_larger_than_the_frame_limit_is_refused_and_the_pool_goes_on() -> TestR
 fn run_scenario(name: &str) -> i32 {
     let result = match name {
         "owner" => scenario_owner(),
+        "owner-with-leftovers" => scenario_owner_with_leftovers(),
         "leaves-nothing" => scenario_leaves_nothing(),
         "join-leaves-nothing" => scenario_join_leaves_nothing(),
         "terminate-and-kill" => scenario_terminate_and_kill(),
@@ -1074,6 +1116,32 @@ fn one_busy_one_idle(pool: &Pool, ms: u64) -> Result<warden::Handle<u32>, Failed
 }
 
 /// Owns a pool with one busy and one idle worker, prints their pids, waits to be killed.
+/// A task that starts a process in its worker's process group and leaves it
+/// running; returns its pid.
+fn leave_a_sleeper(_: ()) -> u32 {
+    match std::process::Command::new("sleep").arg("600").spawn() {
+        Ok(child) => child.id(),
+        Err(_) => 0,
+    }
+}
+
+fn hang_on_exit(_: ExitReason) {
+    std::thread::sleep(Duration::from_secs(3600));
+}
+
+/// Two pools: one whose task left a process running in its worker's group,
+/// one whose exit hook never returns. Prints the pids, then waits to be killed.
+fn scenario_owner_with_leftovers() -> TestResult {
+    let leaves = builder().workers(1).build()?;
+    let sleeper = leaves.spawn(leave_a_sleeper, ())?.join()?;
+    let worker = leaves.spawn(pid, ())?.join()?;
+    let hangs = builder().workers(1).on_exit(hang_on_exit).build()?;
+    let stuck = hangs.spawn(pid, ())?.join()?;
+    println!("pids {sleeper} {worker} {stuck}");
+    std::thread::sleep(Duration::from_secs(120));
+    Ok(())
+}
+
 fn scenario_owner() -> TestResult {
     let pool = builder().workers(2).on_start(on_start).on_exit(on_exit).build()?;
     let _busy = one_busy_one_idle(&pool, 120_000)?;
