@@ -341,6 +341,200 @@ def test_many_arrays_through_map_come_back_in_order(no_segment_leaks):
     del back
 
 
+# -- read-only numpy arrays ---------------------------------------------------
+
+#: Sizes in bytes: inline, at the limit, out of band.
+READ_ONLY_SIZES = [LIMIT - 16, LIMIT, LIMIT + 16, 4 << 20]
+
+
+def pattern(n: int) -> bytes:
+    return bytes(range(251)) * (n // 251) + bytes(range(n % 251))
+
+
+def add_one_in_place(a):
+    """What a task does to its own copy: ``a -= a.mean()``, say."""
+    a += 1  # ValueError: output array is read-only, on a read-only array
+    return a
+
+
+def read_only_array(n: int):
+    """A result as decoding a message gives it: an array over ``bytes``."""
+    import numpy as np
+
+    return np.frombuffer(pattern(n), dtype=np.uint8)
+
+
+def read_only_arguments(np, n: int) -> list:
+    decoded = np.frombuffer(pattern(n), dtype=np.uint8)
+    frozen = np.frombuffer(pattern(n), dtype=np.int64, count=n // 8).copy().reshape(-1, 2)
+    frozen.flags.writeable = False
+    fortran = np.asfortranarray(frozen)
+    fortran.flags.writeable = False
+    return [decoded, frozen, fortran]
+
+
+def read_only_round_trips(np, call) -> list:
+    """What a program sees sending read-only arrays to ``call(fn, arg)`` and
+    getting read-only arrays back: for each, whether the array that arrived
+    was writable and held the right bytes (or the error)."""
+    seen = []
+    for n in READ_ONLY_SIZES:
+        for a in read_only_arguments(np, n):
+            before = a.tobytes()
+            try:
+                back = call(add_one_in_place, a)
+            except ValueError as e:
+                seen.append((n, "argument", str(e)))
+                continue
+            seen.append(
+                (n, "argument", back.flags.writeable, np.array_equal(back, a + 1), back.dtype, back.shape)
+            )
+            assert not a.flags.writeable and a.tobytes() == before  # the caller's, untouched
+        back = call(read_only_array, n)
+        seen.append((n, "result", back.flags.writeable, back.tobytes() == pattern(n)))
+        back += 1  # the caller's own
+        del back
+    return seen
+
+
+def expected_read_only_round_trips(np) -> list:
+    seen = []
+    for n in READ_ONLY_SIZES:
+        for a in read_only_arguments(np, n):
+            seen.append((n, "argument", True, True, a.dtype, a.shape))
+        seen.append((n, "result", True, True))
+    return seen
+
+
+#: Whether the standard library's pools pickle with protocol 4, which gives
+#: every array received a writable copy (3.14 made protocol 5 the default).
+STDLIB_COPIES_ARRAYS = pickle.DEFAULT_PROTOCOL < 5
+
+
+@pytest.mark.parametrize("api", ["executor", "pool_apply", "pool_map"])
+def test_a_read_only_numpy_array_arrives_writable_and_byte_exact_as_argument_and_result(
+    no_segment_leaks, api
+):
+    np = numpy()
+    if api == "executor":
+        with warden.ProcessPoolExecutor(1) as ex:
+            seen = read_only_round_trips(np, lambda fn, a: ex.submit(fn, a).result(timeout=60))
+    else:
+        with warden.Pool(1) as pool:
+            if api == "pool_apply":
+                seen = read_only_round_trips(np, lambda fn, a: pool.apply_async(fn, (a,)).get(timeout=60))
+            else:
+                seen = read_only_round_trips(np, lambda fn, a: pool.map(fn, [a, a])[1])
+    assert seen == expected_read_only_round_trips(np)
+
+
+@pytest.mark.skipif(not STDLIB_COPIES_ARRAYS, reason="this Python's pools keep read-only arrays read-only")
+@pytest.mark.parametrize("api", ["executor", "pool"])
+def test_read_only_numpy_arrays_arrive_as_the_standard_librarys_pools_deliver_them(api):
+    import concurrent.futures
+    import multiprocessing
+
+    np = numpy()
+    ctx = multiprocessing.get_context("spawn")
+    if api == "executor":
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as std:
+            theirs = read_only_round_trips(np, lambda fn, a: std.submit(fn, a).result(timeout=60))
+        with warden.ProcessPoolExecutor(1) as ex:
+            ours = read_only_round_trips(np, lambda fn, a: ex.submit(fn, a).result(timeout=60))
+    else:
+        with ctx.Pool(1) as std:
+            theirs = read_only_round_trips(np, lambda fn, a: std.apply_async(fn, (a,)).get(timeout=60))
+        with warden.Pool(1) as pool:
+            ours = read_only_round_trips(np, lambda fn, a: pool.apply_async(fn, (a,)).get(timeout=60))
+    assert ours == theirs == expected_read_only_round_trips(np)
+
+
+def report_in_place(queue, arrays) -> None:
+    report = []
+    for a in arrays:
+        try:
+            add_one_in_place(a)
+        except ValueError as e:
+            report.append(str(e))
+        else:
+            report.append((a.flags.writeable, (a - 1).tobytes()))
+    queue.put(report)
+
+
+def process_report(Process, ctx, arrays) -> list:
+    queue = ctx.Queue()
+    p = Process(target=report_in_place, args=(queue, arrays))
+    p.start()
+    try:
+        return queue.get(timeout=60)
+    finally:
+        p.join(30)
+        if p.exitcode is None:
+            p.kill()
+            p.join(10)
+
+
+def test_read_only_numpy_arrays_in_a_process_arguments_arrive_writable_as_with_the_standard_library():
+    import multiprocessing
+
+    np = numpy()
+    ctx = multiprocessing.get_context("spawn")
+    arrays = [a for n in (LIMIT - 16, 4 << 20) for a in read_only_arguments(np, n)]
+    expected = [(True, a.tobytes()) for a in arrays]
+    assert process_report(warden.Process, ctx, arrays) == expected
+    if STDLIB_COPIES_ARRAYS:
+        assert process_report(ctx.Process, ctx, arrays) == expected
+
+
+_INITIAL = None
+
+
+def keep_initial(arrays) -> None:
+    global _INITIAL
+    _INITIAL = arrays
+
+
+def report_initial(_=None) -> list:
+    report = []
+    for a in _INITIAL:
+        try:
+            add_one_in_place(a)
+        except ValueError as e:
+            report.append(str(e))
+        else:
+            report.append((a.flags.writeable, (a - 1).tobytes()))
+    return report
+
+
+def test_read_only_numpy_arrays_in_a_pools_initargs_arrive_writable_as_with_the_standard_library():
+    import multiprocessing
+
+    np = numpy()
+    arrays = [a for n in (LIMIT - 16, 4 << 20) for a in read_only_arguments(np, n)]
+    expected = [(True, a.tobytes()) for a in arrays]
+    with warden.Pool(1, initializer=keep_initial, initargs=(arrays,)) as pool:
+        assert pool.apply_async(report_initial).get(timeout=60) == expected
+    if STDLIB_COPIES_ARRAYS:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1, initializer=keep_initial, initargs=(arrays,)) as std:
+            assert std.apply_async(report_initial).get(timeout=60) == expected
+
+
+def test_a_writable_numpy_array_is_still_rebuilt_without_a_copy_and_a_read_only_one_on_its_own_memory(
+    executor, no_segment_leaks, carrier
+):
+    np = numpy()
+    frozen = np.ones(1 << 20)
+    frozen.flags.writeable = False
+    # Out of band, a read-only array is rebuilt on the mapping it arrived in
+    # (private to the receiver): no copy either.
+    assert executor.submit(describe, frozen).result(timeout=60) == ("ndarray", True)
+    assert executor.submit(describe, np.ones(1 << 20)).result(timeout=60) == ("ndarray", True)
+    back = executor.submit(read_only_array, 4 << 20).result(timeout=60)
+    assert describe(back) == ("ndarray", True) and back.flags.writeable
+    del back
+
+
 # -- fairness -----------------------------------------------------------------
 
 

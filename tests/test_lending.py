@@ -262,3 +262,106 @@ def test_a_worker_killed_with_a_lent_argument_fails_that_task_and_the_loan_is_le
         assert wait_until(lambda: held_loans() == 0, timeout=10)
         assert ex.submit(digest, payload).result(timeout=60) == digest(payload)
     assert wait_until(lambda: held_loans() == 0, timeout=10)
+
+
+# -- the caller's buffers are let go when the task has its outcome -------------
+
+
+def checksum(a) -> int:
+    return int(a.sum())
+
+
+MAPPED = 1 << 20
+
+
+def mapped_file(tmp_path):
+    path = tmp_path / "mapped"
+    path.write_bytes(b"\x01" * MAPPED)
+    return path
+
+
+def close_right_after_each_call(path, call, rounds: int = 30) -> list:
+    """Runs ``call(array over a memory map of path)`` ``rounds`` times, each
+    inside ``with mmap.mmap(...)``: leaving the block closes the map, which
+    raises ``BufferError`` if anything still holds an export of it. Returns
+    what each round gave, or the error."""
+    import mmap
+
+    np = numpy()
+    seen = []
+    for _ in range(rounds):
+        try:
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                value = call(np.frombuffer(mm, dtype=np.uint8))
+        except BufferError as e:
+            seen.append(repr(e))
+        else:
+            seen.append(value)
+    return seen
+
+
+@pytest.mark.parametrize("api", ["submit", "map", "apply_async", "pool_map", "pool_map_async"])
+def test_a_memory_map_closes_right_after_the_result_of_a_task_it_was_lent_to(tmp_path, api):
+    path = mapped_file(tmp_path)
+    if api in ("submit", "map"):
+        with warden.ProcessPoolExecutor(1) as ex:
+            if api == "submit":
+                seen = close_right_after_each_call(path, lambda a: ex.submit(checksum, a).result(timeout=60))
+            else:
+                seen = close_right_after_each_call(path, lambda a: sum(ex.map(checksum, [a], timeout=60)))
+    else:
+        with warden.Pool(1) as pool:
+            if api == "apply_async":
+                seen = close_right_after_each_call(
+                    path, lambda a: pool.apply_async(checksum, (a,)).get(timeout=60)
+                )
+            elif api == "pool_map":
+                seen = close_right_after_each_call(path, lambda a: pool.map(checksum, [a])[0])
+            else:
+                seen = close_right_after_each_call(
+                    path, lambda a: pool.map_async(checksum, [a]).get(timeout=60)[0]
+                )
+    assert seen == [MAPPED] * 30
+    assert wait_until(lambda: not held_loans(), timeout=5)
+
+
+def test_a_memory_map_closes_right_after_a_result_as_with_the_standard_library(tmp_path):
+    import concurrent.futures
+    import multiprocessing
+
+    path = mapped_file(tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as std:
+        theirs = close_right_after_each_call(path, lambda a: std.submit(checksum, a).result(timeout=60))
+    with warden.ProcessPoolExecutor(1) as ex:
+        ours = close_right_after_each_call(path, lambda a: ex.submit(checksum, a).result(timeout=60))
+    assert ours == theirs == [MAPPED] * 30
+
+
+def wait_for_file(path: str) -> bool:
+    import time
+
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.path.exists(path)
+
+
+def test_a_memory_map_closes_right_after_a_task_it_was_lent_to_is_cancelled(tmp_path):
+    path = mapped_file(tmp_path)
+    go = tmp_path / "go"
+    with warden.ProcessPoolExecutor(1) as ex:
+        busy = ex.submit(wait_for_file, str(go))
+        try:
+            assert wait_until(busy.running, timeout=60)
+
+            def cancelled(a):
+                future = ex.submit(checksum, a)  # queued behind the busy task (or sent ahead)
+                return future.cancel() and future.cancelled()
+
+            seen = close_right_after_each_call(path, cancelled)
+        finally:
+            go.write_text("x")
+        assert busy.result(timeout=60) is True
+    assert seen == [True] * 30
+    assert wait_until(lambda: not held_loans(), timeout=5)

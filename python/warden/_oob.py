@@ -10,8 +10,11 @@ which is sealed and passed to the other process over the worker channel with
 The receiver maps the segment copy-on-write and unpickles with those buffers:
 
 * a numpy array (or any ``PickleBuffer`` user) is rebuilt **on** the mapping,
-  without a copy, writable (its writes stay private to this process); the
-  mapping lives as long as the arrays built on it;
+  without a copy, writable (its writes stay private to this process), a
+  numpy array that was read-only in the sender too (:func:`unpickle`: as
+  under the standard library's protocol 4, every array received is
+  writable and its own; a read-only one that came inline costs a copy);
+  the mapping lives as long as the arrays built on it;
 * ``bytes`` and ``bytearray`` are copied out of the mapping once (they own
   their memory in CPython).
 
@@ -28,9 +31,13 @@ pipe. The sender holds the buffers until every reader of the pipe is gone
 the core keeps its copy of the read end until the task has an outcome, so a
 task given back and sent to another worker can still be read; for a
 result, the parent reads it as soon as it arrives, before the result is
-handed to anyone. A worker that lent mutable buffers (numpy arrays) waits
-until the parent has read them before it starts its next task, so the
-result is what the function returned, as with a copy.
+handed to anyone. A call's buffers are let go sooner, when its task has an
+outcome or is cancelled, before its future has it (:class:`Loan`, which
+``_runner`` releases): the caller may close what they came from (an
+``mmap``) once it has the result, while the pipe and the core's copy of it
+are still being closed. A worker that lent mutable buffers (numpy arrays)
+waits until the parent has read them before it starts its next task, so
+the result is what the function returned, as with a copy.
 
 Layout of a segment (little endian, every buffer 64-byte aligned)::
 
@@ -53,9 +60,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import io
 import os
 import pickle
+import re
 import stat
 import struct
 import threading
@@ -229,7 +238,8 @@ def dumps(
 ) -> tuple[bytes, int | None]:
     """Pickles ``obj`` with ``pickler(file, buffer_callback)``. Returns the
     pickle and the fd that carries its out-of-band buffers (the caller owns
-    it): the read end of a lending table, or a sealed segment; ``None`` when
+    it): the read end of a lending table (a :class:`LentFd`, whose ``loan``
+    the caller releases once the task has an outcome), or a sealed segment; ``None`` when
     everything is inline. ``to_parent``: the receiver is the parent of this
     process (a result), not a child (a call). ``check(pickle)`` may refuse
     the pickle by raising, before any buffer is lent or copied. ``lend=False``
@@ -312,10 +322,11 @@ def _lent_kind(view: memoryview) -> int | None:
     return None
 
 
-def _lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool) -> int | None:
+def _lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool) -> LentFd | None:
     """Lends ``buffers``: returns the read end of a pipe holding their
     table, or ``None`` if one of them cannot be lent (the caller copies them
-    into a segment). They are held until every reader of the pipe is gone.
+    into a segment). They are held until every reader of the pipe is gone,
+    or until their :class:`Loan` is released.
     ``mutable_wait``: :func:`wait_for_readers` waits for them if one is
     mutable."""
     from . import _warden
@@ -345,27 +356,68 @@ def _lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool) -> int | None:
         os.close(r)
         os.close(w)
         return None
-    _lender().hold(w, views, mutable and mutable_wait)
-    return r
+    lender = _lender()
+    loan = Loan(views, mutable and mutable_wait)
+    lender.hold(w, loan)
+    fd = LentFd(r)
+    fd.loan = loan
+    return fd
+
+
+class Loan:
+    """The buffers of one lending table, held for its readers. The lender
+    thread lets them go when the last reader is gone; the parent lets a
+    call's go as soon as its task has an outcome (:meth:`release`), before
+    the caller can see it: nobody reads them after that, and the caller
+    must be able to close or change what they came from (an ``mmap`` that
+    refuses to close while exported) once it has the result."""
+
+    __slots__ = ("lock", "mutable", "views")
+
+    def __init__(self, views: list[memoryview], mutable: bool) -> None:
+        self.lock = threading.Lock()
+        self.views = views
+        #: :func:`wait_for_readers` waits for it.
+        self.mutable = mutable
+
+    def release(self) -> None:
+        """Lets go of the buffers now (the pipe stays with the lender thread,
+        which closes it when its readers are gone). Returns once they are
+        let go, whichever thread does it: under this loan's own lock, not the
+        lender's, which what letting go of a buffer frees may need."""
+        with self.lock:
+            for view in self.views:
+                with contextlib.suppress(BufferError):  # still exported: let it go with its last user
+                    view.release()
+            self.views = []
+
+
+class LentFd(int):
+    """What :func:`dumps` returns for lent buffers: the fd of the table's
+    read end (an ``int``, owned by the caller as any fd it returns), with its
+    :class:`Loan` as ``loan``, for whoever learns the task's outcome."""
+
+    loan: Loan
 
 
 class _Lender:
-    """Buffers lent to other processes, each set held until every reader of
-    its table's pipe is gone (the write end then reports ``POLLERR``), by a
-    daemon thread started with the first loan. Reset in a forked child
-    (nobody reads the child's copies)."""
+    """Buffers lent to other processes, each :class:`Loan` held until every
+    reader of its table's pipe is gone (the write end then reports
+    ``POLLERR``), by a daemon thread started with the first loan. Only that
+    thread closes the write ends. Reset in a forked child (nobody reads the
+    child's copies)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.released = threading.Condition(self.lock)
-        self.held: dict[int, tuple[list[memoryview], bool]] = {}
+        self.held: dict[int, Loan] = {}
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.thread: threading.Thread | None = None
 
-    def hold(self, fd: int, views: list[memoryview], mutable: bool) -> None:
+    def hold(self, fd: int, loan: Loan) -> None:
         with self.lock:
-            self.held[fd] = (views, mutable)
+            self.held[fd] = loan
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="warden-lender", daemon=True)
                 self.thread.start()
@@ -392,10 +444,8 @@ class _Lender:
                         os.close(fd)
                 if done:
                     self.released.notify_all()
-            for views, _ in done:
-                for view in views:
-                    with contextlib.suppress(BufferError):  # still exported: let it go with its last user
-                        view.release()
+            for loan in done:
+                loan.release()
             del done, events  # hold nothing until the next wake-up
 
     def wait_for_readers(self, every: bool, timeout: float | None) -> bool:
@@ -403,7 +453,7 @@ class _Lender:
         held: every reader has its copy, or is gone. False on timeout."""
         with self.lock:
             return self.released.wait_for(
-                lambda: not any(every or mutable for _, mutable in self.held.values()), timeout
+                lambda: not any(every or loan.mutable for loan in self.held.values()), timeout
             )
 
 
@@ -556,11 +606,69 @@ def _read_lent(fd: int) -> list[Any]:
         ) from None
 
 
+#: Where numpy rebuilds an array from its buffer (protocol 5), by version.
+_FROMBUFFER_MODULES = frozenset({"numpy._core.numeric", "numpy.core.numeric"})
+#: A pickle that may name it (the rest are unpickled as they are).
+_NAMES_FROMBUFFER = re.compile(re.escape(b"_frombuffer")).search
+#: No pickle of an array is shorter (a scalar result is).
+_MIN_ARRAY_PICKLE = 64
+
+
+def unpickle(data: Any, buffers: Any = None) -> Any:
+    """``pickle.loads(data, buffers=buffers)``, except that every numpy array
+    it rebuilds from a buffer is writable and its own, as the standard
+    library's protocol 4 gives it.
+
+    Protocol 5 keeps an array's read-only flag: a read-only array (over
+    ``bytes``, ``writeable=False``, pandas' copy-on-write arrays) is pickled
+    as ``bytes`` in band, or with ``READONLY_BUFFER`` out of band, and numpy
+    rebuilds it read-only on that memory. Here numpy's ``_frombuffer`` gets
+    a writable buffer instead (see :func:`_writable_buffer`); a writable
+    array's buffer is passed as it is, with no copy."""
+    if len(data) < _MIN_ARRAY_PICKLE or _NAMES_FROMBUFFER(data) is None:
+        return _loads(data) if buffers is None else _loads(data, buffers=buffers)
+    return _Unpickler(io.BytesIO(data), buffers=buffers).load()
+
+
+_loads = pickle.loads
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if name == "_frombuffer" and module in _FROMBUFFER_MODULES:
+            return functools.partial(_frombuffer, found)
+        return found
+
+
+def _frombuffer(numpy_frombuffer: Callable[..., Any], buffer: Any, *args: Any, **kwargs: Any) -> Any:
+    """numpy's ``_frombuffer`` on a writable buffer."""
+    if type(buffer) is not bytearray and memoryview(buffer).readonly:
+        buffer = _writable_buffer(buffer)
+    return numpy_frombuffer(buffer, *args, **kwargs)
+
+
+def _writable_buffer(buffer: Any) -> Any:
+    """A writable buffer of this process's own with the bytes of read-only
+    ``buffer``: the same memory if it lies in a segment or in lent buffers
+    read here (out of band: private to this process, read-only only because
+    the pickle says so), else a copy (in band: a ``bytes`` in the pickle)."""
+    from . import _warden
+
+    if type(buffer) is memoryview and type(buffer.obj) is _warden.Segment and buffer.c_contiguous:
+        whole = memoryview(buffer.obj)
+        start = _warden.buffer_address(buffer)[0] - _warden.buffer_address(whole)[0]
+        if start >= 0 and start + buffer.nbytes <= whole.nbytes and not whole.readonly:
+            return whole[start : start + buffer.nbytes]
+    return bytearray(buffer)
+
+
 def loads(data: Any, fd: int | None) -> Any:
-    """Unpickles ``data`` with the buffers of segment ``fd`` (closed here), if any."""
+    """Unpickles ``data`` with the buffers of segment ``fd`` (closed here),
+    if any (see :func:`unpickle`)."""
     if fd is None:
-        return pickle.loads(data)
-    return pickle.loads(data, buffers=open_segment(fd))
+        return unpickle(data)
+    return unpickle(data, open_segment(fd))
 
 
 class Received:
@@ -582,4 +690,4 @@ class Received:
     def load(self) -> Any:
         if self.error is not None:
             raise self.error
-        return pickle.loads(self.data, buffers=self.buffers)
+        return unpickle(self.data, self.buffers)

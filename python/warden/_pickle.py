@@ -39,10 +39,11 @@ PROTOCOL = 5
 
 
 def loads(data: Any) -> Any:
-    """Unpickles a task's call or outcome, with its out-of-band buffers if it has some."""
+    """Unpickles a task's call or outcome, with its out-of-band buffers if it
+    has some; numpy arrays arrive writable (see ``_oob.unpickle``)."""
     if type(data) is _oob.Received:
         return data.load()
-    return pickle.loads(data)
+    return _oob.unpickle(data)
 
 
 class _Pickler(pickle.Pickler):

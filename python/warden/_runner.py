@@ -434,7 +434,11 @@ class Runner:
         if refused. ``owner`` (the future or result) is what
         ``on_worker_lost`` reports as the task. ``segment`` is the fd of the
         call's out-of-band buffers; the core owns it from here on, even if
-        this raises."""
+        this raises. If the buffers are lent, this process lets them go
+        when the task has its outcome, before ``on_done`` gets it."""
+        loan = None if segment is None else getattr(segment, "loan", None)
+        if loan is not None:
+            on_done = _ReleasingLoan(loan, on_done)
         try:
             self.pending_lock.acquire()
         except BaseException:
@@ -443,6 +447,9 @@ class Runner:
         try:
             task = self.core.submit(payload, timeout, segment, report_start)
             self.pending[task] = on_done
+            if loan is not None:
+                on_done.key = (self.core, task)
+                _loans[on_done.key] = loan
         finally:
             self.pending_lock.release()
         if self._tasks is not None and owner is not None:
@@ -530,8 +537,46 @@ def cancel(core: Any, task: int, running: bool) -> bool:
     """Cancels a task of ``core``: only while queued, or also while it runs
     (its worker is then stopped: SIGTERM, finalizer, grace period, SIGKILL,
     and replaced). Returns whether the task was cancelled. Futures and
-    results hold this with their core, never the runner."""
-    return bool(core.cancel(task) if running else core.cancel_queued(task))
+    results hold this with their core, never the runner. A cancelled task's
+    lent buffers are let go now: its future is done from here on (a worker
+    stopped while it reads them reads what the memory holds then, into its
+    own memory, for an outcome nobody gets)."""
+    cancelled = bool(core.cancel(task) if running else core.cancel_queued(task))
+    if cancelled:
+        loan = _loans.pop((core, task), None)
+        if loan is not None:
+            loan.release()
+    return cancelled
+
+
+#: The lent buffers of tasks without an outcome, by ``(core, task id)``.
+_loans: dict[tuple[Any, int], _oob.Loan] = {}
+
+
+class _ReleasingLoan:
+    """A task's outcome callback that first lets go of the buffers its call
+    lent (see ``_oob.Loan``): whoever sees the outcome may close what they
+    came from. Nobody reads them any more: the worker that ran the task
+    read them when it started it, and no other worker gets it now."""
+
+    __slots__ = ("key", "loan", "on_done")
+
+    def __init__(self, loan: _oob.Loan, on_done: OnDone) -> None:
+        self.loan = loan
+        self.on_done = on_done
+        self.key: tuple[Any, int] | None = None
+
+    @property
+    def __self__(self) -> Any:
+        """The object ``on_done`` is a method of (the executor's shutdown
+        finds the futures it cancels this way)."""
+        return getattr(self.on_done, "__self__", None)
+
+    def __call__(self, ok: bool | None, data: Any) -> None:
+        if ok is not None:  # not just the news that a worker started it
+            _loans.pop(self.key, None)  # type: ignore[arg-type]
+            self.loan.release()
+        self.on_done(ok, data)
 
 
 def _named(name: str, values: Any) -> list[tuple[str, Any]]:
@@ -574,6 +619,7 @@ def _forget_runners_after_fork() -> None:
     for runner in _live:
         runner.pending_lock = threading.Lock()
     _live.clear()
+    _loans.clear()
 
 
 os.register_at_fork(after_in_child=_forget_runners_after_fork)
