@@ -209,6 +209,21 @@ def test_imap_sends_each_item_as_it_was_when_the_iterable_yielded_it(pool, std_p
     assert sorted(pool.imap_unordered(first_of, refilled_blocks(12, np))) == expected
 
 
+def test_a_pool_whose_constructor_raised_is_dropped_without_an_error():
+    import gc
+    import sys
+
+    ignored = []
+    previous, sys.unraisablehook = sys.unraisablehook, ignored.append
+    try:
+        with pytest.raises(TypeError, match="on_worker_lost"):
+            warden.Pool(1, on_worker_lost=42)
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    assert [str(u.exc_value) for u in ignored] == []
+
+
 def test_imap_item_that_cannot_be_pickled_fails_its_position(pool):
     results = pool.imap(square, [1, threading.Lock(), 3])
     assert next(results) == 1

@@ -128,7 +128,8 @@ class Pool(multiprocessing.pool.Pool):
     def _stopped_by_interrupt(self) -> bool:
         """Whether a Ctrl-C while waiting on this pool stopped it: its state
         is then ``TERMINATE``, as after :meth:`terminate`."""
-        if self._runner.interrupted:
+        runner = getattr(self, "_runner", None)  # None if the constructor raised
+        if runner is not None and runner.interrupted:
             self._state = TERMINATE
             return True
         return False
