@@ -449,7 +449,9 @@ def test_read_only_numpy_arrays_arrive_as_the_standard_librarys_pools_deliver_th
     assert ours == theirs == expected_read_only_round_trips(np)
 
 
-def report_in_place(queue, arrays) -> None:
+def in_place_report(arrays) -> list:
+    """Adds one to each array in place; for each, the error, or whether it is
+    writable and its bytes as received."""
     report = []
     for a in arrays:
         try:
@@ -458,7 +460,11 @@ def report_in_place(queue, arrays) -> None:
             report.append(str(e))
         else:
             report.append((a.flags.writeable, (a - 1).tobytes()))
-    queue.put(report)
+    return report
+
+
+def report_in_place(queue, arrays) -> None:
+    queue.put(in_place_report(arrays))
 
 
 def process_report(Process, ctx, arrays) -> list:
@@ -495,15 +501,7 @@ def keep_initial(arrays) -> None:
 
 
 def report_initial(_=None) -> list:
-    report = []
-    for a in _INITIAL:
-        try:
-            add_one_in_place(a)
-        except ValueError as e:
-            report.append(str(e))
-        else:
-            report.append((a.flags.writeable, (a - 1).tobytes()))
-    return report
+    return in_place_report(_INITIAL)
 
 
 def test_read_only_numpy_arrays_in_a_pools_initargs_arrive_writable_as_with_the_standard_library():
