@@ -40,6 +40,19 @@ def test_set_clear_is_set_and_wait_like_threading_event():
         assert not e.is_set()
 
 
+def test_a_wait_longer_than_any_clock_is_a_wait_without_limit():
+    ours, theirs = warden.Event(), multiprocessing.get_context("spawn").Event()
+    for e in (ours, theirs):
+        e.set()
+        assert e.wait(float("inf")) is True and e.wait(1e20) is True
+    # (The standard library's, not set, refuses inf with OSError EINVAL.)
+    ours.clear()
+    threading.Timer(0.1, ours.set).start()
+    assert ours.wait(float("inf")) is True
+    with pytest.raises(ValueError, match="NaN"):
+        ours.wait(float("nan"))
+
+
 def test_wait_wakes_when_another_thread_sets_it():
     e = warden.Event()
     threading.Timer(0.1, e.set).start()

@@ -173,6 +173,28 @@ def test_submit_after_shutdown_raises_runtime_error_like_the_standard_library():
         std.submit(square, 1)
 
 
+AFFINITY_PROGRAM = """
+import concurrent.futures, multiprocessing, os, warden
+
+if __name__ == "__main__":
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU of those there are
+    spawn = multiprocessing.get_context("spawn")
+    std = concurrent.futures.ProcessPoolExecutor(mp_context=spawn)
+    ours = warden.ProcessPoolExecutor()
+    with spawn.Pool() as std_pool, warden.Pool() as our_pool:
+        print(std._max_workers, ours._max_workers, std_pool._processes, our_pool._processes)
+    std.shutdown()
+    ours.shutdown()
+"""
+
+
+def test_the_default_number_of_workers_is_counted_as_the_standard_library_counts_it(program):
+    run = program(AFFINITY_PROGRAM).run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    std, ours, std_pool, our_pool = run.stdout.split()
+    assert (ours, our_pool) == (std, std_pool)
+
+
 def test_constructor_rejects_bad_arguments_like_the_standard_library():
     with pytest.raises(ValueError, match="max_workers must be greater than 0"):
         warden.ProcessPoolExecutor(0)

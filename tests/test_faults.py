@@ -120,6 +120,57 @@ def kill_idle_workers(pool_runner, n):
 # -- tasks that fork -----------------------------------------------------------
 
 
+def fork_and_signal(signum):
+    """Forks a copy that waits, sends it ``signum``, and says how it ended."""
+    import time
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            time.sleep(20)
+        except KeyboardInterrupt:
+            os._exit(7)
+        os._exit(3)
+    time.sleep(0.3)
+    os.kill(pid, signum)
+    _, status = os.waitpid(pid, 0)
+    return os.getpid(), os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_to_a_copy_a_task_forked_is_the_copys_and_the_worker_goes_on(signum):
+    ctx = multiprocessing.get_context("spawn")
+    outcomes = {}
+    makers = {
+        "std": lambda: cf.ProcessPoolExecutor(1, mp_context=ctx),
+        "warden": lambda: warden.ProcessPoolExecutor(1),
+    }
+    for name, make in makers.items():
+        with make() as ex:
+            worker, code = ex.submit(fork_and_signal, signum).result(timeout=60)
+            outcomes[name] = (code, ex.submit(os.getpid).result(timeout=60) == worker)
+    # SIGTERM and SIGHUP end the copy by the signal, SIGINT raises
+    # KeyboardInterrupt in it; either way the worker serves on.
+    expected = (7 if signum == signal.SIGINT else -signum, True)
+    assert outcomes["warden"] == outcomes["std"] == expected
+
+
+def start_method_and_a_pool_of_its_own(_=None):
+    with multiprocessing.Pool(1) as pool:
+        squares = pool.map(abs, [-1, -2])
+    return multiprocessing.get_start_method(), squares, os.getpid()
+
+
+def test_a_task_starting_a_default_pool_spawns_it_as_in_a_spawned_child():
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(1, mp_context=ctx) as std:
+        theirs = std.submit(start_method_and_a_pool_of_its_own).result(timeout=120)
+    with warden.ProcessPoolExecutor(1) as ex:
+        ours = ex.submit(start_method_and_a_pool_of_its_own).result(timeout=120)
+        assert ex.submit(os.getpid).result(timeout=60) == ours[2]
+    assert ours[:2] == theirs[:2] == ("spawn", [1, 2])
+
+
 @pytest.mark.parametrize("kind", ["executor", "pool"])
 def test_a_task_whose_fork_returns_twice_gets_the_workers_answer_and_the_copy_ends_quietly(tmp_path, kind):
     path = str(tmp_path / "log")

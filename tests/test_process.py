@@ -78,7 +78,16 @@ def test_start_then_join_runs_the_target_and_gives_exit_code_zero(tmp_path):
 
 @pytest.mark.parametrize(
     ("target", "args", "expected"),
-    [(exit_with, (3,), 3), (exit_with, (None,), 0), (exit_with, ("bye",), 1), (raise_value_error, (), 1)],
+    [
+        (exit_with, (3,), 3),
+        (exit_with, (None,), 0),
+        (exit_with, ("bye",), 1),
+        (raise_value_error, (), 1),
+        # Beyond a C int: what the interpreter's exit(3) keeps of it.
+        (exit_with, (2**31,), 0),
+        (exit_with, (-(2**31) - 1,), 255),
+        (exit_with, (2**40 + 3,), 3),
+    ],
 )
 def test_exit_codes_follow_the_standard_library(target, args, expected):
     ours = warden.Process(target=target, args=args)

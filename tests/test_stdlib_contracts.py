@@ -133,6 +133,43 @@ def test_a_pool_stopped_by_a_caught_ctrl_c_says_so_when_given_more_work(program)
     assert fresh == "a new one 7"
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shared_memory_a_child_or_worker_leaks_is_unlinked_by_the_end_of_the_program(program, impl, tmp_path):
+    prefix = f"warden_test_{os.getpid()}_{impl}"
+    prog = user_program(
+        program,
+        """
+        from multiprocessing import shared_memory
+
+        def leak(name, queue=None):
+            shm = shared_memory.SharedMemory(name=name, create=True, size=4096)
+            shm.close()  # never unlinked: the resource tracker's to clean up
+            if queue is not None:
+                queue.put(name)
+            return name
+
+        if __name__ == "__main__":
+            prefix = sys.argv[1]
+            queue = multiprocessing.get_context("spawn").Queue()
+            child = Process(target=leak, args=(prefix + "_process", queue))
+            child.start()
+            note(queue.get(timeout=60))
+            child.join(60)
+            with Executor(1) as ex:
+                note(ex.submit(leak, prefix + "_worker").result(timeout=60))
+        """,
+    )
+    try:
+        run = prog.run(timeout=90, args=(prefix,), env={"IMPL": impl})
+        assert run.returncode == 0, run.stderr
+        assert prog.out_lines() == [f"{prefix}_process", f"{prefix}_worker"]
+        assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] == []
+    finally:
+        for name in os.listdir("/dev/shm"):
+            if name.startswith(prefix):
+                os.unlink(os.path.join("/dev/shm", name))
+
+
 def test_workers_of_an_executor_left_open_retire_with_their_finalizers_after_its_tasks(program):
     prog = program(
         """
@@ -498,6 +535,31 @@ def test_pool_workers_are_active_children_with_pid_name_and_is_alive(impl):
         assert parent_pid == os.getpid()
         assert name in {c.name for c in children}
     assert wait_until(lambda: multiprocessing.active_children() == [], timeout=30)
+
+
+def start_a_thread_that_writes(path, seconds):
+    def work():
+        time.sleep(seconds)
+        with open(path, "w") as f:
+            f.write("thread finished\n")
+
+    threading.Thread(target=work).start()  # not a daemon
+    return os.getpid()
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_worker_waits_for_the_threads_its_tasks_started_before_it_exits(impl, kind, tmp_path):
+    out = tmp_path / "thread.txt"
+    if kind == "executor":
+        with impl.Executor(1) as ex:
+            ex.submit(start_a_thread_that_writes, str(out), 0.5).result(timeout=60)
+    else:
+        pool = impl.Pool(1)
+        pool.apply(start_a_thread_that_writes, (str(out), 0.5))
+        pool.close()
+        pool.join()
+    # Written before shutdown()/join() returned: the worker waited for it.
+    assert out.read_text() == "thread finished\n"
 
 
 def identity_after(seconds):

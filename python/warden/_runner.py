@@ -271,6 +271,15 @@ def worker_command() -> tuple[str, list[str]]:
     return os.fsdecode(multiprocessing.spawn.get_executable()), args
 
 
+def cpu_count() -> int:
+    """The default number of workers, as the standard library of this
+    version counts it: the CPUs this process may use on 3.13 and later
+    (``os.process_cpu_count``, which honours CPU affinity), all of them
+    before."""
+    count = getattr(os, "process_cpu_count", os.cpu_count)
+    return count() or 1
+
+
 def preparation_data(name: str) -> dict[str, Any]:
     """What a child needs to look like a spawned child of this process (the
     standard library's own ``get_preparation_data``: ``sys.path``, working
@@ -282,8 +291,11 @@ def preparation_data(name: str) -> dict[str, Any]:
     finally:
         # Asking for the start method fixes it; leave the caller free to choose.
         default._actual_context = chosen
-    if chosen is None:
-        data.pop("start_method", None)
+    # As in a child the standard library spawns (its bootstrap forces the
+    # spawn method, whatever the parent chose): a pool a task starts with
+    # the default context spawns too, instead of forking a worker, which
+    # has threads.
+    data["start_method"] = "spawn"
     main_path = data.get("init_main_from_path")
     if main_path is not None and not os.path.isfile(main_path):
         # `python - < file`: there is no __main__ to import; functions defined

@@ -16,8 +16,10 @@ core's worker loop (``_warden.worker_main``), which calls back into a
     the exit path, run exactly once whatever ends the worker: the worker
     context is exited, the ``finalizer`` runs, then a garbage collection (so
     ``__del__`` of cyclic garbage runs), the ``atexit`` handlers (among them
-    warden's, which runs the ``warden.at_exit`` callbacks), and a flush of
-    ``stdout``/``stderr``.
+    warden's, which runs the ``warden.at_exit`` callbacks), the end of a
+    resource tracker the process started (which unlinks what it leaked), and
+    a flush of ``stdout``/``stderr``. A pool worker retiring normally first
+    waits for the non-daemon threads its tasks started.
 
 A stop signal (SIGTERM from the pool on a timeout, cancel or terminate; the
 parent-death signal; SIGINT/SIGHUP) raises :class:`TaskInterrupted` in the
@@ -147,10 +149,29 @@ def _interrupted() -> _warden.RemoteFailure:
     )
 
 
+def _join_non_daemon_threads() -> None:
+    """Waits for the non-daemon threads of this process, as interpreter exit
+    does (``threading._shutdown``)."""
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+
+
+def _as_without_warden(signum: int, frame: Any) -> None:
+    """In a forked copy of a worker: what the signal does to a process
+    without warden's handlers. SIGINT raises ``KeyboardInterrupt``; SIGTERM
+    and SIGHUP end the copy (its exit code says which)."""
+    if signum == signal.SIGINT:
+        signal.default_int_handler(signum, frame)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 class Handler:
     """Called by the core's worker loop; see the module documentation."""
 
     def __init__(self) -> None:
+        self.pid = os.getpid()
         self.running = False
         self.mode = "pool"
         self.hooks: dict[str, Any] = {}
@@ -161,6 +182,11 @@ class Handler:
     # The signal handler runs on the main thread between bytecodes. It raises
     # at most once per task, so the task's own cleanup is not interrupted twice.
     def on_signal(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:
+            # A copy of this worker made by os.fork() in a task: the signal
+            # is the copy's, as if warden were not there.
+            _as_without_warden(signum, frame)
+            return
         self.stopping = True
         # Pools this worker started stop at once at its exit (only a worker
         # that started one has loaded warden._runner).
@@ -311,7 +337,9 @@ class Handler:
             if e.code is None:
                 exitcode = 0
             elif isinstance(e.code, int):
-                exitcode = e.code
+                # As the interpreter passes it to exit(3): a C int, of which
+                # the system keeps the low 8 bits (2**31 gives 0, 2**40 + 3 gives 3).
+                exitcode = (e.code + 2**31) % 2**32 - 2**31
             else:
                 sys.stderr.write(str(e.code) + "\n")
                 exitcode = 1
@@ -321,9 +349,7 @@ class Handler:
             exitcode = 1
         self.exit_code = exitcode
         # Like multiprocessing: a child waits for the non-daemon threads it started.
-        for t in threading.enumerate():
-            if t is not threading.current_thread() and not t.daemon:
-                t.join()
+        _join_non_daemon_threads()
         self.running = False
         return dumps(None)
 
@@ -331,6 +357,12 @@ class Handler:
         """The exit path: worker context, finalizer, gc, atexit (with warden's
         exit callbacks), flush. Once."""
         errors: list[str] = []
+        if self.mode == "pool" and reason.startswith("retired:") and reason != "retired:stopped":
+            # As a process ending normally does (the standard library's
+            # workers too): wait for the non-daemon threads its tasks
+            # started, before the finalizer closes what they may use. The
+            # pool's grace bounds it (then SIGTERM, then SIGKILL).
+            _join_non_daemon_threads()
         if self.context is not None:
             context, self.context = self.context, None
             try:
@@ -380,12 +412,48 @@ class Handler:
                 finalizers.run_exit_callbacks()
         except BaseException as e:
             errors.append(f"exit callbacks raised {_type_name(e)}: {_text(e)}")
+        _stop_resource_tracker()
         for stream in (sys.stdout, sys.stderr):
             try:
                 if stream is not None:
                     stream.flush()
             except Exception:
                 pass
+
+
+#: How long the exit path waits for this process's resource tracker.
+_TRACKER_GRACE = 2.0
+
+
+def _stop_resource_tracker() -> None:
+    """Ends the ``multiprocessing`` resource tracker this process started
+    (a task's ``SharedMemory`` or semaphore starts one), and waits (briefly)
+    until it has: seeing its pipe closed, it unlinks what this process
+    registered and never unlinked, warning about it, as it does at the end of
+    a program. It is in this process's group, which is killed as the process
+    is reaped: left running, it would die before cleaning up."""
+    module = sys.modules.get("multiprocessing.resource_tracker")
+    tracker = getattr(module, "_resource_tracker", None)
+    pid, fd = getattr(tracker, "_pid", None), getattr(tracker, "_fd", None)
+    if pid is None or fd is None:
+        return  # none, or one this process did not start
+    import time
+
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    tracker._fd = None  # type: ignore[union-attr]
+    deadline = time.monotonic() + _TRACKER_GRACE
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if done:
+            break
+        time.sleep(0.01)
+    tracker._pid = None  # type: ignore[union-attr]
 
 
 def _forward_logging(fd: int, levels: dict[str, int]) -> None:

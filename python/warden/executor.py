@@ -103,7 +103,7 @@ class ProcessPoolExecutor(_base.Executor):
         exit_timeout: float | None = None,
     ) -> None:
         if max_workers is None:
-            max_workers = os.cpu_count() or 1
+            max_workers = _runner.cpu_count()
         else:
             # A float or a str is refused here, as the standard library's
             # constructor refuses it ("'float' object cannot be interpreted

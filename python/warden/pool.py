@@ -87,7 +87,7 @@ class Pool(multiprocessing.pool.Pool):
         # multiprocessing.pool.Pool.__init__ is not called: none of its queues,
         # threads or processes exist here.
         if processes is None:
-            processes = os.cpu_count() or 1
+            processes = _runner.cpu_count()
         if processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):

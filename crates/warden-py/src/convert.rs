@@ -32,11 +32,15 @@ pub fn wait_seconds(secs: Option<f64>) -> PyResult<Option<Duration>> {
     seconds("timeout", secs.map(|s| if s < 0.0 { 0.0 } else { s }))
 }
 
-/// A number of seconds from Python as a duration; `None` stays `None`.
+/// A number of seconds from Python as a duration; `None` stays `None`. One
+/// too long for a `Duration` (`float("inf")`, `1e20`) is
+/// [`warden::LONGEST_WAIT`], as is anything longer: no limit, in effect.
 pub fn seconds(what: &str, secs: Option<f64>) -> PyResult<Option<Duration>> {
     secs.map(|s| {
-        Duration::try_from_secs_f64(s)
-            .map_err(|_| PyValueError::new_err(format!("{what} must be a non-negative number of seconds, not {s}")))
+        if s.is_nan() || s < 0.0 {
+            return Err(PyValueError::new_err(format!("{what} must be a non-negative number of seconds, not {s}")));
+        }
+        Ok(Duration::try_from_secs_f64(s).map_or(warden::LONGEST_WAIT, |d| d.min(warden::LONGEST_WAIT)))
     })
     .transpose()
 }

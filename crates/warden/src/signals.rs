@@ -31,6 +31,9 @@ use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 /// The first stop signal received, or 0.
 static PENDING: AtomicU32 = AtomicU32::new(0);
+/// The worker the handlers are for: a copy of it made by `fork()` in a task
+/// shares its channel, and must not act for it.
+static OWNER: AtomicI32 = AtomicI32::new(0);
 /// The channel fd whose read side a stop signal shuts down, or -1.
 static CHANNEL: AtomicI32 = AtomicI32::new(-1);
 
@@ -42,6 +45,11 @@ pub(crate) const PARENT_DEATH_SIGNAL: i32 = libc::SIGHUP;
 pub(crate) const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGHUP, libc::SIGINT];
 
 fn on_stop_signal(sig: i32) {
+    // SAFETY: getpid(2) is async-signal-safe.
+    if unsafe { libc::getpid() } != OWNER.load(Ordering::SeqCst) {
+        in_a_forked_copy(sig);
+        return;
+    }
     let _ = PENDING.compare_exchange(0, sig as u32, Ordering::SeqCst, Ordering::SeqCst);
     let fd = CHANNEL.load(Ordering::SeqCst);
     if fd >= 0 {
@@ -53,8 +61,27 @@ fn on_stop_signal(sig: i32) {
     let _ = rustix::thread::futex::wake(&PENDING, rustix::thread::futex::Flags::PRIVATE, u32::MAX);
 }
 
+/// A stop signal in a copy of the worker made by `fork()` in a task: the
+/// worker's flags and channel are not the copy's (shutting the shared
+/// channel down would end the worker). SIGTERM and SIGHUP end the copy as
+/// their default action would, once the handlers chained after this one
+/// (Python's, which only sets a flag) have run; SIGINT is left to them.
+fn in_a_forked_copy(sig: i32) {
+    if sig == libc::SIGINT {
+        return;
+    }
+    // SAFETY: signal(2) and raise(3) are async-signal-safe; the signal is
+    // blocked while its handler runs, so it ends the copy when this returns.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
 /// Installs the stop-signal handlers for a worker whose channel is `channel`.
 pub(crate) fn install(channel: RawFd) -> io::Result<()> {
+    // SAFETY: getpid(2) has no preconditions.
+    OWNER.store(unsafe { libc::getpid() }, Ordering::SeqCst);
     CHANNEL.store(channel, Ordering::SeqCst);
     for sig in STOP_SIGNALS {
         // SAFETY: the action only touches atomics and makes the async-signal-safe
