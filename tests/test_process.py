@@ -99,6 +99,29 @@ def test_exit_codes_follow_the_standard_library(target, args, expected):
     assert ours.exitcode == theirs.exitcode == expected
 
 
+def sleep_long():
+    time.sleep(60)
+
+
+def test_repr_reads_as_the_standard_librarys_through_the_life_of_a_process():
+    seen = {}
+    for name, make in (("std", multiprocessing.get_context("spawn").Process), ("warden", warden.Process)):
+        p = make(target=sleep_long, name="P", daemon=True)
+        reprs = [repr(p)]
+        p.start()
+        pid = str(p.pid)
+        reprs.append(repr(p))
+        p.terminate()
+        p.join(30)
+        reprs.append(repr(p))
+        p.close()
+        reprs.append(repr(p))
+        seen[name] = [r.replace(pid, "PID").replace(type(p).__name__, "Process", 1) for r in reprs]
+    assert seen["warden"] == seen["std"]
+    stopped = f"<Process name='P' pid=PID parent={os.getpid()} stopped exitcode=-SIGTERM daemon>"
+    assert seen["warden"][2] == stopped
+
+
 def test_an_exception_prints_the_traceback_in_the_child(program):
     prog = program(
         """

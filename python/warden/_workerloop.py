@@ -437,12 +437,11 @@ def _stop_resource_tracker() -> None:
     pid, fd = getattr(tracker, "_pid", None), getattr(tracker, "_fd", None)
     if pid is None or fd is None:
         return  # none, or one this process did not start
+    import contextlib
     import time
 
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
     tracker._fd = None  # type: ignore[union-attr]
     deadline = time.monotonic() + _TRACKER_GRACE
     while time.monotonic() < deadline:

@@ -259,11 +259,15 @@ class Process(multiprocessing.process.BaseProcess):
             status = "stopped"
         else:
             status = "started"
-        parts = [type(self).__name__, f"name={self._name!r}", status]
-        if self._pid is not None:
+        # The standard library's order and words: pid, parent, status, the
+        # exit code by its signal's name (-SIGTERM), daemon.
+        parts = [type(self).__name__, f"name={self._name!r}"]
+        if self._pid is not None and status != "closed":
             parts.append(f"pid={self._pid}")
+        parts += [f"parent={self._parent_pid}", status]
         if status == "stopped":
-            parts.append(f"exitcode={self.exitcode}")
+            code = self.exitcode
+            parts.append(f"exitcode={multiprocessing.process._exitcode_to_name.get(code, code)}")
         if self._config.get("daemon"):
             parts.append("daemon")
         return "<" + " ".join(parts) + ">"
