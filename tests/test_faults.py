@@ -297,6 +297,64 @@ if __name__ == "__main__":
 """
 
 
+def test_sighup_from_outside_stops_a_busy_worker_by_that_signal_through_its_exit_path():
+    lost = []
+    with warden.ProcessPoolExecutor(1, on_worker_lost=lost.append) as ex:
+        ex.submit(square, 1).result(timeout=60)
+        f = ex.submit(time.sleep, 30)
+        assert wait_until(f.running, timeout=60)
+        os.kill(busy_pids(ex._runner)[0], signal.SIGHUP)
+        with pytest.raises(warden.WorkerCrashed) as info:
+            f.result(timeout=60)
+        assert info.value.signal == signal.SIGHUP
+        assert ex.submit(square, 3).result(timeout=60) == 9
+    # It left through its exit path: not a lost worker (the parent is alive,
+    # so SIGHUP is not its death signal).
+    assert lost == []
+
+
+ORPHANING_PARENT_OF_A_LONG_TASK = """
+import os, signal, subprocess, sys, time, warden
+
+def long_task_with_its_own_sighup(kind):
+    if kind == "handler":
+        signal.signal(signal.SIGHUP, lambda s, f: None)  # "reload the configuration"
+    elif kind == "ignore":
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    else:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    sleeper = subprocess.Popen(["sleep", "300"])
+    print(sleeper.pid, os.getpid(), flush=True)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    ex = warden.ProcessPoolExecutor(1)
+    ex.submit(long_task_with_its_own_sighup, sys.argv[1])
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("kind", ["handler", "ignore", "block"])
+def test_a_task_that_takes_sighup_still_ends_with_its_worker_when_the_parent_is_sigkilled(program, kind):
+    prog = program(ORPHANING_PARENT_OF_A_LONG_TASK)
+    proc = prog.start({}, (kind,))
+    sleeper = worker = 0
+    try:
+        sleeper, worker = (int(p) for p in proc.stdout.readline().split())
+        proc.kill()  # SIGKILL: the parent cleans up nothing
+        proc.wait(timeout=30)
+        assert wait_until(lambda: not alive(worker) and not alive(sleeper), timeout=15), (
+            f"worker alive: {alive(worker)}, what its task left alive: {alive(sleeper)}"
+        )
+    finally:
+        proc.kill()
+        proc.communicate()
+        for pid in (sleeper, worker):
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
 def test_what_a_task_leaves_running_ends_with_its_worker_when_the_parent_is_sigkilled(program):
     run = program(ORPHANING_PARENT).run(timeout=60)
     assert run.returncode == -signal.SIGKILL, run.stderr

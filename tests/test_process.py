@@ -103,6 +103,18 @@ def sleep_long():
     time.sleep(60)
 
 
+def test_sighup_from_outside_ends_a_process_by_that_signal_as_the_standard_librarys():
+    codes = {}
+    for name, make in (("std", multiprocessing.get_context("spawn").Process), ("warden", warden.Process)):
+        p = make(target=sleep_long)
+        p.start()
+        time.sleep(1.0)  # running its target
+        os.kill(p.pid, signal.SIGHUP)
+        p.join(30)
+        codes[name] = p.exitcode
+    assert codes == {"std": -signal.SIGHUP, "warden": -signal.SIGHUP}
+
+
 def test_repr_reads_as_the_standard_librarys_through_the_life_of_a_process():
     seen = {}
     for name, make in (("std", multiprocessing.get_context("spawn").Process), ("warden", warden.Process)):

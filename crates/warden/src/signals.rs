@@ -78,6 +78,14 @@ fn in_a_forked_copy(sig: i32) {
     }
 }
 
+/// The parent is gone and its death signal did not stop the worker (code
+/// of the worker's own handles, ignores or blocks SIGHUP): the channel's
+/// end-of-file says so instead. Acts as that signal would have.
+pub(crate) fn parent_gone() {
+    let _ = PENDING.compare_exchange(0, PARENT_DEATH_SIGNAL as u32, Ordering::SeqCst, Ordering::SeqCst);
+    let _ = rustix::thread::futex::wake(&PENDING, rustix::thread::futex::Flags::PRIVATE, u32::MAX);
+}
+
 /// Installs the stop-signal handlers for a worker whose channel is `channel`.
 pub(crate) fn install(channel: RawFd) -> io::Result<()> {
     // SAFETY: getpid(2) has no preconditions.

@@ -349,8 +349,11 @@ impl WorkerState {
         rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) == Some(self.parent)
     }
 
+    /// What a stop signal means: the parent's death if the parent is gone
+    /// (its death signal, SIGHUP, comes after the worker is given to another
+    /// parent), else that signal, SIGHUP included (sent by someone else).
     fn stop_reason(&self, sig: i32) -> ExitReason {
-        if sig != signals::PARENT_DEATH_SIGNAL && self.parent_alive() {
+        if self.parent_alive() {
             ExitReason::Signal(sig)
         } else {
             ExitReason::ParentGone
@@ -532,17 +535,23 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
         let range = match reader.next_frame() {
             Ok(Some(range)) => range,
             Ok(None) => {
+                let watcher = matches!(until, Until::Enough(_));
                 let got = match until {
                     Until::Drained => reader.try_fill_from_socket(&core.stream),
                     Until::Enough(enough) if enough() => return,
                     Until::Enough(_) => reader.fill_from_socket(&core.stream),
                 };
                 match got {
-                    Ok(0) => return inbox.end(End::Closed),
-                    Ok(_) => continue,
+                    Ok(n) if n > 0 => continue,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                    Err(_) => return inbox.end(End::Closed),
+                    _ => {
+                        inbox.end(End::Closed);
+                        if watcher {
+                            stop_if_the_parent_dies(core);
+                        }
+                        return;
+                    }
                 }
             }
             Err(e) => return inbox.end(End::Bad(e.to_string())),
@@ -577,6 +586,28 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
             other => return inbox.end(End::Bad(format!("unexpected {} message", other.name()))),
         };
         inbox.push(incoming);
+    }
+}
+
+/// How long the watcher, having seen the channel end while a task runs,
+/// waits for the parent to be seen gone (a dying process closes its fds
+/// before its children are given to another parent).
+const PARENT_DEATH_WAIT: Duration = Duration::from_secs(2);
+
+/// The channel ended while a task runs: if that is the parent's death, stop
+/// the task as its death signal would have. The signal may not have: code
+/// of the worker's own may handle, ignore or block SIGHUP.
+fn stop_if_the_parent_dies(core: &WorkerState) {
+    let until = Instant::now() + PARENT_DEATH_WAIT;
+    loop {
+        if !core.parent_alive() {
+            signals::parent_gone();
+            return;
+        }
+        if Instant::now() >= until {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

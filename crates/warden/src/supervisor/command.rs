@@ -80,8 +80,11 @@ impl Supervisor {
         let max_frame = self.cfg.max_frame;
         for w in self.workers.values_mut() {
             let Some(pos) = w.inflight.iter().position(|f| f.task.id == id) else { continue };
-            // A task sent ahead but not started is still queued, for the caller.
-            if w.inflight[pos].task.delivered() || (pos == 0 && !running_too) {
+            // A task sent to a worker is committed to it, as a task in the
+            // standard library's call queue: only `running_too` stops it.
+            // (One sent ahead may already run there: the worker may have
+            // finished the one before, and a cancel would cross it.)
+            if w.inflight[pos].task.delivered() || !running_too {
                 return false;
             }
             w.inflight[pos].task.deliver(Err(Error::cancelled()));
@@ -107,14 +110,18 @@ impl Supervisor {
             for mut task in self.queue.drain(..) {
                 task.deliver(Err(Error::cancelled()));
             }
-            // Tasks sent ahead that no worker has started are queued too.
+            // Tasks sent ahead are asked back: each one a worker gives back
+            // is cancelled then (a closing pool queues nothing); one it has
+            // started already (the cancel may cross it) runs to its end, as
+            // a running task does, and nothing is stopped for it.
             let max_frame = self.cfg.max_frame;
             for w in self.workers.values_mut() {
                 let mut ask = Vec::new();
-                for f in w.inflight.iter_mut().skip(1).filter(|f| !f.task.delivered()) {
-                    f.task.deliver(Err(Error::cancelled()));
-                    f.cancel_requested = true;
-                    ask.push(f.task.id);
+                for f in w.inflight.iter_mut().skip(1) {
+                    if !f.task.delivered() && !f.withdrawing && !f.cancel_requested {
+                        f.withdrawing = true;
+                        ask.push(f.task.id);
+                    }
                 }
                 if !ask.is_empty() {
                     for id in ask {
