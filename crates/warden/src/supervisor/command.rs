@@ -80,11 +80,8 @@ impl Supervisor {
         let max_frame = self.cfg.max_frame;
         for w in self.workers.values_mut() {
             let Some(pos) = w.inflight.iter().position(|f| f.task.id == id) else { continue };
-            // A task sent to a worker is committed to it, as a task in the
-            // standard library's call queue: only `running_too` stops it.
-            // (One sent ahead may already run there: the worker may have
-            // finished the one before, and a cancel would cross it.)
-            if w.inflight[pos].task.delivered() || !running_too {
+            // A task sent ahead but not started is still queued, for the caller.
+            if w.inflight[pos].task.delivered() || (pos == 0 && !running_too) {
                 return false;
             }
             w.inflight[pos].task.deliver(Err(Error::cancelled()));
@@ -92,7 +89,12 @@ impl Supervisor {
                 // Running: stop the worker; its exit hook runs.
                 w.stop(StopCause::Cancelled, grace);
             } else {
-                w.inflight[pos].cancel_requested = true;
+                // The worker gives it back unless it has started it already
+                // (done with the one before, while this was on its way).
+                // Then it runs to its end, its result dropped: only
+                // `running_too` stops the worker for it, since stopping it
+                // then might cut off the task after it instead.
+                w.inflight[pos].cancel_requested = running_too;
                 if w.queue(&Message::Cancel { id }, max_frame).is_ok() {
                     w.flush();
                 }

@@ -133,9 +133,10 @@ impl Supervisor {
                 next.started = Some(now);
                 next.deadline = next.task.timeout.map(|t| now + t);
                 if next.cancel_requested {
-                    // The cancel may have crossed the task: stop to be sure.
+                    // A cancel(running=True) may have crossed the task: stop
+                    // to be sure.
                     w.stop(StopCause::Cancelled, cfg.grace);
-                } else if !next.withdrawing {
+                } else if !next.withdrawing && !next.task.delivered() {
                     // (One being given back is reported started only if it
                     // was not: it is then simply done.)
                     started = Some(next.task.id);

@@ -547,19 +547,36 @@ fn nothing_is_asked_back_without_prefetch_or_while_tasks_are_queued() {
 }
 
 #[test]
-fn a_plain_cancel_leaves_a_task_sent_to_a_worker_to_run() {
+fn cancel_queued_also_takes_back_a_task_sent_ahead_but_not_started() {
     let mut h = harness(2, 10);
     let mut w = h.worker(WorkerPhase::Ready);
     h.submit_and_dispatch(2);
     sent(&mut w);
     assert!(!h.sup.cancel(1, false), "the first in line has started");
-    // The second may have started too (the worker may be done with the
-    // first): it is committed to the worker, as in a call queue.
-    assert!(!h.sup.cancel(2, false));
-    assert_eq!(sent(&mut w), []);
+    assert!(h.sup.cancel(2, false));
+    assert_eq!(sent(&mut w), [Sent::Cancel(2)]);
+    assert_eq!(h.outcomes(), [(2, "cancelled")]);
+    h.answer(&mut w, &skipped(2));
+    h.answer(&mut w, &value(1));
+    assert_eq!(h.outcomes(), [(2, "cancelled"), (1, "value")]);
+    assert_eq!(w.stand.signals(), []);
+}
+
+#[test]
+fn a_plain_cancel_that_crosses_a_started_task_stops_nothing() {
+    let mut h = harness(3, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(3);
+    sent(&mut w);
+    assert!(h.sup.cancel(2, false));
+    assert_eq!(sent(&mut w), [Sent::Cancel(2)]);
+    // The worker was done with task 1 and had started task 2 when the
+    // cancel came: it runs to its end (its result dropped), and stopping
+    // the worker now could cut off task 3, which nobody cancelled.
     h.answer(&mut w, &value(1));
     h.answer(&mut w, &value(2));
-    assert_eq!(h.outcomes(), [(1, "value"), (2, "value")]);
+    h.answer(&mut w, &value(3));
+    assert_eq!(h.outcomes(), [(2, "cancelled"), (1, "value"), (3, "value")]);
     assert_eq!(w.stand.signals(), []);
 }
 
