@@ -286,6 +286,83 @@ def test_a_parent_killed_with_large_payloads_in_flight_leaves_no_segment(program
     assert dev_shm() - shm == set()
 
 
+# -- a low limit of open files ----------------------------------------------
+#
+# Each call or result in flight with large buffers holds a file descriptor
+# (its segment, or its lending table) until it is read. Under the soft limit
+# most systems default to (1 024; 256 here, to need fewer tasks), a burst of
+# them must neither exhaust it nor lose a task.
+
+BURST = """
+import resource, sys
+import warden
+
+SIZE = 100_000
+
+def size_of(b):
+    return len(b), b[:1]
+
+def block(i):
+    return bytes([i % 251]) * SIZE
+
+if __name__ == "__main__":
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    n = int(sys.argv[1])
+    with warden.ProcessPoolExecutor(2) as ex:
+        if sys.argv[2] == "arguments":
+            data = [bytes([i % 251]) * SIZE for i in range(n)]
+            futures = [ex.submit(size_of, b) for b in data]
+            wrong = [i for i, f in enumerate(futures) if f.result(timeout=60) != (SIZE, bytes([i % 251]))]
+        else:
+            futures = [ex.submit(block, i) for i in range(n)]
+            wrong = [i for i, f in enumerate(futures) if f.result(timeout=60) != bytes([i % 251]) * SIZE]
+    print("wrong", len(wrong), flush=True)
+"""
+
+
+@pytest.mark.parametrize("what", ["arguments", "results"])
+def test_a_burst_of_large_buffers_under_a_low_open_file_limit_loses_no_task(program, what):
+    run = program(BURST).run(timeout=120, args=("2000", what))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["wrong", "0"], run.stderr
+
+
+def test_a_result_this_process_has_no_descriptor_for_fails_alone_with_emfile(program):
+    prog = program(
+        """
+        import errno, os, resource
+        import warden
+
+        def block(n):
+            return b"x" * n
+
+        if __name__ == "__main__":
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+            with warden.ProcessPoolExecutor(1) as ex:
+                pid = ex.submit(os.getpid).result(timeout=60)
+                held = []
+                try:
+                    while True:
+                        held.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError as e:
+                    assert e.errno == errno.EMFILE
+                try:
+                    ex.submit(block, 1 << 20).result(timeout=60)
+                except OSError as e:
+                    print("lost", errno.errorcode[e.errno], "too many open files" in str(e), flush=True)
+                for fd in held:
+                    os.close(fd)
+                print("then", len(ex.submit(block, 1 << 20).result(timeout=60)), flush=True)
+                print("same worker", ex.submit(os.getpid).result(timeout=60) == pid, flush=True)
+        """
+    )
+    run = prog.run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["lost EMFILE True", f"then {1 << 20}", "same worker True"], run.stderr
+
+
 # -- numpy --------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ cycle keeps a pool (and its workers) alive after the program let go of it.
 
 from __future__ import annotations
 
+import errno
 import pickle
 from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
@@ -175,6 +176,8 @@ class ErrorData:
             return PoolFailed(self.message)
         if kind == ErrorKind.CANCELLED:
             return CancelledError()
+        if kind == ErrorKind.SEGMENT_LOST:
+            return OSError(errno.EMFILE, self.message)
         if kind == ErrorKind.CLOSED:
             return BrokenProcessPool(
                 "the pool shut down before the task finished (it was never run to completion)"

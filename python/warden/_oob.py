@@ -243,7 +243,9 @@ def dumps(
     everything is inline. ``to_parent``: the receiver is the parent of this
     process (a result), not a child (a call). ``check(pickle)`` may refuse
     the pickle by raising, before any buffer is lent or copied. ``lend=False``
-    copies the buffers into a segment even where they could be lent."""
+    copies the buffers into a segment even where they could be lent. When
+    this process is short of file descriptors (:func:`fds_scarce`), a payload
+    of at most :data:`INLINE_FALLBACK_MAX` bytes is pickled inline instead."""
     out = io.BytesIO()
     collector = Collector()
     pickler(out, collector).dump(obj)
@@ -252,11 +254,56 @@ def dumps(
         check(data)
     if not collector.buffers:
         return data, None
-    if lend and may_lend(to_parent):
-        fd = _lend(collector.buffers, mutable_wait=to_parent)
-        if fd is not None:
-            return data, fd
-    return data, make_segment(collector.buffers)
+    inline_ok = sum(b.raw().nbytes for b in collector.buffers) + len(data) <= INLINE_FALLBACK_MAX
+    try:
+        if lend and may_lend(to_parent):
+            fd = _lend(collector.buffers, mutable_wait=to_parent, spare=inline_ok)
+            if fd is not None:
+                return data, fd
+        return data, make_segment(collector.buffers, spare=inline_ok)
+    except _FdsScarce:
+        pass
+    # This process is short of file descriptors: the buffers go in the
+    # pickle, as the standard library sends them.
+    out = io.BytesIO()
+    pickler(out, _in_band).dump(obj)
+    data = out.getvalue()
+    if check is not None:
+        check(data)
+    return data, None
+
+
+#: The largest payload :func:`dumps` puts inline when this process is short
+#: of file descriptors; a larger one takes one anyway.
+INLINE_FALLBACK_MAX = 64 << 20
+#: Descriptors this process keeps free for everything else: a quarter of its
+#: soft limit (``RLIMIT_NOFILE``), at least this many.
+_FD_RESERVE_MIN = 32
+
+
+class _FdsScarce(Exception):
+    """A new fd came from the top of this process's descriptor table."""
+
+
+def _in_band(buffer: pickle.PickleBuffer) -> bool:
+    return True
+
+
+def fds_scarce(fd: int) -> bool:
+    """Whether ``fd``, just made, says this process is running out of file
+    descriptors. A new fd gets the lowest free number, so one within the
+    reserve (a quarter of the soft limit) of the limit means that at most
+    that many are left. Every call or result in flight with large buffers
+    holds one until it is read (a lent one two, in its sender): thousands
+    submitted at once would otherwise use up the limit (1 024 by default on
+    most systems), and with it the descriptors the pool needs to receive
+    results and start workers."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return False
+    return fd >= soft - max(_FD_RESERVE_MIN, soft // 4)
 
 
 def _check_size(size: int) -> None:
@@ -322,13 +369,14 @@ def _lent_kind(view: memoryview) -> int | None:
     return None
 
 
-def _lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool) -> LentFd | None:
+def _lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool, spare: bool = False) -> LentFd | None:
     """Lends ``buffers``: returns the read end of a pipe holding their
     table, or ``None`` if one of them cannot be lent (the caller copies them
     into a segment). They are held until every reader of the pipe is gone,
     or until their :class:`Loan` is released.
     ``mutable_wait``: :func:`wait_for_readers` waits for them if one is
-    mutable."""
+    mutable. ``spare``: raises :class:`_FdsScarce` instead if the pipe's fds
+    say this process is short of them (see :func:`fds_scarce`)."""
     from . import _warden
 
     views = [b.raw() for b in buffers]
@@ -348,6 +396,10 @@ def _lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool) -> LentFd | No
     if len(table) > _LEND_TABLE_MAX:
         return None
     r, w = os.pipe()
+    if spare and fds_scarce(max(r, w)):
+        os.close(r)
+        os.close(w)
+        raise _FdsScarce
     try:
         os.set_blocking(w, False)
         if os.write(w, table) != len(table):
@@ -500,8 +552,11 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def make_segment(buffers: list[pickle.PickleBuffer]) -> int:
-    """Writes ``buffers`` into a new sealed memfd; returns its fd (close-on-exec)."""
+def make_segment(buffers: list[pickle.PickleBuffer], spare: bool = False) -> int:
+    """Writes ``buffers`` into a new sealed memfd; returns its fd
+    (close-on-exec). ``spare``: raises :class:`_FdsScarce` instead, before
+    writing anything, if the new fd says this process is short of them (see
+    :func:`fds_scarce`)."""
     views = [b.raw() for b in buffers]
     offset = _aligned(_HEAD.size + _ENTRY.size * len(views))
     table = []
@@ -511,6 +566,9 @@ def make_segment(buffers: list[pickle.PickleBuffer]) -> int:
     size = offset
     _check_size(size)
     fd = os.memfd_create("warden-oob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    if spare and fds_scarce(fd):
+        os.close(fd)
+        raise _FdsScarce
     try:
         os.ftruncate(fd, size)
         head = _HEAD.pack(_MAGIC, len(views)) + b"".join(_ENTRY.pack(o, n) for o, n in table)

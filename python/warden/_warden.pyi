@@ -62,6 +62,7 @@ class ErrorKind:
     REJECTED: ClassVar[ErrorKind]
     WAIT_TIMED_OUT: ClassVar[ErrorKind]
     ALREADY_JOINED: ClassVar[ErrorKind]
+    SEGMENT_LOST: ClassVar[ErrorKind]
     IO: ClassVar[ErrorKind]
     CONFIG: ClassVar[ErrorKind]
     OTHER: ClassVar[ErrorKind]

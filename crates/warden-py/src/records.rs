@@ -62,6 +62,10 @@ pub enum PyErrorKind {
     /// The pool was already joined.
     #[pyo3(name = "ALREADY_JOINED")]
     AlreadyJoined,
+    /// A result's shared segment could not be received: the caller's
+    /// process has too many open files. The worker goes on.
+    #[pyo3(name = "SEGMENT_LOST")]
+    SegmentLost,
     /// An operating-system call failed.
     #[pyo3(name = "IO")]
     Io,
@@ -89,6 +93,7 @@ impl From<&warden::ErrorKind> for PyErrorKind {
             K::Rejected(_) => Self::Rejected,
             K::WaitTimedOut => Self::WaitTimedOut,
             K::AlreadyJoined => Self::AlreadyJoined,
+            K::SegmentLost => Self::SegmentLost,
             K::Io(_) => Self::Io,
             K::Config(_) => Self::Config,
             _ => Self::Other,

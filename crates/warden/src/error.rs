@@ -140,6 +140,14 @@ pub enum ErrorKind {
     /// The outcome was already taken by an earlier join.
     #[error("the task's outcome was already taken")]
     AlreadyJoined,
+    /// The task's result came with a shared segment this process could not
+    /// receive: it had as many open files as its limit (`RLIMIT_NOFILE`)
+    /// allows. The value is lost; the worker and the other tasks go on.
+    #[error(
+        "the task's result came with a shared segment this process could not receive: it has too many open files \
+         (its limit, `ulimit -n`, is reached); the worker goes on"
+    )]
+    SegmentLost,
     /// An operating-system call failed.
     #[error(transparent)]
     Io(io::Error),

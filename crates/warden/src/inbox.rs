@@ -68,7 +68,9 @@ pub(crate) enum Incoming {
     /// Run the start hook.
     Init { worker: u64, payload: Vec<u8> },
     /// Run a task (with the shared segment that came with it, if any).
-    Task { id: u64, payload: Vec<u8>, segment: Option<OwnedFd> },
+    /// `lost`: its frame announced a segment this process could not
+    /// receive (too many open files); the task fails without running.
+    Task { id: u64, payload: Vec<u8>, segment: Option<OwnedFd>, lost: bool },
     /// Retire: take the exit path.
     Retire(RetireReason),
 }
@@ -293,7 +295,7 @@ mod tests {
     use std::sync::Arc;
 
     fn task(id: u64) -> Incoming {
-        Incoming::Task { id, payload: vec![id as u8], segment: None }
+        Incoming::Task { id, payload: vec![id as u8], segment: None, lost: false }
     }
 
     /// A pump for an inbox whose messages are pushed by hand: it reads nothing.

@@ -96,6 +96,12 @@ pub enum WireError {
     /// The peer sent descriptors no frame announced.
     #[error("more than {MAX_PENDING_FDS} descriptors arrived that no frame announced")]
     TooManyFds,
+    /// The descriptor a frame announced was sent, but this process could not
+    /// receive it: it had as many open files as its limit allows, and the
+    /// kernel dropped the descriptor (`MSG_CTRUNC`). The frame itself is
+    /// good, and the stream stays usable.
+    #[error("the frame's shared segment could not be received: this process has too many open files")]
+    SegmentLost,
 }
 
 /// Why a pool asks a worker to retire.
@@ -432,8 +438,8 @@ pub struct FrameReader {
     /// Set once a frame failed to decode: the stream is unusable after that.
     poisoned: Option<WireError>,
     /// Descriptors received with [`FrameReader::fill_from_socket`], in order,
-    /// not yet taken by their frames.
-    fds: VecDeque<OwnedFd>,
+    /// not yet taken by their frames; `None` for one the kernel dropped.
+    fds: VecDeque<Option<OwnedFd>>,
 }
 
 impl FrameReader {
@@ -485,8 +491,15 @@ impl FrameReader {
         let got = rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC | flags)?;
         for msg in control.drain() {
             if let RecvAncillaryMessage::ScmRights(fds) = msg {
-                self.fds.extend(fds);
+                self.fds.extend(fds.map(Some));
             }
+        }
+        if got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+            // A descriptor did not fit in this process's table (or in the
+            // control buffer): the kernel closed it. One read returns the
+            // descriptors of one send at most, and a peer sends one per
+            // frame, so this is the next frame's; it learns it lost it.
+            self.fds.push_back(None);
         }
         if self.fds.len() > MAX_PENDING_FDS && self.poisoned.is_none() {
             self.fds.clear();
@@ -499,13 +512,15 @@ impl FrameReader {
     /// The segment descriptor of a frame returned by [`FrameReader::next_frame`],
     /// if it announced one; the caller owns it. Take it before decoding the
     /// next frame. An announced descriptor that did not arrive is an error
-    /// that poisons the reader.
+    /// that poisons the reader; one this process could not receive is
+    /// [`WireError::SegmentLost`], which does not (the frame is good).
     pub fn take_segment(&mut self, range: FrameRange) -> Result<Option<OwnedFd>, WireError> {
         if !range.segment {
             return Ok(None);
         }
         match self.fds.pop_front() {
-            Some(fd) => Ok(Some(fd)),
+            Some(Some(fd)) => Ok(Some(fd)),
+            Some(None) => Err(WireError::SegmentLost),
             None => {
                 self.poisoned = Some(WireError::MissingSegment);
                 Err(WireError::MissingSegment)
@@ -612,15 +627,27 @@ impl FrameReader {
     }
 
     /// The next complete message, if one has arrived, with the segment
-    /// descriptor its frame announced, if any.
-    pub fn next_message_with_segment(&mut self) -> Result<Option<(Message<'_>, Option<OwnedFd>)>, WireError> {
+    /// descriptor its frame announced, if any, or
+    /// [`WireError::SegmentLost`] in its place (the message is good).
+    #[allow(clippy::type_complexity)]
+    pub fn next_message_with_segment(
+        &mut self,
+    ) -> Result<Option<(Message<'_>, Result<Option<OwnedFd>, WireError>)>, WireError> {
         match self.next_frame()? {
             None => Ok(None),
             Some(range) => {
-                let segment = self.take_segment(range)?;
+                let segment = match self.take_segment(range) {
+                    Err(WireError::SegmentLost) => Err(WireError::SegmentLost),
+                    other => Ok(other?),
+                };
                 self.decode(range).map(|m| Some((m, segment)))
             }
         }
+    }
+
+    /// The newest descriptor received and not yet taken by its frame.
+    pub fn newest_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.fds.back().and_then(|fd| fd.as_ref()).map(|fd| fd.as_fd())
     }
 
     /// An error if the stream ended with a partial frame buffered.
@@ -779,7 +806,7 @@ mod tests {
         while reader.fill_from_socket(&b).unwrap() > 0 {}
         while let Some((msg, fd)) = reader.next_message_with_segment().unwrap() {
             let Message::Task { id, .. } = msg else { panic!("not a task") };
-            got.push((id, fd.map(|f| read_all(&f))));
+            got.push((id, fd.unwrap().map(|f| read_all(&f))));
         }
         assert_eq!(got, vec![(1, Some(b"first".to_vec())), (2, None), (3, Some(b"second".to_vec()))]);
     }
@@ -792,6 +819,52 @@ mod tests {
         reader.push(&out);
         assert_eq!(reader.next_message().err(), Some(WireError::MissingSegment));
         assert_eq!(reader.next_message().err(), Some(WireError::MissingSegment));
+    }
+
+    /// Sends `bytes` with `fds` on their first byte, all in one message.
+    fn send_with_fds(sock: &std::os::unix::net::UnixStream, bytes: &[u8], fds: &[OwnedFd]) {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        let sent = rustix::net::sendmsg(sock, &[IoSlice::new(bytes)], &mut control, SendFlags::empty()).unwrap();
+        assert_eq!(sent, bytes.len());
+    }
+
+    #[test]
+    fn a_descriptor_the_kernel_dropped_fails_its_frame_only() {
+        // How many descriptors one read has room for.
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_with_fds(&a, &[0], &(0..12u8).map(|i| memfd_with(&[i])).collect::<Vec<_>>());
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        reader.fill_from_socket(&b).unwrap();
+        let room = reader.fds.iter().filter(|fd| fd.is_some()).count();
+        assert!((1..12).contains(&room), "a read has room for {room} descriptors");
+
+        // One more frame announces a segment than a read has room for: the
+        // kernel drops the last descriptor and says so (MSG_CTRUNC), as when
+        // this process is at its limit of open files.
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let count = room as u64 + 1;
+        let mut out = Vec::new();
+        for id in 1..=count {
+            encode_frame(&Message::Task { id, payload: b"call" }, &mut out, DEFAULT_MAX_FRAME, true).unwrap();
+        }
+        encode_frame(&Message::Task { id: count + 1, payload: b"call" }, &mut out, DEFAULT_MAX_FRAME, false).unwrap();
+        send_with_fds(&a, &out, &(1..=count).map(|i| memfd_with(&[i as u8])).collect::<Vec<_>>());
+        drop(a);
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        while reader.fill_from_socket(&b).unwrap() > 0 {}
+        let mut got = Vec::new();
+        while let Some((msg, fd)) = reader.next_message_with_segment().unwrap() {
+            let Message::Task { id, .. } = msg else { panic!("not a task") };
+            got.push((id, fd.map(|f| f.map(|f| read_all(&f)))));
+        }
+        let mut expected: Vec<_> = (1..count).map(|id| (id, Ok(Some(vec![id as u8])))).collect();
+        expected.push((count, Err(WireError::SegmentLost)));
+        expected.push((count + 1, Ok(None)));
+        assert_eq!(got, expected, "the frame whose descriptor was dropped is told so; the stream goes on");
     }
 
     #[test]

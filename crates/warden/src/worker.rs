@@ -74,8 +74,8 @@ use crate::panics::{lock, panic_text};
 use crate::signals;
 use crate::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 use crate::wire::{
-    self, ExitPathReport, ExitReason, FrameReader, Message, RemoteError, RemoteErrorKind, RetireReason, WireOutcome,
-    DEFAULT_MAX_FRAME,
+    self, ExitPathReport, ExitReason, FrameReader, Message, RemoteError, RemoteErrorKind, RetireReason, WireError,
+    WireOutcome, DEFAULT_MAX_FRAME,
 };
 
 /// Exit code of a worker whose start hook failed.
@@ -556,8 +556,9 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
             }
             Err(e) => return inbox.end(End::Bad(e.to_string())),
         };
-        let segment = match reader.take_segment(range) {
-            Ok(segment) => segment,
+        let (segment, lost) = match reader.take_segment(range) {
+            Ok(segment) => (segment, false),
+            Err(WireError::SegmentLost) => (None, true),
             Err(e) => return inbox.end(End::Bad(e.to_string())),
         };
         let msg = match wire::decode_body(reader.body(range)) {
@@ -566,7 +567,7 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
         };
         let incoming = match msg {
             Message::Init { worker, payload } => Incoming::Init { worker, payload: payload.to_vec() },
-            Message::Task { id, payload } => Incoming::Task { id, payload: payload.to_vec(), segment },
+            Message::Task { id, payload } => Incoming::Task { id, payload: payload.to_vec(), segment, lost },
             Message::Retire { reason } => {
                 if reason == RetireReason::Stopped {
                     core.stop_requested.store(true, Ordering::SeqCst);
@@ -692,7 +693,13 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                     }
                 }
             }
-            Incoming::Task { id, payload, segment } if initialized => {
+            Incoming::Task { id, lost: true, .. } if initialized => {
+                let error = RemoteError::new(RemoteErrorKind::Codec, "OSError", WireError::SegmentLost.to_string());
+                if core.send(&Message::Result { id, outcome: WireOutcome::Error(error) }).is_err() {
+                    return ExitReason::ParentGone;
+                }
+            }
+            Incoming::Task { id, payload, segment, .. } if initialized => {
                 core.state.store(BUSY, Ordering::SeqCst);
                 if let Some(reason) = stop_requested(core) {
                     core.state.store(IDLE, Ordering::SeqCst);

@@ -47,6 +47,7 @@ mod config;
 mod events;
 mod link;
 mod memory;
+mod pace;
 mod process;
 mod protocol;
 mod reap;
@@ -112,6 +113,8 @@ pub(crate) struct Supervisor {
     zygote_fallback: bool,
     /// When busy workers' memory is next sampled (with a hard limit only).
     memory_sample_at: Option<Instant>,
+    /// Reading from workers paused: this process is short of descriptors.
+    pause: Option<pace::Pause>,
 }
 
 /// Creates the channel, waker and poller for a pool; the supervisor runs on
@@ -155,6 +158,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         zygote_first: with_zygote,
         zygote_fallback: false,
         memory_sample_at: None,
+        pause: None,
     };
     Ok((sup, shared))
 }
@@ -220,7 +224,7 @@ impl Supervisor {
                 let id = ((token.0 - 2) / 2) as u64;
                 if token == sock_token(id) {
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
-                        self.read_worker(id);
+                        self.read_or_defer(id);
                     }
                     if event.is_writable() {
                         if let Some(w) = self.workers.get_mut(&id) {
@@ -233,6 +237,7 @@ impl Supervisor {
             }
             self.drain_commands();
             let now = Instant::now();
+            self.check_pause(now);
             self.check_timers(now);
             self.check_zygote_timer(now);
             self.ensure_workers(now);
@@ -285,6 +290,7 @@ impl Supervisor {
             .chain(self.spawn_retry_at)
             .chain(self.zygote_deadline())
             .chain(self.memory_sample_at)
+            .chain(self.pause_deadline())
             .min()
     }
 }

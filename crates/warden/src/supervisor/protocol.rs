@@ -2,6 +2,7 @@
 //! handshake (hello, init, ready), results in order, goodbye; anything else
 //! is a protocol error, and the worker is killed.
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,13 +34,24 @@ enum Incoming {
 }
 
 impl Supervisor {
-    pub(super) fn read_worker(&mut self, id: u64) {
+    /// Reads what worker `id` sent until its channel has no more for now.
+    /// `paced`: stops early, and pauses reading from workers, when a
+    /// descriptor it brought says this process is short of them (see
+    /// `pace`); a worker being reaped is read to the end.
+    pub(super) fn read_worker(&mut self, id: u64, paced: bool) {
         loop {
             let Some(w) = self.workers.get_mut(&id) else { return };
             if w.eof {
                 return;
             }
-            match w.reader.fill_from_socket(&w.sock) {
+            let got = w.reader.fill_from_socket(&w.sock);
+            let scarce = match &got {
+                Ok(n) if paced && *n > 0 => {
+                    w.reader.newest_fd().map(|fd| fd.as_raw_fd()).filter(|fd| super::pace::fds_scarce(*fd))
+                }
+                _ => None,
+            };
+            match got {
                 Ok(0) => {
                     w.eof = true;
                     let truncated = w.reader.check_clean_eof().err();
@@ -49,7 +61,12 @@ impl Supervisor {
                     }
                     return;
                 }
-                Ok(_) => self.process_frames(id),
+                Ok(_) => {
+                    self.process_frames(id);
+                    if let Some(fd) = scarce {
+                        return self.pause_reading(id, fd);
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => {
@@ -75,10 +92,11 @@ impl Supervisor {
                     Message::Result { id, outcome: WireOutcome::Skipped } => Incoming::Skipped { id },
                     Message::Result { id, outcome } => Incoming::Result {
                         id,
-                        outcome: match outcome {
-                            WireOutcome::Value(v) => Ok(Output { bytes: v.to_vec(), segment }),
-                            WireOutcome::Error(e) => Err(Error::new(ErrorKind::Remote(e))),
-                            WireOutcome::Skipped => Err(Error::cancelled()),
+                        outcome: match (outcome, segment) {
+                            (WireOutcome::Value(_), Err(_)) => Err(Error::new(ErrorKind::SegmentLost)),
+                            (WireOutcome::Value(v), Ok(segment)) => Ok(Output { bytes: v.to_vec(), segment }),
+                            (WireOutcome::Error(e), _) => Err(Error::new(ErrorKind::Remote(e))),
+                            (WireOutcome::Skipped, _) => Err(Error::cancelled()),
                         },
                     },
                     Message::Goodbye { reason, report } => Incoming::Goodbye(reason, report),

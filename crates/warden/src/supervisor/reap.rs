@@ -27,7 +27,7 @@ impl Supervisor {
         w.status = Some(status);
         // Whatever it wrote before exiting is in the socket buffer now.
         w.eof = false;
-        self.read_worker(id);
+        self.read_worker(id, false);
         self.finish(id);
     }
 

@@ -453,7 +453,7 @@ impl Harness {
         let mut frame = Vec::new();
         crate::wire::encode_frame(msg, &mut frame, MAX_FRAME, false).expect("an encodable frame");
         w.peer.write_all(&frame).expect("writing the channel");
-        self.sup.read_worker(w.id);
+        self.sup.read_worker(w.id, false);
     }
 }
 
