@@ -286,6 +286,44 @@ def test_a_parent_killed_with_large_payloads_in_flight_leaves_no_segment(program
     assert dev_shm() - shm == set()
 
 
+# -- sharing -------------------------------------------------------------------
+#
+# Pickle keeps what an object graph shares: an object met twice arrives as
+# one. Buffers sent out of band must not lose that (wrongly aliased data, and
+# a list of one buffer 200 times costing 200 copies).
+
+
+def sharing(a, b):
+    return a is b, a[0] is b[0], a[0] is a[-1]
+
+
+def repeated(block, n):
+    return [block] * n
+
+
+def holds_itself(items):
+    return items[-1] is items, items[0] == b"c" * 100_000
+
+
+def distinct(values) -> int:
+    return len({id(v) for v in values})
+
+
+def test_what_a_call_or_result_shares_arrives_shared_as_pickle_gives_it(executor, no_segment_leaks):
+    big = b"q" * (LIMIT * 2)
+    both = [big, bytearray(LIMIT), big]
+    looped: list = [b"c" * 100_000]
+    looped.append(looped)
+    expected = pickle.loads(pickle.dumps((both, both, looped), protocol=5))
+    assert sharing(expected[0], expected[1]) == (True, True, True)
+    assert executor.submit(sharing, both, both).result(timeout=60) == (True, True, True)
+    assert executor.submit(sharing, [big, 1, big], [big]).result(timeout=60) == (False, True, True)
+    assert executor.submit(holds_itself, looped).result(timeout=60) == (True, True)
+    result = executor.submit(repeated, big, 200).result(timeout=60)
+    assert result == [big] * 200
+    assert distinct(result) == 1
+
+
 # -- a low limit of open files ----------------------------------------------
 #
 # Each call or result in flight with large buffers holds a file descriptor

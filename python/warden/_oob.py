@@ -181,30 +181,67 @@ def prepare(obj: Any, depth: int = _DEPTH) -> Any:
     a result), in containers of at most 256 items. Buffers deeper down are pickled as the
     standard library does. Containers are only rebuilt when something in
     them was wrapped; everything else is passed over at the cost of a type
-    check (this runs on every task)."""
+    check (this runs on every task).
+
+    What pickle shares stays shared: an object met twice is wrapped (or
+    rebuilt) once, so it arrives as one object, as it would from the
+    standard pickler (``[b] * 200`` is one ``bytes``, not 200). A container
+    that holds itself is left as it is (its buffers then travel inline)."""
+    try:
+        return _prepare(obj, depth, {})
+    except _HoldsItself:
+        return obj
+
+
+class _HoldsItself(Exception):
+    """A container met inside itself while :func:`prepare` rebuilt it."""
+
+
+#: In :func:`prepare`'s memo: a container being rebuilt.
+_BUILDING = object()
+
+
+def _prepare(obj: Any, depth: int, memo: dict[int, Any]) -> Any:
     t = type(obj)
     if t is bytes or t is bytearray:
-        return _Wrapped(obj) if len(obj) >= INLINE_LIMIT else obj
-    if t is memoryview:
-        return _Wrapped(obj) if obj.contiguous else obj
-    if t is pickle.PickleBuffer:
-        # Out of band, pickle would hand the receiver a memoryview; keep the
-        # standard library's bytes or bytearray instead.
-        return _Wrapped(obj)
-    if not depth or t not in _SEEN or len(obj) > _MAX_LEN:
-        return obj
-    depth -= 1
+        if len(obj) < INLINE_LIMIT:
+            return obj
+    elif t is memoryview:
+        if not obj.contiguous:
+            return obj
+    elif t is not pickle.PickleBuffer:
+        if t not in _SEEN:
+            return obj
+        done = memo.get(id(obj))
+        if done is _BUILDING:
+            raise _HoldsItself
+        if done is not None:
+            return done
+        if not depth or len(obj) > _MAX_LEN:
+            return obj
+        return _prepare_container(obj, t, depth - 1, memo)
+    # A buffer: wrapped, once however often it is met. (Out of band, pickle
+    # would hand the receiver a memoryview for a PickleBuffer; the wrapper
+    # keeps the standard library's bytes or bytearray instead.)
+    wrapped = memo.get(id(obj))
+    if wrapped is None:
+        wrapped = memo[id(obj)] = _Wrapped(obj)
+    return wrapped
+
+
+def _prepare_container(obj: Any, t: type, depth: int, memo: dict[int, Any]) -> Any:
+    memo[id(obj)] = _BUILDING
     copy: Any = None
     for key, x in obj.items() if t is dict else enumerate(obj):
         if type(x) in _SEEN:
-            y = prepare(x, depth)
+            y = _prepare(x, depth, memo)
             if y is not x:
                 if copy is None:
                     copy = dict(obj) if t is dict else list(obj)
                 copy[key] = y
-    if copy is None:
-        return obj
-    return tuple(copy) if t is tuple else copy
+    result = obj if copy is None else tuple(copy) if t is tuple else copy
+    memo[id(obj)] = result
+    return result
 
 
 class Collector:
