@@ -359,3 +359,64 @@ def test_pool_pickles_into_an_inert_handle(pool):
     assert handle.kind == "Pool" and handle.owner_pid == os.getpid()
     with pytest.raises(RuntimeError, match="inert handle"):
         handle.map(square, [1])
+
+
+WORKER_STATE = """
+import os, sys
+import multiprocessing
+import warden
+
+def state(_=None):
+    print("printed by a worker", flush=True)
+    return os.environ.get("WARDEN_TEST_SETTING")
+
+if __name__ == "__main__":
+    which, api = sys.argv[1], sys.argv[2]
+    spawn = multiprocessing.get_context("spawn")
+    log = os.open("workers.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    saved = os.dup(1)
+    # The common pattern: settings (and streams) for the workers, set just
+    # around the moment the pool starts them.
+    os.environ["WARDEN_TEST_SETTING"] = "1"
+    os.dup2(log, 1)
+    if api == "pool":
+        pool = warden.Pool(2) if which == "warden" else spawn.Pool(2)
+        first = None
+    else:
+        import concurrent.futures as cf
+        if which == "warden":
+            pool = warden.ProcessPoolExecutor(2)
+        else:
+            pool = cf.ProcessPoolExecutor(2, mp_context=spawn)
+        first = pool.submit(state)
+    os.dup2(saved, 1)
+    del os.environ["WARDEN_TEST_SETTING"]
+    if api == "pool":
+        seen = pool.map(state, range(4), chunksize=1)
+        pool.close()
+        pool.join()
+    else:
+        seen = [first.result(timeout=60)]
+        pool.shutdown()
+    print("seen", *seen, flush=True)
+"""
+
+
+@pytest.mark.parametrize("api", ["pool", "executor"])
+def test_workers_start_with_the_environment_and_streams_the_parent_had_when_it_asked(program, api):
+    """The first workers see ``os.environ`` and the standard streams as they
+    were when the pool was made (the executor: at its first submit), as the
+    standard library's do, not as they are a moment later."""
+    prog = program(WORKER_STATE)
+
+    def seen(which):
+        run = prog.run(timeout=120, args=(which, api))
+        assert run.returncode == 0, run.stderr
+        logged = (prog.tmp_path / "workers.log").read_text().splitlines()
+        return run.stdout.splitlines(), bool(logged) and set(logged) == {"printed by a worker"}
+
+    std = seen("std")
+    assert std[1], "the workers printed into the stream they started with"
+    # Three runs: without the guarantee, the workers' start races the
+    # parent's next lines.
+    assert [seen("warden") for _ in range(3)] == [std] * 3

@@ -59,6 +59,10 @@ pub enum StopMode {
 /// Margin a waiter adds to the ladder's own deadlines before acting itself.
 const STOP_SLACK: Duration = Duration::from_secs(2);
 
+/// How long building a pool waits for its first processes to be started
+/// (not ready: started, a fork and an exec each).
+const START_WAIT: Duration = Duration::from_secs(5);
+
 /// Default time a worker gets to finish its exit path before it is signalled.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 /// Default time a worker gets to say hello and run its start hook.
@@ -386,8 +390,13 @@ impl Builder {
             }
             None => None,
         };
-        let (sup, shared) = supervisor::create(self.cfg)?;
+        let (mut sup, shared) = supervisor::create(self.cfg)?;
+        let started = sup.started();
         let thread = std::thread::Builder::new().name(format!("{name}-supervisor")).spawn(move || sup.run())?;
+        // The first processes start on the supervisor thread (see the
+        // caveats), but with this moment's environment and standard
+        // streams, as if started here: a caller may change them right after.
+        let _ = started.recv_timeout(START_WAIT);
         Ok(Pool {
             shared,
             thread: Mutex::new(Some(thread)),

@@ -115,6 +115,8 @@ pub(crate) struct Supervisor {
     memory_sample_at: Option<Instant>,
     /// Reading from workers paused: this process is short of descriptors.
     pause: Option<pace::Pause>,
+    /// Told once the pool's first processes are started (see [`Supervisor::started`]).
+    started: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// Creates the channel, waker and poller for a pool; the supervisor runs on
@@ -159,6 +161,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         zygote_fallback: false,
         memory_sample_at: None,
         pause: None,
+        started: None,
     };
     Ok((sup, shared))
 }
@@ -190,9 +193,21 @@ impl Supervisor {
         shared.set_done();
     }
 
+    /// Whoever builds the pool waits on the receiver until its first
+    /// processes (its zygote, or its workers) are started: they inherit the
+    /// environment and the standard streams the caller had when it asked.
+    pub(crate) fn started(&mut self) -> std::sync::mpsc::Receiver<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.started = Some(tx);
+        rx
+    }
+
     fn event_loop(&mut self) {
         let mut events = Events::with_capacity(256);
         self.ensure_workers(Instant::now());
+        if let Some(started) = self.started.take() {
+            let _ = started.send(());
+        }
         loop {
             let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
