@@ -286,6 +286,34 @@ def test_a_parent_killed_with_large_payloads_in_flight_leaves_no_segment(program
     assert dev_shm() - shm == set()
 
 
+def test_a_result_too_large_for_the_parents_memory_fails_alone_and_the_pool_goes_on(program):
+    prog = program(
+        """
+        import os, resource
+        import warden
+
+        if __name__ == "__main__":
+            with warden.ProcessPoolExecutor(1) as ex:
+                pid = ex.submit(os.getpid).result(timeout=60)
+                # From here this process cannot map 200 MiB more (the worker can).
+                used = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+                resource.setrlimit(resource.RLIMIT_AS, (used + (100 << 20), resource.RLIM_INFINITY))
+                try:
+                    ex.submit(bytes, 200 << 20).result(timeout=60)
+                except (MemoryError, OSError, warden.SegmentError) as e:
+                    print("too large:", type(e).__name__, flush=True)
+                resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                same = ex.submit(os.getpid).result(timeout=60) == pid
+                print("then", ex.submit(abs, -2).result(timeout=60), same)
+        """
+    )
+    run = prog.run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("too large:"), (run.stdout, run.stderr)
+    assert lines[1] == "then 2 True", run.stderr
+
+
 # -- sharing -------------------------------------------------------------------
 #
 # Pickle keeps what an object graph shares: an object met twice arrives as

@@ -685,3 +685,30 @@ def test_a_workers_own_children_do_not_see_the_worker_variables():
         child, own = ex.submit(spawn_child_and_read_its_worker_variables).result(timeout=60)
     assert child == repr([None, None, None])
     assert own == [None, None, None]
+
+
+def pidfds() -> int:
+    """How many pidfds this process has open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+    return count
+
+
+def test_looking_at_a_pools_workers_keeps_nothing_once_the_pool_is_gone():
+    """``active_children()``, ``executor._processes`` and ``pool._pool`` give
+    views of the workers, each with a pidfd: they go with the pool."""
+    import gc
+
+    before = pidfds()
+    for _ in range(5):
+        with warden.ProcessPoolExecutor(2) as ex:
+            ex.submit(abs, -1).result(timeout=60)
+            assert len(multiprocessing.active_children()) >= 2
+            assert len(ex._processes) == 2
+        with warden.Pool(2) as pool:
+            assert len(pool._pool) == 2
+        del ex, pool
+    gc.collect()
+    assert wait_until(lambda: pidfds() <= before, timeout=10), (before, pidfds())

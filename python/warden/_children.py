@@ -46,7 +46,9 @@ class WorkerProcess:
     daemon = True  # as the standard library's pool workers
 
     def __init__(self, runner: _runner.Runner, worker: int, pid: int) -> None:
-        self._runner = runner
+        # The core pool, not the runner: views are kept by runner, weakly,
+        # and one that held its runner would keep it (and its pidfd) forever.
+        self._core = runner.core
         self.pid = self.ident = pid
         self.name = f"{runner.name}-worker-{worker}"
         self._parent_pid = os.getpid()
@@ -64,7 +66,7 @@ class WorkerProcess:
         return self  # what multiprocessing's bookkeeping calls poll() on
 
     def _listed(self) -> bool:
-        return any(w.pid == self.pid for w in self._runner.core.workers())
+        return any(w.pid == self.pid for w in self._core.workers())
 
     def poll(self) -> int | None:
         """``exitcode`` (``multiprocessing``'s ``Popen`` API)."""
@@ -90,7 +92,7 @@ class WorkerProcess:
         return code
 
     def _exit_status(self) -> int | None:
-        status = self._runner.core.exit_status(self.pid)
+        status = self._core.exit_status(self.pid)
         if status is not None:
             code, sig = status
             return -sig if sig is not None else code

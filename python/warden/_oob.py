@@ -779,7 +779,7 @@ class Received:
         self.error: Exception | None = None
         try:
             self.buffers = open_segment(fd)
-        except (SegmentError, OSError) as e:
+        except Exception as e:  # MemoryError too: the task fails, not the thread reading it
             self.error = e
 
     def load(self) -> Any:
