@@ -712,3 +712,42 @@ def test_looking_at_a_pools_workers_keeps_nothing_once_the_pool_is_gone():
         del ex, pool
     gc.collect()
     assert wait_until(lambda: pidfds() <= before, timeout=10), (before, pidfds())
+
+
+@pytest.mark.parametrize("start", ["zygote", "exec"])
+@pytest.mark.parametrize("stream", [1, 2])
+def test_a_task_writing_to_a_stream_the_parent_closed_breaks_nothing(tmp_path, stream, start):
+    """A program started with its stdout or stderr closed (``>&-``): what a
+    task (or a C library in it) writes to that fd goes nowhere, never into
+    the worker's channel to its pool."""
+    report = tmp_path / "report.txt"
+    prog = tmp_path / "prog.py"
+    prog.write_text(
+        f"""
+import os
+import warden
+
+def task(x):
+    os.write({stream}, b"diagnostic from a task\\n")
+    return x
+
+if __name__ == "__main__":
+    with open({str(report)!r}, "w") as out:
+        with warden.ProcessPoolExecutor(2, start={start!r}) as ex:
+            for f in [ex.submit(task, i) for i in range(4)]:
+                try:
+                    out.write(f"ok {{f.result(timeout=60)}}\\n")
+                except Exception as e:
+                    out.write(f"failed {{type(e).__name__}}: {{e}}\\n")
+"""
+    )
+    closed = ">&-" if stream == 1 else "2>&-"
+    run = subprocess.run(
+        ["sh", "-c", f'exec "$0" "$1" {closed}', sys.executable, str(prog)],
+        cwd=tmp_path,
+        timeout=120,
+        capture_output=stream == 2,
+        check=False,
+    )
+    assert run.returncode == 0
+    assert report.read_text().splitlines() == [f"ok {i}" for i in range(4)]

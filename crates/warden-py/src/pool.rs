@@ -676,3 +676,12 @@ pub fn trim_heap(py: Python<'_>) -> bool {
         false
     }
 }
+
+/// Opens `/dev/null` on whichever of fds 0, 1 and 2 is closed in this
+/// process (the core's `fill_closed_stdio`), so that no descriptor a pool
+/// makes takes their place. Called before a pool or process makes its first
+/// descriptor.
+#[pyfunction]
+pub fn fill_closed_stdio() {
+    warden::frontend::fill_closed_stdio();
+}

@@ -14,7 +14,7 @@
 //!   [`WorkerEnv::take`]), and end the process with the
 //!   [`ExitStatus`](crate::ExitStatus) it returns.
 
-pub use crate::spawn::{WorkerCommand, ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
+pub use crate::spawn::{fill_closed_stdio, WorkerCommand, ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 pub use crate::supervisor::{Output, Reply};
 pub use crate::worker::{
     serve, ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_INIT_FAILED, EXIT_PARENT_GONE,

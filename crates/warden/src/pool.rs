@@ -373,6 +373,7 @@ impl Builder {
                  calling warden::init(): call warden::init() first thing in main()",
             ));
         }
+        crate::spawn::fill_closed_stdio();
         self.cfg.init_payload = match self.raw_init.take() {
             Some(payload) => payload,
             None => postcard::to_allocvec(&RustInit::new(self.on_start, self.on_exit)).map_err(Error::codec)?,

@@ -12,7 +12,8 @@
 //!
 //! * stdout and stderr of the parent; stdin is `/dev/null` (as `multiprocessing`
 //!   does for its children), so a worker never competes with the parent for the
-//!   terminal;
+//!   terminal. A stream the parent has closed is `/dev/null` too: fds 0-2 of
+//!   a worker are never free for its channel to land on;
 //! * exactly one channel, its end of a `socketpair` made close-on-exec, at the fd
 //!   number it has in the parent (named in `WARDEN_FD`), plus any fds the caller
 //!   passes explicitly at their own numbers;
@@ -222,6 +223,42 @@ fn hello_pid(channel: &UnixStream, wait: Duration) -> Option<i32> {
 /// Executes `cmd` with `channel_fd` (and `pass_fds`) kept open at their
 /// numbers, `env` added, and the hygiene this module describes. Returns the
 /// child's pid and pidfd.
+/// Opens `/dev/null` on whichever of fds 0, 1 and 2 is closed in this
+/// process. Otherwise the next descriptor made (a worker's channel, a
+/// pidfd, a segment) takes that number, and becomes a child's stdin, stdout
+/// or stderr: anything written there (a C library's diagnostics) would go
+/// into warden's own channel. Called before a pool makes its first
+/// descriptor; the streams that were open are left as they are.
+pub fn fill_closed_stdio() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD reads an fd number's flags; no memory is involved.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
+            continue;
+        }
+        match rustix::fs::open("/dev/null", rustix::fs::OFlags::RDWR, rustix::fs::Mode::empty()) {
+            // The lowest free number: `fd` itself, the ones below it being open.
+            Ok(null) if null.as_raw_fd() == fd => std::mem::forget(null),
+            Ok(_) => {} // taken meanwhile by another thread: closed again here
+            Err(e) => tracing::warn!("fd {fd} is closed and /dev/null cannot be opened there: {e}"),
+        }
+    }
+}
+
+/// This process's stdout or stderr for a child, or `/dev/null` if it has
+/// none a child would inherit: the fd is closed, or close-on-exec (then it
+/// is not a stream but something this process opened after its stream was
+/// closed). Either way the child's fd would be free, and the next
+/// descriptor the child makes (its channel) would take it.
+fn inherited(fd: RawFd) -> Stdio {
+    // SAFETY: F_GETFD reads an fd number's flags; no memory is involved.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags == -1 || flags & libc::FD_CLOEXEC != 0 {
+        Stdio::null()
+    } else {
+        Stdio::inherit()
+    }
+}
+
 fn exec_child(
     cmd: &WorkerCommand,
     pass_fds: &[RawFd],
@@ -247,8 +284,8 @@ fn exec_child(
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env(ENV_PARENT, parent_pid.to_string())
         .stdin(Stdio::null())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
+        .stdout(inherited(1))
+        .stderr(inherited(2))
         .process_group(0);
     if let Some(cwd) = &cmd.cwd {
         command.current_dir(cwd);
