@@ -6,9 +6,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import math
 import multiprocessing
+import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -293,3 +295,168 @@ def test_an_event_whose_sender_let_it_go_is_a_clear_error():
     # Event a task creates and returns is gone with the task.
     with warden.ProcessPoolExecutor(1) as ex, pytest.raises(OSError, match="must still hold it"):
         ex.submit(make_event_and_drop_it).result(30)
+
+
+# -- what the standard library refuses, cloudpickle must not let through ------
+
+
+def kind_of(obj):
+    return type(obj).__name__
+
+
+def write_to(f):
+    f.write(b"task" if "b" in f.mode else "task")
+    f.flush()
+    return kind_of(f)
+
+
+def return_a_file(path):
+    return open(path)
+
+
+def spawn_executor():
+    return cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+
+def outcome(ex, fn, *args):
+    """What a program sees of ``ex.submit(fn, *args).result()``: the standard
+    library fails the future, warden's ``submit`` raises at once."""
+    try:
+        return repr(ex.submit(fn, *args).result(timeout=60))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+FILE_MODES = ["r", "r+", "a+", "w", "a", "rb", "r+b", "wb", "rb-unbuffered"]
+
+
+def open_in(path, mode):
+    if mode == "rb-unbuffered":
+        return open(path, "rb", buffering=0)
+    return open(path, mode)
+
+
+def test_an_open_file_in_a_call_fails_as_on_the_standard_library_in_every_mode(tmp_path):
+    # cloudpickle would send a file opened for reading as a StringIO of its
+    # contents: the task would run on a copy, its writes lost.
+    path = tmp_path / "data.txt"
+    seen = {}
+    for impl, make in [("stdlib", spawn_executor), ("warden", lambda: warden.ProcessPoolExecutor(1))]:
+        with make() as ex:
+            for mode in FILE_MODES:
+                path.write_text("line1\nline2\n")
+                with open_in(path, mode) as f:
+                    seen[impl, mode] = (outcome(ex, write_to, f), outcome(ex, kind_of, f))
+                assert path.read_text() == ("" if mode.startswith("w") else "line1\nline2\n"), (impl, mode)
+    for mode in FILE_MODES:
+        assert seen["warden", mode] == seen["stdlib", mode], mode
+        assert seen["warden", mode][0].startswith("TypeError: cannot pickle '_io."), mode
+
+
+def test_a_named_temporary_file_in_a_call_fails_as_on_the_standard_library_and_is_kept(tmp_path):
+    # As a StringIO copy it also took its deleter along, which removed the
+    # parent's file when the worker dropped it.
+    seen = {}
+    for impl, make in [("stdlib", spawn_executor), ("warden", lambda: warden.ProcessPoolExecutor(1))]:
+        with make() as ex:
+            for mode in ("w+", "w+b"):
+                with tempfile.NamedTemporaryFile(mode, dir=tmp_path) as tf:
+                    tf.write(b"important" if "b" in mode else "important")
+                    tf.flush()
+                    seen[impl, mode] = outcome(ex, kind_of, tf)
+                    assert ex.submit(kind_of, 1).result(timeout=60) == "int"  # the pool goes on
+                    assert os.path.exists(tf.name), (impl, mode)
+                    tf.seek(0)
+                    assert tf.read() in ("important", b"important")
+    for mode in ("w+", "w+b"):
+        assert seen["warden", mode] == seen["stdlib", mode], mode
+        assert seen["warden", mode].startswith("TypeError: cannot pickle '_io."), mode
+
+
+def test_cloudpickle_refuses_an_open_file_with_the_standard_librarys_error(tmp_path):
+    path = tmp_path / "data.txt"
+    for mode in FILE_MODES:
+        path.write_text("line1\n")
+        with open_in(path, mode) as f:
+            with pytest.raises(TypeError) as plain:
+                pickle.dumps(f, 5)
+            with pytest.raises(TypeError) as cloud:
+                _pickle._cloud(f)
+            assert str(cloud.value) == str(plain.value), mode
+            # A function pickled by value carries what it refers to: not a copy of the file.
+            with pytest.raises(Exception) as by_value:
+                _pickle.dumps_oob((lambda: f.read(), (), {}))
+            assert any(str(plain.value) in note for note in by_value.value.__notes__), mode
+
+
+def test_cloudpickle_refuses_a_weakset_as_the_standard_library_does():
+    # Rebuilt in the worker, a WeakSet would be empty: nothing holds its items there.
+    import weakref
+
+    items = [Box(1), Box(2)]
+    ws = weakref.WeakSet(items)
+    with pytest.raises(TypeError) as plain:
+        pickle.dumps(ws, 5)
+    with pytest.raises(TypeError) as cloud:
+        _pickle._cloud(ws)
+    assert str(cloud.value) == str(plain.value)
+
+
+class Box:
+    def __init__(self, v):
+        self.v = v
+
+
+def test_a_task_that_returns_an_open_file_fails_as_on_the_standard_library(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("line1\n")
+    with spawn_executor() as ex:
+        stdlib = outcome(ex, return_a_file, str(path))
+    with warden.ProcessPoolExecutor(1) as ex:
+        ours = outcome(ex, return_a_file, str(path))
+    assert stdlib == "TypeError: cannot pickle '_io.TextIOWrapper' object"
+    # warden names the result (warden._workerloop), with the standard library's error.
+    assert ours.endswith(stdlib)
+
+
+def test_a_process_given_an_open_file_fails_to_start_as_under_spawn(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("line1\n")
+    errors = {}
+    for impl, make in [("stdlib", multiprocessing.get_context("spawn").Process), ("warden", warden.Process)]:
+        with open(path) as f:
+            p = make(target=kind_of, args=(f,))
+            with pytest.raises(TypeError) as info:
+                p.start()
+        errors[impl] = info.value
+    assert str(errors["warden"]) == str(errors["stdlib"]) == "cannot pickle '_io.TextIOWrapper' object"
+    assert "(in args[0], a _io.TextIOWrapper)" in errors["warden"].__notes__
+
+
+def test_an_interactive_main_sends_the_standard_streams_but_refuses_open_files():
+    # Its functions go by value, with what they hold: sys.stdout and sys.stderr
+    # as the worker's own (cloudpickle's way); any other file is refused.
+    source = """
+        import sys, warden
+        def log(word, file=sys.stderr):
+            print(word, file=file, flush=True)
+            return "logged"
+        f = open(sys.executable, "rb")
+        g = open(__import__("os").devnull)
+        with warden.ProcessPoolExecutor(1) as ex:
+            print(ex.submit(log, "to-stderr").result(), ex.submit(log, "to-stdout", sys.stdout).result())
+            for held in (f, g):
+                try:
+                    ex.submit(lambda: held.read(1))
+                except Exception as e:
+                    print(type(e).__name__, e.__notes__[-1])
+        """
+    run = run_source(source)
+    assert run.returncode == 0, run.stderr
+    assert "logged logged" in run.stdout.splitlines()
+    assert "to-stdout" in run.stdout
+    assert "to-stderr" in run.stderr
+    refused = run.stdout.splitlines()[-2:]
+    assert [line.split(" ", 1)[0] for line in refused] == ["PicklingError", "PicklingError"]
+    assert "cannot pickle '_io.BufferedReader' object" in refused[0]
+    assert "cannot pickle '_io.TextIOWrapper' object" in refused[1]

@@ -20,11 +20,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, _base
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _runner
 from ._errors import ErrorData
 from ._pickle import loads
+
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    _T = TypeVar("_T")
 
 _CANCELLED = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
 _DONE = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED)
@@ -35,7 +40,9 @@ _DONE = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED)
 _CONDITION_LOCK = threading.Lock()
 
 
-class Future(_base.Future):  # type: ignore[type-arg]
+# Generic for type checkers, as concurrent.futures.Future is in typeshed: a
+# string subscript makes no TypeVar at run time (it only names one for them).
+class Future(_base.Future["_T"]):
     """A ``concurrent.futures.Future`` whose failure is stored as data.
 
     Its ``_condition`` (a lock and a deque: most of a future's memory) is made
@@ -112,14 +119,15 @@ class Future(_base.Future):  # type: ignore[type-arg]
 
     # -- waiting -----------------------------------------------------------
 
-    def _outcome(self) -> Any:
+    def _outcome(self) -> _T:
         if self._error is not None:
             raise self._error.build()
         if self._exception is not None:  # set_exception() called by other code
             raise self._exception
-        return self._result
+        value: _T = self._result
+        return value
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> _T:
         """The task's return value; raises a fresh exception if it failed.
 
         Raises ``CancelledError`` if cancelled and ``TimeoutError`` if

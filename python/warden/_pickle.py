@@ -7,7 +7,11 @@
   child cannot import it), ``cloudpickle`` pickles the same object by value.
   A pickle that names nothing of ``__main__`` (library functions, builtins,
   plain data) stays a plain pickle even then: a notebook's calls of library
-  code neither import ``cloudpickle`` nor pay for it.
+  code neither import ``cloudpickle`` nor pay for it. What plain pickle
+  refuses for another reason, ``cloudpickle`` refuses too, with the standard
+  library's error, where its own reducer would send a copy that behaves
+  otherwise (an open file as a ``StringIO`` snapshot: see
+  :func:`_cloud_pickler_class`).
 * Objects handed to a child *at spawn time* (``Process`` arguments, pool
   ``initargs``) are pickled while a spawning context is set, exactly as the
   standard library's spawn start method does: process-shared objects
@@ -71,14 +75,50 @@ def _pickler() -> type[_Pickler]:
 _cloud_pickler: type | None = None
 
 
+def _as_plain(obj: Any) -> Any:
+    """Reduces ``obj`` as the standard pickler does (``copyreg``'s reducer for
+    its type, else its ``__reduce_ex__``): for an object the standard library
+    refuses, its own error, e.g. ``TypeError: cannot pickle
+    '_io.TextIOWrapper' object``."""
+    reduce = copyreg.dispatch_table.get(type(obj))
+    return reduce(obj) if reduce is not None else obj.__reduce_ex__(PROTOCOL)
+
+
+def _text_file_reduce(obj: Any) -> Any:
+    """An open text file: refused, as by the standard library, except this
+    interpreter's own ``sys.stdout``/``sys.stderr``, which go as the worker's
+    (``cloudpickle``'s way, for a function's default ``file=sys.stderr``).
+    ``cloudpickle`` would send any other file readable as a ``StringIO`` of
+    its contents: the task would write to a copy, and a pickled
+    ``NamedTemporaryFile`` deletes the file when the copy is collected."""
+    for name in ("stdout", "stderr"):
+        if obj is getattr(sys, name) and obj is getattr(sys, f"__{name}__"):
+            return getattr, (sys, name)
+    return _as_plain(obj)
+
+
 def _cloud_pickler_class() -> type:
+    """``cloudpickle``'s pickler with ``ForkingPickler``'s reducers, for what
+    the standard pickler refuses because it would pickle a function or class
+    by reference. Of ``cloudpickle``'s reducers for other objects the standard
+    library refuses, it keeps those that give the task what it would have
+    had (code, cells, modules by name, descriptors, read-only views: what
+    functions and classes by value hold), and refuses, with the standard
+    library's error, those that would give it a copy behaving otherwise:
+    open text files (a ``StringIO`` snapshot; binary files it refuses
+    already) and ``weakref.WeakSet`` (rebuilt empty: nothing else holds its
+    items in the worker)."""
     global _cloud_pickler
     if _cloud_pickler is None:
+        import weakref
+
         import cloudpickle
 
         class CloudPickler(cloudpickle.CloudPickler):
             dispatch_table = collections.ChainMap(
-                ForkingPickler._extra_reducers, cloudpickle.CloudPickler.dispatch_table
+                ForkingPickler._extra_reducers,
+                {io.TextIOWrapper: _text_file_reduce, weakref.WeakSet: _as_plain},
+                cloudpickle.CloudPickler.dispatch_table,
             )
 
         _cloud_pickler = CloudPickler
@@ -362,21 +402,31 @@ def dumps_for_spawn(
     ``parameters()`` lists what ``obj`` carries by the names the user gave
     them (``("initargs[0]", value)``, ...): an object made for the ``fork``
     start method among them is refused with an error that names it (once:
-    ``cloudpickle`` would only fail the same way)."""
+    ``cloudpickle`` would only fail the same way); the error for another
+    object neither pickler can pickle gets a note that names it."""
     fds = SpawnFds()
     previous_popen = _mp_context.get_spawning_popen()
     previous_target = spawning_object()
     _mp_context.set_spawning_popen(fds)
     _spawning.target = target
+    named: list[bool] = []
 
     def before_retry(error: Exception | None) -> None:
         fds.close()
         culprit = _made_for_fork(error) if error is not None else None
         if culprit is not None:
+            named.append(True)
             raise _fork_error(culprit, parameters()) from None
 
     try:
         data = dumps(obj, before_retry=before_retry)
+    except Exception as error:
+        fds.close()
+        if not named:
+            culprit = _unpicklable(parameters(), fds)
+            if culprit is not None:
+                error.add_note(f"(in {culprit[0]}, a {_type_name(culprit[1])})")
+        raise
     except BaseException:
         fds.close()
         raise
@@ -427,6 +477,22 @@ def _fork_error(culprit: Any, parameters: Iterable[tuple[str, Any]]) -> RuntimeE
         "(for tqdm's process_map: call "
         'tqdm.auto.tqdm.set_lock(multiprocessing.get_context("spawn").RLock()) first).'
     )
+
+
+def _unpicklable(parameters: Iterable[tuple[str, Any]], fds: SpawnFds) -> tuple[str, Any] | None:
+    """The first of ``parameters`` that neither pickler can pickle for a
+    child, while ``fds`` is the spawning popen (whose duplicates it closes)."""
+    for name, value in parameters:
+        try:
+            try:
+                _plain(value)
+            except Exception:
+                _cloud(value)
+        except Exception:
+            return name, value
+        finally:
+            fds.close()
+    return None
 
 
 def _carries_fork_object(value: Any) -> bool:

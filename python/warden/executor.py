@@ -23,8 +23,13 @@ from ._pickle import dumps_call
 from ._tasks import chunks, run_chunk
 
 if TYPE_CHECKING:
+    from typing import ParamSpec, TypeVar
+
     # asyncio costs ~40 ms to import: loaded when a coroutine API is first used.
     from . import _aio
+
+    _P = ParamSpec("_P")
+    _T = TypeVar("_T")
 
 _counter = itertools.count(1)
 
@@ -196,7 +201,7 @@ class ProcessPoolExecutor(_base.Executor):
             self._runner = runner
         return self._runner
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
         """Runs ``fn(*args, **kwargs)`` in a worker; returns its future.
 
         Raises at once if the call cannot be pickled (the pool is unaffected).
@@ -252,8 +257,8 @@ class ProcessPoolExecutor(_base.Executor):
                 raise RuntimeError(_runner.INTERRUPTED_EXECUTOR) from None
             raise core_error(e) from None
 
-    def _submit_payload(self, call: tuple[bytes, int | None]) -> Future:
-        future = Future()
+    def _submit_payload(self, call: tuple[bytes, int | None]) -> Future[Any]:
+        future: Future[Any] = Future()
         runner, task = self._queue(call, future._deliver, future, report_start=True)
         future._runner, future._task = runner, task
         return future
@@ -266,7 +271,7 @@ class ProcessPoolExecutor(_base.Executor):
 
         return start
 
-    async def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    async def run(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """``await ex.run(fn, *args, **kwargs)``: runs the call in a worker and
         returns its value (or raises its error) without blocking the event
         loop, and without a thread per call.
@@ -277,11 +282,10 @@ class ProcessPoolExecutor(_base.Executor):
         """
         from . import _aio
 
-        return await _aio.call(self._starter(self._payload(fn, args, kwargs)))
+        value: _T = await _aio.call(self._starter(self._payload(fn, args, kwargs)))
+        return value
 
-    def amap(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any], chunksize: int = 1
-    ) -> AsyncIterator[Any]:
+    def amap(self, fn: Callable[..., _T], *iterables: Iterable[Any], chunksize: int = 1) -> AsyncIterator[_T]:
         """``async for result in ex.amap(fn, *iterables)``: :meth:`map` for
         asyncio. Every call is queued now (pickling errors raise here, and
         cancel the calls queued before); results come in order. Call it from
@@ -298,12 +302,12 @@ class ProcessPoolExecutor(_base.Executor):
 
     def map(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., _T],
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
         progress: _progress.ProgressArg = None,
-    ) -> Iterator[Any]:
+    ) -> Iterator[_T]:
         """Like the built-in ``map``, running in the workers: every call is
         submitted now (pickling errors raise here), results come in order.
 
@@ -407,13 +411,13 @@ def _calls(
             yield run_chunk, (fn, chunk, True)
 
 
-def _advance(bar: _progress.Progress, size: int, future: Future) -> None:
+def _advance(bar: _progress.Progress, size: int, future: Future[Any]) -> None:
     if not future.cancelled() and future._error is None:
         bar.advance(size)
 
 
 def _results(
-    futures: list[Future], end: float | None, chunked: bool, bar: _progress.Progress | None = None
+    futures: list[Future[Any]], end: float | None, chunked: bool, bar: _progress.Progress | None = None
 ) -> Iterator[Any]:
     """Yields the results of ``futures`` in order; cancels the rest if stopped."""
     try:
@@ -431,7 +435,7 @@ def _results(
             bar.close()
 
 
-def _next_result(futures: list[Future], end: float | None) -> Any:
+def _next_result(futures: list[Future[Any]], end: float | None) -> Any:
     """The result of the last future of ``futures``, which it removes;
     cancels that future if waiting for it fails."""
     future = futures.pop()
