@@ -314,6 +314,40 @@ def test_a_result_too_large_for_the_parents_memory_fails_alone_and_the_pool_goes
     assert lines[1] == "then 2 True", run.stderr
 
 
+class Holder:
+    """A buffer where warden does not look for one (an attribute): it stays
+    in the pickle."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def rows(n: int) -> list[str]:
+    return [f"row {i:09d}" for i in range(n)]
+
+
+def test_a_pickle_larger_than_a_frame_travels_as_under_the_standard_library(executor, no_segment_leaks):
+    """The standard library's pickles have no size limit; warden's frames
+    have one (256 MiB by default): a larger pickle goes beside its frame."""
+    big = Holder(bytes(range(256)) * ((300 << 20) // 256))
+    back = executor.submit(identity, big).result(timeout=120)
+    assert type(back) is Holder and back.data == big.data
+    del big, back
+
+
+def test_a_pickle_over_the_inline_maximum_goes_beside_its_frame_both_ways(monkeypatch, no_segment_leaks):
+    monkeypatch.setattr(_oob, "PICKLE_INLINE_MAX", 1 << 20)
+    monkeypatch.setenv("WARDEN_PICKLE_INLINE_MAX", str(1 << 20))
+    data, fd = _oob.dumps(rows(100_000), lambda f, cb: pickle.Pickler(f, 5, buffer_callback=cb))
+    assert fd is not None and data == b"WDPK"
+    assert _oob.loads(data, fd) == rows(100_000)
+    with warden.ProcessPoolExecutor(1) as ex:
+        assert ex.submit(rows, 100_000).result(timeout=60) == rows(100_000)
+        assert ex.submit(len, rows(100_000)).result(timeout=60) == 100_000
+    with warden.Pool(1) as pool:
+        assert pool.apply(rows, (100_000,)) == rows(100_000)
+
+
 # -- sharing -------------------------------------------------------------------
 #
 # Pickle keeps what an object graph shares: an object met twice arrives as

@@ -79,6 +79,13 @@ if TYPE_CHECKING:
 INLINE_LIMIT = int(os.environ.get("WARDEN_INLINE_LIMIT", str(64 << 10)))
 #: The largest segment a process sends or accepts (default 16 GiB).
 MAX_SEGMENT = int(os.environ.get("WARDEN_MAX_SEGMENT", str(16 << 30)))
+#: A pickle larger than this travels beside the frame too, as the last of
+#: its buffers, not in it: a frame has a size limit (256 MiB by default), the
+#: standard library's pickles none. ``WARDEN_PICKLE_INLINE_MAX`` (bytes)
+#: changes it, for tests.
+PICKLE_INLINE_MAX = int(os.environ.get("WARDEN_PICKLE_INLINE_MAX", str(32 << 20)))
+#: What the frame holds in place of a pickle that travels beside it.
+_PICKLE_BESIDE = b"WDPK"
 
 _MAGIC = b"WDSG"
 _HEAD = struct.Struct("<4sI")
@@ -282,22 +289,30 @@ def dumps(
     the pickle by raising, before any buffer is lent or copied. ``lend=False``
     copies the buffers into a segment even where they could be lent. When
     this process is short of file descriptors (:func:`fds_scarce`), a payload
-    of at most :data:`INLINE_FALLBACK_MAX` bytes is pickled inline instead."""
+    of at most :data:`INLINE_FALLBACK_MAX` bytes is pickled inline instead.
+    A pickle larger than :data:`PICKLE_INLINE_MAX` goes with the buffers
+    (the last), and the frame says so (see :func:`unpickle`)."""
     out = io.BytesIO()
     collector = Collector()
     pickler(out, collector).dump(obj)
     data = out.getvalue()
     if check is not None:
         check(data)
-    if not collector.buffers:
+    buffers = collector.buffers
+    if len(data) > PICKLE_INLINE_MAX:
+        buffers = [*buffers, pickle.PickleBuffer(data)]
+        inline_ok = False
+    elif not buffers:
         return data, None
-    inline_ok = sum(b.raw().nbytes for b in collector.buffers) + len(data) <= INLINE_FALLBACK_MAX
+    else:
+        inline_ok = sum(b.raw().nbytes for b in buffers) + len(data) <= INLINE_FALLBACK_MAX
+    head = data if buffers is collector.buffers else _PICKLE_BESIDE
     try:
         if lend and may_lend(to_parent):
-            fd = _lend(collector.buffers, mutable_wait=to_parent, spare=inline_ok)
+            fd = _lend(buffers, mutable_wait=to_parent, spare=inline_ok)
             if fd is not None:
-                return data, fd
-        return data, make_segment(collector.buffers, spare=inline_ok)
+                return head, fd
+        return head, make_segment(buffers, spare=inline_ok)
     except _FdsScarce:
         pass
     # This process is short of file descriptors: the buffers go in the
@@ -719,7 +734,11 @@ def unpickle(data: Any, buffers: Any = None) -> Any:
     as ``bytes`` in band, or with ``READONLY_BUFFER`` out of band, and numpy
     rebuilds it read-only on that memory. Here numpy's ``_frombuffer`` gets
     a writable buffer instead (see :func:`_writable_buffer`); a writable
-    array's buffer is passed as it is, with no copy."""
+    array's buffer is passed as it is, with no copy.
+
+    A pickle that travelled beside its frame is the last of ``buffers``."""
+    if buffers is not None and len(data) == len(_PICKLE_BESIDE) and bytes(data) == _PICKLE_BESIDE:
+        *buffers, data = buffers
     if len(data) < _MIN_ARRAY_PICKLE or _NAMES_FROMBUFFER(data) is None:
         return _loads(data) if buffers is None else _loads(data, buffers=buffers)
     return _Unpickler(io.BytesIO(data), buffers=buffers).load()
