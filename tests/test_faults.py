@@ -751,3 +751,46 @@ if __name__ == "__main__":
     )
     assert run.returncode == 0
     assert report.read_text().splitlines() == [f"ok {i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("api", ["executor", "pool", "process"])
+def test_a_program_started_with_every_stdio_stream_closed_gets_working_pools(tmp_path, api):
+    report = tmp_path / "report.txt"
+    prog = tmp_path / "prog.py"
+    prog.write_text(
+        f"""
+import os
+import warden
+
+def task(x):
+    print("from a task", x)
+    return x
+
+if __name__ == "__main__":
+    with open({str(report)!r}, "w") as out:
+        try:
+            if {api!r} == "executor":
+                with warden.ProcessPoolExecutor(2) as ex:
+                    got = [f.result(timeout=60) for f in [ex.submit(task, i) for i in range(4)]]
+            elif {api!r} == "pool":
+                with warden.Pool(2) as pool:
+                    got = pool.map(task, range(4))
+            else:
+                child = warden.Process(target=task, args=(1,))
+                child.start()
+                child.join(60)
+                got = [child.exitcode]
+            out.write(f"ok {{got}}\\n")
+        except Exception as e:
+            out.write(f"failed {{type(e).__name__}}: {{e}}\\n")
+"""
+    )
+    run = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$1" <&- >&- 2>&-', sys.executable, str(prog)],
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0
+    expected = "ok [0]" if api == "process" else "ok [0, 1, 2, 3]"
+    assert report.read_text().splitlines() == [expected]

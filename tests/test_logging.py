@@ -199,3 +199,80 @@ def test_a_worker_imports_logging_only_when_its_code_does_and_still_forwards(pro
     run = program(LAZY).run(args=(start,))
     assert run.returncode == 0, run.stderr
     assert run.lines == ["logging loaded: False", "WARNING|app|imported late", "done"], run.stdout
+
+
+COOKBOOK = """
+import contextlib, functools, logging, logging.handlers, multiprocessing, sys
+import concurrent.futures, warden
+
+def configure_worker(queue):
+    # The logging cookbook's worker configurer: records go to the parent
+    # through a queue, handled there by a QueueListener.
+    root = logging.getLogger()
+    root.addHandler(logging.handlers.QueueHandler(queue))
+    root.setLevel(logging.DEBUG)
+
+@contextlib.contextmanager
+def worker_logging(queue):
+    configure_worker(queue)
+    yield
+
+def task(i):
+    logging.getLogger("app").info("message %d", i)
+    return i
+
+if __name__ == "__main__":
+    kind, start = sys.argv[1], sys.argv[2]
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.DEBUG)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    listener = logging.handlers.QueueListener(queue, handler)
+    listener.start()
+    if start == "stdlib":
+        if kind == "executor":
+            ex = concurrent.futures.ProcessPoolExecutor(
+                2, mp_context=ctx, initializer=configure_worker, initargs=(queue,)
+            )
+        else:
+            ex = ctx.Pool(2, initializer=configure_worker, initargs=(queue,))
+    elif kind == "executor":
+        ex = warden.ProcessPoolExecutor(2, initializer=configure_worker, initargs=(queue,), start=start)
+    elif kind == "worker_context":
+        context = functools.partial(worker_logging, queue)
+        ex = warden.ProcessPoolExecutor(2, worker_context=context, start=start)
+    else:
+        ex = warden.Pool(2, initializer=configure_worker, initargs=(queue,), start=start)
+    with ex:
+        results = list(ex.map(task, range(3)))
+        if kind == "pool":
+            ex.close()
+            ex.join()
+    listener.stop()
+    print("results", results)
+"""
+
+
+@pytest.mark.parametrize("start", [*STARTS, "stdlib"])
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_an_initializer_that_adds_a_queue_handler_to_the_root_logger_gets_each_record_once(
+    program, kind, start
+):
+    run = program(COOKBOOK).run(args=(kind, start))
+    assert run.returncode == 0, run.stderr
+    *records, results = run.lines
+    assert sorted(records) == [f"app INFO message {i}" for i in range(3)], run.stdout
+    assert results == "results [0, 1, 2]"
+    assert run.stderr == ""
+
+
+@pytest.mark.parametrize("start", STARTS)
+def test_a_worker_context_that_adds_a_queue_handler_to_the_root_logger_gets_each_record_once(program, start):
+    run = program(COOKBOOK).run(args=("worker_context", start))
+    assert run.returncode == 0, run.stderr
+    *records, results = run.lines
+    assert sorted(records) == [f"app INFO message {i}" for i in range(3)], run.stdout
+    assert results == "results [0, 1, 2]"
+    assert run.stderr == ""

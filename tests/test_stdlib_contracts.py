@@ -135,6 +135,8 @@ def test_a_pool_stopped_by_a_caught_ctrl_c_says_so_when_given_more_work(program)
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_shared_memory_a_child_or_worker_leaks_is_unlinked_by_the_end_of_the_program(program, impl, tmp_path):
+    # By the parent's resource tracker, which its children and workers use,
+    # when the parent has ended (the tracker holds its stderr: run() waits for it).
     prefix = f"warden_test_{os.getpid()}_{impl}"
     prog = user_program(
         program,
@@ -168,6 +170,76 @@ def test_shared_memory_a_child_or_worker_leaks_is_unlinked_by_the_end_of_the_pro
         for name in os.listdir("/dev/shm"):
             if name.startswith(prefix):
                 os.unlink(os.path.join("/dev/shm", name))
+
+
+@pytest.mark.parametrize(("impl", "start"), [("warden", "zygote"), ("warden", "exec"), ("stdlib", "")])
+def test_shared_memory_workers_and_children_only_attach_to_outlives_them_until_the_parent_unlinks_it(
+    program, impl, start
+):
+    # Attaching registers the segment with the resource tracker (3.11, 3.12;
+    # 3.13 by default): a child uses its parent's tracker, so the segment
+    # lives on when the child exits, until the parent unlinks it.
+    prog = user_program(
+        program,
+        """
+        from multiprocessing import shared_memory
+
+        def read(name, numbers):
+            shm = shared_memory.SharedMemory(name=name)  # attach; never unlink
+            try:
+                return f"{shm.buf[0]} {sum(numbers)}"
+            finally:
+                shm.close()
+
+        def child(name, numbers):
+            note(f"process {read(name, numbers)}")
+
+        def outcome(call):
+            try:
+                return call()
+            except Exception as e:
+                return f"{type(e).__name__}"
+
+        if __name__ == "__main__":
+            shm = shared_memory.SharedMemory(create=True, size=4096)
+            shm.buf[0] = 42
+            numbers = shared_memory.ShareableList([1, 2, 3])  # attached to by name
+
+            def present():
+                return [os.path.exists(f"/dev/shm/{s.name.lstrip('/')}") for s in (shm, numbers.shm)]
+
+            with Executor(1, max_tasks_per_child=1) as ex:  # a fresh worker for each task
+                for _ in range(3):
+                    note(f"executor {outcome(lambda: ex.submit(read, shm.name, numbers).result(timeout=60))}")
+            note(f"after the executor {present()}")
+            pool = Pool(1, maxtasksperchild=1)
+            for _ in range(2):
+                note(f"pool {outcome(lambda: pool.apply(read, (shm.name, numbers)))}")
+            pool.close()
+            pool.join()
+            note(f"after the pool {present()}")
+            p = Process(target=child, args=(shm.name, numbers))
+            p.start()
+            p.join(60)
+            note(f"after the process {present()}")
+            for s in (shm, numbers.shm):
+                s.close()
+                note(f"unlink {outcome(lambda: s.unlink() or 'ok')}")
+        """,
+    )
+    run = prog.run(timeout=90, env={"IMPL": impl, "WARDEN_START": start})
+    assert run.returncode == 0, run.stderr
+    assert prog.out_lines() == [
+        *["executor 42 6"] * 3,
+        "after the executor [True, True]",
+        *["pool 42 6"] * 2,
+        "after the pool [True, True]",
+        "process 42 6",
+        "after the process [True, True]",
+        "unlink ok",
+        "unlink ok",
+    ]
+    assert "leaked" not in run.stderr, run.stderr
 
 
 def test_workers_of_an_executor_left_open_retire_with_their_finalizers_after_its_tasks(program):

@@ -81,8 +81,10 @@ def test_exec_workers_are_not_forked():
 @pytest.mark.parametrize(
     ("forward_logging", "expected"),
     [
-        (False, ["anon_inode", "socket"]),  # the parent's pidfd, the channel
-        (True, ["anon_inode", "socket", "socket"]),  # and the logging channel
+        # the parent's pidfd, the parent's resource tracker (as a spawned
+        # child holds it), the channel
+        (False, ["anon_inode", "pipe", "socket"]),
+        (True, ["anon_inode", "pipe", "socket", "socket"]),  # and the logging channel
     ],
 )
 def test_a_worker_holds_only_stdio_its_channel_and_the_parent_sentinel(forward_logging, expected):

@@ -26,6 +26,11 @@ The worker starts with the levels the parent's loggers had when the pool was
 created (the root logger's and every logger with a level set), so records the
 parent would drop are not even made; the parent checks levels again when it
 handles a record.
+
+A worker's initializer or ``worker_context`` that adds a handler of its own to
+the root logger (the logging cookbook's ``QueueHandler``, feeding a
+``QueueListener`` in the parent) takes over from the forwarding there
+(:func:`step_aside`): each record is handled once, as under the standard library.
 """
 
 from __future__ import annotations
@@ -220,6 +225,10 @@ _PLAIN = (
 )
 
 
+#: In a worker: the loggers that have warden's forwarding handler.
+_forwarding: list[logging.Logger] = []
+
+
 def forward_to_parent(fd: int, levels: dict[str, int]) -> None:
     """In a worker: the root logger sends every record to the parent, and the
     loggers take the parent's levels."""
@@ -244,7 +253,24 @@ def forward_to_parent(fd: int, levels: dict[str, int]) -> None:
             logger.removeHandler(h)
         if logger is not logging.root and not logger.propagate:
             logger.addHandler(handler)
+            _forwarding.append(logger)
     logging.root.addHandler(handler)
+    _forwarding.append(logging.root)
+
+
+def step_aside() -> None:
+    """In a worker, after its own code configured logging (the initializer
+    ran, the ``worker_context`` was entered): a logger to which that code
+    added a handler of its own (the logging cookbook's ``QueueHandler`` on the
+    root logger) loses warden's forwarding handler. Its records are then that
+    handler's alone, as under the standard library: forwarded too, the parent
+    would handle each of them twice."""
+    for logger in _forwarding[:]:
+        ours = [h for h in logger.handlers if isinstance(h, ParentHandler)]
+        if ours and len(ours) < len(logger.handlers):
+            for h in ours:
+                logger.removeHandler(h)
+            _forwarding.remove(logger)
 
 
 # In a worker whose forwarding waited for ``logging`` to be imported, and

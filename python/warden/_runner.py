@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.context
+import multiprocessing.resource_tracker
 import multiprocessing.spawn
 import multiprocessing.util
 import os
@@ -271,6 +272,24 @@ def worker_command() -> tuple[str, list[str]]:
     return os.fsdecode(multiprocessing.spawn.get_executable()), args
 
 
+def resource_tracker_fd() -> int | None:
+    """A new fd of this process's ``multiprocessing`` resource tracker (started
+    now if it is not running), for a pool to pass to its workers (the caller
+    owns it); ``None`` if it cannot be started (each worker then starts its own).
+
+    As a child the standard library spawns does, every worker and ``Process``
+    child uses its parent's tracker instead of starting one: a segment it only
+    attaches to (``SharedMemory(name=...)`` registers it on 3.11-3.12, and by
+    default later) is registered twice with the same tracker, harmlessly, and
+    what a child created and never unlinked is unlinked when this process's
+    tracker ends, at the end of the program. A tracker of the worker's own
+    would unlink, at the worker's exit, segments the parent still uses."""
+    try:
+        return os.dup(multiprocessing.resource_tracker.getfd())
+    except Exception:
+        return None
+
+
 def cpu_count() -> int:
     """The default number of workers, as the standard library of this
     version counts it: the CPUs this process may use on 3.13 and later
@@ -341,6 +360,9 @@ class Runner:
         self._tasks: weakref.WeakValueDictionary[int, Any] | None = (
             weakref.WeakValueDictionary() if on_worker_lost is not None else None
         )
+        # No fd made from here on may take the number of a closed stdio
+        # stream (it would be passed as a worker's stdout, or refused).
+        _warden.fill_closed_stdio()
         fds = list(pass_fds or [])
         try:
             if exiting:
@@ -355,6 +377,9 @@ class Runner:
             if forward_logging:
                 fds.append(log_fd := _logging.sender_fd())
                 log_to = {"fd": log_fd, "levels": _logging.parent_levels()}
+            tracker = resource_tracker_fd()
+            if tracker is not None:
+                fds.append(tracker)
             init = {
                 "version": 1,
                 "mode": mode,
@@ -363,6 +388,7 @@ class Runner:
                 "preparation": preparation_data(name),
                 "hooks": hook_bytes,
                 "logging": log_to,
+                "resource_tracker": tracker,
             }
             payload = pickle.dumps(init, protocol=5)
             # What the zygote loads before it forks: this process's sys.path
@@ -705,13 +731,16 @@ def _deliver_batch(
         if done.started:
             _call_outcome_callback(callback, None, None)
             continue
-        if done.error is not None:
-            _call_outcome_callback(callback, False, ErrorData.from_core(done.error))
-            continue
-        # A result's segment is mapped (and its fd closed) now.
-        segment = done.take_segment()
-        value = done.value if segment is None else _oob.Received(done.value or b"", segment)
-        _call_outcome_callback(callback, True, value)
+        try:
+            if done.error is not None:
+                ok, data = False, ErrorData.from_core(done.error)
+            else:
+                # A result's segment is mapped (and its fd closed) now.
+                segment = done.take_segment()
+                ok, data = True, done.value if segment is None else _oob.Received(done.value or b"", segment)
+        except Exception as e:  # e.g. MemoryError: this task fails, not the thread
+            ok, data = False, ErrorData.local(e, "reading the task's outcome failed")
+        _call_outcome_callback(callback, ok, data)
 
 
 def _call_outcome_callback(callback: OnDone, ok: bool | None, data: Any) -> None:

@@ -17,9 +17,11 @@ core's worker loop (``_warden.worker_main``), which calls back into a
     context is exited, the ``finalizer`` runs, then a garbage collection (so
     ``__del__`` of cyclic garbage runs), the ``atexit`` handlers (among them
     warden's, which runs the ``warden.at_exit`` callbacks), the end of a
-    resource tracker the process started (which unlinks what it leaked), and
-    a flush of ``stdout``/``stderr``. A pool worker retiring normally first
-    waits for the non-daemon threads its tasks started.
+    resource tracker the process started itself (which unlinks what it
+    leaked; a worker uses its parent's tracker, as a spawned child does, and
+    starts one only if that one is gone), and a flush of ``stdout``/``stderr``.
+    A pool worker retiring normally first waits for the non-daemon threads
+    its tasks started.
 
 A stop signal (SIGTERM from the pool on a timeout, cancel or terminate; the
 parent-death signal; SIGINT/SIGHUP) raises :class:`TaskInterrupted` in the
@@ -207,6 +209,10 @@ class Handler:
                 raise TaskInterrupted("stopped while starting")
             init = pickle.loads(payload)
             self.mode = init["mode"]
+            if init.get("resource_tracker") is not None:
+                # Before anything of the program's runs (main, as imported
+                # by prepare(), may already create shared memory).
+                _use_parents_resource_tracker(init["resource_tracker"])
             me = multiprocessing.current_process()
             me._inheriting = True  # type: ignore[attr-defined]
             try:
@@ -229,6 +235,7 @@ class Handler:
                 try:
                     initializer(*hooks.get("initargs", ()))
                 except Exception:
+                    _logging_steps_aside()
                     logger = hooks.get("failure_logger")
                     if logger is None:
                         raise
@@ -239,11 +246,13 @@ class Handler:
                     logging.getLogger(logger).critical("Exception in initializer:", exc_info=True)
                     logged = True
                     raise
+                _logging_steps_aside()
             factory = hooks.get("worker_context")
             if factory is not None:
                 cm = factory()
                 _context._set(cm.__enter__())
                 self.context = cm
+                _logging_steps_aside()
         except TaskInterrupted:
             # Nothing runs any more: a second stop signal must not raise
             # inside the exit path (the monitor re-sends SIGTERM).
@@ -425,13 +434,29 @@ class Handler:
 _TRACKER_GRACE = 2.0
 
 
+def _use_parents_resource_tracker(fd: int) -> None:
+    """Makes this process use its parent's ``multiprocessing`` resource
+    tracker (``fd``, the write end of its pipe, passed at the start), as the
+    standard library's ``spawn_main`` does in a child: what a task registers
+    (a ``SharedMemory`` it creates, or only attaches to) is the parent's
+    tracker's to clean up, when the program ends, never this worker's exit."""
+    import multiprocessing.resource_tracker
+
+    os.set_inheritable(fd, False)
+    tracker = multiprocessing.resource_tracker._resource_tracker
+    tracker._fd = fd  # type: ignore[attr-defined]
+    tracker._pid = None  # type: ignore[attr-defined]  # not this process's to stop
+
+
 def _stop_resource_tracker() -> None:
-    """Ends the ``multiprocessing`` resource tracker this process started
-    (a task's ``SharedMemory`` or semaphore starts one), and waits (briefly)
-    until it has: seeing its pipe closed, it unlinks what this process
-    registered and never unlinked, warning about it, as it does at the end of
-    a program. It is in this process's group, which is killed as the process
-    is reaped: left running, it would die before cleaning up."""
+    """Ends a ``multiprocessing`` resource tracker this process started
+    itself (a worker uses its parent's, see :func:`_use_parents_resource_tracker`,
+    and starts its own only if that one is gone), and waits (briefly) until
+    it has: seeing its pipe closed, it unlinks what this process registered
+    and never unlinked, warning about it, as it does at the end of a program.
+    It is in this process's group, which is killed as the process is reaped:
+    left running, it would die before cleaning up. The parent's tracker is
+    left alone: it cleans up at the end of the program."""
     module = sys.modules.get("multiprocessing.resource_tracker")
     tracker = getattr(module, "_resource_tracker", None)
     pid, fd = getattr(tracker, "_pid", None), getattr(tracker, "_fd", None)
@@ -470,6 +495,16 @@ def _forward_logging(fd: int, levels: dict[str, int]) -> None:
         global _deferred_forwarding
         _deferred_forwarding = (fd, levels)
         sys.meta_path.insert(0, _OnLoggingImport())
+
+
+def _logging_steps_aside() -> None:
+    """After the worker's own code could configure logging (its initializer,
+    its ``worker_context``): where it added handlers of its own, forwarding
+    steps aside (``warden._logging.step_aside``)."""
+    support = sys.modules.get("warden._logging")
+    step_aside = getattr(support, "step_aside", None)
+    if step_aside is not None:
+        step_aside()
 
 
 #: The forwarding to install once ``logging`` is imported: (fd, levels).
