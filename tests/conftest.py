@@ -166,7 +166,10 @@ class Program:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_all(descendants(proc.pid) | {proc.pid})
-            out, err = proc.communicate()
+            try:
+                out, err = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:  # a process it orphaned holds its output open
+                out, err = "", "(its output is held open by a process that outlived it)"
             pytest.fail(f"program did not exit within {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
         return Run(proc.returncode, out, err, time.monotonic() - start, proc.pid)
 

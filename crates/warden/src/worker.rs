@@ -349,14 +349,22 @@ impl WorkerState {
         rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) == Some(self.parent)
     }
 
-    /// What a stop signal means: the parent's death if the parent is gone
-    /// (its death signal, SIGHUP, comes after the worker is given to another
-    /// parent), else that signal, SIGHUP included (sent by someone else).
+    /// What a stop signal means: the parent's death if the parent is gone,
+    /// else that signal, SIGHUP included (sent by someone else). The death
+    /// signal, SIGHUP, comes when the thread that started this worker exits:
+    /// while the rest of a dying parent's threads still stand in as this
+    /// worker's parent, so after SIGHUP the parent is given
+    /// [`PARENT_DEATH_WAIT`] to be seen gone.
     fn stop_reason(&self, sig: i32) -> ExitReason {
-        if self.parent_alive() {
-            ExitReason::Signal(sig)
-        } else {
-            ExitReason::ParentGone
+        let until = Instant::now() + PARENT_DEATH_WAIT;
+        loop {
+            if !self.parent_alive() {
+                return ExitReason::ParentGone;
+            }
+            if sig != signals::PARENT_DEATH_SIGNAL || Instant::now() >= until {
+                return ExitReason::Signal(sig);
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
