@@ -453,3 +453,34 @@ def test_sigint_raises_keyboard_interrupt_in_the_target(
     else:
         # As multiprocessing's bootstrap reports an exception that ends run().
         assert "Process P:" in err and err.rstrip().endswith("KeyboardInterrupt"), err
+
+
+class Greeter(warden.Process):
+    """A subclass calling the base constructor the standard library's way."""
+
+    def __init__(self, path):
+        super().__init__(None, write, "greeter", (path, "hello"))
+
+
+@pytest.mark.parametrize("Process", [multiprocessing.get_context("spawn").Process, warden.Process])
+def test_the_constructor_takes_the_standard_librarys_positional_arguments_group_first(tmp_path, Process):
+    path = tmp_path / "out.txt"
+    child = Process(None, write, "named", (path, "positional"))
+    child.start()
+    child.join(60)
+    assert (child.name, child.exitcode, path.read_text()) == ("named", 0, "positional")
+    with pytest.raises(AssertionError):
+        Process(group=object(), target=write)
+    other = tmp_path / "other.txt"
+    child = Process(group=None, target=write, args=(other, "keywords"))
+    child.start()
+    child.join(60)
+    assert (child.exitcode, other.read_text()) == (0, "keywords")
+
+
+def test_a_subclass_passing_group_to_the_base_constructor_runs():
+    path = "/dev/null"
+    child = Greeter(path)
+    child.start()
+    child.join(60)
+    assert (child.name, child.exitcode) == ("greeter", 0)

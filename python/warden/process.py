@@ -65,6 +65,7 @@ class Process(multiprocessing.process.BaseProcess):
 
     def __init__(
         self,
+        group: None = None,
         target: Callable[..., object] | None = None,
         name: str | None = None,
         args: Iterable[Any] = (),
@@ -72,7 +73,10 @@ class Process(multiprocessing.process.BaseProcess):
         *,
         daemon: bool | None = None,
     ) -> None:
-        super().__init__(None, target, name, args, kwargs, daemon=daemon)
+        # The standard library's signature: `group` first (always None, kept
+        # for compatibility with threading.Thread), so positional calls and
+        # subclasses calling super().__init__(group, target, ...) line up.
+        super().__init__(group, target, name, args, kwargs, daemon=daemon)
 
     # -- pickling ----------------------------------------------------------
 
