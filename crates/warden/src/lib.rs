@@ -55,7 +55,14 @@
 //! ## Caveats
 //!
 //! * [`init`] must be the first thing `main` does: workers are this executable
-//!   run again, and everything before `init` runs in them too.
+//!   run again, and everything before `init` runs in them too. A pool of this
+//!   program's functions (and [`spawn()`](fn@spawn)) refuses to build in a
+//!   process that never called it.
+//! * Under `cargo test`, the default test harness owns `main`, and a worker
+//!   (the test binary run again) would run the whole suite: put the tests that
+//!   use pools in a test target with `harness = false` whose `main` calls
+//!   [`init`] first (this crate's own `tests/lifecycle.rs` does, with
+//!   `libtest-mimic` for the test list).
 //! * Linux only: pidfds (5.3), `close_range` (5.11), `PR_SET_PDEATHSIG`.
 
 #![warn(missing_docs)]
@@ -93,12 +100,17 @@ pub use wire::{ExitPathReport, ExitReason, RemoteError, RemoteErrorKind, RetireR
 pub use worker::{current_worker, set_cleanup_record, WorkerInfo};
 pub use zygote::forked_from;
 
+/// Set by [`init`]: a pool of this executable's own functions refuses to
+/// build without it (its workers would run `main` from the top).
+pub(crate) static INIT_CALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Turns this process into a worker if it was started as one, and never
 /// returns in that case; otherwise returns at once.
 ///
 /// Call it first thing in `main` of any program that uses [`Pool::builder`] or
 /// [`spawn()`](fn@spawn): their workers run this same executable, and serve tasks from here.
 pub fn init() {
+    INIT_CALLED.store(true, std::sync::atomic::Ordering::SeqCst);
     if let Some(zygote) = zygote::ZygoteEnv::take() {
         match zygote {
             Ok(env) => match zygote::serve(env, &mut zygote::NoHooks) {

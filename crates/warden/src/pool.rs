@@ -297,7 +297,9 @@ impl Builder {
         self
     }
 
-    /// Receives lifecycle events, on the supervisor thread.
+    /// Receives lifecycle events, on the supervisor thread: it must be quick
+    /// and must not block. A panic in it is logged (stderr) and the pool
+    /// goes on.
     pub fn on_event(mut self, sink: impl Fn(&LifecycleEvent) + Send + Sync + 'static) -> Self {
         self.cfg.on_event = Some(Arc::new(sink) as EventSink);
         self
@@ -374,6 +376,14 @@ impl Builder {
             ));
         }
         crate::spawn::fill_closed_stdio();
+        if self.cfg.identity.is_some() && !crate::INIT_CALLED.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::config(
+                "warden::init() was not called in this program: its workers run this same executable, and \
+                 serve tasks from warden::init(), so call it first thing in main(). Under `cargo test`, the \
+                 default harness owns main(): use a test target with `harness = false` whose main() calls \
+                 warden::init() first",
+            ));
+        }
         self.cfg.init_payload = match self.raw_init.take() {
             Some(payload) => payload,
             None => postcard::to_allocvec(&RustInit::new(self.on_start, self.on_exit)).map_err(Error::codec)?,
@@ -917,6 +927,12 @@ fn decode<R: DeserializeOwned>(outcome: Result<Vec<u8>>) -> Result<R> {
 
 /// A one-off child process running one function, with the same lifecycle as a
 /// pool worker: start hook, exit path, supervision, bounded shutdown.
+///
+/// Dropping a `Child` that still runs does not detach it (a `JoinHandle`
+/// would): the caller waits up to the grace period for the function to
+/// return, then the child is stopped (SIGTERM, its exit path runs; SIGKILL
+/// after the grace period), as a [`Pool`] is when dropped. Join it to wait
+/// for its result.
 pub struct Child<R> {
     pool: Pool,
     handle: Handle<R>,

@@ -45,6 +45,14 @@ fn main() {
         Trial::test("on_worker_lost_runs_on_its_own_thread_with_the_record_after_a_sigkill", lost_after_sigkill),
         Trial::test("a_worker_that_retires_is_not_lost", retired_is_not_lost),
         Trial::test("a_panic_in_the_supervisor_kills_and_reaps_every_worker", supervisor_panic_kills_every_worker),
+        Trial::test(
+            "a_program_that_never_called_init_is_refused_a_pool_at_once",
+            pool_without_init_is_refused_in_the_parent,
+        ),
+        Trial::test(
+            "an_on_event_callback_that_panics_leaves_the_pool_serving",
+            an_event_callback_that_panics_leaves_the_pool_serving,
+        ),
         Trial::test("a_cancel_waits_out_a_supervisor_held_longer_than_ten_seconds", cancel_waits_out_a_busy_supervisor),
         Trial::test(
             "a_forked_copy_of_the_parent_is_refused_its_pool_at_once_and_stops_nothing",
@@ -421,14 +429,17 @@ fn supervisor_panic_kills_every_worker() -> TestResult {
         .workers(3)
         .on_event(move |e| {
             if let LifecycleEvent::WorkerReady { pid, .. } = e {
-                let mut pids = sink.lock().unwrap_or_else(|p| p.into_inner());
-                pids.push(*pid);
-                // A callback that panics on the supervisor thread takes the loop down.
-                assert!(pids.len() < 3, "an event sink that panics");
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(*pid);
             }
         })
         .build()?;
+    let ready = || pids.lock().unwrap_or_else(|p| p.into_inner()).len() == 3;
+    check(wait_until(Duration::from_secs(30), ready), "three workers got ready")?;
     let busy = pool.spawn(grow_slowly_then_sleep, 8)?;
+    // A binding's reply callback runs on the supervisor thread: one that
+    // panics takes the loop down (a payload no worker can read gets one).
+    let reply: warden::frontend::Reply = Box::new(|_| panic!("a reply callback that panics"));
+    pool.submit_raw(b"not a call".to_vec(), warden::TaskOptions::default(), reply)?;
     let e = busy.join().err().ok_or("the task cannot finish")?;
     check(e.is_closed(), format!("the pool went away under the task: {e}"))?;
     check(pool.join(Some(Duration::from_secs(20))), "the pool finished")?;
@@ -456,6 +467,41 @@ fn pool_before_init_in_a_worker() -> TestResult {
         stdout.starts_with("refused:") && stdout.contains("warden::init()") && !stdout.contains("pool running"),
         format!("the pool is refused, naming init, and nothing else is built: {stdout:?}"),
     )
+}
+
+fn pool_without_init_is_refused_in_the_parent() -> TestResult {
+    let exe = std::env::current_exe()?;
+    // The same program as a user's `main` (or a `cargo test` harness) that
+    // never called init: refused at build, before any worker is started.
+    let started = Instant::now();
+    let out = std::process::Command::new(exe).env(NO_INIT_ENV, "1").stdin(std::process::Stdio::null()).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    check(
+        stdout.starts_with("refused:")
+            && stdout.contains("warden::init() was not called")
+            && stdout.contains("harness"),
+        format!("the pool is refused, naming init and the test harness: {stdout:?}"),
+    )?;
+    check(
+        String::from_utf8_lossy(&out.stderr).is_empty(),
+        format!("no worker ran (none printed anything): {:?}", String::from_utf8_lossy(&out.stderr)),
+    )?;
+    check(started.elapsed() < Duration::from_secs(30), "refused at once")
+}
+
+fn an_event_callback_that_panics_leaves_the_pool_serving() -> TestResult {
+    let pool = Pool::builder()
+        .workers(1)
+        .on_event(|e| {
+            if matches!(e, LifecycleEvent::WorkerReady { .. }) {
+                panic!("a callback with a bug");
+            }
+        })
+        .build()?;
+    check(pool.spawn(echo_len, 3)?.join()? == vec![7; 3], "the task ran")?;
+    check(pool.failure().is_none(), format!("the pool did not fail: {:?}", pool.failure()))?;
+    pool.shutdown();
+    Ok(())
 }
 
 fn echo_len(n: usize) -> Vec<u8> {

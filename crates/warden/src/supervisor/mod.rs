@@ -292,9 +292,16 @@ impl Supervisor {
         }
     }
 
+    /// Gives `event` to the pool's `on_event` callback. A panic there is
+    /// the callback's, not the pool's: logged, and the pool goes on.
     fn emit(&self, event: LifecycleEvent) {
         if let Some(sink) = &self.cfg.on_event {
-            sink(&event);
+            let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink(&event)));
+            if let Err(p) = delivered {
+                let msg = crate::panics::panic_text(&*p);
+                tracing::error!(pool = %self.cfg.name, "the on_event callback panicked: {msg}");
+                eprintln!("warden: pool {}: the on_event callback panicked: {msg}", self.cfg.name);
+            }
         }
     }
     fn next_deadline(&self) -> Option<Instant> {
