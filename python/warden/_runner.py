@@ -284,10 +284,20 @@ def resource_tracker_fd() -> int | None:
     what a child created and never unlinked is unlinked when this process's
     tracker ends, at the end of the program. A tracker of the worker's own
     would unlink, at the worker's exit, segments the parent still uses."""
+    tracker = multiprocessing.resource_tracker._resource_tracker  # type: ignore[attr-defined]
+    was = getattr(tracker, "_pid", None)
     try:
-        return os.dup(multiprocessing.resource_tracker.getfd())
+        fd = os.dup(multiprocessing.resource_tracker.getfd())
     except Exception:
         return None
+    started = getattr(tracker, "_pid", None)
+    if started is not None and started != was:
+        # Started just now: an interpreter that then sleeps on a pipe. At the
+        # lowest priority its start-up does not take a core from the pool's
+        # first workers (nor from the program).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, started, 19)
+    return fd
 
 
 def cpu_count() -> int:
