@@ -173,6 +173,61 @@ def test_submit_after_shutdown_raises_runtime_error_like_the_standard_library():
         std.submit(square, 1)
 
 
+def test_the_executor_is_a_standard_library_process_pool_executor(ex):
+    spawn = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(1, mp_context=spawn) as std:
+
+        def kinds(executor):
+            return {
+                "ProcessPoolExecutor": isinstance(executor, cf.ProcessPoolExecutor),
+                "Executor": isinstance(executor, cf.Executor),
+                "not a ThreadPoolExecutor": not isinstance(executor, cf.ThreadPoolExecutor),
+            }
+
+        ours = kinds(ex)
+        assert ours == kinds(std)
+        assert all(ours.values()), ours
+
+
+def test_the_executor_inherits_none_of_the_standard_librarys_machinery(ex):
+    spawn = multiprocessing.get_context("spawn")
+    ours, std_type = type(ex), cf.ProcessPoolExecutor
+    assert issubclass(ours, std_type)
+    # Its __init__ never runs: whatever the executor would inherit from it
+    # (_adjust_process_count, _spawn_process...) is absent; what
+    # concurrent.futures.Executor gives (__enter__) is as before.
+    harmless = {"__dict__", "__weakref__", "__module__", "__doc__"}
+    harmless |= {"__firstlineno__", "__static_attributes__"}
+    for attr in dir(std_type):
+        owner = next(k for k in ours.__mro__ if attr in vars(k))
+        assert owner is not std_type or attr in harmless, attr
+        if attr in vars(std_type) and attr not in harmless:
+            assert owner is ours, attr
+    assert not hasattr(ex, "_adjust_process_count") and not hasattr(ours, "_spawn_process")
+    # The private attributes the standard library's own code and libraries
+    # read say what the standard library's say.
+    read = ("_max_workers", "_mp_context", "_processes", "_broken", "_shutdown_thread")
+    with cf.ProcessPoolExecutor(2, mp_context=spawn) as std:
+
+        def view(executor):
+            executor.submit(square, 2).result()
+            seen = {a: hasattr(executor, a) for a in read}
+            seen.update(
+                max_workers=executor._max_workers,
+                processes=len(executor._processes) > 0,
+                broken=bool(executor._broken),
+                shutdown_thread=executor._shutdown_thread,
+            )
+            return seen
+
+        assert view(ex) == view(std)
+        ex.shutdown()
+        std.shutdown()
+        assert ex._shutdown_thread is std._shutdown_thread is True
+    with ex as entered:
+        assert entered is ex
+
+
 AFFINITY_PROGRAM = """
 import concurrent.futures, multiprocessing, os, warden
 

@@ -4,15 +4,18 @@ standard library where the behaviour should match."""
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.pool
 import os
 import pickle
 import threading
 import time
+import types
 from concurrent.futures import CancelledError
 
 import pytest
 
 import warden
+import warden.pool
 
 from conftest import wait_until
 
@@ -67,6 +70,63 @@ def std_pool():
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(2) as p:
         yield p
+
+
+def test_results_and_iterators_are_instances_of_the_standard_library_types(pool, std_pool):
+    def kinds(p):
+        r = p.apply_async(square, (2,))
+        m = p.map_async(square, [1, 2])
+        it, unordered = p.imap(square, [1]), p.imap_unordered(square, [1])
+        seen = {
+            "Pool": isinstance(p, multiprocessing.pool.Pool),
+            "ApplyResult": isinstance(r, multiprocessing.pool.ApplyResult),
+            "AsyncResult": isinstance(r, multiprocessing.pool.AsyncResult),
+            "MapResult": isinstance(m, multiprocessing.pool.MapResult),
+            "MapResult is an ApplyResult": isinstance(m, multiprocessing.pool.ApplyResult),
+            "IMapIterator": isinstance(it, multiprocessing.pool.IMapIterator),
+            "imap not unordered": not isinstance(it, multiprocessing.pool.IMapUnorderedIterator),
+            "IMapUnorderedIterator": isinstance(unordered, multiprocessing.pool.IMapUnorderedIterator),
+        }
+        assert (r.get(30), m.get(30), list(it), list(unordered)) == (4, [1, 4], [1], [1])
+        return seen
+
+    ours = kinds(pool)
+    assert ours == kinds(std_pool)
+    assert all(ours.values()), ours
+
+
+@pytest.mark.parametrize("name", ["ApplyResult", "MapResult", "IMapIterator", "IMapUnorderedIterator"])
+def test_result_types_subclass_the_standard_librarys_yet_inherit_none_of_its_machinery(pool, name):
+    ours, std = getattr(warden.pool, name), getattr(multiprocessing.pool, name)
+    assert issubclass(ours, std)
+    # Only what touches no machinery comes from the standard library's class
+    # (its __init__ never runs): every method users call is warden's own, and
+    # the rest (_set, which its result handler calls) is absent.
+    harmless = {"__dict__", "__weakref__", "__module__", "__doc__", "__class_getitem__"}
+    harmless |= {"__firstlineno__", "__static_attributes__"}
+    for attr in dir(std):
+        owner = next(k for k in ours.__mro__ if attr in vars(k))
+        if owner.__module__ == "multiprocessing.pool":
+            assert attr in harmless, attr
+        elif owner is not object:
+            assert owner.__module__ == "warden.pool", attr
+    made = {
+        "ApplyResult": lambda: pool.apply_async(square, (2,)),
+        "MapResult": lambda: pool.map_async(square, [2]),
+        "IMapIterator": lambda: pool.imap(square, [2]),
+        "IMapUnorderedIterator": lambda: pool.imap_unordered(square, [2]),
+    }[name]()
+    assert type(made) is ours
+    for attr in ("_set", "_job", "_cache"):
+        assert not hasattr(made, attr) and not hasattr(ours, attr), attr
+    if name.startswith("IMap"):
+        assert iter(made) is made and made.next(30) == 4
+        with pytest.raises(StopIteration):
+            next(made)
+    else:
+        made.wait(30)
+        assert made.ready() and made.successful() and made.get(0) in (4, [4])
+        assert ours[int] == types.GenericAlias(ours, int)  # annotations, as for the standard library's
 
 
 def test_apply_and_apply_async_give_the_result(pool):
@@ -163,6 +223,61 @@ def test_imap_reports_an_iterable_that_raises(pool):
     with pytest.raises(RuntimeError, match="iterable broke"):
         next(it)
     assert list(it) == []
+
+
+def drain(it):
+    """What a loop that catches a task's error and calls ``next()`` again
+    gets from an imap: its results, ``"E"`` for each error."""
+    out = []
+    while True:
+        try:
+            out.append(next(it))
+        except StopIteration:
+            return out
+        except ValueError:
+            out.append("E")
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, 4])
+def test_a_chunked_imap_ends_at_its_first_failed_chunk_like_the_standard_library(pool, std_pool, chunksize):
+    # The standard library's chunked imap is a generator over chunks: the
+    # error of a chunk ends it. One item per task goes on after an error.
+    ours = drain(pool.imap(fail_on, range(8), chunksize=chunksize))
+    assert ours == drain(std_pool.imap(fail_on, range(8), chunksize=chunksize))
+    assert ours == {1: [0, 1, 2, "E", 4, 5, 6, 7], 2: [0, 1, "E"], 4: ["E"]}[chunksize]
+
+
+def fail_first(x):
+    """Fails item 0 at once; the others come later, after its error."""
+    if x == 0:
+        raise ValueError("bad 0")
+    time.sleep(0.05)
+    return x
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, 4])
+def test_a_chunked_imap_unordered_ends_at_its_first_failed_chunk_like_the_standard_library(
+    pool, std_pool, chunksize
+):
+    def shape(out):
+        # The order varies; that nothing comes after a chunk's error does not.
+        if chunksize == 1:
+            return out.count("E"), sorted(x for x in out if x != "E")
+        return out.count("E"), out[-1] == "E"
+
+    ours = drain(pool.imap_unordered(fail_first, range(8), chunksize=chunksize))
+    assert shape(ours) == shape(drain(std_pool.imap_unordered(fail_first, range(8), chunksize=chunksize)))
+    assert shape(ours) == ((1, [1, 2, 3, 4, 5, 6, 7]) if chunksize == 1 else (1, True))
+
+
+def test_the_chunks_after_a_failed_one_still_run_and_leave_the_pool_clean(pool, tmp_path):
+    it = pool.imap(fail_on, range(40), chunksize=2)
+    assert drain(it) == [0, 1, "E"]
+    assert wait_until(lambda: not pool._runner.pending)  # every chunk ran; nothing waits
+    assert it._chunks == {} and it._pool is None  # nor is any result kept
+    assert pool.map(square, range(10), chunksize=3) == [x * x for x in range(10)]
+    pool.close()
+    pool.join()
 
 
 def slowly(n, pause=0.02):

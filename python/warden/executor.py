@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures.process
 import functools
 import itertools
 import multiprocessing
@@ -11,7 +12,6 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from concurrent.futures import _base
 from typing import TYPE_CHECKING, Any
 
 from . import _progress, _runner, _warden
@@ -30,14 +30,59 @@ if TYPE_CHECKING:
 
     _P = ParamSpec("_P")
     _T = TypeVar("_T")
+    _C = TypeVar("_C")
 
 _counter = itertools.count(1)
 
 
-class ProcessPoolExecutor(_base.Executor):
+class _Absent:
+    """An attribute warden's executor does not have although the standard
+    library's does: reading it raises ``AttributeError``, as for any missing
+    attribute, so that nothing reaches that class's machinery (whose
+    ``__init__`` never ran)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None and owner is not None:
+            raise AttributeError(f"type object {owner.__name__!r} has no attribute {self.name!r}")
+        raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}")
+
+
+#: What may be inherited from the standard library's class: none of it
+#: touches its machinery.
+_INHERITABLE = frozenset(
+    {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__firstlineno__"}
+    | {"__static_attributes__", "__class_getitem__"}
+)
+
+
+def _own_api_only(cls: type[_C]) -> type[_C]:
+    """Class decorator for a subclass of ``concurrent.futures.process``'s
+    executor that uses none of its machinery: whatever ``cls`` would inherit
+    from there (``_adjust_process_count``, ``_spawn_process``, 3.14's
+    ``_force_shutdown``...) is made absent. What ``concurrent.futures.Executor``
+    gives (``__enter__``) is kept: it is the same as before."""
+    for base in cls.__mro__:
+        if base.__module__ != "concurrent.futures.process":
+            continue
+        for name in vars(base):
+            owner = next(k for k in cls.__mro__ if name in vars(k))
+            if owner.__module__ == "concurrent.futures.process" and name not in _INHERITABLE:
+                setattr(cls, name, _Absent(name))
+    return cls
+
+
+@_own_api_only
+class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
     """An ``Executor`` whose workers always clean up after themselves.
 
-    The same API as ``concurrent.futures.ProcessPoolExecutor``, plus:
+    A subclass of ``concurrent.futures.ProcessPoolExecutor`` (none of whose
+    machinery it uses), so that code and annotations naming that type take
+    it. The same API, plus:
 
     * ``finalizer(*finalargs)`` runs in every worker at the end of its life,
       whatever ends it: ``shutdown``, ``max_tasks_per_child``, a task timeout,
@@ -107,6 +152,8 @@ class ProcessPoolExecutor(_base.Executor):
         forward_logging: bool = True,
         exit_timeout: float | None = None,
     ) -> None:
+        # concurrent.futures.ProcessPoolExecutor.__init__ is not called: none
+        # of its queues, threads or processes exist here.
         if max_workers is None:
             max_workers = _runner.cpu_count()
         else:
@@ -173,6 +220,12 @@ class ProcessPoolExecutor(_base.Executor):
         runner = self._runner
         failure = runner.core.failure() if runner is not None else None
         return failure if failure is not None else False
+
+    @property
+    def _shutdown_thread(self) -> bool:
+        """Whether ``shutdown`` (or ``terminate_workers``...) was called: a
+        compatibility view, as the standard library's executor has it."""
+        return self._shutdown_called
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (PoolHandle, ("ProcessPoolExecutor", self._name, os.getpid(), self._max_workers))

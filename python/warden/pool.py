@@ -25,6 +25,10 @@ from ._pickle import dumps_call, dumps_oob, loads
 from ._tasks import chunks, run_chunk
 
 if TYPE_CHECKING:
+    from typing import TypeVar
+
+    _C = TypeVar("_C")
+
     # asyncio costs ~40 ms to import: loaded when a coroutine API is first used.
     from . import _aio
 
@@ -33,6 +37,46 @@ _counter = itertools.count(1)
 RUN = "RUN"
 CLOSE = "CLOSE"
 TERMINATE = "TERMINATE"
+
+
+class _Absent:
+    """An attribute a warden class does not have although its standard
+    library base class does: reading it raises ``AttributeError``, as for any
+    missing attribute, so that nothing reaches that class's machinery (whose
+    ``__init__`` never ran)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None and owner is not None:
+            raise AttributeError(f"type object {owner.__name__!r} has no attribute {self.name!r}")
+        raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}")
+
+
+#: What may be inherited from a standard library class: none of it touches its
+#: machinery (``__class_getitem__`` makes ``ApplyResult[int]`` an annotation).
+_INHERITABLE = frozenset(
+    {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__firstlineno__"}
+    | {"__static_attributes__", "__class_getitem__"}
+)
+
+
+def _own_api_only(cls: type[_C]) -> type[_C]:
+    """Class decorator for a subclass of a ``multiprocessing.pool`` class that
+    uses none of its machinery: whatever ``cls`` would inherit from there
+    (``_set``, which the standard library's result handler calls, and any
+    method a later Python adds) is made absent."""
+    for base in cls.__mro__:
+        if base.__module__ != "multiprocessing.pool":
+            continue
+        for name in vars(base):
+            owner = next(k for k in cls.__mro__ if name in vars(k))
+            if owner.__module__ == "multiprocessing.pool" and name not in _INHERITABLE:
+                setattr(cls, name, _Absent(name))
+    return cls
 
 
 class Pool(multiprocessing.pool.Pool):
@@ -366,7 +410,8 @@ class Pool(multiprocessing.pool.Pool):
         *,
         progress: _progress.ProgressArg = None,
     ) -> IMapIterator:
-        """Like :meth:`imap`, yielding results as they complete."""
+        """Like :meth:`imap`, yielding results as they complete (an
+        :class:`IMapUnorderedIterator`)."""
         return self._imap(func, iterable, chunksize, unordered=True, progress=progress)
 
     def _imap(
@@ -380,7 +425,7 @@ class Pool(multiprocessing.pool.Pool):
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:d}")
-        result = IMapIterator(self, unordered)
+        result = (IMapUnorderedIterator if unordered else IMapIterator)(self, chunksize > 1)
         result._progress = _progress.make(progress, _progress.length(iterable))
         feeder = threading.Thread(
             target=_feed_imap,
@@ -447,8 +492,13 @@ class Pool(multiprocessing.pool.Pool):
 _EVENT_LOCK = threading.Lock()
 
 
-class ApplyResult:
-    """The result of :meth:`Pool.apply_async`, as in ``multiprocessing``."""
+@_own_api_only
+class ApplyResult(multiprocessing.pool.ApplyResult):
+    """The result of :meth:`Pool.apply_async`, as in ``multiprocessing``.
+
+    A subclass of ``multiprocessing.pool.ApplyResult`` (``AsyncResult``),
+    none of whose machinery it uses, so that code and annotations naming
+    that type take it."""
 
     def __init__(
         self,
@@ -456,6 +506,8 @@ class ApplyResult:
         callback: Callable[[Any], object] | None,
         error_callback: Callable[[BaseException], object] | None,
     ) -> None:
+        # multiprocessing.pool.ApplyResult.__init__ is not called: there is
+        # no job number nor cache entry.
         self._pool: Pool | None = pool  # kept alive until the result is ready
         self._core = pool._runner.core
         self._tasks: list[int] = []
@@ -557,8 +609,10 @@ class ApplyResult:
 AsyncResult = ApplyResult
 
 
-class MapResult(ApplyResult):
-    """The result of :meth:`Pool.map_async`: ready when every chunk is."""
+@_own_api_only
+class MapResult(ApplyResult, multiprocessing.pool.MapResult):
+    """The result of :meth:`Pool.map_async`: ready when every chunk is (a
+    ``multiprocessing.pool.MapResult`` too)."""
 
     def __init__(
         self,
@@ -620,13 +674,26 @@ class MapResult(ApplyResult):
                 self._finish(value, None)
 
 
-class IMapIterator:
-    """The iterator of :meth:`Pool.imap` and :meth:`Pool.imap_unordered`."""
+@_own_api_only
+class IMapIterator(multiprocessing.pool.IMapIterator):
+    """The iterator of :meth:`Pool.imap` (a ``multiprocessing.pool.IMapIterator``,
+    none of whose machinery it uses).
 
-    def __init__(self, pool: Pool, unordered: bool) -> None:
+    With ``chunksize > 1`` the first failed chunk ends the iteration, as the
+    standard library's chunked ``imap`` (a generator over chunks) ends: its
+    error is raised, then ``StopIteration``. The chunks after it still run,
+    as there; their results are dropped. With ``chunksize=1`` the iteration
+    goes on after an error."""
+
+    _unordered = False
+
+    def __init__(self, pool: Pool, chunked: bool = False) -> None:
+        # multiprocessing.pool.IMapIterator.__init__ is not called.
         self._pool: Pool | None = pool
         self._interrupt = pool._runner.interrupt
-        self._unordered = unordered
+        self._chunked = chunked
+        # A chunked iteration that raised a task's error: it is over.
+        self._failed = False
         self._cond = threading.Condition(threading.Lock())
         self._chunks: dict[int, tuple[bool, Any]] = {}
         self._arrived: collections.deque[tuple[bool, Any]] = collections.deque()
@@ -635,11 +702,11 @@ class IMapIterator:
         self._buffer: collections.deque[Any] = collections.deque()
         self._progress: _progress.Progress | None = None
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> IMapIterator:
         return self
 
-    def __next__(self) -> Any:
-        return self.next()
+    def __next__(self, timeout: float | None = None) -> Any:
+        return self.next(timeout)
 
     def _take(self) -> tuple[bool, Any] | None:
         if self._unordered:
@@ -653,7 +720,7 @@ class IMapIterator:
         return item
 
     def _exhausted(self) -> bool:
-        return self._length is not None and self._next >= self._length
+        return self._failed or (self._length is not None and self._next >= self._length)
 
     def next(self, timeout: float | None = None) -> Any:
         """The next result; ``multiprocessing.TimeoutError`` if it is not there
@@ -686,12 +753,20 @@ class IMapIterator:
                 raise
             ok, value = item
             if not ok:
+                if self._chunked:
+                    with self._cond:
+                        self._failed = True
+                        self._chunks.clear()
+                        self._arrived.clear()
+                    self._pool = None
                 raise _exception(value)
             self._buffer.extend(value)
         return self._buffer.popleft()
 
     def _put(self, index: int, ok: bool, value: Any) -> None:
         with self._cond:
+            if self._failed:
+                return  # nobody will take it
             if self._unordered:
                 self._arrived.append((ok, value))
             else:
@@ -699,6 +774,8 @@ class IMapIterator:
             self._cond.notify_all()
 
     def _deliver(self, index: int, ok: bool, data: Any) -> None:
+        if self._failed:
+            return  # a chunked iteration that is over: the result is dropped unread
         if ok:
             try:
                 value = loads(data)
@@ -714,6 +791,14 @@ class IMapIterator:
         with self._cond:
             self._length = length
             self._cond.notify_all()
+
+
+@_own_api_only
+class IMapUnorderedIterator(IMapIterator, multiprocessing.pool.IMapUnorderedIterator):
+    """The iterator of :meth:`Pool.imap_unordered`: results as they complete
+    (a ``multiprocessing.pool.IMapUnorderedIterator`` too)."""
+
+    _unordered = True
 
 
 def _exception(error: ErrorData) -> BaseException:
