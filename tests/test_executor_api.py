@@ -699,3 +699,49 @@ def test_an_unreachable_executor_shuts_down_on_its_own():
     gc.collect()
     assert core.join(30)
     assert not alive(pid)
+
+
+AFTER_MAIN = """
+import atexit, sys, threading, time
+import concurrent.futures as cf, multiprocessing
+import warden
+
+def work(i):
+    return i * 10
+
+def later(ex, who):
+    try:
+        print(who, ex.submit(work, 1).result(timeout=60), flush=True)
+    except RuntimeError as e:
+        print(who, "RuntimeError:", e, flush=True)
+
+def in_a_thread(ex):
+    time.sleep(0.3)
+    later(ex, "thread")
+
+if __name__ == "__main__":
+    spawn = multiprocessing.get_context("spawn")
+    if sys.argv[1] == "warden":
+        ex = warden.ProcessPoolExecutor(1)
+    else:
+        ex = cf.ProcessPoolExecutor(1, mp_context=spawn)
+    pending = ex.submit(work, 0)
+    if sys.argv[2] == "thread":
+        threading.Thread(target=in_a_thread, args=(ex,)).start()
+    else:
+        atexit.register(later, ex, "atexit")
+    atexit.register(lambda: print("pending", pending.result(timeout=60), flush=True))
+    print("main returns", flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["thread", "atexit"])
+def test_once_the_main_thread_returns_an_executor_refuses_new_work_and_runs_what_it_has(program, where):
+    prog = program(AFTER_MAIN)
+    runs = {}
+    for which in ("std", "warden"):
+        run = prog.run(timeout=120, args=(which, where))
+        assert run.returncode == 0, run.stderr
+        runs[which] = run.stdout.splitlines()
+    assert runs["warden"] == runs["std"]
+    assert f"{where} RuntimeError: cannot schedule new futures after shutdown" in runs["std"]

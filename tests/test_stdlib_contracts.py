@@ -405,10 +405,12 @@ def test_shutdown_with_cancel_futures_leaves_every_queued_future_cancelled(impl)
     queued = [ex.submit(sleep_then, 0, i) for i in range(6)]
     ex.shutdown(wait=True, cancel_futures=True)
     assert first.result(timeout=0) == "first"
-    # The standard library may already have handed one more call to its worker.
-    assert queued[0].cancelled() or queued[0].result(timeout=0) == 0
-    assert all(f.cancelled() for f in queued[1:])
-    for f in queued[1:]:
+    # The standard library may already have handed its call queue's worth
+    # (max_workers + 1) to its worker: those are running to it, and run.
+    handed = 2 if impl.name != "warden" else 1
+    assert all(f.cancelled() or f.result(timeout=0) == i for i, f in enumerate(queued[:handed]))
+    assert all(f.cancelled() for f in queued[handed:])
+    for f in queued[handed:]:
         assert f.done()
         assert not f.running()
         with pytest.raises(concurrent.futures.CancelledError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures.process
+import contextlib
 import functools
 import itertools
 import multiprocessing
@@ -33,6 +34,21 @@ if TYPE_CHECKING:
     _C = TypeVar("_C")
 
 _counter = itertools.count(1)
+
+#: Set when the main thread has finished (before non-daemon threads are
+#: joined and atexit handlers run): from then on executors take no new
+#: work, as the standard library's refuse it. What was submitted before
+#: still runs to its end at exit.
+_interpreter_shutting_down = False
+
+
+def _refuse_new_work() -> None:
+    global _interpreter_shutting_down
+    _interpreter_shutting_down = True
+
+
+with contextlib.suppress(RuntimeError):  # imported during shutdown: too late to register
+    threading._register_atexit(_refuse_new_work)  # type: ignore[attr-defined]
 
 
 class _Absent:
@@ -268,7 +284,10 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         if self._runner is not None and self._runner.interrupted:
             raise RuntimeError(_runner.INTERRUPTED_EXECUTOR)
-        if _runner.exiting:
+        if _interpreter_shutting_down and self._runner is not None:
+            # The standard library's words: its running executors were shut down then.
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _runner.exiting or _interpreter_shutting_down:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self._runner is None:
             # The first submit starts the pool before it pickles the call, so
