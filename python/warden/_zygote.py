@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import multiprocessing.resource_tracker  # every worker uses its parent's: loaded once, here
 import multiprocessing.spawn
 import multiprocessing.util
 import os
