@@ -25,6 +25,7 @@ __all__ = [
     "buffer_address",
     "copy_to_bytearray",
     "copy_to_bytes",
+    "fill_closed_stdio",
     "forked_from",
     "is_dumpable",
     "map_segment",
