@@ -91,6 +91,13 @@ class Killer(threading.Thread):
 
 
 def run_warden(tasks: int, kills: int, workers: int, pause: float) -> dict[str, Any]:
+    # A program's first pool starts its multiprocessing resource tracker (one
+    # per program, shared by the workers, as the standard library's spawn
+    # starts it for its first child); it lives until the program ends, so it
+    # belongs to the baseline, not to what the pool leaves.
+    import multiprocessing.resource_tracker
+
+    multiprocessing.resource_tracker.ensure_running()
     fds_before = open_fds()
     children_before = children()
     with tempfile.TemporaryDirectory(prefix="warden-chaos-") as marks:

@@ -20,6 +20,7 @@ from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import core_error
 from ._futures import Future
 from ._handles import PoolHandle
+from ._inherit import own_api_only
 from ._pickle import dumps_call
 from ._tasks import chunks, run_chunk
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
     _P = ParamSpec("_P")
     _T = TypeVar("_T")
-    _C = TypeVar("_C")
 
 _counter = itertools.count(1)
 
@@ -51,45 +51,7 @@ with contextlib.suppress(RuntimeError):  # imported during shutdown: too late to
     threading._register_atexit(_refuse_new_work)  # type: ignore[attr-defined]
 
 
-class _Absent:
-    """An attribute warden's executor does not have although the standard
-    library's does: reading it raises ``AttributeError``, as for any missing
-    attribute, so that nothing reaches that class's machinery (whose
-    ``__init__`` never ran)."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: object, owner: type | None = None) -> Any:
-        if obj is None and owner is not None:
-            raise AttributeError(f"type object {owner.__name__!r} has no attribute {self.name!r}")
-        raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}")
-
-
-#: What may be inherited from the standard library's class: none of it
-#: touches its machinery.
-_INHERITABLE = frozenset(
-    {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__firstlineno__"}
-    | {"__static_attributes__", "__class_getitem__"}
-)
-
-
-def _own_api_only(cls: type[_C]) -> type[_C]:
-    """Class decorator for a subclass of ``concurrent.futures.process``'s
-    executor that uses none of its machinery: whatever ``cls`` would inherit
-    from there (``_adjust_process_count``, ``_spawn_process``, 3.14's
-    ``_force_shutdown``...) is made absent. What ``concurrent.futures.Executor``
-    gives (``__enter__``) is kept: it is the same as before."""
-    for base in cls.__mro__:
-        if base.__module__ != "concurrent.futures.process":
-            continue
-        for name in vars(base):
-            owner = next(k for k in cls.__mro__ if name in vars(k))
-            if owner.__module__ == "concurrent.futures.process" and name not in _INHERITABLE:
-                setattr(cls, name, _Absent(name))
-    return cls
+_own_api_only = own_api_only("concurrent.futures.process")
 
 
 @_own_api_only

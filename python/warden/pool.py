@@ -21,14 +21,11 @@ from . import _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
 from ._handles import PoolHandle
+from ._inherit import own_api_only
 from ._pickle import dumps_call, dumps_oob, loads
 from ._tasks import chunks, run_chunk
 
 if TYPE_CHECKING:
-    from typing import TypeVar
-
-    _C = TypeVar("_C")
-
     # asyncio costs ~40 ms to import: loaded when a coroutine API is first used.
     from . import _aio
 
@@ -39,44 +36,7 @@ CLOSE = "CLOSE"
 TERMINATE = "TERMINATE"
 
 
-class _Absent:
-    """An attribute a warden class does not have although its standard
-    library base class does: reading it raises ``AttributeError``, as for any
-    missing attribute, so that nothing reaches that class's machinery (whose
-    ``__init__`` never ran)."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: object, owner: type | None = None) -> Any:
-        if obj is None and owner is not None:
-            raise AttributeError(f"type object {owner.__name__!r} has no attribute {self.name!r}")
-        raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self.name!r}")
-
-
-#: What may be inherited from a standard library class: none of it touches its
-#: machinery (``__class_getitem__`` makes ``ApplyResult[int]`` an annotation).
-_INHERITABLE = frozenset(
-    {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__firstlineno__"}
-    | {"__static_attributes__", "__class_getitem__"}
-)
-
-
-def _own_api_only(cls: type[_C]) -> type[_C]:
-    """Class decorator for a subclass of a ``multiprocessing.pool`` class that
-    uses none of its machinery: whatever ``cls`` would inherit from there
-    (``_set``, which the standard library's result handler calls, and any
-    method a later Python adds) is made absent."""
-    for base in cls.__mro__:
-        if base.__module__ != "multiprocessing.pool":
-            continue
-        for name in vars(base):
-            owner = next(k for k in cls.__mro__ if name in vars(k))
-            if owner.__module__ == "multiprocessing.pool" and name not in _INHERITABLE:
-                setattr(cls, name, _Absent(name))
-    return cls
+_own_api_only = own_api_only("multiprocessing.pool")
 
 
 class Pool(multiprocessing.pool.Pool):
