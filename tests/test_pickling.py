@@ -330,6 +330,18 @@ def outcome(ex, fn, *args):
 FILE_MODES = ["r", "r+", "a+", "w", "a", "rb", "r+b", "wb", "rb-unbuffered"]
 
 
+def pickle_refusal(mode: str) -> str:
+    """The standard pickler's refusal of a file opened with ``mode``, in
+    this Python's words (3.11: "cannot pickle '_io.TextIOWrapper' object",
+    3.12: "cannot pickle 'TextIOWrapper' instances")."""
+    with open(os.devnull, mode) as f:
+        try:
+            pickle.dumps(f, 5)
+        except TypeError as e:
+            return str(e)
+    raise AssertionError("an open file pickled")
+
+
 def open_in(path, mode):
     if mode == "rb-unbuffered":
         return open(path, "rb", buffering=0)
@@ -350,7 +362,7 @@ def test_an_open_file_in_a_call_fails_as_on_the_standard_library_in_every_mode(t
                 assert path.read_text() == ("" if mode.startswith("w") else "line1\nline2\n"), (impl, mode)
     for mode in FILE_MODES:
         assert seen["warden", mode] == seen["stdlib", mode], mode
-        assert seen["warden", mode][0].startswith("TypeError: cannot pickle '_io."), mode
+        assert seen["warden", mode][0].startswith("TypeError: cannot pickle '"), mode
 
 
 def test_a_named_temporary_file_in_a_call_fails_as_on_the_standard_library_and_is_kept(tmp_path):
@@ -370,7 +382,7 @@ def test_a_named_temporary_file_in_a_call_fails_as_on_the_standard_library_and_i
                     assert tf.read() in ("important", b"important")
     for mode in ("w+", "w+b"):
         assert seen["warden", mode] == seen["stdlib", mode], mode
-        assert seen["warden", mode].startswith("TypeError: cannot pickle '_io."), mode
+        assert seen["warden", mode].startswith("TypeError: cannot pickle '"), mode
 
 
 def test_cloudpickle_refuses_an_open_file_with_the_standard_librarys_error(tmp_path):
@@ -414,7 +426,7 @@ def test_a_task_that_returns_an_open_file_fails_as_on_the_standard_library(tmp_p
         stdlib = outcome(ex, return_a_file, str(path))
     with warden.ProcessPoolExecutor(1) as ex:
         ours = outcome(ex, return_a_file, str(path))
-    assert stdlib == "TypeError: cannot pickle '_io.TextIOWrapper' object"
+    assert stdlib == f"TypeError: {pickle_refusal('r')}"
     # warden names the result (warden._workerloop), with the standard library's error.
     assert ours.endswith(stdlib)
 
@@ -429,7 +441,7 @@ def test_a_process_given_an_open_file_fails_to_start_as_under_spawn(tmp_path):
             with pytest.raises(TypeError) as info:
                 p.start()
         errors[impl] = info.value
-    assert str(errors["warden"]) == str(errors["stdlib"]) == "cannot pickle '_io.TextIOWrapper' object"
+    assert str(errors["warden"]) == str(errors["stdlib"]) == pickle_refusal("r")
     assert "(in args[0], a _io.TextIOWrapper)" in errors["warden"].__notes__
 
 
@@ -458,5 +470,5 @@ def test_an_interactive_main_sends_the_standard_streams_but_refuses_open_files()
     assert "to-stderr" in run.stderr
     refused = run.stdout.splitlines()[-2:]
     assert [line.split(" ", 1)[0] for line in refused] == ["PicklingError", "PicklingError"]
-    assert "cannot pickle '_io.BufferedReader' object" in refused[0]
-    assert "cannot pickle '_io.TextIOWrapper' object" in refused[1]
+    assert pickle_refusal("rb") in refused[0]
+    assert pickle_refusal("r") in refused[1]
