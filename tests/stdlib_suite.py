@@ -156,6 +156,7 @@ def main() -> int:
         globals()["setUpModule"]()  # the start method, as its own modules do
     # Before the tests are imported: their mixins read the name at import.
     concurrent.futures.ProcessPoolExecutor = warden.ProcessPoolExecutor  # type: ignore[misc]
+    _stop_pools_before_cleanup()
     suite = _suite(futures)
     if suite.countTestCases() == 0:
         print("no pool tests found")
@@ -180,6 +181,31 @@ def main() -> int:
     for key in passed_anyway:
         print(f"  PASSED    {key}, listed as failing: {_expected(key)}")
     return 1 if surprises or passed_anyway else 0
+
+
+def _stop_pools_before_cleanup() -> None:
+    """CPython's module cleanup (``multiprocessing.util._cleanup_tests``)
+    stops the resource tracker and waits for it to exit, which it does once
+    every process holding its fd is gone. Workers share their parent's
+    tracker, as spawned children do, so pools a test left running would
+    make it wait forever: they are stopped first (at most ten seconds), as
+    the process ending would stop them."""
+    import multiprocessing.util
+
+    from warden import _runner
+
+    cleanup = multiprocessing.util._cleanup_tests  # type: ignore[attr-defined]
+
+    def stop_pools_then_clean_up() -> None:
+        with _runner._live_lock:
+            runners = list(_runner._live)
+        for runner in runners:
+            runner.terminate_nowait()
+        for runner in runners:
+            runner.join(10.0)
+        cleanup()
+
+    multiprocessing.util._cleanup_tests = stop_pools_then_clean_up  # type: ignore[attr-defined]
 
 
 def _tests(suite: unittest.TestSuite) -> list[unittest.TestCase]:
