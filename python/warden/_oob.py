@@ -328,9 +328,6 @@ def dumps(
 #: The largest payload :func:`dumps` puts inline when this process is short
 #: of file descriptors; a larger one takes one anyway.
 INLINE_FALLBACK_MAX = 64 << 20
-#: Descriptors this process keeps free for everything else: a quarter of its
-#: soft limit (``RLIMIT_NOFILE``), at least this many.
-_FD_RESERVE_MIN = 32
 
 
 class _FdsScarce(Exception):
@@ -343,19 +340,17 @@ def _in_band(buffer: pickle.PickleBuffer) -> bool:
 
 def fds_scarce(fd: int) -> bool:
     """Whether ``fd``, just made, says this process is running out of file
-    descriptors. A new fd gets the lowest free number, so one within the
-    reserve (a quarter of the soft limit) of the limit means that at most
-    that many are left. Every call or result in flight with large buffers
-    holds one until it is read (a lent one two, in its sender): thousands
-    submitted at once would otherwise use up the limit (1 024 by default on
-    most systems), and with it the descriptors the pool needs to receive
-    results and start workers."""
-    import resource
+    descriptors: the core's rule (``_warden.fds_scarce``: a new fd gets the
+    lowest free number, so one within a quarter of the soft limit of it
+    means at most that many are left), by which the pool also reads
+    results. Every call or result in flight with large buffers holds one
+    until it is read (a lent one two, in its sender): thousands submitted at
+    once would otherwise use up the limit (1 024 by default on most
+    systems), and with it the descriptors the pool needs to receive results
+    and start workers."""
+    from . import _warden
 
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY:
-        return False
-    return fd >= soft - max(_FD_RESERVE_MIN, soft // 4)
+    return _warden.fds_scarce(fd)
 
 
 def _check_size(size: int) -> None:

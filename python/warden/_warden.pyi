@@ -25,6 +25,7 @@ __all__ = [
     "buffer_address",
     "copy_to_bytearray",
     "copy_to_bytes",
+    "fds_scarce",
     "fill_closed_stdio",
     "forked_from",
     "is_dumpable",
@@ -265,6 +266,7 @@ def read_remote(pid: int, entries: list[tuple[int, int, int]], max: int) -> list
 def is_dumpable() -> bool: ...
 def trim_heap() -> bool: ...
 def fill_closed_stdio() -> None: ...
+def fds_scarce(fd: int) -> bool: ...
 
 LENT_BYTES: Final[int]
 LENT_RAW: Final[int]

@@ -677,6 +677,14 @@ pub fn trim_heap(py: Python<'_>) -> bool {
     }
 }
 
+/// Whether `fd`, just made, says this process is short of descriptors (the
+/// core's `fds_scarce`: within a quarter of the soft limit of it), the
+/// rule the pool also reads results by.
+#[pyfunction]
+pub fn fds_scarce(fd: RawFd) -> bool {
+    warden::frontend::fds_scarce(fd)
+}
+
 /// Opens `/dev/null` on whichever of fds 0, 1 and 2 is closed in this
 /// process (the core's `fill_closed_stdio`), so that no descriptor a pool
 /// makes takes their place. Called before a pool or process makes its first

@@ -74,6 +74,7 @@ pub(crate) use config::Config;
 pub use events::{EventSink, LifecycleEvent, StopCause, WorkerEnd, WorkerSnapshot};
 pub(crate) use link::{Command, StopPlan, SupervisorLink, Task};
 pub use link::{Output, Reply};
+pub use pace::fds_scarce;
 use restart::RestartIntensity;
 use worker::Worker;
 pub(crate) use worker::KILL_WAIT;

@@ -53,8 +53,11 @@ pub(super) struct Pause {
 }
 
 /// Whether `fd`, just made or received, says this process is running out
-/// of descriptors: its number is within a quarter of the soft limit of it.
-pub(crate) fn fds_scarce(fd: RawFd) -> bool {
+/// of descriptors: its number is within a quarter of the soft limit of it
+/// (a new descriptor gets the lowest free number, so at most that many are
+/// left). The pool's callers use the same rule for what they send
+/// (`frontend::fds_scarce`).
+pub fn fds_scarce(fd: RawFd) -> bool {
     let Some(soft) = getrlimit(Resource::Nofile).current else { return false };
     let reserve = (soft / 4).max(RESERVE_MIN);
     u64::try_from(fd).is_ok_and(|fd| fd >= soft.saturating_sub(reserve))
