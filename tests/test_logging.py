@@ -276,3 +276,65 @@ def test_a_worker_context_that_adds_a_queue_handler_to_the_root_logger_gets_each
     assert sorted(records) == [f"app INFO message {i}" for i in range(3)], run.stdout
     assert results == "results [0, 1, 2]"
     assert run.stderr == ""
+
+
+TASK_CONFIGURES = """
+import concurrent.futures, logging, multiprocessing, sys
+import warden
+
+def configures(x):
+    logging.basicConfig(level=logging.INFO, format="task-format %(levelname)s %(message)s")
+    logging.info("info %d", x)
+    logging.getLogger("app").warning("warning %d", x)
+    return x
+
+def adds_a_handler(x):
+    logger = logging.getLogger("app")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("own-handler %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    logger.info("info %d", x)
+    logger.warning("warning %d", x)
+    return x
+
+if __name__ == "__main__":
+    what, start = sys.argv[1], sys.argv[2]
+    if what == "adds_a_handler":  # the parent configured logging too, after main's import
+        logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="parent-format %(message)s")
+    fn = configures if what == "configures" else adds_a_handler
+    if start == "stdlib":
+        ex = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    else:
+        ex = warden.ProcessPoolExecutor(1, start=start)
+    with ex:
+        print("results", list(ex.map(fn, range(2))), flush=True)
+"""
+
+
+@pytest.mark.parametrize("start", [*STARTS, "stdlib"])
+def test_a_task_calling_basicconfig_gets_its_own_level_and_format_as_under_spawn(program, start):
+    run = program(TASK_CONFIGURES).run(args=("configures", start))
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["results [0, 1]"], run.stdout
+    assert run.stderr.splitlines() == [
+        "task-format INFO info 0",
+        "task-format WARNING warning 0",
+        "task-format INFO info 1",
+        "task-format WARNING warning 1",
+    ], run.stderr
+
+
+@pytest.mark.parametrize("start", [*STARTS, "stdlib"])
+def test_a_task_that_adds_its_own_handler_gets_each_record_once(program, start):
+    run = program(TASK_CONFIGURES).run(args=("adds_a_handler", start))
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "own-handler INFO info 0",
+        "own-handler WARNING warning 0",
+        "own-handler INFO info 1",
+        "own-handler WARNING warning 1",
+        "results [0, 1]",
+    ], run.stdout
+    assert run.stderr == ""

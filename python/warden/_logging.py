@@ -27,16 +27,20 @@ created (the root logger's and every logger with a level set), so records the
 parent would drop are not even made; the parent checks levels again when it
 handles a record.
 
-A worker's initializer or ``worker_context`` that adds a handler of its own to
-the root logger (the logging cookbook's ``QueueHandler``, feeding a
-``QueueListener`` in the parent) takes over from the forwarding there
-(:func:`step_aside`): each record is handled once, as under the standard library.
+Where the worker's own code configures logging, that configuration has the
+records, as under the standard library, and each is handled once: a handler
+its initializer, ``worker_context`` or a task adds (the logging cookbook's
+``QueueHandler``, feeding a ``QueueListener`` in the parent) keeps the records
+that reach it from being forwarded (:func:`step_aside`, :func:`_handled_here`),
+and a task's ``logging.basicConfig(...)`` sets up the worker's own handler
+(:func:`_basic_config`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import pickle
@@ -185,6 +189,8 @@ class ParentHandler(logging.Handler):
         self.sock = sock
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _handled_here(record.name):
+            return
         try:
             data = encode(record)
             try:
@@ -228,6 +234,49 @@ _PLAIN = (
 #: In a worker: the loggers that have warden's forwarding handler.
 _forwarding: list[logging.Logger] = []
 
+#: In a worker: whether the root logger had handlers when forwarding began
+#: (the main module's top-level ``basicConfig()``, run again in the worker).
+_root_configured = False
+
+
+def _handled_here(name: str) -> bool:
+    """Whether a record of logger ``name`` reaches, on its way up, a handler
+    the worker's own code added (a task's ``addHandler``, a ``dictConfig``):
+    that handler has it, as under the standard library, and forwarded too it
+    would be written twice. A ``NullHandler`` (a library's "no configuration
+    here") does not count."""
+    logger: Any = logging.root if name == "root" else logging.Logger.manager.loggerDict.get(name)
+    while logger is not None:
+        for handler in getattr(logger, "handlers", ()):
+            if not isinstance(handler, (ParentHandler, logging.NullHandler)):
+                return True
+        if not getattr(logger, "propagate", True):
+            return False
+        logger = getattr(logger, "parent", None)
+    return False
+
+
+def _basic_config(original: Any) -> Any:
+    """``logging.basicConfig`` in a worker. Under the standard library a
+    worker's root logger has no handler unless its main module's top level
+    configured one, so a task's ``basicConfig(level=INFO, format=...)`` sets
+    up the worker's own stderr handler; here the forwarding handler would
+    make it do nothing (and drop the records below the parent's level). So
+    where the root logger has only the forwarding handler, and had no handler
+    of its own when forwarding began, that handler steps aside first."""
+
+    @functools.wraps(original)
+    def basic_config(**kwargs: Any) -> None:
+        root = logging.root
+        ours_alone = root.handlers and all(isinstance(h, ParentHandler) for h in root.handlers)
+        if ours_alone and not _root_configured and root in _forwarding:
+            for h in root.handlers[:]:
+                root.removeHandler(h)
+            _forwarding.remove(root)
+        original(**kwargs)
+
+    return basic_config
+
 
 def forward_to_parent(fd: int, levels: dict[str, int]) -> None:
     """In a worker: the root logger sends every record to the parent, and the
@@ -243,6 +292,8 @@ def forward_to_parent(fd: int, levels: dict[str, int]) -> None:
     # handles every forwarded record with them; kept here too, each record
     # would be written twice. A logger that does not propagate gets the
     # parent's handler in their place: records stop there, and must still go.
+    global _root_configured
+    _root_configured = bool(logging.root.handlers)
     handler = ParentHandler(sock)
     loggers = [logging.root, *logging.Logger.manager.loggerDict.values()]
     for logger in loggers:
@@ -256,6 +307,8 @@ def forward_to_parent(fd: int, levels: dict[str, int]) -> None:
             _forwarding.append(logger)
     logging.root.addHandler(handler)
     _forwarding.append(logging.root)
+    if not hasattr(logging.basicConfig, "__wrapped__"):
+        logging.basicConfig = _basic_config(logging.basicConfig)  # type: ignore[assignment]
 
 
 def step_aside() -> None:
