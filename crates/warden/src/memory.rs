@@ -85,7 +85,7 @@ mod tests {
         let before = resident_bytes(std::process::id() as i32).unwrap();
         assert!(before > 0);
         // Touch 64 MiB: the resident size grows by about that much.
-        let big = vec![1u8; 64 << 20];
+        let big = std::hint::black_box(vec![1u8; 64 << 20]);
         let after = resident_bytes(std::process::id() as i32).unwrap();
         assert!(after >= before + (48 << 20), "{before} -> {after}");
         drop(big);

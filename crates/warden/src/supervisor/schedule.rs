@@ -113,6 +113,9 @@ impl Supervisor {
         }
         let cfg = Arc::clone(&self.cfg);
         let mut started = Vec::new();
+        // Workers given tasks in this pass: each gets its frames in one write
+        // at the end (one system call for a worker's whole refill).
+        let mut sent_to = Vec::new();
         // Idle workers first, then fill pipelines up to `prefetch`.
         'fill: for depth in 0..cfg.prefetch {
             let mut ids: Vec<u64> = self
@@ -151,6 +154,13 @@ impl Supervisor {
                     withdrawing: false,
                 });
                 w.assigned += 1;
+                if !sent_to.contains(&id) {
+                    sent_to.push(id);
+                }
+            }
+        }
+        for id in sent_to {
+            if let Some(w) = self.workers.get_mut(&id) {
                 w.flush();
             }
         }
