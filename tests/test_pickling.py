@@ -472,3 +472,67 @@ def test_an_interactive_main_sends_the_standard_streams_but_refuses_open_files()
     assert [line.split(" ", 1)[0] for line in refused] == ["PicklingError", "PicklingError"]
     assert pickle_refusal("rb") in refused[0]
     assert pickle_refusal("r") in refused[1]
+
+
+MAIN_GLOBALS = """
+import warden
+
+MODEL = None
+CACHE = {}
+
+def load():
+    global MODEL
+    MODEL = "loaded"
+
+def predict(x):
+    return MODEL, x
+
+def remember(x):
+    CACHE[x] = True
+    return len(CACHE)
+
+def run():
+    def local(x):
+        return MODEL, x
+
+    with warden.Pool(1, initializer=load) as pool:
+        print("plain", pool.map(predict, [1]))
+        print("lambda", pool.map(lambda x: predict(x), [2]))
+        print("closure", pool.map(local, [3]))
+        print("cache", pool.map(lambda x: remember(x), [1, 2, 3], chunksize=1))
+        print("guard-only", pool.map(lambda x: x * FACTOR, [2]))
+    with warden.ProcessPoolExecutor(1, initializer=load) as ex:
+        print("submit", ex.submit(lambda: MODEL).result())
+
+if __name__ == "__main__":
+    FACTOR = 5  # only the parent has it: it travels with the function
+    run()
+"""
+
+MAIN_GLOBALS_EXPECTED = [
+    "plain [('loaded', 1)]",
+    "lambda [('loaded', 2)]",
+    "closure [('loaded', 3)]",
+    "cache [1, 2, 3]",
+    "guard-only [10]",
+    "submit loaded",
+]
+
+
+def test_a_function_of_main_sent_by_value_sees_the_globals_its_worker_set(tmp_path):
+    # A lambda or closure of the main script goes by value (cloudpickle): its
+    # globals are the worker's main namespace, where the initializer set
+    # MODEL and earlier tasks filled CACHE, not a copy of the parent's values.
+    script = tmp_path / "main_globals.py"
+    script.write_text(MAIN_GLOBALS)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == MAIN_GLOBALS_EXPECTED
+
+
+def test_functions_of_an_interactive_main_share_one_namespace_in_each_worker():
+    # Under `python -c` and stdin every function of main goes by value: the
+    # initializer's global and a task's cache are seen by the next task.
+    for run in (run_source(MAIN_GLOBALS), run_source("", "-c", MAIN_GLOBALS)):
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.splitlines() == MAIN_GLOBALS_EXPECTED

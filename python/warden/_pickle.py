@@ -11,7 +11,9 @@
   refuses for another reason, ``cloudpickle`` refuses too, with the standard
   library's error, where its own reducer would send a copy that behaves
   otherwise (an open file as a ``StringIO`` snapshot: see
-  :func:`_cloud_pickler_class`).
+  :func:`_cloud_pickler_class`). A function of ``__main__`` sent by value
+  runs in the worker's namespace of main, not in a fresh copy of the parent's
+  globals (:func:`main_namespace`).
 * Objects handed to a child *at spawn time* (``Process`` arguments, pool
   ``initargs``) are pickled while a spawning context is set, exactly as the
   standard library's spawn start method does: process-shared objects
@@ -121,8 +123,86 @@ def _cloud_pickler_class() -> type:
                 cloudpickle.CloudPickler.dispatch_table,
             )
 
+            def _dynamic_function_reduce(self, func: Any) -> Any:
+                reduced = super()._dynamic_function_reduce(func)
+                main = sys.modules.get("__main__")
+                if main is None or func.__globals__ is not main.__dict__:
+                    return reduced
+                make, (code, _, *rest), state, items, pairs, _ = reduced
+                return make, (code, _MAIN_NAMESPACE, *rest), state, items, pairs, _main_function_setstate
+
         _cloud_pickler = CloudPickler
     return _cloud_pickler
+
+
+class _MainNamespace:
+    """Pickles as a call of :func:`main_namespace` in the process that loads it."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return main_namespace, ()
+
+
+_MAIN_NAMESPACE = _MainNamespace()
+
+#: In a worker whose parent's ``__main__`` could not be imported (``python
+#: -c``, a notebook, stdin): the one namespace of the functions it sent by value.
+_parent_main: dict[str, Any] | None = None
+
+
+def main_namespace() -> dict[str, Any]:
+    """The globals a function of the parent's ``__main__`` gets when it
+    arrives by value (``cloudpickle``: a lambda, a closure, or any function of
+    an interactive ``__main__``): in a worker, the namespace of the parent's
+    main module as the worker imported it (``__mp_main__``, as spawn does);
+    where it could not be imported, one namespace of the worker's own, shared
+    by every such function it receives; in the program itself, its
+    ``__main__``. So such a function sees what the worker's initializer or
+    earlier tasks set in main's globals, as a function sent by reference
+    does, instead of a copy of the parent's values made for each call."""
+    global _parent_main
+    for name in ("__mp_main__", "__main__"):
+        module = sys.modules.get(name)
+        # A worker started without the parent's main has its own entry point there.
+        spec = getattr(module, "__spec__", None)
+        if module is not None and getattr(spec, "name", None) != "warden._worker":
+            return _code_namespace(module)
+    if _parent_main is None:
+        import builtins
+
+        _parent_main = {"__name__": "__main__", "__builtins__": builtins}
+    return _parent_main
+
+
+_FunctionType = type(main_namespace)
+
+
+def _code_namespace(module: Any) -> dict[str, Any]:
+    """The namespace the code of ``module`` runs in. For the parent's main
+    module imported in a worker it is not the module's ``__dict__``: spawn's
+    preparation runs main with ``runpy.run_path``, in a namespace of its own,
+    and gives the module a copy; main's functions (and so its initializer)
+    read and write the original."""
+    namespace = vars(module)
+    for value in namespace.values():
+        if type(value) is _FunctionType and value.__module__ == module.__name__:
+            globals_: dict[str, Any] = value.__globals__
+            return globals_
+    return namespace
+
+
+def _main_function_setstate(func: Any, state: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """``cloudpickle``'s state setter for a function of the parent's
+    ``__main__``, but the globals it carries (the parent's values when it was
+    pickled) only fill in names the namespace does not have yet: the
+    worker's own values of main's globals win, as they do for a function
+    sent by reference."""
+    from cloudpickle import cloudpickle
+
+    attrs, slots = state
+    namespace = func.__globals__
+    given = slots["__globals__"]
+    slots["__globals__"] = {name: value for name, value in given.items() if name not in namespace}
+    cloudpickle._function_setstate(func, (attrs, slots))
 
 
 _main_checked: tuple[Any, Any, bool] = (None, None, True)
