@@ -338,3 +338,60 @@ def test_a_task_that_adds_its_own_handler_gets_each_record_once(program, start):
         "results [0, 1]",
     ], run.stdout
     assert run.stderr == ""
+
+
+THREADS_AFTER_POOLS = """
+import logging, os, sys, threading, time
+import warden
+
+seen = threading.Event()
+
+class Watch(logging.Handler):
+    def emit(self, record):
+        if record.getMessage() == "mid-task":
+            seen.set()
+
+def log_then_wait(flag):
+    logging.getLogger("app").warning("mid-task")
+    deadline = time.monotonic() + 10
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.path.exists(flag)
+
+def square(x):
+    logging.getLogger("app").warning("square %d", x)
+    return x * x
+
+if __name__ == "__main__":
+    logging.getLogger().addHandler(Watch())
+    with warden.Pool(2) as pool:
+        pool.map(square, range(4))
+    print("after Pool", [t.name for t in threading.enumerate()])
+    ex = warden.ProcessPoolExecutor(1)
+    ex.submit(square, 1).result()
+    ex.shutdown()
+    print("after executor", [t.name for t in threading.enumerate()])
+    # A new pool forwards as it runs again: a record reaches the parent's
+    # handlers while the task that logged it still runs.
+    flag = os.path.join(os.environ["OUT"] + ".flag")
+    with warden.ProcessPoolExecutor(1) as ex:
+        future = ex.submit(log_then_wait, flag)
+        print("seen while running", seen.wait(10))
+        open(flag, "w").close()
+        print("task saw the flag", future.result())
+    print("at the end", [t.name for t in threading.enumerate()])
+"""
+
+
+def test_no_thread_of_warden_is_left_once_every_pool_has_shut_down(program):
+    # A thread left running would make a later fork() warn on Python 3.12+
+    # ("This process is multi-threaded, use of fork() may lead to deadlocks").
+    run = program(THREADS_AFTER_POOLS).run()
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "after Pool ['MainThread']",
+        "after executor ['MainThread']",
+        "seen while running True",
+        "task saw the flag True",
+        "at the end ['MainThread']",
+    ], run.stdout

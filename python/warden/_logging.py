@@ -59,7 +59,10 @@ _RECV_SIZE = 4 * MAX_MESSAGE + 65536
 
 
 class _Listener:
-    """The parent's end: reads records and hands them to ``logging``."""
+    """The parent's end: reads records and hands them to ``logging``. Its
+    thread runs while some pool forwards (:func:`sender_fd` to
+    :func:`release`): a program whose pools have all shut down has no thread
+    of warden's left (a ``fork()`` after them does not warn about threads)."""
 
     def __init__(self) -> None:
         self.receiver, self.sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -69,16 +72,35 @@ class _Listener:
         self.buffer = bytearray(_RECV_SIZE)
         self.view = memoryview(self.buffer)
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="warden-logging", daemon=True)
-        self.thread.start()
+        #: Pools forwarding to this listener now.
+        self.users = 0
+        self.thread: threading.Thread | None = None
+        #: A byte written here ends the thread (after a last drain).
+        self.wake_read, self.wake_write = os.pipe()
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="warden-logging", daemon=True)
+            self.thread.start()
+
+    def stop(self) -> threading.Thread | None:
+        """Tells the thread to end; returns it (to join) if it was running."""
+        thread, self.thread = self.thread, None
+        if thread is not None:
+            os.write(self.wake_write, b"x")
+        return thread
 
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self.receiver, select.POLLIN)
+        poller.register(self.wake_read, select.POLLIN)
         while True:
             try:
-                poller.poll()
+                events = poller.poll()
                 self.drain()
+                if any(fd == self.wake_read for fd, _ in events):
+                    os.read(self.wake_read, 1)
+                    return
             except Exception:  # the thread must not die: records would pile up
                 traceback.print_exc()
 
@@ -98,6 +120,9 @@ class _Listener:
 _listener: _Listener | None = None
 _listener_lock = threading.Lock()
 
+#: How long :func:`release` waits for the thread to finish the records it has.
+STOP_WAIT = 2.0
+
 
 def _reset_after_fork() -> None:
     global _listener, _listener_lock
@@ -110,12 +135,29 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 def sender_fd() -> int:
     """A new fd of the sending end, for a pool to pass to its workers (the
-    caller owns it). Starts the listener on first use."""
+    caller owns it). The pool forwards from then on: the listener's thread
+    runs until every such pool has called :func:`release`."""
     global _listener
     with _listener_lock:
         if _listener is None:
             _listener = _Listener()
-        return os.dup(_listener.sender.fileno())
+        fd = os.dup(_listener.sender.fileno())
+        _listener.users += 1
+        _listener.start()
+        return fd
+
+
+def release() -> None:
+    """A pool that took a :func:`sender_fd` is done (its workers are gone):
+    the last one to go stops the thread, once it has handled what is queued."""
+    with _listener_lock:
+        listener = _listener
+        if listener is None or listener.users == 0:
+            return
+        listener.users -= 1
+        thread = listener.stop() if listener.users == 0 else None
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(STOP_WAIT)
 
 
 def drain() -> None:

@@ -373,7 +373,10 @@ class Runner:
         # No fd made from here on may take the number of a closed stdio
         # stream (it would be passed as a worker's stdout, or refused).
         _warden.fill_closed_stdio()
+        # Records are handled by the results thread's pool: none, no forwarding.
+        forward_logging = forward_logging and deliver
         fds = list(pass_fds or [])
+        log_to = None
         try:
             if exiting:
                 raise RuntimeError("cannot start new workers after interpreter shutdown")
@@ -383,7 +386,6 @@ class Runner:
                     hooks, parameters=lambda: _named("initargs", hooks.get("initargs", ()))
                 )
                 fds.extend(hook_fds)
-            log_to = None
             if forward_logging:
                 fds.append(log_fd := _logging.sender_fd())
                 log_to = {"fd": log_fd, "levels": _logging.parent_levels()}
@@ -413,32 +415,39 @@ class Runner:
                 fallback = pickle.dumps({"preparation": init["preparation"], "preload": lean}, protocol=5)
         except BaseException:
             _close_fds(fds)
+            if log_to is not None:
+                _logging.release()
             raise
-        program, args = worker_command()
         # The core takes ownership of the fds, even if this fails.
-        self.core = _warden.CorePool(
-            program,
-            args,
-            workers=workers,
-            name=name,
-            init_payload=payload,
-            pass_fds=fds,
-            max_tasks_per_child=max_tasks_per_child,
-            task_timeout=task_timeout,
-            grace=GRACE,
-            max_frame_size=MAX_FRAME,
-            prefetch=PREFETCH,
-            one_off=one_off,
-            start=start,
-            zygote_payload=zygote,
-            zygote_fallback_payload=fallback,
-            # A one-off child is never replaced: the core's one-off settings stand.
-            restart_intensity=None if one_off else restart,
-            unlimited_restarts=restart is None and not one_off,
-            max_memory_per_child=max_memory_per_child,
-            memory_limit=memory_limit,
-            on_worker_lost=None if self._tasks is None else _lost_hook(on_worker_lost, self._tasks),  # type: ignore[arg-type]
-        )
+        try:
+            program, args = worker_command()
+            self.core = _warden.CorePool(
+                program,
+                args,
+                workers=workers,
+                name=name,
+                init_payload=payload,
+                pass_fds=fds,
+                max_tasks_per_child=max_tasks_per_child,
+                task_timeout=task_timeout,
+                grace=GRACE,
+                max_frame_size=MAX_FRAME,
+                prefetch=PREFETCH,
+                one_off=one_off,
+                start=start,
+                zygote_payload=zygote,
+                zygote_fallback_payload=fallback,
+                # A one-off child is never replaced: the core's one-off settings stand.
+                restart_intensity=None if one_off else restart,
+                unlimited_restarts=restart is None and not one_off,
+                max_memory_per_child=max_memory_per_child,
+                memory_limit=memory_limit,
+                on_worker_lost=None if self._tasks is None else _lost_hook(on_worker_lost, self._tasks),  # type: ignore[arg-type]
+            )
+        except BaseException:
+            if log_to is not None:
+                _logging.release()
+            raise
         self.name = name
         self.exit_policy = exit_policy
         self.exit_timeout = exit_timeout
@@ -718,6 +727,8 @@ def _deliver_outcomes(
                 ErrorData(_warden.ErrorKind.CLOSED, "the pool shut down before the task finished"),
             )
         leave_live_set()
+        if forward_logging:
+            _logging.release()  # its workers are gone
 
 
 def _deliver_batch(
