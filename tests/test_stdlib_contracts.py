@@ -1020,3 +1020,41 @@ def test_a_worker_told_to_stop_drops_the_work_pending_in_executors_it_started(pr
     assert prog.out_lines() == ["submitted"]
     assert run.lines == ["worker ended by signal 15"]  # its exit path ran to the end, not killed
     assert "3 submitted tasks dropped at interpreter exit" in run.stderr
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tasks_start_in_the_order_they_were_submitted_when_one_runs_long(program, impl, kind):
+    # Six tasks on two workers, the second long: under the standard library
+    # each free worker takes the next task from one shared queue. Tasks sent
+    # ahead to the worker of the long one must not wait behind it while
+    # later tasks start on the other.
+    prog = user_program(
+        program,
+        """
+        def run(i, seconds):
+            started = time.monotonic()
+            time.sleep(seconds)
+            return i, started
+
+        if __name__ == "__main__":
+            durations = [0.3, 2.0, 0.3, 0.3, 0.3, 0.3]
+            if sys.argv[1] == "executor":
+                with Executor(2) as ex:
+                    ex.submit(run, -1, 0).result()  # both workers up
+                    ex.submit(run, -1, 0).result()
+                    pending = [ex.submit(run, i, d) for i, d in enumerate(durations)]
+                    results = [f.result() for f in pending]
+            else:
+                with Pool(2) as pool:
+                    pool.apply(run, (-1, 0))
+                    pending = [pool.apply_async(run, (i, d)) for i, d in enumerate(durations)]
+                    results = [r.get() for r in pending]
+            order = [i for i, started in sorted(results, key=lambda r: r[1])]
+            print("start order", order)
+        """,
+    )
+    run = prog.run(timeout=60, env={"IMPL": impl}, args=(kind,))
+    assert run.returncode == 0, run.stderr
+    order = [int(i) for i in run.stdout.split("[", 1)[1].rstrip("]\n").split(",")]
+    assert sorted(order[:2]) == [0, 1] and order[2:] == [2, 3, 4, 5], run.stdout

@@ -118,6 +118,9 @@ pub(crate) struct Supervisor {
     pause: Option<pace::Pause>,
     /// Told once the pool's first processes are started (see [`Supervisor::started`]).
     started: Option<std::sync::mpsc::Sender<()>>,
+    /// How long tasks run, on average (recent ones weigh most): tasks sent
+    /// ahead only pay off for short ones (see `schedule.rs`).
+    task_time: schedule::TaskTime,
 }
 
 /// Creates the channel, waker and poller for a pool; the supervisor runs on
@@ -161,6 +164,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         zygote_first: with_zygote,
         zygote_fallback: false,
         memory_sample_at: None,
+        task_time: schedule::TaskTime::default(),
         pause: None,
         started: None,
     };
@@ -257,6 +261,7 @@ impl Supervisor {
             self.check_timers(now);
             self.check_zygote_timer(now);
             self.ensure_workers(now);
+            self.recall_from_long_tasks(now);
             self.dispatch();
             // A task just dispatched starts the memory samples' schedule now,
             // not at whatever wakes the loop next.
@@ -314,6 +319,7 @@ impl Supervisor {
             .chain(self.zygote_deadline())
             .chain(self.memory_sample_at)
             .chain(self.pause_deadline())
+            .chain(self.workers.values().filter_map(|w| w.recall_at(self.task_time.recall_after())))
             .min()
     }
 }

@@ -133,6 +133,9 @@ impl Supervisor {
             }
         };
         let Some(entry) = w.inflight.remove(pos) else { return };
+        if let (Some(started), Some(_)) = (entry.started, &outcome) {
+            self.task_time.record(started.elapsed());
+        }
         let mut task = entry.task;
         let mut given_back = None;
         match outcome {
@@ -172,7 +175,7 @@ impl Supervisor {
         }
         if let Some(mut task) = given_back {
             match self.phase {
-                PoolPhase::Running | PoolPhase::Closing { drain: true } => self.queue.push_front(task),
+                PoolPhase::Running | PoolPhase::Closing { drain: true } => self.requeue(task),
                 PoolPhase::Failed => task.deliver(Err(self.failed_error())),
                 _ => task.deliver(Err(Error::cancelled())),
             }

@@ -80,14 +80,14 @@ impl Supervisor {
                 inflight.push_front(front);
             }
         }
-        // Sent but never started: back to the front of the queue, in order.
-        for f in inflight.into_iter().rev() {
+        // Sent but never started: back in the queue, before what came after them.
+        for f in inflight {
             let mut task = f.task;
             if task.delivered() {
                 continue;
             }
             match self.phase {
-                PoolPhase::Running | PoolPhase::Closing { drain: true } => self.queue.push_front(task),
+                PoolPhase::Running | PoolPhase::Closing { drain: true } => self.requeue(task),
                 PoolPhase::Failed => task.deliver(Err(self.failed_error())),
                 _ => task.deliver(Err(Error::cancelled())),
             }

@@ -21,6 +21,50 @@ use super::{pidfd_token, sock_token, LifecycleEvent, PoolPhase, StopCause, Super
 /// Delay before trying again after a worker could not be spawned at all.
 const SPAWN_RETRY: Duration = Duration::from_millis(100);
 
+/// How long a task runs, at least, before the tasks sent ahead to its worker
+/// are asked back (to start, in the order they came, on whichever worker is
+/// free first); longer where tasks take longer on average (see
+/// [`TaskTime::recall_after`]).
+pub(super) const RECALL_AFTER: Duration = Duration::from_millis(10);
+
+/// Tasks shorter than this on average are sent ahead up to the pool's
+/// `prefetch`; longer ones one at most, as the standard library's executor
+/// keeps one call queued beyond its workers: the next task is there when
+/// the last one ends, and little can wait behind a running one.
+const SEND_AHEAD_BELOW: Duration = Duration::from_millis(2);
+
+/// The pool's average task time: an exponentially weighted mean of the
+/// latest tasks' run times (each weighs an eighth).
+#[derive(Default)]
+pub(super) struct TaskTime {
+    mean: Option<Duration>,
+}
+
+impl TaskTime {
+    /// Counts one task's run time.
+    pub(super) fn record(&mut self, took: Duration) {
+        self.mean = Some(match self.mean {
+            None => took,
+            Some(mean) => (mean * 7 + took) / 8,
+        });
+    }
+
+    /// How many tasks a worker may hold, the running one included.
+    pub(super) fn depth(&self, prefetch: usize) -> usize {
+        match self.mean {
+            Some(mean) if mean >= SEND_AHEAD_BELOW => prefetch.min(2),
+            _ => prefetch,
+        }
+    }
+
+    /// How long a task runs before what was sent ahead of it is asked back:
+    /// [`RECALL_AFTER`], or four times the mean task time if that is longer
+    /// (a task of the usual length is not waited for in vain).
+    pub(super) fn recall_after(&self) -> Duration {
+        self.mean.map_or(RECALL_AFTER, |mean| RECALL_AFTER.max(mean.saturating_mul(4)))
+    }
+}
+
 /// How many tasks the queue keeps room for once it is empty: a burst of
 /// submissions grows it, and the room above this is given back when it
 /// drains, so that the high mark of one burst is not held for the pool's life.
@@ -116,12 +160,19 @@ impl Supervisor {
         // Workers given tasks in this pass: each gets its frames in one write
         // at the end (one system call for a worker's whole refill).
         let mut sent_to = Vec::new();
-        // Idle workers first, then fill pipelines up to `prefetch`.
-        'fill: for depth in 0..cfg.prefetch {
+        // Idle workers first, then fill pipelines up to `prefetch`: while
+        // tasks are short, and never behind a task that has run long.
+        let depth_limit = self.task_time.depth(cfg.prefetch);
+        let recall_after = self.task_time.recall_after();
+        let now = Instant::now();
+        'fill: for depth in 0..depth_limit {
             let mut ids: Vec<u64> = self
                 .workers
                 .values()
                 .filter(|w| w.phase == WorkerPhase::Ready && !w.over_memory && w.inflight.len() == depth)
+                .filter(|w| {
+                    depth == 0 || w.inflight.front().and_then(|f| f.started).map_or(true, |s| now < s + recall_after)
+                })
                 // A task sent to a worker that died idle would fail as crashed
                 // without having run; one sent ahead to a busy worker goes
                 // back to the queue if that worker dies.
@@ -233,6 +284,59 @@ impl Supervisor {
                 break;
             }
         }
+    }
+
+    /// Asks back every task sent ahead to a worker whose running task has
+    /// run for [`TaskTime::recall_after`], and every task sent ahead anywhere that came
+    /// after the first of them: they go back to the queue, in the order they
+    /// came, and start in that order on whichever worker is free first,
+    /// instead of waiting for the long task while later ones start
+    /// elsewhere. (A worker reads its channel while a task runs: its answer
+    /// does not wait for the task.)
+    pub(super) fn recall_from_long_tasks(&mut self, now: Instant) {
+        if !matches!(self.phase, PoolPhase::Running | PoolPhase::Closing { drain: true }) {
+            return;
+        }
+        let waiting = |f: &InFlight| !f.withdrawing && !f.cancel_requested && !f.task.delivered();
+        let after = self.task_time.recall_after();
+        let Some(first) = self
+            .workers
+            .values()
+            .filter(|w| w.recall_at(after).is_some_and(|at| at <= now))
+            .flat_map(|w| w.inflight.iter().skip(1).filter(|f| waiting(f)).map(|f| f.task.id))
+            .min()
+        else {
+            return;
+        };
+        let max_frame = self.cfg.max_frame;
+        for w in self.workers.values_mut() {
+            if w.phase != WorkerPhase::Ready {
+                continue;
+            }
+            let mut asked = Vec::new();
+            for entry in w.inflight.iter_mut().skip(1) {
+                if entry.task.id >= first && waiting(entry) {
+                    entry.withdrawing = true;
+                    asked.push(entry.task.id);
+                }
+            }
+            for &task in &asked {
+                if w.queue(&Message::Cancel { id: task }, max_frame).is_err() {
+                    break;
+                }
+                tracing::trace!(pool = %self.cfg.name, worker = w.id, task, "asking a task back to start it in turn");
+            }
+            if !asked.is_empty() {
+                w.flush();
+            }
+        }
+    }
+
+    /// Puts a task that was sent but not started back in the queue, before
+    /// every task that came after it.
+    pub(super) fn requeue(&mut self, task: super::link::Task) {
+        let at = self.queue.partition_point(|queued| queued.id < task.id);
+        self.queue.insert(at, task);
     }
 
     pub(super) fn retire_idle(&mut self) {

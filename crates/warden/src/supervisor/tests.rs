@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rustix::process::Signal;
 
 use super::process::{Kill, Wait, WorkerProcess};
-use super::schedule::KEEP_QUEUED;
+use super::schedule::{KEEP_QUEUED, RECALL_AFTER};
 use super::worker::{Worker, WorkerPhase};
 use super::*;
 use crate::error::{Error, ExitStatus};
@@ -641,4 +641,65 @@ fn an_idle_worker_that_died_unnoticed_gets_no_task() {
     h.sup.dispatch();
     assert_eq!(sent(&mut dead), []);
     assert_eq!(sent(&mut alive), [Sent::Task(1)]);
+}
+
+/// Makes the task `w` runs look as if it started `ago`.
+fn started_ago(h: &mut Harness, w: &StandIn, ago: Duration) {
+    if let Some(front) = h.sup.workers.get_mut(&w.id).and_then(|w| w.inflight.front_mut()) {
+        front.started = Some(Instant::now() - ago);
+    }
+}
+
+#[test]
+fn tasks_sent_ahead_of_a_long_task_are_asked_back_and_start_in_the_order_they_came() {
+    let mut h = harness(3, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(6);
+    assert_eq!(h.inflight(&a), [1, 3, 5]);
+    assert_eq!(h.inflight(&b), [2, 4, 6]);
+    sent(&mut a);
+    sent(&mut b);
+    // Nothing is asked back while every task is young.
+    h.sup.recall_from_long_tasks(Instant::now());
+    assert_eq!(sent(&mut a), []);
+    assert_eq!(sent(&mut b), []);
+    // b's task 2 runs long: 4 and 6 are asked back, and so is 5 (sent to
+    // a, which would otherwise start it before 4).
+    started_ago(&mut h, &b, RECALL_AFTER * 2);
+    h.sup.recall_from_long_tasks(Instant::now());
+    assert_eq!(sent(&mut b), [Sent::Cancel(4), Sent::Cancel(6)]);
+    assert_eq!(sent(&mut a), [Sent::Cancel(5)]);
+    h.sup.recall_from_long_tasks(Instant::now());
+    assert_eq!(sent(&mut b), [], "asked once");
+    h.answer(&mut b, &skipped(6));
+    h.answer(&mut a, &skipped(5));
+    h.answer(&mut b, &skipped(4));
+    assert_eq!(h.queued(), [4, 5, 6], "back in the queue in the order they came");
+    // Nothing is sent ahead to b while task 2 runs long; a takes them in turn.
+    h.sup.dispatch();
+    assert_eq!(sent(&mut b), []);
+    assert_eq!(sent(&mut a), [Sent::Task(4)]);
+    assert_eq!(h.inflight(&a), [1, 3, 4]);
+    h.answer(&mut a, &value(1));
+    h.sup.dispatch();
+    assert_eq!(sent(&mut a), [Sent::Task(5)]);
+    assert_eq!(h.queued(), [6]);
+}
+
+#[test]
+fn long_tasks_are_sent_one_ahead_and_asked_back_after_four_times_their_mean() {
+    let mut h = harness(10, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    h.sup.task_time.record(Duration::from_millis(50));
+    h.submit_and_dispatch(4);
+    assert_eq!(h.inflight(&a), [1, 2], "one task ahead");
+    assert_eq!(h.queued(), [3, 4]);
+    assert_eq!(sent(&mut a), [Sent::Task(1), Sent::Task(2)]);
+    started_ago(&mut h, &a, Duration::from_millis(150));
+    h.sup.recall_from_long_tasks(Instant::now());
+    assert_eq!(sent(&mut a), [], "a task of the usual length is waited for");
+    started_ago(&mut h, &a, Duration::from_millis(250));
+    h.sup.recall_from_long_tasks(Instant::now());
+    assert_eq!(sent(&mut a), [Sent::Cancel(2)]);
 }

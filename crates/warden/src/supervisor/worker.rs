@@ -233,6 +233,19 @@ impl Worker {
         self.out_pos = 0;
     }
 
+    /// When the tasks this worker holds unstarted are to be asked back (its
+    /// running task having run `after`), if it still runs then (see
+    /// `recall_from_long_tasks`).
+    pub(super) fn recall_at(&self, after: Duration) -> Option<Instant> {
+        if self.phase != WorkerPhase::Ready {
+            return None;
+        }
+        let started = self.inflight.front()?.started?;
+        let waiting =
+            self.inflight.iter().skip(1).any(|f| !f.withdrawing && !f.cancel_requested && !f.task.delivered());
+        waiting.then_some(started + after)
+    }
+
     pub(super) fn running(&self) -> Option<&InFlight> {
         self.inflight.front()
     }
