@@ -1058,3 +1058,45 @@ def test_tasks_start_in_the_order_they_were_submitted_when_one_runs_long(program
     assert run.returncode == 0, run.stderr
     order = [int(i) for i in run.stdout.split("[", 1)[1].rstrip("]\n").split(",")]
     assert sorted(order[:2]) == [0, 1] and order[2:] == [2, 3, 4, 5], run.stdout
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_task_or_a_process_target_can_start_its_own_session(program, impl):
+    # warden makes each worker the leader of its own process group, where the
+    # kernel refuses setsid(); a child the standard library spawns is not one.
+    prog = user_program(
+        program,
+        """
+        import subprocess
+
+        def detach():
+            os.setsid()
+            return os.getsid(0) == os.getpid() and os.getpgrp() == os.getpid()
+
+        def detach_and_leave_a_child():
+            os.setsid()
+            return subprocess.Popen(["sleep", "60"]).pid
+
+        if __name__ == "__main__":
+            with Executor(1) as ex:
+                print("task", ex.submit(detach).result())
+            p = Process(target=detach)
+            p.start()
+            p.join()
+            print("process exit code", p.exitcode)
+            with Executor(1) as ex:
+                child = ex.submit(detach_and_leave_a_child).result()
+            time.sleep(0.5)
+            alive = os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().split()[2] != "Z"
+            print("child left running", alive)
+            if alive:
+                os.kill(child, 9)
+        """,
+    )
+    run = prog.run(timeout=60, env={"IMPL": impl})
+    assert run.returncode == 0, run.stderr
+    # A worker's new session is still its own group: what it leaves running
+    # there is stopped as it is reaped (warden), or orphaned (the standard library).
+    left = "True" if impl == "stdlib" else "False"
+    expected = ["task True", "process exit code 0", f"child left running {left}"]
+    assert run.lines == expected, run.stdout + run.stderr

@@ -35,6 +35,7 @@ SIGTERM handler gets the pool's SIGTERM there instead; the pool's
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import multiprocessing
 import multiprocessing.process
@@ -578,8 +579,39 @@ def _set_parent(name: str, pid: int) -> None:
     )
 
 
+_os_setsid = os.setsid
+
+
+def _setsid() -> None:
+    """``os.setsid()`` in a worker or ``Process`` child. warden makes each the
+    leader of its own process group, and the kernel refuses ``setsid()`` to a
+    group leader (``PermissionError``), where a child the standard library
+    spawns (in its parent's group) gets its session. So the process first
+    joins its parent's group (in the same session), then starts its own
+    session, as that child would; its new group is still its own (its id is
+    the process's), where warden finds what it leaves running."""
+    try:
+        _os_setsid()
+        return
+    except PermissionError:
+        if os.getpgrp() != os.getpid():
+            raise
+        refused = sys.exc_info()[1]
+    try:
+        os.setpgid(0, os.getpgid(os.getppid()))
+    except OSError:
+        raise refused from None
+    try:
+        _os_setsid()
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)  # back in its own group
+        raise refused from None
+
+
 def main() -> None:
     """Runs this process as a warden worker; never returns."""
+    os.setsid = _setsid
     # The worker variables leave the environment first, through Python's own
     # API (so os.environ and the C environment agree), so that processes the
     # tasks start are not mistaken for workers.
