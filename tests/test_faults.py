@@ -794,3 +794,57 @@ if __name__ == "__main__":
     assert run.returncode == 0
     expected = "ok [0]" if api == "process" else "ok [0, 1, 2, 3]"
     assert report.read_text().splitlines() == [expected]
+
+
+STOPS_ITSELF = """
+import os, signal, sys, time
+import warden
+
+def freeze():
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return "resumed"
+
+def work(x):
+    time.sleep(0.1)
+    return x
+
+if __name__ == "__main__":
+    if sys.argv[1] == "executor":
+        pool = warden.ProcessPoolExecutor(2)
+        frozen = pool.submit(freeze)
+        futures = [pool.submit(work, i) for i in range(20)]
+        done = lambda: sum(f.done() for f in futures)
+    else:
+        pool = warden.Pool(2)
+        frozen = pool.apply_async(freeze)
+        results = [pool.apply_async(work, (i,)) for i in range(20)]
+        done = lambda: sum(r.ready() for r in results)
+    deadline = time.monotonic() + 30
+    while done() < 19 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # the other worker has long had time for the rest
+    print("done while a worker is frozen", done(), flush=True)
+    workers = pool._processes.values() if sys.argv[1] == "executor" else pool._pool
+    for w in workers:
+        os.kill(w.pid, signal.SIGCONT)
+    if sys.argv[1] == "executor":
+        print("frozen task", frozen.result(10))
+        pool.shutdown()
+    else:
+        print("frozen task", frozen.get(10))
+        pool.close()
+        pool.join()
+    print("done after", done())
+"""
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_frozen_worker_holds_at_most_one_task_beyond_its_own(program, kind):
+    # SIGSTOP (a debugger, Ctrl-Z on one pid, a cgroup freezer) freezes the
+    # worker's every thread: what it holds cannot be asked back. Submitted
+    # right after the pool starts (before any task time is known), at most
+    # one task waits for it; the other worker runs the rest.
+    run = program(STOPS_ITSELF).run(timeout=60, args=(kind,))
+    assert run.returncode == 0, run.stderr
+    assert run.lines[0] in [f"done while a worker is frozen {n}" for n in (19, 20)], run.stdout
+    assert run.lines[1:] == ["frozen task resumed", "done after 20"], run.stdout

@@ -28,9 +28,11 @@ const SPAWN_RETRY: Duration = Duration::from_millis(100);
 pub(super) const RECALL_AFTER: Duration = Duration::from_millis(10);
 
 /// Tasks shorter than this on average are sent ahead up to the pool's
-/// `prefetch`; longer ones one at most, as the standard library's executor
-/// keeps one call queued beyond its workers: the next task is there when
-/// the last one ends, and little can wait behind a running one.
+/// `prefetch`; longer ones (and all until one has been timed) one at most,
+/// as the standard library's executor keeps one call queued beyond its
+/// workers: the next task is there when the last one ends, and little can
+/// wait behind a running one, even behind a worker that is frozen (SIGSTOP,
+/// a debugger), which cannot give back what it holds.
 const SEND_AHEAD_BELOW: Duration = Duration::from_millis(2);
 
 /// The pool's average task time: an exponentially weighted mean of the
@@ -52,8 +54,8 @@ impl TaskTime {
     /// How many tasks a worker may hold, the running one included.
     pub(super) fn depth(&self, prefetch: usize) -> usize {
         match self.mean {
-            Some(mean) if mean >= SEND_AHEAD_BELOW => prefetch.min(2),
-            _ => prefetch,
+            Some(mean) if mean < SEND_AHEAD_BELOW => prefetch,
+            _ => prefetch.min(2),
         }
     }
 

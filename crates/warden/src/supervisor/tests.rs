@@ -109,10 +109,12 @@ fn harness(prefetch: usize, restart_limit: u32) -> Harness {
         memory: crate::memory::MemoryLimits { soft: None, hard: None, interval: Duration::from_millis(100) },
         lost: None,
     };
-    let (sup, link) = match create(cfg) {
+    let (mut sup, link) = match create(cfg) {
         Ok(pair) => pair,
         Err(e) => panic!("cannot create a supervisor: {e}"),
     };
+    // Short tasks, as if some had been timed: sent ahead up to `prefetch`.
+    sup.task_time.record(Duration::from_micros(100));
     Harness { sup, link, outcomes: Arc::default() }
 }
 
@@ -655,6 +657,7 @@ fn tasks_sent_ahead_of_a_long_task_are_asked_back_and_start_in_the_order_they_ca
     let mut h = harness(3, 10);
     let mut a = h.worker(WorkerPhase::Ready);
     let mut b = h.worker(WorkerPhase::Ready);
+    h.sup.task_time.record(Duration::from_micros(100)); // short tasks so far
     h.submit_and_dispatch(6);
     assert_eq!(h.inflight(&a), [1, 3, 5]);
     assert_eq!(h.inflight(&b), [2, 4, 6]);
@@ -687,6 +690,7 @@ fn tasks_sent_ahead_of_a_long_task_are_asked_back_and_start_in_the_order_they_ca
     h.answer(&mut a, &value(1));
     // (Tasks counted as short, however long this test took to get here.)
     h.sup.task_time = Default::default();
+    h.sup.task_time.record(Duration::from_micros(100));
     h.sup.dispatch();
     assert_eq!(sent(&mut a), [Sent::Task(5)]);
     assert_eq!(h.queued(), [6]);
@@ -696,6 +700,7 @@ fn tasks_sent_ahead_of_a_long_task_are_asked_back_and_start_in_the_order_they_ca
 fn long_tasks_are_sent_one_ahead_and_asked_back_after_four_times_their_mean() {
     let mut h = harness(10, 10);
     let mut a = h.worker(WorkerPhase::Ready);
+    h.sup.task_time = Default::default();
     h.sup.task_time.record(Duration::from_millis(50));
     h.submit_and_dispatch(4);
     assert_eq!(h.inflight(&a), [1, 2], "one task ahead");
@@ -707,4 +712,18 @@ fn long_tasks_are_sent_one_ahead_and_asked_back_after_four_times_their_mean() {
     started_ago(&mut h, &a, Duration::from_millis(250));
     h.sup.recall_from_long_tasks(Instant::now());
     assert_eq!(sent(&mut a), [Sent::Cancel(2)]);
+}
+
+#[test]
+fn until_a_task_has_been_timed_one_is_sent_ahead() {
+    // A worker frozen by SIGSTOP cannot give back what it holds: before the
+    // pool knows its tasks are short, it holds one beyond the running one.
+    let mut h = harness(16, 10);
+    h.sup.task_time = Default::default();
+    let a = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(5);
+    assert_eq!(h.inflight(&a), [1, 2]);
+    h.sup.task_time.record(Duration::from_micros(100));
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&a), [1, 2, 3, 4, 5], "short tasks: up to prefetch");
 }
