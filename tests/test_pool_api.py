@@ -482,7 +482,9 @@ import multiprocessing
 import warden
 
 def state(_=None):
-    print("printed by a worker", flush=True)
+    # One write (print makes two, which two workers could interleave).
+    sys.stdout.buffer.write(b"printed by a worker\\n")
+    sys.stdout.buffer.flush()
     return os.environ.get("WARDEN_TEST_SETTING")
 
 if __name__ == "__main__":
