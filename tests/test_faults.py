@@ -848,3 +848,57 @@ def test_a_frozen_worker_holds_at_most_one_task_beyond_its_own(program, kind):
     assert run.returncode == 0, run.stderr
     assert run.lines[0] in [f"done while a worker is frozen {n}" for n in (19, 20)], run.stdout
     assert run.lines[1:] == ["frozen task resumed", "done after 20"], run.stdout
+
+
+NO_THREAD = """
+import os, threading, time
+import warden
+
+def children():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, parent = f.read().rsplit(") ", 1)[1].split()[:2]
+            with open(f"/proc/{pid}/cmdline") as f:
+                tracker = "resource_tracker" in f.read()
+        except OSError:
+            continue
+        if parent == str(os.getpid()) and state != "Z" and not tracker:
+            found.append(pid)
+    return found
+
+if __name__ == "__main__":
+    start = threading.Thread.start
+
+    def refuse(thread):
+        if thread.name == "warden-results":
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        return start(thread)
+
+    threading.Thread.start = refuse
+    ex = warden.ProcessPoolExecutor(2)
+    try:
+        ex.submit(abs, -1)
+    except RuntimeError as e:
+        print("submit:", e)
+    threading.Thread.start = start
+    deadline = time.monotonic() + 10
+    while children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("children left", len(children()))
+    with warden.ProcessPoolExecutor(1) as other:
+        print("another pool", other.submit(abs, -2).result())
+"""
+
+
+def test_a_pool_whose_results_thread_cannot_start_leaves_nothing_running(program):
+    # Python 3.13 refuses new threads at interpreter shutdown; a pool that
+    # cannot start its results thread fails at once, its workers stopped.
+    run = program(NO_THREAD).run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "submit: can't create new thread at interpreter shutdown",
+        "children left 0",
+        "another pool 2",
+    ], run.stdout + run.stderr

@@ -470,7 +470,17 @@ class Runner:
         with _live_lock:
             _live.add(self)
         if self.thread is not None:
-            self.thread.start()
+            try:
+                self.thread.start()
+            except BaseException:
+                # No thread to deliver outcomes (at interpreter shutdown, or
+                # out of threads): no pool either, and nothing left running.
+                self._leave_live_set()
+                self.thread = None
+                self.core.kill()
+                if forward_logging:
+                    _logging.release()
+                raise
 
     def _leave_live_set(self) -> None:
         with _live_lock:
