@@ -593,10 +593,10 @@ def _setsid() -> None:
     try:
         _os_setsid()
         return
-    except PermissionError:
+    except PermissionError as e:
         if os.getpgrp() != os.getpid():
             raise
-        refused = sys.exc_info()[1]
+        refused = e
     try:
         os.setpgid(0, os.getpgid(os.getppid()))
     except OSError:

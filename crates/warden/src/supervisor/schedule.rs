@@ -265,12 +265,7 @@ impl Supervisor {
             // Never the first in line (the worker has started it); the next
             // one, so that tasks start in the order they came.
             while wanted > 0 {
-                let Some(entry) = w
-                    .inflight
-                    .iter_mut()
-                    .skip(1)
-                    .find(|f| !f.withdrawing && !f.cancel_requested && !f.task.delivered())
-                else {
+                let Some(entry) = w.inflight.iter_mut().skip(1).find(|f| f.can_ask_back()) else {
                     break;
                 };
                 entry.withdrawing = true;
@@ -299,13 +294,12 @@ impl Supervisor {
         if !matches!(self.phase, PoolPhase::Running | PoolPhase::Closing { drain: true }) {
             return;
         }
-        let waiting = |f: &InFlight| !f.withdrawing && !f.cancel_requested && !f.task.delivered();
         let after = self.task_time.recall_after();
         let Some(first) = self
             .workers
             .values()
             .filter(|w| w.recall_at(after).is_some_and(|at| at <= now))
-            .flat_map(|w| w.inflight.iter().skip(1).filter(|f| waiting(f)).map(|f| f.task.id))
+            .flat_map(|w| w.inflight.iter().skip(1).filter(|f| f.can_ask_back()).map(|f| f.task.id))
             .min()
         else {
             return;
@@ -317,7 +311,7 @@ impl Supervisor {
             }
             let mut asked = Vec::new();
             for entry in w.inflight.iter_mut().skip(1) {
-                if entry.task.id >= first && waiting(entry) {
+                if entry.task.id >= first && entry.can_ask_back() {
                     entry.withdrawing = true;
                     asked.push(entry.task.id);
                 }

@@ -59,6 +59,14 @@ pub(super) struct InFlight {
     pub(super) withdrawing: bool,
 }
 
+impl InFlight {
+    /// Whether it can still be asked back: not asked already, not being
+    /// cancelled, no outcome yet.
+    pub(super) fn can_ask_back(&self) -> bool {
+        !self.withdrawing && !self.cancel_requested && !self.task.delivered()
+    }
+}
+
 pub(super) struct Worker {
     pub(super) id: u64,
     /// The OS process behind it.
@@ -241,9 +249,7 @@ impl Worker {
             return None;
         }
         let started = self.inflight.front()?.started?;
-        let waiting =
-            self.inflight.iter().skip(1).any(|f| !f.withdrawing && !f.cancel_requested && !f.task.delivered());
-        waiting.then_some(started + after)
+        self.inflight.iter().skip(1).any(InFlight::can_ask_back).then_some(started + after)
     }
 
     pub(super) fn running(&self) -> Option<&InFlight> {
