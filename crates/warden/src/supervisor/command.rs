@@ -120,8 +120,8 @@ impl Supervisor {
             for w in self.workers.values_mut() {
                 let mut ask = Vec::new();
                 for f in w.inflight.iter_mut().skip(1) {
-                    if !f.task.delivered() && !f.withdrawing && !f.cancel_requested {
-                        f.withdrawing = true;
+                    if !f.task.delivered() && f.withdrawing.is_none() && !f.cancel_requested {
+                        f.withdrawing = Some(Instant::now());
                         ask.push(f.task.id);
                     }
                 }

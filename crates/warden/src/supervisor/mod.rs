@@ -262,6 +262,10 @@ impl Supervisor {
             self.check_zygote_timer(now);
             self.ensure_workers(now);
             self.recall_from_long_tasks(now);
+            // Before dispatch, for a task sent ahead that should start
+            // before the queue's next; after it, for a worker left idle once
+            // the queue ran dry.
+            self.give_back();
             self.dispatch();
             // A task just dispatched starts the memory samples' schedule now,
             // not at whatever wakes the loop next.
@@ -311,6 +315,7 @@ impl Supervisor {
         }
     }
     fn next_deadline(&self) -> Option<Instant> {
+        let now = Instant::now();
         self.workers
             .values()
             .filter_map(Worker::next_deadline)
@@ -320,6 +325,7 @@ impl Supervisor {
             .chain(self.memory_sample_at)
             .chain(self.pause_deadline())
             .chain(self.workers.values().filter_map(|w| w.recall_at(self.task_time.recall_after())))
+            .chain(self.give_back_wait_ends(now))
             .min()
     }
 }

@@ -140,7 +140,7 @@ impl Supervisor {
         let mut given_back = None;
         match outcome {
             Some(outcome) => task.deliver(outcome),
-            None if entry.withdrawing && !task.delivered() => {
+            None if entry.withdrawing.is_some() && !task.delivered() => {
                 w.assigned = w.assigned.saturating_sub(1);
                 given_back = Some(task);
             }
@@ -157,7 +157,7 @@ impl Supervisor {
                     // A cancel(running=True) may have crossed the task: stop
                     // to be sure.
                     w.stop(StopCause::Cancelled, cfg.grace);
-                } else if !next.withdrawing && !next.task.delivered() {
+                } else if next.withdrawing.is_none() && !next.task.delivered() {
                     // (One being given back is reported started only if it
                     // was not: it is then simply done.)
                     started = Some(next.task.id);

@@ -67,6 +67,12 @@ impl TaskTime {
     }
 }
 
+/// How long an idle worker is kept for a task asked back from another
+/// worker, rather than given a later one from the queue: the answer comes
+/// within a millisecond or so (the worker's watcher thread reads the
+/// channel), but a frozen worker (SIGSTOP, a debugger) never answers.
+pub(super) const GIVE_BACK_WAIT: Duration = Duration::from_millis(20);
+
 /// How many tasks the queue keeps room for once it is empty: a burst of
 /// submissions grows it, and the room above this is given back when it
 /// drains, so that the high mark of one burst is not held for the pool's life.
@@ -182,6 +188,14 @@ impl Supervisor {
                 .map(|w| w.id)
                 .collect();
             ids.sort_unstable();
+            if depth == 0 {
+                // An idle worker waits for a task on its way back to the
+                // queue that came before the queue's next: given a later one
+                // now, it would start that first.
+                let before = self.queue.front().map_or(0, |t| t.id);
+                let coming = self.workers.values().map(|w| w.coming_back_before(before, now)).sum::<usize>();
+                ids.truncate(ids.len().saturating_sub(coming));
+            }
             for id in ids {
                 let Some(w) = self.workers.get_mut(&id) else { continue };
                 if cfg.max_tasks_per_child.is_some_and(|max| w.assigned >= max) {
@@ -204,7 +218,7 @@ impl Supervisor {
                     started: first.then_some(now),
                     task,
                     cancel_requested: false,
-                    withdrawing: false,
+                    withdrawing: None,
                 });
                 w.assigned += 1;
                 if !sent_to.contains(&id) {
@@ -225,19 +239,31 @@ impl Supervisor {
         }
     }
 
-    /// Gives an idle worker something to do when the queue is empty but
-    /// another worker holds tasks it was sent ahead (prefetch) and has not
-    /// started: the next of them is asked back (`Cancel`), and comes back to
-    /// the front of the queue when the worker answers `Skipped` (before it takes
+    /// Gives an idle worker the task that should start next when another
+    /// worker holds it, sent ahead (prefetch) and not started: with the
+    /// queue empty, or with tasks queued that came after it. It is asked
+    /// back (`Cancel`), and comes back to the queue, before every task that
+    /// came after it, when the worker answers `Skipped` (before it takes
     /// another task, or within a millisecond of a long one's start, when its
-    /// watcher thread reads the channel). So a short task never waits
-    /// behind a long one while a worker is idle, and tasks still start in the
-    /// order they were submitted. One ask per idle worker.
+    /// watcher thread reads the channel); meanwhile [`Supervisor::dispatch`]
+    /// keeps an idle worker for it. So a short task never waits behind a
+    /// long one while a worker is idle, and tasks start in the order they
+    /// were submitted, even on a worker that comes up after others took
+    /// tasks ahead. One ask per idle worker, the earliest tasks first.
+    ///
+    /// With tasks queued it asks only while tasks are not short (they are
+    /// then sent one ahead): where they are, a worker that is free takes
+    /// the queue's next at once rather than wait for an answer.
     pub(super) fn give_back(&mut self) {
         let serving = matches!(self.phase, PoolPhase::Running | PoolPhase::Closing { drain: true });
-        if self.cfg.prefetch < 2 || !self.queue.is_empty() || !serving {
+        if self.cfg.prefetch < 2 || !serving {
             return;
         }
+        let before = match self.queue.front() {
+            None => u64::MAX,
+            Some(_) if self.task_time.depth(self.cfg.prefetch) > 2 => return,
+            Some(next) => next.id,
+        };
         let max_tasks = self.cfg.max_tasks_per_child;
         let idle = self
             .workers
@@ -249,36 +275,43 @@ impl Supervisor {
                     && !max_tasks.is_some_and(|max| w.assigned >= max)
             })
             .count();
-        let asked = self.workers.values().flat_map(|w| w.inflight.iter()).filter(|f| f.withdrawing).count();
-        let mut wanted = idle.saturating_sub(asked);
+        if idle == 0 {
+            return;
+        }
+        let asked = self.workers.values().flat_map(|w| w.inflight.iter()).filter(|f| f.withdrawing.is_some()).count();
+        let wanted = idle.saturating_sub(asked);
         if wanted == 0 {
             return;
         }
+        // Never the first in line of a worker (it has started it).
+        let mut held: Vec<(u64, u64)> = self
+            .workers
+            .values()
+            .filter(|w| w.phase == WorkerPhase::Ready)
+            .flat_map(|w| {
+                w.inflight.iter().skip(1).filter(|f| f.task.id < before && f.can_ask_back()).map(|f| (f.task.id, w.id))
+            })
+            .collect();
+        held.sort_unstable();
+        held.truncate(wanted);
         let max_frame = self.cfg.max_frame;
-        let mut ids: Vec<u64> = self.workers.values().filter(|w| w.inflight.len() > 1).map(|w| w.id).collect();
-        ids.sort_unstable();
-        for id in ids {
+        let now = Instant::now();
+        let mut asked_of = Vec::new();
+        for (task, id) in held {
             let Some(w) = self.workers.get_mut(&id) else { continue };
-            if w.phase != WorkerPhase::Ready {
+            let Some(entry) = w.inflight.iter_mut().find(|f| f.task.id == task) else { continue };
+            entry.withdrawing = Some(now);
+            if w.queue(&Message::Cancel { id: task }, max_frame).is_err() {
                 continue;
             }
-            // Never the first in line (the worker has started it); the next
-            // one, so that tasks start in the order they came.
-            while wanted > 0 {
-                let Some(entry) = w.inflight.iter_mut().skip(1).find(|f| f.can_ask_back()) else {
-                    break;
-                };
-                entry.withdrawing = true;
-                let task = entry.task.id;
-                if w.queue(&Message::Cancel { id: task }, max_frame).is_err() {
-                    break;
-                }
-                tracing::trace!(pool = %self.cfg.name, worker = id, task, "asking for a task back");
-                wanted -= 1;
+            tracing::trace!(pool = %self.cfg.name, worker = id, task, "asking for a task back");
+            if !asked_of.contains(&id) {
+                asked_of.push(id);
             }
-            w.flush();
-            if wanted == 0 {
-                break;
+        }
+        for id in asked_of {
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.flush();
             }
         }
     }
@@ -312,7 +345,7 @@ impl Supervisor {
             let mut asked = Vec::new();
             for entry in w.inflight.iter_mut().skip(1) {
                 if entry.task.id >= first && entry.can_ask_back() {
-                    entry.withdrawing = true;
+                    entry.withdrawing = Some(now);
                     asked.push(entry.task.id);
                 }
             }
@@ -328,6 +361,15 @@ impl Supervisor {
         }
     }
 
+    /// When an idle worker kept for a task on its way back is released to
+    /// take the queue's next, if one is waiting.
+    pub(super) fn give_back_wait_ends(&self, now: Instant) -> Option<Instant> {
+        if self.queue.is_empty() {
+            return None;
+        }
+        self.workers.values().filter_map(|w| w.give_back_wait_ends(now)).min()
+    }
+
     /// Puts a task that was sent but not started back in the queue, before
     /// every task that came after it.
     pub(super) fn requeue(&mut self, task: super::link::Task) {
@@ -338,7 +380,7 @@ impl Supervisor {
     pub(super) fn retire_idle(&mut self) {
         let PoolPhase::Closing { drain } = self.phase else { return };
         // While a task asked back is on its way, an idle worker stays for it.
-        let asked_back = || self.workers.values().any(|w| w.inflight.iter().any(|f| f.withdrawing));
+        let asked_back = || self.workers.values().any(|w| w.inflight.iter().any(|f| f.withdrawing.is_some()));
         if drain && (!self.queue.is_empty() || asked_back()) {
             return;
         }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rustix::process::Signal;
 
 use super::process::{Kill, Wait, WorkerProcess};
-use super::schedule::{KEEP_QUEUED, RECALL_AFTER};
+use super::schedule::{GIVE_BACK_WAIT, KEEP_QUEUED, RECALL_AFTER};
 use super::worker::{Worker, WorkerPhase};
 use super::*;
 use crate::error::{Error, ExitStatus};
@@ -726,4 +726,79 @@ fn until_a_task_has_been_timed_one_is_sent_ahead() {
     h.sup.task_time.record(Duration::from_micros(100));
     h.sup.dispatch();
     assert_eq!(h.inflight(&a), [1, 2, 3, 4, 5], "short tasks: up to prefetch");
+}
+
+#[test]
+fn an_idle_worker_waits_for_a_task_asked_back_before_taking_a_later_one() {
+    // a holds 1 and 2; b comes up idle and 2 is asked back for it. Task 3,
+    // submitted before a answers, must not start on b ahead of 2.
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(2);
+    assert_eq!(h.inflight(&a), [1, 2]);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.sup.give_back();
+    assert_eq!(sent(&mut a), [Sent::Task(1), Sent::Task(2), Sent::Cancel(2)]);
+    h.submit(3);
+    h.sup.dispatch();
+    assert_eq!(sent(&mut b), [], "b is kept for task 2");
+    assert!(h.sup.give_back_wait_ends(Instant::now()).is_some(), "the supervisor wakes when the wait ends");
+    h.answer(&mut a, &skipped(2));
+    h.sup.dispatch();
+    assert_eq!(sent(&mut b), [Sent::Task(2)]);
+    assert_eq!(h.inflight(&a), [1, 3], "3 waits behind 1, sent ahead");
+}
+
+#[test]
+fn an_idle_worker_is_kept_for_a_task_asked_back_no_longer_than_the_wait() {
+    // A frozen worker never answers: the idle one takes the queue's next.
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(2);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.sup.give_back();
+    sent(&mut a);
+    if let Some(asked) = h.sup.workers.get_mut(&a.id).and_then(|w| w.inflight.get_mut(1)) {
+        asked.withdrawing = Some(Instant::now() - GIVE_BACK_WAIT);
+    }
+    h.submit(3);
+    assert_eq!(h.sup.give_back_wait_ends(Instant::now()), None);
+    h.sup.dispatch();
+    assert_eq!(sent(&mut b), [Sent::Task(3)]);
+}
+
+#[test]
+fn a_worker_that_comes_up_late_starts_the_task_sent_ahead_before_the_queued_ones() {
+    // Tasks that are not short go one ahead: a took 1 and 2, 3 and 4 wait
+    // in the queue. b comes up: it must start 2, not 3.
+    let mut h = harness(16, 10);
+    h.sup.task_time = Default::default();
+    h.sup.task_time.record(Duration::from_millis(50));
+    let mut a = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(4);
+    assert_eq!(h.inflight(&a), [1, 2]);
+    sent(&mut a);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.sup.give_back();
+    h.sup.dispatch();
+    assert_eq!(sent(&mut a), [Sent::Cancel(2)]);
+    assert_eq!(sent(&mut b), [], "b is kept for task 2");
+    h.answer(&mut a, &skipped(2));
+    h.sup.dispatch();
+    assert_eq!(sent(&mut b), [Sent::Task(2), Sent::Task(4)]);
+    assert_eq!(sent(&mut a), [Sent::Task(3)], "then one ahead each, in turn");
+}
+
+#[test]
+fn with_short_tasks_queued_a_free_worker_takes_the_next_without_asking_back() {
+    let mut h = harness(3, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(5);
+    assert_eq!(h.inflight(&a), [1, 2, 3]);
+    sent(&mut a);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.sup.give_back();
+    h.sup.dispatch();
+    assert_eq!(sent(&mut a), []);
+    assert_eq!(sent(&mut b), [Sent::Task(4), Sent::Task(5)]);
 }

@@ -54,16 +54,16 @@ pub(super) struct InFlight {
     pub(super) started: Option<Instant>,
     pub(super) deadline: Option<Instant>,
     pub(super) cancel_requested: bool,
-    /// Asked back (a `Cancel` sent) so that an idle worker can run it; it
-    /// comes back `Skipped` unless the worker had started it.
-    pub(super) withdrawing: bool,
+    /// When it was asked back (a `Cancel` sent) so that an idle worker can
+    /// run it; it comes back `Skipped` unless the worker had started it.
+    pub(super) withdrawing: Option<Instant>,
 }
 
 impl InFlight {
     /// Whether it can still be asked back: not asked already, not being
     /// cancelled, no outcome yet.
     pub(super) fn can_ask_back(&self) -> bool {
-        !self.withdrawing && !self.cancel_requested && !self.task.delivered()
+        self.withdrawing.is_none() && !self.cancel_requested && !self.task.delivered()
     }
 }
 
@@ -250,6 +250,28 @@ impl Worker {
         }
         let started = self.inflight.front()?.started?;
         self.inflight.iter().skip(1).any(InFlight::can_ask_back).then_some(started + after)
+    }
+
+    /// How many tasks sent ahead to it, and asked back less than
+    /// [`GIVE_BACK_WAIT`](super::schedule::GIVE_BACK_WAIT) ago, came before
+    /// task `id`: an idle worker is kept for each.
+    pub(super) fn coming_back_before(&self, id: u64, now: Instant) -> usize {
+        self.inflight
+            .iter()
+            .skip(1)
+            .filter(|f| f.task.id < id && f.withdrawing.is_some_and(|at| now < at + super::schedule::GIVE_BACK_WAIT))
+            .count()
+    }
+
+    /// When the next idle worker kept for a task asked back from it is
+    /// released, if one is (see [`Worker::coming_back_before`]).
+    pub(super) fn give_back_wait_ends(&self, now: Instant) -> Option<Instant> {
+        self.inflight
+            .iter()
+            .skip(1)
+            .filter_map(|f| f.withdrawing.map(|at| at + super::schedule::GIVE_BACK_WAIT))
+            .filter(|&end| now < end)
+            .min()
     }
 
     pub(super) fn running(&self) -> Option<&InFlight> {
