@@ -644,12 +644,16 @@ def test_initializer_and_finalizer_run_in_every_worker(tmp_path):
     assert len(inits) == 2 and inits == fins
 
 
-def test_failing_initializer_fails_the_pool_loudly_instead_of_respawning_forever():
-    # A limit wide enough in time that a slow (loaded) machine still reaches it.
+def test_a_failing_initializer_breaks_the_executor_at_its_first_failure_and_names_it():
+    # concurrent.futures: "If the initializer raises an exception, all
+    # currently pending jobs will raise a BrokenProcessPool, as well as any
+    # attempt to submit more jobs to the pool." No second worker is tried,
+    # whatever the restart limit.
     ex = warden.ProcessPoolExecutor(1, initializer=fail, initargs=("no init",), restart_limit=(3, 300.0))
     f = ex.submit(square, 2)
-    with pytest.raises(warden.PoolFailed, match="restart limit"):
+    with pytest.raises(warden.PoolFailed, match="start hook failed: .*no init") as raised:
         f.result(timeout=60)
+    assert "restart limit" not in str(raised.value)
     with pytest.raises(warden.PoolFailed):
         ex.submit(square, 2)
     ex.shutdown()

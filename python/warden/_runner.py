@@ -360,6 +360,7 @@ class Runner:
         start: str = "zygote",
         preload: list[str] | None = None,
         restart: tuple[int, float] | None = DEFAULT_RESTART_LIMIT,
+        fail_on_init_error: bool = False,
         max_memory_per_child: int | None = None,
         memory_limit: int | None = None,
         on_worker_lost: Callable[[WorkerLost], object] | None = None,
@@ -440,6 +441,7 @@ class Runner:
                 # A one-off child is never replaced: the core's one-off settings stand.
                 restart_intensity=None if one_off else restart,
                 unlimited_restarts=restart is None and not one_off,
+                fail_on_start_error=fail_on_init_error,
                 max_memory_per_child=max_memory_per_child,
                 memory_limit=memory_limit,
                 on_worker_lost=None if self._tasks is None else _lost_hook(on_worker_lost, self._tasks),  # type: ignore[arg-type]

@@ -210,6 +210,7 @@ class CorePool:
         grace: float | None = None,
         restart_intensity: tuple[int, float] | None = None,
         unlimited_restarts: bool = False,
+        fail_on_start_error: bool = False,
         max_frame_size: int | None = None,
         prefetch: int | None = None,
         one_off: bool = False,

@@ -80,7 +80,9 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
       itself (see ``docs/python.md``).
     * ``restart_limit=(count, seconds)``: more than ``count`` worker failures
       that no task explains (a worker that cannot start, dies idle, or breaks
-      the protocol) within ``seconds`` fail the pool; ``None`` for no limit;
+      the protocol) within ``seconds`` fail the pool; ``None`` for no limit.
+      An initializer that raises breaks the executor at once, as
+      ``concurrent.futures`` documents;
     * ``max_memory_per_child`` (bytes, or a string like ``"512MiB"``): a
       worker above it after a task retires (its finalizer runs) and is
       replaced; the task's result is kept;
@@ -223,6 +225,9 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
                 exit_timeout=self._exit_timeout,
                 start=self._start,
                 preload=self._preload,
+                # As concurrent.futures documents: an initializer that raises
+                # breaks the executor (its pending and later tasks fail).
+                fail_on_init_error=True,
                 **self._limits,
             )
             # An executor nobody can reach any more shuts down on its own

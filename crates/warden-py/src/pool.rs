@@ -233,7 +233,7 @@ impl CorePool {
     #[pyo3(signature = (
         program, args, *, workers=1, name=None, init_payload=None, pass_fds=Vec::new(), env=Vec::new(),
         max_tasks_per_child=None, task_timeout=None, init_timeout=None, grace=None,
-        restart_intensity=None, unlimited_restarts=false, max_frame_size=None, prefetch=None, one_off=false,
+        restart_intensity=None, unlimited_restarts=false, fail_on_start_error=false, max_frame_size=None, prefetch=None, one_off=false,
         start="zygote", zygote_payload=None, zygote_fallback_payload=None, max_memory_per_child=None, memory_limit=None, on_worker_lost=None,
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -252,6 +252,7 @@ impl CorePool {
         grace: Option<f64>,
         restart_intensity: Option<(u32, f64)>,
         unlimited_restarts: bool,
+        fail_on_start_error: bool,
         max_frame_size: Option<usize>,
         prefetch: Option<usize>,
         one_off: bool,
@@ -311,6 +312,9 @@ impl CorePool {
         }
         if unlimited_restarts {
             builder = builder.no_restart_limit();
+        }
+        if fail_on_start_error {
+            builder = builder.fail_on_start_error();
         }
         if let Some(bytes) = max_memory_per_child {
             builder = builder.max_memory_per_child(bytes);

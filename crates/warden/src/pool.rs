@@ -125,6 +125,7 @@ impl Builder {
                 grace: DEFAULT_GRACE,
                 restart_limit: DEFAULT_RESTART_LIMIT,
                 restart_window: DEFAULT_RESTART_WINDOW,
+                fail_on_start_error: false,
                 memory: MemoryLimits { soft: None, hard: None, interval: DEFAULT_MEMORY_SAMPLE_INTERVAL },
                 lost: None,
                 max_frame: DEFAULT_MAX_FRAME,
@@ -215,6 +216,18 @@ impl Builder {
     pub fn restart_intensity(mut self, max: u32, window: Duration) -> Self {
         self.cfg.restart_limit = max;
         self.cfg.restart_window = window;
+        self
+    }
+
+    /// A worker whose start hook fails (it panics, or a raw worker answers
+    /// that its start failed) fails the pool at once, with that error,
+    /// instead of counting toward the restart intensity: every queued task
+    /// and every later submit fails with [`Error::is_pool_failed`]. This is
+    /// what `concurrent.futures` promises for an executor whose initializer
+    /// raises; by default a pool starts another worker, up to the restart
+    /// intensity, so that a start that fails now and then does not end it.
+    pub fn fail_on_start_error(mut self) -> Self {
+        self.cfg.fail_on_start_error = true;
         self
     }
 

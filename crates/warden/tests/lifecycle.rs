@@ -85,6 +85,10 @@ fn main() {
             a_failing_start_hook_fails_the_pool_instead_of_respawning_forever,
         ),
         both(
+            "with_fail_on_start_error_the_first_failing_start_hook_fails_the_pool",
+            with_fail_on_start_error_the_first_failing_start_hook_fails_the_pool,
+        ),
+        both(
             "a_start_hook_that_hangs_is_stopped_at_the_init_timeout",
             a_start_hook_that_hangs_is_stopped_at_the_init_timeout,
         ),
@@ -664,6 +668,32 @@ fn a_failing_start_hook_fails_the_pool_instead_of_respawning_forever() -> TestRe
     check(err.to_string().contains("cannot open the database"), format!("the start hook's panic is named: {err}"))?;
     check(pool.join(Some(Duration::from_secs(10))), "the pool stopped")?;
     check(hooks.exited().is_empty(), "no exit hook runs for a worker that never started")?;
+    Ok(())
+}
+
+fn with_fail_on_start_error_the_first_failing_start_hook_fails_the_pool() -> TestResult {
+    let hooks = Hooks::new();
+    let started = Arc::new(Mutex::new(0usize));
+    let count = Arc::clone(&started);
+    let pool = hooks
+        .builder()
+        .on_start(panicking_start)
+        .workers(1)
+        .fail_on_start_error()
+        .on_event(move |e| {
+            if matches!(e, LifecycleEvent::WorkerStarted { .. }) {
+                *count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+            }
+        })
+        .build()?;
+    let err = pool.spawn(echo, 1)?.join().err().ok_or("no worker can start")?;
+    check(err.is_pool_failed(), format!("pool failed: {err}"))?;
+    check(err.to_string().contains("cannot open the database"), format!("the start hook's panic is named: {err}"))?;
+    let later = pool.spawn(echo, 2).err().ok_or("a failed pool took a task")?;
+    check(later.is_pool_failed(), format!("a later submit fails too: {later}"))?;
+    check(pool.join(Some(Duration::from_secs(10))), "the pool stopped")?;
+    let starts = *started.lock().unwrap_or_else(|p| p.into_inner());
+    check(starts == 1, format!("one worker started, not another after it: {starts}"))?;
     Ok(())
 }
 

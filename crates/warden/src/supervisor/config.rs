@@ -24,6 +24,8 @@ pub(crate) struct Config {
     pub grace: Duration,
     pub restart_limit: u32,
     pub restart_window: Duration,
+    /// A worker whose start hook fails fails the pool at once.
+    pub fail_on_start_error: bool,
     pub max_frame: usize,
     pub prefetch: usize,
     pub identity: Option<u64>,

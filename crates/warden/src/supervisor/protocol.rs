@@ -217,10 +217,14 @@ impl Supervisor {
                 self.emit(LifecycleEvent::WorkerReady { worker: id, pid });
             }
             (WorkerPhase::Initializing, Incoming::InitFailed(error)) => {
-                tracing::warn!(pool = %cfg.name, pid = w.raw_pid(), "start hook failed: {error}");
+                let pid = w.raw_pid();
+                tracing::warn!(pool = %cfg.name, pid, "start hook failed: {error}");
                 w.cause.get_or_insert(StopCause::InitFailed(error.to_string()));
                 w.phase = WorkerPhase::Retiring;
                 w.deadline = Some(Instant::now() + cfg.grace);
+                if cfg.fail_on_start_error {
+                    self.fail(format!("worker {pid}'s start hook failed: {error}"));
+                }
             }
             (
                 WorkerPhase::Ready | WorkerPhase::Retiring | WorkerPhase::Stopping | WorkerPhase::Killed,

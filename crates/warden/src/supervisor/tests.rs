@@ -97,6 +97,7 @@ fn harness(prefetch: usize, restart_limit: u32) -> Harness {
         grace: GRACE,
         restart_limit,
         restart_window: Duration::from_secs(60),
+        fail_on_start_error: false,
         max_frame: MAX_FRAME,
         prefetch,
         identity: None,
