@@ -313,6 +313,23 @@ def test_sighup_from_outside_stops_a_busy_worker_by_that_signal_through_its_exit
     assert lost == []
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_to_an_idle_worker_ends_it_at_once_and_the_next_task_runs(tmp_path, signum):
+    # The worker leaves through its exit path right away; the next task runs
+    # on its replacement instead of failing as if it had crashed there.
+    out = tmp_path / "fin"
+    with warden.ProcessPoolExecutor(1, finalizer=record, finalargs=(str(out), "fin")) as ex:
+        first = ex.submit(getpid).result(timeout=60)
+        os.kill(first, signum)
+        if signum != signal.SIGHUP:
+            # (It used to wait 2 s for its parent to die first. After SIGHUP,
+            # its parent's death signal, it still gives the parent up to 2 s
+            # to be seen gone, but takes no task meanwhile.)
+            assert wait_until(lambda: not alive(first), timeout=1.5), "it left at once"
+        assert ex.submit(getpid).result(timeout=60) != first
+    assert f"fin {first}" in out.read_text().splitlines()
+
+
 ORPHANING_PARENT_OF_A_LONG_TASK = """
 import os, signal, subprocess, sys, time, warden
 

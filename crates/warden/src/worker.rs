@@ -537,13 +537,14 @@ pub(crate) fn check_socket(fd: RawFd) -> io::Result<()> {
 /// Reads frames off the channel into the inbox as `until` says, or until the
 /// channel ends; answers a `Cancel` for a task still in the inbox at once
 /// (see [`crate::inbox`]). Run by the main thread between tasks, and by the
-/// watcher while a task runs long.
-fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Until<'_>) {
+/// watcher (`watcher`) while a task runs long: the watcher, seeing the
+/// channel end, checks whether the parent is gone, to stop the task; the
+/// main thread, between tasks, goes to its exit path at once.
+fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Until<'_>, watcher: bool) {
     loop {
         let range = match reader.next_frame() {
             Ok(Some(range)) => range,
             Ok(None) => {
-                let watcher = matches!(until, Until::Enough(_));
                 let got = match until {
                     Until::Drained => reader.try_fill_from_socket(&core.stream),
                     Until::Enough(enough) if enough() => return,
@@ -624,7 +625,7 @@ fn stop_if_the_parent_dies(core: &WorkerState) {
 /// long (see [`crate::inbox`]).
 fn watch_channel(core: Arc<WorkerState>, inbox: Arc<Inbox>) {
     signals::block_in_this_thread();
-    let mut read = |reader: &mut FrameReader, until: Until<'_>| pump(&core, &inbox, reader, until);
+    let mut read = |reader: &mut FrameReader, until: Until<'_>| pump(&core, &inbox, reader, until, true);
     inbox.watch(&mut read);
 }
 
@@ -641,7 +642,7 @@ fn stop_requested(core: &WorkerState) -> Option<ExitReason> {
 fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> ExitReason {
     let mut initialized = false;
     let worker_pid = std::process::id();
-    let mut read = |reader: &mut FrameReader, until: Until<'_>| pump(core, inbox, reader, until);
+    let mut read = |reader: &mut FrameReader, until: Until<'_>| pump(core, inbox, reader, until, false);
     loop {
         if let Some(reason) = stop_requested(core) {
             return reason;

@@ -168,6 +168,9 @@ impl Supervisor {
         // Workers given tasks in this pass: each gets its frames in one write
         // at the end (one system call for a worker's whole refill).
         let mut sent_to = Vec::new();
+        // Each task given: (worker, task, where its frame ends in the
+        // worker's outgoing buffer).
+        let mut given = Vec::new();
         // Idle workers first, then fill pipelines up to `prefetch`: while
         // tasks are short, and never behind a task that has run long.
         let depth_limit = self.task_time.depth(cfg.prefetch);
@@ -202,6 +205,7 @@ impl Supervisor {
                     continue;
                 }
                 let Some(task) = self.queue.pop_front() else { break 'fill };
+                let task_id = task.id;
                 let msg = Message::Task { id: task.id, payload: &task.payload };
                 if let Err(e) = w.queue_with_segment(&msg, task.segment.as_ref().map(|f| f.as_fd()), cfg.max_frame) {
                     let mut task = task;
@@ -221,14 +225,31 @@ impl Supervisor {
                     withdrawing: None,
                 });
                 w.assigned += 1;
+                given.push((id, task_id, w.out.len()));
                 if !sent_to.contains(&id) {
                     sent_to.push(id);
                 }
             }
         }
         for id in sent_to {
-            if let Some(w) = self.workers.get_mut(&id) {
-                w.flush();
+            let Some(w) = self.workers.get_mut(&id) else { continue };
+            let Some(reached) = w.flush() else { continue };
+            // It stopped reading (a stop signal from outside, between the
+            // pool's look at it and this write): the tasks whose frames did
+            // not reach it whole never started there, and go back to the
+            // queue when it is reaped. It takes no more.
+            for &(_, task, _) in given.iter().filter(|&&(to, _, end)| to == id && end > reached) {
+                if let Some(entry) = w.inflight.iter_mut().find(|f| f.task.id == task) {
+                    entry.started = None;
+                    entry.deadline = None;
+                    w.assigned = w.assigned.saturating_sub(1);
+                }
+                started.retain(|&(t, _)| t != task);
+            }
+            if w.phase == WorkerPhase::Ready {
+                tracing::debug!(pool = %cfg.name, worker = id, "worker stopped reading its channel");
+                w.phase = WorkerPhase::Retiring;
+                w.deadline = Some(now + cfg.grace);
             }
         }
         if self.queue.is_empty() && self.queue.capacity() > KEEP_QUEUED {

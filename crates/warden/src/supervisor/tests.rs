@@ -803,3 +803,22 @@ fn with_short_tasks_queued_a_free_worker_takes_the_next_without_asking_back() {
     assert_eq!(sent(&mut a), []);
     assert_eq!(sent(&mut b), [Sent::Task(4), Sent::Task(5)]);
 }
+
+#[test]
+fn tasks_sent_to_a_worker_that_stopped_reading_go_back_to_the_queue_not_crashed() {
+    // A stop signal from outside shuts the worker's reading side before it
+    // exits: what is written to it then never reaches it, and never ran.
+    let mut h = harness(2, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    w.peer.shutdown(std::net::Shutdown::Read).expect("shutdown");
+    h.submit_and_dispatch(2);
+    assert_eq!(h.phase(&w), WorkerPhase::Retiring, "it takes no more");
+    assert!(h.sup.workers[&w.id].inflight.iter().all(|f| f.started.is_none()), "nothing started there");
+    h.submit(3);
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&w), [1, 2]);
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGTERM));
+    h.sup.reap(w.id);
+    assert_eq!(h.outcomes(), [], "no task failed");
+    assert_eq!(h.queued(), [1, 2, 3]);
+}

@@ -216,8 +216,13 @@ impl Worker {
     }
 
     /// Writes as much of the outgoing buffer as the socket takes, each
-    /// segment descriptor with the first byte of its frame.
-    pub(super) fn flush(&mut self) {
+    /// segment descriptor with the first byte of its frame. If the worker
+    /// no longer reads its channel (a stop signal shut its reading side, or
+    /// it exited), returns how much of the buffer had gone out: nothing
+    /// from there on reached it. Offsets count from the start of the buffer
+    /// as it was before this call.
+    pub(super) fn flush(&mut self) -> Option<usize> {
+        let mut refused = None;
         while self.out_pos < self.out.len() {
             // Stop at the next frame that carries a descriptor, unless it is this one.
             let here = self.out_fds.front().filter(|(at, _)| *at == self.out_pos).map(|(_, fd)| fd.as_fd());
@@ -230,15 +235,19 @@ impl Worker {
                     }
                     self.out_pos += n;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 // The worker closed its end; its pidfd will tell us the rest.
-                Err(_) => break,
+                Err(_) => {
+                    refused = Some(self.out_pos);
+                    break;
+                }
             }
         }
         self.out.clear();
         self.out_fds.clear();
         self.out_pos = 0;
+        refused
     }
 
     /// When the tasks this worker holds unstarted are to be asked back (its
