@@ -89,6 +89,10 @@ fn main() {
             with_fail_on_start_error_the_first_failing_start_hook_fails_the_pool,
         ),
         both(
+            "a_shutdown_with_a_deadline_stops_a_worker_still_in_its_start_hook_with_sigterm",
+            a_shutdown_with_a_deadline_stops_a_worker_still_in_its_start_hook_with_sigterm,
+        ),
+        both(
             "a_start_hook_that_hangs_is_stopped_at_the_init_timeout",
             a_start_hook_that_hangs_is_stopped_at_the_init_timeout,
         ),
@@ -694,6 +698,30 @@ fn with_fail_on_start_error_the_first_failing_start_hook_fails_the_pool() -> Tes
     check(pool.join(Some(Duration::from_secs(10))), "the pool stopped")?;
     let starts = *started.lock().unwrap_or_else(|p| p.into_inner());
     check(starts == 1, format!("one worker started, not another after it: {starts}"))?;
+    Ok(())
+}
+
+fn a_shutdown_with_a_deadline_stops_a_worker_still_in_its_start_hook_with_sigterm() -> TestResult {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = Mutex::new(tx);
+    let hooks = Hooks::new();
+    let pool = hooks
+        .builder()
+        .on_start(hanging_start)
+        .grace(Duration::from_millis(300))
+        .workers(1)
+        .on_event(move |e| {
+            if let LifecycleEvent::WorkerExited(end) = e {
+                let _ = tx.lock().map(|tx| tx.send(end.clone()));
+            }
+        })
+        .build()?;
+    std::thread::sleep(Duration::from_millis(300));
+    pool.shutdown_timeout(Duration::from_millis(300));
+    let end = rx.recv_timeout(Duration::from_secs(30))?;
+    // Not left to its 60 s init timeout, nor to the last-resort SIGKILL.
+    check(end.status.signal() != Some(libc::SIGKILL), format!("stopped by SIGTERM, not killed: {end:?}"))?;
+    check(!end.crashed, format!("a stop the pool asked for: {end:?}"))?;
     Ok(())
 }
 

@@ -32,6 +32,11 @@ impl Supervisor {
                 }
                 w.stop(StopCause::Terminated, cfg.grace);
             }
+            // One still starting (its start hook running) is stopped at the
+            // deadline too, not left to its init timeout.
+            if bounded_close && matches!(w.phase, WorkerPhase::Starting | WorkerPhase::Initializing) {
+                w.stop(StopCause::Terminated, cfg.grace);
+            }
             if w.deadline.is_some_and(|d| now >= d) {
                 match w.phase {
                     WorkerPhase::Starting | WorkerPhase::Initializing => w.stop(StopCause::InitTimeout, cfg.grace),
