@@ -2,7 +2,11 @@
 //!
 //! warden runs work in child processes and guarantees that every process and
 //! every resource it starts is cleaned up, on every exit path: finish,
-//! retirement, panic, timeout, cancel, signal, parent death, crash.
+//! retirement, panic, timeout, cancel, signal, parent death, crash. A worker
+//! runs its exit hook on each of them but a crash of its own (an abort, a
+//! fatal signal, SIGKILL), which no code in it survives: the pool reaps it,
+//! stops what it left in its process group, and hands it to
+//! [`Builder::on_worker_lost`] in the parent.
 //!
 //! ```no_run
 //! use std::time::Duration;
