@@ -162,6 +162,10 @@ fn main() {
         "terminating_a_one_off_child_runs_its_exit_hook_and_it_dies_by_sigterm",
         terminating_a_one_off_child_runs_its_exit_hook_and_it_dies_by_sigterm,
     ));
+    tests.push(trial(
+        "a_one_off_child_whose_start_hook_fails_says_so_without_restart_limits",
+        a_one_off_child_whose_start_hook_fails_says_so_without_restart_limits,
+    ));
     libtest_mimic::run(&args, tests).exit();
 }
 
@@ -975,6 +979,17 @@ fn a_one_off_child_returns_its_value_and_runs_its_exit_hook() -> TestResult {
     check(exit.hook_ran(), "its exit hook ran")?;
     check(hooks.exit_reason(ran_in).as_deref() == Some("Retired(Done)"), format!("{:?}", hooks.exit_reason(ran_in)))?;
     check(process_gone(announced), "the child is gone")?;
+    Ok(())
+}
+
+fn a_one_off_child_whose_start_hook_fails_says_so_without_restart_limits() -> TestResult {
+    let hooks = Hooks::new();
+    let options = warden::ChildOptions { on_start: Some(panicking_start), env: hooks.env(), ..Default::default() };
+    let err = warden::spawn_with(pid, (), options)?.join().err().ok_or("the child cannot start")?;
+    let text = err.to_string();
+    check(err.is_pool_failed(), format!("failed: {text}"))?;
+    check(text.contains("start hook failed") && text.contains("cannot open the database"), text.clone())?;
+    check(!text.contains("restart limit"), format!("no pool's restart limit in a child's error: {text}"))?;
     Ok(())
 }
 

@@ -77,6 +77,10 @@ impl RestartIntensity {
 impl Supervisor {
     /// Records a crash; fails the pool if the restart intensity is exceeded.
     pub(super) fn note_crash(&mut self, what: String) {
+        if self.cfg.one_off {
+            // A one-off child is never replaced: what happened is the reason.
+            return self.fail(what);
+        }
         let limit = self.cfg.restart_limit;
         match self.crashes.record(Instant::now()) {
             None => {}
