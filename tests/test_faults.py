@@ -330,6 +330,18 @@ def test_a_stop_signal_to_an_idle_worker_ends_it_at_once_and_the_next_task_runs(
     assert f"fin {first}" in out.read_text().splitlines()
 
 
+def test_a_task_submitted_as_a_stop_signal_reaches_an_idle_worker_runs_on_its_replacement():
+    # The signal and the task cross: the worker may read the task, see the
+    # signal and leave without starting it. That task must run elsewhere,
+    # not fail as if it had crashed its worker. (Before the fix, about one
+    # round in three failed.)
+    with warden.ProcessPoolExecutor(1, restart_limit=None) as ex:
+        for _ in range(15):
+            worker = ex.submit(getpid).result(timeout=60)
+            os.kill(worker, signal.SIGTERM)
+            assert ex.submit(getpid).result(timeout=60) != worker
+
+
 ORPHANING_PARENT_OF_A_LONG_TASK = """
 import os, signal, subprocess, sys, time, warden
 

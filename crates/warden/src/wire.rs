@@ -280,6 +280,9 @@ pub enum Message<'a> {
         reason: ExitReason,
         /// What the exit path did.
         report: ExitPathReport,
+        /// The last task the worker started, if any: a task sent to it
+        /// after that one never ran (it left before taking it up).
+        last_task: Option<u64>,
     },
     /// What the parent should know to clean up after this worker if it dies
     /// without running its exit path (SIGKILL); replaces any earlier record.
@@ -693,6 +696,7 @@ mod tests {
                     finalizers_failed: 0,
                     finalizers_skipped: 0,
                 },
+                last_task: Some(12),
             },
         ];
         let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);

@@ -64,7 +64,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -302,6 +302,9 @@ pub fn set_cleanup_record(data: &[u8]) -> io::Result<()> {
     }
 }
 
+/// [`WorkerState::last_task`] before any task starts.
+const NO_TASK: u64 = u64::MAX;
+
 /// State shared by the main thread and the monitor.
 struct WorkerState {
     stream: UnixStream,
@@ -314,6 +317,8 @@ struct WorkerState {
     /// which code of the worker's own may have taken from warden's handler.
     /// Read as soon as the running task returns, ahead of tasks queued.
     stop_requested: AtomicBool,
+    /// The last task started, or [`NO_TASK`]; told to the pool in `Goodbye`.
+    last_task: AtomicU64,
     hook: Mutex<Option<ExitHook>>,
     /// Set once the exit path has run; holding it serialises the exit path.
     exit: Mutex<Option<ExitStatus>>,
@@ -409,7 +414,9 @@ impl WorkerState {
             eprintln!("warden worker {}: exit hook failed: {err}", std::process::id());
         }
         if reason != ExitReason::ParentGone {
-            let _ = self.send(&Message::Goodbye { reason, report });
+            let last = self.last_task.load(Ordering::SeqCst);
+            let last_task = (last != NO_TASK).then_some(last);
+            let _ = self.send(&Message::Goodbye { reason, report, last_task });
         }
         let exit = match reason {
             ExitReason::Signal(sig) => ExitStatus::Signal(sig),
@@ -469,6 +476,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
         parent: env.parent,
         state: AtomicU8::new(STARTING),
         stop_requested: AtomicBool::new(false),
+        last_task: AtomicU64::new(NO_TASK),
         hook: Mutex::new(None),
         exit: Mutex::new(None),
     });
@@ -711,9 +719,12 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
             Incoming::Task { id, payload, segment, .. } if initialized => {
                 core.state.store(BUSY, Ordering::SeqCst);
                 if let Some(reason) = stop_requested(core) {
+                    // Leaving without starting it: the pool hears so from the
+                    // `Goodbye`, whose last task is an earlier one.
                     core.state.store(IDLE, Ordering::SeqCst);
                     return reason;
                 }
+                core.last_task.store(id, Ordering::SeqCst);
                 inbox.started();
                 let result = catch_unwind(AssertUnwindSafe(|| handler.run_with_segment(&payload, segment)));
                 if std::process::id() != worker_pid {

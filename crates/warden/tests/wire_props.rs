@@ -21,7 +21,7 @@ enum Owned {
     Skipped(u64),
     Cancel(u64),
     Retire(u8),
-    Goodbye(i32, bool, Option<String>, u32),
+    Goodbye(i32, bool, Option<String>, u32, Option<u64>),
     Record(Vec<u8>),
 }
 
@@ -54,7 +54,7 @@ impl Owned {
                     _ => RetireReason::Done,
                 },
             },
-            Owned::Goodbye(sig, ran, err, n) => Message::Goodbye {
+            Owned::Goodbye(sig, ran, err, n, last) => Message::Goodbye {
                 reason: ExitReason::Signal(*sig),
                 report: ExitPathReport {
                     hook_ran: *ran,
@@ -63,6 +63,7 @@ impl Owned {
                     finalizers_failed: 0,
                     finalizers_skipped: 0,
                 },
+                last_task: *last,
             },
             Owned::Record(data) => Message::Record { data },
         }
@@ -82,8 +83,8 @@ fn owned() -> impl Strategy<Value = Owned> {
         any::<u64>().prop_map(Owned::Skipped),
         any::<u64>().prop_map(Owned::Cancel),
         any::<u8>().prop_map(Owned::Retire),
-        (any::<i32>(), any::<bool>(), proptest::option::of(".{0,50}"), any::<u32>())
-            .prop_map(|(a, b, c, d)| Owned::Goodbye(a, b, c, d)),
+        (any::<i32>(), any::<bool>(), proptest::option::of(".{0,50}"), any::<u32>(), any::<Option<u64>>())
+            .prop_map(|(a, b, c, d, e)| Owned::Goodbye(a, b, c, d, e)),
         bytes().prop_map(Owned::Record),
     ]
 }

@@ -28,7 +28,7 @@ enum Incoming {
     Skipped {
         id: u64,
     },
-    Goodbye(ExitReason, ExitPathReport),
+    Goodbye(ExitReason, ExitPathReport, Option<u64>),
     Record(Vec<u8>),
     Unexpected(&'static str),
 }
@@ -99,7 +99,7 @@ impl Supervisor {
                             (WireOutcome::Skipped, _) => Err(Error::cancelled()),
                         },
                     },
-                    Message::Goodbye { reason, report } => Incoming::Goodbye(reason, report),
+                    Message::Goodbye { reason, report, last_task } => Incoming::Goodbye(reason, report, last_task),
                     Message::Record { data } => Incoming::Record(data.to_vec()),
                     other => Incoming::Unexpected(other.name()),
                 },
@@ -237,7 +237,7 @@ impl Supervisor {
             (_, Incoming::Record(data)) => {
                 w.record = if data.is_empty() { None } else { Some(data) };
             }
-            (_, Incoming::Goodbye(reason, report)) => {
+            (_, Incoming::Goodbye(reason, report, last_task)) => {
                 if w.phase == WorkerPhase::Ready
                     || w.phase == WorkerPhase::Initializing
                     || w.phase == WorkerPhase::Starting
@@ -247,6 +247,7 @@ impl Supervisor {
                     w.deadline = Some(Instant::now() + cfg.grace);
                 }
                 w.goodbye = Some((reason, report));
+                w.last_task = last_task;
             }
             // A worker we already told to go may still be saying hello.
             (

@@ -68,6 +68,14 @@ impl Supervisor {
         let status = w.status.unwrap_or(ExitStatus::Signal(libc::SIGKILL));
 
         let mut inflight = std::mem::take(&mut w.inflight);
+        // A worker that said goodbye named the last task it started: one
+        // sent to it after that, though first in line here, never ran (a
+        // stop signal came before it took it up).
+        if let (Some(front), Some(_)) = (inflight.front_mut(), &w.goodbye) {
+            if front.started.is_some() && w.last_task != Some(front.task.id) {
+                front.started = None;
+            }
+        }
         // The task it was running, if any, and whether its death is that
         // task's outcome (the task was still waiting for one).
         let running = inflight.front().filter(|f| f.started.is_some()).map(|f| f.task.id);

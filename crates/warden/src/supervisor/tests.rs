@@ -822,3 +822,43 @@ fn tasks_sent_to_a_worker_that_stopped_reading_go_back_to_the_queue_not_crashed(
     assert_eq!(h.outcomes(), [], "no task failed");
     assert_eq!(h.queued(), [1, 2, 3]);
 }
+
+fn goodbye(last_task: Option<u64>) -> Message<'static> {
+    let report = crate::wire::ExitPathReport {
+        hook_ran: true,
+        hook_error: None,
+        finalizers_run: 0,
+        finalizers_failed: 0,
+        finalizers_skipped: 0,
+    };
+    Message::Goodbye { reason: crate::wire::ExitReason::Signal(libc::SIGTERM), report, last_task }
+}
+
+#[test]
+fn a_worker_that_left_before_taking_up_its_next_task_gets_it_requeued_not_crashed() {
+    // A stop signal came as the task was written: the worker read it, saw
+    // the signal, and left through its exit path without starting it.
+    let mut h = harness(2, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(3);
+    h.answer(&mut w, &value(1));
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&w), [2, 3], "2 is first in line: started, as far as the pool knows");
+    h.answer(&mut w, &goodbye(Some(1)));
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGTERM));
+    h.sup.reap(w.id);
+    assert_eq!(h.outcomes(), [(1, "value")], "2 did not fail");
+    assert_eq!(h.queued(), [2, 3]);
+}
+
+#[test]
+fn a_worker_that_left_during_its_task_fails_that_task() {
+    let mut h = harness(2, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(2);
+    h.answer(&mut w, &goodbye(Some(1)));
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGTERM));
+    h.sup.reap(w.id);
+    assert_eq!(h.outcomes(), [(1, "crashed")]);
+    assert_eq!(h.queued(), [2]);
+}

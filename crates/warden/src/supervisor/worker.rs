@@ -94,6 +94,8 @@ pub(super) struct Worker {
     pub(super) eof: bool,
     /// The last cleanup record it sent, for `on_worker_lost`.
     pub(super) record: Option<Vec<u8>>,
+    /// The last task it started, as its `Goodbye` said.
+    pub(super) last_task: Option<u64>,
     /// Above `max_memory_per_child` after a task: takes no more, retires when idle.
     pub(super) over_memory: bool,
 }
@@ -126,6 +128,7 @@ impl Worker {
             status: None,
             eof: false,
             record: None,
+            last_task: None,
             over_memory: false,
         }
     }
