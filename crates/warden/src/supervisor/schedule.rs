@@ -191,7 +191,7 @@ impl Supervisor {
                 .map(|w| w.id)
                 .collect();
             ids.sort_unstable();
-            if depth == 0 {
+            if depth == 0 && !ids.is_empty() {
                 // An idle worker waits for a task on its way back to the
                 // queue that came before the queue's next: given a later one
                 // now, it would start that first.
