@@ -3,6 +3,8 @@ standard library where the behaviour should match."""
 
 from __future__ import annotations
 
+import gc
+import itertools
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -197,6 +199,51 @@ def test_imap_consumes_its_iterable_lazily(pool):
     it = pool.imap(square, numbers(10**9))
     assert [next(it) for _ in range(5)] == [0, 1, 4, 9, 16]
     pool.terminate()
+
+
+def nap_then_echo(i):
+    time.sleep(0.02)
+    return i
+
+
+class Counted:
+    """An iterable that counts the items taken from it."""
+
+    def __init__(self, n):
+        self.taken = 0
+        self.n = n
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.taken += 1
+            yield i
+
+
+def test_imap_reads_its_iterable_only_as_far_ahead_as_the_workers_need(pool):
+    # As the standard library's imap, whose pipe to the workers fills: a big
+    # file read line by line is not read into memory ahead of the workers.
+    items = Counted(100_000)
+    it = pool.imap(nap_then_echo, items)
+    assert [next(it) for _ in range(10)] == list(range(10))
+    time.sleep(0.5)
+    bound = 10 + warden.pool.IMAP_AHEAD_CHUNKS * 2 + 50  # (results delivered meanwhile, 2 workers)
+    assert items.taken < bound, items.taken
+    pool.terminate()
+
+
+def test_an_abandoned_imap_over_an_endless_iterable_lets_close_and_join_return(pool):
+    # The standard library's feeder takes items forever: join() never returns.
+    it = pool.imap(square, itertools.count(), chunksize=4)
+    for r in it:
+        if r > 10_000:
+            break
+    del it
+    gc.collect()
+    pool.close()
+    joined = threading.Thread(target=pool.join, daemon=True)
+    joined.start()
+    joined.join(timeout=30)
+    assert not joined.is_alive()
 
 
 def test_imap_next_timeout_raises_timeout_error(pool):

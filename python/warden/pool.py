@@ -358,8 +358,10 @@ class Pool(multiprocessing.pool.Pool):
         progress: _progress.ProgressArg = None,
     ) -> IMapIterator:
         """Like :meth:`map`, lazily: an iterator of results in order. The
-        iterable is consumed by a feeder thread. ``progress``: as for :meth:`map`
-        (the bar's total is known only if the iterable has a length)."""
+        iterable is consumed by a feeder thread, as far ahead of the workers
+        as keeps them busy (see :data:`IMAP_AHEAD_CHUNKS`); dropping the
+        iterator stops it. ``progress``: as for :meth:`map` (the bar's total
+        is known only if the iterable has a length)."""
         return self._imap(func, iterable, chunksize, unordered=False, progress=progress)
 
     def imap_unordered(
@@ -389,7 +391,7 @@ class Pool(multiprocessing.pool.Pool):
         result._progress = _progress.make(progress, _progress.length(iterable))
         feeder = threading.Thread(
             target=_feed_imap,
-            args=(self, func, iter(iterable), chunksize, result),
+            args=(self, func, iter(iterable), chunksize, weakref.ref(result)),
             name="warden-feeder",
             daemon=True,
         )
@@ -774,19 +776,94 @@ def _exception(error: ErrorData) -> BaseException:
     return exc
 
 
+#: How far an ``imap`` feeder reads ahead of the workers: at most this many
+#: chunks per worker submitted and without an outcome yet, and at most
+#: :data:`IMAP_AHEAD_BYTES` of their pickles (one chunk at least, however
+#: large). Enough to keep every worker's pipeline full, and as lazy with a
+#: large or endless iterable (the lines of a big file, ``itertools.count()``)
+#: as the standard library's imap, whose pipe to the workers fills.
+IMAP_AHEAD_CHUNKS = 64
+IMAP_AHEAD_BYTES = 64 << 20
+
+
+class _Ahead:
+    """What an ``imap`` feeder has in flight: chunks submitted and their
+    pickles' size, until each has its outcome."""
+
+    __slots__ = ("chunks", "cond", "size")
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.chunks = 0
+        self.size = 0
+
+    def sent(self, size: int) -> None:
+        with self.cond:
+            self.chunks += 1
+            self.size += size
+
+    def done(self, size: int) -> None:
+        with self.cond:
+            self.chunks -= 1
+            self.size -= size
+            self.cond.notify()
+
+    def wait_for_room(self, max_chunks: int, gone: Callable[[], bool]) -> bool:
+        """Waits until another chunk may go; ``False`` if the iterator was
+        dropped meanwhile (looked at every tenth of a second)."""
+        with self.cond:
+            while self.chunks >= max_chunks or (self.chunks and self.size >= IMAP_AHEAD_BYTES):
+                if gone():
+                    return False
+                self.cond.wait(0.1)
+        return True
+
+
+def _deliver_chunk(ahead: _Ahead, size: int, result: IMapIterator, index: int, ok: bool, data: Any) -> None:
+    try:
+        result._deliver(index, ok, data)
+    finally:
+        ahead.done(size)
+
+
+def _segment_size(segment: int | None) -> int:
+    return 0 if segment is None else os.fstat(segment).st_size
+
+
 def _feed_imap(
-    pool: Pool, func: Callable[..., Any], it: Iterator[Any], chunksize: int, result: IMapIterator
+    pool: Pool,
+    func: Callable[..., Any],
+    it: Iterator[Any],
+    chunksize: int,
+    result_ref: weakref.ref[IMapIterator],
 ) -> None:
     """The feeder thread of an ``imap``: pickles and submits chunks as the
-    iterable yields them; an item that fails to pickle, or the iterable
-    raising, becomes the error of that position."""
+    iterable yields them, up to :data:`IMAP_AHEAD_CHUNKS` per worker (and
+    :data:`IMAP_AHEAD_BYTES`) ahead of the outcomes; an item that fails to
+    pickle, or the iterable raising, becomes the error of that position.
+
+    It holds its iterator only weakly (the chunks in flight hold it): once
+    the program drops the iterator and those are done, nobody can read
+    another result, and the feeder stops taking items, so an abandoned
+    ``imap`` over an endless iterable lets ``close(); join()`` return."""
     index = 0
+    ahead = _Ahead()
+    max_chunks = IMAP_AHEAD_CHUNKS * pool._processes
+
+    def gone() -> bool:
+        return result_ref() is None
+
+    def put(index: int, ok: bool, data: Any) -> None:
+        result = result_ref()
+        if result is not None:
+            result._put(index, ok, data)
+
     try:
-        while True:
+        while ahead.wait_for_room(max_chunks, gone) and not gone():
             try:
                 chunk = tuple(itertools.islice(it, chunksize))
             except Exception as e:
-                result._put(index, False, ErrorData.local(e, "the iterable raised"))
+                put(index, False, ErrorData.local(e, "the iterable raised"))
                 index += 1
                 break
             if not chunk:
@@ -798,18 +875,32 @@ def _feed_imap(
                 # standard library's imap sends it.
                 payload, segment = dumps_oob((run_chunk, (func, chunk, False), {}), lend=False)
             except Exception as e:
-                result._put(index, False, ErrorData.local(e, "cannot pickle the task"))
+                put(index, False, ErrorData.local(e, "cannot pickle the task"))
                 index += 1
                 continue
+            del chunk
+            result = result_ref()
+            if result is None:
+                _runner.close_fd(segment)
+                break
+            size = len(payload) + _segment_size(segment)
+            ahead.sent(size)
             try:
-                pool._runner.submit(payload, functools.partial(result._deliver, index), segment=segment)
+                pool._runner.submit(
+                    payload, functools.partial(_deliver_chunk, ahead, size, result, index), segment=segment
+                )
             except _warden.CoreError:
+                ahead.done(size)  # never in flight
                 result._put(
                     index, False, ErrorData(_warden.ErrorKind.CANCELLED, "the pool stopped taking tasks")
                 )
                 index += 1
                 break
+            del result
             index += 1
     finally:
-        result._set_length(index)
+        result = result_ref()
+        if result is not None:
+            result._set_length(index)
+        del result
         pool._feeder_done()
