@@ -208,6 +208,15 @@ class Future(_base.Future["_T"]):
         return self._mark_cancelled()
 
     def _mark_cancelled(self) -> bool:
+        if self._lazy_condition is None:
+            with _CONDITION_LOCK:
+                if self._lazy_condition is None:
+                    # Nobody waits and no callback is registered: just cancel.
+                    if self._state == _base.FINISHED:
+                        return False
+                    if self._state not in _CANCELLED:
+                        self._state = _base.CANCELLED_AND_NOTIFIED
+                    return True
         with self._condition:
             if self._state == _base.FINISHED:
                 return False

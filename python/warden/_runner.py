@@ -618,6 +618,18 @@ def cancel(core: Any, task: int, running: bool) -> bool:
     return cancelled
 
 
+def cancel_all_queued(core: Any) -> list[int]:
+    """Cancels every task of ``core`` not started yet, in one request (see
+    :func:`cancel`); returns their ids."""
+    tasks: list[int] = core.cancel_all_queued()
+    if _loans:
+        for task in tasks:
+            loan = _loans.pop((core, task), None)
+            if loan is not None:
+                loan.release()
+    return tasks
+
+
 #: The lent buffers of tasks without an outcome, by ``(core, task id)``.
 _loans: dict[tuple[Any, int], _oob.Loan] = {}
 

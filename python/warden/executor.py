@@ -387,11 +387,13 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             return
         if cancel_futures:
             # Every queued future reads as cancelled when this returns, as in
-            # the standard library; the core then cancels whatever is left.
-            for on_done in list(runner.pending.values()):
-                future = getattr(on_done, "__self__", None)
+            # the standard library (one request for all of them); the core
+            # then cancels whatever came after.
+            pending = runner.pending
+            for task in _runner.cancel_all_queued(runner.core):
+                future = getattr(pending.get(task), "__self__", None)
                 if isinstance(future, Future):
-                    future.cancel()
+                    future._mark_cancelled()
             runner.core.close_cancel_queued()
         else:
             runner.core.close()

@@ -430,6 +430,12 @@ impl CorePool {
         self.pool().is_some_and(|p| py.detach(|| p.cancel_queued(task)))
     }
 
+    /// Cancels every task not started yet (queued, or sent ahead and not
+    /// started); returns their ids. The pool stays open.
+    fn cancel_all_queued(&self, py: Python<'_>) -> Vec<u64> {
+        self.pool().map(|p| py.detach(|| p.cancel_all_queued())).unwrap_or_default()
+    }
+
     /// Takes no more tasks; queued ones run, then the workers retire. Returns at once.
     fn close(&self) {
         if let Some(p) = self.pool() {

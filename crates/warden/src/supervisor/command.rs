@@ -37,6 +37,9 @@ impl Supervisor {
             Command::Cancel { id, running_too, reply } => {
                 let _ = reply.send(self.cancel(id, running_too));
             }
+            Command::CancelQueued { reply } => {
+                let _ = reply.send(self.cancel_queued_all());
+            }
             Command::Close { drain, deadline } => match self.phase {
                 PoolPhase::Running => self.close(drain, deadline),
                 PoolPhase::Closing { drain: was_draining } => {
@@ -67,6 +70,41 @@ impl Supervisor {
                 let _ = reply.send(snap);
             }
         }
+    }
+
+    /// Cancels every task not started, as [`Supervisor::cancel`] without
+    /// `running_too` cancels each: the queued ones, and those sent ahead to
+    /// a worker that has not started them (asked back; one the worker had
+    /// started as the ask crossed it runs to its end, its result dropped).
+    /// Returns their ids, in order.
+    pub(super) fn cancel_queued_all(&mut self) -> Vec<u64> {
+        let mut ids = Vec::with_capacity(self.queue.len());
+        for mut task in self.queue.drain(..) {
+            ids.push(task.id);
+            task.deliver(Err(Error::cancelled()));
+        }
+        let max_frame = self.cfg.max_frame;
+        for w in self.workers.values_mut() {
+            let mut ask = Vec::new();
+            for f in w.inflight.iter_mut().skip(1) {
+                if f.task.delivered() {
+                    continue;
+                }
+                f.task.deliver(Err(Error::cancelled()));
+                ids.push(f.task.id);
+                if f.withdrawing.is_none() {
+                    ask.push(f.task.id);
+                }
+            }
+            if !ask.is_empty() {
+                for id in ask {
+                    let _ = w.queue(&Message::Cancel { id }, max_frame);
+                }
+                w.flush();
+            }
+        }
+        ids.sort_unstable();
+        ids
     }
 
     pub(super) fn cancel(&mut self, id: u64, running_too: bool) -> bool {

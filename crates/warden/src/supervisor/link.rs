@@ -76,6 +76,7 @@ impl Drop for Task {
 pub(crate) enum Command {
     Submit(Task),
     Cancel { id: u64, running_too: bool, reply: SyncSender<bool> },
+    CancelQueued { reply: SyncSender<Vec<u64>> },
     Close { drain: bool, deadline: Option<Instant> },
     Terminate,
     Kill,

@@ -862,3 +862,34 @@ fn a_worker_that_left_during_its_task_fails_that_task() {
     assert_eq!(h.outcomes(), [(1, "crashed")]);
     assert_eq!(h.queued(), [2]);
 }
+
+#[test]
+fn cancelling_all_queued_takes_the_queue_and_what_was_sent_ahead_but_not_the_running_tasks() {
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(6);
+    assert_eq!(h.inflight(&a), [1, 3]);
+    assert_eq!(h.inflight(&b), [2, 4]);
+    sent(&mut a);
+    sent(&mut b);
+    assert_eq!(h.sup.cancel_queued_all(), [3, 4, 5, 6]);
+    assert_eq!(sent(&mut a), [Sent::Cancel(3)]);
+    assert_eq!(sent(&mut b), [Sent::Cancel(4)]);
+    assert_eq!(h.queued(), Vec::<u64>::new());
+    let mut outcomes = h.outcomes();
+    outcomes.sort_unstable();
+    assert_eq!(outcomes, [(3, "cancelled"), (4, "cancelled"), (5, "cancelled"), (6, "cancelled")]);
+    assert_eq!(a.stand.signals(), [], "running tasks go on");
+    // a gives 3 back; b had started 4 as the ask crossed it: its result is dropped.
+    h.answer(&mut a, &skipped(3));
+    h.answer(&mut b, &value(2));
+    h.answer(&mut b, &value(4));
+    h.answer(&mut a, &value(1));
+    let mut outcomes = h.outcomes();
+    outcomes.sort_unstable();
+    assert_eq!(
+        outcomes,
+        [(1, "value"), (2, "value"), (3, "cancelled"), (4, "cancelled"), (5, "cancelled"), (6, "cancelled")]
+    );
+}
