@@ -2,7 +2,10 @@
 
 Runs ``--tasks`` tasks on a ``warden.ProcessPoolExecutor`` while a killer
 thread SIGKILLs ``--kills`` workers that are running a task (what the
-kernel's OOM killer does), spread over the run. Then checks, as an outsider:
+kernel's OOM killer does), spread over the run; ``--signal TERM`` (or
+``INT``, ``HUP``) sends that signal instead, which each worker takes
+through its exit path, racing the tasks on their way to it. Then checks,
+as an outsider:
 
 * every future ended in exactly one outcome: its value (checked) or
   ``warden.WorkerCrashed``, and its done-callbacks ran exactly once;
@@ -64,8 +67,11 @@ def open_fds() -> set[int]:
 class Killer(threading.Thread):
     """SIGKILLs a busy worker each time another ``every`` tasks have finished."""
 
-    def __init__(self, busy_pids: Any, kills: int, every: int, finished: Any) -> None:
+    def __init__(
+        self, busy_pids: Any, kills: int, every: int, finished: Any, sig: int = signal.SIGKILL
+    ) -> None:
         super().__init__(name="chaos-killer", daemon=True)
+        self.sig = sig
         self.busy_pids = busy_pids
         self.kills = kills
         self.every = max(1, every)
@@ -84,13 +90,15 @@ class Killer(threading.Thread):
                 time.sleep(0.0002)
                 continue
             try:
-                os.kill(self.rng.choice(pids), signal.SIGKILL)
+                os.kill(self.rng.choice(pids), self.sig)
             except ProcessLookupError:
                 continue
             self.sent += 1
 
 
-def run_warden(tasks: int, kills: int, workers: int, pause: float) -> dict[str, Any]:
+def run_warden(
+    tasks: int, kills: int, workers: int, pause: float, sig: int = signal.SIGKILL
+) -> dict[str, Any]:
     # A program's first pool starts its multiprocessing resource tracker (one
     # per program, shared by the workers, as the standard library's spawn
     # starts it for its first child); it lives until the program ends, so it
@@ -122,7 +130,7 @@ def run_warden(tasks: int, kills: int, workers: int, pause: float) -> dict[str, 
             return [w.pid for w in core.workers() if w.running_task is not None and w.phase == "ready"]
 
         start = time.perf_counter()
-        killer = Killer(busy_pids, kills, tasks // (kills + 1), lambda: finished[0])
+        killer = Killer(busy_pids, kills, tasks // (kills + 1), lambda: finished[0], sig)
         killer.start()
         futures = []
         for i in range(tasks):
@@ -155,6 +163,7 @@ def run_warden(tasks: int, kills: int, workers: int, pause: float) -> dict[str, 
     return {
         "tasks": tasks,
         "kills": killer.sent,
+        "signal": signal.Signals(sig).name,
         "workers": workers,
         "seconds": round(elapsed, 2),
         "tasks_per_second": round(tasks / elapsed),
@@ -239,9 +248,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--pause", type=float, default=0.001, help="seconds each task sleeps")
     parser.add_argument("--stdlib-tasks", type=int, default=2_000, help="0 to skip the standard library run")
+    parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM", "INT", "HUP"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = run_warden(args.tasks, args.kills, args.workers, args.pause)
+    sig = signal.Signals[f"SIG{args.signal}"]
+    result = run_warden(args.tasks, args.kills, args.workers, args.pause, sig)
     failed = checks(result)
     out: dict[str, Any] = {"warden": result, "failed_checks": failed}
     if args.stdlib_tasks:
@@ -251,7 +262,9 @@ def main() -> int:
         print(json.dumps(out))
     else:
         r = result
-        print(f"warden: {r['tasks']} tasks, {r['kills']} SIGKILLs of busy workers, {r['workers']} workers")
+        print(
+            f"warden: {r['tasks']} tasks, {r['kills']} {r['signal']}s to busy workers, {r['workers']} workers"
+        )
         print(f"  {r['seconds']} s ({r['tasks_per_second']} tasks/s)")
         print(f"  values {r['values']}, WorkerCrashed {r['crashed']}, other {r['other_outcomes']}")
         print(f"  tasks started {r['tasks_started']} (each at most once), pool failure: {r['pool_failure']}")
