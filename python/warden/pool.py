@@ -788,38 +788,55 @@ IMAP_AHEAD_BYTES = 64 << 20
 
 class _Ahead:
     """What an ``imap`` feeder has in flight: chunks submitted and their
-    pickles' size, until each has its outcome."""
+    pickles' size, until each has its outcome. Each count has one writer
+    (``sent_*`` the feeder, ``done_*`` the results thread), so neither takes
+    a lock; the feeder waits on ``cond`` only when it must."""
 
-    __slots__ = ("chunks", "cond", "size")
+    __slots__ = ("cond", "done_chunks", "done_size", "sent_chunks", "sent_size", "waiting")
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
-        self.chunks = 0
-        self.size = 0
+        self.sent_chunks = self.sent_size = 0
+        self.done_chunks = self.done_size = 0
+        self.waiting = False
 
     def sent(self, size: int) -> None:
-        with self.cond:
-            self.chunks += 1
-            self.size += size
+        """(Feeder.) A chunk of ``size`` bytes went; ``-size`` takes it back."""
+        self.sent_chunks += 1 if size >= 0 else -1
+        self.sent_size += size
 
     def done(self, size: int) -> None:
-        with self.cond:
-            self.chunks -= 1
-            self.size -= size
-            self.cond.notify()
+        """(Results thread.) A chunk of ``size`` bytes has its outcome."""
+        self.done_chunks += 1
+        self.done_size += size
+        if self.waiting:
+            with self.cond:
+                self.cond.notify()
+
+    def _full(self, max_chunks: int) -> bool:
+        chunks = self.sent_chunks - self.done_chunks
+        return chunks >= max_chunks or (chunks > 0 and self.sent_size - self.done_size >= IMAP_AHEAD_BYTES)
 
     def wait_for_room(self, max_chunks: int, gone: Callable[[], bool]) -> bool:
-        """Waits until another chunk may go; ``False`` if the iterator was
-        dropped meanwhile (looked at every tenth of a second)."""
+        """(Feeder.) Waits until another chunk may go; ``False`` if the
+        iterator was dropped meanwhile (looked at every tenth of a second)."""
+        if not self._full(max_chunks):
+            return True
         with self.cond:
-            while self.chunks >= max_chunks or (self.chunks and self.size >= IMAP_AHEAD_BYTES):
-                if gone():
-                    return False
-                self.cond.wait(0.1)
+            self.waiting = True
+            try:
+                while self._full(max_chunks):
+                    if gone():
+                        return False
+                    self.cond.wait(0.1)
+            finally:
+                self.waiting = False
         return True
 
 
-def _deliver_chunk(ahead: _Ahead, size: int, result: IMapIterator, index: int, ok: bool, data: Any) -> None:
+def _deliver_imap_chunk(
+    ahead: _Ahead, size: int, result: IMapIterator, index: int, ok: bool, data: Any
+) -> None:
     try:
         result._deliver(index, ok, data)
     finally:
@@ -886,11 +903,10 @@ def _feed_imap(
             size = len(payload) + _segment_size(segment)
             ahead.sent(size)
             try:
-                pool._runner.submit(
-                    payload, functools.partial(_deliver_chunk, ahead, size, result, index), segment=segment
-                )
+                on_done = functools.partial(_deliver_imap_chunk, ahead, size, result, index)
+                pool._runner.submit(payload, on_done, segment=segment)
             except _warden.CoreError:
-                ahead.done(size)  # never in flight
+                ahead.sent(-size)  # never in flight
                 result._put(
                     index, False, ErrorData(_warden.ErrorKind.CANCELLED, "the pool stopped taking tasks")
                 )
