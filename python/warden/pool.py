@@ -912,7 +912,7 @@ def _feed_imap(
                 )
                 index += 1
                 break
-            del result
+            del result, on_done  # (the chunk in flight holds the iterator, not this thread)
             index += 1
     finally:
         result = result_ref()
