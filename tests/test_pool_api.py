@@ -201,6 +201,12 @@ def test_imap_consumes_its_iterable_lazily(pool):
     pool.terminate()
 
 
+def nap_then_square(args):
+    seconds, i = args
+    time.sleep(seconds)
+    return i * i
+
+
 def nap_then_echo(i):
     time.sleep(0.02)
     return i
@@ -231,11 +237,12 @@ def test_imap_reads_its_iterable_only_as_far_ahead_as_the_workers_need(pool):
     pool.terminate()
 
 
-def test_an_abandoned_imap_over_an_endless_iterable_lets_close_and_join_return(pool):
+@pytest.mark.parametrize("seconds", [0, 0.005])
+def test_an_abandoned_imap_over_an_endless_iterable_lets_close_and_join_return(pool, seconds):
     # The standard library's feeder takes items forever: join() never returns.
-    it = pool.imap(square, itertools.count(), chunksize=4)
+    it = pool.imap(nap_then_square, ((seconds, i) for i in itertools.count()), chunksize=4)
     for r in it:
-        if r > 10_000:
+        if r > 400:
             break
     del it
     gc.collect()

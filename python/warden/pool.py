@@ -835,10 +835,12 @@ class _Ahead:
 
 
 def _deliver_imap_chunk(
-    ahead: _Ahead, size: int, result: IMapIterator, index: int, ok: bool, data: Any
+    ahead: _Ahead, size: int, result_ref: weakref.ref[IMapIterator], index: int, ok: bool, data: Any
 ) -> None:
     try:
-        result._deliver(index, ok, data)
+        result = result_ref()
+        if result is not None:  # else nobody can read it
+            result._deliver(index, ok, data)
     finally:
         ahead.done(size)
 
@@ -859,10 +861,11 @@ def _feed_imap(
     :data:`IMAP_AHEAD_BYTES`) ahead of the outcomes; an item that fails to
     pickle, or the iterable raising, becomes the error of that position.
 
-    It holds its iterator only weakly (the chunks in flight hold it): once
-    the program drops the iterator and those are done, nobody can read
-    another result, and the feeder stops taking items, so an abandoned
-    ``imap`` over an endless iterable lets ``close(); join()`` return."""
+    It and the chunks in flight hold the iterator only weakly: once the
+    program drops the iterator, nobody can read another result, and the
+    feeder stops taking items (the chunks in flight finish, their results
+    dropped), so an abandoned ``imap`` over an endless iterable lets
+    ``close(); join()`` return."""
     index = 0
     ahead = _Ahead()
     max_chunks = IMAP_AHEAD_CHUNKS * pool._processes
@@ -903,7 +906,7 @@ def _feed_imap(
             size = len(payload) + _segment_size(segment)
             ahead.sent(size)
             try:
-                on_done = functools.partial(_deliver_imap_chunk, ahead, size, result, index)
+                on_done = functools.partial(_deliver_imap_chunk, ahead, size, result_ref, index)
                 pool._runner.submit(payload, on_done, segment=segment)
             except _warden.CoreError:
                 ahead.sent(-size)  # never in flight
@@ -912,7 +915,7 @@ def _feed_imap(
                 )
                 index += 1
                 break
-            del result, on_done  # (the chunk in flight holds the iterator, not this thread)
+            del result, on_done  # (nothing but the program holds the iterator)
             index += 1
     finally:
         result = result_ref()
