@@ -1062,6 +1062,38 @@ def test_tasks_start_in_the_order_they_were_submitted_when_one_runs_long(program
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_tasks_of_mixed_lengths_start_in_the_order_they_were_submitted(program, impl):
+    # Tasks of tens to hundreds of milliseconds on two workers: under the
+    # standard library each free worker takes the next task from one queue,
+    # so no task starts before one submitted earlier.
+    prog = user_program(
+        program,
+        """
+        def run(i, seconds):
+            started = time.monotonic()
+            time.sleep(seconds)
+            return i, started
+
+        if __name__ == "__main__":
+            durations = [0.05, 0.3, 0.05, 0.05, 0.2, 0.05, 0.3, 0.05, 0.05, 0.1, 0.05, 0.05]
+            with Executor(2) as ex:
+                list(ex.map(run, [-1, -2], [0.05, 0.05]))  # both workers up, tasks timed
+                pending = [ex.submit(run, i, d) for i, d in enumerate(durations)]
+                results = [f.result() for f in pending]
+            # A task that started clearly (40 ms) before one submitted earlier.
+            # (Two tasks given out at once, to both workers, start in either order.)
+            starts = [started for _, started in results]
+            pairs = [(i, j) for i in range(len(starts)) for j in range(i + 1, len(starts))]
+            late = [(j, i) for i, j in pairs if starts[j] < starts[i] - 0.04]
+            print("started before an earlier one:", late)
+        """,
+    )
+    run = prog.run(timeout=60, env={"IMPL": impl})
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["started before an earlier one: []"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_a_task_or_a_process_target_can_start_its_own_session(program, impl):
     # warden makes each worker the leader of its own process group, where the
     # kernel refuses setsid(); a child the standard library spawns is not one.

@@ -35,6 +35,14 @@ pub(super) const RECALL_AFTER: Duration = Duration::from_millis(10);
 /// a debugger), which cannot give back what it holds.
 const SEND_AHEAD_BELOW: Duration = Duration::from_millis(2);
 
+/// Tasks at least this long on average are not sent ahead at all: each
+/// worker gets its next task when it is free, as the standard library's
+/// workers take theirs from one queue, so tasks start in the order they
+/// came (a task sent ahead behind a long one would wait for it while later
+/// ones start elsewhere). The round trip this costs a worker between tasks
+/// (a fraction of a millisecond) is lost in tasks this long.
+const SEND_NONE_FROM: Duration = Duration::from_millis(20);
+
 /// The pool's average task time: an exponentially weighted mean of the
 /// latest tasks' run times (each weighs an eighth).
 #[derive(Default)]
@@ -55,6 +63,7 @@ impl TaskTime {
     pub(super) fn depth(&self, prefetch: usize) -> usize {
         match self.mean {
             Some(mean) if mean < SEND_AHEAD_BELOW => prefetch,
+            Some(mean) if mean >= SEND_NONE_FROM => 1,
             _ => prefetch.min(2),
         }
     }
@@ -273,7 +282,7 @@ impl Supervisor {
     /// tasks ahead. One ask per idle worker, the earliest tasks first.
     ///
     /// With tasks queued it asks only while tasks are not short (they are
-    /// then sent one ahead): where they are, a worker that is free takes
+    /// then sent one ahead, or none): where they are, a worker that is free takes
     /// the queue's next at once rather than wait for an answer.
     pub(super) fn give_back(&mut self) {
         let serving = matches!(self.phase, PoolPhase::Running | PoolPhase::Closing { drain: true });

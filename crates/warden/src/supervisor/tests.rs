@@ -698,21 +698,39 @@ fn tasks_sent_ahead_of_a_long_task_are_asked_back_and_start_in_the_order_they_ca
 }
 
 #[test]
-fn long_tasks_are_sent_one_ahead_and_asked_back_after_four_times_their_mean() {
+fn mid_length_tasks_are_sent_one_ahead_and_asked_back_after_four_times_their_mean() {
     let mut h = harness(10, 10);
     let mut a = h.worker(WorkerPhase::Ready);
     h.sup.task_time = Default::default();
-    h.sup.task_time.record(Duration::from_millis(50));
+    h.sup.task_time.record(Duration::from_millis(5));
     h.submit_and_dispatch(4);
     assert_eq!(h.inflight(&a), [1, 2], "one task ahead");
     assert_eq!(h.queued(), [3, 4]);
     assert_eq!(sent(&mut a), [Sent::Task(1), Sent::Task(2)]);
-    started_ago(&mut h, &a, Duration::from_millis(150));
+    started_ago(&mut h, &a, Duration::from_millis(15));
     h.sup.recall_from_long_tasks(Instant::now());
     assert_eq!(sent(&mut a), [], "a task of the usual length is waited for");
-    started_ago(&mut h, &a, Duration::from_millis(250));
+    started_ago(&mut h, &a, Duration::from_millis(25));
     h.sup.recall_from_long_tasks(Instant::now());
     assert_eq!(sent(&mut a), [Sent::Cancel(2)]);
+}
+
+#[test]
+fn long_tasks_are_not_sent_ahead() {
+    // Each goes to a worker when it is free, as from one shared queue: the
+    // order tasks start in is the order they came.
+    let mut h = harness(10, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.sup.task_time = Default::default();
+    h.sup.task_time.record(Duration::from_millis(50));
+    h.submit_and_dispatch(4);
+    assert_eq!(sent(&mut a), [Sent::Task(1)]);
+    assert_eq!(sent(&mut b), [Sent::Task(2)]);
+    assert_eq!(h.queued(), [3, 4]);
+    h.answer(&mut b, &value(2));
+    h.sup.dispatch();
+    assert_eq!(sent(&mut b), [Sent::Task(3)], "the next in line goes to whichever is free first");
 }
 
 #[test]
@@ -774,7 +792,7 @@ fn a_worker_that_comes_up_late_starts_the_task_sent_ahead_before_the_queued_ones
     // in the queue. b comes up: it must start 2, not 3.
     let mut h = harness(16, 10);
     h.sup.task_time = Default::default();
-    h.sup.task_time.record(Duration::from_millis(50));
+    h.sup.task_time.record(Duration::from_millis(5));
     let mut a = h.worker(WorkerPhase::Ready);
     h.submit_and_dispatch(4);
     assert_eq!(h.inflight(&a), [1, 2]);
