@@ -70,10 +70,16 @@ _startup_sigint: Any = signal.default_int_handler
 _LOAN_GRACE = 5.0
 
 
-def _print_exc() -> None:
+def _print_exc(header: str = "") -> None:
+    """Prints ``header`` and the exception being handled to stderr in one
+    write, so that two workers failing at once do not interleave them."""
     import traceback
 
-    traceback.print_exc()
+    try:
+        sys.stderr.write(header + traceback.format_exc())
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass  # no stderr to report to
 
 
 def _type_name(exc: BaseException) -> str:
@@ -267,8 +273,7 @@ class Handler:
                 # turned TaskInterrupted into its own error): a stop, not a failure.
                 return _interrupted()
             if not logged:
-                print(f"warden: worker {os.getpid()} failed to start:", file=sys.stderr)
-                _print_exc()
+                _print_exc(f"warden: worker {os.getpid()} failed to start:\n")
             failure = _error(e)
             self._end_process([])
             return failure
@@ -354,8 +359,7 @@ class Handler:
                 sys.stderr.write(str(e.code) + "\n")
                 exitcode = 1
         except BaseException:
-            sys.stderr.write(f"Process {process.name}:\n")
-            _print_exc()
+            _print_exc(f"Process {process.name}:\n")
             exitcode = 1
         self.exit_code = exitcode
         # Like multiprocessing: a child waits for the non-daemon threads it started.
@@ -387,8 +391,7 @@ class Handler:
                 finalizer(*self.hooks.get("finalargs", ()))
             except BaseException as e:
                 errors.append(f"finalizer raised {_type_name(e)}: {_text(e)}")
-                print(f"warden: worker {os.getpid()}: exception in finalizer:", file=sys.stderr)
-                _print_exc()
+                _print_exc(f"warden: worker {os.getpid()}: exception in finalizer:\n")
         self.hooks = {}
         self._end_process(errors)
         # A result lent to the parent lives in this process's memory: wait
