@@ -271,6 +271,30 @@ def test_imap_errors_are_raised_at_their_position_and_iteration_goes_on(pool):
         next(it)
 
 
+def stop_at_three(x):
+    if x == 3:
+        raise StopIteration(f"stopped at {x}")
+    return x
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_a_task_raising_stop_iteration_fails_the_map_instead_of_dropping_its_items(pool, chunksize):
+    """``map`` raises the task's ``StopIteration``, as ``apply`` does; ``imap``
+    raises ``RuntimeError`` from it, since a ``StopIteration`` out of
+    ``next()`` would end the caller's loop as if every result had been read.
+    (The standard library drops the items, or yields ``None`` in their
+    places.)"""
+    with pytest.raises(StopIteration, match="stopped at 3"):
+        pool.map(stop_at_three, range(8), chunksize=chunksize)
+    with pytest.raises(StopIteration, match="stopped at 3"):
+        pool.starmap(stop_at_three, [(i,) for i in range(8)], chunksize=chunksize)
+    for method in (pool.imap, pool.imap_unordered):
+        with pytest.raises(RuntimeError, match="StopIteration") as raised:
+            list(method(stop_at_three, range(8), chunksize=chunksize))
+        assert isinstance(raised.value.__cause__, StopIteration)
+    assert pool.map(square, range(4)) == [0, 1, 4, 9]
+
+
 def test_imap_reports_an_iterable_that_raises(pool):
     it = pool.imap(square, numbers(5, fail_at=2))
     assert [next(it), next(it)] == [0, 1]

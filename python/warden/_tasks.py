@@ -10,9 +10,11 @@ from typing import Any
 def run_chunk(fn: Callable[..., Any], chunk: Iterable[Any], star: bool) -> list[Any]:
     """Runs ``fn`` over a chunk of a ``map``: ``fn(*args)`` for each ``args``
     if ``star``, else ``fn(item)`` for each item."""
+    # Comprehensions, not ``list(map(...))``: a ``StopIteration`` that ``fn``
+    # raises must fail the chunk, not end it early (dropping the items after).
     if star:
-        return list(itertools.starmap(fn, chunk))
-    return list(map(fn, chunk))
+        return [fn(*args) for args in chunk]
+    return [fn(item) for item in chunk]
 
 
 def chunks(items: Iterable[Any], size: int) -> Iterator[Sequence[Any]]:

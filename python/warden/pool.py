@@ -721,7 +721,12 @@ class IMapIterator(multiprocessing.pool.IMapIterator):
                         self._chunks.clear()
                         self._arrived.clear()
                     self._pool = None
-                raise _exception(value)
+                exc = _exception(value)
+                if isinstance(exc, StopIteration):
+                    # Raised as is, it would end the caller's loop as if the
+                    # results had run out (PEP 479's reason, for generators).
+                    raise RuntimeError("a task of imap raised StopIteration") from exc
+                raise exc
             self._buffer.extend(value)
         return self._buffer.popleft()
 
