@@ -371,6 +371,32 @@ def test_add_done_callback_runs_once_with_the_future(ex):
     assert late == [f]
 
 
+def test_a_done_callback_waiting_on_its_own_pool_gets_an_error_instead_of_hanging(ex):
+    """Done callbacks run on the thread that delivers the pool's results: a
+    callback waiting there, without a timeout, for another of its results
+    would wait forever (the standard library's executor hangs the same way).
+    A wait with a timeout is bounded, and is left to run out."""
+    seen = []
+    event = threading.Event()
+
+    def callback(fut):
+        for wait in (
+            lambda: ex.submit(square, 5).result(),
+            lambda: ex.submit(square, 6).exception(),
+            lambda: ex.submit(sleep_then, 1).result(timeout=0.1),
+        ):
+            try:
+                seen.append(wait())
+            except (RuntimeError, TimeoutError) as e:
+                seen.append(type(e).__name__)
+        event.set()
+
+    ex.submit(square, 4).add_done_callback(callback)
+    assert event.wait(30)
+    assert seen == ["RuntimeError", "RuntimeError", "TimeoutError"]
+    assert ex.submit(square, 7).result(timeout=30) == 49
+
+
 def test_a_future_nobody_waited_on_gets_no_condition_lists_or_dict(ex):
     quiet = ex.submit(square, 3)
     assert wait_until(quiet.done)

@@ -168,6 +168,33 @@ def test_map_raises_the_task_error_after_all_chunks_finish(pool, std_pool):
     assert "fail_on" in ours.value.__cause__.tb
 
 
+def test_a_callback_waiting_on_its_own_pool_gets_an_error_instead_of_hanging(pool):
+    """Callbacks run on the thread that delivers the pool's results: a
+    callback calling ``apply``/``map``/``imap`` on its own pool would wait
+    forever there (the standard library's pool hangs, and then hangs
+    ``terminate()``). A wait with a timeout is bounded, and runs out."""
+    seen = []
+    event = threading.Event()
+
+    def callback(_):
+        for wait in (
+            lambda: pool.apply(square, (5,)),
+            lambda: pool.map(square, range(3)),
+            lambda: list(pool.imap(square, range(3))),
+            lambda: pool.apply_async(sleep_then, (1,)).get(timeout=0.1),
+        ):
+            try:
+                seen.append(wait())
+            except (RuntimeError, multiprocessing.TimeoutError) as e:
+                seen.append(type(e).__name__)
+        event.set()
+
+    pool.apply_async(square, (4,), callback=callback)
+    assert event.wait(30)
+    assert seen == ["RuntimeError"] * 3 + ["TimeoutError"]
+    assert pool.apply(square, (7,)) == 49
+
+
 def test_error_callback_gets_the_exception(pool):
     errors = []
     r = pool.apply_async(fail_on, (3,), error_callback=errors.append)

@@ -145,6 +145,8 @@ class Future(_base.Future["_T"]):
                     raise CancelledError()
                 if self._state == _base.FINISHED:
                     return self._outcome()
+                if timeout is None and self._runner is not None:
+                    _runner.refuse_self_wait(self._runner.core)
                 self._condition.wait(timeout)
                 if self._state in _CANCELLED:
                     raise CancelledError()
@@ -163,6 +165,8 @@ class Future(_base.Future["_T"]):
         try:
             with self._condition:
                 if self._state not in _DONE:
+                    if timeout is None and self._runner is not None:
+                        _runner.refuse_self_wait(self._runner.core)
                     self._condition.wait(timeout)
                 if self._state in _CANCELLED:
                     raise CancelledError()

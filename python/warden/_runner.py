@@ -58,6 +58,25 @@ OnDone = Callable[[bool | None, Any], None]
 #: interpreter finalizes); a runner leaves once its pool has shut down.
 _live: set[Runner] = set()
 _live_lock = threading.Lock()
+#: In a results thread: ``core``, the pool whose outcomes it delivers.
+_delivering = threading.local()
+
+#: Why a pool's results thread may not wait, unbounded, for one of its results.
+SELF_WAIT = (
+    "cannot wait for a result of this pool in one of its callbacks: callbacks run on the "
+    "thread that delivers the pool's results, so the wait would never end (wait with a "
+    "timeout, or outside the callback)"
+)
+
+
+def refuse_self_wait(core: Any) -> None:
+    """Raises ``RuntimeError`` in ``core``'s results thread: a callback that
+    waits there, without a timeout, for another of the pool's results would
+    wait forever (the standard library's pools hang on it)."""
+    if getattr(_delivering, "core", None) is core:
+        raise RuntimeError(SELF_WAIT)
+
+
 #: Set once the interpreter started exiting: no new pools or tasks.
 exiting = False
 #: Set in a worker told to stop (a signal): at its exit, the pools it started
@@ -716,6 +735,7 @@ def _deliver_outcomes(
     """The results thread: takes outcomes from the core, calls their callbacks.
     With ``forward_logging``, the workers' log records queued before a batch
     are handled before it (so a task's records come before its result)."""
+    _delivering.core = core
     trim = os.environ.get(TRIM_ENV, "1") != "0"
     since_trim = burst = 0
     try:

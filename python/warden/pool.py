@@ -525,6 +525,8 @@ class ApplyResult(multiprocessing.pool.ApplyResult):
         with _EVENT_LOCK:
             if self._ready:
                 return
+            if timeout is None:
+                _runner.refuse_self_wait(self._core)
             if self._event is None:
                 self._event = threading.Event()
             event = self._event
@@ -653,6 +655,7 @@ class IMapIterator(multiprocessing.pool.IMapIterator):
         # multiprocessing.pool.IMapIterator.__init__ is not called.
         self._pool: Pool | None = pool
         self._interrupt = pool._runner.interrupt
+        self._core = pool._runner.core
         self._chunked = chunked
         # A chunked iteration that raised a task's error: it is over.
         self._failed = False
@@ -709,6 +712,8 @@ class IMapIterator(multiprocessing.pool.IMapIterator):
                         left = None if deadline is None else deadline - time.monotonic()
                         if left is not None and left <= 0:
                             raise multiprocessing.TimeoutError
+                        if left is None:
+                            _runner.refuse_self_wait(self._core)
                         self._cond.wait(left)
             except KeyboardInterrupt:
                 self._interrupt()
