@@ -460,6 +460,19 @@ def test_apply_async_with_unpicklable_arguments_raises_at_once(pool):
     assert pool.apply(square, (3,)) == 9
 
 
+def test_apply_async_with_arguments_no_call_could_take_says_what_python_would(pool, std_pool):
+    """The message is the one calling ``func(*args, **kwds)`` gives (the
+    standard library's ``get()`` raises it from the worker); warden raises it
+    at the call, with the pool unaffected."""
+    for args, kwds in ((-3, {}), ((), 5), ((1,), [("key", 1)])):
+        with pytest.raises(TypeError) as expected:
+            std_pool.apply_async(abs, args, kwds).get(timeout=60)
+        with pytest.raises(TypeError) as raised:
+            pool.apply_async(abs, args, kwds)
+        assert str(raised.value) == str(expected.value)
+    assert pool.apply(abs, [-2]) == 2
+
+
 def note_start(path, x):
     with open(path, "a") as f:
         f.write(f"{x}\n")

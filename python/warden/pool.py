@@ -13,7 +13,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import TYPE_CHECKING, Any
 
@@ -199,7 +199,7 @@ class Pool(multiprocessing.pool.Pool):
         """Queues ``func(*args, **kwds)``; returns an :class:`ApplyResult`.
         Raises at once if the call cannot be pickled (the pool is unaffected)."""
         self._check_running()
-        payload, segment = dumps_call(func, tuple(args), dict(kwds))
+        payload, segment = dumps_call(func, *_arguments(func, args, kwds))
         try:
             result = ApplyResult(self, callback, error_callback)
         except BaseException:
@@ -448,6 +448,19 @@ class Pool(multiprocessing.pool.Pool):
 
     def __exit__(self, *exc: object) -> None:
         self.terminate()
+
+
+def _arguments(func: Callable[..., Any], args: Any, kwds: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args`` and ``kwds`` as ``func(*args, **kwds)`` takes them, or the
+    ``TypeError`` that call would raise."""
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__
+    try:
+        args = tuple(args)
+    except TypeError:
+        raise TypeError(f"{name}() argument after * must be an iterable, not {type(args).__name__}") from None
+    if not isinstance(kwds, Mapping):
+        raise TypeError(f"{name}() argument after ** must be a mapping, not {type(kwds).__name__}")
+    return args, dict(kwds)
 
 
 #: Serialises making a result's event and making the result ready.
