@@ -612,12 +612,14 @@ def test_exception_that_cannot_be_unpickled_is_a_remote_error(ex):
         ex.submit(raise_needs_two_args).result(timeout=30)
     assert info.value.type_name.endswith("NeedsTwoArgs")
     assert "1-2" in str(info.value)
+    assert "could not be rebuilt from its pickle" in str(info.value)
     assert info.value.__cause__ is not None
 
 
 def test_exception_that_cannot_be_pickled_is_a_remote_error(ex):
-    with pytest.raises(warden.RemoteError, match="holds a lock"):
+    with pytest.raises(warden.RemoteError, match="holds a lock") as info:
         ex.submit(raise_unpicklable).result(timeout=30)
+    assert "could not be pickled" in str(info.value)
 
 
 def test_unpicklable_argument_raises_at_submit_and_the_pool_is_unaffected(ex):

@@ -110,12 +110,14 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
 
     tb = "".join(traceback.format_exception(type(exc), exc, frames))
     if isinstance(exc, Exception):
+        step = "pickled"
         try:
             data = dumps(exc)
+            step = "rebuilt from its pickle"
             pickle.loads(data)
         except Exception as why:
             stand_in = RemoteError(
-                f"task raised {type_name}: {message} (the exception could not be pickled: "
+                f"task raised {type_name}: {message} (the exception could not be {step}: "
                 f"{type(why).__name__}: {why})",
                 type_name,
                 message,
