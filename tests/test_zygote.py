@@ -161,6 +161,29 @@ def test_killing_the_zygote_mid_run_leaves_the_pool_serving():
         assert wait_until(lambda: ex.submit(whoami).result(30)[3] == second, timeout=30)
 
 
+def test_a_stopped_zygote_is_replaced_and_costs_no_task(tmp_path):
+    """A zygote stopped (SIGSTOP) while asked for workers: the request goes
+    unanswered, the zygote is killed and replaced, and every task runs. It
+    is resumed after 5.5 s, while the pool still runs: a late answer from it
+    must not be taken for the answer to a later request (that failed
+    innocent tasks with ``WorkerCrashed``, or the pool with ``PoolFailed``)."""
+    with warden.ProcessPoolExecutor(2, start="zygote", max_tasks_per_child=1) as ex:
+        assert sorted(ex.map(nap, [0.01] * 4)) != []
+        first = zygote_pid(ex)
+        os.kill(first, signal.SIGSTOP)
+        try:
+            futures = [ex.submit(nap, 0.05) for _ in range(40)]
+            time.sleep(5.5)
+        finally:
+            if alive(first):
+                os.kill(first, signal.SIGCONT)
+        futures += [ex.submit(nap, 0.01) for _ in range(20)]
+        pids = [f.result(60) for f in futures]
+        assert len(set(pids)) == 60  # a worker each: nothing failed, nothing ran twice
+        assert not alive(first)
+        assert wait_until(lambda: ex._runner.core.zygote_pid() not in (None, first), timeout=30)
+
+
 THREADED_PRELOAD = """
 import threading, time
 threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()

@@ -153,17 +153,29 @@ pub(crate) fn spawn_zygote(cmd: &WorkerCommand, pass_fds: &[RawFd]) -> io::Resul
 /// Asks a ready zygote for a worker: a new channel, one end sent with the
 /// request. The worker is a child of this process (the zygote forks with
 /// `CLONE_PARENT`); its pidfd is opened here and checked to be our child's.
-pub(crate) fn fork_worker(zygote: &crate::zygote::Zygote, max_frame: usize) -> Result<Spawned, ForkError> {
+///
+/// A request without an answer (the zygote stopped, stuck or dead) ends the
+/// zygote: it is SIGKILLed here, so that it can neither fork later nor answer
+/// late (a late answer would be read as the answer to the next request).
+/// A worker it forked before it died is adopted; the second value then says
+/// why the zygote is gone.
+pub(crate) fn fork_worker(
+    zygote: &crate::zygote::Zygote,
+    max_frame: usize,
+) -> Result<(Spawned, Option<String>), ForkError> {
     let (parent_end, child_end) = UnixStream::pair().map_err(|e| ForkError::Failed(e.to_string()))?;
-    let pid = match zygote.fork(child_end.as_fd(), max_frame) {
-        Ok(pid) => pid,
+    let (pid, broken) = match zygote.fork(child_end.as_fd(), max_frame) {
+        Ok(pid) => (pid, None),
         Err(ForkError::Failed(why)) => {
-            // The zygote may have forked before it failed to answer: a child
-            // it made says hello on the channel. Adopt it rather than leave
-            // an unsupervised child (and later a zombie) behind.
+            // Dead, the zygote holds no copy of the child's end any more: a
+            // child it forked says hello, and without one the channel ends.
+            let _ = rustix::process::pidfd_send_signal(&zygote.pidfd, rustix::process::Signal::KILL);
+            let mut fds = [rustix::event::PollFd::new(&zygote.pidfd, rustix::event::PollFlags::IN)];
+            let timeout = rustix::event::Timespec::try_from(ORPHAN_HELLO_WAIT).ok();
+            let _ = rustix::event::poll(&mut fds, timeout.as_ref());
             drop(child_end);
             match hello_pid(&parent_end, ORPHAN_HELLO_WAIT) {
-                Some(pid) => pid,
+                Some(pid) => (pid, Some(why)),
                 None => return Err(ForkError::Failed(why)),
             }
         }
@@ -183,7 +195,7 @@ pub(crate) fn fork_worker(zygote: &crate::zygote::Zygote, max_frame: usize) -> R
         let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
         return Err(ForkError::Refused(format!("a forked worker is not a child of the pool's process: {e}")));
     }
-    Ok(Spawned { pid, pidfd, channel: parent_end })
+    Ok((Spawned { pid, pidfd, channel: parent_end }, broken))
 }
 
 /// How long to wait for the hello of a worker whose zygote died mid-request.

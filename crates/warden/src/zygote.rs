@@ -573,8 +573,10 @@ pub(crate) enum ForkError {
     Failed(String),
 }
 
-/// How long the supervisor waits for a fork reply (a fork takes milliseconds).
-pub(crate) const FORK_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the supervisor waits for a fork reply (a fork takes milliseconds;
+/// the supervisor's thread waits meanwhile, so a stopped zygote stalls the
+/// pool this long once, and is then replaced).
+pub(crate) const FORK_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Zygote {
     /// Sends the start request. The zygote answers `Ready` (read by

@@ -120,7 +120,12 @@ impl Supervisor {
             return if self.zygote_first { NextStart::Wait } else { NextStart::Exec };
         }
         match fork_worker(zygote, self.cfg.max_frame) {
-            Ok(spawned) => NextStart::Forked(spawned),
+            Ok((spawned, None)) => NextStart::Forked(spawned),
+            Ok((spawned, Some(why))) => {
+                // It forked this one, then failed to answer: killed already.
+                self.zygote_broken(format!("the zygote failed to answer a fork request: {why}"));
+                NextStart::Forked(spawned)
+            }
             Err(ForkError::Refused(reason)) => {
                 self.zygote_refused(reason);
                 NextStart::Exec
@@ -195,6 +200,8 @@ impl Supervisor {
         self.zygote_first = false;
         if let ZygoteSlot::Up { zygote, deadline, .. } = &mut self.zygote {
             *deadline = None;
+            // Asked for nothing more until it is reaped: exec meanwhile.
+            zygote.ready = false;
             let _ = rustix::process::pidfd_send_signal(&zygote.pidfd, Signal::KILL);
         }
     }
