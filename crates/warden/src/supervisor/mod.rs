@@ -116,6 +116,8 @@ pub(crate) struct Supervisor {
     memory_sample_at: Option<Instant>,
     /// Reading from workers paused: this process is short of descriptors.
     pause: Option<pace::Pause>,
+    /// How long the next pause may last with its descriptor still open.
+    pause_cap: std::time::Duration,
     /// Told once the pool's first processes are started (see [`Supervisor::started`]).
     started: Option<std::sync::mpsc::Sender<()>>,
     /// How long tasks run, on average (recent ones weigh most): tasks sent
@@ -166,6 +168,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         memory_sample_at: None,
         task_time: schedule::TaskTime::default(),
         pause: None,
+        pause_cap: pace::FIRST_PAUSE_CAP,
         started: None,
     };
     Ok((sup, shared))
