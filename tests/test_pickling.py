@@ -536,3 +536,93 @@ def test_functions_of_an_interactive_main_share_one_namespace_in_each_worker():
     for run in (run_source(MAIN_GLOBALS), run_source("", "-c", MAIN_GLOBALS)):
         assert run.returncode == 0, run.stderr
         assert run.stdout.splitlines() == MAIN_GLOBALS_EXPECTED
+
+
+CLASSES_OF_MAIN = """
+import dataclasses, enum, warden
+
+class Color(enum.Enum):
+    RED = 1
+    GREEN = 2
+
+@dataclasses.dataclass
+class Rec:
+    x: int
+
+class Slotted:
+    __slots__ = ("v",)
+
+    def __init__(self, v):
+        self.v = v
+
+SEEN = []
+
+def run():
+    # Each call holds a lambda: only cloudpickle can pickle it.
+    with warden.ProcessPoolExecutor(1, initializer=lambda c: SEEN.append(c is Color.GREEN),
+                                    initargs=(Color.GREEN,)) as ex:
+        print("submit enum", ex.submit(lambda c: c is Color.GREEN, Color.GREEN).result())
+        print("submit dataclass", ex.submit(lambda r: r == Rec(1), Rec(1)).result())
+        print("submit slots", ex.submit(lambda s: isinstance(s, Slotted) and s.v, Slotted(3)).result())
+        print("initargs enum", ex.submit(lambda: SEEN).result())
+        c, r = ex.submit(lambda *args: args, Color.RED, Rec(2)).result()
+        print("back", c is Color.RED, r == Rec(2))
+    with warden.Pool(1) as pool:
+        print("map enum", pool.map(lambda c: c is Color.GREEN, [Color.GREEN, Color.RED]))
+        print("map dataclass", pool.map(lambda r: r == Rec(1), [Rec(1), Rec(2)]))
+        print("map slots", pool.map(lambda s: isinstance(s, Slotted), [Slotted(1)]))
+
+if __name__ == "__main__":
+    run()
+"""
+
+CLASSES_OF_MAIN_EXPECTED = [
+    "submit enum True",
+    "submit dataclass True",
+    "submit slots 3",
+    "initargs enum [True]",
+    "back True True",
+    "map enum [True, False]",
+    "map dataclass [True, False]",
+    "map slots [True]",
+]
+
+
+def test_classes_of_an_importable_main_reach_a_lambdas_worker_as_the_workers_own(program, start_method):
+    # A lambda makes the whole call go by cloudpickle, which would send the
+    # script's classes by value: the worker would get copies, and an enum
+    # member would be no member of its Color. They go by reference, as the
+    # standard pickler sends them: the worker's __mp_main__ classes.
+    run = program(CLASSES_OF_MAIN).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == CLASSES_OF_MAIN_EXPECTED
+
+
+def test_classes_of_an_interactive_main_still_go_by_value_and_keep_their_identity():
+    # Under stdin and `python -c` the worker cannot import main: the classes
+    # go by value, and are one copy in each worker.
+    for run in (run_source(CLASSES_OF_MAIN), run_source("", "-c", CLASSES_OF_MAIN)):
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.splitlines() == CLASSES_OF_MAIN_EXPECTED
+
+
+def test_a_class_of_an_importable_main_goes_by_reference_in_a_cloudpickle(monkeypatch):
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__file__ = __file__  # importable by a child
+
+    class Shape:
+        pass
+
+    Shape.__module__ = "__main__"
+    Shape.__qualname__ = "Shape"
+    main.Shape = Shape
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    data = _pickle.dumps((lambda s: s, (Shape(),), {}))
+    assert b"cloudpickle" in data  # for the lambda
+    assert b"_make_skeleton_class" not in data  # not for the class
+    _, (shape,), _ = pickle.loads(data)
+    assert type(shape) is Shape
+    monkeypatch.setattr(main, "__file__", "<stdin>")  # not importable: by value
+    assert b"_make_skeleton_class" in _pickle.dumps((lambda s: s, (Shape(),), {}))

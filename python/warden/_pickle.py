@@ -13,7 +13,10 @@
   otherwise (an open file as a ``StringIO`` snapshot: see
   :func:`_cloud_pickler_class`). A function of ``__main__`` sent by value
   runs in the worker's namespace of main, not in a fresh copy of the parent's
-  globals (:func:`main_namespace`).
+  globals (:func:`main_namespace`). A class of an importable ``__main__``
+  goes by reference even in a ``cloudpickle``, as plain pickle sends it: the
+  task gets the worker's own class (its enum members, what ``isinstance``
+  knows), not a copy (:func:`_main_names_class`).
 * Objects handed to a child *at spawn time* (``Process`` arguments, pool
   ``initargs``) are pickled while a spawning context is set, exactly as the
   standard library's spawn start method does: process-shared objects
@@ -123,6 +126,16 @@ def _cloud_pickler_class() -> type:
                 cloudpickle.CloudPickler.dispatch_table,
             )
 
+            def reducer_override(self, obj: Any) -> Any:
+                # A class of an importable __main__ goes by reference, as the
+                # standard pickler sends it (the worker has main imported):
+                # by value, the task would get a copy of the class, not the
+                # worker's own (an enum member that `is` no member of the
+                # worker's enum, an instance no isinstance() recognizes).
+                if issubclass(type(obj), type) and _main_names_class(obj):
+                    return NotImplemented  # save_global: __main__.<qualname>
+                return super().reducer_override(obj)
+
             def _dynamic_function_reduce(self, func: Any) -> Any:
                 reduced = super()._dynamic_function_reduce(func)
                 main = sys.modules.get("__main__")
@@ -221,6 +234,31 @@ def _main_is_importable() -> bool:
         importable = path is not None and os.path.isfile(path)
     _main_checked = (main, path, importable)
     return importable
+
+
+def _main_names_class(cls: type) -> bool:
+    """Whether the standard pickler would send class ``cls`` by reference as
+    a class of ``__main__`` and a child could load it: ``__main__`` names it
+    by its qualified name, and a child can import ``__main__`` (see
+    :func:`_main_is_importable`); unless ``cloudpickle`` was told to pickle
+    ``__main__`` by value (``cloudpickle.register_pickle_by_value``)."""
+    if getattr(cls, "__module__", None) != "__main__":
+        return False
+    name = getattr(cls, "__qualname__", None)
+    main = sys.modules.get("__main__")
+    if main is None or type(name) is not str or "<locals>" in name:
+        return False
+    found: Any = main
+    try:
+        for part in name.split("."):
+            found = getattr(found, part)
+    except Exception:
+        return False
+    if found is not cls or not _main_is_importable():
+        return False
+    import cloudpickle
+
+    return "__main__" not in cloudpickle.list_registry_pickle_by_value()
 
 
 def _plain(obj: Any) -> bytes:
