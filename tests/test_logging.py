@@ -395,3 +395,52 @@ def test_no_thread_of_warden_is_left_once_every_pool_has_shut_down(program):
         "task saw the flag True",
         "at the end ['MainThread']",
     ], run.stdout
+
+
+SOCKETS_AFTER_POOLS = """
+import gc, logging, os, socket, sys
+import warden
+
+def work(x):
+    logging.getLogger("app").warning("work %d", x)
+    return x
+
+if __name__ == "__main__":
+    logging.basicConfig(stream=sys.stdout, format="%(message)s")
+    with warden.ProcessPoolExecutor(1) as ex:
+        print("first", ex.submit(work, 1).result())
+        # A child forked while the parent forwards: its copies of the
+        # parent's sockets are closed, not left to the garbage collector.
+        pid = os.fork()
+        if pid == 0:
+            gc.collect()
+            open_sockets = [s for s in gc.get_objects() if isinstance(s, socket.socket) and s.fileno() != -1]
+            print("forked child's open sockets", len(open_sockets), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("after the fork", ex.submit(work, 3).result())  # the parent's copies still work
+    gc.collect()
+    with warden.Pool(1) as pool:  # made after every pool has shut down: still forwards
+        print("second", pool.apply(work, (2,)))
+    print("done")
+"""
+
+
+def test_no_socket_of_warden_is_left_open_once_every_pool_has_shut_down(program):
+    # Under -X dev an unclosed socket warns when it is collected (at exit at
+    # the latest): "ResourceWarning: unclosed <socket.socket ...>".
+    env = {"PYTHONDEVMODE": "1", "PYTHONWARNINGS": "error::ResourceWarning"}
+    run = program(SOCKETS_AFTER_POOLS).run(env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "work 1",
+        "first 1",
+        "forked child's open sockets 0",
+        "work 3",
+        "after the fork 3",
+        "work 2",
+        "second 2",
+        "done",
+    ], run.stdout
+    assert "ResourceWarning" not in run.stderr, run.stderr
+    assert "unclosed" not in run.stderr, run.stderr

@@ -62,7 +62,9 @@ class _Listener:
     """The parent's end: reads records and hands them to ``logging``. Its
     thread runs while some pool forwards (:func:`sender_fd` to
     :func:`release`): a program whose pools have all shut down has no thread
-    of warden's left (a ``fork()`` after them does not warn about threads)."""
+    of warden's left (a ``fork()`` after them does not warn about threads),
+    and no socket either: the last thread to end closes the pair (a pool
+    made later gets a new one)."""
 
     def __init__(self) -> None:
         self.receiver, self.sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -74,40 +76,107 @@ class _Listener:
         self.lock = threading.Lock()
         #: Pools forwarding to this listener now.
         self.users = 0
+        #: The thread reading now, and the writing end of its wake pipe: a
+        #: byte written there ends it (after a last drain). Each thread has a
+        #: pipe of its own, so that a stopped thread still finishing and the
+        #: one started after it cannot take each other's byte.
         self.thread: threading.Thread | None = None
-        #: A byte written here ends the thread (after a last drain).
-        self.wake_read, self.wake_write = os.pipe()
+        self.wake = -1
+        #: Threads started and not ended yet (a stopped one may still be
+        #: finishing), and the fds of their wake pipes; changed under
+        #: ``_listener_lock``.
+        self.running = 0
+        self.pipes: set[int] = set()
+        #: The sockets are closed (set under ``lock``).
+        self.closed = False
 
     def start(self) -> None:
+        """Under ``_listener_lock``: starts the thread unless it runs."""
         if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name="warden-logging", daemon=True)
-            self.thread.start()
+            wake_read, self.wake = os.pipe()
+            self.pipes.update((wake_read, self.wake))
+            self.thread = threading.Thread(
+                target=self._run, args=(wake_read, self.wake), name="warden-logging", daemon=True
+            )
+            self.running += 1
+            try:
+                self.thread.start()
+            except BaseException:
+                self.thread = None
+                self._thread_gone(wake_read, self.wake)
+                raise
 
     def stop(self) -> threading.Thread | None:
-        """Tells the thread to end; returns it (to join) if it was running."""
+        """Under ``_listener_lock``: tells the thread to end; returns it (to
+        join) if it was running."""
         thread, self.thread = self.thread, None
         if thread is not None:
-            os.write(self.wake_write, b"x")
+            os.write(self.wake, b"x")
         return thread
 
-    def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self.receiver, select.POLLIN)
-        poller.register(self.wake_read, select.POLLIN)
-        while True:
-            try:
-                events = poller.poll()
-                self.drain()
-                if any(fd == self.wake_read for fd, _ in events):
-                    os.read(self.wake_read, 1)
-                    return
-            except Exception:  # the thread must not die: records would pile up
-                traceback.print_exc()
+    def _run(self, wake_read: int, wake_write: int) -> None:
+        try:
+            poller = select.poll()
+            poller.register(self.receiver, select.POLLIN)
+            poller.register(wake_read, select.POLLIN)
+            while True:
+                try:
+                    events = poller.poll()
+                    self.drain()
+                    if any(fd == wake_read for fd, _ in events):
+                        return
+                except Exception:  # the thread must not die: records would pile up
+                    traceback.print_exc()
+        finally:
+            with _listener_lock:
+                retire = self._thread_gone(wake_read, wake_write)
+            if retire:
+                self.close()
+
+    def _thread_gone(self, *pipe: int) -> bool:
+        """Under ``_listener_lock``: a thread ended, ``pipe`` its wake pipe.
+        Returns whether the listener is done with (no pool forwards to it, no
+        thread reads it): then it is no longer the one pools get, and the
+        caller closes it."""
+        global _listener
+        for fd in pipe:
+            self.pipes.discard(fd)
+            os.close(fd)
+        self.running -= 1
+        if self.running or self.users:
+            return False
+        if _listener is self:
+            _listener = None
+        return True
+
+    def close(self) -> None:
+        """Closes the socket pair. Every worker holding its sending end is
+        gone: nothing more can arrive."""
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.receiver.close()
+                self.sender.close()
+
+    def close_inherited(self) -> None:
+        """In a child forked from the process that made this listener: closes
+        this process's copies of its fds. Only the copies: the parent's and its
+        workers' stay open (closing an fd is not ``shutdown()``), and the
+        parent's thread still reads. Without ``lock``: a thread of the parent
+        may have held it at the fork, and it is never released here."""
+        self.closed = True
+        for sock in (self.receiver, self.sender):
+            with contextlib.suppress(OSError):
+                sock.close()
+        for fd in self.pipes:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pipes.clear()
 
     def drain(self) -> None:
         """Handles every record queued now, in order."""
         with self.lock:
-            while True:
+            while not self.closed:
                 try:
                     size = self.receiver.recv_into(self.buffer)
                 except (BlockingIOError, InterruptedError):
@@ -125,9 +194,14 @@ STOP_WAIT = 2.0
 
 
 def _reset_after_fork() -> None:
+    """In a forked child: no pool of its own forwards yet. Its copies of the
+    parent's listener fds are closed, not left to leak (or to be closed by
+    the garbage collector, with a ``ResourceWarning``)."""
     global _listener, _listener_lock
-    _listener = None
+    listener, _listener = _listener, None
     _listener_lock = threading.Lock()
+    if listener is not None:
+        listener.close_inherited()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
