@@ -478,6 +478,43 @@ def test_cancel_running_stops_the_task_runs_the_finalizer_and_spares_the_other_t
         assert victim.cancel(running=True) is True  # already cancelled
 
 
+def block_after_marking(path, how):
+    """Blocks in a wait the kernel would restart after a signal handler
+    (a futex: a lock, an event, a queue), unless interrupted."""
+    import queue
+
+    try:
+        record(path, "started")
+        if how == "lock":
+            lock = threading.Lock()
+            lock.acquire()
+            lock.acquire()
+        elif how == "event":
+            threading.Event().wait()
+        else:
+            queue.Queue().get()
+    finally:
+        record(path, "finally")
+
+
+@pytest.mark.parametrize("how", ["lock", "event", "queue"])
+def test_a_task_blocked_in_a_lock_event_or_queue_is_interrupted_and_runs_its_finally(tmp_path, how):
+    """A stop signal makes the blocked wait fail with EINTR, so the task gets
+    ``TaskInterrupted`` there, as it does in ``time.sleep()`` (with the
+    handler installed with ``SA_RESTART``, the kernel restarted the wait and
+    the task never saw it: the exit path ran beside it, without its
+    ``finally``)."""
+    log = tmp_path / "log"
+    with warden.ProcessPoolExecutor(1, finalizer=record, finalargs=(log, "fin")) as ex:
+        victim = ex.submit(block_after_marking, log, how)
+        assert wait_until(lambda: len(pids_tagged(log, "started")) == 1, timeout=60)
+        assert victim.cancel(running=True) is True
+        pid = pids_tagged(log, "started")[0]
+        assert wait_until(lambda: pid in pids_tagged(log, "fin"), timeout=15)
+        assert pid in pids_tagged(log, "finally")
+        assert ex.submit(square, 3).result(timeout=60) == 9
+
+
 def test_cancel_running_after_the_task_finished_is_false(tmp_path):
     with warden.ProcessPoolExecutor(1) as ex:
         f = ex.submit(square, 4)

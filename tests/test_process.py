@@ -184,6 +184,33 @@ def test_terminate_gives_minus_sigterm_and_runs_finally_blocks(tmp_path):
     assert out.read_text() == "started\nfinally\n"
 
 
+def wait_on_a_nested_executor(path):
+    warden.at_exit(lambda: write(path, "at_exit\n"))
+    with warden.ProcessPoolExecutor(1) as ex:
+        write(path, "started\n")
+        try:
+            ex.submit(time.sleep, 60).result()
+        finally:
+            write(path, "finally\n")
+
+
+def test_terminate_interrupts_a_target_waiting_on_a_nested_pool_and_stops_that_pool(tmp_path):
+    """The target waits in ``result()`` (a lock): SIGTERM interrupts it, and
+    the exit path stops the nested pool instead of waiting for its task
+    (before, the wait went on, the exit path waited for the nested task, and
+    the child was SIGKILLed after the grace period, its exit callbacks not
+    run)."""
+    out = tmp_path / "out"
+    p = warden.Process(target=wait_on_a_nested_executor, args=(out,))
+    p.start()
+    assert wait_for_file(out)
+    time.sleep(0.3)  # into the wait
+    p.terminate()
+    p.join(30)
+    assert p.exitcode == -signal.SIGTERM
+    assert out.read_text() == "started\nfinally\nat_exit\n"
+
+
 def test_kill_gives_minus_sigkill(tmp_path):
     out = tmp_path / "out"
     p = warden.Process(target=sleep_forever, args=(out,))

@@ -95,6 +95,33 @@ pub(crate) fn install(channel: RawFd) -> io::Result<()> {
         // SAFETY: the action only touches atomics and makes the async-signal-safe
         // calls shutdown(2) and futex(2).
         unsafe { signal_hook_registry::register(sig, move || on_stop_signal(sig)) }?;
+        interrupt_blocking_calls(sig)?;
+    }
+    Ok(())
+}
+
+/// Clears `SA_RESTART` from the action installed for `sig` (the registry
+/// installs its handler with it). With it, a task blocked in a call the
+/// kernel restarts after a handler (a futex wait: `Lock.acquire()`,
+/// `Event.wait()`, `queue.get()`; a read) would go on waiting through a stop
+/// signal, and the interpreter's handler would never get to raise in it;
+/// without it the call fails with `EINTR`, the interpreter runs its handler,
+/// and the task sees `TaskInterrupted`, as it does in `time.sleep()`.
+/// (Python installs its own handlers without `SA_RESTART` for this reason.)
+fn interrupt_blocking_calls(sig: i32) -> io::Result<()> {
+    // SAFETY: sigaction(2) reads the current action into a zeroed struct of
+    // the right type, then installs the same action with one flag cleared.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(sig, std::ptr::null(), &mut action) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if action.sa_flags & libc::SA_RESTART != 0 {
+            action.sa_flags &= !libc::SA_RESTART;
+            if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
     }
     Ok(())
 }
