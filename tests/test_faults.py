@@ -916,6 +916,40 @@ def test_a_frozen_worker_holds_at_most_one_task_beyond_its_own(program, kind):
     assert run.lines[1:] == ["frozen task resumed", "done after 20"], run.stdout
 
 
+PARENT_STOPPED = """
+import os, subprocess, sys, time
+import warden
+
+def half_a_second(i):
+    time.sleep(0.5)
+    return i
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(2, task_timeout=2) as ex:
+        list(ex.map(half_a_second, range(2)))
+        # Ctrl-Z, then fg, 3 s later: stopped while its two tasks run.
+        subprocess.Popen(["sh", "-c", f"sleep 0.2; kill -STOP {os.getpid()}; sleep 3; kill -CONT {os.getpid()}"])
+        futures = [ex.submit(half_a_second, i) for i in range(4)]
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result(60))
+            except Exception as e:
+                outcomes.append(type(e).__name__)
+    print(*outcomes, flush=True)
+"""
+
+
+def test_a_parent_stopped_and_continued_reads_its_results_before_their_deadlines(program):
+    """The supervisor's wait fails with EINTR when the process is continued
+    (no handler needed): it polls again, so results that arrived meanwhile
+    are read before the deadlines that passed while it was stopped are
+    looked at (before, finished tasks failed with ``TaskTimeout``)."""
+    run = program(PARENT_STOPPED).run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["0 1 2 3"], run.stdout
+
+
 NO_THREAD = """
 import os, threading, time
 import warden

@@ -219,16 +219,22 @@ impl Supervisor {
         loop {
             let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    self.fail(format!("the supervisor's poll failed: {e}"));
-                    // Nothing tells us about exits while poll fails: look for
-                    // them ourselves, and wait a little instead of spinning.
-                    let ids: Vec<u64> = self.workers.keys().copied().collect();
-                    for id in ids {
-                        self.reap(id);
-                    }
-                    std::thread::sleep(timeout.unwrap_or(POLL_RETRY).min(POLL_RETRY));
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    // Also after this process was stopped (SIGSTOP, Ctrl-Z)
+                    // and continued, with no handler involved; the events are
+                    // lost, not the readiness. Poll again before looking at
+                    // the timers: a result that arrived meanwhile is read
+                    // before its task's deadline, long past, is seen.
+                    continue;
                 }
+                self.fail(format!("the supervisor's poll failed: {e}"));
+                // Nothing tells us about exits while poll fails: look for
+                // them ourselves, and wait a little instead of spinning.
+                let ids: Vec<u64> = self.workers.keys().copied().collect();
+                for id in ids {
+                    self.reap(id);
+                }
+                std::thread::sleep(timeout.unwrap_or(POLL_RETRY).min(POLL_RETRY));
             }
             for event in events.iter() {
                 let token = event.token();
