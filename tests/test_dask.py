@@ -115,3 +115,35 @@ def test_finalizers_run_on_client_restart_and_new_pools_start(tmp_path):
         dask_pid, _ = ex.submit(pids).result()
         assert dask_pid in new
         ex.shutdown()
+
+
+DOCS_EXAMPLE = """
+import sys
+from distributed import Client, LocalCluster
+import warden.dask
+
+def open_db():
+    global db
+    db = {"connected": True}
+
+def work(x):
+    return db["connected"], x
+
+if __name__ == "__main__":
+    processes = sys.argv[1] == "processes"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=processes, dashboard_address=None) as cluster:
+        with Client(cluster) as client, warden.dask.Executor(client, initializer=open_db) as ex:
+            print(list(ex.map(work, range(3))), flush=True)
+"""
+
+
+@pytest.mark.parametrize("processes", ["threads", "processes"])
+def test_what_the_initializer_of_a_main_module_sets_is_seen_by_its_tasks_through_dask(program, processes):
+    """docs/dask.md's pattern, functions in the program's main module: Dask
+    sends them by value, so each arrives as a copy with globals of its own.
+    warden sends such a copy on to run in the worker's namespace of main, as
+    it does the original: the initializer's global is there for the tasks
+    (before, each call got a fresh copy of the globals: NameError)."""
+    run = program(DOCS_EXAMPLE).run(timeout=120, args=(processes,))
+    assert run.returncode == 0, run.stderr
+    assert run.lines[-1] == "[(True, 0), (True, 1), (True, 2)]", run.stdout + run.stderr

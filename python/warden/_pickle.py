@@ -139,7 +139,11 @@ def _cloud_pickler_class() -> type:
             def _dynamic_function_reduce(self, func: Any) -> Any:
                 reduced = super()._dynamic_function_reduce(func)
                 main = sys.modules.get("__main__")
-                if main is None or func.__globals__ is not main.__dict__:
+                # Also a copy of a function of __main__ that came by value
+                # itself (Dask sends the client's functions so): it names
+                # __main__, but its globals are a dict of its own.
+                of_main = getattr(func, "__module__", None) == "__main__"
+                if main is None or (func.__globals__ is not main.__dict__ and not of_main):
                     return reduced
                 make, (code, _, *rest), state, items, pairs, _ = reduced
                 return make, (code, _MAIN_NAMESPACE, *rest), state, items, pairs, _main_function_setstate
