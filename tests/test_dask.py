@@ -131,7 +131,8 @@ def work(x):
 
 if __name__ == "__main__":
     processes = sys.argv[1] == "processes"
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=processes, dashboard_address=None) as cluster:
+    options = dict(n_workers=1, threads_per_worker=1, processes=processes, dashboard_address=None)
+    with LocalCluster(**options) as cluster:
         with Client(cluster) as client, warden.dask.Executor(client, initializer=open_db) as ex:
             print(list(ex.map(work, range(3))), flush=True)
 """

@@ -928,7 +928,8 @@ if __name__ == "__main__":
     with warden.ProcessPoolExecutor(2, task_timeout=2) as ex:
         list(ex.map(half_a_second, range(2)))
         # Ctrl-Z, then fg, 3 s later: stopped while its two tasks run.
-        subprocess.Popen(["sh", "-c", f"sleep 0.2; kill -STOP {os.getpid()}; sleep 3; kill -CONT {os.getpid()}"])
+        me = os.getpid()
+        subprocess.Popen(["sh", "-c", f"sleep 0.2; kill -STOP {me}; sleep 3; kill -CONT {me}"])
         futures = [ex.submit(half_a_second, i) for i in range(4)]
         outcomes = []
         for f in futures:
