@@ -126,6 +126,7 @@ bench-py: develop
 	$(T) 1800 $(VPY) bench/bench_memory.py
 	$(T) 600 $(VPY) bench/bench_copies.py
 	$(T) 600 $(VPY) bench/bench_cancel.py
+	$(T) 600 $(VPY) bench/bench_fd_pressure.py
 
 # Peers measured against warden: benchmark-only dependencies, installed here.
 $(VENV)/.bench-peers: $(VENV)/.tools
