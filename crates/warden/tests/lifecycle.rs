@@ -97,6 +97,10 @@ fn main() {
             a_start_hook_that_hangs_is_stopped_at_the_init_timeout,
         ),
         both(
+            "a_shutdown_resumes_a_worker_sigstopped_in_its_start_hook_instead_of_waiting_for_the_init_timeout",
+            a_shutdown_resumes_a_worker_sigstopped_in_its_start_hook,
+        ),
+        both(
             "a_worker_that_writes_a_malformed_frame_is_replaced_and_its_task_errors",
             a_worker_that_writes_a_malformed_frame_is_replaced_and_its_task_errors,
         ),
@@ -226,6 +230,16 @@ fn panicking_start() {
 
 fn hanging_start() {
     std::thread::sleep(Duration::from_secs(30));
+}
+
+/// Marks that it began, then stops its own process (SIGSTOP) until resumed.
+fn stopping_start() {
+    if let Some(dir) = hooks_dir() {
+        let _ = std::fs::write(dir.join(format!("begun-{}", std::process::id())), "");
+    }
+    // SAFETY: raise(3) with a signal number.
+    unsafe { libc::raise(libc::SIGSTOP) };
+    on_start();
 }
 
 fn pid(_: ()) -> u32 {
@@ -726,6 +740,27 @@ fn a_shutdown_with_a_deadline_stops_a_worker_still_in_its_start_hook_with_sigter
     // Not left to its 60 s init timeout, nor to the last-resort SIGKILL.
     check(end.status.signal() != Some(libc::SIGKILL), format!("stopped by SIGTERM, not killed: {end:?}"))?;
     check(!end.crashed, format!("a stop the pool asked for: {end:?}"))?;
+    Ok(())
+}
+
+fn a_shutdown_resumes_a_worker_sigstopped_in_its_start_hook() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().on_start(stopping_start).workers(1).build()?;
+    check(
+        wait_until(Duration::from_secs(20), || !hooks.pids_with_prefix("begun-").is_empty()),
+        "the start hook began",
+    )?;
+    let begun = Instant::now();
+    pool.shutdown();
+    // Not held until the init timeout (20 s here): resumed, it gets ready
+    // and is retired.
+    check(begun.elapsed() < Duration::from_secs(15), format!("shutdown took {:?}", begun.elapsed()))?;
+    let started = hooks.started();
+    check(started.len() == 1, format!("the start hook finished: {started:?}"))?;
+    for pid in started {
+        let reason = hooks.exit_reason(pid);
+        check(reason.as_deref() == Some("Retired(Shutdown)"), format!("worker {pid}: {reason:?}"))?;
+    }
     Ok(())
 }
 

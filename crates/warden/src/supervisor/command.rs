@@ -6,9 +6,12 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::TryRecvError;
 use std::time::Instant;
 
+use rustix::process::Signal;
+
 use crate::error::{Error, ErrorKind};
 use crate::wire::Message;
 
+use super::worker::WorkerPhase;
 use super::{Command, LifecycleEvent, PoolPhase, StopCause, Supervisor, WorkerSnapshot};
 
 impl Supervisor {
@@ -146,6 +149,14 @@ impl Supervisor {
         self.shared.accepting.store(false, Ordering::SeqCst);
         self.phase = PoolPhase::Closing { drain };
         self.close_deadline = deadline;
+        // A worker stopped (SIGSTOP) while starting would hold the close
+        // until its init timeout: resume it, so that it gets ready and is
+        // retired. Harmless to a running one.
+        for w in self.workers.values_mut() {
+            if matches!(w.phase, WorkerPhase::Starting | WorkerPhase::Initializing) {
+                w.signal(Signal::CONT);
+            }
+        }
         if !drain {
             for mut task in self.queue.drain(..) {
                 task.deliver(Err(Error::cancelled()));
