@@ -789,3 +789,74 @@ def test_exit_callbacks_see_the_exit_order_in_a_process_child(program):
     run = prog.run()
     assert run.returncode == 0, run.stderr
     assert run.lines == ["child body", "child high", "child low", "joined"]
+
+
+# -- what only a module global holds, at a child's or worker's exit --------
+
+LOG = None
+GZ = None
+
+
+class SaysGoodbye:
+    def __init__(self, path):
+        self.path = path
+
+    def __del__(self):
+        with open(self.path, "a") as f:
+            f.write("goodbye\n")
+
+
+KEEPER = None
+
+
+def leave_open(path, how):
+    """Writes into objects only module globals hold, closes nothing."""
+    import gzip
+
+    global LOG, GZ, KEEPER
+    LOG = open(f"{path}.log", "w")  # noqa: SIM115  (left open on purpose)
+    LOG.write(f"written by {how}\n")
+    GZ = gzip.open(f"{path}.gz", "wt")  # noqa: SIM115
+    GZ.write("z" * 1000)
+    KEEPER = SaysGoodbye(f"{path}.del")
+    return os.getpid()
+
+
+@pytest.mark.parametrize("how", ["process", "process-terminated", "pool", "initializer"])
+def test_what_only_a_module_global_holds_is_finalized_at_exit_as_at_the_end_of_a_program(tmp_path, how):
+    """As the interpreter's finalization does at the end of a spawned child:
+    a file opened into a global is flushed and closed, a gzip writer writes
+    its trailer, a global's ``__del__`` runs (before, the exit path ended the
+    process with them unflushed: the file empty, the gzip truncated)."""
+    import gzip
+
+    path = str(tmp_path / "out")
+    if how.startswith("process"):
+        if how == "process":
+            p = warden.Process(target=leave_open, args=(path, how))
+            p.start()
+        else:
+            p = warden.Process(target=sleep_after, args=(path, how))
+            p.start()
+            assert wait_until(lambda: os.path.exists(f"{path}.log"), timeout=30)
+            p.terminate()
+        p.join(30)
+    elif how == "pool":
+        with warden.ProcessPoolExecutor(1) as ex:
+            ex.submit(leave_open, path, how).result(timeout=60)
+    else:
+        with warden.Pool(1, initializer=leave_open, initargs=(path, how)) as pool:
+            pool.apply(os.getpid)
+            pool.close()
+            pool.join()
+    with open(f"{path}.log") as f:
+        assert f.read() == f"written by {how}\n"
+    with gzip.open(f"{path}.gz", "rt") as f:
+        assert f.read() == "z" * 1000
+    with open(f"{path}.del") as f:
+        assert f.read() == "goodbye\n"
+
+
+def sleep_after(path, how):
+    leave_open(path, how)
+    time.sleep(60)

@@ -16,7 +16,9 @@ core's worker loop (``_warden.worker_main``), which calls back into a
     the exit path, run exactly once whatever ends the worker: the worker
     context is exited, the ``finalizer`` runs, then a garbage collection (so
     ``__del__`` of cyclic garbage runs), the ``atexit`` handlers (among them
-    warden's, which runs the ``warden.at_exit`` callbacks), the end of a
+    warden's, which runs the ``warden.at_exit`` callbacks), the program's
+    module globals cleared and collected (what only a global holds is
+    finalized, as at the end of a program), the end of a
     resource tracker the process started itself (which unlinks what it
     leaked; a worker uses its parent's tracker, as a spawned child does, and
     starts one only if that one is gone), and a flush of ``stdout``/``stderr``.
@@ -45,6 +47,7 @@ import pickle
 import signal
 import sys
 import threading
+import types
 
 from . import _context, _oob, _warden
 from ._pickle import BY_REF, dumps, dumps_oob, loads_call
@@ -427,6 +430,10 @@ class Handler:
                 finalizers.run_exit_callbacks()
         except BaseException as e:
             errors.append(f"exit callbacks raised {_type_name(e)}: {_text(e)}")
+        try:
+            _clear_program_globals()
+        except BaseException as e:
+            errors.append(f"clearing the program's globals raised {_type_name(e)}: {_text(e)}")
         _stop_resource_tracker()
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -434,6 +441,68 @@ class Handler:
                     stream.flush()
             except Exception:
                 pass
+
+
+def _clear_program_globals() -> None:
+    """What the interpreter's own finalization does at the end of a program,
+    which the exit path takes the place of, for the program's own modules
+    (``__main__`` as the worker imported it, and every module loaded from
+    outside the interpreter's and the environment's directories): their
+    globals that hold data are cleared, the newest first, then collected. So
+    what only a global holds is finalized as at the end of a program:
+    ``__del__`` runs, a file opened into a global is flushed and closed, a
+    ``gzip`` writer writes its trailer, a temporary file is removed. Modules,
+    functions, classes and dunder names are kept, for the ``__del__``
+    methods that use them."""
+    namespaces: list[dict[str, Any]] = []
+    seen: set[int] = set()
+
+    def add(namespace: dict[str, Any]) -> None:
+        if id(namespace) not in seen:
+            seen.add(id(namespace))
+            namespaces.append(namespace)
+
+    # The parent's main module: spawn's preparation runs it in a namespace
+    # of its own (where its functions' globals are), and copies it into
+    # the module.
+    from ._pickle import _code_namespace
+
+    for name in ("__mp_main__", "__main__"):
+        module = sys.modules.get(name)
+        spec = getattr(module, "__spec__", None)
+        if module is not None and getattr(spec, "name", None) != "warden._worker":
+            add(_code_namespace(module))
+            add(vars(module))
+    # Module paths as imported (no realpath per module: at every worker's
+    # exit, that would be thousands of system calls), prefixes both ways.
+    roots = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    user_site = getattr(sys.modules.get("site"), "USER_SITE", None)
+    if user_site:
+        roots.append(user_site)
+    installed = tuple({os.path.join(p, "") for root in roots for p in (root, os.path.realpath(root))})
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name == "warden" or name.startswith("warden.") or not isinstance(path, str):
+            continue
+        if path.startswith(installed):
+            continue
+        add(vars(module))
+    keep = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+    cleared = 0
+    for namespace in namespaces:
+        # The newest first, one at a time: a __del__ still finds the
+        # modules, functions and classes it uses (never cleared), and the
+        # objects made before its own.
+        for key in reversed(list(namespace)):
+            if key.startswith("__") and key.endswith("__"):
+                continue
+            if isinstance(namespace.get(key), keep):
+                continue
+            if namespace[key] is not None:
+                namespace[key] = None
+                cleared += 1
+    if cleared:
+        gc.collect()
 
 
 #: How long the exit path waits for this process's resource tracker.
