@@ -860,3 +860,22 @@ def test_what_only_a_module_global_holds_is_finalized_at_exit_as_at_the_end_of_a
 def sleep_after(path, how):
     leave_open(path, how)
     time.sleep(60)
+
+
+def leave_open_beside_a_thread(path):
+    """As leave_open, with a daemon thread of the program still running."""
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    return leave_open(path, "beside a thread")
+
+
+def test_globals_are_left_alone_while_a_thread_of_the_program_still_runs(tmp_path):
+    """The exit path cannot freeze threads as the interpreter's finalization
+    does: one still running would find its globals gone under it. So then
+    they are left as they are (the object only a global holds is not
+    finalized, as before)."""
+    path = str(tmp_path / "out")
+    p = warden.Process(target=leave_open_beside_a_thread, args=(path,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert not os.path.exists(f"{path}.del")

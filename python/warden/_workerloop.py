@@ -454,6 +454,17 @@ def _clear_program_globals() -> None:
     ``gzip`` writer writes its trailer, a temporary file is removed. Modules,
     functions, classes and dunder names are kept, for the ``__del__``
     methods that use them."""
+    # Unlike the interpreter's finalization, the exit path cannot freeze
+    # threads: one of the program's still running would find its globals
+    # gone under it. Then they are left as they are.
+    here = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is here or isinstance(thread, threading._DummyThread):  # type: ignore[attr-defined]
+            continue
+        if thread.name.startswith("warden-"):
+            continue  # warden's own (results, logging): nothing of the program
+        if thread.is_alive() and thread is not threading.main_thread():
+            return
     namespaces: list[dict[str, Any]] = []
     seen: set[int] = set()
 
