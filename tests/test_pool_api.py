@@ -592,6 +592,8 @@ def test_pool_pickles_into_an_inert_handle(pool):
     assert handle.kind == "Pool" and handle.owner_pid == os.getpid()
     with pytest.raises(RuntimeError, match="inert handle"):
         handle.map(square, [1])
+    with pytest.raises(RuntimeError, match=r"terminate\(\) \(only that process can use or stop the pool\)"):
+        handle.terminate()
 
 
 WORKER_STATE = """

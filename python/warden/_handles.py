@@ -31,5 +31,5 @@ class PoolHandle:
             raise AttributeError(attr)
         raise RuntimeError(
             f"{self.kind} {self.name!r} belongs to process {self.owner_pid}; this is an "
-            f"inert handle to it and cannot {attr}() (submit work from that process)"
+            f"inert handle to it and cannot {attr}() (only that process can use or stop the pool)"
         )
