@@ -132,7 +132,7 @@ def _cloud_pickler_class() -> type:
                 # by value, the task would get a copy of the class, not the
                 # worker's own (an enum member that `is` no member of the
                 # worker's enum, an instance no isinstance() recognizes).
-                if issubclass(type(obj), type) and _main_names_class(obj):
+                if isinstance(obj, type) and _main_names_class(obj):
                     return NotImplemented  # save_global: __main__.<qualname>
                 return super().reducer_override(obj)
 

@@ -457,33 +457,19 @@ def _clear_program_globals() -> None:
     # Unlike the interpreter's finalization, the exit path cannot freeze
     # threads: one of the program's still running would find its globals
     # gone under it. Then they are left as they are.
-    here = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is here or isinstance(thread, threading._DummyThread):  # type: ignore[attr-defined]
+    here, main = threading.current_thread(), threading.main_thread()
+    for thread in threading.enumerate():  # the live ones
+        if thread is here or thread is main or isinstance(thread, threading._DummyThread):  # type: ignore[attr-defined]
             continue
-        if thread.name.startswith("warden-"):
-            continue  # warden's own (results, logging): nothing of the program
-        if thread.is_alive() and thread is not threading.main_thread():
+        if not thread.name.startswith("warden-"):  # warden's own: results, logging
             return
-    namespaces: list[dict[str, Any]] = []
-    seen: set[int] = set()
+    # The parent's main module as the worker runs it (spawn's preparation
+    # runs it in a namespace of its own, and copies that into the module,
+    # which the modules below include), or the namespace of the functions
+    # an interactive main sent by value.
+    from ._pickle import main_namespace
 
-    def add(namespace: dict[str, Any]) -> None:
-        if id(namespace) not in seen:
-            seen.add(id(namespace))
-            namespaces.append(namespace)
-
-    # The parent's main module: spawn's preparation runs it in a namespace
-    # of its own (where its functions' globals are), and copies it into
-    # the module.
-    from ._pickle import _code_namespace
-
-    for name in ("__mp_main__", "__main__"):
-        module = sys.modules.get(name)
-        spec = getattr(module, "__spec__", None)
-        if module is not None and getattr(spec, "name", None) != "warden._worker":
-            add(_code_namespace(module))
-            add(vars(module))
+    namespaces = [main_namespace()]
     # Module paths as imported (no realpath per module: at every worker's
     # exit, that would be thousands of system calls), prefixes both ways.
     roots = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
@@ -497,21 +483,21 @@ def _clear_program_globals() -> None:
             continue
         if path.startswith(installed):
             continue
-        add(vars(module))
+        namespace = vars(module)
+        if not any(namespace is seen for seen in namespaces):
+            namespaces.append(namespace)
     keep = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
-    cleared = 0
+    cleared = False
     for namespace in namespaces:
         # The newest first, one at a time: a __del__ still finds the
         # modules, functions and classes it uses (never cleared), and the
         # objects made before its own.
         for key in reversed(list(namespace)):
-            if key.startswith("__") and key.endswith("__"):
+            value = namespace.get(key)
+            if value is None or isinstance(value, keep) or (key.startswith("__") and key.endswith("__")):
                 continue
-            if isinstance(namespace.get(key), keep):
-                continue
-            if namespace[key] is not None:
-                namespace[key] = None
-                cleared += 1
+            namespace[key] = None
+            cleared = True
     if cleared:
         gc.collect()
 

@@ -170,9 +170,7 @@ pub(crate) fn fork_worker(
             // Dead, the zygote holds no copy of the child's end any more: a
             // child it forked says hello, and without one the channel ends.
             let _ = rustix::process::pidfd_send_signal(&zygote.pidfd, rustix::process::Signal::KILL);
-            let mut fds = [rustix::event::PollFd::new(&zygote.pidfd, rustix::event::PollFlags::IN)];
-            let timeout = rustix::event::Timespec::try_from(ORPHAN_HELLO_WAIT).ok();
-            let _ = rustix::event::poll(&mut fds, timeout.as_ref());
+            crate::zygote::wait_readable(zygote.pidfd.as_fd(), ORPHAN_HELLO_WAIT);
             drop(child_end);
             match hello_pid(&parent_end, ORPHAN_HELLO_WAIT) {
                 Some(pid) => (pid, Some(why)),

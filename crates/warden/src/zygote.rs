@@ -643,7 +643,7 @@ impl Zygote {
 }
 
 /// Waits until `fd` is readable or `timeout` passed (no answer either way).
-fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) {
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) {
     let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
     let timeout = rustix::event::Timespec::try_from(timeout).ok();
     let _ = rustix::event::poll(&mut fds, timeout.as_ref());
