@@ -322,13 +322,16 @@ def test_a_task_raising_stop_iteration_fails_the_map_instead_of_shortening_it(ex
     """As the standard library's map: the ``StopIteration`` fails the
     iteration at its position (a ``RuntimeError`` from it, PEP 479), instead
     of ending a chunk early and dropping the items after it."""
-    seen = []
-    with pytest.raises(RuntimeError, match="StopIteration") as raised:
-        for value in ex.map(stop_at_three, range(8), chunksize=chunksize):
-            seen.append(value)
-    assert isinstance(raised.value.__cause__, StopIteration)
-    assert seen == ([0, 1, 2] if chunksize == 1 else [])
-    assert list(ex.map(square, range(3), chunksize=chunksize)) == [0, 1, 4]
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(2, mp_context=ctx) as std:
+        for executor in (std, ex):
+            seen = []
+            with pytest.raises(RuntimeError, match="StopIteration") as raised:
+                for value in executor.map(stop_at_three, range(8), chunksize=chunksize):
+                    seen.append(value)
+            assert isinstance(raised.value.__cause__, StopIteration)
+            assert seen == ([0, 1, 2] if chunksize == 1 else [])
+            assert list(executor.map(square, range(3), chunksize=chunksize)) == [0, 1, 4]
 
 
 def test_map_pickling_error_raises_at_call_time(ex):
