@@ -171,6 +171,31 @@ def test_a_target_the_child_cannot_unpickle_gives_exit_code_one(program):
     assert "No module named 'ghost'" in run.stderr
 
 
+@pytest.mark.parametrize("kind", ["warden", "spawn"])
+def test_sys_exit_while_the_child_unpickles_its_target_gives_that_exit_code(program, kind):
+    """An argument whose unpickling calls ``sys.exit(3)`` (a check that the
+    child cannot run there, say): the child ends with code 3, as under the
+    standard library's spawn, where the ``SystemExit`` leaves its interpreter."""
+    prog = program(
+        f"""
+        import multiprocessing, sys, warden
+        class LeavesOnArrival:
+            def __reduce__(self):
+                return (sys.exit, (3,))
+        def never(arg):
+            print("never")
+        if __name__ == "__main__":
+            cls = warden.Process if "{kind}" == "warden" else multiprocessing.get_context("spawn").Process
+            p = cls(target=never, args=(LeavesOnArrival(),))
+            p.start(); p.join()
+            print("exitcode", p.exitcode)
+        """
+    )
+    run = prog.run()
+    assert run.stdout.strip() == "exitcode 3", run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_terminate_gives_minus_sigterm_and_runs_finally_blocks(tmp_path):
     out = tmp_path / "out"
     p = warden.Process(target=sleep_forever, args=(out,))

@@ -163,6 +163,19 @@ def _interrupted() -> _warden.RemoteFailure:
     )
 
 
+def _system_exit_code(e: SystemExit) -> int:
+    """The exit code ``SystemExit`` gives a process, as the interpreter
+    computes it; a code that is not an int is printed and gives 1."""
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        # As the interpreter passes it to exit(3): a C int, of which the
+        # system keeps the low 8 bits (2**31 gives 0, 2**40 + 3 gives 3).
+        return (e.code + 2**31) % 2**32 - 2**31
+    sys.stderr.write(str(e.code) + "\n")
+    return 1
+
+
 def _join_non_daemon_threads() -> None:
     """Waits for the non-daemon threads of this process, as interpreter exit
     does (``threading._shutdown``)."""
@@ -337,6 +350,11 @@ class Handler:
             process = _oob.unpickle(payload)
         except TaskInterrupted:
             raise
+        except SystemExit as e:
+            # As under spawn, where it leaves the child's interpreter: its code.
+            self.exit_code = _system_exit_code(e)
+            self.running = False
+            return dumps(None)
         except BaseException:
             # As under spawn: the child cannot get its target; traceback, exit code 1.
             _print_exc()
@@ -354,15 +372,7 @@ class Handler:
         except TaskInterrupted:
             raise
         except SystemExit as e:
-            if e.code is None:
-                exitcode = 0
-            elif isinstance(e.code, int):
-                # As the interpreter passes it to exit(3): a C int, of which
-                # the system keeps the low 8 bits (2**31 gives 0, 2**40 + 3 gives 3).
-                exitcode = (e.code + 2**31) % 2**32 - 2**31
-            else:
-                sys.stderr.write(str(e.code) + "\n")
-                exitcode = 1
+            exitcode = _system_exit_code(e)
         except BaseException:
             _print_exc(f"Process {process.name}:\n")
             exitcode = 1
