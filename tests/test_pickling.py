@@ -266,6 +266,44 @@ def test_a_main_module_run_with_dash_m_is_imported_by_name(tmp_path):
     assert run.stdout.strip() == "[2, 4]"
 
 
+@pytest.mark.parametrize("how", ["dash-m-package", "directory", "zipapp"])
+def test_a_main_spawn_would_not_import_sends_its_functions_by_value(tmp_path, how):
+    """``python -m pkg`` (its ``__main__.py``), ``python dir`` and ``python
+    app.pyz``: a main module named ``__main__`` or ``pkg.__main__``, which
+    spawn's preparation does not import in a child (the standard library's
+    executor breaks there). Its functions go by value instead of by a name
+    the worker cannot resolve."""
+    pkg = tmp_path / "apkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(
+        textwrap.dedent(
+            """
+            import warden
+            def double(x):
+                return 2 * x
+            if __name__ == "__main__":
+                with warden.ProcessPoolExecutor(1) as ex:
+                    print(list(ex.map(double, [1, 2])))
+                with warden.Pool(1) as pool:
+                    print(pool.map(double, [3]))
+            """
+        )
+    )
+    if how == "dash-m-package":
+        argv = ["-m", "apkg"]
+    elif how == "directory":
+        argv = [str(pkg)]
+    else:
+        import zipapp
+
+        zipapp.create_archive(pkg, tmp_path / "app.pyz")
+        argv = [str(tmp_path / "app.pyz")]
+    run = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["[2,", "4]", "[6]"]
+
+
 def test_a_missing_main_guard_is_reported_like_the_standard_library(tmp_path):
     script = tmp_path / "noguard.py"
     script.write_text(

@@ -232,8 +232,14 @@ def _main_is_importable() -> bool:
     path = getattr(main, "__file__", None)
     if _main_checked[0] is main and _main_checked[1] == path:
         return _main_checked[2]
-    if main is None or getattr(getattr(main, "__spec__", None), "name", None) is not None:
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if main is None:
         importable = True
+    elif spec_name is not None:
+        # Spawn's preparation imports a main run as ``python -m name``, but
+        # not one named ``__main__`` or ``*.__main__`` (a package's
+        # ``__main__.py``, a zipapp): those it leaves alone, as spawn does.
+        importable = spec_name != "__main__" and not spec_name.endswith(".__main__")
     else:
         importable = path is not None and os.path.isfile(path)
     _main_checked = (main, path, importable)
