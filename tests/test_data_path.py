@@ -463,6 +463,70 @@ def test_a_result_this_process_has_no_descriptor_for_fails_alone_with_emfile(pro
     assert run.stdout.splitlines() == ["lost EMFILE True", f"then {1 << 20}", "same worker True"], run.stderr
 
 
+NO_ROOM_FOR_A_SEGMENT = """
+import errno, multiprocessing, os, resource, sys
+import warden
+
+def size_of(b):
+    return type(b).__name__, len(b), bytes(b[:1])
+
+def make(n):
+    return bytearray(b"y" * n)
+
+if __name__ == "__main__":
+    how, impl = sys.argv[1], sys.argv[2]
+    if impl == "warden":
+        ex, pool = warden.ProcessPoolExecutor(1), warden.Pool(1)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        import concurrent.futures as cf
+        ex, pool = cf.ProcessPoolExecutor(1, mp_context=ctx), ctx.Pool(1)
+    with ex, pool:
+        print("warm", ex.submit(len, b"").result(timeout=60), pool.apply(len, (b"",)), flush=True)
+        held = []
+        if how == "file-size":
+            # A memfd counts against it as a file does.
+            resource.setrlimit(resource.RLIMIT_FSIZE, (512 << 10, resource.RLIM_INFINITY))
+        else:
+            try:
+                while True:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as e:
+                assert e.errno == errno.EMFILE
+            os.close(held.pop())  # one left: no pipe, and one segment at most
+        for arg in (b"x" * (1 << 20), bytearray(b"x" * (1 << 20))):
+            print("executor", *ex.submit(size_of, arg).result(timeout=60), flush=True)
+            print("pool", *pool.apply_async(size_of, (arg,)).get(timeout=60), flush=True)
+        if how == "file-size":
+            print("result", len(ex.submit(make, 1 << 20).result(timeout=60)), flush=True)
+        for fd in held:
+            os.close(fd)
+    print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+@pytest.mark.parametrize("how", ["file-size", "descriptors"])
+def test_large_buffers_go_inline_when_no_segment_can_be_made_as_the_standard_library_sends_them(
+    program, how, impl, carrier
+):
+    """A file size limit (``ulimit -f``: a memfd is a file) or a descriptor
+    table with one slot left: the buffers travel in the pickle instead of
+    failing the call with ``EFBIG`` or ``EMFILE``, as the standard library
+    (which always sends them so) delivers them."""
+    if impl == "stdlib" and carrier == "lent":
+        pytest.skip("the standard library has no carriers")
+    run = program(NO_ROOM_FOR_A_SEGMENT).run(timeout=120, args=(how, impl))
+    assert run.returncode == 0, run.stderr
+    mib = str(1 << 20)
+    expected = ["warm 0 0"]
+    for kind in ("bytes", "bytearray"):
+        expected += [f"executor {kind} {mib} b'x'", f"pool {kind} {mib} b'x'"]
+    if how == "file-size":
+        expected.append(f"result {mib}")
+    assert run.stdout.splitlines() == [*expected, "done"], run.stderr
+
+
 # -- numpy --------------------------------------------------------------------
 
 

@@ -59,6 +59,7 @@ A segment has its own size limit (:data:`MAX_SEGMENT`, environment variable
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import io
@@ -315,8 +316,12 @@ def dumps(
         return head, make_segment(buffers, spare=inline_ok)
     except _FdsScarce:
         pass
-    # This process is short of file descriptors: the buffers go in the
-    # pickle, as the standard library sends them.
+    except OSError as e:
+        if e.errno not in _NO_ROOM:
+            raise
+    # This process is short of file descriptors, or cannot make the pipe or
+    # segment at all (no descriptor left, a file size limit, no memory for
+    # it): the buffers go in the pickle, as the standard library sends them.
     out = io.BytesIO()
     pickler(out, _in_band).dump(obj)
     data = out.getvalue()
@@ -328,6 +333,13 @@ def dumps(
 #: The largest payload :func:`dumps` puts inline when this process is short
 #: of file descriptors; a larger one takes one anyway.
 INLINE_FALLBACK_MAX = 64 << 20
+
+
+#: Why a segment or a lending pipe could not be made that sending the
+#: buffers inline avoids: no descriptor left in this process (``EMFILE``) or
+#: the system (``ENFILE``), a file size limit (``RLIMIT_FSIZE``, which counts
+#: a memfd: ``EFBIG``), no room for its pages (``ENOSPC``, ``ENOMEM``).
+_NO_ROOM = frozenset({errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.ENOSPC, errno.ENOMEM})
 
 
 class _FdsScarce(Exception):
