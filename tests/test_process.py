@@ -196,6 +196,41 @@ def test_sys_exit_while_the_child_unpickles_its_target_gives_that_exit_code(prog
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.parametrize("kind", ["warden", "spawn"])
+def test_a_process_that_cannot_start_raises_oserror_with_its_errno_and_the_next_one_starts(program, kind):
+    """No descriptor left (the same path as no process or thread left under
+    ``ulimit -u``, which gives ``BlockingIOError``): ``start()`` raises an
+    ``OSError`` carrying the system's error number, as the standard
+    library's does, so that ``except OSError`` code sees it."""
+    prog = program(
+        f"""
+        import errno, multiprocessing, os, warden
+        def hello():
+            print("child", flush=True)
+        if __name__ == "__main__":
+            cls = warden.Process if "{kind}" == "warden" else multiprocessing.get_context("spawn").Process
+            held = []
+            try:
+                while True:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass
+            try:
+                cls(target=hello).start()
+            except OSError as e:
+                print("refused", errno.errorcode.get(e.errno), flush=True)
+            for fd in held:
+                os.close(fd)
+            p = cls(target=hello)
+            p.start(); p.join()
+            print("then", p.exitcode)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["refused EMFILE", "child", "then 0"], run.stderr
+
+
 def test_terminate_gives_minus_sigterm_and_runs_finally_blocks(tmp_path):
     out = tmp_path / "out"
     p = warden.Process(target=sleep_forever, args=(out,))

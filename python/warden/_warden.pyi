@@ -44,9 +44,11 @@ DEFAULT_GRACE: Final[float]
 WORKER_VARIABLES: Final[list[str]]
 
 class CoreError(RuntimeError):
-    """An error from warden's core; ``kind`` says which."""
+    """An error from warden's core; ``kind`` says which, and ``errno`` the
+    system's error number when a system call failed."""
 
     kind: ErrorKind
+    errno: int | None
 
 @final
 class ErrorKind:

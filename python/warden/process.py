@@ -33,6 +33,17 @@ def _ignore_outcome(ok: bool, data: Any) -> None:
     pass
 
 
+def _start_error(name: str, error: _warden.CoreError) -> OSError:
+    """The ``OSError`` a ``Process`` that cannot start raises, as the standard
+    library's ``start()`` raises ``os.fork``'s: with the system's error
+    number when a system call failed (``BlockingIOError`` when processes or
+    threads run out under ``ulimit -u``)."""
+    message = f"cannot start process {name}: {error}"
+    if error.errno is not None:
+        return OSError(error.errno, message)
+    return OSError(message)
+
+
 class Process(multiprocessing.process.BaseProcess):
     """A drop-in for ``multiprocessing.Process`` whose child always cleans up.
 
@@ -127,22 +138,25 @@ class Process(multiprocessing.process.BaseProcess):
                 ("target", self._target),
             ],
         )
-        runner = _runner.Runner(
-            mode="process",
-            name=self._name,
-            workers=1,
-            pass_fds=fds,
-            one_off=True,
-            deliver=False,
-            exit_policy="terminate" if self.daemon else "join",
-            start="exec",  # one child: a zygote would only add a process
-        )
+        try:
+            runner = _runner.Runner(
+                mode="process",
+                name=self._name,
+                workers=1,
+                pass_fds=fds,
+                one_off=True,
+                deliver=False,
+                exit_policy="terminate" if self.daemon else "join",
+                start="exec",  # one child: a zygote would only add a process
+            )
+        except _warden.CoreError as e:  # the core closed the fds
+            raise _start_error(self._name, e) from None
         self._popen = runner
         try:
             runner.submit(payload, _ignore_outcome)
         except _warden.CoreError as e:
             runner.core.kill()
-            raise OSError(f"cannot start process {self._name}: {e}") from None
+            raise _start_error(self._name, e) from None
         finally:
             runner.close_nowait()
         pid = runner.core.wait_pid(START_TIMEOUT)

@@ -374,9 +374,19 @@ impl From<WorkerSnapshot> for WorkerState {
 }
 
 /// A core error raised in Python as `CoreError(message)` whose `kind`
-/// attribute is its [`PyErrorKind`].
+/// attribute is its [`PyErrorKind`], and whose `errno` is the system's error
+/// number when a system call failed (`None` otherwise), so that a caller
+/// standing in for the standard library can raise the `OSError` it would.
 pub fn core_err(e: warden::Error) -> PyErr {
-    core_error(PyErrorKind::from(e.kind()), e.to_string())
+    let errno = match e.kind() {
+        warden::ErrorKind::Io(io) => io.raw_os_error(),
+        _ => None,
+    };
+    let err = core_error(PyErrorKind::from(e.kind()), e.to_string());
+    Python::attach(|py| match err.value(py).setattr("errno", errno) {
+        Ok(()) => err,
+        Err(e) => e,
+    })
 }
 
 /// `CoreError(message)` with `kind` set.
