@@ -1003,3 +1003,60 @@ def test_a_pool_whose_results_thread_cannot_start_leaves_nothing_running(program
         "children left 0",
         "another pool 2",
     ], run.stdout + run.stderr
+
+
+ADDRESS_SPACE = """
+import multiprocessing, resource, sys
+import warden
+
+SIZE = 4 << 20
+
+def vm_size(_=None):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmSize"))
+
+def work(arg):
+    i, blob = arg
+    return bytes([i % 256]) * SIZE, len(blob)
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), resource.RLIM_INFINITY))
+    before = vm_size()
+    if sys.argv[1] == "warden":
+        ex = warden.ProcessPoolExecutor(4)
+    else:
+        import concurrent.futures as cf
+        ex = cf.ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn"))
+    with ex:
+        worker = max(ex.submit(vm_size, i).result(timeout=60) for i in range(8))
+        blob = b"x" * SIZE
+        done = 0
+        for f in [ex.submit(work, (i, blob)) for i in range(20)]:
+            value, n = f.result(timeout=60)
+            done += value == bytes([value[0]]) * SIZE and n == SIZE
+        parent = vm_size() - before
+    print(worker, parent, done, flush=True)
+"""
+
+
+def test_under_an_address_space_limit_workers_and_parent_reserve_about_what_the_standard_librarys_do(program):
+    """``ulimit -v`` (``RLIMIT_AS``, as batch schedulers set it) counts the
+    64 MiB glibc reserves for each thread's malloc arena: warden's own
+    threads (two per worker, three in the parent) would take over 100 MB of
+    it more than the standard library's pool and fail tasks, or abort the
+    parent, at a limit the standard library lives with. Under a limit they
+    keep to the arenas there are."""
+    prog = program(ADDRESS_SPACE)
+    seen = {}
+    for impl in ("stdlib", "warden"):
+        run = prog.run(timeout=120, args=(impl, str(1 << 30)))
+        assert run.returncode == 0, run.stderr
+        worker, parent, done = (int(x) for x in run.stdout.split())
+        assert done == 20
+        seen[impl] = worker, parent
+    assert seen["warden"][0] < seen["stdlib"][0] + 32 * MiB, seen
+    assert seen["warden"][1] < seen["stdlib"][1] + 32 * MiB, seen
+    # And all 20 tasks come through under the limit the standard library needs.
+    run = prog.run(timeout=120, args=("warden", str(200 * MiB)))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[2] == "20", run.stdout

@@ -43,6 +43,32 @@ pub(crate) struct MemoryLimits {
     pub interval: Duration,
 }
 
+/// Under an address-space limit (`ulimit -v`, `RLIMIT_AS`, as batch
+/// schedulers set it), which counts memory reserved as well as memory used,
+/// keeps the threads of this process that have no malloc arena yet to the
+/// ones it has, as glibc advises for such limits. Otherwise each thread that
+/// allocates gets an arena of its own, reserving 64 MiB of address space
+/// apiece: a worker (its monitor and channel watcher, besides the task) took
+/// about 150 MB of the limit where a standard library worker takes 20, and a
+/// parent (its pools' supervisor, results and lending threads) about 140 MB
+/// more than the standard library's, so both ran out of it under limits the
+/// standard library lives with. Called before a worker starts its threads
+/// and before a pool starts its supervisor. A `MALLOC_ARENA_MAX` or
+/// `GLIBC_TUNABLES` the program set is left to decide; without a limit
+/// nothing changes.
+pub(crate) fn keep_to_one_arena_under_an_address_space_limit() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let chosen = std::env::var_os("MALLOC_ARENA_MAX").is_some()
+            || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
+        if !chosen && rustix::process::getrlimit(rustix::process::Resource::As).current.is_some() {
+            // SAFETY: mallopt only sets a parameter of the allocator, which
+            // takes its own lock; arenas already made stay.
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+        }
+    }
+}
+
 /// The resident set size of process `pid`, in bytes.
 ///
 /// The caller must hold the process unreaped (a pool's supervisor holds its

@@ -414,6 +414,7 @@ impl Builder {
             }
             None => None,
         };
+        crate::memory::keep_to_one_arena_under_an_address_space_limit();
         let (mut sup, shared) = supervisor::create(self.cfg)?;
         let started = sup.started();
         let thread = std::thread::Builder::new().name(format!("{name}-supervisor")).spawn(move || sup.run())?;

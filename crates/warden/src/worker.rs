@@ -491,6 +491,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
         eprintln!("warden worker: cannot install signal handlers: {e}");
         return core.exit_path(ExitReason::ProtocolError);
     }
+    crate::memory::keep_to_one_arena_under_an_address_space_limit();
     let monitor_core = Arc::clone(&core);
     let interrupter = handler.interrupter();
     if let Err(e) =
