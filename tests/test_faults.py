@@ -1060,3 +1060,78 @@ def test_under_an_address_space_limit_workers_and_parent_reserve_about_what_the_
     run = prog.run(timeout=120, args=("warden", str(200 * MiB)))
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[2] == "20", run.stdout
+
+
+PROCESS_SHORTAGE = """
+import subprocess, sys, threading, time
+import warden
+
+def work(x):
+    time.sleep(0.05)
+    return x
+
+def hog(held):
+    procs = []
+    try:
+        while True:
+            procs.append(subprocess.Popen(["sleep", "60"]))
+    except OSError:
+        pass
+    held.set()
+    time.sleep(2)
+    for p in procs:
+        p.kill()
+        p.wait()
+
+if __name__ == "__main__":
+    held = threading.Event()
+    kind = sys.argv[1]
+    if kind == "executor":
+        pool = warden.ProcessPoolExecutor(2, max_tasks_per_child=1)
+    else:
+        pool = warden.Pool(2, maxtasksperchild=1)
+    with pool:
+        def submit(fn, x):
+            return pool.submit(fn, x) if kind == "executor" else pool.apply_async(fn, (x,))
+
+        pending = [submit(work, i) for i in range(30)]
+        t = threading.Thread(target=hog, args=(held,))
+        t.start()
+        held.wait(30)
+        results = [f.result(timeout=60) if kind == "executor" else f.get(timeout=60) for f in pending]
+        t.join()
+        print("results", results == list(range(30)), flush=True)
+        after = submit(work, 99)
+        print("after", after.result(timeout=60) if kind == "executor" else after.get(timeout=60), flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as another user under its own RLIMIT_NPROC needs root")
+@pytest.mark.skipif(
+    not (shutil.which("setpriv") and shutil.which("prlimit")), reason="needs setpriv and prlimit (util-linux)"
+)
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_pool_outlasts_a_passing_shortage_of_processes_and_loses_no_task(program, kind):
+    """``ulimit -u`` reached for two seconds while every task needs a new
+    worker: the system refuses starts (``EAGAIN``), which is no worker's
+    failure; the pool tries again as the shortage lasts, every task comes
+    through and the pool serves on, as the standard library's does (before,
+    eleven refusals in a few milliseconds failed the pool as a whole). The
+    program runs with nobody's real uid, which the limit counts, keeping
+    root's files readable."""
+    prog = program(PROCESS_SHORTAGE)
+    prog.path.chmod(0o644)
+    command = [
+        "setpriv", "--ruid", "65534", "--bounding-set", "-sys_resource,-sys_admin", "--",
+        "prlimit", "--nproc=60:60", sys.executable, str(prog.path), kind,
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=prog.tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    prog.proc = proc  # cleaned up with the fixture, whatever happens
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the program did not finish within 120 s")
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["results True", "after 99"], err

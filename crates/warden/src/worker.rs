@@ -494,19 +494,14 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     crate::memory::keep_to_one_arena_under_an_address_space_limit();
     let monitor_core = Arc::clone(&core);
     let interrupter = handler.interrupter();
-    if let Err(e) =
-        std::thread::Builder::new().name("warden-monitor".into()).spawn(move || monitor(monitor_core, interrupter))
-    {
+    if let Err(e) = start_thread("warden-monitor", move || monitor(monitor_core, interrupter)) {
         eprintln!("warden worker: cannot start the monitor thread: {e}");
         return core.exit_path(ExitReason::ProtocolError);
     }
 
     let inbox = Arc::new(Inbox::new(env.max_frame));
     let (watcher_core, watcher_inbox) = (Arc::clone(&core), Arc::clone(&inbox));
-    if let Err(e) = std::thread::Builder::new()
-        .name("warden-watcher".into())
-        .spawn(move || watch_channel(watcher_core, watcher_inbox))
-    {
+    if let Err(e) = start_thread("warden-watcher", move || watch_channel(watcher_core, watcher_inbox)) {
         eprintln!("warden worker: cannot start the channel's watcher thread: {e}");
         return core.exit_path(ExitReason::ProtocolError);
     }
@@ -526,6 +521,39 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
 /// tasks, or run the worker's exit path (its finalizer and exit hooks belong
 /// to the worker), so it ends at once, as a forked `multiprocessing` child
 /// does. Its parent, the worker, reaps it or leaves it to the pool's teardown.
+/// How long a worker keeps trying to start one of its threads while the
+/// system is short of them (`EAGAIN`: `ulimit -u` reached, which counts
+/// threads as processes), before it gives up and exits.
+const THREAD_START_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Starts a thread of the worker (detached), trying again, with a delay that
+/// doubles, while the system refuses it for want of threads: a passing
+/// shortage (another program's burst of processes) delays this worker's
+/// start instead of failing it, as it delays the pool's start of the worker.
+fn start_thread<F: FnOnce() + Send + 'static>(name: &str, f: F) -> io::Result<()> {
+    // The closure is lost with a refused spawn; each try gets a way to it.
+    let slot = Arc::new(Mutex::new(Some(f)));
+    let deadline = Instant::now() + THREAD_START_PATIENCE;
+    let mut delay = Duration::from_millis(5);
+    loop {
+        let mine = Arc::clone(&slot);
+        let started = std::thread::Builder::new().name(name.into()).spawn(move || {
+            let f = lock(&mine).take();
+            if let Some(f) = f {
+                f();
+            }
+        });
+        match started {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() + delay < deadline => {
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn leave_forked_copy() -> ! {
     // SAFETY: _exit ends the process without running anything of this one.
     unsafe { libc::_exit(0) }

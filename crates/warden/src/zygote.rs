@@ -141,6 +141,8 @@ pub(crate) enum Reply<'a> {
         error: &'a str,
         /// Whether asking again is pointless.
         permanent: bool,
+        /// The system's error number, if a system call failed (0 if not).
+        errno: i32,
     },
 }
 
@@ -295,11 +297,11 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
             Ok(Request::Start { payload, keep }) => {
                 let before = open_fds();
                 if let Err(error) = hooks.prepare(payload) {
-                    let _ = reply(&env, &Reply::Failed { error: &error, permanent: true });
+                    let _ = reply(&env, &Reply::Failed { error: &error, permanent: true, errno: 0 });
                     return Parked::Exit(0);
                 }
                 if let Err(why) = nothing_left_open(&before) {
-                    let _ = reply(&env, &Reply::Failed { error: &why, permanent: true });
+                    let _ = reply(&env, &Reply::Failed { error: &why, permanent: true, errno: 0 });
                     return Parked::Exit(0);
                 }
                 keep
@@ -319,7 +321,7 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
         }
     };
     if let Err(why) = can_fork() {
-        let _ = reply(&env, &Reply::Failed { error: &why, permanent: true });
+        let _ = reply(&env, &Reply::Failed { error: &why, permanent: true, errno: 0 });
         return Parked::Exit(0);
     }
     if reply(&env, &Reply::Ready { pid: std::process::id() }).is_err() {
@@ -342,11 +344,14 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
             }
         };
         let Some(channel) = channel else {
-            let _ = reply(&env, &Reply::Failed { error: "the fork request came without a channel", permanent: false });
+            let _ = reply(
+                &env,
+                &Reply::Failed { error: "the fork request came without a channel", permanent: false, errno: 0 },
+            );
             continue;
         };
         if let Err(why) = can_fork() {
-            let _ = reply(&env, &Reply::Failed { error: &why, permanent: true });
+            let _ = reply(&env, &Reply::Failed { error: &why, permanent: true, errno: 0 });
             continue;
         }
         let zygote = std::process::id();
@@ -383,7 +388,8 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
                 hooks.after_fork_parent();
                 let permanent = matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM | libc::ENOSYS));
                 let error = format!("clone(CLONE_PARENT) failed: {e}");
-                let _ = reply(&env, &Reply::Failed { error: &error, permanent });
+                let errno = e.raw_os_error().unwrap_or(0);
+                let _ = reply(&env, &Reply::Failed { error: &error, permanent, errno });
             }
         }
     }
@@ -571,6 +577,10 @@ pub(crate) enum ForkError {
     /// This request failed; the zygote may be broken.
     #[error("the zygote failed to fork: {0}")]
     Failed(String),
+    /// The zygote answered that this fork failed (the system's error, and
+    /// what the zygote said); the zygote itself is fine.
+    #[error("the zygote could not fork: {1}")]
+    Declined(io::Error, String),
 }
 
 /// How long the supervisor waits for a fork reply (a fork takes milliseconds;
@@ -600,7 +610,7 @@ impl Zygote {
                     self.ready = true;
                     Ok(true)
                 }
-                Ok(Reply::Failed { error, permanent: true }) => Err(ForkError::Refused(error.to_string())),
+                Ok(Reply::Failed { error, permanent: true, .. }) => Err(ForkError::Refused(error.to_string())),
                 Ok(other) => Err(ForkError::Failed(format!("unexpected answer to the start request: {other:?}"))),
                 Err(e) => Err(ForkError::Failed(format!("bad answer to the start request: {e}"))),
             },
@@ -629,8 +639,10 @@ impl Zygote {
                 Ok((n, _)) => {
                     return match decode::<Reply<'_>>(&buf[..n]) {
                         Ok(Reply::Forked { pid }) if pid > 0 => Ok(pid),
-                        Ok(Reply::Failed { error, permanent: true }) => Err(ForkError::Refused(error.to_string())),
-                        Ok(Reply::Failed { error, permanent: false }) => Err(ForkError::Failed(error.to_string())),
+                        Ok(Reply::Failed { error, permanent: true, .. }) => Err(ForkError::Refused(error.to_string())),
+                        Ok(Reply::Failed { error, permanent: false, errno }) => {
+                            Err(ForkError::Declined(io::Error::from_raw_os_error(errno), error.to_string()))
+                        }
                         Ok(other) => Err(ForkError::Failed(format!("unexpected answer to a fork request: {other:?}"))),
                         Err(e) => Err(ForkError::Failed(format!("bad answer to a fork request: {e}"))),
                     }

@@ -105,6 +105,9 @@ pub(crate) struct Supervisor {
     crashes: RestartIntensity,
     close_deadline: Option<Instant>,
     spawn_retry_at: Option<Instant>,
+    /// Since when the system has refused starts for want of processes or
+    /// memory, and the delay before the next try (see `schedule.rs`).
+    shortage: Option<(Instant, Duration)>,
     spawned: u64,
     pass_fds: Vec<RawFd>,
     zygote: ZygoteSlot,
@@ -160,6 +163,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         crashes,
         close_deadline: None,
         spawn_retry_at: None,
+        shortage: None,
         spawned: 0,
         pass_fds,
         zygote,

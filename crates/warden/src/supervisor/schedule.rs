@@ -21,6 +21,23 @@ use super::{pidfd_token, sock_token, LifecycleEvent, PoolPhase, StopCause, Super
 /// Delay before trying again after a worker could not be spawned at all.
 const SPAWN_RETRY: Duration = Duration::from_millis(100);
 
+/// The first delay before trying again after the system refused a start for
+/// want of processes or memory (`EAGAIN` under `ulimit -u`, `ENOMEM`); it
+/// doubles with each refusal in a row, up to [`SHORTAGE_RETRY_MAX`].
+const SHORTAGE_RETRY: Duration = Duration::from_millis(10);
+
+/// The longest delay between two starts the system refuses for want of
+/// processes or memory.
+const SHORTAGE_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Whether a start failed because the system is short of processes, threads
+/// or memory (`EAGAIN`, `ENOMEM`): a condition of the moment, which another
+/// program (or this one's other pools) may end, not the worker's failure.
+pub(super) fn is_shortage(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::OutOfMemory)
+        || matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM))
+}
+
 /// How long a task runs, at least, before the tasks sent ahead to its worker
 /// are asked back (to start, in the order they came, on whichever worker is
 /// free first); longer where tasks take longer on average (see
@@ -123,17 +140,42 @@ impl Supervisor {
         let mut serving = self.workers.values().filter(|w| w.is_serving()).count();
         while serving < want && self.phase != PoolPhase::Failed {
             match self.spawn_one() {
-                Ok(true) => serving += 1,
+                Ok(true) => {
+                    serving += 1;
+                    self.shortage = None;
+                }
                 Ok(false) => return, // waiting for the zygote
                 Err(e) => {
                     let error = format!("cannot start a worker ({}): {e}", self.cfg.command.program.display());
                     tracing::warn!(pool = %self.cfg.name, "{error}");
                     self.emit(LifecycleEvent::SpawnFailed { error: error.clone() });
-                    self.note_crash(error);
-                    self.spawn_retry_at = Some(now + SPAWN_RETRY);
+                    if is_shortage(&e) && !self.cfg.one_off {
+                        self.start_refused_for_shortage(now, serving, error);
+                    } else {
+                        self.note_crash(error);
+                        self.spawn_retry_at = Some(now + SPAWN_RETRY);
+                    }
                     return;
                 }
             }
+        }
+    }
+
+    /// The system refused a start for want of processes or memory: not a
+    /// worker's failure (it does not count toward the restart intensity),
+    /// but tried again after a delay that doubles while it lasts. Bounded
+    /// all the same: the pool fails if it has had no serving worker for the
+    /// init timeout since the shortage began.
+    fn start_refused_for_shortage(&mut self, now: Instant, serving: usize, error: String) {
+        let (since, delay) = match self.shortage {
+            Some((since, delay)) => (since, (delay * 2).min(SHORTAGE_RETRY_MAX)),
+            None => (now, SHORTAGE_RETRY),
+        };
+        self.shortage = Some((since, delay));
+        self.spawn_retry_at = Some(now + delay);
+        let timeout = self.cfg.init_timeout;
+        if serving == 0 && now.duration_since(since) >= timeout {
+            self.fail(format!("no worker could be started for {timeout:?}, the init timeout; last: {error}"));
         }
     }
 
@@ -144,6 +186,7 @@ impl Supervisor {
             NextStart::Forked(spawned) => spawned,
             NextStart::Exec => spawn_worker(&self.cfg.command, &self.pass_fds, self.cfg.max_frame)?,
             NextStart::Wait => return Ok(false),
+            NextStart::Failed(e) => return Err(e),
         };
         let id = self.next_worker;
         self.next_worker += 1;

@@ -60,6 +60,9 @@ pub(super) enum NextStart {
     Exec,
     /// Not yet: the pool's first zygote is getting ready.
     Wait,
+    /// The zygote answered that it could not fork this one (the system
+    /// refused: no process or memory left); the zygote is fine.
+    Failed(std::io::Error),
 }
 
 impl Supervisor {
@@ -108,7 +111,11 @@ impl Supervisor {
                 let error = format!("cannot start a zygote ({}): {e}", self.cfg.command.program.display());
                 tracing::warn!(pool = %self.cfg.name, "{error}");
                 self.emit(LifecycleEvent::SpawnFailed { error: error.clone() });
-                self.note_crash(error);
+                // A shortage is not the zygote's failure: workers start by
+                // exec meanwhile, and their starts bound the wait.
+                if !super::schedule::is_shortage(&e) {
+                    self.note_crash(error);
+                }
             }
         }
     }
@@ -134,6 +141,7 @@ impl Supervisor {
                 self.zygote_broken(format!("the zygote failed to fork: {why}"));
                 NextStart::Exec
             }
+            Err(ForkError::Declined(e, why)) => NextStart::Failed(std::io::Error::new(e.kind(), why)),
         }
     }
 
@@ -154,6 +162,7 @@ impl Supervisor {
             }
             Err(ForkError::Refused(reason)) => self.zygote_refused(reason),
             Err(ForkError::Failed(why)) => self.zygote_broken(why),
+            Err(ForkError::Declined(_, why)) => self.zygote_broken(why),
         }
     }
 
