@@ -149,6 +149,40 @@ def test_memoryview_keeps_its_format_shape_and_readonly_flag(executor, no_segmen
     del back
 
 
+def listed(view):
+    return view.tolist()
+
+
+def fortran_view(n):
+    np = numpy()
+    return memoryview(np.asfortranarray(np.arange(n * 3.0).reshape(n, 3)))
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_memoryview_no_receiver_could_rebuild_as_it_is_is_refused_instead_of_arriving_changed(
+    executor, no_segment_leaks, size
+):
+    """A Fortran-order view (its bytes are not in the order its elements
+    are listed), a non-native format, an empty dimension: the standard
+    library refuses every ``memoryview`` with ``TypeError``; warden sends
+    those it can rebuild, and refuses these (before, a Fortran-order view
+    arrived with its elements reordered)."""
+    np = numpy()
+    n = 2 if size == "small" else LIMIT
+    for view in (
+        fortran_view(n),
+        memoryview(np.arange(3 * n, dtype=">i4")),
+        memoryview(np.zeros((n, 0))),
+    ):
+        with pytest.raises(TypeError, match="cannot pickle memoryview objects"):
+            executor.submit(listed, view)
+    # As any result that cannot be pickled fails (see docs/python.md).
+    with pytest.raises(pickle.PicklingError, match="cannot pickle memoryview objects"):
+        executor.submit(fortran_view, n).result(timeout=60)
+    c_order = memoryview(np.arange(n * 3.0).reshape(n, 3))
+    assert executor.submit(listed, c_order).result(timeout=60) == c_order.tolist()
+
+
 def test_buffers_inside_arguments_and_results_travel_too(executor, no_segment_leaks):
     big = os.urandom(3 * LIMIT)
     args = ([big, bytearray(big)], {"k": big})

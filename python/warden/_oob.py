@@ -172,6 +172,27 @@ class _Wrapped:
         return (_memoryview_from, (pickle.PickleBuffer(obj), obj.format, obj.shape, obj.readonly))
 
 
+class _Unsendable:
+    """A ``memoryview`` the receiver could not rebuild as it is (see
+    :func:`_rebuildable`): pickling it raises ``TypeError``, as the standard
+    pickler refuses every ``memoryview`` (``cloudpickle`` would send its
+    bytes alone, and the task would get a ``bytes`` of another length)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: memoryview) -> None:
+        self.obj = obj
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        view = self.obj
+        order = "" if view.c_contiguous else "not in C order, "
+        raise TypeError(
+            f"cannot pickle memoryview objects of format {view.format!r} and shape {view.shape} "
+            f"({order}only C-ordered views of a native single-character format and no empty "
+            "dimension travel; send the exporter itself, e.g. the numpy array)"
+        )
+
+
 #: Containers looked into by :func:`prepare`, and how far.
 _DEPTH = 3
 _MAX_LEN = 256
@@ -183,7 +204,8 @@ _SEEN = frozenset({bytes, bytearray, memoryview, pickle.PickleBuffer, tuple, lis
 
 def prepare(obj: Any, depth: int = _DEPTH) -> Any:
     """``obj`` with large ``bytes`` and ``bytearray``, every ``PickleBuffer``
-    and every contiguous ``memoryview`` wrapped so that they can travel out
+    and every ``memoryview`` the receiver can rebuild (see
+    :func:`_rebuildable`) wrapped so that they can travel out
     of band: the object itself and what it holds in tuples, lists and dict
     values, three levels deep (a task's ``(fn, args, kwargs)``, a map chunk,
     a result), in containers of at most 256 items. Buffers deeper down are pickled as the
@@ -209,14 +231,31 @@ class _HoldsItself(Exception):
 _BUILDING = object()
 
 
+def _rebuildable(view: memoryview) -> bool:
+    """Whether :func:`_memoryview_from` rebuilds ``view`` as it is: its
+    bytes in C order (a Fortran-order view's are not: its elements would
+    arrive reordered), and a format and shape ``memoryview.cast`` takes (a
+    native single-character format, no zero in the shape). Tried on the view
+    itself, without a copy."""
+    if not view.c_contiguous:
+        return False
+    if view.format == "B" and view.shape == (view.nbytes,):
+        return True  # rebuilt without a cast
+    try:
+        view.cast("B").cast(view.format, view.shape)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _prepare(obj: Any, depth: int, memo: dict[int, Any]) -> Any:
     t = type(obj)
     if t is bytes or t is bytearray:
         if len(obj) < INLINE_LIMIT:
             return obj
     elif t is memoryview:
-        if not obj.contiguous:
-            return obj
+        if not _rebuildable(obj):
+            return _Unsendable(obj)
     elif t is not pickle.PickleBuffer:
         if t not in _SEEN:
             return obj
