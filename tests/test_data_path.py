@@ -382,6 +382,29 @@ def test_a_pickle_over_the_inline_maximum_goes_beside_its_frame_both_ways(monkey
         assert pool.apply(rows, (100_000,)) == rows(100_000)
 
 
+def text_of(n):
+    return "ab" * (n // 2)
+
+
+def test_a_string_over_the_inline_maximum_goes_beside_its_frame_as_argument_and_result(
+    monkeypatch, no_segment_leaks
+):
+    """A ``str`` (a scalar, which small calls pickle by a short cut) larger
+    than a frame may be: as any pickle over the inline maximum, it travels
+    beside its frame instead of being refused as over the frame limit (the
+    standard library sends it)."""
+    monkeypatch.setattr(_oob, "PICKLE_INLINE_MAX", 1 << 20)
+    monkeypatch.setenv("WARDEN_PICKLE_INLINE_MAX", str(1 << 20))
+    monkeypatch.setattr(_runner, "MAX_FRAME", 2 << 20)
+    n = 3 << 20
+    with warden.ProcessPoolExecutor(1) as ex:
+        assert ex.submit(len, text_of(n)).result(timeout=60) == n
+        assert ex.submit(text_of, n).result(timeout=60) == text_of(n)
+    with warden.Pool(1) as pool:
+        assert pool.apply(len, (text_of(n),)) == n
+        assert pool.apply(text_of, (n,)) == text_of(n)
+
+
 # -- sharing -------------------------------------------------------------------
 #
 # Pickle keeps what an object graph shares: an object met twice arrives as

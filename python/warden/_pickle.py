@@ -389,7 +389,10 @@ def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
     if _is_small_and_plain(call):
         entry = _refs.get(fn) or _new_ref(fn)
         if entry is not None and entry[2] is not None and entry[0].get(entry[1]) is fn:
-            return entry[2] + pickle.dumps(args, PROTOCOL), None
+            data = entry[2] + pickle.dumps(args, PROTOCOL)
+            if len(data) <= _oob.PICKLE_INLINE_MAX:
+                return data, None
+            # A huge string: it travels beside the frame (see _oob.dumps).
     return dumps_oob(call)
 
 
@@ -432,7 +435,8 @@ def dumps_oob(obj: Any, to_parent: bool = False, lend: bool = True) -> tuple[byt
         except Exception:
             pass  # e.g. a lambda: the full path below says why, or uses cloudpickle
         else:
-            if _child_can_load(data):
+            # A pickle over the inline maximum (a huge string) travels beside its frame.
+            if len(data) <= _oob.PICKLE_INLINE_MAX and _child_can_load(data):
                 return data, None
     obj = _oob.prepare(obj)
     check = None if _main_is_importable() else _refuse_main
