@@ -252,6 +252,33 @@ def wait_for_file_then(path, value):
     return value
 
 
+def lend_slowly_read_results():
+    """A worker initializer: the exit's wait for the parent to read what it
+    lent starts from 50 ms, and counts on a parent reading 32 MiB/s."""
+    from warden import _workerloop
+
+    _workerloop._LOAN_GRACE = 0.05
+    _workerloop._SLOWEST_READ = 32 << 20
+
+
+def test_a_retiring_worker_waits_for_its_large_lent_result_as_long_as_its_size_takes_to_read(
+    carrier, no_segment_leaks
+):
+    """A worker retires after its task (``max_tasks_per_child=1``) while the
+    parent's results thread is busy (here a done callback; in earnest, the
+    results before it, 1 GiB each taking the parent seconds): its exit waits
+    for the parent to read the result it lent, longer the larger it is
+    (before, a fixed grace ran out and the result was lost with
+    ``ProcessLookupError``)."""
+    size = 64 << 20
+    with warden.ProcessPoolExecutor(2, max_tasks_per_child=1, initializer=lend_slowly_read_results) as ex:
+        first = ex.submit(os.getpid)
+        first.add_done_callback(lambda _: time.sleep(1.0))
+        big = ex.submit(bytes, size)
+        assert len(big.result(timeout=60)) == size
+        assert first.result(timeout=60) > 0
+
+
 def test_a_worker_killed_with_a_large_payload_in_flight_leaks_nothing(tmp_path, no_segment_leaks):
     started = tmp_path / "started"
     never = tmp_path / "never"

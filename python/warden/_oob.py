@@ -635,6 +635,20 @@ def _forget_loans() -> None:
 os.register_at_fork(after_in_child=_forget_loans)
 
 
+def lent_bytes() -> int:
+    """How many bytes this process has lent and not yet seen read."""
+    lender = _the_lender
+    if lender is None:
+        return 0
+    with lender.lock:
+        loans = list(lender.held.values())
+    total = 0
+    for loan in loans:
+        with loan.lock:
+            total += sum(view.nbytes for view in loan.views)
+    return total
+
+
 def wait_for_readers(every: bool = False, timeout: float | None = None) -> bool:
     """Waits until the readers of this process's mutable lent buffers (or,
     ``every``, of all of them) have read them or are gone: before a worker

@@ -69,8 +69,15 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _startup_sigint: Any = signal.default_int_handler
 
 
-#: How long a worker's exit waits for the parent to read the results it lent.
+#: How long a worker's exit waits for the parent to read the results it lent:
+#: this, and one second more for each :data:`_SLOWEST_READ` bytes lent (the
+#: parent reads results one after another: a few results of a GiB each
+#: take it seconds).
 _LOAN_GRACE = 5.0
+
+#: Bytes per second the parent reads lent results at, at least (about a
+#: tenth of what a loaded two-core machine measures).
+_SLOWEST_READ = 100 << 20
 
 
 def _print_exc(header: str = "") -> None:
@@ -411,8 +418,9 @@ class Handler:
         self._end_process(errors)
         # A result lent to the parent lives in this process's memory: wait
         # (briefly: the parent reads a result as soon as it arrives, and a
-        # parent that is gone closes its end) until it has been read.
-        if not _oob.wait_for_readers(every=True, timeout=_LOAN_GRACE):
+        # parent that is gone closes its end; longer for more bytes, which
+        # the parent takes longer to read) until it has been read.
+        if not _oob.wait_for_readers(every=True, timeout=_LOAN_GRACE + _oob.lent_bytes() / _SLOWEST_READ):
             print(f"warden: worker {os.getpid()}: exiting before the parent read a result", file=sys.stderr)
         return ("; ".join(errors) or None, self.exit_code)
 
