@@ -512,6 +512,39 @@ def test_a_burst_of_large_buffers_under_a_low_open_file_limit_loses_no_task(prog
     assert run.stdout.split() == ["wrong", "0"], run.stderr
 
 
+BROADCAST = """
+import resource, sys
+import warden
+from warden import _oob
+
+def size_of(block, i):
+    return len(block), i
+
+if __name__ == "__main__":
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    _oob.INLINE_FALLBACK_MAX = 1 << 20  # as if each call were over 64 MiB
+    block = b"x" * (2 << 20)
+    n = int(sys.argv[1])
+    with warden.ProcessPoolExecutor(2) as ex:  # not started before the first call
+        futures = [ex.submit(size_of, block, i) for i in range(n)]
+        right = sum(f.result(timeout=60) == (len(block), i) for i, f in enumerate(futures))
+        print("right", right, flush=True)
+"""
+
+
+def test_one_buffer_too_large_to_go_inline_sent_to_many_tasks_waits_for_descriptors_and_loses_none(program):
+    """The same large array given to many more tasks than the open file
+    limit allows descriptors for (each call in flight holds one or two until
+    its worker has it), and too large to be pickled into each call: submits
+    wait for descriptors to come free as workers take the calls, and every
+    task runs (before, a submit raised ``EMFILE``, and a pool not yet started
+    failed as a whole, unable to start its workers)."""
+    run = program(BROADCAST).run(timeout=120, args=("600",))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["right", "600"], run.stderr
+
+
 def test_a_result_this_process_has_no_descriptor_for_fails_alone_with_emfile(program):
     prog = program(
         """

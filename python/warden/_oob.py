@@ -69,6 +69,7 @@ import re
 import stat
 import struct
 import threading
+import time
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -329,7 +330,8 @@ def dumps(
     the pickle by raising, before any buffer is lent or copied. ``lend=False``
     copies the buffers into a segment even where they could be lent. When
     this process is short of file descriptors (:func:`fds_scarce`), a payload
-    of at most :data:`INLINE_FALLBACK_MAX` bytes is pickled inline instead.
+    of at most :data:`INLINE_FALLBACK_MAX` bytes is pickled inline instead,
+    and a larger one waits for one to come free (see :data:`FDS_WAIT`).
     A pickle larger than :data:`PICKLE_INLINE_MAX` goes with the buffers
     (the last), and the frame says so (see :func:`unpickle`)."""
     out = io.BytesIO()
@@ -347,17 +349,35 @@ def dumps(
     else:
         inline_ok = sum(b.raw().nbytes for b in buffers) + len(data) <= INLINE_FALLBACK_MAX
     head = data if buffers is collector.buffers else _PICKLE_BESIDE
-    try:
-        if lend and may_lend(to_parent):
-            fd = _lend(buffers, mutable_wait=to_parent, spare=inline_ok)
-            if fd is not None:
-                return head, fd
-        return head, make_segment(buffers, spare=inline_ok)
-    except _FdsScarce:
-        pass
-    except OSError as e:
-        if e.errno not in _NO_ROOM:
-            raise
+    waited_since = None
+    while True:
+        try:
+            if lend and may_lend(to_parent):
+                fd = _lend(buffers, mutable_wait=to_parent, spare=True)
+                if fd is not None:
+                    return head, fd
+            return head, make_segment(buffers, spare=True)
+        except _FdsScarce:
+            if inline_ok:
+                break
+            # Too large to go inline (each call a copy): wait for the calls
+            # and results in flight to give descriptors back, as workers
+            # take them, rather than take the pool's reserve.
+            now = time.monotonic()
+            if waited_since is None:
+                waited_since = now
+            elif now - waited_since > FDS_WAIT:
+                raise OSError(
+                    errno.EMFILE,
+                    f"no file descriptor came free within {FDS_WAIT:.0f} s for a call or result of "
+                    f"more than {INLINE_FALLBACK_MAX >> 20} MiB: this process holds most of its limit "
+                    "(ulimit -n), by itself or with the large calls and results in flight",
+                ) from None
+            time.sleep(0.01)
+        except OSError as e:
+            if e.errno not in _NO_ROOM:
+                raise
+            break
     # This process is short of file descriptors, or cannot make the pipe or
     # segment at all (no descriptor left, a file size limit, no memory for
     # it): the buffers go in the pickle, as the standard library sends them.
@@ -370,8 +390,13 @@ def dumps(
 
 
 #: The largest payload :func:`dumps` puts inline when this process is short
-#: of file descriptors; a larger one takes one anyway.
+#: of file descriptors; a larger one waits for one (up to :data:`FDS_WAIT`).
 INLINE_FALLBACK_MAX = 64 << 20
+
+#: How long :func:`dumps` waits, in seconds, for a descriptor to come free
+#: for a payload larger than :data:`INLINE_FALLBACK_MAX` while this process
+#: is short of them, before it raises ``OSError(EMFILE)``.
+FDS_WAIT = 60.0
 
 
 #: Why a segment or a lending pipe could not be made that sending the
