@@ -470,6 +470,47 @@ def test_what_a_call_or_result_shares_arrives_shared_as_pickle_gives_it(executor
     assert distinct(result) == 1
 
 
+class Referrer:
+    def __init__(self, ref):
+        self.ref = ref
+
+
+def held_is_given_and_changes_show(items, holder):
+    same = items is holder.ref
+    if isinstance(items, list):
+        items.append("appended")
+    else:
+        items.extend(b"!")
+    return same, len(holder.ref)
+
+
+def a_buffer_and_its_holder(n):
+    buf = bytearray(n)
+    return buf, Referrer(buf)
+
+
+def test_an_object_reached_both_in_the_call_and_through_an_attribute_arrives_as_one(
+    executor, no_segment_leaks
+):
+    """A list holding a large ``bytes``, or a large ``bytearray``, given to
+    a task and also held by an attribute of another argument (or returned
+    so): one object in the worker, as pickle gives it, so that a change
+    through one is seen through the other (before, the list was rebuilt to
+    send its buffer out of band, and the attribute still named the
+    original: two lists)."""
+    rows = [b"x" * (LIMIT * 2)]
+    assert executor.submit(held_is_given_and_changes_show, rows, Referrer(rows)).result(timeout=60) == (
+        True,
+        2,
+    )
+    buf = bytearray(LIMIT * 2)
+    got = executor.submit(held_is_given_and_changes_show, buf, Referrer(buf)).result(timeout=60)
+    assert got == (True, LIMIT * 2 + 1)
+    back, holder = executor.submit(a_buffer_and_its_holder, LIMIT * 2).result(timeout=60)
+    assert back is holder.ref
+    assert len(back) == LIMIT * 2
+
+
 # -- a low limit of open files ----------------------------------------------
 #
 # Each call or result in flight with large buffers holds a file descriptor

@@ -42,7 +42,7 @@ def _full_path(obj):
     """What dumps_oob makes of ``obj`` without its short cut for small calls."""
     from warden import _oob
 
-    return _oob.dumps(_oob.prepare(obj), _pickle._plain_oob)
+    return _oob.dumps(obj, _pickle._plain_oob, found=_oob.prepare(obj))
 
 
 def triple(x):

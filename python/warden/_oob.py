@@ -169,7 +169,9 @@ class _Wrapped:
         if type(obj) is bytearray:
             return (_bytearray_from, (pickle.PickleBuffer(obj),))
         if type(obj) is pickle.PickleBuffer:
-            return (_picklebuffer_from, (obj, memoryview(obj).readonly))
+            # A new PickleBuffer: the pickler would take this one for the
+            # object it stands in for again.
+            return (_picklebuffer_from, (pickle.PickleBuffer(obj), memoryview(obj).readonly))
         return (_memoryview_from, (pickle.PickleBuffer(obj), obj.format, obj.shape, obj.readonly))
 
 
@@ -203,33 +205,26 @@ _MAX_LEN = 256
 _SEEN = frozenset({bytes, bytearray, memoryview, pickle.PickleBuffer, tuple, list, dict})
 
 
-def prepare(obj: Any, depth: int = _DEPTH) -> Any:
-    """``obj`` with large ``bytes`` and ``bytearray``, every ``PickleBuffer``
-    and every ``memoryview`` the receiver can rebuild (see
-    :func:`_rebuildable`) wrapped so that they can travel out
-    of band: the object itself and what it holds in tuples, lists and dict
-    values, three levels deep (a task's ``(fn, args, kwargs)``, a map chunk,
-    a result), in containers of at most 256 items. Buffers deeper down are pickled as the
-    standard library does. Containers are only rebuilt when something in
-    them was wrapped; everything else is passed over at the cost of a type
-    check (this runs on every task).
+def prepare(obj: Any, depth: int = _DEPTH) -> dict[int, Any] | None:
+    """Finds the large ``bytes`` and ``bytearray``, every ``PickleBuffer``
+    and every ``memoryview`` in ``obj`` that should travel out of band: the
+    object itself and what it holds in tuples, lists and dict values, three
+    levels deep (a task's ``(fn, args, kwargs)``, a map chunk, a result), in
+    containers of at most 256 items. Buffers deeper down are pickled as the
+    standard library does. Everything else is passed over at the cost of a
+    type check (this runs on every task).
 
-    What pickle shares stays shared: an object met twice is wrapped (or
-    rebuilt) once, so it arrives as one object, as it would from the
-    standard pickler (``[b] * 200`` is one ``bytes``, not 200). A container
-    that holds itself is left as it is (its buffers then travel inline)."""
-    try:
-        return _prepare(obj, depth, {})
-    except _HoldsItself:
-        return obj
-
-
-class _HoldsItself(Exception):
-    """A container met inside itself while :func:`prepare` rebuilt it."""
-
-
-#: In :func:`prepare`'s memo: a container being rebuilt.
-_BUILDING = object()
+    Returns what to pickle in their place, by ``id`` (a :class:`_Wrapped`,
+    or an :class:`_Unsendable` for a ``memoryview`` no receiver could
+    rebuild as it is), for :func:`dumps` to give the pickler as its
+    ``persistent_id``; ``None`` if there is nothing. Nothing is copied or
+    rebuilt: the pickler meets the objects where they are, so what pickle
+    shares stays shared however it is reached (a list held by the call and
+    by an attribute of another argument arrives as one list, and ``[b] *
+    200`` as one ``bytes``)."""
+    found: dict[int, Any] = {}
+    _find(obj, depth, found, set())
+    return found or None
 
 
 def _rebuildable(view: memoryview) -> bool:
@@ -249,47 +244,42 @@ def _rebuildable(view: memoryview) -> bool:
     return True
 
 
-def _prepare(obj: Any, depth: int, memo: dict[int, Any]) -> Any:
+def _find(obj: Any, depth: int, found: dict[int, Any], seen: set[int]) -> None:
     t = type(obj)
     if t is bytes or t is bytearray:
         if len(obj) < INLINE_LIMIT:
-            return obj
+            return
+        wrap: Any = _Wrapped
     elif t is memoryview:
-        if not _rebuildable(obj):
-            return _Unsendable(obj)
-    elif t is not pickle.PickleBuffer:
-        if t not in _SEEN:
-            return obj
-        done = memo.get(id(obj))
-        if done is _BUILDING:
-            raise _HoldsItself
-        if done is not None:
-            return done
-        if not depth or len(obj) > _MAX_LEN:
-            return obj
-        return _prepare_container(obj, t, depth - 1, memo)
-    # A buffer: wrapped, once however often it is met. (Out of band, pickle
-    # would hand the receiver a memoryview for a PickleBuffer; the wrapper
-    # keeps the standard library's bytes or bytearray instead.)
-    wrapped = memo.get(id(obj))
-    if wrapped is None:
-        wrapped = memo[id(obj)] = _Wrapped(obj)
-    return wrapped
+        wrap = _Wrapped if _rebuildable(obj) else _Unsendable
+    elif t is pickle.PickleBuffer:
+        wrap = _Wrapped
+    else:
+        if t not in _SEEN or not depth or len(obj) > _MAX_LEN or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        for x in obj.values() if t is dict else obj:
+            if type(x) in _SEEN:
+                _find(x, depth - 1, found, seen)
+        return
+    # A buffer: one stand-in, however often it is met, which the pickler
+    # memoizes: the receiver gets one object. (Out of band, pickle would
+    # hand the receiver a memoryview for a PickleBuffer; the stand-in keeps
+    # the standard library's bytes or bytearray instead.)
+    if id(obj) not in found:
+        found[id(obj)] = wrap(obj)
 
 
-def _prepare_container(obj: Any, t: type, depth: int, memo: dict[int, Any]) -> Any:
-    memo[id(obj)] = _BUILDING
-    copy: Any = None
-    for key, x in obj.items() if t is dict else enumerate(obj):
-        if type(x) in _SEEN:
-            y = _prepare(x, depth, memo)
-            if y is not x:
-                if copy is None:
-                    copy = dict(obj) if t is dict else list(obj)
-                copy[key] = y
-    result = obj if copy is None else tuple(copy) if t is tuple else copy
-    memo[id(obj)] = result
-    return result
+def _persistent_id(found: dict[int, Any]) -> Callable[[Any], Any]:
+    """The pickler's ``persistent_id`` for what :func:`prepare` found: the
+    stand-in of each such object, pickled in its place (and read back as
+    itself by the receiver's ``persistent_load``, see :class:`_Unpickler`)."""
+    get = found.get
+
+    def persistent_id(obj: Any) -> Any:
+        return get(id(obj))
+
+    return persistent_id
 
 
 class Collector:
@@ -320,6 +310,7 @@ def dumps(
     to_parent: bool = False,
     check: Callable[[bytes], object] | None = None,
     lend: bool = True,
+    found: dict[int, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """Pickles ``obj`` with ``pickler(file, buffer_callback)``. Returns the
     pickle and the fd that carries its out-of-band buffers (the caller owns
@@ -328,7 +319,8 @@ def dumps(
     everything is inline. ``to_parent``: the receiver is the parent of this
     process (a result), not a child (a call). ``check(pickle)`` may refuse
     the pickle by raising, before any buffer is lent or copied. ``lend=False``
-    copies the buffers into a segment even where they could be lent. When
+    copies the buffers into a segment even where they could be lent.
+    ``found``: what :func:`prepare` found in ``obj``, pickled in its place. When
     this process is short of file descriptors (:func:`fds_scarce`), a payload
     of at most :data:`INLINE_FALLBACK_MAX` bytes is pickled inline instead,
     and a larger one waits for one to come free (see :data:`FDS_WAIT`).
@@ -336,7 +328,7 @@ def dumps(
     (the last), and the frame says so (see :func:`unpickle`)."""
     out = io.BytesIO()
     collector = Collector()
-    pickler(out, collector).dump(obj)
+    _dump(pickler(out, collector), obj, found)
     data = out.getvalue()
     if check is not None:
         check(data)
@@ -382,11 +374,17 @@ def dumps(
     # segment at all (no descriptor left, a file size limit, no memory for
     # it): the buffers go in the pickle, as the standard library sends them.
     out = io.BytesIO()
-    pickler(out, _in_band).dump(obj)
+    _dump(pickler(out, _in_band), obj, found)
     data = out.getvalue()
     if check is not None:
         check(data)
     return data, None
+
+
+def _dump(p: pickle.Pickler, obj: Any, found: dict[int, Any] | None) -> None:
+    if found is not None:
+        p.persistent_id = _persistent_id(found)  # type: ignore[method-assign]
+    p.dump(obj)
 
 
 #: The largest payload :func:`dumps` puts inline when this process is short
@@ -803,10 +801,11 @@ def _read_lent(fd: int) -> list[Any]:
 
 #: Where numpy rebuilds an array from its buffer (protocol 5), by version.
 _FROMBUFFER_MODULES = frozenset({"numpy._core.numeric", "numpy.core.numeric"})
-#: A pickle that may name it (the rest are unpickled as they are).
-_NAMES_FROMBUFFER = re.compile(re.escape(b"_frombuffer")).search
-#: No pickle of an array is shorter (a scalar result is).
-_MIN_ARRAY_PICKLE = 64
+#: A pickle that may name it, or hold a buffer's stand-in (which names this
+#: module: see :func:`prepare`); the rest are unpickled as they are.
+_NAMES_SPECIAL = re.compile(re.escape(b"_frombuffer") + b"|" + re.escape(__name__.encode())).search
+#: No pickle of an array or of a stand-in is shorter (a scalar result is).
+_MIN_SPECIAL_PICKLE = 24
 
 
 def unpickle(data: Any, buffers: Any = None) -> Any:
@@ -824,7 +823,7 @@ def unpickle(data: Any, buffers: Any = None) -> Any:
     A pickle that travelled beside its frame is the last of ``buffers``."""
     if buffers is not None and len(data) == len(_PICKLE_BESIDE) and bytes(data) == _PICKLE_BESIDE:
         *buffers, data = buffers
-    if len(data) < _MIN_ARRAY_PICKLE or _NAMES_FROMBUFFER(data) is None:
+    if len(data) < _MIN_SPECIAL_PICKLE or _NAMES_SPECIAL(data) is None:
         return _loads(data) if buffers is None else _loads(data, buffers=buffers)
     return _Unpickler(io.BytesIO(data), buffers=buffers).load()
 
@@ -833,6 +832,11 @@ _loads = pickle.loads
 
 
 class _Unpickler(pickle.Unpickler):
+    def persistent_load(self, pid: Any) -> Any:
+        """A buffer's stand-in (see :func:`prepare`), already rebuilt as the
+        object it stood in for."""
+        return pid
+
     def find_class(self, module: str, name: str) -> Any:
         found = super().find_class(module, name)
         if name == "_frombuffer" and module in _FROMBUFFER_MODULES:

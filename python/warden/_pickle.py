@@ -438,17 +438,17 @@ def dumps_oob(obj: Any, to_parent: bool = False, lend: bool = True) -> tuple[byt
             # A pickle over the inline maximum (a huge string) travels beside its frame.
             if len(data) <= _oob.PICKLE_INLINE_MAX and _child_can_load(data):
                 return data, None
-    obj = _oob.prepare(obj)
+    found = _oob.prepare(obj)
     check = None if _main_is_importable() else _refuse_main
     try:
-        return _oob.dumps(obj, _plain_oob, to_parent=to_parent, check=check, lend=lend)
+        return _oob.dumps(obj, _plain_oob, to_parent=to_parent, check=check, lend=lend, found=found)
     except _oob.SegmentTooLarge:
         raise
     except _NamesMain:
-        return _oob.dumps(obj, _cloud_oob, to_parent=to_parent, lend=lend)
+        return _oob.dumps(obj, _cloud_oob, to_parent=to_parent, lend=lend, found=found)
     except Exception as plain_error:
         try:
-            return _oob.dumps(obj, _cloud_oob, to_parent=to_parent, lend=lend)
+            return _oob.dumps(obj, _cloud_oob, to_parent=to_parent, lend=lend, found=found)
         except Exception as cloud_error:
             plain_error.add_note(f"(cloudpickle could not pickle it either: {cloud_error!r})")
             raise plain_error from None
