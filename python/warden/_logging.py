@@ -47,9 +47,10 @@ import pickle
 import select
 import socket
 import sys
-import threading
 import traceback
 from typing import Any
+
+from . import _native
 
 #: Seconds a worker waits to hand a record over before writing it to its stderr.
 SEND_TIMEOUT = 10.0
@@ -73,14 +74,14 @@ class _Listener:
         # recv would cost more than handling the record).
         self.buffer = bytearray(_RECV_SIZE)
         self.view = memoryview(self.buffer)
-        self.lock = threading.Lock()
+        self.lock = _native.Lock()
         #: Pools forwarding to this listener now.
         self.users = 0
         #: The thread reading now, and the writing end of its wake pipe: a
         #: byte written there ends it (after a last drain). Each thread has a
         #: pipe of its own, so that a stopped thread still finishing and the
         #: one started after it cannot take each other's byte.
-        self.thread: threading.Thread | None = None
+        self.thread: Any = None
         self.wake = -1
         #: Threads started and not ended yet (a stopped one may still be
         #: finishing), and the fds of their wake pipes; changed under
@@ -95,9 +96,7 @@ class _Listener:
         if self.thread is None:
             wake_read, self.wake = os.pipe()
             self.pipes.update((wake_read, self.wake))
-            self.thread = threading.Thread(
-                target=self._run, args=(wake_read, self.wake), name="warden-logging", daemon=True
-            )
+            self.thread = _native.Thread(target=self._run, args=(wake_read, self.wake), name="warden-logging")
             self.running += 1
             try:
                 self.thread.start()
@@ -106,7 +105,7 @@ class _Listener:
                 self._thread_gone(wake_read, self.wake)
                 raise
 
-    def stop(self) -> threading.Thread | None:
+    def stop(self) -> Any:
         """Under ``_listener_lock``: tells the thread to end; returns it (to
         join) if it was running."""
         thread, self.thread = self.thread, None
@@ -116,7 +115,7 @@ class _Listener:
 
     def _run(self, wake_read: int, wake_write: int) -> None:
         try:
-            poller = select.poll()
+            poller = _native.poll()
             poller.register(self.receiver, select.POLLIN)
             poller.register(wake_read, select.POLLIN)
             while True:
@@ -141,7 +140,7 @@ class _Listener:
         global _listener
         for fd in pipe:
             self.pipes.discard(fd)
-            os.close(fd)
+            _native.close(fd)
         self.running -= 1
         if self.running or self.users:
             return False
@@ -170,7 +169,7 @@ class _Listener:
                 sock.close()
         for fd in self.pipes:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                _native.close(fd)
         self.pipes.clear()
 
     def drain(self) -> None:
@@ -187,7 +186,7 @@ class _Listener:
 
 
 _listener: _Listener | None = None
-_listener_lock = threading.Lock()
+_listener_lock = _native.Lock()
 
 #: How long :func:`release` waits for the thread to finish the records it has.
 STOP_WAIT = 2.0
@@ -199,7 +198,7 @@ def _reset_after_fork() -> None:
     the garbage collector, with a ``ResourceWarning``)."""
     global _listener, _listener_lock
     listener, _listener = _listener, None
-    _listener_lock = threading.Lock()
+    _listener_lock = _native.Lock()
     if listener is not None:
         listener.close_inherited()
 
@@ -230,7 +229,7 @@ def release() -> None:
             return
         listener.users -= 1
         thread = listener.stop() if listener.users == 0 else None
-    if thread is not None and thread is not threading.current_thread():
+    if thread is not None and not _native.is_current(thread):
         thread.join(STOP_WAIT)
 
 

@@ -71,6 +71,8 @@ import struct
 import threading
 import time
 
+from . import _native
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -518,16 +520,16 @@ def _lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool, spare: bool = 
         return None
     r, w = os.pipe()
     if spare and fds_scarce(max(r, w)):
-        os.close(r)
-        os.close(w)
+        _native.close(r)
+        _native.close(w)
         raise _FdsScarce
     try:
         os.set_blocking(w, False)
         if os.write(w, table) != len(table):
             raise BlockingIOError
     except OSError:
-        os.close(r)
-        os.close(w)
+        _native.close(r)
+        _native.close(w)
         return None
     lender = _lender()
     loan = Loan(views, mutable and mutable_wait)
@@ -581,18 +583,18 @@ class _Lender:
     child's copies)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.released = threading.Condition(self.lock)
+        self.lock = _native.Lock()
+        self.released = _native.Condition(self.lock)
         self.held: dict[int, Loan] = {}
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
-        self.thread: threading.Thread | None = None
+        self.thread: Any = None
 
     def hold(self, fd: int, loan: Loan) -> None:
         with self.lock:
             self.held[fd] = loan
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="warden-lender", daemon=True)
+                self.thread = _native.Thread(target=self._run, name="warden-lender")
                 self.thread.start()
         with contextlib.suppress(BlockingIOError):  # full: already awake
             os.write(self.wake_w, b"\0")
@@ -601,7 +603,7 @@ class _Lender:
         import select
 
         while True:
-            poller = select.poll()
+            poller = _native.poll()
             poller.register(self.wake_r, select.POLLIN)
             with self.lock:
                 for fd in self.held:
@@ -614,7 +616,7 @@ class _Lender:
                         os.read(self.wake_r, 4096)
                     elif fd in self.held:
                         done.append(self.held.pop(fd))
-                        os.close(fd)
+                        _native.close(fd)
                 if done:
                     self.released.notify_all()
             for loan in done:
@@ -652,7 +654,7 @@ def _forget_loans() -> None:
     if lender is not None:
         for fd in [*lender.held, lender.wake_r, lender.wake_w]:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                _native.close(fd)
 
 
 os.register_at_fork(after_in_child=_forget_loans)
@@ -702,7 +704,7 @@ def make_segment(buffers: list[pickle.PickleBuffer], spare: bool = False) -> int
     _check_size(size)
     fd = os.memfd_create("warden-oob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     if spare and fds_scarce(fd):
-        os.close(fd)
+        _native.close(fd)
         raise _FdsScarce
     try:
         os.ftruncate(fd, size)
@@ -712,7 +714,7 @@ def make_segment(buffers: list[pickle.PickleBuffer], spare: bool = False) -> int
             _write_all(fd, view, off)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
     except BaseException:
-        os.close(fd)
+        _native.close(fd)
         raise
     return fd
 
@@ -738,13 +740,13 @@ def open_segment(fd: int) -> list[Any]:
     try:
         is_table = stat.S_ISFIFO(os.fstat(fd).st_mode)
     except OSError:
-        os.close(fd)
+        _native.close(fd)
         raise
     if is_table:
         try:
             return _read_lent(fd)
         finally:
-            os.close(fd)
+            _native.close(fd)
     try:
         segment = _warden.map_segment(fd, _HEAD.size, MAX_SEGMENT)
     except ValueError as e:

@@ -36,7 +36,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from . import _finalize, _logging, _oob, _warden
+from . import _finalize, _logging, _native, _oob, _warden
 from ._errors import ErrorData
 from ._pickle import dumps_for_spawn
 
@@ -57,7 +57,7 @@ OnDone = Callable[[bool | None, Any], None]
 #: exit finds every pool still running (and stops its thread before the
 #: interpreter finalizes); a runner leaves once its pool has shut down.
 _live: set[Runner] = set()
-_live_lock = threading.Lock()
+_live_lock = _native.Lock()
 #: In a results thread: ``core``, the pool whose outcomes it delivers.
 _delivering = threading.local()
 
@@ -479,14 +479,13 @@ class Runner:
         self.pending: dict[int, OnDone] = {}
         #: Held from submitting a task until its callback is in ``pending``,
         #: and by the results thread while it looks callbacks up there.
-        self.pending_lock = threading.Lock()
-        self.thread: threading.Thread | None = None
+        self.pending_lock = _native.Lock()
+        self.thread: Any = None
         if deliver:
-            self.thread = threading.Thread(
+            self.thread = _native.Thread(
                 target=_deliver_outcomes,
                 args=(self.core, self.pending, self.pending_lock, self._leave_live_set, forward_logging),
                 name="warden-results",
-                daemon=True,
             )
         with _live_lock:
             _live.add(self)
@@ -569,7 +568,7 @@ class Runner:
         except KeyboardInterrupt:
             self.interrupt()
             raise
-        if done and self.thread is not None and self.thread is not threading.current_thread():
+        if done and self.thread is not None and not _native.is_current(self.thread):
             self.thread.join(None if timeout is None else max(timeout, 1.0))
         if done and self.forward_logging:
             _logging.drain()  # what the finalizers logged
@@ -617,7 +616,7 @@ class Runner:
         except KeyboardInterrupt:
             self.interrupt()
             raise
-        if self.thread is not None and self.thread is not threading.current_thread():
+        if self.thread is not None and not _native.is_current(self.thread):
             self.thread.join(10.0)
 
 
@@ -689,7 +688,7 @@ def _named(name: str, values: Any) -> list[tuple[str, Any]]:
 def _close_fds(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
-            os.close(fd)
+            _native.close(fd)
 
 
 def close_fd(fd: int | None) -> None:
@@ -715,9 +714,9 @@ def _forget_runners_after_fork() -> None:
     original's. Locks a thread that does not exist here may have held are
     made anew."""
     global _live_lock
-    _live_lock = threading.Lock()
+    _live_lock = _native.Lock()
     for runner in _live:
-        runner.pending_lock = threading.Lock()
+        runner.pending_lock = _native.Lock()
     _live.clear()
     _loans.clear()
 

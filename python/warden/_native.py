@@ -1,0 +1,209 @@
+"""warden's own threads, which must be threads of the operating system.
+
+Each of them waits in a call that blocks its thread (the core's wait for
+outcomes, ``poll`` on pipes): in a thread of the operating system, other
+threads run on meanwhile. A program that gevent monkey-patched
+(``gevent.monkey.patch_all()``) has ``threading.Thread`` start greenlets on
+the calling thread instead, and ``select.poll`` cooperative: a greenlet
+that blocked in the core would stop the whole program (its ``submit`` never
+returned, Ctrl-C included). There, :func:`Thread` starts a thread of the
+operating system with the original ``_thread`` functions, and :func:`poll`
+is the original ``select.poll``.
+Without gevent's patching, both are the standard library's own.
+
+:func:`Lock` and :func:`Condition` are what these threads share with each
+other (and hold only briefly in the program's threads): under gevent's
+patching, a gevent lock passed between two real threads waits for a hub
+that may never hear of it, so they are the original locks there.
+
+Caveat: under gevent, what such a thread runs of the program's (a future's
+done callbacks, which the results thread calls) runs in that real thread, as
+it would without gevent's patching; a future's own condition stays gevent's,
+which the program's greenlets wait on, and which a real thread can wake.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def _gevent_threading() -> Any:
+    """``gevent.monkey`` if it patched ``threading``, else ``None``."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None:
+        return None
+    try:
+        return monkey if monkey.is_module_patched("threading") else None
+    except Exception:
+        return None
+
+
+class _OsThread:
+    """A target run in a thread started with the original
+    ``_thread.start_new_thread``, with the part of ``threading.Thread``'s
+    interface warden uses. (Not gevent's pool of real threads: a worker
+    forked by the zygote from a patched ``__main__`` has a copy of that
+    pool without its threads.)"""
+
+    def __init__(self, monkey: Any, target: Callable[..., Any], args: tuple[Any, ...], name: str) -> None:
+        self._start_new_thread = monkey.get_original("_thread", "start_new_thread")
+        self._get_ident = monkey.get_original("_thread", "get_ident")
+        self._running = monkey.get_original("_thread", "allocate_lock")()
+        self._target, self._args, self.name = target, args, name
+        self._ident: int | None = None
+        self._started = False
+
+    def start(self) -> None:
+        import gevent
+
+        # While the thread runs, a watcher keeps the starting thread's hub
+        # from deciding that a greenlet waiting for what the thread will
+        # give (a future's result) would wait forever (``LoopExit``).
+        loop = gevent.get_hub().loop
+        keep = loop.async_()
+        keep.start(_nothing)
+        self._running.acquire()
+        try:
+            self._start_new_thread(self._run, (loop, keep))
+        except BaseException:
+            self._running.release()
+            keep.stop()
+            raise
+        self._started = True
+
+    def _run(self, loop: Any, keep: Any) -> None:
+        self._ident = self._get_ident()
+        try:
+            self._target(*self._args)
+        finally:
+            self._running.release()
+            loop.run_callback_threadsafe(keep.stop)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Waits for the target to return (blocking this thread, greenlets
+        and all: warden joins its threads with a bound, as they end)."""
+        if self._started and self._running.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+            self._running.release()
+
+    def is_alive(self) -> bool:
+        return self._started and self._running.locked()
+
+    def is_current(self) -> bool:
+        return self._ident is not None and self._ident == self._get_ident()
+
+
+def _nothing() -> None:
+    pass
+
+
+def Thread(target: Callable[..., Any], args: tuple[Any, ...] = (), name: str = "") -> Any:
+    """A daemon thread of the operating system that runs ``target(*args)``
+    once started: a ``threading.Thread``, or under gevent's patching one
+    started with the original ``_thread`` functions (see the module
+    documentation)."""
+    monkey = _gevent_threading()
+    if monkey is None:
+        return threading.Thread(target=target, args=args, name=name, daemon=True)
+    return _OsThread(monkey, target, args, name)
+
+
+def is_current(thread: Any) -> bool:
+    """Whether ``thread`` (made by :func:`Thread`) is the calling thread."""
+    if isinstance(thread, _OsThread):
+        return thread.is_current()
+    return thread is threading.current_thread()
+
+
+def Lock() -> Any:
+    """``threading.Lock()``; the original lock under gevent's patching."""
+    monkey = _gevent_threading()
+    if monkey is None:
+        return threading.Lock()
+    return monkey.get_original("_thread", "allocate_lock")()
+
+
+def Condition(lock: Any) -> Any:
+    """``threading.Condition(lock)``; under gevent's patching, one made of
+    original locks only (``threading.Condition`` makes its waiters' locks
+    with the patched allocator)."""
+    monkey = _gevent_threading()
+    if monkey is None:
+        return threading.Condition(lock)
+    return _OsCondition(lock, monkey.get_original("_thread", "allocate_lock"))
+
+
+class _OsCondition:
+    """The part of ``threading.Condition`` warden uses, on original locks."""
+
+    def __init__(self, lock: Any, allocate: Callable[[], Any]) -> None:
+        self._lock, self._allocate = lock, allocate
+        self._waiters: list[Any] = []
+
+    def __enter__(self) -> Any:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._lock.__exit__(*exc)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """With the lock held: releases it until notified or ``timeout``."""
+        waiter = self._allocate()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        self._lock.release()
+        try:
+            return bool(waiter.acquire(True, -1 if timeout is None else max(timeout, 0)))
+        finally:
+            self._lock.acquire()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
+        end = None if timeout is None else time.monotonic() + timeout
+        result = predicate()
+        while not result:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            self.wait(left)
+            result = predicate()
+        return result
+
+    def notify_all(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.release()
+
+
+def close(fd: int) -> None:
+    """``os.close(fd)``, at once: gevent's patched ``os.close`` leaves a
+    descriptor for the calling thread's hub to close, which a thread of
+    warden's never runs (a lent result's table stayed open, and its worker
+    waited for the reader to go)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        try:
+            if monkey.is_module_patched("os"):
+                return monkey.get_original("os", "close")(fd)  # type: ignore[no-any-return]
+        except AttributeError:
+            pass
+    os.close(fd)
+
+
+def poll() -> Any:
+    """``select.poll()``: the original one where gevent replaced it with its
+    cooperative one (which would wait for this thread's own hub)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        try:
+            if monkey.is_module_patched("select"):
+                return monkey.get_original("select", "poll")()
+        except Exception:
+            pass
+    return select.poll()
