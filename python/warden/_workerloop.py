@@ -183,6 +183,34 @@ def _system_exit_code(e: SystemExit) -> int:
     return 1
 
 
+#: What coverage.py sets on ``multiprocessing`` once it measures its
+#: children (``concurrency = multiprocessing``).
+_COVERAGE_PATCHED = "_coverage$patched"
+
+
+def _measure_coverage_if_asked() -> None:
+    """Under coverage.py's ``concurrency = multiprocessing``, measures this
+    worker or child as coverage measures a child of ``multiprocessing``.
+
+    Coverage wraps ``BaseProcess._bootstrap``, which a warden worker does
+    not run, so that each child starts its own measurement; the preparation
+    data carries its patch into the child (it is applied by now). Here the
+    measurement starts as its wrapper starts it, after the program's main
+    module is imported; its data is saved, in a file of this process's own,
+    by the exit handler it registers (among this process's ``atexit``
+    handlers, which the exit path runs). Without that, a program measured
+    with warden's pools saw every line its tasks ran reported as missed."""
+    if not getattr(multiprocessing, _COVERAGE_PATCHED, False):
+        return
+    try:
+        from coverage import Coverage
+    except ImportError:
+        return
+    cov = Coverage(data_suffix=True, auto_data=True)
+    cov._warn_preimported_source = False  # as coverage's own wrapper says: main is imported by now
+    cov.start()
+
+
 def _join_non_daemon_threads() -> None:
     """Waits for the non-daemon threads of this process, as interpreter exit
     does (``threading._shutdown``)."""
@@ -249,6 +277,7 @@ class Handler:
             me._inheriting = True  # type: ignore[attr-defined]
             try:
                 multiprocessing.spawn.prepare(init["preparation"])
+                _measure_coverage_if_asked()
                 hooks = _oob.unpickle(init["hooks"]) if init["hooks"] else {}
             finally:
                 del me._inheriting  # type: ignore[attr-defined]
