@@ -16,6 +16,7 @@ import multiprocessing.pool
 import os
 import re
 import signal
+import sys
 import textwrap
 import threading
 import time
@@ -1133,3 +1134,43 @@ def test_a_task_or_a_process_target_can_start_its_own_session(program, impl):
     left = "True" if impl == "stdlib" else "False"
     expected = ["task True", "process exit code 0", f"child left running {left}"]
     assert run.lines == expected, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("where", ["atexit", "thread-after-main"])
+def test_a_programs_first_pool_made_while_the_interpreter_shuts_down_runs_as_under_fork(program, where):
+    """The first pool made in an ``atexit`` handler, or in a thread that
+    runs on after the main thread returned: it runs, as under the standard
+    library's default (fork) start method; before, importing warden's pool
+    raised "can't register atexit after shutdown" (the standard library's
+    spawn pool hangs there)."""
+    if where == "atexit" and sys.version_info >= (3, 12):
+        pytest.skip("Python 3.12 starts no thread nor process in atexit handlers (its fork pool fails too)")
+    prog = program(
+        f"""
+        import atexit, threading, time
+
+        def square(x):
+            return x * x
+
+        def use_a_pool():
+            import warden
+            with warden.Pool(2) as pool:
+                print("pool", pool.map(square, range(4)), flush=True)
+            with warden.ProcessPoolExecutor(1) as ex:
+                print("executor", ex.submit(square, 5).result(timeout=60), flush=True)
+
+        def later():
+            time.sleep(0.3)
+            use_a_pool()
+
+        if __name__ == "__main__":
+            if "{where}" == "atexit":
+                atexit.register(use_a_pool)
+            else:
+                threading.Thread(target=later).start()
+            print("main returns", flush=True)
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["main returns", "pool [0, 1, 4, 9]", "executor 25"], run.stderr

@@ -12,7 +12,23 @@ from __future__ import annotations
 
 import errno
 import pickle
+import threading
 from concurrent.futures import CancelledError
+
+try:
+    import concurrent.futures.process
+except RuntimeError:
+    # Imported for the first time while the interpreter shuts down (the
+    # program's first pool made in an atexit handler, or in a thread still
+    # running after the main thread returned): the module registers an exit
+    # handler with threading, which refuses it then. That handler only joins
+    # the standard library's own executors, of which there are none.
+    _register = threading._register_atexit  # type: ignore[attr-defined]
+    threading._register_atexit = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+    try:
+        import concurrent.futures.process  # noqa: F401
+    finally:
+        threading._register_atexit = _register  # type: ignore[attr-defined]
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
 from ._remote import RemoteError, TaskAborted, TaskInterrupted
