@@ -325,7 +325,7 @@ def dumps(
     ``found``: what :func:`prepare` found in ``obj``, pickled in its place. When
     this process is short of file descriptors (:func:`fds_scarce`), a payload
     of at most :data:`INLINE_FALLBACK_MAX` bytes is pickled inline instead,
-    and a larger one waits for one to come free (see :data:`FDS_WAIT`).
+    and a larger call waits for one to come free (see :data:`FDS_WAIT`).
     A pickle larger than :data:`PICKLE_INLINE_MAX` goes with the buffers
     (the last), and the frame says so (see :func:`unpickle`)."""
     out = io.BytesIO()
@@ -343,29 +343,33 @@ def dumps(
     else:
         inline_ok = sum(b.raw().nbytes for b in buffers) + len(data) <= INLINE_FALLBACK_MAX
     head = data if buffers is collector.buffers else _PICKLE_BESIDE
+    # A call too large to go inline (each call a copy) waits, while this
+    # process is short of descriptors, for the calls in flight to give theirs
+    # back as workers take them, rather than take the reserve the pool needs
+    # to start workers and read results. A result takes one anyway: what
+    # holds a worker's descriptors is its own task, which waiting would not
+    # end.
+    spare = inline_ok or not to_parent
     waited_since = None
     while True:
         try:
             if lend and may_lend(to_parent):
-                fd = _lend(buffers, mutable_wait=to_parent, spare=True)
+                fd = _lend(buffers, mutable_wait=to_parent, spare=spare)
                 if fd is not None:
                     return head, fd
-            return head, make_segment(buffers, spare=True)
+            return head, make_segment(buffers, spare=spare)
         except _FdsScarce:
             if inline_ok:
                 break
-            # Too large to go inline (each call a copy): wait for the calls
-            # and results in flight to give descriptors back, as workers
-            # take them, rather than take the pool's reserve.
             now = time.monotonic()
             if waited_since is None:
                 waited_since = now
             elif now - waited_since > FDS_WAIT:
                 raise OSError(
                     errno.EMFILE,
-                    f"no file descriptor came free within {FDS_WAIT:.0f} s for a call or result of "
+                    f"no file descriptor came free within {FDS_WAIT:.0f} s for a call of "
                     f"more than {INLINE_FALLBACK_MAX >> 20} MiB: this process holds most of its limit "
-                    "(ulimit -n), by itself or with the large calls and results in flight",
+                    "(ulimit -n), by itself or with the large calls in flight",
                 ) from None
             time.sleep(0.01)
         except OSError as e:
@@ -394,7 +398,7 @@ def _dump(p: pickle.Pickler, obj: Any, found: dict[int, Any] | None) -> None:
 INLINE_FALLBACK_MAX = 64 << 20
 
 #: How long :func:`dumps` waits, in seconds, for a descriptor to come free
-#: for a payload larger than :data:`INLINE_FALLBACK_MAX` while this process
+#: for a call larger than :data:`INLINE_FALLBACK_MAX` while this process
 #: is short of them, before it raises ``OSError(EMFILE)``.
 FDS_WAIT = 60.0
 
