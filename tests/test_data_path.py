@@ -362,7 +362,7 @@ def test_a_result_too_large_for_the_parents_memory_fails_alone_and_the_pool_goes
                 try:
                     ex.submit(bytes, 200 << 20).result(timeout=60)
                 except (MemoryError, OSError, warden.SegmentError) as e:
-                    print("too large:", type(e).__name__, flush=True)
+                    print("too large:", type(e).__name__, getattr(e, "__notes__", []), flush=True)
                 resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
                 same = ex.submit(os.getpid).result(timeout=60) == pid
                 print("then", ex.submit(abs, -2).result(timeout=60), same)
@@ -372,6 +372,8 @@ def test_a_result_too_large_for_the_parents_memory_fails_alone_and_the_pool_goes
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert len(lines) == 2 and lines[0].startswith("too large:"), (run.stdout, run.stderr)
+    # The error says where it happened (a bare MemoryError did not).
+    assert "read the task's result out of its worker" in lines[0], lines[0]
     assert lines[1] == "then 2 True", run.stderr
 
 

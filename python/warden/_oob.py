@@ -894,6 +894,7 @@ class Received:
         try:
             self.buffers = open_segment(fd)
         except Exception as e:  # MemoryError too: the task fails, not the thread reading it
+            e.add_note("(raised while this process read the task's result out of its worker)")
             self.error = e
 
     def load(self) -> Any:
