@@ -212,7 +212,11 @@ impl Builder {
     /// the init timeout), that dies while idle, or that breaks the protocol.
     /// A worker that dies while running a task fails that task
     /// ([`Error::is_crash`]) and is replaced without counting: each such death
-    /// consumes a task, so it cannot loop forever.
+    /// consumes a task, so it cannot loop forever. Nor does a start the
+    /// system refuses for want of processes, threads or memory (`EAGAIN`
+    /// under `ulimit -u`, `ENOMEM`): it is tried again after a delay that
+    /// doubles from 10 ms to 1 s, and fails the pool only once no worker has
+    /// served for the init timeout since the shortage began.
     pub fn restart_intensity(mut self, max: u32, window: Duration) -> Self {
         self.cfg.restart_limit = max;
         self.cfg.restart_window = window;
