@@ -16,6 +16,7 @@ import multiprocessing.pool
 import os
 import re
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -1174,3 +1175,60 @@ def test_a_programs_first_pool_made_while_the_interpreter_shuts_down_runs_as_und
     run = prog.run(timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["main returns", "pool [0, 1, 4, 9]", "executor 25"], run.stderr
+
+
+STALE_CTRL_C = """
+import code, concurrent.futures, multiprocessing, sys, time
+import warden
+
+def slow(x):
+    time.sleep(0.2)
+    print("task done", x, flush=True)
+    return x
+
+if __name__ == "__main__":
+    # An embedded interpreter reports a Ctrl-C: it stays in sys.last_value.
+    code.InteractiveInterpreter().runsource("raise KeyboardInterrupt")
+    if sys.argv[1] == "warden":
+        ex = warden.ProcessPoolExecutor(1)
+    else:
+        ex = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    futures = [ex.submit(slow, i) for i in range(3)]
+    print("main done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_a_ctrl_c_reported_long_before_exit_does_not_drop_the_pending_tasks(program, impl):
+    """``sys.last_value`` keeps the last exception reported (at a REPL's
+    prompt, by ``code.interact``, by IPython) while the program goes on: a
+    program ending normally after one still runs its pending tasks, as
+    ``concurrent.futures`` promises; only a Ctrl-C that ends the program
+    cuts them short (before, any KeyboardInterrupt left there did)."""
+    run = program(STALE_CTRL_C).run(timeout=60, args=(impl,))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["main done", "task done 0", "task done 1", "task done 2"], run.stderr
+
+
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_the_interactive_interpreter_runs_pending_tasks_at_exit_after_a_ctrl_c_at_its_prompt(tmp_path, impl):
+    session = textwrap.dedent(
+        f"""
+        import concurrent.futures, multiprocessing, time
+        import warden
+        from slow import slow
+
+        raise KeyboardInterrupt
+        Executor = (warden.ProcessPoolExecutor, concurrent.futures.ProcessPoolExecutor)["{impl}" != "warden"]
+        ex = Executor(1)
+        futures = [ex.submit(slow, i) for i in range(3)]
+        """
+    )
+    (tmp_path / "slow.py").write_text(
+        "import time\ndef slow(x):\n    time.sleep(0.2)\n    print('task done', x, flush=True)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-i", "-q"], input=session, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["task", "done", "0", "task", "done", "1", "task", "done", "2"], run.stderr

@@ -828,6 +828,31 @@ _EXIT_STOP: dict[str, Literal["terminate", "drain"]] = {
 }
 
 
+def _ended_by_ctrl_c() -> bool:
+    """Whether the program is ending because Ctrl-C's ``KeyboardInterrupt``
+    left its main module: the exception the interpreter reported last
+    (``sys.last_value``) is one, it came out of ``__main__``'s top-level
+    code (run directly, or by ``runpy`` for ``python -m``), and the session
+    is not interactive. ``sys.last_value`` outlives what it reports: a
+    Ctrl-C at a prompt long before, or one an embedded interpreter
+    (``code.interact``, IPython) reported, stays there while the program
+    goes on; a program ending then still runs its pending tasks, as the
+    standard library's does."""
+    value = getattr(sys, "last_value", None)
+    if not isinstance(value, KeyboardInterrupt) or hasattr(sys, "ps1") or sys.flags.interactive:
+        return False
+    main = sys.modules.get("__main__")
+    tb = value.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "<module>" and main is not None and tb.tb_frame.f_globals is vars(main):
+            return True
+        if not code.co_filename.endswith(("runpy.py", "<frozen runpy>")):
+            return False
+        tb = tb.tb_next
+    return False
+
+
 def _shut_down_at_exit() -> None:
     """At interpreter exit, for every runner still running:
 
@@ -850,7 +875,7 @@ def _shut_down_at_exit() -> None:
     with _live_lock:
         everyone = list(_live)
     runners = [r for r in everyone if not r.core.is_shut_down()]
-    interrupted = stop_requested or isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+    interrupted = stop_requested or _ended_by_ctrl_c()
     started = time.monotonic()
     try:
         try:
