@@ -254,6 +254,45 @@ def test_a_forked_copy_of_the_parent_is_refused_its_pools_exits_at_once_and_leav
     ]
 
 
+COPY_SHUTS_DOWN = """
+import os, sys
+import warden
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(2) as ex, warden.Pool(2) as pool:
+        print("parent", list(ex.map(square, range(3))), pool.map(square, range(3)), flush=True)
+        pid = os.fork()
+        if pid == 0:
+            # The copy ends its pools as it would its own: with no workers
+            # of its own to wait for, each call returns at once.
+            if sys.argv[1] == "shutdown":
+                ex.shutdown()
+                pool.close()
+                pool.join()
+                print("copy shut down", flush=True)
+            sys.exit(0)  # and the with block, on the way out
+        _, status = os.waitpid(pid, 0)
+        print("copy exited", os.waitstatus_to_exitcode(status), flush=True)
+        print("parent", list(ex.map(square, range(3))), pool.map(square, range(3)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["shutdown", "with-block"])
+def test_a_forked_copy_shutting_its_parents_pools_down_returns_at_once_and_leaves_them_serving(program, how):
+    """Before, ``shutdown()``, ``Pool.join()`` or leaving the ``with`` block
+    in the copy spun forever at full CPU (the join loop asked the core again
+    and again, and a foreign pool answered "not yet")."""
+    run = program(COPY_SHUTS_DOWN).run(timeout=60, args=(how,))
+    assert run.returncode == 0, run.stderr
+    expected = ["parent [0, 1, 4] [0, 1, 4]", "copy exited 0", "parent [0, 1, 4] [0, 1, 4]"]
+    if how == "shutdown":
+        expected.insert(1, "copy shut down")
+    assert run.stdout.splitlines() == expected, run.stderr
+
+
 @pytest.mark.parametrize("kind", ["executor", "pool", "process"])
 def test_what_a_task_leaves_running_in_its_workers_group_ends_with_the_worker(kind):
     if kind == "executor":

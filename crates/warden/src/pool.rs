@@ -647,7 +647,13 @@ impl Pool {
     /// `timeout` ran out first. Without a timeout, those calls get at most
     /// one grace period once the last worker is reaped (a hook still running
     /// then finishes on its own). Escalates nothing (see [`Pool::stop`]).
+    ///
+    /// In a forked copy of the pool's process, returns `true` at once: the
+    /// pool is not this process's, and there is nothing here to wait for.
     pub fn join(&self, timeout: Option<Duration>) -> bool {
+        if self.shared.foreign() {
+            return true;
+        }
         // A timeout too long to add to the clock is no deadline at all.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         if !self.shared.wait_done(timeout) {
