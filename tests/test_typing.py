@@ -15,6 +15,7 @@ pytest.importorskip("mypy", reason="mypy is a build tool (`make venv` installs i
 
 PROGRAM = """
     from collections.abc import Iterator
+    from concurrent.futures import as_completed, wait
 
     import warden
 
@@ -38,7 +39,11 @@ PROGRAM = """
             ex.submit(square, 1, 2)  # wrong
             squares: Iterator[int] = ex.map(square, [1, 2])
             names: Iterator[str] = ex.map(square, [1, 2])  # wrong
-            print(n, s, squares, names)
+            futures = [ex.submit(square, i) for i in range(3)]
+            for done in as_completed(futures):  # the standard library's own functions take them
+                n = done.result() + 1
+            finished, _ = wait(futures)
+            print(n, s, squares, names, finished)
     """
 
 

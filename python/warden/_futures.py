@@ -79,12 +79,22 @@ class Future(_base.Future["_T"]):
                     condition = self._lazy_condition = threading.Condition()
         return condition
 
+    @_condition.setter
+    def _condition(self, condition: threading.Condition) -> None:
+        # Settable, as the standard library's attribute is (typeshed's
+        # protocols for as_completed() and wait() ask for that).
+        self._lazy_condition = condition
+
     @property
     def _waiters(self) -> list[Any]:  # type: ignore[override]
         """``wait()``'s and ``as_completed()``'s waiters (made with the condition)."""
         if self._lazy_waiters is None:
             self._condition  # noqa: B018  (makes the lists)
         return self._lazy_waiters  # type: ignore[return-value]
+
+    @_waiters.setter
+    def _waiters(self, waiters: list[Any]) -> None:
+        self._lazy_waiters = waiters
 
     @property
     def _done_callbacks(self) -> list[Callable[[Any], object]]:  # type: ignore[override]
