@@ -473,9 +473,15 @@ impl CorePool {
     /// Waits until the pool has shut down and every worker is reaped, up to
     /// `timeout` seconds (forever if `None`). Returns whether it has. Raises
     /// `KeyboardInterrupt` (or what a signal handler raises) while waiting.
+    /// In a forked copy of the pool's process, `True` at once: nothing there
+    /// is this process's to wait for (the core would answer "not yet"
+    /// forever, and this loop would spin).
     #[pyo3(signature = (timeout=None))]
     fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let Some(pool) = self.pool() else { return Ok(true) };
+        if pool.is_forked_copy() {
+            return Ok(true);
+        }
         let deadline = deadline(wait_seconds(timeout)?);
         loop {
             let slice = match deadline {

@@ -647,13 +647,9 @@ impl Pool {
     /// `timeout` ran out first. Without a timeout, those calls get at most
     /// one grace period once the last worker is reaped (a hook still running
     /// then finishes on its own). Escalates nothing (see [`Pool::stop`]).
-    ///
-    /// In a forked copy of the pool's process, returns `true` at once: the
-    /// pool is not this process's, and there is nothing here to wait for.
+    /// In a forked copy of the pool's process, `false` at once (see
+    /// [`Pool::is_forked_copy`]).
     pub fn join(&self, timeout: Option<Duration>) -> bool {
-        if self.shared.foreign() {
-            return true;
-        }
         // A timeout too long to add to the clock is no deadline at all.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         if !self.shared.wait_done(timeout) {
@@ -792,6 +788,14 @@ impl Pool {
                 return None;
             }
         }
+    }
+
+    /// Whether this process is a forked copy of the pool's (`fork()` after
+    /// the pool was built): there the pool is a copy of memory no supervisor
+    /// serves, whose workers belong to the original; it refuses tasks, its
+    /// [`Pool::join`] returns `false` at once, and dropping it stops nothing.
+    pub fn is_forked_copy(&self) -> bool {
+        self.shared.foreign()
     }
 
     /// Whether the pool has finished shutting down.

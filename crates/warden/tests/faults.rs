@@ -185,6 +185,9 @@ fn in_forked_copy(pool: Pool, running: warden::Handle<u32>) -> i32 {
     if pool.join(None) {
         return 3;
     }
+    if !pool.is_forked_copy() {
+        return 4;
+    }
     drop(pool); // stops nothing: the original's workers go on
     0
 }
@@ -198,6 +201,7 @@ fn forked_copy_of_the_parent() -> TestResult {
         |pool: &Pool| pool.workers().iter().filter_map(|w| u32::try_from(w.pid).ok()).collect::<BTreeSet<u32>>();
     let workers = serving(&pool);
     check(workers.len() == 2, format!("two workers: {workers:?}"))?;
+    check(!pool.is_forked_copy(), "the pool is this process's")?;
     let running = pool.spawn(sleep_then_pid, 300)?;
     // SAFETY: the child only runs code that takes no lock another thread may
     // hold (the pool checks for a forked copy before any), then _exit.
