@@ -243,21 +243,27 @@ def test_an_exception_of_the_main_script_that_cannot_travel_is_named_as_the_prog
     assert run.stdout.strip() == "__main__.Odd"
 
 
-def test_a_main_module_run_with_dash_m_is_imported_by_name(tmp_path):
+def package(tmp_path, module, source):
+    """Package ``apkg`` in ``tmp_path``, with ``module`` holding ``source``; its directory."""
     pkg = tmp_path / "apkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "main.py").write_text(
-        textwrap.dedent(
-            """
-            import warden
-            def double(x):
-                return 2 * x
-            if __name__ == "__main__":
-                with warden.Pool(1) as pool:
-                    print(pool.map(double, [1, 2]))
-            """
-        )
+    (pkg / module).write_text(textwrap.dedent(source))
+    return pkg
+
+
+def test_a_main_module_run_with_dash_m_is_imported_by_name(tmp_path):
+    package(
+        tmp_path,
+        "main.py",
+        """
+        import warden
+        def double(x):
+            return 2 * x
+        if __name__ == "__main__":
+            with warden.Pool(1) as pool:
+                print(pool.map(double, [1, 2]))
+        """,
     )
     run = subprocess.run(
         [sys.executable, "-m", "apkg.main"], cwd=tmp_path, capture_output=True, text=True, timeout=60
@@ -273,22 +279,19 @@ def test_a_main_spawn_would_not_import_sends_its_functions_by_value(tmp_path, ho
     spawn's preparation does not import in a child (the standard library's
     executor breaks there). Its functions go by value instead of by a name
     the worker cannot resolve."""
-    pkg = tmp_path / "apkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "__main__.py").write_text(
-        textwrap.dedent(
-            """
-            import warden
-            def double(x):
-                return 2 * x
-            if __name__ == "__main__":
-                with warden.ProcessPoolExecutor(1) as ex:
-                    print(list(ex.map(double, [1, 2])))
-                with warden.Pool(1) as pool:
-                    print(pool.map(double, [3]))
-            """
-        )
+    pkg = package(
+        tmp_path,
+        "__main__.py",
+        """
+        import warden
+        def double(x):
+            return 2 * x
+        if __name__ == "__main__":
+            with warden.ProcessPoolExecutor(1) as ex:
+                print(list(ex.map(double, [1, 2])))
+            with warden.Pool(1) as pool:
+                print(pool.map(double, [3]))
+        """,
     )
     if how == "dash-m-package":
         argv = ["-m", "apkg"]

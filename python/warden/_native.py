@@ -33,13 +33,13 @@ from collections.abc import Callable
 from typing import Any
 
 
-def _gevent_threading() -> Any:
-    """``gevent.monkey`` if it patched ``threading``, else ``None``."""
+def _patched(module: str) -> Any:
+    """``gevent.monkey`` if it patched ``module``, else ``None``."""
     monkey = sys.modules.get("gevent.monkey")
     if monkey is None:
         return None
     try:
-        return monkey if monkey.is_module_patched("threading") else None
+        return monkey if monkey.is_module_patched(module) else None
     except Exception:
         return None
 
@@ -107,7 +107,7 @@ def Thread(target: Callable[..., Any], args: tuple[Any, ...] = (), name: str = "
     once started: a ``threading.Thread``, or under gevent's patching one
     started with the original ``_thread`` functions (see the module
     documentation)."""
-    monkey = _gevent_threading()
+    monkey = _patched("threading")
     if monkey is None:
         return threading.Thread(target=target, args=args, name=name, daemon=True)
     return _OsThread(monkey, target, args, name)
@@ -122,7 +122,7 @@ def is_current(thread: Any) -> bool:
 
 def Lock() -> Any:
     """``threading.Lock()``; the original lock under gevent's patching."""
-    monkey = _gevent_threading()
+    monkey = _patched("threading")
     if monkey is None:
         return threading.Lock()
     return monkey.get_original("_thread", "allocate_lock")()
@@ -132,7 +132,7 @@ def Condition(lock: Any) -> Any:
     """``threading.Condition(lock)``; under gevent's patching, one made of
     original locks only (``threading.Condition`` makes its waiters' locks
     with the patched allocator)."""
-    monkey = _gevent_threading()
+    monkey = _patched("threading")
     if monkey is None:
         return threading.Condition(lock)
     return _OsCondition(lock, monkey.get_original("_thread", "allocate_lock"))
@@ -186,24 +186,12 @@ def close(fd: int) -> None:
     descriptor for the calling thread's hub to close, which a thread of
     warden's never runs (a lent result's table stayed open, and its worker
     waited for the reader to go)."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None:
-        try:
-            if monkey.is_module_patched("os"):
-                return monkey.get_original("os", "close")(fd)  # type: ignore[no-any-return]
-        except AttributeError:
-            pass
-    os.close(fd)
+    monkey = _patched("os")
+    (os.close if monkey is None else monkey.get_original("os", "close"))(fd)
 
 
 def poll() -> Any:
     """``select.poll()``: the original one where gevent replaced it with its
     cooperative one (which would wait for this thread's own hub)."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None:
-        try:
-            if monkey.is_module_patched("select"):
-                return monkey.get_original("select", "poll")()
-        except Exception:
-            pass
-    return select.poll()
+    monkey = _patched("select")
+    return (select.poll if monkey is None else monkey.get_original("select", "poll"))()

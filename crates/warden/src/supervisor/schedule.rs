@@ -34,8 +34,9 @@ const SHORTAGE_RETRY_MAX: Duration = Duration::from_secs(1);
 /// or memory (`EAGAIN`, `ENOMEM`): a condition of the moment, which another
 /// program (or this one's other pools) may end, not the worker's failure.
 pub(super) fn is_shortage(e: &std::io::Error) -> bool {
+    // The kinds EAGAIN and ENOMEM map to, also for an error the zygote
+    // reported (made from its kind and message).
     matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::OutOfMemory)
-        || matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM))
 }
 
 /// How long a task runs, at least, before the tasks sent ahead to its worker
