@@ -1,6 +1,8 @@
 """What a type checker makes of warden's API: ``ProcessPoolExecutor``'s
 ``submit``, ``map`` and ``run`` are typed as typeshed types
-``concurrent.futures.Executor``'s, with a generic ``warden.Future``."""
+``concurrent.futures.Executor``'s, with a generic ``warden.Future``, and
+``Pool``'s methods as typeshed types ``multiprocessing.pool.Pool``'s, with
+generic results and iterators."""
 
 from __future__ import annotations
 
@@ -47,8 +49,55 @@ PROGRAM = """
     """
 
 
-def test_submit_map_and_run_carry_the_functions_types(tmp_path):
-    source = textwrap.dedent(PROGRAM)
+POOL_PROGRAM = """
+    import multiprocessing.pool
+
+    import warden
+
+
+    def square(x: int) -> int:
+        return x * x
+
+
+    def add(x: int, y: int) -> int:
+        return x + y
+
+
+    async def main_async(pool: warden.Pool) -> None:
+        n: int = await pool.run(square, 2)
+        s: str = await pool.run(square, 2)  # wrong
+        async for m in pool.amap(square, [1, 2]):
+            n = m + 1
+        print(n, s)
+
+
+    def on_squares(values: list[int]) -> None:
+        print(sum(values))
+
+
+    def main() -> None:
+        with warden.Pool(1) as pool:
+            n: int = pool.apply(square, (2,))
+            s: str = pool.apply(square, (2,))  # wrong
+            pending: warden.AsyncResult[int] = pool.apply_async(square, (2,))
+            n = pending.get(timeout=1)
+            as_stdlib: multiprocessing.pool.AsyncResult[int] = pool.apply_async(square, (3,))
+            squares: list[int] = pool.map(square, [1, 2])
+            names: list[str] = pool.map(square, [1, 2])  # wrong
+            pool.map(square, ["1"])  # wrong
+            sums: list[int] = pool.starmap(add, [(1, 2)])
+            later: warden.MapResult[int] = pool.map_async(square, [1], callback=on_squares)
+            for m in pool.imap(square, [1, 2]):
+                n = m + 1
+            for word in pool.imap_unordered(square, [1, 2]):
+                word.upper()  # wrong
+            lazy: warden.IMapIterator[int] = pool.imap(square, [3])
+            print(n, s, as_stdlib, squares, names, sums, later, lazy)
+    """
+
+
+def _mypy_flags_exactly_the_wrong_lines(tmp_path, program):
+    source = textwrap.dedent(program)
     (tmp_path / "prog.py").write_text(source)
     run = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), "prog.py"],
@@ -60,3 +109,15 @@ def test_submit_map_and_run_carry_the_functions_types(tmp_path):
     flagged = {int(n) for n in re.findall(r"^prog\.py:(\d+): error:", run.stdout, re.MULTILINE)}
     wrong = {i for i, line in enumerate(source.splitlines(), 1) if line.endswith("# wrong")}
     assert flagged == wrong, run.stdout + run.stderr
+
+
+def test_submit_map_and_run_carry_the_functions_types(tmp_path):
+    _mypy_flags_exactly_the_wrong_lines(tmp_path, PROGRAM)
+
+
+def test_pool_results_carry_the_functions_types_as_typeshed_gives_the_standard_pools(tmp_path):
+    """``apply``, ``map``, ``imap`` and their ``_async`` forms are typed
+    as the standard library's ``multiprocessing.pool.Pool`` is: a result
+    of the wrong type is flagged, and ``AsyncResult[int]`` annotations of
+    either library take warden's results."""
+    _mypy_flags_exactly_the_wrong_lines(tmp_path, POOL_PROGRAM)

@@ -11,11 +11,12 @@ import os
 import pickle
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
     from . import _aio
 
 _counter = itertools.count(1)
+
+_S = TypeVar("_S")
+_T = TypeVar("_T")
 
 RUN = "RUN"
 CLOSE = "CLOSE"
@@ -184,24 +188,29 @@ class Pool(multiprocessing.pool.Pool):
 
     # -- single calls ------------------------------------------------------
 
-    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (), kwds: dict[str, Any] = {}) -> Any:  # noqa: B006
+    def apply(
+        self,
+        func: Callable[..., _T],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] = {},
+    ) -> _T:
         """``func(*args, **kwds)`` in a worker; waits for the result."""
         return self.apply_async(func, args, kwds).get()
 
     def apply_async(
         self,
-        func: Callable[..., Any],
+        func: Callable[..., _T],
         args: Iterable[Any] = (),
-        kwds: dict[str, Any] = {},  # noqa: B006
-        callback: Callable[[Any], object] | None = None,
+        kwds: Mapping[str, Any] = {},
+        callback: Callable[[_T], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
-    ) -> ApplyResult:
+    ) -> ApplyResult[_T]:
         """Queues ``func(*args, **kwds)``; returns an :class:`ApplyResult`.
         Raises at once if the call cannot be pickled (the pool is unaffected)."""
         self._check_running()
         payload, segment = dumps_call(func, *_arguments(func, args, kwds))
         try:
-            result = ApplyResult(self, callback, error_callback)
+            result: ApplyResult[_T] = ApplyResult(self, callback, error_callback)
         except BaseException:
             _runner.close_fd(segment)
             raise
@@ -224,7 +233,7 @@ class Pool(multiprocessing.pool.Pool):
 
         return start
 
-    async def run(self, func: Callable[..., Any], /, *args: Any, **kwds: Any) -> Any:
+    async def run(self, func: Callable[..., _T], /, *args: Any, **kwds: Any) -> _T:
         """``await pool.run(func, *args, **kwds)``: :meth:`apply` for asyncio,
         without a thread per call. Cancelling the awaiting coroutine cancels
         the task: a queued task is dropped, a running one is stopped through
@@ -234,9 +243,7 @@ class Pool(multiprocessing.pool.Pool):
 
         return await _aio.call(self._starter(dumps_oob((func, args, kwds))), RemoteTraceback)
 
-    def amap(
-        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1
-    ) -> AsyncIterator[Any]:
+    def amap(self, func: Callable[[_S], _T], iterable: Iterable[_S], chunksize: int = 1) -> AsyncIterator[_T]:
         """``async for result in pool.amap(func, iterable)``: :meth:`imap` for
         asyncio. Every chunk is queued now (pickling errors raise here);
         results come in order. Leaving the loop early cancels the chunks not
@@ -257,12 +264,12 @@ class Pool(multiprocessing.pool.Pool):
 
     def map(
         self,
-        func: Callable[[Any], Any],
-        iterable: Iterable[Any],
+        func: Callable[[_S], _T],
+        iterable: Iterable[_S],
         chunksize: int | None = None,
         *,
         progress: _progress.ProgressArg = None,
-    ) -> list[Any]:
+    ) -> list[_T]:
         """``list(map(func, iterable))`` computed by the workers, in chunks.
         ``progress`` (``True``, a tqdm bar or a dict of tqdm options) shows a
         bar that counts results as they arrive."""
@@ -270,17 +277,17 @@ class Pool(multiprocessing.pool.Pool):
 
     def starmap(
         self,
-        func: Callable[..., Any],
+        func: Callable[..., _T],
         iterable: Iterable[Iterable[Any]],
         chunksize: int | None = None,
         *,
         progress: _progress.ProgressArg = None,
-    ) -> list[Any]:
+    ) -> list[_T]:
         """Like :meth:`map`, calling ``func(*args)`` for each ``args``."""
         return self._map_wait(self._map_async(func, iterable, True, chunksize, progress=progress))
 
     @staticmethod
-    def _map_wait(result: MapResult) -> list[Any]:
+    def _map_wait(result: MapResult[_T]) -> list[_T]:
         try:
             return result.get()
         finally:
@@ -289,36 +296,36 @@ class Pool(multiprocessing.pool.Pool):
 
     def map_async(
         self,
-        func: Callable[[Any], Any],
-        iterable: Iterable[Any],
+        func: Callable[[_S], _T],
+        iterable: Iterable[_S],
         chunksize: int | None = None,
-        callback: Callable[[Any], object] | None = None,
+        callback: Callable[[list[_T]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
-    ) -> MapResult:
+    ) -> MapResult[_T]:
         """Asynchronous :meth:`map`; returns a :class:`MapResult`."""
         return self._map_async(func, iterable, False, chunksize, callback, error_callback)
 
     def starmap_async(
         self,
-        func: Callable[..., Any],
+        func: Callable[..., _T],
         iterable: Iterable[Iterable[Any]],
         chunksize: int | None = None,
-        callback: Callable[[Any], object] | None = None,
+        callback: Callable[[list[_T]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
-    ) -> MapResult:
+    ) -> MapResult[_T]:
         """Asynchronous :meth:`starmap`; returns a :class:`MapResult`."""
         return self._map_async(func, iterable, True, chunksize, callback, error_callback)
 
     def _map_async(
         self,
-        func: Callable[..., Any],
+        func: Callable[..., _T],
         iterable: Iterable[Any],
         star: bool,
         chunksize: int | None,
-        callback: Callable[[Any], object] | None = None,
+        callback: Callable[[list[_T]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
         progress: _progress.ProgressArg = None,
-    ) -> MapResult:
+    ) -> MapResult[_T]:
         self._check_running()
         items = iterable if hasattr(iterable, "__len__") else list(iterable)
         length = len(items)  # type: ignore[arg-type]
@@ -331,7 +338,7 @@ class Pool(multiprocessing.pool.Pool):
         elif chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize}")
         count = -(-length // chunksize) if length else 0
-        result = MapResult(self, count, callback, error_callback)
+        result: MapResult[_T] = MapResult(self, count, callback, error_callback)
         result._progress = _progress.make(progress, length)
         # Each chunk goes to the workers as soon as it is pickled, so they
         # start while the rest is being pickled. A chunk that cannot be
@@ -351,12 +358,12 @@ class Pool(multiprocessing.pool.Pool):
 
     def imap(
         self,
-        func: Callable[[Any], Any],
-        iterable: Iterable[Any],
+        func: Callable[[_S], _T],
+        iterable: Iterable[_S],
         chunksize: int = 1,
         *,
         progress: _progress.ProgressArg = None,
-    ) -> IMapIterator:
+    ) -> IMapIterator[_T]:
         """Like :meth:`map`, lazily: an iterator of results in order. The
         iterable is consumed by a feeder thread, as far ahead of the workers
         as keeps them busy (see :data:`IMAP_AHEAD_CHUNKS`); dropping the
@@ -366,28 +373,29 @@ class Pool(multiprocessing.pool.Pool):
 
     def imap_unordered(
         self,
-        func: Callable[[Any], Any],
-        iterable: Iterable[Any],
+        func: Callable[[_S], _T],
+        iterable: Iterable[_S],
         chunksize: int = 1,
         *,
         progress: _progress.ProgressArg = None,
-    ) -> IMapIterator:
+    ) -> IMapIterator[_T]:
         """Like :meth:`imap`, yielding results as they complete (an
         :class:`IMapUnorderedIterator`)."""
         return self._imap(func, iterable, chunksize, unordered=True, progress=progress)
 
     def _imap(
         self,
-        func: Callable[..., Any],
+        func: Callable[..., _T],
         iterable: Iterable[Any],
         chunksize: int,
         unordered: bool,
         progress: _progress.ProgressArg = None,
-    ) -> IMapIterator:
+    ) -> IMapIterator[_T]:
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:d}")
-        result = (IMapUnorderedIterator if unordered else IMapIterator)(self, chunksize > 1)
+        kind = IMapUnorderedIterator if unordered else IMapIterator
+        result: IMapIterator[_T] = kind(self, chunksize > 1)
         result._progress = _progress.make(progress, _progress.length(iterable))
         feeder = threading.Thread(
             target=_feed_imap,
@@ -468,7 +476,7 @@ _EVENT_LOCK = threading.Lock()
 
 
 @_own_api_only
-class ApplyResult(multiprocessing.pool.ApplyResult):
+class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
     """The result of :meth:`Pool.apply_async`, as in ``multiprocessing``.
 
     A subclass of ``multiprocessing.pool.ApplyResult`` (``AsyncResult``),
@@ -478,7 +486,7 @@ class ApplyResult(multiprocessing.pool.ApplyResult):
     def __init__(
         self,
         pool: Pool,
-        callback: Callable[[Any], object] | None,
+        callback: Callable[[_T], object] | None,
         error_callback: Callable[[BaseException], object] | None,
     ) -> None:
         # multiprocessing.pool.ApplyResult.__init__ is not called: there is
@@ -549,7 +557,7 @@ class ApplyResult(multiprocessing.pool.ApplyResult):
             self._interrupt()
             raise
 
-    def get(self, timeout: float | None = None) -> Any:
+    def get(self, timeout: float | None = None) -> _T:
         """The result; raises a fresh exception if the call failed, and
         ``multiprocessing.TimeoutError`` if ``timeout`` seconds pass first."""
         self.wait(timeout)
@@ -587,7 +595,7 @@ AsyncResult = ApplyResult
 
 
 @_own_api_only
-class MapResult(ApplyResult, multiprocessing.pool.MapResult):
+class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
     """The result of :meth:`Pool.map_async`: ready when every chunk is (a
     ``multiprocessing.pool.MapResult`` too)."""
 
@@ -595,7 +603,7 @@ class MapResult(ApplyResult, multiprocessing.pool.MapResult):
         self,
         pool: Pool,
         chunks: int,
-        callback: Callable[[Any], object] | None,
+        callback: Callable[[list[_T]], object] | None,
         error_callback: Callable[[BaseException], object] | None,
     ) -> None:
         super().__init__(pool, callback, error_callback)
@@ -651,8 +659,17 @@ class MapResult(ApplyResult, multiprocessing.pool.MapResult):
                 self._finish(value, None)
 
 
+if TYPE_CHECKING:
+    _StdIMapIterator = multiprocessing.pool.IMapIterator  # generic in typeshed
+else:
+    # Not subscriptable at run time, unlike ApplyResult: an alias that is, and
+    # whose subclasses have the class itself as base (typing.Generic is not
+    # brought in, with its __init_subclass__ and __class_getitem__).
+    _StdIMapIterator = types.GenericAlias(multiprocessing.pool.IMapIterator, (_T,))
+
+
 @_own_api_only
-class IMapIterator(multiprocessing.pool.IMapIterator):
+class IMapIterator(_StdIMapIterator[_T]):
     """The iterator of :meth:`Pool.imap` (a ``multiprocessing.pool.IMapIterator``,
     none of whose machinery it uses).
 
@@ -663,6 +680,8 @@ class IMapIterator(multiprocessing.pool.IMapIterator):
     goes on after an error."""
 
     _unordered = False
+
+    __class_getitem__ = classmethod(types.GenericAlias)  # IMapIterator[int], as ApplyResult[int]
 
     def __init__(self, pool: Pool, chunked: bool = False) -> None:
         # multiprocessing.pool.IMapIterator.__init__ is not called.
@@ -680,10 +699,10 @@ class IMapIterator(multiprocessing.pool.IMapIterator):
         self._buffer: collections.deque[Any] = collections.deque()
         self._progress: _progress.Progress | None = None
 
-    def __iter__(self) -> IMapIterator:
+    def __iter__(self) -> IMapIterator[_T]:
         return self
 
-    def __next__(self, timeout: float | None = None) -> Any:
+    def __next__(self, timeout: float | None = None) -> _T:
         return self.next(timeout)
 
     def _take(self) -> tuple[bool, Any] | None:
@@ -700,7 +719,7 @@ class IMapIterator(multiprocessing.pool.IMapIterator):
     def _exhausted(self) -> bool:
         return self._failed or (self._length is not None and self._next >= self._length)
 
-    def next(self, timeout: float | None = None) -> Any:
+    def next(self, timeout: float | None = None) -> _T:
         """The next result; ``multiprocessing.TimeoutError`` if it is not there
         within ``timeout`` seconds."""
         if self._progress is None:
@@ -713,7 +732,7 @@ class IMapIterator(multiprocessing.pool.IMapIterator):
             self._progress.close()
             raise
 
-    def _next_result(self, timeout: float | None) -> Any:
+    def _next_result(self, timeout: float | None) -> _T:
         while not self._buffer:
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
@@ -779,7 +798,7 @@ class IMapIterator(multiprocessing.pool.IMapIterator):
 
 
 @_own_api_only
-class IMapUnorderedIterator(IMapIterator, multiprocessing.pool.IMapUnorderedIterator):
+class IMapUnorderedIterator(IMapIterator[_T], multiprocessing.pool.IMapUnorderedIterator):
     """The iterator of :meth:`Pool.imap_unordered`: results as they complete
     (a ``multiprocessing.pool.IMapUnorderedIterator`` too)."""
 
