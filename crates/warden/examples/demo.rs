@@ -75,7 +75,7 @@ fn main() -> Result<(), warden::Error> {
                         Some(_) => ", retired before its start hook ran: nothing to close",
                         None => ", no exit hook: killed",
                     },
-                    if x.crashed { ", counted as a crash" } else { "" }
+                    if x.crashed { ", a crash (its task failed; the pool goes on)" } else { "" }
                 ),
                 LifecycleEvent::TaskTimedOut { task, pid } => format!("task {task} timed out on worker {pid}"),
                 _ => return,

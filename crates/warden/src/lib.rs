@@ -67,6 +67,18 @@
 //!   use pools in a test target with `harness = false` whose `main` calls
 //!   [`init`] first (this crate's own `tests/lifecycle.rs` does, with
 //!   `libtest-mimic` for the test list).
+//! * Arguments and results go through [postcard](https://docs.rs/postcard),
+//!   which is not self-describing: types that need `deserialize_any`
+//!   (`#[serde(untagged)]`, `#[serde(flatten)]`) or that skip fields when
+//!   serializing (`#[serde(skip_serializing_if)]`) fail with a codec error in
+//!   the worker, at run time; the pool goes on. A custom serde error's text is
+//!   not kept (postcard reports only its kind). Large byte buffers encode much
+//!   faster as `serde_bytes::ByteBuf` than as `Vec<u8>`.
+//! * A worker that is stopped (SIGSTOP) when the parent is SIGKILLed cannot
+//!   act on its death signal until something resumes it; the kernel does so
+//!   (SIGHUP, SIGCONT) when the worker's process group becomes orphaned,
+//!   which depends on the session the parent ran in. A pool that stops a
+//!   worker itself resumes it first.
 //! * Linux only: pidfds (5.3), `close_range` (5.11), `PR_SET_PDEATHSIG`.
 
 #![warn(missing_docs)]

@@ -971,9 +971,9 @@ fn decode<R: DeserializeOwned>(outcome: Result<Vec<u8>>) -> Result<R> {
 ///
 /// Dropping a `Child` that still runs does not detach it (a `JoinHandle`
 /// would): the caller waits up to the grace period for the function to
-/// return, then the child is stopped (SIGTERM, its exit path runs; SIGKILL
-/// after the grace period), as a [`Pool`] is when dropped. Join it to wait
-/// for its result.
+/// return (a function the child has not started yet still starts), then the
+/// child is stopped (SIGTERM, its exit path runs; SIGKILL after the grace
+/// period), as a [`Pool`] is when dropped. Join it to wait for its result.
 pub struct Child<R> {
     pool: Pool,
     handle: Handle<R>,
@@ -1048,6 +1048,18 @@ where
     let handle = pool.spawn_with(f, args, TaskOptions { timeout: options.timeout })?;
     pool.close();
     Ok(Child { pool, handle, pid, exit })
+}
+
+impl<R> Drop for Child<R> {
+    /// Lets the function run, even if the child has not started it yet, for
+    /// up to one grace period; then stops it as a dropped [`Pool`] stops its
+    /// workers. (The pool's own drop would cancel a function not yet started.)
+    fn drop(&mut self) {
+        if self.pool.shared.foreign() || self.pool.shared.is_done() {
+            return;
+        }
+        self.pool.stop(StopMode::Drain, Instant::now().checked_add(self.pool.grace));
+    }
 }
 
 impl<R: DeserializeOwned> Child<R> {

@@ -167,6 +167,10 @@ fn main() {
         terminating_a_one_off_child_runs_its_exit_hook_and_it_dies_by_sigterm,
     ));
     tests.push(trial(
+        "a_one_off_child_dropped_at_once_still_runs_its_function_within_the_grace_period",
+        a_one_off_child_dropped_at_once_still_runs_its_function,
+    ));
+    tests.push(trial(
         "a_one_off_child_whose_start_hook_fails_says_so_without_restart_limits",
         a_one_off_child_whose_start_hook_fails_says_so_without_restart_limits,
     ));
@@ -1014,6 +1018,21 @@ fn a_one_off_child_returns_its_value_and_runs_its_exit_hook() -> TestResult {
     check(exit.hook_ran(), "its exit hook ran")?;
     check(hooks.exit_reason(ran_in).as_deref() == Some("Retired(Done)"), format!("{:?}", hooks.exit_reason(ran_in)))?;
     check(process_gone(announced), "the child is gone")?;
+    Ok(())
+}
+
+/// Writes a file named by its argument; says whether it could.
+fn touch(path: PathBuf) -> bool {
+    std::fs::write(path, b"ran").is_ok()
+}
+
+fn a_one_off_child_dropped_at_once_still_runs_its_function() -> TestResult {
+    let hooks = Hooks::new();
+    let mark = hooks.path().join("touched");
+    let options = warden::ChildOptions { grace: Duration::from_secs(10), ..Default::default() };
+    // Fire and forget: dropped before the child can have started the function.
+    drop(warden::spawn_with(touch, mark.clone(), options)?);
+    check(mark.exists(), "the function ran before the drop returned")?;
     Ok(())
 }
 
