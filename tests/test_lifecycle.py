@@ -4,10 +4,12 @@ handlers and a flush -- once, on every path that ends it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gc
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -117,6 +119,53 @@ def test_finalizer_runs_after_a_task_timeout(tmp_path):
             ex.submit(sleep_then, 30).result(30)
         assert wait_until(lambda: not alive(pid))
     assert events_for(out, pid)[-3:] == ["ctx-exit", "fin", "atexit"]
+
+
+def start_worker_with_a_thread_pool(path):
+    """An initializer that keeps a thread pool for the worker's tasks, never
+    shut down (as most programs keep one)."""
+    global _THREADS
+    start_worker(path)
+    _THREADS = concurrent.futures.ThreadPoolExecutor(4)
+
+
+def sum_on_the_worker_thread_pool(n):
+    return sum(_THREADS.map(abs, range(n))), os.getpid()
+
+
+def leave_a_thread_sleeping(seconds):
+    threading.Thread(target=time.sleep, args=(seconds,)).start()  # not a daemon
+    return os.getpid()
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_worker_keeping_a_thread_pool_retires_through_its_exit_path(tmp_path, kind):
+    """Its thread pool ends as at interpreter exit (threading's exit hooks
+    run before the worker waits for its threads), so the worker is not left
+    waiting for idle threads until the pool kills it without its finalizer."""
+    out = tmp_path / "log"
+    kwargs = {**pool_kwargs(out), "initializer": start_worker_with_a_thread_pool}
+    if kind == "executor":
+        with warden.ProcessPoolExecutor(2, **kwargs) as ex:
+            results = list(ex.map(sum_on_the_worker_thread_pool, [10, 20, 30, 40]))
+    else:
+        pool = warden.Pool(2, **kwargs)
+        results = pool.map(sum_on_the_worker_thread_pool, [10, 20, 30, 40], chunksize=1)
+        pool.close()
+        pool.join()
+    assert [total for total, _ in results] == [45, 190, 435, 780]
+    pids = {pid for _, pid in results}
+    for pid in pids:
+        assert events_for(out, pid)[-3:] == ["ctx-exit", "fin", "atexit"], lines_of(out)
+
+
+def test_a_thread_left_running_is_waited_for_one_grace_period_then_the_finalizer_runs(tmp_path):
+    out = tmp_path / "log"
+    with warden.ProcessPoolExecutor(1, **pool_kwargs(out)) as ex:
+        pid = ex.submit(leave_a_thread_sleeping, 600).result(30)
+    # The pool's SIGTERM after its grace ends the wait; the exit path goes on.
+    assert events_for(out, pid)[-3:] == ["ctx-exit", "fin", "atexit"], lines_of(out)
+    assert not alive(pid)
 
 
 @pytest.mark.parametrize("path", ["shutdown", "max_tasks_per_child", "terminate"])

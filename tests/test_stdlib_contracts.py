@@ -638,6 +638,22 @@ def test_a_worker_waits_for_the_threads_its_tasks_started_before_it_exits(impl, 
     assert out.read_text() == "thread finished\n"
 
 
+def keep_a_thread_pool_and_use_it():
+    global _THREADS
+    _THREADS = concurrent.futures.ThreadPoolExecutor(2)  # never shut down
+    _THREADS.submit(print, "used", flush=True).result(timeout=60)
+
+
+def test_a_process_whose_target_keeps_a_thread_pool_ends_when_its_target_returns(impl):
+    # The child's interpreter exit shuts the pool's idle threads down
+    # (threading's exit hooks) before it waits for non-daemon threads.
+    p = impl.Process(target=keep_a_thread_pool_and_use_it)
+    p.start()
+    p.join(60)
+    assert not p.is_alive()
+    assert p.exitcode == 0
+
+
 def identity_after(seconds):
     time.sleep(seconds)
     return multiprocessing.current_process()._identity

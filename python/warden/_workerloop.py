@@ -22,8 +22,9 @@ core's worker loop (``_warden.worker_main``), which calls back into a
     resource tracker the process started itself (which unlinks what it
     leaked; a worker uses its parent's tracker, as a spawned child does, and
     starts one only if that one is gone), and a flush of ``stdout``/``stderr``.
-    A pool worker retiring normally first waits for the non-daemon threads
-    its tasks started.
+    A pool worker retiring normally first runs ``threading``'s exit hooks
+    (idle ``concurrent.futures`` thread pools end) and waits for the
+    non-daemon threads its tasks started, until the pool's stop signal.
 
 A stop signal (SIGTERM from the pool on a timeout, cancel or terminate; the
 parent-death signal; SIGINT/SIGHUP) raises :class:`TaskInterrupted` in the
@@ -211,9 +212,25 @@ def _measure_coverage_if_asked() -> None:
     cov.start()
 
 
+class _StopWaiting(BaseException):
+    """Raised by the stop-signal handler in a retiring worker that waits for
+    its threads: the pool stopped waiting for them (SIGTERM after its grace)."""
+
+
 def _join_non_daemon_threads() -> None:
     """Waits for the non-daemon threads of this process, as interpreter exit
-    does (``threading._shutdown``)."""
+    does (``threading._shutdown``): first the ``threading`` module's exit
+    hooks run (``concurrent.futures`` thread pools finish their queued work
+    and end their threads there, and take no more), then every non-daemon
+    thread is joined."""
+    hooks = getattr(threading, "_threading_atexits", None)
+    if hooks:
+        threading._SHUTTING_DOWN = True  # type: ignore[attr-defined]  # later registrations fail, as at exit
+        while hooks:
+            try:
+                hooks.pop()()  # newest first, each once
+            except Exception:
+                _print_exc(f"warden: worker {os.getpid()}: exception in a threading exit hook:\n")
     for t in threading.enumerate():
         if t is not threading.current_thread() and not t.daemon:
             t.join()
@@ -240,6 +257,9 @@ class Handler:
         self.context: contextlib.AbstractContextManager[Any] | None = None
         self.exit_code: int | None = None
         self.stopping = False
+        # Set while a retiring worker waits for its threads: a stop signal
+        # ends that wait (see exit).
+        self.waiting_for_threads = False
 
     # The signal handler runs on the main thread between bytecodes. It raises
     # at most once per task, so the task's own cleanup is not interrupted twice.
@@ -258,6 +278,9 @@ class Handler:
         if self.running:
             self.running = False
             raise TaskInterrupted(signal.Signals(signum).name)
+        if self.waiting_for_threads:
+            self.waiting_for_threads = False
+            raise _StopWaiting
 
     def init(self, worker: int, pid: int, parent: int, payload: bytes) -> _warden.RemoteFailure | None:
         logged = False
@@ -426,8 +449,15 @@ class Handler:
             # As a process ending normally does (the standard library's
             # workers too): wait for the non-daemon threads its tasks
             # started, before the finalizer closes what they may use. The
-            # pool's grace bounds it (then SIGTERM, then SIGKILL).
-            _join_non_daemon_threads()
+            # pool's grace bounds it: its SIGTERM ends the wait, and the
+            # exit path goes on (the threads end with the process).
+            try:
+                self.waiting_for_threads = not self.stopping
+                if self.waiting_for_threads:
+                    _join_non_daemon_threads()
+                self.waiting_for_threads = False
+            except _StopWaiting:
+                pass
         if self.context is not None:
             context, self.context = self.context, None
             try:
