@@ -117,6 +117,71 @@ def test_ctrl_c_while_waiting_stops_workers_gracefully_and_cancels_queued_tasks(
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers), timeout=5)
 
 
+# Ctrl-C arrives just as the pool starts one of its threads (the wrapper
+# sends it after the thread started and gives the handler time to run).
+CTRL_C_AT_START = """
+import os, signal, threading, time, warden
+
+start_thread = threading.Thread.start
+
+def start_then_ctrl_c(self):
+    start_thread(self)
+    if self.name == os.environ["THREAD"]:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+
+def children():  # this program's pool processes (not the resource tracker a pool starts)
+    return [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == os.getpid() and _is_warden(p)]
+
+def _is_warden(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"warden" in f.read()
+    except OSError:
+        return False
+
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+if __name__ == "__main__":
+    threading.Thread.start = start_then_ctrl_c
+    try:
+        if os.environ["KIND"] == "executor":
+            with warden.ProcessPoolExecutor(2) as ex:
+                ex.submit(abs, -1).result()
+        else:
+            with warden.Pool(2) as pool:
+                pool.apply(abs, (-1,))
+        print("not interrupted", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    threading.Thread.start = start_thread
+    deadline = time.monotonic() + 20
+    while children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("children", len(children()), flush=True)
+    files = [open(os.devnull) for _ in range(4)]
+    time.sleep(0.5)
+    for f in files:
+        os.fstat(f.fileno())  # none closed behind the program's back
+    print("files ok", flush=True)
+"""
+
+
+@pytest.mark.parametrize("thread", ["warden-results", "warden-logging"])
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_ctrl_c_while_a_pool_starts_stops_that_pool_and_closes_nothing_of_the_programs(program, kind, thread):
+    prog = program(CTRL_C_AT_START)
+    run = prog.run(env={"KIND": kind, "THREAD": thread}, timeout=60)
+    assert run.stdout.split("\n")[:3] == ["interrupted", "children 0", "files ok"], run.stdout + run.stderr
+    assert "Traceback" not in run.stderr and "Exception" not in run.stderr, run.stderr
+    assert run.returncode == 0, run.stderr
+
+
 def test_a_second_ctrl_c_kills_at_once(program):
     prog, proc = start(program, BODIES["future_result"], env={"FIN_SLEEP": "30"})
     os.kill(proc.pid, signal.SIGINT)

@@ -33,7 +33,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 from . import _finalize, _logging, _native, _oob, _warden
@@ -826,6 +826,38 @@ _EXIT_STOP: dict[str, Literal["terminate", "drain"]] = {
     "terminate": "terminate",
     "join": "drain",
 }
+
+
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Holds a Ctrl-C back until the block ends, then raises it: around
+    making a pool and handing it to its owner, so that a Ctrl-C cannot leave
+    a pool started and out of reach (until interpreter exit), nor interrupt
+    its threads' start half done. A second Ctrl-C meanwhile is not held.
+    Only where Ctrl-C raises: in the main thread, under Python's own
+    handler (a program's own SIGINT handler is left alone)."""
+    import signal
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if held:
+            signal.default_int_handler(signum, frame)
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _ended_by_ctrl_c() -> bool:

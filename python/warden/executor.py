@@ -214,28 +214,32 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         # Workers start with the first task, as the standard library starts
         # them on demand; the pickled initargs go to every worker.
         if self._runner is None:
-            runner = _runner.Runner(
-                mode="pool",
-                name=self._name,
-                workers=self._max_workers,
-                hooks=self._hooks,
-                max_tasks_per_child=self._max_tasks_per_child,
-                task_timeout=self._task_timeout,
-                forward_logging=self._forward_logging,
-                exit_timeout=self._exit_timeout,
-                start=self._start,
-                preload=self._preload,
-                # As concurrent.futures documents: an initializer that raises
-                # breaks the executor (its pending and later tasks fail).
-                fail_on_init_error=True,
-                **self._limits,
-            )
-            # An executor nobody can reach any more shuts down on its own
-            # (queued tasks still run); the callback holds the runner only.
-            # (Not at interpreter exit: _runner shuts every pool down then.)
-            weakref.finalize(self, runner.close_nowait).atexit = False
-            self._runner = runner
+            with _runner.ctrl_c_held():
+                self._runner = self._make_runner()
         return self._runner
+
+    def _make_runner(self) -> _runner.Runner:
+        runner = _runner.Runner(
+            mode="pool",
+            name=self._name,
+            workers=self._max_workers,
+            hooks=self._hooks,
+            max_tasks_per_child=self._max_tasks_per_child,
+            task_timeout=self._task_timeout,
+            forward_logging=self._forward_logging,
+            exit_timeout=self._exit_timeout,
+            start=self._start,
+            preload=self._preload,
+            # As concurrent.futures documents: an initializer that raises
+            # breaks the executor (its pending and later tasks fail).
+            fail_on_init_error=True,
+            **self._limits,
+        )
+        # An executor nobody can reach any more shuts down on its own
+        # (queued tasks still run); the callback holds the runner only.
+        # (Not at interpreter exit: _runner shuts every pool down then.)
+        weakref.finalize(self, runner.close_nowait).atexit = False
+        return runner
 
     def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
         """Runs ``fn(*args, **kwargs)`` in a worker; returns its future.

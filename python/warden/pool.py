@@ -113,25 +113,27 @@ class Pool(multiprocessing.pool.Pool):
         hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
         if on_worker_lost is not None and not callable(on_worker_lost):
             raise TypeError("on_worker_lost must be a callable")
-        self._runner = _runner.Runner(
-            mode="pool",
-            name=self._name,
-            workers=processes,
-            hooks=hooks,
-            max_tasks_per_child=maxtasksperchild,
-            exit_policy="terminate",
-            start=start,
-            preload=preload,
-            restart=_runner.restart_limit(restart_limit),
-            max_memory_per_child=_runner.memory_size("max_memory_per_child", max_memory_per_child),
-            memory_limit=_runner.memory_size("memory_limit", memory_limit),
-            on_worker_lost=on_worker_lost,
-            forward_logging=forward_logging,
-        )
-        # A pool nobody can reach any more is terminated, as the standard
-        # library does; results being waited for keep their pool reachable.
-        # (Not at interpreter exit: _runner shuts every pool down then.)
-        weakref.finalize(self, self._runner.terminate_nowait).atexit = False
+        # Held back until the pool is made and can be reached (see ctrl_c_held).
+        with _runner.ctrl_c_held():
+            self._runner = _runner.Runner(
+                mode="pool",
+                name=self._name,
+                workers=processes,
+                hooks=hooks,
+                max_tasks_per_child=maxtasksperchild,
+                exit_policy="terminate",
+                start=start,
+                preload=preload,
+                restart=_runner.restart_limit(restart_limit),
+                max_memory_per_child=_runner.memory_size("max_memory_per_child", max_memory_per_child),
+                memory_limit=_runner.memory_size("memory_limit", memory_limit),
+                on_worker_lost=on_worker_lost,
+                forward_logging=forward_logging,
+            )
+            # A pool nobody can reach any more is terminated, as the standard
+            # library does; results being waited for keep their pool reachable.
+            # (Not at interpreter exit: _runner shuts every pool down then.)
+            weakref.finalize(self, self._runner.terminate_nowait).atexit = False
 
     def _stopped_by_interrupt(self) -> bool:
         """Whether a Ctrl-C while waiting on this pool stopped it: its state

@@ -138,20 +138,22 @@ class Process(multiprocessing.process.BaseProcess):
                 ("target", self._target),
             ],
         )
-        try:
-            runner = _runner.Runner(
-                mode="process",
-                name=self._name,
-                workers=1,
-                pass_fds=fds,
-                one_off=True,
-                deliver=False,
-                exit_policy="terminate" if self.daemon else "join",
-                start="exec",  # one child: a zygote would only add a process
-            )
-        except _warden.CoreError as e:  # the core closed the fds
-            raise _start_error(self._name, e) from None
-        self._popen = runner
+        # Held back until the child is this object's (see ctrl_c_held).
+        with _runner.ctrl_c_held():
+            try:
+                runner = _runner.Runner(
+                    mode="process",
+                    name=self._name,
+                    workers=1,
+                    pass_fds=fds,
+                    one_off=True,
+                    deliver=False,
+                    exit_policy="terminate" if self.daemon else "join",
+                    start="exec",  # one child: a zygote would only add a process
+                )
+            except _warden.CoreError as e:  # the core closed the fds
+                raise _start_error(self._name, e) from None
+            self._popen = runner
         try:
             runner.submit(payload, _ignore_outcome)
         except _warden.CoreError as e:
