@@ -940,8 +940,9 @@ def _shut_down_at_exit() -> None:
             with contextlib.suppress(KeyboardInterrupt):
                 r.core.stop("kill")
     for r in everyone:
-        if r.thread is not None and r.thread.ident is not None:  # one never started has nothing to join
-            r.thread.join(2.0)
+        if r.thread is not None:
+            with contextlib.suppress(RuntimeError):  # one never started has nothing to join
+                r.thread.join(2.0)
     # What the workers logged on their way out, before logging shuts down.
     _logging.drain()
 
