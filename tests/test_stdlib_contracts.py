@@ -654,6 +654,42 @@ def test_a_process_whose_target_keeps_a_thread_pool_ends_when_its_target_returns
     assert p.exitcode == 0
 
 
+class SlowToDie:
+    """A result whose __del__, in the worker that made it, waits until a file
+    appears (a connection closed, a thread joined): 60 s at most."""
+
+    def __init__(self, flag):
+        self.flag, self.pid = flag, os.getpid()
+
+    def __del__(self):
+        deadline = time.monotonic() + 60
+        while os.getpid() == self.pid and not os.path.exists(self.flag) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def __reduce__(self):
+        return (str, (self.flag,))
+
+
+def make_slow_to_die(flag):
+    return SlowToDie(flag)
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_result_arrives_before_its_objects_slow_del_runs_in_the_worker(impl, kind, tmp_path):
+    flag = str(tmp_path / "let-it-die")
+    try:
+        if kind == "executor":
+            with impl.Executor(1) as ex:
+                assert ex.submit(make_slow_to_die, flag).result(timeout=30) == flag
+                open(flag, "w").close()
+        else:
+            with impl.Pool(1) as pool:
+                assert pool.apply_async(make_slow_to_die, (flag,)).get(timeout=30) == flag
+                open(flag, "w").close()
+    finally:
+        open(flag, "w").close()
+
+
 def identity_after(seconds):
     time.sleep(seconds)
     return multiprocessing.current_process()._identity

@@ -212,6 +212,10 @@ def _measure_coverage_if_asked() -> None:
     cov.start()
 
 
+#: Types of results whose end runs no code of the program's.
+_DIES_QUIETLY = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
 class _StopWaiting(BaseException):
     """Raised by the stop-signal handler in a retiring worker that waits for
     its threads: the pool stopped waiting for them (SIGTERM after its grace)."""
@@ -360,11 +364,13 @@ class Handler:
 
     def run(
         self, payload: bytes, segment: int | None = None
-    ) -> bytes | tuple[bytes, int] | _warden.RemoteFailure:
-        """Runs one task: returns the pickled result (with the fd of its
-        out-of-band buffers, as ``(bytes, fd)``, if it has some) or a
-        ``RemoteFailure``. ``segment`` is the fd of the call's buffers, if any
-        (closed here)."""
+    ) -> bytes | tuple[bytes, int | None, Any] | _warden.RemoteFailure:
+        """Runs one task: returns the pickled result or a ``RemoteFailure``.
+        A result with out-of-band buffers, or whose value could run code when
+        it dies, comes as ``(bytes, fd or None, value)``: the core keeps the
+        value until the result is sent, so that a slow ``__del__`` cannot hold
+        the result back (the standard library's workers also send, then drop
+        it). ``segment`` is the fd of the call's buffers, if any (closed here)."""
         self.running = True
         try:
             if self.mode == "process":
@@ -381,9 +387,11 @@ class Handler:
             del fn, args, kwargs
             try:
                 data, out = dumps_oob(value, to_parent=True)
-                return data if out is None else (data, out)
             except Exception as e:
                 return _error(_unpicklable_result(value, e))
+            if out is None and type(value) in _DIES_QUIETLY:
+                return data
+            return (data, out, value)
         except TaskInterrupted:
             self.running = False  # the exit path comes next: not to be interrupted
             return _interrupted()

@@ -65,7 +65,7 @@ pub fn worker_main(py: Python<'_>, handler: Py<PyAny>, variables: HashMap<String
     // The main thread by its kernel id, not its pthread_t: in a worker forked
     // by a zygote, glibc's cached id of this thread is the zygote's.
     let main_thread = rustix::thread::gettid().as_raw_nonzero().get();
-    let handler = PyHandler { handler, main_thread };
+    let handler = PyHandler { handler, main_thread, kept: None };
     let exit = py.detach(move || warden::frontend::serve(env, handler));
     flush_python_streams(py);
     exit.exit()
@@ -97,6 +97,9 @@ struct PyHandler {
     handler: Py<PyAny>,
     /// The main thread's kernel thread id.
     main_thread: libc::pid_t,
+    /// The last task's return value, when `run` handed it over: released
+    /// once its result has been sent (see `Handler::outcome_sent`).
+    kept: Option<Py<PyAny>>,
 }
 
 /// A Python exception that escaped the handler (a bug on the Python side, or
@@ -155,21 +158,36 @@ impl Handler for PyHandler {
                 eprintln!("warden worker: the task handler kept its payload view exported; aborting");
                 std::process::abort();
             }
+            let kept = &mut self.kept;
             outcome(py, result, |value| {
                 if let Ok(t) = value.cast::<PyTuple>() {
-                    if t.len() != 2 {
+                    if t.len() != 3 {
                         return Err(PyTypeError::new_err(format!(
-                            "run() returned a tuple of {} items, not (bytes, fd)",
+                            "run() returned a tuple of {} items, not (bytes, fd, value)",
                             t.len()
                         )));
                     }
-                    // (bytes, fd): own the fd before anything else can fail.
-                    let fd = take_fd("the result's segment", t.get_item(1)?.extract::<RawFd>()?, 0)?;
-                    return Ok((t.get_item(0)?.cast::<PyBytes>()?.as_bytes().to_vec(), Some(fd)));
+                    // (bytes, fd or None, value to keep until sent): own the fd
+                    // before anything else can fail.
+                    let fd = match t.get_item(1)?.extract::<Option<RawFd>>()? {
+                        Some(fd) => Some(take_fd("the result's segment", fd, 0)?),
+                        None => None,
+                    };
+                    let data = t.get_item(0)?.cast::<PyBytes>()?.as_bytes().to_vec();
+                    *kept = Some(t.get_item(2)?.unbind());
+                    return Ok((data, fd));
                 }
                 Ok((value.cast::<PyBytes>()?.as_bytes().to_vec(), None))
             })
         })
+    }
+
+    fn outcome_sent(&mut self) {
+        if let Some(value) = self.kept.take() {
+            // Its `__del__` (if this was the last reference) runs here, after
+            // the parent has the result.
+            Python::attach(|_| drop(value));
+        }
     }
 
     fn interrupter(&self) -> Option<Interrupter> {

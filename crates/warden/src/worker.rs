@@ -141,6 +141,12 @@ pub trait Handler {
         self.run(payload).map(|value| (value, None))
     }
 
+    /// Called after a task's outcome has been sent (or could not be): what
+    /// the handler kept of the task until then may go. The Python handler
+    /// keeps the task's return value, so that its `__del__` runs after the
+    /// parent has the result, not before. The default does nothing.
+    fn outcome_sent(&mut self) {}
+
     /// How to interrupt a running task, if this handler can.
     fn interrupter(&self) -> Option<Interrupter> {
         None
@@ -779,6 +785,8 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                         core.send(&Message::Result { id, outcome: WireOutcome::Error(error) })
                     }
                 };
+                drop(result);
+                handler.outcome_sent();
                 if let Err(e) = sent {
                     if e.kind() == io::ErrorKind::InvalidData {
                         // The result is larger than the frame limit: report that instead.
