@@ -654,6 +654,36 @@ def test_a_process_whose_target_keeps_a_thread_pool_ends_when_its_target_returns
     assert p.exitcode == 0
 
 
+BREAK_PICKLE = """
+import concurrent.futures, multiprocessing, os, pickle, sys
+import warden
+
+def patch_pickle_in_this_worker():
+    def broken(*args, **kwargs):
+        raise RuntimeError("an instrumentation wrapper with a bug")
+    pickle.loads = pickle.dumps = broken  # a mock.patch left behind, say
+    return os.getpid()
+
+def pid_of(*args):
+    return os.getpid()
+
+if __name__ == "__main__":
+    if sys.argv[1] == "warden":
+        ex = warden.ProcessPoolExecutor(1)
+    else:
+        ex = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    with ex:
+        patched = ex.submit(patch_pickle_in_this_worker).result(timeout=60)
+        later = [ex.submit(pid_of, i).result(timeout=60) for i in range(5)]
+        print("same worker, every task done" if later == [patched] * 5 else later, flush=True)
+"""
+
+
+def test_a_task_that_breaks_pickle_in_its_worker_fails_no_later_task(impl, program):
+    run = program(BREAK_PICKLE).run(args=(impl.name,), timeout=120)
+    assert run.stdout.strip() == "same worker, every task done", run.stdout + run.stderr
+
+
 class SlowToDie:
     """A result whose __del__, in the worker that made it, waits until a file
     appears (a connection closed, a thread joined): 60 s at most."""

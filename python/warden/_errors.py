@@ -11,9 +11,10 @@ cycle keeps a pool (and its workers) alive after the program let go of it.
 from __future__ import annotations
 
 import errno
-import pickle
 import threading
 from concurrent.futures import CancelledError
+from pickle import dumps as _dumps  # bound at import: a task that patches pickle cannot break warden
+from pickle import loads as _loads
 
 try:
     import concurrent.futures.process
@@ -157,7 +158,7 @@ class ErrorData:
         type_name = type(exc).__qualname__
         text = str(exc)
         try:
-            data = pickle.dumps(exc, protocol=5) if isinstance(exc, Exception) else b""
+            data = _dumps(exc, protocol=5) if isinstance(exc, Exception) else b""
         except Exception:
             data = b""
         if not data:
@@ -215,7 +216,7 @@ def _build_remote(traceback_type: type[Exception], remote: RemoteFailure) -> Bas
     exc: BaseException | None = None
     if remote.kind == RemoteKind.RAISED and remote.data:
         try:
-            exc = pickle.loads(remote.data)
+            exc = _loads(remote.data)
         except (Exception, SystemExit) as e:
             exc = RemoteError(
                 f"task raised {type_name}: {message} "

@@ -48,6 +48,8 @@ import select
 import socket
 import sys
 import traceback
+from pickle import dumps as _dumps  # bound at import: a task that patches pickle cannot break warden
+from pickle import loads as _loads
 from typing import Any
 
 from . import _native
@@ -252,7 +254,7 @@ def parent_levels() -> dict[str, int]:
 def _handle(data: bytes | memoryview) -> None:
     """In the parent: one record, by the logger of its name."""
     try:
-        attrs = pickle.loads(data)
+        attrs = _loads(data)
         record = logging.makeLogRecord(attrs)
     except Exception as e:
         print(f"warden: cannot read a worker's log record: {type(e).__name__}: {e}", file=sys.stderr)
@@ -283,17 +285,17 @@ def encode(record: logging.LogRecord) -> bytes:
     if len(attrs["msg"]) > MAX_MESSAGE:
         attrs["msg"] = attrs["msg"][:MAX_MESSAGE] + f"... [cut: {len(attrs['msg'])} characters]"
     try:
-        return pickle.dumps(attrs, protocol=5)
+        return _dumps(attrs, protocol=5)
     except Exception:
         # An attribute added with ``extra=`` that does not pickle: send its repr.
         safe = {}
         for key, value in attrs.items():
             try:
-                pickle.dumps(value, protocol=5)
+                _dumps(value, protocol=5)
                 safe[key] = value
             except Exception:
                 safe[key] = repr(value)
-        return pickle.dumps(safe, protocol=5)
+        return _dumps(safe, protocol=5)
 
 
 class ParentHandler(logging.Handler):
@@ -315,7 +317,7 @@ class ParentHandler(logging.Handler):
                     raise
                 attrs = {key: getattr(record, key, None) for key in _PLAIN}
                 attrs["msg"] = record.getMessage()[:1024] + "... [cut: the record was too large to send]"
-                self.sock.send(pickle.dumps(attrs, protocol=5))
+                self.sock.send(_dumps(attrs, protocol=5))
         except (OSError, pickle.PicklingError):
             # The parent is gone or not reading: keep the record on our stderr.
             last = logging.lastResort

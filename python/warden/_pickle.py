@@ -37,6 +37,8 @@ import threading
 from collections.abc import Callable, Iterable
 from multiprocessing import context as _mp_context
 from multiprocessing.reduction import ForkingPickler
+from pickle import dumps as _dumps  # bound at import: a task that patches pickle cannot break warden
+from pickle import loads as _loads
 
 from . import _oob
 
@@ -365,7 +367,7 @@ def _new_ref(fn: Any) -> tuple[dict[str, Any], str, bytes | None] | None:
     if namespace.get(name) is not fn:
         return None
     try:
-        ref = pickle.dumps(fn, PROTOCOL)
+        ref = _dumps(fn, PROTOCOL)
     except Exception:
         return None
     head = None
@@ -389,7 +391,7 @@ def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
     if _is_small_and_plain(call):
         entry = _refs.get(fn) or _new_ref(fn)
         if entry is not None and entry[2] is not None and entry[0].get(entry[1]) is fn:
-            data = entry[2] + pickle.dumps(args, PROTOCOL)
+            data = entry[2] + _dumps(args, PROTOCOL)
             if len(data) <= _oob.PICKLE_INLINE_MAX:
                 return data, None
             # A huge string: it travels beside the frame (see _oob.dumps).
@@ -406,7 +408,7 @@ def loads_call(payload: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     ref = bytes(payload[3 : 3 + n])
     known = _named.get(ref)
     if known is None or known[0].get(known[1]) is not known[2]:
-        fn = pickle.loads(ref)
+        fn = _loads(ref)
         module = sys.modules.get(getattr(fn, "__module__", None) or "")
         name = getattr(fn, "__qualname__", None)
         if module is not None and type(name) is str:
@@ -415,7 +417,7 @@ def loads_call(payload: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
             _named[ref] = (vars(module), name, fn)
     else:
         fn = known[2]
-    return fn, pickle.loads(payload[3 + n :]), {}
+    return fn, _loads(payload[3 + n :]), {}
 
 
 def dumps_oob(obj: Any, to_parent: bool = False, lend: bool = True) -> tuple[bytes, int | None]:
@@ -431,7 +433,7 @@ def dumps_oob(obj: Any, to_parent: bool = False, lend: bool = True) -> tuple[byt
     one-call ``pickle.dumps``, which gives the same bytes."""
     if _is_small_and_plain(obj):
         try:
-            data = pickle.dumps(obj, PROTOCOL)
+            data = _dumps(obj, PROTOCOL)
         except Exception:
             pass  # e.g. a lambda: the full path below says why, or uses cloudpickle
         else:

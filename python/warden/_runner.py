@@ -26,7 +26,6 @@ import multiprocessing.resource_tracker
 import multiprocessing.spawn
 import multiprocessing.util
 import os
-import pickle
 import re
 import sys
 import threading
@@ -34,6 +33,8 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from pickle import dumps as _dumps  # bound at import: a task that patches pickle cannot break warden
+from pickle import loads as _loads
 from typing import Any, Literal
 
 from . import _finalize, _logging, _native, _oob, _warden
@@ -269,7 +270,7 @@ def _lost_hook(
         record = None
         if lost.record:
             try:
-                record = pickle.loads(lost.record)
+                record = _loads(lost.record)
             except Exception as e:
                 print(
                     f"warden: cannot unpickle the cleanup record of worker {lost.pid}: {e!r}", file=sys.stderr
@@ -422,17 +423,17 @@ class Runner:
                 "logging": log_to,
                 "resource_tracker": tracker,
             }
-            payload = pickle.dumps(init, protocol=5)
+            payload = _dumps(init, protocol=5)
             # What the zygote loads before it forks: this process's sys.path
             # and directory (and its __main__, if asked), then the preloads.
             preload = list(preload or [])
-            zygote = pickle.dumps({"preparation": init["preparation"], "preload": preload}, protocol=5)
+            zygote = _dumps({"preparation": init["preparation"], "preload": preload}, protocol=5)
             # If importing __main__ starts a thread, the zygote cannot fork: then
             # one more zygote without it, whose workers import __main__ themselves.
             fallback = None
             if DEFAULT_PRELOAD in preload:
                 lean = [name for name in preload if name != DEFAULT_PRELOAD]
-                fallback = pickle.dumps({"preparation": init["preparation"], "preload": lean}, protocol=5)
+                fallback = _dumps({"preparation": init["preparation"], "preload": lean}, protocol=5)
         except BaseException:
             _close_fds(fds)
             if log_to is not None:

@@ -49,6 +49,7 @@ import signal
 import sys
 import threading
 import types
+from pickle import loads as _loads  # bound at import: a task that patches pickle cannot break warden
 
 from . import _context, _oob, _warden
 from ._pickle import BY_REF, dumps, dumps_oob, loads_call
@@ -125,7 +126,7 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
         try:
             data = dumps(exc)
             step = "rebuilt from its pickle"
-            pickle.loads(data)
+            _loads(data)
         except Exception as why:
             stand_in = RemoteError(
                 f"task raised {type_name}: {message} (the exception could not be {step}: "
@@ -294,7 +295,7 @@ class Handler:
                 # Told to stop before the core's own handlers were installed:
                 # only this one ran, and raised nothing (nothing was running).
                 raise TaskInterrupted("stopped while starting")
-            init = pickle.loads(payload)
+            init = _loads(payload)
             self.mode = init["mode"]
             if init.get("resource_tracker") is not None:
                 # Before anything of the program's runs (main, as imported

@@ -36,9 +36,9 @@ import multiprocessing.resource_tracker  # every worker uses its parent's: loade
 import multiprocessing.spawn
 import multiprocessing.util
 import os
-import pickle
 import sys
 from collections.abc import Callable
+from pickle import loads as _loads  # bound at import: a task that patches pickle cannot break warden
 from typing import Any
 
 from . import _warden, _workerloop
@@ -187,7 +187,7 @@ def prepare(payload: bytes) -> None:
     themselves, as under spawn (or, if a named preload holds the fd, starts
     its workers by exec)."""
     global _seeded
-    data = pickle.loads(payload)
+    data = _loads(payload)
     watch = _SeedWatch()
     try:
         _preload(data)
