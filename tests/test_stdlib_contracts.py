@@ -464,6 +464,16 @@ def test_a_result_that_cannot_be_pickled_raises_maybe_encoding_error(impl):
         assert pool.apply(identity, (3,)) == 3
 
 
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_an_imap_result_that_cannot_be_pickled_names_that_result_as_the_standard_library_does(impl, method):
+    with impl.Pool(1) as pool:
+        results = getattr(pool, method)(lock_for, [1])  # chunksize 1: one call per item
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError) as raised:
+            next(results)
+    assert raised.value.value.startswith("<unlocked _thread.lock object"), raised.value.value
+    assert str(raised.value).startswith("Error sending result: '<unlocked _thread.lock object")
+
+
 def test_async_result_get_with_a_timeout_raises_multiprocessing_timeout_error(impl):
     with impl.Pool(1) as pool:
         result = pool.apply_async(sleep_then, (5,))

@@ -785,6 +785,8 @@ class IMapIterator(_StdIMapIterator[_T]):
         if ok:
             try:
                 value = loads(data)
+                if not self._chunked:
+                    value = (value,)  # one call's result: the chunk of one item it stands for
                 if self._progress is not None:
                     self._progress.advance(len(value))
                 self._put(index, True, value)
@@ -937,7 +939,11 @@ def _feed_imap(
                 # yields the next one (a generator refilling one array), and
                 # each item is sent as it was when it was taken, as the
                 # standard library's imap sends it.
-                payload, segment = dumps_oob((run_chunk, (func, chunk, False), {}), lend=False)
+                # One item is one call, as in the standard library's imap with
+                # chunksize 1 (its errors then name the item's result, not a list).
+                call = (run_chunk, (func, chunk, False), {}) if chunksize > 1 else (func, chunk, {})
+                payload, segment = dumps_oob(call, lend=False)
+                del call
             except Exception as e:
                 put(index, False, ErrorData.local(e, "cannot pickle the task"))
                 index += 1
