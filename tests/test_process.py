@@ -571,3 +571,38 @@ def test_a_subclass_passing_group_to_the_base_constructor_runs():
     child.start()
     child.join(60)
     assert (child.name, child.exitcode) == ("greeter", 0)
+
+
+# The child's way out takes longer than the pool's grace period (made short
+# here): its queue's feeder thread writes an item larger than the pipe holds,
+# and the parent reads it only later, as multiprocessing's own examples do.
+SLOW_READER = """
+import multiprocessing, os, sys, time
+import warden, warden._runner
+
+def put_big(q, n):
+    q.put(b"x" * n)
+
+if __name__ == "__main__":
+    warden._runner.GRACE = 0.5
+    if sys.argv[1] == "warden":
+        Process = warden.Process
+    else:
+        Process = multiprocessing.get_context("spawn").Process
+    q = multiprocessing.get_context("spawn").Queue()
+    p = Process(target=put_big, args=(q, 1 << 20))
+    p.start()
+    time.sleep(3)  # six grace periods
+    item = q.get(timeout=30)
+    p.join(30)
+    print(len(item), p.exitcode, flush=True)
+"""
+
+
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_a_child_still_flushing_its_queue_after_its_target_returned_is_not_cut_short(program, impl):
+    # multiprocessing documents that a process which put items in a queue
+    # waits, before it ends, until they are all in the pipe: that is the
+    # child's own exit, which no grace period ends.
+    run = program(SLOW_READER).run(args=(impl,), timeout=120)
+    assert run.stdout.split() == [str(1 << 20), "0"], run.stdout + run.stderr

@@ -974,6 +974,10 @@ fn decode<R: DeserializeOwned>(outcome: Result<Vec<u8>>) -> Result<R> {
 /// return (a function the child has not started yet still starts), then the
 /// child is stopped (SIGTERM, its exit path runs; SIGKILL after the grace
 /// period), as a [`Pool`] is when dropped. Join it to wait for its result.
+///
+/// Once the function has returned, the child's exit hook and exit path take
+/// the time they take, as a process's own way out does: no grace period
+/// ends them; [`Child::terminate`], [`Child::kill`] or a drop do.
 pub struct Child<R> {
     pool: Pool,
     handle: Handle<R>,

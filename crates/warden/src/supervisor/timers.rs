@@ -33,9 +33,14 @@ impl Supervisor {
                 w.stop(StopCause::Terminated, cfg.grace);
             }
             // One still starting (its start hook running) is stopped at the
-            // deadline too, not left to its init timeout.
+            // deadline too, not left to its init timeout; so is a one-off
+            // child still on its way out, which has no deadline of its own.
             if bounded_close && matches!(w.phase, WorkerPhase::Starting | WorkerPhase::Initializing) {
                 w.stop(StopCause::Terminated, cfg.grace);
+            }
+            if bounded_close && w.phase == WorkerPhase::Retiring && w.deadline.is_none() {
+                let cause = w.cause.clone().unwrap_or(StopCause::Terminated);
+                w.stop(cause, cfg.grace);
             }
             if w.deadline.is_some_and(|d| now >= d) {
                 match w.phase {

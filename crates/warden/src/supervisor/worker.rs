@@ -305,7 +305,15 @@ pub(super) fn retire(w: &mut Worker, reason: RetireReason, cfg: &Config) {
         w.flush();
     }
     w.phase = WorkerPhase::Retiring;
-    w.deadline = Some(Instant::now() + cfg.grace);
+    w.deadline = match reason {
+        // A one-off child whose function returned: what its program does on
+        // its way out (exit hooks, `atexit` handlers, a queue flushing what
+        // was put in it, its own children joined) is its own, as a process's
+        // is under `std::process` or Python's `multiprocessing`: no grace
+        // period ends it. A stop of the pool (terminate, a deadline) still does.
+        RetireReason::Done => None,
+        _ => Some(Instant::now() + cfg.grace),
+    };
 }
 
 impl Drop for Worker {
