@@ -68,10 +68,12 @@ def own_memfds(pid: int | None = None) -> list[str]:
 
 def dev_shm() -> set[str]:
     """Shared-memory names in /dev/shm. POSIX semaphores ("sem.*") of other
-    programs on this machine (multiprocessing, loky) come and go there; warden
-    creates no name at all, so every other new entry counts."""
+    programs on this machine (multiprocessing, loky) come and go there, and
+    so do the segments other tests of this suite make on purpose, under
+    "warden_test_" (they may run at the same time); warden creates no name
+    at all, so every other new entry counts."""
     try:
-        return {n for n in os.listdir("/dev/shm") if not n.startswith("sem.")}
+        return {n for n in os.listdir("/dev/shm") if not n.startswith(("sem.", "warden_test_"))}
     except FileNotFoundError:
         return set()
 
