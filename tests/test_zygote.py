@@ -443,8 +443,71 @@ def test_seeds_set_at_mains_import_start_each_worker_as_under_spawn(program, tmp
     # Every one-task worker starts from the seeded state: all four draw alike.
     assert all(values == stdlib[0] for values in stdlib)
     assert first == second == stdlib
-    # The zygote imported main, once; its workers were forked from it.
-    assert len(importers) == 1
+    # Each worker imported main itself, as under spawn (a main that seeds at
+    # import is not kept by the zygote: see the test below).
+    assert len(importers) >= 4
+
+
+# A main module that makes, at its top level, state each process should have
+# its own of: under spawn every worker imports main and makes its own.
+MAIN_MAKES_PER_PROCESS_STATE = """
+import concurrent.futures, json, multiprocessing, os, random, signal, sys, tempfile, warden
+MADE = os.environ["MADE"]
+if __name__ == "__mp_main__":
+    with open(os.path.join(os.environ["RUN_DIR"], "imports"), "a") as f:
+        f.write(f"{os.getpid()}\\n")
+if MADE == "seed":
+    random.seed(os.getpid())
+elif MADE == "tempdir":
+    SCRATCH = tempfile.TemporaryDirectory(prefix="warden-test-scratch-")
+elif MADE == "handler":
+    def on_term(signum, frame):
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+elif MADE == "cwd":
+    os.chdir(os.environ["RUN_DIR"])
+
+def what(i):
+    if MADE == "seed":
+        return random.random()
+    if MADE == "tempdir":
+        path = os.path.join(SCRATCH.name, f"part{i}")
+        with open(path, "w") as f:
+            f.write(str(i))
+        with open(path) as f:
+            return [SCRATCH.name, f.read()]
+    if MADE == "handler":
+        return getattr(signal.getsignal(signal.SIGTERM), "__name__", "other")
+    return os.getcwd()
+
+if __name__ == "__main__":
+    os.chdir("/")
+    if sys.argv[1] == "stdlib":
+        spawn = multiprocessing.get_context("spawn")
+        ex = concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn, max_tasks_per_child=1)
+    else:
+        ex = warden.ProcessPoolExecutor(2, max_tasks_per_child=1)
+    with ex:
+        print(json.dumps(list(ex.map(what, range(4)))))
+"""
+
+
+@pytest.mark.parametrize("made", ["seed", "tempdir", "handler", "cwd"])
+def test_state_main_makes_at_import_is_each_workers_own_as_under_spawn(program, tmp_path, made):
+    prog = program(MAIN_MAKES_PER_PROCESS_STATE)
+    env = {"MADE": made, "WARDEN_START": "zygote"}
+    stdlib, _ = _run_in(prog, tmp_path, "stdlib", env=env)
+    ours, importers = _run_in(prog, tmp_path, "warden", env=env)
+    if made == "seed":  # random.seed(os.getpid()): a stream of its own in each worker
+        assert len(set(stdlib)) == len(set(ours)) == 4
+    elif made == "tempdir":  # a directory of its own, not removed under it by another's exit
+        assert [text for _, text in ours] == [text for _, text in stdlib] == ["0", "1", "2", "3"]
+        assert len({name for name, _ in ours}) == 4
+    elif made == "handler":  # main's SIGTERM handler, not warden's
+        assert ours == stdlib == ["on_term"] * 4
+    else:  # the directory main changed to, not the parent's
+        assert (stdlib, ours) == ([str(tmp_path / "stdlib")] * 4, [str(tmp_path / "warden")] * 4)
+    assert len(importers) >= 4  # each worker imported main itself
 
 
 @pytest.mark.parametrize("with_numpy", [False, True], ids=["random", "numpy"])

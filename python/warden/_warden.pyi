@@ -306,10 +306,11 @@ def worker_main(handler: WorkerHandler, variables: dict[str, str]) -> None:
 def send_record(data: bytes) -> None:
     """Sends the parent this worker's cleanup record (for ``on_worker_lost``)."""
 
-def zygote_main(prepare: Callable[[bytes], object]) -> None:
+def zygote_main(prepare: Callable[[bytes], str | None]) -> None:
     """Runs this process as the zygote of the pool that started it: calls
-    ``prepare(payload)``, then forks workers on request. Returns only in a
-    forked worker; the zygote itself exits when its pool is done with it."""
+    ``prepare(payload)``, then forks workers on request (unless it returned a
+    reason not to: the pool then starts a zygote without main). Returns only
+    in a forked worker; the zygote itself exits when its pool is done with it."""
 
 def forked_from() -> int | None:
     """The pid of the zygote this worker was forked from; ``None`` in a

@@ -11,11 +11,13 @@ is as fresh as an exec'd one where it matters:
   ``threading`` and ``logging`` reset their locks;
 * numpy's global generator (``numpy.random.seed``), if numpy was preloaded,
   is reseeded from the OS in each worker;
-* except where main or a preload seeded a global generator at import
+* except where a named preload seeded a global generator at import
   (``random.seed(1234)``, ``numpy.random.seed(1234)``, or set its state):
-  then each worker starts from the state the preloads left it in, as each
-  worker under spawn does after importing main. The zygote sees the seeding
-  call itself (:class:`_SeedWatch`), not the state;
+  then each worker starts from the state the preloads left it in. The
+  zygote sees the seeding call itself (:class:`_SeedWatch`), not the state.
+  A main module that does so (or makes other per-process state at import:
+  a finalizer, a working directory, a stop signal's handler) is not kept:
+  each worker imports it, as under spawn (:func:`_per_process_state`);
 * ``multiprocessing``'s finalizer registry is emptied, as its fork start
   method does: a finalizer registered while preloading belongs to the zygote;
 * ``multiprocessing.active_children()`` lists the pool workers the worker
@@ -36,7 +38,9 @@ import multiprocessing.resource_tracker  # every worker uses its parent's: loade
 import multiprocessing.spawn
 import multiprocessing.util
 import os
+import signal
 import sys
+import weakref
 from collections.abc import Callable
 from pickle import loads as _loads  # bound at import: a task that patches pickle cannot break warden
 from typing import Any
@@ -168,7 +172,7 @@ def _after_fork_in_child() -> None:
         children.install()
 
 
-def prepare(payload: bytes) -> None:
+def prepare(payload: bytes) -> str | None:
     """Runs in the zygote before it parks: the pool's ``sys.path`` and working
     directory, then its preloads. A preload that fails to import is reported
     and skipped (its workers import it themselves, or fail there).
@@ -190,9 +194,11 @@ def prepare(payload: bytes) -> None:
     data = _loads(payload)
     watch = _SeedWatch()
     try:
-        _preload(data)
+        refused = _preload(data, watch)
     finally:
         _seeded = watch.finish()
+    if refused is not None:
+        return refused
     # What the zygote holds is moved out of the collector's reach before each
     # fork: a worker's collections (and its exit path's) then never touch,
     # and so never copy, the pages it shares with the zygote.
@@ -200,13 +206,22 @@ def prepare(payload: bytes) -> None:
     os.register_at_fork(before=gc.freeze, after_in_child=_after_fork_in_child)
 
 
-def _preload(data: dict[str, Any]) -> None:
+#: Signals whose handlers a worker sets up itself: one main set at import
+#: would be replaced in a forked worker.
+_WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _preload(data: dict[str, Any], watch: _SeedWatch) -> str | None:
+    """Prepares as a spawned child does and imports the preloads. Returns why
+    this zygote must not fork, if main's import made state each worker must
+    make for itself (see :func:`_per_process_state`)."""
     preparation = dict(data["preparation"])
     main_keys = ("init_main_from_path", "init_main_from_name")
     main = {key: preparation.pop(key) for key in main_keys if key in preparation}
     multiprocessing.spawn.prepare(preparation)
     if main and "__main__" in data["preload"]:
         me = multiprocessing.current_process()
+        before = _process_state()
         # As in a spawned child: a pool started by main's unguarded top level
         # raises the standard library's "bootstrapping phase" error.
         me._inheriting = True  # type: ignore[attr-defined]
@@ -216,6 +231,9 @@ def _preload(data: dict[str, Any]) -> None:
             pass
         finally:
             del me._inheriting  # type: ignore[attr-defined]
+        why = _per_process_state(before, _process_state(), watch)
+        if why is not None:
+            return f"the main module {why} at import: each worker imports it itself, as under spawn"
     for name in data["preload"]:
         if name == "__main__":
             continue
@@ -224,6 +242,36 @@ def _preload(data: dict[str, Any]) -> None:
         except Exception as e:
             why = f"{type(e).__name__}: {e}"
             print(f"warden: zygote {os.getpid()}: cannot preload {name!r}: {why}", file=sys.stderr)
+    return None
+
+
+def _process_state() -> tuple[int, str, tuple[Any, ...]]:
+    """What a module's import can set that is per process: finalizers, the
+    working directory, the stop signals' handlers."""
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = ""
+    return (len(weakref.finalize._registry), cwd, tuple(signal.getsignal(s) for s in _WORKER_SIGNALS))  # type: ignore[attr-defined]
+
+
+def _per_process_state(before: tuple[Any, ...], after: tuple[Any, ...], watch: _SeedWatch) -> str | None:
+    """Whether main's import made state that, copied into every fork, would
+    not be what a spawned worker has: an object with a finalizer (a
+    ``tempfile.TemporaryDirectory``: each worker's own under spawn, and each
+    worker's exit would remove the one they share), a global generator seeded
+    (``random.seed(os.getpid())`` gives each spawned worker its own stream),
+    a new working directory or a handler for a stop signal (which a forked
+    worker's preparation would replace)."""
+    if after[0] > before[0]:
+        return "made an object with a finalizer"
+    if any(watch.seeded.values()):
+        return "seeded a global random generator"
+    if after[1] != before[1]:
+        return "changed the working directory"
+    if after[2] != before[2]:
+        return "set a handler for SIGTERM, SIGINT or SIGHUP"
+    return None
 
 
 def main() -> None:

@@ -34,10 +34,17 @@ struct PyForkHooks<'py> {
 impl ForkHooks for PyForkHooks<'_> {
     fn prepare(&mut self, payload: &[u8]) -> Result<(), String> {
         let py = self.prepare.py();
-        self.prepare.call1((PyBytes::new(py, payload),)).map(|_| ()).map_err(|e| {
+        let done = self.prepare.call1((PyBytes::new(py, payload),)).map_err(|e| {
             e.print(py);
             format!("the zygote's preparation raised {e}")
-        })
+        })?;
+        // A reason not to fork (main made per-process state at import): the
+        // pool starts a zygote without main instead. Not an error to print.
+        match done.extract::<Option<String>>() {
+            Ok(None) => Ok(()),
+            Ok(Some(reason)) => Err(reason),
+            Err(e) => Err(format!("the zygote's preparation returned something else than a reason: {e}")),
+        }
     }
 
     fn before_fork(&mut self) {
