@@ -97,6 +97,40 @@ def test_logging_configured_at_the_main_modules_top_level_writes_each_worker_rec
     assert run.lines == ["job: item 1", "lib says 1", "result 1"], run.stdout
 
 
+LOG_FILE_AT_TOP_LEVEL = """
+import concurrent.futures, logging, multiprocessing, os, sys
+import warden
+
+logging.basicConfig(filename=os.path.join(os.environ["OUT_DIR"], "app.log"), level=logging.INFO)
+
+def task(x):
+    logging.info("task %s", x)
+    return x
+
+if __name__ == "__main__":
+    if sys.argv[1] == "stdlib":
+        spawn = multiprocessing.get_context("spawn")
+        ex = concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn)
+    else:
+        ex = warden.ProcessPoolExecutor(2, start=sys.argv[1])
+    with ex:
+        print(list(ex.map(task, range(4))), flush=True)
+"""
+
+
+@pytest.mark.parametrize("start", [*STARTS, "stdlib"])
+def test_a_log_file_main_opens_at_import_is_closed_in_workers_not_left_to_a_resource_warning(
+    program, tmp_path, start
+):
+    env = {"OUT_DIR": str(tmp_path), "PYTHONWARNINGS": "always::ResourceWarning"}
+    run = program(LOG_FILE_AT_TOP_LEVEL).run(args=(start,), env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["[0, 1, 2, 3]"]
+    assert "ResourceWarning" not in run.stderr, run.stderr
+    logged = sorted((tmp_path / "app.log").read_text().splitlines())
+    assert logged == [f"INFO:root:task {i}" for i in range(4)]
+
+
 def log_at(name, level, message):
     logging.getLogger(name).log(level, message)
     return os.getpid()

@@ -413,15 +413,22 @@ def forward_to_parent(fd: int, levels: dict[str, int]) -> None:
     _root_configured = bool(logging.root.handlers)
     handler = ParentHandler(sock)
     loggers = [logging.root, *logging.Logger.manager.loggerDict.values()]
+    removed: dict[int, logging.Handler] = {}
     for logger in loggers:
         configured = getattr(logger, "handlers", None)
         if not configured:
             continue
         for h in configured[:]:
             logger.removeHandler(h)
+            removed[id(h)] = h
         if logger is not logging.root and not logger.propagate:
             logger.addHandler(handler)
             _forwarding.append(logger)
+    # This process's copies (a log file main's import opened here): closed,
+    # not left for the garbage collector (a ResourceWarning each).
+    for h in removed.values():
+        with contextlib.suppress(Exception):
+            h.close()
     logging.root.addHandler(handler)
     _forwarding.append(logging.root)
     if not hasattr(logging.basicConfig, "__wrapped__"):
