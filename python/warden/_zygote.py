@@ -183,8 +183,11 @@ def prepare(payload: bytes) -> str | None:
     zygote says nothing: each worker imports it again and reports the error as
     its start failure, as it would without a zygote.
 
-    Two things a preload does at import are checked after it. A global
-    generator it seeded keeps that state in every worker (:class:`_SeedWatch`).
+    What main does at import is checked after it: if it made per-process
+    state (:func:`_per_process_state`), the reason is returned, and the pool
+    starts a zygote without main instead. Two things a preload does at import
+    are checked after it. A global generator a named preload seeded keeps
+    that state in every worker (:class:`_SeedWatch`).
     An fd it opened and left open (a log file, a socket) would be closed under
     its holder in every fork, so the core refuses to fork from this zygote;
     the pool then starts one without ``__main__``, whose workers import it
@@ -204,6 +207,7 @@ def prepare(payload: bytes) -> str | None:
     # and so never copy, the pages it shares with the zygote.
     gc.freeze()
     os.register_at_fork(before=gc.freeze, after_in_child=_after_fork_in_child)
+    return None
 
 
 #: Signals whose handlers a worker sets up itself: one main set at import
