@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{check, wait_until, TestResult};
+use common::{check, wait_until, write_whole, TestResult};
 use libtest_mimic::{Arguments, Trial};
 use warden::{ExitReason, LifecycleEvent, LostWorker, Pool};
 
@@ -76,7 +76,7 @@ fn hooks_dir() -> Option<PathBuf> {
 
 fn on_exit(reason: ExitReason) {
     if let Some(dir) = hooks_dir() {
-        let _ = std::fs::write(dir.join(format!("exit-{}", std::process::id())), format!("{reason:?}"));
+        write_whole(&dir, &format!("exit-{}", std::process::id()), &format!("{reason:?}"));
     }
 }
 

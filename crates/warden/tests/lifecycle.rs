@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{check, wait_until, TestResult};
+use common::{check, wait_until, write_whole, TestResult};
 use libtest_mimic::{Arguments, Failed, Trial};
 use warden::{ExitReason, LifecycleEvent, Pool, StartMethod, TaskOptions};
 
@@ -224,7 +224,7 @@ fn on_start() {
 
 fn on_exit(reason: ExitReason) {
     if let Some(dir) = hooks_dir() {
-        let _ = std::fs::write(dir.join(format!("exit-{}", std::process::id())), format!("{reason:?}"));
+        write_whole(&dir, &format!("exit-{}", std::process::id()), &format!("{reason:?}"));
     }
 }
 

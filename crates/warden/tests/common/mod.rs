@@ -29,3 +29,13 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Writes `text` to `dir/name` whole: to a file of another name first, then
+/// renamed, so that a test reading `name` never finds it empty or half written
+/// (a hook writing in a worker while the test polls).
+pub fn write_whole(dir: &std::path::Path, name: &str, text: &str) {
+    let part = dir.join(format!("part-{name}"));
+    if std::fs::write(&part, text).is_ok() {
+        let _ = std::fs::rename(part, dir.join(name));
+    }
+}
