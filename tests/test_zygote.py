@@ -392,6 +392,22 @@ def write_to_preloads_file(i):
     return _warden.forked_from(), "ok"
 
 
+# The main block of the programs below: four tasks, each in a worker of its
+# own (max_tasks_per_child=1), under warden or the standard library's spawn,
+# run from "/" (so that a working directory main sets is told apart).
+ONE_TASK_WORKERS = """
+if __name__ == "__main__":
+    os.chdir("/")
+    if sys.argv[1] == "stdlib":
+        spawn = multiprocessing.get_context("spawn")
+        ex = concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn, max_tasks_per_child=1)
+    else:
+        ex = warden.ProcessPoolExecutor(2, max_tasks_per_child=1)
+    with ex:
+        print(json.dumps(list(ex.map({task}, range(4)))))
+"""
+
+
 # A main module that seeds the global generators at its top level (and makes
 # seeded generators of its own), then draws in one-task workers. Under spawn
 # each worker imports main and starts from the seeded state.
@@ -417,15 +433,7 @@ def draw(_):
         values += [float(np.random.rand()), int(np.random.randint(1 << 62)), float(RNG.random())]
     return values
 
-if __name__ == "__main__":
-    if sys.argv[1] == "stdlib":
-        spawn = multiprocessing.get_context("spawn")
-        ex = concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn, max_tasks_per_child=1)
-    else:
-        ex = warden.ProcessPoolExecutor(2, max_tasks_per_child=1)
-    with ex:
-        print(json.dumps(list(ex.map(draw, range(4)))))
-"""
+""" + ONE_TASK_WORKERS.format(task="draw")
 
 
 @pytest.mark.parametrize("with_numpy", [False, True], ids=["random", "numpy"])
@@ -480,16 +488,7 @@ def what(i):
         return getattr(signal.getsignal(signal.SIGTERM), "__name__", "other")
     return os.getcwd()
 
-if __name__ == "__main__":
-    os.chdir("/")
-    if sys.argv[1] == "stdlib":
-        spawn = multiprocessing.get_context("spawn")
-        ex = concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn, max_tasks_per_child=1)
-    else:
-        ex = warden.ProcessPoolExecutor(2, max_tasks_per_child=1)
-    with ex:
-        print(json.dumps(list(ex.map(what, range(4)))))
-"""
+""" + ONE_TASK_WORKERS.format(task="what")
 
 
 @pytest.mark.parametrize("made", ["seed", "tempdir", "handler", "cwd"])
