@@ -61,6 +61,9 @@ develop: venv
 	@# A build for one interpreter version would shadow the abi3 build.
 	rm -f python/warden/_warden.cpython-*.so
 	VIRTUAL_ENV=$(abspath $(VENV)) $(T) 1200 $(VENV)/bin/maturin develop --release --quiet
+	@# Bytecode for every module, as an installed wheel has it: a worker started
+	@# with -B (PYTHONDONTWRITEBYTECODE) would otherwise compile its modules at each start.
+	$(VENV)/bin/python -m compileall -q python/warden
 
 ruff: venv
 	$(VENV)/bin/ruff check python tests bench examples

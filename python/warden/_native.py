@@ -29,8 +29,11 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing in a worker
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 
 def _patched(module: str) -> Any:

@@ -41,11 +41,14 @@ import os
 import signal
 import sys
 import weakref
-from collections.abc import Callable
 from pickle import loads as _loads  # bound at import: a task that patches pickle cannot break warden
-from typing import Any
 
 from . import _warden, _workerloop
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing in the zygote
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 #: The global generators the zygote watches while it preloads: the module,
 #: its seeding functions, and its state's getter and setter.
