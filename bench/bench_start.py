@@ -13,7 +13,9 @@
    then the time from that task's failure to the next task's result. Median.
 4. **cold start**: a fresh interpreter runs ``import``, constructs a pool of 2
    and waits for the first ``submit -> result``. Median of several runs, with
-   pebble beside the standard library when it is installed.
+   pebble beside the standard library when it is installed, and the floor:
+   ``import concurrent.futures.process`` alone, which any drop-in for
+   ``ProcessPoolExecutor`` (a subclass of it) pays before it has a worker.
 
 Run with ``make bench-py`` or ``python bench/bench_start.py [--quick]``. The
 module imports nothing heavy at the top: workers under spawn (and warden's,
@@ -110,6 +112,9 @@ COLD = {
         "import multiprocessing as mp\np = mp.get_context('fork').Pool({w})\np.apply(abs, (-1,))"
     ),
     "pebble.ProcessPool": "import pebble\np = pebble.ProcessPool({w})\np.schedule(abs, args=(-1,)).result()",
+    # What a drop-in for concurrent.futures pays before it has a worker: the
+    # module whose ProcessPoolExecutor (and BrokenProcessPool) it subclasses.
+    "floor: import concurrent.futures.process": "import concurrent.futures.process",
 }
 
 COLD_HARNESS = """
@@ -120,31 +125,37 @@ print(time.perf_counter() - t0, flush=True)
 """
 
 
-def cold_start(name, runs):
-    """Median seconds from before the import to the first result, in a fresh
-    interpreter (its own start-up excluded: it is the same for everyone)."""
-    if name.startswith("pebble"):
-        try:
-            import pebble  # noqa: F401
-        except ImportError:
-            return None
-    body = COLD[name].format(w=WORKERS)
-    # Each pool is shut down by its own exit handling, after the figure.
-    code = COLD_HARNESS.format(body=body)
-    times = []
+def cold_starts(runs):
+    """Median seconds, by name, from before the import to the first result,
+    each in a fresh interpreter (its own start-up excluded: it is the same
+    for everyone); the names take turns, a round at a time, so a slower
+    minute of the machine weighs on each of them alike. ``None`` for a peer
+    that is not installed."""
+    names = list(COLD)
+    try:
+        import pebble  # noqa: F401
+    except ImportError:
+        names.remove("pebble.ProcessPool")
+    times = {name: [] for name in names}
     for _ in range(runs):
-        argv = [sys.executable, "-c", code]
-        out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
-            raise RuntimeError(f"{name}: {out.stderr}")
-        times.append(float(out.stdout.split()[0]))
-    return statistics.median(times)
+        for name in names:
+            # Each pool is shut down by its own exit handling, after the figure.
+            code = COLD_HARNESS.format(body=COLD[name].format(w=WORKERS))
+            argv = [sys.executable, "-c", code]
+            out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
+            if out.returncode != 0:
+                raise RuntimeError(f"{name}: {out.stderr}")
+            times[name].append(float(out.stdout.split()[0]))
+    return {name: statistics.median(times[name]) if name in times else None for name in COLD}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs (for a smoke test)")
+    parser.add_argument("--cold", type=int, metavar="RUNS", help="only the cold start, RUNS rounds")
     args = parser.parse_args()
+    if args.cold:
+        return report_cold(args.cold)
     scale = 10 if args.quick else 1
 
     import concurrent.futures as cf
@@ -188,15 +199,18 @@ def main():
         lat = crash_replacement(lambda start=start: warden.ProcessPoolExecutor(1, start=start), n_crash)
         print(f"{'after a crash, warden (' + start + ')':34} {lat * 1e3:10.2f}   (N={n_crash})")
 
-    runs = 3 if args.quick else 7
-    print(f"\n{'cold start to first result':34} {'median ms':>10} {'vs spawn':>9}   ({runs} runs each)")
-    cold = {name: cold_start(name, runs) for name in COLD}
+    report_cold(3 if args.quick else 7)
+
+
+def report_cold(runs):
+    print(f"\n{'cold start to first result':40} {'median ms':>10} {'vs spawn':>9}   ({runs} runs each)")
+    cold = cold_starts(runs)
     base = cold["ProcessPoolExecutor (spawn)"]
     for name, secs in cold.items():
         if secs is None:
-            print(f"{name:34} {'(not installed)':>10}")
+            print(f"{name:40} {'(not installed)':>10}")
         else:
-            print(f"{name:34} {secs * 1e3:10.1f} {secs / base:8.2f}x")
+            print(f"{name:40} {secs * 1e3:10.1f} {secs / base:8.2f}x")
 
 
 if __name__ == "__main__":

@@ -557,6 +557,36 @@ def test_a_burst_of_large_buffers_under_a_low_open_file_limit_loses_no_task(prog
     assert run.stdout.split() == ["wrong", "0"], run.stderr
 
 
+MANY_WORKERS_FEW_FDS = """
+import resource, sys
+import warden
+
+def size_of(b):
+    return len(b), b[:1]
+
+if __name__ == "__main__":
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+    data = [bytes([i]) * 200_000 for i in range(200)]
+    pool = warden.Pool(16) if sys.argv[1] == "pool" else warden.ProcessPoolExecutor(16)
+    with pool:
+        out = list(pool.map(size_of, data))
+    print("wrong", sum(o != (200_000, bytes([i])) for i, o in enumerate(out)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("api", ["executor", "pool"])
+def test_many_workers_sent_large_calls_ahead_under_a_low_open_file_limit_lose_no_task(program, api):
+    """16 workers, each sent calls with large buffers ahead, in a process
+    allowed 128 descriptors (the standard library's pool runs this program):
+    queueing a call to a worker takes no descriptor of its own (it took a
+    copy of the call's segment, and failed the task, ``EMFILE``, once the
+    copies used up the limit)."""
+    run = program(MANY_WORKERS_FEW_FDS).run(timeout=120, args=(api,))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["wrong", "0"], run.stderr
+
+
 BROADCAST = """
 import resource, sys
 import warden

@@ -7,7 +7,7 @@ use crate::panics::lock;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, SyncSender};
-use std::sync::{Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use mio::Waker;
@@ -36,8 +36,11 @@ pub(crate) struct Task {
     pub payload: Vec<u8>,
     /// The call's shared segment, passed to the worker with the task's frame.
     /// Held until the task is done, so that a task requeued after a crash
-    /// can be sent again; dropped (closed) with the task.
-    pub segment: Option<OwnedFd>,
+    /// can be sent again; dropped (closed) with the task. Shared with the
+    /// worker's outgoing buffer until the frame is written, so queueing it
+    /// takes no descriptor of its own (a process short of them would fail
+    /// the task there).
+    pub segment: Option<Arc<OwnedFd>>,
     pub timeout: Option<Duration>,
     pub(super) reply: Option<Reply>,
 }
@@ -50,7 +53,7 @@ impl Task {
         timeout: Option<Duration>,
         reply: Reply,
     ) -> Self {
-        Task { id, payload, segment, timeout, reply: Some(reply) }
+        Task { id, payload, segment: segment.map(Arc::new), timeout, reply: Some(reply) }
     }
 
     pub(super) fn deliver(&mut self, outcome: Result<Output, Error>) {

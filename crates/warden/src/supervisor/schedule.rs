@@ -2,7 +2,6 @@
 //! worker gets the next task (idle workers first, then pipelines up to
 //! `prefetch`); retiring idle workers once the pool closes.
 
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -260,7 +259,7 @@ impl Supervisor {
                 let Some(task) = self.queue.pop_front() else { break 'fill };
                 let task_id = task.id;
                 let msg = Message::Task { id: task.id, payload: &task.payload };
-                if let Err(e) = w.queue_with_segment(&msg, task.segment.as_ref().map(|f| f.as_fd()), cfg.max_frame) {
+                if let Err(e) = w.queue_with_segment(&msg, task.segment.as_ref(), cfg.max_frame) {
                     let mut task = task;
                     task.deliver(Err(e.into()));
                     continue;

@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::UnixStream;
@@ -79,7 +80,7 @@ pub(super) struct Worker {
     pub(super) out_pos: usize,
     /// Segment descriptors to pass with the frames in `out`: the offset of
     /// the frame's first byte, and a duplicate the worker gets its copy of.
-    pub(super) out_fds: VecDeque<(usize, OwnedFd)>,
+    pub(super) out_fds: VecDeque<(usize, Arc<OwnedFd>)>,
     /// The socket is registered for writability too: only while `out` holds
     /// what it would not take. (Registered for it always, every read the
     /// worker makes would wake the supervisor.)
@@ -200,16 +201,13 @@ impl Worker {
     pub(super) fn queue_with_segment(
         &mut self,
         msg: &Message<'_>,
-        segment: Option<BorrowedFd<'_>>,
+        segment: Option<&Arc<OwnedFd>>,
         max_frame: usize,
     ) -> Result<(), wire::WireError> {
         let Some(segment) = segment else { return self.queue(msg, max_frame) };
-        let dup = segment
-            .try_clone_to_owned()
-            .map_err(|e| wire::WireError::Malformed(format!("cannot duplicate the task's segment: {e}")))?;
         let at = self.out.len();
         wire::encode_frame(msg, &mut self.out, max_frame, true)?;
-        self.out_fds.push_back((at, dup));
+        self.out_fds.push_back((at, Arc::clone(segment)));
         Ok(())
     }
 
