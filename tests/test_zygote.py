@@ -526,3 +526,28 @@ def test_a_main_that_seeds_from_the_os_gets_distinct_numbers_in_each_worker(prog
         assert len({tuple(values[2::3]) for values in draws}) == 1
     assert ours[0][2::3] == stdlib[0][2::3]
     assert len(importers) == 1
+
+
+def test_what_main_prints_at_import_is_written_once_not_once_more_by_each_forked_worker(program):
+    """With stdout a pipe (block-buffered), a line main prints at import in
+    the zygote is written once: each forked worker used to copy the unwritten
+    buffer and write it again at its exit (six lines with the zygote's pid
+    for six one-task workers, and one more at the zygote's end)."""
+    prog = program(
+        """
+        import os, warden
+        print("imported as", __name__, os.getpid())
+
+        if __name__ == "__main__":
+            with warden.ProcessPoolExecutor(2, max_tasks_per_child=1, start="zygote") as ex:
+                pids = {f.result() for f in [ex.submit(os.getpid) for _ in range(6)]}
+            print("workers", len(pids))
+        """
+    )
+    run = prog.run(timeout=60, env={"PYTHONUNBUFFERED": ""})
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "workers 6" in lines, run.stdout
+    imported = [line for line in lines if line.startswith("imported as __mp_main__")]
+    assert imported, run.stdout  # the zygote imported main
+    assert len(imported) == len(set(imported)), run.stdout  # each process's line once

@@ -22,6 +22,8 @@ is as fresh as an exec'd one where it matters:
   method does: a finalizer registered while preloading belongs to the zygote;
 * ``multiprocessing.active_children()`` lists the pool workers the worker
   itself starts, if a preload loaded warden's pools;
+* what the preloads printed is flushed before each fork, so that no worker
+  writes the zygote's buffered output again;
 * the objects the zygote holds are frozen (``gc.freeze()``) before each fork,
   so a worker's garbage collections leave them, and the memory pages they
   share with the zygote, alone;
@@ -208,9 +210,22 @@ def prepare(payload: bytes) -> str | None:
     # What the zygote holds is moved out of the collector's reach before each
     # fork: a worker's collections (and its exit path's) then never touch,
     # and so never copy, the pages it shares with the zygote.
-    gc.freeze()
-    os.register_at_fork(before=gc.freeze, after_in_child=_after_fork_in_child)
+    _before_fork()
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
     return None
+
+
+def _before_fork() -> None:
+    """Before each fork: what the preloads printed is written out, once,
+    instead of sitting in a buffer every worker copies and writes again at
+    its exit (a line main prints at import, with stdout to a file or a pipe,
+    came out once per worker and once more at the zygote's end); and the
+    zygote's objects are frozen (``gc.freeze()``)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed, or a pipe nobody reads
+            if stream is not None:
+                stream.flush()
+    gc.freeze()
 
 
 #: Signals whose handlers a worker sets up itself: one main set at import
