@@ -293,6 +293,54 @@ def test_a_forked_copy_shutting_its_parents_pools_down_returns_at_once_and_leave
     assert run.stdout.splitlines() == expected, run.stderr
 
 
+PENDING_AT_FORK = """
+import concurrent.futures, os, sys, time
+import warden
+
+def slow(x):
+    time.sleep(1)
+    return x
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(2) as ex, warden.Pool(2) as pool:
+        fut = ex.submit(slow, 1)
+        res = pool.apply_async(slow, (2,))
+        late = ex.submit(slow, 3)
+        pid = os.fork()
+        if pid == 0:
+            done, _ = concurrent.futures.wait([late], timeout=30)
+            print("copy: wait says done", late in done, flush=True)
+            for name, get in (("future", fut.result), ("async result", res.get)):
+                try:
+                    print("copy:", name, "got", get(30), flush=True)
+                except warden.PoolFailed as e:
+                    owner = "belongs to process %d" % os.getppid()
+                    print("copy:", name, "failed:", owner in str(e), flush=True)
+                except Exception as e:
+                    print("copy:", name, "raised", type(e).__name__, flush=True)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print("copy exited", os.waitstatus_to_exitcode(status), flush=True)
+        print("parent", fut.result(30), res.get(30), late.result(30), flush=True)
+"""
+
+
+def test_what_a_forked_copy_inherited_pending_fails_there_at_once_and_finishes_in_the_parent(program):
+    """Futures and ``AsyncResult`` objects pending when the program forks: in the
+    copy, nothing will ever finish them (their tasks run for the original),
+    so waiting on them fails with ``PoolFailed`` instead of waiting forever
+    (``wait()`` returns them done); the original gets its results."""
+    run = program(PENDING_AT_FORK).run(timeout=90)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "copy: wait says done True",
+        "copy: future failed: True",
+        "copy: async result failed: True",
+        "copy exited 0",
+        "parent 1 2 3",
+    ], run.stderr
+
+
 @pytest.mark.parametrize("kind", ["executor", "pool", "process"])
 def test_what_a_task_leaves_running_in_its_workers_group_ends_with_the_worker(kind):
     if kind == "executor":

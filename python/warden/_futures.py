@@ -40,6 +40,13 @@ _DONE = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED)
 _CONDITION_LOCK = threading.Lock()
 
 
+def reset_after_fork() -> None:
+    """In a forked copy that fails the futures it inherited: a thread of the
+    original may have held the lock at the fork."""
+    global _CONDITION_LOCK
+    _CONDITION_LOCK = threading.Lock()
+
+
 # Generic for type checkers, as concurrent.futures.Future is in typeshed: a
 # string subscript makes no TypeVar at run time (it only names one for them).
 class Future(_base.Future["_T"]):

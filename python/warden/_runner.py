@@ -478,6 +478,8 @@ class Runner:
         self.interrupted = False
         #: What to call with each task's outcome, by the core's task id.
         self.pending: dict[int, OnDone] = {}
+        #: The process whose pool this is (a forked copy fails what is pending).
+        self.owner = os.getpid()
         #: Held from submitting a task until its callback is in ``pending``,
         #: and by the results thread while it looks callbacks up there.
         self.pending_lock = _native.Lock()
@@ -713,13 +715,40 @@ def _forget_runners_after_fork() -> None:
     process's exit waits for none of them; using one raises ``PoolFailed``
     (the core refuses a forked copy), and dropping one stops nothing of the
     original's. Locks a thread that does not exist here may have held are
-    made anew."""
+    made anew.
+
+    What was pending on them (the futures and ``AsyncResult`` objects the copy inherited)
+    would never finish here: it fails with ``PoolFailed``, on a thread of
+    its own (a callback may need a lock a thread of the original held at the
+    fork, and must not stop the copy in ``fork()``)."""
     global _live_lock
     _live_lock = _native.Lock()
+    orphans: list[tuple[int, OnDone]] = []
     for runner in _live:
         runner.pending_lock = _native.Lock()
+        orphans.extend((runner.owner, callback) for callback in runner.pending.values())
+        runner.pending.clear()
     _live.clear()
     _loans.clear()
+    if orphans:
+        futures = sys.modules.get(__package__ + "._futures")
+        if futures is not None:
+            futures.reset_after_fork()
+        with contextlib.suppress(Exception):  # out of threads: they wait, as they did
+            threading.Thread(target=_fail_orphans_of_fork, args=(orphans,), daemon=True).start()
+
+
+def _fail_orphans_of_fork(orphans: list[tuple[int, OnDone]]) -> None:
+    for owner, callback in orphans:
+        _call_outcome_callback(
+            callback,
+            False,
+            ErrorData(
+                _warden.ErrorKind.POOL_FAILED,
+                f"this pool belongs to process {owner}; a forked copy of that process cannot use it "
+                "(its task runs there, and its outcome reaches only that process)",
+            ),
+        )
 
 
 os.register_at_fork(after_in_child=_forget_runners_after_fork)
