@@ -478,3 +478,51 @@ def test_no_socket_of_warden_is_left_open_once_every_pool_has_shut_down(program)
     ], run.stdout
     assert "ResourceWarning" not in run.stderr, run.stderr
     assert "unclosed" not in run.stderr, run.stderr
+
+
+FORKS_WHILE_RECORDS_ARRIVE = """
+import faulthandler, logging, multiprocessing, os, sys, time
+import warden
+
+log = logging.getLogger("app")
+
+def chatter(i):
+    for k in range(100):
+        log.warning("worker record %d/%d", i, k)
+    return i
+
+def helper(n):
+    faulthandler.dump_traceback_later(20, exit=True)  # a helper that hangs exits 1
+    log.warning("helper %d", n)
+    faulthandler.cancel_dump_traceback_later()
+
+if __name__ == "__main__":
+    logging.basicConfig(filename=os.environ["OUT"], format="%(message)s")
+    fork = multiprocessing.get_context("fork")
+    hung = 0
+    with warden.ProcessPoolExecutor(2) as ex:
+        futures = [ex.submit(chatter, i) for i in range(300)]
+        for n in range(300):
+            p = fork.Process(target=helper, args=(n,))
+            p.start()
+            p.join(60)
+            hung += p.exitcode != 0
+        for f in futures:
+            f.result(60)
+    print("hung", hung, flush=True)
+"""
+
+
+def test_a_child_forked_while_worker_records_are_written_never_inherits_the_log_stream_locked(program):
+    """A program that logs to a file, runs a pool whose tasks log, and forks
+    helpers (``multiprocessing``'s fork context) that log too. A helper
+    forked while warden's thread was writing a worker's record inherited the
+    file's buffer locked, and its first log line waited forever (two of 150
+    helpers, in most runs); the standard library's pools write no record
+    from a thread of theirs."""
+    prog = program(FORKS_WHILE_RECORDS_ARRIVE)
+    run = prog.run(timeout=300, env={"PYTHONWARNINGS": "ignore"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["hung", "0"], run.stderr
+    helpers = [line for line in prog.out_lines() if line.startswith("helper ")]
+    assert len(helpers) == 300

@@ -47,6 +47,7 @@ import pickle
 import select
 import socket
 import sys
+import threading
 import traceback
 from pickle import dumps as _dumps  # bound at import: a task that patches pickle cannot break warden
 from pickle import loads as _loads
@@ -184,8 +185,58 @@ class _Listener:
                     return
                 if not size:
                     return
-                _handle(self.view[:size])
+                with _handling:
+                    _handle(self.view[:size])
 
+
+class _Handling:
+    """Held while one of warden's threads runs the program's handlers for a
+    record, and by a ``fork()`` of the program (before it, until it is
+    done): a child forked while such a thread was writing a record would
+    inherit the stream's buffer locked by a thread it does not have, and its
+    first log line would wait forever (``logging`` makes its handlers' own
+    locks anew in the child, not their streams'). The standard library's
+    pools never write to the program's handlers from a thread of theirs.
+
+    A fork waits for the record being handled, at most :data:`FORK_WAIT`
+    (a handler stuck on a network, say, does not stop the program's forks);
+    a fork from a handler itself does not wait for itself."""
+
+    def __init__(self) -> None:
+        self.lock = _native.Lock()
+        self.holder = 0
+        self.held_for_fork = False
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        self.holder = threading.get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        self.holder = 0
+        self.lock.release()
+
+    def before_fork(self) -> None:
+        if self.holder != threading.get_ident():
+            self.held_for_fork = self.lock.acquire(timeout=FORK_WAIT)
+
+    def after_fork_in_parent(self) -> None:
+        if self.held_for_fork:
+            self.held_for_fork = False
+            self.lock.release()
+
+    def after_fork_in_child(self) -> None:
+        self.__init__()  # type: ignore[misc]  # the thread that held it is not here
+
+
+#: How long a ``fork()`` of the program waits for a record being handled.
+FORK_WAIT = 5.0
+
+_handling = _Handling()
+os.register_at_fork(
+    before=_handling.before_fork,
+    after_in_parent=_handling.after_fork_in_parent,
+    after_in_child=_handling.after_fork_in_child,
+)
 
 _listener: _Listener | None = None
 _listener_lock = _native.Lock()
