@@ -1222,3 +1222,39 @@ def test_a_pool_outlasts_a_passing_shortage_of_processes_and_loses_no_task(progr
         pytest.fail("the program did not finish within 120 s")
     assert proc.returncode == 0, err
     assert out.splitlines() == ["results True", "after 99"], err
+
+
+SIGCHLD_IGNORED = """
+import os, signal, sys
+import warden
+
+def crash():
+    os._exit(3)
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # a daemon's way of leaving no zombies
+    with warden.ProcessPoolExecutor(2, max_tasks_per_child=1) as ex:
+        print("tasks", sorted(ex.map(abs, range(-5, 0))), flush=True)
+        try:
+            ex.submit(crash).result(60)
+        except warden.WorkerCrashed as e:
+            print("crashed", e.exitcode, flush=True)
+        print("after", ex.submit(abs, -6).result(60), flush=True)
+    p = warden.Process(target=sys.exit, args=(5,))
+    p.start()
+    p.join(60)
+    print("process", p.is_alive(), p.exitcode, flush=True)
+"""
+
+
+def test_with_sigchld_ignored_pools_and_processes_go_on_and_exit_codes_read_unknown(program):
+    """The kernel reaps children itself and keeps no status; the standard
+    library's ``join()`` waits forever there."""
+    run = program(SIGCHLD_IGNORED).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "tasks [1, 2, 3, 4, 5]",
+        "crashed -1",
+        "after 6",
+        "process False -1",
+    ], run.stderr
