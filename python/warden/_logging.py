@@ -203,6 +203,10 @@ class _Handling:
     a fork from a handler itself does not wait for itself."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Unheld, by anyone."""
         self.lock = _native.Lock()
         self.holder = 0
         self.held_for_fork = False
@@ -225,7 +229,7 @@ class _Handling:
             self.lock.release()
 
     def after_fork_in_child(self) -> None:
-        self.__init__()  # type: ignore[misc]  # the thread that held it is not here
+        self.reset()  # the thread that held it is not here
 
 
 #: How long a ``fork()`` of the program waits for a record being handled.

@@ -222,7 +222,7 @@ def _before_fork() -> None:
     came out once per worker and once more at the zygote's end); and the
     zygote's objects are frozen (``gc.freeze()``)."""
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # closed, or a pipe nobody reads
+        with contextlib.suppress(Exception):  # closed, or a pipe whose reader is gone
             if stream is not None:
                 stream.flush()
     gc.freeze()

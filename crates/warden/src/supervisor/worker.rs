@@ -79,7 +79,8 @@ pub(super) struct Worker {
     pub(super) out: Vec<u8>,
     pub(super) out_pos: usize,
     /// Segment descriptors to pass with the frames in `out`: the offset of
-    /// the frame's first byte, and a duplicate the worker gets its copy of.
+    /// the frame's first byte, and the task's descriptor (shared with the
+    /// task, not duplicated), of which the worker gets its copy.
     pub(super) out_fds: VecDeque<(usize, Arc<OwnedFd>)>,
     /// The socket is registered for writability too: only while `out` holds
     /// what it would not take. (Registered for it always, every read the
