@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 import pytest
 
@@ -331,11 +332,25 @@ def make_event_and_drop_it():
     return warden.Event()
 
 
-def test_an_event_whose_sender_let_it_go_is_a_clear_error():
-    # An Event pickled outside a spawn is opened through the sender's fd; an
-    # Event a task creates and returns is gone with the task.
+class SlowToDie:
+    def __del__(self):
+        time.sleep(0.5)
+
+
+def make_event_beside_something_slow_to_die():
+    # A tuple lets its items go last first: the slow one, then the Event.
+    return warden.Event(), SlowToDie()
+
+
+@pytest.mark.parametrize("task", [make_event_and_drop_it, make_event_beside_something_slow_to_die])
+def test_an_event_whose_sender_let_it_go_is_a_clear_error(task):
+    """An Event pickled outside a spawn is opened through the sender's fd; an
+    Event a task creates and returns is gone with the task, whatever the
+    timing: the worker lets such a result go before sending it (a result it
+    keeps until sent let the parent open the Event while the worker was
+    still dropping it, so the same program failed or not by chance)."""
     with warden.ProcessPoolExecutor(1) as ex, pytest.raises(OSError, match="must still hold it"):
-        ex.submit(make_event_and_drop_it).result(30)
+        ex.submit(task).result(30)
 
 
 # -- what the standard library refuses, cloudpickle must not let through ------

@@ -48,6 +48,12 @@ if TYPE_CHECKING:
 
 PROTOCOL = 5
 
+#: Handles pickled so far that the receiver opens through this process's
+#: descriptors (``warden.Event`` outside a spawn): a worker whose result has
+#: one lets the value go before sending it, so that such a handle only the
+#: result held is gone when the parent opens it, whatever the timing.
+opened_through_this_process = 0
+
 
 def loads(data: Any) -> Any:
     """Unpickles a task's call or outcome, with its out-of-band buffers if it

@@ -51,7 +51,7 @@ import threading
 import types
 from pickle import loads as _loads  # bound at import: a task that patches pickle cannot break warden
 
-from . import _context, _oob, _warden
+from . import _context, _oob, _pickle, _warden
 from ._pickle import BY_REF, dumps, dumps_oob, loads_call
 from ._remote import RemoteError, TaskAborted, TaskInterrupted
 
@@ -371,7 +371,10 @@ class Handler:
         it dies, comes as ``(bytes, fd or None, value)``: the core keeps the
         value until the result is sent, so that a slow ``__del__`` cannot hold
         the result back (the standard library's workers also send, then drop
-        it). ``segment`` is the fd of the call's buffers, if any (closed here)."""
+        it); except a result holding a ``warden.Event`` opened through this
+        worker's fd, dropped first, so that an Event only the result held is
+        gone when the parent opens it (a clear error, as documented, not a
+        race). ``segment`` is the fd of the call's buffers, if any (closed here)."""
         self.running = True
         try:
             if self.mode == "process":
@@ -386,11 +389,16 @@ class Handler:
             value = fn(*args, **kwargs)
             self.running = False
             del fn, args, kwargs
+            handles = _pickle.opened_through_this_process
             try:
                 data, out = dumps_oob(value, to_parent=True)
             except Exception as e:
                 return _error(_unpicklable_result(value, e))
-            if out is None and type(value) in _DIES_QUIETLY:
+            if out is None and (
+                type(value) in _DIES_QUIETLY or handles != _pickle.opened_through_this_process
+            ):
+                # An Event the result alone held is closed before the parent
+                # can open it: a clear error there, never a race.
                 return data
             return (data, out, value)
         except TaskInterrupted:

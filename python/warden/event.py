@@ -6,7 +6,7 @@ import os
 from multiprocessing import context as _mp_context
 from typing import Any
 
-from . import _warden
+from . import _pickle, _warden
 
 
 class Event:
@@ -53,6 +53,7 @@ class Event:
         if popen is not None:
             dup = popen.DupFd(popen.duplicate_for_child(self._core.fileno()))
             return (_from_fd, (dup, self._core.token))
+        _pickle.opened_through_this_process += 1
         return (_from_process, (os.getpid(), self._core.fileno(), self._core.token))
 
 
