@@ -190,6 +190,44 @@ def test_a_worker_context_is_entered_and_exited_once_per_worker(program):
     assert "['ABC', 'ABC', 'ABC', 'ABC']" in run.stdout
 
 
+def test_a_worker_context_terminated_while_it_is_entered_is_entered_in_full_then_exited(program, tmp_path):
+    """terminate() while ``__enter__`` runs (here: after it took its resource,
+    before it returned) lets it finish, then exits it; the finalizer runs too,
+    the initializer having returned. An interrupted ``__enter__`` would leave
+    the resource taken and no exit path knowing of it."""
+    marker = tmp_path / "resource"
+    prog = program(
+        f"""
+        import os, time, warden
+
+        class Resource:
+            def __enter__(self):
+                open({str(marker)!r}, "w").close()  # taken
+                time.sleep(1.0)  # the pool is terminated here
+                return self
+
+            def __exit__(self, *exc):
+                os.unlink({str(marker)!r})
+                print("exited", flush=True)
+
+        def final():
+            print("finalized", flush=True)
+
+        if __name__ == "__main__":
+            pool = warden.Pool(1, initializer=print, initargs=("initialized",), finalizer=final,
+                               worker_context=Resource)
+            while not os.path.exists({str(marker)!r}):
+                time.sleep(0.01)
+            pool.terminate()
+            pool.join()
+            print("resource left" if os.path.exists({str(marker)!r}) else "resource released", flush=True)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["initialized", "exited", "finalized", "resource", "released"]
+
+
 def test_a_multiprocessing_finalize_registered_in_the_initializer_runs_at_worker_exit(program):
     prog = program(
         """

@@ -306,6 +306,10 @@ def worker_main(handler: WorkerHandler, variables: dict[str, str]) -> None:
 def send_record(data: bytes) -> None:
     """Sends the parent this worker's cleanup record (for ``on_worker_lost``)."""
 
+def hold_stops(held: bool) -> None:
+    """Holds (``True``) or releases (``False``) the core's own exit after a
+    stop signal, while the worker enters its ``worker_context``."""
+
 def zygote_main(prepare: Callable[[bytes], str | None]) -> None:
     """Runs this process as the zygote of the pool that started it: calls
     ``prepare(payload)``, then forks workers on request (unless it returned a

@@ -260,6 +260,9 @@ class Handler:
         self.mode = "pool"
         self.hooks: dict[str, Any] = {}
         self.context: contextlib.AbstractContextManager[Any] | None = None
+        # Set once the initializer has returned: from then on, a stop runs
+        # the finalizer (and exits the worker context) as any exit does.
+        self.initialized = False
         self.exit_code: int | None = None
         self.stopping = False
         # Set while a retiring worker waits for its threads: a stop signal
@@ -336,17 +339,31 @@ class Handler:
                     logged = True
                     raise
                 _logging_steps_aside()
+            self.initialized = True
             factory = hooks.get("worker_context")
             if factory is not None:
                 cm = factory()
-                _context._set(cm.__enter__())
-                self.context = cm
+                # An entered context is always exited: a stop signal neither
+                # raises in __enter__ nor lets the core end the process before
+                # it returns (cut short, it could be entered and known to no
+                # exit path; the pool's grace bounds the wait). The stop is
+                # taken once init returns: the exit path exits the context.
+                self.running = False
+                _warden.hold_stops(True)
+                try:
+                    entered = cm.__enter__()
+                    self.context = cm
+                finally:
+                    _warden.hold_stops(False)
+                _context._set(entered)
                 _logging_steps_aside()
         except TaskInterrupted:
             # Nothing runs any more: a second stop signal must not raise
             # inside the exit path (the monitor re-sends SIGTERM).
             self.running = False
-            self._end_process([])
+            # Once the initializer has returned, what it and the worker
+            # context set up is torn down as at any exit.
+            self._end_process(self._end_hooks() if self.initialized else [])
             return _interrupted()
         except BaseException as e:
             self.running = False
@@ -475,6 +492,20 @@ class Handler:
                 self.waiting_for_threads = False
             except _StopWaiting:
                 pass
+        errors += self._end_hooks()
+        self._end_process(errors)
+        # A result lent to the parent lives in this process's memory: wait
+        # (briefly: the parent reads a result as soon as it arrives, and a
+        # parent that is gone closes its end; longer for more bytes, which
+        # the parent takes longer to read) until it has been read.
+        if not _oob.wait_for_readers(every=True, timeout=_LOAN_GRACE + _oob.lent_bytes() / _SLOWEST_READ):
+            print(f"warden: worker {os.getpid()}: exiting before the parent read a result", file=sys.stderr)
+        return ("; ".join(errors) or None, self.exit_code)
+
+    def _end_hooks(self) -> list[str]:
+        """The pool's part of the exit path: the worker context is exited,
+        then the finalizer runs. Once: the hooks are gone afterwards."""
+        errors: list[str] = []
         if self.context is not None:
             context, self.context = self.context, None
             try:
@@ -491,14 +522,7 @@ class Handler:
                 errors.append(f"finalizer raised {_type_name(e)}: {_text(e)}")
                 _print_exc(f"warden: worker {os.getpid()}: exception in finalizer:\n")
         self.hooks = {}
-        self._end_process(errors)
-        # A result lent to the parent lives in this process's memory: wait
-        # (briefly: the parent reads a result as soon as it arrives, and a
-        # parent that is gone closes its end; longer for more bytes, which
-        # the parent takes longer to read) until it has been read.
-        if not _oob.wait_for_readers(every=True, timeout=_LOAN_GRACE + _oob.lent_bytes() / _SLOWEST_READ):
-            print(f"warden: worker {os.getpid()}: exiting before the parent read a result", file=sys.stderr)
-        return ("; ".join(errors) or None, self.exit_code)
+        return errors
 
     def _end_process(self, errors: list[str]) -> None:
         """The process's part of the exit path, also run when the worker never

@@ -80,6 +80,15 @@ pub fn send_record(py: Python<'_>, data: &[u8]) -> PyResult<()> {
         .map_err(|e| PyRuntimeError::new_err(format!("cannot send the cleanup record: {e}")))
 }
 
+/// Holds (`True`) or releases (`False`) the core's own exit after a stop
+/// signal, while the worker's start enters its `worker_context`: an entered
+/// context must reach the exit path that leaves it. The pool's grace period
+/// still bounds the wait.
+#[pyfunction]
+pub fn hold_stops(held: bool) {
+    warden::frontend::hold_stops(held);
+}
+
 /// Flushes `sys.stdout` and `sys.stderr`; errors are ignored (the process is ending).
 pub(crate) fn flush_python_streams(py: Python<'_>) {
     if let Ok(sys) = py.import("sys") {

@@ -17,7 +17,7 @@
 pub use crate::spawn::{fill_closed_stdio, WorkerCommand, ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 pub use crate::supervisor::{fds_scarce, Output, Reply};
 pub use crate::worker::{
-    serve, ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_INIT_FAILED, EXIT_PARENT_GONE,
+    hold_stops, serve, ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_INIT_FAILED, EXIT_PARENT_GONE,
     EXIT_PROTOCOL, UNWIND_GRACE, WORKER_VARIABLES,
 };
 

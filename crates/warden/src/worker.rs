@@ -111,6 +111,22 @@ pub type ExitHook = Arc<dyn Fn(&ExitReason) -> ExitHookOutcome + Send + Sync>;
 /// Asks the running task to stop (called on the monitor thread).
 pub type Interrupter = Arc<dyn Fn() + Send + Sync>;
 
+/// Set while the main thread is in a step a stop must not cut short.
+static STOPS_HELD: AtomicBool = AtomicBool::new(false);
+
+/// Holds (`true`) or releases (`false`) the monitor's own exit after a stop
+/// signal. While held, the monitor waits for the main thread however long it
+/// takes (the pool's grace period still ends the worker with SIGKILL); once
+/// released, it gives the main thread [`UNWIND_GRACE`] again.
+///
+/// For a binding whose start hook enters something its exit hook must leave
+/// (Python's `worker_context`): cut short after it was entered but before the
+/// hook returned, it would be left by nobody. The binding's own handler must
+/// not interrupt that step either; the stop is taken once the hook returns.
+pub fn hold_stops(held: bool) {
+    STOPS_HELD.store(held, Ordering::SeqCst);
+}
+
 /// Runs tasks in one language. Implemented by the Rust task runner and by the
 /// Python extension; payloads are opaque to everything else.
 pub trait Handler {
@@ -446,10 +462,15 @@ fn monitor(core: Arc<WorkerState>, interrupter: Option<Interrupter>) {
     }
     if let Some(interrupt) = interrupter {
         interrupt();
-        let deadline = Instant::now() + UNWIND_GRACE;
-        while Instant::now() < deadline {
+        let mut deadline = Instant::now() + UNWIND_GRACE;
+        loop {
             if core.state.load(Ordering::SeqCst) != BUSY {
                 return; // unwound: the main thread runs the exit path
+            }
+            if STOPS_HELD.load(Ordering::SeqCst) {
+                deadline = Instant::now() + UNWIND_GRACE;
+            } else if Instant::now() >= deadline {
+                break;
             }
             std::thread::sleep(Duration::from_millis(2));
         }
