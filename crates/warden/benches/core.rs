@@ -33,19 +33,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         echo(fd.parse()?);
         return Ok(());
     }
-    // `cargo bench` passes --bench; a name filter is not supported.
-    let quick = std::env::args().any(|a| a == "--quick");
-    let scale = if quick { 10 } else { 1 };
+    // `cargo bench` passes --bench; a name filter is not supported. Without it
+    // (`cargo test --all-targets` runs this binary too), a smoke run: each
+    // measurement once, at a hundredth of the work, to show the benchmark runs.
+    let args: Vec<String> = std::env::args().collect();
+    let smoke = !args.iter().any(|a| a == "--bench");
+    let quick = args.iter().any(|a| a == "--quick");
+    let scale = if smoke {
+        100
+    } else if quick {
+        10
+    } else {
+        1
+    };
 
-    let rounds = 5;
+    let rounds = if smoke { 1 } else { 5 };
+    let starts = if smoke { 1 } else { 10 };
     let n_rt = 20_000 / scale;
     let raw = median((0..rounds).map(|_| raw_ping_pong(n_rt)).collect::<Result<Vec<_>, _>>()?);
     let pool_rt = median((0..rounds).map(|_| pool_round_trip(n_rt)).collect::<Result<Vec<_>, _>>()?);
     let n_pipe = 200_000 / scale;
     let pipe1 = median((0..rounds).map(|_| pipelined(n_pipe, 1)).collect::<Result<Vec<_>, _>>()?);
     let pipe4 = median((0..rounds).map(|_| pipelined(n_pipe, 4)).collect::<Result<Vec<_>, _>>()?);
-    let start = median((0..10).map(|_| startup(2, StartMethod::Zygote)).collect::<Result<Vec<_>, _>>()?);
-    let start_exec = median((0..10).map(|_| startup(2, StartMethod::Exec)).collect::<Result<Vec<_>, _>>()?);
+    let start = median((0..starts).map(|_| startup(2, StartMethod::Zygote)).collect::<Result<Vec<_>, _>>()?);
+    let start_exec = median((0..starts).map(|_| startup(2, StartMethod::Exec)).collect::<Result<Vec<_>, _>>()?);
     let n_respawn = 1000 / scale;
     let respawn_z = respawn(n_respawn, StartMethod::Zygote)?;
     let respawn_e = respawn(n_respawn, StartMethod::Exec)?;
@@ -65,7 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!(
         "medians of {rounds} rounds; {n_rt} round trips, {n_pipe} pipelined tasks per round; start-up: median of \
-         10; respawn: {n_respawn} tasks"
+         {starts}; respawn: {n_respawn} tasks"
     );
     Ok(())
 }
