@@ -28,6 +28,7 @@ __all__ = [
     "fds_scarce",
     "fill_closed_stdio",
     "forked_from",
+    "hold_stops",
     "is_dumpable",
     "map_segment",
     "read_remote",
