@@ -36,12 +36,18 @@ test-rust:
 	$(T) 1200 $(CARGO) test --workspace --all-targets
 	$(T) 600 $(CARGO) test --workspace --doc
 
+# pytest, its per-test time limit, and pytest-xdist: the suites run on
+# PYTEST_JOBS processes at once (most of a test's time is processes starting
+# and waiting on each other, not CPU); PYTEST_JOBS=0 runs them in this one.
+PYTEST := "pytest>=8" "pytest-timeout>=2.3" "pytest-xdist>=3.5"
+PYTEST_JOBS ?= 2
+
 # A virtual environment with the build and test tools.
 # Rebuilt when this Makefile changes, so a new tool reaches existing venvs too.
 $(VENV)/.tools: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(T) 600 $(VPY) -m pip install --quiet --upgrade pip
-	$(T) 600 $(VPY) -m pip install --quiet "maturin>=1.16,<2" "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.5" "cloudpickle>=2.1" "mypy>=1.10"
+	$(T) 600 $(VPY) -m pip install --quiet "maturin>=1.16,<2" $(PYTEST) "ruff>=0.5" "cloudpickle>=2.1" "mypy>=1.10"
 	# Optional dependencies some tests use with warden (they skip without them).
 	$(T) 600 $(VPY) -m pip install --quiet "dask>=2023.1" "tqdm>=4.60"
 	touch $@
@@ -76,7 +82,7 @@ stubtest: develop
 
 # Then CPython's own pool tests against warden's (tests/stdlib_suite.py).
 pytest: develop test-tools
-	$(T) 900 $(VPY) -m pytest
+	$(T) 900 $(VPY) -m pytest -n $(PYTEST_JOBS)
 	$(T) 600 $(VPY) tests/stdlib_suite.py
 
 # The release wheel (abi3: one wheel for CPython 3.11 and later) and the sdist.
@@ -105,14 +111,14 @@ pytest-pythons: wheel
 		if [ -z "$$prefix" ] || [ ! -x "$$prefix/bin/python$$v" ]; then \
 			echo "SKIPPED: CPython $$v is not installed (pyenv install $$v)"; continue; fi; \
 		venv=.venv-$$v; \
-		if [ ! -f $$venv/.tools ]; then \
+		if [ ! -f $$venv/.tools ] || [ Makefile -nt $$venv/.tools ]; then \
 			$$prefix/bin/python$$v -m venv $$venv; \
-			$(T) 900 $$venv/bin/python -m pip install --quiet "pytest>=8" "pytest-timeout>=2.3" "cloudpickle>=2.1" $(TEST_TOOLS); \
+			$(T) 900 $$venv/bin/python -m pip install --quiet $(PYTEST) "cloudpickle>=2.1" $(TEST_TOOLS); \
 			touch $$venv/.tools; fi; \
 		$(T) 300 $$venv/bin/python -m pip install --quiet --force-reinstall --no-deps $(WHEELS)/*.whl; \
 		(cd /tmp && $(T) 120 $(abspath .)/$$venv/bin/python $(abspath tests/check_dist.py) installed); \
 		echo "== pytest on CPython $$v (installed wheel)"; \
-		$(T) 900 $$venv/bin/python -m pytest -q $(PYTHONS_TESTS); \
+		$(T) 900 $$venv/bin/python -m pytest -q -n $(PYTEST_JOBS) $(PYTHONS_TESTS); \
 		echo "== CPython $$v's own pool tests, against warden's"; \
 		$(T) 900 $$venv/bin/python tests/stdlib_suite.py; \
 	done

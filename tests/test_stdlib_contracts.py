@@ -203,9 +203,11 @@ def test_shared_memory_workers_and_children_only_attach_to_outlives_them_until_t
                 return f"{type(e).__name__}"
 
         if __name__ == "__main__":
-            shm = shared_memory.SharedMemory(create=True, size=4096)
+            # Named as this suite's segments are, so that a check for what
+            # warden leaves in /dev/shm, running meanwhile, knows them.
+            shm = shared_memory.SharedMemory(f"warden_test_{os.getpid()}_bytes", create=True, size=4096)
             shm.buf[0] = 42
-            numbers = shared_memory.ShareableList([1, 2, 3])  # attached to by name
+            numbers = shared_memory.ShareableList([1, 2, 3], name=f"warden_test_{os.getpid()}_list")
 
             def present():
                 return [os.path.exists(f"/dev/shm/{s.name.lstrip('/')}") for s in (shm, numbers.shm)]
