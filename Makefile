@@ -101,20 +101,24 @@ wheel: venv
 # PYTHONS_TESTS=tests runs them all. Then CPython's own tests of Pool and
 # (where the interpreter ships them: 3.13) ProcessPoolExecutor run against
 # warden's (tests/stdlib_suite.py lists the ones that fail by design, and why).
+# PYTHONS_TOOLS are the optional packages those tests use; with
+# PYTHONS_TESTS=tests, add the rest: PYTHONS_TOOLS='$(TEST_TOOLS)'.
 PYTHONS ?= 3.12 3.13
 PYTHONS_TESTS ?= tests/test_executor_api.py tests/test_pickling.py tests/test_spawn_objects.py \
 	tests/test_data_path.py tests/test_lending.py \
 	tests/test_asyncio.py tests/test_logging.py
+PYTHONS_TOOLS ?= "numpy>=1.24" "uvloop>=0.19"
 pytest-pythons: wheel
 	@set -e; for v in $(PYTHONS); do \
 		prefix=$$(pyenv prefix $$v 2>/dev/null || true); \
 		if [ -z "$$prefix" ] || [ ! -x "$$prefix/bin/python$$v" ]; then \
 			echo "SKIPPED: CPython $$v is not installed (pyenv install $$v)"; continue; fi; \
 		venv=.venv-$$v; \
-		if [ ! -f $$venv/.tools ] || [ Makefile -nt $$venv/.tools ]; then \
+		tools='$(PYTEST) "cloudpickle>=2.1" $(PYTHONS_TOOLS)'; \
+		if [ "$$(cat $$venv/.tools 2>/dev/null)" != "$$tools" ]; then \
 			$$prefix/bin/python$$v -m venv $$venv; \
-			$(T) 900 $$venv/bin/python -m pip install --quiet $(PYTEST) "cloudpickle>=2.1" $(TEST_TOOLS); \
-			touch $$venv/.tools; fi; \
+			$(T) 900 $$venv/bin/python -m pip install --quiet $(PYTEST) "cloudpickle>=2.1" $(PYTHONS_TOOLS); \
+			echo "$$tools" > $$venv/.tools; fi; \
 		$(T) 300 $$venv/bin/python -m pip install --quiet --force-reinstall --no-deps $(WHEELS)/*.whl; \
 		(cd /tmp && $(T) 120 $(abspath .)/$$venv/bin/python $(abspath tests/check_dist.py) installed); \
 		echo "== pytest on CPython $$v (installed wheel)"; \
