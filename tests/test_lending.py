@@ -365,3 +365,53 @@ def test_a_memory_map_closes_right_after_a_task_it_was_lent_to_is_cancelled(tmp_
         assert busy.result(timeout=60) is True
     assert seen == [True] * 30
     assert wait_until(lambda: not held_loans(), timeout=5)
+
+
+LENDER_AFTER_POOLS = """
+import os
+import threading
+import warden
+
+def size(b):
+    return len(b)
+
+def threads():
+    return [t.name for t in threading.enumerate()]
+
+def pipes():
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        except OSError:  # the directory listing's own fd
+            pass
+    return found
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1) as ex:  # what a pool alone leaves
+        ex.submit(size, b"").result()
+    base = pipes()
+    for _ in range(2):  # the second pool lends again after the first one's lender ended
+        with warden.ProcessPoolExecutor(2) as ex:
+            big, small = ex.submit(size, os.urandom(1 << 20)), ex.submit(size, b"x" * (1 << 17))
+            print("sizes", big.result(), small.result())
+        print("threads", threads(), "pipes", pipes() - base)
+    with warden.Pool(2) as pool:
+        print("sizes", sum(pool.map(size, [b"y" * (1 << 17)] * 8)))
+    print("threads", threads(), "pipes", pipes() - base)
+"""
+
+
+def test_no_lending_thread_or_pipe_outlives_the_pools_that_read_the_loans(program):
+    # A thread left behind makes a later fork() warn on Python 3.12+, and
+    # its pipes count against the program's fds.
+    run = program(LENDER_AFTER_POOLS).run()
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        f"sizes {1 << 20} {1 << 17}",
+        "threads ['MainThread'] pipes 0",
+        f"sizes {1 << 20} {1 << 17}",
+        "threads ['MainThread'] pipes 0",
+        f"sizes {8 << 17}",
+        "threads ['MainThread'] pipes 0",
+    ]

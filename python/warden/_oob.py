@@ -535,9 +535,13 @@ def _lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool, spare: bool = 
         _native.close(r)
         _native.close(w)
         return None
-    lender = _lender()
     loan = Loan(views, mutable and mutable_wait)
-    lender.hold(w, loan)
+    try:
+        _lender().hold(w, loan)
+    except BaseException:
+        _native.close(r)
+        _native.close(w)
+        raise
     fd = LentFd(r)
     fd.loan = loan
     return fd
@@ -583,41 +587,66 @@ class _Lender:
     """Buffers lent to other processes, each :class:`Loan` held until every
     reader of its table's pipe is gone (the write end then reports
     ``POLLERR``), by a daemon thread started with the first loan. Only that
-    thread closes the write ends. Reset in a forked child (nobody reads the
-    child's copies)."""
+    thread closes the write ends. The thread ends, and closes its wake-up
+    pipe, as soon as it holds nothing; the next loan starts another (so a
+    program whose pools have all shut down has no thread of warden's
+    left). Reset in a forked child (nobody reads the child's copies)."""
 
     def __init__(self) -> None:
         self.lock = _native.Lock()
         self.released = _native.Condition(self.lock)
         self.held: dict[int, Loan] = {}
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_w, False)
+        self.wake_r = self.wake_w = -1
         self.thread: Any = None
 
     def hold(self, fd: int, loan: Loan) -> None:
+        """Holds ``loan`` until the readers of ``fd`` (a pipe's write end,
+        which this takes) are gone. Raises ``OSError`` (nothing held, ``fd``
+        still the caller's) if the thread cannot be started."""
         with self.lock:
-            self.held[fd] = loan
             if self.thread is None:
-                self.thread = _native.Thread(target=self._run, name="warden-lender")
-                self.thread.start()
-        with contextlib.suppress(BlockingIOError):  # full: already awake
-            os.write(self.wake_w, b"\0")
+                wake_r, wake_w = os.pipe()
+                try:
+                    os.set_blocking(wake_w, False)
+                    thread = _native.Thread(target=self._run, name="warden-lender")
+                    self.held[fd] = loan
+                    self.wake_r, self.wake_w, self.thread = wake_r, wake_w, thread
+                    thread.start()
+                except BaseException:
+                    self.held.pop(fd, None)
+                    self.wake_r = self.wake_w = -1
+                    self.thread = None
+                    _native.close(wake_r)
+                    _native.close(wake_w)
+                    raise
+                return
+            self.held[fd] = loan
+            with contextlib.suppress(BlockingIOError):  # full: already awake
+                os.write(self.wake_w, b"\0")
 
     def _run(self) -> None:
         import select
 
         while True:
             poller = _native.poll()
-            poller.register(self.wake_r, select.POLLIN)
             with self.lock:
+                if not self.held:
+                    _native.close(self.wake_r)
+                    _native.close(self.wake_w)
+                    self.wake_r = self.wake_w = -1
+                    self.thread = None
+                    self.released.notify_all()
+                    return
+                wake_r = self.wake_r
+                poller.register(wake_r, select.POLLIN)
                 for fd in self.held:
                     poller.register(fd, select.POLLERR)
             events = poller.poll()
             done = []
             with self.lock:
                 for fd, _ in events:
-                    if fd == self.wake_r:
-                        os.read(self.wake_r, 4096)
+                    if fd == wake_r:
+                        os.read(wake_r, 4096)
                     elif fd in self.held:
                         done.append(self.held.pop(fd))
                         _native.close(fd)
@@ -626,6 +655,26 @@ class _Lender:
             for loan in done:
                 loan.release()
             del done, events  # hold nothing until the next wake-up
+
+    def settle(self, timeout: float) -> None:
+        """If every loan held has lost its readers (the pools that read them
+        have shut down), waits at most ``timeout`` seconds for the thread to
+        let them go and end. Returns at once while a reader remains."""
+        import select
+
+        with self.lock:
+            thread = self.thread
+            if thread is None:
+                return
+            poller = _native.poll()
+            for fd in self.held:
+                poller.register(fd, select.POLLERR)
+            if len(poller.poll(0)) < len(self.held):
+                return
+            self.released.wait_for(lambda: self.thread is not thread, timeout)
+            ended = self.thread is not thread
+        if ended:
+            thread.join(timeout)
 
     def wait_for_readers(self, every: bool, timeout: float | None) -> bool:
         """Waits until no mutable lent buffer (``every``: no lent buffer) is
@@ -657,7 +706,7 @@ def _forget_loans() -> None:
     lender, _the_lender = _the_lender, None
     if lender is not None:
         for fd in [*lender.held, lender.wake_r, lender.wake_w]:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # -1: no thread
                 _native.close(fd)
 
 
@@ -676,6 +725,15 @@ def lent_bytes() -> int:
         with loan.lock:
             total += sum(view.nbytes for view in loan.views)
     return total
+
+
+def settle(timeout: float = 1.0) -> None:
+    """Called when a pool has shut down: if no reader is left for anything
+    this process lent, waits (at most ``timeout`` seconds) for the lender
+    thread to end, so that none of warden's threads outlives the pools."""
+    lender = _the_lender
+    if lender is not None:
+        lender.settle(timeout)
 
 
 def wait_for_readers(every: bool = False, timeout: float | None = None) -> bool:

@@ -573,6 +573,8 @@ class Runner:
             raise
         if done and self.thread is not None and not _native.is_current(self.thread):
             self.thread.join(None if timeout is None else max(timeout, 1.0))
+        if done:
+            _oob.settle()  # what the workers read of ours: let it go with them
         if done and self.forward_logging:
             _logging.drain()  # what the finalizers logged
         return done
@@ -621,6 +623,7 @@ class Runner:
             raise
         if self.thread is not None and not _native.is_current(self.thread):
             self.thread.join(10.0)
+        _oob.settle()
 
 
 def cancel(core: Any, task: int, running: bool) -> bool:
