@@ -121,6 +121,19 @@ def test_remote_exception_matches_the_standard_library(ex):
     assert "in fail" in ours_tb and "ValueError: boom" in ours_tb
 
 
+#: What os.fsdecode makes of a file name that is not UTF-8.
+NOT_UTF8 = b"caf\xe9".decode("utf-8", "surrogateescape")
+
+
+def test_an_exception_whose_text_is_not_utf8_comes_back_as_itself_with_its_traceback(ex):
+    with pytest.raises(ValueError) as raised:
+        ex.submit(fail, NOT_UTF8).result(timeout=60)
+    assert raised.value.args == (NOT_UTF8,)
+    tb = raised.value.__cause__.tb
+    assert "in fail" in tb and "ValueError: caf\\udce9" in tb
+    assert ex.submit(square, 3).result(timeout=60) == 9  # the pool goes on
+
+
 def test_each_result_call_raises_a_fresh_exception(ex):
     f = ex.submit(fail, "again")
     errors = []
@@ -708,6 +721,31 @@ def test_a_failing_initializer_breaks_the_executor_at_its_first_failure_and_name
     with pytest.raises(warden.PoolFailed):
         ex.submit(square, 2)
     ex.shutdown()
+
+
+INIT_NOT_UTF8 = """
+import warden
+
+def fail(message):
+    raise ValueError(message)
+
+if __name__ == "__main__":
+    name = b"caf\\xe9".decode("utf-8", "surrogateescape")
+    ex = warden.ProcessPoolExecutor(1, initializer=fail, initargs=(name,))
+    try:
+        ex.submit(abs, 2).result(timeout=60)
+    except warden.PoolFailed as e:
+        print(type(e).__name__, ascii(str(e).split("start hook failed: ", 1)[1]))
+    ex.shutdown()
+"""
+
+
+def test_an_initializer_failure_whose_text_is_not_utf8_is_named(program):
+    # Run apart: the worker's log of the failure, forwarded to this process,
+    # carries the surrogate, which pytest-xdist cannot send between its processes.
+    run = program(INIT_NOT_UTF8).run()
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["PoolFailed 'ValueError: caf\\\\udce9'"]
 
 
 def test_executor_pickles_into_an_inert_handle(ex):

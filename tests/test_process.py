@@ -76,6 +76,21 @@ def test_start_then_join_runs_the_target_and_gives_exit_code_zero(tmp_path):
     assert out.read_text() == "hello\n"
 
 
+def report_name(path):
+    write(path, ascii(warden.current_process().name) + "\n")
+
+
+def test_a_process_named_with_text_that_is_not_utf8_starts_and_keeps_its_name(tmp_path):
+    # os.fsdecode of a file name that is not UTF-8, as multiprocessing takes it.
+    name = b"job-\xe9".decode("utf-8", "surrogateescape")
+    out = tmp_path / "out"
+    p = warden.Process(target=report_name, args=(out,), name=name)
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0 and p.name == name
+    assert out.read_text() == ascii(name) + "\n"
+
+
 @pytest.mark.parametrize(
     ("target", "args", "expected"),
     [

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
 
 /// Takes ownership of an fd number Python hands over (at least `min`: 0, or 3
 /// for fds that must not be stdio). `ValueError` if it is not open.
@@ -43,4 +44,26 @@ pub fn seconds(what: &str, secs: Option<f64>) -> PyResult<Option<Duration>> {
         Ok(Duration::try_from_secs_f64(s).map_or(warden::LONGEST_WAIT, |d| d.min(warden::LONGEST_WAIT)))
     })
     .transpose()
+}
+
+/// Text from Python for the core (a failure's message and traceback, a
+/// pool's name), which holds UTF-8: a lone surrogate (`os.fsdecode` of a
+/// name that is not UTF-8, a `surrogateescape`d argument) is written as its
+/// `\udcXX` escape, as Python prints it, instead of failing the conversion.
+pub struct Text(pub String);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Text {
+    type Error = PyErr;
+
+    fn extract(ob: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let s = ob.cast::<PyString>()?;
+        match s.to_str() {
+            Ok(text) => Ok(Text(text.to_owned())),
+            Err(_) => {
+                let escaped = s.call_method1("encode", ("utf-8", "backslashreplace"))?;
+                let bytes = escaped.cast::<PyBytes>()?;
+                Ok(Text(String::from_utf8_lossy(bytes.as_bytes()).into_owned()))
+            }
+        }
+    }
 }

@@ -37,7 +37,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use warden::finalize::{Callback, Finalizer, Host, Incident, State, Token};
 
-use crate::convert::{seconds, wait_seconds};
+use crate::convert::{seconds, wait_seconds, Text};
 
 /// How long a wait sleeps at a time before it looks for signals (Ctrl-C).
 const SLICE: Duration = Duration::from_millis(50);
@@ -201,7 +201,7 @@ impl FinalizerToken {
 /// `RuntimeError` once the process's exit finalizers have run.
 #[pyfunction]
 #[pyo3(signature = (callback, priority = 0, label = None))]
-pub fn register_finalizer(callback: Py<PyAny>, priority: i32, label: Option<String>) -> PyResult<FinalizerToken> {
+pub fn register_finalizer(callback: Py<PyAny>, priority: i32, label: Option<Text>) -> PyResult<FinalizerToken> {
     let func = PyCallback(ManuallyDrop::new(callback));
     let run: Callback = Box::new(move || {
         if func.call() == Some(false) {
@@ -209,7 +209,7 @@ pub fn register_finalizer(callback: Py<PyAny>, priority: i32, label: Option<Stri
         }
     });
     let mut f = Finalizer::from_box(run).priority(priority).host(host());
-    if let Some(label) = label {
+    if let Some(Text(label)) = label {
         f = f.label(label);
     }
     let token = f.register().map_err(|e| PyRuntimeError::new_err(e.to_string()))?;

@@ -21,7 +21,7 @@ use pyo3::types::{PyBytes, PyList};
 use warden::frontend::WorkerCommand;
 use warden::{LifecycleEvent, Pool, StartMethod, StopMode, TaskOptions, WorkerEnd};
 
-use crate::convert::{fd_is_open, seconds, take_fd, wait_seconds};
+use crate::convert::{fd_is_open, seconds, take_fd, wait_seconds, Text};
 use crate::records::{core_err, core_error, Completion, PyErrorKind, PyWorkerEnd, WorkerState};
 
 /// How long a blocking call waits at a time before it looks for signals
@@ -242,7 +242,7 @@ impl CorePool {
         program: PathBuf,
         args: Vec<OsString>,
         workers: usize,
-        name: Option<String>,
+        name: Option<Text>,
         init_payload: Option<&[u8]>,
         pass_fds: Vec<RawFd>,
         env: Vec<(OsString, OsString)>,
@@ -285,7 +285,7 @@ impl CorePool {
         if let Some(payload) = zygote_fallback_payload {
             builder = builder.zygote_fallback_payload(payload.to_vec());
         }
-        if let Some(name) = name {
+        if let Some(Text(name)) = name {
             builder = builder.name(name);
         }
         for fd in fds {

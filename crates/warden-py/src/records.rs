@@ -20,6 +20,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use warden::{ExitReason, RemoteError, RemoteErrorKind, RetireReason, StopCause, WorkerEnd, WorkerSnapshot};
 
+use crate::convert::Text;
 use crate::CoreError;
 
 /// What kind of error ended a task or refused a call (the core's error kinds).
@@ -161,14 +162,8 @@ pub struct RemoteFailure {
 impl RemoteFailure {
     #[new]
     #[pyo3(signature = (kind, type_name, message, traceback, data))]
-    fn new(
-        kind: &Bound<'_, PyRemoteKind>,
-        type_name: String,
-        message: String,
-        traceback: String,
-        data: Py<PyBytes>,
-    ) -> Self {
-        RemoteFailure { kind: *kind.get(), type_name, message, traceback, data }
+    fn new(kind: &Bound<'_, PyRemoteKind>, type_name: Text, message: Text, traceback: Text, data: Py<PyBytes>) -> Self {
+        RemoteFailure { kind: *kind.get(), type_name: type_name.0, message: message.0, traceback: traceback.0, data }
     }
 }
 

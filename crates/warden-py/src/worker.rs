@@ -41,7 +41,7 @@ use warden::frontend::{ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEn
 use warden::WorkerInfo;
 use warden::{ExitReason, RemoteError, RemoteErrorKind};
 
-use crate::convert::take_fd;
+use crate::convert::{take_fd, Text};
 use crate::records::{exit_reason, RemoteFailure};
 
 /// Runs this process as a worker of the pool that started it, with `handler`
@@ -236,8 +236,8 @@ fn run_exit_hook(handler: &Py<PyAny>, reason: &ExitReason) -> ExitHookOutcome {
             }
         }
         match handler.bind(py).call_method1("exit", (exit_reason(reason),)) {
-            Ok(v) => match v.extract::<(Option<String>, Option<i32>)>() {
-                Ok((error, exit_code)) => ExitHookOutcome { error, exit_code },
+            Ok(v) => match v.extract::<(Option<Text>, Option<i32>)>() {
+                Ok((error, exit_code)) => ExitHookOutcome { error: error.map(|Text(e)| e), exit_code },
                 Err(e) => ExitHookOutcome { error: Some(format!("bad exit hook result: {e}")), exit_code: None },
             },
             Err(e) => ExitHookOutcome { error: Some(e.to_string()), exit_code: None },
