@@ -895,3 +895,78 @@ def test_globals_are_left_alone_while_a_thread_of_the_program_still_runs(tmp_pat
     p.join(30)
     assert p.exitcode == 0
     assert not os.path.exists(f"{path}.del")
+    # What was written into the file is flushed, though: it is there.
+    with open(f"{path}.log") as f:
+        assert f.read() == "written by beside a thread\n"
+
+
+class KeepsAFile:
+    file = None
+
+
+def leave_open_in_a_class(path):
+    KeepsAFile.file = open(path, "w")  # noqa: SIM115  (left open on purpose)
+    KeepsAFile.file.write("kept by a class\n")
+
+
+def test_a_file_a_class_attribute_holds_is_flushed_at_exit(tmp_path):
+    path = tmp_path / "out"
+    with warden.ProcessPoolExecutor(1) as ex:
+        ex.submit(leave_open_in_a_class, str(path)).result(timeout=60)
+    assert path.read_text() == "kept by a class\n"
+
+
+MAIN_GLOBALS = """
+import concurrent.futures
+import contextlib
+import multiprocessing
+import sys
+import warden
+
+@contextlib.contextmanager
+def quiet():  # defined first: a wrapper that only names __main__
+    yield
+
+LOG = None
+MODEL = "the parent's"
+
+def init(path):
+    global LOG, MODEL
+    LOG = open(path, "w")
+    MODEL = "the worker's"
+
+def log(x):
+    LOG.write(f"{x}\\n")
+    return MODEL
+
+def model():
+    return MODEL
+
+if __name__ == "__main__":
+    impl, path = sys.argv[1], sys.argv[2]
+    if impl == "std":
+        ctx = multiprocessing.get_context("spawn")
+        ex = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=init, initargs=(path,))
+    else:
+        ex = warden.ProcessPoolExecutor(1, initializer=init, initargs=(path,))
+    # warden sends a lambda by value (the standard library cannot pickle one).
+    read = model if impl == "std" else lambda: MODEL
+    with ex:
+        print(list(ex.map(log, range(3))), ex.submit(read).result())
+    print(repr(open(path).read()))
+"""
+
+
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_main_globals_an_initializer_set_are_seen_and_finalized_beside_a_contextmanager(
+    program, tmp_path, impl
+):
+    # A @contextmanager defined first in main once made the exit path take
+    # contextlib's globals for main's: the file was never flushed, and a
+    # lambda saw the parent's value.
+    run = program(MAIN_GLOBALS).run(args=(impl, str(tmp_path / "log")))
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        '["the worker\'s", "the worker\'s", "the worker\'s"] the worker\'s',
+        "'0\\n1\\n2\\n'",
+    ]

@@ -208,9 +208,15 @@ def _code_namespace(module: Any) -> dict[str, Any]:
     and gives the module a copy; main's functions (and so its initializer)
     read and write the original."""
     namespace = vars(module)
+    name = module.__name__
     for value in namespace.values():
-        if type(value) is _FunctionType and value.__module__ == module.__name__:
-            globals_: dict[str, Any] = value.__globals__
+        # Not a wrapper that only names the module (``functools.wraps``: a
+        # ``contextlib.contextmanager``, a ``functools.lru_cache`` in Python):
+        # its globals are those of the module that defines the wrapper.
+        if type(value) is not _FunctionType or value.__module__ != name:
+            continue
+        globals_: dict[str, Any] = value.__globals__
+        if globals_.get("__name__") == name:
             return globals_
     return namespace
 

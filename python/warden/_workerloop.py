@@ -571,16 +571,43 @@ def _clear_program_globals() -> None:
     ``__del__`` runs, a file opened into a global is flushed and closed, a
     ``gzip`` writer writes its trailer, a temporary file is removed. Modules,
     functions, classes and dunder names are kept, for the ``__del__``
-    methods that use them."""
-    # Unlike the interpreter's finalization, the exit path cannot freeze
-    # threads: one of the program's still running would find its globals
-    # gone under it. Then they are left as they are.
+    methods that use them; a file a class attribute of the program's holds
+    is closed then.
+
+    Unlike the interpreter's finalization, the exit path cannot freeze
+    threads: one of the program's still running (a daemon thread) would find
+    its globals, or a file it writes, gone under it. Then the globals are
+    left as they are, and the files they and the program's classes hold are
+    only flushed: what was written reaches the file, nothing is finalized."""
     here, main = threading.current_thread(), threading.main_thread()
+    threads = False
     for thread in threading.enumerate():  # the live ones
         if thread is here or thread is main or isinstance(thread, threading._DummyThread):  # type: ignore[attr-defined]
             continue
         if not thread.name.startswith("warden-"):  # warden's own: results, logging
-            return
+            threads = True
+            break
+    namespaces = _program_namespaces()
+    if not threads:
+        keep = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+        cleared = False
+        for namespace in namespaces:
+            # The newest first, one at a time: a __del__ still finds the
+            # modules, functions and classes it uses (never cleared), and the
+            # objects made before its own.
+            for key in reversed(list(namespace)):
+                value = namespace.get(key)
+                if value is None or isinstance(value, keep) or (key.startswith("__") and key.endswith("__")):
+                    continue
+                namespace[key] = None
+                cleared = True
+        if cleared:
+            gc.collect()
+    _settle_files(namespaces, close=not threads)
+
+
+def _program_namespaces() -> list[dict[str, Any]]:
+    """The namespaces :func:`_clear_program_globals` finalizes."""
     # The parent's main module as the worker runs it (spawn's preparation
     # runs it in a namespace of its own, and copies that into the module,
     # which the modules below include), or the namespace of the functions
@@ -604,20 +631,41 @@ def _clear_program_globals() -> None:
         namespace = vars(module)
         if not any(namespace is seen for seen in namespaces):
             namespaces.append(namespace)
-    keep = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
-    cleared = False
+    return namespaces
+
+
+def _settle_files(namespaces: list[dict[str, Any]], close: bool) -> None:
+    """Flushes (``close``: closes) the files the globals of ``namespaces``,
+    and the attributes of the classes defined there, still hold; never the
+    standard streams."""
+    import io
+
+    streams = set()
+    for std in (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__):
+        stream: Any = std
+        while stream is not None and id(stream) not in streams:
+            streams.add(id(stream))
+            stream = getattr(stream, "buffer", None) or getattr(stream, "raw", None)
+    files = []
     for namespace in namespaces:
-        # The newest first, one at a time: a __del__ still finds the
-        # modules, functions and classes it uses (never cleared), and the
-        # objects made before its own.
-        for key in reversed(list(namespace)):
-            value = namespace.get(key)
-            if value is None or isinstance(value, keep) or (key.startswith("__") and key.endswith("__")):
+        module = namespace.get("__name__")
+        for value in list(namespace.values()):
+            if isinstance(value, io.IOBase):
+                files.append(value)
+            elif isinstance(value, type) and value.__module__ == module:
+                files.extend(v for v in list(vars(value).values()) if isinstance(v, io.IOBase))
+    done = set(streams)
+    for file in files:
+        if id(file) in done:
+            continue
+        done.add(id(file))
+        with contextlib.suppress(Exception):
+            if file.closed:
                 continue
-            namespace[key] = None
-            cleared = True
-    if cleared:
-        gc.collect()
+            if close:
+                file.close()
+            else:
+                file.flush()
 
 
 #: How long the exit path waits for this process's resource tracker.
