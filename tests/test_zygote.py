@@ -468,6 +468,8 @@ if MADE == "seed":
     random.seed(os.getpid())
 elif MADE == "tempdir":
     SCRATCH = tempfile.TemporaryDirectory(prefix="warden-test-scratch-")
+elif MADE == "tempfile":
+    SCRATCH = tempfile.NamedTemporaryFile(prefix="warden-test-scratch-")
 elif MADE == "handler":
     def on_term(signum, frame):
         sys.exit(0)
@@ -478,6 +480,8 @@ elif MADE == "cwd":
 def what(i):
     if MADE == "seed":
         return random.random()
+    if MADE == "tempfile":
+        return [SCRATCH.name, str(os.path.exists(SCRATCH.name))]
     if MADE == "tempdir":
         path = os.path.join(SCRATCH.name, f"part{i}")
         with open(path, "w") as f:
@@ -491,16 +495,25 @@ def what(i):
 """ + ONE_TASK_WORKERS.format(task="what")
 
 
-@pytest.mark.parametrize("made", ["seed", "tempdir", "handler", "cwd"])
+@pytest.mark.parametrize("made", ["seed", "tempdir", "tempfile", "handler", "cwd"])
 def test_state_main_makes_at_import_is_each_workers_own_as_under_spawn(program, tmp_path, made):
     prog = program(MAIN_MAKES_PER_PROCESS_STATE)
     env = {"MADE": made, "WARDEN_START": "zygote"}
-    stdlib, _ = _run_in(prog, tmp_path, "stdlib", env=env)
-    ours, importers = _run_in(prog, tmp_path, "warden", env=env)
+    temp = {kind: tmp_path / f"temp-{kind}" for kind in ("stdlib", "warden")}
+    for path in temp.values():
+        path.mkdir()
+    stdlib, _ = _run_in(prog, tmp_path, "stdlib", env={**env, "TMPDIR": str(temp["stdlib"])})
+    ours, importers = _run_in(prog, tmp_path, "warden", env={**env, "TMPDIR": str(temp["warden"])})
+    # What each process made is removed as it ends: by the first zygote
+    # too, which imported main and was not used (nothing can be forked from it).
+    assert sorted(os.listdir(temp["warden"])) == sorted(os.listdir(temp["stdlib"])) == []
     if made == "seed":  # random.seed(os.getpid()): a stream of its own in each worker
         assert len(set(stdlib)) == len(set(ours)) == 4
     elif made == "tempdir":  # a directory of its own, not removed under it by another's exit
         assert [text for _, text in ours] == [text for _, text in stdlib] == ["0", "1", "2", "3"]
+        assert len({name for name, _ in ours}) == 4
+    elif made == "tempfile":  # a file of its own, there while the worker runs
+        assert [there for _, there in ours] == [there for _, there in stdlib] == ["True"] * 4
         assert len({name for name, _ in ours}) == 4
     elif made == "handler":  # main's SIGTERM handler, not warden's
         assert ours == stdlib == ["on_term"] * 4

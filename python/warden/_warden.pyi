@@ -311,11 +311,12 @@ def hold_stops(held: bool) -> None:
     """Holds (``True``) or releases (``False``) the core's own exit after a
     stop signal, while the worker enters its ``worker_context``."""
 
-def zygote_main(prepare: Callable[[bytes], str | None]) -> None:
+def zygote_main(prepare: Callable[[bytes], str | None], finish: Callable[[], object] | None = None) -> None:
     """Runs this process as the zygote of the pool that started it: calls
     ``prepare(payload)``, then forks workers on request (unless it returned a
     reason not to: the pool then starts a zygote without main). Returns only
-    in a forked worker; the zygote itself exits when its pool is done with it."""
+    in a forked worker; the zygote itself exits when its pool is done with it,
+    after calling ``finish()`` if it never forked a worker."""
 
 def forked_from() -> int | None:
     """The pid of the zygote this worker was forked from; ``None`` in a

@@ -296,11 +296,24 @@ def _per_process_state(before: tuple[Any, ...], after: tuple[Any, ...], watch: _
     return None
 
 
+def finish() -> None:
+    """The end of a zygote that never forked a worker (the pool refused what
+    main's import made, see :func:`_per_process_state`, or was done first):
+    what the import made is finalized as at the end of a spawned child that
+    imported main, instead of being left behind: its globals are cleared and
+    collected (a ``NamedTemporaryFile`` removes its file) and the finalizers
+    left run (a ``TemporaryDirectory`` removes its directory). Exit handlers
+    are not run: main's would run once more than under spawn. A zygote that
+    forked leaves this to its workers, each of which has its own copy."""
+    _workerloop._clear_program_globals()
+    weakref.finalize._exitfunc()  # type: ignore[attr-defined]
+
+
 def main() -> None:
     """Parks as a zygote; in each forked worker, runs the worker loop."""
     # What an exec'd worker imports only when it needs it (to report a
     # failure) costs a forked one nothing once the zygote has it.
     import traceback  # noqa: F401
 
-    _warden.zygote_main(prepare)
+    _warden.zygote_main(prepare, finish)
     _workerloop.main()

@@ -29,6 +29,8 @@ pub fn take_forked() -> Option<WorkerEnv> {
 
 struct PyForkHooks<'py> {
     prepare: Bound<'py, PyAny>,
+    /// Whether this zygote has forked a worker.
+    forked: bool,
 }
 
 impl ForkHooks for PyForkHooks<'_> {
@@ -55,6 +57,7 @@ impl ForkHooks for PyForkHooks<'_> {
     fn after_fork_parent(&mut self) {
         // SAFETY: as above, after PyOS_BeforeFork in this process.
         unsafe { pyo3::ffi::PyOS_AfterFork_Parent() }
+        self.forked = true;
     }
 
     fn after_fork_child(&mut self) {
@@ -67,9 +70,12 @@ impl ForkHooks for PyForkHooks<'_> {
 /// `prepare(payload)` with the pool's start payload, then forks workers on
 /// request. Returns only in a forked worker; the zygote itself exits when the
 /// pool is done with it (without running Python's exit handlers: it is a
-/// template, not a worker). Raises `RuntimeError` if not started as a zygote.
+/// template, not a worker), after calling `finish()` if it never forked one
+/// (what its preparation made is then no worker's to clean up). Raises
+/// `RuntimeError` if not started as a zygote.
 #[pyfunction]
-pub fn zygote_main(py: Python<'_>, prepare: Bound<'_, PyAny>) -> PyResult<()> {
+#[pyo3(signature = (prepare, finish = None))]
+pub fn zygote_main(py: Python<'_>, prepare: Bound<'_, PyAny>, finish: Option<Bound<'_, PyAny>>) -> PyResult<()> {
     let env = match ZygoteEnv::take() {
         None => return Err(PyRuntimeError::new_err("this process was not started as a warden zygote")),
         Some(Err(msg)) => {
@@ -82,13 +88,18 @@ pub fn zygote_main(py: Python<'_>, prepare: Bound<'_, PyAny>) -> PyResult<()> {
     for key in [ENV_ZYGOTE, ENV_PARENT] {
         environ.call_method1("pop", (key, py.None()))?;
     }
-    let mut hooks = PyForkHooks { prepare };
+    let mut hooks = PyForkHooks { prepare, forked: false };
     match warden::frontend::zygote::serve(env, &mut hooks) {
         Parked::Worker(env) => {
             *FORKED.lock().unwrap_or_else(|p| p.into_inner()) = Some(env);
             Ok(())
         }
         Parked::Exit(code) => {
+            if let Some(finish) = finish.filter(|_| !hooks.forked) {
+                if let Err(e) = finish.call0() {
+                    e.print(py);
+                }
+            }
             crate::worker::flush_python_streams(py);
             std::process::exit(code)
         }
