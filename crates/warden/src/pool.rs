@@ -214,7 +214,10 @@ impl Builder {
     /// ([`Error::is_crash`]) and is replaced without counting: each such death
     /// consumes a task, so it cannot loop forever. Nor does a start the
     /// system refuses for want of processes, threads or memory (`EAGAIN`
-    /// under `ulimit -u`, `ENOMEM`): it is tried again after a delay that
+    /// under `ulimit -u`, `ENOMEM`; also a worker that started but was
+    /// refused its own threads for 10 s, which ends with exit code
+    /// [`EXIT_SHORT_OF_THREADS`](crate::frontend::EXIT_SHORT_OF_THREADS)
+    /// before its hello): it is tried again after a delay that
     /// doubles from 10 ms to 1 s, and fails the pool only once no worker has
     /// served for the init timeout since the shortage began.
     pub fn restart_intensity(mut self, max: u32, window: Duration) -> Self {

@@ -84,6 +84,11 @@ pub const EXIT_INIT_FAILED: i32 = 3;
 pub const EXIT_PROTOCOL: i32 = 4;
 /// Exit code of a worker whose parent died.
 pub const EXIT_PARENT_GONE: i32 = 5;
+/// Exit code of a worker that could not start its own threads because the
+/// system is short of them (`EAGAIN`: `ulimit -u` reached), after waiting
+/// for them (10 s): the pool takes it as a start the system
+/// refused, not as the worker's failure.
+pub const EXIT_SHORT_OF_THREADS: i32 = 6;
 
 /// How long the monitor waits for an interrupted task to unwind before it runs
 /// the exit path itself.
@@ -522,15 +527,13 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     let monitor_core = Arc::clone(&core);
     let interrupter = handler.interrupter();
     if let Err(e) = start_thread("warden-monitor", move || monitor(monitor_core, interrupter)) {
-        eprintln!("warden worker: cannot start the monitor thread: {e}");
-        return core.exit_path(ExitReason::ProtocolError);
+        return thread_refused(&core, "monitor", &e);
     }
 
     let inbox = Arc::new(Inbox::new(env.max_frame));
     let (watcher_core, watcher_inbox) = (Arc::clone(&core), Arc::clone(&inbox));
     if let Err(e) = start_thread("warden-watcher", move || watch_channel(watcher_core, watcher_inbox)) {
-        eprintln!("warden worker: cannot start the channel's watcher thread: {e}");
-        return core.exit_path(ExitReason::ProtocolError);
+        return thread_refused(&core, "channel's watcher", &e);
     }
 
     let pid = std::process::id();
@@ -557,6 +560,18 @@ const THREAD_START_PATIENCE: Duration = Duration::from_secs(10);
 /// doubles, while the system refuses it for want of threads: a passing
 /// shortage (another program's burst of processes) delays this worker's
 /// start instead of failing it, as it delays the pool's start of the worker.
+/// A worker that could not start one of its threads, before it said hello
+/// (so before any start hook ran): for want of threads, it ends with
+/// [`EXIT_SHORT_OF_THREADS`]; otherwise through the exit path, as broken.
+fn thread_refused(core: &WorkerState, what: &str, e: &io::Error) -> ExitStatus {
+    eprintln!("warden worker: cannot start the {what} thread: {e}");
+    if e.kind() == io::ErrorKind::WouldBlock {
+        let _ = io::stderr().flush();
+        return ExitStatus::Code(EXIT_SHORT_OF_THREADS);
+    }
+    core.exit_path(ExitReason::ProtocolError)
+}
+
 fn start_thread<F: FnOnce() + Send + 'static>(name: &str, f: F) -> io::Result<()> {
     // The closure is lost with a refused spawn; each try gets a way to it.
     let slot = Arc::new(Mutex::new(Some(f)));

@@ -16,7 +16,7 @@ mod common;
 
 use common::{check, wait_until, write_whole, TestResult};
 use libtest_mimic::{Arguments, Trial};
-use warden::{ExitReason, LifecycleEvent, LostWorker, Pool};
+use warden::{ExitReason, LifecycleEvent, LostWorker, Pool, StartMethod};
 
 const HOOKS_ENV: &str = "WARDEN_FAULTS_HOOKS";
 const MIB: u64 = 1 << 20;
@@ -24,7 +24,24 @@ const MIB: u64 = 1 << 20;
 /// Set: `main` skips `warden::init()`, builds a pool and says how that went.
 const NO_INIT_ENV: &str = "WARDEN_FAULTS_NO_INIT";
 
+/// Set (a directory): a worker started by exec ends before its hello with
+/// `EXIT_SHORT_OF_THREADS`, as one the system refuses its threads does
+/// (`ulimit -u` reached), until [`SHORT_STARTS`] have.
+const SHORT_ENV: &str = "WARDEN_FAULTS_SHORT";
+const SHORT_STARTS: usize = 8;
+
 fn main() {
+    if let Some(dir) = std::env::var_os(SHORT_ENV) {
+        if std::env::var_os(warden::frontend::ENV_FD).is_some() {
+            // One marker per refused start, made atomically: workers may race.
+            let dir = PathBuf::from(dir);
+            for i in 0..SHORT_STARTS {
+                if std::fs::OpenOptions::new().write(true).create_new(true).open(dir.join(i.to_string())).is_ok() {
+                    std::process::exit(warden::frontend::EXIT_SHORT_OF_THREADS);
+                }
+            }
+        }
+    }
     if std::env::var_os(NO_INIT_ENV).is_some() {
         // A program that forgot `warden::init()`, run as a pool's worker.
         match Pool::builder().workers(1).build() {
@@ -40,6 +57,10 @@ fn main() {
         Trial::test("workers_dying_in_their_tasks_never_fail_the_pool", task_crashes_are_not_counted),
         Trial::test("workers_dying_idle_past_the_restart_limit_fail_the_pool", idle_deaths_are_counted),
         Trial::test("no_restart_limit_keeps_the_pool_serving", no_restart_limit),
+        Trial::test(
+            "workers_the_system_refuses_their_threads_are_refused_starts_not_failures",
+            workers_short_of_threads,
+        ),
         Trial::test("max_memory_per_child_retires_after_the_task_and_keeps_its_result", soft_memory_cap),
         Trial::test("memory_limit_stops_a_busy_worker_and_fails_its_task", hard_memory_limit),
         Trial::test("on_worker_lost_runs_on_its_own_thread_with_the_record_after_a_sigkill", lost_after_sigkill),
@@ -288,6 +309,23 @@ fn no_restart_limit() -> TestResult {
     kill_idle_workers(&pool, 4)?;
     check(pool.spawn(pid, ())?.join().is_ok(), "the pool still serves")?;
     check(pool.failure().is_none(), "and never failed")?;
+    pool.shutdown();
+    Ok(())
+}
+
+fn workers_short_of_threads() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let pool = Pool::builder()
+        .workers(2)
+        .start(StartMethod::Exec)
+        .env(SHORT_ENV, dir.path())
+        .restart_intensity(2, Duration::from_secs(60))
+        .build()?;
+    let served = pool.spawn(pid, ())?.join_timeout(Duration::from_secs(60));
+    check(served.is_ok(), format!("a task is served once threads are there: {served:?}"))?;
+    check(pool.failure().is_none(), format!("the pool did not fail: {:?}", pool.failure()))?;
+    let refused = std::fs::read_dir(dir.path())?.count();
+    check(refused == SHORT_STARTS, format!("{refused} starts were refused their threads"))?;
     pool.shutdown();
     Ok(())
 }

@@ -214,6 +214,7 @@ impl Supervisor {
                 w.deadline = None;
                 let pid = w.raw_pid();
                 self.crashes.worker_ready();
+                self.shortage = None;
                 self.emit(LifecycleEvent::WorkerReady { worker: id, pid });
             }
             (WorkerPhase::Initializing, Incoming::InitFailed(error)) => {

@@ -11,6 +11,7 @@ use crate::error::{Error, ErrorKind, ExitStatus};
 use crate::lost::LostWorker;
 use crate::wire::ExitReason;
 
+use super::worker::WorkerPhase;
 use super::{LifecycleEvent, PoolPhase, StopCause, Supervisor, WorkerEnd, KILL_WAIT};
 
 impl Supervisor {
@@ -108,8 +109,13 @@ impl Supervisor {
             None => !retired_itself,
         };
         // A crash during a task is that task's outcome, not the pool's: each
-        // such death consumes a task, so it cannot loop forever.
-        let counted = crashed && !task_explains;
+        // such death consumes a task, so it cannot loop forever. A worker the
+        // system refused its threads before it said hello is a start refused
+        // for want of them, not a failure (see `start_refused_for_shortage`).
+        let short_of_threads = w.cause.is_none()
+            && w.phase == WorkerPhase::Starting
+            && status == ExitStatus::Code(crate::worker::EXIT_SHORT_OF_THREADS);
+        let counted = crashed && !task_explains && !short_of_threads;
         let exit =
             WorkerEnd { worker: id, pid, status, cause: w.cause.clone(), goodbye: w.goodbye.clone(), crashed, counted };
         tracing::debug!(pool = %self.cfg.name, worker = id, pid, %status, crashed, counted, "worker reaped");
@@ -122,6 +128,11 @@ impl Supervisor {
         }
         drop(w);
         self.emit(LifecycleEvent::WorkerExited(exit.clone()));
+        if short_of_threads && self.phase != PoolPhase::Failed && !self.cfg.one_off {
+            let serving = self.workers.values().filter(|w| w.is_serving()).count();
+            let what = format!("worker {pid} could not start its threads: the system is short of them (EAGAIN)");
+            self.start_refused_for_shortage(Instant::now(), serving, what);
+        }
         if counted && self.phase != PoolPhase::Failed {
             let what = match &exit.cause {
                 Some(StopCause::InitFailed(e)) => format!("worker {pid}'s start hook failed: {e}"),

@@ -140,10 +140,9 @@ impl Supervisor {
         let mut serving = self.workers.values().filter(|w| w.is_serving()).count();
         while serving < want && self.phase != PoolPhase::Failed {
             match self.spawn_one() {
-                Ok(true) => {
-                    serving += 1;
-                    self.shortage = None;
-                }
+                // The shortage ends when a worker is ready, not when one
+                // starts: the system may still refuse it its threads.
+                Ok(true) => serving += 1,
                 Ok(false) => return, // waiting for the zygote
                 Err(e) => {
                     let error = format!("cannot start a worker ({}): {e}", self.cfg.command.program.display());
@@ -166,7 +165,7 @@ impl Supervisor {
     /// but tried again after a delay that doubles while it lasts. Bounded
     /// all the same: the pool fails if it has had no serving worker for the
     /// init timeout since the shortage began.
-    fn start_refused_for_shortage(&mut self, now: Instant, serving: usize, error: String) {
+    pub(super) fn start_refused_for_shortage(&mut self, now: Instant, serving: usize, error: String) {
         let (since, delay) = match self.shortage {
             Some((since, delay)) => (since, (delay * 2).min(SHORTAGE_RETRY_MAX)),
             None => (now, SHORTAGE_RETRY),
