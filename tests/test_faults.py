@@ -1204,12 +1204,14 @@ def test_a_pool_outlasts_a_passing_shortage_of_processes_and_loses_no_task(progr
     failure; the pool tries again as the shortage lasts, every task comes
     through and the pool serves on, as the standard library's does (before,
     eleven refusals in a few milliseconds failed the pool as a whole). The
-    program runs with nobody's real uid, which the limit counts, keeping
-    root's files readable."""
+    program runs with a real uid of its own, which the limit counts (one per
+    case: run side by side, two programs under one uid would share the
+    limit), keeping root's files readable."""
     prog = program(PROCESS_SHORTAGE)
     prog.path.chmod(0o644)
+    uid = {"executor": "65531", "pool": "65532"}[kind]
     command = [
-        "setpriv", "--ruid", "65534", "--bounding-set", "-sys_resource,-sys_admin", "--",
+        "setpriv", "--ruid", uid, "--bounding-set", "-sys_resource,-sys_admin", "--",
         "prlimit", "--nproc=60:60", sys.executable, str(prog.path), kind,
     ]  # fmt: skip
     proc = subprocess.Popen(
