@@ -140,6 +140,26 @@ def test_apply_and_apply_async_give_the_result(pool):
     assert r.ready() and r.successful()
 
 
+def test_a_chunksize_below_one_is_refused_where_the_standard_library_computes_nothing(pool, std_pool):
+    # A listed difference: the standard library's map hands back a None per
+    # item without calling the function; its imap refuses, as warden's calls do.
+    assert std_pool.map(square, range(3), chunksize=0) == [None, None, None]
+    with pytest.raises(ValueError, match="Chunksize must be 1\\+, not 0"):
+        list(std_pool.imap(square, range(3), chunksize=0))
+    calls = [
+        lambda: pool.map(square, range(3), chunksize=0),
+        lambda: pool.map_async(square, range(3), chunksize=0).get(30),
+        lambda: pool.starmap(power, [(2, 1)], chunksize=0),
+        lambda: pool.starmap_async(power, [(2, 1)], chunksize=-1).get(30),
+        lambda: list(pool.imap(square, range(3), chunksize=0)),
+        lambda: list(pool.imap_unordered(square, range(3), chunksize=0)),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="Chunksize must be 1\\+"):
+            call()
+    assert pool.map(square, range(3)) == [0, 1, 4]  # and the pool goes on
+
+
 def test_map_and_starmap_match_the_standard_library(pool, std_pool):
     data = list(range(50))
     assert pool.map(square, data) == std_pool.map(square, data)
