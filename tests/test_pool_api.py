@@ -307,6 +307,15 @@ def test_imap_next_timeout_raises_timeout_error(pool):
     pool.terminate()
 
 
+def test_imap_next_with_a_nan_timeout_raises_timeout_error_at_once_as_the_standard_librarys(pool, std_pool):
+    # Not a wait until the result comes (which spun, NaN never being <= 0).
+    for p in (std_pool, pool):
+        it = p.imap(sleep_then, [2])
+        with pytest.raises(multiprocessing.TimeoutError):
+            it.next(timeout=float("nan"))
+    pool.terminate()
+
+
 def test_imap_errors_are_raised_at_their_position_and_iteration_goes_on(pool):
     it = pool.imap(fail_on, range(5))
     assert next(it) == 0

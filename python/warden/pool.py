@@ -744,7 +744,7 @@ class IMapIterator(_StdIMapIterator[_T]):
                             self._pool = None
                             raise StopIteration
                         left = None if deadline is None else deadline - time.monotonic()
-                        if left is not None and left <= 0:
+                        if left is not None and not left > 0:  # NaN too, as the standard library's
                             raise multiprocessing.TimeoutError
                         if left is None:
                             _runner.refuse_self_wait(self._core)
