@@ -18,8 +18,9 @@ Measurements (lower is better unless it says tasks/s):
 * ``Executor.map`` / ``Pool.map`` of 1e6 tiny items (``abs``), with
   ``multiprocessing.Pool``'s default chunk size (``len / (4 * workers)``) for
   everyone.
-* a 64 MiB ``bytes`` and a 64 MiB numpy array sent to a worker and returned
-  (one ``submit`` / ``apply_async`` of the identity function).
+* a 64 MiB ``bytes``, a 64 MiB numpy array and a ``str`` of 64 Mi
+  characters sent to a worker and returned (one ``submit`` /
+  ``apply_async`` of the identity function).
 * 1000 numpy arrays of 1 MiB through ``map`` and back (identity, default chunk
   size rule as above).
 
@@ -247,6 +248,18 @@ def bytes_round_trip(pool: Any) -> float:
     return seconds
 
 
+_STR: str | None = None
+
+
+def str_round_trip(pool: Any) -> float:
+    global _STR
+    if _STR is None:
+        _STR = os.urandom(BIG // 2).hex()
+    seconds, out = timed(lambda: pool.call(identity, _STR))
+    assert out == _STR
+    return seconds
+
+
 _ARRAY: Any = None
 _ARRAYS: list[Any] | None = None
 
@@ -280,6 +293,7 @@ BENCHES = [
     Bench(f"Pool.map, {N_MAP:.0e} items", "s", POOLS, "pool", map_seconds),
     Bench(f"{BIG >> 20} MiB bytes round trip", "s", CONTENDERS, "executor", bytes_round_trip),
     Bench(f"{BIG >> 20} MiB numpy round trip", "s", CONTENDERS, "executor", array_round_trip, True),
+    Bench(f"{BIG >> 20} Mi-character str round trip", "s", CONTENDERS, "executor", str_round_trip),
     Bench(f"{N_ARRAYS} x 1 MiB arrays, map", "s", CONTENDERS, "executor", arrays_map, True),
 ]
 

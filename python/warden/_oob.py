@@ -334,15 +334,46 @@ def dumps(
     data = out.getvalue()
     if check is not None:
         check(data)
-    buffers = collector.buffers
+    if len(data) <= PICKLE_INLINE_MAX and not collector.buffers:
+        return data, None
+
+    def in_band() -> bytes:
+        out = io.BytesIO()
+        _dump(pickler(out, _in_band), obj, found)
+        data = out.getvalue()
+        if check is not None:
+            check(data)
+        return data
+
+    return _carry(data, collector.buffers, to_parent, lend, in_band)
+
+
+def beside(data: bytes, *, to_parent: bool = False, lend: bool = True) -> tuple[bytes, int | None]:
+    """What :func:`dumps` returns for ``data``, a finished pickle larger
+    than :data:`PICKLE_INLINE_MAX` with no buffers out of band (a huge
+    string): the pickle goes beside its frame, as the only buffer, without
+    pickling the object again."""
+    return _carry(data, [], to_parent, lend, lambda: data)
+
+
+def _carry(
+    data: bytes,
+    buffers: list[pickle.PickleBuffer],
+    to_parent: bool,
+    lend: bool,
+    in_band: Callable[[], bytes],
+) -> tuple[bytes, int | None]:
+    """Lends ``buffers`` (and ``data``, the pickle, the last of them if it is
+    over :data:`PICKLE_INLINE_MAX`) or copies them into a segment; see
+    :func:`dumps`. ``in_band()`` pickles everything inline, for when no
+    descriptor can carry them."""
     if len(data) > PICKLE_INLINE_MAX:
         buffers = [*buffers, pickle.PickleBuffer(data)]
+        head = _PICKLE_BESIDE
         inline_ok = False
-    elif not buffers:
-        return data, None
     else:
+        head = data
         inline_ok = sum(b.raw().nbytes for b in buffers) + len(data) <= INLINE_FALLBACK_MAX
-    head = data if buffers is collector.buffers else _PICKLE_BESIDE
     # A call too large to go inline (each call a copy) waits, while this
     # process is short of descriptors, for the calls in flight to give theirs
     # back as workers take them, rather than take the reserve the pool needs
@@ -379,12 +410,7 @@ def dumps(
     # This process is short of file descriptors, or cannot make the pipe or
     # segment at all (no descriptor left, a file size limit, no memory for
     # it): the buffers go in the pickle, as the standard library sends them.
-    out = io.BytesIO()
-    _dump(pickler(out, _in_band), obj, found)
-    data = out.getvalue()
-    if check is not None:
-        check(data)
-    return data, None
+    return in_band(), None
 
 
 def _dump(p: pickle.Pickler, obj: Any, found: dict[int, Any] | None) -> None:
@@ -867,7 +893,18 @@ def _read_lent(fd: int) -> list[Any]:
 _FROMBUFFER_MODULES = frozenset({"numpy._core.numeric", "numpy.core.numeric"})
 #: A pickle that may name it, or hold a buffer's stand-in (which names this
 #: module: see :func:`prepare`); the rest are unpickled as they are.
-_NAMES_SPECIAL = re.compile(re.escape(b"_frombuffer") + b"|" + re.escape(__name__.encode())).search
+_NAMES_FROMBUFFER = re.compile(re.escape(b"_frombuffer")).search
+_NAMES_THIS_MODULE = re.compile(re.escape(__name__.encode())).search
+
+
+def _names_special(data: Any) -> bool:
+    """Whether a pickle may name numpy's ``_frombuffer`` or this module.
+    Two searches for one literal each: ``re`` finds a literal with a fast
+    scan, an alternation of two byte by byte (over ten times slower, which a
+    pickle of a huge string made the larger part of its round trip)."""
+    return _NAMES_FROMBUFFER(data) is not None or _NAMES_THIS_MODULE(data) is not None
+
+
 #: No pickle of an array or of a stand-in is shorter (a scalar result is).
 _MIN_SPECIAL_PICKLE = 24
 
@@ -887,7 +924,7 @@ def unpickle(data: Any, buffers: Any = None) -> Any:
     A pickle that travelled beside its frame is the last of ``buffers``."""
     if buffers is not None and len(data) == len(_PICKLE_BESIDE) and bytes(data) == _PICKLE_BESIDE:
         *buffers, data = buffers
-    if len(data) < _MIN_SPECIAL_PICKLE or _NAMES_SPECIAL(data) is None:
+    if len(data) < _MIN_SPECIAL_PICKLE or not _names_special(data):
         return _loads(data) if buffers is None else _loads(data, buffers=buffers)
     return _Unpickler(io.BytesIO(data), buffers=buffers).load()
 
@@ -936,6 +973,19 @@ def loads(data: Any, fd: int | None) -> Any:
     if fd is None:
         return unpickle(data)
     return unpickle(data, open_segment(fd))
+
+
+def loads_beside(data: Any, fd: int, marker: int, special: Callable[[Any], Any]) -> Any:
+    """As :func:`loads`, for a call, which may also be one that is not a
+    pickle, starting with byte ``marker`` (a call by reference, see
+    ``_pickle.dumps_call``), too large to go inline: ``special`` reads that
+    back from the buffer it travelled in."""
+    buffers = open_segment(fd)
+    if len(data) == len(_PICKLE_BESIDE) and bytes(data) == _PICKLE_BESIDE and len(buffers) == 1:
+        view = memoryview(buffers[0])
+        if view.nbytes and view[0] == marker:
+            return special(view)
+    return unpickle(data, buffers)
 
 
 class Received:

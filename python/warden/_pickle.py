@@ -321,7 +321,7 @@ _MAIN_NAME = b"__main__"
 def _child_can_load(data: bytes) -> bool:
     """Whether a child can unpickle ``data`` made by the plain pickler: yes
     unless it names ``__main__`` and this ``__main__`` cannot be imported."""
-    return _MAIN_NAME not in data or _main_is_importable()
+    return _main_is_importable() or _MAIN_NAME not in data  # the first is cached: no scan
 
 
 class _NamesMain(Exception):
@@ -406,7 +406,9 @@ def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
             data = entry[2] + _dumps(args, PROTOCOL)
             if len(data) <= _oob.PICKLE_INLINE_MAX:
                 return data, None
-            # A huge string: it travels beside the frame (see _oob.dumps).
+            # A huge string: the call travels beside the frame as it is (see
+            # _oob.dumps), not pickled again; the worker reads it back there.
+            return _oob.beside(data)
     return dumps_oob(call)
 
 
@@ -449,9 +451,12 @@ def dumps_oob(obj: Any, to_parent: bool = False, lend: bool = True) -> tuple[byt
         except Exception:
             pass  # e.g. a lambda: the full path below says why, or uses cloudpickle
         else:
-            # A pickle over the inline maximum (a huge string) travels beside its frame.
-            if len(data) <= _oob.PICKLE_INLINE_MAX and _child_can_load(data):
-                return data, None
+            if _child_can_load(data):
+                if len(data) <= _oob.PICKLE_INLINE_MAX:
+                    return data, None
+                # A pickle over the inline maximum (a huge string) travels
+                # beside its frame, as it is: the object is not pickled again.
+                return _oob.beside(data, to_parent=to_parent, lend=lend)
     found = _oob.prepare(obj)
     check = None if _main_is_importable() else _refuse_main
     try:

@@ -396,10 +396,10 @@ class Handler:
         try:
             if self.mode == "process":
                 return self._run_process(payload)
-            if payload[0] == BY_REF and segment is None:
-                fn, args, kwargs = loads_call(payload)
+            if segment is None:
+                fn, args, kwargs = loads_call(payload) if payload[0] == BY_REF else _oob.unpickle(payload)
             else:
-                fn, args, kwargs = _oob.loads(payload, segment)
+                fn, args, kwargs = _oob.loads_beside(payload, segment, BY_REF, loads_call)
             # The parent has read the mutable buffers of the last result, so
             # this task cannot change them under it.
             _oob.wait_for_readers()
