@@ -328,7 +328,9 @@ def test_a_parent_killed_with_large_payloads_in_flight_leaves_no_segment(program
         import warden
 
         def hold(payload):
-            print("holding", os.getpid(), flush=True)
+            # One write: two workers print at once (unbuffered, print's
+            # pieces are writes of their own, which could interleave).
+            os.write(1, f"holding {os.getpid()}\\n".encode())
             time.sleep(60)
 
         if __name__ == "__main__":
