@@ -7,6 +7,10 @@ what their authors expected is what they get."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+
+import pytest
 
 from conftest import descendants
 
@@ -453,3 +457,44 @@ def test_finalizers_that_shrink_a_shared_set_never_break_its_iteration(program):
         "open descriptors back to baseline True",
     ]
     assert run.stderr == ""
+
+
+STDIN_OF_A_TASK = """
+import concurrent.futures, multiprocessing, os, subprocess, sys
+import warden
+
+def task():
+    # A subprocess started without stdin= reads the worker's fd 0.
+    return subprocess.run(["cat"], capture_output=True, text=True, timeout=10).stdout.strip()
+
+if __name__ == "__main__":
+    if sys.argv[1] == "std":
+        ex = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    else:
+        ex = warden.ProcessPoolExecutor(1)
+    with ex:
+        print("task read", repr(ex.submit(task).result(timeout=60)))
+    print("parent read", repr(sys.stdin.read().strip()))
+"""
+
+
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_the_programs_input_is_the_programs_not_a_subprocess_a_task_starts(program, impl):
+    # A listed difference: a spawned child's fd 0 is still the parent's stdin.
+    prog = program(STDIN_OF_A_TASK)
+    proc = subprocess.Popen(
+        [sys.executable, str(prog.path), impl],
+        cwd=prog.tmp_path,
+        env=prog.env(None),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    prog.proc = proc  # cleaned up with the fixture, whatever happens
+    out, err = proc.communicate("parent-input\n", timeout=60)
+    assert proc.returncode == 0, err
+    if impl == "std":
+        assert out.splitlines() == ["task read 'parent-input'", "parent read ''"]
+    else:
+        assert out.splitlines() == ["task read ''", "parent read 'parent-input'"]
