@@ -748,6 +748,34 @@ def test_an_initializer_failure_whose_text_is_not_utf8_is_named(program):
     assert run.lines == ["PoolFailed 'ValueError: caf\\\\udce9'"]
 
 
+def pidfds() -> int:
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += "pidfd" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own fd
+            pass
+    return found
+
+
+def test_pools_that_shut_down_hold_no_pidfd_though_their_futures_and_worker_views_are_kept():
+    # A look at the workers (an executor's _processes, active_children())
+    # made views holding pidfds; kept futures kept them open once the pool
+    # was gone, one per worker of every pool.
+    before = pidfds()
+    kept = []
+    for _ in range(3):
+        with warden.ProcessPoolExecutor(2) as ex:
+            futures = [ex.submit(square, i) for i in range(4)]
+            assert [f.result(timeout=60) for f in futures] == [0, 1, 4, 9]
+            views = list(ex._processes.values()) + list(multiprocessing.active_children())
+            assert views and all(v.is_alive() for v in views)
+            kept += [*futures, *views]
+    gc.collect()
+    assert pidfds() == before
+    assert all(not v.is_alive() and v.exitcode is not None for v in views)
+
+
 def test_executor_pickles_into_an_inert_handle(ex):
     handle = pickle.loads(pickle.dumps(ex))
     assert isinstance(handle, warden.PoolHandle)

@@ -53,13 +53,23 @@ class WorkerProcess:
         self.name = f"{runner.name}-worker-{worker}"
         self._parent_pid = os.getpid()
         self._pidfd: int | None = None
+        self._closer: Any = None
         with contextlib.suppress(OSError):
             fd = os.pidfd_open(pid)
             if self._listed():  # opened before the core could reap it: it is ours
                 self._pidfd = fd
-                weakref.finalize(self, os.close, fd)
+                self._closer = weakref.finalize(self, os.close, fd)
             else:
                 os.close(fd)
+
+    def _release(self) -> None:
+        """Its pool has shut down: the worker is reaped, and the pool keeps
+        its exit status; the pidfd is closed now, not when this view (which
+        the program may keep) is collected."""
+        closer, self._closer = self._closer, None
+        self._pidfd = None
+        if closer is not None:
+            closer()
 
     @property
     def _popen(self) -> WorkerProcess:
@@ -74,9 +84,13 @@ class WorkerProcess:
 
     def is_alive(self) -> bool:
         """Whether the worker is still running."""
-        if self._pidfd is None:
+        fd = self._pidfd
+        if fd is None:
             return False
-        readable, _, _ = select.select([self._pidfd], [], [], 0)
+        try:
+            readable, _, _ = select.select([fd], [], [], 0)
+        except (OSError, ValueError):  # closed meanwhile: its pool has shut down
+            return False
         return not readable
 
     @property
@@ -121,12 +135,16 @@ class WorkerProcess:
 
     def join(self, timeout: float | None = None) -> None:
         """Waits until the worker has exited, or ``timeout`` seconds."""
-        if self._pidfd is None:
-            return
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            fd = self._pidfd
+            if fd is None:
+                return
             left = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
-            readable, _, _ = select.select([self._pidfd], [], [], left)
+            try:
+                readable, _, _ = select.select([fd], [], [], left)
+            except (OSError, ValueError):  # closed meanwhile: its pool has shut down
+                return
             if readable or (deadline is not None and time.monotonic() >= deadline):
                 return
 
@@ -180,6 +198,15 @@ def workers_of(runner: _runner.Runner | None, leaving: bool = True) -> list[Work
         views.clear()
         views.update(current)
         return [current[w.pid] for w in listed if leaving or w.phase not in _LEAVING]
+
+
+def release_views(runner: _runner.Runner) -> None:
+    """``runner``'s pool has shut down: the views of its workers let go of
+    their pidfds (one per worker ever looked at)."""
+    with _views_lock:
+        views = _views.pop(runner, {})
+    for view in views.values():
+        view._release()
 
 
 class _Children(set):  # type: ignore[type-arg]

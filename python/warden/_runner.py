@@ -506,8 +506,18 @@ class Runner:
                 raise
 
     def _leave_live_set(self) -> None:
+        """The pool has shut down (or never started)."""
         with _live_lock:
             _live.discard(self)
+        self.release_worker_views()
+
+    def release_worker_views(self) -> None:
+        """Lets the views of this pool's workers (``active_children()``, an
+        executor's ``_processes``) go of their pidfds: the pool keeps the
+        exit statuses."""
+        children = sys.modules.get("warden._children")
+        if children is not None:
+            children.release_views(self)
 
     def submit(
         self,
@@ -575,6 +585,7 @@ class Runner:
             self.thread.join(None if timeout is None else max(timeout, 1.0))
         if done:
             _oob.settle()  # what the workers read of ours: let it go with them
+            self.release_worker_views()
         if done and self.forward_logging:
             _logging.drain()  # what the finalizers logged
         return done
