@@ -564,3 +564,47 @@ def test_what_main_prints_at_import_is_written_once_not_once_more_by_each_forked
     imported = [line for line in lines if line.startswith("imported as __mp_main__")]
     assert imported, run.stdout  # the zygote imported main
     assert len(imported) == len(set(imported)), run.stdout  # each process's line once
+
+
+ZYGOTE_PESTERED_WITH_SIGINT = """
+import os, signal, threading, time
+import warden
+from warden import _warden
+
+def zygote():
+    return _warden.forked_from()
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(2, max_tasks_per_child=1) as ex:
+        pid = ex.submit(zygote).result(timeout=60)
+        stop = threading.Event()
+
+        def pester():
+            while not stop.is_set():
+                try:
+                    os.kill(pid, signal.SIGINT)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.003)
+
+        thread = threading.Thread(target=pester)
+        thread.start()
+        try:
+            # Every task a new worker: the zygote forks all the while.
+            results = list(ex.map(abs, range(-200, 0)))
+        finally:
+            stop.set()
+            thread.join()
+        print("results", results == list(range(200, 0, -1)), flush=True)
+        print("same zygote", ex.submit(zygote).result(timeout=60) == pid, flush=True)
+"""
+
+
+def test_sigint_sent_to_the_zygote_while_it_forks_is_ignored_quietly(program):
+    # Before, the interpreter's fork hooks raised KeyboardInterrupt in the
+    # zygote, printed as "Exception ignored in: <function _before_fork>"
+    # on the program's stderr, once for nearly every fork.
+    run = program(ZYGOTE_PESTERED_WITH_SIGINT).run(timeout=120, env={"WARDEN_START": "zygote"})
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["results True", "same zygote True"]
+    assert "KeyboardInterrupt" not in run.stderr, run.stderr

@@ -161,7 +161,13 @@ def _reseed_numpy() -> None:
             numpy.random.seed()
 
 
+#: SIGINT's handler before the zygote ignored it.
+_sigint: Any = signal.default_int_handler
+
+
 def _after_fork_in_child() -> None:
+    if _sigint is not None:  # None: not set from Python
+        signal.signal(signal.SIGINT, _sigint)
     multiprocessing.util._finalizer_registry.clear()  # type: ignore[attr-defined]
     # random has reseeded itself (its own at-fork hook ran first); numpy's
     # global generator is reseeded here. A generator the program seeded gets
@@ -207,6 +213,13 @@ def prepare(payload: bytes) -> str | None:
         _seeded = watch.finish()
     if refused is not None:
         return refused
+    # A SIGINT sent to the parked zygote (it is not in the terminal's
+    # foreground group: someone sent it on purpose) would raise in the
+    # interpreter's fork hooks, over and over: the zygote ignores it, and
+    # each worker gets the handler back (see _after_fork_in_child).
+    global _sigint
+    _sigint = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # What the zygote holds is moved out of the collector's reach before each
     # fork: a worker's collections (and its exit path's) then never touch,
     # and so never copy, the pages it shares with the zygote.
