@@ -5,8 +5,12 @@ kills at once. And stop signals that the workers' own code handles."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -310,3 +314,54 @@ def test_terminating_a_pool_whose_workers_handle_sigterm_runs_their_exit_path_at
     assert count(out, "handler") == 2
     assert count(out, "atexit") == 2
     assert not any(alive(pid) for pid in pids)
+
+
+READS_THE_TERMINAL = """
+import os, sys
+import warden
+
+def ask():
+    fd = os.open("/dev/tty", os.O_RDWR)
+    try:
+        os.write(fd, b"password: ")
+        return os.read(fd, 100)
+    finally:
+        os.close(fd)
+
+if __name__ == "__main__":
+    ex = warden.ProcessPoolExecutor(1)
+    try:
+        print("read", ex.submit(ask).result(timeout=30), flush=True)
+    except TimeoutError:  # an OSError too: first
+        print("still waiting", flush=True)
+        os._exit(1)  # the worker is stopped: a shutdown would wait for it
+    except OSError as e:
+        print("failed", type(e).__name__, e.errno, flush=True)
+    ex.shutdown()
+"""
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs script(1) (util-linux) for a terminal")
+def test_a_task_reading_the_terminal_fails_with_eio_instead_of_being_stopped_for_ever(program):
+    """Under a terminal (``script`` runs the program in a pseudo-terminal of
+    its own session), a worker is in a background process group: a task
+    reading ``/dev/tty`` was stopped by SIGTTIN, and its ``result()``
+    waited for ever. Now the read fails, and the task with it."""
+    prog = program(READS_THE_TERMINAL)
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(prog.path))}"
+    proc = subprocess.Popen(
+        ["script", "-qec", command, "/dev/null"],
+        cwd=prog.tmp_path,
+        env=prog.env(None),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    prog.proc = proc  # cleaned up with the fixture, whatever happens
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the program did not end within 90 s")
+    assert proc.returncode == 0, out + err
+    assert out.splitlines()[-1].strip() == f"password: failed OSError {errno.EIO}", out

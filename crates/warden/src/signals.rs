@@ -97,7 +97,23 @@ pub(crate) fn install(channel: RawFd) -> io::Result<()> {
         unsafe { signal_hook_registry::register(sig, move || on_stop_signal(sig)) }?;
         interrupt_blocking_calls(sig)?;
     }
+    ignore_terminal_stops();
     Ok(())
+}
+
+/// Ignores SIGTTIN and SIGTTOU. A worker has a process group of its own,
+/// never the terminal's foreground group: a task that reads the controlling
+/// terminal (`/dev/tty`, as a password prompt does) would be stopped by
+/// SIGTTIN with nothing to resume it, and its caller would wait for ever.
+/// Ignored, the read fails with `EIO`, an error the task sees; writing to
+/// the terminal and setting its modes go through. What a task starts
+/// inherits this (an ignored signal stays ignored across `exec`), and gets
+/// the same error instead of stopping.
+fn ignore_terminal_stops() {
+    for sig in [libc::SIGTTIN, libc::SIGTTOU] {
+        // SAFETY: signal(2) with SIG_IGN and an integer signal number.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
 }
 
 /// Clears `SA_RESTART` from the action installed for `sig` (the registry
