@@ -146,11 +146,20 @@ class Program:
         env.update(extra or {})
         return env
 
-    def start(self, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    def start(
+        self,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        stdin: int | None = None,
+        command: list[str] | None = None,
+    ) -> subprocess.Popen[str]:
+        """Starts the program (``command``: the whole command line that runs
+        it instead, e.g. under another program); cleaned up with the fixture."""
         self.proc = subprocess.Popen(
-            [sys.executable, str(self.path), *args],
+            command or [sys.executable, str(self.path), *args],
             cwd=self.tmp_path,
             env=self.env(env),
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -349,16 +349,7 @@ def test_a_task_reading_the_terminal_fails_with_eio_instead_of_being_stopped_for
     waited for ever. Now the read fails, and the task with it."""
     prog = program(READS_THE_TERMINAL)
     command = f"{shlex.quote(sys.executable)} {shlex.quote(str(prog.path))}"
-    proc = subprocess.Popen(
-        ["script", "-qec", command, "/dev/null"],
-        cwd=prog.tmp_path,
-        env=prog.env(None),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    prog.proc = proc  # cleaned up with the fixture, whatever happens
+    proc = prog.start(stdin=subprocess.DEVNULL, command=["script", "-qec", command, "/dev/null"])
     try:
         out, err = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:

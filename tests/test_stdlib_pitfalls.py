@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 
 import pytest
 
@@ -482,16 +481,7 @@ if __name__ == "__main__":
 def test_the_programs_input_is_the_programs_not_a_subprocess_a_task_starts(program, impl):
     # A listed difference: a spawned child's fd 0 is still the parent's stdin.
     prog = program(STDIN_OF_A_TASK)
-    proc = subprocess.Popen(
-        [sys.executable, str(prog.path), impl],
-        cwd=prog.tmp_path,
-        env=prog.env(None),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    prog.proc = proc  # cleaned up with the fixture, whatever happens
+    proc = prog.start(args=(impl,), stdin=subprocess.PIPE)
     out, err = proc.communicate("parent-input\n", timeout=60)
     assert proc.returncode == 0, err
     if impl == "std":
