@@ -970,3 +970,33 @@ def test_main_globals_an_initializer_set_are_seen_and_finalized_beside_a_context
         '["the worker\'s", "the worker\'s", "the worker\'s"] the worker\'s',
         "'0\\n1\\n2\\n'",
     ]
+
+
+WRAPS_STDOUT = """
+import concurrent.futures, io, multiprocessing, sys
+import warden
+
+class Out:
+    stream = None
+
+def task():
+    # A class attribute wrapping stdout's buffer: closing it closes stdout's.
+    Out.stream = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8")
+    print("printed by the task")  # block-buffered: stdout is a pipe
+    return 1
+
+if __name__ == "__main__":
+    if sys.argv[1] == "std":
+        ex = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    else:
+        ex = warden.ProcessPoolExecutor(1)
+    with ex:
+        print("result", ex.submit(task).result(timeout=60))
+"""
+
+
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_what_a_task_printed_is_written_though_a_global_wraps_stdout(program, impl):
+    run = program(WRAPS_STDOUT).run(args=(impl,), env={"PYTHONUNBUFFERED": ""})
+    assert run.returncode == 0, run.stderr
+    assert sorted(run.lines) == ["printed by the task", "result 1"]

@@ -587,6 +587,13 @@ def _clear_program_globals() -> None:
         if not thread.name.startswith("warden-"):  # warden's own: results, logging
             threads = True
             break
+    # What was printed goes out first, as the interpreter's finalization
+    # flushes the standard streams before it tears modules down: a wrapper of
+    # sys.stdout's buffer that a global holds closes that buffer as it goes.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
     namespaces = _program_namespaces()
     if not threads:
         keep = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
@@ -604,6 +611,18 @@ def _clear_program_globals() -> None:
         if cleared:
             gc.collect()
     _settle_files(namespaces, close=not threads)
+
+
+def _wraps_a_standard_stream(file: Any, streams: set[int]) -> bool:
+    """Whether closing ``file`` would close a standard stream under it (a
+    ``TextIOWrapper`` over ``sys.stdout.buffer``)."""
+    seen = 0
+    while file is not None and seen < 8:
+        if id(file) in streams:
+            return True
+        file = getattr(file, "buffer", None) or getattr(file, "raw", None)
+        seen += 1
+    return False
 
 
 def _program_namespaces() -> list[dict[str, Any]]:
@@ -656,7 +675,7 @@ def _settle_files(namespaces: list[dict[str, Any]], close: bool) -> None:
                 files.extend(v for v in list(vars(value).values()) if isinstance(v, io.IOBase))
     done = set(streams)
     for file in files:
-        if id(file) in done:
+        if id(file) in done or _wraps_a_standard_stream(file, streams):
             continue
         done.add(id(file))
         with contextlib.suppress(Exception):
