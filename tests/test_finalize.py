@@ -996,7 +996,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("impl", ["std", "warden"])
-def test_what_a_task_printed_is_written_though_a_global_wraps_stdout(program, impl):
+def test_what_a_task_printed_is_written_though_a_class_attribute_wraps_stdout(program, impl):
     run = program(WRAPS_STDOUT).run(args=(impl,), env={"PYTHONUNBUFFERED": ""})
     assert run.returncode == 0, run.stderr
     assert sorted(run.lines) == ["printed by the task", "result 1"]
