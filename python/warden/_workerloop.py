@@ -613,16 +613,14 @@ def _clear_program_globals() -> None:
     _settle_files(namespaces, close=not threads)
 
 
-def _wraps_a_standard_stream(file: Any, streams: set[int]) -> bool:
-    """Whether closing ``file`` would close a standard stream under it (a
-    ``TextIOWrapper`` over ``sys.stdout.buffer``)."""
-    seen = 0
-    while file is not None and seen < 8:
-        if id(file) in streams:
-            return True
+def _layers(file: Any) -> list[Any]:
+    """``file`` and what it wraps, outermost first (a ``TextIOWrapper``, its
+    ``buffer``, that one's ``raw``)."""
+    layers: list[Any] = []
+    while file is not None and len(layers) < 8 and all(file is not seen for seen in layers):
+        layers.append(file)
         file = getattr(file, "buffer", None) or getattr(file, "raw", None)
-        seen += 1
-    return False
+    return layers
 
 
 def _program_namespaces() -> list[dict[str, Any]]:
@@ -659,12 +657,8 @@ def _settle_files(namespaces: list[dict[str, Any]], close: bool) -> None:
     standard streams."""
     import io
 
-    streams = set()
-    for std in (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__):
-        stream: Any = std
-        while stream is not None and id(stream) not in streams:
-            streams.add(id(stream))
-            stream = getattr(stream, "buffer", None) or getattr(stream, "raw", None)
+    stdio = (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__)
+    streams = {id(layer) for std in stdio for layer in _layers(std)}
     files = []
     for namespace in namespaces:
         module = namespace.get("__name__")
@@ -673,9 +667,11 @@ def _settle_files(namespaces: list[dict[str, Any]], close: bool) -> None:
                 files.append(value)
             elif isinstance(value, type) and value.__module__ == module:
                 files.extend(v for v in list(vars(value).values()) if isinstance(v, io.IOBase))
-    done = set(streams)
+    done: set[int] = set()
     for file in files:
-        if id(file) in done or _wraps_a_standard_stream(file, streams):
+        # Never one that is, or wraps, a standard stream (a TextIOWrapper
+        # over sys.stdout.buffer: closing it closes stdout's buffer).
+        if id(file) in done or any(id(layer) in streams for layer in _layers(file)):
             continue
         done.add(id(file))
         with contextlib.suppress(Exception):
