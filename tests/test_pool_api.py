@@ -3,6 +3,7 @@ standard library where the behaviour should match."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import multiprocessing
@@ -168,6 +169,25 @@ def test_map_and_starmap_match_the_standard_library(pool, std_pool):
     assert pool.map(square, []) == std_pool.map(square, []) == []
     pairs = [(2, i) for i in range(10)]
     assert pool.starmap(power, pairs) == std_pool.starmap(power, pairs)
+
+
+def finish_after(path, seconds, value):
+    time.sleep(seconds)
+    record(path, value)
+    return value
+
+
+def test_map_returns_items_in_order_though_later_chunks_finish_first(pool, std_pool, tmp_path):
+    """The first chunk sleeps while the other worker runs every later one:
+    the list still comes back in the items' order, as the standard
+    library's does."""
+    calls = [(0.5 if i < 2 else 0, i) for i in range(12)]
+    for which, p in (("warden", pool), ("std", std_pool)):
+        path = tmp_path / which
+        got = p.starmap(functools.partial(finish_after, path), calls, chunksize=2)
+        assert got == list(range(12)), which
+        finished = [int(line.split()[0]) for line in path.read_text().splitlines()]
+        assert finished.index(11) < finished.index(0), (which, finished)
 
 
 def test_map_async_and_starmap_async_call_back_with_the_list(pool):

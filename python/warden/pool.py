@@ -612,7 +612,12 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
         self._lock = threading.Lock()
         self._progress: _progress.Progress | None = None
         self._left = chunks
+        # Chunks that came before one ahead of them; each joins ``_gathered``
+        # as soon as every chunk before it has, so the whole list is ready
+        # moments after the last chunk rather than built from all of them then.
         self._chunks: list[Any] = [None] * chunks
+        self._gathered: list[Any] = []
+        self._merged = 0
         self._first_error: ErrorData | None = None
         if chunks == 0:
             self._value = []
@@ -634,30 +639,41 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
         if self._left < 0:
             return  # abandoned
         error = None
+        values: list[Any] = []
         if ok:
             try:
-                self._chunks[index] = loads(data)
+                values = loads(data)
             except BaseException as e:  # SystemExit too: this is the results thread
                 error = ErrorData.local(e, "cannot unpickle a result")
             else:
                 if self._progress is not None:
-                    self._progress.advance(len(self._chunks[index]))
+                    self._progress.advance(len(values))
         else:
             error = data
         with self._lock:
             if self._left < 0:
                 return
-            if error is not None and self._first_error is None:
-                self._first_error = error
+            if error is not None:
+                if self._first_error is None:
+                    self._first_error = error
+                    self._chunks = []
+                    self._gathered = []
+            elif self._first_error is None:
+                chunks = self._chunks
+                chunks[index] = values
+                while self._merged < len(chunks) and chunks[self._merged] is not None:
+                    self._gathered.extend(chunks[self._merged])
+                    chunks[self._merged] = None
+                    self._merged += 1
+            del values
             self._left -= 1
             done = self._left == 0
         if done:
+            self._chunks = []
             if self._first_error is not None:
-                self._chunks = []
                 self._finish(None, self._first_error)
             else:
-                value = list(itertools.chain.from_iterable(self._chunks))
-                self._chunks = []
+                value, self._gathered = self._gathered, []
                 self._finish(value, None)
 
 
