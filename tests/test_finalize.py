@@ -1000,3 +1000,55 @@ def test_what_a_task_printed_is_written_though_a_class_attribute_wraps_stdout(pr
     run = program(WRAPS_STDOUT).run(args=(impl,), env={"PYTHONUNBUFFERED": ""})
     assert run.returncode == 0, run.stderr
     assert sorted(run.lines) == ["printed by the task", "result 1"]
+
+
+MAIN_OBJECT_AT_EXIT = """
+import concurrent.futures, json, multiprocessing, sys
+import warden
+
+class Report:
+    def __del__(self):
+        # json is a global of main: None here if main was torn down late
+        sys.stderr.write("del " + json.dumps({"ok": True}) + "\\n")
+
+def twice(x):
+    return 2 * x
+
+if __name__ == "__main__":
+    impl, api = sys.argv[1:]
+    if api == "executor":
+        if impl == "std":
+            ex = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        else:
+            ex = warden.ProcessPoolExecutor(1)
+        with ex:
+            ex.submit(twice, 1).result(timeout=60)
+            ex.submit(len, "x").result(timeout=60)
+    elif api == "pool":
+        ctx = multiprocessing.get_context("spawn") if impl == "std" else warden
+        with ctx.Pool(1) as pool:
+            pool.apply(twice, (1,))
+            pool.apply(len, ("x",))
+    else:
+        ctx = multiprocessing.get_context("spawn") if impl == "std" else warden
+        p = ctx.Process(target=twice, args=(1,))
+        p.start()
+        p.join(60)
+    report = Report()
+    print("end of main")
+"""
+
+
+@pytest.mark.parametrize("api", ["executor", "pool", "process"])
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_an_object_in_mains_globals_is_finalized_at_exit_with_mains_globals_still_set(program, impl, api):
+    """The interpreter finalizes ``__main__`` when it clears ``sys.modules``:
+    an object main holds sees main's globals in its ``__del__``. A reference
+    to main or its functions kept anywhere would have it torn down late,
+    after its globals are ``None`` (warden's pickling kept both: main, to
+    know whether a child can import it, and the functions it sends by
+    reference)."""
+    run = program(MAIN_OBJECT_AT_EXIT).run(args=(impl, api))
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["end of main"]
+    assert 'del {"ok": true}' in run.stderr.splitlines(), run.stderr

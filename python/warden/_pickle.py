@@ -28,12 +28,14 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import copyreg
 import io
 import os
 import pickle
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from multiprocessing import context as _mp_context
 from multiprocessing.reduction import ForkingPickler
@@ -236,7 +238,11 @@ def _main_function_setstate(func: Any, state: tuple[dict[str, Any], dict[str, An
     cloudpickle._function_setstate(func, (attrs, slots))
 
 
-_main_checked: tuple[Any, Any, bool] = (None, None, True)
+#: The last answer of :func:`_main_is_importable`: the module it was about
+#: (weakly: a strong reference would keep ``__main__`` alive past the
+#: interpreter's clearing of ``sys.modules``, and its objects' ``__del__``
+#: would then run with main's globals already ``None``), its path, the answer.
+_main_checked: tuple[Callable[[], Any], Any, bool] = (lambda: None, None, True)
 
 
 def _main_is_importable() -> bool:
@@ -244,7 +250,7 @@ def _main_is_importable() -> bool:
     global _main_checked
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
-    if _main_checked[0] is main and _main_checked[1] == path:
+    if main is not None and _main_checked[0]() is main and _main_checked[1] == path:
         return _main_checked[2]
     spec_name = getattr(getattr(main, "__spec__", None), "name", None)
     if main is None:
@@ -256,7 +262,9 @@ def _main_is_importable() -> bool:
         importable = spec_name != "__main__" and not spec_name.endswith(".__main__")
     else:
         importable = path is not None and os.path.isfile(path)
-    _main_checked = (main, path, importable)
+    # None, or a stand-in that cannot be weakly referenced: not cached.
+    with contextlib.suppress(TypeError):
+        _main_checked = (weakref.ref(main), path, importable)
     return importable
 
 
@@ -363,31 +371,48 @@ BY_REF = 0
 _MAX_REF = 0xFFFF
 _MAX_REFS = 4096
 
-#: Functions sent by reference: ``fn -> (its module's namespace, its name,
-#: the payload's head)``, the head ``None`` for one whose pickle cannot go
-#: (it names a ``__main__`` the child cannot import). A function goes by
-#: reference while its module still names it.
-_refs: dict[Any, tuple[dict[str, Any], str, bytes | None]] = {}
+#: Functions sent by reference: ``id(fn) -> (fn, its module, its name, the
+#: payload's head)``, fn and its module held weakly, the head ``None`` for one
+#: whose pickle cannot go (it names a ``__main__`` the child cannot import).
+#: A function goes by reference while its module still names it. Nothing here
+#: keeps a function or a module alive: a strong reference to a function of
+#: ``__main__`` would keep main's globals past the interpreter's clearing of
+#: its modules, and the objects there would be finalized late, with the
+#: modules they use already cleared.
+_refs: dict[int, tuple[Callable[[], Any], Callable[[], Any], str, bytes | None]] = {}
 
 
-def _new_ref(fn: Any) -> tuple[dict[str, Any], str, bytes | None] | None:
+def _ref_of(fn: Any) -> bytes | None:
+    """The payload's head for a call of ``fn`` by reference, or ``None`` if
+    it cannot go so."""
+    entry = _refs.get(id(fn))
+    if entry is None or entry[0]() is not fn:
+        entry = _new_ref(fn)
+        if entry is None:
+            return None
+    module = entry[1]()
+    if module is None or vars(module).get(entry[2]) is not fn:
+        return None
+    return entry[3]
+
+
+def _new_ref(fn: Any) -> tuple[Callable[[], Any], Callable[[], Any], str, bytes | None] | None:
     module = sys.modules.get(getattr(fn, "__module__", None) or "")
     name = getattr(fn, "__qualname__", None)
     if module is None or type(name) is not str or "." in name:
         return None
-    namespace = vars(module)
-    if namespace.get(name) is not fn:
-        return None
     try:
+        if vars(module).get(name) is not fn:
+            return None
         ref = _dumps(fn, PROTOCOL)
+        entry = (weakref.ref(fn), weakref.ref(module), name, None)
     except Exception:
         return None
-    head = None
     if len(ref) <= _MAX_REF and _child_can_load(ref):
-        head = bytes([BY_REF]) + len(ref).to_bytes(2, "little") + ref
+        entry = (*entry[:3], bytes([BY_REF]) + len(ref).to_bytes(2, "little") + ref)
     if len(_refs) >= _MAX_REFS:
         _refs.clear()
-    entry = _refs[fn] = (namespace, name, head)
+    _refs[id(fn)] = entry
     return entry
 
 
@@ -401,9 +426,9 @@ def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
     :func:`loads_call` reads it back."""
     call = (fn, args, kwargs)
     if _is_small_and_plain(call):
-        entry = _refs.get(fn) or _new_ref(fn)
-        if entry is not None and entry[2] is not None and entry[0].get(entry[1]) is fn:
-            data = entry[2] + _dumps(args, PROTOCOL)
+        head = _ref_of(fn)
+        if head is not None:
+            data = head + _dumps(args, PROTOCOL)
             if len(data) <= _oob.PICKLE_INLINE_MAX:
                 return data, None
             # A huge string: the call travels beside the frame as it is (see
