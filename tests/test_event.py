@@ -61,6 +61,37 @@ def test_wait_wakes_when_another_thread_sets_it():
     assert time.monotonic() - start < 2
 
 
+def report_wait(event, ready, timeout):
+    ready.set()
+    return event.wait(timeout)
+
+
+def test_a_set_cleared_at_once_wakes_every_waiter_as_threading_events_does():
+    """``set()`` then ``clear()`` right after it: every thread or process
+    already waiting wakes, and its ``wait()`` returns True (the flag was set
+    after the wait started), as with ``threading.Event``. A waiter that only
+    looked at the flag would find it clear again and sleep on to its timeout."""
+    for make in (threading.Event, warden.Event):
+        e, ready = make(), threading.Event()
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(report_wait(e, ready, 30)))  # noqa: B023
+        waiter.start()
+        assert ready.wait(10)
+        time.sleep(0.2)  # asleep in wait()
+        e.set()
+        e.clear()
+        waiter.join(10)
+        assert got == [True], make
+    e, ready = warden.Event(), warden.Event()
+    with warden.ProcessPoolExecutor(1) as ex:
+        waiting = ex.submit(report_wait, e, ready, 20)
+        assert ready.wait(30)
+        time.sleep(0.2)
+        e.set()
+        e.clear()
+        assert waiting.result(10) is True
+
+
 def test_an_event_passed_to_a_process_at_spawn_is_shared():
     e = warden.Event()
     p = warden.Process(target=set_event, args=(e,))

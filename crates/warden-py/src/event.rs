@@ -1,9 +1,14 @@
 //! `SharedEvent`: a flag shared between processes, for `warden.Event`.
 //!
-//! The flag is an atomic `u32` in one page of an anonymous, sealed `memfd`,
-//! mapped shared. Waiters sleep on it with a *shared* futex (keyed by the
-//! page, not the address space), so a `set()` in any process that maps the page
-//! wakes waiters in every other one.
+//! The flag is bit 0 of an atomic `u32` in one page of an anonymous, sealed
+//! `memfd`, mapped shared; the other bits count the `set()` calls. Waiters
+//! sleep on that word with a *shared* futex (keyed by the page, not the
+//! address space), so a `set()` in any process that maps the page wakes
+//! waiters in every other one. A waiter returns `true` once the count has
+//! moved since its wait began, even if a `clear()` came first: as
+//! `threading.Event.wait`, which is true "if the internal flag has been set to
+//! true, either before the wait call or after the wait starts", and a `set()`
+//! with `clear()` right after it wakes every waiter instead of none.
 //!
 //! Another process reaches the page by getting the fd: inherited at spawn
 //! ([`SharedEvent::from_fd`]), or by opening `/proc/<pid>/fd/<n>` of a process
@@ -29,7 +34,9 @@ use crate::convert::wait_seconds;
 const PAGE: usize = 4096;
 const TOKEN_OFFSET: usize = 8;
 const MAGIC_OFFSET: usize = 16;
-const MAGIC: u64 = u64::from_le_bytes(*b"wdnevt01");
+const MAGIC: u64 = u64::from_le_bytes(*b"wdnevt02");
+/// Bit 0 of the futex word: the flag; the bits above it count `set()` calls.
+const FLAG: u32 = 1;
 /// How long a wait sleeps at a time before it looks for signals (Ctrl-C).
 const SLICE: Duration = Duration::from_millis(50);
 
@@ -65,7 +72,8 @@ fn map(fd: &OwnedFd) -> std::io::Result<NonNull<u8>> {
 }
 
 impl SharedEvent {
-    fn flag(&self) -> &AtomicU32 {
+    /// The futex word: the flag (bit 0) and the count of `set()` calls.
+    fn state(&self) -> &AtomicU32 {
         // SAFETY: offset 0 of a live, page-aligned mapping of PAGE bytes.
         unsafe { &*(self.page.as_ptr() as *const AtomicU32) }
     }
@@ -142,28 +150,32 @@ impl SharedEvent {
 
     /// Sets the flag and wakes every waiter, in every process.
     fn set(&self) {
-        self.flag().store(1, Ordering::SeqCst);
-        let _ = futex::wake(self.flag(), futex::Flags::empty(), u32::MAX);
+        // The flag, and one more set() counted (wrapping).
+        let _ = self.state().fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some((v | FLAG).wrapping_add(2)));
+        let _ = futex::wake(self.state(), futex::Flags::empty(), u32::MAX);
     }
 
     /// Clears the flag.
     fn clear(&self) {
-        self.flag().store(0, Ordering::SeqCst);
+        self.state().fetch_and(!FLAG, Ordering::SeqCst);
     }
 
     /// Whether the flag is set.
     fn is_set(&self) -> bool {
-        self.flag().load(Ordering::SeqCst) != 0
+        self.state().load(Ordering::SeqCst) & FLAG != 0
     }
 
     /// Waits until the flag is set, up to `timeout` seconds (forever if
-    /// `None`); returns whether it is set. Raises `KeyboardInterrupt` (or what
-    /// a signal handler raises) while waiting.
+    /// `None`); returns `true` if it was set before the wait or is set during
+    /// it (though cleared again since), `false` if the time ran out. Raises
+    /// `KeyboardInterrupt` (or what a signal handler raises) while waiting.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let deadline = wait_seconds(timeout)?.and_then(|t| Instant::now().checked_add(t));
+        let began = self.state().load(Ordering::SeqCst);
+        let mut seen = began;
         loop {
-            if self.is_set() {
+            if seen & FLAG != 0 || (seen >> 1) != (began >> 1) {
                 return Ok(true);
             }
             let slice = match deadline {
@@ -177,9 +189,10 @@ impl SharedEvent {
                 None => SLICE,
             };
             let ts = futex::Timespec { tv_sec: 0, tv_nsec: slice.as_nanos() as _ };
-            // EAGAIN (already set), ETIMEDOUT and EINTR all just loop.
-            py.detach(|| futex::wait(self.flag(), futex::Flags::empty(), 0, Some(&ts)).ok());
+            // EAGAIN (the word moved), ETIMEDOUT and EINTR all just loop.
+            py.detach(|| futex::wait(self.state(), futex::Flags::empty(), seen, Some(&ts)).ok());
             py.check_signals()?;
+            seen = self.state().load(Ordering::SeqCst);
         }
     }
 
