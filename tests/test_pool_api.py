@@ -509,17 +509,39 @@ def test_apply_async_with_unpicklable_arguments_raises_at_once(pool):
     assert pool.apply(square, (3,)) == 9
 
 
-def test_apply_async_with_arguments_no_call_could_take_says_what_python_would(pool, std_pool):
-    """The message is the one calling ``func(*args, **kwds)`` gives (the
-    standard library's ``get()`` raises it from the worker); warden raises it
-    at the call, with the pool unaffected."""
+class KeysOnly:
+    """A mapping to ``**`` (``keys()`` and ``[]``) that is no ``Mapping``."""
+
+    def keys(self):
+        return ["exp"]
+
+    def __getitem__(self, key):
+        return 3
+
+
+def test_apply_async_with_arguments_no_call_could_take_fails_through_its_result_as_the_standard_librarys(
+    pool, std_pool
+):
+    """As the standard library sends them, arguments go as they are, and the
+    worker's ``func(*args, **kwds)`` fails them: ``get()`` raises the message
+    Python gives, and ``error_callback`` is called; the pool is unaffected."""
     for args, kwds in ((-3, {}), ((), 5), ((1,), [("key", 1)])):
-        with pytest.raises(TypeError) as expected:
-            std_pool.apply_async(abs, args, kwds).get(timeout=60)
-        with pytest.raises(TypeError) as raised:
-            pool.apply_async(abs, args, kwds)
-        assert str(raised.value) == str(expected.value)
+        messages = []
+        for p in (std_pool, pool):
+            failed = []
+            result = p.apply_async(abs, args, kwds, error_callback=failed.append)
+            with pytest.raises(TypeError) as raised:
+                result.get(timeout=60)
+            assert [type(e) for e in failed] == [TypeError], p
+            messages.append(str(raised.value))
+        assert messages[0] == messages[1]
     assert pool.apply(abs, [-2]) == 2
+
+
+def test_apply_takes_any_mapping_the_call_takes_as_the_standard_librarys(pool, std_pool):
+    for p in (std_pool, pool):
+        assert p.apply(power, (2,), KeysOnly()) == 8
+        assert p.apply_async(power, [2], KeysOnly()).get(timeout=60) == 8
 
 
 def note_start(path, x):

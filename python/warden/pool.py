@@ -210,7 +210,16 @@ class Pool(multiprocessing.pool.Pool):
         """Queues ``func(*args, **kwds)``; returns an :class:`ApplyResult`.
         Raises at once if the call cannot be pickled (the pool is unaffected)."""
         self._check_running()
-        payload, segment = dumps_call(func, *_arguments(func, args, kwds))
+        try:
+            call = _arguments(args, kwds)
+        except TypeError:
+            # Arguments ``func(*args, **kwds)`` may refuse, or a mapping that
+            # is not a ``Mapping``: the call goes as it is, as the standard
+            # library sends it, and the worker's ``func(*args, **kwds)``
+            # takes it or fails it (through the result and error_callback).
+            payload, segment = dumps_oob((func, args, kwds))
+        else:
+            payload, segment = dumps_call(func, *call)
         try:
             result: ApplyResult[_T] = ApplyResult(self, callback, error_callback)
         except BaseException:
@@ -460,17 +469,12 @@ class Pool(multiprocessing.pool.Pool):
         self.terminate()
 
 
-def _arguments(func: Callable[..., Any], args: Any, kwds: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``args`` and ``kwds`` as ``func(*args, **kwds)`` takes them, or the
-    ``TypeError`` that call would raise."""
-    name = getattr(func, "__qualname__", None) or type(func).__qualname__
-    try:
-        args = tuple(args)
-    except TypeError:
-        raise TypeError(f"{name}() argument after * must be an iterable, not {type(args).__name__}") from None
+def _arguments(args: Any, kwds: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``args`` and ``kwds`` as a tuple and a dict; ``TypeError`` if ``args``
+    is not iterable or ``kwds`` not a ``Mapping``."""
     if not isinstance(kwds, Mapping):
-        raise TypeError(f"{name}() argument after ** must be a mapping, not {type(kwds).__name__}")
-    return args, dict(kwds)
+        raise TypeError(f"not a Mapping: {type(kwds).__name__}")
+    return tuple(args), dict(kwds)
 
 
 #: Serialises making a result's event and making the result ready.
