@@ -157,7 +157,11 @@ impl Builder {
     }
 
     /// Runs in every worker before it takes tasks. A panic fails that worker's
-    /// start (and counts toward the restart intensity).
+    /// start (and counts toward the restart intensity). A stop that comes
+    /// while it runs (shutdown, `terminate`, a drop, the pool's process dying)
+    /// does not cut it short: the worker finishes it, then runs its exit hook
+    /// (see [`Builder::on_exit`]) and exits. The pool's grace period bounds
+    /// that, as any exit path.
     pub fn on_start(mut self, hook: fn()) -> Self {
         self.on_start = Some(hook);
         self

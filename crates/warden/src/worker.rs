@@ -98,6 +98,14 @@ const STARTING: u8 = 0;
 const IDLE: u8 = 1;
 const BUSY: u8 = 2;
 const EXITING: u8 = 3;
+/// The main thread runs the start hook.
+const INITIALIZING: u8 = 4;
+
+/// Whether the main thread is in a start hook or a task (a step a stop
+/// signal must interrupt or wait for).
+fn in_a_step(state: u8) -> bool {
+    state == BUSY || state == INITIALIZING
+}
 
 /// What an exit hook reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -459,17 +467,31 @@ impl WorkerState {
 
 /// The monitor thread: waits for a stop signal; if a task is running, gets the
 /// exit path done without waiting for the task.
+///
+/// A start hook the handler cannot interrupt (a Rust pool's `on_start`) is
+/// waited for instead: the main thread finishes it, installs its exit hook,
+/// sees the stop and runs the exit path, so what the start hook set up is
+/// torn down. The pool's grace period bounds that wait (SIGKILL); when the
+/// pool's process is gone, the orphan's own bound does.
 fn monitor(core: Arc<WorkerState>, interrupter: Option<Interrupter>) {
     signals::block_in_this_thread();
     let sig = signals::wait_for_stop();
-    if core.state.load(Ordering::SeqCst) != BUSY {
+    let state = core.state.load(Ordering::SeqCst);
+    if !in_a_step(state) {
         return; // the main thread wakes on end-of-file and runs the exit path
+    }
+    if state == INITIALIZING && interrupter.is_none() {
+        if core.stop_reason(sig) == ExitReason::ParentGone && !ORPHANED.swap(true, Ordering::SeqCst) {
+            bound_orphan_exit();
+        }
+        tracing::debug!(sig, "stop signal while the start hook runs: the main thread takes it once the hook returns");
+        return;
     }
     if let Some(interrupt) = interrupter {
         interrupt();
         let mut deadline = Instant::now() + UNWIND_GRACE;
         loop {
-            if core.state.load(Ordering::SeqCst) != BUSY {
+            if !in_a_step(core.state.load(Ordering::SeqCst)) {
                 return; // unwound: the main thread runs the exit path
             }
             if STOPS_HELD.load(Ordering::SeqCst) {
@@ -743,16 +765,17 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
             Incoming::Init { worker, payload } if !initialized => {
                 let info = WorkerInfo { worker, pid: std::process::id(), parent: core.parent };
                 let _ = CURRENT.set(info.clone());
-                core.state.store(BUSY, Ordering::SeqCst);
+                core.state.store(INITIALIZING, Ordering::SeqCst);
                 inbox.started();
                 let result = catch_unwind(AssertUnwindSafe(|| handler.init(&info, &payload)));
                 inbox.finished();
                 let result = result
                     .unwrap_or_else(|p| Err(RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&*p))));
-                if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-                    // A stop signal came while the start hook ran. If the hook
-                    // finished, what it set up is torn down by its exit hook
-                    // like on any other stop.
+                if core.state.compare_exchange(INITIALIZING, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+                    // A stop signal came while the start hook ran, and the
+                    // monitor, after interrupting the hook, has started the
+                    // exit path (which ends the process): the hook's exit
+                    // hook is installed for it if it can still be taken.
                     if let Ok(hook) = result {
                         *lock(&core.hook) = hook;
                     }

@@ -18,7 +18,7 @@ mod common;
 
 use common::{check, wait_until, write_whole, TestResult};
 use libtest_mimic::{Arguments, Failed, Trial};
-use warden::{ExitReason, LifecycleEvent, Pool, StartMethod, TaskOptions};
+use warden::{ExitReason, LifecycleEvent, Pool, StartMethod, StopMode, TaskOptions};
 
 const HOOKS_ENV: &str = "WARDEN_TEST_HOOKS";
 const SCENARIO_ENV: &str = "WARDEN_SCENARIO";
@@ -89,8 +89,20 @@ fn main() {
             with_fail_on_start_error_the_first_failing_start_hook_fails_the_pool,
         ),
         both(
-            "a_shutdown_with_a_deadline_stops_a_worker_still_in_its_start_hook_with_sigterm",
-            a_shutdown_with_a_deadline_stops_a_worker_still_in_its_start_hook_with_sigterm,
+            "a_shutdown_with_a_deadline_ends_a_worker_whose_start_hook_hangs_within_the_grace_period",
+            a_shutdown_with_a_deadline_ends_a_worker_whose_start_hook_hangs_within_the_grace_period,
+        ),
+        both(
+            "a_stop_while_the_start_hook_runs_lets_it_finish_then_runs_the_exit_hook",
+            a_stop_while_the_start_hook_runs_lets_it_finish_then_runs_the_exit_hook,
+        ),
+        both(
+            "workers_in_their_start_hook_when_the_owner_is_sigkilled_finish_it_and_run_the_exit_hook",
+            workers_in_their_start_hook_when_the_owner_is_sigkilled_finish_it_and_run_the_exit_hook,
+        ),
+        both(
+            "a_worker_whose_start_hook_hangs_when_the_owner_is_sigkilled_is_gone_within_the_orphan_grace",
+            a_worker_whose_start_hook_hangs_when_the_owner_is_sigkilled_is_gone_within_the_orphan_grace,
         ),
         both(
             "a_start_hook_that_hangs_is_stopped_at_the_init_timeout",
@@ -234,6 +246,23 @@ fn panicking_start() {
 
 fn hanging_start() {
     std::thread::sleep(Duration::from_secs(30));
+}
+
+/// Marks that it began, then takes 700 ms before it is done.
+fn slow_start() {
+    if let Some(dir) = hooks_dir() {
+        let _ = std::fs::write(dir.join(format!("begun-{}", std::process::id())), "");
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    on_start();
+}
+
+/// Marks that it began, then hangs.
+fn marked_hanging_start() {
+    if let Some(dir) = hooks_dir() {
+        let _ = std::fs::write(dir.join(format!("begun-{}", std::process::id())), "");
+    }
+    hanging_start();
 }
 
 /// Marks that it began, then stops its own process (SIGSTOP) until resumed.
@@ -723,7 +752,7 @@ fn with_fail_on_start_error_the_first_failing_start_hook_fails_the_pool() -> Tes
     Ok(())
 }
 
-fn a_shutdown_with_a_deadline_stops_a_worker_still_in_its_start_hook_with_sigterm() -> TestResult {
+fn a_shutdown_with_a_deadline_ends_a_worker_whose_start_hook_hangs_within_the_grace_period() -> TestResult {
     let (tx, rx) = std::sync::mpsc::channel();
     let tx = Mutex::new(tx);
     let hooks = Hooks::new();
@@ -739,12 +768,92 @@ fn a_shutdown_with_a_deadline_stops_a_worker_still_in_its_start_hook_with_sigter
         })
         .build()?;
     std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
     pool.shutdown_timeout(Duration::from_millis(300));
     let end = rx.recv_timeout(Duration::from_secs(30))?;
-    // Not left to its 60 s init timeout, nor to the last-resort SIGKILL.
-    check(end.status.signal() != Some(libc::SIGKILL), format!("stopped by SIGTERM, not killed: {end:?}"))?;
+    // Not left to its 60 s init timeout, nor to its 30 s hook: the stop waits
+    // for the hook only as long as the grace period.
+    check(asked.elapsed() < Duration::from_secs(10), format!("ended after {:?}", asked.elapsed()))?;
     check(!end.crashed, format!("a stop the pool asked for: {end:?}"))?;
     Ok(())
+}
+
+/// A stop signal that reaches a worker in its start hook (`terminate`, or a
+/// shutdown's deadline): the worker finishes the hook, then runs its exit
+/// hook, so what the start hook set up is torn down.
+fn a_stop_while_the_start_hook_runs_lets_it_finish_then_runs_the_exit_hook() -> TestResult {
+    for how in ["terminate", "shutdown_timeout"] {
+        let hooks = Hooks::new();
+        let pool = hooks.builder().on_start(slow_start).on_exit(on_exit).workers(1).build()?;
+        check(
+            wait_until(Duration::from_secs(20), || !hooks.pids_with_prefix("begun-").is_empty()),
+            "the start hook began",
+        )?;
+        if how == "terminate" {
+            pool.stop(StopMode::Terminate, None);
+        } else {
+            pool.shutdown_timeout(Duration::from_millis(200));
+        }
+        let begun = hooks.pids_with_prefix("begun-");
+        check(wait_until(Duration::from_secs(20), || hooks.exited() == begun), format!("{how}: exit hooks ran"))?;
+        check(hooks.started() == begun, format!("{how}: the start hook finished: {:?}", hooks.started()))?;
+        for pid in begun {
+            let reason = hooks.exit_reason(pid);
+            check(reason.as_deref() == Some("Signal(15)"), format!("{how}: worker {pid}: {reason:?}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs this binary as a scenario host that starts a pool whose workers are
+/// in their start hook, and SIGKILLs it once every worker has begun the hook.
+/// Returns the workers' pids.
+fn kill_owner_during_start(hooks: &Hooks, scenario: &str) -> Result<BTreeSet<u32>, Failed> {
+    let mut owner = Command::new(std::env::current_exe()?)
+        .env(SCENARIO_ENV, scenario)
+        .env(START_ENV, start_name(START.with(|s| s.get())))
+        .env(HOOKS_ENV, hooks.path())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let begun = wait_until(Duration::from_secs(30), || hooks.pids_with_prefix("begun-").len() == 2);
+    let _ = owner.kill(); // SIGKILL: no chance to clean up anything itself
+    let _ = owner.wait();
+    let pids = hooks.pids_with_prefix("begun-");
+    check(begun, format!("both workers began their start hook: {pids:?}"))?;
+    Ok(pids)
+}
+
+fn kill_all(pids: &BTreeSet<u32>) {
+    for &p in pids {
+        // SAFETY: kill(2) with integers; cleanup if the test failed.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    }
+}
+
+fn workers_in_their_start_hook_when_the_owner_is_sigkilled_finish_it_and_run_the_exit_hook() -> TestResult {
+    let hooks = Hooks::new();
+    let pids = kill_owner_during_start(&hooks, "owner-slow-start")?;
+    let result = (|| {
+        check(wait_until(Duration::from_secs(10), || hooks.exited() == pids), "exit hooks ran")?;
+        check(hooks.started() == pids, format!("the start hooks finished: {:?}", hooks.started()))?;
+        for &p in &pids {
+            let reason = hooks.exit_reason(p);
+            check(reason.as_deref() == Some("ParentGone"), format!("worker {p} exit hook: {reason:?}"))?;
+        }
+        let gone = wait_until(Duration::from_secs(5), || pids.iter().all(|&p| process_gone(p as i32)));
+        check(gone, format!("the workers are gone: {pids:?}"))
+    })();
+    kill_all(&pids);
+    result
+}
+
+fn a_worker_whose_start_hook_hangs_when_the_owner_is_sigkilled_is_gone_within_the_orphan_grace() -> TestResult {
+    let hooks = Hooks::new();
+    let pids = kill_owner_during_start(&hooks, "owner-hanging-start")?;
+    // The default grace is 5 s; the hook would take 30.
+    let gone = wait_until(Duration::from_secs(12), || pids.iter().all(|&p| process_gone(p as i32)));
+    kill_all(&pids);
+    check(gone, format!("the workers are gone: {pids:?}"))
 }
 
 fn a_shutdown_resumes_a_worker_sigstopped_in_its_start_hook() -> TestResult {
@@ -1207,6 +1316,8 @@ fn run_scenario(name: &str) -> i32 {
     let result = match name {
         "owner" => scenario_owner(),
         "owner-with-leftovers" => scenario_owner_with_leftovers(),
+        "owner-slow-start" => scenario_owner_starting(slow_start),
+        "owner-hanging-start" => scenario_owner_starting(marked_hanging_start),
         "leaves-nothing" => scenario_leaves_nothing(),
         "join-leaves-nothing" => scenario_join_leaves_nothing(),
         "terminate-and-kill" => scenario_terminate_and_kill(),
@@ -1265,6 +1376,13 @@ fn scenario_owner_with_leftovers() -> TestResult {
     let hangs = builder().workers(1).on_exit(hang_on_exit).build()?;
     let stuck = hangs.spawn(pid, ())?.join()?;
     println!("pids {sleeper} {worker} {stuck}");
+    std::thread::sleep(Duration::from_secs(120));
+    Ok(())
+}
+
+/// A pool of two workers with `start` as their start hook; waits to be killed.
+fn scenario_owner_starting(start: fn()) -> TestResult {
+    let _pool = builder().workers(2).on_start(start).on_exit(on_exit).build()?;
     std::thread::sleep(Duration::from_secs(120));
     Ok(())
 }
