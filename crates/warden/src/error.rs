@@ -11,6 +11,10 @@ use std::time::Duration;
 use crate::wire::{RemoteError, RemoteErrorKind, WireError};
 
 /// How a process ended, as its parent saw it.
+///
+/// Caveat: a program that ignores `SIGCHLD` (`SIG_IGN`) has the kernel reap
+/// its children itself, keeping no status: the pool still sees each child
+/// end, and reports `Code(-1)` for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExitStatus {
     /// It exited with this code.
