@@ -84,6 +84,39 @@ def test_interpreter_exit_runs_the_tasks_submitted_to_an_open_executor(program, 
     assert "dropped" not in run.stderr
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_an_open_executors_tasks_run_at_exit_before_atexit_handlers_and_weakref_finalizers(program, impl):
+    """``concurrent.futures`` joins its executors in ``threading``'s exit
+    hooks, before any ``atexit`` handler: the tasks still find the temporary
+    directory the program made (its cleanup is a ``weakref.finalize``), and
+    a handler registered after the library was imported sees their results."""
+    prog = user_program(
+        program,
+        """
+        import atexit, tempfile
+
+        def write(directory, i):
+            time.sleep(0.3)
+            with open(os.path.join(directory, f"part-{i}"), "w") as f:
+                f.write("data")
+            return i
+
+        results = []
+
+        if __name__ == "__main__":
+            scratch = tempfile.TemporaryDirectory()
+            ex = Executor(2)
+            atexit.register(lambda: note(f"atexit sees {sorted(results)}"))
+            for i in range(4):
+                ex.submit(write, scratch.name, i).add_done_callback(lambda f: results.append(f.result()))
+            note("main done")
+        """,
+    )
+    run = prog.run(timeout=60, env={"IMPL": impl})
+    assert run.returncode == 0, run.stderr
+    assert prog.out_lines() == ["main done", "atexit sees [0, 1, 2, 3]"], run.stderr
+
+
 def test_a_pool_stopped_by_a_caught_ctrl_c_says_so_when_given_more_work(program):
     # A deliberate difference (docs/python.md): a Ctrl-C while waiting stops
     # the pool. What is left must say so, not claim a shutdown nobody called.
@@ -1269,6 +1302,40 @@ def test_a_programs_first_pool_made_while_the_interpreter_shuts_down_runs_as_und
     run = prog.run(timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["main returns", "pool [0, 1, 4, 9]", "executor 25"], run.stderr
+
+
+@pytest.mark.parametrize("before", ["import warden", "from warden import ProcessPoolExecutor", "a Pool used in main"])
+def test_an_executor_made_in_an_atexit_handler_works_whatever_the_program_used_before(program, before):
+    """Whether warden's executor module was loaded before the interpreter
+    began to shut down (by a top-level import, or by a pool the program
+    used) does not change what an executor made in an ``atexit`` handler
+    does: it works, as a ``Pool`` made there does."""
+    if sys.version_info[:2] == (3, 12):
+        pytest.skip("Python 3.12 starts no thread in atexit handlers")
+    prog = program(
+        f"""
+        import atexit
+        import warden
+        {"from warden import ProcessPoolExecutor" if "from" in before else ""}
+
+        def square(x):
+            return x * x
+
+        def use_an_executor():
+            with warden.ProcessPoolExecutor(1) as ex:
+                print("executor", ex.submit(square, 7).result(timeout=60), flush=True)
+
+        if __name__ == "__main__":
+            if "{before}" == "a Pool used in main":
+                with warden.Pool(1) as pool:
+                    pool.map(square, [1])
+            atexit.register(use_an_executor)
+            print("main returns", flush=True)
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["main returns", "executor 49"], run.stderr
 
 
 STALE_CTRL_C = """

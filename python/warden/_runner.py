@@ -929,8 +929,21 @@ def _ended_by_ctrl_c() -> bool:
     return False
 
 
-def _shut_down_at_exit() -> None:
-    """At interpreter exit, for every runner still running:
+def _drain_executors_at_exit() -> None:
+    """The executors' step of interpreter exit, where ``concurrent.futures``
+    takes it: in ``threading``'s exit hooks, which run before the program's
+    non-daemon threads are joined and before any ``atexit`` handler or
+    ``weakref.finalize`` callback. So the tasks an executor still holds run
+    while what they use is still there (a ``TemporaryDirectory``, state an
+    ``atexit`` handler reports), as under the standard library. Pools and
+    ``Process`` children are left to :func:`_shut_down_at_exit`, as
+    ``multiprocessing`` leaves them to its ``atexit`` handler."""
+    _shut_down_at_exit(policies=("drain",))
+
+
+def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
+    """At interpreter exit, for every runner still running (of ``policies``
+    only, if given: then new pools may still start after it):
 
     * an executor (``"drain"``) stops taking tasks, runs every task already
       submitted, then its workers retire through their exit path, as
@@ -947,9 +960,10 @@ def _shut_down_at_exit() -> None:
     everything gracefully; another one kills what is left. After a terminate,
     every wait is bounded by the grace periods."""
     global exiting
-    exiting = True
+    if policies is None:
+        exiting = True
     with _live_lock:
-        everyone = list(_live)
+        everyone = [r for r in _live if policies is None or r.exit_policy in policies]
     runners = [r for r in everyone if not r.core.is_shut_down()]
     interrupted = stop_requested or _ended_by_ctrl_c()
     started = time.monotonic()
@@ -1025,3 +1039,10 @@ def at_interpreter_exit() -> None:
         _shut_down_at_exit()
     finally:
         _finalize.run_exit_callbacks()
+
+
+# Registered as concurrent.futures.process registers its own: refused once
+# the interpreter is shutting down (this module first imported by an atexit
+# handler), when the atexit step drains the executors instead.
+with contextlib.suppress(AttributeError, RuntimeError):
+    threading._register_atexit(_drain_executors_at_exit)  # type: ignore[attr-defined]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import concurrent.futures.process
-import contextlib
+import concurrent.futures
 import functools
 import itertools
 import multiprocessing
@@ -24,7 +23,11 @@ from ._inherit import own_api_only
 from ._pickle import dumps_call
 from ._tasks import chunks, run_chunk
 
+# concurrent.futures.process is imported by _errors, which can do it while
+# the interpreter shuts down (the program's first executor made in an atexit
+# handler), when its own import would fail.
 if TYPE_CHECKING:
+    import concurrent.futures.process
     from typing import ParamSpec, TypeVar
 
     # asyncio costs ~40 ms to import: loaded when a coroutine API is first used.
@@ -36,9 +39,10 @@ if TYPE_CHECKING:
 _counter = itertools.count(1)
 
 #: Set when the main thread has finished (before non-daemon threads are
-#: joined and atexit handlers run): from then on executors take no new
-#: work, as the standard library's refuse it. What was submitted before
-#: still runs to its end at exit.
+#: joined and atexit handlers run): from then on the executors made before
+#: take no new work, as the standard library's refuse it; what was submitted
+#: to them still runs to its end. An executor made after it (in an ``atexit``
+#: handler, or a thread still running) works, as a ``Pool`` made then does.
 _interpreter_shutting_down = False
 
 
@@ -47,8 +51,12 @@ def _refuse_new_work() -> None:
     _interpreter_shutting_down = True
 
 
-with contextlib.suppress(RuntimeError):  # imported during shutdown: too late to register
+try:
     threading._register_atexit(_refuse_new_work)  # type: ignore[attr-defined]
+except RuntimeError:
+    # Imported while the interpreter shuts down (first used in an atexit
+    # handler): its main thread is done, so it refuses new work already.
+    _refuse_new_work()
 
 
 _own_api_only = own_api_only("concurrent.futures.process")
@@ -174,6 +182,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         self._name = f"ProcessPoolExecutor-{next(_counter)}"
         self._lock = threading.Lock()
         self._shutdown_called = False
+        self._made_after_main = _interpreter_shutting_down
         self._runner: _runner.Runner | None = None
         self._first_workers_seen = False
 
@@ -255,10 +264,12 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         if self._runner is not None and self._runner.interrupted:
             raise RuntimeError(_runner.INTERRUPTED_EXECUTOR)
-        if _interpreter_shutting_down and self._runner is not None:
-            # The standard library's words: its running executors were shut down then.
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        if _runner.exiting or _interpreter_shutting_down:
+        if _interpreter_shutting_down and not self._made_after_main:
+            if self._runner is not None:
+                # The standard library's words: its running executors were shut down then.
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        if _runner.exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if self._runner is None:
             # The first submit starts the pool before it pickles the call, so
