@@ -1304,7 +1304,9 @@ def test_a_programs_first_pool_made_while_the_interpreter_shuts_down_runs_as_und
     assert run.stdout.splitlines() == ["main returns", "pool [0, 1, 4, 9]", "executor 25"], run.stderr
 
 
-@pytest.mark.parametrize("before", ["import warden", "from warden import ProcessPoolExecutor", "a Pool used in main"])
+@pytest.mark.parametrize(
+    "before", ["import warden", "from warden import ProcessPoolExecutor", "a Pool used in main"]
+)
 def test_an_executor_made_in_an_atexit_handler_works_whatever_the_program_used_before(program, before):
     """Whether warden's executor module was loaded before the interpreter
     began to shut down (by a top-level import, or by a pool the program
