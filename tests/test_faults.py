@@ -485,6 +485,54 @@ def test_what_a_task_leaves_running_ends_with_its_worker_when_the_parent_is_sigk
                 os.kill(pid, signal.SIGKILL)
 
 
+STOPPED_WORKER_OUTLIVES_ITS_PARENT = """
+import os, subprocess, sys, time
+import warden
+
+def slow_finalizer(path):
+    with open(path, "w") as f:
+        f.write("exit path")
+    time.sleep(1.0)  # the parent dies meanwhile
+
+def start_a_sleeper():
+    sleeper = subprocess.Popen(["sleep", "300"])
+    print(sleeper.pid, os.getpid(), flush=True)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    ex = warden.ProcessPoolExecutor(1, finalizer=slow_finalizer, finalargs=(sys.argv[1],))
+    ex.submit(start_a_sleeper)
+    time.sleep(60)
+"""
+
+
+def test_what_a_task_leaves_running_ends_with_its_worker_though_the_parent_dies_before_reaping_it(
+    program, tmp_path
+):
+    """The worker is stopped (SIGTERM) and, while its exit path runs, its
+    parent is SIGKILLed: nobody is left to reap it and kill its process
+    group. The worker does it itself as it ends."""
+    marker = tmp_path / "finalizer"
+    proc = program(STOPPED_WORKER_OUTLIVES_ITS_PARENT).start({}, (str(marker),))
+    sleeper = worker = 0
+    try:
+        sleeper, worker = (int(p) for p in proc.stdout.readline().split())
+        os.kill(worker, signal.SIGTERM)
+        assert wait_until(marker.exists, timeout=30), "the worker's exit path began"
+        proc.kill()  # SIGKILL, while the worker still runs its finalizer
+        proc.wait(timeout=30)
+        assert wait_until(lambda: not alive(worker) and not alive(sleeper), timeout=15), (
+            f"worker alive: {alive(worker)}, what its task left alive: {alive(sleeper)}"
+        )
+    finally:
+        for pid in (sleeper, worker):  # first: the sleeper holds the program's stdout
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.communicate()
+
+
 # -- restart intensity -------------------------------------------------------
 
 

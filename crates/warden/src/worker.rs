@@ -238,11 +238,36 @@ fn bound_orphan_exit() {
     }
 }
 
+/// A worker about to end (its exit path done) SIGKILLs what its tasks left
+/// running in its process group, having first moved itself into its
+/// parent's group so that the signal spares it and its exit status stays
+/// the one its exit path chose. The supervisor does the same as it reaps
+/// the worker; this covers a pool's process that dies between the worker's
+/// end and that reaping, after which nobody would. A worker that no longer
+/// leads its own group (it left it), or cannot join its parent's (a task
+/// gave it a session of its own), leaves that to the supervisor.
+fn kill_what_its_group_holds() {
+    use rustix::process::{getpgid, getpgrp, getpid, getppid, kill_process_group, setpgid, Signal};
+    let me = getpid();
+    if getpgrp() != me {
+        return;
+    }
+    let Some(parent) = getppid() else { return };
+    let Ok(parents_group) = getpgid(Some(parent)) else { return };
+    if parents_group == me || setpgid(None, Some(parents_group)).is_err() {
+        return;
+    }
+    // ESRCH: nothing was left there.
+    let _ = kill_process_group(me, Signal::KILL);
+}
+
 impl ExitStatus {
     /// Ends this process the way `self` says: exit with the code, or die by
     /// the signal with its default action (a worker, after its exit path ran).
-    /// Flushes stdout and stderr first. A worker whose pool's process is
-    /// gone takes its process group with it (what its tasks left running).
+    /// Flushes stdout and stderr first, then SIGKILLs what is left in the
+    /// worker's process group (what its tasks left running; see
+    /// `kill_what_its_group_holds`). A worker whose pool's process is gone
+    /// takes its process group with it, itself included.
     pub fn exit(self) -> ! {
         let _ = io::stdout().flush();
         let _ = io::stderr().flush();
@@ -252,6 +277,7 @@ impl ExitStatus {
                 ExitStatus::Signal(s) => 128 + s,
             });
         }
+        kill_what_its_group_holds();
         match self {
             ExitStatus::Code(c) => std::process::exit(c),
             ExitStatus::Signal(s) => signals::die_by(s),
