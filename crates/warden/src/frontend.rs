@@ -17,8 +17,8 @@
 pub use crate::spawn::{fill_closed_stdio, WorkerCommand, ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 pub use crate::supervisor::{fds_scarce, Output, Reply};
 pub use crate::worker::{
-    hold_stops, serve, ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_INIT_FAILED, EXIT_PARENT_GONE,
-    EXIT_PROTOCOL, EXIT_SHORT_OF_THREADS, UNWIND_GRACE, WORKER_VARIABLES,
+    hold_stops, serve, ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_INIT_FAILED, EXIT_PANICKED,
+    EXIT_PARENT_GONE, EXIT_PROTOCOL, EXIT_SHORT_OF_THREADS, UNWIND_GRACE, WORKER_VARIABLES,
 };
 
 /// The frame codec and the messages of the parent–worker protocol (see the

@@ -985,6 +985,9 @@ fn decode<R: DeserializeOwned>(outcome: Result<Vec<u8>>) -> Result<R> {
 /// Once the function has returned, the child's exit hook and exit path take
 /// the time they take, as a process's own way out does: no grace period
 /// ends them; [`Child::terminate`], [`Child::kill`] or a drop do.
+///
+/// The child exits with code 0 once its function has returned, or 101 if it
+/// panicked (as a Rust program whose `main` panics), after its exit hook.
 pub struct Child<R> {
     pool: Pool,
     handle: Handle<R>,

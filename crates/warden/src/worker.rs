@@ -89,6 +89,9 @@ pub const EXIT_PARENT_GONE: i32 = 5;
 /// for them (10 s): the pool takes it as a start the system
 /// refused, not as the worker's failure.
 pub const EXIT_SHORT_OF_THREADS: i32 = 6;
+/// Exit code of a one-off child whose function panicked (Rust's own for a
+/// panicking `main`).
+pub const EXIT_PANICKED: i32 = 101;
 
 /// How long the monitor waits for an interrupted task to unwind before it runs
 /// the exit path itself.
@@ -380,6 +383,9 @@ struct WorkerState {
     stop_requested: AtomicBool,
     /// The last task started, or [`NO_TASK`]; told to the pool in `Goodbye`.
     last_task: AtomicU64,
+    /// The last task finished panicking: a one-off child then exits with
+    /// [`EXIT_PANICKED`], as a Rust program whose `main` panics.
+    last_panicked: AtomicBool,
     hook: Mutex<Option<ExitHook>>,
     /// Set once the exit path has run; holding it serialises the exit path.
     exit: Mutex<Option<ExitStatus>>,
@@ -481,6 +487,9 @@ impl WorkerState {
         }
         let exit = match reason {
             ExitReason::Signal(sig) => ExitStatus::Signal(sig),
+            ExitReason::Retired(RetireReason::Done) if self.last_panicked.load(Ordering::SeqCst) => {
+                ExitStatus::Code(code.unwrap_or(EXIT_PANICKED))
+            }
             ExitReason::Retired(_) => ExitStatus::Code(code.unwrap_or(0)),
             ExitReason::InitFailed => ExitStatus::Code(code.unwrap_or(EXIT_INIT_FAILED)),
             ExitReason::ProtocolError => ExitStatus::Code(code.unwrap_or(EXIT_PROTOCOL)),
@@ -557,6 +566,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
         state: AtomicU8::new(STARTING),
         stop_requested: AtomicBool::new(false),
         last_task: AtomicU64::new(NO_TASK),
+        last_panicked: AtomicBool::new(false),
         hook: Mutex::new(None),
         exit: Mutex::new(None),
     });
@@ -859,6 +869,12 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                 if let Some(sig) = signals::pending() {
                     return core.stop_reason(sig);
                 }
+                let panicked = match &result {
+                    Ok(Err(error)) => error.kind == RemoteErrorKind::Panicked,
+                    Ok(Ok(_)) => false,
+                    Err(_) => true,
+                };
+                core.last_panicked.store(panicked, Ordering::SeqCst);
                 let sent = match &result {
                     Ok(Ok((value, out))) => core.send_with_segment(
                         &Message::Result { id, outcome: WireOutcome::Value(value) },

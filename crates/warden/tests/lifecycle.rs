@@ -175,6 +175,10 @@ fn main() {
         a_one_off_child_returns_its_value_and_runs_its_exit_hook,
     ));
     tests.push(trial(
+        "a_one_off_child_whose_function_panics_exits_with_code_101_after_its_exit_hook",
+        a_one_off_child_whose_function_panics_exits_with_code_101_after_its_exit_hook,
+    ));
+    tests.push(trial(
         "terminating_a_one_off_child_runs_its_exit_hook_and_it_dies_by_sigterm",
         terminating_a_one_off_child_runs_its_exit_hook_and_it_dies_by_sigterm,
     ));
@@ -1127,6 +1131,22 @@ fn a_one_off_child_returns_its_value_and_runs_its_exit_hook() -> TestResult {
     check(exit.hook_ran(), "its exit hook ran")?;
     check(hooks.exit_reason(ran_in).as_deref() == Some("Retired(Done)"), format!("{:?}", hooks.exit_reason(ran_in)))?;
     check(process_gone(announced), "the child is gone")?;
+    Ok(())
+}
+
+fn a_one_off_child_whose_function_panics_exits_with_code_101_after_its_exit_hook() -> TestResult {
+    let hooks = Hooks::new();
+    let options = warden::ChildOptions { on_exit: Some(on_exit), env: hooks.env(), ..Default::default() };
+    let child = warden::spawn_with(panic_task, "no answer".to_string(), options)?;
+    let pid = child.pid().ok_or("pid")?;
+    let err = child.join_timeout(Duration::from_secs(30)).err().ok_or("the function panicked")?;
+    check(err.is_panic(), format!("is_panic: {err}"))?;
+    check(child.wait(Some(Duration::from_secs(10))), "the child was reaped")?;
+    let exit = child.exit().ok_or("exit recorded")?;
+    // As a Rust program whose main panics: not a success.
+    check(exit.status.code() == Some(101), format!("exit status: {:?}", exit.status))?;
+    check(!exit.crashed, format!("an end the child chose, not a crash: {exit:?}"))?;
+    check(hooks.exit_reason(pid as u32).as_deref() == Some("Retired(Done)"), "its exit hook ran")?;
     Ok(())
 }
 
