@@ -96,8 +96,9 @@ pub enum ErrorKind {
         status: ExitStatus,
     },
     /// The worker's resident memory passed the pool's hard limit while it ran
-    /// the task; the worker was stopped (SIGTERM, grace, SIGKILL) and replaced.
-    #[error("worker {pid} used {rss} bytes of memory, over the limit of {limit} bytes; it was stopped and replaced")]
+    /// the task; the worker was stopped (SIGTERM, grace, SIGKILL), and a pool
+    /// starts another.
+    #[error("worker {pid} used {rss} bytes of memory, over the limit of {limit} bytes; it was stopped")]
     MemoryExceeded {
         /// The worker's process id.
         pid: i32,
@@ -106,8 +107,9 @@ pub enum ErrorKind {
         /// The resident set size seen, in bytes.
         rss: u64,
     },
-    /// The task ran past its timeout; its worker was stopped and replaced.
-    #[error("task timed out after {after:?}; its worker was stopped and replaced")]
+    /// The task ran past its timeout; its worker was stopped (a pool starts
+    /// another).
+    #[error("task timed out after {after:?}; its worker was stopped")]
     TimedOut {
         /// The timeout that was exceeded.
         after: Duration,
