@@ -28,6 +28,9 @@ const NO_INIT_ENV: &str = "WARDEN_FAULTS_NO_INIT";
 /// `EXIT_SHORT_OF_THREADS`, as one the system refuses its threads does
 /// (`ulimit -u` reached), until [`SHORT_STARTS`] have.
 const SHORT_ENV: &str = "WARDEN_FAULTS_SHORT";
+/// Set for workers of a program that calls `warden::init()` only for some of
+/// its command lines (not for the one its workers get).
+const INIT_SOMETIMES_ENV: &str = "WARDEN_FAULTS_INIT_SOMETIMES";
 const SHORT_STARTS: usize = 8;
 
 fn main() {
@@ -41,6 +44,9 @@ fn main() {
                 }
             }
         }
+    }
+    if std::env::var_os(INIT_SOMETIMES_ENV).is_some() && std::env::var_os(warden::frontend::ENV_FD).is_some() {
+        std::process::exit(0); // its own main, done
     }
     if std::env::var_os(NO_INIT_ENV).is_some() {
         // A program that forgot `warden::init()`, run as a pool's worker.
@@ -66,6 +72,10 @@ fn main() {
         Trial::test("on_worker_lost_runs_on_its_own_thread_with_the_record_after_a_sigkill", lost_after_sigkill),
         Trial::test("a_worker_that_retires_is_not_lost", retired_is_not_lost),
         Trial::test("a_panic_in_the_supervisor_kills_and_reaps_every_worker", supervisor_panic_kills_every_worker),
+        Trial::test(
+            "workers_that_end_before_their_hello_fail_the_pool_naming_warden_init",
+            workers_that_end_before_their_hello,
+        ),
         Trial::test(
             "a_program_that_never_called_init_is_refused_a_pool_at_once",
             pool_without_init_is_refused_in_the_parent,
@@ -271,6 +281,25 @@ fn task_crashes_are_not_counted() -> TestResult {
     check(pool.failure().is_none(), format!("the pool did not fail: {:?}", pool.failure()))?;
     check(pool.spawn(pid, ())?.join().is_ok(), "the pool still serves")?;
     pool.shutdown();
+    Ok(())
+}
+
+/// Workers that run the program's own `main` (it skips `warden::init()` for
+/// their command line) and exit 0: the pool fails saying what to look at.
+fn workers_that_end_before_their_hello() -> TestResult {
+    let pool = Pool::builder()
+        .workers(1)
+        .start(StartMethod::Exec)
+        .env(INIT_SOMETIMES_ENV, "1")
+        .restart_intensity(2, Duration::from_secs(60))
+        .build()?;
+    check(wait_until(Duration::from_secs(30), || pool.failure().is_some()), "the pool failed")?;
+    let reason = pool.failure().unwrap_or_default();
+    check(
+        reason.contains("exit code 0 before it said hello") && reason.contains("warden::init()"),
+        format!("the reason says what to look at: {reason}"),
+    )?;
+    check(pool.join(Some(Duration::from_secs(10))), "a failed pool shuts itself down")?;
     Ok(())
 }
 

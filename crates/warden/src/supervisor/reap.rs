@@ -112,9 +112,9 @@ impl Supervisor {
         // such death consumes a task, so it cannot loop forever. A worker the
         // system refused its threads before it said hello is a start refused
         // for want of them, not a failure (see `start_refused_for_shortage`).
-        let short_of_threads = w.cause.is_none()
-            && w.phase == WorkerPhase::Starting
-            && status == ExitStatus::Code(crate::worker::EXIT_SHORT_OF_THREADS);
+        let before_hello = w.phase == WorkerPhase::Starting;
+        let short_of_threads =
+            w.cause.is_none() && before_hello && status == ExitStatus::Code(crate::worker::EXIT_SHORT_OF_THREADS);
         let counted = crashed && !task_explains && !short_of_threads;
         let exit =
             WorkerEnd { worker: id, pid, status, cause: w.cause.clone(), goodbye: w.goodbye.clone(), crashed, counted };
@@ -138,6 +138,13 @@ impl Supervisor {
                 Some(StopCause::InitFailed(e)) => format!("worker {pid}'s start hook failed: {e}"),
                 Some(StopCause::InitTimeout) => format!("worker {pid} did not start within the init timeout"),
                 Some(StopCause::Protocol(d)) => format!("worker {pid} broke the protocol: {d}"),
+                // Most likely a program that is not a warden worker: a Rust
+                // program that does not call `warden::init()` first runs its
+                // own `main` instead.
+                _ if before_hello => format!(
+                    "worker {pid} ended with {status} before it said hello (is the program a warden worker? \
+                     a Rust program calls warden::init() first thing in main, whatever its arguments)"
+                ),
                 _ => format!("worker {pid} ended with {status}"),
             };
             self.note_crash(what);
