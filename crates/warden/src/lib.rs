@@ -79,6 +79,11 @@
 //!   (SIGHUP, SIGCONT) when the worker's process group becomes orphaned,
 //!   which depends on the session the parent ran in. A pool that stops a
 //!   worker itself resumes it first.
+//! * Stop signals (SIGTERM, SIGINT, SIGHUP) are warden's in a worker: a task
+//!   that installs its own handler for one, or blocks it in every thread
+//!   (`pthread_sigmask`), keeps its worker from running the exit hook on it;
+//!   the pool's grace period then ends the worker with SIGKILL, and what its
+//!   tasks left in its process group goes with it.
 //! * Linux only: pidfds (5.3), `close_range` (5.11), `PR_SET_PDEATHSIG`.
 
 #![warn(missing_docs)]
