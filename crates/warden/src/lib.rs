@@ -81,9 +81,9 @@
 //!   worker itself resumes it first.
 //! * Stop signals (SIGTERM, SIGINT, SIGHUP) are warden's in a worker: a task
 //!   that installs its own handler for one, or blocks it in every thread
-//!   (`pthread_sigmask`), keeps its worker from running the exit hook on it;
-//!   the pool's grace period then ends the worker with SIGKILL, and what its
-//!   tasks left in its process group goes with it.
+//!   (`pthread_sigmask`), keeps its worker from acting on it while the task
+//!   runs; if the task does not return within the pool's grace period, the
+//!   worker is ended with SIGKILL, without its exit hook.
 //! * Linux only: pidfds (5.3), `close_range` (5.11), `PR_SET_PDEATHSIG`.
 
 #![warn(missing_docs)]
