@@ -17,6 +17,7 @@ import gc
 import os
 import pickle
 import signal
+import threading
 import time
 from concurrent.futures import CancelledError
 from pathlib import Path
@@ -185,6 +186,36 @@ def test_a_memoryview_no_receiver_could_rebuild_as_it_is_is_refused_instead_of_a
     assert executor.submit(listed, c_order).result(timeout=60) == c_order.tolist()
 
 
+def view_facts(view):
+    return type(view).__name__, view.format, view.shape, view.tobytes()
+
+
+def nested_view(data):
+    return {"level": [{"deeper": [memoryview(data).cast("i")]}]}
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_memoryview_deeper_than_the_buffers_looked_for_still_keeps_its_format_and_shape(
+    no_segment_leaks, size
+):
+    """``starmap``'s argument tuples sit four levels into a task's call, and
+    a result may nest deeper still: such a view arrives as the same
+    ``memoryview``, never as its bytes alone; one no receiver could rebuild
+    is refused there too."""
+    data = bytes(range(256)) * (4 if size == "small" else LIMIT // 64)
+    view = memoryview(bytearray(data)).cast("i", (len(data) // 16, 4))
+    with warden.Pool(2) as pool:
+        facts = ("memoryview", "i", view.shape, data)
+        assert pool.starmap(view_facts, [(view,)]) == [facts]
+        assert pool.starmap_async(view_facts, [(view,)] * 3).get(60) == [facts] * 3
+        back = pool.apply(nested_view, (data,))
+        deep = back["level"][0]["deeper"][0]
+        assert (type(deep), deep.format, deep.tobytes()) == (memoryview, "i", data)
+        reversed_view = memoryview(bytearray(data))[::-1]  # not C-contiguous
+        with pytest.raises(TypeError, match="cannot pickle memoryview objects"):
+            pool.starmap(view_facts, [(reversed_view,)])
+
+
 def test_buffers_inside_arguments_and_results_travel_too(executor, no_segment_leaks):
     big = os.urandom(3 * LIMIT)
     args = ([big, bytearray(big)], {"k": big})
@@ -279,6 +310,34 @@ def test_a_retiring_worker_waits_for_its_large_lent_result_as_long_as_its_size_t
         big = ex.submit(bytes, size)
         assert len(big.result(timeout=60)) == size
         assert first.result(timeout=60) > 0
+
+
+def lend_then_die(size):
+    """Returns a large result, and SIGKILLs this worker 0.3 s later."""
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    return bytes(size)
+
+
+def test_a_worker_killed_before_its_large_result_is_read_loses_it_only_if_it_was_lent(
+    carrier, no_segment_leaks
+):
+    """The results thread is held up (a done callback of an earlier task)
+    while the worker that sent a large result is killed. Lent, the result is
+    lost: the task fails with ``ProcessLookupError``, as docs/python.md's
+    table says, naming the process that ended and suggesting no setting (the
+    read was not refused). In a shared segment, it survives the worker."""
+    with warden.ProcessPoolExecutor(2) as ex:
+        first = ex.submit(os.getpid)
+        first.add_done_callback(lambda _: time.sleep(1.5))
+        sent = ex.submit(lend_then_die, 64 << 20)
+        if carrier == "lent":
+            with pytest.raises(ProcessLookupError) as info:
+                sent.result(timeout=60)
+            assert "ended before its lent buffers were read" in str(info.value)
+            assert "WARDEN_LEND_BUFFERS" not in str(info.value)
+        else:
+            assert sent.result(timeout=60) == bytes(64 << 20)
+        assert ex.submit(identity, 5).result(timeout=60) == 5
 
 
 def test_a_worker_killed_with_a_large_payload_in_flight_leaks_nothing(tmp_path, no_segment_leaks):

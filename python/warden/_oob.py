@@ -198,6 +198,17 @@ class _Unsendable:
         )
 
 
+def reduce_memoryview(view: memoryview) -> Any:
+    """The pickler's reducer for a ``memoryview`` that :func:`prepare` did
+    not meet (deeper than it looks: a ``starmap`` chunk's argument tuples,
+    a dict in a list in a result): rebuilt as the same ``memoryview``, its
+    bytes out of band if large, as one it met is; ``TypeError`` for one no
+    receiver could rebuild. (``cloudpickle`` would send its bytes alone.)"""
+    if _rebuildable(view):
+        return _Wrapped(view).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+    return _Unsendable(view).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+
+
 #: Containers looked into by :func:`prepare`, and how far.
 _DEPTH = 3
 _MAX_LEN = 256
@@ -883,6 +894,12 @@ def _read_lent(fd: int) -> list[Any]:
     except ValueError as e:
         raise SegmentError(str(e)) from None
     except OSError as e:
+        if e.errno == errno.ESRCH:
+            # Not a refusal: the process ended (killed, say) before its
+            # buffers could be read, as the docs' table of differences says.
+            raise type(e)(
+                e.errno, f"{e.strerror}: process {pid} ended before its lent buffers were read"
+            ) from None
         raise type(e)(
             e.errno,
             f"{e.strerror} (set WARDEN_LEND_BUFFERS=0 to send large buffers through shared segments instead)",

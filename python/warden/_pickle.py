@@ -82,6 +82,7 @@ def _pickler() -> type[_Pickler]:
     if sizes != _dispatch_sizes:
         table = dict(copyreg.dispatch_table)
         table.update(ForkingPickler._extra_reducers)
+        table[memoryview] = _oob.reduce_memoryview
         _Pickler.dispatch_table = table
         _dispatch_sizes = sizes
     return _Pickler
@@ -132,7 +133,11 @@ def _cloud_pickler_class() -> type:
         class CloudPickler(cloudpickle.CloudPickler):
             dispatch_table = collections.ChainMap(
                 ForkingPickler._extra_reducers,
-                {io.TextIOWrapper: _text_file_reduce, weakref.WeakSet: _as_plain},
+                {
+                    io.TextIOWrapper: _text_file_reduce,
+                    weakref.WeakSet: _as_plain,
+                    memoryview: _oob.reduce_memoryview,
+                },
                 cloudpickle.CloudPickler.dispatch_table,
             )
 
