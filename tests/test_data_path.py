@@ -12,6 +12,7 @@ the kernel allows it) and off (``WARDEN_LEND_BUFFERS=0``, segments only).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import os
@@ -338,6 +339,37 @@ def test_a_worker_killed_before_its_large_result_is_read_loses_it_only_if_it_was
         else:
             assert sent.result(timeout=60) == bytes(64 << 20)
         assert ex.submit(identity, 5).result(timeout=60) == 5
+
+
+_READY_RESULT = b""
+
+
+def make_a_large_result():
+    """A worker initializer: the result its task returns, made ahead."""
+    global _READY_RESULT
+    _READY_RESULT = b"\x05" * (256 << 20)
+
+
+def return_it_then_die(delay):
+    threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    return _READY_RESULT
+
+
+def test_the_next_task_is_not_given_to_a_worker_that_died_while_its_large_result_was_read(
+    carrier, no_segment_leaks
+):
+    """The worker dies while the parent reads (or is about to read) its
+    large result: its memory goes first, and a large process takes
+    milliseconds more to have exited. The error the caller gets comes once
+    it has, so the tasks the caller submits next go to another worker,
+    never to that one (they failed with ``WorkerCrashed`` before)."""
+    with warden.ProcessPoolExecutor(2, initializer=make_a_large_result) as ex:
+        for delay in (0.01, 0.02, 0.03, 0.04, 0.05):
+            ex.submit(identity, 0).result(timeout=60)
+            # Lost (read too late), or the worker died still sending it, or read in time.
+            with contextlib.suppress(ProcessLookupError, warden.WorkerCrashed):
+                assert len(ex.submit(return_it_then_die, delay).result(timeout=60)) == 256 << 20
+            assert [ex.submit(identity, i).result(timeout=60) for i in range(4)] == [0, 1, 2, 3], delay
 
 
 def test_a_worker_killed_with_a_large_payload_in_flight_leaks_nothing(tmp_path, no_segment_leaks):

@@ -66,6 +66,7 @@ import io
 import os
 import pickle
 import re
+import select
 import stat
 import struct
 import threading
@@ -879,6 +880,23 @@ def _read_exactly(fd: int, n: int) -> bytes:
     return data
 
 
+#: How long a reader that found the lender gone waits for it to have exited (s).
+EXIT_WAIT = 2.0
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    """Waits until process ``pid`` has exited (its pidfd is readable), at
+    most ``timeout`` seconds; at once if it is already reaped."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+
+
 def _read_lent(fd: int) -> list[Any]:
     """The buffers a lending table names, read out of the lender's memory."""
     from . import _warden
@@ -897,6 +915,11 @@ def _read_lent(fd: int) -> list[Any]:
         if e.errno == errno.ESRCH:
             # Not a refusal: the process ended (killed, say) before its
             # buffers could be read, as the docs' table of differences says.
+            # Its memory is gone before it has fully exited (a large one's
+            # unmapping takes milliseconds): the error waits for the exit, so
+            # that a task the caller submits on seeing it is not given to a
+            # worker that is still ending.
+            _wait_for_exit(pid, EXIT_WAIT)
             raise type(e)(
                 e.errno, f"{e.strerror}: process {pid} ended before its lent buffers were read"
             ) from None
