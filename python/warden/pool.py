@@ -669,7 +669,6 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
                     self._gathered.extend(chunks[self._merged])
                     chunks[self._merged] = None
                     self._merged += 1
-            del values
             self._left -= 1
             done = self._left == 0
         if done:
