@@ -464,6 +464,42 @@ def test_callbacks_registered_during_the_exit_drain_run_and_after_it_are_refused
     assert "too late" not in run.stdout
 
 
+def test_a_process_that_cannot_start_threads_still_registers_finalizers_and_runs_them_at_exit(program):
+    # As in a container whose pids.max is reached, or under ulimit -u: no new
+    # thread can start. (Root is exempt from RLIMIT_NPROC: it becomes nobody.)
+    prog = program(
+        """
+        import os, resource, threading
+        import warden
+
+        at_exit, finalize = warden.at_exit, warden.finalize
+        if os.geteuid() == 0:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+        resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
+        try:
+            threading.Thread(target=print).start()
+            print("threads still start", flush=True)
+        except RuntimeError:
+            pass
+
+        class Resource:
+            pass
+
+        r = Resource()
+        finalize(r, print, "the finalizer of a dropped object ran", flush=True)
+        del r
+        at_exit(print, "the exit callback ran", flush=True)
+        print("registered", flush=True)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    expected = ["registered", "the exit callback ran", "the finalizer of a dropped object ran"]
+    assert run.lines == expected, run.stderr
+
+
 def test_a_hung_exit_callback_is_abandoned_at_the_deadline_and_reported(program):
     prog = program(
         """

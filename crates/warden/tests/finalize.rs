@@ -101,6 +101,10 @@ fn main() {
             "registrations_made_while_draining_run_and_later_ones_are_refused",
             registrations_made_while_draining_run_and_later_ones_are_refused,
         ),
+        (
+            "a_process_that_cannot_start_threads_still_registers_and_runs_everything_at_exit",
+            a_process_that_cannot_start_threads_still_registers_and_runs_everything_at_exit,
+        ),
     ];
     let trials = tests.into_iter().map(|(name, body)| Trial::test(name, move || bounded(body))).collect();
     libtest_mimic::run(&args, trials).exit();
@@ -647,6 +651,16 @@ fn exit_finalizers_run_when_main_panics() -> Result<(), Failed> {
     Ok(())
 }
 
+fn a_process_that_cannot_start_threads_still_registers_and_runs_everything_at_exit() -> Result<(), Failed> {
+    let ran = run_scenario("short-of-threads", SOON)?;
+    ensure!(ran.code == Some(0), "exit {:?} / signal {:?}; stderr: {}", ran.code, ran.signal, ran.stderr);
+    // main returns: the atexit hook drains on the main thread, higher
+    // priority first.
+    let expected = ["wait_idle=false", "exit registered ran", "dropped guard ran"];
+    ensure!(ran.lines() == expected, "got:\n{}\nstderr: {}", ran.stdout, ran.stderr);
+    Ok(())
+}
+
 fn a_program_killed_by_a_signal_does_not_run_its_exit_finalizers() -> Result<(), Failed> {
     let ran = run_scenario("signal", SOON)?;
     ensure!(ran.signal == Some(libc::SIGTERM), "exit {:?} / signal {:?}", ran.code, ran.signal);
@@ -719,7 +733,11 @@ fn scenario(name: &str) {
         }
         "deadline" => scenario_deadline(),
         "closed" => scenario_closed(),
-        other => Err(FinalizeError::Thread(std::io::Error::other(format!("no scenario {other}")))),
+        "short-of-threads" => scenario_short_of_threads(),
+        other => {
+            eprintln!("no scenario {other}");
+            std::process::exit(2);
+        }
     };
     if let Err(e) = result {
         eprintln!("scenario {name} failed: {e}");
@@ -785,7 +803,8 @@ fn scenario_fork() -> Result<(), FinalizeError> {
         std::process::exit(0);
     }
     if pid < 0 {
-        return Err(FinalizeError::Thread(std::io::Error::last_os_error()));
+        eprintln!("fork: {}", std::io::Error::last_os_error());
+        std::process::exit(2);
     }
     say(format!("pids {me} {pid}"));
     let deadline = Instant::now() + SOON;
@@ -823,6 +842,30 @@ fn scenario_deadline() -> Result<(), FinalizeError> {
     .register()?;
     let report = finalize::run_exit_finalizers(Duration::from_millis(300));
     say_report(report);
+    Ok(())
+}
+
+/// No new thread can start in this process: as root, it becomes `nobody`
+/// first (root is exempt from `RLIMIT_NPROC`).
+fn scenario_short_of_threads() -> Result<(), FinalizeError> {
+    // SAFETY: plain system calls on this process's credentials and limits.
+    let refused = unsafe {
+        let limit = libc::rlimit { rlim_cur: 1, rlim_max: 1 };
+        (libc::geteuid() != 0
+            || (libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(65534, 65534, 65534) == 0
+                && libc::setresuid(65534, 65534, 65534) == 0))
+            && libc::setrlimit(libc::RLIMIT_NPROC, &limit) == 0
+    };
+    if !refused || std::thread::Builder::new().spawn(|| ()).is_ok() {
+        say("threads still start");
+        return Ok(());
+    }
+    Finalizer::new(|| say("exit registered ran")).priority(1).register()?;
+    // Dropped while no thread can run it, and not an exit finalizer: it was
+    // asked to run, so the exit drain runs it.
+    drop(Finalizer::new(|| say("dropped guard ran")).at_exit(false).guard(())?);
+    say(format!("wait_idle={}", finalize::wait_idle(Duration::from_millis(200))));
     Ok(())
 }
 

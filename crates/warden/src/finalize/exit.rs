@@ -143,7 +143,8 @@ impl Service {
 /// Registrations not marked to run at exit are cancelled and left alone.
 pub(super) fn next_exit_entry(inner: &mut ServiceState) -> Option<Arc<Entry>> {
     while let Some((_, entry)) = inner.registry.pop_last() {
-        if entry.at_exit.load(Ordering::SeqCst) {
+        // A scheduled one was asked to run: it runs at exit if it has not yet.
+        if entry.at_exit.load(Ordering::SeqCst) || entry.scheduled.load(Ordering::SeqCst) {
             return Some(entry);
         }
         let _ = entry.state.compare_exchange(PENDING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst);

@@ -108,6 +108,11 @@
 //!   that wants no concurrency at all uses a [`Guardian`].
 //! * Callbacks run one at a time: a slow or blocking callback delays every
 //!   other one. At exit, it is abandoned at the deadline.
+//! * A process short of threads (`EAGAIN` under `RLIMIT_NPROC` or a cgroup's
+//!   `pids.max`) still registers: the thread is started at the next
+//!   registration or schedule that can, [`wait_idle`] waits for one (trying
+//!   every 10 ms) to run what is scheduled, and the exit drain runs what is
+//!   still pending on the thread that calls it.
 //! * [`run_exit_finalizers`] and [`wait_idle`] wait for the finalizer thread:
 //!   the caller must not hold anything the callbacks need (a Python caller must
 //!   release the GIL while it waits).
@@ -137,7 +142,6 @@ mod service;
 mod tests;
 
 use std::fmt;
-use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -170,9 +174,6 @@ pub enum FinalizeError {
     /// registered any more.
     #[error("this process's finalizers have already run for the last time; no new registrations")]
     Closed,
-    /// The finalizer thread could not be started.
-    #[error("cannot start the finalizer thread: {0}")]
-    Thread(#[source] io::Error),
 }
 
 /// Something about a callback that the program should know.

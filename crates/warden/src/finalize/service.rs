@@ -3,7 +3,6 @@
 //! the one thread that runs them.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -53,6 +52,9 @@ pub(super) struct Service {
     /// Wakes threads waiting for the thread (exit drain, `wait_idle`).
     pub(super) changed: Condvar,
 }
+
+/// How often a wait tries again to start a finalizer thread the system refused.
+const THREAD_RETRY: Duration = Duration::from_millis(10);
 
 pub(super) static SERVICE: AtomicPtr<Service> = AtomicPtr::new(ptr::null_mut());
 
@@ -109,17 +111,15 @@ impl Service {
 
     pub(super) fn register(&'static self, f: Finalizer) -> Result<Token, FinalizeError> {
         let mut inner = lock(&self.inner);
-        let started = match inner.phase {
-            ServicePhase::Closed => Err(FinalizeError::Closed),
-            ServicePhase::Open | ServicePhase::Draining => {
-                self.ensure_thread(&mut inner).map_err(FinalizeError::Thread)
-            }
-        };
-        if let Err(e) = started {
+        if inner.phase == ServicePhase::Closed {
             drop(inner);
             dispose(f.host.as_ref(), f.callback);
-            return Err(e);
+            return Err(FinalizeError::Closed);
         }
+        if self.global {
+            install_atexit();
+        }
+        self.start_thread(&mut inner);
         let seq = inner.next_seq;
         inner.next_seq += 1;
         let key = (f.priority, seq);
@@ -138,17 +138,35 @@ impl Service {
         Ok(Token { entry })
     }
 
-    pub(super) fn ensure_thread(&'static self, inner: &mut ServiceState) -> io::Result<()> {
+    /// Starts the finalizer thread unless it runs already or the exit drain
+    /// has begun (which runs on the caller's thread when there is none).
+    /// Returns whether the thread runs.
+    ///
+    /// A system short of threads (`EAGAIN` under `RLIMIT_NPROC` or a cgroup's
+    /// `pids.max`) refuses nothing: scheduled callbacks wait in the queue,
+    /// the next registration or schedule tries again, and whatever is still
+    /// pending at exit runs in the exit drain, on the thread that calls it.
+    pub(super) fn start_thread(&'static self, inner: &mut ServiceState) -> bool {
         if inner.thread.is_some() {
-            return Ok(());
+            return true;
+        }
+        if inner.phase != ServicePhase::Open {
+            return false;
         }
         // The new thread's first act is to take the lock we hold: it waits.
-        let handle = std::thread::Builder::new().name(THREAD_NAME.into()).spawn(move || self.thread_main())?;
-        inner.thread = Some(handle.thread().id());
-        if self.global {
-            install_atexit();
+        match std::thread::Builder::new().name(THREAD_NAME.into()).spawn(move || self.thread_main()) {
+            Ok(handle) => {
+                inner.thread = Some(handle.thread().id());
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "cannot start the finalizer thread yet; scheduled callbacks wait for it or for the exit drain"
+                );
+                false
+            }
         }
-        Ok(())
     }
 
     /// Removes a registration that is no longer pending. The entry is dropped
@@ -158,12 +176,14 @@ impl Service {
         drop(removed);
     }
 
-    pub(super) fn enqueue(&self, entry: Arc<Entry>) -> bool {
+    pub(super) fn enqueue(&'static self, entry: Arc<Entry>) -> bool {
         let mut inner = lock(&self.inner);
         match inner.phase {
             ServicePhase::Open => {
                 inner.queue.push_back(entry);
-                self.wake.notify_one();
+                if self.start_thread(&mut inner) {
+                    self.wake.notify_one();
+                }
                 true
             }
             // The drain runs it in exit order (it is in the registry).
@@ -217,7 +237,7 @@ impl Service {
         }
     }
 
-    pub(super) fn wait_idle(&self, timeout: Duration) -> bool {
+    pub(super) fn wait_idle(&'static self, timeout: Duration) -> bool {
         let deadline = Instant::now().checked_add(timeout);
         let me = std::thread::current().id();
         let mut inner = lock(&self.inner);
@@ -225,8 +245,17 @@ impl Service {
             return false;
         }
         loop {
-            let idle = match inner.phase {
-                ServicePhase::Open => inner.queue.is_empty() && inner.current.is_none(),
+            // Without a thread, nothing runs the queue: try to start one now
+            // and again every `THREAD_RETRY` while waiting.
+            let mut retry = None;
+            let phase = inner.phase;
+            let idle = match phase {
+                ServicePhase::Open => {
+                    if !self.start_thread(&mut inner) {
+                        retry = Some(THREAD_RETRY);
+                    }
+                    inner.queue.is_empty() && inner.current.is_none()
+                }
                 ServicePhase::Draining => false,
                 ServicePhase::Closed => true,
             };
@@ -239,6 +268,7 @@ impl Service {
                 Some(d) => d - now,
                 None => Duration::from_secs(3600),
             };
+            let left = retry.map_or(left, |r| r.min(left));
             inner = self.changed.wait_timeout(inner, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
         }
     }
