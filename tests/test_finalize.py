@@ -1038,6 +1038,34 @@ def test_what_a_task_printed_is_written_though_a_class_attribute_wraps_stdout(pr
     assert sorted(run.lines) == ["printed by the task", "result 1"]
 
 
+STDOUT_TO_A_FULL_DISK = """
+import multiprocessing, os, sys
+import warden
+
+def task(x):
+    print("printed by the task", x)  # buffered: written when the worker exits
+    return x
+
+if __name__ == "__main__":
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, 1)  # the workers' stdout too
+    ctx = multiprocessing.get_context("spawn") if sys.argv[1] == "std" else warden
+    with ctx.Pool(2) as pool:
+        results = pool.map(task, range(4))
+        pool.close()
+        pool.join()
+    sys.stderr.write(f"results {results}\\n")
+"""
+
+
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_output_a_worker_cannot_write_at_exit_is_reported_not_dropped_silently(program, impl):
+    run = program(STDOUT_TO_A_FULL_DISK).run(args=(impl,), env={"PYTHONUNBUFFERED": ""})
+    assert run.returncode == 0, run.stderr
+    assert "results [0, 1, 2, 3]" in run.stderr
+    assert "No space left on device" in run.stderr
+
+
 MAIN_OBJECT_AT_EXIT = """
 import concurrent.futures, json, multiprocessing, sys
 import warden

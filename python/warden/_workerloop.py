@@ -553,12 +553,22 @@ class Handler:
         except BaseException as e:
             errors.append(f"clearing the program's globals raised {_type_name(e)}: {_text(e)}")
         _stop_resource_tracker()
-        for stream in (sys.stdout, sys.stderr):
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
             try:
                 if stream is not None:
                     stream.flush()
-            except Exception:
-                pass
+            except Exception as e:
+                # What the program printed is lost (a full disk, a closed
+                # pipe): say so, as the interpreter's own exit would.
+                if name == "stdout":
+                    with contextlib.suppress(Exception):
+                        print(
+                            f"warden: worker {os.getpid()}: what it printed was lost, flushing stdout raised "
+                            f"{_type_name(e)}: {_text(e)}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
 
 
 def _clear_program_globals() -> None:
