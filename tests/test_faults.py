@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import contextlib
 import multiprocessing
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -567,6 +568,47 @@ def test_no_restart_limit_keeps_a_pool_serving_whatever_dies():
         kill_idle_workers(ex._runner, 4)
         assert ex.submit(square, 5).result(timeout=60) == 25
         assert ex._runner.core.failure() is None
+
+
+def test_a_stop_signal_to_a_worker_still_starting_is_a_stop_not_a_failed_start_that_breaks_the_executor():
+    # An executor breaks when a worker's start hook fails; one that is told to
+    # stop while starting has not failed. SIGTERM each new worker within a
+    # few milliseconds of its start, hundreds of times: the executor serves on.
+    with warden.ProcessPoolExecutor(2, restart_limit=None) as ex:
+        assert ex.submit(square, 2).result(timeout=60) == 4
+        seen = set(ex._processes)
+        done = threading.Event()
+        sent = 0
+
+        def stop_each_new_worker() -> None:
+            nonlocal sent
+            rng = random.Random(7)
+            while not done.is_set():
+                new = set(ex._processes) - seen
+                if not new:
+                    time.sleep(0.0005)
+                    continue
+                for pid in new:
+                    seen.add(pid)
+                    time.sleep(rng.uniform(0, 0.004))
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                        sent += 1
+
+        killer = threading.Thread(target=stop_each_new_worker, daemon=True)
+        killer.start()
+        try:
+            os.kill(next(iter(seen)), signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while sent < 300 and time.monotonic() < deadline:
+                with contextlib.suppress(warden.WorkerCrashed):
+                    ex.submit(square, 3).result(timeout=60)
+        finally:
+            done.set()
+            killer.join(10)
+        assert ex._runner.core.failure() is None
+        assert sent >= 300
+        assert ex.submit(square, 5).result(timeout=60) == 25
 
 
 @pytest.mark.parametrize(

@@ -295,8 +295,9 @@ class Handler:
         self.running = True
         try:
             if self.stopping:
-                # Told to stop before the core's own handlers were installed:
-                # only this one ran, and raised nothing (nothing was running).
+                # Told to stop before the start hook began: the handler ran
+                # and raised nothing (nothing was running), and the core has
+                # the signal too: it reads this failure as the stop it is.
                 raise TaskInterrupted("stopped while starting")
             init = _loads(payload)
             self.mode = init["mode"]
@@ -883,7 +884,11 @@ def main() -> None:
     _startup_sigint = signal.getsignal(signal.SIGINT)
     if _startup_sigint is None:  # not set from Python: what a fresh interpreter has
         _startup_sigint = signal.default_int_handler
-    # Installed before the core's handlers, which chain to them.
+    # Installed before the core's handlers, which chain to them. Blocked
+    # until those are in place too (the core unblocks them then): a stop
+    # signal in between would otherwise reach only this one, and read as a
+    # start that failed instead of a stop.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     for sig in _STOP_SIGNALS:
         signal.signal(sig, handler.on_signal)
     _warden.worker_main(handler, variables)

@@ -98,7 +98,26 @@ pub(crate) fn install(channel: RawFd) -> io::Result<()> {
         interrupt_blocking_calls(sig)?;
     }
     ignore_terminal_stops();
+    unblock_in_this_thread();
     Ok(())
+}
+
+/// Unblocks the stop signals in the calling thread, now that their handlers
+/// are in place. A front end that installs handlers of its own first blocks
+/// the signals until then (the Python worker does), so that a stop signal
+/// arriving between the two waits for both instead of reaching only the
+/// first: it is delivered here, and the worker sees a stop, not a start
+/// hook that failed.
+fn unblock_in_this_thread() {
+    // SAFETY: plain libc calls on a local signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in STOP_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
 }
 
 /// Ignores SIGTTIN and SIGTTOU. A worker has a process group of its own,
