@@ -590,6 +590,64 @@ def test_base_exception_in_a_task_is_a_clear_error_and_the_worker_lives_on(ex):
     assert pid in ex._processes  # the same worker, not a replacement
 
 
+class RebuiltAsKeyboardInterrupt(Exception):
+    """An exception whose pickle makes a KeyboardInterrupt."""
+
+    def __reduce__(self):
+        return (KeyboardInterrupt, ("made by unpickling",))
+
+
+def raise_rebuilt_as_keyboard_interrupt():
+    raise RebuiltAsKeyboardInterrupt("the task's error")
+
+
+class RebuiltAsSystemExit(Exception):
+    def __reduce__(self):
+        return (SystemExit, (4,))
+
+
+def raise_rebuilt_as_system_exit():
+    raise RebuiltAsSystemExit("the task's error")
+
+
+def _raise_keyboard_interrupt_when_rebuilt():
+    raise KeyboardInterrupt("raised while unpickling")
+
+
+class FailsToRebuildWithKeyboardInterrupt(Exception):
+    def __reduce__(self):
+        return (_raise_keyboard_interrupt_when_rebuilt, ())
+
+
+def raise_fails_to_rebuild():
+    raise FailsToRebuildWithKeyboardInterrupt("the real error")
+
+
+def test_an_exception_whose_pickle_makes_keyboard_interrupt_or_system_exit_stops_neither_pool_nor_caller():
+    with warden.ProcessPoolExecutor(2) as ex:
+        for task, made in (
+            (raise_rebuilt_as_keyboard_interrupt, "KeyboardInterrupt"),
+            (raise_rebuilt_as_system_exit, "SystemExit"),
+        ):
+            failing = ex.submit(task)
+            others = [ex.submit(sleep_then, 0.2, i) for i in range(6)]
+            with pytest.raises(warden.TaskAborted, match=f"whose pickle makes {made}") as info:
+                failing.result(timeout=60)
+            assert info.value.message == "the task's error"
+            assert [f.result(timeout=60) for f in others] == list(range(6))
+            assert ex.submit(square, 3).result(timeout=60) == 9
+
+
+def test_an_exception_whose_unpickling_raises_keyboard_interrupt_is_reported_with_the_tasks_own_error(ex):
+    with pytest.raises(warden.RemoteError) as info:
+        ex.submit(raise_fails_to_rebuild).result(timeout=60)
+    text = str(info.value)
+    assert "FailsToRebuildWithKeyboardInterrupt: the real error" in text
+    assert "KeyboardInterrupt: raised while unpickling" in text
+    assert 'raise FailsToRebuildWithKeyboardInterrupt("the real error")' in str(info.value.__cause__)
+    assert ex.submit(square, 4).result(timeout=60) == 16
+
+
 def test_unpicklable_result_is_a_clear_error(ex):
     with pytest.raises(pickle.PicklingError, match="cannot pickle the task's result"):
         ex.submit(return_lock).result(timeout=30)

@@ -217,7 +217,7 @@ def _build_remote(traceback_type: type[Exception], remote: RemoteFailure) -> Bas
     if remote.kind == RemoteKind.RAISED and remote.data:
         try:
             exc = _loads(remote.data)
-        except (Exception, SystemExit) as e:
+        except BaseException as e:  # its __reduce__ may raise anything
             exc = RemoteError(
                 f"task raised {type_name}: {message} "
                 f"(the exception could not be unpickled here: {type(e).__name__}: {e})",
@@ -226,6 +226,15 @@ def _build_remote(traceback_type: type[Exception], remote: RemoteFailure) -> Bas
             )
         if not isinstance(exc, BaseException):
             exc = RemoteError(f"task raised {type_name}: {message}", type_name, message)
+        elif not isinstance(exc, Exception):
+            # Rebuilt here as a KeyboardInterrupt or SystemExit: it must not
+            # interrupt or end the caller, as one raised in the task cannot.
+            exc = TaskAborted(
+                f"task raised {type_name}: {message}, whose pickle makes a {type(exc).__name__}; a "
+                "BaseException that is not an Exception is reported as TaskAborted",
+                type_name,
+                message,
+            )
     if exc is None:
         exc = RemoteError(f"task failed: {type_name}: {message}", type_name, message)
     if remote.traceback:

@@ -126,25 +126,44 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
         try:
             data = dumps(exc)
             step = "rebuilt from its pickle"
-            _loads(data)
-        except Exception as why:
+            rebuilt = _loads(data)
+        except TaskInterrupted:
+            raise
+        except BaseException as why:  # its __reduce__ may raise anything
             stand_in = RemoteError(
                 f"task raised {type_name}: {message} (the exception could not be {step}: "
-                f"{type(why).__name__}: {why})",
+                f"{type(why).__name__}: {_text(why)})",
                 type_name,
                 message,
             )
             data = dumps(stand_in)
+        else:
+            if not isinstance(rebuilt, Exception):
+                # Its pickle makes something else (a KeyboardInterrupt, a
+                # SystemExit): reported as one raised in the task would be.
+                what = f"{type_name}: {message}, whose pickle makes {_repr(rebuilt)}"
+                data = dumps(_aborted(what, type_name, message))
+            del rebuilt
     else:
-        data = dumps(
-            TaskAborted(
-                f"task raised {exc!r}; a BaseException that is not an "
-                "Exception is reported as TaskAborted so that it cannot end this process",
-                type_name,
-                message,
-            )
-        )
+        data = dumps(_aborted(_repr(exc), type_name, message))
     return _warden.RemoteFailure(kind, type_name, message, tb, data)
+
+
+def _aborted(what: str, type_name: str, message: str) -> TaskAborted:
+    """What stands in for a ``BaseException`` that is not an ``Exception``."""
+    return TaskAborted(
+        f"task raised {what}; a BaseException that is not an "
+        "Exception is reported as TaskAborted so that it cannot end this process",
+        type_name,
+        message,
+    )
+
+
+def _repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
 
 
 def _unpicklable_result(value: Any, why: Exception) -> pickle.PicklingError:
