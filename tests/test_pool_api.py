@@ -728,3 +728,33 @@ def test_workers_start_with_the_environment_and_streams_the_parent_had_when_it_a
     # Three runs: without the guarantee, the workers' start races the
     # parent's next lines.
     assert [seen("warden") for _ in range(3)] == [std] * 3
+
+
+class LyingLength:
+    """An iterable whose ``len()`` is not the number of items it yields."""
+
+    def __init__(self, says: int, yields: int) -> None:
+        self.says, self.yields = says, yields
+
+    def __len__(self) -> int:
+        return self.says
+
+    def __iter__(self):
+        return iter(range(self.yields))
+
+
+def test_map_over_an_iterable_longer_than_its_len_returns_the_first_len_results_quietly(pool, capfd):
+    # What the standard library means to do: its MapResult is sized by len(),
+    # though its list then takes in late chunks at odd places ([0, None, 4]).
+    assert pool.map_async(square, LyingLength(says=2, yields=5), 1).get(timeout=60) == [0, 1]
+    # The chunks past len() run too; theirs are the results delivered next.
+    assert pool.map(square, range(3), 1) == [0, 1, 4]
+    time.sleep(0.2)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_map_over_an_iterable_shorter_than_its_len_returns_what_it_yielded_instead_of_hanging(pool):
+    # The standard library's waits for the chunks its len() promised, for ever.
+    for chunksize in (1, 2, None):
+        assert pool.map_async(square, LyingLength(says=5, yields=2), chunksize).get(timeout=60) == [0, 1]
+    assert pool.map(square, range(3)) == [0, 1, 4]

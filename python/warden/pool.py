@@ -355,6 +355,7 @@ class Pool(multiprocessing.pool.Pool):
         # start while the rest is being pickled. A chunk that cannot be
         # pickled (or queued) raises here: the result is abandoned (it calls
         # no callback) and the chunks already queued are cancelled.
+        made = 0
         try:
             for i, chunk in enumerate(chunks(items, chunksize) if count else ()):
                 payload, segment = dumps_oob((run_chunk, (func, chunk, star), {}))
@@ -362,9 +363,12 @@ class Pool(multiprocessing.pool.Pool):
                 result._tasks.append(
                     self._submit(payload, segment, functools.partial(result._deliver_chunk, i), result)
                 )
+                made = i + 1
         except BaseException:
             result._abandon()
             raise
+        if made < count:
+            result._fewer_chunks(made)
         return result
 
     def imap(
@@ -616,6 +620,7 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
         self._lock = threading.Lock()
         self._progress: _progress.Progress | None = None
         self._left = chunks
+        self._count = chunks
         # Chunks that came before one ahead of them; each joins ``_gathered``
         # as soon as every chunk before it has, so the whole list is ready
         # moments after the last chunk rather than built from all of them then.
@@ -657,6 +662,8 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
         with self._lock:
             if self._left < 0:
                 return
+            if index >= self._count:
+                return  # past what the iterable's len() said: dropped, as the standard library does
             if error is not None:
                 if self._first_error is None:
                     self._first_error = error
@@ -672,12 +679,28 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
             self._left -= 1
             done = self._left == 0
         if done:
-            self._chunks = []
-            if self._first_error is not None:
-                self._finish(None, self._first_error)
-            else:
-                value, self._gathered = self._gathered, []
-                self._finish(value, None)
+            self._complete()
+
+    def _fewer_chunks(self, made: int) -> None:
+        """The iterable ran out before its ``len()`` said it would: only
+        ``made`` chunks were queued, and the map is ready once they are in."""
+        with self._lock:
+            if self._left < 0:
+                return
+            self._left -= self._count - made
+            self._count = made
+            del self._chunks[made:]
+            done = self._left == 0
+        if done:
+            self._complete()
+
+    def _complete(self) -> None:
+        self._chunks = []
+        if self._first_error is not None:
+            self._finish(None, self._first_error)
+        else:
+            value, self._gathered = self._gathered, []
+            self._finish(value, None)
 
 
 if TYPE_CHECKING:
