@@ -692,6 +692,41 @@ def test_a_task_blocked_in_a_lock_event_or_queue_is_interrupted_and_runs_its_fin
         assert ex.submit(square, 3).result(timeout=60) == 9
 
 
+def sleep_for(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@pytest.mark.parametrize("how", ["task_timeout", "cancel_running"])
+def test_stopping_a_task_as_it_ends_never_cuts_off_the_task_sent_after_it(how):
+    # The task stopped (its timeout, cancel(running=True)) ends about when
+    # the stop comes; the next one, sent ahead to the same worker, must
+    # never be what the stop reaches.
+    rng = random.Random(3)
+    failed = []
+    timeout = 0.02 if how == "task_timeout" else None
+    # The initializer imports this module in each worker: no task pays for it.
+    with warden.ProcessPoolExecutor(1, task_timeout=timeout, initializer=sleep_for, initargs=(0,)) as ex:
+        ex.submit(sleep_for, 0).result(timeout=60)
+        for _ in range(200):
+            if how == "task_timeout":
+                ex.submit(sleep_for, 0.02 + rng.uniform(-0.002, 0.002))
+                after = ex.submit(sleep_for, 0.001)
+            else:
+                stopped = ex.submit(sleep_for, rng.choice([0.0005, 0.001, 0.002]))
+                after = ex.submit(sleep_for, 0.003)
+                assert wait_until(lambda s=stopped: s.running() or s.done(), timeout=30, step=0.0001)
+                time.sleep(rng.random() * 0.002)
+                stopped.cancel(running=True)
+            try:
+                after.result(timeout=60)
+            except warden.WorkerCrashed as e:  # the stop reached it
+                failed.append(repr(e))
+            except warden.TaskTimeout:
+                pass  # its own 20 ms, on a loaded machine
+    assert failed == []
+
+
 def test_cancel_running_after_the_task_finished_is_false(tmp_path):
     with warden.ProcessPoolExecutor(1) as ex:
         f = ex.submit(square, 4)

@@ -209,9 +209,10 @@ class Future(_base.Future["_T"]):
         has finished.
 
         ``cancel(running=True)`` also stops a task that is already running:
-        its worker gets SIGTERM (the task is interrupted, ``finally`` blocks
-        and the worker's finalizer run), SIGKILL after the grace period, and
-        is replaced; the other tasks are unaffected. The future ends
+        its worker stops as SIGTERM stops it (the task is interrupted,
+        ``finally`` blocks and the worker's finalizer run), SIGKILL after the
+        grace period, and is replaced; the other tasks are unaffected (if the
+        task ended as the stop came, the worker serves on). The future ends
         cancelled. ``False`` only once the task has finished.
         """
         with self._condition:

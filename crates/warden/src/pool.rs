@@ -186,8 +186,9 @@ impl Builder {
     }
 
     /// Default timeout for each task, counted from when a worker starts it.
-    /// On expiry the task ends as timed out and its worker is stopped (SIGTERM,
-    /// exit hook, grace period, SIGKILL) and replaced.
+    /// On expiry the task ends as timed out and its worker, if it still runs
+    /// that task, is stopped (as SIGTERM stops it: exit hook, grace period,
+    /// SIGKILL) and replaced.
     pub fn task_timeout(mut self, timeout: Duration) -> Self {
         self.cfg.task_timeout = Some(longest(timeout));
         self

@@ -161,6 +161,15 @@ fn interrupt_blocking_calls(sig: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Sends SIGTERM to this process, as a stop from outside would come: the
+/// handlers record it, and a running task is interrupted.
+pub(crate) fn stop_this_process() {
+    // SAFETY: kill(2) with this process's own id and a signal number.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGTERM);
+    }
+}
+
 /// The stop signal received so far, if any.
 pub(crate) fn pending() -> Option<i32> {
     match PENDING.load(Ordering::SeqCst) {

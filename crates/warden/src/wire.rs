@@ -291,6 +291,20 @@ pub enum Message<'a> {
         #[serde(borrow, with = "serde_bytes")]
         data: &'a [u8],
     },
+    /// Stop if this task is the one running (its timeout, a cancel of it
+    /// while it runs): the worker stops as a stop signal stops it. If it is
+    /// not, the worker withdraws it if it has not started it, answers
+    /// [`StopMissed`](Message::StopMissed), and serves on.
+    StopTask {
+        /// The task's id.
+        id: u64,
+    },
+    /// The task a [`StopTask`](Message::StopTask) named was not running
+    /// (it had ended, or had not started): the worker serves on.
+    StopMissed {
+        /// The task's id.
+        id: u64,
+    },
 }
 
 impl Message<'_> {
@@ -307,6 +321,8 @@ impl Message<'_> {
             Message::Retire { .. } => "retire",
             Message::Goodbye { .. } => "goodbye",
             Message::Record { .. } => "record",
+            Message::StopTask { .. } => "stop-task",
+            Message::StopMissed { .. } => "stop-missed",
         }
     }
 }

@@ -389,9 +389,47 @@ struct WorkerState {
     hook: Mutex<Option<ExitHook>>,
     /// Set once the exit path has run; holding it serialises the exit path.
     exit: Mutex<Option<ExitStatus>>,
+    /// The task the loop runs, and whether a `StopTask` for it was taken:
+    /// one lock, so that a stop meant for a task that has just ended never
+    /// reaches the one taken up after it.
+    run: Mutex<RunState>,
+}
+
+/// See [`WorkerState::run`].
+struct RunState {
+    /// The task running, or [`NO_TASK`].
+    running: u64,
+    /// A `StopTask` for the running task was taken: no other task starts.
+    stopped: bool,
 }
 
 impl WorkerState {
+    /// The loop takes up task `id`; `false` if a stop for the task before
+    /// it was taken (the worker leaves instead).
+    fn begin_task(&self, id: u64) -> bool {
+        let mut run = lock(&self.run);
+        if run.stopped {
+            return false;
+        }
+        run.running = id;
+        true
+    }
+
+    fn end_task(&self) {
+        lock(&self.run).running = NO_TASK;
+    }
+
+    /// The pool asks to stop task `id`: whether it is the one running (then
+    /// no other task starts here).
+    fn take_stop(&self, id: u64) -> bool {
+        let mut run = lock(&self.run);
+        if id == NO_TASK || run.running != id {
+            return false;
+        }
+        run.stopped = true;
+        true
+    }
+
     fn send(&self, msg: &Message<'_>) -> io::Result<()> {
         self.send_with_segment(msg, None)
     }
@@ -569,6 +607,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
         last_panicked: AtomicBool::new(false),
         hook: Mutex::new(None),
         exit: Mutex::new(None),
+        run: Mutex::new(RunState { running: NO_TASK, stopped: false }),
     });
     *lock(&CHANNEL) = Some(Arc::downgrade(&core));
 
@@ -730,6 +769,24 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
                 }
                 continue;
             }
+            // Stopped as a stop signal from outside would stop it, if that
+            // task is the one running; else it is withdrawn if it waits
+            // here, and the pool hears that it was missed.
+            Message::StopTask { id } => {
+                if core.take_stop(id) {
+                    core.stop_requested.store(true, Ordering::SeqCst);
+                    signals::stop_this_process();
+                    continue;
+                }
+                let skipped = || core.send(&Message::Result { id, outcome: WireOutcome::Skipped });
+                if let Some(Err(_)) = inbox.withdraw(id, skipped) {
+                    return inbox.end(End::Closed);
+                }
+                if core.send(&Message::StopMissed { id }).is_err() {
+                    return inbox.end(End::Closed);
+                }
+                continue;
+            }
             other => return inbox.end(End::Bad(format!("unexpected {} message", other.name()))),
         };
         inbox.push(incoming);
@@ -854,12 +911,18 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                     core.state.store(IDLE, Ordering::SeqCst);
                     return reason;
                 }
+                if !core.begin_task(id) {
+                    // A stop for the task before it came as that one ended.
+                    core.state.store(IDLE, Ordering::SeqCst);
+                    return core.stop_reason(signals::pending().unwrap_or(libc::SIGTERM));
+                }
                 core.last_task.store(id, Ordering::SeqCst);
                 inbox.started();
                 let result = catch_unwind(AssertUnwindSafe(|| handler.run_with_segment(&payload, segment)));
                 if std::process::id() != worker_pid {
                     leave_forked_copy();
                 }
+                core.end_task();
                 inbox.finished();
                 drop(payload);
                 if core.state.compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {

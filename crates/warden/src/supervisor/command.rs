@@ -127,8 +127,8 @@ impl Supervisor {
             }
             w.inflight[pos].task.deliver(Err(Error::cancelled()));
             if pos == 0 {
-                // Running: stop the worker; its exit hook runs.
-                w.stop(StopCause::Cancelled, grace);
+                // Running: stop the worker if it still runs it; its exit hook runs.
+                w.stop_task(id, StopCause::Cancelled, grace);
             } else {
                 // The worker gives it back unless it has started it already
                 // (done with the one before, while this was on its way).

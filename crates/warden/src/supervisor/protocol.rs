@@ -9,8 +9,8 @@ use std::time::Instant;
 use crate::error::{Error, ErrorKind};
 use crate::wire::{ExitPathReport, ExitReason, Message, RemoteError, RetireReason, WireOutcome};
 
-use super::worker::{retire, WorkerPhase};
-use super::{LifecycleEvent, Output, PoolPhase, StopCause, Supervisor};
+use super::worker::{retire, Worker, WorkerPhase};
+use super::{Config, LifecycleEvent, Output, PoolPhase, StopCause, Supervisor};
 
 /// A message from a worker, copied out of its read buffer.
 enum Incoming {
@@ -30,7 +30,24 @@ enum Incoming {
     },
     Goodbye(ExitReason, ExitPathReport, Option<u64>),
     Record(Vec<u8>),
+    /// A task it was being stopped for was not running.
+    StopMissed {
+        id: u64,
+    },
     Unexpected(&'static str),
+}
+
+/// A worker done with its tasks retires if it has run its share
+/// (`max_tasks_per_child`) or grew past `max_memory_per_child`.
+fn retire_if_due(w: &mut Worker, cfg: &Config) {
+    if w.phase == WorkerPhase::Ready && w.inflight.is_empty() {
+        if cfg.max_tasks_per_child.is_some_and(|max| w.assigned >= max) {
+            let reason = if cfg.one_off { RetireReason::Done } else { RetireReason::MaxTasks };
+            retire(w, reason, cfg);
+        } else if w.over_memory {
+            retire(w, RetireReason::MaxMemory, cfg);
+        }
+    }
 }
 
 impl Supervisor {
@@ -101,6 +118,7 @@ impl Supervisor {
                     },
                     Message::Goodbye { reason, report, last_task } => Incoming::Goodbye(reason, report, last_task),
                     Message::Record { data } => Incoming::Record(data.to_vec()),
+                    Message::StopMissed { id } => Incoming::StopMissed { id },
                     other => Incoming::Unexpected(other.name()),
                 },
                 Err(e) => {
@@ -155,8 +173,9 @@ impl Supervisor {
                 next.deadline = next.task.timeout.map(|t| now + t);
                 if next.cancel_requested {
                     // A cancel(running=True) may have crossed the task: stop
-                    // to be sure.
-                    w.stop(StopCause::Cancelled, cfg.grace);
+                    // it if it runs.
+                    let id = next.task.id;
+                    w.stop_task(id, StopCause::Cancelled, cfg.grace);
                 } else if next.withdrawing.is_none() && !next.task.delivered() {
                     // (One being given back is reported started only if it
                     // was not: it is then simply done.)
@@ -164,14 +183,7 @@ impl Supervisor {
                 }
             }
             super::memory::check_after_task(w, &cfg);
-            if w.phase == WorkerPhase::Ready && w.inflight.is_empty() {
-                if cfg.max_tasks_per_child.is_some_and(|max| w.assigned >= max) {
-                    let reason = if cfg.one_off { RetireReason::Done } else { RetireReason::MaxTasks };
-                    retire(w, reason, &cfg);
-                } else if w.over_memory {
-                    retire(w, RetireReason::MaxMemory, &cfg);
-                }
-            }
+            retire_if_due(w, &cfg);
         }
         if let Some(mut task) = given_back {
             match self.phase {
@@ -186,6 +198,15 @@ impl Supervisor {
     }
 
     fn handle(&mut self, id: u64, msg: Incoming) {
+        if let Incoming::StopMissed { id: task_id } = msg {
+            if let Some(w) = self.workers.get_mut(&id) {
+                if w.stop_missed(task_id) {
+                    let cfg = Arc::clone(&self.cfg);
+                    retire_if_due(w, &cfg);
+                }
+            }
+            return;
+        }
         let cfg = Arc::clone(&self.cfg);
         let Some(w) = self.workers.get_mut(&id) else { return };
         match (w.phase, msg) {
@@ -268,7 +289,10 @@ impl Supervisor {
                     Incoming::Ready => "ready",
                     Incoming::InitFailed(_) => "init-failed",
                     Incoming::Result { .. } | Incoming::Skipped { .. } => "result",
-                    Incoming::Goodbye(..) | Incoming::Record(_) | Incoming::Unexpected(_) => "message",
+                    Incoming::Goodbye(..)
+                    | Incoming::Record(_)
+                    | Incoming::StopMissed { .. }
+                    | Incoming::Unexpected(_) => "message",
                 };
                 let detail = format!("sent {name} while {}", phase.name());
                 self.protocol_error(id, detail);

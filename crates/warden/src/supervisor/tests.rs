@@ -4,7 +4,7 @@
 //! channel is a real socket pair, so what the supervisor sends is decoded as a
 //! worker would. The process-level behaviour is tested in `tests/lifecycle.rs`.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream as StdStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use super::*;
 use crate::error::{Error, ExitStatus};
 use crate::panics::lock;
 use crate::spawn::WorkerCommand;
-use crate::wire::{FrameReader, Message, RetireReason};
+use crate::wire::{FrameReader, Message, RetireReason, WireOutcome};
 
 const GRACE: Duration = Duration::from_secs(5);
 const MAX_FRAME: usize = 1 << 20;
@@ -188,6 +188,7 @@ impl Harness {
 enum Sent {
     Task(u64),
     Cancel(u64),
+    StopTask(u64),
     Retire(RetireReason),
     Other(&'static str),
 }
@@ -208,11 +209,20 @@ fn sent(w: &mut StandIn) -> Vec<Sent> {
         out.push(match msg {
             Message::Task { id, .. } => Sent::Task(id),
             Message::Cancel { id } => Sent::Cancel(id),
+            Message::StopTask { id } => Sent::StopTask(id),
             Message::Retire { reason } => Sent::Retire(reason),
             other => Sent::Other(other.name()),
         });
     }
     out
+}
+
+/// Has a stand-in worker say `msg`, and the supervisor read it.
+fn tell(h: &mut Harness, w: &mut StandIn, msg: &Message<'_>) {
+    let mut frame = Vec::new();
+    crate::wire::encode(msg, &mut frame, MAX_FRAME).expect("a frame");
+    w.peer.write_all(&frame).expect("writing the channel");
+    h.sup.read_worker(w.id, false);
 }
 
 // ---- scheduling --------------------------------------------------------
@@ -288,15 +298,19 @@ fn cancelling_a_queued_task_delivers_cancelled_and_signals_nobody() {
 }
 
 #[test]
-fn cancelling_a_running_task_stops_its_worker_with_sigterm_to_the_group() {
+fn cancelling_a_running_task_asks_its_worker_to_stop_for_that_task_on_the_channel() {
     let mut h = harness(1, 10);
-    let w = h.worker(WorkerPhase::Ready);
+    let mut w = h.worker(WorkerPhase::Ready);
     h.submit(1);
     h.sup.dispatch();
+    assert_eq!(sent(&mut w), [Sent::Task(1)]);
     let before = Instant::now();
     assert!(h.sup.cancel(1, true));
     assert_eq!(h.outcomes(), [(1, "cancelled")]);
-    assert_eq!(w.stand.signals(), [(Signal::TERM, true), (Signal::CONT, true)]);
+    assert_eq!(sent(&mut w), [Sent::StopTask(1)]);
+    // No SIGTERM: the worker stops itself if the task still runs. SIGCONT
+    // in case it is stopped (it would not read the request).
+    assert_eq!(w.stand.signals(), [(Signal::CONT, true)]);
     let worker = &h.sup.workers[&w.id];
     assert_eq!(worker.phase, WorkerPhase::Stopping);
     assert_eq!(worker.cause, Some(StopCause::Cancelled));
@@ -340,10 +354,48 @@ fn a_stopping_worker_is_killed_when_its_grace_runs_out_and_not_before() {
     h.sup.cancel(1, true);
     let deadline = h.sup.workers[&w.id].deadline.expect("grace deadline");
     h.sup.check_timers(deadline - Duration::from_millis(1));
-    assert_eq!(w.stand.signals(), [(Signal::TERM, true), (Signal::CONT, true)]);
+    assert_eq!(w.stand.signals(), [(Signal::CONT, true)]);
     h.sup.check_timers(deadline);
-    assert_eq!(w.stand.signals(), [(Signal::TERM, true), (Signal::CONT, true), (Signal::KILL, true)]);
+    assert_eq!(w.stand.signals(), [(Signal::CONT, true), (Signal::KILL, true)]);
     assert_eq!(h.phase(&w), WorkerPhase::Killed);
+}
+
+#[test]
+fn a_worker_whose_task_had_ended_when_asked_to_stop_for_it_serves_on_and_the_next_task_is_untouched() {
+    let mut h = harness(2, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(2);
+    assert_eq!(sent(&mut w), [Sent::Task(1), Sent::Task(2)]);
+    assert!(h.sup.cancel(1, true));
+    assert_eq!(sent(&mut w), [Sent::StopTask(1)]);
+    // Task 1 had ended (its result was on its way) and 2 had started.
+    tell(&mut h, &mut w, &Message::Result { id: 1, outcome: WireOutcome::Value(b"1") });
+    tell(&mut h, &mut w, &Message::StopMissed { id: 1 });
+    assert_eq!(h.phase(&w), WorkerPhase::Ready);
+    let worker = &h.sup.workers[&w.id];
+    assert_eq!((worker.cause.clone(), worker.deadline), (None, None));
+    assert_eq!(h.inflight(&w), [2]);
+    h.sup.check_timers(Instant::now() + GRACE * 2);
+    assert_eq!(w.stand.signals(), [(Signal::CONT, true)]);
+    assert_eq!(h.outcomes(), [(1, "cancelled")]);
+    tell(&mut h, &mut w, &Message::Result { id: 2, outcome: WireOutcome::Value(b"2") });
+    assert_eq!(h.outcomes(), [(1, "cancelled"), (2, "value")]);
+}
+
+#[test]
+fn a_whole_worker_stop_while_it_is_asked_to_stop_for_one_task_is_not_undone_by_its_answer() {
+    let mut h = harness(1, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    h.submit(1);
+    h.sup.dispatch();
+    assert!(h.sup.cancel(1, true));
+    if let Some(worker) = h.sup.workers.get_mut(&w.id) {
+        worker.stop(StopCause::Terminated, GRACE);
+    }
+    assert_eq!(w.stand.signals(), [(Signal::CONT, true), (Signal::TERM, true), (Signal::CONT, true)]);
+    let mut w = w;
+    tell(&mut h, &mut w, &Message::StopMissed { id: 1 });
+    assert_eq!(h.phase(&w), WorkerPhase::Stopping);
 }
 
 #[test]
@@ -374,7 +426,8 @@ fn a_task_past_its_timeout_times_out_and_its_worker_is_stopped() {
     assert_eq!(h.outcomes(), []);
     h.sup.check_timers(due);
     assert_eq!(h.outcomes(), [(7, "timed out")]);
-    assert_eq!(w.stand.signals(), [(Signal::TERM, true), (Signal::CONT, true)]);
+    assert_eq!(w.stand.signals(), [(Signal::CONT, true)]);
+    assert_eq!(h.phase(&w), WorkerPhase::Stopping);
     assert_eq!(h.sup.workers[&w.id].cause, Some(StopCause::TimedOut));
 }
 

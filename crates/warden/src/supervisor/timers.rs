@@ -22,8 +22,9 @@ impl Supervisor {
                 if !front.task.delivered() && front.deadline.is_some_and(|d| now >= d) {
                     let after = front.task.timeout.unwrap_or_default();
                     front.task.deliver(Err(Error::new(ErrorKind::TimedOut { after })));
-                    timed_out.push((front.task.id, w.raw_pid()));
-                    w.stop(StopCause::TimedOut, cfg.grace);
+                    let id = front.task.id;
+                    timed_out.push((id, w.raw_pid()));
+                    w.stop_task(id, StopCause::TimedOut, cfg.grace);
                 }
             }
             if bounded_close && !w.inflight.is_empty() && w.is_serving() {

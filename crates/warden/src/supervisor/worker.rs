@@ -100,6 +100,9 @@ pub(super) struct Worker {
     pub(super) last_task: Option<u64>,
     /// Above `max_memory_per_child` after a task: takes no more, retires when idle.
     pub(super) over_memory: bool,
+    /// Stopping for this task only ([`Worker::stop_task`]): the worker may
+    /// answer that it had ended, and serve on.
+    pub(super) stop_target: Option<u64>,
 }
 
 impl Worker {
@@ -132,6 +135,7 @@ impl Worker {
             record: None,
             last_task: None,
             over_memory: false,
+            stop_target: None,
         }
     }
 
@@ -164,6 +168,10 @@ impl Worker {
 
     pub(super) fn stop(&mut self, cause: StopCause, grace: Duration) {
         self.cause.get_or_insert(cause);
+        if self.phase == WorkerPhase::Stopping && self.stop_target.take().is_some() {
+            // Stopping for one task, unanswered: now the whole worker stops.
+            self.phase = WorkerPhase::Ready;
+        }
         if matches!(self.phase, WorkerPhase::Stopping | WorkerPhase::Killed) {
             return;
         }
@@ -182,6 +190,45 @@ impl Worker {
         }
         self.phase = WorkerPhase::Stopping;
         self.deadline = Some(Instant::now() + grace);
+    }
+
+    /// Stops the worker for task `id` (its timeout, a cancel of it while
+    /// it runs) if that task is still the one it runs. Asked on the
+    /// channel, not with a signal: the task may have ended, its result not
+    /// yet read, and the worker taken up the next one sent ahead, which a
+    /// signal would cut off. The worker decides: it stops as a stop signal
+    /// stops it (and the grace bounds it as for [`Worker::stop`]), or
+    /// answers `StopMissed` and serves on ([`Worker::stop_missed`]).
+    pub(super) fn stop_task(&mut self, id: u64, cause: StopCause, grace: Duration) {
+        let targeted = self.stop_target.is_some();
+        if self.phase != WorkerPhase::Ready && !(self.phase == WorkerPhase::Stopping && targeted) {
+            return self.stop(cause, grace);
+        }
+        if self.queue(&Message::StopTask { id }, self.max_frame).is_err() {
+            return self.stop(cause, grace);
+        }
+        self.flush();
+        // A stopped worker (SIGSTOP) reads the request only once it runs again.
+        self.signal(Signal::CONT);
+        if !targeted {
+            self.cause = Some(cause);
+            self.phase = WorkerPhase::Stopping;
+            self.deadline = Some(Instant::now() + grace);
+        }
+        self.stop_target = Some(id);
+    }
+
+    /// The worker answered that task `id`, for which it was being stopped,
+    /// was not running: it serves on.
+    pub(super) fn stop_missed(&mut self, id: u64) -> bool {
+        if self.phase != WorkerPhase::Stopping || self.stop_target != Some(id) {
+            return false;
+        }
+        self.stop_target = None;
+        self.phase = WorkerPhase::Ready;
+        self.deadline = None;
+        self.cause = None;
+        true
     }
 
     pub(super) fn kill(&mut self, cause: StopCause) {
