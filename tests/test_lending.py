@@ -16,6 +16,7 @@ import hashlib
 import os
 import stat
 import struct
+import time
 
 import pytest
 
@@ -415,3 +416,39 @@ def test_no_lending_thread_or_pipe_outlives_the_pools_that_read_the_loans(progra
         f"sizes {8 << 17}",
         "threads ['MainThread'] pipes 0",
     ]
+
+
+def large_result(_: int) -> bytes:
+    return b"x" * 200_000  # lent: above the inline limit
+
+
+def test_a_slow_callback_costs_no_large_result_of_the_workers_exiting_meanwhile():
+    # The results thread runs the callbacks and reads lent results: while a
+    # callback sleeps, the workers retiring (max_tasks_per_child, the
+    # shutdown at the end of the block) wait for it to read theirs.
+    with warden.ProcessPoolExecutor(2, max_tasks_per_child=2) as ex:
+        futures = [ex.submit(large_result, i) for i in range(12)]
+        futures[0].add_done_callback(lambda f: time.sleep(6))
+    assert [f.exception() for f in futures] == [None] * 12
+    assert all(f.result() == b"x" * 200_000 for f in futures)
+
+
+def test_shutting_down_in_a_callback_refuses_to_wait_and_every_result_still_arrives():
+    refused = []
+
+    def shut_down(_: object) -> None:
+        try:
+            ex.shutdown()
+        except RuntimeError as e:
+            refused.append(str(e))
+
+    ex = warden.ProcessPoolExecutor(2)
+    try:
+        futures = [ex.submit(large_result, i) for i in range(20)]
+        futures[0].add_done_callback(shut_down)
+        assert all(f.result(timeout=30) == b"x" * 200_000 for f in futures)
+    finally:
+        ex.shutdown()
+    assert len(refused) == 1 and "in one of its callbacks" in refused[0]
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(large_result, 0)

@@ -70,12 +70,19 @@ SELF_WAIT = (
 )
 
 
-def refuse_self_wait(core: Any) -> None:
+SELF_JOIN = (
+    "cannot wait for this pool to shut down in one of its callbacks: callbacks run on the "
+    "thread that delivers the pool's results, which the workers wait for as they exit (the "
+    "shutdown goes on; wait outside the callback)"
+)
+
+
+def refuse_self_wait(core: Any, message: str = SELF_WAIT) -> None:
     """Raises ``RuntimeError`` in ``core``'s results thread: a callback that
     waits there, without a timeout, for another of the pool's results would
     wait forever (the standard library's pools hang on it)."""
     if getattr(_delivering, "core", None) is core:
-        raise RuntimeError(SELF_WAIT)
+        raise RuntimeError(message)
 
 
 #: Set once the interpreter started exiting: no new pools or tasks.
@@ -575,7 +582,13 @@ class Runner:
 
     def join(self, timeout: float | None = None) -> bool:
         """Waits for the pool to shut down and its outcomes to be delivered.
-        Ctrl-C while waiting interrupts the pool (see :meth:`interrupt`)."""
+        Ctrl-C while waiting interrupts the pool (see :meth:`interrupt`).
+        ``RuntimeError`` without a timeout on the pool's own results thread
+        (in a callback): its workers wait, as they exit, for that thread to
+        read the results they lent (the standard library's executor raises
+        there too, "cannot join current thread"; its ``Pool`` hangs)."""
+        if timeout is None:
+            refuse_self_wait(self.core, SELF_JOIN)
         try:
             done = self.core.join(timeout)
         except KeyboardInterrupt:

@@ -74,8 +74,11 @@ _startup_sigint: Any = signal.default_int_handler
 #: How long a worker's exit waits for the parent to read the results it lent:
 #: this, and one second more for each :data:`_SLOWEST_READ` bytes lent (the
 #: parent reads results one after another: a few results of a GiB each
-#: take it seconds).
-_LOAN_GRACE = 5.0
+#: take it seconds). Generous: the parent reads them on the thread that also
+#: runs the program's callbacks, which a slow callback holds up. A parent
+#: that is gone ends the wait at once; a pool stopping its workers bounds it
+#: with its grace period.
+_LOAN_GRACE = 60.0
 
 #: Bytes per second the parent reads lent results at, at least (about a
 #: tenth of what a loaded two-core machine measures).
