@@ -674,6 +674,25 @@ def test_a_result_whose_unpickling_raises_system_exit_fails_only_its_task(ex):
     assert list(ex.map(square, range(5), timeout=30)) == [0, 1, 4, 9, 16]
 
 
+class FailsWhenUnpickled:
+    def __init__(self):
+        self.state = 1
+
+    def __setstate__(self, state):
+        raise ValueError("setstate refused")
+
+
+def return_fails_when_unpickled():
+    return FailsWhenUnpickled()
+
+
+def test_a_result_that_cannot_be_unpickled_says_so_and_is_not_taken_for_the_tasks_own_error(ex):
+    with pytest.raises(ValueError, match="setstate refused") as info:
+        ex.submit(return_fails_when_unpickled).result(timeout=30)
+    assert info.value.__notes__ == ["(raised in this process: cannot unpickle the task's result)"]
+    assert ex.submit(square, 2).result(timeout=30) == 4
+
+
 def test_a_done_callback_raising_system_exit_does_not_stop_other_futures(ex):
     f = ex.submit(sleep_then, 0.2, 1)
     f.add_done_callback(lambda _: sys.exit(1))

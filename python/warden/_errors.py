@@ -112,7 +112,7 @@ class TaskTimeout(TimeoutError):
 class ErrorData:
     """How a task failed, as data. :meth:`build` makes a fresh exception."""
 
-    __slots__ = ("exitcode", "kind", "memory", "message", "pid", "remote", "signal", "timeout")
+    __slots__ = ("exitcode", "kind", "memory", "message", "note", "pid", "remote", "signal", "timeout")
 
     def __init__(
         self,
@@ -133,6 +133,8 @@ class ErrorData:
         self.signal = signal
         self.timeout = timeout
         self.memory = memory
+        #: Added to the built exception's notes: where it was raised.
+        self.note: str | None = None
 
     @classmethod
     def from_core(cls, error: TaskError) -> ErrorData:
@@ -163,11 +165,14 @@ class ErrorData:
             data = b""
         if not data:
             return cls(ErrorKind.OTHER, f"{context}: {type_name}: {text}")
-        return cls(
+        error = cls(
             ErrorKind.REMOTE,
             f"{context}: {type_name}: {text}",
             RemoteFailure(RemoteKind.RAISED, type_name, text, "", data),
         )
+        # Rebuilt as itself, it would read as the task's own error.
+        error.note = f"(raised in this process: {context})"
+        return error
 
     @property
     def cancelled(self) -> bool:
@@ -180,7 +185,10 @@ class ErrorData:
         ``multiprocessing.pool`` each have their own)."""
         kind = self.kind
         if kind == ErrorKind.REMOTE and self.remote is not None:
-            return _build_remote(traceback_type, self.remote)
+            exc = _build_remote(traceback_type, self.remote)
+            if self.note is not None:
+                exc.add_note(self.note)
+            return exc
         if kind == ErrorKind.MEMORY_EXCEEDED:
             limit, rss = self.memory if self.memory is not None else (None, None)
             return WorkerMemoryExceeded(self.message, self.pid, limit=limit, rss=rss)
