@@ -109,15 +109,7 @@ pub(crate) fn install(channel: RawFd) -> io::Result<()> {
 /// first: it is delivered here, and the worker sees a stop, not a start
 /// hook that failed.
 fn unblock_in_this_thread() {
-    // SAFETY: plain libc calls on a local signal set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in STOP_SIGNALS {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-    }
+    mask_in_this_thread(libc::SIG_UNBLOCK);
 }
 
 /// Ignores SIGTTIN and SIGTTOU. A worker has a process group of its own,
@@ -181,6 +173,12 @@ pub(crate) fn pending() -> Option<i32> {
 /// Blocks the stop signals in the calling thread, so the kernel delivers them
 /// to a thread that runs tasks (where they can interrupt a blocking call).
 pub(crate) fn block_in_this_thread() {
+    mask_in_this_thread(libc::SIG_BLOCK);
+}
+
+/// Blocks (`SIG_BLOCK`) or unblocks (`SIG_UNBLOCK`) the stop signals in the
+/// calling thread.
+fn mask_in_this_thread(how: libc::c_int) {
     // SAFETY: plain libc calls on a local signal set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -188,7 +186,7 @@ pub(crate) fn block_in_this_thread() {
         for sig in STOP_SIGNALS {
             libc::sigaddset(&mut set, sig);
         }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
     }
 }
 
