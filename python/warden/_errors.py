@@ -238,8 +238,9 @@ def _build_remote(traceback_type: type[Exception], remote: RemoteFailure) -> Bas
             # Rebuilt here as a KeyboardInterrupt or SystemExit: it must not
             # interrupt or end the caller, as one raised in the task cannot.
             exc = TaskAborted(
-                f"task raised {type_name}: {message}, whose pickle makes a {type(exc).__name__}; a "
-                "BaseException that is not an Exception is reported as TaskAborted",
+                f"task raised {type_name}: {message}, whose pickle makes {type(exc).__name__} here; a "
+                "BaseException that is not an Exception is reported as TaskAborted so that it cannot end "
+                "this process",
                 type_name,
                 message,
             )
