@@ -49,6 +49,14 @@ def run_then_mark(seconds: float, marker: str) -> int:
     return os.getpid()
 
 
+def note_start_then_run(starts: str, seconds: float, marker: str) -> int:
+    """Appends this worker's pid and ``seconds`` to ``starts``, then as
+    :func:`run_then_mark`."""
+    with open(starts, "a") as f:
+        f.write(f"{os.getpid()} {seconds}\n")
+    return run_then_mark(seconds, marker)
+
+
 def mark_now(marker: str) -> None:
     Path(marker).write_text("ran")
 
@@ -287,18 +295,21 @@ def test_a_failing_task_in_a_task_group_stops_its_running_siblings(any_loop, tmp
 
 
 def test_leaving_amap_early_stops_the_calls_not_done(any_loop, tmp_path):
-    exits = tmp_path / "exits"
+    exits, starts = tmp_path / "exits", tmp_path / "starts"
     marker = str(tmp_path / "finished")
 
     async def main():
         with warden.ProcessPoolExecutor(2, finalizer=record_exit, finalargs=(str(exits),)) as ex:
             async with contextlib.aclosing(
-                ex.amap(run_then_mark, [0, 30, 30], [marker + "0", marker, marker])
+                ex.amap(note_start_then_run, [str(starts)] * 3, [0, 30, 30], [marker + "0", marker, marker])
             ) as it:
                 async for _ in it:
                     break
-            # The two long calls were running or queued: the running one's worker was stopped.
-            assert wait_until(lambda: len(pids_in(exits)) >= 1, timeout=15)
+            # Each long call had started, and then its worker was stopped (its
+            # exit path ran), or it had not, and it never will.
+            lines = starts.read_text().splitlines() if starts.exists() else []
+            long_starts = {int(line.split()[0]) for line in lines if line.split()[1] != "0"}
+            assert wait_until(lambda: long_starts <= set(pids_in(exits)), timeout=15)
             assert await ex.run(square, 3) == 9
 
     any_loop(main())
