@@ -663,7 +663,9 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
             if self._left < 0:
                 return
             if index >= self._count:
-                return  # past what the iterable's len() said: dropped, as the standard library does
+                # Past what the iterable's len() said: the result holds
+                # len() items, as the standard library's is sized.
+                return
             if error is not None:
                 if self._first_error is None:
                     self._first_error = error
