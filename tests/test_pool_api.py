@@ -274,11 +274,6 @@ def nap_then_square(args):
     return i * i
 
 
-def nap_then_echo(i):
-    time.sleep(0.02)
-    return i
-
-
 class Counted:
     """An iterable that counts the items taken from it."""
 
@@ -292,14 +287,20 @@ class Counted:
             yield i
 
 
+def echo_then_stall_from_10(i):
+    if i >= 10:
+        time.sleep(30)  # until terminate(): no result comes after the first ten
+    return i
+
+
 def test_imap_reads_its_iterable_only_as_far_ahead_as_the_workers_need(pool):
     # As the standard library's imap, whose pipe to the workers fills: a big
     # file read line by line is not read into memory ahead of the workers.
     items = Counted(100_000)
-    it = pool.imap(nap_then_echo, items)
+    it = pool.imap(echo_then_stall_from_10, items)
     assert [next(it) for _ in range(10)] == list(range(10))
-    time.sleep(0.5)
-    bound = 10 + warden.pool.IMAP_AHEAD_CHUNKS * 2 + 50  # (results delivered meanwhile, 2 workers)
+    time.sleep(0.5)  # time enough for a feeder that does not stop to read thousands
+    bound = 10 + warden.pool.IMAP_AHEAD_CHUNKS * 2 + 10  # (2 workers; a few in hand)
     assert items.taken < bound, items.taken
     pool.terminate()
 
