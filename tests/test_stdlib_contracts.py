@@ -380,6 +380,73 @@ def test_a_pool_left_open_at_exit_is_terminated(program, impl):
     assert prog.out_lines() == []
 
 
+@pytest.mark.parametrize("wait", ["map", "imap", "apply_async"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_daemon_thread_waiting_on_a_pool_left_open_at_exit_ends_silently_with_the_program(
+    program, impl, wait
+):
+    prog = user_program(
+        program,
+        f"""
+        import threading
+
+        def slow(x):
+            time.sleep(60)
+            return x
+
+        def background(pool):
+            note("waiting")
+            if "{wait}" == "map":
+                pool.map(slow, range(4))
+            elif "{wait}" == "imap":
+                list(pool.imap(slow, range(4)))
+            else:
+                pool.apply_async(slow, (1,)).get()
+            note("returned")
+
+        if __name__ == "__main__":
+            pool = Pool(2)
+            threading.Thread(target=background, args=(pool,), daemon=True).start()
+            time.sleep(0.5)
+        """,
+    )
+    run = prog.run(timeout=40, env={"IMPL": impl})
+    assert run.returncode == 0, run.stderr
+    assert run.elapsed < 30
+    assert prog.out_lines() == ["waiting"]
+    assert run.stderr == ""
+
+
+def test_a_daemon_thread_waiting_on_a_future_that_exit_timeout_drops_ends_silently_with_the_program(program):
+    prog = program(
+        """
+        import os, threading, time, warden
+
+        def slow():
+            time.sleep(60)
+
+        def background(ex):
+            ex.submit(slow).result()
+            with open(os.environ["OUT"], "a") as f:
+                f.write("returned\\n")
+
+        if __name__ == "__main__":
+            ex = warden.ProcessPoolExecutor(1, exit_timeout=0.5)
+            threading.Thread(target=background, args=(ex,), daemon=True).start()
+            time.sleep(0.5)
+        """
+    )
+    run = prog.run(timeout=40)
+    assert run.returncode == 0, run.stderr
+    assert run.elapsed < 30
+    assert prog.out_lines() == []
+    dropped = (
+        r"warden: ProcessPoolExecutor-\d+: 1 submitted task dropped at interpreter exit"
+        r" \(exit_timeout=0\.5s passed\)"
+    )
+    assert re.fullmatch(dropped, run.stderr.strip()), run.stderr
+
+
 # -- in this process: the same calls on both implementations -----------------
 
 

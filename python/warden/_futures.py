@@ -165,11 +165,14 @@ class Future(_base.Future["_T"]):
                 if timeout is None and self._runner is not None:
                     _runner.refuse_self_wait(self._runner.core)
                 self._condition.wait(timeout)
-                if self._state in _CANCELLED:
-                    raise CancelledError()
-                if self._state == _base.FINISHED:
-                    return self._outcome()
-                raise TimeoutError()
+                if self._state not in _CANCELLED:
+                    if self._state == _base.FINISHED:
+                        return self._outcome()
+                    raise TimeoutError()
+            # Cancelled while this thread waited: at interpreter exit, a
+            # daemon thread stays blocked (outside the lock) instead.
+            _runner.park_at_exit()
+            raise CancelledError()
         except KeyboardInterrupt:
             if self._on_interrupt is not None:
                 self._on_interrupt()

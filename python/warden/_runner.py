@@ -87,6 +87,31 @@ def refuse_self_wait(core: Any, message: str = SELF_WAIT) -> None:
 
 #: Set once the interpreter started exiting: no new pools or tasks.
 exiting = False
+#: Set once an exit step began (the executors' in ``threading``'s exit hooks,
+#: or the ``atexit`` one): what it cancels is cut short by the exit.
+exit_began = False
+
+
+def park_at_exit() -> None:
+    """Blocks for good a daemon thread whose wait the interpreter's exit cut
+    short (its pool terminated at exit, its task cancelled), as the standard
+    library's pools leave such a thread waiting: the interpreter's end ends
+    it, instead of its traceback for a ``CancelledError`` it could do nothing
+    about. Returns at once in any other thread (the main thread, a non-daemon
+    thread, one not started by ``threading``, warden's own) and before exit."""
+    if not exit_began:
+        return
+    thread = threading.current_thread()
+    if (
+        not thread.daemon
+        or thread is threading.main_thread()
+        or isinstance(thread, threading._DummyThread)  # type: ignore[attr-defined]
+        or thread.name.startswith("warden-")
+    ):
+        return
+    threading.Event().wait()
+
+
 #: Set in a worker told to stop (a signal): at its exit, the pools it started
 #: are stopped, as after Ctrl-C, instead of running what is pending.
 stop_requested = False
@@ -972,7 +997,8 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
     process groups, did not see the Ctrl-C). A Ctrl-C while waiting stops
     everything gracefully; another one kills what is left. After a terminate,
     every wait is bounded by the grace periods."""
-    global exiting
+    global exiting, exit_began
+    exit_began = True
     if policies is None:
         exiting = True
     with _live_lock:

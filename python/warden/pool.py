@@ -15,6 +15,7 @@ import types
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from concurrent.futures import CancelledError
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -574,7 +575,10 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
         if not self.ready():
             raise multiprocessing.TimeoutError
         if self._error is not None:
-            raise _exception(self._error)
+            exc = _exception(self._error)
+            if isinstance(exc, CancelledError):
+                _runner.park_at_exit()
+            raise exc
         return self._value
 
     def _deliver(self, ok: bool, data: Any) -> None:
@@ -805,6 +809,8 @@ class IMapIterator(_StdIMapIterator[_T]):
                         self._arrived.clear()
                     self._pool = None
                 exc = _exception(value)
+                if isinstance(exc, CancelledError):
+                    _runner.park_at_exit()
                 if isinstance(exc, StopIteration):
                     # Raised as is, it would end the caller's loop as if the
                     # results had run out (PEP 479's reason, for generators).
