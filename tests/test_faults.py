@@ -209,6 +209,45 @@ def test_a_stopped_worker_past_its_task_timeout_is_resumed_to_run_its_exit_path(
     assert stopped[0] in pids_tagged(path, "finalizer")
 
 
+def stopped(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].startswith("T")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_shutdown_resumes_a_worker_stopped_in_its_task_and_waits_for_that_task(tmp_path, kind):
+    # A drain waits for the running task: one whose worker was stopped
+    # (SIGSTOP, a debugger) would never end. The pool resumes it.
+    path = str(tmp_path / "log")
+    if kind == "executor":
+        pool = warden.ProcessPoolExecutor(1, finalizer=record, finalargs=(path, "finalizer"))
+        outcome = pool.submit(stop_own_worker, path)
+        shut_down = pool.shutdown
+    else:
+        pool = warden.Pool(1, finalizer=record, finalargs=(path, "finalizer"))
+        outcome = pool.apply_async(stop_own_worker, (path,))
+
+        def shut_down():
+            pool.close()
+            pool.join()
+
+    assert wait_until(lambda: len(pids_tagged(path, "stopped")) == 1, timeout=30)
+    (worker,) = pids_tagged(path, "stopped")
+    assert wait_until(lambda: stopped(worker), timeout=10)
+    waiting = threading.Thread(target=shut_down, daemon=True)
+    waiting.start()
+    waiting.join(timeout=30)
+    if waiting.is_alive():
+        os.kill(worker, signal.SIGKILL)
+    assert not waiting.is_alive(), "the shutdown waited for a task that could not run"
+    answer = outcome.result(5) if kind == "executor" else outcome.get(5)
+    assert answer == "resumed"
+    assert pids_tagged(path, "finalizer") == [worker]
+
+
 FORKED_COPY = """
 import multiprocessing, os, sys, warden
 if __name__ == "__main__":

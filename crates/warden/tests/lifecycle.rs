@@ -113,6 +113,10 @@ fn main() {
             a_shutdown_resumes_a_worker_sigstopped_in_its_start_hook,
         ),
         both(
+            "a_shutdown_resumes_a_worker_sigstopped_in_a_task_and_drains_that_task",
+            a_shutdown_resumes_a_worker_sigstopped_in_a_task_and_drains_that_task,
+        ),
+        both(
             "a_worker_that_writes_a_malformed_frame_is_replaced_and_its_task_errors",
             a_worker_that_writes_a_malformed_frame_is_replaced_and_its_task_errors,
         ),
@@ -277,6 +281,13 @@ fn stopping_start() {
     // SAFETY: raise(3) with a signal number.
     unsafe { libc::raise(libc::SIGSTOP) };
     on_start();
+}
+
+/// Stops its own process (SIGSTOP); once resumed, returns its pid.
+fn stopping_task(_: ()) -> u32 {
+    // SAFETY: raise(3) with a signal number.
+    unsafe { libc::raise(libc::SIGSTOP) };
+    std::process::id()
 }
 
 fn pid(_: ()) -> u32 {
@@ -879,6 +890,37 @@ fn a_shutdown_resumes_a_worker_sigstopped_in_its_start_hook() -> TestResult {
         check(reason.as_deref() == Some("Retired(Shutdown)"), format!("worker {pid}: {reason:?}"))?;
     }
     Ok(())
+}
+
+/// Whether process `pid` is stopped (state `T` in /proc).
+fn process_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')))
+}
+
+fn a_shutdown_resumes_a_worker_sigstopped_in_a_task_and_drains_that_task() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).build()?;
+    let handle = pool.spawn(stopping_task, ())?;
+    let pid = wait_running(&pool, handle.id())?;
+    check(wait_until(Duration::from_secs(10), || process_stopped(pid)), format!("worker {pid} stopped itself"))?;
+    // A drain waits for the task: before, for good, the worker never
+    // running again. In a thread, so that a hang fails the test.
+    let (done, shut) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        pool.shutdown();
+        let _ = done.send(());
+    });
+    let drained = shut.recv_timeout(Duration::from_secs(20)).is_ok();
+    if !drained {
+        // SAFETY: kill(2) with a pid and a signal number.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    check(drained, "shutdown returned")?;
+    let answer = handle.join_timeout(Duration::from_secs(5))?;
+    check(answer == pid as u32, format!("the stopped task finished: {answer} from worker {pid}"))?;
+    let reason = hooks.exit_reason(pid as u32);
+    check(reason.as_deref() == Some("Retired(Shutdown)"), format!("worker {pid}: {reason:?}"))
 }
 
 fn a_start_hook_that_hangs_is_stopped_at_the_init_timeout() -> TestResult {

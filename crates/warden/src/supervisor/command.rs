@@ -149,11 +149,12 @@ impl Supervisor {
         self.shared.accepting.store(false, Ordering::SeqCst);
         self.phase = PoolPhase::Closing { drain };
         self.close_deadline = deadline;
-        // A worker stopped (SIGSTOP) while starting would hold the close
-        // until its init timeout: resume it, so that it gets ready and is
-        // retired. Harmless to a running one.
+        // A worker stopped (SIGSTOP, a debugger) would hold the close: one
+        // starting until its init timeout, one with a task for good, since
+        // a drain waits for that task. Resume every one, so that it gets
+        // ready or ends its task, and is retired. Harmless to a running one.
         for w in self.workers.values_mut() {
-            if matches!(w.phase, WorkerPhase::Starting | WorkerPhase::Initializing) {
+            if !matches!(w.phase, WorkerPhase::Killed) {
                 w.signal(Signal::CONT);
             }
         }
