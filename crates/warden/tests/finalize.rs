@@ -90,6 +90,10 @@ fn main() {
         ),
         ("exit_finalizers_run_when_main_panics", exit_finalizers_run_when_main_panics),
         (
+            "an_exit_callback_that_calls_process_exit_is_cut_off_at_the_deadline_and_the_exit_code_stays",
+            an_exit_callback_that_calls_process_exit_is_cut_off_at_the_deadline_and_the_exit_code_stays,
+        ),
+        (
             "a_program_killed_by_a_signal_does_not_run_its_exit_finalizers",
             a_program_killed_by_a_signal_does_not_run_its_exit_finalizers,
         ),
@@ -651,6 +655,20 @@ fn exit_finalizers_run_when_main_panics() -> Result<(), Failed> {
     Ok(())
 }
 
+fn an_exit_callback_that_calls_process_exit_is_cut_off_at_the_deadline_and_the_exit_code_stays() -> Result<(), Failed> {
+    // As the finalize module's caveats say: the process is exiting already.
+    let ran = run_scenario("exit-in-exit-callback", SOON)?;
+    ensure!(ran.code == Some(3), "exit {:?} / signal {:?}; stderr: {}", ran.code, ran.signal, ran.stderr);
+    let expected = [
+        "exit first on warden-finalizer",
+        "exit-calling callback runs",
+        "incident finalizer exits was still running at the exit deadline",
+        "incident finalizer last did not run before the exit deadline",
+    ];
+    ensure!(ran.lines() == expected, "got:\n{}\nstderr: {}", ran.stdout, ran.stderr);
+    Ok(())
+}
+
 fn a_process_that_cannot_start_threads_still_registers_and_runs_everything_at_exit() -> Result<(), Failed> {
     let ran = run_scenario("short-of-threads", SOON)?;
     ensure!(ran.code == Some(0), "exit {:?} / signal {:?}; stderr: {}", ran.code, ran.signal, ran.stderr);
@@ -732,6 +750,20 @@ fn scenario(name: &str) {
             Ok(())
         }
         "deadline" => scenario_deadline(),
+        "exit-in-exit-callback" => {
+            print_incidents();
+            finalize::set_exit_timeout(Duration::from_millis(300));
+            let _ = exit_line("first", 9).register();
+            let _ = Finalizer::new(|| {
+                say("exit-calling callback runs");
+                std::process::exit(5);
+            })
+            .label("exits")
+            .priority(5)
+            .register();
+            let _ = exit_line("last", 0).register();
+            std::process::exit(3);
+        }
         "closed" => scenario_closed(),
         "short-of-threads" => scenario_short_of_threads(),
         other => {

@@ -116,8 +116,14 @@
 //! * [`run_exit_finalizers`] and [`wait_idle`] wait for the finalizer thread:
 //!   the caller must not hold anything the callbacks need (a Python caller must
 //!   release the GIL while it waits).
-//! * A callback must not call [`std::process::exit`]; if it does, the remaining
-//!   exit finalizers run on the finalizer thread inside that call.
+//! * A callback must not call [`std::process::exit`]. If one does while the
+//!   program runs (a guard dropped, a scheduled callback), the remaining exit
+//!   finalizers run on the finalizer thread inside that call, and the process
+//!   exits with its code. If one does during the exit drain, the process is
+//!   exiting already and the call never returns: the drain reports that
+//!   callback [`Overran`](Incident::Overran) at its deadline and the ones after
+//!   it [`Skipped`](Incident::Skipped), and the process exits with the code it
+//!   was exiting with, not the callback's.
 //! * The exit drain is not a destructor pass: values still alive at exit are
 //!   not dropped; only their registered callbacks run.
 //! * Built with `panic = "abort"`, a panicking callback aborts the process.

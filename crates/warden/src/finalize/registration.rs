@@ -277,7 +277,8 @@ impl Finalizer {
         self
     }
 
-    /// A label for reports (default: `finalizer #N`).
+    /// A label for reports (default: `#N`, the registration's number):
+    /// an [`Incident`] reads "finalizer {label} panicked: …".
     pub fn label(mut self, label: impl Into<String>) -> Self {
         self.label = Some(label.into());
         self

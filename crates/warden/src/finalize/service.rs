@@ -132,7 +132,7 @@ impl Service {
             at_exit: AtomicBool::new(f.at_exit),
             callback: Mutex::new(Some(f.callback)),
             host: f.host,
-            label: f.label.unwrap_or_else(|| format!("finalizer #{seq}")),
+            label: f.label.unwrap_or_else(|| format!("#{seq}")),
         });
         inner.registry.insert(key, Arc::clone(&entry));
         Ok(Token { entry })
