@@ -61,7 +61,12 @@
 //! * [`init`] must be the first thing `main` does: workers are this executable
 //!   run again, and everything before `init` runs in them too. A pool of this
 //!   program's functions (and [`spawn()`](fn@spawn)) refuses to build in a
-//!   process that never called it.
+//!   process that never called it. An async runtime's `main` attribute
+//!   (`#[tokio::main]`) starts the runtime's threads before the body runs: a
+//!   worker then starts those threads too, and pools cannot fork workers from
+//!   a zygote (only a single-threaded process can fork; they start each one
+//!   by exec, [`LifecycleEvent::ZygoteRefused`] says why). Write a plain
+//!   `fn main` that calls [`init`], then builds the runtime.
 //! * Under `cargo test`, the default test harness owns `main`, and a worker
 //!   (the test binary run again) would run the whole suite: put the tests that
 //!   use pools in a test target with `harness = false` whose `main` calls
@@ -113,7 +118,8 @@ pub use error::{signal_name, Error, ErrorKind, ExitStatus, Result};
 pub use lost::LostWorker;
 pub use pool::{
     spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, StartMethod, StopMode, TaskOptions, DEFAULT_GRACE,
-    DEFAULT_INIT_TIMEOUT, DEFAULT_RESTART_LIMIT, DEFAULT_RESTART_WINDOW, LONGEST_WAIT, MIN_FRAME,
+    DEFAULT_INIT_TIMEOUT, DEFAULT_MEMORY_SAMPLE_INTERVAL, DEFAULT_RESTART_LIMIT, DEFAULT_RESTART_WINDOW, LONGEST_WAIT,
+    MIN_FRAME,
 };
 pub use supervisor::{LifecycleEvent, Output, StopCause, WorkerEnd, WorkerSnapshot};
 pub use wire::{ExitPathReport, ExitReason, RemoteError, RemoteErrorKind, RetireReason};

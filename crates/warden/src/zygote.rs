@@ -409,7 +409,8 @@ fn can_fork() -> Result<(), String> {
         std::fs::read_dir("/proc/self/task").map_err(|e| format!("cannot count the zygote's threads: {e}"))?.count();
     if threads != 1 {
         return Err(format!(
-            "the zygote has {threads} threads (a preload started some); only a single-threaded process can fork"
+            "the zygote has {threads} threads (started by a preload, or in a Rust program before warden::init); only a \
+             single-threaded process can fork"
         ));
     }
     Ok(())
