@@ -64,6 +64,18 @@ const READ_CHUNK: usize = 64 << 10;
 /// The most the reader grows its buffer by in one step while a large frame arrives.
 const MAX_GROWTH: usize = 4 << 20;
 
+/// The most room a frame buffer (a [`FrameReader`]'s, or a writer's) keeps
+/// once it is empty and its last use took less than half of it: the room one
+/// large frame needed is given back once a smaller one has passed, not held
+/// for the channel's life; a stream of large frames keeps reusing it.
+pub const KEEP_BUFFER: usize = 1 << 20;
+
+/// Whether a frame buffer with `capacity` bytes of room, empty now, gives
+/// most of it back (see [`KEEP_BUFFER`]) after a use of `used` bytes.
+pub fn give_back_room(capacity: usize, used: usize) -> bool {
+    capacity > KEEP_BUFFER && used < capacity / 2
+}
+
 /// Why a frame could not be read or written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -459,12 +471,22 @@ pub struct FrameReader {
     /// Descriptors received with [`FrameReader::fill_from_socket`], in order,
     /// not yet taken by their frames; `None` for one the kernel dropped.
     fds: VecDeque<Option<OwnedFd>>,
+    /// The size of the last frame returned, header included.
+    last_frame: usize,
 }
 
 impl FrameReader {
     /// A reader that refuses frames whose body is larger than `max_frame`.
     pub fn new(max_frame: usize) -> Self {
-        FrameReader { buf: Vec::new(), start: 0, end: 0, max_frame, poisoned: None, fds: VecDeque::new() }
+        FrameReader {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            max_frame,
+            poisoned: None,
+            fds: VecDeque::new(),
+            last_frame: 0,
+        }
     }
 
     /// Bytes received but not yet consumed as messages.
@@ -565,10 +587,17 @@ impl FrameReader {
 
     /// Makes sure there is free space after `end`, moving pending bytes to the
     /// front and growing only as far as the frame in progress needs.
+    fn make_room_when_empty(&mut self) {
+        self.start = 0;
+        self.end = 0;
+        if give_back_room(self.buf.capacity(), self.last_frame) {
+            self.buf = Vec::new();
+        }
+    }
+
     fn make_room(&mut self) {
         if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
+            self.make_room_when_empty();
         } else if self.start > 0 && (self.start >= self.buf.len() / 2 || self.end == self.buf.len()) {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -605,6 +634,11 @@ impl FrameReader {
         if let Some(e) = &self.poisoned {
             return Err(e.clone());
         }
+        if self.start == self.end {
+            // The frames before are done with: give back the room a large
+            // one took, if a smaller one came since.
+            self.make_room_when_empty();
+        }
         let len = match self.peek_len() {
             None => return Ok(None),
             Some(Err(e)) => {
@@ -619,6 +653,7 @@ impl FrameReader {
         let segment = self.buf[self.start + 3] & FLAG_SEGMENT != 0;
         let body_start = self.start + HEADER_LEN;
         self.start = body_start + len;
+        self.last_frame = HEADER_LEN + len;
         Ok(Some(FrameRange { start: body_start, end: body_start + len, segment }))
     }
 
@@ -734,6 +769,24 @@ mod tests {
             reader.push(&[*b]);
         }
         assert_eq!(reader.next_message().unwrap(), Some(Message::Task { id: 1, payload: &[7; 300] }));
+    }
+
+    #[test]
+    fn the_room_a_large_frame_took_is_kept_for_large_frames_and_given_back_after_a_small_one() {
+        let big = vec![7u8; 8 << 20];
+        let mut reader = FrameReader::new(DEFAULT_MAX_FRAME);
+        for _ in 0..2 {
+            reader.push(&frame(&Message::Task { id: 1, payload: &big }));
+            assert!(matches!(reader.next_message().unwrap(), Some(Message::Task { .. })));
+        }
+        assert_eq!(reader.next_message().unwrap(), None);
+        assert!(reader.capacity() >= big.len(), "kept for the next large frame: {}", reader.capacity());
+        reader.push(&frame(&Message::Cancel { id: 2 }));
+        assert_eq!(reader.next_message().unwrap(), Some(Message::Cancel { id: 2 }));
+        assert_eq!(reader.next_message().unwrap(), None);
+        assert!(reader.capacity() <= KEEP_BUFFER, "given back: {} kept", reader.capacity());
+        reader.push(&frame(&Message::Cancel { id: 3 }));
+        assert_eq!(reader.next_message().unwrap(), Some(Message::Cancel { id: 3 }));
     }
 
     #[test]

@@ -442,17 +442,24 @@ impl WorkerState {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let mut fd = segment;
         let mut rest: &[u8] = &out;
-        while !rest.is_empty() {
+        let sent = loop {
+            if rest.is_empty() {
+                break Ok(());
+            }
             match wire::send_with_fd(&self.stream, rest, fd) {
                 Ok(n) => {
                     rest = &rest[n..];
                     fd = None;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                Err(e) => break Err(e),
             }
+        };
+        // The room a large result needed goes back once a smaller one passed.
+        if wire::give_back_room(out.capacity(), out.len()) {
+            *out = Vec::new();
         }
-        Ok(())
+        sent
     }
 
     fn parent_alive(&self) -> bool {

@@ -121,6 +121,10 @@ fn main() {
             a_worker_that_writes_a_malformed_frame_is_replaced_and_its_task_errors,
         ),
         both(
+            "the_room_a_large_argument_and_result_took_is_given_back_in_the_parent_and_the_worker",
+            the_room_a_large_argument_and_result_took_is_given_back_in_the_parent_and_the_worker,
+        ),
+        both(
             "shutdown_leaves_no_children_no_zombies_and_no_open_fds",
             shutdown_leaves_no_children_no_zombies_and_no_open_fds,
         ),
@@ -987,6 +991,60 @@ fn run_scenario_process(name: &str, hooks: &Path, timeout: Duration) -> Result<S
     let out = reader.join().map_err(|_| "reader thread")?;
     check(status.success(), format!("scenario {name} failed ({status}): {out}"))?;
     Ok(out)
+}
+
+fn byte_count(bytes: serde_bytes::ByteBuf) -> u64 {
+    bytes.len() as u64
+}
+
+fn bytes_of(len: u64) -> serde_bytes::ByteBuf {
+    serde_bytes::ByteBuf::from(vec![7u8; len as usize])
+}
+
+/// Gives the allocator's free memory back to the system (so that resident
+/// memory counts what is held), then returns this process's pid.
+fn trimmed_pid(_: ()) -> u32 {
+    // SAFETY: malloc_trim(3) has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    std::process::id()
+}
+
+/// A process's resident memory in KiB (`VmRSS`), if it can be read.
+fn resident_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn the_room_a_large_argument_and_result_took_is_given_back_in_the_parent_and_the_worker() -> TestResult {
+    const BIG: u64 = 96 << 20;
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).build()?;
+    let worker = pool.spawn(trimmed_pid, ())?.join()?.to_string();
+    trimmed_pid(());
+    let parent_before = resident_kib("self").ok_or("no VmRSS")?;
+    let worker_before = resident_kib(&worker).ok_or("no VmRSS for the worker")?;
+    check(pool.spawn(byte_count, bytes_of(BIG))?.join()? == BIG, "the argument arrived whole")?;
+    check(pool.spawn(bytes_of, BIG)?.join()?.len() as u64 == BIG, "the result arrived whole")?;
+    // Small tasks after them: the buffers give their room back. (Each side
+    // held a frame of 96 MiB in its reader and its writer, before.)
+    let (mut parent_grew, mut worker_grew) = (0, 0);
+    let mut failed = None;
+    wait_until(Duration::from_secs(10), || {
+        match pool.spawn(trimmed_pid, ()).and_then(|h| h.join()) {
+            Ok(p) if p.to_string() == worker => {}
+            other => failed = Some(format!("the worker did not serve: {other:?}")),
+        }
+        trimmed_pid(());
+        let grew = |pid: &str, before: u64| resident_kib(pid).map_or(u64::MAX, |now| now.saturating_sub(before) >> 10);
+        (parent_grew, worker_grew) = (grew("self", parent_before), grew(&worker, worker_before));
+        failed.is_some() || (parent_grew < 48 && worker_grew < 48)
+    });
+    if let Some(failed) = failed {
+        return Err(failed.into());
+    }
+    check(parent_grew < 48, format!("the parent kept {parent_grew} MiB more than before"))?;
+    check(worker_grew < 48, format!("the worker kept {worker_grew} MiB more than before"))
 }
 
 fn shutdown_leaves_no_children_no_zombies_and_no_open_fds() -> TestResult {

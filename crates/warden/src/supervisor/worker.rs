@@ -293,6 +293,9 @@ impl Worker {
                 }
             }
         }
+        if wire::give_back_room(self.out.capacity(), self.out.len()) {
+            self.out = Vec::new();
+        }
         self.out.clear();
         self.out_fds.clear();
         self.out_pos = 0;
