@@ -287,6 +287,23 @@ class Counted:
             yield i
 
 
+def fail_in_callback(value):
+    raise ValueError(f"callback bug with {value}")
+
+
+def test_a_callback_that_raises_is_reported_and_its_result_and_the_pools_others_still_arrive(pool, capfd):
+    # The standard library's result thread dies of it (3.11): that result
+    # and every later one never come.
+    r = pool.apply_async(abs, (-3,), callback=fail_in_callback)
+    assert r.get(timeout=30) == 3
+    assert r.successful()
+    assert pool.map(abs, [-1, -2]) == [1, 2]
+    assert pool.apply_async(abs, (-5,), error_callback=fail_in_callback).get(timeout=30) == 5
+    err = capfd.readouterr().err
+    assert "warden: exception in a task-outcome callback" in err
+    assert "ValueError: callback bug with 3" in err
+
+
 def echo_then_stall_from_10(i):
     if i >= 10:
         time.sleep(30)  # until terminate(): no result comes after the first ten
@@ -319,6 +336,17 @@ def test_an_abandoned_imap_over_an_endless_iterable_lets_close_and_join_return(p
     joined.start()
     joined.join(timeout=30)
     assert not joined.is_alive()
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_imap_over_what_is_not_iterable_raises_type_error_from_next_as_the_standard_librarys(
+    pool, std_pool, method, chunksize
+):
+    for p in (std_pool, pool):
+        it = getattr(p, method)(abs, 5, chunksize)  # no error yet: the iterable is read lazily
+        with pytest.raises(TypeError, match="'int' object is not iterable"):
+            next(it)
 
 
 def test_imap_next_timeout_raises_timeout_error(pool):

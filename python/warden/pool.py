@@ -415,7 +415,7 @@ class Pool(multiprocessing.pool.Pool):
         result._progress = _progress.make(progress, _progress.length(iterable))
         feeder = threading.Thread(
             target=_feed_imap,
-            args=(self, func, iter(iterable), chunksize, weakref.ref(result)),
+            args=(self, func, _iterate(iterable), chunksize, weakref.ref(result)),
             name="warden-feeder",
             daemon=True,
         )
@@ -857,6 +857,22 @@ class IMapUnorderedIterator(IMapIterator[_T], multiprocessing.pool.IMapUnordered
     (a ``multiprocessing.pool.IMapUnorderedIterator`` too)."""
 
     _unordered = True
+
+
+def _iterate(iterable: Iterable[Any]) -> Iterator[Any]:
+    """``iter(iterable)``; for what is not iterable, an iterator that raises
+    that ``TypeError``: as with the standard library's ``imap``, it comes out
+    of the first ``next()``, as any error of the iterable does, not out of
+    the call."""
+    try:
+        return iter(iterable)
+    except Exception as e:
+        return _raise(e)
+
+
+def _raise(error: Exception) -> Iterator[Any]:
+    raise error
+    yield  # a generator: raises when first advanced
 
 
 def _exception(error: ErrorData) -> BaseException:
