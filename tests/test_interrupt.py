@@ -72,6 +72,12 @@ BODIES = {
         wait_running(2)
         r.get()
 """,
+    "executor_with_block": """
+    with warden.ProcessPoolExecutor(2, finalizer=fin) as ex:
+        fs = [ex.submit(task, i) for i in range(6)]
+        wait_running(2)
+        time.sleep(60)  # not a wait on the pool: the with block's exit stops it
+""",
     "pool_join": """
     pool = warden.Pool(2, finalizer=fin)
     pool.map_async(task, range(6), chunksize=1)
