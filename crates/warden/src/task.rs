@@ -61,13 +61,13 @@ fn trampoline<A: DeserializeOwned, R: Serialize>(func: usize, args: &[u8]) -> Re
     })
 }
 
-/// An encoded call of a Rust function: what a Rust task's payload holds.
+/// An encoded call of a Rust function: what a Rust task's payload holds,
+/// its arguments' encoding after it (not inside it: encoded in place and
+/// decoded where they lie, the arguments are copied once less each way).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Call {
     trampoline: i64,
     func: i64,
-    #[serde(with = "serde_bytes")]
-    args: Vec<u8>,
 }
 
 impl Call {
@@ -76,12 +76,9 @@ impl Call {
         f: fn(A) -> R,
         args: &A,
     ) -> Result<Vec<u8>, postcard::Error> {
-        let call = Call {
-            trampoline: offset_of(trampoline::<A, R> as Trampoline as usize),
-            func: offset_of(f as usize),
-            args: postcard::to_allocvec(args)?,
-        };
-        postcard::to_allocvec(&call)
+        let call =
+            Call { trampoline: offset_of(trampoline::<A, R> as Trampoline as usize), func: offset_of(f as usize) };
+        postcard::to_extend(args, postcard::to_stdvec(&call)?)
     }
 }
 
@@ -147,13 +144,13 @@ impl Handler for RustHandler {
     }
 
     fn run(&mut self, payload: &[u8]) -> Result<Vec<u8>, RemoteError> {
-        let call: Call = postcard::from_bytes(payload).map_err(|e| {
+        let (call, args): (Call, &[u8]) = postcard::take_from_bytes(payload).map_err(|e| {
             RemoteError::new(RemoteErrorKind::Codec, "DecodeError", format!("cannot decode the task: {e}"))
         })?;
         // SAFETY: the parent took this offset from a `Trampoline` in this image
         // (`Call::encode`), and the handshake checked the image identity.
         let t = unsafe { std::mem::transmute::<usize, Trampoline>(address_of(call.trampoline)) };
-        t(address_of(call.func), &call.args)
+        t(address_of(call.func), args)
     }
 }
 
@@ -177,9 +174,10 @@ mod tests {
         let call = Call {
             trampoline: offset_of(trampoline::<String, u32> as Trampoline as usize),
             func: offset_of((|s: String| s.len() as u32) as fn(String) -> u32 as usize),
-            args: vec![0xff, 0xff, 0xff],
         };
-        let err = RustHandler.run(&postcard::to_allocvec(&call).unwrap()).unwrap_err();
+        let mut payload = postcard::to_allocvec(&call).unwrap();
+        payload.extend_from_slice(&[0xff, 0xff, 0xff]);
+        let err = RustHandler.run(&payload).unwrap_err();
         assert_eq!(err.kind, RemoteErrorKind::Codec);
     }
 }
