@@ -198,6 +198,54 @@ def test_functions_of_an_interactive_main_reach_the_workers():
         assert run.stdout.split() == ["12", "7", "0"]
 
 
+def declared_minimum(package):
+    """The lowest version of ``package`` warden's pyproject.toml accepts."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")) as f:
+        found = re.search(rf'"{package}>=([0-9.]+)"', f.read())
+    assert found, f"no lower bound for {package} in pyproject.toml"
+    return found.group(1)
+
+
+def test_functions_of_main_go_by_value_with_the_oldest_cloudpickle_warden_accepts(tmp_path):
+    # cloudpickle 2.x keeps its function state setter in another module: every
+    # function of __main__ sent by value failed in the worker there.
+    version = declared_minimum("cloudpickle")
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
+    install = subprocess.run(
+        [*pip, "--target", str(site), f"cloudpickle=={version}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if install.returncode != 0:
+        why = install.stderr.strip()[-300:]
+        pytest.skip(f"cannot install cloudpickle {version} (no package index?): {why}")
+    source = textwrap.dedent(
+        """
+        import cloudpickle, warden
+        K = 10
+        def add_k(x):
+            return x + K
+        with warden.ProcessPoolExecutor(1) as ex:
+            answers = ex.submit(add_k, 1).result(), ex.submit(lambda x: x * K, 2).result()
+        print(cloudpickle.__version__, *answers)
+        """
+    )
+    path = os.pathsep.join([str(site), os.path.dirname(warden.__path__[0])])
+    run = subprocess.run(
+        [sys.executable, "-c", source],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    assert run.returncode == 0, run.stderr
+    used, *answers = run.stdout.split()
+    assert used.startswith(version)
+    assert answers == ["11", "20"]
+
+
 def test_an_interactive_main_sends_library_calls_as_plain_pickles():
     # Nothing of __main__ in the call: no cloudpickle, in the parent at least.
     # What names __main__ (an initializer, a call's argument) still goes by value.

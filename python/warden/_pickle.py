@@ -234,13 +234,16 @@ def _main_function_setstate(func: Any, state: tuple[dict[str, Any], dict[str, An
     pickled) only fill in names the namespace does not have yet: the
     worker's own values of main's globals win, as they do for a function
     sent by reference."""
-    from cloudpickle import cloudpickle
+    try:
+        from cloudpickle.cloudpickle import _function_setstate
+    except ImportError:  # cloudpickle 2.x keeps it in another module
+        from cloudpickle.cloudpickle_fast import _function_setstate
 
     attrs, slots = state
     namespace = func.__globals__
     given = slots["__globals__"]
     slots["__globals__"] = {name: value for name, value in given.items() if name not in namespace}
-    cloudpickle._function_setstate(func, (attrs, slots))
+    _function_setstate(func, (attrs, slots))
 
 
 #: The last answer of :func:`_main_is_importable`: the module it was about
