@@ -649,6 +649,38 @@ def test_functions_of_an_interactive_main_share_one_namespace_in_each_worker():
         assert run.stdout.splitlines() == MAIN_GLOBALS_EXPECTED
 
 
+REDEFINED = """
+import warden
+
+def helper(x):
+    return "old"
+
+def job(x):
+    return helper(x)
+
+def load():
+    global MODEL
+    MODEL = "loaded"
+
+MODEL = None
+with warden.Pool(1, initializer=load) as pool:
+    print("first", sorted(set(pool.map(job, range(4), chunksize=1))))
+    def helper(x):  # fixed, and the map run again, as in a notebook
+        return "new"
+    print("redefined", sorted(set(pool.map(job, range(4), chunksize=1))))
+    print("model", pool.apply(lambda: MODEL))
+"""
+
+
+def test_a_helper_redefined_in_an_interactive_main_is_the_one_warm_workers_call():
+    # A notebook's "fix the helper, run the cell again": the worker had the
+    # old helper from the first map; the parent's new definition wins. The
+    # initializer's MODEL (the parent's is None) stays the worker's.
+    for run in (run_source(REDEFINED), run_source("", "-c", REDEFINED)):
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.splitlines() == ["first ['old']", "redefined ['new']", "model loaded"]
+
+
 CLASSES_OF_MAIN = """
 import dataclasses, enum, warden
 

@@ -231,9 +231,9 @@ def _code_namespace(module: Any) -> dict[str, Any]:
 def _main_function_setstate(func: Any, state: tuple[dict[str, Any], dict[str, Any]]) -> None:
     """``cloudpickle``'s state setter for a function of the parent's
     ``__main__``, but the globals it carries (the parent's values when it was
-    pickled) only fill in names the namespace does not have yet: the
-    worker's own values of main's globals win, as they do for a function
-    sent by reference."""
+    pickled) only fill in names the namespace does not have yet, and
+    functions the parent defined anew: the worker's own values of main's
+    globals win, as they do for a function sent by reference."""
     try:
         from cloudpickle.cloudpickle import _function_setstate
     except ImportError:  # cloudpickle 2.x keeps it in another module
@@ -242,8 +242,21 @@ def _main_function_setstate(func: Any, state: tuple[dict[str, Any], dict[str, An
     attrs, slots = state
     namespace = func.__globals__
     given = slots["__globals__"]
-    slots["__globals__"] = {name: value for name, value in given.items() if name not in namespace}
+    slots["__globals__"] = {
+        name: value
+        for name, value in given.items()
+        if name not in namespace or _redefined(namespace[name], value)
+    }
     _function_setstate(func, (attrs, slots))
+
+
+def _redefined(mine: Any, parents: Any) -> bool:
+    """Whether the parent's function ``parents`` is a new definition of the
+    worker's ``mine`` (other code under the same name: a helper fixed and
+    run again in a notebook or a REPL): then the parent's wins, as a
+    redefinition in the parent means to. Other values stay the worker's."""
+    code = getattr(parents, "__code__", None)
+    return code is not None and callable(mine) and getattr(mine, "__code__", code) != code
 
 
 #: The last answer of :func:`_main_is_importable`: the module it was about
