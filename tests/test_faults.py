@@ -320,6 +320,28 @@ if __name__ == "__main__":
 """
 
 
+UNSTARTED_EXECUTOR_FORKED = """
+import os, warden
+
+if __name__ == "__main__":
+    ex = warden.ProcessPoolExecutor(1)  # no task yet: no workers
+    pid = os.fork()
+    who = "copy" if pid == 0 else "parent"
+    worker = ex.submit(os.getpid).result(30)
+    print(who, ex.submit(abs, -3).result(30), worker != os.getpid(), flush=True)
+    ex.shutdown()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+
+
+def test_an_executor_forked_before_its_first_task_serves_the_copy_and_the_original_each_with_its_own(program):
+    run = program(UNSTARTED_EXECUTOR_FORKED).run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert sorted(run.lines) == ["copy 3 True", "parent 3 True"]
+
+
 @pytest.mark.parametrize("how", ["shutdown", "with-block"])
 def test_a_forked_copy_shutting_its_parents_pools_down_returns_at_once_and_leaves_them_serving(program, how):
     """Before, ``shutdown()``, ``Pool.join()`` or leaving the ``with`` block
