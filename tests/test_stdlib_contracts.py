@@ -630,6 +630,17 @@ def test_a_running_pool_that_is_garbage_collected_warns_resource_warning(impl):
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
+def test_a_pool_whose_constructor_raises_warns_of_no_unclosed_pool(impl):
+    # A test run with -W error that checks a bad configuration is refused
+    # would otherwise fail on the warning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError):
+            impl.Pool(1, initializer=3)
+        gc.collect()
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
 # -- nothing is kept alive that the standard library releases -----------------
 
 

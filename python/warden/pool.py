@@ -36,6 +36,7 @@ _counter = itertools.count(1)
 _S = TypeVar("_S")
 _T = TypeVar("_T")
 
+INIT = "INIT"
 RUN = "RUN"
 CLOSE = "CLOSE"
 TERMINATE = "TERMINATE"
@@ -106,7 +107,9 @@ class Pool(multiprocessing.pool.Pool):
         self._first_workers_seen = False
         self._ctx = context
         self._name = f"Pool-{next(_counter)}"
-        self._state = RUN
+        # RUN once made, as the standard library's: a constructor that raises
+        # leaves no "unclosed running pool" to warn about.
+        self._state = INIT
         # imap feeders still consuming their iterables: close() lets them
         # finish, and the last one closes the runner.
         self._feeders = 0
@@ -135,6 +138,7 @@ class Pool(multiprocessing.pool.Pool):
             # library does; results being waited for keep their pool reachable.
             # (Not at interpreter exit: _runner shuts every pool down then.)
             weakref.finalize(self, self._runner.terminate_nowait).atexit = False
+        self._state = RUN
 
     def _stopped_by_interrupt(self) -> bool:
         """Whether a Ctrl-C while waiting on this pool stopped it: its state
