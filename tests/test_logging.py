@@ -131,6 +131,32 @@ def test_a_log_file_main_opens_at_import_is_closed_in_workers_not_left_to_a_reso
     assert logged == [f"INFO:root:task {i}" for i in range(4)]
 
 
+HANDLER_OF_ITS_OWN = """
+import gc, logging, sys, warden
+
+def init():
+    logging.getLogger().addHandler(logging.StreamHandler(sys.stdout))  # forwarding steps aside
+    gc.collect()
+
+def work(x):
+    gc.collect()
+    return x
+
+if __name__ == "__main__":
+    with warden.Pool(1, initializer=init, start=sys.argv[1]) as pool:
+        print(pool.map(work, range(3)))
+"""
+
+
+@pytest.mark.parametrize("start", STARTS)
+def test_forwarding_that_steps_aside_leaves_no_socket_to_a_resource_warning(program, start):
+    env = {"PYTHONWARNINGS": "always::ResourceWarning"}
+    run = program(HANDLER_OF_ITS_OWN).run(args=(start,), env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["[0, 1, 2]"]
+    assert "ResourceWarning" not in run.stderr, run.stderr
+
+
 def log_at(name, level, message):
     logging.getLogger(name).log(level, message)
     return os.getpid()

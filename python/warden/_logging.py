@@ -405,6 +405,8 @@ _PLAIN = (
 
 #: In a worker: the loggers that have warden's forwarding handler.
 _forwarding: list[logging.Logger] = []
+#: In a worker: the socket its records go to the parent by.
+_channel: socket.socket | None = None
 
 #: In a worker: whether the root logger had handlers when forwarding began
 #: (the main module's top-level ``basicConfig()``, run again in the worker).
@@ -453,7 +455,11 @@ def _basic_config(original: Any) -> Any:
 def forward_to_parent(fd: int, levels: dict[str, int]) -> None:
     """In a worker: the root logger sends every record to the parent, and the
     loggers take the parent's levels."""
-    sock = socket.socket(fileno=fd)
+    global _channel
+    # Held here for the worker's life, not only by the handler: a handler
+    # that steps aside, or a start interrupted before it exists, would leave
+    # the socket to the garbage collector (a ResourceWarning).
+    sock = _channel = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
     sock.settimeout(SEND_TIMEOUT)
     for name, level in levels.items():
