@@ -608,6 +608,36 @@ def test_an_object_reached_both_in_the_call_and_through_an_attribute_arrives_as_
     assert len(back) == LIMIT * 2
 
 
+SHORT_OF_ADDRESS_SPACE = """
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (500 << 20, resource.getrlimit(resource.RLIMIT_AS)[1]))  # ulimit -v
+import warden
+
+def make(n):
+    return bytearray(n)
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1) as ex:
+        for n in (1 << 20, 200 << 20, 10):
+            try:
+                print(len(ex.submit(make, n).result(60)), flush=True)
+            except Exception as e:
+                print(type(e).__name__, flush=True)
+"""
+
+
+def test_a_bytearray_result_this_process_cannot_allocate_fails_its_task_with_memory_error_alone(program):
+    # Under ulimit -v the worker lends the result and this process cannot
+    # make a bytearray for it: CPython 3.11 frees a bytearray it failed to
+    # allocate with a garbage export count, and printed a SystemError
+    # ("deallocated bytearray object has exported buffers") beside it.
+    run = program(SHORT_OF_ADDRESS_SPACE).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.lines[0] == "1048576" and run.lines[2] == "10", run.stdout
+    assert run.lines[1] in ("MemoryError", "SegmentError", str(200 << 20)), run.stdout
+    assert "SystemError" not in run.stderr, run.stderr
+
+
 # -- a low limit of open files ----------------------------------------------
 #
 # Each call or result in flight with large buffers holds a file descriptor

@@ -288,5 +288,23 @@ pub fn copy_to_bytes(buffer: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
 /// `bytearray(buffer)` for a contiguous buffer of bytes, as [`copy_to_bytes`].
 #[pyfunction]
 pub fn copy_to_bytearray(buffer: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-    copy_into(buffer, ffi::PyByteArray_FromStringAndSize, ffi::PyByteArray_AsString)
+    copy_into(buffer, new_bytearray, ffi::PyByteArray_AsString)
+}
+
+/// `PyByteArray_FromStringAndSize(NULL, size)`, made empty and then grown:
+/// where that call cannot allocate (CPython 3.11, `ulimit -v`), it frees
+/// the new object before setting its export count, which then reads as
+/// garbage and prints a `SystemError` ("deallocated bytearray object has
+/// exported buffers") beside the `MemoryError`. Resizing fails cleanly.
+unsafe extern "C" fn new_bytearray(src: *const std::ffi::c_char, size: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+    debug_assert!(src.is_null(), "only an uninitialised bytearray is made here");
+    // SAFETY: an empty bytearray needs no storage; the caller holds the GIL.
+    let obj = unsafe { ffi::PyByteArray_FromStringAndSize(std::ptr::null(), 0) };
+    // SAFETY: `obj` is the bytearray just made, not shared with anyone yet.
+    if !obj.is_null() && unsafe { ffi::PyByteArray_Resize(obj, size) } != 0 {
+        // SAFETY: our only reference; its export count is 0.
+        unsafe { ffi::Py_DECREF(obj) };
+        return std::ptr::null_mut();
+    }
+    obj
 }
