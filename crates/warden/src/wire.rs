@@ -585,8 +585,9 @@ impl FrameReader {
         }
     }
 
-    /// Makes sure there is free space after `end`, moving pending bytes to the
-    /// front and growing only as far as the frame in progress needs.
+    /// With nothing pending: starts over at the front, and gives back the
+    /// room a large frame took if the last frame was smaller (see
+    /// [`give_back_room`]).
     fn make_room_when_empty(&mut self) {
         self.start = 0;
         self.end = 0;
@@ -595,6 +596,8 @@ impl FrameReader {
         }
     }
 
+    /// Makes sure there is free space after `end`, moving pending bytes to the
+    /// front and growing only as far as the frame in progress needs.
     fn make_room(&mut self) {
         if self.start == self.end {
             self.make_room_when_empty();
