@@ -237,13 +237,8 @@ def _build_remote(traceback_type: type[Exception], remote: RemoteFailure) -> Bas
         elif not isinstance(exc, Exception):
             # Rebuilt here as a KeyboardInterrupt or SystemExit: it must not
             # interrupt or end the caller, as one raised in the task cannot.
-            exc = TaskAborted(
-                f"task raised {type_name}: {message}, whose pickle makes {type(exc).__name__} here; a "
-                "BaseException that is not an Exception is reported as TaskAborted so that it cannot end "
-                "this process",
-                type_name,
-                message,
-            )
+            made = f"{type_name}: {message}, whose pickle makes {type(exc).__name__} here"
+            exc = TaskAborted.standing_in(made, type_name, message)
     if exc is None:
         exc = RemoteError(f"task failed: {type_name}: {message}", type_name, message)
     if remote.traceback:

@@ -30,6 +30,16 @@ class TaskAborted(Exception):
         self.type_name = type_name
         self.message = original_message
 
+    @classmethod
+    def standing_in(cls, what: str, type_name: str, message: str) -> TaskAborted:
+        """The stand-in for ``what`` (a description of what the task raised)."""
+        return cls(
+            f"task raised {what}; a BaseException that is not an Exception is reported as "
+            "TaskAborted so that it cannot end this process",
+            type_name,
+            message,
+        )
+
 
 class TaskInterrupted(BaseException):
     """Raised inside a running task when its worker is told to stop (task

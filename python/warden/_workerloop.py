@@ -145,21 +145,11 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
                 # Its pickle makes something else (a KeyboardInterrupt, a
                 # SystemExit): reported as one raised in the task would be.
                 what = f"{type_name}: {message}, whose pickle makes {_repr(rebuilt)}"
-                data = dumps(_aborted(what, type_name, message))
+                data = dumps(TaskAborted.standing_in(what, type_name, message))
             del rebuilt
     else:
-        data = dumps(_aborted(_repr(exc), type_name, message))
+        data = dumps(TaskAborted.standing_in(_repr(exc), type_name, message))
     return _warden.RemoteFailure(kind, type_name, message, tb, data)
-
-
-def _aborted(what: str, type_name: str, message: str) -> TaskAborted:
-    """What stands in for a ``BaseException`` that is not an ``Exception``."""
-    return TaskAborted(
-        f"task raised {what}; a BaseException that is not an "
-        "Exception is reported as TaskAborted so that it cannot end this process",
-        type_name,
-        message,
-    )
 
 
 def _repr(value: object) -> str:
