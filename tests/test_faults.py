@@ -1412,6 +1412,117 @@ def test_a_pool_outlasts_a_passing_shortage_of_processes_and_loses_no_task(progr
     assert out.splitlines() == ["results True", "after 99"], err
 
 
+DESCRIPTOR_SHORTAGE = """
+import os, sys, threading, time
+import warden
+
+def work(x):
+    time.sleep(0.05)
+    return x
+
+def hog(held, seconds):
+    files = []
+    try:
+        while True:
+            files.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    held.set()
+    time.sleep(seconds)
+    for fd in files:
+        os.close(fd)
+
+if __name__ == "__main__":
+    kind, start = sys.argv[1], sys.argv[2]
+    held = threading.Event()
+    if kind == "executor":
+        pool = warden.ProcessPoolExecutor(2, max_tasks_per_child=1, start=start)
+    else:
+        pool = warden.Pool(2, maxtasksperchild=1, start=start)
+    with pool:
+        def submit(fn, x):
+            return pool.submit(fn, x) if kind == "executor" else pool.apply_async(fn, (x,))
+
+        def get(f):
+            return f.result(timeout=60) if kind == "executor" else f.get(timeout=60)
+
+        print("first", get(submit(work, -1)), flush=True)
+        pending = [submit(work, i) for i in range(30)]
+        t = threading.Thread(target=hog, args=(held, 2.0))
+        t.start()
+        held.wait(30)
+        results = [get(f) for f in pending]
+        t.join()
+        print("results", results == list(range(30)), flush=True)
+        print("after", get(submit(work, 99)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("start", ["exec", "zygote"])
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_pool_outlasts_a_passing_shortage_of_descriptors_and_loses_no_task(program, kind, start):
+    """The program's own files fill its descriptor table for two seconds
+    while every task needs a new worker: starts fail with ``EMFILE`` (the
+    channel, the pidfd, the zygote's socket), which is no worker's failure;
+    the pool tries again as the shortage lasts and serves on once the files
+    are closed (before, eleven refusals in a second failed the pool, and one
+    in the parent took the zygote for broken)."""
+    run = program(DESCRIPTOR_SHORTAGE).run(timeout=120, args=(kind, start))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["first -1", "results True", "after 99"], run.stderr
+
+
+DESCRIPTORS_EXHAUSTED = """
+import errno, os
+import warden
+
+def fill(leave):
+    files = []
+    try:
+        while True:
+            files.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    for _ in range(leave):
+        os.close(files.pop())
+    return files
+
+if __name__ == "__main__":
+    for leave in range(12):
+        for make in (lambda: warden.Pool(2), lambda: warden.ProcessPoolExecutor(2)):
+            files = fill(leave)
+            try:
+                with make() as pool:
+                    pool.submit(abs, -1).result(30) if hasattr(pool, "submit") else pool.apply(abs, (-1,))
+            except OSError as e:
+                assert e.errno == errno.EMFILE, e
+                print("OSError")
+            except warden.PoolFailed as e:
+                assert "Too many open files" in str(e), e
+                print("PoolFailed")
+            else:
+                print("served")
+            finally:
+                for fd in files:
+                    os.close(fd)
+    with warden.ProcessPoolExecutor(2) as ex:
+        print("then", ex.submit(abs, -2).result(30), flush=True)
+"""
+
+
+def test_a_pool_made_with_no_descriptor_to_spare_fails_at_once_with_oserror_emfile(program):
+    """With the descriptor table all but full, the standard library's
+    constructor raises ``OSError`` (``EMFILE``): warden raises that too, or
+    (once made) fails the pool within a second with the system's words, and
+    never a ``RuntimeError`` of its own or a wait of the init timeout."""
+    run = program(DESCRIPTORS_EXHAUSTED).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[-1] == "then 2", run.stderr
+    assert set(lines[:-1]) <= {"OSError", "PoolFailed", "served"}, lines
+    assert "OSError" in lines and "served" in lines, lines
+
+
 SIGCHLD_IGNORED = """
 import os, signal, sys
 import warden

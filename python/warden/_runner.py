@@ -498,9 +498,13 @@ class Runner:
                 memory_limit=memory_limit,
                 on_worker_lost=None if self._tasks is None else _lost_hook(on_worker_lost, self._tasks),  # type: ignore[arg-type]
             )
-        except BaseException:
+        except BaseException as e:
             if log_to is not None:
                 _logging.release()
+            # A system call failed (no descriptor left under ``ulimit -n``):
+            # the ``OSError`` the standard library's constructor raises.
+            if isinstance(e, _warden.CoreError) and e.errno is not None:
+                raise OSError(e.errno, f"cannot start the pool: {e}") from None
             raise
         self.name = name
         self.exit_policy = exit_policy

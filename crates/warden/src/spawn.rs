@@ -163,7 +163,12 @@ pub(crate) fn fork_worker(
     zygote: &crate::zygote::Zygote,
     max_frame: usize,
 ) -> Result<(Spawned, Option<String>), ForkError> {
-    let (parent_end, child_end) = UnixStream::pair().map_err(|e| ForkError::Failed(e.to_string()))?;
+    // The parent's own shortage (`EMFILE` under `ulimit -n`) is not the
+    // zygote's failure: the start is declined, and tried again later.
+    let (parent_end, child_end) = UnixStream::pair().map_err(|e| {
+        let why = format!("cannot make a worker's channel: {e}");
+        ForkError::Declined(e, why)
+    })?;
     let (pid, broken) = match zygote.fork(child_end.as_fd(), max_frame) {
         Ok(pid) => (pid, None),
         Err(ForkError::Failed(why)) => {
@@ -180,8 +185,17 @@ pub(crate) fn fork_worker(
         Err(refused) => return Err(refused),
     };
     let pid = Pid::from_raw(pid).ok_or_else(|| ForkError::Failed("the zygote reported pid 0".into()))?;
-    let pidfd = pidfd_open(pid, PidfdFlags::empty())
-        .map_err(|e| ForkError::Failed(format!("cannot open a pidfd for worker {pid:?}: {e}")))?;
+    let pidfd = match pidfd_open(pid, PidfdFlags::empty()) {
+        Ok(pidfd) => pidfd,
+        Err(e) => {
+            // Our child (CLONE_PARENT), which nothing could supervise: ended
+            // and reaped here, where its pid still names it.
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+            let why = format!("cannot open a pidfd for worker {pid:?}: {e}");
+            return Err(ForkError::Declined(io::Error::from(e), why));
+        }
+    };
     // Our child (as CLONE_PARENT promises) or nothing we may supervise.
     let probe = rustix::process::waitid(
         rustix::process::WaitId::PidFd(pidfd.as_fd()),

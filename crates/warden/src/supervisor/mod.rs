@@ -126,6 +126,9 @@ pub(crate) struct Supervisor {
     /// How long tasks run, on average (recent ones weigh most): tasks sent
     /// ahead only pay off for short ones (see `schedule.rs`).
     task_time: schedule::TaskTime,
+    /// A worker of this pool has been ready: a shortage of descriptors is
+    /// then a passing one (see [`Supervisor::ensure_workers`]).
+    served: bool,
 }
 
 /// Creates the channel, waker and poller for a pool; the supervisor runs on
@@ -171,6 +174,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         zygote_fallback: false,
         memory_sample_at: None,
         task_time: schedule::TaskTime::default(),
+        served: false,
         pause: None,
         pause_cap: pace::FIRST_PAUSE_CAP,
         started: None,

@@ -236,6 +236,7 @@ impl Supervisor {
                 let pid = w.raw_pid();
                 self.crashes.worker_ready();
                 self.shortage = None;
+                self.served = true;
                 self.emit(LifecycleEvent::WorkerReady { worker: id, pid });
             }
             (WorkerPhase::Initializing, Incoming::InitFailed(error)) => {

@@ -21,21 +21,45 @@ use super::{pidfd_token, sock_token, LifecycleEvent, PoolPhase, StopCause, Super
 const SPAWN_RETRY: Duration = Duration::from_millis(100);
 
 /// The first delay before trying again after the system refused a start for
-/// want of processes or memory (`EAGAIN` under `ulimit -u`, `ENOMEM`); it
-/// doubles with each refusal in a row, up to [`SHORTAGE_RETRY_MAX`].
+/// want of processes, memory or descriptors (`EAGAIN` under `ulimit -u`,
+/// `ENOMEM`, `EMFILE` under `ulimit -n`); it doubles with each refusal in a
+/// row, up to [`SHORTAGE_RETRY_MAX`].
 const SHORTAGE_RETRY: Duration = Duration::from_millis(10);
 
 /// The longest delay between two starts the system refuses for want of
-/// processes or memory.
+/// processes, memory or descriptors.
 const SHORTAGE_RETRY_MAX: Duration = Duration::from_secs(1);
 
-/// Whether a start failed because the system is short of processes, threads
-/// or memory (`EAGAIN`, `ENOMEM`): a condition of the moment, which another
-/// program (or this one's other pools) may end, not the worker's failure.
+/// A start the zygote declined: the system's error number there, and its
+/// account of the failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{why}")]
+pub(super) struct StartDeclined {
+    /// The `errno` the zygote's fork (or its preparation) failed with.
+    pub(super) errno: i32,
+    /// What the zygote said.
+    pub(super) why: String,
+}
+
+/// Whether a start failed because the system is short of processes, threads,
+/// memory or file descriptors (`EAGAIN`, `ENOMEM`, `EMFILE`, `ENFILE`): a
+/// condition of the moment, which another program (or this one's other
+/// pools, or its own tasks' buffers) may end, not the worker's failure.
 pub(super) fn is_shortage(e: &std::io::Error) -> bool {
-    // The kinds EAGAIN and ENOMEM map to, also for an error the zygote
-    // reported (made from its kind and message).
-    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::OutOfMemory)
+    matches!(errno(e), Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE))
+        || matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::OutOfMemory)
+}
+
+/// Whether a start failed because this process has no descriptor left
+/// (`EMFILE`): a limit of the program's own, which only its own files,
+/// sockets and buffers in flight use up.
+pub(super) fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    errno(e) == Some(libc::EMFILE)
+}
+
+/// The system's error number behind `e`, also for a start the zygote declined.
+fn errno(e: &std::io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| e.get_ref()?.downcast_ref::<StartDeclined>().map(|d| d.errno))
 }
 
 /// How long a task runs, at least, before the tasks sent ahead to its worker
@@ -148,7 +172,13 @@ impl Supervisor {
                     let error = format!("cannot start a worker ({}): {e}", self.cfg.command.program.display());
                     tracing::warn!(pool = %self.cfg.name, "{error}");
                     self.emit(LifecycleEvent::SpawnFailed { error: error.clone() });
-                    if is_shortage(&e) && !self.cfg.one_off {
+                    // Out of descriptors before any worker was ready, the
+                    // limit is too low for the pool: a failure, so that such
+                    // a pool fails at once, as the standard library's
+                    // constructor does. Later, the program's own files and
+                    // the buffers of tasks in flight hold them for a while.
+                    let waits = is_shortage(&e) && (self.served || !is_out_of_descriptors(&e));
+                    if waits && !self.cfg.one_off {
                         self.start_refused_for_shortage(now, serving, error);
                     } else {
                         self.note_crash(error);

@@ -966,3 +966,19 @@ fn cancelling_all_queued_takes_the_queue_and_what_was_sent_ahead_but_not_the_run
         [(1, "value"), (2, "value"), (3, "cancelled"), (4, "cancelled"), (5, "cancelled"), (6, "cancelled")]
     );
 }
+
+#[test]
+fn a_start_refused_for_want_of_descriptors_is_a_shortage_also_when_the_zygote_declined_it() {
+    use super::schedule::{is_out_of_descriptors, is_shortage, StartDeclined};
+    let declined = |errno| std::io::Error::other(StartDeclined { errno, why: "the zygote could not fork".into() });
+    for errno in [libc::EAGAIN, libc::ENOMEM, libc::EMFILE, libc::ENFILE] {
+        assert!(is_shortage(&std::io::Error::from_raw_os_error(errno)), "errno {errno}");
+        assert!(is_shortage(&declined(errno)), "declined with errno {errno}");
+    }
+    for errno in [0, libc::EPERM, libc::ENOENT, libc::EACCES] {
+        assert!(!is_shortage(&std::io::Error::from_raw_os_error(errno)), "errno {errno}");
+        assert!(!is_shortage(&declined(errno)), "declined with errno {errno}");
+    }
+    assert!(is_out_of_descriptors(&declined(libc::EMFILE)));
+    assert!(!is_out_of_descriptors(&std::io::Error::from_raw_os_error(libc::ENFILE)));
+}

@@ -61,7 +61,7 @@ pub(super) enum NextStart {
     /// Not yet: the pool's first zygote is getting ready.
     Wait,
     /// The zygote answered that it could not fork this one (the system
-    /// refused: no process or memory left); the zygote is fine.
+    /// refused: no process, memory or descriptor left); the zygote is fine.
     Failed(std::io::Error),
 }
 
@@ -141,7 +141,10 @@ impl Supervisor {
                 self.zygote_broken(format!("the zygote failed to fork: {why}"));
                 NextStart::Exec
             }
-            Err(ForkError::Declined(e, why)) => NextStart::Failed(std::io::Error::new(e.kind(), why)),
+            Err(ForkError::Declined(e, why)) => {
+                let errno = e.raw_os_error().unwrap_or(0);
+                NextStart::Failed(std::io::Error::new(e.kind(), super::schedule::StartDeclined { errno, why }))
+            }
         }
     }
 
