@@ -328,6 +328,75 @@ def test_a_main_module_run_with_dash_m_is_imported_by_name(tmp_path):
     assert run.stdout.strip() == "[2, 4]"
 
 
+UNDER_A_TOOL = """
+import os
+run = "run-7"  # cProfile and profile have a run(), trace imports io, cProfile has label()
+label = "experiment-42"
+io = "my io"
+
+def init():
+    global db
+    db = os.getpid()
+
+def task(x):
+    return run, label, io, db == os.getpid(), x
+
+def child(x):
+    print("child", run, label, io, x, flush=True)
+
+if __name__ == "__main__":
+    import warden
+    with warden.ProcessPoolExecutor(1, initializer=init) as ex:
+        print("executor", *ex.submit(task, 1).result(timeout=60), flush=True)
+    with warden.Pool(1, initializer=init) as pool:
+        print("pool", *pool.apply(task, (2,)), flush=True)
+    p = warden.Process(target=child, args=(3,))
+    p.start()
+    p.join(60)
+    print("exit", p.exitcode, flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        ["-m", "cProfile", "-o", os.devnull, "apkg/main.py"],
+        ["-m", "cProfile", "-o", os.devnull, "-m", "apkg.main"],
+        ["-m", "profile", "-o", os.devnull, "apkg/main.py"],
+        ["-m", "trace", "--count", "--missing", "-C", "coverage", "apkg/main.py"],
+        ["-m", "trace", "--count", "-C", "coverage", "--module", "apkg.main"],
+        ["-m", "pdb", "apkg/main.py"],
+    ],
+    ids=["cProfile", "cProfile-m", "profile", "trace", "trace-module", "pdb"],
+)
+def test_a_program_run_by_a_profiler_or_debugger_sees_its_own_globals_in_workers(tmp_path, tool):
+    """``python -m cProfile prog.py`` (``profile``, ``trace``) makes the tool
+    ``__main__`` and runs the program in a namespace of its own: workers that
+    imported the tool as their main ran the program's functions among the
+    tool's globals (its ``run``, ``label``, ``io``), giving wrong values and
+    no error. Under ``python -m pdb``, whose main has no ``__spec__``, no pool
+    could start (the standard library's cannot either)."""
+    package(tmp_path, "main.py", UNDER_A_TOOL)
+    run = subprocess.run(
+        [sys.executable, *tool],
+        cwd=tmp_path,
+        input="c\nq\n" if "pdb" in tool else None,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = [line.removeprefix("(Pdb) ") for line in run.stdout.splitlines()]
+    expected = [
+        "executor run-7 experiment-42 my io True 1",
+        "pool run-7 experiment-42 my io True 2",
+        "child run-7 experiment-42 my io 3",
+        "exit 0",
+    ]
+    seen = [line for line in lines if line.split(" ")[0] in {"executor", "pool", "child", "exit"}]
+    assert seen == expected, (run.stdout, run.stderr)
+
+
 @pytest.mark.parametrize("how", ["dash-m-package", "directory", "zipapp"])
 def test_a_main_spawn_would_not_import_sends_its_functions_by_value(tmp_path, how):
     """``python -m pkg`` (its ``__main__.py``), ``python dir`` and ``python

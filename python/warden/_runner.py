@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.context
+import multiprocessing.process
 import multiprocessing.resource_tracker
 import multiprocessing.spawn
 import multiprocessing.util
@@ -367,11 +368,24 @@ def preparation_data(name: str) -> dict[str, Any]:
     directory, authkey, and how to import ``__main__`` as ``__mp_main__``)."""
     default = multiprocessing.context._default_context
     chosen = default._actual_context
+    main = sys.modules.get("__main__")
+    if main is not None and not hasattr(main, "__spec__"):
+        # `python -m pdb prog.py` runs the program in main's namespace, cleared
+        # of everything a script has but `__name__` and `__file__`: give it the
+        # `__spec__` a script has, which the standard library reads.
+        with contextlib.suppress(AttributeError, TypeError):
+            main.__spec__ = None
     try:
         data = multiprocessing.spawn.get_preparation_data(name)
     finally:
         # Asking for the start method fixes it; leave the caller free to choose.
         default._actual_context = chosen
+    program = _program_run_by_a_tool(main)
+    if program is not None:
+        # The worker imports the program as its main, not the tool.
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+        data.update(program)
     # As in a child the standard library spawns (its bootstrap forces the
     # spawn method, whatever the parent chose): a pool a task starts with
     # the default context spawns too, instead of forking a worker, which
@@ -384,6 +398,40 @@ def preparation_data(name: str) -> dict[str, Any]:
         del data["init_main_from_path"]
     data["authkey"] = bytes(data["authkey"])
     return data
+
+
+def _program_run_by_a_tool(main: Any) -> dict[str, str] | None:
+    """How a child imports the program, where a tool is ``__main__`` and runs
+    the program in a namespace of its own, named ``__main__`` too: ``python
+    -m cProfile prog.py``, ``-m profile``, ``-m trace`` (each with ``-m
+    pkg.mod`` as well). The program's functions then name ``__main__`` as
+    their module but live in that namespace, not the tool's: a worker that
+    imported the tool as its main would run them among the tool's globals
+    (its ``run``, ``label``, ``io``...) instead of the program's. Found as
+    the outermost frame of this thread whose globals are such a namespace,
+    with a file other than main's (a copy of main's functions that came by
+    value names main's own file); ``None`` where there is none."""
+    own = getattr(main, "__dict__", None)
+    found: dict[str, Any] | None = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        names = frame.f_globals
+        named_main = names.get("__name__") == "__main__" and isinstance(names.get("__file__"), str)
+        if named_main and names is not own:
+            found = names
+        frame = frame.f_back
+    if found is None:
+        return None
+    path = os.path.normpath(os.path.join(multiprocessing.process.ORIGINAL_DIR or "", found["__file__"]))
+    main_path = getattr(main, "__file__", None)
+    if isinstance(main_path, str) and os.path.realpath(main_path) == os.path.realpath(path):
+        return None
+    spec_name = getattr(found.get("__spec__"), "name", None)
+    if isinstance(spec_name, str) and spec_name != "__main__" and not spec_name.endswith(".__main__"):
+        return {"init_main_from_name": spec_name}
+    if os.path.isfile(path):
+        return {"init_main_from_path": path}
+    return None
 
 
 class Runner:
