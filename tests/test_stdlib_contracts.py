@@ -713,6 +713,44 @@ def test_process_start_drops_its_references_to_target_args_and_kwargs(impl):
 # -- workers as the standard library starts them -------------------------------
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_what_the_program_printed_before_starting_workers_comes_before_what_they_print(program, impl):
+    """With stdout a pipe (block-buffered: a log file, ``| tee``, CI), the
+    standard library flushes the parent's streams before it starts a child,
+    so a header printed before a pool or ``Process`` precedes the output of
+    its tasks; warden's came out after all of it."""
+    prog = user_program(
+        program,
+        """
+        def job(where):
+            print("task", where, flush=True)
+
+        if __name__ == "__main__":
+            print("before executor")
+            with Executor(1) as ex:
+                ex.submit(job, "executor").result(60)
+            print("before pool")
+            with Pool(1) as pool:
+                pool.apply(job, ("pool",))
+            print("before process")
+            p = Process(target=job, args=("process",))
+            p.start()
+            p.join(60)
+        """,
+    )
+    run = prog.run(timeout=60, env={"IMPL": impl, "PYTHONUNBUFFERED": ""})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "before executor",
+        "task executor",
+        "before pool",
+        "task pool",
+        "before process",
+        "task process",
+    ], run.stderr
+
+
+
 def name_and_parent():
     parent = multiprocessing.parent_process()
     me = multiprocessing.current_process()

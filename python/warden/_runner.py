@@ -400,6 +400,15 @@ def preparation_data(name: str) -> dict[str, Any]:
     return data
 
 
+def _flush_std_streams() -> None:
+    """Flushes ``sys.stdout`` and ``sys.stderr``, whatever they are now (a
+    stream closed, replaced by ``None`` or by an object without ``flush``
+    is left as it is)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
 def _program_run_by_a_tool(main: Any) -> dict[str, str] | None:
     """How a child imports the program, where a tool is ``__main__`` and runs
     the program in a namespace of its own, named ``__main__`` too: ``python
@@ -467,6 +476,9 @@ class Runner:
         forward_logging: bool = False,
     ) -> None:
         _forget_finished_runners()
+        # What the program printed so far comes before what its workers
+        # print, as the standard library flushes before it starts a child.
+        _flush_std_streams()
         #: Tasks by core id, for ``on_worker_lost`` (only kept when there is one).
         self._tasks: weakref.WeakValueDictionary[int, Any] | None = (
             weakref.WeakValueDictionary() if on_worker_lost is not None else None
