@@ -11,7 +11,10 @@
    and runs the task on it. Median per task.
 3. **crash replacement**: one worker; a task ends its worker (``os._exit``),
    then the time from that task's failure to the next task's result. Median.
-4. **cold start**: a fresh interpreter runs ``import``, constructs a pool of 2
+4. **a Process**: ``start()`` then ``join()`` of a ``Process`` whose target
+   does nothing, one after another: ``warden.Process`` (which always starts
+   by exec) against ``multiprocessing.Process`` under spawn and fork. Median.
+5. **cold start**: a fresh interpreter runs ``import``, constructs a pool of 2
    and waits for the first ``submit -> result``. Median of several runs, with
    pebble beside the standard library when it is installed, and the floor:
    ``import concurrent.futures.process`` alone, which any drop-in for
@@ -97,6 +100,25 @@ def crash_replacement(make, n):
     return statistics.median(times)
 
 
+def noop():
+    """A ``Process`` target that does nothing."""
+
+
+def process_round_trip(make, n):
+    """Median seconds of ``start()`` then ``join()`` of a ``Process`` whose
+    target does nothing (the first one, which may start the resource
+    tracker, not counted)."""
+    times = []
+    for i in range(n + 1):
+        start = time.perf_counter()
+        p = make(target=noop)
+        p.start()
+        p.join()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 COLD = {
     "warden (zygote)": (
         "import warden\np = warden.ProcessPoolExecutor({w}, start='zygote')\np.submit(abs, -1).result()"
@@ -153,9 +175,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs (for a smoke test)")
     parser.add_argument("--cold", type=int, metavar="RUNS", help="only the cold start, RUNS rounds")
+    parser.add_argument("--process", type=int, metavar="N", help="only the Process start, N of each")
     args = parser.parse_args()
     if args.cold:
         return report_cold(args.cold)
+    if args.process:
+        return report_process(args.process)
     scale = 10 if args.quick else 1
 
     import concurrent.futures as cf
@@ -199,7 +224,22 @@ def main():
         lat = crash_replacement(lambda start=start: warden.ProcessPoolExecutor(1, start=start), n_crash)
         print(f"{'after a crash, warden (' + start + ')':34} {lat * 1e3:10.2f}   (N={n_crash})")
 
+    report_process(10 if args.quick else 30)
     report_cold(3 if args.quick else 7)
+
+
+def report_process(n):
+    import multiprocessing as mp
+
+    import warden
+
+    print(f"\n{'Process start() + join(), no-op':34} {'median ms':>10}   (N={n})")
+    for name, make in (
+        ("warden.Process", warden.Process),
+        ("multiprocessing.Process (spawn)", mp.get_context("spawn").Process),
+        ("multiprocessing.Process (fork)", mp.get_context("fork").Process),
+    ):
+        print(f"{name:34} {process_round_trip(make, n) * 1e3:10.2f}")
 
 
 def report_cold(runs):

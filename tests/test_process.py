@@ -324,6 +324,31 @@ def test_current_process_in_the_child_is_the_process(tmp_path):
     assert is_alive == "True"
 
 
+LOADED_IN_THE_CHILD = """
+import sys
+import warden
+
+def report():
+    starting = ("warden._runner", "concurrent.futures.process", "logging", "tempfile")
+    print(*[name for name in starting if name in sys.modules] or ["none"], flush=True)
+
+if __name__ == "__main__":
+    p = warden.Process(target=report)
+    p.start()
+    p.join(60)
+"""
+
+
+def test_a_child_loads_none_of_what_starting_processes_takes(program):
+    """The child imports ``warden.process`` to unpickle its ``Process``; that
+    module loaded the machinery that starts pools and processes (and with it
+    ``concurrent.futures.process``, ``logging``, ``tempfile``): a third of
+    the child's start-up, for nothing it runs."""
+    run = program(LOADED_IN_THE_CHILD).run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["none"], run.stdout
+
+
 def test_a_subclass_overriding_run_has_its_run_called_in_the_child(tmp_path):
     out = tmp_path / "out"
     p = Subclassed(out)

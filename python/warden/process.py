@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import _runner, _warden
+from . import _warden
 from ._pickle import dumps_for_spawn, spawning_object
 
 #: How long ``start()`` waits for the child's pid.
@@ -129,6 +129,10 @@ class Process(multiprocessing.process.BaseProcess):
             raise AssertionError("cannot start a process twice")
         if self._parent_pid != os.getpid():
             raise AssertionError("can only start a process object created by current process")
+        # Here, not at import: the child imports this module to unpickle its
+        # Process, and needs none of what starting one takes.
+        from . import _runner
+
         payload, fds = dumps_for_spawn(
             self,
             target=self,
