@@ -1523,6 +1523,129 @@ def test_a_pool_made_with_no_descriptor_to_spare_fails_at_once_with_oserror_emfi
     assert "OSError" in lines and "served" in lines, lines
 
 
+FDS_CLOSED_BY_THE_PROGRAM = """
+import os, sys, time
+import warden
+
+def work(i):
+    return i + 1
+
+if __name__ == "__main__":
+    kind = sys.argv[1]
+    pool = warden.ProcessPoolExecutor(2) if kind == "executor" else warden.Pool(2)
+    submit = pool.submit if kind == "executor" else (lambda f, x: pool.apply_async(f, (x,)))
+    get = (lambda r: r.result(30)) if kind == "executor" else (lambda r: r.get(30))
+    print("first", get(submit(work, 1)), flush=True)
+    os.closerange(3, 1024)  # a naive daemonizer's way
+    try:
+        get(submit(work, 2))
+    except warden.PoolFailed as e:
+        print("second PoolFailed", "descriptors were closed" in str(e), flush=True)
+    started = time.monotonic()
+    if kind == "executor":
+        pool.shutdown(cancel_futures=True)
+    else:
+        pool.terminate()
+        pool.join()
+    print("shut down", time.monotonic() - started < 30, flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_program_closing_its_pools_descriptors_gets_pool_failed_and_a_bounded_shutdown(program, kind):
+    """``os.closerange(3, ...)`` with a pool running: the supervisor sleeps in
+    a poller no one can wake, the logging thread polls closed fds. Before,
+    the logging thread printed a traceback per pass (megabytes of stderr a
+    second, a core busy) and the next ``shutdown()`` waited forever; now the
+    supervisor finds its poller gone within seconds, the pool fails with
+    ``PoolFailed`` saying so, and shutdown returns."""
+    run = program(FDS_CLOSED_BY_THE_PROGRAM).run(timeout=90, args=(kind,))
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines == ["first 2", "second PoolFailed True", "shut down True"], run.stderr[-3000:]
+    assert len(run.stderr) < 2000, run.stderr[-3000:]
+
+
+DAEMON_AFTER_A_POOL = """
+import os, signal, sys
+import warden
+
+def work(i):
+    return i * 10
+
+def daemonize(err):
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.closerange(0, 1024)  # every descriptor, as a classic daemon does
+    fd = os.open(os.devnull, os.O_RDWR)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", closefd=False)
+    sys.stderr = open(err, "w", buffering=1)
+
+if __name__ == "__main__":
+    out, err = sys.argv[1], sys.argv[2]
+    with warden.ProcessPoolExecutor(2) as ex:
+        list(ex.map(work, range(3)))
+    daemonize(err)
+    signal.alarm(50)  # no test leaves a daemon behind, whatever happens
+    with open(out + ".part", "w") as f, open(out + ".log", "w") as log:
+        log.write("the daemon's own log\\n")
+        log.flush()
+        with warden.ProcessPoolExecutor(2) as ex:
+            f.write(f"{list(ex.map(work, range(4)))}\\n")
+        with warden.Pool(2) as pool:
+            f.write(f"{pool.map(work, range(4))}\\n")
+    os.rename(out + ".part", out)
+"""
+
+
+def test_a_daemon_that_closed_every_descriptor_after_using_a_pool_starts_new_pools_cleanly(program, tmp_path):
+    """The standard library's resource tracker keeps the number of a pipe the
+    daemon closed; the next file opened reuses it. Before, warden passed that
+    number to its new workers as the tracker's, so their registrations went
+    into warden's own wake pipe (the logging thread ended at once, and its
+    pool printed ``OSError: Bad file descriptor`` at shutdown) or into the
+    program's files. Now the stale tracker is forgotten and a new one used."""
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    run = program(DAEMON_AFTER_A_POOL).run(timeout=60, args=(str(out), str(err)))
+    assert run.returncode == 0, run.stderr
+    assert wait_until(out.exists, timeout=60), err.read_text() if err.exists() else "no stderr file"
+    assert out.read_text().splitlines() == ["[0, 10, 20, 30]", "[0, 10, 20, 30]"]
+    assert err.read_text() == ""
+    assert (tmp_path / "out.txt.log").read_text() == "the daemon's own log\n"
+
+
+STDERR_NONE = """
+import sys, time
+import warden
+
+def bad_callback(result):
+    raise ValueError("a callback with a bug")
+
+if __name__ == "__main__":
+    sys.stderr = None  # as under `2>&-`, or in a program without a console
+    with warden.Pool(1) as pool:
+        print("DATA", pool.apply_async(abs, (-1,), callback=bad_callback).get(30), flush=True)
+    ex = warden.ProcessPoolExecutor(1, exit_timeout=0.2)
+    for _ in range(3):
+        ex.submit(time.sleep, 5)
+    print("DATA end", flush=True)
+"""
+
+
+def test_with_no_stderr_warden_reports_nothing_into_the_programs_output(program):
+    """``print(..., file=sys.stderr)`` and ``traceback.print_exc()`` write to
+    stdout when ``sys.stderr`` is ``None``: warden's reports (a callback that
+    raised, tasks dropped at exit) landed in the program's data."""
+    run = program(STDERR_NONE).run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["DATA 1", "DATA end"], run.stdout
+
+
 SIGCHLD_IGNORED = """
 import os, signal, sys
 import warden

@@ -750,7 +750,6 @@ def test_what_the_program_printed_before_starting_workers_comes_before_what_they
     ], run.stderr
 
 
-
 def name_and_parent():
     parent = multiprocessing.parent_process()
     me = multiprocessing.current_process()

@@ -69,7 +69,8 @@ class WorkerProcess:
         closer, self._closer = self._closer, None
         self._pidfd = None
         if closer is not None:
-            closer()
+            with contextlib.suppress(OSError):  # closed already, by the program
+                closer()
 
     @property
     def _popen(self) -> WorkerProcess:

@@ -48,12 +48,12 @@ import select
 import socket
 import sys
 import threading
-import traceback
 from pickle import dumps as _dumps  # bound at import: a task that patches pickle cannot break warden
 from pickle import loads as _loads
 from typing import Any
 
 from . import _native
+from ._stderr import say, say_exception
 
 #: Seconds a worker waits to hand a record over before writing it to its stderr.
 SEND_TIMEOUT = 10.0
@@ -93,6 +93,9 @@ class _Listener:
         self.pipes: set[int] = set()
         #: The sockets are closed (set under ``lock``).
         self.closed = False
+        #: The program closed this listener's fds (``os.closerange``): the
+        #: thread has ended, and the numbers are no longer its own.
+        self.lost = False
 
     def start(self) -> None:
         """Under ``_listener_lock``: starts the thread unless it runs."""
@@ -112,8 +115,11 @@ class _Listener:
         """Under ``_listener_lock``: tells the thread to end; returns it (to
         join) if it was running."""
         thread, self.thread = self.thread, None
-        if thread is not None:
-            os.write(self.wake, b"x")
+        if thread is not None and not self.lost:
+            try:
+                os.write(self.wake, b"x")
+            except OSError:  # the thread has ended, and closed it
+                return None
         return thread
 
     def _run(self, wake_read: int, wake_write: int) -> None:
@@ -124,11 +130,24 @@ class _Listener:
             while True:
                 try:
                     events = poller.poll()
+                    if any(mask & select.POLLNVAL for _, mask in events):
+                        # Its fds were closed behind its back (`os.closerange`
+                        # in the program): nothing more can be read.
+                        raise OSError(errno.EBADF, "the logging socket or wake pipe was closed")
                     self.drain()
                     if any(fd == wake_read for fd, _ in events):
                         return
+                except OSError as e:
+                    if e.errno != errno.EBADF:
+                        say_exception("warden: reading worker log records failed:")
+                        continue
+                    say(f"warden: worker log records are no longer forwarded: {e}")
+                    # Its fds' numbers may be another file's by now: closing
+                    # them would close that one.
+                    self.lost = True
+                    return
                 except Exception:  # the thread must not die: records would pile up
-                    traceback.print_exc()
+                    say_exception("warden: reading worker log records failed:")
         finally:
             with _listener_lock:
                 retire = self._thread_gone(wake_read, wake_write)
@@ -143,7 +162,8 @@ class _Listener:
         global _listener
         for fd in pipe:
             self.pipes.discard(fd)
-            _native.close(fd)
+            if not self.lost:
+                _native.close(fd)
         self.running -= 1
         if self.running or self.users:
             return False
@@ -157,8 +177,11 @@ class _Listener:
         with self.lock:
             if not self.closed:
                 self.closed = True
-                self.receiver.close()
-                self.sender.close()
+                for sock in (self.receiver, self.sender):
+                    if self.lost:
+                        sock.detach()  # forgotten, not closed (see _run)
+                    else:
+                        sock.close()
 
     def close_inherited(self) -> None:
         """In a child forked from the process that made this listener: closes
@@ -178,10 +201,15 @@ class _Listener:
     def drain(self) -> None:
         """Handles every record queued now, in order."""
         with self.lock:
-            while not self.closed:
+            while not self.closed and not self.lost:
                 try:
                     size = self.receiver.recv_into(self.buffer)
                 except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:
+                    if e.errno != errno.EBADF:
+                        raise
+                    self.lost = True  # closed by the program (see _run)
                     return
                 if not size:
                     return
@@ -312,7 +340,7 @@ def _handle(data: bytes | memoryview) -> None:
         attrs = _loads(data)
         record = logging.makeLogRecord(attrs)
     except Exception as e:
-        print(f"warden: cannot read a worker's log record: {type(e).__name__}: {e}", file=sys.stderr)
+        say(f"warden: cannot read a worker's log record: {type(e).__name__}: {e}")
         return
     logger = logging.root if record.name == "root" else logging.getLogger(record.name)
     if logger.isEnabledFor(record.levelno):

@@ -28,10 +28,10 @@ import multiprocessing.spawn
 import multiprocessing.util
 import os
 import re
+import stat
 import sys
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pickle import dumps as _dumps  # bound at import: a task that patches pickle cannot break warden
@@ -41,6 +41,7 @@ from typing import Any, Literal
 from . import _finalize, _logging, _native, _oob, _warden
 from ._errors import ErrorData
 from ._pickle import dumps_for_spawn
+from ._stderr import say, say_exception
 
 #: The worker program: this interpreter, with its flags, running warden._worker.
 WORKER_MODULE = "warden._worker"
@@ -305,16 +306,13 @@ def _lost_hook(
             try:
                 record = _loads(lost.record)
             except Exception as e:
-                print(
-                    f"warden: cannot unpickle the cleanup record of worker {lost.pid}: {e!r}", file=sys.stderr
-                )
+                say(f"warden: cannot unpickle the cleanup record of worker {lost.pid}: {e!r}")
         exitcode = -lost.signal if lost.signal is not None else lost.exitcode
         task = tasks.get(lost.task) if lost.task is not None else None
         try:
             hook(WorkerLost(lost.pid, exitcode, lost.signal, task, record))
         except Exception:
-            print(f"warden: exception in on_worker_lost for worker {lost.pid}:", file=sys.stderr)
-            traceback.print_exc()
+            say_exception(f"warden: exception in on_worker_lost for worker {lost.pid}:")
 
     return on_lost
 
@@ -337,10 +335,15 @@ def resource_tracker_fd() -> int | None:
     what a child created and never unlinked is unlinked when this process's
     tracker ends, at the end of the program. A tracker of the worker's own
     would unlink, at the worker's exit, segments the parent still uses."""
+    global _tracker_pipe
     tracker = multiprocessing.resource_tracker._resource_tracker  # type: ignore[attr-defined]
+    _forget_a_tracker_fd_reused(tracker)
     was = getattr(tracker, "_pid", None)
     try:
         fd = os.dup(multiprocessing.resource_tracker.getfd())
+        own = tracker._fd
+        st = os.fstat(own)
+        _tracker_pipe = (own, st.st_dev, st.st_ino)
     except Exception:
         return None
     started = getattr(tracker, "_pid", None)
@@ -351,6 +354,33 @@ def resource_tracker_fd() -> int | None:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, started, 19)
     return fd
+
+
+#: The resource tracker's pipe as last seen here: its fd, device and inode.
+_tracker_pipe: tuple[int, int, int] | None = None
+
+
+def _forget_a_tracker_fd_reused(tracker: Any) -> None:
+    """A program that closes every descriptor it did not open (a daemon's
+    ``os.closerange``) closes the resource tracker's pipe too, and the
+    standard library goes on writing to its number, which the next file
+    opened reuses: every worker would write its registrations there (into
+    the program's log file, or into one of warden's own pipes). Seen
+    through ``fstat`` (not a pipe, or not the pipe it was), the tracker is
+    forgotten without closing that number, and the next use starts one."""
+    fd = getattr(tracker, "_fd", None)
+    if fd is None:
+        return
+    try:
+        st = os.fstat(fd)
+        seen = _tracker_pipe
+        other = seen is not None and seen[0] == fd and seen[1:] != (st.st_dev, st.st_ino)
+        reused = other or not stat.S_ISFIFO(st.st_mode)
+    except OSError:
+        reused = True  # closed
+    if reused:
+        tracker._fd = None
+        tracker._pid = None
 
 
 def cpu_count() -> int:
@@ -957,8 +987,7 @@ def _call_outcome_callback(callback: OnDone, ok: bool | None, data: Any) -> None
     try:
         callback(ok, data)
     except BaseException:  # nothing a callback raises ends the results thread
-        print("warden: exception in a task-outcome callback:", file=sys.stderr)
-        traceback.print_exc()
+        say_exception("warden: exception in a task-outcome callback:")
 
 
 def _left(deadline: float) -> float:
@@ -1124,11 +1153,7 @@ def _cut_short(runner: Runner, why: str) -> None:
     runner.exit_policy = "terminate"
     if dropped:
         tasks = "task" if dropped == 1 else "tasks"
-        print(
-            f"warden: {runner.name}: {dropped} submitted {tasks} dropped at interpreter exit ({why})",
-            file=sys.stderr,
-            flush=True,
-        )
+        say(f"warden: {runner.name}: {dropped} submitted {tasks} dropped at interpreter exit ({why})")
 
 
 def at_interpreter_exit() -> None:

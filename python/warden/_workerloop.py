@@ -54,6 +54,7 @@ from pickle import loads as _loads  # bound at import: a task that patches pickl
 from . import _context, _oob, _pickle, _warden
 from ._pickle import BY_REF, dumps, dumps_oob, loads_call
 from ._remote import RemoteError, TaskAborted, TaskInterrupted
+from ._stderr import say
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -512,7 +513,7 @@ class Handler:
         # parent that is gone closes its end; longer for more bytes, which
         # the parent takes longer to read) until it has been read.
         if not _oob.wait_for_readers(every=True, timeout=_LOAN_GRACE + _oob.lent_bytes() / _SLOWEST_READ):
-            print(f"warden: worker {os.getpid()}: exiting before the parent read a result", file=sys.stderr)
+            say(f"warden: worker {os.getpid()}: exiting before the parent read a result")
         return ("; ".join(errors) or None, self.exit_code)
 
     def _end_hooks(self) -> list[str]:
@@ -575,13 +576,10 @@ class Handler:
                 # What the program printed is lost (a full disk, a closed
                 # pipe): say so, as the interpreter's own exit would.
                 if name == "stdout":
-                    with contextlib.suppress(Exception):
-                        print(
-                            f"warden: worker {os.getpid()}: what it printed was lost, flushing stdout raised "
-                            f"{_type_name(e)}: {_text(e)}",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                    say(
+                        f"warden: worker {os.getpid()}: what it printed was lost, flushing stdout raised "
+                        f"{_type_name(e)}: {_text(e)}"
+                    )
 
 
 def _clear_program_globals() -> None:

@@ -46,6 +46,7 @@ import weakref
 from pickle import loads as _loads  # bound at import: a task that patches pickle cannot break warden
 
 from . import _warden, _workerloop
+from ._stderr import say
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing in the zygote
 if TYPE_CHECKING:
@@ -276,7 +277,7 @@ def _preload(data: dict[str, Any], watch: _SeedWatch) -> str | None:
             __import__(name)
         except Exception as e:
             why = f"{type(e).__name__}: {e}"
-            print(f"warden: zygote {os.getpid()}: cannot preload {name!r}: {why}", file=sys.stderr)
+            say(f"warden: zygote {os.getpid()}: cannot preload {name!r}: {why}")
     return None
 
 

@@ -224,3 +224,19 @@ impl SupervisorLink {
         lock(&self.failure).clone()
     }
 }
+
+impl Drop for SupervisorLink {
+    /// In a forked copy of the pool's process, the waker's eventfd is a copy
+    /// made by the fork, whose number the copy may have closed and reused
+    /// since (a daemon closes every descriptor it did not open, then opens
+    /// its own): it is left as it is, never closed here.
+    fn drop(&mut self) {
+        if self.foreign() {
+            let waker = match self.waker.get_mut() {
+                Ok(waker) => waker.take(),
+                Err(poisoned) => poisoned.into_inner().take(),
+            };
+            std::mem::forget(waker);
+        }
+    }
+}

@@ -85,6 +85,10 @@ const WAKER: Token = Token(0);
 /// How long the loop waits before polling again after the poll itself failed.
 const POLL_RETRY: Duration = Duration::from_millis(20);
 
+/// The longest the loop waits for an event with nothing due: an idle pool
+/// looks at its poller this often.
+const POLL_MAX_WAIT: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PoolPhase {
     Running,
@@ -225,8 +229,13 @@ impl Supervisor {
             let _ = started.send(());
         }
         loop {
-            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            // Never wait without limit: a poller whose descriptors the program
+            // closed (`os.closerange`) is never woken again, and only a poll
+            // of its own finds that out.
+            let timeout = self
+                .next_deadline()
+                .map_or(POLL_MAX_WAIT, |d| d.saturating_duration_since(Instant::now()).min(POLL_MAX_WAIT));
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     // Also after this process was stopped (SIGSTOP, Ctrl-Z)
                     // and continued, with no handler involved; the events are
@@ -235,14 +244,19 @@ impl Supervisor {
                     // before its task's deadline, long past, is seen.
                     continue;
                 }
-                self.fail(format!("the supervisor's poll failed: {e}"));
+                let hint = if e.raw_os_error() == Some(libc::EBADF) {
+                    " (the pool's descriptors were closed by the program?)"
+                } else {
+                    ""
+                };
+                self.fail(format!("the supervisor's poll failed: {e}{hint}"));
                 // Nothing tells us about exits while poll fails: look for
                 // them ourselves, and wait a little instead of spinning.
                 let ids: Vec<u64> = self.workers.keys().copied().collect();
                 for id in ids {
                     self.reap(id);
                 }
-                std::thread::sleep(timeout.unwrap_or(POLL_RETRY).min(POLL_RETRY));
+                std::thread::sleep(timeout.min(POLL_RETRY));
             }
             for event in events.iter() {
                 let token = event.token();

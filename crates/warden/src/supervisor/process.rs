@@ -46,11 +46,35 @@ pub(super) trait WorkerProcess: Kill + Wait + Send {
 pub(super) struct Pidfd {
     pid: Pid,
     pidfd: OwnedFd,
+    /// The pidfd was closed behind the supervisor's back (a program that
+    /// closes every descriptor it did not open: `os.closerange(3, ...)`):
+    /// the pid names the worker instead, which is safe while it is unreaped.
+    by_pid: bool,
 }
 
 impl Pidfd {
     pub(super) fn new(pid: Pid, pidfd: OwnedFd) -> Self {
-        Pidfd { pid, pidfd }
+        Pidfd { pid, pidfd, by_pid: false }
+    }
+
+    /// The worker, for `waitid`: by its pidfd, or by its pid once that is gone.
+    fn id(&self) -> WaitId<'_> {
+        if self.by_pid {
+            WaitId::Pid(self.pid)
+        } else {
+            WaitId::PidFd(self.pidfd.as_fd())
+        }
+    }
+
+    /// Notes an error of a call on the pidfd; true if the pidfd is gone and
+    /// the call should be made again by pid.
+    fn lost(&mut self, e: rustix::io::Errno) -> bool {
+        if e == rustix::io::Errno::BADF && !self.by_pid {
+            tracing::warn!(pid = self.pid.as_raw_nonzero().get(), "a worker's pidfd was closed; using its pid");
+            self.by_pid = true;
+            return true;
+        }
+        false
     }
 }
 
@@ -65,7 +89,13 @@ impl Kill for Pidfd {
                 return;
             }
         }
-        let _ = rustix::process::pidfd_send_signal(&self.pidfd, sig);
+        if self.by_pid {
+            let _ = rustix::process::kill_process(self.pid, sig);
+        } else if let Err(e) = rustix::process::pidfd_send_signal(&self.pidfd, sig) {
+            if self.lost(e) {
+                let _ = rustix::process::kill_process(self.pid, sig);
+            }
+        }
     }
 }
 
@@ -74,20 +104,20 @@ impl Wait for Pidfd {
         // Exited? Look without reaping: while it is a zombie its pid, its
         // group's id, cannot be reused, so its leftovers can be signalled.
         let exited = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
-        if rustix::process::waitid(WaitId::PidFd(self.pidfd.as_fd()), exited)?.is_none() {
+        let seen = match rustix::process::waitid(self.id(), exited) {
+            Err(e) if self.lost(e) => rustix::process::waitid(self.id(), exited)?,
+            seen => seen?,
+        };
+        if seen.is_none() {
             return Ok(None);
         }
         let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
-        let status = waitid_exited(&self.pidfd)?;
+        let status = rustix::process::waitid(self.id(), WaitIdOptions::EXITED | WaitIdOptions::NOHANG)?;
         Ok(status.map(|st| match st.terminating_signal() {
             Some(sig) => ExitStatus::Signal(sig),
             None => ExitStatus::Code(st.exit_status().unwrap_or(-1)),
         }))
     }
-}
-
-fn waitid_exited(pidfd: &OwnedFd) -> io::Result<Option<rustix::process::WaitIdStatus>> {
-    Ok(rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED | WaitIdOptions::NOHANG)?)
 }
 
 impl WorkerProcess for Pidfd {
