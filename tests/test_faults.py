@@ -1646,6 +1646,65 @@ def test_with_no_stderr_warden_reports_nothing_into_the_programs_output(program)
     assert run.stdout.splitlines() == ["DATA 1", "DATA end"], run.stdout
 
 
+LOCK_HELD_WHEN_STOPPED = """
+import multiprocessing, sys, time
+import warden
+
+def init(value, lock):
+    global VALUE, LOCK
+    VALUE, LOCK = value, lock
+
+def spin_with_lock():
+    while True:
+        with LOCK:
+            VALUE.value += 1
+
+def spin_with_values_lock():
+    while True:
+        with VALUE.get_lock():
+            VALUE.value += 1
+
+if __name__ == "__main__":
+    how, idiom = sys.argv[1], sys.argv[2]
+    ctx = multiprocessing.get_context("spawn")
+    value, lock = ctx.Value("q", 0), ctx.Lock()
+    held = value.get_lock() if idiom == "value" else lock
+    task = spin_with_values_lock if idiom == "value" else spin_with_lock
+    kwargs = {"task_timeout": 0.2} if how == "timeout" else {}
+    with warden.ProcessPoolExecutor(1, initializer=init, initargs=(value, lock), **kwargs) as ex:
+        for round in range(20):
+            f = ex.submit(task)
+            if how == "cancel":
+                time.sleep(0.2)
+                f.cancel(running=True)
+            try:
+                f.result(30)
+            except (TimeoutError, warden.WorkerCrashed, BaseException):
+                pass
+            if not held.acquire(timeout=5):
+                print("held after round", round, flush=True)
+                sys.exit(1)
+            held.release()
+    print("free after every stop", flush=True)
+"""
+
+
+@pytest.mark.parametrize("idiom", ["lock", "value"])
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def test_a_task_stopped_while_taking_or_giving_a_process_shared_lock_leaves_it_free(program, how, idiom):
+    """A task looping on ``with lock: value.value += 1`` (a ``multiprocessing``
+    lock, or a synchronized ``Value``'s own), stopped by ``task_timeout`` or
+    ``cancel(running=True)``: the stop used to land, every few rounds, inside
+    ``multiprocessing``'s Python wrappers just after the lock was taken (the
+    ``with`` not yet in charge) or just before it was given back, leaving it
+    held by a process that then exited, and every later user of the lock
+    (the parent's ``value.value`` too) waited forever. Now it is raised
+    once the hand-over is done."""
+    run = program(LOCK_HELD_WHEN_STOPPED).run(timeout=180, args=(how, idiom))
+    assert run.returncode == 0, (run.stdout, run.stderr[-2000:])
+    assert run.stdout.splitlines() == ["free after every stop"], run.stderr[-2000:]
+
+
 SIGCHLD_IGNORED = """
 import os, signal, sys
 import warden

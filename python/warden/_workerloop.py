@@ -98,6 +98,89 @@ def _print_exc(header: str = "") -> None:
         pass  # no stderr to report to
 
 
+#: Code of ``multiprocessing``'s Python wrappers around its process-shared
+#: locks, between the lock's taking or giving and the ``with`` statement's
+#: taking charge of it (made on first use).
+_LOCK_WRAPPERS: frozenset[Any] | None = None
+
+
+def _lock_wrappers() -> frozenset[Any]:
+    global _LOCK_WRAPPERS
+    if _LOCK_WRAPPERS is None:
+        codes = set()
+        synchronize = sys.modules.get("multiprocessing.synchronize")
+        sharedctypes = sys.modules.get("multiprocessing.sharedctypes")
+        for cls in (
+            getattr(synchronize, "SemLock", None),
+            getattr(synchronize, "Condition", None),
+            getattr(sharedctypes, "SynchronizedBase", None),
+        ):
+            for name in ("__enter__", "__exit__"):
+                code = getattr(getattr(cls, name, None), "__code__", None)
+                if code is not None:
+                    codes.add(code)
+        if synchronize is None or sharedctypes is None:
+            return frozenset(codes)  # not cached: the rest may be imported later
+        _LOCK_WRAPPERS = frozenset(codes)
+    return _LOCK_WRAPPERS
+
+
+def _taking_or_giving_a_lock(frame: Any) -> bool:
+    """Whether a stop raised in ``frame`` would leave a process-shared lock
+    (``multiprocessing``'s ``Lock``, ``RLock``, ``Semaphore``, a ``Value``'s
+    lock) held by this process after it ends: the frame is one of
+    ``multiprocessing``'s Python wrappers (``__enter__`` just after taking
+    the lock, ``__exit__`` before giving it back, or the accessors of a
+    synchronized ``Value``/``Array``, which take its lock and give it back in
+    ``finally``) and this thread holds the lock now. A task blocked while
+    taking a lock is not holding it: it is stopped there at once."""
+    if frame is None or "multiprocessing.synchronize" not in sys.modules:
+        return False
+    code = frame.f_code
+    if code not in _lock_wrappers() and code.co_filename != "<string>":
+        return False
+    try:
+        owner = frame.f_locals.get("self")
+        lock = getattr(owner, "_lock", owner)  # a Condition's or a Value's lock
+        return bool(lock._semlock._is_mine())
+    except Exception:
+        return False
+
+
+def _raise_after_hand_over(frame: Any, stop: BaseException) -> bool:
+    """Arranges for ``stop`` to be raised once the lock's hand-over is done,
+    through a trace function removed as it raises: after an ``__enter__``,
+    at the next line of the code that entered (the ``with`` block's body,
+    where its ``__exit__`` will give the lock back); in an ``__exit__`` or a
+    ``Value``'s accessor, as it returns (the lock given back). ``False``
+    where that cannot be done (a trace function of the program's, a
+    debugger's or a coverage tool's is set)."""
+    if sys.gettrace() is not None:
+        return False
+    if frame.f_code.co_name == "__enter__":
+        target = frame.f_back
+        while target is not None and target.f_code in _lock_wrappers():
+            target = target.f_back  # a Condition's __enter__ around its lock's
+        if target is None:
+            return False
+        events: tuple[str, ...] = ("line", "return")
+    else:
+        target, events = frame, ("return",)
+
+    def raise_there(_frame: Any, event: str, _arg: Any) -> Any:
+        if event in events:
+            sys.settrace(None)
+            target.f_trace = None
+            raise stop
+        return raise_there
+
+    target.f_trace = raise_there
+    target.f_trace_lines = True
+    # Frames called meanwhile (the rest of the hand-over) are not traced.
+    sys.settrace(lambda *_: None)
+    return True
+
+
 def _type_name(exc: BaseException) -> str:
     t = type(exc)
     if t.__module__ == "builtins":
@@ -285,6 +368,13 @@ class Handler:
     # The signal handler runs on the main thread between bytecodes. It raises
     # at most once per task, so the task's own cleanup is not interrupted twice.
     def on_signal(self, signum: int, frame: Any) -> None:
+        caller = frame
+        while caller is not None:
+            if caller.f_code is _ON_SIGNAL_CODE:
+                # The stop signal again (the core sends it twice), while this
+                # handler runs: the running one decides where to raise.
+                return
+            caller = caller.f_back
         if os.getpid() != self.pid:
             # A copy of this worker made by os.fork() in a task: the signal
             # is the copy's, as if warden were not there.
@@ -298,7 +388,13 @@ class Handler:
             runner.stop_requested = True
         if self.running:
             self.running = False
-            raise TaskInterrupted(signal.Signals(signum).name)
+            stop = TaskInterrupted(signal.Signals(signum).name)
+            if _taking_or_giving_a_lock(frame) and _raise_after_hand_over(frame, stop):
+                # Raised here, the stop would leave a lock of the program's
+                # held for good: it is raised once the lock is in the with
+                # statement's charge, or given back.
+                return
+            raise stop
         if self.waiting_for_threads:
             self.waiting_for_threads = False
             raise _StopWaiting
@@ -799,6 +895,10 @@ def _forward_deferred() -> None:
         from . import _logging
 
         _logging.forward_to_parent(*pending)
+
+
+#: The stop handler's code: a frame of it means the handler is running.
+_ON_SIGNAL_CODE = Handler.on_signal.__code__
 
 
 class _OnLoggingImport:
