@@ -101,8 +101,9 @@ class PoolFailed(BrokenProcessPool):
 
 
 class TaskTimeout(TimeoutError):
-    """The task ran longer than its ``task_timeout``; its worker was stopped
-    (its finalizer ran) and replaced. ``timeout`` is the limit in seconds."""
+    """The task ran longer than its ``task_timeout``; its worker is stopped
+    (its finalizer runs) and replaced. Raised as the stop begins: the task
+    may still be unwinding. ``timeout`` is the limit in seconds."""
 
     def __init__(self, message: str, timeout: float | None = None) -> None:
         super().__init__(message)

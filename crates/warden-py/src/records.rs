@@ -36,7 +36,7 @@ pub enum PyErrorKind {
     /// The worker passed the pool's memory limit while running the task; it was stopped.
     #[pyo3(name = "MEMORY_EXCEEDED")]
     MemoryExceeded,
-    /// The task ran past its timeout; its worker was stopped.
+    /// The task ran past its timeout; its worker is stopped.
     #[pyo3(name = "TIMED_OUT")]
     TimedOut,
     /// The task was cancelled.

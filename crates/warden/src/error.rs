@@ -107,9 +107,9 @@ pub enum ErrorKind {
         /// The resident set size seen, in bytes.
         rss: u64,
     },
-    /// The task ran past its timeout; its worker was stopped (a pool starts
+    /// The task ran past its timeout; its worker is stopped (a pool starts
     /// another).
-    #[error("task timed out after {after:?}; its worker was stopped")]
+    #[error("task timed out after {after:?}; its worker is being stopped")]
     TimedOut {
         /// The timeout that was exceeded.
         after: Duration,
