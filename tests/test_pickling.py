@@ -329,17 +329,21 @@ def test_a_main_module_run_with_dash_m_is_imported_by_name(tmp_path):
 
 
 UNDER_A_TOOL = """
-import os
+import dataclasses, os
 run = "run-7"  # cProfile and profile have a run(), trace imports io, cProfile has label()
 label = "experiment-42"
 io = "my io"
+
+@dataclasses.dataclass
+class Box:
+    value: int
 
 def init():
     global db
     db = os.getpid()
 
 def task(x):
-    return run, label, io, db == os.getpid(), x
+    return run, label, io, db == os.getpid(), Box(x)
 
 def child(x):
     print("child", run, label, io, x, flush=True)
@@ -347,9 +351,11 @@ def child(x):
 if __name__ == "__main__":
     import warden
     with warden.ProcessPoolExecutor(1, initializer=init) as ex:
-        print("executor", *ex.submit(task, 1).result(timeout=60), flush=True)
+        *values, box = ex.submit(task, 1).result(timeout=60)
+        print("executor", *values, type(box) is Box and box.value, flush=True)
     with warden.Pool(1, initializer=init) as pool:
-        print("pool", *pool.apply(task, (2,)), flush=True)
+        *values, box = pool.apply(task, (2,))
+        print("pool", *values, type(box) is Box and box.value, flush=True)
     p = warden.Process(target=child, args=(3,))
     p.start()
     p.join(60)
@@ -366,17 +372,42 @@ if __name__ == "__main__":
         ["-m", "trace", "--count", "--missing", "-C", "coverage", "apkg/main.py"],
         ["-m", "trace", "--count", "-C", "coverage", "--module", "apkg.main"],
         ["-m", "pdb", "apkg/main.py"],
+        ["-m", "pdb", "-m", "apkg.main"],
+        ["launcher.py", "apkg/main.py"],
+        ["-m", "cProfile", "-o", os.devnull, "-m", "apkg"],
     ],
-    ids=["cProfile", "cProfile-m", "profile", "trace", "trace-module", "pdb"],
+    ids=[
+        "cProfile",
+        "cProfile-m",
+        "profile",
+        "trace",
+        "trace-module",
+        "pdb",
+        "pdb-m",
+        "runpy-launcher",
+        "package",
+    ],
 )
 def test_a_program_run_by_a_profiler_or_debugger_sees_its_own_globals_in_workers(tmp_path, tool):
     """``python -m cProfile prog.py`` (``profile``, ``trace``) makes the tool
     ``__main__`` and runs the program in a namespace of its own: workers that
     imported the tool as their main ran the program's functions among the
     tool's globals (its ``run``, ``label``, ``io``), giving wrong values and
-    no error. Under ``python -m pdb``, whose main has no ``__spec__``, no pool
-    could start (the standard library's cannot either)."""
+    no error, and a result of a class the program defines could not be
+    unpickled. Under ``python -m pdb``, whose main has no ``__spec__`` (and
+    under ``-m pkg.mod`` a name that pickles a code object along), no pool
+    could start (the standard library's cannot either). A launcher that
+    makes the program ``__main__`` itself (``runpy``: pyinstrument, memray,
+    coverage, IPython's ``%run``) and a package's ``__main__`` keep working
+    as under spawn."""
     package(tmp_path, "main.py", UNDER_A_TOOL)
+    # A launcher of the program's own, as pyinstrument, memray or coverage run
+    # one: the program becomes __main__ itself, and that is what children import.
+    (tmp_path / "launcher.py").write_text(
+        "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    # A package's __main__, which children do not import (as under spawn).
+    (tmp_path / "apkg" / "__main__.py").write_text(UNDER_A_TOOL)
     run = subprocess.run(
         [sys.executable, *tool],
         cwd=tmp_path,

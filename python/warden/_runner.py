@@ -32,6 +32,7 @@ import stat
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pickle import dumps as _dumps  # bound at import: a task that patches pickle cannot break warden
@@ -410,9 +411,13 @@ def preparation_data(name: str) -> dict[str, Any]:
     finally:
         # Asking for the start method fixes it; leave the caller free to choose.
         default._actual_context = chosen
+    if "init_main_from_name" in data:
+        # A str of its own (`python -m pdb -m pkg.mod` names main with a str
+        # subclass that pickles a code object along).
+        data["init_main_from_name"] = str(data["init_main_from_name"])
     program = _program_run_by_a_tool(main)
     if program is not None:
-        # The worker imports the program as its main, not the tool.
+        # The worker imports the program as its main (or nothing), not the tool.
         data.pop("init_main_from_name", None)
         data.pop("init_main_from_path", None)
         data.update(program)
@@ -446,31 +451,61 @@ def _program_run_by_a_tool(main: Any) -> dict[str, str] | None:
     pkg.mod`` as well). The program's functions then name ``__main__`` as
     their module but live in that namespace, not the tool's: a worker that
     imported the tool as its main would run them among the tool's globals
-    (its ``run``, ``label``, ``io``...) instead of the program's. Found as
-    the outermost frame of this thread whose globals are such a namespace,
-    with a file other than main's (a copy of main's functions that came by
-    value names main's own file); ``None`` where there is none."""
+    (its ``run``, ``label``, ``io``...) instead of the program's.
+
+    The program is the innermost frame of this thread whose globals are
+    named ``__main__``: where those are main's own (a plain run; a tool that
+    makes the program ``__main__`` itself, as ``runpy`` does for
+    pyinstrument, memray, coverage or IPython's ``%run``), nothing changes.
+    Otherwise the program's module (its name under ``-m``, else its file)
+    is what children import, and this process's ``__mp_main__`` finds the
+    program's classes, as it does for a plain run. A program that is a
+    package's ``__main__`` is not imported by children, as under spawn: its
+    functions go by value. ``None``: nothing to change."""
     own = getattr(main, "__dict__", None)
-    found: dict[str, Any] | None = None
     frame = sys._getframe(1)
     while frame is not None:
         names = frame.f_globals
-        named_main = names.get("__name__") == "__main__" and isinstance(names.get("__file__"), str)
-        if named_main and names is not own:
-            found = names
+        if names.get("__name__") == "__main__":
+            break
         frame = frame.f_back
-    if found is None:
+    if frame is None or names is own or not isinstance(names.get("__file__"), str):
         return None
-    path = os.path.normpath(os.path.join(multiprocessing.process.ORIGINAL_DIR or "", found["__file__"]))
+    path = os.path.normpath(os.path.join(multiprocessing.process.ORIGINAL_DIR or "", names["__file__"]))
     main_path = getattr(main, "__file__", None)
     if isinstance(main_path, str) and os.path.realpath(main_path) == os.path.realpath(path):
-        return None
-    spec_name = getattr(found.get("__spec__"), "name", None)
-    if isinstance(spec_name, str) and spec_name != "__main__" and not spec_name.endswith(".__main__"):
-        return {"init_main_from_name": spec_name}
-    if os.path.isfile(path):
-        return {"init_main_from_path": path}
-    return None
+        return None  # a copy of main's functions that came by value
+    _program_as_mp_main(names)
+    spec_name = getattr(names.get("__spec__"), "name", None)
+    if isinstance(spec_name, str):
+        if spec_name == "__main__" or spec_name.endswith(".__main__"):
+            return {}
+        return {"init_main_from_name": str(spec_name)}
+    if os.path.basename(path) == "__main__.py" or not os.path.isfile(path):
+        return {}
+    return {"init_main_from_path": path}
+
+
+class _ProgramModule(types.ModuleType):
+    """``__mp_main__`` in a process whose program a tool runs in a namespace
+    of its own: what workers send back by reference to their main (a result
+    of a class the program defines, its exception) is looked up there."""
+
+    def __init__(self, names: dict[str, Any]) -> None:
+        super().__init__("__mp_main__")
+        self.__dict__["_program"] = names
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_program"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _program_as_mp_main(names: dict[str, Any]) -> None:
+    current = sys.modules.get("__mp_main__")
+    if not (isinstance(current, _ProgramModule) and current.__dict__["_program"] is names):
+        sys.modules["__mp_main__"] = _ProgramModule(names)
 
 
 class Runner:
