@@ -1619,6 +1619,36 @@ def test_a_daemon_that_closed_every_descriptor_after_using_a_pool_starts_new_poo
     assert (tmp_path / "out.txt.log").read_text() == "the daemon's own log\n"
 
 
+TOO_FEW_DESCRIPTORS_UNLIMITED_RESTARTS = """
+import resource, sys, time
+import warden
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_NOFILE, (12, 12))
+    started = time.monotonic()
+    try:
+        with warden.ProcessPoolExecutor(2, restart_limit=None) as ex:
+            ex.submit(abs, -3).result(60)
+    except warden.PoolFailed as e:
+        print("PoolFailed", "Too many open files" in str(e), flush=True)
+    except OSError as e:
+        print("OSError", e.errno, flush=True)
+    print("within 10 s", time.monotonic() - started < 10, flush=True)
+"""
+
+
+def test_a_pool_without_restart_limit_that_has_no_descriptor_to_start_a_worker_fails_at_once(program):
+    """``restart_limit=None`` under a ``ulimit -n`` too low for any worker:
+    starts failed with ``EMFILE`` forever, the task's ``result()`` waited its
+    whole timeout and ``shutdown()`` never returned (a limited pool failed
+    only once its restart limit ran out)."""
+    run = program(TOO_FEW_DESCRIPTORS_UNLIMITED_RESTARTS).run(timeout=90)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] in ("PoolFailed True", "OSError 24"), (lines, run.stderr)
+    assert lines[1] == "within 10 s True", (lines, run.stderr)
+
+
 STDERR_NONE = """
 import sys, time
 import warden

@@ -411,8 +411,9 @@ def _carry(
                 raise OSError(
                     errno.EMFILE,
                     f"no file descriptor came free within {FDS_WAIT:.0f} s for a call of "
-                    f"more than {INLINE_FALLBACK_MAX >> 20} MiB: this process holds most of its limit "
-                    "(ulimit -n), by itself or with the large calls in flight",
+                    f"more than {INLINE_FALLBACK_MAX >> 20} MiB: this process uses the descriptors "
+                    "its pools keep for starting workers and reading results (the last quarter of "
+                    "ulimit -n, at least 32), by itself or with the large calls in flight",
                 ) from None
             time.sleep(0.01)
         except OSError as e:

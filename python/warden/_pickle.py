@@ -507,8 +507,8 @@ def dumps_oob(obj: Any, to_parent: bool = False, lend: bool = True) -> tuple[byt
     check = None if _main_is_importable() else _refuse_main
     try:
         return _oob.dumps(obj, _plain_oob, to_parent=to_parent, check=check, lend=lend, found=found)
-    except _oob.SegmentTooLarge:
-        raise
+    except (_oob.SegmentTooLarge, OSError):
+        raise  # no room for its buffers: cloudpickle would find none either
     except _NamesMain:
         return _oob.dumps(obj, _cloud_oob, to_parent=to_parent, lend=lend, found=found)
     except Exception as plain_error:

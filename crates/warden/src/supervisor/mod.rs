@@ -133,6 +133,9 @@ pub(crate) struct Supervisor {
     /// A worker of this pool has been ready: a shortage of descriptors is
     /// then a passing one (see [`Supervisor::ensure_workers`]).
     served: bool,
+    /// Since when starts have failed (other than for a shortage) with no
+    /// worker serving; cleared when one is ready.
+    unserved_since: Option<Instant>,
 }
 
 /// Creates the channel, waker and poller for a pool; the supervisor runs on
@@ -179,6 +182,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         memory_sample_at: None,
         task_time: schedule::TaskTime::default(),
         served: false,
+        unserved_since: None,
         pause: None,
         pause_cap: pace::FIRST_PAUSE_CAP,
         started: None,

@@ -237,6 +237,7 @@ impl Supervisor {
                 self.crashes.worker_ready();
                 self.shortage = None;
                 self.served = true;
+                self.unserved_since = None;
                 self.emit(LifecycleEvent::WorkerReady { worker: id, pid });
             }
             (WorkerPhase::Initializing, Incoming::InitFailed(error)) => {

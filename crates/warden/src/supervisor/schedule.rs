@@ -172,17 +172,30 @@ impl Supervisor {
                     let error = format!("cannot start a worker ({}): {e}", self.cfg.command.program.display());
                     tracing::warn!(pool = %self.cfg.name, "{error}");
                     self.emit(LifecycleEvent::SpawnFailed { error: error.clone() });
-                    // Out of descriptors before any worker was ready, the
-                    // limit is too low for the pool: a failure, so that such
-                    // a pool fails at once, as the standard library's
-                    // constructor does. Later, the program's own files and
-                    // the buffers of tasks in flight hold them for a while.
-                    let waits = is_shortage(&e) && (self.served || !is_out_of_descriptors(&e));
-                    if waits && !self.cfg.one_off {
+                    if !self.served && is_out_of_descriptors(&e) {
+                        // Out of descriptors before any worker was ready, the
+                        // limit is too low for the pool: it fails at once
+                        // (whatever its restart limit), as the standard
+                        // library's constructor does. Later, the program's
+                        // own files and the buffers of tasks in flight hold
+                        // them for a while: a shortage.
+                        self.fail(format!("{error}: no descriptor to spare before the first worker"));
+                    } else if is_shortage(&e) && !self.cfg.one_off {
                         self.start_refused_for_shortage(now, serving, error);
                     } else {
-                        self.note_crash(error);
+                        self.note_crash(error.clone());
                         self.spawn_retry_at = Some(now + SPAWN_RETRY);
+                        // Bounded even without a restart limit: starts that
+                        // keep failing with no worker serving fail the pool
+                        // after the init timeout, as a shortage does.
+                        if serving == 0 && self.phase != PoolPhase::Failed {
+                            let since = *self.unserved_since.get_or_insert(now);
+                            let timeout = self.cfg.init_timeout;
+                            if now.duration_since(since) >= timeout {
+                                let why = format!("no worker could be started for {timeout:?}, the init timeout");
+                                self.fail(format!("{why}; last: {error}"));
+                            }
+                        }
                     }
                     return;
                 }
