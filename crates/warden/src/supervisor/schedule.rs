@@ -172,13 +172,14 @@ impl Supervisor {
                     let error = format!("cannot start a worker ({}): {e}", self.cfg.command.program.display());
                     tracing::warn!(pool = %self.cfg.name, "{error}");
                     self.emit(LifecycleEvent::SpawnFailed { error: error.clone() });
-                    if !self.served && is_out_of_descriptors(&e) {
-                        // Out of descriptors before any worker was ready, the
-                        // limit is too low for the pool: it fails at once
-                        // (whatever its restart limit), as the standard
-                        // library's constructor does. Later, the program's
-                        // own files and the buffers of tasks in flight hold
-                        // them for a while: a shortage.
+                    if !self.served && self.workers.is_empty() && is_out_of_descriptors(&e) {
+                        // Out of descriptors before any worker of the pool
+                        // ever started, the limit is too low for it: it fails
+                        // at once (whatever its restart limit), as the
+                        // standard library's constructor does. Otherwise the
+                        // program's own files, the buffers of tasks in flight
+                        // and the workers starting hold them for a while: a
+                        // shortage.
                         self.fail(format!("{error}: no descriptor to spare before the first worker"));
                     } else if is_shortage(&e) && !self.cfg.one_off {
                         self.start_refused_for_shortage(now, serving, error);
