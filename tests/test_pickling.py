@@ -428,6 +428,52 @@ def test_a_program_run_by_a_profiler_or_debugger_sees_its_own_globals_in_workers
     assert seen == expected, (run.stdout, run.stderr)
 
 
+NESTED_FROM_MAIN = """
+import os, sys
+import warden
+
+class Leaf:
+    def __init__(self, value):
+        self.value = value
+
+def leaf(x):
+    return Leaf(x * 2)
+
+def nested(x):
+    with warden.ProcessPoolExecutor(1) as ex:
+        return ex.submit(leaf, x).result(60).value
+
+def grandchild(path):
+    with open(path, "w") as f:
+        f.write(type(leaf(1)).__name__)
+
+def child(path):
+    p = warden.Process(target=grandchild, args=(path,))
+    p.start()
+    p.join(60)
+    sys.exit(p.exitcode)
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1) as ex:
+        print("nested", ex.submit(nested, 21).result(60), flush=True)
+    p = warden.Process(target=child, args=(sys.argv[1],))
+    p.start()
+    p.join(60)
+    print("grandchild", p.exitcode, open(sys.argv[1]).read(), flush=True)
+"""
+
+
+def test_pools_and_processes_started_in_workers_and_children_find_mains_functions(program, tmp_path):
+    """In a worker or a ``Process`` child, warden's own entry point
+    (``python -m warden._worker``) is a frame named ``__main__`` that is not
+    main's namespace any more; taken for a program run by a tool, it became
+    the main that the nested pool's workers and the grandchild imported, and
+    none of them found the program's functions."""
+    run = program(NESTED_FROM_MAIN).run(timeout=120, args=(str(tmp_path / "grandchild.txt"),))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["nested 42", "grandchild 0 Leaf"], run.stderr
+
+
 @pytest.mark.parametrize("how", ["dash-m-package", "directory", "zipapp"])
 def test_a_main_spawn_would_not_import_sends_its_functions_by_value(tmp_path, how):
     """``python -m pkg`` (its ``__main__.py``), ``python dir`` and ``python

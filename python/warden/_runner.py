@@ -466,7 +466,10 @@ def _program_run_by_a_tool(main: Any) -> dict[str, str] | None:
     frame = sys._getframe(1)
     while frame is not None:
         names = frame.f_globals
-        if names.get("__name__") == "__main__":
+        # Not a worker's or child's own entry point (`python -m warden._worker`,
+        # run as __main__ before the program became main there): a pool or
+        # Process started in a worker or a child.
+        if names.get("__name__") == "__main__" and not _is_warden_file(names.get("__file__")):
             break
         frame = frame.f_back
     if frame is None or names is own or not isinstance(names.get("__file__"), str):
@@ -484,6 +487,10 @@ def _program_run_by_a_tool(main: Any) -> dict[str, str] | None:
     if os.path.basename(path) == "__main__.py" or not os.path.isfile(path):
         return {}
     return {"init_main_from_path": path}
+
+
+def _is_warden_file(path: object) -> bool:
+    return isinstance(path, str) and os.path.dirname(os.path.abspath(path)) == os.path.dirname(__file__)
 
 
 class _ProgramModule(types.ModuleType):
