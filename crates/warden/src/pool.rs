@@ -220,7 +220,7 @@ impl Builder {
     /// consumes a task, so it cannot loop forever. Nor does a start the
     /// system refuses for want of processes, threads, memory or descriptors
     /// (`EAGAIN` under `ulimit -u`, `ENOMEM`, `EMFILE` under `ulimit -n`
-    /// once a first worker was ready; also a worker that started but was
+    /// once a worker has started; also a worker that started but was
     /// refused its own threads for 10 s, which ends with exit code
     /// [`EXIT_SHORT_OF_THREADS`](crate::frontend::EXIT_SHORT_OF_THREADS)
     /// before its hello): it is tried again after a delay that

@@ -130,8 +130,8 @@ pub(crate) struct Supervisor {
     /// How long tasks run, on average (recent ones weigh most): tasks sent
     /// ahead only pay off for short ones (see `schedule.rs`).
     task_time: schedule::TaskTime,
-    /// A worker of this pool has been ready: a shortage of descriptors is
-    /// then a passing one (see [`Supervisor::ensure_workers`]).
+    /// A worker of this pool has been ready (before, `EMFILE` with no worker
+    /// started fails the pool: see [`Supervisor::ensure_workers`]).
     served: bool,
     /// Since when starts have failed (other than for a shortage) with no
     /// worker serving; cleared when one is ready.
