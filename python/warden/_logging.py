@@ -137,17 +137,15 @@ class _Listener:
                     self.drain()
                     if any(fd == wake_read for fd, _ in events):
                         return
-                except OSError as e:
-                    if e.errno != errno.EBADF:
-                        say_exception("warden: reading worker log records failed:")
+                except Exception as e:  # the thread must not die: records would pile up
+                    if not (isinstance(e, OSError) and e.errno == errno.EBADF):
+                        say_exception("warden: reading worker log records failed:\n")
                         continue
                     say(f"warden: worker log records are no longer forwarded: {e}")
                     # Its fds' numbers may be another file's by now: closing
                     # them would close that one.
                     self.lost = True
                     return
-                except Exception:  # the thread must not die: records would pile up
-                    say_exception("warden: reading worker log records failed:")
         finally:
             with _listener_lock:
                 retire = self._thread_gone(wake_read, wake_write)

@@ -313,7 +313,7 @@ def _lost_hook(
         try:
             hook(WorkerLost(lost.pid, exitcode, lost.signal, task, record))
         except Exception:
-            say_exception(f"warden: exception in on_worker_lost for worker {lost.pid}:")
+            say_exception(f"warden: exception in on_worker_lost for worker {lost.pid}:\n")
 
     return on_lost
 
@@ -1029,7 +1029,7 @@ def _call_outcome_callback(callback: OnDone, ok: bool | None, data: Any) -> None
     try:
         callback(ok, data)
     except BaseException:  # nothing a callback raises ends the results thread
-        say_exception("warden: exception in a task-outcome callback:")
+        say_exception("warden: exception in a task-outcome callback:\n")
 
 
 def _left(deadline: float) -> float:

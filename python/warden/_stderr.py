@@ -15,21 +15,26 @@ import sys
 def say(text: str) -> None:
     """Writes ``text`` and a newline to ``sys.stderr``; nothing if there is
     no stderr, or writing to it fails."""
-    stream = sys.stderr
-    if stream is None:
-        return
-    try:
-        stream.write(text + "\n")
-        stream.flush()
-    except Exception:
-        pass  # no stderr to report to
+    _write(text + "\n")
 
 
-def say_exception(header: str) -> None:
-    """Writes ``header``, a newline and the traceback of the exception being
-    handled to ``sys.stderr``, as :func:`say` writes."""
+def say_exception(header: str = "") -> None:
+    """Writes ``header`` (ending in its own newline, if any) and the
+    traceback of the exception being handled to ``sys.stderr``, as
+    :func:`say` writes."""
     if sys.stderr is None:
         return
     import traceback  # only when there is something to report
 
-    say(header + "\n" + traceback.format_exc().rstrip("\n"))
+    _write(header + traceback.format_exc())
+
+
+def _write(text: str) -> None:
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.write(text)
+        stream.flush()
+    except Exception:
+        pass  # no stderr to report to

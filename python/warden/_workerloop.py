@@ -54,7 +54,7 @@ from pickle import loads as _loads  # bound at import: a task that patches pickl
 from . import _context, _oob, _pickle, _warden
 from ._pickle import BY_REF, dumps, dumps_oob, loads_call
 from ._remote import RemoteError, TaskAborted, TaskInterrupted
-from ._stderr import say
+from ._stderr import say, say_exception
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -84,18 +84,6 @@ _LOAN_GRACE = 60.0
 #: Bytes per second the parent reads lent results at, at least (about a
 #: tenth of what a loaded two-core machine measures).
 _SLOWEST_READ = 100 << 20
-
-
-def _print_exc(header: str = "") -> None:
-    """Prints ``header`` and the exception being handled to stderr in one
-    write, so that two workers failing at once do not interleave them."""
-    import traceback
-
-    try:
-        sys.stderr.write(header + traceback.format_exc())
-        sys.stderr.flush()
-    except (OSError, ValueError, AttributeError):
-        pass  # no stderr to report to
 
 
 #: Code of ``multiprocessing``'s Python wrappers around its process-shared
@@ -331,7 +319,7 @@ def _join_non_daemon_threads() -> None:
             try:
                 hooks.pop()()  # newest first, each once
             except Exception:
-                _print_exc(f"warden: worker {os.getpid()}: exception in a threading exit hook:\n")
+                say_exception(f"warden: worker {os.getpid()}: exception in a threading exit hook:\n")
     for t in threading.enumerate():
         if t is not threading.current_thread() and not t.daemon:
             t.join()
@@ -482,7 +470,7 @@ class Handler:
                 # turned TaskInterrupted into its own error): a stop, not a failure.
                 return _interrupted()
             if not logged:
-                _print_exc(f"warden: worker {os.getpid()} failed to start:\n")
+                say_exception(f"warden: worker {os.getpid()} failed to start:\n")
             failure = _error(e)
             self._end_process([])
             return failure
@@ -560,7 +548,7 @@ class Handler:
             return dumps(None)
         except BaseException:
             # As under spawn: the child cannot get its target; traceback, exit code 1.
-            _print_exc()
+            say_exception()
             self.exit_code = 1
             self.running = False
             return dumps(None)
@@ -577,7 +565,7 @@ class Handler:
         except SystemExit as e:
             exitcode = _system_exit_code(e)
         except BaseException:
-            _print_exc(f"Process {process.name}:\n")
+            say_exception(f"Process {process.name}:\n")
             exitcode = 1
         self.exit_code = exitcode
         # Like multiprocessing: a child waits for the non-daemon threads it started.
@@ -622,7 +610,7 @@ class Handler:
                 context.__exit__(None, None, None)
             except BaseException as e:
                 errors.append(f"worker_context exit raised {_type_name(e)}: {_text(e)}")
-                _print_exc()
+                say_exception()
             _context._clear()
         finalizer = self.hooks.get("finalizer")
         if finalizer is not None:
@@ -630,7 +618,7 @@ class Handler:
                 finalizer(*self.hooks.get("finalargs", ()))
             except BaseException as e:
                 errors.append(f"finalizer raised {_type_name(e)}: {_text(e)}")
-                _print_exc(f"warden: worker {os.getpid()}: exception in finalizer:\n")
+                say_exception(f"warden: worker {os.getpid()}: exception in finalizer:\n")
         self.hooks = {}
         return errors
 
