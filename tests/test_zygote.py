@@ -304,6 +304,27 @@ def test_a_main_module_that_starts_a_pool_unguarded_gets_the_standard_librarys_e
     assert "freeze_support" in run.stderr
 
 
+@pytest.mark.parametrize("start", ["zygote", "exec"])
+@pytest.mark.parametrize("restart_limit", ["(10, 5)", "None"])
+def test_a_pool_whose_workers_cannot_import_main_fails_at_the_first_failure(program, start, restart_limit):
+    # The standard library's Pool starts workers for ever here, each printing
+    # the same traceback; a worker that cannot import the program's main
+    # module says so once, and no other worker would do better.
+    prog = program(
+        f"""
+        import warden
+        with warden.Pool(2, restart_limit={restart_limit}) as pool:
+            print(pool.apply(abs, (-1,)))
+        """
+    )
+    run = prog.run(env={"WARDEN_START": start})
+    assert run.returncode != 0
+    assert "could not load the program" in run.stderr
+    assert "bootstrapping phase" in run.stderr
+    # At most the two first workers, started together, got as far as failing.
+    assert 1 <= run.stderr.count("failed to start") <= 2, run.stderr
+
+
 # A main module as users write it: a file opened at its top level (an audit
 # log) that its tasks write to, next to a file each task opens itself.
 MAIN_KEEPS_A_FILE = """

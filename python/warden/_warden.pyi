@@ -81,6 +81,7 @@ class RemoteKind:
     PANICKED: ClassVar[RemoteKind]
     CODEC: ClassVar[RemoteKind]
     INTERRUPTED: ClassVar[RemoteKind]
+    SETUP: ClassVar[RemoteKind]
     def __int__(self) -> int: ...
 
 @final

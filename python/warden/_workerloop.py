@@ -389,6 +389,7 @@ class Handler:
 
     def init(self, worker: int, pid: int, parent: int, payload: bytes) -> _warden.RemoteFailure | None:
         logged = False
+        setup = False
         self.running = True
         try:
             if self.stopping:
@@ -404,10 +405,12 @@ class Handler:
                 _use_parents_resource_tracker(init["resource_tracker"])
             me = multiprocessing.current_process()
             me._inheriting = True  # type: ignore[attr-defined]
+            setup = True
             try:
                 multiprocessing.spawn.prepare(init["preparation"])
                 _measure_coverage_if_asked()
                 hooks = _oob.unpickle(init["hooks"]) if init["hooks"] else {}
+                setup = False
             finally:
                 del me._inheriting  # type: ignore[attr-defined]
             _set_parent(init["parent_name"], parent)
@@ -471,7 +474,9 @@ class Handler:
                 return _interrupted()
             if not logged:
                 say_exception(f"warden: worker {os.getpid()} failed to start:\n")
-            failure = _error(e)
+            # The program's main module, or what the hooks refer to, could
+            # not be loaded: no other worker would load them either.
+            failure = _error(e, _warden.RemoteKind.SETUP if setup else _warden.RemoteKind.RAISED)
             self._end_process([])
             return failure
         finally:

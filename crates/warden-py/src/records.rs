@@ -118,6 +118,10 @@ pub enum PyRemoteKind {
     /// It was interrupted because its worker was told to stop.
     #[pyo3(name = "INTERRUPTED")]
     Interrupted,
+    /// The worker could not load the program (its main module, or what the
+    /// start hooks refer to).
+    #[pyo3(name = "SETUP")]
+    Setup,
 }
 
 impl From<RemoteErrorKind> for PyRemoteKind {
@@ -127,6 +131,7 @@ impl From<RemoteErrorKind> for PyRemoteKind {
             RemoteErrorKind::Panicked => Self::Panicked,
             RemoteErrorKind::Codec => Self::Codec,
             RemoteErrorKind::Interrupted => Self::Interrupted,
+            RemoteErrorKind::Setup => Self::Setup,
         }
     }
 }
@@ -138,6 +143,7 @@ impl From<PyRemoteKind> for RemoteErrorKind {
             PyRemoteKind::Panicked => Self::Panicked,
             PyRemoteKind::Codec => Self::Codec,
             PyRemoteKind::Interrupted => Self::Interrupted,
+            PyRemoteKind::Setup => Self::Setup,
         }
     }
 }

@@ -175,6 +175,7 @@ fn describe_remote(r: &RemoteError) -> String {
         RemoteErrorKind::Interrupted => format!("task interrupted: {}", r.message),
         RemoteErrorKind::Codec => format!("task could not decode or encode its data: {}", r.message),
         RemoteErrorKind::Raised => format!("task raised {r}"),
+        RemoteErrorKind::Setup => format!("the worker could not load the program: {r}"),
     }
 }
 

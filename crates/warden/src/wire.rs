@@ -162,6 +162,10 @@ pub enum RemoteErrorKind {
     Codec,
     /// The task was interrupted because the worker was told to stop.
     Interrupted,
+    /// The worker could not load the program it serves (for Python, its
+    /// main module or what the start hooks refer to), before any start hook
+    /// of the user's ran: every worker started the same way fails the same.
+    Setup,
 }
 
 /// A failure that happened inside a worker, carried back as data.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::{Error, ErrorKind};
-use crate::wire::{ExitPathReport, ExitReason, Message, RemoteError, RetireReason, WireOutcome};
+use crate::wire::{ExitPathReport, ExitReason, Message, RemoteError, RemoteErrorKind, RetireReason, WireOutcome};
 
 use super::worker::{retire, Worker, WorkerPhase};
 use super::{Config, LifecycleEvent, Output, PoolPhase, StopCause, Supervisor};
@@ -246,7 +246,12 @@ impl Supervisor {
                 w.cause.get_or_insert(StopCause::InitFailed(error.to_string()));
                 w.phase = WorkerPhase::Retiring;
                 w.deadline = Some(Instant::now() + cfg.grace);
-                if cfg.fail_on_start_error {
+                if error.kind == RemoteErrorKind::Setup && (!self.served || cfg.fail_on_start_error) {
+                    // The program itself cannot be loaded (a main module
+                    // that starts a pool as it is imported, without the
+                    // `__main__` guard): every worker would fail the same.
+                    self.fail(format!("worker {pid} could not load the program: {error}"));
+                } else if cfg.fail_on_start_error {
                     self.fail(format!("worker {pid}'s start hook failed: {error}"));
                 }
             }
