@@ -120,7 +120,7 @@ def test_result_types_subclass_the_standard_librarys_yet_inherit_none_of_its_mac
         "IMapUnorderedIterator": lambda: pool.imap_unordered(square, [2]),
     }[name]()
     assert type(made) is ours
-    for attr in ("_set", "_job", "_cache"):
+    for attr in ("_set", "_cache"):
         assert not hasattr(made, attr) and not hasattr(ours, attr), attr
     if name.startswith("IMap"):
         assert iter(made) is made and made.next(30) == 4
@@ -130,6 +130,38 @@ def test_result_types_subclass_the_standard_librarys_yet_inherit_none_of_its_mac
         made.wait(30)
         assert made.ready() and made.successful() and made.get(0) in (4, [4])
         assert ours[int] == types.GenericAlias(ours, int)  # annotations, as for the standard library's
+
+
+def test_the_pool_inherits_none_of_the_standard_librarys_machinery(pool):
+    # Its private methods would reach queues and threads that never existed.
+    for attr in ("_repopulate_pool", "_maintain_pool", "_get_sentinels", "_handle_results", "Process"):
+        assert hasattr(multiprocessing.pool.Pool, attr)
+        assert not hasattr(pool, attr) and not hasattr(warden.Pool, attr), attr
+
+
+def test_the_context_is_the_fifth_positional_parameter_as_in_the_standard_library():
+    # Subclasses call ``super().__init__(processes, initializer, initargs,
+    # maxtasksperchild, context)``.
+    ctx = multiprocessing.get_context("spawn")
+    with warden.Pool(1, None, (), None, ctx) as p:
+        assert p.apply(square, (3,)) == 9
+    with multiprocessing.pool.Pool(1, None, (), None, ctx) as p:
+        assert p.apply(square, (3,)) == 9
+
+
+def test_len_of_the_pools_cache_counts_its_results_not_ready_as_the_standard_librarys(pool, std_pool):
+    # A common way to bound the work in flight: ``while len(pool._cache) > n``.
+    def counts(p):
+        gate = [p.apply_async(sleep_then, (0.5,)) for _ in range(2)]
+        queued = [p.apply_async(square, (i,)) for i in range(3)]
+        mapped = p.map_async(square, range(4))
+        busy = len(p._cache)
+        for r in (*gate, *queued, mapped):
+            r.wait(30)
+        wait_until(lambda: len(p._cache) == 0, timeout=10)
+        return busy, [r._job in p._cache for r in gate], len(p._cache)
+
+    assert counts(pool) == counts(std_pool) == (6, [False, False], 0)
 
 
 def test_apply_and_apply_async_give_the_result(pool):

@@ -46,6 +46,12 @@ PROGRAM = """
                 n = done.result() + 1
             finished, _ = wait(futures)
             print(n, s, squares, names, finished)
+
+
+    def returns_from_inside_the_with_block(n: int) -> int:
+        # The executor's __exit__ never swallows the exception: no "missing return".
+        with warden.ProcessPoolExecutor(1) as ex:
+            return ex.submit(square, n).result()
     """
 
 
@@ -66,6 +72,7 @@ POOL_PROGRAM = """
     async def main_async(pool: warden.Pool) -> None:
         n: int = await pool.run(square, 2)
         s: str = await pool.run(square, 2)  # wrong
+        await pool.run(square, "2")  # wrong
         async for m in pool.amap(square, [1, 2]):
             n = m + 1
         print(n, s)
@@ -73,6 +80,16 @@ POOL_PROGRAM = """
 
     def on_squares(values: list[int]) -> None:
         print(sum(values))
+
+
+    class MyPool(warden.Pool):
+        def extra(self) -> int:
+            return 1
+
+
+    def a_subclass_enters_as_itself() -> int:
+        with MyPool(1) as pool:
+            return pool.extra()
 
 
     def main() -> None:

@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
@@ -438,7 +438,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             runner.core.terminate()
         runner.join_bounded()
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         # Ctrl-C inside the with block: stop the workers rather than wait.
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             runner = self._runner

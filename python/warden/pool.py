@@ -17,7 +17,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
 
 from . import _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from . import _aio
 
 _counter = itertools.count(1)
+_job_counter = itertools.count()
 
+_P = ParamSpec("_P")
 _S = TypeVar("_S")
 _T = TypeVar("_T")
 
@@ -45,6 +47,7 @@ TERMINATE = "TERMINATE"
 _own_api_only = own_api_only("multiprocessing.pool")
 
 
+@_own_api_only
 class Pool(multiprocessing.pool.Pool):
     """A pool of worker processes that always clean up after themselves.
 
@@ -81,11 +84,11 @@ class Pool(multiprocessing.pool.Pool):
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
         maxtasksperchild: int | None = None,
+        context: Any = None,
         *,
         finalizer: Callable[..., object] | None = None,
         finalargs: Iterable[Any] = (),
         worker_context: Callable[[], Any] | None = None,
-        context: Any = None,
         start: str | None = None,
         preload: Iterable[str] | None = None,
         restart_limit: tuple[int, float] | None = _runner.DEFAULT_RESTART_LIMIT,
@@ -104,6 +107,10 @@ class Pool(multiprocessing.pool.Pool):
             raise ValueError("maxtasksperchild must be a positive int or None")
         start, preload = _runner.start_options(start, preload)
         self._processes = processes
+        # The results not ready yet, by job number, as the standard library
+        # keeps them (``len(pool._cache)`` is a common way to bound the work
+        # in flight); an imap's iterator is not in it.
+        self._cache: dict[int, ApplyResult[Any]] = {}
         self._first_workers_seen = False
         self._ctx = context
         self._name = f"Pool-{next(_counter)}"
@@ -249,7 +256,7 @@ class Pool(multiprocessing.pool.Pool):
 
         return start
 
-    async def run(self, func: Callable[..., _T], /, *args: Any, **kwds: Any) -> _T:
+    async def run(self, func: Callable[_P, _T], /, *args: _P.args, **kwds: _P.kwargs) -> _T:
         """``await pool.run(func, *args, **kwds)``: :meth:`apply` for asyncio,
         without a thread per call. Cancelling the awaiting coroutine cancels
         the task: a queued task is dropped, a running one is stopped through
@@ -470,7 +477,7 @@ class Pool(multiprocessing.pool.Pool):
             raise ValueError("Pool is still running")
         self._runner.join()
 
-    def __enter__(self) -> Pool:
+    def __enter__(self) -> Self:
         self._check_running()
         return self
 
@@ -504,9 +511,12 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
         callback: Callable[[_T], object] | None,
         error_callback: Callable[[BaseException], object] | None,
     ) -> None:
-        # multiprocessing.pool.ApplyResult.__init__ is not called: there is
-        # no job number nor cache entry.
+        # multiprocessing.pool.ApplyResult.__init__ is not called: its
+        # machinery is not used, but the job number and the entry in the
+        # pool's ``_cache`` until the result is ready are kept.
         self._pool: Pool | None = pool  # kept alive until the result is ready
+        self._job = next(_job_counter)
+        pool._cache[self._job] = self
         self._core = pool._runner.core
         self._tasks: list[int] = []
         self._ready = False
@@ -606,7 +616,9 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
                 self._error_callback(_exception(error))
         finally:
             self._set_ready()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool._cache.pop(self._job, None)
 
 
 AsyncResult = ApplyResult
