@@ -795,6 +795,34 @@ def test_functions_of_an_interactive_main_share_one_namespace_in_each_worker():
         assert run.stdout.splitlines() == MAIN_GLOBALS_EXPECTED
 
 
+LOOP_VARIABLE = """
+import warden
+
+if __name__ == "__main__":
+    with warden.Pool(2) as pool, warden.ProcessPoolExecutor(2) as ex:
+        for run in (pool, ex):
+            seen = []
+            for threshold in (1, 5, 9):
+                seen.append(sum(run.map(lambda x: x > threshold, range(10))))
+            print(seen)
+"""
+
+
+def test_a_lambda_reading_a_loop_variable_sees_its_value_of_the_call_on_warm_workers(tmp_path):
+    # The worker that ran the first map must not keep threshold=1 for the next
+    # ones (cloudpickle carries the parent's value with every call).
+    script = tmp_path / "loop_variable.py"
+    script.write_text(LOOP_VARIABLE)
+    runs = [
+        subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60),
+        run_source(LOOP_VARIABLE),
+        run_source("", "-c", LOOP_VARIABLE),
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split("\n")[:2] == ["[8, 4, 0]", "[8, 4, 0]"], run.stdout
+
+
 REDEFINED = """
 import warden
 

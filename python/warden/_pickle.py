@@ -228,12 +228,37 @@ def _code_namespace(module: Any) -> dict[str, Any]:
     return namespace
 
 
+#: The immutable values functions sent by value put into a namespace of
+#: main's, by the namespace's id and the name: a later function's value
+#: replaces one of those as long as the worker's code has not rebound the name.
+_given: dict[tuple[int, str], Any] = {}
+
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes, range})
+
+
+def _immutable(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` cannot change in place (a number, a string, a tuple
+    of such): the worker cannot have made it its own without rebinding the
+    name, as it can a dict it fills (a cache)."""
+    kind = type(value)
+    if kind in _ATOMS:
+        return True
+    if (kind is tuple or kind is frozenset) and depth < 3 and len(value) <= 64:
+        return all(_immutable(item, depth + 1) for item in value)
+    return False
+
+
 def _main_function_setstate(func: Any, state: tuple[dict[str, Any], dict[str, Any]]) -> None:
     """``cloudpickle``'s state setter for a function of the parent's
     ``__main__``, but the globals it carries (the parent's values when it was
-    pickled) only fill in names the namespace does not have yet, and
-    functions the parent defined anew: the worker's own values of main's
-    globals win, as they do for a function sent by reference."""
+    pickled) only fill in names the namespace does not have yet, replace
+    immutable values (numbers, strings, tuples of such) an earlier such
+    function brought and the worker has not rebound since (a loop variable a
+    lambda reads: each call sees the parent's value of the time), and replace
+    functions the parent defined anew. The worker's own values of main's
+    globals (its import of main, its initializer, its tasks' assignments, a
+    dict or list it fills in place) win, as they do for a function sent by
+    reference."""
     try:
         from cloudpickle.cloudpickle import _function_setstate
     except ImportError:  # cloudpickle 2.x keeps it in another module
@@ -241,12 +266,20 @@ def _main_function_setstate(func: Any, state: tuple[dict[str, Any], dict[str, An
 
     attrs, slots = state
     namespace = func.__globals__
-    given = slots["__globals__"]
-    slots["__globals__"] = {
-        name: value
-        for name, value in given.items()
-        if name not in namespace or _redefined(namespace[name], value)
-    }
+    where = id(namespace)
+    taken = {}
+    for name, value in slots["__globals__"].items():
+        if name in namespace:
+            mine = namespace[name]
+            brought = _given.get((where, name), _given)
+            if mine is not brought and not _redefined(mine, value):
+                continue
+        taken[name] = value
+        if _immutable(value):
+            _given[(where, name)] = value
+        else:
+            _given.pop((where, name), None)
+    slots["__globals__"] = taken
     _function_setstate(func, (attrs, slots))
 
 
