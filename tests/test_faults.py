@@ -1680,9 +1680,9 @@ LOCK_HELD_WHEN_STOPPED = """
 import multiprocessing, sys, time
 import warden
 
-def init(value, lock):
-    global VALUE, LOCK
-    VALUE, LOCK = value, lock
+def init(value, lock, queue):
+    global VALUE, LOCK, QUEUE
+    VALUE, LOCK, QUEUE = value, lock, queue
 
 def spin_with_lock():
     while True:
@@ -1694,14 +1694,47 @@ def spin_with_values_lock():
         with VALUE.get_lock():
             VALUE.value += 1
 
+def spin_acquiring_then_trying():
+    n = 0
+    while True:
+        LOCK.acquire()
+        try:
+            n += 1
+        finally:
+            LOCK.release()
+
+def spin_acquiring_with_a_timeout():
+    n = 0
+    while True:
+        if LOCK.acquire(timeout=1):
+            try:
+                n += 1
+            finally:
+                LOCK.release()
+
+def poll_a_queue():
+    while True:
+        try:
+            QUEUE.get(timeout=0.001)
+        except Exception:
+            pass
+
+TASKS = {
+    "lock": spin_with_lock,
+    "value": spin_with_values_lock,
+    "acquire-try": spin_acquiring_then_trying,
+    "acquire-timeout": spin_acquiring_with_a_timeout,
+    "queue-get": poll_a_queue,
+}
+
 if __name__ == "__main__":
     how, idiom = sys.argv[1], sys.argv[2]
     ctx = multiprocessing.get_context("spawn")
-    value, lock = ctx.Value("q", 0), ctx.Lock()
-    held = value.get_lock() if idiom == "value" else lock
-    task = spin_with_values_lock if idiom == "value" else spin_with_lock
+    value, lock, queue = ctx.Value("q", 0), ctx.Lock(), ctx.Queue()
+    held = {"value": value.get_lock(), "queue-get": queue._rlock}.get(idiom, lock)
+    task = TASKS[idiom]
     kwargs = {"task_timeout": 0.2} if how == "timeout" else {}
-    with warden.ProcessPoolExecutor(1, initializer=init, initargs=(value, lock), **kwargs) as ex:
+    with warden.ProcessPoolExecutor(1, initializer=init, initargs=(value, lock, queue), **kwargs) as ex:
         for round in range(20):
             f = ex.submit(task)
             if how == "cancel":
@@ -1719,7 +1752,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("idiom", ["lock", "value"])
+@pytest.mark.parametrize("idiom", ["lock", "value", "acquire-try", "acquire-timeout", "queue-get"])
 @pytest.mark.parametrize("how", ["timeout", "cancel"])
 def test_a_task_stopped_while_taking_or_giving_a_process_shared_lock_leaves_it_free(program, how, idiom):
     """A task looping on ``with lock: value.value += 1`` (a ``multiprocessing``
@@ -1729,7 +1762,10 @@ def test_a_task_stopped_while_taking_or_giving_a_process_shared_lock_leaves_it_f
     ``with`` not yet in charge) or just before it was given back, leaving it
     held by a process that then exited, and every later user of the lock
     (the parent's ``value.value`` too) waited forever. Now it is raised
-    once the hand-over is done."""
+    once the hand-over is done. The same for ``lock.acquire()`` followed by
+    ``try: ... finally: lock.release()`` (the C call returns with the lock
+    taken, the ``try`` not yet entered), as a ``Queue``'s ``get(timeout=)``
+    takes its reader lock."""
     run = program(LOCK_HELD_WHEN_STOPPED).run(timeout=180, args=(how, idiom))
     assert run.returncode == 0, (run.stdout, run.stderr[-2000:])
     assert run.stdout.splitlines() == ["free after every stop"], run.stderr[-2000:]

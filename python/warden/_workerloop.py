@@ -169,6 +169,113 @@ def _raise_after_hand_over(frame: Any, stop: BaseException) -> bool:
     return True
 
 
+def _semlock_held(obj: Any) -> bool:
+    """Whether ``obj`` is a process-shared lock of ``multiprocessing`` (or a
+    ``Condition`` or synchronized value around one) this thread holds."""
+    try:
+        lock = getattr(obj, "_lock", obj)
+        return bool(lock._semlock._is_mine())
+    except Exception:
+        return False
+
+
+#: How the receiver of a method call may have been loaded: a name, then attributes.
+_NAME_LOADS = frozenset(
+    {"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF"}
+)
+
+
+def _lock_just_taken(frame: Any) -> Any:
+    """The process-shared lock that the call the frame has just returned
+    from took, or ``None``: ``lock.acquire(...)`` (``self._rlock.acquire``
+    in a ``Queue``'s ``get``) called from plain code, the form that gives the
+    lock back in a ``try``'s ``finally`` it has yet to enter. Found from the
+    bytecode: the call's receiver is a name and attributes, read again."""
+    if frame is None or "multiprocessing.synchronize" not in sys.modules:
+        return None
+    import dis
+
+    try:
+        code = frame.f_code
+        ins = list(dis.get_instructions(code))
+        at = next(i for i, x in enumerate(ins) if x.offset == frame.f_lasti)
+        if not ins[at].opname.startswith(("CALL", "PRECALL")):
+            return None  # CALL, CALL_KW (3.13), PRECALL (3.11), CALL_FUNCTION_EX
+        i = at - 1
+        while i >= 0 and not (ins[i].opname in ("LOAD_METHOD", "LOAD_ATTR") and ins[i].argval == "acquire"):
+            if ins[i].opname.startswith(("CALL", "PRECALL")) or ins[i].starts_line:
+                return None  # another call between, or another statement
+            i -= 1
+        if i < 0:
+            return None
+        attrs = []
+        j = i - 1
+        while j >= 0 and ins[j].opname == "LOAD_ATTR":
+            attrs.append(ins[j].argval)
+            j -= 1
+        if j < 0 or ins[j].opname not in _NAME_LOADS:
+            return None
+        name = ins[j].argval
+        if name in frame.f_locals:
+            obj = frame.f_locals[name]
+        elif name in frame.f_globals:
+            obj = frame.f_globals[name]
+        else:
+            return None
+        for attr in reversed(attrs):
+            obj = getattr(obj, attr)
+    except Exception:
+        return None
+    return obj if _semlock_held(obj) else None
+
+
+def _handler_of(code: Any, offset: int) -> int | None:
+    """Where an exception raised at ``offset`` of ``code`` is handled in
+    that code (a ``try``'s ``finally`` or ``except``), or ``None``."""
+    import dis
+
+    parse = getattr(dis, "_parse_exception_table", None)
+    if parse is None:
+        return -1  # unknown: any line is taken for a new handler's
+    for entry in parse(code):
+        if entry.start <= offset < entry.end:
+            return int(entry.target)
+    return None
+
+
+def _raise_once_in_charge(frame: Any, lock: Any, stop: BaseException) -> bool:
+    """Arranges for ``stop`` to be raised in ``frame`` once the lock it just
+    took is in a ``try``'s charge (the first line whose exception handler is
+    not the one of the ``acquire()`` call: its ``finally`` gives the lock
+    back), or given back, or as the frame returns; after 20 lines at most (a
+    lock taken with nothing to give it back). ``False`` where a trace
+    function of the program's, a debugger's or a coverage tool's is set."""
+    if sys.gettrace() is not None:
+        return False
+    outside = _handler_of(frame.f_code, frame.f_lasti)
+    lines = 0
+
+    def raise_there(now: Any, event: str, _arg: Any) -> Any:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+            handler = _handler_of(now.f_code, now.f_lasti)
+            if (handler != outside and handler is not None) or not _semlock_held(lock) or lines > 20:
+                now.f_trace = None
+                sys.settrace(None)
+                raise stop
+        elif event == "return":
+            now.f_trace = None
+            sys.settrace(None)
+            raise stop
+        return raise_there
+
+    frame.f_trace = raise_there
+    frame.f_trace_lines = True
+    sys.settrace(lambda *_: None)  # frames called meanwhile are not traced
+    return True
+
+
 def _type_name(exc: BaseException) -> str:
     t = type(exc)
     if t.__module__ == "builtins":
@@ -381,6 +488,10 @@ class Handler:
                 # Raised here, the stop would leave a lock of the program's
                 # held for good: it is raised once the lock is in the with
                 # statement's charge, or given back.
+                return
+            lock = _lock_just_taken(frame)
+            if lock is not None and _raise_once_in_charge(frame, lock, stop):
+                # The same for ``lock.acquire()`` followed by ``try:``.
                 return
             raise stop
         if self.waiting_for_threads:
