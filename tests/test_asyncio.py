@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -313,6 +314,30 @@ def test_leaving_amap_early_stops_the_calls_not_done(any_loop, tmp_path):
             assert await ex.run(square, 3) == 9
 
     any_loop(main())
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_timeout_around_amap_stops_the_call_it_was_waiting_for(arun, tmp_path, kind):
+    # The awaited call's own waiter is cancelled with the coroutine: that
+    # call used to run to its end, and the pool's shutdown waited for it.
+    exits = tmp_path / "exits"
+    marker = str(tmp_path / "finished")
+    make = warden.ProcessPoolExecutor if kind == "executor" else warden.Pool
+
+    async def main():
+        with make(2, finalizer=record_exit, finalargs=(str(exits),)) as pool:
+            first = await pool.run(getpid)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    async for _ in pool.amap(functools.partial(run_then_mark, marker=marker), [30, 30]):
+                        pass
+            assert wait_until(lambda: len(pids_in(exits)) == 2, timeout=15)
+            assert await pool.run(getpid) != first
+
+    started = time.monotonic()
+    arun(main())
+    assert time.monotonic() - started < 20
     assert not os.path.exists(marker)
 
 

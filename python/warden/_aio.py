@@ -118,6 +118,10 @@ def _stop_all(calls: list[Call]) -> None:
         if not waiter.done():
             waiter.cancel()
             stop()
+        elif waiter.cancelled():
+            # The one the iteration was awaiting: cancelling the coroutine
+            # cancelled its waiter too, not the task.
+            stop()
 
 
 async def _iterate(
