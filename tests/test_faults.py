@@ -1771,6 +1771,46 @@ def test_a_task_stopped_while_taking_or_giving_a_process_shared_lock_leaves_it_f
     assert run.stdout.splitlines() == ["free after every stop"], run.stderr[-2000:]
 
 
+SLOW_FINALLY = """
+import os, sys, time
+import warden
+
+def note(path, what):
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {what}\\n")
+
+def task(path):
+    try:
+        while True:
+            time.sleep(0.01)
+    finally:
+        time.sleep(1.5)  # a rollback, a subprocess waited for, a partial upload
+        note(path, "finally done")
+
+if __name__ == "__main__":
+    path = sys.argv[1]
+    with warden.ProcessPoolExecutor(1, task_timeout=0.3, finalizer=note, finalargs=(path, "finalizer")) as ex:
+        try:
+            ex.submit(task, path).result(30)
+        except warden.TaskTimeout:
+            print("timed out", flush=True)
+"""
+
+
+def test_a_stopped_tasks_finally_block_has_half_the_grace_period_before_the_exit_path(program, tmp_path):
+    # The exit path used to run beside the unwinding task after 500 ms, and
+    # end the process under a finally block of 1.5 s.
+    path = tmp_path / "steps"
+    run = program(SLOW_FINALLY).run(timeout=60, args=(str(path),))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["timed", "out"]
+    steps = [line.split(" ", 1) for line in path.read_text().splitlines()]
+    stopped = next(pid for pid, what in steps if what == "finally done")
+    assert [what for pid, what in steps if pid == stopped] == ["finally done", "finalizer"]
+    assert sorted(what for _, what in steps) == ["finalizer", "finalizer", "finally done"]
+    assert "exit path runs beside it" not in run.stderr
+
+
 SIGCHLD_IGNORED = """
 import os, signal, sys
 import warden

@@ -66,7 +66,7 @@ pub(crate) const PARK_AFTER: u32 = 50;
 #[derive(Debug)]
 pub(crate) enum Incoming {
     /// Run the start hook.
-    Init { worker: u64, payload: Vec<u8> },
+    Init { worker: u64, grace_ms: u64, payload: Vec<u8> },
     /// Run a task (with the shared segment that came with it, if any).
     /// `lost`: its frame announced a segment this process could not
     /// receive (too many open files); the task fails without running.

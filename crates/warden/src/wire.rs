@@ -253,6 +253,10 @@ pub enum Message<'a> {
     Init {
         /// The worker's number within its pool.
         worker: u64,
+        /// The pool's grace period in milliseconds: how long a stop may take
+        /// before the pool sends SIGKILL (an interrupted task is given half
+        /// of it to unwind, its exit path the rest).
+        grace_ms: u64,
         /// Front-end specific: the start and exit hooks.
         #[serde(borrow, with = "serde_bytes")]
         payload: &'a [u8],
@@ -735,7 +739,7 @@ mod tests {
     fn a_message_survives_a_round_trip() {
         let msgs = [
             Message::Hello { pid: 42, identity: 7 },
-            Message::Init { worker: 3, payload: b"hooks" },
+            Message::Init { worker: 3, grace_ms: 5000, payload: b"hooks" },
             Message::Ready,
             Message::Task { id: 9, payload: b"call" },
             Message::Result { id: 9, outcome: WireOutcome::Value(b"\x00\x01") },

@@ -36,7 +36,8 @@
 //! monitor asks the handler to interrupt it (Python raises an exception in the
 //! task; the main thread unwinds and runs the exit path itself). A handler that
 //! cannot interrupt (Rust: a running function cannot be stopped from outside),
-//! or a task that does not unwind within [`UNWIND_GRACE`], leaves the exit path
+//! or a task that does not unwind within half the pool's grace period (at least
+//! [`UNWIND_GRACE`]), leaves the exit path
 //! to the monitor, which runs it and ends the process while the task is still
 //! on the main thread's stack.
 //!
@@ -93,9 +94,25 @@ pub const EXIT_SHORT_OF_THREADS: i32 = 6;
 /// panicking `main`).
 pub const EXIT_PANICKED: i32 = 101;
 
-/// How long the monitor waits for an interrupted task to unwind before it runs
-/// the exit path itself.
+/// The least time the monitor waits for an interrupted task to unwind (its
+/// `finally` blocks) before it runs the exit path itself; the wait is half
+/// the pool's grace period when that is longer.
 pub const UNWIND_GRACE: Duration = Duration::from_millis(500);
+
+/// How long the monitor waits for an interrupted task to unwind, in
+/// milliseconds (set from the pool's grace period at the start).
+static UNWIND_MS: AtomicU64 = AtomicU64::new(500);
+
+/// Half the grace period, and at least [`UNWIND_GRACE`]: the other half is
+/// the exit path's, before the pool's SIGKILL.
+fn unwind_ms(grace_ms: u64) -> u64 {
+    (grace_ms / 2).max(UNWIND_GRACE.as_millis() as u64)
+}
+
+/// How long the monitor waits for an interrupted task to unwind.
+fn unwind_grace() -> Duration {
+    Duration::from_millis(UNWIND_MS.load(Ordering::SeqCst))
+}
 
 const STARTING: u8 = 0;
 const IDLE: u8 = 1;
@@ -133,7 +150,7 @@ static STOPS_HELD: AtomicBool = AtomicBool::new(false);
 /// Holds (`true`) or releases (`false`) the monitor's own exit after a stop
 /// signal. While held, the monitor waits for the main thread however long it
 /// takes (the pool's grace period still ends the worker with SIGKILL); once
-/// released, it gives the main thread [`UNWIND_GRACE`] again.
+/// released, it gives the main thread its unwinding time again.
 ///
 /// For a binding whose start hook enters something its exit hook must leave
 /// (Python's `worker_context`): cut short after it was entered but before the
@@ -569,14 +586,22 @@ fn monitor(core: Arc<WorkerState>, interrupter: Option<Interrupter>) {
     }
     if let Some(interrupt) = interrupter {
         interrupt();
-        let mut deadline = Instant::now() + UNWIND_GRACE;
+        let mut deadline = Instant::now() + unwind_grace();
         loop {
             if !in_a_step(core.state.load(Ordering::SeqCst)) {
                 return; // unwound: the main thread runs the exit path
             }
             if STOPS_HELD.load(Ordering::SeqCst) {
-                deadline = Instant::now() + UNWIND_GRACE;
+                deadline = Instant::now() + unwind_grace();
             } else if Instant::now() >= deadline {
+                // Said, not left silent: a `finally` block of the task's is
+                // cut short when the exit path ends the process.
+                eprintln!(
+                    "warden: worker {}: the stopped task was still running {} ms after it was \
+                     interrupted; its exit path runs beside it",
+                    std::process::id(),
+                    unwind_grace().as_millis()
+                );
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -758,7 +783,9 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
             Err(e) => return inbox.end(End::Bad(e.to_string())),
         };
         let incoming = match msg {
-            Message::Init { worker, payload } => Incoming::Init { worker, payload: payload.to_vec() },
+            Message::Init { worker, grace_ms, payload } => {
+                Incoming::Init { worker, grace_ms, payload: payload.to_vec() }
+            }
             Message::Task { id, payload } => Incoming::Task { id, payload: payload.to_vec(), segment, lost },
             Message::Retire { reason } => {
                 if reason == RetireReason::Stopped {
@@ -862,7 +889,8 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
             }
         };
         match msg {
-            Incoming::Init { worker, payload } if !initialized => {
+            Incoming::Init { worker, grace_ms, payload } if !initialized => {
+                UNWIND_MS.store(unwind_ms(grace_ms), Ordering::SeqCst);
                 let info = WorkerInfo { worker, pid: std::process::id(), parent: core.parent };
                 let _ = CURRENT.set(info.clone());
                 core.state.store(INITIALIZING, Ordering::SeqCst);
@@ -997,5 +1025,13 @@ mod tests {
         assert!(WorkerEnv::parse("7", None, None).is_err());
         assert!(WorkerEnv::parse("7", Some("1"), Some("big")).is_err());
         assert_eq!(WorkerEnv::parse("7", Some("12"), Some("100")), Ok(WorkerEnv { fd: 7, parent: 12, max_frame: 100 }));
+    }
+
+    #[test]
+    fn an_interrupted_task_unwinds_for_half_the_grace_period_and_at_least_the_floor() {
+        assert_eq!(unwind_ms(5_000), 2_500);
+        assert_eq!(unwind_ms(60_000), 30_000);
+        assert_eq!(unwind_ms(200), UNWIND_GRACE.as_millis() as u64);
+        assert_eq!(unwind_ms(u64::MAX), u64::MAX / 2);
     }
 }

@@ -29,7 +29,7 @@ impl Owned {
     fn message(&self) -> Message<'_> {
         match self {
             Owned::Hello(pid, identity) => Message::Hello { pid: *pid, identity: *identity },
-            Owned::Init(worker, payload) => Message::Init { worker: *worker, payload },
+            Owned::Init(worker, payload) => Message::Init { worker: *worker, grace_ms: *worker ^ 0x5a5a, payload },
             Owned::Ready => Message::Ready,
             Owned::InitFailed(t, m) => Message::InitFailed { error: RemoteError::new(RemoteErrorKind::Raised, t, m) },
             Owned::Task(id, payload) => Message::Task { id: *id, payload },

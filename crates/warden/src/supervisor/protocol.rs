@@ -224,7 +224,12 @@ impl Supervisor {
                         return self.protocol_error(id, detail);
                     }
                 }
-                if w.queue(&Message::Init { worker: id, payload: &cfg.init_payload }, cfg.max_frame).is_err() {
+                if w.queue(
+                    &Message::Init { worker: id, grace_ms: grace_ms(cfg.grace), payload: &cfg.init_payload },
+                    cfg.max_frame,
+                )
+                .is_err()
+                {
                     return self.protocol_error(id, "init payload exceeds the frame limit".into());
                 }
                 w.flush();
@@ -322,4 +327,9 @@ impl Supervisor {
         }
         w.kill(StopCause::Killed);
     }
+}
+
+/// A grace period in whole milliseconds, as the worker is told it.
+fn grace_ms(grace: std::time::Duration) -> u64 {
+    u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)
 }
