@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import copy
 import gc
 import multiprocessing
 import os
@@ -864,6 +865,19 @@ def test_executor_pickles_into_an_inert_handle(ex):
 
 def _handle_in_worker(handle):
     return handle.kind
+
+
+@pytest.mark.parametrize("how", [copy.copy, copy.deepcopy])
+def test_copying_a_pool_or_executor_is_refused_at_once(ex, how):
+    # A copy used to be an inert handle that failed later, naming this very
+    # process as the pool's owner.
+    with pytest.raises(TypeError, match="cannot copy ProcessPoolExecutor"):
+        how(ex)
+    with warden.Pool(1) as pool, pytest.raises(NotImplementedError, match="pool objects cannot be copied"):
+        how(pool)
+    with multiprocessing.Pool(1) as pool, pytest.raises(NotImplementedError):
+        how(pool)  # the standard library's error
+    assert ex.submit(square, 3).result(60) == 9
 
 
 def test_terminate_workers_stops_running_tasks_and_runs_finalizers(tmp_path):

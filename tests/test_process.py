@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -62,6 +63,23 @@ def wait_for_file(path, timeout=30.0):
             return True
         time.sleep(0.02)
     return False
+
+
+@pytest.mark.parametrize("make", [warden.Process, multiprocessing.get_context("spawn").Process])
+def test_a_copied_process_starts_and_a_deep_copy_is_refused_as_the_standard_librarys(tmp_path, make):
+    out = tmp_path / "out"
+    p = make(target=write, args=(str(out), "copied"))
+    copied = copy.copy(p)
+    copied.start()
+    copied.join(60)
+    assert copied.exitcode == 0 and out.read_text() == "copied"
+    with pytest.raises(TypeError, match="AuthenticationString"):
+        copy.deepcopy(make(target=write))
+
+
+def test_a_process_is_a_multiprocessing_process_for_code_and_annotations_naming_it():
+    assert isinstance(warden.Process(), multiprocessing.Process)
+    assert issubclass(warden.Process, multiprocessing.process.BaseProcess)
 
 
 def test_start_then_join_runs_the_target_and_gives_exit_code_zero(tmp_path):

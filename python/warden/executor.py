@@ -219,6 +219,14 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
     def __reduce__(self) -> tuple[Any, ...]:
         return (PoolHandle, ("ProcessPoolExecutor", self._name, os.getpid(), self._max_workers))
 
+    def __copy__(self) -> ProcessPoolExecutor:
+        # Pickling gives a child an inert handle; a copy in this process would
+        # be one that fails later, naming this process as the owner.
+        raise TypeError(f"cannot copy {type(self).__name__} {self._name!r}: its workers belong to it alone")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ProcessPoolExecutor:
+        return self.__copy__()
+
     def _ensure_runner(self) -> _runner.Runner:
         # Workers start with the first task, as the standard library starts
         # them on demand; the pickled initargs go to every worker.

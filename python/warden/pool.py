@@ -183,6 +183,13 @@ class Pool(multiprocessing.pool.Pool):
     def __reduce__(self) -> tuple[Any, ...]:
         return (PoolHandle, ("Pool", self._name, os.getpid(), self._processes))
 
+    def __copy__(self) -> Pool:
+        # The standard library's error, where pickling gives a child a handle.
+        raise NotImplementedError("pool objects cannot be copied, passed between processes or pickled")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Pool:
+        return self.__copy__()
+
     def _check_running(self) -> None:
         if self._stopped_by_interrupt():
             raise ValueError(_runner.INTERRUPTED_POOL)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.context
 import multiprocessing.process
 import os
 import weakref
@@ -44,8 +45,11 @@ def _start_error(name: str, error: _warden.CoreError) -> OSError:
     return OSError(message)
 
 
-class Process(multiprocessing.process.BaseProcess):
+class Process(multiprocessing.context.Process):
     """A drop-in for ``multiprocessing.Process`` whose child always cleans up.
+
+    A subclass of ``multiprocessing.Process`` (so code and annotations naming
+    that type take it), whose start, join and signalling are warden's own.
 
     The child is a fresh interpreter (as under the ``"spawn"`` start method);
     ``target`` and ``args`` are pickled for it then (lambdas and closures too).
@@ -111,6 +115,22 @@ class Process(multiprocessing.process.BaseProcess):
                 self._handle_of or self._parent_pid,
             ),
         )
+
+    def __copy__(self) -> Process:
+        # What copy.copy makes of the standard library's: the same attributes
+        # (an unstarted copy can be started), not the handle pickling gives.
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Process:
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        # The authkey refuses to be copied, as it does for the standard library's.
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def _check_not_handle(self, what: str) -> None:
         if self._handle_of is not None:
