@@ -4,6 +4,7 @@ reducers first, cloudpickle for what plain pickle refuses."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import copyreg
 import math
 import multiprocessing
 import os
@@ -25,6 +26,34 @@ def test_plain_pickle_is_used_when_it_works_with_protocol_5():
     data = _pickle.dumps((len, (b"abc",), {}))
     assert data[:2] == b"\x80\x05"
     assert b"cloudpickle" not in data
+
+
+class Cents:
+    def __init__(self, cents):
+        self.cents = cents
+
+
+def _cents_as(version):
+    return lambda value: (str, (f"{version}:{value.cents}",))
+
+
+@pytest.mark.parametrize("table", ["copyreg", "ForkingPickler"])
+def test_a_reducer_registered_again_for_the_same_type_is_the_one_used(table):
+    # The pickler's table was made again only when a table grew: a reducer
+    # replaced after the first pickle went on being ignored.
+    from multiprocessing.reduction import ForkingPickler
+
+    register = {"copyreg": copyreg.pickle, "ForkingPickler": ForkingPickler.register}[table]
+    saved = dict(copyreg.dispatch_table), dict(ForkingPickler._extra_reducers)
+    try:
+        register(Cents, _cents_as("v1"))
+        assert pickle.loads(_pickle.dumps(Cents(5))) == "v1:5"
+        register(Cents, _cents_as("v2"))
+        assert pickle.loads(_pickle.dumps(Cents(5))) == "v2:5"
+    finally:
+        for live, before in zip((copyreg.dispatch_table, ForkingPickler._extra_reducers), saved, strict=True):
+            live.clear()
+            live.update(before)
 
 
 def test_cloudpickle_takes_over_for_lambdas_closures_and_local_classes():

@@ -69,22 +69,23 @@ class _Pickler(pickle.Pickler):
     dispatch_table: dict[type, Any] = {}
 
 
-_dispatch_sizes = (-1, -1)
+#: The reducers the dispatch table was made from, in their tables' order.
+_dispatch_made_from: tuple[tuple[Any, ...], tuple[Any, ...]] = ((), ())
 
 
 def _pickler() -> type[_Pickler]:
     """The pickler, its dispatch table being copyreg's reducers plus
     ForkingPickler's as one dict (much faster for the C pickler than a chain
-    of mappings), rebuilt when either gains entries (libraries register
-    reducers when they are imported)."""
-    global _dispatch_sizes
-    sizes = (len(copyreg.dispatch_table), len(ForkingPickler._extra_reducers))
-    if sizes != _dispatch_sizes:
+    of mappings), made again when either changes (libraries register
+    reducers when they are imported; a program may replace one)."""
+    global _dispatch_made_from
+    made_from = (tuple(copyreg.dispatch_table.values()), tuple(ForkingPickler._extra_reducers.values()))
+    if made_from != _dispatch_made_from:
         table = dict(copyreg.dispatch_table)
         table.update(ForkingPickler._extra_reducers)
         table[memoryview] = _oob.reduce_memoryview
         _Pickler.dispatch_table = table
-        _dispatch_sizes = sizes
+        _dispatch_made_from = made_from
     return _Pickler
 
 
