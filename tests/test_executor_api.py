@@ -722,6 +722,17 @@ def test_unpicklable_argument_raises_at_submit_and_the_pool_is_unaffected(ex):
     assert ex.submit(square, 5).result() == 25
 
 
+def test_a_lambda_holding_what_cannot_be_pickled_is_refused_naming_that_object(ex):
+    # Not the lambda, which cloudpickle sends: the lock it captured.
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="cannot pickle '_thread.lock' object") as info:
+        ex.submit(lambda x: (lock, x)[1], 1)
+    assert "by reference" in " ".join(info.value.__notes__)
+    with warden.Pool(1) as pool, pytest.raises(TypeError, match="_thread.lock"):
+        pool.map(lambda x: (lock, x)[1], [1])
+    assert ex.submit(square, 4).result(60) == 16
+
+
 def test_lambdas_and_closures_are_pickled_by_value(ex):
     k = 3
     assert ex.submit(lambda x: x + k, 4).result() == 7

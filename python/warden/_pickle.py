@@ -549,8 +549,26 @@ def dumps_oob(obj: Any, to_parent: bool = False, lend: bool = True) -> tuple[byt
         try:
             return _oob.dumps(obj, _cloud_oob, to_parent=to_parent, lend=lend, found=found)
         except Exception as cloud_error:
-            plain_error.add_note(f"(cloudpickle could not pickle it either: {cloud_error!r})")
-            raise plain_error from None
+            raise _neither(plain_error, cloud_error) from None
+
+
+def _neither(plain_error: Exception, cloud_error: Exception) -> Exception:
+    """The error to raise when neither pickler could pickle a call: the
+    plain pickler's (the standard library's own error), with a note; but
+    where the plain pickler only refused what ``cloudpickle`` sends by value
+    (a lambda, a local function or class: "attribute lookup ... failed"),
+    ``cloudpickle``'s, which names what could not be sent (the lock a lambda
+    captured), with a note."""
+    text = str(plain_error)
+    by_reference_only = isinstance(plain_error, (pickle.PicklingError, AttributeError)) and any(
+        words in text for words in ("attribute lookup", "local object", "Can't get attribute")
+    )
+    if by_reference_only and not isinstance(cloud_error, pickle.PicklingError):
+        note = f"(sent by value, as the standard pickler could not send it by reference: {plain_error})"
+        cloud_error.add_note(note)
+        return cloud_error
+    plain_error.add_note(f"(cloudpickle could not pickle it either: {cloud_error!r})")
+    return plain_error
 
 
 def dumps(obj: Any, before_retry: Callable[[Exception | None], None] | None = None) -> bytes:
@@ -570,8 +588,7 @@ def dumps(obj: Any, before_retry: Callable[[Exception | None], None] | None = No
         try:
             return _cloud(obj)
         except Exception as cloud_error:
-            plain_error.add_note(f"(cloudpickle could not pickle it either: {cloud_error!r})")
-            raise plain_error from None
+            raise _neither(plain_error, cloud_error) from None
     if _child_can_load(data):
         return data
     if before_retry is not None:
