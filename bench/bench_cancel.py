@@ -7,6 +7,11 @@ holds the caller), then how long until every future is done. Each
 executor runs in a fresh interpreter. Run with
 ``python bench/bench_cancel.py [--tasks N]``.
 
+``--asyncio``: N calls awaited from one coroutine (``asyncio.gather`` of
+``await ex.run(...)`` for warden, of ``loop.run_in_executor`` for the
+standard library), the gather cancelled once the first calls have run; timed
+is how long the cancel holds the event loop, until the gather is done.
+
 The standard library's call returns at once and cancels later, on its
 manager thread (its futures read as cancelled only then); warden's marks
 every queued future cancelled before it returns.
@@ -29,13 +34,38 @@ def work(x):
     time.sleep(0.01)
     return x
 
+async def cancel_a_gather(ex, impl, n):
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    if impl == "warden":
+        calls = [ex.run(work, i) for i in range(n)]
+    else:
+        calls = [loop.run_in_executor(ex, work, i) for i in range(n)]
+    gathered = asyncio.ensure_future(asyncio.gather(*calls))
+    await asyncio.sleep(0.3)
+    started = time.perf_counter()
+    gathered.cancel()
+    try:
+        await gathered
+    except asyncio.CancelledError:
+        pass
+    return time.perf_counter() - started
+
 if __name__ == "__main__":
-    impl, n = sys.argv[1], int(sys.argv[2])
+    impl, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     if impl == "warden":
         import warden
         ex = warden.ProcessPoolExecutor(2)
     else:
         ex = cf.ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"))
+    if mode == "asyncio":
+        import asyncio
+        ex.submit(work, 0).result()
+        held = asyncio.run(cancel_a_gather(ex, impl, n))
+        ex.shutdown(wait=True, cancel_futures=True)
+        print(json.dumps({"held": held}))
+        sys.exit()
     fs = [ex.submit(work, i) for i in range(n)]
     fs[0].result()
     started = time.perf_counter()
@@ -51,13 +81,13 @@ if __name__ == "__main__":
 """
 
 
-def run(impl: str, tasks: int) -> dict[str, float]:
+def run(impl: str, tasks: int, mode: str = "shutdown") -> dict[str, float]:
     # A file, not -c: the standard library's spawned workers import the main module.
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "child.py")
         with open(script, "w") as f:
             f.write(CHILD)
-        command = [sys.executable, script, impl, str(tasks)]
+        command = [sys.executable, script, impl, str(tasks), mode]
         out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -66,7 +96,14 @@ def run(impl: str, tasks: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--asyncio", action="store_true", help="cancel a gather of awaited calls")
     args = parser.parse_args()
+    if args.asyncio:
+        print(f"a gather of {args.tasks} awaited calls of 10 ms on 2 workers, cancelled")
+        print(f"{'':10} {'the event loop held (s)':>24}")
+        for impl in ("stdlib", "warden"):
+            print(f"{impl:10} {run(impl, args.tasks, 'asyncio')['held']:24.3f}")
+        return
     print(f"shutdown(wait=False, cancel_futures=True), {args.tasks} tasks of 10 ms on 2 workers")
     print(f"{'':10} {'call (s)':>10} {'all done (s)':>13} {'cancelled at return':>20}")
     for impl in ("stdlib", "warden"):

@@ -827,6 +827,16 @@ def cancel(core: Any, task: int, running: bool) -> bool:
     return cancelled
 
 
+def cancel_nowait(core: Any, task: int) -> None:
+    """Asks for a task of ``core`` to be cancelled, queued or running, as
+    :func:`cancel` with ``running`` does, without waiting for the pool's
+    answer (the coroutine cancelled while it awaited the task has no use
+    for it, and an event loop cancelling thousands of calls must not wait
+    for each): the task's outcome, which lets go of its lent buffers,
+    follows."""
+    core.cancel_nowait(task)
+
+
 def cancel_all_queued(core: Any) -> list[int]:
     """Cancels every task of ``core`` not started yet, in one request (see
     :func:`cancel`); returns their ids."""

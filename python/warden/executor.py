@@ -329,7 +329,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         def start(on_done: _aio.OnDone, owner: Any) -> Callable[[], object]:
             runner, task = self._queue(call, on_done, owner)
             # The one way to stop a task, queued or running: cancel(running=True)'s.
-            return functools.partial(_runner.cancel, runner.core, task, True)
+            return functools.partial(_runner.cancel_nowait, runner.core, task)
 
         return start
 

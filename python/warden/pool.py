@@ -259,7 +259,7 @@ class Pool(multiprocessing.pool.Pool):
                 raise
             task = self._submit(payload, segment, on_done, owner)
             # The one way to stop a task, queued or running: cancel(running=True)'s.
-            return functools.partial(_runner.cancel, self._runner.core, task, True)
+            return functools.partial(_runner.cancel_nowait, self._runner.core, task)
 
         return start
 

@@ -425,6 +425,14 @@ impl CorePool {
         self.pool().is_some_and(|p| py.detach(|| p.cancel(task)))
     }
 
+    /// Asks for a task to be cancelled, queued or running, without waiting
+    /// for the answer: its outcome tells.
+    fn cancel_nowait(&self, task: u64) {
+        if let Some(p) = self.pool() {
+            p.cancel_nowait(task);
+        }
+    }
+
     /// Cancels a task only if it is still queued.
     fn cancel_queued(&self, py: Python<'_>, task: u64) -> bool {
         self.pool().is_some_and(|p| py.detach(|| p.cancel_queued(task)))

@@ -606,6 +606,15 @@ impl Pool {
         cancel(&self.shared, id, true)
     }
 
+    /// Asks for a task to be cancelled, queued or running, as
+    /// [`Pool::cancel`] does, without waiting to learn whether it was: the
+    /// task's outcome says (cancelled, or what it gave had it finished
+    /// first). For a caller that cancels many at once (an event loop
+    /// cancelling the calls it awaited) and must not wait for each.
+    pub fn cancel_nowait(&self, id: u64) {
+        let _ = self.shared.send(Command::Cancel { id, running_too: true, reply: None });
+    }
+
     /// Cancels a task only if it is still queued (the semantics of
     /// `concurrent.futures.Future.cancel`), in the pool or sent ahead to a
     /// worker that has not started it. Returns whether it was.
@@ -862,7 +871,7 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 /// `false` for a cancel that still lands.
 fn cancel(shared: &SupervisorLink, id: u64, running_too: bool) -> bool {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    if shared.send(Command::Cancel { id, running_too, reply: tx }).is_err() {
+    if shared.send(Command::Cancel { id, running_too, reply: Some(tx) }).is_err() {
         return false;
     }
     rx.recv().unwrap_or(false)

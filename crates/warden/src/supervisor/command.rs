@@ -38,7 +38,10 @@ impl Supervisor {
                 _ => task.deliver(Err(Error::closed())),
             },
             Command::Cancel { id, running_too, reply } => {
-                let _ = reply.send(self.cancel(id, running_too));
+                let cancelled = self.cancel(id, running_too);
+                if let Some(reply) = reply {
+                    let _ = reply.send(cancelled);
+                }
             }
             Command::CancelQueued { reply } => {
                 let _ = reply.send(self.cancel_queued_all());

@@ -78,12 +78,24 @@ impl Drop for Task {
 /// Requests to the supervisor.
 pub(crate) enum Command {
     Submit(Task),
-    Cancel { id: u64, running_too: bool, reply: SyncSender<bool> },
-    CancelQueued { reply: SyncSender<Vec<u64>> },
-    Close { drain: bool, deadline: Option<Instant> },
+    /// Cancel a task; `reply` (if any) gets whether it was.
+    Cancel {
+        id: u64,
+        running_too: bool,
+        reply: Option<SyncSender<bool>>,
+    },
+    CancelQueued {
+        reply: SyncSender<Vec<u64>>,
+    },
+    Close {
+        drain: bool,
+        deadline: Option<Instant>,
+    },
     Terminate,
     Kill,
-    Snapshot { reply: SyncSender<Vec<WorkerSnapshot>> },
+    Snapshot {
+        reply: SyncSender<Vec<WorkerSnapshot>>,
+    },
 }
 
 /// This process's id, kept in step across `fork()` by a `pthread_atfork`
