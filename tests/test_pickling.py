@@ -854,6 +854,36 @@ def test_a_lambda_reading_a_loop_variable_sees_its_value_of_the_call_on_warm_wor
         assert run.stdout.split("\n")[:2] == ["[8, 4, 0]", "[8, 4, 0]"], run.stdout
 
 
+GUARD_CLASS = """
+import warden
+
+class Top:
+    scale = 2
+
+if __name__ == "__main__":
+    class Cfg:  # only the parent has it: a child's import of main never runs this
+        scale = 3
+
+    with warden.ProcessPoolExecutor(1) as ex, warden.Pool(1) as pool:
+        print(ex.submit(lambda x: x * Cfg.scale * Top.scale, 2).result(30))
+        made = ex.submit(lambda: Cfg()).result(30)
+        print(type(made).__name__, isinstance(made, Cfg))
+        print(pool.map(lambda x: x * Cfg.scale, [1, 2]))
+        # A class main defines as it is imported still goes by reference: the worker's own.
+        print(ex.submit(lambda: Top is __import__("sys").modules["__mp_main__"].Top).result(30))
+"""
+
+
+def test_a_class_defined_under_the_main_guard_reaches_a_lambda_by_value(tmp_path):
+    # It went by reference (main names it), and the worker's import of main
+    # has no such class: AttributeError at result().
+    script = tmp_path / "guard_class.py"
+    script.write_text(GUARD_CLASS)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["12", "Cfg True", "[3, 6]", "True"]
+
+
 REDEFINED = """
 import warden
 
@@ -954,11 +984,13 @@ def test_classes_of_an_interactive_main_still_go_by_value_and_keep_their_identit
         assert run.stdout.splitlines() == CLASSES_OF_MAIN_EXPECTED
 
 
-def test_a_class_of_an_importable_main_goes_by_reference_in_a_cloudpickle(monkeypatch):
+def test_a_class_of_an_importable_main_goes_by_reference_in_a_cloudpickle(monkeypatch, tmp_path):
     import types
 
     main = types.ModuleType("__main__")
-    main.__file__ = __file__  # importable by a child
+    source = tmp_path / "main_with_shape.py"
+    source.write_text("class Shape:\n    pass\n")
+    main.__file__ = str(source)  # importable by a child, which gets Shape as it imports it
 
     class Shape:
         pass

@@ -327,8 +327,11 @@ def _main_names_class(cls: type) -> bool:
     """Whether the standard pickler would send class ``cls`` by reference as
     a class of ``__main__`` and a child could load it: ``__main__`` names it
     by its qualified name, and a child can import ``__main__`` (see
-    :func:`_main_is_importable`); unless ``cloudpickle`` was told to pickle
-    ``__main__`` by value (``cloudpickle.register_pickle_by_value``)."""
+    :func:`_main_is_importable`), which binds its name as it is imported
+    (a class defined under ``if __name__ == "__main__":`` exists only in the
+    parent: it goes by value, as the functions there do); unless
+    ``cloudpickle`` was told to pickle ``__main__`` by value
+    (``cloudpickle.register_pickle_by_value``)."""
     if getattr(cls, "__module__", None) != "__main__":
         return False
     name = getattr(cls, "__qualname__", None)
@@ -343,9 +346,72 @@ def _main_names_class(cls: type) -> bool:
         return False
     if found is not cls or not _main_is_importable():
         return False
+    bound = _bound_at_import(getattr(main, "__file__", None))
+    if bound is not None and name.split(".")[0] not in bound:
+        return False
     import cloudpickle
 
     return "__main__" not in cloudpickle.list_registry_pickle_by_value()
+
+
+#: The last answer of :func:`_bound_at_import`: the file, its mtime, the names.
+_bound_checked: tuple[Any, float, frozenset[str] | None] = (None, 0.0, None)
+
+
+def _bound_at_import(path: Any) -> frozenset[str] | None:
+    """The names the main module at ``path`` binds at its top level when a
+    child imports it (as ``__mp_main__``): those outside its ``if __name__ ==
+    "__main__":`` blocks. ``None`` where that cannot be told (no source, a
+    syntax the parser refuses): then every name counts as bound."""
+    global _bound_checked
+    if type(path) is not str:
+        return None
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError:
+        return None
+    if _bound_checked[0] == path and _bound_checked[1] == mtime:
+        return _bound_checked[2]
+    import ast
+
+    def guard(node: ast.stmt) -> bool:
+        if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+            return False
+        sides = [node.test.left, *node.test.comparators]
+        names = {s.id for s in sides if isinstance(s, ast.Name)}
+        texts = {s.value for s in sides if isinstance(s, ast.Constant)}
+        return names == {"__name__"} and texts == {"__main__"}
+
+    def collect(body: list[ast.stmt], into: set[str]) -> None:
+        for node in body:
+            if guard(node):
+                collect(getattr(node, "orelse", []), into)
+                continue
+            todo: list[ast.AST] = [node]
+            while todo:
+                child = todo.pop()
+                if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    into.add(child.name)  # what its body binds is its own
+                    continue
+                if isinstance(child, ast.Lambda):
+                    continue
+                if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+                    into.add(child.id)
+                elif isinstance(child, ast.alias):
+                    into.add((child.asname or child.name).split(".")[0])
+                todo.extend(ast.iter_child_nodes(child))
+
+    names: frozenset[str] | None
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), path)
+        found: set[str] = set()
+        collect(tree.body, found)
+        names = frozenset(found)
+    except (OSError, SyntaxError, ValueError, RecursionError):
+        names = None
+    _bound_checked = (path, mtime, names)
+    return names
 
 
 def _plain(obj: Any) -> bytes:
