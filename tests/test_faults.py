@@ -1771,6 +1771,67 @@ def test_a_task_stopped_while_taking_or_giving_a_process_shared_lock_leaves_it_f
     assert run.stdout.splitlines() == ["free after every stop"], run.stderr[-2000:]
 
 
+BLOCKED_IN_WHAT_IT_HOLDS_MORE_OF = """
+import multiprocessing, os, sys, time
+import warden
+
+def note(path, what):
+    with open(path, "a") as f:
+        f.write(what + "\\n")
+
+def produce(queue, path):
+    try:
+        for i in range(1000):
+            queue.put(i)  # blocks once the queue is full
+    finally:
+        note(path, "producer finally")
+
+def init(sem):
+    global SEM
+    SEM = sem
+
+def take(path):
+    try:
+        return SEM.acquire(timeout=60)  # blocks: the parent released it once
+    finally:
+        note(path, "taker finally")
+
+if __name__ == "__main__":
+    path = sys.argv[1]
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue(maxsize=2)
+    p = warden.Process(target=produce, args=(queue, path))
+    p.start()
+    for _ in range(5):
+        queue.get(timeout=30)
+    time.sleep(0.3)
+    p.terminate()
+    p.join(30)
+    print("process", p.exitcode, flush=True)
+    sem = ctx.Semaphore(0)
+    with warden.ProcessPoolExecutor(1, initializer=init, initargs=(sem,), task_timeout=0.5) as ex:
+        sem.release()
+        print("first", ex.submit(take, path).result(30), flush=True)
+        try:
+            ex.submit(take, path).result(30)
+        except warden.TaskTimeout:
+            print("timed out", flush=True)
+"""
+
+
+def test_a_task_blocked_taking_what_it_took_before_is_stopped_at_once(program, tmp_path):
+    # A producer blocked on a full Queue's semaphore (which it had taken more
+    # often than given back), a task blocked on a Semaphore it had taken
+    # once: "this process holds it" is true of both, and the stop was held
+    # back for a lock hand-over that never came; the task's finally never ran.
+    path = tmp_path / "steps"
+    run = program(BLOCKED_IN_WHAT_IT_HOLDS_MORE_OF).run(timeout=60, args=(str(path),))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:3] == ["process -15", "first True", "timed out"]
+    assert sorted(path.read_text().splitlines()) == ["producer finally", "taker finally", "taker finally"]
+    assert "was still running" not in run.stderr
+
+
 SLOW_FINALLY = """
 import os, sys, time
 import warden

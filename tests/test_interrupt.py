@@ -362,3 +362,53 @@ def test_a_task_reading_the_terminal_fails_with_eio_instead_of_being_stopped_for
         pytest.fail("the program did not end within 90 s")
     assert proc.returncode == 0, out + err
     assert out.splitlines()[-1].strip() == f"password: failed OSError {errno.EIO}", out
+
+
+SPIN_ON_A_LOCK = """
+def spin(n):
+    for i in range(n):
+        lock.acquire()
+        try:
+            x = [0] * 2000
+        finally:
+            lock.release()
+"""
+
+
+def test_a_stop_as_acquire_returns_is_recognised_at_fresh_and_warm_call_sites():
+    """Where a stop lands as ``lock.acquire()`` returns with the lock (the
+    frame's last instructions load ``acquire``, and this thread holds the
+    lock), the worker's handler must see it, or the lock is left held: on
+    3.11 a call site not specialised yet (``PRECALL`` then ``CALL``) was
+    missed, so the first calls of every fresh worker leaked it."""
+    import dis
+    import multiprocessing
+    import signal
+
+    from warden import _workerloop
+
+    lock = multiprocessing.get_context("spawn").Lock()
+    seen = {"landed": 0, "recognised": 0}
+
+    def on_alarm(_sig, frame):
+        if frame is None or frame.f_code.co_name != "spin":
+            return
+        ins = list(dis.get_instructions(frame.f_code))
+        at = next(i for i, x in enumerate(ins) if x.offset == frame.f_lasti)
+        if "acquire" in [x.argval for x in ins[max(0, at - 3) : at]] and lock._semlock._is_mine():
+            seen["landed"] += 1
+            seen["recognised"] += _workerloop._lock_just_taken(frame) is lock
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 0.00003, 0.00003)
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and seen["landed"] < 200:
+            namespace = {"lock": lock}
+            exec(SPIN_ON_A_LOCK, namespace)  # a fresh code object: its call sites start cold
+            namespace["spin"](3)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert seen["landed"] > 0
+    assert seen["recognised"] == seen["landed"], seen

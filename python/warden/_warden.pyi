@@ -309,6 +309,9 @@ def worker_main(handler: WorkerHandler, variables: dict[str, str]) -> None:
 def send_record(data: bytes) -> None:
     """Sends the parent this worker's cleanup record (for ``on_worker_lost``)."""
 
+def stop_thread_again(tid: int) -> None:
+    """Sends SIGTERM again to this process's thread ``tid`` (a kernel id)."""
+
 def hold_stops(held: bool) -> None:
     """Holds (``True``) or releases (``False``) the core's own exit after a
     stop signal, while the worker enters its ``worker_context``."""

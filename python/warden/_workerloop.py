@@ -48,6 +48,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import types
 from pickle import loads as _loads  # bound at import: a task that patches pickle cannot break warden
 
@@ -59,6 +60,7 @@ from ._stderr import say, say_exception
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     import contextlib
+    from collections.abc import Callable
     from typing import Any
 
 # ``traceback`` is imported only when there is one to format: a worker that
@@ -135,30 +137,33 @@ def _taking_or_giving_a_lock(frame: Any) -> bool:
         return False
 
 
-def _raise_after_hand_over(frame: Any, stop: BaseException) -> bool:
+def _raise_after_hand_over(frame: Any, stop: BaseException) -> Callable[[], None] | None:
     """Arranges for ``stop`` to be raised once the lock's hand-over is done,
     through a trace function removed as it raises: after an ``__enter__``,
     at the next line of the code that entered (the ``with`` block's body,
     where its ``__exit__`` will give the lock back); in an ``__exit__`` or a
-    ``Value``'s accessor, as it returns (the lock given back). ``False``
-    where that cannot be done (a trace function of the program's, a
-    debugger's or a coverage tool's is set)."""
+    ``Value``'s accessor, as it returns (the lock given back). Returns what
+    removes the trace function; ``None`` where that cannot be done (a trace
+    function of the program's, a debugger's or a coverage tool's is set)."""
     if sys.gettrace() is not None:
-        return False
+        return None
     if frame.f_code.co_name == "__enter__":
         target = frame.f_back
         while target is not None and target.f_code in _lock_wrappers():
             target = target.f_back  # a Condition's __enter__ around its lock's
         if target is None:
-            return False
+            return None
         events: tuple[str, ...] = ("line", "return")
     else:
         target, events = frame, ("return",)
 
+    def clear() -> None:
+        sys.settrace(None)
+        target.f_trace = None
+
     def raise_there(_frame: Any, event: str, _arg: Any) -> Any:
         if event in events:
-            sys.settrace(None)
-            target.f_trace = None
+            clear()
             raise stop
         return raise_there
 
@@ -166,7 +171,7 @@ def _raise_after_hand_over(frame: Any, stop: BaseException) -> bool:
     target.f_trace_lines = True
     # Frames called meanwhile (the rest of the hand-over) are not traced.
     sys.settrace(lambda *_: None)
-    return True
+    return clear
 
 
 def _semlock_held(obj: Any) -> bool:
@@ -202,6 +207,8 @@ def _lock_just_taken(frame: Any) -> Any:
         if not ins[at].opname.startswith(("CALL", "PRECALL")):
             return None  # CALL, CALL_KW (3.13), PRECALL (3.11), CALL_FUNCTION_EX
         i = at - 1
+        if ins[at].opname == "CALL" and i >= 0 and ins[i].opname == "PRECALL":
+            i -= 1  # 3.11, a call site not specialised yet: PRECALL then CALL
         while i >= 0 and not (ins[i].opname in ("LOAD_METHOD", "LOAD_ATTR") and ins[i].argval == "acquire"):
             if ins[i].opname.startswith(("CALL", "PRECALL")) or ins[i].starts_line:
                 return None  # another call between, or another statement
@@ -243,17 +250,22 @@ def _handler_of(code: Any, offset: int) -> int | None:
     return None
 
 
-def _raise_once_in_charge(frame: Any, lock: Any, stop: BaseException) -> bool:
+def _raise_once_in_charge(frame: Any, lock: Any, stop: BaseException) -> Callable[[], None] | None:
     """Arranges for ``stop`` to be raised in ``frame`` once the lock it just
     took is in a ``try``'s charge (the first line whose exception handler is
     not the one of the ``acquire()`` call: its ``finally`` gives the lock
     back), or given back, or as the frame returns; after 20 lines at most (a
-    lock taken with nothing to give it back). ``False`` where a trace
-    function of the program's, a debugger's or a coverage tool's is set."""
+    lock taken with nothing to give it back). Returns what removes the trace
+    function; ``None`` where a trace function of the program's, a
+    debugger's or a coverage tool's is set."""
     if sys.gettrace() is not None:
-        return False
+        return None
     outside = _handler_of(frame.f_code, frame.f_lasti)
     lines = 0
+
+    def clear() -> None:
+        frame.f_trace = None
+        sys.settrace(None)
 
     def raise_there(now: Any, event: str, _arg: Any) -> Any:
         nonlocal lines
@@ -261,19 +273,32 @@ def _raise_once_in_charge(frame: Any, lock: Any, stop: BaseException) -> bool:
             lines += 1
             handler = _handler_of(now.f_code, now.f_lasti)
             if (handler != outside and handler is not None) or not _semlock_held(lock) or lines > 20:
-                now.f_trace = None
-                sys.settrace(None)
+                clear()
                 raise stop
         elif event == "return":
-            now.f_trace = None
-            sys.settrace(None)
+            clear()
             raise stop
         return raise_there
 
     frame.f_trace = raise_there
     frame.f_trace_lines = True
     sys.settrace(lambda *_: None)  # frames called meanwhile are not traced
-    return True
+    return clear
+
+
+def _ask_again_soon(delay: float = 0.05) -> None:
+    """Sends the stop signal to the main thread again after ``delay``: a
+    stop held back because the task seemed to have just taken a lock finds
+    out whether it really had (see ``Handler.on_signal``)."""
+    main = threading.get_native_id()  # called on the main thread, as signal handlers are
+
+    def resend() -> None:
+        time.sleep(delay)
+        with contextlib.suppress(Exception):
+            _warden.stop_thread_again(main)
+
+    with contextlib.suppress(Exception):  # no thread to spare: the stop stays held back
+        threading.Thread(target=resend, name="warden-stop-again", daemon=True).start()
 
 
 def _type_name(exc: BaseException) -> str:
@@ -459,6 +484,9 @@ class Handler:
         # Set while a retiring worker waits for its threads: a stop signal
         # ends that wait (see exit).
         self.waiting_for_threads = False
+        # A stop held back until a lock is in a try's or a with's charge:
+        # the frame and instruction it came in, the stop, what cancels it.
+        self.held_back: tuple[Any, int, BaseException, Callable[[], None]] | None = None
 
     # The signal handler runs on the main thread between bytecodes. It raises
     # at most once per task, so the task's own cleanup is not interrupted twice.
@@ -481,17 +509,34 @@ class Handler:
         runner = sys.modules.get("warden._runner")
         if runner is not None:
             runner.stop_requested = True
+        held_back, self.held_back = self.held_back, None
+        if held_back is not None:
+            then, lasti, stop, cancel = held_back
+            if frame is then and frame.f_lasti == lasti:
+                # Still in the call the stop came in: it had not returned
+                # (blocked taking what this process already held more of, a
+                # Queue's semaphore, an Event's), so it took nothing: now.
+                cancel()
+                raise stop
+            self.held_back = held_back  # on its way: its trace function raises it
+            return
         if self.running:
             self.running = False
             stop = TaskInterrupted(signal.Signals(signum).name)
-            if _taking_or_giving_a_lock(frame) and _raise_after_hand_over(frame, stop):
+            cancel = None
+            if _taking_or_giving_a_lock(frame):
                 # Raised here, the stop would leave a lock of the program's
                 # held for good: it is raised once the lock is in the with
                 # statement's charge, or given back.
-                return
-            lock = _lock_just_taken(frame)
-            if lock is not None and _raise_once_in_charge(frame, lock, stop):
-                # The same for ``lock.acquire()`` followed by ``try:``.
+                cancel = _raise_after_hand_over(frame, stop)
+            else:
+                lock = _lock_just_taken(frame)
+                if lock is not None:
+                    # The same for ``lock.acquire()`` followed by ``try:``.
+                    cancel = _raise_once_in_charge(frame, lock, stop)
+            if cancel is not None:
+                self.held_back = (frame, frame.f_lasti, stop, cancel)
+                _ask_again_soon()
                 return
             raise stop
         if self.waiting_for_threads:

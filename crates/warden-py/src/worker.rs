@@ -89,6 +89,22 @@ pub fn hold_stops(held: bool) {
     warden::frontend::hold_stops(held);
 }
 
+/// Sends SIGTERM again to this process's thread `tid` (a kernel thread id,
+/// `threading.get_native_id()`): the stop the core delivered to the main
+/// thread, asked for once more. By kernel id, as the core's own interrupter
+/// does: in a worker forked by a zygote, `pthread_kill` would use glibc's
+/// cached id of the zygote's thread.
+#[pyfunction]
+pub fn stop_thread_again(tid: i32) -> PyResult<()> {
+    // SAFETY: getpid(2) and tgkill(2) with integers; a tid that is not a
+    // thread of this process gets ESRCH, reported as an error.
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGTERM) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
 /// Flushes `sys.stdout` and `sys.stderr`; errors are ignored (the process is ending).
 pub(crate) fn flush_python_streams(py: Python<'_>) {
     if let Ok(sys) = py.import("sys") {

@@ -597,8 +597,8 @@ fn monitor(core: Arc<WorkerState>, interrupter: Option<Interrupter>) {
                 // Said, not left silent: a `finally` block of the task's is
                 // cut short when the exit path ends the process.
                 eprintln!(
-                    "warden: worker {}: the stopped task was still running {} ms after it was \
-                     interrupted; its exit path runs beside it",
+                    "warden: process {}: what it was running when it was stopped was still \
+                     running {} ms later; its exit path runs beside it",
                     std::process::id(),
                     unwind_grace().as_millis()
                 );
