@@ -164,6 +164,21 @@ def test_len_of_the_pools_cache_counts_its_results_not_ready_as_the_standard_lib
     assert counts(pool) == counts(std_pool) == (6, [False, False], 0)
 
 
+def test_results_that_will_never_come_leave_the_pools_cache(pool, std_pool):
+    # An empty map is ready at once; a map or call that could not be queued
+    # gets no outcome: none of them may stay in _cache (a drain loop on it
+    # would never end).
+    for p in (pool, std_pool):
+        assert p.map_async(square, []).get(30) == []
+        with pytest.raises((TypeError, pickle.PicklingError)):
+            p.map(square, [threading.Lock()])
+        assert wait_until(lambda p=p: len(p._cache) == 0, timeout=10), p._cache
+    pool.close()
+    with pytest.raises(ValueError):
+        pool.apply_async(square, (1,))
+    assert len(pool._cache) == 0
+
+
 def test_apply_and_apply_async_give_the_result(pool):
     assert pool.apply(power, (2, 10)) == 1024
     assert pool.apply(power, (), {"base": 3, "exp": 2}) == 9

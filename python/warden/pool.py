@@ -244,7 +244,11 @@ class Pool(multiprocessing.pool.Pool):
         except BaseException:
             _runner.close_fd(segment)
             raise
-        result._tasks.append(self._submit(payload, segment, result._deliver, result))
+        try:
+            result._tasks.append(self._submit(payload, segment, result._deliver, result))
+        except BaseException:
+            result._forget()
+            raise
         return result
 
     # -- asyncio -----------------------------------------------------------
@@ -623,9 +627,13 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
                 self._error_callback(_exception(error))
         finally:
             self._set_ready()
-            pool, self._pool = self._pool, None
-            if pool is not None:
-                pool._cache.pop(self._job, None)
+            self._forget()
+
+    def _forget(self) -> None:
+        """Lets go of the pool, and leaves its ``_cache``: no outcome will come."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool._cache.pop(self._job, None)
 
 
 AsyncResult = ApplyResult
@@ -658,7 +666,7 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
         if chunks == 0:
             self._value = []
             self._set_ready()
-            self._pool = None
+            self._forget()
 
     def _abandon(self) -> None:
         """The map could not be queued whole: its queued chunks are
@@ -670,6 +678,7 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
             _runner.cancel(self._core, task, False)
         if self._progress is not None:
             self._progress.close()
+        self._forget()
 
     def _deliver_chunk(self, index: int, ok: bool, data: Any) -> None:
         if self._left < 0:
