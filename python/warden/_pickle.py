@@ -620,19 +620,27 @@ def dumps_oob(obj: Any, to_parent: bool = False, lend: bool = True) -> tuple[byt
 
 def _neither(plain_error: Exception, cloud_error: Exception) -> Exception:
     """The error to raise when neither pickler could pickle a call: the
-    plain pickler's (the standard library's own error), with a note; but
-    where the plain pickler only refused what ``cloudpickle`` sends by value
-    (a lambda, a local function or class: "attribute lookup ... failed"),
-    ``cloudpickle``'s, which names what could not be sent (the lock a lambda
-    captured), with a note."""
+    plain pickler's (the standard library's own error), with a note. Where
+    the plain pickler only refused what ``cloudpickle`` sends by value (a
+    lambda, a local function or class: "attribute lookup ... failed"), the
+    error keeps its type (what ``except pickle.PicklingError`` catches under
+    the standard library) but says what could not be sent: ``cloudpickle``'s
+    message (the lock a lambda captured)."""
     text = str(plain_error)
     by_reference_only = isinstance(plain_error, (pickle.PicklingError, AttributeError)) and any(
         words in text for words in ("attribute lookup", "local object", "Can't get attribute")
     )
     if by_reference_only and not isinstance(cloud_error, pickle.PicklingError):
-        note = f"(sent by value, as the standard pickler could not send it by reference: {plain_error})"
-        cloud_error.add_note(note)
-        return cloud_error
+        try:
+            error = type(plain_error)(str(cloud_error))
+        except Exception:
+            error = None
+        if isinstance(error, Exception):
+            error.add_note(
+                f"(a {type(cloud_error).__name__} from cloudpickle, sending it by value; the "
+                f"standard pickler could not send it by reference: {plain_error})"
+            )
+            return error
     plain_error.add_note(f"(cloudpickle could not pickle it either: {cloud_error!r})")
     return plain_error
 
