@@ -136,6 +136,9 @@ pub(crate) struct Supervisor {
     /// Since when starts have failed (other than for a shortage) with no
     /// worker serving; cleared when one is ready.
     unserved_since: Option<Instant>,
+    /// Workers that could not load the program, before any was ready: the
+    /// second fails the pool (one may be a passing fault).
+    setup_failures: u32,
 }
 
 /// Creates the channel, waker and poller for a pool; the supervisor runs on
@@ -183,6 +186,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         task_time: schedule::TaskTime::default(),
         served: false,
         unserved_since: None,
+        setup_failures: 0,
         pause: None,
         pause_cap: pace::FIRST_PAUSE_CAP,
         started: None,

@@ -251,10 +251,16 @@ impl Supervisor {
                 w.cause.get_or_insert(StopCause::InitFailed(error.to_string()));
                 w.phase = WorkerPhase::Retiring;
                 w.deadline = Some(Instant::now() + cfg.grace);
-                if error.kind == RemoteErrorKind::Setup && (!self.served || cfg.fail_on_start_error) {
+                let setup = error.kind == RemoteErrorKind::Setup && !self.served;
+                if setup {
+                    self.setup_failures += 1;
+                }
+                if setup && (self.setup_failures >= 2 || cfg.fail_on_start_error) {
                     // The program itself cannot be loaded (a main module
                     // that starts a pool as it is imported, without the
                     // `__main__` guard): every worker would fail the same.
+                    // Twice, not once: a passing fault (a file being
+                    // rewritten) is given one more start.
                     self.fail(format!("worker {pid} could not load the program: {error}"));
                 } else if cfg.fail_on_start_error {
                     self.fail(format!("worker {pid}'s start hook failed: {error}"));
