@@ -274,6 +274,8 @@ def _main_function_setstate(func: Any, state: tuple[dict[str, Any], dict[str, An
             mine = namespace[name]
             brought = _given.get((where, name), _given)
             if mine is not brought and not _redefined(mine, value):
+                # The worker's own now: what was brought is not kept alive.
+                _given.pop((where, name), None)
                 continue
         taken[name] = value
         if _immutable(value):
