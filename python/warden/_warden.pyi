@@ -35,6 +35,7 @@ __all__ = [
     "register_finalizer",
     "run_exit_finalizers",
     "send_record",
+    "stop_thread_again",
     "trim_heap",
     "wait_finalizers_idle",
     "worker_main",
