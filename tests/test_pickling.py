@@ -885,6 +885,39 @@ def test_a_class_defined_under_the_main_guard_reaches_a_lambda_by_value(tmp_path
     assert run.stdout.splitlines() == ["12", "Cfg True", "[3, 6]", "True"]
 
 
+def test_the_names_main_binds_as_a_child_imports_it_leave_out_its_guard_blocks(tmp_path):
+    source = tmp_path / "main.py"
+    source.write_text(
+        textwrap.dedent(
+            """
+            import os, collections.abc as abc
+            from json import dumps as to_json
+            class Top: pass
+            def helper():
+                local = 1
+            for i in range(2): pass
+            try:
+                X = 1
+            except Exception:
+                Y = 2
+            if __name__ == "__main__":
+                class OnlyTheParent: pass
+                Z = 3
+            else:
+                InTheChild = 4
+            if __name__ != "__main__":
+                AlsoInTheChild = 5
+            if "__main__" == __name__:
+                AlsoOnlyTheParent = 6
+            """
+        )
+    )
+    bound = _pickle._bound_at_import(str(source))
+    assert bound == {
+        "os", "abc", "to_json", "Top", "helper", "i", "X", "Y", "InTheChild", "AlsoInTheChild",
+    }  # fmt: skip
+
+
 REDEFINED = """
 import warden
 

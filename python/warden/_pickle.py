@@ -379,6 +379,8 @@ def _bound_at_import(path: Any) -> frozenset[str] | None:
     def guard(node: ast.stmt) -> bool:
         if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
             return False
+        if len(node.test.ops) != 1 or not isinstance(node.test.ops[0], ast.Eq):
+            return False  # `if __name__ != "__main__":` runs in the child
         sides = [node.test.left, *node.test.comparators]
         names = {s.id for s in sides if isinstance(s, ast.Name)}
         texts = {s.value for s in sides if isinstance(s, ast.Constant)}
