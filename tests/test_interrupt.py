@@ -390,7 +390,7 @@ def test_a_stop_as_acquire_returns_is_recognised_at_fresh_and_warm_call_sites():
     lock = multiprocessing.get_context("spawn").Lock()
     seen = {"landed": 0, "recognised": 0}
 
-    def on_alarm(_sig, frame):
+    def on_tick(_sig, frame):
         if frame is None or frame.f_code.co_name != "spin":
             return
         ins = list(dis.get_instructions(frame.f_code))
@@ -399,8 +399,9 @@ def test_a_stop_as_acquire_returns_is_recognised_at_fresh_and_warm_call_sites():
             seen["landed"] += 1
             seen["recognised"] += _workerloop._lock_just_taken(frame) is lock
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, 0.00003, 0.00003)
+    # SIGPROF (CPU time), not SIGALRM: pytest-timeout's own alarm stays its own.
+    previous = signal.signal(signal.SIGPROF, on_tick)
+    signal.setitimer(signal.ITIMER_PROF, 0.00003, 0.00003)
     try:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and seen["landed"] < 200:
@@ -408,7 +409,8 @@ def test_a_stop_as_acquire_returns_is_recognised_at_fresh_and_warm_call_sites():
             exec(SPIN_ON_A_LOCK, namespace)  # a fresh code object: its call sites start cold
             namespace["spin"](3)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, signal.SIG_IGN)  # a tick still pending is dropped
+        signal.signal(signal.SIGPROF, previous)
     assert seen["landed"] > 0
     assert seen["recognised"] == seen["landed"], seen
