@@ -490,6 +490,53 @@ def test_cancel_succeeds_only_for_queued_tasks():
         assert queued in done
 
 
+def append_line(path, i):
+    time.sleep(0.002)
+    with open(path, "a") as f:
+        f.write(f"{i}\n")
+    return i
+
+
+@pytest.mark.parametrize("cancellers", [1, 2])
+def test_a_future_cancelled_while_workers_take_tasks_never_runs_and_the_rest_run_once(tmp_path, cancellers):
+    """Queued tasks are cancelled without waiting for the pool: whoever wins,
+    the caller's cancel or a worker taking the task, a cancelled future's
+    task never ran and every other ran exactly once."""
+    path = str(tmp_path / "ran")
+    with warden.ProcessPoolExecutor(2) as ex:
+        fs = [ex.submit(append_line, path, i) for i in range(600)]
+        fs[0].result(timeout=30)
+        answers: dict[int, bool] = {}
+
+        def cancel_every(k):
+            for i in range(k, len(fs), cancellers):
+                answers[i] = fs[i].cancel()
+                if i % 7 == 0:
+                    time.sleep(0.001)  # let the workers take some while this runs
+
+        threads = [threading.Thread(target=cancel_every, args=(k,)) for k in range(cancellers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        _, not_done = cf.wait(fs, timeout=60)
+        assert not not_done
+    with open(path) as f:
+        ran = [int(line) for line in f]
+    assert len(ran) == len(set(ran)), "no task ran twice"
+    cancelled = {i for i, yes in answers.items() if yes}
+    assert cancelled, "some were still queued"
+    assert cancelled.isdisjoint(ran)
+    assert set(ran) == set(range(600)) - cancelled
+    for i, f in enumerate(fs):
+        if i in cancelled:
+            assert f.cancelled()
+            with pytest.raises(cf.CancelledError):
+                f.result()
+        else:
+            assert f.result() == i
+
+
 def running_in_pool(ex, n=1):
     """Whether at least ``n`` workers are running a task."""
     return sum(w.running_task is not None for w in ex._runner.core.workers()) >= n

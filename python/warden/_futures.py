@@ -218,11 +218,13 @@ class Future(_base.Future["_T"]):
         task ended as the stop came, the worker serves on). The future ends
         cancelled. ``False`` only once the task has finished.
         """
-        with self._condition:
-            if self._state == _base.FINISHED or (self._state == _base.RUNNING and not running):
-                return False
-            if self._state in _CANCELLED:
-                return True
+        # One read, no lock (which would make the lazy condition): whatever
+        # happens after it, the pool's answer and ``_mark_cancelled`` decide.
+        state = self._state
+        if state == _base.FINISHED or (state == _base.RUNNING and not running):
+            return False
+        if state in _CANCELLED:
+            return True
         runner = self._runner
         if runner is None:
             # A future no pool made (tests and adapters make their own): the

@@ -411,7 +411,9 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         if cancel_futures:
             # Every queued future reads as cancelled when this returns, as in
             # the standard library (one request for all of them); the core
-            # then cancels whatever came after.
+            # then cancels whatever came after. A task sent ahead to a worker
+            # (the standard library's call queue) is asked back: cancelled
+            # if the worker gives it back, else it runs and has its result.
             pending = runner.pending
             for task in _runner.cancel_all_queued(runner.core):
                 future = getattr(pending.get(task), "__self__", None)

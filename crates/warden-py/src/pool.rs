@@ -422,7 +422,9 @@ impl CorePool {
     /// `AsyncResult.cancel(running=True)` are its one Python path (asyncio's
     /// cancellation goes through them).
     fn cancel(&self, py: Python<'_>, task: u64) -> bool {
-        self.pool().is_some_and(|p| py.detach(|| p.cancel(task)))
+        // A task still queued is cancelled at once, holding the GIL: only
+        // one that has left the queue waits for the supervisor's answer.
+        self.pool().is_some_and(|p| p.cancel_unclaimed(task) || py.detach(|| p.cancel(task)))
     }
 
     /// Asks for a task to be cancelled, queued or running, without waiting
@@ -435,7 +437,7 @@ impl CorePool {
 
     /// Cancels a task only if it is still queued.
     fn cancel_queued(&self, py: Python<'_>, task: u64) -> bool {
-        self.pool().is_some_and(|p| py.detach(|| p.cancel_queued(task)))
+        self.pool().is_some_and(|p| p.cancel_unclaimed(task) || py.detach(|| p.cancel_queued(task)))
     }
 
     /// Cancels every task not started yet (queued, or sent ahead and not

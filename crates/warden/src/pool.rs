@@ -622,6 +622,17 @@ impl Pool {
         cancel(&self.shared, id, false)
     }
 
+    /// Cancels a task the supervisor has not taken out of the queue yet,
+    /// without waiting for the supervisor (its outcome, cancelled, follows);
+    /// `false` when that cannot be decided here: the task has been sent to
+    /// a worker (ahead, or to run), has finished, or is no task of this pool.
+    /// [`Pool::cancel_queued`] and [`Pool::cancel`] try this first, then ask
+    /// the supervisor; a caller that must not block (a thread holding a
+    /// lock the pool's callbacks take) can call this alone.
+    pub fn cancel_unclaimed(&self, id: u64) -> bool {
+        self.shared.cancel_unclaimed(id)
+    }
+
     /// Cancels every task not started yet, as [`Pool::cancel_queued`] would
     /// each (queued in the pool, or sent ahead to a worker that has not
     /// started it), in one request; returns their ids, in submission order.
@@ -870,12 +881,28 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 /// since then nothing will cancel the task. A timeout here could only report
 /// `false` for a cancel that still lands.
 fn cancel(shared: &SupervisorLink, id: u64, running_too: bool) -> bool {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    if shared.cancel_unclaimed(id) {
+        return true;
+    }
+    // Room for both answers: the supervisor never waits on this channel.
+    let (tx, rx) = std::sync::mpsc::sync_channel(2);
     if shared.send(Command::Cancel { id, running_too, reply: Some(tx) }).is_err() {
         return false;
     }
-    rx.recv().unwrap_or(false)
+    match rx.recv() {
+        Ok(Some(cancelled)) => cancelled,
+        // A task sent ahead: its worker is asked whether it has taken it up.
+        Ok(None) => rx.recv_timeout(WORKER_ANSWER_WAIT).ok().flatten().unwrap_or(false),
+        Err(_) => false,
+    }
 }
+
+/// How long a cancel of a task sent ahead to a worker waits for the worker's
+/// answer (a worker reads its channel within a millisecond or so while it
+/// runs a task; one stopped by SIGSTOP does not). Past it the cancel says it
+/// did not land; if the worker skips the task after all, its outcome is
+/// cancelled.
+const WORKER_ANSWER_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 enum SlotState {

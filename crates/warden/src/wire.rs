@@ -284,7 +284,9 @@ pub enum Message<'a> {
         #[serde(borrow)]
         outcome: WireOutcome<'a>,
     },
-    /// Skip a task that has been sent but not started.
+    /// Skip a task that has been sent but not started. The worker answers
+    /// a `Result` with [`WireOutcome::Skipped`] if it had not taken the task
+    /// up, else [`CancelMissed`](Message::CancelMissed).
     Cancel {
         /// The task's id.
         id: u64,
@@ -325,6 +327,12 @@ pub enum Message<'a> {
         /// The task's id.
         id: u64,
     },
+    /// The task a [`Cancel`](Message::Cancel) named had been taken up (it
+    /// runs, or has ended): it is not skipped.
+    CancelMissed {
+        /// The task's id.
+        id: u64,
+    },
 }
 
 impl Message<'_> {
@@ -343,6 +351,7 @@ impl Message<'_> {
             Message::Record { .. } => "record",
             Message::StopTask { .. } => "stop-task",
             Message::StopMissed { .. } => "stop-missed",
+            Message::CancelMissed { .. } => "cancel-missed",
         }
     }
 }

@@ -794,11 +794,15 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
                 Incoming::Retire(reason)
             }
             // A cancel for a task not taken yet gives it back now; one for a
-            // task already taken (running, or done) is stale: the pool sees
-            // that task's result.
+            // task already taken (running, or done) is answered as missed:
+            // the pool sees that task's result.
             Message::Cancel { id } => {
                 let skipped = || core.send(&Message::Result { id, outcome: WireOutcome::Skipped });
-                if let Some(Err(_)) = inbox.withdraw(id, skipped) {
+                let answered = match inbox.withdraw(id, skipped) {
+                    Some(sent) => sent,
+                    None => core.send(&Message::CancelMissed { id }),
+                };
+                if answered.is_err() {
                     return inbox.end(End::Closed);
                 }
                 continue;

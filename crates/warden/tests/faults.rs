@@ -84,7 +84,10 @@ fn main() {
             "an_on_event_callback_that_panics_leaves_the_pool_serving",
             an_event_callback_that_panics_leaves_the_pool_serving,
         ),
-        Trial::test("a_cancel_waits_out_a_supervisor_held_longer_than_ten_seconds", cancel_waits_out_a_busy_supervisor),
+        Trial::test(
+            "a_queued_task_is_cancelled_at_once_and_a_running_one_waits_out_a_supervisor_held_for_12_s",
+            cancel_waits_out_a_busy_supervisor,
+        ),
         Trial::test(
             "a_forked_copy_of_the_parent_is_refused_its_pool_at_once_and_stops_nothing",
             forked_copy_of_the_parent,
@@ -453,9 +456,11 @@ fn retired_is_not_lost() -> TestResult {
 
 // ---- a cancel and a busy supervisor ------------------------------------------------
 
-/// A cancel has no timeout of its own: an event sink that holds the
-/// supervisor thread for longer than the 10 s an earlier version waited does
-/// not turn a cancel that lands into `false`.
+/// A cancel that must ask the supervisor (the task has left the queue) has
+/// no timeout of its own: an event sink that holds the supervisor thread for
+/// longer than the 10 s an earlier version waited does not turn a cancel that
+/// lands into `false`. A task still queued is cancelled without asking: at
+/// once, held supervisor or not.
 fn cancel_waits_out_a_busy_supervisor() -> TestResult {
     const HOLD: Duration = Duration::from_secs(12);
     let held = Arc::new(AtomicBool::new(false));
@@ -468,17 +473,26 @@ fn cancel_waits_out_a_busy_supervisor() -> TestResult {
             }
         })
         .build()?;
-    let first = pool.spawn(pid, ())?;
+    let first = pool.spawn(sleep_then_pid, 60_000)?;
     check(wait_until(Duration::from_secs(20), || held.load(Ordering::SeqCst)), "the supervisor is held")?;
     let queued = pool.spawn(pid, ())?;
     let asked = Instant::now();
-    let cancelled = pool.cancel(queued.id());
+    check(pool.cancel_queued(queued.id()), "the queued task is cancelled")?;
     let waited = asked.elapsed();
-    check(waited >= Duration::from_secs(10), format!("the cancel waited for the supervisor: {waited:?}"))?;
+    check(waited < Duration::from_secs(10), format!("the queued task's cancel did not wait: {waited:?}"))?;
+    let asked = Instant::now();
+    let cancelled = pool.cancel(first.id());
+    let waited = asked.elapsed();
+    check(
+        waited >= Duration::from_secs(10),
+        format!("the running task's cancel waited for the supervisor: {waited:?}"),
+    )?;
     check(cancelled, "the cancel landed, and says so")?;
     let e = queued.join().err().ok_or("a cancelled task has no result")?;
-    check(e.is_cancelled(), format!("the task was cancelled: {e}"))?;
-    first.join()?;
+    check(e.is_cancelled(), format!("the queued task was cancelled: {e}"))?;
+    let e = first.join().err().ok_or("a cancelled task has no result")?;
+    check(e.is_cancelled(), format!("the running task was cancelled: {e}"))?;
+    check(pool.spawn(pid, ())?.join().is_ok(), "the pool still serves")?;
     pool.shutdown();
     Ok(())
 }

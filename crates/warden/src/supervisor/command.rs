@@ -3,7 +3,7 @@
 
 use crate::panics::lock;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::TryRecvError;
+use std::sync::mpsc::{SyncSender, TryRecvError};
 use std::time::Instant;
 
 use rustix::process::Signal;
@@ -34,15 +34,16 @@ impl Supervisor {
         match cmd {
             Command::Submit(mut task) => match self.phase {
                 PoolPhase::Running => self.queue.push_back(task),
-                PoolPhase::Failed => task.deliver(Err(self.failed_error())),
-                _ => task.deliver(Err(Error::closed())),
-            },
-            Command::Cancel { id, running_too, reply } => {
-                let cancelled = self.cancel(id, running_too);
-                if let Some(reply) = reply {
-                    let _ = reply.send(cancelled);
+                PoolPhase::Failed => {
+                    self.shared.cancels.claim(task.id);
+                    task.deliver(Err(self.failed_error()));
                 }
-            }
+                _ => {
+                    self.shared.cancels.claim(task.id);
+                    task.deliver(Err(Error::closed()));
+                }
+            },
+            Command::Cancel { id, running_too, reply } => self.cancel(id, running_too, reply),
             Command::CancelQueued { reply } => {
                 let _ = reply.send(self.cancel_queued_all());
             }
@@ -79,13 +80,13 @@ impl Supervisor {
     }
 
     /// Cancels every task not started, as [`Supervisor::cancel`] without
-    /// `running_too` cancels each: the queued ones, and those sent ahead to
-    /// a worker that has not started them (asked back; one the worker had
-    /// started as the ask crossed it runs to its end, its result dropped).
-    /// Returns their ids, in order.
+    /// `running_too` cancels each: the queued ones now, whose ids it
+    /// returns, in order; and those sent ahead to a worker, each asked back
+    /// and cancelled when the worker gives it back (one the worker had taken
+    /// up as the ask crossed it runs, and its result comes as usual).
     pub(super) fn cancel_queued_all(&mut self) -> Vec<u64> {
         let mut ids = Vec::with_capacity(self.queue.len());
-        for mut task in self.queue.drain(..) {
+        for mut task in self.queue.drain(&self.shared.cancels) {
             ids.push(task.id);
             task.deliver(Err(Error::cancelled()));
         }
@@ -93,12 +94,12 @@ impl Supervisor {
         for w in self.workers.values_mut() {
             let mut ask = Vec::new();
             for f in w.inflight.iter_mut().skip(1) {
-                if f.task.delivered() {
+                if f.task.delivered() || f.cancel_requested {
                     continue;
                 }
-                f.task.deliver(Err(Error::cancelled()));
-                ids.push(f.task.id);
-                if f.withdrawing.is_none() {
+                // Given back, it is cancelled, not queued again (asked
+                // back already, it is not asked twice).
+                if f.withdrawing.take().is_none() && f.task.cancels.is_empty() {
                     ask.push(f.task.id);
                 }
             }
@@ -113,39 +114,54 @@ impl Supervisor {
         ids
     }
 
-    pub(super) fn cancel(&mut self, id: u64, running_too: bool) -> bool {
-        if let Some(pos) = self.queue.iter().position(|t| t.id == id) {
-            if let Some(mut task) = self.queue.remove(pos) {
-                task.deliver(Err(Error::cancelled()));
+    /// Cancels task `id`, telling `reply` (if any) whether it did: at once,
+    /// or, for a plain cancel of a task sent ahead to a worker, once the
+    /// worker has answered whether it had taken the task up (`reply` is
+    /// told `None` meanwhile), so that a cancel that says it landed always
+    /// means the task never ran.
+    pub(super) fn cancel(&mut self, id: u64, running_too: bool, reply: Option<SyncSender<Option<bool>>>) {
+        let answer = |cancelled: bool| {
+            if let Some(reply) = &reply {
+                let _ = reply.send(Some(cancelled));
             }
-            return true;
+        };
+        if self.queue.cancel(id, &self.shared.cancels) {
+            return answer(true);
         }
         let grace = self.cfg.grace;
         let max_frame = self.cfg.max_frame;
         for w in self.workers.values_mut() {
             let Some(pos) = w.inflight.iter().position(|f| f.task.id == id) else { continue };
-            // A task sent ahead but not started is still queued, for the caller.
             if w.inflight[pos].task.delivered() || (pos == 0 && !running_too) {
-                return false;
+                return answer(false);
             }
-            w.inflight[pos].task.deliver(Err(Error::cancelled()));
             if pos == 0 {
                 // Running: stop the worker if it still runs it; its exit hook runs.
+                w.inflight[pos].task.deliver(Err(Error::cancelled()));
                 w.stop_task(id, StopCause::Cancelled, grace);
-            } else {
-                // The worker gives it back unless it has started it already
-                // (done with the one before, while this was on its way).
-                // Then it runs to its end, its result dropped: only
-                // `running_too` stops the worker for it, since stopping it
-                // then might cut off the task after it instead.
-                w.inflight[pos].cancel_requested = running_too;
-                if w.queue(&Message::Cancel { id }, max_frame).is_ok() {
-                    w.flush();
-                }
+                return answer(true);
             }
-            return true;
+            let f = &mut w.inflight[pos];
+            let asked = f.withdrawing.is_some() || f.cancel_requested || !f.task.cancels.is_empty();
+            if running_too {
+                // It never runs to its end: skipped by the worker, or
+                // stopped if the worker had started it (done with the one
+                // before while this was on its way).
+                f.task.deliver(Err(Error::cancelled()));
+                f.cancel_requested = true;
+                answer(true);
+            } else if let Some(reply) = reply {
+                // The worker skips it unless it has taken it up already;
+                // then it runs to its end, and this cancel did not land.
+                let _ = reply.send(None);
+                f.task.cancels.push(reply);
+            }
+            if !asked && w.queue(&Message::Cancel { id }, max_frame).is_ok() {
+                w.flush();
+            }
+            return;
         }
-        false
+        answer(false)
     }
 
     pub(super) fn close(&mut self, drain: bool, deadline: Option<Instant>) {
@@ -162,7 +178,7 @@ impl Supervisor {
             }
         }
         if !drain {
-            for mut task in self.queue.drain(..) {
+            for mut task in self.queue.drain(&self.shared.cancels) {
                 task.deliver(Err(Error::cancelled()));
             }
             // Tasks sent ahead are asked back: each one a worker gives back
@@ -173,7 +189,7 @@ impl Supervisor {
             for w in self.workers.values_mut() {
                 let mut ask = Vec::new();
                 for f in w.inflight.iter_mut().skip(1) {
-                    if !f.task.delivered() && f.withdrawing.is_none() && !f.cancel_requested {
+                    if f.can_ask_back() {
                         f.withdrawing = Some(Instant::now());
                         ask.push(f.task.id);
                     }
@@ -193,7 +209,7 @@ impl Supervisor {
         if self.phase != PoolPhase::Failed {
             self.phase = PoolPhase::Terminating;
         }
-        for mut task in self.queue.drain(..) {
+        for mut task in self.queue.drain(&self.shared.cancels) {
             task.deliver(Err(Error::cancelled()));
         }
         let grace = self.cfg.grace;
@@ -223,7 +239,7 @@ impl Supervisor {
         self.shared.accepting.store(false, Ordering::SeqCst);
         self.phase = PoolPhase::Failed;
         let err = || Error::new(ErrorKind::PoolFailed { reason: reason.clone() });
-        for mut task in self.queue.drain(..) {
+        for mut task in self.queue.drain(&self.shared.cancels) {
             task.deliver(Err(err()));
         }
         let grace = self.cfg.grace;

@@ -43,6 +43,10 @@ pub(crate) struct Task {
     pub segment: Option<Arc<OwnedFd>>,
     pub timeout: Option<Duration>,
     pub(super) reply: Option<Reply>,
+    /// Callers waiting to learn whether a cancel of this task, sent ahead to
+    /// a worker, lands: told `true` if the worker skips it (it never runs),
+    /// `false` if it had taken it up. Told with the outcome otherwise.
+    pub(super) cancels: Vec<SyncSender<Option<bool>>>,
 }
 
 impl Task {
@@ -53,12 +57,20 @@ impl Task {
         timeout: Option<Duration>,
         reply: Reply,
     ) -> Self {
-        Task { id, payload, segment: segment.map(Arc::new), timeout, reply: Some(reply) }
+        Task { id, payload, segment: segment.map(Arc::new), timeout, reply: Some(reply), cancels: Vec::new() }
     }
 
     pub(super) fn deliver(&mut self, outcome: Result<Output, Error>) {
         if let Some(reply) = self.reply.take() {
+            self.answer_cancels(outcome.as_ref().is_err_and(Error::is_cancelled));
             reply(outcome);
+        }
+    }
+
+    /// Tells the callers waiting on a cancel of this task whether it landed.
+    pub(super) fn answer_cancels(&mut self, cancelled: bool) {
+        for waiter in self.cancels.drain(..) {
+            let _ = waiter.send(Some(cancelled));
         }
     }
 
@@ -78,11 +90,12 @@ impl Drop for Task {
 /// Requests to the supervisor.
 pub(crate) enum Command {
     Submit(Task),
-    /// Cancel a task; `reply` (if any) gets whether it was.
+    /// Cancel a task; `reply` (if any) gets whether it was (after `None`
+    /// while a worker is asked: see `Supervisor::cancel`).
     Cancel {
         id: u64,
         running_too: bool,
-        reply: Option<SyncSender<bool>>,
+        reply: Option<SyncSender<Option<bool>>>,
     },
     CancelQueued {
         reply: SyncSender<Vec<u64>>,
@@ -143,6 +156,9 @@ pub(crate) struct SupervisorLink {
     pub(super) done: Mutex<Option<Instant>>,
     pub(super) done_cv: Condvar,
     pub next_task: AtomicU64,
+    /// Queued tasks callers cancel without asking the supervisor (see
+    /// `queue.rs`).
+    pub(super) cancels: super::queue::CancelBook,
     /// The shutdown ladder's progress, as callers drive it.
     pub stop: Mutex<StopPlan>,
     /// The process that built the pool: only its supervisor thread serves it.
@@ -183,6 +199,12 @@ impl SupervisorLink {
             return Err(cmd);
         }
         self.tx.send(cmd).map_err(|e| e.0)?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Wakes the supervisor, unless a wake-up is on its way already.
+    fn wake(&self) {
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
             if let Some(waker) = lock(&self.waker).as_ref() {
                 if let Err(e) = waker.wake() {
@@ -190,7 +212,6 @@ impl SupervisorLink {
                 }
             }
         }
-        Ok(())
     }
 
     /// Waits until the supervisor has finished; `false` if the timeout ran out
@@ -225,7 +246,26 @@ impl SupervisorLink {
         lock(&self.done).is_some_and(|t| cutoff.map_or(true, |c| t <= c))
     }
 
+    /// Cancels task `id` at once if it has not left the queue (the
+    /// supervisor is woken to give it its outcome); `false` if the
+    /// supervisor must be asked.
+    pub fn cancel_unclaimed(&self, id: u64) -> bool {
+        if self.foreign() {
+            return false;
+        }
+        match self.cancels.cancel_unclaimed(id, self.next_task.load(Ordering::Acquire)) {
+            None => false,
+            Some(wake) => {
+                if wake {
+                    self.wake();
+                }
+                true
+            }
+        }
+    }
+
     pub(super) fn set_done(&self) {
+        self.cancels.close();
         // Nothing can wake a finished supervisor: close the eventfd now.
         drop(lock(&self.waker).take());
         *lock(&self.done) = Some(Instant::now());

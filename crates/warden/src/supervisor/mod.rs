@@ -50,6 +50,7 @@ mod memory;
 mod pace;
 mod process;
 mod protocol;
+mod queue;
 mod reap;
 mod restart;
 mod schedule;
@@ -61,7 +62,7 @@ mod zygote;
 mod tests;
 
 use crate::panics::lock;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
@@ -104,7 +105,7 @@ pub(crate) struct Supervisor {
     rx: Receiver<Command>,
     workers: HashMap<u64, Worker>,
     next_worker: u64,
-    queue: VecDeque<Task>,
+    queue: queue::TaskQueue,
     phase: PoolPhase,
     crashes: RestartIntensity,
     close_deadline: Option<Instant>,
@@ -156,6 +157,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         done: Mutex::new(None),
         done_cv: Condvar::new(),
         next_task: AtomicU64::new(1),
+        cancels: queue::CancelBook::default(),
         stop: Mutex::new(StopPlan::default()),
         owner: link::current_pid(),
     });
@@ -171,7 +173,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         rx,
         workers: HashMap::new(),
         next_worker: 1,
-        queue: VecDeque::new(),
+        queue: queue::TaskQueue::default(),
         phase: PoolPhase::Running,
         crashes,
         close_deadline: None,
@@ -295,6 +297,7 @@ impl Supervisor {
                 }
             }
             self.drain_commands();
+            self.queue.cancel_marked(&self.shared.cancels);
             let now = Instant::now();
             self.check_pause(now);
             self.check_timers(now);

@@ -34,6 +34,10 @@ enum Incoming {
     StopMissed {
         id: u64,
     },
+    /// A task it was asked to skip had been taken up.
+    CancelMissed {
+        id: u64,
+    },
     Unexpected(&'static str),
 }
 
@@ -119,6 +123,7 @@ impl Supervisor {
                     Message::Goodbye { reason, report, last_task } => Incoming::Goodbye(reason, report, last_task),
                     Message::Record { data } => Incoming::Record(data.to_vec()),
                     Message::StopMissed { id } => Incoming::StopMissed { id },
+                    Message::CancelMissed { id } => Incoming::CancelMissed { id },
                     other => Incoming::Unexpected(other.name()),
                 },
                 Err(e) => {
@@ -204,6 +209,16 @@ impl Supervisor {
                     let cfg = Arc::clone(&self.cfg);
                     retire_if_due(w, &cfg);
                 }
+            }
+            return;
+        }
+        if let Incoming::CancelMissed { id: task_id } = msg {
+            // Whoever waits to learn whether the task was skipped: it was not.
+            // (Late, for a task that has ended or been given back: nothing.)
+            if let Some(f) =
+                self.workers.get_mut(&id).and_then(|w| w.inflight.iter_mut().find(|f| f.task.id == task_id))
+            {
+                f.task.answer_cancels(false);
             }
             return;
         }
@@ -310,6 +325,7 @@ impl Supervisor {
                     Incoming::Goodbye(..)
                     | Incoming::Record(_)
                     | Incoming::StopMissed { .. }
+                    | Incoming::CancelMissed { .. }
                     | Incoming::Unexpected(_) => "message",
                 };
                 let detail = format!("sent {name} while {}", phase.name());

@@ -290,7 +290,7 @@ impl Supervisor {
                 // An idle worker waits for a task on its way back to the
                 // queue that came before the queue's next: given a later one
                 // now, it would start that first.
-                let before = self.queue.front().map_or(0, |t| t.id);
+                let before = self.queue.front_id().unwrap_or(0);
                 let coming = self.workers.values().map(|w| w.coming_back_before(before, now)).sum::<usize>();
                 ids.truncate(ids.len().saturating_sub(coming));
             }
@@ -299,7 +299,7 @@ impl Supervisor {
                 if cfg.max_tasks_per_child.is_some_and(|max| w.assigned >= max) {
                     continue;
                 }
-                let Some(task) = self.queue.pop_front() else { break 'fill };
+                let Some(task) = self.queue.pop_front(&self.shared.cancels) else { break 'fill };
                 let task_id = task.id;
                 let msg = Message::Task { id: task.id, payload: &task.payload };
                 if let Err(e) = w.queue_with_segment(&msg, task.segment.as_ref(), cfg.max_frame) {
@@ -375,10 +375,10 @@ impl Supervisor {
         if self.cfg.prefetch < 2 || !serving {
             return;
         }
-        let before = match self.queue.front() {
+        let before = match self.queue.front_id() {
             None => u64::MAX,
             Some(_) if self.task_time.depth(self.cfg.prefetch) > 2 => return,
-            Some(next) => next.id,
+            Some(next) => next,
         };
         let max_tasks = self.cfg.max_tasks_per_child;
         let idle = self
@@ -488,9 +488,12 @@ impl Supervisor {
 
     /// Puts a task that was sent but not started back in the queue, before
     /// every task that came after it.
-    pub(super) fn requeue(&mut self, task: super::link::Task) {
-        let at = self.queue.partition_point(|queued| queued.id < task.id);
-        self.queue.insert(at, task);
+    pub(super) fn requeue(&mut self, mut task: super::link::Task) {
+        if !task.cancels.is_empty() {
+            // A caller asked to cancel it while it was away, and it never ran.
+            return task.deliver(Err(crate::error::Error::cancelled()));
+        }
+        self.queue.requeue(task);
     }
 
     pub(super) fn retire_idle(&mut self) {

@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream as StdStream;
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -152,7 +153,21 @@ impl Harness {
     }
 
     fn queued(&self) -> Vec<u64> {
-        self.sup.queue.iter().map(|t| t.id).collect()
+        self.sup.queue.ids()
+    }
+
+    /// Cancels a task; the answer the supervisor gives at once (`None`: it
+    /// asked the worker, and the answer comes later on the receiver).
+    fn cancel_asking(&mut self, id: u64, running_too: bool) -> (Option<bool>, Receiver<Option<bool>>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(2);
+        self.sup.cancel(id, running_too, Some(tx));
+        let first = rx.try_recv().unwrap_or_else(|e| panic!("no answer: {e}"));
+        (first, rx)
+    }
+
+    /// Cancels a task the supervisor can answer for at once.
+    fn cancel(&mut self, id: u64, running_too: bool) -> bool {
+        self.cancel_asking(id, running_too).0.unwrap_or_else(|| panic!("the worker was asked about {id}"))
     }
 
     fn inflight(&self, w: &StandIn) -> Vec<u64> {
@@ -290,11 +305,11 @@ fn cancelling_a_queued_task_delivers_cancelled_and_signals_nobody() {
     let w = h.worker(WorkerPhase::Starting);
     h.submit(1);
     h.submit(2);
-    assert!(h.sup.cancel(2, false));
+    assert!(h.cancel(2, false));
     assert_eq!(h.queued(), [1]);
     assert_eq!(h.outcomes(), [(2, "cancelled")]);
     assert_eq!(w.stand.signals(), []);
-    assert!(!h.sup.cancel(2, true), "a task is cancelled at most once");
+    assert!(!h.cancel(2, true), "a task is cancelled at most once");
 }
 
 #[test]
@@ -305,7 +320,7 @@ fn cancelling_a_running_task_asks_its_worker_to_stop_for_that_task_on_the_channe
     h.sup.dispatch();
     assert_eq!(sent(&mut w), [Sent::Task(1)]);
     let before = Instant::now();
-    assert!(h.sup.cancel(1, true));
+    assert!(h.cancel(1, true));
     assert_eq!(h.outcomes(), [(1, "cancelled")]);
     assert_eq!(sent(&mut w), [Sent::StopTask(1)]);
     // No SIGTERM: the worker stops itself if the task still runs. SIGCONT
@@ -324,7 +339,7 @@ fn cancel_queued_only_leaves_a_running_task_alone() {
     let w = h.worker(WorkerPhase::Ready);
     h.submit(1);
     h.sup.dispatch();
-    assert!(!h.sup.cancel(1, false));
+    assert!(!h.cancel(1, false));
     assert_eq!(h.outcomes(), []);
     assert_eq!(w.stand.signals(), []);
     assert_eq!(h.phase(&w), WorkerPhase::Ready);
@@ -336,7 +351,7 @@ fn cancelling_a_sent_but_unstarted_task_sends_cancel_and_no_signal() {
     let mut w = h.worker(WorkerPhase::Ready);
     h.submit_and_dispatch(2);
     assert_eq!(sent(&mut w), [Sent::Task(1), Sent::Task(2)]);
-    assert!(h.sup.cancel(2, true));
+    assert!(h.cancel(2, true));
     assert_eq!(sent(&mut w), [Sent::Cancel(2)]);
     assert_eq!(h.outcomes(), [(2, "cancelled")]);
     assert_eq!(w.stand.signals(), []);
@@ -351,7 +366,7 @@ fn a_stopping_worker_is_killed_when_its_grace_runs_out_and_not_before() {
     let w = h.worker(WorkerPhase::Ready);
     h.submit(1);
     h.sup.dispatch();
-    h.sup.cancel(1, true);
+    h.cancel(1, true);
     let deadline = h.sup.workers[&w.id].deadline.expect("grace deadline");
     h.sup.check_timers(deadline - Duration::from_millis(1));
     assert_eq!(w.stand.signals(), [(Signal::CONT, true)]);
@@ -366,7 +381,7 @@ fn a_worker_whose_task_had_ended_when_asked_to_stop_for_it_serves_on_and_the_nex
     let mut w = h.worker(WorkerPhase::Ready);
     h.submit_and_dispatch(2);
     assert_eq!(sent(&mut w), [Sent::Task(1), Sent::Task(2)]);
-    assert!(h.sup.cancel(1, true));
+    assert!(h.cancel(1, true));
     assert_eq!(sent(&mut w), [Sent::StopTask(1)]);
     // Task 1 had ended (its result was on its way) and 2 had started.
     tell(&mut h, &mut w, &Message::Result { id: 1, outcome: WireOutcome::Value(b"1") });
@@ -388,7 +403,7 @@ fn a_whole_worker_stop_while_it_is_asked_to_stop_for_one_task_is_not_undone_by_i
     let w = h.worker(WorkerPhase::Ready);
     h.submit(1);
     h.sup.dispatch();
-    assert!(h.sup.cancel(1, true));
+    assert!(h.cancel(1, true));
     if let Some(worker) = h.sup.workers.get_mut(&w.id) {
         worker.stop(StopCause::Terminated, GRACE);
     }
@@ -575,7 +590,7 @@ fn a_result_out_of_turn_is_a_protocol_error_but_a_skip_is_not() {
     let mut h = harness(3, 10);
     let mut a = h.worker(WorkerPhase::Ready);
     h.submit_and_dispatch(3);
-    assert!(h.sup.cancel(3, true));
+    assert!(h.cancel(3, true));
     h.answer(&mut a, &skipped(3));
     assert_eq!(h.inflight(&a), [1, 2]);
     assert_eq!(a.stand.signals(), []);
@@ -604,37 +619,60 @@ fn nothing_is_asked_back_without_prefetch_or_while_tasks_are_queued() {
 }
 
 #[test]
-fn cancel_queued_also_takes_back_a_task_sent_ahead_but_not_started() {
+fn cancel_queued_takes_back_a_task_sent_ahead_and_says_so_once_the_worker_has_skipped_it() {
     let mut h = harness(2, 10);
     let mut w = h.worker(WorkerPhase::Ready);
     h.submit_and_dispatch(2);
     sent(&mut w);
-    assert!(!h.sup.cancel(1, false), "the first in line has started");
-    assert!(h.sup.cancel(2, false));
+    assert!(!h.cancel(1, false), "the first in line has started");
+    let (now, later) = h.cancel_asking(2, false);
+    assert_eq!(now, None, "the worker is asked first");
     assert_eq!(sent(&mut w), [Sent::Cancel(2)]);
-    assert_eq!(h.outcomes(), [(2, "cancelled")]);
+    assert_eq!(h.outcomes(), []);
     h.answer(&mut w, &skipped(2));
+    assert_eq!(later.try_recv(), Ok(Some(true)));
     h.answer(&mut w, &value(1));
     assert_eq!(h.outcomes(), [(2, "cancelled"), (1, "value")]);
     assert_eq!(w.stand.signals(), []);
 }
 
 #[test]
-fn a_plain_cancel_that_crosses_a_started_task_stops_nothing() {
+fn a_plain_cancel_that_crosses_a_started_task_does_not_land_and_stops_nothing() {
     let mut h = harness(3, 10);
     let mut w = h.worker(WorkerPhase::Ready);
     h.submit_and_dispatch(3);
     sent(&mut w);
-    assert!(h.sup.cancel(2, false));
+    let (now, later) = h.cancel_asking(2, false);
+    assert_eq!(now, None);
     assert_eq!(sent(&mut w), [Sent::Cancel(2)]);
     // The worker was done with task 1 and had started task 2 when the
-    // cancel came: it runs to its end (its result dropped), and stopping
-    // the worker now could cut off task 3, which nobody cancelled.
+    // cancel came: it says so, and task 2 runs to its end with its result.
+    // Stopping the worker now could cut off task 3, which nobody cancelled.
     h.answer(&mut w, &value(1));
+    h.answer(&mut w, &Message::CancelMissed { id: 2 });
+    assert_eq!(later.try_recv(), Ok(Some(false)), "the cancel did not land");
     h.answer(&mut w, &value(2));
     h.answer(&mut w, &value(3));
-    assert_eq!(h.outcomes(), [(2, "cancelled"), (1, "value"), (3, "value")]);
+    assert_eq!(h.outcomes(), [(1, "value"), (2, "value"), (3, "value")]);
     assert_eq!(w.stand.signals(), []);
+}
+
+#[test]
+fn a_plain_cancel_waiting_on_a_worker_that_dies_lands_if_the_task_never_ran() {
+    let mut h = harness(3, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(2);
+    sent(&mut w);
+    let (now, later) = h.cancel_asking(2, false);
+    assert_eq!(now, None);
+    h.answer(&mut w, &goodbye(Some(1)));
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGKILL));
+    h.sup.reap(w.id);
+    assert_eq!(later.try_recv(), Ok(Some(true)), "task 2 never started there");
+    assert_eq!(h.queued(), Vec::<u64>::new(), "and is not queued again");
+    let mut outcomes = h.outcomes();
+    outcomes.sort_unstable();
+    assert_eq!(outcomes, [(1, "crashed"), (2, "cancelled")]);
 }
 
 #[test]
@@ -946,24 +984,26 @@ fn cancelling_all_queued_takes_the_queue_and_what_was_sent_ahead_but_not_the_run
     assert_eq!(h.inflight(&b), [2, 4]);
     sent(&mut a);
     sent(&mut b);
-    assert_eq!(h.sup.cancel_queued_all(), [3, 4, 5, 6]);
+    assert_eq!(h.sup.cancel_queued_all(), [5, 6], "the queue, at once");
     assert_eq!(sent(&mut a), [Sent::Cancel(3)]);
     assert_eq!(sent(&mut b), [Sent::Cancel(4)]);
     assert_eq!(h.queued(), Vec::<u64>::new());
     let mut outcomes = h.outcomes();
     outcomes.sort_unstable();
-    assert_eq!(outcomes, [(3, "cancelled"), (4, "cancelled"), (5, "cancelled"), (6, "cancelled")]);
+    assert_eq!(outcomes, [(5, "cancelled"), (6, "cancelled")]);
     assert_eq!(a.stand.signals(), [], "running tasks go on");
-    // a gives 3 back; b had started 4 as the ask crossed it: its result is dropped.
+    // a gives 3 back; b had started 4 as the ask crossed it: it runs, and
+    // its result is its outcome.
     h.answer(&mut a, &skipped(3));
     h.answer(&mut b, &value(2));
+    h.answer(&mut b, &Message::CancelMissed { id: 4 });
     h.answer(&mut b, &value(4));
     h.answer(&mut a, &value(1));
     let mut outcomes = h.outcomes();
     outcomes.sort_unstable();
     assert_eq!(
         outcomes,
-        [(1, "value"), (2, "value"), (3, "cancelled"), (4, "cancelled"), (5, "cancelled"), (6, "cancelled")]
+        [(1, "value"), (2, "value"), (3, "cancelled"), (4, "value"), (5, "cancelled"), (6, "cancelled")]
     );
 }
 

@@ -64,7 +64,7 @@ impl InFlight {
     /// Whether it can still be asked back: not asked already, not being
     /// cancelled, no outcome yet.
     pub(super) fn can_ask_back(&self) -> bool {
-        self.withdrawing.is_none() && !self.cancel_requested && !self.task.delivered()
+        self.withdrawing.is_none() && !self.cancel_requested && !self.task.delivered() && self.task.cancels.is_empty()
     }
 }
 
