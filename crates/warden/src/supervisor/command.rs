@@ -120,6 +120,7 @@ impl Supervisor {
     /// told `None` meanwhile), so that a cancel that says it landed always
     /// means the task never ran.
     pub(super) fn cancel(&mut self, id: u64, running_too: bool, reply: Option<SyncSender<Option<bool>>>) {
+        self.cancelling_until = Some(Instant::now() + super::schedule::CANCEL_CALM);
         let answer = |cancelled: bool| {
             if let Some(reply) = &reply {
                 let _ = reply.send(Some(cancelled));

@@ -140,6 +140,9 @@ pub(crate) struct Supervisor {
     /// Workers that could not load the program, before any was ready: the
     /// second fails the pool (one may be a passing fault).
     setup_failures: u32,
+    /// Until when nothing is sent ahead: callers are cancelling tasks (see
+    /// [`schedule::CANCEL_CALM`]).
+    cancelling_until: Option<Instant>,
 }
 
 /// Creates the channel, waker and poller for a pool; the supervisor runs on
@@ -189,6 +192,7 @@ pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<Supervisor
         served: false,
         unserved_since: None,
         setup_failures: 0,
+        cancelling_until: None,
         pause: None,
         pause_cap: pace::FIRST_PAUSE_CAP,
         started: None,
@@ -297,8 +301,10 @@ impl Supervisor {
                 }
             }
             self.drain_commands();
-            self.queue.cancel_marked(&self.shared.cancels);
             let now = Instant::now();
+            if self.queue.cancel_marked(&self.shared.cancels) {
+                self.cancelling_until = Some(now + schedule::CANCEL_CALM);
+            }
             self.check_pause(now);
             self.check_timers(now);
             self.check_zygote_timer(now);

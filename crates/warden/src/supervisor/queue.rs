@@ -167,15 +167,19 @@ impl TaskQueue {
     }
 
     /// Gives the tasks callers cancelled in `book` since the last look
-    /// their outcome.
-    pub(crate) fn cancel_marked(&mut self, book: &CancelBook) {
+    /// their outcome; returns whether there were any.
+    pub(crate) fn cancel_marked(&mut self, book: &CancelBook) -> bool {
         let mut coming = book.take_unseen();
+        if coming.is_empty() {
+            return false;
+        }
         // One not queued yet is still in the command channel (submitted
         // from another thread as this one looked): looked at again next time.
         coming.retain(|&id| !self.cancel(id, book));
         if !coming.is_empty() {
             book.unseen_again(coming);
         }
+        true
     }
 
     /// Cancels task `id` if it waits here; returns whether it did.

@@ -117,6 +117,12 @@ impl TaskTime {
     }
 }
 
+/// How long after a caller's cancel nothing is sent ahead: a task sent ahead
+/// is cancelled only once its worker has answered, and each one it gives
+/// back would leave room filled from the queue's front, with the very tasks
+/// a program cancelling its futures in a loop cancels next.
+pub(super) const CANCEL_CALM: Duration = Duration::from_millis(20);
+
 /// How long an idle worker is kept for a task asked back from another
 /// worker, rather than given a later one from the queue: the answer comes
 /// within a millisecond or so (the worker's watcher thread reads the
@@ -267,10 +273,14 @@ impl Supervisor {
         // worker's outgoing buffer).
         let mut given = Vec::new();
         // Idle workers first, then fill pipelines up to `prefetch`: while
-        // tasks are short, and never behind a task that has run long.
-        let depth_limit = self.task_time.depth(cfg.prefetch);
-        let recall_after = self.task_time.recall_after();
+        // tasks are short, never behind a task that has run long, and not
+        // while callers cancel tasks.
         let now = Instant::now();
+        let depth_limit = match self.cancelling_until {
+            Some(until) if now < until => 1,
+            _ => self.task_time.depth(cfg.prefetch),
+        };
+        let recall_after = self.task_time.recall_after();
         'fill: for depth in 0..depth_limit {
             let mut ids: Vec<u64> = self
                 .workers

@@ -637,6 +637,25 @@ fn cancel_queued_takes_back_a_task_sent_ahead_and_says_so_once_the_worker_has_sk
 }
 
 #[test]
+fn nothing_is_sent_ahead_for_a_while_after_a_cancel() {
+    // A program cancelling its futures in a loop would otherwise chase the
+    // tasks each given-back one makes room for.
+    let mut h = harness(4, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(8);
+    assert_eq!(h.inflight(&w), [1, 2, 3, 4]);
+    sent(&mut w);
+    let (now, _later) = h.cancel_asking(2, false);
+    assert_eq!(now, None);
+    h.answer(&mut w, &skipped(2));
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&w), [1, 3, 4], "the room is not filled at once");
+    h.sup.cancelling_until = Some(Instant::now() - Duration::from_millis(1));
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&w), [1, 3, 4, 5], "and is once the calm is over");
+}
+
+#[test]
 fn a_plain_cancel_that_crosses_a_started_task_does_not_land_and_stops_nothing() {
     let mut h = harness(3, 10);
     let mut w = h.worker(WorkerPhase::Ready);
