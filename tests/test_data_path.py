@@ -18,6 +18,7 @@ import gc
 import os
 import pickle
 import signal
+import subprocess
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -241,6 +242,38 @@ def test_buffers_larger_than_the_frame_limit_travel_out_of_band(monkeypatch, no_
         with pytest.raises(Exception, match="exceeds the frame limit"):
             ex.submit(identity, list(range(1 << 18))).result(timeout=60)
         assert ex.submit(identity, b"after").result(timeout=60) == b"after"
+
+
+def fail_with_output(n):
+    raise subprocess.CalledProcessError(3, ["tool", "--all"], output=b"o" * n)
+
+
+def fail_with_message(n):
+    raise ValueError("m" * n)
+
+
+def test_an_error_over_the_frame_limit_still_names_its_type_message_and_traceback(monkeypatch):
+    monkeypatch.setattr(_runner, "MAX_FRAME", 1 << 20)
+    with warden.ProcessPoolExecutor(1) as ex:
+        with pytest.raises(warden.RemoteError) as caught:
+            ex.submit(fail_with_output, 4 << 20).result(timeout=60)
+        e = caught.value
+        assert e.type_name == "subprocess.CalledProcessError"
+        assert "returned non-zero exit status 3" in str(e)
+        assert "not sent whole" in str(e)
+        assert "fail_with_output" in str(e.__cause__)
+        assert ex.submit(identity, b"after").result(timeout=60) == b"after"
+
+
+def test_an_error_with_a_long_message_arrives_whole_within_the_frame_limit(monkeypatch):
+    # Its message and traceback text, each as long as the pickle, would
+    # triple it: those two are cut, and the exception itself arrives whole.
+    monkeypatch.setattr(_runner, "MAX_FRAME", 8 << 20)
+    with warden.ProcessPoolExecutor(1) as ex:
+        with pytest.raises(ValueError) as caught:
+            ex.submit(fail_with_message, 3 << 20).result(timeout=60)
+        assert str(caught.value) == "m" * (3 << 20)
+        assert "fail_with_message" in str(caught.value.__cause__)
 
 
 def test_a_segment_over_the_cap_is_refused_at_submit_and_loses_nothing(monkeypatch, no_segment_leaks):

@@ -328,6 +328,9 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
     import traceback
 
     tb = "".join(traceback.format_exception(type(exc), exc, frames))
+    # Both are for reading (the exception itself goes whole, pickled): a
+    # message of 100 MB would otherwise travel three times.
+    message, tb = _cut(message), _cut(tb)
     if isinstance(exc, Exception):
         step = "pickled"
         try:
@@ -354,6 +357,16 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
     else:
         data = dumps(TaskAborted.standing_in(_repr(exc), type_name, message))
     return _warden.RemoteFailure(kind, type_name, message, tb, data)
+
+
+#: How many characters of an error's message and of its traceback text travel.
+_TEXT_KEPT = 1 << 20
+
+
+def _cut(text: str) -> str:
+    if len(text) <= _TEXT_KEPT:
+        return text
+    return f"{text[:_TEXT_KEPT]}[{len(text) - _TEXT_KEPT} more characters not sent]"
 
 
 def _repr(value: object) -> str:

@@ -742,6 +742,37 @@ pub(crate) fn check_socket(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// How much of an error's message and of its traceback is sent when the
+/// whole error is over the frame limit.
+const ERROR_TEXT_KEPT: usize = 64 * 1024;
+
+/// A task's error too large for a frame (its front end's detail, a pickled
+/// exception, carries hundreds of MiB): its kind, type, and the start of its
+/// message and traceback, with why the rest is missing.
+fn without_detail(error: RemoteError, why: &io::Error) -> RemoteError {
+    fn head(text: &str) -> &str {
+        let mut end = text.len().min(ERROR_TEXT_KEPT);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        &text[..end]
+    }
+    let cut = |text: &str| {
+        if text.len() > ERROR_TEXT_KEPT {
+            format!("{} [{} more bytes not sent]", head(text), text.len() - head(text).len())
+        } else {
+            text.to_owned()
+        }
+    };
+    RemoteError {
+        kind: error.kind,
+        message: format!("{} (the error was not sent whole: {why})", cut(&error.message)),
+        traceback: cut(&error.traceback),
+        type_name: error.type_name,
+        data: Vec::new(),
+    }
+}
+
 /// Reads frames off the channel into the inbox as `until` says, or until the
 /// channel ends; answers a `Cancel` for a task still in the inbox at once
 /// (see [`crate::inbox`]). Run by the main thread between tasks, and by the
@@ -988,17 +1019,23 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                         core.send(&Message::Result { id, outcome: WireOutcome::Error(error) })
                     }
                 };
-                drop(result);
-                handler.outcome_sent();
                 if let Err(e) = sent {
                     if e.kind() == io::ErrorKind::InvalidData {
-                        // The result is larger than the frame limit: report that instead.
-                        let error = RemoteError::new(RemoteErrorKind::Codec, "FrameTooLarge", e.to_string());
+                        // Larger than the frame limit: an error goes as its
+                        // type, message and traceback without its detail; a
+                        // value is reported as too large.
+                        let error = match result {
+                            Ok(Err(error)) => without_detail(error, &e),
+                            _ => RemoteError::new(RemoteErrorKind::Codec, "FrameTooLarge", e.to_string()),
+                        };
                         let _ = core.send(&Message::Result { id, outcome: WireOutcome::Error(error) });
                     } else {
                         return ExitReason::ParentGone;
                     }
+                } else {
+                    drop(result);
                 }
+                handler.outcome_sent();
             }
             Incoming::Retire(reason) => {
                 return match signals::pending() {
