@@ -561,8 +561,9 @@ def test_a_result_that_cannot_be_pickled_raises_maybe_encoding_error(impl):
     with impl.Pool(1) as pool:
         with pytest.raises(multiprocessing.pool.MaybeEncodingError, match="Error sending result: .*lock"):
             pool.apply(return_lock)
-        with pytest.raises(multiprocessing.pool.MaybeEncodingError):
-            pool.map(lock_for, [1, 2])
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError) as raised:
+            pool.map(lock_for, [1, 2])  # chunks of one item: named as a list of it
+        assert raised.value.value.startswith("[<unlocked _thread.lock object"), raised.value.value
         assert pool.apply(identity, (3,)) == 3
 
 

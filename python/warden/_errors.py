@@ -113,7 +113,18 @@ class TaskTimeout(TimeoutError):
 class ErrorData:
     """How a task failed, as data. :meth:`build` makes a fresh exception."""
 
-    __slots__ = ("exitcode", "kind", "memory", "message", "note", "pid", "remote", "signal", "timeout")
+    __slots__ = (
+        "exitcode",
+        "in_list",
+        "kind",
+        "memory",
+        "message",
+        "note",
+        "pid",
+        "remote",
+        "signal",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -136,6 +147,10 @@ class ErrorData:
         self.memory = memory
         #: Added to the built exception's notes: where it was raised.
         self.note: str | None = None
+        #: The task's result was to be the one item of a list (a ``Pool.map``
+        #: chunk of one item, sent as a plain call): a result that cannot be
+        #: pickled is named as that list, as ``multiprocessing.pool`` names it.
+        self.in_list = False
 
     @classmethod
     def from_core(cls, error: TaskError) -> ErrorData:

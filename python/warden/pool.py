@@ -381,11 +381,18 @@ class Pool(multiprocessing.pool.Pool):
         made = 0
         try:
             for i, chunk in enumerate(chunks(items, chunksize) if count else ()):
-                payload, segment = dumps_oob((run_chunk, (func, chunk, star), {}))
-                del chunk
-                result._tasks.append(
-                    self._submit(payload, segment, functools.partial(result._deliver_chunk, i), result)
-                )
+                if chunksize == 1 and (not star or type(chunk[0]) is tuple):
+                    # One item, one plain call (cheaper to pickle: a call of
+                    # a function with scalar arguments takes the short cut);
+                    # its result is the item's, not a list.
+                    call: tuple[Any, ...] = (func, chunk[0] if star else (chunk[0],), {})
+                    deliver = functools.partial(result._deliver_one, i)
+                else:
+                    call = (run_chunk, (func, chunk, star), {})
+                    deliver = functools.partial(result._deliver_chunk, i)
+                payload, segment = dumps_oob(call)
+                del chunk, call
+                result._tasks.append(self._submit(payload, segment, deliver, result))
                 made = i + 1
         except BaseException:
             result._abandon()
@@ -680,6 +687,21 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
             self._progress.close()
         self._forget()
 
+    def _deliver_one(self, index: int, ok: bool, data: Any) -> None:
+        """The outcome of a chunk of one item sent as a plain call."""
+        if self._left < 0:
+            return  # abandoned
+        if not ok:
+            data.in_list = True
+            return self._settle(index, [], data)
+        try:
+            value = loads(data)
+        except BaseException as e:  # SystemExit too: this is the results thread
+            return self._settle(index, [], ErrorData.local(e, "cannot unpickle a result"))
+        if self._progress is not None:
+            self._progress.advance(1)
+        self._settle(index, [value], None)
+
     def _deliver_chunk(self, index: int, ok: bool, data: Any) -> None:
         if self._left < 0:
             return  # abandoned
@@ -695,6 +717,9 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
                     self._progress.advance(len(values))
         else:
             error = data
+        self._settle(index, values, error)
+
+    def _settle(self, index: int, values: list[Any], error: ErrorData | None) -> None:
         with self._lock:
             if self._left < 0:
                 return
@@ -913,9 +938,10 @@ def _exception(error: ErrorData) -> BaseException:
     result that could not be pickled."""
     exc = error.build(RemoteTraceback)
     if isinstance(exc, pickle.PicklingError) and hasattr(exc, "result_repr"):
+        value = f"[{exc.result_repr}]" if error.in_list else exc.result_repr
         encoding = MaybeEncodingError.__new__(MaybeEncodingError)
-        Exception.__init__(encoding, exc.reason_repr, exc.result_repr)
-        encoding.exc, encoding.value = exc.reason_repr, exc.result_repr
+        Exception.__init__(encoding, exc.reason_repr, value)
+        encoding.exc, encoding.value = exc.reason_repr, value
         return encoding
     return exc
 
