@@ -901,8 +901,10 @@ fn cancel(shared: &SupervisorLink, id: u64, running_too: bool) -> bool {
 /// answer (a worker reads its channel within a millisecond or so while it
 /// runs a task; one stopped by SIGSTOP does not). Past it the cancel says it
 /// did not land; if the worker skips the task after all, its outcome is
-/// cancelled.
-const WORKER_ANSWER_WAIT: Duration = Duration::from_secs(5);
+/// cancelled. Short: a program cancelling many futures (a `map` cleaning up
+/// after its timeout, an event loop cancelling its awaits) waits this long
+/// for each one a frozen worker holds.
+const WORKER_ANSWER_WAIT: Duration = Duration::from_millis(100);
 
 #[derive(Default)]
 enum SlotState {
