@@ -252,6 +252,22 @@ def fail_with_message(n):
     raise ValueError("m" * n)
 
 
+def fail_from_a_long_cause(n):
+    try:
+        raise KeyError("k" * n)
+    except KeyError as e:
+        raise RuntimeError("the real failure") from e
+
+
+def test_a_long_traceback_keeps_its_end_where_the_exception_raised_is_named():
+    with warden.ProcessPoolExecutor(1) as ex:
+        with pytest.raises(RuntimeError, match="the real failure") as caught:
+            ex.submit(fail_from_a_long_cause, 2 << 20).result(timeout=60)
+        tb = str(caught.value.__cause__)
+        assert "RuntimeError: the real failure" in tb
+        assert "more characters not sent" in tb
+
+
 def test_an_error_over_the_frame_limit_still_names_its_type_message_and_traceback(monkeypatch):
     monkeypatch.setattr(_runner, "MAX_FRAME", 1 << 20)
     with warden.ProcessPoolExecutor(1) as ex:

@@ -329,8 +329,9 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
 
     tb = "".join(traceback.format_exception(type(exc), exc, frames))
     # Both are for reading (the exception itself goes whole, pickled): a
-    # message of 100 MB would otherwise travel three times.
-    message, tb = _cut(message), _cut(tb)
+    # message of 100 MB would otherwise travel three times. A traceback keeps
+    # its start (the frames) and its end (the exception raised).
+    message, tb = _cut(message), _cut(tb, keep_end=True)
     if isinstance(exc, Exception):
         step = "pickled"
         try:
@@ -363,10 +364,16 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
 _TEXT_KEPT = 1 << 20
 
 
-def _cut(text: str) -> str:
+def _cut(text: str, keep_end: bool = False) -> str:
+    """``text`` within :data:`_TEXT_KEPT` characters: its start, or, with
+    ``keep_end``, half of it from each end."""
     if len(text) <= _TEXT_KEPT:
         return text
-    return f"{text[:_TEXT_KEPT]}[{len(text) - _TEXT_KEPT} more characters not sent]"
+    gone = f"[{len(text) - _TEXT_KEPT} more characters not sent]"
+    if keep_end:
+        half = _TEXT_KEPT // 2
+        return f"{text[:half]}{gone}{text[-half:]}"
+    return f"{text[:_TEXT_KEPT]}{gone}"
 
 
 def _repr(value: object) -> str:

@@ -386,7 +386,7 @@ class Pool(multiprocessing.pool.Pool):
                     # a function with scalar arguments takes the short cut);
                     # its result is the item's, not a list.
                     call: tuple[Any, ...] = (func, chunk[0] if star else (chunk[0],), {})
-                    deliver = functools.partial(result._deliver_one, i)
+                    deliver = functools.partial(result._deliver_chunk, i, one=True)
                 else:
                     call = (run_chunk, (func, chunk, star), {})
                     deliver = functools.partial(result._deliver_chunk, i)
@@ -687,29 +687,16 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
             self._progress.close()
         self._forget()
 
-    def _deliver_one(self, index: int, ok: bool, data: Any) -> None:
-        """The outcome of a chunk of one item sent as a plain call."""
-        if self._left < 0:
-            return  # abandoned
-        if not ok:
-            data.in_list = True
-            return self._settle(index, [], data)
-        try:
-            value = loads(data)
-        except BaseException as e:  # SystemExit too: this is the results thread
-            return self._settle(index, [], ErrorData.local(e, "cannot unpickle a result"))
-        if self._progress is not None:
-            self._progress.advance(1)
-        self._settle(index, [value], None)
-
-    def _deliver_chunk(self, index: int, ok: bool, data: Any) -> None:
+    def _deliver_chunk(self, index: int, ok: bool, data: Any, one: bool = False) -> None:
+        """A chunk's outcome; ``one``: a chunk of one item sent as a plain
+        call, whose result is the item's, not a list."""
         if self._left < 0:
             return  # abandoned
         error = None
         values: list[Any] = []
         if ok:
             try:
-                values = loads(data)
+                values = [loads(data)] if one else loads(data)
             except BaseException as e:  # SystemExit too: this is the results thread
                 error = ErrorData.local(e, "cannot unpickle a result")
             else:
@@ -717,9 +704,7 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
                     self._progress.advance(len(values))
         else:
             error = data
-        self._settle(index, values, error)
-
-    def _settle(self, index: int, values: list[Any], error: ErrorData | None) -> None:
+            error.in_list = one
         with self._lock:
             if self._left < 0:
                 return

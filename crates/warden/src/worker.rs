@@ -747,27 +747,37 @@ pub(crate) fn check_socket(fd: RawFd) -> io::Result<()> {
 const ERROR_TEXT_KEPT: usize = 64 * 1024;
 
 /// A task's error too large for a frame (its front end's detail, a pickled
-/// exception, carries hundreds of MiB): its kind, type, and the start of its
-/// message and traceback, with why the rest is missing.
+/// exception, carries hundreds of MiB): its kind, type, the start of its
+/// message, and the start (the frames) and end (the exception raised) of its
+/// traceback, with why the rest is missing.
 fn without_detail(error: RemoteError, why: &io::Error) -> RemoteError {
-    fn head(text: &str) -> &str {
-        let mut end = text.len().min(ERROR_TEXT_KEPT);
-        while !text.is_char_boundary(end) {
+    /// `text` from `start` to `end`, both moved inwards to char boundaries.
+    fn part(text: &str, mut start: usize, mut end: usize) -> &str {
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        while end > start && !text.is_char_boundary(end) {
             end -= 1;
         }
-        &text[..end]
+        &text[start..end.max(start)]
     }
-    let cut = |text: &str| {
-        if text.len() > ERROR_TEXT_KEPT {
-            format!("{} [{} more bytes not sent]", head(text), text.len() - head(text).len())
-        } else {
-            text.to_owned()
-        }
+    let message = if error.message.len() > ERROR_TEXT_KEPT {
+        let gone = error.message.len() - ERROR_TEXT_KEPT;
+        format!("{} [{gone} more bytes not sent]", part(&error.message, 0, ERROR_TEXT_KEPT))
+    } else {
+        error.message
+    };
+    let traceback = if error.traceback.len() > ERROR_TEXT_KEPT {
+        let (len, half) = (error.traceback.len(), ERROR_TEXT_KEPT / 2);
+        let (head, tail) = (part(&error.traceback, 0, half), part(&error.traceback, len - half, len));
+        format!("{head} [{} more bytes not sent] {tail}", len - ERROR_TEXT_KEPT)
+    } else {
+        error.traceback
     };
     RemoteError {
         kind: error.kind,
-        message: format!("{} (the error was not sent whole: {why})", cut(&error.message)),
-        traceback: cut(&error.traceback),
+        message: format!("{message} (the error was not sent whole: {why})"),
+        traceback,
         type_name: error.type_name,
         data: Vec::new(),
     }

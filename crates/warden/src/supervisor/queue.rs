@@ -246,7 +246,6 @@ impl TaskQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     fn task(id: u64, outcomes: &Arc<Mutex<Vec<(u64, bool)>>>) -> Task {
@@ -292,34 +291,23 @@ mod tests {
             for id in 1..=64 {
                 q.push_back(task(id, &outcomes));
             }
-            let cancelled = Arc::new(AtomicUsize::new(0));
             let caller = {
-                let (book, cancelled) = (Arc::clone(&book), Arc::clone(&cancelled));
+                let book = Arc::clone(&book);
                 std::thread::spawn(move || {
-                    let mut mine = Vec::new();
-                    for id in (1..=64).rev() {
-                        if book.cancel_unclaimed(id, 65).is_some() {
-                            cancelled.fetch_add(1, Ordering::Relaxed);
-                            mine.push(id);
-                        }
-                    }
-                    mine
+                    (1..=64).rev().filter(|&id| book.cancel_unclaimed(id, 65).is_some()).collect::<Vec<u64>>()
                 })
             };
             let mut handed_out = Vec::new();
             while let Some(t) = q.pop_front(&book) {
                 handed_out.push(t.id);
             }
-            let mine = caller.join().unwrap_or_default();
+            let mut mine = caller.join().unwrap_or_default();
             assert!(mine.iter().all(|id| !handed_out.contains(id)), "{mine:?} vs {handed_out:?}");
             assert_eq!(handed_out.len() + mine.len(), 64);
-            let told: Vec<u64> = lock(&outcomes).iter().filter(|o| o.1).map(|o| o.0).collect();
-            let mut mine_sorted = mine.clone();
-            mine_sorted.sort_unstable();
-            let mut told_sorted = told;
-            told_sorted.sort_unstable();
-            assert_eq!(told_sorted, mine_sorted);
-            drop(handed_out);
+            let mut told: Vec<u64> = lock(&outcomes).iter().filter(|o| o.1).map(|o| o.0).collect();
+            mine.sort_unstable();
+            told.sort_unstable();
+            assert_eq!(told, mine);
         }
     }
 
