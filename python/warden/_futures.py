@@ -231,7 +231,9 @@ class Future(_base.Future["_T"]):
             # standard library's cancel, on its own state.
             return super().cancel()
         if not _runner.cancel(runner.core, self._task, running):
-            return False
+            # Another thread's cancel may have landed between the read above
+            # and this one: then this future is cancelled, and says so.
+            return self._state in _CANCELLED
         return self._mark_cancelled()
 
     def _mark_cancelled(self) -> bool:

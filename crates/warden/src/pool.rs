@@ -34,7 +34,8 @@ use crate::memory::MemoryLimits;
 use crate::panics::lock;
 use crate::spawn::WorkerCommand;
 use crate::supervisor::{
-    self, Command, Config, EventSink, LifecycleEvent, Reply, SupervisorLink, Task, WorkerEnd, WorkerSnapshot, KILL_WAIT,
+    self, Command, Config, EventSink, LifecycleEvent, Reply, SupervisorLink, Task, WorkerEnd, WorkerSnapshot,
+    KILL_WAIT, WORKER_ANSWER_WAIT,
 };
 use crate::task::{self, Call, RustInit};
 use crate::wire::{ExitReason, DEFAULT_MAX_FRAME};
@@ -896,15 +897,6 @@ fn cancel(shared: &SupervisorLink, id: u64, running_too: bool) -> bool {
         Err(_) => false,
     }
 }
-
-/// How long a cancel of a task sent ahead to a worker waits for the worker's
-/// answer (a worker reads its channel within a millisecond or so while it
-/// runs a task; one stopped by SIGSTOP does not). Past it the cancel says it
-/// did not land; if the worker skips the task after all, its outcome is
-/// cancelled. Short: a program cancelling many futures (a `map` cleaning up
-/// after its timeout, an event loop cancelling its awaits) waits this long
-/// for each one a frozen worker holds.
-const WORKER_ANSWER_WAIT: Duration = Duration::from_millis(100);
 
 #[derive(Default)]
 enum SlotState {

@@ -142,6 +142,7 @@ impl Supervisor {
                 w.stop_task(id, StopCause::Cancelled, grace);
                 return answer(true);
             }
+            let silent = w.silent_on_cancel(Instant::now());
             let f = &mut w.inflight[pos];
             let asked = f.withdrawing.is_some() || f.cancel_requested || !f.task.cancels.is_empty();
             if running_too {
@@ -152,6 +153,13 @@ impl Supervisor {
                 f.cancel_requested = true;
                 answer(true);
             } else if let Some(reply) = reply {
+                if silent {
+                    // The worker has not answered the last cancel it was
+                    // sent (stopped, or starved): nothing here can say it
+                    // will not take this task up, and it is not asked to.
+                    let _ = reply.send(Some(false));
+                    return;
+                }
                 // The worker skips it unless it has taken it up already;
                 // then it runs to its end, and this cancel did not land.
                 let _ = reply.send(None);

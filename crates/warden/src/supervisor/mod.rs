@@ -78,7 +78,7 @@ pub use link::{Output, Reply};
 pub use pace::fds_scarce;
 use restart::RestartIntensity;
 use worker::Worker;
-pub(crate) use worker::KILL_WAIT;
+pub(crate) use worker::{KILL_WAIT, WORKER_ANSWER_WAIT};
 use zygote::{ZygoteSlot, ZYGOTE_CONTROL, ZYGOTE_PIDFD};
 
 const WAKER: Token = Token(0);

@@ -83,6 +83,8 @@ impl Supervisor {
                     return;
                 }
                 Ok(_) => {
+                    // It reads and answers: whatever cancel it was sent, it answers soon.
+                    w.cancel_unanswered = None;
                     self.process_frames(id);
                     if let Some(fd) = scarce {
                         return self.pause_reading(id, fd);

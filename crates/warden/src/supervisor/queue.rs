@@ -21,7 +21,7 @@
 //! queue's front is never a tombstone, and tombstones are swept out once
 //! they are half of it.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use crate::error::Error;
@@ -45,6 +45,11 @@ struct BookState {
     claimed: u64,
     /// Tasks above `claimed` that callers cancelled.
     cancelled: HashSet<u64>,
+    /// Tasks above `claimed` cancelled in the queue and gone from it since:
+    /// a later cancel of one is answered here (it is cancelled), as it
+    /// could not be by the supervisor, which has forgotten it. Dropped as
+    /// `claimed` passes them; a cancel of one then asks the supervisor.
+    settled: BTreeSet<u64>,
     /// Those of them the supervisor has not looked at yet.
     unseen: Vec<u64>,
     /// The supervisor has finished: nothing is decided here any more.
@@ -65,7 +70,7 @@ impl CancelBook {
         if book.closed || id <= book.claimed {
             return None;
         }
-        if !book.cancelled.insert(id) {
+        if book.settled.contains(&id) || !book.cancelled.insert(id) {
             return Some(false);
         }
         book.unseen.push(id);
@@ -88,15 +93,19 @@ impl CancelBook {
     /// caller cancelled it first.
     pub(crate) fn claim(&self, id: u64) -> bool {
         let mut book = lock(&self.state);
-        book.claimed = book.claimed.max(id);
+        book.raise(id);
         !book.cancelled.remove(&id)
     }
 
-    /// Task `id` was given its outcome in the queue (cancelled there): a
-    /// caller's mark on it is spent. The mark stays where it was: tasks below
-    /// `id` may still wait.
+    /// Task `id`, cancelled in the queue, leaves it: a caller's mark on it
+    /// is spent, and it is settled (see [`BookState::settled`]). The mark
+    /// `claimed` stays where it was: tasks below `id` may still wait.
     fn forget(&self, id: u64) {
-        lock(&self.state).cancelled.remove(&id);
+        let mut book = lock(&self.state);
+        book.cancelled.remove(&id);
+        if id > book.claimed {
+            book.settled.insert(id);
+        }
     }
 
     /// Takes every task in `ids` out of the queue, as [`CancelBook::claim`]
@@ -104,7 +113,7 @@ impl CancelBook {
     fn claim_all(&self, ids: impl Iterator<Item = u64>) {
         let mut book = lock(&self.state);
         for id in ids {
-            book.claimed = book.claimed.max(id);
+            book.raise(id);
             book.cancelled.remove(&id);
         }
     }
@@ -113,6 +122,19 @@ impl CancelBook {
     /// that it is gone).
     pub(crate) fn close(&self) {
         lock(&self.state).closed = true;
+    }
+}
+
+impl BookState {
+    /// The supervisor took task `id` out of the queue.
+    fn raise(&mut self, id: u64) {
+        if id <= self.claimed {
+            return;
+        }
+        self.claimed = id;
+        if self.settled.first().is_some_and(|&first| first <= id) {
+            self.settled = self.settled.split_off(&(id + 1));
+        }
     }
 }
 
@@ -182,7 +204,8 @@ impl TaskQueue {
         true
     }
 
-    /// Cancels task `id` if it waits here; returns whether it did.
+    /// Cancels task `id` if it waits here; returns whether it is cancelled
+    /// (now, or before: a task here with its outcome was cancelled).
     pub(crate) fn cancel(&mut self, id: u64, book: &CancelBook) -> bool {
         let found = match self.tasks.binary_search_by_key(&id, |t| t.id) {
             Ok(at) => Some(at),
@@ -192,7 +215,7 @@ impl TaskQueue {
         let Some(at) = found else { return false };
         let task = &mut self.tasks[at];
         if task.delivered() {
-            return false;
+            return true;
         }
         task.deliver(Err(Error::cancelled()));
         self.dead += 1;
@@ -312,6 +335,31 @@ mod tests {
     }
 
     #[test]
+    fn a_task_cancelled_twice_is_cancelled_both_times_and_leaves_the_supervisor_nothing_to_look_at() {
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let book = CancelBook::default();
+        let mut q = TaskQueue::default();
+        for id in 1..=4 {
+            q.push_back(task(id, &outcomes));
+        }
+        assert_eq!(book.cancel_unclaimed(1, 5), Some(true), "the supervisor is woken");
+        assert!(q.cancel_marked(&book));
+        assert_eq!(q.front_id(), Some(2), "the tombstone left the front");
+        assert_eq!(book.cancel_unclaimed(1, 5), Some(false), "cancelled already: nobody to wake");
+        assert!(!q.cancel_marked(&book), "nothing is left over for the supervisor");
+        // A tombstone in the middle answers for itself.
+        assert!(q.cancel(3, &book));
+        assert!(q.cancel(3, &book), "cancelled again, it says so");
+        assert_eq!(q.len(), 2, "and is counted once");
+        assert_eq!(*lock(&outcomes), vec![(1, true), (3, true)]);
+        // Once a later task has left the queue, the supervisor is asked.
+        assert_eq!(q.pop_front(&book).map(|t| t.id), Some(2));
+        assert_eq!(book.cancel_unclaimed(1, 5), None);
+        let settled: Vec<u64> = lock(&book.state).settled.iter().copied().collect();
+        assert_eq!(settled, [3], "what the mark passed is let go");
+    }
+
+    #[test]
     fn cancelled_tasks_leave_tombstones_that_are_swept_and_never_counted() {
         let outcomes = Arc::new(Mutex::new(Vec::new()));
         let book = CancelBook::default();
@@ -322,7 +370,8 @@ mod tests {
         for id in (2..=200).step_by(2) {
             assert!(q.cancel(id, &book));
         }
-        assert!(!q.cancel(4, &book), "a task is cancelled once");
+        assert!(!q.cancel(4, &book), "swept: the queue knows it no more");
+        assert_eq!(book.cancel_unclaimed(4, 201), Some(false), "the book does: cancelled");
         assert_eq!(q.len(), 100);
         assert!(q.tasks.len() < 200, "swept once half were tombstones");
         assert_eq!(q.ids(), (1..=199).step_by(2).collect::<Vec<_>>());

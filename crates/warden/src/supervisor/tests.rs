@@ -309,7 +309,8 @@ fn cancelling_a_queued_task_delivers_cancelled_and_signals_nobody() {
     assert_eq!(h.queued(), [1]);
     assert_eq!(h.outcomes(), [(2, "cancelled")]);
     assert_eq!(w.stand.signals(), []);
-    assert!(!h.cancel(2, true), "a task is cancelled at most once");
+    assert!(h.cancel(2, true), "cancelled again, it says so");
+    assert_eq!(h.outcomes(), [(2, "cancelled")], "and is told once");
 }
 
 #[test]
@@ -634,6 +635,30 @@ fn cancel_queued_takes_back_a_task_sent_ahead_and_says_so_once_the_worker_has_sk
     h.answer(&mut w, &value(1));
     assert_eq!(h.outcomes(), [(2, "cancelled"), (1, "value")]);
     assert_eq!(w.stand.signals(), []);
+}
+
+#[test]
+fn a_worker_silent_on_a_cancel_has_its_other_tasks_refused_at_once_until_it_speaks() {
+    // A worker stopped by SIGSTOP answers nothing: the first caller waits
+    // for it in vain, and those after it are not made to.
+    let mut h = harness(4, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(4);
+    sent(&mut w);
+    let (now, _first) = h.cancel_asking(2, false);
+    assert_eq!(now, None, "a worker that may answer is asked");
+    assert_eq!(sent(&mut w), [Sent::Cancel(2)]);
+    let (now, _second) = h.cancel_asking(3, false);
+    assert_eq!(now, None, "asked just now: it is given its time");
+    assert_eq!(sent(&mut w), [Sent::Cancel(3)]);
+    let asked = h.sup.workers[&w.id].cancel_unanswered.expect("a cancel waits for its answer");
+    h.sup.workers.get_mut(&w.id).expect("the worker").cancel_unanswered = Some(asked - WORKER_ANSWER_WAIT);
+    assert!(!h.cancel(4, false), "silent past the wait: refused at once");
+    assert_eq!(sent(&mut w), [], "and the worker is not asked");
+    h.answer(&mut w, &skipped(2));
+    let (now, _third) = h.cancel_asking(4, false);
+    assert_eq!(now, None, "once it speaks it is asked again");
+    assert_eq!(sent(&mut w), [Sent::Cancel(4)]);
 }
 
 #[test]

@@ -26,6 +26,17 @@ use super::{Config, StopCause, Task};
 /// How long the supervisor waits for a SIGKILLed process to be reapable.
 pub(crate) const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a cancel of a task sent ahead to a worker waits for the worker's
+/// answer (a worker reads its channel within a millisecond or so while it
+/// runs a task; one stopped by SIGSTOP does not). Past it the cancel says it
+/// did not land; if the worker skips the task after all, its outcome is
+/// cancelled. Once a worker has left a cancel unanswered this long, further
+/// cancels of tasks it holds say so at once (see
+/// [`Worker::silent_on_cancel`]): a program cancelling many futures (a `map`
+/// cleaning up after its timeout, an event loop cancelling its awaits) waits
+/// this long once per frozen worker, not once per task it holds.
+pub(crate) const WORKER_ANSWER_WAIT: Duration = Duration::from_millis(100);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum WorkerPhase {
     Starting,
@@ -103,6 +114,12 @@ pub(super) struct Worker {
     /// Stopping for this task only ([`Worker::stop_task`]): the worker may
     /// answer that it had ended, and serve on.
     pub(super) stop_target: Option<u64>,
+    /// When a `Cancel` went to it that it has not answered yet: set by the
+    /// first one queued, cleared by anything it sends. A worker answers a
+    /// cancel from its channel's reader within a millisecond or so, whatever
+    /// its task does; one silent for [`WORKER_ANSWER_WAIT`] is stopped
+    /// (SIGSTOP, a debugger) or starved of CPU.
+    pub(super) cancel_unanswered: Option<Instant>,
 }
 
 impl Worker {
@@ -136,6 +153,7 @@ impl Worker {
             last_task: None,
             over_memory: false,
             stop_target: None,
+            cancel_unanswered: None,
         }
     }
 
@@ -242,7 +260,17 @@ impl Worker {
     }
 
     pub(super) fn queue(&mut self, msg: &Message<'_>, max_frame: usize) -> Result<(), wire::WireError> {
+        if matches!(msg, Message::Cancel { .. }) && self.cancel_unanswered.is_none() {
+            self.cancel_unanswered = Some(Instant::now());
+        }
         wire::encode(msg, &mut self.out, max_frame)
+    }
+
+    /// Whether it has left a `Cancel` unanswered for [`WORKER_ANSWER_WAIT`]
+    /// or longer: a caller asking it whether it took a task up would only
+    /// wait that long in vain.
+    pub(super) fn silent_on_cancel(&self, now: Instant) -> bool {
+        self.cancel_unanswered.is_some_and(|asked| now.saturating_duration_since(asked) >= WORKER_ANSWER_WAIT)
     }
 
     /// Queues a frame with a segment descriptor riding on its first byte.
