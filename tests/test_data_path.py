@@ -1012,6 +1012,20 @@ def expected_read_only_round_trips(np) -> list:
     return seen
 
 
+def test_a_large_pickle_is_searched_whole_for_the_names_that_need_the_special_unpickler():
+    # Past _SEARCH_HERE_MAX the extension searches; a miss there would leave
+    # a read-only array read-only, a buffer's stand-in unresolved.
+    for size in (_oob._SEARCH_HERE_MAX + 1, 1 << 20, (2 << 20) + 3):
+        for needle in _oob._SPECIAL_NAMES:
+            for at in (0, size // 2 - 5, size - len(needle)):
+                data = bytearray(b"x" * size)
+                data[at : at + len(needle)] = needle
+                assert _oob._names_special(bytes(data)), (size, needle, at)
+                assert _oob._names_special(memoryview(data)), (size, needle, at)
+                data[at + len(needle) - 1] ^= 1
+                assert not _oob._names_special(bytes(data)), (size, needle, at)
+
+
 #: Whether the standard library's pools pickle with protocol 4, which gives
 #: every array received a writable copy (3.14 made protocol 5 the default).
 STDLIB_COPIES_ARRAYS = pickle.DEFAULT_PROTOCOL < 5

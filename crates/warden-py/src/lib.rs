@@ -36,6 +36,7 @@ mod finalize;
 mod pool;
 mod records;
 mod remote;
+mod scan;
 mod segment;
 mod worker;
 mod zygote;
@@ -67,6 +68,7 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(remote::buffer_address, m)?)?;
     m.add_function(wrap_pyfunction!(remote::read_remote, m)?)?;
     m.add_function(wrap_pyfunction!(remote::is_dumpable, m)?)?;
+    m.add_function(wrap_pyfunction!(scan::contains_any, m)?)?;
     m.add_function(wrap_pyfunction!(pool::trim_heap, m)?)?;
     m.add_function(wrap_pyfunction!(pool::fill_closed_stdio, m)?)?;
     m.add_function(wrap_pyfunction!(pool::fds_scarce, m)?)?;
