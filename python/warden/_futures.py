@@ -18,6 +18,7 @@ three differences:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, _base
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
     _T = TypeVar("_T")
 
 _CANCELLED = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
+
+#: How long ``Future.cancel()`` waits, at most, for the outcome of a pending
+#: future of a pool that has shut down (see ``Future._cancelled_after_all``).
+CANCEL_RACE_WAIT = 0.1
 _DONE = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED)
 
 
@@ -231,10 +236,24 @@ class Future(_base.Future["_T"]):
             # standard library's cancel, on its own state.
             return super().cancel()
         if not _runner.cancel(runner.core, self._task, running):
-            # Another thread's cancel may have landed between the read above
-            # and this one: then this future is cancelled, and says so.
-            return self._state in _CANCELLED
+            return self._cancelled_after_all(runner.core)
         return self._mark_cancelled()
+
+    def _cancelled_after_all(self, core: Any) -> bool:
+        """Whether this future is cancelled although the pool just said its
+        task could not be. Another caller's cancel may have landed between
+        the read of the state in :meth:`cancel` and now (the pool says
+        "cancelled" to a cancel that comes after one that landed, but this
+        future's mark may still be on its way). And once the pool has shut
+        down it cannot tell: a task a shutdown cancelled has its outcome on
+        the way to this future through the results thread, waited for here
+        up to :data:`CANCEL_RACE_WAIT` seconds (not on that thread itself)."""
+        if self._state == _base.PENDING and core.is_shut_down() and not _runner.delivering(core):
+            deadline = time.monotonic() + CANCEL_RACE_WAIT
+            with self._condition:
+                while self._state == _base.PENDING and (left := deadline - time.monotonic()) > 0:
+                    self._condition.wait(left)
+        return self._state in _CANCELLED
 
     def _mark_cancelled(self) -> bool:
         if self._lazy_condition is None:

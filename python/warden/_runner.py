@@ -80,6 +80,11 @@ SELF_JOIN = (
 )
 
 
+def delivering(core: Any) -> bool:
+    """Whether this thread is ``core``'s results thread, running a callback."""
+    return getattr(_delivering, "core", None) is core
+
+
 def refuse_self_wait(core: Any, message: str = SELF_WAIT) -> None:
     """Raises ``RuntimeError`` in ``core``'s results thread: a callback that
     waits there, without a timeout, for another of the pool's results would

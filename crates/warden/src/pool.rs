@@ -914,6 +914,11 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
+    /// Whether the outcome, not taken yet, is that the task was cancelled.
+    fn is_cancelled(&self) -> bool {
+        matches!(&*lock(&self.state), SlotState::Done(Err(e)) if e.is_cancelled())
+    }
+
     pub(crate) fn fill(&self, outcome: Result<Vec<u8>>) {
         let mut state = lock(&self.state);
         if matches!(*state, SlotState::Pending) {
@@ -994,9 +999,10 @@ impl<R: DeserializeOwned> Handle<R> {
     }
 
     /// Cancels the task: removed if queued, stopped with its worker if running.
-    /// Returns whether it was cancelled; `false` if it had already finished.
+    /// Returns whether it was cancelled (by this call or an earlier one);
+    /// `false` if it had already finished.
     pub fn cancel(&self) -> bool {
-        cancel(&self.shared, self.id, true)
+        self.slot.is_cancelled() || cancel(&self.shared, self.id, true)
     }
 }
 

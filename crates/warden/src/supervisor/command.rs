@@ -133,7 +133,10 @@ impl Supervisor {
         let max_frame = self.cfg.max_frame;
         for w in self.workers.values_mut() {
             let Some(pos) = w.inflight.iter().position(|f| f.task.id == id) else { continue };
-            if w.inflight[pos].task.delivered() || (pos == 0 && !running_too) {
+            if w.inflight[pos].task.delivered() {
+                return answer(super::link::cancelled_lately(id));
+            }
+            if pos == 0 && !running_too {
                 return answer(false);
             }
             if pos == 0 {
@@ -170,7 +173,7 @@ impl Supervisor {
             }
             return;
         }
-        answer(false)
+        answer(super::link::cancelled_lately(id))
     }
 
     pub(super) fn close(&mut self, drain: bool, deadline: Option<Instant>) {

@@ -4,6 +4,8 @@
 //! why it failed, and whether the supervisor has finished).
 
 use crate::panics::lock;
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, SyncSender};
@@ -62,7 +64,11 @@ impl Task {
 
     pub(super) fn deliver(&mut self, outcome: Result<Output, Error>) {
         if let Some(reply) = self.reply.take() {
-            self.answer_cancels(outcome.as_ref().is_err_and(Error::is_cancelled));
+            let cancelled = outcome.as_ref().is_err_and(Error::is_cancelled);
+            self.answer_cancels(cancelled);
+            if cancelled {
+                note_cancelled(self.id);
+            }
             reply(outcome);
         }
     }
@@ -85,6 +91,36 @@ impl Drop for Task {
     fn drop(&mut self) {
         self.deliver(Err(Error::closed()));
     }
+}
+
+/// How many of the tasks last given their outcome cancelled are remembered
+/// (see [`cancelled_lately`]).
+const CANCELLED_KEPT: usize = 4096;
+
+thread_local! {
+    /// The ids of the tasks this thread last gave their outcome cancelled,
+    /// oldest first. Outcomes are delivered on the pool's supervisor thread,
+    /// which runs that one pool's supervisor and nothing else, so these are
+    /// that pool's task ids.
+    static CANCELLED_LATELY: RefCell<VecDeque<u64>> = const { RefCell::new(VecDeque::new()) };
+}
+
+fn note_cancelled(id: u64) {
+    CANCELLED_LATELY.with_borrow_mut(|ids| {
+        if ids.len() == CANCELLED_KEPT {
+            ids.pop_front();
+        }
+        ids.push_back(id);
+    });
+}
+
+/// Whether task `id` is one of the last [`CANCELLED_KEPT`] this supervisor
+/// gave their outcome cancelled. Asked when a cancel finds no task left to
+/// cancel: one that another caller's cancel (or a shutdown's) ended a moment
+/// before is cancelled, and the cancel says so, as a cancel of a cancelled
+/// future does, instead of `false`, which means "it ran".
+pub(super) fn cancelled_lately(id: u64) -> bool {
+    CANCELLED_LATELY.with_borrow(|ids| ids.iter().rev().any(|&seen| seen == id))
 }
 
 /// Requests to the supervisor.

@@ -638,6 +638,33 @@ fn cancel_queued_takes_back_a_task_sent_ahead_and_says_so_once_the_worker_has_sk
 }
 
 #[test]
+fn a_cancel_of_a_task_another_cancel_just_ended_says_it_is_cancelled_and_one_that_ran_says_not() {
+    let mut h = harness(4, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(3);
+    sent(&mut w);
+    let (now, first) = h.cancel_asking(2, false);
+    assert_eq!(now, None);
+    h.answer(&mut w, &skipped(2));
+    assert_eq!(first.try_recv(), Ok(Some(true)));
+    assert!(h.cancel(2, false), "the loser of the race: cancelled all the same");
+    assert!(h.cancel(1, true), "the running one, stopped");
+    assert!(h.cancel(1, false), "and a plain cancel after it agrees");
+    assert_eq!(h.outcomes(), [(2, "cancelled"), (1, "cancelled")]);
+    // Another pool, on a thread of its own as every supervisor is (what it
+    // remembers is its thread's).
+    let other = std::thread::spawn(|| {
+        let mut h = harness(1, 10);
+        let mut w = h.worker(WorkerPhase::Ready);
+        h.submit_and_dispatch(1);
+        sent(&mut w);
+        h.answer(&mut w, &value(1));
+        (h.cancel(1, false), h.cancel(1, true))
+    });
+    assert_eq!(other.join().ok(), Some((false, false)), "a task that ran was not cancelled");
+}
+
+#[test]
 fn a_worker_silent_on_a_cancel_has_its_other_tasks_refused_at_once_until_it_speaks() {
     // A worker stopped by SIGSTOP answers nothing: the first caller waits
     // for it in vain, and those after it are not made to.
