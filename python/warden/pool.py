@@ -646,7 +646,6 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
 AsyncResult = ApplyResult
 
 
-@_own_api_only
 class _ChunkOutcome:
     """Where the outcome of one chunk of a map goes:
     ``result._deliver_chunk(index, ok, data, one)``. A slotted object, not a
@@ -665,6 +664,7 @@ class _ChunkOutcome:
         self.result._deliver_chunk(self.index, ok, data, self.one)
 
 
+@_own_api_only
 class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
     """The result of :meth:`Pool.map_async`: ready when every chunk is (a
     ``multiprocessing.pool.MapResult`` too)."""
