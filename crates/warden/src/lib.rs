@@ -97,6 +97,7 @@ mod error;
 pub mod finalize;
 pub mod frontend;
 mod inbox;
+mod interrupts;
 mod lost;
 mod memory;
 mod panics;
@@ -115,6 +116,7 @@ mod zygote;
 pub struct ReadmeDoctests;
 
 pub use error::{signal_name, Error, ErrorKind, ExitStatus, Result};
+pub use interrupts::interrupts_forwarded;
 pub use lost::LostWorker;
 pub use pool::{
     spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, StartMethod, StopMode, TaskOptions, DEFAULT_GRACE,

@@ -134,6 +134,7 @@ impl Builder {
                 identity,
                 on_event: None,
                 one_off: false,
+                forward_interrupts: false,
                 start: StartMethod::Zygote,
                 zygote_payload: Vec::new(),
                 zygote_fallback: None,
@@ -387,11 +388,38 @@ impl Builder {
         self
     }
 
+    /// Passes a terminal's Ctrl-C on to a one-off child ([`Builder::one_off`]),
+    /// as it would reach a child in the terminal's process group: while the
+    /// child runs, a SIGINT the terminal sends this process is sent to the
+    /// child's process group too (a Rust worker stops gracefully; Python's
+    /// `Process` raises `KeyboardInterrupt` in its target). `build` refuses
+    /// it for a pool that is not one-off: its workers are stopped by their
+    /// pool, not by the terminal.
+    ///
+    /// # Caveats
+    ///
+    /// * It chains a handler in front of this process's SIGINT handler, and
+    ///   only over a handler: a program that Ctrl-C kills (`SIG_DFL`), or
+    ///   that ignores it, keeps doing so, and passes nothing on.
+    /// * A handler installed later replaces it; the next child started
+    ///   chains it again, as does
+    ///   [`frontend::chain_interrupt_handler`](crate::frontend::chain_interrupt_handler).
+    /// * Only the terminal's SIGINT (`SI_KERNEL`) is passed on: one sent with
+    ///   `kill(2)` to this process or its group cannot be told apart.
+    /// * At most 4096 children at once are reached (more are logged).
+    pub fn forward_interrupts(mut self) -> Self {
+        self.cfg.forward_interrupts = true;
+        self
+    }
+
     /// Starts the supervisor thread and the workers. Returns at once; tasks
     /// submitted before the workers are ready wait in the queue.
     pub fn build(mut self) -> Result<Pool> {
         if self.cfg.workers == 0 {
             return Err(Error::config("a pool needs at least one worker"));
+        }
+        if self.cfg.forward_interrupts && !self.cfg.one_off {
+            return Err(Error::config("forward_interrupts is for one-off children, not for a pool's workers"));
         }
         // A worker or zygote that got here never ran `init`, which takes
         // these variables and never returns in such a process: its pool
@@ -1052,11 +1080,23 @@ pub struct ChildOptions {
     pub grace: Duration,
     /// Extra environment variables for the child.
     pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// A terminal's Ctrl-C reaches the child as it reaches this process
+    /// (the child then stops gracefully: its exit hook runs), when this
+    /// process handles SIGINT; see [`Builder::forward_interrupts`]. On by
+    /// default, as for a child in the terminal's process group.
+    pub forward_interrupts: bool,
 }
 
 impl Default for ChildOptions {
     fn default() -> Self {
-        ChildOptions { on_start: None, on_exit: None, timeout: None, grace: DEFAULT_GRACE, env: Vec::new() }
+        ChildOptions {
+            on_start: None,
+            on_exit: None,
+            timeout: None,
+            grace: DEFAULT_GRACE,
+            env: Vec::new(),
+            forward_interrupts: true,
+        }
     }
 }
 
@@ -1095,6 +1135,9 @@ where
     }
     for (k, v) in options.env {
         builder = builder.env(k, v);
+    }
+    if options.forward_interrupts {
+        builder = builder.forward_interrupts();
     }
     let pool = builder.build()?;
     let handle = pool.spawn_with(f, args, TaskOptions { timeout: options.timeout })?;

@@ -198,6 +198,10 @@ fn main() {
         "a_one_off_child_whose_start_hook_fails_says_so_without_restart_limits",
         a_one_off_child_whose_start_hook_fails_says_so_without_restart_limits,
     ));
+    tests.push(trial(
+        "a_terminals_ctrl_c_reaches_a_one_off_child_which_stops_through_its_exit_hook",
+        a_terminals_ctrl_c_reaches_a_one_off_child,
+    ));
     libtest_mimic::run(&args, tests).exit();
 }
 
@@ -1250,6 +1254,65 @@ fn a_one_off_child_whose_function_panics_exits_with_code_101_after_its_exit_hook
     Ok(())
 }
 
+/// Runs the scenario host as the leader of a new session whose controlling
+/// terminal is a fresh pseudo-terminal (`setsid --ctty`), and types Ctrl-C
+/// there once the host's one-off child runs: the terminal sends SIGINT to
+/// its foreground process group, the host's, and not to the child, which
+/// leads a group of its own. The host handles SIGINT, so it passes it on.
+fn a_terminals_ctrl_c_reaches_a_one_off_child() -> TestResult {
+    let hooks = Hooks::new();
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty(3) writes two fds; no name, termios or window size.
+    let made =
+        unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    check(made == 0, format!("openpty: {}", std::io::Error::last_os_error()))?;
+    // SAFETY: both fds were just made by openpty and are ours alone.
+    let (master, slave) = unsafe {
+        use std::os::fd::FromRawFd;
+        (std::fs::File::from_raw_fd(master), std::os::fd::OwnedFd::from_raw_fd(slave))
+    };
+    let mut host = Command::new("setsid")
+        .arg("--ctty")
+        .arg(std::env::current_exe()?)
+        .env(SCENARIO_ENV, "ctrl-c-child")
+        .env(HOOKS_ENV, hooks.path())
+        .stdin(Stdio::from(slave))
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(host.stdout.take().ok_or("no stdout")?).lines();
+    let first = lines.next().transpose()?.unwrap_or_default();
+    let child: u32 = match first.strip_prefix("child ") {
+        Some(pid) => pid.parse()?,
+        None => {
+            let _ = host.kill();
+            let _ = host.wait();
+            return Err(format!("the scenario host said {first:?}").into());
+        }
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    std::io::Write::write_all(&mut &master, b"\x03")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = host.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = host.kill();
+            let _ = host.wait();
+            return Err("the scenario host did not end within 30 s of the Ctrl-C".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let rest: Vec<String> = lines.collect::<Result<_, _>>()?;
+    check(status.success(), format!("scenario failed ({status}): {rest:?}"))?;
+    check(rest.last().map(String::as_str) == Some("ok"), format!("scenario output: {rest:?}"))?;
+    check(
+        hooks.exit_reason(child).as_deref() == Some("Signal(2)"),
+        format!("the child's exit hook saw the Ctrl-C: {:?}", hooks.exit_reason(child)),
+    )?;
+    check(process_gone(child as i32), "the child is gone")
+}
+
 /// Writes a file named by its argument; says whether it could.
 fn touch(path: PathBuf) -> bool {
     std::fs::write(path, b"ran").is_ok()
@@ -1443,6 +1506,7 @@ fn run_scenario(name: &str) -> i32 {
         "terminate-and-kill" => scenario_terminate_and_kill(),
         "worker-fds" => scenario_worker_fds(),
         "poll-fails" => scenario_poll_fails(),
+        "ctrl-c-child" => scenario_ctrl_c_child(),
         other => Err(format!("unknown scenario {other}").into()),
     };
     match result {
@@ -1564,6 +1628,26 @@ fn own_children() -> BTreeSet<i32> {
         }
     }
     out
+}
+
+/// A program with a SIGINT handler of its own and a one-off child busy for
+/// a minute: prints the child's pid, waits for a Ctrl-C, then for the child.
+fn scenario_ctrl_c_child() -> TestResult {
+    static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    // SAFETY: the action only stores to an atomic.
+    unsafe {
+        signal_hook_registry::register(libc::SIGINT, || INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst))
+    }?;
+    let options = warden::ChildOptions { on_exit: Some(on_exit), ..Default::default() };
+    let child = warden::spawn_with(sleep_ms, 60_000, options)?;
+    println!("child {}", child.pid().ok_or("pid")?);
+    std::io::Write::flush(&mut std::io::stdout())?;
+    check(
+        wait_until(Duration::from_secs(30), || INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)),
+        "the host got the Ctrl-C",
+    )?;
+    check(child.wait(Some(Duration::from_secs(10))), "the child ended after the Ctrl-C")?;
+    Ok(())
 }
 
 fn scenario_leaves_nothing() -> TestResult {

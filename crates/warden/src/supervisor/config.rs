@@ -32,6 +32,8 @@ pub(crate) struct Config {
     pub on_event: Option<EventSink>,
     /// A one-off child: one worker, one task, no replacement.
     pub one_off: bool,
+    /// A terminal's Ctrl-C is passed on to the one-off child's process group.
+    pub forward_interrupts: bool,
     /// How workers start.
     pub start: crate::pool::StartMethod,
     /// What the zygote's preparation reads (opaque: Python's preloads).

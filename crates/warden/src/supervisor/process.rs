@@ -20,6 +20,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 
 use crate::error::ExitStatus;
+use crate::interrupts::Forwarded;
 
 /// Sends signals to a worker.
 pub(super) trait Kill {
@@ -50,11 +51,19 @@ pub(super) struct Pidfd {
     /// closes every descriptor it did not open: `os.closerange(3, ...)`):
     /// the pid names the worker instead, which is safe while it is unreaped.
     by_pid: bool,
+    /// A terminal's Ctrl-C reaches its group (until it is reaped).
+    forwarded: Option<Forwarded>,
 }
 
 impl Pidfd {
     pub(super) fn new(pid: Pid, pidfd: OwnedFd) -> Self {
-        Pidfd { pid, pidfd, by_pid: false }
+        Pidfd { pid, pidfd, by_pid: false, forwarded: None }
+    }
+
+    /// Passes a terminal's Ctrl-C on to its process group from now until it
+    /// is reaped (see [`crate::interrupts`]).
+    pub(super) fn forward_interrupts(&mut self) {
+        self.forwarded = Some(Forwarded::start(self.pid.as_raw_nonzero().get()));
     }
 
     /// The worker, for `waitid`: by its pidfd, or by its pid once that is gone.
@@ -110,6 +119,9 @@ impl Wait for Pidfd {
         };
         if seen.is_none() {
             return Ok(None);
+        }
+        if let Some(mut forwarded) = self.forwarded.take() {
+            forwarded.stop();
         }
         let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
         let status = rustix::process::waitid(self.id(), WaitIdOptions::EXITED | WaitIdOptions::NOHANG)?;

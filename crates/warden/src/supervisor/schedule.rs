@@ -244,7 +244,11 @@ impl Supervisor {
         let mut sock = UnixStream::from_std(spawned.channel);
         let registry = self.poll.registry();
         registry.register(&mut sock, sock_token(id), Interest::READABLE)?;
-        let process = Box::new(Pidfd::new(spawned.pid, spawned.pidfd));
+        let mut process = Pidfd::new(spawned.pid, spawned.pidfd);
+        if self.cfg.forward_interrupts {
+            process.forward_interrupts();
+        }
+        let process = Box::new(process);
         let init_deadline = Instant::now() + self.cfg.init_timeout;
         let mut worker = Worker::new(id, process, sock, self.cfg.max_frame, init_deadline);
         if let Some(exit_fd) = worker.process.exit_fd() {

@@ -1,0 +1,185 @@
+//! A terminal's Ctrl-C, passed on to one-off children.
+//!
+//! Every child warden starts leads a process group of its own, so that what
+//! it leaves running ends with it (see `supervisor::process`). A terminal
+//! sends its Ctrl-C (SIGINT) to its foreground process group only, so it
+//! reaches the parent and not such a child, where a child of the standard
+//! library (or of procspawn), in the parent's group, gets it too. A program
+//! that catches its `KeyboardInterrupt` and then joins children that loop
+//! until interrupted would wait for them for ever.
+//!
+//! For one-off children of pools built with
+//! [`Builder::forward_interrupts`](crate::Builder::forward_interrupts), the
+//! parent's SIGINT action is chained: when a SIGINT comes from the terminal
+//! (`si_code == SI_KERNEL`: the line discipline sends it, where `kill(2)`
+//! gives `SI_USER`), the handler sends SIGINT to the process group of every
+//! such child still running, then runs the action that was there before.
+//! The child then sees the Ctrl-C as it would in the terminal's group.
+//!
+//! # Caveats
+//!
+//! * Installed only over a handler, never over `SIG_DFL` or `SIG_IGN`: a
+//!   program that Ctrl-C ends, or that ignores it, keeps doing so (its
+//!   children end with it through the parent-death signal).
+//! * A handler the program installs later (Python's `signal.signal`)
+//!   replaces this one. The next child started installs it again over that
+//!   handler, and so does [`chain_interrupt_handler`] (Python's `Process`
+//!   calls it as it starts and before each wait); until then Ctrl-C reaches
+//!   the parent only.
+//! * A SIGINT sent with `kill(2)`, to the parent or to its process group,
+//!   is not passed on: the two cannot be told apart, and under the standard
+//!   library only the second reaches the children.
+//! * At most [`SLOTS`] children at once are reached; more are started
+//!   without it (logged).
+//! * A copy of the parent made by `fork()` inherits the handler but passes
+//!   nothing on until it starts children of its own.
+
+use std::ptr;
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::panics::lock;
+
+/// How many children can be reached at once.
+pub(crate) const SLOTS: usize = 4096;
+
+/// The process groups (= pids) of the children reached; 0 is a free slot.
+static GROUPS: [AtomicI32; SLOTS] = [const { AtomicI32::new(0) }; SLOTS];
+/// The process the table is for: a copy made by `fork()` must not act on it.
+static OWNER: AtomicI32 = AtomicI32::new(0);
+/// How many terminal SIGINTs this process has passed on.
+static FORWARDED: AtomicU64 = AtomicU64::new(0);
+/// The action that was installed before ours, which ours chains to. Never
+/// freed: a handler running on another thread may still be reading it.
+static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
+/// Serialises installing and the table's owner change.
+static INSTALL: Mutex<()> = Mutex::new(());
+
+fn getpid() -> i32 {
+    // SAFETY: getpid(2) has no preconditions and is async-signal-safe.
+    unsafe { libc::getpid() }
+}
+
+/// How many times this process has passed a terminal's Ctrl-C on to its
+/// one-off children (see [`Builder::forward_interrupts`](crate::Builder::forward_interrupts)).
+/// A caller that notes it before a wait can tell, when the wait is
+/// interrupted, whether its child got the Ctrl-C too.
+pub fn interrupts_forwarded() -> u64 {
+    FORWARDED.load(Ordering::SeqCst)
+}
+
+extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    // SAFETY: __errno_location returns this thread's errno; saved and put
+    // back so the interrupted code sees its own.
+    let errno = unsafe { *libc::__errno_location() };
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler;
+    // checked for null all the same (a chaining handler might pass none).
+    let from_terminal = !info.is_null() && unsafe { (*info).si_code } == libc::SI_KERNEL;
+    if from_terminal && getpid() == OWNER.load(Ordering::SeqCst) {
+        FORWARDED.fetch_add(1, Ordering::SeqCst);
+        for slot in &GROUPS {
+            let group = slot.load(Ordering::SeqCst);
+            if group > 0 {
+                // SAFETY: kill(2) is async-signal-safe; a slot holds the group
+                // of an unreaped child, whose id cannot have been reused.
+                unsafe { libc::kill(-group, libc::SIGINT) };
+            }
+        }
+    }
+    let previous = PREVIOUS.load(Ordering::SeqCst);
+    if !previous.is_null() {
+        // SAFETY: PREVIOUS points to a leaked, never-changed sigaction.
+        let previous = unsafe { &*previous };
+        let handler = previous.sa_sigaction;
+        if handler != libc::SIG_DFL && handler != libc::SIG_IGN {
+            if previous.sa_flags & libc::SA_SIGINFO != 0 {
+                // SAFETY: with SA_SIGINFO, sa_sigaction is a three-argument handler.
+                let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    unsafe { std::mem::transmute(handler) };
+                handler(sig, info, context);
+            } else {
+                // SAFETY: without SA_SIGINFO, it is a one-argument handler.
+                let handler: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
+                handler(sig);
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Installs the forwarding SIGINT handler over the current one, unless it is
+/// there already or the current action is `SIG_DFL` or `SIG_IGN`. Called
+/// as each forwarded child starts, and by a front end after it changed the
+/// SIGINT handler or before it waits on such a child, so that a handler
+/// installed since is chained too. Returns whether the handler is in place.
+pub fn chain_interrupt_handler() -> bool {
+    let _guard = lock(&INSTALL);
+    let me = getpid();
+    if OWNER.swap(me, Ordering::SeqCst) != me {
+        // A fork's copy of the table names its parent's children.
+        for slot in &GROUPS {
+            slot.store(0, Ordering::SeqCst);
+        }
+    }
+    // SAFETY: a zeroed sigaction is a valid out-parameter.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: reads the current action into `current`.
+    if unsafe { libc::sigaction(libc::SIGINT, ptr::null(), &mut current) } != 0 {
+        return false;
+    }
+    let ours = on_sigint as *const () as libc::sighandler_t;
+    if current.sa_sigaction == ours {
+        return true;
+    }
+    if current.sa_sigaction == libc::SIG_DFL || current.sa_sigaction == libc::SIG_IGN {
+        return false;
+    }
+    PREVIOUS.store(Box::into_raw(Box::new(current)), Ordering::SeqCst);
+    let mut action = current;
+    action.sa_sigaction = ours;
+    // The previous action's mask and flags (Python's leaves out SA_RESTART,
+    // so that a blocking call returns EINTR and its handler runs), with siginfo.
+    action.sa_flags = (current.sa_flags | libc::SA_SIGINFO) & !libc::SA_RESETHAND;
+    // SAFETY: installs a valid action; on_sigint is async-signal-safe.
+    unsafe { libc::sigaction(libc::SIGINT, &action, ptr::null_mut()) == 0 }
+}
+
+/// A child whose process group gets the terminal's Ctrl-C while it runs:
+/// [`Forwarded::start`] when it has started, dropped (or
+/// [`Forwarded::stop`]) before it is reaped.
+#[derive(Debug)]
+pub(crate) struct Forwarded {
+    slot: Option<usize>,
+}
+
+impl Forwarded {
+    /// Starts passing Ctrl-C on to the group led by `pid`, if the handler
+    /// could be installed and a slot is free.
+    pub(crate) fn start(pid: i32) -> Forwarded {
+        if !chain_interrupt_handler() {
+            tracing::debug!(pid, "SIGINT is not handled by this process: Ctrl-C is not passed on");
+            return Forwarded { slot: None };
+        }
+        let slot =
+            GROUPS.iter().position(|slot| slot.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst).is_ok());
+        if slot.is_none() {
+            tracing::warn!(pid, "more than {SLOTS} children at once: Ctrl-C is not passed on to this one");
+        }
+        Forwarded { slot }
+    }
+
+    /// Stops passing Ctrl-C on: the child has exited and is about to be
+    /// reaped, after which its group id may be reused.
+    pub(crate) fn stop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            GROUPS[slot].store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Forwarded {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
