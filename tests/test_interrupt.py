@@ -270,6 +270,144 @@ def test_a_program_ended_by_ctrl_c_stops_its_children_instead_of_joining_them(pr
     assert prog.out_lines() == ["child started", "child cleaned up"]
 
 
+# -- a terminal's Ctrl-C and Process children -------------------------------
+
+# The same program on warden and on the standard library (spawn): children
+# that handle Ctrl-C (KeyboardInterrupt) by cleaning up for a moment.
+CHILDREN_HANDLING_CTRL_C = """
+import os, signal, sys, time
+if sys.argv[1] == "warden":
+    import warden as mp
+else:
+    import multiprocessing
+    mp = multiprocessing.get_context("spawn")
+
+def log(text):
+    with open(os.environ["OUT"], "a") as f:
+        f.write(text + "\\n")
+
+def wait_started(n):
+    while sum(line.startswith("started") for line in open(os.environ["OUT"])) < n:
+        time.sleep(0.02)
+    print("ready", flush=True)
+
+def child(i):
+    log(f"started {{i}}")
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        time.sleep(0.5)
+        log(f"cleaned up {{i}}")
+
+if __name__ == "__main__":
+    open(os.environ["OUT"], "a").close()
+    children = [mp.Process(target=child, args=(i,)) for i in range(2)]
+    for p in children:
+        p.start()
+{body}
+"""
+
+CATCH_AND_JOIN = """
+    wait_started(2)
+    try:
+        for p in children:
+            p.join()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        for p in children:
+            p.join()
+    print("exit codes", [p.exitcode for p in children], flush=True)
+"""
+
+
+def start_under_a_terminal(prog, *args):
+    """Runs ``prog`` as the leader of a new session whose controlling
+    terminal is a fresh pseudo-terminal (``setsid --ctty``); returns the
+    process and the terminal's master side, where writing ``\\x03`` is
+    typing Ctrl-C: the terminal sends SIGINT to its foreground process
+    group, the program's."""
+    master, slave = os.openpty()
+    try:
+        proc = prog.start(stdin=slave, command=["setsid", "--ctty", sys.executable, str(prog.path), *args])
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    return proc, master
+
+
+def type_ctrl_c_when_ready(proc, master):
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2)  # the parent is in its wait
+        os.write(master, b"\x03")
+        return finish(proc)
+    finally:
+        os.close(master)
+
+
+needs_setsid = pytest.mark.skipif(
+    shutil.which("setsid") is None, reason="needs setsid(1) (util-linux) for a terminal"
+)
+
+
+@needs_setsid
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_a_terminals_ctrl_c_reaches_process_children_which_handle_it_while_the_parent_joins_them(
+    program, impl
+):
+    """Under the standard library, Ctrl-C in a terminal reaches the children
+    too (they are in its foreground process group). A warden child leads a
+    group of its own, and so waited for ever: the parent, interrupted, joined
+    children that never saw the Ctrl-C. Now the parent passes it on."""
+    prog = program(CHILDREN_HANDLING_CTRL_C.format(body=CATCH_AND_JOIN))
+    proc, master = start_under_a_terminal(prog, impl)
+    out, err = type_ctrl_c_when_ready(proc, master)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["interrupted", "exit codes [0, 0]"], err
+    assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"]
+    assert "Traceback" not in err
+
+
+@needs_setsid
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_a_program_ended_by_a_terminals_ctrl_c_lets_its_children_finish_handling_it(program, impl):
+    """The Ctrl-C ends the parent (uncaught); at exit, a child that saw it
+    too is joined while it cleans up, as the standard library joins its
+    children, not stopped in the middle of its ``except`` block."""
+    body = """
+    wait_started(2)
+    time.sleep(60)
+"""
+    prog = program(CHILDREN_HANDLING_CTRL_C.format(body=body))
+    proc, master = start_under_a_terminal(prog, impl)
+    _, err = type_ctrl_c_when_ready(proc, master)
+    assert proc.returncode == -signal.SIGINT, err
+    assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"]
+
+
+@needs_setsid
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_a_terminals_ctrl_c_reaches_children_past_a_sigint_handler_set_after_they_started(program, impl):
+    """``signal.signal`` replaces the handler that passes Ctrl-C on; the
+    next wait on a child puts it back in front of the program's handler."""
+    body = """
+    signal.signal(signal.SIGINT, lambda signum, frame: print("parent's handler", flush=True))
+    wait_started(2)
+    for p in children:
+        p.join()
+    print("exit codes", [p.exitcode for p in children], flush=True)
+"""
+    prog = program(CHILDREN_HANDLING_CTRL_C.format(body=body))
+    proc, master = start_under_a_terminal(prog, impl)
+    out, err = type_ctrl_c_when_ready(proc, master)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["parent's handler", "exit codes [0, 0]"], err
+    assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"]
+
+
 # -- a pool whose workers handle SIGTERM themselves ---------------------------
 
 

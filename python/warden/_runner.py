@@ -551,6 +551,7 @@ class Runner:
         memory_limit: int | None = None,
         on_worker_lost: Callable[[WorkerLost], object] | None = None,
         forward_logging: bool = False,
+        forward_interrupts: bool = False,
     ) -> None:
         _forget_finished_runners()
         # What the program printed so far comes before what its workers
@@ -624,6 +625,7 @@ class Runner:
                 max_frame_size=MAX_FRAME,
                 prefetch=PREFETCH,
                 one_off=one_off,
+                forward_interrupts=forward_interrupts,
                 start=start,
                 zygote_payload=zygote,
                 zygote_fallback_payload=fallback,
@@ -647,6 +649,10 @@ class Runner:
         self.exit_policy = exit_policy
         self.exit_timeout = exit_timeout
         self.forward_logging = forward_logging
+        #: A terminal's Ctrl-C reaches the (one-off) child too; how many this
+        #: process had passed on before the child started.
+        self.forward_interrupts = forward_interrupts
+        self.interrupts_at_start = _warden.interrupts_forwarded()
         #: A Ctrl-C while waiting on this pool stopped it (see :meth:`interrupt`).
         self.interrupted = False
         #: What to call with each task's outcome, by the core's task id.
@@ -737,6 +743,16 @@ class Runner:
         """Cancels everything and stops the workers gracefully. Returns at once."""
         self.core.terminate()
 
+    def got_the_interrupt(self, since: int | None = None) -> bool:
+        """Whether a terminal's Ctrl-C was passed on to this runner's child
+        since ``since`` (a count of :func:`_warden.interrupts_forwarded`; by
+        default, since the child started): it saw the Ctrl-C itself, as a
+        child in the terminal's process group would."""
+        if not self.forward_interrupts:
+            return False
+        before = self.interrupts_at_start if since is None else since
+        return _warden.interrupts_forwarded() != before
+
     def interrupt(self) -> None:
         """Ctrl-C while waiting on this pool: the first one cancels queued tasks
         and stops the workers gracefully (their finalizers run), another kills them."""
@@ -752,13 +768,19 @@ class Runner:
         ``RuntimeError`` without a timeout on the pool's own results thread
         (in a callback): its workers wait, as they exit, for that thread to
         read the results they lent (the standard library's executor raises
-        there too, "cannot join current thread"; its ``Pool`` hangs)."""
+        there too, "cannot join current thread"; its ``Pool`` hangs). A
+        terminal's Ctrl-C that reached a one-off child too (see
+        :meth:`got_the_interrupt`) leaves it to the child."""
         if timeout is None:
             refuse_self_wait(self.core, SELF_JOIN)
+        if self.forward_interrupts:
+            _warden.chain_interrupt_handler()  # over a handler set since it started
+        forwarded = _warden.interrupts_forwarded()
         try:
             done = self.core.join(timeout)
         except KeyboardInterrupt:
-            self.interrupt()
+            if not self.got_the_interrupt(forwarded):
+                self.interrupt()
             raise
         if done and self.thread is not None and not _native.is_current(self.thread):
             self.thread.join(None if timeout is None else max(timeout, 1.0))
@@ -1143,10 +1165,13 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
     * a non-daemon process is joined (``"join"``).
 
     If the program is ending because of Ctrl-C (or, in a worker, a stop
-    signal), everything is stopped gracefully at once instead (nothing is joined: the children, in their own
-    process groups, did not see the Ctrl-C). A Ctrl-C while waiting stops
-    everything gracefully; another one kills what is left. After a terminate,
-    every wait is bounded by the grace periods."""
+    signal), everything is stopped gracefully at once instead (nothing is
+    joined: the children, in their own process groups, did not see the
+    Ctrl-C), except a non-daemon process that a terminal's Ctrl-C reached
+    too: it is joined, as the standard library joins its children, which
+    saw it. A Ctrl-C while waiting stops everything gracefully; another one
+    kills what is left. After a terminate, every wait is bounded by the
+    grace periods."""
     global exiting, exit_began
     exit_began = True
     if policies is None:
@@ -1159,12 +1184,14 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
     try:
         try:
             for r in runners:
-                if interrupted:
+                if interrupted and not (r.exit_policy == "join" and r.got_the_interrupt()):
                     _cut_short(r, "the program was interrupted")
                 elif r.exit_policy != "join":
                     r.core.stop(_EXIT_STOP[r.exit_policy], wait=False)
             for r in runners:
                 if r.exit_policy == "join":
+                    if r.forward_interrupts:
+                        _warden.chain_interrupt_handler()
                     r.core.join()
                 elif r.exit_policy == "drain":
                     limit = None if r.exit_timeout is None else _left(started + r.exit_timeout)

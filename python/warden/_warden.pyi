@@ -23,6 +23,7 @@ __all__ = [
     "WorkerEnd",
     "WorkerState",
     "buffer_address",
+    "chain_interrupt_handler",
     "contains_any",
     "copy_to_bytearray",
     "copy_to_bytes",
@@ -30,6 +31,7 @@ __all__ = [
     "fill_closed_stdio",
     "forked_from",
     "hold_stops",
+    "interrupts_forwarded",
     "is_dumpable",
     "map_segment",
     "read_remote",
@@ -220,6 +222,7 @@ class CorePool:
         max_frame_size: int | None = None,
         prefetch: int | None = None,
         one_off: bool = False,
+        forward_interrupts: bool = False,
         start: str = "zygote",
         zygote_payload: bytes | None = None,
         zygote_fallback_payload: bytes | None = None,
@@ -277,6 +280,8 @@ def contains_any(data: object, needles: list[bytes]) -> bool: ...
 def trim_heap() -> bool: ...
 def fill_closed_stdio() -> None: ...
 def fds_scarce(fd: int) -> bool: ...
+def interrupts_forwarded() -> int: ...
+def chain_interrupt_handler() -> bool: ...
 
 LENT_BYTES: Final[int]
 LENT_RAW: Final[int]

@@ -174,6 +174,9 @@ class Process(multiprocessing.context.Process):
                     deliver=False,
                     exit_policy="terminate" if self.daemon else "join",
                     start="exec",  # one child: a zygote would only add a process
+                    # A terminal's Ctrl-C reaches it, as it reaches a child in
+                    # the terminal's process group.
+                    forward_interrupts=True,
                 )
             except _warden.CoreError as e:  # the core closed the fds
                 raise _start_error(self._name, e) from None
@@ -190,13 +193,18 @@ class Process(multiprocessing.context.Process):
             runner.core.kill()
             raise OSError(f"cannot start process {self._name}: {runner.core.failure() or 'no pid'}")
         self._pid = pid
+        # Over Python's handler again: ctrl_c_held put it back, maybe after
+        # the core chained the Ctrl-C forwarding over the one it replaced.
+        _warden.chain_interrupt_handler()
         # As the standard library does: the child has them, this object need not.
         del self._target, self._args, self._kwargs
         multiprocessing.process._children.add(self)  # type: ignore[attr-defined]
 
     def join(self, timeout: float | None = None) -> None:
         """Waits until the child has exited (and run its exit path), or
-        ``timeout`` seconds. Ctrl-C meanwhile stops the child gracefully (a
+        ``timeout`` seconds. A terminal's Ctrl-C meanwhile reaches the child
+        too (it is passed on to it) and raises ``KeyboardInterrupt`` here; a
+        SIGINT sent to this process alone stops the child gracefully (a
         second one kills it) and raises ``KeyboardInterrupt``."""
         self._check_closed()
         self._check_not_handle("join")

@@ -233,7 +233,7 @@ impl CorePool {
     #[pyo3(signature = (
         program, args, *, workers=1, name=None, init_payload=None, pass_fds=Vec::new(), env=Vec::new(),
         max_tasks_per_child=None, task_timeout=None, init_timeout=None, grace=None,
-        restart_intensity=None, unlimited_restarts=false, fail_on_start_error=false, max_frame_size=None, prefetch=None, one_off=false,
+        restart_intensity=None, unlimited_restarts=false, fail_on_start_error=false, max_frame_size=None, prefetch=None, one_off=false, forward_interrupts=false,
         start="zygote", zygote_payload=None, zygote_fallback_payload=None, max_memory_per_child=None, memory_limit=None, on_worker_lost=None,
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -256,6 +256,7 @@ impl CorePool {
         max_frame_size: Option<usize>,
         prefetch: Option<usize>,
         one_off: bool,
+        forward_interrupts: bool,
         start: &str,
         zygote_payload: Option<&[u8]>,
         zygote_fallback_payload: Option<&[u8]>,
@@ -273,6 +274,9 @@ impl CorePool {
             .on_event(move |e| sink.on_event(e));
         if one_off {
             builder = builder.one_off();
+        }
+        if forward_interrupts {
+            builder = builder.forward_interrupts();
         }
         builder = builder.start(match start {
             "zygote" => StartMethod::Zygote,
@@ -709,6 +713,21 @@ pub fn trim_heap(py: Python<'_>) -> bool {
 #[pyfunction]
 pub fn fds_scarce(fd: RawFd) -> bool {
     warden::frontend::fds_scarce(fd)
+}
+
+/// How many times this process has passed a terminal's Ctrl-C on to its
+/// one-off children (the core's `interrupts_forwarded`).
+#[pyfunction]
+pub fn interrupts_forwarded() -> u64 {
+    warden::interrupts_forwarded()
+}
+
+/// Chains the core's Ctrl-C forwarding over the SIGINT handler installed
+/// now (the core's `chain_interrupt_handler`): after `signal.signal`
+/// replaced it, before a wait on a `Process`. Whether it is in place.
+#[pyfunction]
+pub fn chain_interrupt_handler() -> bool {
+    warden::frontend::chain_interrupt_handler()
 }
 
 /// Opens `/dev/null` on whichever of fds 0, 1 and 2 is closed in this
