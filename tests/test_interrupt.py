@@ -278,9 +278,12 @@ CHILDREN_HANDLING_CTRL_C = """
 import os, signal, sys, time
 if sys.argv[1] == "warden":
     import warden as mp
+    from warden import ProcessPoolExecutor
 else:
-    import multiprocessing
+    import functools, multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
     mp = multiprocessing.get_context("spawn")
+    ProcessPoolExecutor = functools.partial(ProcessPoolExecutor, mp_context=mp)
 
 def log(text):
     with open(os.environ["OUT"], "a") as f:
@@ -373,11 +376,19 @@ def test_a_terminals_ctrl_c_reaches_process_children_which_handle_it_while_the_p
 
 @needs_setsid
 @pytest.mark.parametrize("impl", ["warden", "stdlib"])
-def test_a_program_ended_by_a_terminals_ctrl_c_lets_its_children_finish_handling_it(program, impl):
+@pytest.mark.parametrize(
+    "pool",
+    ["", "with ProcessPoolExecutor(1) as ex: ex.submit(abs, -1).result()"],
+    ids=["no-pool", "a-pool-made-after-them"],
+)
+def test_a_program_ended_by_a_terminals_ctrl_c_lets_its_children_finish_handling_it(program, impl, pool):
     """The Ctrl-C ends the parent (uncaught); at exit, a child that saw it
     too is joined while it cleans up, as the standard library joins its
-    children, not stopped in the middle of its ``except`` block."""
-    body = """
+    children, not stopped in the middle of its ``except`` block. Also when
+    a pool made after the children started set a SIGINT handler of its own
+    for a moment (warden's holds a Ctrl-C back while a pool starts)."""
+    body = f"""
+    {pool}
     wait_started(2)
     time.sleep(60)
 """

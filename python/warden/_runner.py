@@ -1110,6 +1110,8 @@ def ctrl_c_held() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # In front of Python's handler again, if Process children get Ctrl-C.
+        _warden.chain_interrupt_handler()
     if held:
         raise KeyboardInterrupt
 

@@ -193,8 +193,8 @@ class Process(multiprocessing.context.Process):
             runner.core.kill()
             raise OSError(f"cannot start process {self._name}: {runner.core.failure() or 'no pid'}")
         self._pid = pid
-        # Over Python's handler again: ctrl_c_held put it back, maybe after
-        # the core chained the Ctrl-C forwarding over the one it replaced.
+        # In front of Python's handler again: ctrl_c_held may have put that
+        # back after the core chained the Ctrl-C forwarding in front of hold.
         _warden.chain_interrupt_handler()
         # As the standard library does: the child has them, this object need not.
         del self._target, self._args, self._kwargs

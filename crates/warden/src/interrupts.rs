@@ -108,20 +108,20 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
     unsafe { *libc::__errno_location() = errno };
 }
 
-/// Installs the forwarding SIGINT handler over the current one, unless it is
-/// there already or the current action is `SIG_DFL` or `SIG_IGN`. Called
-/// as each forwarded child starts, and by a front end after it changed the
-/// SIGINT handler or before it waits on such a child, so that a handler
-/// installed since is chained too. Returns whether the handler is in place.
+/// Chains the forwarding SIGINT handler in front of the current one again,
+/// if this process has started a child it passes Ctrl-C on to and the
+/// handler is no longer in place: for a front end, after it changed the
+/// SIGINT handler itself or before it waits on such a child, so that a
+/// handler installed since is chained too. Never over `SIG_DFL` or
+/// `SIG_IGN`. Returns whether the handler is in place.
 pub fn chain_interrupt_handler() -> bool {
     let _guard = lock(&INSTALL);
-    let me = getpid();
-    if OWNER.swap(me, Ordering::SeqCst) != me {
-        // A fork's copy of the table names its parent's children.
-        for slot in &GROUPS {
-            slot.store(0, Ordering::SeqCst);
-        }
-    }
+    OWNER.load(Ordering::SeqCst) == getpid() && install()
+}
+
+/// Installs the handler over the current action unless it is there already
+/// or the current action is `SIG_DFL` or `SIG_IGN`. Under `INSTALL`.
+fn install() -> bool {
     // SAFETY: a zeroed sigaction is a valid out-parameter.
     let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: reads the current action into `current`.
@@ -157,7 +157,18 @@ impl Forwarded {
     /// Starts passing Ctrl-C on to the group led by `pid`, if the handler
     /// could be installed and a slot is free.
     pub(crate) fn start(pid: i32) -> Forwarded {
-        if !chain_interrupt_handler() {
+        let installed = {
+            let _guard = lock(&INSTALL);
+            let me = getpid();
+            if OWNER.swap(me, Ordering::SeqCst) != me {
+                // A fork's copy of the table names its parent's children.
+                for slot in &GROUPS {
+                    slot.store(0, Ordering::SeqCst);
+                }
+            }
+            install()
+        };
+        if !installed {
             tracing::debug!(pid, "SIGINT is not handled by this process: Ctrl-C is not passed on");
             return Forwarded { slot: None };
         }
