@@ -419,6 +419,56 @@ def test_a_terminals_ctrl_c_reaches_children_past_a_sigint_handler_set_after_the
     assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"]
 
 
+@needs_setsid
+def test_a_program_ended_by_a_sigint_sent_to_it_alone_stops_children_that_an_earlier_ctrl_c_reached(program):
+    """A child that got a terminal's Ctrl-C earlier, handled it and went
+    on, is not one that saw the SIGINT ending the program (sent with
+    ``kill`` to the parent alone): at exit it is stopped, not joined for
+    ever."""
+    prog = program(
+        """
+        import os, signal, time, warden
+        def log(text):
+            with open(os.environ["OUT"], "a") as f:
+                f.write(text + "\\n")
+        def child():
+            log("started")
+            while True:
+                try:
+                    time.sleep(60)
+                except KeyboardInterrupt:
+                    log("handled a Ctrl-C")
+                finally:
+                    log("finally")
+        if __name__ == "__main__":
+            p = warden.Process(target=child)
+            p.start()
+            while not os.path.exists(os.environ["OUT"]):
+                time.sleep(0.02)
+            print("ready", flush=True)
+            try:
+                p.join()
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+            time.sleep(60)
+        """
+    )
+    proc, master = start_under_a_terminal(prog)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        os.write(master, b"\x03")
+        assert proc.stdout.readline().strip() == "interrupted"
+        assert wait_until(lambda: "handled a Ctrl-C" in prog.out_lines(), timeout=10)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = finish(proc)
+    finally:
+        os.close(master)
+    assert proc.returncode == -signal.SIGINT, err
+    assert prog.out_lines() == ["started", "handled a Ctrl-C", "finally", "finally"]
+
+
 # -- a pool whose workers handle SIGTERM themselves ---------------------------
 
 

@@ -744,14 +744,15 @@ class Runner:
         self.core.terminate()
 
     def got_the_interrupt(self, since: int | None = None) -> bool:
-        """Whether a terminal's Ctrl-C was passed on to this runner's child
-        since ``since`` (a count of :func:`_warden.interrupts_forwarded`; by
-        default, since the child started): it saw the Ctrl-C itself, as a
-        child in the terminal's process group would."""
+        """Whether the last SIGINT was a terminal's Ctrl-C passed on to this
+        runner's child, since ``since`` (a count of
+        :func:`_warden.interrupts_forwarded`; by default, since the child
+        started): it saw the Ctrl-C itself, as a child in the terminal's
+        process group would."""
         if not self.forward_interrupts:
             return False
         before = self.interrupts_at_start if since is None else since
-        return _warden.interrupts_forwarded() != before
+        return _warden.interrupts_forwarded() != before and _warden.last_interrupt_forwarded()
 
     def interrupt(self) -> None:
         """Ctrl-C while waiting on this pool: the first one cancels queued tasks

@@ -722,6 +722,13 @@ pub fn interrupts_forwarded() -> u64 {
     warden::interrupts_forwarded()
 }
 
+/// Whether the last SIGINT this process got was a terminal's Ctrl-C passed
+/// on to its one-off children (the core's `last_interrupt_forwarded`).
+#[pyfunction]
+pub fn last_interrupt_forwarded() -> bool {
+    warden::last_interrupt_forwarded()
+}
+
 /// Chains the core's Ctrl-C forwarding over the SIGINT handler installed
 /// now (the core's `chain_interrupt_handler`): after `signal.signal`
 /// replaced it, before a wait on a `Process`. Whether it is in place.

@@ -35,7 +35,7 @@
 //!   nothing on until it starts children of its own.
 
 use std::ptr;
-use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::panics::lock;
@@ -49,6 +49,9 @@ static GROUPS: [AtomicI32; SLOTS] = [const { AtomicI32::new(0) }; SLOTS];
 static OWNER: AtomicI32 = AtomicI32::new(0);
 /// How many terminal SIGINTs this process has passed on.
 static FORWARDED: AtomicU64 = AtomicU64::new(0);
+/// The last SIGINT this process got (with the handler in place) was the
+/// terminal's, and passed on.
+static LAST_FORWARDED: AtomicBool = AtomicBool::new(false);
 /// The action that was installed before ours, which ours chains to. Never
 /// freed: a handler running on another thread may still be reading it.
 static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
@@ -68,6 +71,15 @@ pub fn interrupts_forwarded() -> u64 {
     FORWARDED.load(Ordering::SeqCst)
 }
 
+/// Whether the last SIGINT this process got while the forwarding handler was
+/// in place was a terminal's Ctrl-C, passed on; false after one sent with
+/// `kill(2)`, which reached this process only. With
+/// [`interrupts_forwarded`], a program ending because of a SIGINT can tell
+/// whether its children got it too.
+pub fn last_interrupt_forwarded() -> bool {
+    LAST_FORWARDED.load(Ordering::SeqCst)
+}
+
 extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SAFETY: __errno_location returns this thread's errno; saved and put
     // back so the interrupted code sees its own.
@@ -75,7 +87,11 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler;
     // checked for null all the same (a chaining handler might pass none).
     let from_terminal = !info.is_null() && unsafe { (*info).si_code } == libc::SI_KERNEL;
-    if from_terminal && getpid() == OWNER.load(Ordering::SeqCst) {
+    let owner = getpid() == OWNER.load(Ordering::SeqCst);
+    if owner {
+        LAST_FORWARDED.store(from_terminal, Ordering::SeqCst);
+    }
+    if from_terminal && owner {
         FORWARDED.fetch_add(1, Ordering::SeqCst);
         for slot in &GROUPS {
             let group = slot.load(Ordering::SeqCst);

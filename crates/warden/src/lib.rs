@@ -116,7 +116,7 @@ mod zygote;
 pub struct ReadmeDoctests;
 
 pub use error::{signal_name, Error, ErrorKind, ExitStatus, Result};
-pub use interrupts::interrupts_forwarded;
+pub use interrupts::{interrupts_forwarded, last_interrupt_forwarded};
 pub use lost::LostWorker;
 pub use pool::{
     spawn, spawn_with, Builder, Child, ChildOptions, Handle, Pool, StartMethod, StopMode, TaskOptions, DEFAULT_GRACE,
