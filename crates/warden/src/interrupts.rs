@@ -162,8 +162,8 @@ fn install() -> bool {
 }
 
 /// A child whose process group gets the terminal's Ctrl-C while it runs:
-/// [`Forwarded::start`] when it has started, dropped (or
-/// [`Forwarded::stop`]) before it is reaped.
+/// [`Forwarded::start`] when it has started, dropped before it is reaped
+/// (after which its group id may be reused).
 #[derive(Debug)]
 pub(crate) struct Forwarded {
     slot: Option<usize>,
@@ -195,18 +195,12 @@ impl Forwarded {
         }
         Forwarded { slot }
     }
-
-    /// Stops passing Ctrl-C on: the child has exited and is about to be
-    /// reaped, after which its group id may be reused.
-    pub(crate) fn stop(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            GROUPS[slot].store(0, Ordering::SeqCst);
-        }
-    }
 }
 
 impl Drop for Forwarded {
     fn drop(&mut self) {
-        self.stop();
+        if let Some(slot) = self.slot {
+            GROUPS[slot].store(0, Ordering::SeqCst);
+        }
     }
 }

@@ -120,9 +120,7 @@ impl Wait for Pidfd {
         if seen.is_none() {
             return Ok(None);
         }
-        if let Some(mut forwarded) = self.forwarded.take() {
-            forwarded.stop();
-        }
+        self.forwarded = None; // out of the Ctrl-C table before its group id can be reused
         let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
         let status = rustix::process::waitid(self.id(), WaitIdOptions::EXITED | WaitIdOptions::NOHANG)?;
         Ok(status.map(|st| match st.terminating_signal() {
