@@ -191,6 +191,73 @@ def test_ctrl_c_while_a_pool_starts_stops_that_pool_and_closes_nothing_of_the_pr
     assert run.returncode == 0, run.stderr
 
 
+def test_ctrl_c_while_a_process_starts_leaves_it_started_and_running_its_target(program):
+    """A Ctrl-C held back while ``start()`` made the child used to be
+    raised before the child was given its target: the child waited for it
+    for ever, and so did the program at exit, joining it. Now ``start()``
+    raises ``KeyboardInterrupt`` with the child started (its pid known),
+    the target runs, and the program ends. Here the SIGINT is sent just as
+    the child is being made."""
+    prog = program(
+        """
+        import os, signal, time, warden
+        from warden import _runner
+
+        class CtrlCLandsHere(_runner.Runner):
+            def __init__(self, *args, **kwargs):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                super().__init__(*args, **kwargs)
+
+        def child():
+            print("the target ran", flush=True)
+
+        if __name__ == "__main__":
+            _runner.Runner = CtrlCLandsHere
+            p = warden.Process(target=child)
+            try:
+                p.start()
+            except KeyboardInterrupt:
+                print("start interrupted; pid known:", p.pid is not None, flush=True)
+            p.join()
+            print("exit code", p.exitcode, flush=True)
+        """
+    )
+    run = prog.run(timeout=30)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert sorted(lines[:2]) == ["start interrupted; pid known: True", "the target ran"], run.stdout
+    assert lines[2:] == ["exit code 0"], run.stdout
+
+
+def test_a_start_failing_after_a_held_ctrl_c_raises_keyboard_interrupt_from_the_failure(program):
+    """The Ctrl-C held while a child starts may be what made the start fail
+    (it ended the child): the program sees its ``KeyboardInterrupt``, with
+    the failure as the cause, not the failure alone."""
+    prog = program(
+        """
+        import os, signal, time, warden
+        from warden import _runner
+
+        class FailsAfterACtrlC(_runner.Runner):
+            def __init__(self, *args, **kwargs):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                raise OSError("the child could not start")
+
+        if __name__ == "__main__":
+            _runner.Runner = FailsAfterACtrlC
+            try:
+                warden.Process(target=print).start()
+            except BaseException as e:
+                print(type(e).__name__, "from", repr(e.__cause__), flush=True)
+        """
+    )
+    run = prog.run(timeout=30)
+    expected = "KeyboardInterrupt from OSError('the child could not start')"
+    assert run.stdout.splitlines() == [expected], run.stderr
+
+
 def test_a_second_ctrl_c_kills_at_once(program):
     prog, proc = start(program, BODIES["future_result"], env={"FIN_SLEEP": "30"})
     os.kill(proc.pid, signal.SIGINT)
@@ -198,9 +265,10 @@ def test_a_second_ctrl_c_kills_at_once(program):
     sent = time.monotonic()
     os.kill(proc.pid, signal.SIGINT)
     _, err = finish(proc)
-    assert time.monotonic() - sent < 5
-    assert not any(line.startswith("fin-end") for line in prog.out_lines())
-    assert "Traceback" in err
+    took = time.monotonic() - sent
+    assert took < 5, (took, err)
+    assert not any(line.startswith("fin-end") for line in prog.out_lines()), (prog.out_lines(), err)
+    assert "Traceback" in err, (proc.returncode, err)
 
 
 def test_ctrl_c_while_joining_a_process_stops_it_gracefully(program):
@@ -417,6 +485,73 @@ def test_a_terminals_ctrl_c_reaches_children_past_a_sigint_handler_set_after_the
     assert proc.returncode == 0, err
     assert out.splitlines() == ["parent's handler", "exit codes [0, 0]"], err
     assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"]
+
+
+@needs_setsid
+def test_a_terminals_ctrl_c_while_a_process_starts_reaches_it_and_the_children_started_before(program):
+    """A Ctrl-C that comes while ``start()`` makes the child is held back
+    until the child is started, then raised. It reached no child before
+    (the hold's SIGINT handler replaced the one passing it on), nor the new
+    child, started after it came: the parent caught it, joined its
+    children, and waited for ever. Now every child started or being
+    started gets it. The Ctrl-C is typed while the third start is about to
+    make its child (the program pauses there for it)."""
+    prog = program(
+        """
+        import os, time, warden
+        from warden import _runner
+
+        def log(text):
+            with open(os.environ["OUT"], "a") as f:
+                f.write(text + "\\n")
+
+        def child(i):
+            log(f"started {i}")
+            try:
+                time.sleep(60)
+            except KeyboardInterrupt:
+                log(f"cleaned up {i}")
+
+        children = []
+
+        class CtrlCLandsHere(_runner.Runner):
+            def __init__(self, *args, **kwargs):
+                if len(children) == 2:
+                    while sum(1 for _ in open(os.environ["OUT"])) < 2:
+                        time.sleep(0.02)
+                    print("ready", flush=True)
+                    time.sleep(1)  # the Ctrl-C comes now
+                super().__init__(*args, **kwargs)
+
+        _runner.Runner = CtrlCLandsHere
+
+        if __name__ == "__main__":
+            open(os.environ["OUT"], "a").close()
+            try:
+                for i in range(3):
+                    p = warden.Process(target=child, args=(i,))
+                    p.start()
+                    children.append(p)
+            except KeyboardInterrupt:
+                print("interrupted after", len(children), flush=True)
+            for p in children:
+                p.join()
+            print("exit codes", [p.exitcode for p in children], flush=True)
+            # At exit the third child, started as the Ctrl-C came, is joined.
+        """
+    )
+    proc, master = start_under_a_terminal(prog)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        os.write(master, b"\x03")
+        out, err = finish(proc)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["interrupted after 2", "exit codes [0, 0]"], err
+    assert {"cleaned up 0", "cleaned up 1"} <= set(prog.out_lines())
 
 
 @needs_setsid

@@ -552,6 +552,7 @@ class Runner:
         on_worker_lost: Callable[[WorkerLost], object] | None = None,
         forward_logging: bool = False,
         forward_interrupts: bool = False,
+        interrupts_since: int | None = None,
     ) -> None:
         _forget_finished_runners()
         # What the program printed so far comes before what its workers
@@ -609,6 +610,10 @@ class Runner:
             if log_to is not None:
                 _logging.release()
             raise
+        if forward_interrupts and interrupts_since is None:
+            # From now on a Ctrl-C is counted, and reaches the child even
+            # if it comes before the child has started.
+            interrupts_since = _warden.prepare_interrupt_forwarding()
         # The core takes ownership of the fds, even if this fails.
         try:
             program, args = worker_command()
@@ -626,6 +631,7 @@ class Runner:
                 prefetch=PREFETCH,
                 one_off=one_off,
                 forward_interrupts=forward_interrupts,
+                interrupts_since=interrupts_since,
                 start=start,
                 zygote_payload=zygote,
                 zygote_fallback_payload=fallback,
@@ -650,9 +656,12 @@ class Runner:
         self.exit_timeout = exit_timeout
         self.forward_logging = forward_logging
         #: A terminal's Ctrl-C reaches the (one-off) child too; how many this
-        #: process had passed on before the child started.
+        #: process had passed on before the child started (every one since
+        #: reached the child).
         self.forward_interrupts = forward_interrupts
-        self.interrupts_at_start = _warden.interrupts_forwarded()
+        self.interrupts_at_start = (
+            _warden.interrupts_forwarded() if interrupts_since is None else interrupts_since
+        )
         #: A Ctrl-C while waiting on this pool stopped it (see :meth:`interrupt`).
         self.interrupted = False
         #: What to call with each task's outcome, by the core's task id.
@@ -1090,7 +1099,9 @@ def ctrl_c_held() -> Iterator[None]:
     a pool started and out of reach (until interpreter exit), nor interrupt
     its threads' start half done. A second Ctrl-C meanwhile is not held.
     Only where Ctrl-C raises: in the main thread, under Python's own
-    handler (a program's own SIGINT handler is left alone)."""
+    handler (a program's own SIGINT handler is left alone). If the block
+    fails with a Ctrl-C held, ``KeyboardInterrupt`` is raised from that
+    error."""
     import signal
 
     if (
@@ -1107,8 +1118,15 @@ def ctrl_c_held() -> Iterator[None]:
         held.append(signum)
 
     signal.signal(signal.SIGINT, hold)
+    # A Ctrl-C held here still reaches the Process children (the forwarding
+    # handler goes back in front of Python's, which signal.signal replaced).
+    _warden.chain_interrupt_handler()
     try:
         yield
+    except Exception as e:
+        if held:  # what failed may be the Ctrl-C's doing (a child it ended)
+            raise KeyboardInterrupt from e
+        raise
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         # In front of Python's handler again, if Process children get Ctrl-C.

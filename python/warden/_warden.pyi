@@ -35,6 +35,7 @@ __all__ = [
     "is_dumpable",
     "last_interrupt_forwarded",
     "map_segment",
+    "prepare_interrupt_forwarding",
     "read_remote",
     "register_finalizer",
     "run_exit_finalizers",
@@ -224,6 +225,7 @@ class CorePool:
         prefetch: int | None = None,
         one_off: bool = False,
         forward_interrupts: bool = False,
+        interrupts_since: int | None = None,
         start: str = "zygote",
         zygote_payload: bytes | None = None,
         zygote_fallback_payload: bytes | None = None,
@@ -283,6 +285,7 @@ def fill_closed_stdio() -> None: ...
 def fds_scarce(fd: int) -> bool: ...
 def interrupts_forwarded() -> int: ...
 def chain_interrupt_handler() -> bool: ...
+def prepare_interrupt_forwarding() -> int | None: ...
 def last_interrupt_forwarded() -> bool: ...
 
 LENT_BYTES: Final[int]

@@ -162,7 +162,12 @@ class Process(multiprocessing.context.Process):
                 ("target", self._target),
             ],
         )
-        # Held back until the child is this object's (see ctrl_c_held).
+        # Held back until the child is this object's, running its target
+        # (see ctrl_c_held): a Ctrl-C meanwhile leaves a started child that
+        # can be joined, not one waiting for a target that never comes. A
+        # terminal's Ctrl-C from here on reaches the child too, even one
+        # that comes before the child has started.
+        since = _warden.prepare_interrupt_forwarding()
         with _runner.ctrl_c_held():
             try:
                 runner = _runner.Runner(
@@ -177,28 +182,26 @@ class Process(multiprocessing.context.Process):
                     # A terminal's Ctrl-C reaches it, as it reaches a child in
                     # the terminal's process group.
                     forward_interrupts=True,
+                    interrupts_since=since,
                 )
             except _warden.CoreError as e:  # the core closed the fds
                 raise _start_error(self._name, e) from None
             self._popen = runner
-        try:
-            runner.submit(payload, _ignore_outcome)
-        except _warden.CoreError as e:
-            runner.core.kill()
-            raise _start_error(self._name, e) from None
-        finally:
-            runner.close_nowait()
-        pid = runner.core.wait_pid(START_TIMEOUT)
-        if pid is None:
-            runner.core.kill()
-            raise OSError(f"cannot start process {self._name}: {runner.core.failure() or 'no pid'}")
-        self._pid = pid
-        # In front of Python's handler again: ctrl_c_held may have put that
-        # back after the core chained the Ctrl-C forwarding in front of hold.
-        _warden.chain_interrupt_handler()
-        # As the standard library does: the child has them, this object need not.
-        del self._target, self._args, self._kwargs
-        multiprocessing.process._children.add(self)  # type: ignore[attr-defined]
+            try:
+                runner.submit(payload, _ignore_outcome)
+            except _warden.CoreError as e:
+                runner.core.kill()
+                raise _start_error(self._name, e) from None
+            finally:
+                runner.close_nowait()
+            pid = runner.core.wait_pid(START_TIMEOUT)
+            if pid is None:
+                runner.core.kill()
+                raise OSError(f"cannot start process {self._name}: {runner.core.failure() or 'no pid'}")
+            self._pid = pid
+            # As the standard library does: the child has them, this object need not.
+            del self._target, self._args, self._kwargs
+            multiprocessing.process._children.add(self)  # type: ignore[attr-defined]
 
     def join(self, timeout: float | None = None) -> None:
         """Waits until the child has exited (and run its exit path), or

@@ -233,7 +233,7 @@ impl CorePool {
     #[pyo3(signature = (
         program, args, *, workers=1, name=None, init_payload=None, pass_fds=Vec::new(), env=Vec::new(),
         max_tasks_per_child=None, task_timeout=None, init_timeout=None, grace=None,
-        restart_intensity=None, unlimited_restarts=false, fail_on_start_error=false, max_frame_size=None, prefetch=None, one_off=false, forward_interrupts=false,
+        restart_intensity=None, unlimited_restarts=false, fail_on_start_error=false, max_frame_size=None, prefetch=None, one_off=false, forward_interrupts=false, interrupts_since=None,
         start="zygote", zygote_payload=None, zygote_fallback_payload=None, max_memory_per_child=None, memory_limit=None, on_worker_lost=None,
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -257,6 +257,7 @@ impl CorePool {
         prefetch: Option<usize>,
         one_off: bool,
         forward_interrupts: bool,
+        interrupts_since: Option<u64>,
         start: &str,
         zygote_payload: Option<&[u8]>,
         zygote_fallback_payload: Option<&[u8]>,
@@ -275,9 +276,11 @@ impl CorePool {
         if one_off {
             builder = builder.one_off();
         }
-        if forward_interrupts {
-            builder = builder.forward_interrupts();
-        }
+        builder = match (forward_interrupts, interrupts_since) {
+            (true, Some(since)) => builder.forward_interrupts_since(since),
+            (true, None) => builder.forward_interrupts(),
+            (false, _) => builder,
+        };
         builder = builder.start(match start {
             "zygote" => StartMethod::Zygote,
             "exec" => StartMethod::Exec,
@@ -727,6 +730,15 @@ pub fn interrupts_forwarded() -> u64 {
 #[pyfunction]
 pub fn last_interrupt_forwarded() -> bool {
     warden::last_interrupt_forwarded()
+}
+
+/// Makes this process pass a terminal's Ctrl-C on to its `Process`
+/// children and chains the handler in front of the current one (the core's
+/// `prepare_interrupt_forwarding`): the count of Ctrl-Cs passed on so far,
+/// for `CorePool(interrupts_since=...)`, or `None` if SIGINT is not handled.
+#[pyfunction]
+pub fn prepare_interrupt_forwarding() -> Option<u64> {
+    warden::frontend::prepare_interrupt_forwarding()
 }
 
 /// Chains the core's Ctrl-C forwarding over the SIGINT handler installed

@@ -14,7 +14,7 @@
 //!   [`WorkerEnv::take`]), and end the process with the
 //!   [`ExitStatus`](crate::ExitStatus) it returns.
 
-pub use crate::interrupts::chain_interrupt_handler;
+pub use crate::interrupts::{chain_interrupt_handler, prepare_interrupt_forwarding};
 pub use crate::spawn::{fill_closed_stdio, WorkerCommand, ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 pub use crate::supervisor::{fds_scarce, Output, Reply};
 pub use crate::worker::{

@@ -15,6 +15,9 @@
 //! gives `SI_USER`), the handler sends SIGINT to the process group of every
 //! such child still running, then runs the action that was there before.
 //! The child then sees the Ctrl-C as it would in the terminal's group.
+//! One that came after the count the pool was built with (or was given:
+//! [`Builder::forward_interrupts_since`](crate::Builder::forward_interrupts_since))
+//! and before the child was in the table is sent to it as it enters.
 //!
 //! # Caveats
 //!
@@ -43,8 +46,16 @@ use crate::panics::lock;
 /// How many children can be reached at once.
 pub(crate) const SLOTS: usize = 4096;
 
-/// The process groups (= pids) of the children reached; 0 is a free slot.
+/// The process groups (= pids) of the children reached; 0 is a free slot,
+/// [`TAKEN`] one being filled.
 static GROUPS: [AtomicI32; SLOTS] = [const { AtomicI32::new(0) }; SLOTS];
+/// A slot being filled: taken, not yet reached.
+const TAKEN: i32 = -1;
+/// By slot, the number (in [`FORWARDED`]) of the last Ctrl-C its child was
+/// sent: whichever of the handler and [`Forwarded::start`] raises it first
+/// sends that Ctrl-C, so a child that enters the table while one is being
+/// passed on gets it once, not twice or never.
+static SENT: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
 /// The process the table is for: a copy made by `fork()` must not act on it.
 static OWNER: AtomicI32 = AtomicI32::new(0);
 /// How many terminal SIGINTs this process has passed on.
@@ -92,10 +103,10 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
         LAST_FORWARDED.store(from_terminal, Ordering::SeqCst);
     }
     if from_terminal && owner {
-        FORWARDED.fetch_add(1, Ordering::SeqCst);
-        for slot in &GROUPS {
+        let number = FORWARDED.fetch_add(1, Ordering::SeqCst) + 1;
+        for (slot, sent) in GROUPS.iter().zip(&SENT) {
             let group = slot.load(Ordering::SeqCst);
-            if group > 0 {
+            if group > 0 && sent.fetch_max(number, Ordering::SeqCst) < number {
                 // SAFETY: kill(2) is async-signal-safe; a slot holds the group
                 // of an unreaped child, whose id cannot have been reused.
                 unsafe { libc::kill(-group, libc::SIGINT) };
@@ -135,6 +146,17 @@ pub fn chain_interrupt_handler() -> bool {
     OWNER.load(Ordering::SeqCst) == getpid() && install()
 }
 
+/// Makes this process the one that passes a terminal's Ctrl-C on to its
+/// one-off children, and chains the handler in front of the current SIGINT
+/// action (never over `SIG_DFL` or `SIG_IGN`: then `None`). Returns the
+/// count of Ctrl-Cs passed on so far, for
+/// [`Builder::forward_interrupts_since`](crate::Builder::forward_interrupts_since):
+/// a front end calls it before it starts a child with a Ctrl-C held back,
+/// so that one coming meanwhile is counted and reaches the child.
+pub fn prepare_interrupt_forwarding() -> Option<u64> {
+    Forwarded::prepare()
+}
+
 /// Installs the handler over the current action unless it is there already
 /// or the current action is `SIG_DFL` or `SIG_IGN`. Under `INSTALL`.
 fn install() -> bool {
@@ -162,38 +184,51 @@ fn install() -> bool {
 }
 
 /// A child whose process group gets the terminal's Ctrl-C while it runs:
-/// [`Forwarded::start`] when it has started, dropped before it is reaped
-/// (after which its group id may be reused).
+/// [`Forwarded::prepare`] before it is started, [`Forwarded::start`] when it
+/// has, dropped before it is reaped (after which its group id may be reused).
 #[derive(Debug)]
 pub(crate) struct Forwarded {
     slot: Option<usize>,
 }
 
 impl Forwarded {
-    /// Starts passing Ctrl-C on to the group led by `pid`, if the handler
-    /// could be installed and a slot is free.
-    pub(crate) fn start(pid: i32) -> Forwarded {
-        let installed = {
-            let _guard = lock(&INSTALL);
-            let me = getpid();
-            if OWNER.swap(me, Ordering::SeqCst) != me {
-                // A fork's copy of the table names its parent's children.
-                for slot in &GROUPS {
-                    slot.store(0, Ordering::SeqCst);
-                }
+    /// Makes this process the one that passes Ctrl-C on (a fork's copy of
+    /// the table is emptied) and installs the handler, so that a Ctrl-C
+    /// from now on is counted. Returns the count (see
+    /// [`interrupts_forwarded`]), or `None` if SIGINT is not handled here.
+    pub(crate) fn prepare() -> Option<u64> {
+        let _guard = lock(&INSTALL);
+        let me = getpid();
+        if OWNER.swap(me, Ordering::SeqCst) != me {
+            // A fork's copy of the table names its parent's children.
+            for slot in &GROUPS {
+                slot.store(0, Ordering::SeqCst);
             }
-            install()
-        };
-        if !installed {
-            tracing::debug!(pid, "SIGINT is not handled by this process: Ctrl-C is not passed on");
-            return Forwarded { slot: None };
         }
-        let slot =
-            GROUPS.iter().position(|slot| slot.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst).is_ok());
-        if slot.is_none() {
+        install().then(interrupts_forwarded)
+    }
+
+    /// Starts passing Ctrl-C on to the group led by `pid`, if a slot is
+    /// free. `since` is a count from [`Forwarded::prepare`] taken before the
+    /// child was started: a Ctrl-C passed on after it found the child not
+    /// yet in the table (or not yet in its own group, and lost with the
+    /// handlers its `exec` dropped), so it is sent to the child now.
+    pub(crate) fn start(pid: i32, since: u64) -> Forwarded {
+        let Some(slot) =
+            GROUPS.iter().position(|slot| slot.compare_exchange(0, TAKEN, Ordering::SeqCst, Ordering::SeqCst).is_ok())
+        else {
             tracing::warn!(pid, "more than {SLOTS} children at once: Ctrl-C is not passed on to this one");
+            return Forwarded { slot: None };
+        };
+        SENT[slot].store(since, Ordering::SeqCst);
+        GROUPS[slot].store(pid, Ordering::SeqCst);
+        let number = interrupts_forwarded();
+        if SENT[slot].fetch_max(number, Ordering::SeqCst) < number {
+            tracing::debug!(pid, "a Ctrl-C came as the child started: passed on to it now");
+            // SAFETY: kill(2) on the group of an unreaped child of ours.
+            unsafe { libc::kill(-pid, libc::SIGINT) };
         }
-        Forwarded { slot }
+        Forwarded { slot: Some(slot) }
     }
 }
 

@@ -135,6 +135,7 @@ impl Builder {
                 on_event: None,
                 one_off: false,
                 forward_interrupts: false,
+                interrupts_since: None,
                 start: StartMethod::Zygote,
                 zygote_payload: Vec::new(),
                 zygote_fallback: None,
@@ -412,6 +413,21 @@ impl Builder {
         self
     }
 
+    /// [`forward_interrupts`](Builder::forward_interrupts), and a Ctrl-C
+    /// passed on after [`interrupts_forwarded`](crate::interrupts_forwarded)
+    /// returned `since` reaches the child even if it came before the child
+    /// started (by default: after [`build`](Builder::build) began). For a
+    /// front end that holds a Ctrl-C back while it starts a child and raises
+    /// it once the child is started: the child gets that Ctrl-C too. Take
+    /// `since` from
+    /// [`frontend::prepare_interrupt_forwarding`](crate::frontend::prepare_interrupt_forwarding),
+    /// which also installs the handler, so that such a Ctrl-C is counted.
+    pub fn forward_interrupts_since(mut self, since: u64) -> Self {
+        self.cfg.forward_interrupts = true;
+        self.cfg.interrupts_since = Some(since);
+        self
+    }
+
     /// Starts the supervisor thread and the workers. Returns at once; tasks
     /// submitted before the workers are ready wait in the queue.
     pub fn build(mut self) -> Result<Pool> {
@@ -420,6 +436,9 @@ impl Builder {
         }
         if self.cfg.forward_interrupts && !self.cfg.one_off {
             return Err(Error::config("forward_interrupts is for one-off children, not for a pool's workers"));
+        }
+        if self.cfg.forward_interrupts && self.cfg.interrupts_since.is_none() {
+            self.cfg.interrupts_since = crate::interrupts::Forwarded::prepare();
         }
         // A worker or zygote that got here never ran `init`, which takes
         // these variables and never returns in such a process: its pool

@@ -202,6 +202,10 @@ fn main() {
         "a_terminals_ctrl_c_reaches_a_one_off_child_which_stops_through_its_exit_hook",
         a_terminals_ctrl_c_reaches_a_one_off_child,
     ));
+    tests.push(trial(
+        "a_terminals_ctrl_c_counted_before_a_one_off_child_started_reaches_it_as_it_starts",
+        a_terminals_ctrl_c_before_a_child_started_reaches_it,
+    ));
     libtest_mimic::run(&args, tests).exit();
 }
 
@@ -1260,6 +1264,21 @@ fn a_one_off_child_whose_function_panics_exits_with_code_101_after_its_exit_hook
 /// its foreground process group, the host's, and not to the child, which
 /// leads a group of its own. The host handles SIGINT, so it passes it on.
 fn a_terminals_ctrl_c_reaches_a_one_off_child() -> TestResult {
+    ctrl_c_under_a_terminal("ctrl-c-child")
+}
+
+/// As above; the host then starts a second child, with the count taken
+/// before the Ctrl-C came (`forward_interrupts_since`): that child gets the
+/// Ctrl-C as it starts (a front end holding a Ctrl-C back while it starts a
+/// child relies on it), where it would run on for a minute.
+fn a_terminals_ctrl_c_before_a_child_started_reaches_it() -> TestResult {
+    ctrl_c_under_a_terminal("ctrl-c-before-child")
+}
+
+/// Runs the scenario host under a pseudo-terminal (see above), types Ctrl-C
+/// once it names its child, and checks that the child ended through its
+/// exit hook, with the Ctrl-C.
+fn ctrl_c_under_a_terminal(scenario: &str) -> TestResult {
     let hooks = Hooks::new();
     let (mut master, mut slave) = (-1, -1);
     // SAFETY: openpty(3) writes two fds; no name, termios or window size.
@@ -1274,7 +1293,7 @@ fn a_terminals_ctrl_c_reaches_a_one_off_child() -> TestResult {
     let mut host = Command::new("setsid")
         .arg("--ctty")
         .arg(std::env::current_exe()?)
-        .env(SCENARIO_ENV, "ctrl-c-child")
+        .env(SCENARIO_ENV, scenario)
         .env(HOOKS_ENV, hooks.path())
         .stdin(Stdio::from(slave))
         .stdout(Stdio::piped())
@@ -1507,6 +1526,7 @@ fn run_scenario(name: &str) -> i32 {
         "worker-fds" => scenario_worker_fds(),
         "poll-fails" => scenario_poll_fails(),
         "ctrl-c-child" => scenario_ctrl_c_child(),
+        "ctrl-c-before-child" => scenario_ctrl_c_before_child(),
         other => Err(format!("unknown scenario {other}").into()),
     };
     match result {
@@ -1647,6 +1667,31 @@ fn scenario_ctrl_c_child() -> TestResult {
         "the host got the Ctrl-C",
     )?;
     check(child.wait(Some(Duration::from_secs(10))), "the child ended after the Ctrl-C")?;
+    Ok(())
+}
+
+fn scenario_ctrl_c_before_child() -> TestResult {
+    static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    // SAFETY: the action only stores to an atomic.
+    unsafe {
+        signal_hook_registry::register(libc::SIGINT, || INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst))
+    }?;
+    let options = warden::ChildOptions { on_exit: Some(on_exit), ..Default::default() };
+    let first = warden::spawn_with(sleep_ms, 60_000, options)?;
+    let since = warden::frontend::prepare_interrupt_forwarding().ok_or("the forwarding handler is in place")?;
+    println!("child {}", first.pid().ok_or("pid")?);
+    std::io::Write::flush(&mut std::io::stdout())?;
+    check(
+        wait_until(Duration::from_secs(30), || INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)),
+        "the host got the Ctrl-C",
+    )?;
+    check(warden::interrupts_forwarded() == since + 1, "the Ctrl-C was counted")?;
+    let second = Pool::builder().one_off().forward_interrupts_since(since).on_exit(on_exit).build()?;
+    // The Ctrl-C may end the child before it says hello, failing the pool.
+    let handle = second.spawn(sleep_ms, 60_000);
+    check(second.join(Some(Duration::from_secs(10))), "the child started after the Ctrl-C ended with it")?;
+    check(handle.and_then(|h| h.join()).is_err(), "its function did not finish")?;
+    check(first.wait(Some(Duration::from_secs(10))), "the first child ended after the Ctrl-C")?;
     Ok(())
 }
 

@@ -34,6 +34,9 @@ pub(crate) struct Config {
     pub one_off: bool,
     /// A terminal's Ctrl-C is passed on to the one-off child's process group.
     pub forward_interrupts: bool,
+    /// The count of Ctrl-Cs passed on (`interrupts_forwarded`) after which
+    /// one reaches the child even if it came before the child started.
+    pub interrupts_since: Option<u64>,
     /// How workers start.
     pub start: crate::pool::StartMethod,
     /// What the zygote's preparation reads (opaque: Python's preloads).

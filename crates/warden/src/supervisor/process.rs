@@ -61,9 +61,10 @@ impl Pidfd {
     }
 
     /// Passes a terminal's Ctrl-C on to its process group from now until it
-    /// is reaped (see [`crate::interrupts`]).
-    pub(super) fn forward_interrupts(&mut self) {
-        self.forwarded = Some(Forwarded::start(self.pid.as_raw_nonzero().get()));
+    /// is reaped (see [`crate::interrupts`]); `since`, a count taken before
+    /// the start, catches one that came as it started.
+    pub(super) fn forward_interrupts(&mut self, since: u64) {
+        self.forwarded = Some(Forwarded::start(self.pid.as_raw_nonzero().get(), since));
     }
 
     /// The worker, for `waitid`: by its pidfd, or by its pid once that is gone.

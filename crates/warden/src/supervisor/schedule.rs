@@ -9,6 +9,7 @@ use mio::net::UnixStream;
 use mio::unix::SourceFd;
 use mio::Interest;
 
+use crate::interrupts::Forwarded;
 use crate::spawn::spawn_worker;
 use crate::wire::{Message, RetireReason};
 
@@ -231,6 +232,13 @@ impl Supervisor {
     /// Starts one worker, forked by the zygote or by exec; `Ok(false)` if it
     /// must wait for the pool's first zygote.
     pub(super) fn spawn_one(&mut self) -> std::io::Result<bool> {
+        // In front of the SIGINT handler again (a handler set since the
+        // pool was built replaced it); a Ctrl-C since the count taken then
+        // reaches the child too.
+        let interrupts = match self.cfg.forward_interrupts {
+            true => Forwarded::prepare().map(|now| self.cfg.interrupts_since.map_or(now, |since| since.min(now))),
+            false => None,
+        };
         let spawned = match self.next_start() {
             NextStart::Forked(spawned) => spawned,
             NextStart::Exec => spawn_worker(&self.cfg.command, &self.pass_fds, self.cfg.max_frame)?,
@@ -245,8 +253,8 @@ impl Supervisor {
         let registry = self.poll.registry();
         registry.register(&mut sock, sock_token(id), Interest::READABLE)?;
         let mut process = Pidfd::new(spawned.pid, spawned.pidfd);
-        if self.cfg.forward_interrupts {
-            process.forward_interrupts();
+        if let Some(since) = interrupts {
+            process.forward_interrupts(since);
         }
         let process = Box::new(process);
         let init_deadline = Instant::now() + self.cfg.init_timeout;

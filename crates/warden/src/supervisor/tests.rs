@@ -105,6 +105,7 @@ fn harness(prefetch: usize, restart_limit: u32) -> Harness {
         on_event: None,
         one_off: false,
         forward_interrupts: false,
+        interrupts_since: None,
         // Stand-in workers only: no program to park as a zygote.
         start: crate::pool::StartMethod::Exec,
         zygote_payload: Vec::new(),
