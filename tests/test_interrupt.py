@@ -555,6 +555,66 @@ def test_a_terminals_ctrl_c_while_a_process_starts_reaches_it_and_the_children_s
 
 
 @needs_setsid
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_a_terminals_ctrl_c_reaches_a_grandchild_which_handles_it_while_its_parent_joins_it(program, impl):
+    """A child that started a child of its own: under the standard library
+    all three are in the terminal's group and get the Ctrl-C. The warden
+    child got it from its parent (a SIGINT sent with ``kill``, not the
+    terminal's) and passed nothing on: its interrupted ``join()`` stopped
+    the grandchild with SIGTERM in the middle of its cleanup. A warden
+    child now passes on a SIGINT its warden parent sent."""
+    prog = program(
+        """
+        import os, sys, time
+        if sys.argv[1] == "warden":
+            import warden as mp
+        else:
+            import multiprocessing
+            mp = multiprocessing.get_context("spawn")
+
+        def log(text):
+            with open(os.environ["OUT"], "a") as f:
+                f.write(text + "\\n")
+
+        def grandchild():
+            log("grandchild started")
+            try:
+                time.sleep(60)
+            except KeyboardInterrupt:
+                time.sleep(0.5)
+                log("grandchild cleaned up")
+
+        def child():
+            g = mp.Process(target=grandchild)
+            g.start()
+            try:
+                g.join()
+            except KeyboardInterrupt:
+                g.join()
+                log(f"grandchild's exit code {g.exitcode}")
+
+        if __name__ == "__main__":
+            open(os.environ["OUT"], "a").close()
+            p = mp.Process(target=child)
+            p.start()
+            while "grandchild started" not in open(os.environ["OUT"]).read():
+                time.sleep(0.02)
+            print("ready", flush=True)
+            try:
+                p.join()
+            except KeyboardInterrupt:
+                p.join()
+            print("exit code", p.exitcode, flush=True)
+        """
+    )
+    proc, master = start_under_a_terminal(prog, impl)
+    out, err = type_ctrl_c_when_ready(proc, master)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["exit code 0"], err
+    assert prog.out_lines() == ["grandchild started", "grandchild cleaned up", "grandchild's exit code 0"]
+
+
+@needs_setsid
 def test_a_program_ended_by_a_sigint_sent_to_it_alone_stops_children_that_an_earlier_ctrl_c_reached(program):
     """A child that got a terminal's Ctrl-C earlier, handled it and went
     on, is not one that saw the SIGINT ending the program (sent with

@@ -31,7 +31,12 @@
 //!   the parent only.
 //! * A SIGINT sent with `kill(2)`, to the parent or to its process group,
 //!   is not passed on: the two cannot be told apart, and under the standard
-//!   library only the second reaches the children.
+//!   library only the second reaches the children. The exception is a
+//!   worker's (a one-off child's) SIGINT sent by its warden parent: the
+//!   parent sends one only to pass a Ctrl-C on, so the child passes it on
+//!   to its own children (a nested child gets the Ctrl-C as it would in the
+//!   terminal's group), and so does one that a program in the parent sent
+//!   to the child with `kill`.
 //! * At most [`SLOTS`] children at once are reached; more are started
 //!   without it (logged).
 //! * A copy of the parent made by `fork()` inherits the handler but passes
@@ -66,6 +71,9 @@ static LAST_FORWARDED: AtomicBool = AtomicBool::new(false);
 /// The action that was installed before ours, which ours chains to. Never
 /// freed: a handler running on another thread may still be reading it.
 static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
+/// The warden parent this process serves as a worker for (0 if none): its
+/// SIGINTs are Ctrl-Cs it passed on, to be passed on further.
+static PARENT: AtomicI32 = AtomicI32::new(0);
 /// Serialises installing and the table's owner change.
 static INSTALL: Mutex<()> = Mutex::new(());
 
@@ -97,7 +105,11 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
     let errno = unsafe { *libc::__errno_location() };
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler;
     // checked for null all the same (a chaining handler might pass none).
-    let from_terminal = !info.is_null() && unsafe { (*info).si_code } == libc::SI_KERNEL;
+    let from_terminal = !info.is_null() && {
+        // SAFETY: as above; si_pid is set for SI_USER (kill(2)).
+        let (code, sender) = unsafe { ((*info).si_code, (*info).si_pid()) };
+        code == libc::SI_KERNEL || (code == libc::SI_USER && sender != 0 && sender == PARENT.load(Ordering::SeqCst))
+    };
     let owner = getpid() == OWNER.load(Ordering::SeqCst);
     if owner {
         LAST_FORWARDED.store(from_terminal, Ordering::SeqCst);
@@ -144,6 +156,13 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
 pub fn chain_interrupt_handler() -> bool {
     let _guard = lock(&INSTALL);
     OWNER.load(Ordering::SeqCst) == getpid() && install()
+}
+
+/// Notes that this process serves as a worker of `parent`, which sends it
+/// a SIGINT only to pass a Ctrl-C on: such a SIGINT is passed on to this
+/// process's own one-off children as the terminal's is.
+pub(crate) fn note_parent(parent: u32) {
+    PARENT.store(i32::try_from(parent).unwrap_or(0), Ordering::SeqCst);
 }
 
 /// Makes this process the one that passes a terminal's Ctrl-C on to its

@@ -406,7 +406,9 @@ impl Builder {
     ///   chains it again, as does
     ///   [`frontend::chain_interrupt_handler`](crate::frontend::chain_interrupt_handler).
     /// * Only the terminal's SIGINT (`SI_KERNEL`) is passed on: one sent with
-    ///   `kill(2)` to this process or its group cannot be told apart.
+    ///   `kill(2)` to this process or its group cannot be told apart. In a
+    ///   worker (a one-off child), so is one its warden parent sent, which
+    ///   is how a Ctrl-C reached it: a nested child gets it too.
     /// * At most 4096 children at once are reached (more are logged).
     pub fn forward_interrupts(mut self) -> Self {
         self.cfg.forward_interrupts = true;
