@@ -74,6 +74,7 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pool::fds_scarce, m)?)?;
     m.add_function(wrap_pyfunction!(pool::interrupts_forwarded, m)?)?;
     m.add_function(wrap_pyfunction!(pool::prepare_interrupt_forwarding, m)?)?;
+    m.add_function(wrap_pyfunction!(pool::own_thread_ids, m)?)?;
     m.add_function(wrap_pyfunction!(pool::chain_interrupt_handler, m)?)?;
     m.add_function(wrap_pyfunction!(pool::last_interrupt_forwarded, m)?)?;
     m.add("LENT_BYTES", remote::KIND_BYTES)?;

@@ -732,6 +732,13 @@ pub fn last_interrupt_forwarded() -> bool {
     warden::last_interrupt_forwarded()
 }
 
+/// The kernel thread ids of the threads the core runs in this process (the
+/// core's `own_thread_ids`): the others are Python's or a library's.
+#[pyfunction]
+pub fn own_thread_ids() -> Vec<i32> {
+    warden::frontend::own_thread_ids()
+}
+
 /// Makes this process pass a terminal's Ctrl-C on to its `Process`
 /// children and chains the handler in front of the current one (the core's
 /// `prepare_interrupt_forwarding`): the count of Ctrl-Cs passed on so far,

@@ -106,6 +106,7 @@ mod signals;
 mod spawn;
 mod supervisor;
 mod task;
+mod threads;
 mod wire;
 mod worker;
 mod zygote;

@@ -243,7 +243,7 @@ fn end_orphan(code: i32) -> ! {
 /// In an orphaned worker: a thread that ends the worker (and its group) if
 /// its exit path is not done within [`ORPHAN_GRACE`], as a live pool would.
 fn bound_orphan_exit() {
-    let spawned = std::thread::Builder::new().name("warden-orphan".into()).spawn(|| {
+    let spawned = crate::threads::spawn(std::thread::Builder::new().name("warden-orphan".into()), || {
         std::thread::sleep(ORPHAN_GRACE);
         eprintln!(
             "warden worker {}: the pool's process is gone and the exit path is still running after {ORPHAN_GRACE:?}: killed",
@@ -711,7 +711,7 @@ fn start_thread<F: FnOnce() + Send + 'static>(name: &str, f: F) -> io::Result<()
     let mut delay = Duration::from_millis(5);
     loop {
         let mine = Arc::clone(&slot);
-        let started = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let started = crate::threads::spawn(std::thread::Builder::new().name(name.into()), move || {
             let f = lock(&mine).take();
             if let Some(f) = f {
                 f();

@@ -154,7 +154,7 @@ impl Service {
             return false;
         }
         // The new thread's first act is to take the lock we hold: it waits.
-        match std::thread::Builder::new().name(THREAD_NAME.into()).spawn(move || self.thread_main()) {
+        match crate::threads::spawn(std::thread::Builder::new().name(THREAD_NAME.into()), move || self.thread_main()) {
             Ok(handle) => {
                 inner.thread = Some(handle.thread().id());
                 true
