@@ -33,7 +33,10 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import textwrap
 import time
+from pathlib import Path
 
 WORKERS = 2
 
@@ -147,27 +150,49 @@ print(time.perf_counter() - t0, flush=True)
 """
 
 
-def cold_starts(runs):
+# The same, in a main module (a file) that imports ``module`` first, as a
+# program importing numpy at its top does: its workers (or a zygote) import
+# main too. The import itself is before the clock starts.
+COLD_SCRIPT = """
+import time
+import {module}
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+{body}
+    print(time.perf_counter() - t0, flush=True)
+"""
+
+
+def cold_starts(runs, main_imports=None):
     """Median seconds, by name, from before the import to the first result,
     each in a fresh interpreter (its own start-up excluded: it is the same
     for everyone); the names take turns, a round at a time, so a slower
     minute of the machine weighs on each of them alike. ``None`` for a peer
-    that is not installed."""
+    that is not installed. With ``main_imports``, the program is a main
+    module that imports that module first."""
     names = list(COLD)
     try:
         import pebble  # noqa: F401
     except ImportError:
         names.remove("pebble.ProcessPool")
     times = {name: [] for name in names}
-    for _ in range(runs):
-        for name in names:
-            # Each pool is shut down by its own exit handling, after the figure.
-            code = COLD_HARNESS.format(body=COLD[name].format(w=WORKERS))
-            argv = [sys.executable, "-c", code]
-            out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
-            if out.returncode != 0:
-                raise RuntimeError(f"{name}: {out.stderr}")
-            times[name].append(float(out.stdout.split()[0]))
+    with tempfile.TemporaryDirectory(prefix="warden-cold-") as tmp:
+        script = Path(tmp) / "main.py"
+        for _ in range(runs):
+            for name in names:
+                # Each pool is shut down by its own exit handling, after the figure.
+                body = COLD[name].format(w=WORKERS)
+                if main_imports is None:
+                    code = COLD_HARNESS.format(body=body)
+                    argv = [sys.executable, "-c", code]
+                else:
+                    body = textwrap.indent(body, "    ")
+                    script.write_text(COLD_SCRIPT.format(module=main_imports, body=body))
+                    argv = [sys.executable, str(script)]
+                out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{name}: {out.stderr}")
+                times[name].append(float(out.stdout.split()[0]))
     return {name: statistics.median(times[name]) if name in times else None for name in COLD}
 
 
@@ -176,9 +201,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smaller runs (for a smoke test)")
     parser.add_argument("--cold", type=int, metavar="RUNS", help="only the cold start, RUNS rounds")
     parser.add_argument("--process", type=int, metavar="N", help="only the Process start, N of each")
+    parser.add_argument(
+        "--main-imports", metavar="MODULE", help="with --cold: the program is a main module importing MODULE"
+    )
     args = parser.parse_args()
     if args.cold:
-        return report_cold(args.cold)
+        return report_cold(args.cold, args.main_imports)
     if args.process:
         return report_process(args.process)
     scale = 10 if args.quick else 1
@@ -242,9 +270,10 @@ def report_process(n):
         print(f"{name:34} {process_round_trip(make, n) * 1e3:10.2f}")
 
 
-def report_cold(runs):
-    print(f"\n{'cold start to first result':40} {'median ms':>10} {'vs spawn':>9}   ({runs} runs each)")
-    cold = cold_starts(runs)
+def report_cold(runs, main_imports=None):
+    what = "" if main_imports is None else f", main imports {main_imports}"
+    print(f"\n{'cold start to first result':40} {'median ms':>10} {'vs spawn':>9}   ({runs} runs each{what})")
+    cold = cold_starts(runs, main_imports)
     base = cold["ProcessPoolExecutor (spawn)"]
     for name, secs in cold.items():
         if secs is None:

@@ -232,11 +232,17 @@ def test_a_parents_exit_handlers_never_run_in_its_workers(program):
 # A main module that notes each import of itself as __mp_main__ (by a child:
 # the zygote or a worker), then runs 6 one-task workers.
 COUNTS_MAIN_IMPORTS = """
-import os, sys, threading, time, warden
+import _thread, os, sys, threading, time, warden
 from warden import _warden
+if os.environ.get("MAIN_STARTS_A_NATIVE_THREAD"):
+    # As a library's own threads (numpy's OpenBLAS pool): not threading's.
+    _thread.start_new_thread(time.sleep, (3600,))
 if __name__ == "__mp_main__":
     with open(os.environ["OUT"], "a") as f:
         f.write(f"{os.getpid()}\\n")
+    if os.environ.get("FORKED_FROM"):  # the zygote that forked the importer
+        with open(os.environ["FORKED_FROM"], "a") as f:
+            f.write(f"{_warden.forked_from()}\\n")
     if os.environ.get("MAIN_STARTS_A_THREAD"):
         threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
 
@@ -288,6 +294,53 @@ def test_a_main_module_that_starts_a_thread_still_gets_forked_workers(program):
     # The first zygote imported it first; the one that forked did not.
     assert zygotes.isdisjoint(importers)
     assert importers[0] not in workers
+
+
+def test_a_main_module_whose_imports_start_native_threads_is_imported_by_the_workers_alone(program):
+    """Its import starts a library's threads in the program too (``import
+    numpy`` does): a zygote importing it would have them and could not
+    fork. The pool sees them and starts its zygote without main at once;
+    main was imported twice before the first worker served (by a zygote
+    that then gave up, and by the worker)."""
+    prog = program(COUNTS_MAIN_IMPORTS)
+    forked_from = prog.tmp_path / "forked_from"
+    env = {"WARDEN_START": "zygote", "MAIN_STARTS_A_NATIVE_THREAD": "1", "FORKED_FROM": str(forked_from)}
+    run = prog.run(env=env, args=("default",))
+    assert run.returncode == 0, run.stderr
+    seen = [entry.split(":") for entry in run.stdout.split()]
+    workers = {pid for pid, _ in seen}
+    zygotes = {z for _, z in seen}
+    assert len(workers) == 6
+    assert len(zygotes) == 1 and "None" not in zygotes  # still forked by a zygote
+    assert workers <= set(prog.out_lines())
+    # Every import of main was a worker's (forked by that zygote), none a zygote's.
+    assert set(forked_from.read_text().split()) == zygotes
+
+
+def test_a_running_pools_own_threads_leave_the_next_pools_zygote_to_import_main(program):
+    """The threads a pool runs (its supervisor's, the core's) are not a
+    library's: a second pool made while the first runs still has a zygote
+    that imports main, and workers that do not."""
+    prog = program(
+        """
+        import os, warden
+        from warden import _warden
+        if __name__ == "__mp_main__":
+            with open(os.environ["OUT"], "a") as f:
+                f.write(f"{os.getpid()} {_warden.forked_from()}\\n")
+        def where():
+            return _warden.forked_from()
+        if __name__ == "__main__":
+            with warden.ProcessPoolExecutor(1) as first, warden.ProcessPoolExecutor(1) as second:
+                zygotes = {first.submit(where).result(60), second.submit(where).result(60)}
+            print(*sorted(zygotes))
+        """
+    )
+    run = prog.run(env={"WARDEN_START": "zygote"})
+    assert run.returncode == 0, run.stderr
+    zygotes = run.stdout.split()
+    assert len(zygotes) == 2 and "None" not in zygotes
+    assert sorted(prog.out_lines()) == sorted(f"{z} None" for z in zygotes)
 
 
 def test_a_main_module_that_starts_a_pool_unguarded_gets_the_standard_librarys_error(program):

@@ -164,6 +164,19 @@ DEFAULT_PRELOAD = "__main__"
 START_ENV = "WARDEN_START"
 
 
+def _threads_of_others() -> bool:
+    """Whether this process runs a thread that neither ``threading`` nor
+    warden started: a library's native threads (OpenBLAS's pool, which
+    ``import numpy`` starts). False if it cannot tell."""
+    try:
+        tids = {int(tid) for tid in os.listdir("/proc/self/task")}
+    except (OSError, ValueError):
+        return False
+    tids.difference_update(t.native_id for t in threading.enumerate())
+    tids.difference_update(_warden.own_thread_ids())
+    return bool(tids)
+
+
 def start_options(start: str | None, preload: Iterable[str] | None) -> tuple[str, list[str]]:
     """The ``start`` and ``preload`` arguments of a pool, checked. Without a
     ``start``, ``$WARDEN_START`` says, else ``"zygote"``."""
@@ -598,6 +611,12 @@ class Runner:
             # What the zygote loads before it forks: this process's sys.path
             # and directory (and its __main__, if asked), then the preloads.
             preload = list(preload or [])
+            if start == "zygote" and DEFAULT_PRELOAD in preload and _threads_of_others():
+                # Main's imports started them, and would in a zygote that
+                # imported main, which could then not fork: its workers
+                # import main themselves, as under spawn, without first a
+                # zygote that imports it only to give up.
+                preload = [name for name in preload if name != DEFAULT_PRELOAD]
             zygote = _dumps({"preparation": init["preparation"], "preload": preload}, protocol=5)
             # If importing __main__ starts a thread, the zygote cannot fork: then
             # one more zygote without it, whose workers import __main__ themselves.
