@@ -488,6 +488,69 @@ def test_a_terminals_ctrl_c_reaches_children_past_a_sigint_handler_set_after_the
 
 
 @needs_setsid
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_a_terminals_ctrl_c_reaches_children_past_a_handler_set_after_them_while_the_parent_sleeps(
+    program, impl
+):
+    """The program sets its own SIGINT handler (a stop flag) after starting
+    its children and polls the flag with ``time.sleep``: no ``join()`` puts
+    the forwarding handler back in front of it. The children never got the
+    Ctrl-C and the program waited on them; a keeper thread now chains the
+    handler again within 50 ms of ``signal.signal``."""
+    body = """
+    stop = []
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
+    wait_started(2)
+    while not stop:
+        time.sleep(0.05)
+    print("parent's handler ran", flush=True)
+    for p in children:
+        p.join()
+    print("exit codes", [p.exitcode for p in children], flush=True)
+"""
+    prog = program(CHILDREN_HANDLING_CTRL_C.format(body=body))
+    proc, master = start_under_a_terminal(prog, impl)
+    out, err = type_ctrl_c_when_ready(proc, master)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["parent's handler ran", "exit codes [0, 0]"], err
+    assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"]
+
+
+def test_the_thread_keeping_ctrl_c_passed_on_runs_while_children_do_and_ends_after_them(program):
+    prog = program(
+        """
+        import os, time, warden
+
+        def keepers():
+            names = []
+            for tid in os.listdir("/proc/self/task"):
+                try:
+                    with open(f"/proc/self/task/{tid}/comm") as f:
+                        names.append(f.read().strip())
+                except FileNotFoundError:  # a thread that ended meanwhile
+                    pass
+            return names.count("warden-ctrl-c")
+
+        def within_5_s(condition):
+            deadline = time.monotonic() + 5
+            while not condition() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return condition()
+
+        if __name__ == "__main__":
+            p = warden.Process(target=time.sleep, args=(1,))
+            p.start()
+            print("while the child runs:", within_5_s(lambda: keepers() == 1), flush=True)
+            p.join()
+            print("after it:", within_5_s(lambda: keepers() == 0), flush=True)
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["while the child runs: True", "after it: True"], run.stderr
+
+
+@needs_setsid
 def test_a_terminals_ctrl_c_while_a_process_starts_reaches_it_and_the_children_started_before(program):
     """A Ctrl-C that comes while ``start()`` makes the child is held back
     until the child is started, then raised. It reached no child before

@@ -25,10 +25,11 @@
 //!   program that Ctrl-C ends, or that ignores it, keeps doing so (its
 //!   children end with it through the parent-death signal).
 //! * A handler the program installs later (Python's `signal.signal`)
-//!   replaces this one. The next child started installs it again over that
-//!   handler, and so does [`chain_interrupt_handler`] (Python's `Process`
-//!   calls it as it starts and before each wait); until then Ctrl-C reaches
-//!   the parent only.
+//!   replaces this one. While children are reached, a keeper thread
+//!   (`warden-ctrl-c`) chains it in front again within 50 ms; so do the
+//!   next child started and [`chain_interrupt_handler`] (Python's `Process`
+//!   calls it as it starts and before each wait). A Ctrl-C in between
+//!   reaches the parent only.
 //! * A SIGINT sent with `kill(2)`, to the parent or to its process group,
 //!   is not passed on: the two cannot be told apart, and under the standard
 //!   library only the second reaches the children. The exception is a
@@ -43,8 +44,9 @@
 //!   nothing on until it starts children of its own.
 
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use crate::panics::lock;
 
@@ -74,6 +76,12 @@ static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
 /// The warden parent this process serves as a worker for (0 if none): its
 /// SIGINTs are Ctrl-Cs it passed on, to be passed on further.
 static PARENT: AtomicI32 = AtomicI32::new(0);
+/// How many slots are taken (children being reached).
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// The process whose keeper thread runs (see [`keep_chained`]); 0 if none.
+static KEEPER: AtomicI32 = AtomicI32::new(0);
+/// How often the keeper puts the handler back in front.
+const KEEPER_PERIOD: Duration = Duration::from_millis(50);
 /// Serialises installing and the table's owner change.
 static INSTALL: Mutex<()> = Mutex::new(());
 
@@ -219,10 +227,12 @@ impl Forwarded {
         let _guard = lock(&INSTALL);
         let me = getpid();
         if OWNER.swap(me, Ordering::SeqCst) != me {
-            // A fork's copy of the table names its parent's children.
+            // A fork's copy of the table names its parent's children (whose
+            // Forwarded, on their supervisor threads, are never dropped here).
             for slot in &GROUPS {
                 slot.store(0, Ordering::SeqCst);
             }
+            LIVE.store(0, Ordering::SeqCst);
         }
         install().then(interrupts_forwarded)
     }
@@ -239,6 +249,8 @@ impl Forwarded {
             tracing::warn!(pid, "more than {SLOTS} children at once: Ctrl-C is not passed on to this one");
             return Forwarded { slot: None };
         };
+        LIVE.fetch_add(1, Ordering::SeqCst);
+        keep_chained();
         SENT[slot].store(since, Ordering::SeqCst);
         GROUPS[slot].store(pid, Ordering::SeqCst);
         let number = interrupts_forwarded();
@@ -255,6 +267,38 @@ impl Drop for Forwarded {
     fn drop(&mut self) {
         if let Some(slot) = self.slot {
             GROUPS[slot].store(0, Ordering::SeqCst);
+            LIVE.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+}
+
+/// Makes sure a keeper thread runs in this process while children are
+/// reached: every [`KEEPER_PERIOD`] it chains the handler in front of the
+/// SIGINT action again if something replaced it (a program's
+/// `signal.signal` after its children started, which would otherwise keep
+/// the Ctrl-C from them until the program next starts or waits on one).
+/// It ends once no child is reached. A keeper that cannot start is logged;
+/// the handler is then chained only where the front end asks.
+fn keep_chained() {
+    let _guard = lock(&INSTALL);
+    let me = getpid();
+    if KEEPER.load(Ordering::SeqCst) == me {
+        return;
+    }
+    let started = crate::threads::spawn(std::thread::Builder::new().name("warden-ctrl-c".into()), move || loop {
+        std::thread::sleep(KEEPER_PERIOD);
+        let _guard = lock(&INSTALL);
+        // A slot taken since is counted before its taker locks (see start).
+        if LIVE.load(Ordering::SeqCst) == 0 {
+            KEEPER.store(0, Ordering::SeqCst);
+            return;
+        }
+        if OWNER.load(Ordering::SeqCst) == me {
+            install();
+        }
+    });
+    match started {
+        Ok(_) => KEEPER.store(me, Ordering::SeqCst),
+        Err(e) => tracing::warn!("cannot start the thread that keeps Ctrl-C passed on to children: {e}"),
     }
 }
