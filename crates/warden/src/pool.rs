@@ -402,9 +402,11 @@ impl Builder {
     /// * It chains a handler in front of this process's SIGINT handler, and
     ///   only over a handler: a program that Ctrl-C kills (`SIG_DFL`), or
     ///   that ignores it, keeps doing so, and passes nothing on.
-    /// * A handler installed later replaces it; the next child started
-    ///   chains it again, as does
-    ///   [`frontend::chain_interrupt_handler`](crate::frontend::chain_interrupt_handler).
+    /// * A handler installed later replaces it: while such children run, a
+    ///   thread (`warden-ctrl-c`) chains it in front again within 50 ms; the
+    ///   next child started and
+    ///   [`frontend::chain_interrupt_handler`](crate::frontend::chain_interrupt_handler)
+    ///   do at once.
     /// * Only the terminal's SIGINT (`SI_KERNEL`) is passed on: one sent with
     ///   `kill(2)` to this process or its group cannot be told apart. In a
     ///   worker (a one-off child), so is one its warden parent sent, which
