@@ -467,37 +467,17 @@ def test_a_program_ended_by_a_terminals_ctrl_c_lets_its_children_finish_handling
     assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"]
 
 
-@needs_setsid
-@pytest.mark.parametrize("impl", ["warden", "stdlib"])
-def test_a_terminals_ctrl_c_reaches_children_past_a_sigint_handler_set_after_they_started(program, impl):
-    """``signal.signal`` replaces the handler that passes Ctrl-C on; the
-    next wait on a child puts it back in front of the program's handler."""
-    body = """
-    signal.signal(signal.SIGINT, lambda signum, frame: print("parent's handler", flush=True))
+# A SIGINT handler of the program's own, set after its children started,
+# then a wait: join() them, or poll the handler's flag with time.sleep.
+HANDLER_SET_AFTER_THE_CHILDREN = {
+    "join": """
+    signal.signal(signal.SIGINT, lambda signum, frame: print("parent's handler ran", flush=True))
     wait_started(2)
     for p in children:
         p.join()
     print("exit codes", [p.exitcode for p in children], flush=True)
-"""
-    prog = program(CHILDREN_HANDLING_CTRL_C.format(body=body))
-    proc, master = start_under_a_terminal(prog, impl)
-    out, err = type_ctrl_c_when_ready(proc, master)
-    assert proc.returncode == 0, err
-    assert out.splitlines() == ["parent's handler", "exit codes [0, 0]"], err
-    assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"]
-
-
-@needs_setsid
-@pytest.mark.parametrize("impl", ["warden", "stdlib"])
-def test_a_terminals_ctrl_c_reaches_children_past_a_handler_set_after_them_while_the_parent_sleeps(
-    program, impl
-):
-    """The program sets its own SIGINT handler (a stop flag) after starting
-    its children and polls the flag with ``time.sleep``: no ``join()`` puts
-    the forwarding handler back in front of it. The children never got the
-    Ctrl-C and the program waited on them; a keeper thread now chains the
-    handler again within 50 ms of ``signal.signal``."""
-    body = """
+""",
+    "sleep": """
     stop = []
     signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
     wait_started(2)
@@ -507,8 +487,22 @@ def test_a_terminals_ctrl_c_reaches_children_past_a_handler_set_after_them_while
     for p in children:
         p.join()
     print("exit codes", [p.exitcode for p in children], flush=True)
-"""
-    prog = program(CHILDREN_HANDLING_CTRL_C.format(body=body))
+""",
+}
+
+
+@needs_setsid
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+@pytest.mark.parametrize("wait", sorted(HANDLER_SET_AFTER_THE_CHILDREN))
+def test_a_terminals_ctrl_c_reaches_children_past_a_sigint_handler_set_after_they_started(
+    program, impl, wait
+):
+    """``signal.signal`` replaces the handler that passes Ctrl-C on. A
+    ``join()`` puts it back in front of the program's handler; a program
+    that polls a flag with ``time.sleep`` instead waited on children that
+    never got the Ctrl-C, until a keeper thread chained the handler again
+    within 50 ms of ``signal.signal``."""
+    prog = program(CHILDREN_HANDLING_CTRL_C.format(body=HANDLER_SET_AFTER_THE_CHILDREN[wait]))
     proc, master = start_under_a_terminal(prog, impl)
     out, err = type_ctrl_c_when_ready(proc, master)
     assert proc.returncode == 0, err

@@ -1651,8 +1651,9 @@ fn own_children() -> BTreeSet<i32> {
 }
 
 /// A program with a SIGINT handler of its own and a one-off child busy for
-/// a minute: prints the child's pid, waits for a Ctrl-C, then for the child.
-fn scenario_ctrl_c_child() -> TestResult {
+/// a minute: runs `before` once the child is started, prints the child's
+/// pid and waits for a Ctrl-C; returns the child and what `before` gave.
+fn host_a_child_until_ctrl_c<T>(before: impl FnOnce() -> Result<T, Failed>) -> Result<(warden::Child<u32>, T), Failed> {
     static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     // SAFETY: the action only stores to an atomic.
     unsafe {
@@ -1660,39 +1661,35 @@ fn scenario_ctrl_c_child() -> TestResult {
     }?;
     let options = warden::ChildOptions { on_exit: Some(on_exit), ..Default::default() };
     let child = warden::spawn_with(sleep_ms, 60_000, options)?;
+    let value = before()?;
     println!("child {}", child.pid().ok_or("pid")?);
     std::io::Write::flush(&mut std::io::stdout())?;
     check(
         wait_until(Duration::from_secs(30), || INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)),
         "the host got the Ctrl-C",
     )?;
-    check(child.wait(Some(Duration::from_secs(10))), "the child ended after the Ctrl-C")?;
-    Ok(())
+    Ok((child, value))
 }
 
+/// The child ends after the Ctrl-C.
+fn scenario_ctrl_c_child() -> TestResult {
+    let (child, ()) = host_a_child_until_ctrl_c(|| Ok(()))?;
+    check(child.wait(Some(Duration::from_secs(10))), "the child ended after the Ctrl-C")
+}
+
+/// A second child, started after the Ctrl-C with the count taken before it,
+/// ends with it too.
 fn scenario_ctrl_c_before_child() -> TestResult {
-    static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    // SAFETY: the action only stores to an atomic.
-    unsafe {
-        signal_hook_registry::register(libc::SIGINT, || INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst))
-    }?;
-    let options = warden::ChildOptions { on_exit: Some(on_exit), ..Default::default() };
-    let first = warden::spawn_with(sleep_ms, 60_000, options)?;
-    let since = warden::frontend::prepare_interrupt_forwarding().ok_or("the forwarding handler is in place")?;
-    println!("child {}", first.pid().ok_or("pid")?);
-    std::io::Write::flush(&mut std::io::stdout())?;
-    check(
-        wait_until(Duration::from_secs(30), || INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)),
-        "the host got the Ctrl-C",
-    )?;
+    let (first, since) = host_a_child_until_ctrl_c(|| {
+        Ok(warden::frontend::prepare_interrupt_forwarding().ok_or("the forwarding handler is in place")?)
+    })?;
     check(warden::interrupts_forwarded() == since + 1, "the Ctrl-C was counted")?;
     let second = Pool::builder().one_off().forward_interrupts_since(since).on_exit(on_exit).build()?;
     // The Ctrl-C may end the child before it says hello, failing the pool.
     let handle = second.spawn(sleep_ms, 60_000);
     check(second.join(Some(Duration::from_secs(10))), "the child started after the Ctrl-C ended with it")?;
     check(handle.and_then(|h| h.join()).is_err(), "its function did not finish")?;
-    check(first.wait(Some(Duration::from_secs(10))), "the first child ended after the Ctrl-C")?;
-    Ok(())
+    check(first.wait(Some(Duration::from_secs(10))), "the first child ended after the Ctrl-C")
 }
 
 fn scenario_leaves_nothing() -> TestResult {
