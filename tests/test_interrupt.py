@@ -598,14 +598,7 @@ def test_a_terminals_ctrl_c_while_a_process_starts_reaches_it_and_the_children_s
         """
     )
     proc, master = start_under_a_terminal(prog)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.2)
-        os.write(master, b"\x03")
-        out, err = finish(proc)
-    finally:
-        os.close(master)
+    out, err = type_ctrl_c_when_ready(proc, master)
     assert proc.returncode == 0, err
     assert out.splitlines() == ["interrupted after 2", "exit codes [0, 0]"], err
     assert {"cleaned up 0", "cleaned up 1"} <= set(prog.out_lines())
