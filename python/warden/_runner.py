@@ -629,10 +629,6 @@ class Runner:
             if log_to is not None:
                 _logging.release()
             raise
-        if forward_interrupts and interrupts_since is None:
-            # From now on a Ctrl-C is counted, and reaches the child even
-            # if it comes before the child has started.
-            interrupts_since = _warden.prepare_interrupt_forwarding()
         # The core takes ownership of the fds, even if this fails.
         try:
             program, args = worker_command()

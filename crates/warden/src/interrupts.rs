@@ -181,7 +181,17 @@ pub(crate) fn note_parent(parent: u32) {
 /// a front end calls it before it starts a child with a Ctrl-C held back,
 /// so that one coming meanwhile is counted and reaches the child.
 pub fn prepare_interrupt_forwarding() -> Option<u64> {
-    Forwarded::prepare()
+    let _guard = lock(&INSTALL);
+    let me = getpid();
+    if OWNER.swap(me, Ordering::SeqCst) != me {
+        // A fork's copy of the table names its parent's children (whose
+        // Forwarded, on their supervisor threads, are never dropped here).
+        for slot in &GROUPS {
+            slot.store(0, Ordering::SeqCst);
+        }
+        LIVE.store(0, Ordering::SeqCst);
+    }
+    install().then(interrupts_forwarded)
 }
 
 /// Installs the handler over the current action unless it is there already
@@ -211,7 +221,7 @@ fn install() -> bool {
 }
 
 /// A child whose process group gets the terminal's Ctrl-C while it runs:
-/// [`Forwarded::prepare`] before it is started, [`Forwarded::start`] when it
+/// [`prepare_interrupt_forwarding`] before it is started, [`Forwarded::start`] when it
 /// has, dropped before it is reaped (after which its group id may be reused).
 #[derive(Debug)]
 pub(crate) struct Forwarded {
@@ -219,26 +229,8 @@ pub(crate) struct Forwarded {
 }
 
 impl Forwarded {
-    /// Makes this process the one that passes Ctrl-C on (a fork's copy of
-    /// the table is emptied) and installs the handler, so that a Ctrl-C
-    /// from now on is counted. Returns the count (see
-    /// [`interrupts_forwarded`]), or `None` if SIGINT is not handled here.
-    pub(crate) fn prepare() -> Option<u64> {
-        let _guard = lock(&INSTALL);
-        let me = getpid();
-        if OWNER.swap(me, Ordering::SeqCst) != me {
-            // A fork's copy of the table names its parent's children (whose
-            // Forwarded, on their supervisor threads, are never dropped here).
-            for slot in &GROUPS {
-                slot.store(0, Ordering::SeqCst);
-            }
-            LIVE.store(0, Ordering::SeqCst);
-        }
-        install().then(interrupts_forwarded)
-    }
-
     /// Starts passing Ctrl-C on to the group led by `pid`, if a slot is
-    /// free. `since` is a count from [`Forwarded::prepare`] taken before the
+    /// free. `since` is a count from [`prepare_interrupt_forwarding`] taken before the
     /// child was started: a Ctrl-C passed on after it found the child not
     /// yet in the table (or not yet in its own group, and lost with the
     /// handlers its `exec` dropped), so it is sent to the child now.

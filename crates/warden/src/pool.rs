@@ -442,7 +442,7 @@ impl Builder {
             return Err(Error::config("forward_interrupts is for one-off children, not for a pool's workers"));
         }
         if self.cfg.forward_interrupts && self.cfg.interrupts_since.is_none() {
-            self.cfg.interrupts_since = crate::interrupts::Forwarded::prepare();
+            self.cfg.interrupts_since = crate::interrupts::prepare_interrupt_forwarding();
         }
         // A worker or zygote that got here never ran `init`, which takes
         // these variables and never returns in such a process: its pool

@@ -9,7 +9,7 @@ use mio::net::UnixStream;
 use mio::unix::SourceFd;
 use mio::Interest;
 
-use crate::interrupts::Forwarded;
+use crate::interrupts::prepare_interrupt_forwarding;
 use crate::spawn::spawn_worker;
 use crate::wire::{Message, RetireReason};
 
@@ -236,7 +236,9 @@ impl Supervisor {
         // pool was built replaced it); a Ctrl-C since the count taken then
         // reaches the child too.
         let interrupts = match self.cfg.forward_interrupts {
-            true => Forwarded::prepare().map(|now| self.cfg.interrupts_since.map_or(now, |since| since.min(now))),
+            true => {
+                prepare_interrupt_forwarding().map(|now| self.cfg.interrupts_since.map_or(now, |since| since.min(now)))
+            }
             false => None,
         };
         let spawned = match self.next_start() {
