@@ -68,10 +68,17 @@
 //!   by exec, [`LifecycleEvent::ZygoteRefused`] says why). Write a plain
 //!   `fn main` that calls [`init`], then builds the runtime.
 //! * Under `cargo test`, the default test harness owns `main`, and a worker
-//!   (the test binary run again) would run the whole suite: put the tests that
-//!   use pools in a test target with `harness = false` whose `main` calls
-//!   [`init`] first (this crate's own `tests/lifecycle.rs` does, with
-//!   `libtest-mimic` for the test list).
+//!   (the test binary run again, without the command line's test filter)
+//!   would run the whole suite: put the tests that use pools in a test target
+//!   with `harness = false` whose `main` calls [`init`] first (this crate's
+//!   own `tests/lifecycle.rs` does, with `libtest-mimic` for the test list).
+//!   [`init`] called inside a `#[test]` runs on the harness's test thread,
+//!   not the main one, and counts for nothing: the pool refuses to build and
+//!   says so.
+//! * Workers get no command-line arguments (code before [`init`] that parses
+//!   them sees none). Workers forked by a pool's zygote have the environment
+//!   and working directory the pool had when it was built: a later `set_var`
+//!   or `set_current_dir` in the parent does not reach them.
 //! * Arguments and results go through [postcard](https://docs.rs/postcard),
 //!   which is not self-describing: types that need `deserialize_any`
 //!   (`#[serde(untagged)]`, `#[serde(flatten)]`) or that skip fields when
@@ -130,17 +137,44 @@ pub use wire::{ExitPathReport, ExitReason, RemoteError, RemoteErrorKind, RetireR
 pub use worker::{current_worker, set_cleanup_record, WorkerInfo};
 pub use zygote::forked_from;
 
-/// Set by [`init`]: a pool of this executable's own functions refuses to
-/// build without it (its workers would run `main` from the top).
-pub(crate) static INIT_CALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// What [`init`] saw, for a pool of this executable's own functions, which
+/// refuses to build without it (its workers would run `main` from the top):
+/// [`INIT_NOT_CALLED`], [`INIT_OFF_MAIN`] or [`INIT_ON_MAIN`]. Only grows.
+pub(crate) static INIT_CALLED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(INIT_NOT_CALLED);
+/// [`init`] was never called.
+pub(crate) const INIT_NOT_CALLED: u8 = 0;
+/// [`init`] was called, but only on threads other than the main one.
+pub(crate) const INIT_OFF_MAIN: u8 = 1;
+/// [`init`] was called on the main thread.
+pub(crate) const INIT_ON_MAIN: u8 = 2;
 
 /// Turns this process into a worker if it was started as one, and never
 /// returns in that case; otherwise returns at once.
 ///
 /// Call it first thing in `main` of any program that uses [`Pool::builder`] or
 /// [`spawn()`](fn@spawn): their workers run this same executable, and serve tasks from here.
+///
+/// It must run on the main thread. A call from another thread (a `#[test]`
+/// under the default test harness, which runs each test on a thread of its
+/// own) counts for nothing: pools then refuse to build and say why, since
+/// their workers, the same executable run again, would run whatever the
+/// main thread runs (under the harness, every test of the binary). In a
+/// worker, such a call ends the process with that message.
 pub fn init() {
-    INIT_CALLED.store(true, std::sync::atomic::Ordering::SeqCst);
+    let on_main = rustix::thread::gettid() == rustix::process::getpid();
+    let seen = if on_main { INIT_ON_MAIN } else { INIT_OFF_MAIN };
+    INIT_CALLED.fetch_max(seen, std::sync::atomic::Ordering::SeqCst);
+    let starting_as = if std::env::var_os(zygote::ENV_ZYGOTE).is_some() {
+        Some("zygote")
+    } else if std::env::var_os(spawn::ENV_FD).is_some() {
+        Some("worker")
+    } else {
+        None
+    };
+    if let (false, Some(role)) = (on_main, starting_as) {
+        eprintln!("warden: this {role} reached warden::init() on a thread other than the main one: {OFF_MAIN}");
+        std::process::exit(worker::EXIT_PROTOCOL);
+    }
     if let Some(zygote) = zygote::ZygoteEnv::take() {
         match zygote {
             Ok(env) => match zygote::serve(env, &mut zygote::NoHooks) {
@@ -162,3 +196,9 @@ pub fn init() {
         }
     }
 }
+
+/// Why a call of [`init`] off the main thread counts for nothing.
+pub(crate) const OFF_MAIN: &str = "workers run this same executable again, and serve tasks from \
+     warden::init() called first thing in main(), on the main thread. Under `cargo test`, the default \
+     harness runs each test on a thread of its own (and a worker would run the whole suite): use a test \
+     target with `harness = false` whose main() calls warden::init() first";

@@ -163,8 +163,10 @@ impl Builder {
     /// start (and counts toward the restart intensity). A stop that comes
     /// while it runs (shutdown, `terminate`, a drop, the pool's process dying)
     /// does not cut it short: the worker finishes it, then runs its exit hook
-    /// (see [`Builder::on_exit`]) and exits. The pool's grace period bounds
-    /// that, as any exit path.
+    /// (see [`Builder::on_exit`]) and exits. A drain ([`Pool::shutdown`])
+    /// waits for it up to the init timeout ([`Builder::init_timeout`]); a
+    /// bounded stop ([`Pool::terminate`], [`Pool::shutdown_timeout`] once its
+    /// time is up, a drop) gives it the grace period, then SIGTERM and SIGKILL.
     pub fn on_start(mut self, hook: fn()) -> Self {
         self.on_start = Some(hook);
         self
@@ -438,6 +440,12 @@ impl Builder {
         if self.cfg.workers == 0 {
             return Err(Error::config("a pool needs at least one worker"));
         }
+        if self.cfg.task_timeout == Some(Duration::ZERO) {
+            return Err(Error::config("task_timeout must be longer than zero (leave it unset for no timeout)"));
+        }
+        if self.cfg.init_timeout == Duration::ZERO {
+            return Err(Error::config("init_timeout must be longer than zero"));
+        }
         if self.cfg.forward_interrupts && !self.cfg.one_off {
             return Err(Error::config("forward_interrupts is for one-off children, not for a pool's workers"));
         }
@@ -454,13 +462,22 @@ impl Builder {
             ));
         }
         crate::spawn::fill_closed_stdio();
-        if self.cfg.identity.is_some() && !crate::INIT_CALLED.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::config(
-                "warden::init() was not called in this program: its workers run this same executable, and \
-                 serve tasks from warden::init(), so call it first thing in main(). Under `cargo test`, the \
-                 default harness owns main(): use a test target with `harness = false` whose main() calls \
-                 warden::init() first",
-            ));
+        if self.cfg.identity.is_some() {
+            match crate::INIT_CALLED.load(std::sync::atomic::Ordering::SeqCst) {
+                crate::INIT_ON_MAIN => {}
+                crate::INIT_OFF_MAIN => {
+                    return Err(Error::config(format!(
+                        "warden::init() was called only on threads other than the main one: {}",
+                        crate::OFF_MAIN
+                    )));
+                }
+                _ => {
+                    return Err(Error::config(format!(
+                        "warden::init() was not called in this program: {}",
+                        crate::OFF_MAIN
+                    )));
+                }
+            }
         }
         self.cfg.init_payload = match self.raw_init.take() {
             Some(payload) => payload,
@@ -624,7 +641,7 @@ impl Pool {
         // Frame overhead is a few bytes; refuse what can never be sent.
         if payload.len() + 32 > self.max_frame {
             return Err(Error::new(ErrorKind::Rejected(format!(
-                "task of {} bytes exceeds the frame limit of {} bytes",
+                "task of {} bytes exceeds the frame limit of {} bytes (the pool's max_frame_size)",
                 payload.len(),
                 self.max_frame
             ))));
@@ -760,6 +777,11 @@ impl Pool {
 
     /// Graceful shutdown: queued tasks run, then workers retire. Blocks until
     /// every worker is reaped. Same as `stop(StopMode::Drain, None)`.
+    ///
+    /// A drain waits for its tasks as long as they run (as the standard
+    /// library's `shutdown(wait=True)` does): give tasks a timeout
+    /// ([`Builder::task_timeout`]), or bound the whole stop with
+    /// [`Pool::shutdown_timeout`].
     pub fn shutdown(self) {
         self.stop(StopMode::Drain, None);
     }

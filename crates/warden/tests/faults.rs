@@ -97,6 +97,7 @@ fn main() {
             pool_before_init_in_a_worker,
         ),
         Trial::test("durations_as_long_as_duration_max_mean_no_limit_and_never_panic", duration_max_is_no_limit),
+        Trial::test("a_zero_task_or_init_timeout_is_refused_at_build", zero_timeouts_are_refused),
         Trial::test("a_result_over_the_smallest_frame_limit_fails_its_task_and_the_pool_goes_on", smallest_frame_limit),
     ];
     libtest_mimic::run(&args, tests).exit();
@@ -607,6 +608,17 @@ fn duration_max_is_no_limit() -> TestResult {
     check(pool.join(Some(Duration::MAX)), "the pool joined")?;
     check(pool.failure().is_none(), format!("the pool did not fail: {:?}", pool.failure()))?;
     Ok(())
+}
+
+fn zero_timeouts_are_refused() -> TestResult {
+    // A zero timeout would end every task (or every worker's start) at once,
+    // each time stopping a worker: refused, naming the setting.
+    let task =
+        Pool::builder().workers(1).task_timeout(Duration::ZERO).build().err().ok_or("task_timeout(0) refused")?;
+    check(task.to_string().contains("task_timeout"), format!("the error names the setting: {task}"))?;
+    let init =
+        Pool::builder().workers(1).init_timeout(Duration::ZERO).build().err().ok_or("init_timeout(0) refused")?;
+    check(init.to_string().contains("init_timeout"), format!("the error names the setting: {init}"))
 }
 
 fn smallest_frame_limit() -> TestResult {
