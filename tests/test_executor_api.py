@@ -490,6 +490,26 @@ def test_cancel_succeeds_only_for_queued_tasks():
         assert queued in done
 
 
+@pytest.mark.parametrize("which", ["sent ahead", "queued", "running"])
+def test_when_cancel_returns_true_the_done_callbacks_have_run_in_the_cancelling_thread(which):
+    """As in the standard library, ``cancel()`` runs the future's
+    done-callbacks itself before it returns ``True``: for a task the worker
+    holds ahead of time too, and for a running one (``running=True``), whose
+    "cancelled" outcome the pool also sends to the results thread."""
+    with warden.ProcessPoolExecutor(1) as ex:
+        first = ex.submit(sleep_then, 0.5, "ran")
+        later = [ex.submit(sleep_then, 0.5, i) for i in range(3)]
+        assert wait_until(lambda: running_in_pool(ex))
+        time.sleep(0.1)  # the worker has asked for the next one by now
+        target = {"sent ahead": later[0], "queued": later[2], "running": first}[which]
+        ran_in: list[str] = []
+        target.add_done_callback(lambda f: ran_in.append(threading.current_thread().name))
+        assert target.cancel(running=which == "running") is True
+        assert ran_in == [threading.current_thread().name]
+        time.sleep(0.2)
+        assert ran_in == [threading.current_thread().name], "and only there, once"
+
+
 def append_line(path, i):
     time.sleep(0.002)
     with open(path, "a") as f:

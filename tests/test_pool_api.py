@@ -577,12 +577,38 @@ def test_imap_item_that_cannot_be_pickled_fails_its_position(pool):
     assert next(results) == 9
 
 
-def test_apply_async_with_unpicklable_arguments_raises_at_once(pool):
-    with pytest.raises(TypeError, match="pickle"):
-        pool.apply_async(square, (threading.Lock(),))
-    with pytest.raises(TypeError, match="pickle"):
-        pool.map_async(square, [1, threading.Lock()])
-    assert pool.apply(square, (3,)) == 9
+def calls_that_cannot_be_pickled(p):
+    """What a fire-and-forget loop sees of a call that cannot be pickled: the
+    async call returns, its ``error_callback`` gets the pickler's error on
+    another thread, ``get()`` raises it, and the pool goes on."""
+    seen = []
+    done = threading.Event()
+
+    def on_error(e):
+        seen.append((type(e).__name__, "pickle" in str(e), threading.current_thread() is not caller))
+        done.set()
+
+    caller = threading.current_thread()
+    out = []
+    for start in (
+        lambda: p.apply_async(square, (threading.Lock(),), callback=out.append, error_callback=on_error),
+        lambda: p.map_async(square, [1, threading.Lock()], 1, callback=out.append, error_callback=on_error),
+    ):
+        done.clear()
+        result = start()
+        assert done.wait(30)
+        with pytest.raises(TypeError, match="pickle"):
+            result.get(timeout=30)
+        assert not result.successful()
+    return seen, out, p.apply(square, (3,))
+
+
+def test_apply_async_and_map_async_fail_an_unpicklable_call_through_its_result_as_the_standard_librarys(
+    pool, std_pool
+):
+    expected = ([("TypeError", True, True)] * 2, [], 9)
+    assert calls_that_cannot_be_pickled(std_pool) == expected
+    assert calls_that_cannot_be_pickled(pool) == expected
 
 
 class KeysOnly:
@@ -649,15 +675,23 @@ def test_a_maps_first_chunk_runs_while_later_chunks_are_being_pickled(pool, tmp_
     assert out == [1, "saw=True"]
 
 
-def test_a_map_whose_chunk_cannot_be_pickled_raises_and_calls_back_nothing(pool):
+def test_a_map_whose_chunk_cannot_be_pickled_fails_once_with_that_error_and_the_pool_goes_on(pool, tmp_path):
     called = []
-    items = [*range(40), threading.Lock()]
+    ran = tmp_path / "ran"
+    items = [*((ran, i) for i in range(40)), (ran, threading.Lock()), *((ran, i) for i in range(40, 80))]
+    result = pool.starmap_async(
+        note_start, items, chunksize=4, callback=called.append, error_callback=called.append
+    )
     with pytest.raises(TypeError, match="pickle"):
-        pool.map_async(square, items, chunksize=4, callback=called.append, error_callback=called.append)
-    # The chunks queued before it ran or were cancelled: nothing calls back.
+        result.get(timeout=60)
+    assert [type(e) for e in called] == [TypeError], "error_callback once, callback never"
+    # The chunks after the bad one were never made (those before it ran or
+    # were cancelled), and the pool goes on.
     assert pool.map(square, range(10), chunksize=2) == [x * x for x in range(10)]
-    time.sleep(0.5)
-    assert called == []
+    time.sleep(0.3)
+    started = [int(x) for x in ran.read_text().split()] if ran.exists() else []
+    assert all(x < 40 for x in started), started
+    assert len(called) == 1 and len(pool._cache) == 0
 
 
 def test_base_exception_in_a_task_fails_it_instead_of_hanging_the_pool(pool):

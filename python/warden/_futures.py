@@ -68,6 +68,10 @@ class Future(_base.Future["_T"]):
     _lazy_condition: threading.Condition | None = None
     _lazy_waiters: list[Any] | None = None
     _lazy_callbacks: list[Callable[[Any], object]] | None = None
+    #: Callers of ``cancel()`` in the middle of asking the pool, and whether
+    #: the task's "cancelled" outcome came meanwhile (see ``_deliver``).
+    _cancellers = 0
+    _cancel_came = False
 
     def __init__(self) -> None:
         # _base.Future.__init__, but for the condition and its two lists.
@@ -235,9 +239,25 @@ class Future(_base.Future["_T"]):
             # A future no pool made (tests and adapters make their own): the
             # standard library's cancel, on its own state.
             return super().cancel()
-        if not _runner.cancel(runner.core, self._task, running):
-            return self._cancelled_after_all(runner.core)
-        return self._mark_cancelled()
+        # The pool sends the task's "cancelled" outcome to the results thread
+        # too. While this asks, that outcome is left to this caller, so that
+        # (as in the standard library) the done-callbacks have run, in this
+        # thread, when cancel() returns True.
+        with _CONDITION_LOCK:
+            self._cancellers += 1
+        cancelled = False
+        try:
+            cancelled = _runner.cancel(runner.core, self._task, running)
+        finally:
+            with _CONDITION_LOCK:
+                self._cancellers -= 1
+                came = self._cancel_came
+            if came:
+                # Also when the ask raised: nobody else marks it now.
+                self._mark_cancelled()
+        if cancelled or came:
+            return self._mark_cancelled()
+        return self._cancelled_after_all(runner.core)
 
     def _cancelled_after_all(self, core: Any) -> bool:
         """Whether this future is cancelled although the pool just said its
@@ -328,6 +348,11 @@ class Future(_base.Future["_T"]):
             return
         error = data
         if error.cancelled:
+            with _CONDITION_LOCK:
+                if self._cancellers:
+                    # A cancel() is asking the pool: it marks the future.
+                    self._cancel_came = True
+                    return
             self._mark_cancelled()
         else:
             self._finish(error=error)

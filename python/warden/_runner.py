@@ -990,7 +990,7 @@ def _forget_runners_after_fork() -> None:
 
 def _fail_orphans_of_fork(orphans: list[tuple[int, OnDone]]) -> None:
     for owner, callback in orphans:
-        _call_outcome_callback(
+        call_outcome_callback(
             callback,
             False,
             ErrorData(
@@ -1044,7 +1044,7 @@ def _deliver_outcomes(
             orphans = list(pending.values())
             pending.clear()
         for callback in orphans:
-            _call_outcome_callback(
+            call_outcome_callback(
                 callback,
                 False,
                 ErrorData(_warden.ErrorKind.CLOSED, "the pool shut down before the task finished"),
@@ -1073,7 +1073,7 @@ def _deliver_batch(
         if callback is None:
             continue  # its segment, if any, is closed with the record
         if done.started:
-            _call_outcome_callback(callback, None, None)
+            call_outcome_callback(callback, None, None)
             continue
         try:
             if done.error is not None:
@@ -1084,10 +1084,10 @@ def _deliver_batch(
                 ok, data = True, done.value if segment is None else _oob.Received(done.value or b"", segment)
         except Exception as e:  # e.g. MemoryError: this task fails, not the thread
             ok, data = False, ErrorData.local(e, "reading the task's outcome failed")
-        _call_outcome_callback(callback, ok, data)
+        call_outcome_callback(callback, ok, data)
 
 
-def _call_outcome_callback(callback: OnDone, ok: bool | None, data: Any) -> None:
+def call_outcome_callback(callback: OnDone, ok: bool | None, data: Any) -> None:
     try:
         callback(ok, data)
     except BaseException:  # nothing a callback raises ends the results thread

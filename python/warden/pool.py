@@ -227,18 +227,26 @@ class Pool(multiprocessing.pool.Pool):
         error_callback: Callable[[BaseException], object] | None = None,
     ) -> ApplyResult[_T]:
         """Queues ``func(*args, **kwds)``; returns an :class:`ApplyResult`.
-        Raises at once if the call cannot be pickled (the pool is unaffected)."""
+        A call that cannot be pickled fails through its result, as in the
+        standard library: ``error_callback`` gets the pickler's error (on
+        another thread) and ``get()`` raises it; the pool is unaffected."""
         self._check_running()
         try:
-            call = _arguments(args, kwds)
-        except TypeError:
-            # Arguments ``func(*args, **kwds)`` may refuse, or a mapping that
-            # is not a ``Mapping``: the call goes as it is, as the standard
-            # library sends it, and the worker's ``func(*args, **kwds)``
-            # takes it or fails it (through the result and error_callback).
-            payload, segment = dumps_oob((func, args, kwds))
-        else:
-            payload, segment = dumps_call(func, *call)
+            try:
+                call = _arguments(args, kwds)
+            except TypeError:
+                # Arguments ``func(*args, **kwds)`` may refuse, or a mapping
+                # that is not a ``Mapping``: the call goes as it is, as the
+                # standard library sends it, and the worker's
+                # ``func(*args, **kwds)`` takes it or fails it (through the
+                # result and error_callback).
+                payload, segment = dumps_oob((func, args, kwds))
+            else:
+                payload, segment = dumps_call(func, *call)
+        except Exception as e:
+            failed: ApplyResult[_T] = ApplyResult(self, callback, error_callback)
+            _deliver_apart(failed._deliver, False, ErrorData.local(e, "cannot pickle the call"))
+            return failed
         try:
             result: ApplyResult[_T] = ApplyResult(self, callback, error_callback)
         except BaseException:
@@ -376,8 +384,10 @@ class Pool(multiprocessing.pool.Pool):
         result._progress = _progress.make(progress, length)
         # Each chunk goes to the workers as soon as it is pickled, so they
         # start while the rest is being pickled. A chunk that cannot be
-        # pickled (or queued) raises here: the result is abandoned (it calls
-        # no callback) and the chunks already queued are cancelled.
+        # pickled fails the map, as in the standard library (error_callback,
+        # get()): the chunks after it are not made, those queued are
+        # cancelled. One that cannot be queued raises here: the result is
+        # abandoned (it calls no callback), the queued chunks are cancelled.
         made = 0
         try:
             for i, chunk in enumerate(chunks(items, chunksize) if count else ()):
@@ -390,7 +400,11 @@ class Pool(multiprocessing.pool.Pool):
                 else:
                     call = (run_chunk, (func, chunk, star), {})
                     deliver = _ChunkOutcome(result, i, False)
-                payload, segment = dumps_oob(call)
+                try:
+                    payload, segment = dumps_oob(call)
+                except Exception as e:
+                    result._unpicklable_chunk(i, ErrorData.local(e, f"cannot pickle chunk {i} of the map"))
+                    return result
                 del chunk, call
                 result._tasks.append(self._submit(payload, segment, deliver, result))
                 made = i + 1
@@ -646,6 +660,16 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
 AsyncResult = ApplyResult
 
 
+def _deliver_apart(deliver: Callable[[bool, Any], None], ok: bool, data: Any) -> None:
+    """Gives a result an outcome this thread found (a call that could not be
+    pickled) on a thread of its own, as outcomes come on the results thread:
+    a callback never runs inside the call that queued it (where the caller
+    may hold a lock the callback takes)."""
+    threading.Thread(
+        target=_runner.call_outcome_callback, args=(deliver, ok, data), name="warden-outcome", daemon=True
+    ).start()
+
+
 class _ChunkOutcome:
     """Where the outcome of one chunk of a map goes:
     ``result._deliver_chunk(index, ok, data, one)``. A slotted object, not a
@@ -746,6 +770,21 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
             done = self._left == 0
         if done:
             self._complete()
+
+    def _unpicklable_chunk(self, index: int, error: ErrorData) -> None:
+        """Chunk ``index`` could not be pickled: the map fails with ``error``
+        (whatever the chunks queued before it give), once their outcomes are
+        in. Those still queued are cancelled; the map's callbacks run on
+        another thread, as they would for an outcome."""
+        with self._lock:
+            if self._first_error is None:
+                self._first_error = error
+                self._chunks = []
+                self._gathered = []
+        self._fewer_chunks(index + 1)
+        for task in self._tasks:
+            _runner.cancel(self._core, task, False)
+        _deliver_apart(_ChunkOutcome(self, index, False), False, error)
 
     def _fewer_chunks(self, made: int) -> None:
         """The iterable ran out before its ``len()`` said it would: only
