@@ -1021,6 +1021,35 @@ def test_an_executor_whose_initializer_fails_slowly_is_broken_too(impl):
         ex.shutdown(wait=True)
 
 
+LOADED = None
+
+
+def load_slowly(seconds):
+    global LOADED
+    time.sleep(seconds)
+    LOADED = f"loaded by {os.getpid()}"
+
+
+def loaded(_=None):
+    return LOADED
+
+
+def test_an_initializer_slower_than_the_start_timeout_runs_to_its_end_as_the_standard_librarys(
+    impl, monkeypatch
+):
+    """An initializer has no time limit in the standard library (a model
+    that takes minutes to load): the timeout on a worker's start (here 1 s,
+    the core's default is 60 s) covers the start up to its hello, not the
+    initializer, which is never cut short and retried."""
+    monkeypatch.setattr(warden._runner, "INIT_TIMEOUT", 1.0)
+    with impl.Executor(1, initializer=load_slowly, initargs=(3,)) as ex:
+        executor_result = ex.submit(loaded).result(timeout=60)
+    with impl.Pool(1, initializer=load_slowly, initargs=(3,)) as pool:
+        pool_result = pool.apply_async(loaded).get(timeout=60)
+    for result in (executor_result, pool_result):
+        assert result is not None and result.startswith("loaded by ")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_failing_executor_initializer_is_logged_by_concurrent_futures_with_its_traceback(program, impl):
     prog = user_program(

@@ -49,6 +49,9 @@ WORKER_MODULE = "warden._worker"
 
 #: Grace period of each escalation step (seconds), the core's default.
 GRACE: float = _warden.DEFAULT_GRACE
+#: How long a new worker has to start, to its hello (seconds); None for the
+#: core's default. Its initializer then runs as long as it takes.
+INIT_TIMEOUT: float | None = None
 #: The largest frame on a worker channel (bytes); None for the core's default.
 #: Out-of-band buffers do not count against it (see _oob).
 MAX_FRAME: int | None = None
@@ -641,6 +644,10 @@ class Runner:
                 pass_fds=fds,
                 max_tasks_per_child=max_tasks_per_child,
                 task_timeout=task_timeout,
+                # An initializer (or the import of the program's main module)
+                # runs as long as it takes, as in the standard library.
+                init_timeout=INIT_TIMEOUT,
+                unbounded_start_hook=True,
                 grace=GRACE,
                 max_frame_size=MAX_FRAME,
                 prefetch=PREFETCH,

@@ -218,6 +218,7 @@ class CorePool:
         max_tasks_per_child: int | None = None,
         task_timeout: float | None = None,
         init_timeout: float | None = None,
+        unbounded_start_hook: bool = False,
         grace: float | None = None,
         restart_intensity: tuple[int, float] | None = None,
         unlimited_restarts: bool = False,

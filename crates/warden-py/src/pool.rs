@@ -232,7 +232,7 @@ impl CorePool {
     #[new]
     #[pyo3(signature = (
         program, args, *, workers=1, name=None, init_payload=None, pass_fds=Vec::new(), env=Vec::new(),
-        max_tasks_per_child=None, task_timeout=None, init_timeout=None, grace=None,
+        max_tasks_per_child=None, task_timeout=None, init_timeout=None, unbounded_start_hook=false, grace=None,
         restart_intensity=None, unlimited_restarts=false, fail_on_start_error=false, max_frame_size=None, prefetch=None, one_off=false, forward_interrupts=false, interrupts_since=None,
         start="zygote", zygote_payload=None, zygote_fallback_payload=None, max_memory_per_child=None, memory_limit=None, on_worker_lost=None,
     ))]
@@ -249,6 +249,7 @@ impl CorePool {
         max_tasks_per_child: Option<u64>,
         task_timeout: Option<f64>,
         init_timeout: Option<f64>,
+        unbounded_start_hook: bool,
         grace: Option<f64>,
         restart_intensity: Option<(u32, f64)>,
         unlimited_restarts: bool,
@@ -309,6 +310,9 @@ impl CorePool {
         }
         if let Some(t) = seconds("init_timeout", init_timeout)? {
             builder = builder.init_timeout(t);
+        }
+        if unbounded_start_hook {
+            builder = builder.start_hook_timeout(None);
         }
         if let Some(t) = seconds("grace", grace)? {
             builder = builder.grace(t);

@@ -123,6 +123,7 @@ impl Builder {
                 max_tasks_per_child: None,
                 task_timeout: None,
                 init_timeout: DEFAULT_INIT_TIMEOUT,
+                hook_timeout: Some(DEFAULT_INIT_TIMEOUT),
                 grace: DEFAULT_GRACE,
                 restart_limit: DEFAULT_RESTART_LIMIT,
                 restart_window: DEFAULT_RESTART_WINDOW,
@@ -164,7 +165,7 @@ impl Builder {
     /// while it runs (shutdown, `terminate`, a drop, the pool's process dying)
     /// does not cut it short: the worker finishes it, then runs its exit hook
     /// (see [`Builder::on_exit`]) and exits. A drain ([`Pool::shutdown`])
-    /// waits for it up to the init timeout ([`Builder::init_timeout`]); a
+    /// waits for it up to its timeout ([`Builder::start_hook_timeout`]); a
     /// bounded stop ([`Pool::terminate`], [`Pool::shutdown_timeout`] once its
     /// time is up, a drop) gives it the grace period, then SIGTERM and SIGKILL.
     pub fn on_start(mut self, hook: fn()) -> Self {
@@ -199,9 +200,22 @@ impl Builder {
         self
     }
 
-    /// Time a new worker has to start and run its start hook.
+    /// Time a new worker has to start (to say hello), and then again to run
+    /// its start hook (see [`Builder::start_hook_timeout`]); default
+    /// [`DEFAULT_INIT_TIMEOUT`]. One that takes longer is stopped and
+    /// replaced, and counts toward the restart intensity.
     pub fn init_timeout(mut self, timeout: Duration) -> Self {
         self.cfg.init_timeout = longest(timeout);
+        self.cfg.hook_timeout = Some(self.cfg.init_timeout);
+        self
+    }
+
+    /// Time a worker's start hook may run, from the worker's hello to its
+    /// ready; `None`: as long as it takes (as a `multiprocessing.Pool`
+    /// initializer may). Set after [`Builder::init_timeout`], which sets
+    /// this too. A drain waits for a start hook as long as this allows.
+    pub fn start_hook_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.cfg.hook_timeout = timeout.map(longest);
         self
     }
 
@@ -443,8 +457,8 @@ impl Builder {
         if self.cfg.task_timeout == Some(Duration::ZERO) {
             return Err(Error::config("task_timeout must be longer than zero (leave it unset for no timeout)"));
         }
-        if self.cfg.init_timeout == Duration::ZERO {
-            return Err(Error::config("init_timeout must be longer than zero"));
+        if self.cfg.init_timeout == Duration::ZERO || self.cfg.hook_timeout == Some(Duration::ZERO) {
+            return Err(Error::config("init_timeout (and start_hook_timeout) must be longer than zero"));
         }
         if self.cfg.forward_interrupts && !self.cfg.one_off {
             return Err(Error::config("forward_interrupts is for one-off children, not for a pool's workers"));

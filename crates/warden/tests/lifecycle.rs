@@ -109,6 +109,10 @@ fn main() {
             a_start_hook_that_hangs_is_stopped_at_the_init_timeout,
         ),
         both(
+            "a_start_hook_without_a_timeout_runs_past_the_init_timeout_to_its_end",
+            a_start_hook_without_a_timeout_runs_past_the_init_timeout,
+        ),
+        both(
             "a_shutdown_resumes_a_worker_sigstopped_in_its_start_hook_instead_of_waiting_for_the_init_timeout",
             a_shutdown_resumes_a_worker_sigstopped_in_its_start_hook,
         ),
@@ -951,6 +955,28 @@ fn a_start_hook_that_hangs_is_stopped_at_the_init_timeout() -> TestResult {
     check(err.to_string().contains("init timeout"), format!("the reason names the init timeout: {err}"))?;
     check(started.elapsed() < Duration::from_secs(15), "bounded by the init timeout, not the hook")?;
     check(pool.join(Some(Duration::from_secs(10))), "the pool stopped")?;
+    Ok(())
+}
+
+fn a_start_hook_without_a_timeout_runs_past_the_init_timeout() -> TestResult {
+    // The start itself must be done within 300 ms; the hook takes 700.
+    let hooks = Hooks::new();
+    let pool = hooks
+        .builder()
+        .on_start(slow_start)
+        .init_timeout(Duration::from_millis(300))
+        .start_hook_timeout(None)
+        .grace(Duration::from_millis(300))
+        .workers(1)
+        .restart_intensity(1, Duration::from_secs(60))
+        .build()?;
+    let worker = pool.spawn(pid, ())?.join_timeout(Duration::from_secs(30))?;
+    let begun = hooks.pids_with_prefix("begun-");
+    check(
+        begun == BTreeSet::from([worker]) && hooks.started() == begun,
+        format!("one start, run to its end by the worker that served ({worker}): begun {begun:?}"),
+    )?;
+    pool.shutdown();
     Ok(())
 }
 

@@ -20,7 +20,10 @@ pub(crate) struct Config {
     pub pass_fds: Vec<OwnedFd>,
     pub max_tasks_per_child: Option<u64>,
     pub task_timeout: Option<Duration>,
+    /// From a worker's start to its hello.
     pub init_timeout: Duration,
+    /// From its hello to ready: the start hook. `None`: no limit.
+    pub hook_timeout: Option<Duration>,
     pub grace: Duration,
     pub restart_limit: u32,
     pub restart_window: Duration,

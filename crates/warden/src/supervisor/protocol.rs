@@ -251,6 +251,7 @@ impl Supervisor {
                 }
                 w.flush();
                 w.phase = WorkerPhase::Initializing;
+                w.deadline = cfg.hook_timeout.map(|t| Instant::now() + t);
             }
             (WorkerPhase::Initializing, Incoming::Ready) => {
                 w.phase = WorkerPhase::Ready;

@@ -530,7 +530,7 @@ impl Supervisor {
         let cfg = Arc::clone(&self.cfg);
         for w in self.workers.values_mut() {
             // A worker still starting finishes its start (its start hook runs,
-            // bounded by the init timeout) and retires once ready, so every
+            // bounded by its timeout, if it has one) and retires once ready, so every
             // worker a pool started runs its start and exit hooks, as
             // `multiprocessing.Pool`'s workers run their initializer.
             if w.inflight.is_empty() && w.phase == WorkerPhase::Ready {

@@ -95,6 +95,7 @@ fn harness(prefetch: usize, restart_limit: u32) -> Harness {
         max_tasks_per_child: None,
         task_timeout: None,
         init_timeout: Duration::from_secs(60),
+        hook_timeout: Some(Duration::from_secs(60)),
         grace: GRACE,
         restart_limit,
         restart_window: Duration::from_secs(60),
