@@ -44,10 +44,9 @@ def describe(x):
     built on a mapping warden made (a shared segment, or the memory a lent
     buffer was read into)."""
     base = x
-    while base is not None and not isinstance(base, memoryview):
-        base = getattr(base, "base", None)
-    on_mapping = isinstance(base, memoryview) and type(base.obj).__name__ == "Segment"
-    return type(x).__name__, on_mapping
+    while base is not None and type(base).__name__ != "SegmentBuffer":
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return type(x).__name__, base is not None
 
 
 def own_memfds(pid: int | None = None) -> list[str]:
@@ -143,6 +142,50 @@ def test_buffers_round_trip_byte_exact_around_the_inline_limit(executor, no_segm
         assert type(back) is expected_type[kind], size
         assert bytes(back) == raw, size
         del back
+
+
+class ZeroCopyByteArray(bytearray):
+    """The ``pickle`` docs' example of out-of-band buffers (PEP 574): its
+    reconstructor looks through the buffer it gets to that buffer's exporter,
+    and copies that exporter if it is not one of its own."""
+
+    def __reduce_ex__(self, protocol):
+        if protocol >= 5:
+            return type(self)._reconstruct, (pickle.PickleBuffer(self),), None
+        return type(self)._reconstruct, (bytearray(self),)
+
+    @classmethod
+    def _reconstruct(cls, obj):
+        with memoryview(obj) as m:
+            obj = m.obj
+            return obj if type(obj) is cls else cls(obj)
+
+
+def size_and_ends(x):
+    return type(x).__name__, len(x), bytes(x[:8]), bytes(x[-8:])
+
+
+def test_a_reconstructor_that_looks_through_its_buffer_finds_exactly_the_data_as_under_the_standard_library(
+    executor, no_segment_leaks
+):
+    """The exporter of an out-of-band buffer is an object of exactly the
+    buffer's size, as the standard library's in-band ``bytearray`` is; it
+    was the whole shared segment (its table first), and the value arrived
+    longer and with other bytes, without an error."""
+    import concurrent.futures
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as std:
+        for size in SIZES:
+            raw = os.urandom(size)
+            value = ZeroCopyByteArray(raw)
+            expected = std.submit(size_and_ends, value).result(timeout=60)
+            assert expected == ("ZeroCopyByteArray", size, raw[:8], raw[-8:])
+            assert executor.submit(size_and_ends, value).result(timeout=60) == expected, size
+            back = executor.submit(identity, value).result(timeout=60)
+            assert type(back) is ZeroCopyByteArray and back == raw, size
+            del back
 
 
 def test_memoryview_keeps_its_format_shape_and_readonly_flag(executor, no_segment_leaks):

@@ -123,20 +123,18 @@ def _bytes_from(buffer: Any) -> bytes:
     """Rebuilds a ``bytes`` sent out of band: one copy out of the mapping
     (see ``_warden.copy_to_bytes``), none if it was lent (read into a new
     ``bytes`` already)."""
-    if type(buffer) is memoryview:
-        from . import _warden
+    if type(buffer) is bytes:
+        return buffer
+    from . import _warden
 
-        return _warden.copy_to_bytes(buffer)
-    return bytes(buffer)
+    return _warden.copy_to_bytes(buffer)
 
 
 def _bytearray_from(buffer: Any) -> bytearray:
     """Rebuilds a ``bytearray`` sent out of band (one copy out of the mapping)."""
-    if type(buffer) is memoryview:
-        from . import _warden
+    from . import _warden
 
-        return _warden.copy_to_bytearray(buffer)
-    return bytearray(buffer)
+    return _warden.copy_to_bytearray(buffer)
 
 
 def _memoryview_from(buffer: Any, fmt: str, shape: tuple[int, ...], readonly: bool) -> memoryview:
@@ -862,7 +860,9 @@ def open_segment(fd: int) -> list[Any]:
         off, n = _ENTRY.unpack_from(view, _HEAD.size + i * _ENTRY.size)
         if off + n > size:
             raise SegmentError(f"buffer {i} of the shared segment lies outside it")
-        buffers.append(view[off : off + n])
+        # Each buffer is an object of its own, of exactly its size (see
+        # ``_warden.SegmentBuffer``), not a slice of the segment.
+        buffers.append(_warden.SegmentBuffer(segment, off, n))
     return buffers
 
 
@@ -1013,10 +1013,13 @@ def _writable_buffer(buffer: Any) -> Any:
     the pickle says so), else a copy (in band: a ``bytes`` in the pickle)."""
     from . import _warden
 
-    if type(buffer) is memoryview and type(buffer.obj) is _warden.Segment and buffer.c_contiguous:
+    if type(buffer) is _warden.SegmentBuffer:
+        return buffer
+    if type(buffer) is memoryview and type(buffer.obj) is _warden.SegmentBuffer and buffer.c_contiguous:
+        # The read-only view the unpickler made of it (``READONLY_BUFFER``).
         whole = memoryview(buffer.obj)
         start = _warden.buffer_address(buffer)[0] - _warden.buffer_address(whole)[0]
-        if start >= 0 and start + buffer.nbytes <= whole.nbytes and not whole.readonly:
+        if start >= 0 and start + buffer.nbytes <= whole.nbytes:
             return whole[start : start + buffer.nbytes]
     return bytearray(buffer)
 

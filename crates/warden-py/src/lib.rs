@@ -62,6 +62,7 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::LostWorker>()?;
     m.add_class::<event::SharedEvent>()?;
     m.add_class::<segment::Segment>()?;
+    m.add_class::<segment::SegmentBuffer>()?;
     m.add_function(wrap_pyfunction!(segment::map_segment, m)?)?;
     m.add_function(wrap_pyfunction!(segment::copy_to_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(segment::copy_to_bytearray, m)?)?;

@@ -31,7 +31,7 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::segment::Segment;
+use crate::segment::{Segment, SegmentBuffer};
 
 /// A lent buffer to be rebuilt as a `bytes` object.
 pub const KIND_BYTES: u8 = 1;
@@ -65,7 +65,7 @@ const ALIGN: usize = 64;
 
 /// Reads the buffers `entries` (address, length, kind) out of process `pid`
 /// into new objects of this process: a `bytes` for [`KIND_BYTES`]; for
-/// [`KIND_RAW`], a `memoryview` of one [`Segment`] that holds every such
+/// [`KIND_RAW`], a [`SegmentBuffer`] of one [`Segment`] that holds every such
 /// buffer of the call (one mapping, as a shared segment would be, which
 /// the arrays built on it keep alive). At most `max` bytes in all. The
 /// copies run without the GIL. Raises `OSError` (with the errno, e.g.
@@ -123,12 +123,10 @@ pub fn read_remote(py: Python<'_>, pid: i32, entries: Vec<(usize, usize, u8)>, m
         let segment = Segment::anonymous(raw_size)?;
         let base = segment.as_mut_ptr() as usize;
         let segment = Py::new(py, segment)?;
-        let whole = pyo3::types::PyMemoryView::from(segment.bind(py))?;
         for &(i, offset, len) in &raw {
             copies.push((entries[i].0, base + offset, len));
-            let end = offset + len;
-            let slice = pyo3::types::PySlice::new(py, offset as isize, end as isize, 1);
-            objects[i] = Some(whole.get_item(slice)?.unbind());
+            let buffer = SegmentBuffer::new(segment.clone_ref(py), offset, len)?;
+            objects[i] = Some(Py::new(py, buffer)?.into_any());
         }
     }
     py.detach(|| copy_all(pid, &copies)).map_err(|e| {

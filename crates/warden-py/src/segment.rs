@@ -141,6 +141,63 @@ impl Segment {
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 
+/// One buffer of a [`Segment`]: exports exactly its bytes (writable, as the
+/// mapping is) through the buffer protocol, and keeps the mapping alive.
+///
+/// This, not a `memoryview` slice of the segment, is what the unpickler gets
+/// for an out-of-band buffer: a reconstructor that looks through its
+/// argument to the exporter (`memoryview(buf).obj`, as the `pickle` docs'
+/// `ZeroCopyByteArray` does) finds an object of exactly the buffer's size,
+/// as it finds the `bytearray` the standard library sends in band, and not
+/// the whole segment with its table.
+#[pyclass(module = "warden._warden", name = "SegmentBuffer", frozen)]
+pub struct SegmentBuffer {
+    segment: Py<Segment>,
+    offset: usize,
+    len: usize,
+}
+
+#[pymethods]
+impl SegmentBuffer {
+    /// Bytes `[offset, offset + length)` of `segment`; `ValueError` if they
+    /// do not lie inside it.
+    #[new]
+    pub fn new(segment: Py<Segment>, offset: usize, length: usize) -> PyResult<Self> {
+        let inside = offset.checked_add(length).is_some_and(|end| end <= segment.get().len);
+        if !inside {
+            return Err(PyValueError::new_err(format!(
+                "bytes {offset}..+{length} lie outside a segment of {} bytes",
+                segment.get().len
+            )));
+        }
+        Ok(SegmentBuffer { segment, offset, len: length })
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    /// Exposes the buffer's bytes, writable.
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let (ptr, len) = {
+            let me = slf.get();
+            // SAFETY: `offset + len` was checked against the segment's length
+            // at construction, and the segment's mapping never changes.
+            (unsafe { me.segment.get().ptr.as_ptr().add(me.offset) }, me.len)
+        };
+        let len = ffi::Py_ssize_t::try_from(len).map_err(|_| PyValueError::new_err("buffer too large"))?;
+        // SAFETY: the view points into the segment's live mapping; the view
+        // holds a reference to `slf`, which holds the segment.
+        let ret = unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 0, flags) };
+        if ret == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
 impl Segment {
     /// A private anonymous mapping of `len` bytes (at least one): a spare
     /// one if there is one of about that size (see `spares`), else a fresh
