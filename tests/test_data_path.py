@@ -188,6 +188,57 @@ def test_a_reconstructor_that_looks_through_its_buffer_finds_exactly_the_data_as
             del back
 
 
+def test_a_thread_that_never_begins_is_given_up_on_instead_of_waited_for_for_ever(carrier, monkeypatch):
+    """``threading.Thread.start()`` waits without a bound for the new thread
+    to say it began; one that fails first (``MemoryError`` in a process short
+    of memory) left a worker waiting for ever, its result never sent."""
+    if carrier != "lent":
+        pytest.skip("the same with lending off")
+    from warden import _native
+
+    monkeypatch.setattr(_native, "START_WAIT", 0.5)
+    thread = _native.Thread(target=print, name="warden-test-never-begins")
+    thread._bootstrap = lambda: None  # dies before it says it began
+    raised: list[BaseException] = []
+
+    def start():
+        try:
+            thread.start()
+        except BaseException as e:
+            raised.append(e)
+
+    starter = threading.Thread(target=start, daemon=True)
+    starter.start()
+    starter.join(timeout=30)
+    assert not starter.is_alive(), "start() still waits"
+    assert [type(e) for e in raised] == [RuntimeError] and "did not begin" in str(raised[0])
+
+
+def test_large_buffers_are_copied_when_no_thread_can_hold_them_lent(carrier, monkeypatch, no_segment_leaks):
+    """A loan needs a thread to hold it; where none can be started, the
+    buffers go through a segment instead (the call was refused before, as if
+    it could not be pickled)."""
+    if carrier != "lent":
+        pytest.skip("lending is off: nothing is lent")
+
+    from warden import _native
+
+    real = _native.Thread
+
+    class NoLender:
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    def thread(target, args=(), name=""):
+        return NoLender() if name == "warden-lender" else real(target, args, name)
+
+    monkeypatch.setattr(_native, "Thread", thread)
+    raw = os.urandom(4 << 20)
+    with warden.ProcessPoolExecutor(1) as ex:
+        assert ex.submit(identity, bytearray(raw)).result(timeout=60) == raw
+        assert ex.submit(identity, raw).result(timeout=60) == raw
+
+
 def test_memoryview_keeps_its_format_shape_and_readonly_flag(executor, no_segment_leaks):
     data = bytes(range(256)) * (LIMIT // 64)
     view = memoryview(data).cast("i", (len(data) // 16, 4))

@@ -1906,3 +1906,40 @@ def test_with_sigchld_ignored_pools_and_processes_go_on_and_exit_codes_read_unkn
         "after 6",
         "process False -1",
     ], run.stderr
+
+
+CWD_DELETED = """
+import os, shutil, sys
+import warden
+
+def where(_=None):
+    return os.getpid(), os.readlink("/proc/self/cwd")
+
+if __name__ == "__main__":
+    work = os.path.join(os.getcwd(), "work")
+    os.mkdir(work)
+    os.chdir(work)
+    with warden.ProcessPoolExecutor(1, max_tasks_per_child=1, start=sys.argv[1]) as ex:
+        print(*ex.submit(where).result(timeout=30))
+        shutil.rmtree(work)
+        for _ in range(3):
+            print(*ex.submit(where).result(timeout=30))
+"""
+
+
+@pytest.mark.parametrize("start", ["zygote", "exec"])
+def test_workers_started_after_the_programs_directory_was_deleted_stand_in_it_as_the_program_does(
+    program, start
+):
+    """The program's working directory is deleted while its pool runs: each
+    new worker (here one per task) keeps standing in that same directory, as
+    the program does, instead of failing its start on ``chdir`` (which broke
+    the pool at the first replacement)."""
+    run = program(CWD_DELETED).run(timeout=90, args=(start,))
+    assert run.returncode == 0, run.stderr
+    rows = [line.split(" ", 1) for line in run.stdout.splitlines()]
+    assert len(rows) == 4, run.stdout
+    work = rows[0][1]
+    assert work.endswith("/work")
+    assert [cwd for _, cwd in rows[1:]] == [f"{work} (deleted)"] * 3
+    assert len({pid for pid, _ in rows}) == 4, "a new worker for each task"

@@ -105,14 +105,42 @@ def _nothing() -> None:
     pass
 
 
+#: How long :meth:`_Thread.start` waits for the new thread to begin (s).
+START_WAIT = 10.0
+
+
+class _BoundedEvent(threading.Event):
+    """``threading.Event`` whose ``wait()`` without a timeout gives up after
+    :data:`START_WAIT` seconds."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return super().wait(START_WAIT if timeout is None else timeout)
+
+
+class _Thread(threading.Thread):
+    """``threading.Thread`` whose ``start()`` waits at most
+    :data:`START_WAIT` seconds for the thread to begin, then raises
+    ``RuntimeError``. The standard library's waits without a bound, and a
+    thread that fails as it begins, before it says so (``MemoryError`` in a
+    process short of memory, ``RLIMIT_AS``), would leave it waiting for
+    ever: a worker would never send its result."""
+
+    def start(self) -> None:
+        # The event threading.Thread.start() waits on (3.11 to 3.13).
+        self._started = _BoundedEvent()
+        super().start()
+        if not self._started.is_set():
+            raise RuntimeError(f"thread {self.name!r} did not begin within {START_WAIT} s")
+
+
 def Thread(target: Callable[..., Any], args: tuple[Any, ...] = (), name: str = "") -> Any:
     """A daemon thread of the operating system that runs ``target(*args)``
-    once started: a ``threading.Thread``, or under gevent's patching one
-    started with the original ``_thread`` functions (see the module
-    documentation)."""
+    once started: a ``threading.Thread`` (whose ``start()`` is bounded, see
+    :class:`_Thread`), or under gevent's patching one started with the
+    original ``_thread`` functions (see the module documentation)."""
     monkey = _patched("threading")
     if monkey is None:
-        return threading.Thread(target=target, args=args, name=name, daemon=True)
+        return _Thread(target=target, args=args, name=name, daemon=True)
     return _OsThread(monkey, target, args, name)
 
 

@@ -426,6 +426,25 @@ def _system_exit_code(e: SystemExit) -> int:
 _COVERAGE_PATCHED = "_coverage$patched"
 
 
+def spawn_preparation(preparation: dict[str, Any]) -> dict[str, Any]:
+    """``preparation`` (``multiprocessing.spawn.get_preparation_data``'s) as
+    this process should apply it. Its ``dir`` is the parent's working
+    directory when the pool was made; if that directory has since been
+    deleted and this process still stands in it (inherited from the parent,
+    or from a zygote started before), ``chdir`` would fail and every new
+    worker with it: the inherited one is kept, the parent's own."""
+    wanted = preparation.get("dir")
+    if wanted is None:
+        return preparation
+    try:
+        here = os.readlink("/proc/self/cwd")
+    except OSError:
+        return preparation
+    if here != f"{wanted} (deleted)":
+        return preparation
+    return {key: value for key, value in preparation.items() if key != "dir"}
+
+
 def _measure_coverage_if_asked() -> None:
     """Under coverage.py's ``concurrency = multiprocessing``, measures this
     worker or child as coverage measures a child of ``multiprocessing``.
@@ -583,7 +602,7 @@ class Handler:
             me._inheriting = True  # type: ignore[attr-defined]
             setup = True
             try:
-                multiprocessing.spawn.prepare(init["preparation"])
+                multiprocessing.spawn.prepare(spawn_preparation(init["preparation"]))
                 _measure_coverage_if_asked()
                 hooks = _oob.unpickle(init["hooks"]) if init["hooks"] else {}
                 setup = False

@@ -251,7 +251,7 @@ def _preload(data: dict[str, Any], watch: _SeedWatch) -> str | None:
     """Prepares as a spawned child does and imports the preloads. Returns why
     this zygote must not fork, if main's import made state each worker must
     make for itself (see :func:`_per_process_state`)."""
-    preparation = dict(data["preparation"])
+    preparation = dict(_workerloop.spawn_preparation(data["preparation"]))
     main_keys = ("init_main_from_path", "init_main_from_name")
     main = {key: preparation.pop(key) for key in main_keys if key in preparation}
     multiprocessing.spawn.prepare(preparation)
