@@ -19,7 +19,7 @@ from concurrent.futures import CancelledError
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
 
-from . import _progress, _runner, _warden
+from . import _native, _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
 from ._handles import PoolHandle
@@ -665,9 +665,7 @@ def _deliver_apart(deliver: Callable[[bool, Any], None], ok: bool, data: Any) ->
     pickled) on a thread of its own, as outcomes come on the results thread:
     a callback never runs inside the call that queued it (where the caller
     may hold a lock the callback takes)."""
-    threading.Thread(
-        target=_runner.call_outcome_callback, args=(deliver, ok, data), name="warden-outcome", daemon=True
-    ).start()
+    _native.Thread(_runner.call_outcome_callback, (deliver, ok, data), "warden-outcome").start()
 
 
 class _ChunkOutcome:
