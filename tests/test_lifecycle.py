@@ -104,6 +104,31 @@ def test_exit_path_runs_context_finalizer_gc_and_atexit_once_in_order(tmp_path):
     assert events_for(out, pid) == ["init", "ctx-enter", "ctx-exit", "fin", "del", "atexit"]
 
 
+@contextlib.contextmanager
+def stopped_while_entering(path):
+    # A stop signal comes while the worker context is entered (after the
+    # initializer returned), and the entering fails with an error of its own.
+    log(path, "ctx-enter")
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise ValueError("the resource is gone")
+    yield  # never reached
+
+
+def test_a_stop_after_the_initializer_returned_runs_the_finalizer_even_if_it_surfaces_as_another_error(
+    tmp_path,
+):
+    out = tmp_path / "log"
+    kwargs = {**pool_kwargs(out), "worker_context": lambda: stopped_while_entering(out)}
+    pool = warden.Pool(1, **kwargs)
+    try:
+        assert wait_until(lambda: "ctx-enter" in [line.split()[0] for line in lines_of(out)], timeout=30)
+    finally:
+        pool.terminate()
+        pool.join()
+    first = lines_of(out)[0].split()[-1]
+    assert events_for(out, first)[:3] == ["init", "ctx-enter", "fin"], lines_of(out)
+
+
 def test_worker_context_is_only_available_inside_such_a_worker():
     with pytest.raises(RuntimeError, match="worker_context"):
         warden.worker_context()

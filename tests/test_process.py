@@ -44,7 +44,7 @@ def sleep_forever(path=None):
 def report_identity(path):
     me = warden.current_process()
     parent = multiprocessing.parent_process()
-    write(path, f"{me.name} {me.pid} {os.getpid()} {me.daemon} {parent.pid} {me.is_alive()}\n")
+    write(path, f"{me.name} {me.pid} {os.getpid()} {me.daemon} {parent.pid} {me.is_alive()} {me.exitcode}\n")
 
 
 class Subclassed(warden.Process):
@@ -331,7 +331,8 @@ def test_current_process_in_the_child_is_the_process(tmp_path):
     p = warden.Process(target=report_identity, args=(out,), name="worker-a", daemon=True)
     p.start()
     p.join(30)
-    name, pid, getpid, daemon, parent, is_alive = out.read_text().split()
+    assert p.exitcode == 0
+    name, pid, getpid, daemon, parent, is_alive, exitcode = out.read_text().split()
     assert (name, int(pid), int(getpid), daemon, int(parent)) == (
         "worker-a",
         p.pid,
@@ -339,7 +340,8 @@ def test_current_process_in_the_child_is_the_process(tmp_path):
         "True",
         os.getpid(),
     )
-    assert is_alive == "True"
+    # Running, with no exit code yet, as a spawned child's current_process().
+    assert (is_alive, exitcode) == ("True", "None")
 
 
 LOADED_IN_THE_CHILD = """

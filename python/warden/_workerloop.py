@@ -622,6 +622,10 @@ class Handler:
             if initializer is not None:
                 try:
                     initializer(*hooks.get("initargs", ()))
+                    # At once, with no call in between (where a stop signal's
+                    # handler could raise): from here on a stop runs the
+                    # finalizer, however soon it comes.
+                    self.initialized = True
                 except Exception:
                     _logging_steps_aside()
                     logger = hooks.get("failure_logger")
@@ -665,7 +669,9 @@ class Handler:
             self.running = False
             if self.stopping:
                 # Told to stop while starting (what was importing may have
-                # turned TaskInterrupted into its own error): a stop, not a failure.
+                # turned TaskInterrupted into its own error): a stop, not a
+                # failure; after the initializer, one that runs the finalizer.
+                self._end_process(self._end_hooks() if self.initialized else [])
                 return _interrupted()
             if not logged:
                 say_exception(f"warden: worker {os.getpid()} failed to start:\n")

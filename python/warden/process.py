@@ -101,8 +101,12 @@ class Process(multiprocessing.context.Process):
             state = self.__getstate__()
             if isinstance(state, dict):
                 state = dict(state)
+                # The parent's handles on the child stay here; in the child
+                # the object reads as one not started by it (``exitcode``
+                # None), as a spawned child's ``current_process()`` does.
                 for key in ("_popen", "_pid", "_sentinel_fd", "_sentinel_closer"):
-                    state.pop(key, None)
+                    if key in state:
+                        state[key] = None
             return (_new_process, (type(self),), state)
         return (
             _process_handle,
