@@ -68,6 +68,44 @@ def test_without_forwarding_a_worker_info_record_is_lost(program, start):
     assert [line.split()[0] for line in run.lines] == ["result", "done"]
 
 
+RAISING_HANDLER = """
+import logging, sys
+import warden
+
+class Buggy(logging.Handler):
+    def emit(self, record):
+        raise RuntimeError("a handler with a bug")
+
+def task(i):
+    logging.getLogger("app").warning("task %d", i)
+    return i
+
+if __name__ == "__main__":
+    logging.getLogger().addHandler(Buggy())
+    if sys.argv[1] == "executor":
+        with warden.ProcessPoolExecutor(2) as ex:
+            print(sum(f.result(timeout=30) for f in [ex.submit(task, i) for i in range(200)]))
+            print(ex.submit(task, 1000).result(timeout=30))
+    else:
+        with warden.Pool(2) as pool:
+            print(sum(pool.map(task, range(200), chunksize=1)))
+            print(pool.apply(task, (1000,)))
+"""
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_log_handler_that_raises_is_reported_and_every_result_still_arrives(program, kind):
+    """A handler of the parent's that raises on forwarded records (or a
+    filter reading ``record.args``) is the program's bug: reported on stderr,
+    as logging reports one, never the end of the thread that delivers the
+    results (every later result failed, and the next one hung)."""
+    run = program(RAISING_HANDLER).run(args=(kind,), timeout=90)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.lines == [str(sum(range(200))), "1000"], run.stdout
+    assert "a handler with a bug" in run.stderr
+    assert "Exception in thread" not in run.stderr, run.stderr[-3000:]
+
+
 TOP_LEVEL_CONFIG = """
 import logging, sys
 logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(name)s: %(message)s")

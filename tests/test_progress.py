@@ -122,7 +122,28 @@ def test_a_bar_warden_makes_is_closed_when_the_map_fails(executor, pool, which):
             pool.map(fail_on_three, range(6), 1, progress=options)
         else:
             list(pool.imap(fail_on_three, range(6), progress=options))
-    assert open_bars() == []
+    # (An imap's bar, whose iteration could go on, closes once every item is in.)
+    assert wait_until(lambda: open_bars() == [], timeout=10), open_bars()
+
+
+@pytest.mark.parametrize("unordered", [False, True])
+def test_an_imap_of_single_items_counts_every_item_past_an_error(pool, unordered):
+    """With ``chunksize=1`` an ``imap`` goes on after an item's error, and so
+    does its bar: it counts the failed item and every one after it."""
+    bar = Recorder(total=6)
+    imap = pool.imap_unordered if unordered else pool.imap
+    results, errors = [], []
+    it = imap(fail_on_three, range(6), progress=bar)
+    while True:
+        try:
+            results.append(next(it))
+        except StopIteration:
+            break
+        except ValueError as e:
+            errors.append(str(e))
+    assert sorted(results) == [0, 1, 2, 4, 5] and errors == ["three"]
+    assert bar.n == 6
+    bar.close()
 
 
 def test_progress_without_tqdm_says_what_to_install(monkeypatch, pool, executor):

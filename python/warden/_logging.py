@@ -342,7 +342,15 @@ def _handle(data: bytes | memoryview) -> None:
         return
     logger = logging.root if record.name == "root" else logging.getLogger(record.name)
     if logger.isEnabledFor(record.levelno):
-        logger.handle(record)
+        try:
+            logger.handle(record)
+        except Exception:
+            # A handler or filter of the program's that raises (in the
+            # program's own thread, the error would reach its logging call):
+            # reported as logging reports a handler's error, and the records
+            # and results after it go on.
+            if logging.raiseExceptions:
+                say_exception(f"warden: a log handler raised on a record of worker {record.process}:\n")
 
 
 # -- the worker's end ---------------------------------------------------------

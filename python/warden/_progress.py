@@ -29,10 +29,13 @@ class Progress:
         self._closed = False
 
     def advance(self, items: int) -> None:
-        """Counts ``items`` more results (from any thread)."""
+        """Counts ``items`` more results (from any thread); a bar warden made
+        is closed once it has counted its total (an ``imap`` the program
+        stopped reading after an item's error still fills it)."""
         with self._lock:
             if not self._closed:
                 self.bar.update(items)
+        self._close_if_full()
 
     def set_total(self, total: int) -> None:
         """Gives the bar its total once it is known, if it has none."""
@@ -40,6 +43,14 @@ class Progress:
             if not self._closed and getattr(self.bar, "total", None) is None:
                 self.bar.total = total
                 self.bar.refresh()
+        self._close_if_full()
+
+    def _close_if_full(self) -> None:
+        if not self.owned:
+            return
+        total, n = getattr(self.bar, "total", None), getattr(self.bar, "n", None)
+        if total is not None and n is not None and n >= total:
+            self.close()
 
     def close(self) -> None:
         """Closes the bar if warden made it. Idempotent."""

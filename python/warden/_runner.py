@@ -1031,7 +1031,10 @@ def _deliver_outcomes(
                 break
             if forward_logging:
                 # Records a task logged come out before its result.
-                _logging.drain()
+                try:
+                    _logging.drain()
+                except Exception:  # the results thread must not die of it
+                    say_exception("warden: reading worker log records failed:\n")
             since_trim += len(batch)
             burst += len(batch)
             if len(pending) <= len(batch):  # nothing else pending

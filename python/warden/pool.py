@@ -875,7 +875,16 @@ class IMapIterator(_StdIMapIterator[_T]):
             return self._next_result(timeout)
         except multiprocessing.TimeoutError:
             raise
-        except BaseException:  # the end, an error, or Ctrl-C: the bar is done
+        except StopIteration:
+            self._progress.close()
+            raise
+        except Exception:
+            # An item's error: with chunks of one the iteration goes on (and
+            # so does the bar); a chunked one ends here.
+            if self._chunked:
+                self._progress.close()
+            raise
+        except BaseException:  # Ctrl-C: the bar is done
             self._progress.close()
             raise
 
@@ -940,6 +949,8 @@ class IMapIterator(_StdIMapIterator[_T]):
             except BaseException as e:  # SystemExit too: this is the results thread
                 self._put(index, False, ErrorData.local(e, "cannot unpickle a result"))
         else:
+            if self._progress is not None and not self._chunked:
+                self._progress.advance(1)  # the item is done, if not well
             self._put(index, False, data)
 
     def _set_length(self, length: int) -> None:
