@@ -245,7 +245,6 @@ class Future(_base.Future["_T"]):
         # thread, when cancel() returns True.
         with _CONDITION_LOCK:
             self._cancellers += 1
-        cancelled = False
         try:
             cancelled = _runner.cancel(runner.core, self._task, running)
         finally:

@@ -640,9 +640,6 @@ class _Lender:
         self.held: dict[int, Loan] = {}
         self.wake_r = self.wake_w = -1
         self.thread: Any = None
-        #: The running thread's own token: one that began too late, after
-        #: its start was given up, finds another (or none) and ends at once.
-        self.token: object = None
 
     def hold(self, fd: int, loan: Loan) -> None:
         """Holds ``loan`` until the readers of ``fd`` (a pipe's write end,
@@ -652,17 +649,16 @@ class _Lender:
         with self.lock:
             if self.thread is None:
                 wake_r, wake_w = os.pipe()
-                token = object()
                 try:
                     os.set_blocking(wake_w, False)
-                    thread = _native.Thread(target=self._run, args=(token,), name="warden-lender")
+                    thread = _native.Thread(target=self._run, name="warden-lender")
                     self.held[fd] = loan
-                    self.wake_r, self.wake_w, self.thread, self.token = wake_r, wake_w, thread, token
+                    self.wake_r, self.wake_w, self.thread = wake_r, wake_w, thread
                     thread.start()
                 except BaseException:
                     self.held.pop(fd, None)
                     self.wake_r = self.wake_w = -1
-                    self.thread = self.token = None
+                    self.thread = None
                     _native.close(wake_r)
                     _native.close(wake_w)
                     raise
@@ -671,19 +667,19 @@ class _Lender:
             with contextlib.suppress(BlockingIOError):  # full: already awake
                 os.write(self.wake_w, b"\0")
 
-    def _run(self, token: object) -> None:
+    def _run(self) -> None:
         import select
 
         while True:
             poller = _native.poll()
             with self.lock:
-                if self.token is not token:
+                if self.thread is None or not _native.is_current(self.thread):
                     return  # began after its start was given up
                 if not self.held:
                     _native.close(self.wake_r)
                     _native.close(self.wake_w)
                     self.wake_r = self.wake_w = -1
-                    self.thread = self.token = None
+                    self.thread = None
                     self.released.notify_all()
                     return
                 wake_r = self.wake_r

@@ -140,7 +140,7 @@ pub use zygote::forked_from;
 /// What [`init`] saw, for a pool of this executable's own functions, which
 /// refuses to build without it (its workers would run `main` from the top):
 /// [`INIT_NOT_CALLED`], [`INIT_OFF_MAIN`] or [`INIT_ON_MAIN`]. Only grows.
-pub(crate) static INIT_CALLED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(INIT_NOT_CALLED);
+pub(crate) static INIT_SEEN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(INIT_NOT_CALLED);
 /// [`init`] was never called.
 pub(crate) const INIT_NOT_CALLED: u8 = 0;
 /// [`init`] was called, but only on threads other than the main one.
@@ -163,7 +163,7 @@ pub(crate) const INIT_ON_MAIN: u8 = 2;
 pub fn init() {
     let on_main = rustix::thread::gettid() == rustix::process::getpid();
     let seen = if on_main { INIT_ON_MAIN } else { INIT_OFF_MAIN };
-    INIT_CALLED.fetch_max(seen, std::sync::atomic::Ordering::SeqCst);
+    INIT_SEEN.fetch_max(seen, std::sync::atomic::Ordering::SeqCst);
     let starting_as = if std::env::var_os(zygote::ENV_ZYGOTE).is_some() {
         Some("zygote")
     } else if std::env::var_os(spawn::ENV_FD).is_some() {

@@ -477,7 +477,7 @@ impl Builder {
         }
         crate::spawn::fill_closed_stdio();
         if self.cfg.identity.is_some() {
-            match crate::INIT_CALLED.load(std::sync::atomic::Ordering::SeqCst) {
+            match crate::INIT_SEEN.load(std::sync::atomic::Ordering::SeqCst) {
                 crate::INIT_ON_MAIN => {}
                 crate::INIT_OFF_MAIN => {
                     return Err(Error::config(format!(
