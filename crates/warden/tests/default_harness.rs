@@ -38,13 +38,22 @@ fn a_worker_that_reaches_init_off_the_main_thread_ends_saying_why() {
         return;
     }
     let exe = std::env::current_exe().expect("the test binary's path");
-    let out = std::process::Command::new(exe)
+    let mut child = std::process::Command::new(exe)
         .args(["--exact", "a_worker_that_reaches_init_off_the_main_thread_ends_saying_why", "--nocapture"])
         // The variable a pool gives its worker (the fd is never read).
         .env("WARDEN_FD", "1000")
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("the test binary runs");
+    // Bounded: a child that did not end at init is killed after 60 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("waitpid").is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("the child's output");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
