@@ -257,6 +257,50 @@ def test_a_record_too_large_is_cut_not_lost(caplog):
     assert messages[1] == "after"
 
 
+def log_huge_exception(depth, message_size, extra_size):
+    def dive(n):
+        # Each level chains a new exception to the one below it, so the
+        # traceback grows with the depth (repeated frames alone are folded).
+        if n == 0:
+            raise ValueError("v" * message_size)
+        try:
+            dive(n - 1)
+        except ValueError as e:
+            raise ValueError(f"level {n}") from e
+
+    try:
+        dive(depth)
+    except ValueError:
+        logging.getLogger("app").exception("it failed", extra={"blob": b"x" * extra_size, "user": "ann"})
+
+
+@pytest.mark.parametrize(
+    "depth, message_size, extra_size",
+    [(1, 10_000_000, 0), (500, 10, 0), (1, 10, 10_000_000)],
+    ids=["huge-exception-message", "deep-traceback", "huge-extra"],
+)
+def test_a_record_too_large_keeps_both_ends_of_its_traceback_and_its_extras(
+    caplog, depth, message_size, extra_size
+):
+    caplog.set_level(logging.INFO)
+    with warden.Pool(1) as pool:
+        pool.apply(log_huge_exception, (depth, message_size, extra_size))
+    [record] = [r for r in caplog.records if r.name == "app"]
+    assert record.getMessage() == "it failed"
+    text = record.exc_text
+    assert text.startswith("Traceback (most recent call last):")
+    assert "in log_huge_exception" in text
+    assert "ValueError: v" in text
+    if depth > 100 or message_size > 100:
+        assert "cut:" in text and len(text) < 100_000
+    assert text.rstrip().endswith(f"ValueError: level {depth}")
+    assert record.user == "ann"
+    if extra_size:
+        assert record.blob.startswith("b'xxx") and "cut:" in record.blob
+    else:
+        assert record.blob == b""
+
+
 @pytest.mark.parametrize("start", STARTS)
 def test_every_replacement_worker_forwards_its_records(caplog, start):
     # One task per worker: each record comes from a worker started (forked by

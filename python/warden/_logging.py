@@ -371,8 +371,9 @@ def _attributes(record: logging.LogRecord) -> dict[str, Any]:
 
 def encode(record: logging.LogRecord) -> bytes:
     attrs = _attributes(record)
-    if len(attrs["msg"]) > MAX_MESSAGE:
-        attrs["msg"] = attrs["msg"][:MAX_MESSAGE] + f"... [cut: {len(attrs['msg'])} characters]"
+    attrs["msg"] = _cut_head(attrs["msg"], MAX_MESSAGE)
+    attrs["exc_text"] = _cut_middle(attrs.get("exc_text"), MAX_MESSAGE)
+    attrs["stack_info"] = _cut_middle(attrs.get("stack_info"), MAX_MESSAGE)
     try:
         return _dumps(attrs, protocol=5)
     except Exception:
@@ -404,9 +405,14 @@ class ParentHandler(logging.Handler):
             except OSError as e:
                 if e.errno != errno.EMSGSIZE:
                     raise
-                attrs = {key: getattr(record, key, None) for key in _PLAIN}
-                attrs["msg"] = record.getMessage()[:1024] + "... [cut: the record was too large to send]"
-                self.sock.send(_dumps(attrs, protocol=5))
+                try:
+                    self.sock.send(_dumps(_cut_down(record), protocol=5))
+                except OSError as again:
+                    if again.errno != errno.EMSGSIZE:
+                        raise
+                    attrs = {key: getattr(record, key, None) for key in _PLAIN}
+                    attrs["msg"] = _cut_head(record.getMessage(), 1024)
+                    self.sock.send(_dumps(attrs, protocol=5))
         except (OSError, pickle.PicklingError):
             # The parent is gone or not reading: keep the record on our stderr.
             last = logging.lastResort
@@ -416,6 +422,55 @@ class ParentHandler(logging.Handler):
         except Exception:
             self.handleError(record)
 
+
+def _cut_head(text: str, limit: int) -> str:
+    """A message cut to its first ``limit`` characters, saying so."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... [cut: {len(text)} characters]"
+
+
+def _cut_middle(text: str | None, limit: int) -> str | None:
+    """A traceback cut to ``limit`` characters: its start (the outer frames,
+    or the exception's type and the start of a huge message) and its end (the
+    innermost frames and the exception of a deep one), saying so between."""
+    if text is None or len(text) <= limit:
+        return text
+    half = limit // 2
+    return text[:half] + f"\n... [cut: {len(text)} characters, the middle left out] ...\n" + text[-half:]
+
+
+def _cut_down(record: logging.LogRecord) -> dict[str, Any]:
+    """A record too large to send, cut to what fits: its plain attributes, the
+    start of its message, both ends of its traceback and stack, and each
+    ``extra=`` value (as a short ``repr`` where it does not pickle small)."""
+    attrs = _attributes(record)
+    small = {key: attrs.get(key) for key in _PLAIN}
+    small["msg"] = _cut_head(attrs["msg"], MAX_MESSAGE)
+    small["exc_text"] = _cut_middle(attrs.get("exc_text"), MAX_MESSAGE // 4)
+    small["stack_info"] = _cut_middle(attrs.get("stack_info"), MAX_MESSAGE // 4)
+    extras = [key for key in attrs if key not in _STANDARD]
+    for key in extras[:_MAX_EXTRAS]:
+        value = attrs[key]
+        try:
+            if len(_dumps(value, protocol=5)) <= 1024:
+                small[key] = value
+                continue
+        except Exception:
+            pass
+        try:
+            text = repr(value)
+        except Exception as e:
+            text = f"<repr failed: {type(e).__name__}>"
+        small[key] = _cut_head(text, 256)
+    return small
+
+
+#: How many ``extra=`` values a record cut down keeps.
+_MAX_EXTRAS = 64
+
+#: The attributes every record has (``extra=`` adds others).
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 #: The attributes a record too large to send is cut down to.
 _PLAIN = (
