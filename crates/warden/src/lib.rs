@@ -38,7 +38,8 @@
 //!
 //! ## Public surface
 //!
-//! * the root: [`init`], [`Pool`] and its [`Builder`], task [`Handle`]s,
+//! * the root: [`init`], [`Pool`] and its [`Builder`], task [`Handle`]s
+//!   (joined, or awaited: each is a [`Future`](std::future::Future)),
 //!   one-off children ([`spawn()`](fn@spawn), [`Child`]), errors
 //!   ([`Error`], [`ErrorKind`], [`ExitStatus`]), what a pool reports about its
 //!   workers ([`LifecycleEvent`], [`WorkerEnd`], [`StopCause`],

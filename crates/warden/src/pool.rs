@@ -20,8 +20,10 @@
 
 use std::marker::PhantomData;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -999,6 +1001,10 @@ enum SlotState {
 pub(crate) struct Slot {
     state: Mutex<SlotState>,
     cv: Condvar,
+    /// The waker of the last poll of the [`Handle`] as a `Future`. Set and
+    /// read only while `state` is locked, so an outcome landing between a
+    /// poll's look and its registration cannot be missed.
+    waker: Mutex<Option<Waker>>,
 }
 
 impl Slot {
@@ -1008,10 +1014,39 @@ impl Slot {
     }
 
     pub(crate) fn fill(&self, outcome: Result<Vec<u8>>) {
-        let mut state = lock(&self.state);
-        if matches!(*state, SlotState::Pending) {
+        let waker = {
+            let mut state = lock(&self.state);
+            if !matches!(*state, SlotState::Pending) {
+                return;
+            }
             *state = SlotState::Done(outcome);
             self.cv.notify_all();
+            lock(&self.waker).take()
+        };
+        if let Some(waker) = waker {
+            // On the supervisor's thread: a runtime's waker that panics must
+            // not end the pool.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waker.wake())).is_err() {
+                tracing::error!("waking a task's awaiting future panicked");
+            }
+        }
+    }
+
+    /// The outcome if it is there (taken), else `None` with `waker` kept to be
+    /// woken when it lands.
+    fn poll_take(&self, waker: &Waker) -> Option<Result<Vec<u8>>> {
+        let mut state = lock(&self.state);
+        match std::mem::replace(&mut *state, SlotState::Taken) {
+            SlotState::Done(outcome) => Some(outcome),
+            SlotState::Taken => Some(Err(Error::new(ErrorKind::AlreadyJoined))),
+            SlotState::Pending => {
+                *state = SlotState::Pending;
+                let mut registered = lock(&self.waker);
+                if !registered.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                    *registered = Some(waker.clone());
+                }
+                None
+            }
         }
     }
 
@@ -1043,6 +1078,13 @@ impl Slot {
 }
 
 /// A task running in a pool. Dropping it detaches the task (it still runs).
+///
+/// Wait for its outcome with [`Handle::join`], or `.await` it: a `Handle` is
+/// a [`Future`](std::future::Future) of the same outcome, woken by the
+/// pool's supervisor when it lands, so an async program needs no thread per
+/// task and no particular runtime. Dropping the future (a `select!` that
+/// chose another branch, a timeout) detaches the task as dropping the handle
+/// does; [`Handle::cancel`] it first to stop it.
 pub struct Handle<R> {
     id: u64,
     slot: Arc<Slot>,
@@ -1091,6 +1133,22 @@ impl<R: DeserializeOwned> Handle<R> {
     /// `false` if it had already finished.
     pub fn cancel(&self) -> bool {
         self.slot.is_cancelled() || cancel(&self.shared, self.id, true)
+    }
+}
+
+impl<R: DeserializeOwned> std::future::Future for Handle<R> {
+    type Output = Result<R>;
+
+    /// Ready with what [`Handle::join`] returns; polled again after that, an
+    /// "already joined" error.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
+        if self.shared.foreign() {
+            return Poll::Ready(Err(self.shared.foreign_error()));
+        }
+        match self.slot.poll_take(cx.waker()) {
+            Some(outcome) => Poll::Ready(decode(outcome)),
+            None => Poll::Pending,
+        }
     }
 }
 

@@ -8,10 +8,14 @@
 //! * the test runner (libtest-mimic), otherwise.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -172,6 +176,11 @@ fn main() {
         both(
             "frames_larger_than_the_socket_buffer_arrive_whole_both_ways",
             frames_larger_than_the_socket_buffer_arrive_whole_both_ways,
+        ),
+        both("awaiting_handles_gives_each_tasks_outcome", awaiting_handles_gives_each_tasks_outcome),
+        both(
+            "a_pending_handle_wakes_its_waker_when_the_outcome_lands",
+            a_pending_handle_wakes_its_waker_when_the_outcome_lands,
         ),
     ] {
         tests.extend(pair);
@@ -723,6 +732,96 @@ fn cancelling_a_running_task_stops_its_worker_runs_the_exit_hook_and_replaces_it
     };
     check(err.is_cancelled(), format!("is_cancelled: {err}"))?;
     check_stopped_and_replaced(&hooks, &pool, pid)?;
+    pool.shutdown();
+    Ok(())
+}
+
+/// A waker that counts its wake-ups and unparks the thread that made it.
+struct CountingWaker {
+    thread: std::thread::Thread,
+    wakes: AtomicUsize,
+}
+
+impl std::task::Wake for CountingWaker {
+    fn wake(self: Arc<Self>) {
+        self.wakes.fetch_add(1, Ordering::SeqCst);
+        self.thread.unpark();
+    }
+}
+
+fn counting_waker() -> (Arc<CountingWaker>, Waker) {
+    let state = Arc::new(CountingWaker { thread: std::thread::current(), wakes: AtomicUsize::new(0) });
+    let waker = Waker::from(Arc::clone(&state));
+    (state, waker)
+}
+
+/// Runs `fut` on this thread, parked between polls (as any executor is), for
+/// at most `timeout`; `None` if it was not done by then.
+fn block_on<F: Future>(fut: F, timeout: Duration) -> Option<F::Output> {
+    let (_, waker) = counting_waker();
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return Some(out);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        std::thread::park_timeout(deadline - now);
+    }
+}
+
+fn awaiting_handles_gives_each_tasks_outcome() -> TestResult {
+    let pool = builder().workers(2).build()?;
+    let slow = pool.spawn(sleep_ms, 200)?;
+    let echoes = (0..6).map(|i| pool.spawn(echo, i)).collect::<warden::Result<Vec<_>>>()?;
+    let doomed = pool.spawn(sleep_ms, 30_000)?;
+    let work = async move {
+        let worker = slow.await?;
+        let mut values = Vec::new();
+        for h in echoes {
+            values.push(h.await?);
+        }
+        check(doomed.cancel(), "a task can be cancelled while others are awaited")?;
+        let cancelled = doomed.await;
+        Ok::<_, Failed>((worker, values, cancelled))
+    };
+    let (worker, values, cancelled) =
+        block_on(work, Duration::from_secs(60)).ok_or("the awaited tasks were not done within 60 s")??;
+    check(worker != std::process::id() && worker != 0, format!("the slow task ran in a worker: {worker}"))?;
+    check(values == (0..6).collect::<Vec<u64>>(), format!("each awaited task's value, in order: {values:?}"))?;
+    check(
+        cancelled.as_ref().err().is_some_and(|e| e.is_cancelled()),
+        format!("awaiting a cancelled task gives the cancellation: {cancelled:?}"),
+    )?;
+    pool.shutdown();
+    Ok(())
+}
+
+fn a_pending_handle_wakes_its_waker_when_the_outcome_lands() -> TestResult {
+    let pool = builder().workers(1).build()?;
+    let mut handle = pool.spawn(sleep_ms, 300)?;
+    let (count, waker) = counting_waker();
+    let mut cx = Context::from_waker(&waker);
+    check(Pin::new(&mut handle).poll(&mut cx).is_pending(), "a running task's handle is pending")?;
+    check(count.wakes.load(Ordering::SeqCst) == 0, "nothing woke the waker before the task ended")?;
+    check(
+        wait_until(Duration::from_secs(30), || count.wakes.load(Ordering::SeqCst) > 0),
+        "the outcome landing woke the waker of the last poll",
+    )?;
+    let worker = match Pin::new(&mut handle).poll(&mut cx) {
+        Poll::Ready(outcome) => outcome?,
+        Poll::Pending => return Err("woken, but the handle was still pending".into()),
+    };
+    check(worker != std::process::id(), "the task ran in a worker")?;
+    let again = Pin::new(&mut handle).poll(&mut cx);
+    check(
+        matches!(&again, Poll::Ready(Err(e)) if matches!(e.kind(), warden::ErrorKind::AlreadyJoined)),
+        format!("polled again after its outcome: {again:?}"),
+    )?;
     pool.shutdown();
     Ok(())
 }
