@@ -885,6 +885,90 @@ def test_a_class_defined_under_the_main_guard_reaches_a_lambda_by_value(tmp_path
     assert run.stdout.splitlines() == ["12", "Cfg True", "[3, 6]", "True"]
 
 
+GUARD_FUNCTIONS = """
+import sys, multiprocessing
+import warden
+from concurrent.futures import ProcessPoolExecutor
+
+def top(x):
+    return x * 2
+
+def same(x):
+    return x
+
+if __name__ == "__main__":
+    K = 5
+
+    class Point:
+        def __init__(self, v):
+            self.v = v
+
+        class Inner:
+            pass
+
+    def add_k(x):
+        return x + K
+
+    def make(v):
+        return Point(v)
+
+    def init():
+        global READY
+        READY = True
+
+    def ready(_):
+        return READY
+
+    def child(q):
+        q.put(add_k(1))
+
+    if sys.argv[1] == "std":  # (its Pool, or an initializer there, would start workers forever)
+        with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as ex:
+            try:
+                print("submit", ex.submit(add_k, 1).result(30))
+            except Exception as e:
+                print("submit failed:", type(e).__name__)
+        sys.exit()
+    ex, pool = warden.ProcessPoolExecutor(1, initializer=init), warden.Pool(1, initializer=init)
+    for name, call in [
+        ("submit", lambda: ex.submit(add_k, 1).result(30)),
+        ("map", lambda: list(ex.map(add_k, range(3), timeout=30))),
+        ("class", lambda: (lambda p: (type(p) is Point, p.v))(ex.submit(make, 7).result(30))),
+        ("nested", lambda: type(ex.submit(same, Point.Inner()).result(30)) is Point.Inner),
+        ("initializer", lambda: ex.submit(ready, 0).result(30)),
+        ("top", lambda: ex.submit(top, 4).result(30)),
+        ("pool", lambda: pool.map(add_k, [1, 2], chunksize=1)),
+        ("apply", lambda: pool.apply(make, (3,)).v),
+    ]:
+        try:
+            print(name, call())
+        except Exception as e:
+            print(name, "failed:", type(e).__name__)
+    q = multiprocessing.get_context("spawn").Queue()
+    p = warden.Process(target=child, args=(q,))
+    p.start()
+    print("process", q.get(timeout=30))
+    p.join(30)
+    ex.shutdown(cancel_futures=True)
+    pool.terminate()
+"""
+
+
+def test_functions_and_classes_defined_under_the_main_guard_go_by_value(program):
+    # The standard library sends them by reference, and a worker's import of
+    # main never defines them: "Can't get attribute" in the worker, a broken
+    # executor. warden sends them by value, as loky does.
+    prog = program(GUARD_FUNCTIONS)
+    run = prog.run(args=("warden",))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "submit 6", "map [5, 6, 7]", "class (True, 7)", "nested True", "initializer True",
+        "top 8", "pool [6, 7]", "apply 3", "process 6",
+    ], run.stderr  # fmt: skip
+    std = prog.run(args=("std",))
+    assert std.stdout.splitlines() == ["submit failed: BrokenProcessPool"], std.stdout + std.stderr
+
+
 def test_the_names_main_binds_as_a_child_imports_it_leave_out_its_guard_blocks(tmp_path):
     source = tmp_path / "main.py"
     source.write_text(

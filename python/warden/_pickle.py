@@ -453,17 +453,90 @@ _MAIN_NAME = b"__main__"
 
 def _child_can_load(data: bytes) -> bool:
     """Whether a child can unpickle ``data`` made by the plain pickler: yes
-    unless it names ``__main__`` and this ``__main__`` cannot be imported."""
-    return _main_is_importable() or _MAIN_NAME not in data  # the first is cached: no scan
+    unless it names ``__main__`` and either this ``__main__`` cannot be
+    imported or it names a function or class of main that a child's import
+    of main does not define (see :func:`_names_guarded`)."""
+    if _MAIN_NAME not in data:
+        return True
+    return _main_is_importable() and not _names_guarded(data)
 
 
 class _NamesMain(Exception):
-    """A plain pickle names a ``__main__`` the child cannot import."""
+    """A plain pickle names a ``__main__`` the child cannot import, or a
+    name of main only the parent has."""
 
 
 def _refuse_main(data: bytes) -> None:
     if _MAIN_NAME in data:
         raise _NamesMain
+
+
+def _refuse_guarded(data: bytes) -> None:
+    if _MAIN_NAME in data and _names_guarded(data):
+        raise _NamesMain
+
+
+#: The last answer of :func:`_guarded_candidates`: main's namespace (its id),
+#: its size, the names bound at import it was checked against, the answer.
+_guarded_checked: tuple[int, int, Any, tuple[tuple[str, bytes], ...]] = (0, -1, None, ())
+
+
+_Candidates = tuple[tuple[str, bytes], ...]
+
+
+def _guarded_candidates(namespace: dict[str, Any], bound: frozenset[str] | None) -> _Candidates:
+    """The names in main's ``namespace`` that a child's import of main does
+    not bind (set under ``if __name__ == "__main__":``, or later), each with
+    its encoding; made again when the namespace grows or shrinks, or the
+    main file changes."""
+    global _guarded_checked
+    key = (id(namespace), len(namespace), bound)
+    if _guarded_checked[:3] == key:
+        return _guarded_checked[3]
+    found: _Candidates = ()
+    if bound is not None:
+        found = tuple((name, _pickled_name(name)) for name in list(namespace) if name not in bound)
+    _guarded_checked = (*key, found)
+    return found
+
+
+def _pickled_name(name: str) -> bytes:
+    """How a protocol 5 pickle writes a global's name ``name``: as a short
+    string (``SHORT_BINUNICODE``, its length in one byte)."""
+    encoded = name.encode("utf-8", "surrogatepass")
+    if len(encoded) > 255:
+        return encoded
+    return b"\x8c" + bytes([len(encoded)]) + encoded
+
+
+def _names_guarded(data: bytes) -> bool:
+    """Whether a plain pickle ``data`` (which names ``__main__``) may name a
+    function or class of main that a child's import of main does not define
+    (one defined under ``if __name__ == "__main__":``): a child could not
+    load it (the standard library's workers fail with "Can't get attribute"),
+    so it goes by ``cloudpickle``, by value, as loky sends it. Told by the
+    name appearing in the pickle as a global's name is written: a string
+    that happens to be that name costs a ``cloudpickle``, which sends the
+    same call."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        return False
+    try:
+        namespace = vars(main)
+    except TypeError:
+        return False
+    bound = _bound_at_import(getattr(main, "__file__", None))
+    if bound is None:
+        return False
+    for name, encoded in _guarded_candidates(namespace, bound):
+        value = namespace.get(name)
+        is_class = isinstance(value, type)
+        if not (is_class or type(value) is _FunctionType) or getattr(value, "__module__", None) != "__main__":
+            continue
+        # The name alone, or the first part of a nested class's (``P.Q``).
+        if encoded in data or (is_class and (name + ".").encode() in data):
+            return True
+    return False
 
 
 def _is_small_and_plain(obj: Any) -> bool:
@@ -608,7 +681,7 @@ def dumps_oob(obj: Any, to_parent: bool = False, lend: bool = True) -> tuple[byt
                 # beside its frame, as it is: the object is not pickled again.
                 return _oob.beside(data, to_parent=to_parent, lend=lend)
     found = _oob.prepare(obj)
-    check = None if _main_is_importable() else _refuse_main
+    check = _refuse_guarded if _main_is_importable() else _refuse_main
     try:
         return _oob.dumps(obj, _plain_oob, to_parent=to_parent, check=check, lend=lend, found=found)
     except (_oob.SegmentTooLarge, OSError):
