@@ -275,7 +275,9 @@ impl Builder {
     /// A soft memory cap: after each task the worker's resident set size
     /// (from `/proc/<pid>/statm`) is read, and a worker above `bytes` retires
     /// (its exit hook runs, [`crate::RetireReason::MaxMemory`]) and is
-    /// replaced. The task's result is kept.
+    /// replaced. The task's result is kept. Tasks sent ahead to it (see
+    /// [`Builder::prefetch`]) are asked back and run on its replacement, but
+    /// for those it had begun by the time its result was read.
     pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
         self.cfg.memory.soft = Some(bytes);
         self

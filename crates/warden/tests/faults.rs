@@ -68,6 +68,10 @@ fn main() {
             workers_short_of_threads,
         ),
         Trial::test("max_memory_per_child_retires_after_the_task_and_keeps_its_result", soft_memory_cap),
+        Trial::test(
+            "a_worker_over_max_memory_per_child_gives_back_the_tasks_sent_ahead_to_it",
+            soft_memory_cap_gives_back_tasks_sent_ahead,
+        ),
         Trial::test("memory_limit_stops_a_busy_worker_and_fails_its_task", hard_memory_limit),
         Trial::test("on_worker_lost_runs_on_its_own_thread_with_the_record_after_a_sigkill", lost_after_sigkill),
         Trial::test("a_worker_that_retires_is_not_lost", retired_is_not_lost),
@@ -379,6 +383,48 @@ fn soft_memory_cap() -> TestResult {
     let reason = hooks.exit_reason(big).unwrap_or_default();
     check(reason == "Retired(MaxMemory)", format!("retired for its memory: {reason}"))?;
     check(pool.spawn(pid, ())?.join()? != big, "a new worker serves")?;
+    pool.shutdown();
+    Ok(())
+}
+
+/// Grows by `mib` (quickly: a task short enough to be sent ahead); its
+/// worker's pid and resident size after it.
+fn grow_and_measure(mib: u64) -> (u32, u64) {
+    grow_and_keep(mib);
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    (std::process::id(), pages * 4096)
+}
+
+fn soft_memory_cap_gives_back_tasks_sent_ahead() -> TestResult {
+    const CAP: u64 = 48 * MIB;
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).prefetch(8).max_memory_per_child(CAP).build()?;
+    // Short tasks first, so that later ones are sent ahead (see `prefetch`).
+    for _ in 0..50 {
+        pool.spawn(pid, ())?.join()?;
+    }
+    let handles = (0..40).map(|_| pool.spawn(grow_and_measure, 2)).collect::<warden::Result<Vec<_>>>()?;
+    let mut over: std::collections::BTreeMap<u32, usize> = Default::default();
+    for h in handles {
+        let (worker, rss) = h.join()?;
+        if rss > CAP {
+            *over.entry(worker).or_default() += 1;
+        }
+    }
+    // Per worker: the task that took it over the cap, and the one it may
+    // have gone on to before that result was read. The rest sent ahead to
+    // it come back and run on its replacement.
+    check(!over.is_empty(), "workers went over the cap")?;
+    check(over.values().all(|&n| n <= 2), format!("tasks each worker ran once over the cap: {over:?} (at most 2)"))?;
+    for &worker in over.keys() {
+        check(
+            wait_until(Duration::from_secs(10), || hooks.exit_reason(worker).is_some()),
+            "each worker retired through its exit path",
+        )?;
+        let reason = hooks.exit_reason(worker).unwrap_or_default();
+        check(reason == "Retired(MaxMemory)", format!("retired for its memory: {reason}"))?;
+    }
     pool.shutdown();
     Ok(())
 }

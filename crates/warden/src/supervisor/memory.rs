@@ -2,8 +2,10 @@
 //! read, and why that way: `crate::memory`).
 //!
 //! * Soft (`max_memory_per_child`): after each result, the worker's resident
-//!   size is read; above the cap it takes no more tasks and retires once idle
-//!   (`RetireReason::MaxMemory`: its exit hook runs). The task's result stands.
+//!   size is read; above the cap it takes no more tasks, gives back the ones
+//!   sent ahead that it has not taken up (so at most the one it went on to
+//!   runs there), and retires once idle (`RetireReason::MaxMemory`: its exit
+//!   hook runs). The task's result stands.
 //! * Hard (`memory_limit`): while any worker is busy, every busy worker is
 //!   sampled each interval; one above the limit has its task failed with
 //!   `MemoryExceeded` and is stopped (SIGTERM, grace, SIGKILL). The schedule
@@ -17,7 +19,9 @@ use crate::memory::resident_bytes;
 use super::worker::{Worker, WorkerPhase};
 use super::{Config, StopCause, Supervisor};
 
-/// After a result: marks a worker above the soft cap, which then retires.
+/// After a result: marks a worker above the soft cap, which then retires,
+/// and asks back the tasks it holds beyond the one it has gone on to (sent
+/// ahead: they would run there, each growing it further).
 pub(super) fn check_after_task(w: &mut Worker, cfg: &Config) {
     let Some(cap) = cfg.memory.soft else { return };
     if w.over_memory || w.status.is_some() {
@@ -27,6 +31,8 @@ pub(super) fn check_after_task(w: &mut Worker, cfg: &Config) {
         Ok(rss) if rss > cap => {
             tracing::debug!(pool = %cfg.name, pid = w.raw_pid(), rss, cap, "over max_memory_per_child; retiring");
             w.over_memory = true;
+            let why = "asking a task back from a worker over max_memory_per_child";
+            super::schedule::ask_back(w, 0, Instant::now(), cfg, why);
         }
         Ok(_) => {}
         Err(e) => tracing::debug!(pool = %cfg.name, pid = w.raw_pid(), "cannot read its memory: {e}"),

@@ -16,7 +16,7 @@ use crate::wire::{Message, RetireReason};
 use super::process::Pidfd;
 use super::worker::{retire, InFlight, Worker, WorkerPhase};
 use super::zygote::NextStart;
-use super::{pidfd_token, sock_token, LifecycleEvent, PoolPhase, StopCause, Supervisor};
+use super::{pidfd_token, sock_token, Config, LifecycleEvent, PoolPhase, StopCause, Supervisor};
 
 /// Delay before trying again after a worker could not be spawned at all.
 const SPAWN_RETRY: Duration = Duration::from_millis(100);
@@ -477,27 +477,9 @@ impl Supervisor {
         else {
             return;
         };
-        let max_frame = self.cfg.max_frame;
+        let cfg = Arc::clone(&self.cfg);
         for w in self.workers.values_mut() {
-            if w.phase != WorkerPhase::Ready {
-                continue;
-            }
-            let mut asked = Vec::new();
-            for entry in w.inflight.iter_mut().skip(1) {
-                if entry.task.id >= first && entry.can_ask_back() {
-                    entry.withdrawing = Some(now);
-                    asked.push(entry.task.id);
-                }
-            }
-            for &task in &asked {
-                if w.queue(&Message::Cancel { id: task }, max_frame).is_err() {
-                    break;
-                }
-                tracing::trace!(pool = %self.cfg.name, worker = w.id, task, "asking a task back to start it in turn");
-            }
-            if !asked.is_empty() {
-                w.flush();
-            }
+            ask_back(w, first, now, &cfg, "asking a task back to start it in turn");
         }
     }
 
@@ -537,5 +519,31 @@ impl Supervisor {
                 retire(w, RetireReason::Shutdown, &cfg);
             }
         }
+    }
+}
+
+/// Asks worker `w` (if ready) for every task it holds behind the one it
+/// runs, from task id `first` on, that can still be asked back: each it has
+/// not taken up comes back (and goes back to the queue, in order); one it
+/// has taken up runs there (it answers that it missed it).
+pub(super) fn ask_back(w: &mut Worker, first: u64, now: Instant, cfg: &Config, why: &'static str) {
+    if w.phase != WorkerPhase::Ready {
+        return;
+    }
+    let mut asked = Vec::new();
+    for entry in w.inflight.iter_mut().skip(1) {
+        if entry.task.id >= first && entry.can_ask_back() {
+            entry.withdrawing = Some(now);
+            asked.push(entry.task.id);
+        }
+    }
+    for &task in &asked {
+        if w.queue(&Message::Cancel { id: task }, cfg.max_frame).is_err() {
+            break;
+        }
+        tracing::trace!(pool = %cfg.name, worker = w.id, task, "{why}");
+    }
+    if !asked.is_empty() {
+        w.flush();
     }
 }
