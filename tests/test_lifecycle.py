@@ -253,6 +253,45 @@ def test_finalizers_run_when_the_parent_is_killed(program):
     assert fins == sorted(pids)
 
 
+@pytest.mark.parametrize("kind", ["process", "pool"])
+def test_a_child_whose_exit_path_blocks_still_dies_when_its_parent_is_killed(program, kind):
+    # The exit path began while the parent lived (the target returned; the
+    # pool closed), so the parent's death signal found the stop already
+    # taken: the child lived on for ever, blocked in its exit path.
+    prog = program(
+        """
+        import atexit, os, signal, sys, time, warden
+        def mark_and_block(*_):
+            with open(os.environ["OUT"], "a") as f:
+                f.write(f"exiting {os.getpid()}\\n")
+            time.sleep(1000)
+        def target():
+            atexit.register(mark_and_block)
+        if __name__ == "__main__":
+            out = os.environ["OUT"]
+            if sys.argv[1] == "process":
+                p = warden.Process(target=target)
+                p.start()
+            else:
+                pool = warden.Pool(1, finalizer=mark_and_block)
+                pool.apply(os.getpid)
+                pool.close()
+            while not os.path.exists(out) or "exiting" not in open(out).read():
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    run = prog.run(timeout=60, args=(kind,))
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    [pid] = [int(line.split()[1]) for line in prog.out_lines() if line.startswith("exiting")]
+    try:
+        # The orphan's bound: the default grace period (5 s) once it sees the parent gone.
+        assert wait_until(lambda: not alive(pid), timeout=20), "the child outlived its parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_process_exit_path_flushes_output_exactly_once(program):
     prog = program(
         """

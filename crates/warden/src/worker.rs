@@ -258,6 +258,39 @@ fn bound_orphan_exit() {
     }
 }
 
+/// How often an exit path that began for another reason (a retirement, a
+/// one-off's function returned) checks whether the pool's process is gone.
+const ORPHAN_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// In a worker whose exit path began while its pool's process lived: a
+/// thread that bounds it as [`bound_orphan_exit`] does if that process dies
+/// before it is done (its death signal then finds the stop already taken:
+/// nothing else would notice, and an exit path blocked in a finalizer would
+/// keep the worker alive for ever). While the pool lives, its grace period
+/// bounds the exit path.
+fn bound_exit_if_orphaned(parent: u32) {
+    let watch = move || loop {
+        std::thread::sleep(ORPHAN_CHECK_EVERY);
+        let alive = rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) == Some(parent);
+        if alive {
+            continue;
+        }
+        if !ORPHANED.swap(true, Ordering::SeqCst) {
+            std::thread::sleep(ORPHAN_GRACE);
+            eprintln!(
+                "warden worker {}: the pool's process died while the exit path ran, which is still running \
+                 {ORPHAN_GRACE:?} later: killed",
+                std::process::id()
+            );
+            end_orphan(EXIT_PARENT_GONE);
+        }
+        return;
+    };
+    if let Err(e) = crate::threads::spawn(std::thread::Builder::new().name("warden-exit-watch".into()), watch) {
+        tracing::debug!("no thread to watch for the pool's end during the exit path: {e}");
+    }
+}
+
 /// A worker about to end (its exit path done) SIGKILLs what its tasks left
 /// running in its process group, having first moved itself into its
 /// parent's group so that the signal spares it and its exit status stays
@@ -511,8 +544,12 @@ impl WorkerState {
         }
         self.state.store(EXITING, Ordering::SeqCst);
         tracing::debug!(?reason, "worker exit path");
-        if reason == ExitReason::ParentGone && !ORPHANED.swap(true, Ordering::SeqCst) {
-            bound_orphan_exit();
+        if reason == ExitReason::ParentGone {
+            if !ORPHANED.swap(true, Ordering::SeqCst) {
+                bound_orphan_exit();
+            }
+        } else {
+            bound_exit_if_orphaned(self.parent);
         }
         let mut report = ExitPathReport {
             hook_ran: false,
