@@ -315,6 +315,29 @@ def test_kill_gives_minus_sigkill(tmp_path):
     assert out.read_text() == "started\n"
 
 
+def test_processes_started_and_dropped_without_a_join_are_let_go_by_the_next_start():
+    # multiprocessing keeps every started child in a set until it is joined or
+    # seen ended; the standard library's start() drops the ended ones.
+    import gc
+    import weakref
+
+    dropped = []
+    for _ in range(5):
+        p = warden.Process(target=int)
+        p.start()
+        dropped.append(weakref.ref(p))
+        del p
+    for ref in dropped:
+        proc = ref()
+        assert proc is not None and proc._popen.join(30)
+        del proc
+    last = warden.Process(target=int)
+    last.start()
+    gc.collect()
+    assert [ref for ref in dropped if ref() is not None] == []
+    last.join(30)
+
+
 def test_join_timeout_returns_while_the_child_runs():
     p = warden.Process(target=sleep_forever)
     p.start()

@@ -157,6 +157,10 @@ class Process(multiprocessing.context.Process):
         # Process, and needs none of what starting one takes.
         from . import _runner
 
+        # As the standard library's start() does: children that have ended,
+        # and that nothing joined, are let go (each holds its pool's core).
+        multiprocessing.process._cleanup()  # type: ignore[attr-defined]
+
         payload, fds = dumps_for_spawn(
             self,
             target=self,
