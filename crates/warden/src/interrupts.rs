@@ -73,6 +73,12 @@ static LAST_FORWARDED: AtomicBool = AtomicBool::new(false);
 /// The action that was installed before ours, which ours chains to. Never
 /// freed: a handler running on another thread may still be reading it.
 static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
+/// Every action [`PREVIOUS`] has pointed to (addresses), kept to be pointed
+/// to again: a front end that puts its own handler back and chains ours in
+/// front again (Python's `signal.signal`, around each child it starts) finds
+/// the same action each time, and must not leak a copy each time. Under
+/// [`INSTALL`].
+static RECORDED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 /// The warden parent this process serves as a worker for (0 if none): its
 /// SIGINTs are Ctrl-Cs it passed on, to be passed on further.
 static PARENT: AtomicI32 = AtomicI32::new(0);
@@ -210,7 +216,7 @@ fn install() -> bool {
     if current.sa_sigaction == libc::SIG_DFL || current.sa_sigaction == libc::SIG_IGN {
         return false;
     }
-    PREVIOUS.store(Box::into_raw(Box::new(current)), Ordering::SeqCst);
+    PREVIOUS.store(recorded(&current), Ordering::SeqCst);
     let mut action = current;
     action.sa_sigaction = ours;
     // The previous action's mask and flags (Python's leaves out SA_RESTART,
@@ -218,6 +224,35 @@ fn install() -> bool {
     action.sa_flags = (current.sa_flags | libc::SA_SIGINFO) & !libc::SA_RESETHAND;
     // SAFETY: installs a valid action; on_sigint is async-signal-safe.
     unsafe { libc::sigaction(libc::SIGINT, &action, ptr::null_mut()) == 0 }
+}
+
+/// A never-freed copy of `action`: one made before if it is the same action
+/// (handler, flags, mask), else a new one.
+fn recorded(action: &libc::sigaction) -> *mut libc::sigaction {
+    let mut recorded = lock(&RECORDED);
+    for &address in recorded.iter() {
+        let copy = address as *mut libc::sigaction;
+        // SAFETY: every address recorded is of a leaked sigaction, never
+        // freed and never written after it was made.
+        if same_action(unsafe { &*copy }, action) {
+            return copy;
+        }
+    }
+    let copy = Box::into_raw(Box::new(*action));
+    recorded.push(copy as usize);
+    copy
+}
+
+fn same_action(a: &libc::sigaction, b: &libc::sigaction) -> bool {
+    // Signal by signal: the C library's sigset_t is larger than the kernel's,
+    // and the rest of it, as sigaction(2) reads it back, is not zeroed.
+    let masked = |set: &libc::sigset_t, sig: libc::c_int| {
+        // SAFETY: sigismember reads a valid set; signals past the last are refused (-1).
+        unsafe { libc::sigismember(set, sig) == 1 }
+    };
+    a.sa_sigaction == b.sa_sigaction
+        && a.sa_flags == b.sa_flags
+        && (1..=libc::SIGRTMAX()).all(|sig| masked(&a.sa_mask, sig) == masked(&b.sa_mask, sig))
 }
 
 /// A child whose process group gets the terminal's Ctrl-C while it runs:
@@ -292,5 +327,40 @@ fn keep_chained() {
     match started {
         Ok(_) => KEEPER.store(me, Ordering::SeqCst),
         Err(e) => tracing::warn!("cannot start the thread that keeps Ctrl-C passed on to children: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    extern "C" fn front_ends_handler(_: libc::c_int) {}
+
+    /// Installs `handler` for SIGINT, as a front end's `signal.signal` does.
+    fn set_sigint(handler: libc::sighandler_t) {
+        // SAFETY: a zeroed sigaction with a valid handler (or SIG_DFL).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler;
+            libc::sigaction(libc::SIGINT, &action, ptr::null_mut());
+        }
+    }
+
+    #[test]
+    fn chaining_in_front_of_the_same_handler_again_and_again_keeps_one_copy_of_it() {
+        set_sigint(front_ends_handler as *const () as libc::sighandler_t);
+        assert!(prepare_interrupt_forwarding().is_some(), "chained in front of the front end's handler");
+        let copies = lock(&RECORDED).len();
+        for _ in 0..50 {
+            // The front end puts its handler back (around each child it
+            // starts), then chains the forwarding handler in front again.
+            set_sigint(front_ends_handler as *const () as libc::sighandler_t);
+            assert!(chain_interrupt_handler(), "chained again");
+        }
+        assert_eq!(lock(&RECORDED).len(), copies, "no copy of the same action made again");
+        let previous = PREVIOUS.load(Ordering::SeqCst);
+        // SAFETY: PREVIOUS points to a recorded, never-freed action.
+        assert_eq!(unsafe { (*previous).sa_sigaction }, front_ends_handler as *const () as libc::sighandler_t);
+        set_sigint(libc::SIG_DFL);
     }
 }
