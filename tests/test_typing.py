@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("mypy", reason="mypy is a build tool (`make venv` installs it)")
 
 PROGRAM = """
+    import contextlib
     from collections.abc import Iterator
     from concurrent.futures import as_completed, wait
 
@@ -30,6 +31,17 @@ PROGRAM = """
         n: int = await ex.run(square, 2)
         s: str = await ex.run(square, 2)  # wrong
         print(n, s)
+
+
+    async def closes_its_maps_early(ex: warden.ProcessPoolExecutor, pool: warden.Pool) -> None:
+        # As the docs advise: the calls not done are cancelled once it is closed.
+        async with contextlib.aclosing(ex.amap(square, [1, 2])) as squares:
+            async for n in squares:
+                break
+        async with contextlib.aclosing(pool.amap(square, [1, 2])) as more:
+            async for m in more:
+                m.upper()  # wrong
+        await ex.amap(square, [3]).aclose()
 
 
     def main() -> None:
@@ -138,3 +150,27 @@ def test_pool_results_carry_the_functions_types_as_typeshed_gives_the_standard_p
     of the wrong type is flagged, and ``AsyncResult[int]`` annotations of
     either library take warden's results."""
     _mypy_flags_exactly_the_wrong_lines(tmp_path, POOL_PROGRAM)
+
+
+DASK_PROGRAM = """
+    import concurrent.futures
+
+    import warden.dask
+
+
+    def square(x: int) -> int:
+        return x * x
+
+
+    def main(ex: warden.dask.Executor) -> int:
+        n: int = ex.submit(square, 3).result()
+        s: str = ex.submit(square, 3).result()  # wrong
+        ex.submit(square, "3")  # wrong
+        future: concurrent.futures.Future[int] = ex.submit(square, 4)
+        return n + future.result()
+    """
+
+
+def test_the_dask_executors_submit_carries_the_functions_types(tmp_path):
+    pytest.importorskip("distributed", reason="Dask's distributed is a test tool (`make test-tools`)")
+    _mypy_flags_exactly_the_wrong_lines(tmp_path, DASK_PROGRAM)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
 from ._errors import ErrorData
@@ -97,7 +97,7 @@ async def call(starter: Starter, traceback_type: type[Exception] | None = None) 
 
 def results(
     starters: Iterable[Starter], chunked: bool, traceback_type: type[Exception] | None = None
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """Queues every task now (a task that cannot be queued cancels those
     before it and raises here); returns an async iterator of their values in
     order. Leaving the iteration early, by an error, ``break`` (once the
@@ -128,7 +128,7 @@ async def _iterate(
     calls: list[Call],
     chunked: bool,
     traceback_type: type[Exception] | None,
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     calls.reverse()
     try:
         while calls:

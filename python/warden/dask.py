@@ -27,7 +27,13 @@ import os
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing import ParamSpec, TypeVar
+
+    _P = ParamSpec("_P")
+    _T = TypeVar("_T")
 
 try:
     import distributed
@@ -183,11 +189,12 @@ class Executor(cf.Executor):
         self._inner = client.get_executor(pure=False, **dask_options)
         self._shutdown = False
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> cf.Future[_T]:
         """Runs ``fn(*args, **kwargs)`` in the warden pool of some Dask worker."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        return self._inner.submit(_call_in_pool, self.name, fn, args, kwargs)
+        future: cf.Future[_T] = self._inner.submit(_call_in_pool, self.name, fn, args, kwargs)
+        return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stops taking calls; see the class documentation."""

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _progress, _runner, _warden
@@ -347,7 +347,9 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         value: _T = await _aio.call(self._starter(self._payload(fn, args, kwargs)))
         return value
 
-    def amap(self, fn: Callable[..., _T], *iterables: Iterable[Any], chunksize: int = 1) -> AsyncIterator[_T]:
+    def amap(
+        self, fn: Callable[..., _T], *iterables: Iterable[Any], chunksize: int = 1
+    ) -> AsyncGenerator[_T, None]:
         """``async for result in ex.amap(fn, *iterables)``: :meth:`map` for
         asyncio. Every call is queued now (pickling errors raise here, and
         cancel the calls queued before); results come in order. Call it from

@@ -14,7 +14,7 @@ import time
 import types
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
@@ -285,7 +285,9 @@ class Pool(multiprocessing.pool.Pool):
 
         return await _aio.call(self._starter(dumps_oob((func, args, kwds))), RemoteTraceback)
 
-    def amap(self, func: Callable[[_S], _T], iterable: Iterable[_S], chunksize: int = 1) -> AsyncIterator[_T]:
+    def amap(
+        self, func: Callable[[_S], _T], iterable: Iterable[_S], chunksize: int = 1
+    ) -> AsyncGenerator[_T, None]:
         """``async for result in pool.amap(func, iterable)``: :meth:`imap` for
         asyncio. Every chunk is queued now (pickling errors raise here);
         results come in order. Leaving the loop early cancels the chunks not
