@@ -27,6 +27,15 @@ def set_after(event, delay):
     return True
 
 
+def test_an_event_is_a_multiprocessing_event_for_code_checking_for_one():
+    import multiprocessing.synchronize
+
+    event = warden.Event()
+    assert isinstance(event, multiprocessing.synchronize.Event)
+    event.set()
+    assert event.is_set() and event.wait(0)
+
+
 def test_set_clear_is_set_and_wait_like_threading_event():
     ours, theirs = warden.Event(), threading.Event()
     for e in (ours, theirs):

@@ -17,6 +17,7 @@ pytest.importorskip("mypy", reason="mypy is a build tool (`make venv` installs i
 
 PROGRAM = """
     import contextlib
+    import multiprocessing.synchronize
     from collections.abc import Iterator
     from concurrent.futures import as_completed, wait
 
@@ -58,6 +59,14 @@ PROGRAM = """
                 n = done.result() + 1
             finished, _ = wait(futures)
             print(n, s, squares, names, finished)
+
+
+    def waits_on(event: multiprocessing.synchronize.Event) -> bool:
+        return event.wait(0.1)
+
+
+    def takes_a_warden_event_for_the_standard_librarys() -> bool:
+        return waits_on(warden.Event())
 
 
     def returns_from_inside_the_with_block(n: int) -> int:

@@ -8,9 +8,18 @@ from typing import Any
 
 from . import _pickle, _warden
 
+try:
+    # A subclass, so that code checking for (or annotated with) the standard
+    # library's event takes this one. Its semaphores are not made.
+    from multiprocessing.synchronize import Event as _StandardEvent
+except ImportError:  # pragma: no cover - a build without sem_open
+    _StandardEvent = object  # type: ignore[misc,assignment]
 
-class Event:
-    """``threading.Event``'s API, shared across processes.
+
+class Event(_StandardEvent):
+    """``threading.Event``'s API, shared across processes; a
+    ``multiprocessing.synchronize.Event`` for ``isinstance`` and type
+    checkers, though not made of its semaphores.
 
     The flag lives in a sealed anonymous memory page (``memfd``); waiters sleep
     on a shared futex, so ``set()`` in any process wakes them all. It leaves
@@ -24,7 +33,7 @@ class Event:
 
     __slots__ = ("_core",)
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # the standard library's takes the context
         self._core = _warden.SharedEvent()
 
     def set(self) -> None:
