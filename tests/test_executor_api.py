@@ -273,6 +273,28 @@ def test_constructor_rejects_bad_arguments_like_the_standard_library():
         warden.ProcessPoolExecutor(1, initializer=42)
 
 
+@pytest.mark.parametrize(
+    "option, value, error, words",
+    [
+        ("task_timeout", "1", TypeError, "task_timeout must be a number of seconds"),
+        (
+            "task_timeout",
+            float("nan"),
+            ValueError,
+            "task_timeout must be a positive number of seconds, not nan",
+        ),
+        ("task_timeout", 0, ValueError, "task_timeout must be a positive number"),
+        ("exit_timeout", "5", TypeError, "exit_timeout must be a number of seconds"),
+        ("exit_timeout", float("nan"), ValueError, "exit_timeout must be a number of seconds >= 0"),
+    ],
+)
+def test_a_bad_timeout_is_refused_at_construction_naming_the_option(option, value, error, words):
+    # Not a comparison's TypeError that names no option, nor a NaN that
+    # every later submit() refuses.
+    with pytest.raises(error, match=words.replace("(", r"\(")):
+        warden.ProcessPoolExecutor(1, **{option: value})
+
+
 def test_mp_context_is_accepted_and_workers_are_fresh_interpreters():
     fork = multiprocessing.get_context("fork")
     with warden.ProcessPoolExecutor(1, mp_context=fork) as ex:
@@ -633,6 +655,31 @@ def test_worker_exiting_abruptly_gives_its_exit_code(ex):
         ex.submit(exit_abruptly, 7).result()
     assert info.value.exitcode == 7 and info.value.signal is None
     assert ex.submit(square, 4).result() == 16
+
+
+def test_a_timed_out_task_leaving_a_nested_executors_with_block_stops_that_executor_at_once(program):
+    # Leaving the inner with block through the stop, shutdown(wait=True)
+    # waited for the inner task: the worker's stop outlasted its half grace
+    # (2.5 s), with warnings that the program was interrupted.
+    prog = program(
+        """
+        import time, warden
+        def leaf():
+            time.sleep(60)
+        def outer():
+            with warden.ProcessPoolExecutor(1) as inner:
+                inner.submit(leaf).result()
+        if __name__ == "__main__":
+            with warden.ProcessPoolExecutor(1, task_timeout=1) as ex:
+                try:
+                    ex.submit(outer).result(30)
+                except warden.TaskTimeout:
+                    print("timed out")
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0 and run.stdout.splitlines() == ["timed out"], run.stderr
+    assert "still running" not in run.stderr and "dropped" not in run.stderr, run.stderr
 
 
 def test_task_timeout_raises_a_timeout_error_and_replaces_the_worker():

@@ -156,10 +156,12 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
-        if task_timeout is not None and task_timeout <= 0:
-            raise ValueError("task_timeout must be a positive number of seconds")
+        task_timeout = _seconds("task_timeout", task_timeout)
+        if task_timeout is not None and not task_timeout > 0:  # NaN too
+            raise ValueError(f"task_timeout must be a positive number of seconds, not {task_timeout!r}")
+        exit_timeout = _seconds("exit_timeout", exit_timeout)
         if exit_timeout is not None and not exit_timeout >= 0:
-            raise ValueError("exit_timeout must be a number of seconds >= 0")
+            raise ValueError(f"exit_timeout must be a number of seconds >= 0, not {exit_timeout!r}")
         self._start, self._preload = _runner.start_options(start, preload)
         if on_worker_lost is not None and not callable(on_worker_lost):
             raise TypeError("on_worker_lost must be a callable")
@@ -451,13 +453,23 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         runner.join_bounded()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
-        # Ctrl-C inside the with block: stop the workers rather than wait.
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+        # Ctrl-C inside the with block, or (in a worker) a stop that reached
+        # the task using this executor: stop the workers rather than wait.
+        if exc_type is not None and (issubclass(exc_type, KeyboardInterrupt) or _runner.stop_requested):
             runner = self._runner
             if runner is not None and not runner.interrupted:
                 runner.interrupt()
         self.shutdown(wait=True)
         return False
+
+
+def _seconds(name: str, value: Any) -> float | None:
+    """A duration option as a float, or ``TypeError`` naming the option."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
+    return float(value)
 
 
 def _calls(
