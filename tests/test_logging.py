@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import textwrap
 
 import pytest
 
@@ -523,6 +524,39 @@ if __name__ == "__main__":
         print("task saw the flag", future.result())
     print("at the end", [t.name for t in threading.enumerate()])
 """
+
+
+def test_a_worker_stopped_while_it_sets_up_forwarding_exits_without_a_logging_error(program):
+    # The stop lands inside logging.Handler.__init__ (widened here by a
+    # preload that slows its last step): logging.shutdown() at the worker's
+    # exit found a handler without its lock, and printed a traceback.
+    prog = program(
+        """
+        import time, warden
+        if __name__ == "__main__":
+            pool = warden.Pool(2, preload=["slowlock"])
+            time.sleep(0.5)
+            pool.terminate()
+            pool.join()
+            print("terminated")
+        """
+    )
+    (prog.path.parent / "slowlock.py").write_text(
+        textwrap.dedent(
+            """
+            import logging, time
+            made = logging.Handler.createLock
+            def create_lock_slowly(self):
+                if type(self).__name__ == "ParentHandler":
+                    time.sleep(1.0)
+                made(self)
+            logging.Handler.createLock = create_lock_slowly
+            """
+        )
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0 and run.stdout.splitlines() == ["terminated"], run.stderr
+    assert "AttributeError" not in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_no_thread_of_warden_is_left_once_every_pool_has_shut_down(program):

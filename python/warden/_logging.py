@@ -392,6 +392,10 @@ class ParentHandler(logging.Handler):
     """In a worker: sends every record to the parent."""
 
     def __init__(self, sock: socket.socket) -> None:
+        # Its lock first: Handler.__init__ registers the handler for
+        # logging.shutdown() before it makes the lock, and a stop landing
+        # between the two would leave one that shutdown() fails on.
+        self.lock = threading.RLock()
         super().__init__()
         self.sock = sock
 
