@@ -338,6 +338,46 @@ def test_processes_started_and_dropped_without_a_join_are_let_go_by_the_next_sta
     last.join(30)
 
 
+@pytest.mark.parametrize("kind", ["process", "pool"])
+def test_log_to_stderr_shows_a_childs_lifecycle_as_the_standard_librarys(program, kind):
+    prog = program(
+        """
+        import logging, multiprocessing, sys
+        import warden
+
+        def child():
+            pass
+
+        if __name__ == "__main__":
+            multiprocessing.log_to_stderr().setLevel(logging.INFO)
+            spawn = multiprocessing.get_context("spawn")
+            if sys.argv[2] == "process":
+                p = (warden.Process if sys.argv[1] == "warden" else spawn.Process)(target=child)
+                p.start()
+                p.join()
+            else:
+                with (warden.Pool if sys.argv[1] == "warden" else spawn.Pool)(1) as pool:
+                    pool.apply(child)
+                    pool.close()
+                    pool.join()
+        """
+    )
+
+    def child_lines(lib):
+        run = prog.run(args=(lib, kind))
+        assert run.returncode == 0, run.stderr
+        children = [line for line in run.stderr.splitlines() if not line.startswith("[INFO/Main")]
+        return [line.split("] ", 1)[1] for line in children if "process" in line]
+
+    expected = [
+        "child process calling self.run()",
+        "process shutting down",
+        "process exiting with exitcode 0",
+    ]
+    assert child_lines("std") == expected
+    assert child_lines("warden") == expected
+
+
 def test_join_timeout_returns_while_the_child_runs():
     p = warden.Process(target=sleep_forever)
     p.start()

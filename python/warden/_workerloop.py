@@ -43,6 +43,7 @@ import gc
 import multiprocessing
 import multiprocessing.process
 import multiprocessing.spawn
+import multiprocessing.util
 import os
 import pickle
 import signal
@@ -682,6 +683,10 @@ class Handler:
             return failure
         finally:
             self.running = False
+        if self.mode == "pool":
+            # As the standard library's pool and executor workers, which are
+            # processes, say it (seen with multiprocessing.log_to_stderr()).
+            multiprocessing.util.info("child process calling self.run()")
         return None
 
     def run(
@@ -763,6 +768,7 @@ class Handler:
         multiprocessing.process._current_process = process  # type: ignore[attr-defined]
         multiprocessing.process._children = set()  # type: ignore[attr-defined]
         exitcode = 1
+        multiprocessing.util.info("child process calling self.run()")
         try:
             process.run()
             exitcode = 0
@@ -798,6 +804,9 @@ class Handler:
                 pass
         errors += self._end_hooks()
         self._end_process(errors)
+        if not self.stopping:
+            # As multiprocessing's bootstrap ends a process that was not killed.
+            multiprocessing.util.info(f"process exiting with exitcode {self.exit_code or 0}")
         # A result lent to the parent lives in this process's memory: wait
         # (briefly: the parent reads a result as soon as it arrives, and a
         # parent that is gone closes its end; longer for more bytes, which
