@@ -682,6 +682,36 @@ def test_a_timed_out_task_leaving_a_nested_executors_with_block_stops_that_execu
     assert "still running" not in run.stderr and "dropped" not in run.stderr, run.stderr
 
 
+def test_a_stop_landing_where_the_interpreter_ignores_exceptions_still_stops_the_task(program):
+    # A weakref callback (the import system's module locks have them) that
+    # the stop interrupts: the interpreter prints and drops the exception,
+    # and the task ran on until the unwind grace (2.5 s) was out.
+    prog = program(
+        """
+        import time, weakref, warden
+        class Thing:
+            pass
+        def callback(_):
+            time.sleep(0.2)  # where the stop lands, nearly always
+        def task():
+            while True:
+                thing = Thing()
+                ref = weakref.ref(thing, callback)
+                del thing
+        if __name__ == "__main__":
+            with warden.ProcessPoolExecutor(1, task_timeout=0.5) as ex:
+                try:
+                    ex.submit(task).result(30)
+                except warden.TaskTimeout:
+                    print("timed out")
+                print(ex.submit(abs, -3).result(30))
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0 and run.stdout.splitlines() == ["timed out", "3"], run.stderr
+    assert "Exception ignored" not in run.stderr and "still running" not in run.stderr, run.stderr
+
+
 def test_task_timeout_raises_a_timeout_error_and_replaces_the_worker():
     # The initializer imports this module in the worker, so the first task's
     # 0.5 s is not spent importing it on a loaded machine.

@@ -287,6 +287,29 @@ def _raise_once_in_charge(frame: Any, lock: Any, stop: BaseException) -> Callabl
     return clear
 
 
+def _raise_at_next_instruction(frame: Any, stop: BaseException) -> bool:
+    """Arranges for ``stop`` to be raised in ``frame`` at its next
+    instruction (or as it returns). ``False`` where a trace function of the
+    program's, a debugger's or a coverage tool's is set."""
+    if frame is None or sys.gettrace() is not None:
+        return False
+
+    def clear() -> None:
+        frame.f_trace = None
+        sys.settrace(None)
+
+    def raise_there(_frame: Any, event: str, _arg: Any) -> Any:
+        if event in ("opcode", "line", "return"):
+            clear()
+            raise stop
+        return raise_there
+
+    frame.f_trace = raise_there
+    frame.f_trace_opcodes = True
+    sys.settrace(lambda *_: None)  # frames called meanwhile are not traced
+    return True
+
+
 def _ask_again_soon(delay: float = 0.05) -> None:
     """Sends the stop signal to the main thread again after ``delay``: a
     stop held back because the task seemed to have just taken a lock finds
@@ -527,6 +550,27 @@ class Handler:
         # A stop held back until a lock is in a try's or a with's charge:
         # the frame and instruction it came in, the stop, what cancels it.
         self.held_back: tuple[Any, int, BaseException, Callable[[], None]] | None = None
+        # Set once a stop has been raised in the running task (or start),
+        # until it ends: a stop the interpreter swallowed then is raised again.
+        self.stop_raised = False
+        self._unraisable_before = sys.unraisablehook
+        sys.unraisablehook = self._on_unraisable
+
+    def _on_unraisable(self, unraisable: Any) -> None:
+        """A stop raised where the interpreter ignores exceptions (a weakref
+        callback such as the import system's module locks', a ``__del__``)
+        never reached the task, which would run on until the core's unwind
+        grace ran out: it is raised again in the code the interpreter goes
+        back to."""
+        stop = unraisable.exc_value
+        if (
+            self.stop_raised
+            and isinstance(stop, TaskInterrupted)
+            and threading.current_thread() is threading.main_thread()
+            and _raise_at_next_instruction(sys._getframe(1), stop)
+        ):
+            return
+        self._unraisable_before(unraisable)
 
     # The signal handler runs on the main thread between bytecodes. It raises
     # at most once per task, so the task's own cleanup is not interrupted twice.
@@ -562,6 +606,7 @@ class Handler:
             return
         if self.running:
             self.running = False
+            self.stop_raised = True
             stop = TaskInterrupted(signal.Signals(signum).name)
             cancel = None
             if _taking_or_giving_a_lock(frame):
@@ -683,6 +728,7 @@ class Handler:
             return failure
         finally:
             self.running = False
+            self.stop_raised = False
         if self.mode == "pool":
             # As the standard library's pool and executor workers, which are
             # processes, say it (seen with multiprocessing.log_to_stderr()).
@@ -735,6 +781,7 @@ class Handler:
             return _error(e)
         finally:
             self.running = False
+            self.stop_raised = False
 
     def _run_process(self, payload: bytes) -> bytes | _warden.RemoteFailure:
         """Runs a one-off ``Process`` as ``multiprocessing``'s bootstrap does:
@@ -842,6 +889,7 @@ class Handler:
         finished starting (what a partly run initializer registered still
         runs): gc, atexit (with warden's exit callbacks), flush. Once: the
         registries are empty afterwards."""
+        self.stop_raised = False  # the exit path is not to be interrupted
         try:
             gc.collect()
         except BaseException as e:
