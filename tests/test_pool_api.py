@@ -139,6 +139,32 @@ def test_the_pool_inherits_none_of_the_standard_librarys_machinery(pool):
         assert not hasattr(pool, attr) and not hasattr(warden.Pool, attr), attr
 
 
+def sleep_then_pid(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def note_pid(path):
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def test_a_pool_task_past_its_task_timeout_fails_with_task_timeout_and_the_pool_goes_on(tmp_path):
+    ends = tmp_path / "ends"
+    with warden.Pool(1, task_timeout=0.5, finalizer=note_pid, finalargs=(str(ends),)) as pool:
+        first = pool.apply(sleep_then_pid, (0,))
+        with pytest.raises(warden.TaskTimeout) as raised:
+            pool.apply(sleep_then_pid, (30,))
+        assert isinstance(raised.value, TimeoutError) and raised.value.timeout == 0.5
+        mapped = pool.map_async(sleep_then_pid, [0, 30, 0], chunksize=1)
+        with pytest.raises(warden.TaskTimeout):
+            mapped.get(30)
+        second = pool.apply(sleep_then_pid, (0,))
+        assert second != first  # the worker that ran past it was replaced
+    # The worker stopped for a timeout ran its finalizer.
+    assert first in {int(p) for p in ends.read_text().split()}
+
+
 def test_the_context_is_the_fifth_positional_parameter_as_in_the_standard_library():
     # Subclasses call ``super().__init__(processes, initializer, initargs,
     # maxtasksperchild, context)``.

@@ -128,6 +128,23 @@ def park_at_exit() -> None:
 stop_requested = False
 
 
+def seconds(name: str, value: Any) -> float | None:
+    """A duration option as a float, or ``TypeError`` naming the option."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
+    return float(value)
+
+
+def task_timeout(value: Any) -> float | None:
+    """The ``task_timeout`` option, checked: a positive number of seconds."""
+    timeout = seconds("task_timeout", value)
+    if timeout is not None and not timeout > 0:  # NaN too
+        raise ValueError(f"task_timeout must be a positive number of seconds, not {timeout!r}")
+    return timeout
+
+
 def worker_hooks(
     initializer: Callable[..., Any] | None,
     initargs: Any,

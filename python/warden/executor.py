@@ -156,10 +156,8 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
-        task_timeout = _seconds("task_timeout", task_timeout)
-        if task_timeout is not None and not task_timeout > 0:  # NaN too
-            raise ValueError(f"task_timeout must be a positive number of seconds, not {task_timeout!r}")
-        exit_timeout = _seconds("exit_timeout", exit_timeout)
+        task_timeout = _runner.task_timeout(task_timeout)
+        exit_timeout = _runner.seconds("exit_timeout", exit_timeout)
         if exit_timeout is not None and not exit_timeout >= 0:
             raise ValueError(f"exit_timeout must be a number of seconds >= 0, not {exit_timeout!r}")
         self._start, self._preload = _runner.start_options(start, preload)
@@ -461,15 +459,6 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
                 runner.interrupt()
         self.shutdown(wait=True)
         return False
-
-
-def _seconds(name: str, value: Any) -> float | None:
-    """A duration option as a float, or ``TypeError`` naming the option."""
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
-        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
-    return float(value)
 
 
 def _calls(

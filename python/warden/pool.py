@@ -96,6 +96,7 @@ class Pool(multiprocessing.pool.Pool):
         memory_limit: int | str | None = None,
         on_worker_lost: Callable[[_runner.WorkerLost], object] | None = None,
         forward_logging: bool = True,
+        task_timeout: float | None = None,
     ) -> None:
         # multiprocessing.pool.Pool.__init__ is not called: none of its queues,
         # threads or processes exist here.
@@ -106,6 +107,7 @@ class Pool(multiprocessing.pool.Pool):
         if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
             raise ValueError("maxtasksperchild must be a positive int or None")
         start, preload = _runner.start_options(start, preload)
+        task_timeout = _runner.task_timeout(task_timeout)
         self._processes = processes
         # The results not ready yet, by job number, as the standard library
         # keeps them (``len(pool._cache)`` is a common way to bound the work
@@ -140,6 +142,7 @@ class Pool(multiprocessing.pool.Pool):
                 memory_limit=_runner.memory_size("memory_limit", memory_limit),
                 on_worker_lost=on_worker_lost,
                 forward_logging=forward_logging,
+                task_timeout=task_timeout,
             )
             # A pool nobody can reach any more is terminated, as the standard
             # library does; results being waited for keep their pool reachable.
