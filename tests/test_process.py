@@ -15,7 +15,7 @@ import pytest
 
 import warden
 
-from conftest import alive
+from conftest import alive, wait_until
 
 
 def write(path, text):
@@ -321,16 +321,14 @@ def test_processes_started_and_dropped_without_a_join_are_let_go_by_the_next_sta
     import gc
     import weakref
 
-    dropped = []
+    dropped, pids = [], []
     for _ in range(5):
         p = warden.Process(target=int)
         p.start()
         dropped.append(weakref.ref(p))
+        pids.append(p.pid)
         del p
-    for ref in dropped:
-        proc = ref()
-        assert proc is not None and proc._popen.join(30)
-        del proc
+    assert wait_until(lambda: not any(alive(pid) for pid in pids), timeout=30)
     last = warden.Process(target=int)
     last.start()
     gc.collect()

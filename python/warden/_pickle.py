@@ -519,13 +519,15 @@ def _names_guarded(data: bytes) -> bool:
     that happens to be that name costs a ``cloudpickle``, which sends the
     same call."""
     main = sys.modules.get("__main__")
-    if main is None:
+    # In a worker, __main__ is the parent's main as imported there
+    # (__mp_main__), without its guard blocks: nothing it names is missing.
+    if main is None or getattr(main, "__name__", None) != "__main__":
         return False
     try:
         namespace = vars(main)
-    except TypeError:
+        bound = _bound_at_import(getattr(main, "__file__", None))
+    except Exception:  # no descriptor left to read main with, say: as before, by reference
         return False
-    bound = _bound_at_import(getattr(main, "__file__", None))
     if bound is None:
         return False
     for name, encoded in _guarded_candidates(namespace, bound):
