@@ -1087,6 +1087,15 @@ impl Slot {
 /// task and no particular runtime. Dropping the future (a `select!` that
 /// chose another branch, a timeout) detaches the task as dropping the handle
 /// does; [`Handle::cancel`] it first to stop it.
+///
+/// Caveats for async code: the result is decoded in the `poll` that returns
+/// it, on the runtime's thread (a large `Vec<u8>` decodes byte by byte;
+/// `serde_bytes::ByteBuf` much faster, or join in `spawn_blocking`); and the
+/// wake comes from the pool's own thread, which a runtime whose clock is
+/// paused (`tokio::time::pause`, `start_paused`) does not count as work: it
+/// advances its clock, and a timeout around the handle fires at once. A
+/// one-off [`Child`] is not a future (its `join` also waits for the child to
+/// be reaped): join it in `spawn_blocking`.
 pub struct Handle<R> {
     id: u64,
     slot: Arc<Slot>,
