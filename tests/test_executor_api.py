@@ -284,6 +284,8 @@ def test_constructor_rejects_bad_arguments_like_the_standard_library():
             "task_timeout must be a positive number of seconds, not nan",
         ),
         ("task_timeout", 0, ValueError, "task_timeout must be a positive number"),
+        ("task_timeout", True, TypeError, "task_timeout must be a number of seconds"),
+        ("task_timeout", 10**400, ValueError, "task_timeout is too large"),
         ("exit_timeout", "5", TypeError, "exit_timeout must be a number of seconds"),
         ("exit_timeout", float("nan"), ValueError, "exit_timeout must be a number of seconds >= 0"),
     ],
@@ -682,18 +684,22 @@ def test_a_timed_out_task_leaving_a_nested_executors_with_block_stops_that_execu
     assert "still running" not in run.stderr and "dropped" not in run.stderr, run.stderr
 
 
-def test_a_stop_landing_where_the_interpreter_ignores_exceptions_still_stops_the_task(program):
+@pytest.mark.parametrize("hook", ["warden's", "a program's in front"])
+def test_a_stop_landing_where_the_interpreter_ignores_exceptions_still_stops_the_task(program, hook):
     # A weakref callback (the import system's module locks have them) that
     # the stop interrupts: the interpreter prints and drops the exception,
     # and the task ran on until the unwind grace (2.5 s) was out.
     prog = program(
         """
-        import time, weakref, warden
+        import sys, time, weakref, warden
         class Thing:
             pass
         def callback(_):
             time.sleep(0.2)  # where the stop lands, nearly always
-        def task():
+        def task(chain):
+            if chain:  # an error reporter's hook, which hands on to the one before
+                before = sys.unraisablehook
+                sys.unraisablehook = lambda unraisable: before(unraisable)
             while True:
                 thing = Thing()
                 ref = weakref.ref(thing, callback)
@@ -701,13 +707,13 @@ def test_a_stop_landing_where_the_interpreter_ignores_exceptions_still_stops_the
         if __name__ == "__main__":
             with warden.ProcessPoolExecutor(1, task_timeout=0.5) as ex:
                 try:
-                    ex.submit(task).result(30)
+                    ex.submit(task, sys.argv[1] == "chain").result(30)
                 except warden.TaskTimeout:
                     print("timed out")
                 print(ex.submit(abs, -3).result(30))
         """
     )
-    run = prog.run(timeout=60)
+    run = prog.run(timeout=60, args=("chain" if hook != "warden's" else "alone",))
     assert run.returncode == 0 and run.stdout.splitlines() == ["timed out", "3"], run.stderr
     assert "Exception ignored" not in run.stderr and "still running" not in run.stderr, run.stderr
 

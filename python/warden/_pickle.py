@@ -348,7 +348,10 @@ def _main_names_class(cls: type) -> bool:
         return False
     if found is not cls or not _main_is_importable():
         return False
-    bound = _bound_at_import(getattr(main, "__file__", None))
+    try:
+        bound = _main_bound(main)
+    except OSError:
+        bound = None
     if bound is not None and name.split(".")[0] not in bound:
         return False
     import cloudpickle
@@ -370,10 +373,12 @@ def _bound_at_import(path: Any) -> frozenset[str] | None:
         return None
     try:
         mtime = os.stat(path).st_mtime
-    except OSError:
+    except FileNotFoundError:
         return None
     if _bound_checked[0] == path and _bound_checked[1] == mtime:
         return _bound_checked[2]
+    # Not caught: an OSError of this process (no descriptor left) is not an
+    # answer, and is not kept as one (see _main_bound).
     import ast
 
     def guard(node: ast.stmt) -> bool:
@@ -395,7 +400,14 @@ def _bound_at_import(path: Any) -> frozenset[str] | None:
             while todo:
                 child = todo.pop()
                 if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    into.add(child.name)  # what its body binds is its own
+                    into.add(child.name)  # what its body binds is its own,
+                    # but for the names it declares global (it may run at import)
+                    into.update(
+                        name
+                        for inner in ast.walk(child)
+                        if isinstance(inner, ast.Global)
+                        for name in inner.names
+                    )
                     continue
                 if isinstance(child, ast.Lambda):
                     continue
@@ -406,15 +418,34 @@ def _bound_at_import(path: Any) -> frozenset[str] | None:
                 todo.extend(ast.iter_child_nodes(child))
 
     names: frozenset[str] | None
+    with open(path, "rb") as f:
+        source = f.read()
     try:
-        with open(path, "rb") as f:
-            tree = ast.parse(f.read(), path)
+        tree = ast.parse(source, path)
         found: set[str] = set()
         collect(tree.body, found)
         names = frozenset(found)
-    except (OSError, SyntaxError, ValueError, RecursionError):
+    except (SyntaxError, ValueError, RecursionError):
         names = None
     _bound_checked = (path, mtime, names)
+    return names
+
+
+#: What :func:`_main_bound` found: main (weakly), the names it binds at import.
+_main_bound_found: tuple[Callable[[], Any], frozenset[str] | None] = (lambda: None, None)
+
+
+def _main_bound(main: Any) -> frozenset[str] | None:
+    """The names this process's ``main`` binds as a child imports it, read
+    from its file once (later edits of the file do not change what the
+    program's workers imported at its start). ``OSError`` if the file
+    cannot be read now (no descriptor left): asked again next time."""
+    global _main_bound_found
+    if _main_bound_found[0]() is main:
+        return _main_bound_found[1]
+    names = _bound_at_import(getattr(main, "__file__", None))
+    with contextlib.suppress(TypeError):  # a stand-in that cannot be weakly referenced: not kept
+        _main_bound_found = (weakref.ref(main), names)
     return names
 
 
@@ -476,28 +507,33 @@ def _refuse_guarded(data: bytes) -> None:
         raise _NamesMain
 
 
-#: The last answer of :func:`_guarded_candidates`: main's namespace (its id),
-#: its size, the names bound at import it was checked against, the answer.
-_guarded_checked: tuple[int, int, Any, tuple[tuple[str, bytes], ...]] = (0, -1, None, ())
+#: What :func:`_guarded` found: main's namespace (its id), its size and last
+#: name (a name deleted and another defined changes the last), and the
+#: functions and classes of main bound there that a child's import of main
+#: does not bind: ``(name, its pickled form, the object)``.
+_guarded_found: tuple[Any, ...] = (0, -1, None, ())
 
 
-_Candidates = tuple[tuple[str, bytes], ...]
-
-
-def _guarded_candidates(namespace: dict[str, Any], bound: frozenset[str] | None) -> _Candidates:
-    """The names in main's ``namespace`` that a child's import of main does
-    not bind (set under ``if __name__ == "__main__":``, or later), each with
-    its encoding; made again when the namespace grows or shrinks, or the
-    main file changes."""
-    global _guarded_checked
-    key = (id(namespace), len(namespace), bound)
-    if _guarded_checked[:3] == key:
-        return _guarded_checked[3]
-    found: _Candidates = ()
+def _guarded(main: Any) -> tuple[tuple[str, bytes, Any], ...]:
+    """The functions and classes of ``main`` that only this process has
+    (defined under ``if __name__ == "__main__":``). ``OSError`` if main's
+    file cannot be read now."""
+    global _guarded_found
+    namespace = vars(main)
+    last = next(reversed(namespace), None)
+    key = (id(namespace), len(namespace), last)
+    if _guarded_found[:3] == key:
+        return _guarded_found[3]  # type: ignore[no-any-return]
+    bound = _main_bound(main)
+    found: list[tuple[str, bytes, Any]] = []
     if bound is not None:
-        found = tuple((name, _pickled_name(name)) for name in list(namespace) if name not in bound)
-    _guarded_checked = (*key, found)
-    return found
+        for name, value in list(namespace.items()):
+            if name in bound or getattr(value, "__module__", None) != "__main__":
+                continue
+            if type(value) is _FunctionType or isinstance(value, type):
+                found.append((name, _pickled_name(name), value))
+    _guarded_found = (*key, tuple(found))
+    return _guarded_found[3]  # type: ignore[no-any-return]
 
 
 def _pickled_name(name: str) -> bytes:
@@ -509,7 +545,7 @@ def _pickled_name(name: str) -> bytes:
     return b"\x8c" + bytes([len(encoded)]) + encoded
 
 
-def _names_guarded(data: bytes) -> bool:
+def _names_guarded(data: bytes) -> bool | None:
     """Whether a plain pickle ``data`` (which names ``__main__``) may name a
     function or class of main that a child's import of main does not define
     (one defined under ``if __name__ == "__main__":``): a child could not
@@ -517,26 +553,22 @@ def _names_guarded(data: bytes) -> bool:
     so it goes by ``cloudpickle``, by value, as loky sends it. Told by the
     name appearing in the pickle as a global's name is written: a string
     that happens to be that name costs a ``cloudpickle``, which sends the
-    same call."""
+    same call. ``None`` when that cannot be told now (main's file cannot be
+    read: no descriptor left): sent by reference, as before."""
     main = sys.modules.get("__main__")
     # In a worker, __main__ is the parent's main as imported there
     # (__mp_main__), without its guard blocks: nothing it names is missing.
     if main is None or getattr(main, "__name__", None) != "__main__":
         return False
     try:
-        namespace = vars(main)
-        bound = _bound_at_import(getattr(main, "__file__", None))
-    except Exception:  # no descriptor left to read main with, say: as before, by reference
-        return False
-    if bound is None:
-        return False
-    for name, encoded in _guarded_candidates(namespace, bound):
-        value = namespace.get(name)
-        is_class = isinstance(value, type)
-        if not (is_class or type(value) is _FunctionType) or getattr(value, "__module__", None) != "__main__":
-            continue
+        guarded = _guarded(main)
+    except Exception:
+        return None
+    for name, encoded, value in guarded:
+        if vars(main).get(name) is not value:
+            continue  # rebound since; the next change of the namespace's size looks again
         # The name alone, or the first part of a nested class's (``P.Q``).
-        if encoded in data or (is_class and (name + ".").encode() in data):
+        if encoded in data or (isinstance(value, type) and (name + ".").encode() in data):
             return True
     return False
 
@@ -608,8 +640,11 @@ def _new_ref(fn: Any) -> tuple[Callable[[], Any], Callable[[], Any], str, bytes 
         entry = (weakref.ref(fn), weakref.ref(module), name, None)
     except Exception:
         return None
+    unknown = _MAIN_NAME in ref and _main_is_importable() and _names_guarded(ref) is None
     if len(ref) <= _MAX_REF and _child_can_load(ref):
         entry = (*entry[:3], bytes([BY_REF]) + len(ref).to_bytes(2, "little") + ref)
+    if unknown:
+        return entry  # not kept: whether it is main's only here is told once main can be read
     if len(_refs) >= _MAX_REFS:
         _refs.clear()
     _refs[id(fn)] = entry

@@ -132,9 +132,12 @@ def seconds(name: str, value: Any) -> float | None:
     """A duration option as a float, or ``TypeError`` naming the option."""
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+    if isinstance(value, (str, bytes, bool)) or not hasattr(value, "__float__"):
         raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large a number of seconds") from None
 
 
 def task_timeout(value: Any) -> float | None:

@@ -310,6 +310,17 @@ def _raise_at_next_instruction(frame: Any, stop: BaseException) -> bool:
     return True
 
 
+def _frame_it_was_called_from(stop: BaseException) -> Any:
+    """The frame that was running when the callback (or ``__del__``) that
+    dropped ``stop`` was called: the caller of the outermost frame of its
+    traceback (not this hook's caller, which is another hook that chains to
+    this one, if the program installed one)."""
+    tb = stop.__traceback__
+    if tb is not None and tb.tb_frame.f_back is not None:
+        return tb.tb_frame.f_back
+    return sys._getframe(2)
+
+
 def _ask_again_soon(delay: float = 0.05) -> None:
     """Sends the stop signal to the main thread again after ``delay``: a
     stop held back because the task seemed to have just taken a lock finds
@@ -567,7 +578,7 @@ class Handler:
             self.stop_raised
             and isinstance(stop, TaskInterrupted)
             and threading.current_thread() is threading.main_thread()
-            and _raise_at_next_instruction(sys._getframe(1), stop)
+            and _raise_at_next_instruction(_frame_it_was_called_from(stop), stop)
         ):
             return
         self._unraisable_before(unraisable)

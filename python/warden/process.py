@@ -159,7 +159,7 @@ class Process(multiprocessing.context.Process):
 
         # As the standard library's start() does: children that have ended,
         # and that nothing joined, are let go (each holds its pool's core).
-        multiprocessing.process._cleanup()  # type: ignore[attr-defined]
+        _let_go_of_ended_children()
 
         payload, fds = dumps_for_spawn(
             self,
@@ -377,3 +377,18 @@ def _process_handle(
     handle._kwargs = {}
     handle._identity = ()
     return handle
+
+
+def _let_go_of_ended_children() -> None:
+    """``multiprocessing.process._cleanup()`` for the processes in
+    ``multiprocessing``'s set of children only: iterating the set itself
+    (``active_children()``) also looks at every worker of every pool."""
+    children = multiprocessing.process._children  # type: ignore[attr-defined]
+    for child in list(set.__iter__(children)):
+        popen = getattr(child, "_popen", None)
+        try:
+            ended = popen is not None and popen.poll() is not None
+        except Exception:
+            continue
+        if ended:
+            children.discard(child)

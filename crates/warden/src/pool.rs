@@ -1147,6 +1147,15 @@ impl<R: DeserializeOwned> Handle<R> {
     }
 }
 
+impl<R> Drop for Handle<R> {
+    /// Lets go of the waker of the last poll (a handle dropped by a `select!`
+    /// that chose another branch would otherwise keep the runtime's task
+    /// alive as long as the detached task runs).
+    fn drop(&mut self) {
+        lock(&self.slot.waker).take();
+    }
+}
+
 impl<R: DeserializeOwned> std::future::Future for Handle<R> {
     type Output = Result<R>;
 
