@@ -145,10 +145,12 @@ def test_a_pool_stopped_by_a_caught_ctrl_c_says_so_when_given_more_work(program)
 
         if __name__ == "__main__":
             ex = Executor(2)
+            ex.submit(abs, -1).result(30)  # started: the Ctrl-C comes in the wait, not in a start
             note(f"executor {interrupted(lambda: ex.submit(slow, 5).result(30))}")
             note(outcome(lambda: ex.submit(abs, -5).result(30)))
             ex.shutdown()
             p = Pool(2)
+            p.apply(abs, (-1,))
             note(f"pool {interrupted(lambda: p.apply(slow, (5,)))}")
             note(outcome(lambda: p.apply_async(abs, (-5,)).get(30)))
             note(repr(p))
