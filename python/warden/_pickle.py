@@ -514,24 +514,23 @@ def _refuse_guarded(data: bytes) -> None:
 _guarded_found: tuple[Any, ...] = (0, -1, None, ())
 
 
-def _guarded(main: Any) -> tuple[tuple[str, bytes, Any], ...]:
+def _guarded(main: Any, namespace: dict[str, Any]) -> tuple[tuple[str, bytes, bytes | None, Any], ...]:
     """The functions and classes of ``main`` that only this process has
-    (defined under ``if __name__ == "__main__":``). ``OSError`` if main's
-    file cannot be read now."""
+    (defined under ``if __name__ == "__main__":``): their names, how a pickle
+    writes them (and the start of a nested class's, for a class), the
+    objects. ``OSError`` if main's file cannot be read now."""
     global _guarded_found
-    namespace = vars(main)
-    last = next(reversed(namespace), None)
-    key = (id(namespace), len(namespace), last)
-    if _guarded_found[:3] == key:
-        return _guarded_found[3]  # type: ignore[no-any-return]
+    key = (id(namespace), len(namespace), next(reversed(namespace), None))
     bound = _main_bound(main)
-    found: list[tuple[str, bytes, Any]] = []
+    found: list[tuple[str, bytes, bytes | None, Any]] = []
     if bound is not None:
         for name, value in list(namespace.items()):
             if name in bound or getattr(value, "__module__", None) != "__main__":
                 continue
-            if type(value) is _FunctionType or isinstance(value, type):
-                found.append((name, _pickled_name(name), value))
+            if type(value) is _FunctionType:
+                found.append((name, _pickled_name(name), None, value))
+            elif isinstance(value, type):
+                found.append((name, _pickled_name(name), (name + ".").encode(), value))
     _guarded_found = (*key, tuple(found))
     return _guarded_found[3]  # type: ignore[no-any-return]
 
@@ -556,19 +555,25 @@ def _names_guarded(data: bytes) -> bool | None:
     same call. ``None`` when that cannot be told now (main's file cannot be
     read: no descriptor left): sent by reference, as before."""
     main = sys.modules.get("__main__")
+    namespace = getattr(main, "__dict__", None)
     # In a worker, __main__ is the parent's main as imported there
     # (__mp_main__), without its guard blocks: nothing it names is missing.
-    if main is None or getattr(main, "__name__", None) != "__main__":
+    if namespace is None or namespace.get("__name__") != "__main__":
         return False
-    try:
-        guarded = _guarded(main)
-    except Exception:
-        return None
-    for name, encoded, value in guarded:
-        if vars(main).get(name) is not value:
-            continue  # rebound since; the next change of the namespace's size looks again
-        # The name alone, or the first part of a nested class's (``P.Q``).
-        if encoded in data or (isinstance(value, type) and (name + ".").encode() in data):
+    found = _guarded_found
+    last = next(reversed(namespace), None)
+    if found[0] == id(namespace) and found[1] == len(namespace) and found[2] == last:
+        guarded = found[3]
+    else:
+        try:
+            guarded = _guarded(main, namespace)
+        except Exception:
+            return None
+    for name, encoded, dotted, value in guarded:
+        # The name alone, or the first part of a nested class's (``P.Q``);
+        # then whether main still binds it so (rebound since: looked at
+        # again when the namespace changes size or its last name).
+        if (encoded in data or (dotted is not None and dotted in data)) and namespace.get(name) is value:
             return True
     return False
 
