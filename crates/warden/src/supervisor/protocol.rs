@@ -190,10 +190,8 @@ impl Supervisor {
                 }
             }
             super::memory::check_after_task(w, &cfg);
+            retire_if_due(w, &cfg);
         }
-        // Also after a task given back: the last answer a worker due to
-        // retire owed may be one.
-        retire_if_due(w, &cfg);
         if let Some(mut task) = given_back {
             match self.phase {
                 PoolPhase::Running | PoolPhase::Closing { drain: true } => self.requeue(task),
