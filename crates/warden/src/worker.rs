@@ -278,7 +278,7 @@ fn bound_exit_if_orphaned(parent: u32) {
         if !ORPHANED.swap(true, Ordering::SeqCst) {
             std::thread::sleep(ORPHAN_GRACE);
             eprintln!(
-                "warden worker {}: the pool's process died while the exit path ran, which is still running \
+                "warden worker {}: its parent process died while its exit path ran, which is still running \
                  {ORPHAN_GRACE:?} later: killed",
                 std::process::id()
             );
