@@ -969,6 +969,33 @@ def test_functions_and_classes_defined_under_the_main_guard_go_by_value(program)
     assert std.stdout.splitlines() == ["submit failed: BrokenProcessPool"], std.stdout + std.stderr
 
 
+DYNAMIC_MAIN = """
+import threading
+import warden
+
+def install():
+    # Bound as main is imported, but not by a statement the parser sees (as
+    # test suites install their test classes).
+    globals()["Made"] = type("Made", (), {"__module__": "__main__", "lock": threading.Lock()})
+
+install()
+
+def same(x):
+    return x
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1) as ex:
+        print(type(ex.submit(same, Made()).result(30)) is Made)
+"""
+
+
+def test_a_class_main_binds_at_import_out_of_the_parsers_sight_still_goes_by_reference(program):
+    # Only what a guard block defines goes by value: this class, which a
+    # child's import of main makes too, cannot be pickled by value (its lock).
+    run = program(DYNAMIC_MAIN).run()
+    assert run.returncode == 0 and run.stdout.split() == ["True"], run.stderr
+
+
 def test_the_names_main_binds_as_a_child_imports_it_leave_out_its_guard_blocks(tmp_path):
     source = tmp_path / "main.py"
     source.write_text(

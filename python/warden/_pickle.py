@@ -359,8 +359,10 @@ def _main_names_class(cls: type) -> bool:
     return "__main__" not in cloudpickle.list_registry_pickle_by_value()
 
 
-#: The last answer of :func:`_bound_at_import`: the file, its mtime, the names.
-_bound_checked: tuple[Any, float, frozenset[str] | None] = (None, 0.0, None)
+_Names = tuple[frozenset[str] | None, frozenset[str]]
+
+#: The last answer of :func:`_main_source_names`: the file, its mtime, the names.
+_bound_checked: tuple[Any, float, _Names] = (None, 0.0, (None, frozenset()))
 
 
 def _bound_at_import(path: Any) -> frozenset[str] | None:
@@ -368,13 +370,20 @@ def _bound_at_import(path: Any) -> frozenset[str] | None:
     child imports it (as ``__mp_main__``): those outside its ``if __name__ ==
     "__main__":`` blocks. ``None`` where that cannot be told (no source, a
     syntax the parser refuses): then every name counts as bound."""
+    return _main_source_names(path)[0]
+
+
+def _main_source_names(path: Any) -> _Names:
+    """The names the main module at ``path`` binds at its top level as a
+    child imports it (see :func:`_bound_at_import`), and those its ``if
+    __name__ == "__main__":`` blocks bind."""
     global _bound_checked
     if type(path) is not str:
-        return None
+        return None, frozenset()
     try:
         mtime = os.stat(path).st_mtime
     except FileNotFoundError:
-        return None
+        return None, frozenset()
     if _bound_checked[0] == path and _bound_checked[1] == mtime:
         return _bound_checked[2]
     # Not caught: an OSError of this process (no descriptor left) is not an
@@ -391,10 +400,11 @@ def _bound_at_import(path: Any) -> frozenset[str] | None:
         texts = {s.value for s in sides if isinstance(s, ast.Constant)}
         return names == {"__name__"} and texts == {"__main__"}
 
-    def collect(body: list[ast.stmt], into: set[str]) -> None:
+    def collect(body: list[ast.stmt], into: set[str], in_guard: set[str]) -> None:
         for node in body:
             if guard(node):
-                collect(getattr(node, "orelse", []), into)
+                collect(node.body, in_guard, in_guard)  # type: ignore[attr-defined]
+                collect(getattr(node, "orelse", []), into, in_guard)
                 continue
             todo: list[ast.AST] = [node]
             while todo:
@@ -417,36 +427,43 @@ def _bound_at_import(path: Any) -> frozenset[str] | None:
                     into.add((child.asname or child.name).split(".")[0])
                 todo.extend(ast.iter_child_nodes(child))
 
-    names: frozenset[str] | None
+    names: _Names
     with open(path, "rb") as f:
         source = f.read()
     try:
         tree = ast.parse(source, path)
         found: set[str] = set()
-        collect(tree.body, found)
-        names = frozenset(found)
+        guarded: set[str] = set()
+        collect(tree.body, found, guarded)
+        names = (frozenset(found), frozenset(guarded))
     except (SyntaxError, ValueError, RecursionError):
-        names = None
+        names = (None, frozenset())
     _bound_checked = (path, mtime, names)
     return names
 
 
-#: What :func:`_main_bound` found: main (weakly), the names it binds at import.
-_main_bound_found: tuple[Callable[[], Any], frozenset[str] | None] = (lambda: None, None)
+#: What :func:`_main_names` found: main (weakly), the names of its source.
+_main_names_found: tuple[Callable[[], Any], _Names] = (lambda: None, (None, frozenset()))
+
+
+def _main_names(main: Any) -> _Names:
+    """The names this process's ``main`` binds as a child imports it, and
+    those its guard blocks bind (see :func:`_main_source_names`), read from
+    its file once (later edits of the file do not change what the program's
+    workers imported at its start). ``OSError`` if the file cannot be read
+    now (no descriptor left): asked again next time."""
+    global _main_names_found
+    if _main_names_found[0]() is main:
+        return _main_names_found[1]
+    names = _main_source_names(getattr(main, "__file__", None))
+    with contextlib.suppress(TypeError):  # a stand-in that cannot be weakly referenced: not kept
+        _main_names_found = (weakref.ref(main), names)
+    return names
 
 
 def _main_bound(main: Any) -> frozenset[str] | None:
-    """The names this process's ``main`` binds as a child imports it, read
-    from its file once (later edits of the file do not change what the
-    program's workers imported at its start). ``OSError`` if the file
-    cannot be read now (no descriptor left): asked again next time."""
-    global _main_bound_found
-    if _main_bound_found[0]() is main:
-        return _main_bound_found[1]
-    names = _bound_at_import(getattr(main, "__file__", None))
-    with contextlib.suppress(TypeError):  # a stand-in that cannot be weakly referenced: not kept
-        _main_bound_found = (weakref.ref(main), names)
-    return names
+    """The names this process's ``main`` binds as a child imports it."""
+    return _main_names(main)[0]
 
 
 def _plain(obj: Any) -> bytes:
@@ -521,11 +538,14 @@ def _guarded(main: Any, namespace: dict[str, Any]) -> tuple[tuple[str, bytes, by
     objects. ``OSError`` if main's file cannot be read now."""
     global _guarded_found
     key = (id(namespace), len(namespace), next(reversed(namespace), None))
-    bound = _main_bound(main)
+    bound, in_guard = _main_names(main)
     found: list[tuple[str, bytes, bytes | None, Any]] = []
     if bound is not None:
         for name, value in list(namespace.items()):
-            if name in bound or getattr(value, "__module__", None) != "__main__":
+            # Only what a guard block defines, not what main binds otherwise
+            # than the parser sees (globals().update(...), exec): those a
+            # child's import of main may well bind too, as before by reference.
+            if name in bound or name not in in_guard or getattr(value, "__module__", None) != "__main__":
                 continue
             if type(value) is _FunctionType:
                 found.append((name, _pickled_name(name), None, value))
