@@ -526,8 +526,9 @@ def _refuse_guarded(data: bytes) -> None:
 
 #: What :func:`_guarded` found: main's namespace (its id), its size and last
 #: name (a name deleted and another defined changes the last), and the
-#: functions and classes of main bound there that a child's import of main
-#: does not bind: ``(name, its pickled form, the object)``.
+#: functions and classes of main bound there that a guard block of main
+#: defines and a child's import of main does not bind: ``(name, its pickled
+#: form, the start of a nested class's, the object)``.
 _guarded_found: tuple[Any, ...] = (0, -1, None, ())
 
 
@@ -566,8 +567,8 @@ def _pickled_name(name: str) -> bytes:
 
 def _names_guarded(data: bytes) -> bool | None:
     """Whether a plain pickle ``data`` (which names ``__main__``) may name a
-    function or class of main that a child's import of main does not define
-    (one defined under ``if __name__ == "__main__":``): a child could not
+    function or class of main that a guard block defines and a child's
+    import of main does not (see :func:`_guarded`): a child could not
     load it (the standard library's workers fail with "Can't get attribute"),
     so it goes by ``cloudpickle``, by value, as loky sends it. Told by the
     name appearing in the pickle as a global's name is written: a string
