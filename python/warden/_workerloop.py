@@ -146,8 +146,6 @@ def _raise_after_hand_over(frame: Any, stop: BaseException) -> Callable[[], None
     ``Value``'s accessor, as it returns (the lock given back). Returns what
     removes the trace function; ``None`` where that cannot be done (a trace
     function of the program's, a debugger's or a coverage tool's is set)."""
-    if sys.gettrace() is not None:
-        return None
     if frame.f_code.co_name == "__enter__":
         target = frame.f_back
         while target is not None and target.f_code in _lock_wrappers():
@@ -157,20 +155,37 @@ def _raise_after_hand_over(frame: Any, stop: BaseException) -> Callable[[], None
         events: tuple[str, ...] = ("line", "return")
     else:
         target, events = frame, ("return",)
+    return _raise_in(target, stop, lambda _now, event: event in events)
+
+
+def _raise_in(
+    frame: Any, stop: BaseException, due: Callable[[Any, str], bool], opcodes: bool = False
+) -> Callable[[], None] | None:
+    """Arranges for ``stop`` to be raised in ``frame`` through a trace
+    function, at its first event (``"line"``, or ``"opcode"`` with
+    ``opcodes``, or ``"return"``) for which ``due(frame, event)`` holds; the
+    trace function is removed as it raises, and frames called meanwhile are
+    not traced. Returns what removes it; ``None`` where that cannot be done
+    (a trace function of the program's, a debugger's or a coverage tool's is
+    set)."""
+    if sys.gettrace() is not None:
+        return None
 
     def clear() -> None:
+        frame.f_trace = None
         sys.settrace(None)
-        target.f_trace = None
 
-    def raise_there(_frame: Any, event: str, _arg: Any) -> Any:
-        if event in events:
+    def raise_there(now: Any, event: str, _arg: Any) -> Any:
+        if due(now, event):
             clear()
             raise stop
         return raise_there
 
-    target.f_trace = raise_there
-    target.f_trace_lines = True
-    # Frames called meanwhile (the rest of the hand-over) are not traced.
+    frame.f_trace = raise_there
+    if opcodes:
+        frame.f_trace_opcodes = True
+    else:
+        frame.f_trace_lines = True
     sys.settrace(lambda *_: None)
     return clear
 
@@ -264,50 +279,27 @@ def _raise_once_in_charge(frame: Any, lock: Any, stop: BaseException) -> Callabl
     outside = _handler_of(frame.f_code, frame.f_lasti)
     lines = 0
 
-    def clear() -> None:
-        frame.f_trace = None
-        sys.settrace(None)
-
-    def raise_there(now: Any, event: str, _arg: Any) -> Any:
+    def due(now: Any, event: str) -> bool:
         nonlocal lines
-        if event == "line":
-            lines += 1
-            handler = _handler_of(now.f_code, now.f_lasti)
-            if (handler != outside and handler is not None) or not _semlock_held(lock) or lines > 20:
-                clear()
-                raise stop
-        elif event == "return":
-            clear()
-            raise stop
-        return raise_there
+        if event == "return":
+            return True
+        if event != "line":
+            return False
+        lines += 1
+        handler = _handler_of(now.f_code, now.f_lasti)
+        return (handler != outside and handler is not None) or not _semlock_held(lock) or lines > 20
 
-    frame.f_trace = raise_there
-    frame.f_trace_lines = True
-    sys.settrace(lambda *_: None)  # frames called meanwhile are not traced
-    return clear
+    return _raise_in(frame, stop, due)
 
 
 def _raise_at_next_instruction(frame: Any, stop: BaseException) -> bool:
     """Arranges for ``stop`` to be raised in ``frame`` at its next
     instruction (or as it returns). ``False`` where a trace function of the
     program's, a debugger's or a coverage tool's is set."""
-    if frame is None or sys.gettrace() is not None:
+    if frame is None:
         return False
-
-    def clear() -> None:
-        frame.f_trace = None
-        sys.settrace(None)
-
-    def raise_there(_frame: Any, event: str, _arg: Any) -> Any:
-        if event in ("opcode", "line", "return"):
-            clear()
-            raise stop
-        return raise_there
-
-    frame.f_trace = raise_there
-    frame.f_trace_opcodes = True
-    sys.settrace(lambda *_: None)  # frames called meanwhile are not traced
-    return True
+    due = ("opcode", "line", "return")
+    return _raise_in(frame, stop, lambda _now, event: event in due, opcodes=True) is not None
 
 
 def _frame_it_was_called_from(stop: BaseException) -> Any:
