@@ -731,6 +731,54 @@ def test_task_timeout_raises_a_timeout_error_and_replaces_the_worker():
         assert ex.submit(getpid).result() != pid
 
 
+def test_schedule_stops_its_own_task_at_its_timeout_and_the_other_tasks_run_on(tmp_path):
+    # pebble's ProcessPool.schedule(fn, args, kwargs, timeout): a limit of the
+    # task's own, in a pool that has none.
+    out = tmp_path / "fin"
+    with warden.ProcessPoolExecutor(2, initializer=getpid, finalizer=record, finalargs=(out, "fin")) as ex:
+        pids = {ex.submit(getpid).result(), ex.submit(getpid).result()}
+        slow = ex.schedule(sleep_then, (30, "never"), timeout=0.5)
+        other = ex.schedule(add, [2], {"b": 3})
+        start = time.monotonic()
+        with pytest.raises(warden.TaskTimeout) as info:
+            slow.result(timeout=30)
+        assert isinstance(info.value, TimeoutError) and info.value.timeout == 0.5
+        assert time.monotonic() - start < 10
+        assert other.result(timeout=30) == 5
+        assert ex.schedule(sleep_then, (1.0, "no limit")).result(timeout=30) == "no limit"
+        # The stopped worker ran its finalizer; its replacement serves.
+        stopped = [int(line.split()[1]) for line in out.read_text().splitlines()]
+        assert len(stopped) == 1 and stopped[0] in pids
+        assert stopped[0] not in ex._processes and len(ex._processes) == 2
+
+
+def test_a_scheduled_timeout_takes_the_place_of_the_pool_task_timeout_for_its_task():
+    with warden.ProcessPoolExecutor(1, task_timeout=0.5, initializer=getpid) as ex:
+        assert ex.schedule(sleep_then, (1.5, "done"), timeout=30).result(timeout=30) == "done"
+        with pytest.raises(warden.TaskTimeout):
+            ex.schedule(sleep_then, (30,)).result(timeout=30)  # no timeout of its own: the pool's
+
+
+@pytest.mark.parametrize(
+    "value, error, words",
+    [
+        (0, ValueError, "timeout must be a positive number"),
+        (-1, ValueError, "timeout must be a positive number"),
+        (float("nan"), ValueError, "timeout must be a positive number"),
+        ("1", TypeError, "timeout must be a number of seconds"),
+        (True, TypeError, "timeout must be a number of seconds"),
+    ],
+)
+def test_schedule_refuses_a_bad_timeout_and_queues_nothing(tmp_path, value, error, words):
+    ran = tmp_path / "ran"
+    with warden.ProcessPoolExecutor(1) as ex:
+        with pytest.raises(error, match=words):
+            ex.schedule(record, (ran,), timeout=value)
+        # One worker, tasks in order: had it been queued, it would have run by now.
+        assert ex.submit(square, 3).result(timeout=30) == 9
+    assert not ran.exists()
+
+
 def test_base_exception_in_a_task_is_a_clear_error_and_the_worker_lives_on(ex):
     pid = ex.submit(getpid).result()
     for fn, arg in ((raise_system_exit, 3), (raise_keyboard_interrupt, None)):

@@ -1,6 +1,7 @@
 """What a type checker makes of warden's API: ``ProcessPoolExecutor``'s
 ``submit``, ``map`` and ``run`` are typed as typeshed types
-``concurrent.futures.Executor``'s, with a generic ``warden.Future``, and
+``concurrent.futures.Executor``'s, with a generic ``warden.Future`` (and
+``schedule`` returns one too), and
 ``Pool``'s methods as typeshed types ``multiprocessing.pool.Pool``'s, with
 generic results and iterators."""
 
@@ -52,13 +53,15 @@ PROGRAM = """
             s: str = ex.submit(square, 2).result()  # wrong
             ex.submit(square, "2")  # wrong
             ex.submit(square, 1, 2)  # wrong
+            limited: warden.Future[int] = ex.schedule(square, (2,), timeout=5.0)
+            ex.schedule(square, [2]).result().upper()  # wrong
             squares: Iterator[int] = ex.map(square, [1, 2])
             names: Iterator[str] = ex.map(square, [1, 2])  # wrong
             futures = [ex.submit(square, i) for i in range(3)]
             for done in as_completed(futures):  # the standard library's own functions take them
                 n = done.result() + 1
             finished, _ = wait(futures)
-            print(n, s, squares, names, finished)
+            print(n, s, squares, names, finished, limited)
 
 
     def waits_on(event: multiprocessing.synchronize.Event) -> bool:

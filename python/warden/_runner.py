@@ -140,11 +140,12 @@ def seconds(name: str, value: Any) -> float | None:
         raise ValueError(f"{name} is too large a number of seconds") from None
 
 
-def task_timeout(value: Any) -> float | None:
-    """The ``task_timeout`` option, checked: a positive number of seconds."""
-    timeout = seconds("task_timeout", value)
+def task_timeout(value: Any, name: str = "task_timeout") -> float | None:
+    """The ``task_timeout`` option (or another of its kind, ``name``),
+    checked: a positive number of seconds."""
+    timeout = seconds(name, value)
     if timeout is not None and not timeout > 0:  # NaN too
-        raise ValueError(f"task_timeout must be a positive number of seconds, not {timeout!r}")
+        raise ValueError(f"{name} must be a positive number of seconds, not {timeout!r}")
     return timeout
 
 

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _progress, _runner, _warden
@@ -265,6 +265,23 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         """
         return self._submit_payload(self._payload(fn, args, kwargs))
 
+    def schedule(
+        self,
+        fn: Callable[..., _T],
+        /,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Future[_T]:
+        """pebble's ``ProcessPool.schedule``: :meth:`submit` with a time limit
+        of the task's own. Past ``timeout`` seconds of running (queued time
+        does not count) the task fails with :class:`warden.TaskTimeout` (a
+        ``TimeoutError``) and its worker is stopped (its finalizer runs) and
+        replaced. ``None``: the pool's ``task_timeout``, if any.
+        """
+        limit = _runner.task_timeout(timeout, "timeout")
+        return self._submit_payload(self._payload(fn, tuple(args), dict(kwargs or {})), limit)
+
     def _payload(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[bytes, int | None]:
@@ -294,6 +311,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         on_done: Callable[[bool, Any], None],
         owner: Any,
         report_start: bool = False,
+        timeout: float | None = None,
     ) -> tuple[_runner.Runner, int]:
         """Queues a pickled call (its payload and the segment of its large
         buffers, if any, which this takes over); ``on_done(ok, data)`` gets its
@@ -312,16 +330,16 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             raise
         try:
             return runner, runner.submit(
-                payload, on_done, owner=owner, segment=segment, report_start=report_start
+                payload, on_done, timeout, owner=owner, segment=segment, report_start=report_start
             )
         except _warden.CoreError as e:
             if runner.interrupted and e.kind == _warden.ErrorKind.CLOSED:
                 raise RuntimeError(_runner.INTERRUPTED_EXECUTOR) from None
             raise core_error(e) from None
 
-    def _submit_payload(self, call: tuple[bytes, int | None]) -> Future[Any]:
+    def _submit_payload(self, call: tuple[bytes, int | None], timeout: float | None = None) -> Future[Any]:
         future: Future[Any] = Future()
-        runner, task = self._queue(call, future._deliver, future, report_start=True)
+        runner, task = self._queue(call, future._deliver, future, report_start=True, timeout=timeout)
         future._runner, future._task = runner, task
         return future
 
