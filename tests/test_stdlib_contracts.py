@@ -1411,6 +1411,80 @@ def test_a_task_or_a_process_target_can_start_its_own_session(program, impl):
     assert run.lines == expected, run.stdout + run.stderr
 
 
+def _can_unshare_a_pid_namespace() -> bool:
+    try:
+        command = ["unshare", "--fork", "--pid", "--mount-proc", "true"]
+        return subprocess.run(command, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+needs_pid_namespace = pytest.mark.skipif(
+    not _can_unshare_a_pid_namespace(),
+    reason="needs unshare(1) and the right to make a PID namespace (root, or user namespaces)",
+)
+
+
+@needs_pid_namespace
+@pytest.mark.parametrize("impl", IMPLS)
+def test_in_a_pid_namespace_outside_its_callers_group_exit_codes_and_setsid_are_as_elsewhere(program, impl):
+    # Under `unshare --fork --pid`, the program (PID 1 there) is in a process
+    # group of the caller's namespace: getpgid() answers 0 for it. A child
+    # that moved to that "group 0" (itself) and killed its group as it ended
+    # died by SIGKILL whatever its exit code; setsid() found no group to move to.
+    prog = user_program(
+        program,
+        """
+        import signal
+
+        def ends_with(code):
+            sys.exit(code)
+
+        def fails():
+            raise ValueError("the target's error")
+
+        def sleeps():
+            time.sleep(60)
+
+        def detach():
+            os.setsid()
+            return os.getsid(0) == os.getpid()
+
+        if __name__ == "__main__":
+            codes = []
+            for target, args in ((ends_with, (0,)), (ends_with, (3,)), (fails, ())):
+                p = Process(target=target, args=args)
+                p.start()
+                p.join(30)
+                codes.append(p.exitcode)
+            p = Process(target=sleeps)
+            p.start()
+            time.sleep(0.5)
+            p.terminate()
+            p.join(30)
+            codes.append(p.exitcode)
+            print("exit codes", codes)
+            with Executor(1) as ex:
+                print("task starts a session", ex.submit(detach).result(timeout=30))
+            p = Process(target=detach)
+            p.start()
+            p.join(30)
+            print("process starts a session, exit code", p.exitcode)
+        """,
+    )
+    proc = prog.start(
+        env={"IMPL": impl},
+        command=["unshare", "--fork", "--pid", "--mount-proc", sys.executable, str(prog.path)],
+    )
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [
+        "exit codes [0, 3, 1, -15]",
+        "task starts a session True",
+        "process starts a session, exit code 0",
+    ], out + err
+
+
 @pytest.mark.parametrize("where", ["atexit", "thread-after-main"])
 def test_a_programs_first_pool_made_while_the_interpreter_shuts_down_runs_as_under_fork(program, where):
     """The first pool made in an ``atexit`` handler, or in a thread that

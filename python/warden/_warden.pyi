@@ -42,6 +42,7 @@ __all__ = [
     "register_finalizer",
     "run_exit_finalizers",
     "send_record",
+    "setsid",
     "stop_thread_again",
     "trim_heap",
     "wait_finalizers_idle",
@@ -336,6 +337,10 @@ def send_record(data: bytes) -> None:
 
 def stop_thread_again(tid: int) -> None:
     """Sends SIGTERM again to this process's thread ``tid`` (a kernel id)."""
+
+def setsid() -> int:
+    """``os.setsid()`` for a worker or ``Process`` child, which leads its own
+    process group; returns the new session's id."""
 
 def hold_stops(held: bool) -> None:
     """Holds (``True``) or releases (``False``) the core's own exit after a

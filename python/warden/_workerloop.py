@@ -1206,34 +1206,16 @@ def _set_parent(name: str, pid: int) -> None:
     )
 
 
-_os_setsid = os.setsid
-
-
 def _setsid() -> None:
     """``os.setsid()`` in a worker or ``Process`` child. warden makes each the
     leader of its own process group, and the kernel refuses ``setsid()`` to a
     group leader (``PermissionError``), where a child the standard library
     spawns (in its parent's group) gets its session. So the process first
-    joins its parent's group (in the same session), then starts its own
-    session, as that child would; its new group is still its own (its id is
-    the process's), where warden finds what it leaves running."""
-    try:
-        _os_setsid()
-        return
-    except PermissionError as e:
-        if os.getpgrp() != os.getpid():
-            raise
-        refused = e
-    try:
-        os.setpgid(0, os.getpgid(os.getppid()))
-    except OSError:
-        raise refused from None
-    try:
-        _os_setsid()
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.setpgid(0, 0)  # back in its own group
-        raise refused from None
+    moves to another group of its session (its parent's, or one made for the
+    move where the parent's lies outside this PID namespace), then starts its
+    own session, as that child would; its new group is still its own (its id
+    is the process's), where warden finds what it leaves running."""
+    _warden.setsid()
 
 
 def main() -> None:

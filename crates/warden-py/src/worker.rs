@@ -80,6 +80,15 @@ pub fn send_record(py: Python<'_>, data: &[u8]) -> PyResult<()> {
         .map_err(|e| PyRuntimeError::new_err(format!("cannot send the cleanup record: {e}")))
 }
 
+/// `os.setsid()` for a worker or `Process` child, which leads its own
+/// process group (see `warden::setsid`). Returns the new session's id;
+/// raises `OSError` (`PermissionError`) where the kernel refuses it.
+#[pyfunction]
+pub fn setsid() -> PyResult<i32> {
+    let session = warden::setsid()?;
+    Ok(session.as_raw_nonzero().get())
+}
+
 /// Holds (`True`) or releases (`False`) the core's own exit after a stop
 /// signal, while the worker's start enters its `worker_context`: an entered
 /// context must reach the exit path that leaves it. The pool's grace period

@@ -300,18 +300,115 @@ fn bound_exit_if_orphaned(parent: u32) {
 /// leads its own group (it left it), or cannot join its parent's (a task
 /// gave it a session of its own), leaves that to the supervisor.
 fn kill_what_its_group_holds() {
-    use rustix::process::{getpgid, getpgrp, getpid, getppid, kill_process_group, setpgid, Signal};
+    use rustix::process::{getpgrp, getpid, getppid, kill_process_group, setpgid, Signal};
     let me = getpid();
     if getpgrp() != me {
         return;
     }
     let Some(parent) = getppid() else { return };
-    let Ok(parents_group) = getpgid(Some(parent)) else { return };
+    // None where the parent's group lies outside this PID namespace (as under
+    // `unshare --pid`): no group to move to, so nothing here is killed.
+    let Some(parents_group) = process_group_of(parent) else { return };
     if parents_group == me || setpgid(None, Some(parents_group)).is_err() {
         return;
     }
     // ESRCH: nothing was left there.
     let _ = kill_process_group(me, Signal::KILL);
+}
+
+/// The process group of `pid`, if this PID namespace can name it. The kernel
+/// answers 0 for a group that lies outside the namespace (a program started
+/// by `unshare --pid` in its caller's group), which no [`Pid`] may hold; so
+/// this asks `getpgid` directly and gives `None` for that, or for an error.
+///
+/// [`Pid`]: rustix::process::Pid
+pub(crate) fn process_group_of(pid: rustix::process::Pid) -> Option<rustix::process::Pid> {
+    // SAFETY: getpgid takes a plain pid and touches no memory.
+    let group = unsafe { libc::getpgid(pid.as_raw_nonzero().get()) };
+    if group > 0 {
+        rustix::process::Pid::from_raw(group)
+    } else {
+        None // 0 outside the namespace, -1 on an error
+    }
+}
+
+/// `setsid(2)` for code running in a worker or a one-off child: makes this
+/// process the leader of a new session (and of a new process group, whose
+/// id is its pid), as `setsid` does for a child the standard library spawns.
+///
+/// Every warden worker leads its own process group, and the kernel refuses
+/// `setsid` to a group leader (`EPERM`). So a process that leads its group
+/// first moves into another group of its session: its parent's or, where
+/// that cannot be named (it lies outside this PID namespace, as under
+/// `unshare --pid`), a group made for the move, led by a child that is
+/// killed and reaped at once. Then it calls `setsid`. One that leads no
+/// group calls `setsid` directly.
+///
+/// # Caveats
+///
+/// * The fallback forks: the child runs no code of the program (all signals
+///   blocked, it waits to be killed, and dies with this thread).
+/// * As `setsid` itself, it fails with `EPERM` while other processes are
+///   still in this process's own group (what it started before); the
+///   process is then back in its own group.
+pub fn setsid() -> io::Result<rustix::process::Pid> {
+    use rustix::process::{getpgrp, getpid, getppid, setpgid};
+    let refused = match rustix::process::setsid() {
+        Ok(session) => return Ok(session),
+        Err(e) => e,
+    };
+    let me = getpid();
+    if refused != rustix::io::Errno::PERM || getpgrp() != me {
+        return Err(refused.into());
+    }
+    let parents_group = getppid().and_then(process_group_of).filter(|&group| group != me);
+    let moved = parents_group.is_some_and(|group| setpgid(None, Some(group)).is_ok()) || join_a_group_made_for_it();
+    if !moved {
+        return Err(refused.into());
+    }
+    rustix::process::setsid().map_err(|_| {
+        let _ = setpgid(None, None); // back in its own group
+        refused.into()
+    })
+}
+
+/// Moves this process into a new process group of its session, led by a
+/// child forked for it and gone by the time this returns. Returns whether
+/// it moved.
+fn join_a_group_made_for_it() -> bool {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: plain system calls on local values; between fork and its
+    // death the child calls only async-signal-safe functions (prctl,
+    // getppid, pause, _exit), as a child of a threaded process must.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut before: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut before);
+        let child = libc::fork();
+        if child == 0 {
+            // Signals stay blocked: only the SIGKILL below (or the death
+            // signal, if this thread dies first) ends it.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            if libc::getppid() != parent {
+                libc::_exit(0);
+            }
+            loop {
+                libc::pause();
+            }
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+        if child < 0 {
+            return false;
+        }
+        let moved = libc::setpgid(child, child) == 0 && libc::setpgid(0, child) == 0;
+        libc::kill(child, libc::SIGKILL);
+        let mut status = 0;
+        while libc::waitpid(child, &mut status, 0) < 0
+            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+        {}
+        moved
+    }
 }
 
 impl ExitStatus {

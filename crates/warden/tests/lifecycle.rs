@@ -55,6 +55,10 @@ fn main() {
         ),
         both("exit_hook_runs_when_the_worker_gets_sigterm", exit_hook_runs_when_the_worker_gets_sigterm),
         both(
+            "a_task_starts_its_own_session_through_warden_setsid",
+            a_task_starts_its_own_session_through_warden_setsid,
+        ),
+        both(
             "exit_hook_runs_after_a_task_panicked_and_the_worker_lived_on",
             exit_hook_runs_after_a_task_panicked_and_the_worker_lived_on,
         ),
@@ -578,6 +582,26 @@ fn exit_hook_runs_after_a_task_panicked_and_the_worker_lived_on() -> TestResult 
     pool.shutdown();
     check(hooks.exit_reason(after).as_deref() == Some("Retired(Shutdown)"), "exit hook ran at shutdown")?;
     Ok(())
+}
+
+/// A task's attempts at a session of its own: (what plain `setsid` gave,
+/// what `warden::setsid` gave, its pid, its group after).
+fn sessions(_: ()) -> (i32, i32, i32, i32) {
+    // SAFETY: setsid, getpid and getpgid(0) take and return integers.
+    let plain = unsafe { libc::setsid() };
+    let session = warden::setsid().map_or(-1, |s| s.as_raw_nonzero().get());
+    unsafe { (plain, session, libc::getpid(), libc::getpgid(0)) }
+}
+
+fn a_task_starts_its_own_session_through_warden_setsid() -> TestResult {
+    let pool = builder().workers(1).build()?;
+    let (plain, session, worker, group) = pool.spawn(sessions, ())?.join()?;
+    // The worker leads its group, so the kernel refuses the plain call.
+    check(plain == -1, format!("plain setsid refused to a group leader: {plain}"))?;
+    check(session == worker && group == worker, format!("a session and group of its own: {session} {group} {worker}"))?;
+    let again = pool.spawn(pid, ())?.join()?;
+    check(again as i32 == worker, "the worker serves on in its session")?;
+    check(pool.shutdown_timeout(Duration::from_secs(30)), "and the pool shuts down as usual")
 }
 
 fn workers_exit_when_owner_is_killed() -> TestResult {

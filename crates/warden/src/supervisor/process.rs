@@ -94,7 +94,7 @@ impl Kill for Pidfd {
             // The worker leads its group unless it left it: then the group's
             // signal is its one signal. Twice would run a handler of its own
             // twice (the standard library's `terminate()` sends one SIGTERM).
-            let leads = rustix::process::getpgid(Some(self.pid)).is_ok_and(|g| g == self.pid);
+            let leads = crate::worker::process_group_of(self.pid) == Some(self.pid);
             if rustix::process::kill_process_group(self.pid, sig).is_ok() && leads {
                 return;
             }
