@@ -1061,6 +1061,100 @@ def test_a_helper_redefined_in_an_interactive_main_is_the_one_warm_workers_call(
         assert run.stdout.splitlines() == ["first ['old']", "redefined ['new']", "model loaded"]
 
 
+REBOUND = """
+import functools, math, os, time
+import warden
+
+LIMITS = {"size": 1}
+op = math.sin
+part = functools.partial(max, 0)
+exec(compile("def helper(x, k=1):\\n    return x + k", "<stdin>", "exec"))  # as a REPL compiles it
+
+class Shape:
+    def area(self):
+        return 1
+
+class Failed(Exception):
+    pass
+
+def probe(_):
+    time.sleep(0.05)  # both workers take part
+    return (LIMITS["size"], op.__name__, part(5), helper(0), Shape().area())
+
+def fail(i):
+    raise Failed(i)
+
+with warden.Pool(2) as pool:
+    # One worker gets this session's first values...
+    print("first", pool.apply(probe, (0,)))
+    try:
+        pool.apply(fail, (0,))
+    except Failed:
+        print("caught")
+    # ...then the "cell" is run again with new ones: a new dict, builtin,
+    # partial, a helper whose code object is equal to the old one's (a REPL's
+    # `<stdin>`, line 1; only the default changed), and new classes.
+    LIMITS = {"size": 2}
+    op = math.cos
+    part = functools.partial(max, 10)
+    exec(compile("def helper(x, k=2):\\n    return x + k", "<stdin>", "exec"))
+
+    class Shape:
+        def area(self):
+            return 2
+
+    class Failed(Exception):
+        pass
+
+    print("again", sorted(set(pool.map(probe, range(8), chunksize=1))))
+    caught = 0
+    for r in [pool.apply_async(fail, (i,)) for i in range(6)]:
+        try:
+            r.get(30)
+        except Failed:
+            caught += 1
+    print("caught", caught)
+"""
+
+
+def test_globals_an_interactive_main_rebinds_reach_the_workers_that_had_the_old_ones():
+    # A notebook's cell run again: the worker that ran a task with the old
+    # values must not keep them (one map would mix both), whatever their type.
+    for run in (run_source(REBOUND), run_source("", "-c", REBOUND)):
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.splitlines() == [
+            "first (1, 'sin', 5, 1, 1)",
+            "caught",
+            "again [(2, 'cos', 10, 2, 2)]",
+            "caught 6",
+        ], run.stdout + run.stderr
+
+
+REBOUND_AFTER_SENT = """
+import warden
+
+LIMITS = {"size": 1}
+
+if __name__ == "__main__":
+    # Fresh workers every task: each imports main, and so has LIMITS as at import.
+    with warden.Pool(2, maxtasksperchild=1) as pool:
+        print("first", pool.map(lambda _: LIMITS["size"], range(4)))
+        LIMITS = {"size": 2}  # rebound by the parent after it was sent
+        print("again", pool.map(lambda _: LIMITS["size"], range(4)))
+"""
+
+
+def test_a_global_main_rebinds_after_sending_it_reaches_fresh_workers_too(tmp_path):
+    # Before it is sent, the worker's own value (its import of main) wins, as
+    # for a function sent by reference; once the parent rebinds it, every
+    # worker, warm or newly started, takes the parent's.
+    script = tmp_path / "rebound.py"
+    script.write_text(REBOUND_AFTER_SENT)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["first [1, 1, 1, 1]", "again [2, 2, 2, 2]"], run.stdout + run.stderr
+
+
 CLASSES_OF_MAIN = """
 import dataclasses, enum, warden
 

@@ -31,6 +31,7 @@ import collections
 import contextlib
 import copyreg
 import io
+import itertools
 import os
 import pickle
 import sys
@@ -161,7 +162,9 @@ def _cloud_pickler_class() -> type:
                 of_main = getattr(func, "__module__", None) == "__main__"
                 if main is None or (func.__globals__ is not main.__dict__ and not of_main):
                     return reduced
-                make, (code, _, *rest), state, items, pairs, _ = reduced
+                make, (code, _, *rest), (attrs, slots), items, pairs, _ = reduced
+                slots = {**slots, _VERSIONS: (os.getpid(), _versions_of(slots["__globals__"]))}
+                state = (attrs, slots)
                 return make, (code, _MAIN_NAMESPACE, *rest), state, items, pairs, _main_function_setstate
 
         _cloud_pickler = CloudPickler
@@ -236,6 +239,88 @@ _given: dict[tuple[int, str], Any] = {}
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes, range})
 
+#: The key, among the state of a function of ``__main__`` sent by value, of
+#: the versions of the globals it carries (see :func:`_versions_of`).
+_VERSIONS = "__warden_versions__"
+
+
+class _Sent:
+    """What this process last sent under a name of main's globals: the
+    object (weakly where it can be; else held until only this holds it), its
+    version, and whether the name was rebound after it was first sent."""
+
+    __slots__ = ("rebound", "ref", "strong", "version")
+
+    def __init__(self, value: Any, version: int, rebound: bool) -> None:
+        try:
+            self.ref: Any = weakref.ref(value)
+            self.strong: Any = None
+        except TypeError:  # a dict, a list, an int: held, and let go of below
+            self.ref, self.strong = None, value
+        self.version = version
+        self.rebound = rebound
+
+    def holds(self, value: Any) -> bool:
+        if self.ref is not None:
+            return self.ref() is value
+        return self.strong is value
+
+
+_sent: dict[str, _Sent] = {}
+_sent_lock = threading.Lock()
+_next_version = itertools.count(1)
+
+
+def _versions_of(values: dict[str, Any]) -> dict[str, tuple[int, bool]]:
+    """In the process that sends functions of its ``__main__`` by value:
+    for each global such a function carries, a version that changes when
+    the name is bound to another object, and whether that has happened since
+    the name was first sent. A worker that had the name from an earlier
+    version, or that has only its own value (its import of main), takes the
+    parent's once the parent has rebound it (a notebook's cell run again),
+    so that no worker keeps what the parent replaced. Only this process's
+    binding counts: the worker's changes to what it was given are its own."""
+    out = {}
+    with _sent_lock:
+        if not _sent:
+            import gc
+
+            gc.callbacks.append(_let_go_of_unused)
+        for name, value in values.items():
+            sent = _sent.get(name)
+            if sent is None:
+                sent = _sent[name] = _Sent(value, next(_next_version), False)
+            elif not sent.holds(value):
+                sent = _sent[name] = _Sent(value, next(_next_version), True)
+            out[name] = (sent.version, sent.rebound)
+    _let_go_of_unused("start", {})
+    return out
+
+
+def _let_go_of_unused(phase: str, _info: dict[str, int]) -> None:
+    """Lets go of the values :class:`_Sent` holds that nothing else does any
+    more (the program rebound or deleted the name): after each send, and as
+    the garbage collector starts (so a large list the program deleted is
+    not kept until the next send). The next value sent under such a name is
+    a new version all the same."""
+    if phase != "start" or not _sent_lock.acquire(blocking=False):
+        return  # a collection that started while this thread updates the table
+    try:
+        for sent in _sent.values():
+            # Two references: the table's and the argument's.
+            if sent.strong is not None and sent.strong is not _LET_GO and sys.getrefcount(sent.strong) <= 2:
+                sent.strong = _LET_GO
+    finally:
+        _sent_lock.release()
+
+
+#: Stands for a value :func:`_versions_of` let go of: no value is it.
+_LET_GO = object()
+
+#: In a worker: the version of each name of a namespace of main's it last
+#: took or saw from its parent, by the namespace's id and the name.
+_versions_seen: dict[tuple[int, str], int] = {}
+
 
 def _immutable(value: Any, depth: int = 0) -> bool:
     """Whether ``value`` cannot change in place (a number, a string, a tuple
@@ -255,22 +340,33 @@ def _main_function_setstate(func: Any, state: tuple[dict[str, Any], dict[str, An
     pickled) only fill in names the namespace does not have yet, replace
     immutable values (numbers, strings, tuples of such) an earlier such
     function brought and the worker has not rebound since (a loop variable a
-    lambda reads: each call sees the parent's value of the time), and replace
-    functions the parent defined anew. The worker's own values of main's
-    globals (its import of main, its initializer, its tasks' assignments, a
-    dict or list it fills in place) win, as they do for a function sent by
-    reference."""
+    lambda reads: each call sees the parent's value of the time), replace
+    functions the parent defined anew, and replace any value the parent
+    rebound after it first sent it (the versions :func:`_versions_of` sends
+    along; only those of this process's parent count). Otherwise the
+    worker's own values of main's globals (its import of main, its
+    initializer, its tasks' assignments, a dict or list it fills in place)
+    win, as they do for a function sent by reference."""
     try:
         from cloudpickle.cloudpickle import _function_setstate
     except ImportError:  # cloudpickle 2.x keeps it in another module
         from cloudpickle.cloudpickle_fast import _function_setstate
 
     attrs, slots = state
+    sender, versions = slots.pop(_VERSIONS, (None, None))
+    if sender != os.getppid():  # only a worker's parent's versions count
+        versions = None
     namespace = func.__globals__
     where = id(namespace)
     taken = {}
     for name, value in slots["__globals__"].items():
-        if name in namespace:
+        sent = versions.get(name) if versions is not None else None
+        rebound = False
+        if sent is not None:
+            version, since = sent
+            rebound = since and _versions_seen.get((where, name)) != version
+            _versions_seen[(where, name)] = version
+        if name in namespace and not rebound:
             mine = namespace[name]
             brought = _given.get((where, name), _given)
             if mine is not brought and not _redefined(mine, value):
