@@ -91,6 +91,27 @@ def test_the_bar_counts_every_item_per_result_chunk(executor, pool, which):
     bar.close()
 
 
+class FrontEnd(Recorder):
+    """A bar that sizes its display in ``reset(total=...)``, as tqdm's
+    notebook widget and rich front ends do (the attribute alone leaves them
+    showing a bar of one item)."""
+
+    display_total = None
+
+    def reset(self, total=None):
+        if total is not None:
+            self.display_total = total
+        return super().reset(total=total)
+
+
+@pytest.mark.parametrize("which", list(MAPS))
+def test_a_bar_without_a_total_is_given_one_as_tqdms_front_ends_take_it(executor, pool, which):
+    bar = FrontEnd()
+    MAPS[which](executor, pool, bar)
+    assert bar.display_total == 10 and bar.total == 10 and bar.n == 10
+    bar.close()
+
+
 def test_the_bar_advances_as_results_arrive(executor, tmp_path):
     release = str(tmp_path / "release")
     bar = Recorder()

@@ -41,7 +41,7 @@ class Progress:
         """Gives the bar its total once it is known, if it has none."""
         with self._lock:
             if not self._closed and getattr(self.bar, "total", None) is None:
-                self.bar.total = total
+                _give_total(self.bar, total)
                 self.bar.refresh()
         self._close_if_full()
 
@@ -64,6 +64,18 @@ class Progress:
             self.bar.refresh()
 
 
+def _give_total(bar: Any, total: int) -> None:
+    """Gives a bar that has none its ``total``: through ``reset(total=...)``
+    while it has counted nothing, since tqdm's front ends size their display
+    there (a notebook's widget keeps its own maximum, and showed a full bar
+    from the first item), else through the attribute."""
+    reset = getattr(bar, "reset", None)
+    if callable(reset) and getattr(bar, "n", None) == 0:
+        reset(total=total)
+    else:
+        bar.total = total
+
+
 def make(progress: ProgressArg, total: int | None) -> Progress | None:
     """The bar ``progress=`` asks for over ``total`` items (``None`` if unknown),
     or ``None`` for no bar. Raises ``ImportError`` naming what to install
@@ -83,7 +95,7 @@ def make(progress: ProgressArg, total: int | None) -> Progress | None:
         return Progress(tqdm(**options), owned=True)
     if callable(getattr(progress, "update", None)) and callable(getattr(progress, "close", None)):
         if getattr(progress, "total", None) is None and total is not None:
-            progress.total = total
+            _give_total(progress, total)
         return Progress(progress, owned=False)
     raise TypeError(
         "progress must be True, False, None, a tqdm bar or a dict of tqdm options, "
