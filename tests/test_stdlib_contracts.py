@@ -1526,13 +1526,21 @@ def test_a_programs_first_pool_made_while_the_interpreter_shuts_down_runs_as_und
 
 
 @pytest.mark.parametrize(
-    "before", ["import warden", "from warden import ProcessPoolExecutor", "a Pool used in main"]
+    "before",
+    [
+        "import warden",
+        "from warden import ProcessPoolExecutor",
+        "a Pool used in main",
+        "the same function submitted in main",
+    ],
 )
 def test_an_executor_made_in_an_atexit_handler_works_whatever_the_program_used_before(program, before):
     """Whether warden's executor module was loaded before the interpreter
     began to shut down (by a top-level import, or by a pool the program
     used) does not change what an executor made in an ``atexit`` handler
-    does: it works, as a ``Pool`` made there does."""
+    does: it works, as a ``Pool`` made there does. Nor does a call of the
+    same function of main sent by reference before: once main's script has
+    run, a new worker cannot import main, and the function goes by value."""
     if sys.version_info[:2] == (3, 12):
         pytest.skip("Python 3.12 starts no thread in atexit handlers")
     prog = program(
@@ -1552,6 +1560,9 @@ def test_an_executor_made_in_an_atexit_handler_works_whatever_the_program_used_b
             if "{before}" == "a Pool used in main":
                 with warden.Pool(1) as pool:
                     pool.map(square, [1])
+            if "{before}" == "the same function submitted in main":
+                with warden.ProcessPoolExecutor(1) as ex:
+                    ex.submit(square, 2).result(timeout=60)
             atexit.register(use_an_executor)
             print("main returns", flush=True)
         """

@@ -726,14 +726,18 @@ _MAX_REF = 0xFFFF
 _MAX_REFS = 4096
 
 #: Functions sent by reference: ``id(fn) -> (fn, its module, its name, the
-#: payload's head)``, fn and its module held weakly, the head ``None`` for one
-#: whose pickle cannot go (it names a ``__main__`` the child cannot import).
-#: A function goes by reference while its module still names it. Nothing here
+#: payload's head, whether it names __main__)``, fn and its module held
+#: weakly, the head ``None`` for one whose pickle cannot go (it names a
+#: ``__main__`` the child cannot import). A function goes by reference while
+#: its module still names it, and one of main while a child can still import
+#: main (not at interpreter exit, once main's ``__file__`` is gone). Nothing here
 #: keeps a function or a module alive: a strong reference to a function of
 #: ``__main__`` would keep main's globals past the interpreter's clearing of
 #: its modules, and the objects there would be finalized late, with the
 #: modules they use already cleared.
-_refs: dict[int, tuple[Callable[[], Any], Callable[[], Any], str, bytes | None]] = {}
+if TYPE_CHECKING:
+    _Ref = tuple[Callable[[], Any], Callable[[], Any], str, bytes | None, bool]
+_refs: dict[int, _Ref] = {}
 
 
 def _ref_of(fn: Any) -> bytes | None:
@@ -747,10 +751,12 @@ def _ref_of(fn: Any) -> bytes | None:
     module = entry[1]()
     if module is None or vars(module).get(entry[2]) is not fn:
         return None
+    if entry[4] and not _main_is_importable():
+        return None  # a pool started at exit: its workers have no main to import
     return entry[3]
 
 
-def _new_ref(fn: Any) -> tuple[Callable[[], Any], Callable[[], Any], str, bytes | None] | None:
+def _new_ref(fn: Any) -> _Ref | None:
     module = sys.modules.get(getattr(fn, "__module__", None) or "")
     name = getattr(fn, "__qualname__", None)
     if module is None or type(name) is not str or "." in name:
@@ -759,12 +765,13 @@ def _new_ref(fn: Any) -> tuple[Callable[[], Any], Callable[[], Any], str, bytes 
         if vars(module).get(name) is not fn:
             return None
         ref = _dumps(fn, PROTOCOL)
-        entry = (weakref.ref(fn), weakref.ref(module), name, None)
+        names_main = _MAIN_NAME in ref
+        entry: _Ref = (weakref.ref(fn), weakref.ref(module), name, None, names_main)
     except Exception:
         return None
-    unknown = _MAIN_NAME in ref and _main_is_importable() and _names_guarded(ref) is None
+    unknown = names_main and _main_is_importable() and _names_guarded(ref) is None
     if len(ref) <= _MAX_REF and _child_can_load(ref):
-        entry = (*entry[:3], bytes([BY_REF]) + len(ref).to_bytes(2, "little") + ref)
+        entry = (*entry[:3], bytes([BY_REF]) + len(ref).to_bytes(2, "little") + ref, names_main)
     if unknown:
         return entry  # not kept: whether it is main's only here is told once main can be read
     if len(_refs) >= _MAX_REFS:
