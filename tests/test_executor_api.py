@@ -1078,6 +1078,24 @@ def _handle_in_worker(handle):
     return handle.kind
 
 
+def test_a_future_or_pool_result_passed_to_a_task_is_refused_naming_it_and_nothing_is_lost(ex):
+    # The standard library's errors name a lock ("cannot pickle '_thread.RLock'
+    # object"); warden's used to name its core.
+    done = ex.submit(square, 2)
+    assert done.result(60) == 4
+    with pytest.raises(TypeError, match=r"cannot pickle 'Future' object: .*pass its result\(\)"):
+        ex.submit(square, done)
+    with warden.Pool(1) as pool:
+        pending = pool.apply_async(square, (3,))
+        with pytest.raises(TypeError, match=r"cannot pickle 'ApplyResult' object: .*get\(\)"):
+            pool.apply(square, (pending,))
+        with pytest.raises(TypeError, match="cannot pickle 'IMapIterator' object"):
+            pool.apply(square, (pool.imap(square, [1]),))
+        assert pending.get(60) == 9 and pool.apply(square, (4,)) == 16
+    assert copy.copy(done).result(60) == 4  # a copy in this process is fine, as the standard library's
+    assert ex.submit(square, 5).result(60) == 25
+
+
 @pytest.mark.parametrize("how", [copy.copy, copy.deepcopy])
 def test_copying_a_pool_or_executor_is_refused_at_once(ex, how):
     # A copy used to be an inert handle that failed later, naming this very

@@ -73,6 +73,18 @@ class Future(_base.Future["_T"]):
     _cancellers = 0
     _cancel_came = False
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"cannot pickle {type(self).__name__!r} object: a future belongs to the process that "
+            "submitted its call; pass its result() to the task instead"
+        )
+
+    def __copy__(self) -> Future[_T]:
+        # copy.copy() as the standard library's future allows it: the same state, shared.
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
     def __init__(self) -> None:
         # _base.Future.__init__, but for the condition and its two lists.
         self._state = _base.PENDING

@@ -542,6 +542,12 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
     none of whose machinery it uses, so that code and annotations naming
     that type take it."""
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"cannot pickle {type(self).__name__!r} object: a pool's result belongs to the process "
+            "that made the call; pass its get() to the task instead"
+        )
+
     def __init__(
         self,
         pool: Pool,
@@ -834,6 +840,12 @@ class IMapIterator(_StdIMapIterator[_T]):
     _unordered = False
 
     __class_getitem__ = classmethod(types.GenericAlias)  # IMapIterator[int], as ApplyResult[int]
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"cannot pickle {type(self).__name__!r} object: an imap's results come to the process "
+            "that made the call; pass them, or a list of them, to the task instead"
+        )
 
     def __init__(self, pool: Pool, chunked: bool = False) -> None:
         # multiprocessing.pool.IMapIterator.__init__ is not called.
