@@ -96,6 +96,7 @@ fn run(rx: &Receiver<LostWorker>, hook: &LostHook) {
         let pid = lost.pid;
         if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(&lost))) {
             let msg = crate::panics::panic_text(&*p);
+            crate::panics::drop_payload(p);
             tracing::error!(pid, "on_worker_lost hook panicked: {msg}");
         }
     }

@@ -13,6 +13,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Drops a caught panic's payload, whose `Drop` may panic too (a payload of
+/// the program's own type): that panic is caught as well, and its own
+/// payload leaked rather than dropped, so nothing unwinds out of the place
+/// that caught the first. (A worker that let it out lost its exit path, and
+/// the next task was blamed for the crash.)
+pub(crate) fn drop_payload(payload: Box<dyn std::any::Any + Send>) {
+    if let Err(again) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload))) {
+        std::mem::forget(again);
+    }
+}
+
 /// The text of a caught panic's payload.
 pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {

@@ -1028,7 +1028,8 @@ impl Slot {
         if let Some(waker) = waker {
             // On the supervisor's thread: a runtime's waker that panics must
             // not end the pool.
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waker.wake())).is_err() {
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waker.wake())) {
+                crate::panics::drop_payload(p);
                 tracing::error!("waking a task's awaiting future panicked");
             }
         }

@@ -71,7 +71,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::ExitStatus;
 use crate::inbox::{End, Inbox, Incoming, Until};
-use crate::panics::{lock, panic_text};
+use crate::panics::{drop_payload, lock, panic_text};
 use crate::signals;
 use crate::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 use crate::wire::{
@@ -664,7 +664,10 @@ impl WorkerState {
                     report.hook_error = result.error;
                     code = result.exit_code;
                 }
-                Err(p) => report.hook_error = Some(format!("exit hook panicked: {}", panic_text(&*p))),
+                Err(p) => {
+                    report.hook_error = Some(format!("exit hook panicked: {}", panic_text(&*p)));
+                    drop_payload(p);
+                }
             }
         }
         let fin = crate::finalize::run_exit_finalizers(crate::finalize::exit_timeout());
@@ -1079,8 +1082,11 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                 inbox.started();
                 let result = catch_unwind(AssertUnwindSafe(|| handler.init(&info, &payload)));
                 inbox.finished();
-                let result = result
-                    .unwrap_or_else(|p| Err(RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&*p))));
+                let result = result.unwrap_or_else(|p| {
+                    let error = RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&*p));
+                    drop_payload(p);
+                    Err(error)
+                });
                 if core.state.compare_exchange(INITIALIZING, IDLE, Ordering::SeqCst, Ordering::SeqCst).is_err() {
                     // A stop signal came while the start hook ran, and the
                     // monitor, after interrupting the hook, has started the
@@ -1135,7 +1141,13 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                 }
                 core.last_task.store(id, Ordering::SeqCst);
                 inbox.started();
-                let result = catch_unwind(AssertUnwindSafe(|| handler.run_with_segment(&payload, segment)));
+                let result =
+                    catch_unwind(AssertUnwindSafe(|| handler.run_with_segment(&payload, segment))).map_err(|p| {
+                        // The payload goes now, in the task's time: its Drop is the task's code.
+                        let text = panic_text(&*p);
+                        drop_payload(p);
+                        text
+                    });
                 if std::process::id() != worker_pid {
                     leave_forked_copy();
                 }
@@ -1161,8 +1173,8 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                         out.as_ref().map(|fd| fd.as_fd()),
                     ),
                     Ok(Err(error)) => core.send(&Message::Result { id, outcome: WireOutcome::Error(error.clone()) }),
-                    Err(p) => {
-                        let error = RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&**p));
+                    Err(text) => {
+                        let error = RemoteError::new(RemoteErrorKind::Panicked, "panic", text.clone());
                         core.send(&Message::Result { id, outcome: WireOutcome::Error(error) })
                     }
                 };

@@ -59,6 +59,10 @@ fn main() {
             a_task_starts_its_own_session_through_warden_setsid,
         ),
         both(
+            "a_panic_whose_payload_panics_as_it_is_dropped_fails_only_its_task",
+            a_panic_whose_payload_panics_as_it_is_dropped_fails_only_its_task,
+        ),
+        both(
             "exit_hook_runs_after_a_task_panicked_and_the_worker_lived_on",
             exit_hook_runs_after_a_task_panicked_and_the_worker_lived_on,
         ),
@@ -602,6 +606,36 @@ fn a_task_starts_its_own_session_through_warden_setsid() -> TestResult {
     let again = pool.spawn(pid, ())?.join()?;
     check(again as i32 == worker, "the worker serves on in its session")?;
     check(pool.shutdown_timeout(Duration::from_secs(30)), "and the pool shuts down as usual")
+}
+
+/// A panic payload of the program's own type, whose `Drop` panics in turn.
+struct PanicsWhenDropped;
+
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        panic!("the payload's own drop panics");
+    }
+}
+
+fn panic_with_a_payload_that_panics_when_dropped(_: ()) -> u32 {
+    std::panic::panic_any(PanicsWhenDropped)
+}
+
+fn a_panic_whose_payload_panics_as_it_is_dropped_fails_only_its_task() -> TestResult {
+    let hooks = Hooks::new();
+    let pool = hooks.builder().workers(1).build()?;
+    let before = pool.spawn(pid, ())?.join()?;
+    let err = match pool.spawn(panic_with_a_payload_that_panics_when_dropped, ())?.join() {
+        Ok(_) => return Err("a panicking task returned a value".into()),
+        Err(e) => e,
+    };
+    check(err.is_panic(), format!("the task's own error is its panic: {err}"))?;
+    // Before, the second panic left the worker loop: the next task was
+    // reported as the crash, and the worker skipped its exit path.
+    let after = pool.spawn(pid, ())?.join()?;
+    check(before == after, "the same worker serves the next task")?;
+    pool.shutdown();
+    check(hooks.exit_reason(after).as_deref() == Some("Retired(Shutdown)"), "its exit hook ran at shutdown")
 }
 
 fn workers_exit_when_owner_is_killed() -> TestResult {

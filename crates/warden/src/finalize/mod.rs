@@ -314,7 +314,8 @@ fn report(incident: Incident) {
     }
     let sink = lock(&SINK).clone();
     if let Some(sink) = sink {
-        if catch_unwind(AssertUnwindSafe(|| sink(&incident))).is_err() {
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| sink(&incident))) {
+            crate::panics::drop_payload(p);
             tracing::error!("the finalizer incident sink panicked");
         }
     }

@@ -96,7 +96,7 @@ impl Entry {
                 Err(payload) => {
                     let message = panic_text(&*payload);
                     // A payload whose destructor panics must not escape either.
-                    let _ = catch_unwind(AssertUnwindSafe(move || drop(payload)));
+                    crate::panics::drop_payload(payload);
                     (Outcome::Panicked, Some(Incident::Panicked { label: label(), priority, message }))
                 }
             }

@@ -216,6 +216,7 @@ impl Supervisor {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.event_loop()));
         if let Err(p) = result {
             let msg = crate::panics::panic_text(&*p);
+            crate::panics::drop_payload(p);
             tracing::error!("warden supervisor panicked: {msg}");
             *lock(&shared.failure) = Some(format!("supervisor panicked: {msg}"));
             shared.accepting.store(false, Ordering::SeqCst);
@@ -357,6 +358,7 @@ impl Supervisor {
             let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink(&event)));
             if let Err(p) = delivered {
                 let msg = crate::panics::panic_text(&*p);
+                crate::panics::drop_payload(p);
                 tracing::error!(pool = %self.cfg.name, "the on_event callback panicked: {msg}");
                 eprintln!("warden: pool {}: the on_event callback panicked: {msg}", self.cfg.name);
             }
