@@ -79,7 +79,10 @@
 //! * Workers get no command-line arguments (code before [`init`] that parses
 //!   them sees none). Workers forked by a pool's zygote have the environment
 //!   and working directory the pool had when it was built: a later `set_var`
-//!   or `set_current_dir` in the parent does not reach them.
+//!   or `set_current_dir` in the parent does not reach them. Workers started
+//!   by exec ([`StartMethod::Exec`], or a pool that fell back to it) take
+//!   the parent's as each starts, so a replacement started after such a
+//!   change has the new ones: make those changes before building the pool.
 //! * Arguments and results go through [postcard](https://docs.rs/postcard),
 //!   which is not self-describing: types that need `deserialize_any`
 //!   (`#[serde(untagged)]`, `#[serde(flatten)]`) or that skip fields when

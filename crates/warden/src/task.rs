@@ -1,12 +1,16 @@
 //! Rust functions as tasks: how a `fn` reaches a re-executed copy of the program.
 //!
 //! Workers of a Rust pool run the same executable as the parent
-//! (`/proc/self/exe`). A task names its function by its address relative to an
-//! anchor function in the same image, which is the same in every process that
-//! runs this executable even with address-space randomisation (the whole image
-//! moves together). With it travels a monomorphised *trampoline* that decodes
-//! the arguments, calls the function, and encodes the result, all with
-//! `postcard`.
+//! (`/proc/self/exe`). A task names its function by its [`Place`]: its
+//! address relative to an anchor function when it is in the anchor's image
+//! (warden's own: the executable, or the Rust `dylib` warden is linked into),
+//! which is the same in every process that runs this executable even with
+//! address-space randomisation (the whole image moves together); else
+//! relative to the load address of the shared object that holds it, named
+//! by a hash of its name as the dynamic loader gives it (a task function in
+//! a `dylib` crate the program links). With it travels a monomorphised
+//! *trampoline* that decodes the arguments, calls the function, and encodes
+//! the result, all with `postcard`.
 //!
 //! # Caveats
 //!
@@ -18,6 +22,10 @@
 //!   ([`identity`]) before any task is sent. A pool pointed at another program
 //!   with [`crate::Builder::command`] must not use these typed calls.
 //! * Everything before [`crate::init`] in `main` runs in workers too.
+//! * A function in a shared object the program loads at run time (`dlopen`,
+//!   a plugin) can be sent only to workers that have loaded the same object
+//!   by then, under the same name; elsewhere its task fails with a codec
+//!   error naming the object, instead of jumping to an address.
 
 use std::sync::Arc;
 
@@ -37,18 +45,158 @@ fn base() -> i64 {
     anchor as fn() -> u64 as usize as i64
 }
 
-pub(crate) fn offset_of(addr: usize) -> i64 {
+fn offset_of(addr: usize) -> i64 {
     (addr as i64).wrapping_sub(base())
 }
 
-fn address_of(offset: i64) -> usize {
-    base().wrapping_add(offset) as usize
+/// Where a function is, as every process running this executable reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Place {
+    /// 0: the anchor's image, and `offset` is from the anchor; else the
+    /// hash ([`images::name_hash`]) of the name of the shared object that
+    /// holds it, and `offset` is from that object's load address.
+    image: u64,
+    offset: i64,
+}
+
+impl Place {
+    pub(crate) fn of(addr: usize) -> Place {
+        match images::outside_the_anchors(addr) {
+            Some((image, bias)) => Place { image, offset: (addr as i64).wrapping_sub(bias as i64) },
+            None => Place { image: 0, offset: offset_of(addr) },
+        }
+    }
+
+    /// The address in this process, or an error naming the object that
+    /// this process has not loaded.
+    fn address(self) -> Result<usize, RemoteError> {
+        if self.image == 0 {
+            return Ok(base().wrapping_add(self.offset) as usize);
+        }
+        match images::load_address(self.image) {
+            Some(bias) => Ok((bias as i64).wrapping_add(self.offset) as usize),
+            None => Err(RemoteError::new(
+                RemoteErrorKind::Codec,
+                "DecodeError",
+                format!(
+                    "the task's function is in a shared object this worker has not loaded (its name hashes to \
+                     {:#x}): one the program loads at run time must be loaded in the worker too",
+                    self.image
+                ),
+            )),
+        }
+    }
+}
+
+/// The shared objects of this process, as the dynamic loader lists them
+/// (`dl_iterate_phdr`): which holds an address, and where one is loaded.
+mod images {
+    use std::ffi::CStr;
+    use std::sync::{Mutex, OnceLock};
+
+    use crate::panics::lock;
+
+    /// One loaded object: the hash of its name, its load address (bias),
+    /// and the address ranges of its loaded segments.
+    struct Image {
+        hash: u64,
+        bias: usize,
+        ranges: Vec<(usize, usize)>,
+    }
+
+    impl Image {
+        fn holds(&self, addr: usize) -> bool {
+            self.ranges.iter().any(|&(lo, hi)| (lo..hi).contains(&addr))
+        }
+    }
+
+    /// The objects seen so far; listed again when an address or a name is
+    /// not among them (an object loaded since).
+    static SEEN: Mutex<Vec<Image>> = Mutex::new(Vec::new());
+
+    /// The address ranges of the anchor's own image, found once.
+    static ANCHORS: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
+
+    /// FNV-1a of an object's name, never 0 (the anchor's image).
+    pub(super) fn name_hash(name: &[u8]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in name {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h.max(1)
+    }
+
+    fn list() -> Vec<Image> {
+        unsafe extern "C" fn each(
+            info: *mut libc::dl_phdr_info,
+            _size: libc::size_t,
+            out: *mut libc::c_void,
+        ) -> libc::c_int {
+            // SAFETY: the loader passes a valid entry for the duration of
+            // the call, and `out` is the `Vec` that `list` passed.
+            let (info, out) = unsafe { (&*info, &mut *out.cast::<Vec<Image>>()) };
+            let name = if info.dlpi_name.is_null() {
+                &[][..]
+            } else {
+                // SAFETY: a non-null name is a NUL-terminated string of the loader's.
+                unsafe { CStr::from_ptr(info.dlpi_name) }.to_bytes()
+            };
+            let bias = info.dlpi_addr as usize;
+            let headers: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
+                &[]
+            } else {
+                // SAFETY: `dlpi_phnum` program headers start at `dlpi_phdr`.
+                unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+            };
+            let ranges = headers
+                .iter()
+                .filter(|h| h.p_type == libc::PT_LOAD)
+                .map(|h| {
+                    let lo = bias.wrapping_add(h.p_vaddr as usize);
+                    (lo, lo.wrapping_add(h.p_memsz as usize))
+                })
+                .collect();
+            out.push(Image { hash: name_hash(name), bias, ranges });
+            0
+        }
+        let mut out: Vec<Image> = Vec::new();
+        // SAFETY: `each` only reads the entries it is given and pushes to `out`.
+        unsafe { libc::dl_iterate_phdr(Some(each), (&mut out as *mut Vec<Image>).cast()) };
+        out
+    }
+
+    /// `(name hash, load address)` of the object holding `addr`, if it is
+    /// not the anchor's image (and is a loaded object at all).
+    pub(super) fn outside_the_anchors(addr: usize) -> Option<(u64, usize)> {
+        let anchors = ANCHORS.get_or_init(|| {
+            let anchor = super::base() as usize;
+            list().into_iter().find(|i| i.holds(anchor)).map(|i| i.ranges).unwrap_or_default()
+        });
+        if anchors.is_empty() || anchors.iter().any(|&(lo, hi)| (lo..hi).contains(&addr)) {
+            return None;
+        }
+        let mut seen = lock(&SEEN);
+        if !seen.iter().any(|i| i.holds(addr)) {
+            *seen = list();
+        }
+        seen.iter().find(|i| i.holds(addr)).map(|i| (i.hash, i.bias))
+    }
+
+    /// The load address of the object whose name hashes to `hash`.
+    pub(super) fn load_address(hash: u64) -> Option<usize> {
+        let mut seen = lock(&SEEN);
+        if !seen.iter().any(|i| i.hash == hash) {
+            *seen = list();
+        }
+        seen.iter().find(|i| i.hash == hash).map(|i| i.bias)
+    }
 }
 
 type Trampoline = fn(usize, &[u8]) -> Result<Vec<u8>, RemoteError>;
 
 fn trampoline<A: DeserializeOwned, R: Serialize>(func: usize, args: &[u8]) -> Result<Vec<u8>, RemoteError> {
-    // SAFETY: `func` is the address of a `fn(A) -> R` in this executable image:
+    // SAFETY: `func` is the address of a `fn(A) -> R` in this program:
     // `Call::new::<A, R>` took it from such a pointer and paired it with this
     // very instantiation of the trampoline.
     let f = unsafe { std::mem::transmute::<usize, fn(A) -> R>(func) };
@@ -66,8 +214,8 @@ fn trampoline<A: DeserializeOwned, R: Serialize>(func: usize, args: &[u8]) -> Re
 /// decoded where they lie, the arguments are copied once less each way).
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Call {
-    trampoline: i64,
-    func: i64,
+    trampoline: Place,
+    func: Place,
 }
 
 impl Call {
@@ -77,7 +225,7 @@ impl Call {
         args: &A,
     ) -> Result<Vec<u8>, postcard::Error> {
         let call =
-            Call { trampoline: offset_of(trampoline::<A, R> as Trampoline as usize), func: offset_of(f as usize) };
+            Call { trampoline: Place::of(trampoline::<A, R> as Trampoline as usize), func: Place::of(f as usize) };
         postcard::to_extend(args, postcard::to_stdvec(&call)?)
     }
 }
@@ -85,13 +233,13 @@ impl Call {
 /// The hooks of a Rust pool, as sent in `Init`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(crate) struct RustInit {
-    pub on_start: Option<i64>,
-    pub on_exit: Option<i64>,
+    pub on_start: Option<Place>,
+    pub on_exit: Option<Place>,
 }
 
 impl RustInit {
     pub(crate) fn new(on_start: Option<fn()>, on_exit: Option<fn(ExitReason)>) -> Self {
-        RustInit { on_start: on_start.map(|f| offset_of(f as usize)), on_exit: on_exit.map(|f| offset_of(f as usize)) }
+        RustInit { on_start: on_start.map(|f| Place::of(f as usize)), on_exit: on_exit.map(|f| Place::of(f as usize)) }
     }
 }
 
@@ -127,15 +275,16 @@ impl Handler for RustHandler {
         let init: RustInit = postcard::from_bytes(payload).map_err(|e| {
             RemoteError::new(RemoteErrorKind::Codec, "DecodeError", format!("cannot decode the pool's hooks: {e}"))
         })?;
-        if let Some(offset) = init.on_start {
-            // SAFETY: the parent took this offset from a `fn()` in this image
+        let on_exit = init.on_exit.map(Place::address).transpose()?;
+        if let Some(place) = init.on_start {
+            // SAFETY: the parent took this place from a `fn()` of this program
             // (`RustInit::new`), and the handshake checked the image identity.
-            let f = unsafe { std::mem::transmute::<usize, fn()>(address_of(offset)) };
+            let f = unsafe { std::mem::transmute::<usize, fn()>(place.address()?) };
             f();
         }
-        Ok(init.on_exit.map(|offset| {
+        Ok(on_exit.map(|addr| {
             // SAFETY: as above, for a `fn(ExitReason)`.
-            let f = unsafe { std::mem::transmute::<usize, fn(ExitReason)>(address_of(offset)) };
+            let f = unsafe { std::mem::transmute::<usize, fn(ExitReason)>(addr) };
             Arc::new(move |reason: &ExitReason| {
                 f(*reason);
                 ExitHookOutcome::default()
@@ -147,10 +296,11 @@ impl Handler for RustHandler {
         let (call, args): (Call, &[u8]) = postcard::take_from_bytes(payload).map_err(|e| {
             RemoteError::new(RemoteErrorKind::Codec, "DecodeError", format!("cannot decode the task: {e}"))
         })?;
-        // SAFETY: the parent took this offset from a `Trampoline` in this image
-        // (`Call::encode`), and the handshake checked the image identity.
-        let t = unsafe { std::mem::transmute::<usize, Trampoline>(address_of(call.trampoline)) };
-        t(address_of(call.func), args)
+        let (trampoline, func) = (call.trampoline.address()?, call.func.address()?);
+        // SAFETY: the parent took this place from a `Trampoline` of this
+        // program (`Call::encode`), and the handshake checked the image identity.
+        let t = unsafe { std::mem::transmute::<usize, Trampoline>(trampoline) };
+        t(func, args)
     }
 }
 
@@ -172,8 +322,8 @@ mod tests {
     #[test]
     fn undecodable_arguments_are_a_codec_error() {
         let call = Call {
-            trampoline: offset_of(trampoline::<String, u32> as Trampoline as usize),
-            func: offset_of((|s: String| s.len() as u32) as fn(String) -> u32 as usize),
+            trampoline: Place::of(trampoline::<String, u32> as Trampoline as usize),
+            func: Place::of((|s: String| s.len() as u32) as fn(String) -> u32 as usize),
         };
         let mut payload = postcard::to_allocvec(&call).unwrap();
         payload.extend_from_slice(&[0xff, 0xff, 0xff]);
