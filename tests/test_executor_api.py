@@ -736,9 +736,10 @@ def test_schedule_stops_its_own_task_at_its_timeout_and_the_other_tasks_run_on(t
     # task's own, in a pool that has none.
     out = tmp_path / "fin"
     with warden.ProcessPoolExecutor(2, initializer=getpid, finalizer=record, finalargs=(out, "fin")) as ex:
-        pids = {ex.submit(getpid).result(), ex.submit(getpid).result()}
+        ex.submit(getpid).result()
+        pids = set(ex._processes)
         slow = ex.schedule(sleep_then, (30, "never"), timeout=0.5)
-        other = ex.schedule(add, [2], {"b": 3})
+        other = ex.schedule(function=add, args=[2], kwargs={"b": 3})  # pebble's keywords
         start = time.monotonic()
         with pytest.raises(warden.TaskTimeout) as info:
             slow.result(timeout=30)
@@ -1092,7 +1093,9 @@ def test_a_future_or_pool_result_passed_to_a_task_is_refused_naming_it_and_nothi
         with pytest.raises(TypeError, match="cannot pickle 'IMapIterator' object"):
             pool.apply(square, (pool.imap(square, [1]),))
         assert pending.get(60) == 9 and pool.apply(square, (4,)) == 16
-    assert copy.copy(done).result(60) == 4  # a copy in this process is fine, as the standard library's
+        # A copy in this process is fine, as the standard library's.
+        assert copy.copy(pending).get(60) == 9 and list(copy.copy(pool.imap(square, [2]))) == [4]
+    assert copy.copy(done).result(60) == 4
     assert ex.submit(square, 5).result(60) == 25
 
 

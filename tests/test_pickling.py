@@ -1130,6 +1130,37 @@ def test_globals_an_interactive_main_rebinds_reach_the_workers_that_had_the_old_
         ], run.stdout + run.stderr
 
 
+HELD_FOR_VERSIONS = """
+import gc, os, sys
+import warden
+
+class Resource:
+    def __del__(self):
+        os.write(1, b"the parent's resource finalized\\n")
+
+RESOURCES = [Resource()]  # a list: held strongly for its version, not weakly
+
+with warden.ProcessPoolExecutor(1) as ex:
+    for i in range(300):
+        ex.submit(lambda x: x + 1, i).result()  # no globals at all
+    print(ex.submit(lambda: len(RESOURCES)).result())
+    hooks = [c for c in gc.callbacks if getattr(c, "__module__", "") == "warden._pickle"]
+    print("gc hooks", len(hooks))
+"""
+
+
+def test_what_the_pickler_holds_for_versions_costs_one_gc_hook_and_is_finalized_at_exit():
+    # One gc callback however many functions go by value (one a send grew
+    # every collection's work); and the parent's own global, held to tell a
+    # rebinding, is still finalized at exit, as without warden.
+    for run in (run_source(HELD_FOR_VERSIONS), run_source("", "-c", HELD_FOR_VERSIONS)):
+        assert run.returncode == 0, run.stderr
+        lines = run.stdout.splitlines()
+        assert lines[:2] == ["1", "gc hooks 1"], run.stdout + run.stderr
+        # Once in the worker (its copy) and once in the parent, at exit.
+        assert lines[2:].count("the parent's resource finalized") == 2, run.stdout + run.stderr
+
+
 REBOUND_AFTER_SENT = """
 import warden
 

@@ -269,6 +269,18 @@ class _Sent:
 _sent: dict[str, _Sent] = {}
 _sent_lock = threading.Lock()
 _next_version = itertools.count(1)
+#: Whether :func:`_let_go_of_unused` is among ``gc.callbacks``.
+_gc_hooked = False
+#: Set by :func:`let_go_at_exit`: no values are held or versioned after it.
+_closed = False
+
+
+def _new_lock_after_fork() -> None:
+    global _sent_lock
+    _sent_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def _versions_of(values: dict[str, Any]) -> dict[str, tuple[int, bool]]:
@@ -280,12 +292,16 @@ def _versions_of(values: dict[str, Any]) -> dict[str, tuple[int, bool]]:
     parent's once the parent has rebound it (a notebook's cell run again),
     so that no worker keeps what the parent replaced. Only this process's
     binding counts: the worker's changes to what it was given are its own."""
-    out = {}
+    global _gc_hooked
+    out: dict[str, tuple[int, bool]] = {}
+    if _closed:
+        return out
     with _sent_lock:
-        if not _sent:
+        if not _gc_hooked:
             import gc
 
             gc.callbacks.append(_let_go_of_unused)
+            _gc_hooked = True
         for name, value in values.items():
             sent = _sent.get(name)
             if sent is None:
@@ -295,6 +311,23 @@ def _versions_of(values: dict[str, Any]) -> dict[str, tuple[int, bool]]:
             out[name] = (sent.version, sent.rebound)
     _let_go_of_unused("start", {})
     return out
+
+
+def let_go_at_exit() -> None:
+    """At interpreter exit, before modules are torn down: lets go of every
+    value :func:`_versions_of` holds and leaves ``gc.callbacks``, so that
+    the program's objects are finalized at exit as they would be without
+    warden (a callback would keep this module, and them, alive)."""
+    global _closed, _gc_hooked
+    with _sent_lock:
+        _closed = True
+        _sent.clear()
+        if _gc_hooked:
+            import gc
+
+            with contextlib.suppress(ValueError):
+                gc.callbacks.remove(_let_go_of_unused)
+            _gc_hooked = False
 
 
 def _let_go_of_unused(phase: str, _info: dict[str, int]) -> None:
@@ -740,6 +773,25 @@ if TYPE_CHECKING:
 _refs: dict[int, _Ref] = {}
 
 
+#: Set when the main thread has finished (threading's exit step, before
+#: non-daemon threads are joined and ``atexit`` handlers run): from then on
+#: CPython has removed main's ``__file__``, and a new worker cannot import main.
+_main_may_be_gone = False
+
+
+def _main_is_done() -> None:
+    global _main_may_be_gone
+    _main_may_be_gone = True
+
+
+try:
+    threading._register_atexit(_main_is_done)  # type: ignore[attr-defined]
+except RuntimeError:  # imported while the interpreter shuts down
+    _main_is_done()
+except AttributeError:  # no such hook in this Python: always check
+    _main_is_done()
+
+
 def _ref_of(fn: Any) -> bytes | None:
     """The payload's head for a call of ``fn`` by reference, or ``None`` if
     it cannot go so."""
@@ -751,7 +803,7 @@ def _ref_of(fn: Any) -> bytes | None:
     module = entry[1]()
     if module is None or vars(module).get(entry[2]) is not fn:
         return None
-    if entry[4] and not _main_is_importable():
+    if entry[4] and _main_may_be_gone and not _main_is_importable():
         return None  # a pool started at exit: its workers have no main to import
     return entry[3]
 

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from . import _finalize, _logging, _native, _oob, _warden
 from ._errors import ErrorData
-from ._pickle import dumps_for_spawn
+from ._pickle import dumps_for_spawn, let_go_at_exit
 from ._stderr import say, say_exception
 
 #: The worker program: this interpreter, with its flags, running warden._worker.
@@ -1312,12 +1312,16 @@ def at_interpreter_exit() -> None:
     ``warden`` registers when it is imported): first every pool and ``Process`` child still
     running is shut down, then this process's exit callbacks run
     (``warden.at_exit``, and ``warden.finalize`` callbacks of objects still
-    alive). So an exit callback can rely on every worker and child having
+    alive), then the pickler lets go of the globals it held for versions.
+    So an exit callback can rely on every worker and child having
     ended, and cannot use a pool."""
     try:
         _shut_down_at_exit()
     finally:
-        _finalize.run_exit_callbacks()
+        try:
+            _finalize.run_exit_callbacks()
+        finally:
+            let_go_at_exit()
 
 
 # Registered as concurrent.futures.process registers its own: refused once

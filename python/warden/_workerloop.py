@@ -1206,6 +1206,9 @@ def _set_parent(name: str, pid: int) -> None:
     )
 
 
+_os_setsid = os.setsid
+
+
 def _setsid() -> None:
     """``os.setsid()`` in a worker or ``Process`` child. warden makes each the
     leader of its own process group, and the kernel refuses ``setsid()`` to a
@@ -1215,6 +1218,12 @@ def _setsid() -> None:
     move where the parent's lies outside this PID namespace), then starts its
     own session, as that child would; its new group is still its own (its id
     is the process's), where warden finds what it leaves running."""
+    try:
+        _os_setsid()
+        return
+    except PermissionError:
+        if os.getpgrp() != os.getpid():
+            raise  # refused for another reason than leading a group
     _warden.setsid()
 
 

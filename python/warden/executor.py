@@ -267,8 +267,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
 
     def schedule(
         self,
-        fn: Callable[..., _T],
-        /,
+        function: Callable[..., _T],
         args: Iterable[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
         timeout: float | None = None,
@@ -280,7 +279,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         replaced. ``None``: the pool's ``task_timeout``, if any.
         """
         limit = _runner.task_timeout(timeout, "timeout")
-        return self._submit_payload(self._payload(fn, tuple(args), dict(kwargs or {})), limit)
+        return self._submit_payload(self._payload(function, tuple(args), dict(kwargs or {})), limit)
 
     def _payload(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -548,6 +548,12 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
             "that made the call; pass its get() to the task instead"
         )
 
+    def __copy__(self) -> ApplyResult[_T]:
+        # copy.copy() as the standard library's result allows it: the same state, shared.
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
     def __init__(
         self,
         pool: Pool,
@@ -846,6 +852,12 @@ class IMapIterator(_StdIMapIterator[_T]):
             f"cannot pickle {type(self).__name__!r} object: an imap's results come to the process "
             "that made the call; pass them, or a list of them, to the task instead"
         )
+
+    def __copy__(self) -> IMapIterator[_T]:
+        # copy.copy() as the standard library's iterator allows it: the same state, shared.
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
 
     def __init__(self, pool: Pool, chunked: bool = False) -> None:
         # multiprocessing.pool.IMapIterator.__init__ is not called.

@@ -82,11 +82,21 @@ pub fn send_record(py: Python<'_>, data: &[u8]) -> PyResult<()> {
 
 /// `os.setsid()` for a worker or `Process` child, which leads its own
 /// process group (see `warden::setsid`). Returns the new session's id;
-/// raises `OSError` (`PermissionError`) where the kernel refuses it.
+/// raises `OSError(errno, strerror)` (`PermissionError` for `EPERM`), as
+/// `os.setsid` does, where it fails.
 #[pyfunction]
 pub fn setsid() -> PyResult<i32> {
-    let session = warden::setsid()?;
-    Ok(session.as_raw_nonzero().get())
+    match warden::setsid() {
+        Ok(session) => Ok(session.as_raw_nonzero().get()),
+        Err(e) => Err(match e.raw_os_error() {
+            Some(code) => {
+                let text = std::io::Error::from_raw_os_error(code).to_string();
+                let strerror = text.split(" (os error").next().unwrap_or(&text).to_string();
+                pyo3::exceptions::PyOSError::new_err((code, strerror))
+            }
+            None => e.into(),
+        }),
+    }
 }
 
 /// Holds (`True`) or releases (`False`) the core's own exit after a stop

@@ -92,9 +92,7 @@ impl Place {
 /// (`dl_iterate_phdr`): which holds an address, and where one is loaded.
 mod images {
     use std::ffi::CStr;
-    use std::sync::{Mutex, OnceLock};
-
-    use crate::panics::lock;
+    use std::sync::OnceLock;
 
     /// One loaded object: the hash of its name, its load address (bias),
     /// and the address ranges of its loaded segments.
@@ -110,11 +108,9 @@ mod images {
         }
     }
 
-    /// The objects seen so far; listed again when an address or a name is
-    /// not among them (an object loaded since).
-    static SEEN: Mutex<Vec<Image>> = Mutex::new(Vec::new());
-
-    /// The address ranges of the anchor's own image, found once.
+    /// The address ranges of the anchor's own image, found once (it holds
+    /// warden: it is never unloaded). Other objects are listed anew for each
+    /// lookup, since one may be unloaded and another loaded in its place.
     static ANCHORS: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
 
     /// FNV-1a of an object's name, never 0 (the anchor's image).
@@ -176,20 +172,12 @@ mod images {
         if anchors.is_empty() || anchors.iter().any(|&(lo, hi)| (lo..hi).contains(&addr)) {
             return None;
         }
-        let mut seen = lock(&SEEN);
-        if !seen.iter().any(|i| i.holds(addr)) {
-            *seen = list();
-        }
-        seen.iter().find(|i| i.holds(addr)).map(|i| (i.hash, i.bias))
+        list().into_iter().find(|i| i.holds(addr)).map(|i| (i.hash, i.bias))
     }
 
     /// The load address of the object whose name hashes to `hash`.
     pub(super) fn load_address(hash: u64) -> Option<usize> {
-        let mut seen = lock(&SEEN);
-        if !seen.iter().any(|i| i.hash == hash) {
-            *seen = list();
-        }
-        seen.iter().find(|i| i.hash == hash).map(|i| i.bias)
+        list().into_iter().find(|i| i.hash == hash).map(|i| i.bias)
     }
 }
 

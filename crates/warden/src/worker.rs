@@ -362,8 +362,7 @@ pub fn setsid() -> io::Result<rustix::process::Pid> {
         return Err(refused.into());
     }
     let parents_group = getppid().and_then(process_group_of).filter(|&group| group != me);
-    let moved = parents_group.is_some_and(|group| setpgid(None, Some(group)).is_ok()) || join_a_group_made_for_it();
-    if !moved {
+    if !parents_group.is_some_and(|group| setpgid(None, Some(group)).is_ok()) && !join_a_group_made_for_it()? {
         return Err(refused.into());
     }
     rustix::process::setsid().map_err(|_| {
@@ -374,8 +373,8 @@ pub fn setsid() -> io::Result<rustix::process::Pid> {
 
 /// Moves this process into a new process group of its session, led by a
 /// child forked for it and gone by the time this returns. Returns whether
-/// it moved.
-fn join_a_group_made_for_it() -> bool {
+/// it moved; the error of a fork that failed.
+fn join_a_group_made_for_it() -> io::Result<bool> {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: plain system calls on local values; between fork and its
     // death the child calls only async-signal-safe functions (prctl,
@@ -397,17 +396,16 @@ fn join_a_group_made_for_it() -> bool {
                 libc::pause();
             }
         }
+        let forked = if child < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
         libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
-        if child < 0 {
-            return false;
-        }
+        forked?;
         let moved = libc::setpgid(child, child) == 0 && libc::setpgid(0, child) == 0;
         libc::kill(child, libc::SIGKILL);
         let mut status = 0;
         while libc::waitpid(child, &mut status, 0) < 0
             && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
         {}
-        moved
+        Ok(moved)
     }
 }
 

@@ -167,7 +167,8 @@ pub(super) fn dispose(host: Option<&Arc<dyn Host>>, callback: Callback) {
         Some(host) => catch_unwind(AssertUnwindSafe(|| host.discard(callback))),
         None => catch_unwind(AssertUnwindSafe(move || drop(callback))),
     };
-    if result.is_err() {
+    if let Err(p) = result {
+        crate::panics::drop_payload(p);
         tracing::error!("dropping a refused finalizer callback panicked");
     }
 }
@@ -186,7 +187,9 @@ pub(super) fn install_atexit() {
 }
 
 extern "C" fn at_exit_hook() {
-    let _ = catch_unwind(|| run_exit_finalizers(exit_timeout()));
+    if let Err(p) = catch_unwind(|| run_exit_finalizers(exit_timeout())) {
+        crate::panics::drop_payload(p);
+    }
 }
 
 /// Runs this process's remaining exit finalizers: higher priority first, last

@@ -87,7 +87,10 @@ impl Entry {
         let Some(callback) = self.claim() else { return Outcome::NotPending };
         let admitted = match &self.host {
             None => true,
-            Some(host) => catch_unwind(AssertUnwindSafe(|| host.admit())).unwrap_or(false),
+            Some(host) => catch_unwind(AssertUnwindSafe(|| host.admit())).unwrap_or_else(|p| {
+                crate::panics::drop_payload(p);
+                false
+            }),
         };
         let (label, priority) = (|| self.label.clone(), self.priority());
         let (outcome, incident) = if admitted {
@@ -118,7 +121,8 @@ impl Entry {
             Some(host) => catch_unwind(AssertUnwindSafe(|| host.discard(callback))),
             None => catch_unwind(AssertUnwindSafe(move || drop(callback))),
         };
-        if result.is_err() {
+        if let Err(p) = result {
+            crate::panics::drop_payload(p);
             tracing::error!(label = %self.label, "dropping a finalizer callback panicked");
         }
     }
