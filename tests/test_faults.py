@@ -847,6 +847,36 @@ def test_max_memory_per_child_retires_the_worker_after_its_task_and_keeps_the_re
         assert ex.submit(getpid).result(timeout=60) != big
 
 
+def total_of(array):
+    return float(array.sum())
+
+
+def use_for_a_while(mib):
+    """Touches ``mib`` MiB for a moment, lets it go, returns the pid."""
+    block = bytearray(b"x" * (mib * MiB))
+    time.sleep(0.3)  # long enough for the memory watch to see it
+    del block
+    return os.getpid()
+
+
+@pytest.mark.parametrize(
+    "cap, argument, later", [("max_memory_per_child", 250, 0), ("memory_limit", 100, 80)]
+)
+def test_a_large_argument_a_task_has_let_go_of_does_not_count_against_a_memory_cap(cap, argument, later):
+    # A worker keeps the memory it read a large array into, for the next one
+    # (a spare): resident until the kernel needs it, it counted against the
+    # cap as if the finished task still held it. The worker was retired after
+    # every such task, or a later task was stopped for memory it never used.
+    np = pytest.importorskip("numpy", reason="numpy is optional (`make test` installs it)")
+    array = np.ones((argument * MiB) // 8)
+    # A worker here holds about 45 MiB before the argument (numpy imported).
+    with warden.ProcessPoolExecutor(1, **{cap: "200MiB"}) as ex:
+        worker = ex.submit(getpid).result(timeout=60)
+        for _ in range(3):
+            assert ex.submit(total_of, array).result(timeout=60) == array.size
+            assert ex.submit(use_for_a_while, later).result(timeout=60) == worker  # the same worker, still
+
+
 def test_memory_limit_stops_a_worker_mid_task_with_worker_memory_exceeded(tmp_path):
     log = tmp_path / "log"
     with warden.ProcessPoolExecutor(1, memory_limit="150MiB", finalizer=record, finalargs=(log, "fin")) as ex:

@@ -630,6 +630,8 @@ class Runner:
                 "hooks": hook_bytes,
                 "logging": log_to,
                 "resource_tracker": tracker,
+                # Spare buffers' pages would count against a cap as the task's.
+                "memory_capped": max_memory_per_child is not None or memory_limit is not None,
             }
             payload = _dumps(init, protocol=5)
             # What the zygote loads before it forks: this process's sys.path

@@ -34,6 +34,7 @@ __all__ = [
     "hold_stops",
     "interrupts_forwarded",
     "is_dumpable",
+    "keep_no_spares",
     "last_interrupt_forwarded",
     "map_segment",
     "own_thread_ids",
@@ -337,6 +338,10 @@ def send_record(data: bytes) -> None:
 
 def stop_thread_again(tid: int) -> None:
     """Sends SIGTERM again to this process's thread ``tid`` (a kernel id)."""
+
+def keep_no_spares() -> None:
+    """Keeps no spare destinations of large reads in this process from now
+    on (a worker of a pool with a memory cap), and unmaps those kept."""
 
 def setsid() -> int:
     """``os.setsid()`` for a worker or ``Process`` child, which leads its own

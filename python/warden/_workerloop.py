@@ -643,6 +643,8 @@ class Handler:
                 raise TaskInterrupted("stopped while starting")
             init = _loads(payload)
             self.mode = init["mode"]
+            if init.get("memory_capped"):
+                _warden.keep_no_spares()
             if init.get("resource_tracker") is not None:
                 # Before anything of the program's runs (main, as imported
                 # by prepare(), may already create shared memory).

@@ -65,6 +65,7 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<segment::SegmentBuffer>()?;
     m.add_function(wrap_pyfunction!(segment::map_segment, m)?)?;
     m.add_function(wrap_pyfunction!(segment::copy_to_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(segment::keep_no_spares, m)?)?;
     m.add_function(wrap_pyfunction!(segment::copy_to_bytearray, m)?)?;
     m.add_function(wrap_pyfunction!(remote::buffer_address, m)?)?;
     m.add_function(wrap_pyfunction!(remote::read_remote, m)?)?;

@@ -75,17 +75,37 @@ impl Drop for Segment {
 /// zeroed), and until then they cost nothing to reuse. At most
 /// `WARDEN_SPARE_BYTES` bytes (default 256 MiB, 0 keeps none) are kept per
 /// process; a spare is only used for a read between half its size and its
-/// size.
+/// size. A worker of a pool with a memory cap keeps none ([`keep_no_spares`]):
+/// until the kernel takes them back, a spare's pages are resident, and would
+/// count against the cap as if the task that read them still held them.
 mod spares {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Mutex, OnceLock};
 
     static SPARES: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+    static NONE: AtomicBool = AtomicBool::new(false);
 
     fn limit() -> usize {
         static LIMIT: OnceLock<usize> = OnceLock::new();
+        if NONE.load(Ordering::Relaxed) {
+            return 0;
+        }
         *LIMIT.get_or_init(|| {
             std::env::var("WARDEN_SPARE_BYTES").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(256 << 20)
         })
+    }
+
+    /// Keeps no spares from now on, and unmaps those kept.
+    pub fn keep_none() {
+        NONE.store(true, Ordering::Relaxed);
+        let held = match SPARES.lock() {
+            Ok(mut spares) => std::mem::take(&mut *spares),
+            Err(_) => return,
+        };
+        for (addr, len) in held {
+            // SAFETY: a spare is a mapping of ours that nothing refers to.
+            let _ = unsafe { rustix::mm::munmap(addr as *mut _, len) };
+        }
     }
 
     /// Keeps the mapping `[addr, addr + len)` as a spare, if there is room.
@@ -113,6 +133,13 @@ mod spares {
             .map(|(i, _)| i)?;
         Some(spares.swap_remove(best))
     }
+}
+
+/// Keeps no spare destinations in this process from now on (a worker of a
+/// pool with `memory_limit` or `max_memory_per_child`), and unmaps those kept.
+#[pyfunction]
+pub fn keep_no_spares() {
+    spares::keep_none();
 }
 
 #[pymethods]
