@@ -775,18 +775,19 @@ _refs: dict[int, _Ref] = {}
 
 #: Set when the main thread has finished (threading's exit step, before
 #: non-daemon threads are joined and ``atexit`` handlers run): from then on
-#: CPython has removed main's ``__file__``, and a new worker cannot import main.
-_main_may_be_gone = False
+#: CPython has removed main's ``__file__``, so a new worker cannot import
+#: main, and the executors made before take no new work (``executor``).
+main_thread_done = False
 
 
 def _main_is_done() -> None:
-    global _main_may_be_gone
-    _main_may_be_gone = True
+    global main_thread_done
+    main_thread_done = True
 
 
 try:
     threading._register_atexit(_main_is_done)  # type: ignore[attr-defined]
-except RuntimeError:  # imported while the interpreter shuts down
+except RuntimeError:  # imported while the interpreter shuts down: main is done already
     _main_is_done()
 except AttributeError:  # no such hook in this Python: always check
     _main_is_done()
@@ -803,7 +804,7 @@ def _ref_of(fn: Any) -> bytes | None:
     module = entry[1]()
     if module is None or vars(module).get(entry[2]) is not fn:
         return None
-    if entry[4] and _main_may_be_gone and not _main_is_importable():
+    if entry[4] and main_thread_done and not _main_is_importable():
         return None  # a pool started at exit: its workers have no main to import
     return entry[3]
 

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import _progress, _runner, _warden
+from . import _pickle, _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import core_error
 from ._futures import Future
@@ -38,25 +38,12 @@ if TYPE_CHECKING:
 
 _counter = itertools.count(1)
 
-#: Set when the main thread has finished (before non-daemon threads are
-#: joined and atexit handlers run): from then on the executors made before
-#: take no new work, as the standard library's refuse it; what was submitted
-#: to them still runs to its end. An executor made after it (in an ``atexit``
-#: handler, or a thread still running) works, as a ``Pool`` made then does.
-_interpreter_shutting_down = False
-
-
-def _refuse_new_work() -> None:
-    global _interpreter_shutting_down
-    _interpreter_shutting_down = True
-
-
-try:
-    threading._register_atexit(_refuse_new_work)  # type: ignore[attr-defined]
-except RuntimeError:
-    # Imported while the interpreter shuts down (first used in an atexit
-    # handler): its main thread is done, so it refuses new work already.
-    _refuse_new_work()
+# Once the main thread has finished (``_pickle.main_thread_done``: before
+# non-daemon threads are joined and atexit handlers run), the executors made
+# before take no new work, as the standard library's refuse it; what was
+# submitted to them still runs to its end. An executor made after it (in an
+# ``atexit`` handler, or a thread still running) works, as a ``Pool`` made
+# then does.
 
 
 _own_api_only = own_api_only("concurrent.futures.process")
@@ -182,7 +169,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         self._name = f"ProcessPoolExecutor-{next(_counter)}"
         self._lock = threading.Lock()
         self._shutdown_called = False
-        self._made_after_main = _interpreter_shutting_down
+        self._made_after_main = _pickle.main_thread_done
         self._runner: _runner.Runner | None = None
         self._first_workers_seen = False
 
@@ -288,7 +275,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         if self._runner is not None and self._runner.interrupted:
             raise RuntimeError(_runner.INTERRUPTED_EXECUTOR)
-        if _interpreter_shutting_down and not self._made_after_main:
+        if _pickle.main_thread_done and not self._made_after_main:
             if self._runner is not None:
                 # The standard library's words: its running executors were shut down then.
                 raise RuntimeError("cannot schedule new futures after shutdown")
