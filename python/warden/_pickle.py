@@ -780,17 +780,20 @@ _refs: dict[int, _Ref] = {}
 main_thread_done = False
 
 
-def _main_is_done() -> None:
+def note_main_thread_done() -> None:
+    """Sets :data:`main_thread_done`: from threading's exit hooks, first
+    thing (also from the executors' drain, which must refuse new work
+    before it waits, as the standard library's exit step does)."""
     global main_thread_done
     main_thread_done = True
 
 
 try:
-    threading._register_atexit(_main_is_done)  # type: ignore[attr-defined]
+    threading._register_atexit(note_main_thread_done)  # type: ignore[attr-defined]
 except RuntimeError:  # imported while the interpreter shuts down: main is done already
-    _main_is_done()
+    note_main_thread_done()
 except AttributeError:  # no such hook in this Python: always check
-    _main_is_done()
+    note_main_thread_done()
 
 
 def _ref_of(fn: Any) -> bytes | None:

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from . import _finalize, _logging, _native, _oob, _warden
 from ._errors import ErrorData
-from ._pickle import dumps_for_spawn, let_go_at_exit
+from ._pickle import dumps_for_spawn, let_go_at_exit, note_main_thread_done
 from ._stderr import say, say_exception
 
 #: The worker program: this interpreter, with its flags, running warden._worker.
@@ -1216,7 +1216,10 @@ def _drain_executors_at_exit() -> None:
     while what they use is still there (a ``TemporaryDirectory``, state an
     ``atexit`` handler reports), as under the standard library. Pools and
     ``Process`` children are left to :func:`_shut_down_at_exit`, as
-    ``multiprocessing`` leaves them to its ``atexit`` handler."""
+    ``multiprocessing`` leaves them to its ``atexit`` handler. The executors
+    made before refuse new work from here on (threading runs its exit hooks
+    last registered first, and this one is registered after that flag's)."""
+    note_main_thread_done()
     _shut_down_at_exit(policies=("drain",))
 
 
