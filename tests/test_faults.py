@@ -853,7 +853,7 @@ def total_of(array):
 
 def use_for_a_while(mib):
     """Touches ``mib`` MiB for a moment, lets it go, returns the pid."""
-    block = bytearray(b"x" * (mib * MiB))
+    block = bytearray(b"x") * (mib * MiB)  # one allocation: no bytes copied into it
     time.sleep(0.3)  # long enough for the memory watch to see it
     del block
     return os.getpid()

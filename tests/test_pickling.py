@@ -1161,6 +1161,36 @@ def test_what_the_pickler_holds_for_versions_costs_one_gc_hook_and_is_finalized_
         assert lines[2:].count("the parent's resource finalized") == 2, run.stdout + run.stderr
 
 
+def test_a_function_of_the_script_runs_again_at_the_prompt_of_python_dash_i(tmp_path):
+    # Once the script has run, CPython removes main's __file__: a new pool's
+    # workers cannot import main, so a function the script had sent by
+    # reference must now go by value (it failed with "Can't get attribute").
+    script = tmp_path / "interactive.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import warden
+
+            def square(x):
+                return x * x
+
+            if __name__ == "__main__":
+                with warden.ProcessPoolExecutor(1) as ex:
+                    print("in the script", ex.submit(square, 3).result(30), flush=True)
+            """
+        )
+    )
+    prompt = (
+        "with warden.ProcessPoolExecutor(1) as ex:\n"
+        "    print('at the prompt', ex.submit(square, 4).result(30))\n\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-i", str(script)], input=prompt, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["in the script 9", "at the prompt 16"], run.stdout + run.stderr
+
+
 REBOUND_AFTER_SENT = """
 import warden
 

@@ -294,9 +294,9 @@ def _versions_of(values: dict[str, Any]) -> dict[str, tuple[int, bool]]:
     binding counts: the worker's changes to what it was given are its own."""
     global _gc_hooked
     out: dict[str, tuple[int, bool]] = {}
-    if _closed:
-        return out
     with _sent_lock:
+        if _closed:  # under the lock: not after let_go_at_exit has begun
+            return out
         if not _gc_hooked:
             import gc
 
@@ -763,7 +763,7 @@ _MAX_REFS = 4096
 #: weakly, the head ``None`` for one whose pickle cannot go (it names a
 #: ``__main__`` the child cannot import). A function goes by reference while
 #: its module still names it, and one of main while a child can still import
-#: main (not at interpreter exit, once main's ``__file__`` is gone). Nothing here
+#: main (not once main's script has run and its ``__file__`` is gone). Nothing here
 #: keeps a function or a module alive: a strong reference to a function of
 #: ``__main__`` would keep main's globals past the interpreter's clearing of
 #: its modules, and the objects there would be finalized late, with the
@@ -775,8 +775,7 @@ _refs: dict[int, _Ref] = {}
 
 #: Set when the main thread has finished (threading's exit step, before
 #: non-daemon threads are joined and ``atexit`` handlers run): from then on
-#: CPython has removed main's ``__file__``, so a new worker cannot import
-#: main, and the executors made before take no new work (``executor``).
+#: the executors made before take no new work (``executor``).
 main_thread_done = False
 
 
@@ -807,8 +806,10 @@ def _ref_of(fn: Any) -> bytes | None:
     module = entry[1]()
     if module is None or vars(module).get(entry[2]) is not fn:
         return None
-    if entry[4] and main_thread_done and not _main_is_importable():
-        return None  # a pool started at exit: its workers have no main to import
+    if entry[4] and not _main_is_importable():
+        # Main's script has run (CPython removes its __file__ then: at exit,
+        # or at the prompt of `python -i`): a new worker has no main to import.
+        return None
     return entry[3]
 
 
