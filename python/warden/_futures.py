@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from typing import TypeVar
 
     _T = TypeVar("_T")
+    _C = TypeVar("_C")
 
 _CANCELLED = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
 
@@ -54,6 +55,15 @@ def reset_after_fork() -> None:
 
 # Generic for type checkers, as concurrent.futures.Future is in typeshed: a
 # string subscript makes no TypeVar at run time (it only names one for them).
+def shared_copy(obj: _C) -> _C:
+    """``copy.copy()`` of a future or a pool's result, as the standard
+    library's allow it (its pickling refused): a new object sharing the
+    state of ``obj``."""
+    new = type(obj).__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    return new
+
+
 class Future(_base.Future["_T"]):
     """A ``concurrent.futures.Future`` whose failure is stored as data.
 
@@ -80,10 +90,7 @@ class Future(_base.Future["_T"]):
         )
 
     def __copy__(self) -> Future[_T]:
-        # copy.copy() as the standard library's future allows it: the same state, shared.
-        new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        return new
+        return shared_copy(self)
 
     def __init__(self) -> None:
         # _base.Future.__init__, but for the condition and its two lists.

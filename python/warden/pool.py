@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
 from . import _native, _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
+from ._futures import shared_copy
 from ._handles import PoolHandle
 from ._inherit import own_api_only
 from ._pickle import dumps_call, dumps_oob, loads
@@ -549,10 +550,7 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
         )
 
     def __copy__(self) -> ApplyResult[_T]:
-        # copy.copy() as the standard library's result allows it: the same state, shared.
-        new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        return new
+        return shared_copy(self)
 
     def __init__(
         self,
@@ -854,10 +852,7 @@ class IMapIterator(_StdIMapIterator[_T]):
         )
 
     def __copy__(self) -> IMapIterator[_T]:
-        # copy.copy() as the standard library's iterator allows it: the same state, shared.
-        new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        return new
+        return shared_copy(self)
 
     def __init__(self, pool: Pool, chunked: bool = False) -> None:
         # multiprocessing.pool.IMapIterator.__init__ is not called.
