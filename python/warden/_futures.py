@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, _base
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import _runner
 from ._errors import ErrorData
@@ -55,6 +55,16 @@ def reset_after_fork() -> None:
 
 # Generic for type checkers, as concurrent.futures.Future is in typeshed: a
 # string subscript makes no TypeVar at run time (it only names one for them).
+def refuse_pickling(obj: object, instead: str) -> NoReturn:
+    """Refuses to pickle a future or a pool's result, which belongs to the
+    process that made the call: a ``TypeError`` naming it and saying what
+    to pass ``instead``."""
+    raise TypeError(
+        f"cannot pickle {type(obj).__name__!r} object: it belongs to the process that made the call; "
+        f"pass {instead} to the task instead"
+    )
+
+
 def shared_copy(obj: _C) -> _C:
     """``copy.copy()`` of a future or a pool's result, as the standard
     library's allow it (its pickling refused): a new object sharing the
@@ -84,10 +94,7 @@ class Future(_base.Future["_T"]):
     _cancel_came = False
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError(
-            f"cannot pickle {type(self).__name__!r} object: a future belongs to the process that "
-            "submitted its call; pass its result() to the task instead"
-        )
+        refuse_pickling(self, "its result()")
 
     def __copy__(self) -> Future[_T]:
         return shared_copy(self)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
 from . import _native, _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
-from ._futures import shared_copy
+from ._futures import refuse_pickling, shared_copy
 from ._handles import PoolHandle
 from ._inherit import own_api_only
 from ._pickle import dumps_call, dumps_oob, loads
@@ -544,10 +544,7 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
     that type take it."""
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError(
-            f"cannot pickle {type(self).__name__!r} object: a pool's result belongs to the process "
-            "that made the call; pass its get() to the task instead"
-        )
+        refuse_pickling(self, "its get()")
 
     def __copy__(self) -> ApplyResult[_T]:
         return shared_copy(self)
@@ -846,10 +843,7 @@ class IMapIterator(_StdIMapIterator[_T]):
     __class_getitem__ = classmethod(types.GenericAlias)  # IMapIterator[int], as ApplyResult[int]
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError(
-            f"cannot pickle {type(self).__name__!r} object: an imap's results come to the process "
-            "that made the call; pass them, or a list of them, to the task instead"
-        )
+        refuse_pickling(self, "its results (a list of them)")
 
     def __copy__(self) -> IMapIterator[_T]:
         return shared_copy(self)
