@@ -1116,3 +1116,91 @@ def test_an_object_in_mains_globals_is_finalized_at_exit_with_mains_globals_stil
     assert run.returncode == 0, run.stderr
     assert run.lines == ["end of main"]
     assert 'del {"ok": true}' in run.stderr.splitlines(), run.stderr
+
+
+GOODBYE_HELPER = """
+import os, sys
+
+class Goodbye:
+    def __init__(self, name):
+        self.name = name
+
+    def __del__(self):
+        sys.stderr.write(f"del {self.name} {os.getpid()}\\n")
+
+KEPT = Goodbye("helper")
+"""
+
+LAZY_HELPER = """
+from helper import Goodbye
+
+KEPT = Goodbye("lazyhelper")
+"""
+
+PROGRAM_MODULES = """
+import concurrent.futures, multiprocessing, os, sys
+import helper  # imported with main: a zygote has it before it forks
+import warden
+
+def task(_):
+    import lazyhelper  # imported by the worker itself
+    return os.getpid()
+
+if __name__ == "__main__":
+    if sys.argv[1] == "std":
+        ctx = multiprocessing.get_context("spawn")
+        ex = concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx, max_tasks_per_child=1)
+    else:
+        ex = warden.ProcessPoolExecutor(2, max_tasks_per_child=1)
+    with ex:
+        pids = sorted(set(ex.map(task, range(4))))
+    print(" ".join(map(str, pids)))
+"""
+
+
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_globals_of_program_modules_imported_before_and_after_the_fork_are_finalized_in_each_worker(
+    program, impl
+):
+    """A module of the program that main imports (which a zygote imported
+    before it forked the worker) and one a task imports: each worker that ran
+    a task finalizes the globals of both at its exit, as a spawned child's
+    interpreter does."""
+    program(GOODBYE_HELPER, name="helper.py")
+    program(LAZY_HELPER, name="lazyhelper.py")
+    run = program(PROGRAM_MODULES).run(args=(impl,))
+    assert run.returncode == 0, run.stderr
+    pids = run.lines[0].split()
+    assert len(pids) >= 1
+    said = set(run.stderr.splitlines())
+    for pid in pids:
+        assert f"del helper {pid}" in said, run.stderr
+        assert f"del lazyhelper {pid}" in said, run.stderr
+
+
+def test_a_forked_workers_exit_path_reads_only_the_modules_imported_since_unless_one_was_removed():
+    """What a forked worker's exit path reads of ``sys.modules``: the entries
+    added since its zygote noted them, in import order; every entry, once
+    one the zygote had is gone (the rest can no longer be told apart)."""
+    import sys
+    import types
+
+    from warden import _workerloop
+
+    known = _workerloop._ModulesAtFork()
+    added = [types.ModuleType(f"warden_test_added_{i}") for i in range(2)]
+    try:
+        for module in added:
+            sys.modules[module.__name__] = module
+        since = _workerloop._imported_since(known)
+        assert since == [(m.__name__, m) for m in added]
+        removed = sys.modules.pop(known.last)
+        try:
+            assert _workerloop._imported_since(known) is None
+            sys.modules[known.last] = removed  # back, but now the newest
+            assert _workerloop._imported_since(known) is None
+        finally:
+            sys.modules[known.last] = removed
+    finally:
+        for module in added:
+            sys.modules.pop(module.__name__, None)

@@ -1005,23 +1005,109 @@ def _program_namespaces() -> list[dict[str, Any]]:
     from ._pickle import main_namespace
 
     namespaces = [main_namespace()]
+    known = _modules_at_fork
+    modules = None if known is None else _imported_since(known)
+    if modules is None:  # not forked, or sys.modules lost an entry since
+        installed = _installed_prefixes()
+        modules = list(sys.modules.items())
+    else:
+        installed = known.installed
+        namespaces += known.namespaces
+        # Entries the zygote had, given another module since: main's, which
+        # a worker that imports main itself replaces (as spawn does).
+        modules += [(name, sys.modules.get(name)) for name in _MAIN_NAMES]
+    for name, module in modules:
+        namespace = _program_namespace(name, module, installed)
+        if namespace is not None and not any(namespace is seen for seen in namespaces):
+            namespaces.append(namespace)
+    return namespaces
+
+
+def _installed_prefixes() -> tuple[str, ...]:
+    """The directories of the interpreter and the environment: modules loaded
+    from under them are not the program's."""
     # Module paths as imported (no realpath per module: at every worker's
     # exit, that would be thousands of system calls), prefixes both ways.
     roots = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
     user_site = getattr(sys.modules.get("site"), "USER_SITE", None)
     if user_site:
         roots.append(user_site)
-    installed = tuple({os.path.join(p, "") for root in roots for p in (root, os.path.realpath(root))})
-    for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if name == "warden" or name.startswith("warden.") or not isinstance(path, str):
-            continue
-        if path.startswith(installed):
-            continue
-        namespace = vars(module)
-        if not any(namespace is seen for seen in namespaces):
-            namespaces.append(namespace)
-    return namespaces
+    return tuple({os.path.join(p, "") for root in roots for p in (root, os.path.realpath(root))})
+
+
+def _program_namespace(name: str, module: Any, installed: tuple[str, ...]) -> dict[str, Any] | None:
+    """The namespace of ``module`` if it is one of the program's own."""
+    path = getattr(module, "__file__", None)
+    if name == "warden" or name.startswith("warden.") or not isinstance(path, str):
+        return None
+    if path.startswith(installed):
+        return None
+    return vars(module)
+
+
+class _ModulesAtFork:
+    """What a zygote knew of its modules when it forked (see
+    :func:`note_modules_before_fork`)."""
+
+    __slots__ = ("count", "installed", "last", "namespaces")
+
+    def __init__(self) -> None:
+        self.count = len(sys.modules)
+        self.last = next(reversed(sys.modules), None)
+        self.installed = _installed_prefixes()
+        self.namespaces: list[dict[str, Any]] = []
+        for name, module in list(sys.modules.items()):
+            namespace = _program_namespace(name, module, self.installed)
+            if namespace is not None:
+                self.namespaces.append(namespace)
+
+
+#: The entries of ``sys.modules`` a worker that imports the parent's main
+#: module sets to it.
+_MAIN_NAMES = ("__mp_main__", "__main__")
+
+#: Set in a zygote before it forks, inherited by its workers.
+_modules_at_fork: _ModulesAtFork | None = None
+
+
+def note_modules_before_fork() -> None:
+    """In a zygote, before it forks: notes which of its modules are the
+    program's, and where ``sys.modules`` ends. A forked worker's exit path
+    then looks only at the modules imported since (:func:`_imported_since`)
+    and at main's entries, instead of at every module: reading each one
+    would write its reference count, and so copy, in every worker, the
+    memory page it shares with the zygote. Made again only if the zygote's
+    modules changed. (An entry the zygote had that a task points at another
+    module, other than main's, is not looked at.)"""
+    global _modules_at_fork
+    known = _modules_at_fork
+    last = next(reversed(sys.modules), None)
+    if known is None or known.count != len(sys.modules) or known.last is not last:
+        _modules_at_fork = _ModulesAtFork()
+
+
+def _imported_since(known: _ModulesAtFork) -> list[tuple[str, Any]] | None:
+    """The entries of ``sys.modules`` added since the zygote forked this
+    worker, newest first; ``None`` if they cannot be told from the rest
+    without reading every entry (an entry the zygote had was removed or
+    replaced since)."""
+    added: list[tuple[str, Any]] = []
+    try:
+        # Newest first, back to the zygote's last entry: every entry before
+        # it is the zygote's, and all of them are still there if it sits at
+        # the position it had.
+        for name in reversed(sys.modules):
+            if name is known.last:
+                break
+            added.append((name, sys.modules.get(name)))
+        else:
+            return None
+    except RuntimeError:  # changed while read (a thread importing)
+        return None
+    if len(sys.modules) - len(added) != known.count:
+        return None
+    added.reverse()  # in the order imported, as sys.modules lists them
+    return added
 
 
 def _settle_files(namespaces: list[dict[str, Any]], close: bool) -> None:

@@ -234,7 +234,10 @@ def _before_fork() -> None:
     instead of sitting in a buffer every worker copies and writes again at
     its exit (a line main prints at import, with stdout to a file or a pipe,
     came out once per worker and once more at the zygote's end); and the
-    zygote's objects are frozen (``gc.freeze()``)."""
+    zygote's objects are frozen (``gc.freeze()``); and which of its modules
+    are the program's is noted, for the workers' exit paths
+    (:func:`_workerloop.note_modules_before_fork`)."""
+    _workerloop.note_modules_before_fork()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # closed, or a pipe whose reader is gone
             if stream is not None:
