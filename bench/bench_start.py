@@ -3,7 +3,8 @@
 1. **respawn**: ``max_tasks_per_child=1``, N no-op tasks, so every task gets a
    new worker: warden (zygote, and exec), ``concurrent.futures``'
    ``ProcessPoolExecutor(max_tasks_per_child=1)`` (spawn) and
-   ``multiprocessing.Pool(maxtasksperchild=1)`` under fork. Tasks per second;
+   ``multiprocessing.Pool(maxtasksperchild=1)`` under fork. Tasks per second,
+   and the CPU time and page faults per task of the workers reaped meanwhile;
    beside them, the ceiling: processes per second that only fork, exit and
    are reaped, two at a time.
 2. **replacement latency**: one worker, ``max_tasks_per_child=1``, one task at
@@ -42,9 +43,14 @@ WORKERS = 2
 
 
 def respawn_rate(make, n):
-    """Tasks per second through a pool whose every worker runs one task."""
+    """Tasks per second through a pool whose every worker runs one task; and,
+    per task, the CPU time (ms) and the page faults of the processes reaped
+    meanwhile (the workers that ended; not a zygote or a fork server)."""
+    import resource
+
     with make() as pool:
         submit = pool.submit if hasattr(pool, "submit") else None
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         if submit is not None:
             for f in [submit(abs, -i) for i in range(n)]:
@@ -52,7 +58,10 @@ def respawn_rate(make, n):
         else:
             for r in [pool.apply_async(abs, (-i,)) for i in range(n)]:
                 r.get()
-        return n / (time.perf_counter() - start)
+        rate = n / (time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / n * 1e3
+    return rate, cpu, (after.ru_minflt - before.ru_minflt) / n
 
 
 def fork_ceiling(n):
@@ -234,11 +243,14 @@ def main():
         ),
         "multiprocessing.Pool (fork)": respawn_rate(lambda: fork.Pool(WORKERS, maxtasksperchild=1), n_fast),
     }
-    rates["bare fork + _exit + wait (ceiling)"] = fork_ceiling(n_fast)
-    z = rates["warden (zygote)"]
-    print(f"{'respawn, max_tasks_per_child=1':34} {'tasks/s':>10} {'zygote is':>10}")
-    for name, rate in rates.items():
-        print(f"{name:34} {rate:10.1f} {z / rate:9.2f}x")
+    rates["bare fork + _exit + wait (ceiling)"] = (fork_ceiling(n_fast), None, None)
+    z = rates["warden (zygote)"][0]
+    head = f"{'respawn, max_tasks_per_child=1':34} {'tasks/s':>10} {'zygote is':>10}"
+    print(f"{head} {'CPU ms':>7} {'faults':>7}")
+    for name, (rate, cpu, faults) in rates.items():
+        used = "" if cpu is None else f" {cpu:7.2f} {faults:7.0f}"
+        print(f"{name:34} {rate:10.1f} {z / rate:9.2f}x{used}")
+    print("(CPU ms, faults: per task, of the workers that ended during the run)")
 
     n_lat = 200 // scale
     print(f"\n{'one worker, max_tasks_per_child=1':34} {'median ms':>10}   (N={n_lat})")
