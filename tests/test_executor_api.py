@@ -838,6 +838,47 @@ def test_an_exception_whose_pickle_makes_keyboard_interrupt_or_system_exit_stops
             assert ex.submit(square, 3).result(timeout=60) == 9
 
 
+class RebuiltAsANumber(Exception):
+    def __reduce__(self):
+        return (int, ("5",))
+
+
+def raise_rebuilt_as_a_number():
+    raise RebuiltAsANumber("odd")
+
+
+class NotesThatRaise(Exception):
+    @property
+    def __notes__(self):
+        raise RuntimeError("reading the notes failed")
+
+
+def raise_with_notes_that_raise():
+    raise NotesThatRaise("the original message")
+
+
+def test_an_exception_whose_pickle_makes_no_exception_is_a_remote_error_naming_the_tasks_own(ex):
+    with pytest.raises(warden.RemoteError) as info:
+        ex.submit(raise_rebuilt_as_a_number).result(timeout=60)
+    assert info.value.type_name.endswith("RebuiltAsANumber")
+    assert info.value.message == "odd"
+    assert "its pickle makes 5, not an exception" in str(info.value)
+    assert ex.submit(square, 3).result(timeout=60) == 9
+
+
+def test_an_exception_whose_traceback_cannot_be_formatted_still_comes_back_as_itself(ex):
+    # Caught by hand: no traceback of this exception can be formatted here either.
+    caught = None
+    try:
+        ex.submit(raise_with_notes_that_raise).result(timeout=60)
+    except NotesThatRaise as e:
+        caught = (str(e), str(e.__cause__))
+    assert caught is not None
+    assert caught[0] == "the original message"
+    assert "its traceback could not be formatted: RuntimeError: reading the notes failed" in caught[1]
+    assert ex.submit(square, 3).result(timeout=60) == 9
+
+
 def test_an_exception_whose_unpickling_raises_keyboard_interrupt_is_reported_with_the_tasks_own_error(ex):
     with pytest.raises(warden.RemoteError) as info:
         ex.submit(raise_fails_to_rebuild).result(timeout=60)

@@ -354,7 +354,11 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
         frames = frames.tb_next  # the worker's own frame is noise to the user
     import traceback
 
-    tb = "".join(traceback.format_exception(type(exc), exc, frames))
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, frames))
+    except Exception as why:  # a __notes__ or __cause__ that raises when read
+        unformatted = f"its traceback could not be formatted: {type(why).__name__}: {_text(why)}"
+        tb = f"{type_name}: {message}\n({unformatted})\n"
     # Both are for reading (the exception itself goes whole, pickled): a
     # message of 100 MB would otherwise travel three times. A traceback keeps
     # its start (the frames) and its end (the exception raised).
@@ -376,9 +380,13 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
             )
             data = dumps(stand_in)
         else:
-            if not isinstance(rebuilt, Exception):
-                # Its pickle makes something else (a KeyboardInterrupt, a
-                # SystemExit): reported as one raised in the task would be.
+            if not isinstance(rebuilt, BaseException):
+                made = f"its pickle makes {_repr(rebuilt)}, not an exception"
+                data = dumps(RemoteError(f"task raised {type_name}: {message} ({made})", type_name, message))
+            elif not isinstance(rebuilt, Exception):
+                # Its pickle makes another kind of exception (a
+                # KeyboardInterrupt, a SystemExit): reported as one raised in
+                # the task would be.
                 what = f"{type_name}: {message}, whose pickle makes {_repr(rebuilt)}"
                 data = dumps(TaskAborted.standing_in(what, type_name, message))
             del rebuilt
