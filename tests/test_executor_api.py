@@ -377,6 +377,24 @@ def test_map_pickling_error_raises_at_call_time(ex):
         ex.map(square, [1, threading.Lock()])
 
 
+def touch(path):
+    with open(path, "w"):
+        pass
+
+
+def test_a_map_that_raises_for_a_bad_call_leaves_none_of_its_earlier_calls_to_run(tmp_path):
+    """The caller of a ``map`` that raised has no handle on the calls it
+    submitted before the bad one: those not started are cancelled."""
+    with warden.ProcessPoolExecutor(1) as ex:
+        busy = ex.submit(time.sleep, 1.0)
+        paths = [str(tmp_path / f"ran-{i}") for i in range(20)]
+        with pytest.raises(TypeError, match="pickle"):
+            ex.map(touch, [*paths, threading.Lock()])
+        busy.result(timeout=60)
+        assert ex.submit(square, 3).result(timeout=60) == 9
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 # -- futures interoperate ---------------------------------------------------------
 
 

@@ -377,7 +377,9 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         progress: _progress.ProgressArg = None,
     ) -> Iterator[_T]:
         """Like the built-in ``map``, running in the workers: every call is
-        submitted now (pickling errors raise here), results come in order.
+        submitted now (pickling errors raise here, and the calls submitted
+        before the bad one are cancelled unless they have started), results
+        come in order.
 
         ``timeout`` bounds the whole iteration; ``chunksize`` sends that many
         calls per task; ``progress`` (``True``, a tqdm bar or a dict of tqdm
@@ -398,6 +400,11 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
                     future.add_done_callback(functools.partial(_advance, bar, size))
                 futures.append(future)
         except BaseException:
+            # The caller gets no iterator, so no handle on the calls already
+            # submitted: those still queued are cancelled, as a Pool.map with
+            # a bad item sends none of its chunks.
+            for future in futures:
+                future.cancel()
             if bar is not None:
                 bar.close()
             raise
