@@ -36,7 +36,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. A peer with another version is refused.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// Header flag: one file descriptor (a shared segment) travels with this frame.
 pub const FLAG_SEGMENT: u8 = 0x01;
@@ -333,6 +333,12 @@ pub enum Message<'a> {
         /// The task's id.
         id: u64,
     },
+    /// The task a [`StopTask`](Message::StopTask) named was the one running:
+    /// the worker stops, and leaves through its exit path.
+    StopTaken {
+        /// The task's id.
+        id: u64,
+    },
 }
 
 impl Message<'_> {
@@ -352,6 +358,7 @@ impl Message<'_> {
             Message::StopTask { .. } => "stop-task",
             Message::StopMissed { .. } => "stop-missed",
             Message::CancelMissed { .. } => "cancel-missed",
+            Message::StopTaken { .. } => "stop-taken",
         }
     }
 }

@@ -992,7 +992,14 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
             Message::StopTask { id } => {
                 if core.take_stop(id) {
                     core.stop_requested.store(true, Ordering::SeqCst);
+                    // The pool keeps this worker's place until it hears
+                    // which way the stop went: told first, before the
+                    // task's outcome and the goodbye the stop brings.
+                    let told = core.send(&Message::StopTaken { id });
                     signals::stop_this_process();
+                    if told.is_err() {
+                        return inbox.end(End::Closed);
+                    }
                     continue;
                 }
                 let skipped = || core.send(&Message::Result { id, outcome: WireOutcome::Skipped });

@@ -38,6 +38,10 @@ enum Incoming {
     CancelMissed {
         id: u64,
     },
+    /// A task it was being stopped for was running: it stops.
+    StopTaken {
+        id: u64,
+    },
     Unexpected(&'static str),
 }
 
@@ -126,6 +130,7 @@ impl Supervisor {
                     Message::Record { data } => Incoming::Record(data.to_vec()),
                     Message::StopMissed { id } => Incoming::StopMissed { id },
                     Message::CancelMissed { id } => Incoming::CancelMissed { id },
+                    Message::StopTaken { id } => Incoming::StopTaken { id },
                     other => Incoming::Unexpected(other.name()),
                 },
                 Err(e) => {
@@ -211,6 +216,12 @@ impl Supervisor {
                     let cfg = Arc::clone(&self.cfg);
                     retire_if_due(w, &cfg);
                 }
+            }
+            return;
+        }
+        if let Incoming::StopTaken { id: task_id } = msg {
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.stop_taken(task_id);
             }
             return;
         }
@@ -328,6 +339,7 @@ impl Supervisor {
                     Incoming::Goodbye(..)
                     | Incoming::Record(_)
                     | Incoming::StopMissed { .. }
+                    | Incoming::StopTaken { .. }
                     | Incoming::CancelMissed { .. }
                     | Incoming::Unexpected(_) => "message",
                 };

@@ -168,7 +168,9 @@ impl Supervisor {
             return;
         }
         self.spawn_retry_at = None;
-        let mut serving = self.workers.values().filter(|w| w.is_serving()).count();
+        // A worker asked to stop for its task keeps its place until it
+        // answers: it may serve on.
+        let mut serving = self.workers.values().filter(|w| w.holds_its_place()).count();
         while serving < want && self.phase != PoolPhase::Failed {
             match self.spawn_one() {
                 // The shortage ends when a worker is ready, not when one

@@ -402,6 +402,60 @@ fn a_worker_whose_task_had_ended_when_asked_to_stop_for_it_serves_on_and_the_nex
 }
 
 #[test]
+fn a_worker_asked_to_stop_for_its_task_keeps_its_place_until_it_answers_that_it_took_the_stop() {
+    let mut h = harness(2, 10);
+    Arc::get_mut(&mut h.sup.cfg).expect("sole owner").workers = 1;
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(1);
+    assert!(h.cancel(1, true));
+    assert_eq!(sent(&mut w), [Sent::Task(1), Sent::StopTask(1)]);
+    let worker = &h.sup.workers[&w.id];
+    assert_eq!(worker.phase, WorkerPhase::Stopping);
+    // No replacement yet: it may answer that the task had ended, and serve on.
+    assert!(worker.holds_its_place());
+    h.sup.ensure_workers(Instant::now());
+    assert!(h.sup.spawn_retry_at.is_none(), "no start was tried");
+    tell(&mut h, &mut w, &Message::StopTaken { id: 1 });
+    let worker = &h.sup.workers[&w.id];
+    assert!(!worker.holds_its_place(), "it leaves: its place is free");
+    assert_eq!(worker.phase, WorkerPhase::Stopping);
+    // The replacement's start is tried now (the stand-in program cannot
+    // start: the failed try sets a retry time).
+    h.sup.ensure_workers(Instant::now());
+    assert!(h.sup.spawn_retry_at.is_some(), "a start was tried");
+}
+
+#[test]
+fn a_worker_that_never_answers_a_stop_for_its_task_gives_its_place_up_when_killed_after_the_grace() {
+    let mut h = harness(2, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(1);
+    assert!(h.cancel(1, true));
+    assert!(h.sup.workers[&w.id].holds_its_place());
+    let deadline = h.sup.workers[&w.id].deadline.expect("grace deadline");
+    h.sup.check_timers(deadline);
+    assert_eq!(h.phase(&w), WorkerPhase::Killed);
+    assert!(!h.sup.workers[&w.id].holds_its_place());
+}
+
+#[test]
+fn a_worker_whose_task_had_ended_when_asked_to_stop_keeps_its_place_and_serves_on() {
+    let mut h = harness(2, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(1);
+    assert!(h.cancel(1, true));
+    // Its place was kept meanwhile: no replacement was started for it.
+    assert!(h.sup.workers[&w.id].holds_its_place());
+    tell(&mut h, &mut w, &Message::Result { id: 1, outcome: WireOutcome::Value(b"1") });
+    tell(&mut h, &mut w, &Message::StopMissed { id: 1 });
+    assert_eq!(h.phase(&w), WorkerPhase::Ready);
+    assert!(h.sup.workers[&w.id].holds_its_place());
+    h.submit(2);
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&w), [2]);
+}
+
+#[test]
 fn a_whole_worker_stop_while_it_is_asked_to_stop_for_one_task_is_not_undone_by_its_answer() {
     let mut h = harness(1, 10);
     let w = h.worker(WorkerPhase::Ready);

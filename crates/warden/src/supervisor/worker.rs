@@ -114,6 +114,12 @@ pub(super) struct Worker {
     /// Stopping for this task only ([`Worker::stop_task`]): the worker may
     /// answer that it had ended, and serve on.
     pub(super) stop_target: Option<u64>,
+    /// Asked to stop for [`Worker::stop_target`], and not yet answered
+    /// whether it took the stop: until it does, it keeps its place in the
+    /// pool, which starts no replacement for a worker that may serve on (a
+    /// pool of two would then have three). One that never answers is killed
+    /// once the grace period is over, and its place is free then.
+    pub(super) stop_unanswered: bool,
     /// When a `Cancel` went to it that it has not answered yet: set by the
     /// first one queued, cleared by anything it sends. A worker answers a
     /// cancel from its channel's reader within a millisecond or so, whatever
@@ -153,6 +159,7 @@ impl Worker {
             last_task: None,
             over_memory: false,
             stop_target: None,
+            stop_unanswered: false,
             cancel_unanswered: None,
         }
     }
@@ -176,6 +183,12 @@ impl Worker {
         matches!(self.phase, WorkerPhase::Starting | WorkerPhase::Initializing | WorkerPhase::Ready)
     }
 
+    /// Whether it counts against the pool's size: serving, or asked to stop
+    /// for its task and not yet answered (see [`Worker::stop_unanswered`]).
+    pub(super) fn holds_its_place(&self) -> bool {
+        self.is_serving() || self.stop_unanswered
+    }
+
     /// Sends a signal to the worker and everything in its process group. The
     /// group is only signalled while the worker is unreaped, so its id cannot
     /// have been reused.
@@ -186,6 +199,7 @@ impl Worker {
 
     pub(super) fn stop(&mut self, cause: StopCause, grace: Duration) {
         self.cause.get_or_insert(cause);
+        self.stop_unanswered = false;
         if self.phase == WorkerPhase::Stopping && self.stop_target.take().is_some() {
             // Stopping for one task, unanswered: now the whole worker stops.
             self.phase = WorkerPhase::Ready;
@@ -232,8 +246,17 @@ impl Worker {
             self.cause = Some(cause);
             self.phase = WorkerPhase::Stopping;
             self.deadline = Some(Instant::now() + grace);
+            self.stop_unanswered = true;
         }
         self.stop_target = Some(id);
+    }
+
+    /// The worker answered that it took the stop for task `id`: it leaves,
+    /// and its place is free for a replacement.
+    pub(super) fn stop_taken(&mut self, id: u64) {
+        if self.stop_target == Some(id) {
+            self.stop_unanswered = false;
+        }
     }
 
     /// The worker answered that task `id`, for which it was being stopped,
@@ -243,6 +266,7 @@ impl Worker {
             return false;
         }
         self.stop_target = None;
+        self.stop_unanswered = false;
         self.phase = WorkerPhase::Ready;
         self.deadline = None;
         self.cause = None;
@@ -251,6 +275,7 @@ impl Worker {
 
     pub(super) fn kill(&mut self, cause: StopCause) {
         self.cause.get_or_insert(cause);
+        self.stop_unanswered = false;
         if self.phase == WorkerPhase::Killed {
             return;
         }
