@@ -355,6 +355,55 @@ def test_a_forked_copy_shutting_its_parents_pools_down_returns_at_once_and_leave
     assert run.stdout.splitlines() == expected, run.stderr
 
 
+LOCKS_HELD_AT_FORK = """
+import faulthandler, os, threading
+import warden
+
+if __name__ == "__main__":
+    ex = warden.ProcessPoolExecutor(1)
+    pool = warden.Pool(1)
+    print("parent", ex.submit(abs, -1).result(30), pool.apply(abs, (-1,)), flush=True)
+    # A thread of the program in the middle of a call on each (a submit, an
+    # imap starting), as at a fork of a busy program.
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with ex._lock, pool._feeders_lock:
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:
+        faulthandler.dump_traceback_later(20, exit=True)  # a hang ends the copy with 1
+        ex.shutdown()
+        pool.close()
+        pool.join()
+        pool.terminate()
+        print("copy shut down", flush=True)
+        os._exit(0)
+    release.set()
+    t.join()
+    _, status = os.waitpid(pid, 0)
+    print("copy exited", os.waitstatus_to_exitcode(status), flush=True)
+    print("parent", ex.submit(abs, -2).result(30), pool.apply(abs, (-3,)), flush=True)
+    ex.shutdown()
+    pool.terminate()
+"""
+
+
+def test_a_forked_copy_shuts_its_parents_pools_down_though_a_thread_held_their_locks_at_the_fork(program):
+    """A thread of the original in the middle of a call on a pool when the
+    program forks holds that pool's lock in the copy for ever: the copy's
+    ``shutdown()`` or ``close()`` waited on it. The copy makes them anew."""
+    run = program(LOCKS_HELD_AT_FORK).run(timeout=90)
+    assert run.returncode == 0, run.stderr
+    expected = ["parent 1 1", "copy shut down", "copy exited 0", "parent 2 3"]
+    assert run.stdout.splitlines() == expected, run.stderr
+
+
 PENDING_AT_FORK = """
 import concurrent.futures, os, sys, time
 import warden

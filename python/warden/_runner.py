@@ -1033,6 +1033,30 @@ def _fail_orphans_of_fork(orphans: list[tuple[int, OnDone]]) -> None:
 
 os.register_at_fork(after_in_child=_forget_runners_after_fork)
 
+#: Objects whose locks a forked copy of this process makes anew: the
+#: attributes that hold them, by object (see :func:`renew_locks_after_fork`).
+_fork_locked: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def renew_locks_after_fork(obj: Any, *names: str) -> None:
+    """Has a forked copy of this process give ``obj`` its locks (or
+    conditions) ``names`` anew, free: a thread of the original (submitting,
+    delivering outcomes) may have held one at the fork, and nothing in the
+    copy would ever release it, so that a ``shutdown()`` or ``terminate()``
+    there would wait for ever."""
+    _fork_locked[obj] = names
+
+
+def _renew_locks_after_fork() -> None:
+    for obj, names in list(_fork_locked.items()):
+        for name in names:
+            renew = getattr(getattr(obj, name, None), "_at_fork_reinit", None)
+            if renew is not None:
+                renew()
+
+
+os.register_at_fork(after_in_child=_renew_locks_after_fork)
+
 
 def _deliver_outcomes(
     core: _warden.CorePool,

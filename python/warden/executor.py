@@ -168,6 +168,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         self._exit_timeout = exit_timeout
         self._name = f"ProcessPoolExecutor-{next(_counter)}"
         self._lock = threading.Lock()
+        _runner.renew_locks_after_fork(self, "_lock")
         self._shutdown_called = False
         self._made_after_main = _pickle.main_thread_done
         self._runner: _runner.Runner | None = None

@@ -124,6 +124,7 @@ class Pool(multiprocessing.pool.Pool):
         # finish, and the last one closes the runner.
         self._feeders = 0
         self._feeders_lock = threading.Lock()
+        _runner.renew_locks_after_fork(self, "_feeders_lock")
         hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
         if on_worker_lost is not None and not callable(on_worker_lost):
             raise TypeError("on_worker_lost must be a callable")
@@ -712,6 +713,7 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
     ) -> None:
         super().__init__(pool, callback, error_callback)
         self._lock = threading.Lock()
+        _runner.renew_locks_after_fork(self, "_lock")
         self._progress: _progress.Progress | None = None
         self._left = chunks
         self._count = chunks
@@ -857,6 +859,7 @@ class IMapIterator(_StdIMapIterator[_T]):
         # A chunked iteration that raised a task's error: it is over.
         self._failed = False
         self._cond = threading.Condition(threading.Lock())
+        _runner.renew_locks_after_fork(self, "_cond")
         self._chunks: dict[int, tuple[bool, Any]] = {}
         self._arrived: collections.deque[tuple[bool, Any]] = collections.deque()
         self._next = 0

@@ -177,11 +177,38 @@ fn deadline(timeout: Option<Duration>) -> Option<Instant> {
 pub struct CorePool {
     pool: Mutex<Option<Arc<Pool>>>,
     inner: Arc<Inner>,
+    /// The process that made it (`warden::frontend::process_id`).
+    owner: u32,
 }
 
 impl CorePool {
+    /// Whether this is a forked copy of the process that made the pool:
+    /// there no lock is waited for, which a thread of the original (one
+    /// submitting, the results thread) may have held at the fork, and which
+    /// nothing in the copy would ever release.
+    fn foreign(&self) -> bool {
+        warden::frontend::process_id() != self.owner
+    }
+
     fn pool(&self) -> Option<Arc<Pool>> {
+        if self.foreign() {
+            return match self.pool.try_lock() {
+                Ok(pool) => pool.clone(),
+                Err(std::sync::TryLockError::Poisoned(pool)) => pool.into_inner().clone(),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+        }
         lock(&self.pool).clone()
+    }
+
+    /// Wakes whoever waits for outcomes, to see the pool closing; nobody
+    /// does in a forked copy.
+    fn wake(&self) {
+        if self.foreign() {
+            self.inner.closing.store(true, Ordering::SeqCst);
+            return;
+        }
+        self.inner.wake();
     }
 
     fn is_done(&self) -> bool {
@@ -343,7 +370,7 @@ impl CorePool {
             builder = builder.prefetch(n);
         }
         let pool = py.detach(|| builder.build()).map_err(core_err)?;
-        Ok(CorePool { pool: Mutex::new(Some(Arc::new(pool))), inner })
+        Ok(CorePool { pool: Mutex::new(Some(Arc::new(pool))), inner, owner: warden::frontend::process_id() })
     }
 
     /// Queues a task and returns its id; its outcome comes out of
@@ -364,6 +391,11 @@ impl CorePool {
         let segment = segment.map(|fd| take_fd("segment", fd, 0)).transpose()?;
         let pool = self.pool().ok_or_else(core_closed)?;
         let options = TaskOptions { timeout: seconds("timeout", timeout)? };
+        if self.foreign() {
+            // The core refuses it ("belongs to process N"), before any lock.
+            let reply: Box<dyn FnOnce(Outcome) + Send> = Box::new(|_| {});
+            return pool.submit_raw_with_segment(payload.to_vec(), segment, options, reply).map_err(core_err);
+        }
         let inner = Arc::clone(&self.inner);
         let id: TaskId = Arc::default();
         let slot = Arc::clone(&id);
@@ -462,7 +494,7 @@ impl CorePool {
         if let Some(p) = self.pool() {
             p.close();
         }
-        self.inner.wake();
+        self.wake();
     }
 
     /// Takes no more tasks and cancels the queued ones; running ones finish,
@@ -471,7 +503,7 @@ impl CorePool {
         if let Some(p) = self.pool() {
             p.close_cancel_queued();
         }
-        self.inner.wake();
+        self.wake();
     }
 
     /// Cancels every task and stops every worker: SIGTERM (exit hooks run),
@@ -480,7 +512,7 @@ impl CorePool {
         if let Some(p) = self.pool() {
             p.terminate();
         }
-        self.inner.wake();
+        self.wake();
     }
 
     /// Cancels every task and kills every worker with SIGKILL. Returns at once.
@@ -488,7 +520,7 @@ impl CorePool {
         if let Some(p) = self.pool() {
             p.kill();
         }
-        self.inner.wake();
+        self.wake();
     }
 
     /// Waits until the pool has shut down and every worker is reaped, up to
@@ -539,7 +571,7 @@ impl CorePool {
         let deadline = deadline(seconds("within", within)?);
         let Some(pool) = self.pool() else { return Ok(true) };
         pool.begin_stop(mode, deadline);
-        self.inner.wake();
+        self.wake();
         if !wait {
             return Ok(pool.is_shut_down());
         }
@@ -620,7 +652,7 @@ impl CorePool {
     /// waiting with the GIL released, and releases it. Idempotent.
     fn dispose(&self, py: Python<'_>) {
         let pool = lock(&self.pool).take();
-        self.inner.wake();
+        self.wake();
         if let Some(pool) = pool {
             py.detach(move || drop(pool));
         }

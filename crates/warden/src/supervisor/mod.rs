@@ -73,7 +73,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 pub(crate) use config::Config;
 pub use events::{EventSink, LifecycleEvent, StopCause, WorkerEnd, WorkerSnapshot};
-pub(crate) use link::{Command, StopPlan, SupervisorLink, Task};
+pub(crate) use link::{current_pid, Command, StopPlan, SupervisorLink, Task};
 pub use link::{Output, Reply};
 pub use pace::fds_scarce;
 use restart::RestartIntensity;
