@@ -404,6 +404,53 @@ def test_a_forked_copy_shuts_its_parents_pools_down_though_a_thread_held_their_l
     assert run.stdout.splitlines() == expected, run.stderr
 
 
+MP_CHILD_LEAVES_A_POOL_OPEN = """
+import multiprocessing, sys
+import warden
+
+KEPT = []
+
+
+def task(kind):
+    # A pool made in the child and left open (kept, not shut down).
+    pool = warden.ProcessPoolExecutor(2) if kind == "executor" else warden.Pool(2)
+    KEPT.append(pool)
+    results = pool.map(abs, range(-6, 0))
+    return sum(results)
+
+
+if __name__ == "__main__":
+    method, where, kind = sys.argv[1:]
+    ctx = multiprocessing.get_context(method)
+    if where == "pool":
+        pool = ctx.Pool(1)
+        print("result", pool.apply(task, (kind,)), flush=True)
+        pool.close()
+        pool.join()
+        print("joined", flush=True)
+    else:
+        child = ctx.Process(target=task, args=(kind,))
+        child.start()
+        child.join()
+        print("exit code", child.exitcode, flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+@pytest.mark.parametrize("where", ["pool", "process"])
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_multiprocessing_child_that_leaves_a_warden_pool_open_exits(program, method, where, kind):
+    """A ``multiprocessing`` child ends without ``atexit`` handlers: its
+    bootstrap terminates the daemonic children ``active_children()`` lists
+    (warden's workers among them) and joins them all. The open pool started
+    replacements for the workers terminated, and the join waited for those
+    for ever: ``Pool.close(); join()`` never returned. warden's exit step now
+    runs first there, as at the end of a program."""
+    run = program(MP_CHILD_LEAVES_A_POOL_OPEN).run(timeout=60, args=(method, where, kind))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == (["result 21", "joined"] if where == "pool" else ["exit code 0"])
+
+
 PENDING_AT_FORK = """
 import concurrent.futures, os, sys, time
 import warden

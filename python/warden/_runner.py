@@ -725,6 +725,7 @@ class Runner:
             )
         with _live_lock:
             _live.add(self)
+        _hook_multiprocessing_exit()
         if self.thread is not None:
             try:
                 self.thread.start()
@@ -1334,6 +1335,35 @@ def _cut_short(runner: Runner, why: str) -> None:
     if dropped:
         tasks = "task" if dropped == 1 else "tasks"
         say(f"warden: {runner.name}: {dropped} submitted {tasks} dropped at interpreter exit ({why})")
+
+
+#: The process whose ``multiprocessing`` exit step runs warden's (see
+#: :func:`_hook_multiprocessing_exit`).
+_mp_exit_hooked: int | None = None
+
+
+def _hook_multiprocessing_exit() -> None:
+    """Makes warden's exit step (:func:`at_interpreter_exit`) one of this
+    process's ``multiprocessing`` finalizers, once per process.
+
+    A child that ``multiprocessing`` started (a ``Process``, a ``Pool``
+    worker) ends without the interpreter's exit and its ``atexit``
+    handlers: its bootstrap calls ``multiprocessing.util._exit_function``,
+    which terminates the daemonic children ``active_children()`` lists
+    (warden's pool workers among them), then joins them all. A pool the
+    child left open would start replacements for the workers terminated,
+    and the join would wait for those for ever. That function first runs
+    the finalizers of priority 0 and up: there the pools shut down as at
+    the end of a program (an executor runs what was submitted, a ``Pool``
+    is terminated), and nothing of theirs is left to join. In a process
+    that ends through the interpreter, warden's ``atexit`` handler has
+    done all of it by then, and this one finds nothing left."""
+    global _mp_exit_hooked
+    pid = os.getpid()
+    if _mp_exit_hooked == pid:
+        return
+    _mp_exit_hooked = pid
+    multiprocessing.util.Finalize(None, at_interpreter_exit, exitpriority=0)
 
 
 def at_interpreter_exit() -> None:
