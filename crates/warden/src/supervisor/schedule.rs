@@ -395,17 +395,18 @@ impl Supervisor {
     ///
     /// With tasks queued it asks only while tasks are not short (they are
     /// then sent one ahead, or none): where they are, a worker that is free takes
-    /// the queue's next at once rather than wait for an answer.
+    /// the queue's next at once rather than wait for an answer. Except a
+    /// worker that has not had a task yet (one that came up after a burst
+    /// was sent ahead to the others): it waits for the earliest, once, so
+    /// that tasks measured short before the burst, which turn out long,
+    /// still start in the order they came.
     pub(super) fn give_back(&mut self) {
         let serving = matches!(self.phase, PoolPhase::Running | PoolPhase::Closing { drain: true });
         if self.cfg.prefetch < 2 || !serving {
             return;
         }
-        let before = match self.queue.front_id() {
-            None => u64::MAX,
-            Some(_) if self.task_time.depth(self.cfg.prefetch) > 2 => return,
-            Some(next) => next,
-        };
+        let short = self.task_time.depth(self.cfg.prefetch) > 2;
+        let before = self.queue.front_id();
         let max_tasks = self.cfg.max_tasks_per_child;
         let idle = self
             .workers
@@ -415,8 +416,10 @@ impl Supervisor {
                     && w.inflight.is_empty()
                     && !w.over_memory
                     && !max_tasks.is_some_and(|max| w.assigned >= max)
+                    && (before.is_none() || !short || w.assigned == 0)
             })
             .count();
+        let before = before.unwrap_or(u64::MAX);
         if idle == 0 {
             return;
         }

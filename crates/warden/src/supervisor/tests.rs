@@ -1037,10 +1037,34 @@ fn with_short_tasks_queued_a_free_worker_takes_the_next_without_asking_back() {
     assert_eq!(h.inflight(&a), [1, 2, 3]);
     sent(&mut a);
     let mut b = h.worker(WorkerPhase::Ready);
+    if let Some(w) = h.sup.workers.get_mut(&b.id) {
+        w.assigned = 7; // it has served: free again, not new
+    }
     h.sup.give_back();
     h.sup.dispatch();
     assert_eq!(sent(&mut a), []);
     assert_eq!(sent(&mut b), [Sent::Task(4), Sent::Task(5)]);
+}
+
+#[test]
+fn a_worker_that_comes_up_after_a_burst_was_sent_ahead_starts_the_earliest_of_it_not_the_queues_next() {
+    // Tasks measured short (a quick first one), then a burst: a, the only
+    // worker ready, is sent 1..=3 ahead. b comes up: it waits for 2, asked
+    // back, rather than start 4 before it (which, were the burst long,
+    // would run a whole task ahead of 2).
+    let mut h = harness(3, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(5);
+    assert_eq!(h.inflight(&a), [1, 2, 3]);
+    sent(&mut a);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.sup.give_back();
+    h.sup.dispatch();
+    assert_eq!(sent(&mut a), [Sent::Cancel(2)]);
+    assert_eq!(sent(&mut b), [], "b is kept for task 2");
+    h.answer(&mut a, &skipped(2));
+    h.sup.dispatch();
+    assert_eq!(sent(&mut b)[0], Sent::Task(2));
 }
 
 #[test]
