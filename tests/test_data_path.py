@@ -886,6 +886,43 @@ def test_one_buffer_too_large_to_go_inline_sent_to_many_tasks_waits_for_descript
     assert run.stdout.split() == ["right", "600"], run.stderr
 
 
+ONE_LARGE_CALL_FEW_FDS = """
+import os, resource, sys
+import warden
+from warden import _oob
+
+if __name__ == "__main__":
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    _oob.INLINE_FALLBACK_MAX = 1 << 20  # as if the call were over 64 MiB
+    block = b"x" * (2 << 20)
+    executor = sys.argv[1] == "executor"
+    pool = warden.ProcessPoolExecutor(2) if executor else warden.Pool(2)
+    with pool:
+        print("warm", pool.submit(len, b"").result(60) if executor else pool.apply(len, (b"",)))
+        # The program's own files fill the table into the quarter the pools
+        # keep for starting workers and reading results (from fd 32 on).
+        kept = []
+        while not kept or kept[-1] < 40:
+            kept.append(os.open(os.devnull, os.O_RDONLY))
+        if executor:
+            print("length", pool.submit(len, block).result(timeout=120), flush=True)
+        else:
+            print("length", pool.apply(len, (block,)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("api", ["executor", "pool"])
+def test_a_large_call_with_nothing_in_flight_takes_a_reserved_descriptor_not_waiting_in_vain(program, api):
+    """A process whose own files fill its descriptor table into the quarter
+    the pools keep for starting workers and reading results: a call too
+    large to go inline waited (60 s, then ``EMFILE``) for a call in flight
+    to give one back, where there was none; it now takes one."""
+    run = program(ONE_LARGE_CALL_FEW_FDS).run(timeout=150, args=(api,))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["warm", "0", "length", str(2 << 20)], run.stderr
+
+
 def test_a_result_this_process_has_no_descriptor_for_fails_alone_with_emfile(program):
     prog = program(
         """

@@ -402,6 +402,12 @@ def _carry(
         except _FdsScarce:
             if inline_ok:
                 break
+            if calls_holding_fds() == 0:
+                # No call of this process holds one: none will come free by
+                # waiting (what fills the table is the program's own, or the
+                # pools'). This one takes a descriptor from the reserve.
+                spare = False
+                continue
             now = time.monotonic()
             if waited_since is None:
                 waited_since = now
@@ -428,6 +434,36 @@ def _dump(p: pickle.Pickler, obj: Any, found: dict[int, Any] | None) -> None:
     if found is not None:
         p.persistent_id = _persistent_id(found)  # type: ignore[method-assign]
     p.dump(obj)
+
+
+#: How many calls of this process are in flight with a descriptor for their
+#: buffers (a segment or a lending pipe), counted by the pools as they queue
+#: such a call and as it gets its outcome (see ``_runner``).
+_calls_holding = 0
+_calls_holding_lock = threading.Lock()
+
+
+def call_holds_fd(change: int) -> None:
+    """A pool queued (``+1``) a call with a descriptor for its buffers, or
+    it got its outcome (``-1``), which lets that descriptor go."""
+    global _calls_holding
+    with _calls_holding_lock:
+        _calls_holding += change
+
+
+def calls_holding_fds() -> int:
+    """How many calls in flight hold a descriptor: a large call waits for
+    one of theirs while this process is short of them, and only then."""
+    return _calls_holding
+
+
+def _forget_calls_holding() -> None:
+    global _calls_holding, _calls_holding_lock
+    _calls_holding_lock = threading.Lock()  # a thread of the original may have held it
+    _calls_holding = 0  # the copy's pools are its own; the original's calls are not
+
+
+os.register_at_fork(after_in_child=_forget_calls_holding)
 
 
 #: The largest payload :func:`dumps` puts inline when this process is short

@@ -771,8 +771,9 @@ class Runner:
         this raises. If the buffers are lent, this process lets them go
         when the task has its outcome, before ``on_done`` gets it."""
         loan = None if segment is None else getattr(segment, "loan", None)
-        if loan is not None:
-            on_done = _ReleasingLoan(loan, on_done)
+        held = None
+        if segment is not None:
+            on_done = held = _HoldingFd(loan, on_done)
         try:
             self.pending_lock.acquire()
         except BaseException:
@@ -781,9 +782,11 @@ class Runner:
         try:
             task = self.core.submit(payload, timeout, segment, report_start)
             self.pending[task] = on_done
-            if loan is not None:
-                on_done.key = (self.core, task)
-                _loans[on_done.key] = loan
+            if held is not None:
+                held.hold()
+                if loan is not None:
+                    held.key = (self.core, task)
+                    _loans[held.key] = loan
         finally:
             self.pending_lock.release()
         if self._tasks is not None and owner is not None:
@@ -936,18 +939,27 @@ def cancel_all_queued(core: Any) -> list[int]:
 _loans: dict[tuple[Any, int], _oob.Loan] = {}
 
 
-class _ReleasingLoan:
-    """A task's outcome callback that first lets go of the buffers its call
-    lent (see ``_oob.Loan``): whoever sees the outcome may close what they
-    came from. Nobody reads them any more: the worker that ran the task
-    read them when it started it, and no other worker gets it now."""
+class _HoldingFd:
+    """The outcome callback of a task whose call holds a descriptor for its
+    buffers (a segment, or a lending pipe): counted while in flight
+    (``_oob.call_holds_fd``), and first of all, with its outcome, lets go of
+    the buffers its call lent, if it lent them (see ``_oob.Loan``): whoever
+    sees the outcome may close what they came from. Nobody reads them any
+    more: the worker that ran the task read them when it started it, and no
+    other worker gets it now."""
 
-    __slots__ = ("key", "loan", "on_done")
+    __slots__ = ("held", "key", "loan", "on_done")
 
-    def __init__(self, loan: _oob.Loan, on_done: OnDone) -> None:
+    def __init__(self, loan: _oob.Loan | None, on_done: OnDone) -> None:
         self.loan = loan
         self.on_done = on_done
         self.key: tuple[Any, int] | None = None
+        self.held = False
+
+    def hold(self) -> None:
+        """The call is queued, and holds its descriptor until its outcome."""
+        self.held = True
+        _oob.call_holds_fd(1)
 
     @property
     def __self__(self) -> Any:
@@ -957,8 +969,12 @@ class _ReleasingLoan:
 
     def __call__(self, ok: bool | None, data: Any) -> None:
         if ok is not None:  # not just the news that a worker started it
-            _loans.pop(self.key, None)  # type: ignore[arg-type]
-            self.loan.release()
+            if self.loan is not None:
+                _loans.pop(self.key, None)  # type: ignore[arg-type]
+                self.loan.release()
+            if self.held:
+                self.held = False
+                _oob.call_holds_fd(-1)
         self.on_done(ok, data)
 
 
