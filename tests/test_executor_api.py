@@ -382,6 +382,38 @@ def touch(path):
         pass
 
 
+def paths_then_error(paths):
+    yield from paths
+    raise ValueError("the iterable failed")
+
+
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_a_map_whose_iterable_raises_runs_the_calls_it_submitted_before_as_the_standard_librarys(
+    tmp_path, impl
+):
+    paths = [str(tmp_path / f"ran-{i}") for i in range(6)]
+    spawn = multiprocessing.get_context("spawn")
+    ex = cf.ProcessPoolExecutor(1, mp_context=spawn) if impl == "std" else warden.ProcessPoolExecutor(1)
+    with ex, pytest.raises(ValueError, match="the iterable failed"):
+        ex.map(touch, paths_then_error(paths))
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in paths)
+
+
+def test_subclasses_that_define_eq_without_hash_can_be_made():
+    class Executor(warden.ProcessPoolExecutor):  # noqa: PLW1641  (unhashable, on purpose)
+        def __eq__(self, other):
+            return self is other
+
+    class Pool(warden.Pool):  # noqa: PLW1641
+        def __eq__(self, other):
+            return self is other
+
+    with Executor(1) as ex:
+        assert ex.submit(abs, -1).result(timeout=60) == 1
+    with Pool(1) as pool:
+        assert pool.apply(abs, (-2,)) == 2
+
+
 def test_a_map_that_raises_for_a_bad_call_leaves_none_of_its_earlier_calls_to_run(tmp_path):
     """The caller of a ``map`` that raised has no handle on the calls it
     submitted before the bad one: those not started are cancelled."""

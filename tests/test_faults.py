@@ -451,6 +451,54 @@ def test_a_multiprocessing_child_that_leaves_a_warden_pool_open_exits(program, m
     assert run.stdout.splitlines() == (["result 21", "joined"] if where == "pool" else ["exit code 0"])
 
 
+LARGE_CALLS_PENDING_AT_FORK = """
+import os, resource, time
+import warden
+from warden import _oob
+
+if __name__ == "__main__":
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    _oob.INLINE_FALLBACK_MAX = 1 << 20  # as if each call were over 64 MiB
+    block = bytearray(2 << 20)
+    with warden.ProcessPoolExecutor(1) as ex:
+        ex.submit(time.sleep, 0).result(60)
+        busy = ex.submit(time.sleep, 1)
+        pending = [ex.submit(len, block) for _ in range(4)]
+        pid = os.fork()
+        if pid == 0:
+            for f in pending:  # they fail here (the original's tasks)
+                try:
+                    f.result(30)
+                except warden.PoolFailed:
+                    pass
+            print("copy holds", _oob.calls_holding_fds(), flush=True)
+            # Its own files fill the table into the pools' reserve: a large
+            # call of a pool of its own takes a descriptor at once.
+            kept = []
+            while not kept or kept[-1] < 200:
+                kept.append(os.open(os.devnull, os.O_RDONLY))
+            with warden.ProcessPoolExecutor(1) as own:
+                print("copy length", own.submit(len, block).result(60), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("parent", [f.result(60) for f in pending], _oob.calls_holding_fds(), flush=True)
+"""
+
+
+def test_a_forked_copy_counts_no_large_call_of_the_original_as_its_own(program):
+    """The large calls in flight when the program forks are the original's:
+    failing them in the copy took them off a count the copy had started at
+    zero, which went negative, and the copy's own large call then waited 60
+    s for a descriptor nothing would give back."""
+    run = program(LARGE_CALLS_PENDING_AT_FORK).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    size = 2 << 20
+    assert run.stdout.splitlines() == ["copy holds 0", f"copy length {size}", f"parent {[size] * 4} 0"], (
+        run.stderr
+    )
+
+
 PENDING_AT_FORK = """
 import concurrent.futures, os, sys, time
 import warden

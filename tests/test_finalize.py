@@ -1181,7 +1181,8 @@ def test_globals_of_program_modules_imported_before_and_after_the_fork_are_final
 def test_a_forked_workers_exit_path_reads_only_the_modules_imported_since_unless_one_was_removed():
     """What a forked worker's exit path reads of ``sys.modules``: the entries
     added since its zygote noted them, in import order; every entry, once
-    one the zygote had is gone (the rest can no longer be told apart)."""
+    one the zygote had is gone, or given another module (the rest can no
+    longer be told apart)."""
     import sys
     import types
 
@@ -1189,18 +1190,72 @@ def test_a_forked_workers_exit_path_reads_only_the_modules_imported_since_unless
 
     known = _workerloop._ModulesAtFork()
     added = [types.ModuleType(f"warden_test_added_{i}") for i in range(2)]
+    last = known.last
     try:
         for module in added:
             sys.modules[module.__name__] = module
         since = _workerloop._imported_since(known)
         assert since == [(m.__name__, m) for m in added]
-        removed = sys.modules.pop(known.last)
+        removed = sys.modules.pop(last)
         try:
             assert _workerloop._imported_since(known) is None
-            sys.modules[known.last] = removed  # back, but now the newest
+            sys.modules[last] = removed  # back, but now the newest
+            assert _workerloop._imported_since(known) is None
+            # Imported again: the zygote's last name, a new module, newest.
+            del sys.modules[last]
+            for module in added:
+                del sys.modules[module.__name__]
+            sys.modules[last] = types.ModuleType(last)
             assert _workerloop._imported_since(known) is None
         finally:
-            sys.modules[known.last] = removed
+            sys.modules[last] = removed
     finally:
         for module in added:
             sys.modules.pop(module.__name__, None)
+
+
+def test_a_forked_workers_exit_path_reads_every_module_once_one_of_the_programs_is_replaced():
+    import sys
+    import types
+
+    from warden import _workerloop
+
+    name = "warden_test_program_module"
+    sys.modules[name] = types.ModuleType(name)
+    try:
+        known = _workerloop._ModulesAtFork()
+        known.programs.append((name, sys.modules[name]))  # as if it were the program's own
+        assert _workerloop._imported_since(known) == []
+        sys.modules[name] = types.ModuleType(name)  # a task put another in its place
+        assert _workerloop._imported_since(known) is None
+    finally:
+        sys.modules.pop(name, None)
+
+
+GET_LOGGER_THEN_POOL_AT_EXIT = """
+import atexit, multiprocessing, sys
+import warden
+
+def at_exit():
+    ctx = multiprocessing.get_context("spawn") if sys.argv[1] == "std" else warden
+    with ctx.Pool(1) as pool:
+        print("at exit", pool.apply(abs, (-4,)), flush=True)
+
+if __name__ == "__main__":
+    atexit.register(at_exit)
+    multiprocessing.get_logger()  # re-registers multiprocessing's exit function: now it runs first
+    ctx = multiprocessing.get_context("spawn") if sys.argv[1] == "std" else warden
+    with ctx.Pool(1) as pool:
+        print("main", pool.apply(abs, (-3,)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_an_atexit_handler_can_start_a_pool_after_multiprocessing_get_logger(program, impl):
+    """``multiprocessing.get_logger()`` moves multiprocessing's exit function
+    ahead of the handlers registered before it; warden's exit step, among
+    that function's finalizers, ran early with it and refused the handler's
+    pool. It runs there only at the end of a multiprocessing child."""
+    run = program(GET_LOGGER_THEN_POOL_AT_EXIT).run(timeout=90, args=(impl,))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["main 3", "at exit 4"], run.stderr

@@ -954,11 +954,12 @@ class _HoldingFd:
         self.loan = loan
         self.on_done = on_done
         self.key: tuple[Any, int] | None = None
-        self.held = False
+        #: The process whose count it is in (a forked copy starts its own at 0).
+        self.held: int | None = None
 
     def hold(self) -> None:
         """The call is queued, and holds its descriptor until its outcome."""
-        self.held = True
+        self.held = os.getpid()
         _oob.call_holds_fd(1)
 
     @property
@@ -972,9 +973,10 @@ class _HoldingFd:
             if self.loan is not None:
                 _loans.pop(self.key, None)  # type: ignore[arg-type]
                 self.loan.release()
-            if self.held:
-                self.held = False
-                _oob.call_holds_fd(-1)
+            if self.held is not None:
+                if self.held == os.getpid():
+                    _oob.call_holds_fd(-1)
+                self.held = None
         self.on_done(ok, data)
 
 
@@ -1050,9 +1052,10 @@ def _fail_orphans_of_fork(orphans: list[tuple[int, OnDone]]) -> None:
 
 os.register_at_fork(after_in_child=_forget_runners_after_fork)
 
-#: Objects whose locks a forked copy of this process makes anew: the
-#: attributes that hold them, by object (see :func:`renew_locks_after_fork`).
-_fork_locked: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+#: Objects whose locks a forked copy of this process makes anew, by id (a
+#: subclass may make its instances unhashable): a weak reference to each,
+#: and the attributes that hold its locks (see :func:`renew_locks_after_fork`).
+_fork_locked: dict[int, tuple[weakref.ref[Any], tuple[str, ...]]] = {}
 
 
 def renew_locks_after_fork(obj: Any, *names: str) -> None:
@@ -1061,11 +1064,13 @@ def renew_locks_after_fork(obj: Any, *names: str) -> None:
     delivering outcomes) may have held one at the fork, and nothing in the
     copy would ever release it, so that a ``shutdown()`` or ``terminate()``
     there would wait for ever."""
-    _fork_locked[obj] = names
+    key = id(obj)
+    _fork_locked[key] = (weakref.ref(obj, lambda _, key=key: _fork_locked.pop(key, None)), names)
 
 
 def _renew_locks_after_fork() -> None:
-    for obj, names in list(_fork_locked.items()):
+    for ref, names in list(_fork_locked.values()):
+        obj = ref()
         for name in names:
             renew = getattr(getattr(obj, name, None), "_at_fork_reinit", None)
             if renew is not None:
@@ -1373,13 +1378,29 @@ def _hook_multiprocessing_exit() -> None:
     the end of a program (an executor runs what was submitted, a ``Pool``
     is terminated), and nothing of theirs is left to join. In a process
     that ends through the interpreter, warden's ``atexit`` handler has
-    done all of it by then, and this one finds nothing left."""
+    done all of it by then (see :func:`_at_multiprocessing_child_exit`)."""
     global _mp_exit_hooked
     pid = os.getpid()
     if _mp_exit_hooked == pid:
         return
     _mp_exit_hooked = pid
-    multiprocessing.util.Finalize(None, at_interpreter_exit, exitpriority=0)
+    multiprocessing.util.Finalize(None, _at_multiprocessing_child_exit, exitpriority=0)
+
+
+def _at_multiprocessing_child_exit() -> None:
+    """warden's exit step, if ``multiprocessing``'s exit function runs at
+    the end of a child it started (its bootstrap calls it). Anywhere else
+    it runs among the ``atexit`` handlers, where warden's own handler has
+    the step's place: ``multiprocessing.get_logger()`` re-registers that
+    function, which then runs before handlers registered earlier (one that
+    starts a pool at exit must still be able to)."""
+    frame: Any = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "_bootstrap" and frame.f_globals.get("__name__") == "multiprocessing.process":
+            at_interpreter_exit()
+            return
+        frame = frame.f_back
 
 
 def at_interpreter_exit() -> None:

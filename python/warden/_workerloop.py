@@ -1015,12 +1015,12 @@ def _program_namespaces() -> list[dict[str, Any]]:
     namespaces = [main_namespace()]
     known = _modules_at_fork
     modules = None if known is None else _imported_since(known)
-    if modules is None:  # not forked, or sys.modules lost an entry since
+    if modules is None:  # not forked, or sys.modules lost or changed an entry since
         installed = _installed_prefixes()
         modules = list(sys.modules.items())
     else:
         installed = known.installed
-        namespaces += known.namespaces
+        namespaces += [vars(module) for _, module in known.programs]
         # Entries the zygote had, given another module since: main's, which
         # a worker that imports main itself replaces (as spawn does).
         modules += [(name, sys.modules.get(name)) for name in _MAIN_NAMES]
@@ -1057,17 +1057,18 @@ class _ModulesAtFork:
     """What a zygote knew of its modules when it forked (see
     :func:`note_modules_before_fork`)."""
 
-    __slots__ = ("count", "installed", "last", "namespaces")
+    __slots__ = ("count", "installed", "last", "last_module", "programs")
 
     def __init__(self) -> None:
         self.count = len(sys.modules)
         self.last = next(reversed(sys.modules), None)
+        self.last_module = sys.modules.get(self.last) if self.last is not None else None
         self.installed = _installed_prefixes()
-        self.namespaces: list[dict[str, Any]] = []
+        #: The program's modules, by name.
+        self.programs: list[tuple[str, Any]] = []
         for name, module in list(sys.modules.items()):
-            namespace = _program_namespace(name, module, self.installed)
-            if namespace is not None:
-                self.namespaces.append(namespace)
+            if _program_namespace(name, module, self.installed) is not None:
+                self.programs.append((name, module))
 
 
 #: The entries of ``sys.modules`` a worker that imports the parent's main
@@ -1085,8 +1086,8 @@ def note_modules_before_fork() -> None:
     and at main's entries, instead of at every module: reading each one
     would write its reference count, and so copy, in every worker, the
     memory page it shares with the zygote. Made again only if the zygote's
-    modules changed. (An entry the zygote had that a task points at another
-    module, other than main's, is not looked at.)"""
+    modules changed. (An entry of the interpreter's or the environment's
+    that a task points at a module of the program's is not looked at.)"""
     global _modules_at_fork
     known = _modules_at_fork
     last = next(reversed(sys.modules), None)
@@ -1096,23 +1097,26 @@ def note_modules_before_fork() -> None:
 
 def _imported_since(known: _ModulesAtFork) -> list[tuple[str, Any]] | None:
     """The entries of ``sys.modules`` added since the zygote forked this
-    worker, newest first; ``None`` if they cannot be told from the rest
-    without reading every entry (an entry the zygote had was removed or
-    replaced since)."""
+    worker, in the order imported; ``None`` if they cannot be told from the
+    rest without reading every entry: an entry the zygote had was removed,
+    or given another module (its last one, or one of the program's)."""
     added: list[tuple[str, Any]] = []
     try:
         # Newest first, back to the zygote's last entry: every entry before
         # it is the zygote's, and all of them are still there if it sits at
-        # the position it had.
+        # the position it had, with the module it had.
         for name in reversed(sys.modules):
-            if name is known.last:
+            module = sys.modules.get(name)
+            if name == known.last and module is known.last_module:
                 break
-            added.append((name, sys.modules.get(name)))
+            added.append((name, module))
         else:
             return None
     except RuntimeError:  # changed while read (a thread importing)
         return None
     if len(sys.modules) - len(added) != known.count:
+        return None
+    if any(sys.modules.get(name) is not module for name, module in known.programs):
         return None
     added.reverse()  # in the order imported, as sys.modules lists them
     return added

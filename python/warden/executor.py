@@ -394,18 +394,23 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         try:
             items = 0
             for f, args in _calls(fn, iterables, chunksize):
-                future = self.submit(f, *args)
+                try:
+                    future = self.submit(f, *args)
+                except BaseException:
+                    # The caller gets no iterator, so no handle on the calls
+                    # already submitted: those still queued are cancelled, as
+                    # a Pool.map with a bad item sends none of its chunks. (An
+                    # error of the iterables leaves them to run, as the
+                    # standard library's map does.)
+                    for future in futures:
+                        future.cancel()
+                    raise
                 size = len(args[1]) if chunksize > 1 else 1
                 items += size
                 if bar is not None:
                     future.add_done_callback(functools.partial(_advance, bar, size))
                 futures.append(future)
         except BaseException:
-            # The caller gets no iterator, so no handle on the calls already
-            # submitted: those still queued are cancelled, as a Pool.map with
-            # a bad item sends none of its chunks.
-            for future in futures:
-                future.cancel()
             if bar is not None:
                 bar.close()
             raise
