@@ -925,7 +925,8 @@ def test_an_exception_whose_traceback_cannot_be_formatted_still_comes_back_as_it
         caught = (str(e), str(e.__cause__))
     assert caught is not None
     assert caught[0] == "the original message"
-    assert "its traceback could not be formatted: RuntimeError: reading the notes failed" in caught[1]
+    # Said by warden's worker before Python 3.13, by the traceback module since.
+    assert "reading the notes failed" in caught[1]
     assert ex.submit(square, 3).result(timeout=60) == 9
 
 
