@@ -53,8 +53,6 @@ def reset_after_fork() -> None:
     _CONDITION_LOCK = threading.Lock()
 
 
-# Generic for type checkers, as concurrent.futures.Future is in typeshed: a
-# string subscript makes no TypeVar at run time (it only names one for them).
 def refuse_pickling(obj: object, instead: str) -> NoReturn:
     """Refuses to pickle a future or a pool's result, which belongs to the
     process that made the call: a ``TypeError`` naming it and saying what
@@ -74,6 +72,8 @@ def shared_copy(obj: _C) -> _C:
     return new
 
 
+# Generic for type checkers, as concurrent.futures.Future is in typeshed: a
+# string subscript makes no TypeVar at run time (it only names one for them).
 class Future(_base.Future["_T"]):
     """A ``concurrent.futures.Future`` whose failure is stored as data.
 

@@ -38,14 +38,6 @@ if TYPE_CHECKING:
 
 _counter = itertools.count(1)
 
-# Once the main thread has finished (``_pickle.main_thread_done``: before
-# non-daemon threads are joined and atexit handlers run), the executors made
-# before take no new work, as the standard library's refuse it; what was
-# submitted to them still runs to its end. An executor made after it (in an
-# ``atexit`` handler, or a thread still running) works, as a ``Pool`` made
-# then does.
-
-
 _own_api_only = own_api_only("concurrent.futures.process")
 
 
@@ -170,6 +162,11 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         self._lock = threading.Lock()
         _runner.renew_locks_after_fork(self, "_lock")
         self._shutdown_called = False
+        # Once the main thread has finished (before non-daemon threads are
+        # joined and atexit handlers run), the executors made before take no
+        # new work, as the standard library's refuse it; what was submitted
+        # to them still runs to its end. One made after it (in an ``atexit``
+        # handler, or a thread still running) works, as a ``Pool`` made then does.
         self._made_after_main = _pickle.main_thread_done
         self._runner: _runner.Runner | None = None
         self._first_workers_seen = False

@@ -190,15 +190,21 @@ impl CorePool {
         warden::frontend::process_id() != self.owner
     }
 
-    fn pool(&self) -> Option<Arc<Pool>> {
-        if self.foreign() {
-            return match self.pool.try_lock() {
-                Ok(pool) => pool.clone(),
-                Err(std::sync::TryLockError::Poisoned(pool)) => pool.into_inner().clone(),
-                Err(std::sync::TryLockError::WouldBlock) => None,
-            };
+    /// The slot holding the core pool; in a forked copy, `None` if a
+    /// thread of the original held it at the fork.
+    fn slot(&self) -> Option<std::sync::MutexGuard<'_, Option<Arc<Pool>>>> {
+        if !self.foreign() {
+            return Some(lock(&self.pool));
         }
-        lock(&self.pool).clone()
+        match self.pool.try_lock() {
+            Ok(slot) => Some(slot),
+            Err(std::sync::TryLockError::Poisoned(slot)) => Some(slot.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    fn pool(&self) -> Option<Arc<Pool>> {
+        self.slot().and_then(|slot| slot.clone())
     }
 
     /// Wakes whoever waits for outcomes, to see the pool closing; nobody
@@ -651,7 +657,7 @@ impl CorePool {
     /// running ones get one grace period, workers retire, then escalation),
     /// waiting with the GIL released, and releases it. Idempotent.
     fn dispose(&self, py: Python<'_>) {
-        let pool = lock(&self.pool).take();
+        let pool = self.slot().and_then(|mut slot| slot.take());
         self.wake();
         if let Some(pool) = pool {
             py.detach(move || drop(pool));

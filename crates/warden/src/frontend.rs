@@ -18,6 +18,10 @@ pub use crate::interrupts::{chain_interrupt_handler, prepare_interrupt_forwardin
 pub use crate::spawn::{fill_closed_stdio, WorkerCommand, ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 pub use crate::supervisor::{fds_scarce, Output, Reply};
 pub use crate::threads::own_thread_ids;
+pub use crate::worker::{
+    hold_stops, serve, ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_INIT_FAILED, EXIT_PANICKED,
+    EXIT_PARENT_GONE, EXIT_PROTOCOL, EXIT_SHORT_OF_THREADS, UNWIND_GRACE, WORKER_VARIABLES,
+};
 
 /// This process's id, as the pools compare it with their owner's to tell a
 /// forked copy of it: read once, and again in a forked child (a
@@ -26,10 +30,6 @@ pub use crate::threads::own_thread_ids;
 pub fn process_id() -> u32 {
     crate::supervisor::current_pid()
 }
-pub use crate::worker::{
-    hold_stops, serve, ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_INIT_FAILED, EXIT_PANICKED,
-    EXIT_PARENT_GONE, EXIT_PROTOCOL, EXIT_SHORT_OF_THREADS, UNWIND_GRACE, WORKER_VARIABLES,
-};
 
 /// The frame codec and the messages of the parent–worker protocol (see the
 /// crate's `wire` documentation in ARCHITECTURE.md): for bindings that speak
