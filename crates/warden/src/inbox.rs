@@ -35,9 +35,12 @@
 //!   hears about a worker's tasks in the order it sent them, but for the
 //!   skipped ones.
 //! * While tasks shorter than [`TAKEOVER`] run back to back, the channel is
-//!   read between them, when the inbox is empty; a `Cancel` for a task sent
-//!   ahead waits that long at most (the pool gives tasks back to cut a long
-//!   wait, not a short one).
+//!   read between them: when the inbox is empty, and before a waiting task is
+//!   taken if [`DRAIN_EVERY`] has passed since the last read (a read that
+//!   finds nothing is a system call: short tasks would pay one each). A
+//!   `Cancel` for a task sent ahead waits that long at most (the pool gives
+//!   tasks back to cut a long wait, not a short one); one that loses the race
+//!   is answered as missed, and the pool gets the task's result.
 //! * The watcher blocks the stop signals: they reach the main thread, where
 //!   they can interrupt a task. A stop signal shuts the channel's read side
 //!   down (see [`crate::signals`]), which ends either reader with
@@ -47,7 +50,7 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex, TryLockError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::thread::futex;
 
@@ -61,6 +64,10 @@ pub(crate) const TAKEOVER: Duration = Duration::from_millis(1);
 /// How many samples in a row that find the main thread idle send the
 /// watcher to sleep until the next start.
 pub(crate) const PARK_AFTER: u32 = 50;
+
+/// How long after a read of the channel the main thread takes a waiting task
+/// without reading again first.
+pub(crate) const DRAIN_EVERY: Duration = Duration::from_micros(50);
 
 /// A message for the main thread.
 #[derive(Debug)]
@@ -91,6 +98,8 @@ struct State {
     end: Option<End>,
     /// The main thread waits on `ready` for the other reader.
     waiting: bool,
+    /// When the channel was last read to the end of what had arrived.
+    last_read: Option<Instant>,
 }
 
 /// How long a reader reads.
@@ -128,6 +137,8 @@ pub(crate) struct Inbox {
     running: AtomicU32,
     /// The watcher sleeps until the next start.
     parked: AtomicBool,
+    /// [`DRAIN_EVERY`], or another interval in tests.
+    drain_every: Duration,
 }
 
 impl Inbox {
@@ -139,7 +150,14 @@ impl Inbox {
             reader: Mutex::new(FrameReader::new(max_frame)),
             running: AtomicU32::new(0),
             parked: AtomicBool::new(false),
+            drain_every: DRAIN_EVERY,
         }
+    }
+
+    /// Whether the main thread reads what has arrived before it takes a
+    /// waiting task: not within `drain_every` of the last read.
+    fn drain_due(&self, state: &State) -> bool {
+        state.last_read.map_or(true, |at| at.elapsed() >= self.drain_every)
     }
 
     /// Adds a message.
@@ -183,8 +201,8 @@ impl Inbox {
     /// reads. Once none is left and the channel ended, how it ended.
     ///
     /// Before it takes a message from the inbox it reads what has arrived
-    /// since (without waiting): a `Cancel` there is answered before the task
-    /// it asks back can be taken.
+    /// since (without waiting), unless it read within [`DRAIN_EVERY`]: a
+    /// `Cancel` there is answered before the task it asks back can be taken.
     pub(crate) fn next(&self, pump: &mut dyn Pump) -> Result<Incoming, End> {
         let mut state = lock(&self.state);
         let mut drained = false;
@@ -200,11 +218,12 @@ impl Inbox {
             };
             if !state.queue.is_empty() && !drained {
                 drained = true;
-                if let Some(mut reader) = reader {
+                if let Some(mut reader) = reader.filter(|_| self.drain_due(&state)) {
                     drop(state);
                     pump.pump(&mut reader, Until::Drained);
                     drop(reader);
                     state = lock(&self.state);
+                    state.last_read = Some(Instant::now());
                 }
                 continue;
             }
@@ -221,6 +240,7 @@ impl Inbox {
                     drop(reader);
                     drained = true; // it has just read all there was
                     state = lock(&self.state);
+                    state.last_read = Some(Instant::now());
                 }
                 None => {
                     // The watcher reads; it wakes us with a message, an end,
@@ -363,6 +383,29 @@ mod tests {
         };
         assert!(matches!(inbox.next(&mut pump), Ok(Incoming::Task { id: 2, .. })));
         assert_eq!(answered, vec![1]);
+    }
+
+    #[test]
+    fn a_waiting_task_is_taken_without_a_read_within_the_drain_interval_and_after_one_past_it() {
+        let mut inbox = Inbox::new(1024);
+        inbox.drain_every = Duration::from_secs(3600);
+        for id in 1..=3 {
+            inbox.push(task(id));
+        }
+        let drains = std::cell::Cell::new(0);
+        let mut pump = |_: &mut FrameReader, until: Until<'_>| {
+            if let Until::Drained = until {
+                drains.set(drains.get() + 1);
+            }
+        };
+        // The first take reads (no read yet); the next, within the interval, does not.
+        assert!(matches!(inbox.next(&mut pump), Ok(Incoming::Task { id: 1, .. })));
+        assert!(matches!(inbox.next(&mut pump), Ok(Incoming::Task { id: 2, .. })));
+        assert_eq!(drains.get(), 1);
+        // Past the interval, it reads again before taking one.
+        inbox.drain_every = Duration::ZERO;
+        assert!(matches!(inbox.next(&mut pump), Ok(Incoming::Task { id: 3, .. })));
+        assert_eq!(drains.get(), 2);
     }
 
     #[test]
