@@ -35,6 +35,7 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
 
 use pyo3::exceptions::{PyRuntimeError, PySystemExit, PyTypeError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 use warden::frontend::{ExitHook, ExitHookOutcome, Handler, Interrupter, WorkerEnv, EXIT_PROTOCOL};
@@ -197,8 +198,8 @@ impl Handler for PyHandler {
                 Err(e) => return Err(remote_from_pyerr(py, e)),
             };
             let fd = segment.map(IntoRawFd::into_raw_fd);
-            let result = self.handler.bind(py).call_method1("run", (&view, fd));
-            if view.call_method0("release").is_err() {
+            let result = self.handler.bind(py).call_method1(intern!(py, "run"), (&view, fd));
+            if view.call_method0(intern!(py, "release")).is_err() {
                 eprintln!("warden worker: the task handler kept its payload view exported; aborting");
                 std::process::abort();
             }

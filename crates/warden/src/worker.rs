@@ -935,7 +935,9 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
                 let got = match until {
                     Until::Drained => reader.try_fill_from_socket(&core.stream),
                     Until::Enough(enough) if enough() => return,
-                    Until::Enough(_) => reader.fill_from_socket(&core.stream),
+                    Until::Enough(_) => {
+                        wait_readable(&core.stream).and_then(|()| reader.fill_from_socket(&core.stream))
+                    }
                 };
                 match got {
                     Ok(n) if n > 0 => continue,
@@ -1017,6 +1019,19 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
     }
 }
 
+/// Waits until the channel has something to read (or has ended).
+///
+/// A blocking read would wait on the socket's one wait queue with a waker
+/// that every event wakes, the parent's reads of this worker's results
+/// among them (the room they free is announced there); `poll` for input
+/// sleeps through those. An `Interrupted` error lets the caller look again
+/// at why it waits.
+fn wait_readable(stream: &UnixStream) -> io::Result<()> {
+    let mut fds = [rustix::event::PollFd::new(stream, rustix::event::PollFlags::IN)];
+    rustix::event::poll(&mut fds, None)?;
+    Ok(())
+}
+
 /// How long the watcher, having seen the channel end while a task runs,
 /// waits for the parent to be seen gone (a dying process closes its fds
 /// before its children are given to another parent).
@@ -1059,7 +1074,10 @@ fn stop_requested(core: &WorkerState) -> Option<ExitReason> {
 
 fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> ExitReason {
     let mut initialized = false;
-    let worker_pid = std::process::id();
+    // Read again only in a forked child (a `pthread_atfork` handler): the
+    // check after each task that it did not return in a copy a task forked
+    // costs no system call.
+    let worker_pid = crate::supervisor::current_pid();
     let mut read = |reader: &mut FrameReader, until: Until<'_>| pump(core, inbox, reader, until, false);
     loop {
         if let Some(reason) = stop_requested(core) {
@@ -1153,7 +1171,7 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                         drop_payload(p);
                         text
                     });
-                if std::process::id() != worker_pid {
+                if crate::supervisor::current_pid() != worker_pid {
                     leave_forked_copy();
                 }
                 core.end_task();
