@@ -3,6 +3,8 @@ arguments and in a pool's initargs, as under the spawn start method."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import gc
 import multiprocessing
 import os
 
@@ -124,6 +126,52 @@ def test_shared_objects_in_pool_initargs_are_shared_with_every_worker(kind):
         assert array[:] == [0, 1, 2, 3]
         assert event.is_set()
         assert sorted(shared.keys()) == [0, 1, 2, 3]
+
+
+def keep_lock(lock):
+    _state["lock"] = lock
+
+
+def square_under_lock(x):
+    with _state["lock"]:
+        return x * x
+
+
+def _pool_holding_the_only_lock(kind):
+    # The Lock is made in the call: nothing of the caller's refers to it.
+    if kind == "warden executor":
+        return warden.ProcessPoolExecutor(
+            2, initializer=keep_lock, initargs=(ctx.Lock(),), max_tasks_per_child=1
+        )
+    if kind == "warden Pool":
+        return warden.Pool(
+            2,
+            initializer=keep_lock,
+            initargs=(ctx.Lock(),),
+            finalizer=keep_lock,
+            finalargs=(ctx.Lock(),),
+            maxtasksperchild=1,
+        )
+    if kind == "stdlib executor":
+        return concurrent.futures.ProcessPoolExecutor(
+            2, mp_context=ctx, initializer=keep_lock, initargs=(ctx.Lock(),), max_tasks_per_child=1
+        )
+    return ctx.Pool(2, initializer=keep_lock, initargs=(ctx.Lock(),), maxtasksperchild=1)
+
+
+@pytest.mark.parametrize("kind", ["warden executor", "warden Pool", "stdlib executor", "stdlib Pool"])
+def test_a_shared_object_only_the_pool_holds_lives_as_long_as_the_pool(kind):
+    """A spawn context's Lock unlinks its semaphore when its last owner in
+    the parent goes. The pools keep their initargs (and finalargs) for their
+    whole life, as the standard library's do, so that every worker,
+    replacements too, opens it."""
+    with _pool_holding_the_only_lock(kind) as pool:
+        gc.collect()
+        if kind.endswith("Pool"):
+            results = pool.map_async(square_under_lock, range(6), chunksize=1).get(60)
+        else:
+            results = list(pool.map(square_under_lock, range(6), timeout=60))
+    assert results == [0, 1, 4, 9, 16, 25]
 
 
 def test_a_lock_in_task_arguments_is_refused_as_under_spawn():

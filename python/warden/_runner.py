@@ -610,6 +610,11 @@ class Runner:
             if exiting:
                 raise RuntimeError("cannot start new workers after interpreter shutdown")
             hook_bytes = b""
+            # Kept for the pool's life, as the standard library's pools keep
+            # their initargs: a shared object they pass (a spawn context's
+            # Lock or Queue, a manager's proxy) lives while its owner in this
+            # process does, and every worker, replacements too, opens it.
+            self.hooks = hooks
             if hooks is not None:
                 hook_bytes, hook_fds = dumps_for_spawn(
                     hooks, parameters=lambda: _named("initargs", hooks.get("initargs", ()))
