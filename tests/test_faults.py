@@ -2029,6 +2029,8 @@ if __name__ == "__main__":
             ex.submit(task, path).result(30)
         except warden.TaskTimeout:
             print("timed out", flush=True)
+        # The replacement is up (its finalizer is to run too) before shutdown.
+        print(ex.submit(os.getpid).result(30) > 0, flush=True)
 """
 
 
@@ -2038,7 +2040,7 @@ def test_a_stopped_tasks_finally_block_has_half_the_grace_period_before_the_exit
     path = tmp_path / "steps"
     run = program(SLOW_FINALLY).run(timeout=60, args=(str(path),))
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["timed", "out"]
+    assert run.stdout.split() == ["timed", "out", "True"]
     steps = [line.split(" ", 1) for line in path.read_text().splitlines()]
     stopped = next(pid for pid, what in steps if what == "finally done")
     assert [what for pid, what in steps if pid == stopped] == ["finally done", "finalizer"]
