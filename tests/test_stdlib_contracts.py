@@ -528,12 +528,14 @@ def test_a_future_is_running_while_a_worker_runs_its_task_and_cannot_be_cancelle
         assert ex.submit(identity, 0).result(timeout=60) == 0  # the worker is up
         future = ex.submit(sleep_then, 1.0, "slept")
         assert wait_until(future.running, timeout=30)
+        assert "state=running" in repr(future)
         assert not future.cancel()
         assert not future.cancelled() and not future.done()
         done, _ = concurrent.futures.wait([future], timeout=30)
         assert done == {future}
         assert future.result(timeout=0) == "slept"
         assert not future.running()
+        assert "state=finished" in repr(future)
 
 
 def test_a_task_waiting_behind_another_is_not_running_and_can_be_cancelled():

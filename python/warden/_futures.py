@@ -8,7 +8,9 @@ three differences:
   ``exception()`` build a fresh exception on each call, so a future never
   holds the frames of the code that waited on it;
 * ``cancel()`` asks the pool, and succeeds only while the task is queued
-  (the future is ``running()`` once a worker has started it);
+  (the future is ``running()`` once a worker has taken it: ``running()``
+  asks the pool, which sends the future nothing at a start, so its
+  ``_state`` stays ``PENDING`` until the outcome);
   ``cancel(running=True)`` also stops a task that is running (its worker is
   stopped: SIGTERM, finalizer, grace period, SIGKILL; and replaced);
 * a ``KeyboardInterrupt`` while waiting in ``result()`` stops the pool the
@@ -159,7 +161,16 @@ class Future(_base.Future["_T"]):
 
     def running(self) -> bool:
         """Whether a worker is running the task."""
-        return self._state == _base.RUNNING
+        state = self._state
+        if state == _base.PENDING:
+            # The pool knows when a worker takes the task (nothing is sent to
+            # the future then): running from then until its outcome is here.
+            return self._taken()
+        return state == _base.RUNNING
+
+    def _taken(self) -> bool:
+        runner = self._runner
+        return runner is not None and runner.core.has_started(self._task)
 
     def __repr__(self) -> str:
         with self._condition:
@@ -167,6 +178,8 @@ class Future(_base.Future["_T"]):
                 return (
                     f"<{type(self).__name__} at {id(self):#x} state=finished raised {self._error.describe()}>"
                 )
+            if self._state == _base.PENDING and self._taken():
+                return f"<{type(self).__name__} at {id(self):#x} state=running>"
         return super().__repr__()
 
     # -- waiting -----------------------------------------------------------
@@ -256,7 +269,9 @@ class Future(_base.Future["_T"]):
         # One read, no lock (which would make the lazy condition): whatever
         # happens after it, the pool's answer and ``_mark_cancelled`` decide.
         state = self._state
-        if state == _base.FINISHED or (state == _base.RUNNING and not running):
+        if state == _base.FINISHED or (
+            not running and (state == _base.RUNNING or (state == _base.PENDING and self._taken()))
+        ):
             return False
         if state in _CANCELLED:
             return True
@@ -349,20 +364,8 @@ class Future(_base.Future["_T"]):
             self._condition.notify_all()
         self._invoke_callbacks()
 
-    def _deliver(self, ok: bool | None, data: Any) -> None:
-        """Takes a task outcome from the results thread (``ok`` is ``None``
-        when a worker started the task)."""
-        if ok is None:
-            if self._lazy_condition is None:
-                with _CONDITION_LOCK:
-                    if self._lazy_condition is None:
-                        if self._state == _base.PENDING:
-                            self._state = _base.RUNNING
-                        return
-            with self._condition:
-                if self._state == _base.PENDING:
-                    self.set_running_or_notify_cancel()
-            return
+    def _deliver(self, ok: bool, data: Any) -> None:
+        """Takes a task outcome from the results thread."""
         if ok:
             try:
                 value = loads(data)

@@ -56,9 +56,8 @@ INIT_TIMEOUT: float | None = None
 #: Out-of-band buffers do not count against it (see _oob).
 MAX_FRAME: int | None = None
 
-#: A task's outcome: ``(True, result bytes)`` or ``(False, ErrorData)``; or
-#: ``(None, None)`` when a worker started a task submitted with ``report_start``.
-OnDone = Callable[[bool | None, Any], None]
+#: A task's outcome: ``(True, result bytes)`` or ``(False, ErrorData)``.
+OnDone = Callable[[bool, Any], None]
 
 #: Runners that may still have live workers. Held strongly, so that interpreter
 #: exit finds every pool still running (and stops its thread before the
@@ -765,11 +764,11 @@ class Runner:
         timeout: float | None = None,
         owner: Any = None,
         segment: int | None = None,
-        report_start: bool = False,
+        track_start: bool = False,
     ) -> int:
         """Queues a task; ``on_done(ok, data)`` gets its outcome on the results
-        thread (see :data:`OnDone`; with ``report_start``, first
-        ``on_done(None, None)`` when a worker starts it). Returns the task id. Raises ``CoreError``
+        thread (see :data:`OnDone`; with ``track_start``, ``core.has_started``
+        tells when a worker has taken it). Returns the task id. Raises ``CoreError``
         if refused. ``owner`` (the future or result) is what
         ``on_worker_lost`` reports as the task. ``segment`` is the fd of the
         call's out-of-band buffers; the core owns it from here on, even if
@@ -785,7 +784,7 @@ class Runner:
             close_fd(segment)
             raise
         try:
-            task = self.core.submit(payload, timeout, segment, report_start)
+            task = self.core.submit(payload, timeout, segment, track_start)
             self.pending[task] = on_done
             if held is not None:
                 held.hold()
@@ -1141,24 +1140,11 @@ def _deliver_outcomes(
 def _deliver_batch(
     batch: list[_warden.Completion], pending: dict[int, OnDone], pending_lock: threading.Lock
 ) -> None:
-    if len(batch) > 1:
-        # A start whose outcome is in the same batch is news to nobody: the
-        # future goes straight to done (a short task's usual case, and one
-        # callback instead of two).
-        finished = {done.task for done in batch if not done.started}
-        if finished:
-            batch = [done for done in batch if not (done.started and done.task in finished)]
     with pending_lock:
-        # A start leaves the callback in place for the outcome to come.
-        callbacks = [
-            pending.get(done.task) if done.started else pending.pop(done.task, None) for done in batch
-        ]
+        callbacks = [pending.pop(done.task, None) for done in batch]
     for done, callback in zip(batch, callbacks, strict=True):
         if callback is None:
             continue  # its segment, if any, is closed with the record
-        if done.started:
-            call_outcome_callback(callback, None, None)
-            continue
         try:
             if done.error is not None:
                 ok, data = False, ErrorData.from_core(done.error)
@@ -1171,7 +1157,7 @@ def _deliver_batch(
         call_outcome_callback(callback, ok, data)
 
 
-def call_outcome_callback(callback: OnDone, ok: bool | None, data: Any) -> None:
+def call_outcome_callback(callback: OnDone, ok: bool, data: Any) -> None:
     try:
         callback(ok, data)
     except BaseException:  # nothing a callback raises ends the results thread

@@ -135,8 +135,7 @@ class TaskError:
 
 @final
 class Completion:
-    """One task's outcome: exactly one of ``value`` and ``error``; or, with
-    ``started`` set and neither, the news that a worker started the task."""
+    """One task's outcome: exactly one of ``value`` and ``error``."""
 
     @property
     def task(self) -> int: ...
@@ -144,8 +143,6 @@ class Completion:
     def value(self) -> bytes | None: ...
     @property
     def error(self) -> TaskError | None: ...
-    @property
-    def started(self) -> bool: ...
     def take_segment(self) -> int | None:
         """The fd of the result's shared segment, handed over (the caller closes it)."""
 
@@ -243,8 +240,9 @@ class CorePool:
         payload: bytes,
         timeout: float | None = None,
         segment: int | None = None,
-        report_start: bool = False,
+        track_start: bool = False,
     ) -> int: ...
+    def has_started(self, task: int) -> bool: ...
     def next_completions(self, max: int = 256, timeout: float | None = None) -> list[Completion] | None: ...
     def cancel(self, task: int) -> bool: ...
     def cancel_nowait(self, task: int) -> None: ...

@@ -294,15 +294,14 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         call: tuple[bytes, int | None],
         on_done: Callable[[bool, Any], None],
         owner: Any,
-        report_start: bool = False,
+        track_start: bool = False,
         timeout: float | None = None,
     ) -> tuple[_runner.Runner, int]:
         """Queues a pickled call (its payload and the segment of its large
         buffers, if any, which this takes over); ``on_done(ok, data)`` gets its
-        outcome on the results thread (with ``report_start``, first
-        ``on_done(None, None)`` when a worker starts it); ``owner`` is what
-        ``on_worker_lost`` reports as the task. Returns the runner and the
-        task id."""
+        outcome on the results thread (with ``track_start``, the core tells
+        when a worker has taken it); ``owner`` is what ``on_worker_lost``
+        reports as the task. Returns the runner and the task id."""
         payload, segment = call
         try:
             with self._lock:
@@ -314,7 +313,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             raise
         try:
             return runner, runner.submit(
-                payload, on_done, timeout, owner=owner, segment=segment, report_start=report_start
+                payload, on_done, timeout, owner=owner, segment=segment, track_start=track_start
             )
         except _warden.CoreError as e:
             if runner.interrupted and e.kind == _warden.ErrorKind.CLOSED:
@@ -323,7 +322,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
 
     def _submit_payload(self, call: tuple[bytes, int | None], timeout: float | None = None) -> Future[Any]:
         future: Future[Any] = Future()
-        runner, task = self._queue(call, future._deliver, future, report_start=True, timeout=timeout)
+        runner, task = self._queue(call, future._deliver, future, track_start=True, timeout=timeout)
         future._runner, future._task = runner, task
         return future
 

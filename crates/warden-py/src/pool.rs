@@ -51,20 +51,29 @@ type ExitRecord = (i32, Option<i32>, Option<i32>);
 /// `submit` in progress has finished (see [`Inner::submitting`]).
 type TaskId = Arc<OnceLock<u64>>;
 
-/// An entry of the outcome queue: a task's outcome, or (`None`) the news
-/// that a worker started it, for tasks submitted with `report_start`.
-type Entry = (TaskId, Option<Outcome>);
+/// An entry of the outcome queue: a task's outcome.
+type Entry = (TaskId, Outcome);
 
-/// The tasks whose start is reported, by task id. A start can come before
-/// `submit` has the task's id (`early`), and an outcome before `submit`
-/// registers it; both are settled under this one lock.
+/// The tasks whose start is tracked (`submit(..., track_start=True)`), by
+/// task id: [`CorePool::has_started`] answers from here, so that a start
+/// costs the results thread nothing. A start can come before `submit` has
+/// the task's id (`early`), and an outcome before `submit` registers it;
+/// both are settled under this one lock.
 #[derive(Default)]
 struct Starts {
+    /// Tracked tasks not started yet.
     watched: HashSet<u64>,
+    /// Tracked tasks started, until their outcome has been delivered.
+    running: HashSet<u64>,
     early: HashSet<u64>,
     /// The highest task id a `submit` has returned: a start of an unwatched
     /// task at or below it is nobody's business.
     returned: u64,
+    /// The tasks of the last batch of outcomes `next_completions` returned:
+    /// they leave `running` when the results thread asks for the next batch,
+    /// having delivered that one (so a future never looks neither running
+    /// nor done between the two).
+    delivering: Vec<u64>,
 }
 
 impl Starts {
@@ -75,6 +84,19 @@ impl Starts {
             self.watched.shrink_to(KEEP_ROOM);
         }
         was
+    }
+
+    /// The outcomes of the last batch have been delivered.
+    fn delivered(&mut self) {
+        for task in self.delivering.drain(..) {
+            self.running.remove(&task);
+        }
+        if self.running.is_empty() && self.running.capacity() > KEEP_ROOM {
+            self.running.shrink_to(KEEP_ROOM);
+        }
+        if self.delivering.capacity() > KEEP_ROOM {
+            self.delivering.shrink_to(KEEP_ROOM);
+        }
     }
 }
 
@@ -112,7 +134,7 @@ struct Inner {
 }
 
 impl Inner {
-    fn push(&self, task: TaskId, outcome: Option<Outcome>) {
+    fn push(&self, task: TaskId, outcome: Outcome) {
         let mut queue = lock(&self.queue);
         queue.push_back((task, outcome));
         let waiting = self.waiting.load(Ordering::Relaxed) > 0;
@@ -125,8 +147,7 @@ impl Inner {
     fn started(&self, task: u64) {
         let mut starts = lock(&self.starts);
         if starts.unwatch(task) {
-            drop(starts);
-            self.push(Arc::new(OnceLock::from(task)), None);
+            starts.running.insert(task);
         } else if task > starts.returned {
             starts.early.insert(task);
         }
@@ -223,7 +244,7 @@ impl CorePool {
 
     /// Waits (GIL released by the caller) for at least one outcome, up to
     /// `deadline`. `None` once the pool has finished and nothing is left.
-    fn wait_batch(&self, max: usize, deadline: Option<Instant>) -> Option<Vec<(u64, Option<Outcome>)>> {
+    fn wait_batch(&self, max: usize, deadline: Option<Instant>) -> Option<Vec<(u64, Outcome)>> {
         let mut queue = lock(&self.inner.queue);
         loop {
             if !queue.is_empty() {
@@ -380,19 +401,13 @@ impl CorePool {
     }
 
     /// Queues a task and returns its id; its outcome comes out of
-    /// `next_completions` under that id, and with `report_start`, first a
-    /// `Completion` with `started` set when a worker starts it. `segment` is
+    /// `next_completions` under that id. With `track_start`, `has_started`
+    /// tells when a worker has taken it. `segment` is
     /// the fd of the call's shared segment (see `warden._oob`): the pool owns
     /// it from this call on, even if the call fails, and passes it to the
     /// worker with the task. Raises `CoreError` if the pool takes no tasks.
-    #[pyo3(signature = (payload, timeout=None, segment=None, report_start=false))]
-    fn submit(
-        &self,
-        payload: &[u8],
-        timeout: Option<f64>,
-        segment: Option<RawFd>,
-        report_start: bool,
-    ) -> PyResult<u64> {
+    #[pyo3(signature = (payload, timeout=None, segment=None, track_start=false))]
+    fn submit(&self, payload: &[u8], timeout: Option<f64>, segment: Option<RawFd>, track_start: bool) -> PyResult<u64> {
         // Own the fd first, so that it is closed on any error below.
         let segment = segment.map(|fd| take_fd("segment", fd, 0)).transpose()?;
         let pool = self.pool().ok_or_else(core_closed)?;
@@ -406,9 +421,9 @@ impl CorePool {
         let id: TaskId = Arc::default();
         let slot = Arc::clone(&id);
         let _submitting = lock(&self.inner.submitting);
-        // With `report_start`, the outcome may come before the id is known:
+        // With `track_start`, the outcome may come before the id is known:
         // `done` tells the code below, under the `starts` lock, not to watch it.
-        let done = report_start.then(|| Arc::new(AtomicBool::new(false)));
+        let done = track_start.then(|| Arc::new(AtomicBool::new(false)));
         let seen = done.clone();
         let reply: Box<dyn FnOnce(Outcome) + Send> = Box::new(move |outcome| {
             if let Some(seen) = seen {
@@ -418,7 +433,7 @@ impl CorePool {
                     starts.unwatch(*task);
                 }
             }
-            inner.push(slot, Some(outcome));
+            inner.push(slot, outcome);
         });
         // The one copy of the inline part at this boundary: the core's queue
         // owns its payload (large buffers travel in the segment instead).
@@ -430,8 +445,7 @@ impl CorePool {
         let early = starts.early.remove(&task);
         if done.is_some_and(|done| !done.load(Ordering::SeqCst)) {
             if early {
-                drop(starts);
-                self.inner.push(id, None);
+                starts.running.insert(task);
             } else {
                 starts.watched.insert(task);
             }
@@ -439,12 +453,18 @@ impl CorePool {
         Ok(task)
     }
 
+    /// Whether a worker has taken task `task` (submitted with `track_start`)
+    /// and its outcome has not been delivered yet. `False` in a forked copy.
+    fn has_started(&self, task: u64) -> bool {
+        !self.foreign() && lock(&self.inner.starts).running.contains(&task)
+    }
+
     /// Waits up to `timeout` seconds (forever if `None`) for task outcomes and
     /// returns up to `max` of them as `Completion` records (an empty list on
     /// timeout); a result's shared segment comes with its record
-    /// (`Completion.take_segment`), and a task submitted with `report_start`
-    /// also gives one with `started` set, before its outcome. Returns `None`
-    /// once the pool has shut down and every outcome was taken.
+    /// (`Completion.take_segment`). Returns `None` once the pool has shut
+    /// down and every outcome was taken. Called again, it takes the
+    /// outcomes it returned before as delivered (see `has_started`).
     #[pyo3(signature = (max=256, timeout=None))]
     fn next_completions<'py>(
         &self,
@@ -453,14 +473,12 @@ impl CorePool {
         timeout: Option<f64>,
     ) -> PyResult<Option<Bound<'py, PyList>>> {
         let deadline = deadline(wait_seconds(timeout)?);
+        lock(&self.inner.starts).delivered();
         let Some(batch) = py.detach(|| self.wait_batch(max, deadline)) else { return Ok(None) };
+        lock(&self.inner.starts).delivering.extend(batch.iter().map(|(task, _)| *task));
         let list = PyList::empty(py);
         for (task, outcome) in batch {
-            let record = match outcome {
-                Some(outcome) => Completion::new(py, task, outcome)?,
-                None => Completion::started(task),
-            };
-            list.append(record)?;
+            list.append(Completion::new(py, task, outcome)?)?;
         }
         Ok(Some(list))
     }

@@ -261,11 +261,6 @@ pub struct Completion {
     /// Why it failed, if it did.
     #[pyo3(get)]
     error: Option<Py<TaskError>>,
-    /// Set (with neither a value nor an error) for the news that a worker
-    /// started the task, which `CorePool.submit(..., report_start=True)`
-    /// asks for; its outcome follows in a later record.
-    #[pyo3(get)]
-    started: bool,
     /// The result's shared segment, until it is taken.
     segment: Mutex<Option<OwnedFd>>,
 }
@@ -279,21 +274,14 @@ impl Completion {
                 value: Some(PyBytes::new(py, &out.bytes).unbind()),
                 error: None,
                 segment: Mutex::new(out.segment),
-                started: false,
             },
             Err(e) => Completion {
                 task,
                 value: None,
                 error: Some(Py::new(py, TaskError::from_core(py, &e)?)?),
                 segment: Mutex::new(None),
-                started: false,
             },
         })
-    }
-
-    /// The record that a worker started `task`.
-    pub fn started(task: u64) -> Self {
-        Completion { task, value: None, error: None, started: true, segment: Mutex::new(None) }
     }
 }
 
