@@ -456,6 +456,29 @@ fn a_worker_whose_task_had_ended_when_asked_to_stop_keeps_its_place_and_serves_o
 }
 
 #[test]
+fn a_worker_that_took_a_stop_for_one_task_stays_stopping_when_it_misses_a_stop_for_the_next() {
+    let mut h = harness(2, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(2);
+    assert_eq!(sent(&mut w), [Sent::Task(1), Sent::Task(2)]);
+    assert!(h.cancel(1, true));
+    assert_eq!(sent(&mut w), [Sent::StopTask(1)]);
+    // It took the stop (task 1 ran): it is leaving. Task 1's outcome makes
+    // task 2 the one the pool sees running there, and a cancel of it asks
+    // again; task 2 never starts there, so that stop finds nothing running.
+    tell(&mut h, &mut w, &Message::StopTaken { id: 1 });
+    tell(&mut h, &mut w, &Message::Result { id: 1, outcome: WireOutcome::Value(b"1") });
+    assert!(h.cancel(2, true));
+    assert_eq!(sent(&mut w), [Sent::StopTask(2)]);
+    tell(&mut h, &mut w, &Message::StopMissed { id: 2 });
+    assert_eq!(h.phase(&w), WorkerPhase::Stopping, "a leaving worker is not taken back into service");
+    assert!(!h.sup.workers[&w.id].holds_its_place());
+    h.submit(3);
+    h.sup.dispatch();
+    assert!(h.inflight(&w).iter().all(|t| *t != 3), "no task goes to a leaving worker");
+}
+
+#[test]
 fn a_whole_worker_stop_while_it_is_asked_to_stop_for_one_task_is_not_undone_by_its_answer() {
     let mut h = harness(1, 10);
     let w = h.worker(WorkerPhase::Ready);

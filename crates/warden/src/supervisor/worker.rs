@@ -120,6 +120,10 @@ pub(super) struct Worker {
     /// pool of two would then have three). One that never answers is killed
     /// once the grace period is over, and its place is free then.
     pub(super) stop_unanswered: bool,
+    /// It answered that it took a stop for a task: it is leaving, whatever
+    /// it answers to a later stop for another task (`StopMissed`: by then
+    /// nothing runs there).
+    pub(super) stop_took: bool,
     /// When a `Cancel` went to it that it has not answered yet: set by the
     /// first one queued, cleared by anything it sends. A worker answers a
     /// cancel from its channel's reader within a millisecond or so, whatever
@@ -160,6 +164,7 @@ impl Worker {
             over_memory: false,
             stop_target: None,
             stop_unanswered: false,
+            stop_took: false,
             cancel_unanswered: None,
         }
     }
@@ -252,9 +257,12 @@ impl Worker {
     }
 
     /// The worker answered that it took the stop for task `id`: it leaves,
-    /// and its place is free for a replacement.
-    pub(super) fn stop_taken(&mut self, id: u64) {
-        if self.stop_target == Some(id) {
+    /// and its place is free for a replacement. (If it was asked meanwhile
+    /// to stop for a later task too, `id` is an earlier one: it leaves all
+    /// the same.)
+    pub(super) fn stop_taken(&mut self, _id: u64) {
+        if self.phase == WorkerPhase::Stopping {
+            self.stop_took = true;
             self.stop_unanswered = false;
         }
     }
@@ -262,7 +270,7 @@ impl Worker {
     /// The worker answered that task `id`, for which it was being stopped,
     /// was not running: it serves on.
     pub(super) fn stop_missed(&mut self, id: u64) -> bool {
-        if self.phase != WorkerPhase::Stopping || self.stop_target != Some(id) {
+        if self.phase != WorkerPhase::Stopping || self.stop_target != Some(id) || self.stop_took {
             return false;
         }
         self.stop_target = None;
