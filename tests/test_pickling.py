@@ -358,7 +358,7 @@ def test_a_main_module_run_with_dash_m_is_imported_by_name(tmp_path):
 
 
 UNDER_A_TOOL = """
-import dataclasses, os
+import dataclasses, enum, os
 run = "run-7"  # cProfile and profile have a run(), trace imports io, cProfile has label()
 label = "experiment-42"
 io = "my io"
@@ -367,25 +367,31 @@ io = "my io"
 class Box:
     value: int
 
-def init():
-    global db
+class Mode(enum.Enum):
+    FAST = 1
+
+def init(mode):
+    global db, init_mode
     db = os.getpid()
+    init_mode = mode is Mode.FAST
 
-def task(x):
-    return run, label, io, db == os.getpid(), Box(x)
+def task(x, box, mode):
+    # The program's classes, sent as arguments, are the worker's own.
+    own = isinstance(box, Box) and mode is Mode.FAST and init_mode
+    return run, label, io, db == os.getpid(), own, Box(x)
 
-def child(x):
-    print("child", run, label, io, x, flush=True)
+def child(x, box, mode):
+    print("child", run, label, io, x, isinstance(box, Box) and mode is Mode.FAST, flush=True)
 
 if __name__ == "__main__":
     import warden
-    with warden.ProcessPoolExecutor(1, initializer=init) as ex:
-        *values, box = ex.submit(task, 1).result(timeout=60)
+    with warden.ProcessPoolExecutor(1, initializer=init, initargs=(Mode.FAST,)) as ex:
+        *values, box = ex.submit(task, 1, Box(1), Mode.FAST).result(timeout=60)
         print("executor", *values, type(box) is Box and box.value, flush=True)
-    with warden.Pool(1, initializer=init) as pool:
-        *values, box = pool.apply(task, (2,))
+    with warden.Pool(1, initializer=init, initargs=(Mode.FAST,)) as pool:
+        *values, box = pool.apply(task, (2, Box(2), Mode.FAST))
         print("pool", *values, type(box) is Box and box.value, flush=True)
-    p = warden.Process(target=child, args=(3,))
+    p = warden.Process(target=child, args=(3, Box(3), Mode.FAST))
     p.start()
     p.join(60)
     print("exit", p.exitcode, flush=True)
@@ -425,7 +431,10 @@ def test_a_program_run_by_a_profiler_or_debugger_sees_its_own_globals_in_workers
     no error, and a result of a class the program defines could not be
     unpickled. Under ``python -m pdb``, whose main has no ``__spec__`` (and
     under ``-m pkg.mod`` a name that pickles a code object along), no pool
-    could start (the standard library's cannot either). A launcher that
+    could start (the standard library's cannot either). The program's
+    classes sent to workers (arguments, initargs, a ``Process``'s args) went
+    by value, as copies: an enum member that ``is`` no member of the
+    worker's enum, an instance ``isinstance`` did not know. A launcher that
     makes the program ``__main__`` itself (``runpy``: pyinstrument, memray,
     coverage, IPython's ``%run``) and a package's ``__main__`` keep working
     as under spawn."""
@@ -448,9 +457,9 @@ def test_a_program_run_by_a_profiler_or_debugger_sees_its_own_globals_in_workers
     assert run.returncode == 0, run.stderr
     lines = [line.removeprefix("(Pdb) ") for line in run.stdout.splitlines()]
     expected = [
-        "executor run-7 experiment-42 my io True 1",
-        "pool run-7 experiment-42 my io True 2",
-        "child run-7 experiment-42 my io 3",
+        "executor run-7 experiment-42 my io True True 1",
+        "pool run-7 experiment-42 my io True True 2",
+        "child run-7 experiment-42 my io 3 True",
         "exit 0",
     ]
     seen = [line for line in lines if line.split(" ")[0] in {"executor", "pool", "child", "exit"}]

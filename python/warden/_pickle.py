@@ -149,8 +149,12 @@ def _cloud_pickler_class() -> type:
                 # by value, the task would get a copy of the class, not the
                 # worker's own (an enum member that `is` no member of the
                 # worker's enum, an instance no isinstance() recognizes).
-                if isinstance(obj, type) and _main_names_class(obj):
-                    return NotImplemented  # save_global: __main__.<qualname>
+                if isinstance(obj, type):
+                    if _main_names_class(obj):
+                        return NotImplemented  # save_global: __main__.<qualname>
+                    if _program_names_class(obj):
+                        # The same, for a program a tool runs (see program_namespace).
+                        return main_attribute, (obj.__qualname__,)
                 return super().reducer_override(obj)
 
             def _dynamic_function_reduce(self, func: Any) -> Any:
@@ -452,6 +456,55 @@ def _main_is_importable() -> bool:
     with contextlib.suppress(TypeError):
         _main_checked = (weakref.ref(main), path, importable)
     return importable
+
+
+#: Set in a process whose program a tool runs in a namespace of its own
+#: (``python -m cProfile prog.py``), and whose workers import that program
+#: as their main: the program's namespace (see ``_runner._program_run_by_a_tool``).
+program_namespace: dict[str, Any] | None = None
+
+
+def _program_names_class(cls: type) -> bool:
+    """Whether class ``cls`` is one the program a tool runs defines (see
+    :data:`program_namespace`), and its workers' import of the program binds:
+    it then goes by reference to their main, as a class of ``__main__`` goes
+    when the program runs alone, so that the task gets the worker's own class
+    (an enum member that ``is`` its member, an instance ``isinstance``
+    knows), not a copy made by value."""
+    names = program_namespace
+    if names is None or getattr(cls, "__module__", None) != "__main__":
+        return False
+    qualname = getattr(cls, "__qualname__", None)
+    if type(qualname) is not str or "<locals>" in qualname:
+        return False
+    first, *rest = qualname.split(".")
+    found: Any = names.get(first)
+    try:
+        for part in rest:
+            found = getattr(found, part)
+    except Exception:
+        return False
+    if found is not cls:
+        return False
+    try:
+        bound = _bound_at_import(names.get("__file__"))
+    except OSError:
+        bound = None
+    if bound is not None and first not in bound:
+        return False  # defined under the program's main guard: by value
+    import cloudpickle
+
+    return "__main__" not in cloudpickle.list_registry_pickle_by_value()
+
+
+def main_attribute(qualname: str) -> Any:
+    """In a worker: what its main module (the parent's program) names
+    ``qualname``; how a class of a program a tool runs arrives (see
+    :func:`_program_names_class`)."""
+    found: Any = sys.modules["__main__"]
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
 
 
 def _main_names_class(cls: type) -> bool:

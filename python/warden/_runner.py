@@ -39,7 +39,7 @@ from pickle import dumps as _dumps  # bound at import: a task that patches pickl
 from pickle import loads as _loads
 from typing import Any, Literal
 
-from . import _finalize, _logging, _native, _oob, _warden
+from . import _finalize, _logging, _native, _oob, _pickle, _warden
 from ._errors import ErrorData
 from ._pickle import dumps_for_spawn, let_go_at_exit, note_main_thread_done
 from ._stderr import say, say_exception
@@ -524,10 +524,19 @@ def _program_run_by_a_tool(main: Any) -> dict[str, str] | None:
     if isinstance(spec_name, str):
         if spec_name == "__main__" or spec_name.endswith(".__main__"):
             return {}
+        _pickle.program_namespace = names
         return {"init_main_from_name": str(spec_name)}
     if os.path.basename(path) == "__main__.py" or not os.path.isfile(path):
         return {}
+    _pickle.program_namespace = names
     return {"init_main_from_path": path}
+
+
+def note_program_run_by_a_tool() -> None:
+    """Before pickling what a child gets before any pool is made (a
+    ``Process``): notes a program a tool runs (see
+    :func:`_program_run_by_a_tool`), so that its classes go by reference."""
+    _program_run_by_a_tool(sys.modules.get("__main__"))
 
 
 def _is_warden_file(path: object) -> bool:
@@ -608,6 +617,9 @@ class Runner:
         try:
             if exiting:
                 raise RuntimeError("cannot start new workers after interpreter shutdown")
+            # First: where a tool runs the program, the program's classes in
+            # the hooks go by reference to the workers' main (see _pickle).
+            preparation = preparation_data(name)
             hook_bytes = b""
             # Kept for the pool's life, as the standard library's pools keep
             # their initargs: a shared object they pass (a spawn context's
@@ -630,7 +642,7 @@ class Runner:
                 "mode": mode,
                 "name": name,
                 "parent_name": multiprocessing.current_process().name,
-                "preparation": preparation_data(name),
+                "preparation": preparation,
                 "hooks": hook_bytes,
                 "logging": log_to,
                 "resource_tracker": tracker,

@@ -160,6 +160,7 @@ class Process(multiprocessing.context.Process):
         # As the standard library's start() does: children that have ended,
         # and that nothing joined, are let go (each holds its pool's core).
         _let_go_of_ended_children()
+        _runner.note_program_run_by_a_tool()
 
         payload, fds = dumps_for_spawn(
             self,
