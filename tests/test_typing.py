@@ -7,7 +7,9 @@ generic results and iterators."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -186,3 +188,48 @@ DASK_PROGRAM = """
 def test_the_dask_executors_submit_carries_the_functions_types(tmp_path):
     pytest.importorskip("distributed", reason="Dask's distributed is a test tool (`make test-tools`)")
     _mypy_flags_exactly_the_wrong_lines(tmp_path, DASK_PROGRAM)
+
+
+AS_COMPLETED_PROGRAM = """
+    from concurrent.futures import FIRST_COMPLETED, as_completed, wait
+
+    import warden
+
+
+    def square(x: int) -> int:
+        return x * x
+
+
+    def main() -> int:
+        total = 0
+        with warden.ProcessPoolExecutor(2) as ex:
+            futures = [ex.submit(square, i) for i in range(4)]
+            for done in as_completed(futures):
+                total += done.result()
+            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for f in finished:
+                total += f.result()
+        return total
+    """
+
+
+def test_pyright_takes_warden_futures_in_as_completed_and_wait(tmp_path):
+    """typeshed types ``as_completed()`` and ``wait()`` with a protocol whose
+    ``_condition`` and ``_waiters`` are mutable attributes; pyright rejected a
+    future whose class makes them properties (and typed the futures it
+    yields as unknown). Type checkers now see the standard library's
+    attributes."""
+    pyright = shutil.which("pyright", path=os.path.dirname(sys.executable))
+    if pyright is None:
+        pytest.skip("pyright is a test tool (`make test-tools` installs it)")
+    (tmp_path / "prog.py").write_text(textwrap.dedent(AS_COMPLETED_PROGRAM))
+    (tmp_path / "pyrightconfig.json").write_text('{"typeCheckingMode": "strict"}')
+    run = subprocess.run(
+        [pyright, "--pythonpath", sys.executable, "prog.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "0 errors" in run.stdout, run.stdout

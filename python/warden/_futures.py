@@ -111,41 +111,46 @@ class Future(_base.Future["_T"]):
         self._runner: Any = None
         self._task = 0
 
-    @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        condition = self._lazy_condition
-        if condition is None:
-            with _CONDITION_LOCK:
-                condition = self._lazy_condition
-                if condition is None:
-                    # The lists first: whoever sees the condition sees them.
-                    self._lazy_waiters, self._lazy_callbacks = [], []
-                    condition = self._lazy_condition = threading.Condition()
-        return condition
+    # Hidden from type checkers, which see the standard library's plain
+    # attributes: typeshed's protocols for as_completed() and wait() ask for
+    # mutable attributes, which a property does not satisfy for every checker.
+    if not TYPE_CHECKING:
 
-    @_condition.setter
-    def _condition(self, condition: threading.Condition) -> None:
-        # Settable, as the standard library's attribute is (typeshed's
-        # protocols for as_completed() and wait() ask for that).
-        self._lazy_condition = condition
+        @property
+        def _condition(self) -> threading.Condition:
+            condition = self._lazy_condition
+            if condition is None:
+                with _CONDITION_LOCK:
+                    condition = self._lazy_condition
+                    if condition is None:
+                        # The lists first: whoever sees the condition sees them.
+                        self._lazy_waiters, self._lazy_callbacks = [], []
+                        condition = self._lazy_condition = threading.Condition()
+            return condition
 
-    @property
-    def _waiters(self) -> list[Any]:  # type: ignore[override]
-        """``wait()``'s and ``as_completed()``'s waiters (made with the condition)."""
-        if self._lazy_waiters is None:
-            self._condition  # noqa: B018  (makes the lists)
-        return self._lazy_waiters  # type: ignore[return-value]
+        @_condition.setter
+        def _condition(self, condition: threading.Condition) -> None:
+            # Settable, as the standard library's attribute is (typeshed's
+            # protocols for as_completed() and wait() ask for that).
+            self._lazy_condition = condition
 
-    @_waiters.setter
-    def _waiters(self, waiters: list[Any]) -> None:
-        self._lazy_waiters = waiters
+        @property
+        def _waiters(self) -> list[Any]:
+            """``wait()``'s and ``as_completed()``'s waiters (made with the condition)."""
+            if self._lazy_waiters is None:
+                self._condition  # noqa: B018  (makes the lists)
+            return self._lazy_waiters  # type: ignore[return-value]
 
-    @property
-    def _done_callbacks(self) -> list[Callable[[Any], object]]:  # type: ignore[override]
-        """The callbacks ``add_done_callback`` registered (made with the condition)."""
-        if self._lazy_callbacks is None:
-            self._condition  # noqa: B018  (makes the lists)
-        return self._lazy_callbacks  # type: ignore[return-value]
+        @_waiters.setter
+        def _waiters(self, waiters: list[Any]) -> None:
+            self._lazy_waiters = waiters
+
+        @property
+        def _done_callbacks(self) -> list[Callable[[Any], object]]:
+            """The callbacks ``add_done_callback`` registered (made with the condition)."""
+            if self._lazy_callbacks is None:
+                self._condition  # noqa: B018  (makes the lists)
+            return self._lazy_callbacks  # type: ignore[return-value]
 
     def _on_interrupt(self) -> None:
         if self._runner is not None:
