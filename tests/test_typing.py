@@ -1,9 +1,10 @@
 """What a type checker makes of warden's API: ``ProcessPoolExecutor``'s
-``submit``, ``map`` and ``run`` are typed as typeshed types
-``concurrent.futures.Executor``'s, with a generic ``warden.Future`` (and
-``schedule`` returns one too), and
-``Pool``'s methods as typeshed types ``multiprocessing.pool.Pool``'s, with
-generic results and iterators."""
+``submit`` and ``map`` are typed as typeshed types
+``concurrent.futures.Executor``'s (``submit`` gives a
+``concurrent.futures.Future``; ``schedule``, warden's own, a generic
+``warden.Future``), and ``Pool``'s methods as typeshed types
+``multiprocessing.pool.Pool``'s, with the standard library's generic results
+and iterators: code typed for the standard library checks unchanged."""
 
 from __future__ import annotations
 
@@ -19,12 +20,29 @@ import pytest
 pytest.importorskip("mypy", reason="mypy is a build tool (`make venv` installs it)")
 
 PROGRAM = """
+    import concurrent.futures
     import contextlib
     import multiprocessing.synchronize
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from concurrent.futures import as_completed, wait
+    from typing import ParamSpec, TypeVar
 
     import warden
+
+    P = ParamSpec("P")
+    T = TypeVar("T")
+
+
+    class Logged(warden.ProcessPoolExecutor):
+        # Overridden with typeshed's signature of the standard library's.
+        def submit(
+            self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+        ) -> concurrent.futures.Future[T]:
+            return super().submit(fn, *args, **kwargs)
+
+
+    def gather(futures: list[concurrent.futures.Future[int]]) -> int:
+        return sum(f.result() for f in futures)
 
 
     def square(x: int) -> int:
@@ -50,7 +68,7 @@ PROGRAM = """
 
     def main() -> None:
         with warden.ProcessPoolExecutor(1) as ex:
-            future: warden.Future[int] = ex.submit(square, 2)
+            future: concurrent.futures.Future[int] = ex.submit(square, 2)
             n: int = future.result()
             s: str = ex.submit(square, 2).result()  # wrong
             ex.submit(square, "2")  # wrong
@@ -62,6 +80,11 @@ PROGRAM = """
             futures = [ex.submit(square, i) for i in range(3)]
             for done in as_completed(futures):  # the standard library's own functions take them
                 n = done.result() + 1
+            n = gather(futures)
+            # The standard library's documented idiom: futures as a dict's keys.
+            future_to_x = {ex.submit(square, x): x for x in range(3)}
+            for done in as_completed(future_to_x):
+                n = future_to_x[done] + done.result()
             finished, _ = wait(futures)
             print(n, s, squares, names, finished, limited)
 
@@ -108,6 +131,10 @@ POOL_PROGRAM = """
         print(sum(values))
 
 
+    def collect(results: list[multiprocessing.pool.AsyncResult[int]]) -> list[int]:
+        return [r.get() for r in results]
+
+
     class MyPool(warden.Pool):
         def extra(self) -> int:
             return 1
@@ -122,20 +149,22 @@ POOL_PROGRAM = """
         with warden.Pool(1) as pool:
             n: int = pool.apply(square, (2,))
             s: str = pool.apply(square, (2,))  # wrong
-            pending: warden.AsyncResult[int] = pool.apply_async(square, (2,))
+            pending = pool.apply_async(square, (2,))
             n = pending.get(timeout=1)
+            n = sum(collect([pool.apply_async(square, (i,)) for i in range(2)]))
             as_stdlib: multiprocessing.pool.AsyncResult[int] = pool.apply_async(square, (3,))
             squares: list[int] = pool.map(square, [1, 2])
             names: list[str] = pool.map(square, [1, 2])  # wrong
             pool.map(square, ["1"])  # wrong
             sums: list[int] = pool.starmap(add, [(1, 2)])
-            later: warden.MapResult[int] = pool.map_async(square, [1], callback=on_squares)
+            later: multiprocessing.pool.MapResult[int] = pool.map_async(square, [1], callback=on_squares)
+            pairs: multiprocessing.pool.AsyncResult[list[int]] = pool.starmap_async(add, [(1, 2)])
             for m in pool.imap(square, [1, 2]):
                 n = m + 1
             for word in pool.imap_unordered(square, [1, 2]):
                 word.upper()  # wrong
-            lazy: warden.IMapIterator[int] = pool.imap(square, [3])
-            print(n, s, as_stdlib, squares, names, sums, later, lazy)
+            lazy: multiprocessing.pool.IMapIterator[int] = pool.imap(square, [3])
+            print(n, s, as_stdlib, squares, names, sums, later, pairs, lazy)
     """
 
 

@@ -243,8 +243,12 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         weakref.finalize(self, runner.close_nowait).atexit = False
         return runner
 
-    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
-        """Runs ``fn(*args, **kwargs)`` in a worker; returns its future.
+    def submit(
+        self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> concurrent.futures.Future[_T]:
+        """Runs ``fn(*args, **kwargs)`` in a worker; returns its future (a
+        :class:`warden.Future`, typed as typeshed types the standard
+        library's, so that code typed for it checks unchanged).
 
         Raises at once if the call cannot be pickled (the pool is unaffected).
         """

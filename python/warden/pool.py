@@ -230,8 +230,10 @@ class Pool(multiprocessing.pool.Pool):
         kwds: Mapping[str, Any] = {},
         callback: Callable[[_T], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
-    ) -> ApplyResult[_T]:
-        """Queues ``func(*args, **kwds)``; returns an :class:`ApplyResult`.
+    ) -> multiprocessing.pool.ApplyResult[_T]:
+        """Queues ``func(*args, **kwds)``; returns an :class:`ApplyResult`
+        (typed, as every result of the standard library's methods here, as
+        typeshed types the standard library's).
         A call that cannot be pickled fails through its result, as in the
         standard library: ``error_callback`` gets the pickler's error (on
         another thread) and ``get()`` raises it; the pool is unaffected."""
@@ -350,7 +352,7 @@ class Pool(multiprocessing.pool.Pool):
         chunksize: int | None = None,
         callback: Callable[[list[_T]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
-    ) -> MapResult[_T]:
+    ) -> multiprocessing.pool.MapResult[_T]:
         """Asynchronous :meth:`map`; returns a :class:`MapResult`."""
         return self._map_async(func, iterable, False, chunksize, callback, error_callback)
 
@@ -361,7 +363,7 @@ class Pool(multiprocessing.pool.Pool):
         chunksize: int | None = None,
         callback: Callable[[list[_T]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
-    ) -> MapResult[_T]:
+    ) -> multiprocessing.pool.ApplyResult[list[_T]]:
         """Asynchronous :meth:`starmap`; returns a :class:`MapResult`."""
         return self._map_async(func, iterable, True, chunksize, callback, error_callback)
 
@@ -429,7 +431,7 @@ class Pool(multiprocessing.pool.Pool):
         chunksize: int = 1,
         *,
         progress: _progress.ProgressArg = None,
-    ) -> IMapIterator[_T]:
+    ) -> multiprocessing.pool.IMapIterator[_T]:
         """Like :meth:`map`, lazily: an iterator of results in order. The
         iterable is consumed by a feeder thread, as far ahead of the workers
         as keeps them busy (see :data:`IMAP_AHEAD_CHUNKS`); dropping the
@@ -444,7 +446,7 @@ class Pool(multiprocessing.pool.Pool):
         chunksize: int = 1,
         *,
         progress: _progress.ProgressArg = None,
-    ) -> IMapIterator[_T]:
+    ) -> multiprocessing.pool.IMapIterator[_T]:
         """Like :meth:`imap`, yielding results as they complete (an
         :class:`IMapUnorderedIterator`)."""
         return self._imap(func, iterable, chunksize, unordered=True, progress=progress)
