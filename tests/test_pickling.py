@@ -466,6 +466,42 @@ def test_a_program_run_by_a_profiler_or_debugger_sees_its_own_globals_in_workers
     assert seen == expected, (run.stdout, run.stderr)
 
 
+GUARDED_CLASS_AFTER_CHDIR = """
+import os
+import warden
+
+def describe(x):
+    return type(x).__name__
+
+if __name__ == "__main__":
+    class Local:  # defined under the guard: a worker's import of the program has none
+        pass
+
+    os.chdir("elsewhere")
+    with warden.ProcessPoolExecutor(1) as ex:
+        print("result", ex.submit(describe, Local()).result(timeout=60), flush=True)
+"""
+
+
+def test_a_class_under_the_main_guard_of_a_program_a_tool_runs_goes_by_value_after_a_chdir(tmp_path):
+    """Under ``python -m cProfile prog.py`` the program's ``__file__`` is the
+    path as typed, relative to where the program started. The check of which
+    names the workers' import of the program binds read it from the new
+    working directory, found no file, took every name as bound, and sent a
+    class defined under the guard by reference: the worker could not find it."""
+    (tmp_path / "prog.py").write_text(GUARDED_CLASS_AFTER_CHDIR)
+    (tmp_path / "elsewhere").mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", os.devnull, "prog.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "result Local" in run.stdout.splitlines(), (run.stdout, run.stderr)
+
+
 NESTED_FROM_MAIN = """
 import os, sys
 import warden

@@ -7,6 +7,7 @@ import concurrent.futures
 import gc
 import multiprocessing
 import os
+import weakref
 
 import pytest
 
@@ -172,6 +173,40 @@ def test_a_shared_object_only_the_pool_holds_lives_as_long_as_the_pool(kind):
         else:
             results = list(pool.map(square_under_lock, range(6), timeout=60))
     assert results == [0, 1, 4, 9, 16, 25]
+
+
+class _Service:
+    """Owns a pool whose initializer is one of its own methods."""
+
+    def __init__(self, kind):
+        if kind == "executor":
+            self.pool = warden.ProcessPoolExecutor(1, initializer=self.setup)
+        else:
+            self.pool = warden.Pool(1, initializer=self.setup)
+
+    def setup(self):
+        pass
+
+
+@pytest.mark.parametrize("kind", ["executor", "Pool"])
+def test_an_owner_whose_method_is_its_pools_initializer_is_collected_once_the_pool_is_shut_down(kind):
+    """The pool keeps its initializer as the standard library's pools do
+    (a plain cycle through the owner, which the collector frees), not in
+    its core, which the pool's finalizer holds from a global registry: there
+    it kept the owner, and the pool, alive for the rest of the process."""
+    service = _Service(kind)
+    if kind == "Pool":
+        assert service.pool.apply(abs, (-3,)) == 3
+        service.pool.close()
+        service.pool.join()
+    else:
+        assert service.pool.submit(abs, -3).result(60) == 3
+        service.pool.shutdown(wait=True)
+    owner, pool = weakref.ref(service), weakref.ref(service.pool)
+    del service
+    for _ in range(3):
+        gc.collect()
+    assert owner() is None and pool() is None
 
 
 def test_a_lock_in_task_arguments_is_refused_as_under_spawn():

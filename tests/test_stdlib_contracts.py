@@ -538,6 +538,36 @@ def test_a_future_is_running_while_a_worker_runs_its_task_and_cannot_be_cancelle
         assert "state=finished" in repr(future)
 
 
+def test_a_running_future_stopped_by_cancel_is_never_seen_neither_running_nor_done():
+    """While ``cancel(running=True)`` asks the pool, the task's "cancelled"
+    outcome reaches the results thread, which leaves the marking to the
+    cancelling thread; the pool forgets the task's start once that outcome
+    is delivered. Another thread looking meanwhile saw a future neither
+    running nor done (1 round in 3 or 4)."""
+    seen = []
+    with warden.ProcessPoolExecutor(1) as ex:
+        for _ in range(12):
+            future = ex.submit(sleep_then, 60, "never")
+            assert wait_until(future.running, timeout=30)
+            stop = threading.Event()
+
+            def watch(future=future, stop=stop):
+                while not stop.is_set():
+                    running = future.running()
+                    if not running and not future.done():  # done() never goes back
+                        seen.append(future._state)
+                        return
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            time.sleep(0.002)
+            assert future.cancel(running=True)
+            stop.set()
+            watcher.join(30)
+            assert future.cancelled()
+    assert seen == []
+
+
 def test_a_task_waiting_behind_another_is_not_running_and_can_be_cancelled():
     with warden.ProcessPoolExecutor(1) as ex:
         first = ex.submit(sleep_then, 1.0, "first")

@@ -262,3 +262,25 @@ def test_pyright_takes_warden_futures_in_as_completed_and_wait(tmp_path):
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "0 errors" in run.stdout, run.stdout
+
+
+def test_run_time_type_hints_of_the_pools_methods_evaluate():
+    """``typing.get_type_hints`` (sphinx autodoc, pydantic,
+    ``inspect.signature(eval_str=True)``) evaluates the annotations: the
+    standard library's ``IMapIterator``, which type checkers see as what
+    ``imap`` returns, cannot be subscripted at run time."""
+    import typing
+
+    import warden
+
+    for name in (
+        "apply",
+        "apply_async",
+        "map",
+        "map_async",
+        "starmap",
+        "starmap_async",
+        "imap",
+        "imap_unordered",
+    ):
+        assert "return" in typing.get_type_hints(getattr(warden.Pool, name)), name

@@ -170,7 +170,10 @@ class Future(_base.Future["_T"]):
         if state == _base.PENDING:
             # The pool knows when a worker takes the task (nothing is sent to
             # the future then): running from then until its outcome is here.
-            return self._taken()
+            # Read again after asking: the outcome's delivery may have marked
+            # the future running (see _deliver) and the pool forgotten the
+            # start meanwhile.
+            return self._taken() or self._state == _base.RUNNING
         return state == _base.RUNNING
 
     def _taken(self) -> bool:
@@ -381,9 +384,15 @@ class Future(_base.Future["_T"]):
             return
         error = data
         if error.cancelled:
+            taken = self._taken()
             with _CONDITION_LOCK:
                 if self._cancellers:
                     # A cancel() is asking the pool: it marks the future.
+                    # Meanwhile one a worker had taken stays running (the
+                    # pool forgets the start once this outcome is delivered):
+                    # never seen neither running nor done.
+                    if taken and self._state == _base.PENDING:
+                        self._state = _base.RUNNING
                     self._cancel_came = True
                     return
             self._mark_cancelled()

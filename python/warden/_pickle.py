@@ -462,6 +462,9 @@ def _main_is_importable() -> bool:
 #: (``python -m cProfile prog.py``), and whose workers import that program
 #: as their main: the program's namespace (see ``_runner._program_run_by_a_tool``).
 program_namespace: dict[str, Any] | None = None
+#: Its file, as the workers find it (``__file__`` as the tool got it may be
+#: relative to a directory the program has left).
+program_file: str | None = None
 
 
 def _program_names_class(cls: type) -> bool:
@@ -487,7 +490,7 @@ def _program_names_class(cls: type) -> bool:
     if found is not cls:
         return False
     try:
-        bound = _bound_at_import(names.get("__file__"))
+        bound = _bound_at_import(program_file)
     except OSError:
         bound = None
     if bound is not None and first not in bound:

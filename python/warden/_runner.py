@@ -525,10 +525,12 @@ def _program_run_by_a_tool(main: Any) -> dict[str, str] | None:
         if spec_name == "__main__" or spec_name.endswith(".__main__"):
             return {}
         _pickle.program_namespace = names
+        _pickle.program_file = path
         return {"init_main_from_name": str(spec_name)}
     if os.path.basename(path) == "__main__.py" or not os.path.isfile(path):
         return {}
     _pickle.program_namespace = names
+    _pickle.program_file = path
     return {"init_main_from_path": path}
 
 
@@ -621,11 +623,6 @@ class Runner:
             # the hooks go by reference to the workers' main (see _pickle).
             preparation = preparation_data(name)
             hook_bytes = b""
-            # Kept for the pool's life, as the standard library's pools keep
-            # their initargs: a shared object they pass (a spawn context's
-            # Lock or Queue, a manager's proxy) lives while its owner in this
-            # process does, and every worker, replacements too, opens it.
-            self.hooks = hooks
             if hooks is not None:
                 hook_bytes, hook_fds = dumps_for_spawn(
                     hooks, parameters=lambda: _named("initargs", hooks.get("initargs", ()))

@@ -126,6 +126,13 @@ class Pool(multiprocessing.pool.Pool):
         self._feeders_lock = threading.Lock()
         _runner.renew_locks_after_fork(self, "_feeders_lock")
         hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
+        # Kept for the pool's life, as the standard library's pool keeps its
+        # initargs: a shared object they pass (a spawn context's Lock or
+        # Queue, a manager's proxy) lives while its owner in this process
+        # does, and every worker, replacements too, opens it. On the pool,
+        # not its runner, which the pool's finalizer holds: an initializer
+        # that is a method of the pool's owner would keep both alive for good.
+        self._hooks = hooks
         if on_worker_lost is not None and not callable(on_worker_lost):
             raise TypeError("on_worker_lost must be a callable")
         # Held back until the pool is made and can be reached (see ctrl_c_held).
@@ -431,7 +438,7 @@ class Pool(multiprocessing.pool.Pool):
         chunksize: int = 1,
         *,
         progress: _progress.ProgressArg = None,
-    ) -> multiprocessing.pool.IMapIterator[_T]:
+    ) -> _IMapResult[_T]:
         """Like :meth:`map`, lazily: an iterator of results in order. The
         iterable is consumed by a feeder thread, as far ahead of the workers
         as keeps them busy (see :data:`IMAP_AHEAD_CHUNKS`); dropping the
@@ -446,7 +453,7 @@ class Pool(multiprocessing.pool.Pool):
         chunksize: int = 1,
         *,
         progress: _progress.ProgressArg = None,
-    ) -> multiprocessing.pool.IMapIterator[_T]:
+    ) -> _IMapResult[_T]:
         """Like :meth:`imap`, yielding results as they complete (an
         :class:`IMapUnorderedIterator`)."""
         return self._imap(func, iterable, chunksize, unordered=True, progress=progress)
@@ -988,6 +995,15 @@ class IMapUnorderedIterator(IMapIterator[_T], multiprocessing.pool.IMapUnordered
     (a ``multiprocessing.pool.IMapUnorderedIterator`` too)."""
 
     _unordered = True
+
+
+if TYPE_CHECKING:
+    # What imap() returns, as typeshed types the standard library's.
+    _IMapResult = multiprocessing.pool.IMapIterator
+else:
+    # Warden's own at run time (typing.get_type_hints, sphinx): the standard
+    # library's class cannot be subscripted.
+    _IMapResult = IMapIterator
 
 
 def _iterate(iterable: Iterable[Any]) -> Iterator[Any]:
