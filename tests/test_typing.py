@@ -22,6 +22,7 @@ pytest.importorskip("mypy", reason="mypy is a build tool (`make venv` installs i
 PROGRAM = """
     import concurrent.futures
     import contextlib
+    import multiprocessing
     import multiprocessing.synchronize
     from collections.abc import Callable, Iterator
     from concurrent.futures import as_completed, wait
@@ -87,6 +88,11 @@ PROGRAM = """
                 n = future_to_x[done] + done.result()
             finished, _ = wait(futures)
             print(n, s, squares, names, finished, limited)
+        spawn = multiprocessing.get_context("spawn")
+        with warden.ProcessPoolExecutor(1, mp_context=spawn) as ex, warden.Pool(1, context=spawn) as pool:
+            print(ex, pool)
+        warden.ProcessPoolExecutor(1, mp_context="spawn")  # wrong
+        warden.Pool(1, context="spawn")  # wrong
 
 
     def waits_on(event: multiprocessing.synchronize.Event) -> bool:

@@ -101,7 +101,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
     def __init__(
         self,
         max_workers: int | None = None,
-        mp_context: Any = None,
+        mp_context: multiprocessing.context.BaseContext | None = None,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         *,

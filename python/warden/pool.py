@@ -85,7 +85,7 @@ class Pool(multiprocessing.pool.Pool):
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
         maxtasksperchild: int | None = None,
-        context: Any = None,
+        context: multiprocessing.context.BaseContext | None = None,
         *,
         finalizer: Callable[..., object] | None = None,
         finalargs: Iterable[Any] = (),
