@@ -981,15 +981,14 @@ class _HoldingFd:
         finds the futures it cancels this way)."""
         return getattr(self.on_done, "__self__", None)
 
-    def __call__(self, ok: bool | None, data: Any) -> None:
-        if ok is not None:  # not just the news that a worker started it
-            if self.loan is not None:
-                _loans.pop(self.key, None)  # type: ignore[arg-type]
-                self.loan.release()
-            if self.held is not None:
-                if self.held == os.getpid():
-                    _oob.call_holds_fd(-1)
-                self.held = None
+    def __call__(self, ok: bool, data: Any) -> None:
+        if self.loan is not None:
+            _loans.pop(self.key, None)  # type: ignore[arg-type]
+            self.loan.release()
+        if self.held is not None:
+            if self.held == os.getpid():
+                _oob.call_holds_fd(-1)
+            self.held = None
         self.on_done(ok, data)
 
 

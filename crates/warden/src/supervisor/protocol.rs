@@ -39,9 +39,7 @@ enum Incoming {
         id: u64,
     },
     /// A task it was being stopped for was running: it stops.
-    StopTaken {
-        id: u64,
-    },
+    StopTaken,
     Unexpected(&'static str),
 }
 
@@ -130,7 +128,7 @@ impl Supervisor {
                     Message::Record { data } => Incoming::Record(data.to_vec()),
                     Message::StopMissed { id } => Incoming::StopMissed { id },
                     Message::CancelMissed { id } => Incoming::CancelMissed { id },
-                    Message::StopTaken { id } => Incoming::StopTaken { id },
+                    Message::StopTaken { .. } => Incoming::StopTaken,
                     other => Incoming::Unexpected(other.name()),
                 },
                 Err(e) => {
@@ -219,9 +217,9 @@ impl Supervisor {
             }
             return;
         }
-        if let Incoming::StopTaken { id: task_id } = msg {
+        if let Incoming::StopTaken = msg {
             if let Some(w) = self.workers.get_mut(&id) {
-                w.stop_taken(task_id);
+                w.stop_taken();
             }
             return;
         }
@@ -339,7 +337,7 @@ impl Supervisor {
                     Incoming::Goodbye(..)
                     | Incoming::Record(_)
                     | Incoming::StopMissed { .. }
-                    | Incoming::StopTaken { .. }
+                    | Incoming::StopTaken
                     | Incoming::CancelMissed { .. }
                     | Incoming::Unexpected(_) => "message",
                 };

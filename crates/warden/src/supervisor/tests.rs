@@ -155,6 +155,27 @@ impl Harness {
         self.sup.dispatch();
     }
 
+    /// A ready worker, the only one, sent tasks `1..=n` of which it holds
+    /// `held`, and was sent those (what it was sent is read).
+    fn one_worker_holding(&mut self, n: u64, held: &[u64]) -> StandIn {
+        let mut a = self.worker(WorkerPhase::Ready);
+        self.submit_and_dispatch(n);
+        assert_eq!(self.inflight(&a), held);
+        assert_eq!(sent(&mut a), held.iter().map(|id| Sent::Task(*id)).collect::<Vec<_>>());
+        a
+    }
+
+    /// `b`, just up, is kept for task 2, which `a` is asked back for and
+    /// gives back; then the pool dispatches.
+    fn keeps_b_for_task_2_from_a(&mut self, a: &mut StandIn, b: &mut StandIn) {
+        self.sup.give_back();
+        self.sup.dispatch();
+        assert_eq!(sent(a), [Sent::Cancel(2)]);
+        assert_eq!(sent(b), [], "b is kept for task 2");
+        self.answer(a, &skipped(2));
+        self.sup.dispatch();
+    }
+
     fn queued(&self) -> Vec<u64> {
         self.sup.queue.ids()
     }
@@ -352,9 +373,7 @@ fn cancel_queued_only_leaves_a_running_task_alone() {
 #[test]
 fn cancelling_a_sent_but_unstarted_task_sends_cancel_and_no_signal() {
     let mut h = harness(2, 10);
-    let mut w = h.worker(WorkerPhase::Ready);
-    h.submit_and_dispatch(2);
-    assert_eq!(sent(&mut w), [Sent::Task(1), Sent::Task(2)]);
+    let mut w = h.one_worker_holding(2, &[1, 2]);
     assert!(h.cancel(2, true));
     assert_eq!(sent(&mut w), [Sent::Cancel(2)]);
     assert_eq!(h.outcomes(), [(2, "cancelled")]);
@@ -382,9 +401,7 @@ fn a_stopping_worker_is_killed_when_its_grace_runs_out_and_not_before() {
 #[test]
 fn a_worker_whose_task_had_ended_when_asked_to_stop_for_it_serves_on_and_the_next_task_is_untouched() {
     let mut h = harness(2, 10);
-    let mut w = h.worker(WorkerPhase::Ready);
-    h.submit_and_dispatch(2);
-    assert_eq!(sent(&mut w), [Sent::Task(1), Sent::Task(2)]);
+    let mut w = h.one_worker_holding(2, &[1, 2]);
     assert!(h.cancel(1, true));
     assert_eq!(sent(&mut w), [Sent::StopTask(1)]);
     // Task 1 had ended (its result was on its way) and 2 had started.
@@ -458,9 +475,7 @@ fn a_worker_whose_task_had_ended_when_asked_to_stop_keeps_its_place_and_serves_o
 #[test]
 fn a_worker_that_took_a_stop_for_one_task_stays_stopping_when_it_misses_a_stop_for_the_next() {
     let mut h = harness(2, 10);
-    let mut w = h.worker(WorkerPhase::Ready);
-    h.submit_and_dispatch(2);
-    assert_eq!(sent(&mut w), [Sent::Task(1), Sent::Task(2)]);
+    let mut w = h.one_worker_holding(2, &[1, 2]);
     assert!(h.cancel(1, true));
     assert_eq!(sent(&mut w), [Sent::StopTask(1)]);
     // It took the stop (task 1 ran): it is leaving. Task 1's outcome makes
@@ -1037,17 +1052,9 @@ fn a_worker_that_comes_up_late_starts_the_task_sent_ahead_before_the_queued_ones
     let mut h = harness(16, 10);
     h.sup.task_time = Default::default();
     h.sup.task_time.record(Duration::from_millis(5));
-    let mut a = h.worker(WorkerPhase::Ready);
-    h.submit_and_dispatch(4);
-    assert_eq!(h.inflight(&a), [1, 2]);
-    sent(&mut a);
+    let mut a = h.one_worker_holding(4, &[1, 2]);
     let mut b = h.worker(WorkerPhase::Ready);
-    h.sup.give_back();
-    h.sup.dispatch();
-    assert_eq!(sent(&mut a), [Sent::Cancel(2)]);
-    assert_eq!(sent(&mut b), [], "b is kept for task 2");
-    h.answer(&mut a, &skipped(2));
-    h.sup.dispatch();
+    h.keeps_b_for_task_2_from_a(&mut a, &mut b);
     assert_eq!(sent(&mut b), [Sent::Task(2), Sent::Task(4)]);
     assert_eq!(sent(&mut a), [Sent::Task(3)], "then one ahead each, in turn");
 }
@@ -1055,10 +1062,7 @@ fn a_worker_that_comes_up_late_starts_the_task_sent_ahead_before_the_queued_ones
 #[test]
 fn with_short_tasks_queued_a_free_worker_takes_the_next_without_asking_back() {
     let mut h = harness(3, 10);
-    let mut a = h.worker(WorkerPhase::Ready);
-    h.submit_and_dispatch(5);
-    assert_eq!(h.inflight(&a), [1, 2, 3]);
-    sent(&mut a);
+    let mut a = h.one_worker_holding(5, &[1, 2, 3]);
     let mut b = h.worker(WorkerPhase::Ready);
     if let Some(w) = h.sup.workers.get_mut(&b.id) {
         w.assigned = 7; // it has served: free again, not new
@@ -1076,17 +1080,9 @@ fn a_worker_that_comes_up_after_a_burst_was_sent_ahead_starts_the_earliest_of_it
     // back, rather than start 4 before it (which, were the burst long,
     // would run a whole task ahead of 2).
     let mut h = harness(3, 10);
-    let mut a = h.worker(WorkerPhase::Ready);
-    h.submit_and_dispatch(5);
-    assert_eq!(h.inflight(&a), [1, 2, 3]);
-    sent(&mut a);
+    let mut a = h.one_worker_holding(5, &[1, 2, 3]);
     let mut b = h.worker(WorkerPhase::Ready);
-    h.sup.give_back();
-    h.sup.dispatch();
-    assert_eq!(sent(&mut a), [Sent::Cancel(2)]);
-    assert_eq!(sent(&mut b), [], "b is kept for task 2");
-    h.answer(&mut a, &skipped(2));
-    h.sup.dispatch();
+    h.keeps_b_for_task_2_from_a(&mut a, &mut b);
     assert_eq!(sent(&mut b)[0], Sent::Task(2));
 }
 

@@ -256,11 +256,10 @@ impl Worker {
         self.stop_target = Some(id);
     }
 
-    /// The worker answered that it took the stop for task `id`: it leaves,
-    /// and its place is free for a replacement. (If it was asked meanwhile
-    /// to stop for a later task too, `id` is an earlier one: it leaves all
-    /// the same.)
-    pub(super) fn stop_taken(&mut self, _id: u64) {
+    /// The worker answered that it took a stop for its task: it leaves, and
+    /// its place is free for a replacement. (Whichever task the answer names:
+    /// asked meanwhile to stop for a later one too, it leaves all the same.)
+    pub(super) fn stop_taken(&mut self) {
         if self.phase == WorkerPhase::Stopping {
             self.stop_took = true;
             self.stop_unanswered = false;
