@@ -23,17 +23,16 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, _base
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import _runner
 from ._errors import ErrorData
 from ._pickle import loads
 
-if TYPE_CHECKING:
-    from typing import TypeVar
-
-    _T = TypeVar("_T")
-    _C = TypeVar("_C")
+# At run time too (typing is imported anyway), so that typing.get_type_hints()
+# of the methods that name them works.
+_T = TypeVar("_T")
+_C = TypeVar("_C")
 
 _CANCELLED = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
 

@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from . import _pickle, _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
@@ -28,13 +28,14 @@ from ._tasks import chunks, run_chunk
 # handler), when its own import would fail.
 if TYPE_CHECKING:
     import concurrent.futures.process
-    from typing import ParamSpec, TypeVar
 
     # asyncio costs ~40 ms to import: loaded when a coroutine API is first used.
     from . import _aio
 
-    _P = ParamSpec("_P")
-    _T = TypeVar("_T")
+# At run time too (typing is imported anyway), so that typing.get_type_hints()
+# of the methods that name them works.
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 _counter = itertools.count(1)
 
