@@ -481,6 +481,27 @@ def test_imap_reports_an_iterable_that_raises(pool):
     assert list(it) == []
 
 
+def square_slowly(x):
+    time.sleep(0.05)
+    return x * x
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_an_imap_unordered_whose_iterable_raises_yields_every_result_before_the_error(pool, chunksize):
+    """The iterable's error comes after the results of the items it yielded
+    before it, as through the standard library's task queue: raised at once,
+    it ended the iteration before any of them (a file reader that meets a
+    corrupt record at its end lost every record read). As there, the items
+    of the chunk the error cut short are dropped (here, none)."""
+    got = []
+    it = pool.imap_unordered(square_slowly, numbers(13, fail_at=12), chunksize=chunksize)
+    with pytest.raises(RuntimeError, match="iterable broke"):
+        for value in it:
+            got.append(value)
+    assert sorted(got) == [i * i for i in range(12)]
+    assert list(it) == []
+
+
 def drain(it):
     """What a loop that catches a task's error and calls ``next()`` again
     gets from an imap: its results, ``"E"`` for each error."""

@@ -1119,7 +1119,8 @@ def _feed_imap(
     """The feeder thread of an ``imap``: pickles and submits chunks as the
     iterable yields them, up to :data:`IMAP_AHEAD_CHUNKS` per worker (and
     :data:`IMAP_AHEAD_BYTES`) ahead of the outcomes; an item that fails to
-    pickle, or the iterable raising, becomes the error of that position.
+    pickle, or the iterable raising, becomes the error of that position (the
+    iterable's error once the chunks before it have their outcomes).
 
     It and the chunks in flight hold the iterator only weakly: once the
     program drops the iterator, nobody can read another result, and the
@@ -1138,13 +1139,15 @@ def _feed_imap(
         if result is not None:
             result._put(index, ok, data)
 
+    broke: Exception | None = None
     try:
         while ahead.wait_for_room(max_chunks, gone) and not gone():
             try:
                 chunk = tuple(itertools.islice(it, chunksize))
             except Exception as e:
-                put(index, False, ErrorData.local(e, "the iterable raised"))
-                index += 1
+                # At the start of the chunk it cut short, whose items are
+                # dropped, as the standard library's imap does.
+                broke = e
                 break
             if not chunk:
                 break
@@ -1180,6 +1183,13 @@ def _feed_imap(
                 index += 1
                 break
             del result, on_done  # (nothing but the program holds the iterator)
+            index += 1
+        # The iterable's error comes after the outcomes of the chunks before
+        # it: put first, it would end an imap_unordered before the results
+        # already on their way (the standard library's goes through its task
+        # queue, behind them).
+        if broke is not None and ahead.wait_for_room(1, gone):
+            put(index, False, ErrorData.local(broke, "the iterable raised"))
             index += 1
     finally:
         result = result_ref()
