@@ -9,6 +9,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -1064,6 +1065,44 @@ def test_output_a_worker_cannot_write_at_exit_is_reported_not_dropped_silently(p
     assert run.returncode == 0, run.stderr
     assert "results [0, 1, 2, 3]" in run.stderr
     assert "No space left on device" in run.stderr
+
+
+STDOUT_CLOSED_BY_THE_PROGRAM = """
+import multiprocessing, sys
+import warden
+
+def report(path):
+    with open(path, "w") as f:
+        sys.stdout = f  # redirected, and never put back: closed at the with's end
+        print("report written")
+    return 1
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn") if sys.argv[1] == "std" else warden
+    p = ctx.Process(target=report, args=(sys.argv[2] + ".process",))
+    p.start()
+    p.join(60)
+    with ctx.Pool(1) as pool:
+        result = pool.apply(report, (sys.argv[2] + ".pool",))
+        pool.close()
+        pool.join()
+    print("exitcode", p.exitcode, "result", result)
+"""
+
+
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_a_stdout_the_program_closed_is_not_reported_as_lost_output(program, impl, tmp_path):
+    """A target or task that put a file in ``sys.stdout``'s place and closed
+    it has nothing left to flush: the exit path skips it, as the
+    interpreter's exit and the standard library's children do, instead of
+    saying that what it printed was lost."""
+    out = tmp_path / "report"
+    run = program(STDOUT_CLOSED_BY_THE_PROGRAM).run(args=(impl, str(out)))
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["exitcode 0 result 1"]
+    assert run.stderr == ""
+    for kind in ("process", "pool"):
+        assert Path(f"{out}.{kind}").read_text() == "report written\n"
 
 
 MAIN_OBJECT_AT_EXIT = """

@@ -930,7 +930,10 @@ class Handler:
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)
             try:
-                if stream is not None:
+                # A closed stream has nothing left to write (the program
+                # closed it, or put a file it has closed in its place): the
+                # interpreter's own exit skips it too.
+                if stream is not None and not getattr(stream, "closed", False):
                     stream.flush()
             except Exception as e:
                 # What the program printed is lost (a full disk, a closed
