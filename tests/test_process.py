@@ -264,6 +264,57 @@ def test_a_process_that_cannot_start_raises_oserror_with_its_errno_and_the_next_
     assert run.stdout.splitlines() == ["refused EMFILE", "child", "then 0"], run.stderr
 
 
+@pytest.mark.parametrize("kind", ["warden", "spawn"])
+def test_a_process_refused_for_want_of_descriptors_is_left_unstarted_and_starts_on_retry(program, kind):
+    """With a few descriptors free, too few for a child, ``start()`` can fail
+    after it has begun: the ``OSError`` carries ``EMFILE``, and the object is
+    as it was (``exitcode`` None, not alive), so that a retry once
+    descriptors are free starts it, as the standard library's does (the
+    object used to be left "started", its ``exitcode`` 1, with no child ever
+    run, and a retry raised "cannot start a process twice")."""
+    prog = program(
+        f"""
+        import errno, multiprocessing, os, resource, warden
+        def hello():
+            pass
+        if __name__ == "__main__":
+            cls = warden.Process if "{kind}" == "warden" else multiprocessing.get_context("spawn").Process
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+            for free in range(9):
+                held = []
+                try:
+                    while True:
+                        held.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError:
+                    pass
+                for fd in held[len(held) - free:]:
+                    os.close(fd)
+                del held[len(held) - free:]
+                p = cls(target=hello)
+                try:
+                    p.start()
+                    outcome = "started"
+                except OSError as e:
+                    outcome = f"refused {{errno.errorcode.get(e.errno)}} {{p.exitcode}} {{p.is_alive()}}"
+                for fd in held:
+                    os.close(fd)
+                if outcome != "started":
+                    p.start()
+                p.join(60)
+                print(free, outcome, p.exitcode, flush=True)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 9, run.stderr
+    for line in lines:
+        _free, outcome = line.split(" ", 1)
+        assert outcome in ("started 0", "refused EMFILE None False 0"), line
+    # The limit is low enough that some start is refused.
+    assert "refused" in lines[0]
+
+
 def test_terminate_gives_minus_sigterm_and_runs_finally_blocks(tmp_path):
     out = tmp_path / "out"
     p = warden.Process(target=sleep_forever, args=(out,))

@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.context
 import multiprocessing.process
 import os
+import re
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -34,14 +35,20 @@ def _ignore_outcome(ok: bool, data: Any) -> None:
     pass
 
 
-def _start_error(name: str, error: _warden.CoreError) -> OSError:
+def _start_error(name: str, error: _warden.CoreError | str) -> OSError:
     """The ``OSError`` a ``Process`` that cannot start raises, as the standard
     library's ``start()`` raises ``os.fork``'s: with the system's error
     number when a system call failed (``BlockingIOError`` when processes or
-    threads run out under ``ulimit -u``)."""
+    threads run out under ``ulimit -u``, ``EMFILE`` when descriptors do),
+    also when the core reports it only in its text (``os error N``, from a
+    child that could not be started)."""
     message = f"cannot start process {name}: {error}"
-    if error.errno is not None:
-        return OSError(error.errno, message)
+    errno = error.errno if isinstance(error, _warden.CoreError) else None
+    if errno is None:
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        errno = int(found.group(1)) if found else None
+    if errno is not None:
+        return OSError(errno, message)
     return OSError(message)
 
 
@@ -197,16 +204,24 @@ class Process(multiprocessing.context.Process):
                 raise _start_error(self._name, e) from None
             self._popen = runner
             try:
-                runner.submit(payload, _ignore_outcome)
-            except _warden.CoreError as e:
-                runner.core.kill()
-                raise _start_error(self._name, e) from None
-            finally:
-                runner.close_nowait()
-            pid = runner.core.wait_pid(START_TIMEOUT)
-            if pid is None:
-                runner.core.kill()
-                raise OSError(f"cannot start process {self._name}: {runner.core.failure() or 'no pid'}")
+                try:
+                    runner.submit(payload, _ignore_outcome)
+                except _warden.CoreError as e:
+                    runner.core.kill()
+                    raise _start_error(self._name, e) from None
+                finally:
+                    runner.close_nowait()
+                pid = runner.core.wait_pid(START_TIMEOUT)
+                if pid is None:
+                    runner.core.kill()
+                    failure = runner.core.failure() or "no pid"
+                    raise _start_error(self._name, failure) from None
+            except BaseException:
+                # No child: this object is as it was before start() (its
+                # exitcode None, not alive), and may be started again, as the
+                # standard library's is after os.fork() failed.
+                self._popen = None
+                raise
             self._pid = pid
             # As the standard library does: the child has them, this object need not.
             del self._target, self._args, self._kwargs
