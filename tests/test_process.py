@@ -328,6 +328,71 @@ def test_terminate_gives_minus_sigterm_and_runs_finally_blocks(tmp_path):
     assert out.read_text() == "started\nfinally\n"
 
 
+TERMINATED_WHILE_EXITING = """
+import atexit, multiprocessing, sys, time
+import warden
+
+def then(path):
+    # Registered first, so it runs last: the rest of the exit path ran.
+    atexit.register(lambda: open(path, "w").write("exit path went on"))
+
+def fills_a_queue(path, q):
+    then(path)
+    q.put(b"x" * (4 << 20))  # more than a pipe holds: the exit waits for a reader
+
+def sleeps_at_exit(path, q):
+    then(path)
+    def handler():
+        time.sleep(60)
+    atexit.register(handler)
+
+def sleeps_at_exit_in_c(path, q):
+    then(path)
+    atexit.register(time.sleep, 60)
+
+class Slow:
+    def __del__(self):
+        time.sleep(60)
+
+def leaves_slow_garbage(path, q):
+    then(path)
+    a = Slow()
+    a.me = a
+
+if __name__ == "__main__":
+    kind, case, path = sys.argv[1:]
+    cls = warden.Process if kind == "warden" else multiprocessing.get_context("spawn").Process
+    q = multiprocessing.get_context("spawn").Queue()
+    p = cls(target=globals()[case], args=(path, q))
+    p.start()
+    p.join(2)  # the target has returned; its exit waits
+    p.terminate()
+    p.join(60)
+    print("exitcode", p.exitcode)
+"""
+
+
+@pytest.mark.parametrize("kind", ["warden", "spawn"])
+@pytest.mark.parametrize(
+    "case", ["fills_a_queue", "sleeps_at_exit", "sleeps_at_exit_in_c", "leaves_slow_garbage"]
+)
+def test_terminate_while_the_child_waits_at_exit_ends_it_with_minus_sigterm(program, tmp_path, kind, case):
+    """The target has returned and the child's exit waits (a Queue's data
+    going into a full pipe, an exit handler, a ``__del__``):
+    ``terminate()`` ends that wait and the child ends with ``-SIGTERM``, as
+    the standard library's does at once. warden's exit path goes on with
+    its other steps (the exit handler registered first still runs); before,
+    SIGTERM changed nothing, and the child was SIGKILLed after the grace
+    period (``-9``)."""
+    out = tmp_path / "went-on"
+    run = program(TERMINATED_WHILE_EXITING).run(args=(kind, case, str(out)))
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [f"exitcode {-signal.SIGTERM}"], run.stderr
+    if kind == "warden":
+        assert out.read_text() == "exit path went on"
+        assert "Traceback" not in run.stderr, run.stderr
+
+
 def wait_on_a_nested_executor(path):
     warden.at_exit(lambda: write(path, "at_exit\n"))
     with warden.ProcessPoolExecutor(1) as ex:

@@ -558,6 +558,14 @@ class Handler:
         # Set while a retiring worker waits for its threads: a stop signal
         # ends that wait (see exit).
         self.waiting_for_threads = False
+        # Set while a Process child whose target has returned runs the
+        # program's exit handlers: a stop signal (terminate()) raises in
+        # what they wait for (see _end_process); then the stop it raised.
+        self.may_cut_short = False
+        self.cut_short: BaseException | None = None
+        # Set when a Process child gets SIGTERM (terminate()) once its target
+        # has returned: it ends by that signal after its exit path.
+        self.terminated_while_exiting = False
         # A stop held back until a lock is in a try's or a with's charge:
         # the frame and instruction it came in, the stop, what cancels it.
         self.held_back: tuple[Any, int, BaseException, Callable[[], None]] | None = None
@@ -574,6 +582,8 @@ class Handler:
         grace ran out: it is raised again in the code the interpreter goes
         back to."""
         stop = unraisable.exc_value
+        if stop is not None and stop is self.cut_short:
+            return  # an exit handler cut short by terminate(): what was asked
         if (
             self.stop_raised
             and isinstance(stop, TaskInterrupted)
@@ -638,6 +648,17 @@ class Handler:
         if self.waiting_for_threads:
             self.waiting_for_threads = False
             raise _StopWaiting
+        if self.mode == "process" and signum == signal.SIGTERM:
+            self.terminated_while_exiting = True
+            if self.may_cut_short and frame is not None and (
+                frame.f_globals is not globals() or frame.f_code is _CUTTABLE_CODE
+            ):
+                # In the program's __del__ methods or exit handlers (not in
+                # the exit path's own steps, which must all run): the wait
+                # it is in ends.
+                self.may_cut_short = False
+                self.cut_short = TaskInterrupted(signal.Signals(signum).name)
+                raise self.cut_short
 
     def init(self, worker: int, pid: int, parent: int, payload: bytes) -> _warden.RemoteFailure | None:
         logged = False
@@ -845,9 +866,11 @@ class Handler:
         self.running = False
         return dumps(None)
 
-    def exit(self, reason: str) -> tuple[str | None, int | None]:
+    def exit(self, reason: str) -> tuple[str | None, int | None, int | None]:
         """The exit path: worker context, finalizer, gc, atexit (with warden's
-        exit callbacks), flush. Once."""
+        exit callbacks), flush. Once. Returns its errors, the exit code, and
+        the signal to end by instead (a ``Process`` child terminated while its
+        exit path ran ends as the ``terminate()`` asked)."""
         errors: list[str] = []
         if self.mode == "pool" and reason.startswith("retired:") and reason != "retired:stopped":
             # As a process ending normally does (the standard library's
@@ -873,7 +896,8 @@ class Handler:
         # the parent takes longer to read) until it has been read.
         if not _oob.wait_for_readers(every=True, timeout=_LOAN_GRACE + _oob.lent_bytes() / _SLOWEST_READ):
             say(f"warden: worker {os.getpid()}: exiting before the parent read a result")
-        return ("; ".join(errors) or None, self.exit_code)
+        signum = int(signal.SIGTERM) if self.terminated_while_exiting else None
+        return ("; ".join(errors) or None, self.exit_code, signum)
 
     def _end_hooks(self) -> list[str]:
         """The pool's part of the exit path: the worker context is exited,
@@ -903,17 +927,27 @@ class Handler:
         runs): gc, atexit (with warden's exit callbacks), flush. Once: the
         registries are empty afterwards."""
         self.stop_raised = False  # the exit path is not to be interrupted
+        # Except, in a Process child that was not told to stop, what the
+        # program's __del__ methods and exit handlers wait for (a Queue's
+        # data going into a full pipe, a child to join, a sleep): a
+        # terminate() cuts that short, as it would end a child of the
+        # standard library's at once; the exit path's own steps still run,
+        # and the child ends with -SIGTERM.
+        self.may_cut_short = self.mode == "process" and not self.stopping
         try:
-            gc.collect()
+            _cuttable(gc.collect)
         except BaseException as e:
-            errors.append(f"garbage collection raised {_type_name(e)}: {_text(e)}")
+            if e is not self.cut_short:
+                errors.append(f"garbage collection raised {_type_name(e)}: {_text(e)}")
         try:
             # warden's own handler is among them (registered when warden was
             # imported, so it runs after those registered since): it shuts down
             # the pools this worker started, then runs the exit callbacks.
-            atexit._run_exitfuncs()
+            _cuttable(atexit._run_exitfuncs)
         except BaseException as e:
-            errors.append(f"atexit raised {_type_name(e)}: {_text(e)}")
+            if e is not self.cut_short:
+                errors.append(f"atexit raised {_type_name(e)}: {_text(e)}")
+        self.may_cut_short = False
         try:
             # Idempotent: in case the handler above did not get to run them.
             # Only a process that loaded warden._finalize can have any.
@@ -943,6 +977,17 @@ class Handler:
                         f"warden: worker {os.getpid()}: what it printed was lost, flushing stdout raised "
                         f"{_type_name(e)}: {_text(e)}"
                     )
+
+
+def _cuttable(step: Callable[[], object]) -> None:
+    """Runs a step of a ``Process`` child's exit path that runs the program's
+    code (its ``__del__`` methods, its exit handlers): a ``terminate()`` may
+    raise in this frame, or in a deeper one, to end what it waits for, and
+    the caller catches it (see ``Handler.on_signal``)."""
+    step()
+
+
+_CUTTABLE_CODE = _cuttable.__code__
 
 
 def _clear_program_globals() -> None:

@@ -272,11 +272,13 @@ fn run_exit_hook(handler: &Py<PyAny>, reason: &ExitReason) -> ExitHookOutcome {
             }
         }
         match handler.bind(py).call_method1("exit", (exit_reason(reason),)) {
-            Ok(v) => match v.extract::<(Option<Text>, Option<i32>)>() {
-                Ok((error, exit_code)) => ExitHookOutcome { error: error.map(|Text(e)| e), exit_code },
-                Err(e) => ExitHookOutcome { error: Some(format!("bad exit hook result: {e}")), exit_code: None },
+            Ok(v) => match v.extract::<(Option<Text>, Option<i32>, Option<i32>)>() {
+                Ok((error, exit_code, exit_signal)) => {
+                    ExitHookOutcome { error: error.map(|Text(e)| e), exit_code, exit_signal }
+                }
+                Err(e) => ExitHookOutcome { error: Some(format!("bad exit hook result: {e}")), ..Default::default() },
             },
-            Err(e) => ExitHookOutcome { error: Some(e.to_string()), exit_code: None },
+            Err(e) => ExitHookOutcome { error: Some(e.to_string()), ..Default::default() },
         }
     })
 }

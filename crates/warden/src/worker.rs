@@ -136,6 +136,11 @@ pub struct ExitHookOutcome {
     /// exit reason (used by one-off children, whose exit code is their task's).
     /// Ignored when the worker stops because of a signal.
     pub exit_code: Option<i32>,
+    /// A signal the process should end by instead (its default action), when
+    /// it exits for another reason: a one-off child that a stop signal
+    /// reached while its exit path ran ends as that signal would have ended
+    /// it, so its parent sees the `terminate()` it asked for.
+    pub exit_signal: Option<i32>,
 }
 
 /// A worker's exit hook: runs once, on whichever thread runs the exit path.
@@ -654,6 +659,7 @@ impl WorkerState {
             finalizers_skipped: 0,
         };
         let mut code = None;
+        let mut by_signal = None;
         let hook = lock(&self.hook).take();
         if let Some(hook) = hook {
             report.hook_ran = true;
@@ -661,6 +667,7 @@ impl WorkerState {
                 Ok(result) => {
                     report.hook_error = result.error;
                     code = result.exit_code;
+                    by_signal = result.exit_signal;
                 }
                 Err(p) => {
                     report.hook_error = Some(format!("exit hook panicked: {}", panic_text(&*p)));
@@ -682,15 +689,16 @@ impl WorkerState {
             let last_task = (last != NO_TASK).then_some(last);
             let _ = self.send(&Message::Goodbye { reason, report, last_task });
         }
-        let exit = match reason {
-            ExitReason::Signal(sig) => ExitStatus::Signal(sig),
-            ExitReason::Retired(RetireReason::Done) if self.last_panicked.load(Ordering::SeqCst) => {
+        let exit = match (reason, by_signal) {
+            (ExitReason::Signal(sig), _) => ExitStatus::Signal(sig),
+            (ExitReason::ParentGone, _) => ExitStatus::Code(code.unwrap_or(EXIT_PARENT_GONE)),
+            (_, Some(sig)) => ExitStatus::Signal(sig),
+            (ExitReason::Retired(RetireReason::Done), None) if self.last_panicked.load(Ordering::SeqCst) => {
                 ExitStatus::Code(code.unwrap_or(EXIT_PANICKED))
             }
-            ExitReason::Retired(_) => ExitStatus::Code(code.unwrap_or(0)),
-            ExitReason::InitFailed => ExitStatus::Code(code.unwrap_or(EXIT_INIT_FAILED)),
-            ExitReason::ProtocolError => ExitStatus::Code(code.unwrap_or(EXIT_PROTOCOL)),
-            ExitReason::ParentGone => ExitStatus::Code(code.unwrap_or(EXIT_PARENT_GONE)),
+            (ExitReason::Retired(_), None) => ExitStatus::Code(code.unwrap_or(0)),
+            (ExitReason::InitFailed, None) => ExitStatus::Code(code.unwrap_or(EXIT_INIT_FAILED)),
+            (ExitReason::ProtocolError, None) => ExitStatus::Code(code.unwrap_or(EXIT_PROTOCOL)),
         };
         *done = Some(exit);
         exit
