@@ -481,6 +481,43 @@ def test_imap_reports_an_iterable_that_raises(pool):
     assert list(it) == []
 
 
+DROPPED_IMAP = """
+import sys, time, warnings
+import warden
+
+def square(x):
+    return x * x
+
+def endless():
+    i = 0
+    while True:
+        yield i
+        i += 1
+
+if __name__ == "__main__":
+    warnings.simplefilter("always", ResourceWarning)
+    with warden.Pool(2) as pool:
+        print("all", sum(pool.imap(square, range(100))), flush=True)
+        for value in pool.imap_unordered(square, endless()):
+            break  # the rest is not wanted
+        pool.close()
+        pool.join()
+    print("joined", flush=True)
+"""
+
+
+def test_an_imap_dropped_before_its_iterable_ended_says_so_with_a_resource_warning(program):
+    """A dropped ``imap`` iterator stops its feeder (so that ``close();
+    join()`` return even for an endless iterable), where the standard
+    library's would run every item: a ``ResourceWarning`` says so, as for a
+    file dropped unclosed. An ``imap`` read to its end says nothing."""
+    run = program(DROPPED_IMAP).run()
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [f"all {sum(i * i for i in range(100))}", "joined"]
+    assert run.stderr.count("ResourceWarning") == 1, run.stderr
+    assert "an imap of 'square' was dropped before its iterable ended" in run.stderr
+
+
 def square_slowly(x):
     time.sleep(0.05)
     return x * x

@@ -650,8 +650,10 @@ class Handler:
             raise _StopWaiting
         if self.mode == "process" and signum == signal.SIGTERM:
             self.terminated_while_exiting = True
-            if self.may_cut_short and frame is not None and (
-                frame.f_globals is not globals() or frame.f_code is _CUTTABLE_CODE
+            if (
+                self.may_cut_short
+                and frame is not None
+                and (frame.f_globals is not globals() or frame.f_code is _CUTTABLE_CODE)
             ):
                 # In the program's __del__ methods or exit handlers (not in
                 # the exit path's own steps, which must all run): the wait

@@ -1140,6 +1140,7 @@ def _feed_imap(
             result._put(index, ok, data)
 
     broke: Exception | None = None
+    used_up = False  # the iterable ended, or raised
     try:
         while ahead.wait_for_room(max_chunks, gone) and not gone():
             try:
@@ -1148,8 +1149,10 @@ def _feed_imap(
                 # At the start of the chunk it cut short, whose items are
                 # dropped, as the standard library's imap does.
                 broke = e
+                used_up = True
                 break
             if not chunk:
+                used_up = True
                 break
             try:
                 # Not lent: the iterable may change an item's buffer once it
@@ -1191,6 +1194,15 @@ def _feed_imap(
         if broke is not None and ahead.wait_for_room(1, gone):
             put(index, False, ErrorData.local(broke, "the iterable raised"))
             index += 1
+        if not used_up and gone():
+            # The standard library's would have run them: said, where a
+            # dropped file that was never closed is said.
+            warnings.warn(
+                f"an imap of {getattr(func, '__qualname__', func)!r} was dropped before its iterable ended: "
+                f"the items after its first {index} chunks are not run",
+                ResourceWarning,
+                stacklevel=1,
+            )
     finally:
         result = result_ref()
         if result is not None:
