@@ -98,8 +98,8 @@ wheel: venv
 # with the wheel installed (not the source tree), checks that it imports and
 # runs a task from outside the tree, then runs the tests that lean on what
 # changes between versions (concurrent.futures and multiprocessing internals,
-# pickling, the buffer protocol of the data path, asyncio, logging);
-# PYTHONS_TESTS=tests runs them all. Then CPython's own tests of Pool and
+# pickling, the buffer protocol of the data path, asyncio, logging, how a
+# multiprocessing child ends); PYTHONS_TESTS=tests runs them all. Then CPython's own tests of Pool and
 # (where the interpreter ships them: 3.13) ProcessPoolExecutor run against
 # warden's (tests/stdlib_suite.py lists the ones that fail by design, and why).
 # PYTHONS_TOOLS are the optional packages those tests use; with
@@ -107,7 +107,9 @@ wheel: venv
 PYTHONS ?= 3.12 3.13
 PYTHONS_TESTS ?= tests/test_executor_api.py tests/test_pickling.py tests/test_spawn_objects.py \
 	tests/test_data_path.py tests/test_lending.py \
-	tests/test_asyncio.py tests/test_logging.py
+	tests/test_asyncio.py tests/test_logging.py tests/test_process.py \
+	tests/test_faults.py::test_warden_at_exit_runs_at_the_end_of_a_multiprocessing_child \
+	tests/test_faults.py::test_a_multiprocessing_child_that_leaves_a_warden_pool_open_exits
 PYTHONS_TOOLS ?= "numpy>=1.24" "uvloop>=0.19"
 pytest-pythons: wheel
 	@set -e; for v in $(PYTHONS); do \

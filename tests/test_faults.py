@@ -451,6 +451,42 @@ def test_a_multiprocessing_child_that_leaves_a_warden_pool_open_exits(program, m
     assert run.stdout.splitlines() == (["result 21", "joined"] if where == "pool" else ["exit code 0"])
 
 
+MP_CHILD_AT_EXIT = """
+import multiprocessing, sys
+import warden  # before the fork: the child inherits warden's atexit handler
+
+def task(path):
+    warden.at_exit(lambda: open(path, "a").write("at_exit\\n"))
+    pool = warden.Pool(2)  # left open
+    task.kept = pool
+    return sum(pool.map(abs, [-1, -2]))
+
+if __name__ == "__main__":
+    method, path = sys.argv[1:]
+    child = multiprocessing.get_context(method).Process(target=task, args=(path,))
+    child.start()
+    child.join(60)
+    print("exit code", child.exitcode, flush=True)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_warden_at_exit_runs_at_the_end_of_a_multiprocessing_child(program, tmp_path, method):
+    """warden's exit step (its pools shut down, ``warden.at_exit`` callbacks)
+    runs at the end of a child the standard library started, whatever its
+    start method. From Python 3.13 a child forked by ``fork`` or the fork
+    server clears the ``atexit`` handlers it inherited and runs
+    multiprocessing's exit function on its own, after the bootstrap: the
+    step was skipped there (the callback never ran, and the open pool's
+    workers were terminated and joined as they were being replaced, which
+    could wait for ever)."""
+    out = tmp_path / "at-exit"
+    run = program(MP_CHILD_AT_EXIT).run(timeout=90, args=(method, str(out)))
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["exit code 0"], run.stderr
+    assert out.read_text() == "at_exit\n"
+
+
 LARGE_CALLS_PENDING_AT_FORK = """
 import os, resource, time
 import warden

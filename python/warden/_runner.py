@@ -1386,17 +1386,31 @@ def _hook_multiprocessing_exit() -> None:
     multiprocessing.util.Finalize(None, _at_multiprocessing_child_exit, exitpriority=0)
 
 
+#: Where ``multiprocessing`` ends a child it started, by module and
+#: function: its bootstrap calls the exit function (up to Python 3.12); from
+#: 3.13 a child forked by the ``fork`` start method or by the fork server
+#: (in its ``main``) clears the ``atexit`` handlers it inherited (warden's
+#: among them) and runs that function as the only one left, once the
+#: bootstrap has returned.
+_MULTIPROCESSING_CHILD_ENDS = frozenset(
+    {
+        ("multiprocessing.process", "_bootstrap"),
+        ("multiprocessing.popen_fork", "_launch"),
+        ("multiprocessing.forkserver", "main"),
+    }
+)
+
+
 def _at_multiprocessing_child_exit() -> None:
     """warden's exit step, if ``multiprocessing``'s exit function runs at
-    the end of a child it started (its bootstrap calls it). Anywhere else
-    it runs among the ``atexit`` handlers, where warden's own handler has
-    the step's place: ``multiprocessing.get_logger()`` re-registers that
-    function, which then runs before handlers registered earlier (one that
-    starts a pool at exit must still be able to)."""
+    the end of a child it started (see :data:`_MULTIPROCESSING_CHILD_ENDS`).
+    Anywhere else it runs among the ``atexit`` handlers, where warden's own
+    handler has the step's place: ``multiprocessing.get_logger()``
+    re-registers that function, which then runs before handlers registered
+    earlier (one that starts a pool at exit must still be able to)."""
     frame: Any = sys._getframe(1)
     while frame is not None:
-        code = frame.f_code
-        if code.co_name == "_bootstrap" and frame.f_globals.get("__name__") == "multiprocessing.process":
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) in _MULTIPROCESSING_CHILD_ENDS:
             at_interpreter_exit()
             return
         frame = frame.f_back

@@ -503,6 +503,11 @@ def _measure_coverage_if_asked() -> None:
     cov.start()
 
 
+#: Whether a child of multiprocessing's says "process exiting" before its
+#: exit function says "process shutting down" (from Python 3.13, where that
+#: function runs among the atexit handlers, after the bootstrap).
+_EXITING_SAID_FIRST = sys.version_info >= (3, 13)
+
 #: Types of results whose end runs no code of the program's.
 _DIES_QUIETLY = frozenset({type(None), bool, int, float, complex, str, bytes})
 
@@ -887,10 +892,14 @@ class Handler:
                 self.waiting_for_threads = False
             except _StopWaiting:
                 pass
+        # As multiprocessing's bootstrap ends a process that was not killed:
+        # from Python 3.13 before its exit function runs ("process shutting
+        # down", among the atexit handlers), up to 3.12 after it.
+        if _EXITING_SAID_FIRST and not self.stopping:
+            multiprocessing.util.info(f"process exiting with exitcode {self.exit_code or 0}")
         errors += self._end_hooks()
         self._end_process(errors)
-        if not self.stopping:
-            # As multiprocessing's bootstrap ends a process that was not killed.
+        if not _EXITING_SAID_FIRST and not self.stopping:
             multiprocessing.util.info(f"process exiting with exitcode {self.exit_code or 0}")
         # A result lent to the parent lives in this process's memory: wait
         # (briefly: the parent reads a result as soon as it arrives, and a
