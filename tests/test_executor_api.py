@@ -1283,3 +1283,45 @@ def test_once_the_main_thread_returns_an_executor_refuses_new_work_and_runs_what
         runs[which] = run.stdout.splitlines()
     assert runs["warden"] == runs["std"]
     assert f"{where} RuntimeError: cannot schedule new futures after shutdown" in runs["std"]
+
+
+FROZEN_APPLICATION = """
+import os, sys
+import warden
+
+def f(x):
+    return x
+
+if __name__ == "__main__":
+    sys.frozen = True  # as PyInstaller and cx_Freeze set it: sys.executable is the application
+    fds = len(os.listdir("/proc/self/fd"))
+    starts = {
+        "executor": lambda: warden.ProcessPoolExecutor(1).submit(f, 1).result(),
+        "pool": lambda: warden.Pool(1),
+        "process": lambda: warden.Process(target=f, args=(bytearray(1 << 20),)).start(),
+    }
+    for name, start in starts.items():
+        try:
+            start()
+            print(name, "started")
+        except RuntimeError as e:
+            print(name, "refused", "frozen application" in str(e))
+    children = open(f"/proc/self/task/{os.getpid()}/children").read().split()
+    print("children", len(children), "fds", len(os.listdir("/proc/self/fd")) - fds)
+"""
+
+
+def test_a_frozen_application_is_refused_workers_with_a_clear_error(program):
+    """In a frozen application ``sys.executable`` is the application: a
+    worker started as ``python -m warden._worker`` would start the
+    application again, whose own pools would start it again. Each way to
+    start workers raises ``RuntimeError`` instead, starting nothing and
+    keeping no descriptor."""
+    run = program(FROZEN_APPLICATION).run()
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "executor refused True",
+        "pool refused True",
+        "process refused True",
+        "children 0 fds 0",
+    ], run.stderr

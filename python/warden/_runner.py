@@ -360,7 +360,15 @@ def _lost_hook(
 
 
 def worker_command() -> tuple[str, list[str]]:
-    """The program and arguments that start a worker."""
+    """The program and arguments that start a worker. Raises
+    ``RuntimeError`` in a frozen application, whose executable is the
+    application itself: it would start the application again for each
+    worker, and each would start workers of its own."""
+    if getattr(sys, "frozen", False):
+        raise RuntimeError(
+            f"warden cannot start workers from a frozen application ({sys.executable!r}, sys.frozen is set): "
+            f"its workers run `python -m {WORKER_MODULE}`, which this executable cannot"
+        )
     args = [*multiprocessing.util._args_from_interpreter_flags(), "-m", WORKER_MODULE]
     return os.fsdecode(multiprocessing.spawn.get_executable()), args
 
@@ -619,6 +627,7 @@ class Runner:
         try:
             if exiting:
                 raise RuntimeError("cannot start new workers after interpreter shutdown")
+            program, args = worker_command()
             # First: where a tool runs the program, the program's classes in
             # the hooks go by reference to the workers' main (see _pickle).
             preparation = preparation_data(name)
@@ -670,7 +679,6 @@ class Runner:
             raise
         # The core takes ownership of the fds, even if this fails.
         try:
-            program, args = worker_command()
             self.core = _warden.CorePool(
                 program,
                 args,
