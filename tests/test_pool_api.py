@@ -518,6 +518,40 @@ def test_an_imap_dropped_before_its_iterable_ended_says_so_with_a_resource_warni
     assert "an imap of 'square' was dropped before its iterable ended" in run.stderr
 
 
+READ_TO_ITS_END_OR_TERMINATED = """
+import warnings
+import warden
+
+if __name__ == "__main__":
+    warnings.simplefilter("always", ResourceWarning)
+    with warden.Pool(1) as pool:
+        for _ in range(5):
+            # Its one result read, then dropped: the feeder, held back by the
+            # bytes in flight, may not have seen the iterable's end yet.
+            it = pool.imap(len, [bytes(65 << 20)])
+            print(next(it), flush=True)
+            del it
+    try:
+        with warden.Pool(2) as pool:
+            for n in pool.imap(len, (bytes(i) for i in range(10_000))):
+                if n == 10:
+                    raise ValueError("the loop gave up")  # the pool is terminated
+    except ValueError:
+        print("terminated", flush=True)
+"""
+
+
+def test_no_resource_warning_for_an_imap_read_to_its_end_or_whose_pool_was_terminated(program):
+    """The warning is for items the standard library would have run: not for
+    an ``imap`` whose every result was read, though its feeder had not seen
+    the end of the iterable when the iterator was dropped, nor for one whose
+    pool was terminated (as leaving a ``with`` block on an exception does)."""
+    run = program(READ_TO_ITS_END_OR_TERMINATED).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [str(65 << 20)] * 5 + ["terminated"]
+    assert "ResourceWarning" not in run.stderr, run.stderr
+
+
 def square_slowly(x):
     time.sleep(0.05)
     return x * x

@@ -1317,10 +1317,10 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
                 if r.exit_policy == "join":
                     if r.forward_interrupts:
                         _warden.chain_interrupt_handler()
-                    r.core.join()
+                    _join_unless_stopped(r)
                 elif r.exit_policy == "drain":
                     limit = None if r.exit_timeout is None else _left(started + r.exit_timeout)
-                    if not r.core.join(limit):
+                    if not _join_unless_stopped(r, limit):
                         _cut_short(r, f"exit_timeout={r.exit_timeout:g}s passed")
         except KeyboardInterrupt:
             for r in runners:
@@ -1344,6 +1344,29 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
                 r.thread.join(2.0)
     # What the workers logged on their way out, before logging shuts down.
     _logging.drain()
+
+
+def _join_unless_stopped(runner: Runner, limit: float | None = None) -> bool:
+    """``runner.core.join(limit)``; in a worker or ``Process`` child, cut
+    short (``True``) as soon as it is told to stop meanwhile
+    (``stop_requested``: a ``terminate()`` of a child waiting at its exit for
+    a child of its own), instead of waiting until its own grace runs out."""
+    if "warden._workerloop" not in sys.modules:  # not a worker: nothing sets it
+        return bool(runner.core.join(limit))
+    deadline = None if limit is None else time.monotonic() + limit
+    while True:
+        step = _STOP_POLL if deadline is None else min(_STOP_POLL, _left(deadline))
+        if runner.core.join(step):
+            return True
+        if stop_requested:
+            _cut_short(runner, "the program was interrupted")
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+
+
+#: How often a worker's exit looks for a stop while it waits for a pool.
+_STOP_POLL = 0.05
 
 
 def _cut_short(runner: Runner, why: str) -> None:

@@ -655,17 +655,18 @@ class Handler:
             raise _StopWaiting
         if self.mode == "process" and signum == signal.SIGTERM:
             self.terminated_while_exiting = True
-            if (
-                self.may_cut_short
-                and frame is not None
-                and (frame.f_globals is not globals() or frame.f_code is _CUTTABLE_CODE)
-            ):
-                # In the program's __del__ methods or exit handlers (not in
-                # the exit path's own steps, which must all run): the wait
-                # it is in ends.
-                self.may_cut_short = False
-                self.cut_short = TaskInterrupted(signal.Signals(signum).name)
-                raise self.cut_short
+            if self.may_cut_short and frame is not None:
+                # Each wait of the program's __del__ methods and exit
+                # handlers from now on ends: the signal comes again every
+                # 50 ms while they run.
+                _ask_again_soon()
+                handing_over = _taking_or_giving_a_lock(frame) or _lock_just_taken(frame) is not None
+                if _programs_frame(frame) and not handing_over:
+                    # Not in warden's code (its exit steps must all run; its
+                    # own waits end on the stop themselves), nor where a lock
+                    # of the program's is being handed over (the next one).
+                    self.cut_short = TaskInterrupted(signal.Signals(signum).name)
+                    raise self.cut_short
 
     def init(self, worker: int, pid: int, parent: int, payload: bytes) -> _warden.RemoteFailure | None:
         logged = False
@@ -999,6 +1000,17 @@ def _cuttable(step: Callable[[], object]) -> None:
 
 
 _CUTTABLE_CODE = _cuttable.__code__
+
+
+def _programs_frame(frame: Any) -> bool:
+    """Whether ``frame`` runs the program's code (or the standard library's),
+    not warden's: where a ``terminate()`` may cut a ``Process`` child's exit
+    short. :func:`_cuttable`'s own frame counts as the program's: it is where
+    the interpreter runs an exit handler that is a C function (``time.sleep``)."""
+    if frame.f_code is _CUTTABLE_CODE:
+        return True
+    module = frame.f_globals.get("__name__")
+    return not (isinstance(module, str) and (module == "warden" or module.startswith("warden.")))
 
 
 def _clear_program_globals() -> None:

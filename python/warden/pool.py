@@ -1105,6 +1105,18 @@ def _deliver_imap_chunk(
         ahead.done(size)
 
 
+def _has_more(it: Iterator[Any]) -> bool:
+    """Whether ``it`` yields another item (taken, and dropped: nobody can
+    read its result any more)."""
+    try:
+        next(it)
+    except StopIteration:
+        return False
+    except Exception:
+        return True  # it had something more to say: an error
+    return True
+
+
 def _segment_size(segment: int | None) -> int:
     return 0 if segment is None else os.fstat(segment).st_size
 
@@ -1194,9 +1206,11 @@ def _feed_imap(
         if broke is not None and ahead.wait_for_room(1, gone):
             put(index, False, ErrorData.local(broke, "the iterable raised"))
             index += 1
-        if not used_up and gone():
+        if not used_up and gone() and pool._state != TERMINATE and _has_more(it):
             # The standard library's would have run them: said, where a
-            # dropped file that was never closed is said.
+            # dropped file that was never closed is said. (Not for a pool
+            # terminated meanwhile, which would not have run them either, nor
+            # for an iterable whose end the feeder had not yet seen.)
             warnings.warn(
                 f"an imap of {getattr(func, '__qualname__', func)!r} was dropped before its iterable ended: "
                 f"the items after its first {index} chunks are not run",

@@ -203,25 +203,24 @@ class Process(multiprocessing.context.Process):
             except _warden.CoreError as e:  # the core closed the fds
                 raise _start_error(self._name, e) from None
             self._popen = runner
+            # Where the core says no child was started, this object is left
+            # as it was before start() (its exitcode None, not alive), and may
+            # be started again, as the standard library's is after os.fork()
+            # failed. (An exception of the program's meanwhile, from a signal
+            # handler, leaves it started: its child may be running.)
             try:
-                try:
-                    runner.submit(payload, _ignore_outcome)
-                except _warden.CoreError as e:
-                    runner.core.kill()
-                    raise _start_error(self._name, e) from None
-                finally:
-                    runner.close_nowait()
-                pid = runner.core.wait_pid(START_TIMEOUT)
-                if pid is None:
-                    runner.core.kill()
-                    failure = runner.core.failure() or "no pid"
-                    raise _start_error(self._name, failure) from None
-            except BaseException:
-                # No child: this object is as it was before start() (its
-                # exitcode None, not alive), and may be started again, as the
-                # standard library's is after os.fork() failed.
+                runner.submit(payload, _ignore_outcome)
+            except _warden.CoreError as e:
+                runner.core.kill()
                 self._popen = None
-                raise
+                raise _start_error(self._name, e) from None
+            finally:
+                runner.close_nowait()
+            pid = runner.core.wait_pid(START_TIMEOUT)
+            if pid is None:
+                runner.core.kill()
+                self._popen = None
+                raise _start_error(self._name, runner.core.failure() or "no pid")
             self._pid = pid
             # As the standard library does: the child has them, this object need not.
             del self._target, self._args, self._kwargs

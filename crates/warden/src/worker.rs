@@ -137,9 +137,10 @@ pub struct ExitHookOutcome {
     /// Ignored when the worker stops because of a signal.
     pub exit_code: Option<i32>,
     /// A signal the process should end by instead (its default action), when
-    /// it exits for another reason: a one-off child that a stop signal
-    /// reached while its exit path ran ends as that signal would have ended
-    /// it, so its parent sees the `terminate()` it asked for.
+    /// it exits for another reason than a signal or its parent's death (then
+    /// ignored): a one-off child that a stop signal reached while its exit
+    /// path ran ends as that signal would have ended it, so its parent sees
+    /// the `terminate()` it asked for.
     pub exit_signal: Option<i32>,
 }
 
