@@ -371,6 +371,23 @@ def leaves_a_child_running(path, q):
     then(path)
     warden.Process(target=time.sleep, args=(60,)).start()  # not a daemon: joined at exit
 
+def works_at_exit(path, q):
+    # An exit handler that works (not waits) for a while: left to finish.
+    def handler():
+        deadline = time.monotonic() + 3
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+        open(path + ".work", "w").write("finished")
+    then(path)
+    atexit.register(handler)
+
+def is_terminated_while_running(path, q):
+    # Stopped while it runs (not yet exiting): its exit handler's wait too.
+    then(path)
+    atexit.register(time.sleep, 60)
+    time.sleep(60)
+
 if __name__ == "__main__":
     kind, case, path = sys.argv[1:]
     cls = warden.Process if kind == "warden" else multiprocessing.get_context("spawn").Process
@@ -394,6 +411,8 @@ if __name__ == "__main__":
         "leaves_slow_garbage",
         "sleeps_twice_at_exit",
         "leaves_a_child_running",
+        "works_at_exit",
+        "is_terminated_while_running",
     ],
 )
 def test_terminate_while_the_child_waits_at_exit_ends_it_with_minus_sigterm(program, tmp_path, kind, case):
@@ -411,6 +430,8 @@ def test_terminate_while_the_child_waits_at_exit_ends_it_with_minus_sigterm(prog
     assert run.lines == [f"exitcode {-signal.SIGTERM}"], run.stderr
     if kind == "warden":
         assert out.read_text() == "exit path went on"
+        if case == "works_at_exit":
+            assert (tmp_path / "went-on.work").read_text() == "finished"
         assert "Traceback" not in run.stderr, run.stderr
 
 
@@ -423,7 +444,7 @@ def spin(lock, ready):
         ready.set()
         while True:
             with lock:
-                pass
+                time.sleep(0.002)  # waits holding it: where the stop lands
     atexit.register(at_exit)
 
 if __name__ == "__main__":
@@ -441,8 +462,9 @@ if __name__ == "__main__":
 
 
 def test_terminate_while_an_exit_handler_takes_a_lock_never_leaves_it_held(program):
-    """The stop that ends an exit handler's wait is not raised just as a lock
-    of the program's is taken (between its ``acquire`` and the ``with``
+    """The stop that ends an exit handler's wait lets the program's lock go:
+    raised in the wait, the ``with`` statement releases it; never raised
+    just as the lock is taken (between its ``acquire`` and the ``with``
     statement's charge of it), as for a running target: it comes a moment
     later. Raised there, it left the lock held in about a third of runs."""
     run = program(LOCK_AT_EXIT).run(timeout=240)

@@ -512,6 +512,16 @@ _EXITING_SAID_FIRST = sys.version_info >= (3, 13)
 _DIES_QUIETLY = frozenset({type(None), bool, int, float, complex, str, bytes})
 
 
+#: CPU time (s) under which an exit handler's main thread has used between
+#: two stop signals 50 ms apart reads as waiting, not working.
+_STUCK_CPU = 0.002
+
+
+class _ExitWaitEnded(TaskInterrupted):
+    """Raised by the stop-signal handler in a ``Process`` child's exit
+    handler that waits (see ``Handler._end_a_stuck_wait``)."""
+
+
 class _StopWaiting(BaseException):
     """Raised by the stop-signal handler in a retiring worker that waits for
     its threads: the pool stopped waiting for them (SIGTERM after its grace)."""
@@ -563,11 +573,11 @@ class Handler:
         # Set while a retiring worker waits for its threads: a stop signal
         # ends that wait (see exit).
         self.waiting_for_threads = False
-        # Set while a Process child whose target has returned runs the
-        # program's exit handlers: a stop signal (terminate()) raises in
-        # what they wait for (see _end_process); then the stop it raised.
+        # Set while a Process child runs the program's exit handlers: once
+        # it is told to stop, a wait of theirs is ended (see _end_process);
+        # the main thread's CPU time when the last stop signal came.
         self.may_cut_short = False
-        self.cut_short: BaseException | None = None
+        self.last_seen: float | None = None
         # Set when a Process child gets SIGTERM (terminate()) once its target
         # has returned: it ends by that signal after its exit path.
         self.terminated_while_exiting = False
@@ -587,8 +597,8 @@ class Handler:
         grace ran out: it is raised again in the code the interpreter goes
         back to."""
         stop = unraisable.exc_value
-        if stop is not None and stop is self.cut_short:
-            return  # an exit handler cut short by terminate(): what was asked
+        if isinstance(stop, _ExitWaitEnded):
+            return  # an exit handler's wait ended by a stop: what was asked
         if (
             self.stop_raised
             and isinstance(stop, TaskInterrupted)
@@ -655,18 +665,29 @@ class Handler:
             raise _StopWaiting
         if self.mode == "process" and signum == signal.SIGTERM:
             self.terminated_while_exiting = True
-            if self.may_cut_short and frame is not None:
-                # Each wait of the program's __del__ methods and exit
-                # handlers from now on ends: the signal comes again every
-                # 50 ms while they run.
-                _ask_again_soon()
-                handing_over = _taking_or_giving_a_lock(frame) or _lock_just_taken(frame) is not None
-                if _programs_frame(frame) and not handing_over:
-                    # Not in warden's code (its exit steps must all run; its
-                    # own waits end on the stop themselves), nor where a lock
-                    # of the program's is being handed over (the next one).
-                    self.cut_short = TaskInterrupted(signal.Signals(signum).name)
-                    raise self.cut_short
+        if self.may_cut_short and frame is not None:
+            self._end_a_stuck_wait(frame, signum)
+
+    def _end_a_stuck_wait(self, frame: Any, signum: int) -> None:
+        """In a ``Process`` child told to stop while its exit handlers (or
+        ``__del__`` methods) run: the stop signal comes again every 50 ms
+        while they run, and ends the wait of one that has used no CPU since
+        the last one (a ``Queue`` flushing into a full pipe, a join, a sleep)
+        by raising in it, as the standard library's child would have ended at
+        once. Never in warden's code (its steps must all run; its own waits
+        end on the stop themselves), nor as a lock of the program's is handed
+        over, nor in code that is working."""
+        _ask_again_soon()
+        now = time.thread_time()  # the main thread's: handlers run there
+        stuck = self.last_seen is not None and now - self.last_seen < _STUCK_CPU
+        self.last_seen = now
+        if (
+            stuck
+            and _programs_frame(frame)
+            and not (_taking_or_giving_a_lock(frame) or _lock_just_taken(frame) is not None)
+        ):
+            self.last_seen = None
+            raise _ExitWaitEnded(signal.Signals(signum).name)
 
     def init(self, worker: int, pid: int, parent: int, payload: bytes) -> _warden.RemoteFailure | None:
         logged = False
@@ -939,17 +960,19 @@ class Handler:
         runs): gc, atexit (with warden's exit callbacks), flush. Once: the
         registries are empty afterwards."""
         self.stop_raised = False  # the exit path is not to be interrupted
-        # Except, in a Process child that was not told to stop, what the
-        # program's __del__ methods and exit handlers wait for (a Queue's
-        # data going into a full pipe, a child to join, a sleep): a
-        # terminate() cuts that short, as it would end a child of the
-        # standard library's at once; the exit path's own steps still run,
-        # and the child ends with -SIGTERM.
-        self.may_cut_short = self.mode == "process" and not self.stopping
+        # Except, in a Process child, what the program's __del__ methods and
+        # exit handlers wait for (a Queue's data going into a full pipe, a
+        # child to join, a sleep), once the child is told to stop: a
+        # terminate() ends that, as it would end a child of the standard
+        # library's at once; the exit path's own steps still run, and the
+        # child ends with -SIGTERM (see _end_a_stuck_wait).
+        self.may_cut_short = self.mode == "process"
+        if self.may_cut_short and self.stopping:
+            _ask_again_soon()  # told to stop before: the same from the start
         try:
             _cuttable(gc.collect)
         except BaseException as e:
-            if e is not self.cut_short:
+            if not isinstance(e, _ExitWaitEnded):
                 errors.append(f"garbage collection raised {_type_name(e)}: {_text(e)}")
         try:
             # warden's own handler is among them (registered when warden was
@@ -957,9 +980,10 @@ class Handler:
             # the pools this worker started, then runs the exit callbacks.
             _cuttable(atexit._run_exitfuncs)
         except BaseException as e:
-            if e is not self.cut_short:
+            if not isinstance(e, _ExitWaitEnded):
                 errors.append(f"atexit raised {_type_name(e)}: {_text(e)}")
         self.may_cut_short = False
+        self.last_seen = None
         try:
             # Idempotent: in case the handler above did not get to run them.
             # Only a process that loaded warden._finalize can have any.
