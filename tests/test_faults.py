@@ -626,12 +626,16 @@ if __name__ == "__main__":
 """
 
 
-def test_sighup_from_outside_stops_a_busy_worker_by_that_signal_through_its_exit_path():
+def test_sighup_from_outside_stops_a_busy_worker_by_that_signal_through_its_exit_path(tmp_path):
     lost = []
+    started = tmp_path / "started"
     with warden.ProcessPoolExecutor(1, on_worker_lost=lost.append) as ex:
         ex.submit(square, 1).result(timeout=60)
-        f = ex.submit(time.sleep, 30)
-        assert wait_until(f.running, timeout=60)
+        f = ex.submit(sleep_after_marking, str(started), 30)
+        # Running in the worker (running() is true from when the pool hands
+        # the task over: a stop before the worker starts it gives it back,
+        # and it runs on the replacement).
+        assert wait_until(started.exists, timeout=60)
         os.kill(busy_pids(ex._runner)[0], signal.SIGHUP)
         with pytest.raises(warden.WorkerCrashed) as info:
             f.result(timeout=60)
