@@ -338,6 +338,16 @@ def leaves_a_child_running(path, q):
     then(path)
     warden.Process(target=time.sleep, args=(60,)).start()  # not a daemon: joined at exit
 
+def waits_for_room_in_a_queue(path, q):
+    then(path)
+    full = multiprocessing.get_context("spawn").Queue(1)
+    full.put(1)
+    atexit.register(full.put, 2)  # blocks: a semaphore this process took before
+
+def waits_on_a_warden_event(path, q):
+    then(path)
+    atexit.register(warden.Event().wait)  # a wait in warden's code the program called
+
 def works_at_exit(path, q):
     # An exit handler that works (not waits) for a while: left to finish.
     def handler():
@@ -378,6 +388,8 @@ if __name__ == "__main__":
         "leaves_slow_garbage",
         "sleeps_twice_at_exit",
         "leaves_a_child_running",
+        "waits_for_room_in_a_queue",
+        "waits_on_a_warden_event",
         "works_at_exit",
         "is_terminated_while_running",
     ],

@@ -1469,3 +1469,18 @@ def at_interpreter_exit() -> None:
 # handler), when the atexit step drains the executors instead.
 with contextlib.suppress(AttributeError, RuntimeError):
     threading._register_atexit(_drain_executors_at_exit)  # type: ignore[attr-defined]
+
+
+#: warden's exit step, in which a ``terminate()`` of a ``Process`` child
+#: never raises: it ends the step's waits itself (see
+#: :func:`_join_unless_stopped`), and the step must run to its end.
+EXIT_STEP_CODES = frozenset(
+    f.__code__
+    for f in (
+        at_interpreter_exit,
+        _shut_down_at_exit,
+        _join_unless_stopped,
+        _cut_short,
+        _at_multiprocessing_child_exit,
+    )
+)

@@ -664,9 +664,11 @@ class Handler:
             self.waiting_for_threads = False
             raise _StopWaiting
         if self.mode == "process" and signum == signal.SIGTERM:
+            # (terminate(), or the signal sent again: never a stray SIGHUP,
+            # which leaves the exit path to finish, as before it came.)
             self.terminated_while_exiting = True
-        if self.may_cut_short and frame is not None:
-            self._end_a_stuck_wait(frame, signum)
+            if self.may_cut_short and frame is not None:
+                self._end_a_stuck_wait(frame, signum)
 
     def _end_a_stuck_wait(self, frame: Any, signum: int) -> None:
         """In a ``Process`` child told to stop while its exit handlers (or
@@ -674,18 +676,16 @@ class Handler:
         while they run, and ends the wait of one that has used no CPU since
         the last one (a ``Queue`` flushing into a full pipe, a join, a sleep)
         by raising in it, as the standard library's child would have ended at
-        once. Never in warden's code (its steps must all run; its own waits
-        end on the stop themselves), nor as a lock of the program's is handed
-        over, nor in code that is working."""
+        once. Never in the exit path's own steps (they must all run; warden's
+        exit step ends its own waits on the stop), nor as a lock of the
+        program's is handed over, nor in code that is working."""
         _ask_again_soon()
         now = time.thread_time()  # the main thread's: handlers run there
         stuck = self.last_seen is not None and now - self.last_seen < _STUCK_CPU
         self.last_seen = now
-        if (
-            stuck
-            and _programs_frame(frame)
-            and not (_taking_or_giving_a_lock(frame) or _lock_just_taken(frame) is not None)
-        ):
+        # (Not _lock_just_taken: it also holds for a semaphore this process
+        # holds counts of while the wait takes one more, which is the wait.)
+        if stuck and _programs_frame(frame) and not _taking_or_giving_a_lock(frame):
             self.last_seen = None
             raise _ExitWaitEnded(signal.Signals(signum).name)
 
@@ -967,6 +967,9 @@ class Handler:
         # library's at once; the exit path's own steps still run, and the
         # child ends with -SIGTERM (see _end_a_stuck_wait).
         self.may_cut_short = self.mode == "process"
+        # A stop held back in the target (a lock it was taking) is past: the
+        # exit path takes stops as they come.
+        self.held_back = None
         if self.may_cut_short and self.stopping:
             _ask_again_soon()  # told to stop before: the same from the start
         try:
@@ -1027,14 +1030,21 @@ _CUTTABLE_CODE = _cuttable.__code__
 
 
 def _programs_frame(frame: Any) -> bool:
-    """Whether ``frame`` runs the program's code (or the standard library's),
-    not warden's: where a ``terminate()`` may cut a ``Process`` child's exit
-    short. :func:`_cuttable`'s own frame counts as the program's: it is where
-    the interpreter runs an exit handler that is a C function (``time.sleep``)."""
-    if frame.f_code is _CUTTABLE_CODE:
-        return True
-    module = frame.f_globals.get("__name__")
-    return not (isinstance(module, str) and (module == "warden" or module.startswith("warden.")))
+    """Whether ``frame`` runs the program's code (or the standard library's,
+    or what of warden's the program called: a ``Process.join``, an
+    ``Event.wait``), not the exit path's own steps: where a ``terminate()``
+    may cut a ``Process`` child's exit short. :func:`_cuttable`'s own frame
+    counts as the program's: it is where the interpreter runs an exit
+    handler that is a C function (``time.sleep``)."""
+    runner = sys.modules.get("warden._runner")
+    steps = runner.EXIT_STEP_CODES if runner is not None else frozenset()
+    # Out to the step that runs the program's code: whatever warden's exit
+    # step called (a thread's join, its log drain) is the step's too.
+    while frame is not None and frame.f_code is not _CUTTABLE_CODE:
+        if frame.f_globals is globals() or frame.f_code in steps:
+            return False
+        frame = frame.f_back
+    return True
 
 
 def _clear_program_globals() -> None:
