@@ -917,12 +917,13 @@ class Handler:
         # As multiprocessing's bootstrap ends a process that was not killed:
         # from Python 3.13 before its exit function runs ("process shutting
         # down", among the atexit handlers), up to 3.12 after it.
-        if _EXITING_SAID_FIRST and not self.stopping:
-            multiprocessing.util.info(f"process exiting with exitcode {self.exit_code or 0}")
+        exiting = None if self.stopping else f"process exiting with exitcode {self.exit_code or 0}"
+        if exiting and _EXITING_SAID_FIRST:
+            multiprocessing.util.info(exiting)
         errors += self._end_hooks()
         self._end_process(errors)
-        if not _EXITING_SAID_FIRST and not self.stopping:
-            multiprocessing.util.info(f"process exiting with exitcode {self.exit_code or 0}")
+        if exiting and not _EXITING_SAID_FIRST and not self.stopping:
+            multiprocessing.util.info(exiting)
         # A result lent to the parent lives in this process's memory: wait
         # (briefly: the parent reads a result as soon as it arrives, and a
         # parent that is gone closes its end; longer for more bytes, which
