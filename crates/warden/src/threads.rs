@@ -8,42 +8,65 @@
 //!
 //! * Only threads started through [`spawn`] are known; a thread that has
 //!   not yet run its first instruction is not in the list.
-//! * In a copy of the process made by `fork()` the list starts empty.
+//! * The list has room for [`CAPACITY`] threads at once; a thread started
+//!   when it is full runs unlisted, so a front end takes it for someone
+//!   else's (the cautious reading).
+//! * The list takes no lock, so a `fork()` that copies a thread while it
+//!   adds or removes itself leaves nothing held in the copy. In the copy
+//!   the list starts empty: the entries name the parent's process id.
 
 use std::io;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{Builder, JoinHandle};
 
-use crate::panics::lock;
+/// How many warden threads the list holds at once.
+pub(crate) const CAPACITY: usize = 512;
 
-/// The process the list is for, and the ids of its live warden threads.
-static IDS: Mutex<(i32, Vec<i32>)> = Mutex::new((0, Vec::new()));
+/// The live warden threads: each slot is empty (0) or holds a process id
+/// (high half) and a kernel thread id (low half). A slot naming another
+/// process (a `fork()`ed copy's parent) counts as empty.
+static IDS: [AtomicU64; CAPACITY] = [const { AtomicU64::new(0) }; CAPACITY];
 
-fn ids_here<R>(f: impl FnOnce(&mut Vec<i32>) -> R) -> R {
+fn pid() -> i32 {
     // SAFETY: getpid(2) has no preconditions.
-    let me = unsafe { libc::getpid() };
-    let mut ids = lock(&IDS);
-    if ids.0 != me {
-        *ids = (me, Vec::new()); // a fork's copy names its parent's threads
-    }
-    f(&mut ids.1)
+    unsafe { libc::getpid() }
+}
+
+fn entry(pid: i32, tid: i32) -> u64 {
+    (u64::from(pid as u32) << 32) | u64::from(tid as u32)
+}
+
+fn entry_pid(entry: u64) -> i32 {
+    (entry >> 32) as u32 as i32
 }
 
 /// Removes the thread from the list when it ends, however it ends.
-struct Listed(i32);
+struct Listed(Option<(usize, u64)>);
 
 impl Listed {
     fn new() -> Listed {
+        let me = pid();
         // SAFETY: gettid(2) has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        ids_here(|ids| ids.push(tid));
-        Listed(tid)
+        let mine = entry(me, unsafe { libc::gettid() });
+        for (i, slot) in IDS.iter().enumerate() {
+            let held = slot.load(Ordering::Acquire);
+            if held != 0 && entry_pid(held) == me {
+                continue;
+            }
+            if slot.compare_exchange(held, mine, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return Listed(Some((i, mine)));
+            }
+        }
+        tracing::debug!(capacity = CAPACITY, "the list of warden threads is full; this one runs unlisted");
+        Listed(None)
     }
 }
 
 impl Drop for Listed {
     fn drop(&mut self) {
-        ids_here(|ids| ids.retain(|&tid| tid != self.0));
+        if let Some((i, mine)) = self.0 {
+            let _ = IDS[i].compare_exchange(mine, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
     }
 }
 
@@ -62,7 +85,12 @@ where
 /// The kernel thread ids of the threads warden runs in this process now
 /// (supervisors, finalizer and lost-worker threads, a worker's own).
 pub fn own_thread_ids() -> Vec<i32> {
-    ids_here(|ids| ids.clone())
+    let me = pid();
+    IDS.iter()
+        .map(|slot| slot.load(Ordering::Acquire))
+        .filter(|&held| held != 0 && entry_pid(held) == me)
+        .map(|held| held as u32 as i32)
+        .collect()
 }
 
 #[cfg(test)]
@@ -86,5 +114,85 @@ mod tests {
         drop(done_tx);
         thread.join().unwrap();
         assert!(!own_thread_ids().contains(&tid));
+    }
+
+    /// Child exit codes of the fork test.
+    const LISTED: i32 = 0;
+    const NOT_LISTED: i32 = 1;
+    const NEVER_STARTED: i32 = 2;
+
+    /// In a fork's copy: starts a warden thread and says whether it runs and
+    /// is the only one listed. Exits; never returns.
+    fn in_the_copy() -> ! {
+        // SAFETY: a signal that ends this copy if anything below hangs.
+        unsafe { libc::alarm(10) };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let started = spawn(Builder::new(), move || {
+            // SAFETY: gettid(2) has no preconditions.
+            let _ = tx.send(unsafe { libc::gettid() });
+            let _ = done_rx.recv();
+        });
+        let code = match (started, rx.recv_timeout(std::time::Duration::from_secs(5))) {
+            (Ok(_), Ok(tid)) if own_thread_ids() == [tid] => LISTED,
+            (Ok(_), Ok(_)) => NOT_LISTED,
+            _ => NEVER_STARTED,
+        };
+        drop(done_tx);
+        // SAFETY: ends the copy without running the test harness's exit path.
+        unsafe { libc::_exit(code) }
+    }
+
+    #[test]
+    fn a_fork_while_warden_threads_start_and_end_leaves_the_copy_able_to_start_its_own() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        // Threads come and go, and another reads the list, without pause, so
+        // that forks land while the list is being changed or read.
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(t) = spawn(Builder::new(), || ()) {
+                        let _ = t.join();
+                    }
+                }
+            })
+        };
+        let reader = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(own_thread_ids());
+                }
+            })
+        };
+        let mut outcomes = Vec::new();
+        for _ in 0..200 {
+            // SAFETY: the copy runs `in_the_copy` only, which ends in `_exit`.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                in_the_copy();
+            }
+            assert!(pid > 0, "fork: {}", io::Error::last_os_error());
+            let mut status = 0;
+            // SAFETY: reaping our own child, which ends within its alarm.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            outcomes.push(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -libc::WTERMSIG(status) });
+            if outcomes.last() != Some(&LISTED) {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        churn.join().unwrap();
+        reader.join().unwrap();
+        assert!(
+            outcomes.iter().all(|&c| c == LISTED),
+            "copy {} of 200 could not start a listed thread (exit {:?}; {NOT_LISTED}: not listed, {NEVER_STARTED}: never \
+             started, negative: signal)",
+            outcomes.len(),
+            outcomes.last()
+        );
     }
 }
