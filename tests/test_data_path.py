@@ -923,6 +923,63 @@ def test_a_large_call_with_nothing_in_flight_takes_a_reserved_descriptor_not_wai
     assert run.stdout.split() == ["warm", "0", "length", str(2 << 20)], run.stderr
 
 
+CALLBACK_CHAIN_FEW_FDS = """
+import resource, sys, threading
+import warden
+from warden import _oob
+
+def length(block, i):
+    return len(block), i
+
+if __name__ == "__main__":
+    _oob.INLINE_FALLBACK_MAX = 1 << 20  # as if each call were over 64 MiB
+    _oob.FDS_WAIT = 10.0  # a wait in vain fails sooner
+    executor = sys.argv[1] == "executor"
+    pool = warden.ProcessPoolExecutor(2) if executor else warden.Pool(2)
+    with pool:
+        print("warm", pool.submit(len, b"").result(60) if executor else pool.apply(len, (b"",)), flush=True)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, hard))  # its reserve in use from fd 36 on
+        block = b"x" * (2 << 20)
+        done, seen, errors = threading.Event(), [], []
+
+        def submit(i, then):
+            if executor:
+                pool.submit(length, block, i).add_done_callback(lambda f: then(f.result()))
+            else:
+                pool.apply_async(length, (block, i), callback=then, error_callback=errors.append)
+
+        def chain(outcome):
+            seen.append(outcome[1])
+            if len(seen) >= 6:
+                return done.set()
+            try:
+                submit(-1, lambda _: None)  # another large call in flight
+                submit(len(seen), chain)
+            except OSError as e:
+                errors.append(e)
+                done.set()
+
+        submit(0, chain)
+        done.wait(60)
+        print("chain", *seen, "errors", *[f"{type(e).__name__}:{e.errno}" for e in errors], flush=True)
+"""
+
+
+@pytest.mark.parametrize("api", ["executor", "pool"])
+def test_large_calls_made_in_callbacks_while_short_of_descriptors_do_not_wait_on_their_own_thread(
+    program, api
+):
+    """Callbacks run on the thread that delivers outcomes, whose delivery is
+    what lets the descriptors of calls in flight go: a callback making two
+    large calls while the process is short of descriptors waited for them
+    (60 s, then ``EMFILE``: its chain of calls ended), as that thread could
+    not deliver anything meanwhile. Its calls now take reserved ones."""
+    run = program(CALLBACK_CHAIN_FEW_FDS).run(timeout=150, args=(api,))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["warm 0", "chain 0 1 2 3 4 5 errors"], run.stderr
+
+
 def test_a_result_this_process_has_no_descriptor_for_fails_alone_with_emfile(program):
     prog = program(
         """

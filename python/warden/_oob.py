@@ -402,10 +402,13 @@ def _carry(
         except _FdsScarce:
             if inline_ok:
                 break
-            if calls_holding_fds() == 0:
+            if calls_holding_fds() == 0 or getattr(_results_thread, "on", False):
                 # No call of this process holds one: none will come free by
                 # waiting (what fills the table is the program's own, or the
-                # pools'). This one takes a descriptor from the reserve.
+                # pools'). Or this is a pool's results thread (a callback
+                # submits), whose own work gives them back as it delivers
+                # outcomes: it would wait for itself. This one takes a
+                # descriptor from the reserve.
                 spare = False
                 continue
             now = time.monotonic()
@@ -434,6 +437,17 @@ def _dump(p: pickle.Pickler, obj: Any, found: dict[int, Any] | None) -> None:
     if found is not None:
         p.persistent_id = _persistent_id(found)  # type: ignore[method-assign]
     p.dump(obj)
+
+
+#: ``on`` is set in a pool's results thread (see :func:`results_thread`).
+_results_thread = threading.local()
+
+
+def results_thread() -> None:
+    """Marks this thread as a pool's results thread: a call made in it (by a
+    callback) does not wait for descriptors to come free, since outcomes this
+    thread delivers are what lets them go."""
+    _results_thread.on = True
 
 
 #: How many calls of this process are in flight with a descriptor for their

@@ -1111,6 +1111,7 @@ def _deliver_outcomes(
     With ``forward_logging``, the workers' log records queued before a batch
     are handled before it (so a task's records come before its result)."""
     _delivering.core = core
+    _oob.results_thread()
     trim = os.environ.get(TRIM_ENV, "1") != "0"
     since_trim = burst = 0
     try:
