@@ -538,6 +538,17 @@ def test_a_future_is_running_while_a_worker_runs_its_task_and_cannot_be_cancelle
         assert "state=finished" in repr(future)
 
 
+def raise_value_error(message):
+    raise ValueError(message)
+
+
+def test_a_failed_futures_repr_names_the_exceptions_class_not_its_message(impl):
+    with impl.Executor(1) as ex:
+        future = ex.submit(raise_value_error, "x" * 100_000)
+        concurrent.futures.wait([future], timeout=60)
+        assert re.fullmatch(r"<Future at 0x[0-9a-f]+ state=finished raised ValueError>", repr(future))
+
+
 def test_a_running_future_stopped_by_cancel_is_never_seen_neither_running_nor_done():
     """While ``cancel(running=True)`` asks the pool, the task's "cancelled"
     outcome reaches the results thread, which leaves the marking to the

@@ -225,12 +225,13 @@ class ErrorData:
             )
         return RemoteError(self.message)
 
-    def describe(self) -> str:
-        """One line for logs and reprs."""
+    def type_shown(self) -> str:
+        """The name a future's ``repr`` gives this failure, as the standard
+        library's names its exception's class: the class the task raised, or
+        the one :meth:`build` makes, without unpickling anything."""
         if self.kind == ErrorKind.REMOTE and self.remote is not None:
-            type_name, message = self.remote.type_name, self.remote.message
-            return f"{type_name}: {message}" if message else type_name
-        return self.message
+            return self.remote.type_name.rpartition(".")[2]
+        return type(self.build()).__name__
 
 
 def _build_remote(traceback_type: type[Exception], remote: RemoteFailure) -> BaseException:

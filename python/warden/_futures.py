@@ -182,9 +182,8 @@ class Future(_base.Future["_T"]):
     def __repr__(self) -> str:
         with self._condition:
             if self._state == _base.FINISHED and self._error is not None:
-                return (
-                    f"<{type(self).__name__} at {id(self):#x} state=finished raised {self._error.describe()}>"
-                )
+                raised = self._error.type_shown()
+                return f"<{type(self).__name__} at {id(self):#x} state=finished raised {raised}>"
             if self._state == _base.PENDING and self._taken():
                 return f"<{type(self).__name__} at {id(self):#x} state=running>"
         return super().__repr__()
