@@ -549,6 +549,28 @@ def test_a_failed_futures_repr_names_the_exceptions_class_not_its_message(impl):
         assert re.fullmatch(r"<Future at 0x[0-9a-f]+ state=finished raised ValueError>", repr(future))
 
 
+class RecordsItsMaking(Exception):
+    """An exception whose ``__init__`` writes the pid it runs in to a file."""
+
+    def __init__(self, log):
+        super().__init__(log)
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def raise_recorded(log):
+    raise RecordsItsMaking(log)
+
+
+def test_a_tasks_exception_is_made_once_where_raised_and_once_where_caught(impl, tmp_path):
+    log = tmp_path / "made"
+    with impl.Executor(1) as ex, pytest.raises(RecordsItsMaking):
+        ex.submit(raise_recorded, str(log)).result(timeout=60)
+    made_in = log.read_text().split()
+    assert len(made_in) == 2, made_in
+    assert made_in[0] != str(os.getpid()) and made_in[1] == str(os.getpid())
+
+
 def test_a_running_future_stopped_by_cancel_is_never_seen_neither_running_nor_done():
     """While ``cancel(running=True)`` asks the pool, the task's "cancelled"
     outcome reaches the results thread, which leaves the marking to the

@@ -245,22 +245,31 @@ def _build_remote(traceback_type: type[Exception], remote: RemoteFailure) -> Bas
         except BaseException as e:  # its __reduce__ may raise anything
             exc = RemoteError(
                 f"task raised {type_name}: {message} "
-                f"(the exception could not be unpickled here: {type(e).__name__}: {e})",
+                f"(the exception could not be rebuilt from its pickle: {type(e).__name__}: {e})",
                 type_name,
                 message,
             )
         if not isinstance(exc, BaseException):
-            exc = RemoteError(f"task raised {type_name}: {message}", type_name, message)
+            made = f"its pickle makes {_short_repr(exc)}, not an exception"
+            exc = RemoteError(f"task raised {type_name}: {message} ({made})", type_name, message)
         elif not isinstance(exc, Exception):
             # Rebuilt here as a KeyboardInterrupt or SystemExit: it must not
             # interrupt or end the caller, as one raised in the task cannot.
-            made = f"{type_name}: {message}, whose pickle makes {type(exc).__name__} here"
+            made = f"{type_name}: {message}, whose pickle makes {_short_repr(exc)}"
             exc = TaskAborted.standing_in(made, type_name, message)
     if exc is None:
         exc = RemoteError(f"task failed: {type_name}: {message}", type_name, message)
     if remote.traceback:
         exc.__cause__ = traceback_type(f'\n"""\n{remote.traceback}"""')
     return exc
+
+
+def _short_repr(value: object, limit: int = 200) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def core_error(exc: CoreError) -> BaseException:

@@ -346,7 +346,7 @@ def _text(exc: BaseException) -> str:
 
 def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAISED) -> _warden.RemoteFailure:
     """A failed task as the core reports it: the exception pickled if it
-    survives a round trip, else a stand-in."""
+    pickles, else a stand-in."""
     type_name = _type_name(exc)
     message = _text(exc)
     frames = exc.__traceback__
@@ -364,32 +364,21 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
     # its start (the frames) and its end (the exception raised).
     message, tb = _cut(message), _cut(tb, keep_end=True)
     if isinstance(exc, Exception):
-        step = "pickled"
+        # Rebuilt only where it is raised again: its __init__ or __setstate__
+        # runs there once, as the standard library's does; what cannot be
+        # rebuilt there becomes a RemoteError then.
         try:
             data = dumps(exc)
-            step = "rebuilt from its pickle"
-            rebuilt = _loads(data)
         except TaskInterrupted:
             raise
         except BaseException as why:  # its __reduce__ may raise anything
             stand_in = RemoteError(
-                f"task raised {type_name}: {message} (the exception could not be {step}: "
+                f"task raised {type_name}: {message} (the exception could not be pickled: "
                 f"{type(why).__name__}: {_text(why)})",
                 type_name,
                 message,
             )
             data = dumps(stand_in)
-        else:
-            if not isinstance(rebuilt, BaseException):
-                made = f"its pickle makes {_repr(rebuilt)}, not an exception"
-                data = dumps(RemoteError(f"task raised {type_name}: {message} ({made})", type_name, message))
-            elif not isinstance(rebuilt, Exception):
-                # Its pickle makes another kind of exception (a
-                # KeyboardInterrupt, a SystemExit): reported as one raised in
-                # the task would be.
-                what = f"{type_name}: {message}, whose pickle makes {_repr(rebuilt)}"
-                data = dumps(TaskAborted.standing_in(what, type_name, message))
-            del rebuilt
     else:
         data = dumps(TaskAborted.standing_in(_repr(exc), type_name, message))
     return _warden.RemoteFailure(kind, type_name, message, tb, data)
