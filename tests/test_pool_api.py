@@ -495,7 +495,7 @@ def endless():
         i += 1
 
 if __name__ == "__main__":
-    warnings.simplefilter("always", ResourceWarning)
+    warnings.simplefilter(sys.argv[1], ResourceWarning)
     with warden.Pool(2) as pool:
         print("all", sum(pool.imap(square, range(100))), flush=True)
         for value in pool.imap_unordered(square, endless()):
@@ -506,16 +506,21 @@ if __name__ == "__main__":
 """
 
 
-def test_an_imap_dropped_before_its_iterable_ended_says_so_with_a_resource_warning(program):
+@pytest.mark.parametrize("action", ["always", "error"])
+def test_an_imap_dropped_before_its_iterable_ended_says_so_with_a_resource_warning(program, action):
     """A dropped ``imap`` iterator stops its feeder (so that ``close();
     join()`` return even for an endless iterable), where the standard
     library's would run every item: a ``ResourceWarning`` says so, as for a
-    file dropped unclosed. An ``imap`` read to its end says nothing."""
-    run = program(DROPPED_IMAP).run()
+    file dropped unclosed. An ``imap`` read to its end says nothing. Where
+    warnings are errors, it is reported as one raised by a finalizer is
+    (``sys.unraisablehook``), not as the death of the thread that saw it."""
+    run = program(DROPPED_IMAP).run(args=(action,))
     assert run.returncode == 0, run.stderr
     assert run.lines == [f"all {sum(i * i for i in range(100))}", "joined"]
     assert run.stderr.count("ResourceWarning") == 1, run.stderr
     assert "an imap of 'square' was dropped before its iterable ended" in run.stderr
+    assert "Exception in thread" not in run.stderr
+    assert ("Exception ignored in" in run.stderr) == (action == "error"), run.stderr
 
 
 READ_TO_ITS_END_OR_TERMINATED = """

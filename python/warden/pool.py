@@ -1105,6 +1105,20 @@ def _deliver_imap_chunk(
         ahead.done(size)
 
 
+class _Unraisable:
+    """Raises ``error`` in its ``__del__``: the interpreter reports it there
+    as it reports any exception a finalizer raises ("Exception ignored in"),
+    through ``sys.unraisablehook``, which pytest and other tools watch."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error: BaseException | None = error
+
+    def __del__(self) -> None:
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+
 def _has_more(it: Iterator[Any]) -> bool:
     """Whether ``it`` yields another item (taken, and dropped: nobody can
     read its result any more)."""
@@ -1211,12 +1225,18 @@ def _feed_imap(
             # dropped file that was never closed is said. (Not for a pool
             # terminated meanwhile, which would not have run them either, nor
             # for an iterable whose end the feeder had not yet seen.)
-            warnings.warn(
-                f"an imap of {getattr(func, '__qualname__', func)!r} was dropped before its iterable ended: "
-                f"the items after its first {index} chunks are not run",
-                ResourceWarning,
-                stacklevel=1,
-            )
+            name = f"{getattr(func, '__qualname__', func)!r}"
+            try:
+                warnings.warn(
+                    f"an imap of {name} was dropped before its iterable ended: "
+                    f"the items after its first {index} chunks are not run",
+                    ResourceWarning,
+                    stacklevel=1,
+                )
+            except Warning as e:
+                # Warnings are errors (``-W error``): reported as such a
+                # warning of a dropped file is, not as this thread's death.
+                _Unraisable(e)
     finally:
         result = result_ref()
         if result is not None:
