@@ -409,6 +409,8 @@ if __name__ == "__main__":
         ["-m", "pdb", "apkg/main.py"],
         ["-m", "pdb", "-m", "apkg.main"],
         ["launcher.py", "apkg/main.py"],
+        ["mp_launcher.py", "apkg/main.py"],
+        ["mp_launcher.py", "-m", "apkg.main"],
         ["-m", "cProfile", "-o", os.devnull, "-m", "apkg"],
     ],
     ids=[
@@ -420,6 +422,8 @@ if __name__ == "__main__":
         "pdb",
         "pdb-m",
         "runpy-launcher",
+        "runpy-launcher-after-multiprocessing",
+        "runpy-module-launcher-after-multiprocessing",
         "package",
     ],
 )
@@ -437,12 +441,26 @@ def test_a_program_run_by_a_profiler_or_debugger_sees_its_own_globals_in_workers
     worker's enum, an instance ``isinstance`` did not know. A launcher that
     makes the program ``__main__`` itself (``runpy``: pyinstrument, memray,
     coverage, IPython's ``%run``) and a package's ``__main__`` keep working
-    as under spawn."""
+    as under spawn. So does one that imported ``multiprocessing`` before it
+    ran the program (as ``coverage run`` does), which left the parent's
+    ``__mp_main__`` naming the launcher: a result of a class the program
+    defines could not be unpickled."""
     package(tmp_path, "main.py", UNDER_A_TOOL)
     # A launcher of the program's own, as pyinstrument, memray or coverage run
     # one: the program becomes __main__ itself, and that is what children import.
     (tmp_path / "launcher.py").write_text(
         "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    # One that imported multiprocessing first (which binds __mp_main__ to
+    # the launcher), as coverage does.
+    (tmp_path / "mp_launcher.py").write_text(
+        "import multiprocessing, runpy, sys\n"
+        "if sys.argv[1] == '-m':\n"
+        "    sys.argv = sys.argv[2:]\n"
+        "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+        "else:\n"
+        "    sys.argv = sys.argv[1:]\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
     # A package's __main__, which children do not import (as under spawn).
     (tmp_path / "apkg" / "__main__.py").write_text(UNDER_A_TOOL)

@@ -470,6 +470,8 @@ def preparation_data(name: str) -> dict[str, Any]:
         data.pop("init_main_from_name", None)
         data.pop("init_main_from_path", None)
         data.update(program)
+    elif "init_main_from_name" in data or "init_main_from_path" in data:
+        _main_as_mp_main(main)
     # As in a child the standard library spawns (its bootstrap forces the
     # spawn method, whatever the parent chose): a pool a task starts with
     # the default context spawns too, instead of forking a worker, which
@@ -573,6 +575,27 @@ def _program_as_mp_main(names: dict[str, Any]) -> None:
     current = sys.modules.get("__mp_main__")
     if not (isinstance(current, _ProgramModule) and current.__dict__["_program"] is names):
         sys.modules["__mp_main__"] = _ProgramModule(names)
+
+
+def _main_as_mp_main(main: Any) -> None:
+    """Binds ``__mp_main__`` to ``main``, the program workers import as
+    theirs, where it names another module's file: a launcher that imported
+    ``multiprocessing`` (which binds ``__mp_main__`` to the ``__main__`` of
+    then) before making the program ``__main__`` (``coverage run``, a
+    ``runpy`` launcher). What a worker sends back of the program's own (a
+    result of a class it defines, its exception) names ``__mp_main__``, and
+    is looked up here. Not in a worker or a child of warden's, whose main is
+    warden's own file and whose ``__mp_main__`` is the program."""
+    current = sys.modules.get("__mp_main__")
+    if current is None or current is main or isinstance(current, _ProgramModule):
+        return
+    main_file = getattr(main, "__file__", None)
+    current_file = getattr(current, "__file__", None)
+    if not isinstance(main_file, str) or _is_warden_file(main_file):
+        return
+    if isinstance(current_file, str) and os.path.realpath(current_file) == os.path.realpath(main_file):
+        return
+    sys.modules["__mp_main__"] = main
 
 
 class Runner:
