@@ -840,6 +840,21 @@ def test_base_exception_in_a_task_is_a_clear_error_and_the_worker_lives_on(ex):
     assert pid in ex._processes  # the same worker, not a replacement
 
 
+def raise_task_interrupted():
+    raise warden.TaskInterrupted("the task's own reason")
+
+
+def test_a_task_raising_task_interrupted_itself_is_reported_as_its_own_and_the_worker_lives_on(ex):
+    """No stop was asked: the exception is the task's own (a ``BaseException``
+    that is not an ``Exception``, so ``TaskAborted`` naming it), not a stop's."""
+    pid = ex.submit(getpid).result(timeout=60)
+    with pytest.raises(warden.TaskAborted) as info:
+        ex.submit(raise_task_interrupted).result(timeout=60)
+    assert info.value.type_name.endswith("TaskInterrupted")
+    assert info.value.message == "the task's own reason"
+    assert ex.submit(getpid).result(timeout=60) == pid
+
+
 class RebuiltAsKeyboardInterrupt(Exception):
     """An exception whose pickle makes a KeyboardInterrupt."""
 

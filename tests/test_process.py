@@ -185,6 +185,26 @@ def test_an_exception_prints_the_traceback_in_the_child(program):
     assert "ValueError: from the child" in run.stderr
 
 
+def test_a_target_raising_task_interrupted_itself_fails_as_with_any_other_exception(program):
+    """No stop was asked: the exception is the target's own, not the sign of
+    a ``terminate()``."""
+    prog = program(
+        """
+        import warden
+        def target():
+            raise warden.TaskInterrupted("the target's own reason")
+        if __name__ == "__main__":
+            p = warden.Process(target=target, name="P")
+            p.start(); p.join(30)
+            print("exitcode", p.exitcode)
+        """
+    )
+    run = prog.run()
+    assert run.stdout.strip() == "exitcode 1", run.stderr
+    assert "Process P:" in run.stderr
+    assert "TaskInterrupted: the target's own reason" in run.stderr
+
+
 def test_a_target_the_child_cannot_unpickle_gives_exit_code_one(program):
     prog = program(
         """

@@ -825,9 +825,10 @@ class Handler:
                 # can open it: a clear error there, never a race.
                 return data
             return (data, out, value)
-        except TaskInterrupted:
+        except TaskInterrupted as e:
             self.running = False  # the exit path comes next: not to be interrupted
-            return _interrupted()
+            # Raised by the task itself, with no stop asked: its own error.
+            return _interrupted() if self.stopping else _error(e)
         except BaseException as e:
             self.running = False
             return _error(e)
@@ -872,7 +873,11 @@ class Handler:
             process.run()
             exitcode = 0
         except TaskInterrupted:
-            raise
+            if self.stopping:
+                raise
+            # The target's own (no stop was asked): as any other exception.
+            say_exception(f"Process {process.name}:\n")
+            exitcode = 1
         except SystemExit as e:
             exitcode = _system_exit_code(e)
         except BaseException:
