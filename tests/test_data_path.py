@@ -980,6 +980,58 @@ def test_large_calls_made_in_callbacks_while_short_of_descriptors_do_not_wait_on
     assert run.stdout.splitlines() == ["warm 0", "chain 0 1 2 3 4 5 errors"], run.stderr
 
 
+CALLBACK_FAN_OUT_FEW_FDS = """
+import resource, threading
+import warden
+from warden import _oob
+
+def length(block, i):
+    return len(block), i
+
+if __name__ == "__main__":
+    _oob.INLINE_FALLBACK_MAX = 1 << 20  # as if each call were over 64 MiB
+    _oob.FDS_WAIT = 10.0
+    with warden.Pool(2, maxtasksperchild=1) as pool:  # workers keep starting
+        print("warm", pool.apply(len, (b"",)), flush=True)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        block = b"x" * (2 << 20)
+        done, results, errors = threading.Event(), [], []
+
+        def count(into):
+            def counted(outcome):
+                into.append(outcome)
+                if len(results) + len(errors) == 40:
+                    done.set()
+            return counted
+
+        def fan_out(_):
+            for i in range(40):
+                pool.apply_async(length, (block, i), callback=count(results), error_callback=count(errors))
+
+        pool.apply_async(len, (b"",), callback=fan_out)
+        done.wait(90)
+        print("results", sorted(i for _, i in results), flush=True)
+        print("errors", [type(e).__name__ for e in errors], flush=True)
+        print("after", pool.apply(length, (block, 99)), flush=True)
+"""
+
+
+def test_a_callback_making_many_large_calls_while_short_of_descriptors_leaves_the_pools_reserve(program):
+    """A callback's calls, which cannot wait for descriptors, go inline while
+    this process is short of them: taking one each from the reserve the pool
+    keeps for starting workers and reading results, forty of them used it up
+    and the pool failed, unable to start a worker."""
+    run = program(CALLBACK_FAN_OUT_FEW_FDS).run(timeout=150)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "warm 0",
+        f"results {list(range(40))}",
+        "errors []",
+        f"after ({2 << 20}, 99)",
+    ], run.stderr
+
+
 def test_a_result_this_process_has_no_descriptor_for_fails_alone_with_emfile(program):
     prog = program(
         """

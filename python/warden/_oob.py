@@ -400,15 +400,17 @@ def _carry(
                     return head, fd
             return head, make_segment(buffers, spare=spare)
         except _FdsScarce:
-            if inline_ok:
+            if inline_ok or getattr(_results_thread, "on", False):
+                # A pool's results thread (a callback making the call) cannot
+                # wait: its own delivery of outcomes gives descriptors back.
+                # Nor may it take from the reserve, one per call of a
+                # callback that makes many: the call goes inline, as the
+                # standard library sends it (or fails, over the frame limit).
                 break
-            if calls_holding_fds() == 0 or getattr(_results_thread, "on", False):
+            if calls_holding_fds() == 0:
                 # No call of this process holds one: none will come free by
                 # waiting (what fills the table is the program's own, or the
-                # pools'). Or this is a pool's results thread (a callback
-                # submits), whose own work gives them back as it delivers
-                # outcomes: it would wait for itself. This one takes a
-                # descriptor from the reserve.
+                # pools'). This one takes a descriptor from the reserve.
                 spare = False
                 continue
             now = time.monotonic()
@@ -445,8 +447,9 @@ _results_thread = threading.local()
 
 def results_thread() -> None:
     """Marks this thread as a pool's results thread: a call made in it (by a
-    callback) does not wait for descriptors to come free, since outcomes this
-    thread delivers are what lets them go."""
+    callback) while this process is short of descriptors does not wait for
+    one to come free, since outcomes this thread delivers are what lets them
+    go: it goes inline."""
     _results_thread.on = True
 
 
@@ -475,6 +478,7 @@ def _forget_calls_holding() -> None:
     global _calls_holding, _calls_holding_lock
     _calls_holding_lock = threading.Lock()  # a thread of the original may have held it
     _calls_holding = 0  # the copy's pools are its own; the original's calls are not
+    _results_thread.on = False  # a copy made in a callback: its thread delivers nothing
 
 
 os.register_at_fork(after_in_child=_forget_calls_holding)
