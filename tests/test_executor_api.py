@@ -1120,6 +1120,21 @@ def test_a_failing_initializer_breaks_the_executor_at_its_first_failure_and_name
     ex.shutdown()
 
 
+def initializer_raising_task_interrupted():
+    raise warden.TaskInterrupted("the initializer's own reason")
+
+
+def test_an_initializer_raising_task_interrupted_itself_is_named_as_its_failure():
+    """No stop was asked: the exception is the initializer's own, named as a
+    ``ValueError`` there would be, not taken for a stop."""
+    failed = "start hook failed: .*TaskInterrupted: the initializer's own"
+    with (
+        warden.ProcessPoolExecutor(1, initializer=initializer_raising_task_interrupted) as ex,
+        pytest.raises(warden.PoolFailed, match=failed),
+    ):
+        ex.submit(square, 2).result(timeout=60)
+
+
 INIT_NOT_UTF8 = """
 import warden
 

@@ -755,20 +755,16 @@ class Handler:
                     _warden.hold_stops(False)
                 _context._set(entered)
                 _logging_steps_aside()
-        except TaskInterrupted:
+        except BaseException as e:
             # Nothing runs any more: a second stop signal must not raise
             # inside the exit path (the monitor re-sends SIGTERM).
             self.running = False
-            # Once the initializer has returned, what it and the worker
-            # context set up is torn down as at any exit.
-            self._end_process(self._end_hooks() if self.initialized else [])
-            return _interrupted()
-        except BaseException as e:
-            self.running = False
             if self.stopping:
-                # Told to stop while starting (what was importing may have
-                # turned TaskInterrupted into its own error): a stop, not a
-                # failure; after the initializer, one that runs the finalizer.
+                # Told to stop while starting (the stop itself, or what an
+                # import in progress turned it into): a stop, not a failure.
+                # Once the initializer has returned, what it and the worker
+                # context set up is torn down as at any exit. (A
+                # TaskInterrupted with no stop asked is the hooks' own error.)
                 self._end_process(self._end_hooks() if self.initialized else [])
                 return _interrupted()
             if not logged:
