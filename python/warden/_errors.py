@@ -226,9 +226,11 @@ class ErrorData:
         return RemoteError(self.message)
 
     def type_shown(self) -> str:
-        """The name a future's ``repr`` gives this failure, as the standard
-        library's names its exception's class: the class the task raised, or
-        the one :meth:`build` makes, without unpickling anything."""
+        """The name a future's ``repr`` gives this failure, in the place of
+        the standard library's exception class: the class the task raised
+        (also where :meth:`build` makes a stand-in for it, a ``TaskAborted``
+        or ``RemoteError``, which is known only by unpickling), or the one
+        :meth:`build` makes for a failure of the pool's."""
         if self.kind == ErrorKind.REMOTE and self.remote is not None:
             return self.remote.type_name.rpartition(".")[2]
         return type(self.build()).__name__

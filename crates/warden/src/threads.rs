@@ -13,10 +13,11 @@
 //!   else's (the cautious reading).
 //! * The list takes no lock, so a `fork()` that copies a thread while it
 //!   adds or removes itself leaves nothing held in the copy. In the copy
-//!   the list starts empty: the entries name the parent's process id.
+//!   the list starts empty: the entries name the parent's process id, and
+//!   the copy's first use of the list clears them.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::thread::{Builder, JoinHandle};
 
 /// How many warden threads the list holds at once.
@@ -27,9 +28,25 @@ pub(crate) const CAPACITY: usize = 512;
 /// process (a `fork()`ed copy's parent) counts as empty.
 static IDS: [AtomicU64; CAPACITY] = [const { AtomicU64::new(0) }; CAPACITY];
 
+/// The process that last used the list: a fork's copy that finds its
+/// parent's id here empties the slots its parent left, so that a later
+/// process given a dead ancestor's id cannot take them for its own.
+static LIST_PID: AtomicI32 = AtomicI32::new(0);
+
+/// This process's id, the list emptied of other processes' threads the
+/// first time it is used here.
 fn pid() -> i32 {
     // SAFETY: getpid(2) has no preconditions.
-    unsafe { libc::getpid() }
+    let me = unsafe { libc::getpid() };
+    if LIST_PID.swap(me, Ordering::AcqRel) != me {
+        for slot in &IDS {
+            let held = slot.load(Ordering::Acquire);
+            if held != 0 && entry_pid(held) != me {
+                let _ = slot.compare_exchange(held, 0, Ordering::AcqRel, Ordering::Acquire);
+            }
+        }
+    }
+    me
 }
 
 fn entry(pid: i32, tid: i32) -> u64 {
@@ -178,7 +195,10 @@ mod tests {
             assert!(pid > 0, "fork: {}", io::Error::last_os_error());
             let mut status = 0;
             // SAFETY: reaping our own child, which ends within its alarm.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
+            while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+                let error = io::Error::last_os_error();
+                assert_eq!(error.kind(), io::ErrorKind::Interrupted, "waitpid: {error}");
+            }
             outcomes.push(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -libc::WTERMSIG(status) });
             if outcomes.last() != Some(&LISTED) {
                 break;
