@@ -1780,6 +1780,74 @@ def test_a_program_closing_its_pools_descriptors_gets_pool_failed_and_a_bounded_
     assert len(run.stderr) < 2000, run.stderr[-3000:]
 
 
+NEW_POOLS_AFTER_CLOSERANGE = """
+import logging, os, socket, sys, time
+import warden
+
+def use(block, i, pause=0.0):
+    time.sleep(pause)
+    logging.getLogger("task").warning("record %d from a worker", i)
+    return len(block)
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(name)s %(message)s")
+    block = b"z" * (1 << 20)  # lent to the worker: a pipe the lender thread watches
+    ex = warden.ProcessPoolExecutor(1)
+    running = ex.submit(use, block, 0, 1.0)
+    time.sleep(0.3)
+    os.closerange(3, 1024)  # with the pool running
+    try:
+        running.result(timeout=30)
+    except warden.PoolFailed:
+        print("old pool failed", flush=True)
+    ex.shutdown(cancel_futures=True)
+    # The program's own files and sockets take the numbers warden's had.
+    files = [open(f"{sys.argv[1]}/{i}", "w+b", buffering=0) for i in range(30)]
+    for i, f in enumerate(files):
+        f.write(b"line %d" % i)
+    mine, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with warden.ProcessPoolExecutor(1) as ex:
+        print("new pool", [ex.submit(use, block, i).result(timeout=30) for i in (1, 2, 3)], flush=True)
+    changed = []
+    for i, f in enumerate(files):
+        f.seek(0)
+        if f.read() != b"line %d" % i:
+            changed.append(i)
+    print("files changed", changed, flush=True)
+    got = []
+    for s in (mine, peer):
+        s.setblocking(False)
+        try:
+            got.append(s.recv(4096))
+        except BlockingIOError:
+            pass
+    print("socket got", len(got), flush=True)
+"""
+
+
+def test_pools_made_after_the_program_closed_a_running_pools_descriptors_touch_none_of_its_files(
+    program, tmp_path
+):
+    """``os.closerange`` while a pool ran, which fails that pool: the logging
+    listener and the thread holding lent buffers outlived it with the closed
+    numbers. Every later pool sent its workers' log records to whatever the
+    program opened with the logging socket's number (its own socket), and
+    the lender thread, dead of the closed pipe, had later loans write a byte
+    into the program's file with the wake-up pipe's number. Now both make
+    new descriptors, and forget the old numbers without closing them."""
+    run = program(NEW_POOLS_AFTER_CLOSERANGE).run(timeout=90, args=(str(tmp_path),))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines() == [
+        "old pool failed",
+        f"new pool {[1 << 20] * 3}",
+        "files changed []",
+        "socket got 0",
+    ], run.stderr[-3000:]
+    for i in (1, 2, 3):
+        assert f"task record {i} from a worker" in run.stderr, run.stderr[-3000:]
+    assert "Exception in thread" not in run.stderr, run.stderr[-3000:]
+
+
 DAEMON_AFTER_A_POOL = """
 import os, signal, sys
 import warden

@@ -289,36 +289,49 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def sender_fd() -> int:
+def sender_fd() -> tuple[int, _Listener]:
     """A new fd of the sending end, for a pool to pass to its workers (the
-    caller owns it). The pool forwards from then on: the listener's thread
-    runs until every such pool has called :func:`release`."""
+    caller owns it), and the listener it sends to, which the pool gives
+    :func:`release` once done. The pool forwards from then on: the
+    listener's thread runs until every such pool has released it. A
+    listener whose fds the program closed is not given out again: a new one
+    takes its place."""
     global _listener
     with _listener_lock:
-        if _listener is None:
+        if _listener is None or _listener.lost:
             _listener = _Listener()
-        fd = os.dup(_listener.sender.fileno())
-        _listener.users += 1
-        _listener.start()
-        return fd
+        listener = _listener
+        fd = os.dup(listener.sender.fileno())
+        listener.users += 1
+        listener.start()
+        return fd, listener
 
 
-def release() -> None:
+def release(listener: _Listener) -> None:
     """A pool that took a :func:`sender_fd` is done (its workers are gone):
     the last one to go stops the thread, once it has handled what is queued."""
     with _listener_lock:
-        listener = _listener
-        if listener is None or listener.users == 0:
+        if listener.users == 0:
             return
         listener.users -= 1
-        thread = listener.stop() if listener.users == 0 else None
+        if listener.users:
+            return
+        thread = listener.stop()
+        # A lost listener's thread has ended: nothing else will forget its
+        # sockets, which closed by the garbage collector would close the
+        # numbers the program's files have now.
+        forget = listener.lost and listener.running == 0
+    if forget:
+        listener.close()
     if thread is not None and not _native.is_current(thread):
         thread.join(STOP_WAIT)
 
 
-def drain() -> None:
-    """Handles the records queued now (no-op if nothing ever forwarded)."""
-    listener = _listener
+def drain(listener: _Listener | None = None) -> None:
+    """Handles the records queued now for ``listener`` (by default the one
+    pools get now; no-op if nothing ever forwarded)."""
+    if listener is None:
+        listener = _listener
     if listener is not None:
         listener.drain()
 

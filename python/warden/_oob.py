@@ -722,6 +722,23 @@ class _Lender:
                 os.write(self.wake_w, b"\0")
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception:
+            # Nothing it holds is lost: the next loan starts a thread that
+            # watches them. Its wake-up pipe is forgotten, not closed: what
+            # failed may be that the program closed it, and its numbers may
+            # be another file's by now.
+            with self.lock:
+                if self.thread is not None and _native.is_current(self.thread):
+                    self.wake_r = self.wake_w = -1
+                    self.thread = None
+                    self.released.notify_all()
+            from ._stderr import say_exception
+
+            say_exception("warden: the thread that holds lent buffers failed:\n")
+
+    def _serve(self) -> None:
         import select
 
         while True:
@@ -743,12 +760,20 @@ class _Lender:
             events = poller.poll()
             done = []
             with self.lock:
-                for fd, _ in events:
+                for fd, mask in events:
+                    # POLLNVAL: the program closed it (`os.closerange`); its
+                    # number is not ours to read, write or close any more.
                     if fd == wake_r:
-                        os.read(wake_r, 4096)
+                        if mask & select.POLLNVAL:
+                            self.wake_r = self.wake_w = -1
+                            self.wake_r, self.wake_w = os.pipe()
+                            os.set_blocking(self.wake_w, False)
+                        else:
+                            os.read(wake_r, 4096)
                     elif fd in self.held:
                         done.append(self.held.pop(fd))
-                        _native.close(fd)
+                        if not mask & select.POLLNVAL:
+                            _native.close(fd)
                 if done:
                     self.released.notify_all()
             for loan in done:

@@ -647,6 +647,7 @@ class Runner:
         forward_logging = forward_logging and deliver
         fds = list(pass_fds or [])
         log_to = None
+        log_listener: Any = None
         try:
             if exiting:
                 raise RuntimeError("cannot start new workers after interpreter shutdown")
@@ -661,7 +662,8 @@ class Runner:
                 )
                 fds.extend(hook_fds)
             if forward_logging:
-                fds.append(log_fd := _logging.sender_fd())
+                log_fd, log_listener = _logging.sender_fd()
+                fds.append(log_fd)
                 log_to = {"fd": log_fd, "levels": _logging.parent_levels()}
             tracker = resource_tracker_fd()
             if tracker is not None:
@@ -697,8 +699,8 @@ class Runner:
                 fallback = _dumps({"preparation": init["preparation"], "preload": lean}, protocol=5)
         except BaseException:
             _close_fds(fds)
-            if log_to is not None:
-                _logging.release()
+            if log_listener is not None:
+                _logging.release(log_listener)
             raise
         # The core takes ownership of the fds, even if this fails.
         try:
@@ -733,8 +735,8 @@ class Runner:
                 on_worker_lost=None if self._tasks is None else _lost_hook(on_worker_lost, self._tasks),  # type: ignore[arg-type]
             )
         except BaseException as e:
-            if log_to is not None:
-                _logging.release()
+            if log_listener is not None:
+                _logging.release(log_listener)
             # A system call failed (no descriptor left under ``ulimit -n``):
             # the ``OSError`` the standard library's constructor raises.
             if isinstance(e, _warden.CoreError) and e.errno is not None:
@@ -744,6 +746,8 @@ class Runner:
         self.exit_policy = exit_policy
         self.exit_timeout = exit_timeout
         self.forward_logging = forward_logging
+        #: Where the workers' log records go, if forwarded.
+        self.log_listener = log_listener
         #: A terminal's Ctrl-C reaches the (one-off) child too; how many this
         #: process had passed on before the child started (every one since
         #: reached the child).
@@ -764,7 +768,7 @@ class Runner:
         if deliver:
             self.thread = _native.Thread(
                 target=_deliver_outcomes,
-                args=(self.core, self.pending, self.pending_lock, self._leave_live_set, forward_logging),
+                args=(self.core, self.pending, self.pending_lock, self._leave_live_set, log_listener),
                 name="warden-results",
             )
         with _live_lock:
@@ -779,8 +783,8 @@ class Runner:
                 self._leave_live_set()
                 self.thread = None
                 self.core.kill()
-                if forward_logging:
-                    _logging.release()
+                if log_listener is not None:
+                    _logging.release(log_listener)
                 raise
 
     def _leave_live_set(self) -> None:
@@ -890,8 +894,8 @@ class Runner:
         if done:
             _oob.settle()  # what the workers read of ours: let it go with them
             self.release_worker_views()
-        if done and self.forward_logging:
-            _logging.drain()  # what the finalizers logged
+        if done and self.log_listener is not None:
+            _logging.drain(self.log_listener)  # what the finalizers logged
         return done
 
     def exitcode(self) -> int | None:
@@ -1128,11 +1132,12 @@ def _deliver_outcomes(
     pending: dict[int, OnDone],
     pending_lock: threading.Lock,
     leave_live_set: Callable[[], None],
-    forward_logging: bool = False,
+    log_listener: Any = None,
 ) -> None:
     """The results thread: takes outcomes from the core, calls their callbacks.
-    With ``forward_logging``, the workers' log records queued before a batch
-    are handled before it (so a task's records come before its result)."""
+    With a ``log_listener`` (records forwarded), the workers' log records
+    queued before a batch are handled before it (so a task's records come
+    before its result)."""
     _delivering.core = core
     _oob.results_thread()
     trim = os.environ.get(TRIM_ENV, "1") != "0"
@@ -1142,10 +1147,10 @@ def _deliver_outcomes(
             batch = core.next_completions(512)
             if batch is None:
                 break
-            if forward_logging:
+            if log_listener is not None:
                 # Records a task logged come out before its result.
                 try:
-                    _logging.drain()
+                    _logging.drain(log_listener)
                 except Exception:  # the results thread must not die of it
                     say_exception("warden: reading worker log records failed:\n")
             since_trim += len(batch)
@@ -1173,8 +1178,8 @@ def _deliver_outcomes(
                 ErrorData(_warden.ErrorKind.CLOSED, "the pool shut down before the task finished"),
             )
         leave_live_set()
-        if forward_logging:
-            _logging.release()  # its workers are gone
+        if log_listener is not None:
+            _logging.release(log_listener)  # its workers are gone
 
 
 def _deliver_batch(
