@@ -1848,6 +1848,67 @@ def test_pools_made_after_the_program_closed_a_running_pools_descriptors_touch_n
     assert "Exception in thread" not in run.stderr, run.stderr[-3000:]
 
 
+PIDFDS_CLOSED_BY_THE_PROGRAM = """
+import os, time
+import warden
+
+def square(x):
+    return x * x
+
+def child():
+    time.sleep(1.0)
+    print("child done", flush=True)
+
+def close_pidfds():
+    # A library closing descriptors it does not own, as a buggy one does.
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
+                os.close(fd)
+        except OSError:
+            pass
+
+if __name__ == "__main__":
+    p = warden.Process(target=child)
+    p.start()
+    ex = warden.ProcessPoolExecutor(2)
+    print("before", list(ex.map(square, range(4))), flush=True)
+    close_pidfds()
+    print("after", ex.submit(square, 3).result(timeout=30), flush=True)
+    ex.shutdown()
+    print("shut down", flush=True)
+    p.join(30)
+    print("process exit", p.exitcode, flush=True)
+    with warden.Pool(2) as pool:
+        close_pidfds()
+        print("pool", pool.map(square, range(3)), flush=True)
+        pool.terminate()
+        pool.join()
+    print("joined", flush=True)
+"""
+
+
+def test_workers_whose_pidfds_the_program_closed_are_watched_by_pid_and_every_wait_ends(program):
+    """A poll of a closed pidfd says ``POLLNVAL``, which was taken for the
+    worker's exit: an idle worker got no more tasks (the next ``result()``
+    timed out), and its real exit, which no closed pidfd reports, was never
+    seen: ``shutdown()`` never returned, nor ``Process.join()``. Now such a
+    worker is watched by its pid."""
+    run = program(PIDFDS_CLOSED_BY_THE_PROGRAM).run(timeout=90)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert "child done" in lines, run.stderr[-3000:]
+    lines.remove("child done")  # whenever its second is up
+    assert lines == [
+        "before [0, 1, 4, 9]",
+        "after 9",
+        "shut down",
+        "process exit 0",
+        "pool [0, 1, 4]",
+        "joined",
+    ], run.stderr[-3000:]
+
+
 DAEMON_AFTER_A_POOL = """
 import os, signal, sys
 import warden

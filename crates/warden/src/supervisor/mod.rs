@@ -90,6 +90,10 @@ const POLL_RETRY: Duration = Duration::from_millis(20);
 /// looks at its poller this often.
 const POLL_MAX_WAIT: Duration = Duration::from_secs(2);
 
+/// How often the loop looks for the exit of a worker whose pidfd the program
+/// closed (nothing wakes it for that exit).
+const BY_PID_CHECK: Duration = Duration::from_millis(50);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PoolPhase {
     Running,
@@ -247,9 +251,12 @@ impl Supervisor {
             // Never wait without limit: a poller whose descriptors the program
             // closed (`os.closerange`) is never woken again, and only a poll
             // of its own finds that out.
-            let timeout = self
+            let mut timeout = self
                 .next_deadline()
                 .map_or(POLL_MAX_WAIT, |d| d.saturating_duration_since(Instant::now()).min(POLL_MAX_WAIT));
+            if self.any_watched_by_pid() {
+                timeout = timeout.min(BY_PID_CHECK);
+            }
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     // Also after this process was stopped (SIGSTOP, Ctrl-Z)
@@ -273,6 +280,9 @@ impl Supervisor {
                 }
                 std::thread::sleep(timeout.min(POLL_RETRY));
             }
+            // A worker's channel closed: it may be exiting, and its pidfd
+            // may be one the program closed.
+            let mut channel_closed = false;
             for event in events.iter() {
                 let token = event.token();
                 if token == WAKER {
@@ -289,6 +299,7 @@ impl Supervisor {
                 }
                 let id = ((token.0 - 2) / 2) as u64;
                 if token == sock_token(id) {
+                    channel_closed |= event.is_read_closed() || event.is_error();
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
                         self.read_or_defer(id);
                     }
@@ -301,6 +312,9 @@ impl Supervisor {
                     self.reap(id);
                 }
             }
+            // A worker whose pidfd the program closed wakes no poll as it
+            // exits: looked for here.
+            self.watch_exits_by_pid(events.is_empty() || channel_closed);
             self.drain_commands();
             let now = Instant::now();
             if self.queue.cancel_marked(&self.shared.cancels) {

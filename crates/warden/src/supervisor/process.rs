@@ -15,7 +15,9 @@
 //!   outlives it unless it left the group (`setsid`, `start_new_session`).
 
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 
@@ -38,26 +40,37 @@ pub(super) trait Wait {
 pub(super) trait WorkerProcess: Kill + Wait + Send {
     /// Its process id.
     fn pid(&self) -> i32;
-    /// An fd that becomes readable when the process exits, for the poller.
+    /// An fd that becomes readable when the process exits, for the poller;
+    /// `None` if there is none (any more): the supervisor then looks for the
+    /// exit itself (see [`WorkerProcess::watched_by_pid`]).
     fn exit_fd(&self) -> Option<RawFd>;
+    /// The exit fd was found closed behind the supervisor's back (a poll
+    /// said `POLLNVAL`): from now on the process is watched by its pid.
+    fn exit_fd_closed(&self) {}
+    /// Whether the process has no exit fd to wake the poller, so that the
+    /// supervisor must look for its exit every so often.
+    fn watched_by_pid(&self) -> bool {
+        false
+    }
 }
 
 /// A real child process, held by its pidfd (so signals and `waitid` can never
 /// reach another process that reused its pid).
 pub(super) struct Pidfd {
     pid: Pid,
-    pidfd: OwnedFd,
+    /// Closed on drop unless `by_pid`: its number may be another file's then.
+    pidfd: ManuallyDrop<OwnedFd>,
     /// The pidfd was closed behind the supervisor's back (a program that
     /// closes every descriptor it did not open: `os.closerange(3, ...)`):
     /// the pid names the worker instead, which is safe while it is unreaped.
-    by_pid: bool,
+    by_pid: AtomicBool,
     /// A terminal's Ctrl-C reaches its group (until it is reaped).
     forwarded: Option<Forwarded>,
 }
 
 impl Pidfd {
     pub(super) fn new(pid: Pid, pidfd: OwnedFd) -> Self {
-        Pidfd { pid, pidfd, by_pid: false, forwarded: None }
+        Pidfd { pid, pidfd: ManuallyDrop::new(pidfd), by_pid: AtomicBool::new(false), forwarded: None }
     }
 
     /// Passes a terminal's Ctrl-C on to its process group from now until it
@@ -69,7 +82,7 @@ impl Pidfd {
 
     /// The worker, for `waitid`: by its pidfd, or by its pid once that is gone.
     fn id(&self) -> WaitId<'_> {
-        if self.by_pid {
+        if self.by_pid() {
             WaitId::Pid(self.pid)
         } else {
             WaitId::PidFd(self.pidfd.as_fd())
@@ -78,13 +91,25 @@ impl Pidfd {
 
     /// Notes an error of a call on the pidfd; true if the pidfd is gone and
     /// the call should be made again by pid.
-    fn lost(&mut self, e: rustix::io::Errno) -> bool {
-        if e == rustix::io::Errno::BADF && !self.by_pid {
-            tracing::warn!(pid = self.pid.as_raw_nonzero().get(), "a worker's pidfd was closed; using its pid");
-            self.by_pid = true;
+    fn lost(&self, e: rustix::io::Errno) -> bool {
+        if e == rustix::io::Errno::BADF && !self.by_pid() {
+            self.exit_fd_closed();
             return true;
         }
         false
+    }
+
+    fn by_pid(&self) -> bool {
+        self.by_pid.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Pidfd {
+    fn drop(&mut self) {
+        if !self.by_pid() {
+            // SAFETY: dropped once, here, and never used again.
+            unsafe { ManuallyDrop::drop(&mut self.pidfd) };
+        }
     }
 }
 
@@ -99,9 +124,9 @@ impl Kill for Pidfd {
                 return;
             }
         }
-        if self.by_pid {
+        if self.by_pid() {
             let _ = rustix::process::kill_process(self.pid, sig);
-        } else if let Err(e) = rustix::process::pidfd_send_signal(&self.pidfd, sig) {
+        } else if let Err(e) = rustix::process::pidfd_send_signal(&*self.pidfd, sig) {
             if self.lost(e) {
                 let _ = rustix::process::kill_process(self.pid, sig);
             }
@@ -137,6 +162,16 @@ impl WorkerProcess for Pidfd {
     }
 
     fn exit_fd(&self) -> Option<RawFd> {
-        Some(self.pidfd.as_raw_fd())
+        (!self.by_pid()).then(|| self.pidfd.as_raw_fd())
+    }
+
+    fn exit_fd_closed(&self) {
+        if !self.by_pid.swap(true, Ordering::Relaxed) {
+            tracing::warn!(pid = self.pid.as_raw_nonzero().get(), "a worker's pidfd was closed; using its pid");
+        }
+    }
+
+    fn watched_by_pid(&self) -> bool {
+        self.by_pid()
     }
 }

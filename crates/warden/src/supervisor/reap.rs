@@ -32,6 +32,29 @@ impl Supervisor {
         self.finish(id);
     }
 
+    /// Looks for the exits no pidfd will report: of workers watched by pid
+    /// (the program closed their pidfds), and, with `idle` (the loop woke
+    /// for nothing, or a worker's channel closed), of any whose pidfd a poll
+    /// finds closed now.
+    pub(super) fn watch_exits_by_pid(&mut self, idle: bool) {
+        let ids: Vec<u64> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.status.is_none())
+            .filter(|(_, w)| w.process.watched_by_pid() || (idle && w.exit_fd_found_closed()))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.reap(id);
+        }
+    }
+
+    /// Whether a worker is watched by pid: the loop then comes round at
+    /// least every [`super::BY_PID_CHECK`].
+    pub(super) fn any_watched_by_pid(&self) -> bool {
+        self.workers.values().any(|w| w.status.is_none() && w.process.watched_by_pid())
+    }
+
     /// After a panic of the loop: SIGKILLs every worker first, then reaps
     /// them all against one deadline ([`KILL_WAIT`] in all, not per worker).
     /// Their tasks are told the pool is gone as the workers are dropped.

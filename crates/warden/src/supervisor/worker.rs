@@ -176,12 +176,31 @@ impl Worker {
     /// Whether the process has exited though its exit is not handled yet (its
     /// pidfd is readable): an idle worker killed from outside gets no task.
     pub(super) fn exited_unnoticed(&self) -> bool {
-        let Some(fd) = self.process.exit_fd() else { return false };
+        self.poll_exit_fd().is_some_and(|ready| !ready.contains(rustix::event::PollFlags::NVAL))
+    }
+
+    /// Whether its pidfd was found closed behind the supervisor's back now
+    /// (then it is watched by pid from now on).
+    pub(super) fn exit_fd_found_closed(&self) -> bool {
+        self.poll_exit_fd().is_some_and(|ready| ready.contains(rustix::event::PollFlags::NVAL))
+    }
+
+    /// What a poll of its exit fd says now, if anything. A closed one
+    /// (`POLLNVAL`) is not an exit: the process is watched by pid from then on.
+    fn poll_exit_fd(&self) -> Option<rustix::event::PollFlags> {
+        let fd = self.process.exit_fd()?;
         // SAFETY: the fd belongs to `self.process`, alive for this call.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
         let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
-        matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+        if !matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0) {
+            return None;
+        }
+        let ready = fds[0].revents();
+        if ready.contains(rustix::event::PollFlags::NVAL) {
+            self.process.exit_fd_closed();
+        }
+        Some(ready)
     }
 
     pub(super) fn is_serving(&self) -> bool {
