@@ -738,7 +738,15 @@ import warden
 def slow_finalizer(path):
     with open(path, "w") as f:
         f.write("exit path")
-    time.sleep(1.0)  # the parent dies meanwhile
+    if sys.argv[2] == "slow":
+        time.sleep(1.0)  # the parent dies meanwhile
+    else:
+        # The exit path ends as soon as the parent is gone: sooner than a
+        # watch that looks every so often sees it.
+        parent = os.getppid()
+        deadline = time.monotonic() + 30
+        while os.getppid() == parent and time.monotonic() < deadline:
+            time.sleep(0.001)
 
 def start_a_sleeper():
     sleeper = subprocess.Popen(["sleep", "300"])
@@ -752,14 +760,18 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.parametrize("exit_path", ["slow", "ending-as-the-parent-dies"])
 def test_what_a_task_leaves_running_ends_with_its_worker_though_the_parent_dies_before_reaping_it(
-    program, tmp_path
+    program, tmp_path, exit_path
 ):
     """The worker is stopped (SIGTERM) and, while its exit path runs, its
     parent is SIGKILLed: nobody is left to reap it and kill its process
-    group. The worker does it itself as it ends."""
+    group. The worker does it itself as it ends. Also when its exit path
+    ends right after the parent's death, before the watch for it looked:
+    the worker then tried to move into its parent's group, failed (the
+    parent gone), and killed nothing."""
     marker = tmp_path / "finalizer"
-    proc = program(STOPPED_WORKER_OUTLIVES_ITS_PARENT).start({}, (str(marker),))
+    proc = program(STOPPED_WORKER_OUTLIVES_ITS_PARENT).start({}, (str(marker), exit_path))
     sleeper = worker = 0
     try:
         sleeper, worker = (int(p) for p in proc.stdout.readline().split())

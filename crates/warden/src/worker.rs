@@ -305,21 +305,29 @@ fn bound_exit_if_orphaned(parent: u32) {
 /// end and that reaping, after which nobody would. A worker that no longer
 /// leads its own group (it left it), or cannot join its parent's (a task
 /// gave it a session of its own), leaves that to the supervisor.
-fn kill_what_its_group_holds() {
+/// Returns false where it could not (the caller then checks whether that is
+/// because the parent is gone).
+fn kill_what_its_group_holds() -> bool {
     use rustix::process::{getpgrp, getpid, getppid, kill_process_group, setpgid, Signal};
     let me = getpid();
     if getpgrp() != me {
-        return;
+        return true;
     }
-    let Some(parent) = getppid() else { return };
+    let Some(parent) = getppid() else { return false };
     // None where the parent's group lies outside this PID namespace (as under
     // `unshare --pid`): no group to move to, so nothing here is killed.
-    let Some(parents_group) = process_group_of(parent) else { return };
+    let Some(parents_group) = process_group_of(parent) else { return false };
     if parents_group == me || setpgid(None, Some(parents_group)).is_err() {
-        return;
+        return false;
     }
     // ESRCH: nothing was left there.
     let _ = kill_process_group(me, Signal::KILL);
+    true
+}
+
+/// Whether this worker's pool process is gone (it is no longer the parent).
+fn parent_gone() -> bool {
+    CURRENT.get().is_some_and(|w| rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(w.parent))
 }
 
 /// The process group of `pid`, if this PID namespace can name it. The kernel
@@ -425,13 +433,20 @@ impl ExitStatus {
     pub fn exit(self) -> ! {
         let _ = io::stdout().flush();
         let _ = io::stderr().flush();
-        if ORPHANED.load(Ordering::SeqCst) {
-            end_orphan(match self {
-                ExitStatus::Code(c) => c,
-                ExitStatus::Signal(s) => 128 + s,
-            });
+        let code = match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        };
+        // The pool's process may have died in the last moments of the exit
+        // path, before the watch (every ORPHAN_CHECK_EVERY) saw it: then no
+        // supervisor is left to kill the group, nor a parent's group to move
+        // into first.
+        if ORPHANED.load(Ordering::SeqCst) || parent_gone() {
+            end_orphan(code);
         }
-        kill_what_its_group_holds();
+        if !kill_what_its_group_holds() && parent_gone() {
+            end_orphan(code);
+        }
         match self {
             ExitStatus::Code(c) => std::process::exit(c),
             ExitStatus::Signal(s) => signals::die_by(s),
