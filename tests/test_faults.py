@@ -1810,7 +1810,7 @@ if __name__ == "__main__":
     os.closerange(3, 1024)  # with the pool running
     try:
         running.result(timeout=30)
-    except warden.PoolFailed:
+    except (warden.PoolFailed, warden.WorkerCrashed):  # its poller or its worker's channel gone first
         print("old pool failed", flush=True)
     ex.shutdown(cancel_futures=True)
     # The program's own files and sockets take the numbers warden's had.
