@@ -257,6 +257,10 @@ impl Supervisor {
             if self.any_watched_by_pid() {
                 timeout = timeout.min(BY_PID_CHECK);
             }
+            // Only a wait this long that ends with nothing to do looks at the
+            // pidfds for closed ones (one system call per worker): never while
+            // the pool is busy.
+            let long_wait = timeout == POLL_MAX_WAIT;
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     // Also after this process was stopped (SIGSTOP, Ctrl-Z)
@@ -314,7 +318,7 @@ impl Supervisor {
             }
             // A worker whose pidfd the program closed wakes no poll as it
             // exits: looked for here.
-            self.watch_exits_by_pid(events.is_empty() || channel_closed);
+            self.watch_exits_by_pid((long_wait && events.is_empty()) || channel_closed);
             self.drain_commands();
             let now = Instant::now();
             if self.queue.cancel_marked(&self.shared.cancels) {

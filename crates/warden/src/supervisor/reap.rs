@@ -33,9 +33,9 @@ impl Supervisor {
     }
 
     /// Looks for the exits no pidfd will report: of workers watched by pid
-    /// (the program closed their pidfds), and, with `idle` (the loop woke
-    /// for nothing, or a worker's channel closed), of any whose pidfd a poll
-    /// finds closed now.
+    /// (the program closed their pidfds), and, with `idle` (the loop waited
+    /// its longest for nothing, or a worker's channel closed), of any whose
+    /// pidfd a poll finds closed now.
     pub(super) fn watch_exits_by_pid(&mut self, idle: bool) {
         let ids: Vec<u64> = self
             .workers
