@@ -1860,6 +1860,87 @@ def test_pools_made_after_the_program_closed_a_running_pools_descriptors_touch_n
     assert "Exception in thread" not in run.stderr, run.stderr[-3000:]
 
 
+FORK_AFTER_CLOSERANGE = """
+import os, sys, time
+import warden
+
+def use(i):
+    time.sleep(0.5)
+    return i
+
+if __name__ == "__main__":
+    ex = warden.ProcessPoolExecutor(1)
+    running = ex.submit(use, 1)
+    time.sleep(0.2)
+    os.closerange(3, 1024)
+    # The program's own files take the numbers warden's had.
+    fds = [os.open(f"{sys.argv[1]}/{i}", os.O_RDWR | os.O_CREAT) for i in range(30)]
+    try:
+        running.result(timeout=30)
+    except (warden.PoolFailed, warden.WorkerCrashed):
+        print("old pool failed", flush=True)
+    def closed():
+        gone = set()
+        for fd in fds:
+            try:
+                os.fstat(fd)
+            except OSError:
+                gone.add(fd)
+        return gone
+
+    before = closed()  # (the failed pool's teardown is not what this is about)
+    pid = os.fork()  # before the failed pool is shut down
+    if pid == 0:
+        os.write(1, f"closed in the child {sorted(closed() - before)}\\n".encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+
+
+def test_a_fork_after_the_program_closed_a_running_pools_descriptors_closes_none_of_its_files(
+    program, tmp_path
+):
+    """A forked child closes its copies of the logging listener's fds: of a
+    listener whose fds the program closed, those numbers are the program's
+    files by now, which the child closed."""
+    run = program(FORK_AFTER_CLOSERANGE).run(timeout=90, args=(str(tmp_path),))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines() == ["old pool failed", "closed in the child []"], run.stderr[-3000:]
+
+
+LENDER_WAKE_PIPE_HALF_CLOSED = """
+import os, time
+import warden
+from warden import _oob
+
+def use(block, pause):
+    time.sleep(pause)
+    return len(block)
+
+if __name__ == "__main__":
+    block = b"z" * (1 << 20)  # lent: a loan the lender's thread holds
+    with warden.ProcessPoolExecutor(1) as ex:
+        held = ex.submit(use, block, 1.0)
+        time.sleep(0.3)
+        os.close(_oob._the_lender.wake_w)  # only the write end of its wake-up pipe
+        print("held", held.result(timeout=30), flush=True)
+        time.sleep(0.5)  # the loan let go: the thread ends, closing its pipe
+        print("then", [ex.submit(use, block, 0).result(timeout=30) for _ in range(3)], flush=True)
+"""
+
+
+def test_the_lenders_thread_outlives_the_program_closing_half_of_its_wake_up_pipe(program):
+    """With the write end of its wake-up pipe closed, the read end said
+    ``POLLHUP`` for good: the thread spun reading nothing, then died closing
+    the closed write end (``EBADF``, or a file of the program's on that
+    number). It now makes a new pipe."""
+    run = program(LENDER_WAKE_PIPE_HALF_CLOSED).run(timeout=90)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines() == [f"held {1 << 20}", f"then {[1 << 20] * 3}"], run.stderr[-3000:]
+    assert "Exception in thread" not in run.stderr, run.stderr[-3000:]
+    assert "the thread that holds lent buffers failed" not in run.stderr, run.stderr[-3000:]
+
+
 PIDFDS_CLOSED_BY_THE_PROGRAM = """
 import os, time
 import warden

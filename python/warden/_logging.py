@@ -73,6 +73,9 @@ class _Listener:
     def __init__(self) -> None:
         self.receiver, self.sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.receiver.setblocking(False)
+        #: What each of its fds names, by number: one the program closed
+        #: (and perhaps opened a file of its own on) is left alone.
+        self.files = {sock.fileno(): _native.identity(sock.fileno()) for sock in (self.receiver, self.sender)}
         # One buffer for every record (a fresh bytes object of this size per
         # recv would cost more than handling the record).
         self.buffer = bytearray(_RECV_SIZE)
@@ -102,6 +105,8 @@ class _Listener:
         if self.thread is None:
             wake_read, self.wake = os.pipe()
             self.pipes.update((wake_read, self.wake))
+            for fd in (wake_read, self.wake):
+                self.files[fd] = _native.identity(fd)
             self.thread = _native.Thread(target=self._run, args=(wake_read, self.wake), name="warden-logging")
             self.running += 1
             try:
@@ -138,7 +143,7 @@ class _Listener:
                     if any(fd == wake_read for fd, _ in events):
                         return
                 except Exception as e:  # the thread must not die: records would pile up
-                    if not (isinstance(e, OSError) and e.errno == errno.EBADF):
+                    if not (isinstance(e, OSError) and e.errno in _CLOSED_BEHIND_OUR_BACK):
                         say_exception("warden: reading worker log records failed:\n")
                         continue
                     say(f"warden: worker log records are no longer forwarded: {e}")
@@ -161,7 +166,7 @@ class _Listener:
         for fd in pipe:
             self.pipes.discard(fd)
             if not self.lost:
-                _native.close(fd)
+                _native.close_if_same(fd, self.files.get(fd))
         self.running -= 1
         if self.running or self.users:
             return False
@@ -176,7 +181,7 @@ class _Listener:
             if not self.closed:
                 self.closed = True
                 for sock in (self.receiver, self.sender):
-                    if self.lost:
+                    if self.lost or not self.intact(sock):
                         sock.detach()  # forgotten, not closed (see _run)
                     else:
                         sock.close()
@@ -190,11 +195,21 @@ class _Listener:
         self.closed = True
         for sock in (self.receiver, self.sender):
             with contextlib.suppress(OSError):
-                sock.close()
+                if self.lost or not self.intact(sock):
+                    sock.detach()  # its number may be another file's (see _run)
+                else:
+                    sock.close()
         for fd in self.pipes:
             with contextlib.suppress(OSError):
-                _native.close(fd)
+                _native.close_if_same(fd, self.files.get(fd))
         self.pipes.clear()
+
+    def intact(self, sock: socket.socket | None = None) -> bool:
+        """Whether ``sock`` (by default both sockets) is still the file it
+        was made as: the program may have closed its number behind warden's
+        back (``os.closerange``) and opened a file of its own on it."""
+        socks = (self.receiver, self.sender) if sock is None else (sock,)
+        return all(_native.identity(s.fileno()) == self.files.get(s.fileno()) for s in socks)
 
     def drain(self) -> None:
         """Handles every record queued now, in order."""
@@ -205,7 +220,7 @@ class _Listener:
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError as e:
-                    if e.errno != errno.EBADF:
+                    if e.errno not in _CLOSED_BEHIND_OUR_BACK:
                         raise
                     self.lost = True  # closed by the program (see _run)
                     return
@@ -271,6 +286,11 @@ os.register_at_fork(
 _listener: _Listener | None = None
 _listener_lock = _native.Lock()
 
+#: What reading the listener's socket fails with once the program closed it
+#: (``EBADF``), or closed it and opened something else on its number
+#: (``ENOTSOCK``).
+_CLOSED_BEHIND_OUR_BACK = (errno.EBADF, errno.ENOTSOCK)
+
 #: How long :func:`release` waits for the thread to finish the records it has.
 STOP_WAIT = 2.0
 
@@ -298,7 +318,9 @@ def sender_fd() -> tuple[int, _Listener]:
     takes its place."""
     global _listener
     with _listener_lock:
-        if _listener is None or _listener.lost:
+        if _listener is None or _listener.lost or not _listener.intact():
+            if _listener is not None:
+                _listener.lost = True  # what its thread may not have seen yet
             _listener = _Listener()
         listener = _listener
         fd = os.dup(listener.sender.fileno())

@@ -221,6 +221,27 @@ def close(fd: int) -> None:
     (os.close if monkey is None else monkey.get_original("os", "close"))(fd)
 
 
+def identity(fd: int) -> tuple[int, int] | None:
+    """Which file ``fd`` names (device and inode), to tell later whether the
+    number still names it; ``None`` if it names nothing."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def close_if_same(fd: int, file: tuple[int, int] | None) -> bool:
+    """Closes ``fd`` if it still names ``file`` (its :func:`identity` when
+    it was made): a number the program closed behind warden's back, and
+    perhaps opened a file of its own on, is not warden's to close. Returns
+    whether it did."""
+    if file is None or identity(fd) != file:
+        return False
+    close(fd)
+    return True
+
+
 def poll() -> Any:
     """``select.poll()``: the original one where gevent replaced it with its
     cooperative one (which would wait for this thread's own hub)."""

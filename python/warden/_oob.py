@@ -718,8 +718,9 @@ class _Lender:
                     raise
                 return
             self.held[fd] = loan
-            with contextlib.suppress(BlockingIOError):  # full: already awake
-                os.write(self.wake_w, b"\0")
+            if self.wake_w >= 0:  # (none while its thread makes a new one, or fails to)
+                with contextlib.suppress(BlockingIOError):  # full: already awake
+                    os.write(self.wake_w, b"\0")
 
     def _run(self) -> None:
         try:
@@ -764,7 +765,12 @@ class _Lender:
                     # POLLNVAL: the program closed it (`os.closerange`); its
                     # number is not ours to read, write or close any more.
                     if fd == wake_r:
-                        if mask & select.POLLNVAL:
+                        if mask & (select.POLLNVAL | select.POLLHUP):
+                            # Its read end (POLLNVAL), or its write end
+                            # (POLLHUP: no writer left), was closed. The read
+                            # end is still ours only in the second case.
+                            if not mask & select.POLLNVAL:
+                                _native.close(wake_r)
                             self.wake_r = self.wake_w = -1
                             self.wake_r, self.wake_w = os.pipe()
                             os.set_blocking(self.wake_w, False)
