@@ -1943,6 +1943,7 @@ def test_the_lenders_thread_outlives_the_program_closing_half_of_its_wake_up_pip
 
 PIDFDS_CLOSED_BY_THE_PROGRAM = """
 import os, time
+from multiprocessing import resource_tracker
 import warden
 
 def square(x):
@@ -1978,6 +1979,14 @@ if __name__ == "__main__":
         pool.terminate()
         pool.join()
     print("joined", flush=True)
+    # Nothing left behind, not even unreaped (a zygote whose pidfd was
+    # closed); the resource tracker aside, which is no pool's.
+    children = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            children.update(int(pid) for pid in f.read().split())
+    children.discard(resource_tracker._resource_tracker._pid)
+    print("children left", sorted(children), flush=True)
 """
 
 
@@ -1999,6 +2008,7 @@ def test_workers_whose_pidfds_the_program_closed_are_watched_by_pid_and_every_wa
         "process exit 0",
         "pool [0, 1, 4]",
         "joined",
+        "children left []",
     ], run.stderr[-3000:]
 
 

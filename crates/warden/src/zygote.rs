@@ -537,18 +537,44 @@ impl Zygote {
         }
         for (i, wait) in [grace, KILL_WAIT].into_iter().enumerate() {
             if i == 1 {
-                let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
+                if let Err(rustix::io::Errno::BADF) =
+                    rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL)
+                {
+                    // Its pidfd was closed behind our back (`os.closerange`):
+                    // its pid names it while it is unreaped.
+                    let _ = rustix::process::kill_process(self.pid, rustix::process::Signal::KILL);
+                }
             }
-            wait_readable(self.pidfd.as_fd(), wait);
-            if let Ok(Some(st)) = rustix::process::waitid(
-                rustix::process::WaitId::PidFd(self.pidfd.as_fd()),
-                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
-            ) {
-                self.reaped = true;
-                return Some(match st.terminating_signal() {
-                    Some(sig) => crate::error::ExitStatus::Signal(sig),
-                    None => crate::error::ExitStatus::Code(st.exit_status().unwrap_or(-1)),
-                });
+            let deadline = std::time::Instant::now() + wait;
+            loop {
+                wait_readable(self.pidfd.as_fd(), deadline.saturating_duration_since(std::time::Instant::now()));
+                let reaped = match rustix::process::waitid(
+                    rustix::process::WaitId::PidFd(self.pidfd.as_fd()),
+                    rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
+                ) {
+                    // No pidfd any more: by pid, looking every few
+                    // milliseconds (a closed pidfd wakes no poll).
+                    Err(rustix::io::Errno::BADF) => {
+                        let by_pid = rustix::process::waitid(
+                            rustix::process::WaitId::Pid(self.pid),
+                            rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
+                        );
+                        if matches!(by_pid, Ok(None)) && std::time::Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        by_pid
+                    }
+                    other => other,
+                };
+                if let Ok(Some(st)) = reaped {
+                    self.reaped = true;
+                    return Some(match st.terminating_signal() {
+                        Some(sig) => crate::error::ExitStatus::Signal(sig),
+                        None => crate::error::ExitStatus::Code(st.exit_status().unwrap_or(-1)),
+                    });
+                }
+                break;
             }
         }
         tracing::error!(pid = self.pid.as_raw_nonzero().get(), "the zygote did not die after SIGKILL");
