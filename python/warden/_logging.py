@@ -324,8 +324,12 @@ def sender_fd() -> tuple[int, _Listener]:
             _listener = _Listener()
         listener = _listener
         fd = os.dup(listener.sender.fileno())
+        try:
+            listener.start()
+        except BaseException:
+            _native.close(fd)
+            raise
         listener.users += 1
-        listener.start()
         return fd, listener
 
 
