@@ -974,7 +974,7 @@ def test_large_calls_made_in_callbacks_while_short_of_descriptors_do_not_wait_on
     what lets the descriptors of calls in flight go: a callback making two
     large calls while the process is short of descriptors waited for them
     (60 s, then ``EMFILE``: its chain of calls ended), as that thread could
-    not deliver anything meanwhile. Its calls now take reserved ones."""
+    not deliver anything meanwhile. Its calls now go inline."""
     run = program(CALLBACK_CHAIN_FEW_FDS).run(timeout=150, args=(api,))
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["warm 0", "chain 0 1 2 3 4 5 errors"], run.stderr
