@@ -1714,7 +1714,7 @@ def fill(leave):
     return files
 
 if __name__ == "__main__":
-    for leave in range(12):
+    for leave in range(24):
         for make in (lambda: warden.Pool(2), lambda: warden.ProcessPoolExecutor(2)):
             files = fill(leave)
             try:

@@ -324,12 +324,17 @@ def sender_fd() -> tuple[int, _Listener]:
             _listener = _Listener()
         listener = _listener
         fd = os.dup(listener.sender.fileno())
+        # Counted before its thread starts: a thread that ends at once (no
+        # descriptor for its poller) must not find the listener unused.
+        listener.users += 1
         try:
             listener.start()
         except BaseException:
+            listener.users -= 1
             _native.close(fd)
+            if not listener.users and not listener.running and _listener is listener:
+                _listener = None  # its sockets go with it
             raise
-        listener.users += 1
         return fd, listener
 
 
