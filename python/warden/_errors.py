@@ -32,7 +32,7 @@ except RuntimeError:
         threading._register_atexit = _register  # type: ignore[attr-defined]
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
-from ._remote import RemoteError, TaskAborted, TaskInterrupted
+from ._remote import RemoteError, TaskAborted, TaskInterrupted, short_repr
 from ._warden import CoreError, ErrorKind, RemoteFailure, RemoteKind, TaskError
 
 __all__ = [
@@ -252,26 +252,18 @@ def _build_remote(traceback_type: type[Exception], remote: RemoteFailure) -> Bas
                 message,
             )
         if not isinstance(exc, BaseException):
-            made = f"its pickle makes {_short_repr(exc)}, not an exception"
+            made = f"its pickle makes {short_repr(exc)}, not an exception"
             exc = RemoteError(f"task raised {type_name}: {message} ({made})", type_name, message)
         elif not isinstance(exc, Exception):
             # Rebuilt here as a KeyboardInterrupt or SystemExit: it must not
             # interrupt or end the caller, as one raised in the task cannot.
-            made = f"{type_name}: {message}, whose pickle makes {_short_repr(exc)}"
+            made = f"{type_name}: {message}, whose pickle makes {short_repr(exc)}"
             exc = TaskAborted.standing_in(made, type_name, message)
     if exc is None:
         exc = RemoteError(f"task failed: {type_name}: {message}", type_name, message)
     if remote.traceback:
         exc.__cause__ = traceback_type(f'\n"""\n{remote.traceback}"""')
     return exc
-
-
-def _short_repr(value: object, limit: int = 200) -> str:
-    try:
-        text = repr(value)
-    except Exception:
-        return f"<unprintable {type(value).__name__}>"
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def core_error(exc: CoreError) -> BaseException:

@@ -740,8 +740,6 @@ class _Lender:
             say_exception("warden: the thread that holds lent buffers failed:\n")
 
     def _serve(self) -> None:
-        import select
-
         while True:
             poller = _native.poll()
             with self.lock:
@@ -790,8 +788,6 @@ class _Lender:
         """If every loan held has lost its readers (the pools that read them
         have shut down), waits at most ``timeout`` seconds for the thread to
         let them go and end. Returns at once while a reader remains."""
-        import select
-
         with self.lock:
             thread = self.thread
             if thread is None:

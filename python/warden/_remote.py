@@ -46,3 +46,13 @@ class TaskInterrupted(BaseException):
     timeout, cancel, terminate, parent death). Let it propagate: ``finally``
     blocks run, then the worker's exit path (finalizer, ``atexit``, garbage
     collection) runs and the worker exits."""
+
+
+def short_repr(value: object, limit: int = 200) -> str:
+    """``repr(value)`` for a stand-in's message: at most ``limit``
+    characters, and never an error of its own."""
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

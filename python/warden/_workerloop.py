@@ -55,7 +55,7 @@ from pickle import loads as _loads  # bound at import: a task that patches pickl
 
 from . import _context, _oob, _pickle, _warden
 from ._pickle import BY_REF, dumps, dumps_oob, loads_call
-from ._remote import RemoteError, TaskAborted, TaskInterrupted
+from ._remote import RemoteError, TaskAborted, TaskInterrupted, short_repr
 from ._stderr import say, say_exception
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
@@ -380,7 +380,7 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
             )
             data = dumps(stand_in)
     else:
-        data = dumps(TaskAborted.standing_in(_repr(exc), type_name, message))
+        data = dumps(TaskAborted.standing_in(short_repr(exc), type_name, message))
     return _warden.RemoteFailure(kind, type_name, message, tb, data)
 
 
@@ -398,13 +398,6 @@ def _cut(text: str, keep_end: bool = False) -> str:
         half = _TEXT_KEPT // 2
         return f"{text[:half]}{gone}{text[-half:]}"
     return f"{text[:_TEXT_KEPT]}{gone}"
-
-
-def _repr(value: object) -> str:
-    try:
-        return repr(value)
-    except Exception:
-        return f"<unprintable {type(value).__name__}>"
 
 
 def _unpicklable_result(value: Any, why: Exception) -> pickle.PicklingError:
@@ -912,7 +905,7 @@ class Handler:
             multiprocessing.util.info(exiting)
         errors += self._end_hooks()
         self._end_process(errors)
-        if exiting and not _EXITING_SAID_FIRST and not self.stopping:
+        if exiting and not _EXITING_SAID_FIRST:
             multiprocessing.util.info(exiting)
         # A result lent to the parent lives in this process's memory: wait
         # (briefly: the parent reads a result as soon as it arrives, and a
