@@ -452,3 +452,34 @@ def test_shutting_down_in_a_callback_refuses_to_wait_and_every_result_still_arri
     assert len(refused) == 1 and "in one of its callbacks" in refused[0]
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(large_result, 0)
+
+
+def crash_now() -> None:
+    os._exit(3)
+
+
+@pytest.mark.parametrize("api", ["executor", "pool"])
+def test_a_crash_of_the_next_task_costs_no_large_result_the_worker_returned_before_it(api):
+    # The results thread is held by a callback while the one worker returns a
+    # large result (lent: it lives in the worker's memory) and takes a task
+    # that kills it. The worker does not start that task before the parent
+    # has read the result: the crash fails only the task that crashed.
+    if api == "executor":
+        with warden.ProcessPoolExecutor(1) as ex:
+            slow = ex.submit(_pid, 0)
+            slow.add_done_callback(lambda f: time.sleep(1))
+            result = ex.submit(large_result, 0)
+            crash = ex.submit(crash_now)
+            assert result.result(timeout=60) == b"x" * 200_000
+            with pytest.raises(warden.WorkerCrashed):
+                crash.result(timeout=60)
+            assert ex.submit(_pid, 1).result(timeout=60) > 0  # the pool goes on
+    else:
+        with warden.Pool(1) as pool:
+            pool.apply_async(_pid, (0,), callback=lambda _: time.sleep(1))
+            result = pool.apply_async(large_result, (0,))
+            crash = pool.apply_async(crash_now)
+            assert result.get(timeout=60) == b"x" * 200_000
+            with pytest.raises(warden.WorkerCrashed):
+                crash.get(timeout=60)
+            assert pool.apply(_pid, (1,)) > 0

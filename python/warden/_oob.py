@@ -35,9 +35,10 @@ handed to anyone. A call's buffers are let go sooner, when its task has an
 outcome or is cancelled, before its future has it (:class:`Loan`, which
 ``_runner`` releases): the caller may close what they came from (an
 ``mmap``) once it has the result, while the pipe and the core's copy of it
-are still being closed. A worker that lent mutable buffers (numpy arrays)
-waits until the parent has read them before it starts its next task, so
-the result is what the function returned, as with a copy.
+are still being closed. A worker that lent a result's buffers waits until
+the parent has read them before it starts its next task, so the result is
+what the function returned, as with a copy, and a crash of the next task
+cannot take it with the worker's memory.
 
 Layout of a segment (little endian, every buffer 64-byte aligned)::
 

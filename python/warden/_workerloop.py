@@ -796,9 +796,12 @@ class Handler:
                 fn, args, kwargs = loads_call(payload) if payload[0] == BY_REF else _oob.unpickle(payload)
             else:
                 fn, args, kwargs = _oob.loads_beside(payload, segment, BY_REF, loads_call)
-            # The parent has read the mutable buffers of the last result, so
-            # this task cannot change them under it.
-            _oob.wait_for_readers()
+            # The parent has read the buffers the last result lent before
+            # this task starts: it cannot change them under the parent, and
+            # a crash of this task cannot lose them with this process's
+            # memory. (The standard library's worker likewise waits, on a
+            # full pipe, until the parent takes a large result.)
+            _oob.wait_for_readers(every=True)
             value = fn(*args, **kwargs)
             self.running = False
             del fn, args, kwargs
