@@ -483,3 +483,17 @@ def test_a_crash_of_the_next_task_costs_no_large_result_the_worker_returned_befo
             with pytest.raises(warden.WorkerCrashed):
                 crash.get(timeout=60)
             assert pool.apply(_pid, (1,)) > 0
+
+
+def test_the_wait_for_the_parent_to_read_a_lent_result_is_not_counted_in_the_next_tasks_timeout():
+    # The next task waits until the parent has read the last result, which
+    # a callback holding the results thread delays past the task timeout:
+    # the task still runs, and no worker is stopped.
+    with warden.ProcessPoolExecutor(1, task_timeout=0.5) as ex:
+        pid = ex.submit(_pid, 0).result(timeout=60)
+        slow = ex.submit(_pid, 0)
+        slow.add_done_callback(lambda f: time.sleep(1.5))
+        result = ex.submit(large_result, 0)
+        after = ex.submit(_pid, 1)
+        assert result.result(timeout=60) == b"x" * 200_000
+        assert after.result(timeout=60) == pid

@@ -45,6 +45,7 @@ __all__ = [
     "send_record",
     "setsid",
     "stop_thread_again",
+    "task_clock",
     "trim_heap",
     "wait_finalizers_idle",
     "worker_main",
@@ -336,6 +337,11 @@ def send_record(data: bytes) -> None:
 
 def stop_thread_again(tid: int) -> None:
     """Sends SIGTERM again to this process's thread ``tid`` (a kernel id)."""
+
+def task_clock(running: bool) -> None:
+    """Stops (``False``) or restarts (``True``) the pool's clock of the
+    running task, which waits before its work: its timeout counts from the
+    restart."""
 
 def keep_no_spares() -> None:
     """Keeps no spare destinations of large reads in this process from now

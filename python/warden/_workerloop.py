@@ -801,7 +801,15 @@ class Handler:
             # a crash of this task cannot lose them with this process's
             # memory. (The standard library's worker likewise waits, on a
             # full pipe, until the parent takes a large result.)
-            _oob.wait_for_readers(every=True)
+            if not _oob.wait_for_readers(every=True, timeout=0):
+                # The pool counts this task's time from the last result: not
+                # while it waits (the parent may be slow to read, its results
+                # thread held by a callback).
+                with contextlib.suppress(RuntimeError):  # the channel is gone: the pool hears no more
+                    _warden.task_clock(False)
+                _oob.wait_for_readers(every=True)
+                with contextlib.suppress(RuntimeError):
+                    _warden.task_clock(True)
             value = fn(*args, **kwargs)
             self.running = False
             del fn, args, kwargs

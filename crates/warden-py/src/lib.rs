@@ -85,6 +85,7 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(zygote::zygote_main, m)?)?;
     m.add_function(wrap_pyfunction!(zygote::forked_from, m)?)?;
     m.add_function(wrap_pyfunction!(worker::send_record, m)?)?;
+    m.add_function(wrap_pyfunction!(worker::task_clock, m)?)?;
     m.add_function(wrap_pyfunction!(worker::hold_stops, m)?)?;
     m.add_function(wrap_pyfunction!(worker::setsid, m)?)?;
     m.add_function(wrap_pyfunction!(worker::stop_thread_again, m)?)?;

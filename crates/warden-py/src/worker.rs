@@ -81,6 +81,17 @@ pub fn send_record(py: Python<'_>, data: &[u8]) -> PyResult<()> {
         .map_err(|e| PyRuntimeError::new_err(format!("cannot send the cleanup record: {e}")))
 }
 
+/// Stops (`False`) or restarts (`True`) the pool's clock of the running
+/// task, which waits before its work (for the parent to read what the last
+/// result lent): its timeout counts from the restart (see
+/// `warden::task_clock`). Raises `RuntimeError` outside a worker or if the
+/// channel is gone.
+#[pyfunction]
+pub fn task_clock(py: Python<'_>, running: bool) -> PyResult<()> {
+    py.detach(|| warden::task_clock(running))
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot tell the pool about the task's clock: {e}")))
+}
+
 /// `os.setsid()` for a worker or `Process` child, which leads its own
 /// process group (see `warden::setsid`). Returns the new session's id;
 /// raises `OSError(errno, strerror)` (`PermissionError` for `EPERM`), as

@@ -138,7 +138,7 @@ pub use pool::{
 pub use supervisor::{LifecycleEvent, Output, StopCause, WorkerEnd, WorkerSnapshot};
 pub use wire::{ExitPathReport, ExitReason, RemoteError, RemoteErrorKind, RetireReason};
 
-pub use worker::{current_worker, set_cleanup_record, setsid, WorkerInfo};
+pub use worker::{current_worker, set_cleanup_record, setsid, task_clock, WorkerInfo};
 pub use zygote::forked_from;
 
 /// What [`init`] saw, for a pool of this executable's own functions, which

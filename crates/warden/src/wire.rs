@@ -339,6 +339,16 @@ pub enum Message<'a> {
         /// The task's id.
         id: u64,
     },
+    /// The running task's clock stops (`running: false`): the worker waits
+    /// before doing its work (for the parent to read what its last result
+    /// lent); or restarts (`running: true`): its work begins now. The pool's
+    /// task timeout and its measure of task times count from the restart.
+    TaskClock {
+        /// The task's id.
+        id: u64,
+        /// Whether the task's time runs from now.
+        running: bool,
+    },
 }
 
 impl Message<'_> {
@@ -359,6 +369,7 @@ impl Message<'_> {
             Message::StopMissed { .. } => "stop-missed",
             Message::CancelMissed { .. } => "cancel-missed",
             Message::StopTaken { .. } => "stop-taken",
+            Message::TaskClock { .. } => "task-clock",
         }
     }
 }

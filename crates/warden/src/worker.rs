@@ -532,6 +532,26 @@ pub fn set_cleanup_record(data: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Stops (`running: false`) or restarts (`running: true`) the pool's clock
+/// of the task this worker runs: the task waits before doing its work (for
+/// the parent to read what the last result lent, say), and that wait is not
+/// the task's time. While stopped, the task cannot time out; from the
+/// restart, its timeout and the pool's measure of task times count anew.
+/// Call it from the task; with no task started yet it does nothing.
+///
+/// Fails if this process is not serving as a worker, or the channel to the
+/// parent is gone.
+pub fn task_clock(running: bool) -> io::Result<()> {
+    let core = lock(&CHANNEL).as_ref().and_then(Weak::upgrade);
+    match core {
+        Some(core) => match core.last_task.load(Ordering::SeqCst) {
+            NO_TASK => Ok(()),
+            id => core.send(&Message::TaskClock { id, running }),
+        },
+        None => Err(io::Error::new(io::ErrorKind::NotConnected, "this process is not serving as a warden worker")),
+    }
+}
+
 /// [`WorkerState::last_task`] before any task starts.
 const NO_TASK: u64 = u64::MAX;
 

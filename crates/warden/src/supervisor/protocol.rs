@@ -40,6 +40,11 @@ enum Incoming {
     },
     /// A task it was being stopped for was running: it stops.
     StopTaken,
+    /// The running task's clock stops (it waits before its work) or restarts.
+    TaskClock {
+        id: u64,
+        running: bool,
+    },
     Unexpected(&'static str),
 }
 
@@ -129,6 +134,7 @@ impl Supervisor {
                     Message::StopMissed { id } => Incoming::StopMissed { id },
                     Message::CancelMissed { id } => Incoming::CancelMissed { id },
                     Message::StopTaken { .. } => Incoming::StopTaken,
+                    Message::TaskClock { id, running } => Incoming::TaskClock { id, running },
                     other => Incoming::Unexpected(other.name()),
                 },
                 Err(e) => {
@@ -213,6 +219,21 @@ impl Supervisor {
                 if w.stop_missed(task_id) {
                     let cfg = Arc::clone(&self.cfg);
                     retire_if_due(w, &cfg);
+                }
+            }
+            return;
+        }
+        if let Incoming::TaskClock { id: task_id, running } = msg {
+            // Unless the task has an outcome already (it timed out before
+            // the worker said it waits, say); late, for a task that has
+            // ended: nothing. While stopped, the task is still the one the
+            // worker runs (what was sent ahead of it may be asked back).
+            let front = self.workers.get_mut(&id).and_then(|w| w.inflight.front_mut());
+            if let Some(f) = front.filter(|f| f.task.id == task_id && f.started.is_some() && !f.task.delivered()) {
+                let now = Instant::now();
+                f.deadline = if running { f.task.timeout.map(|t| now + t) } else { None };
+                if running {
+                    f.started = Some(now);
                 }
             }
             return;
@@ -338,6 +359,7 @@ impl Supervisor {
                     | Incoming::Record(_)
                     | Incoming::StopMissed { .. }
                     | Incoming::StopTaken
+                    | Incoming::TaskClock { .. }
                     | Incoming::CancelMissed { .. }
                     | Incoming::Unexpected(_) => "message",
                 };

@@ -543,6 +543,40 @@ fn a_task_past_its_timeout_times_out_and_its_worker_is_stopped() {
     assert_eq!(h.sup.workers[&w.id].cause, Some(StopCause::TimedOut));
 }
 
+#[test]
+fn a_task_whose_clock_the_worker_stopped_does_not_time_out_and_counts_its_time_from_the_restart() {
+    let mut h = harness(2, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    let outcomes = Arc::clone(&h.outcomes);
+    for id in [1, 2] {
+        let outcomes = Arc::clone(&outcomes);
+        let reply: Reply = Box::new(move |o| lock(&outcomes).push((id, o)));
+        h.sup.queue.push_back(Task::new(id, Vec::new(), None, Some(Duration::from_secs(3)), reply));
+    }
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&w), [1, 2]);
+    h.answer(&mut w, &value(1)); // 2 is taken up: its clock runs
+    let first = h.sup.workers[&w.id].inflight[0].deadline.expect("a deadline once it starts");
+    // A stop for a task that is not the one running changes nothing.
+    tell(&mut h, &mut w, &Message::TaskClock { id: 1, running: false });
+    assert_eq!(h.sup.workers[&w.id].inflight[0].deadline, Some(first));
+    // The worker waits before task 2's work: its clock stops.
+    tell(&mut h, &mut w, &Message::TaskClock { id: 2, running: false });
+    assert_eq!(h.sup.workers[&w.id].inflight[0].deadline, None);
+    h.sup.check_timers(first + Duration::from_secs(60));
+    assert_eq!(h.outcomes(), [(1, "value")], "no time-out while the clock is stopped");
+    assert_eq!(h.phase(&w), WorkerPhase::Ready);
+    // It restarts: the whole timeout from now.
+    let before = Instant::now();
+    tell(&mut h, &mut w, &Message::TaskClock { id: 2, running: true });
+    let front = &h.sup.workers[&w.id].inflight[0];
+    let due = front.deadline.expect("a deadline again");
+    assert!(due >= before + Duration::from_secs(3) && due <= Instant::now() + Duration::from_secs(3));
+    assert!(front.started.is_some_and(|s| s >= before), "its time is measured from the restart");
+    h.sup.check_timers(due);
+    assert_eq!(h.outcomes(), [(1, "value"), (2, "timed out")]);
+}
+
 // ---- the end of a worker and restart intensity -------------------------
 
 #[test]
