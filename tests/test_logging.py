@@ -107,6 +107,61 @@ def test_a_log_handler_that_raises_is_reported_and_every_result_still_arrives(pr
     assert "Exception in thread" not in run.stderr, run.stderr[-3000:]
 
 
+HANDLER_NEEDS_THE_WAITERS_LOCK = """
+import logging, sys, threading, time
+import multiprocessing
+import warden
+
+lock = threading.Lock()
+handled = []
+
+class Database(logging.Handler):
+    # Writes each record under the program's connection lock.
+    def emit(self, record):
+        with lock:
+            handled.append(record.getMessage())
+
+def task(x):
+    logging.getLogger("job").warning("processing %s", x)
+    return x * 2
+
+def quiet(x):
+    return x
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, handlers=[Database()])
+    if sys.argv[1] == "stdlib":
+        pool = multiprocessing.get_context("fork").Pool(2)
+    else:
+        pool = warden.Pool(2)
+    with pool, warden.ProcessPoolExecutor(1) as other:
+        pool.map(abs, range(4))
+        other.submit(quiet, 0).result(timeout=60)
+        with lock:  # held while it waits for the result: the handler cannot run
+            print("result", pool.apply_async(task, (21,)).get(timeout=30))
+            # Nor can another pool's, whose tasks log nothing.
+            print("other", other.submit(quiet, 7).result(timeout=30))
+        deadline = time.monotonic() + 30
+        while sys.argv[1] != "stdlib" and not handled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("handled", handled)
+"""
+
+
+@pytest.mark.parametrize("lib", ["warden", "stdlib"])
+def test_a_handler_blocked_on_a_lock_the_waiting_program_holds_holds_back_no_result(program, lib):
+    """The parent's handlers run on warden's threads: one that waits for a
+    lock the program holds while it waits for a result (a database
+    connection's, say) delays that result, and another pool's, by at most
+    the bounded wait, never for ever; the record is handled once the lock
+    is free. Under the standard library's fork pool the worker's copy of the
+    handler runs, so the program's lock never comes into it."""
+    run = program(HANDLER_NEEDS_THE_WAITERS_LOCK).run(args=(lib,), timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected_handled = "handled ['processing 21']" if lib == "warden" else "handled []"
+    assert run.lines == ["result 42", "other 7", expected_handled], run.stdout
+
+
 TOP_LEVEL_CONFIG = """
 import logging, sys
 logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(name)s: %(message)s")

@@ -14,7 +14,12 @@ interleave. The parent reads the other end:
 * a pool's results thread handles whatever is queued before it delivers
   outcomes, so a record a task logged before it returned is handled before
   its result is delivered; and joining a pool does the same, so records of
-  finalizers are handled once the pool has shut down.
+  finalizers are handled once the pool has shut down. Both wait for the
+  program's handlers a bounded time (:data:`DELIVERY_WAIT`,
+  :data:`STOP_WAIT`): a handler blocked on a lock the program holds while
+  it waits for a result, or slow on a network, holds back no result (of
+  this pool or another) for longer than that; the listener's thread
+  handles the rest.
 
 One lock around reading and handling keeps records in the order they were
 sent. Sending blocks while the socket's buffer is full (back pressure on a
@@ -38,6 +43,7 @@ and a task's ``logging.basicConfig(...)`` sets up the worker's own handler
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -48,6 +54,7 @@ import select
 import socket
 import sys
 import threading
+import time
 from pickle import dumps as _dumps  # bound at import: a task that patches pickle cannot break warden
 from pickle import loads as _loads
 from typing import Any
@@ -57,6 +64,12 @@ from ._stderr import say, say_exception
 
 #: Seconds a worker waits to hand a record over before writing it to its stderr.
 SEND_TIMEOUT = 10.0
+#: How long a pool's results thread waits for the program's handlers to
+#: take the records queued before a batch of outcomes, before it delivers
+#: the batch anyway (see the module documentation).
+DELIVERY_WAIT = 1.0
+#: Most records read off the socket and waiting for a handler.
+QUEUE_MAX = 10_000
 #: Largest record message sent whole (bytes); longer ones are cut.
 MAX_MESSAGE = 64 * 1024
 _RECV_SIZE = 4 * MAX_MESSAGE + 65536
@@ -80,13 +93,27 @@ class _Listener:
         # recv would cost more than handling the record).
         self.buffer = bytearray(_RECV_SIZE)
         self.view = memoryview(self.buffer)
+        #: Held to read the socket, and for the queue and its counts (never
+        #: while a handler runs).
         self.lock = _native.Lock()
+        #: Records read and not yet handled, in order; how many were ever
+        #: read and handled; ``handled`` is notified as the count grows.
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.read_count = self.handled_count = 0
+        self.handled = _native.Condition(self.lock)
+        #: Held while a record is handled: one at a time, in order.
+        self.handling = _native.Lock()
+        #: Threads serving the queue now (changed under ``lock``): while one
+        #: does, a :meth:`drain` waits for it rather than run the program's
+        #: handlers on its own thread (a pool's results thread).
+        self.serving = 0
         #: Pools forwarding to this listener now.
         self.users = 0
         #: The thread reading now, and the writing end of its wake pipe: a
-        #: byte written there ends it (after a last drain). Each thread has a
-        #: pipe of its own, so that a stopped thread still finishing and the
-        #: one started after it cannot take each other's byte.
+        #: byte written there wakes it, to handle what the queue holds, or to
+        #: end (after a last drain) once it is no longer ``thread``. Each
+        #: thread has a pipe of its own, so that a stopped thread still
+        #: finishing and the one started after it cannot take each other's byte.
         self.thread: Any = None
         self.wake = -1
         #: Threads started and not ended yet (a stopped one may still be
@@ -107,12 +134,16 @@ class _Listener:
             self.pipes.update((wake_read, self.wake))
             for fd in (wake_read, self.wake):
                 self.files[fd] = _native.identity(fd)
+            os.set_blocking(self.wake, False)  # full: the thread has bytes to wake it already
             self.thread = _native.Thread(target=self._run, args=(wake_read, self.wake), name="warden-logging")
             self.running += 1
+            with self.lock:
+                self.serving += 1
             try:
                 self.thread.start()
             except BaseException:
                 self.thread = None
+                self._stop_serving()
                 self._thread_gone(wake_read, self.wake)
                 raise
 
@@ -123,6 +154,8 @@ class _Listener:
         if thread is not None and not self.lost:
             try:
                 os.write(self.wake, b"x")
+            except BlockingIOError:
+                pass  # full: it has bytes to wake it
             except OSError:  # the thread has ended, and closed it
                 return None
         return thread
@@ -139,9 +172,11 @@ class _Listener:
                         # Its fds were closed behind its back (`os.closerange`
                         # in the program): nothing more can be read.
                         raise OSError(errno.EBADF, "the logging socket or wake pipe was closed")
-                    self.drain()
                     if any(fd == wake_read for fd, _ in events):
-                        return
+                        os.read(wake_read, 4096)
+                    self._serve()
+                    if self.wake != wake_write or self.thread is None:
+                        return  # stopped: what was queued has been handled
                 except Exception as e:  # the thread must not die: records would pile up
                     if not (isinstance(e, OSError) and e.errno in _CLOSED_BEHIND_OUR_BACK):
                         say_exception("warden: reading worker log records failed:\n")
@@ -152,10 +187,16 @@ class _Listener:
                     self.lost = True
                     return
         finally:
+            self._stop_serving()
             with _listener_lock:
                 retire = self._thread_gone(wake_read, wake_write)
             if retire:
                 self.close()
+
+    def _stop_serving(self) -> None:
+        with self.lock:
+            self.serving -= 1
+            self.handled.notify_all()  # a drain waiting for this thread handles the rest itself
 
     def _thread_gone(self, *pipe: int) -> bool:
         """Under ``_listener_lock``: a thread ended, ``pipe`` its wake pipe.
@@ -211,23 +252,100 @@ class _Listener:
         socks = (self.receiver, self.sender) if sock is None else (sock,)
         return all(_native.identity(s.fileno()) == self.files.get(s.fileno()) for s in socks)
 
-    def drain(self) -> None:
-        """Handles every record queued now, in order."""
-        with self.lock:
-            while not self.closed and not self.lost:
+    def _read(self) -> None:
+        """Under ``lock``: moves the records the socket holds to the queue
+        (up to :data:`QUEUE_MAX` there: beyond, the socket's buffer holds
+        them, and the workers wait to send more)."""
+        while not self.closed and not self.lost and len(self.queue) < QUEUE_MAX:
+            try:
+                size = self.receiver.recv_into(self.buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno not in _CLOSED_BEHIND_OUR_BACK:
+                    raise
+                self.lost = True  # closed by the program (see _run)
+                return
+            if not size:
+                return
+            self.queue.append(bytes(self.view[:size]))
+            self.read_count += 1
+
+    def _handle_queued(self, until: int | None = None, deadline: float | None = None) -> bool:
+        """Handles queued records in order, up to the ``until``-th read (by
+        default while any is queued); gives up (False) at ``deadline``
+        (``time.monotonic()``), waiting for a handler that another thread
+        runs, or between records."""
+        if deadline is None:
+            self.handling.acquire()
+        elif not self.handling.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            return False
+        try:
+            while True:
+                with self.lock:
+                    if until is not None and self.handled_count >= until:
+                        return True
+                    if not self.queue:
+                        return until is None
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return False
+                    data = self.queue.popleft()
                 try:
-                    size = self.receiver.recv_into(self.buffer)
-                except (BlockingIOError, InterruptedError):
+                    with _handling:
+                        _handle(data)
+                finally:
+                    with self.lock:
+                        self.handled_count += 1
+                        self.handled.notify_all()
+        finally:
+            self.handling.release()
+
+    def _serve(self) -> None:
+        """(The listener's thread.) Reads and handles until the socket and
+        the queue are empty."""
+        while True:
+            with self.lock:
+                self._read()
+                if not self.queue:
                     return
-                except OSError as e:
-                    if e.errno not in _CLOSED_BEHIND_OUR_BACK:
-                        raise
-                    self.lost = True  # closed by the program (see _run)
-                    return
-                if not size:
-                    return
-                with _handling:
-                    _handle(self.view[:size])
+            self._handle_queued()
+
+    def drain(self, within: float | None = None) -> bool:
+        """Handles, or sees handled, every record queued now, in order.
+        While the listener's thread serves, it handles them and this waits;
+        else this thread does. ``within``: gives up after that many seconds
+        (a handler stuck, or slow), leaving the rest to the listener's
+        thread; returns whether every record queued now was handled."""
+        thread = self.thread
+        if thread is not None and _native.is_current(thread):
+            return False  # a handler of its own, shutting a pool down: it cannot wait for itself
+        deadline = None if within is None else time.monotonic() + within
+        with self.lock:
+            self._read()
+            until = self.read_count
+            if self.handled_count >= until:
+                return True
+            serving = self.serving
+        if serving:
+            self._wake()
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            with self.lock:
+                self.handled.wait_for(lambda: self.handled_count >= until or not self.serving, left)
+                if self.handled_count >= until:
+                    return True
+                if self.serving:
+                    return False
+        return self._handle_queued(until, deadline)  # nobody else will
+
+    def _wake(self) -> None:
+        """Wakes the listener's thread to handle what the queue holds. Under
+        ``_listener_lock``, under which a thread that ends closes its pipe."""
+        with _listener_lock:
+            wake = self.wake
+            if self.thread is None or self.lost or _native.identity(wake) != self.files.get(wake):
+                return  # stopped (finishing what is queued), or its pipe closed behind its back
+            with contextlib.suppress(OSError):  # full: it has bytes to wake it already
+                os.write(wake, b".")
 
 
 class _Handling:
@@ -358,13 +476,15 @@ def release(listener: _Listener) -> None:
         thread.join(STOP_WAIT)
 
 
-def drain(listener: _Listener | None = None) -> None:
+def drain(listener: _Listener | None = None, within: float | None = None) -> bool:
     """Handles the records queued now for ``listener`` (by default the one
-    pools get now; no-op if nothing ever forwarded)."""
+    pools get now; no-op if nothing ever forwarded). ``within``: gives up
+    after that many seconds, and returns False (see :meth:`_Listener.drain`)."""
     if listener is None:
         listener = _listener
     if listener is not None:
-        listener.drain()
+        return listener.drain(within)
+    return True
 
 
 def parent_levels() -> dict[str, int]:

@@ -895,7 +895,7 @@ class Runner:
             _oob.settle()  # what the workers read of ours: let it go with them
             self.release_worker_views()
         if done and self.log_listener is not None:
-            _logging.drain(self.log_listener)  # what the finalizers logged
+            _logging.drain(self.log_listener, _logging.STOP_WAIT)  # what the finalizers logged
         return done
 
     def exitcode(self) -> int | None:
@@ -1148,9 +1148,10 @@ def _deliver_outcomes(
             if batch is None:
                 break
             if log_listener is not None:
-                # Records a task logged come out before its result.
+                # Records a task logged come out before its result (unless
+                # the program's handlers hold them up: see DELIVERY_WAIT).
                 try:
-                    _logging.drain(log_listener)
+                    _logging.drain(log_listener, _logging.DELIVERY_WAIT)
                 except Exception:  # the results thread must not die of it
                     say_exception("warden: reading worker log records failed:\n")
             since_trim += len(batch)
@@ -1371,8 +1372,9 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
         if r.thread is not None:
             with contextlib.suppress(RuntimeError):  # one never started has nothing to join
                 r.thread.join(2.0)
-    # What the workers logged on their way out, before logging shuts down.
-    _logging.drain()
+    # What the workers logged on their way out, before logging shuts down
+    # (not waiting for ever on a handler that is stuck).
+    _logging.drain(within=_logging.STOP_WAIT)
 
 
 def _join_unless_stopped(runner: Runner, limit: float | None = None) -> bool:
