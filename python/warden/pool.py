@@ -880,6 +880,13 @@ class IMapIterator(_StdIMapIterator[_T]):
         return self
 
     def __next__(self, timeout: float | None = None) -> _T:
+        if timeout is None:
+            # The rest of a chunk that came: one call per item, as the
+            # standard library's generator over chunks costs.
+            try:
+                return self._buffer.popleft()
+            except IndexError:
+                pass
         return self.next(timeout)
 
     def _take(self) -> tuple[bool, Any] | None:
