@@ -355,6 +355,45 @@ def test_a_forked_copy_shutting_its_parents_pools_down_returns_at_once_and_leave
     assert run.stdout.splitlines() == expected, run.stderr
 
 
+SEGFAULT_IN_A_TASK = """
+import ctypes, sys
+import warden
+
+def parse_record(x):
+    return ctypes.string_at(0)  # an extension's bug: a read of address 0
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1) as ex:
+        try:
+            ex.submit(parse_record, 1).result(timeout=30)
+        except warden.WorkerCrashed as e:
+            print("crashed", e.signal == 11, flush=True)
+        print("then", ex.submit(abs, -3).result(timeout=30), flush=True)
+    with warden.Pool(1) as pool:
+        try:
+            pool.apply(parse_record, (1,))
+        except warden.WorkerCrashed as e:
+            print("crashed", e.signal == 11, flush=True)
+"""
+
+
+@pytest.mark.parametrize("faulthandler", ["on", "off"])
+def test_a_worker_that_segfaults_writes_the_python_traceback_of_the_crash_to_stderr(program, faulthandler):
+    """A segfault fails its task (the pool goes on) and, as loky's workers
+    do, the worker writes where it happened first (``faulthandler``), which
+    the standard library's workers leave to ``-X faulthandler``;
+    ``WARDEN_FAULTHANDLER=0`` turns it off."""
+    env = {"WARDEN_FAULTHANDLER": "0"} if faulthandler == "off" else {}
+    run = program(SEGFAULT_IN_A_TASK).run(timeout=90, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["crashed True", "then 3", "crashed True"], run.stderr
+    if faulthandler == "on":
+        assert run.stderr.count("Fatal Python error: Segmentation fault") == 2, run.stderr
+        assert run.stderr.count("in parse_record") == 2, run.stderr
+    else:
+        assert "Segmentation fault" not in run.stderr and "parse_record" not in run.stderr, run.stderr
+
+
 LOCKS_HELD_AT_FORK = """
 import faulthandler, os, threading
 import warden

@@ -675,6 +675,7 @@ class Handler:
         logged = False
         setup = False
         self.running = True
+        _enable_faulthandler()
         try:
             if self.stopping:
                 # Told to stop before the start hook began: the handler ran
@@ -1425,6 +1426,23 @@ def _setsid() -> None:
         if os.getpgrp() != os.getpid():
             raise  # refused for another reason than leading a group
     _warden.setsid()
+
+
+def _enable_faulthandler() -> None:
+    """A worker or child that dies of a fatal signal (a segfault in an
+    extension, an abort) writes the Python traceback of each of its threads
+    to its stderr first, so the program learns where: ``faulthandler``, as
+    loky's workers enable it. ``WARDEN_FAULTHANDLER=0`` leaves it off (as
+    the standard library's workers have it, unless ``-X faulthandler``)."""
+    if os.environ.get("WARDEN_FAULTHANDLER", "1") == "0":
+        return
+    import faulthandler
+
+    if faulthandler.is_enabled():
+        return
+    # No usable stderr (closed, or an object with no fd): nothing to write to.
+    with contextlib.suppress(Exception):
+        faulthandler.enable(all_threads=True)
 
 
 def main() -> None:
