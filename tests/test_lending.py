@@ -454,11 +454,16 @@ def test_shutting_down_in_a_callback_refuses_to_wait_and_every_result_still_arri
         ex.submit(large_result, 0)
 
 
-def crash_now() -> None:
+def crash_now(*_: object) -> None:
     os._exit(3)
 
 
-@pytest.mark.parametrize("api", ["executor", "pool"])
+class EndsTheWorkerWhenUnpickled:
+    def __reduce__(self):
+        return (crash_now, ())
+
+
+@pytest.mark.parametrize("api", ["executor", "pool", "arguments"])
 def test_a_crash_of_the_next_task_costs_no_large_result_the_worker_returned_before_it(api):
     # The results thread is held by a callback while the one worker returns a
     # large result (lent: it lives in the worker's memory) and takes a task
@@ -474,6 +479,15 @@ def test_a_crash_of_the_next_task_costs_no_large_result_the_worker_returned_befo
             with pytest.raises(warden.WorkerCrashed):
                 crash.result(timeout=60)
             assert ex.submit(_pid, 1).result(timeout=60) > 0  # the pool goes on
+    elif api == "arguments":
+        # The crash comes as the next call's arguments are unpickled.
+        with warden.ProcessPoolExecutor(1) as ex:
+            ex.submit(_pid, 0).add_done_callback(lambda f: time.sleep(1))
+            result = ex.submit(large_result, 0)
+            crash = ex.submit(_pid, EndsTheWorkerWhenUnpickled())
+            assert result.result(timeout=60) == b"x" * 200_000
+            with pytest.raises(warden.WorkerCrashed):
+                crash.result(timeout=60)
     else:
         with warden.Pool(1) as pool:
             pool.apply_async(_pid, (0,), callback=lambda _: time.sleep(1))
@@ -497,3 +511,28 @@ def test_the_wait_for_the_parent_to_read_a_lent_result_is_not_counted_in_the_nex
         after = ex.submit(_pid, 1)
         assert result.result(timeout=60) == b"x" * 200_000
         assert after.result(timeout=60) == pid
+
+
+_inner = None
+
+
+def lend_to_an_inner_pool(_: int) -> int:
+    """Submits a large (lent) argument to a pool of the worker's own, whose
+    task holds it for 30 s, and returns without waiting for it."""
+    global _inner
+    if _inner is None:
+        _inner = warden.ProcessPoolExecutor(1)
+    _inner.submit(hold, b"x" * BIG, 30)
+    return os.getpid()
+
+
+def hold(data: bytes, seconds: float) -> int:
+    time.sleep(seconds)
+    return len(data)
+
+
+def test_the_next_task_waits_for_the_parent_to_read_a_result_not_for_loans_to_a_workers_own_pool():
+    # (The worker's inner pool is stopped as the worker exits.)
+    with warden.ProcessPoolExecutor(1) as ex:
+        pid = ex.submit(lend_to_an_inner_pool, 0).result(timeout=60)
+        assert ex.submit(_pid, 1).result(timeout=20) == pid

@@ -396,7 +396,7 @@ def _carry(
     while True:
         try:
             if lend and may_lend(to_parent):
-                fd = _lend(buffers, mutable_wait=to_parent, spare=spare)
+                fd = _lend(buffers, to_parent=to_parent, spare=spare)
                 if fd is not None:
                     return head, fd
             return head, make_segment(buffers, spare=spare)
@@ -588,13 +588,14 @@ def _lent_kind(view: memoryview) -> int | None:
     return None
 
 
-def _lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool, spare: bool = False) -> LentFd | None:
+def _lend(buffers: list[pickle.PickleBuffer], to_parent: bool, spare: bool = False) -> LentFd | None:
     """Lends ``buffers``: returns the read end of a pipe holding their
     table, or ``None`` if one of them cannot be lent (the caller copies them
     into a segment). They are held until every reader of the pipe is gone,
     or until their :class:`Loan` is released.
-    ``mutable_wait``: :func:`wait_for_readers` waits for them if one is
-    mutable. ``spare``: raises :class:`_FdsScarce` instead if the pipe's fds
+    ``to_parent``: they are a result's, lent to the parent (what
+    :func:`wait_for_readers` waits for before a worker's next task).
+    ``spare``: raises :class:`_FdsScarce` instead if the pipe's fds
     say this process is short of them (see :func:`fds_scarce`)."""
     from . import _warden
 
@@ -627,7 +628,7 @@ def _lend(buffers: list[pickle.PickleBuffer], mutable_wait: bool, spare: bool = 
         _native.close(r)
         _native.close(w)
         return None
-    loan = Loan(views, mutable and mutable_wait)
+    loan = Loan(views, mutable, to_parent)
     try:
         _lender().hold(w, loan)
     except (OSError, RuntimeError):
@@ -652,13 +653,15 @@ class Loan:
     must be able to close or change what they came from (an ``mmap`` that
     refuses to close while exported) once it has the result."""
 
-    __slots__ = ("lock", "mutable", "views")
+    __slots__ = ("lock", "mutable", "to_parent", "views")
 
-    def __init__(self, views: list[memoryview], mutable: bool) -> None:
+    def __init__(self, views: list[memoryview], mutable: bool, to_parent: bool) -> None:
         self.lock = threading.Lock()
         self.views = views
-        #: :func:`wait_for_readers` waits for it.
+        #: One of the buffers can be changed (a numpy array).
         self.mutable = mutable
+        #: A result's, lent to the parent.
+        self.to_parent = to_parent
 
     def release(self) -> None:
         """Lets go of the buffers now (the pipe stays with the lender thread,
@@ -803,13 +806,21 @@ class _Lender:
         if ended:
             thread.join(timeout)
 
-    def wait_for_readers(self, every: bool, timeout: float | None) -> bool:
-        """Waits until no mutable lent buffer (``every``: no lent buffer) is
-        held: every reader has its copy, or is gone. False on timeout."""
-        with self.lock:
-            return self.released.wait_for(
-                lambda: not any(every or loan.mutable for loan in self.held.values()), timeout
+    def wait_for_readers(self, every: bool, timeout: float | None, results: bool) -> bool:
+        """Waits until no mutable lent buffer (``every``: no lent buffer;
+        ``results``: of a result, lent to the parent) is held: every reader
+        has its copy, or is gone; or until no thread watches them any more
+        (this one failed: nothing would let them go). False on timeout."""
+
+        def done() -> bool:
+            if self.thread is None:
+                return True
+            return not any(
+                (every or loan.mutable) and (loan.to_parent or not results) for loan in self.held.values()
             )
+
+        with self.lock:
+            return self.released.wait_for(done, timeout)
 
 
 _the_lender: _Lender | None = None
@@ -863,15 +874,17 @@ def settle(timeout: float = 1.0) -> None:
         lender.settle(timeout)
 
 
-def wait_for_readers(every: bool = False, timeout: float | None = None) -> bool:
+def wait_for_readers(every: bool = False, timeout: float | None = None, results: bool = False) -> bool:
     """Waits until the readers of this process's mutable lent buffers (or,
-    ``every``, of all of them) have read them or are gone: before a worker
-    starts its next task (see the module documentation), and before it
-    exits, so that a result it lent outlives it until the parent has it.
-    False if ``timeout`` (seconds) ran out first."""
+    ``every``, of all of them; ``results``: only of those a result lent to
+    the parent, not the arguments of calls to pools of this process's own)
+    have read them or are gone: before a worker starts its next task (see
+    the module documentation), and before it exits, so that a result it
+    lent outlives it until the parent has it. False if ``timeout``
+    (seconds) ran out first."""
     if _the_lender is None or not _the_lender.held:
         return True
-    return _the_lender.wait_for_readers(every, timeout)
+    return _the_lender.wait_for_readers(every, timeout, results)
 
 
 def _aligned(n: int) -> int:

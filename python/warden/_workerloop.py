@@ -53,7 +53,7 @@ import time
 import types
 from pickle import loads as _loads  # bound at import: a task that patches pickle cannot break warden
 
-from . import _context, _oob, _pickle, _warden
+from . import _context, _native, _oob, _pickle, _warden
 from ._pickle import BY_REF, dumps, dumps_oob, loads_call
 from ._remote import RemoteError, TaskAborted, TaskInterrupted, short_repr
 from ._stderr import say, say_exception
@@ -675,8 +675,8 @@ class Handler:
         logged = False
         setup = False
         self.running = True
-        _enable_faulthandler()
         try:
+            _enable_faulthandler()
             if self.stopping:
                 # Told to stop before the start hook began: the handler ran
                 # and raised nothing (nothing was running), and the core has
@@ -793,24 +793,16 @@ class Handler:
         try:
             if self.mode == "process":
                 return self._run_process(payload)
+            try:
+                _wait_for_results_read()
+            except BaseException:
+                if segment is not None:
+                    _native.close(segment)
+                raise
             if segment is None:
                 fn, args, kwargs = loads_call(payload) if payload[0] == BY_REF else _oob.unpickle(payload)
             else:
                 fn, args, kwargs = _oob.loads_beside(payload, segment, BY_REF, loads_call)
-            # The parent has read the buffers the last result lent before
-            # this task starts: it cannot change them under the parent, and
-            # a crash of this task cannot lose them with this process's
-            # memory. (The standard library's worker likewise waits, on a
-            # full pipe, until the parent takes a large result.)
-            if not _oob.wait_for_readers(every=True, timeout=0):
-                # The pool counts this task's time from the last result: not
-                # while it waits (the parent may be slow to read, its results
-                # thread held by a callback).
-                with contextlib.suppress(RuntimeError):  # the channel is gone: the pool hears no more
-                    _warden.task_clock(False)
-                _oob.wait_for_readers(every=True)
-                with contextlib.suppress(RuntimeError):
-                    _warden.task_clock(True)
             value = fn(*args, **kwargs)
             self.running = False
             del fn, args, kwargs
@@ -1426,6 +1418,27 @@ def _setsid() -> None:
         if os.getpgrp() != os.getpid():
             raise  # refused for another reason than leading a group
     _warden.setsid()
+
+
+def _wait_for_results_read() -> None:
+    """Before a task starts (its call unpickled included: that runs the
+    program's code too), the parent has read the buffers the last result
+    lent: the task cannot change them under the parent, and its crash
+    cannot lose them with this process's memory. (The standard library's
+    worker likewise waits, on a full pipe, until the parent takes a large
+    result.) Bounded as the exit's wait is."""
+    if _oob.wait_for_readers(every=True, timeout=0, results=True):
+        return
+    # The pool counts the task's time from the last result: not while it
+    # waits (the parent may be slow to read, its results thread held by a
+    # callback).
+    with contextlib.suppress(RuntimeError):  # the channel is gone: the pool hears no more
+        _warden.task_clock(False)
+    within = _LOAN_GRACE + _oob.lent_bytes() / _SLOWEST_READ
+    if not _oob.wait_for_readers(every=True, timeout=within, results=True):
+        say(f"warden: worker {os.getpid()}: starting a task before the parent read a result")
+    with contextlib.suppress(RuntimeError):
+        _warden.task_clock(True)
 
 
 def _enable_faulthandler() -> None:
