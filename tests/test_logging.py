@@ -723,3 +723,60 @@ def test_a_child_forked_while_worker_records_are_written_never_inherits_the_log_
     assert run.stdout.split() == ["hung", "0"], run.stderr
     helpers = [line for line in prog.out_lines() if line.startswith("helper ")]
     assert len(helpers) == 300
+
+
+WAKE_PIPE_CLOSED = """
+import logging, os, resource, sys, time
+import warden
+from warden import _logging
+
+count = []
+
+class Counting(logging.Handler):
+    def emit(self, record):
+        count.append(record.getMessage())
+
+def task(i):
+    logging.getLogger("app").warning("record %d", i)
+    return i
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, handlers=[Counting()])
+    with warden.ProcessPoolExecutor(2) as ex:
+        ex.submit(task, 0).result(timeout=60)
+        wake = _logging._listener.wake
+        if sys.argv[1] == "write-end":
+            os.closerange(wake, wake + 1)
+        else:
+            # Both ends, and a pipe of the program's takes their numbers.
+            os.closerange(wake - 1, wake + 1)
+            r, w = os.pipe()
+            print("same numbers", (r, w) == (wake - 1, wake), flush=True)
+            os.write(w, b"the program's data")
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(2)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        busy = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        print("idle", busy < 1.0, flush=True)
+        print("results", sum(f.result(timeout=60) for f in [ex.submit(task, i) for i in range(1, 201)]))
+        if sys.argv[1] == "both-ends":
+            os.set_blocking(r, False)
+            print("program reads", os.read(r, 100), flush=True)
+    print("records", len(count))
+"""
+
+
+@pytest.mark.parametrize("closed", ["write-end", "both-ends"])
+def test_a_listener_whose_wake_pipe_the_program_closed_neither_spins_nor_reads_the_programs_pipe(
+    program, closed
+):
+    """The program closes the logging thread's wake pipe (``os.closerange``):
+    the thread took the hang-up for a wake-up and spun for good, or read the
+    bytes of a pipe the program then opened on the same numbers. Now it
+    ends, and the records go on being handled (by the results threads)."""
+    run = program(WAKE_PIPE_CLOSED).run(args=(closed,), timeout=120)
+    assert run.returncode == 0, run.stderr
+    expected = ["idle True", "results 20100"]
+    if closed == "both-ends":
+        expected = ["same numbers True", *expected, 'program reads b"the program\'s data"']
+    assert run.lines == [*expected, "records 201"], run.stderr

@@ -21,8 +21,9 @@ interleave. The parent reads the other end:
   this pool or another) for longer than that; the listener's thread
   handles the rest.
 
-One lock around reading and handling keeps records in the order they were
-sent. Sending blocks while the socket's buffer is full (back pressure on a
+Records are handled one at a time, in the order they were sent, by the
+listener's thread (a results thread only moves what the socket holds into
+its queue, and waits). Sending blocks while the socket's buffer is full (back pressure on a
 worker that logs faster than the parent's handlers run); after
 :data:`SEND_TIMEOUT` seconds, or if the parent is gone, a worker's record
 goes to its own stderr through ``logging.lastResort`` instead.
@@ -106,7 +107,7 @@ class _Listener:
         #: Threads serving the queue now (changed under ``lock``): while one
         #: does, a :meth:`drain` waits for it rather than run the program's
         #: handlers on its own thread (a pool's results thread).
-        self.serving = 0
+        self.servers: set[Any] = set()
         #: Pools forwarding to this listener now.
         self.users = 0
         #: The thread reading now, and the writing end of its wake pipe: a
@@ -135,15 +136,16 @@ class _Listener:
             for fd in (wake_read, self.wake):
                 self.files[fd] = _native.identity(fd)
             os.set_blocking(self.wake, False)  # full: the thread has bytes to wake it already
-            self.thread = _native.Thread(target=self._run, args=(wake_read, self.wake), name="warden-logging")
+            thread = _native.Thread(target=self._run, args=(wake_read, self.wake), name="warden-logging")
+            self.thread = thread
             self.running += 1
             with self.lock:
-                self.serving += 1
+                self.servers.add(thread)
             try:
-                self.thread.start()
+                thread.start()
             except BaseException:
                 self.thread = None
-                self._stop_serving()
+                self._stop_serving(thread)
                 self._thread_gone(wake_read, self.wake)
                 raise
 
@@ -151,7 +153,7 @@ class _Listener:
         """Under ``_listener_lock``: tells the thread to end; returns it (to
         join) if it was running."""
         thread, self.thread = self.thread, None
-        if thread is not None and not self.lost:
+        if thread is not None and not self.lost and self.intact_fd(self.wake):
             try:
                 os.write(self.wake, b"x")
             except BlockingIOError:
@@ -168,15 +170,23 @@ class _Listener:
             while True:
                 try:
                     events = poller.poll()
-                    if any(mask & select.POLLNVAL for _, mask in events):
-                        # Its fds were closed behind its back (`os.closerange`
+                    if any(fd != wake_read and mask & select.POLLNVAL for fd, mask in events):
+                        # Its socket was closed behind its back (`os.closerange`
                         # in the program): nothing more can be read.
-                        raise OSError(errno.EBADF, "the logging socket or wake pipe was closed")
-                    if any(fd == wake_read for fd, _ in events):
+                        raise OSError(errno.EBADF, "the logging socket was closed")
+                    wake = [mask for fd, mask in events if fd == wake_read]
+                    if wake and (wake[0] & _HUNG_UP or not self.intact_fd(wake_read)):
+                        # Its wake pipe was: closed (POLLNVAL), its write end
+                        # closed (POLLHUP), or its number another file's now.
+                        # It can be woken no more: it ends, and the pools'
+                        # results threads handle the records meanwhile.
+                        self._lost_wake()
+                        return
+                    if wake:
                         os.read(wake_read, 4096)
                     self._serve()
-                    if self.wake != wake_write or self.thread is None:
-                        return  # stopped: what was queued has been handled
+                    if (self.wake != wake_write or self.thread is None) and self._finish():
+                        return  # stopped, and what was queued has been handled
                 except Exception as e:  # the thread must not die: records would pile up
                     if not (isinstance(e, OSError) and e.errno in _CLOSED_BEHIND_OUR_BACK):
                         say_exception("warden: reading worker log records failed:\n")
@@ -193,10 +203,35 @@ class _Listener:
             if retire:
                 self.close()
 
-    def _stop_serving(self) -> None:
+    def _lost_wake(self) -> None:
+        """(The listener's thread, whose wake pipe the program closed.) It is
+        no longer the listener's thread: the next pool starts another."""
+        with _listener_lock:
+            if self.thread is not None and _native.is_current(self.thread):
+                self.thread = None
+
+    def _finish(self) -> bool:
+        """(A stopped listener's thread.) Stops serving if nothing is queued,
+        under ``lock``: a :meth:`drain` that queues records after that finds
+        no thread serving, and handles them itself. False if some were."""
         with self.lock:
-            self.serving -= 1
-            self.handled.notify_all()  # a drain waiting for this thread handles the rest itself
+            self._read()
+            if self.queue:
+                return False
+            self._stop_serving_locked()
+            return True
+
+    def _stop_serving(self, thread: Any = None) -> None:
+        with self.lock:
+            self._stop_serving_locked(thread)
+
+    def _stop_serving_locked(self, thread: Any = None) -> None:
+        """Under ``lock``: ``thread`` (by default the calling one) serves no
+        more; a drain waiting for it handles the rest itself."""
+        for server in list(self.servers):
+            if server is thread or (thread is None and _native.is_current(server)):
+                self.servers.discard(server)
+        self.handled.notify_all()
 
     def _thread_gone(self, *pipe: int) -> bool:
         """Under ``_listener_lock``: a thread ended, ``pipe`` its wake pipe.
@@ -244,6 +279,11 @@ class _Listener:
             with contextlib.suppress(OSError):
                 _native.close_if_same(fd, self.files.get(fd))
         self.pipes.clear()
+
+    def intact_fd(self, fd: int) -> bool:
+        """Whether ``fd``, one of this listener's, is still the file it was
+        made as (see :meth:`intact`)."""
+        return fd >= 0 and _native.identity(fd) == self.files.get(fd)
 
     def intact(self, sock: socket.socket | None = None) -> bool:
         """Whether ``sock`` (by default both sockets) is still the file it
@@ -316,24 +356,23 @@ class _Listener:
         else this thread does. ``within``: gives up after that many seconds
         (a handler stuck, or slow), leaving the rest to the listener's
         thread; returns whether every record queued now was handled."""
-        thread = self.thread
-        if thread is not None and _native.is_current(thread):
-            return False  # a handler of its own, shutting a pool down: it cannot wait for itself
         deadline = None if within is None else time.monotonic() + within
         with self.lock:
+            if any(_native.is_current(server) for server in self.servers):
+                return False  # a handler of the program's, shutting a pool down: it cannot wait for itself
             self._read()
             until = self.read_count
             if self.handled_count >= until:
                 return True
-            serving = self.serving
+            serving = bool(self.servers)
         if serving:
             self._wake()
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             with self.lock:
-                self.handled.wait_for(lambda: self.handled_count >= until or not self.serving, left)
+                self.handled.wait_for(lambda: self.handled_count >= until or not self.servers, left)
                 if self.handled_count >= until:
                     return True
-                if self.serving:
+                if self.servers:
                     return False
         return self._handle_queued(until, deadline)  # nobody else will
 
@@ -342,7 +381,7 @@ class _Listener:
         ``_listener_lock``, under which a thread that ends closes its pipe."""
         with _listener_lock:
             wake = self.wake
-            if self.thread is None or self.lost or _native.identity(wake) != self.files.get(wake):
+            if self.thread is None or self.lost or not self.intact_fd(wake):
                 return  # stopped (finishing what is queued), or its pipe closed behind its back
             with contextlib.suppress(OSError):  # full: it has bytes to wake it already
                 os.write(wake, b".")
@@ -390,6 +429,9 @@ class _Handling:
     def after_fork_in_child(self) -> None:
         self.reset()  # the thread that held it is not here
 
+
+#: What a poll reports on a pipe closed behind warden's back (see ``_run``).
+_HUNG_UP = select.POLLNVAL | select.POLLHUP | select.POLLERR
 
 #: How long a ``fork()`` of the program waits for a record being handled.
 FORK_WAIT = 5.0
