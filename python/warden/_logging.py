@@ -11,10 +11,10 @@ spawn); each record is one message, so records from different workers never
 interleave. The parent reads the other end:
 
 * a daemon thread (``warden-logging``) handles records as they arrive;
-* a pool's results thread handles whatever is queued before it delivers
-  outcomes, so a record a task logged before it returned is handled before
-  its result is delivered; and joining a pool does the same, so records of
-  finalizers are handled once the pool has shut down. Both wait for the
+* a pool's results thread sees whatever is queued handled before it
+  delivers outcomes, so a record a task logged before it returned is
+  handled before its result is delivered; and joining a pool does the same,
+  so records of finalizers are handled once the pool has shut down. Both wait for the
   program's handlers a bounded time (:data:`DELIVERY_WAIT`,
   :data:`STOP_WAIT`): a handler blocked on a lock the program holds while
   it waits for a result, or slow on a network, holds back no result (of
@@ -185,8 +185,13 @@ class _Listener:
                     if wake:
                         os.read(wake_read, 4096)
                     self._serve()
-                    if (self.wake != wake_write or self.thread is None) and self._finish():
-                        return  # stopped, and what was queued has been handled
+                    if self.wake != wake_write or self.thread is None:
+                        # Stopped: it ends once nothing is queued (no wake-up
+                        # comes for what a drain queues meanwhile: it is
+                        # handled here, not waited for in a poll).
+                        while not self._finish():
+                            self._handle_queued()
+                        return
                 except Exception as e:  # the thread must not die: records would pile up
                     if not (isinstance(e, OSError) and e.errno in _CLOSED_BEHIND_OUR_BACK):
                         say_exception("warden: reading worker log records failed:\n")
