@@ -247,10 +247,21 @@ impl Supervisor {
         if let Incoming::CancelMissed { id: task_id } = msg {
             // Whoever waits to learn whether the task was skipped: it was not.
             // (Late, for a task that has ended or been given back: nothing.)
-            if let Some(f) =
-                self.workers.get_mut(&id).and_then(|w| w.inflight.iter_mut().find(|f| f.task.id == task_id))
-            {
-                f.task.answer_cancels(false);
+            let mut started = None;
+            if let Some(w) = self.workers.get_mut(&id) {
+                let pid = w.raw_pid();
+                let front = w.inflight.front().map(|f| f.task.id);
+                if let Some(f) = w.inflight.iter_mut().find(|f| f.task.id == task_id) {
+                    f.task.answer_cancels(false);
+                    // It runs there: asked back no more. Its start, not
+                    // reported while it might come back, is now.
+                    if f.withdrawing.take().is_some() && front == Some(task_id) && !f.task.delivered() {
+                        started = Some(pid);
+                    }
+                }
+            }
+            if let Some(pid) = started {
+                self.emit(LifecycleEvent::TaskStarted { task: task_id, pid });
             }
             return;
         }

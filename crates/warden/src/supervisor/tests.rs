@@ -76,6 +76,8 @@ struct Harness {
     sup: Supervisor,
     link: Arc<SupervisorLink>,
     outcomes: Outcomes,
+    /// The tasks the pool reported started, in order.
+    started: Arc<Mutex<Vec<u64>>>,
 }
 
 /// One stand-in worker: its id, its process, the worker's end of the channel.
@@ -86,6 +88,13 @@ struct StandIn {
 }
 
 fn harness(prefetch: usize, restart_limit: u32) -> Harness {
+    let started: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let seen = Arc::clone(&started);
+    let on_event: crate::supervisor::events::EventSink = Arc::new(move |event: &LifecycleEvent| {
+        if let LifecycleEvent::TaskStarted { task, .. } = event {
+            lock(&seen).push(*task);
+        }
+    });
     let cfg = Config {
         name: "test".into(),
         workers: 0,
@@ -103,7 +112,7 @@ fn harness(prefetch: usize, restart_limit: u32) -> Harness {
         max_frame: MAX_FRAME,
         prefetch,
         identity: None,
-        on_event: None,
+        on_event: Some(on_event),
         one_off: false,
         forward_interrupts: false,
         interrupts_since: None,
@@ -120,7 +129,7 @@ fn harness(prefetch: usize, restart_limit: u32) -> Harness {
     };
     // Short tasks, as if some had been timed: sent ahead up to `prefetch`.
     sup.task_time.record(Duration::from_micros(100));
-    Harness { sup, link, outcomes: Arc::default() }
+    Harness { sup, link, outcomes: Arc::default(), started }
 }
 
 impl Harness {
@@ -707,8 +716,12 @@ fn a_task_asked_back_that_the_worker_already_started_is_simply_done_there() {
     h.answer(&mut b, &value(2));
     h.sup.give_back();
     assert_eq!(sent(&mut a), [Sent::Task(1), Sent::Task(3), Sent::Cancel(3)]);
-    // The ask crossed the task: a had started 3 and answers with its result.
+    // The ask crossed the task: a had started 3, says so, and answers with
+    // its result. Its start is reported once the worker says it kept it.
     h.answer(&mut a, &value(1));
+    assert!(!lock(&h.started).contains(&3), "not reported while it may come back");
+    h.answer(&mut a, &Message::CancelMissed { id: 3 });
+    assert_eq!(lock(&h.started).iter().filter(|&&t| t == 3).count(), 1, "reported started once");
     h.answer(&mut a, &value(3));
     assert_eq!(h.outcomes(), [(2, "value"), (1, "value"), (3, "value")]);
     assert_eq!(h.queued(), Vec::<u64>::new());
