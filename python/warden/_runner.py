@@ -867,7 +867,13 @@ class Runner:
             self.core.kill()
         else:
             self.interrupted = True
-            self.core.terminate()
+            try:
+                self.core.terminate()
+            except KeyboardInterrupt:
+                # Another Ctrl-C while the first one's stop was being asked
+                # for (a busy machine): it kills, as one a moment later would.
+                self.core.kill()
+                raise
 
     def join(self, timeout: float | None = None) -> bool:
         """Waits for the pool to shut down and its outcomes to be delivered.
