@@ -355,13 +355,13 @@ class _Listener:
                     return
             self._handle_queued()
 
-    def drain(self, within: float | None = None) -> bool:
+    def drain(self, within: float) -> bool:
         """Handles, or sees handled, every record queued now, in order.
         While the listener's thread serves, it handles them and this waits;
-        else this thread does. ``within``: gives up after that many seconds
-        (a handler stuck, or slow), leaving the rest to the listener's
-        thread; returns whether every record queued now was handled."""
-        deadline = None if within is None else time.monotonic() + within
+        else this thread does. Gives up after ``within`` seconds (a handler
+        stuck, or slow), leaving the rest to the listener's thread; returns
+        whether every record queued now was handled."""
+        deadline = time.monotonic() + within
         with self.lock:
             if any(_native.is_current(server) for server in self.servers):
                 return False  # a handler of the program's, shutting a pool down: it cannot wait for itself
@@ -372,7 +372,7 @@ class _Listener:
             serving = bool(self.servers)
         if serving:
             self._wake()
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            left = max(deadline - time.monotonic(), 0.0)
             with self.lock:
                 self.handled.wait_for(lambda: self.handled_count >= until or not self.servers, left)
                 if self.handled_count >= until:
@@ -523,10 +523,10 @@ def release(listener: _Listener) -> None:
         thread.join(STOP_WAIT)
 
 
-def drain(listener: _Listener | None = None, within: float | None = None) -> bool:
-    """Handles the records queued now for ``listener`` (by default the one
-    pools get now; no-op if nothing ever forwarded). ``within``: gives up
-    after that many seconds, and returns False (see :meth:`_Listener.drain`)."""
+def drain(listener: _Listener | None, within: float) -> bool:
+    """Handles the records queued now for ``listener`` (``None``: the one
+    pools get now; no-op if nothing ever forwarded). Gives up after
+    ``within`` seconds, and returns False (see :meth:`_Listener.drain`)."""
     if listener is None:
         listener = _listener
     if listener is not None:

@@ -1380,7 +1380,7 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
                 r.thread.join(2.0)
     # What the workers logged on their way out, before logging shuts down
     # (not waiting for ever on a handler that is stuck).
-    _logging.drain(within=_logging.STOP_WAIT)
+    _logging.drain(None, _logging.STOP_WAIT)
 
 
 def _join_unless_stopped(runner: Runner, limit: float | None = None) -> bool:

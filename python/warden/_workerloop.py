@@ -89,6 +89,11 @@ _LOAN_GRACE = 60.0
 _SLOWEST_READ = 100 << 20
 
 
+def _loan_wait() -> float:
+    """How long to wait for the parent to read what this process lent now."""
+    return _LOAN_GRACE + _oob.lent_bytes() / _SLOWEST_READ
+
+
 #: Code of ``multiprocessing``'s Python wrappers around its process-shared
 #: locks, between the lock's taking or giving and the ``with`` statement's
 #: taking charge of it (made on first use).
@@ -915,7 +920,7 @@ class Handler:
         # (briefly: the parent reads a result as soon as it arrives, and a
         # parent that is gone closes its end; longer for more bytes, which
         # the parent takes longer to read) until it has been read.
-        if not _oob.wait_for_readers(every=True, timeout=_LOAN_GRACE + _oob.lent_bytes() / _SLOWEST_READ):
+        if not _oob.wait_for_readers(every=True, timeout=_loan_wait()):
             say(f"warden: worker {os.getpid()}: exiting before the parent read a result")
         signum = int(signal.SIGTERM) if self.terminated_while_exiting else None
         return ("; ".join(errors) or None, self.exit_code, signum)
@@ -1434,8 +1439,7 @@ def _wait_for_results_read() -> None:
     # callback).
     with contextlib.suppress(RuntimeError):  # the channel is gone: the pool hears no more
         _warden.task_clock(False)
-    within = _LOAN_GRACE + _oob.lent_bytes() / _SLOWEST_READ
-    if not _oob.wait_for_readers(every=True, timeout=within, results=True):
+    if not _oob.wait_for_readers(every=True, timeout=_loan_wait(), results=True):
         say(f"warden: worker {os.getpid()}: starting a task before the parent read a result")
     with contextlib.suppress(RuntimeError):
         _warden.task_clock(True)

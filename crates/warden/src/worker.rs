@@ -513,8 +513,17 @@ impl WorkerEnv {
     }
 }
 
-/// The state of the worker this process is serving as, for [`set_cleanup_record`].
+/// The state of the worker this process is serving as, for [`set_cleanup_record`]
+/// and [`task_clock`].
 static CHANNEL: Mutex<Option<Weak<WorkerState>>> = Mutex::new(None);
+
+/// The worker this process serves as, or `NotConnected`.
+fn serving() -> io::Result<Arc<WorkerState>> {
+    lock(&CHANNEL)
+        .as_ref()
+        .and_then(Weak::upgrade)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "this process is not serving as a warden worker"))
+}
 
 /// Tells the parent what to clean up after this worker should it die without
 /// running its exit path (SIGKILL, a crash): `data` reaches the pool's
@@ -525,11 +534,7 @@ static CHANNEL: Mutex<Option<Weak<WorkerState>>> = Mutex::new(None);
 /// Fails if this process is not serving as a worker, the record is larger
 /// than the frame limit, or the channel to the parent is gone.
 pub fn set_cleanup_record(data: &[u8]) -> io::Result<()> {
-    let core = lock(&CHANNEL).as_ref().and_then(Weak::upgrade);
-    match core {
-        Some(core) => core.send(&Message::Record { data }),
-        None => Err(io::Error::new(io::ErrorKind::NotConnected, "this process is not serving as a warden worker")),
-    }
+    serving()?.send(&Message::Record { data })
 }
 
 /// Stops (`running: false`) or restarts (`running: true`) the pool's clock
@@ -542,13 +547,10 @@ pub fn set_cleanup_record(data: &[u8]) -> io::Result<()> {
 /// Fails if this process is not serving as a worker, or the channel to the
 /// parent is gone.
 pub fn task_clock(running: bool) -> io::Result<()> {
-    let core = lock(&CHANNEL).as_ref().and_then(Weak::upgrade);
-    match core {
-        Some(core) => match core.last_task.load(Ordering::SeqCst) {
-            NO_TASK => Ok(()),
-            id => core.send(&Message::TaskClock { id, running }),
-        },
-        None => Err(io::Error::new(io::ErrorKind::NotConnected, "this process is not serving as a warden worker")),
+    let core = serving()?;
+    match core.last_task.load(Ordering::SeqCst) {
+        NO_TASK => Ok(()),
+        id => core.send(&Message::TaskClock { id, running }),
     }
 }
 
