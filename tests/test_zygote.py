@@ -358,6 +358,61 @@ def test_a_main_module_that_starts_a_pool_unguarded_gets_the_standard_librarys_e
 
 
 @pytest.mark.parametrize("start", ["zygote", "exec"])
+def test_a_main_module_that_waits_at_import_is_named_on_stderr_with_the_line_it_waits_at(program, start):
+    # A single-instance lock at the top of the main module: the parent holds
+    # it, and each process that imports main (the zygote, or each worker
+    # started by exec) waits for it. The standard library's spawn waits the
+    # same way, in silence; here the waiting process says where, and the
+    # pool starts serving once the lock is let go.
+    prog = program(
+        """
+        import fcntl
+        import warden
+        lock = open("single.lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one instance at a time
+
+        if __name__ == "__main__":
+            with warden.ProcessPoolExecutor(1) as ex:
+                f = ex.submit(abs, -7)
+                try:
+                    f.result(timeout=3)
+                except TimeoutError:
+                    print("no result yet", flush=True)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                print(f.result(timeout=60))
+        """
+    )
+    run = prog.run(env={"WARDEN_START": start, "WARDEN_SLOW_IMPORT_NOTICE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["no result yet", "7"], run.stderr
+    who = "zygote" if start == "zygote" else "worker"
+    assert f"warden: {who} " in run.stderr and "importing the program's code for 1 s" in run.stderr, (
+        run.stderr
+    )
+    # The program's own line, not the way warden got there.
+    assert "fcntl.flock(lock, fcntl.LOCK_EX)  # one instance at a time" in run.stderr, run.stderr
+    assert "_workerloop.py" not in run.stderr and "spawn.py" not in run.stderr, run.stderr
+    assert 'belongs under `if __name__ == "__main__":`' in run.stderr, run.stderr
+
+
+def test_a_main_module_quick_to_import_says_nothing(program):
+    prog = program(
+        """
+        import time
+        import warden
+        time.sleep(0.2)  # a slow import, well within the notice's bound
+
+        if __name__ == "__main__":
+            with warden.ProcessPoolExecutor(1, start="exec") as ex:
+                print(ex.submit(abs, -7).result(timeout=60))
+        """
+    )
+    run = prog.run(env={"WARDEN_SLOW_IMPORT_NOTICE": "5"})
+    assert run.returncode == 0 and run.lines == ["7"], run.stderr
+    assert "importing the program's code" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("start", ["zygote", "exec"])
 @pytest.mark.parametrize("restart_limit", ["(10, 5)", "None"])
 def test_a_pool_whose_workers_cannot_import_main_fails_at_the_first_failure(program, start, restart_limit):
     # The standard library's Pool starts workers for ever here, each printing

@@ -61,7 +61,7 @@ from ._stderr import say, say_exception
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     import contextlib
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from typing import Any
 
 # ``traceback`` is imported only when there is one to format: a worker that
@@ -699,9 +699,14 @@ class Handler:
             me._inheriting = True  # type: ignore[attr-defined]
             setup = True
             try:
-                multiprocessing.spawn.prepare(spawn_preparation(init["preparation"]))
-                _measure_coverage_if_asked()
-                hooks = _oob.unpickle(init["hooks"]) if init["hooks"] else {}
+                # (Not where a zygote imported main: nothing of the program's is left to import.)
+                watch = getattr(sys.modules.get("__main__"), "__name__", None) != "__mp_main__"
+                with notice_if_slow(
+                    "worker" if self.mode == "pool" else "child", "importing the program's code", watch
+                ):
+                    multiprocessing.spawn.prepare(spawn_preparation(init["preparation"]))
+                    _measure_coverage_if_asked()
+                    hooks = _oob.unpickle(init["hooks"]) if init["hooks"] else {}
                 setup = False
             finally:
                 del me._inheriting  # type: ignore[attr-defined]
@@ -1443,6 +1448,72 @@ def _wait_for_results_read() -> None:
         say(f"warden: worker {os.getpid()}: starting a task before the parent read a result")
     with contextlib.suppress(RuntimeError):
         _warden.task_clock(True)
+
+
+#: Seconds a start may spend importing the program's main module (and what
+#: the pool's hooks name) before the process says where it is waiting.
+_SLOW_IMPORT_NOTICE = 10.0
+
+
+@contextlib.contextmanager
+def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
+    """Runs the body (an import of the program's code at a worker's start);
+    if ``watch`` and it lasts over ``WARDEN_SLOW_IMPORT_NOTICE`` seconds (10; ``0`` never),
+    writes once to stderr what the process is doing and where its main thread
+    waits, and lets it go on. A main module that waits at import (a
+    single-instance lock, ``input()``, a server it connects to) otherwise
+    stalls every worker's start in silence: each imports it again, as under
+    the standard library's spawn. The watching thread has ended when this
+    returns, so a zygote is single-threaded again before it forks."""
+    try:
+        after = float(os.environ.get("WARDEN_SLOW_IMPORT_NOTICE", _SLOW_IMPORT_NOTICE))
+    except ValueError:
+        after = _SLOW_IMPORT_NOTICE
+    if not (watch and after > 0):
+        yield
+        return
+    done = threading.Event()
+    main = threading.get_ident()
+
+    def watch() -> None:
+        if done.wait(after):
+            return
+        import traceback  # only when there is something to say
+
+        frame = sys._current_frames().get(main)
+        stack = traceback.extract_stack(frame) if frame is not None else []
+        # From the program's first frame: what warden and the standard
+        # library's spawn did to get there says nothing.
+        machinery = (
+            os.path.dirname(__file__) + os.sep,
+            os.path.dirname(multiprocessing.__file__ or "") + os.sep,
+            "<frozen ",
+        )
+        ours = [i for i, f in enumerate(stack) if f.filename.startswith(machinery)]
+        first = ours[-1] + 1 if ours and ours[-1] < len(stack) - 1 else 0
+        where = "".join(traceback.format_list(stack[first:]))
+        say(
+            f"warden: {who} {os.getpid()} has been {what} for {after:g} s and still waits, at "
+            f"(most recent call last):\n{where}"
+            "warden: every worker imports the program's main module, as under the standard "
+            "library's spawn: code that waits at its top level (a lock, input(), a connection) "
+            'belongs under `if __name__ == "__main__":`'
+        )
+
+    watcher = threading.Thread(target=watch, name="warden-slow-import", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        # join() returns as the thread's Python state ends; its kernel task
+        # may still be on its way out, and a zygote that counts its threads
+        # before it forks must not see it (bounded: it is past its last line).
+        task = f"/proc/self/task/{watcher.native_id}"
+        deadline = time.monotonic() + 1.0
+        while os.path.exists(task) and time.monotonic() < deadline:
+            time.sleep(0.0001)
 
 
 def _enable_faulthandler() -> None:

@@ -209,7 +209,8 @@ def prepare(payload: bytes) -> str | None:
     data = _loads(payload)
     watch = _SeedWatch()
     try:
-        refused = _preload(data, watch)
+        with _workerloop.notice_if_slow("zygote", "importing the program's code"):
+            refused = _preload(data, watch)
     finally:
         _seeded = watch.finish()
     if refused is not None:
