@@ -153,6 +153,16 @@ impl Inner {
         }
     }
 
+    /// A task reported started is back in the queue, not started.
+    fn requeued(&self, task: u64) {
+        let mut starts = lock(&self.starts);
+        if starts.running.remove(&task) {
+            starts.watched.insert(task);
+        } else {
+            starts.early.remove(&task);
+        }
+    }
+
     fn wake(&self) {
         self.closing.store(true, Ordering::SeqCst);
         let _guard = lock(&self.queue);
@@ -176,6 +186,7 @@ impl Inner {
             }
             LifecycleEvent::PoolFailed { .. } => self.wake(),
             LifecycleEvent::TaskStarted { task, .. } => self.started(*task),
+            LifecycleEvent::TaskRequeued { task } => self.requeued(*task),
             LifecycleEvent::ZygoteReady { pid } => *lock(&self.zygote) = Some(*pid),
             LifecycleEvent::ZygoteExited { pid, .. } => {
                 let mut zygote = lock(&self.zygote);

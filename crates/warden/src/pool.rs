@@ -301,9 +301,10 @@ impl Builder {
     }
 
     /// How often a busy worker's memory is sampled under
-    /// [`Builder::memory_limit`] (default 100 ms, at least 1 ms).
+    /// [`Builder::memory_limit`] (default 100 ms, at least 1 ms, at most
+    /// [`LONGEST_WAIT`]).
     pub fn memory_sample_interval(mut self, interval: Duration) -> Self {
-        self.cfg.memory.interval = interval.max(Duration::from_millis(1));
+        self.cfg.memory.interval = longest(interval).max(Duration::from_millis(1));
         self
     }
 
@@ -891,7 +892,8 @@ impl Pool {
             // When this waiter must act next: kill, or give up after a kill.
             let act_at = match plan.killed_at {
                 Some(killed) => Some(killed + KILL_WAIT + STOP_SLACK),
-                None => plan.cutoff.map(|c| c + self.grace * 2 + STOP_SLACK),
+                // (Nothing to do where the sum overflows: that cutoff never comes.)
+                None => plan.cutoff.and_then(|c| c.checked_add(self.grace * 2 + STOP_SLACK)),
             };
             let wake = earliest(act_at, until);
             if self.join(wake.map(|w| w.saturating_duration_since(Instant::now()))) {

@@ -649,6 +649,8 @@ fn duration_max_is_no_limit() -> TestResult {
         .task_timeout(Duration::MAX)
         .init_timeout(Duration::MAX)
         .grace(Duration::MAX)
+        .memory_limit(1 << 40)
+        .memory_sample_interval(Duration::MAX)
         .build()?;
     let handle = pool.spawn_with(echo_len, 3, warden::TaskOptions { timeout: Some(Duration::MAX) })?;
     check(handle.join_timeout(Duration::MAX)? == vec![7; 3], "the task's result")?;

@@ -83,7 +83,9 @@ impl Supervisor {
     /// `running_too` cancels each: the queued ones now, whose ids it
     /// returns, in order; and those sent ahead to a worker, each asked back
     /// and cancelled when the worker gives it back (one the worker had taken
-    /// up as the ask crossed it runs, and its result comes as usual).
+    /// up as the ask crossed it runs, and its result comes as usual). That
+    /// includes a task first in line that was being asked back as the task
+    /// before it ended: its start is not known until the worker answers.
     pub(super) fn cancel_queued_all(&mut self) -> Vec<u64> {
         let mut ids = Vec::with_capacity(self.queue.len());
         for mut task in self.queue.drain(&self.shared.cancels) {
@@ -93,12 +95,16 @@ impl Supervisor {
         let max_frame = self.cfg.max_frame;
         for w in self.workers.values_mut() {
             let mut ask = Vec::new();
-            for f in w.inflight.iter_mut().skip(1) {
-                if f.task.delivered() || f.cancel_requested {
+            for (pos, f) in w.inflight.iter_mut().enumerate() {
+                if f.task.delivered() || f.cancel_requested || f.cancel_on_return {
                     continue;
+                }
+                if pos == 0 && f.withdrawing.is_none() {
+                    continue; // started
                 }
                 // Given back, it is cancelled, not queued again (asked
                 // back already, it is not asked twice).
+                f.cancel_on_return = true;
                 if f.withdrawing.take().is_none() && f.task.cancels.is_empty() {
                     ask.push(f.task.id);
                 }
@@ -136,10 +142,13 @@ impl Supervisor {
             if w.inflight[pos].task.delivered() {
                 return answer(super::link::cancelled_lately(id));
             }
-            if pos == 0 && !running_too {
+            // (First in line but being asked back as the task before it
+            // ended: started only if the worker says so, as one sent ahead.)
+            let unconfirmed = w.inflight[pos].withdrawing.is_some() || w.inflight[pos].cancel_on_return;
+            if pos == 0 && !running_too && !unconfirmed {
                 return answer(false);
             }
-            if pos == 0 {
+            if pos == 0 && running_too {
                 // Running: stop the worker if it still runs it; its exit hook runs.
                 w.inflight[pos].task.deliver(Err(Error::cancelled()));
                 w.stop_task(id, StopCause::Cancelled, grace);
@@ -147,7 +156,8 @@ impl Supervisor {
             }
             let silent = w.silent_on_cancel(Instant::now());
             let f = &mut w.inflight[pos];
-            let asked = f.withdrawing.is_some() || f.cancel_requested || !f.task.cancels.is_empty();
+            let asked =
+                f.withdrawing.is_some() || f.cancel_on_return || f.cancel_requested || !f.task.cancels.is_empty();
             if running_too {
                 // It never runs to its end: skipped by the worker, or
                 // stopped if the worker had started it (done with the one

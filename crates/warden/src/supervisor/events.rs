@@ -40,6 +40,13 @@ pub enum LifecycleEvent {
         /// The worker's process id.
         pid: i32,
     },
+    /// A task reported started went back to the queue: its worker said
+    /// goodbye before it took the task up (a stop signal came between two
+    /// tasks). It starts again, on another worker, with a new `TaskStarted`.
+    TaskRequeued {
+        /// The task's id.
+        task: u64,
+    },
     /// A task ran past its timeout; its worker is being stopped.
     TaskTimedOut {
         /// The task's id.

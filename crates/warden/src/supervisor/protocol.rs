@@ -174,7 +174,7 @@ impl Supervisor {
         let mut given_back = None;
         match outcome {
             Some(outcome) => task.deliver(outcome),
-            None if entry.withdrawing.is_some() && !task.delivered() => {
+            None if entry.withdrawing.is_some() && !entry.cancel_on_return && !task.delivered() => {
                 w.assigned = w.assigned.saturating_sub(1);
                 given_back = Some(task);
             }
@@ -192,9 +192,9 @@ impl Supervisor {
                     // it if it runs.
                     let id = next.task.id;
                     w.stop_task(id, StopCause::Cancelled, cfg.grace);
-                } else if next.withdrawing.is_none() && !next.task.delivered() {
-                    // (One being given back is reported started only if it
-                    // was not: it is then simply done.)
+                } else if next.withdrawing.is_none() && !next.cancel_on_return && !next.task.delivered() {
+                    // (One being given back, or cancelled unless started, is
+                    // reported started once the worker says it did.)
                     started = Some(next.task.id);
                 }
             }
@@ -255,7 +255,8 @@ impl Supervisor {
                     f.task.answer_cancels(false);
                     // It runs there: asked back no more. Its start, not
                     // reported while it might come back, is now.
-                    if f.withdrawing.take().is_some() && front == Some(task_id) && !f.task.delivered() {
+                    let asked = f.withdrawing.take().is_some() | std::mem::take(&mut f.cancel_on_return);
+                    if asked && front == Some(task_id) && !f.task.delivered() {
                         started = Some(pid);
                     }
                 }

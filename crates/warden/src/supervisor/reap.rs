@@ -94,10 +94,13 @@ impl Supervisor {
         let mut inflight = std::mem::take(&mut w.inflight);
         // A worker that said goodbye named the last task it started: one
         // sent to it after that, though first in line here, never ran (a
-        // stop signal came before it took it up).
+        // stop signal came before it took it up). Reported started when it
+        // came first in line, it is reported back in the queue.
+        let mut unstarted = None;
         if let (Some(front), Some(_)) = (inflight.front_mut(), &w.goodbye) {
             if front.started.is_some() && w.last_task != Some(front.task.id) {
                 front.started = None;
+                unstarted = Some(front.task.id);
             }
         }
         // The task it was running, if any, and whether its death is that
@@ -113,16 +116,25 @@ impl Supervisor {
             }
         }
         // Sent but never started: back in the queue, before what came after them.
+        let mut requeued_unstarted = None;
         for f in inflight {
             let mut task = f.task;
             if task.delivered() {
                 continue;
             }
             match self.phase {
-                PoolPhase::Running | PoolPhase::Closing { drain: true } => self.requeue(task),
+                PoolPhase::Running | PoolPhase::Closing { drain: true } => {
+                    if unstarted == Some(task.id) && task.cancels.is_empty() {
+                        requeued_unstarted = unstarted;
+                    }
+                    self.requeue(task)
+                }
                 PoolPhase::Failed => task.deliver(Err(self.failed_error())),
                 _ => task.deliver(Err(Error::cancelled())),
             }
+        }
+        if let Some(task) = requeued_unstarted {
+            self.emit(LifecycleEvent::TaskRequeued { task });
         }
 
         let retired_itself =

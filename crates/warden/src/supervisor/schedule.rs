@@ -344,6 +344,7 @@ impl Supervisor {
                     task,
                     cancel_requested: false,
                     withdrawing: None,
+                    cancel_on_return: false,
                 });
                 w.assigned += 1;
                 given.push((id, task_id, w.out.len()));

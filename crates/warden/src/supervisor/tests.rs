@@ -78,6 +78,8 @@ struct Harness {
     outcomes: Outcomes,
     /// The tasks the pool reported started, in order.
     started: Arc<Mutex<Vec<u64>>>,
+    /// The tasks the pool reported back in the queue after their start.
+    requeued: Arc<Mutex<Vec<u64>>>,
 }
 
 /// One stand-in worker: its id, its process, the worker's end of the channel.
@@ -89,11 +91,12 @@ struct StandIn {
 
 fn harness(prefetch: usize, restart_limit: u32) -> Harness {
     let started: Arc<Mutex<Vec<u64>>> = Arc::default();
-    let seen = Arc::clone(&started);
-    let on_event: crate::supervisor::events::EventSink = Arc::new(move |event: &LifecycleEvent| {
-        if let LifecycleEvent::TaskStarted { task, .. } = event {
-            lock(&seen).push(*task);
-        }
+    let requeued: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let (seen, seen_requeued) = (Arc::clone(&started), Arc::clone(&requeued));
+    let on_event: crate::supervisor::events::EventSink = Arc::new(move |event: &LifecycleEvent| match event {
+        LifecycleEvent::TaskStarted { task, .. } => lock(&seen).push(*task),
+        LifecycleEvent::TaskRequeued { task } => lock(&seen_requeued).push(*task),
+        _ => {}
     });
     let cfg = Config {
         name: "test".into(),
@@ -129,7 +132,7 @@ fn harness(prefetch: usize, restart_limit: u32) -> Harness {
     };
     // Short tasks, as if some had been timed: sent ahead up to `prefetch`.
     sup.task_time.record(Duration::from_micros(100));
-    Harness { sup, link, outcomes: Arc::default(), started }
+    Harness { sup, link, outcomes: Arc::default(), started, requeued }
 }
 
 impl Harness {
@@ -1239,4 +1242,146 @@ fn a_start_refused_for_want_of_descriptors_is_a_shortage_also_when_the_zygote_de
     }
     assert!(is_out_of_descriptors(&declined(libc::EMFILE)));
     assert!(!is_out_of_descriptors(&std::io::Error::from_raw_os_error(libc::ENFILE)));
+}
+
+#[test]
+fn a_bounded_close_stops_a_worker_stopping_for_one_task_even_if_the_task_had_ended() {
+    let mut h = harness(2, 10);
+    let mut w = h.one_worker_holding(2, &[1, 2]);
+    // cancel(running=True) of task 1: asked on the channel, unanswered yet.
+    assert!(h.cancel(1, true));
+    assert_eq!(sent(&mut w), [Sent::StopTask(1)]);
+    // A close whose deadline is due at once (shutdown_timeout(0), or one
+    // deadline shared by several pools).
+    h.sup.close(false, Some(Instant::now()));
+    h.sup.check_timers(Instant::now());
+    assert!(w.stand.signals().iter().any(|(s, _)| *s == Signal::TERM), "{:?}", w.stand.signals());
+    // The worker had ended task 1 and taken up task 2: it does not serve on.
+    tell(&mut h, &mut w, &value(1));
+    tell(&mut h, &mut w, &Message::CancelMissed { id: 2 });
+    tell(&mut h, &mut w, &Message::StopMissed { id: 1 });
+    assert_eq!(h.phase(&w), WorkerPhase::Stopping);
+    assert!(h.sup.workers[&w.id].next_deadline().is_some(), "its grace period runs");
+    assert_eq!(h.outcomes(), [(1, "cancelled"), (2, "cancelled")]);
+}
+
+#[test]
+fn a_task_timeout_in_the_same_turn_as_a_bounded_close_does_not_spare_the_worker_from_the_close() {
+    let mut h = harness(2, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    let outcomes = Arc::clone(&h.outcomes);
+    let reply: Reply = Box::new(move |o| lock(&outcomes).push((1, o)));
+    h.sup.queue.push_back(Task::new(1, Vec::new(), None, Some(Duration::from_secs(3)), reply));
+    h.submit(2); // no timeout
+    h.sup.dispatch();
+    assert_eq!(h.inflight(&w), [1, 2]);
+    sent(&mut w);
+    let due = h.sup.workers[&w.id].inflight[0].deadline.expect("the task's deadline");
+    h.sup.close(true, Some(due));
+    h.sup.check_timers(due);
+    assert!(w.stand.signals().iter().any(|(s, _)| *s == Signal::TERM), "{:?}", w.stand.signals());
+    // Task 1 had just ended; the worker leaves all the same.
+    tell(&mut h, &mut w, &value(1));
+    tell(&mut h, &mut w, &Message::StopMissed { id: 1 });
+    assert_eq!(h.phase(&w), WorkerPhase::Stopping);
+    assert!(h.sup.next_deadline().is_some(), "its grace period runs");
+}
+
+#[test]
+fn a_task_reported_started_that_its_worker_never_took_up_is_reported_back_in_the_queue() {
+    let mut h = harness(2, 10);
+    let mut w = h.one_worker_holding(2, &[1, 2]);
+    // Task 1's result, then (a stop signal from outside between tasks) the
+    // worker leaves without taking up 2.
+    h.answer(&mut w, &value(1));
+    assert_eq!(*lock(&h.started), [1, 2], "first in line, 2 is reported started");
+    h.answer(&mut w, &goodbye(Some(1)));
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGTERM));
+    h.sup.reap(w.id);
+    assert_eq!(h.queued(), [2], "2 never ran: back in the queue");
+    assert_eq!(*lock(&h.requeued), [2], "and reported so");
+}
+
+#[test]
+fn cancel_all_queued_cancels_a_task_sent_ahead_even_where_an_idle_worker_would_ask_for_it() {
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(3);
+    assert_eq!(h.inflight(&a), [1, 3]);
+    assert_eq!(h.inflight(&b), [2]);
+    sent(&mut a);
+    sent(&mut b);
+    h.answer(&mut b, &value(2)); // b is idle
+                                 // cancel_all_queued on an open pool: 3, sent ahead, is asked back to be cancelled.
+    assert_eq!(h.sup.cancel_queued_all(), Vec::<u64>::new());
+    assert_eq!(sent(&mut a), [Sent::Cancel(3)]);
+    // The same turn of the loop: idle b would take a task asked back.
+    h.sup.give_back();
+    h.sup.dispatch();
+    h.sup.give_back();
+    assert_eq!(sent(&mut a), [], "3 is not asked back again");
+    h.answer(&mut a, &skipped(3));
+    h.sup.dispatch();
+    assert!(h.outcomes().contains(&(3, "cancelled")), "{:?}", h.outcomes());
+    assert_eq!(h.inflight(&b), Vec::<u64>::new(), "nothing runs on b");
+    assert!(h.queued().is_empty());
+}
+
+#[test]
+fn a_task_first_in_line_while_being_asked_back_can_still_be_cancelled_until_the_worker_answers() {
+    // cancel_all_queued
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(3);
+    assert_eq!(h.inflight(&a), [1, 3]);
+    sent(&mut a);
+    sent(&mut b);
+    h.answer(&mut b, &value(2));
+    h.sup.give_back();
+    assert_eq!(sent(&mut a), [Sent::Cancel(3)]);
+    // a's result for 1 comes first: 3 is first in line there, being asked back.
+    h.answer(&mut a, &value(1));
+    assert_eq!(h.inflight(&a), [3]);
+    assert!(!lock(&h.started).contains(&3), "not known to have started");
+    h.sup.cancel_queued_all();
+    h.answer(&mut a, &skipped(3));
+    assert!(h.outcomes().contains(&(3, "cancelled")), "{:?}", h.outcomes());
+    assert!(h.queued().is_empty(), "not queued again");
+
+    // A plain cancel waits for the worker's answer instead of saying it runs.
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(3);
+    sent(&mut a);
+    sent(&mut b);
+    h.answer(&mut b, &value(2));
+    h.sup.give_back();
+    h.answer(&mut a, &value(1));
+    let (now, later) = h.cancel_asking(3, false);
+    assert_eq!(now, None, "the worker's answer is awaited");
+    h.answer(&mut a, &skipped(3));
+    assert_eq!(later.try_recv().ok(), Some(Some(true)), "it landed");
+    assert!(h.outcomes().contains(&(3, "cancelled")), "{:?}", h.outcomes());
+    assert!(h.queued().is_empty());
+}
+
+#[test]
+fn a_task_cancel_all_queued_asked_for_that_the_worker_had_started_is_reported_started_when_it_says_so() {
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(3);
+    sent(&mut a);
+    sent(&mut b);
+    h.sup.cancel_queued_all();
+    assert_eq!(sent(&mut a), [Sent::Cancel(3)]);
+    h.answer(&mut a, &value(1));
+    assert!(!lock(&h.started).contains(&3), "not while it may be skipped");
+    h.answer(&mut a, &Message::CancelMissed { id: 3 });
+    assert_eq!(lock(&h.started).iter().filter(|&&t| t == 3).count(), 1, "reported started once");
+    h.answer(&mut a, &value(3));
+    assert!(h.outcomes().contains(&(3, "value")), "{:?}", h.outcomes());
 }

@@ -27,7 +27,9 @@ impl Supervisor {
                     w.stop_task(id, StopCause::TimedOut, cfg.grace);
                 }
             }
-            if bounded_close && !w.inflight.is_empty() && w.is_serving() {
+            // (And one stopping for its task only, which could answer that
+            // the task had ended and serve on, running what was sent ahead.)
+            if bounded_close && (!w.inflight.is_empty() && w.is_serving() || w.stop_target.is_some()) {
                 for f in w.inflight.iter_mut() {
                     f.task.deliver(Err(Error::cancelled()));
                 }

@@ -69,13 +69,21 @@ pub(super) struct InFlight {
     /// When it was asked back (a `Cancel` sent) so that an idle worker can
     /// run it; it comes back `Skipped` unless the worker had started it.
     pub(super) withdrawing: Option<Instant>,
+    /// Cancelled unless the worker had started it (`cancel_all_queued`, a
+    /// `Cancel` sent): given back, it is cancelled, never queued again, and
+    /// it is not asked back to run elsewhere meanwhile.
+    pub(super) cancel_on_return: bool,
 }
 
 impl InFlight {
     /// Whether it can still be asked back: not asked already, not being
     /// cancelled, no outcome yet.
     pub(super) fn can_ask_back(&self) -> bool {
-        self.withdrawing.is_none() && !self.cancel_requested && !self.task.delivered() && self.task.cancels.is_empty()
+        self.withdrawing.is_none()
+            && !self.cancel_requested
+            && !self.cancel_on_return
+            && !self.task.delivered()
+            && self.task.cancels.is_empty()
     }
 }
 
@@ -213,12 +221,14 @@ impl Worker {
         self.is_serving() || self.stop_unanswered
     }
 
-    /// Sends a signal to the worker and everything in its process group. The
-    /// group is only signalled while the worker is unreaped, so its id cannot
-    /// have been reused.
+    /// Sends a signal to the worker and everything in its process group,
+    /// while it is unreaped, so that its id cannot have been reused. A
+    /// reaped one is sent nothing (by pid, where there is no pidfd, the
+    /// signal would reach whatever process has its id now).
     pub(super) fn signal(&mut self, sig: Signal) {
-        let unreaped = self.status.is_none();
-        self.process.signal(sig, unreaped);
+        if self.status.is_none() {
+            self.process.signal(sig, true);
+        }
     }
 
     pub(super) fn stop(&mut self, cause: StopCause, grace: Duration) {
