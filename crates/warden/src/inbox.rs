@@ -100,6 +100,9 @@ struct State {
     waiting: bool,
     /// When the channel was last read to the end of what had arrived.
     last_read: Option<Instant>,
+    /// The task the main thread took last, until it says it began it (see
+    /// [`Inbox::taken`]).
+    taken: Option<u64>,
 }
 
 /// How long a reader reads.
@@ -181,6 +184,18 @@ impl Inbox {
         !state.queue.is_empty() || state.end.is_some()
     }
 
+    /// Whether task `id` is the one the main thread has taken out of the
+    /// inbox and not yet begun (see [`Inbox::begun`]): neither waiting here
+    /// nor running, it is about to run.
+    pub(crate) fn taken(&self, id: u64) -> bool {
+        lock(&self.state).taken == Some(id)
+    }
+
+    /// The main thread has begun the task it took, or left it.
+    pub(crate) fn begun(&self) {
+        lock(&self.state).taken = None;
+    }
+
     /// Removes task `id` if the main thread has not taken it yet, and then
     /// calls `answer`; returns what `answer` did, or `None` if the task was
     /// not there. `answer` runs before the main thread can take anything
@@ -228,6 +243,9 @@ impl Inbox {
                 continue;
             }
             if let Some(msg) = state.queue.pop_front() {
+                if let Incoming::Task { id, .. } = &msg {
+                    state.taken = Some(*id);
+                }
                 return Ok(msg);
             }
             if let Some(end) = &state.end {

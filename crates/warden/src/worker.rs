@@ -592,10 +592,12 @@ struct RunState {
 }
 
 impl WorkerState {
-    /// The loop takes up task `id`; `false` if a stop for the task before
-    /// it was taken (the worker leaves instead).
-    fn begin_task(&self, id: u64) -> bool {
+    /// The loop takes up task `id`, which it took from `inbox`; `false` if a
+    /// stop was taken meanwhile, for the task before it or for this one (the
+    /// worker leaves instead).
+    fn begin_task(&self, id: u64, inbox: &Inbox) -> bool {
         let mut run = lock(&self.run);
+        inbox.begun();
         if run.stopped {
             return false;
         }
@@ -607,11 +609,12 @@ impl WorkerState {
         lock(&self.run).running = NO_TASK;
     }
 
-    /// The pool asks to stop task `id`: whether it is the one running (then
-    /// no other task starts here).
-    fn take_stop(&self, id: u64) -> bool {
+    /// The pool asks to stop task `id`: whether it is the one running, or
+    /// the one the loop has taken from `inbox` and is about to begin (then
+    /// no other task starts here, and that one does not either).
+    fn take_stop(&self, id: u64, inbox: &Inbox) -> bool {
         let mut run = lock(&self.run);
-        if id == NO_TASK || run.running != id {
+        if id == NO_TASK || (run.running != id && !inbox.taken(id)) {
             return false;
         }
         run.stopped = true;
@@ -1038,7 +1041,7 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
             // task is the one running; else it is withdrawn if it waits
             // here, and the pool hears that it was missed.
             Message::StopTask { id } => {
-                if core.take_stop(id) {
+                if core.take_stop(id, inbox) {
                     core.stop_requested.store(true, Ordering::SeqCst);
                     // The pool keeps this worker's place until it hears
                     // which way the stop went: told first, before the
@@ -1190,6 +1193,7 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                 }
             }
             Incoming::Task { id, lost: true, .. } if initialized => {
+                inbox.begun(); // never begun: it fails at once
                 let error = RemoteError::new(RemoteErrorKind::Codec, "OSError", WireError::SegmentLost.to_string());
                 if core.send(&Message::Result { id, outcome: WireOutcome::Error(error) }).is_err() {
                     return ExitReason::ParentGone;
@@ -1203,8 +1207,9 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                     core.state.store(IDLE, Ordering::SeqCst);
                     return reason;
                 }
-                if !core.begin_task(id) {
-                    // A stop for the task before it came as that one ended.
+                if !core.begin_task(id, inbox) {
+                    // A stop came for the task before it as that one ended,
+                    // or for this one as it was taken from the inbox.
                     core.state.store(IDLE, Ordering::SeqCst);
                     return core.stop_reason(signals::pending().unwrap_or(libc::SIGTERM));
                 }
@@ -1302,5 +1307,54 @@ mod tests {
         assert_eq!(unwind_ms(60_000), 30_000);
         assert_eq!(unwind_ms(200), UNWIND_GRACE.as_millis() as u64);
         assert_eq!(unwind_ms(u64::MAX), u64::MAX / 2);
+    }
+
+    fn worker_state() -> WorkerState {
+        let (ours, _parent) = UnixStream::pair().expect("a socket pair");
+        WorkerState {
+            stream: ours,
+            out: Mutex::new(Vec::new()),
+            max_frame: 1 << 20,
+            parent: 1,
+            state: AtomicU8::new(IDLE),
+            stop_requested: AtomicBool::new(false),
+            last_task: AtomicU64::new(NO_TASK),
+            last_panicked: AtomicBool::new(false),
+            hook: Mutex::new(None),
+            exit: Mutex::new(None),
+            run: Mutex::new(RunState { running: NO_TASK, stopped: false }),
+        }
+    }
+
+    fn task(id: u64) -> Incoming {
+        Incoming::Task { id, payload: vec![1], segment: None, lost: false }
+    }
+
+    #[test]
+    fn a_stop_for_a_task_taken_from_the_inbox_but_not_yet_begun_is_taken_and_the_task_never_begins() {
+        let core = worker_state();
+        let inbox = Inbox::new(1 << 20);
+        inbox.push(task(2));
+        inbox.push(task(3));
+        let mut idle = |_: &mut FrameReader, _: Until<'_>| {};
+        // The loop takes task 2 out of the inbox; before it begins it, a
+        // StopTask for 2 is read (the watcher reads while the task before runs).
+        assert!(matches!(inbox.next(&mut idle), Ok(Incoming::Task { id: 2, .. })));
+        assert!(!core.take_stop(3, &inbox), "3 waits in the inbox: it is withdrawn, not stopped");
+        assert!(core.take_stop(2, &inbox), "2 is about to run: the stop is taken");
+        assert!(!core.begin_task(2, &inbox), "and 2 never begins");
+    }
+
+    #[test]
+    fn a_stop_for_a_task_that_has_ended_is_missed() {
+        let core = worker_state();
+        let inbox = Inbox::new(1 << 20);
+        inbox.push(task(2));
+        let mut idle = |_: &mut FrameReader, _: Until<'_>| {};
+        assert!(matches!(inbox.next(&mut idle), Ok(Incoming::Task { id: 2, .. })));
+        assert!(core.begin_task(2, &inbox));
+        core.end_task();
+        assert!(!core.take_stop(2, &inbox), "2 has ended: the worker serves on");
+        assert!(!lock(&core.run).stopped);
     }
 }
