@@ -165,6 +165,44 @@ def test_a_pool_task_past_its_task_timeout_fails_with_task_timeout_and_the_pool_
     assert first in {int(p) for p in ends.read_text().split()}
 
 
+def test_the_standard_librarys_pool_example_runs_with_warden_imported_in_its_place(program):
+    # The first example of multiprocessing's documentation, with only its
+    # import changed: TimeoutError and cpu_count come along.
+    prog = program(
+        """
+        from warden import Pool, TimeoutError, cpu_count
+        import time
+        import os
+
+        def f(x):
+            return x * x
+
+        if __name__ == "__main__":
+            with Pool(processes=min(4, cpu_count())) as pool:
+                print(pool.map(f, range(10)))
+                res = pool.apply_async(time.sleep, (10,))
+                try:
+                    print(res.get(timeout=0.5))
+                except TimeoutError:
+                    print("We lacked patience and got a multiprocessing.TimeoutError")
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]",
+        "We lacked patience and got a multiprocessing.TimeoutError",
+    ]
+
+
+def test_a_multiprocessing_name_warden_lacks_says_where_to_take_it_from():
+    with pytest.raises(AttributeError, match="take Manager from multiprocessing") as e:
+        warden.Manager  # noqa: B018
+    assert 'multiprocessing.get_context("spawn")' in str(e.value)
+    with pytest.raises(AttributeError, match=r"^module 'warden' has no attribute 'nothing'$"):
+        warden.nothing  # type: ignore[attr-defined] # noqa: B018
+
+
 def test_the_context_is_the_fifth_positional_parameter_as_in_the_standard_library():
     # Subclasses call ``super().__init__(processes, initializer, initargs,
     # maxtasksperchild, context)``.

@@ -1216,6 +1216,45 @@ def test_a_fork_context_lock_in_initargs_is_refused_once_naming_it_and_the_fix(p
     assert "result: [0, 1, 4, 9, 16]" in run.lines
 
 
+def test_a_fork_context_queue_kept_on_a_process_subclass_is_refused_naming_the_attribute(program):
+    # The producer/consumer recipe: a Process subclass that keeps its queue
+    # as an attribute, made from the default (fork) context.
+    prog = program(
+        """
+        import multiprocessing
+        import warden
+
+        class Consumer(warden.Process):
+            def __init__(self, tasks):
+                super().__init__()
+                self.tasks = tasks
+
+            def run(self):
+                print(self.tasks.get())
+
+        if __name__ == "__main__":
+            try:
+                Consumer(multiprocessing.Queue()).start()
+            except RuntimeError as e:
+                print("error:", e)
+            tasks = multiprocessing.get_context("spawn").Queue()
+            tasks.put("job")
+            c = Consumer(tasks)
+            c.start()
+            c.join(60)
+            print("exit", c.exitcode)
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    error = next(line for line in run.lines if line.startswith("error:"))
+    assert error.startswith(
+        "error: self.tasks (a multiprocessing.queues.Queue holding a multiprocessing.synchronize.Lock) "
+        "was made for the 'fork' start method"
+    ), error
+    assert run.lines[-2:] == ["job", "exit 0"], run.stdout
+
+
 # -- a stop while starting -----------------------------------------------------
 
 

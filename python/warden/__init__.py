@@ -35,6 +35,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run t
 
 if TYPE_CHECKING:
     from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing import TimeoutError, cpu_count
     from typing import Any
 
     from ._context import set_cleanup_record, worker_context
@@ -75,10 +76,14 @@ _HOMES = {
     "TaskAborted": "._remote",
     "TaskInterrupted": "._remote",
     "TaskTimeout": "._errors",
+    # multiprocessing's, as a Pool raises and sizes it: ``from warden import
+    # Pool, TimeoutError`` reads as the standard library's examples do.
+    "TimeoutError": "multiprocessing",
     "WorkerCrashed": "._errors",
     "WorkerLost": "._runner",
     "WorkerMemoryExceeded": "._errors",
     "at_exit": "._finalize",
+    "cpu_count": "multiprocessing",
     "current_process": ".process",
     "finalize": "._finalize",
     "set_cleanup_record": "._context",
@@ -108,10 +113,12 @@ __all__ = [
     "TaskAborted",
     "TaskInterrupted",
     "TaskTimeout",
+    "TimeoutError",
     "WorkerCrashed",
     "WorkerLost",
     "WorkerMemoryExceeded",
     "at_exit",
+    "cpu_count",
     "current_process",
     "finalize",
     "set_cleanup_record",
@@ -123,7 +130,15 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        hint = ""
+        if name in _sys.modules["multiprocessing"].__all__:
+            # A program switched over with ``import warden as multiprocessing``.
+            hint = (
+                f": warden stands in for Pool, Process, Event and ProcessPoolExecutor; take {name} "
+                "from multiprocessing (objects that go to warden's workers and children from "
+                'multiprocessing.get_context("spawn"))'
+            )
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}{hint}")
     value = getattr(_importlib.import_module(home, __name__), name)
     globals()[name] = value
     return value

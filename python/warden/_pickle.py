@@ -1150,7 +1150,7 @@ def _fork_error(culprit: Any, parameters: Iterable[tuple[str, Any]]) -> RuntimeE
         where = f"a {_type_name(culprit)} in the arguments"
     return RuntimeError(
         f"{where} was made for the 'fork' start method (by multiprocessing's default context, "
-        "which is 'fork' on Linux before Python 3.14) and cannot be passed to warden's workers, "
+        "which is 'fork' on Linux before Python 3.14) and cannot go to warden's workers and children, "
         "which start like 'spawn'. Make it from multiprocessing.get_context(\"spawn\") instead "
         "(for tqdm's process_map: call "
         'tqdm.auto.tqdm.set_lock(multiprocessing.get_context("spawn").RLock()) first).'

@@ -152,6 +152,13 @@ class Process(multiprocessing.context.Process):
 
     # -- lifecycle ---------------------------------------------------------
 
+    def _own_attributes(self) -> list[tuple[str, Any]]:
+        """What a subclass keeps on the object (``self.queue = queue`` in its
+        ``__init__``), by name, for an error about what cannot go to the
+        child: the attributes a plain ``Process`` does not have."""
+        plain = set(vars(Process()))
+        return [(f"self.{name}", value) for name, value in vars(self).items() if name not in plain]
+
     def start(self) -> None:
         """Starts the child; returns once its pid is known."""
         self._check_closed()
@@ -176,6 +183,7 @@ class Process(multiprocessing.context.Process):
                 *_runner._named("args", self._args),
                 *_runner._named("kwargs", self._kwargs),
                 ("target", self._target),
+                *self._own_attributes(),
             ],
         )
         # Held back until the child is this object's, running its target
