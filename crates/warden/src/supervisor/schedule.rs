@@ -16,7 +16,7 @@ use crate::wire::{Message, RetireReason};
 use super::process::Pidfd;
 use super::worker::{retire, InFlight, Worker, WorkerPhase};
 use super::zygote::NextStart;
-use super::{pidfd_token, sock_token, Config, LifecycleEvent, PoolPhase, StopCause, Supervisor};
+use super::{pidfd_token, sock_token, Config, LifecycleEvent, PoolPhase, Supervisor};
 
 /// Delay before trying again after a worker could not be spawned at all.
 const SPAWN_RETRY: Duration = Duration::from_millis(100);
@@ -252,20 +252,21 @@ impl Supervisor {
         let id = self.next_worker;
         self.next_worker += 1;
         self.spawned += 1;
-        spawned.channel.set_nonblocking(true)?;
-        let mut sock = UnixStream::from_std(spawned.channel);
-        let registry = self.poll.registry();
-        registry.register(&mut sock, sock_token(id), Interest::READABLE)?;
         let mut process = Pidfd::new(spawned.pid, spawned.pidfd);
         if let Some(since) = interrupts {
             process.forward_interrupts(since);
         }
-        let process = Box::new(process);
+        let nonblocking = spawned.channel.set_nonblocking(true);
+        let sock = UnixStream::from_std(spawned.channel);
         let init_deadline = Instant::now() + self.cfg.init_timeout;
-        let mut worker = Worker::new(id, process, sock, self.cfg.max_frame, init_deadline);
+        // From here a failure drops the worker, which kills and reaps it.
+        let mut worker = Worker::new(id, Box::new(process), sock, self.cfg.max_frame, init_deadline);
+        nonblocking?;
+        let registry = self.poll.registry();
+        registry.register(&mut worker.sock, sock_token(id), Interest::READABLE)?;
         if let Some(exit_fd) = worker.process.exit_fd() {
             if let Err(e) = registry.register(&mut SourceFd(&exit_fd), pidfd_token(id), Interest::READABLE) {
-                worker.kill(StopCause::Killed);
+                let _ = registry.deregister(&mut worker.sock);
                 return Err(e);
             }
         }
