@@ -1465,24 +1465,29 @@ def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
     otherwise stalls every worker's start in silence: each imports it again,
     as under the standard library's spawn.
 
-    A one-shot ``SIGALRM`` timer, not a thread: a thread's first allocation
-    reserves a malloc arena of its own (64 MiB of address space, for good,
-    where ``RLIMIT_AS`` is tight), and a zygote must stay single-threaded.
-    Its handler runs where a wait returns ``EINTR`` (a lock, a read, a
-    sleep; not a C call that retries by itself). Only where the signal is
-    free (no handler of the program's), and its handler is put back after."""
+    It watches from a thread of its own, which has ended (its kernel task
+    too) when this returns, so a zygote is single-threaded again before it
+    forks. Not a signal: a timer's ``SIGALRM`` would reach a handler the
+    program sets at import, and interrupt the system calls of a slow but
+    healthy import in C code that does not retry them. (Under an
+    address-space limit the thread takes no malloc arena of its own: see
+    ``keep_to_one_arena_under_an_address_space_limit`` in the core.)"""
     try:
         after = float(os.environ.get("WARDEN_SLOW_IMPORT_NOTICE", _SLOW_IMPORT_NOTICE))
     except ValueError:
         after = _SLOW_IMPORT_NOTICE
-    free = watch and after > 0 and signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
-    if not free or signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+    if not (watch and after > 0):
         yield
         return
+    done = threading.Event()
+    main = threading.get_ident()
 
-    def notice(signum: int, frame: types.FrameType | None) -> None:
+    def notice() -> None:
+        if done.wait(after):
+            return
         import traceback  # only when there is something to say
 
+        frame = sys._current_frames().get(main)
         stack = traceback.extract_stack(frame) if frame is not None else []
         # From the program's first frame: what warden and the standard
         # library's spawn did to get there says nothing.
@@ -1502,14 +1507,20 @@ def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
             'belongs under `if __name__ == "__main__":`'
         )
 
-    signal.signal(signal.SIGALRM, notice)
-    signal.setitimer(signal.ITIMER_REAL, after)
+    watcher = threading.Thread(target=notice, name="warden-slow-import", daemon=True)
+    watcher.start()
     try:
         yield
     finally:
-        if signal.getsignal(signal.SIGALRM) is notice:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        done.set()
+        watcher.join()
+        # join() returns as the thread's Python state ends; its kernel task
+        # may still be on its way out, and a zygote that counts its threads
+        # before it forks must not see it (bounded: it is past its last line).
+        task = f"/proc/self/task/{watcher.native_id}"
+        deadline = time.monotonic() + 1.0
+        while os.path.exists(task) and time.monotonic() < deadline:
+            time.sleep(0.0001)
 
 
 def _enable_faulthandler() -> None:

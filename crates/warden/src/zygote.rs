@@ -295,6 +295,10 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
         Ok((0, _)) => return Parked::Exit(0),
         Ok((n, _)) => match decode::<Request<'_>>(&buf[..n]) {
             Ok(Request::Start { payload, keep }) => {
+                // Before the preloads run (a thread they start, or warden's
+                // own while main is imported, would reserve an arena of its
+                // own, and every fork would keep that address space).
+                crate::memory::keep_to_one_arena_under_an_address_space_limit();
                 let before = open_fds();
                 if let Err(error) = hooks.prepare(payload) {
                     let _ = reply(&env, &Reply::Failed { error: &error, permanent: true, errno: 0 });
