@@ -35,7 +35,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run t
 
 if TYPE_CHECKING:
     from concurrent.futures.process import BrokenProcessPool
-    from multiprocessing import TimeoutError, cpu_count
+    from multiprocessing import TimeoutError as TimeoutError
+    from multiprocessing import cpu_count
     from typing import Any
 
     from ._context import set_cleanup_record, worker_context
@@ -77,7 +78,9 @@ _HOMES = {
     "TaskInterrupted": "._remote",
     "TaskTimeout": "._errors",
     # multiprocessing's, as a Pool raises and sizes it: ``from warden import
-    # Pool, TimeoutError`` reads as the standard library's examples do.
+    # Pool, TimeoutError`` reads as the standard library's examples do. (Not
+    # in __all__: ``from warden import *`` must not hide the built-in
+    # TimeoutError, which an executor's futures raise.)
     "TimeoutError": "multiprocessing",
     "WorkerCrashed": "._errors",
     "WorkerLost": "._runner",
@@ -113,7 +116,6 @@ __all__ = [
     "TaskAborted",
     "TaskInterrupted",
     "TaskTimeout",
-    "TimeoutError",
     "WorkerCrashed",
     "WorkerLost",
     "WorkerMemoryExceeded",
@@ -131,7 +133,7 @@ def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
         hint = ""
-        if name in _sys.modules["multiprocessing"].__all__:
+        if name in getattr(_sys.modules.get("multiprocessing"), "__all__", ()):
             # A program switched over with ``import warden as multiprocessing``.
             hint = (
                 f": warden stands in for Pool, Process, Event and ProcessPoolExecutor; take {name} "

@@ -153,11 +153,11 @@ class Process(multiprocessing.context.Process):
     # -- lifecycle ---------------------------------------------------------
 
     def _own_attributes(self) -> list[tuple[str, Any]]:
-        """What a subclass keeps on the object (``self.queue = queue`` in its
+        """What the object keeps (a subclass's ``self.queue = queue`` in its
         ``__init__``), by name, for an error about what cannot go to the
-        child: the attributes a plain ``Process`` does not have."""
-        plain = set(vars(Process()))
-        return [(f"self.{name}", value) for name, value in vars(self).items() if name not in plain]
+        child; after the target and its arguments, which are named as such."""
+        named = ("_target", "_args", "_kwargs")
+        return [(f"self.{name}", value) for name, value in vars(self).items() if name not in named]
 
     def start(self) -> None:
         """Starts the child; returns once its pid is known."""

@@ -122,6 +122,11 @@ impl Supervisor {
             if task.delivered() {
                 continue;
             }
+            if f.cancel_on_return {
+                // Cancelled unless started (`cancel_all_queued`): it was not.
+                task.deliver(Err(Error::cancelled()));
+                continue;
+            }
             match self.phase {
                 PoolPhase::Running | PoolPhase::Closing { drain: true } => {
                     if unstarted == Some(task.id) && task.cancels.is_empty() {

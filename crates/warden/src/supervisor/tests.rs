@@ -1385,3 +1385,42 @@ fn a_task_cancel_all_queued_asked_for_that_the_worker_had_started_is_reported_st
     h.answer(&mut a, &value(3));
     assert!(h.outcomes().contains(&(3, "value")), "{:?}", h.outcomes());
 }
+
+#[test]
+fn a_task_cancel_all_queued_asked_for_is_cancelled_not_requeued_when_its_worker_dies_first() {
+    let mut h = harness(2, 10);
+    let mut a = h.worker(WorkerPhase::Ready);
+    let mut b = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(3);
+    assert_eq!(h.inflight(&a), [1, 3]);
+    assert_eq!(h.inflight(&b), [2]);
+    sent(&mut a);
+    sent(&mut b);
+    assert_eq!(h.sup.cancel_queued_all(), Vec::<u64>::new());
+    assert_eq!(sent(&mut a), [Sent::Cancel(3)]);
+    // a crashes in task 1 before it answers the Cancel for 3.
+    a.stand.exit_with(ExitStatus::Signal(libc::SIGSEGV));
+    h.sup.reap(a.id);
+    h.answer(&mut b, &value(2));
+    h.sup.dispatch();
+    assert!(h.outcomes().contains(&(3, "cancelled")), "{:?}", h.outcomes());
+    assert_eq!(h.inflight(&b), Vec::<u64>::new(), "3 does not run on b");
+    assert!(lock(&h.requeued).is_empty());
+}
+
+#[test]
+fn a_bounded_close_leaves_the_grace_of_a_worker_that_took_its_stop_as_it_was() {
+    let mut h = harness(2, 10);
+    let mut w = h.one_worker_holding(2, &[1, 2]);
+    assert!(h.cancel(1, true));
+    assert_eq!(sent(&mut w), [Sent::StopTask(1)]);
+    tell(&mut h, &mut w, &Message::StopTaken { id: 1 });
+    let before = h.sup.workers[&w.id].deadline.expect("its grace period");
+    let terms = |w: &StandIn| w.stand.signals().iter().filter(|(s, _)| *s == Signal::TERM).count();
+    let terms_before = terms(&w);
+    std::thread::sleep(Duration::from_millis(20));
+    h.sup.close(false, Some(Instant::now()));
+    h.sup.check_timers(Instant::now());
+    assert_eq!(h.sup.workers[&w.id].deadline, Some(before), "its kill is not put off");
+    assert_eq!(terms(&w), terms_before, "and it is not signalled again");
+}

@@ -29,7 +29,7 @@ impl Supervisor {
             }
             // (And one stopping for its task only, which could answer that
             // the task had ended and serve on, running what was sent ahead.)
-            if bounded_close && (!w.inflight.is_empty() && w.is_serving() || w.stop_target.is_some()) {
+            if bounded_close && (!w.inflight.is_empty() && w.is_serving() || w.stop_target.is_some() && !w.stop_took) {
                 for f in w.inflight.iter_mut() {
                     f.task.deliver(Err(Error::cancelled()));
                 }
