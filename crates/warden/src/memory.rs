@@ -52,8 +52,9 @@ pub(crate) struct MemoryLimits {
 /// about 150 MB of the limit where a standard library worker takes 20, and a
 /// parent (its pools' supervisor, results and lending threads) about 140 MB
 /// more than the standard library's, so both ran out of it under limits the
-/// standard library lives with. Called before a worker starts its threads
-/// and before a pool starts its supervisor. A `MALLOC_ARENA_MAX` or
+/// standard library lives with. Called before a worker starts its threads,
+/// before a pool starts its supervisor, and in a zygote before its preloads
+/// (a thread there would leave its arena in every fork). A `MALLOC_ARENA_MAX` or
 /// `GLIBC_TUNABLES` the program set is left to decide; without a limit
 /// nothing changes.
 pub(crate) fn keep_to_one_arena_under_an_address_space_limit() {
