@@ -2430,3 +2430,31 @@ def test_workers_started_after_the_programs_directory_was_deleted_stand_in_it_as
     assert work.endswith("/work")
     assert [cwd for _, cwd in rows[1:]] == [f"{work} (deleted)"] * 3
     assert len({pid for pid, _ in rows}) == 4, "a new worker for each task"
+
+
+@pytest.mark.parametrize(
+    "make", ["Pool(1)", "Process(target=print).start()", "ProcessPoolExecutor(1).submit(abs, -1)"]
+)
+def test_a_new_pool_or_child_in_a_deleted_directory_is_refused_with_an_error_that_says_so(program, make):
+    # The standard library's spawn raises a bare FileNotFoundError here.
+    prog = program(
+        f"""
+        import os, shutil
+        import warden
+
+        if __name__ == "__main__":
+            os.makedirs("work")
+            os.chdir("work")
+            shutil.rmtree(os.getcwd())
+            try:
+                warden.{make}
+            except FileNotFoundError as e:
+                print("refused:", e)
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "refused: [Errno 2] the program's working directory no longer exists (removed while it runs): "
+        "new workers and children start in it, as spawned ones do; os.chdir() to one that exists first"
+    ], run.stdout

@@ -457,6 +457,18 @@ def preparation_data(name: str) -> dict[str, Any]:
             main.__spec__ = None
     try:
         data = multiprocessing.spawn.get_preparation_data(name)
+    except FileNotFoundError as e:
+        try:
+            os.getcwd()
+        except FileNotFoundError:
+            # The bare error the standard library's spawn raises here names nothing.
+            raise FileNotFoundError(
+                e.errno,
+                "the program's working directory no longer exists (removed while it runs): "
+                "new workers and children start in it, as spawned ones do; os.chdir() to one "
+                "that exists first",
+            ) from e
+        raise
     finally:
         # Asking for the start method fixes it; leave the caller free to choose.
         default._actual_context = chosen
