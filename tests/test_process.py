@@ -927,3 +927,40 @@ def test_a_child_still_flushing_its_queue_after_its_target_returned_is_not_cut_s
     # child's own exit, which no grace period ends.
     run = program(SLOW_READER).run(args=(impl,), timeout=120)
     assert run.stdout.split() == [str(1 << 20), "0"], run.stdout + run.stderr
+
+
+TARGET_FAILS_AFTER_THE_STOP = """
+import threading, time
+import warden
+
+def target(ready, release, daemon):
+    threading.Thread(target=release.wait, args=(30,), daemon=daemon).start()
+    ready.set()
+    try:
+        release.wait(30)
+    finally:
+        raise RuntimeError("cleanup failed")  # instead of the stop's TaskInterrupted
+
+if __name__ == "__main__":
+    for daemon in (False, True):
+        ready, release = warden.Event(), warden.Event()
+        p = warden.Process(target=target, args=(ready, release, daemon))
+        p.start()
+        ready.wait(30)
+        time.sleep(0.2)
+        p.terminate()
+        p.join(30)
+        release.set()
+        print(daemon, p.exitcode, flush=True)
+"""
+
+
+def test_a_terminated_target_that_ends_with_another_error_does_not_wait_for_its_threads(program):
+    # Its non-daemon thread would keep the child in its join until the
+    # monitor gave up on it (2.5 s later, saying the target was still running,
+    # which it was not): a child told to stop does not wait for its threads.
+    run = program(TARGET_FAILS_AFTER_THE_STOP).run(timeout=90)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["False -15", "True -15"], run.stdout + run.stderr
+    assert "RuntimeError: cleanup failed" in run.stderr
+    assert "still running" not in run.stderr, run.stderr

@@ -887,8 +887,11 @@ class Handler:
             say_exception(f"Process {process.name}:\n")
             exitcode = 1
         self.exit_code = exitcode
-        # Like multiprocessing: a child waits for the non-daemon threads it started.
-        _join_non_daemon_threads()
+        # Like multiprocessing: a child waits for the non-daemon threads it
+        # started; one told to stop does not (its target ended with another
+        # error than the stop, or swallowed it): the stop's exit path runs now.
+        if not self.stopping:
+            _join_non_daemon_threads()
         self.running = False
         return dumps(None)
 
