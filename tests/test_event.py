@@ -49,6 +49,14 @@ def test_set_clear_is_set_and_wait_like_threading_event():
         assert not e.is_set()
 
 
+@pytest.mark.parametrize("make", [warden.Event, multiprocessing.get_context("spawn").Event])
+def test_a_set_event_answers_a_wait_before_looking_at_its_timeout(make):
+    event = make()
+    event.set()
+    assert event.wait("1") is True  # type: ignore[arg-type]
+    assert event.wait(float("nan")) is True
+
+
 def test_a_wait_longer_than_any_clock_is_a_wait_without_limit():
     ours, theirs = warden.Event(), multiprocessing.get_context("spawn").Event()
     for e in (ours, theirs):
@@ -58,6 +66,7 @@ def test_a_wait_longer_than_any_clock_is_a_wait_without_limit():
     ours.clear()
     threading.Timer(0.1, ours.set).start()
     assert ours.wait(float("inf")) is True
+    ours.clear()
     with pytest.raises(ValueError, match="NaN"):
         ours.wait(float("nan"))
 

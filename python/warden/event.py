@@ -50,7 +50,10 @@ class Event(_StandardEvent):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Waits until the flag is set or ``timeout`` seconds pass; returns the
-        flag. Ctrl-C interrupts the wait."""
+        flag. Ctrl-C interrupts the wait. A set flag answers at once, before
+        ``timeout`` is looked at, as the standard library's does."""
+        if self._core.is_set():
+            return True
         return self._core.wait(timeout)
 
     def __repr__(self) -> str:
