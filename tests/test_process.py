@@ -935,8 +935,8 @@ import warden
 
 def target(ready, release, daemon):
     threading.Thread(target=release.wait, args=(30,), daemon=daemon).start()
-    ready.set()
     try:
+        ready.set()
         release.wait(30)
     finally:
         raise RuntimeError("cleanup failed")  # instead of the stop's TaskInterrupted

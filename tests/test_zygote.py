@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -393,6 +394,34 @@ def test_a_main_module_that_waits_at_import_is_named_on_stderr_with_the_line_it_
     assert "fcntl.flock(lock, fcntl.LOCK_EX)  # one instance at a time" in run.stderr, run.stderr
     assert "_workerloop.py" not in run.stderr and "spawn.py" not in run.stderr, run.stderr
     assert 'belongs under `if __name__ == "__main__":`' in run.stderr, run.stderr
+
+
+def test_the_slow_import_notice_gives_way_where_no_thread_can_start(monkeypatch):
+    # Out of threads (`ulimit -u`): the start goes on without the notice,
+    # instead of failing as if the program could not be loaded.
+    from warden import _workerloop
+
+    def refused(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    ran = []
+    with _workerloop.notice_if_slow("worker", "importing the program's code"):
+        ran.append(True)
+    assert ran == [True]
+
+
+@pytest.mark.parametrize("setting", ["inf", "0", "1e300"])
+def test_a_slow_import_notice_of_never_starts_no_thread(monkeypatch, setting):
+    from warden import _workerloop
+
+    def unexpected(self):
+        raise AssertionError("a thread was started")
+
+    monkeypatch.setenv("WARDEN_SLOW_IMPORT_NOTICE", setting)
+    monkeypatch.setattr(threading.Thread, "start", unexpected)
+    with _workerloop.notice_if_slow("worker", "importing the program's code"):
+        pass
 
 
 def test_a_main_module_quick_to_import_says_nothing(program):

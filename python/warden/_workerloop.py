@@ -1479,7 +1479,8 @@ def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
         after = float(os.environ.get("WARDEN_SLOW_IMPORT_NOTICE", _SLOW_IMPORT_NOTICE))
     except ValueError:
         after = _SLOW_IMPORT_NOTICE
-    if not (watch and after > 0):
+    # (``inf``, or anything a wait cannot take, is never too.)
+    if not (watch and 0 < after < threading.TIMEOUT_MAX):
         yield
         return
     done = threading.Event()
@@ -1511,7 +1512,11 @@ def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
         )
 
     watcher = threading.Thread(target=notice, name="warden-slow-import", daemon=True)
-    watcher.start()
+    try:
+        watcher.start()
+    except RuntimeError:  # no thread to spare (`ulimit -u`): the start goes on without the notice
+        yield
+        return
     try:
         yield
     finally:

@@ -1423,4 +1423,5 @@ fn a_bounded_close_leaves_the_grace_of_a_worker_that_took_its_stop_as_it_was() {
     h.sup.check_timers(Instant::now());
     assert_eq!(h.sup.workers[&w.id].deadline, Some(before), "its kill is not put off");
     assert_eq!(terms(&w), terms_before, "and it is not signalled again");
+    assert!(h.outcomes().contains(&(2, "cancelled")), "what was sent ahead to it is cancelled: {:?}", h.outcomes());
 }

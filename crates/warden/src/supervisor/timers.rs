@@ -28,12 +28,17 @@ impl Supervisor {
                 }
             }
             // (And one stopping for its task only, which could answer that
-            // the task had ended and serve on, running what was sent ahead.)
-            if bounded_close && (!w.inflight.is_empty() && w.is_serving() || w.stop_target.is_some() && !w.stop_took) {
+            // the task had ended and serve on, running what was sent ahead;
+            // one that took that stop is leaving already: what it holds is
+            // cancelled, and its grace period stands.)
+            let targeted = w.stop_target.is_some();
+            if bounded_close && (!w.inflight.is_empty() && w.is_serving() || targeted) {
                 for f in w.inflight.iter_mut() {
                     f.task.deliver(Err(Error::cancelled()));
                 }
-                w.stop(StopCause::Terminated, cfg.grace);
+                if !(targeted && w.stop_took) {
+                    w.stop(StopCause::Terminated, cfg.grace);
+                }
             }
             // One still starting (its start hook running) is stopped at the
             // deadline too, not left to its init timeout; so is a one-off
