@@ -1462,7 +1462,7 @@ _SLOW_IMPORT_NOTICE = 10.0
 def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
     """Runs the body (an import of the program's code at a worker's start);
     if ``watch`` and it lasts over ``WARDEN_SLOW_IMPORT_NOTICE`` seconds (10;
-    ``0`` never), writes once to stderr what the process is doing and where
+    ``0`` or ``inf``: never), writes once to stderr what the process is doing and where
     its main thread waits, and lets it go on. A main module that waits at
     import (a single-instance lock, ``input()``, a server it connects to)
     otherwise stalls every worker's start in silence: each imports it again,

@@ -592,6 +592,23 @@ struct RunState {
 }
 
 impl WorkerState {
+    /// A worker's state on `stream`, its channel to `parent`, in `state`.
+    fn new(stream: UnixStream, max_frame: usize, parent: u32, state: u8) -> Self {
+        WorkerState {
+            stream,
+            out: Mutex::new(Vec::with_capacity(4096)),
+            max_frame,
+            parent,
+            state: AtomicU8::new(state),
+            stop_requested: AtomicBool::new(false),
+            last_task: AtomicU64::new(NO_TASK),
+            last_panicked: AtomicBool::new(false),
+            hook: Mutex::new(None),
+            exit: Mutex::new(None),
+            run: Mutex::new(RunState { running: NO_TASK, stopped: false }),
+        }
+    }
+
     /// The loop takes up task `id`, which it took from `inbox`; `false` if a
     /// stop was taken meanwhile, for the task before it or for this one (the
     /// worker leaves instead).
@@ -815,19 +832,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     // worker starts get it in turn.
     crate::interrupts::note_parent(env.parent);
 
-    let core = Arc::new(WorkerState {
-        stream,
-        out: Mutex::new(Vec::with_capacity(4096)),
-        max_frame: env.max_frame,
-        parent: env.parent,
-        state: AtomicU8::new(STARTING),
-        stop_requested: AtomicBool::new(false),
-        last_task: AtomicU64::new(NO_TASK),
-        last_panicked: AtomicBool::new(false),
-        hook: Mutex::new(None),
-        exit: Mutex::new(None),
-        run: Mutex::new(RunState { running: NO_TASK, stopped: false }),
-    });
+    let core = Arc::new(WorkerState::new(stream, env.max_frame, env.parent, STARTING));
     *lock(&CHANNEL) = Some(Arc::downgrade(&core));
 
     // Parent death: arm the signal, then check we did not miss it.
@@ -1311,19 +1316,7 @@ mod tests {
 
     fn worker_state() -> WorkerState {
         let (ours, _parent) = UnixStream::pair().expect("a socket pair");
-        WorkerState {
-            stream: ours,
-            out: Mutex::new(Vec::new()),
-            max_frame: 1 << 20,
-            parent: 1,
-            state: AtomicU8::new(IDLE),
-            stop_requested: AtomicBool::new(false),
-            last_task: AtomicU64::new(NO_TASK),
-            last_panicked: AtomicBool::new(false),
-            hook: Mutex::new(None),
-            exit: Mutex::new(None),
-            run: Mutex::new(RunState { running: NO_TASK, stopped: false }),
-        }
+        WorkerState::new(ours, 1 << 20, 1, IDLE)
     }
 
     fn task(id: u64) -> Incoming {

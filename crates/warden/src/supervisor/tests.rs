@@ -177,6 +177,19 @@ impl Harness {
         a
     }
 
+    /// Two ready workers sent tasks 1 to 3: `a` holds 1 and 3 (sent
+    /// ahead), `b` holds 2 (what each was sent is read).
+    fn a_holding_1_and_3_b_holding_2(&mut self) -> (StandIn, StandIn) {
+        let mut a = self.worker(WorkerPhase::Ready);
+        let mut b = self.worker(WorkerPhase::Ready);
+        self.submit_and_dispatch(3);
+        assert_eq!(self.inflight(&a), [1, 3]);
+        assert_eq!(self.inflight(&b), [2]);
+        sent(&mut a);
+        sent(&mut b);
+        (a, b)
+    }
+
     /// `b`, just up, is kept for task 2, which `a` is asked back for and
     /// gives back; then the pool dispatches.
     fn keeps_b_for_task_2_from_a(&mut self, a: &mut StandIn, b: &mut StandIn) {
@@ -1305,13 +1318,7 @@ fn a_task_reported_started_that_its_worker_never_took_up_is_reported_back_in_the
 #[test]
 fn cancel_all_queued_cancels_a_task_sent_ahead_even_where_an_idle_worker_would_ask_for_it() {
     let mut h = harness(2, 10);
-    let mut a = h.worker(WorkerPhase::Ready);
-    let mut b = h.worker(WorkerPhase::Ready);
-    h.submit_and_dispatch(3);
-    assert_eq!(h.inflight(&a), [1, 3]);
-    assert_eq!(h.inflight(&b), [2]);
-    sent(&mut a);
-    sent(&mut b);
+    let (mut a, mut b) = h.a_holding_1_and_3_b_holding_2();
     h.answer(&mut b, &value(2)); // b is idle
                                  // cancel_all_queued on an open pool: 3, sent ahead, is asked back to be cancelled.
     assert_eq!(h.sup.cancel_queued_all(), Vec::<u64>::new());
@@ -1332,12 +1339,7 @@ fn cancel_all_queued_cancels_a_task_sent_ahead_even_where_an_idle_worker_would_a
 fn a_task_first_in_line_while_being_asked_back_can_still_be_cancelled_until_the_worker_answers() {
     // cancel_all_queued
     let mut h = harness(2, 10);
-    let mut a = h.worker(WorkerPhase::Ready);
-    let mut b = h.worker(WorkerPhase::Ready);
-    h.submit_and_dispatch(3);
-    assert_eq!(h.inflight(&a), [1, 3]);
-    sent(&mut a);
-    sent(&mut b);
+    let (mut a, mut b) = h.a_holding_1_and_3_b_holding_2();
     h.answer(&mut b, &value(2));
     h.sup.give_back();
     assert_eq!(sent(&mut a), [Sent::Cancel(3)]);
@@ -1352,11 +1354,7 @@ fn a_task_first_in_line_while_being_asked_back_can_still_be_cancelled_until_the_
 
     // A plain cancel waits for the worker's answer instead of saying it runs.
     let mut h = harness(2, 10);
-    let mut a = h.worker(WorkerPhase::Ready);
-    let mut b = h.worker(WorkerPhase::Ready);
-    h.submit_and_dispatch(3);
-    sent(&mut a);
-    sent(&mut b);
+    let (mut a, mut b) = h.a_holding_1_and_3_b_holding_2();
     h.answer(&mut b, &value(2));
     h.sup.give_back();
     h.answer(&mut a, &value(1));
@@ -1371,11 +1369,7 @@ fn a_task_first_in_line_while_being_asked_back_can_still_be_cancelled_until_the_
 #[test]
 fn a_task_cancel_all_queued_asked_for_that_the_worker_had_started_is_reported_started_when_it_says_so() {
     let mut h = harness(2, 10);
-    let mut a = h.worker(WorkerPhase::Ready);
-    let mut b = h.worker(WorkerPhase::Ready);
-    h.submit_and_dispatch(3);
-    sent(&mut a);
-    sent(&mut b);
+    let (mut a, _b) = h.a_holding_1_and_3_b_holding_2();
     h.sup.cancel_queued_all();
     assert_eq!(sent(&mut a), [Sent::Cancel(3)]);
     h.answer(&mut a, &value(1));
@@ -1389,13 +1383,7 @@ fn a_task_cancel_all_queued_asked_for_that_the_worker_had_started_is_reported_st
 #[test]
 fn a_task_cancel_all_queued_asked_for_is_cancelled_not_requeued_when_its_worker_dies_first() {
     let mut h = harness(2, 10);
-    let mut a = h.worker(WorkerPhase::Ready);
-    let mut b = h.worker(WorkerPhase::Ready);
-    h.submit_and_dispatch(3);
-    assert_eq!(h.inflight(&a), [1, 3]);
-    assert_eq!(h.inflight(&b), [2]);
-    sent(&mut a);
-    sent(&mut b);
+    let (mut a, mut b) = h.a_holding_1_and_3_b_holding_2();
     assert_eq!(h.sup.cancel_queued_all(), Vec::<u64>::new());
     assert_eq!(sent(&mut a), [Sent::Cancel(3)]);
     // a crashes in task 1 before it answers the Cancel for 3.
