@@ -101,8 +101,19 @@ struct State {
     /// When the channel was last read to the end of what had arrived.
     last_read: Option<Instant>,
     /// The task the main thread took last, until it says it began it (see
-    /// [`Inbox::taken`]).
+    /// [`Inbox::withdraw_unless_taken`]).
     taken: Option<u64>,
+}
+
+/// Where [`Inbox::withdraw_unless_taken`] found a task.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Withdrawal<T> {
+    /// Taken by the main thread, about to run.
+    Taken,
+    /// Waiting, and taken out: what `answer` did.
+    Withdrawn(T),
+    /// Neither: never sent here, or ended.
+    Absent,
 }
 
 /// How long a reader reads.
@@ -184,11 +195,22 @@ impl Inbox {
         !state.queue.is_empty() || state.end.is_some()
     }
 
-    /// Whether task `id` is the one the main thread has taken out of the
-    /// inbox and not yet begun (see [`Inbox::begun`]): neither waiting here
-    /// nor running, it is about to run.
-    pub(crate) fn taken(&self, id: u64) -> bool {
-        lock(&self.state).taken == Some(id)
+    /// As [`Inbox::withdraw`], but in one look that the main thread cannot
+    /// cross: `Taken` if task `id` is the one it has taken out of the inbox
+    /// and not yet begun (see [`Inbox::begun`]), about to run.
+    pub(crate) fn withdraw_unless_taken<T>(&self, id: u64, answer: impl FnOnce() -> T) -> Withdrawal<T> {
+        let mut state = lock(&self.state);
+        if state.taken == Some(id) {
+            return Withdrawal::Taken;
+        }
+        let Some(pos) = state.queue.iter().position(|m| matches!(m, Incoming::Task { id: t, .. } if *t == id)) else {
+            return Withdrawal::Absent;
+        };
+        let task = state.queue.remove(pos);
+        let answered = answer();
+        drop(state);
+        drop(task);
+        Withdrawal::Withdrawn(answered)
     }
 
     /// The main thread has begun the task it took, or left it.
@@ -202,13 +224,10 @@ impl Inbox {
     /// else: the pool hears that the task was skipped before any result of a
     /// task behind it. The task's segment, if any, is closed.
     pub(crate) fn withdraw<T>(&self, id: u64, answer: impl FnOnce() -> T) -> Option<T> {
-        let mut state = lock(&self.state);
-        let pos = state.queue.iter().position(|m| matches!(m, Incoming::Task { id: t, .. } if *t == id))?;
-        let task = state.queue.remove(pos);
-        let answered = answer();
-        drop(state);
-        drop(task);
-        Some(answered)
+        match self.withdraw_unless_taken(id, answer) {
+            Withdrawal::Withdrawn(answered) => Some(answered),
+            Withdrawal::Taken | Withdrawal::Absent => None,
+        }
     }
 
     /// The next message (main thread): from the inbox if one waits, else

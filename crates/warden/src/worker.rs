@@ -70,7 +70,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::error::ExitStatus;
-use crate::inbox::{End, Inbox, Incoming, Until};
+use crate::inbox::{End, Inbox, Incoming, Until, Withdrawal};
 use crate::panics::{drop_payload, lock, panic_text};
 use crate::signals;
 use crate::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
@@ -626,16 +626,23 @@ impl WorkerState {
         lock(&self.run).running = NO_TASK;
     }
 
-    /// The pool asks to stop task `id`: whether it is the one running, or
-    /// the one the loop has taken from `inbox` and is about to begin (then
-    /// no other task starts here, and that one does not either).
-    fn take_stop(&self, id: u64, inbox: &Inbox) -> bool {
+    /// The pool asks to stop task `id`: `Taken` if it is the one running,
+    /// or the one the loop has taken from `inbox` and is about to begin
+    /// (then no other task starts here, and that one does not either);
+    /// `Withdrawn` if it waited in `inbox` (taken out, `skipped` answered);
+    /// `Absent` if it has ended. One look, which neither the loop's taking
+    /// nor its beginning a task can cross.
+    fn take_stop<T>(&self, id: u64, inbox: &Inbox, skipped: impl FnOnce() -> T) -> Withdrawal<T> {
         let mut run = lock(&self.run);
-        if id == NO_TASK || (run.running != id && !inbox.taken(id)) {
-            return false;
+        let found = match id {
+            NO_TASK => Withdrawal::Absent,
+            id if run.running == id => Withdrawal::Taken,
+            id => inbox.withdraw_unless_taken(id, skipped),
+        };
+        if matches!(found, Withdrawal::Taken) {
+            run.stopped = true;
         }
-        run.stopped = true;
-        true
+        found
     }
 
     fn send(&self, msg: &Message<'_>) -> io::Result<()> {
@@ -1046,7 +1053,9 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
             // task is the one running; else it is withdrawn if it waits
             // here, and the pool hears that it was missed.
             Message::StopTask { id } => {
-                if core.take_stop(id, inbox) {
+                let skipped = || core.send(&Message::Result { id, outcome: WireOutcome::Skipped });
+                let found = core.take_stop(id, inbox, skipped);
+                if matches!(found, Withdrawal::Taken) {
                     core.stop_requested.store(true, Ordering::SeqCst);
                     // The pool keeps this worker's place until it hears
                     // which way the stop went: told first, before the
@@ -1058,8 +1067,7 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
                     }
                     continue;
                 }
-                let skipped = || core.send(&Message::Result { id, outcome: WireOutcome::Skipped });
-                if let Some(Err(_)) = inbox.withdraw(id, skipped) {
+                if let Withdrawal::Withdrawn(Err(_)) = found {
                     return inbox.end(End::Closed);
                 }
                 if core.send(&Message::StopMissed { id }).is_err() {
@@ -1333,8 +1341,8 @@ mod tests {
         // The loop takes task 2 out of the inbox; before it begins it, a
         // StopTask for 2 is read (the watcher reads while the task before runs).
         assert!(matches!(inbox.next(&mut idle), Ok(Incoming::Task { id: 2, .. })));
-        assert!(!core.take_stop(3, &inbox), "3 waits in the inbox: it is withdrawn, not stopped");
-        assert!(core.take_stop(2, &inbox), "2 is about to run: the stop is taken");
+        assert_eq!(core.take_stop(3, &inbox, || "skipped"), Withdrawal::Withdrawn("skipped"), "3 waits: withdrawn");
+        assert_eq!(core.take_stop(2, &inbox, || "skipped"), Withdrawal::Taken, "2 is about to run: the stop is taken");
         assert!(!core.begin_task(2, &inbox), "and 2 never begins");
     }
 
@@ -1347,7 +1355,7 @@ mod tests {
         assert!(matches!(inbox.next(&mut idle), Ok(Incoming::Task { id: 2, .. })));
         assert!(core.begin_task(2, &inbox));
         core.end_task();
-        assert!(!core.take_stop(2, &inbox), "2 has ended: the worker serves on");
+        assert_eq!(core.take_stop(2, &inbox, || "skipped"), Withdrawal::Absent, "2 has ended: the worker serves on");
         assert!(!lock(&core.run).stopped);
     }
 }

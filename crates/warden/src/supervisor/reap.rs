@@ -116,7 +116,6 @@ impl Supervisor {
             }
         }
         // Sent but never started: back in the queue, before what came after them.
-        let mut requeued_unstarted = None;
         for f in inflight {
             let mut task = f.task;
             if task.delivered() {
@@ -129,17 +128,16 @@ impl Supervisor {
             }
             match self.phase {
                 PoolPhase::Running | PoolPhase::Closing { drain: true } => {
-                    if unstarted == Some(task.id) && task.cancels.is_empty() {
-                        requeued_unstarted = unstarted;
+                    let id = task.id;
+                    let queued = task.cancels.is_empty(); // else requeue() cancels it
+                    self.requeue(task);
+                    if queued && unstarted == Some(id) {
+                        self.emit(LifecycleEvent::TaskRequeued { task: id });
                     }
-                    self.requeue(task)
                 }
                 PoolPhase::Failed => task.deliver(Err(self.failed_error())),
                 _ => task.deliver(Err(Error::cancelled())),
             }
-        }
-        if let Some(task) = requeued_unstarted {
-            self.emit(LifecycleEvent::TaskRequeued { task });
         }
 
         let retired_itself =
