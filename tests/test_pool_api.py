@@ -3,6 +3,7 @@ standard library where the behaviour should match."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import gc
 import itertools
@@ -195,10 +196,24 @@ def test_the_standard_librarys_pool_example_runs_with_warden_imported_in_its_pla
     ]
 
 
-def test_a_multiprocessing_name_warden_lacks_says_where_to_take_it_from():
+def test_a_pools_timeouts_are_caught_as_multiprocessings_the_built_in_and_wardens_timeout_error(pool):
+    # ``from warden import Pool, TimeoutError`` and ``import warden as cf``
+    # then ``except cf.TimeoutError`` both mean the one they catch.
+    assert warden.TimeoutError is TimeoutError is concurrent.futures.TimeoutError
+    slow = pool.apply_async(sleep_then_pid, (5,))
+    for kind in (multiprocessing.TimeoutError, TimeoutError):
+        with pytest.raises(kind):
+            slow.get(timeout=0.05)
+        with pytest.raises(kind):
+            pool.imap(sleep_then_pid, [5]).next(timeout=0.05)
+
+
+def test_a_multiprocessing_or_concurrent_futures_name_warden_lacks_says_where_to_take_it_from():
     with pytest.raises(AttributeError, match="take Manager from multiprocessing") as e:
         warden.Manager  # noqa: B018
     assert 'multiprocessing.get_context("spawn")' in str(e.value)
+    with pytest.raises(AttributeError, match="take ThreadPoolExecutor from concurrent.futures"):
+        warden.ThreadPoolExecutor  # noqa: B018
     with pytest.raises(AttributeError, match=r"^module 'warden' has no attribute 'nothing'$"):
         warden.nothing  # type: ignore[attr-defined] # noqa: B018
 

@@ -644,6 +644,62 @@ def test_an_imap_result_that_cannot_be_pickled_names_that_result_as_the_standard
     assert str(raised.value).startswith("Error sending result: '<unlocked _thread.lock object")
 
 
+@pytest.mark.parametrize("module", ["concurrent.futures", "warden"])
+def test_a_concurrent_futures_program_runs_with_warden_imported_in_its_place(program, module):
+    # ``import concurrent.futures as cf`` switched to ``import warden as cf``:
+    # wait, as_completed, their constants and errors come along.
+    prog = program(
+        f"""
+        import time
+        import {module} as cf
+
+        def nap(x):
+            time.sleep(x)
+            return x
+
+        def fail():
+            raise KeyError("k")
+
+        if __name__ == "__main__":
+            with cf.ProcessPoolExecutor(2) as ex:
+                assert isinstance(ex, cf.Executor)
+                futs = [ex.submit(nap, x) for x in (0.0, 0.2)]
+                print(sorted(f.result() for f in cf.as_completed(futs, timeout=30)))
+                slow, bad = ex.submit(nap, 5), ex.submit(fail)
+                done, _ = cf.wait([slow, bad], timeout=30, return_when=cf.FIRST_EXCEPTION)
+                print([f is bad for f in done], repr(bad.exception()))
+                try:
+                    slow.result(timeout=0.05)
+                except cf.TimeoutError:
+                    print("timed out")
+                try:
+                    list(cf.as_completed([slow], timeout=0.05))
+                except cf.TimeoutError:
+                    print("as_completed timed out")
+                print(cf.wait([slow], timeout=0.05, return_when=cf.ALL_COMPLETED).done == set())
+                try:
+                    never = cf.Future()
+                    never.cancel()
+                    never.result()
+                except cf.CancelledError:
+                    print("cancelled")
+                print(cf.BrokenExecutor.__name__, cf.FIRST_COMPLETED, cf.InvalidStateError.__name__)
+                ex.shutdown(wait=False, cancel_futures=True)
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "[0.0, 0.2]",
+        "[True] KeyError('k')",
+        "timed out",
+        "as_completed timed out",
+        "True",
+        "cancelled",
+        "BrokenExecutor FIRST_COMPLETED InvalidStateError",
+    ]
+
+
 def test_async_result_get_with_a_timeout_raises_multiprocessing_timeout_error(impl):
     with impl.Pool(1) as pool:
         result = pool.apply_async(sleep_then, (5,))

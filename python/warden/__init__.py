@@ -34,8 +34,19 @@ import sys as _sys
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 
 if TYPE_CHECKING:
+    from builtins import TimeoutError as TimeoutError
+    from concurrent.futures import (
+        ALL_COMPLETED,
+        FIRST_COMPLETED,
+        FIRST_EXCEPTION,
+        BrokenExecutor,
+        CancelledError,
+        Executor,
+        InvalidStateError,
+        as_completed,
+        wait,
+    )
     from concurrent.futures.process import BrokenProcessPool
-    from multiprocessing import TimeoutError as TimeoutError
     from multiprocessing import cpu_count
     from typing import Any
 
@@ -56,14 +67,21 @@ __version__ = "0.1.0"
 
 #: Where each public name lives; imported on first access.
 _HOMES = {
+    "ALL_COMPLETED": "concurrent.futures",
     "ApplyResult": ".pool",
     "AsyncResult": ".pool",
+    "BrokenExecutor": "concurrent.futures",
     "BrokenProcessPool": "concurrent.futures.process",
+    "CancelledError": "concurrent.futures",
     "Event": ".event",
+    "Executor": "concurrent.futures",
     "ExitHandle": "._finalize",
+    "FIRST_COMPLETED": "concurrent.futures",
+    "FIRST_EXCEPTION": "concurrent.futures",
     "Future": "._futures",
     "Guardian": "._finalize",
     "IMapIterator": ".pool",
+    "InvalidStateError": "concurrent.futures",
     "MapResult": ".pool",
     "Pool": ".pool",
     "PoolFailed": "._errors",
@@ -77,32 +95,43 @@ _HOMES = {
     "TaskAborted": "._remote",
     "TaskInterrupted": "._remote",
     "TaskTimeout": "._errors",
-    # multiprocessing's, as a Pool raises and sizes it: ``from warden import
-    # Pool, TimeoutError`` reads as the standard library's examples do. (Not
-    # in __all__: ``from warden import *`` must not hide the built-in
-    # TimeoutError, which an executor's futures raise.)
-    "TimeoutError": "multiprocessing",
+    # The built-in one, which is concurrent.futures': an executor's futures
+    # raise it, and a Pool's timeouts are one as well as multiprocessing's
+    # (warden.pool.TimeoutError). So ``except TimeoutError`` after ``from
+    # warden import Pool, TimeoutError`` (the standard library's Pool
+    # example) and ``except cf.TimeoutError`` after ``import warden as cf``
+    # both catch what they meant to.
+    "TimeoutError": "builtins",
     "WorkerCrashed": "._errors",
     "WorkerLost": "._runner",
     "WorkerMemoryExceeded": "._errors",
+    "as_completed": "concurrent.futures",
     "at_exit": "._finalize",
     "cpu_count": "multiprocessing",
     "current_process": ".process",
     "finalize": "._finalize",
     "set_cleanup_record": "._context",
+    "wait": "concurrent.futures",
     "wait_for_finalizers": "._finalize",
     "worker_context": "._context",
 }
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "ApplyResult",
     "AsyncResult",
+    "BrokenExecutor",
     "BrokenProcessPool",
+    "CancelledError",
     "Event",
+    "Executor",
     "ExitHandle",
     "Future",
     "Guardian",
     "IMapIterator",
+    "InvalidStateError",
     "MapResult",
     "Pool",
     "PoolFailed",
@@ -116,14 +145,17 @@ __all__ = [
     "TaskAborted",
     "TaskInterrupted",
     "TaskTimeout",
+    "TimeoutError",
     "WorkerCrashed",
     "WorkerLost",
     "WorkerMemoryExceeded",
+    "as_completed",
     "at_exit",
     "cpu_count",
     "current_process",
     "finalize",
     "set_cleanup_record",
+    "wait",
     "wait_for_finalizers",
     "worker_context",
 ]
@@ -133,7 +165,12 @@ def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
     if home is None:
         hint = ""
-        if name in getattr(_sys.modules.get("multiprocessing"), "__all__", ()):
+        if name.startswith("_"):
+            pass
+        elif name in _importlib.import_module("concurrent.futures").__all__:
+            # ``import warden as cf``: ThreadPoolExecutor.
+            hint = f": warden stands in for ProcessPoolExecutor; take {name} from concurrent.futures"
+        elif name in _importlib.import_module("multiprocessing").__all__:
             # A program switched over with ``import warden as multiprocessing``.
             hint = (
                 f": warden stands in for Pool, Process, Event and ProcessPoolExecutor; take {name} "

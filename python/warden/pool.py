@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import collections
 import functools
 import itertools
@@ -46,6 +47,14 @@ TERMINATE = "TERMINATE"
 
 
 _own_api_only = own_api_only("multiprocessing.pool")
+
+
+class TimeoutError(multiprocessing.TimeoutError, builtins.TimeoutError):
+    """What ``get(timeout)`` and ``next(timeout)`` raise when the time passes
+    first: ``multiprocessing.TimeoutError``, as the standard library's Pool
+    raises, and the built-in ``TimeoutError`` too (which ``warden.TimeoutError``
+    and ``concurrent.futures.TimeoutError`` are), so that either ``except``
+    catches it."""
 
 
 @_own_api_only
@@ -638,10 +647,11 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
 
     def get(self, timeout: float | None = None) -> _T:
         """The result; raises a fresh exception if the call failed, and
-        ``multiprocessing.TimeoutError`` if ``timeout`` seconds pass first."""
+        a ``multiprocessing.TimeoutError`` (:class:`TimeoutError`) if
+        ``timeout`` seconds pass first."""
         self.wait(timeout)
         if not self.ready():
-            raise multiprocessing.TimeoutError
+            raise TimeoutError
         if self._error is not None:
             exc = _exception(self._error)
             if isinstance(exc, CancelledError):
@@ -904,8 +914,8 @@ class IMapIterator(_StdIMapIterator[_T]):
         return self._failed or (self._length is not None and self._next >= self._length)
 
     def next(self, timeout: float | None = None) -> _T:
-        """The next result; ``multiprocessing.TimeoutError`` if it is not there
-        within ``timeout`` seconds."""
+        """The next result; a ``multiprocessing.TimeoutError``
+        (:class:`TimeoutError`) if it is not there within ``timeout`` seconds."""
         if self._progress is None:
             return self._next_result(timeout)
         try:
@@ -936,7 +946,7 @@ class IMapIterator(_StdIMapIterator[_T]):
                             raise StopIteration
                         left = None if deadline is None else deadline - time.monotonic()
                         if left is not None and not left > 0:  # NaN too, as the standard library's
-                            raise multiprocessing.TimeoutError
+                            raise TimeoutError
                         if left is None:
                             _runner.refuse_self_wait(self._core)
                         self._cond.wait(left)
