@@ -1173,6 +1173,42 @@ def test_a_large_numpy_array_is_rebuilt_on_a_mapping_without_another_copy(execut
     del back
 
 
+def mapping_holding(a) -> int:
+    """The size of the mapping the data of numpy array ``a`` lies in."""
+    address = a.__array_interface__["data"][0]
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if start <= address < end:
+                return end - start
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def big_and_small(_: int):
+    np = numpy()
+    return np.ones(32 << 17), np.arange(20_000, dtype=np.float64)  # 32 MiB, 160 KB
+
+
+def kept_small_holds(big, small) -> int:
+    return mapping_holding(small)
+
+
+def test_an_array_kept_from_a_result_or_a_call_holds_its_own_memory_not_its_larger_siblings(
+    executor, no_segment_leaks
+):
+    # ``coef = fit(...)[1]``: keeping the small part of a result (or of a
+    # call, in the worker) must not keep the large part's memory too.
+    np = numpy()
+    big, small = executor.submit(big_and_small, 0).result(timeout=60)
+    assert np.array_equal(small, np.arange(20_000)) and big.sum() == 32 << 17
+    del big
+    gc.collect()
+    assert mapping_holding(small) < 4 << 20
+    held = executor.submit(kept_small_holds, np.ones(32 << 17), np.arange(20_000.0)).result(timeout=60)
+    assert held < 4 << 20
+    del small
+
+
 def test_a_small_numpy_array_stays_inline(executor, no_segment_leaks):
     np = numpy()
     assert executor.submit(describe, np.ones(16)).result(timeout=60) == ("ndarray", False)

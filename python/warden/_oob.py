@@ -14,7 +14,9 @@ The receiver maps the segment copy-on-write and unpickles with those buffers:
   numpy array that was read-only in the sender too (:func:`unpickle`: as
   under the standard library's protocol 4, every array received is
   writable and its own; a read-only one that came inline costs a copy);
-  the mapping lives as long as the arrays built on it;
+  the mapping lives as long as the arrays built on it (an array under a
+  quarter of the segment is copied out of it first, so that keeping it does
+  not keep its larger siblings: ``_warden.SegmentBuffer.alone``);
 * ``bytes`` and ``bytearray`` are copied out of the mapping once (they own
   their memory in CPython).
 
@@ -141,6 +143,10 @@ def _bytearray_from(buffer: Any) -> bytearray:
 def _memoryview_from(buffer: Any, fmt: str, shape: tuple[int, ...], readonly: bool) -> memoryview:
     """Rebuilds a ``memoryview``: on the mapping itself (no copy) when it came
     out of band, on a ``bytes`` or ``bytearray`` when it came inline."""
+    from . import _warden
+
+    if type(buffer) is _warden.SegmentBuffer:
+        buffer = buffer.alone()
     view = memoryview(buffer).cast("B")
     if readonly:
         view = view.toreadonly()
@@ -1103,28 +1109,33 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _frombuffer(numpy_frombuffer: Callable[..., Any], buffer: Any, *args: Any, **kwargs: Any) -> Any:
-    """numpy's ``_frombuffer`` on a writable buffer."""
-    if type(buffer) is not bytearray and memoryview(buffer).readonly:
+    """numpy's ``_frombuffer`` on a writable buffer of the array's own."""
+    if type(buffer) is not bytearray:
         buffer = _writable_buffer(buffer)
     return numpy_frombuffer(buffer, *args, **kwargs)
 
 
 def _writable_buffer(buffer: Any) -> Any:
-    """A writable buffer of this process's own with the bytes of read-only
-    ``buffer``: the same memory if it lies in a segment or in lent buffers
-    read here (out of band: private to this process, read-only only because
-    the pickle says so), else a copy (in band: a ``bytes`` in the pickle)."""
+    """A writable buffer of this process's own with the bytes of ``buffer``:
+    the same memory if it lies in a segment or in lent buffers read here
+    (out of band: private to this process, read-only only because the
+    pickle says so), unless it is a small part of a segment (a copy then, so
+    that an array kept does not keep its larger siblings' memory: see
+    ``_warden.SegmentBuffer.alone``); a copy if it is read-only in band (a
+    ``bytes`` in the pickle); else ``buffer`` itself."""
     from . import _warden
 
     if type(buffer) is _warden.SegmentBuffer:
-        return buffer
+        return buffer.alone()
     if type(buffer) is memoryview and type(buffer.obj) is _warden.SegmentBuffer and buffer.c_contiguous:
         # The read-only view the unpickler made of it (``READONLY_BUFFER``).
         whole = memoryview(buffer.obj)
         start = _warden.buffer_address(buffer)[0] - _warden.buffer_address(whole)[0]
         if start >= 0 and start + buffer.nbytes <= whole.nbytes:
-            return whole[start : start + buffer.nbytes]
-    return bytearray(buffer)
+            return memoryview(buffer.obj.alone())[start : start + buffer.nbytes]
+    if memoryview(buffer).readonly:
+        return bytearray(buffer)
+    return buffer
 
 
 def loads(data: Any, fd: int | None) -> Any:

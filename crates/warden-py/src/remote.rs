@@ -59,16 +59,12 @@ pub fn is_dumpable() -> bool {
     unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) == 1 }
 }
 
-/// Where a buffer read into the shared mapping starts: 64-byte aligned, as
-/// in a segment.
-const ALIGN: usize = 64;
-
 /// Reads the buffers `entries` (address, length, kind) out of process `pid`
 /// into new objects of this process: a `bytes` for [`KIND_BYTES`]; for
-/// [`KIND_RAW`], a [`SegmentBuffer`] of one [`Segment`] that holds every such
-/// buffer of the call (one mapping, as a shared segment would be, which
-/// the arrays built on it keep alive). At most `max` bytes in all. The
-/// copies run without the GIL. Raises `OSError` (with the errno, e.g.
+/// [`KIND_RAW`], a [`SegmentBuffer`] of a [`Segment`] of its own (a mapping
+/// that the arrays built on it keep alive: an array kept from a result of
+/// several keeps its own memory only, not its siblings'). At most `max`
+/// bytes in all. The copies run without the GIL. Raises `OSError` (with the errno, e.g.
 /// `PermissionError`, `ProcessLookupError`) if the kernel refuses or the
 /// memory is gone.
 #[pyfunction]
@@ -82,17 +78,12 @@ pub fn read_remote(py: Python<'_>, pid: i32, entries: Vec<(usize, usize, u8)>, m
             "lent buffers of {total} bytes in all exceed the limit of {max} bytes"
         )));
     }
-    let mut objects: Vec<Option<Py<PyAny>>> = Vec::with_capacity(entries.len());
+    let mut objects: Vec<Py<PyAny>> = Vec::with_capacity(entries.len());
     // (remote address, local address, length) of each copy to make.
     let mut copies = Vec::with_capacity(entries.len());
-    // (index, offset in the mapping, length) of each raw buffer.
-    let mut raw = Vec::new();
-    let mut raw_size = 0usize;
-    for (i, &(addr, len, kind)) in entries.iter().enumerate() {
+    for &(addr, len, kind) in &entries {
         match kind {
-            KIND_BYTES | KIND_RAW if len == 0 => {
-                objects.push(Some(pyo3::types::PyBytes::new(py, b"").into_any().unbind()))
-            }
+            KIND_BYTES | KIND_RAW if len == 0 => objects.push(pyo3::types::PyBytes::new(py, b"").into_any().unbind()),
             KIND_BYTES => {
                 let size = ffi::Py_ssize_t::try_from(len).map_err(|_| PyValueError::new_err("buffer too large"))?;
                 // SAFETY: a null source asks for an uninitialised `bytes` of
@@ -105,28 +96,16 @@ pub fn read_remote(py: Python<'_>, pid: i32, entries: Vec<(usize, usize, u8)>, m
                 if data.is_null() {
                     return Err(PyErr::fetch(py));
                 }
-                objects.push(Some(obj.unbind()));
+                objects.push(obj.unbind());
                 copies.push((addr, data as usize, len));
             }
             KIND_RAW => {
-                raw.push((i, raw_size, len));
-                raw_size = raw_size
-                    .checked_add(len)
-                    .and_then(|n| n.checked_next_multiple_of(ALIGN))
-                    .ok_or_else(|| PyValueError::new_err("lent buffers too large"))?;
-                objects.push(None);
+                let segment = Segment::anonymous(len)?;
+                copies.push((addr, segment.as_mut_ptr() as usize, len));
+                let buffer = SegmentBuffer::new(Py::new(py, segment)?, 0, len)?;
+                objects.push(Py::new(py, buffer)?.into_any());
             }
             other => return Err(PyValueError::new_err(format!("unknown kind {other} of a lent buffer"))),
-        }
-    }
-    if !raw.is_empty() {
-        let segment = Segment::anonymous(raw_size)?;
-        let base = segment.as_mut_ptr() as usize;
-        let segment = Py::new(py, segment)?;
-        for &(i, offset, len) in &raw {
-            copies.push((entries[i].0, base + offset, len));
-            let buffer = SegmentBuffer::new(segment.clone_ref(py), offset, len)?;
-            objects[i] = Some(Py::new(py, buffer)?.into_any());
         }
     }
     py.detach(|| copy_all(pid, &copies)).map_err(|e| {
@@ -135,7 +114,7 @@ pub fn read_remote(py: Python<'_>, pid: i32, entries: Vec<(usize, usize, u8)>, m
             format!("cannot read {} lent buffer(s) out of process {pid}: {e}", entries.len()),
         ))
     })?;
-    Ok(objects.into_iter().flatten().collect())
+    Ok(objects)
 }
 
 /// Reads of at least this many bytes in all are shared between two threads.

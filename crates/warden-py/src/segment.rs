@@ -204,6 +204,37 @@ impl SegmentBuffer {
         self.len
     }
 
+    /// This buffer, or, if it is less than a quarter of its segment's bytes,
+    /// a copy of it on a mapping of its own ([`Segment::anonymous`]): what
+    /// an array received beside larger ones is built on, so that keeping it
+    /// does not keep their memory too. An array kept from a segment keeps at
+    /// most four times its own size of it; the copy costs at most the
+    /// segment's size once, spread over its smaller buffers.
+    fn alone(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+        let py = slf.py();
+        let (from, len) = {
+            let me = slf.get();
+            if me.len >= me.segment.get().len / ALONE_FROM_SHARE {
+                return Ok(slf);
+            }
+            // SAFETY: `offset + len` was checked against the segment's
+            // length at construction, and the mapping lives as long as `me`.
+            (unsafe { me.segment.get().ptr.as_ptr().add(me.offset) } as usize, me.len)
+        };
+        let copy = Segment::anonymous(len)?;
+        let to = copy.as_mut_ptr() as usize;
+        py.detach(|| {
+            if len >= POPULATE_FROM {
+                populate(to as *mut u8, len);
+            }
+            // SAFETY: `to` is the fresh mapping of at least `len` bytes made
+            // above, seen by no one else yet; `from` lies in another mapping,
+            // kept alive by `slf`.
+            unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, len) };
+        });
+        Bound::new(py, SegmentBuffer::new(Py::new(py, copy)?, 0, len)?)
+    }
+
     /// Exposes the buffer's bytes, writable.
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         let (ptr, len) = {
@@ -293,6 +324,10 @@ pub fn map_segment(fd: RawFd, min: usize, max: usize) -> PyResult<Segment> {
     let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| PyValueError::new_err("mmap returned null"))?;
     Ok(Segment { ptr, len: size, mapped: size, spare: false })
 }
+
+/// A buffer under this fraction of its segment is copied out of it before
+/// an array is built on it ([`SegmentBuffer::alone`]).
+const ALONE_FROM_SHARE: usize = 4;
 
 /// Fresh destinations of at least this many bytes are populated before a
 /// copy into them (see [`populate`]).
