@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import descendants
+from conftest import descendants, numpy
 
 
 def test_del_of_cyclic_garbage_runs_in_the_child_before_join_returns(program):
@@ -488,3 +488,50 @@ def test_the_programs_input_is_the_programs_not_a_subprocess_a_task_starts(progr
         assert out.splitlines() == ["task read 'parent-input'", "parent read ''"]
     else:
         assert out.splitlines() == ["task read ''", "parent read 'parent-input'"]
+
+
+@pytest.mark.parametrize("start", ["pool-zygote", "pool-exec", "process"])
+def test_workers_start_while_another_thread_multiplies_matrices_with_numpy(program, start):
+    # A fork of the program's process (glibc's fork(), which runs every
+    # library's pthread_atfork handler) waits for ever in OpenBLAS's handler
+    # while another thread is inside a BLAS call. Every start here (the
+    # zygote, each worker by exec, a Process) comes while one is.
+    numpy()
+    prog = program(
+        f"""
+        import threading
+        import numpy as np
+        import warden
+
+        def square(x):
+            return x * x
+
+        def background(stop):
+            a = np.ones((300, 300))
+            while not stop.is_set():
+                a @ a
+
+        if __name__ == "__main__":
+            stop = threading.Event()
+            thread = threading.Thread(target=background, args=(stop,))
+            thread.start()
+            try:
+                if {start!r} == "process":
+                    for _ in range(5):
+                        p = warden.Process(target=square, args=(3,))
+                        p.start()
+                        p.join(30)
+                        print(p.exitcode)
+                else:
+                    start = "zygote" if {start!r} == "pool-zygote" else "exec"
+                    with warden.ProcessPoolExecutor(2, max_tasks_per_child=1, start=start) as ex:
+                        print(list(ex.map(square, range(8), timeout=30)))
+            finally:
+                stop.set()
+                thread.join()
+        """
+    )
+    run = prog.run(timeout=90)
+    assert run.returncode == 0, run.stderr
+    expected = ["0"] * 5 if start == "process" else [str([x * x for x in range(8)])]
+    assert run.lines == expected

@@ -6,7 +6,10 @@
 //! on running the caller's code: the caller has threads (ours, and
 //! maybe an interpreter's), and a forked copy of a threaded process may only call
 //! async-signal-safe functions before `exec`. Between `fork` and `exec` this
-//! module therefore only calls `fcntl`, `close_range` and `prctl`.
+//! module therefore only makes system calls (`dup2`, `chdir`, `setpgid`,
+//! `fcntl`, `close_range`, `prctl`, `execve`) on what it prepared before.
+//! The fork is a raw `clone`, not glibc's `fork()`, which would run every
+//! library's `pthread_atfork` handlers in the caller (see [`raw_spawn`]).
 //!
 //! What the new process gets:
 //!
@@ -51,9 +54,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rustix::process::{pidfd_open, Pid, PidfdFlags};
@@ -244,9 +245,6 @@ fn hello_pid(channel: &UnixStream, wait: Duration) -> Option<i32> {
     }
 }
 
-/// Executes `cmd` with `channel_fd` (and `pass_fds`) kept open at their
-/// numbers, `env` added, and the hygiene this module describes. Returns the
-/// child's pid and pidfd.
 /// Opens `/dev/null` on whichever of fds 0, 1 and 2 is closed in this
 /// process. Otherwise the next descriptor made (a worker's channel, a
 /// pidfd, a segment) takes that number, and becomes a child's stdin, stdout
@@ -268,21 +266,20 @@ pub fn fill_closed_stdio() {
     }
 }
 
-/// This process's stdout or stderr for a child, or `/dev/null` if it has
-/// none a child would inherit: the fd is closed, or close-on-exec (then it
-/// is not a stream but something this process opened after its stream was
-/// closed). Either way the child's fd would be free, and the next
-/// descriptor the child makes (its channel) would take it.
-fn inherited(fd: RawFd) -> Stdio {
+/// Whether this process has a stdout or stderr (`fd`) a child would
+/// inherit; if not, the child gets `/dev/null` there: the fd is closed, or
+/// close-on-exec (then it is not a stream but something this process opened
+/// after its stream was closed). Either way the child's fd would be free,
+/// and the next descriptor the child makes (its channel) would take it.
+fn stdio_open(fd: RawFd) -> bool {
     // SAFETY: F_GETFD reads an fd number's flags; no memory is involved.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if flags == -1 || flags & libc::FD_CLOEXEC != 0 {
-        Stdio::null()
-    } else {
-        Stdio::inherit()
-    }
+    flags != -1 && flags & libc::FD_CLOEXEC == 0
 }
 
+/// Executes `cmd` with `channel_fd` (and `pass_fds`) kept open at their
+/// numbers, `env` added, and the hygiene this module describes. Returns the
+/// child's pid and pidfd.
 fn exec_child(
     cmd: &WorkerCommand,
     pass_fds: &[RawFd],
@@ -296,8 +293,32 @@ fn exec_child(
     if keep.first().is_some_and(|&fd| fd < 3) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "fds 0-2 are stdio and cannot be passed"));
     }
-    let parent_pid = std::process::id();
+    let parent_pid = std::process::id().to_string();
+    let extra = env.iter().map(|(k, v)| (*k, v.as_str())).chain([(ENV_PARENT, parent_pid.as_str())]);
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    let pid = raw_spawn::spawn(cmd, &keep, extra)?;
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let pid = command_spawn(cmd, &keep, extra)?;
+    match pidfd_open(pid, PidfdFlags::empty()) {
+        Ok(pidfd) => Ok((pid, pidfd)),
+        Err(e) => {
+            // Without a pidfd we cannot supervise it: kill and reap it now.
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+            Err(e.into())
+        }
+    }
+}
 
+/// Starts the child with `std::process::Command`, whose `fork` runs every
+/// library's `pthread_atfork` handlers in this process (see [`raw_spawn`]),
+/// where the raw `clone` is not available.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn command_spawn<'a>(
+    cmd: &WorkerCommand,
+    keep: &[RawFd],
+    extra: impl Iterator<Item = (&'a str, &'a str)>,
+) -> io::Result<Pid> {
     let mut command = Command::new(&cmd.program);
     if let Some(arg0) = &cmd.arg0 {
         command.arg0(arg0);
@@ -305,30 +326,246 @@ fn exec_child(
     command
         .args(&cmd.args)
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env(ENV_PARENT, parent_pid.to_string())
+        .envs(extra)
         .stdin(Stdio::null())
-        .stdout(inherited(1))
-        .stderr(inherited(2))
+        .stdout(if stdio_open(1) { Stdio::inherit() } else { Stdio::null() })
+        .stderr(if stdio_open(2) { Stdio::inherit() } else { Stdio::null() })
         .process_group(0);
     if let Some(cwd) = &cmd.cwd {
         command.current_dir(cwd);
     }
+    let keep = keep.to_vec();
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls on plain integers; it allocates nothing.
     unsafe {
         command.pre_exec(move || prepare_child(&keep));
     }
     let child = command.spawn()?;
-    let pid = Pid::from_raw(child.id() as i32).ok_or_else(|| io::Error::other("spawned child has pid 0"))?;
-    match pidfd_open(pid, PidfdFlags::empty()) {
-        Ok(pidfd) => Ok((pid, pidfd)),
-        Err(e) => {
-            // Without a pidfd we cannot supervise it: kill and reap it now.
-            let mut child = child;
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(e.into())
+    // The child is reaped through its pidfd, never through `Child`.
+    Pid::from_raw(child.id() as i32).ok_or_else(|| io::Error::other("spawned child has pid 0"))
+}
+
+/// Starting a child without running `pthread_atfork` handlers.
+///
+/// `std::process::Command` with a `pre_exec` step (which the fd hygiene
+/// needs) starts the child with glibc's `fork()`, and that runs every
+/// library's `pthread_atfork` handlers in this process, on the supervisor's
+/// thread, while the program's other threads go on. OpenBLAS's handler
+/// shuts its thread pool down: with numpy multiplying matrices on another
+/// thread, it waits for ever, or leaves that thread spinning in a pool torn
+/// down under it. gRPC's complains that other threads are inside it. The
+/// standard library's spawn (`_posixsubprocess`) runs none of them.
+///
+/// So the child is made with a raw `clone` system call (no handlers; the
+/// address space copied, as `fork` does), and between it and `exec` it makes
+/// only system calls on what was prepared before: the program, its
+/// arguments and environment as C strings, an fd of `/dev/null`, and a
+/// close-on-exec pipe on which it reports a failure's errno (as
+/// `std::process::Command` does).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod raw_spawn {
+    use std::collections::BTreeMap;
+    use std::ffi::{CString, OsStr, OsString};
+    use std::io;
+    use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::path::{Path, PathBuf};
+
+    use rustix::process::Pid;
+
+    use super::{prepare_child, stdio_open, WorkerCommand};
+
+    /// Everything the child needs, made before the `clone`.
+    struct Prepared {
+        program: CString,
+        /// Owns the strings `argv` points to.
+        _args: Vec<CString>,
+        argv: Vec<*const libc::c_char>,
+        /// Owns the strings `envp` points to.
+        _env: Vec<CString>,
+        envp: Vec<*const libc::c_char>,
+        cwd: Option<CString>,
+        null: OwnedFd,
+        stdout_null: bool,
+        stderr_null: bool,
+    }
+
+    fn c_string(s: impl Into<Vec<u8>>) -> io::Result<CString> {
+        CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a nul byte in the worker's command"))
+    }
+
+    /// The executable `program` names: itself if it has a slash, else the
+    /// first executable file of that name on `path` (the child's `PATH`),
+    /// as `execvp` looks.
+    fn resolve(program: &Path, path: Option<&OsStr>) -> io::Result<PathBuf> {
+        if program.as_os_str().as_bytes().contains(&b'/') {
+            return Ok(program.to_path_buf());
+        }
+        let path = path.unwrap_or_else(|| OsStr::new("/bin:/usr/bin"));
+        for dir in std::env::split_paths(path) {
+            let candidate = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir }.join(program);
+            let executable = rustix::fs::access(&candidate, rustix::fs::Access::EXEC_OK).is_ok();
+            if executable && candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+        Err(io::Error::new(io::ErrorKind::NotFound, format!("{} not found on PATH", program.display())))
+    }
+
+    fn prepare<'a>(cmd: &WorkerCommand, extra: impl Iterator<Item = (&'a str, &'a str)>) -> io::Result<Prepared> {
+        // This process's environment, then the command's, then `extra`
+        // (later ones win), as `Command` builds it.
+        let mut vars: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+        vars.extend(cmd.env.iter().cloned());
+        vars.extend(extra.map(|(k, v)| (OsString::from(k), OsString::from(v))));
+        let program = resolve(&cmd.program, vars.get(OsStr::new("PATH")).map(OsString::as_os_str))?;
+        let arg0 = cmd.arg0.clone().unwrap_or_else(|| cmd.program.clone().into_os_string());
+        let args =
+            std::iter::once(&arg0).chain(&cmd.args).map(|a| c_string(a.as_bytes())).collect::<io::Result<Vec<_>>>()?;
+        let env = vars
+            .into_iter()
+            .map(|(k, v)| {
+                let mut pair = k.into_vec();
+                pair.push(b'=');
+                pair.extend(v.into_vec());
+                c_string(pair)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let argv = args.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();
+        let envp = env.iter().map(|e| e.as_ptr()).chain([std::ptr::null()]).collect();
+        let cwd = cmd.cwd.as_ref().map(|d| c_string(d.as_os_str().as_bytes())).transpose()?;
+        let null = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        Ok(Prepared {
+            program: c_string(program.into_os_string().into_vec())?,
+            _args: args,
+            argv,
+            _env: env,
+            envp,
+            cwd,
+            null,
+            stdout_null: !stdio_open(1),
+            stderr_null: !stdio_open(2),
+        })
+    }
+
+    /// Starts `cmd` with `keep` open at their numbers and `extra` in its
+    /// environment, in a process group of its own, with the parent-death
+    /// signal armed. Returns its pid once it has executed the program (or
+    /// the reason it could not, the child reaped).
+    pub(super) fn spawn<'a>(
+        cmd: &WorkerCommand,
+        keep: &[RawFd],
+        extra: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> io::Result<Pid> {
+        let prepared = prepare(cmd, extra)?;
+        let (report, report_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        // SAFETY: a fork without `CLONE_VM`: the child gets a copy of this
+        // thread alone and runs only `child`, which makes system calls on
+        // the memory prepared above and never returns. With a null stack,
+        // tids and tls, the argument order of x86-64 and aarch64 agree.
+        let r =
+            unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) };
+        if r == 0 {
+            // SAFETY: in the child, as above.
+            unsafe { child(&prepared, keep, report_end.as_raw_fd()) }
+        }
+        if r == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        let pid = Pid::from_raw(r as i32).ok_or_else(|| io::Error::other("clone returned pid 0"))?;
+        drop(report_end);
+        // Until the child executes the program (the pipe closes with nothing
+        // in it) or reports why it could not.
+        let mut errno = [0u8; 4];
+        let mut got = 0;
+        while got < errno.len() {
+            match rustix::io::read(&report, &mut errno[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    got = 0;
+                    tracing::warn!("cannot read whether worker {} started: {e}", pid.as_raw_nonzero());
+                    break;
+                }
+            }
+        }
+        if got == 0 {
+            return Ok(pid);
+        }
+        let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+        Err(if got == errno.len() {
+            io::Error::from_raw_os_error(i32::from_ne_bytes(errno))
+        } else {
+            io::Error::other("the worker's start ended without a whole report")
+        })
+    }
+
+    /// `fd` at number `to`, inherited across `exec`.
+    fn put(fd: RawFd, to: RawFd) -> io::Result<()> {
+        // SAFETY: fcntl and dup2 on fd numbers; no memory is involved.
+        let r = unsafe {
+            if fd == to {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, to)
+            }
+        };
+        if r == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The child, between the `clone` and `exec`: system calls only, no
+    /// allocation, no lock.
+    ///
+    /// # Safety
+    ///
+    /// Only in the child of the `clone` in [`spawn`].
+    unsafe fn child(prepared: &Prepared, keep: &[RawFd], report: RawFd) -> ! {
+        let result = (|| -> io::Result<()> {
+            let null = prepared.null.as_raw_fd();
+            put(null, 0)?;
+            if prepared.stdout_null {
+                put(null, 1)?;
+            }
+            if prepared.stderr_null {
+                put(null, 2)?;
+            }
+            if let Some(cwd) = &prepared.cwd {
+                // SAFETY: a C string made before the clone.
+                if unsafe { libc::chdir(cwd.as_ptr()) } == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // SAFETY: system calls on integers and on a signal set on this stack.
+            unsafe {
+                if libc::setpgid(0, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The supervisor's thread blocks signals; the program starts
+                // with none blocked and SIGPIPE at its default, as under
+                // `Command`.
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
+            prepare_child(keep)?;
+            // SAFETY: C strings and null-terminated arrays made before the clone.
+            unsafe { libc::execve(prepared.program.as_ptr(), prepared.argv.as_ptr(), prepared.envp.as_ptr()) };
+            Err(io::Error::last_os_error())
+        })();
+        let errno = result.err().and_then(|e| e.raw_os_error()).unwrap_or(libc::EINVAL).to_ne_bytes();
+        // SAFETY: write and _exit with a buffer on this stack.
+        unsafe {
+            libc::write(report, errno.as_ptr().cast(), errno.len());
+            libc::_exit(127)
         }
     }
 }

@@ -171,6 +171,10 @@ fn main() {
             pools_stopped_against_one_deadline_are_all_cut_off_at_it,
         ),
         both("a_worker_holds_only_stdio_and_its_channel", a_worker_holds_only_stdio_and_its_channel),
+        both(
+            "starting_workers_runs_no_pthread_atfork_handler_in_the_pools_process",
+            starting_workers_runs_no_atfork_handler,
+        ),
         both("a_worker_lives_in_its_own_process_group", a_worker_lives_in_its_own_process_group),
         both("every_task_of_a_burst_gets_exactly_one_outcome", every_task_of_a_burst_gets_exactly_one_outcome),
         both(
@@ -1373,6 +1377,39 @@ fn a_worker_holds_only_stdio_and_its_channel() -> TestResult {
     Ok(())
 }
 
+fn starting_workers_runs_no_atfork_handler() -> TestResult {
+    let hooks = Hooks::new();
+    let out = run_scenario_process("no-atfork", hooks.path(), Duration::from_secs(60))?;
+    check(out.contains("ok"), format!("scenario output: {out}"))?;
+    Ok(())
+}
+
+/// `pthread_atfork` handlers of the scenario's process that ran.
+static ATFORK_RAN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+extern "C" fn count_atfork() {
+    ATFORK_RAN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn scenario_no_atfork() -> TestResult {
+    // A library's fork handler (OpenBLAS shuts its threads down in one,
+    // and hangs if another thread is inside it) must not run because a
+    // worker starts: the zygote's start, every exec start and every
+    // replacement.
+    // SAFETY: registers a handler that only bumps an atomic counter.
+    let rc = unsafe { libc::pthread_atfork(Some(count_atfork), Some(count_atfork), Some(count_atfork)) };
+    check(rc == 0, "registered the handler")?;
+    let pool = builder().workers(2).max_tasks_per_child(1).build()?;
+    let mut pids = BTreeSet::new();
+    for _ in 0..6 {
+        pids.insert(pool.spawn(pid, ())?.join()?);
+    }
+    pool.shutdown();
+    check(pids.len() == 6, format!("each task in a new worker: {pids:?}"))?;
+    let ran = ATFORK_RAN.load(std::sync::atomic::Ordering::SeqCst);
+    check(ran == 0, format!("fork handlers ran {ran} times"))
+}
+
 fn a_worker_lives_in_its_own_process_group() -> TestResult {
     let pool = builder().workers(1).build()?;
     let (pgid, pid) = pool.spawn(pgid_task, ())?.join()?;
@@ -1707,6 +1744,7 @@ fn run_scenario(name: &str) -> i32 {
         "join-leaves-nothing" => scenario_join_leaves_nothing(),
         "terminate-and-kill" => scenario_terminate_and_kill(),
         "worker-fds" => scenario_worker_fds(),
+        "no-atfork" => scenario_no_atfork(),
         "poll-fails" => scenario_poll_fails(),
         "ctrl-c-child" => scenario_ctrl_c_child(),
         "ctrl-c-before-child" => scenario_ctrl_c_before_child(),
