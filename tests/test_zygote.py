@@ -797,3 +797,54 @@ def test_sigint_sent_to_the_zygote_while_it_forks_is_ignored_quietly(program):
     assert run.returncode == 0, run.stderr
     assert run.lines == ["results True", "same zygote True"]
     assert "KeyboardInterrupt" not in run.stderr, run.stderr
+
+
+def main_thread_by_its_pthread_handle():
+    """In a forked worker: what reaches the main thread through its
+    ``pthread_t`` (as OpenMP's binding and watchdog threads address it)."""
+    import ctypes
+
+    got = []
+    old = signal.signal(signal.SIGUSR1, lambda *_: got.append("signal"))
+    try:
+        helper = threading.Thread(
+            target=signal.pthread_kill, args=(threading.main_thread().ident, signal.SIGUSR1)
+        )
+        helper.start()
+        helper.join()
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    clock = time.clock_gettime(time.pthread_getcpuclockid(threading.get_ident())) > 0
+    # Pin this thread to one CPU through its pthread_t.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.pthread_self.restype = ctypes.c_ulong
+    mask = ctypes.c_ulong(1 << min(os.sched_getaffinity(0)))
+    rc = libc.pthread_setaffinity_np(
+        ctypes.c_ulong(libc.pthread_self()), ctypes.sizeof(mask), ctypes.byref(mask)
+    )
+    return {
+        "signal": got,
+        "clock": clock,
+        "native_id": threading.main_thread().native_id == threading.get_native_id() == os.getpid(),
+        "pinned": rc == 0 and len(os.sched_getaffinity(0)) == 1,
+        "zygote": sorted(os.sched_getaffinity(_warden.forked_from())),
+        "forked": _warden.forked_from() is not None,
+    }
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin a worker to one")
+def test_a_forked_workers_main_thread_is_reached_through_its_pthread_handle_and_never_the_zygote():
+    cpus = sorted(os.sched_getaffinity(0))
+    with warden.ProcessPoolExecutor(1, start="zygote") as ex:
+        seen = ex.submit(main_thread_by_its_pthread_handle).result(timeout=60)
+    assert seen == {
+        "signal": ["signal"],
+        "clock": True,
+        "native_id": True,
+        "pinned": True,
+        "zygote": cpus,  # the worker's pinning did not reach the zygote
+        "forked": True,
+    }

@@ -42,6 +42,7 @@ import multiprocessing.util
 import os
 import signal
 import sys
+import threading
 import weakref
 from pickle import loads as _loads  # bound at import: a task that patches pickle cannot break warden
 
@@ -169,6 +170,11 @@ _sigint: Any = signal.default_int_handler
 def _after_fork_in_child() -> None:
     if _sigint is not None:  # None: not set from Python
         signal.signal(signal.SIGINT, _sigint)
+    # threading's fork hook renews the main thread's ident, not its native
+    # id: the zygote's (multiprocessing's bootstrap renews it the same way).
+    main = threading.main_thread()
+    if hasattr(main, "_set_native_id"):
+        main._set_native_id()
     multiprocessing.util._finalizer_registry.clear()  # type: ignore[attr-defined]
     # random has reseeded itself (its own at-fork hook ran first); numpy's
     # global generator is reseeded here. A generator the program seeded gets

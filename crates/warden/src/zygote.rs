@@ -55,12 +55,15 @@
 //!   so whatever holds them in the worker would write to a closed fd, or to
 //!   whatever reuses its number. `pthread_atfork` handlers do not run (the
 //!   fork is a raw `clone`); a handler gets its own hooks ([`ForkHooks`]).
-//! * glibc caches each thread's kernel id; after a raw `clone` the child's main
-//!   thread keeps the zygote's. Calls that address the main thread *by its
-//!   `pthread_t` from another thread* (`pthread_kill`, `pthread_setaffinity_np`,
-//!   `pthread_getcpuclockid`) therefore do not reach it in a forked worker;
-//!   warden's own code addresses threads by kernel id. Threads the worker
-//!   starts are unaffected.
+//! * glibc caches each thread's kernel id in its thread descriptor; after a
+//!   raw `clone` the child's main thread would keep the zygote's, and calls
+//!   that address it by its `pthread_t` (`pthread_kill`,
+//!   `pthread_setaffinity_np`, `pthread_getcpuclockid`) would miss it, or
+//!   reach the zygote. The zygote finds where that id lies once
+//!   ([`thread_id_slot`]) and each child writes its own there, as glibc's
+//!   `fork()` does. Where it cannot be found (another C library), those calls
+//!   miss the worker's main thread; warden's own code addresses threads by
+//!   kernel id. Threads the worker starts are unaffected.
 //! * What a fork copies is not fresh: per-process random state must be reseeded
 //!   in the child. The Rust standard library has no global generator (the keys
 //!   of `HashMap`'s `RandomState` are copied: siblings hash alike); the Python
@@ -328,6 +331,8 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
         let _ = reply(&env, &Reply::Failed { error: &why, permanent: true, errno: 0 });
         return Parked::Exit(0);
     }
+    // Single-threaded, as just checked.
+    let thread_id_slot = thread_id_slot();
     if reply(&env, &Reply::Ready { pid: std::process::id() }).is_err() {
         return Parked::Exit(0);
     }
@@ -372,6 +377,11 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
                 }
             }
             Ok(None) => {
+                if let Some(slot) = thread_id_slot {
+                    // SAFETY: the slot lies in this thread's own descriptor
+                    // (found by `thread_id_slot`), and this is the only thread.
+                    unsafe { slot.write_volatile(rustix::thread::gettid().as_raw_nonzero().get()) };
+                }
                 FORKED_FROM.store(zygote, Ordering::Relaxed);
                 let channel_fd = channel.as_raw_fd();
                 // The child: arm the death signal first, then shed everything
@@ -457,6 +467,52 @@ fn nothing_left_open(before: &[(RawFd, String)]) -> Result<(), String> {
     let shown = opened.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
     let more = if opened.len() > 5 { format!(" and {} more", opened.len() - 5) } else { String::new() };
     Err(format!("a preload left fds open in the zygote ({shown}{more}); a forked worker would hold them closed"))
+}
+
+/// Where the C library keeps the calling thread's kernel id in its thread
+/// descriptor (`pthread_self()`), if it can be found: glibc's own `fork()`
+/// writes the child's id there, a raw `clone` leaves the zygote's. Without
+/// it, `pthread_setaffinity_np(pthread_self(), ..)` in a worker (OpenMP's
+/// thread binding) would change the zygote's affinity, and every later
+/// worker's; `pthread_kill` of the worker's main thread from another
+/// thread would fail.
+///
+/// Found by the value: a 4-byte word of the first KiB of the descriptor
+/// that holds this thread's id, and that `pthread_getcpuclockid` reads (its
+/// answer changes when the word does; the word is put back at once).
+/// Must be called while the process is single-threaded.
+fn thread_id_slot() -> Option<*mut i32> {
+    if !cfg!(target_env = "gnu") {
+        return None;
+    }
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    let base = me as usize as *mut i32;
+    if base.is_null() {
+        return None;
+    }
+    let tid = rustix::thread::gettid().as_raw_nonzero().get();
+    let clock = || {
+        let mut id: libc::clockid_t = 0;
+        // SAFETY: the calling thread's own handle; `id` is ours.
+        (unsafe { libc::pthread_getcpuclockid(me, &mut id) } == 0).then_some(id)
+    };
+    let before = clock()?;
+    (0..256).find_map(|i| {
+        // SAFETY: glibc's thread descriptor is larger than 1 KiB (its
+        // `tid` lies at 720 bytes on x86-64, about 200 on aarch64), and
+        // this thread is the only one to read or write it.
+        unsafe {
+            let slot = base.add(i);
+            if slot.read_volatile() != tid {
+                return None;
+            }
+            slot.write_volatile(tid ^ 0x4000);
+            let changed = clock();
+            slot.write_volatile(tid);
+            (changed.is_some() && changed != Some(before)).then_some(slot)
+        }
+    })
 }
 
 /// `clone(CLONE_PARENT | SIGCHLD)`: a fork whose child is our parent's child.
