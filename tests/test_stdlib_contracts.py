@@ -700,6 +700,32 @@ def test_a_concurrent_futures_program_runs_with_warden_imported_in_its_place(pro
     ]
 
 
+def wait_cut_short_by_its_own_timer(seconds):
+    import _thread
+
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    try:
+        # interrupt_main() sends no signal: a sleep is not cut short, the
+        # next bytecode after it is.
+        for _ in range(int(seconds * 100)):
+            time.sleep(0.01)
+        return "slept", os.getpid()
+    except KeyboardInterrupt:
+        return "caught KeyboardInterrupt", os.getpid()
+    finally:
+        timer.cancel()
+
+
+def test_a_task_that_interrupts_its_own_wait_with_interrupt_main_catches_keyboard_interrupt(impl):
+    # ``threading.Timer(t, _thread.interrupt_main)``: a timeout of the
+    # task's own, not a stop of its worker, which serves on.
+    with impl.Executor(1) as ex:
+        outcome, pid = ex.submit(wait_cut_short_by_its_own_timer, 30).result(timeout=60)
+        assert outcome == "caught KeyboardInterrupt"
+        assert ex.submit(os.getpid).result(timeout=60) == pid
+
+
 def test_async_result_get_with_a_timeout_raises_multiprocessing_timeout_error(impl):
     with impl.Pool(1) as pool:
         result = pool.apply_async(sleep_then, (5,))

@@ -44,6 +44,7 @@ __all__ = [
     "run_exit_finalizers",
     "send_record",
     "setsid",
+    "stop_signal_received",
     "stop_thread_again",
     "task_clock",
     "trim_heap",
@@ -355,6 +356,10 @@ def setsid() -> int:
 def hold_stops(held: bool) -> None:
     """Holds (``True``) or releases (``False``) the core's own exit after a
     stop signal, while the worker enters its ``worker_context``."""
+
+def stop_signal_received() -> int | None:
+    """The first stop signal (SIGTERM, SIGHUP, SIGINT) this worker received,
+    or ``None``."""
 
 def zygote_main(prepare: Callable[[bytes], str | None], finish: Callable[[], object] | None = None) -> None:
     """Runs this process as the zygote of the pool that started it: calls

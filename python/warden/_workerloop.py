@@ -610,6 +610,13 @@ class Handler:
             # is the copy's, as if warden were not there.
             _as_without_warden(signum, frame)
             return
+        if signum == signal.SIGINT and _warden.stop_signal_received() is None:
+            # No SIGINT came: ``_thread.interrupt_main()`` ran this handler
+            # (a task's timer interrupting its own wait). The task gets its
+            # KeyboardInterrupt, as without warden; between tasks, nothing.
+            if self.running:
+                signal.default_int_handler(signum, frame)
+            return
         self.stopping = True
         # Pools this worker started stop at once at its exit (only a worker
         # that started one has loaded warden._runner).

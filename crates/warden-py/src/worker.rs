@@ -120,6 +120,14 @@ pub fn hold_stops(held: bool) {
     warden::frontend::hold_stops(held);
 }
 
+/// The first stop signal (SIGTERM, SIGHUP, SIGINT) this worker received,
+/// or `None`: the Python handler of SIGINT called without one is
+/// `_thread.interrupt_main()`.
+#[pyfunction]
+pub fn stop_signal_received() -> Option<i32> {
+    warden::frontend::stop_signal_received()
+}
+
 /// Sends SIGTERM again to this process's thread `tid` (a kernel thread id,
 /// `threading.get_native_id()`): the stop the core delivered to the main
 /// thread, asked for once more. By kernel id, as the core's own interrupter

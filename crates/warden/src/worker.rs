@@ -166,6 +166,13 @@ pub fn hold_stops(held: bool) {
     STOPS_HELD.store(held, Ordering::SeqCst);
 }
 
+/// The first stop signal (SIGTERM, SIGHUP, SIGINT) this worker received, if
+/// any: a binding's own handler for one of them tells a real signal from a
+/// call that only runs the handler (Python's `_thread.interrupt_main()`).
+pub fn stop_signal_received() -> Option<i32> {
+    signals::pending()
+}
+
 /// Runs tasks in one language. Implemented by the Rust task runner and by the
 /// Python extension; payloads are opaque to everything else.
 pub trait Handler {
