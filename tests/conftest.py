@@ -76,6 +76,40 @@ def numpy():
     return pytest.importorskip("numpy", reason="numpy is optional (make test installs it)")
 
 
+#: Program text (put in front of a program) defining
+#: ``refuse_system_call(name, errno)``: a seccomp filter on
+#: the calling thread, inherited by what it starts, that makes one system
+#: call fail with ``errno``, as a container's or sandbox's filter (or an
+#: older kernel, with ``ENOSYS``) does. x86-64 and aarch64.
+REFUSE_SYSTEM_CALL = """
+
+def refuse_system_call(name, error):
+    import ctypes, platform, struct
+    numbers = {
+        "memfd_create": {"x86_64": 319, "aarch64": 279},
+        "close_range": {"x86_64": 436, "aarch64": 436},
+    }
+    nr = numbers[name][platform.machine()]
+    code = [
+        (0x20, 0, 0, 0),  # load the system call's number
+        (0x15, 0, 1, nr),  # the one to refuse?
+        (0x06, 0, 0, 0x00050000 | error),  # refuse it
+        (0x06, 0, 0, 0x7FFF0000),  # allow the rest
+    ]
+    filters = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *c) for c in code))
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+    assert libc.prctl(22, 2, ctypes.byref(Program(len(code), ctypes.addressof(filters))), 0, 0) == 0
+"""
+
+#: Where :data:`REFUSE_SYSTEM_CALL` knows the system calls' numbers.
+SECCOMP_MACHINES = ("x86_64", "aarch64")
+
+
 def kill_all(pids: set[int]) -> None:
     for pid in pids:
         try:

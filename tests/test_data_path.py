@@ -17,6 +17,7 @@ import fcntl
 import gc
 import os
 import pickle
+import platform
 import signal
 import subprocess
 import threading
@@ -29,7 +30,7 @@ import pytest
 import warden
 from warden import _oob, _runner
 
-from conftest import held_loans, numpy, wait_until
+from conftest import REFUSE_SYSTEM_CALL, SECCOMP_MACHINES, held_loans, numpy, wait_until
 
 LIMIT = _oob.INLINE_LIMIT
 SIZES = [0, 1, LIMIT - 1, LIMIT, LIMIT + 1, 3 * LIMIT + 7, 4 << 20, (6 << 20) + 13]
@@ -1079,6 +1080,19 @@ def make(n):
 
 if __name__ == "__main__":
     how, impl = sys.argv[1], sys.argv[2]
+    if how == "refused":
+        refuse_system_call("memfd_create", errno.EPERM)
+        try:
+            os.memfd_create("probe")
+        except PermissionError:
+            pass
+        else:
+            raise AssertionError("memfd_create still works")
+        if impl == "warden":
+            try:
+                warden.Event()
+            except OSError as e:
+                print("event", "memfd_create refused" in str(e), flush=True)
     if impl == "warden":
         ex, pool = warden.ProcessPoolExecutor(1), warden.Pool(1)
     else:
@@ -1091,7 +1105,7 @@ if __name__ == "__main__":
         if how == "file-size":
             # A memfd counts against it as a file does.
             resource.setrlimit(resource.RLIMIT_FSIZE, (512 << 10, resource.RLIM_INFINITY))
-        else:
+        elif how == "descriptors":
             try:
                 while True:
                     held.append(os.open(os.devnull, os.O_RDONLY))
@@ -1101,7 +1115,7 @@ if __name__ == "__main__":
         for arg in (b"x" * (1 << 20), bytearray(b"x" * (1 << 20))):
             print("executor", *ex.submit(size_of, arg).result(timeout=60), flush=True)
             print("pool", *pool.apply_async(size_of, (arg,)).get(timeout=60), flush=True)
-        if how == "file-size":
+        if how in ("file-size", "refused"):
             print("result", len(ex.submit(make, 1 << 20).result(timeout=60)), flush=True)
         for fd in held:
             os.close(fd)
@@ -1110,23 +1124,27 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("impl", ["warden", "stdlib"])
-@pytest.mark.parametrize("how", ["file-size", "descriptors"])
+@pytest.mark.parametrize("how", ["file-size", "descriptors", "refused"])
 def test_large_buffers_go_inline_when_no_segment_can_be_made_as_the_standard_library_sends_them(
     program, how, impl, carrier
 ):
-    """A file size limit (``ulimit -f``: a memfd is a file) or a descriptor
-    table with one slot left: the buffers travel in the pickle instead of
-    failing the call with ``EFBIG`` or ``EMFILE``, as the standard library
+    """A file size limit (``ulimit -f``: a memfd is a file), a descriptor
+    table with one slot left, or ``memfd_create`` refused (a sandbox's
+    seccomp filter): the buffers travel in the pickle instead of failing the
+    call with ``EFBIG``, ``EMFILE`` or ``EPERM``, as the standard library
     (which always sends them so) delivers them."""
     if impl == "stdlib" and carrier == "lent":
         pytest.skip("the standard library has no carriers")
-    run = program(NO_ROOM_FOR_A_SEGMENT).run(timeout=120, args=(how, impl))
+    if how == "refused" and platform.machine() not in SECCOMP_MACHINES:
+        pytest.skip("the filter names memfd_create's number on x86-64 and aarch64 only")
+    run = program(REFUSE_SYSTEM_CALL + NO_ROOM_FOR_A_SEGMENT).run(timeout=120, args=(how, impl))
     assert run.returncode == 0, run.stderr
     mib = str(1 << 20)
-    expected = ["warm 0 0"]
+    expected = ["event True"] if how == "refused" and impl == "warden" else []
+    expected.append("warm 0 0")
     for kind in ("bytes", "bytearray"):
         expected += [f"executor {kind} {mib} b'x'", f"pool {kind} {mib} b'x'"]
-    if how == "file-size":
+    if how in ("file-size", "refused"):
         expected.append(f"result {mib}")
     assert run.stdout.splitlines() == [*expected, "done"], run.stderr
 

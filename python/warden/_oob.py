@@ -438,7 +438,8 @@ def _carry(
             break
     # This process is short of file descriptors, or cannot make the pipe or
     # segment at all (no descriptor left, a file size limit, no memory for
-    # it): the buffers go in the pickle, as the standard library sends them.
+    # it, memfd refused): the buffers go in the pickle, as the standard
+    # library sends them.
     return in_band(), None
 
 
@@ -504,8 +505,12 @@ FDS_WAIT = 60.0
 #: Why a segment or a lending pipe could not be made that sending the
 #: buffers inline avoids: no descriptor left in this process (``EMFILE``) or
 #: the system (``ENFILE``), a file size limit (``RLIMIT_FSIZE``, which counts
-#: a memfd: ``EFBIG``), no room for its pages (``ENOSPC``, ``ENOMEM``).
-_NO_ROOM = frozenset({errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.ENOSPC, errno.ENOMEM})
+#: a memfd: ``EFBIG``), no room for its pages (``ENOSPC``, ``ENOMEM``), or
+#: ``memfd_create`` refused (a sandbox's seccomp filter: ``EPERM``,
+#: ``EACCES``; a kernel without it: ``ENOSYS``).
+_NO_ROOM = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.ENOSPC, errno.ENOMEM, errno.EPERM, errno.EACCES, errno.ENOSYS}
+)
 
 
 class _FdsScarce(Exception):

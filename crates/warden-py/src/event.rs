@@ -106,8 +106,14 @@ impl SharedEvent {
     /// A new event, not set.
     #[new]
     fn new() -> PyResult<Self> {
-        let fd = rustix::fs::memfd_create("warden-event", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
-            .map_err(std::io::Error::from)?;
+        let fd =
+            rustix::fs::memfd_create("warden-event", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).map_err(|e| {
+                // A sandbox's seccomp filter, or a kernel without it: say what was refused.
+                pyo3::exceptions::PyOSError::new_err((
+                    e.raw_os_error(),
+                    format!("cannot make a warden.Event: memfd_create refused: {}", std::io::Error::from(e)),
+                ))
+            })?;
         rustix::fs::ftruncate(&fd, PAGE as u64).map_err(std::io::Error::from)?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .map_err(std::io::Error::from)?;
