@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import contextlib
 import multiprocessing
 import os
+import platform
 import random
 import shutil
 import signal
@@ -23,7 +24,7 @@ import pytest
 import warden
 from warden import _warden
 
-from conftest import alive, wait_until
+from conftest import REFUSE_SYSTEM_CALL, SECCOMP_MACHINES, alive, wait_until
 
 MiB = 1 << 20
 
@@ -2458,3 +2459,36 @@ def test_a_new_pool_or_child_in_a_deleted_directory_is_refused_with_an_error_tha
         "refused: [Errno 2] the program's working directory no longer exists (removed while it runs): "
         "new workers and children start in it, as spawned ones do; os.chdir() to one that exists first"
     ], run.stdout
+
+
+@pytest.mark.skipif(
+    platform.machine() not in SECCOMP_MACHINES, reason="the filter knows x86-64 and aarch64 only"
+)
+@pytest.mark.parametrize("what", ["executor", "process"])
+def test_a_start_that_a_system_call_warden_needs_is_refused_names_that_call(program, what):
+    # A kernel older than 5.11, or a sandbox's seccomp filter: the error
+    # names close_range, not only "Function not implemented".
+    prog = program(
+        REFUSE_SYSTEM_CALL
+        + f"""
+import errno
+import warden
+
+if __name__ == "__main__":
+    refuse_system_call("close_range", errno.ENOSYS)
+    try:
+        if {what!r} == "executor":
+            with warden.ProcessPoolExecutor(1) as ex:
+                ex.submit(abs, -1).result(timeout=60)
+        else:
+            p = warden.Process(target=abs, args=(1,))
+            p.start()
+            p.join(60)
+    except Exception as e:
+        print(type(e).__name__, e)
+"""
+    )
+    run = prog.run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "close_range(CLOSE_RANGE_CLOEXEC)" in run.stdout, run.stdout
+    assert "Function not implemented" in run.stdout, run.stdout

@@ -100,7 +100,9 @@
 //!   (`pthread_sigmask`), keeps its worker from acting on it while the task
 //!   runs; if the task does not return within the pool's grace period, the
 //!   worker is ended with SIGKILL, without its exit hook.
-//! * Linux only: pidfds (5.3), `close_range` (5.11), `PR_SET_PDEATHSIG`.
+//! * Linux 5.11 or later: pidfds with `waitid(P_PIDFD)` (5.4), `close_range` with
+//!   `CLOSE_RANGE_CLOEXEC` (5.11), `PR_SET_PDEATHSIG`. A start refused one of them
+//!   fails naming the system call (a seccomp filter refuses the same way).
 
 #![warn(missing_docs)]
 

@@ -305,7 +305,7 @@ fn exec_child(
             // Without a pidfd we cannot supervise it: kill and reap it now.
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
-            Err(e.into())
+            Err(StartStepFailed { step: Step::Pidfd, errno: e.raw_os_error() }.into_io())
         }
     }
 }
@@ -338,7 +338,7 @@ fn command_spawn<'a>(
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls on plain integers; it allocates nothing.
     unsafe {
-        command.pre_exec(move || prepare_child(&keep));
+        command.pre_exec(move || prepare_child(&keep).map_err(|(_, e)| e));
     }
     let child = command.spawn()?;
     // The child is reaped through its pidfd, never through `Child`.
@@ -373,7 +373,7 @@ mod raw_spawn {
 
     use rustix::process::Pid;
 
-    use super::{prepare_child, stdio_open, WorkerCommand};
+    use super::{prepare_child, stdio_open, StartStepFailed, Step, WorkerCommand};
 
     /// Everything the child needs, made before the `clone`.
     struct Prepared {
@@ -479,11 +479,11 @@ mod raw_spawn {
         let pid = Pid::from_raw(r as i32).ok_or_else(|| io::Error::other("clone returned pid 0"))?;
         drop(report_end);
         // Until the child executes the program (the pipe closes with nothing
-        // in it) or reports why it could not.
-        let mut errno = [0u8; 4];
+        // in it) or reports why it could not: the step and the errno.
+        let mut report_bytes = [0u8; 8];
         let mut got = 0;
-        while got < errno.len() {
-            match rustix::io::read(&report, &mut errno[got..]) {
+        while got < report_bytes.len() {
+            match rustix::io::read(&report, &mut report_bytes[got..]) {
                 Ok(0) => break,
                 Ok(n) => got += n,
                 Err(rustix::io::Errno::INTR) => continue,
@@ -498,11 +498,12 @@ mod raw_spawn {
             return Ok(pid);
         }
         let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
-        Err(if got == errno.len() {
-            io::Error::from_raw_os_error(i32::from_ne_bytes(errno))
-        } else {
-            io::Error::other("the worker's start ended without a whole report")
-        })
+        if got < report_bytes.len() {
+            return Err(io::Error::other("the new process ended its report of a failed start half-way"));
+        }
+        let [s0, s1, s2, s3, e0, e1, e2, e3] = report_bytes;
+        let step = Step::ALL.get(u32::from_ne_bytes([s0, s1, s2, s3]) as usize).copied().unwrap_or(Step::Exec);
+        Err(StartStepFailed { step, errno: i32::from_ne_bytes([e0, e1, e2, e3]) }.into_io())
     }
 
     /// `fd` at number `to`, inherited across `exec`.
@@ -528,25 +529,26 @@ mod raw_spawn {
     ///
     /// Only in the child of the `clone` in [`spawn`].
     unsafe fn child(prepared: &Prepared, keep: &[RawFd], report: RawFd) -> ! {
-        let result = (|| -> io::Result<()> {
+        let result = (|| -> Result<(), (Step, io::Error)> {
             let null = prepared.null.as_raw_fd();
-            put(null, 0)?;
+            let stdio = |r: io::Result<()>| r.map_err(|e| (Step::Stdio, e));
+            stdio(put(null, 0))?;
             if prepared.stdout_null {
-                put(null, 1)?;
+                stdio(put(null, 1))?;
             }
             if prepared.stderr_null {
-                put(null, 2)?;
+                stdio(put(null, 2))?;
             }
             if let Some(cwd) = &prepared.cwd {
                 // SAFETY: a C string made before the clone.
                 if unsafe { libc::chdir(cwd.as_ptr()) } == -1 {
-                    return Err(io::Error::last_os_error());
+                    return Err((Step::WorkingDirectory, io::Error::last_os_error()));
                 }
             }
             // SAFETY: system calls on integers and on a signal set on this stack.
             unsafe {
                 if libc::setpgid(0, 0) == -1 {
-                    return Err(io::Error::last_os_error());
+                    return Err((Step::ProcessGroup, io::Error::last_os_error()));
                 }
                 // The supervisor's thread blocks signals; the program starts
                 // with none blocked and SIGPIPE at its default, as under
@@ -559,38 +561,104 @@ mod raw_spawn {
             prepare_child(keep)?;
             // SAFETY: C strings and null-terminated arrays made before the clone.
             unsafe { libc::execve(prepared.program.as_ptr(), prepared.argv.as_ptr(), prepared.envp.as_ptr()) };
-            Err(io::Error::last_os_error())
+            Err((Step::Exec, io::Error::last_os_error()))
         })();
-        let errno = result.err().and_then(|e| e.raw_os_error()).unwrap_or(libc::EINVAL).to_ne_bytes();
+        let (step, errno) = match result {
+            Err((step, e)) => (step as u32, e.raw_os_error().unwrap_or(libc::EINVAL)),
+            Ok(()) => (Step::Exec as u32, libc::EINVAL),
+        };
+        let mut report_bytes = [0u8; 8];
+        report_bytes[..4].copy_from_slice(&step.to_ne_bytes());
+        report_bytes[4..].copy_from_slice(&errno.to_ne_bytes());
         // SAFETY: write and _exit with a buffer on this stack.
         unsafe {
-            libc::write(report, errno.as_ptr().cast(), errno.len());
+            libc::write(report, report_bytes.as_ptr().cast(), report_bytes.len());
             libc::_exit(127)
         }
     }
 }
 
+/// What the new process was doing between fork and exec when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// `/dev/null` onto stdin (and a closed stdout or stderr).
+    Stdio,
+    /// `chdir` to the command's working directory.
+    WorkingDirectory,
+    /// A process group of its own.
+    ProcessGroup,
+    /// The kept fds inherited, every other one close-on-exec.
+    Fds,
+    /// The parent-death signal armed.
+    DeathSignal,
+    /// The program executed.
+    Exec,
+    /// The new process's pidfd opened, in this process.
+    Pidfd,
+}
+
+impl Step {
+    const ALL: [Step; 6] =
+        [Step::Stdio, Step::WorkingDirectory, Step::ProcessGroup, Step::Fds, Step::DeathSignal, Step::Exec];
+
+    fn what(self) -> &'static str {
+        match self {
+            Step::Stdio => "dup2 of /dev/null onto its stdio in the new process",
+            Step::WorkingDirectory => "chdir to its working directory in the new process",
+            Step::ProcessGroup => "setpgid to a process group of its own in the new process",
+            Step::Fds => "close_range(CLOSE_RANGE_CLOEXEC) on the fds it must not keep (Linux 5.11) in the new process",
+            Step::DeathSignal => "prctl(PR_SET_PDEATHSIG) in the new process",
+            Step::Exec => "execve in the new process",
+            Step::Pidfd => "pidfd_open of the new process (Linux 5.3)",
+        }
+    }
+}
+
+/// A start that failed in the new process, before or at `exec`: which step,
+/// and the system's error number (kept for the callers that tell a
+/// shortage, `EAGAIN`, from a refusal).
+#[derive(Debug, thiserror::Error)]
+#[error("{} failed: {}{}", .step.what(), io::Error::from_raw_os_error(*.errno), hint(*.errno))]
+pub(crate) struct StartStepFailed {
+    pub(crate) step: Step,
+    pub(crate) errno: i32,
+}
+
+/// What a refusal of a system call warden needs usually means.
+fn hint(errno: i32) -> &'static str {
+    match errno {
+        libc::ENOSYS | libc::EPERM => " (a kernel older than warden needs, or a seccomp filter, refuses it)",
+        _ => "",
+    }
+}
+
+impl StartStepFailed {
+    fn into_io(self) -> io::Error {
+        io::Error::new(io::Error::from_raw_os_error(self.errno).kind(), self)
+    }
+}
+
 /// Runs in the child between fork and exec. Async-signal-safe calls only.
-fn prepare_child(keep: &[RawFd]) -> io::Result<()> {
+fn prepare_child(keep: &[RawFd]) -> Result<(), (Step, io::Error)> {
     // Everything from 3 up that is not in `keep` closes at exec.
     let mut from: libc::c_uint = 3;
     for &fd in keep {
         let fd = fd as libc::c_uint;
         if fd > from {
-            cloexec_range(from, fd - 1)?;
+            cloexec_range(from, fd - 1).map_err(|e| (Step::Fds, e))?;
         }
         from = fd + 1;
         // SAFETY: fcntl on an fd number; no memory is involved.
         if unsafe { libc::fcntl(fd as RawFd, libc::F_SETFD, 0) } == -1 {
-            return Err(io::Error::last_os_error());
+            return Err((Step::Fds, io::Error::last_os_error()));
         }
     }
-    cloexec_range(from, libc::c_uint::MAX)?;
+    cloexec_range(from, libc::c_uint::MAX).map_err(|e| (Step::Fds, e))?;
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, crate::signals::PARENT_DEATH_SIGNAL as libc::c_ulong, 0, 0, 0) }
         == -1
     {
-        return Err(io::Error::last_os_error());
+        return Err((Step::DeathSignal, io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -602,4 +670,35 @@ fn cloexec_range(first: libc::c_uint, last: libc::c_uint) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start_error(cmd: &WorkerCommand) -> String {
+        match spawn_worker(cmd, &[], 1 << 20) {
+            Ok(spawned) => {
+                let _ = rustix::process::pidfd_send_signal(&spawned.pidfd, rustix::process::Signal::KILL);
+                let _ = rustix::process::waitpid(Some(spawned.pid), rustix::process::WaitOptions::empty());
+                "started".into()
+            }
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_start_that_fails_in_the_new_process_says_at_which_step_and_why() {
+        let missing = WorkerCommand::new("/nonexistent/warden-worker", Vec::<String>::new());
+        let error = start_error(&missing);
+        assert!(error.starts_with("execve in the new process failed: No such file or directory"), "{error}");
+        let mut nowhere = WorkerCommand::new("/bin/true", Vec::<String>::new());
+        nowhere.cwd = Some(PathBuf::from("/nonexistent/dir"));
+        let error = start_error(&nowhere);
+        assert!(error.starts_with("chdir to its working directory in the new process failed"), "{error}");
+        let on_path = WorkerCommand::new("true", Vec::<String>::new());
+        assert_eq!(start_error(&on_path), "started");
+        let nowhere_on_path = WorkerCommand::new("warden-no-such-program", Vec::<String>::new());
+        assert!(start_error(&nowhere_on_path).contains("not found on PATH"));
+    }
 }

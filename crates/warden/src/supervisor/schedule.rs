@@ -60,7 +60,13 @@ pub(super) fn is_out_of_descriptors(e: &std::io::Error) -> bool {
 
 /// The system's error number behind `e`, also for a start the zygote declined.
 fn errno(e: &std::io::Error) -> Option<i32> {
-    e.raw_os_error().or_else(|| e.get_ref()?.downcast_ref::<StartDeclined>().map(|d| d.errno))
+    e.raw_os_error().or_else(|| {
+        let inner = e.get_ref()?;
+        inner
+            .downcast_ref::<StartDeclined>()
+            .map(|d| d.errno)
+            .or_else(|| inner.downcast_ref::<crate::spawn::StartStepFailed>().map(|f| f.errno))
+    })
 }
 
 /// How long a task runs, at least, before the tasks sent ahead to its worker
