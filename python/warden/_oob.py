@@ -508,8 +508,8 @@ FDS_WAIT = 60.0
 #: a memfd: ``EFBIG``), no room for its pages (``ENOSPC``, ``ENOMEM``), or
 #: ``memfd_create`` refused (a sandbox's seccomp filter: ``EPERM``,
 #: ``EACCES``; a kernel without it: ``ENOSYS``).
-_NO_ROOM = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.ENOSPC, errno.ENOMEM, errno.EPERM, errno.EACCES, errno.ENOSYS}
+_NO_ROOM = frozenset({errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.ENOSPC, errno.ENOMEM}) | frozenset(
+    {errno.EPERM, errno.EACCES, errno.ENOSYS}
 )
 
 
