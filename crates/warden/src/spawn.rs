@@ -319,6 +319,9 @@ fn command_spawn<'a>(
     keep: &[RawFd],
     extra: impl Iterator<Item = (&'a str, &'a str)>,
 ) -> io::Result<Pid> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
     let mut command = Command::new(&cmd.program);
     if let Some(arg0) = &cmd.arg0 {
         command.arg0(arg0);
@@ -434,11 +437,11 @@ mod raw_spawn {
         let argv = args.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();
         let envp = env.iter().map(|e| e.as_ptr()).chain([std::ptr::null()]).collect();
         let cwd = cmd.cwd.as_ref().map(|d| c_string(d.as_os_str().as_bytes())).transpose()?;
-        let null = rustix::fs::open(
+        let null = above_stdio(rustix::fs::open(
             "/dev/null",
             rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
-        )?;
+        )?)?;
         Ok(Prepared {
             program: c_string(program.into_os_string().into_vec())?,
             _args: args,
@@ -463,6 +466,18 @@ mod raw_spawn {
     ) -> io::Result<Pid> {
         let prepared = prepare(cmd, extra)?;
         let (report, report_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let (report, report_end) = (above_stdio(report)?, above_stdio(report_end)?);
+        // No handler of this process may run in the child before it has
+        // put every handled signal back to its default: all blocked around
+        // the clone, as `posix_spawn` does.
+        // SAFETY: signal sets are plain data; both are filled before use.
+        let (mut all, mut before): (libc::sigset_t, libc::sigset_t) =
+            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+        // SAFETY: signal sets on this stack.
+        unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut before);
+        }
         // SAFETY: a fork without `CLONE_VM`: the child gets a copy of this
         // thread alone and runs only `child`, which makes system calls on
         // the memory prepared above and never returns. With a null stack,
@@ -473,8 +488,11 @@ mod raw_spawn {
             // SAFETY: in the child, as above.
             unsafe { child(&prepared, keep, report_end.as_raw_fd()) }
         }
+        let cloned = io::Error::last_os_error();
+        // SAFETY: the mask saved above, on this stack.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut()) };
         if r == -1 {
-            return Err(io::Error::last_os_error());
+            return Err(cloned);
         }
         let pid = Pid::from_raw(r as i32).ok_or_else(|| io::Error::other("clone returned pid 0"))?;
         drop(report_end);
@@ -504,6 +522,16 @@ mod raw_spawn {
         let [s0, s1, s2, s3, e0, e1, e2, e3] = report_bytes;
         let step = Step::ALL.get(u32::from_ne_bytes([s0, s1, s2, s3]) as usize).copied().unwrap_or(Step::Exec);
         Err(StartStepFailed { step, errno: i32::from_ne_bytes([e0, e1, e2, e3]) }.into_io())
+    }
+
+    /// `fd` itself if it is above stdio, else a copy that is (close-on-exec):
+    /// with fds 0-2 closed in this process, a new fd takes one of them, and
+    /// the child's stdio set-up would overwrite it.
+    fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+        if fd.as_raw_fd() > 2 {
+            return Ok(fd);
+        }
+        Ok(rustix::io::fcntl_dupfd_cloexec(&fd, 3)?)
     }
 
     /// `fd` at number `to`, inherited across `exec`.
@@ -550,13 +578,25 @@ mod raw_spawn {
                 if libc::setpgid(0, 0) == -1 {
                     return Err((Step::ProcessGroup, io::Error::last_os_error()));
                 }
-                // The supervisor's thread blocks signals; the program starts
-                // with none blocked and SIGPIPE at its default, as under
-                // `Command`.
+                // Every handled signal back to its default (the handlers
+                // are this process's, not the program's), SIGPIPE too, as
+                // under `Command`; ignored ones stay ignored, as across
+                // `exec`. Then the program starts with none blocked.
+                for sig in 1..=libc::SIGRTMAX() {
+                    let mut action: libc::sigaction = std::mem::zeroed();
+                    if libc::sigaction(sig, std::ptr::null(), &mut action) != 0 {
+                        continue; // not a signal a program may handle
+                    }
+                    let handled = action.sa_sigaction != libc::SIG_DFL && action.sa_sigaction != libc::SIG_IGN;
+                    if handled || sig == libc::SIGPIPE {
+                        let mut default: libc::sigaction = std::mem::zeroed();
+                        default.sa_sigaction = libc::SIG_DFL;
+                        libc::sigaction(sig, &default, std::ptr::null_mut());
+                    }
+                }
                 let mut none: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut none);
                 libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             }
             prepare_child(keep)?;
             // SAFETY: C strings and null-terminated arrays made before the clone.
@@ -580,6 +620,7 @@ mod raw_spawn {
 
 /// What the new process was doing between fork and exec when it failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 pub(crate) enum Step {
     /// `/dev/null` onto stdin (and a closed stdout or stderr).
     Stdio,
@@ -597,6 +638,7 @@ pub(crate) enum Step {
     Pidfd,
 }
 
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 impl Step {
     const ALL: [Step; 6] =
         [Step::Stdio, Step::WorkingDirectory, Step::ProcessGroup, Step::Fds, Step::DeathSignal, Step::Exec];
