@@ -333,6 +333,7 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
     }
     // Single-threaded, as just checked.
     let thread_id_slot = thread_id_slot();
+    let robust_list = robust_list();
     if reply(&env, &Reply::Ready { pid: std::process::id() }).is_err() {
         return Parked::Exit(0);
     }
@@ -381,6 +382,11 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
                     // SAFETY: the slot lies in this thread's own descriptor
                     // (found by `thread_id_slot`), and this is the only thread.
                     unsafe { slot.write_volatile(rustix::thread::gettid().as_raw_nonzero().get()) };
+                }
+                if let Some((head, len)) = robust_list {
+                    // SAFETY: the list head of this thread's copy of the
+                    // zygote's memory, registered as glibc's fork() does.
+                    unsafe { libc::syscall(libc::SYS_set_robust_list, head, len) };
                 }
                 FORKED_FROM.store(zygote, Ordering::Relaxed);
                 let channel_fd = channel.as_raw_fd();
@@ -513,6 +519,20 @@ fn thread_id_slot() -> Option<*mut i32> {
             (changed.is_some() && changed != Some(before)).then_some(slot)
         }
     })
+}
+
+/// The calling thread's robust futex list (head, length), which the kernel
+/// does not give a child of a raw `clone`: glibc registers it at a thread's
+/// start and again in `fork()`'s child. Without it, a process-shared robust
+/// mutex (LMDB's, say) held by a worker that dies is never marked
+/// `EOWNERDEAD`, and the next process to lock it waits for ever.
+fn robust_list() -> Option<(usize, usize)> {
+    let mut head: usize = 0;
+    let mut len: usize = 0;
+    // SAFETY: get_robust_list(2) for this thread (pid 0) writes the two words
+    // given.
+    let rc = unsafe { libc::syscall(libc::SYS_get_robust_list, 0, &mut head as *mut usize, &mut len as *mut usize) };
+    (rc == 0 && head != 0).then_some((head, len))
 }
 
 /// `clone(CLONE_PARENT | SIGCHLD)`: a fork whose child is our parent's child.
