@@ -726,6 +726,26 @@ def test_a_task_that_interrupts_its_own_wait_with_interrupt_main_catches_keyboar
         assert ex.submit(os.getpid).result(timeout=60) == pid
 
 
+def real_sigint_after_putting_the_handler_back():
+    old = signal.signal(signal.SIGINT, lambda *_: None)
+    signal.signal(signal.SIGINT, old)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(3000):
+            time.sleep(0.01)
+        return "slept"
+    except KeyboardInterrupt:
+        return "caught KeyboardInterrupt"
+
+
+def test_a_real_sigint_is_never_taken_for_interrupt_main_even_after_a_task_put_its_handler_back():
+    # The task's signal.signal(SIGINT, old) leaves the interpreter's C
+    # handler where warden's was: the SIGINT is still a stop, not the
+    # task's own KeyboardInterrupt.
+    with warden.ProcessPoolExecutor(1) as ex, pytest.raises(warden.RemoteError, match="TaskInterrupted"):
+        ex.submit(real_sigint_after_putting_the_handler_back).result(timeout=60)
+
+
 def test_async_result_get_with_a_timeout_raises_multiprocessing_timeout_error(impl):
     with impl.Pool(1) as pool:
         result = pool.apply_async(sleep_then, (5,))

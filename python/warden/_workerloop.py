@@ -610,7 +610,7 @@ class Handler:
             # is the copy's, as if warden were not there.
             _as_without_warden(signum, frame)
             return
-        if signum == signal.SIGINT and _warden.stop_signal_received() is None:
+        if signum == signal.SIGINT and _warden.sigint_without_a_signal():
             # No SIGINT came: ``_thread.interrupt_main()`` ran this handler
             # (a task's timer interrupting its own wait). The task gets its
             # KeyboardInterrupt, as without warden; between tasks, nothing.

@@ -120,12 +120,11 @@ pub fn hold_stops(held: bool) {
     warden::frontend::hold_stops(held);
 }
 
-/// The first stop signal (SIGTERM, SIGHUP, SIGINT) this worker received,
-/// or `None`: the Python handler of SIGINT called without one is
-/// `_thread.interrupt_main()`.
+/// Whether the worker's SIGINT handler runs without a SIGINT having come:
+/// `_thread.interrupt_main()` called by a task.
 #[pyfunction]
-pub fn stop_signal_received() -> Option<i32> {
-    warden::frontend::stop_signal_received()
+pub fn sigint_without_a_signal(py: Python<'_>) -> bool {
+    py.detach(warden::frontend::sigint_without_a_signal)
 }
 
 /// Sends SIGTERM again to this process's thread `tid` (a kernel thread id,

@@ -27,7 +27,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 
 /// The first stop signal received, or 0.
 static PENDING: AtomicU32 = AtomicU32::new(0);
@@ -36,6 +36,8 @@ static PENDING: AtomicU32 = AtomicU32::new(0);
 static OWNER: AtomicI32 = AtomicI32::new(0);
 /// The channel fd whose read side a stop signal shuts down, or -1.
 static CHANNEL: AtomicI32 = AtomicI32::new(-1);
+/// The SIGINT handler installed here (the registry's), or 0.
+static SIGINT_HANDLER: AtomicUsize = AtomicUsize::new(0);
 
 /// The signal a worker gets when the thread that spawned it dies (the pool's
 /// supervisor, or the whole parent process).
@@ -97,9 +99,30 @@ pub(crate) fn install(channel: RawFd) -> io::Result<()> {
         unsafe { signal_hook_registry::register(sig, move || on_stop_signal(sig)) }?;
         interrupt_blocking_calls(sig)?;
     }
+    SIGINT_HANDLER.store(current_handler(libc::SIGINT), Ordering::SeqCst);
     ignore_terminal_stops();
     unblock_in_this_thread();
     Ok(())
+}
+
+/// The handler `sig` has now (its `sa_sigaction`), or 0.
+fn current_handler(sig: i32) -> usize {
+    // SAFETY: sigaction(2) reads the current action into a zeroed struct.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(sig, std::ptr::null(), &mut action) != 0 {
+            return 0;
+        }
+        action.sa_sigaction
+    }
+}
+
+/// Whether SIGINT still reaches the handler installed here: a task that set
+/// a handler of its own and put "the old one" back with Python's
+/// `signal.signal` left the interpreter's alone in its place.
+pub(crate) fn sigint_watched() -> bool {
+    let ours = SIGINT_HANDLER.load(Ordering::SeqCst);
+    ours != 0 && current_handler(libc::SIGINT) == ours
 }
 
 /// Unblocks the stop signals in the calling thread, now that their handlers

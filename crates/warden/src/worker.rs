@@ -166,11 +166,17 @@ pub fn hold_stops(held: bool) {
     STOPS_HELD.store(held, Ordering::SeqCst);
 }
 
-/// The first stop signal (SIGTERM, SIGHUP, SIGINT) this worker received, if
-/// any: a binding's own handler for one of them tells a real signal from a
-/// call that only runs the handler (Python's `_thread.interrupt_main()`).
-pub fn stop_signal_received() -> Option<i32> {
-    signals::pending()
+/// Whether a binding's own SIGINT handler runs without a SIGINT having come
+/// (Python's `_thread.interrupt_main()` runs it by itself): no stop signal
+/// recorded, while SIGINT still reaches the handlers that record it. A
+/// SIGINT delivered to another thread runs the binding's handler before
+/// ours records it, so a missing record is looked at again after a moment.
+pub fn sigint_without_a_signal() -> bool {
+    if signals::pending().is_some() || !signals::sigint_watched() {
+        return false;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    signals::pending().is_none()
 }
 
 /// Runs tasks in one language. Implemented by the Rust task runner and by the
