@@ -14,9 +14,9 @@ The receiver maps the segment copy-on-write and unpickles with those buffers:
   numpy array that was read-only in the sender too (:func:`unpickle`: as
   under the standard library's protocol 4, every array received is
   writable and its own; a read-only one that came inline costs a copy);
-  the mapping lives as long as the arrays built on it (an array under a
-  quarter of the segment is copied out of it first, so that keeping it does
-  not keep its larger siblings: ``_warden.SegmentBuffer.alone``);
+  the mapping lives as long as the arrays built on it (a small array beside
+  one at least four times its size is copied out of it first, so that
+  keeping it does not keep that one: ``_warden.SegmentBuffer.alone``);
 * ``bytes`` and ``bytearray`` are copied out of the mapping once (they own
   their memory in CPython).
 
@@ -970,13 +970,16 @@ def open_segment(fd: int) -> list[Any]:
     if magic != _MAGIC or _HEAD.size + count * _ENTRY.size > size:
         raise SegmentError("the shared segment has no valid table of buffers")
     buffers = []
+    largest = 0
     for i in range(count):
         off, n = _ENTRY.unpack_from(view, _HEAD.size + i * _ENTRY.size)
         if off + n > size:
             raise SegmentError(f"buffer {i} of the shared segment lies outside it")
+        largest = max(largest, n)
         # Each buffer is an object of its own, of exactly its size (see
         # ``_warden.SegmentBuffer``), not a slice of the segment.
         buffers.append(_warden.SegmentBuffer(segment, off, n))
+    segment.set_largest_buffer(largest)
     return buffers
 
 

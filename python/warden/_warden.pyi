@@ -44,7 +44,7 @@ __all__ = [
     "run_exit_finalizers",
     "send_record",
     "setsid",
-    "stop_signal_received",
+    "sigint_without_a_signal",
     "stop_thread_again",
     "task_clock",
     "trim_heap",
@@ -277,6 +277,7 @@ class Segment:
 
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
+    def set_largest_buffer(self, size: int) -> None: ...
 
 @final
 class SegmentBuffer:
@@ -285,6 +286,8 @@ class SegmentBuffer:
     def __new__(cls, segment: Segment, offset: int, length: int) -> SegmentBuffer: ...
     def __len__(self) -> int: ...
     def alone(self) -> SegmentBuffer: ...
+    @property
+    def segment(self) -> Segment: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
 def map_segment(fd: int, min: int, max: int) -> Segment: ...
@@ -357,9 +360,9 @@ def hold_stops(held: bool) -> None:
     """Holds (``True``) or releases (``False``) the core's own exit after a
     stop signal, while the worker enters its ``worker_context``."""
 
-def stop_signal_received() -> int | None:
-    """The first stop signal (SIGTERM, SIGHUP, SIGINT) this worker received,
-    or ``None``."""
+def sigint_without_a_signal() -> bool:
+    """Whether the worker's SIGINT handler runs without a SIGINT having come
+    (``_thread.interrupt_main()``)."""
 
 def zygote_main(prepare: Callable[[bytes], str | None], finish: Callable[[], object] | None = None) -> None:
     """Runs this process as the zygote of the pool that started it: calls

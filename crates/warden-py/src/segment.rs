@@ -23,6 +23,7 @@
 use std::ffi::c_int;
 use std::os::fd::RawFd;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
@@ -42,6 +43,9 @@ pub struct Segment {
     mapped: usize,
     /// An anonymous mapping that may be kept as a spare when dropped.
     spare: bool,
+    /// The size of the largest buffer it holds (0: unknown), against which
+    /// [`SegmentBuffer::alone`] weighs one buffer.
+    largest: AtomicUsize,
 }
 
 // SAFETY: the mapping is private to this process and lives exactly as long as
@@ -148,6 +152,11 @@ impl Segment {
         self.len
     }
 
+    /// Says how large the largest buffer it holds is.
+    fn set_largest_buffer(&self, size: usize) {
+        self.largest.store(size, Ordering::Relaxed);
+    }
+
     /// Exposes the mapping as a writable buffer of bytes.
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         let (ptr, len) = {
@@ -204,17 +213,19 @@ impl SegmentBuffer {
         self.len
     }
 
-    /// This buffer, or, if it is less than a quarter of its segment's bytes,
-    /// a copy of it on a mapping of its own ([`Segment::anonymous`]): what
-    /// an array received beside larger ones is built on, so that keeping it
-    /// does not keep their memory too. An array kept from a segment keeps at
-    /// most four times its own size of it; the copy costs at most the
-    /// segment's size once, spread over its smaller buffers.
+    /// This buffer, or, if it is small (at most [`ALONE_MAX`]) beside one at
+    /// least [`ALONE_BESIDE`] times its size in the same segment, a copy of
+    /// it on a mapping of its own ([`Segment::anonymous`]): what an array
+    /// received beside a much larger one is built on, so that keeping it
+    /// (the small one of `return big, small`) does not keep the large one's
+    /// memory too. Buffers of similar sizes (a chunk of a `map`) stay on the
+    /// segment, uncopied.
     fn alone(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
         let py = slf.py();
         let (from, len) = {
             let me = slf.get();
-            if me.len >= me.segment.get().len / ALONE_FROM_SHARE {
+            let largest = me.segment.get().largest.load(Ordering::Relaxed);
+            if me.len > ALONE_MAX || me.len.saturating_mul(ALONE_BESIDE) > largest {
                 return Ok(slf);
             }
             // SAFETY: `offset + len` was checked against the segment's
@@ -233,6 +244,12 @@ impl SegmentBuffer {
             unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, len) };
         });
         Bound::new(py, SegmentBuffer::new(Py::new(py, copy)?, 0, len)?)
+    }
+
+    /// The segment (the mapping) this buffer lies in, which it keeps alive.
+    #[getter]
+    fn segment(&self, py: Python<'_>) -> Py<Segment> {
+        self.segment.clone_ref(py)
     }
 
     /// Exposes the buffer's bytes, writable.
@@ -265,7 +282,7 @@ impl Segment {
         if len >= POPULATE_FROM {
             if let Some((addr, mapped)) = spares::take(len) {
                 if let Some(ptr) = NonNull::new(addr as *mut u8) {
-                    return Ok(Segment { ptr, len, mapped, spare: true });
+                    return Ok(Segment { ptr, len, mapped, spare: true, largest: AtomicUsize::new(0) });
                 }
             }
         }
@@ -282,7 +299,7 @@ impl Segment {
         .map_err(|e| pyo3::exceptions::PyMemoryError::new_err(format!("cannot map {len} bytes: {e}")))?;
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| PyValueError::new_err("mmap returned null"))?;
         // Only mappings a later read may take are worth keeping.
-        Ok(Segment { ptr, len, mapped, spare: len >= POPULATE_FROM })
+        Ok(Segment { ptr, len, mapped, spare: len >= POPULATE_FROM, largest: AtomicUsize::new(0) })
     }
 
     /// Where the mapping starts.
@@ -322,12 +339,15 @@ pub fn map_segment(fd: RawFd, min: usize, max: usize) -> PyResult<Segment> {
     }
     .map_err(|e| PyValueError::new_err(format!("cannot map the shared segment: {e}")))?;
     let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| PyValueError::new_err("mmap returned null"))?;
-    Ok(Segment { ptr, len: size, mapped: size, spare: false })
+    Ok(Segment { ptr, len: size, mapped: size, spare: false, largest: AtomicUsize::new(0) })
 }
 
-/// A buffer under this fraction of its segment is copied out of it before
-/// an array is built on it ([`SegmentBuffer::alone`]).
-const ALONE_FROM_SHARE: usize = 4;
+/// A buffer of at most [`ALONE_MAX`] bytes beside one this many times its
+/// size is copied out of its segment before an array is built on it
+/// ([`SegmentBuffer::alone`]).
+const ALONE_BESIDE: usize = 4;
+/// The largest buffer [`SegmentBuffer::alone`] copies (a millisecond's copy).
+const ALONE_MAX: usize = 4 << 20;
 
 /// Fresh destinations of at least this many bytes are populated before a
 /// copy into them (see [`populate`]).
