@@ -740,10 +740,15 @@ def real_sigint_after_putting_the_handler_back():
 
 def test_a_real_sigint_is_never_taken_for_interrupt_main_even_after_a_task_put_its_handler_back():
     # The task's signal.signal(SIGINT, old) leaves the interpreter's C
-    # handler where warden's was: the SIGINT is still a stop, not the
-    # task's own KeyboardInterrupt.
-    with warden.ProcessPoolExecutor(1) as ex, pytest.raises(warden.RemoteError, match="TaskInterrupted"):
-        ex.submit(real_sigint_after_putting_the_handler_back).result(timeout=60)
+    # handler where warden's was: the SIGINT is still a stop (as the docs
+    # say, the task fails with WorkerCrashed and its worker is replaced),
+    # not the task's own KeyboardInterrupt, nor a stop only half taken.
+    with warden.ProcessPoolExecutor(1) as ex:
+        pid = ex.submit(os.getpid).result(timeout=60)
+        with pytest.raises(warden.WorkerCrashed) as crashed:
+            ex.submit(real_sigint_after_putting_the_handler_back).result(timeout=60)
+        assert crashed.value.signal == signal.SIGINT
+        assert ex.submit(os.getpid).result(timeout=60) != pid
 
 
 def test_async_result_get_with_a_timeout_raises_multiprocessing_timeout_error(impl):

@@ -40,6 +40,7 @@ __all__ = [
     "own_thread_ids",
     "prepare_interrupt_forwarding",
     "read_remote",
+    "record_stop_signal",
     "register_finalizer",
     "run_exit_finalizers",
     "send_record",
@@ -359,6 +360,10 @@ def setsid() -> int:
 def hold_stops(held: bool) -> None:
     """Holds (``True``) or releases (``False``) the core's own exit after a
     stop signal, while the worker enters its ``worker_context``."""
+
+def record_stop_signal(signum: int) -> None:
+    """Records a stop signal the worker's Python handler received when the
+    core's handlers did not: the worker stops as for any stop signal."""
 
 def sigint_without_a_signal() -> bool:
     """Whether the worker's SIGINT handler runs without a SIGINT having come

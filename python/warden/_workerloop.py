@@ -617,6 +617,9 @@ class Handler:
             if self.running:
                 signal.default_int_handler(signum, frame)
             return
+        # A stop. Where a task put the interpreter's handler back in place
+        # of the core's, only this one saw it: the core learns it here.
+        _warden.record_stop_signal(signum)
         self.stopping = True
         # Pools this worker started stop at once at its exit (only a worker
         # that started one has loaded warden._runner).

@@ -120,6 +120,14 @@ pub fn hold_stops(held: bool) {
     warden::frontend::hold_stops(held);
 }
 
+/// Records stop signal `signum`, which the worker's Python handler received
+/// while the core's handlers did not (a task put the interpreter's handler
+/// back in their place): the worker stops as for any stop signal.
+#[pyfunction]
+pub fn record_stop_signal(signum: i32) {
+    warden::frontend::record_stop_signal(signum);
+}
+
 /// Whether the worker's SIGINT handler runs without a SIGINT having come:
 /// `_thread.interrupt_main()` called by a task.
 #[pyfunction]

@@ -63,6 +63,16 @@ fn on_stop_signal(sig: i32) {
     let _ = rustix::thread::futex::wake(&PENDING, rustix::thread::futex::Flags::PRIVATE, u32::MAX);
 }
 
+/// Records a stop signal that the binding's own handler saw but these
+/// handlers did not (a task put the interpreter's handler back in place of
+/// the registry's): as if it had come through them. Nothing if a stop is
+/// recorded already.
+pub(crate) fn record(sig: i32) {
+    if PENDING.load(Ordering::SeqCst) == 0 {
+        on_stop_signal(sig);
+    }
+}
+
 /// A stop signal in a copy of the worker made by `fork()` in a task: the
 /// worker's flags and channel are not the copy's (shutting the shared
 /// channel down would end the worker). SIGTERM and SIGHUP end the copy as

@@ -166,6 +166,13 @@ pub fn hold_stops(held: bool) {
     STOPS_HELD.store(held, Ordering::SeqCst);
 }
 
+/// Records stop signal `sig` that a binding's own handler received when
+/// the core's handlers did not (a task replaced them): the worker then
+/// stops as for any stop signal. Nothing if a stop is recorded already.
+pub fn record_stop_signal(sig: i32) {
+    signals::record(sig);
+}
+
 /// Whether a binding's own SIGINT handler runs without a SIGINT having come
 /// (Python's `_thread.interrupt_main()` runs it by itself): no stop signal
 /// recorded, while SIGINT still reaches the handlers that record it. A
