@@ -859,3 +859,41 @@ def test_a_forked_workers_main_thread_is_reached_through_its_pthread_handle_and_
         "zygote": cpus,  # the worker's pinning did not reach the zygote
         "forked": True,
     }
+
+
+HOLDS_A_ROBUST_MUTEX = """
+import ctypes, mmap
+libc = ctypes.CDLL(None, use_errno=True)
+shared = mmap.mmap(-1, 4096)  # anonymous, shared with the processes forked from here
+mutex = ctypes.c_char.from_buffer(shared)
+attr = ctypes.create_string_buffer(64)
+assert libc.pthread_mutexattr_init(attr) == 0
+assert libc.pthread_mutexattr_setpshared(attr, 1) == 0
+assert libc.pthread_mutexattr_setrobust(attr, 1) == 0
+assert libc.pthread_mutex_init(ctypes.byref(mutex), attr) == 0
+assert libc.pthread_mutex_lock(ctypes.byref(mutex)) == 0  # held by the zygote
+"""
+
+
+def robust_list_is_empty():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    head, size = ctypes.c_void_p(), ctypes.c_size_t()
+    number = {"x86_64": 274, "aarch64": 100}[platform.machine()]
+    assert libc.syscall(number, 0, ctypes.byref(head), ctypes.byref(size)) == 0
+    first = ctypes.c_void_p.from_address(head.value).value
+    return _warden.forked_from() is not None, first == head.value
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "aarch64"), reason="the zygote forks on x86-64 and aarch64"
+)
+def test_a_forked_worker_holds_none_of_the_robust_mutexes_its_zygote_holds(tmp_path, monkeypatch):
+    # A worker's robust list is its own, and empty: a mutex the zygote
+    # holds is not the worker's, and its list must not lead into the
+    # zygote's (a lock of the worker's would write through it).
+    (tmp_path / "holds_a_robust_mutex.py").write_text(HOLDS_A_ROBUST_MUTEX)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warden.ProcessPoolExecutor(1, start="zygote", preload=["holds_a_robust_mutex"]) as ex:
+        assert ex.submit(robust_list_is_empty).result(timeout=60) == (True, True)

@@ -384,9 +384,20 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
                     unsafe { slot.write_volatile(rustix::thread::gettid().as_raw_nonzero().get()) };
                 }
                 if let Some((head, len)) = robust_list {
-                    // SAFETY: the list head of this thread's copy of the
-                    // zygote's memory, registered as glibc's fork() does.
-                    unsafe { libc::syscall(libc::SYS_set_robust_list, head, len) };
+                    // SAFETY: the list head in this thread's copy of the
+                    // zygote's memory, emptied (the child holds none of the
+                    // zygote's mutexes) and registered, as glibc's fork()
+                    // does; glibc's `robust_prev`, the word before the head
+                    // and 16 bytes after the thread id, only where the thread
+                    // id's slot says that is the layout.
+                    unsafe {
+                        let list = head as *mut usize;
+                        list.write_volatile(head);
+                        if thread_id_slot.is_some_and(|slot| slot as usize + 16 == head) {
+                            list.sub(1).write_volatile(head);
+                        }
+                        libc::syscall(libc::SYS_set_robust_list, head, len);
+                    }
                 }
                 FORKED_FROM.store(zygote, Ordering::Relaxed);
                 let channel_fd = channel.as_raw_fd();
