@@ -1226,6 +1226,23 @@ def test_an_array_kept_from_a_result_or_a_call_holds_its_own_memory_not_its_larg
     del small
 
 
+def big_and_medium(_: int):
+    np = numpy()
+    return np.ones(16 << 20), np.ones(6 << 17)  # 128 MiB, 6 MiB
+
+
+def test_an_array_over_4_mib_kept_beside_one_sixteen_times_its_size_holds_its_own_memory(
+    executor, no_segment_leaks
+):
+    numpy()  # or a skip
+    big, medium = executor.submit(big_and_medium, 0).result(timeout=60)
+    del big
+    gc.collect()
+    assert medium.sum() == 6 << 17
+    assert 0 < memory_holding(medium) < 16 << 20
+    del medium
+
+
 def first_holds(arrays) -> int:
     return memory_holding(arrays[0])
 
