@@ -66,9 +66,12 @@ fn on_stop_signal(sig: i32) {
 /// Records a stop signal that the binding's own handler saw but these
 /// handlers did not (a task put the interpreter's handler back in place of
 /// the registry's): as if it had come through them. Nothing if a stop is
-/// recorded already.
+/// recorded already, or before these handlers are installed in this
+/// process (the worker's start then takes the stop the binding saw).
 pub(crate) fn record(sig: i32) {
-    if PENDING.load(Ordering::SeqCst) == 0 {
+    // SAFETY: getpid(2) has no preconditions.
+    let installed_here = OWNER.load(Ordering::SeqCst) == unsafe { libc::getpid() };
+    if installed_here && PENDING.load(Ordering::SeqCst) == 0 {
         on_stop_signal(sig);
     }
 }
