@@ -214,19 +214,19 @@ impl SegmentBuffer {
     }
 
     /// This buffer, or, if it is small (at most [`ALONE_MAX`], or a
-    /// sixteenth of the largest) beside one at least [`ALONE_BESIDE`] times
-    /// its size in the same segment, a copy of
-    /// it on a mapping of its own ([`Segment::anonymous`]): what an array
-    /// received beside a much larger one is built on, so that keeping it
-    /// (the small one of `return big, small`) does not keep the large one's
-    /// memory too. Buffers of similar sizes (a chunk of a `map`) stay on the
-    /// segment, uncopied.
+    /// [`ALONE_SHARE`]th of the largest) beside one at least
+    /// [`ALONE_BESIDE`] times its size in the same segment, a copy of it on
+    /// a mapping of its own ([`Segment::anonymous`]): what an array received
+    /// beside a much larger one is built on, so that keeping it (the small
+    /// one of `return big, small`) does not keep the large one's memory too.
+    /// Buffers of similar sizes (a chunk of a `map`) stay on the segment,
+    /// uncopied.
     fn alone(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
         let py = slf.py();
         let (from, len) = {
             let me = slf.get();
             let largest = me.segment.get().largest.load(Ordering::Relaxed);
-            if me.len > ALONE_MAX.max(largest / 16) || me.len.saturating_mul(ALONE_BESIDE) > largest {
+            if me.len > ALONE_MAX.max(largest / ALONE_SHARE) || me.len.saturating_mul(ALONE_BESIDE) > largest {
                 return Ok(slf);
             }
             // SAFETY: `offset + len` was checked against the segment's
@@ -343,13 +343,15 @@ pub fn map_segment(fd: RawFd, min: usize, max: usize) -> PyResult<Segment> {
     Ok(Segment { ptr, len: size, mapped: size, spare: false, largest: AtomicUsize::new(0) })
 }
 
-/// A buffer of at most [`ALONE_MAX`] bytes (or a sixteenth of the largest)
+/// A buffer of at most [`ALONE_MAX`] bytes (or [`ALONE_SHARE`]th of the largest)
 /// beside one this many times its size is copied out of its segment before
 /// an array is built on it ([`SegmentBuffer::alone`]).
 const ALONE_BESIDE: usize = 4;
 /// The largest buffer [`SegmentBuffer::alone`] copies whatever its
 /// neighbours' sizes (a millisecond's copy).
 const ALONE_MAX: usize = 4 << 20;
+/// Or up to this fraction of the largest buffer beside it.
+const ALONE_SHARE: usize = 16;
 
 /// Fresh destinations of at least this many bytes are populated before a
 /// copy into them (see [`populate`]).

@@ -363,8 +363,8 @@ fn command_spawn<'a>(
 /// address space copied, as `fork` does), and between it and `exec` it makes
 /// only system calls on what was prepared before: the program, its
 /// arguments and environment as C strings, an fd of `/dev/null`, and a
-/// close-on-exec pipe on which it reports a failure's errno (as
-/// `std::process::Command` does).
+/// close-on-exec pipe on which it reports the step that failed and its errno
+/// (as `std::process::Command` reports the errno).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod raw_spawn {
     use std::collections::BTreeMap;
