@@ -708,6 +708,59 @@ def test_close_after_imap_still_runs_every_item_of_its_iterable(method, std_pool
     assert outcomes["warden"] == outcomes["std"] == [x * x for x in range(20)]
 
 
+@pytest.mark.parametrize("method", ["map", "starmap", "map_async"])
+def test_a_map_running_in_another_thread_when_close_is_called_still_gets_every_item(method):
+    # Another thread is inside map() (its items being pickled) when the main
+    # thread closes the pool: "no new work" does not cut that map short.
+    pickling, closed = threading.Event(), threading.Event()
+
+    class Item:
+        def __init__(self, n):
+            self.n = n
+
+        def __reduce__(self):
+            if self.n == 3 and not pickling.is_set():
+                pickling.set()
+                closed.wait(30)
+            return (int, (self.n,))
+
+    def run(make):
+        pickling.clear()
+        closed.clear()
+        p = make(2)
+        outcome = {}
+        try:
+            items = [Item(i) for i in range(40)]
+            if method == "starmap":
+                call = functools.partial(p.starmap, square, [(item,) for item in items], 1)
+            elif method == "map_async":
+                call = lambda: p.map_async(square, items, 1).get(60)  # noqa: E731
+            else:
+                call = functools.partial(p.map, square, items, 1)
+
+            def mapper():
+                try:
+                    outcome["result"] = call()
+                except Exception as e:
+                    outcome["result"] = repr(e)
+
+            thread = threading.Thread(target=mapper)
+            thread.start()
+            assert pickling.wait(60)
+            p.close()
+            closed.set()
+            thread.join(60)
+            p.join()
+        finally:
+            closed.set()
+            p.terminate()
+        return outcome["result"]
+
+    std = run(multiprocessing.get_context("spawn").Pool)
+    assert std == [i * i for i in range(40)]
+    assert run(warden.Pool) == std
+
+
 def refilled_blocks(n, np):
     block = np.empty(100_000, dtype=np.int64)  # above the inline limit: out of band
     for i in range(n):
@@ -907,6 +960,37 @@ def test_terminate_cancels_tasks_and_finalizers_still_run(tmp_path):
             r.get(timeout=5)
     assert len(out.read_text().splitlines()) == 2
     p.join()
+
+
+def test_terminate_under_a_lock_its_error_callbacks_take_returns_and_join_runs_them_all():
+    # The callbacks of results and their errors do their bookkeeping under
+    # the program's lock, and the program terminates the pool under it: the
+    # error_callback of each task terminate cancels waits for that lock.
+    lock = threading.Lock()
+    seen = []
+
+    def note(value):
+        with lock:
+            seen.append(value)
+
+    p = warden.Pool(2)
+    try:
+        results = [p.apply_async(sleep_then, (0.2, i), callback=note, error_callback=note) for i in range(20)]
+        assert wait_until(lambda: sum(w.running_task is not None for w in p._runner.core.workers()) == 2)
+        with lock:
+            start = time.monotonic()
+            p.terminate()
+            took = time.monotonic() - start
+        # The workers stop in well under a second; the results thread's
+        # delivery (stuck on the lock) is waited for no longer than that.
+        assert took < warden.pool.TERMINATE_DELIVERY_WAIT + 4, took
+        p.join()
+        assert len(seen) == 20
+        assert sum(isinstance(v, CancelledError) for v in seen) >= 10
+        for r in results:
+            assert r.ready()
+    finally:
+        p.terminate()
 
 
 def test_context_manager_exit_terminates_like_the_standard_library(tmp_path):

@@ -8,6 +8,7 @@ the same observable result for both.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import gc
@@ -622,6 +623,95 @@ def test_shutdown_without_waiting_cancels_the_queued_futures_before_it_returns()
     assert len(done) == 20 and not not_done
     assert first.cancelled() or first.result(timeout=30) == "first"
     ex.shutdown(wait=True)
+
+
+def test_shutdown_without_waiting_returns_while_the_callbacks_of_what_it_cancels_need_the_callers_lock(impl):
+    # Bookkeeping under the owner's lock: the callbacks of the futures
+    # shutdown cancels take the lock its caller holds. The standard library
+    # runs them on its manager thread, after shutdown(wait=False) returned.
+    lock = threading.Lock()
+    pending = set()
+    called = []
+
+    def done(future):
+        with lock:
+            pending.discard(future)
+            called.append(future)
+
+    ex = impl.Executor(1)
+    try:
+        assert ex.submit(identity, 0).result(timeout=60) == 0  # the worker is up
+        futures = [ex.submit(sleep_then, 0.2, i) for i in range(12)]
+        for future in futures:
+            pending.add(future)
+            future.add_done_callback(done)
+        returned = threading.Event()
+
+        def close():
+            with lock:
+                ex.shutdown(wait=False, cancel_futures=True)
+                returned.set()
+
+        closer = threading.Thread(target=close, daemon=True)
+        closer.start()
+        assert returned.wait(30), "shutdown(wait=False, cancel_futures=True) did not return"
+        closer.join(30)
+        # (The standard library's second shutdown does not wait: it
+        # forgets its manager thread in the first; and its wait() never
+        # counts a future cancel_futures cancelled as done.)
+        assert wait_until(lambda: all(f.done() for f in futures), timeout=30)
+        assert sum(f.cancelled() for f in futures) >= 8
+        assert wait_until(lambda: not pending, timeout=30), pending
+        time.sleep(0.2)  # no callback runs twice
+        assert sorted(map(id, called)) == sorted(map(id, futures))
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+def touch_after(path, seconds):
+    time.sleep(seconds)
+    with open(path, "w"):
+        pass
+
+
+def test_a_map_cut_short_by_a_shutdown_from_another_thread_still_runs_what_it_submitted(impl, tmp_path):
+    # map() submits as it reads its iterable; a shutdown (without
+    # cancel_futures) lands halfway. The map raises, and the calls it had
+    # submitted run, as shutdown promises of what was submitted.
+    halfway, shut = threading.Event(), threading.Event()
+
+    def items():
+        for i in range(100):
+            if i == 50:
+                halfway.set()
+                shut.wait(30)
+            yield str(tmp_path / f"{i}")
+
+    ex = impl.Executor(2)
+    try:
+        raised = []
+
+        def mapper():
+            try:
+                ex.map(touch_after, items(), [0.02] * 100)
+            except RuntimeError as e:
+                raised.append(e)
+
+        thread = threading.Thread(target=mapper)
+        thread.start()
+        assert halfway.wait(60)
+        ex.shutdown(wait=False)
+        shut.set()
+        thread.join(30)
+        assert raised and "cannot schedule new futures" in str(raised[0])
+        expected = {str(i) for i in range(50)}
+        assert wait_until(lambda: set(os.listdir(tmp_path)) >= expected, timeout=60), sorted(
+            os.listdir(tmp_path), key=int
+        )
+        assert set(os.listdir(tmp_path)) == expected
+    finally:
+        shut.set()
+        ex.shutdown(wait=False, cancel_futures=True)
 
 
 def test_a_result_that_cannot_be_pickled_raises_maybe_encoding_error(impl):
@@ -1286,6 +1376,66 @@ def test_dask_takes_a_warden_pool_where_it_takes_a_multiprocessing_pool(impl):
     assert set(pids) <= workers
 
 
+def kill_own_worker(_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def square(x):
+    return x * x
+
+
+def test_dask_on_a_warden_pool_goes_on_after_tasks_killed_their_workers():
+    # dask takes len(pool._pool) for the number of workers, and submits
+    # nothing when it reads 0; warden's pool outlives a crash, so the program
+    # catches it and goes on.
+    dask = pytest.importorskip("dask", reason="dask is an optional test dependency (`make test` installs it)")
+    with warden.Pool(2) as pool, dask.config.set(scheduler="processes", pool=pool):
+        for _ in range(20):
+            with pytest.raises(warden.WorkerCrashed):
+                dask.compute(dask.delayed(kill_own_worker)(0), dask.delayed(kill_own_worker)(1))
+            assert len(pool._pool) == 2
+            assert dask.compute(dask.delayed(square)(3)) == (9,)
+
+
+def test_a_pool_lists_as_many_workers_as_it_has_right_after_they_crashed():
+    # What dask reads above, looked at the moment both crashes are known
+    # (the pool is then still replacing one of them, often).
+    with warden.Pool(2) as pool:
+        assert len(pool._pool) == 2
+        sizes = collections.Counter()
+        for _ in range(100):
+            crashes = [pool.apply_async(kill_own_worker, (i,)) for i in range(2)]
+            for crash in crashes:
+                with pytest.raises(warden.WorkerCrashed):
+                    crash.get(60)
+            sizes[len(pool._pool)] += 1
+        assert sizes == {2: 100}
+        assert all(w.is_alive() for w in pool._pool)
+
+
+@pytest.mark.parametrize("stop", ["terminate", "close"])
+def test_a_stopped_pool_still_lists_as_many_workers_exited(impl, stop):
+    # The standard library keeps its list of (exited) workers; dask, given
+    # such a pool, then gets "Pool not running" from apply_async, not a hang.
+    pool = impl.Pool(2)
+    assert pool.apply(identity, (1,)) == 1
+    getattr(pool, stop)()
+    pool.join()
+    assert len(pool._pool) == 2
+    assert not any(w.is_alive() for w in pool._pool)
+    with pytest.raises(ValueError, match="Pool not running"):
+        pool.apply_async(identity, (1,))
+
+
+def test_a_pool_replacing_workers_after_each_task_lists_no_more_than_its_size():
+    with warden.Pool(2, maxtasksperchild=1) as pool:
+        sizes = set()
+        for _ in range(20):
+            pool.map(identity, range(4), chunksize=1)
+            sizes.add(len(pool._pool))
+    assert sizes == {2}
+
+
 def test_a_fork_context_lock_in_initargs_is_refused_once_naming_it_and_the_fix(program):
     pytest.importorskip("tqdm", reason="tqdm is an optional test dependency (`make test` installs it)")
     prog = program(
@@ -1359,6 +1509,7 @@ def test_a_fork_context_queue_kept_on_a_process_subclass_is_refused_naming_the_a
         "error: self.tasks (a multiprocessing.queues.Queue holding a multiprocessing.synchronize.Lock) "
         "was made for the 'fork' start method"
     ), error
+    assert "tqdm" not in error  # its hint is for tqdm's lock only
     assert run.lines[-2:] == ["job", "exit 0"], run.stdout
 
 

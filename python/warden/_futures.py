@@ -93,6 +93,10 @@ class Future(_base.Future["_T"]):
     #: the task's "cancelled" outcome came meanwhile (see ``_deliver``).
     _cancellers = 0
     _cancel_came = False
+    #: Cancelled by ``shutdown(cancel_futures=True)``, whose done-callbacks
+    #: run on the results thread, as the standard library runs them on its
+    #: manager thread (not in the caller, which may hold a lock they take).
+    _callbacks_owed = False
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         refuse_pickling(self, "its result()")
@@ -321,7 +325,11 @@ class Future(_base.Future["_T"]):
                     self._condition.wait(left)
         return self._state in _CANCELLED
 
-    def _mark_cancelled(self) -> bool:
+    def _mark_cancelled(self, callbacks: bool = True) -> bool:
+        """Cancels the future (``False`` if it has finished). Its
+        done-callbacks run now, in this thread; or, without ``callbacks``,
+        when the task's "cancelled" outcome reaches the future on the results
+        thread (owed till then), or when the pool ends without it."""
         if self._lazy_condition is None:
             with _CONDITION_LOCK:
                 if self._lazy_condition is None:
@@ -335,12 +343,19 @@ class Future(_base.Future["_T"]):
             if self._state == _base.FINISHED:
                 return False
             if self._state in _CANCELLED:
-                return True
-            self._state = _base.CANCELLED_AND_NOTIFIED
-            for waiter in self._waiters:
-                waiter.add_cancelled(self)
-            self._condition.notify_all()
-        self._invoke_callbacks()
+                run = callbacks and self._callbacks_owed
+                if run:
+                    self._callbacks_owed = False
+            else:
+                self._state = _base.CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+                self._condition.notify_all()
+                run = callbacks
+                if not callbacks:
+                    self._callbacks_owed = True
+        if run:
+            self._invoke_callbacks()
         return True
 
     # -- completing (on the results thread) --------------------------------
@@ -359,16 +374,23 @@ class Future(_base.Future["_T"]):
                     return
         with self._condition:
             if self._state in _DONE:
-                return
-            self._result, self._error = value, error
-            self._state = _base.FINISHED
-            for waiter in self._waiters:
-                if error is None:
-                    waiter.add_result(self)
-                else:
-                    waiter.add_exception(self)
-            self._condition.notify_all()
-        self._invoke_callbacks()
+                # Done already; a cancel may have left its callbacks owed
+                # (the pool ended before the "cancelled" outcome came).
+                run = self._callbacks_owed
+                if run:
+                    self._callbacks_owed = False
+            else:
+                run = True
+                self._result, self._error = value, error
+                self._state = _base.FINISHED
+                for waiter in self._waiters:
+                    if error is None:
+                        waiter.add_result(self)
+                    else:
+                        waiter.add_exception(self)
+                self._condition.notify_all()
+        if run:
+            self._invoke_callbacks()
 
     def _deliver(self, ok: bool, data: Any) -> None:
         """Takes a task outcome from the results thread."""

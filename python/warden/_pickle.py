@@ -1139,21 +1139,42 @@ def _fork_error(culprit: Any, parameters: Iterable[tuple[str, Any]]) -> RuntimeE
     """The error for an object made for the ``fork`` start method, naming the
     parameter that carries it."""
     where = "an argument"
+    holder = culprit
     for name, value in parameters:
         if value is culprit:
             where = f"{name} (a {_type_name(culprit)})"
             break
         if _carries_fork_object(value):
             where = f"{name} (a {_type_name(value)} holding a {_type_name(culprit)})"
+            holder = value
             break
     else:
         where = f"a {_type_name(culprit)} in the arguments"
+    tqdm = ""
+    if _is_tqdms(culprit, holder):
+        tqdm = (
+            " (for tqdm's process_map: call "
+            'tqdm.auto.tqdm.set_lock(multiprocessing.get_context("spawn").RLock()) first)'
+        )
     return RuntimeError(
         f"{where} was made for the 'fork' start method (by multiprocessing's default context, "
         "which is 'fork' on Linux before Python 3.14) and cannot go to warden's workers and children, "
-        "which start like 'spawn'. Make it from multiprocessing.get_context(\"spawn\") instead "
-        "(for tqdm's process_map: call "
-        'tqdm.auto.tqdm.set_lock(multiprocessing.get_context("spawn").RLock()) first).'
+        "which start like 'spawn'. Make it from multiprocessing.get_context(\"spawn\") instead"
+        f"{tqdm}."
+    )
+
+
+def _is_tqdms(lock: Any, holder: Any) -> bool:
+    """Whether ``lock`` (in ``holder``) is tqdm's: its ``process_map`` sends
+    tqdm's write lock to every worker."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return False
+    writer = getattr(std, "TqdmDefaultWriteLock", None)
+    return (
+        lock is getattr(writer, "mp_lock", None)
+        or lock is getattr(getattr(std, "tqdm", None), "_lock", None)
+        or type(holder).__module__.split(".")[0] == "tqdm"
     )
 
 

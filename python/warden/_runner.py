@@ -949,17 +949,19 @@ class Runner:
         self.join(timeout)
         return self.exitcode()
 
-    def join_bounded(self) -> None:
+    def join_bounded(self, delivery_wait: float = 10.0) -> None:
         """Waits for a terminate to run its course, killing what outlives it:
-        the core's shutdown ladder (``CorePool.stop``). Ctrl-C while waiting
-        interrupts the pool (see :meth:`interrupt`)."""
+        the core's shutdown ladder (``CorePool.stop``); then, at most
+        ``delivery_wait`` seconds, for the results thread to deliver the
+        outcomes (and run their callbacks). Ctrl-C while waiting interrupts
+        the pool (see :meth:`interrupt`)."""
         try:
             self.core.stop("terminate")
         except KeyboardInterrupt:
             self.interrupt()
             raise
         if self.thread is not None and not _native.is_current(self.thread):
-            self.thread.join(10.0)
+            self.thread.join(delivery_wait)
         _oob.settle()
 
 

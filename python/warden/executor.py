@@ -271,6 +271,17 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         limit = _runner.task_timeout(timeout, "timeout")
         return self._submit_payload(self._payload(function, tuple(args), dict(kwargs or {})), limit)
 
+    def _takes_no_more(self) -> bool:
+        """Whether a submit now raises because the executor or the
+        interpreter is shutting down (not because of the call)."""
+        runner = self._runner
+        return (
+            self._shutdown_called
+            or (runner is not None and runner.interrupted)
+            or (_pickle.main_thread_done and not self._made_after_main)
+            or _runner.exiting
+        )
+
     def _payload(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[bytes, int | None]:
@@ -402,9 +413,12 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
                     # already submitted: those still queued are cancelled, as
                     # a Pool.map with a bad item sends none of its chunks. (An
                     # error of the iterables leaves them to run, as the
-                    # standard library's map does.)
-                    for future in futures:
-                        future.cancel()
+                    # standard library's map does; and so does a shutdown
+                    # from another thread, or the interpreter's exit, which
+                    # runs what was submitted.)
+                    if not self._takes_no_more():
+                        for future in futures:
+                            future.cancel()
                     raise
                 size = len(args[1]) if chunksize > 1 else 1
                 items += size
@@ -434,11 +448,14 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             # then cancels whatever came after. A task sent ahead to a worker
             # (the standard library's call queue) is asked back: cancelled
             # if the worker gives it back, else it runs and has its result.
+            # Their done-callbacks run on the results thread, as the standard
+            # library's run on its manager thread: not here, where the caller
+            # may hold a lock they take (and wait=False must not wait).
             pending = runner.pending
             for task in _runner.cancel_all_queued(runner.core):
                 future = getattr(pending.get(task), "__self__", None)
                 if isinstance(future, Future):
-                    future._mark_cancelled()
+                    future._mark_cancelled(callbacks=False)
             runner.core.close_cancel_queued()
         else:
             runner.core.close()

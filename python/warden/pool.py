@@ -45,6 +45,13 @@ RUN = "RUN"
 CLOSE = "CLOSE"
 TERMINATE = "TERMINATE"
 
+#: How long a look at ``Pool._pool`` waits for a worker being replaced (seconds).
+REPLACE_WAIT = 2.0
+
+#: How long :meth:`Pool.terminate` waits, once its workers are gone, for the
+#: results thread to deliver the outcomes (seconds).
+TERMINATE_DELIVERY_WAIT = 1.0
+
 
 _own_api_only = own_api_only("multiprocessing.pool")
 
@@ -124,6 +131,8 @@ class Pool(multiprocessing.pool.Pool):
         # in flight); an imap's iterator is not in it.
         self._cache: dict[int, ApplyResult[Any]] = {}
         self._first_workers_seen = False
+        #: What ``_pool`` last listed (it lists them, exited, once the pool stops).
+        self._last_workers: list[WorkerProcess] = []
         self._ctx = context
         self._name = f"Pool-{next(_counter)}"
         # RUN once made, as the standard library's: a constructor that raises
@@ -184,16 +193,37 @@ class Pool(multiprocessing.pool.Pool):
 
     @property
     def _pool(self) -> list[WorkerProcess]:
-        """The live workers (a compatibility view, as ``multiprocessing.Pool``
+        """The pool's workers (a compatibility view, as ``multiprocessing.Pool``
         has it): ``pid``, ``name``, ``is_alive()``, ``exitcode``,
-        ``terminate()``, ``kill()``, ``join(timeout)``. The first look waits
-        (bounded) for the pool's first workers to start, so that, as with
-        ``multiprocessing.Pool``, it lists all of them."""
+        ``terminate()``, ``kill()``, ``join(timeout)``.
+
+        As the standard library's list, it holds ``processes`` of them, which
+        code in the wild takes for the number of workers (dask does): the
+        workers serving the pool (not one on its way out); while one is being
+        replaced, the look waits for it (at most :data:`REPLACE_WAIT`
+        seconds, as the standard library replaces one in the same pass); and
+        once the pool has stopped, the workers it had, exited. The first look
+        waits (bounded) for the pool's first workers to start."""
+        runner = self._runner
         if not self._first_workers_seen:
             self._first_workers_seen = True
             if self._state == RUN:
-                wait_for_workers(self._runner, self._processes)
-        return workers_of(self._runner)
+                wait_for_workers(runner, self._processes)
+        size = self._processes
+        serving = workers_of(runner, leaving=False)
+        if len(serving) < size and self._state == RUN:
+            deadline = time.monotonic() + REPLACE_WAIT
+            while len(serving) < size and not runner.core.is_shut_down() and time.monotonic() < deadline:
+                time.sleep(0.005)
+                serving = workers_of(runner, leaving=False)
+        # Short of workers (the pool stopped, or cannot start them): those
+        # seen last stand in, exited, as the standard library keeps them.
+        seen = {id(w) for w in serving}
+        workers = (
+            serving + [w for w in self._last_workers if id(w) not in seen][: max(0, size - len(serving))]
+        )
+        self._last_workers = workers
+        return workers
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         # As multiprocessing.Pool: a running pool should have been closed or
@@ -393,7 +423,28 @@ class Pool(multiprocessing.pool.Pool):
         error_callback: Callable[[BaseException], object] | None = None,
         progress: _progress.ProgressArg = None,
     ) -> MapResult[_T]:
-        self._check_running()
+        # Until its last chunk is queued, a map holds the pool open as an
+        # imap's feeder does: a close() from another thread meanwhile takes
+        # no new work, but a map that was running gets every chunk (the
+        # standard library queues a map as one task).
+        with self._feeders_lock:
+            self._check_running()
+            self._feeders += 1
+        try:
+            return self._queue_map(func, iterable, star, chunksize, callback, error_callback, progress)
+        finally:
+            self._feeder_done()
+
+    def _queue_map(
+        self,
+        func: Callable[..., _T],
+        iterable: Iterable[Any],
+        star: bool,
+        chunksize: int | None,
+        callback: Callable[[list[_T]], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+        progress: _progress.ProgressArg,
+    ) -> MapResult[_T]:
         items = iterable if hasattr(iterable, "__len__") else list(iterable)
         length = len(items)  # type: ignore[arg-type]
         if chunksize is None:
@@ -509,24 +560,39 @@ class Pool(multiprocessing.pool.Pool):
 
     def close(self) -> None:
         """Takes no more tasks; queued tasks still run, then the workers retire.
-        An ``imap`` already started still gets every item of its iterable, as
-        with the standard library: the workers retire after the last one."""
+        An ``imap`` already started still gets every item of its iterable, and
+        a map another thread is queuing every chunk, as with the standard
+        library: the workers retire after the last one."""
         self._stopped_by_interrupt()
         with self._feeders_lock:
             if self._state != RUN:
                 return
             self._state = CLOSE
             close = self._feeders == 0
+        self._remember_workers()
         if close:
             self._runner.close_nowait()
 
     def terminate(self) -> None:
         """Cancels queued and running tasks and stops every worker: SIGTERM
         (its finalizer runs), then SIGKILL after the grace period. Returns once
-        every worker is gone."""
-        self._state = TERMINATE
+        every worker is gone, and the results thread has delivered the
+        outcomes or :data:`TERMINATE_DELIVERY_WAIT` has passed: the callbacks
+        of the tasks it cancels (``error_callback`` with ``CancelledError``,
+        which the standard library never calls) may need a lock this
+        caller holds. :meth:`join` waits for them all."""
+        running, self._state = self._state == RUN, TERMINATE
+        if running:
+            self._remember_workers()
         self._runner.terminate_nowait()
-        self._runner.join_bounded()
+        self._runner.join_bounded(TERMINATE_DELIVERY_WAIT)
+
+    def _remember_workers(self) -> None:
+        """The workers ``_pool`` lists once the pool has stopped: those
+        serving it now (as the standard library's list keeps them)."""
+        serving = workers_of(self._runner, leaving=False)
+        if serving:
+            self._last_workers = serving
 
     def join(self) -> None:
         """Waits for the workers to exit; call :meth:`close` or :meth:`terminate` first."""
