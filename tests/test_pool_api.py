@@ -993,6 +993,24 @@ def test_terminate_under_a_lock_its_error_callbacks_take_returns_and_join_runs_t
         p.terminate()
 
 
+def test_terminate_returns_once_slow_callbacks_of_what_it_cancelled_have_run():
+    seen = []
+
+    def note(value):
+        time.sleep(0.005)  # a callback that writes to a file or a database
+        seen.append(value)
+
+    p = warden.Pool(2)
+    try:
+        for i in range(400):
+            p.apply_async(sleep_then, (0.2, i), callback=note, error_callback=note)
+        assert wait_until(lambda: sum(w.running_task is not None for w in p._runner.core.workers()) == 2)
+        p.terminate()
+        assert len(seen) == 400  # 2 s of callbacks, none of them stuck
+    finally:
+        p.terminate()
+
+
 def test_context_manager_exit_terminates_like_the_standard_library(tmp_path):
     out = tmp_path / "log"
     with warden.Pool(1, finalizer=record, finalargs=(out, "fin")) as p:

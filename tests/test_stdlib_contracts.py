@@ -1413,18 +1413,44 @@ def test_a_pool_lists_as_many_workers_as_it_has_right_after_they_crashed():
         assert all(w.is_alive() for w in pool._pool)
 
 
+@pytest.mark.parametrize("used", [True, False], ids=["used", "stopped-at-once"])
 @pytest.mark.parametrize("stop", ["terminate", "close"])
-def test_a_stopped_pool_still_lists_as_many_workers_exited(impl, stop):
+def test_a_stopped_pool_still_lists_as_many_workers_exited(impl, stop, used):
     # The standard library keeps its list of (exited) workers; dask, given
     # such a pool, then gets "Pool not running" from apply_async, not a hang.
     pool = impl.Pool(2)
-    assert pool.apply(identity, (1,)) == 1
+    if used:
+        assert pool.apply(identity, (1,)) == 1
     getattr(pool, stop)()
     pool.join()
     assert len(pool._pool) == 2
     assert not any(w.is_alive() for w in pool._pool)
     with pytest.raises(ValueError, match="Pool not running"):
         pool.apply_async(identity, (1,))
+
+
+def pidfds():
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+        except FileNotFoundError:  # the listing's own
+            pass
+    return count
+
+
+def test_a_joined_pool_kept_by_the_program_holds_no_pidfd_of_its_workers():
+    before = pidfds()
+    pool = warden.Pool(2)
+    slow = pool.apply_async(time.sleep, (0.5,))
+    assert len(pool._pool) == 2
+    pool.close()  # the idle worker retires
+    assert wait_until(lambda: len(pool._runner.core.workers()) == 1, timeout=30)
+    assert len(pool._pool) == 2
+    slow.get(60)
+    pool.join()
+    assert len(pool._pool) == 2
+    assert pidfds() == before
 
 
 def test_a_pool_replacing_workers_after_each_task_lists_no_more_than_its_size():

@@ -196,9 +196,51 @@ def workers_of(runner: _runner.Runner | None, leaving: bool = True) -> list[Work
     with _views_lock:
         views = _views.setdefault(runner, {})
         current = {w.pid: views.get(w.pid) or WorkerProcess(runner, w.worker, w.pid) for w in listed}
+        gone = [view for pid, view in views.items() if pid not in current]
         views.clear()
         views.update(current)
-        return [current[w.pid] for w in listed if leaving or w.phase not in _LEAVING]
+    for view in gone:
+        # No longer listed: reaped, its exit status recorded by the pool (a
+        # view the program keeps reads it there); its pidfd is let go now.
+        if view._exit_status() is not None:
+            view._release()
+    return [current[w.pid] for w in listed if leaving or w.phase not in _LEAVING]
+
+
+class VacantWorker:
+    """A place in ``Pool._pool`` no worker of a stopped pool filled (it
+    stopped before they started): as a ``multiprocessing.Process`` never
+    started, with no pid, not alive, no exit code."""
+
+    daemon = True
+    pid = ident = exitcode = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def is_alive(self) -> bool:
+        """Never: it did not start."""
+        return False
+
+    def poll(self) -> None:
+        """``exitcode`` (``multiprocessing``'s ``Popen`` API)."""
+        return None
+
+    @property
+    def _popen(self) -> VacantWorker:
+        return self
+
+    def terminate(self) -> None:
+        """Nothing to stop."""
+
+    def kill(self) -> None:
+        """Nothing to stop."""
+
+    def join(self, timeout: float | None = None) -> None:
+        """Returns at once: nothing runs."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r} initial daemon>"
 
 
 def release_views(runner: _runner.Runner) -> None:

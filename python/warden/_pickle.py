@@ -1174,7 +1174,7 @@ def _is_tqdms(lock: Any, holder: Any) -> bool:
     return (
         lock is getattr(writer, "mp_lock", None)
         or lock is getattr(getattr(std, "tqdm", None), "_lock", None)
-        or type(holder).__module__.split(".")[0] == "tqdm"
+        or str(getattr(type(holder), "__module__", "")).split(".")[0] == "tqdm"
     )
 
 

@@ -776,11 +776,20 @@ class Runner:
         #: Held from submitting a task until its callback is in ``pending``,
         #: and by the results thread while it looks callbacks up there.
         self.pending_lock = _native.Lock()
+        #: How many outcomes the results thread has delivered (their callbacks run).
+        self.delivered = [0]
         self.thread: Any = None
         if deliver:
             self.thread = _native.Thread(
                 target=_deliver_outcomes,
-                args=(self.core, self.pending, self.pending_lock, self._leave_live_set, log_listener),
+                args=(
+                    self.core,
+                    self.pending,
+                    self.pending_lock,
+                    self._leave_live_set,
+                    log_listener,
+                    self.delivered,
+                ),
                 name="warden-results",
             )
         with _live_lock:
@@ -949,19 +958,25 @@ class Runner:
         self.join(timeout)
         return self.exitcode()
 
-    def join_bounded(self, delivery_wait: float = 10.0) -> None:
+    def join_bounded(self, stuck: float = 10.0) -> None:
         """Waits for a terminate to run its course, killing what outlives it:
-        the core's shutdown ladder (``CorePool.stop``); then, at most
-        ``delivery_wait`` seconds, for the results thread to deliver the
-        outcomes (and run their callbacks). Ctrl-C while waiting interrupts
-        the pool (see :meth:`interrupt`)."""
+        the core's shutdown ladder (``CorePool.stop``); then for the results
+        thread to deliver the outcomes (and run their callbacks), unless it
+        delivers none for ``stuck`` seconds (a callback waiting for something
+        the caller holds). Ctrl-C while waiting interrupts the pool (see
+        :meth:`interrupt`)."""
         try:
             self.core.stop("terminate")
         except KeyboardInterrupt:
             self.interrupt()
             raise
-        if self.thread is not None and not _native.is_current(self.thread):
-            self.thread.join(delivery_wait)
+        thread = self.thread
+        if thread is not None and not _native.is_current(thread):
+            while True:
+                before = self.delivered[0]
+                thread.join(stuck)
+                if not thread.is_alive() or self.delivered[0] == before:
+                    break
         _oob.settle()
 
 
@@ -1153,6 +1168,7 @@ def _deliver_outcomes(
     pending_lock: threading.Lock,
     leave_live_set: Callable[[], None],
     log_listener: Any = None,
+    delivered: list[int] | None = None,
 ) -> None:
     """The results thread: takes outcomes from the core, calls their callbacks.
     With a ``log_listener`` (records forwarded), the workers' log records
@@ -1183,7 +1199,7 @@ def _deliver_outcomes(
                     since_trim = 0
                     _warden.trim_heap()
                 burst = 0
-            _deliver_batch(batch, pending, pending_lock)
+            _deliver_batch(batch, pending, pending_lock, delivered)
             # Hold nothing (no outcome, nor its future) while waiting: a
             # result's mapping lives only as long as what was built on it.
             batch = None
@@ -1204,7 +1220,10 @@ def _deliver_outcomes(
 
 
 def _deliver_batch(
-    batch: list[_warden.Completion], pending: dict[int, OnDone], pending_lock: threading.Lock
+    batch: list[_warden.Completion],
+    pending: dict[int, OnDone],
+    pending_lock: threading.Lock,
+    delivered: list[int] | None = None,
 ) -> None:
     with pending_lock:
         callbacks = [pending.pop(done.task, None) for done in batch]
@@ -1221,6 +1240,8 @@ def _deliver_batch(
         except Exception as e:  # e.g. MemoryError: this task fails, not the thread
             ok, data = False, ErrorData.local(e, "reading the task's outcome failed")
         call_outcome_callback(callback, ok, data)
+        if delivered is not None:
+            delivered[0] += 1
 
 
 def call_outcome_callback(callback: OnDone, ok: bool, data: Any) -> None:

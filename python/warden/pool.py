@@ -21,7 +21,7 @@ from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
 
 from . import _native, _progress, _runner, _warden
-from ._children import WorkerProcess, wait_for_workers, workers_of
+from ._children import VacantWorker, WorkerProcess, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
 from ._futures import refuse_pickling, shared_copy
 from ._handles import PoolHandle
@@ -48,8 +48,9 @@ TERMINATE = "TERMINATE"
 #: How long a look at ``Pool._pool`` waits for a worker being replaced (seconds).
 REPLACE_WAIT = 2.0
 
-#: How long :meth:`Pool.terminate` waits, once its workers are gone, for the
-#: results thread to deliver the outcomes (seconds).
+#: Once its workers are gone, :meth:`Pool.terminate` waits for the results
+#: thread to deliver the outcomes and run their callbacks, unless it delivers
+#: none for this long (seconds): one waits for something the caller holds.
 TERMINATE_DELIVERY_WAIT = 1.0
 
 
@@ -217,11 +218,15 @@ class Pool(multiprocessing.pool.Pool):
                 time.sleep(0.005)
                 serving = workers_of(runner, leaving=False)
         # Short of workers (the pool stopped, or cannot start them): those
-        # seen last stand in, exited, as the standard library keeps them.
+        # seen last stand in, exited, as the standard library keeps them;
+        # and in a stopped pool, places no worker filled (it stopped before
+        # they started).
         seen = {id(w) for w in serving}
-        workers = (
+        workers: list[Any] = (
             serving + [w for w in self._last_workers if id(w) not in seen][: max(0, size - len(serving))]
         )
+        if len(workers) < size and (self._state != RUN or runner.core.is_shut_down()):
+            workers += [VacantWorker(f"{runner.name}-worker-{i}") for i in range(len(workers), size)]
         self._last_workers = workers
         return workers
 
@@ -539,6 +544,9 @@ class Pool(multiprocessing.pool.Pool):
             daemon=True,
         )
         with self._feeders_lock:
+            # Checked again with the count: a close() from another thread
+            # since the check above closed the runner without waiting for it.
+            self._check_running()
             self._feeders += 1
         try:
             feeder.start()
@@ -576,11 +584,12 @@ class Pool(multiprocessing.pool.Pool):
     def terminate(self) -> None:
         """Cancels queued and running tasks and stops every worker: SIGTERM
         (its finalizer runs), then SIGKILL after the grace period. Returns once
-        every worker is gone, and the results thread has delivered the
-        outcomes or :data:`TERMINATE_DELIVERY_WAIT` has passed: the callbacks
-        of the tasks it cancels (``error_callback`` with ``CancelledError``,
-        which the standard library never calls) may need a lock this
-        caller holds. :meth:`join` waits for them all."""
+        every worker is gone and the results thread has delivered the
+        outcomes (their callbacks have run), unless it delivers none for
+        :data:`TERMINATE_DELIVERY_WAIT` seconds: the callbacks of the tasks
+        it cancels (``error_callback`` with ``CancelledError``, which the
+        standard library never calls) may need a lock this caller holds.
+        :meth:`join` waits for them all."""
         running, self._state = self._state == RUN, TERMINATE
         if running:
             self._remember_workers()
