@@ -78,6 +78,27 @@ BODIES = {
         wait_running(2)
         time.sleep(60)  # not a wait on the pool: the with block's exit stops it
 """,
+    "future_result_no_with": """
+    ex = warden.ProcessPoolExecutor(2, finalizer=fin)
+    fs = [ex.submit(task, i) for i in range(6)]
+    for f in fs:
+        f.add_done_callback(lambda f: time.sleep(0.1))  # bookkeeping: delivery takes a while
+    wait_running(2)
+    fs[0].result()
+""",
+    "pool_map_no_with": """
+    import gc, warnings
+    warnings.simplefilter("default", ResourceWarning)
+    pool = warden.Pool(2, finalizer=fin)
+    r = pool.map_async(task, range(6), chunksize=1)
+    wait_running(2)
+    try:
+        r.get()
+    finally:
+        log(f"state-{pool._state}")
+        del pool, r
+        gc.collect()  # no "unclosed running pool": it is terminated
+""",
     "pool_join": """
     pool = warden.Pool(2, finalizer=fin)
     pool.map_async(task, range(6), chunksize=1)
@@ -120,7 +141,13 @@ def test_ctrl_c_while_waiting_stops_workers_gracefully_and_cancels_queued_tasks(
     assert time.monotonic() - sent < 5
     assert proc.returncode == -signal.SIGINT  # died of the KeyboardInterrupt, like Python does
     assert err.count("Traceback") == 1 and err.rstrip().endswith("KeyboardInterrupt"), err
+    # The Ctrl-C cancelled the queued tasks; the exit dropped none, nor
+    # warns of an unclosed running pool.
+    assert "dropped at interpreter exit" not in err, err
+    assert "unclosed running" not in err, err
     lines = prog.out_lines()
+    if wait == "pool_map_no_with":
+        assert any(line.startswith("state-TERMINATE ") for line in lines), lines
     assert len([line for line in lines if line.startswith("ran-")]) == 2  # queued ones never ran
     assert len([line for line in lines if line.startswith("fin-end")]) == 2
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers), timeout=5)

@@ -1449,10 +1449,13 @@ def _cut_short(runner: Runner, why: str) -> None:
     stderr how many tasks."""
     if runner.core.is_shut_down():
         return
+    # (Not a pool a Ctrl-C while waiting has stopped already: what it
+    # cancelled is still in ``pending`` until delivered, and was not
+    # dropped here.)
     draining = runner.exit_policy == "drain"
     with runner.pending_lock:
         # Counted before the cut, so no cancelled outcome is missed.
-        dropped = len(runner.pending) if draining else 0
+        dropped = len(runner.pending) if draining and not runner.interrupted else 0
     runner.core.stop("drain" if draining else "terminate", within=0.0, wait=False)
     runner.exit_policy = "terminate"
     if dropped:

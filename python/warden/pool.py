@@ -178,12 +178,26 @@ class Pool(multiprocessing.pool.Pool):
             weakref.finalize(self, self._runner.terminate_nowait).atexit = False
         self._state = RUN
 
+    #: RUN, CLOSE or TERMINATE, as the standard library's (see ``_state``).
+    _set_state = INIT
+
+    @property
+    def _state(self) -> str:
+        """The standard library's attribute (read by code in the wild), also
+        ``TERMINATE`` once a Ctrl-C while waiting on the pool stopped it."""
+        self._stopped_by_interrupt()
+        return self._set_state
+
+    @_state.setter
+    def _state(self, state: str) -> None:
+        self._set_state = state
+
     def _stopped_by_interrupt(self) -> bool:
         """Whether a Ctrl-C while waiting on this pool stopped it: its state
         is then ``TERMINATE``, as after :meth:`terminate`."""
         runner = getattr(self, "_runner", None)  # None if the constructor raised
         if runner is not None and runner.interrupted:
-            self._state = TERMINATE
+            self._set_state = TERMINATE
             return True
         return False
 
@@ -233,7 +247,7 @@ class Pool(multiprocessing.pool.Pool):
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         # As multiprocessing.Pool: a running pool should have been closed or
         # terminated (the finalizer above terminates it now).
-        if getattr(self, "_state", None) == RUN:
+        if self._state == RUN:
             _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
 
     def __reduce__(self) -> tuple[Any, ...]:
