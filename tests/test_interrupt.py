@@ -83,7 +83,8 @@ BODIES = {
     fs = [ex.submit(task, i) for i in range(6)]
     for f in fs:
         f.add_done_callback(lambda f: time.sleep(0.1))  # bookkeeping: delivery takes a while
-    wait_running(2)
+    import threading  # "ready" once the main thread waits (not before: then it is no wait's)
+    threading.Thread(target=wait_running, args=(2,), daemon=True).start()
     fs[0].result()
 """,
     "pool_map_no_with": """
@@ -91,7 +92,8 @@ BODIES = {
     warnings.simplefilter("default", ResourceWarning)
     pool = warden.Pool(2, finalizer=fin)
     r = pool.map_async(task, range(6), chunksize=1)
-    wait_running(2)
+    import threading
+    threading.Thread(target=wait_running, args=(2,), daemon=True).start()
     try:
         r.get()
     finally:

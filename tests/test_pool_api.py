@@ -1011,6 +1011,97 @@ def test_terminate_returns_once_slow_callbacks_of_what_it_cancelled_have_run():
         p.terminate()
 
 
+def test_a_ctrl_c_while_terminate_waits_for_callbacks_leaves_join_to_wait_for_the_rest(program):
+    run = program(
+        """
+        import os, signal, threading, time, warden
+
+        seen = []
+
+        def note(value):
+            time.sleep(0.2)  # slow bookkeeping
+            seen.append(value)
+
+        def sleep_then(seconds, value):
+            time.sleep(seconds)
+            return value
+
+        if __name__ == "__main__":
+            pool = warden.Pool(2)
+            for i in range(12):
+                pool.apply_async(sleep_then, (30, i), error_callback=note)
+            while sum(w.running_task is not None for w in pool._runner.core.workers()) < 2:
+                time.sleep(0.02)
+            threading.Timer(0.8, os.kill, (os.getpid(), signal.SIGINT)).start()
+            try:
+                pool.terminate()
+                print("not interrupted", flush=True)
+            except KeyboardInterrupt:
+                print("interrupted", len(seen), flush=True)
+            pool.join()
+            print("after join", len(seen), flush=True)
+        """
+    ).run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.lines[0].startswith("interrupted"), run.stdout
+    assert int(run.lines[0].split()[1]) < 12
+    assert run.lines[-1] == "after join 12", run.stdout
+
+
+def test_the_sentinels_of_workers_the_program_keeps_stay_valid_after_they_are_replaced():
+    from multiprocessing.connection import wait
+
+    with warden.Pool(2, maxtasksperchild=1) as p:
+        workers = p._pool
+        sentinels = [w.sentinel for w in workers]
+        p.map(square, range(8), chunksize=1)  # every worker replaced
+        assert wait_until(lambda: not any(w.is_alive() for w in workers), timeout=30)
+        assert all(w.exitcode == 0 for w in workers)  # the pool has recorded their exits
+        assert wait_until(lambda: not {w.pid for w in p._pool} & {w.pid for w in workers}, timeout=30)
+        assert [w.sentinel for w in workers] == sentinels  # still theirs
+        assert sorted(wait(sentinels, timeout=10)) == sorted(sentinels)
+        assert all(w.exitcode == 0 for w in workers)
+
+
+def test_a_pool_stopped_by_ctrl_c_or_closed_while_starting_lists_its_workers_with_their_pids(program):
+    run = program(
+        """
+        import os, signal, threading, time, warden
+
+        def sleep_then(seconds, value):
+            time.sleep(seconds)
+            return value
+
+        if __name__ == "__main__":
+            pool = warden.Pool(2)
+            pool.starmap_async(sleep_then, [(0.1, i) for i in range(4)])
+            pool.close()  # its workers are still starting
+            print("closed", [type(w.pid).__name__ for w in pool._pool], flush=True)
+            pool.join()
+            pool = warden.Pool(2)
+            pool.starmap_async(sleep_then, [(0.1, i) for i in range(4)])
+            pool.close()
+            pool.join()  # no look until they have exited
+            print("joined", [type(w.pid).__name__ for w in pool._pool], flush=True)
+            pool = warden.Pool(2)
+            result = pool.apply_async(sleep_then, (30, 1))
+            threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+            try:
+                result.get()
+            except KeyboardInterrupt:
+                pass
+            pool.join()
+            print("interrupted", pool._state, [type(w.pid).__name__ for w in pool._pool], flush=True)
+        """
+    ).run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "closed ['int', 'int']",
+        "joined ['int', 'int']",
+        "interrupted TERMINATE ['int', 'int']",
+    ], run.stdout
+
+
 def test_context_manager_exit_terminates_like_the_standard_library(tmp_path):
     out = tmp_path / "log"
     with warden.Pool(1, finalizer=record, finalargs=(out, "fin")) as p:

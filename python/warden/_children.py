@@ -54,6 +54,8 @@ class WorkerProcess:
         self._parent_pid = os.getpid()
         self._pidfd: int | None = None
         self._closer: Any = None
+        #: The program has the pidfd as ``sentinel`` (kept until the pool ends).
+        self._sentinel_taken = False
         with contextlib.suppress(OSError):
             fd = os.pidfd_open(pid)
             if self._listed():  # opened before the core could reap it: it is ours
@@ -111,20 +113,22 @@ class WorkerProcess:
         if status is not None:
             code, sig = status
             return -sig if sig is not None else code
-        if self._pidfd is None:
+        fd = self._pidfd  # once: another thread may let it go meanwhile
+        if fd is None:
             return None
         try:
-            info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:  # reaped by the pool already: it records it next
+            info = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except OSError:  # reaped by the pool already (it records it next), or let go
             return None
         if info is None:
             return None
         return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
     def _signal(self, sig: int) -> None:
-        if self._pidfd is not None:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, sig)
+        fd = self._pidfd
+        if fd is not None:
+            with contextlib.suppress(OSError):  # gone (ProcessLookupError), or let go meanwhile
+                signal.pidfd_send_signal(fd, sig)
 
     def terminate(self) -> None:
         """SIGTERM: the worker runs its exit path (finalizer) and exits."""
@@ -152,9 +156,11 @@ class WorkerProcess:
     @property
     def sentinel(self) -> int:
         """A pidfd, readable once the worker has exited."""
-        if self._pidfd is None:
+        fd = self._pidfd
+        if fd is None:
             raise ValueError("the worker has exited")
-        return self._pidfd
+        self._sentinel_taken = True
+        return fd
 
     def __repr__(self) -> str:
         code = self.exitcode
@@ -201,8 +207,9 @@ def workers_of(runner: _runner.Runner | None, leaving: bool = True) -> list[Work
         views.update(current)
     for view in gone:
         # No longer listed: reaped, its exit status recorded by the pool (a
-        # view the program keeps reads it there); its pidfd is let go now.
-        if view._exit_status() is not None:
+        # view the program keeps reads it there); its pidfd is let go now,
+        # unless the program took it as the sentinel (it may wait on it).
+        if not view._sentinel_taken and view._exit_status() is not None:
             view._release()
     return [current[w.pid] for w in listed if leaving or w.phase not in _LEAVING]
 
@@ -238,6 +245,11 @@ class VacantWorker:
 
     def join(self, timeout: float | None = None) -> None:
         """Returns at once: nothing runs."""
+
+    @property
+    def sentinel(self) -> int:
+        """``ValueError``, as for a ``Process`` never started."""
+        raise ValueError("the worker never started")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} initial daemon>"

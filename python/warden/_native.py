@@ -125,12 +125,53 @@ class _Thread(threading.Thread):
     process short of memory, ``RLIMIT_AS``), would leave it waiting for
     ever: a worker would never send its result."""
 
+    _running: Any = None
+    _owner = 0
+
     def start(self) -> None:
+        # Held while the target runs: join() and is_alive() read it. A Ctrl-C
+        # inside threading.Thread.join() marks a thread that still runs as
+        # stopped for good (CPython's handling of an interrupted join), after
+        # which every join returns at once; an interrupted wait on this lock
+        # changes nothing.
+        running = self._running = threading.Lock()
+        running.acquire()
+        self._owner = os.getpid()
         # The event threading.Thread.start() waits on (3.11 to 3.13).
         self._started = _BoundedEvent()
-        super().start()
+        try:
+            super().start()
+        except BaseException:
+            self._running = None
+            running.release()  # it never ran
+            raise
         if not self._started.is_set():
             raise RuntimeError(f"thread {self.name!r} did not begin within {START_WAIT} s")
+
+    def run(self) -> None:
+        running = self._running
+        try:
+            super().run()
+        finally:
+            if running is not None:
+                running.release()
+
+    def _lock(self) -> Any:
+        """The running lock; ``None`` before ``start()``, and in a copy made by
+        ``fork()`` (where ``threading`` knows the thread is gone, and the
+        lock's state is the parent's)."""
+        return self._running if self._owner == os.getpid() else None
+
+    def join(self, timeout: float | None = None) -> None:
+        running = self._lock()
+        if running is None or self is threading.current_thread():
+            super().join(timeout)  # its errors: not started, the current thread
+        elif running.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            running.release()
+
+    def is_alive(self) -> bool:
+        running = self._lock()
+        return super().is_alive() if running is None else running.locked()
 
 
 def Thread(target: Callable[..., Any], args: tuple[Any, ...] = (), name: str = "") -> Any:

@@ -1214,6 +1214,8 @@ def _deliver_outcomes(
                 False,
                 ErrorData(_warden.ErrorKind.CLOSED, "the pool shut down before the task finished"),
             )
+            if delivered is not None:
+                delivered[0] += 1
         leave_live_set()
         if log_listener is not None:
             _logging.release(log_listener)  # its workers are gone

@@ -133,7 +133,7 @@ class Pool(multiprocessing.pool.Pool):
         self._cache: dict[int, ApplyResult[Any]] = {}
         self._first_workers_seen = False
         #: What ``_pool`` last listed (it lists them, exited, once the pool stops).
-        self._last_workers: list[WorkerProcess] = []
+        self._last_workers: list[WorkerProcess | VacantWorker] = []
         self._ctx = context
         self._name = f"Pool-{next(_counter)}"
         # RUN once made, as the standard library's: a constructor that raises
@@ -192,6 +192,13 @@ class Pool(multiprocessing.pool.Pool):
     def _state(self, state: str) -> None:
         self._set_state = state
 
+    def _interrupt(self) -> None:
+        """A Ctrl-C while waiting on the pool: it stops (see
+        ``Runner.interrupt``); ``_pool`` keeps listing the workers it had."""
+        if not self._runner.interrupted:
+            self._remember_workers()
+        self._runner.interrupt()
+
     def _stopped_by_interrupt(self) -> bool:
         """Whether a Ctrl-C while waiting on this pool stopped it: its state
         is then ``TERMINATE``, as after :meth:`terminate`."""
@@ -207,7 +214,7 @@ class Pool(multiprocessing.pool.Pool):
         return f"<{cls.__module__}.{cls.__qualname__} state={self._state} pool_size={self._processes}>"
 
     @property
-    def _pool(self) -> list[WorkerProcess]:
+    def _pool(self) -> list[WorkerProcess | VacantWorker]:
         """The pool's workers (a compatibility view, as ``multiprocessing.Pool``
         has it): ``pid``, ``name``, ``is_alive()``, ``exitcode``,
         ``terminate()``, ``kill()``, ``join(timeout)``.
@@ -224,8 +231,12 @@ class Pool(multiprocessing.pool.Pool):
             self._first_workers_seen = True
             if self._state == RUN:
                 wait_for_workers(runner, self._processes)
+            elif self._state == CLOSE:  # (its workers may retire as they start)
+                wait_for_workers(runner, self._processes, REPLACE_WAIT)
         size = self._processes
-        serving = workers_of(runner, leaving=False)
+        # Running: not a worker on its way out (its replacement is coming);
+        # closed: those finishing the work are the pool's workers still.
+        serving = workers_of(runner, leaving=self._state != RUN)
         if len(serving) < size and self._state == RUN:
             deadline = time.monotonic() + REPLACE_WAIT
             while len(serving) < size and not runner.core.is_shut_down() and time.monotonic() < deadline:
@@ -233,14 +244,19 @@ class Pool(multiprocessing.pool.Pool):
                 serving = workers_of(runner, leaving=False)
         # Short of workers (the pool stopped, or cannot start them): those
         # seen last stand in, exited, as the standard library keeps them;
-        # and in a stopped pool, places no worker filled (it stopped before
-        # they started).
+        # in a stopped pool, then those that exited last, and places no
+        # worker filled (it stopped before they started).
         seen = {id(w) for w in serving}
-        workers: list[Any] = (
+        workers: list[WorkerProcess | VacantWorker] = (
             serving + [w for w in self._last_workers if id(w) not in seen][: max(0, size - len(serving))]
         )
-        if len(workers) < size and (self._state != RUN or runner.core.is_shut_down()):
-            workers += [VacantWorker(f"{runner.name}-worker-{i}") for i in range(len(workers), size)]
+        if len(workers) < size and runner.core.is_shut_down():
+            # Workers that ran and exited before any look: the last to exit.
+            listed = {w.pid for w in workers}
+            for pid in reversed(runner.core.exited(size)):
+                if len(workers) < size and pid not in listed:
+                    workers.append(WorkerProcess(runner, len(workers) + 1, pid))
+            workers += [VacantWorker(f"{runner.name}-worker-{i + 1}") for i in range(len(workers), size)]
         self._last_workers = workers
         return workers
 
@@ -683,7 +699,7 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
     def _interrupt(self) -> None:
         pool = self._pool
         if pool is not None:
-            pool._runner.interrupt()
+            pool._interrupt()
 
     def _set_ready(self) -> None:
         with _EVENT_LOCK:
@@ -961,7 +977,7 @@ class IMapIterator(_StdIMapIterator[_T]):
     def __init__(self, pool: Pool, chunked: bool = False) -> None:
         # multiprocessing.pool.IMapIterator.__init__ is not called.
         self._pool: Pool | None = pool
-        self._interrupt = pool._runner.interrupt
+        self._interrupt = pool._interrupt
         self._core = pool._runner.core
         self._chunked = chunked
         # A chunked iteration that raised a task's error: it is over.

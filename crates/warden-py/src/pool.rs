@@ -655,6 +655,13 @@ impl CorePool {
         lock(&self.inner.exits).iter().rev().find(|e| e.0 == pid).map(|e| (e.1, e.2))
     }
 
+    /// The pids of the last `count` workers to exit and be reaped (among the
+    /// last 1024), the earliest first.
+    fn exited(&self, count: usize) -> Vec<i32> {
+        let exits = lock(&self.inner.exits);
+        exits.iter().skip(exits.len().saturating_sub(count)).map(|e| e.0).collect()
+    }
+
     /// The live workers.
     fn workers(&self, py: Python<'_>) -> Vec<WorkerState> {
         let Some(pool) = self.pool() else { return Vec::new() };
