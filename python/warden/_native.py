@@ -142,8 +142,9 @@ class _Thread(threading.Thread):
         try:
             super().start()
         except BaseException:
-            self._running = None
-            running.release()  # it never ran
+            if not self._started.is_set():
+                self._running = None
+                running.release()  # it never ran
             raise
         if not self._started.is_set():
             raise RuntimeError(f"thread {self.name!r} did not begin within {START_WAIT} s")
