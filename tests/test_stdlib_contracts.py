@@ -1419,14 +1419,17 @@ def test_a_stopped_pool_still_lists_as_many_workers_exited(impl, stop, used):
     # The standard library keeps its list of (exited) workers; dask, given
     # such a pool, then gets "Pool not running" from apply_async, not a hang.
     pool = impl.Pool(2)
-    if used:
-        assert pool.apply(identity, (1,)) == 1
-    getattr(pool, stop)()
-    pool.join()
-    assert len(pool._pool) == 2
-    assert not any(w.is_alive() for w in pool._pool)
-    with pytest.raises(ValueError, match="Pool not running"):
-        pool.apply_async(identity, (1,))
+    try:
+        if used:
+            assert pool.apply(identity, (1,)) == 1
+        getattr(pool, stop)()
+        pool.join()
+        assert len(pool._pool) == 2
+        assert not any(w.is_alive() for w in pool._pool)
+        with pytest.raises(ValueError, match="Pool not running"):
+            pool.apply_async(identity, (1,))
+    finally:
+        pool.terminate()
 
 
 def pidfds():
@@ -1442,15 +1445,18 @@ def pidfds():
 def test_a_joined_pool_kept_by_the_program_holds_no_pidfd_of_its_workers():
     before = pidfds()
     pool = warden.Pool(2)
-    slow = pool.apply_async(time.sleep, (0.5,))
-    assert len(pool._pool) == 2
-    pool.close()  # the idle worker retires
-    assert wait_until(lambda: len(pool._runner.core.workers()) == 1, timeout=30)
-    assert len(pool._pool) == 2
-    slow.get(60)
-    pool.join()
-    assert len(pool._pool) == 2
-    assert pidfds() == before
+    try:
+        slow = pool.apply_async(time.sleep, (0.5,))
+        assert len(pool._pool) == 2
+        pool.close()  # the idle worker retires
+        assert wait_until(lambda: len(pool._runner.core.workers()) == 1, timeout=30)
+        assert len(pool._pool) == 2
+        slow.get(60)
+        pool.join()
+        assert len(pool._pool) == 2
+        assert pidfds() == before
+    finally:
+        pool.terminate()
 
 
 def test_a_pool_replacing_workers_after_each_task_lists_no_more_than_its_size():

@@ -1167,8 +1167,8 @@ def _deliver_outcomes(
     pending: dict[int, OnDone],
     pending_lock: threading.Lock,
     leave_live_set: Callable[[], None],
-    log_listener: Any = None,
-    delivered: list[int] | None = None,
+    log_listener: Any,
+    delivered: list[int],
 ) -> None:
     """The results thread: takes outcomes from the core, calls their callbacks.
     With a ``log_listener`` (records forwarded), the workers' log records
@@ -1214,8 +1214,7 @@ def _deliver_outcomes(
                 False,
                 ErrorData(_warden.ErrorKind.CLOSED, "the pool shut down before the task finished"),
             )
-            if delivered is not None:
-                delivered[0] += 1
+            delivered[0] += 1
         leave_live_set()
         if log_listener is not None:
             _logging.release(log_listener)  # its workers are gone
@@ -1225,7 +1224,7 @@ def _deliver_batch(
     batch: list[_warden.Completion],
     pending: dict[int, OnDone],
     pending_lock: threading.Lock,
-    delivered: list[int] | None = None,
+    delivered: list[int],
 ) -> None:
     with pending_lock:
         callbacks = [pending.pop(done.task, None) for done in batch]
@@ -1242,8 +1241,7 @@ def _deliver_batch(
         except Exception as e:  # e.g. MemoryError: this task fails, not the thread
             ok, data = False, ErrorData.local(e, "reading the task's outcome failed")
         call_outcome_callback(callback, ok, data)
-        if delivered is not None:
-            delivered[0] += 1
+        delivered[0] += 1
 
 
 def call_outcome_callback(callback: OnDone, ok: bool, data: Any) -> None:

@@ -271,31 +271,28 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         limit = _runner.task_timeout(timeout, "timeout")
         return self._submit_payload(self._payload(function, tuple(args), dict(kwargs or {})), limit)
 
-    def _takes_no_more(self) -> bool:
-        """Whether a submit now raises because the executor or the
-        interpreter is shutting down (not because of the call)."""
-        runner = self._runner
-        return (
-            self._shutdown_called
-            or (runner is not None and runner.interrupted)
-            or (_pickle.main_thread_done and not self._made_after_main)
-            or _runner.exiting
-        )
+    def _refusal(self) -> str | None:
+        """Why a submit now raises, if the executor or the interpreter is
+        shutting down (not because of the call); ``None`` while it takes work."""
+        if self._shutdown_called:
+            return "cannot schedule new futures after shutdown"
+        if self._runner is not None and self._runner.interrupted:
+            return _runner.INTERRUPTED_EXECUTOR
+        if _pickle.main_thread_done and not self._made_after_main:
+            if self._runner is not None:
+                # The standard library's words: its running executors were shut down then.
+                return "cannot schedule new futures after shutdown"
+            return "cannot schedule new futures after interpreter shutdown"
+        if _runner.exiting:
+            return "cannot schedule new futures after interpreter shutdown"
+        return None
 
     def _payload(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[bytes, int | None]:
-        if self._shutdown_called:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        if self._runner is not None and self._runner.interrupted:
-            raise RuntimeError(_runner.INTERRUPTED_EXECUTOR)
-        if _pickle.main_thread_done and not self._made_after_main:
-            if self._runner is not None:
-                # The standard library's words: its running executors were shut down then.
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        if _runner.exiting:
-            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        refusal = self._refusal()
+        if refusal is not None:
+            raise RuntimeError(refusal)
         if self._runner is None:
             # The first submit starts the pool before it pickles the call, so
             # that the workers' start overlaps the pickling (and, the first
@@ -416,7 +413,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
                     # standard library's map does; and so does a shutdown
                     # from another thread, or the interpreter's exit, which
                     # runs what was submitted.)
-                    if not self._takes_no_more():
+                    if self._refusal() is None:
                         for future in futures:
                             future.cancel()
                     raise
