@@ -242,11 +242,12 @@ impl Builder {
     /// system refuses for want of processes, threads, memory or descriptors
     /// (`EAGAIN` under `ulimit -u`, `ENOMEM`, `EMFILE` under `ulimit -n`
     /// once a worker has started; also a worker that started but was
-    /// refused its own threads for 10 s, which ends with exit code
+    /// refused its own threads for 250 ms, which ends with exit code
     /// [`EXIT_SHORT_OF_THREADS`](crate::frontend::EXIT_SHORT_OF_THREADS)
     /// before its hello): it is tried again after a delay that
     /// doubles from 10 ms to 1 s, and fails the pool only once no worker has
-    /// served for the init timeout since the shortage began.
+    /// served for the init timeout since the shortage began. While the
+    /// shortage lasts, workers start one at a time.
     pub fn restart_intensity(mut self, max: u32, window: Duration) -> Self {
         self.cfg.restart_limit = max;
         self.cfg.restart_window = window;

@@ -87,7 +87,7 @@ pub const EXIT_PROTOCOL: i32 = 4;
 pub const EXIT_PARENT_GONE: i32 = 5;
 /// Exit code of a worker that could not start its own threads because the
 /// system is short of them (`EAGAIN`: `ulimit -u` reached), after waiting
-/// for them (10 s): the pool takes it as a start the system
+/// for them (250 ms): the pool takes it as a start the system
 /// refused, not as the worker's failure.
 pub const EXIT_SHORT_OF_THREADS: i32 = 6;
 /// Exit code of a one-off child whose function panicked (Rust's own for a
@@ -893,33 +893,31 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     core.exit_path(reason)
 }
 
-/// Ends a copy of this worker that a task made with `fork()` (and no exec)
-/// and that came back here from the task: it is not the worker. It must not
-/// answer on the worker's channel (the worker answers for the task), serve
-/// tasks, or run the worker's exit path (its finalizer and exit hooks belong
-/// to the worker), so it ends at once, as a forked `multiprocessing` child
-/// does. Its parent, the worker, reaps it or leaves it to the pool's teardown.
 /// How long a worker keeps trying to start one of its threads while the
 /// system is short of them (`EAGAIN`: `ulimit -u` reached, which counts
-/// threads as processes), before it gives up and exits.
-const THREAD_START_PATIENCE: Duration = Duration::from_secs(10);
+/// threads as processes), before it gives up and exits. Short: what it holds
+/// (its main thread, the threads it did get) may be what another starting
+/// worker waits for, and the pool tries the start again, one worker at a
+/// time, for as long as the shortage lasts (up to its init timeout).
+const THREAD_START_PATIENCE: Duration = Duration::from_millis(250);
+
+/// A worker that could not start one of its threads, before it said hello
+/// (so before any start hook ran): for want of threads, it ends with
+/// [`EXIT_SHORT_OF_THREADS`], which says it (the pool logs the shortage once
+/// and tries again while it lasts); otherwise it tells why on stderr and
+/// ends through the exit path, as broken.
+fn thread_refused(core: &WorkerState, what: &str, e: &io::Error) -> ExitStatus {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        return ExitStatus::Code(EXIT_SHORT_OF_THREADS);
+    }
+    eprintln!("warden worker: cannot start the {what} thread: {e}");
+    core.exit_path(ExitReason::ProtocolError)
+}
 
 /// Starts a thread of the worker (detached), trying again, with a delay that
 /// doubles, while the system refuses it for want of threads: a passing
 /// shortage (another program's burst of processes) delays this worker's
-/// start instead of failing it, as it delays the pool's start of the worker.
-/// A worker that could not start one of its threads, before it said hello
-/// (so before any start hook ran): for want of threads, it ends with
-/// [`EXIT_SHORT_OF_THREADS`]; otherwise through the exit path, as broken.
-fn thread_refused(core: &WorkerState, what: &str, e: &io::Error) -> ExitStatus {
-    eprintln!("warden worker: cannot start the {what} thread: {e}");
-    if e.kind() == io::ErrorKind::WouldBlock {
-        let _ = io::stderr().flush();
-        return ExitStatus::Code(EXIT_SHORT_OF_THREADS);
-    }
-    core.exit_path(ExitReason::ProtocolError)
-}
-
+/// start instead of failing it, for up to [`THREAD_START_PATIENCE`].
 fn start_thread<F: FnOnce() + Send + 'static>(name: &str, f: F) -> io::Result<()> {
     // The closure is lost with a refused spawn; each try gets a way to it.
     let slot = Arc::new(Mutex::new(Some(f)));
@@ -944,6 +942,12 @@ fn start_thread<F: FnOnce() + Send + 'static>(name: &str, f: F) -> io::Result<()
     }
 }
 
+/// Ends a copy of this worker that a task made with `fork()` (and no exec)
+/// and that came back here from the task: it is not the worker. It must not
+/// answer on the worker's channel (the worker answers for the task), serve
+/// tasks, or run the worker's exit path (its finalizer and exit hooks belong
+/// to the worker), so it ends at once, as a forked `multiprocessing` child
+/// does. Its parent, the worker, reaps it or leaves it to the pool's teardown.
 fn leave_forked_copy() -> ! {
     // SAFETY: _exit ends the process without running anything of this one.
     unsafe { libc::_exit(0) }

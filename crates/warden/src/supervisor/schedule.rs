@@ -177,11 +177,21 @@ impl Supervisor {
         // A worker asked to stop for its task keeps its place until it
         // answers: it may serve on.
         let mut serving = self.workers.values().filter(|w| w.holds_its_place()).count();
+        // While the system is short of processes or threads, workers start
+        // one at a time: two started together could each get part of the
+        // threads they need and wait for the rest, which the other holds.
+        let mut starting = self.workers.values().filter(|w| w.phase == WorkerPhase::Starting).count();
         while serving < want && self.phase != PoolPhase::Failed {
+            if self.shortage.is_some() && starting > 0 {
+                return;
+            }
             match self.spawn_one() {
                 // The shortage ends when a worker is ready, not when one
                 // starts: the system may still refuse it its threads.
-                Ok(true) => serving += 1,
+                Ok(true) => {
+                    serving += 1;
+                    starting += 1;
+                }
                 Ok(false) => return, // waiting for the zygote
                 Err(e) => {
                     let error = format!("cannot start a worker ({}): {e}", self.cfg.command.program.display());
@@ -227,7 +237,10 @@ impl Supervisor {
     pub(super) fn start_refused_for_shortage(&mut self, now: Instant, serving: usize, error: String) {
         let (since, delay) = match self.shortage {
             Some((since, delay)) => (since, (delay * 2).min(SHORTAGE_RETRY_MAX)),
-            None => (now, SHORTAGE_RETRY),
+            None => {
+                tracing::warn!(pool = %self.cfg.name, "{error}; trying again, one worker at a time, while it lasts");
+                (now, SHORTAGE_RETRY)
+            }
         };
         self.shortage = Some((since, delay));
         self.spawn_retry_at = Some(now + delay);

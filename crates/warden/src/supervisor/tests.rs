@@ -1413,3 +1413,22 @@ fn a_bounded_close_leaves_the_grace_of_a_worker_that_took_its_stop_as_it_was() {
     assert_eq!(terms(&w), terms_before, "and it is not signalled again");
     assert!(h.outcomes().contains(&(2, "cancelled")), "what was sent ahead to it is cancelled: {:?}", h.outcomes());
 }
+
+#[test]
+fn while_the_system_is_short_of_threads_workers_start_one_at_a_time() {
+    let mut h = harness(2, 10);
+    Arc::get_mut(&mut h.sup.cfg).expect("sole owner").workers = 2;
+    let _starting = h.worker(WorkerPhase::Starting);
+    // A start refused for want of threads: the next waits until the worker
+    // starting now is ready or gone, so the two cannot each hold part of
+    // what the other needs.
+    let now = Instant::now();
+    h.sup.start_refused_for_shortage(now, 0, "short of threads".into());
+    h.sup.ensure_workers(now + Duration::from_secs(2));
+    assert!(h.sup.spawn_retry_at.is_none(), "no second start was tried beside the starting worker");
+    // With no shortage, the second worker starts beside the first (the
+    // stand-in program cannot start: the failed try sets a retry time).
+    h.sup.shortage = None;
+    h.sup.ensure_workers(now + Duration::from_secs(2));
+    assert!(h.sup.spawn_retry_at.is_some(), "the second start was tried");
+}
