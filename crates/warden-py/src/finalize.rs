@@ -140,7 +140,7 @@ struct Raised;
 pub fn install_sink() {
     warden::finalize::set_sink(Some(Arc::new(|incident: &Incident| {
         if !matches!(incident, Incident::Panicked { .. }) {
-            eprintln!("warden: {incident}");
+            report!("warden: {incident}");
         }
     })));
 }

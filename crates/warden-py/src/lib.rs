@@ -30,6 +30,16 @@
 
 use pyo3::prelude::*;
 
+/// `eprintln!` that cannot panic: a line for stderr, dropped if stderr is
+/// gone (a closed terminal, a reader that exited), so that a report on a
+/// path that cleans up never stops it.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod convert;
 mod event;
 mod finalize;

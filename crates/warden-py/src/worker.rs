@@ -58,7 +58,7 @@ pub fn worker_main(py: Python<'_>, handler: Py<PyAny>, variables: HashMap<String
     let env = match forked.or_else(|| WorkerEnv::from_vars(|key| variables.get(key).cloned())) {
         None => return Err(PyRuntimeError::new_err("this process was not started by a warden pool")),
         Some(Err(msg)) => {
-            eprintln!("warden: bad worker environment: {msg}");
+            report!("warden: bad worker environment: {msg}");
             std::process::exit(EXIT_PROTOCOL);
         }
         Some(Ok(env)) => env,
@@ -226,7 +226,7 @@ impl Handler for PyHandler {
             let fd = segment.map(IntoRawFd::into_raw_fd);
             let result = self.handler.bind(py).call_method1(intern!(py, "run"), (&view, fd));
             if view.call_method0(intern!(py, "release")).is_err() {
-                eprintln!("warden worker: the task handler kept its payload view exported; aborting");
+                report!("warden worker: the task handler kept its payload view exported; aborting");
                 std::process::abort();
             }
             let kept = &mut self.kept;

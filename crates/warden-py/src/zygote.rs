@@ -79,7 +79,7 @@ pub fn zygote_main(py: Python<'_>, prepare: Bound<'_, PyAny>, finish: Option<Bou
     let env = match ZygoteEnv::take() {
         None => return Err(PyRuntimeError::new_err("this process was not started as a warden zygote")),
         Some(Err(msg)) => {
-            eprintln!("warden: bad zygote environment: {msg}");
+            report!("warden: bad zygote environment: {msg}");
             std::process::exit(EXIT_ZYGOTE_PROTOCOL);
         }
         Some(Ok(env)) => env,

@@ -106,6 +106,17 @@
 
 #![warn(missing_docs)]
 
+/// `eprintln!` that cannot panic: a line for stderr, dropped if stderr is
+/// gone (a closed terminal, a reader that exited). warden's own reports run
+/// on the paths that clean up (a worker's exit path, the orphan bound, the
+/// supervisor), which must go on whatever became of stderr.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod error;
 pub mod finalize;
 pub mod frontend;
@@ -178,7 +189,7 @@ pub fn init() {
         None
     };
     if let (false, Some(role)) = (on_main, starting_as) {
-        eprintln!("warden: this {role} reached warden::init() on a thread other than the main one: {OFF_MAIN}");
+        report!("warden: this {role} reached warden::init() on a thread other than the main one: {OFF_MAIN}");
         std::process::exit(worker::EXIT_PROTOCOL);
     }
     if let Some(zygote) = zygote::ZygoteEnv::take() {
@@ -188,7 +199,7 @@ pub fn init() {
                 zygote::Parked::Exit(code) => std::process::exit(code),
             },
             Err(msg) => {
-                eprintln!("warden: bad zygote environment: {msg}");
+                report!("warden: bad zygote environment: {msg}");
                 std::process::exit(zygote::EXIT_ZYGOTE_PROTOCOL);
             }
         }
@@ -197,7 +208,7 @@ pub fn init() {
     match env {
         Ok(env) => worker::serve(env, task::RustHandler).exit(),
         Err(msg) => {
-            eprintln!("warden: bad worker environment: {msg}");
+            report!("warden: bad worker environment: {msg}");
             std::process::exit(worker::EXIT_PROTOCOL);
         }
     }

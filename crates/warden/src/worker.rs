@@ -271,7 +271,7 @@ fn end_orphan(code: i32) -> ! {
 fn bound_orphan_exit() {
     let spawned = crate::threads::spawn(std::thread::Builder::new().name("warden-orphan".into()), || {
         std::thread::sleep(ORPHAN_GRACE);
-        eprintln!(
+        report!(
             "warden worker {}: the pool's process is gone and the exit path is still running after {ORPHAN_GRACE:?}: killed",
             std::process::id()
         );
@@ -303,7 +303,7 @@ fn bound_exit_if_orphaned(parent: u32) {
         }
         if !ORPHANED.swap(true, Ordering::SeqCst) {
             std::thread::sleep(ORPHAN_GRACE);
-            eprintln!(
+            report!(
                 "warden worker {}: its parent process died while its exit path ran, which is still running \
                  {ORPHAN_GRACE:?} later: killed",
                 std::process::id()
@@ -767,7 +767,7 @@ impl WorkerState {
         let _ = io::stdout().flush();
         let _ = io::stderr().flush();
         if let Some(err) = &report.hook_error {
-            eprintln!("warden worker {}: exit hook failed: {err}", std::process::id());
+            report!("warden worker {}: exit hook failed: {err}", std::process::id());
         }
         if reason != ExitReason::ParentGone {
             let last = self.last_task.load(Ordering::SeqCst);
@@ -824,7 +824,7 @@ fn monitor(core: Arc<WorkerState>, interrupter: Option<Interrupter>) {
             } else if Instant::now() >= deadline {
                 // Said, not left silent: a `finally` block of the task's is
                 // cut short when the exit path ends the process.
-                eprintln!(
+                report!(
                     "warden: process {}: what it was running when it was stopped was still \
                      running {} ms later; its exit path runs beside it",
                     std::process::id(),
@@ -847,7 +847,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     // The fd number came from our parent; make sure it is an open socket before
     // taking ownership of it.
     if let Err(e) = check_socket(env.fd) {
-        eprintln!("warden worker: {ENV_FD}={} is not a usable channel: {e}", env.fd);
+        report!("warden worker: {ENV_FD}={} is not a usable channel: {e}", env.fd);
         return ExitStatus::Code(EXIT_PROTOCOL);
     }
     // SAFETY: the fd is an open socket (checked above) that our parent handed to
@@ -868,7 +868,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
         return core.exit_path(ExitReason::ParentGone);
     }
     if let Err(e) = signals::install(core.stream.as_raw_fd()) {
-        eprintln!("warden worker: cannot install signal handlers: {e}");
+        report!("warden worker: cannot install signal handlers: {e}");
         return core.exit_path(ExitReason::ProtocolError);
     }
     crate::memory::keep_to_one_arena_under_an_address_space_limit();
@@ -910,7 +910,7 @@ fn thread_refused(core: &WorkerState, what: &str, e: &io::Error) -> ExitStatus {
     if e.kind() == io::ErrorKind::WouldBlock {
         return ExitStatus::Code(EXIT_SHORT_OF_THREADS);
     }
-    eprintln!("warden worker: cannot start the {what} thread: {e}");
+    report!("warden worker: cannot start the {what} thread: {e}");
     core.exit_path(ExitReason::ProtocolError)
 }
 
@@ -1178,7 +1178,7 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                 }
             }
             Err(End::Bad(e)) => {
-                eprintln!("warden worker {}: bad frame from the parent: {e}", std::process::id());
+                report!("warden worker {}: bad frame from the parent: {e}", std::process::id());
                 return ExitReason::ProtocolError;
             }
         };
@@ -1318,7 +1318,7 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                     Incoming::Init { .. } => "second init",
                     _ => "task before init",
                 };
-                eprintln!("warden worker {}: unexpected {name} message from the parent", std::process::id());
+                report!("warden worker {}: unexpected {name} message from the parent", std::process::id());
                 return ExitReason::ProtocolError;
             }
         }

@@ -314,16 +314,16 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
                 keep
             }
             Ok(other) => {
-                eprintln!("warden zygote: expected a start request, got {other:?}");
+                report!("warden zygote: expected a start request, got {other:?}");
                 return Parked::Exit(EXIT_ZYGOTE_PROTOCOL);
             }
             Err(e) => {
-                eprintln!("warden zygote: bad start request: {e}");
+                report!("warden zygote: bad start request: {e}");
                 return Parked::Exit(EXIT_ZYGOTE_PROTOCOL);
             }
         },
         Err(e) => {
-            eprintln!("warden zygote: cannot read its control socket: {e}");
+            report!("warden zygote: cannot read its control socket: {e}");
             return Parked::Exit(EXIT_ZYGOTE_PROTOCOL);
         }
     };
@@ -342,14 +342,14 @@ pub fn serve<H: ForkHooks>(env: ZygoteEnv, hooks: &mut H) -> Parked {
             Ok((0, _)) => return Parked::Exit(0), // the pool is done with us
             Ok(got) => got,
             Err(e) => {
-                eprintln!("warden zygote: cannot read its control socket: {e}");
+                report!("warden zygote: cannot read its control socket: {e}");
                 return Parked::Exit(EXIT_ZYGOTE_PROTOCOL);
             }
         };
         let max_frame = match decode::<Request<'_>>(&buf[..n]) {
             Ok(Request::Fork { max_frame }) => usize::try_from(max_frame).unwrap_or(usize::MAX),
             other => {
-                eprintln!("warden zygote: expected a fork request, got {other:?}");
+                report!("warden zygote: expected a fork request, got {other:?}");
                 return Parked::Exit(EXIT_ZYGOTE_PROTOCOL);
             }
         };

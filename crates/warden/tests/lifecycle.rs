@@ -117,6 +117,10 @@ fn main() {
             a_worker_whose_start_hook_hangs_when_the_owner_is_sigkilled_is_gone_within_the_orphan_grace,
         ),
         both(
+            "workers_whose_stderr_is_gone_still_end_when_their_owner_is_sigkilled",
+            workers_whose_stderr_is_gone_still_end_when_their_owner_is_sigkilled,
+        ),
+        both(
             "a_start_hook_that_hangs_is_stopped_at_the_init_timeout",
             a_start_hook_that_hangs_is_stopped_at_the_init_timeout,
         ),
@@ -681,6 +685,62 @@ fn workers_exit_when_owner_is_killed() -> TestResult {
         unsafe { libc::kill(p, libc::SIGKILL) };
     }
     result
+}
+
+/// A terminal closed (an SSH session dropped) or a reader of the program's
+/// stderr gone, then the owner SIGKILLed: warden's own reports on the
+/// workers' way out (an exit hook that failed, the orphan bound's notice)
+/// must not stop that way out. Before, the report panicked on the broken
+/// pipe and killed the thread that ran the exit path, and the orphan bound's
+/// notice killed the bound before its SIGKILL: the busy worker ran on, an
+/// orphan, for good.
+fn workers_whose_stderr_is_gone_still_end_when_their_owner_is_sigkilled() -> TestResult {
+    for scenario in ["owner-stderr-gone-loud", "owner-stderr-gone-hanging"] {
+        let hooks = Hooks::new();
+        let mut owner = Command::new(std::env::current_exe()?)
+            .env(SCENARIO_ENV, scenario)
+            .env(START_ENV, start_name(START.with(|s| s.get())))
+            .env(HOOKS_ENV, hooks.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        drop(owner.stderr.take()); // every later write to it fails (EPIPE)
+        let stdout = owner.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut pids = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match lines.next() {
+                Some(Ok(line)) if line.starts_with("worker ") => pids.push(line[7..].trim().parse::<i32>()?),
+                Some(Ok(line)) if line == "ready" => break,
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        let result: TestResult = (|| {
+            check(pids.len() == 2, format!("{scenario}: owner reported its workers: {pids:?}"))?;
+            owner.kill()?; // SIGKILL: no chance to clean up anything itself
+            owner.wait()?;
+            // The hanging hook is cut short by the orphan bound, after the
+            // grace period (5 s by default).
+            let gone = wait_until(Duration::from_secs(20), || pids.iter().all(|&p| process_gone(p)));
+            check(gone, format!("{scenario}: all workers gone: {pids:?}"))?;
+            // The loud hook recorded its reason before it failed.
+            for &p in pids.iter().filter(|_| scenario.ends_with("loud")) {
+                let reason = hooks.exit_reason(p as u32);
+                check(reason.as_deref() == Some("ParentGone"), format!("{scenario}: worker {p}: {reason:?}"))?;
+            }
+            Ok(())
+        })();
+        let _ = owner.kill();
+        let _ = owner.wait();
+        for &p in &pids {
+            // SAFETY: kill(2) with integers; cleanup if the test failed.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        result?;
+    }
+    Ok(())
 }
 
 fn orphaned_workers_leave_nothing_behind() -> TestResult {
@@ -1740,6 +1800,8 @@ fn a_task_larger_than_the_frame_limit_is_refused_and_the_pool_goes_on() -> TestR
 fn run_scenario(name: &str) -> i32 {
     let result = match name {
         "owner" => scenario_owner(),
+        "owner-stderr-gone-loud" => scenario_owner_stderr_gone(loud_exit),
+        "owner-stderr-gone-hanging" => scenario_owner_stderr_gone(hang_on_exit),
         "owner-with-leftovers" => scenario_owner_with_leftovers(),
         "owner-slow-start" => scenario_owner_starting(slow_start),
         "owner-hanging-start" => scenario_owner_starting(marked_hanging_start),
@@ -1811,6 +1873,24 @@ fn scenario_owner_with_leftovers() -> TestResult {
 /// A pool of two workers with `start` as their start hook; waits to be killed.
 fn scenario_owner_starting(start: fn()) -> TestResult {
     let _pool = builder().workers(2).on_start(start).on_exit(on_exit).build()?;
+    std::thread::sleep(Duration::from_secs(120));
+    Ok(())
+}
+
+/// An exit hook that records its reason, then reports it on stderr (which
+/// panics if stderr is a pipe no one reads any more).
+fn loud_exit(reason: ExitReason) {
+    on_exit(reason);
+    eprintln!("exit hook: {reason:?}");
+}
+
+/// Owns a pool whose workers (one busy, one idle) end with `exit_hook`,
+/// prints their pids and waits to be killed: its stderr is a pipe whose
+/// reader the test closed.
+fn scenario_owner_stderr_gone(exit_hook: fn(ExitReason)) -> TestResult {
+    let pool = builder().workers(2).on_exit(exit_hook).build()?;
+    let _busy = one_busy_one_idle(&pool, 120_000)?;
+    println!("ready");
     std::thread::sleep(Duration::from_secs(120));
     Ok(())
 }

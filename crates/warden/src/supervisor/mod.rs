@@ -378,7 +378,7 @@ impl Supervisor {
                 let msg = crate::panics::panic_text(&*p);
                 crate::panics::drop_payload(p);
                 tracing::error!(pool = %self.cfg.name, "the on_event callback panicked: {msg}");
-                eprintln!("warden: pool {}: the on_event callback panicked: {msg}", self.cfg.name);
+                report!("warden: pool {}: the on_event callback panicked: {msg}", self.cfg.name);
             }
         }
     }
