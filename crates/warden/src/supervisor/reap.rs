@@ -176,6 +176,11 @@ impl Supervisor {
                 Some(StopCause::InitFailed(e)) => format!("worker {pid}'s start hook failed: {e}"),
                 Some(StopCause::InitTimeout) => format!("worker {pid} did not start within the init timeout"),
                 Some(StopCause::Protocol(d)) => format!("worker {pid} broke the protocol: {d}"),
+                // Killed before it said hello (from outside, or by the OOM
+                // killer): no sign of a program that is not a worker.
+                _ if before_hello && matches!(status, ExitStatus::Signal(_)) => {
+                    format!("worker {pid} was killed by {status} before it said hello")
+                }
                 // Most likely a program that is not a warden worker: a Rust
                 // program that does not call `warden::init()` first runs its
                 // own `main` instead.

@@ -646,6 +646,17 @@ fn crashes_beyond_the_restart_limit_fail_the_pool_and_its_queued_tasks() {
 }
 
 #[test]
+fn a_worker_killed_before_its_hello_is_reported_as_killed_not_as_a_program_that_is_no_worker() {
+    let mut h = harness(1, 0);
+    let w = h.worker(WorkerPhase::Starting);
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGKILL));
+    h.sup.reap(w.id);
+    let reason = h.link.failure().expect("the pool failed");
+    assert!(reason.contains("was killed by signal 9 (SIGKILL) before it said hello"), "{reason}");
+    assert!(!reason.contains("warden::init()"), "no hint at a program that is no worker: {reason}");
+}
+
+#[test]
 fn an_exit_the_pool_asked_for_is_not_a_crash() {
     let mut h = harness(1, 0); // any crash at all fails the pool
     let w = h.worker(WorkerPhase::Ready);
