@@ -883,7 +883,9 @@ impl Pool {
     ///
     /// Two grace periods (plus a little) after the deadline, a pool still
     /// running is killed; a few seconds after that, the wait gives up, logs an
-    /// error and returns `Some(false)`.
+    /// error and returns `Some(false)`. Once every worker is reaped, pending
+    /// [`Builder::on_worker_lost`] calls are waited for as [`Pool::join`]
+    /// waits for them (until `until`; without it, one grace period).
     pub fn wait_stopped(&self, until: Option<Instant>) -> Option<bool> {
         if self.shared.foreign() {
             return Some(false);
@@ -897,8 +899,12 @@ impl Pool {
                 None => plan.cutoff.and_then(|c| c.checked_add(self.grace * 2 + STOP_SLACK)),
             };
             let wake = earliest(act_at, until);
-            if self.join(wake.map(|w| w.saturating_duration_since(Instant::now()))) {
-                return Some(self.shared.finished_by(plan.cutoff));
+            if self.shared.wait_done(wake.map(|w| w.saturating_duration_since(Instant::now()))) {
+                // Every worker is reaped; what may be left are
+                // `on_worker_lost` calls, which no kill hurries: they get
+                // what `join` gives them (one grace period without `until`).
+                let rest = until.map(|u| u.saturating_duration_since(Instant::now()));
+                return self.join(rest).then(|| self.shared.finished_by(plan.cutoff));
             }
             let now = Instant::now();
             if act_at.is_some_and(|a| now >= a) {

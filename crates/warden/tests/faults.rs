@@ -75,6 +75,10 @@ fn main() {
         Trial::test("memory_limit_stops_a_busy_worker_and_fails_its_task", hard_memory_limit),
         Trial::test("on_worker_lost_runs_on_its_own_thread_with_the_record_after_a_sigkill", lost_after_sigkill),
         Trial::test("a_worker_that_retires_is_not_lost", retired_is_not_lost),
+        Trial::test(
+            "stopping_a_pool_gives_a_slow_on_worker_lost_hook_one_grace_period_not_a_kill_ladder",
+            a_slow_lost_hook_gets_one_grace_period,
+        ),
         Trial::test("a_panic_in_the_supervisor_kills_and_reaps_every_worker", supervisor_panic_kills_every_worker),
         Trial::test(
             "workers_that_end_before_their_hello_fail_the_pool_naming_warden_init",
@@ -486,6 +490,44 @@ fn lost_after_sigkill() -> TestResult {
     check(thread.ends_with("-lost"), format!("ran on the pool's lost thread: {thread:?}"))?;
     let left: Vec<_> = std::fs::read_dir(dir.path())?.flatten().map(|e| e.file_name()).collect();
     check(left.is_empty(), format!("the hook removed the scratch file: {left:?}"))
+}
+
+/// A cleanup hook that takes long (an `rm -rf`, a network call) while the
+/// pool stops: every worker is reaped, so the stop waits for the hook for one
+/// grace period, as documented, and then leaves it to finish on its own.
+/// Before, the waiter took the hook for a pool still running, climbed the
+/// kill ladder and gave up after it: 12 s with a 1 s grace (24 s with the
+/// default 5 s), and `shutdown_timeout` returned `false`.
+fn a_slow_lost_hook_gets_one_grace_period() -> TestResult {
+    const GRACE: Duration = Duration::from_secs(1);
+    for how in ["drop", "shutdown_timeout"] {
+        let (entered, release) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (inside, hold) = (Arc::clone(&entered), Arc::clone(&release));
+        let pool = Pool::builder()
+            .workers(1)
+            .grace(GRACE)
+            .on_worker_lost(move |_| {
+                inside.store(true, Ordering::SeqCst);
+                let _ = wait_until(Duration::from_secs(30), || hold.load(Ordering::SeqCst));
+            })
+            .build()?;
+        let crashed = pool.spawn(sigkill_self, ())?.join();
+        check(crashed.is_err_and(|e| e.is_crash()), format!("{how}: the task crashed"))?;
+        check(wait_until(Duration::from_secs(10), || entered.load(Ordering::SeqCst)), "the hook began")?;
+        let begun = Instant::now();
+        let in_time = match how {
+            "drop" => {
+                drop(pool);
+                true
+            }
+            _ => pool.shutdown_timeout(Duration::from_secs(1)),
+        };
+        let took = begun.elapsed();
+        release.store(true, Ordering::SeqCst);
+        check(in_time, format!("{how}: the pool finished in time"))?;
+        check(took < GRACE * 5, format!("{how}: the stop took {took:?} with a {GRACE:?} grace"))?;
+    }
+    Ok(())
 }
 
 fn retired_is_not_lost() -> TestResult {
