@@ -350,7 +350,11 @@ impl Builder {
 
     /// Receives lifecycle events, on the supervisor thread: it must be quick
     /// and must not block. A panic in it is logged (stderr) and the pool
-    /// goes on.
+    /// goes on. A callback that blocks holds the supervisor, and with it
+    /// every outcome and the pool's stop: a stop gives up after its bounded
+    /// wait ([`Pool::wait_stopped`]) and returns with the workers still
+    /// running; the supervisor stops them once the callback returns, or they
+    /// end when this process does.
     pub fn on_event(mut self, sink: impl Fn(&LifecycleEvent) + Send + Sync + 'static) -> Self {
         self.cfg.on_event = Some(Arc::new(sink) as EventSink);
         self
