@@ -616,6 +616,14 @@ impl Pool {
     }
 
     /// Runs `f(args)` in a worker.
+    ///
+    /// `f` is a function of this program (a `fn`, or a closure that captures
+    /// nothing): the worker, this executable run again, finds it by its
+    /// place in the binary. `args` and the result cross the process boundary
+    /// serialized (serde), so they are owned values (`String`, not `&str`);
+    /// several arguments go in a tuple. Both must fit in the pool's
+    /// [`Builder::max_frame_size`]. A worker's stdin is `/dev/null`; its
+    /// stdout and stderr are this process's.
     pub fn spawn<A, R>(&self, f: fn(A) -> R, args: A) -> Result<Handle<R>>
     where
         A: Serialize + DeserializeOwned,
@@ -1253,6 +1261,11 @@ impl Default for ChildOptions {
 }
 
 /// Runs `f(args)` in a new child process of this executable.
+///
+/// What `f`, `args` and the result may be is as for [`Pool::spawn`]: a
+/// function of this program, and owned, serializable values. The child's
+/// stdin is `/dev/null` (unlike [`std::process::Command`]'s default); its
+/// stdout and stderr are this process's.
 pub fn spawn<A, R>(f: fn(A) -> R, args: A) -> Result<Child<R>>
 where
     A: Serialize + DeserializeOwned,

@@ -89,7 +89,7 @@ pub enum WireError {
     #[error("reserved header flags {0:#04x} are set")]
     Flags(u8),
     /// The header announced a body larger than the limit.
-    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes (the pool's max_frame_size)")]
     TooLarge {
         /// The announced body length.
         len: u64,
