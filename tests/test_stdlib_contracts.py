@@ -383,6 +383,31 @@ def test_a_pool_left_open_at_exit_is_terminated(program, impl):
     assert prog.out_lines() == []
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_pool_left_open_at_exit_is_terminated_after_multiprocessing_log_to_stderr(program, impl):
+    """``multiprocessing.log_to_stderr()`` (or ``get_logger()``, which celery's
+    worker calls) moves multiprocessing's exit function ahead of warden's
+    handler. That function terminates the daemonic children
+    ``active_children()`` lists, warden's pool workers among them, and joins
+    them all: the pool, still running, replaced the workers it terminated,
+    and the join waited for a replacement for ever (in about half the runs).
+    The pools are now terminated first. Run several times, so that the
+    race shows."""
+    prog = user_program(
+        program,
+        """
+        if __name__ == "__main__":
+            multiprocessing.log_to_stderr()
+            pool = Pool(4)
+            note(pool.map(abs, [-1, -2, -3]))
+        """,
+    )
+    for attempt in range(8):
+        run = prog.run(timeout=30, env={"IMPL": impl})
+        assert run.returncode == 0, f"run {attempt}: {run.stderr}"
+    assert prog.out_lines() == ["[1, 2, 3]"] * 8
+
+
 @pytest.mark.parametrize("wait", ["map", "imap", "apply_async"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_daemon_thread_waiting_on_a_pool_left_open_at_exit_ends_silently_with_the_program(

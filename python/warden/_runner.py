@@ -1510,16 +1510,24 @@ _MULTIPROCESSING_CHILD_ENDS = frozenset(
 def _at_multiprocessing_child_exit() -> None:
     """warden's exit step, if ``multiprocessing``'s exit function runs at
     the end of a child it started (see :data:`_MULTIPROCESSING_CHILD_ENDS`).
+
     Anywhere else it runs among the ``atexit`` handlers, where warden's own
-    handler has the step's place: ``multiprocessing.get_logger()``
-    re-registers that function, which then runs before handlers registered
-    earlier (one that starts a pool at exit must still be able to)."""
+    handler has the step's place. There it runs before warden's handler
+    once ``multiprocessing.get_logger()`` or ``log_to_stderr()`` has
+    re-registered it (celery's worker calls it): it goes on to terminate the
+    daemonic children ``active_children()`` lists and to join them all, so
+    the pools still open are terminated here first (a running pool would
+    replace the workers it terminates, and the join would wait for those for
+    ever). The rest (an executor was drained in ``threading``'s exit hooks;
+    exit callbacks) keeps its place, so that a handler registered earlier
+    can still start a pool at exit, which warden's handler then stops."""
     frame: Any = sys._getframe(1)
     while frame is not None:
         if (frame.f_globals.get("__name__"), frame.f_code.co_name) in _MULTIPROCESSING_CHILD_ENDS:
             at_interpreter_exit()
             return
         frame = frame.f_back
+    _shut_down_at_exit(policies=("terminate",))
 
 
 def at_interpreter_exit() -> None:
