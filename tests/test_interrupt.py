@@ -220,6 +220,59 @@ def test_ctrl_c_while_a_pool_starts_stops_that_pool_and_closes_nothing_of_the_pr
     assert run.returncode == 0, run.stderr
 
 
+def test_a_pool_whose_constructor_a_ctrl_c_cuts_short_is_stopped_while_the_traceback_is_kept(program):
+    """A Ctrl-C held back while ``Pool()`` made the pool is raised before the
+    constructor returns: the caller never gets the pool. The traceback holds
+    the constructor's frame and with it the pool, and an interactive session
+    keeps the traceback (``sys.last_traceback``): the zygote and workers ran
+    on, out of reach, until another error and a garbage collection. The
+    pool is now terminated before the ``KeyboardInterrupt`` leaves the
+    constructor."""
+    prog = program(
+        """
+        import os, signal, sys, time, warden
+        from warden import _runner
+
+        class CtrlCLandsHere(_runner.Runner):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                os.kill(os.getpid(), signal.SIGINT)  # just as the pool is made
+                time.sleep(0.2)
+
+        def pool_processes():  # this program's zygote and workers
+            found = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if parent == os.getpid() and b"warden._worker" in f.read():
+                            found.append(pid)
+                except (OSError, ValueError, IndexError):
+                    pass
+            return found
+
+        if __name__ == "__main__":
+            _runner.Runner = CtrlCLandsHere
+            pool = None
+            try:
+                pool = warden.Pool(2)
+            except KeyboardInterrupt:
+                kept = sys.exc_info()  # as a notebook keeps it
+                print("interrupted; got the pool:", pool is not None, flush=True)
+                deadline = time.monotonic() + 15
+                while pool_processes() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                print("pool processes left:", len(pool_processes()), flush=True)
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["interrupted; got the pool: False", "pool processes left: 0"], (
+        run.stdout
+    )
+
+
 def test_ctrl_c_while_a_process_starts_leaves_it_started_and_running_its_target(program):
     """A Ctrl-C held back while ``start()`` made the child used to be
     raised before the child was given its target: the child waited for it

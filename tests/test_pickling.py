@@ -328,6 +328,42 @@ def test_an_exception_of_the_main_script_that_cannot_travel_is_named_as_the_prog
     assert run.stdout.strip() == "__main__.Odd"
 
 
+def test_a_traceback_from_a_function_sent_by_value_names_its_file_and_shows_its_line(tmp_path):
+    """A function defined under ``if __name__ == "__main__":`` (or in a
+    notebook's cell, or a lambda) goes by value. ``cloudpickle`` writes
+    ``<dynamic-code>`` as its code's file name: the worker's traceback then
+    named no file and showed no line, where the standard library's fork
+    shows both."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import warden
+            if __name__ == "__main__":
+                def helper(x):
+                    return 1 / (x - 3)
+                with warden.ProcessPoolExecutor(1) as ex:
+                    try:
+                        ex.submit(helper, 3).result()
+                    except ZeroDivisionError as e:
+                        print(e.__cause__)
+                with warden.Pool(1) as pool:
+                    try:
+                        pool.map(lambda x: 2 // x, [0])
+                    except ZeroDivisionError as e:
+                        print(e.__cause__)
+            """
+        )
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert f'File "{script}", line 5, in helper' in run.stdout, run.stdout
+    assert "return 1 / (x - 3)" in run.stdout, run.stdout
+    assert f'File "{script}", line 13, in <lambda>' in run.stdout, run.stdout
+    assert "pool.map(lambda x: 2 // x, [0])" in run.stdout, run.stdout
+    assert "<dynamic-code>" not in run.stdout
+
+
 def package(tmp_path, module, source):
     """Package ``apkg`` in ``tmp_path``, with ``module`` holding ``source``; its directory."""
     pkg = tmp_path / "apkg"

@@ -154,28 +154,37 @@ class Pool(multiprocessing.pool.Pool):
         self._hooks = hooks
         if on_worker_lost is not None and not callable(on_worker_lost):
             raise TypeError("on_worker_lost must be a callable")
-        # Held back until the pool is made and can be reached (see ctrl_c_held).
-        with _runner.ctrl_c_held():
-            self._runner = _runner.Runner(
-                mode="pool",
-                name=self._name,
-                workers=processes,
-                hooks=hooks,
-                max_tasks_per_child=maxtasksperchild,
-                exit_policy="terminate",
-                start=start,
-                preload=preload,
-                restart=_runner.restart_limit(restart_limit),
-                max_memory_per_child=_runner.memory_size("max_memory_per_child", max_memory_per_child),
-                memory_limit=_runner.memory_size("memory_limit", memory_limit),
-                on_worker_lost=on_worker_lost,
-                forward_logging=forward_logging,
-                task_timeout=task_timeout,
-            )
-            # A pool nobody can reach any more is terminated, as the standard
-            # library does; results being waited for keep their pool reachable.
-            # (Not at interpreter exit: _runner shuts every pool down then.)
-            weakref.finalize(self, self._runner.terminate_nowait).atexit = False
+        # A Ctrl-C is held back until the pool is made (see ctrl_c_held). Raised
+        # here, it leaves the caller without the pool: that is terminated, not
+        # left running out of reach (a notebook keeps the traceback, and the
+        # pool with it, until another error and a garbage collection).
+        try:
+            with _runner.ctrl_c_held():
+                self._runner = _runner.Runner(
+                    mode="pool",
+                    name=self._name,
+                    workers=processes,
+                    hooks=hooks,
+                    max_tasks_per_child=maxtasksperchild,
+                    exit_policy="terminate",
+                    start=start,
+                    preload=preload,
+                    restart=_runner.restart_limit(restart_limit),
+                    max_memory_per_child=_runner.memory_size("max_memory_per_child", max_memory_per_child),
+                    memory_limit=_runner.memory_size("memory_limit", memory_limit),
+                    on_worker_lost=on_worker_lost,
+                    forward_logging=forward_logging,
+                    task_timeout=task_timeout,
+                )
+                # A pool nobody can reach any more is terminated, as the standard
+                # library does; results being waited for keep their pool reachable.
+                # (Not at interpreter exit: _runner shuts every pool down then.)
+                weakref.finalize(self, self._runner.terminate_nowait).atexit = False
+        except KeyboardInterrupt:
+            runner = self.__dict__.get("_runner")
+            if runner is not None:
+                runner.terminate_nowait()
+            raise
         self._state = RUN
 
     #: RUN, CLOSE or TERMINATE, as the standard library's (see ``_state``).
