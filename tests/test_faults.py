@@ -1207,6 +1207,46 @@ def test_on_worker_lost_on_a_pool_gets_the_async_result_and_an_error_in_it_is_re
     assert wait_until(lambda: "hook failed on purpose" in capfd.readouterr().err, timeout=10)
 
 
+def crash(_=None):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("who", ["caller", "hook"])
+def test_a_slow_on_worker_lost_hook_holds_terminate_for_one_grace_period_at_most(who):
+    """A cleanup hook that takes long (an ``rm -rf``, a network call) while
+    the pool is terminated, by the program or by the hook itself ("a worker
+    died: give up"): ``terminate()`` waits for it one grace period at most
+    (5 s), then leaves it to finish on its own, and a hook that terminates
+    its own pool does not wait for itself. Before, the wait climbed the kill
+    ladder (19 s), or waited for the hook for as long as it ran, or for good
+    when the hook was the one waiting."""
+    release = threading.Event()
+    entered = threading.Event()
+    returned = threading.Event()
+    pool: warden.Pool | None = None
+
+    def hook(info):
+        entered.set()
+        if who == "hook":
+            assert pool is not None
+            pool.terminate()
+            returned.set()
+        release.wait(60)
+
+    pool = warden.Pool(1, on_worker_lost=hook)
+    try:
+        with pytest.raises(warden.WorkerCrashed):
+            pool.apply(crash)
+        assert entered.wait(30)
+        if who == "caller":
+            t = threading.Thread(target=lambda: (pool.terminate(), returned.set()), daemon=True)
+            t.start()
+        assert returned.wait(15), f"terminate() from the {who} did not return"
+    finally:
+        release.set()
+        pool.terminate()
+
+
 def test_set_cleanup_record_outside_a_worker_is_a_clear_error():
     with pytest.raises(RuntimeError, match="not serving as a warden worker"):
         warden.set_cleanup_record("x")
@@ -1288,8 +1328,22 @@ def spawn_child_and_read_its_worker_variables():
 def test_a_workers_own_children_do_not_see_the_worker_variables():
     with warden.ProcessPoolExecutor(1) as ex:
         child, own = ex.submit(spawn_child_and_read_its_worker_variables).result(timeout=60)
-    assert child == repr([None, None, None])
-    assert own == [None, None, None]
+    nothing = [None] * len(_warden.WORKER_VARIABLES)
+    assert child == repr(nothing)
+    assert own == nothing
+
+
+def exit_1_if_a_worker_variable_is_set():
+    if any(k in os.environ for k in _warden.WORKER_VARIABLES):
+        sys.exit(1)
+
+
+def test_a_process_child_does_not_see_the_worker_variables():
+    # A one-off child gets one more than a pool's workers (WARDEN_ONE_OFF).
+    p = warden.Process(target=exit_1_if_a_worker_variable_is_set)
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
 
 
 def pidfds() -> int:

@@ -71,9 +71,14 @@ impl LostThread {
         Ok((tx, LostThread { done, thread: Some(thread) }))
     }
 
+    /// Whether the caller is this thread (a hook that stops its own pool).
+    pub(crate) fn is_current(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| t.thread().id() == std::thread::current().id())
+    }
+
     /// Waits up to `timeout` for the thread to finish; `false` if it has not.
     pub(crate) fn wait(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout.min(crate::pool::LONGEST_WAIT);
         let (lock, cv) = &*self.done;
         let mut done = lock.lock().unwrap_or_else(|p| p.into_inner());
         while !*done {

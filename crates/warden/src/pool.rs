@@ -533,6 +533,7 @@ impl Builder {
             shared,
             thread: Mutex::new(Some(thread)),
             lost: Mutex::new(lost),
+            lost_wait_began: Mutex::new(None),
             grace,
             default_timeout,
             max_frame,
@@ -577,6 +578,10 @@ pub struct Pool {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// The thread running `on_worker_lost`, until it is joined.
     lost: Mutex<Option<LostThread>>,
+    /// When a wait for pending `on_worker_lost` calls first began, the pool
+    /// shut down: they get one grace period from then, however many waits
+    /// (a caller that waits in short steps) there are.
+    lost_wait_began: Mutex<Option<Instant>>,
     grace: Duration,
     default_timeout: Option<Duration>,
     max_frame: usize,
@@ -775,9 +780,10 @@ impl Pool {
 
     /// Waits until the pool has shut down and every worker is reaped, and
     /// the [`Builder::on_worker_lost`] calls for them have run; `false` if
-    /// `timeout` ran out first. Without a timeout, those calls get at most
-    /// one grace period once the last worker is reaped (a hook still running
-    /// then finishes on its own). Escalates nothing (see [`Pool::stop`]).
+    /// `timeout` ran out first. Those calls get at most one grace period from
+    /// the first wait for them (a hook still running then finishes on its
+    /// own); a hook that joins its own pool does not wait for itself.
+    /// Escalates nothing (see [`Pool::stop`]).
     /// In a forked copy of the pool's process, `false` at once (see
     /// [`Pool::is_forked_copy`]).
     pub fn join(&self, timeout: Option<Duration>) -> bool {
@@ -790,20 +796,31 @@ impl Pool {
         if let Some(thread) = thread {
             let _ = thread.join();
         }
+        self.wait_lost_hooks(deadline)
+    }
+
+    /// Waits for the pending [`Builder::on_worker_lost`] calls of a pool that
+    /// has shut down: until `until` (`false` if it comes first), and for at
+    /// most one grace period from the first such wait, after which a call
+    /// still running is left to finish on its own (`true`). On the hooks' own
+    /// thread (a hook that stops or joins its pool), not at all.
+    fn wait_lost_hooks(&self, until: Option<Instant>) -> bool {
         let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(hooks) = lost.as_mut() {
-            let wait = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()),
-                None => self.grace,
-            };
-            if !hooks.wait(wait) {
-                if deadline.is_some() {
-                    return false;
-                }
-                tracing::warn!("warden: an on_worker_lost hook is still running after the pool shut down");
-            }
-            *lost = None;
+        let Some(hooks) = lost.as_mut() else { return true };
+        if hooks.is_current() {
+            return true;
         }
+        let began = *lock(&self.lost_wait_began).get_or_insert_with(Instant::now);
+        let bound = began.checked_add(self.grace);
+        let wake = earliest(bound, until);
+        let wait = wake.map_or(LONGEST_WAIT, |w| w.saturating_duration_since(Instant::now()));
+        if !hooks.wait(wait) {
+            if !bound.is_some_and(|b| Instant::now() >= b) {
+                return false; // `until` came first
+            }
+            tracing::warn!("warden: an on_worker_lost hook is still running after the pool shut down");
+        }
+        *lost = None;
         true
     }
 
@@ -897,7 +914,8 @@ impl Pool {
     /// running is killed; a few seconds after that, the wait gives up, logs an
     /// error and returns `Some(false)`. Once every worker is reaped, pending
     /// [`Builder::on_worker_lost`] calls are waited for as [`Pool::join`]
-    /// waits for them (until `until`; without it, one grace period).
+    /// waits for them: one grace period from the first wait for them, however
+    /// many calls wait in steps, and not at all on the hooks' own thread.
     pub fn wait_stopped(&self, until: Option<Instant>) -> Option<bool> {
         if self.shared.foreign() {
             return Some(false);
@@ -913,10 +931,13 @@ impl Pool {
             let wake = earliest(act_at, until);
             if self.shared.wait_done(wake.map(|w| w.saturating_duration_since(Instant::now()))) {
                 // Every worker is reaped; what may be left are
-                // `on_worker_lost` calls, which no kill hurries: they get
-                // what `join` gives them (one grace period without `until`).
-                let rest = until.map(|u| u.saturating_duration_since(Instant::now()));
-                return self.join(rest).then(|| self.shared.finished_by(plan.cutoff));
+                // `on_worker_lost` calls, which no kill hurries: they get one
+                // grace period from the first wait for them.
+                let thread = lock(&self.thread).take();
+                if let Some(thread) = thread {
+                    let _ = thread.join();
+                }
+                return self.wait_lost_hooks(until).then(|| self.shared.finished_by(plan.cutoff));
             }
             let now = Instant::now();
             if act_at.is_some_and(|a| now >= a) {

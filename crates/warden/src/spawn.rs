@@ -68,6 +68,9 @@ pub const ENV_FD: &str = "WARDEN_FD";
 pub const ENV_PARENT: &str = "WARDEN_PARENT";
 /// Environment variable holding the frame size limit.
 pub const ENV_MAX_FRAME: &str = "WARDEN_MAX_FRAME";
+/// Environment variable set (to `1`) for a one-off child: started once, it
+/// waits longer for its threads while the system is short of them.
+pub const ENV_ONE_OFF: &str = "WARDEN_ONE_OFF";
 
 /// The program a pool runs as its workers.
 #[derive(Debug, Clone)]

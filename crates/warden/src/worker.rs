@@ -73,7 +73,7 @@ use crate::error::ExitStatus;
 use crate::inbox::{End, Inbox, Incoming, Until, Withdrawal};
 use crate::panics::{drop_payload, lock, panic_text};
 use crate::signals;
-use crate::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
+use crate::spawn::{ENV_FD, ENV_MAX_FRAME, ENV_ONE_OFF, ENV_PARENT};
 use crate::wire::{
     self, ExitPathReport, ExitReason, FrameReader, Message, RemoteError, RemoteErrorKind, RetireReason, WireError,
     WireOutcome, DEFAULT_MAX_FRAME,
@@ -87,8 +87,9 @@ pub const EXIT_PROTOCOL: i32 = 4;
 pub const EXIT_PARENT_GONE: i32 = 5;
 /// Exit code of a worker that could not start its own threads because the
 /// system is short of them (`EAGAIN`: `ulimit -u` reached), after waiting
-/// for them (250 ms): the pool takes it as a start the system
-/// refused, not as the worker's failure.
+/// for them (250 ms; 10 s for a one-off child): the pool takes it as a start
+/// the system refused, not as the worker's failure (a one-off child fails
+/// with that reason).
 pub const EXIT_SHORT_OF_THREADS: i32 = 6;
 /// Exit code of a one-off child whose function panicked (Rust's own for a
 /// panicking `main`).
@@ -475,7 +476,7 @@ impl ExitStatus {
 }
 
 /// The environment variables a pool sets for its workers.
-pub const WORKER_VARIABLES: [&str; 3] = [ENV_FD, ENV_PARENT, ENV_MAX_FRAME];
+pub const WORKER_VARIABLES: [&str; 4] = [ENV_FD, ENV_PARENT, ENV_MAX_FRAME, ENV_ONE_OFF];
 
 /// What a worker learns from its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -483,13 +484,14 @@ pub struct WorkerEnv {
     fd: RawFd,
     parent: u32,
     max_frame: usize,
+    one_off: bool,
 }
 
 impl WorkerEnv {
     /// The environment of a worker forked by a zygote: its channel fd, the
     /// pool's pid and the frame size limit.
     pub(crate) fn new(fd: RawFd, parent: u32, max_frame: usize) -> Self {
-        WorkerEnv { fd, parent, max_frame }
+        WorkerEnv { fd, parent, max_frame, one_off: false }
     }
 
     /// Reads the worker variables and removes them from the environment, so
@@ -515,7 +517,8 @@ impl WorkerEnv {
     /// `None` if there is no channel variable (not a worker).
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Option<Result<WorkerEnv, String>> {
         let fd = get(ENV_FD)?;
-        Some(Self::parse(&fd, get(ENV_PARENT).as_deref(), get(ENV_MAX_FRAME).as_deref()))
+        let parsed = Self::parse(&fd, get(ENV_PARENT).as_deref(), get(ENV_MAX_FRAME).as_deref());
+        Some(parsed.map(|env| WorkerEnv { one_off: get(ENV_ONE_OFF).is_some(), ..env }))
     }
 
     fn parse(fd: &str, parent: Option<&str>, max: Option<&str>) -> Result<WorkerEnv, String> {
@@ -529,7 +532,7 @@ impl WorkerEnv {
             None => DEFAULT_MAX_FRAME,
             Some(m) => m.parse().map_err(|_| format!("{ENV_MAX_FRAME}={m:?} is not a size"))?,
         };
-        Ok(WorkerEnv { fd, parent, max_frame })
+        Ok(WorkerEnv { fd, parent, max_frame, one_off: false })
     }
 }
 
@@ -874,13 +877,14 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     crate::memory::keep_to_one_arena_under_an_address_space_limit();
     let monitor_core = Arc::clone(&core);
     let interrupter = handler.interrupter();
-    if let Err(e) = start_thread("warden-monitor", move || monitor(monitor_core, interrupter)) {
+    let patience = if env.one_off { ONE_OFF_THREAD_START_PATIENCE } else { THREAD_START_PATIENCE };
+    if let Err(e) = start_thread("warden-monitor", patience, move || monitor(monitor_core, interrupter)) {
         return thread_refused(&core, "monitor", &e);
     }
 
     let inbox = Arc::new(Inbox::new(env.max_frame));
     let (watcher_core, watcher_inbox) = (Arc::clone(&core), Arc::clone(&inbox));
-    if let Err(e) = start_thread("warden-watcher", move || watch_channel(watcher_core, watcher_inbox)) {
+    if let Err(e) = start_thread("warden-watcher", patience, move || watch_channel(watcher_core, watcher_inbox)) {
         return thread_refused(&core, "channel's watcher", &e);
     }
 
@@ -901,27 +905,31 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
 /// time, for as long as the shortage lasts (up to its init timeout).
 const THREAD_START_PATIENCE: Duration = Duration::from_millis(250);
 
+/// The same for a one-off child, which is started once: it rides out a
+/// longer shortage (its parent's own threads starting it may be what it
+/// waits for), and fails with that reason after it.
+const ONE_OFF_THREAD_START_PATIENCE: Duration = Duration::from_secs(10);
+
 /// A worker that could not start one of its threads, before it said hello
-/// (so before any start hook ran): for want of threads, it ends with
-/// [`EXIT_SHORT_OF_THREADS`], which says it (the pool logs the shortage once
-/// and tries again while it lasts); otherwise it tells why on stderr and
-/// ends through the exit path, as broken.
+/// (so before any start hook ran), says so on stderr: for want of threads,
+/// it ends with [`EXIT_SHORT_OF_THREADS`]; otherwise through the exit path,
+/// as broken.
 fn thread_refused(core: &WorkerState, what: &str, e: &io::Error) -> ExitStatus {
+    report!("warden worker: cannot start the {what} thread: {e}");
     if e.kind() == io::ErrorKind::WouldBlock {
         return ExitStatus::Code(EXIT_SHORT_OF_THREADS);
     }
-    report!("warden worker: cannot start the {what} thread: {e}");
     core.exit_path(ExitReason::ProtocolError)
 }
 
 /// Starts a thread of the worker (detached), trying again, with a delay that
 /// doubles, while the system refuses it for want of threads: a passing
 /// shortage (another program's burst of processes) delays this worker's
-/// start instead of failing it, for up to [`THREAD_START_PATIENCE`].
-fn start_thread<F: FnOnce() + Send + 'static>(name: &str, f: F) -> io::Result<()> {
+/// start instead of failing it, for up to `patience`.
+fn start_thread<F: FnOnce() + Send + 'static>(name: &str, patience: Duration, f: F) -> io::Result<()> {
     // The closure is lost with a refused spawn; each try gets a way to it.
     let slot = Arc::new(Mutex::new(Some(f)));
-    let deadline = Instant::now() + THREAD_START_PATIENCE;
+    let deadline = Instant::now() + patience;
     let mut delay = Duration::from_millis(5);
     loop {
         let mine = Arc::clone(&slot);
@@ -1335,7 +1343,10 @@ mod tests {
         assert!(WorkerEnv::parse("1", Some("1"), None).is_err());
         assert!(WorkerEnv::parse("7", None, None).is_err());
         assert!(WorkerEnv::parse("7", Some("1"), Some("big")).is_err());
-        assert_eq!(WorkerEnv::parse("7", Some("12"), Some("100")), Ok(WorkerEnv { fd: 7, parent: 12, max_frame: 100 }));
+        assert_eq!(
+            WorkerEnv::parse("7", Some("12"), Some("100")),
+            Ok(WorkerEnv { fd: 7, parent: 12, max_frame: 100, one_off: false })
+        );
     }
 
     #[test]

@@ -151,7 +151,10 @@ pub(crate) struct Supervisor {
 
 /// Creates the channel, waker and poller for a pool; the supervisor runs on
 /// the thread that calls [`Supervisor::run`].
-pub(crate) fn create(cfg: Config) -> std::io::Result<(Supervisor, Arc<SupervisorLink>)> {
+pub(crate) fn create(mut cfg: Config) -> std::io::Result<(Supervisor, Arc<SupervisorLink>)> {
+    if cfg.one_off {
+        cfg.command.env.push((crate::spawn::ENV_ONE_OFF.into(), "1".into()));
+    }
     let poll = Poll::new()?;
     let waker = Waker::new(poll.registry(), WAKER)?;
     let (tx, rx) = std::sync::mpsc::channel();

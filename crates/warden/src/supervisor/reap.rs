@@ -153,7 +153,9 @@ impl Supervisor {
         let before_hello = w.phase == WorkerPhase::Starting;
         let short_of_threads =
             w.cause.is_none() && before_hello && status == ExitStatus::Code(crate::worker::EXIT_SHORT_OF_THREADS);
-        let counted = crashed && !task_explains && !short_of_threads;
+        // A one-off child is started once: refused its threads, it fails
+        // with that reason (its task never ran).
+        let counted = crashed && !task_explains && (!short_of_threads || self.cfg.one_off);
         let exit =
             WorkerEnd { worker: id, pid, status, cause: w.cause.clone(), goodbye: w.goodbye.clone(), crashed, counted };
         tracing::debug!(pool = %self.cfg.name, worker = id, pid, %status, crashed, counted, "worker reaped");
@@ -176,6 +178,9 @@ impl Supervisor {
                 Some(StopCause::InitFailed(e)) => format!("worker {pid}'s start hook failed: {e}"),
                 Some(StopCause::InitTimeout) => format!("worker {pid} did not start within the init timeout"),
                 Some(StopCause::Protocol(d)) => format!("worker {pid} broke the protocol: {d}"),
+                _ if short_of_threads => {
+                    format!("worker {pid} could not start its threads: the system is short of them (EAGAIN)")
+                }
                 // Killed before it said hello (from outside, or by the OOM
                 // killer): no sign of a program that is not a worker.
                 _ if before_hello && matches!(status, ExitStatus::Signal(_)) => {

@@ -1443,3 +1443,17 @@ fn while_the_system_is_short_of_threads_workers_start_one_at_a_time() {
     h.sup.ensure_workers(now + Duration::from_secs(2));
     assert!(h.sup.spawn_retry_at.is_some(), "the second start was tried");
 }
+
+#[test]
+fn a_one_off_child_refused_its_threads_fails_with_that_reason_instead_of_waiting_for_ever() {
+    let mut h = harness(1, 10);
+    Arc::get_mut(&mut h.sup.cfg).expect("sole owner").one_off = true;
+    h.sup.spawned = 1;
+    h.submit(1);
+    let w = h.worker(WorkerPhase::Starting);
+    w.stand.exit_with(ExitStatus::Code(crate::worker::EXIT_SHORT_OF_THREADS));
+    h.sup.reap(w.id);
+    let reason = h.link.failure().expect("the child failed");
+    assert!(reason.contains("could not start its threads: the system is short of them"), "{reason}");
+    assert_eq!(h.outcomes(), [(1, "pool failed")]);
+}
