@@ -52,8 +52,34 @@ pub type LostHook = Arc<dyn Fn(&LostWorker) + Send + Sync>;
 /// The thread that runs a pool's `on_worker_lost` hook, and a way to wait for
 /// it to finish once the pool's supervisor (the only sender) is gone.
 pub(crate) struct LostThread {
-    done: Arc<(Mutex<bool>, Condvar)>,
+    done: Done,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Set once the hook thread has handled every lost worker and ends.
+#[derive(Clone)]
+pub(crate) struct Done(Arc<(Mutex<bool>, Condvar)>);
+
+impl Done {
+    /// Whether it is set.
+    pub(crate) fn is_set(&self) -> bool {
+        *self.0 .0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits up to `timeout` for it; `false` if it is not set by then.
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout.min(crate::pool::LONGEST_WAIT);
+        let (lock, cv) = &*self.0;
+        let mut done = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !*done {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            done = cv.wait_timeout(done, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        true
+    }
 }
 
 impl LostThread {
@@ -68,7 +94,7 @@ impl LostThread {
             *flag.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
             flag.1.notify_all();
         })?;
-        Ok((tx, LostThread { done, thread: Some(thread) }))
+        Ok((tx, LostThread { done: Done(done), thread: Some(thread) }))
     }
 
     /// Whether the caller is this thread (a hook that stops its own pool).
@@ -76,19 +102,17 @@ impl LostThread {
         self.thread.as_ref().is_some_and(|t| t.thread().id() == std::thread::current().id())
     }
 
-    /// Waits up to `timeout` for the thread to finish; `false` if it has not.
+    /// A handle on its end, to wait for without holding this.
+    pub(crate) fn done(&self) -> Done {
+        self.done.clone()
+    }
+
+    /// Waits up to `timeout` for the thread to finish, and joins it; `false`
+    /// if it has not finished.
     pub(crate) fn wait(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout.min(crate::pool::LONGEST_WAIT);
-        let (lock, cv) = &*self.done;
-        let mut done = lock.lock().unwrap_or_else(|p| p.into_inner());
-        while !*done {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            done = cv.wait_timeout(done, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        if !self.done.wait(timeout) {
+            return false;
         }
-        drop(done);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -781,8 +781,9 @@ impl Pool {
     /// Waits until the pool has shut down and every worker is reaped, and
     /// the [`Builder::on_worker_lost`] calls for them have run; `false` if
     /// `timeout` ran out first. Those calls get at most one grace period from
-    /// the first wait for them (a hook still running then finishes on its
-    /// own); a hook that joins its own pool does not wait for itself.
+    /// the first wait for them that has time to wait (a hook still running
+    /// then finishes on its own); a hook that joins its own pool does not
+    /// wait for itself.
     /// Escalates nothing (see [`Pool::stop`]).
     /// In a forked copy of the pool's process, `false` at once (see
     /// [`Pool::is_forked_copy`]).
@@ -804,23 +805,42 @@ impl Pool {
     /// most one grace period from the first such wait, after which a call
     /// still running is left to finish on its own (`true`). On the hooks' own
     /// thread (a hook that stops or joins its pool), not at all.
+    ///
+    /// The wait holds no lock: a hook may join or stop its pool while another
+    /// thread waits for it. A wait that is over before it begins (a poll with
+    /// no time) does not start the grace period.
     fn wait_lost_hooks(&self, until: Option<Instant>) -> bool {
-        let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(hooks) = lost.as_mut() else { return true };
-        if hooks.is_current() {
+        let (done, current) = {
+            let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(hooks) = lost.as_ref() else { return true };
+            (hooks.done(), hooks.is_current())
+        };
+        if current {
             return true;
         }
-        let began = *lock(&self.lost_wait_began).get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        let began = {
+            let mut began = lock(&self.lost_wait_began);
+            match *began {
+                Some(t) => t,
+                None if until.is_some_and(|u| u <= now) => return done.is_set(),
+                None => *began.insert(now),
+            }
+        };
         let bound = began.checked_add(self.grace);
         let wake = earliest(bound, until);
         let wait = wake.map_or(LONGEST_WAIT, |w| w.saturating_duration_since(Instant::now()));
-        if !hooks.wait(wait) {
+        if !done.wait(wait) {
             if !bound.is_some_and(|b| Instant::now() >= b) {
                 return false; // `until` came first
             }
             tracing::warn!("warden: an on_worker_lost hook is still running after the pool shut down");
         }
-        *lost = None;
+        // Finished (its thread is joined here), or left to finish on its own.
+        let finished = self.lost.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut hooks) = finished {
+            hooks.wait(Duration::ZERO);
+        }
         true
     }
 

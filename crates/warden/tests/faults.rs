@@ -76,6 +76,10 @@ fn main() {
         Trial::test("on_worker_lost_runs_on_its_own_thread_with_the_record_after_a_sigkill", lost_after_sigkill),
         Trial::test("a_worker_that_retires_is_not_lost", retired_is_not_lost),
         Trial::test(
+            "a_lost_hook_that_joins_its_pool_does_not_wait_for_itself_while_the_owner_joins_too",
+            a_lost_hook_joins_its_pool_while_the_owner_does,
+        ),
+        Trial::test(
             "stopping_a_pool_gives_a_slow_on_worker_lost_hook_one_grace_period_not_a_kill_ladder",
             a_slow_lost_hook_gets_one_grace_period,
         ),
@@ -528,6 +532,43 @@ fn a_slow_lost_hook_gets_one_grace_period() -> TestResult {
         check(took < GRACE * 5, format!("{how}: the stop took {took:?} with a {GRACE:?} grace"))?;
     }
     Ok(())
+}
+
+/// A hook that joins (or stops) its own pool while the program joins it
+/// too: the hook does not wait for itself, nor for the program's wait.
+/// Before, the program's wait held the hooks' lock for its whole grace
+/// period, and the hook's join waited that long (for good with a long grace).
+fn a_lost_hook_joins_its_pool_while_the_owner_does() -> TestResult {
+    const GRACE: Duration = Duration::from_secs(30);
+    let cell: Arc<std::sync::OnceLock<Arc<Pool>>> = Arc::default();
+    let (entered, hook_took) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(None)));
+    let (pool_for_hook, inside, took) = (Arc::clone(&cell), Arc::clone(&entered), Arc::clone(&hook_took));
+    let pool = Pool::builder()
+        .workers(1)
+        .grace(GRACE)
+        .on_worker_lost(move |_| {
+            inside.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(500)); // the owner is in its join by now
+            if let Some(pool) = pool_for_hook.get() {
+                let begun = Instant::now();
+                pool.join(None);
+                *took.lock().unwrap_or_else(|p| p.into_inner()) = Some(begun.elapsed());
+            }
+        })
+        .build()?;
+    let pool = Arc::new(pool);
+    let _ = cell.set(Arc::clone(&pool));
+    let crashed = pool.spawn(sigkill_self, ())?.join();
+    check(crashed.is_err_and(|e| e.is_crash()), "the task crashed")?;
+    check(wait_until(Duration::from_secs(10), || entered.load(Ordering::SeqCst)), "the hook began")?;
+    pool.close();
+    let begun = Instant::now();
+    let joined = pool.join(None);
+    let owner_took = begun.elapsed();
+    let hook = *hook_took.lock().unwrap_or_else(|p| p.into_inner());
+    check(joined, "the owner's join saw the pool and its hook finish")?;
+    check(hook.is_some_and(|t| t < Duration::from_secs(5)), format!("the hook's own join took {hook:?}"))?;
+    check(owner_took < Duration::from_secs(10), format!("the owner's join took {owner_took:?}"))
 }
 
 fn retired_is_not_lost() -> TestResult {
