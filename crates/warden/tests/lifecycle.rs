@@ -646,14 +646,8 @@ fn a_panic_whose_payload_panics_as_it_is_dropped_fails_only_its_task() -> TestRe
     check(hooks.exit_reason(after).as_deref() == Some("Retired(Shutdown)"), "its exit hook ran at shutdown")
 }
 
-fn workers_exit_when_owner_is_killed() -> TestResult {
-    let hooks = Hooks::new();
-    let mut owner = Command::new(std::env::current_exe()?)
-        .env(SCENARIO_ENV, "owner")
-        .env(START_ENV, start_name(START.with(|s| s.get())))
-        .env(HOOKS_ENV, hooks.path())
-        .stdout(Stdio::piped())
-        .spawn()?;
+/// The worker pids a scenario owner prints ("worker N" lines, up to "ready").
+fn owner_workers(owner: &mut std::process::Child) -> Result<Vec<i32>, Failed> {
     let stdout = owner.stdout.take().ok_or("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let mut pids = Vec::new();
@@ -666,6 +660,18 @@ fn workers_exit_when_owner_is_killed() -> TestResult {
             _ => break,
         }
     }
+    Ok(pids)
+}
+
+fn workers_exit_when_owner_is_killed() -> TestResult {
+    let hooks = Hooks::new();
+    let mut owner = Command::new(std::env::current_exe()?)
+        .env(SCENARIO_ENV, "owner")
+        .env(START_ENV, start_name(START.with(|s| s.get())))
+        .env(HOOKS_ENV, hooks.path())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let pids = owner_workers(&mut owner)?;
     let result = (|| {
         check(pids.len() == 2, format!("owner reported its workers: {pids:?}"))?;
         owner.kill()?; // SIGKILL: no chance to clean up anything itself
@@ -705,18 +711,7 @@ fn workers_whose_stderr_is_gone_still_end_when_their_owner_is_sigkilled() -> Tes
             .stderr(Stdio::piped())
             .spawn()?;
         drop(owner.stderr.take()); // every later write to it fails (EPIPE)
-        let stdout = owner.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let mut pids = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            match lines.next() {
-                Some(Ok(line)) if line.starts_with("worker ") => pids.push(line[7..].trim().parse::<i32>()?),
-                Some(Ok(line)) if line == "ready" => break,
-                Some(Ok(_)) => {}
-                _ => break,
-            }
-        }
+        let pids = owner_workers(&mut owner)?;
         let result: TestResult = (|| {
             check(pids.len() == 2, format!("{scenario}: owner reported its workers: {pids:?}"))?;
             owner.kill()?; // SIGKILL: no chance to clean up anything itself
