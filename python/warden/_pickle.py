@@ -92,8 +92,6 @@ def _pickler() -> type[_Pickler]:
 
 
 _cloud_pickler: type | None = None
-#: ``cloudpickle``'s reducer for code (see :func:`_code_reduce_keeping_its_file`).
-_cloudpickle_code_reduce: Callable[[types.CodeType], Any]
 
 
 def _as_plain(obj: Any) -> Any:
@@ -118,17 +116,6 @@ def _text_file_reduce(obj: Any) -> Any:
     return _as_plain(obj)
 
 
-def _code_reduce_keeping_its_file(obj: types.CodeType) -> Any:
-    """A function's code by value, with the name of the file it came from.
-    ``cloudpickle`` (from 3.0) writes ``"<dynamic-code>"`` there, so that a
-    payload does not depend on where the function was defined; a traceback
-    from the worker then names no file and shows none of its lines, where
-    the standard library's fork shows both (a notebook's cell, a script's
-    function defined under ``if __name__ == "__main__":``)."""
-    make, args = _cloudpickle_code_reduce(obj)
-    return make, tuple(obj.co_filename if isinstance(a, str) and a == "<dynamic-code>" else a for a in args)
-
-
 def _cloud_pickler_class() -> type:
     """``cloudpickle``'s pickler with ``ForkingPickler``'s reducers, for what
     the standard pickler refuses because it would pickle a function or class
@@ -146,8 +133,20 @@ def _cloud_pickler_class() -> type:
 
         import cloudpickle
 
-        global _cloudpickle_code_reduce
-        _cloudpickle_code_reduce = cloudpickle.CloudPickler.dispatch_table[types.CodeType]
+        code_reduce = cloudpickle.CloudPickler.dispatch_table[types.CodeType]
+
+        def code_keeping_its_file(obj: types.CodeType) -> Any:
+            # A function's code by value, with the name of the file it came
+            # from: cloudpickle (from 3.0) writes "<dynamic-code>" there, so
+            # that a payload does not depend on where the function was
+            # defined; a traceback from the worker then named no file and
+            # showed none of its lines, where the standard library's fork
+            # shows both (a notebook's cell, a function defined under
+            # `if __name__ == "__main__":`).
+            make, args = code_reduce(obj)
+            return make, tuple(
+                obj.co_filename if isinstance(a, str) and a == "<dynamic-code>" else a for a in args
+            )
 
         class CloudPickler(cloudpickle.CloudPickler):
             dispatch_table = collections.ChainMap(
@@ -156,7 +155,7 @@ def _cloud_pickler_class() -> type:
                     io.TextIOWrapper: _text_file_reduce,
                     weakref.WeakSet: _as_plain,
                     memoryview: _oob.reduce_memoryview,
-                    types.CodeType: _code_reduce_keeping_its_file,
+                    types.CodeType: code_keeping_its_file,
                 },
                 cloudpickle.CloudPickler.dispatch_table,
             )

@@ -684,13 +684,18 @@ fn workers_exit_when_owner_is_killed() -> TestResult {
         }
         Ok(())
     })();
+    end_owner_and_workers(&mut owner, &pids);
+    result
+}
+
+/// Cleanup if a test failed: SIGKILLs the scenario owner and its workers.
+fn end_owner_and_workers(owner: &mut std::process::Child, pids: &[i32]) {
     let _ = owner.kill();
     let _ = owner.wait();
-    for &p in &pids {
-        // SAFETY: kill(2) with integers; cleanup if the test failed.
+    for &p in pids {
+        // SAFETY: kill(2) with integers.
         unsafe { libc::kill(p, libc::SIGKILL) };
     }
-    result
 }
 
 /// A terminal closed (an SSH session dropped) or a reader of the program's
@@ -727,12 +732,7 @@ fn workers_whose_stderr_is_gone_still_end_when_their_owner_is_sigkilled() -> Tes
             }
             Ok(())
         })();
-        let _ = owner.kill();
-        let _ = owner.wait();
-        for &p in &pids {
-            // SAFETY: kill(2) with integers; cleanup if the test failed.
-            unsafe { libc::kill(p, libc::SIGKILL) };
-        }
+        end_owner_and_workers(&mut owner, &pids);
         result?;
     }
     Ok(())

@@ -153,6 +153,8 @@ impl Supervisor {
         let before_hello = w.phase == WorkerPhase::Starting;
         let short_of_threads =
             w.cause.is_none() && before_hello && status == ExitStatus::Code(crate::worker::EXIT_SHORT_OF_THREADS);
+        let short_of_threads_what =
+            || format!("worker {pid} could not start its threads: the system is short of them (EAGAIN)");
         // A one-off child is started once: refused its threads, it fails
         // with that reason (its task never ran).
         let counted = crashed && !task_explains && (!short_of_threads || self.cfg.one_off);
@@ -170,17 +172,14 @@ impl Supervisor {
         self.emit(LifecycleEvent::WorkerExited(exit.clone()));
         if short_of_threads && self.phase != PoolPhase::Failed && !self.cfg.one_off {
             let serving = self.workers.values().filter(|w| w.is_serving()).count();
-            let what = format!("worker {pid} could not start its threads: the system is short of them (EAGAIN)");
-            self.start_refused_for_shortage(Instant::now(), serving, what);
+            self.start_refused_for_shortage(Instant::now(), serving, short_of_threads_what());
         }
         if counted && self.phase != PoolPhase::Failed {
             let what = match &exit.cause {
                 Some(StopCause::InitFailed(e)) => format!("worker {pid}'s start hook failed: {e}"),
                 Some(StopCause::InitTimeout) => format!("worker {pid} did not start within the init timeout"),
                 Some(StopCause::Protocol(d)) => format!("worker {pid} broke the protocol: {d}"),
-                _ if short_of_threads => {
-                    format!("worker {pid} could not start its threads: the system is short of them (EAGAIN)")
-                }
+                _ if short_of_threads => short_of_threads_what(),
                 // Killed before it said hello (from outside, or by the OOM
                 // killer): no sign of a program that is not a worker.
                 _ if before_hello && matches!(status, ExitStatus::Signal(_)) => {
