@@ -534,6 +534,59 @@ def test_imap_reports_an_iterable_that_raises(pool):
     assert list(it) == []
 
 
+
+class Unreadable(BaseException):
+    """Not an ``Exception``: a parser's own way to stop everything."""
+
+
+def records_until(n, error):
+    for i in range(n):
+        if i == 3:
+            raise error
+        yield i
+
+
+class ExitsOnPickle:
+    def __reduce__(self):
+        raise SystemExit("this item cannot be sent")
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+@pytest.mark.parametrize(
+    "error", [SystemExit("bad record 3"), KeyboardInterrupt(), GeneratorExit(), Unreadable("bad record 3")]
+)
+def test_an_imap_whose_iterable_raises_what_is_not_an_exception_ends_with_an_error_not_quietly(
+    pool, method, error
+):
+    """A generator that gives up with ``sys.exit()`` (or any other exception
+    that is not an ``Exception``) is the iteration's error at its position:
+    ending the iteration there as if the input had ended would lose the
+    rest of it without a word."""
+    got = []
+    it = getattr(pool, method)(square, records_until(8, error))
+    with pytest.raises(Exception, match=type(error).__name__) as raised:
+        for value in it:
+            got.append(value)
+    assert "the iterable raised" in str(raised.value)
+    assert sorted(got) == [0, 1, 4]
+    assert pool.map(square, range(3)) == [0, 1, 4]
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_an_imap_item_whose_pickling_raises_system_exit_fails_that_item_only(pool, method):
+    it = getattr(pool, method)(square, [1, 2, ExitsOnPickle(), 4])
+    out, errors = [], []
+    while True:
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+        except Exception as e:
+            errors.append(str(e))
+    assert sorted(out) == [1, 4, 16]
+    assert len(errors) == 1 and "cannot pickle the task: SystemExit: this item cannot be sent" in errors[0]
+
+
 DROPPED_IMAP = """
 import sys, time, warnings
 import warden

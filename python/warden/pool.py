@@ -1257,7 +1257,7 @@ def _has_more(it: Iterator[Any]) -> bool:
         next(it)
     except StopIteration:
         return False
-    except Exception:
+    except BaseException:
         return True  # it had something more to say: an error
     return True
 
@@ -1296,15 +1296,17 @@ def _feed_imap(
         if result is not None:
             result._put(index, ok, data)
 
-    broke: Exception | None = None
+    broke: BaseException | None = None
     used_up = False  # the iterable ended, or raised
     try:
         while ahead.wait_for_room(max_chunks, gone) and not gone():
             try:
                 chunk = tuple(itertools.islice(it, chunksize))
-            except Exception as e:
+            except BaseException as e:
                 # At the start of the chunk it cut short, whose items are
-                # dropped, as the standard library's imap does.
+                # dropped, as the standard library's imap does. Whatever it
+                # raises, a ``SystemExit`` of a parser giving up included: it
+                # is the iteration's error, never its quiet end.
                 broke = e
                 used_up = True
                 break
@@ -1321,7 +1323,7 @@ def _feed_imap(
                 call = (run_chunk, (func, chunk, False), {}) if chunksize > 1 else (func, chunk, {})
                 payload, segment = dumps_oob(call, lend=False)
                 del call
-            except Exception as e:
+            except BaseException as e:
                 put(index, False, ErrorData.local(e, "cannot pickle the task"))
                 index += 1
                 continue
