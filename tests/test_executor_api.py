@@ -966,6 +966,37 @@ def test_unpicklable_result_is_a_clear_error(ex):
     assert ex.submit(square, 2).result() == 4
 
 
+class HugeAndUnpicklable:
+    """A result that cannot be pickled and whose repr is over the frame
+    limit (a list of thirty million rows with a lock at its end)."""
+
+    def __repr__(self):
+        return "row" * 100_000_000
+
+    def __reduce__(self):
+        raise TypeError("cannot pickle '_thread.lock' object")
+
+
+def return_huge_and_unpicklable():
+    return HugeAndUnpicklable()
+
+
+def test_a_result_too_big_to_repr_within_the_frame_limit_is_still_a_pickling_error(ex):
+    with pytest.raises(pickle.PicklingError, match="cannot pickle the task's result of type HugeAndUnpicklable"):
+        ex.submit(return_huge_and_unpicklable).result(timeout=60)
+    assert ex.submit(square, 2).result() == 4
+
+
+def test_a_pools_maybe_encoding_error_keeps_the_start_of_a_huge_results_repr():
+    with warden.Pool(1) as pool:
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError) as info:
+            pool.apply(return_huge_and_unpicklable)
+        assert info.value.value.startswith("rowrowrow")
+        assert info.value.value.endswith("more characters not sent]")
+        assert len(info.value.value) < 2 << 20
+        assert pool.apply(square, (3,)) == 9
+
+
 class ExitsWhenUnpickled:
     """A result whose unpickling (in the parent) raises SystemExit."""
 

@@ -408,12 +408,13 @@ def _cut(text: str, keep_end: bool = False) -> str:
 def _unpicklable_result(value: Any, why: Exception) -> pickle.PicklingError:
     """The error of a task whose result cannot be pickled. It carries the
     reprs ``multiprocessing.pool.MaybeEncodingError`` is made of, so that a
-    ``Pool`` raises that instead."""
+    ``Pool`` raises that instead, each cut as an error's message is: the
+    repr of a result too big to send would make the error too big to send."""
     error = pickle.PicklingError(
         f"cannot pickle the task's result of type {type(value).__qualname__}: {type(why).__name__}: {why}"
     )
-    error.result_repr = _text_of(repr, value)  # type: ignore[attr-defined]
-    error.reason_repr = _text_of(repr, why)  # type: ignore[attr-defined]
+    error.result_repr = _cut(_text_of(repr, value))  # type: ignore[attr-defined]
+    error.reason_repr = _cut(_text_of(repr, why))  # type: ignore[attr-defined]
     return error
 
 
