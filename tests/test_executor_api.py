@@ -982,7 +982,9 @@ def return_huge_and_unpicklable():
 
 
 def test_a_result_too_big_to_repr_within_the_frame_limit_is_still_a_pickling_error(ex):
-    with pytest.raises(pickle.PicklingError, match="cannot pickle the task's result of type HugeAndUnpicklable"):
+    with pytest.raises(
+        pickle.PicklingError, match="cannot pickle the task's result of type HugeAndUnpicklable"
+    ):
         ex.submit(return_huge_and_unpicklable).result(timeout=60)
     assert ex.submit(square, 2).result() == 4
 

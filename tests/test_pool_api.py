@@ -534,7 +534,6 @@ def test_imap_reports_an_iterable_that_raises(pool):
     assert list(it) == []
 
 
-
 class Unreadable(BaseException):
     """Not an ``Exception``: a parser's own way to stop everything."""
 
