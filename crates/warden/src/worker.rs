@@ -879,13 +879,13 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     let interrupter = handler.interrupter();
     let patience = if env.one_off { ONE_OFF_THREAD_START_PATIENCE } else { THREAD_START_PATIENCE };
     if let Err(e) = start_thread("warden-monitor", patience, move || monitor(monitor_core, interrupter)) {
-        return thread_refused(&core, "monitor", &e);
+        return thread_refused(&core, &env, "monitor", &e);
     }
 
     let inbox = Arc::new(Inbox::new(env.max_frame));
     let (watcher_core, watcher_inbox) = (Arc::clone(&core), Arc::clone(&inbox));
     if let Err(e) = start_thread("warden-watcher", patience, move || watch_channel(watcher_core, watcher_inbox)) {
-        return thread_refused(&core, "channel's watcher", &e);
+        return thread_refused(&core, &env, "channel's watcher", &e);
     }
 
     let pid = std::process::id();
@@ -913,12 +913,24 @@ const ONE_OFF_THREAD_START_PATIENCE: Duration = Duration::from_secs(10);
 /// A worker that could not start one of its threads, before it said hello
 /// (so before any start hook ran), says so on stderr: for want of threads,
 /// it ends with [`EXIT_SHORT_OF_THREADS`]; otherwise through the exit path,
-/// as broken.
-fn thread_refused(core: &WorkerState, what: &str, e: &io::Error) -> ExitStatus {
-    report!("warden worker: cannot start the {what} thread: {e}");
+/// as broken. A one-off child, which no one starts again, says that it
+/// ends without running what it was started for.
+fn thread_refused(core: &WorkerState, env: &WorkerEnv, what: &str, e: &io::Error) -> ExitStatus {
+    let pid = std::process::id();
     if e.kind() == io::ErrorKind::WouldBlock {
+        if env.one_off {
+            report!(
+                "warden child {pid}: cannot start the {what} thread after {}s: {e}; it ends with exit code \
+                 {EXIT_SHORT_OF_THREADS} without running its target (the system's limit on processes and \
+                 threads, ulimit -u or a cgroup's pids.max, is reached)",
+                ONE_OFF_THREAD_START_PATIENCE.as_secs()
+            );
+        } else {
+            report!("warden worker {pid}: cannot start the {what} thread: {e}; its pool tries again");
+        }
         return ExitStatus::Code(EXIT_SHORT_OF_THREADS);
     }
+    report!("warden worker {pid}: cannot start the {what} thread: {e}");
     core.exit_path(ExitReason::ProtocolError)
 }
 
