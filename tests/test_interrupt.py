@@ -340,6 +340,63 @@ def test_a_start_failing_after_a_held_ctrl_c_raises_keyboard_interrupt_from_the_
     assert run.stdout.splitlines() == [expected], run.stderr
 
 
+SIGNAL_DURING_SUBMIT = """
+import random, signal, sys
+import warden
+
+
+class Alarm(Exception):
+    pass
+
+
+def on_alarm(signum, frame):
+    raise Alarm
+
+
+def work(b):
+    return len(b)
+
+
+if __name__ == "__main__":
+    data = b"y" * int(sys.argv[1])  # 200 kB: lent to the workers
+    seen = {}
+    with warden.ProcessPoolExecutor(2) as ex:
+        ex.submit(work, b"").result()
+        signal.signal(signal.SIGALRM, on_alarm)
+        futures = []
+        for _ in range(300):
+            signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0001, 0.002))
+            try:
+                for _ in range(100):
+                    futures.append(ex.submit(work, data))
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            except BaseException as e:
+                seen[type(e).__name__] = seen.get(type(e).__name__, 0) + 1
+            if len(futures) > 200:
+                assert all(f.result(timeout=60) == len(data) for f in futures)
+                futures.clear()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        print("after", ex.submit(work, b"abc").result(timeout=30), flush=True)
+    print("raised", sorted(seen), flush=True)
+"""
+
+
+@pytest.mark.parametrize("size", [1, 200_000])
+def test_a_signal_handlers_error_anywhere_in_submit_leaves_the_pool_whole(program, size):
+    """A Ctrl-C (here: a signal handler that raises, at random points of
+    ``submit``, 300 times) may land between any two steps of a submit: the
+    caller gets that error, and nothing else breaks. Before, one landing
+    just after the pool's lock was taken kept it, and the next submit or
+    shutdown waited for ever; one landing as a lent buffer's pipe was handed
+    over closed the pipe twice (``OSError: [Errno 9]`` instead of the
+    caller's error, and the thread holding lent buffers failed)."""
+    prog = program(SIGNAL_DURING_SUBMIT)
+    run = prog.run(args=(str(size),), timeout=90)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["after 3", "raised ['Alarm']"], run.stdout + run.stderr
+    assert "Bad file descriptor" not in run.stderr and "lent buffers failed" not in run.stderr, run.stderr
+
+
 def test_a_second_ctrl_c_kills_at_once(program):
     prog, proc = start(program, BODIES["future_result"], env={"FIN_SLEEP": "30"})
     os.kill(proc.pid, signal.SIGINT)

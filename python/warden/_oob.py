@@ -640,16 +640,19 @@ def _lend(buffers: list[pickle.PickleBuffer], to_parent: bool, spare: bool = Fal
         _native.close(w)
         return None
     loan = Loan(views, mutable, to_parent)
+    lender = _lender()
     try:
-        _lender().hold(w, loan)
+        lender.hold(w, loan)
     except (OSError, RuntimeError):
         # No thread to hold the loan (none can be started): copied instead.
+        lender.close_unless_held(w)
         _native.close(r)
-        _native.close(w)
         return None
     except BaseException:
+        # A Ctrl-C (a signal handler's error) may come once the lender has
+        # the write end: then it is the lender's to close, not ours.
+        lender.close_unless_held(w)
         _native.close(r)
-        _native.close(w)
         raise
     fd = LentFd(r)
     fd.loan = loan
@@ -713,8 +716,9 @@ class _Lender:
     def hold(self, fd: int, loan: Loan) -> None:
         """Holds ``loan`` until the readers of ``fd`` (a pipe's write end,
         which this takes) are gone. Raises ``OSError`` or ``RuntimeError``
-        (nothing held, ``fd`` still the caller's) if the thread cannot be
-        started."""
+        if the thread cannot be started. Whatever it raises (a Ctrl-C too,
+        which may come once ``fd`` is held), the caller gives ``fd`` to
+        :meth:`close_unless_held`."""
         with self.lock:
             if self.thread is None:
                 wake_r, wake_w = os.pipe()
@@ -736,6 +740,16 @@ class _Lender:
             if self.wake_w >= 0:  # (none while its thread makes a new one, or fails to)
                 with contextlib.suppress(BlockingIOError):  # full: already awake
                     os.write(self.wake_w, b"\0")
+
+    def close_unless_held(self, fd: int) -> None:
+        """After :meth:`hold` raised: closes ``fd`` unless this holds it
+        (then the thread closes it once its readers are gone). Called while
+        the caller still has the read end open, so the thread cannot have
+        closed it meanwhile: its readers are not gone."""
+        with self.lock:
+            if fd in self.held:
+                return
+        _native.close(fd)
 
     def _run(self) -> None:
         try:

@@ -843,21 +843,27 @@ class Runner:
         held = None
         if segment is not None:
             on_done = held = _HoldingFd(loan, on_done)
+        # A Ctrl-C (a signal handler's error) may come between any two
+        # steps: the lock is always given back (by ``with``, which no signal
+        # handler can come between the acquiring and), and the segment is
+        # closed here only if the core never had it. A task submitted and
+        # not yet in ``pending`` then runs, its outcome dropped (the caller
+        # got the Ctrl-C, not a handle to it).
+        handed = False
         try:
-            self.pending_lock.acquire()
+            with self.pending_lock:
+                handed = True
+                task = self.core.submit(payload, timeout, segment, track_start)
+                self.pending[task] = on_done
+                if held is not None:
+                    held.hold()
+                    if loan is not None:
+                        held.key = (self.core, task)
+                        _loans[held.key] = loan
         except BaseException:
-            close_fd(segment)
+            if not handed:
+                close_fd(segment)
             raise
-        try:
-            task = self.core.submit(payload, timeout, segment, track_start)
-            self.pending[task] = on_done
-            if held is not None:
-                held.hold()
-                if loan is not None:
-                    held.key = (self.core, task)
-                    _loans[held.key] = loan
-        finally:
-            self.pending_lock.release()
         if self._tasks is not None and owner is not None:
             self._tasks[task] = owner
         return task
