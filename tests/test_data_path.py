@@ -240,6 +240,36 @@ def test_large_buffers_are_copied_when_no_thread_can_hold_them_lent(carrier, mon
         assert ex.submit(identity, raw).result(timeout=60) == raw
 
 
+def test_a_ctrl_c_as_a_large_call_is_counted_leaves_the_count_of_calls_holding_descriptors_right(
+    monkeypatch, no_segment_leaks
+):
+    """A Ctrl-C landing as ``submit`` counts a large call among those holding
+    a descriptor (at the start of the count's update) raises in the caller;
+    the call's outcome must not then take one off a count it was never in.
+    Before, the count went to -1, and a large call of a process short of
+    descriptors waited 60 s for one to come free instead of taking one of
+    the reserve."""
+    from warden import _oob
+
+    real = _oob.call_holds_fd
+    landed: list[int] = []
+
+    def ctrl_c_lands_first(change, *rest):
+        if change == 1 and not landed:
+            landed.append(change)
+            raise KeyboardInterrupt
+        return real(change, *rest)
+
+    monkeypatch.setattr(_oob, "call_holds_fd", ctrl_c_lands_first)
+    raw = os.urandom(4 << 20)
+    with warden.ProcessPoolExecutor(1) as ex:
+        with pytest.raises(KeyboardInterrupt):
+            ex.submit(identity, raw)
+        assert ex.submit(identity, raw).result(timeout=60) == raw
+    assert landed == [1]
+    assert wait_until(lambda: _oob.calls_holding_fds() == 0, timeout=5), _oob.calls_holding_fds()
+
+
 def test_memoryview_keeps_its_format_shape_and_readonly_flag(executor, no_segment_leaks):
     data = bytes(range(256)) * (LIMIT // 64)
     view = memoryview(data).cast("i", (len(data) // 16, 4))

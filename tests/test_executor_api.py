@@ -974,7 +974,8 @@ class HugeAndUnpicklable:
         return "row" * 100_000_000
 
     def __reduce__(self):
-        raise TypeError("cannot pickle '_thread.lock' object")
+        # ... and the pickler's own message says so at length.
+        raise TypeError("cannot pickle '_thread.lock' object in " + "row" * 100_000_000)
 
 
 def return_huge_and_unpicklable():
@@ -996,6 +997,7 @@ def test_a_pools_maybe_encoding_error_keeps_the_start_of_a_huge_results_repr():
         assert info.value.value.startswith("rowrowrow")
         assert info.value.value.endswith("more characters not sent]")
         assert len(info.value.value) < 2 << 20
+        assert len(info.value.exc) < 2 << 20
         assert pool.apply(square, (3,)) == 9
 
 

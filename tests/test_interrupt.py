@@ -365,8 +365,8 @@ if __name__ == "__main__":
         signal.signal(signal.SIGALRM, on_alarm)
         futures = []
         for _ in range(300):
-            signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0001, 0.002))
             try:
+                signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0001, 0.002))
                 for _ in range(100):
                     futures.append(ex.submit(work, data))
                 signal.setitimer(signal.ITIMER_REAL, 0)

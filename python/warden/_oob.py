@@ -468,12 +468,17 @@ _calls_holding = 0
 _calls_holding_lock = threading.Lock()
 
 
-def call_holds_fd(change: int) -> None:
+def call_holds_fd(change: int, holder: Any = None) -> None:
     """A pool queued (``+1``) a call with a descriptor for its buffers, or
-    it got its outcome (``-1``), which lets that descriptor go."""
+    it got its outcome (``-1``), which lets that descriptor go. ``holder``
+    (the call's outcome callback) gets this process's id as its ``held``
+    in the same step."""
     global _calls_holding
+    pid = os.getpid()
     with _calls_holding_lock:
         _calls_holding += change
+        if holder is not None:
+            holder.held = pid
 
 
 def calls_holding_fds() -> int:
@@ -639,20 +644,21 @@ def _lend(buffers: list[pickle.PickleBuffer], to_parent: bool, spare: bool = Fal
         _native.close(r)
         _native.close(w)
         return None
-    loan = Loan(views, mutable, to_parent)
-    lender = _lender()
+    lender = None
     try:
+        loan = Loan(views, mutable, to_parent)
+        lender = _lender()
         lender.hold(w, loan)
-    except (OSError, RuntimeError):
-        # No thread to hold the loan (none can be started): copied instead.
-        lender.close_unless_held(w)
-        _native.close(r)
-        return None
-    except BaseException:
+    except BaseException as e:
         # A Ctrl-C (a signal handler's error) may come once the lender has
         # the write end: then it is the lender's to close, not ours.
-        lender.close_unless_held(w)
+        if lender is None:
+            _native.close(w)
+        else:
+            lender.close_unless_held(w)
         _native.close(r)
+        if isinstance(e, (OSError, RuntimeError)):
+            return None  # no thread to hold the loan (none can be started): copied instead
         raise
     fd = LentFd(r)
     fd.loan = loan
@@ -736,10 +742,13 @@ class _Lender:
                     _native.close(wake_w)
                     raise
                 return
-            self.held[fd] = loan
+            # Woken first, held last: a Ctrl-C between the two leaves the fd
+            # the caller's, not held by a thread that never hears of it (it
+            # reads the new fd once it has this lock, after the store).
             if self.wake_w >= 0:  # (none while its thread makes a new one, or fails to)
                 with contextlib.suppress(BlockingIOError):  # full: already awake
                     os.write(self.wake_w, b"\0")
+            self.held[fd] = loan
 
     def close_unless_held(self, fd: int) -> None:
         """After :meth:`hold` raised: closes ``fd`` unless this holds it

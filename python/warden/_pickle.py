@@ -288,7 +288,9 @@ class _Sent:
 
 
 _sent: dict[str, _Sent] = {}
-_sent_lock = threading.Lock()
+#: Re-entrant only so that :func:`_let_go_of_unused` can tell that its own
+#: thread holds it; nothing takes it twice.
+_sent_lock = threading.RLock()
 _next_version = itertools.count(1)
 #: Whether :func:`_let_go_of_unused` is among ``gc.callbacks``.
 _gc_hooked = False
@@ -298,7 +300,7 @@ _closed = False
 
 def _new_lock_after_fork() -> None:
     global _sent_lock
-    _sent_lock = threading.Lock()  # another thread may have held it at the fork
+    _sent_lock = threading.RLock()  # another thread may have held it at the fork
 
 
 os.register_at_fork(after_in_child=_new_lock_after_fork)
@@ -357,15 +359,17 @@ def _let_go_of_unused(phase: str, _info: dict[str, int]) -> None:
     the garbage collector starts (so a large list the program deleted is
     not kept until the next send). The next value sent under such a name is
     a new version all the same."""
-    if phase != "start" or not _sent_lock.acquire(blocking=False):
+    if phase != "start" or _sent_lock._is_owned():  # type: ignore[attr-defined]
         return  # a collection that started while this thread updates the table
-    try:
+    # ``with``, not a bare ``acquire()``: a signal handler's error (a Ctrl-C)
+    # may come wherever this collection started, and no handler runs between
+    # ``with`` taking the lock and its block (another thread holding it
+    # updates the table without waiting for anything, and lets go soon).
+    with _sent_lock:
         for sent in _sent.values():
             # Two references: the table's and the argument's.
             if sent.strong is not None and sent.strong is not _LET_GO and sys.getrefcount(sent.strong) <= 2:
                 sent.strong = _LET_GO
-    finally:
-        _sent_lock.release()
 
 
 #: Stands for a value :func:`_versions_of` let go of: no value is it.

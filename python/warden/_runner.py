@@ -839,10 +839,6 @@ class Runner:
         call's out-of-band buffers; the core owns it from here on, even if
         this raises. If the buffers are lent, this process lets them go
         when the task has its outcome, before ``on_done`` gets it."""
-        loan = None if segment is None else getattr(segment, "loan", None)
-        held = None
-        if segment is not None:
-            on_done = held = _HoldingFd(loan, on_done)
         # A Ctrl-C (a signal handler's error) may come between any two
         # steps: the lock is always given back (by ``with``, which no signal
         # handler can come between the acquiring and), and the segment is
@@ -851,6 +847,10 @@ class Runner:
         # got the Ctrl-C, not a handle to it).
         handed = False
         try:
+            loan = None if segment is None else getattr(segment, "loan", None)
+            held = None
+            if segment is not None:
+                on_done = held = _HoldingFd(loan, on_done)
             with self.pending_lock:
                 handed = True
                 task = self.core.submit(payload, timeout, segment, track_start)
@@ -1047,9 +1047,10 @@ class _HoldingFd:
         self.held: int | None = None
 
     def hold(self) -> None:
-        """The call is queued, and holds its descriptor until its outcome."""
-        self.held = os.getpid()
-        _oob.call_holds_fd(1)
+        """The call is queued, and holds its descriptor until its outcome
+        (counted and marked in one step: a Ctrl-C between the two would
+        leave the count one short once the outcome takes it off)."""
+        _oob.call_holds_fd(1, self)
 
     @property
     def __self__(self) -> Any:

@@ -411,7 +411,8 @@ def _unpicklable_result(value: Any, why: Exception) -> pickle.PicklingError:
     ``Pool`` raises that instead, each cut as an error's message is: the
     repr of a result too big to send would make the error too big to send."""
     error = pickle.PicklingError(
-        f"cannot pickle the task's result of type {type(value).__qualname__}: {type(why).__name__}: {why}"
+        f"cannot pickle the task's result of type {type(value).__qualname__}: "
+        f"{type(why).__name__}: {_cut(_text_of(str, why))}"
     )
     error.result_repr = _cut(_text_of(repr, value))  # type: ignore[attr-defined]
     error.reason_repr = _cut(_text_of(repr, why))  # type: ignore[attr-defined]
