@@ -101,6 +101,10 @@ def test_a_gevent_patched_program_gets_its_results_while_its_greenlets_run(progr
         expected.insert(expected.index("logged 7"), "task from the worker 7")
         expected += ["pool map [0, 1, 4, 9]", "imap [0, 1, 4, 9]", f"large {8 << 20}", "pipes left open []"]
     assert run.stdout.splitlines() == [*expected, "done"], run.stderr
+    # Nothing of warden's own on stderr: before, the thread that watches a
+    # worker's import of main, started before main patched ``threading``,
+    # ended after it with a ``KeyError`` from the patched bookkeeping.
+    assert "Exception ignored" not in run.stderr and "KeyError" not in run.stderr, run.stderr
 
 
 INTERRUPTED = """
@@ -153,3 +157,56 @@ def test_ctrl_c_stops_a_gevent_patched_program_waiting_on_a_pool_and_its_tasks_f
         pytest.fail("the program did not stop within 30 s of Ctrl-C")
     assert proc.returncode == -signal.SIGINT, proc.returncode  # KeyboardInterrupt ended it
     assert sorted(prog.out_lines()) == ["finally 0", "finally 1", "started 0", "started 1"]
+
+
+CTRL_C_IN_THE_ITERABLE = """
+from gevent import monkey; monkey.patch_all()
+import time
+import warden
+
+def square(x):
+    return x * x
+
+def parsed_records():
+    for i in range(10_000):
+        began = time.monotonic()
+        while time.monotonic() - began < 0.02:
+            pass  # parsing: the feeder's greenlet holds the program's thread
+        if i == 3:
+            print("waiting", flush=True)
+        yield i
+
+if __name__ == "__main__":
+    with warden.Pool(2) as pool:
+        try:
+            for value in pool.imap(square, parsed_records()):
+                pass
+        except Exception as e:
+            print("caught", type(e).__name__, e, flush=True)
+    print("went on", flush=True)
+"""
+
+
+def test_ctrl_c_while_a_gevent_patched_imap_runs_its_iterable_ends_the_program_as_keyboard_interrupt(program):
+    """Under gevent the feeder of an ``imap`` is a greenlet on the program's
+    one thread, and a Ctrl-C lands in whatever runs there: often the
+    program's own iterable, in the feeder. It stops the program, as gevent
+    makes a greenlet's ``KeyboardInterrupt`` do, instead of becoming the
+    iteration's error (which ``except Exception`` caught, and the program
+    went on)."""
+    prog = program(CTRL_C_IN_THE_ITERABLE)
+    proc = prog.start()
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != "waiting":
+        proc.wait(30)
+        pytest.fail(f"the program did not start: {proc.stderr.read() if proc.stderr else ''}")
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the program did not stop within 30 s of Ctrl-C")
+    rest = proc.stdout.read()
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, rest)
+    assert "caught" not in rest and "went on" not in rest, rest

@@ -193,6 +193,24 @@ def is_current(thread: Any) -> bool:
     return thread is threading.current_thread()
 
 
+def pass_ctrl_c_on(error: BaseException) -> None:
+    """Under gevent's patching a thread of the program's is a greenlet on the
+    main thread, where a Ctrl-C's ``KeyboardInterrupt`` is raised in
+    whichever greenlet runs: one such greenlet of warden's that caught it
+    (an ``imap`` feeder running the program's iterable) passes it on to the
+    main greenlet, as gevent does for a greenlet that dies of it. Anywhere
+    else it is the error of the code that raised it, and nothing is done."""
+    if not isinstance(error, KeyboardInterrupt) or _patched("threading") is None:
+        return
+    if threading.get_native_id() != os.getpid():
+        return  # a thread of the operating system: no Ctrl-C lands there
+    import gevent
+
+    hub = gevent.get_hub()
+    if gevent.getcurrent() is not hub.parent:
+        hub.handle_system_error(type(error), error, error.__traceback__)
+
+
 def Lock() -> Any:
     """``threading.Lock()``; the original lock under gevent's patching."""
     monkey = _patched("threading")

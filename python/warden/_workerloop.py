@@ -37,6 +37,7 @@ SIGTERM handler gets the pool's SIGTERM there instead; the pool's
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
 import gc
@@ -1495,11 +1496,25 @@ def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
     if not (watch and 0 < after < threading.TIMEOUT_MAX):
         yield
         return
-    done = threading.Event()
-    main = threading.get_ident()
+    # A raw thread and raw locks, made now: the import may monkey-patch
+    # ``threading`` (gevent), and a ``threading.Thread`` started before that
+    # ends after it with the patched bookkeeping (``KeyError`` on stderr).
+    done = _thread.allocate_lock()
+    done.acquire()  # released as the body ends
+    ended = _thread.allocate_lock()
+    ended.acquire()  # released as the watcher's last act
+    native: list[int] = []
+    main = _thread.get_ident()
 
     def notice() -> None:
-        if done.wait(after):
+        native.append(_thread.get_native_id())
+        try:
+            watch_the_import()
+        finally:
+            ended.release()
+
+    def watch_the_import() -> None:
+        if done.acquire(timeout=after):
             return
         import traceback  # only when there is something to say
 
@@ -1523,21 +1538,20 @@ def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
             'belongs under `if __name__ == "__main__":`'
         )
 
-    watcher = threading.Thread(target=notice, name="warden-slow-import", daemon=True)
     try:
-        watcher.start()
+        _thread.start_new_thread(notice, ())
     except RuntimeError:  # no thread to spare (`ulimit -u`): the start goes on without the notice
         yield
         return
     try:
         yield
     finally:
-        done.set()
-        watcher.join()
-        # join() returns as the thread's Python state ends; its kernel task
-        # may still be on its way out, and a zygote that counts its threads
-        # before it forks must not see it (bounded: it is past its last line).
-        task = f"/proc/self/task/{watcher.native_id}"
+        done.release()
+        ended.acquire()
+        # Its last act done, its kernel task may still be on its way out,
+        # and a zygote that counts its threads before it forks must not see
+        # it (bounded: it is past its last line).
+        task = f"/proc/self/task/{native[0]}"
         deadline = time.monotonic() + 1.0
         while os.path.exists(task) and time.monotonic() < deadline:
             time.sleep(0.0001)

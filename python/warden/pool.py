@@ -1257,7 +1257,8 @@ def _has_more(it: Iterator[Any]) -> bool:
         next(it)
     except StopIteration:
         return False
-    except BaseException:
+    except BaseException as e:
+        _native.pass_ctrl_c_on(e)
         return True  # it had something more to say: an error
     return True
 
@@ -1303,6 +1304,7 @@ def _feed_imap(
             try:
                 chunk = tuple(itertools.islice(it, chunksize))
             except BaseException as e:
+                _native.pass_ctrl_c_on(e)
                 # At the start of the chunk it cut short, whose items are
                 # dropped, as the standard library's imap does. Whatever it
                 # raises, a ``SystemExit`` of a parser giving up included: it
@@ -1324,6 +1326,7 @@ def _feed_imap(
                 payload, segment = dumps_oob(call, lend=False)
                 del call
             except BaseException as e:
+                _native.pass_ctrl_c_on(e)
                 put(index, False, ErrorData.local(e, "cannot pickle the task"))
                 index += 1
                 continue
