@@ -1405,3 +1405,50 @@ def test_a_class_of_an_importable_main_goes_by_reference_in_a_cloudpickle(monkey
     assert type(shape) is Shape
     monkeypatch.setattr(main, "__file__", "<stdin>")  # not importable: by value
     assert b"_make_skeleton_class" in _pickle.dumps((lambda s: s, (Shape(),), {}))
+
+
+DEL_UNDER_THE_TABLE_LOCK = """
+import gc, threading
+from warden import _pickle
+
+gc.disable()
+lock = threading.Lock()  # a logging handler's, say
+holding, in_del = threading.Event(), threading.Event()
+
+class Resource:
+    def __del__(self):  # logs, taking that lock
+        in_del.set()
+        with lock:
+            pass
+
+data = [Resource()]
+_pickle._versions_of({"data": data})  # sent by value: the table holds it
+data = [1]  # rebound: the table alone holds the old list
+
+def collects_holding_the_lock():
+    with lock:
+        holding.set()
+        in_del.wait(10)
+        gc.collect()  # an allocation while holding it
+    print("other thread done", flush=True)
+
+thread = threading.Thread(target=collects_holding_the_lock, daemon=True)
+thread.start()
+holding.wait(10)
+_pickle._versions_of({"data": data})  # sent again: the old list is let go of
+print("sender done", flush=True)
+thread.join(30)
+"""
+
+
+def test_a_value_let_go_of_by_the_by_value_table_runs_its_del_outside_the_tables_lock():
+    """The table of values sent by value lets go of a rebound name's old
+    value; its ``__del__`` (here, taking a lock to log) runs after the
+    table's lock is given back. Run under it, it waited for a thread that
+    held that lock and had started a collection, whose callback waited for
+    the table's lock: both waited for ever."""
+    run = subprocess.run(
+        [sys.executable, "-c", DEL_UNDER_THE_TABLE_LOCK], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert sorted(run.stdout.splitlines()) == ["other thread done", "sender done"], run.stdout + run.stderr

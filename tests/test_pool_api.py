@@ -586,6 +586,40 @@ def test_an_imap_item_whose_pickling_raises_system_exit_fails_that_item_only(poo
     assert len(errors) == 1 and "cannot pickle the task: SystemExit: this item cannot be sent" in errors[0]
 
 
+def slow_numbers(n):
+    for i in range(n):
+        time.sleep(0.01)
+        yield i
+
+
+def test_a_ctrl_c_as_an_imap_feeder_starts_still_leaves_close_waiting_for_the_other_imaps(monkeypatch):
+    """A Ctrl-C that cuts ``start()`` short once the feeder thread has begun
+    (``Thread.start`` waits for it to say so) raises in the caller, and the
+    feeder ends on its own: it must be taken off the count of running
+    feeders once, not twice, or a later ``close()`` stops taking the items
+    of an imap still being fed (they failed with ``CancelledError``)."""
+    real_start = threading.Thread.start
+    landed: list[str] = []
+
+    def start_then_ctrl_c(self):
+        real_start(self)
+        if self.name == "warden-feeder" and not landed:
+            landed.append(self.name)
+            raise KeyboardInterrupt
+
+    with warden.Pool(2) as pool:
+        monkeypatch.setattr(threading.Thread, "start", start_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            pool.imap(square, range(10))
+        monkeypatch.undo()
+        time.sleep(0.2)  # that feeder has ended
+        it = pool.imap(square, slow_numbers(30))
+        pool.close()
+        assert list(it) == [i * i for i in range(30)]
+        pool.join()
+    assert landed == ["warden-feeder"]
+
+
 DROPPED_IMAP = """
 import sys, time, warnings
 import warden

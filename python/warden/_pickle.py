@@ -317,6 +317,7 @@ def _versions_of(values: dict[str, Any]) -> dict[str, tuple[int, bool]]:
     binding counts: the worker's changes to what it was given are its own."""
     global _gc_hooked
     out: dict[str, tuple[int, bool]] = {}
+    replaced: list[_Sent] = []  # let go of after the lock (see let_go_at_exit)
     with _sent_lock:
         if _closed:  # under the lock: not after let_go_at_exit has begun
             return out
@@ -330,8 +331,10 @@ def _versions_of(values: dict[str, Any]) -> dict[str, tuple[int, bool]]:
             if sent is None:
                 sent = _sent[name] = _Sent(value, next(_next_version), False)
             elif not sent.holds(value):
+                replaced.append(sent)
                 sent = _sent[name] = _Sent(value, next(_next_version), True)
             out[name] = (sent.version, sent.rebound)
+    del replaced
     _let_go_of_unused("start", {})
     return out
 
@@ -344,6 +347,9 @@ def let_go_at_exit() -> None:
     global _closed, _gc_hooked
     with _sent_lock:
         _closed = True
+        # Let go of after the lock: their ``__del__`` may take locks of the
+        # program's, whose holders may be collecting, waiting for this one.
+        held = list(_sent.values())
         _sent.clear()
         if _gc_hooked:
             import gc
@@ -351,6 +357,7 @@ def let_go_at_exit() -> None:
             with contextlib.suppress(ValueError):
                 gc.callbacks.remove(_let_go_of_unused)
             _gc_hooked = False
+    del held
 
 
 def _let_go_of_unused(phase: str, _info: dict[str, int]) -> None:
@@ -363,13 +370,18 @@ def _let_go_of_unused(phase: str, _info: dict[str, int]) -> None:
         return  # a collection that started while this thread updates the table
     # ``with``, not a bare ``acquire()``: a signal handler's error (a Ctrl-C)
     # may come wherever this collection started, and no handler runs between
-    # ``with`` taking the lock and its block (another thread holding it
-    # updates the table without waiting for anything, and lets go soon).
+    # ``with`` taking the lock and its block. Another thread holding it
+    # updates the table without waiting for anything, and lets go soon: no
+    # value of the program's is let go of under it (its ``__del__`` could
+    # wait for a lock the thread collecting here holds).
+    unused = []  # let go of after the lock (see let_go_at_exit)
     with _sent_lock:
         for sent in _sent.values():
             # Two references: the table's and the argument's.
             if sent.strong is not None and sent.strong is not _LET_GO and sys.getrefcount(sent.strong) <= 2:
+                unused.append(sent.strong)
                 sent.strong = _LET_GO
+    del unused
 
 
 #: Stands for a value :func:`_versions_of` let go of: no value is it.

@@ -1499,16 +1499,29 @@ def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
     # A raw thread and raw locks, made now: the import may monkey-patch
     # ``threading`` (gevent), and a ``threading.Thread`` started before that
     # ends after it with the patched bookkeeping (``KeyError`` on stderr).
-    done = _thread.allocate_lock()
+    # (The original ones where gevent patched them already: a module the
+    # zygote preloaded that patches.)
+    monkey = _native._patched("threading")
+    raw = (
+        _thread
+        if monkey is None
+        else types.SimpleNamespace(
+            **{
+                name: monkey.get_original("_thread", name)
+                for name in ("allocate_lock", "get_ident", "start_new_thread")
+            }
+        )
+    )
+    done = raw.allocate_lock()
     done.acquire()  # released as the body ends
-    ended = _thread.allocate_lock()
+    ended = raw.allocate_lock()
     ended.acquire()  # released as the watcher's last act
     native: list[int] = []
-    main = _thread.get_ident()
+    main = raw.get_ident()
 
     def notice() -> None:
-        native.append(_thread.get_native_id())
         try:
+            native.append(_thread.get_native_id())
             watch_the_import()
         finally:
             ended.release()
@@ -1539,7 +1552,7 @@ def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
         )
 
     try:
-        _thread.start_new_thread(notice, ())
+        raw.start_new_thread(notice, ())
     except RuntimeError:  # no thread to spare (`ulimit -u`): the start goes on without the notice
         yield
         return
@@ -1551,10 +1564,12 @@ def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
         # Its last act done, its kernel task may still be on its way out,
         # and a zygote that counts its threads before it forks must not see
         # it (bounded: it is past its last line).
-        task = f"/proc/self/task/{native[0]}"
-        deadline = time.monotonic() + 1.0
-        while os.path.exists(task) and time.monotonic() < deadline:
-            time.sleep(0.0001)
+        # (None to wait for if it could not say, or was a greenlet after all.)
+        if native and native[0] != os.getpid():
+            task = f"/proc/self/task/{native[0]}"
+            deadline = time.monotonic() + 1.0
+            while os.path.exists(task) and time.monotonic() < deadline:
+                time.sleep(0.0001)
 
 
 def _enable_faulthandler() -> None:

@@ -576,9 +576,12 @@ class Pool(multiprocessing.pool.Pool):
         kind = IMapUnorderedIterator if unordered else IMapIterator
         result: IMapIterator[_T] = kind(self, chunksize > 1)
         result._progress = _progress.make(progress, _progress.length(iterable))
+        # Whoever says first that this feeder is done (it, or a start() a
+        # Ctrl-C cut short after the thread had begun) takes it off the count.
+        counted = [True]
         feeder = threading.Thread(
             target=_feed_imap,
-            args=(self, func, _iterate(iterable), chunksize, weakref.ref(result)),
+            args=(self, func, _iterate(iterable), chunksize, weakref.ref(result), counted),
             name="warden-feeder",
             daemon=True,
         )
@@ -590,14 +593,19 @@ class Pool(multiprocessing.pool.Pool):
         try:
             feeder.start()
         except BaseException:
-            self._feeder_done()
+            self._feeder_done(counted)
             raise
         return result
 
-    def _feeder_done(self) -> None:
+    def _feeder_done(self, counted: list[bool] | None = None) -> None:
         """An imap feeder has consumed its iterable (or stopped): the last
-        one closes the runner if :meth:`close` was called meanwhile."""
+        one closes the runner if :meth:`close` was called meanwhile.
+        ``counted``: the feeder's mark, cleared by the first call for it."""
         with self._feeders_lock:
+            if counted is not None:
+                if not counted[0]:
+                    return
+                counted[0] = False
             self._feeders -= 1
             close = self._feeders == 0 and self._state == CLOSE
         if close:
@@ -1273,6 +1281,7 @@ def _feed_imap(
     it: Iterator[Any],
     chunksize: int,
     result_ref: weakref.ref[IMapIterator],
+    counted: list[bool],
 ) -> None:
     """The feeder thread of an ``imap``: pickles and submits chunks as the
     iterable yields them, up to :data:`IMAP_AHEAD_CHUNKS` per worker (and
@@ -1378,4 +1387,4 @@ def _feed_imap(
         if result is not None:
             result._set_length(index)
         del result
-        pool._feeder_done()
+        pool._feeder_done(counted)
