@@ -24,6 +24,7 @@ which the program's greenlets wait on, and which a real thread can wake.
 
 from __future__ import annotations
 
+import _thread
 import os
 import select
 import sys
@@ -211,12 +212,17 @@ def pass_ctrl_c_on(error: BaseException) -> None:
         hub.handle_system_error(type(error), error, error.__traceback__)
 
 
-def Lock() -> Any:
-    """``threading.Lock()``; the original lock under gevent's patching."""
+def original(name: str) -> Any:
+    """``_thread``'s function ``name``; the original under gevent's patching."""
     monkey = _patched("threading")
     if monkey is None:
-        return threading.Lock()
-    return monkey.get_original("_thread", "allocate_lock")()
+        return getattr(_thread, name)
+    return monkey.get_original("_thread", name)
+
+
+def Lock() -> Any:
+    """``threading.Lock()``; the original lock under gevent's patching."""
+    return original("allocate_lock")()
 
 
 def Condition(lock: Any) -> Any:

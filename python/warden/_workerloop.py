@@ -1501,23 +1501,12 @@ def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
     # ends after it with the patched bookkeeping (``KeyError`` on stderr).
     # (The original ones where gevent patched them already: a module the
     # zygote preloaded that patches.)
-    monkey = _native._patched("threading")
-    raw = (
-        _thread
-        if monkey is None
-        else types.SimpleNamespace(
-            **{
-                name: monkey.get_original("_thread", name)
-                for name in ("allocate_lock", "get_ident", "start_new_thread")
-            }
-        )
-    )
-    done = raw.allocate_lock()
+    done = _native.Lock()
     done.acquire()  # released as the body ends
-    ended = raw.allocate_lock()
+    ended = _native.Lock()
     ended.acquire()  # released as the watcher's last act
     native: list[int] = []
-    main = raw.get_ident()
+    main = _native.original("get_ident")()
 
     def notice() -> None:
         try:
@@ -1552,7 +1541,7 @@ def notice_if_slow(who: str, what: str, watch: bool = True) -> Iterator[None]:
         )
 
     try:
-        raw.start_new_thread(notice, ())
+        _native.original("start_new_thread")(notice, ())
     except RuntimeError:  # no thread to spare (`ulimit -u`): the start goes on without the notice
         yield
         return

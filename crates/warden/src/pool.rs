@@ -793,11 +793,16 @@ impl Pool {
         if !self.shared.wait_done(timeout) {
             return false;
         }
+        self.join_supervisor();
+        self.wait_lost_hooks(deadline)
+    }
+
+    /// Joins the supervisor's thread, once it is done (the first caller does).
+    fn join_supervisor(&self) {
         let thread = lock(&self.thread).take();
         if let Some(thread) = thread {
             let _ = thread.join();
         }
-        self.wait_lost_hooks(deadline)
     }
 
     /// Waits for the pending [`Builder::on_worker_lost`] calls of a pool that
@@ -953,10 +958,7 @@ impl Pool {
                 // Every worker is reaped; what may be left are
                 // `on_worker_lost` calls, which no kill hurries: they get one
                 // grace period from the first wait for them.
-                let thread = lock(&self.thread).take();
-                if let Some(thread) = thread {
-                    let _ = thread.join();
-                }
+                self.join_supervisor();
                 return self.wait_lost_hooks(until).then(|| self.shared.finished_by(plan.cutoff));
             }
             let now = Instant::now();
