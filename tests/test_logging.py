@@ -726,7 +726,7 @@ def test_a_child_forked_while_worker_records_are_written_never_inherits_the_log_
 
 
 WAKE_PIPE_CLOSED = """
-import logging, os, resource, sys, time
+import array, fcntl, logging, os, resource, sys, termios, time
 import warden
 from warden import _logging
 
@@ -745,6 +745,15 @@ if __name__ == "__main__":
     with warden.ProcessPoolExecutor(2) as ex:
         ex.submit(task, 0).result(timeout=60)
         wake = _logging._listener.wake
+        # The results thread woke the listener's thread as it handed over
+        # the result: the program closes the pipe once that byte is read (a
+        # wake-up under way as the numbers change hands is a documented
+        # caveat: it may take a byte of the program's new pipe).
+        unread = array.array("i", [0])
+        deadline = time.monotonic() + 60
+        while fcntl.ioctl(wake - 1, termios.FIONREAD, unread) == 0 and unread[0]:
+            assert time.monotonic() < deadline, "the listener never read its wake-up"
+            time.sleep(0.01)
         if sys.argv[1] == "write-end":
             os.closerange(wake, wake + 1)
         else:
