@@ -280,6 +280,39 @@ def test_a_pool_naming_its_preloads_leaves_main_to_each_worker(program):
     assert workers <= set(prog.out_lines())
 
 
+MAIN_MAKES_A_SUBINTERPRETER = """
+import os, sys
+try:
+    import _interpreters as interpreters
+except ImportError:
+    import _xxsubinterpreters as interpreters
+SUB = interpreters.create()
+import warden
+
+def where(i):
+    return os.getpid()
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(2) as ex:
+        print("executor", len(list(ex.map(where, range(8)))))
+    with warden.Pool(2) as pool:
+        print("pool", pool.map(abs, [-1, -2]))
+    child = warden.Process(target=abs, args=(-1,))
+    child.start()
+    child.join(60)
+    print("process", child.exitcode)
+"""
+
+
+def test_a_main_module_that_makes_a_subinterpreter_at_import_gets_working_workers(program):
+    # CPython's fork() of a process with a subinterpreter aborts the child
+    # (3.12, 3.13) or leaves it hung (3.11): the zygote that imported such a
+    # main must not fork; the workers import main themselves, as under spawn.
+    run = program(MAIN_MAKES_A_SUBINTERPRETER).run(env={"WARDEN_START": "zygote"}, timeout=90)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["executor 8", "pool [1, 2]", "process 0"], run.stderr
+
+
 def test_a_main_module_that_starts_a_thread_still_gets_forked_workers(program):
     # The zygote that imported main has a thread and cannot fork: a second one,
     # without main, forks the workers, and each of them imports main itself.

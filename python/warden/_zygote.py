@@ -288,7 +288,27 @@ def _preload(data: dict[str, Any], watch: _SeedWatch) -> str | None:
         except Exception as e:
             why = f"{type(e).__name__}: {e}"
             say(f"warden: zygote {os.getpid()}: cannot preload {name!r}: {why}")
+    if _interpreters() > 1:
+        # CPython's fork() of a process with a subinterpreter aborts the
+        # child (3.12, 3.13) or leaves it hung (3.11).
+        return (
+            "an import made a subinterpreter, and such a process cannot fork: "
+            "each worker imports main itself, as under spawn"
+        )
     return None
+
+
+def _interpreters() -> int:
+    """How many interpreters this process has: more than one only if an
+    import made a subinterpreter, which takes the module that makes them."""
+    for name in ("_interpreters", "_xxsubinterpreters"):
+        module = sys.modules.get(name)
+        if module is not None:
+            try:
+                return len(module.list_all())
+            except Exception:
+                return 2  # cannot tell: as if it had made one
+    return 1
 
 
 def _process_state() -> tuple[int, str, tuple[Any, ...]]:
