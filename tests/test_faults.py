@@ -1211,6 +1211,24 @@ def crash(_=None):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def test_on_worker_lost_gets_the_future_even_when_the_program_let_go_of_it_at_its_outcome():
+    # ``ex.submit(f).result()``: the program lets go of the future as soon as
+    # its outcome is in, which can be before the hook's thread looks it up.
+    seen = []
+    rounds = 10
+    with warden.ProcessPoolExecutor(1, on_worker_lost=seen.append) as ex:
+        for _ in range(rounds):
+            with pytest.raises(warden.WorkerCrashed):
+                ex.submit(crash).result(timeout=60)
+        assert wait_until(lambda: len(seen) == rounds, timeout=60)
+        crashed_in_tasks = list(seen)  # (a worker still starting as the pool ends may follow)
+    assert [type(info.task).__name__ for info in crashed_in_tasks] == ["Future"] * rounds
+    for info in crashed_in_tasks:
+        with pytest.raises(warden.WorkerCrashed) as crashed:
+            info.task.result(0)
+        assert crashed.value.pid == info.pid
+
+
 @pytest.mark.parametrize("who", ["caller", "hook"])
 def test_a_slow_on_worker_lost_hook_holds_terminate_for_one_grace_period_at_most(who):
     """A cleanup hook that takes long (an ``rm -rf``, a network call) while

@@ -19,6 +19,7 @@ executor is still referenced at exit. Then the process's exit callbacks run
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import multiprocessing
 import multiprocessing.context
@@ -317,7 +318,8 @@ class WorkerLost:
     ``exitcode``: as ``multiprocessing`` reports it (minus the signal number
     when a signal killed it); ``signal``: that signal, or ``None``; ``task``:
     the ``Future`` (executor) or ``AsyncResult`` (``Pool``) of the task it was
-    running, or ``None``; ``record``: what the worker left with
+    running (kept for the hook if the program let go of it once it had its
+    outcome), or ``None``; ``record``: what the worker left with
     :func:`warden.set_cleanup_record`, or ``None``.
     """
 
@@ -337,9 +339,56 @@ class WorkerLost:
         )
 
 
-def _lost_hook(
-    hook: Callable[[WorkerLost], object], tasks: weakref.WeakValueDictionary[int, Any]
-) -> Callable[[Any], None]:
+class _LostTasks:
+    """A pool's tasks by core id, for ``on_worker_lost``. Held weakly while
+    they run: a future the program has let go of is not kept for the hook.
+    But one whose outcome says its worker died is held from the moment the
+    results thread delivers it until the hook for that worker is called:
+    the program may let go of it as soon as it has the outcome
+    (``ex.submit(f).result()``), before the hook's thread gets to it."""
+
+    #: Outcomes that can mean the worker died without its exit path.
+    DIED = frozenset(
+        int(kind)
+        for kind in (
+            _warden.ErrorKind.CRASHED,
+            _warden.ErrorKind.PROTOCOL,
+            _warden.ErrorKind.MEMORY_EXCEEDED,
+            _warden.ErrorKind.TIMED_OUT,
+        )
+    )
+    #: At most this many are held for a hook: an outcome whose worker did
+    #: run its exit path (a timed-out task's, mostly) gets no hook call.
+    HELD_MAX = 64
+
+    def __init__(self) -> None:
+        self.running: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self.held: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self.lock = _native.Lock()
+
+    def __setitem__(self, task: int, owner: Any) -> None:
+        self.running[task] = owner
+
+    def hold_if_died(self, task: int, kind: Any) -> None:
+        """(The results thread, before delivering an error outcome.)"""
+        if int(kind) not in self.DIED:
+            return
+        owner = self.running.get(task)
+        if owner is None:
+            return
+        with self.lock:
+            self.held[task] = owner
+            while len(self.held) > self.HELD_MAX:
+                self.held.popitem(last=False)
+
+    def take(self, task: int) -> Any:
+        """(The hook's thread.) The task's owner, if it is still about."""
+        with self.lock:
+            owner = self.held.pop(task, None)
+        return owner if owner is not None else self.running.get(task)
+
+
+def _lost_hook(hook: Callable[[WorkerLost], object], tasks: _LostTasks) -> Callable[[Any], None]:
     """The callable the core calls (on its ``-lost`` thread) for each lost worker."""
 
     def on_lost(lost: Any) -> None:
@@ -350,7 +399,7 @@ def _lost_hook(
             except Exception as e:
                 say(f"warden: cannot unpickle the cleanup record of worker {lost.pid}: {e!r}")
         exitcode = -lost.signal if lost.signal is not None else lost.exitcode
-        task = tasks.get(lost.task) if lost.task is not None else None
+        task = tasks.take(lost.task) if lost.task is not None else None
         try:
             hook(WorkerLost(lost.pid, exitcode, lost.signal, task, record))
         except Exception:
@@ -649,9 +698,7 @@ class Runner:
         # print, as the standard library flushes before it starts a child.
         _flush_std_streams()
         #: Tasks by core id, for ``on_worker_lost`` (only kept when there is one).
-        self._tasks: weakref.WeakValueDictionary[int, Any] | None = (
-            weakref.WeakValueDictionary() if on_worker_lost is not None else None
-        )
+        self._tasks: _LostTasks | None = _LostTasks() if on_worker_lost is not None else None
         # No fd made from here on may take the number of a closed stdio
         # stream (it would be passed as a worker's stdout, or refused).
         _warden.fill_closed_stdio()
@@ -789,6 +836,7 @@ class Runner:
                     self._leave_live_set,
                     log_listener,
                     self.delivered,
+                    self._tasks,
                 ),
                 name="warden-results",
             )
@@ -855,6 +903,9 @@ class Runner:
                 handed = True
                 task = self.core.submit(payload, timeout, segment, track_start)
                 self.pending[task] = on_done
+                if self._tasks is not None and owner is not None:
+                    # Before its outcome can be delivered (under this lock).
+                    self._tasks[task] = owner
                 if held is not None:
                     held.hold()
                     if loan is not None:
@@ -864,8 +915,6 @@ class Runner:
             if not handed:
                 close_fd(segment)
             raise
-        if self._tasks is not None and owner is not None:
-            self._tasks[task] = owner
         return task
 
     def close_nowait(self) -> None:
@@ -1176,6 +1225,7 @@ def _deliver_outcomes(
     leave_live_set: Callable[[], None],
     log_listener: Any,
     delivered: list[int],
+    lost_tasks: _LostTasks | None = None,
 ) -> None:
     """The results thread: takes outcomes from the core, calls their callbacks.
     With a ``log_listener`` (records forwarded), the workers' log records
@@ -1206,7 +1256,7 @@ def _deliver_outcomes(
                     since_trim = 0
                     _warden.trim_heap()
                 burst = 0
-            _deliver_batch(batch, pending, pending_lock, delivered)
+            _deliver_batch(batch, pending, pending_lock, delivered, lost_tasks)
             # Hold nothing (no outcome, nor its future) while waiting: a
             # result's mapping lives only as long as what was built on it.
             batch = None
@@ -1232,6 +1282,7 @@ def _deliver_batch(
     pending: dict[int, OnDone],
     pending_lock: threading.Lock,
     delivered: list[int],
+    lost_tasks: _LostTasks | None = None,
 ) -> None:
     with pending_lock:
         callbacks = [pending.pop(done.task, None) for done in batch]
@@ -1240,6 +1291,8 @@ def _deliver_batch(
             continue  # its segment, if any, is closed with the record
         try:
             if done.error is not None:
+                if lost_tasks is not None:
+                    lost_tasks.hold_if_died(done.task, done.error.kind)
                 ok, data = False, ErrorData.from_core(done.error)
             else:
                 # A result's segment is mapped (and its fd closed) now.
