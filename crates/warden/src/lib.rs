@@ -86,10 +86,16 @@
 //! * Arguments and results go through [postcard](https://docs.rs/postcard),
 //!   which is not self-describing: types that need `deserialize_any`
 //!   (`#[serde(untagged)]`, `#[serde(flatten)]`) or that skip fields when
-//!   serializing (`#[serde(skip_serializing_if)]`) fail with a codec error in
-//!   the worker, at run time; the pool goes on. A custom serde error's text is
-//!   not kept (postcard reports only its kind). Large byte buffers encode much
-//!   faster as `serde_bytes::ByteBuf` than as `Vec<u8>`.
+//!   serializing (`#[serde(skip_serializing_if)]`) fail with a codec error at
+//!   run time, where they are decoded: an argument in the worker (a remote
+//!   error, [`RemoteErrorKind::Codec`]), a result in this process as the
+//!   handle decodes it ([`ErrorKind::Codec`], not [`Error::is_remote`]).
+//!   `#[serde(flatten)]` fails earlier, where it is encoded (postcard needs
+//!   a map's length up front): an argument makes [`Pool::spawn`] return
+//!   [`ErrorKind::Codec`], a result fails in the worker. The pool goes on
+//!   either way. A custom serde error's text is not kept (postcard reports
+//!   only its kind). Large byte buffers encode much faster as
+//!   `serde_bytes::ByteBuf` than as `Vec<u8>`.
 //! * A worker that is stopped (SIGSTOP) when the parent is SIGKILLed cannot
 //!   act on its death signal until something resumes it; the kernel does so
 //!   (SIGHUP, SIGCONT) when the worker's process group becomes orphaned,

@@ -355,6 +355,14 @@ impl Builder {
     /// wait ([`Pool::wait_stopped`]) and returns with the workers still
     /// running; the supervisor stops them once the callback returns, or they
     /// end when this process does.
+    ///
+    /// A callback may stop or drop its own pool (drop the last `Arc<Pool>`,
+    /// say one it upgraded from a `Weak`): on this thread [`Pool::stop`],
+    /// [`Pool::shutdown`], [`Pool::join`] and the drop start the shutdown and
+    /// return at once, and the supervisor carries it out after the callback.
+    /// Calls that wait for the supervisor's answer ([`Pool::workers`],
+    /// [`Pool::cancel`], [`Handle::join`]) cannot be answered while it runs
+    /// the callback: do not make them here.
     pub fn on_event(mut self, sink: impl Fn(&LifecycleEvent) + Send + Sync + 'static) -> Self {
         self.cfg.on_event = Some(Arc::new(sink) as EventSink);
         self
@@ -609,7 +617,9 @@ fn longest(d: Duration) -> Duration {
 /// Options of one task.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TaskOptions {
-    /// Overrides the pool's task timeout for this task.
+    /// Overrides the pool's task timeout for this task. Longer than zero, as
+    /// [`Builder::task_timeout`]: a zero timeout is refused with
+    /// [`ErrorKind::Config`] when the task is submitted.
     pub timeout: Option<Duration>,
 }
 
@@ -672,6 +682,11 @@ impl Pool {
         options: TaskOptions,
         reply: Reply,
     ) -> Result<u64> {
+        if options.timeout == Some(Duration::ZERO) {
+            return Err(Error::config(
+                "TaskOptions::timeout must be longer than zero (leave it None for the pool's task_timeout)",
+            ));
+        }
         if !self.shared.accepting.load(Ordering::SeqCst) || self.shared.foreign() {
             return Err(self.closed_error());
         }
@@ -784,10 +799,23 @@ impl Pool {
     /// the first wait for them that has time to wait (a hook still running
     /// then finishes on its own); a hook that joins its own pool does not
     /// wait for itself.
-    /// Escalates nothing (see [`Pool::stop`]).
+    /// Escalates nothing (see [`Pool::stop`]), and starts nothing either: a
+    /// pool still open (not closed, stopped or failed) shuts down only once
+    /// some caller closes or stops it, so `join(None)` on a pool nothing
+    /// closes blocks for good. Call [`Pool::close`] (or
+    /// [`Pool::close_cancel_queued`], [`Pool::terminate`]) first, or use
+    /// [`Pool::shutdown`]; joining an open pool is for a caller that another
+    /// thread's close will release.
     /// In a forked copy of the pool's process, `false` at once (see
-    /// [`Pool::is_forked_copy`]).
+    /// [`Pool::is_forked_copy`]). On the pool's own supervisor thread (in a
+    /// [`Builder::on_event`] callback), `false` at once too: the supervisor
+    /// shuts the pool down only once the callback has returned, so a wait
+    /// there could only wait for itself.
     pub fn join(&self, timeout: Option<Duration>) -> bool {
+        if self.shared.on_supervisor_thread() {
+            tracing::debug!("warden: a pool joined on its own supervisor thread does not wait for itself");
+            return false;
+        }
         // A timeout too long to add to the clock is no deadline at all.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         if !self.shared.wait_done(timeout) {
@@ -797,8 +825,12 @@ impl Pool {
         self.wait_lost_hooks(deadline)
     }
 
-    /// Joins the supervisor's thread, once it is done (the first caller does).
+    /// Joins the supervisor's thread, once it is done (the first caller
+    /// does); never from that thread itself, which would wait for itself.
     fn join_supervisor(&self) {
+        if self.shared.on_supervisor_thread() {
+            return;
+        }
         let thread = lock(&self.thread).take();
         if let Some(thread) = thread {
             let _ = thread.join();
@@ -850,7 +882,8 @@ impl Pool {
     }
 
     /// Graceful shutdown: queued tasks run, then workers retire. Blocks until
-    /// every worker is reaped. Same as `stop(StopMode::Drain, None)`.
+    /// every worker is reaped (but on the pool's own supervisor thread: see
+    /// [`Pool::stop`]). Same as `stop(StopMode::Drain, None)`.
     ///
     /// A drain waits for its tasks as long as they run (as the standard
     /// library's `shutdown(wait=True)` does): give tasks a timeout
@@ -877,7 +910,9 @@ impl Pool {
     /// cut off (always `true` without a deadline, always `false` for
     /// [`StopMode::Terminate`] and [`StopMode::Kill`], which cut off at once).
     /// Blocks only as long as the ladder allows: without a deadline, a
-    /// draining stop waits for the tasks it drains.
+    /// draining stop waits for the tasks it drains. On the pool's own
+    /// supervisor thread (in a [`Builder::on_event`] callback) it starts the
+    /// ladder and returns `false` at once (see [`Pool::wait_stopped`]).
     pub fn stop(&self, mode: StopMode, deadline: Option<Instant>) -> bool {
         self.begin_stop(mode, deadline);
         self.wait_stopped(None).unwrap_or(false)
@@ -941,9 +976,19 @@ impl Pool {
     /// [`Builder::on_worker_lost`] calls are waited for as [`Pool::join`]
     /// waits for them: one grace period from the first wait for them, however
     /// many calls wait in steps, and not at all on the hooks' own thread.
+    ///
+    /// On the pool's own supervisor thread (in a [`Builder::on_event`]
+    /// callback, or where such a callback drops the last `Arc<Pool>`),
+    /// `None` at once: the supervisor carries the ladder out once the
+    /// callback has returned, by itself (every task gets its outcome, every
+    /// worker is reaped), and a wait there could only wait for itself.
     pub fn wait_stopped(&self, until: Option<Instant>) -> Option<bool> {
         if self.shared.foreign() {
             return Some(false);
+        }
+        if self.shared.on_supervisor_thread() {
+            tracing::debug!("warden: a pool stopped on its own supervisor thread does not wait for itself");
+            return None;
         }
         loop {
             let plan = *lock(&self.shared.stop);
@@ -1009,6 +1054,11 @@ impl Drop for Pool {
     /// A graceful shutdown with a bounded wait: queued tasks are cancelled,
     /// running ones get one grace period, workers retire and run their exit
     /// hooks. Same as `stop(StopMode::CancelQueued, Some(now + grace))`.
+    ///
+    /// Dropped on its own supervisor thread (an [`Builder::on_event`]
+    /// callback that held the last `Arc<Pool>`), it starts that shutdown and
+    /// returns at once; the supervisor carries it out once the callback has
+    /// returned.
     fn drop(&mut self) {
         if self.shared.foreign() {
             return; // the original process shuts its pool down, not a forked copy
@@ -1277,7 +1327,9 @@ pub struct ChildOptions {
     pub on_start: Option<fn()>,
     /// Exit hook.
     pub on_exit: Option<fn(ExitReason)>,
-    /// Timeout for the function.
+    /// Timeout for the function. Longer than zero, as
+    /// [`Builder::task_timeout`]: a zero timeout is refused with
+    /// [`ErrorKind::Config`] before the child is started.
     pub timeout: Option<Duration>,
     /// Grace period of each escalation step.
     pub grace: Duration,
@@ -1323,6 +1375,9 @@ where
     A: Serialize + DeserializeOwned,
     R: Serialize + DeserializeOwned,
 {
+    if options.timeout == Some(Duration::ZERO) {
+        return Err(Error::config("ChildOptions::timeout must be longer than zero (leave it None for no timeout)"));
+    }
     let pid = Arc::new((Mutex::new(None), Condvar::new()));
     let exit = Arc::new(Mutex::new(None));
     let (pid_sink, exit_sink) = (Arc::clone(&pid), Arc::clone(&exit));

@@ -163,6 +163,10 @@ fn main() {
         ),
         both("dropping_a_closing_pool_stops_draining_its_queue", dropping_a_closing_pool_stops_draining_its_queue),
         both(
+            "dropping_the_last_arc_of_a_pool_in_its_on_event_callback_returns_at_once_and_the_pool_still_shuts_down",
+            dropping_the_last_arc_of_a_pool_in_its_on_event_callback_returns_at_once,
+        ),
+        both(
             "a_draining_stop_cut_off_at_its_deadline_cancels_the_queue_and_the_running_task",
             a_draining_stop_cut_off_at_its_deadline_cancels_the_queue_and_the_running_task,
         ),
@@ -198,6 +202,10 @@ fn main() {
             "a_pending_handle_wakes_its_waker_when_the_outcome_lands",
             a_pending_handle_wakes_its_waker_when_the_outcome_lands,
         ),
+        both(
+            "a_zero_per_task_timeout_is_refused_as_a_config_error_and_the_pool_goes_on",
+            a_zero_per_task_timeout_is_refused_as_a_config_error_and_the_pool_goes_on,
+        ),
     ] {
         tests.extend(pair);
     }
@@ -210,6 +218,10 @@ fn main() {
     tests.push(trial(
         "a_one_off_child_returns_its_value_and_runs_its_exit_hook",
         a_one_off_child_returns_its_value_and_runs_its_exit_hook,
+    ));
+    tests.push(trial(
+        "a_one_off_child_with_a_zero_timeout_is_refused_as_a_config_error",
+        a_one_off_child_with_a_zero_timeout_is_refused_as_a_config_error,
     ));
     tests.push(trial(
         "a_one_off_child_whose_function_panics_exits_with_code_101_after_its_exit_hook",
@@ -1371,6 +1383,80 @@ fn dropping_a_closing_pool_stops_draining_its_queue() -> TestResult {
     Ok(())
 }
 
+/// The last `Arc<Pool>` released inside `on_event` (a callback that upgraded
+/// a `Weak<Pool>` while the owner dropped its own): the drop runs on the
+/// supervisor thread, and must not wait for the supervisor, itself. It
+/// starts the shutdown and returns; the supervisor carries it out after the
+/// callback: the running task keeps its result, the worker retires.
+fn dropping_the_last_arc_of_a_pool_in_its_on_event_callback_returns_at_once() -> TestResult {
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::sync::Weak;
+    let hooks = Hooks::new();
+    let me: Arc<Mutex<Weak<Pool>>> = Arc::default();
+    let (holding_tx, holding_rx) = channel::<()>();
+    let (dropped_tx, dropped_rx) = channel::<()>();
+    // The callback runs on the supervisor thread; these cross to it once.
+    let link: Mutex<Option<(Sender<()>, Receiver<()>)>> = Mutex::new(Some((holding_tx, dropped_rx)));
+    let drop_took: Arc<Mutex<Option<Duration>>> = Arc::default();
+    let (me_in_callback, took_in_callback) = (Arc::clone(&me), Arc::clone(&drop_took));
+    let pool = Arc::new(
+        hooks
+            .builder()
+            .workers(1)
+            .name("self-drop") // its supervisor thread: "self-drop-super"
+            // The bug's wait is its deadline (one grace period) + two more + slack,
+            // then the kill's wait: about 24 s with this grace.
+            .grace(Duration::from_secs(5))
+            .on_event(move |event| {
+                if !matches!(event, LifecycleEvent::TaskStarted { .. }) {
+                    return;
+                }
+                let Some((holding, dropped)) = link.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+                let strong = me_in_callback.lock().unwrap_or_else(|p| p.into_inner()).upgrade();
+                let _ = holding.send(());
+                // The owner drops its Arc meanwhile: this one is the last.
+                let _ = dropped.recv_timeout(Duration::from_secs(10));
+                let started = Instant::now();
+                drop(strong);
+                *took_in_callback.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.elapsed());
+            })
+            .build()?,
+    );
+    *me.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(&pool);
+    let task = pool.spawn(sleep_ms, 500)?;
+    check(holding_rx.recv_timeout(Duration::from_secs(20)).is_ok(), "the callback saw the task start")?;
+    drop(pool);
+    check(dropped_tx.send(()).is_ok(), "the callback waits for the owner's drop")?;
+    let worker = task.join_timeout(Duration::from_secs(60));
+    let took = *drop_took.lock().unwrap_or_else(|p| p.into_inner());
+    let took = took.ok_or("the callback held the last Arc<Pool> and dropped it")?;
+    // Generous, and far below the ~24 s the drop waited for itself.
+    check(took < Duration::from_secs(5), format!("the drop on the supervisor thread returned after {took:?}"))?;
+    let worker = worker.map_err(|e| format!("the running task lost its result: {e}"))?;
+    check(me.lock().unwrap_or_else(|p| p.into_inner()).upgrade().is_none(), "the pool is gone")?;
+    check(
+        wait_until(Duration::from_secs(30), || hooks.exit_reason(worker).is_some()),
+        format!("worker {worker} ran its exit hook"),
+    )?;
+    let reason = hooks.exit_reason(worker);
+    check(reason.as_deref() == Some("Retired(Shutdown)"), format!("the worker retired: {reason:?}"))?;
+    check(wait_until(Duration::from_secs(30), || process_gone(worker as i32)), "the worker was reaped")?;
+    check(
+        wait_until(Duration::from_secs(30), || !thread_names().iter().any(|n| n == "self-drop-super")),
+        "the supervisor thread finished",
+    )
+}
+
+/// The names of this process's threads.
+fn thread_names() -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
 fn a_draining_stop_cut_off_at_its_deadline_cancels_the_queue_and_the_running_task() -> TestResult {
     let hooks = Hooks::new();
     let pool = hooks.builder().workers(1).grace(Duration::from_millis(300)).build()?;
@@ -1788,6 +1874,30 @@ fn a_task_larger_than_the_frame_limit_is_refused_and_the_pool_goes_on() -> TestR
     check(pool.spawn(big_echo, vec![0u8; 1000])?.join()? == 1000, "the pool goes on")?;
     pool.shutdown();
     Ok(())
+}
+
+/// As `Builder::task_timeout(Duration::ZERO)` is: a zero timeout would cut
+/// the task off before it could run, or not, as the race goes.
+fn a_zero_per_task_timeout_is_refused_as_a_config_error_and_the_pool_goes_on() -> TestResult {
+    let pool = builder().workers(1).build()?;
+    let zero = TaskOptions { timeout: Some(Duration::ZERO) };
+    let err = pool.spawn_with(sleep_ms, 200, zero).err().ok_or("a zero per-task timeout must be refused")?;
+    check(matches!(err.kind(), warden::ErrorKind::Config(_)), format!("a config error: {err:?}"))?;
+    check(err.to_string().contains("longer than zero"), format!("says why: {err}"))?;
+    let reply: warden::frontend::Reply = Box::new(|_| {});
+    let raw = pool.submit_raw(Vec::new(), zero, reply).err().ok_or("submit_raw refuses it too")?;
+    check(matches!(raw.kind(), warden::ErrorKind::Config(_)), format!("a config error: {raw:?}"))?;
+    let short = TaskOptions { timeout: Some(Duration::from_secs(30)) };
+    check(pool.spawn_with(echo, 7, short)?.join()? == 7, "the pool goes on")?;
+    pool.shutdown();
+    Ok(())
+}
+
+fn a_one_off_child_with_a_zero_timeout_is_refused_as_a_config_error() -> TestResult {
+    let options = warden::ChildOptions { timeout: Some(Duration::ZERO), ..Default::default() };
+    let err = warden::spawn_with(sleep_ms, 200, options).err().ok_or("a zero child timeout must be refused")?;
+    check(matches!(err.kind(), warden::ErrorKind::Config(_)), format!("a config error: {err:?}"))?;
+    check(err.to_string().contains("longer than zero"), format!("says why: {err}"))
 }
 
 // ---- scenario hosts (run in a subprocess) ------------------------------------------

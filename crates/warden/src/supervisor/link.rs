@@ -9,7 +9,8 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use mio::Waker;
@@ -199,6 +200,9 @@ pub(crate) struct SupervisorLink {
     pub stop: Mutex<StopPlan>,
     /// The process that built the pool: only its supervisor thread serves it.
     pub owner: u32,
+    /// The supervisor's thread, set as it starts: a caller on it (an
+    /// `on_event` callback, a task's reply) cannot wait for the pool.
+    pub(super) thread: OnceLock<ThreadId>,
 }
 
 /// Where a pool's shutdown ladder stands (see [`crate::Pool::stop`]).
@@ -271,6 +275,13 @@ impl SupervisorLink {
             }
         }
         true
+    }
+
+    /// Whether the caller is this pool's supervisor thread (an `on_event`
+    /// callback, a task's reply, or what they drop): it cannot wait for the
+    /// pool, whose shutdown it carries out only once the caller returns.
+    pub fn on_supervisor_thread(&self) -> bool {
+        self.thread.get().is_some_and(|id| *id == std::thread::current().id())
     }
 
     pub fn is_done(&self) -> bool {

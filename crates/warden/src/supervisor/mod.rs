@@ -170,6 +170,7 @@ pub(crate) fn create(mut cfg: Config) -> std::io::Result<(Supervisor, Arc<Superv
         cancels: queue::CancelBook::default(),
         stop: Mutex::new(StopPlan::default()),
         owner: link::current_pid(),
+        thread: std::sync::OnceLock::new(),
     });
     let pass_fds = cfg.pass_fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let crashes = RestartIntensity::new(cfg.restart_limit, cfg.restart_window);
@@ -219,6 +220,7 @@ impl Supervisor {
     /// Runs the event loop until the pool has shut down and every worker is reaped.
     pub(crate) fn run(mut self) {
         let shared = Arc::clone(&self.shared);
+        let _ = shared.thread.set(std::thread::current().id());
         let this = &mut self;
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.event_loop()));
         if let Err(p) = result {
