@@ -360,9 +360,26 @@ impl Builder {
     /// say one it upgraded from a `Weak`): on this thread [`Pool::stop`],
     /// [`Pool::shutdown`], [`Pool::join`] and the drop start the shutdown and
     /// return at once, and the supervisor carries it out after the callback.
-    /// Calls that wait for the supervisor's answer ([`Pool::workers`],
-    /// [`Pool::cancel`], [`Handle::join`]) cannot be answered while it runs
-    /// the callback: do not make them here.
+    ///
+    /// Calls that wait for the supervisor's answer cannot have it while the
+    /// supervisor runs the callback, so on this thread they do not wait:
+    /// * [`Pool::workers`] returns an empty list at once (and logs a
+    ///   warning): no snapshot can be taken here;
+    /// * [`Pool::cancel`], [`Pool::cancel_queued`] and [`Handle::cancel`]
+    ///   cancel a task still in the queue at once (`true`); any other task's
+    ///   cancel is sent and they return `false` without waiting for the
+    ///   answer: the task's outcome says whether it was cancelled;
+    /// * [`Pool::cancel_all_queued`] sends its request and returns no ids:
+    ///   every task not started yet is cancelled as the supervisor reads the
+    ///   request, once the callback has returned;
+    /// * [`Handle::join`] and [`Handle::join_timeout`] return an outcome
+    ///   that is there already, and otherwise fail at once
+    ///   ([`ErrorKind::Config`], [`ErrorKind::WaitTimedOut`]): the outcome
+    ///   cannot arrive while this thread runs the callback. (Awaiting the
+    ///   handle as a future is fine: its poll never waits.)
+    ///
+    /// The same holds in a task's reply ([`Pool::submit_raw`]), which runs on
+    /// this thread too.
     pub fn on_event(mut self, sink: impl Fn(&LifecycleEvent) + Send + Sync + 'static) -> Self {
         self.cfg.on_event = Some(Arc::new(sink) as EventSink);
         self
@@ -724,6 +741,13 @@ impl Pool {
     /// Cancels a task by id: a queued task is removed, a running one is stopped
     /// with its worker (which runs its exit hook and is replaced). Returns
     /// whether the task was cancelled (false if it had already finished).
+    ///
+    /// On the pool's own supervisor thread (in a [`Builder::on_event`]
+    /// callback or a task's reply), which cannot answer while it runs the
+    /// caller: a task still in the queue is cancelled at once (`true`);
+    /// for any other the cancel is sent, as [`Pool::cancel_nowait`] sends
+    /// it, and the call returns `false` without waiting: the task's outcome
+    /// says whether it was cancelled.
     pub fn cancel(&self, id: u64) -> bool {
         cancel(&self.shared, id, true)
     }
@@ -740,6 +764,13 @@ impl Pool {
     /// Cancels a task only if it is still queued (the semantics of
     /// `concurrent.futures.Future.cancel`), in the pool or sent ahead to a
     /// worker that has not started it. Returns whether it was.
+    ///
+    /// On the pool's own supervisor thread (in a [`Builder::on_event`]
+    /// callback or a task's reply), which cannot answer while it runs the
+    /// caller: a task still in the queue is cancelled at once (`true`); for
+    /// any other the cancel is sent and the call returns `false` without
+    /// waiting: a task sent ahead and not started is cancelled once the
+    /// callback has returned, and its outcome says whether it was.
     pub fn cancel_queued(&self, id: u64) -> bool {
         cancel(&self.shared, id, false)
     }
@@ -760,9 +791,24 @@ impl Pool {
     /// started it), in one request; returns their ids, in submission order.
     /// The pool stays open. Cheaper than a `cancel_queued` per task when
     /// many wait (an executor's `shutdown(cancel_futures=True)`).
+    ///
+    /// On the pool's own supervisor thread (in a [`Builder::on_event`]
+    /// callback or a task's reply), which cannot answer while it runs the
+    /// caller: the request is sent and the call returns an empty list at
+    /// once. The ids are not known there, but every task not started yet is
+    /// cancelled all the same, as the supervisor reads the request once the
+    /// callback has returned; each one's outcome says so.
     pub fn cancel_all_queued(&self) -> Vec<u64> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         if self.shared.send(Command::CancelQueued { reply: tx }).is_err() {
+            return Vec::new();
+        }
+        if self.shared.on_supervisor_thread() {
+            // The supervisor's answer, sent once the caller has returned,
+            // finds no receiver and is dropped (a failed send, no wait).
+            tracing::debug!(
+                "warden: tasks cancelled on the pool's own supervisor thread: their ids are not known here"
+            );
             return Vec::new();
         }
         rx.recv().unwrap_or_default()
@@ -1040,7 +1086,19 @@ impl Pool {
     }
 
     /// A snapshot of the live workers. Empty once the pool has shut down.
+    ///
+    /// Empty, too, on the pool's own supervisor thread (in a
+    /// [`Builder::on_event`] callback or a task's reply), at once and with a
+    /// warning logged: the supervisor takes the snapshot, and cannot while
+    /// it runs the caller.
     pub fn workers(&self) -> Vec<WorkerSnapshot> {
+        if self.shared.on_supervisor_thread() {
+            tracing::warn!(
+                "warden: Pool::workers called on the pool's own supervisor thread (an on_event callback or a \
+                 task's reply) returns no workers: the supervisor cannot take a snapshot while it runs the caller"
+            );
+            return Vec::new();
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         if self.shared.send(Command::Snapshot { reply: tx }).is_err() {
             return Vec::new();
@@ -1079,7 +1137,9 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
-/// Asks the supervisor to cancel a task and waits for its answer.
+/// Asks the supervisor to cancel a task and waits for its answer; on the
+/// supervisor's own thread, which cannot answer while it runs the caller,
+/// only asks, and returns `false`.
 ///
 /// The wait has no timeout of its own because it needs none: the supervisor
 /// answers a command in the loop turn that reads it (it never blocks on a
@@ -1090,6 +1150,12 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 fn cancel(shared: &SupervisorLink, id: u64, running_too: bool) -> bool {
     if shared.cancel_unclaimed(id) {
         return true;
+    }
+    if shared.on_supervisor_thread() {
+        // Carried out once the caller returns; the task's outcome tells.
+        tracing::debug!(task = id, "warden: a cancel on the pool's own supervisor thread does not wait for its answer");
+        let _ = shared.send(Command::Cancel { id, running_too, reply: None });
+        return false;
     }
     // Room for both answers: the supervisor never waits on this channel.
     let (tx, rx) = std::sync::mpsc::sync_channel(2);
@@ -1171,14 +1237,28 @@ impl Slot {
         !matches!(*lock(&self.state), SlotState::Pending)
     }
 
+    /// The outcome if it is there (taken), else `None`; never waits.
+    fn try_take(&self) -> Option<Result<Vec<u8>>> {
+        Self::take_from(&mut lock(&self.state))
+    }
+
+    fn take_from(state: &mut SlotState) -> Option<Result<Vec<u8>>> {
+        match std::mem::replace(state, SlotState::Taken) {
+            SlotState::Done(outcome) => Some(outcome),
+            SlotState::Taken => Some(Err(Error::new(ErrorKind::AlreadyJoined))),
+            SlotState::Pending => {
+                *state = SlotState::Pending;
+                None
+            }
+        }
+    }
+
     fn take(&self, timeout: Option<Duration>) -> Result<Vec<u8>> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut state = lock(&self.state);
         loop {
-            match std::mem::replace(&mut *state, SlotState::Taken) {
-                SlotState::Done(outcome) => return outcome,
-                SlotState::Taken => return Err(Error::new(ErrorKind::AlreadyJoined)),
-                SlotState::Pending => *state = SlotState::Pending,
+            if let Some(outcome) = Self::take_from(&mut state) {
+                return outcome;
             }
             match deadline {
                 None => state = self.cv.wait(state).unwrap_or_else(|p| p.into_inner()),
@@ -1232,21 +1312,56 @@ impl<R: DeserializeOwned> Handle<R> {
 
     /// Waits for the task's outcome. In a forked copy of the pool's process,
     /// which no supervisor serves, fails at once instead.
+    ///
+    /// On the pool's own supervisor thread (in a [`Builder::on_event`]
+    /// callback or a task's reply), which delivers outcomes and cannot while
+    /// it runs the caller: an outcome that is there already is returned as
+    /// usual; otherwise the call fails at once with [`ErrorKind::Config`],
+    /// saying so (the task goes on, detached). Join it on another thread, or
+    /// await it.
     pub fn join(self) -> Result<R> {
-        if self.shared.foreign() {
-            return Err(self.shared.foreign_error());
-        }
-        decode(self.slot.take(None))
+        decode(self.outcome(None))
     }
 
     /// Waits at most `timeout`. On [`Error::is_wait_timeout`] the task goes on
     /// and the handle can be joined again; any other outcome is taken, and later
     /// joins return an "already joined" error.
+    ///
+    /// On the pool's own supervisor thread (in a [`Builder::on_event`]
+    /// callback or a task's reply), which cannot deliver the outcome while
+    /// it runs the caller: an outcome that is there already is returned as
+    /// usual; otherwise [`ErrorKind::WaitTimedOut`] at once, whatever the
+    /// timeout, with a warning logged (the handle can be joined again
+    /// elsewhere).
     pub fn join_timeout(&self, timeout: Duration) -> Result<R> {
+        decode(self.outcome(Some(timeout)))
+    }
+
+    /// The task's encoded outcome, waited for at most `timeout` (`None`: as
+    /// long as it takes); never waited for where it cannot arrive: in a
+    /// forked copy of the pool's process, or on the pool's supervisor thread.
+    fn outcome(&self, timeout: Option<Duration>) -> Result<Vec<u8>> {
         if self.shared.foreign() {
             return Err(self.shared.foreign_error());
         }
-        decode(self.slot.take(Some(timeout)))
+        if !self.shared.on_supervisor_thread() {
+            return self.slot.take(timeout);
+        }
+        if let Some(outcome) = self.slot.try_take() {
+            return outcome;
+        }
+        let why = "the task's outcome cannot arrive while the pool's own supervisor thread (an on_event \
+                   callback, a task's reply) runs the caller";
+        match timeout {
+            None => Err(Error::config(format!(
+                "Handle::join of task {} cannot wait: {why}; join it on another thread, or await it",
+                self.id
+            ))),
+            Some(_) => {
+                tracing::warn!(task = self.id, "warden: Handle::join_timeout returns at once: {why}");
+                Err(Error::new(ErrorKind::WaitTimedOut))
+            }
+        }
     }
 
     /// Whether the outcome is there.
@@ -1256,7 +1371,8 @@ impl<R: DeserializeOwned> Handle<R> {
 
     /// Cancels the task: removed if queued, stopped with its worker if running.
     /// Returns whether it was cancelled (by this call or an earlier one);
-    /// `false` if it had already finished.
+    /// `false` if it had already finished. On the pool's own supervisor
+    /// thread, does not wait for the supervisor's answer: see [`Pool::cancel`].
     pub fn cancel(&self) -> bool {
         self.slot.is_cancelled() || cancel(&self.shared, self.id, true)
     }
@@ -1435,7 +1551,7 @@ impl<R: DeserializeOwned> Child<R> {
         if self.handle.shared.foreign() {
             return Err(self.handle.shared.foreign_error());
         }
-        let outcome = self.handle.slot.take(None);
+        let outcome = self.handle.outcome(None);
         self.pool.join(None);
         decode(outcome)
     }

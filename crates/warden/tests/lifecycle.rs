@@ -167,6 +167,26 @@ fn main() {
             dropping_the_last_arc_of_a_pool_in_its_on_event_callback_returns_at_once,
         ),
         both(
+            "pool_workers_called_in_on_event_returns_no_workers_at_once_and_the_pool_goes_on",
+            pool_workers_called_in_on_event_returns_no_workers_at_once,
+        ),
+        both(
+            "cancelling_a_running_task_in_on_event_returns_false_at_once_and_the_task_ends_cancelled",
+            cancelling_a_running_task_in_on_event_returns_false_at_once,
+        ),
+        both(
+            "cancel_queued_in_on_event_of_a_task_sent_ahead_returns_false_at_once_and_the_task_ends_cancelled",
+            cancel_queued_in_on_event_of_a_task_sent_ahead_returns_false_at_once,
+        ),
+        both(
+            "cancel_all_queued_in_on_event_returns_no_ids_at_once_and_every_task_not_started_ends_cancelled",
+            cancel_all_queued_in_on_event_returns_no_ids_at_once,
+        ),
+        both(
+            "joining_a_handle_in_on_event_returns_an_outcome_already_there_and_otherwise_fails_at_once",
+            joining_a_handle_in_on_event_returns_an_outcome_already_there_and_otherwise_fails_at_once,
+        ),
+        both(
             "a_draining_stop_cut_off_at_its_deadline_cancels_the_queue_and_the_running_task",
             a_draining_stop_cut_off_at_its_deadline_cancels_the_queue_and_the_running_task,
         ),
@@ -1445,6 +1465,222 @@ fn dropping_the_last_arc_of_a_pool_in_its_on_event_callback_returns_at_once() ->
         wait_until(Duration::from_secs(30), || !thread_names().iter().any(|n| n == "self-drop-super")),
         "the supervisor thread finished",
     )
+}
+
+/// A call made on the pool's supervisor thread, in its `on_event` callback:
+/// what it returned, and how long the probe took.
+type Probe = Box<dyn FnOnce(&Pool) -> Box<dyn std::any::Any + Send> + Send>;
+
+/// How long a test waits for a probe made on the supervisor thread: a call
+/// that waits for the supervisor there never returns.
+const PROBE_WAIT: Duration = Duration::from_secs(20);
+
+/// A pool whose `on_event` callback, at the `nth` task start (from 1), waits
+/// for a probe from the test and runs it on the supervisor thread, with the
+/// pool (upgraded from a `Weak`, let go of before the result is sent back).
+struct OnSupervisor {
+    pool: Option<Arc<Pool>>,
+    probes: std::sync::mpsc::Sender<Probe>,
+    results: std::sync::mpsc::Receiver<(Box<dyn std::any::Any + Send>, Duration)>,
+    /// Every worker and zygote the pool started, to kill if a probe hangs
+    /// (the supervisor, held by it for good, could not stop them).
+    pids: Arc<Mutex<Vec<i32>>>,
+}
+
+impl OnSupervisor {
+    fn build(builder: warden::Builder, nth: usize) -> Result<Self, Failed> {
+        use std::sync::mpsc::channel;
+        use std::sync::Weak;
+        let me: Arc<Mutex<Weak<Pool>>> = Arc::default();
+        let pids: Arc<Mutex<Vec<i32>>> = Arc::default();
+        let (probes, probe_rx) = channel::<Probe>();
+        let (result_tx, results) = channel();
+        // The callback runs on the supervisor thread; these cross to it once.
+        let link = Mutex::new(Some((probe_rx, result_tx)));
+        let starts = AtomicUsize::new(0);
+        let (me_in_callback, pids_in_callback) = (Arc::clone(&me), Arc::clone(&pids));
+        let pool = Arc::new(
+            builder
+                .on_event(move |event| {
+                    match event {
+                        LifecycleEvent::WorkerStarted { pid, .. } | LifecycleEvent::ZygoteReady { pid } => {
+                            pids_in_callback.lock().unwrap_or_else(|p| p.into_inner()).push(*pid);
+                            return;
+                        }
+                        LifecycleEvent::TaskStarted { .. } if starts.fetch_add(1, Ordering::SeqCst) + 1 == nth => {}
+                        _ => return,
+                    }
+                    let Some((probe_rx, result_tx)) = link.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+                        return;
+                    };
+                    let Ok(probe) = probe_rx.recv_timeout(PROBE_WAIT) else { return };
+                    let result = {
+                        let Some(pool) = me_in_callback.lock().unwrap_or_else(|p| p.into_inner()).upgrade() else {
+                            return;
+                        };
+                        let began = Instant::now();
+                        let value = probe(&pool);
+                        (value, began.elapsed())
+                    };
+                    let _ = result_tx.send(result);
+                })
+                .build()?,
+        );
+        *me.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(&pool);
+        Ok(OnSupervisor { pool: Some(pool), probes, results, pids })
+    }
+
+    fn pool(&self) -> &Pool {
+        self.pool.as_deref().unwrap_or_else(|| unreachable!("the pool lives as long as the test's OnSupervisor"))
+    }
+
+    /// Runs `f` on the supervisor thread at the `nth` task start; its value
+    /// and how long it took. A probe that does not return within
+    /// [`PROBE_WAIT`] holds the supervisor for good: the pool's processes
+    /// are killed and the test fails.
+    fn probe<T: Send + 'static>(&self, f: impl FnOnce(&Pool) -> T + Send + 'static) -> Result<(T, Duration), Failed> {
+        let probe: Probe = Box::new(move |pool| Box::new(f(pool)));
+        check(self.probes.send(probe).is_ok(), "the callback takes the probe")?;
+        let Ok((value, took)) = self.results.recv_timeout(PROBE_WAIT) else {
+            for &pid in self.pids.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                // Only a child of this process: a pid the pool reaped before
+                // its supervisor was held may be another process's by now.
+                if parent_of(pid) == Some(std::process::id() as i32) {
+                    // SAFETY: kill takes integers.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            return Err(format!("the call on the supervisor thread did not return within {PROBE_WAIT:?}").into());
+        };
+        let value = value.downcast::<T>().map_err(|_| "the probe's value has its type")?;
+        Ok((*value, took))
+    }
+
+    /// Shuts the pool down and checks that every process it started is gone.
+    fn shutdown(mut self) -> TestResult {
+        let pool = self.pool.take().ok_or("the pool is there")?;
+        let pool = Arc::try_unwrap(pool).map_err(|_| "the callback let go of the pool")?;
+        pool.shutdown();
+        let pids = self.pids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        check(pids.iter().all(|&pid| process_gone(pid)), format!("every process of the pool is gone: {pids:?}"))
+    }
+}
+
+/// The parent of process `pid`, if it is there (from `/proc/<pid>/stat`).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A call on the supervisor thread answered at once: well below any wait
+/// for the supervisor (which never ends there) and any timeout it was given.
+fn check_at_once(call: &str, took: Duration) -> TestResult {
+    check(took < Duration::from_secs(5), format!("{call} on the supervisor thread returned after {took:?}"))
+}
+
+fn pool_workers_called_in_on_event_returns_no_workers_at_once() -> TestResult {
+    let hooks = Hooks::new();
+    let probed = OnSupervisor::build(hooks.builder().workers(1), 1)?;
+    let busy = probed.pool().spawn(sleep_ms, 300)?;
+    let (seen, took) = probed.probe(|pool| pool.workers().len())?;
+    check_at_once("Pool::workers", took)?;
+    check(seen == 0, format!("Pool::workers on the supervisor thread is empty: {seen} workers"))?;
+    let worker = busy.join_timeout(Duration::from_secs(60))?;
+    let workers = probed.pool().workers();
+    check(workers.iter().any(|w| w.pid as u32 == worker), format!("elsewhere it lists the worker: {workers:?}"))?;
+    check(probed.pool().spawn(echo, 5)?.join_timeout(Duration::from_secs(60))? == 5, "a later task completes")?;
+    probed.shutdown()
+}
+
+fn cancelling_a_running_task_in_on_event_returns_false_at_once() -> TestResult {
+    let hooks = Hooks::new();
+    let probed = OnSupervisor::build(hooks.builder().workers(1), 1)?;
+    let busy = probed.pool().spawn(sleep_ms, 60_000)?;
+    let id = busy.id();
+    let ((by_pool, by_handle, busy), took) = probed.probe(move |pool| (pool.cancel(id), busy.cancel(), busy))?;
+    check_at_once("Pool::cancel and Handle::cancel", took)?;
+    check(!by_pool && !by_handle, format!("both say false (the outcome tells): {by_pool}, {by_handle}"))?;
+    let outcome = busy.join_timeout(Duration::from_secs(30));
+    check(outcome.as_ref().err().is_some_and(|e| e.is_cancelled()), format!("the task ended cancelled: {outcome:?}"))?;
+    check(probed.pool().spawn(echo, 5)?.join_timeout(Duration::from_secs(60))? == 5, "a later task completes")?;
+    probed.shutdown()
+}
+
+fn cancel_queued_in_on_event_of_a_task_sent_ahead_returns_false_at_once() -> TestResult {
+    let hooks = Hooks::new();
+    // The worker starts slowly, so that both tasks wait for it and the
+    // second is sent ahead with the first: no longer the caller's to cancel.
+    let builder = hooks.builder().on_start(slow_start).workers(1).prefetch(2);
+    let probed = OnSupervisor::build(builder, 1)?;
+    let running = probed.pool().spawn(sleep_ms, 1000)?;
+    let ahead = probed.pool().spawn(echo, 2)?;
+    let (running_id, ahead_id) = (running.id(), ahead.id());
+    let ((ahead_cancelled, running_cancelled), took) = probed.probe(move |pool| {
+        // A callback that takes a moment: past the point (10 ms into the
+        // running task) where the supervisor asks a task sent ahead back to
+        // start it elsewhere; cancelled, it must not be queued again.
+        std::thread::sleep(Duration::from_millis(50));
+        (pool.cancel_queued(ahead_id), pool.cancel_queued(running_id))
+    })?;
+    check_at_once("Pool::cancel_queued", took)?;
+    check(!ahead_cancelled, "cancel_queued of the task sent ahead says false (the outcome tells)")?;
+    check(!running_cancelled, "cancel_queued of the running task says false")?;
+    let outcome = ahead.join_timeout(Duration::from_secs(30));
+    check(outcome.as_ref().err().is_some_and(|e| e.is_cancelled()), format!("the task ended cancelled: {outcome:?}"))?;
+    check(running.join_timeout(Duration::from_secs(60)).is_ok(), "the running task ran to its end")?;
+    check(probed.pool().spawn(echo, 5)?.join_timeout(Duration::from_secs(60))? == 5, "a later task completes")?;
+    probed.shutdown()
+}
+
+fn cancel_all_queued_in_on_event_returns_no_ids_at_once() -> TestResult {
+    let hooks = Hooks::new();
+    // One task running, one sent ahead to its worker, one in the queue.
+    let builder = hooks.builder().on_start(slow_start).workers(1).prefetch(2);
+    let probed = OnSupervisor::build(builder, 1)?;
+    let running = probed.pool().spawn(sleep_ms, 1000)?;
+    let waiting = [probed.pool().spawn(echo, 2)?, probed.pool().spawn(echo, 3)?];
+    let (ids, took) = probed.probe(|pool| pool.cancel_all_queued())?;
+    check_at_once("Pool::cancel_all_queued", took)?;
+    check(ids.is_empty(), format!("no ids on the supervisor thread: {ids:?}"))?;
+    for task in waiting {
+        let outcome = task.join_timeout(Duration::from_secs(30));
+        check(
+            outcome.as_ref().err().is_some_and(|e| e.is_cancelled()),
+            format!("a task not started ended cancelled: {outcome:?}"),
+        )?;
+    }
+    check(running.join_timeout(Duration::from_secs(60)).is_ok(), "the running task ran to its end")?;
+    check(probed.pool().spawn(echo, 5)?.join_timeout(Duration::from_secs(60))? == 5, "a later task completes")?;
+    probed.shutdown()
+}
+
+fn joining_a_handle_in_on_event_returns_an_outcome_already_there_and_otherwise_fails_at_once() -> TestResult {
+    let hooks = Hooks::new();
+    // The probe runs as the second task starts, the first one finished.
+    let probed = OnSupervisor::build(hooks.builder().workers(1), 2)?;
+    let done = probed.pool().spawn(echo, 7)?;
+    check(wait_until(Duration::from_secs(30), || done.is_finished()), "the first task finished")?;
+    let running = probed.pool().spawn(sleep_ms, 500)?;
+    let queued = probed.pool().spawn(echo, 8)?;
+    let ((done, timed_out, refused, running), took) = probed.probe(move |_| {
+        let timed_out = running.join_timeout(Duration::from_secs(60)).map_err(|e| e.is_wait_timeout());
+        let refused = queued.join().map_err(|e| (matches!(e.kind(), warden::ErrorKind::Config(_)), e.to_string()));
+        (done.join(), timed_out, refused, running)
+    })?;
+    check_at_once("Handle::join_timeout(60 s) and Handle::join", took)?;
+    check(done.as_ref().ok() == Some(&7), format!("an outcome already there is returned: {done:?}"))?;
+    check(
+        timed_out.as_ref().err() == Some(&true),
+        format!("join_timeout of a running task is a wait timeout: {timed_out:?}"),
+    )?;
+    check(
+        refused.as_ref().err().is_some_and(|(config, why)| *config && why.contains("supervisor thread")),
+        format!("join of a queued task fails as a misuse, saying why: {refused:?}"),
+    )?;
+    check(running.join_timeout(Duration::from_secs(60)).is_ok(), "the running task is joined elsewhere")?;
+    check(probed.pool().spawn(echo, 5)?.join_timeout(Duration::from_secs(60))? == 5, "a later task completes")?;
+    probed.shutdown()
 }
 
 /// The names of this process's threads.

@@ -124,7 +124,9 @@ impl Supervisor {
     /// or, for a plain cancel of a task sent ahead to a worker, once the
     /// worker has answered whether it had taken the task up (`reply` is
     /// told `None` meanwhile), so that a cancel that says it landed always
-    /// means the task never ran.
+    /// means the task never ran. A plain cancel nobody waits for (no
+    /// `reply`) marks such a task cancelled unless started, as
+    /// [`Supervisor::cancel_queued_all`] does.
     pub(super) fn cancel(&mut self, id: u64, running_too: bool, reply: Option<SyncSender<Option<bool>>>) {
         self.cancelling_until = Some(Instant::now() + super::schedule::CANCEL_CALM);
         let answer = |cancelled: bool| {
@@ -177,6 +179,14 @@ impl Supervisor {
                 // then it runs to its end, and this cancel did not land.
                 let _ = reply.send(None);
                 f.task.cancels.push(reply);
+            } else {
+                // Nobody waits (a `cancel_queued` on this very thread, in an
+                // `on_event` callback): cancelled unless started, as
+                // `cancel_queued_all` cancels it. It is not asked back to
+                // run elsewhere, and given back (asked back already, or its
+                // worker gone) it is not queued again.
+                f.cancel_on_return = true;
+                f.withdrawing = None;
             }
             if !asked && w.queue(&Message::Cancel { id }, max_frame).is_ok() {
                 w.flush();
