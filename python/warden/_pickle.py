@@ -1190,8 +1190,9 @@ def _fork_error(culprit: Any, parameters: Iterable[tuple[str, Any]]) -> RuntimeE
             'tqdm.auto.tqdm.set_lock(multiprocessing.get_context("spawn").RLock()) first)'
         )
     return RuntimeError(
-        f"{where} was made for the 'fork' start method (by multiprocessing's default context, "
-        "which is 'fork' on Linux before Python 3.14) and cannot go to warden's workers and children, "
+        f"{where} was made for the 'fork' start method (multiprocessing's default on Linux before "
+        "Python 3.14, or one chosen with set_start_method or get_context) and cannot go to warden's "
+        "workers and children, "
         "which start like 'spawn'. Make it from multiprocessing.get_context(\"spawn\") instead"
         f"{tqdm}."
     )
