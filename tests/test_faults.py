@@ -1211,6 +1211,44 @@ def crash(_=None):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+CLOSES_ITS_CHANNEL = """
+import os, sys, warden
+
+def finalizer():
+    print("finalizer ran in", os.getpid(), flush=True)
+
+def close_everything():
+    os.closerange(3, 4096)
+    return "done"
+
+def pid():
+    return os.getpid()
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1, finalizer=finalizer) as ex:
+        first = ex.submit(pid).result(timeout=60)
+        try:
+            ex.submit(close_everything).result(timeout=60)
+        except warden.WorkerCrashed as e:
+            print("crashed", e.pid == first, e.signal, e.exitcode, flush=True)
+        print("next", ex.submit(pid).result(timeout=60) != first, flush=True)
+"""
+
+
+def test_a_task_that_closes_its_workers_channel_fails_that_task_and_its_worker_ends_through_its_exit_path(
+    program,
+):
+    # The worker used to take its closed channel for its parent's death and
+    # SIGKILL its own process group, itself included.
+    run = program(CLOSES_ITS_CHANNEL).run(env={"WARDEN_START": "zygote"})
+    assert run.returncode == 0, run.stderr
+    finalized = [line for line in run.lines if line.startswith("finalizer ran in")]
+    rest = [line for line in run.lines if not line.startswith("finalizer ran in")]
+    assert rest == ["crashed True None 4", "next True"], run.stderr
+    assert len(finalized) == 2  # the worker that lost its channel, and its replacement
+    assert "its channel to the pool was closed in this process" in run.stderr
+
+
 def test_on_worker_lost_gets_the_future_even_when_the_program_let_go_of_it_at_its_outcome():
     # ``ex.submit(f).result()``: the program lets go of the future as soon as
     # its outcome is in, which can be before the hook's thread looks it up.

@@ -250,6 +250,35 @@ def test_sys_exit_while_the_child_unpickles_its_target_gives_that_exit_code(prog
 
 
 @pytest.mark.parametrize("kind", ["warden", "spawn"])
+@pytest.mark.parametrize("ends", ["exit-3", "returns"])
+def test_a_target_that_closes_the_descriptors_it_inherited_keeps_its_exit_code(program, kind, ends):
+    """A target that closes every descriptor it did not open (a daemonizing
+    helper's hygiene step) and then finishes: its ``atexit`` handler runs
+    and its exit code is its own, as under spawn (warden's child took the
+    closed channel for its parent's death and killed itself: -9)."""
+    prog = program(
+        f"""
+        import atexit, multiprocessing, os, sys, warden
+        def target():
+            atexit.register(lambda: print("atexit ran", flush=True))
+            os.closerange(3, 4096)
+            if "{ends}" == "exit-3":
+                sys.exit(3)
+        if __name__ == "__main__":
+            cls = warden.Process if "{kind}" == "warden" else multiprocessing.get_context("spawn").Process
+            p = cls(target=target)
+            p.start()
+            p.join(60)
+            print("exitcode", p.exitcode)
+        """
+    )
+    run = prog.run()
+    code = 3 if ends == "exit-3" else 0
+    assert run.lines == ["atexit ran", f"exitcode {code}"], run.stderr
+    assert run.stderr == ""
+
+
+@pytest.mark.parametrize("kind", ["warden", "spawn"])
 def test_a_process_refused_for_want_of_descriptors_is_left_unstarted_and_starts_on_retry(program, kind):
     """With no descriptor free, or a few, too few for a child, ``start()``
     fails (after it has begun, with a few): the ``OSError`` carries the

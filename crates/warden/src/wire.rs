@@ -147,7 +147,10 @@ pub enum ExitReason {
     ParentGone,
     /// The start hook failed.
     InitFailed,
-    /// The parent sent something the worker could not understand.
+    /// The parent sent something the worker could not understand, or the
+    /// worker's channel was closed in the worker itself (by a task closing
+    /// descriptors it did not open): the parent, still there, is no longer
+    /// reachable.
     ProtocolError,
 }
 

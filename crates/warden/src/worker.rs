@@ -81,7 +81,9 @@ use crate::wire::{
 
 /// Exit code of a worker whose start hook failed.
 pub const EXIT_INIT_FAILED: i32 = 3;
-/// Exit code of a worker that received something it could not understand.
+/// Exit code of a worker that received something it could not understand,
+/// or whose channel to the parent was closed in the worker itself (a task
+/// closing descriptors it did not open).
 pub const EXIT_PROTOCOL: i32 = 4;
 /// Exit code of a worker whose parent died.
 pub const EXIT_PARENT_GONE: i32 = 5;
@@ -580,9 +582,21 @@ pub fn task_clock(running: bool) -> io::Result<()> {
 /// [`WorkerState::last_task`] before any task starts.
 const NO_TASK: u64 = u64::MAX;
 
+/// Which file `fd` names (device, inode); `None` if it names none.
+#[allow(clippy::unnecessary_cast)] // their types differ between targets
+fn file_identity(fd: &impl AsFd) -> Option<(u64, u64)> {
+    rustix::fs::fstat(fd).ok().map(|st| (st.st_dev as u64, st.st_ino as u64))
+}
+
 /// State shared by the main thread and the monitor.
 struct WorkerState {
     stream: UnixStream,
+    /// Which file `stream` was (device, inode) when the worker began: a task
+    /// that closes it (`os.closerange`), or opens a file on its number, is
+    /// told apart from the parent's death.
+    channel: Option<(u64, u64)>,
+    /// A one-off child (a `Process`): its exit code tells its parent all.
+    one_off: bool,
     /// Encoding buffer; holding it also serialises whole frames on the channel.
     out: Mutex<Vec<u8>>,
     max_frame: usize,
@@ -616,8 +630,10 @@ struct RunState {
 
 impl WorkerState {
     /// A worker's state on `stream`, its channel to `parent`, in `state`.
-    fn new(stream: UnixStream, max_frame: usize, parent: u32, state: u8) -> Self {
+    fn new(stream: UnixStream, max_frame: usize, parent: u32, state: u8, one_off: bool) -> Self {
         WorkerState {
+            channel: file_identity(&stream),
+            one_off,
             stream,
             out: Mutex::new(Vec::with_capacity(4096)),
             max_frame,
@@ -702,6 +718,27 @@ impl WorkerState {
 
     fn parent_alive(&self) -> bool {
         rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) == Some(self.parent)
+    }
+
+    /// Why the channel failed this worker (it ended, or a frame could not
+    /// be sent): the parent's death, as a rule. But a channel this process
+    /// closed itself (a task's `os.closerange`), or whose number it reused,
+    /// says nothing of the parent, which still waits for this worker: the
+    /// worker then ends as on a broken protocol, through its exit path and
+    /// with its own exit code, and does not take itself for an orphan
+    /// (which would kill its process group, itself included).
+    fn channel_failed(&self) -> ExitReason {
+        if self.channel.is_none() || file_identity(&self.stream) == self.channel {
+            return ExitReason::ParentGone;
+        }
+        if !self.one_off {
+            report!(
+                "warden worker {}: its channel to the pool was closed in this process (by a task closing \
+                 descriptors it did not open?): it cannot serve on",
+                std::process::id()
+            );
+        }
+        ExitReason::ProtocolError
     }
 
     /// What a stop signal means: the parent's death if the parent is gone,
@@ -862,7 +899,7 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     // worker starts get it in turn.
     crate::interrupts::note_parent(env.parent);
 
-    let core = Arc::new(WorkerState::new(stream, env.max_frame, env.parent, STARTING));
+    let core = Arc::new(WorkerState::new(stream, env.max_frame, env.parent, STARTING, env.one_off));
     *lock(&CHANNEL) = Some(Arc::downgrade(&core));
 
     // Parent death: arm the signal, then check we did not miss it.
@@ -1194,7 +1231,7 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
             Err(End::Closed) => {
                 return match signals::pending() {
                     Some(sig) => core.stop_reason(sig),
-                    None => ExitReason::ParentGone,
+                    None => core.channel_failed(),
                 }
             }
             Err(End::Bad(e)) => {
@@ -1234,7 +1271,7 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                             return core.stop_reason(sig);
                         }
                         if core.send(&Message::Ready).is_err() {
-                            return ExitReason::ParentGone;
+                            return core.channel_failed();
                         }
                     }
                     Err(error) => {
@@ -1253,7 +1290,7 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                 inbox.begun(); // never begun: it fails at once
                 let error = RemoteError::new(RemoteErrorKind::Codec, "OSError", WireError::SegmentLost.to_string());
                 if core.send(&Message::Result { id, outcome: WireOutcome::Error(error) }).is_err() {
-                    return ExitReason::ParentGone;
+                    return core.channel_failed();
                 }
             }
             Incoming::Task { id, payload, segment, .. } if initialized => {
@@ -1320,7 +1357,7 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                         };
                         let _ = core.send(&Message::Result { id, outcome: WireOutcome::Error(error) });
                     } else {
-                        return ExitReason::ParentGone;
+                        return core.channel_failed();
                     }
                 } else {
                     drop(result);
@@ -1371,7 +1408,7 @@ mod tests {
 
     fn worker_state() -> WorkerState {
         let (ours, _parent) = UnixStream::pair().expect("a socket pair");
-        WorkerState::new(ours, 1 << 20, 1, IDLE)
+        WorkerState::new(ours, 1 << 20, 1, IDLE, false)
     }
 
     fn task(id: u64) -> Incoming {
