@@ -243,6 +243,22 @@ def test_len_of_the_pools_cache_counts_its_results_not_ready_as_the_standard_lib
     assert counts(pool) == counts(std_pool) == (6, [False, False], 0)
 
 
+def test_a_maps_chunks_left_and_chunksize_read_as_the_standard_librarys(pool, std_pool):
+    # Progress loops read ``while not r.ready(): ... r._number_left``.
+    def progress(p):
+        r = p.map_async(sleep_then, [0.3] * 8, chunksize=2)
+        at_start = r._number_left
+        seen = []
+        while not r.ready():
+            seen.append(r._number_left)
+            r.wait(0.05)
+        failed = p.map_async(square, ["not a number"] * 4, chunksize=2)
+        failed.wait(30)
+        return at_start, seen == sorted(seen, reverse=True), r._number_left, r._chunksize, failed._number_left
+
+    assert progress(pool) == progress(std_pool) == (4, True, 0, 2, 0)
+
+
 def test_results_that_will_never_come_leave_the_pools_cache(pool, std_pool):
     # An empty map is ready at once; a map or call that could not be queued
     # gets no outcome: none of them may stay in _cache (a drain loop on it

@@ -501,6 +501,7 @@ class Pool(multiprocessing.pool.Pool):
             raise ValueError(f"Chunksize must be 1+, not {chunksize}")
         count = -(-length // chunksize) if length else 0
         result: MapResult[_T] = MapResult(self, count, callback, error_callback)
+        result._chunksize = chunksize
         result._progress = _progress.make(progress, length)
         # Each chunk goes to the workers as soon as it is pickled, so they
         # start while the rest is being pickled. A chunk that cannot be
@@ -858,6 +859,8 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
         self._progress: _progress.Progress | None = None
         self._left = chunks
         self._count = chunks
+        #: The map's chunk size (the standard library's attribute).
+        self._chunksize = 0
         # Chunks that came before one ahead of them; each joins ``_gathered``
         # as soon as every chunk before it has, so the whole list is ready
         # moments after the last chunk rather than built from all of them then.
@@ -869,6 +872,13 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
             self._value = []
             self._set_ready()
             self._forget()
+
+    @property
+    def _number_left(self) -> int:
+        """How many chunks are still to come, 0 once the map is ready: the
+        standard library's attribute, which progress loops read
+        (``while not r.ready(): ... r._number_left``)."""
+        return 0 if self.ready() else max(self._left, 0)
 
     def _abandon(self) -> None:
         """The map could not be queued whole: its queued chunks are
