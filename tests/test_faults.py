@@ -1211,6 +1211,30 @@ def crash(_=None):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def test_futures_of_lost_or_timed_out_workers_are_not_kept_once_the_hook_is_done_with_them():
+    # Held for the hook from a crash's outcome until the hook takes them; a
+    # hook that ran first, or a timed-out task (no hook: its worker ran its
+    # exit path), left them held for the executor's life.
+    import gc
+    import weakref
+
+    seen = []
+    with warden.ProcessPoolExecutor(2, on_worker_lost=seen.append) as ex:
+        crashed = [ex.submit(crash) for _ in range(12)]
+        timed_out = [ex.schedule(sleep_for, args=(30,), timeout=0.3) for _ in range(3)]
+        refs = [weakref.ref(f) for f in crashed + timed_out]
+        for f in crashed + timed_out:
+            with pytest.raises((warden.WorkerCrashed, warden.TaskTimeout)):
+                f.result(timeout=60)
+        lost = len(crashed)
+        assert wait_until(lambda: len(seen) >= lost, timeout=60)
+        assert sum(info.task is not None for info in seen) >= lost
+        del crashed, timed_out, f
+        seen.clear()
+        gc.collect()
+        assert [r() for r in refs] == [None] * len(refs)
+
+
 CLOSES_ITS_CHANNEL = """
 import os, sys, warden
 

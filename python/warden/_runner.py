@@ -342,28 +342,24 @@ class WorkerLost:
 class _LostTasks:
     """A pool's tasks by core id, for ``on_worker_lost``. Held weakly while
     they run: a future the program has let go of is not kept for the hook.
-    But one whose outcome says its worker died is held from the moment the
-    results thread delivers it until the hook for that worker is called:
+    But one whose worker crashed in it is held from the moment the results
+    thread delivers that outcome until the hook for that worker is called:
     the program may let go of it as soon as it has the outcome
     (``ex.submit(f).result()``), before the hook's thread gets to it."""
 
-    #: Outcomes that can mean the worker died without its exit path.
-    DIED = frozenset(
-        int(kind)
-        for kind in (
-            _warden.ErrorKind.CRASHED,
-            _warden.ErrorKind.PROTOCOL,
-            _warden.ErrorKind.MEMORY_EXCEEDED,
-            _warden.ErrorKind.TIMED_OUT,
-        )
-    )
-    #: At most this many are held for a hook: an outcome whose worker did
-    #: run its exit path (a timed-out task's, mostly) gets no hook call.
+    #: Outcomes of a worker that died without its exit path (the hook's
+    #: cases; a timed-out task's worker, stopped by SIGTERM, mostly runs it).
+    DIED = frozenset(int(kind) for kind in (_warden.ErrorKind.CRASHED, _warden.ErrorKind.PROTOCOL))
+    #: At most this many are held, or remembered as taken: a crash the hook
+    #: is not called for (a worker that said goodbye all the same) is let
+    #: go of as later ones come.
     HELD_MAX = 64
 
     def __init__(self) -> None:
         self.running: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self.held: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        #: Tasks the hook has had (before their outcome came): not held then.
+        self.taken: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.lock = _native.Lock()
 
     def __setitem__(self, task: int, owner: Any) -> None:
@@ -376,15 +372,24 @@ class _LostTasks:
         owner = self.running.get(task)
         if owner is None:
             return
+        dropped: Any = None
         with self.lock:
+            if task in self.taken:
+                del self.taken[task]  # the hook has had it already
+                return
             self.held[task] = owner
-            while len(self.held) > self.HELD_MAX:
-                self.held.popitem(last=False)
+            if len(self.held) > self.HELD_MAX:
+                dropped = self.held.popitem(last=False)
+        del dropped  # (after the lock: what it frees may run code)
 
     def take(self, task: int) -> Any:
         """(The hook's thread.) The task's owner, if it is still about."""
         with self.lock:
             owner = self.held.pop(task, None)
+            if owner is None:
+                self.taken[task] = None
+                if len(self.taken) > self.HELD_MAX:
+                    self.taken.popitem(last=False)
         return owner if owner is not None else self.running.get(task)
 
 
@@ -903,9 +908,6 @@ class Runner:
                 handed = True
                 task = self.core.submit(payload, timeout, segment, track_start)
                 self.pending[task] = on_done
-                if self._tasks is not None and owner is not None:
-                    # Before its outcome can be delivered (under this lock).
-                    self._tasks[task] = owner
                 if held is not None:
                     held.hold()
                     if loan is not None:
@@ -915,6 +917,10 @@ class Runner:
             if not handed:
                 close_fd(segment)
             raise
+        if self._tasks is not None and owner is not None:
+            # (Not under ``pending_lock``: the weak entry it makes is an
+            # object the collector may run code for, which could submit.)
+            self._tasks[task] = owner
         return task
 
     def close_nowait(self) -> None:

@@ -293,7 +293,7 @@ def _preload(data: dict[str, Any], watch: _SeedWatch) -> str | None:
         # child (3.12, 3.13) or leaves it hung (3.11).
         return (
             "an import made a subinterpreter, and such a process cannot fork: "
-            "each worker imports main itself, as under spawn"
+            "the workers start without it and import what they need themselves, as under spawn"
         )
     return None
 

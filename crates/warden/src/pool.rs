@@ -358,8 +358,9 @@ impl Builder {
     ///
     /// A callback may stop or drop its own pool (drop the last `Arc<Pool>`,
     /// say one it upgraded from a `Weak`): on this thread [`Pool::stop`],
-    /// [`Pool::shutdown`], [`Pool::join`] and the drop start the shutdown and
-    /// return at once, and the supervisor carries it out after the callback.
+    /// [`Pool::shutdown`] and the drop start the shutdown and return at
+    /// once, and the supervisor carries it out after the callback;
+    /// [`Pool::join`] returns `false` at once.
     ///
     /// Calls that wait for the supervisor's answer cannot have it while the
     /// supervisor runs the callback, so on this thread they do not wait:

@@ -329,6 +329,13 @@ fn hanging_start() {
     std::thread::sleep(Duration::from_secs(30));
 }
 
+/// Takes 2 s before it is done: long enough for a test thread, however
+/// loaded the machine, to queue its tasks before the worker is ready.
+fn slower_start() {
+    std::thread::sleep(Duration::from_secs(2));
+    on_start();
+}
+
 /// Marks that it began, then takes 700 ms before it is done.
 fn slow_start() {
     if let Some(dir) = hooks_dir() {
@@ -1611,7 +1618,7 @@ fn cancel_queued_in_on_event_of_a_task_sent_ahead_returns_false_at_once() -> Tes
     let hooks = Hooks::new();
     // The worker starts slowly, so that both tasks wait for it and the
     // second is sent ahead with the first: no longer the caller's to cancel.
-    let builder = hooks.builder().on_start(slow_start).workers(1).prefetch(2);
+    let builder = hooks.builder().on_start(slower_start).workers(1).prefetch(2);
     let probed = OnSupervisor::build(builder, 1)?;
     let running = probed.pool().spawn(sleep_ms, 1000)?;
     let ahead = probed.pool().spawn(echo, 2)?;
@@ -1636,7 +1643,7 @@ fn cancel_queued_in_on_event_of_a_task_sent_ahead_returns_false_at_once() -> Tes
 fn cancel_all_queued_in_on_event_returns_no_ids_at_once() -> TestResult {
     let hooks = Hooks::new();
     // One task running, one sent ahead to its worker, one in the queue.
-    let builder = hooks.builder().on_start(slow_start).workers(1).prefetch(2);
+    let builder = hooks.builder().on_start(slower_start).workers(1).prefetch(2);
     let probed = OnSupervisor::build(builder, 1)?;
     let running = probed.pool().spawn(sleep_ms, 1000)?;
     let waiting = [probed.pool().spawn(echo, 2)?, probed.pool().spawn(echo, 3)?];
