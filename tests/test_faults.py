@@ -1273,6 +1273,38 @@ def test_a_task_that_closes_its_workers_channel_fails_that_task_and_its_worker_e
     assert "its channel to the pool was closed in this process" in run.stderr
 
 
+REUSES_ITS_CHANNELS_NUMBER = """
+import os, socket, warden
+
+KEPT = []
+
+def close_everything_and_open_a_socket():
+    os.closerange(3, 4096)
+    KEPT.append(socket.socketpair())  # takes the channel's number
+    return "done"
+
+def pid():
+    return os.getpid()
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1) as ex:
+        first = ex.submit(pid).result(timeout=60)
+        try:
+            ex.submit(close_everything_and_open_a_socket).result(timeout=60)
+        except warden.WorkerCrashed as e:
+            print("crashed", e.pid == first, flush=True)
+        print("next", ex.submit(pid).result(timeout=60) != first, flush=True)
+"""
+
+
+def test_a_worker_whose_task_put_a_socket_on_its_channels_number_is_stopped_after_a_grace_period(program):
+    # Its result went into the task's socket, and it then waited for work
+    # there, for good: the task's future never finished, nor the shutdown.
+    run = program(REUSES_ITS_CHANNELS_NUMBER).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["crashed True", "next True"], run.stderr
+
+
 def test_on_worker_lost_gets_the_future_even_when_the_program_let_go_of_it_at_its_outcome():
     # ``ex.submit(f).result()``: the program lets go of the future as soon as
     # its outcome is in, which can be before the hook's thread looks it up.

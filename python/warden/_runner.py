@@ -318,8 +318,8 @@ class WorkerLost:
     ``exitcode``: as ``multiprocessing`` reports it (minus the signal number
     when a signal killed it); ``signal``: that signal, or ``None``; ``task``:
     the ``Future`` (executor) or ``AsyncResult`` (``Pool``) of the task it was
-    running (kept for the hook if the program let go of it once it had its
-    outcome), or ``None``; ``record``: what the worker left with
+    running (if it crashed the worker, kept for the hook even if the program
+    let go of it at its outcome), or ``None``; ``record``: what the worker left with
     :func:`warden.set_cleanup_record`, or ``None``.
     """
 

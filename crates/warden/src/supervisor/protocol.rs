@@ -86,6 +86,8 @@ impl Supervisor {
                     self.process_frames(id);
                     if let Some(e) = truncated {
                         self.protocol_error(id, e.to_string());
+                    } else {
+                        self.channel_ended(id);
                     }
                     return;
                 }
@@ -101,9 +103,26 @@ impl Supervisor {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     w.eof = true;
+                    self.channel_ended(id);
                     return;
                 }
             }
+        }
+    }
+
+    /// A pool worker's channel ended without its goodbye. One that crashed
+    /// is reaped in a moment. But one whose task closed its end goes on
+    /// through its exit path unseen, and one whose task opened a socket of
+    /// its own on that number waits for work there: either gets one grace
+    /// period to end, then SIGKILL. (A one-off child runs on to its end,
+    /// as a process whose descriptors its own code closed does.)
+    fn channel_ended(&mut self, id: u64) {
+        if self.cfg.one_off {
+            return;
+        }
+        let grace = self.cfg.grace;
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.give_grace_without_channel(grace);
         }
     }
 

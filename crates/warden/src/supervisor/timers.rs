@@ -50,6 +50,10 @@ impl Supervisor {
                 let cause = w.cause.clone().unwrap_or(StopCause::Terminated);
                 w.stop(cause, cfg.grace);
             }
+            if w.phase != WorkerPhase::Killed && w.unreachable_until.is_some_and(|d| now >= d) {
+                // Its channel ended without a goodbye a grace period ago.
+                w.kill(StopCause::Killed);
+            }
             if w.deadline.is_some_and(|d| now >= d) {
                 match w.phase {
                     WorkerPhase::Starting | WorkerPhase::Initializing => w.stop(StopCause::InitTimeout, cfg.grace),

@@ -138,6 +138,10 @@ pub(super) struct Worker {
     /// its task does; one silent for [`WORKER_ANSWER_WAIT`] is stopped
     /// (SIGSTOP, a debugger) or starved of CPU.
     pub(super) cancel_unanswered: Option<Instant>,
+    /// Its channel ended without a goodbye while it served: it is SIGKILLed
+    /// at this time if it has not exited by then (see
+    /// [`Worker::give_grace_without_channel`]).
+    pub(super) unreachable_until: Option<Instant>,
 }
 
 impl Worker {
@@ -174,6 +178,7 @@ impl Worker {
             stop_unanswered: false,
             stop_took: false,
             cancel_unanswered: None,
+            unreachable_until: None,
         }
     }
 
@@ -309,6 +314,17 @@ impl Worker {
         true
     }
 
+    /// Its channel ended without a goodbye (see `channel_ended`) while it
+    /// served: it has one grace period to exit, then SIGKILL. Nothing else
+    /// changes (it may be on its exit path already, and a crashed one is
+    /// reaped in a moment, as it always was); one still starting, or on its
+    /// way out, is bounded by its deadline already.
+    pub(super) fn give_grace_without_channel(&mut self, grace: Duration) {
+        if self.goodbye.is_none() && self.status.is_none() && self.phase == WorkerPhase::Ready {
+            self.unreachable_until.get_or_insert(Instant::now() + grace);
+        }
+    }
+
     pub(super) fn kill(&mut self, cause: StopCause) {
         self.cause.get_or_insert(cause);
         self.stop_unanswered = false;
@@ -430,10 +446,10 @@ impl Worker {
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         let task = self.inflight.front().and_then(|f| if f.task.delivered() { None } else { f.deadline });
-        match (self.deadline, task) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.deadline, task, self.unreachable_until.filter(|_| self.phase != WorkerPhase::Killed)]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 
