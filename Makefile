@@ -109,7 +109,8 @@ PYTHONS_TESTS ?= tests/test_executor_api.py tests/test_pickling.py tests/test_sp
 	tests/test_data_path.py tests/test_lending.py \
 	tests/test_asyncio.py tests/test_logging.py tests/test_process.py \
 	tests/test_faults.py::test_warden_at_exit_runs_at_the_end_of_a_multiprocessing_child \
-	tests/test_faults.py::test_a_multiprocessing_child_that_leaves_a_warden_pool_open_exits
+	tests/test_faults.py::test_a_multiprocessing_child_that_leaves_a_warden_pool_open_exits \
+	tests/test_faults.py::test_a_task_stopped_while_taking_or_giving_a_process_shared_lock_leaves_it_free
 PYTHONS_TOOLS ?= "numpy>=1.24" "uvloop>=0.19"
 pytest-pythons: wheel
 	@set -e; for v in $(PYTHONS); do \

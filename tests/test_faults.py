@@ -2346,6 +2346,16 @@ def spin_with_values_lock():
         with VALUE.get_lock():
             VALUE.value += 1
 
+def wait_for_the_lock_with_pass():
+    while True:
+        with LOCK:  # "until nobody holds it": a body that compiles to nothing
+            pass
+
+def wait_for_the_lock_with_ellipsis():
+    while True:
+        with LOCK:
+            ...
+
 def spin_acquiring_then_trying():
     n = 0
     while True:
@@ -2374,6 +2384,8 @@ def poll_a_queue():
 TASKS = {
     "lock": spin_with_lock,
     "value": spin_with_values_lock,
+    "with-pass": wait_for_the_lock_with_pass,
+    "with-ellipsis": wait_for_the_lock_with_ellipsis,
     "acquire-try": spin_acquiring_then_trying,
     "acquire-timeout": spin_acquiring_with_a_timeout,
     "queue-get": poll_a_queue,
@@ -2404,7 +2416,9 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("idiom", ["lock", "value", "acquire-try", "acquire-timeout", "queue-get"])
+@pytest.mark.parametrize(
+    "idiom", ["lock", "value", "with-pass", "with-ellipsis", "acquire-try", "acquire-timeout", "queue-get"]
+)
 @pytest.mark.parametrize("how", ["timeout", "cancel"])
 def test_a_task_stopped_while_taking_or_giving_a_process_shared_lock_leaves_it_free(program, how, idiom):
     """A task looping on ``with lock: value.value += 1`` (a ``multiprocessing``
@@ -2417,7 +2431,9 @@ def test_a_task_stopped_while_taking_or_giving_a_process_shared_lock_leaves_it_f
     once the hand-over is done. The same for ``lock.acquire()`` followed by
     ``try: ... finally: lock.release()`` (the C call returns with the lock
     taken, the ``try`` not yet entered), as a ``Queue``'s ``get(timeout=)``
-    takes its reader lock."""
+    takes its reader lock. And for ``with lock: pass``, whose body is an
+    instruction no exception handler covers: raised there, the stop left
+    the task without ``__exit__`` or its ``finally``."""
     run = program(LOCK_HELD_WHEN_STOPPED).run(timeout=180, args=(how, idiom))
     assert run.returncode == 0, (run.stdout, run.stderr[-2000:])
     assert run.stdout.splitlines() == ["free after every stop"], run.stderr[-2000:]

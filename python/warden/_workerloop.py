@@ -158,10 +158,30 @@ def _raise_after_hand_over(frame: Any, stop: BaseException) -> Callable[[], None
             target = target.f_back  # a Condition's __enter__ around its lock's
         if target is None:
             return None
-        events: tuple[str, ...] = ("line", "return")
-    else:
-        target, events = frame, ("return",)
-    return _raise_in(target, stop, lambda _now, event: event in events)
+        owner = frame.f_locals.get("self")
+        import dis
+
+        nop = dis.opmap["NOP"]
+        # The handler that gives the lock back: the ``with``'s, which covers
+        # its body, from the instruction after the one that entered.
+        gives_back = _handler_of(target.f_code, target.f_lasti + 2)
+
+        def due(now: Any, event: str) -> bool:
+            if event == "return":
+                return True
+            if event != "line" or now.f_code.co_code[now.f_lasti] == nop:
+                # A body that compiles to nothing (``with lock: pass``) is a
+                # NOP outside every handler's range: raised there, the stop
+                # would leave the frame without the ``with``'s ``__exit__``
+                # (the lock stays held) or any ``finally``.
+                return False
+            # In the body (``__exit__`` will give the lock back), or once
+            # the lock is given back (the ``with``'s exit has run); not on
+            # the ``with``'s exit line before it has.
+            return _handler_of(now.f_code, now.f_lasti) == gives_back or not _semlock_held(owner)
+
+        return _raise_in(target, stop, due)
+    return _raise_in(frame, stop, lambda _now, event: event == "return")
 
 
 def _raise_in(
