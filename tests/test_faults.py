@@ -1273,6 +1273,57 @@ def test_a_task_that_closes_its_workers_channel_fails_that_task_and_its_worker_e
     assert "its channel to the pool was closed in this process" in run.stderr
 
 
+FROZEN_WHILE_FINALIZING = """
+import os, sys, time, warden
+
+def finalizer():
+    with open(os.environ["OUT"], "a") as f:
+        f.write("finalizer began\\n")
+    for _ in range(60):  # 3 s of its own running time: a freeze does not count
+        time.sleep(0.05)
+    with open(os.environ["OUT"], "a") as f:
+        f.write("finalizer done\\n")
+
+def task():
+    print(os.getpid(), flush=True)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    pool = warden.Pool(1, finalizer=finalizer)
+    pool.apply_async(task)
+    time.sleep(float(sys.argv[1]))
+    pool.terminate()  # the task is stopped, and the worker's finalizer runs
+    pool.join()
+    print("joined", flush=True)
+"""
+
+
+def test_a_freeze_of_the_program_and_its_workers_longer_than_the_grace_does_not_cut_a_finalizer_short(
+    program,
+):
+    # The program and its worker, stopped together (as a cgroup freezer or
+    # ``docker pause`` stops them) for longer than the grace periods while
+    # the worker runs its finalizer: the grace was the clock's, and the
+    # worker was SIGKILLed as they resumed, its finalizer cut short.
+    prog = program(FROZEN_WHILE_FINALIZING)
+    proc = prog.start(args=("1",))
+    worker = int(proc.stdout.readline())
+    assert wait_until(lambda: "finalizer began" in prog.out_lines(), timeout=60)
+    frozen = [proc.pid, worker]
+    try:
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(13)  # past the terminate's grace period, and past its caller's own bound (twice that)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.split() == ["joined"], err
+    assert prog.out_lines() == ["finalizer began", "finalizer done"], err
+
+
 REUSES_ITS_CHANNELS_NUMBER = """
 import os, socket, warden
 

@@ -1046,7 +1046,9 @@ impl Pool {
                 None => plan.cutoff.and_then(|c| c.checked_add(self.grace * 2 + STOP_SLACK)),
             };
             let wake = earliest(act_at, until);
-            if self.shared.wait_done(wake.map(|w| w.saturating_duration_since(Instant::now()))) {
+            let asked = wake.map(|w| w.saturating_duration_since(Instant::now()));
+            let waited = Instant::now();
+            if self.shared.wait_done(asked) {
                 // Every worker is reaped; what may be left are
                 // `on_worker_lost` calls, which no kill hurries: they get one
                 // grace period from the first wait for them.
@@ -1054,6 +1056,23 @@ impl Pool {
                 return self.wait_lost_hooks(until).then(|| self.shared.finished_by(plan.cutoff));
             }
             let now = Instant::now();
+            let late = asked.map_or(Duration::ZERO, |a| now.duration_since(waited).saturating_sub(a));
+            if late > crate::supervisor::NOT_RUNNING_GAP {
+                // This process was not running for that long (frozen with
+                // its workers by a cgroup freezer, `docker pause`): the
+                // workers' grace periods are their own running time, and
+                // the ladder's cutoff moves out by the gap, as the
+                // supervisor's deadlines do. (A caller's own `until` stays.)
+                let mut stop = lock(&self.shared.stop);
+                if stop.killed_at.is_none() {
+                    stop.cutoff = stop.cutoff.map(|c| c.checked_add(late).unwrap_or(c));
+                }
+                drop(stop);
+                if until.is_some_and(|u| now >= u) {
+                    return None;
+                }
+                continue;
+            }
             if act_at.is_some_and(|a| now >= a) {
                 if plan.killed_at.is_none() {
                     self.begin_stop(StopMode::Kill, None);

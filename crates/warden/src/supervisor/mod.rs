@@ -94,6 +94,13 @@ const POLL_MAX_WAIT: Duration = Duration::from_secs(2);
 /// closed (nothing wakes it for that exit).
 const BY_PID_CHECK: Duration = Duration::from_millis(50);
 
+/// How much later than asked a poll may return before the supervisor takes
+/// it that it was not running meanwhile (frozen with its workers by a
+/// cgroup freezer, `docker pause`, or stopped): the workers' grace periods
+/// and start deadlines are then pushed out by the gap (see
+/// [`Supervisor::not_running_for`]).
+pub(crate) const NOT_RUNNING_GAP: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PoolPhase {
     Running,
@@ -266,7 +273,13 @@ impl Supervisor {
             // pidfds for closed ones (one system call per worker): never while
             // the pool is busy.
             let long_wait = timeout == POLL_MAX_WAIT;
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+            let polled = Instant::now();
+            let result = self.poll.poll(&mut events, Some(timeout));
+            let late = polled.elapsed().saturating_sub(timeout);
+            if late > NOT_RUNNING_GAP {
+                self.not_running_for(late);
+            }
+            if let Err(e) = result {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     // Also after this process was stopped (SIGSTOP, Ctrl-Z)
                     // and continued, with no handler involved; the events are
@@ -355,6 +368,22 @@ impl Supervisor {
         }
         self.stop_zygote();
         tracing::debug!(pool = %self.cfg.name, "supervisor finished");
+    }
+
+    /// The supervisor was not running for about `gap` (its poll returned
+    /// that much later than asked): most likely frozen together with its
+    /// workers (a cgroup freezer, `docker pause`), which did not run either.
+    /// The time a worker has to start, or to go through its exit path, is
+    /// its own running time: those deadlines are pushed out by the gap, so
+    /// that a freeze that outlasts a grace period does not SIGKILL the
+    /// workers at the thaw, their finalizers cut short. Task timeouts are
+    /// the caller's clock, and stay.
+    fn not_running_for(&mut self, gap: Duration) {
+        tracing::debug!(pool = %self.cfg.name, ?gap, "the supervisor was not running: worker deadlines pushed out");
+        for w in self.workers.values_mut() {
+            w.deadline = w.deadline.map(|d| d.checked_add(gap).unwrap_or(d));
+            w.unreachable_until = w.unreachable_until.map(|d| d.checked_add(gap).unwrap_or(d));
+        }
     }
 
     /// Registers a worker's socket for writability while its outgoing buffer
