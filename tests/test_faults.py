@@ -2593,6 +2593,52 @@ def test_a_stopped_tasks_finally_block_has_half_the_grace_period_before_the_exit
     assert "exit path runs beside it" not in run.stderr
 
 
+def swallow_stops_for(path, seconds):
+    """A task that will not stop when asked (it catches ``TaskInterrupted``,
+    as native code that holds on would not see it): its exit path runs
+    beside it once half the grace period is over."""
+    record(path, "started")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.05)
+        except warden.TaskInterrupted:
+            pass
+
+
+def start_a_detached_helper(path):
+    """A finalizer that starts a helper meant to outlive the worker (an
+    uploader, a cleanup daemon), in a session of its own."""
+    helper = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    record(path, f"helper {helper.pid}")
+
+
+def test_a_helper_the_finalizer_starts_beside_a_task_that_would_not_stop_can_be_stopped_with_sigterm(
+    tmp_path,
+):
+    # The exit path ran on the thread that watches for stop signals, which
+    # blocks them; a process the finalizer started there inherited the mask
+    # (it survives exec): SIGTERM, SIGINT and SIGHUP never reached it, and
+    # only SIGKILL could end it.
+    log = tmp_path / "log"
+    helper = None
+    try:
+        with warden.ProcessPoolExecutor(
+            1, task_timeout=0.5, finalizer=start_a_detached_helper, finalargs=(log,)
+        ) as ex:
+            with pytest.raises(warden.TaskTimeout):
+                ex.submit(swallow_stops_for, log, 30).result(timeout=60)
+            assert wait_until(lambda: pids_tagged(log, "helper"), timeout=30)
+        helper = pids_tagged(log, "helper")[0]
+        os.kill(helper, signal.SIGTERM)
+        assert wait_until(lambda: not alive(helper), timeout=10), "the helper ignored SIGTERM"
+        helper = None
+    finally:
+        if helper is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(helper, signal.SIGKILL)
+
+
 SIGCHLD_IGNORED = """
 import os, signal, sys
 import warden

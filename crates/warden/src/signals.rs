@@ -143,8 +143,11 @@ pub(crate) fn sigint_watched() -> bool {
 /// the signals until then (the Python worker does), so that a stop signal
 /// arriving between the two waits for both instead of reaching only the
 /// first: it is delivered here, and the worker sees a stop, not a start
-/// hook that failed.
-fn unblock_in_this_thread() {
+/// hook that failed. The monitor thread unblocks them too before it runs
+/// the exit path: what the exit path's code starts inherits the thread's
+/// mask, and a helper started with the stop signals blocked could not be
+/// stopped by them (not even by `timeout(1)`).
+pub(crate) fn unblock_in_this_thread() {
     mask_in_this_thread(libc::SIG_UNBLOCK);
 }
 

@@ -877,6 +877,10 @@ fn monitor(core: Arc<WorkerState>, interrupter: Option<Interrupter>) {
     }
     let reason = core.stop_reason(sig);
     tracing::debug!(sig, "stop signal while a task runs: exit path on the monitor thread");
+    // The finalizer and the exit hooks run here: the processes they start
+    // inherit this thread's mask, which must not keep SIGTERM from them.
+    // A stop signal delivered here now only sets what is already set.
+    signals::unblock_in_this_thread();
     core.exit_path(reason).exit();
 }
 
