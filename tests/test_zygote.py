@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import random
+import resource
 import signal
 import sys
 import threading
@@ -161,6 +162,42 @@ def test_killing_the_zygote_mid_run_leaves_the_pool_serving():
         second = ex._runner.core.zygote_pid()
         # Once it is ready, workers come from the new zygote.
         assert wait_until(lambda: ex.submit(whoami).result(30)[3] == second, timeout=30)
+
+
+def umask_and_files_limit():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask, resource.getrlimit(resource.RLIMIT_NOFILE), _warden.forked_from()
+
+
+def test_workers_started_after_the_program_tightened_its_umask_and_limits_get_them():
+    """The zygote was started with the program's umask and limits of then:
+    its forks kept them (group- and world-readable files from a service
+    that had set ``umask(0o077)``; a lowered limit ignored), where a
+    spawned worker gets the program's current ones. Now a worker started
+    after a change starts by exec, and a new zygote is prepared with what
+    the program has now."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(soft, 4096) - 1
+    try:
+        with warden.ProcessPoolExecutor(1, start="zygote", max_tasks_per_child=1) as ex:
+            assert ex.submit(umask_and_files_limit).result(30)[:2] == (mask, (soft, hard))
+            first = zygote_pid(ex)
+            os.umask(0o077)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+            # One worker per task; the first may have started before the change.
+            seen = [ex.submit(umask_and_files_limit).result(30) for _ in range(5)]
+            assert [s[:2] for s in seen[1:]] == [(0o077, (lowered, hard))] * 4
+            assert wait_until(lambda: ex._runner.core.zygote_pid() not in (None, first), timeout=30)
+            second = ex._runner.core.zygote_pid()
+            # Forks of the new zygote have them too.
+            assert wait_until(lambda: ex.submit(umask_and_files_limit).result(30)[2] == second, timeout=30)
+            assert ex.submit(umask_and_files_limit).result(30)[:2] == (0o077, (lowered, hard))
+    finally:
+        os.umask(mask)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_a_stopped_zygote_is_replaced_and_costs_no_task(tmp_path):

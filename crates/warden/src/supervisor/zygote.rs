@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
-use rustix::process::{Signal, WaitId, WaitIdOptions};
+use rustix::process::{Resource, Signal, WaitId, WaitIdOptions};
 
 use crate::error::ExitStatus;
 use crate::spawn::{fork_worker, spawn_zygote, Spawned};
@@ -42,14 +42,86 @@ const ZYGOTE_RETRY: Duration = Duration::from_millis(100);
 /// How long a zygote told to go (its control socket closed) gets before SIGKILL.
 const ZYGOTE_EXIT_WAIT: Duration = Duration::from_secs(1);
 
+/// What a process started now would inherit from this one, as far as the
+/// zygote's forks would get it wrong: credentials (user, group, groups,
+/// capabilities, `no_new_privs`, seccomp), the `umask` and the resource
+/// limits. The zygote was started with what these were then; its forks get
+/// that, not what the program has set since (a service that dropped its
+/// privileges, tightened its `umask` or lowered a limit after making the
+/// pool).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Inherited {
+    status: Vec<u8>,
+    limits: Vec<(Option<u64>, Option<u64>)>,
+}
+
+/// The `/proc/self/status` fields [`Inherited`] compares.
+const INHERITED_FIELDS: [&[u8]; 11] = [
+    b"Umask:",
+    b"Uid:",
+    b"Gid:",
+    b"Groups:",
+    b"CapInh:",
+    b"CapPrm:",
+    b"CapEff:",
+    b"CapBnd:",
+    b"CapAmb:",
+    b"NoNewPrivs:",
+    b"Seccomp:",
+];
+
+/// The resource limits [`Inherited`] compares: all of Linux's.
+const LIMITS: [Resource; 16] = [
+    Resource::Cpu,
+    Resource::Fsize,
+    Resource::Data,
+    Resource::Stack,
+    Resource::Core,
+    Resource::Rss,
+    Resource::Nproc,
+    Resource::Nofile,
+    Resource::Memlock,
+    Resource::As,
+    Resource::Locks,
+    Resource::Sigpending,
+    Resource::Msgqueue,
+    Resource::Nice,
+    Resource::Rtprio,
+    Resource::Rttime,
+];
+
+impl Inherited {
+    /// What this process has now; `None` where `/proc` cannot be read
+    /// (then nothing is compared).
+    pub(super) fn now() -> Option<Inherited> {
+        let whole = std::fs::read("/proc/self/status").ok()?;
+        let mut status = Vec::with_capacity(512);
+        for line in whole.split(|&b| b == b'\n') {
+            if INHERITED_FIELDS.iter().any(|field| line.starts_with(field)) {
+                status.extend_from_slice(line);
+                status.push(b'\n');
+            }
+        }
+        let limits = LIMITS
+            .iter()
+            .map(|&resource| {
+                let limit = rustix::process::getrlimit(resource);
+                (limit.current, limit.maximum)
+            })
+            .collect();
+        Some(Inherited { status, limits })
+    }
+}
+
 /// Where the pool's zygote is in its life.
 pub(super) enum ZygoteSlot {
     /// No zygote: every worker starts by exec.
     Off,
     /// None running; start one at `retry_at`.
     Down { retry_at: Instant },
-    /// Running. `deadline`: until it is ready; `stopping`: the pool ended it.
-    Up { zygote: Zygote, deadline: Option<Instant>, stopping: bool },
+    /// Running. `deadline`: until it is ready; `stopping`: the pool ended it;
+    /// `inherited`: what it was started with.
+    Up { zygote: Zygote, deadline: Option<Instant>, stopping: bool, inherited: Option<Inherited> },
 }
 
 /// How the next worker is to start.
@@ -72,6 +144,7 @@ impl Supervisor {
         if now < retry_at || self.phase != PoolPhase::Running {
             return;
         }
+        let inherited = Inherited::now();
         match spawn_zygote(&self.cfg.command, &self.pass_fds) {
             Ok(spawned) => {
                 let zygote = Zygote {
@@ -100,7 +173,8 @@ impl Supervisor {
                 });
                 let pid = zygote.pid.as_raw_nonzero().get();
                 tracing::debug!(pool = %self.cfg.name, pid, "zygote started");
-                self.zygote = ZygoteSlot::Up { zygote, deadline: Some(now + self.cfg.init_timeout), stopping: false };
+                self.zygote =
+                    ZygoteSlot::Up { zygote, deadline: Some(now + self.cfg.init_timeout), stopping: false, inherited };
                 if let Err(e) = registered {
                     self.zygote_broken(format!("cannot start the zygote {pid}: {e}"));
                 }
@@ -122,9 +196,20 @@ impl Supervisor {
 
     /// How to start the next worker; forks it if the zygote is ready.
     pub(super) fn next_start(&mut self) -> NextStart {
-        let ZygoteSlot::Up { zygote, stopping: false, .. } = &self.zygote else { return NextStart::Exec };
+        let ZygoteSlot::Up { zygote, stopping: false, inherited, .. } = &self.zygote else { return NextStart::Exec };
         if !zygote.ready {
             return if self.zygote_first { NextStart::Wait } else { NextStart::Exec };
+        }
+        if inherited.is_some() && Inherited::now() != *inherited {
+            // A fork would start this worker with the credentials, umask
+            // or limits of when the zygote started: this one starts by
+            // exec, with the program's own, and a new zygote is prepared
+            // with them for the ones after it. Not a failure.
+            let pid = zygote.pid.as_raw_nonzero().get();
+            tracing::debug!(pool = %self.cfg.name, pid, "credentials, umask or limits changed: a new zygote");
+            self.stop_zygote();
+            self.zygote = ZygoteSlot::Down { retry_at: Instant::now() };
+            return NextStart::Exec;
         }
         match fork_worker(zygote, self.cfg.max_frame) {
             Ok((spawned, None)) => NextStart::Forked(spawned),
@@ -150,7 +235,7 @@ impl Supervisor {
 
     /// The control socket is readable: the answer to the start request.
     pub(super) fn zygote_readable(&mut self) {
-        let ZygoteSlot::Up { zygote, deadline, stopping: false } = &mut self.zygote else { return };
+        let ZygoteSlot::Up { zygote, deadline, stopping: false, .. } = &mut self.zygote else { return };
         if zygote.ready {
             return; // answers to fork requests are read where they are asked
         }
