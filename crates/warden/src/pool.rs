@@ -1046,9 +1046,12 @@ impl Pool {
                 None => plan.cutoff.and_then(|c| c.checked_add(self.grace * 2 + STOP_SLACK)),
             };
             let wake = earliest(act_at, until);
-            let asked = wake.map(|w| w.saturating_duration_since(Instant::now()));
+            // In steps of at most a second, so that a freeze is measured
+            // to within one (below).
+            let gap = crate::supervisor::NOT_RUNNING_GAP;
+            let asked = wake.map_or(gap, |w| w.saturating_duration_since(Instant::now()).min(gap));
             let waited = Instant::now();
-            if self.shared.wait_done(asked) {
+            if self.shared.wait_done(Some(asked)) {
                 // Every worker is reaped; what may be left are
                 // `on_worker_lost` calls, which no kill hurries: they get one
                 // grace period from the first wait for them.
@@ -1056,16 +1059,16 @@ impl Pool {
                 return self.wait_lost_hooks(until).then(|| self.shared.finished_by(plan.cutoff));
             }
             let now = Instant::now();
-            let late = asked.map_or(Duration::ZERO, |a| now.duration_since(waited).saturating_sub(a));
-            if late > crate::supervisor::NOT_RUNNING_GAP {
-                // This process was not running for that long (frozen with
-                // its workers by a cgroup freezer, `docker pause`): the
-                // workers' grace periods are their own running time, and
-                // the ladder's cutoff moves out by the gap, as the
+            let wait = now.duration_since(waited);
+            if wait.saturating_sub(asked) > gap {
+                // This process was not running for about that wait (frozen
+                // with its workers by a cgroup freezer, `docker pause`):
+                // the workers' grace periods are their own running time,
+                // and the ladder's cutoff moves out by the wait, as the
                 // supervisor's deadlines do. (A caller's own `until` stays.)
                 let mut stop = lock(&self.shared.stop);
                 if stop.killed_at.is_none() {
-                    stop.cutoff = stop.cutoff.map(|c| c.checked_add(late).unwrap_or(c));
+                    stop.cutoff = stop.cutoff.map(|c| c.checked_add(wait).unwrap_or(c));
                 }
                 drop(stop);
                 if until.is_some_and(|u| now >= u) {
