@@ -1040,6 +1040,73 @@ def test_a_result_that_cannot_be_unpickled_says_so_and_is_not_taken_for_the_task
     assert ex.submit(square, 2).result(timeout=30) == 4
 
 
+class Unprintable(Exception):
+    """An error whose ``__str__`` itself fails (with ``what``)."""
+
+    def __init__(self, message, what=RuntimeError):
+        super().__init__(message, what)
+        self.what = what
+
+    def __str__(self):
+        raise self.what("no text for this error")
+
+
+def raise_unprintable():
+    raise Unprintable("cannot rebuild")
+
+
+class RebuiltByRaisingAnUnprintableError:
+    def __reduce__(self):
+        return (raise_unprintable, ())
+
+
+def return_rebuilt_by_raising_an_unprintable_error():
+    return RebuiltByRaisingAnUnprintableError()
+
+
+def raise_unprintable_with(what):
+    raise Unprintable("the task's own", what)
+
+
+class UnpicklableAndUnprintable:
+    def __reduce__(self):
+        raise TypeError("cannot pickle UnpicklableAndUnprintable")
+
+    def __repr__(self):
+        raise SystemExit(4)
+
+
+def return_unpicklable_and_unprintable():
+    return UnpicklableAndUnprintable()
+
+
+def test_a_result_whose_unpickling_raises_an_error_that_cannot_be_printed_still_fails_its_future(ex):
+    # The results thread made the error's text with str(), which raised: the
+    # future was never finished, and result() waited for ever.
+    others = [ex.submit(sleep_then, 0.1, i) for i in range(4)]
+    with pytest.raises(Unprintable):
+        ex.submit(return_rebuilt_by_raising_an_unprintable_error).result(timeout=60)
+    assert [f.result(timeout=60) for f in others] == list(range(4))
+    assert ex.submit(square, 3).result(timeout=60) == 9
+
+
+@pytest.mark.parametrize("what", [RuntimeError, SystemExit, KeyboardInterrupt])
+def test_a_task_error_whose_str_raises_even_system_exit_comes_back_as_itself(ex, what):
+    # The worker's own text of the error let a BaseException from __str__
+    # through: the caller got a RemoteError saying "SystemExit: ...", which
+    # the task never raised. The standard library gives the task's error.
+    with pytest.raises(Unprintable) as info:
+        ex.submit(raise_unprintable_with, what).result(timeout=60)
+    assert info.value.what is what
+    assert ex.submit(square, 3).result(timeout=60) == 9
+
+
+def test_an_unpicklable_result_whose_repr_raises_system_exit_is_still_a_pickling_error(ex):
+    with pytest.raises(pickle.PicklingError, match="cannot pickle UnpicklableAndUnprintable"):
+        ex.submit(return_unpicklable_and_unprintable).result(timeout=60)
+    assert ex.submit(square, 3).result(timeout=60) == 9
+
+
 def test_a_done_callback_raising_system_exit_does_not_stop_other_futures(ex):
     f = ex.submit(sleep_then, 0.2, 1)
     f.add_done_callback(lambda _: sys.exit(1))

@@ -550,6 +550,29 @@ def test_imap_reports_an_iterable_that_raises(pool):
     assert list(it) == []
 
 
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no text for this error")
+
+
+def numbers_then_an_unprintable_error(n):
+    yield from range(n)
+    raise Unprintable("the iterable's own")
+
+
+def test_imap_raises_an_error_of_its_iterable_that_cannot_be_printed_instead_of_ending_early(pool, std_pool):
+    # The feeder thread made the error's text with str(), which raised: the
+    # thread died, and the caller's loop ended after the first results as if
+    # the iterable had run out, with no error.
+    for p in (pool, std_pool):
+        got = []
+        with pytest.raises(Unprintable):
+            for r in p.imap(square, numbers_then_an_unprintable_error(3)):
+                got.append(r)
+        assert got == [0, 1, 4]
+    assert pool.map(square, range(4)) == [0, 1, 4, 9]
+
+
 class Unreadable(BaseException):
     """Not an ``Exception``: a parser's own way to stop everything."""
 

@@ -32,7 +32,7 @@ except RuntimeError:
         threading._register_atexit = _register  # type: ignore[attr-defined]
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
-from ._remote import RemoteError, TaskAborted, TaskInterrupted, short_repr
+from ._remote import RemoteError, TaskAborted, TaskInterrupted, short_repr, text_of
 from ._warden import CoreError, ErrorKind, RemoteFailure, RemoteKind, TaskError
 
 __all__ = [
@@ -174,7 +174,7 @@ class ErrorData:
         Never as a ``SystemExit`` or another ``BaseException`` that is not an
         ``Exception``: waiting for a result must not end the program."""
         type_name = type(exc).__qualname__
-        text = str(exc)
+        text = text_of(exc)
         try:
             data = _dumps(exc, protocol=5) if isinstance(exc, Exception) else b""
         except Exception:
@@ -247,7 +247,7 @@ def _build_remote(traceback_type: type[Exception], remote: RemoteFailure) -> Bas
         except BaseException as e:  # its __reduce__ may raise anything
             exc = RemoteError(
                 f"task raised {type_name}: {message} "
-                f"(the exception could not be rebuilt from its pickle: {type(e).__name__}: {e})",
+                f"(the exception could not be rebuilt from its pickle: {type(e).__name__}: {text_of(e)})",
                 type_name,
                 message,
             )

@@ -61,6 +61,7 @@ from pickle import loads as _loads
 from typing import Any
 
 from . import _native
+from ._remote import text_of
 from ._stderr import say, say_exception
 
 #: Seconds a worker waits to hand a record over before writing it to its stderr.
@@ -549,7 +550,7 @@ def _handle(data: bytes | memoryview) -> None:
         attrs = _loads(data)
         record = logging.makeLogRecord(attrs)
     except Exception as e:
-        say(f"warden: cannot read a worker's log record: {type(e).__name__}: {e}")
+        say(f"warden: cannot read a worker's log record: {type(e).__name__}: {text_of(e)}")
         return
     logger = logging.root if record.name == "root" else logging.getLogger(record.name)
     if logger.isEnabledFor(record.levelno):

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 __all__ = ["RemoteError", "TaskAborted", "TaskInterrupted"]
 
 
@@ -48,11 +50,22 @@ class TaskInterrupted(BaseException):
     collection) runs and the worker exits."""
 
 
+def text_of(value: object, fn: Callable[[object], object] = str) -> str:
+    """``str(value)`` (or ``fn(value)``) for a message, never an error of
+    its own: whatever a broken ``__str__`` or ``__repr__`` raises gives a
+    stand-in, a ``SystemExit`` or ``KeyboardInterrupt`` too (``traceback``
+    takes them so): an error being reported must not become another one.
+    Only a stop of this worker (``TaskInterrupted``) goes through."""
+    try:
+        return str(fn(value))
+    except TaskInterrupted:
+        raise
+    except BaseException:
+        return f"<unprintable {type(value).__name__}>"
+
+
 def short_repr(value: object, limit: int = 200) -> str:
     """``repr(value)`` for a stand-in's message: at most ``limit``
     characters, and never an error of its own."""
-    try:
-        text = repr(value)
-    except Exception:
-        return f"<unprintable {type(value).__name__}>"
+    text = text_of(value, repr)
     return text if len(text) <= limit else f"{text[: limit - 3]}..."

@@ -43,6 +43,7 @@ from typing import Any, Literal
 from . import _finalize, _logging, _native, _oob, _pickle, _warden
 from ._errors import ErrorData
 from ._pickle import dumps_for_spawn, let_go_at_exit, note_main_thread_done
+from ._remote import text_of
 from ._stderr import say, say_exception
 
 #: The worker program: this interpreter, with its flags, running warden._worker.
@@ -402,7 +403,7 @@ def _lost_hook(hook: Callable[[WorkerLost], object], tasks: _LostTasks) -> Calla
             try:
                 record = _loads(lost.record)
             except Exception as e:
-                say(f"warden: cannot unpickle the cleanup record of worker {lost.pid}: {e!r}")
+                say(f"warden: cannot unpickle the cleanup record of worker {lost.pid}: {text_of(e, repr)}")
         exitcode = -lost.signal if lost.signal is not None else lost.exitcode
         task = tasks.take(lost.task) if lost.task is not None else None
         try:

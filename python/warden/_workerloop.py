@@ -56,7 +56,7 @@ from pickle import loads as _loads  # bound at import: a task that patches pickl
 
 from . import _context, _native, _oob, _pickle, _warden
 from ._pickle import BY_REF, dumps, dumps_oob, loads_call
-from ._remote import RemoteError, TaskAborted, TaskInterrupted, short_repr
+from ._remote import RemoteError, TaskAborted, TaskInterrupted, short_repr, text_of
 from ._stderr import say, say_exception
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
@@ -364,10 +364,7 @@ def _type_name(exc: BaseException) -> str:
 
 
 def _text(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:
-        return f"<unprintable {type(exc).__name__}>"
+    return text_of(exc)
 
 
 def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAISED) -> _warden.RemoteFailure:
@@ -441,10 +438,7 @@ def _unpicklable_result(value: Any, why: Exception) -> pickle.PicklingError:
 
 
 def _text_of(fn: Any, obj: Any) -> str:
-    try:
-        return str(fn(obj))
-    except Exception:
-        return f"<unprintable {type(obj).__name__}>"
+    return text_of(obj, fn)
 
 
 def _interrupted() -> _warden.RemoteFailure:

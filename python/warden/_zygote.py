@@ -47,6 +47,7 @@ import weakref
 from pickle import loads as _loads  # bound at import: a task that patches pickle cannot break warden
 
 from . import _warden, _workerloop
+from ._remote import text_of
 from ._stderr import say
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing in the zygote
@@ -286,7 +287,7 @@ def _preload(data: dict[str, Any], watch: _SeedWatch) -> str | None:
         try:
             __import__(name)
         except Exception as e:
-            why = f"{type(e).__name__}: {e}"
+            why = f"{type(e).__name__}: {text_of(e)}"
             say(f"warden: zygote {os.getpid()}: cannot preload {name!r}: {why}")
     if _interpreters() > 1:
         # CPython's fork() of a process with a subinterpreter aborts the
