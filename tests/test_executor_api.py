@@ -1107,6 +1107,65 @@ def test_an_unpicklable_result_whose_repr_raises_system_exit_is_still_a_pickling
     assert ex.submit(square, 3).result(timeout=60) == 9
 
 
+class RefusesToBePickled(Exception):
+    def __reduce__(self):
+        raise SystemExit("no pickle for this error")
+
+
+def raise_refuses_to_be_pickled():
+    raise RefusesToBePickled("cannot rebuild")
+
+
+class RebuiltByRaisingAnErrorThatCannotBePickled:
+    def __reduce__(self):
+        return (raise_refuses_to_be_pickled, ())
+
+
+def return_rebuilt_by_raising_an_error_that_cannot_be_pickled():
+    return RebuiltByRaisingAnErrorThatCannotBePickled()
+
+
+def test_a_result_whose_unpickling_raises_an_error_whose_pickling_raises_system_exit_fails_its_future(ex):
+    # The results thread pickles the error to hand it on: a SystemExit from
+    # that went through, and the future stayed pending for ever.
+    with pytest.raises(warden.RemoteError, match="cannot unpickle the task's result: RefusesToBePickled"):
+        ex.submit(return_rebuilt_by_raising_an_error_that_cannot_be_pickled).result(timeout=60)
+    assert ex.submit(square, 3).result(timeout=60) == 9
+
+
+class PicklesWithAnUnprintableError:
+    def __reduce__(self):
+        raise Unprintable("cannot pickle this", SystemExit)
+
+
+def test_an_argument_whose_pickling_raises_an_error_that_cannot_be_printed_raises_that_error_at_submit(ex):
+    # Noting why cloudpickle failed too read the error's text: the
+    # SystemExit of its __str__ came out of submit().
+    with pytest.raises(Unprintable):
+        ex.submit(square, PicklesWithAnUnprintableError())
+    assert ex.submit(square, 3).result(timeout=60) == 9
+
+
+class NotesThatExit(Exception):
+    @property
+    def __notes__(self):
+        raise SystemExit("reading the notes ended the worker's formatting")
+
+
+def raise_with_notes_that_exit():
+    raise NotesThatExit("the original message")
+
+
+def test_a_task_error_whose_notes_raise_system_exit_still_comes_back_as_itself(ex):
+    caught = None
+    try:
+        ex.submit(raise_with_notes_that_exit).result(timeout=60)
+    except NotesThatExit as e:
+        caught = str(e)
+    assert caught == "the original message"
+    assert ex.submit(square, 3).result(timeout=60) == 9
+
+
 def test_a_done_callback_raising_system_exit_does_not_stop_other_futures(ex):
     f = ex.submit(sleep_then, 0.2, 1)
     f.add_done_callback(lambda _: sys.exit(1))

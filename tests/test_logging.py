@@ -107,6 +107,36 @@ def test_a_log_handler_that_raises_is_reported_and_every_result_still_arrives(pr
     assert "Exception in thread" not in run.stderr, run.stderr[-3000:]
 
 
+RECORD_THAT_EXITS_WHEN_READ = """
+import logging, sys
+import warden
+
+class ExitsWhenUnpickled:
+    def __reduce__(self):
+        return (sys.exit, (3,))
+
+def task(i):
+    logging.getLogger("app").warning("task %d", i, extra={"detail": ExitsWhenUnpickled()})
+    return i
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    with warden.ProcessPoolExecutor(1) as ex:
+        print(sum(ex.submit(task, i).result(timeout=30) for i in range(5)))
+        print(ex.submit(task, 1000).result(timeout=30))
+"""
+
+
+def test_a_log_record_whose_unpickling_raises_system_exit_is_reported_and_every_result_still_arrives(program):
+    # The SystemExit went through the parent's reading of the record and the
+    # results thread's guard (Exception only): the thread ended, the next
+    # task failed with BrokenProcessPool and every later future stayed pending.
+    run = program(RECORD_THAT_EXITS_WHEN_READ).run(timeout=90)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.lines == [str(sum(range(5))), "1000"], run.stderr[-3000:]
+    assert "cannot read a worker's log record: SystemExit" in run.stderr
+
+
 HANDLER_NEEDS_THE_WAITERS_LOCK = """
 import logging, sys, threading, time
 import multiprocessing

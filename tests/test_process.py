@@ -31,6 +31,15 @@ def raise_value_error():
     raise ValueError("from the child")
 
 
+class CannotBePrinted:
+    def __str__(self):
+        raise RuntimeError("no text for this exit code")
+
+
+def exit_with_a_code_that_cannot_be_printed():
+    sys.exit(CannotBePrinted())
+
+
 def sleep_forever(path=None):
     if path is not None:
         write(path, "started\n")
@@ -120,6 +129,9 @@ def test_a_process_named_with_text_that_is_not_utf8_starts_and_keeps_its_name(tm
         (exit_with, (2**31,), 0),
         (exit_with, (-(2**31) - 1,), 255),
         (exit_with, (2**40 + 3,), 3),
+        # Printed, as a code that is not an int is; when that fails, still 1
+        # (it was 0: the child's error report raised, and ended it quietly).
+        (exit_with_a_code_that_cannot_be_printed, (), 1),
     ],
 )
 def test_exit_codes_follow_the_standard_library(target, args, expected):

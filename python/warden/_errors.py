@@ -177,7 +177,7 @@ class ErrorData:
         text = text_of(exc)
         try:
             data = _dumps(exc, protocol=5) if isinstance(exc, Exception) else b""
-        except Exception:
+        except BaseException:  # its __reduce__ may raise anything, SystemExit too
             data = b""
         if not data:
             return cls(ErrorKind.OTHER, f"{context}: {type_name}: {text}")

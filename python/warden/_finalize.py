@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from . import _warden
+from ._remote import text_of
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -43,7 +44,7 @@ _local = threading.local()
 def _label(func: Any) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
     if name is None:
-        return repr(func)
+        return text_of(func, repr)
     module = getattr(func, "__module__", None)
     return f"{module}.{name}" if module and module != "builtins" else name
 
@@ -455,7 +456,7 @@ class ResourceSet(Generic[R]):
                 self._close(member.resource)
                 closed += 1
             except Exception as e:
-                _report(f"{_label(self._close)}({member.resource!r})", e)
+                _report(f"{_label(self._close)}({text_of(member.resource, repr)})", e)
 
     def __iter__(self) -> Iterator[R]:
         with self._lock:

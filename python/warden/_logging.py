@@ -549,14 +549,14 @@ def _handle(data: bytes | memoryview) -> None:
     try:
         attrs = _loads(data)
         record = logging.makeLogRecord(attrs)
-    except Exception as e:
+    except BaseException as e:  # what a record carries may unpickle as anything, SystemExit too
         say(f"warden: cannot read a worker's log record: {type(e).__name__}: {text_of(e)}")
         return
     logger = logging.root if record.name == "root" else logging.getLogger(record.name)
     if logger.isEnabledFor(record.levelno):
         try:
             logger.handle(record)
-        except Exception:
+        except BaseException:
             # A handler or filter of the program's that raises (in the
             # program's own thread, the error would reach its logging call):
             # reported as logging reports a handler's error, and the records

@@ -45,6 +45,7 @@ from pickle import dumps as _dumps  # bound at import: a task that patches pickl
 from pickle import loads as _loads
 
 from . import _oob
+from ._remote import text_of
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
@@ -1015,22 +1016,22 @@ def _neither(plain_error: Exception, cloud_error: Exception) -> Exception:
     error keeps its type (what ``except pickle.PicklingError`` catches under
     the standard library) but says what could not be sent: ``cloudpickle``'s
     message (the lock a lambda captured)."""
-    text = str(plain_error)
+    text = text_of(plain_error)
     by_reference_only = isinstance(plain_error, (pickle.PicklingError, AttributeError)) and any(
         words in text for words in ("attribute lookup", "local object", "Can't get attribute")
     )
     if by_reference_only and not isinstance(cloud_error, pickle.PicklingError):
         try:
-            error = type(plain_error)(str(cloud_error))
+            error = type(plain_error)(text_of(cloud_error))
         except Exception:
             error = None
         if isinstance(error, Exception):
             error.add_note(
                 f"(a {type(cloud_error).__name__} from cloudpickle, sending it by value; the "
-                f"standard pickler could not send it by reference: {plain_error})"
+                f"standard pickler could not send it by reference: {text})"
             )
             return error
-    plain_error.add_note(f"(cloudpickle could not pickle it either: {cloud_error!r})")
+    plain_error.add_note(f"(cloudpickle could not pickle it either: {text_of(cloud_error, repr)})")
     return plain_error
 
 

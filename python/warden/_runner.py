@@ -1252,7 +1252,7 @@ def _deliver_outcomes(
                 # the program's handlers hold them up: see DELIVERY_WAIT).
                 try:
                     _logging.drain(log_listener, _logging.DELIVERY_WAIT)
-                except Exception:  # the results thread must not die of it
+                except BaseException:  # the results thread must not die of it
                     say_exception("warden: reading worker log records failed:\n")
             since_trim += len(batch)
             burst += len(batch)

@@ -379,7 +379,9 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
 
     try:
         tb = "".join(traceback.format_exception(type(exc), exc, frames))
-    except Exception as why:  # a __notes__ or __cause__ that raises when read
+    except TaskInterrupted:
+        raise
+    except BaseException as why:  # a __notes__ or __cause__ that raises when read (SystemExit too)
         unformatted = f"its traceback could not be formatted: {type(why).__name__}: {_text(why)}"
         tb = f"{type_name}: {message}\n({unformatted})\n"
     # Both are for reading (the exception itself goes whole, pickled): a
@@ -456,7 +458,12 @@ def _system_exit_code(e: SystemExit) -> int:
         # As the interpreter passes it to exit(3): a C int, of which the
         # system keeps the low 8 bits (2**31 gives 0, 2**40 + 3 gives 3).
         return (e.code + 2**31) % 2**32 - 2**31
-    sys.stderr.write(str(e.code) + "\n")
+    try:
+        sys.stderr.write(str(e.code) + "\n")
+    except TaskInterrupted:
+        raise
+    except BaseException:
+        pass  # as the interpreter's: a code that cannot be printed is not; it still gives 1
     return 1
 
 

@@ -27,6 +27,7 @@ from ._futures import refuse_pickling, shared_copy
 from ._handles import PoolHandle
 from ._inherit import own_api_only
 from ._pickle import dumps_call, dumps_oob, loads
+from ._remote import text_of
 from ._tasks import chunks, run_chunk
 
 if TYPE_CHECKING:
@@ -1380,7 +1381,7 @@ def _feed_imap(
             # dropped file that was never closed is said. (Not for a pool
             # terminated meanwhile, which would not have run them either, nor
             # for an iterable whose end the feeder had not yet seen.)
-            name = f"{getattr(func, '__qualname__', func)!r}"
+            name = text_of(getattr(func, "__qualname__", func), repr)
             try:
                 warnings.warn(
                     f"an imap of {name} was dropped before its iterable ended: "
