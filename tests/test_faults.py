@@ -444,6 +444,75 @@ def test_a_forked_copy_shuts_its_parents_pools_down_though_a_thread_held_their_l
     assert run.stdout.splitlines() == expected, run.stderr
 
 
+TRACKER_LOCK_HELD_AT_FORK = """
+import faulthandler, os, threading
+import multiprocessing.resource_tracker
+import warden
+
+if __name__ == "__main__":
+    ex = warden.ProcessPoolExecutor(1)  # not started yet: the copy starts its own
+    tracker = multiprocessing.resource_tracker._resource_tracker
+    # A thread of the program starting a pool (every pool's start takes the
+    # resource tracker's lock) when the program forks.
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with tracker._lock:
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:
+        faulthandler.dump_traceback_later(20, exit=True)  # a hang ends the copy with 1
+        with ex:
+            print("copy", ex.submit(abs, -3).result(30), flush=True)
+        os._exit(0)
+    release.set()
+    t.join()
+    _, status = os.waitpid(pid, 0)
+    print("copy exited", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_a_forked_copy_starts_a_pool_though_a_thread_was_starting_one_at_the_fork(program):
+    # The copy inherited the resource tracker's lock held by a thread it
+    # does not have: its first pool waited for it for ever.
+    run = program(TRACKER_LOCK_HELD_AT_FORK).run(timeout=90)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["copy 3", "copy exited 0"], run.stderr
+
+
+SIGNALS_TAKEN_WITH_SIGWAIT = """
+import os, signal, threading
+import warden
+
+if __name__ == "__main__":
+    # A server that takes its stop signals on a thread of its own.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(signal.sigwait({signal.SIGTERM})))
+    waiter.start()
+    with warden.Pool(1) as pool:  # the program's first pool starts the resource tracker
+        print("blocked", sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ())), flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        waiter.join(30)
+        print("sigwait", got == [signal.SIGTERM], pool.apply(abs, (-2,)), flush=True)
+"""
+
+
+def test_starting_a_pool_keeps_the_stop_signals_a_program_blocked_to_take_them_with_sigwait(program):
+    # Starting the standard library's resource tracker unblocks SIGINT and
+    # SIGTERM in the calling thread: the SIGTERM meant for the server's
+    # sigwait() killed it.
+    run = program(SIGNALS_TAKEN_WITH_SIGWAIT).run(timeout=90)
+    assert run.returncode == 0, run.stderr
+    blocked = sorted([int(signal.SIGINT), int(signal.SIGTERM)])
+    assert run.stdout.splitlines() == [f"blocked {blocked}", "sigwait True 2"], run.stderr
+
+
 MP_CHILD_LEAVES_A_POOL_OPEN = """
 import multiprocessing, sys
 import warden

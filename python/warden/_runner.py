@@ -29,6 +29,7 @@ import multiprocessing.spawn
 import multiprocessing.util
 import os
 import re
+import signal
 import stat
 import sys
 import threading
@@ -444,6 +445,10 @@ def resource_tracker_fd() -> int | None:
     tracker = multiprocessing.resource_tracker._resource_tracker  # type: ignore[attr-defined]
     _forget_a_tracker_fd_reused(tracker)
     was = getattr(tracker, "_pid", None)
+    # Starting the tracker unblocks SIGINT and SIGTERM in this thread, what
+    # ever the program had: a server that blocks them to take them with
+    # sigwait() on a thread of its own would be killed by the next SIGTERM.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
         fd = os.dup(multiprocessing.resource_tracker.getfd())
         own = tracker._fd
@@ -451,6 +456,8 @@ def resource_tracker_fd() -> int | None:
         _tracker_pipe = (own, st.st_dev, st.st_ino)
     except Exception:
         return None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     started = getattr(tracker, "_pid", None)
     if started is not None and started != was:
         # Started just now: an interpreter that then sleeps on a pipe. At the
@@ -1223,6 +1230,10 @@ def _renew_locks_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_renew_locks_after_fork)
+# Every pool's start takes the tracker's lock (resource_tracker_fd): a fork
+# meanwhile, on another thread, left it held in the copy for good, and the
+# copy's next pool (or submit) waited for it for ever.
+renew_locks_after_fork(multiprocessing.resource_tracker._resource_tracker, "_lock")  # type: ignore[attr-defined]
 
 
 def _deliver_outcomes(
