@@ -1348,7 +1348,7 @@ import os, sys, time, warden
 def finalizer():
     with open(os.environ["OUT"], "a") as f:
         f.write("finalizer began\\n")
-    for _ in range(60):  # 3 s of its own running time: a freeze does not count
+    for _ in range(40):  # 2 s of its own running time: a freeze does not count
         time.sleep(0.05)
     with open(os.environ["OUT"], "a") as f:
         f.write("finalizer done\\n")

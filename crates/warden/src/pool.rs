@@ -1046,10 +1046,10 @@ impl Pool {
                 None => plan.cutoff.and_then(|c| c.checked_add(self.grace * 2 + STOP_SLACK)),
             };
             let wake = earliest(act_at, until);
-            // In steps of at most a second, so that a freeze is measured
-            // to within one (below).
-            let gap = crate::supervisor::NOT_RUNNING_GAP;
-            let asked = wake.map_or(gap, |w| w.saturating_duration_since(Instant::now()).min(gap));
+            // In short steps: a freeze is measured by how late a wait
+            // comes back (below), to within one step.
+            let step = crate::supervisor::FREEZE_STEP;
+            let asked = wake.map_or(step, |w| w.saturating_duration_since(Instant::now()).min(step));
             let waited = Instant::now();
             if self.shared.wait_done(Some(asked)) {
                 // Every worker is reaped; what may be left are
@@ -1059,16 +1059,21 @@ impl Pool {
                 return self.wait_lost_hooks(until).then(|| self.shared.finished_by(plan.cutoff));
             }
             let now = Instant::now();
-            let wait = now.duration_since(waited);
-            if wait.saturating_sub(asked) > gap {
-                // This process was not running for about that wait (frozen
+            if now.duration_since(waited).saturating_sub(asked) > crate::supervisor::NOT_RUNNING_GAP {
+                // This process was not running for about that long (frozen
                 // with its workers by a cgroup freezer, `docker pause`):
                 // the workers' grace periods are their own running time,
-                // and the ladder's cutoff moves out by the wait, as the
-                // supervisor's deadlines do. (A caller's own `until` stays.)
+                // and the ladder's cutoff moves out by the lateness, as the
+                // supervisor's deadlines do; the part of that time another
+                // waiter counted already counts once. (A caller's own
+                // `until` stays.)
+                let due = waited + asked;
                 let mut stop = lock(&self.shared.stop);
+                let from = stop.frozen_to.map_or(due, |f| f.max(due));
+                let late = now.saturating_duration_since(from);
                 if stop.killed_at.is_none() {
-                    stop.cutoff = stop.cutoff.map(|c| c.checked_add(wait).unwrap_or(c));
+                    stop.cutoff = stop.cutoff.map(|c| c.checked_add(late).unwrap_or(c));
+                    stop.frozen_to = Some(now);
                 }
                 drop(stop);
                 if until.is_some_and(|u| now >= u) {

@@ -212,6 +212,9 @@ pub(crate) struct StopPlan {
     pub cutoff: Option<Instant>,
     /// When a caller escalated to SIGKILL.
     pub killed_at: Option<Instant>,
+    /// The end of the last freeze the cutoff was moved out for: callers
+    /// waiting together each see the same freeze, which counts once.
+    pub frozen_to: Option<Instant>,
 }
 
 impl SupervisorLink {

@@ -97,12 +97,17 @@ const BY_PID_CHECK: Duration = Duration::from_millis(50);
 /// How much later than asked a poll may return before the supervisor takes
 /// it that it was not running meanwhile (frozen with its workers by a
 /// cgroup freezer, `docker pause`, or stopped): the workers' grace periods
-/// and start deadlines are then pushed out by the whole wait (see
-/// [`Supervisor::not_running_for`]). It is also the longest wait while any
-/// of those deadlines runs: when the freeze began within a wait is not
-/// known, so a deadline moves out by at most this much more than the
-/// freeze lasted, and never by less.
+/// and start deadlines are then pushed out by the lateness (see
+/// [`Supervisor::not_running_for`]).
 pub(crate) const NOT_RUNNING_GAP: Duration = Duration::from_secs(1);
+
+/// The longest wait while a grace period or start deadline runs. The part
+/// of a wait before a freeze began is not known, and counts as time run:
+/// a deadline moves out by at most this much less than the freeze lasted.
+/// Never by more: each wait brings a deadline closer by what it was asked
+/// to wait, so a program stopped again and again while its workers run
+/// still reaches its deadlines.
+pub(crate) const FREEZE_STEP: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PoolPhase {
@@ -273,7 +278,7 @@ impl Supervisor {
                 timeout = timeout.min(BY_PID_CHECK);
             }
             if self.workers.values().any(|w| w.deadline.is_some() || w.unreachable_until.is_some()) {
-                timeout = timeout.min(NOT_RUNNING_GAP);
+                timeout = timeout.min(FREEZE_STEP);
             }
             // Only a wait this long that ends with nothing to do looks at the
             // pidfds for closed ones (one system call per worker): never while
@@ -281,9 +286,9 @@ impl Supervisor {
             let long_wait = timeout == POLL_MAX_WAIT;
             let polled = Instant::now();
             let result = self.poll.poll(&mut events, Some(timeout));
-            let waited = polled.elapsed();
-            if waited.saturating_sub(timeout) > NOT_RUNNING_GAP {
-                self.not_running_for(waited);
+            let late = polled.elapsed().saturating_sub(timeout);
+            if late > NOT_RUNNING_GAP {
+                self.not_running_for(late);
             }
             if let Err(e) = result {
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -376,10 +381,8 @@ impl Supervisor {
         tracing::debug!(pool = %self.cfg.name, "supervisor finished");
     }
 
-    /// The supervisor was not running for about `gap`, its whole last wait
-    /// (which ended more than [`NOT_RUNNING_GAP`] later than asked; the
-    /// freeze may have begun anywhere in it, and a deadline is better late
-    /// by part of a wait than early by it): most likely frozen together with its
+    /// The supervisor was not running for about `gap` (its poll returned
+    /// that much later than asked): most likely frozen together with its
     /// workers (a cgroup freezer, `docker pause`), which did not run either.
     /// The time a worker has to start, or to go through its exit path, is
     /// its own running time: those deadlines are pushed out by the gap, so

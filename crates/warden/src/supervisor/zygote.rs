@@ -55,7 +55,7 @@ pub(super) struct Inherited {
     limits: Vec<(Option<u64>, Option<u64>)>,
 }
 
-/// The `/proc/self/status` fields [`Inherited`] compares.
+/// The `/proc/thread-self/status` fields [`Inherited`] compares.
 const INHERITED_FIELDS: [&[u8]; 11] = [
     b"Umask:",
     b"Uid:",
@@ -91,10 +91,12 @@ const LIMITS: [Resource; 16] = [
 ];
 
 impl Inherited {
-    /// What this process has now; `None` where `/proc` cannot be read
-    /// (then nothing is compared).
+    /// What a process started by the calling thread (the supervisor's)
+    /// would get now: the thread's own status, since capabilities,
+    /// `no_new_privs` and seccomp are per thread. `None` where `/proc`
+    /// cannot be read (then nothing is compared).
     pub(super) fn now() -> Option<Inherited> {
-        let whole = std::fs::read("/proc/self/status").ok()?;
+        let whole = std::fs::read("/proc/thread-self/status").ok()?;
         let mut status = Vec::with_capacity(512);
         for line in whole.split(|&b| b == b'\n') {
             if INHERITED_FIELDS.iter().any(|field| line.starts_with(field)) {
@@ -200,7 +202,7 @@ impl Supervisor {
         if !zygote.ready {
             return if self.zygote_first { NextStart::Wait } else { NextStart::Exec };
         }
-        if inherited.is_some() && Inherited::now() != *inherited {
+        if inherited.as_ref().is_some_and(|then| Inherited::now().is_some_and(|now| now != *then)) {
             // A fork would start this worker with the credentials, umask
             // or limits of when the zygote started: this one starts by
             // exec, with the program's own, and a new zygote is prepared
