@@ -397,6 +397,7 @@ def test_a_worker_that_segfaults_writes_the_python_traceback_of_the_crash_to_std
 
 LOCKS_HELD_AT_FORK = """
 import faulthandler, os, threading
+import multiprocessing.resource_tracker
 import warden
 
 if __name__ == "__main__":
@@ -404,11 +405,13 @@ if __name__ == "__main__":
     pool = warden.Pool(1)
     print("parent", ex.submit(abs, -1).result(30), pool.apply(abs, (-1,)), flush=True)
     # A thread of the program in the middle of a call on each (a submit, an
-    # imap starting), as at a fork of a busy program.
+    # imap starting), and of a pool's start (which takes the resource
+    # tracker's lock), as at a fork of a busy program.
+    tracker = multiprocessing.resource_tracker._resource_tracker
     held, release = threading.Event(), threading.Event()
 
     def hold():
-        with ex._lock, pool._feeders_lock:
+        with ex._lock, pool._feeders_lock, tracker._lock:
             held.set()
             release.wait()
 
@@ -423,6 +426,8 @@ if __name__ == "__main__":
         pool.join()
         pool.terminate()
         print("copy shut down", flush=True)
+        with warden.ProcessPoolExecutor(1) as own:
+            print("copy's own pool", own.submit(abs, -4).result(30), flush=True)
         os._exit(0)
     release.set()
     t.join()
@@ -434,55 +439,18 @@ if __name__ == "__main__":
 """
 
 
-def test_a_forked_copy_shuts_its_parents_pools_down_though_a_thread_held_their_locks_at_the_fork(program):
+def test_a_forked_copy_shuts_its_parents_pools_and_starts_its_own_though_a_thread_held_their_locks_at_fork(
+    program,
+):
     """A thread of the original in the middle of a call on a pool when the
     program forks holds that pool's lock in the copy for ever: the copy's
-    ``shutdown()`` or ``close()`` waited on it. The copy makes them anew."""
+    ``shutdown()`` or ``close()`` waited on it. So with the resource
+    tracker's lock, which every pool's start takes: the copy's own first
+    pool waited on it. The copy makes them anew."""
     run = program(LOCKS_HELD_AT_FORK).run(timeout=90)
     assert run.returncode == 0, run.stderr
-    expected = ["parent 1 1", "copy shut down", "copy exited 0", "parent 2 3"]
+    expected = ["parent 1 1", "copy shut down", "copy's own pool 4", "copy exited 0", "parent 2 3"]
     assert run.stdout.splitlines() == expected, run.stderr
-
-
-TRACKER_LOCK_HELD_AT_FORK = """
-import faulthandler, os, threading
-import multiprocessing.resource_tracker
-import warden
-
-if __name__ == "__main__":
-    ex = warden.ProcessPoolExecutor(1)  # not started yet: the copy starts its own
-    tracker = multiprocessing.resource_tracker._resource_tracker
-    # A thread of the program starting a pool (every pool's start takes the
-    # resource tracker's lock) when the program forks.
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with tracker._lock:
-            held.set()
-            release.wait()
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait()
-    pid = os.fork()
-    if pid == 0:
-        faulthandler.dump_traceback_later(20, exit=True)  # a hang ends the copy with 1
-        with ex:
-            print("copy", ex.submit(abs, -3).result(30), flush=True)
-        os._exit(0)
-    release.set()
-    t.join()
-    _, status = os.waitpid(pid, 0)
-    print("copy exited", os.waitstatus_to_exitcode(status), flush=True)
-"""
-
-
-def test_a_forked_copy_starts_a_pool_though_a_thread_was_starting_one_at_the_fork(program):
-    # The copy inherited the resource tracker's lock held by a thread it
-    # does not have: its first pool waited for it for ever.
-    run = program(TRACKER_LOCK_HELD_AT_FORK).run(timeout=90)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["copy 3", "copy exited 0"], run.stderr
 
 
 SIGNALS_TAKEN_WITH_SIGWAIT = """
