@@ -453,6 +453,59 @@ def test_a_forked_copy_shuts_its_parents_pools_and_starts_its_own_though_a_threa
     assert run.stdout.splitlines() == expected, run.stderr
 
 
+STOPPED_WHILE_A_NESTED_POOL_PICKLES_AN_ERROR = """
+import os, time
+import warden
+
+def mark(what):
+    with open(os.environ["OUT"], "a") as f:
+        f.write(what + "\\n")
+
+class SlowToPickle(Exception):
+    def __reduce__(self):  # the nested pool pickles the error to hand it on: the stop lands here
+        mark("pickling the error")
+        for _ in range(80):
+            time.sleep(0.05)
+        raise RuntimeError("cannot pickle this either")
+
+class Unpicklable:
+    def __reduce__(self):
+        raise SlowToPickle("cannot pickle Unpicklable")
+
+def task():
+    inner = warden.Pool(1)
+    try:
+        inner.apply_async(abs, (Unpicklable(),))
+        mark("the stop was lost")
+        time.sleep(30)
+    except warden.TaskInterrupted:
+        mark("stopped")
+        raise
+    finally:
+        inner.terminate()
+
+if __name__ == "__main__":
+    pool = warden.Pool(1)
+    pool.apply_async(task)
+    out = os.environ["OUT"]
+    while "pickling the error" not in (open(out).read() if os.path.exists(out) else ""):
+        time.sleep(0.05)
+    pool.terminate()
+    pool.join()
+"""
+
+
+def test_a_stop_that_lands_while_a_nested_pool_pickles_an_argument_error_stops_the_task(program):
+    # The nested pool's error handling caught BaseException around pickling
+    # the error: the worker's TaskInterrupted went with it, and the task ran
+    # on until the exit path ran beside it.
+    prog = program(STOPPED_WHILE_A_NESTED_POOL_PICKLES_AN_ERROR)
+    run = prog.run(timeout=90)
+    assert run.returncode == 0, run.stderr
+    assert prog.out_lines() == ["pickling the error", "stopped"], run.stderr
+    assert "its exit path runs beside it" not in run.stderr
+
+
 SIGNALS_TAKEN_WITH_SIGWAIT = """
 import os, signal, threading
 import warden

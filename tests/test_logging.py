@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import textwrap
+import threading
 
 import pytest
 
 import warden
+from warden import _logging
 
 PROGRAM = """
 import logging, os, sys
@@ -135,6 +137,67 @@ def test_a_log_record_whose_unpickling_raises_system_exit_is_reported_and_every_
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.lines == [str(sum(range(5))), "1000"], run.stderr[-3000:]
     assert "cannot read a worker's log record: SystemExit" in run.stderr
+
+
+EXTRA_THAT_EXITS_WHEN_PICKLED = """
+import logging, sys
+import warden
+
+class ExitsWhenPickled:
+    def __reduce__(self):
+        raise SystemExit("no pickle for this")
+
+    def __repr__(self):
+        return "<the task's own detail>"
+
+def task(i):
+    logging.getLogger("app").warning("task %d", i, extra={"detail": ExitsWhenPickled()})
+    return i
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s %(detail)s")
+    with warden.ProcessPoolExecutor(1) as ex:
+        print(ex.submit(task, 7).result(timeout=30))
+"""
+
+
+def test_a_log_extra_whose_pickling_raises_system_exit_is_sent_as_its_repr_and_the_task_goes_on(program):
+    # The worker's forwarding caught Exception only: the SystemExit came out
+    # of the task's logging call, and the task failed with TaskAborted.
+    run = program(EXTRA_THAT_EXITS_WHEN_PICKLED).run(timeout=90)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.lines == ["7"], run.stderr[-3000:]
+    assert "task 7 <the task's own detail>" in run.stderr
+
+
+class InterruptedWhileEmitting(logging.Handler):
+    """A handler that a Ctrl-C interrupts (a slow sink, a lock)."""
+
+    def emit(self, record):
+        raise KeyboardInterrupt
+
+
+def test_a_ctrl_c_while_the_main_thread_handles_a_worker_record_reaches_the_program(capfd):
+    # Records are handled on the calling thread while a pool is joined: a
+    # Ctrl-C there was taken for the handler's bug, reported, and lost.
+    # On another thread it is the record's trouble: reported, and the
+    # records after it go on.
+    logger = logging.getLogger("warden-test-interrupted")
+    handler = InterruptedWhileEmitting()
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        data = _logging.encode(logging.LogRecord(logger.name, logging.WARNING, __file__, 1, "hi", None, None))
+        with pytest.raises(KeyboardInterrupt):
+            _logging._handle(data)
+        thread = threading.Thread(target=_logging._handle, args=(data,))
+        thread.start()
+        thread.join(30)
+    finally:
+        logger.removeHandler(handler)
+    err = capfd.readouterr().err
+    assert "a log handler raised" in err
+    assert "Exception in thread" not in err
 
 
 HANDLER_NEEDS_THE_WAITERS_LOCK = """

@@ -177,6 +177,8 @@ class ErrorData:
         text = text_of(exc)
         try:
             data = _dumps(exc, protocol=5) if isinstance(exc, Exception) else b""
+        except TaskInterrupted:
+            raise  # a worker's stop (a nested pool's call), not the error's
         except BaseException:  # its __reduce__ may raise anything, SystemExit too
             data = b""
         if not data:

@@ -61,7 +61,7 @@ from pickle import loads as _loads
 from typing import Any
 
 from . import _native
-from ._remote import text_of
+from ._remote import TaskInterrupted, text_of
 from ._stderr import say, say_exception
 
 #: Seconds a worker waits to hand a record over before writing it to its stderr.
@@ -544,19 +544,32 @@ def parent_levels() -> dict[str, int]:
     return levels
 
 
+def _stops_the_caller(e: BaseException) -> bool:
+    """Whether ``e``, raised while a record is handled, is the caller's and
+    not the record's: a worker's stop, or a Ctrl-C on the main thread
+    (records are handled there while a pool is joined)."""
+    return isinstance(e, TaskInterrupted) or (
+        isinstance(e, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
+    )
+
+
 def _handle(data: bytes | memoryview) -> None:
     """In the parent: one record, by the logger of its name."""
     try:
         attrs = _loads(data)
         record = logging.makeLogRecord(attrs)
     except BaseException as e:  # what a record carries may unpickle as anything, SystemExit too
+        if _stops_the_caller(e):
+            raise
         say(f"warden: cannot read a worker's log record: {type(e).__name__}: {text_of(e)}")
         return
     logger = logging.root if record.name == "root" else logging.getLogger(record.name)
     if logger.isEnabledFor(record.levelno):
         try:
             logger.handle(record)
-        except BaseException:
+        except BaseException as e:
+            if _stops_the_caller(e):
+                raise
             # A handler or filter of the program's that raises (in the
             # program's own thread, the error would reach its logging call):
             # reported as logging reports a handler's error, and the records
@@ -588,15 +601,19 @@ def encode(record: logging.LogRecord) -> bytes:
     attrs["stack_info"] = _cut_middle(attrs.get("stack_info"), MAX_MESSAGE)
     try:
         return _dumps(attrs, protocol=5)
-    except Exception:
+    except TaskInterrupted:
+        raise
+    except BaseException:  # a __reduce__ may raise anything, SystemExit too: not the logging call's
         # An attribute added with ``extra=`` that does not pickle: send its repr.
         safe = {}
         for key, value in attrs.items():
             try:
                 _dumps(value, protocol=5)
                 safe[key] = value
-            except Exception:
-                safe[key] = repr(value)
+            except TaskInterrupted:
+                raise
+            except BaseException:
+                safe[key] = text_of(value, repr)
         return _dumps(safe, protocol=5)
 
 

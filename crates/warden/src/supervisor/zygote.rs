@@ -55,7 +55,7 @@ pub(super) struct Inherited {
     limits: Vec<(Option<u64>, Option<u64>)>,
 }
 
-/// The `/proc/thread-self/status` fields [`Inherited`] compares.
+/// The fields of the thread's `status` in `/proc` that [`Inherited`] compares.
 const INHERITED_FIELDS: [&[u8]; 11] = [
     b"Umask:",
     b"Uid:",
@@ -96,7 +96,9 @@ impl Inherited {
     /// `no_new_privs` and seccomp are per thread. `None` where `/proc`
     /// cannot be read (then nothing is compared).
     pub(super) fn now() -> Option<Inherited> {
-        let whole = std::fs::read("/proc/thread-self/status").ok()?;
+        // (`/proc/thread-self` is this path from Linux 3.17 on.)
+        let path = format!("/proc/self/task/{}/status", rustix::thread::gettid().as_raw_nonzero());
+        let whole = std::fs::read(path).ok()?;
         let mut status = Vec::with_capacity(512);
         for line in whole.split(|&b| b == b'\n') {
             if INHERITED_FIELDS.iter().any(|field| line.starts_with(field)) {
