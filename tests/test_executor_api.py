@@ -1055,13 +1055,18 @@ def raise_unprintable():
     raise Unprintable("cannot rebuild")
 
 
-class RebuiltByRaisingAnUnprintableError:
+class RebuiltByRaising:
+    """A result whose unpickling, in the parent, calls ``raising``."""
+
+    def __init__(self, raising):
+        self.raising = raising
+
     def __reduce__(self):
-        return (raise_unprintable, ())
+        return (self.raising, ())
 
 
-def return_rebuilt_by_raising_an_unprintable_error():
-    return RebuiltByRaisingAnUnprintableError()
+def return_rebuilt_by_raising(raising):
+    return RebuiltByRaising(raising)
 
 
 def raise_unprintable_with(what):
@@ -1085,7 +1090,7 @@ def test_a_result_whose_unpickling_raises_an_error_that_cannot_be_printed_still_
     # future was never finished, and result() waited for ever.
     others = [ex.submit(sleep_then, 0.1, i) for i in range(4)]
     with pytest.raises(Unprintable):
-        ex.submit(return_rebuilt_by_raising_an_unprintable_error).result(timeout=60)
+        ex.submit(return_rebuilt_by_raising, raise_unprintable).result(timeout=60)
     assert [f.result(timeout=60) for f in others] == list(range(4))
     assert ex.submit(square, 3).result(timeout=60) == 9
 
@@ -1116,20 +1121,11 @@ def raise_refuses_to_be_pickled():
     raise RefusesToBePickled("cannot rebuild")
 
 
-class RebuiltByRaisingAnErrorThatCannotBePickled:
-    def __reduce__(self):
-        return (raise_refuses_to_be_pickled, ())
-
-
-def return_rebuilt_by_raising_an_error_that_cannot_be_pickled():
-    return RebuiltByRaisingAnErrorThatCannotBePickled()
-
-
 def test_a_result_whose_unpickling_raises_an_error_whose_pickling_raises_system_exit_fails_its_future(ex):
     # The results thread pickles the error to hand it on: a SystemExit from
     # that went through, and the future stayed pending for ever.
     with pytest.raises(warden.RemoteError, match="cannot unpickle the task's result: RefusesToBePickled"):
-        ex.submit(return_rebuilt_by_raising_an_error_that_cannot_be_pickled).result(timeout=60)
+        ex.submit(return_rebuilt_by_raising, raise_refuses_to_be_pickled).result(timeout=60)
     assert ex.submit(square, 3).result(timeout=60) == 9
 
 

@@ -363,15 +363,11 @@ def _type_name(exc: BaseException) -> str:
     return f"{module}.{t.__qualname__}"
 
 
-def _text(exc: BaseException) -> str:
-    return text_of(exc)
-
-
 def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAISED) -> _warden.RemoteFailure:
     """A failed task as the core reports it: the exception pickled if it
     pickles, else a stand-in."""
     type_name = _type_name(exc)
-    message = _text(exc)
+    message = text_of(exc)
     frames = exc.__traceback__
     if frames is not None and frames.tb_frame.f_code.co_filename == __file__:
         frames = frames.tb_next  # the worker's own frame is noise to the user
@@ -382,7 +378,7 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
     except TaskInterrupted:
         raise
     except BaseException as why:  # a __notes__ or __cause__ that raises when read (SystemExit too)
-        unformatted = f"its traceback could not be formatted: {type(why).__name__}: {_text(why)}"
+        unformatted = f"its traceback could not be formatted: {type(why).__name__}: {text_of(why)}"
         tb = f"{type_name}: {message}\n({unformatted})\n"
     # Both are for reading (the exception itself goes whole, pickled): a
     # message of 100 MB would otherwise travel three times. A traceback keeps
@@ -399,7 +395,7 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
         except BaseException as why:  # its __reduce__ may raise anything
             stand_in = RemoteError(
                 f"task raised {type_name}: {message} (the exception could not be pickled: "
-                f"{type(why).__name__}: {_text(why)})",
+                f"{type(why).__name__}: {text_of(why)})",
                 type_name,
                 message,
             )
@@ -432,15 +428,11 @@ def _unpicklable_result(value: Any, why: Exception) -> pickle.PicklingError:
     repr of a result too big to send would make the error too big to send."""
     error = pickle.PicklingError(
         f"cannot pickle the task's result of type {type(value).__qualname__}: "
-        f"{type(why).__name__}: {_cut(_text_of(str, why))}"
+        f"{type(why).__name__}: {_cut(text_of(why))}"
     )
-    error.result_repr = _cut(_text_of(repr, value))  # type: ignore[attr-defined]
-    error.reason_repr = _cut(_text_of(repr, why))  # type: ignore[attr-defined]
+    error.result_repr = _cut(text_of(value, repr))  # type: ignore[attr-defined]
+    error.reason_repr = _cut(text_of(why, repr))  # type: ignore[attr-defined]
     return error
-
-
-def _text_of(fn: Any, obj: Any) -> str:
-    return text_of(obj, fn)
 
 
 def _interrupted() -> _warden.RemoteFailure:
@@ -976,7 +968,7 @@ class Handler:
             try:
                 context.__exit__(None, None, None)
             except BaseException as e:
-                errors.append(f"worker_context exit raised {_type_name(e)}: {_text(e)}")
+                errors.append(f"worker_context exit raised {_type_name(e)}: {text_of(e)}")
                 say_exception()
             _context._clear()
         finalizer = self.hooks.get("finalizer")
@@ -984,7 +976,7 @@ class Handler:
             try:
                 finalizer(*self.hooks.get("finalargs", ()))
             except BaseException as e:
-                errors.append(f"finalizer raised {_type_name(e)}: {_text(e)}")
+                errors.append(f"finalizer raised {_type_name(e)}: {text_of(e)}")
                 say_exception(f"warden: worker {os.getpid()}: exception in finalizer:\n")
         self.hooks = {}
         return errors
@@ -1011,7 +1003,7 @@ class Handler:
             _cuttable(gc.collect)
         except BaseException as e:
             if not isinstance(e, _ExitWaitEnded):
-                errors.append(f"garbage collection raised {_type_name(e)}: {_text(e)}")
+                errors.append(f"garbage collection raised {_type_name(e)}: {text_of(e)}")
         try:
             # warden's own handler is among them (registered when warden was
             # imported, so it runs after those registered since): it shuts down
@@ -1019,7 +1011,7 @@ class Handler:
             _cuttable(atexit._run_exitfuncs)
         except BaseException as e:
             if not isinstance(e, _ExitWaitEnded):
-                errors.append(f"atexit raised {_type_name(e)}: {_text(e)}")
+                errors.append(f"atexit raised {_type_name(e)}: {text_of(e)}")
         self.may_cut_short = False
         self.last_seen = None
         try:
@@ -1029,11 +1021,11 @@ class Handler:
             if finalizers is not None:
                 finalizers.run_exit_callbacks()
         except BaseException as e:
-            errors.append(f"exit callbacks raised {_type_name(e)}: {_text(e)}")
+            errors.append(f"exit callbacks raised {_type_name(e)}: {text_of(e)}")
         try:
             _clear_program_globals()
         except BaseException as e:
-            errors.append(f"clearing the program's globals raised {_type_name(e)}: {_text(e)}")
+            errors.append(f"clearing the program's globals raised {_type_name(e)}: {text_of(e)}")
         _stop_resource_tracker()
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)
@@ -1049,7 +1041,7 @@ class Handler:
                 if name == "stdout":
                     say(
                         f"warden: worker {os.getpid()}: what it printed was lost, flushing stdout raised "
-                        f"{_type_name(e)}: {_text(e)}"
+                        f"{_type_name(e)}: {text_of(e)}"
                     )
 
 
