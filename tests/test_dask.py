@@ -117,6 +117,35 @@ def test_finalizers_run_on_client_restart_and_new_pools_start(tmp_path):
         ex.shutdown()
 
 
+def pool_pids(name: str, dask_worker: distributed.Worker) -> frozenset[int]:
+    return frozenset(wdask.pool(name, dask_worker)._processes)
+
+
+def test_dask_workers_sharing_one_process_each_keep_a_pool_of_their_own(tmp_path):
+    """``LocalCluster(processes=False)``: two Dask workers in this process.
+    Each gets its own pool, as many processes as its threads (before, the
+    second worker's setup replaced and stopped the first's pool), and
+    retiring one stops its pool alone: the other's calls go on (before, its
+    pool was gone with the first and every call failed with "no warden pool")."""
+    path = tmp_path / "exits"
+    options = {"n_workers": 2, "threads_per_worker": 2, "processes": False, "dashboard_address": None}
+    with distributed.LocalCluster(**options) as c, distributed.Client(c, timeout=60) as cl:
+        ex = wdask.Executor(cl, finalizer=record_exit, finalargs=(str(path),))
+        try:
+            assert ex.submit(square, 2).result(timeout=60) == 4
+            by_worker = cl.run(pool_pids, ex.name)
+            assert len(by_worker) == 2 and all(len(p) == 2 for p in by_worker.values()), by_worker
+            first, second = sorted(by_worker)
+            assert by_worker[first].isdisjoint(by_worker[second])
+            cl.retire_workers([first])
+            assert wait_until(lambda: {w for _, w in exits(path)} == by_worker[first], timeout=30)
+            assert list(ex.map(square, range(6), timeout=60)) == [x * x for x in range(6)]
+            assert cl.run(pool_pids, ex.name) == {second: by_worker[second]}
+        finally:
+            ex.shutdown()
+    assert {w for _, w in exits(path)} == by_worker[first] | by_worker[second]
+
+
 DOCS_EXAMPLE = """
 import sys
 from distributed import Client, LocalCluster

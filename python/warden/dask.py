@@ -47,16 +47,32 @@ from .executor import ProcessPoolExecutor
 
 __all__ = ["Executor", "WardenPlugin", "pool"]
 
-#: The warden pools of this Dask worker process, by plugin name.
-_pools: dict[str, ProcessPoolExecutor] = {}
+#: The warden pools in this process, by (Dask worker id, plugin name): a
+#: process may host more than one Dask worker (``LocalCluster(processes=False)``),
+#: each with pools of its own.
+_pools: dict[tuple[str, str], ProcessPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
-def pool(name: str = "warden") -> ProcessPoolExecutor:
-    """The warden pool that the plugin ``name`` started in this Dask worker
-    (for a task that wants to submit to it directly)."""
+def _found(name: str, dask_worker: distributed.Worker | None) -> ProcessPoolExecutor | None:
+    """The pool ``name`` of ``dask_worker``, else of the Dask worker running
+    this task; outside a task, the one pool of that name in this process."""
+    try:
+        worker = dask_worker if dask_worker is not None else distributed.get_worker()
+    except ValueError:
+        with _pools_lock:
+            found = [ex for (_, n), ex in _pools.items() if n == name]
+        return found[0] if len(found) == 1 else None
     with _pools_lock:
-        found = _pools.get(name)
+        return _pools.get((worker.id, name))
+
+
+def pool(name: str = "warden", dask_worker: distributed.Worker | None = None) -> ProcessPoolExecutor:
+    """The warden pool that the plugin ``name`` started in this Dask worker
+    (for a task that wants to submit to it directly). In a Dask task the
+    Dask worker is the one running it; elsewhere (``client.run``) pass it as
+    ``dask_worker``, or it is the only one in this process with that pool."""
+    found = _found(name, dask_worker)
     if found is None:
         raise RuntimeError(
             f"no warden pool {name!r} on this Dask worker (pid {os.getpid()}): register "
@@ -95,7 +111,7 @@ class WardenPlugin(distributed.WorkerPlugin):
         self.teardown_timeout = teardown_timeout
         self.pool_options = pool_options
 
-    def _start(self, nthreads: int) -> None:
+    def _start(self, worker_id: str, nthreads: int) -> None:
         ex = ProcessPoolExecutor(self.max_workers or nthreads, **self.pool_options)
         try:
             # Every worker starts with the first call (os.getpid: nothing to import).
@@ -104,19 +120,19 @@ class WardenPlugin(distributed.WorkerPlugin):
             ex.shutdown(wait=False, cancel_futures=True)
             raise
         with _pools_lock:
-            old = _pools.pop(self.name, None)
-            _pools[self.name] = ex
+            old = _pools.pop((worker_id, self.name), None)
+            _pools[(worker_id, self.name)] = ex
         if old is not None:
             _stop(old, self.teardown_timeout)
 
     async def setup(self, worker: distributed.Worker) -> None:
         """Starts this Dask worker's pool (off the worker's event loop)."""
-        await asyncio.get_running_loop().run_in_executor(None, self._start, worker.state.nthreads)
+        await asyncio.get_running_loop().run_in_executor(None, self._start, worker.id, worker.state.nthreads)
 
     async def teardown(self, worker: distributed.Worker) -> None:
         """Shuts this Dask worker's pool down; its finalizers run."""
         with _pools_lock:
-            ex = _pools.pop(self.name, None)
+            ex = _pools.pop((worker.id, self.name), None)
         if ex is not None:
             await asyncio.get_running_loop().run_in_executor(None, _stop, ex, self.teardown_timeout)
 
@@ -131,10 +147,10 @@ def _stop(ex: ProcessPoolExecutor, timeout: float) -> None:
         ex.terminate_workers()
 
 
-def has_pool(name: str) -> bool:
-    """Whether this Dask worker has the warden pool ``name`` (for ``client.run``)."""
-    with _pools_lock:
-        return name in _pools
+def has_pool(name: str, dask_worker: distributed.Worker | None = None) -> bool:
+    """Whether this Dask worker has the warden pool ``name`` (for
+    ``client.run``, which passes ``dask_worker``)."""
+    return _found(name, dask_worker) is not None
 
 
 def _call_in_pool(name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
