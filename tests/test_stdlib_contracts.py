@@ -1003,6 +1003,59 @@ def test_process_start_drops_its_references_to_target_args_and_kwargs(impl):
 # -- workers as the standard library starts them -------------------------------
 
 
+@pytest.mark.parametrize(("impl", "start"), [("warden", "zygote"), ("warden", "exec"), ("stdlib", "")])
+def test_a_task_can_name_the_submodules_a_standard_library_worker_has_imported(program, impl, start):
+    """A standard library worker has imported ``concurrent.futures.process``
+    and ``multiprocessing.pool``, ``connection``, ``queues`` and
+    ``synchronize`` for its own use, so a task can name them after a bare
+    ``import multiprocessing, concurrent.futures`` (the program of a known
+    report raises ``concurrent.futures.process._RemoteTraceback`` in its
+    tasks). A warden worker imports each when first named: without that, an
+    ``AttributeError``."""
+    prog = user_program(
+        program,
+        """
+        def fun(arg):
+            raise concurrent.futures.process._RemoteTraceback(f"error {arg}")
+
+        def names(in_a_pool):
+            if in_a_pool:  # (an executor's worker has not imported multiprocessing.pool)
+                with multiprocessing.pool.ThreadPool(2) as threads:
+                    assert threads.map(lambda x: 2 * x, [1, 2]) == [2, 4]
+            return [
+                multiprocessing.connection.wait([], 0),
+                multiprocessing.queues.SimpleQueue.__name__,
+                multiprocessing.synchronize.Lock.__name__,
+            ]
+
+        def missing(_):
+            return multiprocessing.no_such_name
+
+        if __name__ == "__main__":
+            with Executor(1) as ex:
+                try:
+                    ex.submit(fun, 1).result(timeout=60)
+                except Exception as e:
+                    note(f"{type(e).__name__}: {e}")
+                note(ex.submit(names, False).result(timeout=60))
+            with Pool(1) as pool:
+                note(pool.apply(names, (True,)))
+                try:
+                    pool.apply(missing, (0,))
+                except AttributeError as e:
+                    note(e)
+        """,
+    )
+    run = prog.run(timeout=90, env={"IMPL": impl, "WARDEN_START": start})
+    assert run.returncode == 0, run.stderr
+    assert prog.out_lines() == [
+        "_RemoteTraceback: error 1",
+        "[[], 'SimpleQueue', 'Lock']",
+        "[[], 'SimpleQueue', 'Lock']",
+        "module 'multiprocessing' has no attribute 'no_such_name'",
+    ]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_what_the_program_printed_before_starting_workers_comes_before_what_they_print(program, impl):
     """With stdout a pipe (block-buffered: a log file, ``| tee``, CI), the

@@ -721,6 +721,8 @@ class Handler:
                 # Before anything of the program's runs (main, as imported
                 # by prepare(), may already create shared memory).
                 _use_parents_resource_tracker(init["resource_tracker"])
+            if self.mode == "pool":
+                _stdlib_worker_submodules()
             me = multiprocessing.current_process()
             me._inheriting = True  # type: ignore[attr-defined]
             setup = True
@@ -1350,7 +1352,7 @@ def _forward_logging(fd: int, levels: dict[str, int]) -> None:
     else:
         global _deferred_forwarding
         _deferred_forwarding = (fd, levels)
-        sys.meta_path.insert(0, _OnLoggingImport())
+        sys.meta_path.insert(0, _AfterImport("logging", lambda _: _forward_deferred()))
 
 
 def _logging_steps_aside() -> None:
@@ -1387,13 +1389,17 @@ def _forward_deferred() -> None:
 _ON_SIGNAL_CODE = Handler.on_signal.__code__
 
 
-class _OnLoggingImport:
-    """A ``sys.meta_path`` finder for ``logging`` alone: it lets the usual
-    finders find it, and once the module has run, installs the forwarding
-    handler (then takes itself out)."""
+class _AfterImport:
+    """A ``sys.meta_path`` finder for one module alone: it lets the usual
+    finders find it, and once the module has run, calls ``then(module)``
+    (then takes itself out)."""
+
+    def __init__(self, name: str, then: Callable[[Any], None]) -> None:
+        self.name = name
+        self.then = then
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != "logging":
+        if name != self.name:
             return None
         if self in sys.meta_path:
             sys.meta_path.remove(self)
@@ -1407,6 +1413,7 @@ class _OnLoggingImport:
         loader = spec.loader
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
+        then = self.then
 
         class Loader:
             def create_module(self, spec: Any) -> Any:
@@ -1414,10 +1421,51 @@ class _OnLoggingImport:
 
             def exec_module(self, module: Any) -> None:
                 loader.exec_module(module)
-                _forward_deferred()
+                then(module)
 
         spec.loader = Loader()
         return spec
+
+
+#: Submodules a standard library pool or executor worker has imported by the
+#: time it runs a task (its own machinery uses them): a program may name them
+#: after a bare ``import multiprocessing`` or ``import concurrent.futures``
+#: (``multiprocessing.pool.ThreadPool``,
+#: ``concurrent.futures.process._RemoteTraceback``). A warden worker has no
+#: use for them; each is imported when first named instead.
+_STDLIB_WORKER_SUBMODULES = {
+    "multiprocessing": frozenset(
+        {"connection", "pool", "popen_fork", "popen_spawn_posix", "queues", "synchronize"}
+    ),
+    "concurrent.futures": frozenset({"process"}),
+}
+
+
+def _submodules_on_first_use(package: Any) -> None:
+    """``package.<submodule>`` of :data:`_STDLIB_WORKER_SUBMODULES` imports
+    it (a module ``__getattr__``, before the package's own if it has one)."""
+    name = package.__name__
+    names = _STDLIB_WORKER_SUBMODULES[name]
+    previous = package.__dict__.get("__getattr__")
+
+    def __getattr__(attr: str) -> Any:
+        if attr in names:
+            __import__(f"{name}.{attr}")
+            return sys.modules[f"{name}.{attr}"]
+        if previous is not None:
+            return previous(attr)
+        raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+
+    package.__getattr__ = __getattr__
+
+
+def _stdlib_worker_submodules() -> None:
+    for name in _STDLIB_WORKER_SUBMODULES:
+        package = sys.modules.get(name)
+        if package is not None:
+            _submodules_on_first_use(package)
+        else:
+            sys.meta_path.insert(0, _AfterImport(name, _submodules_on_first_use))
 
 
 def _set_parent(name: str, pid: int) -> None:
