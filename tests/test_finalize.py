@@ -1158,6 +1158,63 @@ def test_an_object_in_mains_globals_is_finalized_at_exit_with_mains_globals_stil
     assert 'del {"ok": true}' in run.stderr.splitlines(), run.stderr
 
 
+LAZY_GLOBAL_AT_EXIT = """
+import concurrent.futures, multiprocessing, sys
+import warden
+
+_client = None  # made on first use, after the globals its __del__ uses
+SERVICE = {"name": "billing"}
+pending = []
+
+class Client:
+    def __init__(self):
+        pending.append("record")
+
+    def __del__(self):
+        sys.stderr.write(f"{SERVICE['name']}: flushing {len(pending)} record(s)\\n")
+
+def use_client(_=None):
+    global _client
+    if _client is None:
+        _client = Client()
+
+if __name__ == "__main__":
+    impl, api = sys.argv[1:]
+    spawn = multiprocessing.get_context("spawn")
+    if api == "executor":
+        kind = concurrent.futures.ProcessPoolExecutor if impl == "std" else warden.ProcessPoolExecutor
+        with kind(1, **({"mp_context": spawn} if impl == "std" else {})) as ex:
+            ex.submit(use_client).result(timeout=60)
+    elif api == "pool":
+        with (spawn if impl == "std" else warden).Pool(1) as pool:
+            pool.apply(use_client)
+            pool.close()
+            pool.join()
+    else:
+        p = (spawn if impl == "std" else warden).Process(target=use_client)
+        p.start()
+        p.join(60)
+"""
+
+
+@pytest.mark.parametrize("api", ["executor", "pool", "process"])
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_a_global_made_on_first_use_is_finalized_at_exit_seeing_the_globals_set_after_its_name(
+    program, impl, api
+):
+    """A lazily made ``_client`` whose ``__del__`` uses globals set after its
+    placeholder: the interpreter's exit finalizes it with those still set.
+    So does the worker's exit path, which clears main's globals in the
+    order CPython clears a module's (one leading underscore first), one at
+    a time out of both namespaces main has in a worker (before, newest
+    first, and out of one namespace wholly before the other: the
+    ``__del__`` found ``SERVICE`` already ``None``, a TypeError)."""
+    run = program(LAZY_GLOBAL_AT_EXIT).run(args=(impl, api))
+    assert run.returncode == 0, run.stderr
+    assert "billing: flushing 1 record(s)" in run.stderr.splitlines(), run.stderr
+    assert "Exception ignored" not in run.stderr, run.stderr
+
+
 GOODBYE_HELPER = """
 import os, sys
 

@@ -1081,7 +1081,8 @@ def _clear_program_globals() -> None:
     which the exit path takes the place of, for the program's own modules
     (``__main__`` as the worker imported it, and every module loaded from
     outside the interpreter's and the environment's directories): their
-    globals that hold data are cleared, the newest first, then collected. So
+    globals that hold data are cleared, in the order CPython clears a
+    module's globals, then collected. So
     what only a global holds is finalized as at the end of a program:
     ``__del__`` runs, a file opened into a global is flushed and closed, a
     ``gzip`` writer writes its trailer, a temporary file is removed. Modules,
@@ -1114,14 +1115,27 @@ def _clear_program_globals() -> None:
         keep = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
         cleared = False
         for namespace in namespaces:
-            # The newest first, one at a time: a __del__ still finds the
-            # modules, functions and classes it uses (never cleared), and the
-            # objects made before its own.
-            for key in reversed(list(namespace)):
+            # In the order CPython clears a module's globals at exit: names
+            # with one leading underscore first (a lazily made ``_client``),
+            # then the rest, each pass in the order the names were first
+            # set; one at a time, and out of every namespace that holds the
+            # same object under that name (main's, as spawn's preparation
+            # ran it, is two: the one its functions see, and its copy), so
+            # a __del__ still finds the names not cleared yet, and the
+            # modules, functions and classes it uses (never cleared).
+            keys = [
+                k
+                for k in list(namespace)
+                if isinstance(k, str) and not (k.startswith("__") and k.endswith("__"))
+            ]
+            for key in sorted(keys, key=lambda k: not (k[:1] == "_" and k[1:2] != "_")):  # (stable)
                 value = namespace.get(key)
-                if value is None or isinstance(value, keep) or (key.startswith("__") and key.endswith("__")):
+                if value is None or isinstance(value, keep):
                     continue
-                namespace[key] = None
+                for other in namespaces:
+                    if other.get(key) is value:
+                        other[key] = None
+                del value
                 cleared = True
         if cleared:
             gc.collect()
