@@ -970,6 +970,56 @@ def test_a_child_still_flushing_its_queue_after_its_target_returned_is_not_cut_s
     assert run.stdout.split() == [str(1 << 20), "0"], run.stdout + run.stderr
 
 
+CHILDREN_JOINED_AT_EXIT = """
+import atexit, multiprocessing, os, sys, tempfile, time
+import warden
+
+def grandchild(directory, marker):
+    time.sleep(1)
+    ran = os.path.exists(marker)
+    try:
+        with open(os.path.join(directory, "out"), "w") as f:
+            f.write("ok")
+        print(f"grandchild wrote; atexit had run: {ran}", flush=True)
+    except OSError as e:
+        print(f"grandchild failed ({type(e).__name__}); atexit had run: {ran}", flush=True)
+
+def child(Process, marker):
+    global TMP
+    TMP = tempfile.TemporaryDirectory()  # removed at the child's exit
+    atexit.register(open, marker, "w")
+    Process(target=grandchild, args=(TMP.name, marker)).start()  # not joined: exit joins it
+
+if __name__ == "__main__":
+    Process = warden.Process if sys.argv[1] == "warden" else multiprocessing.get_context("spawn").Process
+    p = Process(target=child, args=(Process, sys.argv[2]))
+    p.start()
+    p.join(60)
+    print(p.exitcode, flush=True)
+"""
+
+
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_a_child_joins_the_children_it_left_when_its_target_returns_as_multiprocessing_does(
+    program, tmp_path, impl
+):
+    """Up to Python 3.12 a child of multiprocessing's runs its exit function
+    (``multiprocessing.util.Finalize`` callbacks; its children terminated if
+    daemonic, else joined) as soon as its target returns, before its
+    ``atexit`` handlers and what those remove (a ``TemporaryDirectory`` a
+    grandchild writes into). From 3.13 it is one of the ``atexit`` handlers,
+    run after those registered since. A warden child does as the running
+    Python's (before, as 3.13 on every version: the directory was gone)."""
+    run = program(CHILDREN_JOINED_AT_EXIT).run(args=(impl, str(tmp_path / "atexit-ran")), timeout=90)
+    assert run.returncode == 0, run.stderr
+    if sys.version_info < (3, 13):
+        assert run.lines == ["grandchild wrote; atexit had run: False", "0"], run.stdout + run.stderr
+    else:
+        assert run.lines == ["grandchild failed (FileNotFoundError); atexit had run: True", "0"], (
+            run.stdout + run.stderr
+        )
+
+
 TARGET_FAILS_AFTER_THE_STOP = """
 import threading, time
 import warden

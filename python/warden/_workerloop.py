@@ -506,6 +506,12 @@ def _measure_coverage_if_asked() -> None:
     cov.start()
 
 
+#: Whether a child of multiprocessing's runs its exit function (the
+#: ``multiprocessing.util.Finalize`` callbacks, then its daemon children
+#: terminated and the others joined) as soon as its target returns, before
+#: the ``atexit`` handlers (up to Python 3.12; from 3.13 it is one of them).
+_EXIT_FUNCTION_AFTER_RUN = sys.version_info < (3, 13)
+
 #: Whether a child of multiprocessing's says "process exiting" before its
 #: exit function says "process shutting down" (from Python 3.13, where that
 #: function runs among the atexit handlers, after the bootstrap).
@@ -919,6 +925,14 @@ class Handler:
         # started; one told to stop does not (its target ended with another
         # error than the stop, or swallowed it): the stop's exit path runs now.
         if not self.stopping:
+            if _EXIT_FUNCTION_AFTER_RUN:
+                try:
+                    multiprocessing.util._exit_function()  # type: ignore[attr-defined]
+                except BaseException as e:
+                    if isinstance(e, TaskInterrupted) and self.stopping:
+                        raise
+                    say_exception(f"Process {process.name}:\n")
+                    self.exit_code = 1
             _join_non_daemon_threads()
         self.running = False
         return dumps(None)
