@@ -1215,6 +1215,57 @@ def test_a_global_made_on_first_use_is_finalized_at_exit_seeing_the_globals_set_
     assert "Exception ignored" not in run.stderr, run.stderr
 
 
+SHARED_GLOBAL_HELPER = """
+import sys
+
+SERVICE = {"name": "billing"}
+
+class Client:
+    def __del__(self):
+        sys.stderr.write(f"helper: flushing for {SERVICE['name']}\\n")
+
+_client = None
+
+def use_client(_=None):
+    global _client
+    if _client is None:
+        _client = Client()
+"""
+
+SHARED_GLOBAL_MAIN = """
+import concurrent.futures, multiprocessing, sys
+import warden
+from helper import SERVICE, use_client  # main holds the helper's global too
+
+if __name__ == "__main__":
+    impl, api = sys.argv[1:]
+    spawn = multiprocessing.get_context("spawn")
+    if api == "executor":
+        kind = concurrent.futures.ProcessPoolExecutor if impl == "std" else warden.ProcessPoolExecutor
+        with kind(1, **({"mp_context": spawn} if impl == "std" else {})) as ex:
+            ex.submit(use_client).result(timeout=60)
+    else:
+        p = (spawn if impl == "std" else warden).Process(target=use_client)
+        p.start()
+        p.join(60)
+"""
+
+
+@pytest.mark.parametrize("api", ["executor", "process"])
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_a_global_main_imported_from_another_module_stays_set_there_until_that_modules_turn(
+    program, impl, api
+):
+    """``from helper import SERVICE`` in main: clearing main's name leaves
+    the helper's own, which its ``_client.__del__`` reads when the helper's
+    turn comes (only main's two namespaces are cleared as one)."""
+    program(SHARED_GLOBAL_HELPER, name="helper.py")
+    run = program(SHARED_GLOBAL_MAIN).run(args=(impl, api))
+    assert run.returncode == 0, run.stderr
+    assert "helper: flushing for billing" in run.stderr.splitlines(), run.stderr
+    assert "Exception ignored" not in run.stderr, run.stderr
+
+
 GOODBYE_HELPER = """
 import os, sys
 

@@ -1125,6 +1125,19 @@ def _clear_program_globals() -> None:
             if stream is not None:
                 stream.flush()
     namespaces = _program_namespaces()
+    # Main's namespace as its functions see it, and the module's copy of it
+    # (spawn's preparation runs main in a namespace of its own): one object
+    # is under the same name in both. Other modules' are each their own.
+    mains = [namespaces[0]] if namespaces else []
+    for name in _MAIN_NAMES:
+        module = sys.modules.get(name)
+        namespace = getattr(module, "__dict__", None)
+        if (
+            namespace is not None
+            and any(namespace is n for n in namespaces)
+            and all(namespace is not m for m in mains)
+        ):
+            mains.append(namespace)
     if not threads:
         keep = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
         cleared = False
@@ -1132,11 +1145,10 @@ def _clear_program_globals() -> None:
             # In the order CPython clears a module's globals at exit: names
             # with one leading underscore first (a lazily made ``_client``),
             # then the rest, each pass in the order the names were first
-            # set; one at a time, and out of every namespace that holds the
-            # same object under that name (main's, as spawn's preparation
-            # ran it, is two: the one its functions see, and its copy), so
-            # a __del__ still finds the names not cleared yet, and the
+            # set; one at a time (main's out of both its namespaces at once),
+            # so a __del__ still finds the names not cleared yet, and the
             # modules, functions and classes it uses (never cleared).
+            twins = mains if any(namespace is m for m in mains) else [namespace]
             keys = [
                 k
                 for k in list(namespace)
@@ -1146,9 +1158,9 @@ def _clear_program_globals() -> None:
                 value = namespace.get(key)
                 if value is None or isinstance(value, keep):
                     continue
-                for other in namespaces:
-                    if other.get(key) is value:
-                        other[key] = None
+                for twin in twins:
+                    if twin.get(key) is value:
+                        twin[key] = None
                 del value
                 cleared = True
         if cleared:
