@@ -1432,17 +1432,19 @@ _ON_SIGNAL_CODE = Handler.on_signal.__code__
 class _AfterImport:
     """A ``sys.meta_path`` finder for one module alone: it lets the usual
     finders find it, and once the module has run, calls ``then(module)``
-    (then takes itself out)."""
+    (then finds nothing more)."""
 
     def __init__(self, name: str, then: Callable[[Any], None]) -> None:
         self.name = name
         self.then = then
+        self.done = False
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != self.name:
+        if name != self.name or self.done:
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
+        # Off, not out of sys.meta_path: another thread may be going through
+        # the list, and would skip the finder after this one.
+        self.done = True
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
             spec = find(name, path, target) if find is not None else None
@@ -1460,6 +1462,9 @@ class _AfterImport:
                 return loader.create_module(spec)
 
             def exec_module(self, module: Any) -> None:
+                # The module's loader is the one that found it.
+                spec.loader = loader
+                module.__loader__ = loader
                 loader.exec_module(module)
                 then(module)
 
