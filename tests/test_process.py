@@ -1020,6 +1020,78 @@ def test_a_child_joins_the_children_it_left_when_its_target_returns_as_multiproc
         )
 
 
+FINALIZE_EXITS = """
+import multiprocessing, multiprocessing.util, sys
+import warden
+
+def leave(code):
+    raise SystemExit(code)
+
+def child(fails):
+    multiprocessing.util.Finalize(None, leave, args=(7,), exitpriority=5)
+    if fails:
+        raise RuntimeError("the target's error")
+
+if __name__ == "__main__":
+    Process = warden.Process if sys.argv[1] == "warden" else multiprocessing.get_context("spawn").Process
+    for fails in (False, True):
+        p = Process(target=child, args=(fails,))
+        p.start()
+        p.join(60)
+        print(p.exitcode, flush=True)
+"""
+
+
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_a_finalize_callback_that_exits_sets_the_childs_exit_code_as_multiprocessing_does(program, impl):
+    """Up to Python 3.12 a child's exit function runs in its bootstrap's
+    ``finally``: a ``SystemExit`` of a ``multiprocessing.util.Finalize``
+    callback gives the exit code, in place of what the target raised (no
+    traceback). From 3.13 it runs among the ``atexit`` handlers, which
+    report it and exit as the target said."""
+    run = program(FINALIZE_EXITS).run(args=(impl,), timeout=90)
+    assert run.returncode == 0, run.stderr
+    if sys.version_info < (3, 13):
+        assert run.lines == ["7", "7"], run.stdout + run.stderr
+        assert "the target's error" not in run.stderr, run.stderr
+    else:
+        assert run.lines == ["0", "1"], run.stdout + run.stderr
+
+
+TERMINATED_WHILE_JOINING_AT_EXIT = """
+import multiprocessing, multiprocessing.util, os, sys, time
+import warden
+
+def last(path):
+    with open(path, "w") as f:
+        f.write("ran")
+
+def child(path):
+    multiprocessing.util.Finalize(None, last, args=(path,), exitpriority=-1)  # after the joins
+    warden.Process(target=time.sleep, args=(60,)).start()  # not joined: the exit joins it
+
+if __name__ == "__main__":
+    p = warden.Process(target=child, args=(sys.argv[1],))
+    p.start()
+    time.sleep(2)
+    p.terminate()
+    p.join(30)
+    print(p.exitcode, os.path.exists(sys.argv[1]), flush=True)
+"""
+
+
+def test_a_child_terminated_while_its_exit_joins_a_child_still_runs_its_later_finalize_callbacks(
+    program, tmp_path
+):
+    """The exit function cut short in its join by ``terminate()``: the exit
+    path's ``atexit`` handlers take it up again, so the callbacks it had not
+    reached (a negative priority: after the joins) still run. Before, it
+    counted as done, and they never ran."""
+    run = program(TERMINATED_WHILE_JOINING_AT_EXIT).run(args=(str(tmp_path / "last"),), timeout=90)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["-15 True"], run.stdout + run.stderr
+
+
 TARGET_FAILS_AFTER_THE_STOP = """
 import threading, time
 import warden

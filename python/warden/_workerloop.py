@@ -907,8 +907,15 @@ class Handler:
         exitcode = 1
         multiprocessing.util.info("child process calling self.run()")
         try:
-            process.run()
-            exitcode = 0
+            try:
+                process.run()
+                exitcode = 0
+            finally:
+                # As multiprocessing's bootstrap up to 3.12: what its exit
+                # function raises (a Finalize callback's sys.exit) takes the
+                # place of what the target raised.
+                if _EXIT_FUNCTION_AFTER_RUN and not self.stopping:
+                    self._exit_function()
         except TaskInterrupted:
             if self.stopping:
                 raise
@@ -925,17 +932,22 @@ class Handler:
         # started; one told to stop does not (its target ended with another
         # error than the stop, or swallowed it): the stop's exit path runs now.
         if not self.stopping:
-            if _EXIT_FUNCTION_AFTER_RUN:
-                try:
-                    multiprocessing.util._exit_function()  # type: ignore[attr-defined]
-                except BaseException as e:
-                    if isinstance(e, TaskInterrupted) and self.stopping:
-                        raise
-                    say_exception(f"Process {process.name}:\n")
-                    self.exit_code = 1
             _join_non_daemon_threads()
         self.running = False
         return dumps(None)
+
+    def _exit_function(self) -> None:
+        """``multiprocessing.util._exit_function``: Finalize callbacks, the
+        children terminated if daemonic, else joined, then the rest of the
+        callbacks. Cut short by a stop (a join waiting), it is left to the
+        exit path's ``atexit`` handlers to take up again (once it has begun,
+        it does nothing when they call it)."""
+        try:
+            multiprocessing.util._exit_function()  # type: ignore[attr-defined]
+        except TaskInterrupted:
+            if self.stopping:
+                multiprocessing.util._exiting = False  # type: ignore[attr-defined]
+            raise
 
     def exit(self, reason: str) -> tuple[str | None, int | None, int | None]:
         """The exit path: worker context, finalizer, gc, atexit (with warden's
