@@ -1518,3 +1518,46 @@ def test_a_frozen_application_is_refused_workers_with_a_clear_error(program):
         "process refused True",
         "children 0 fds 0",
     ], run.stderr
+
+
+SET_EXECUTABLE = """
+import multiprocessing, sys
+import warden
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    multiprocessing.set_executable(sys.argv[1])
+    try:
+        with warden.Pool(2) as pool:
+            print(pool.map(square, range(4)), flush=True)
+    except warden.PoolFailed as e:
+        print("failed:", e, flush=True)
+"""
+
+
+@pytest.mark.parametrize("imports_warden", [True, False])
+def test_workers_run_on_the_interpreter_set_executable_names_and_one_without_warden_is_named(
+    program, tmp_path, imports_warden
+):
+    """``multiprocessing.set_executable()`` chooses the workers' interpreter,
+    as the standard library's spawn context does. One that cannot import
+    warden (here: the same one, without its site-packages) fails the pool
+    with an error that names it and says what it lacks, where it said to
+    check a Rust program's main."""
+    wrapper = tmp_path / "python-wrapper"
+    flag = "" if imports_warden else " -S"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable}{flag} "$@"\n')
+    wrapper.chmod(0o755)
+    run = program(SET_EXECUTABLE).run(args=(str(wrapper),), timeout=120)
+    assert run.returncode == 0, run.stderr
+    if imports_warden:
+        assert run.lines == ["[0, 1, 4, 9]"], run.stdout + run.stderr
+    else:
+        assert len(run.lines) == 1 and run.lines[0].startswith("failed:"), run.stdout + run.stderr
+        assert (
+            f"is {wrapper} a warden worker? a Python interpreter must be able to import warden"
+            in run.lines[0]
+        )
+        assert "No module named 'warden'" in run.stderr

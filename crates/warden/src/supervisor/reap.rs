@@ -187,10 +187,13 @@ impl Supervisor {
                 }
                 // Most likely a program that is not a warden worker: a Rust
                 // program that does not call `warden::init()` first runs its
-                // own `main` instead.
+                // own `main` instead; an interpreter that cannot import warden
+                // (`multiprocessing.set_executable`) fails on the import.
                 _ if before_hello => format!(
-                    "worker {pid} ended with {status} before it said hello (is the program a warden worker? \
-                     a Rust program calls warden::init() first thing in main, whatever its arguments)"
+                    "worker {pid} ended with {status} before it said hello (is {} a warden worker? a Python \
+                     interpreter must be able to import warden, see its error above; a Rust program calls \
+                     warden::init() first thing in main, whatever its arguments)",
+                    self.cfg.command.program.display()
                 ),
                 _ => format!("worker {pid} ended with {status}"),
             };
