@@ -1230,6 +1230,67 @@ def test_a_bad_memory_size_is_refused_with_a_clear_error(value, error):
         warden.Pool(1, max_memory_per_child=value)
 
 
+WITHOUT_PROC = """
+import warden
+
+def grow(n):
+    return len(bytearray(n))
+
+if __name__ == "__main__":
+    # (An executor starts its workers with the first task, as the standard library's.)
+    for use in (
+        lambda: warden.ProcessPoolExecutor(1, memory_limit="100MiB").submit(grow, 1).result(timeout=60),
+        lambda: warden.Pool(1, max_memory_per_child="100MiB").apply(grow, (1,)),
+    ):
+        try:
+            use()
+        except ValueError as e:
+            print("refused:", e, flush=True)
+        else:
+            print("served", flush=True)
+    with warden.ProcessPoolExecutor(1) as ex:  # no cap: /proc is not needed
+        print(ex.submit(grow, 300 << 20).result(timeout=60), flush=True)
+"""
+
+
+def _can_hide_proc() -> bool:
+    try:
+        probe = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /proc && true"],
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(
+    not _can_hide_proc(), reason="needs unshare(1) and the right to mount in a mount namespace of its own"
+)
+def test_a_memory_cap_where_proc_cannot_be_read_is_refused_instead_of_holding_nothing(
+    program,
+):
+    """The caps read each worker's ``/proc/<pid>/statm``. With ``/proc``
+    hidden (a tmpfs over it), the pool is refused as it starts its workers,
+    with a ``ValueError`` that says why; before, it served, and a task went
+    past the cap unnoticed. A pool without a cap still runs there."""
+    prog = program(WITHOUT_PROC)
+    proc = prog.start(
+        command=[
+            "unshare", "-m", "--propagation", "private", "sh", "-c",
+            f'mount -t tmpfs tmpfs /proc && exec "{sys.executable}" "{prog.path}"',
+        ],
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3, out + err
+    for line in lines[:2]:
+        assert line.startswith("refused:") and "/proc/<pid>/statm, which cannot be read here" in line, line
+    assert lines[2] == str(300 << 20)
+
+
 # -- on_worker_lost -------------------------------------------------------------
 
 

@@ -813,6 +813,9 @@ class Runner:
             # the ``OSError`` the standard library's constructor raises.
             if isinstance(e, _warden.CoreError) and e.errno is not None:
                 raise OSError(e.errno, f"cannot start the pool: {e}") from None
+            # Settings this system cannot honour (a memory cap without /proc).
+            if isinstance(e, _warden.CoreError) and e.kind == _warden.ErrorKind.CONFIG:
+                raise ValueError(str(e)) from None
             raise
         self.name = name
         self.exit_policy = exit_policy

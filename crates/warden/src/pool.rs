@@ -278,7 +278,9 @@ impl Builder {
     /// (its exit hook runs, [`crate::RetireReason::MaxMemory`]) and is
     /// replaced. The task's result is kept. Tasks sent ahead to it (see
     /// [`Builder::prefetch`]) are asked back and run on its replacement, but
-    /// for those it had begun by the time its result was read.
+    /// for those it had begun by the time its result was read. Where
+    /// `/proc/self/statm` cannot be read, [`Builder::build`] fails with a
+    /// configuration error instead of a cap that holds nothing.
     pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
         self.cfg.memory.soft = Some(bytes);
         self
@@ -295,7 +297,8 @@ impl Builder {
     /// with the OOM killer's SIGKILL, which skips the exit hook. Caveats: a
     /// task that allocates faster than the sampling can pass the limit
     /// briefly; processes a task starts are not counted; shared pages count
-    /// in full, as `ps` counts them.
+    /// in full, as `ps` counts them. Where `/proc/self/statm` cannot be
+    /// read, [`Builder::build`] fails with a configuration error.
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.cfg.memory.hard = Some(bytes);
         self
@@ -527,6 +530,17 @@ impl Builder {
                         crate::OFF_MAIN
                     )));
                 }
+            }
+        }
+        if self.cfg.memory.soft.is_some() || self.cfg.memory.hard.is_some() {
+            // The caps read each worker's /proc/<pid>/statm: where /proc is
+            // not there to read (a container without it), they could hold
+            // nothing, and would say nothing either.
+            if let Err(e) = crate::memory::resident_bytes(std::process::id() as i32) {
+                return Err(Error::config(format!(
+                    "memory_limit and max_memory_per_child read each worker's resident set size from \
+                     /proc/<pid>/statm, which cannot be read here ({e}): mount /proc, or leave them unset"
+                )));
             }
         }
         self.cfg.init_payload = match self.raw_init.take() {
