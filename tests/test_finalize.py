@@ -1177,7 +1177,10 @@ def use_client(_=None):
     global _client
     if _client is None:
         _client = Client()
+"""
 
+#: Runs ``use_client`` once in a worker or child: ``prog.py std|warden executor|pool|process``.
+USE_CLIENT_IN_A_WORKER = """
 if __name__ == "__main__":
     impl, api = sys.argv[1:]
     spawn = multiprocessing.get_context("spawn")
@@ -1209,7 +1212,7 @@ def test_a_global_made_on_first_use_is_finalized_at_exit_seeing_the_globals_set_
     a time out of both namespaces main has in a worker (before, newest
     first, and out of one namespace wholly before the other: the
     ``__del__`` found ``SERVICE`` already ``None``, a TypeError)."""
-    run = program(LAZY_GLOBAL_AT_EXIT).run(args=(impl, api))
+    run = program(LAZY_GLOBAL_AT_EXIT + USE_CLIENT_IN_A_WORKER).run(args=(impl, api))
     assert run.returncode == 0, run.stderr
     assert "billing: flushing 1 record(s)" in run.stderr.splitlines(), run.stderr
     assert "Exception ignored" not in run.stderr, run.stderr
@@ -1232,26 +1235,17 @@ def use_client(_=None):
         _client = Client()
 """
 
-SHARED_GLOBAL_MAIN = """
+SHARED_GLOBAL_MAIN = (
+    """
 import concurrent.futures, multiprocessing, sys
 import warden
 from helper import SERVICE, use_client  # main holds the helper's global too
-
-if __name__ == "__main__":
-    impl, api = sys.argv[1:]
-    spawn = multiprocessing.get_context("spawn")
-    if api == "executor":
-        kind = concurrent.futures.ProcessPoolExecutor if impl == "std" else warden.ProcessPoolExecutor
-        with kind(1, **({"mp_context": spawn} if impl == "std" else {})) as ex:
-            ex.submit(use_client).result(timeout=60)
-    else:
-        p = (spawn if impl == "std" else warden).Process(target=use_client)
-        p.start()
-        p.join(60)
 """
+    + USE_CLIENT_IN_A_WORKER
+)
 
 
-@pytest.mark.parametrize("api", ["executor", "process"])
+@pytest.mark.parametrize("api", ["executor", "pool", "process"])
 @pytest.mark.parametrize("impl", ["std", "warden"])
 def test_a_global_main_imported_from_another_module_stays_set_there_until_that_modules_turn(
     program, impl, api
