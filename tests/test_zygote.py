@@ -801,6 +801,49 @@ def test_a_main_that_seeds_from_the_os_gets_distinct_numbers_in_each_worker(prog
     assert len(importers) == 1
 
 
+LIBRARY_GENERATORS = """
+import random
+
+_own = random.Random()  # a library's own generator, made at its import: Faker's
+_fixed = random.Random(1234)  # one seeded on purpose
+_reseeded = random.Random(5)
+_reseeded.seed()  # then from the OS
+
+def draw(_=None):
+    return _own.random(), _fixed.random(), _reseeded.random()
+"""
+
+LIBRARY_GENERATORS_MAIN = """
+import multiprocessing, sys
+import warden
+from library import draw
+
+if __name__ == "__main__":
+    if sys.argv[1] == "warden":
+        pool = warden.Pool(2, maxtasksperchild=1)
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(2, maxtasksperchild=1)
+    with pool:
+        draws = pool.map(draw, range(8), chunksize=1)
+    print(*(len({d[i] for d in draws}) for i in range(3)))
+"""
+
+
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_a_generator_a_library_made_at_import_without_a_seed_draws_its_own_numbers_in_each_worker(
+    program, impl
+):
+    """A ``random.Random()`` a library makes at import (main imports it, so
+    the zygote does) is copied into each fork: each worker reseeds it from
+    the OS, as each spawned worker makes its own (before, all eight workers
+    drew the same numbers); one seeded with a value starts alike in each, as
+    under spawn."""
+    program(LIBRARY_GENERATORS, name="library.py")
+    run = program(LIBRARY_GENERATORS_MAIN).run(args=(impl,), env={"WARDEN_START": "zygote"})
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["8 1 8"], run.stdout + run.stderr
+
+
 def test_what_main_prints_at_import_is_written_once_not_once_more_by_each_forked_worker(program):
     """With stdout a pipe (block-buffered), a line main prints at import in
     the zygote is written once: each forked worker used to copy the unwritten

@@ -67,6 +67,12 @@ _GENERATORS = {
 #: in each worker.
 _seeded: dict[str, tuple[Callable[[Any], Any], Any]] = {}
 
+#: Set in the zygote after its preloads: the ``random.Random`` instances the
+#: preloads made (a library's own: Faker's, at its import) whose last
+#: seeding drew from the OS. Each worker reseeds them, as each spawned worker
+#: would make its own; one seeded with a value keeps the state it has.
+_drawn: list[weakref.ref[Any]] = []
+
 
 class _SeedWatch:
     """While the zygote imports main and its preloads, wraps the seeding
@@ -80,6 +86,9 @@ class _SeedWatch:
         self.active = True
         self.seeded: dict[str, bool] = {}
         self.wrapped: list[tuple[Any, str, Any, Any]] = []
+        #: ``random.Random`` instances seeded while watching, by id: a
+        #: weak reference and whether that seeding drew from the OS.
+        self.instances: dict[int, tuple[weakref.ref[Any], bool]] = {}
         for name in _GENERATORS:
             if name in sys.modules:
                 self.watch(sys.modules[name])
@@ -122,6 +131,29 @@ class _SeedWatch:
             wrapper = self._wrap(module.__name__, attr, original)
             setattr(module, attr, wrapper)
             self.wrapped.append((module, attr, original, wrapper))
+        generator = getattr(module, "Random", None) if module.__name__ == "random" else None
+        original = getattr(generator, "seed", None)
+        if isinstance(generator, type) and original is not None:
+            wrapper = self._wrap_instances(original)
+            generator.seed = wrapper  # type: ignore[method-assign]
+            self.wrapped.append((generator, "seed", original, wrapper))
+
+    def _wrap_instances(self, original: Any) -> Any:
+        @functools.wraps(original)
+        def seed(generator: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                value = args[0] if args else kwargs.get("a")
+                with contextlib.suppress(TypeError):  # not weakly referable: left as it is
+                    self.instances[id(generator)] = (weakref.ref(generator), value is None)
+            return original(generator, *args, **kwargs)
+
+        return seed
+
+    def drawn(self) -> list[weakref.ref[Any]]:
+        """The instances whose last seeding while watching drew from the OS
+        (not ``random``'s global one, which reseeds itself at each fork)."""
+        own = getattr(sys.modules.get("random"), "_inst", None)
+        return [ref for ref, fresh in self.instances.values() if fresh and ref() not in (None, own)]
 
     def _wrap(self, name: str, attr: str, original: Any) -> Any:
         @functools.wraps(original)
@@ -185,6 +217,11 @@ def _after_fork_in_child() -> None:
     for put, state in _seeded.values():
         with contextlib.suppress(Exception):
             put(state)
+    for ref in _drawn:
+        generator = ref()
+        if generator is not None:
+            with contextlib.suppress(Exception):
+                generator.seed()
     # The zygote has no pools: pools a worker starts are its own children.
     children = sys.modules.get("warden._children")
     if children is not None:
@@ -212,7 +249,7 @@ def prepare(payload: bytes) -> str | None:
     the pool then starts one without ``__main__``, whose workers import it
     themselves, as under spawn (or, if a named preload holds the fd, starts
     its workers by exec)."""
-    global _seeded
+    global _seeded, _drawn
     data = _loads(payload)
     watch = _SeedWatch()
     try:
@@ -220,6 +257,7 @@ def prepare(payload: bytes) -> str | None:
             refused = _preload(data, watch)
     finally:
         _seeded = watch.finish()
+        _drawn = watch.drawn()
     if refused is not None:
         return refused
     # A SIGINT sent to the parked zygote (it is not in the terminal's
