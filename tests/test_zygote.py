@@ -844,6 +844,53 @@ def test_a_generator_a_library_made_at_import_without_a_seed_draws_its_own_numbe
     assert run.lines == ["8 1 8"], run.stdout + run.stderr
 
 
+CODE_ARRIVING_AFTER_THE_START = """
+import importlib, os, sys, zipfile
+import warden
+
+LATER = os.path.abspath("later")  # a directory on sys.path made after the pool starts
+BUNDLE = os.path.abspath("bundle.zip")  # a zip on sys.path replaced while the pool runs
+sys.path[:0] = [LATER, BUNDLE]
+import colorsys  # (an import after: the zygote's import system looks at both)
+
+def build(version):
+    with zipfile.ZipFile(BUNDLE + ".tmp", "w") as z:
+        z.writestr("plugin.py", "# " + "x" * len(version) * 40 + f"\\nVERSION = {version!r}\\n")
+    os.replace(BUNDLE + ".tmp", BUNDLE)
+
+def version(name):
+    try:
+        return importlib.import_module(name).VERSION
+    except Exception as e:
+        return type(e).__name__
+
+if __name__ == "__main__":
+    build("v1")
+    with warden.Pool(1, maxtasksperchild=1) as pool:  # each task in a fresh worker
+        print(pool.apply(version, ("plugin",)), flush=True)
+        os.mkdir(LATER)
+        with open(os.path.join(LATER, "generated.py"), "w") as f:
+            f.write("VERSION = 'generated'\\n")
+        build("v2, a longer one")
+        importlib.invalidate_caches()
+        print(version("generated"), version("plugin"), flush=True)  # the program sees both
+        print(pool.apply(version, ("generated",)), pool.apply(version, ("plugin",)), flush=True)
+"""
+
+
+def test_code_that_arrives_on_sys_path_after_the_pool_started_is_imported_by_new_workers(program):
+    """A directory on ``sys.path`` made after the pool started, and a zip on
+    it replaced since: what the zygote's import system learned of them
+    (nothing there; the zip's old table of contents) is stale, and a worker
+    forked from it looks again, as a spawned worker does (before:
+    ``ModuleNotFoundError``, and the new zip read at the old offsets)."""
+    run = program(CODE_ARRIVING_AFTER_THE_START).run(env={"WARDEN_START": "zygote"})
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["v1", "generated v2, a longer one", "generated v2, a longer one"], (
+        run.stdout + run.stderr
+    )
+
+
 def test_what_main_prints_at_import_is_written_once_not_once_more_by_each_forked_worker(program):
     """With stdout a pipe (block-buffered), a line main prints at import in
     the zygote is written once: each forked worker used to copy the unwritten

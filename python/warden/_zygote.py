@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import importlib
 import multiprocessing.resource_tracker  # every worker uses its parent's: loaded once, here
 import multiprocessing.spawn
 import multiprocessing.util
@@ -209,6 +210,21 @@ def _after_fork_in_child() -> None:
     if hasattr(main, "_set_native_id"):
         main._set_native_id()
     multiprocessing.util._finalizer_registry.clear()  # type: ignore[attr-defined]
+    # What the import system learned of sys.path in the zygote may be stale
+    # by now, or by this worker's first import: a directory missing then
+    # (cached as None), a zip file replaced since (its old table of
+    # contents). A spawned worker looks afresh: so a zip's importer is made
+    # again at the first import that needs it, and the rest are told to
+    # look again.
+    zipimport = sys.modules.get("zipimport")
+    if zipimport is not None:
+        for entry, finder in list(sys.path_importer_cache.items()):
+            if isinstance(finder, zipimport.zipimporter):
+                del sys.path_importer_cache[entry]
+        contents = getattr(zipimport, "_zip_directory_cache", None)
+        if isinstance(contents, dict):
+            contents.clear()
+    importlib.invalidate_caches()
     # random has reseeded itself (its own at-fork hook ran first); numpy's
     # global generator is reseeded here. A generator the program seeded gets
     # the state the preloads left instead, as a spawned worker would have.
