@@ -891,6 +891,55 @@ def test_code_that_arrives_on_sys_path_after_the_pool_started_is_imported_by_new
     )
 
 
+CYCLE_MADE_AT_IMPORT = """
+import multiprocessing, os, sys
+import warden
+
+class Client:
+    def __init__(self):
+        self.buffer = []
+        self.on_event = self.buffer.append  # (a cycle: client, its dict, ...)
+        self.me = self
+
+    # (What __del__ uses is bound here: at a spawned worker's exit, the
+    # interpreter may have cleared main's globals first.)
+    def __del__(self, _open=open, _out=os.environ["OUT"], _pid=os.getpid):
+        with _open(_out, "a") as f:
+            f.write(f"{_pid()} flushed {len(self.buffer)}\\n")
+
+CLIENT = Client()  # made at import: in the zygote, frozen there before each fork
+
+def task(x):
+    CLIENT.on_event(x)
+    return os.getpid()
+
+if __name__ == "__main__":
+    if sys.argv[1] == "warden":
+        pool = warden.Pool(2, maxtasksperchild=3)
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(2, maxtasksperchild=3)
+    with pool:
+        pids = set(pool.map(task, range(12), chunksize=1))
+        pool.close()
+        pool.join()
+    print(*sorted(pids), flush=True)
+"""
+
+
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_an_object_in_a_cycle_main_made_at_import_is_finalized_at_each_workers_exit(program, impl):
+    """A client main makes at import, in a reference cycle, whose ``__del__``
+    flushes what it buffered: each worker's exit finalizes its copy, as a
+    spawned worker's interpreter does at exit. (The zygote froze it before
+    each fork, out of the collector's reach: no worker flushed anything.)"""
+    prog = program(CYCLE_MADE_AT_IMPORT)
+    run = prog.run(args=(impl,), env={"WARDEN_START": "zygote"}, timeout=90)
+    assert run.returncode == 0, run.stderr
+    flushed = [line.split() for line in prog.out_lines()]
+    assert sum(int(n) for _, _, n in flushed) == 12, flushed
+    assert set(run.lines[0].split()) <= {pid for pid, _, _ in flushed}, (flushed, run.lines)
+
+
 def test_what_main_prints_at_import_is_written_once_not_once_more_by_each_forked_worker(program):
     """With stdout a pipe (block-buffered), a line main prints at import in
     the zygote is written once: each forked worker used to copy the unwritten

@@ -52,6 +52,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from pickle import loads as _loads  # bound at import: a task that patches pickle cannot break warden
 
 from . import _context, _native, _oob, _pickle, _warden
@@ -1153,6 +1154,7 @@ def _clear_program_globals() -> None:
     if not threads:
         keep = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
         cleared = False
+        finalizable: list[weakref.ref[Any]] = []
         for namespace in namespaces:
             # In the order CPython clears a module's globals at exit: names
             # with one leading underscore first (a lazily made ``_client``),
@@ -1170,12 +1172,23 @@ def _clear_program_globals() -> None:
                 value = namespace.get(key)
                 if value is None or isinstance(value, keep):
                     continue
+                if gc.is_tracked(value) and getattr(type(value), "__del__", None) is not None:
+                    with contextlib.suppress(TypeError):  # not weakly referable
+                        finalizable.append(weakref.ref(value))
                 for twin in twins:
                     if twin.get(key) is value:
                         twin[key] = None
                 del value
                 cleared = True
         if cleared:
+            gc.collect()
+        # One with a __del__ still alive is in a reference cycle (or held
+        # elsewhere). Made before a zygote forked this worker, the cycle is
+        # frozen out of the collector's reach (see _zygote._before_fork):
+        # given back to it, as a spawned worker's interpreter would collect
+        # it at exit. (A full collection: only when something waits for it.)
+        if gc.get_freeze_count() and any(ref() is not None for ref in finalizable):
+            gc.unfreeze()
             gc.collect()
     _settle_files(namespaces, close=not threads)
 
