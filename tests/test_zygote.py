@@ -200,6 +200,31 @@ def test_workers_started_after_the_program_tightened_its_umask_and_limits_get_th
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def sigusr1_ignored():
+    return signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN, _warden.forked_from()
+
+
+def test_workers_started_after_the_program_ignored_a_signal_ignore_it_too():
+    """``SIG_IGN`` outlives exec: a spawned worker started after the program
+    ignored SIGUSR1 ignores it too. The zygote's forks had the dispositions
+    of its start; now a worker started after the change starts by exec, and
+    a new zygote is prepared with what the program has now."""
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        with warden.ProcessPoolExecutor(1, start="zygote", max_tasks_per_child=1) as ex:
+            assert ex.submit(sigusr1_ignored).result(30)[0] is False
+            first = zygote_pid(ex)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            # One worker per task; the first may have started before the change.
+            seen = [ex.submit(sigusr1_ignored).result(30)[0] for _ in range(4)]
+            assert seen[1:] == [True] * 3
+            assert wait_until(lambda: ex._runner.core.zygote_pid() not in (None, first), timeout=30)
+            second = ex._runner.core.zygote_pid()
+            assert wait_until(lambda: ex.submit(sigusr1_ignored).result(30) == (True, second), timeout=30)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 def test_a_stopped_zygote_is_replaced_and_costs_no_task(tmp_path):
     """A zygote stopped (SIGSTOP) while asked for workers: the request goes
     unanswered, the zygote is killed and replaced, and every task runs. It

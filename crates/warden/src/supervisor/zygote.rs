@@ -44,8 +44,8 @@ const ZYGOTE_EXIT_WAIT: Duration = Duration::from_secs(1);
 
 /// What a process started now would inherit from this one, as far as the
 /// zygote's forks would get it wrong: credentials (user, group, groups,
-/// capabilities, `no_new_privs`, seccomp), the `umask` and the resource
-/// limits. The zygote was started with what these were then; its forks get
+/// capabilities, `no_new_privs`, seccomp), the `umask`, the signals
+/// ignored (`SIG_IGN` outlives exec) and the resource limits. The zygote was started with what these were then; its forks get
 /// that, not what the program has set since (a service that dropped its
 /// privileges, tightened its `umask` or lowered a limit after making the
 /// pool).
@@ -56,8 +56,9 @@ pub(super) struct Inherited {
 }
 
 /// The fields of the thread's `status` in `/proc` that [`Inherited`] compares.
-const INHERITED_FIELDS: [&[u8]; 11] = [
+const INHERITED_FIELDS: [&[u8]; 12] = [
     b"Umask:",
+    b"SigIgn:",
     b"Uid:",
     b"Gid:",
     b"Groups:",
