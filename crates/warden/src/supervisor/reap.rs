@@ -189,15 +189,22 @@ impl Supervisor {
                 // program that does not call `warden::init()` first runs its
                 // own `main` instead; an interpreter that cannot import warden
                 // (`multiprocessing.set_executable`) fails on the import.
-                _ if before_hello => format!(
-                    "worker {pid} ended with {status} before it said hello (is {} a warden worker? a Python \
-                     interpreter must be able to import warden, see its error above; a Rust program calls \
-                     warden::init() first thing in main, whatever its arguments)",
-                    self.cfg.command.program.display()
-                ),
+                _ if before_hello => {
+                    format!("worker {pid} ended with {status} before it said hello ({})", self.not_a_worker())
+                }
                 _ => format!("worker {pid} ended with {status}"),
             };
             self.note_crash(what);
         }
+    }
+
+    /// Why a process started as a worker may end before its hello: the
+    /// program is not a warden worker.
+    pub(super) fn not_a_worker(&self) -> String {
+        format!(
+            "is {} a warden worker? a Python interpreter must be able to import warden, see its error \
+             above; a Rust program calls warden::init() first thing in main, whatever its arguments",
+            self.cfg.command.program.display()
+        )
     }
 }

@@ -328,6 +328,7 @@ impl Supervisor {
         };
         zygote.reaped = true;
         let intended = *stopping;
+        let was_ready = zygote.ready;
         let pid = zygote.pid.as_raw_nonzero().get();
         let registry = self.poll.registry();
         let _ = registry.deregister(&mut SourceFd(&zygote.pidfd.as_raw_fd()));
@@ -337,7 +338,14 @@ impl Supervisor {
         tracing::debug!(pool = %self.cfg.name, pid, %status, intended, "zygote reaped");
         self.emit(LifecycleEvent::ZygoteExited { pid, status, intended });
         if !intended && self.phase != PoolPhase::Failed {
-            self.note_crash(format!("the zygote {pid} ended with {status}"));
+            // One that ended on its own before it was ready is, most likely,
+            // not a warden worker's program (the same program as the workers').
+            let what = if !was_ready && matches!(status, ExitStatus::Code(_)) {
+                format!("the zygote {pid} ended with {status} before it was ready ({})", self.not_a_worker())
+            } else {
+                format!("the zygote {pid} ended with {status}")
+            };
+            self.note_crash(what);
         }
     }
 
