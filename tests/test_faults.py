@@ -1253,35 +1253,43 @@ if __name__ == "__main__":
 """
 
 
-def _can_hide_proc() -> bool:
+#: Commands that run a program where this process's /proc cannot be read:
+#: a tmpfs over it, or the /proc of the PID namespace outside.
+WITHOUT_OWN_PROC = {
+    "hidden": [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount -t tmpfs tmpfs /proc && exec "$@"',
+        "-",
+    ],
+    "another-namespace": ["unshare", "--fork", "--pid"],
+}
+
+
+def _runs(command: list[str]) -> bool:
     try:
-        probe = subprocess.run(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /proc && true"],
-            capture_output=True,
-            timeout=30,
-        )
+        return subprocess.run([*command, "true"], capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return probe.returncode == 0
 
 
-@pytest.mark.skipif(
-    not _can_hide_proc(), reason="needs unshare(1) and the right to mount in a mount namespace of its own"
-)
-def test_a_memory_cap_where_proc_cannot_be_read_is_refused_instead_of_holding_nothing(
-    program,
-):
+@pytest.mark.parametrize("where", sorted(WITHOUT_OWN_PROC))
+def test_a_memory_cap_where_proc_cannot_be_read_is_refused_instead_of_holding_nothing(program, where):
     """The caps read each worker's ``/proc/<pid>/statm``. With ``/proc``
-    hidden (a tmpfs over it), the pool is refused as it starts its workers,
-    with a ``ValueError`` that says why; before, it served, and a task went
-    past the cap unnoticed. A pool without a cap still runs there."""
+    hidden (a tmpfs over it), or another PID namespace's (``unshare --pid``
+    without a ``/proc`` of its own: the workers' pids there are other
+    processes), the pool is refused as it starts its workers, with a
+    ``ValueError`` that says why; before, it served, and a task went past
+    the cap unnoticed. A pool without a cap still runs there."""
+    command = WITHOUT_OWN_PROC[where]
+    if not _runs(command):
+        pytest.skip(f"needs {command[0]}(1) and the right to run {' '.join(command[:3])}")
     prog = program(WITHOUT_PROC)
-    proc = prog.start(
-        command=[
-            "unshare", "-m", "--propagation", "private", "sh", "-c",
-            f'mount -t tmpfs tmpfs /proc && exec "{sys.executable}" "{prog.path}"',
-        ],
-    )  # fmt: skip
+    proc = prog.start(command=[*command, sys.executable, str(prog.path)])
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     lines = out.splitlines()

@@ -278,9 +278,10 @@ impl Builder {
     /// (its exit hook runs, [`crate::RetireReason::MaxMemory`]) and is
     /// replaced. The task's result is kept. Tasks sent ahead to it (see
     /// [`Builder::prefetch`]) are asked back and run on its replacement, but
-    /// for those it had begun by the time its result was read. Where
-    /// `/proc/self/statm` cannot be read, [`Builder::build`] fails with a
-    /// configuration error instead of a cap that holds nothing.
+    /// for those it had begun by the time its result was read. Where this
+    /// process's `/proc` cannot be read (none mounted, or another PID
+    /// namespace's), [`Builder::build`] fails with a configuration error
+    /// instead of a cap that holds nothing.
     pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
         self.cfg.memory.soft = Some(bytes);
         self
@@ -297,8 +298,9 @@ impl Builder {
     /// with the OOM killer's SIGKILL, which skips the exit hook. Caveats: a
     /// task that allocates faster than the sampling can pass the limit
     /// briefly; processes a task starts are not counted; shared pages count
-    /// in full, as `ps` counts them. Where `/proc/self/statm` cannot be
-    /// read, [`Builder::build`] fails with a configuration error.
+    /// in full, as `ps` counts them. Where this process's `/proc` cannot
+    /// be read (none mounted, or another PID namespace's), [`Builder::build`]
+    /// fails with a configuration error.
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.cfg.memory.hard = Some(bytes);
         self
@@ -536,10 +538,22 @@ impl Builder {
             // The caps read each worker's /proc/<pid>/statm: where /proc is
             // not there to read (a container without it), they could hold
             // nothing, and would say nothing either.
-            if let Err(e) = crate::memory::resident_bytes(std::process::id() as i32) {
+            // (And /proc must be this PID namespace's: another's, under
+            // `unshare --pid` without a /proc of its own, would show other
+            // processes under the workers' pids.)
+            let me = std::process::id();
+            let unreadable = match std::fs::read_link("/proc/self") {
+                Ok(seen) if seen.as_os_str() == me.to_string().as_str() => {
+                    crate::memory::resident_bytes(me as i32).err().map(|e| e.to_string())
+                }
+                Ok(seen) => Some(format!("/proc is another PID namespace's: it shows this process as {seen:?}")),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(why) = unreadable {
                 return Err(Error::config(format!(
                     "memory_limit and max_memory_per_child read each worker's resident set size from \
-                     /proc/<pid>/statm, which cannot be read here ({e}): mount /proc, or leave them unset"
+                     /proc/<pid>/statm, which cannot be read here ({why}): mount this namespace's /proc, or \
+                     leave them unset"
                 )));
             }
         }
