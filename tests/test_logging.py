@@ -492,6 +492,59 @@ def test_a_worker_imports_logging_only_when_its_code_does_and_still_forwards(pro
     assert run.lines == ["logging loaded: False", "WARNING|app|imported late", "done"], run.stdout
 
 
+LOOKED_AT_FIRST = """
+import sys
+import warden
+
+def first_import_fails():
+    saved = sys.modules.get("string")
+    sys.modules["string"] = None  # logging imports string: its import fails
+    try:
+        import logging
+    except ImportError:
+        return "failed"
+    finally:
+        if saved is not None:
+            sys.modules["string"] = saved
+        else:
+            del sys.modules["string"]
+
+def only_looked_up():
+    import importlib.util
+
+    return importlib.util.find_spec("logging") is not None  # found, not imported
+
+def log_late(first):
+    import logging
+    logging.getLogger("app").warning("after %s", first)
+
+if __name__ == "__main__":
+    import logging
+    logging.basicConfig(stream=sys.stdout, format="%(levelname)s|%(name)s|%(message)s")
+    for first in (first_import_fails, only_looked_up):
+        with warden.Pool(1, start=sys.argv[1]) as pool:
+            print(pool.apply(first), flush=True)
+            pool.apply(log_late, (first.__name__,))
+"""
+
+
+@pytest.mark.parametrize("start", STARTS)
+def test_a_worker_whose_first_look_at_logging_imported_nothing_still_forwards_once_it_does(program, start):
+    """A first ``import logging`` that fails (a stop, an error of an import
+    it makes), or a look that imports nothing (``importlib.util.find_spec``):
+    the worker still puts the forwarding handler in when ``logging`` is
+    imported after (before, it had stopped watching: the records went to the
+    worker's stderr, not the parent's handlers)."""
+    run = program(LOOKED_AT_FIRST).run(args=(start,))
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "failed",
+        "WARNING|app|after first_import_fails",
+        "True",
+        "WARNING|app|after only_looked_up",
+    ], run.stdout + run.stderr
+
+
 COOKBOOK = """
 import contextlib, functools, logging, logging.handlers, multiprocessing, sys
 import concurrent.futures, warden

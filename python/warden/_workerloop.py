@@ -1457,7 +1457,10 @@ _ON_SIGNAL_CODE = Handler.on_signal.__code__
 class _AfterImport:
     """A ``sys.meta_path`` finder for one module alone: it lets the usual
     finders find it, and once the module has run, calls ``then(module)``
-    (then finds nothing more)."""
+    (then finds nothing more). An import of it that fails, or a look that
+    imports nothing (``importlib.util.find_spec``), leaves it watching.
+    It stays in ``sys.meta_path``, switched off: another thread may be going
+    through the list, and would skip the finder after it, were it taken out."""
 
     def __init__(self, name: str, then: Callable[[Any], None]) -> None:
         self.name = name
@@ -1467,12 +1470,9 @@ class _AfterImport:
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
         if name != self.name or self.done:
             return None
-        # Off, not out of sys.meta_path: another thread may be going through
-        # the list, and would skip the finder after this one.
-        self.done = True
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
-            spec = find(name, path, target) if find is not None else None
+            spec = find(name, path, target) if find is not None and finder is not self else None
             if spec is not None:
                 break
         else:
@@ -1480,7 +1480,7 @@ class _AfterImport:
         loader = spec.loader
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
-        then = self.then
+        watch = self
 
         class Loader:
             def create_module(self, spec: Any) -> Any:
@@ -1491,7 +1491,9 @@ class _AfterImport:
                 spec.loader = loader
                 module.__loader__ = loader
                 loader.exec_module(module)
-                then(module)
+                if not watch.done:  # (once, whichever spec it found runs)
+                    watch.done = True
+                    watch.then(module)
 
         spec.loader = Loader()
         return spec
