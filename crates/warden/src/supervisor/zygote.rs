@@ -44,11 +44,11 @@ const ZYGOTE_EXIT_WAIT: Duration = Duration::from_secs(1);
 
 /// What a process started now would inherit from this one, as far as the
 /// zygote's forks would get it wrong: credentials (user, group, groups,
-/// capabilities, `no_new_privs`, seccomp), the `umask`, the signals
-/// ignored (`SIG_IGN` outlives exec) and the resource limits. The zygote was started with what these were then; its forks get
-/// that, not what the program has set since (a service that dropped its
-/// privileges, tightened its `umask` or lowered a limit after making the
-/// pool).
+/// capabilities, `no_new_privs`, seccomp), the `umask`, the signals ignored
+/// (`SIG_IGN` outlives exec) and the resource limits. The zygote was started
+/// with what these were then; its forks get that, not what the program has
+/// set since (a service that dropped its privileges, tightened its `umask`
+/// or lowered a limit after making the pool).
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Inherited {
     status: Vec<u8>,
