@@ -1532,6 +1532,8 @@ def _submodules_on_first_use(package: Any) -> None:
 
 
 def _stdlib_worker_submodules() -> None:
+    """Each package of :data:`_STDLIB_WORKER_SUBMODULES` gets its submodules
+    on first use: now if it is imported, else once it is."""
     for name in _STDLIB_WORKER_SUBMODULES:
         package = sys.modules.get(name)
         if package is not None:

@@ -70,6 +70,21 @@ pub(crate) fn keep_to_one_arena_under_an_address_space_limit() {
     }
 }
 
+/// Whether [`resident_bytes`] can read this PID namespace's processes here:
+/// `/proc` is mounted, and is this namespace's (under `unshare --pid`
+/// without a `/proc` of its own, the workers' pids would name other
+/// processes). `Err` says why not.
+pub(crate) fn sizes_readable_here() -> Result<(), String> {
+    let me = std::process::id();
+    match std::fs::read_link("/proc/self") {
+        Ok(seen) if seen.as_os_str() == me.to_string().as_str() => {
+            resident_bytes(me as i32).map(|_| ()).map_err(|e| e.to_string())
+        }
+        Ok(seen) => Err(format!("/proc is another PID namespace's: it shows this process as {seen:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The resident set size of process `pid`, in bytes.
 ///
 /// The caller must hold the process unreaped (a pool's supervisor holds its

@@ -535,21 +535,9 @@ impl Builder {
             }
         }
         if self.cfg.memory.soft.is_some() || self.cfg.memory.hard.is_some() {
-            // The caps read each worker's /proc/<pid>/statm: where /proc is
-            // not there to read (a container without it), they could hold
-            // nothing, and would say nothing either.
-            // (And /proc must be this PID namespace's: another's, under
-            // `unshare --pid` without a /proc of its own, would show other
-            // processes under the workers' pids.)
-            let me = std::process::id();
-            let unreadable = match std::fs::read_link("/proc/self") {
-                Ok(seen) if seen.as_os_str() == me.to_string().as_str() => {
-                    crate::memory::resident_bytes(me as i32).err().map(|e| e.to_string())
-                }
-                Ok(seen) => Some(format!("/proc is another PID namespace's: it shows this process as {seen:?}")),
-                Err(e) => Some(e.to_string()),
-            };
-            if let Some(why) = unreadable {
+            // Where /proc cannot tell the workers' sizes, the caps would
+            // hold nothing, and say nothing either.
+            if let Err(why) = crate::memory::sizes_readable_here() {
                 return Err(Error::config(format!(
                     "memory_limit and max_memory_per_child read each worker's resident set size from \
                      /proc/<pid>/statm, which cannot be read here ({why}): mount this namespace's /proc, or \
