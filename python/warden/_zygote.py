@@ -37,6 +37,7 @@ import contextlib
 import functools
 import gc
 import importlib
+import importlib.machinery
 import multiprocessing.resource_tracker  # every worker uses its parent's: loaded once, here
 import multiprocessing.spawn
 import multiprocessing.util
@@ -197,6 +198,29 @@ def _reseed_numpy() -> None:
             numpy.random.seed()
 
 
+class _LookAfresh:
+    """Last on a forked worker's ``sys.meta_path``. The worker's import
+    system starts with what the zygote's learned of ``sys.path``, which may
+    be stale by now: a directory missing then (cached as ``None``), one
+    listed in the same clock tick as a file arrived. A spawned worker looks
+    afresh. At this worker's first import that no finder found, the caches
+    are dropped (``importlib.invalidate_caches``) and ``sys.path`` searched
+    once more; from then on they are this worker's own. Lazily, since telling
+    every finder to look again at each fork cost every worker copy-on-write
+    faults (one per finder it touched) and a listing of each directory its
+    next imports searched."""
+
+    def __init__(self) -> None:
+        self.pending = True
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if not self.pending:
+            return None
+        self.pending = False
+        importlib.invalidate_caches()
+        return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+
 #: SIGINT's handler before the zygote ignored it.
 _sigint: Any = signal.default_int_handler
 
@@ -210,21 +234,19 @@ def _after_fork_in_child() -> None:
     if hasattr(main, "_set_native_id"):
         main._set_native_id()
     multiprocessing.util._finalizer_registry.clear()  # type: ignore[attr-defined]
-    # What the import system learned of sys.path in the zygote may be stale
-    # by now, or by this worker's first import: a directory missing then
-    # (cached as None), a zip file replaced since (its old table of
-    # contents). A spawned worker looks afresh: so a zip's importer is made
-    # again at the first import that needs it, and the rest are told to
-    # look again.
+    # A zip file on sys.path may have been replaced since the zygote read
+    # its table of contents: its importer is made again at the first import
+    # that needs it, as a spawned worker makes its own. (The rest of what
+    # the zygote's imports learned of sys.path is refreshed at this worker's
+    # first miss: see _LookAfresh.)
     zipimport = sys.modules.get("zipimport")
-    if zipimport is not None:
+    contents = getattr(zipimport, "_zip_directory_cache", None)
+    if isinstance(contents, dict) and contents:
         for entry, finder in list(sys.path_importer_cache.items()):
-            if isinstance(finder, zipimport.zipimporter):
+            if isinstance(finder, zipimport.zipimporter):  # type: ignore[union-attr]
                 del sys.path_importer_cache[entry]
-        contents = getattr(zipimport, "_zip_directory_cache", None)
-        if isinstance(contents, dict):
-            contents.clear()
-    importlib.invalidate_caches()
+        contents.clear()
+    sys.meta_path.append(_LookAfresh())  # type: ignore[arg-type]
     # random has reseeded itself (its own at-fork hook ran first); numpy's
     # global generator is reseeded here. A generator the program seeded gets
     # the state the preloads left instead, as a spawned worker would have.
