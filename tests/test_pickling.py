@@ -1068,6 +1068,46 @@ def test_functions_and_classes_defined_under_the_main_guard_go_by_value(program)
     assert std.stdout.splitlines() == ["submit failed: BrokenProcessPool"], std.stdout + std.stderr
 
 
+GUARD_FORMS = """
+import sys
+import warden
+
+def kind(obj):
+    return type(obj).__name__
+
+try:
+    if __name__ == "__main__":
+        class InATry:
+            pass
+except ImportError:
+    pass
+
+if __name__ == "__main__" and "--quiet" not in sys.argv:
+    class WithAnd:
+        pass
+
+if __name__ != "__main__":
+    pass
+else:
+    class InTheElse:
+        pass
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1) as ex:
+        for cls in (InATry, WithAnd, InTheElse):
+            print(ex.submit(kind, cls()).result(30))
+"""
+
+
+def test_classes_under_each_form_of_the_main_guard_go_by_value(program):
+    # Before, only a top-level `if __name__ == "__main__":` counted as a
+    # guard: these went by reference, and the worker's import of main had
+    # none of them ("Can't get attribute").
+    run = program(GUARD_FORMS).run()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["InATry", "WithAnd", "InTheElse"], run.stdout + run.stderr
+
+
 DYNAMIC_MAIN = """
 import threading
 import warden

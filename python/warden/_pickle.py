@@ -609,42 +609,64 @@ def _main_source_names(path: Any) -> _Names:
     # answer, and is not kept as one (see _main_bound).
     import ast
 
-    def guard(node: ast.stmt) -> bool:
-        if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+    def names_main(test: ast.expr, op: type) -> bool:
+        # `__name__ == "__main__"` (either way round), with ``op`` for ``==``.
+        if not isinstance(test, ast.Compare) or len(test.ops) != 1 or not isinstance(test.ops[0], op):
             return False
-        if len(node.test.ops) != 1 or not isinstance(node.test.ops[0], ast.Eq):
-            return False  # `if __name__ != "__main__":` runs in the child
-        sides = [node.test.left, *node.test.comparators]
+        sides = [test.left, *test.comparators]
         names = {s.id for s in sides if isinstance(s, ast.Name)}
         texts = {s.value for s in sides if isinstance(s, ast.Constant)}
         return names == {"__name__"} and texts == {"__main__"}
 
+    def guard(node: ast.AST) -> str | None:
+        # Which branch of an ``if`` runs only as main: its body under
+        # `if __name__ == "__main__":` (or `... and more:`), its else under
+        # `if __name__ != "__main__":`, whose body runs in the child.
+        if not isinstance(node, ast.If):
+            return None
+        test = node.test
+        if names_main(test, ast.Eq):
+            return "body"
+        if (
+            isinstance(test, ast.BoolOp)
+            and isinstance(test.op, ast.And)
+            and any(names_main(v, ast.Eq) for v in test.values)
+        ):
+            return "body"
+        return "orelse" if names_main(test, ast.NotEq) else None
+
     def collect(body: list[ast.stmt], into: set[str], in_guard: set[str]) -> None:
         for node in body:
-            if guard(node):
-                collect(node.body, in_guard, in_guard)  # type: ignore[attr-defined]
-                collect(getattr(node, "orelse", []), into, in_guard)
+            visit(node, into, in_guard)
+
+    def visit(node: ast.stmt, into: set[str], in_guard: set[str]) -> None:
+        branch = guard(node)
+        if branch is not None:
+            # (At the top level, or in a `try:`, a `with`, another `if`.)
+            only_main, both = (node.body, node.orelse) if branch == "body" else (node.orelse, node.body)  # type: ignore[attr-defined]
+            collect(only_main, in_guard, in_guard)
+            collect(both, into, in_guard)
+            return
+        todo: list[ast.AST] = [node]
+        while todo:
+            child = todo.pop()
+            if child is not node and guard(child) is not None:
+                visit(child, into, in_guard)  # type: ignore[arg-type]
                 continue
-            todo: list[ast.AST] = [node]
-            while todo:
-                child = todo.pop()
-                if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    into.add(child.name)  # what its body binds is its own,
-                    # but for the names it declares global (it may run at import)
-                    into.update(
-                        name
-                        for inner in ast.walk(child)
-                        if isinstance(inner, ast.Global)
-                        for name in inner.names
-                    )
-                    continue
-                if isinstance(child, ast.Lambda):
-                    continue
-                if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
-                    into.add(child.id)
-                elif isinstance(child, ast.alias):
-                    into.add((child.asname or child.name).split(".")[0])
-                todo.extend(ast.iter_child_nodes(child))
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                into.add(child.name)  # what its body binds is its own,
+                # but for the names it declares global (it may run at import)
+                into.update(
+                    name for inner in ast.walk(child) if isinstance(inner, ast.Global) for name in inner.names
+                )
+                continue
+            if isinstance(child, ast.Lambda):
+                continue
+            if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+                into.add(child.id)
+            elif isinstance(child, ast.alias):
+                into.add((child.asname or child.name).split(".")[0])
+            todo.extend(ast.iter_child_nodes(child))
 
     names: _Names
     with open(path, "rb") as f:
