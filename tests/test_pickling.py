@@ -1068,6 +1068,77 @@ def test_functions_and_classes_defined_under_the_main_guard_go_by_value(program)
     assert std.stdout.splitlines() == ["submit failed: BrokenProcessPool"], std.stdout + std.stderr
 
 
+PICKLED_ONCE = """
+import concurrent.futures, multiprocessing, sys
+import warden
+
+class Remaining:
+    # Pickles as what its iterator has left (taking it): as a stream, a
+    # cursor or a generator's items do.
+    def __init__(self, items):
+        self.it = iter(items)
+
+    def __reduce__(self):
+        return list, (list(self.it),)
+
+def task(label, items, *rest):
+    return label, items
+
+if __name__ == "__main__":
+    def report(x):  # a helper defined under the guard
+        return x
+
+    def guarded(label, items):
+        return label, items
+
+    def send(queue, items):
+        queue.put(items)
+
+    if sys.argv[1] == "std":
+        ex = concurrent.futures.ProcessPoolExecutor(1, multiprocessing.get_context("spawn"))
+        pool = multiprocessing.get_context("spawn").Pool(1)
+        calls = [("a string named as the helper", task, lambda: ("report", Remaining([1, 2, 3])))]
+    else:
+        ex, pool = warden.ProcessPoolExecutor(1), warden.Pool(1)
+        calls = [
+            ("a string named as the helper", task, lambda: ("report", Remaining([1, 2, 3]))),
+            ("the helper itself", guarded, lambda: ("report", Remaining([1, 2, 3]))),
+            ("a lambda beside it", task, lambda: ("report", Remaining([1, 2, 3]), lambda: 0)),
+        ]
+    with ex, pool:
+        for what, fn, args in calls:
+            print(what, "submit", ex.submit(fn, *args()).result(30)[1])
+            print(what, "apply", pool.apply(fn, args())[1])
+    if sys.argv[1] == "warden":
+        queue = multiprocessing.get_context("spawn").SimpleQueue()
+        child = warden.Process(target=send, args=(queue, Remaining([1, 2, 3])))
+        child.start()
+        print("the helper as a process's target", queue.get())
+        child.join(30)
+"""
+
+
+def test_a_call_sent_by_value_or_not_pickles_its_arguments_once(program):
+    # A call's arguments were pickled plainly, then again by cloudpickle when
+    # that pickle named a function under main's guard (or only seemed to: a
+    # string argument spelled like one) or held a lambda; an argument whose
+    # pickling takes what it pickles (an iterator's items) arrived empty. The
+    # standard library pickles each once: the same program on both.
+    prog = program(PICKLED_ONCE)
+    expected = [
+        f"{what} {how} [1, 2, 3]" for what in ("a string named as the helper",) for how in ("submit", "apply")
+    ]
+    std = prog.run(args=("std",))
+    assert std.returncode == 0 and std.stdout.splitlines() == expected, std.stdout + std.stderr
+    run = prog.run(args=("warden",))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        f"{what} {how} [1, 2, 3]"
+        for what in ("a string named as the helper", "the helper itself", "a lambda beside it")
+        for how in ("submit", "apply")
+    ] + ["the helper as a process's target [1, 2, 3]"], run.stdout + run.stderr
+
+
 GUARD_FORMS = """
 import sys
 import warden

@@ -806,38 +806,135 @@ def _pickled_name(name: str) -> bytes:
     return b"\x8c" + bytes([len(encoded)]) + encoded
 
 
-def _names_guarded(data: bytes) -> bool | None:
-    """Whether a plain pickle ``data`` (which names ``__main__``) may name a
-    function or class of main that a guard block defines and a child's
-    import of main does not (see :func:`_guarded`): a child could not
-    load it (the standard library's workers fail with "Can't get attribute"),
-    so it goes by ``cloudpickle``, by value, as loky sends it. Told by the
-    name appearing in the pickle as a global's name is written: a string
-    that happens to be that name costs a ``cloudpickle``, which sends the
-    same call. ``None`` when that cannot be told now (main's file cannot be
-    read: no descriptor left): sent by reference, as before."""
+def _guarded_now() -> tuple[tuple[str, bytes, bytes | None, Any], ...] | None:
+    """What :func:`_guarded` finds in this process's main now (looked at
+    again when main's namespace changes size or its last name); ``()`` in a
+    worker, whose ``__main__`` is the parent's as imported there
+    (``__mp_main__``, without its guard blocks: nothing it names is missing);
+    ``None`` when that cannot be told now (main's file cannot be read: no
+    descriptor left)."""
     main = sys.modules.get("__main__")
     namespace = getattr(main, "__dict__", None)
-    # In a worker, __main__ is the parent's main as imported there
-    # (__mp_main__), without its guard blocks: nothing it names is missing.
     if namespace is None or namespace.get("__name__") != "__main__":
-        return False
+        return ()
     found = _guarded_found
     last = next(reversed(namespace), None)
     if found[0] == id(namespace) and found[1] == len(namespace) and found[2] == last:
-        guarded = found[3]
-    else:
-        try:
-            guarded = _guarded(main, namespace)
-        except Exception:
-            return None
+        return found[3]  # type: ignore[no-any-return]
+    try:
+        return _guarded(main, namespace)
+    except Exception:
+        return None
+
+
+def _names_guarded(data: bytes) -> bool | None:
+    """Whether a plain pickle ``data`` (which names ``__main__``) names a
+    function or class of main that a guard block defines and a child's
+    import of main does not (see :func:`_guarded`): a child could not
+    load it (the standard library's workers fail with "Can't get attribute"),
+    so it goes by ``cloudpickle``, by value, as loky sends it. ``None`` when
+    that cannot be told now (main's file cannot be read): sent by
+    reference, as before.
+
+    Told by the name as a pickle writes a global's (a short string, then
+    ``MEMOIZE`` and ``STACK_GLOBAL``). Where the name's bytes are there only
+    otherwise (a string argument that happens to be that name, which the
+    global may then reuse from the memo), the pickle's opcodes are read to
+    tell: a pickle made again by ``cloudpickle`` would run the arguments'
+    reducers a second time, and one with a side effect (draining an
+    iterator) would send what its second run gave."""
+    guarded = _guarded_now()
+    if guarded is None:
+        return None
+    main_namespace = vars(sys.modules["__main__"]) if guarded else {}
+    ambiguous = []
     for name, encoded, dotted, value in guarded:
-        # The name alone, or the first part of a nested class's (``P.Q``);
-        # then whether main still binds it so (rebound since: looked at
+        # Then whether main still binds it so (rebound since: looked at
         # again when the namespace changes size or its last name).
-        if (encoded in data or (dotted is not None and dotted in data)) and namespace.get(name) is value:
+        if main_namespace.get(name) is not value:
+            continue
+        if encoded + b"\x94\x93" in data:
             return True
+        if encoded in data or (dotted is not None and dotted in data):
+            ambiguous.append(name)
+    return bool(ambiguous) and _saves_main_global(data, ambiguous)
+
+
+def _saves_main_global(data: bytes, names: list[str]) -> bool:
+    """Whether the pickle ``data`` (protocol 4 or later) saves one of
+    ``names`` of ``__main__`` as a global (or a class nested in one), read
+    from its opcodes: the two strings ``STACK_GLOBAL`` takes, pushed as they
+    are or fetched from the memo."""
+    import pickletools
+
+    memo: list[Any] = []
+    pushed: list[Any] = [None, None]
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            name = opcode.name
+            if name == "MEMOIZE":
+                memo.append(pushed[-1])
+                continue
+            if name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                value = arg
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                index = int(arg)
+                value = memo[index] if 0 <= index < len(memo) else None
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                index = int(arg)
+                memo.extend([None] * (index + 1 - len(memo)))
+                memo[index] = pushed[-1]
+                continue
+            elif name == "STACK_GLOBAL":
+                module, qualname = pushed[-2], pushed[-1]
+                if module == "__main__" and isinstance(qualname, str) and qualname.partition(".")[0] in names:
+                    return True
+                value = None
+            elif name == "FRAME":
+                continue
+            else:
+                value = None
+            pushed = [pushed[-1], value]
+    except Exception:
+        return True  # not read to its end: by value, as before
     return False
+
+
+def _only_by_value(fn: Any) -> bool:
+    """Whether the plain pickler certainly cannot send ``fn``, a function or
+    class, so that a child loads it: a lambda, a local one, or one of a
+    ``__main__`` the child cannot import or that a guard block of main
+    defines (see :func:`_guarded`). A call of it is pickled by
+    ``cloudpickle`` at once: a plain pickle first, only to be refused, would
+    run the reducers of its arguments twice (and one with a side effect,
+    draining an iterator, would send what its second run gave)."""
+    if not isinstance(fn, (_FunctionType, type)):
+        return False
+    qualname = getattr(fn, "__qualname__", None)
+    if type(qualname) is not str:
+        return False
+    if "<" in qualname:  # <lambda>, <locals>
+        return True
+    if getattr(fn, "__module__", None) != "__main__":
+        return False
+    if not _main_is_importable():
+        return True
+    guarded = _guarded_now()
+    return bool(guarded) and any(value is fn for _, _, _, value in guarded)
+
+
+def _call_only_by_value(obj: Any) -> bool:
+    """Whether ``obj`` is a call ``(fn, args, kwargs)`` whose function, or
+    one of its arguments (a chunk's runner has the function it runs first; a
+    callback), only ``cloudpickle`` can send (see :func:`_only_by_value`)."""
+    if type(obj) is not tuple or len(obj) != 3:
+        return False
+    fn, args, kwargs = obj
+    if _only_by_value(fn):
+        return True
+    if type(args) is tuple and any(_only_by_value(arg) for arg in args):
+        return True
+    return type(kwargs) is dict and any(_only_by_value(arg) for arg in kwargs.values())
 
 
 def _is_small_and_plain(obj: Any) -> bool:
@@ -1016,6 +1113,13 @@ def dumps_oob(obj: Any, to_parent: bool = False, lend: bool = True) -> tuple[byt
                 # beside its frame, as it is: the object is not pickled again.
                 return _oob.beside(data, to_parent=to_parent, lend=lend)
     found = _oob.prepare(obj)
+    if _call_only_by_value(obj):
+        try:
+            return _oob.dumps(obj, _cloud_oob, to_parent=to_parent, lend=lend, found=found)
+        except (_oob.SegmentTooLarge, OSError):
+            raise
+        except Exception:
+            pass  # the plain pickler's error says what the standard library's would: below
     check = _refuse_guarded if _main_is_importable() else _refuse_main
     try:
         return _oob.dumps(obj, _plain_oob, to_parent=to_parent, check=check, lend=lend, found=found)
@@ -1057,15 +1161,27 @@ def _neither(plain_error: Exception, cloud_error: Exception) -> Exception:
     return plain_error
 
 
-def dumps(obj: Any, before_retry: Callable[[Exception | None], None] | None = None) -> bytes:
+def dumps(
+    obj: Any,
+    before_retry: Callable[[Exception | None], None] | None = None,
+    functions: Iterable[Any] = (),
+) -> bytes:
     """Pickles ``obj``: plain pickle first, ``cloudpickle`` if that refuses
     or if the plain pickle names a ``__main__`` the child cannot import.
+    ``cloudpickle`` first if one of ``functions`` (what ``obj`` calls) can
+    only go by value (see :func:`_only_by_value`).
 
     Raises the plain pickler's error (with a note) if neither can pickle it.
     ``before_retry(error)`` runs before the ``cloudpickle`` attempt, with the
     plain pickler's error (``None`` when it succeeded but its pickle cannot
     be used); it may raise instead.
     """
+    if any(_only_by_value(fn) for fn in functions):
+        try:
+            return _cloud(obj)
+        except Exception as cloud_error:  # the plain pickler's error says why: below
+            if before_retry is not None:
+                before_retry(cloud_error)
     try:
         data = _plain(obj)
     except Exception as plain_error:
@@ -1127,11 +1243,15 @@ def spawning_object() -> Any:
 
 
 def dumps_for_spawn(
-    obj: Any, target: Any = None, parameters: Callable[[], Iterable[tuple[str, Any]]] = tuple
+    obj: Any,
+    target: Any = None,
+    parameters: Callable[[], Iterable[tuple[str, Any]]] = tuple,
+    functions: Iterable[Any] = (),
 ) -> tuple[bytes, list[int]]:
     """Pickles ``obj`` for a child about to be started. Returns the bytes and
     the fds to pass to the child (the caller owns them). ``target`` is the
     object being started, if any (a ``Process`` pickles fully only then).
+    ``functions``: what ``obj`` calls there (see :func:`dumps`).
 
     ``parameters()`` lists what ``obj`` carries by the names the user gave
     them (``("initargs[0]", value)``, ...): an object made for the ``fork``
@@ -1153,7 +1273,7 @@ def dumps_for_spawn(
             raise _fork_error(culprit, parameters()) from None
 
     try:
-        data = dumps(obj, before_retry=before_retry)
+        data = dumps(obj, before_retry=before_retry, functions=functions)
     except Exception as error:
         fds.close()
         if not named:

@@ -730,7 +730,9 @@ class Runner:
             hook_bytes = b""
             if hooks is not None:
                 hook_bytes, hook_fds = dumps_for_spawn(
-                    hooks, parameters=lambda: _named("initargs", hooks.get("initargs", ()))
+                    hooks,
+                    parameters=lambda: _named("initargs", hooks.get("initargs", ())),
+                    functions=(hooks.get("initializer"), hooks.get("finalizer"), hooks.get("worker_context")),
                 )
                 fds.extend(hook_fds)
             if forward_logging:

@@ -185,6 +185,7 @@ class Process(multiprocessing.context.Process):
                 ("target", self._target),
                 *self._own_attributes(),
             ],
+            functions=(type(self), self._target),
         )
         # Held back until the child is this object's, running its target
         # (see ctrl_c_held): a Ctrl-C meanwhile leaves a started child that
