@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import struct
+import sys
 import time
 
 import pytest
@@ -170,6 +172,73 @@ def test_a_lent_buffer_that_cannot_be_read_fails_with_an_error_naming_the_way_ou
         _oob.open_segment(r)
     assert "out of process" in str(caught.value)
     os.close(w)
+
+
+NOT_DUMPABLE = """
+import ctypes, os
+import warden
+
+def harden(_):
+    # As code that holds secrets does (and a change of user does too).
+    ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+    return "hardened"
+
+def make(n):
+    return b"y" * n
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1) as ex:
+        print(len(ex.submit(make, 1 << 20).result(30)))
+        print(ex.submit(harden, 0).result(30))
+        print(len(ex.submit(make, 1 << 20).result(30)))
+"""
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux) to drop CAP_SYS_PTRACE")
+def test_a_worker_a_task_made_not_dumpable_sends_its_large_results_another_way(program):
+    # Lending was decided once per process: the parent, without
+    # CAP_SYS_PTRACE, could not read the results such a worker lent, and
+    # every large result of that worker failed with PermissionError.
+    prog = program(NOT_DUMPABLE)
+    drop = (
+        ["setpriv", "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace"] if os.geteuid() == 0 else []
+    )
+    proc = prog.start(command=[*drop, sys.executable, str(prog.path)])
+    out, err = proc.communicate(timeout=60)  # (the fixture kills what is left)
+    assert proc.returncode == 0, err
+    assert out.split() == [str(1 << 20), "hardened", str(1 << 20)], out + err
+
+
+CHANGED_USER = """
+import os
+import warden
+
+def become_nobody(_):
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1) as ex:
+        ex.submit(become_nobody, 0).result(30)
+        try:
+            ex.submit(len, b"x" * (1 << 20)).result(30)
+        except PermissionError as e:
+            print(e)
+        print(ex.submit(len, b"x" * 1000).result(30))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a task can change its worker's user only as root")
+def test_a_worker_whose_task_changed_its_user_says_so_when_it_cannot_read_a_lent_call(program):
+    # It may no longer read the parent's memory: that task fails (a
+    # documented limit), its error says why, and small calls go on.
+    run = program(CHANGED_USER).run()
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 2 and "user or group changed" in lines[0] and lines[1] == "1000", (
+        run.stdout + run.stderr
+    )
 
 
 def test_memory_a_received_array_was_read_into_is_reused_once_the_array_is_gone():

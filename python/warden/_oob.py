@@ -556,16 +556,24 @@ def may_lend(to_parent: bool) -> bool:
     """Whether buffers may be lent to the parent (``to_parent``) or to a
     child: Yama's ``ptrace_scope`` is 0 (or 1, which lets only an ancestor
     read: the parent), this process is dumpable, and ``process_vm_readv``
-    works here (a seccomp filter may refuse it). Decided once per process."""
+    works here (a seccomp filter may refuse it). Decided once per process,
+    but for whether it is dumpable, asked each time: a task may have made
+    its worker not dumpable (``prctl(PR_SET_DUMPABLE, 0)``, or a change of
+    user or group, which does that too), and a program its own process."""
     if not LEND:
         return False
     pid = os.getpid()
     known = _may_lend.get(to_parent)
     if known is not None and known[0] == pid:
-        return known[1]
-    allowed = _lending_works(1 if to_parent else 0)
-    _may_lend[to_parent] = (pid, allowed)
-    return allowed
+        allowed = known[1]
+    else:
+        allowed = _lending_works(1 if to_parent else 0)
+        _may_lend[to_parent] = (pid, allowed)
+    if not allowed:
+        return False
+    from . import _warden
+
+    return _warden.is_dumpable()  # type: ignore[no-any-return]
 
 
 def _lending_works(max_scope: int) -> bool:
@@ -1064,10 +1072,19 @@ def _read_lent(fd: int) -> list[Any]:
             raise type(e)(
                 e.errno, f"{e.strerror}: process {pid} ended before its lent buffers were read"
             ) from None
+        why = ""
+        if (os.getresuid(), os.getresgid()) != _CREDENTIALS:
+            why = ": this process's user or group changed since it started (a task's os.setuid?)"
         raise type(e)(
             e.errno,
-            f"{e.strerror} (set WARDEN_LEND_BUFFERS=0 to send large buffers through shared segments instead)",
+            f"{e.strerror}{why} "
+            "(set WARDEN_LEND_BUFFERS=0 to send large buffers through shared segments instead)",
         ) from None
+
+
+#: This process's user and group ids as warden was imported (``_read_lent``);
+#: a zygote's are its pool's, and so its workers'.
+_CREDENTIALS = (os.getresuid(), os.getresgid())
 
 
 #: Where numpy rebuilds an array from its buffer (protocol 5), by version.
