@@ -144,6 +144,33 @@ def test_exit_codes_follow_the_standard_library(target, args, expected):
     assert ours.exitcode == theirs.exitcode == expected
 
 
+def fork_a_copy_that(ends, path):
+    pid = os.fork()
+    if pid == 0:  # the copy: out of the target, as the original would leave it
+        if ends == "exit":
+            sys.exit(5)
+        if ends == "raise":
+            raise ValueError("the copy's error")
+        return
+    _, status = os.waitpid(pid, 0)
+    write(path, str(os.waitstatus_to_exitcode(status)))
+
+
+@pytest.mark.parametrize(("ends", "expected"), [("exit", "5"), ("raise", "1"), ("return", "0")])
+def test_a_copy_a_targets_fork_made_ends_with_its_own_exit_code_as_the_standard_librarys(
+    tmp_path, ends, expected
+):
+    # It ended with 0 whatever it did: it was taken for a pool task's copy.
+    codes = {}
+    for name, make in (("std", multiprocessing.get_context("spawn").Process), ("warden", warden.Process)):
+        path = tmp_path / name
+        p = make(target=fork_a_copy_that, args=(ends, str(path)))
+        p.start()
+        p.join(30)
+        codes[name] = (p.exitcode, path.read_text())
+    assert codes == {"std": (0, expected), "warden": (0, expected)}
+
+
 def sleep_long():
     time.sleep(60)
 

@@ -906,6 +906,7 @@ class Handler:
         multiprocessing.process._current_process = process  # type: ignore[attr-defined]
         multiprocessing.process._children = set()  # type: ignore[attr-defined]
         exitcode = 1
+        pid = os.getpid()
         multiprocessing.util.info("child process calling self.run()")
         try:
             try:
@@ -928,6 +929,12 @@ class Handler:
         except BaseException:
             say_exception(f"Process {process.name}:\n")
             exitcode = 1
+        if os.getpid() != pid:
+            # A copy the target forked (os.fork), come back out of it: it
+            # ends here with the target's exit code, as such a copy of a
+            # multiprocessing child ends its bootstrap, not as the worker.
+            multiprocessing.util._flush_std_streams()  # type: ignore[attr-defined]
+            os._exit(exitcode)
         self.exit_code = exitcode
         # Like multiprocessing: a child waits for the non-daemon threads it
         # started; one told to stop does not (its target ended with another
