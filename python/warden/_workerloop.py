@@ -1739,4 +1739,10 @@ def main() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     for sig in _STOP_SIGNALS:
         signal.signal(sig, handler.on_signal)
+    # The core ignores these (a read of the terminal fails instead of
+    # stopping the worker for ever): said through Python too, so that
+    # signal.getsignal() tells a task so, and a task that sets a handler of
+    # its own and then the one it had back sets SIG_IGN back, not SIG_DFL.
+    for sig in (signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
     _warden.worker_main(handler, variables)
