@@ -995,6 +995,55 @@ def test_a_task_that_sets_back_the_terminal_signal_handler_it_found_keeps_it_ign
     assert lines[-2:] == ["found SIG_IGN", f"failed OSError {errno.EIO}"], out
 
 
+STOPPED_IN_A_PROXY_CALL = """
+import multiprocessing, time
+import warden
+
+def init(shared):
+    global D
+    D = shared
+
+def task(lock):
+    started = time.monotonic()
+    while True:
+        with lock:  # a manager's lock: its release reads a reply too
+            D.get("big")  # most of the time goes in reading this reply
+        D["alive"] = time.monotonic() - started
+
+def finalizer():
+    D["finalizer saw"] = D.get("small")
+
+if __name__ == "__main__":
+    manager = multiprocessing.get_context("spawn").Manager()
+    shared = manager.dict(big="x" * 1_000_000, small="ok")
+    for _ in range(8):
+        for key in ("alive", "finalizer saw"):
+            shared.pop(key, None)
+        with warden.ProcessPoolExecutor(
+            1, initializer=init, initargs=(shared,), finalizer=finalizer, task_timeout=0.4
+        ) as ex:
+            lock = manager.Lock()
+            try:
+                ex.submit(task, lock).result(30)
+            except warden.TaskTimeout:
+                pass
+        print(round(shared.get("alive", 0), 1) <= 0.5, shared.get("finalizer saw"), flush=True)
+    manager.shutdown()
+"""
+
+
+def test_a_task_stopped_in_a_manager_proxys_call_stops_and_its_finalizer_reads_its_own_replies(program):
+    """A stop raised between a proxy call's request and its reply left the
+    reply on the connection all of that manager's proxies share in the
+    thread: the lock's release read it as its own (true: the stop was
+    swallowed, the task ran on until killed, 'still running 2500 ms later'
+    on stderr) and the finalizer's ``get`` read another's value."""
+    run = program(STOPPED_IN_A_PROXY_CALL).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["True ok"] * 8, run.stdout + run.stderr
+    assert "still running" not in run.stderr, run.stderr
+
+
 SPIN_ON_A_LOCK = """
 def spin(n):
     for i in range(n):

@@ -185,6 +185,71 @@ def _raise_after_hand_over(frame: Any, stop: BaseException) -> Callable[[], None
     return _raise_in(frame, stop, lambda _now, event: event == "return")
 
 
+def _proxy_call(frame: Any) -> Any:
+    """The frame of a ``multiprocessing`` manager proxy's call of its
+    referent's method (``BaseProxy._callmethod``) that ``frame`` is in, a
+    few calls down at most, or ``None``. Such a call sends its request, then
+    reads the reply, on the connection every proxy of that manager shares in
+    this thread: a stop raised between the two leaves the reply unread, and
+    the next call (the ``with`` statement's ``release``, a finalizer's) reads
+    it as its own."""
+    managers = sys.modules.get("multiprocessing.managers")
+    if managers is None or frame is None:
+        return None
+    try:
+        code = managers.BaseProxy._callmethod.__code__
+    except AttributeError:
+        return None
+    for _ in range(8):
+        if frame is None:
+            return None
+        if frame.f_code is code:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _drop_proxy_connection(proxy: Any) -> None:
+    """Lets go of this thread's connection to ``proxy``'s manager, whose
+    reply to a call stopped in the middle is still unread: the next call of
+    any of that manager's proxies here connects again."""
+    local = getattr(proxy, "_tls", None)
+    connection = getattr(local, "connection", None)
+    if connection is None:
+        return
+    with contextlib.suppress(Exception):
+        del local.connection
+        connection.close()
+
+
+def _raise_after_proxy_call(call: Any, stop: BaseException) -> Callable[[], None] | None:
+    """Arranges for ``stop`` to be raised once the proxy call ``call`` (see
+    :func:`_proxy_call`) has read its reply: as it returns; out of a proxy's
+    ``__exit__`` as that returns (a manager lock given back); after a
+    proxy's ``__enter__``, in the ``with`` statement's body (whose exit gives
+    the lock back). Returns what removes the trace function and lets go of
+    the connection, for a call that does not return meanwhile (blocked
+    taking a manager's lock, waiting on its queue): raised there, its reply
+    is never read. ``None`` where that cannot be done (a trace function is set)."""
+    caller = call.f_back
+    name = caller.f_code.co_name if caller is not None else None
+    if name == "__enter__":
+        clear = _raise_after_hand_over(caller, stop)
+    elif name == "__exit__":
+        clear = _raise_in(caller, stop, lambda _now, event: event == "return")
+    else:
+        clear = _raise_in(call, stop, lambda _now, event: event == "return")
+    if clear is None:
+        return None
+    proxy = call.f_locals.get("self")
+
+    def cancel() -> None:
+        clear()
+        _drop_proxy_connection(proxy)
+
+    return cancel
+
+
 def _raise_in(
     frame: Any, stop: BaseException, due: Callable[[Any, str], bool], opcodes: bool = False
 ) -> Callable[[], None] | None:
@@ -665,7 +730,14 @@ class Handler:
             self.stop_raised = True
             stop = TaskInterrupted(signal.Signals(signum).name)
             cancel = None
-            if _taking_or_giving_a_lock(frame):
+            call = _proxy_call(frame)
+            if call is not None:
+                # In a manager proxy's call: raised once it has its reply.
+                cancel = _raise_after_proxy_call(call, stop)
+                if cancel is None:
+                    _drop_proxy_connection(call.f_locals.get("self"))
+                    raise stop
+            elif _taking_or_giving_a_lock(frame):
                 # Raised here, the stop would leave a lock of the program's
                 # held for good: it is raised once the lock is in the with
                 # statement's charge, or given back.
