@@ -1044,6 +1044,40 @@ def test_a_task_stopped_in_a_manager_proxys_call_stops_and_its_finalizer_reads_i
     assert "still running" not in run.stderr, run.stderr
 
 
+WAITS_ON_A_MANAGER_LOCK = """
+import multiprocessing
+import warden
+
+def task(lock):
+    while True:
+        with lock:  # (waiting for it: a body of `pass`)
+            pass
+
+if __name__ == "__main__":
+    manager = multiprocessing.get_context("spawn").Manager()
+    for _ in range(10):
+        lock = manager.Lock()
+        with warden.ProcessPoolExecutor(1, task_timeout=0.3) as ex:
+            try:
+                ex.submit(task, lock).result(30)
+            except warden.TaskTimeout:
+                pass
+        free = lock.acquire(timeout=5)
+        print("free" if free else "held", flush=True)
+        if free:
+            lock.release()
+    manager.shutdown()
+"""
+
+
+def test_a_task_stopped_around_a_with_block_of_a_manager_lock_leaves_it_free(program):
+    """Raised on the ``with`` line after a body of ``pass``, before its
+    ``__exit__`` ran, the stop left the manager's lock held for good."""
+    run = program(WAITS_ON_A_MANAGER_LOCK).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["free"] * 10, run.stdout + run.stderr
+
+
 SPIN_ON_A_LOCK = """
 def spin(n):
     for i in range(n):

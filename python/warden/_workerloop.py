@@ -234,7 +234,26 @@ def _raise_after_proxy_call(call: Any, stop: BaseException) -> Callable[[], None
     caller = call.f_back
     name = caller.f_code.co_name if caller is not None else None
     if name == "__enter__":
-        clear = _raise_after_hand_over(caller, stop)
+        target = caller.f_back
+        if target is None:
+            return None
+        import dis
+
+        nop = dis.opmap["NOP"]
+        gives_back = _handler_of(target.f_code, target.f_lasti + 2)
+        with_line = target.f_lineno
+
+        def due(now: Any, event: str) -> bool:
+            # In the body (its exit gives the lock back), or past the with
+            # statement; not on its exit's line (the ``with`` line), where
+            # ``__exit__`` has yet to run, nor at a body of ``pass``.
+            if event == "return":
+                return True
+            if event != "line" or now.f_code.co_code[now.f_lasti] == nop:
+                return False
+            return _handler_of(now.f_code, now.f_lasti) == gives_back or now.f_lineno != with_line
+
+        clear = _raise_in(target, stop, due)
     elif name == "__exit__":
         clear = _raise_in(caller, stop, lambda _now, event: event == "return")
     else:
