@@ -1284,8 +1284,9 @@ def _clear_program_globals() -> None:
         # elsewhere). Made before a zygote forked this worker, the cycle is
         # frozen out of the collector's reach (see _zygote._before_fork):
         # given back to it, as a spawned worker's interpreter would collect
-        # it at exit. (A full collection: only when something waits for it.)
-        if gc.get_freeze_count() and any(ref() is not None for ref in finalizable):
+        # it at exit. (A full collection: only when something waits for it.
+        # Asked last: get_freeze_count() walks every frozen object.)
+        if any(ref() is not None for ref in finalizable) and gc.get_freeze_count():
             gc.unfreeze()
             gc.collect()
     _settle_files(namespaces, close=not threads)
