@@ -44,8 +44,10 @@ WORKERS = 2
 
 def respawn_rate(make, n):
     """Tasks per second through a pool whose every worker runs one task; and,
-    per task, the CPU time (ms) and the page faults of the processes reaped
-    meanwhile (the workers that ended; not a zygote or a fork server)."""
+    per task, the CPU time (ms), the part of it in user space (the
+    interpreter's own work, apart from the kernel's page faults and system
+    calls) and the page faults of the processes reaped meanwhile (the
+    workers that ended; not a zygote or a fork server)."""
     import resource
 
     with make() as pool:
@@ -61,7 +63,8 @@ def respawn_rate(make, n):
         rate = n / (time.perf_counter() - start)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / n * 1e3
-    return rate, cpu, (after.ru_minflt - before.ru_minflt) / n
+    user = (after.ru_utime - before.ru_utime) / n * 1e3
+    return rate, cpu, user, (after.ru_minflt - before.ru_minflt) / n
 
 
 def fork_ceiling(n):
@@ -243,14 +246,14 @@ def main():
         ),
         "multiprocessing.Pool (fork)": respawn_rate(lambda: fork.Pool(WORKERS, maxtasksperchild=1), n_fast),
     }
-    rates["bare fork + _exit + wait (ceiling)"] = (fork_ceiling(n_fast), None, None)
+    rates["bare fork + _exit + wait (ceiling)"] = (fork_ceiling(n_fast), None, None, None)
     z = rates["warden (zygote)"][0]
     head = f"{'respawn, max_tasks_per_child=1':34} {'tasks/s':>10} {'zygote is':>10}"
-    print(f"{head} {'CPU ms':>7} {'faults':>7}")
-    for name, (rate, cpu, faults) in rates.items():
-        used = "" if cpu is None else f" {cpu:7.2f} {faults:7.0f}"
+    print(f"{head} {'CPU ms':>7} {'user':>6} {'faults':>7}")
+    for name, (rate, cpu, user, faults) in rates.items():
+        used = "" if cpu is None else f" {cpu:7.2f} {user:6.2f} {faults:7.0f}"
         print(f"{name:34} {rate:10.1f} {z / rate:9.2f}x{used}")
-    print("(CPU ms, faults: per task, of the workers that ended during the run)")
+    print("(CPU ms, of it in user space, faults: per task, of the workers that ended during the run)")
 
     n_lat = 200 // scale
     print(f"\n{'one worker, max_tasks_per_child=1':34} {'median ms':>10}   (N={n_lat})")
