@@ -1179,6 +1179,28 @@ def test_classes_under_each_form_of_the_main_guard_go_by_value(program):
     assert run.stdout.split() == ["InATry", "WithAnd", "InTheElse"], run.stdout + run.stderr
 
 
+DEFINED_AGAIN = """
+import warden
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1) as ex:
+        for k in (2, 3):
+            def times(x, k=k):
+                return x * k
+
+            print(ex.submit(times, 5).result(30), ex.submit(times, [5]).result(30))
+"""
+
+
+def test_a_function_the_main_guard_defines_again_in_a_loop_goes_by_value_each_time(program):
+    # Main's namespace kept its size and its last name: what was found
+    # under the guard was not looked at again, and the second function was
+    # sent by reference to a worker whose main has no such name.
+    run = program(DEFINED_AGAIN).run()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["10 [5, 5]", "15 [5, 5, 5]"], run.stdout + run.stderr
+
+
 DYNAMIC_MAIN = """
 import threading
 import warden

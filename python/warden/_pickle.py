@@ -820,7 +820,14 @@ def _guarded_now() -> tuple[tuple[str, bytes, bytes | None, Any], ...] | None:
     found = _guarded_found
     last = next(reversed(namespace), None)
     if found[0] == id(namespace) and found[1] == len(namespace) and found[2] == last:
-        return found[3]  # type: ignore[no-any-return]
+        # And each still bound as found: a name the guard block rebinds (a
+        # function defined again in a loop) changes neither the size nor
+        # the last name.
+        for name, _, _, value in found[3]:
+            if namespace.get(name) is not value:
+                break
+        else:
+            return found[3]  # type: ignore[no-any-return]
     try:
         return _guarded(main, namespace)
     except Exception:
@@ -838,26 +845,48 @@ def _names_guarded(data: bytes) -> bool | None:
 
     Told by the name as a pickle writes a global's (a short string, then
     ``MEMOIZE`` and ``STACK_GLOBAL``). Where the name's bytes are there only
-    otherwise (a string argument that happens to be that name, which the
-    global may then reuse from the memo), the pickle's opcodes are read to
-    tell: a pickle made again by ``cloudpickle`` would run the arguments'
-    reducers a second time, and one with a side effect (draining an
-    iterator) would send what its second run gave."""
+    otherwise, they are a string value that happens to be that name (a
+    pickle made again by ``cloudpickle`` would run the arguments' reducers a
+    second time, and one with a side effect, draining an iterator, would
+    send what its second run gave); unless a global takes its name from the
+    memo (``BINGET`` then ``STACK_GLOBAL``: the same string saved before,
+    as a value), which only the pickle's opcodes tell, as they tell a class
+    nested in one (``P.Q``) from a string value that starts with ``P.``.
+    Those are read for a pickle of at most :data:`_OPCODES_READ_MAX` bytes;
+    a larger one that may hold such a global goes by ``cloudpickle``."""
     guarded = _guarded_now()
     if guarded is None:
         return None
     main_namespace = vars(sys.modules["__main__"]) if guarded else {}
     ambiguous = []
+    nested = False
     for name, encoded, dotted, value in guarded:
-        # Then whether main still binds it so (rebound since: looked at
-        # again when the namespace changes size or its last name).
         if main_namespace.get(name) is not value:
             continue
         if encoded + b"\x94\x93" in data:
             return True
-        if encoded in data or (dotted is not None and dotted in data):
+        if dotted is not None and dotted in data:
+            # A class nested in it (``P.Q``, one string) or a string value
+            # that starts so: told only by the opcodes.
             ambiguous.append(name)
-    return bool(ambiguous) and _saves_main_global(data, ambiguous)
+            nested = True
+        elif encoded in data:
+            ambiguous.append(name)
+    if not ambiguous:
+        return False
+    if not nested:
+        import re
+
+        # ``BINGET`` or ``LONG_BINGET`` right before ``STACK_GLOBAL``: a
+        # global's name taken from the memo.
+        if re.search(rb"(?:h.|r....)\x93", data, re.DOTALL) is None:
+            return False
+    return len(data) > _OPCODES_READ_MAX or _saves_main_global(data, ambiguous)
+
+
+#: The largest pickle :func:`_names_guarded` reads opcode by opcode (about a
+#: microsecond each, in Python).
+_OPCODES_READ_MAX = 256 * 1024
 
 
 def _saves_main_global(data: bytes, names: list[str]) -> bool:
@@ -932,9 +961,16 @@ def _call_only_by_value(obj: Any) -> bool:
     fn, args, kwargs = obj
     if _only_by_value(fn):
         return True
-    if type(args) is tuple and any(_only_by_value(arg) for arg in args):
-        return True
-    return type(kwargs) is dict and any(_only_by_value(arg) for arg in kwargs.values())
+    # (Loops, not any() over a generator: this runs for every such call.)
+    if type(args) is tuple:
+        for arg in args:
+            if (type(arg) is _FunctionType or isinstance(arg, type)) and _only_by_value(arg):
+                return True
+    if type(kwargs) is dict and kwargs:
+        for arg in kwargs.values():
+            if (type(arg) is _FunctionType or isinstance(arg, type)) and _only_by_value(arg):
+                return True
+    return False
 
 
 def _is_small_and_plain(obj: Any) -> bool:
