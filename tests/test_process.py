@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import multiprocessing
 import multiprocessing.connection
@@ -9,6 +10,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -151,12 +153,19 @@ def fork_a_copy_that(ends, path):
             sys.exit(5)
         if ends == "raise":
             raise ValueError("the copy's error")
+        if ends == "leaves a thread":
+            threading.Thread(target=lambda: (time.sleep(0.5), write(path + ".thread", "done"))).start()
         return
     _, status = os.waitpid(pid, 0)
-    write(path, str(os.waitstatus_to_exitcode(status)))
+    code = str(os.waitstatus_to_exitcode(status))
+    with contextlib.suppress(FileNotFoundError), open(f"{path}.thread") as thread:
+        code += " " + thread.read()
+    write(path, code)
 
 
-@pytest.mark.parametrize(("ends", "expected"), [("exit", "5"), ("raise", "1"), ("return", "0")])
+@pytest.mark.parametrize(
+    ("ends", "expected"), [("exit", "5"), ("raise", "1"), ("return", "0"), ("leaves a thread", "0 done")]
+)
 def test_a_copy_a_targets_fork_made_ends_with_its_own_exit_code_as_the_standard_librarys(
     tmp_path, ends, expected
 ):

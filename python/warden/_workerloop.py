@@ -1023,7 +1023,10 @@ class Handler:
         if os.getpid() != pid:
             # A copy the target forked (os.fork), come back out of it: it
             # ends here with the target's exit code, as such a copy of a
-            # multiprocessing child ends its bootstrap, not as the worker.
+            # multiprocessing child ends its bootstrap (the threads it
+            # started joined, its streams flushed), not as the worker.
+            with contextlib.suppress(BaseException):
+                _join_non_daemon_threads()
             multiprocessing.util._flush_std_streams()  # type: ignore[attr-defined]
             os._exit(exitcode)
         self.exit_code = exitcode
