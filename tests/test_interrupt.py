@@ -909,10 +909,15 @@ def test_terminating_a_pool_whose_workers_handle_sigterm_runs_their_exit_path_at
 
 
 READS_THE_TERMINAL = """
-import os, sys
+import os, signal, sys
 import warden
 
-def ask():
+def ask(restore):
+    if restore:
+        # A library's own handler for a while, then the one it found, back.
+        found = signal.signal(signal.SIGTTIN, lambda *a: None)
+        signal.signal(signal.SIGTTIN, found)
+        print("found", "SIG_IGN" if found == signal.SIG_IGN else found, flush=True)
     fd = os.open("/dev/tty", os.O_RDWR)
     try:
         os.write(fd, b"password: ")
@@ -923,7 +928,7 @@ def ask():
 if __name__ == "__main__":
     ex = warden.ProcessPoolExecutor(1)
     try:
-        print("read", ex.submit(ask).result(timeout=30), flush=True)
+        print("read", ex.submit(ask, "--restore" in sys.argv).result(timeout=30), flush=True)
     except TimeoutError:  # an OSError too: first
         print("still waiting", flush=True)
         os._exit(1)  # the worker is stopped: a shutdown would wait for it
@@ -933,49 +938,25 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.skipif(shutil.which("script") is None, reason="needs script(1) (util-linux) for a terminal")
-def test_a_task_reading_the_terminal_fails_with_eio_instead_of_being_stopped_for_ever(program):
-    """Under a terminal (``script`` runs the program in a pseudo-terminal of
-    its own session), a worker is in a background process group: a task
-    reading ``/dev/tty`` was stopped by SIGTTIN, and its ``result()``
-    waited for ever. Now the read fails, and the task with it."""
-    prog = program(READS_THE_TERMINAL)
-    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(prog.path))}"
+def lines_under_a_terminal(prog, *args):
+    """Runs ``prog`` in a pseudo-terminal of its own session (``script``),
+    where a worker is in a background process group; its output's lines."""
+    command = shlex.join([sys.executable, str(prog.path), *args])
     proc = prog.start(stdin=subprocess.DEVNULL, command=["script", "-qec", command, "/dev/null"])
     try:
         out, err = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
         pytest.fail("the program did not end within 90 s")
     assert proc.returncode == 0, out + err
-    assert out.splitlines()[-1].strip() == f"password: failed OSError {errno.EIO}", out
+    return [line.strip() for line in out.splitlines()]
 
 
-RESTORES_ITS_HANDLER = """
-import os, signal
-import warden
-
-def ask():
-    # A library's own handler for a while, then the one it found, back.
-    found = signal.signal(signal.SIGTTIN, lambda *a: None)
-    signal.signal(signal.SIGTTIN, found)
-    print("found", "SIG_IGN" if found == signal.SIG_IGN else found, flush=True)
-    fd = os.open("/dev/tty", os.O_RDWR)
-    try:
-        return os.read(fd, 100)
-    finally:
-        os.close(fd)
-
-if __name__ == "__main__":
-    ex = warden.ProcessPoolExecutor(1)
-    try:
-        print("read", ex.submit(ask).result(timeout=30), flush=True)
-    except TimeoutError:  # an OSError too: first
-        print("still waiting", flush=True)
-        os._exit(1)  # the worker is stopped: a shutdown would wait for it
-    except OSError as e:
-        print("failed", type(e).__name__, e.errno, flush=True)
-    ex.shutdown()
-"""
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs script(1) (util-linux) for a terminal")
+def test_a_task_reading_the_terminal_fails_with_eio_instead_of_being_stopped_for_ever(program):
+    """A task reading ``/dev/tty`` was stopped by SIGTTIN, and its
+    ``result()`` waited for ever. Now the read fails, and the task with it."""
+    lines = lines_under_a_terminal(program(READS_THE_TERMINAL))
+    assert lines[-1] == f"password: failed OSError {errno.EIO}", lines
 
 
 @pytest.mark.skipif(shutil.which("script") is None, reason="needs script(1) (util-linux) for a terminal")
@@ -983,16 +964,8 @@ def test_a_task_that_sets_back_the_terminal_signal_handler_it_found_keeps_it_ign
     """Python told a task SIGTTIN's handler was SIG_DFL where the core had
     it ignored: setting back what it found un-ignored it, and the next read
     of the terminal stopped the worker for ever."""
-    prog = program(RESTORES_ITS_HANDLER)
-    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(prog.path))}"
-    proc = prog.start(stdin=subprocess.DEVNULL, command=["script", "-qec", command, "/dev/null"])
-    try:
-        out, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the program did not end within 90 s")
-    assert proc.returncode == 0, out + err
-    lines = [line.strip() for line in out.splitlines()]
-    assert lines[-2:] == ["found SIG_IGN", f"failed OSError {errno.EIO}"], out
+    lines = lines_under_a_terminal(program(READS_THE_TERMINAL), "--restore")
+    assert lines[-2:] == ["found SIG_IGN", f"password: failed OSError {errno.EIO}"], lines
 
 
 STOPPED_IN_A_PROXY_CALL = """
