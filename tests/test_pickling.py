@@ -1201,6 +1201,30 @@ def test_a_function_the_main_guard_defines_again_in_a_loop_goes_by_value_each_ti
     assert run.stdout.splitlines() == ["10 [5, 5]", "15 [5, 5, 5]"], run.stdout + run.stderr
 
 
+NAMED_AFTER_MANY = """
+import warden
+
+def call_all(names, functions):
+    return [function(1) for function in functions]
+
+if __name__ == "__main__":
+    def g(x):
+        return x + 1
+
+    # 300 strings memoized before the function, one of them its name: the
+    # pickle names it from the memo with LONG_BINGET.
+    names = [f"s{i}" for i in range(300)] + ["g"]
+    with warden.Pool(1) as pool:
+        print(pool.apply(call_all, (names, [g])))
+"""
+
+
+def test_a_guarded_function_whose_name_the_pickle_takes_from_far_in_the_memo_goes_by_value(program):
+    run = program(NAMED_AFTER_MANY).run()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["[2]"], run.stdout + run.stderr
+
+
 DYNAMIC_MAIN = """
 import threading
 import warden

@@ -879,7 +879,7 @@ def _names_guarded(data: bytes) -> bool | None:
 
         # ``BINGET`` or ``LONG_BINGET`` right before ``STACK_GLOBAL``: a
         # global's name taken from the memo.
-        if re.search(rb"(?:h.|r....)\x93", data, re.DOTALL) is None:
+        if re.search(rb"(?:h.|j....)\x93", data, re.DOTALL) is None:
             return False
     return len(data) > _OPCODES_READ_MAX or _saves_main_global(data, ambiguous)
 
