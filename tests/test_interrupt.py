@@ -1051,6 +1051,41 @@ def test_a_task_stopped_around_a_with_block_of_a_manager_lock_leaves_it_free(pro
     assert run.stdout.split() == ["free"] * 10, run.stdout + run.stderr
 
 
+ENTERED_BY_AN_EXIT_STACK = """
+import contextlib, multiprocessing, time
+import warden
+
+def task(lock):
+    while True:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(lock)
+            time.sleep(0.001)
+
+if __name__ == "__main__":
+    manager = multiprocessing.get_context("spawn").Manager()
+    for _ in range(12):
+        lock = manager.Lock()
+        with warden.ProcessPoolExecutor(1, task_timeout=0.3) as ex:
+            try:
+                ex.submit(task, lock).result(30)
+            except warden.TaskTimeout:
+                pass
+        free = lock.acquire(timeout=5)
+        print("free" if free else "held", flush=True)
+        if free:
+            lock.release()
+    manager.shutdown()
+"""
+
+
+def test_a_task_stopped_as_an_exit_stack_enters_a_manager_lock_leaves_it_free(program):
+    """Held back past the lock's ``__enter__``, the stop was raised in
+    ``enter_context`` before it registered the lock's exit."""
+    run = program(ENTERED_BY_AN_EXIT_STACK).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["free"] * 12, run.stdout + run.stderr
+
+
 SPIN_ON_A_LOCK = """
 def spin(n):
     for i in range(n):

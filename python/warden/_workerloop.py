@@ -166,6 +166,10 @@ def _raise_after_hand_over(frame: Any, stop: BaseException) -> Callable[[], None
         # The handler that gives the lock back: the ``with``'s, which covers
         # its body, from the instruction after the one that entered.
         gives_back = _handler_of(target.f_code, target.f_lasti + 2)
+        if gives_back is None:
+            # Not a with statement's (``ExitStack.enter_context``): raised
+            # as what entered it returns, its exit registered.
+            return _raise_in(target, stop, lambda _now, event: event == "return")
 
         def due(now: Any, event: str) -> bool:
             if event == "return":
@@ -227,10 +231,10 @@ def _raise_after_proxy_call(call: Any, stop: BaseException) -> Callable[[], None
     :func:`_proxy_call`) has read its reply: as it returns; out of a proxy's
     ``__exit__`` as that returns (a manager lock given back); after a
     proxy's ``__enter__``, in the ``with`` statement's body (whose exit gives
-    the lock back). Returns what removes the trace function and lets go of
-    the connection, for a call that does not return meanwhile (blocked
-    taking a manager's lock, waiting on its queue): raised there, its reply
-    is never read. ``None`` where that cannot be done (a trace function is set)."""
+    the lock back), or, entered otherwise (``ExitStack.enter_context``), as
+    what entered it returns (its exit registered). Returns what removes the
+    trace function; ``None`` where that cannot be done (a trace function is
+    set)."""
     caller = call.f_back
     name = caller.f_code.co_name if caller is not None else None
     if name == "__enter__":
@@ -241,6 +245,8 @@ def _raise_after_proxy_call(call: Any, stop: BaseException) -> Callable[[], None
 
         nop = dis.opmap["NOP"]
         gives_back = _handler_of(target.f_code, target.f_lasti + 2)
+        if gives_back is None:  # not a with statement's: nothing gives it back yet
+            return _raise_in(target, stop, lambda _now, event: event == "return")
         with_line = target.f_lineno
 
         def due(now: Any, event: str) -> bool:
@@ -253,20 +259,10 @@ def _raise_after_proxy_call(call: Any, stop: BaseException) -> Callable[[], None
                 return False
             return _handler_of(now.f_code, now.f_lasti) == gives_back or now.f_lineno != with_line
 
-        clear = _raise_in(target, stop, due)
-    elif name == "__exit__":
-        clear = _raise_in(caller, stop, lambda _now, event: event == "return")
-    else:
-        clear = _raise_in(call, stop, lambda _now, event: event == "return")
-    if clear is None:
-        return None
-    proxy = call.f_locals.get("self")
-
-    def cancel() -> None:
-        clear()
-        _drop_proxy_connection(proxy)
-
-    return cancel
+        return _raise_in(target, stop, due)
+    if name == "__exit__":
+        return _raise_in(caller, stop, lambda _now, event: event == "return")
+    return _raise_in(call, stop, lambda _now, event: event == "return")
 
 
 def _raise_in(
@@ -739,9 +735,26 @@ class Handler:
             if frame is then and frame.f_lasti == lasti:
                 # Still in the call the stop came in: it had not returned
                 # (blocked taking what this process already held more of, a
-                # Queue's semaphore, an Event's), so it took nothing: now.
+                # Queue's semaphore, an Event's; a manager proxy's call
+                # waiting for its reply), so it took nothing: now.
                 cancel()
+                call = _proxy_call(frame)
+                if call is not None:  # its reply is never read: nor by the next call
+                    _drop_proxy_connection(call.f_locals.get("self"))
                 raise stop
+            call = _proxy_call(frame) if sys.gettrace() is not None else None
+            if call is not None:
+                # Held back, not raised yet, and now in another proxy call
+                # made before it could be (the second lock of `with a, b:`,
+                # which may block): held back for that one instead.
+                cancel()
+                cancel = _raise_after_proxy_call(call, stop)  # type: ignore[assignment]
+                if cancel is None:
+                    _drop_proxy_connection(call.f_locals.get("self"))
+                    raise stop
+                self.held_back = (frame, frame.f_lasti, stop, cancel)
+                _ask_again_soon()
+                return
             self.held_back = held_back  # on its way: its trace function raises it
             return
         if self.running:
