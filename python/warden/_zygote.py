@@ -204,8 +204,9 @@ class _LookAfresh:
     be stale by now: a directory missing then (cached as ``None``), one
     listed in the same clock tick as a file arrived. A spawned worker looks
     afresh. At this worker's first import that no finder found, the caches
-    are dropped (``importlib.invalidate_caches``) and ``sys.path`` searched
-    once more; from then on they are this worker's own. Lazily, since telling
+    are dropped (as ``importlib.invalidate_caches`` drops them for
+    ``sys.path``) and ``sys.path`` searched once more; from then on they
+    are this worker's own. Lazily, since telling
     every finder to look again at each fork cost every worker copy-on-write
     faults (one per finder it touched) and a listing of each directory its
     next imports searched."""
@@ -217,7 +218,18 @@ class _LookAfresh:
         if not self.pending:
             return None
         self.pending = False
-        importlib.invalidate_caches()
+        # What importlib.invalidate_caches() does for sys.path, by hand: it
+        # may import (importlib.metadata, on 3.13), and this runs inside
+        # whatever import missed, perhaps half done (pathlib's, of nt).
+        cache = sys.path_importer_cache
+        for entry, finder in list(cache.items()):
+            if finder is None:
+                cache.pop(entry, None)  # nothing there then: looked for again
+            elif isinstance(finder, importlib.machinery.FileFinder):
+                finder.invalidate_caches()  # lists its directory again
+        namespace_path = getattr(sys.modules.get("importlib._bootstrap_external"), "_NamespacePath", None)
+        if isinstance(getattr(namespace_path, "_epoch", None), int):
+            namespace_path._epoch += 1  # type: ignore[union-attr]  # namespace packages look again
         return importlib.machinery.PathFinder.find_spec(name, path, target)
 
 
