@@ -857,7 +857,11 @@ def _names_guarded(data: bytes) -> bool | None:
     guarded = _guarded_now()
     if guarded is None:
         return None
-    main_namespace = vars(sys.modules["__main__"]) if guarded else {}
+    if not guarded:
+        return False
+    main_namespace = vars(sys.modules["__main__"])
+    import re
+
     ambiguous = []
     nested = False
     for name, encoded, dotted, value in guarded:
@@ -865,22 +869,19 @@ def _names_guarded(data: bytes) -> bool | None:
             continue
         if encoded + b"\x94\x93" in data:
             return True
-        if dotted is not None and dotted in data:
-            # A class nested in it (``P.Q``, one string) or a string value
-            # that starts so: told only by the opcodes.
+        if dotted is not None and dotted in data and re.search(b"\x8c." + re.escape(dotted), data, re.DOTALL):
+            # A class nested in it (``P.Q``, one short string) or a string
+            # value that starts so: told only by the opcodes.
             ambiguous.append(name)
             nested = True
         elif encoded in data:
             ambiguous.append(name)
     if not ambiguous:
         return False
-    if not nested:
-        import re
-
-        # ``BINGET`` or ``LONG_BINGET`` right before ``STACK_GLOBAL``: a
-        # global's name taken from the memo.
-        if re.search(rb"(?:h.|j....)\x93", data, re.DOTALL) is None:
-            return False
+    # ``BINGET`` or ``LONG_BINGET`` right before ``STACK_GLOBAL``: a
+    # global's name taken from the memo.
+    if not nested and re.search(rb"(?:h.|j....)\x93", data, re.DOTALL) is None:
+        return False
     return len(data) > _OPCODES_READ_MAX or _saves_main_global(data, ambiguous)
 
 
