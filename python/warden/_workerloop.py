@@ -213,6 +213,22 @@ def _proxy_call(frame: Any) -> Any:
     return None
 
 
+def _entering_an_exit_stack(frame: Any) -> Any:
+    """The frame of ``ExitStack.enter_context`` that ``frame`` is in, running
+    the stack's own code (between the context manager's ``__enter__`` and
+    the registering of its exit), or ``None``: a stop raised there leaves
+    what was entered without its exit (a lock held for good)."""
+    contextlib_file = getattr(contextlib, "__file__", None)
+    code = getattr(getattr(contextlib._BaseExitStack, "enter_context", None), "__code__", None)
+    for _ in range(4):
+        if frame is None or code is None or frame.f_code.co_filename != contextlib_file:
+            return None
+        if frame.f_code is code:
+            return frame
+        frame = frame.f_back
+    return None
+
+
 def _drop_proxy_connection(proxy: Any) -> None:
     """Lets go of this thread's connection to ``proxy``'s manager, whose
     reply to a call stopped in the middle is still unread: the next call of
@@ -763,11 +779,17 @@ class Handler:
             stop = TaskInterrupted(signal.Signals(signum).name)
             cancel = None
             call = _proxy_call(frame)
+            entering = None if call is not None else _entering_an_exit_stack(frame)
             if call is not None:
                 # In a manager proxy's call: raised once it has its reply.
                 cancel = _raise_after_proxy_call(call, stop)
                 if cancel is None:
                     _drop_proxy_connection(call.f_locals.get("self"))
+                    raise stop
+            elif entering is not None:
+                # Entered, its exit not registered yet: raised once it is.
+                cancel = _raise_in(entering, stop, lambda _now, event: event == "return")
+                if cancel is None:
                     raise stop
             elif _taking_or_giving_a_lock(frame):
                 # Raised here, the stop would leave a lock of the program's
