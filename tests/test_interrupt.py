@@ -1017,51 +1017,23 @@ def test_a_task_stopped_in_a_manager_proxys_call_stops_and_its_finalizer_reads_i
     assert "still running" not in run.stderr, run.stderr
 
 
-WAITS_ON_A_MANAGER_LOCK = """
-import multiprocessing
+AROUND_A_MANAGER_LOCK = """
+import contextlib, multiprocessing, sys, time
 import warden
 
-def task(lock):
+def waits(lock):
     while True:
         with lock:  # (waiting for it: a body of `pass`)
             pass
 
-if __name__ == "__main__":
-    manager = multiprocessing.get_context("spawn").Manager()
-    for _ in range(10):
-        lock = manager.Lock()
-        with warden.ProcessPoolExecutor(1, task_timeout=0.3) as ex:
-            try:
-                ex.submit(task, lock).result(30)
-            except warden.TaskTimeout:
-                pass
-        free = lock.acquire(timeout=5)
-        print("free" if free else "held", flush=True)
-        if free:
-            lock.release()
-    manager.shutdown()
-"""
-
-
-def test_a_task_stopped_around_a_with_block_of_a_manager_lock_leaves_it_free(program):
-    """Raised on the ``with`` line after a body of ``pass``, before its
-    ``__exit__`` ran, the stop left the manager's lock held for good."""
-    run = program(WAITS_ON_A_MANAGER_LOCK).run(timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["free"] * 10, run.stdout + run.stderr
-
-
-ENTERED_BY_AN_EXIT_STACK = """
-import contextlib, multiprocessing, time
-import warden
-
-def task(lock):
+def stacks(lock):
     while True:
         with contextlib.ExitStack() as stack:
             stack.enter_context(lock)
             time.sleep(0.001)
 
 if __name__ == "__main__":
+    task = waits if sys.argv[1] == "with" else stacks
     manager = multiprocessing.get_context("spawn").Manager()
     for _ in range(12):
         lock = manager.Lock()
@@ -1078,10 +1050,13 @@ if __name__ == "__main__":
 """
 
 
-def test_a_task_stopped_as_an_exit_stack_enters_a_manager_lock_leaves_it_free(program):
-    """Held back past the lock's ``__enter__``, the stop was raised in
-    ``enter_context`` before it registered the lock's exit."""
-    run = program(ENTERED_BY_AN_EXIT_STACK).run(timeout=120)
+@pytest.mark.parametrize("entered_by", ["with", "exit_stack"])
+def test_a_task_stopped_around_a_manager_lock_it_enters_leaves_it_free(program, entered_by):
+    """``with``: raised on the ``with`` line after a body of ``pass``, before
+    its ``__exit__`` ran, the stop left the manager's lock held for good.
+    ``ExitStack.enter_context``: held back past the lock's ``__enter__``, it
+    was raised before the stack registered the lock's exit."""
+    run = program(AROUND_A_MANAGER_LOCK).run(timeout=120, args=(entered_by,))
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["free"] * 12, run.stdout + run.stderr
 

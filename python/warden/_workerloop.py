@@ -200,12 +200,16 @@ def _proxy_call(frame: Any) -> Any:
     managers = sys.modules.get("multiprocessing.managers")
     if managers is None or frame is None:
         return None
-    try:
-        code = managers.BaseProxy._callmethod.__code__
-    except AttributeError:
-        return None
-    for _ in range(8):
-        if frame is None:
+    code = getattr(getattr(getattr(managers, "BaseProxy", None), "_callmethod", None), "__code__", None)
+    return _frame_running(frame, code, 8)
+
+
+def _frame_running(frame: Any, code: Any, depth: int, within: str | None = None) -> Any:
+    """The frame running ``code`` among ``frame`` and its callers, ``depth``
+    at most (and only through frames of the file ``within``, if given), or
+    ``None``."""
+    for _ in range(depth):
+        if frame is None or code is None or (within is not None and frame.f_code.co_filename != within):
             return None
         if frame.f_code is code:
             return frame
@@ -218,15 +222,8 @@ def _entering_an_exit_stack(frame: Any) -> Any:
     the stack's own code (between the context manager's ``__enter__`` and
     the registering of its exit), or ``None``: a stop raised there leaves
     what was entered without its exit (a lock held for good)."""
-    contextlib_file = getattr(contextlib, "__file__", None)
     code = getattr(getattr(contextlib._BaseExitStack, "enter_context", None), "__code__", None)
-    for _ in range(4):
-        if frame is None or code is None or frame.f_code.co_filename != contextlib_file:
-            return None
-        if frame.f_code is code:
-            return frame
-        frame = frame.f_back
-    return None
+    return _frame_running(frame, code, 4, within=getattr(contextlib, "__file__", None) or "")
 
 
 def _drop_proxy_connection(proxy: Any) -> None:
