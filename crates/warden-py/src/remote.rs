@@ -155,7 +155,8 @@ fn copy_all(pid: i32, copies: &[(usize, usize, usize)]) -> std::io::Result<()> {
         return run(0, 1);
     }
     std::thread::scope(|scope| {
-        let other = std::thread::Builder::new().name("warden-read".into()).spawn_scoped(scope, || run(1, 2));
+        let other =
+            warden::frontend::spawn_scoped(scope, std::thread::Builder::new().name("warden-read".into()), || run(1, 2));
         let mine = run(0, 2);
         match other {
             Ok(handle) => {

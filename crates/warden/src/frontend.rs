@@ -17,7 +17,7 @@
 pub use crate::interrupts::{chain_interrupt_handler, prepare_interrupt_forwarding};
 pub use crate::spawn::{fill_closed_stdio, WorkerCommand, ENV_FD, ENV_MAX_FRAME, ENV_PARENT};
 pub use crate::supervisor::{fds_scarce, Output, Reply};
-pub use crate::threads::own_thread_ids;
+pub use crate::threads::{own_thread_ids, spawn_scoped};
 pub use crate::worker::{
     hold_stops, record_stop_signal, serve, sigint_without_a_signal, ExitHook, ExitHookOutcome, Handler, Interrupter,
     WorkerEnv, EXIT_INIT_FAILED, EXIT_PANICKED, EXIT_PARENT_GONE, EXIT_PROTOCOL, EXIT_SHORT_OF_THREADS, UNWIND_GRACE,

@@ -4,10 +4,21 @@
 //! numpy is imported) means the program's main module starts threads at
 //! import, and a zygote that imported it could not fork.
 //!
+//! These threads also keep `fork()` from copying a lock of Rust's standard
+//! library held. A thread's end, and in a Rust program its start, take a
+//! process-wide lock inside the standard library (the table its stack
+//! overflow handler reads); a `fork()` that lands while a thread holds it
+//! leaves it held for good in the copy, where every Rust thread's end (and,
+//! in a Rust program, start) then waits forever: a pool made in a forked
+//! child could never be shut down. So a `pthread_atfork` handler holds each
+//! `fork()` back until no warden thread is inside its start or end there,
+//! and warden threads wait to start or end while a fork is under way.
+//!
 //! # Caveats
 //!
-//! * Only threads started through [`spawn`] are known; a thread that has
-//!   not yet run its first instruction is not in the list.
+//! * Only threads started through [`spawn`] or [`spawn_scoped`] are known;
+//!   a thread that has not yet run its first instruction is not in the
+//!   list, and threads other code starts are not held back for forks.
 //! * The list has room for [`CAPACITY`] threads at once; a thread started
 //!   when it is full runs unlisted, so a front end takes it for someone
 //!   else's (the cautious reading).
@@ -15,10 +26,17 @@
 //!   adds or removes itself leaves nothing held in the copy. In the copy
 //!   the list starts empty: the entries name the parent's process id, and
 //!   the copy's first use of the list clears them.
+//! * A `fork()` waits at most [`FORK_WAIT`] for a thread inside its start or
+//!   end (one descheduled for that long), and then goes on. A raw `clone`
+//!   (the zygote's, `posix_spawn`'s `vfork`) runs no `pthread_atfork`
+//!   handler and is not held back: those children exec or run no Rust
+//!   thread.
 
+use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::thread::{Builder, JoinHandle};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::thread::{Builder, JoinHandle, Scope, ScopedJoinHandle};
+use std::time::{Duration, Instant};
 
 /// How many warden threads the list holds at once.
 pub(crate) const CAPACITY: usize = 512;
@@ -87,16 +105,170 @@ impl Drop for Listed {
     }
 }
 
-/// Starts a thread as `builder.spawn(f)` does, listed while it runs.
+/// Forks under way in this process: `pthread_atfork`'s prepare handler
+/// has run and the parent's handler not yet.
+static FORKS: AtomicUsize = AtomicUsize::new(0);
+
+/// Warden threads inside the standard library's start or end of a thread,
+/// where a fork could copy its lock held: counted from before a thread is
+/// created to its first instruction here, and from its last instruction
+/// here to the thread-local destructors that run after the standard
+/// library's end of the thread.
+static IN_STD: AtomicUsize = AtomicUsize::new(0);
+
+/// How long a `fork()` waits for warden threads to be out of the standard
+/// library's start or end of a thread, and a thread for a fork to be done,
+/// before it goes on regardless.
+pub(crate) const FORK_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether this process registered the `pthread_atfork` handlers. Not a
+/// `Once`: a fork that copied one mid-call would leave the copy waiting on
+/// it for good. Two threads registering at once add the handlers twice,
+/// which is harmless: they pair up, and the child's is idempotent; so is a
+/// copy made mid-registration registering again.
+static ATFORK: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn before_fork() {
+    FORKS.fetch_add(1, Ordering::SeqCst);
+    // Allocation-free: a fork's prepare handler runs before the C library
+    // takes its allocator's locks, but other handlers may hold theirs.
+    wait_until(|| IN_STD.load(Ordering::SeqCst) == 0);
+}
+
+extern "C" fn after_fork_in_parent() {
+    FORKS.fetch_sub(1, Ordering::SeqCst);
+}
+
+extern "C" fn after_fork_in_child() {
+    // The one thread here is the one that forked, in no start or end.
+    FORKS.store(0, Ordering::SeqCst);
+    IN_STD.store(0, Ordering::SeqCst);
+}
+
+/// Waits, at most [`FORK_WAIT`], until `done()`; yields the processor
+/// first, then sleeps in short steps. The waits are brief (a thread's start
+/// or end, a fork's copy of the address space).
+fn wait_until(done: impl Fn() -> bool) {
+    let mut deadline = None;
+    for round in 0u32.. {
+        if done() {
+            return;
+        }
+        if round < 64 {
+            std::thread::yield_now();
+            continue;
+        }
+        let now = Instant::now();
+        match deadline {
+            None => deadline = Some(now + FORK_WAIT),
+            Some(at) if now >= at => return,
+            Some(_) => {}
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// Counts this thread (or the one it is about to create) in [`IN_STD`],
+/// once no fork is under way.
+fn enter_std() {
+    if !ATFORK.load(Ordering::Acquire) {
+        // SAFETY: the handlers make atomic operations, yield and sleep, no
+        // allocation and no lock.
+        let rc =
+            unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_in_parent), Some(after_fork_in_child)) };
+        if rc != 0 {
+            tracing::warn!(
+                "pthread_atfork failed ({rc}): a fork may copy a lock of a warden thread's start or end held"
+            );
+        }
+        ATFORK.store(true, Ordering::Release);
+    }
+    loop {
+        wait_until(|| FORKS.load(Ordering::SeqCst) == 0);
+        IN_STD.fetch_add(1, Ordering::SeqCst);
+        if FORKS.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        // A fork began in between: it must not wait for this thread.
+        IN_STD.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn leave_std() {
+    IN_STD.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Ends the count a thread's end entered, in a thread-local destructor: the
+/// C library runs these after the standard library's end of the thread.
+struct EndCount(Cell<bool>);
+
+impl Drop for EndCount {
+    fn drop(&mut self) {
+        if self.0.get() {
+            leave_std();
+        }
+    }
+}
+
+thread_local! {
+    static END_COUNT: EndCount = const { EndCount(Cell::new(false)) };
+}
+
+/// Enters the count for the thread's end when dropped, last of all.
+struct Ending;
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        enter_std();
+        if END_COUNT.try_with(|counted| counted.0.set(true)).is_err() {
+            leave_std();
+        }
+    }
+}
+
+/// A warden thread's body: out of the count its creation entered, into the
+/// one of its end when `f` returns or unwinds, listed between.
+fn run_listed<T>(f: impl FnOnce() -> T) -> T {
+    leave_std();
+    // The destructor is registered now, while this thread's locals can be.
+    END_COUNT.with(|_| ());
+    let _ending = Ending;
+    let _listed = Listed::new();
+    f()
+}
+
+/// Starts a thread as `builder.spawn(f)` does, listed while it runs and
+/// held back from forks at its start and end.
 pub(crate) fn spawn<F, T>(builder: Builder, f: F) -> io::Result<JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    builder.spawn(move || {
-        let _listed = Listed::new();
-        f()
-    })
+    enter_std();
+    let spawned = builder.spawn(move || run_listed(f));
+    if spawned.is_err() {
+        leave_std();
+    }
+    spawned
+}
+
+/// Starts a scoped thread as `builder.spawn_scoped(scope, f)` does, listed
+/// while it runs and held back from forks at its start and end.
+pub fn spawn_scoped<'scope, F, T>(
+    scope: &'scope Scope<'scope, '_>,
+    builder: Builder,
+    f: F,
+) -> io::Result<ScopedJoinHandle<'scope, T>>
+where
+    F: FnOnce() -> T + Send + 'scope,
+    T: Send + 'scope,
+{
+    enter_std();
+    let spawned = builder.spawn_scoped(scope, move || run_listed(f));
+    if spawned.is_err() {
+        leave_std();
+    }
+    spawned
 }
 
 /// The kernel thread ids of the threads warden runs in this process now
@@ -133,6 +305,65 @@ mod tests {
         assert!(!own_thread_ids().contains(&tid));
     }
 
+    /// Set while a thread's end is held in [`Held`]'s destructor, and to let
+    /// it go.
+    static HELD: AtomicBool = AtomicBool::new(false);
+    static LET_GO: AtomicBool = AtomicBool::new(false);
+
+    /// A thread-local whose destructor, registered after warden's own,
+    /// runs before it: the thread is then past its body but inside its end.
+    struct Held;
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            HELD.store(true, Ordering::SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !LET_GO.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    thread_local! {
+        static HOLD: Held = const { Held };
+    }
+
+    #[test]
+    fn a_fork_waits_for_a_warden_thread_inside_its_end() {
+        let thread = spawn(Builder::new(), || HOLD.with(|_| ())).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !HELD.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the thread never reached its end");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Lets the thread end once the fork below is held back for it.
+        let releaser = std::thread::spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while FORKS.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            LET_GO.store(true, Ordering::SeqCst);
+        });
+        // SAFETY: the copy calls only _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: ends the copy at once.
+            unsafe { libc::_exit(0) }
+        }
+        let let_go_before_the_fork_returned = LET_GO.load(Ordering::SeqCst);
+        assert!(pid > 0, "fork: {}", io::Error::last_os_error());
+        let mut status = 0;
+        // SAFETY: reaping our own child, which exits at once.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        releaser.join().unwrap();
+        thread.join().unwrap();
+        assert!(
+            let_go_before_the_fork_returned,
+            "fork() returned while a warden thread was inside its end, where it may hold the standard library's lock"
+        );
+    }
+
     /// Child exit codes of the fork test.
     const LISTED: i32 = 0;
     const NOT_LISTED: i32 = 1;
@@ -150,15 +381,24 @@ mod tests {
             let _ = tx.send(unsafe { libc::gettid() });
             let _ = done_rx.recv();
         });
-        let code = match (started, rx.recv_timeout(std::time::Duration::from_secs(5))) {
-            (Ok(_), Ok(tid)) if own_thread_ids() == [tid] => LISTED,
-            (Ok(_), Ok(_)) => NOT_LISTED,
-            _ => NEVER_STARTED,
+        let (code, thread) = match (started, rx.recv_timeout(std::time::Duration::from_secs(5))) {
+            (Ok(thread), Ok(tid)) if own_thread_ids() == [tid] => (LISTED, Some(thread)),
+            (Ok(thread), Ok(_)) => (NOT_LISTED, Some(thread)),
+            _ => (NEVER_STARTED, None),
         };
         drop(done_tx);
+        // The thread's end must come too: a join that hangs ends in SIGALRM.
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
         // SAFETY: ends the copy without running the test harness's exit path.
         unsafe { libc::_exit(code) }
     }
+
+    /// Threads started and ended without pause while the test forks, and
+    /// the forks it makes.
+    const CHURNERS: usize = 3;
+    const COPIES: usize = 400;
 
     /// Set in the test binary run again for the fork test alone.
     const ALONE_ENV: &str = "WARDEN_THREADS_FORK_TEST_ALONE";
@@ -186,16 +426,18 @@ mod tests {
         // Threads come and go, and another reads the list, without pause, so
         // that forks land while the list is being changed or read.
         let stop = Arc::new(AtomicBool::new(false));
-        let churn = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(t) = spawn(Builder::new(), || ()) {
-                        let _ = t.join();
+        let churn: Vec<_> = (0..CHURNERS)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok(t) = spawn(Builder::new(), || ()) {
+                            let _ = t.join();
+                        }
                     }
-                }
+                })
             })
-        };
+            .collect();
         let reader = {
             let stop = Arc::clone(&stop);
             std::thread::spawn(move || {
@@ -205,7 +447,7 @@ mod tests {
             })
         };
         let mut outcomes = Vec::new();
-        for _ in 0..200 {
+        for _ in 0..COPIES {
             // SAFETY: the copy runs `in_the_copy` only, which ends in `_exit`.
             let pid = unsafe { libc::fork() };
             if pid == 0 {
@@ -224,11 +466,13 @@ mod tests {
             }
         }
         stop.store(true, Ordering::Relaxed);
-        churn.join().unwrap();
+        for thread in churn {
+            thread.join().unwrap();
+        }
         reader.join().unwrap();
         assert!(
             outcomes.iter().all(|&c| c == LISTED),
-            "copy {} of 200 could not start a listed thread (exit {:?}; {NOT_LISTED}: not listed, {NEVER_STARTED}: never \
+            "copy {} of {COPIES} could not start a listed thread (exit {:?}; {NOT_LISTED}: not listed, {NEVER_STARTED}: never \
              started, negative: signal)",
             outcomes.len(),
             outcomes.last()

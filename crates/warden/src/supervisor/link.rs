@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
@@ -152,7 +152,13 @@ pub(crate) enum Command {
 /// handler, so that telling a pool's own process from a forked copy of it
 /// costs an atomic load instead of a system call on every task.
 static PID: AtomicU32 = AtomicU32::new(0);
-static PID_INIT: Once = Once::new();
+
+/// Whether the handler that keeps [`PID`] is registered. Not a `Once`: a
+/// fork that copied one mid-call would leave the copy waiting on it for
+/// good. Two threads registering at once add the handler twice, which is
+/// harmless (it is idempotent); so is a copy made mid-registration
+/// registering again.
+static PID_KEPT: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn pid_after_fork_in_child() {
     // Async-signal-safe: a system call and an atomic store.
@@ -167,8 +173,11 @@ extern "C" fn pid_after_fork_in_child() {
 /// never builds a pool, so a worker it forks finds the id unset here and
 /// reads its own.
 pub(crate) fn current_pid() -> u32 {
-    PID_INIT.call_once(|| {
-        PID.store(std::process::id(), Ordering::Relaxed);
+    let pid = PID.load(Ordering::Relaxed);
+    if pid != 0 {
+        return pid;
+    }
+    if !PID_KEPT.load(Ordering::Acquire) {
         // SAFETY: registers a handler that only makes async-signal-safe calls.
         let rc = unsafe { libc::pthread_atfork(None, None, Some(pid_after_fork_in_child)) };
         if rc != 0 {
@@ -176,8 +185,13 @@ pub(crate) fn current_pid() -> u32 {
                 "pthread_atfork failed ({rc}): a forked copy of this process may mistake its pools for its own"
             );
         }
-    });
-    PID.load(Ordering::Relaxed)
+        PID_KEPT.store(true, Ordering::Release);
+    }
+    // A fork from now on updates the copy's id in the copy; this thread,
+    // in this process, stores this process's.
+    let pid = std::process::id();
+    PID.store(pid, Ordering::Relaxed);
+    pid
 }
 
 /// What callers share with the supervisor.
