@@ -88,8 +88,12 @@ static LIVE: AtomicUsize = AtomicUsize::new(0);
 static KEEPER: AtomicI32 = AtomicI32::new(0);
 /// How often the keeper puts the handler back in front.
 const KEEPER_PERIOD: Duration = Duration::from_millis(50);
-/// Serialises installing and the table's owner change.
-static INSTALL: Mutex<()> = Mutex::new(());
+fork_safe_mutex! {
+    /// Serialises installing and the table's owner change.
+    static INSTALL: () = ();
+    /// Locks [`INSTALL`].
+    fn install_lock;
+}
 
 fn getpid() -> i32 {
     // SAFETY: getpid(2) has no preconditions and is async-signal-safe.
@@ -168,7 +172,7 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
 /// handler installed since is chained too. Never over `SIG_DFL` or
 /// `SIG_IGN`. Returns whether the handler is in place.
 pub fn chain_interrupt_handler() -> bool {
-    let _guard = lock(&INSTALL);
+    let _guard = install_lock();
     OWNER.load(Ordering::SeqCst) == getpid() && install()
 }
 
@@ -187,7 +191,7 @@ pub(crate) fn note_parent(parent: u32) {
 /// a front end calls it before it starts a child with a Ctrl-C held back,
 /// so that one coming meanwhile is counted and reaches the child.
 pub fn prepare_interrupt_forwarding() -> Option<u64> {
-    let _guard = lock(&INSTALL);
+    let _guard = install_lock();
     let me = getpid();
     if OWNER.swap(me, Ordering::SeqCst) != me {
         // A fork's copy of the table names its parent's children (whose
@@ -307,14 +311,19 @@ impl Drop for Forwarded {
 /// It ends once no child is reached. A keeper that cannot start is logged;
 /// the handler is then chained only where the front end asks.
 fn keep_chained() {
-    let _guard = lock(&INSTALL);
     let me = getpid();
-    if KEEPER.load(Ordering::SeqCst) == me {
-        return;
+    {
+        let _guard = install_lock();
+        if KEEPER.load(Ordering::SeqCst) == me {
+            return;
+        }
+        // Claimed under the lock, the thread started outside it (a thread's
+        // start waits while a fork is under way, and a fork takes the lock).
+        KEEPER.store(me, Ordering::SeqCst);
     }
     let started = crate::threads::spawn(std::thread::Builder::new().name("warden-ctrl-c".into()), move || loop {
         std::thread::sleep(KEEPER_PERIOD);
-        let _guard = lock(&INSTALL);
+        let _guard = install_lock();
         // A slot taken since is counted before its taker locks (see start).
         if LIVE.load(Ordering::SeqCst) == 0 {
             KEEPER.store(0, Ordering::SeqCst);
@@ -324,9 +333,10 @@ fn keep_chained() {
             install();
         }
     });
-    match started {
-        Ok(_) => KEEPER.store(me, Ordering::SeqCst),
-        Err(e) => tracing::warn!("cannot start the thread that keeps Ctrl-C passed on to children: {e}"),
+    if let Err(e) = started {
+        let _guard = install_lock();
+        let _ = KEEPER.compare_exchange(me, 0, Ordering::SeqCst, Ordering::SeqCst);
+        tracing::warn!("cannot start the thread that keeps Ctrl-C passed on to children: {e}");
     }
 }
 
@@ -362,5 +372,45 @@ mod tests {
         // SAFETY: PREVIOUS points to a recorded, never-freed action.
         assert_eq!(unsafe { (*previous).sa_sigaction }, front_ends_handler as *const () as libc::sighandler_t);
         set_sigint(libc::SIG_DFL);
+    }
+
+    #[test]
+    fn a_fork_while_another_thread_holds_the_install_lock_leaves_the_copy_able_to_take_it() {
+        use std::sync::mpsc::channel;
+        use std::time::Duration;
+        let (held_tx, held_rx) = channel();
+        let (release_tx, release_rx) = channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _guard = install_lock();
+            let _ = held_tx.send(());
+            let _ = release_rx.recv_timeout(Duration::from_secs(10));
+        });
+        held_rx.recv().unwrap();
+        // Lets go a while after the fork below began: a fork that waits for
+        // the lock returns after that; one that does not copies it held.
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = release_tx.send(());
+        });
+        // SAFETY: the copy takes a lock and calls alarm and _exit only.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: a lock copied held would make the copy wait for good:
+            // SIGALRM ends it instead.
+            unsafe { libc::alarm(5) };
+            drop(install_lock());
+            // SAFETY: ends the copy without the test harness's exit path.
+            unsafe { libc::_exit(0) }
+        }
+        assert!(pid > 0, "fork: {}", std::io::Error::last_os_error());
+        let mut status = 0;
+        // SAFETY: reaping our own child, which ends within its alarm.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        releaser.join().unwrap();
+        holder.join().unwrap();
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the copy could not take the lock (status {status:#x}; SIGALRM: it waited for good)"
+        );
     }
 }

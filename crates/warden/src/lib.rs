@@ -112,6 +112,55 @@
 
 #![warn(missing_docs)]
 
+/// Declares a process-wide `Mutex` that `fork()` never copies held, and the
+/// function that locks it (poison ignored): a `pthread_atfork` handler,
+/// registered at the first lock, takes it on the forking thread before the
+/// fork and lets it go after, in the parent and in the copy. A copy would
+/// otherwise wait for good on a lock another thread held as it was made.
+/// Hold it briefly: never fork, start or end a thread, or take another
+/// such lock while holding it, and lock it through its function only.
+macro_rules! fork_safe_mutex {
+    ($(#[$attr:meta])* static $name:ident: $t:ty = $init:expr; $(#[$lock_attr:meta])* fn $lock:ident;) => {
+        $(#[$attr])*
+        static $name: std::sync::Mutex<$t> = std::sync::Mutex::new($init);
+
+        $(#[$lock_attr])*
+        fn $lock() -> std::sync::MutexGuard<'static, $t> {
+            use std::sync::atomic::{AtomicU8, Ordering};
+            /// 0: no handler; 1: one being registered; 2: registered. Not a
+            /// `Once` (a fork copying one mid-call leaves the copy waiting
+            /// on it), and exactly once: two handlers would each take the lock.
+            static REGISTERED: AtomicU8 = AtomicU8::new(0);
+            thread_local! {
+                static HELD: std::cell::RefCell<Option<std::sync::MutexGuard<'static, $t>>> =
+                    const { std::cell::RefCell::new(None) };
+            }
+            extern "C" fn before_fork() {
+                let guard = crate::panics::lock(&$name);
+                let _ = HELD.try_with(move |held| *held.borrow_mut() = Some(guard));
+            }
+            extern "C" fn after_fork() {
+                let _ = HELD.try_with(|held| held.borrow_mut().take());
+            }
+            if REGISTERED.load(Ordering::Acquire) != 2
+                && REGISTERED.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok()
+            {
+                // SAFETY: the handlers lock and unlock a static mutex on the
+                // forking thread, which holds no other lock of this kind.
+                let rc = unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork)) };
+                if rc != 0 {
+                    tracing::warn!(
+                        "pthread_atfork failed ({rc}): a fork may copy {} held",
+                        stringify!($name)
+                    );
+                }
+                REGISTERED.store(2, Ordering::Release);
+            }
+            crate::panics::lock(&$name)
+        }
+    };
+}
+
 /// `eprintln!` that cannot panic: a line for stderr, dropped if stderr is
 /// gone (a closed terminal, a reader that exited). warden's own reports run
 /// on the paths that clean up (a worker's exit path, the orphan bound, the

@@ -28,9 +28,9 @@
 //!   the copy's first use of the list clears them.
 //! * A `fork()` waits at most [`FORK_WAIT`] for a thread inside its start or
 //!   end (one descheduled for that long), and then goes on. A raw `clone`
-//!   (the zygote's, `posix_spawn`'s `vfork`) runs no `pthread_atfork`
-//!   handler and is not held back: those children exec or run no Rust
-//!   thread.
+//!   (warden's own, `posix_spawn`'s `vfork`) runs no `pthread_atfork`
+//!   handler and is not held back: those children exec at once, or (the
+//!   zygote's) are copies of a process that has no other thread.
 
 use std::cell::Cell;
 use std::io;

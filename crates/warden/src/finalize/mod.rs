@@ -150,10 +150,8 @@ mod tests;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-use crate::panics::lock;
 
 pub use exit::{run_exit_finalizers, ExitDrainReport};
 pub use guardian::{Guardian, Ward};
@@ -274,14 +272,19 @@ pub trait Host: Send + Sync + 'static {
 // ---------------------------------------------------------------------------
 // Configuration
 
-static SINK: Mutex<Option<Sink>> = Mutex::new(None);
+fork_safe_mutex! {
+    /// The incident sink [`set_sink`] set.
+    static SINK: Option<Sink> = None;
+    /// Locks [`SINK`].
+    fn sink;
+}
 static EXIT_TIMEOUT_MS: AtomicU64 = AtomicU64::new(DEFAULT_EXIT_TIMEOUT.as_millis() as u64);
 
 /// Sets the sink that receives [`Incident`]s, besides `tracing`, and returns the
 /// previous one. `None` removes it. The sink is called on the thread that saw
 /// the incident (usually the finalizer thread); a panic in it is caught.
 pub fn set_sink(sink: Option<Sink>) -> Option<Sink> {
-    std::mem::replace(&mut *lock(&SINK), sink)
+    std::mem::replace(&mut *self::sink(), sink)
 }
 
 /// The deadline the `atexit` hook gives [`run_exit_finalizers`], and the one a
@@ -312,7 +315,7 @@ fn report(incident: Incident) {
             tracing::warn!(label = %label, priority, "finalizer still running at the exit deadline");
         }
     }
-    let sink = lock(&SINK).clone();
+    let sink = self::sink().clone();
     if let Some(sink) = sink {
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| sink(&incident))) {
             crate::panics::drop_payload(p);
