@@ -569,6 +569,27 @@ fn a_task_past_its_timeout_times_out_and_its_worker_is_stopped() {
 }
 
 #[test]
+fn a_result_waiting_unread_when_its_task_is_past_its_timeout_is_delivered_and_the_worker_serves_on() {
+    use std::io::Write;
+    let mut h = harness(1, 10);
+    let mut w = h.worker(WorkerPhase::Ready);
+    let outcomes = Arc::clone(&h.outcomes);
+    let reply: Reply = Box::new(move |o| lock(&outcomes).push((7, o)));
+    h.sup.queue.push_back(Task::new(7, Vec::new(), None, Some(Duration::from_secs(3)), reply));
+    h.sup.dispatch();
+    let due = h.sup.workers[&w.id].inflight[0].deadline.expect("task deadline");
+    // The result came while the supervisor was not running: on the channel,
+    // not yet read, when the timers are next looked at.
+    let mut frame = Vec::new();
+    crate::wire::encode_frame(&value(7), &mut frame, MAX_FRAME, false).expect("an encodable frame");
+    w.peer.write_all(&frame).expect("writing the channel");
+    h.sup.check_timers(due + Duration::from_secs(5));
+    assert_eq!(h.outcomes(), [(7, "value")]);
+    assert_eq!(w.stand.signals(), [], "the worker is not stopped");
+    assert_eq!(h.phase(&w), WorkerPhase::Ready);
+}
+
+#[test]
 fn a_task_whose_clock_the_worker_stopped_does_not_time_out_and_counts_its_time_from_the_restart() {
     let mut h = harness(2, 10);
     let mut w = h.worker(WorkerPhase::Ready);

@@ -13,6 +13,20 @@ use super::{LifecycleEvent, PoolPhase, StopCause, Supervisor};
 
 impl Supervisor {
     pub(super) fn check_timers(&mut self, now: Instant) {
+        // A result may be waiting unread on the channel of a worker whose
+        // task is past its deadline: it came while this thread was not
+        // running (the program stopped, SIGSTOP or Ctrl-Z, or this thread
+        // descheduled on a loaded machine) between its poll and here. It is
+        // read first: a task that ended keeps its result.
+        let overdue: Vec<u64> = self
+            .workers
+            .values()
+            .filter(|w| w.inflight.front().is_some_and(|f| !f.task.delivered() && f.deadline.is_some_and(|d| now >= d)))
+            .map(|w| w.id)
+            .collect();
+        for id in overdue {
+            self.read_or_defer(id);
+        }
         let cfg = Arc::clone(&self.cfg);
         let bounded_close = self.close_deadline.is_some_and(|d| now >= d);
         let mut timed_out = Vec::new();
