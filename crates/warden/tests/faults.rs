@@ -63,6 +63,7 @@ fn main() {
         Trial::test("workers_dying_in_their_tasks_never_fail_the_pool", task_crashes_are_not_counted),
         Trial::test("workers_dying_idle_past_the_restart_limit_fail_the_pool", idle_deaths_are_counted),
         Trial::test("no_restart_limit_keeps_the_pool_serving", no_restart_limit),
+        Trial::test("a_zygote_program_that_is_no_warden_worker_is_killed_and_the_failure_says_so", a_silent_zygote),
         Trial::test(
             "workers_the_system_refuses_their_threads_are_refused_starts_not_failures",
             workers_short_of_threads,
@@ -314,6 +315,26 @@ fn workers_that_end_before_their_hello() -> TestResult {
     check(
         reason.contains("exit code 0 before it said hello") && reason.contains("warden::init()"),
         format!("the reason says what to look at: {reason}"),
+    )?;
+    check(pool.join(Some(Duration::from_secs(10))), "a failed pool shuts itself down")?;
+    Ok(())
+}
+
+/// A worker program that is not a warden worker and does not end (`sleep`):
+/// the pool kills its zygote, and its failure says why and what to look
+/// at, not only "SIGKILL".
+fn a_silent_zygote() -> TestResult {
+    let pool = Pool::builder()
+        .workers(1)
+        .command(warden::frontend::WorkerCommand::new("sleep", ["60"]))
+        .init_timeout(Duration::from_millis(300))
+        .restart_intensity(0, Duration::from_secs(60))
+        .build()?;
+    check(wait_until(Duration::from_secs(30), || pool.failure().is_some()), "the pool failed")?;
+    let reason = pool.failure().unwrap_or_default();
+    check(
+        reason.contains("killed by the pool before it was ready") && reason.contains("is sleep a warden worker"),
+        format!("the reason says the pool killed the zygote, and what to look at: {reason}"),
     )?;
     check(pool.join(Some(Duration::from_secs(10))), "a failed pool shuts itself down")?;
     Ok(())

@@ -139,6 +139,10 @@ pub(crate) struct Supervisor {
     zygote_first: bool,
     /// Zygotes are prepared from the fallback payload (the first refused).
     zygote_fallback: bool,
+    /// Why the pool killed its zygote (not ready in time, a broken
+    /// answer) and whether it had been ready, for the failure its reaping
+    /// records.
+    zygote_killed: Option<(String, bool)>,
     /// When busy workers' memory is next sampled (with a hard limit only).
     memory_sample_at: Option<Instant>,
     /// Reading from workers paused: this process is short of descriptors.
@@ -210,6 +214,7 @@ pub(crate) fn create(mut cfg: Config) -> std::io::Result<(Supervisor, Arc<Superv
         zygote,
         zygote_first: with_zygote,
         zygote_fallback: false,
+        zygote_killed: None,
         memory_sample_at: None,
         task_time: schedule::TaskTime::default(),
         served: false,

@@ -178,6 +178,7 @@ impl Supervisor {
                 });
                 let pid = zygote.pid.as_raw_nonzero().get();
                 tracing::debug!(pool = %self.cfg.name, pid, "zygote started");
+                self.zygote_killed = None;
                 self.zygote =
                     ZygoteSlot::Up { zygote, deadline: Some(now + self.cfg.init_timeout), stopping: false, inherited };
                 if let Err(e) = registered {
@@ -264,7 +265,7 @@ impl Supervisor {
         if let ZygoteSlot::Up { deadline: Some(d), stopping: false, .. } = &self.zygote {
             if now >= *d {
                 let timeout = self.cfg.init_timeout;
-                self.zygote_broken(format!("the zygote was not ready within the init timeout ({timeout:?})"));
+                self.zygote_broken(format!("it was not ready within the init timeout ({timeout:?})"));
             }
         }
     }
@@ -303,8 +304,9 @@ impl Supervisor {
         if let ZygoteSlot::Up { zygote, deadline, .. } = &mut self.zygote {
             *deadline = None;
             // Asked for nothing more until it is reaped: exec meanwhile.
-            zygote.ready = false;
+            let was_ready = std::mem::replace(&mut zygote.ready, false);
             let _ = rustix::process::pidfd_send_signal(&zygote.pidfd, Signal::KILL);
+            self.zygote_killed = Some((why, was_ready));
         }
     }
 
@@ -340,10 +342,17 @@ impl Supervisor {
         if !intended && self.phase != PoolPhase::Failed {
             // One that ended on its own before it was ready is, most likely,
             // not a warden worker's program (the same program as the workers').
-            let what = if !was_ready && matches!(status, ExitStatus::Code(_)) {
-                format!("the zygote {pid} ended with {status} before it was ready ({})", self.not_a_worker())
-            } else {
-                format!("the zygote {pid} ended with {status}")
+            let what = match self.zygote_killed.take() {
+                Some((why, true)) => format!("the zygote {pid} ended with {status}, killed by the pool: {why}"),
+                // Most likely not a warden worker's program, as below.
+                Some((why, false)) => format!(
+                    "the zygote {pid} ended with {status}, killed by the pool before it was ready: {why} ({})",
+                    self.not_a_worker()
+                ),
+                None if !was_ready && matches!(status, ExitStatus::Code(_)) => {
+                    format!("the zygote {pid} ended with {status} before it was ready ({})", self.not_a_worker())
+                }
+                None => format!("the zygote {pid} ended with {status}"),
             };
             self.note_crash(what);
         }
