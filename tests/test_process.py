@@ -120,6 +120,18 @@ def test_a_process_named_with_text_that_is_not_utf8_starts_and_keeps_its_name(tm
     assert out.read_text() == ascii(name) + "\n"
 
 
+def test_a_process_named_with_a_nul_byte_starts_and_keeps_its_name_as_the_standard_librarys(tmp_path):
+    # The name is also its pool's, in the names of the threads that serve
+    # it, where a NUL byte made the thread's start panic.
+    name = "job\x00one"
+    out = tmp_path / "out"
+    p = warden.Process(target=report_name, args=(out,), name=name)
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0 and p.name == name
+    assert out.read_text() == ascii(name) + "\n"
+
+
 @pytest.mark.parametrize(
     ("target", "args", "expected"),
     [

@@ -334,8 +334,10 @@ fn keep_chained() {
         }
     });
     if let Err(e) = started {
-        let _guard = install_lock();
-        let _ = KEEPER.compare_exchange(me, 0, Ordering::SeqCst, Ordering::SeqCst);
+        {
+            let _guard = install_lock();
+            let _ = KEEPER.compare_exchange(me, 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
         tracing::warn!("cannot start the thread that keeps Ctrl-C passed on to children: {e}");
     }
 }

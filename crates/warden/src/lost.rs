@@ -89,7 +89,7 @@ impl LostThread {
         let (tx, rx) = std::sync::mpsc::channel();
         let done = Arc::new((Mutex::new(false), Condvar::new()));
         let flag = Arc::clone(&done);
-        let thread = crate::threads::spawn(std::thread::Builder::new().name(format!("{name}-lost")), move || {
+        let thread = crate::threads::spawn(crate::threads::named(format!("{name}-lost")), move || {
             run(&rx, &hook);
             *flag.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
             flag.1.notify_all();

@@ -565,8 +565,7 @@ impl Builder {
         crate::memory::keep_to_one_arena_under_an_address_space_limit();
         let (mut sup, shared) = supervisor::create(self.cfg)?;
         let started = sup.started();
-        let thread =
-            crate::threads::spawn(std::thread::Builder::new().name(format!("{name}-supervisor")), move || sup.run())?;
+        let thread = crate::threads::spawn(crate::threads::named(format!("{name}-supervisor")), move || sup.run())?;
         // The first processes start on the supervisor thread (see the
         // caveats), but with this moment's environment and standard
         // streams, as if started here: a caller may change them right after.

@@ -117,8 +117,8 @@ static FORKS: AtomicUsize = AtomicUsize::new(0);
 static IN_STD: AtomicUsize = AtomicUsize::new(0);
 
 /// How long a `fork()` waits for warden threads to be out of the standard
-/// library's start or end of a thread, and a thread for a fork to be done,
-/// before it goes on regardless.
+/// library's start or end of a thread, and a thread's start or end for the
+/// forks under way to be done, before it goes on regardless.
 pub(crate) const FORK_WAIT: Duration = Duration::from_secs(2);
 
 /// Whether this process registered the `pthread_atfork` handlers. Not a
@@ -132,7 +132,7 @@ extern "C" fn before_fork() {
     FORKS.fetch_add(1, Ordering::SeqCst);
     // Allocation-free: a fork's prepare handler runs before the C library
     // takes its allocator's locks, but other handlers may hold theirs.
-    wait_until(|| IN_STD.load(Ordering::SeqCst) == 0);
+    wait_until(|| IN_STD.load(Ordering::SeqCst) == 0, &mut None);
 }
 
 extern "C" fn after_fork_in_parent() {
@@ -145,31 +145,32 @@ extern "C" fn after_fork_in_child() {
     IN_STD.store(0, Ordering::SeqCst);
 }
 
-/// Waits, at most [`FORK_WAIT`], until `done()`; yields the processor
-/// first, then sleeps in short steps. The waits are brief (a thread's start
-/// or end, a fork's copy of the address space).
-fn wait_until(done: impl Fn() -> bool) {
-    let mut deadline = None;
+/// Waits until `done()`, or `deadline` (set to [`FORK_WAIT`] from the
+/// first sleep, and kept across calls) passes; returns whether `done()`.
+/// Yields the processor first, then sleeps in short steps: the waits are
+/// brief (a thread's start or end, a fork's copy of the address space).
+fn wait_until(done: impl Fn() -> bool, deadline: &mut Option<Instant>) -> bool {
     for round in 0u32.. {
         if done() {
-            return;
+            return true;
         }
-        if round < 64 {
+        if round < 64 && deadline.is_none() {
             std::thread::yield_now();
             continue;
         }
         let now = Instant::now();
-        match deadline {
-            None => deadline = Some(now + FORK_WAIT),
-            Some(at) if now >= at => return,
+        match *deadline {
+            None => *deadline = Some(now + FORK_WAIT),
+            Some(at) if now >= at => return false,
             Some(_) => {}
         }
         std::thread::sleep(Duration::from_micros(50));
     }
+    false
 }
 
 /// Counts this thread (or the one it is about to create) in [`IN_STD`],
-/// once no fork is under way.
+/// once no fork is under way, or [`FORK_WAIT`] has passed.
 fn enter_std() {
     if !ATFORK.load(Ordering::Acquire) {
         // SAFETY: the handlers make atomic operations, yield and sleep, no
@@ -183,19 +184,37 @@ fn enter_std() {
         }
         ATFORK.store(true, Ordering::Release);
     }
+    let mut deadline = None;
     loop {
-        wait_until(|| FORKS.load(Ordering::SeqCst) == 0);
+        let no_fork = wait_until(|| FORKS.load(Ordering::SeqCst) == 0, &mut deadline);
         IN_STD.fetch_add(1, Ordering::SeqCst);
-        if FORKS.load(Ordering::SeqCst) == 0 {
+        if !no_fork || FORKS.load(Ordering::SeqCst) == 0 {
             return;
         }
         // A fork began in between: it must not wait for this thread.
-        IN_STD.fetch_sub(1, Ordering::SeqCst);
+        leave_std();
     }
 }
 
+/// Leaves the count; never below zero (a fork's copy starts it at zero, and
+/// a thread of the copy may be one its parent counted).
 fn leave_std() {
-    IN_STD.fetch_sub(1, Ordering::SeqCst);
+    let _ = IN_STD.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+}
+
+/// The count a thread's creation entered, left here unless the thread was
+/// created (it then leaves it itself): when creation fails, and when it
+/// panics (a name with a NUL byte).
+struct Creating {
+    created: bool,
+}
+
+impl Drop for Creating {
+    fn drop(&mut self) {
+        if !self.created {
+            leave_std();
+        }
+    }
 }
 
 /// Ends the count a thread's end entered, in a thread-local destructor: the
@@ -245,10 +264,9 @@ where
     T: Send + 'static,
 {
     enter_std();
+    let mut creating = Creating { created: false };
     let spawned = builder.spawn(move || run_listed(f));
-    if spawned.is_err() {
-        leave_std();
-    }
+    creating.created = spawned.is_ok();
     spawned
 }
 
@@ -264,11 +282,17 @@ where
     T: Send + 'scope,
 {
     enter_std();
+    let mut creating = Creating { created: false };
     let spawned = builder.spawn_scoped(scope, move || run_listed(f));
-    if spawned.is_err() {
-        leave_std();
-    }
+    creating.created = spawned.is_ok();
     spawned
+}
+
+/// A thread builder named `name`, with any NUL byte (which the standard
+/// library's thread start refuses with a panic) replaced: warden's thread
+/// names carry pool names, which a program chooses.
+pub(crate) fn named(name: impl Into<String>) -> Builder {
+    Builder::new().name(name.into().replace('\0', "?"))
 }
 
 /// The kernel thread ids of the threads warden runs in this process now
@@ -400,27 +424,49 @@ mod tests {
     const CHURNERS: usize = 3;
     const COPIES: usize = 400;
 
-    /// Set in the test binary run again for the fork test alone.
+    /// Set in the test binary run again for one test alone.
     const ALONE_ENV: &str = "WARDEN_THREADS_FORK_TEST_ALONE";
+
+    /// Whether this is the test binary run again for the test `name` alone;
+    /// if not, runs it so, and asserts that it passed.
+    fn alone(name: &str) -> bool {
+        if std::env::var_os(ALONE_ENV).is_some() {
+            return true;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args([name, "--exact", "--test-threads=1", "--nocapture"])
+            .env(ALONE_ENV, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        false
+    }
+
+    #[test]
+    fn a_thread_whose_start_panics_leaves_forks_nothing_to_wait_for() {
+        // Alone: other tests' threads in this process move the count.
+        if !alone("threads::tests::a_thread_whose_start_panics_leaves_forks_nothing_to_wait_for") {
+            return;
+        }
+        assert_eq!(IN_STD.load(Ordering::SeqCst), 0);
+        // The standard library refuses a name with a NUL byte with a panic.
+        let started = std::panic::catch_unwind(|| spawn(Builder::new().name("a\0b".into()), || ()));
+        assert!(started.is_err(), "the standard library panics at a NUL in a thread's name");
+        assert_eq!(IN_STD.load(Ordering::SeqCst), 0, "every fork from now on would wait for a thread that never was");
+        // A name warden builds from a program's choice has it replaced.
+        spawn(named("a\0b"), || ()).unwrap().join().unwrap();
+    }
 
     #[test]
     fn a_fork_while_warden_threads_start_and_end_leaves_the_copy_able_to_start_its_own() {
         use std::sync::atomic::AtomicBool;
         use std::sync::Arc;
-        if std::env::var_os(ALONE_ENV).is_none() {
-            // In a process of its own: the other tests' threads, running
-            // beside it here, may hold locks of the allocator or the runtime
-            // as a fork copies them, which says nothing of warden's list.
-            let name =
-                "threads::tests::a_fork_while_warden_threads_start_and_end_leaves_the_copy_able_to_start_its_own";
-            let exe = std::env::current_exe().unwrap();
-            let out = std::process::Command::new(exe)
-                .args([name, "--exact", "--test-threads=1", "--nocapture"])
-                .env(ALONE_ENV, "1")
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        // In a process of its own: the other tests' threads, running beside
+        // it here, may hold locks of the allocator or the runtime as a fork
+        // copies them, which says nothing of warden's list.
+        if !alone("threads::tests::a_fork_while_warden_threads_start_and_end_leaves_the_copy_able_to_start_its_own") {
             return;
         }
         // Threads come and go, and another reads the list, without pause, so
@@ -429,22 +475,25 @@ mod tests {
         let churn: Vec<_> = (0..CHURNERS)
             .map(|_| {
                 let stop = Arc::clone(&stop);
-                std::thread::spawn(move || {
+                // Through the gate too: their own start takes the lock.
+                spawn(Builder::new(), move || {
                     while !stop.load(Ordering::Relaxed) {
                         if let Ok(t) = spawn(Builder::new(), || ()) {
                             let _ = t.join();
                         }
                     }
                 })
+                .unwrap()
             })
             .collect();
         let reader = {
             let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
+            spawn(Builder::new(), move || {
                 while !stop.load(Ordering::Relaxed) {
                     std::hint::black_box(own_thread_ids());
                 }
             })
+            .unwrap()
         };
         let mut outcomes = Vec::new();
         for _ in 0..COPIES {

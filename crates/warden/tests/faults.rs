@@ -333,7 +333,7 @@ fn a_silent_zygote() -> TestResult {
     check(wait_until(Duration::from_secs(30), || pool.failure().is_some()), "the pool failed")?;
     let reason = pool.failure().unwrap_or_default();
     check(
-        reason.contains("killed by the pool before it was ready") && reason.contains("is sleep a warden worker"),
+        reason.contains("the pool killed it before it was ready") && reason.contains("is sleep a warden worker"),
         format!("the reason says the pool killed the zygote, and what to look at: {reason}"),
     )?;
     check(pool.join(Some(Duration::from_secs(10))), "a failed pool shuts itself down")?;

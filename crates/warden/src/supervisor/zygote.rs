@@ -265,7 +265,7 @@ impl Supervisor {
         if let ZygoteSlot::Up { deadline: Some(d), stopping: false, .. } = &self.zygote {
             if now >= *d {
                 let timeout = self.cfg.init_timeout;
-                self.zygote_broken(format!("it was not ready within the init timeout ({timeout:?})"));
+                self.zygote_broken(format!("the zygote was not ready within the init timeout ({timeout:?})"));
             }
         }
     }
@@ -330,7 +330,8 @@ impl Supervisor {
         };
         zygote.reaped = true;
         let intended = *stopping;
-        let was_ready = zygote.ready;
+        // (A zygote the pool gave up on was marked not ready then.)
+        let was_ready = self.zygote_killed.as_ref().map_or(zygote.ready, |&(_, ready)| ready);
         let pid = zygote.pid.as_raw_nonzero().get();
         let registry = self.poll.registry();
         let _ = registry.deregister(&mut SourceFd(&zygote.pidfd.as_raw_fd()));
@@ -342,11 +343,14 @@ impl Supervisor {
         if !intended && self.phase != PoolPhase::Failed {
             // One that ended on its own before it was ready is, most likely,
             // not a warden worker's program (the same program as the workers').
-            let what = match self.zygote_killed.take() {
-                Some((why, true)) => format!("the zygote {pid} ended with {status}, killed by the pool: {why}"),
+            // The pool's SIGKILL, if that is what ended it: a zygote whose
+            // control socket closed first ended on its own.
+            let killed = self.zygote_killed.take().filter(|_| matches!(status, ExitStatus::Signal(libc::SIGKILL)));
+            let what = match killed {
+                Some((why, true)) => format!("the zygote {pid} ended with {status}: the pool killed it ({why})"),
                 // Most likely not a warden worker's program, as below.
                 Some((why, false)) => format!(
-                    "the zygote {pid} ended with {status}, killed by the pool before it was ready: {why} ({})",
+                    "the zygote {pid} ended with {status}: the pool killed it before it was ready ({why}; {})",
                     self.not_a_worker()
                 ),
                 None if !was_ready && matches!(status, ExitStatus::Code(_)) => {
