@@ -109,21 +109,18 @@ def report_name(path):
     write(path, ascii(warden.current_process().name) + "\n")
 
 
-def test_a_process_named_with_text_that_is_not_utf8_starts_and_keeps_its_name(tmp_path):
-    # os.fsdecode of a file name that is not UTF-8, as multiprocessing takes it.
-    name = b"job-\xe9".decode("utf-8", "surrogateescape")
-    out = tmp_path / "out"
-    p = warden.Process(target=report_name, args=(out,), name=name)
-    p.start()
-    p.join(30)
-    assert p.exitcode == 0 and p.name == name
-    assert out.read_text() == ascii(name) + "\n"
-
-
-def test_a_process_named_with_a_nul_byte_starts_and_keeps_its_name_as_the_standard_librarys(tmp_path):
-    # The name is also its pool's, in the names of the threads that serve
-    # it, where a NUL byte made the thread's start panic.
-    name = "job\x00one"
+@pytest.mark.parametrize(
+    "name",
+    [
+        # os.fsdecode of a file name that is not UTF-8, as multiprocessing takes it.
+        b"job-\xe9".decode("utf-8", "surrogateescape"),
+        # The name is also its pool's, in the names of the threads that
+        # serve it, where a NUL byte made the thread's start panic.
+        "job\x00one",
+    ],
+    ids=["not-utf8", "nul-byte"],
+)
+def test_a_process_named_with_text_a_c_string_cannot_hold_starts_and_keeps_its_name(tmp_path, name):
     out = tmp_path / "out"
     p = warden.Process(target=report_name, args=(out,), name=name)
     p.start()

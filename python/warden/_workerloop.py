@@ -160,33 +160,43 @@ def _raise_after_hand_over(frame: Any, stop: BaseException) -> Callable[[], None
         if target is None:
             return None
         owner = frame.f_locals.get("self")
-        import dis
-
-        nop = dis.opmap["NOP"]
-        # The handler that gives the lock back: the ``with``'s, which covers
-        # its body, from the instruction after the one that entered.
-        gives_back = _handler_of(target.f_code, target.f_lasti + 2)
-        if gives_back is None:
-            # Not a with statement's (``ExitStack.enter_context``): raised
-            # as what entered it returns, its exit registered.
-            return _raise_in(target, stop, lambda _now, event: event == "return")
-
-        def due(now: Any, event: str) -> bool:
-            if event == "return":
-                return True
-            if event != "line" or now.f_code.co_code[now.f_lasti] == nop:
-                # A body that compiles to nothing (``with lock: pass``) is a
-                # NOP outside every handler's range: raised there, the stop
-                # would leave the frame without the ``with``'s ``__exit__``
-                # (the lock stays held) or any ``finally``.
-                return False
-            # In the body (``__exit__`` will give the lock back), or once
-            # the lock is given back (the ``with``'s exit has run); not on
-            # the ``with``'s exit line before it has.
-            return _handler_of(now.f_code, now.f_lasti) == gives_back or not _semlock_held(owner)
-
-        return _raise_in(target, stop, due)
+        # In the body, or once the lock is given back (the ``with``'s exit
+        # has run); not on the ``with``'s exit line before it has.
+        return _raise_in_the_withs_charge(target, stop, lambda _now: not _semlock_held(owner))
     return _raise_in(frame, stop, lambda _now, event: event == "return")
+
+
+def _raise_in_the_withs_charge(
+    target: Any, stop: BaseException, given_back: Callable[[Any], bool]
+) -> Callable[[], None] | None:
+    """Arranges for ``stop`` to be raised in ``target``, whose call of a
+    lock's ``__enter__`` just returned, once the lock is in its ``with``
+    statement's charge: at a line of the body (whose ``__exit__`` gives the
+    lock back), or where ``given_back(frame)`` says the lock is given back;
+    entered otherwise (``ExitStack.enter_context``), as ``target`` returns,
+    its exit registered. Returns what removes the trace function; ``None``
+    where that cannot be done (a trace function is set)."""
+    import dis
+
+    nop = dis.opmap["NOP"]
+    # The handler that gives the lock back: the ``with``'s, which covers
+    # its body, from the instruction after the one that entered.
+    gives_back = _handler_of(target.f_code, target.f_lasti + 2)
+    if gives_back is None:
+        return _raise_in(target, stop, lambda _now, event: event == "return")
+
+    def due(now: Any, event: str) -> bool:
+        if event == "return":
+            return True
+        if event != "line" or now.f_code.co_code[now.f_lasti] == nop:
+            # A body that compiles to nothing (``with lock: pass``) is a
+            # NOP outside every handler's range: raised there, the stop
+            # would leave the frame without the ``with``'s ``__exit__``
+            # (the lock stays held) or any ``finally``.
+            return False
+        return _handler_of(now.f_code, now.f_lasti) == gives_back or given_back(now)
+
+    return _raise_in(target, stop, due)
 
 
 def _proxy_call(frame: Any) -> Any:
@@ -254,25 +264,10 @@ def _raise_after_proxy_call(call: Any, stop: BaseException) -> Callable[[], None
         target = caller.f_back
         if target is None:
             return None
-        import dis
-
-        nop = dis.opmap["NOP"]
-        gives_back = _handler_of(target.f_code, target.f_lasti + 2)
-        if gives_back is None:  # not a with statement's: nothing gives it back yet
-            return _raise_in(target, stop, lambda _now, event: event == "return")
+        # Past the with statement: off its line (the ``with`` line, where
+        # ``__exit__`` has yet to run).
         with_line = target.f_lineno
-
-        def due(now: Any, event: str) -> bool:
-            # In the body (its exit gives the lock back), or past the with
-            # statement; not on its exit's line (the ``with`` line), where
-            # ``__exit__`` has yet to run, nor at a body of ``pass``.
-            if event == "return":
-                return True
-            if event != "line" or now.f_code.co_code[now.f_lasti] == nop:
-                return False
-            return _handler_of(now.f_code, now.f_lasti) == gives_back or now.f_lineno != with_line
-
-        return _raise_in(target, stop, due)
+        return _raise_in_the_withs_charge(target, stop, lambda now: now.f_lineno != with_line)
     if name == "__exit__":
         return _raise_in(caller, stop, lambda _now, event: event == "return")
     return _raise_in(call, stop, lambda _now, event: event == "return")
