@@ -1061,6 +1061,123 @@ def test_a_task_stopped_around_a_manager_lock_it_enters_leaves_it_free(program, 
     assert run.stdout.split() == ["free"] * 12, run.stdout + run.stderr
 
 
+SLOW_TO_ANSWER = """
+import multiprocessing, threading, time
+from multiprocessing.managers import AcquirerProxy, BaseManager
+import warden
+
+class SlowToAnswer:
+    # A manager's lock whose reply comes late, as on a loaded machine: it is
+    # taken at once, the answer 300 ms later.
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def acquire(self, blocking=True, timeout=-1):
+        taken = self._lock.acquire(blocking, timeout)
+        time.sleep(0.3)
+        return taken
+
+    def release(self):
+        self._lock.release()
+
+class Manager(BaseManager):
+    pass
+
+Manager.register("Lock", SlowToAnswer, proxytype=AcquirerProxy)
+
+def task(lock):
+    while True:
+        with lock:
+            pass
+
+if __name__ == "__main__":
+    manager = Manager(ctx=multiprocessing.get_context("spawn"))
+    manager.start()
+    for _ in range(3):
+        lock = manager.Lock()
+        with warden.ProcessPoolExecutor(1, task_timeout=0.5) as ex:
+            try:
+                ex.submit(task, lock).result(30)
+            except warden.TaskTimeout:
+                pass
+        free = lock.acquire(timeout=3)
+        print("free" if free else "held", flush=True)
+        if free:
+            lock.release()
+    manager.shutdown()
+"""
+
+
+def test_a_task_stopped_while_a_manager_is_slow_to_answer_its_lock_request_leaves_the_lock_free(program):
+    """A stop held back in a manager lock's ``acquire`` and asked again 50 ms
+    later, the call still waiting for its reply, was raised there and the
+    connection closed: the manager had taken the lock for that connection
+    and kept it for good ('held')."""
+    run = program(SLOW_TO_ANSWER).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["free"] * 3, run.stdout + run.stderr
+
+
+STOP_AS_AN_EXIT_BEGINS = """
+import contextlib, multiprocessing, signal, sys
+import warden
+from warden import _workerloop
+
+def stopped_as_it_begins(exit_code, body):
+    # The stop lands at the first instruction of the ``__exit__`` running
+    # ``exit_code``: the worker's handler is called there, as the
+    # interpreter calls it between two bytecodes.
+    handler = _workerloop.Handler()
+    handler.running = True
+
+    def hook(frame, event, _arg):
+        if event == "call" and frame.f_code is exit_code:
+            sys.setprofile(None)
+            handler.on_signal(signal.SIGTERM, frame)
+
+    sys.setprofile(hook)
+    try:
+        body()
+    except warden.TaskInterrupted:
+        return "stopped"
+    finally:
+        sys.setprofile(None)
+    return "ran on"
+
+def with_an_exit_stack(lock):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(lock)
+
+def with_it(lock):
+    with lock:
+        pass
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    lock = ctx.Lock()
+    outcome = stopped_as_it_begins(contextlib.ExitStack.__exit__.__code__, lambda: with_an_exit_stack(lock))
+    print("exit stack:", outcome, "free" if lock.acquire(False) else "held")
+    with ctx.Manager() as manager:
+        lock = manager.Lock()
+        exit_code = type(lock).__exit__.__code__
+        outcome = stopped_as_it_begins(exit_code, lambda: with_it(lock))
+        print("manager lock:", outcome, "free" if lock.acquire(timeout=2) else "held")
+"""
+
+
+def test_a_stop_as_an_exit_stacks_or_a_manager_locks_exit_begins_is_raised_once_the_lock_is_given_back(
+    program,
+):
+    """Raised at the first instruction of ``ExitStack.__exit__`` (or of a
+    manager lock's ``__exit__``, before its ``release`` call), the stop ended
+    it before it gave the lock back: held for good."""
+    run = program(STOP_AS_AN_EXIT_BEGINS).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["exit stack: stopped free", "manager lock: stopped free"], (
+        run.stdout + run.stderr
+    )
+
+
 SPIN_ON_A_LOCK = """
 def spin(n):
     for i in range(n):

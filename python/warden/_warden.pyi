@@ -49,6 +49,7 @@ __all__ = [
     "stop_thread_again",
     "task_clock",
     "trim_heap",
+    "unwind_grace",
     "wait_finalizers_idle",
     "worker_main",
     "zygote_main",
@@ -361,6 +362,11 @@ def setsid() -> int:
 def hold_stops(held: bool) -> None:
     """Holds (``True``) or releases (``False``) the core's own exit after a
     stop signal, while the worker enters its ``worker_context``."""
+
+def unwind_grace() -> float:
+    """How long, in seconds, this worker's core gives an interrupted task to
+    unwind before it runs the exit path beside it (half the pool's grace
+    period, at least half a second)."""
 
 def record_stop_signal(signum: int) -> None:
     """Records a stop signal the worker's Python handler received when the

@@ -214,6 +214,24 @@ def _proxy_call(frame: Any) -> Any:
     return _frame_running(frame, code, 8)
 
 
+#: Where ``BaseProxy._callmethod`` starts reading its reply, by code object.
+_REPLY_READ_AT: dict[Any, int] = {}
+
+
+def _request_sent(call: Any) -> bool:
+    """Whether the proxy call ``call`` (see :func:`_proxy_call`) has sent its
+    request: it is past loading its connection's ``recv``. Taken as sent
+    where that load is not found."""
+    code = call.f_code
+    at = _REPLY_READ_AT.get(code)
+    if at is None:
+        import dis
+
+        loads = (ins.offset for ins in dis.get_instructions(code) if ins.argval == "recv")
+        at = _REPLY_READ_AT[code] = next(loads, -1)
+    return bool(call.f_lasti >= at)
+
+
 def _frame_running(frame: Any, code: Any, depth: int, within: str | None = None) -> Any:
     """The frame running ``code`` among ``frame`` and its callers, ``depth``
     at most (and only through frames of the file ``within``, if given), or
@@ -234,6 +252,22 @@ def _entering_an_exit_stack(frame: Any) -> Any:
     what was entered without its exit (a lock held for good)."""
     code = getattr(getattr(contextlib._BaseExitStack, "enter_context", None), "__code__", None)
     return _frame_running(frame, code, 4, within=getattr(contextlib, "__file__", None) or "")
+
+
+def _leaving_a_with(frame: Any) -> bool:
+    """Whether ``frame`` runs the own code of an ``__exit__`` that gives
+    back what its ``with`` statement took: a manager lock's (before its
+    ``release`` call) or an ``ExitStack``'s (between the exits it calls, each
+    in a ``try`` of its own). A stop raised there ends it with that undone (a
+    lock held for good); raised as it returns, its work is done."""
+    if frame is None:
+        return False
+    code = frame.f_code
+    if code is getattr(getattr(contextlib.ExitStack, "__exit__", None), "__code__", None):
+        return True
+    managers = sys.modules.get("multiprocessing.managers")
+    acquirer = getattr(managers, "AcquirerProxy", None)
+    return code is getattr(getattr(acquirer, "__exit__", None), "__code__", None)
 
 
 def _drop_proxy_connection(proxy: Any) -> None:
@@ -680,8 +714,9 @@ class Handler:
         # has returned: it ends by that signal after its exit path.
         self.terminated_while_exiting = False
         # A stop held back until a lock is in a try's or a with's charge:
-        # the frame and instruction it came in, the stop, what cancels it.
-        self.held_back: tuple[Any, int, BaseException, Callable[[], None]] | None = None
+        # the frame and instruction it came in, the stop, what cancels it,
+        # when it came (time.monotonic()).
+        self.held_back: tuple[Any, int, BaseException, Callable[[], None], float] | None = None
         # Set once a stop has been raised in the running task (or start),
         # until it ends: a stop the interpreter swallowed then is raised again.
         self.stop_raised = False
@@ -739,14 +774,30 @@ class Handler:
             runner.stop_requested = True
         held_back, self.held_back = self.held_back, None
         if held_back is not None:
-            then, lasti, stop, cancel = held_back
+            then, lasti, stop, cancel, since = held_back
             if frame is then and frame.f_lasti == lasti:
-                # Still in the call the stop came in: it had not returned
-                # (blocked taking what this process already held more of, a
-                # Queue's semaphore, an Event's; a manager proxy's call
-                # waiting for its reply), so it took nothing: now.
-                cancel()
+                # Still in the call the stop came in: it had not returned.
+                if _leaving_a_with(frame):
+                    self.held_back = held_back  # raised as it returns
+                    return
                 call = _proxy_call(frame)
+                if (
+                    call is not None
+                    and _request_sent(call)
+                    and time.monotonic() - since < _warden.unwind_grace() / 2
+                ):
+                    # A manager proxy's call whose request is out: the
+                    # manager carries it out (takes the lock, say) whether
+                    # or not the reply is read. It is waited for, half the
+                    # time the task has to unwind at most (a slow manager
+                    # on a loaded machine, not a contended lock).
+                    self.held_back = held_back
+                    _ask_again_soon()
+                    return
+                # Blocked taking what this process already held more of (a
+                # Queue's semaphore, an Event's), so it took nothing; a
+                # proxy's call still waiting: stopped now.
+                cancel()
                 if call is not None:  # its reply is never read: nor by the next call
                     _drop_proxy_connection(call.f_locals.get("self"))
                 raise stop
@@ -760,7 +811,7 @@ class Handler:
                 if cancel is None:
                     _drop_proxy_connection(call.f_locals.get("self"))
                     raise stop
-                self.held_back = (frame, frame.f_lasti, stop, cancel)
+                self.held_back = (frame, frame.f_lasti, stop, cancel, since)
                 _ask_again_soon()
                 return
             self.held_back = held_back  # on its way: its trace function raises it
@@ -770,6 +821,7 @@ class Handler:
             self.stop_raised = True
             stop = TaskInterrupted(signal.Signals(signum).name)
             cancel = None
+            ask_again = True
             call = _proxy_call(frame)
             entering = None if call is not None else _entering_an_exit_stack(frame)
             if call is not None:
@@ -783,6 +835,11 @@ class Handler:
                 cancel = _raise_in(entering, stop, lambda _now, event: event == "return")
                 if cancel is None:
                     raise stop
+            elif _leaving_a_with(frame):
+                # Giving back what the with statement took: raised once
+                # it has (never cut short, so not asked again).
+                cancel = _raise_in(frame, stop, lambda _now, event: event == "return")
+                ask_again = False
             elif _taking_or_giving_a_lock(frame):
                 # Raised here, the stop would leave a lock of the program's
                 # held for good: it is raised once the lock is in the with
@@ -794,8 +851,9 @@ class Handler:
                     # The same for ``lock.acquire()`` followed by ``try:``.
                     cancel = _raise_once_in_charge(frame, lock, stop)
             if cancel is not None:
-                self.held_back = (frame, frame.f_lasti, stop, cancel)
-                _ask_again_soon()
+                self.held_back = (frame, frame.f_lasti, stop, cancel, time.monotonic())
+                if ask_again:
+                    _ask_again_soon()
                 return
             raise stop
         if self.waiting_for_threads:

@@ -101,6 +101,7 @@ fn _warden(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(worker::send_record, m)?)?;
     m.add_function(wrap_pyfunction!(worker::task_clock, m)?)?;
     m.add_function(wrap_pyfunction!(worker::hold_stops, m)?)?;
+    m.add_function(wrap_pyfunction!(worker::unwind_grace, m)?)?;
     m.add_function(wrap_pyfunction!(worker::sigint_without_a_signal, m)?)?;
     m.add_function(wrap_pyfunction!(worker::record_stop_signal, m)?)?;
     m.add_function(wrap_pyfunction!(worker::setsid, m)?)?;

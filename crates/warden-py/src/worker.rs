@@ -120,6 +120,14 @@ pub fn hold_stops(held: bool) {
     warden::frontend::hold_stops(held);
 }
 
+/// How long, in seconds, this worker's core gives an interrupted task to
+/// unwind before it runs the exit path beside it (half the pool's grace
+/// period, at least half a second).
+#[pyfunction]
+pub fn unwind_grace() -> f64 {
+    warden::frontend::unwind_grace().as_secs_f64()
+}
+
 /// Records stop signal `signum`, which the worker's Python handler received
 /// while the core's handlers did not (a task put the interpreter's handler
 /// back in their place): the worker stops as for any stop signal.

@@ -19,9 +19,9 @@ pub use crate::spawn::{fill_closed_stdio, WorkerCommand, ENV_FD, ENV_MAX_FRAME, 
 pub use crate::supervisor::{fds_scarce, Output, Reply};
 pub use crate::threads::{own_thread_ids, spawn_scoped};
 pub use crate::worker::{
-    hold_stops, record_stop_signal, serve, sigint_without_a_signal, ExitHook, ExitHookOutcome, Handler, Interrupter,
-    WorkerEnv, EXIT_INIT_FAILED, EXIT_PANICKED, EXIT_PARENT_GONE, EXIT_PROTOCOL, EXIT_SHORT_OF_THREADS, UNWIND_GRACE,
-    WORKER_VARIABLES,
+    hold_stops, record_stop_signal, serve, sigint_without_a_signal, unwind_grace, ExitHook, ExitHookOutcome, Handler,
+    Interrupter, WorkerEnv, EXIT_INIT_FAILED, EXIT_PANICKED, EXIT_PARENT_GONE, EXIT_PROTOCOL, EXIT_SHORT_OF_THREADS,
+    UNWIND_GRACE, WORKER_VARIABLES,
 };
 
 /// This process's id, as the pools compare it with their owner's to tell a

@@ -112,8 +112,11 @@ fn unwind_ms(grace_ms: u64) -> u64 {
     (grace_ms / 2).max(UNWIND_GRACE.as_millis() as u64)
 }
 
-/// How long the monitor waits for an interrupted task to unwind.
-fn unwind_grace() -> Duration {
+/// How long the monitor waits for an interrupted task to unwind (its
+/// `finally` blocks) before it runs the exit path beside it: half the pool's
+/// grace period, at least [`UNWIND_GRACE`]; [`UNWIND_GRACE`] before the pool's
+/// `Init` message has set it.
+pub fn unwind_grace() -> Duration {
     Duration::from_millis(UNWIND_MS.load(Ordering::SeqCst))
 }
 
