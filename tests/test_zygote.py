@@ -200,6 +200,48 @@ def test_workers_started_after_the_program_tightened_its_umask_and_limits_get_th
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+OOM_SCORE_RAISED = """
+import time
+import warden
+from warden import _warden
+
+def oom_score_adj():
+    with open("/proc/self/oom_score_adj") as f:
+        return int(f.read()), _warden.forked_from()
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1, start="zygote", max_tasks_per_child=1) as ex:
+        before, _ = ex.submit(oom_score_adj).result(30)
+        first = ex._runner.core.zygote_pid()
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(before + 300))
+        # One worker per task; the first may have started before the change.
+        seen = [ex.submit(oom_score_adj).result(30)[0] for _ in range(4)]
+        print(before, seen[1:])
+        deadline = time.monotonic() + 30
+        while ex._runner.core.zygote_pid() in (None, first) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = ex._runner.core.zygote_pid()
+        while ex.submit(oom_score_adj).result(30)[1] != second and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("from the new zygote:", ex.submit(oom_score_adj).result(30) == (before + 300, second))
+"""
+
+
+def test_workers_started_after_the_program_raised_its_oom_score_adj_get_it(program):
+    """A spawned worker gets the ``oom_score_adj`` its parent has now (a
+    program that offers itself to the OOM killer first, its workers with
+    it): the zygote's forks had the one of the zygote's start. Run as a
+    program of its own: the value cannot be lowered back without
+    privilege."""
+    run = program(OOM_SCORE_RAISED).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    seen, new_zygote = run.stdout.splitlines()
+    base = int(seen.split()[0])
+    assert seen == f"{base} {[base + 300] * 3}", run.stdout
+    assert new_zygote == "from the new zygote: True", run.stdout
+
+
 def sigusr1_ignored():
     return signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN, _warden.forked_from()
 

@@ -45,14 +45,16 @@ const ZYGOTE_EXIT_WAIT: Duration = Duration::from_secs(1);
 /// What a process started now would inherit from this one, as far as the
 /// zygote's forks would get it wrong: credentials (user, group, groups,
 /// capabilities, `no_new_privs`, seccomp), the `umask`, the signals ignored
-/// (`SIG_IGN` outlives exec) and the resource limits. The zygote was started
-/// with what these were then; its forks get that, not what the program has
-/// set since (a service that dropped its privileges, tightened its `umask`
-/// or lowered a limit after making the pool).
+/// (`SIG_IGN` outlives exec), the resource limits and the OOM killer's
+/// adjustment (`oom_score_adj`). The zygote was started with what these
+/// were then; its forks get that, not what the program has set since (a
+/// service that dropped its privileges, tightened its `umask`, lowered a
+/// limit or offered itself to the OOM killer first after making the pool).
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Inherited {
     status: Vec<u8>,
     limits: Vec<(Option<u64>, Option<u64>)>,
+    oom_score_adj: Option<Vec<u8>>,
 }
 
 /// The fields of the thread's `status` in `/proc` that [`Inherited`] compares.
@@ -114,7 +116,9 @@ impl Inherited {
                 (limit.current, limit.maximum)
             })
             .collect();
-        Some(Inherited { status, limits })
+        // Per process, not per thread; `None` where it cannot be read.
+        let oom_score_adj = std::fs::read("/proc/self/oom_score_adj").ok();
+        Some(Inherited { status, limits, oom_score_adj })
     }
 }
 
@@ -207,8 +211,8 @@ impl Supervisor {
             return if self.zygote_first { NextStart::Wait } else { NextStart::Exec };
         }
         if inherited.as_ref().is_some_and(|then| Inherited::now().is_some_and(|now| now != *then)) {
-            // A fork would start this worker with the credentials, umask
-            // or limits of when the zygote started: this one starts by
+            // A fork would start this worker with the credentials, umask,
+            // limits or OOM adjustment of when the zygote started: this one starts by
             // exec, with the program's own, and a new zygote is prepared
             // with them for the ones after it. Not a failure.
             let pid = zygote.pid.as_raw_nonzero().get();
