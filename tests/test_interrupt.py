@@ -1152,11 +1152,34 @@ def with_it(lock):
     with lock:
         pass
 
+@contextlib.contextmanager
+def holding(lock):
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+class Holding:
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
 if __name__ == "__main__":
     ctx = multiprocessing.get_context("spawn")
-    lock = ctx.Lock()
-    outcome = stopped_as_it_begins(contextlib.ExitStack.__exit__.__code__, lambda: with_an_exit_stack(lock))
-    print("exit stack:", outcome, "free" if lock.acquire(False) else "held")
+    for name, exits, body in [
+        ("exit stack", contextlib.ExitStack, with_an_exit_stack),
+        ("contextmanager", contextlib._GeneratorContextManager, lambda lock: with_it(holding(lock))),
+        ("a class's", Holding, lambda lock: with_it(Holding(lock))),
+    ]:
+        lock = ctx.Lock()
+        outcome = stopped_as_it_begins(exits.__exit__.__code__, lambda: body(lock))
+        print(f"{name}:", outcome, "free" if lock.acquire(False) else "held")
     with ctx.Manager() as manager:
         lock = manager.Lock()
         exit_code = type(lock).__exit__.__code__
@@ -1165,17 +1188,17 @@ if __name__ == "__main__":
 """
 
 
-def test_a_stop_as_an_exit_stacks_or_a_manager_locks_exit_begins_is_raised_once_the_lock_is_given_back(
-    program,
-):
-    """Raised at the first instruction of ``ExitStack.__exit__`` (or of a
-    manager lock's ``__exit__``, before its ``release`` call), the stop ended
-    it before it gave the lock back: held for good."""
+def test_a_stop_as_an_exit_begins_is_raised_once_the_lock_is_given_back(program):
+    """Raised at the first instruction of an ``__exit__`` (an
+    ``ExitStack``'s, a ``@contextmanager``'s, a class's of the program's, a
+    manager lock's before its ``release`` call), the stop ended it before it
+    gave the lock back: held for good."""
     run = program(STOP_AS_AN_EXIT_BEGINS).run(timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["exit stack: stopped free", "manager lock: stopped free"], (
-        run.stdout + run.stderr
-    )
+    expected = [
+        f"{name}: stopped free" for name in ("exit stack", "contextmanager", "a class's", "manager lock")
+    ]
+    assert run.stdout.splitlines() == expected, run.stdout + run.stderr
 
 
 SPIN_ON_A_LOCK = """

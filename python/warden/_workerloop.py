@@ -255,19 +255,42 @@ def _entering_an_exit_stack(frame: Any) -> Any:
 
 
 def _leaving_a_with(frame: Any) -> bool:
-    """Whether ``frame`` runs the own code of an ``__exit__`` that gives
-    back what its ``with`` statement took: a manager lock's (before its
-    ``release`` call) or an ``ExitStack``'s (between the exits it calls, each
-    in a ``try`` of its own). A stop raised there ends it with that undone (a
-    lock held for good); raised as it returns, its work is done."""
+    """Whether ``frame`` is an ``__exit__`` that a stop raised in it would
+    end with its work undone (a lock held for good), where raised as it
+    returns, the stop costs what it would have cost a moment earlier, in the
+    ``with`` statement's body: any ``__exit__`` at its first instruction;
+    anywhere in the own code of those of ``ExitStack`` (between the exits it
+    calls, each in a ``try`` of its own), ``@contextmanager`` (before it
+    resumes the generator) and a manager lock (before its ``release``
+    call)."""
     if frame is None:
         return False
     code = frame.f_code
-    if code is getattr(getattr(contextlib.ExitStack, "__exit__", None), "__code__", None):
+    if code.co_name == "__exit__" and frame.f_lasti <= _start_of(code):
         return True
+    owners = [contextlib.ExitStack, contextlib._GeneratorContextManager]
     managers = sys.modules.get("multiprocessing.managers")
-    acquirer = getattr(managers, "AcquirerProxy", None)
-    return code is getattr(getattr(acquirer, "__exit__", None), "__code__", None)
+    if managers is not None:
+        owners.append(getattr(managers, "AcquirerProxy", None))
+    return any(code is getattr(getattr(owner, "__exit__", None), "__code__", None) for owner in owners)
+
+
+#: Where each ``__exit__`` met so far starts running (its ``RESUME``), by code object.
+_STARTS: dict[Any, int] = {}
+
+
+def _start_of(code: Any) -> int:
+    """The offset of ``code``'s first ``RESUME``: a frame whose last
+    instruction is at or before it has run nothing of its own yet."""
+    at = _STARTS.get(code)
+    if at is None:
+        import dis
+
+        resumes = (ins.offset for ins in dis.get_instructions(code) if ins.opname == "RESUME")
+        at = next(resumes, -1)
+        if len(_STARTS) < 4096:
+            _STARTS[code] = at
+    return at
 
 
 def _drop_proxy_connection(proxy: Any) -> None:
