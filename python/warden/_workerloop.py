@@ -870,7 +870,13 @@ class Handler:
                 cancel = _raise_after_hand_over(frame, stop)
             else:
                 lock = _lock_just_taken(frame)
-                if lock is not None:
+                if lock is not None and frame.f_code.co_name == "__enter__" and frame.f_back is not None:
+                    # Taken by a context manager of the program's: raised
+                    # once its with statement has it in charge.
+                    cancel = _raise_in_the_withs_charge(
+                        frame.f_back, stop, lambda _now: not _semlock_held(lock)
+                    )
+                elif lock is not None:
                     # The same for ``lock.acquire()`` followed by ``try:``.
                     cancel = _raise_once_in_charge(frame, lock, stop)
             if cancel is not None:
