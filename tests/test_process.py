@@ -1172,3 +1172,58 @@ def test_a_terminated_target_that_ends_with_another_error_does_not_wait_for_its_
     assert run.lines == ["False -15", "True -15"], run.stdout + run.stderr
     assert "RuntimeError: cleanup failed" in run.stderr
     assert "still running" not in run.stderr, run.stderr
+
+
+#: A cgroup (v1) of the pids controller this test may make, if it may.
+PIDS_CGROUPS = "/sys/fs/cgroup/pids"
+
+START_WITH_NO_PROCESS_TO_SPARE = """
+import errno, os, sys
+import warden
+
+def nothing():
+    pass
+
+if __name__ == "__main__":
+    cgroup = sys.argv[1]
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    with open(os.path.join(cgroup, "tasks")) as f:
+        threads = len(f.read().split())
+    with open(os.path.join(cgroup, "pids.max"), "w") as f:
+        f.write(str(threads))  # not one thread or process more
+    try:
+        warden.Process(target=nothing).start()
+    except OSError as e:
+        print(type(e).__name__, e.errno == errno.EAGAIN, str(e).split(":")[0])
+"""
+
+
+@pytest.mark.skipif(
+    not os.access(PIDS_CGROUPS, os.W_OK), reason=f"needs a writable pids cgroup hierarchy at {PIDS_CGROUPS}"
+)
+def test_a_process_that_cannot_start_for_want_of_processes_says_so_as_the_standard_librarys(program):
+    """``start()`` with no process or thread to spare raises the
+    ``BlockingIOError`` the standard library's fork raises; its message
+    spoke of starting "the pool"."""
+    cgroup = os.path.join(PIDS_CGROUPS, f"warden-test-{os.getpid()}-{time.monotonic_ns()}")
+    os.mkdir(cgroup)
+    try:
+        run = program(START_WITH_NO_PROCESS_TO_SPARE).run(timeout=60, args=(cgroup,))
+    finally:
+        with contextlib.suppress(OSError), open(os.path.join(cgroup, "cgroup.procs")) as f:
+            for pid in f.read().split():
+                os.kill(int(pid), signal.SIGKILL)
+        assert wait_until(lambda: _rmdir(cgroup), timeout=10)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[0] == "BlockingIOError True [Errno 11] cannot start the process", run.stdout
+
+
+def _rmdir(path):
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True

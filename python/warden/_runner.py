@@ -814,7 +814,8 @@ class Runner:
             # A system call failed (no descriptor left under ``ulimit -n``):
             # the ``OSError`` the standard library's constructor raises.
             if isinstance(e, _warden.CoreError) and e.errno is not None:
-                raise OSError(e.errno, f"cannot start the pool: {e}") from None
+                what = "the process" if one_off else "the pool"
+                raise OSError(e.errno, f"cannot start {what}: {e}") from None
             # Settings this system cannot honour (a memory cap without /proc).
             if isinstance(e, _warden.CoreError) and e.kind == _warden.ErrorKind.CONFIG:
                 raise ValueError(str(e)) from None
