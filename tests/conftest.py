@@ -252,6 +252,35 @@ def program(tmp_path: Path) -> Iterator[Callable[[str], Program]]:
         prog.cleanup()
 
 
+#: Where a test may make a cgroup (v1) of the pids controller, if it may.
+PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.fixture
+def pids_cgroup() -> Iterator[Path]:
+    """A new cgroup of the pids controller (its directory), for a program
+    to move itself into and set ``pids.max`` of: every process left in it is
+    killed, and it is removed, at the end. Skipped where none can be made."""
+    if not os.access(PIDS_CGROUPS, os.W_OK):
+        pytest.skip(f"needs a writable pids cgroup hierarchy at {PIDS_CGROUPS}")
+    cgroup = PIDS_CGROUPS / f"warden-test-{os.getpid()}-{time.monotonic_ns()}"
+    cgroup.mkdir()
+    yield cgroup
+
+    def removed() -> bool:
+        try:
+            for pid in (cgroup / "cgroup.procs").read_text().split():
+                os.kill(int(pid), signal.SIGKILL)
+            cgroup.rmdir()
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
+
+    assert wait_until(removed, timeout=10), f"{cgroup} is still there"
+
+
 def out_file_lines(path: str | Path) -> list[str]:
     try:
         return Path(path).read_text().splitlines()

@@ -2054,6 +2054,51 @@ def test_a_pool_outlasts_a_passing_shortage_of_processes_and_loses_no_task(progr
     assert out.splitlines() == ["results True", "after 99"], err
 
 
+THREAD_SHORTAGE = """
+import os, signal, sys, threading, time
+import warden
+
+if __name__ == "__main__":
+    cgroup = sys.argv[1]
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    with warden.ProcessPoolExecutor(2) as ex:
+        ex.submit(os.getpid).result(30)
+
+        def lift():
+            time.sleep(3.5)
+            with open(os.path.join(cgroup, "pids.max"), "w") as f:
+                f.write("max")
+
+        threading.Thread(target=lift).start()
+        time.sleep(0.5)
+        workers = [w.pid for w in ex._runner.core.workers()]
+        theirs = sum(len(os.listdir(f"/proc/{pid}/task")) for pid in workers)
+        with open(os.path.join(cgroup, "tasks")) as f:
+            now = len(f.read().split())
+        # Once the workers are gone, room for two processes, not their threads.
+        with open(os.path.join(cgroup, "pids.max"), "w") as f:
+            f.write(str(now - theirs + 2))
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        print("served", ex.submit(os.getpid).result(60) not in workers, flush=True)
+"""
+
+
+def test_a_shortage_of_threads_is_said_once_by_the_pool_not_once_per_worker_refused(program, pids_cgroup):
+    """The system's limit on processes and threads reached for three
+    seconds while a pool replaces its workers: the workers it forks cannot
+    start their threads, and each said so on stderr, about four lines a
+    second for as long as it lasted (58 over a minute). The pool now says it
+    once, and serves on once the limit is lifted."""
+    run = program(THREAD_SHORTAGE).run(timeout=120, args=(str(pids_cgroup),))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["served True"], run.stdout + run.stderr
+    said = [line for line in run.stderr.splitlines() if line.startswith("warden")]
+    assert len(said) == 1 and said[0].endswith("while the shortage lasts"), run.stderr
+
+
 DESCRIPTOR_SHORTAGE = """
 import os, sys, threading, time
 import warden

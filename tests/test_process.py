@@ -1174,9 +1174,6 @@ def test_a_terminated_target_that_ends_with_another_error_does_not_wait_for_its_
     assert "still running" not in run.stderr, run.stderr
 
 
-#: A cgroup (v1) of the pids controller this test may make, if it may.
-PIDS_CGROUPS = "/sys/fs/cgroup/pids"
-
 START_WITH_NO_PROCESS_TO_SPARE = """
 import errno, os, sys
 import warden
@@ -1199,31 +1196,12 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.skipif(
-    not os.access(PIDS_CGROUPS, os.W_OK), reason=f"needs a writable pids cgroup hierarchy at {PIDS_CGROUPS}"
-)
-def test_a_process_that_cannot_start_for_want_of_processes_says_so_as_the_standard_librarys(program):
+def test_a_process_that_cannot_start_for_want_of_processes_says_so_as_the_standard_librarys(
+    program, pids_cgroup
+):
     """``start()`` with no process or thread to spare raises the
     ``BlockingIOError`` the standard library's fork raises; its message
     spoke of starting "the pool"."""
-    cgroup = os.path.join(PIDS_CGROUPS, f"warden-test-{os.getpid()}-{time.monotonic_ns()}")
-    os.mkdir(cgroup)
-    try:
-        run = program(START_WITH_NO_PROCESS_TO_SPARE).run(timeout=60, args=(cgroup,))
-    finally:
-        with contextlib.suppress(OSError), open(os.path.join(cgroup, "cgroup.procs")) as f:
-            for pid in f.read().split():
-                os.kill(int(pid), signal.SIGKILL)
-        assert wait_until(lambda: _rmdir(cgroup), timeout=10)
+    run = program(START_WITH_NO_PROCESS_TO_SPARE).run(timeout=60, args=(str(pids_cgroup),))
     assert run.returncode == 0, run.stderr
     assert run.stdout.split("\n")[0] == "BlockingIOError True [Errno 11] cannot start the process", run.stdout
-
-
-def _rmdir(path):
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return True

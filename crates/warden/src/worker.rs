@@ -955,10 +955,11 @@ const THREAD_START_PATIENCE: Duration = Duration::from_millis(250);
 const ONE_OFF_THREAD_START_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A worker that could not start one of its threads, before it said hello
-/// (so before any start hook ran), says so on stderr: for want of threads,
-/// it ends with [`EXIT_SHORT_OF_THREADS`]; otherwise through the exit path,
-/// as broken. A one-off child, which no one starts again, says that it
-/// ends without running what it was started for.
+/// (so before any start hook ran): for want of threads, it ends with
+/// [`EXIT_SHORT_OF_THREADS`] (its pool says so on stderr, once per
+/// shortage; a one-off child, which no one starts again, says itself that
+/// it ends without running what it was started for); otherwise it says so
+/// on stderr and ends through the exit path, as broken.
 fn thread_refused(core: &WorkerState, env: &WorkerEnv, what: &str, e: &io::Error) -> ExitStatus {
     let pid = std::process::id();
     if e.kind() == io::ErrorKind::WouldBlock {
@@ -970,7 +971,8 @@ fn thread_refused(core: &WorkerState, env: &WorkerEnv, what: &str, e: &io::Error
                 ONE_OFF_THREAD_START_PATIENCE.as_secs()
             );
         } else {
-            report!("warden worker {pid}: cannot start the {what} thread: {e}; its pool tries again");
+            // Its pool says so, once for the whole shortage.
+            tracing::debug!(pid, "cannot start the {what} thread: {e}; its pool tries again");
         }
         return ExitStatus::Code(EXIT_SHORT_OF_THREADS);
     }

@@ -132,6 +132,8 @@ pub(crate) struct Supervisor {
     /// Since when the system has refused starts for want of processes or
     /// memory, and the delay before the next try (see `schedule.rs`).
     shortage: Option<(Instant, Duration)>,
+    /// When a shortage was last said on stderr (see `schedule.rs`).
+    shortage_said: Option<Instant>,
     spawned: u64,
     pass_fds: Vec<RawFd>,
     zygote: ZygoteSlot,
@@ -209,6 +211,7 @@ pub(crate) fn create(mut cfg: Config) -> std::io::Result<(Supervisor, Arc<Superv
         close_deadline: None,
         spawn_retry_at: None,
         shortage: None,
+        shortage_said: None,
         spawned: 0,
         pass_fds,
         zygote,

@@ -31,6 +31,12 @@ const SHORTAGE_RETRY: Duration = Duration::from_millis(10);
 /// processes, memory or descriptors.
 const SHORTAGE_RETRY_MAX: Duration = Duration::from_secs(1);
 
+/// How often, at most, a pool says on stderr that the system refuses its
+/// starts: once for a shortage, and not again for one that comes back
+/// within this time (a pool whose workers each run one task meets a limit
+/// at each start while the limit lasts).
+const SHORTAGE_SAID_EVERY: Duration = Duration::from_secs(60);
+
 /// A start the zygote declined: the system's error number there, and its
 /// account of the failure.
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +245,16 @@ impl Supervisor {
             Some((since, delay)) => (since, (delay * 2).min(SHORTAGE_RETRY_MAX)),
             None => {
                 tracing::warn!(pool = %self.cfg.name, "{error}; trying again, one worker at a time, while it lasts");
+                // Said here, once a minute at most (a worker refused its
+                // threads says nothing itself: one line per start, for as
+                // long as the shortage lasted).
+                if !self.shortage_said.is_some_and(|said| now.duration_since(said) < SHORTAGE_SAID_EVERY) {
+                    self.shortage_said = Some(now);
+                    report!(
+                        "warden: pool {}: {error}; it tries again, one worker at a time, while the shortage lasts",
+                        self.cfg.name
+                    );
+                }
                 (now, SHORTAGE_RETRY)
             }
         };
