@@ -529,7 +529,7 @@ impl WorkerEnv {
     fn parse(fd: &str, parent: Option<&str>, max: Option<&str>) -> Result<WorkerEnv, String> {
         let fd: RawFd = fd.parse().map_err(|_| format!("{ENV_FD}={fd:?} is not an fd number"))?;
         if fd < 3 {
-            return Err(format!("{ENV_FD}={fd} names a stdio fd"));
+            return Err(format!("{ENV_FD}={fd} {}", if fd < 0 { "is negative" } else { "names a stdio fd" }));
         }
         let parent = parent.ok_or_else(|| format!("{ENV_PARENT} is missing"))?;
         let parent: u32 = parent.parse().map_err(|_| format!("{ENV_PARENT}={parent:?} is not a pid"))?;
@@ -1398,7 +1398,8 @@ mod tests {
     #[test]
     fn worker_env_rejects_malformed_variables() {
         assert!(WorkerEnv::parse("x", Some("1"), None).is_err());
-        assert!(WorkerEnv::parse("1", Some("1"), None).is_err());
+        assert_eq!(WorkerEnv::parse("1", Some("1"), None), Err(format!("{ENV_FD}=1 names a stdio fd")));
+        assert_eq!(WorkerEnv::parse("-5", Some("1"), None), Err(format!("{ENV_FD}=-5 is negative")));
         assert!(WorkerEnv::parse("7", None, None).is_err());
         assert!(WorkerEnv::parse("7", Some("1"), Some("big")).is_err());
         assert_eq!(

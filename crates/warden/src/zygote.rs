@@ -237,7 +237,7 @@ impl ZygoteEnv {
         let parsed = (|| {
             let fd: RawFd = fd.parse().map_err(|_| format!("{ENV_ZYGOTE}={fd:?} is not an fd number"))?;
             if fd < 3 {
-                return Err(format!("{ENV_ZYGOTE}={fd} names a stdio fd"));
+                return Err(format!("{ENV_ZYGOTE}={fd} {}", if fd < 0 { "is negative" } else { "names a stdio fd" }));
             }
             let parent = parent.ok_or_else(|| format!("{ENV_PARENT} is missing"))?;
             let parent = parent.to_string_lossy();
