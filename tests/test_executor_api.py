@@ -1520,6 +1520,58 @@ def test_a_frozen_application_is_refused_workers_with_a_clear_error(program):
     ], run.stderr
 
 
+WARDEN_PUT_ON_SYS_PATH = """
+import os, sys
+sys.path.insert(0, sys.argv[1])  # where this program keeps its copy of warden
+import warden
+
+def task(x):
+    return x * 2, os.environ.get("PYTHONPATH"), warden.__file__.startswith(sys.argv[1])
+
+if __name__ == "__main__":
+    if sys.argv[2] == "without":
+        os.environ.pop("PYTHONPATH", None)
+    with warden.ProcessPoolExecutor(1) as ex:
+        print("executor", ex.submit(task, 21).result(60))
+    with warden.Pool(1) as pool:
+        print("pool", pool.apply(task, (21,)))
+    p = warden.Process(target=print, args=("process", task(21)), kwargs={"flush": True})
+    p.start()
+    p.join(60)
+    print("exit code", p.exitcode)
+"""
+
+
+@pytest.mark.parametrize("pythonpath", ["without", "with"])
+def test_warden_that_the_program_put_on_sys_path_itself_starts_workers(program, tmp_path, pythonpath):
+    """A program that keeps warden in a directory of its own and puts it on
+    ``sys.path`` as it starts (run here under ``-S``, so that no installed
+    warden is found): each worker's interpreter, run as ``python -m
+    warden._worker``, could not import warden, and the pool failed after
+    eleven failed starts. The worker's ``PYTHONPATH`` gets warden's
+    directory in front, and is set back (the program's own, or none) before
+    a task runs."""
+    import shutil
+
+    lib = tmp_path / "vendored"
+    shutil.copytree(
+        os.path.dirname(warden.__file__), lib / "warden", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    prog = program(WARDEN_PUT_ON_SYS_PATH)
+    env = {"PYTHONPATH": "/nowhere"} if pythonpath == "with" else {}
+    command = [sys.executable, "-S", str(prog.path), str(lib), pythonpath]
+    proc = prog.start(env=env, command=command)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    seen = "'/nowhere'" if pythonpath == "with" else "None"
+    assert out.splitlines() == [
+        f"executor (42, {seen}, True)",
+        f"pool (42, {seen}, True)",
+        f"process (42, {seen}, True)",
+        "exit code 0",
+    ], out + err
+
+
 SET_EXECUTABLE = """
 import multiprocessing, sys
 import warden
@@ -1543,11 +1595,11 @@ def test_workers_run_on_the_interpreter_set_executable_names_and_one_without_war
 ):
     """``multiprocessing.set_executable()`` chooses the workers' interpreter,
     as the standard library's spawn context does. One that cannot import
-    warden (here: the same one, without its site-packages) fails the pool
-    with an error that names it and says what it lacks, where it said to
-    check a Rust program's main."""
+    warden (here: the same one, without its site-packages, and deaf to
+    ``PYTHONPATH``) fails the pool with an error that names it and says
+    what it lacks, where it said to check a Rust program's main."""
     wrapper = tmp_path / "python-wrapper"
-    flag = "" if imports_warden else " -S"
+    flag = "" if imports_warden else " -S -E"
     wrapper.write_text(f'#!/bin/sh\nexec {sys.executable}{flag} "$@"\n')
     wrapper.chmod(0o755)
     run = program(SET_EXECUTABLE).run(args=(str(wrapper),), timeout=120)

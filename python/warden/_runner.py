@@ -50,6 +50,12 @@ from ._stderr import say, say_exception
 #: The worker program: this interpreter, with its flags, running warden._worker.
 WORKER_MODULE = "warden._worker"
 
+#: Set in a worker's environment where the directory warden was imported
+#: from is put first on its ``PYTHONPATH`` (see :func:`worker_env`): ``+``
+#: then the ``PYTHONPATH`` the program had, or ``-`` if it had none. The
+#: worker sets that back as it starts (``warden._worker``).
+PYTHONPATH_ENV = "WARDEN_PYTHONPATH"
+
 #: Grace period of each escalation step (seconds), the core's default.
 GRACE: float = _warden.DEFAULT_GRACE
 #: How long a new worker has to start, to its hello (seconds); None for the
@@ -429,6 +435,32 @@ def worker_command() -> tuple[str, list[str]]:
     return os.fsdecode(multiprocessing.spawn.get_executable()), args
 
 
+def worker_env() -> list[tuple[str, str]]:
+    """What a worker's environment needs beside this process's for its
+    interpreter to find warden as it starts: nothing where warden is in
+    this interpreter's site directories; otherwise (the program put its
+    directory on ``sys.path`` itself, or found it through a relative
+    ``PYTHONPATH`` entry and changed directory since, or took
+    ``PYTHONPATH`` out of its environment), that directory first on the
+    worker's ``PYTHONPATH``, which the worker sets back as it starts
+    (:data:`PYTHONPATH_ENV`), before any code of the program's runs.
+    Nothing under ``-E`` or ``-I``, where the interpreter does not read it."""
+    if sys.flags.ignore_environment or sys.flags.isolated:
+        return []
+    home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not sys.flags.no_site:
+        import site
+
+        sites = list(site.getsitepackages())
+        if site.ENABLE_USER_SITE:
+            sites.append(site.getusersitepackages())
+        if any(os.path.abspath(s) == home for s in sites):
+            return []
+    was = os.environ.get("PYTHONPATH")
+    path = os.pathsep.join([home, was]) if was else home
+    return [("PYTHONPATH", path), (PYTHONPATH_ENV, "-" if was is None else "+" + was)]
+
+
 def resource_tracker_fd() -> int | None:
     """A new fd of this process's ``multiprocessing`` resource tracker (started
     now if it is not running), for a pool to pass to its workers (the caller
@@ -785,6 +817,7 @@ class Runner:
                 name=name,
                 init_payload=payload,
                 pass_fds=fds,
+                env=worker_env(),
                 max_tasks_per_child=max_tasks_per_child,
                 task_timeout=task_timeout,
                 # An initializer (or the import of the program's main module)

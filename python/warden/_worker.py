@@ -10,6 +10,14 @@ in each child it forks.
 if __name__ == "__main__":
     import os
 
+    # The PYTHONPATH the program has, where the pool put warden's directory
+    # in front of it to start this interpreter (warden._runner.worker_env).
+    _was = os.environ.pop("WARDEN_PYTHONPATH", None)
+    if _was == "-":
+        os.environ.pop("PYTHONPATH", None)
+    elif _was is not None:
+        os.environ["PYTHONPATH"] = _was[1:]
+
     if "WARDEN_ZYGOTE" in os.environ:
         from warden._zygote import main
     else:
