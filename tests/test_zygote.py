@@ -1173,3 +1173,42 @@ def test_a_forked_worker_holds_none_of_the_robust_mutexes_its_zygote_holds(tmp_p
     monkeypatch.syspath_prepend(str(tmp_path))
     with warden.ProcessPoolExecutor(1, start="zygote", preload=["holds_a_robust_mutex"]) as ex:
         assert ex.submit(robust_list_is_empty).result(timeout=60) == (True, True)
+
+
+MAIN_CHANGES_AT_IMPORT = """
+import multiprocessing, sys
+
+# What main's top level changes when a worker imports it (as __mp_main__).
+sys.path.append("added-by-" + ("the-program" if __name__ == "__main__" else "a-worker"))
+if __name__ != "__main__":
+    sys.argv.append("--in-a-worker")
+
+def seen(_):
+    return [p for p in sys.path if p.startswith("added-by-")], sys.argv[2:]
+
+if __name__ == "__main__":
+    impl = sys.argv[1]
+    if impl == "spawn":
+        import concurrent.futures
+        ex = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    else:
+        import warden
+        ex = warden.ProcessPoolExecutor(1, start=impl)
+    with ex:
+        print(ex.submit(seen, 0).result(60))
+"""
+
+
+def test_what_mains_import_changes_in_a_worker_is_kept_as_under_spawn(program):
+    """A worker imports main, whose top level changes ``sys.path`` and
+    ``sys.argv``: a spawned worker keeps those changes. A worker forked by a zygote that had imported main
+    applied the pool's preparation again, which put the parent's values
+    back."""
+    prog = program(MAIN_CHANGES_AT_IMPORT)
+    seen = {}
+    for impl in ("spawn", "zygote", "exec"):
+        run = prog.run(timeout=120, args=(impl,))
+        assert run.returncode == 0, run.stderr
+        seen[impl] = run.stdout
+    assert "added-by-a-worker" in seen["spawn"], seen
+    assert seen["zygote"] == seen["exec"] == seen["spawn"], seen

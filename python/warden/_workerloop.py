@@ -944,7 +944,12 @@ class Handler:
                 with notice_if_slow(
                     "worker" if self.mode == "pool" else "child", "importing the program's code", watch
                 ):
-                    multiprocessing.spawn.prepare(spawn_preparation(init["preparation"]))
+                    if watch:
+                        multiprocessing.spawn.prepare(spawn_preparation(init["preparation"]))
+                    # else: forked by a zygote that applied this preparation,
+                    # then imported main: applied again, it would undo what
+                    # main's import changed (``sys.path``, ``sys.argv``, the
+                    # log level), which a spawned worker keeps.
                     _measure_coverage_if_asked()
                     hooks = _oob.unpickle(init["hooks"]) if init["hooks"] else {}
                 setup = False
