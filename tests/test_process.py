@@ -1205,3 +1205,27 @@ def test_a_process_that_cannot_start_for_want_of_processes_says_so_as_the_standa
     run = program(START_WITH_NO_PROCESS_TO_SPARE).run(timeout=60, args=(str(pids_cgroup),))
     assert run.returncode == 0, run.stderr
     assert run.stdout.split("\n")[0] == "BlockingIOError True [Errno 11] cannot start the process", run.stdout
+
+
+NO_MAIN_GUARD = """
+import warden
+
+def hello():
+    print("hello", flush=True)
+
+child = warden.Process(target=hello)  # at the top level: again in the child's import of main
+child.start()
+child.join(60)
+print("exit code", child.exitcode)
+"""
+
+
+def test_a_child_that_cannot_import_main_is_named_a_child_not_a_worker(program):
+    """Without the ``__main__`` guard, the child's import of main starts a
+    child again: the standard library's bootstrapping error, exit code 1, as
+    under spawn. What warden says on stderr named the child a worker."""
+    run = program(NO_MAIN_GUARD).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["exit code 1"], run.stdout + run.stderr
+    assert "bootstrapping phase" in run.stderr, run.stderr
+    assert "warden: child " in run.stderr and "warden: worker " not in run.stderr, run.stderr

@@ -1017,7 +1017,8 @@ class Handler:
                 self._end_process(self._end_hooks() if self.initialized else [])
                 return _interrupted()
             if not logged:
-                say_exception(f"warden: worker {os.getpid()} failed to start:\n")
+                who = "worker" if self.mode == "pool" else "child"
+                say_exception(f"warden: {who} {os.getpid()} failed to start:\n")
             # The program's main module, or what the hooks refer to, could
             # not be loaded: no other worker would load them either.
             failure = _error(e, _warden.RemoteKind.SETUP if setup else _warden.RemoteKind.RAISED)
