@@ -2054,6 +2054,67 @@ def test_a_pool_outlasts_a_passing_shortage_of_processes_and_loses_no_task(progr
     assert out.splitlines() == ["results True", "after 99"], err
 
 
+CRASH_WITH_STDERR_FULL = """
+import ctypes, os, sys
+import warden
+
+def fill_stderr():
+    # What a worker's earlier output did: the pipe is full, its reader stalled.
+    os.set_blocking(2, False)
+    try:
+        while True:
+            os.write(2, b"e" * 4096)
+    except BlockingIOError:
+        pass
+    finally:
+        os.set_blocking(2, True)
+
+def crash():
+    ctypes.string_at(0)
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1) as ex:
+        ex.submit(fill_stderr).result(60)
+        try:
+            ex.submit(crash).result(60)
+        except warden.WorkerCrashed as e:
+            print("crashed", "SIGSEGV" in str(e), flush=True)
+        print("served", ex.submit(abs, -7).result(60), flush=True)
+"""
+
+
+def test_a_worker_that_crashes_while_stderr_is_a_full_pipe_dies_and_its_task_fails(program):
+    """stderr is a pipe whose reader has stopped reading, and full; then a
+    task crashes its worker. The worker's fault handler blocked writing the
+    traceback, so the worker neither died nor served: the task and the
+    pool's shutdown waited for ever (the standard library's worker dies,
+    and its pool reports it). Now the handler writes what fits and the
+    worker dies of its signal."""
+    prog = program(CRASH_WITH_STDERR_FULL)
+    reader, writer = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, str(prog.path)],
+            cwd=prog.tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=writer,
+            text=True,
+        )
+        prog.proc = proc  # cleaned up with the fixture, whatever happens
+        os.close(writer)
+        writer = -1
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the program did not finish within 60 s with its stderr full")
+    finally:
+        if writer >= 0:
+            os.close(writer)
+        os.close(reader)
+    assert proc.returncode == 0
+    assert out.splitlines() == ["crashed True", "served 7"], out
+
+
 THREAD_SHORTAGE = """
 import os, signal, sys, threading, time
 import warden
