@@ -2115,6 +2115,65 @@ def test_a_worker_that_crashes_while_stderr_is_a_full_pipe_dies_and_its_task_fai
     assert out.splitlines() == ["crashed True", "served 7"], out
 
 
+ORPHANED_WITH_STDERR_FULL = """
+import os, signal, sys, time
+import warden
+
+def fill_stderr():
+    os.set_blocking(2, False)
+    try:
+        while True:
+            os.write(2, b"e" * 4096)
+    except BlockingIOError:
+        pass
+    finally:
+        os.set_blocking(2, True)
+    return os.getpid()
+
+def hang():
+    time.sleep(1000)
+
+if __name__ == "__main__":
+    ex = warden.ProcessPoolExecutor(1, finalizer=hang)
+    print(ex.submit(fill_stderr).result(60), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_an_orphaned_worker_whose_exit_hangs_is_killed_in_time_while_stderr_is_a_full_pipe(program):
+    """The program is SIGKILLed while its worker's finalizer hangs, and
+    stderr is a full pipe nobody reads. The worker's bound on an orphan's
+    exit path first said so on stderr, a write that blocked, and the kill
+    after it never came: the worker outlived the program for as long as the
+    pipe's reader did. warden's reports now give up on a stderr that takes
+    nothing for a second."""
+    prog = program(ORPHANED_WITH_STDERR_FULL)
+    reader, writer = os.pipe()
+    worker = None
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, str(prog.path)],
+            cwd=prog.tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=writer,
+            text=True,
+        )
+        prog.proc = proc
+        os.close(writer)
+        writer = -1
+        assert proc.stdout is not None
+        worker = int(proc.stdout.readline())  # (the worker holds stdout open too)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        # The orphan bound is 5 s, and a report's wait on stderr 1 s more.
+        assert wait_until(lambda: not alive(worker), timeout=20), "the orphaned worker is still alive"
+    finally:
+        if worker is not None and alive(worker):
+            os.kill(worker, signal.SIGKILL)
+        if writer >= 0:
+            os.close(writer)
+        os.close(reader)
+
+
 THREAD_SHORTAGE = """
 import os, signal, sys, threading, time
 import warden

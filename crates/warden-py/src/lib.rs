@@ -30,17 +30,15 @@
 
 use pyo3::prelude::*;
 
-/// `eprintln!` that cannot panic: a line for stderr, dropped if stderr is
-/// gone (a closed terminal, a reader that exited), so that a report on a
-/// path that cleans up never stops it.
+/// `eprintln!` that cannot panic or hang: a line for stderr, dropped if
+/// stderr is gone or does not take it within a second
+/// (`warden::frontend::report_line`), so that a report on a path that cleans
+/// up never stops it.
 macro_rules! report {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        // One write: the lines of processes sharing the stream (a burst of
-        // children short of threads) do not interleave.
         let mut line = format!($($arg)*);
         line.push('\n');
-        let _ = std::io::stderr().write_all(line.as_bytes());
+        warden::frontend::report_line(line.as_bytes());
     }};
 }
 

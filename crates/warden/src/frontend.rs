@@ -52,3 +52,35 @@ pub mod wire {
 pub mod zygote {
     pub use crate::zygote::{serve, ForkHooks, NoHooks, Parked, ZygoteEnv, ENV_ZYGOTE, EXIT_ZYGOTE_PROTOCOL};
 }
+
+/// How long a report waits for stderr to take its line.
+const REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Writes `line` to stderr in one write once stderr can take it (`poll`),
+/// [`REPORT_WAIT`] at most, else drops it (a pipe whose reader stopped
+/// reading, a terminal stopped with Ctrl-S): how warden's reports reach
+/// stderr, on paths that must not hang. A pipe that polls writable has a
+/// page free at least, which a line of a report fits.
+pub fn report_line(line: &[u8]) {
+    use rustix::event::{PollFd, PollFlags};
+    use std::io::Write as _;
+    use std::os::fd::AsFd as _;
+    let stderr = std::io::stderr();
+    let deadline = std::time::Instant::now() + REPORT_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let timeout = rustix::event::Timespec::try_from(left).ok();
+        let fd = stderr.as_fd();
+        let mut fds = [PollFd::new(&fd, PollFlags::OUT)];
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(n) if n > 0 => {
+                if fds[0].revents().contains(PollFlags::OUT) {
+                    let _ = stderr.lock().write_all(line);
+                }
+                return; // written, or stderr closed or broken (NVAL, ERR, HUP)
+            }
+            Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
+            _ => return, // stderr did not take it in time
+        }
+    }
+}

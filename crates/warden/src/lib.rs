@@ -161,18 +161,19 @@ macro_rules! fork_safe_mutex {
     };
 }
 
-/// `eprintln!` that cannot panic: a line for stderr, dropped if stderr is
-/// gone (a closed terminal, a reader that exited). warden's own reports run
-/// on the paths that clean up (a worker's exit path, the orphan bound, the
-/// supervisor), which must go on whatever became of stderr.
+/// `eprintln!` that cannot panic or hang: a line for stderr, dropped if
+/// stderr is gone (a closed terminal, a reader that exited) or does not
+/// take it within a second (a pipe whose reader stopped reading, a
+/// terminal stopped with Ctrl-S). warden's own reports run on the paths that
+/// clean up (a worker's exit path, the orphan bound, the supervisor), which
+/// must go on whatever became of stderr.
 macro_rules! report {
     ($($arg:tt)*) => {{
-        use std::io::Write as _;
         // One write: the lines of processes sharing the stream (a burst of
         // children short of threads) do not interleave.
         let mut line = format!($($arg)*);
         line.push('\n');
-        let _ = std::io::stderr().write_all(line.as_bytes());
+        $crate::frontend::report_line(line.as_bytes());
     }};
 }
 
