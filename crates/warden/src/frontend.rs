@@ -57,7 +57,7 @@ pub mod zygote {
 const REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Writes `line` to stderr in one write once stderr can take it (`poll`),
-/// [`REPORT_WAIT`] at most, else drops it (a pipe whose reader stopped
+/// a second at most, else drops it (a pipe whose reader stopped
 /// reading, a terminal stopped with Ctrl-S): how warden's reports reach
 /// stderr, on paths that must not hang. A pipe that polls writable has a
 /// page free at least, which a line of a report fits.
