@@ -1939,28 +1939,21 @@ def _stderr_that_never_blocks() -> int | None:
     """Where stderr is a pipe (or a FIFO), a descriptor of it for
     ``faulthandler`` that never blocks: an open file description of its own
     (opened again through ``/proc``, so that stderr itself stays blocking),
-    non-blocking, close-on-exec, at a number ordinary opens do not reach. A
-    full pipe whose reader has stopped reading would otherwise hold a worker
-    that crashed in its fatal signal's handler for ever, where it should die
-    of that signal; its traceback is cut short instead. ``None`` elsewhere (a
-    file or a terminal does not fill; a socket cannot be opened again)."""
-    import fcntl
-    import resource
+    non-blocking and close-on-exec. A full pipe whose reader has stopped
+    reading would otherwise hold a worker that crashed in its fatal signal's
+    handler for ever, where it should die of that signal; its traceback is
+    cut short instead. ``None`` elsewhere (a file or a terminal does not
+    fill; a socket cannot be opened again). (Not moved to a high number: a
+    larger descriptor table costs a threaded process a wait for the kernel's
+    RCU grace period, about 10 ms of each worker's start.)"""
     import stat
 
     try:
         if not stat.S_ISFIFO(os.fstat(2).st_mode):
             return None
-        fd = os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    with contextlib.suppress(OSError, ValueError):
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if soft == resource.RLIM_INFINITY or soft > 1024:
-            high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000)
-            os.close(fd)
-            fd = high
-    return fd
 
 
 def main() -> None:
