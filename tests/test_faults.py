@@ -2054,12 +2054,12 @@ def test_a_pool_outlasts_a_passing_shortage_of_processes_and_loses_no_task(progr
     assert out.splitlines() == ["results True", "after 99"], err
 
 
-CRASH_WITH_STDERR_FULL = """
-import ctypes, os, sys
-import warden
+#: A task that leaves stderr a full pipe, as a worker's earlier output would
+#: once the pipe's reader stopped reading.
+FILL_STDERR = """
+import os
 
 def fill_stderr():
-    # What a worker's earlier output did: the pipe is full, its reader stalled.
     os.set_blocking(2, False)
     try:
         while True:
@@ -2068,6 +2068,38 @@ def fill_stderr():
         pass
     finally:
         os.set_blocking(2, True)
+    return os.getpid()
+"""
+
+
+@contextlib.contextmanager
+def started_with_stderr_unread(prog):
+    """Starts ``prog`` with stderr a pipe nobody reads (stdout a pipe read
+    by the caller); the pipe is closed at the end, the program cleaned up
+    with the fixture."""
+    reader, writer = os.pipe()
+    try:
+        prog.proc = subprocess.Popen(
+            [sys.executable, str(prog.path)],
+            cwd=prog.tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=writer,
+            text=True,
+        )
+        os.close(writer)
+        writer = -1
+        yield prog.proc
+    finally:
+        if writer >= 0:
+            os.close(writer)
+        os.close(reader)
+
+
+CRASH_WITH_STDERR_FULL = (
+    FILL_STDERR
+    + """
+import ctypes
+import warden
 
 def crash():
     ctypes.string_at(0)
@@ -2081,6 +2113,7 @@ if __name__ == "__main__":
             print("crashed", "SIGSEGV" in str(e), flush=True)
         print("served", ex.submit(abs, -7).result(60), flush=True)
 """
+)
 
 
 def test_a_worker_that_crashes_while_stderr_is_a_full_pipe_dies_and_its_task_fails(program):
@@ -2090,45 +2123,20 @@ def test_a_worker_that_crashes_while_stderr_is_a_full_pipe_dies_and_its_task_fai
     pool's shutdown waited for ever (the standard library's worker dies,
     and its pool reports it). Now the handler writes what fits and the
     worker dies of its signal."""
-    prog = program(CRASH_WITH_STDERR_FULL)
-    reader, writer = os.pipe()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, str(prog.path)],
-            cwd=prog.tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=writer,
-            text=True,
-        )
-        prog.proc = proc  # cleaned up with the fixture, whatever happens
-        os.close(writer)
-        writer = -1
+    with started_with_stderr_unread(program(CRASH_WITH_STDERR_FULL)) as proc:
         try:
             out, _ = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             pytest.fail("the program did not finish within 60 s with its stderr full")
-    finally:
-        if writer >= 0:
-            os.close(writer)
-        os.close(reader)
     assert proc.returncode == 0
     assert out.splitlines() == ["crashed True", "served 7"], out
 
 
-ORPHANED_WITH_STDERR_FULL = """
-import os, signal, sys, time
+ORPHANED_WITH_STDERR_FULL = (
+    FILL_STDERR
+    + """
+import signal, time
 import warden
-
-def fill_stderr():
-    os.set_blocking(2, False)
-    try:
-        while True:
-            os.write(2, b"e" * 4096)
-    except BlockingIOError:
-        pass
-    finally:
-        os.set_blocking(2, True)
-    return os.getpid()
 
 def hang():
     time.sleep(1000)
@@ -2138,6 +2146,7 @@ if __name__ == "__main__":
     print(ex.submit(fill_stderr).result(60), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """
+)
 
 
 def test_an_orphaned_worker_whose_exit_hangs_is_killed_in_time_while_stderr_is_a_full_pipe(program):
@@ -2147,31 +2156,17 @@ def test_an_orphaned_worker_whose_exit_hangs_is_killed_in_time_while_stderr_is_a
     after it never came: the worker outlived the program for as long as the
     pipe's reader did. warden's reports now give up on a stderr that takes
     nothing for a second."""
-    prog = program(ORPHANED_WITH_STDERR_FULL)
-    reader, writer = os.pipe()
     worker = None
     try:
-        proc = subprocess.Popen(
-            [sys.executable, str(prog.path)],
-            cwd=prog.tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=writer,
-            text=True,
-        )
-        prog.proc = proc
-        os.close(writer)
-        writer = -1
-        assert proc.stdout is not None
-        worker = int(proc.stdout.readline())  # (the worker holds stdout open too)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
-        # The orphan bound is 5 s, and a report's wait on stderr 1 s more.
-        assert wait_until(lambda: not alive(worker), timeout=20), "the orphaned worker is still alive"
+        with started_with_stderr_unread(program(ORPHANED_WITH_STDERR_FULL)) as proc:
+            assert proc.stdout is not None
+            worker = int(proc.stdout.readline())  # (the worker holds stdout open too)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+            # The orphan bound is 5 s, and a report's wait on stderr 1 s more.
+            assert wait_until(lambda: not alive(worker), timeout=20), "the orphaned worker is still alive"
     finally:
         if worker is not None and alive(worker):
             os.kill(worker, signal.SIGKILL)
-        if writer >= 0:
-            os.close(writer)
-        os.close(reader)
 
 
 THREAD_SHORTAGE = """

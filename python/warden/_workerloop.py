@@ -214,22 +214,31 @@ def _proxy_call(frame: Any) -> Any:
     return _frame_running(frame, code, 8)
 
 
-#: Where ``BaseProxy._callmethod`` starts reading its reply, by code object.
-_REPLY_READ_AT: dict[Any, int] = {}
+#: Offsets found by :func:`_first_offset`, by code object and what was looked for.
+_OFFSETS: dict[tuple[Any, str, str], int] = {}
+
+
+def _first_offset(code: Any, field: str, value: str) -> int:
+    """The offset of the first instruction of ``code`` whose ``field``
+    (``opname``, ``argval``) is ``value``, or -1; kept for the next time
+    (for 4096 lookups at most: every ``__exit__`` a stop lands in is one)."""
+    key = (code, field, value)
+    at = _OFFSETS.get(key)
+    if at is None:
+        import dis
+
+        found = (ins.offset for ins in dis.get_instructions(code) if getattr(ins, field) == value)
+        at = next(found, -1)
+        if len(_OFFSETS) < 4096:
+            _OFFSETS[key] = at
+    return at
 
 
 def _request_sent(call: Any) -> bool:
     """Whether the proxy call ``call`` (see :func:`_proxy_call`) has sent its
     request: it is past loading its connection's ``recv``. Taken as sent
     where that load is not found."""
-    code = call.f_code
-    at = _REPLY_READ_AT.get(code)
-    if at is None:
-        import dis
-
-        loads = (ins.offset for ins in dis.get_instructions(code) if ins.argval == "recv")
-        at = _REPLY_READ_AT[code] = next(loads, -1)
-    return bool(call.f_lasti >= at)
+    return bool(call.f_lasti >= _first_offset(call.f_code, "argval", "recv"))
 
 
 def _frame_running(frame: Any, code: Any, depth: int, within: str | None = None) -> Any:
@@ -266,31 +275,14 @@ def _leaving_a_with(frame: Any) -> bool:
     if frame is None:
         return False
     code = frame.f_code
-    if code.co_name == "__exit__" and frame.f_lasti <= _start_of(code):
+    # At or before its first RESUME, it has run nothing of its own yet.
+    if code.co_name == "__exit__" and frame.f_lasti <= _first_offset(code, "opname", "RESUME"):
         return True
     owners = [contextlib.ExitStack, contextlib._GeneratorContextManager]
     managers = sys.modules.get("multiprocessing.managers")
     if managers is not None:
         owners.append(getattr(managers, "AcquirerProxy", None))
     return any(code is getattr(getattr(owner, "__exit__", None), "__code__", None) for owner in owners)
-
-
-#: Where each ``__exit__`` met so far starts running (its ``RESUME``), by code object.
-_STARTS: dict[Any, int] = {}
-
-
-def _start_of(code: Any) -> int:
-    """The offset of ``code``'s first ``RESUME``: a frame whose last
-    instruction is at or before it has run nothing of its own yet."""
-    at = _STARTS.get(code)
-    if at is None:
-        import dis
-
-        resumes = (ins.offset for ins in dis.get_instructions(code) if ins.opname == "RESUME")
-        at = next(resumes, -1)
-        if len(_STARTS) < 4096:
-            _STARTS[code] = at
-    return at
 
 
 def _drop_proxy_connection(proxy: Any) -> None:
