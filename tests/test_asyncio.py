@@ -148,6 +148,20 @@ def test_amap_yields_results_in_order_chunked_or_not(arun):
     arun(main())
 
 
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # the unclosed pools, collected after the test
+def test_amap_of_a_pool_the_program_keeps_no_reference_to_yields_every_result(arun):
+    """``Pool(2).amap(...)`` written in one expression, as ``Pool(2).imap(...)``
+    is: the pool was collected (and terminated) while the loop awaited its
+    first result, which ended the coroutine with ``CancelledError``."""
+
+    async def main():
+        pools = [r async for r in warden.Pool(2).amap(sleep_then, [0.2] * 4)]
+        executors = [r async for r in warden.ProcessPoolExecutor(2).amap(sleep_then, [0.2] * 4)]
+        return pools, executors
+
+    assert arun(main()) == ([None] * 4, [None] * 4)
+
+
 def test_amap_raises_the_first_failure_in_order(arun):
     async def main():
         with warden.ProcessPoolExecutor(2) as ex:

@@ -96,12 +96,17 @@ async def call(starter: Starter, traceback_type: type[Exception] | None = None) 
 
 
 def results(
-    starters: Iterable[Starter], chunked: bool, traceback_type: type[Exception] | None = None
+    pool: object,
+    starters: Iterable[Starter],
+    chunked: bool,
+    traceback_type: type[Exception] | None = None,
 ) -> AsyncGenerator[Any, None]:
     """Queues every task now (a task that cannot be queued cancels those
     before it and raises here); returns an async iterator of their values in
-    order. Leaving the iteration early, by an error, ``break`` (once the
-    iterator is closed) or cancellation, cancels the tasks not yet done."""
+    order, which keeps ``pool`` alive (as ``imap``'s iterator does: a pool
+    collected ends its tasks). Leaving the iteration early, by an error,
+    ``break`` (once the iterator is closed) or cancellation, cancels the
+    tasks not yet done."""
     loop = asyncio.get_running_loop()
     calls: list[Call] = []
     try:
@@ -110,7 +115,7 @@ def results(
     except BaseException:
         _stop_all(calls)
         raise
-    return _iterate(calls, chunked, traceback_type)
+    return _iterate(pool, calls, chunked, traceback_type)
 
 
 def _stop_all(calls: list[Call]) -> None:
@@ -125,6 +130,7 @@ def _stop_all(calls: list[Call]) -> None:
 
 
 async def _iterate(
+    pool: object,  # kept alive while the iteration lasts
     calls: list[Call],
     chunked: bool,
     traceback_type: type[Exception] | None,

@@ -376,7 +376,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         starters = (self._starter(self._payload(f, args, {})) for f, args in calls)
         from . import _aio
 
-        return _aio.results(starters, chunked=chunksize > 1)
+        return _aio.results(self, starters, chunked=chunksize > 1)
 
     def map(
         self,

@@ -400,7 +400,7 @@ class Pool(multiprocessing.pool.Pool):
         )
         from . import _aio
 
-        return _aio.results(starters, chunked=True, traceback_type=RemoteTraceback)
+        return _aio.results(self, starters, chunked=True, traceback_type=RemoteTraceback)
 
     # -- maps --------------------------------------------------------------
 
