@@ -216,6 +216,19 @@ def test_a_multiprocessing_or_concurrent_futures_name_warden_lacks_says_where_to
         warden.ThreadPoolExecutor  # noqa: B018
     with pytest.raises(AttributeError, match=r"^module 'warden' has no attribute 'nothing'$"):
         warden.nothing  # type: ignore[attr-defined] # noqa: B018
+    assert not hasattr(warden, "Queue")
+
+
+def test_importing_a_multiprocessing_name_warden_lacks_from_it_says_where_to_take_it_from():
+    """``from warden import Process, Queue``: the import statement used to
+    replace the hint with its own "cannot import name" message."""
+    with pytest.raises(ImportError, match="take Queue from multiprocessing") as e:
+        from warden import Process, Queue  # type: ignore[attr-defined]  # noqa: F401
+    assert e.value.name == "warden"
+    with pytest.raises(ImportError, match="take ThreadPoolExecutor from concurrent.futures"):
+        from warden import ThreadPoolExecutor  # type: ignore[attr-defined]  # noqa: F401
+    with pytest.raises(ImportError, match=r"^cannot import name 'nothing' from 'warden' \("):
+        from warden import nothing  # type: ignore[attr-defined]  # noqa: F401
 
 
 def test_the_context_is_the_fifth_positional_parameter_as_in_the_standard_library():

@@ -177,10 +177,26 @@ def __getattr__(name: str) -> Any:
                 "from multiprocessing (objects that go to warden's workers and children from "
                 'multiprocessing.get_context("spawn"))'
             )
+        if hint and _asked_by_from_import():
+            # ``from warden import Queue``: the import statement would put
+            # its own message, without the hint, in place of an AttributeError.
+            raise ImportError(
+                f"cannot import name {name!r} from {__name__!r}{hint}", name=__name__, path=__file__
+            )
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}{hint}")
     value = getattr(_importlib.import_module(home, __name__), name)
     globals()[name] = value
     return value
+
+
+def _asked_by_from_import() -> bool:
+    """Whether the caller of the module's ``__getattr__`` is a ``from warden
+    import ...`` statement (its frame is at an ``IMPORT_FROM`` instruction)."""
+    import dis
+
+    frame = _sys._getframe(2)
+    code = frame.f_code.co_code
+    return 0 <= frame.f_lasti < len(code) and code[frame.f_lasti] == dis.opmap["IMPORT_FROM"]
 
 
 def __dir__() -> list[str]:
