@@ -155,6 +155,60 @@ def test_ctrl_c_while_waiting_stops_workers_gracefully_and_cancels_queued_tasks(
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers), timeout=5)
 
 
+# A Ctrl-C that reaches the program inside a trio nursery comes out of it in
+# an exception group; this program wraps it the same way.
+CTRL_C_IN_A_GROUP = """
+import sys, time, warden
+
+def slow(i):
+    time.sleep(20)
+
+def nursery(ex):
+    futures = [ex.submit(slow, i) for i in range(6)]
+    print("ready", flush=True)
+    try:
+        warden.wait(futures)
+    except KeyboardInterrupt as e:
+        raise BaseExceptionGroup("nursery", [e])
+
+if __name__ == "__main__":
+    if sys.argv[1] == "with":
+        try:
+            with warden.ProcessPoolExecutor(2) as ex:
+                nursery(ex)
+        except BaseExceptionGroup as group:
+            print("left the with block:", [type(e).__name__ for e in group.exceptions], flush=True)
+    else:
+        nursery(warden.ProcessPoolExecutor(2))
+"""
+
+
+@pytest.mark.parametrize("where", ["with", "open"])
+def test_a_ctrl_c_in_an_exception_group_stops_the_executor_as_a_bare_one_does(program, where):
+    """A ``with`` block (or the program) that a Ctrl-C left in an exception
+    group, as trio raises it, ran all six 20 s tasks first: only a bare
+    ``KeyboardInterrupt`` was taken for a Ctrl-C."""
+    prog = program(CTRL_C_IN_A_GROUP)
+    proc = prog.start(args=(where,))
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    try:
+        out, err = finish(proc, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the queued tasks ran to their end after the Ctrl-C")
+    assert time.monotonic() - sent < 15, err
+    if where == "with":
+        assert proc.returncode == 0, err
+        assert out.strip() == "left the with block: ['KeyboardInterrupt']", out + err
+    else:
+        assert proc.returncode == 1, err
+        assert (
+            "KeyboardInterrupt" in err and "dropped at interpreter exit (the program was interrupted)" in err
+        ), err
+
+
 # Ctrl-C arrives just as the pool starts one of its threads (the wrapper
 # sends it after the thread started and gives the handler time to run).
 CTRL_C_AT_START = """

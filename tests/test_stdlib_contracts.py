@@ -408,11 +408,15 @@ def test_a_pool_left_open_at_exit_is_terminated_after_multiprocessing_log_to_std
     assert prog.out_lines() == ["[1, 2, 3]"] * 8
 
 
-@pytest.mark.parametrize("wait", ["map", "imap", "apply_async"])
+@pytest.mark.parametrize("wait", ["map", "imap", "apply_async", "wait_then_successful"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_daemon_thread_waiting_on_a_pool_left_open_at_exit_ends_silently_with_the_program(
     program, impl, wait
 ):
+    """``wait_then_successful``: ``wait()`` returned once the exit's terminate
+    had ended the result, and the thread went on running its own code while
+    the interpreter shut down (the standard library's result never becomes
+    ready: the thread stays blocked)."""
     prog = user_program(
         program,
         f"""
@@ -428,8 +432,12 @@ def test_a_daemon_thread_waiting_on_a_pool_left_open_at_exit_ends_silently_with_
                 pool.map(slow, range(4))
             elif "{wait}" == "imap":
                 list(pool.imap(slow, range(4)))
-            else:
+            elif "{wait}" == "apply_async":
                 pool.apply_async(slow, (1,)).get()
+            else:
+                result = pool.apply_async(slow, (1,))
+                result.wait()
+                note(f"successful: {{result.successful()}}")
             note("returned")
 
         if __name__ == "__main__":
@@ -445,16 +453,35 @@ def test_a_daemon_thread_waiting_on_a_pool_left_open_at_exit_ends_silently_with_
     assert run.stderr == ""
 
 
-def test_a_daemon_thread_waiting_on_a_future_that_exit_timeout_drops_ends_silently_with_the_program(program):
+@pytest.mark.parametrize("wait", ["result", "exception", "wait_then_result", "as_completed", "asyncio_run"])
+def test_a_daemon_thread_waiting_on_a_future_that_exit_timeout_drops_ends_silently_with_the_program(
+    program, wait
+):
+    """However the thread waits: ``exception()``, and a ``result()`` asked
+    for after ``wait()`` or ``as_completed()`` said the future was done,
+    raised ``CancelledError`` (a traceback per thread on stderr), as did
+    ``await ex.run(...)`` on the thread's own event loop."""
     prog = program(
-        """
-        import os, threading, time, warden
+        f"""
+        import asyncio, os, threading, time, warden
 
         def slow():
             time.sleep(60)
 
         def background(ex):
-            ex.submit(slow).result()
+            if "{wait}" == "result":
+                ex.submit(slow).result()
+            elif "{wait}" == "exception":
+                ex.submit(slow).exception()
+            elif "{wait}" == "wait_then_result":
+                future = ex.submit(slow)
+                warden.wait([future])
+                future.result()
+            elif "{wait}" == "as_completed":
+                for future in warden.as_completed([ex.submit(slow)]):
+                    future.result()
+            else:
+                asyncio.run(ex.run(slow))
             with open(os.environ["OUT"], "a") as f:
                 f.write("returned\\n")
 
@@ -2047,6 +2074,59 @@ def test_an_executor_made_in_an_atexit_handler_works_whatever_the_program_used_b
     run = prog.run(timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["main returns", "executor 49"], run.stderr
+
+
+@pytest.mark.parametrize("starts", ["an executor", "a Process", "an executor in warden.at_exit"])
+def test_a_pool_or_process_started_after_wardens_exit_step_is_refused_though_main_used_none(program, starts):
+    """An ``atexit`` handler registered before ``import warden`` runs after
+    warden's exit step. If the program had used no pool before, warden's
+    pool module was first loaded there and took the start: the executor's
+    second task, the ``Process``'s target, were lost without a word (the
+    interpreter's end killed the workers). Now it is refused, as it is
+    when the program used a pool first."""
+    prog = program(
+        f"""
+        import atexit, time
+
+        def slow(x):
+            time.sleep(x)
+            return x
+
+        def target():
+            print("target ran", flush=True)
+
+        def start():
+            import warden
+            try:
+                if "{starts}" == "a Process":
+                    warden.Process(target=target).start()
+                else:
+                    ex = warden.ProcessPoolExecutor(1)
+                    print("first", ex.submit(slow, 0.1).result(timeout=60), flush=True)
+                    ex.submit(slow, 0.5).add_done_callback(lambda f: print("second", f.result(), flush=True))
+            except RuntimeError as e:
+                print("refused:", e, flush=True)
+
+        if __name__ == "__main__":
+            if "{starts}" == "an executor in warden.at_exit":
+                import warden
+                warden.at_exit(start)
+            else:
+                atexit.register(start)
+                import warden
+            print("main returns", flush=True)
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    refused = (
+        "refused: cannot start new workers"
+        if starts == "a Process"
+        else "refused: cannot schedule new futures"
+    )
+    lines = run.stdout.splitlines()
+    assert lines[0] == "main returns" and len(lines) == 2, run.stdout + run.stderr
+    assert lines[1].startswith(refused), run.stdout + run.stderr
 
 
 STALE_CTRL_C = """

@@ -203,12 +203,23 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
+#: Set as warden's step of interpreter exit begins (read by ``_runner`` when
+#: it is first imported after that).
+_exit_step_began = False
+
+
 def _at_interpreter_exit() -> None:
     """warden's step of interpreter exit, registered when warden is imported
     (so ``atexit`` handlers registered later run before it): every pool and
     ``Process`` child still running is shut down, then this process's exit
     callbacks run (``warden.at_exit``, and ``warden.finalize`` callbacks of
-    objects still alive). Only what was loaded has anything to do."""
+    objects still alive). Only what was loaded has anything to do; what
+    loads later (an ``atexit`` handler registered before warden was
+    imported, run after this, making the program's first pool) sees
+    :data:`_exit_step_began` and refuses to start workers, as if it had
+    been loaded."""
+    global _exit_step_began
+    _exit_step_began = True
     runner = _sys.modules.get(__name__ + "._runner")
     if runner is not None:
         runner.at_interpreter_exit()

@@ -26,6 +26,7 @@ import contextlib
 from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
+from . import _runner
 from ._errors import ErrorData
 from ._pickle import loads
 
@@ -54,6 +55,11 @@ def _settle(waiter: asyncio.Future[tuple[bool, Any]], outcome: tuple[bool, Any])
         return
     ok, value = outcome
     if not ok and value.cancelled:
+        if _runner.parks_at_exit():
+            # Cancelled by the interpreter's exit, on a daemon thread's loop:
+            # the coroutine waits on, and the thread ends with the
+            # interpreter, as a daemon thread's ``result()`` stays blocked.
+            return
         waiter.cancel()
     else:
         waiter.set_result(outcome)

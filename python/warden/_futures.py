@@ -213,22 +213,22 @@ class Future(_base.Future["_T"]):
             state = self._state
             if state == _base.FINISHED:
                 return self._outcome()
-            if state in _CANCELLED:
-                raise CancelledError()
-            with self._condition:
-                if self._state in _CANCELLED:
-                    raise CancelledError()
-                if self._state == _base.FINISHED:
-                    return self._outcome()
-                if timeout is None and self._runner is not None:
-                    _runner.refuse_self_wait(self._runner.core)
-                self._condition.wait(timeout)
-                if self._state not in _CANCELLED:
+            if state not in _CANCELLED:
+                with self._condition:
                     if self._state == _base.FINISHED:
                         return self._outcome()
-                    raise TimeoutError()
-            # Cancelled while this thread waited: at interpreter exit, a
-            # daemon thread stays blocked (outside the lock) instead.
+                    if self._state not in _CANCELLED:
+                        if timeout is None and self._runner is not None:
+                            _runner.refuse_self_wait(self._runner.core)
+                        self._condition.wait(timeout)
+                        if self._state not in _CANCELLED:
+                            if self._state == _base.FINISHED:
+                                return self._outcome()
+                            raise TimeoutError()
+            # Cancelled: at interpreter exit, a daemon thread stays blocked
+            # (outside the lock) instead, whether the cancel came while it
+            # waited or before it asked (after ``wait()`` or
+            # ``as_completed()`` told it the future was done).
             _runner.park_at_exit()
             raise CancelledError()
         except KeyboardInterrupt:
@@ -246,13 +246,15 @@ class Future(_base.Future["_T"]):
                     if timeout is None and self._runner is not None:
                         _runner.refuse_self_wait(self._runner.core)
                     self._condition.wait(timeout)
-                if self._state in _CANCELLED:
-                    raise CancelledError()
-                if self._state != _base.FINISHED:
-                    raise TimeoutError()
-                if self._error is not None:
-                    return self._error.build()
-                return self._exception
+                if self._state not in _CANCELLED:
+                    if self._state != _base.FINISHED:
+                        raise TimeoutError()
+                    if self._error is not None:
+                        return self._error.build()
+                    return self._exception
+            # As in result(): a daemon thread stays blocked at exit.
+            _runner.park_at_exit()
+            raise CancelledError()
         except KeyboardInterrupt:
             if self._on_interrupt is not None:
                 self._on_interrupt()

@@ -104,11 +104,14 @@ def refuse_self_wait(core: Any, message: str = SELF_WAIT) -> None:
         raise RuntimeError(message)
 
 
-#: Set once the interpreter started exiting: no new pools or tasks.
-exiting = False
+#: Set once the interpreter started exiting: no new pools or tasks. Set
+#: from the start if this module is first imported after warden's exit step
+#: ran (by a later ``atexit`` handler): nothing would stop or drain a pool
+#: started then, and its work would be lost without a word.
+exiting = bool(getattr(sys.modules.get("warden"), "_exit_step_began", False))
 #: Set once an exit step began (the executors' in ``threading``'s exit hooks,
 #: or the ``atexit`` one): what it cancels is cut short by the exit.
-exit_began = False
+exit_began = exiting
 
 
 def park_at_exit() -> None:
@@ -118,17 +121,32 @@ def park_at_exit() -> None:
     it, instead of its traceback for a ``CancelledError`` it could do nothing
     about. Returns at once in any other thread (the main thread, a non-daemon
     thread, one not started by ``threading``, warden's own) and before exit."""
+    if parks_at_exit():
+        threading.Event().wait()
+
+
+def parks_at_exit() -> bool:
+    """Whether :func:`park_at_exit` would block the calling thread: the
+    interpreter's exit has begun and this is a daemon thread of the
+    program's."""
     if not exit_began:
-        return
+        return False
     thread = threading.current_thread()
-    if (
+    return not (
         not thread.daemon
         or thread is threading.main_thread()
         or isinstance(thread, threading._DummyThread)  # type: ignore[attr-defined]
         or thread.name.startswith("warden-")
-    ):
-        return
-    threading.Event().wait()
+    )
+
+
+def is_ctrl_c(error: BaseException | None) -> bool:
+    """Whether ``error`` is Ctrl-C's ``KeyboardInterrupt``: bare, or in an
+    exception group (as a trio nursery it ended raises it, or an
+    ``except*`` clause that re-raised it)."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.subgroup(KeyboardInterrupt) is not None
+    return isinstance(error, KeyboardInterrupt)
 
 
 #: Set in a worker told to stop (a signal): at its exit, the pools it started
@@ -1427,7 +1445,7 @@ def ctrl_c_held() -> Iterator[None]:
 def _ended_by_ctrl_c() -> bool:
     """Whether the program is ending because Ctrl-C's ``KeyboardInterrupt``
     left its main module: the exception the interpreter reported last
-    (``sys.last_value``) is one, it came out of ``__main__``'s top-level
+    (``sys.last_value``) is one (bare or in an exception group), it came out of ``__main__``'s top-level
     code (run directly, or by ``runpy`` for ``python -m``), and the session
     is not interactive. ``sys.last_value`` outlives what it reports: a
     Ctrl-C at a prompt long before, or one an embedded interpreter
@@ -1435,7 +1453,7 @@ def _ended_by_ctrl_c() -> bool:
     goes on; a program ending then still runs its pending tasks, as the
     standard library's does."""
     value = getattr(sys, "last_value", None)
-    if not isinstance(value, KeyboardInterrupt) or hasattr(sys, "ps1") or sys.flags.interactive:
+    if value is None or not is_ctrl_c(value) or hasattr(sys, "ps1") or sys.flags.interactive:
         return False
     main = sys.modules.get("__main__")
     tb = value.__traceback__

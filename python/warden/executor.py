@@ -483,9 +483,12 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         runner.join_bounded()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
-        # Ctrl-C inside the with block, or (in a worker) a stop that reached
-        # the task using this executor: stop the workers rather than wait.
-        if exc_type is not None and (issubclass(exc_type, KeyboardInterrupt) or _runner.stop_requested):
+        # Ctrl-C inside the with block (bare, or in an exception group, as a
+        # trio nursery raises it), or (in a worker) a stop that reached the
+        # task using this executor: stop the workers rather than wait.
+        if exc_type is not None and (
+            issubclass(exc_type, KeyboardInterrupt) or _runner.is_ctrl_c(exc) or _runner.stop_requested
+        ):
             runner = self._runner
             if runner is not None and not runner.interrupted:
                 runner.interrupt()

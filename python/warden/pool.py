@@ -753,21 +753,25 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
 
     def wait(self, timeout: float | None = None) -> None:
         """Waits until the result is ready or ``timeout`` seconds pass."""
-        if self._ready:
-            return
-        with _EVENT_LOCK:
-            if self._ready:
-                return
-            if timeout is None:
-                _runner.refuse_self_wait(self._core)
-            if self._event is None:
-                self._event = threading.Event()
-            event = self._event
-        try:
-            event.wait(timeout)
-        except KeyboardInterrupt:
-            self._interrupt()
-            raise
+        if not self._ready:
+            with _EVENT_LOCK:
+                if not self._ready:
+                    if timeout is None:
+                        _runner.refuse_self_wait(self._core)
+                    if self._event is None:
+                        self._event = threading.Event()
+                    event = self._event
+            if not self._ready:
+                try:
+                    event.wait(timeout)
+                except KeyboardInterrupt:
+                    self._interrupt()
+                    raise
+        if _runner.exit_began and self._ready and self._error is not None and self._error.cancelled:
+            # Cancelled by the pool's end at interpreter exit: a daemon thread
+            # stays blocked, as on the standard library's pool, whose
+            # results a terminate leaves unready for good.
+            _runner.park_at_exit()
 
     def get(self, timeout: float | None = None) -> _T:
         """The result; raises a fresh exception if the call failed, and
@@ -777,10 +781,7 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
         if not self.ready():
             raise TimeoutError
         if self._error is not None:
-            exc = _exception(self._error)
-            if isinstance(exc, CancelledError):
-                _runner.park_at_exit()
-            raise exc
+            raise _exception(self._error)
         return self._value
 
     def _deliver(self, ok: bool, data: Any) -> None:
