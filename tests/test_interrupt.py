@@ -209,6 +209,64 @@ def test_a_ctrl_c_in_an_exception_group_stops_the_executor_as_a_bare_one_does(pr
         ), err
 
 
+# A real SIGINT sent once concurrent.futures.wait() has taken three of its
+# futures' locks: its KeyboardInterrupt leaves them held.
+CTRL_C_AS_WAIT_TAKES_ITS_LOCKS = """
+import concurrent.futures._base as base
+import os, signal, sys, time, warden
+
+def slow(i):
+    time.sleep(20)
+
+taken = 0
+
+def profile(frame, event, arg):
+    global taken
+    if event == "c_return" and frame.f_code is base._AcquireFutures.__enter__.__code__:
+        taken += 1
+        if taken == 3:
+            sys.setprofile(None)
+            os.kill(os.getpid(), signal.SIGINT)
+
+def called_back(future):
+    print("called back", future.cancelled(), flush=True)
+
+if __name__ == "__main__":
+    if sys.argv[1] == "with":
+        try:
+            with warden.ProcessPoolExecutor(2) as ex:
+                futures = [ex.submit(slow, i) for i in range(6)]
+                sys.setprofile(profile)
+                warden.wait(futures)
+        except KeyboardInterrupt:
+            print("left the with block", flush=True)
+        print("cancelled", sum(f.cancelled() for f in futures), flush=True)
+    else:
+        ex = warden.ProcessPoolExecutor(2)
+        futures = [ex.submit(slow, i) for i in range(6)]
+        for future in futures:
+            future.add_done_callback(called_back)
+        sys.setprofile(profile)
+        warden.wait(futures)
+"""
+
+
+@pytest.mark.parametrize("where", ["with", "open"])
+def test_a_ctrl_c_while_wait_takes_its_futures_locks_still_stops_the_pool(program, where):
+    """The Ctrl-C left some futures' locks held by the main thread for good,
+    and the results thread blocked on the first of them: the ``with``
+    block's shutdown waited for ever (as the standard library's does); at
+    exit, no done-callback ran. The thread that takes the Ctrl-C now gives
+    such locks back."""
+    run = program(CTRL_C_AS_WAIT_TAKES_ITS_LOCKS).run(timeout=40, args=(where,))
+    if where == "with":
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.splitlines() == ["left the with block", "cancelled 6"], run.stdout + run.stderr
+    else:
+        assert run.returncode == -signal.SIGINT, run.stderr
+        assert run.stdout.splitlines() == ["called back True"] * 6, run.stdout + run.stderr
+
+
 # Ctrl-C arrives just as the pool starts one of its threads (the wrapper
 # sends it after the thread started and gives the handler time to run).
 CTRL_C_AT_START = """

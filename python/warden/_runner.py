@@ -1010,6 +1010,7 @@ class Runner:
     def interrupt(self) -> None:
         """Ctrl-C while waiting on this pool: the first one cancels queued tasks
         and stops the workers gracefully (their finalizers run), another kills them."""
+        self.let_go_of_held_futures()
         if self.interrupted:
             self.core.kill()
         else:
@@ -1021,6 +1022,23 @@ class Runner:
                 # for (a busy machine): it kills, as one a moment later would.
                 self.core.kill()
                 raise
+
+    def let_go_of_held_futures(self) -> None:
+        """Gives back the locks of this pool's futures that the calling
+        thread holds, after a Ctrl-C. One that cut ``concurrent.futures``'
+        ``wait()`` or ``as_completed()`` short while they took or gave back
+        their futures' locks (``_AcquireFutures``) leaves some held by this
+        thread for good: the results thread would block on the first of
+        them, and no outcome of the pool, nor its shutdown, would ever come
+        (the standard library's executor hangs so too). The thread holds
+        them only by that accident: its own waits on a future give the lock
+        back before they raise."""
+        with self.pending_lock:
+            deliveries = list(self.pending.values())
+        for deliver in deliveries:
+            condition = getattr(getattr(deliver, "__self__", None), "_lazy_condition", None)
+            if condition is not None and condition._is_owned():
+                condition._release_save()  # every level of the RLock
 
     def join(self, timeout: float | None = None) -> bool:
         """Waits for the pool to shut down and its outcomes to be delivered.
@@ -1511,6 +1529,9 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
         everyone = [r for r in _live if policies is None or r.exit_policy in policies]
     runners = [r for r in everyone if not r.core.is_shut_down()]
     interrupted = stop_requested or _ended_by_ctrl_c()
+    if interrupted:
+        for r in runners:
+            r.let_go_of_held_futures()
     started = time.monotonic()
     try:
         try:
