@@ -231,6 +231,61 @@ def test_a_worker_context_terminated_while_it_is_entered_is_entered_in_full_then
     assert run.stdout.split() == ["initialized", "exited", "finalized", "resource", "released"]
 
 
+def test_a_worker_context_of_a_worker_stopped_mid_task_sees_the_stop_and_rolls_back(program, tmp_path):
+    """A transaction per worker, committed as the context exits cleanly and
+    rolled back on an exception: a task that timed out after its first
+    insert had that insert committed (the context was exited as if nothing
+    had happened). A worker that ends between tasks still commits."""
+    db = tmp_path / "rows.db"
+    prog = program(
+        f"""
+        import contextlib, sqlite3, time, warden
+
+        @contextlib.contextmanager
+        def transaction():
+            conn = sqlite3.connect({str(db)!r})
+            conn.execute("CREATE TABLE IF NOT EXISTS t (v TEXT)")
+            try:
+                yield conn
+            except BaseException as e:
+                conn.rollback()
+                print("rolled back:", type(e).__name__, flush=True)
+                raise
+            else:
+                conn.commit()
+                print("committed", flush=True)
+            finally:
+                conn.close()
+
+        def insert(value, then_sleep):
+            warden.worker_context().execute("INSERT INTO t VALUES (?)", (value,))
+            time.sleep(then_sleep)
+
+        if __name__ == "__main__":
+            with warden.ProcessPoolExecutor(1, worker_context=transaction, task_timeout=1) as ex:
+                try:
+                    ex.submit(insert, "half-done", 60).result(timeout=60)
+                except warden.TaskTimeout:
+                    print("timed out", flush=True)
+                ex.submit(insert, "whole", 0).result(timeout=60)
+            print(sqlite3.connect({str(db)!r}).execute("SELECT v FROM t").fetchall(), flush=True)
+        """
+    )
+    run = prog.run()
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "rolled back: TaskInterrupted",
+        "timed out",
+        "committed",
+        "[('whole',)]",
+    ] or run.stdout.splitlines() == [
+        "timed out",
+        "rolled back: TaskInterrupted",
+        "committed",
+        "[('whole',)]",
+    ], run.stdout + run.stderr
+
+
 def test_a_multiprocessing_finalize_registered_in_the_initializer_runs_at_worker_exit(program):
     prog = program(
         """

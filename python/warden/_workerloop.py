@@ -735,6 +735,9 @@ class Handler:
         # Set once a stop has been raised in the running task (or start),
         # until it ends: a stop the interpreter swallowed then is raised again.
         self.stop_raised = False
+        # A stop came while a task ran (it was interrupted): the worker
+        # context's exit is told (see _end_hooks).
+        self.task_stopped = False
         self._unraisable_before = sys.unraisablehook
         sys.unraisablehook = self._on_unraisable
 
@@ -834,6 +837,7 @@ class Handler:
         if self.running:
             self.running = False
             self.stop_raised = True
+            self.task_stopped = True
             stop = TaskInterrupted(signal.Signals(signum).name)
             cancel = None
             ask_again = True
@@ -1207,11 +1211,17 @@ class Handler:
         errors: list[str] = []
         if self.context is not None:
             context, self.context = self.context, None
+            # A task stopped mid-way (a timeout, cancel(running=True), a
+            # terminate): the context is told, as a with block around the
+            # task would be, so that one that commits on a clean exit rolls
+            # back instead.
+            stop = TaskInterrupted("the worker was stopped while a task ran") if self.task_stopped else None
             try:
-                context.__exit__(None, None, None)
+                context.__exit__(type(stop) if stop else None, stop, None)
             except BaseException as e:
-                errors.append(f"worker_context exit raised {_type_name(e)}: {text_of(e)}")
-                say_exception()
+                if e is not stop:  # given back: not a failure of the context
+                    errors.append(f"worker_context exit raised {_type_name(e)}: {text_of(e)}")
+                    say_exception()
             _context._clear()
         finalizer = self.hooks.get("finalizer")
         if finalizer is not None:
