@@ -380,3 +380,35 @@ def test_a_worker_told_to_stop_before_the_cores_handlers_are_up_does_not_start(p
 
     assert run.stdout.split("\n")[:2] == ["exit callback ran to its end", str(_warden.RemoteKind.INTERRUPTED)]
     assert "Traceback" not in run.stderr
+
+
+def test_a_failing_finalizer_or_worker_context_exit_is_said_once_per_worker(program):
+    """Each worker's stderr had the failure twice: the Python traceback,
+    then a line of the core's ("exit hook failed: finalizer raised ...")."""
+    prog = program(
+        """
+        import contextlib, warden
+
+        @contextlib.contextmanager
+        def context():
+            yield
+            raise OSError("context exit broke")
+
+        def fin():
+            raise RuntimeError("finalizer broke")
+
+        if __name__ == "__main__":
+            with warden.Pool(1, finalizer=fin, worker_context=context, maxtasksperchild=1) as pool:
+                print(pool.map(abs, [-1, -2]), flush=True)
+                pool.close()
+                pool.join()
+        """
+    )
+    run = prog.run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[1, 2]"
+    workers = run.stderr.count("exception in finalizer:")
+    assert workers >= 2, run.stderr
+    assert run.stderr.count("RuntimeError: finalizer broke") == workers, run.stderr
+    assert run.stderr.count("OSError: context exit broke") == workers, run.stderr
+    assert "exit hook failed" not in run.stderr, run.stderr

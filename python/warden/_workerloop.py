@@ -1169,7 +1169,8 @@ class Handler:
 
     def exit(self, reason: str) -> tuple[str | None, int | None, int | None]:
         """The exit path: worker context, finalizer, gc, atexit (with warden's
-        exit callbacks), flush. Once. Returns its errors, the exit code, and
+        exit callbacks), flush. Once. Returns its errors (each said on stderr
+        as it came), the exit code, and
         the signal to end by instead (a ``Process`` child terminated while its
         exit path ran ends as the ``terminate()`` asked)."""
         errors: list[str] = []
@@ -1204,6 +1205,10 @@ class Handler:
             say(f"warden: worker {os.getpid()}: exiting before the parent read a result")
         signum = int(signal.SIGTERM) if self.terminated_while_exiting else None
         return ("; ".join(errors) or None, self.exit_code, signum)
+
+    def _who(self) -> str:
+        """What this process is called on stderr."""
+        return "worker" if self.mode == "pool" else "child"
 
     def _end_hooks(self) -> list[str]:
         """The pool's part of the exit path: the worker context is exited,
@@ -1256,6 +1261,7 @@ class Handler:
         except BaseException as e:
             if not isinstance(e, _ExitWaitEnded):
                 errors.append(f"garbage collection raised {_type_name(e)}: {text_of(e)}")
+                say(f"warden: {self._who()} {os.getpid()}: {errors[-1]}")
         try:
             # warden's own handler is among them (registered when warden was
             # imported, so it runs after those registered since): it shuts down
@@ -1264,6 +1270,7 @@ class Handler:
         except BaseException as e:
             if not isinstance(e, _ExitWaitEnded):
                 errors.append(f"atexit raised {_type_name(e)}: {text_of(e)}")
+                say(f"warden: {self._who()} {os.getpid()}: {errors[-1]}")
         self.may_cut_short = False
         self.last_seen = None
         try:
@@ -1274,10 +1281,12 @@ class Handler:
                 finalizers.run_exit_callbacks()
         except BaseException as e:
             errors.append(f"exit callbacks raised {_type_name(e)}: {text_of(e)}")
+            say(f"warden: {self._who()} {os.getpid()}: {errors[-1]}")
         try:
             _clear_program_globals()
         except BaseException as e:
             errors.append(f"clearing the program's globals raised {_type_name(e)}: {text_of(e)}")
+            say(f"warden: {self._who()} {os.getpid()}: {errors[-1]}")
         _stop_resource_tracker()
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)

@@ -308,7 +308,8 @@ fn run_exit_hook(handler: &Py<PyAny>, reason: &ExitReason) -> ExitHookOutcome {
         match handler.bind(py).call_method1("exit", (exit_reason(reason),)) {
             Ok(v) => match v.extract::<(Option<Text>, Option<i32>, Option<i32>)>() {
                 Ok((error, exit_code, exit_signal)) => {
-                    ExitHookOutcome { error: error.map(|Text(e)| e), exit_code, exit_signal }
+                    // The exit path in Python says each of its errors as it comes.
+                    ExitHookOutcome { error: error.map(|Text(e)| e), exit_code, exit_signal, said: true }
                 }
                 Err(e) => ExitHookOutcome { error: Some(format!("bad exit hook result: {e}")), ..Default::default() },
             },

@@ -148,6 +148,9 @@ pub struct ExitHookOutcome {
     /// path ran ends as that signal would have ended it, so its parent sees
     /// the `terminate()` it asked for.
     pub exit_signal: Option<i32>,
+    /// The hook has said its error on stderr itself (a Python traceback):
+    /// the exit path does not say it again.
+    pub said: bool,
 }
 
 /// A worker's exit hook: runs once, on whichever thread runs the exit path.
@@ -788,6 +791,7 @@ impl WorkerState {
         };
         let mut code = None;
         let mut by_signal = None;
+        let mut said = false;
         let hook = lock(&self.hook).take();
         if let Some(hook) = hook {
             report.hook_ran = true;
@@ -796,6 +800,7 @@ impl WorkerState {
                     report.hook_error = result.error;
                     code = result.exit_code;
                     by_signal = result.exit_signal;
+                    said = result.said;
                 }
                 Err(p) => {
                     report.hook_error = Some(format!("exit hook panicked: {}", panic_text(&*p)));
@@ -809,7 +814,7 @@ impl WorkerState {
         report.finalizers_skipped = fin.skipped;
         let _ = io::stdout().flush();
         let _ = io::stderr().flush();
-        if let Some(err) = &report.hook_error {
+        if let Some(err) = report.hook_error.as_ref().filter(|_| !said) {
             report!("warden worker {}: exit hook failed: {err}", std::process::id());
         }
         if reason != ExitReason::ParentGone {
