@@ -1219,6 +1219,43 @@ def test_memory_limit_stops_a_worker_mid_task_with_worker_memory_exceeded(tmp_pa
         assert ex.submit(square, 6).result(timeout=60) == 36
 
 
+def keep_quickly(mib):
+    """Keeps ``mib`` MiB in a module global (a cache), touched in one
+    allocation, and returns the pid: well within the first memory sample."""
+    _ballast.append(bytearray(b"x") * (mib * MiB))
+    return os.getpid()
+
+
+def sleep_a_little():
+    time.sleep(0.3)  # long enough for the memory watch to sample it
+    return os.getpid()
+
+
+def test_a_task_that_keeps_memory_past_memory_limit_retires_its_worker_instead_of_failing_the_next(tmp_path):
+    """The task that grew the worker returned before any sample; the next
+    task, which allocates nothing, was then failed with
+    ``WorkerMemoryExceeded`` for memory it never took. Now the worker left
+    over the limit retires (finalizer and all) once its tasks are done, and
+    no later task fails. (A sample that falls while the first task grows
+    fails that task: its own memory.)"""
+    log = tmp_path / "log"
+    for _ in range(3):
+        with warden.ProcessPoolExecutor(
+            1, memory_limit="100MiB", finalizer=record, finalargs=(log, "fin")
+        ) as ex:
+            ex.submit(getpid).result(timeout=60)  # started; the pool idle again
+            kept = ex.submit(keep_quickly, 120)
+            after = [ex.submit(sleep_a_little) for _ in range(3)]
+            try:
+                grown = kept.result(timeout=60)
+            except warden.WorkerMemoryExceeded:
+                grown = None
+            pids = [f.result(timeout=60) for f in after]  # none failed
+            if grown is not None:
+                assert pids[-1] != grown  # retired: the last ran on its replacement
+                assert wait_until(lambda pid=grown: pid in pids_tagged(log, "fin"), timeout=15)
+
+
 @pytest.mark.parametrize(
     "value, error",
     [("lots", ValueError), ("12 parsecs", ValueError), (0, ValueError), (-5, ValueError), (1.5, TypeError)],

@@ -290,7 +290,12 @@ impl Builder {
     /// A hard memory limit: while a task runs, its worker's resident set size
     /// is sampled every [`Builder::memory_sample_interval`]; a worker above
     /// `bytes` is stopped (SIGTERM, exit hook, grace period, SIGKILL) and
-    /// replaced, and the task fails with [`ErrorKind::MemoryExceeded`].
+    /// replaced, and the task fails with [`ErrorKind::MemoryExceeded`]. A
+    /// worker that a task leaves above `bytes` as it ends (memory the task
+    /// kept) is retired as under [`Builder::max_memory_per_child`] instead:
+    /// that task's result stands, and the next task is not failed for it
+    /// (one it had already begun, only if it grows the worker by more than
+    /// an eighth of `bytes` beyond that).
     ///
     /// The resident set size is read from `/proc/<pid>/statm`, not enforced
     /// through a cgroup's `memory.max`: that needs a delegated, writable

@@ -10,6 +10,12 @@
 //!   sampled each interval; one above the limit has its task failed with
 //!   `MemoryExceeded` and is stopped (SIGTERM, grace, SIGKILL). The schedule
 //!   stops while no worker is busy, so an idle pool never wakes for it.
+//!   A worker that a task left above the limit as it ended (memory it kept:
+//!   a cache, a module global) is retired as under the soft cap, and the
+//!   task's result stands: the next task is not blamed for it. The one task
+//!   it may already have begun is failed only if that task grows it further
+//!   (past where the last one left it, by more than the limit divided by
+//!   [`GROWTH_DIVISOR`]).
 
 use std::time::Instant;
 
@@ -19,23 +25,41 @@ use crate::memory::resident_bytes;
 use super::worker::{Worker, WorkerPhase};
 use super::{Config, StopCause, Supervisor};
 
-/// After a result: marks a worker above the soft cap, which then retires,
-/// and asks back the tasks it holds beyond the one it has gone on to (sent
-/// ahead: they would run there, each growing it further).
+/// A task begun in a worker that the previous task left above
+/// `memory_limit` may grow it by the limit divided by this before it is
+/// failed (an eighth): a task allocates a little as it runs, and is not to
+/// be blamed for what the one before it kept.
+pub(super) const GROWTH_DIVISOR: u64 = 8;
+
+/// After a result: marks a worker above the soft cap or the hard limit,
+/// which then retires, and asks back the tasks it holds beyond the one it
+/// has gone on to (sent ahead: they would run there, each growing it
+/// further, or be failed for what this one kept).
 pub(super) fn check_after_task(w: &mut Worker, cfg: &Config) {
-    let Some(cap) = cfg.memory.soft else { return };
-    if w.over_memory || w.status.is_some() {
+    let (soft, hard) = (cfg.memory.soft, cfg.memory.hard);
+    if (soft.is_none() && hard.is_none()) || w.over_memory || w.status.is_some() {
         return;
     }
     match resident_bytes(w.raw_pid()) {
-        Ok(rss) if rss > cap => {
-            tracing::debug!(pool = %cfg.name, pid = w.raw_pid(), rss, cap, "over max_memory_per_child; retiring");
+        Ok(rss) if soft.is_some_and(|cap| rss > cap) || hard.is_some_and(|limit| rss > limit) => {
+            tracing::debug!(pool = %cfg.name, pid = w.raw_pid(), rss, ?soft, ?hard, "over a memory cap after a task; retiring");
             w.over_memory = true;
-            let why = "asking a task back from a worker over max_memory_per_child";
+            if hard.is_some_and(|limit| rss > limit) {
+                w.left_over_limit = Some(rss);
+            }
+            let why = "asking a task back from a worker over a memory cap";
             super::schedule::ask_back(w, 0, Instant::now(), cfg, why);
         }
         Ok(_) => {}
         Err(e) => tracing::debug!(pool = %cfg.name, pid = w.raw_pid(), "cannot read its memory: {e}"),
+    }
+}
+
+/// The resident size above which worker `w`'s running task is failed.
+fn threshold(w: &Worker, limit: u64) -> u64 {
+    match w.left_over_limit {
+        Some(left) => left.max(limit).saturating_add(limit / GROWTH_DIVISOR),
+        None => limit,
     }
 }
 
@@ -73,7 +97,7 @@ impl Supervisor {
                     continue;
                 }
             };
-            if rss <= limit {
+            if rss <= threshold(w, limit) {
                 continue;
             }
             tracing::warn!(pool = %self.cfg.name, pid, rss, limit, "worker over its memory limit; stopping it");

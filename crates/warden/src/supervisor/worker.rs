@@ -117,8 +117,13 @@ pub(super) struct Worker {
     pub(super) record: Option<Vec<u8>>,
     /// The last task it started, as its `Goodbye` said.
     pub(super) last_task: Option<u64>,
-    /// Above `max_memory_per_child` after a task: takes no more, retires when idle.
+    /// Above `max_memory_per_child` (or `memory_limit`) after a task: takes
+    /// no more, retires when idle.
     pub(super) over_memory: bool,
+    /// Above `memory_limit` after a task: its resident size then. The task
+    /// it had already begun is failed only if it grows the worker past that
+    /// by more than the limit divided by [`super::memory::GROWTH_DIVISOR`].
+    pub(super) left_over_limit: Option<u64>,
     /// Stopping for this task only ([`Worker::stop_task`]): the worker may
     /// answer that it had ended, and serve on.
     pub(super) stop_target: Option<u64>,
@@ -174,6 +179,7 @@ impl Worker {
             record: None,
             last_task: None,
             over_memory: false,
+            left_over_limit: None,
             stop_target: None,
             stop_unanswered: false,
             stop_took: false,
