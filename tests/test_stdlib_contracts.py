@@ -453,6 +453,42 @@ def test_a_daemon_thread_waiting_on_a_pool_left_open_at_exit_ends_silently_with_
     assert run.stderr == ""
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_daemon_thread_asking_at_exit_for_a_future_the_program_cancelled_gets_cancelled_error(
+    program, impl
+):
+    """Only what the exit itself cancels keeps a daemon thread blocked: a
+    future the program cancelled raises ``CancelledError`` in it, during
+    the exit's drain as at any other time (it was blocked for good)."""
+    prog = user_program(
+        program,
+        """
+        import atexit, threading
+        from concurrent.futures import CancelledError
+
+        def consumer(future, done):
+            time.sleep(0.5)  # main has returned: the exit drains the executor
+            try:
+                future.result()
+            except CancelledError:
+                note("CancelledError")
+            done.set()
+
+        if __name__ == "__main__":
+            ex = Executor(1)
+            ex.submit(time.sleep, 1.5)  # drained at exit
+            future = ex.submit(abs, 1)
+            note(f"cancelled {future.cancel()}")
+            done = threading.Event()
+            threading.Thread(target=consumer, args=(future, done), daemon=True).start()
+            atexit.register(lambda: note(f"consumer done {done.wait(10)}"))
+        """,
+    )
+    run = prog.run(timeout=60, env={"IMPL": impl})
+    assert run.returncode == 0, run.stderr
+    assert prog.out_lines() == ["cancelled True", "CancelledError", "consumer done True"], run.stderr
+
+
 @pytest.mark.parametrize("wait", ["result", "exception", "wait_then_result", "as_completed", "asyncio_run"])
 def test_a_daemon_thread_waiting_on_a_future_that_exit_timeout_drops_ends_silently_with_the_program(
     program, wait

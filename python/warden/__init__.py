@@ -194,7 +194,10 @@ def _asked_by_from_import() -> bool:
     import ...`` statement (its frame is at an ``IMPORT_FROM`` instruction)."""
     import dis
 
-    frame = _sys._getframe(2)
+    try:
+        frame = _sys._getframe(2)
+    except ValueError:  # asked from C, with no Python caller (a thread's getattr)
+        return False
     code = frame.f_code.co_code
     return 0 <= frame.f_lasti < len(code) and code[frame.f_lasti] == dis.opmap["IMPORT_FROM"]
 

@@ -55,7 +55,7 @@ def _settle(waiter: asyncio.Future[tuple[bool, Any]], outcome: tuple[bool, Any])
         return
     ok, value = outcome
     if not ok and value.cancelled:
-        if _runner.parks_at_exit():
+        if value.by_exit and _runner.parks_at_exit():
             # Cancelled by the interpreter's exit, on a daemon thread's loop:
             # the coroutine waits on, and the thread ends with the
             # interpreter, as a daemon thread's ``result()`` stays blocked.

@@ -114,6 +114,7 @@ class ErrorData:
     """How a task failed, as data. :meth:`build` makes a fresh exception."""
 
     __slots__ = (
+        "by_exit",
         "exitcode",
         "in_list",
         "kind",
@@ -151,6 +152,10 @@ class ErrorData:
         #: chunk of one item, sent as a plain call): a result that cannot be
         #: pickled is named as that list, as ``multiprocessing.pool`` names it.
         self.in_list = False
+        #: A cancellation the interpreter's exit made (its pool terminated,
+        #: or its drain cut short): a daemon thread waiting for it stays
+        #: blocked (``_runner.park_at_exit``).
+        self.by_exit = False
 
     @classmethod
     def from_core(cls, error: TaskError) -> ErrorData:

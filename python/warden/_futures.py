@@ -97,6 +97,9 @@ class Future(_base.Future["_T"]):
     #: run on the results thread, as the standard library runs them on its
     #: manager thread (not in the caller, which may hold a lock they take).
     _callbacks_owed = False
+    #: Cancelled by the interpreter's exit (its pool terminated, its drain
+    #: cut short): a daemon thread that waits for it stays blocked.
+    _cut_by_exit = False
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         refuse_pickling(self, "its result()")
@@ -225,11 +228,12 @@ class Future(_base.Future["_T"]):
                             if self._state == _base.FINISHED:
                                 return self._outcome()
                             raise TimeoutError()
-            # Cancelled: at interpreter exit, a daemon thread stays blocked
-            # (outside the lock) instead, whether the cancel came while it
-            # waited or before it asked (after ``wait()`` or
+            # Cancelled by the interpreter's exit: a daemon thread stays
+            # blocked (outside the lock) instead, whether the cancel came
+            # while it waited or before it asked (after ``wait()`` or
             # ``as_completed()`` told it the future was done).
-            _runner.park_at_exit()
+            if self._cut_by_exit:
+                _runner.park_at_exit()
             raise CancelledError()
         except KeyboardInterrupt:
             if self._on_interrupt is not None:
@@ -253,7 +257,8 @@ class Future(_base.Future["_T"]):
                         return self._error.build()
                     return self._exception
             # As in result(): a daemon thread stays blocked at exit.
-            _runner.park_at_exit()
+            if self._cut_by_exit:
+                _runner.park_at_exit()
             raise CancelledError()
         except KeyboardInterrupt:
             if self._on_interrupt is not None:
@@ -406,6 +411,7 @@ class Future(_base.Future["_T"]):
             return
         error = data
         if error.cancelled:
+            self._cut_by_exit = error.by_exit
             taken = self._taken()
             with _CONDITION_LOCK:
                 if self._cancellers:

@@ -108,7 +108,7 @@ def refuse_self_wait(core: Any, message: str = SELF_WAIT) -> None:
 #: from the start if this module is first imported after warden's exit step
 #: ran (by a later ``atexit`` handler): nothing would stop or drain a pool
 #: started then, and its work would be lost without a word.
-exiting = bool(getattr(sys.modules.get("warden"), "_exit_step_began", False))
+exiting = bool(getattr(sys.modules.get(__package__ or "warden"), "_exit_step_began", False))
 #: Set once an exit step began (the executors' in ``threading``'s exit hooks,
 #: or the ``atexit`` one): what it cancels is cut short by the exit.
 exit_began = exiting
@@ -895,6 +895,13 @@ class Runner:
         self.pending_lock = _native.Lock()
         #: How many outcomes the results thread has delivered (their callbacks run).
         self.delivered = [0]
+        #: The callbacks of the batch the results thread is delivering (out
+        #: of ``pending`` already), for :meth:`let_go_of_held_futures`.
+        self.in_delivery: list[OnDone | None] = []
+        #: ``[True]`` once the interpreter's exit stopped the pool
+        #: (terminated, or its drain cut short): the cancellations delivered
+        #: from then on are the exit's (``ErrorData.by_exit``).
+        self.cut_by_exit = [False]
         self.thread: Any = None
         if deliver:
             self.thread = _native.Thread(
@@ -906,6 +913,8 @@ class Runner:
                     self._leave_live_set,
                     log_listener,
                     self.delivered,
+                    self.in_delivery,
+                    self.cut_by_exit,
                     self._tasks,
                 ),
                 name="warden-results",
@@ -1029,12 +1038,13 @@ class Runner:
         ``wait()`` or ``as_completed()`` short while they took or gave back
         their futures' locks (``_AcquireFutures``) leaves some held by this
         thread for good: the results thread would block on the first of
-        them, and no outcome of the pool, nor its shutdown, would ever come
-        (the standard library's executor hangs so too). The thread holds
+        them (one in ``pending``, or in the batch it is delivering), and no
+        outcome of the pool, nor its shutdown, would ever come (the
+        standard library's executor hangs so too). The thread holds
         them only by that accident: its own waits on a future give the lock
         back before they raise."""
         with self.pending_lock:
-            deliveries = list(self.pending.values())
+            deliveries = [*self.pending.values(), *self.in_delivery]
         for deliver in deliveries:
             condition = getattr(getattr(deliver, "__self__", None), "_lazy_condition", None)
             if condition is not None and condition._is_owned():
@@ -1318,6 +1328,8 @@ def _deliver_outcomes(
     leave_live_set: Callable[[], None],
     log_listener: Any,
     delivered: list[int],
+    in_delivery: list[OnDone | None],
+    cut_by_exit: list[bool],
     lost_tasks: _LostTasks | None = None,
 ) -> None:
     """The results thread: takes outcomes from the core, calls their callbacks.
@@ -1349,7 +1361,7 @@ def _deliver_outcomes(
                     since_trim = 0
                     _warden.trim_heap()
                 burst = 0
-            _deliver_batch(batch, pending, pending_lock, delivered, lost_tasks)
+            _deliver_batch(batch, pending, pending_lock, delivered, in_delivery, cut_by_exit, lost_tasks)
             # Hold nothing (no outcome, nor its future) while waiting: a
             # result's mapping lives only as long as what was built on it.
             batch = None
@@ -1375,10 +1387,27 @@ def _deliver_batch(
     pending: dict[int, OnDone],
     pending_lock: threading.Lock,
     delivered: list[int],
+    in_delivery: list[OnDone | None],
+    cut_by_exit: list[bool],
     lost_tasks: _LostTasks | None = None,
 ) -> None:
     with pending_lock:
         callbacks = [pending.pop(done.task, None) for done in batch]
+        in_delivery[:] = callbacks
+    try:
+        _deliver_each(batch, callbacks, delivered, cut_by_exit[0], lost_tasks)
+    finally:
+        with pending_lock:
+            in_delivery.clear()
+
+
+def _deliver_each(
+    batch: list[_warden.Completion],
+    callbacks: list[OnDone | None],
+    delivered: list[int],
+    by_exit: bool,
+    lost_tasks: _LostTasks | None,
+) -> None:
     for done, callback in zip(batch, callbacks, strict=True):
         if callback is None:
             continue  # its segment, if any, is closed with the record
@@ -1387,6 +1416,7 @@ def _deliver_batch(
                 if lost_tasks is not None:
                     lost_tasks.hold_if_died(done.task, done.error.kind)
                 ok, data = False, ErrorData.from_core(done.error)
+                data.by_exit = by_exit and data.cancelled
             else:
                 # A result's segment is mapped (and its fd closed) now.
                 segment = done.take_segment()
@@ -1539,6 +1569,7 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
                 if interrupted and not (r.exit_policy == "join" and r.got_the_interrupt()):
                     _cut_short(r, "the program was interrupted")
                 elif r.exit_policy != "join":
+                    r.cut_by_exit[0] = r.exit_policy == "terminate"
                     r.core.stop(_EXIT_STOP[r.exit_policy], wait=False)
             for r in runners:
                 if r.exit_policy == "join":
@@ -1561,6 +1592,7 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
             r.core.stop(_EXIT_STOP[r.exit_policy], within=_left(deadline))
     except KeyboardInterrupt:
         for r in runners:
+            r.cut_by_exit[0] = True
             r.core.stop("kill", wait=False)
         for r in runners:
             with contextlib.suppress(KeyboardInterrupt):
@@ -1609,6 +1641,7 @@ def _cut_short(runner: Runner, why: str) -> None:
     # cancelled is still in ``pending`` until delivered, and was not
     # dropped here.)
     draining = runner.exit_policy == "drain"
+    runner.cut_by_exit[0] = True
     with runner.pending_lock:
         # Counted before the cut, so no cancelled outcome is missed.
         dropped = len(runner.pending) if draining and not runner.interrupted else 0

@@ -1218,8 +1218,8 @@ class Handler:
             context, self.context = self.context, None
             # A task stopped mid-way (a timeout, cancel(running=True), a
             # terminate): the context is told, as a with block around the
-            # task would be, so that one that commits on a clean exit rolls
-            # back instead.
+            # worker's tasks would be, so that one that commits on a clean
+            # exit rolls back instead.
             stop = TaskInterrupted("the worker was stopped while a task ran") if self.task_stopped else None
             try:
                 context.__exit__(type(stop) if stop else None, stop, None)

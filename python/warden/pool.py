@@ -16,7 +16,6 @@ import types
 import warnings
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
-from concurrent.futures import CancelledError
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
 
@@ -767,7 +766,7 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
                 except KeyboardInterrupt:
                     self._interrupt()
                     raise
-        if _runner.exit_began and self._ready and self._error is not None and self._error.cancelled:
+        if self._ready and self._error is not None and self._error.by_exit:
             # Cancelled by the pool's end at interpreter exit: a daemon thread
             # stays blocked, as on the standard library's pool, whose
             # results a terminate leaves unready for good.
@@ -1095,9 +1094,9 @@ class IMapIterator(_StdIMapIterator[_T]):
                         self._chunks.clear()
                         self._arrived.clear()
                     self._pool = None
-                exc = _exception(value)
-                if isinstance(exc, CancelledError):
+                if value.by_exit:
                     _runner.park_at_exit()
+                exc = _exception(value)
                 if isinstance(exc, StopIteration):
                     # Raised as is, it would end the caller's loop as if the
                     # results had run out (PEP 479's reason, for generators).
@@ -1363,9 +1362,9 @@ def _feed_imap(
                 pool._runner.submit(payload, on_done, segment=segment)
             except _warden.CoreError:
                 ahead.sent(-size)  # never in flight
-                result._put(
-                    index, False, ErrorData(_warden.ErrorKind.CANCELLED, "the pool stopped taking tasks")
-                )
+                stopped = ErrorData(_warden.ErrorKind.CANCELLED, "the pool stopped taking tasks")
+                stopped.by_exit = pool._runner.cut_by_exit[0]
+                result._put(index, False, stopped)
                 index += 1
                 break
             del result, on_done  # (nothing but the program holds the iterator)
