@@ -6,6 +6,7 @@ import logging
 import os
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -772,6 +773,27 @@ def test_no_thread_of_warden_is_left_once_every_pool_has_shut_down(program):
         "task saw the flag True",
         "at the end ['MainThread']",
     ], run.stdout
+
+
+def test_joining_a_thread_of_wardens_waits_for_the_thread_to_end_not_only_its_target():
+    """warden's threads (a pool's results thread, ``warden-logging``) were
+    joined once their target returned, while the thread itself had still to
+    end: on a busy machine, a ``fork()`` right after a pool shut down found
+    it there and warned "multi-threaded" (about one program in three on
+    3.13, where the standard library's executor leaves none). Here the
+    thread lingers after its target on purpose."""
+    from warden import _native
+
+    class Lingering(_native._Thread):
+        def run(self):
+            super().run()
+            time.sleep(0.3)  # after the target: the thread's own end
+
+    thread = Lingering(target=lambda: None, name="lingering", daemon=True)
+    thread.start()
+    native_id = thread.native_id
+    thread.join(5)
+    assert not os.path.exists(f"/proc/self/task/{native_id}")
 
 
 SOCKETS_AFTER_POOLS = """

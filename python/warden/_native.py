@@ -108,6 +108,9 @@ def _nothing() -> None:
 
 #: How long :meth:`_Thread.start` waits for the new thread to begin (s).
 START_WAIT = 10.0
+#: How long :meth:`_Thread.join` waits, once the target has returned, for
+#: the thread to end (s).
+END_WAIT = 1.0
 
 
 class _BoundedEvent(threading.Event):
@@ -170,6 +173,11 @@ class _Thread(threading.Thread):
             super().join(timeout)  # its errors: not started, the current thread
         elif running.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             running.release()
+            # The target has returned; the thread itself ends a moment
+            # later. Wait for that too, briefly, as threading's join does
+            # (from 3.13, for the thread of the system): a fork() right
+            # after would find it there and warn of threads.
+            super().join(END_WAIT)
 
     def is_alive(self) -> bool:
         running = self._lock()
