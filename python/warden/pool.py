@@ -753,24 +753,27 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
     def wait(self, timeout: float | None = None) -> None:
         """Waits until the result is ready or ``timeout`` seconds pass."""
         if not self._ready:
-            with _EVENT_LOCK:
-                if not self._ready:
-                    if timeout is None:
-                        _runner.refuse_self_wait(self._core)
-                    if self._event is None:
-                        self._event = threading.Event()
-                    event = self._event
-            if not self._ready:
-                try:
-                    event.wait(timeout)
-                except KeyboardInterrupt:
-                    self._interrupt()
-                    raise
+            self._wait(timeout)
         if self._ready and self._error is not None and self._error.by_exit:
             # Cancelled by the pool's end at interpreter exit: a daemon thread
             # stays blocked, as on the standard library's pool, whose
             # results a terminate leaves unready for good.
             _runner.park_at_exit()
+
+    def _wait(self, timeout: float | None) -> None:
+        with _EVENT_LOCK:
+            if self._ready:
+                return
+            if timeout is None:
+                _runner.refuse_self_wait(self._core)
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        try:
+            event.wait(timeout)
+        except KeyboardInterrupt:
+            self._interrupt()
+            raise
 
     def get(self, timeout: float | None = None) -> _T:
         """The result; raises a fresh exception if the call failed, and
