@@ -488,9 +488,11 @@ def test_a_retiring_worker_waits_for_its_large_lent_result_as_long_as_its_size_t
 
 
 def lend_then_die(size):
-    """Returns a large result, and SIGKILLs this worker 0.3 s later."""
-    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGKILL)).start()
-    return bytes(size)
+    """Returns a large result, and SIGKILLs this worker 0.5 s later: time
+    enough, on a loaded machine too, to send it first."""
+    result = bytes(size)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    return result
 
 
 def test_a_worker_killed_before_its_large_result_is_read_loses_it_only_if_it_was_lent(
@@ -503,7 +505,7 @@ def test_a_worker_killed_before_its_large_result_is_read_loses_it_only_if_it_was
     read was not refused). In a shared segment, it survives the worker."""
     with warden.ProcessPoolExecutor(2) as ex:
         first = ex.submit(os.getpid)
-        first.add_done_callback(lambda _: time.sleep(1.5))
+        first.add_done_callback(lambda _: time.sleep(2.5))
         sent = ex.submit(lend_then_die, 64 << 20)
         if carrier == "lent":
             with pytest.raises(ProcessLookupError) as info:
