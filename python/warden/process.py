@@ -16,10 +16,13 @@ import os
 import re
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _warden
 from ._pickle import dumps_for_spawn, spawning_object
+
+if TYPE_CHECKING:
+    from ._runner import Runner
 
 #: How long ``start()`` waits for the child's pid.
 START_TIMEOUT = 30.0
@@ -83,7 +86,15 @@ class Process(multiprocessing.context.Process):
     _handle_exitcode: int | None = None
     _pid: int | None = None
     _sentinel_fd: int | None = None
-    _sentinel_closer: weakref.finalize | None = None
+    # Not weakref.finalize[...]: typing.get_type_hints() evaluates it, and
+    # finalize cannot be subscripted at run time.
+    _sentinel_closer: weakref.finalize | None = None  # type: ignore[type-arg]
+
+    if TYPE_CHECKING:
+        # Set by the standard library's __init__ and close(); here the
+        # child's Runner stands where the standard library keeps its Popen.
+        _popen: Runner | None
+        _closed: bool
 
     def __init__(
         self,
@@ -119,11 +130,11 @@ class Process(multiprocessing.context.Process):
             _process_handle,
             (
                 type(self),
-                self._name,
+                self._name,  # type: ignore[attr-defined]
                 self.pid if not self._closed else self._pid,
-                bool(self._config.get("daemon")),
+                bool(self._config.get("daemon")),  # type: ignore[attr-defined]
                 None if self._closed else self.exitcode,
-                self._handle_of or self._parent_pid,
+                self._handle_of or self._parent_pid,  # type: ignore[attr-defined]
             ),
         )
 
@@ -146,7 +157,7 @@ class Process(multiprocessing.context.Process):
     def _check_not_handle(self, what: str) -> None:
         if self._handle_of is not None:
             raise RuntimeError(
-                f"{self._name} is a handle to a process started by process {self._handle_of}; "
+                f"{self._name} is a handle to a process started by process {self._handle_of}; "  # type: ignore[attr-defined]
                 f"only that process can {what} it"
             )
 
@@ -161,11 +172,11 @@ class Process(multiprocessing.context.Process):
 
     def start(self) -> None:
         """Starts the child; returns once its pid is known."""
-        self._check_closed()
+        self._check_closed()  # type: ignore[attr-defined]
         self._check_not_handle("start")
         if self._popen is not None:
             raise AssertionError("cannot start a process twice")
-        if self._parent_pid != os.getpid():
+        if self._parent_pid != os.getpid():  # type: ignore[attr-defined]
             raise AssertionError("can only start a process object created by current process")
         # Here, not at import: the child imports this module to unpickle its
         # Process, and needs none of what starting one takes.
@@ -180,12 +191,12 @@ class Process(multiprocessing.context.Process):
             self,
             target=self,
             parameters=lambda: [
-                *_runner._named("args", self._args),
-                *_runner._named("kwargs", self._kwargs),
-                ("target", self._target),
+                *_runner._named("args", self._args),  # type: ignore[attr-defined]
+                *_runner._named("kwargs", self._kwargs),  # type: ignore[attr-defined]
+                ("target", self._target),  # type: ignore[attr-defined]
                 *self._own_attributes(),
             ],
-            functions=(type(self), self._target),
+            functions=(type(self), self._target),  # type: ignore[attr-defined]
         )
         # Held back until the child is this object's, running its target
         # (see ctrl_c_held): a Ctrl-C meanwhile leaves a started child that
@@ -197,7 +208,7 @@ class Process(multiprocessing.context.Process):
             try:
                 runner = _runner.Runner(
                     mode="process",
-                    name=self._name,
+                    name=self._name,  # type: ignore[attr-defined]
                     workers=1,
                     pass_fds=fds,
                     one_off=True,
@@ -210,7 +221,7 @@ class Process(multiprocessing.context.Process):
                     interrupts_since=since,
                 )
             except _warden.CoreError as e:  # the core closed the fds
-                raise _start_error(self._name, e) from None
+                raise _start_error(self._name, e) from None  # type: ignore[attr-defined]
             self._popen = runner
             # Where the core says no child was started, this object is left
             # as it was before start() (its exitcode None, not alive), and may
@@ -222,17 +233,17 @@ class Process(multiprocessing.context.Process):
             except _warden.CoreError as e:
                 runner.core.kill()
                 self._popen = None
-                raise _start_error(self._name, e) from None
+                raise _start_error(self._name, e) from None  # type: ignore[attr-defined]
             finally:
                 runner.close_nowait()
             pid = runner.core.wait_pid(START_TIMEOUT)
             if pid is None:
                 runner.core.kill()
                 self._popen = None
-                raise _start_error(self._name, runner.core.failure() or "no pid")
+                raise _start_error(self._name, runner.core.failure() or "no pid")  # type: ignore[attr-defined]
             self._pid = pid
             # As the standard library does: the child has them, this object need not.
-            del self._target, self._args, self._kwargs
+            del self._target, self._args, self._kwargs  # type: ignore[attr-defined]
             multiprocessing.process._children.add(self)  # type: ignore[attr-defined]
 
     def join(self, timeout: float | None = None) -> None:
@@ -241,9 +252,9 @@ class Process(multiprocessing.context.Process):
         too (it is passed on to it) and raises ``KeyboardInterrupt`` here; a
         SIGINT sent to this process alone stops the child gracefully (a
         second one kills it) and raises ``KeyboardInterrupt``."""
-        self._check_closed()
+        self._check_closed()  # type: ignore[attr-defined]
         self._check_not_handle("join")
-        if self._parent_pid != os.getpid():
+        if self._parent_pid != os.getpid():  # type: ignore[attr-defined]
             raise AssertionError("can only join a child process")
         if self._popen is None:
             raise AssertionError("can only join a started process")
@@ -252,11 +263,11 @@ class Process(multiprocessing.context.Process):
 
     def is_alive(self) -> bool:
         """Whether the child has started and not yet exited."""
-        self._check_closed()
+        self._check_closed()  # type: ignore[attr-defined]
         if self is multiprocessing.current_process():
             return True
         self._check_not_handle("inspect")
-        if self._parent_pid != os.getpid():
+        if self._parent_pid != os.getpid():  # type: ignore[attr-defined]
             raise AssertionError("can only test a child process")
         if self._popen is None:
             return False
@@ -266,14 +277,14 @@ class Process(multiprocessing.context.Process):
         """Asks the child to stop: SIGTERM (its target is interrupted, or its
         own SIGTERM handler runs, and its exit path runs), SIGKILL after the
         grace period. Returns at once."""
-        self._check_closed()
+        self._check_closed()  # type: ignore[attr-defined]
         self._check_not_handle("terminate")
         if self._popen is not None:
             self._popen.core.terminate()
 
     def kill(self) -> None:
         """Kills the child with SIGKILL now. Returns at once."""
-        self._check_closed()
+        self._check_closed()  # type: ignore[attr-defined]
         self._check_not_handle("kill")
         if self._popen is not None:
             self._popen.core.kill()
@@ -299,10 +310,10 @@ class Process(multiprocessing.context.Process):
     # -- state -------------------------------------------------------------
 
     @property
-    def exitcode(self) -> int | None:  # type: ignore[override]
+    def exitcode(self) -> int | None:
         """The child's exit code (``-N`` if a signal ``N`` ended it), ``None``
         while it runs or before it starts."""
-        self._check_closed()
+        self._check_closed()  # type: ignore[attr-defined]
         if self._handle_of is not None:
             return self._handle_exitcode
         if self._popen is None:
@@ -310,20 +321,20 @@ class Process(multiprocessing.context.Process):
         return self._popen.exitcode()
 
     @property
-    def ident(self) -> int | None:  # type: ignore[override]
+    def ident(self) -> int | None:
         """The child's process id (``None`` before ``start()``)."""
-        self._check_closed()
+        self._check_closed()  # type: ignore[attr-defined]
         if self is multiprocessing.current_process():
             return os.getpid()
         return self._pid
 
-    pid = ident  # type: ignore[assignment]
+    pid = ident
 
     @property
-    def sentinel(self) -> int:  # type: ignore[override]
+    def sentinel(self) -> int:
         """An fd that becomes readable when the child exits (a pidfd), for
         ``multiprocessing.connection.wait``."""
-        self._check_closed()
+        self._check_closed()  # type: ignore[attr-defined]
         self._check_not_handle("wait for")
         if self._pid is None:
             raise ValueError("process not started")
@@ -348,14 +359,14 @@ class Process(multiprocessing.context.Process):
             status = "started"
         # The standard library's order and words: pid, parent, status, the
         # exit code by its signal's name (-SIGTERM), daemon.
-        parts = [type(self).__name__, f"name={self._name!r}"]
+        parts = [type(self).__name__, f"name={self._name!r}"]  # type: ignore[attr-defined]
         if self._pid is not None and status != "closed":
             parts.append(f"pid={self._pid}")
-        parts += [f"parent={self._parent_pid}", status]
+        parts += [f"parent={self._parent_pid}", status]  # type: ignore[attr-defined]
         if status == "stopped":
             code = self.exitcode
-            parts.append(f"exitcode={multiprocessing.process._exitcode_to_name.get(code, code)}")
-        if self._config.get("daemon"):
+            parts.append(f"exitcode={multiprocessing.process._exitcode_to_name.get(code, code)}")  # type: ignore[attr-defined]
+        if self._config.get("daemon"):  # type: ignore[attr-defined]
             parts.append("daemon")
         return "<" + " ".join(parts) + ">"
 
@@ -388,17 +399,17 @@ def _process_handle(
     cls: type[Process], name: str, pid: int | None, daemon: bool, exitcode: int | None, owner: int
 ) -> Process:
     handle = cls.__new__(cls)
-    handle._name = name
+    handle._name = name  # type: ignore[attr-defined]
     handle._pid = pid
-    handle._config = {"daemon": daemon}
-    handle._parent_pid = owner
+    handle._config = {"daemon": daemon}  # type: ignore[attr-defined]
+    handle._parent_pid = owner  # type: ignore[attr-defined]
     handle._handle_of = owner
     handle._handle_exitcode = exitcode
     handle._popen = None
     handle._closed = False
-    handle._target = None
-    handle._args = ()
-    handle._kwargs = {}
+    handle._target = None  # type: ignore[attr-defined]
+    handle._args = ()  # type: ignore[attr-defined]
+    handle._kwargs = {}  # type: ignore[attr-defined]
     handle._identity = ()
     return handle
 
