@@ -173,7 +173,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         self._first_workers_seen = False
 
     @property
-    def _processes(self) -> dict[int, WorkerProcess]:
+    def _processes(self) -> dict[int, WorkerProcess]:  # type: ignore[override]  # a read-only view
         """The live workers serving the pool, by pid (a compatibility view, as
         the standard library's executor has it): ``pid``, ``is_alive()``,
         ``exitcode``, ``terminate()``, ``kill()``, ``join(timeout)``."""
@@ -189,7 +189,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         return {w.pid: w for w in workers_of(runner, leaving=False)}
 
     @property
-    def _broken(self) -> str | bool:
+    def _broken(self) -> str | bool:  # type: ignore[override]  # a read-only view
         """Why the pool failed (what ``PoolFailed`` says), or ``False``: a
         compatibility view, as the standard library's executor has it."""
         runner = self._runner
@@ -197,7 +197,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         return failure if failure is not None else False
 
     @property
-    def _shutdown_thread(self) -> bool:
+    def _shutdown_thread(self) -> bool:  # type: ignore[override]  # a read-only view
         """Whether ``shutdown`` (or ``terminate_workers``...) was called: a
         compatibility view, as the standard library's executor has it."""
         return self._shutdown_called
@@ -399,7 +399,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else timeout + time.monotonic()
         bar = _progress.make(progress, _progress.length(*iterables))
-        futures = []
+        futures: list[concurrent.futures.Future[Any]] = []
         try:
             items = 0
             for f, args in _calls(fn, iterables, chunksize):
@@ -521,7 +521,10 @@ def _advance(bar: _progress.Progress, size: int, future: Future[Any]) -> None:
 
 
 def _results(
-    futures: list[Future[Any]], end: float | None, chunked: bool, bar: _progress.Progress | None = None
+    futures: list[concurrent.futures.Future[Any]],
+    end: float | None,
+    chunked: bool,
+    bar: _progress.Progress | None = None,
 ) -> Iterator[Any]:
     """Yields the results of ``futures`` in order; cancels the rest if stopped."""
     try:
@@ -539,7 +542,7 @@ def _results(
             bar.close()
 
 
-def _next_result(futures: list[Future[Any]], end: float | None) -> Any:
+def _next_result(futures: list[concurrent.futures.Future[Any]], end: float | None) -> Any:
     """The result of the last future of ``futures``, which it removes;
     cancels that future if waiting for it fails."""
     future = futures.pop()

@@ -15,9 +15,9 @@ import time
 import types
 import warnings
 import weakref
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
-from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
-from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
+from multiprocessing.pool import MaybeEncodingError, RemoteTraceback  # type: ignore[attr-defined]
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, cast
 
 from . import _native, _progress, _runner, _warden
 from ._children import VacantWorker, WorkerProcess, wait_for_workers, workers_of
@@ -133,7 +133,7 @@ class Pool(multiprocessing.pool.Pool):
         self._cache: dict[int, ApplyResult[Any]] = {}
         self._first_workers_seen = False
         #: What ``_pool`` last listed (it lists them, exited, once the pool stops).
-        self._last_workers: list[WorkerProcess | VacantWorker] = []
+        self._last_workers: Sequence[WorkerProcess | VacantWorker] = []
         self._ctx = context
         self._name = f"Pool-{next(_counter)}"
         # RUN once made, as the standard library's: a constructor that raises
@@ -257,7 +257,8 @@ class Pool(multiprocessing.pool.Pool):
         # worker filled (it stopped before they started).
         seen = {id(w) for w in serving}
         workers: list[WorkerProcess | VacantWorker] = (
-            serving + [w for w in self._last_workers if id(w) not in seen][: max(0, size - len(serving))]
+            cast("list[WorkerProcess | VacantWorker]", serving)
+            + [w for w in self._last_workers if id(w) not in seen][: max(0, size - len(serving))]
         )
         if len(workers) < size and runner.core.is_shut_down():
             # Workers that ran and exited before any look: the last to exit.
@@ -380,7 +381,7 @@ class Pool(multiprocessing.pool.Pool):
         self._check_running()
         from . import _aio
 
-        return await _aio.call(self._starter(dumps_oob((func, args, kwds))), RemoteTraceback)
+        return await _aio.call(self._starter(dumps_oob((func, args, kwds))), RemoteTraceback)  # type: ignore[no-any-return]
 
     def amap(
         self, func: Callable[[_S], _T], iterable: Iterable[_S], chunksize: int = 1
@@ -536,7 +537,7 @@ class Pool(multiprocessing.pool.Pool):
             result._fewer_chunks(made)
         return result
 
-    def imap(
+    def imap(  # type: ignore[override]  # chunksize: an int, never None (a TypeError there too)
         self,
         func: Callable[[_S], _T],
         iterable: Iterable[_S],
@@ -551,7 +552,7 @@ class Pool(multiprocessing.pool.Pool):
         is known only if the iterable has a length)."""
         return self._imap(func, iterable, chunksize, unordered=False, progress=progress)
 
-    def imap_unordered(
+    def imap_unordered(  # type: ignore[override]  # chunksize: as for imap
         self,
         func: Callable[[_S], _T],
         iterable: Iterable[_S],
@@ -784,7 +785,7 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
             raise TimeoutError
         if self._error is not None:
             raise _exception(self._error)
-        return self._value
+        return self._value  # type: ignore[no-any-return]
 
     def _deliver(self, ok: bool, data: Any) -> None:
         if ok:
@@ -997,7 +998,9 @@ class IMapIterator(_StdIMapIterator[_T]):
 
     _unordered = False
 
-    __class_getitem__ = classmethod(types.GenericAlias)  # IMapIterator[int], as ApplyResult[int]
+    # IMapIterator[int], as ApplyResult[int]. (Not annotated: typing.get_type_hints()
+    # would evaluate the annotation, and classmethod cannot be subscripted at run time.)
+    __class_getitem__ = classmethod(types.GenericAlias)  # type: ignore[var-annotated]
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         refuse_pickling(self, "its results (a list of them)")
@@ -1019,7 +1022,7 @@ class IMapIterator(_StdIMapIterator[_T]):
         self._arrived: collections.deque[tuple[bool, Any]] = collections.deque()
         self._next = 0
         self._length: int | None = None
-        self._buffer: collections.deque[Any] = collections.deque()
+        self._buffer: collections.deque[_T] = collections.deque()
         self._progress: _progress.Progress | None = None
 
     def __iter__(self) -> IMapIterator[_T]:
@@ -1143,7 +1146,7 @@ class IMapIterator(_StdIMapIterator[_T]):
 
 
 @_own_api_only
-class IMapUnorderedIterator(IMapIterator[_T], multiprocessing.pool.IMapUnorderedIterator):
+class IMapUnorderedIterator(IMapIterator[_T], multiprocessing.pool.IMapUnorderedIterator):  # type: ignore[type-arg]
     """The iterator of :meth:`Pool.imap_unordered`: results as they complete
     (a ``multiprocessing.pool.IMapUnorderedIterator`` too)."""
 
@@ -1183,9 +1186,9 @@ def _exception(error: ErrorData) -> BaseException:
     if isinstance(exc, pickle.PicklingError) and hasattr(exc, "result_repr"):
         value = f"[{exc.result_repr}]" if error.in_list else exc.result_repr
         encoding = MaybeEncodingError.__new__(MaybeEncodingError)
-        Exception.__init__(encoding, exc.reason_repr, value)
-        encoding.exc, encoding.value = exc.reason_repr, value
-        return encoding
+        Exception.__init__(encoding, exc.reason_repr, value)  # type: ignore[attr-defined]
+        encoding.exc, encoding.value = exc.reason_repr, value  # type: ignore[attr-defined]
+        return encoding  # type: ignore[no-any-return]
     return exc
 
 
@@ -1248,7 +1251,7 @@ class _Ahead:
 
 
 def _deliver_imap_chunk(
-    ahead: _Ahead, size: int, result_ref: weakref.ref[IMapIterator], index: int, ok: bool, data: Any
+    ahead: _Ahead, size: int, result_ref: weakref.ref[IMapIterator[Any]], index: int, ok: bool, data: Any
 ) -> None:
     try:
         result = result_ref()
@@ -1294,7 +1297,7 @@ def _feed_imap(
     func: Callable[..., Any],
     it: Iterator[Any],
     chunksize: int,
-    result_ref: weakref.ref[IMapIterator],
+    result_ref: weakref.ref[IMapIterator[Any]],
     counted: list[bool],
 ) -> None:
     """The feeder thread of an ``imap``: pickles and submits chunks as the
@@ -1345,7 +1348,9 @@ def _feed_imap(
                 # standard library's imap sends it.
                 # One item is one call, as in the standard library's imap with
                 # chunksize 1 (its errors then name the item's result, not a list).
-                call = (run_chunk, (func, chunk, False), {}) if chunksize > 1 else (func, chunk, {})
+                call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] = (
+                    (run_chunk, (func, chunk, False), {}) if chunksize > 1 else (func, chunk, {})
+                )
                 payload, segment = dumps_oob(call, lend=False)
                 del call
             except BaseException as e:
