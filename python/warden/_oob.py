@@ -150,7 +150,7 @@ def _memoryview_from(buffer: Any, fmt: str, shape: tuple[int, ...], readonly: bo
     view = memoryview(buffer).cast("B")
     if readonly:
         view = view.toreadonly()
-    return view.cast(fmt, shape) if (fmt, shape) != ("B", (view.nbytes,)) else view
+    return view.cast(fmt, shape) if (fmt, shape) != ("B", (view.nbytes,)) else view  # type: ignore[call-overload]
 
 
 def _picklebuffer_from(buffer: Any, readonly: bool) -> bytes | bytearray:
@@ -221,7 +221,7 @@ _MAX_LEN = 256
 
 
 #: The types :func:`prepare` looks at: buffers, and the containers it looks into.
-_SEEN = frozenset({bytes, bytearray, memoryview, pickle.PickleBuffer, tuple, list, dict})
+_SEEN: frozenset[type] = frozenset({bytes, bytearray, memoryview, pickle.PickleBuffer, tuple, list, dict})
 
 
 def prepare(obj: Any, depth: int = _DEPTH) -> dict[int, Any] | None:
@@ -257,7 +257,7 @@ def _rebuildable(view: memoryview) -> bool:
     if view.format == "B" and view.shape == (view.nbytes,):
         return True  # rebuilt without a cast
     try:
-        view.cast("B").cast(view.format, view.shape)
+        view.cast("B").cast(view.format, view.shape)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         return False
     return True
@@ -324,7 +324,7 @@ class Collector:
 
 def dumps(
     obj: Any,
-    pickler: Callable[[io.BytesIO, Collector], pickle.Pickler],
+    pickler: Callable[[io.BytesIO, Callable[[pickle.PickleBuffer], bool]], pickle.Pickler],
     *,
     to_parent: bool = False,
     check: Callable[[bytes], object] | None = None,
@@ -573,7 +573,7 @@ def may_lend(to_parent: bool) -> bool:
         return False
     from . import _warden
 
-    return _warden.is_dumpable()  # type: ignore[no-any-return]
+    return _warden.is_dumpable()
 
 
 def _lending_works(max_scope: int) -> bool:
@@ -862,7 +862,7 @@ class _Lender:
             )
 
         with self.lock:
-            return self.released.wait_for(done, timeout)
+            return self.released.wait_for(done, timeout)  # type: ignore[no-any-return]
 
 
 _the_lender: _Lender | None = None

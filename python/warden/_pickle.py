@@ -82,10 +82,10 @@ def _pickler() -> type[_Pickler]:
     of mappings), made again when either changes (libraries register
     reducers when they are imported; a program may replace one)."""
     global _dispatch_made_from
-    made_from = (tuple(copyreg.dispatch_table.values()), tuple(ForkingPickler._extra_reducers.values()))
+    made_from = (tuple(copyreg.dispatch_table.values()), tuple(ForkingPickler._extra_reducers.values()))  # type: ignore[attr-defined]
     if made_from != _dispatch_made_from:
         table = dict(copyreg.dispatch_table)
-        table.update(ForkingPickler._extra_reducers)
+        table.update(ForkingPickler._extra_reducers)  # type: ignore[attr-defined]
         table[memoryview] = _oob.reduce_memoryview
         _Pickler.dispatch_table = table
         _dispatch_made_from = made_from
@@ -149,9 +149,9 @@ def _cloud_pickler_class() -> type:
                 obj.co_filename if isinstance(a, str) and a == "<dynamic-code>" else a for a in args
             )
 
-        class CloudPickler(cloudpickle.CloudPickler):
+        class CloudPickler(cloudpickle.CloudPickler):  # type: ignore[misc]  # cloudpickle is untyped
             dispatch_table = collections.ChainMap(
-                ForkingPickler._extra_reducers,
+                ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
                 {
                     io.TextIOWrapper: _text_file_reduce,
                     weakref.WeakSet: _as_plain,
@@ -240,7 +240,7 @@ def _code_namespace(module: Any) -> dict[str, Any]:
     preparation runs main with ``runpy.run_path``, in a namespace of its own,
     and gives the module a copy; main's functions (and so its initializer)
     read and write the original."""
-    namespace = vars(module)
+    namespace: dict[str, Any] = vars(module)
     name = module.__name__
     for value in namespace.values():
         # Not a wrapper that only names the module (``functools.wraps``: a
@@ -719,11 +719,11 @@ def _cloud(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _plain_oob(file: io.BytesIO, callback: _oob.Collector) -> pickle.Pickler:
+def _plain_oob(file: io.BytesIO, callback: Callable[[pickle.PickleBuffer], bool]) -> pickle.Pickler:
     return _pickler()(file, PROTOCOL, buffer_callback=callback)
 
 
-def _cloud_oob(file: io.BytesIO, callback: _oob.Collector) -> pickle.Pickler:
+def _cloud_oob(file: io.BytesIO, callback: Callable[[pickle.PickleBuffer], bool]) -> pickle.Pickler:
     return _cloud_pickler_class()(file, protocol=PROTOCOL, buffer_callback=callback)  # type: ignore[no-any-return]
 
 
@@ -794,7 +794,7 @@ def _guarded(main: Any, namespace: dict[str, Any]) -> tuple[tuple[str, bytes, by
             elif isinstance(value, type):
                 found.append((name, _pickled_name(name), (name + ".").encode(), value))
     _guarded_found = (*key, tuple(found))
-    return _guarded_found[3]  # type: ignore[no-any-return]
+    return _guarded_found[3]
 
 
 def _pickled_name(name: str) -> bytes:
@@ -899,6 +899,7 @@ def _saves_main_global(data: bytes, names: list[str]) -> bool:
 
     memo: list[Any] = []
     pushed: list[Any] = [None, None]
+    arg: Any  # what each opcode takes: an int for a memo's index
     try:
         for opcode, arg, _ in pickletools.genops(data):
             name = opcode.name
@@ -950,7 +951,7 @@ def _only_by_value(fn: Any) -> bool:
     if not _main_is_importable():
         return True
     guarded = _guarded_now()
-    return bool(guarded) and any(value is fn for _, _, _, value in guarded)
+    return bool(guarded) and any(value is fn for _, _, _, value in guarded)  # type: ignore[union-attr]
 
 
 def _call_only_by_value(obj: Any) -> bool:
@@ -988,7 +989,7 @@ def _is_small_and_plain(obj: Any) -> bool:
         return False
     # A builtin saved by reference (``abs``, ``math.sqrt``), not a bound
     # method of some object, which would be pickled with that object.
-    if type(fn) is not _FUNCTION and not (type(fn) is _BUILTIN and type(fn.__self__) is _MODULE):
+    if type(fn) is not _FUNCTION and not (type(fn) is _BUILTIN and type(fn.__self__) is _MODULE):  # type: ignore[attr-defined]
         return False
     for arg in args:  # noqa: SIM110 - a loop costs less than all() over a generator, on every task
         if type(arg) not in _SCALARS:
@@ -1298,7 +1299,7 @@ def dumps_for_spawn(
     fds = SpawnFds()
     previous_popen = _mp_context.get_spawning_popen()
     previous_target = spawning_object()
-    _mp_context.set_spawning_popen(fds)
+    _mp_context.set_spawning_popen(fds)  # type: ignore[arg-type]
     _spawning.target = target
     named: list[bool] = []
 
@@ -1411,7 +1412,7 @@ def _unpicklable(parameters: Iterable[tuple[str, Any]], fds: SpawnFds) -> tuple[
 def _carries_fork_object(value: Any) -> bool:
     fds = SpawnFds()
     previous = _mp_context.get_spawning_popen()
-    _mp_context.set_spawning_popen(fds)
+    _mp_context.set_spawning_popen(fds)  # type: ignore[arg-type]
     try:
         _plain(value)
     except Exception as e:
