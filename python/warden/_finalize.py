@@ -474,7 +474,7 @@ class ResourceSet(Generic[R]):
         keep = None
 
     def __contains__(self, resource: object) -> bool:
-        member = self._members.get(resource)  # type: ignore[call-overload]
+        member = self._members.get(resource)  # type: ignore[arg-type]
         return member is not None and member.keep() is not None
 
     def __len__(self) -> int:

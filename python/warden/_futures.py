@@ -362,7 +362,7 @@ class Future(_base.Future["_T"]):
                 if not callbacks:
                     self._callbacks_owed = True
         if run:
-            self._invoke_callbacks()
+            self._invoke_callbacks()  # type: ignore[attr-defined]
         return True
 
     # -- completing (on the results thread) --------------------------------
@@ -397,7 +397,7 @@ class Future(_base.Future["_T"]):
                         waiter.add_exception(self)
                 self._condition.notify_all()
         if run:
-            self._invoke_callbacks()
+            self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def _deliver(self, ok: bool, data: Any) -> None:
         """Takes a task outcome from the results thread."""

@@ -795,7 +795,8 @@ def forward_to_parent(fd: int, levels: dict[str, int]) -> None:
     global _root_configured
     _root_configured = bool(logging.root.handlers)
     handler = ParentHandler(sock)
-    loggers = [logging.root, *logging.Logger.manager.loggerDict.values()]
+    # Loggers and PlaceHolders (which have no handlers), looked at alike.
+    loggers: list[Any] = [logging.root, *logging.Logger.manager.loggerDict.values()]
     removed: dict[int, logging.Handler] = {}
     for logger in loggers:
         configured = getattr(logger, "handlers", None)
@@ -815,7 +816,7 @@ def forward_to_parent(fd: int, levels: dict[str, int]) -> None:
     logging.root.addHandler(handler)
     _forwarding.append(logging.root)
     if not hasattr(logging.basicConfig, "__wrapped__"):
-        logging.basicConfig = _basic_config(logging.basicConfig)  # type: ignore[assignment]
+        logging.basicConfig = _basic_config(logging.basicConfig)
 
 
 def step_aside() -> None:

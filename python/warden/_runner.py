@@ -135,7 +135,7 @@ def parks_at_exit() -> bool:
     return not (
         not thread.daemon
         or thread is threading.main_thread()
-        or isinstance(thread, threading._DummyThread)  # type: ignore[attr-defined]
+        or isinstance(thread, threading._DummyThread)
         or thread.name.startswith("warden-")
     )
 
@@ -449,7 +449,7 @@ def worker_command() -> tuple[str, list[str]]:
             f"warden cannot start workers from a frozen application ({sys.executable!r}, sys.frozen is set): "
             f"its workers run `python -m {WORKER_MODULE}`, which this executable cannot"
         )
-    args = [*multiprocessing.util._args_from_interpreter_flags(), "-m", WORKER_MODULE]
+    args = [*multiprocessing.util._args_from_interpreter_flags(), "-m", WORKER_MODULE]  # type: ignore[attr-defined]
     return os.fsdecode(multiprocessing.spawn.get_executable()), args
 
 
@@ -492,7 +492,7 @@ def resource_tracker_fd() -> int | None:
     tracker ends, at the end of the program. A tracker of the worker's own
     would unlink, at the worker's exit, segments the parent still uses."""
     global _tracker_pipe
-    tracker = multiprocessing.resource_tracker._resource_tracker  # type: ignore[attr-defined]
+    tracker = multiprocessing.resource_tracker._resource_tracker
     _forget_a_tracker_fd_reused(tracker)
     was = getattr(tracker, "_pid", None)
     # Starting the tracker unblocks SIGINT and SIGTERM in this thread, what
@@ -500,8 +500,8 @@ def resource_tracker_fd() -> int | None:
     # sigwait() on a thread of its own would be killed by the next SIGTERM.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
-        fd = os.dup(multiprocessing.resource_tracker.getfd())
-        own = tracker._fd
+        fd = os.dup(multiprocessing.resource_tracker.getfd())  # type: ignore[arg-type]  # an fd once it runs
+        own = tracker._fd  # type: ignore[attr-defined]
         st = os.fstat(own)
         _tracker_pipe = (own, st.st_dev, st.st_ino)
     except Exception:
@@ -559,7 +559,7 @@ def preparation_data(name: str) -> dict[str, Any]:
     standard library's own ``get_preparation_data``: ``sys.path``, working
     directory, authkey, and how to import ``__main__`` as ``__mp_main__``)."""
     default = multiprocessing.context._default_context
-    chosen = default._actual_context
+    chosen = default._actual_context  # type: ignore[attr-defined]
     main = sys.modules.get("__main__")
     if main is not None and not hasattr(main, "__spec__"):
         # `python -m pdb prog.py` runs the program in main's namespace, cleared
@@ -583,7 +583,7 @@ def preparation_data(name: str) -> dict[str, Any]:
         raise
     finally:
         # Asking for the start method fixes it; leave the caller free to choose.
-        default._actual_context = chosen
+        default._actual_context = chosen  # type: ignore[attr-defined]
     if "init_main_from_name" in data:
         # A str of its own (`python -m pdb -m pkg.mod` names main with a str
         # subclass that pickles a code object along).
@@ -638,7 +638,7 @@ def _program_run_by_a_tool(main: Any) -> dict[str, str] | None:
     package's ``__main__`` is not imported by children, as under spawn: its
     functions go by value. ``None``: nothing to change."""
     own = getattr(main, "__dict__", None)
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
         names = frame.f_globals
         # Not a worker's or child's own entry point (`python -m warden._worker`,
@@ -649,7 +649,7 @@ def _program_run_by_a_tool(main: Any) -> dict[str, str] | None:
         frame = frame.f_back
     if frame is None or names is own or not isinstance(names.get("__file__"), str):
         return None
-    path = os.path.normpath(os.path.join(multiprocessing.process.ORIGINAL_DIR or "", names["__file__"]))
+    path = os.path.normpath(os.path.join(multiprocessing.process.ORIGINAL_DIR or "", names["__file__"]))  # type: ignore[attr-defined]
     main_path = getattr(main, "__file__", None)
     if isinstance(main_path, str) and os.path.realpath(main_path) == os.path.realpath(path):
         return None  # a copy of main's functions that came by value
@@ -1302,7 +1302,7 @@ def renew_locks_after_fork(obj: Any, *names: str) -> None:
     copy would ever release it, so that a ``shutdown()`` or ``terminate()``
     there would wait for ever."""
     key = id(obj)
-    _fork_locked[key] = (weakref.ref(obj, lambda _, key=key: _fork_locked.pop(key, None)), names)
+    _fork_locked[key] = (weakref.ref(obj, lambda _, key=key: _fork_locked.pop(key, None)), names)  # type: ignore[misc]
 
 
 def _renew_locks_after_fork() -> None:
@@ -1318,7 +1318,7 @@ os.register_at_fork(after_in_child=_renew_locks_after_fork)
 # Every pool's start takes the tracker's lock (resource_tracker_fd): a fork
 # meanwhile, on another thread, left it held in the copy for good, and the
 # copy's next pool (or submit) waited for it for ever.
-renew_locks_after_fork(multiprocessing.resource_tracker._resource_tracker, "_lock")  # type: ignore[attr-defined]
+renew_locks_after_fork(multiprocessing.resource_tracker._resource_tracker, "_lock")
 
 
 def _deliver_outcomes(
@@ -1408,6 +1408,7 @@ def _deliver_each(
     by_exit: bool,
     lost_tasks: _LostTasks | None,
 ) -> None:
+    data: ErrorData | bytes | _oob.Received | None
     for done, callback in zip(batch, callbacks, strict=True):
         if callback is None:
             continue  # its segment, if any, is closed with the record

@@ -278,7 +278,7 @@ def _leaving_a_with(frame: Any) -> bool:
     # At or before its first RESUME, it has run nothing of its own yet.
     if code.co_name == "__exit__" and frame.f_lasti <= _first_offset(code, "opname", "RESUME"):
         return True
-    owners = [contextlib.ExitStack, contextlib._GeneratorContextManager]
+    owners: list[object] = [contextlib.ExitStack, contextlib._GeneratorContextManager]
     managers = sys.modules.get("multiprocessing.managers")
     if managers is not None:
         owners.append(getattr(managers, "AcquirerProxy", None))
@@ -289,7 +289,7 @@ def _drop_proxy_connection(proxy: Any) -> None:
     """Lets go of this thread's connection to ``proxy``'s manager, whose
     reply to a call stopped in the middle is still unread: the next call of
     any of that manager's proxies here connects again."""
-    local = getattr(proxy, "_tls", None)
+    local: Any = getattr(proxy, "_tls", None)  # not None where connection is not
     connection = getattr(local, "connection", None)
     if connection is None:
         return
@@ -789,7 +789,8 @@ class Handler:
         # that started one has loaded warden._runner).
         runner = sys.modules.get("warden._runner")
         if runner is not None:
-            runner.stop_requested = True
+            runner.stop_requested = True  # type: ignore[attr-defined]
+        cancel: Callable[[], None] | None
         held_back, self.held_back = self.held_back, None
         if held_back is not None:
             then, lasti, stop, cancel, since = held_back
@@ -825,7 +826,7 @@ class Handler:
                 # made before it could be (the second lock of `with a, b:`,
                 # which may block): held back for that one instead.
                 cancel()
-                cancel = _raise_after_proxy_call(call, stop)  # type: ignore[assignment]
+                cancel = _raise_after_proxy_call(call, stop)
                 if cancel is None:
                     _drop_proxy_connection(call.f_locals.get("self"))
                     raise stop
@@ -957,7 +958,7 @@ class Handler:
                 # As a multiprocessing pool worker's: its number, counted
                 # from 1 as the pool starts workers (``_identity[0]`` is a
                 # common way to tell workers apart, e.g. a progress bar's row).
-                me._identity = (worker,)  # type: ignore[attr-defined]
+                me._identity = (worker,)
             if init.get("logging"):
                 _forward_logging(init["logging"]["fd"], init["logging"]["levels"])
             self.hooks = hooks
@@ -1357,7 +1358,7 @@ def _clear_program_globals() -> None:
     here, main = threading.current_thread(), threading.main_thread()
     threads = False
     for thread in threading.enumerate():  # the live ones
-        if thread is here or thread is main or isinstance(thread, threading._DummyThread):  # type: ignore[attr-defined]
+        if thread is here or thread is main or isinstance(thread, threading._DummyThread):
             continue
         if not thread.name.startswith("warden-"):  # warden's own: results, logging
             threads = True
@@ -1451,6 +1452,7 @@ def _program_namespaces() -> list[dict[str, Any]]:
         installed = _installed_prefixes()
         modules = list(sys.modules.items())
     else:
+        assert known is not None  # modules come from it
         installed = known.installed
         namespaces += [vars(module) for _, module in known.programs]
         # Entries the zygote had, given another module since: main's, which
@@ -1482,7 +1484,7 @@ def _program_namespace(name: str, module: Any, installed: tuple[str, ...]) -> di
         return None
     if path.startswith(installed):
         return None
-    return vars(module)
+    return vars(module)  # type: ignore[no-any-return]
 
 
 class _ModulesAtFork:
@@ -1705,7 +1707,7 @@ class _AfterImport:
             return None
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
-            spec = find(name, path, target) if find is not None and finder is not self else None
+            spec: Any = find(name, path, target) if find is not None and finder is not self else None
             if spec is not None:
                 break
         else:

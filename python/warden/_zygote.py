@@ -94,7 +94,7 @@ class _SeedWatch:
         for name in _GENERATORS:
             if name in sys.modules:
                 self.watch(sys.modules[name])
-        sys.meta_path.insert(0, self)  # type: ignore[arg-type]
+        sys.meta_path.insert(0, self)
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
         if name not in _GENERATORS or not self.active:
@@ -137,7 +137,7 @@ class _SeedWatch:
         original = getattr(generator, "seed", None)
         if isinstance(generator, type) and original is not None:
             wrapper = self._wrap_instances(original)
-            generator.seed = wrapper  # type: ignore[method-assign]
+            generator.seed = wrapper  # type: ignore[attr-defined]
             self.wrapped.append((generator, "seed", original, wrapper))
 
     def _wrap_instances(self, original: Any) -> Any:
@@ -175,7 +175,7 @@ class _SeedWatch:
         state setter and the state it is in now."""
         self.active = False
         with contextlib.suppress(ValueError):
-            sys.meta_path.remove(self)  # type: ignore[arg-type]
+            sys.meta_path.remove(self)
         for module, attr, original, wrapper in self.wrapped:
             if getattr(module, attr, None) is wrapper:
                 setattr(module, attr, original)
@@ -258,7 +258,7 @@ def _after_fork_in_child() -> None:
             if isinstance(finder, zipimport.zipimporter):  # type: ignore[union-attr]
                 del sys.path_importer_cache[entry]
         contents.clear()
-    sys.meta_path.append(_LookAfresh())  # type: ignore[arg-type]
+    sys.meta_path.append(_LookAfresh())
     # random has reseeded itself (its own at-fork hook ran first); numpy's
     # global generator is reseeded here. A generator the program seeded gets
     # the state the preloads left instead, as a spawned worker would have.
