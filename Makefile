@@ -10,7 +10,7 @@ VPY := $(VENV)/bin/python
 # Every step that runs processes is bounded, so no step can hang.
 T := timeout --kill-after=30
 
-.PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff stubtest pytest \
+.PHONY: demo demo-rust demo-py test test-rust fmt-check clippy doc ruff typecheck stubtest pytest \
 	venv test-tools develop wheel pytest-pythons bench bench-core bench-py bench-peers bench-logging chaos fuzz clean
 
 demo: demo-rust demo-py
@@ -21,7 +21,7 @@ demo-rust:
 demo-py: develop
 	$(T) 300 $(VPY) examples/demo.py
 
-test: fmt-check clippy doc test-rust ruff stubtest pytest pytest-pythons
+test: fmt-check clippy doc test-rust ruff typecheck stubtest pytest pytest-pythons
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -75,6 +75,12 @@ develop: venv
 ruff: venv
 	$(VENV)/bin/ruff check python tests bench examples
 	$(VENV)/bin/ruff format --check python tests bench examples
+
+# mypy over python/warden, as [tool.mypy] in pyproject.toml sets it; after
+# test-tools, so that the optional packages warden imports (distributed,
+# gevent, tqdm) are there to be checked against, or known to be untyped.
+typecheck: test-tools
+	$(T) 600 $(VENV)/bin/mypy
 
 # Checks python/warden/_warden.pyi against the built extension; each
 # allowlist entry says why it is there.
