@@ -47,7 +47,7 @@ PYTEST_JOBS ?= 2
 $(VENV)/.tools: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(T) 600 $(VPY) -m pip install --quiet --upgrade pip
-	$(T) 600 $(VPY) -m pip install --quiet "maturin>=1.16,<2" $(PYTEST) "ruff>=0.5" "cloudpickle>=2.1" "mypy>=1.10"
+	$(T) 600 $(VPY) -m pip install --quiet "maturin>=1.16,<2" $(PYTEST) "ruff>=0.5" "cloudpickle>=2.1" "mypy==2.4.1"
 	# Optional dependencies some tests use with warden (they skip without them).
 	$(T) 600 $(VPY) -m pip install --quiet "dask>=2023.1" "tqdm>=4.60"
 	touch $@

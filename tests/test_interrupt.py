@@ -165,8 +165,8 @@ def slow(i):
 
 def nursery(ex):
     futures = [ex.submit(slow, i) for i in range(6)]
-    print("ready", flush=True)
     try:
+        print("ready", flush=True)
         warden.wait(futures)
     except KeyboardInterrupt as e:
         raise BaseExceptionGroup("nursery", [e])
