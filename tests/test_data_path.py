@@ -487,6 +487,35 @@ def test_a_retiring_worker_waits_for_its_large_lent_result_as_long_as_its_size_t
         assert first.result(timeout=60) > 0
 
 
+_REUSED = None
+
+
+def refill(i):
+    """Returns the same module-level array each time, refilled with ``i``:
+    a buffer the program reuses, as a worker's scratch array."""
+    global _REUSED
+    np = numpy()
+    if _REUSED is None:
+        _REUSED = np.zeros(1 << 17)  # 1 MiB: lent, not inline
+    _REUSED[:] = i
+    return _REUSED
+
+
+def test_a_result_lent_while_the_parent_is_held_up_past_the_grace_is_what_the_task_returned():
+    """The results thread is held up (a done callback) longer than a worker
+    waits at exit for its lent result to be read: the worker's next task
+    still waits for the read, as the standard library's waits on its full
+    pipe. Before, it began after the grace, refilled the array it had lent,
+    and the parent read the next task's numbers as this one's result."""
+    numpy()
+    with warden.ProcessPoolExecutor(1, initializer=lend_slowly_read_results) as ex:
+        first = ex.submit(refill, 1)
+        first.add_done_callback(lambda _: time.sleep(1.5))
+        futures = [first, ex.submit(refill, 2), ex.submit(refill, 3)]
+        got = [set(f.result(timeout=60).tolist()) for f in futures]
+    assert got == [{1.0}, {2.0}, {3.0}]
+
+
 def lend_then_die(size):
     """Returns a large result, and SIGKILLs this worker 0.5 s later: time
     enough, on a loaded machine too, to send it first."""

@@ -1822,7 +1822,12 @@ def _wait_for_results_read() -> None:
     lent: the task cannot change them under the parent, and its crash
     cannot lose them with this process's memory. (The standard library's
     worker likewise waits, on a full pipe, until the parent takes a large
-    result.) Bounded as the exit's wait is."""
+    result.) For as long as it takes: a task that began sooner could
+    refill an array the result lent, and the parent would read the next
+    task's data as this result. The parent reads every result it is sent,
+    or closes it unread as its pool ends; a parent gone takes this worker
+    with it; a stop (a terminate, a cancel) interrupts the wait as it would
+    the task."""
     if _oob.wait_for_readers(every=True, timeout=0, results=True):
         return
     # The pool counts the task's time from the last result: not while it
@@ -1831,7 +1836,15 @@ def _wait_for_results_read() -> None:
     with contextlib.suppress(RuntimeError):  # the channel is gone: the pool hears no more
         _warden.task_clock(False)
     if not _oob.wait_for_readers(every=True, timeout=_loan_wait(), results=True):
-        say(f"warden: worker {os.getpid()}: starting a task before the parent read a result")
+        # Said once: a program whose results thread waits for this worker's
+        # next task (a callback waiting for another future) waits for ever,
+        # as the standard library's does.
+        say(
+            f"warden: worker {os.getpid()}: the parent has not read its last result "
+            f"for {_loan_wait():.0f} s (a callback holding up its results thread?); "
+            "the next task waits for it"
+        )
+        _oob.wait_for_readers(every=True, timeout=None, results=True)
     with contextlib.suppress(RuntimeError):
         _warden.task_clock(True)
 
