@@ -1613,3 +1613,47 @@ def test_workers_run_on_the_interpreter_set_executable_names_and_one_without_war
             in run.lines[0]
         )
         assert "No module named 'warden'" in run.stderr
+
+
+# A signal handler that runs at the worst moment: while the main thread is
+# giving a future the condition it waits on. The handler lands inside the
+# making, as when the collector, which may run at any allocation, calls a
+# __del__ that cancels a future, or a SIGTERM handler calls
+# shutdown(cancel_futures=True) as docs/python.md advises.
+SIGNAL_WHILE_A_CONDITION_IS_MADE = """
+import signal, threading, time, warden
+
+class Landing(threading.Condition):
+    armed = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if Landing.armed:
+            Landing.armed = False
+            signal.raise_signal(signal.SIGTERM)  # its handler runs before this returns
+
+threading.Condition = Landing
+
+def stop(signum, frame):
+    ex.shutdown(wait=False, cancel_futures=True)
+    print("stopped in the handler", flush=True)
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, stop)
+    ex = warden.ProcessPoolExecutor(1)
+    blocker = ex.submit(time.sleep, 5)
+    queued = [ex.submit(abs, -i) for i in range(5)]
+    Landing.armed = True
+    queued[0].add_done_callback(lambda f: print("callback, cancelled:", f.cancelled(), flush=True))
+    print("cancelled:", sum(f.cancelled() for f in queued), flush=True)
+"""
+
+
+def test_a_signal_handler_that_cancels_futures_while_one_is_given_its_condition_does_not_hang(program):
+    """The handler cancels the pool's futures while the interrupted thread
+    makes a future's condition. It hung for ever: that thread held the lock
+    the cancelling takes, one for every future, and not re-entrant. The
+    standard library's futures each have a re-entrant condition of their own."""
+    run = program(SIGNAL_WHILE_A_CONDITION_IS_MADE).run(timeout=40)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["stopped in the handler", "callback, cancelled: True", "cancelled: 5"], run.stderr

@@ -43,15 +43,18 @@ _DONE = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED)
 
 
 #: Serialises making a future's condition, and finishing a future that has
-#: none (nobody has waited on it, nor added a callback).
-_CONDITION_LOCK = threading.Lock()
+#: none (nobody has waited on it, nor added a callback). Re-entrant, as each
+#: of the standard library's futures' own condition is: what the thread
+#: holding it may run meanwhile (a ``__del__`` the collector calls, a signal
+#: handler that cancels futures or shuts the pool down) takes it again.
+_CONDITION_LOCK = threading.RLock()
 
 
 def reset_after_fork() -> None:
     """In a forked copy that fails the futures it inherited: a thread of the
     original may have held the lock at the fork."""
     global _CONDITION_LOCK
-    _CONDITION_LOCK = threading.Lock()
+    _CONDITION_LOCK = threading.RLock()
 
 
 def refuse_pickling(obj: object, instead: str) -> NoReturn:
@@ -126,12 +129,18 @@ class Future(_base.Future["_T"]):
         def _condition(self) -> threading.Condition:
             condition = self._lazy_condition
             if condition is None:
+                # Made before the lock is taken: making them may run the
+                # program's code (the collector's __del__ methods), which
+                # may use this future too.
+                waiters: list[Any] = []
+                callbacks: list[Callable[[Any], object]] = []
+                made = threading.Condition()
                 with _CONDITION_LOCK:
                     condition = self._lazy_condition
                     if condition is None:
                         # The lists first: whoever sees the condition sees them.
-                        self._lazy_waiters, self._lazy_callbacks = [], []
-                        condition = self._lazy_condition = threading.Condition()
+                        self._lazy_waiters, self._lazy_callbacks = waiters, callbacks
+                        condition = self._lazy_condition = made
             return condition
 
         @_condition.setter
