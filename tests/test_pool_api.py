@@ -11,6 +11,8 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -1375,3 +1377,12 @@ def test_map_over_an_iterable_shorter_than_its_len_returns_what_it_yielded_inste
     for chunksize in (1, 2, None):
         assert pool.map_async(square, LyingLength(says=5, yields=2), chunksize).get(timeout=60) == [0, 1]
     assert pool.map(square, range(3)) == [0, 1, 4]
+
+
+def test_the_pool_module_is_reached_through_the_package_as_the_docs_name_it():
+    """``warden.pool.TimeoutError`` right after ``import warden`` (a fresh
+    interpreter: here the module is loaded already). It raised
+    ``AttributeError`` until something else had imported ``warden.pool``."""
+    code = "import warden; print(warden.pool.TimeoutError.__name__, warden.process.Process.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["TimeoutError", "Process"], out.stderr

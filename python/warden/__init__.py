@@ -161,7 +161,15 @@ __all__ = [
 ]
 
 
+#: The public submodules, which docs/python.md names (``warden.pool.TimeoutError``):
+#: imported on first access, as their names are.
+_SUBMODULES = frozenset({"dask", "event", "executor", "pool", "process"})
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        # Importing it sets the attribute on this package.
+        return _importlib.import_module(f"{__name__}.{name}")
     home = _HOMES.get(name)
     if home is None:
         hint = ""
