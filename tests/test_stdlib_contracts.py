@@ -1456,12 +1456,21 @@ def test_an_initializer_slower_than_the_start_timeout_runs_to_its_end_as_the_sta
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_a_failing_executor_initializer_is_logged_by_concurrent_futures_with_its_traceback(program, impl):
+@pytest.mark.parametrize(
+    "failure", ['raise ValueError("no database")', 'sys.exit("no database")'], ids=["error", "sys.exit"]
+)
+def test_a_failing_executor_initializer_is_logged_by_concurrent_futures_with_its_traceback(
+    program, impl, failure
+):
+    """A ``sys.exit()`` too (a ``BaseException``): it went to stderr raw, not
+    through the ``concurrent.futures`` logger the parent's handlers see."""
     prog = user_program(
         program,
         """
+        import sys
+
         def init():
-            raise ValueError("no database")
+            FAILURE
 
         def work():
             return 1
@@ -1473,14 +1482,15 @@ def test_a_failing_executor_initializer_is_logged_by_concurrent_futures_with_its
             except concurrent.futures.BrokenExecutor as e:
                 note(f"broken {type(e).__name__}")
             ex.shutdown()
-        """,
+        """.replace("FAILURE", failure),
     )
     run = prog.run(timeout=120, env={"IMPL": impl})
     assert run.returncode == 0, run.stderr
     assert prog.out_lines()[0].startswith("broken")
     # Once: the executor is broken at the first failure, no worker retried.
     assert run.stderr.count("Exception in initializer:") == 1, run.stderr
-    assert "ValueError: no database" in run.stderr and "Traceback" in run.stderr
+    raised = "ValueError: no database" if failure.startswith("raise") else "SystemExit: no database"
+    assert raised in run.stderr and "Traceback" in run.stderr
 
 
 def test_a_negative_timeout_polls_in_join_and_event_wait(impl):

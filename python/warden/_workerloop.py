@@ -970,10 +970,12 @@ class Handler:
                     # handler could raise): from here on a stop runs the
                     # finalizer, however soon it comes.
                     self.initialized = True
-                except Exception:
+                except BaseException as e:
                     _logging_steps_aside()
                     logger = hooks.get("failure_logger")
-                    if logger is None:
+                    # A sys.exit() too, as concurrent.futures logs it; a stop
+                    # is not the initializer's failure.
+                    if logger is None or isinstance(e, (TaskInterrupted, _StopWaiting)):
                         raise
                     # As concurrent.futures' workers report it (forwarded to
                     # the parent's handlers, like any record of a worker).
