@@ -960,3 +960,37 @@ def test_a_listener_whose_wake_pipe_the_program_closed_neither_spins_nor_reads_t
     if closed == "both-ends":
         expected = ["same numbers True", *expected, 'program reads b"the program\'s data"']
     assert run.lines == [*expected, "records 201"], run.stderr
+
+
+IMPORT_NAME = """
+import multiprocessing, sys, time, warden
+
+me = multiprocessing.current_process()
+print("imported as", me.name, me._identity, flush=True)
+
+if __name__ == "__main__":
+    kind, start = sys.argv[1:]
+    # Tasks long enough for both workers to have started and taken some.
+    if kind == "executor":
+        with warden.ProcessPoolExecutor(2, start=start, preload=[]) as ex:
+            list(ex.map(time.sleep, [0.3] * 4))
+    else:
+        with warden.Pool(2, start=start, preload=[]) as pool:
+            pool.map(time.sleep, [0.3] * 4, chunksize=1)
+"""
+
+
+@pytest.mark.parametrize("start", STARTS)
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_worker_that_imports_main_does_so_under_its_own_name_and_number(program, kind, start):
+    """What main's import logs or prints in a worker names that worker, as
+    under spawn (``SpawnProcess-1``): it named the pool, and every worker
+    alike."""
+    run = program(IMPORT_NAME).run(args=(kind, start))
+    assert run.returncode == 0, run.stderr
+    pool = "ProcessPoolExecutor-1" if kind == "executor" else "Pool-1"
+    assert sorted(run.lines) == [
+        "imported as MainProcess ()",
+        f"imported as {pool}-worker-1 (1,)",
+        f"imported as {pool}-worker-2 (2,)",
+    ], run.stderr

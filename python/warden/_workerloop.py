@@ -602,6 +602,11 @@ def _system_exit_code(e: SystemExit) -> int:
 _COVERAGE_PATCHED = "_coverage$patched"
 
 
+def _worker_name(pool: str, worker: int) -> str:
+    """A pool worker's process name: the pool's, and the worker's number."""
+    return f"{pool}-worker-{worker}"
+
+
 def spawn_preparation(preparation: dict[str, Any]) -> dict[str, Any]:
     """``preparation`` (``multiprocessing.spawn.get_preparation_data``'s) as
     this process should apply it. Its ``dir`` is the parent's working
@@ -942,7 +947,14 @@ class Handler:
                     "worker" if self.mode == "pool" else "child", "importing the program's code", watch
                 ):
                     if watch:
-                        multiprocessing.spawn.prepare(spawn_preparation(init["preparation"]))
+                        preparation = spawn_preparation(init["preparation"])
+                        if self.mode == "pool":
+                            # Named (and numbered) as it imports main, as a
+                            # spawned worker of the standard library's is: a
+                            # log line main writes as it is imported says which.
+                            preparation = {**preparation, "name": _worker_name(init["name"], worker)}
+                            me._identity = (worker,)  # type: ignore[attr-defined]
+                        multiprocessing.spawn.prepare(preparation)
                     # else: forked by a zygote that applied this preparation,
                     # then imported main: applied again, it would undo what
                     # main's import changed (``sys.path``, ``sys.argv``, the
@@ -954,7 +966,7 @@ class Handler:
                 del me._inheriting  # type: ignore[attr-defined]
             _set_parent(init["parent_name"], parent)
             if self.mode == "pool":
-                me.name = f"{init['name']}-worker-{worker}"
+                me.name = _worker_name(init["name"], worker)
                 # As a multiprocessing pool worker's: its number, counted
                 # from 1 as the pool starts workers (``_identity[0]`` is a
                 # common way to tell workers apart, e.g. a progress bar's row).
