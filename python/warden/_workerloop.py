@@ -953,7 +953,7 @@ class Handler:
                             # spawned worker of the standard library's is: a
                             # log line main writes as it is imported says which.
                             preparation = {**preparation, "name": _worker_name(init["name"], worker)}
-                            me._identity = (worker,)  # type: ignore[attr-defined]
+                            me._identity = (worker,)
                         multiprocessing.spawn.prepare(preparation)
                     # else: forked by a zygote that applied this preparation,
                     # then imported main: applied again, it would undo what
