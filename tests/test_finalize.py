@@ -954,6 +954,47 @@ def test_a_file_a_class_attribute_holds_is_flushed_at_exit(tmp_path):
     assert path.read_text() == "kept by a class\n"
 
 
+def make_writer(path):
+    file = open(path, "w")  # noqa: SIM115  (left open on purpose: the writer holds it)
+
+    def write(line):
+        file.write(line + "\n")
+
+    return write
+
+
+def keep_a_writer(path, how):
+    """Keeps, in a global, only a way to write to a file left open: a
+    function whose closure holds it, or the file's bound ``write``."""
+    global kept_writer
+    kept_writer = make_writer(path) if how == "closure" else open(path, "w").write  # noqa: SIM115
+    kept_writer(f"written through a {how}")
+
+
+@pytest.mark.parametrize("how", ["closure", "bound method"])
+@pytest.mark.parametrize("kind", ["executor", "Pool", "Process"])
+def test_a_file_only_a_writer_function_in_a_global_holds_is_flushed_at_exit(tmp_path, kind, how):
+    """A worker's writer made by a factory, kept in a global (or the file's
+    bound ``write``): what it wrote was never flushed, the file reachable
+    by no global of its own (the standard library's spawn worker flushes it
+    as its interpreter frees everything at exit)."""
+    path = tmp_path / "out"
+    if kind == "executor":
+        with warden.ProcessPoolExecutor(1) as ex:
+            ex.submit(keep_a_writer, str(path), how).result(timeout=60)
+    elif kind == "Pool":
+        with warden.Pool(1) as pool:
+            pool.apply(keep_a_writer, (str(path), how))
+            pool.close()
+            pool.join()
+    else:
+        p = warden.Process(target=keep_a_writer, args=(str(path), how))
+        p.start()
+        p.join(60)
+        assert p.exitcode == 0
+    assert path.read_text().strip() == f"written through a {how}"
+
+
 MAIN_GLOBALS = """
 import concurrent.futures
 import contextlib

@@ -63,7 +63,7 @@ from ._stderr import say, say_exception
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
 if TYPE_CHECKING:
     import contextlib
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
     from typing import Any
 
 # ``traceback`` is imported only when there is one to format: a worker that
@@ -1570,6 +1570,49 @@ def _imported_since(known: _ModulesAtFork) -> list[tuple[str, Any]] | None:
     return added
 
 
+#: How deep :func:`_files_held` looks through what holds a file: a writer
+#: function kept in a global whose closure holds a list of files is 3 deep.
+_HOLDERS_DEPTH = 3
+#: The most items of one list, tuple, set or dict it looks at.
+_HOLDERS_WIDTH = 256
+
+
+def _files_held(value: Any, files: list[Any], depth: int) -> None:
+    """Adds to ``files`` the file ``value`` is, or holds in a way the
+    program's globals commonly keep one without a name of its own: a
+    function's closure (a writer made by a factory) or defaults, a bound
+    method (``write = open(path, "a").write``), a ``functools.partial``, a
+    container; ``depth`` levels deep. The interpreter's finalization frees
+    them all, and each file is flushed and closed as it goes."""
+    import functools
+    import io
+    import itertools
+
+    if isinstance(value, io.IOBase):
+        files.append(value)
+        return
+    if depth <= 0 or value is None or isinstance(value, (str, bytes, int, float, type, types.ModuleType)):
+        return
+    depth -= 1
+    held: Iterable[Any] = ()
+    if isinstance(value, types.FunctionType):
+        cells = []
+        for cell in value.__closure__ or ():
+            with contextlib.suppress(ValueError):  # empty
+                cells.append(cell.cell_contents)
+        held = [*cells, *(value.__defaults__ or ()), *(value.__kwdefaults__ or {}).values()]
+    elif isinstance(value, (types.MethodType, types.BuiltinMethodType)):
+        held = (getattr(value, "__self__", None),)
+    elif isinstance(value, functools.partial):
+        held = (value.func, *value.args, *value.keywords.values())
+    elif type(value) in (list, tuple, set, frozenset):
+        held = itertools.islice(value, _HOLDERS_WIDTH)
+    elif type(value) is dict:
+        held = itertools.islice(value.values(), _HOLDERS_WIDTH)
+    for item in list(held):
+        _files_held(item, files, depth)
+
+
 def _settle_files(namespaces: list[dict[str, Any]], close: bool) -> None:
     """Flushes (``close``: closes) the files the globals of ``namespaces``,
     and the attributes of the classes defined there, still hold; never the
@@ -1578,14 +1621,14 @@ def _settle_files(namespaces: list[dict[str, Any]], close: bool) -> None:
 
     stdio = (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__)
     streams = {id(layer) for std in stdio for layer in _layers(std)}
-    files = []
+    files: list[Any] = []
     for namespace in namespaces:
         module = namespace.get("__name__")
         for value in list(namespace.values()):
-            if isinstance(value, io.IOBase):
-                files.append(value)
-            elif isinstance(value, type) and value.__module__ == module:
+            if isinstance(value, type) and value.__module__ == module:
                 files.extend(v for v in list(vars(value).values()) if isinstance(v, io.IOBase))
+            else:
+                _files_held(value, files, _HOLDERS_DEPTH)
     done: set[int] = set()
     for file in files:
         # Never one that is, or wraps, a standard stream (a TextIOWrapper
