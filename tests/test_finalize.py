@@ -1444,3 +1444,154 @@ def test_an_atexit_handler_can_start_a_pool_after_multiprocessing_get_logger(pro
     run = program(GET_LOGGER_THEN_POOL_AT_EXIT).run(timeout=90, args=(impl,))
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["main 3", "at exit 4"], run.stderr
+
+
+# -- a global's __del__ that uses other globals of its module ---------------
+
+REGISTRY_HELPER = """
+import logging, os, sys
+
+log = logging.getLogger("helper")  # module-level logger, as people write it
+_open = set()  # a private registry the object removes itself from
+
+class Conn:
+    def __init__(self):
+        self.pid = os.getpid()
+        _open.add(self.pid)
+
+    def __del__(self):
+        _open.discard(self.pid)
+        log.warning("helper: conn %d closed, %d still open", self.pid, len(_open))
+
+conn = None
+
+def connect():
+    global conn
+    conn = Conn()
+"""
+
+DEL_USES_GLOBALS = """
+import concurrent.futures, logging, multiprocessing, os, sys
+import helper
+import warden
+
+PREFIX = "main: closed by __del__"  # a constant
+log = logging.getLogger("main")
+_live = {}  # a private registry
+
+class Plain:  # in no cycle: freed as soon as its last reference goes
+    def __del__(self):
+        os.write(2, (PREFIX + " (plain)\\n").encode())
+
+class Cyclic:  # in a cycle: freed by the collector
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        os.write(2, (PREFIX + " (cyclic)\\n").encode())
+
+class Handle:
+    def __init__(self, key):
+        self.key = key
+        _live[key] = True
+
+    def __del__(self):
+        _live.pop(self.key, None)
+        log.warning("main: released %s, %d live", self.key, len(_live))
+
+def setup(_=None):
+    global plain, cyclic, handle
+    plain, cyclic, handle = Plain(), Cyclic(), Handle("db")
+    helper.connect()
+    return os.getpid()
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(message)s")
+    impl, api = sys.argv[1:]
+    spawn = multiprocessing.get_context("spawn")
+    if api == "executor":
+        kind = concurrent.futures.ProcessPoolExecutor if impl == "std" else warden.ProcessPoolExecutor
+        with kind(1, **({"mp_context": spawn} if impl == "std" else {})) as ex:
+            pid = ex.submit(setup).result(timeout=60)
+    elif api == "pool":
+        with (spawn if impl == "std" else warden).Pool(1, initializer=setup) as pool:
+            pid = pool.apply(os.getpid)
+            pool.close()
+            pool.join()
+    else:
+        p = (spawn if impl == "std" else warden).Process(target=setup)
+        p.start()
+        p.join(60)
+        pid = p.pid
+    print(pid)
+"""
+
+
+@pytest.mark.parametrize("api", ["executor", "pool", "process"])
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_a_globals_del_sees_the_other_globals_of_its_module_at_exit(program, start_method, impl, api):
+    """A worker's or child's exit finalizes the program's modules as the
+    interpreter's does: their objects' ``__del__`` methods run with every
+    global of their module still set (a constant, a module-level logger, a
+    private registry), in main and in a module it imports, whether the
+    object is in a cycle or not (before, the exit path set the globals to
+    ``None`` one name at a time, and a ``__del__`` that used one failed:
+    "Exception ignored in ... __del__")."""
+    program(REGISTRY_HELPER, name="helper.py")
+    run = program(DEL_USES_GLOBALS).run(args=(impl, api))
+    assert run.returncode == 0, run.stderr
+    pid = run.lines[-1]
+    said = run.stderr.splitlines()
+    assert "Exception ignored" not in run.stderr, run.stderr
+    for line in (
+        "main: closed by __del__ (plain)",
+        "main: closed by __del__ (cyclic)",
+        "main: released db, 0 live",
+        f"helper: conn {pid} closed, 0 still open",
+    ):
+        assert line in said, run.stderr
+
+
+KEPT_ALIVE_ELSEWHERE = """
+import logging, os, sys
+import warden
+
+print("main imported", flush=True)
+PREFIX = "kept: closed by __del__"
+
+class Handler(logging.Handler):  # the logging module keeps main alive through it
+    def emit(self, record):
+        pass
+
+class Goodbye:
+    def __del__(self):
+        os.write(2, (PREFIX + "\\n").encode())
+
+def target():
+    global kept
+    logging.getLogger().addHandler(Handler())
+    kept = Goodbye()
+
+if __name__ == "__main__":
+    p = warden.Process(target=target)
+    p.start()
+    p.join(60)
+    print("exitcode", p.exitcode)
+"""
+
+
+def test_a_module_something_else_keeps_alive_has_its_globals_cleared_and_is_not_imported_again(
+    program, start_method
+):
+    """A module of the program that outlives the collection of the program's
+    modules (a library holds one of its objects) is put back in
+    ``sys.modules`` and has its globals cleared one at a time, those that
+    hold an object with a ``__del__`` first: what only a global holds is
+    still finalized, seeing the module's other globals, and nothing imports
+    (runs) the module again."""
+    run = program(KEPT_ALIVE_ELSEWHERE).run()
+    assert run.returncode == 0, run.stderr
+    # Once in the program, once for the child (by its zygote, or by itself).
+    assert run.lines.count("main imported") == 2, run.stdout
+    assert run.lines[-1] == "exitcode 0"
+    assert "kept: closed by __del__" in run.stderr.splitlines(), run.stderr

@@ -1109,6 +1109,15 @@ def dumps_call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
 _named: dict[bytes, tuple[dict[str, Any], str, Any]] = {}
 
 
+def forget_the_programs_objects() -> None:
+    """In a worker's exit path, before the program's modules are collected:
+    lets go of the functions its tasks named (and their namespaces), and of
+    the namespace of the functions that came by value."""
+    global _parent_main
+    _named.clear()
+    _parent_main = None
+
+
 def loads_call(payload: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     """Reads back a call made by :func:`dumps_call` by reference."""
     n = int.from_bytes(payload[1:3], "little")

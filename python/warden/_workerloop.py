@@ -1354,15 +1354,25 @@ def _clear_program_globals() -> None:
     """What the interpreter's own finalization does at the end of a program,
     which the exit path takes the place of, for the program's own modules
     (``__main__`` as the worker imported it, and every module loaded from
-    outside the interpreter's and the environment's directories): their
-    globals that hold data are cleared, in the order CPython clears a
-    module's globals, then collected. So
-    what only a global holds is finalized as at the end of a program:
-    ``__del__`` runs, a file opened into a global is flushed and closed, a
-    ``gzip`` writer writes its trailer, a temporary file is removed. Modules,
-    functions, classes and dunder names are kept, for the ``__del__``
-    methods that use them; a file a class attribute of the program's holds
-    is closed then.
+    outside the interpreter's and the environment's directories).
+
+    As CPython's finalization does, the program's modules are first taken
+    out of ``sys.modules`` together (main with the namespace its functions
+    run in), warden lets go of what it holds of them (the functions its
+    tasks named), and garbage is collected: a module only ``sys.modules``
+    held is garbage then, with its functions, classes and the objects only
+    its globals hold, and the collector runs every ``__del__`` among them
+    before it clears anything, so each sees every global of its module
+    still set. A module still alive after that (something else holds it, or
+    one of its functions: a handler the program gave a library) is put back
+    in ``sys.modules``, and its globals that hold data are cleared one at a
+    time, in the order CPython clears a module's globals at that point, then
+    collected; modules, functions, classes and dunder names are kept, for
+    the ``__del__`` methods that use them. So what only a global holds is
+    finalized as at the end of a program: ``__del__`` runs, a file opened
+    into a global is flushed and closed, a ``gzip`` writer writes its
+    trailer, a temporary file is removed; a file a class attribute of the
+    program's holds is closed then.
 
     Unlike the interpreter's finalization, the exit path cannot freeze
     threads: one of the program's still running (a daemon thread) would find
@@ -1384,10 +1394,157 @@ def _clear_program_globals() -> None:
         with contextlib.suppress(Exception):
             if stream is not None:
                 stream.flush()
+    if threads:
+        _settle_files(_program_namespaces(), close=False)
+        return
+    namespaces, mains = _collect_program_modules()
+    _clear_each_name(namespaces, mains)
+    _settle_files(namespaces, close=True)
+
+
+class _Mark:
+    """Put in a namespace of the program's while its modules are collected:
+    alive afterwards (weakly referred to) if, and only if, the namespace is,
+    and then it gives the namespace back (a ``dict`` cannot be referred to
+    weakly)."""
+
+    __slots__ = ("__weakref__", "main", "namespace")
+
+    def __init__(self, namespace: dict[str, Any], main: bool) -> None:
+        self.namespace: dict[str, Any] | None = namespace
+        self.main = main
+
+
+#: The name a :class:`_Mark` has in its namespace (a dunder name: never
+#: cleared, never taken for the program's data).
+_MARK_NAME = "__warden_exit_mark__"
+
+
+def _collect_program_modules() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Takes the program's modules out of ``sys.modules``, lets go of what
+    warden holds of them, and collects garbage, as CPython's finalization
+    does before it clears any module. Returns the program's namespaces
+    still alive after that, and those of them that are main's (its
+    module's and the one its functions run in), whose modules are back in
+    ``sys.modules``."""
+    global _modules_at_fork
     namespaces = _program_namespaces()
-    # Main's namespace as its functions see it, and the module's copy of it
-    # (spawn's preparation runs main in a namespace of its own): one object
-    # is under the same name in both. Other modules' are each their own.
+    mains = _main_namespaces(namespaces)
+    marks: list[weakref.ref[_Mark]] = []
+    for namespace in namespaces:
+        mark = _Mark(namespace, any(namespace is m for m in mains))
+        namespace[_MARK_NAME] = mark
+        marks.append(weakref.ref(mark))
+    # The entries of sys.modules that hold one of them (main under both its
+    # names), in their order. In a forked worker, only the program's entries
+    # the zygote noted and those added since are read, not every entry (see
+    # note_modules_before_fork).
+    ids = {id(namespace) for namespace in namespaces}
+    known = _modules_at_fork
+    since = None if known is None else _imported_since(known)
+    if known is None or since is None:
+        names = list(sys.modules)
+    else:
+        names = [name for name, _ in known.programs] + [name for name, _ in since]
+    names += [name for name in _MAIN_NAMES if name not in names]
+    removed: list[tuple[str, weakref.ref[Any]]] = []
+    for name in names:
+        module = sys.modules.get(name)
+        if module is None or id(getattr(module, "__dict__", None)) not in ids:
+            continue
+        try:
+            removed.append((name, weakref.ref(module)))
+        except TypeError:  # not a module: left where it is
+            continue
+        del sys.modules[name]
+    # Nothing here holds them any more (nor the last module looked at).
+    del namespaces, mains, ids, names, namespace, mark, module, known, since
+    # What warden holds of the program: the functions its tasks named (and
+    # main's namespace there), the modules its zygote noted, the namespace
+    # of functions that came by value, a Process child's process object
+    # (its target is the program's).
+    _pickle.forget_the_programs_objects()
+    _modules_at_fork = None
+    _stand_in_for_the_process()
+    gc.collect()
+    alive = [mark for mark in (ref() for ref in marks) if mark is not None]
+    # A module made before a zygote forked this worker is frozen out of the
+    # collector's reach (see _zygote._before_fork), and with it what only
+    # it holds: given back to the collector, as a spawned worker's
+    # interpreter would collect it at exit, when something waits for it (a
+    # full collection: only then).
+    if alive and any(_finalizable_in(m.namespace) for m in alive) and gc.get_freeze_count():
+        del alive
+        gc.unfreeze()
+        gc.collect()
+        alive = [mark for mark in (ref() for ref in marks) if mark is not None]
+    # Put back what is still alive (nothing later is to import and run a
+    # module of the program again), in the order it had.
+    for name, ref in removed:
+        back = ref()
+        if back is not None and name not in sys.modules:
+            sys.modules[name] = back
+        del back
+    namespaces, mains = [], []
+    for kept in alive:
+        given = kept.namespace
+        assert given is not None  # set until here
+        kept.namespace = None
+        if given.get(_MARK_NAME) is kept:
+            del given[_MARK_NAME]
+        namespaces.append(given)
+        if kept.main:
+            mains.append(given)
+    return namespaces, mains
+
+
+def _finalizable_in(namespace: dict[str, Any] | None) -> bool:
+    """Whether a global of ``namespace`` (or an item of a container one
+    holds) has a ``__del__`` or is a file."""
+    import io
+
+    if namespace is None:
+        return False
+    for value in list(namespace.values()):
+        items = [value]
+        if type(value) in (list, tuple, set, frozenset):
+            items += list(value)
+        elif type(value) is dict:
+            items += list(value.values())
+        for item in items:
+            kind = type(item)
+            if isinstance(item, io.IOBase) or (
+                not isinstance(item, type) and getattr(kind, "__del__", None) is not None
+            ):
+                return True
+    return False
+
+
+def _stand_in_for_the_process() -> None:
+    """In a ``Process`` child: ``multiprocessing.current_process()`` is the
+    program's process object (its target, perhaps its class, the
+    program's); from here on a plain one with its name, pid and
+    configuration stands in for it, so that it does not keep the program's
+    modules alive."""
+    process = multiprocessing.process._current_process  # type: ignore[attr-defined]
+    state = getattr(process, "__dict__", {})
+    if type(process).__module__ == "multiprocessing.process" and not any(
+        state.get(name) for name in ("_target", "_args", "_kwargs")
+    ):
+        return  # a worker's own: nothing of the program's
+    stand_in = object.__new__(multiprocessing.process.BaseProcess)
+    for name in ("_identity", "_config", "_parent_pid", "_parent_name", "_popen", "_closed", "_name"):
+        if name in state:
+            vars(stand_in)[name] = state[name]
+    stand_in._target, stand_in._args, stand_in._kwargs = None, (), {}  # type: ignore[attr-defined]
+    multiprocessing.process._current_process = stand_in  # type: ignore[attr-defined]
+
+
+def _main_namespaces(namespaces: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Main's namespace as its functions see it, and the module's copy of it
+    (spawn's preparation runs main in a namespace of its own), among
+    ``namespaces``: one object is under the same name in both. Other
+    modules' are each their own."""
     mains = [namespaces[0]] if namespaces else []
     for name in _MAIN_NAMES:
         module = sys.modules.get(name)
@@ -1398,47 +1555,57 @@ def _clear_program_globals() -> None:
             and all(namespace is not m for m in mains)
         ):
             mains.append(namespace)
-    if not threads:
-        keep = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
-        cleared = False
-        finalizable: list[weakref.ref[Any]] = []
-        for namespace in namespaces:
-            # In the order CPython clears a module's globals at exit: names
-            # with one leading underscore first (a lazily made ``_client``),
-            # then the rest, each pass in the order the names were first
-            # set; one at a time (main's out of both its namespaces at once),
-            # so a __del__ still finds the names not cleared yet, and the
-            # modules, functions and classes it uses (never cleared).
-            twins = mains if any(namespace is m for m in mains) else [namespace]
-            keys = [
-                k
-                for k in list(namespace)
-                if isinstance(k, str) and not (k.startswith("__") and k.endswith("__"))
-            ]
-            for key in sorted(keys, key=lambda k: not (k[:1] == "_" and k[1:2] != "_")):  # (stable)
-                value = namespace.get(key)
-                if value is None or isinstance(value, keep):
-                    continue
-                if gc.is_tracked(value) and getattr(type(value), "__del__", None) is not None:
-                    with contextlib.suppress(TypeError):  # not weakly referable
-                        finalizable.append(weakref.ref(value))
-                for twin in twins:
-                    if twin.get(key) is value:
-                        twin[key] = None
-                del value
-                cleared = True
-        if cleared:
-            gc.collect()
-        # One with a __del__ still alive is in a reference cycle (or held
-        # elsewhere). Made before a zygote forked this worker, the cycle is
-        # frozen out of the collector's reach (see _zygote._before_fork):
-        # given back to it, as a spawned worker's interpreter would collect
-        # it at exit. (A full collection: only when something waits for it.
-        # Asked last: get_freeze_count() walks every frozen object.)
-        if any(ref() is not None for ref in finalizable) and gc.get_freeze_count():
-            gc.unfreeze()
-            gc.collect()
-    _settle_files(namespaces, close=not threads)
+    return mains
+
+
+def _clear_each_name(namespaces: list[dict[str, Any]], mains: list[dict[str, Any]]) -> None:
+    """Clears the globals that hold data of the program's modules still
+    alive after their collection, as CPython clears such a module's, then
+    collects."""
+    keep = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+    cleared = False
+    finalizable: list[weakref.ref[Any]] = []
+    for namespace in namespaces:
+        # The names of objects with a __del__ first, while every other
+        # global is still set; then the rest. Each group in the order
+        # CPython clears a module's globals at exit: names with one leading
+        # underscore first (a lazily made ``_client``), then the rest, each
+        # pass in the order the names were first set; one at a time (main's
+        # out of both its namespaces at once), so a __del__ still finds the
+        # names not cleared yet, and the modules, functions and classes it
+        # uses (never cleared).
+        twins = mains if any(namespace is m for m in mains) else [namespace]
+        keys = [
+            k for k in list(namespace) if isinstance(k, str) and not (k.startswith("__") and k.endswith("__"))
+        ]
+
+        def order(key: str, namespace: dict[str, Any] = namespace) -> tuple[bool, bool]:
+            finalized = getattr(type(namespace.get(key)), "__del__", None) is not None
+            return (not finalized, not (key[:1] == "_" and key[1:2] != "_"))
+
+        for key in sorted(keys, key=order):  # (stable)
+            value = namespace.get(key)
+            if value is None or isinstance(value, keep):
+                continue
+            if gc.is_tracked(value) and getattr(type(value), "__del__", None) is not None:
+                with contextlib.suppress(TypeError):  # not weakly referable
+                    finalizable.append(weakref.ref(value))
+            for twin in twins:
+                if twin.get(key) is value:
+                    twin[key] = None
+            del value
+            cleared = True
+    if cleared:
+        gc.collect()
+    # One with a __del__ still alive is in a reference cycle (or held
+    # elsewhere). Made before a zygote forked this worker, the cycle is
+    # frozen out of the collector's reach (see _zygote._before_fork):
+    # given back to it, as a spawned worker's interpreter would collect
+    # it at exit. (A full collection: only when something waits for it.
+    # Asked last: get_freeze_count() walks every frozen object.)
+    if any(ref() is not None for ref in finalizable) and gc.get_freeze_count():
+        gc.unfreeze()
+        gc.collect()
 
 
 def _layers(file: Any) -> list[Any]:
