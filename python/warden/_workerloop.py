@@ -17,8 +17,9 @@ core's worker loop (``_warden.worker_main``), which calls back into a
     context is exited, the ``finalizer`` runs, then a garbage collection (so
     ``__del__`` of cyclic garbage runs), the ``atexit`` handlers (among them
     warden's, which runs the ``warden.at_exit`` callbacks), the program's
-    module globals cleared and collected (what only a global holds is
-    finalized, as at the end of a program), the end of a
+    modules taken out of ``sys.modules`` and collected, those still alive
+    then put back with their globals cleared and collected (what only a
+    global holds is finalized, as at the end of a program), the end of a
     resource tracker the process started itself (which unlinks what it
     leaked; a worker uses its parent's tracker, as a spawned child does, and
     starts one only if that one is gone), and a flush of ``stdout``/``stderr``.
