@@ -1500,8 +1500,9 @@ def _collect_program_modules() -> tuple[list[dict[str, Any]], list[dict[str, Any
 
 
 def _finalizable_in(namespace: dict[str, Any] | None) -> bool:
-    """Whether a global of ``namespace`` (or an item of a container one
-    holds) has a ``__del__`` or is a file."""
+    """Whether a global of ``namespace`` (or an item of a list, tuple, set
+    or dict one holds) is an object with a ``__del__``; not a file, which
+    the exit path closes anyway (see :func:`_settle_files`)."""
     import io
 
     if namespace is None:
@@ -1513,10 +1514,9 @@ def _finalizable_in(namespace: dict[str, Any] | None) -> bool:
         elif type(value) is dict:
             items += list(value.values())
         for item in items:
-            kind = type(item)
-            if isinstance(item, io.IOBase) or (
-                not isinstance(item, type) and getattr(kind, "__del__", None) is not None
-            ):
+            if isinstance(item, (type, io.IOBase)):
+                continue
+            if getattr(type(item), "__del__", None) is not None:
                 return True
     return False
 
