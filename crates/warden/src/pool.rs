@@ -554,6 +554,16 @@ impl Builder {
             Some(payload) => payload,
             None => postcard::to_allocvec(&RustInit::new(self.on_start, self.on_exit)).map_err(Error::codec)?,
         };
+        // Every worker's `Init` message carries it: one over the frame limit
+        // could never be sent, and no worker is to blame for that (refused
+        // here, it costs no restarts), by the rule `submit` applies to a task.
+        if self.cfg.init_payload.len() + 32 > self.cfg.max_frame {
+            return Err(Error::config(format!(
+                "the init payload of {} bytes exceeds the frame limit of {} bytes (the pool's max_frame_size)",
+                self.cfg.init_payload.len(),
+                self.cfg.max_frame
+            )));
+        }
         let grace = self.cfg.grace;
         let name = self.cfg.name.clone();
         let default_timeout = self.cfg.task_timeout;

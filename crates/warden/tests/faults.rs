@@ -112,6 +112,7 @@ fn main() {
         Trial::test("durations_as_long_as_duration_max_mean_no_limit_and_never_panic", duration_max_is_no_limit),
         Trial::test("a_zero_task_or_init_timeout_is_refused_at_build", zero_timeouts_are_refused),
         Trial::test("a_result_over_the_smallest_frame_limit_fails_its_task_and_the_pool_goes_on", smallest_frame_limit),
+        Trial::test("an_init_payload_over_the_frame_limit_is_refused_at_build", init_payload_over_the_frame_limit),
     ];
     libtest_mimic::run(&args, tests).exit();
 }
@@ -774,6 +775,25 @@ fn zero_timeouts_are_refused() -> TestResult {
     let init =
         Pool::builder().workers(1).init_timeout(Duration::ZERO).build().err().ok_or("init_timeout(0) refused")?;
     check(init.to_string().contains("init_timeout"), format!("the error names the setting: {init}"))
+}
+
+/// An init payload no frame can carry is the caller's, refused by `build`
+/// with the sizes and the setting, before any worker starts (none is blamed,
+/// no restart is spent).
+fn init_payload_over_the_frame_limit() -> TestResult {
+    let e = Pool::builder()
+        .workers(1)
+        .command(warden::frontend::WorkerCommand::new("sleep", ["60"]))
+        .init_payload(vec![7; 2 * warden::MIN_FRAME])
+        .max_frame_size(warden::MIN_FRAME)
+        .build()
+        .err()
+        .ok_or("an init payload over the frame limit refused")?;
+    let text = e.to_string();
+    check(
+        text.contains(&format!("{} bytes", 2 * warden::MIN_FRAME)) && text.contains("max_frame_size"),
+        format!("the error names the size and the setting: {text}"),
+    )
 }
 
 fn smallest_frame_limit() -> TestResult {
