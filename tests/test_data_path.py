@@ -369,6 +369,113 @@ def test_buffers_larger_than_the_frame_limit_travel_out_of_band(monkeypatch, no_
         assert ex.submit(identity, b"after").result(timeout=60) == b"after"
 
 
+def keep_initargs(*args):
+    global INITARGS
+    INITARGS = args
+
+
+def digests(values):
+    """What arrived, byte for byte: each value's type and the SHA-256 of its bytes."""
+    import hashlib
+
+    out = []
+    for v in values:
+        data = v.encode() if isinstance(v, str) else v.tobytes() if hasattr(v, "tobytes") else bytes(v)
+        out.append((type(v).__name__, hashlib.sha256(data).hexdigest()))
+    return out
+
+
+def initargs_digests(_=None):
+    return os.getpid(), digests(INITARGS)
+
+
+def large_arguments():
+    """Arguments each over a frame limit of 1 MiB: a ``bytes``, a
+    ``bytearray``, a ``str`` (its pickle alone over the limit) and, with
+    numpy, an array."""
+    args = [os.urandom(3 << 20), bytearray(os.urandom(2 << 20)), "s" * (3 << 20)]
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        args.append(np.frombuffer(os.urandom(4 << 20), dtype=np.uint8).reshape(1024, -1))
+    return tuple(args)
+
+
+def frame_limit_of_a_mib(monkeypatch):
+    monkeypatch.setattr(_runner, "MAX_FRAME", 1 << 20)
+    # A pickle over this goes beside its frame (below the frame limit, as
+    # with the default 256 MiB frames and 32 MiB here).
+    monkeypatch.setattr(_oob, "PICKLE_INLINE_MAX", 256 << 10)
+
+
+@pytest.mark.parametrize("api", ["executor", "pool"])
+def test_initargs_over_the_frame_limit_reach_every_worker_and_every_restart_as_sent(
+    api, monkeypatch, no_segment_leaks
+):
+    frame_limit_of_a_mib(monkeypatch)
+    args = large_arguments()
+    expected = digests(args)
+    if api == "executor":
+        pool = warden.ProcessPoolExecutor(2, initializer=keep_initargs, initargs=args, max_tasks_per_child=1)
+    else:
+        pool = warden.Pool(2, initializer=keep_initargs, initargs=args, maxtasksperchild=1)
+    with pool:
+        # Each task in a new worker: the initargs reach the replacements too.
+        got = list(pool.map(initargs_digests, range(6)))
+        assert [d for _, d in got] == [expected] * 6
+        assert len({pid for pid, _ in got}) == 6
+        # One segment for the pool's life, not one per worker started.
+        assert len([m for m in own_memfds() if m.startswith("fd")]) == 1, own_memfds()
+    # no_segment_leaks: gone once the pool has shut down.
+
+
+def run_with_large_arguments(expected, *args, **kwargs):
+    if digests([*args, *kwargs.values()]) != expected:
+        raise SystemExit(3)
+
+
+def test_process_arguments_over_the_frame_limit_reach_the_child_as_sent(monkeypatch, no_segment_leaks):
+    frame_limit_of_a_mib(monkeypatch)
+    *args, last = large_arguments()
+    expected = digests([*args, last])
+    p = warden.Process(target=run_with_large_arguments, args=(expected, *args), kwargs={"last": last})
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    p.close()
+    # no_segment_leaks: the child's segment is gone once it has been joined.
+
+
+def test_initargs_that_must_go_inline_over_the_frame_limit_are_refused_without_blaming_a_worker(
+    monkeypatch, no_segment_leaks
+):
+    """Where no segment can be made, the initargs are pickled inline: over
+    the frame limit, the pool refuses them itself, naming the size, the limit
+    and the setting, and starts no worker (no "broke the protocol", no
+    restarts spent)."""
+    import errno
+
+    def no_memfd(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(_runner, "MAX_FRAME", 1 << 20)
+    monkeypatch.setattr(_oob, "make_segment", no_memfd)
+    big = os.urandom(2 << 20)
+    started = time.monotonic()
+    ex = warden.ProcessPoolExecutor(2, initializer=keep_initargs, initargs=(big,))
+    try:
+        with pytest.raises(
+            ValueError,
+            match=r"init payload of \d+ bytes exceeds the frame limit of 1048576 bytes.*max_frame_size",
+        ):
+            ex.submit(initargs_digests)
+    finally:
+        ex.shutdown(cancel_futures=True)
+    with pytest.raises(ValueError, match="max_frame_size"):
+        warden.Pool(2, initializer=keep_initargs, initargs=(big,))
+    assert time.monotonic() - started < 10
+
+
 def fail_with_output(n):
     raise subprocess.CalledProcessError(3, ["tool", "--all"], output=b"o" * n)
 

@@ -289,16 +289,16 @@ def _find(obj: Any, depth: int, found: dict[int, Any], seen: set[int]) -> None:
         found[id(obj)] = wrap(obj)
 
 
-def _persistent_id(found: dict[int, Any]) -> Callable[[Any], Any]:
+def persistent_id(found: dict[int, Any]) -> Callable[[Any], Any]:
     """The pickler's ``persistent_id`` for what :func:`prepare` found: the
     stand-in of each such object, pickled in its place (and read back as
     itself by the receiver's ``persistent_load``, see :class:`_Unpickler`)."""
     get = found.get
 
-    def persistent_id(obj: Any) -> Any:
+    def stand_in(obj: Any) -> Any:
         return get(id(obj))
 
-    return persistent_id
+    return stand_in
 
 
 class Collector:
@@ -363,6 +363,30 @@ def dumps(
         return data
 
     return _carry(data, collector.buffers, to_parent, lend, in_band)
+
+
+def segment_for_starts(data: bytes, buffers: list[pickle.PickleBuffer]) -> tuple[bytes, int] | None:
+    """Copies ``buffers`` (and ``data``, the pickle, the last of them if it
+    is over :data:`PICKLE_INLINE_MAX`) into one sealed segment, for what a
+    child is started with: a pool's initializer and its arguments, which
+    every worker it starts maps (the pool keeps the segment for its life,
+    and passes it to each worker as it starts, restarts included), or a
+    ``Process``'s target and arguments. Never lent: the parent's objects
+    may change, or go, before a later worker starts. Returns what the
+    pickle's place holds and the segment's fd (the caller owns it), or
+    ``None`` where no segment can be made (no descriptor or memory left, a
+    file size limit, ``memfd_create`` refused): the caller pickles inline.
+    ``SegmentTooLarge`` over :data:`MAX_SEGMENT`."""
+    head = data
+    if len(data) > PICKLE_INLINE_MAX:
+        buffers = [*buffers, pickle.PickleBuffer(data)]
+        head = _PICKLE_BESIDE
+    try:
+        return head, make_segment(buffers)
+    except OSError as e:
+        if e.errno not in _NO_ROOM:
+            raise
+        return None
 
 
 def beside(data: bytes, *, to_parent: bool = False, lend: bool = True) -> tuple[bytes, int | None]:
@@ -445,7 +469,7 @@ def _carry(
 
 def _dump(p: pickle.Pickler, obj: Any, found: dict[int, Any] | None) -> None:
     if found is not None:
-        p.persistent_id = _persistent_id(found)  # type: ignore[method-assign]
+        p.persistent_id = persistent_id(found)  # type: ignore[method-assign]
     p.dump(obj)
 
 

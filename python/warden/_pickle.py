@@ -707,16 +707,48 @@ def _main_bound(main: Any) -> frozenset[str] | None:
     return _main_names(main)[0]
 
 
-def _plain(obj: Any) -> bytes:
+def _plain(obj: Any, beside: _Beside | None = None) -> bytes:
     buf = io.BytesIO()
-    _pickler()(buf, PROTOCOL).dump(obj)
+    if beside is None:
+        _pickler()(buf, PROTOCOL).dump(obj)
+    else:
+        beside.dump(_plain_oob, buf, obj)
     return buf.getvalue()
 
 
-def _cloud(obj: Any) -> bytes:
+def _cloud(obj: Any, beside: _Beside | None = None) -> bytes:
     buf = io.BytesIO()
-    _cloud_pickler_class()(buf, protocol=PROTOCOL).dump(obj)
+    if beside is None:
+        _cloud_pickler_class()(buf, protocol=PROTOCOL).dump(obj)
+    else:
+        beside.dump(_cloud_oob, buf, obj)
     return buf.getvalue()
+
+
+class _Beside:
+    """What pickling an object for a new child sends beside its pickle, as
+    a task's call sends it (see ``_oob``): the large buffers :func:`_oob.prepare`
+    found in what the user passed (their stand-ins, by ``id``), and those the
+    last pickler given this object handed out of band (numpy arrays too)."""
+
+    __slots__ = ("buffers", "found")
+
+    def __init__(self, found: dict[int, Any] | None) -> None:
+        self.found = found
+        self.buffers: list[pickle.PickleBuffer] = []
+
+    def dump(
+        self,
+        pickler: Callable[[io.BytesIO, Callable[[pickle.PickleBuffer], bool]], pickle.Pickler],
+        file: io.BytesIO,
+        obj: Any,
+    ) -> None:
+        collector = _oob.Collector()
+        self.buffers = collector.buffers  # a failed attempt's are not kept
+        p = pickler(file, collector)
+        if self.found is not None:
+            p.persistent_id = _oob.persistent_id(self.found)  # type: ignore[method-assign]
+        p.dump(obj)
 
 
 def _plain_oob(file: io.BytesIO, callback: Callable[[pickle.PickleBuffer], bool]) -> pickle.Pickler:
@@ -1212,6 +1244,7 @@ def dumps(
     obj: Any,
     before_retry: Callable[[Exception | None], None] | None = None,
     functions: Iterable[Any] = (),
+    beside: _Beside | None = None,
 ) -> bytes:
     """Pickles ``obj``: plain pickle first, ``cloudpickle`` if that refuses
     or if the plain pickle names a ``__main__`` the child cannot import.
@@ -1221,28 +1254,29 @@ def dumps(
     Raises the plain pickler's error (with a note) if neither can pickle it.
     ``before_retry(error)`` runs before the ``cloudpickle`` attempt, with the
     plain pickler's error (``None`` when it succeeded but its pickle cannot
-    be used); it may raise instead.
+    be used); it may raise instead. ``beside``: large buffers leave the
+    pickle, into ``beside.buffers``.
     """
     if any(_only_by_value(fn) for fn in functions):
         try:
-            return _cloud(obj)
+            return _cloud(obj, beside)
         except Exception as cloud_error:  # the plain pickler's error says why: below
             if before_retry is not None:
                 before_retry(cloud_error)
     try:
-        data = _plain(obj)
+        data = _plain(obj, beside)
     except Exception as plain_error:
         if before_retry is not None:
             before_retry(plain_error)
         try:
-            return _cloud(obj)
+            return _cloud(obj, beside)
         except Exception as cloud_error:
             raise _neither(plain_error, cloud_error) from None
     if _child_can_load(data):
         return data
     if before_retry is not None:
         before_retry(None)
-    return _cloud(obj)
+    return _cloud(obj, beside)
 
 
 class DupFd:
@@ -1294,11 +1328,22 @@ def dumps_for_spawn(
     target: Any = None,
     parameters: Callable[[], Iterable[tuple[str, Any]]] = tuple,
     functions: Iterable[Any] = (),
-) -> tuple[bytes, list[int]]:
-    """Pickles ``obj`` for a child about to be started. Returns the bytes and
-    the fds to pass to the child (the caller owns them). ``target`` is the
-    object being started, if any (a ``Process`` pickles fully only then).
+    out_of_band: Any = None,
+) -> tuple[bytes, list[int], int | None]:
+    """Pickles ``obj`` for a child about to be started. Returns the bytes,
+    the fds to pass to the child and the segment of its large buffers, or
+    ``None`` (the caller owns them all). ``target`` is the object being
+    started, if any (a ``Process`` pickles fully only then).
     ``functions``: what ``obj`` calls there (see :func:`dumps`).
+
+    Large buffers (numpy arrays, and the ``bytes``, ``bytearray`` and
+    ``memoryview`` objects :func:`_oob.prepare` finds in ``out_of_band``:
+    what the user passed, such as ``initargs``) leave the pickle, as a task
+    call's do, into one sealed segment (``_oob.segment_for_starts``), which
+    every start of a child may map: the frame limit does not apply to them,
+    and a pickle over ``_oob.PICKLE_INLINE_MAX`` goes there too. Where no
+    segment can be made (no descriptor or memory left), everything is
+    pickled inline, as before, and the frame limit applies.
 
     ``parameters()`` lists what ``obj`` carries by the names the user gave
     them (``("initargs[0]", value)``, ...): an object made for the ``fork``
@@ -1319,8 +1364,18 @@ def dumps_for_spawn(
             named.append(True)
             raise _fork_error(culprit, parameters()) from None
 
+    beside = None if out_of_band is None else _Beside(_oob.prepare(out_of_band))
+    segment = None
     try:
-        data = dumps(obj, before_retry=before_retry, functions=functions)
+        data = dumps(obj, before_retry=before_retry, functions=functions, beside=beside)
+        if beside is not None and (beside.buffers or len(data) > _oob.PICKLE_INLINE_MAX):
+            carried = _oob.segment_for_starts(data, beside.buffers)
+            beside = None  # the buffers are in the segment (or could not be)
+            if carried is None:
+                fds.close()
+                data = dumps(obj, before_retry=before_retry, functions=functions)
+            else:
+                data, segment = carried
     except Exception as error:
         fds.close()
         if not named:
@@ -1334,7 +1389,7 @@ def dumps_for_spawn(
     finally:
         _mp_context.set_spawning_popen(previous_popen)
         _spawning.target = previous_target
-    return data, fds.fds
+    return data, fds.fds, segment
 
 
 def _made_for_fork(error: BaseException) -> Any:

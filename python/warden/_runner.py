@@ -729,6 +729,9 @@ class Runner:
     every task submitted, then retire the workers; cut short after
     ``exit_timeout`` seconds if given), ``"terminate"`` (a ``Pool``, or a
     daemon process) or ``"join"`` (wait, like a non-daemon process).
+    ``segment``: the one of ``pass_fds`` that holds the large buffers of a
+    one-off child's task (see ``_pickle.dumps_for_spawn``); a pool's hooks
+    make their own.
     """
 
     def __init__(
@@ -739,6 +742,7 @@ class Runner:
         workers: int,
         hooks: Any = None,
         pass_fds: list[int] | None = None,
+        segment: int | None = None,
         max_tasks_per_child: int | None = None,
         task_timeout: float | None = None,
         one_off: bool = False,
@@ -779,12 +783,19 @@ class Runner:
             preparation = preparation_data(name)
             hook_bytes = b""
             if hooks is not None:
-                hook_bytes, hook_fds = dumps_for_spawn(
+                # Their large buffers (initargs' arrays) go in a segment the
+                # pool keeps for its life, passed to every worker it starts,
+                # not in each worker's init frame.
+                hook_bytes, hook_fds, hook_segment = dumps_for_spawn(
                     hooks,
                     parameters=lambda: _named("initargs", hooks.get("initargs", ())),
                     functions=(hooks.get("initializer"), hooks.get("finalizer"), hooks.get("worker_context")),
+                    out_of_band=hooks,
                 )
                 fds.extend(hook_fds)
+                if hook_segment is not None:
+                    fds.append(hook_segment)
+                    segment = hook_segment
             if forward_logging:
                 log_fd, log_listener = _logging.sender_fd()
                 fds.append(log_fd)
@@ -799,6 +810,9 @@ class Runner:
                 "parent_name": multiprocessing.current_process().name,
                 "preparation": preparation,
                 "hooks": hook_bytes,
+                # The fd (passed to every worker) of the segment that holds
+                # the large buffers of the hooks, or of a one-off child's task.
+                "segment": segment,
                 "logging": log_to,
                 "resource_tracker": tracker,
                 # Spare buffers' pages would count against a cap as the task's.

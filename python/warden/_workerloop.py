@@ -717,6 +717,9 @@ class Handler:
         self.running = False
         self.mode = "pool"
         self.hooks: dict[str, Any] = {}
+        # A one-off child's: the fd of the segment its task's large buffers
+        # are in (the parent passed it at start, see _runner), until read.
+        self.segment: int | None = None
         self.context: contextlib.AbstractContextManager[Any] | None = None
         # Set once the initializer has returned: from then on, a stop runs
         # the finalizer (and exits the worker context) as any exit does.
@@ -930,6 +933,10 @@ class Handler:
                 raise TaskInterrupted("stopped while starting")
             init = _loads(payload)
             self.mode = init["mode"]
+            segment = init.get("segment")
+            if self.mode == "process":
+                self.segment = segment
+                segment = None
             if init.get("memory_capped"):
                 _warden.keep_no_spares()
             if init.get("resource_tracker") is not None:
@@ -961,7 +968,9 @@ class Handler:
                     # main's import changed (``sys.path``, ``sys.argv``, the
                     # log level), which a spawned worker keeps.
                     _measure_coverage_if_asked()
-                    hooks = _oob.unpickle(init["hooks"]) if init["hooks"] else {}
+                    # Their large buffers (initargs') are in the pool's segment,
+                    # mapped copy-on-write (its fd closed here).
+                    hooks = _oob.loads(init["hooks"], segment) if init["hooks"] else {}
                 setup = False
             finally:
                 del me._inheriting  # type: ignore[attr-defined]
@@ -1109,8 +1118,9 @@ class Handler:
         signal.signal(signal.SIGINT, _startup_sigint)
         me = multiprocessing.current_process()
         me._inheriting = True  # type: ignore[attr-defined]
+        segment, self.segment = self.segment, None
         try:
-            process = _oob.unpickle(payload)
+            process = _oob.loads(payload, segment)
         except TaskInterrupted:
             raise
         except SystemExit as e:

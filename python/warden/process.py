@@ -187,7 +187,7 @@ class Process(multiprocessing.context.Process):
         _let_go_of_ended_children()
         _runner.note_program_run_by_a_tool()
 
-        payload, fds = dumps_for_spawn(
+        payload, fds, segment = dumps_for_spawn(
             self,
             target=self,
             parameters=lambda: [
@@ -197,7 +197,12 @@ class Process(multiprocessing.context.Process):
                 *self._own_attributes(),
             ],
             functions=(type(self), self._target),  # type: ignore[attr-defined]
+            # The arguments' large buffers go beside the task, in a segment
+            # the child maps, as a pool task's do: no frame limit for them.
+            out_of_band=(self._args, self._kwargs),  # type: ignore[attr-defined]
         )
+        if segment is not None:
+            fds.append(segment)
         # Held back until the child is this object's, running its target
         # (see ctrl_c_held): a Ctrl-C meanwhile leaves a started child that
         # can be joined, not one waiting for a target that never comes. A
@@ -211,6 +216,7 @@ class Process(multiprocessing.context.Process):
                     name=self._name,  # type: ignore[attr-defined]
                     workers=1,
                     pass_fds=fds,
+                    segment=segment,
                     one_off=True,
                     deliver=False,
                     exit_policy="terminate" if self.daemon else "join",
