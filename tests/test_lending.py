@@ -607,3 +607,110 @@ def test_the_next_task_waits_for_the_parent_to_read_a_result_not_for_loans_to_a_
     with warden.ProcessPoolExecutor(1) as ex:
         pid = ex.submit(lend_to_an_inner_pool, 0).result(timeout=60)
         assert ex.submit(_pid, 1).result(timeout=20) == pid
+
+
+INTERRUPTED_SUBMITS = """
+import os
+import sys
+import threading
+
+import warden
+from warden import _oob
+
+BIG = 1 << 20
+
+
+def size(b):
+    return len(b)
+
+
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+class Interrupt:
+    # A profile hook that raises KeyboardInterrupt as the n-th Python
+    # function is entered: where a Ctrl-C's handler runs (at a function's
+    # start), at every such point of one call in turn.
+    def __init__(self, n):
+        self.n = n
+        self.seen = 0
+
+    def __call__(self, frame, event, arg):
+        if event == "call":
+            self.seen += 1
+            if self.seen == self.n:
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+
+
+def sweep(send, wait):
+    # Only the sending is interrupted: a Ctrl-C while waiting stops the pool.
+    data = os.urandom(BIG)
+    counter = Interrupt(0)
+    sys.setprofile(counter)
+    try:
+        sent = send(data)
+    finally:
+        sys.setprofile(None)
+    assert wait(sent) == BIG
+    points, hits = counter.seen, 0
+    for n in range(1, points + 1):
+        sys.setprofile(Interrupt(n))
+        try:
+            sent = send(data)
+        except KeyboardInterrupt:
+            hits += 1
+        else:
+            sys.setprofile(None)
+            assert wait(sent) == BIG
+        finally:
+            sys.setprofile(None)
+    return points, hits
+
+
+def result(future):
+    return future.result(timeout=60)
+
+
+def get(result):
+    return result.get(timeout=60)
+
+
+def first(result):
+    return result.get(timeout=60)[0]
+
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1) as ex:  # what a pool alone leaves
+        ex.submit(size, b"").result()
+    base = fds()
+    with warden.ProcessPoolExecutor(1) as ex:
+        points, hits = sweep(lambda data: ex.submit(size, data), result)
+    print("submit", points > 20, hits > 20, "lent", _oob.lent_bytes(), flush=True)
+    with warden.Pool(1) as pool:
+        points, hits = sweep(lambda data: pool.apply_async(size, (data,)), get)
+        print("apply_async", points > 20, hits > 20, "lent", _oob.lent_bytes(), flush=True)
+        points, hits = sweep(lambda data: pool.map_async(size, [data]), first)
+        print("map_async", points > 20, hits > 20, "lent", _oob.lent_bytes(), flush=True)
+    _oob.settle(5.0)
+    threads = [t.name for t in threading.enumerate()]
+    print("threads", threads, "lent", _oob.lent_bytes(), "fds", fds() - base, flush=True)
+"""
+
+
+@pytest.mark.parametrize("lend", [True, False], ids=["lent", "segment"])
+def test_a_ctrl_c_anywhere_in_a_large_submit_leaves_no_loan_pipe_segment_or_thread_behind(program, lend):
+    # A KeyboardInterrupt raised as each Python function of a submit (and of
+    # apply_async, and of a map_async) is entered, in turn: every time, whatever
+    # was lent for the call, or copied into a segment, is let go: no bytes
+    # stay lent, no pipe or memfd stays open, no lending thread outlives the
+    # pools.
+    run = program(INTERRUPTED_SUBMITS).run(timeout=240, env={"WARDEN_LEND_BUFFERS": "1" if lend else "0"})
+    assert run.returncode == 0, run.stderr
+    assert run.lines == [
+        "submit True True lent 0",
+        "apply_async True True lent 0",
+        "map_async True True lent 0",
+        "threads ['MainThread'] lent 0 fds 0",
+    ], run.stderr[-3000:]

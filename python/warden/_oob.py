@@ -66,6 +66,7 @@ import errno
 import fcntl
 import functools
 import io
+import itertools
 import os
 import pickle
 import re
@@ -663,37 +664,44 @@ def _lend(buffers: list[pickle.PickleBuffer], to_parent: bool, spare: bool = Fal
     table = _LEND_HEAD.pack(_LEND_MAGIC, os.getpid(), len(entries)) + b"".join(entries)
     if len(table) > _LEND_TABLE_MAX:
         return None
-    r, w = os.pipe()
-    if spare and fds_scarce(max(r, w)):
-        _native.close(r)
-        _native.close(w)
-        raise _FdsScarce
+    pid = os.getpid()
+    made: list[tuple[int, int]] = []
+    fd = lender = None
     try:
+        _made_by_c(made, os.pipe)
+        r, w = made[0]
+        # From ``owner`` on, the read end is its LentFd's: closed by it, once,
+        # wherever the call stops on its way to the core (see CarriedFd).
+        fd = LentFd(r)
+        fd.owner = pid
+        if spare and fds_scarce(max(r, w)):
+            raise _FdsScarce
         os.set_blocking(w, False)
         if os.write(w, table) != len(table):
             raise BlockingIOError
-    except OSError:
-        _native.close(r)
-        _native.close(w)
-        return None
-    lender = None
-    try:
         loan = Loan(views, mutable, to_parent)
         lender = _lender()
         lender.hold(w, loan)
+        fd.loan = loan
     except BaseException as e:
+        if not made:
+            raise  # no pipe (EMFILE: the caller sends the buffers inline)
+        r, w = made[0]
         # A Ctrl-C (a signal handler's error) may come once the lender has
         # the write end: then it is the lender's to close, not ours.
         if lender is None:
             _native.close(w)
         else:
             lender.close_unless_held(w)
-        _native.close(r)
+        if fd is None or not fd.owner:
+            _native.close(r)
+        else:
+            fd.close()
         if isinstance(e, (OSError, RuntimeError)):
-            return None  # no thread to hold the loan (none can be started): copied instead
+            # The pipe could not be written, or there is no thread to hold
+            # the loan (none can be started): the buffers are copied instead.
+            return None
         raise
-    fd = LentFd(r)
-    fd.loan = loan
     return fd
 
 
@@ -727,10 +735,78 @@ class Loan:
             self.views = []
 
 
-class LentFd(int):
+def _made_by_c(into: list[Any], make: Callable[[], Any]) -> None:
+    """Appends ``make()`` (``os.pipe``, ``os.memfd_create``: new fds) to
+    ``into``, with no step of Python's between the two: the call is made
+    from C (an iterator's ``extend``), so a signal handler (a Ctrl-C's
+    ``KeyboardInterrupt``), which runs only between Python's steps, finds
+    the new fds in ``into``, never only on the evaluation stack, where the
+    error would drop them unclosed."""
+    into.extend(itertools.islice(iter(make, None), 1))
+
+
+class CarriedFd(int):
+    """What :func:`dumps` returns for the fd that carries a call's or a
+    result's out-of-band buffers (a sealed segment, or a lending table's
+    read end): an ``int``, the fd's number, that owns the fd until it is
+    handed on (:meth:`take`, by whoever gives it to the core) or closed
+    (:meth:`close`). Dropped while it still owns the fd, it closes it: a
+    Ctrl-C (or any error) that lands anywhere between the pickling and the
+    hand-off, where no ``try`` of the caller's can catch it yet (a function's
+    first step, or its return), releases the segment, or the lent buffers
+    (the lender sees the table's last reader gone), as soon as the frames
+    that held it are gone. Only in the process that made it: a forked copy
+    of one is not the copy's to close. The small-task path makes none."""
+
+    #: This process's id while the fd is this object's; 0 once handed on or
+    #: closed, and until its maker sets it (``CarriedFd(fd)`` is int's own
+    #: constructor, with no step of Python's where a Ctrl-C could land
+    #: between the object's making and its owning the fd).
+    owner = 0
+
+    def take(self) -> int:
+        """The fd, now the caller's to own (the core's): this object no
+        longer closes it. (Returns itself: a call of ``int()`` after the
+        hand-off would be one more place for a Ctrl-C to land.)"""
+        self.owner = 0
+        return self
+
+    def close(self) -> None:
+        """Closes the fd if this object still owns it (at most once)."""
+        if self.owner == os.getpid():
+            self.owner = 0
+            _native.close(self)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            self.close()
+
+
+def take_fd(fd: int | None) -> int | None:
+    """``fd`` as a plain number, to hand to the core, which owns it from
+    then on (see :class:`CarriedFd`)."""
+    if isinstance(fd, CarriedFd):
+        return fd.take()
+    return fd
+
+
+def close_fd(fd: int | None) -> None:
+    """Closes an fd that :func:`dumps` returned and that never reached the
+    core; nothing if it did, or if it was closed already."""
+    if fd is None:
+        return
+    if isinstance(fd, CarriedFd):
+        fd.close()
+    else:
+        with contextlib.suppress(OSError):
+            _native.close(fd)
+
+
+class LentFd(CarriedFd):
     """What :func:`dumps` returns for lent buffers: the fd of the table's
-    read end (an ``int``, owned by the caller as any fd it returns), with its
-    :class:`Loan` as ``loan``, for whoever learns the task's outcome."""
+    read end (a :class:`CarriedFd`, owned by the caller as any fd it
+    returns), with its :class:`Loan` as ``loan``, for whoever learns the
+    task's outcome."""
 
     loan: Loan
 
@@ -759,8 +835,10 @@ class _Lender:
         :meth:`close_unless_held`."""
         with self.lock:
             if self.thread is None:
-                wake_r, wake_w = os.pipe()
+                wake: list[tuple[int, int]] = []
                 try:
+                    _made_by_c(wake, os.pipe)
+                    wake_r, wake_w = wake[0]
                     os.set_blocking(wake_w, False)
                     thread = _native.Thread(target=self._run, name="warden-lender")
                     self.held[fd] = loan
@@ -770,8 +848,9 @@ class _Lender:
                     self.held.pop(fd, None)
                     self.wake_r = self.wake_w = -1
                     self.thread = None
-                    _native.close(wake_r)
-                    _native.close(wake_w)
+                    for pair in wake:
+                        _native.close(pair[0])
+                        _native.close(pair[1])
                     raise
                 return
             # Woken first, held last: a Ctrl-C between the two leaves the fd
@@ -970,9 +1049,18 @@ def make_segment(buffers: list[pickle.PickleBuffer], spare: bool = False) -> int
         offset = _aligned(offset + view.nbytes)
     size = offset
     _check_size(size)
-    fd = os.memfd_create("warden-oob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    pid = os.getpid()
+    made: list[int] = []
+    try:
+        _made_by_c(made, _new_memfd)
+        fd = CarriedFd(made[0])
+        fd.owner = pid  # (no step between this and the try's end)
+    except BaseException:
+        if made:
+            _native.close(made[0])
+        raise
     if spare and fds_scarce(fd):
-        _native.close(fd)
+        fd.close()
         raise _FdsScarce
     try:
         os.ftruncate(fd, size)
@@ -982,9 +1070,12 @@ def make_segment(buffers: list[pickle.PickleBuffer], spare: bool = False) -> int
             _write_all(fd, view, off)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
     except BaseException:
-        _native.close(fd)
+        fd.close()
         raise
     return fd
+
+
+_new_memfd = functools.partial(os.memfd_create, "warden-oob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
 
 
 def _write_all(fd: int, view: memoryview, offset: int) -> None:

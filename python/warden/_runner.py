@@ -983,18 +983,17 @@ class Runner:
         # A Ctrl-C (a signal handler's error) may come between any two
         # steps: the lock is always given back (by ``with``, which no signal
         # handler can come between the acquiring and), and the segment is
-        # closed here only if the core never had it. A task submitted and
+        # closed here only if the core never had it (``take_fd``: the
+        # core's from the call that gives it the fd on). A task submitted and
         # not yet in ``pending`` then runs, its outcome dropped (the caller
         # got the Ctrl-C, not a handle to it).
-        handed = False
         try:
             loan = None if segment is None else getattr(segment, "loan", None)
             held = None
             if segment is not None:
                 on_done = held = _HoldingFd(loan, on_done)
             with self.pending_lock:
-                handed = True
-                task = self.core.submit(payload, timeout, segment, track_start)
+                task = self.core.submit(payload, timeout, _oob.take_fd(segment), track_start)
                 self.pending[task] = on_done
                 if held is not None:
                     held.hold()
@@ -1002,8 +1001,7 @@ class Runner:
                         held.key = (self.core, task)
                         _loans[held.key] = loan
         except BaseException:
-            if not handed:
-                close_fd(segment)
+            close_fd(segment)  # (nothing once the core has it)
             raise
         if self._tasks is not None and owner is not None:
             # (Not under ``pending_lock``: the weak entry it makes is an
@@ -1245,9 +1243,9 @@ def _close_fds(fds: list[int]) -> None:
 
 
 def close_fd(fd: int | None) -> None:
-    """Closes a segment fd that never reached the core."""
-    if fd is not None:
-        _close_fds([fd])
+    """Closes a segment fd that never reached the core (nothing if it did:
+    see ``_oob.CarriedFd``)."""
+    _oob.close_fd(fd)
 
 
 def _forget_finished_runners() -> None:
