@@ -1746,3 +1746,75 @@ def test_cancelling_tasks_sent_ahead_never_cuts_off_a_task_runs_a_cancelled_one_
         assert not begun & cancelled, f"cancelled, yet ran: {sorted(begun & cancelled)}"
         assert all(outcomes[n] == n for n in range(400) if n not in cancelled)
         assert not cancelled - {n for n in range(400) if outcomes[n] == "cancelled"}
+
+
+KEPT_NEAR_THE_MAP_LIMIT = """
+import mmap
+import sys
+
+import numpy as np
+
+import warden
+
+
+def maps():
+    with open("/proc/self/maps", "rb") as f:
+        return sum(1 for _ in f)
+
+
+def make(i, kind):
+    # 65 600 bytes: just over the inline limit, so each result has a segment.
+    array = np.full(8200, i, dtype=np.float64)
+    if kind == "pyarrow":
+        import pyarrow
+
+        return pyarrow.array(array)
+    return array
+
+
+def exact(i, result, kind):
+    if kind == "pyarrow":
+        return len(result) == 8200 and result[0].as_py() == i and result[8199].as_py() == i
+    return result.shape == (8200,) and bool((result == i).all())
+
+
+if __name__ == "__main__":
+    kind, count, free = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    with warden.ProcessPoolExecutor(2) as ex:
+        ex.submit(make, 0, kind).result(timeout=60)
+        limit = int(open("/proc/sys/vm/max_map_count").read())
+        # A program that uses most of its mappings already: `free` are left.
+        hold = []
+        while maps() < limit - free:
+            for _ in range(min(1000, max(1, (limit - free - maps()) // 2))):
+                prot = mmap.PROT_READ if len(hold) % 2 else mmap.PROT_READ | mmap.PROT_WRITE
+                hold.append(mmap.mmap(-1, 4096, prot=prot))  # alternating: never merged
+        before = maps()
+        kept = []
+        try:
+            for result in ex.map(make, range(count), [kind] * count, timeout=300):
+                kept.append(result)
+        except Exception as e:
+            print("failed after", len(kept), type(e).__name__, str(e)[:200], flush=True)
+        grown = maps() - before
+        del hold
+    print("kept", len(kept), "exact", all(exact(i, r, kind) for i, r in enumerate(kept)), flush=True)
+    print("a mapping per result", grown >= count // 2, flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["numpy", "pyarrow"])
+def test_small_results_kept_by_the_thousand_near_the_map_limit_all_arrive(program, carrier, kind):
+    # A received segment of at most WARDEN_SEGMENT_COPY_MAX bytes is copied
+    # out and not kept mapped: a program with 2 000 mappings left keeps
+    # 3 000 results of 65 600 bytes each (a segment each: numpy's when
+    # lending is off, pyarrow's always), as with the standard library.
+    numpy()
+    if kind == "pyarrow":
+        pytest.importorskip("pyarrow", reason="pyarrow is optional (not installed here)")
+    if not os.path.exists("/proc/sys/vm/max_map_count"):
+        pytest.skip("no /proc/sys/vm/max_map_count to read")
+    env = {"WARDEN_LEND_BUFFERS": "1" if carrier == "lent" else "0"}
+    run = program(KEPT_NEAR_THE_MAP_LIMIT).run(timeout=400, env=env, args=(kind, "3000", "2000"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.lines == ["kept 3000 exact True", "a mapping per result False"], run.stderr[-3000:]

@@ -18,7 +18,11 @@ The receiver maps the segment copy-on-write and unpickles with those buffers:
   one at least four times its size is copied out of it first, so that
   keeping it does not keep that one: ``_warden.SegmentBuffer.alone``);
 * ``bytes`` and ``bytearray`` are copied out of the mapping once (they own
-  their memory in CPython).
+  their memory in CPython);
+* a segment of at most :data:`COPY_MAX` bytes is not mapped at all: its
+  buffers are read into ``bytearray`` objects of their own, so that small
+  results kept by the thousand do not each keep a mapping (the kernel
+  allows a process ``vm.max_map_count`` of them, 65 530 by default).
 
 Lending instead of copying: where the kernel lets the receiver read the
 sender's memory (see :func:`may_lend`), the buffers of a call or a result
@@ -1088,7 +1092,8 @@ def _write_all(fd: int, view: memoryview, offset: int) -> None:
 
 def open_segment(fd: int) -> list[Any]:
     """Maps a segment received from another process (copy-on-write) and
-    returns its buffers, or reads the buffers a lending table names. Takes
+    returns its buffers (a small one's copied out instead: see
+    :data:`COPY_MAX`), or reads the buffers a lending table names. Takes
     ownership of ``fd`` and closes it. Raises :class:`SegmentError` if it
     is not a sealed warden segment within the limit (a segment that could
     shrink under the mapping would crash this process with SIGBUS when
@@ -1097,13 +1102,18 @@ def open_segment(fd: int) -> list[Any]:
     from . import _warden
 
     try:
-        is_table = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        st = os.fstat(fd)
     except OSError:
         _native.close(fd)
         raise
-    if is_table:
+    if stat.S_ISFIFO(st.st_mode):
         try:
             return _read_lent(fd)
+        finally:
+            _native.close(fd)
+    if st.st_size <= COPY_MAX:
+        try:
+            return _copy_segment(fd, st.st_size)
         finally:
             _native.close(fd)
     try:
@@ -1126,6 +1136,52 @@ def open_segment(fd: int) -> list[Any]:
         # ``_warden.SegmentBuffer``), not a slice of the segment.
         buffers.append(_warden.SegmentBuffer(segment, off, n))
     segment.set_largest_buffer(largest)
+    return buffers
+
+
+#: A received segment of at most this many bytes is copied out, each of its
+#: buffers into memory of its own (a ``bytearray``), and never mapped: a
+#: mapping kept per result (an array built on it) counts against
+#: ``vm.max_map_count`` (65 530 by default), which some tens of thousands of
+#: small results kept would reach (``ENOMEM`` for every mapping after). At
+#: 1 MiB and above, a mapping each up to that limit would hold 64 GiB; below
+#: it, copying costs no more than mapping (docs/benchmarks.md).
+#: ``WARDEN_SEGMENT_COPY_MAX`` (bytes) changes it; 0 maps every segment.
+COPY_MAX = int(os.environ.get("WARDEN_SEGMENT_COPY_MAX", str(1 << 20)))
+
+
+def _copy_segment(fd: int, size: int) -> list[Any]:
+    """The buffers of a small segment (see :data:`COPY_MAX`), each read into
+    a ``bytearray`` of its own (writable, private: as a mapping's
+    copy-on-write pages are); checked as :func:`open_segment` checks a
+    mapped one. The caller closes ``fd``."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as e:
+        raise SegmentError(f"the shared segment is not a sealable memory file: {e}") from None
+    if seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE:
+        raise SegmentError("the shared segment is not sealed against shrinking and writing")
+    if size < _HEAD.size:
+        raise SegmentError(f"a shared segment of {size} bytes is too small")
+    magic, count = _HEAD.unpack(os.pread(fd, _HEAD.size, 0))
+    if magic != _MAGIC or _HEAD.size + count * _ENTRY.size > size:
+        raise SegmentError("the shared segment has no valid table of buffers")
+    table = os.pread(fd, count * _ENTRY.size, _HEAD.size)
+    buffers: list[Any] = []
+    for i in range(count):
+        off, n = _ENTRY.unpack_from(table, i * _ENTRY.size)
+        if off + n > size:
+            raise SegmentError(f"buffer {i} of the shared segment lies outside it")
+        buffer = bytearray(n)
+        view = memoryview(buffer)
+        done = 0
+        while done < n:  # (sealed: it cannot come up short; checked all the same)
+            got = os.preadv(fd, [view[done:]], off + done)
+            if got <= 0:
+                raise SegmentError(f"buffer {i} of the shared segment lies outside it")
+            done += got
+        view.release()
+        buffers.append(buffer)
     return buffers
 
 
