@@ -782,7 +782,7 @@ class CarriedFd(int):
             _native.close(self)
 
     def __del__(self) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(Exception):  # (OSError; at interpreter exit, a module gone)
             self.close()
 
 

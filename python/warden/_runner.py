@@ -993,7 +993,8 @@ class Runner:
             if segment is not None:
                 on_done = held = _HoldingFd(loan, on_done)
             with self.pending_lock:
-                task = self.core.submit(payload, timeout, _oob.take_fd(segment), track_start)
+                fd = None if segment is None else _oob.take_fd(segment)
+                task = self.core.submit(payload, timeout, fd, track_start)
                 self.pending[task] = on_done
                 if held is not None:
                     held.hold()

@@ -1094,7 +1094,7 @@ class Handler:
                 # An Event the result alone held is closed before the parent
                 # can open it: a clear error there, never a race.
                 return data
-            return (data, _oob.take_fd(out), value)
+            return (data, out if out is None else _oob.take_fd(out), value)
         except TaskInterrupted as e:
             self.running = False  # the exit path comes next: not to be interrupted
             # Raised by the task itself, with no stop asked: its own error.
