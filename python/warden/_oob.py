@@ -387,11 +387,14 @@ def segment_for_starts(data: bytes, buffers: list[pickle.PickleBuffer]) -> tuple
         buffers = [*buffers, pickle.PickleBuffer(data)]
         head = _PICKLE_BESIDE
     try:
-        return head, make_segment(buffers)
+        fd = make_segment(buffers)
     except OSError as e:
         if e.errno not in _NO_ROOM:
             raise
         return None
+    # The caller's from here on, as a plain number: it goes into the init
+    # message, and to the core, which keeps it as long as it starts children.
+    return head, int(fd.take())
 
 
 def beside(data: bytes, *, to_parent: bool = False, lend: bool = True) -> tuple[bytes, int | None]:
@@ -1040,7 +1043,7 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def make_segment(buffers: list[pickle.PickleBuffer], spare: bool = False) -> int:
+def make_segment(buffers: list[pickle.PickleBuffer], spare: bool = False) -> CarriedFd:
     """Writes ``buffers`` into a new sealed memfd; returns its fd
     (close-on-exec). ``spare``: raises :class:`_FdsScarce` instead, before
     writing anything, if the new fd says this process is short of them (see
