@@ -1513,7 +1513,7 @@ def _finalizable_in(namespace: dict[str, Any] | None) -> bool:
     """Whether a global of ``namespace`` (or an item of a list, tuple, set
     or dict one holds) is an object with a ``__del__``; not a file, which
     the exit path closes anyway (see :func:`_settle_files`)."""
-    import io
+    import _io
 
     if namespace is None:
         return False
@@ -1524,7 +1524,7 @@ def _finalizable_in(namespace: dict[str, Any] | None) -> bool:
         elif type(value) is dict:
             items += list(value.values())
         for item in items:
-            if isinstance(item, (type, io.IOBase)):
+            if isinstance(item, (type, _io._IOBase)):
                 continue
             if getattr(type(item), "__del__", None) is not None:
                 return True
@@ -1762,11 +1762,13 @@ def _files_held(value: Any, files: list[Any], depth: int) -> None:
     method (``write = open(path, "a").write``), a ``functools.partial``, a
     container; ``depth`` levels deep. The interpreter's finalization frees
     them all, and each file is flushed and closed as it goes."""
+    import _io
     import functools
-    import io
     import itertools
 
-    if isinstance(value, io.IOBase):
+    # io.IOBase's concrete base (every file object's, the pure-Python ones'
+    # too): no ABC lookup for each value looked at, as io.IOBase costs.
+    if isinstance(value, _io._IOBase):
         files.append(value)
         return
     if depth <= 0 or value is None or isinstance(value, (str, bytes, int, float, type, types.ModuleType)):
@@ -1795,7 +1797,7 @@ def _settle_files(namespaces: list[dict[str, Any]], close: bool) -> None:
     """Flushes (``close``: closes) the files the globals of ``namespaces``,
     and the attributes of the classes defined there, still hold; never the
     standard streams."""
-    import io
+    import _io
 
     stdio = (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__)
     streams = {id(layer) for std in stdio for layer in _layers(std)}
@@ -1804,7 +1806,7 @@ def _settle_files(namespaces: list[dict[str, Any]], close: bool) -> None:
         module = namespace.get("__name__")
         for value in list(namespace.values()):
             if isinstance(value, type) and value.__module__ == module:
-                files.extend(v for v in list(vars(value).values()) if isinstance(v, io.IOBase))
+                files.extend(v for v in list(vars(value).values()) if isinstance(v, _io._IOBase))
             else:
                 _files_held(value, files, _HOLDERS_DEPTH)
     done: set[int] = set()
