@@ -1124,22 +1124,30 @@ def open_segment(fd: int) -> list[Any]:
     except ValueError as e:
         raise SegmentError(str(e)) from None
     view = memoryview(segment)
-    size = view.nbytes
-    magic, count = _HEAD.unpack_from(view, 0)
-    if magic != _MAGIC or _HEAD.size + count * _ENTRY.size > size:
-        raise SegmentError("the shared segment has no valid table of buffers")
     buffers = []
     largest = 0
-    for i in range(count):
-        off, n = _ENTRY.unpack_from(view, _HEAD.size + i * _ENTRY.size)
-        if off + n > size:
-            raise SegmentError(f"buffer {i} of the shared segment lies outside it")
+    for off, n in _buffer_table(lambda n, off: view[off : off + n], view.nbytes):
         largest = max(largest, n)
         # Each buffer is an object of its own, of exactly its size (see
         # ``_warden.SegmentBuffer``), not a slice of the segment.
         buffers.append(_warden.SegmentBuffer(segment, off, n))
     segment.set_largest_buffer(largest)
     return buffers
+
+
+def _buffer_table(read: Callable[[int, int], Any], size: int) -> list[tuple[int, int]]:
+    """The offset and length of each buffer in a received segment of
+    ``size`` bytes (at least its head), as its table says; ``read(n,
+    offset)`` gives its bytes. Raises :class:`SegmentError` if the table, or
+    a buffer it names, does not lie within the segment."""
+    magic, count = _HEAD.unpack(read(_HEAD.size, 0))
+    if magic != _MAGIC or _HEAD.size + count * _ENTRY.size > size:
+        raise SegmentError("the shared segment has no valid table of buffers")
+    table = [(off, n) for off, n in _ENTRY.iter_unpack(read(count * _ENTRY.size, _HEAD.size))]
+    for i, (off, n) in enumerate(table):
+        if off + n > size:
+            raise SegmentError(f"buffer {i} of the shared segment lies outside it")
+    return table
 
 
 #: A received segment of at most this many bytes is copied out, each of its
@@ -1166,15 +1174,8 @@ def _copy_segment(fd: int, size: int) -> list[Any]:
         raise SegmentError("the shared segment is not sealed against shrinking and writing")
     if size < _HEAD.size:
         raise SegmentError(f"a shared segment of {size} bytes is too small")
-    magic, count = _HEAD.unpack(os.pread(fd, _HEAD.size, 0))
-    if magic != _MAGIC or _HEAD.size + count * _ENTRY.size > size:
-        raise SegmentError("the shared segment has no valid table of buffers")
-    table = os.pread(fd, count * _ENTRY.size, _HEAD.size)
     buffers: list[Any] = []
-    for i in range(count):
-        off, n = _ENTRY.unpack_from(table, i * _ENTRY.size)
-        if off + n > size:
-            raise SegmentError(f"buffer {i} of the shared segment lies outside it")
+    for i, (off, n) in enumerate(_buffer_table(lambda n, off: os.pread(fd, n, off), size)):
         buffer = bytearray(n)
         view = memoryview(buffer)
         done = 0
