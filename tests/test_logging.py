@@ -966,7 +966,10 @@ IMPORT_NAME = """
 import multiprocessing, sys, time, warden
 
 me = multiprocessing.current_process()
-print("imported as", me.name, me._identity, flush=True)
+# One write for the whole line: two workers import at once, and under
+# PYTHONUNBUFFERED print() writes each piece apart, their pieces interleaved.
+sys.stdout.write(f"imported as {me.name} {me._identity}\\n")
+sys.stdout.flush()
 
 if __name__ == "__main__":
     kind, start = sys.argv[1:]
