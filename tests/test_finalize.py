@@ -1098,15 +1098,28 @@ if __name__ == "__main__":
         pool.close()
         pool.join()
     sys.stderr.write(f"results {results}\\n")
+    p = ctx.Process(target=task, args=(4,))
+    p.start()
+    p.join(60)
+    sys.stderr.write(f"exitcode {p.exitcode}\\n")
 """
 
 
 @pytest.mark.parametrize("impl", ["std", "warden"])
-def test_output_a_worker_cannot_write_at_exit_is_reported_not_dropped_silently(program, impl):
+def test_output_lost_at_exit_is_reported_and_a_process_child_ends_with_the_interpreters_code_120(
+    program, impl
+):
     run = program(STDOUT_TO_A_FULL_DISK).run(args=(impl,), env={"PYTHONUNBUFFERED": ""})
     assert run.returncode == 0, run.stderr
     assert "results [0, 1, 2, 3]" in run.stderr
     assert "No space left on device" in run.stderr
+    # The interpreter's exit code when it cannot flush stdio at its end.
+    assert "exitcode 120" in run.stderr
+    if impl == "warden":
+        # Each says what it is: a worker of the pool, and the Process child.
+        lost = [line for line in run.stderr.splitlines() if "what it printed was lost" in line]
+        assert any(line.startswith("warden: worker ") for line in lost), run.stderr
+        assert sum(line.startswith("warden: child ") for line in lost) == 1, run.stderr
 
 
 STDOUT_CLOSED_BY_THE_PROGRAM = """

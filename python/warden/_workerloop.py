@@ -737,6 +737,8 @@ class Handler:
         # Set when a Process child gets SIGTERM (terminate()) once its target
         # has returned: it ends by that signal after its exit path.
         self.terminated_while_exiting = False
+        #: Flushing stdout or stderr failed at the exit path's end.
+        self.flush_failed = False
         # A stop held back until a lock is in a try's or a with's charge:
         # the frame and instruction it came in, the stop, what cancels it,
         # when it came (time.monotonic()).
@@ -1230,6 +1232,10 @@ class Handler:
         if not _oob.wait_for_readers(every=True, timeout=_loan_wait()):
             say(f"warden: worker {os.getpid()}: exiting before the parent read a result")
         signum = int(signal.SIGTERM) if self.terminated_while_exiting else None
+        if self.flush_failed and self.mode == "process":
+            # The interpreter's own exit code when it cannot flush stdio at
+            # its end: a standard library child started by spawn ends so.
+            self.exit_code = 120
         return ("; ".join(errors) or None, self.exit_code, signum)
 
     def _who(self) -> str:
@@ -1325,10 +1331,11 @@ class Handler:
             except Exception as e:
                 # What the program printed is lost (a full disk, a closed
                 # pipe): say so, as the interpreter's own exit would.
+                self.flush_failed = True
                 if name == "stdout":
                     say(
-                        f"warden: worker {os.getpid()}: what it printed was lost, flushing stdout raised "
-                        f"{_type_name(e)}: {text_of(e)}"
+                        f"warden: {self._who()} {os.getpid()}: what it printed was lost, "
+                        f"flushing stdout raised {_type_name(e)}: {text_of(e)}"
                     )
 
 
