@@ -1365,6 +1365,20 @@ def test_executor_processes_max_workers_and_mp_context_are_live_compatibility_vi
     assert warden.ProcessPoolExecutor(1, mp_context=forkserver)._mp_context is forkserver
 
 
+def test_an_executors_workers_are_listed_as_not_daemonic_and_a_pools_as_daemonic(impl):
+    # What a program reads from _processes and _pool: the standard library
+    # starts an executor's workers non-daemonic, a Pool's daemonic.
+    with impl.Executor(1) as ex:
+        assert ex.submit(identity, 1).result(timeout=60) == 1
+        views = list(ex._processes.values())
+        assert views and [w.daemon for w in views] == [False] * len(views)
+        assert all("daemon" not in repr(w) for w in views)
+    with impl.Pool(1) as pool:
+        assert pool.apply(identity, (1,)) == 1
+        assert [w.daemon for w in pool._pool] == [True]
+        assert "daemon" in repr(pool._pool[0])
+
+
 def test_an_executor_lists_a_started_worker_in_processes_as_soon_as_submit_returns(impl):
     # A common way out of a stuck executor: terminate what _processes lists.
     ex = impl.Executor(2)

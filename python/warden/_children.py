@@ -43,9 +43,10 @@ class WorkerProcess:
     """A live view of one pool worker, with ``multiprocessing.Process``'s
     read-and-signal API. Made by :func:`workers_of`; not started by users."""
 
-    daemon = True  # as the standard library's pool workers
-
     def __init__(self, runner: _runner.Runner, worker: int, pid: int) -> None:
+        #: As the standard library's: a ``Pool``'s workers are daemonic, an
+        #: executor's are not (a pool that interpreter exit terminates).
+        self.daemon = runner.exit_policy == "terminate"
         # The core pool, not the runner: views are kept by runner, weakly,
         # and one that held its runner would keep it (and its pidfd) forever.
         self._core = runner.core
@@ -166,7 +167,8 @@ class WorkerProcess:
         code = self.exitcode
         status = "started" if code is None else f"stopped exitcode={code}"
         name = type(self).__name__
-        return f"<{name} name={self.name!r} pid={self.pid} parent={self._parent_pid} {status} daemon>"
+        daemon = " daemon" if self.daemon else ""
+        return f"<{name} name={self.name!r} pid={self.pid} parent={self._parent_pid} {status}{daemon}>"
 
 
 _views: weakref.WeakKeyDictionary[_runner.Runner, dict[int, WorkerProcess]] = weakref.WeakKeyDictionary()
