@@ -1150,6 +1150,103 @@ def test_a_task_stopped_in_a_manager_proxys_call_stops_and_its_finalizer_reads_i
     assert "still running" not in run.stderr, run.stderr
 
 
+STOPPED_MID_MESSAGE = """
+import multiprocessing, queue, sys, threading, time
+import warden
+
+SIZE = 1_000_000
+
+
+def init(q, conn):
+    global Q, C
+    Q, C = q, conn
+
+
+def reads():
+    while True:
+        Q.get()
+
+
+def writes():
+    while True:
+        C.send_bytes(b"z" * SIZE)
+
+
+def check_reads(q):
+    # The parent reads on: whole items, the reader's timeout kept.
+    try:
+        return "ok" if [len(q.get(timeout=5)) for _ in range(3)] == [SIZE] * 3 else "wrong"
+    except queue.Empty:
+        return "empty"
+    except Exception as e:
+        return f"error {type(e).__name__}"
+
+
+def check_writes(conn, stopped):
+    # The parent reads on, slowly enough that the task's writes wait for it.
+    try:
+        while not stopped.is_set() or conn.poll(0.5):
+            if conn.poll(0.1) and len(conn.recv_bytes()) != SIZE:
+                return "wrong"
+            time.sleep(0.005)
+        return "ok"
+    except Exception as e:
+        return f"error {type(e).__name__}"
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    kind = sys.argv[1]
+    for _ in range(3):
+        q = ctx.Queue(maxsize=4)
+        q.cancel_join_thread()  # what is left in it is not waited for at exit
+        r, w = ctx.Pipe(duplex=False)
+        outcome = {}
+        stopped = threading.Event()
+        with warden.ProcessPoolExecutor(1, initializer=init, initargs=(q, w), task_timeout=0.7) as ex:
+            if kind == "reader":
+                future = ex.submit(reads)
+                end = time.monotonic() + 1.5
+                while time.monotonic() < end:  # 1 MB items while the task reads them
+                    try:
+                        q.put(b"z" * SIZE, timeout=0.1)
+                    except queue.Full:
+                        pass
+                assert isinstance(future.exception(timeout=30), warden.TaskTimeout)
+                for _ in range(3):
+                    try:
+                        q.put(b"z" * SIZE, timeout=0.3)
+                    except queue.Full:
+                        pass
+                check = threading.Thread(target=lambda: outcome.setdefault("r", check_reads(q)), daemon=True)
+                check.start()
+            else:
+                check = threading.Thread(
+                    target=lambda: outcome.setdefault("r", check_writes(r, stopped)), daemon=True
+                )
+                check.start()
+                future = ex.submit(writes)
+                assert isinstance(future.exception(timeout=30), warden.TaskTimeout)
+                stopped.set()
+            check.join(20)
+        print(outcome.get("r", "hung"), flush=True)
+"""
+
+
+@pytest.mark.parametrize("side", ["reader", "writer"])
+def test_a_task_stopped_while_a_message_moves_through_a_queue_or_pipe_leaves_it_readable(program, side):
+    """A ``Queue`` and a ``Pipe`` move each message as its length, then its
+    bytes. A task stopped between the two (reading 1 MB items from a
+    ``Queue``; writing them to a ``Pipe``) left the rest of a message in the
+    pipe, or the start of one that never ended: the parent's next read took
+    those bytes for a length and waited for good, its ``get(timeout=5)``
+    too (hung in 4 of 5 rounds on each side; here, 3 rounds). The stop now waits for the
+    message to be through."""
+    run = program(STOPPED_MID_MESSAGE).run(args=(side,), timeout=100)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["ok"] * 3, run.stdout + run.stderr[-3000:]
+
+
 AROUND_A_MANAGER_LOCK = """
 import contextlib, multiprocessing, sys, time
 import warden

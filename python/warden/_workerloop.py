@@ -255,6 +255,46 @@ def _frame_running(frame: Any, code: Any, depth: int, within: str | None = None)
     return None
 
 
+def _connection_transfer(frame: Any) -> Any:
+    """The frame of a ``multiprocessing`` connection's transfer of one
+    message (``Connection._recv_bytes``, ``_send_bytes``) that ``frame`` is
+    in, once part of the message has moved, or ``None``. A ``Queue``, a
+    ``SimpleQueue`` and a ``Pipe`` send each message as a length, then its
+    bytes: a stop raised between the two leaves the rest of the message in
+    the pipe (or the start of one that never ends), and the next reader
+    (another worker, the parent) takes those bytes for a length: the pipe
+    is misframed for good, and that reader's ``get(timeout=)`` waits for
+    bytes that never come. A reader counts as started once it has read a
+    byte; a writer as soon as it writes (its first write may already have
+    put a part into the pipe)."""
+    connection = sys.modules.get("multiprocessing.connection")
+    kind = getattr(connection, "Connection", None)
+    if kind is None or frame is None:
+        return None
+    codes = [getattr(getattr(kind, name, None), "__code__", None) for name in _TRANSFER_STEPS]
+    recv_bytes, recv, send_bytes = codes
+    inner = None
+    for _ in range(3):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code is send_bytes:
+            return frame
+        if code is recv_bytes:
+            # Past its length (``buf`` is bound), or reading it, a byte in.
+            if "buf" in frame.f_locals or (inner is not None and "chunk" in inner.f_locals):
+                return frame
+            return None
+        inner = frame if code is recv else None
+        frame = frame.f_back
+    return None
+
+
+#: A connection's steps that :func:`_connection_transfer` knows: the
+#: message received, a part of it received, the message sent.
+_TRANSFER_STEPS = ("_recv_bytes", "_recv", "_send_bytes")
+
+
 def _entering_an_exit_stack(frame: Any) -> Any:
     """The frame of ``ExitStack.enter_context`` that ``frame`` is in, running
     the stack's own code (between the context manager's ``__enter__`` and
@@ -824,6 +864,17 @@ class Handler:
                     self.held_back = held_back
                     _ask_again_soon()
                     return
+                if (
+                    _connection_transfer(frame) is not None
+                    and time.monotonic() - since < _warden.unwind_grace() / 2
+                ):
+                    # A message half moved through a connection: waited
+                    # for as a proxy's reply is (a writer that stopped
+                    # mid-message, a reader of a full pipe nobody drains,
+                    # end so: that pipe is misframed).
+                    self.held_back = held_back
+                    _ask_again_soon()
+                    return
                 # Blocked taking what this process already held more of (a
                 # Queue's semaphore, an Event's), so it took nothing; a
                 # proxy's call still waiting: stopped now.
@@ -844,6 +895,11 @@ class Handler:
                 self.held_back = (frame, frame.f_lasti, stop, cancel, since)
                 _ask_again_soon()
                 return
+            if _connection_transfer(frame) is not None:
+                # Moving on through a message: watched from where it is now.
+                self.held_back = (frame, frame.f_lasti, stop, cancel, since)
+                _ask_again_soon()
+                return
             self.held_back = held_back  # on its way: its trace function raises it
             return
         if self.running:
@@ -854,12 +910,18 @@ class Handler:
             cancel = None
             ask_again = True
             call = _proxy_call(frame)
-            entering = None if call is not None else _entering_an_exit_stack(frame)
+            transfer = None if call is not None else _connection_transfer(frame)
+            entering = None if call is not None or transfer is not None else _entering_an_exit_stack(frame)
             if call is not None:
                 # In a manager proxy's call: raised once it has its reply.
                 cancel = _raise_after_proxy_call(call, stop)
                 if cancel is None:
                     _drop_proxy_connection(call.f_locals.get("self"))
+                    raise stop
+            elif transfer is not None:
+                # Part of a message moved: raised once all of it has.
+                cancel = _raise_in(transfer, stop, lambda _now, event: event == "return")
+                if cancel is None:
                     raise stop
             elif entering is not None:
                 # Entered, its exit not registered yet: raised once it is.
