@@ -610,6 +610,57 @@ def test_a_program_ended_by_ctrl_c_stops_its_children_instead_of_joining_them(pr
     assert prog.out_lines() == ["child started", "child cleaned up"]
 
 
+WAITS_IN_A_THREAD = """
+import sys, threading, time
+import warden
+
+def waiter(call):
+    try:
+        call()
+        print("waiter returned", flush=True)
+    except BaseException as e:
+        print("waiter raised", type(e).__name__, flush=True)
+
+if __name__ == "__main__":
+    kind = sys.argv[1]
+    if kind == "pool":
+        pool = warden.Pool(1)
+        call = lambda: pool.apply(time.sleep, (3600,))
+    elif kind == "executor":
+        ex = warden.ProcessPoolExecutor(1)
+        call = lambda: ex.submit(time.sleep, 3600).result()
+    else:
+        p = warden.Process(target=time.sleep, args=(3600,))
+        p.start()
+        call = p.join
+    threading.Thread(target=waiter, args=(call,)).start()  # not a daemon
+    time.sleep(0.5)
+    print("ready", flush=True)
+    time.sleep(3600)  # the Ctrl-C lands here
+"""
+
+
+@pytest.mark.parametrize("kind", ["pool", "executor", "process"])
+def test_a_program_ended_by_ctrl_c_while_a_thread_waits_on_a_pool_or_child_exits(program, kind):
+    """The interpreter joins the program's non-daemon threads before its
+    ``atexit`` handlers run: a ``Pool`` (or a ``Process``) stopped only there
+    kept the thread waiting on it, and the program with it, until the task
+    ended (an hour here). Ctrl-C stops every pool and child before those
+    threads are joined."""
+    proc = program(WAITS_IN_A_THREAD).start(args=(kind,))  # (stopped by the fixture, whatever happens)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = finish(proc)
+    assert time.monotonic() - sent < 20, err
+    assert proc.returncode == -signal.SIGINT, err
+    assert "KeyboardInterrupt" in err
+    assert out.splitlines() == ["waiter returned" if kind == "process" else "waiter raised CancelledError"], (
+        err
+    )
+
+
 # -- a terminal's Ctrl-C and Process children -------------------------------
 
 # The same program on warden and on the standard library (spawn): children

@@ -86,6 +86,46 @@ def test_interpreter_exit_runs_the_tasks_submitted_to_an_open_executor(program, 
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_an_executor_a_thread_makes_once_the_main_thread_has_finished_refuses_work(program, impl):
+    """A worker thread that makes an executor per job: once the main thread
+    has finished, a new executor's ``submit`` raises, as every executor's
+    does under the standard library, and the program ends (it made a new
+    working one each time, and never ended)."""
+    prog = user_program(
+        program,
+        """
+        import threading
+
+        def work(n):
+            return n
+
+        def jobs(main):
+            n = 0
+            try:
+                while True:
+                    with Executor(1) as ex:
+                        assert ex.submit(work, n).result() == n
+                    n += 1
+                    if n == 1:
+                        main.set()
+            except RuntimeError as e:
+                note(f"jobs ended: {e}")
+
+        if __name__ == "__main__":
+            main = threading.Event()
+            threading.Thread(target=jobs, args=(main,)).start()  # not a daemon
+            main.wait(60)
+            note("main done")
+        """,
+    )
+    run = prog.run(timeout=90, env={"IMPL": impl})
+    assert run.returncode == 0, run.stderr
+    assert prog.out_lines()[-1] == "jobs ended: cannot schedule new futures after interpreter shutdown", (
+        run.stderr
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_an_open_executors_tasks_run_at_exit_before_atexit_handlers_and_weakref_finalizers(program, impl):
     """``concurrent.futures`` joins its executors in ``threading``'s exit
     hooks, before any ``atexit`` handler: the tasks still find the temporary
@@ -2048,7 +2088,8 @@ def test_in_a_pid_namespace_outside_its_callers_group_exit_codes_and_setsid_are_
 def test_a_programs_first_pool_made_while_the_interpreter_shuts_down_runs_as_under_fork(program, where):
     """The first pool made in an ``atexit`` handler, or in a thread that
     runs on after the main thread returned: it runs, as under the standard
-    library's default (fork) start method; before, importing warden's pool
+    library's default (fork) start method (an executor the thread makes
+    refuses work, as every executor does then); before, importing warden's pool
     raised "can't register atexit after shutdown" (the standard library's
     spawn pool hangs there)."""
     if where == "atexit" and sys.version_info >= (3, 12):
@@ -2070,7 +2111,10 @@ def test_a_programs_first_pool_made_while_the_interpreter_shuts_down_runs_as_und
             with warden.Pool(2) as pool:
                 print("pool", pool.map(square, range(4)), flush=True)
             with warden.ProcessPoolExecutor(1) as ex:
-                print("executor", ex.submit(square, 5).result(timeout=60), flush=True)
+                try:
+                    print("executor", ex.submit(square, 5).result(timeout=60), flush=True)
+                except RuntimeError as e:
+                    print("executor", e, flush=True)
 
         def later():
             time.sleep(0.3)
@@ -2086,7 +2130,15 @@ def test_a_programs_first_pool_made_while_the_interpreter_shuts_down_runs_as_und
     )
     run = prog.run(timeout=60)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["main returns", "pool [0, 1, 4, 9]", "executor 25"], run.stderr
+    # An executor a thread makes then refuses work, as the standard
+    # library's do from then on (see
+    # test_an_executor_a_thread_makes_once_the_main_thread_has_finished_refuses_work).
+    executor = (
+        "executor 25"
+        if where == "atexit"
+        else "executor cannot schedule new futures after interpreter shutdown"
+    )
+    assert run.stdout.splitlines() == ["main returns", "pool [0, 1, 4, 9]", executor], run.stderr
 
 
 @pytest.mark.parametrize(

@@ -1537,11 +1537,16 @@ def _drain_executors_at_exit() -> None:
     while what they use is still there (a ``TemporaryDirectory``, state an
     ``atexit`` handler reports), as under the standard library. Pools and
     ``Process`` children are left to :func:`_shut_down_at_exit`, as
-    ``multiprocessing`` leaves them to its ``atexit`` handler. The executors
-    made before refuse new work from here on (threading runs its exit hooks
-    last registered first, and this one is registered after that flag's)."""
+    ``multiprocessing`` leaves them to its ``atexit`` handler; except when
+    Ctrl-C ended the program: then every pool and child is stopped here
+    (see :func:`_shut_down_at_exit`), as the interpreter is about to join
+    the program's non-daemon threads, and one waiting on a pool would keep
+    it waiting until the pool's task ended. The executors made before refuse
+    new work from here on (threading runs its exit hooks last registered
+    first, and this one is registered after that flag's)."""
     note_main_thread_done()
-    _shut_down_at_exit(policies=("drain",))
+    interrupted = stop_requested or _ended_by_ctrl_c()
+    _shut_down_at_exit(policies=None if interrupted else ("drain",))
 
 
 def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:

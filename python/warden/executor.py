@@ -166,9 +166,13 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         # Once the main thread has finished (before non-daemon threads are
         # joined and atexit handlers run), the executors made before take no
         # new work, as the standard library's refuse it; what was submitted
-        # to them still runs to its end. One made after it (in an ``atexit``
-        # handler, or a thread still running) works, as a ``Pool`` made then does.
-        self._made_after_main = _pickle.main_thread_done
+        # to them still runs to its end. So do those a thread still running
+        # makes then, as there (a thread making one per job would otherwise
+        # keep the program from ending). One made on the main thread after it
+        # (in an ``atexit`` handler) works, as a ``Pool`` made then does.
+        self._made_after_main = (
+            _pickle.main_thread_done and threading.current_thread() is threading.main_thread()
+        )
         self._runner: _runner.Runner | None = None
         self._first_workers_seen = False
 
