@@ -120,9 +120,13 @@ def test_an_executor_a_thread_makes_once_the_main_thread_has_finished_refuses_wo
     )
     run = prog.run(timeout=90, env={"IMPL": impl})
     assert run.returncode == 0, run.stderr
-    assert prog.out_lines()[-1] == "jobs ended: cannot schedule new futures after interpreter shutdown", (
-        run.stderr
-    )
+    ended = prog.out_lines()[-1]
+    if (3, 12) <= sys.version_info < (3, 13):
+        # 3.12 starts no thread once the main thread has returned: the
+        # executor's first submit may fail at that first (either library).
+        assert ended.startswith("jobs ended: "), run.stderr
+    else:
+        assert ended == "jobs ended: cannot schedule new futures after interpreter shutdown", run.stderr
 
 
 @pytest.mark.parametrize("impl", IMPLS)
