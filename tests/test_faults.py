@@ -4,6 +4,7 @@ SIGKILL (``on_worker_lost``), and nothing left open after a shutdown."""
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import contextlib
 import multiprocessing
@@ -63,6 +64,34 @@ def fork_then_return(path):
         return os.getpid()
     _, status = os.waitpid(copy, 0)  # the copy ends by itself, at once
     return os.getpid(), os.waitstatus_to_exitcode(status)
+
+
+def fork_then_end_the_copy(how):
+    # The copy ends as the task's code tells it, as after a fork in a plain
+    # program: by sys.exit(3), an exception, or returning.
+    copy = os.fork()
+    if copy == 0:
+        if how == "exit":
+            sys.exit(3)
+        if how == "raise":
+            raise ValueError("the copy failed")
+        return "the copy's answer"
+    _, status = os.waitpid(copy, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def fork_and_return_in_the_copy(path, tag):
+    copy = os.fork()
+    if copy == 0:
+        record(path, f"{tag}-copy")
+        return
+    os.waitpid(copy, 0)
+    record(path, tag)
+
+
+def initializer_that_forks(path):
+    atexit.register(record, path, "atexit")
+    fork_and_return_in_the_copy(path, "initializer")
 
 
 def stop_own_worker(path):
@@ -194,6 +223,51 @@ def test_a_task_whose_fork_returns_twice_gets_the_workers_answer_and_the_copy_en
     assert len(pids_tagged(path, "copy")) == 3
     assert worker not in pids_tagged(path, "copy")
     assert pids_tagged(path, "finalizer") == [worker]
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_copy_a_task_forks_ends_with_the_exit_code_its_code_gives_it(kind):
+    # As a copy of a plain program, or of a multiprocessing child: 3 after
+    # sys.exit(3), 1 after an exception, 0 after returning (always 0 before).
+    if kind == "executor":
+        with warden.ProcessPoolExecutor(1) as ex:
+            codes = [
+                ex.submit(fork_then_end_the_copy, how).result(timeout=30)
+                for how in ("exit", "raise", "return")
+            ]
+    else:
+        with warden.Pool(1) as pool:
+            codes = [pool.apply(fork_then_end_the_copy, (how,)) for how in ("exit", "raise", "return")]
+    assert codes == [3, 1, 0]
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_an_initializer_or_finalizer_whose_fork_returns_twice_leaves_the_worker_alone_serving(tmp_path, kind):
+    # The copy an initializer's fork made came back into the worker's loop:
+    # it said "ready" on the worker's channel and served its tasks (the pool
+    # hung, or killed the worker for breaking the protocol); a finalizer's
+    # copy ran the worker's exit path again (its atexit handlers twice).
+    path = str(tmp_path / "log")
+    hooks = {
+        "initializer": initializer_that_forks,
+        "initargs": (path,),
+        "finalizer": fork_and_return_in_the_copy,
+        "finalargs": (path, "finalizer"),
+    }
+    if kind == "executor":
+        with warden.ProcessPoolExecutor(1, **hooks) as ex:
+            served = {ex.submit(getpid).result(timeout=30) for _ in range(10)}
+    else:
+        with warden.Pool(1, **hooks) as pool:
+            served = {pool.apply(getpid) for _ in range(10)}
+            pool.close()
+            pool.join()
+    (worker,) = served
+    assert pids_tagged(path, "initializer") == [worker]
+    assert pids_tagged(path, "finalizer") == [worker]
+    assert pids_tagged(path, "atexit") == [worker]  # neither copy ran it
+    assert len(pids_tagged(path, "initializer-copy")) == 1
+    assert len(pids_tagged(path, "finalizer-copy")) == 1
 
 
 def test_a_stopped_worker_past_its_task_timeout_is_resumed_to_run_its_exit_path(tmp_path):

@@ -749,10 +749,52 @@ def _as_without_warden(signum: int, frame: Any) -> None:
     os.kill(os.getpid(), signum)
 
 
+#: Set in a copy of this process made by ``os.fork()`` (the program's code
+#: forking in a task or a hook); the worker clears it as it starts (a zygote
+#: forks workers too). Read on every task: a global, not a system call.
+_forked = False
+
+
+def _note_forked() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_note_forked)
+
+
+def _end_a_forked_copy(error: BaseException | None = None) -> None:
+    """Ends this process here if it is a copy of the worker that the
+    program's code (a task, the initializer, the finalizer, a worker
+    context) made with ``os.fork()`` and that came back out of that code:
+    it is not the worker, and must not answer on the worker's channel, serve
+    its tasks or run its exit path. It ends as a forked ``multiprocessing``
+    child ends its bootstrap: exit code 0; ``n`` after ``sys.exit(n)``; 1
+    after another exception, its traceback printed; its streams flushed.
+    Returns at once in the worker. (A copy made otherwise, by C code, is
+    ended by the core as it comes back, with exit code 0.)"""
+    if not _forked:
+        return
+    code = 0
+    if isinstance(error, SystemExit):
+        code = _system_exit_code(error)
+    elif error is not None:
+        code = 1
+        with contextlib.suppress(BaseException):
+            import traceback
+
+            say("".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip("\n"))
+    with contextlib.suppress(BaseException):
+        multiprocessing.util._flush_std_streams()  # type: ignore[attr-defined]
+    os._exit(code)
+
+
 class Handler:
     """Called by the core's worker loop; see the module documentation."""
 
     def __init__(self) -> None:
+        global _forked
+        _forked = False  # the worker itself, even if a zygote forked it
         self.pid = os.getpid()
         self.running = False
         self.mode = "pool"
@@ -1051,11 +1093,16 @@ class Handler:
             initializer = hooks.get("initializer")
             if initializer is not None:
                 try:
-                    initializer(*hooks.get("initargs", ()))
+                    try:
+                        initializer(*hooks.get("initargs", ()))
+                    except BaseException as e:
+                        _end_a_forked_copy(e)
+                        raise
                     # At once, with no call in between (where a stop signal's
                     # handler could raise): from here on a stop runs the
                     # finalizer, however soon it comes.
                     self.initialized = True
+                    _end_a_forked_copy()
                 except BaseException as e:
                     _logging_steps_aside()
                     logger = hooks.get("failure_logger")
@@ -1083,7 +1130,12 @@ class Handler:
                 self.running = False
                 _warden.hold_stops(True)
                 try:
-                    entered = cm.__enter__()
+                    try:
+                        entered = cm.__enter__()
+                    except BaseException as e:
+                        _end_a_forked_copy(e)
+                        raise
+                    _end_a_forked_copy()
                     self.context = cm
                 finally:
                     _warden.hold_stops(False)
@@ -1144,7 +1196,14 @@ class Handler:
                 fn, args, kwargs = loads_call(payload) if payload[0] == BY_REF else _oob.unpickle(payload)
             else:
                 fn, args, kwargs = _oob.loads_beside(payload, segment, BY_REF, loads_call)
-            value = fn(*args, **kwargs)
+            try:
+                value = fn(*args, **kwargs)
+            except BaseException as e:
+                if _forked:
+                    _end_a_forked_copy(e)
+                raise
+            if _forked:
+                _end_a_forked_copy()
             self.running = False
             del fn, args, kwargs
             handles = _pickle.opened_through_this_process
@@ -1316,7 +1375,12 @@ class Handler:
             # exit rolls back instead.
             stop = TaskInterrupted("the worker was stopped while a task ran") if self.task_stopped else None
             try:
-                context.__exit__(type(stop) if stop else None, stop, None)
+                try:
+                    context.__exit__(type(stop) if stop else None, stop, None)
+                except BaseException as e:
+                    _end_a_forked_copy(e)
+                    raise
+                _end_a_forked_copy()
             except BaseException as e:
                 if e is not stop:  # given back: not a failure of the context
                     errors.append(f"worker_context exit raised {_type_name(e)}: {text_of(e)}")
@@ -1325,7 +1389,12 @@ class Handler:
         finalizer = self.hooks.get("finalizer")
         if finalizer is not None:
             try:
-                finalizer(*self.hooks.get("finalargs", ()))
+                try:
+                    finalizer(*self.hooks.get("finalargs", ()))
+                except BaseException as e:
+                    _end_a_forked_copy(e)
+                    raise
+                _end_a_forked_copy()
             except BaseException as e:
                 errors.append(f"finalizer raised {_type_name(e)}: {text_of(e)}")
                 say_exception(f"warden: worker {os.getpid()}: exception in finalizer:\n")

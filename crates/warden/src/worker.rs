@@ -607,6 +607,9 @@ struct WorkerState {
     out: Mutex<Vec<u8>>,
     max_frame: usize,
     parent: u32,
+    /// This worker's pid: a copy of it that the program's code forked and
+    /// that came back into the loop or the exit path is told apart by it.
+    pid: u32,
     state: AtomicU8,
     /// The pool sent `Retire(Stopped)`: it stopped this worker with SIGTERM,
     /// which code of the worker's own may have taken from warden's handler.
@@ -644,6 +647,7 @@ impl WorkerState {
             out: Mutex::new(Vec::with_capacity(4096)),
             max_frame,
             parent,
+            pid: crate::supervisor::current_pid(),
             state: AtomicU8::new(state),
             stop_requested: AtomicBool::new(false),
             last_task: AtomicU64::new(NO_TASK),
@@ -795,7 +799,11 @@ impl WorkerState {
         let hook = lock(&self.hook).take();
         if let Some(hook) = hook {
             report.hook_ran = true;
-            match catch_unwind(AssertUnwindSafe(|| hook(&reason))) {
+            let result = catch_unwind(AssertUnwindSafe(|| hook(&reason)));
+            if crate::supervisor::current_pid() != self.pid {
+                leave_forked_copy(); // the hook forked, and its copy came back
+            }
+            match result {
                 Ok(result) => {
                     report.hook_error = result.error;
                     code = result.exit_code;
@@ -1013,8 +1021,9 @@ fn start_thread<F: FnOnce() + Send + 'static>(name: &str, patience: Duration, f:
     }
 }
 
-/// Ends a copy of this worker that a task made with `fork()` (and no exec)
-/// and that came back here from the task: it is not the worker. It must not
+/// Ends a copy of this worker that a task (or the start or exit hook) made
+/// with `fork()` (and no exec) and that came back here from it: it is not
+/// the worker. It must not
 /// answer on the worker's channel (the worker answers for the task), serve
 /// tasks, or run the worker's exit path (its finalizer and exit hooks belong
 /// to the worker), so it ends at once, as a forked `multiprocessing` child
@@ -1261,6 +1270,9 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                 core.state.store(INITIALIZING, Ordering::SeqCst);
                 inbox.started();
                 let result = catch_unwind(AssertUnwindSafe(|| handler.init(&info, &payload)));
+                if crate::supervisor::current_pid() != worker_pid {
+                    leave_forked_copy(); // the start hook forked, and its copy came back
+                }
                 inbox.finished();
                 let result = result.unwrap_or_else(|p| {
                     let error = RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&*p));
