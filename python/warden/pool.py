@@ -1401,6 +1401,13 @@ def _feed_imap(
                 # Warnings are errors (``-W error``): reported as such a
                 # warning of a dropped file is, not as this thread's death.
                 _Unraisable(e)
+    except BaseException as e:
+        # Under gevent, a Ctrl-C that lands anywhere else in this greenlet
+        # (handing a chunk to the pool): passed on to the main greenlet
+        # before the iteration is marked ended, so that the program stops
+        # instead of the loop ending quietly.
+        _native.pass_ctrl_c_on(e)
+        raise
     finally:
         result = result_ref()
         if result is not None:
