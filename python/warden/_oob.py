@@ -1143,7 +1143,7 @@ def _buffer_table(read: Callable[[int, int], Any], size: int) -> list[tuple[int,
     magic, count = _HEAD.unpack(read(_HEAD.size, 0))
     if magic != _MAGIC or _HEAD.size + count * _ENTRY.size > size:
         raise SegmentError("the shared segment has no valid table of buffers")
-    table = [(off, n) for off, n in _ENTRY.iter_unpack(read(count * _ENTRY.size, _HEAD.size))]
+    table: list[tuple[int, int]] = list(_ENTRY.iter_unpack(read(count * _ENTRY.size, _HEAD.size)))
     for i, (off, n) in enumerate(table):
         if off + n > size:
             raise SegmentError(f"buffer {i} of the shared segment lies outside it")

@@ -1199,10 +1199,9 @@ class Handler:
             try:
                 value = fn(*args, **kwargs)
             except BaseException as e:
-                if _forked:
-                    _end_a_forked_copy(e)
+                _end_a_forked_copy(e)
                 raise
-            if _forked:
+            if _forked:  # (read here: no call per task)
                 _end_a_forked_copy()
             self.running = False
             del fn, args, kwargs

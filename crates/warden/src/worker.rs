@@ -658,6 +658,16 @@ impl WorkerState {
         }
     }
 
+    /// Ends this process at once if it is a copy of the worker that the
+    /// program's code forked and that came back here (see
+    /// [`leave_forked_copy`]). The process id is cached, read again only in
+    /// a forked child (a `pthread_atfork` handler): no system call per task.
+    fn leave_if_forked_copy(&self) {
+        if crate::supervisor::current_pid() != self.pid {
+            leave_forked_copy();
+        }
+    }
+
     /// The loop takes up task `id`, which it took from `inbox`; `false` if a
     /// stop was taken meanwhile, for the task before it or for this one (the
     /// worker leaves instead).
@@ -800,9 +810,7 @@ impl WorkerState {
         if let Some(hook) = hook {
             report.hook_ran = true;
             let result = catch_unwind(AssertUnwindSafe(|| hook(&reason)));
-            if crate::supervisor::current_pid() != self.pid {
-                leave_forked_copy(); // the hook forked, and its copy came back
-            }
+            self.leave_if_forked_copy(); // the exit hook may have forked
             match result {
                 Ok(result) => {
                     report.hook_error = result.error;
@@ -1240,10 +1248,6 @@ fn stop_requested(core: &WorkerState) -> Option<ExitReason> {
 
 fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> ExitReason {
     let mut initialized = false;
-    // Read again only in a forked child (a `pthread_atfork` handler): the
-    // check after each task that it did not return in a copy a task forked
-    // costs no system call.
-    let worker_pid = crate::supervisor::current_pid();
     let mut read = |reader: &mut FrameReader, until: Until<'_>| pump(core, inbox, reader, until, false);
     loop {
         if let Some(reason) = stop_requested(core) {
@@ -1270,9 +1274,7 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                 core.state.store(INITIALIZING, Ordering::SeqCst);
                 inbox.started();
                 let result = catch_unwind(AssertUnwindSafe(|| handler.init(&info, &payload)));
-                if crate::supervisor::current_pid() != worker_pid {
-                    leave_forked_copy(); // the start hook forked, and its copy came back
-                }
+                core.leave_if_forked_copy(); // the start hook may have forked
                 inbox.finished();
                 let result = result.unwrap_or_else(|p| {
                     let error = RemoteError::new(RemoteErrorKind::Panicked, "panic", panic_text(&*p));
@@ -1342,9 +1344,7 @@ fn run_loop<H: Handler>(core: &WorkerState, handler: &mut H, inbox: &Inbox) -> E
                         drop_payload(p);
                         text
                     });
-                if crate::supervisor::current_pid() != worker_pid {
-                    leave_forked_copy();
-                }
+                core.leave_if_forked_copy(); // the task may have forked
                 core.end_task();
                 inbox.finished();
                 drop(payload);
