@@ -1347,6 +1347,35 @@ def test_pool_workers_number_themselves_in_their_identity_from_one(impl):
     assert all(len(i) == 1 and i[0] >= 1 for i in numbers)
 
 
+def nested_pool_names(pool_type, queue):
+    me = multiprocessing.current_process()
+    with pool_type(2) as pool:
+        seen = pool.map(name_and_identity_after, [0.2] * 2, chunksize=1)
+    queue.put((me._identity, seen))
+
+
+def name_and_identity_after(seconds):
+    time.sleep(seconds)
+    me = multiprocessing.current_process()
+    return me.name, me._identity
+
+
+def test_the_workers_of_a_pool_made_in_a_child_number_themselves_after_it(impl):
+    queue = multiprocessing.get_context("spawn").SimpleQueue()
+    p = impl.Process(target=nested_pool_names, args=(impl.Pool, queue))
+    p.start()
+    try:
+        child, seen = queue.get()
+    finally:
+        p.join(60)
+    # Their numbers follow the child's, as its other children's do, and
+    # their names end with them: a log line tells them from the top level's.
+    assert len({identity for _, identity in seen}) == 2
+    for name, identity in seen:
+        assert len(identity) == 2 and identity[:1] == child, (child, seen)
+        assert name.endswith("-" + ":".join(map(str, identity))), (name, identity)
+
+
 def test_a_future_no_pool_made_cancels_as_the_standard_librarys(impl):
     cls = warden.Future if impl.name == "warden" else concurrent.futures.Future
     f = cls()

@@ -51,7 +51,7 @@ class WorkerProcess:
         # and one that held its runner would keep it (and its pidfd) forever.
         self._core = runner.core
         self.pid = self.ident = pid
-        self.name = f"{runner.name}-worker-{worker}"
+        self.name = runner.worker_name(worker)
         self._parent_pid = os.getpid()
         self._pidfd: int | None = None
         self._closer: Any = None

@@ -27,6 +27,15 @@ def worker_context() -> Any:
     return _value
 
 
+def pool_worker_name(pool: str, within: tuple[int, ...], worker: int) -> str:
+    """A pool worker's process name: its pool's name and its number, after the
+    numbers of the processes the pool was made in (``Pool-1-worker-2`` at the
+    top, ``Pool-1-worker-3:2`` for the second worker of a pool made in the
+    third of another pool's workers), as ``multiprocessing`` numbers nested
+    children (its ``_identity``)."""
+    return f"{pool}-worker-{':'.join(map(str, (*within, worker)))}"
+
+
 def set_cleanup_record(record: Any) -> None:
     """In a pool's worker: leaves ``record`` for the pool's ``on_worker_lost``
     hook, which runs in the parent if this worker dies without running its

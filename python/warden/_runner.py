@@ -41,7 +41,7 @@ from pickle import dumps as _dumps  # bound at import: a task that patches pickl
 from pickle import loads as _loads
 from typing import Any, Literal
 
-from . import _finalize, _logging, _native, _oob, _pickle, _warden
+from . import _context, _finalize, _logging, _native, _oob, _pickle, _warden
 from ._errors import ErrorData
 from ._pickle import dumps_for_spawn, let_go_at_exit, note_main_thread_done
 from ._remote import text_of
@@ -781,6 +781,10 @@ class Runner:
             # First: where a tool runs the program, the program's classes in
             # the hooks go by reference to the workers' main (see _pickle).
             preparation = preparation_data(name)
+            # The numbers of the worker or child this pool is made in, which
+            # its workers' numbers follow, as a nested ``multiprocessing``
+            # child's do.
+            within = list(getattr(multiprocessing.current_process(), "_identity", ()))
             hook_bytes = b""
             if hooks is not None:
                 # Their large buffers (initargs' arrays) go in a segment the
@@ -808,6 +812,7 @@ class Runner:
                 "mode": mode,
                 "name": name,
                 "parent_name": multiprocessing.current_process().name,
+                "within": within,
                 "preparation": preparation,
                 "hooks": hook_bytes,
                 # The fd (passed to every worker) of the segment that holds
@@ -886,6 +891,7 @@ class Runner:
                 raise ValueError(str(e)) from None
             raise
         self.name = name
+        self.within = tuple(within)
         self.exit_policy = exit_policy
         self.exit_timeout = exit_timeout
         self.forward_logging = forward_logging
@@ -948,6 +954,10 @@ class Runner:
                 if log_listener is not None:
                     _logging.release(log_listener)
                 raise
+
+    def worker_name(self, worker: int) -> str:
+        """The process name of this pool's worker number ``worker``."""
+        return _context.pool_worker_name(self.name, self.within, worker)
 
     def _leave_live_set(self) -> None:
         """The pool has shut down (or never started)."""

@@ -643,11 +643,6 @@ def _system_exit_code(e: SystemExit) -> int:
 _COVERAGE_PATCHED = "_coverage$patched"
 
 
-def _worker_name(pool: str, worker: int) -> str:
-    """A pool worker's process name: the pool's, and the worker's number."""
-    return f"{pool}-worker-{worker}"
-
-
 def spawn_preparation(preparation: dict[str, Any]) -> dict[str, Any]:
     """``preparation`` (``multiprocessing.spawn.get_preparation_data``'s) as
     this process should apply it. Its ``dir`` is the parent's working
@@ -1052,6 +1047,9 @@ class Handler:
             if self.mode == "pool":
                 _stdlib_worker_submodules()
             me = multiprocessing.current_process()
+            within = tuple(init.get("within", ()))
+            identity = (*within, worker)
+            name = _context.pool_worker_name(init["name"], within, worker)
             me._inheriting = True  # type: ignore[attr-defined]
             setup = True
             try:
@@ -1066,8 +1064,8 @@ class Handler:
                             # Named (and numbered) as it imports main, as a
                             # spawned worker of the standard library's is: a
                             # log line main writes as it is imported says which.
-                            preparation = {**preparation, "name": _worker_name(init["name"], worker)}
-                            me._identity = (worker,)
+                            preparation = {**preparation, "name": name}
+                            me._identity = identity
                         multiprocessing.spawn.prepare(preparation)
                     # else: forked by a zygote that applied this preparation,
                     # then imported main: applied again, it would undo what
@@ -1082,11 +1080,12 @@ class Handler:
                 del me._inheriting  # type: ignore[attr-defined]
             _set_parent(init["parent_name"], parent)
             if self.mode == "pool":
-                me.name = _worker_name(init["name"], worker)
+                me.name = name
                 # As a multiprocessing pool worker's: its number, counted
                 # from 1 as the pool starts workers (``_identity[0]`` is a
-                # common way to tell workers apart, e.g. a progress bar's row).
-                me._identity = (worker,)
+                # common way to tell workers apart, e.g. a progress bar's row),
+                # after those of the worker or child the pool was made in.
+                me._identity = identity
             if init.get("logging"):
                 _forward_logging(init["logging"]["fd"], init["logging"]["levels"])
             self.hooks = hooks

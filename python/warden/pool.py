@@ -266,7 +266,7 @@ class Pool(multiprocessing.pool.Pool):
             for pid in reversed(runner.core.exited(size)):
                 if len(workers) < size and pid not in listed:
                     workers.append(WorkerProcess(runner, len(workers) + 1, pid))
-            workers += [VacantWorker(f"{runner.name}-worker-{i + 1}") for i in range(len(workers), size)]
+            workers += [VacantWorker(runner.worker_name(i + 1)) for i in range(len(workers), size)]
         self._last_workers = workers
         return workers
 
