@@ -54,6 +54,32 @@ def alive(pid: int) -> bool:
     return st is not None and st[1] != "Z"
 
 
+#: Commands that run a program where this process's /proc cannot be read:
+#: a tmpfs over it, or the /proc of the PID namespace outside.
+WITHOUT_OWN_PROC = {
+    "hidden": [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount -t tmpfs tmpfs /proc && exec "$@"',
+        "-",
+    ],
+    "another-namespace": ["unshare", "--fork", "--pid"],
+}
+
+
+def can_run(command: list[str]) -> bool:
+    """Whether ``command`` (a prefix of a command line, e.g. ``unshare``'s)
+    can run ``true`` here."""
+    try:
+        return subprocess.run([*command, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

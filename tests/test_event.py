@@ -5,12 +5,15 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import sys
 import threading
 import time
 
 import pytest
 
 import warden
+
+from conftest import WITHOUT_OWN_PROC, can_run
 
 
 def set_event(event):
@@ -160,6 +163,46 @@ def test_a_stale_handle_is_refused_with_a_clear_error():
     finally:
         os.close(r)
         os.close(w)
+
+
+EVENT_IN_TASK_AND_AT_SPAWN = """
+import warden
+
+def is_set(event):
+    return event.is_set()
+
+if __name__ == "__main__":
+    event = warden.Event()
+    event.set()
+    with warden.ProcessPoolExecutor(1) as ex:
+        try:
+            print("in a task:", ex.submit(is_set, event).result(60))
+        except OSError as e:
+            print("in a task:", e)
+    with warden.ProcessPoolExecutor(1, initializer=is_set, initargs=(event,)) as ex:
+        print("in initargs:", ex.submit(int).result(60))
+"""
+
+
+@pytest.mark.parametrize("where", sorted(WITHOUT_OWN_PROC))
+def test_an_event_in_a_task_where_proc_is_not_this_namespaces_is_refused_saying_so(program, where):
+    """A worker opens an event sent in a task through the sender's
+    ``/proc/<pid>/fd``. With ``/proc`` hidden, or another pid namespace's
+    (whose ``<pid>`` is another process, whose descriptor the worker then
+    opened), the error blamed the sender ("must still hold it"); it now names
+    ``/proc``, and an event passed at spawn time still works there."""
+    command = WITHOUT_OWN_PROC[where]
+    if not can_run(command):
+        pytest.skip(f"needs {command[0]}(1) and the right to run {' '.join(command[:3])}")
+    prog = program(EVENT_IN_TASK_AND_AT_SPAWN)
+    proc = prog.start(command=[*command, sys.executable, str(prog.path)])
+    out, err = proc.communicate(timeout=100)
+    assert proc.returncode == 0, err
+    task, spawn = out.splitlines()
+    why = "belongs to another pid namespace" if where == "another-namespace" else "/proc cannot be read"
+    assert task.startswith("in a task: cannot open the event shared by process") and why in task, task
+    assert "initargs" in task
+    assert spawn == "in initargs: 0"
 
 
 def warden_could_leave():

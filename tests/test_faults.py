@@ -25,7 +25,7 @@ import pytest
 import warden
 from warden import _warden
 
-from conftest import REFUSE_SYSTEM_CALL, SECCOMP_MACHINES, alive, wait_until
+from conftest import REFUSE_SYSTEM_CALL, SECCOMP_MACHINES, WITHOUT_OWN_PROC, alive, can_run, wait_until
 
 MiB = 1 << 20
 
@@ -1369,30 +1369,6 @@ if __name__ == "__main__":
 """
 
 
-#: Commands that run a program where this process's /proc cannot be read:
-#: a tmpfs over it, or the /proc of the PID namespace outside.
-WITHOUT_OWN_PROC = {
-    "hidden": [
-        "unshare",
-        "-m",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        'mount -t tmpfs tmpfs /proc && exec "$@"',
-        "-",
-    ],
-    "another-namespace": ["unshare", "--fork", "--pid"],
-}
-
-
-def _runs(command: list[str]) -> bool:
-    try:
-        return subprocess.run([*command, "true"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.mark.parametrize("where", sorted(WITHOUT_OWN_PROC))
 def test_a_memory_cap_where_proc_cannot_be_read_is_refused_instead_of_holding_nothing(program, where):
     """The caps read each worker's ``/proc/<pid>/statm``. With ``/proc``
@@ -1402,7 +1378,7 @@ def test_a_memory_cap_where_proc_cannot_be_read_is_refused_instead_of_holding_no
     ``ValueError`` that says why; before, it served, and a task went past
     the cap unnoticed. A pool without a cap still runs there."""
     command = WITHOUT_OWN_PROC[where]
-    if not _runs(command):
+    if not can_run(command):
         pytest.skip(f"needs {command[0]}(1) and the right to run {' '.join(command[:3])}")
     prog = program(WITHOUT_PROC)
     proc = prog.start(command=[*command, sys.executable, str(prog.path)])
@@ -3144,6 +3120,48 @@ def test_workers_started_after_the_programs_directory_was_deleted_stand_in_it_as
     work = rows[0][1]
     assert work.endswith("/work")
     assert [cwd for _, cwd in rows[1:]] == [f"{work} (deleted)"] * 3
+    assert len({pid for pid, _ in rows}) == 4, "a new worker for each task"
+
+
+CWD_DELETED_WITHOUT_PROC = """
+import os, shutil
+import warden
+
+def where():
+    try:
+        return os.getpid(), os.getcwd()
+    except FileNotFoundError:
+        return os.getpid(), "deleted"
+
+if __name__ == "__main__":
+    work = os.path.join(os.getcwd(), "work")
+    os.mkdir(work)
+    os.chdir(work)
+    with warden.ProcessPoolExecutor(1, max_tasks_per_child=1) as ex:
+        print(*ex.submit(where).result(timeout=30))
+        shutil.rmtree(work)
+        for _ in range(3):
+            print(*ex.submit(where).result(timeout=30))
+"""
+
+
+def test_workers_started_after_the_programs_directory_was_deleted_stand_in_it_where_proc_cannot_be_read(
+    program,
+):
+    """Where ``/proc`` cannot be read, the worker could not tell it stood in
+    the deleted directory: its ``chdir`` failed, and the pool with it, at the
+    first replacement. ``getcwd`` tells it there."""
+    command = WITHOUT_OWN_PROC["hidden"]
+    if not can_run(command):
+        pytest.skip(f"needs {command[0]}(1) and the right to run {' '.join(command[:3])}")
+    prog = program(CWD_DELETED_WITHOUT_PROC)
+    proc = prog.start(command=[*command, sys.executable, str(prog.path)])
+    out, err = proc.communicate(timeout=100)
+    assert proc.returncode == 0, err
+    rows = [line.split(" ", 1) for line in out.splitlines()]
+    assert len(rows) == 4, out + err
+    assert rows[0][1].endswith("/work")
+    assert [cwd for _, cwd in rows[1:]] == ["deleted"] * 3
     assert len({pid for pid, _ in rows}) == 4, "a new worker for each task"
 
 

@@ -19,7 +19,7 @@ import pytest
 import warden
 from warden import _warden
 
-from conftest import alive, numpy, wait_until
+from conftest import WITHOUT_OWN_PROC, alive, can_run, numpy, wait_until
 
 
 def whoami():
@@ -200,6 +200,49 @@ def test_workers_started_after_the_program_tightened_its_umask_and_limits_get_th
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+UMASK_AFTER_START = """
+import os, resource
+import warden
+from warden import _warden
+
+def umask_and_files_limit():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+if __name__ == "__main__":
+    os.umask(0o022)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with warden.ProcessPoolExecutor(1, start="zygote", max_tasks_per_child=1) as ex:
+        ex.submit(umask_and_files_limit).result(60)
+        assert ex._runner.core.zygote_pid() is not None
+        os.umask(0o077)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096) - 1, hard))
+        for _ in range(4):
+            print("%o %d" % ex.submit(umask_and_files_limit).result(60), flush=True)
+    print("limit", min(soft, 4096) - 1)
+"""
+
+
+def test_workers_get_a_umask_and_limits_set_after_the_start_where_proc_is_another_namespaces(program):
+    """Under ``unshare --pid`` without a ``/proc`` of its own, the zygote's
+    supervisor read its thread's status under the id ``gettid()`` gives,
+    which there is another thread's: it read nothing, so compared nothing,
+    and every worker forked after the program tightened its ``umask`` and
+    limits (or dropped its privileges) had those of before."""
+    command = WITHOUT_OWN_PROC["another-namespace"]
+    if not can_run(command):
+        pytest.skip("needs unshare(1) and the right to make a pid namespace")
+    prog = program(UMASK_AFTER_START)
+    proc = prog.start(command=[*command, sys.executable, str(prog.path)])
+    out, err = proc.communicate(timeout=100)
+    assert proc.returncode == 0, err
+    *seen, limit = out.splitlines()
+    lowered = limit.split()[1]
+    # One worker per task; the first may have started before the change.
+    assert seen[1:] == [f"77 {lowered}"] * 3, out
+
+
 OOM_SCORE_RAISED = """
 import time
 import warden
@@ -372,6 +415,27 @@ def test_the_zygote_imports_main_once_so_workers_do_not(program):
     zygotes = {z for _, z in seen}
     assert len(zygotes) == 1 and "None" not in zygotes
     # One import, by the zygote, not one per worker.
+    assert prog.out_lines() == list(zygotes)
+
+
+def test_the_zygote_imports_main_once_where_proc_is_another_namespaces(program):
+    """Under ``unshare --pid`` without a ``/proc`` of its own, the check for
+    threads warden and ``threading`` did not start compared ``/proc``'s
+    thread ids with this namespace's: every thread looked like another
+    library's, so no zygote imported main, and every worker did."""
+    command = WITHOUT_OWN_PROC["another-namespace"]
+    if not can_run(command):
+        pytest.skip("needs unshare(1) and the right to make a pid namespace")
+    prog = program(COUNTS_MAIN_IMPORTS)
+    proc = prog.start(
+        env={"WARDEN_START": "zygote"}, command=[*command, sys.executable, str(prog.path), "default"]
+    )
+    out, err = proc.communicate(timeout=100)
+    assert proc.returncode == 0, err
+    seen = [entry.split(":") for entry in out.split()]
+    assert len({pid for pid, _ in seen}) == 6
+    zygotes = {z for _, z in seen}
+    assert len(zygotes) == 1 and "None" not in zygotes
     assert prog.out_lines() == list(zygotes)
 
 

@@ -220,11 +220,26 @@ def _threads_of_others() -> bool:
     ``import numpy`` starts). False if it cannot tell."""
     try:
         tids = {int(tid) for tid in os.listdir("/proc/self/task")}
-    except (OSError, ValueError):
+        if os.readlink("/proc/self") != str(os.getpid()):
+            # Another pid namespace's /proc (``unshare --pid`` without one of
+            # its own): the ids there are not this namespace's; each thread's
+            # status lists its ids in every namespace, this one's last.
+            tids = {_innermost_id(tid) for tid in tids}
+    except (OSError, ValueError, IndexError):
         return False
     tids.difference_update(t.native_id for t in threading.enumerate())
     tids.difference_update(_warden.own_thread_ids())
     return bool(tids)
+
+
+def _innermost_id(tid: int) -> int:
+    """The id, in this process's pid namespace, of its thread ``tid`` in
+    ``/proc``'s."""
+    with open(f"/proc/self/task/{tid}/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"NSpid:"):
+                return int(line.split()[-1])
+    raise ValueError(f"no NSpid in the status of thread {tid}")
 
 
 def start_options(start: str | None, preload: Iterable[str] | None) -> tuple[str, list[str]]:

@@ -654,10 +654,16 @@ def spawn_preparation(preparation: dict[str, Any]) -> dict[str, Any]:
     if wanted is None:
         return preparation
     try:
-        here = os.readlink("/proc/self/cwd")
+        deleted = os.readlink("/proc/self/cwd") == f"{wanted} (deleted)"
     except OSError:
-        return preparation
-    if here != f"{wanted} (deleted)":
+        # No /proc: ``getcwd`` fails (ENOENT) where this process stands in a
+        # deleted directory; the wanted one is gone too.
+        try:
+            os.getcwd()
+            deleted = False
+        except FileNotFoundError:
+            deleted = not os.path.isdir(wanted)
+    if not deleted:
         return preparation
     return {key: value for key, value in preparation.items() if key != "dir"}
 

@@ -143,8 +143,32 @@ impl SharedEvent {
     /// that process or fd is gone, `ValueError` if the fd holds something else.
     #[staticmethod]
     fn open(pid: i32, fd: RawFd, token: u64) -> PyResult<Self> {
+        // Process ids in `/proc` are those of the pid namespace it was mounted
+        // for: where that is not this process's (`unshare --pid` without a
+        // `/proc` of its own), `pid` there is another process.
+        let own = rustix::process::getpid().as_raw_nonzero().get().to_string();
+        match rustix::fs::readlink("/proc/self", Vec::new()) {
+            Ok(link) if link.as_bytes() == own.as_bytes() => {}
+            Ok(_) => {
+                return Err(PyOSError::new_err(format!(
+                    "cannot open the event shared by process {pid}: /proc belongs to another pid namespace \
+                     (mount one for this namespace, or pass the event in the pool's initargs or a \
+                     Process's args, which need no /proc)"
+                )))
+            }
+            Err(e) => {
+                return Err(PyOSError::new_err(format!(
+                    "cannot open the event shared by process {pid}: /proc cannot be read ({}); \
+                     pass the event in the pool's initargs or a Process's args, which need no /proc",
+                    std::io::Error::from(e)
+                )))
+            }
+        }
         let path = format!("/proc/{pid}/fd/{fd}");
-        let file = rustix::fs::open(path.as_str(), OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
+        // Not blocking, not made a controlling terminal: until `adopt` has
+        // checked it, whatever the fd holds is not known to be the event.
+        let flags = OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
+        let file = rustix::fs::open(path.as_str(), flags, Mode::empty()).map_err(|e| {
             PyOSError::new_err(format!(
                 "cannot open the event shared by process {pid} ({path}: {}); \
                  the process that created it must still hold it",

@@ -50,9 +50,13 @@ const ZYGOTE_EXIT_WAIT: Duration = Duration::from_secs(1);
 /// were then; its forks get that, not what the program has set since (a
 /// service that dropped its privileges, tightened its `umask`, lowered a
 /// limit or offered itself to the OOM killer first after making the pool).
+///
+/// The user and groups are also read by system call, so that a change of
+/// them is seen where `/proc` cannot be read.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Inherited {
-    status: Vec<u8>,
+    status: Option<Vec<u8>>,
+    ids: (u32, u32, u32, u32, Option<Vec<u32>>),
     limits: Vec<(Option<u64>, Option<u64>)>,
     oom_score_adj: Option<Vec<u8>>,
 }
@@ -96,19 +100,29 @@ const LIMITS: [Resource; 16] = [
 impl Inherited {
     /// What a process started by the calling thread (the supervisor's)
     /// would get now: the thread's own status, since capabilities,
-    /// `no_new_privs` and seccomp are per thread. `None` where `/proc`
-    /// cannot be read (then nothing is compared).
-    pub(super) fn now() -> Option<Inherited> {
-        // (`/proc/thread-self` is this path from Linux 3.17 on.)
-        let path = format!("/proc/self/task/{}/status", rustix::thread::gettid().as_raw_nonzero());
-        let whole = std::fs::read(path).ok()?;
-        let mut status = Vec::with_capacity(512);
-        for line in whole.split(|&b| b == b'\n') {
-            if INHERITED_FIELDS.iter().any(|field| line.starts_with(field)) {
-                status.extend_from_slice(line);
-                status.push(b'\n');
+    /// `no_new_privs` and seccomp are per thread (`None` where `/proc`
+    /// cannot be read).
+    pub(super) fn now() -> Inherited {
+        // `thread-self`, not `self/task/<gettid()>`: where `/proc` is another
+        // pid namespace's (a program started by `unshare --pid` without a
+        // `/proc` of its own), the thread's id there is not `gettid()`'s.
+        let status = std::fs::read("/proc/thread-self/status").ok().map(|whole| {
+            let mut status = Vec::with_capacity(512);
+            for line in whole.split(|&b| b == b'\n') {
+                if INHERITED_FIELDS.iter().any(|field| line.starts_with(field)) {
+                    status.extend_from_slice(line);
+                    status.push(b'\n');
+                }
             }
-        }
+            status
+        });
+        let ids = (
+            rustix::process::getuid().as_raw(),
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+            rustix::process::getegid().as_raw(),
+            rustix::process::getgroups().ok().map(|groups| groups.into_iter().map(|g| g.as_raw()).collect()),
+        );
         let limits = LIMITS
             .iter()
             .map(|&resource| {
@@ -118,7 +132,7 @@ impl Inherited {
             .collect();
         // Per process, not per thread; `None` where it cannot be read.
         let oom_score_adj = std::fs::read("/proc/self/oom_score_adj").ok();
-        Some(Inherited { status, limits, oom_score_adj })
+        Inherited { status, ids, limits, oom_score_adj }
     }
 }
 
@@ -130,7 +144,7 @@ pub(super) enum ZygoteSlot {
     Down { retry_at: Instant },
     /// Running. `deadline`: until it is ready; `stopping`: the pool ended it;
     /// `inherited`: what it was started with.
-    Up { zygote: Zygote, deadline: Option<Instant>, stopping: bool, inherited: Option<Inherited> },
+    Up { zygote: Zygote, deadline: Option<Instant>, stopping: bool, inherited: Inherited },
 }
 
 /// How the next worker is to start.
@@ -210,7 +224,7 @@ impl Supervisor {
         if !zygote.ready {
             return if self.zygote_first { NextStart::Wait } else { NextStart::Exec };
         }
-        if inherited.as_ref().is_some_and(|then| Inherited::now().is_some_and(|now| now != *then)) {
+        if Inherited::now() != *inherited {
             // A fork would start this worker with the credentials, umask,
             // limits or OOM adjustment of when the zygote started: this one starts by
             // exec, with the program's own, and a new zygote is prepared
