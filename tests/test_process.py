@@ -1212,6 +1212,21 @@ def test_a_process_that_cannot_start_for_want_of_processes_says_so_as_the_standa
         assert said == "BlockingIOError True [Errno 11] cannot start the process", run.stdout
 
 
+def test_a_process_whose_interpreter_cannot_start_says_so_in_a_childs_words():
+    """The core's failure, for the pool of one that runs a child, spoke of
+    "the pool" and "a worker" to a program that started a ``Process``."""
+    core = (
+        "the pool failed: cannot start a worker (/venv/bin/python): "
+        "Resource temporarily unavailable (os error 11)"
+    )
+    error = warden.process._start_error("Process-3", core)
+    assert isinstance(error, BlockingIOError)
+    assert str(error) == (
+        "[Errno 11] cannot start process Process-3: cannot start its interpreter (/venv/bin/python): "
+        "Resource temporarily unavailable (os error 11)"
+    )
+
+
 NO_MAIN_GUARD = """
 import warden
 

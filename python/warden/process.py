@@ -45,7 +45,11 @@ def _start_error(name: str, error: _warden.CoreError | str) -> OSError:
     threads run out under ``ulimit -u``, ``EMFILE`` when descriptors do),
     also when the core reports it only in its text (``os error N``, from a
     child that could not be started)."""
-    message = f"cannot start process {name}: {error}"
+    # The core runs the child as a pool of one: its words for that (the
+    # pool, a worker) are the child's here.
+    text = str(error).removeprefix("the pool failed: ")
+    text = re.sub(r"^cannot start a worker\b", "cannot start its interpreter", text)
+    message = f"cannot start process {name}: {text}"
     errno = error.errno if isinstance(error, _warden.CoreError) else None
     if errno is None:
         found = re.search(r"\(os error (\d+)\)", str(error))
