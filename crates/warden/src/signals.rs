@@ -192,12 +192,22 @@ fn interrupt_blocking_calls(sig: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Sends SIGTERM to this process, as a stop from outside would come: the
-/// handlers record it, and a running task is interrupted.
-pub(crate) fn stop_this_process() {
-    // SAFETY: kill(2) with this process's own id and a signal number.
+/// Sends SIGTERM to this process and its process group, as a stop from
+/// the pool comes: the handlers record it, a running task is interrupted,
+/// and the processes the task started in the group (a `multiprocessing`
+/// child, a library's pool) are told to stop too, instead of being waited
+/// for by the exit path and then killed with the group.
+pub(crate) fn stop_this_process_and_group() {
+    // SAFETY: getpid(2), getpgid(2) and kill(2) with this process's own ids
+    // and a signal number. The group named by this process's id is the one
+    // it was started to lead (a group's id is never another's while its
+    // leader lives); a task may have moved this process out of it.
     unsafe {
-        libc::kill(libc::getpid(), libc::SIGTERM);
+        let pid = libc::getpid();
+        if libc::getpgid(0) != pid {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        libc::kill(-pid, libc::SIGTERM);
     }
 }
 

@@ -1173,7 +1173,7 @@ fn pump(core: &WorkerState, inbox: &Inbox, reader: &mut FrameReader, until: Unti
                     // which way the stop went: told first, before the
                     // task's outcome and the goodbye the stop brings.
                     let told = core.send(&Message::StopTaken { id });
-                    signals::stop_this_process();
+                    signals::stop_this_process_and_group();
                     if told.is_err() {
                         return inbox.end(End::Closed);
                     }
