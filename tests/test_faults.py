@@ -284,6 +284,100 @@ def test_a_stopped_worker_past_its_task_timeout_is_resumed_to_run_its_exit_path(
     assert stopped[0] in pids_tagged(path, "finalizer")
 
 
+TASK_WITH_A_CHILD = """
+import multiprocessing, os, signal, sys, time
+import warden
+
+def note(path, tag):
+    with open(path, "a") as f:
+        f.write(f"{tag} {os.getpid()}\\n")
+
+def child(path):
+    def stop(signum, frame):
+        note(path, "child-stopped")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    note(path, "child-started")
+    time.sleep(300)
+
+def task(path):
+    p = multiprocessing.get_context("spawn").Process(target=child, args=(path,))
+    p.start()
+    p.join()
+
+if __name__ == "__main__":
+    path, how = sys.argv[1], sys.argv[2]
+    lost = []
+    hooks = {"finalizer": note, "finalargs": (path, "finalizer")}
+    timeout = 1 if how == "timeout" else None
+    with warden.ProcessPoolExecutor(1, task_timeout=timeout, on_worker_lost=lost.append, **hooks) as ex:
+        f = ex.submit(task, path)
+        while "child-started" not in open(path).read() if os.path.exists(path) else True:
+            time.sleep(0.02)
+        if how == "cancel":
+            f.cancel(running=True)
+        try:
+            f.result(timeout=60)
+        except BaseException as e:
+            print(type(e).__name__)
+        print(ex.submit(os.getpid).result(timeout=60) > 0)
+    print("lost", len(lost))
+"""
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def test_a_stopped_task_stops_the_multiprocessing_children_it_started_and_its_worker_exits_by_its_exit_path(
+    program, tmp_path, how
+):
+    """A task stopped by its timeout or a cancel was told alone, not its
+    process group as a terminate() tells it: the worker's exit path then
+    joined the child the task had started (as ``multiprocessing`` does at
+    exit), which nothing had told to stop, until the grace was over and the
+    group was killed: the child without its SIGTERM handler, the worker
+    without the rest of its exit path, reported lost."""
+    path = str(tmp_path / "log")
+    run = program(TASK_WITH_A_CHILD).run(timeout=90, args=(path, how))
+    assert run.returncode == 0, run.stderr
+    stopped = "TaskTimeout" if how == "timeout" else "CancelledError"
+    assert run.lines == [stopped, "True", "lost 0"], run.stdout + run.stderr
+    assert len(pids_tagged(path, "child-started")) == 1
+    assert pids_tagged(path, "child-stopped") == pids_tagged(path, "child-started")
+    assert len(pids_tagged(path, "finalizer")) == 2  # the stopped worker's and its replacement's
+
+
+NESTED_EXECUTOR_LEFT_OPEN = """
+import time
+import warden
+
+def slow():
+    time.sleep(60)
+
+def task():
+    inner = warden.ProcessPoolExecutor(1)  # never shut down
+    for f in [inner.submit(slow) for _ in range(2)]:
+        f.result()
+
+if __name__ == "__main__":
+    with warden.ProcessPoolExecutor(1, task_timeout=2) as ex:
+        try:
+            ex.submit(task).result(timeout=60)
+        except warden.TaskTimeout:
+            print("timed out", flush=True)
+"""
+
+
+def test_a_stopped_workers_own_executor_says_its_dropped_tasks_are_for_the_stop_not_an_interrupt(program):
+    """The tasks a stopped worker's executor drops at its exit were counted
+    as for "the program was interrupted": nothing was, the worker was
+    stopped (its task's timeout here)."""
+    run = program(NESTED_EXECUTOR_LEFT_OPEN).run(timeout=90)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["timed out"], run.stdout + run.stderr
+    said = "2 submitted tasks dropped at interpreter exit (this process was told to stop)"
+    assert said in run.stderr, run.stderr
+    assert "the program was interrupted" not in run.stderr
+
+
 def stopped(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -406,6 +406,41 @@ def test_ctrl_c_while_exit_waits_for_submitted_tasks_drops_them_and_says_so(prog
     assert "3 submitted tasks dropped at interpreter exit (interrupted (Ctrl-C))" in err
 
 
+def test_a_signal_handlers_system_exit_while_exit_waits_for_submitted_tasks_drops_them_and_says_so(program):
+    """A SIGTERM handler that calls ``sys.exit()``, as the signal comes while
+    the exit runs an executor's pending tasks: the program is to end now. It
+    printed a traceback ("Exception ignored in: <module 'threading'>") and
+    went on waiting for the tasks; it now stops them, as a Ctrl-C there does."""
+    prog = program(
+        """
+        import signal, sys, time, warden
+
+        def slow(i):
+            time.sleep(60)
+
+        def leave(signum, frame):
+            sys.exit(3)
+
+        if __name__ == "__main__":
+            signal.signal(signal.SIGTERM, leave)
+            ex = warden.ProcessPoolExecutor(1)
+            for i in range(2):
+                ex.submit(slow, i)
+            print("ended", flush=True)
+        """
+    )
+    proc = prog.start()
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ended"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    # Ended within the bound (the interpreter's exit status was set as main
+    # returned: a SystemExit this late does not change it).
+    _, err = proc.communicate(timeout=30)
+    assert "2 submitted tasks dropped at interpreter exit (interrupted (SystemExit))" in err
+    assert "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_pool_left_open_at_exit_is_terminated(program, impl):
     prog = user_program(

@@ -1592,9 +1592,9 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
     joined: the children, in their own process groups, did not see the
     Ctrl-C), except a non-daemon process that a terminal's Ctrl-C reached
     too: it is joined, as the standard library joins its children, which
-    saw it. A Ctrl-C while waiting stops everything gracefully; another one
-    kills what is left. After a terminate, every wait is bounded by the
-    grace periods."""
+    saw it. A Ctrl-C (or a signal handler's ``SystemExit``) while waiting
+    stops everything gracefully; another one kills what is left. After a
+    terminate, every wait is bounded by the grace periods."""
     global exiting, exit_began
     exit_began = True
     if policies is None:
@@ -1609,9 +1609,11 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
     started = time.monotonic()
     try:
         try:
+            # (In a worker or child: by its pool or parent, or a stop signal.)
+            why = "this process was told to stop" if stop_requested else "the program was interrupted"
             for r in runners:
                 if interrupted and not (r.exit_policy == "join" and r.got_the_interrupt()):
-                    _cut_short(r, "the program was interrupted")
+                    _cut_short(r, why)
                 elif r.exit_policy != "join":
                     r.cut_by_exit[0] = r.exit_policy == "terminate"
                     r.core.stop(_EXIT_STOP[r.exit_policy], wait=False)
@@ -1624,9 +1626,12 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
                     limit = None if r.exit_timeout is None else _left(started + r.exit_timeout)
                     if not _join_unless_stopped(r, limit):
                         _cut_short(r, f"exit_timeout={r.exit_timeout:g}s passed")
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit) as e:
+            # A Ctrl-C, or a signal handler's sys.exit() (a SIGTERM handler
+            # of the program's, as it comes again): the program is to end now.
+            why = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else "interrupted (SystemExit)"
             for r in runners:
-                _cut_short(r, "interrupted (Ctrl-C)")
+                _cut_short(r, why)
         # One grace period for all pools, not one each: every pool's shutdown
         # ladder runs against the same deadline, then each is waited for.
         deadline = time.monotonic() + GRACE
@@ -1634,12 +1639,12 @@ def _shut_down_at_exit(policies: tuple[str, ...] | None = None) -> None:
             r.core.stop(_EXIT_STOP[r.exit_policy], within=_left(deadline), wait=False)
         for r in runners:
             r.core.stop(_EXIT_STOP[r.exit_policy], within=_left(deadline))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         for r in runners:
             r.cut_by_exit[0] = True
             r.core.stop("kill", wait=False)
         for r in runners:
-            with contextlib.suppress(KeyboardInterrupt):
+            with contextlib.suppress(KeyboardInterrupt, SystemExit):
                 r.core.stop("kill")
     for r in everyone:
         if r.thread is not None:
