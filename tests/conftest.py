@@ -242,6 +242,24 @@ class Program:
             pytest.fail(f"program did not exit within {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
         return Run(proc.returncode, out, err, time.monotonic() - start, proc.pid)
 
+    def run_without_own_proc(
+        self,
+        where: str,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        timeout: float = 100.0,
+    ) -> tuple[str, str]:
+        """Runs the program where this process's ``/proc`` cannot be read
+        (``where``: a key of :data:`WITHOUT_OWN_PROC`), skipping the test
+        where that cannot be set up; its stdout and stderr, once it exited 0."""
+        command = WITHOUT_OWN_PROC[where]
+        if not can_run(command):
+            pytest.skip(f"needs {command[0]}(1) and the right to run {' '.join(command[:3])}")
+        proc = self.start(env=env, command=[*command, sys.executable, str(self.path), *args])
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err
+        return out, err
+
     def out_lines(self) -> list[str]:
         """Lines the program (or its workers) appended to $OUT."""
         try:

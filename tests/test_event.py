@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import sys
 import threading
 import time
 
@@ -13,7 +12,7 @@ import pytest
 
 import warden
 
-from conftest import WITHOUT_OWN_PROC, can_run
+from conftest import WITHOUT_OWN_PROC
 
 
 def set_event(event):
@@ -191,13 +190,7 @@ def test_an_event_in_a_task_where_proc_is_not_this_namespaces_is_refused_saying_
     (whose ``<pid>`` is another process, whose descriptor the worker then
     opened), the error blamed the sender ("must still hold it"); it now names
     ``/proc``, and an event passed at spawn time still works there."""
-    command = WITHOUT_OWN_PROC[where]
-    if not can_run(command):
-        pytest.skip(f"needs {command[0]}(1) and the right to run {' '.join(command[:3])}")
-    prog = program(EVENT_IN_TASK_AND_AT_SPAWN)
-    proc = prog.start(command=[*command, sys.executable, str(prog.path)])
-    out, err = proc.communicate(timeout=100)
-    assert proc.returncode == 0, err
+    out, _ = program(EVENT_IN_TASK_AND_AT_SPAWN).run_without_own_proc(where)
     task, spawn = out.splitlines()
     why = "belongs to another pid namespace" if where == "another-namespace" else "/proc cannot be read"
     assert task.startswith("in a task: cannot open the event shared by process") and why in task, task

@@ -25,7 +25,7 @@ import pytest
 import warden
 from warden import _warden
 
-from conftest import REFUSE_SYSTEM_CALL, SECCOMP_MACHINES, WITHOUT_OWN_PROC, alive, can_run, wait_until
+from conftest import REFUSE_SYSTEM_CALL, SECCOMP_MACHINES, WITHOUT_OWN_PROC, alive, wait_until
 
 MiB = 1 << 20
 
@@ -1471,13 +1471,7 @@ def test_a_memory_cap_where_proc_cannot_be_read_is_refused_instead_of_holding_no
     processes), the pool is refused as it starts its workers, with a
     ``ValueError`` that says why; before, it served, and a task went past
     the cap unnoticed. A pool without a cap still runs there."""
-    command = WITHOUT_OWN_PROC[where]
-    if not can_run(command):
-        pytest.skip(f"needs {command[0]}(1) and the right to run {' '.join(command[:3])}")
-    prog = program(WITHOUT_PROC)
-    proc = prog.start(command=[*command, sys.executable, str(prog.path)])
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    out, err = program(WITHOUT_PROC).run_without_own_proc(where)
     lines = out.splitlines()
     assert len(lines) == 3, out + err
     for line in lines[:2]:
@@ -3245,13 +3239,7 @@ def test_workers_started_after_the_programs_directory_was_deleted_stand_in_it_wh
     """Where ``/proc`` cannot be read, the worker could not tell it stood in
     the deleted directory: its ``chdir`` failed, and the pool with it, at the
     first replacement. ``getcwd`` tells it there."""
-    command = WITHOUT_OWN_PROC["hidden"]
-    if not can_run(command):
-        pytest.skip(f"needs {command[0]}(1) and the right to run {' '.join(command[:3])}")
-    prog = program(CWD_DELETED_WITHOUT_PROC)
-    proc = prog.start(command=[*command, sys.executable, str(prog.path)])
-    out, err = proc.communicate(timeout=100)
-    assert proc.returncode == 0, err
+    out, err = program(CWD_DELETED_WITHOUT_PROC).run_without_own_proc("hidden")
     rows = [line.split(" ", 1) for line in out.splitlines()]
     assert len(rows) == 4, out + err
     assert rows[0][1].endswith("/work")

@@ -19,7 +19,7 @@ import pytest
 import warden
 from warden import _warden
 
-from conftest import WITHOUT_OWN_PROC, alive, can_run, numpy, wait_until
+from conftest import alive, numpy, wait_until
 
 
 def whoami():
@@ -230,13 +230,7 @@ def test_workers_get_a_umask_and_limits_set_after_the_start_where_proc_is_anothe
     which there is another thread's: it read nothing, so compared nothing,
     and every worker forked after the program tightened its ``umask`` and
     limits (or dropped its privileges) had those of before."""
-    command = WITHOUT_OWN_PROC["another-namespace"]
-    if not can_run(command):
-        pytest.skip("needs unshare(1) and the right to make a pid namespace")
-    prog = program(UMASK_AFTER_START)
-    proc = prog.start(command=[*command, sys.executable, str(prog.path)])
-    out, err = proc.communicate(timeout=100)
-    assert proc.returncode == 0, err
+    out, _ = program(UMASK_AFTER_START).run_without_own_proc("another-namespace")
     *seen, limit = out.splitlines()
     lowered = limit.split()[1]
     # One worker per task; the first may have started before the change.
@@ -423,15 +417,8 @@ def test_the_zygote_imports_main_once_where_proc_is_another_namespaces(program):
     threads warden and ``threading`` did not start compared ``/proc``'s
     thread ids with this namespace's: every thread looked like another
     library's, so no zygote imported main, and every worker did."""
-    command = WITHOUT_OWN_PROC["another-namespace"]
-    if not can_run(command):
-        pytest.skip("needs unshare(1) and the right to make a pid namespace")
     prog = program(COUNTS_MAIN_IMPORTS)
-    proc = prog.start(
-        env={"WARDEN_START": "zygote"}, command=[*command, sys.executable, str(prog.path), "default"]
-    )
-    out, err = proc.communicate(timeout=100)
-    assert proc.returncode == 0, err
+    out, _ = prog.run_without_own_proc("another-namespace", args=("default",), env={"WARDEN_START": "zygote"})
     seen = [entry.split(":") for entry in out.split()]
     assert len({pid for pid, _ in seen}) == 6
     zygotes = {z for _, z in seen}
