@@ -203,7 +203,6 @@ def test_workers_started_after_the_program_tightened_its_umask_and_limits_get_th
 UMASK_AFTER_START = """
 import os, resource
 import warden
-from warden import _warden
 
 def umask_and_files_limit():
     mask = os.umask(0)

@@ -225,7 +225,7 @@ def _threads_of_others() -> bool:
             # its own): the ids there are not this namespace's; each thread's
             # status lists its ids in every namespace, this one's last.
             tids = {_innermost_id(tid) for tid in tids}
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return False
     tids.difference_update(t.native_id for t in threading.enumerate())
     tids.difference_update(_warden.own_thread_ids())
