@@ -56,7 +56,7 @@ venv: $(VENV)/.tools
 
 # What the optional features' tests need (each test skips, saying so, without it).
 TEST_TOOLS := "tqdm>=4.60" "dask[distributed]>=2024.1" "numpy>=1.24" "uvloop>=0.19" "gevent>=23.9" "coverage>=7.0" \
-	"pyright[nodejs]>=1.1.400"
+	"pyright[nodejs]>=1.1.400" "joblib>=1.3"
 $(VENV)/.test-tools: $(VENV)/.tools
 	$(T) 900 $(VPY) -m pip install --quiet $(TEST_TOOLS)
 	touch $@

@@ -111,6 +111,33 @@ def put_sleepers(queue):
     queue.put(start_sleepers())
 
 
+CLEANS_UP_ON_SIGTERM = (
+    "import pathlib, signal, sys, time\n"
+    "def cleaned(*_):\n"
+    "    pathlib.Path(sys.argv[1]).write_text('cleaned up')\n"
+    "    sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, cleaned)\n"
+    "pathlib.Path(sys.argv[2]).touch()\n"
+    "time.sleep(300)\n"
+)
+
+
+def start_a_child_that_cleans_up_on_sigterm(cleaned, ready):
+    """Starts a child in this worker's process group that records its
+    SIGTERM handler's run; returns the child's pid and this worker's, once
+    the handler is in place."""
+    child = subprocess.Popen([sys.executable, "-c", CLEANS_UP_ON_SIGTERM, cleaned, ready])
+    deadline = time.monotonic() + 30
+    while not os.path.exists(ready) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return child.pid, os.getpid()
+
+
+def start_such_a_child_then_die_of_sigkill(cleaned, ready):
+    start_a_child_that_cleans_up_on_sigterm(cleaned, ready)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def lines(path):
     try:
         return Path(path).read_text().splitlines()
@@ -907,6 +934,89 @@ def test_what_a_task_leaves_running_in_its_workers_group_ends_with_the_worker(ki
         for pid in (stays, leaves):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("kind", ["executor", "process"])
+def test_what_a_worker_killed_outright_left_in_its_group_gets_sigterm_and_runs_its_handler(tmp_path, kind):
+    """A worker SIGKILLed from outside (the OOM killer, ``kill -9``) never ran
+    its exit path: what it left in its process group is sent SIGTERM, and
+    has the grace period to clean up, before the SIGKILL that ends what is
+    left. The pool goes on meanwhile."""
+    cleaned, ready = tmp_path / "cleaned", tmp_path / "ready"
+    if kind == "executor":
+        with warden.ProcessPoolExecutor(1) as ex:
+            child, worker = ex.submit(
+                start_a_child_that_cleans_up_on_sigterm, str(cleaned), str(ready)
+            ).result(timeout=60)
+            os.kill(worker, signal.SIGKILL)
+            assert wait_until(cleaned.exists, timeout=30), "the child's SIGTERM handler ran"
+            assert ex.submit(os.getpid).result(timeout=60) not in (worker, child), "the pool serves on"
+    else:
+        proc = warden.Process(target=start_such_a_child_then_die_of_sigkill, args=(str(cleaned), str(ready)))
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == -signal.SIGKILL
+        assert wait_until(cleaned.exists, timeout=30), "the child's SIGTERM handler ran"
+    assert cleaned.read_text() == "cleaned up"
+
+
+JOBLIB_JOBS = """
+import os, pathlib, time
+
+def nap(data, marker):
+    pathlib.Path(marker).touch()
+    time.sleep(300)
+
+def use_joblib(folder, marks):
+    import joblib, numpy
+    pathlib.Path(marks, "worker").write_text(str(os.getpid()))
+    data = numpy.ones(1 << 20)  # 8 MiB, above joblib's max_nbytes: memmapped into `folder`
+    joblib.Parallel(n_jobs=2, backend="loky", temp_folder=folder)(
+        joblib.delayed(nap)(data, os.path.join(marks, str(i))) for i in range(2)
+    )
+"""
+
+JOBLIB_IN_A_KILLED_WORKER = """
+import os, pathlib, sys, time
+import warden
+from jobs import use_joblib
+
+if __name__ == "__main__":
+    folder, marks = sys.argv[1], sys.argv[2]
+    with warden.ProcessPoolExecutor(1) as ex:
+        f = ex.submit(use_joblib, folder, marks)
+        deadline = time.monotonic() + 60
+        while len(os.listdir(marks)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        memmaps = [n for n in os.listdir(folder) if n.startswith("joblib_memmapping_folder")]
+        print("memmapped:", len(memmaps), flush=True)
+        os.kill(int(pathlib.Path(marks, "worker").read_text()), 9)
+        try:
+            f.result(timeout=60)
+        except warden.WorkerCrashed as e:
+            print("crashed:", e.signal, flush=True)
+    deadline = time.monotonic() + 30
+    while os.listdir(folder) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print("left:", os.listdir(folder), flush=True)
+"""
+
+
+def test_joblib_in_a_worker_killed_outright_still_removes_its_memmapped_data(program, tmp_path):
+    """joblib (its loky backend) keeps large arguments in a memmapped folder
+    that its own resource tracker, a process in the worker's group, removes
+    once its pool's processes are gone. A worker SIGKILLed from outside
+    leaves that tracker the grace period to do it; the folder does not
+    outlive the program."""
+    pytest.importorskip("joblib", reason="joblib is installed by `make test-tools`")
+    pytest.importorskip("numpy", reason="numpy is installed by `make test-tools`")
+    folder, marks = tmp_path / "memmaps", tmp_path / "marks"
+    folder.mkdir()
+    marks.mkdir()
+    program(JOBLIB_JOBS, name="jobs.py")
+    run = program(JOBLIB_IN_A_KILLED_WORKER).run(timeout=100, args=(str(folder), str(marks)))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["memmapped: 1", "crashed: 9", "left: []"], run.stderr
 
 
 ORPHANING_PARENT = """

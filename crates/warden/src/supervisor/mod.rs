@@ -45,6 +45,7 @@
 mod command;
 mod config;
 mod events;
+mod leftovers;
 mod link;
 mod memory;
 mod pace;
@@ -168,6 +169,9 @@ pub(crate) struct Supervisor {
     /// Until when nothing is sent ahead: callers are cancelling tasks (see
     /// [`schedule::CANCEL_CALM`]).
     cancelling_until: Option<Instant>,
+    /// Dead workers not yet reaped: their groups' grace period runs (see
+    /// `leftovers.rs`).
+    lingering: Vec<leftovers::Lingering>,
 }
 
 /// Creates the channel, waker and poller for a pool; the supervisor runs on
@@ -224,6 +228,7 @@ pub(crate) fn create(mut cfg: Config) -> std::io::Result<(Supervisor, Arc<Superv
         unserved_since: None,
         setup_failures: 0,
         cancelling_until: None,
+        lingering: Vec::new(),
         pause: None,
         pause_cap: pace::FIRST_PAUSE_CAP,
         started: None,
@@ -377,8 +382,10 @@ impl Supervisor {
             self.give_back();
             self.retire_idle();
             self.watch_blocked_writes();
+            self.check_lingering(Instant::now());
             if self.phase != PoolPhase::Running
                 && self.workers.is_empty()
+                && self.lingering.is_empty()
                 && self.queue.is_empty()
                 && self.wanted_workers() == 0
             {
@@ -444,6 +451,7 @@ impl Supervisor {
             .chain(self.spawn_retry_at)
             .chain(self.zygote_deadline())
             .chain(self.memory_sample_at)
+            .chain(self.lingering_deadline())
             .chain(self.pause_deadline())
             .chain(self.workers.values().filter_map(|w| w.recall_at(self.task_time.recall_after())))
             .chain(self.give_back_wait_ends(now))

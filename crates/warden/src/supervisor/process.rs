@@ -11,8 +11,10 @@
 //! * What a worker leaves in its process group when it exits (a subprocess a
 //!   task started and never waited for) is SIGKILLed as the worker is reaped,
 //!   between seeing the exit and reaping it: the worker had its exit path
-//!   (its finalizer) to stop them gracefully, and nothing a worker started
-//!   outlives it unless it left the group (`setsid`, `start_new_session`).
+//!   (its finalizer) to stop them gracefully, or, when it died without it,
+//!   the group had SIGTERM and a grace period first (`leftovers.rs`).
+//!   Nothing a worker started outlives it unless it left the group
+//!   (`setsid`, `start_new_session`).
 
 use std::io;
 use std::mem::ManuallyDrop;
@@ -32,8 +34,14 @@ pub(super) trait Kill {
 
 /// Reaps a worker.
 pub(super) trait Wait {
-    /// Reaps the process if it has exited; `None` if it is still running.
+    /// Reaps the process if it has exited, SIGKILLing what it left in its
+    /// process group first; `None` if it is still running.
     fn try_wait(&mut self) -> io::Result<Option<ExitStatus>>;
+    /// Whether the process has exited, and how, without reaping it.
+    fn exited(&mut self) -> io::Result<Option<ExitStatus>>;
+    /// Whether any process other than this one (and other than a zombie) is
+    /// in its process group; `None` where that cannot be seen.
+    fn others_in_group(&self) -> Option<bool>;
 }
 
 /// A worker process as the supervisor drives it.
@@ -138,21 +146,103 @@ impl Wait for Pidfd {
     fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         // Exited? Look without reaping: while it is a zombie its pid, its
         // group's id, cannot be reused, so its leftovers can be signalled.
-        let exited = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
-        let seen = match rustix::process::waitid(self.id(), exited) {
-            Err(e) if self.lost(e) => rustix::process::waitid(self.id(), exited)?,
-            seen => seen?,
-        };
-        if seen.is_none() {
+        if self.exited()?.is_none() {
             return Ok(None);
         }
         self.forwarded = None; // out of the Ctrl-C table before its group id can be reused
         let _ = rustix::process::kill_process_group(self.pid, Signal::KILL);
         let status = rustix::process::waitid(self.id(), WaitIdOptions::EXITED | WaitIdOptions::NOHANG)?;
-        Ok(status.map(|st| match st.terminating_signal() {
-            Some(sig) => ExitStatus::Signal(sig),
-            None => ExitStatus::Code(st.exit_status().unwrap_or(-1)),
-        }))
+        Ok(status.map(exit_status))
+    }
+
+    fn exited(&mut self) -> io::Result<Option<ExitStatus>> {
+        let exited = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+        let seen = match rustix::process::waitid(self.id(), exited) {
+            Err(e) if self.lost(e) => rustix::process::waitid(self.id(), exited)?,
+            seen => seen?,
+        };
+        Ok(seen.map(exit_status))
+    }
+
+    fn others_in_group(&self) -> Option<bool> {
+        others_in_group(self.pid.as_raw_nonzero().get())
+    }
+}
+
+fn exit_status(st: rustix::process::WaitIdStatus) -> ExitStatus {
+    match st.terminating_signal() {
+        Some(sig) => ExitStatus::Signal(sig),
+        None => ExitStatus::Code(st.exit_status().unwrap_or(-1)),
+    }
+}
+
+/// Whether a process other than `leader`, and not a zombie, is in process
+/// group `leader`, as `/proc` shows; `None` where `/proc` cannot say (not
+/// mounted, or another PID namespace's, whose ids are not this one's).
+pub(super) fn others_in_group(leader: i32) -> Option<bool> {
+    let me = std::process::id().to_string();
+    if std::fs::read_link("/proc/self").ok()?.as_os_str() != me.as_str() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if pid == leader {
+            continue;
+        }
+        // Gone meanwhile, or not ours to read: not a member we can see.
+        let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) else { continue };
+        if live_member_of(&stat) == Some(leader) {
+            return Some(true);
+        }
+    }
+    Some(false)
+}
+
+/// The process group (the fifth field) of a `/proc/<pid>/stat` line, unless
+/// the process is a zombie. The second field, the command's name in
+/// parentheses, may hold anything: fields are counted from its last `)`.
+fn live_member_of(stat: &[u8]) -> Option<i32> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    fields.nth(1)?.parse().ok()
+}
+
+/// Stands in a worker's record for its process once that is handed on to be
+/// reaped later (see `leftovers.rs`): it has exited, and is no longer the
+/// record's to signal or reap.
+pub(super) struct HandedOn(pub(super) i32);
+
+impl Kill for HandedOn {
+    fn signal(&mut self, _sig: Signal, _group: bool) {}
+}
+
+impl Wait for HandedOn {
+    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        Ok(None)
+    }
+
+    fn exited(&mut self) -> io::Result<Option<ExitStatus>> {
+        Ok(None)
+    }
+
+    fn others_in_group(&self) -> Option<bool> {
+        None
+    }
+}
+
+impl WorkerProcess for HandedOn {
+    fn pid(&self) -> i32 {
+        self.0
+    }
+
+    fn exit_fd(&self) -> Option<RawFd> {
+        None
     }
 }
 
@@ -173,5 +263,21 @@ impl WorkerProcess for Pidfd {
 
     fn watched_by_pid(&self) -> bool {
         self.by_pid()
+    }
+}
+
+#[cfg(test)]
+mod stat_tests {
+    use super::live_member_of;
+
+    #[test]
+    fn the_group_is_read_after_the_last_parenthesis_of_the_name() {
+        let line = b"4242 (a) b (c)) S 17 4200 4200 0 -1 4194560 0 0";
+        assert_eq!(live_member_of(line), Some(4200));
+    }
+
+    #[test]
+    fn a_zombie_is_no_member() {
+        assert_eq!(live_member_of(b"4242 (sleep) Z 17 4200 4200 0"), None);
     }
 }

@@ -17,7 +17,7 @@ use super::{LifecycleEvent, PoolPhase, StopCause, Supervisor, WorkerEnd, KILL_WA
 impl Supervisor {
     pub(super) fn reap(&mut self, id: u64) {
         let Some(w) = self.workers.get_mut(&id) else { return };
-        let status = match w.process.try_wait() {
+        let status = match w.process.exited() {
             Ok(Some(status)) => status,
             Ok(None) => return, // not yet
             Err(e) => {
@@ -26,9 +26,11 @@ impl Supervisor {
             }
         };
         w.status = Some(status);
-        // Whatever it wrote before exiting is in the socket buffer now.
+        // Whatever it wrote before exiting is in the socket buffer now: its
+        // goodbye, if it went through its exit path.
         w.eof = false;
         self.read_worker(id, false);
+        self.release(id, Instant::now());
         self.finish(id);
     }
 

@@ -25,11 +25,14 @@ const GRACE: Duration = Duration::from_secs(5);
 const MAX_FRAME: usize = 1 << 20;
 
 /// A stand-in process: records signals, exits when told to, and dies of
-/// SIGKILL as a real process does.
+/// SIGKILL as a real process does; whether processes are left in its group
+/// is set by the test, and its reap is recorded.
 #[derive(Clone, Default)]
 struct Stand {
     signals: Arc<Mutex<Vec<(Signal, bool)>>>,
     exit: Arc<Mutex<Option<ExitStatus>>>,
+    others_in_group: Arc<Mutex<bool>>,
+    reaped: Arc<Mutex<bool>>,
 }
 
 struct StandProcess(Stand, i32, Option<std::os::fd::OwnedFd>);
@@ -45,7 +48,19 @@ impl Kill for StandProcess {
 
 impl Wait for StandProcess {
     fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        let exit = *lock(&self.0.exit);
+        if exit.is_some() {
+            *lock(&self.0.reaped) = true;
+        }
+        Ok(exit)
+    }
+
+    fn exited(&mut self) -> std::io::Result<Option<ExitStatus>> {
         Ok(*lock(&self.0.exit))
+    }
+
+    fn others_in_group(&self) -> Option<bool> {
+        Some(*lock(&self.0.others_in_group))
     }
 }
 
@@ -67,6 +82,14 @@ impl Stand {
 
     fn exit_with(&self, status: ExitStatus) {
         *lock(&self.exit) = Some(status);
+    }
+
+    fn leave_others_in_group(&self, left: bool) {
+        *lock(&self.others_in_group) = left;
+    }
+
+    fn reaped(&self) -> bool {
+        *lock(&self.reaped)
     }
 }
 
@@ -636,6 +659,65 @@ fn a_crashed_worker_fails_its_started_task_and_requeues_the_rest_in_order() {
     assert!(!h.sup.workers.contains_key(&w.id), "reaped");
     assert_eq!(h.outcomes(), [(1, "crashed")]);
     assert_eq!(h.queued(), [2, 3]);
+}
+
+#[test]
+fn a_worker_that_died_without_its_exit_path_has_its_group_signalled_and_is_reaped_once_the_group_is_empty() {
+    let mut h = harness(1, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    h.submit_and_dispatch(2);
+    w.stand.leave_others_in_group(true);
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGKILL));
+    let died = Instant::now();
+    h.sup.reap(w.id);
+    // Its outcome and its place do not wait for its group.
+    assert_eq!(h.outcomes(), [(1, "crashed")]);
+    assert!(!h.sup.workers.contains_key(&w.id), "its record is settled");
+    assert_eq!(h.queued(), [2]);
+    assert_eq!(w.stand.signals(), [(Signal::TERM, true), (Signal::CONT, true)]);
+    assert!(!w.stand.reaped(), "reaped while its group is signalled");
+    h.sup.check_lingering(died + Duration::from_millis(50));
+    assert!(!w.stand.reaped(), "reaped while processes are left in its group");
+    w.stand.leave_others_in_group(false);
+    let next = h.sup.next_deadline().expect("the group is looked at again");
+    assert!(next <= Instant::now() + Duration::from_millis(200), "looked at within 100 ms: {next:?}");
+    h.sup.check_lingering(next);
+    assert!(w.stand.reaped(), "reaped once its group is empty");
+    assert!(h.sup.lingering.is_empty());
+}
+
+#[test]
+fn a_dead_workers_group_that_outlives_the_grace_period_is_reaped_then() {
+    let mut h = harness(1, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    w.stand.leave_others_in_group(true);
+    w.stand.exit_with(ExitStatus::Code(3));
+    let died = Instant::now();
+    h.sup.reap(w.id);
+    h.sup.check_lingering(died + GRACE - Duration::from_millis(10));
+    assert!(!w.stand.reaped());
+    h.sup.check_lingering(died + GRACE + Duration::from_millis(10));
+    assert!(w.stand.reaped(), "reaped (its group SIGKILLed) at the end of the grace period");
+}
+
+#[test]
+fn a_worker_the_pool_stopped_or_that_left_nothing_in_its_group_is_reaped_at_once() {
+    let mut h = harness(1, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    w.stand.leave_others_in_group(true);
+    h.sup.terminate(false);
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGTERM));
+    h.sup.reap(w.id);
+    assert!(w.stand.reaped(), "its group had SIGTERM from the stop already");
+    assert!(h.sup.lingering.is_empty());
+
+    let mut h = harness(1, 10);
+    let w = h.worker(WorkerPhase::Ready);
+    w.stand.leave_others_in_group(false);
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGKILL));
+    h.sup.reap(w.id);
+    assert!(w.stand.reaped(), "nothing left in its group: reaped at once");
+    assert_eq!(w.stand.signals(), [], "and its group not signalled");
 }
 
 #[test]
