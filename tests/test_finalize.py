@@ -1081,6 +1081,55 @@ def test_what_a_task_printed_is_written_though_a_class_attribute_wraps_stdout(pr
     assert sorted(run.lines) == ["printed by the task", "result 1"]
 
 
+SWAPS_STDOUT = """
+import concurrent.futures, multiprocessing, os, sys
+import warden
+
+def report(i):
+    print("printed before the swap", i)  # block-buffered: stdout is a pipe
+    return i
+
+def silence():
+    sys.stdout = open(os.devnull, "w")  # as code quieting a noisy library does; never put back
+    return "silenced"
+
+def both():
+    report(0)
+    silence()
+
+if __name__ == "__main__":
+    impl, kind = sys.argv[1], sys.argv[2]
+    ctx = multiprocessing.get_context("spawn") if impl == "std" else warden
+    if kind == "executor":
+        if impl == "std":
+            ex = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx)
+        else:
+            ex = warden.ProcessPoolExecutor(1)
+        with ex:
+            ex.submit(report, 0).result(timeout=60)
+            ex.submit(silence).result(timeout=60)
+    elif kind == "pool":
+        with ctx.Pool(1) as pool:
+            pool.apply(report, (0,))
+            pool.apply(silence)
+            pool.close()
+            pool.join()
+    else:
+        p = ctx.Process(target=both)
+        p.start()
+        p.join(60)
+    print("parent done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool", "process"])
+@pytest.mark.parametrize("impl", ["std", "warden"])
+def test_what_was_printed_before_a_task_replaced_stdout_for_good_is_still_written(program, impl, kind):
+    run = program(SWAPS_STDOUT).run(args=(impl, kind), env={"PYTHONUNBUFFERED": ""})
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["printed before the swap 0", "parent done"], run.stderr
+
+
 STDOUT_TO_A_FULL_DISK = """
 import multiprocessing, os, sys
 import warden

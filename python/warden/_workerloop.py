@@ -1455,8 +1455,7 @@ class Handler:
             errors.append(f"clearing the program's globals raised {_type_name(e)}: {text_of(e)}")
             say(f"warden: {self._who()} {os.getpid()}: {errors[-1]}")
         _stop_resource_tracker()
-        for name in ("stdout", "stderr"):
-            stream = getattr(sys, name)
+        for name, stream in _standard_streams():
             try:
                 # A closed stream has nothing left to write (the program
                 # closed it, or put a file it has closed in its place): the
@@ -1543,10 +1542,9 @@ def _clear_program_globals() -> None:
     # What was printed goes out first, as the interpreter's finalization
     # flushes the standard streams before it tears modules down: a wrapper of
     # sys.stdout's buffer that a global holds closes that buffer as it goes.
-    for stream in (sys.stdout, sys.stderr):
+    for _, stream in _standard_streams():
         with contextlib.suppress(Exception):
-            if stream is not None:
-                stream.flush()
+            stream.flush()
     if threads:
         _settle_files(_program_namespaces(), close=False)
         return
@@ -1933,6 +1931,20 @@ def _files_held(value: Any, files: list[Any], depth: int) -> None:
         held = itertools.islice(value.values(), _HOLDERS_WIDTH)
     for item in list(held):
         _files_held(item, files, depth)
+
+
+def _standard_streams() -> list[tuple[str, Any]]:
+    """The standard streams the exit path flushes, named, each once: those
+    the process started with (``sys.__stdout__``), then those the program
+    put in their place (``sys.stdout = open(os.devnull, "w")``). What was
+    printed before such a swap sits in the first; the interpreter's own
+    exit flushes it as it tears the stream down, which this exit skips."""
+    streams: list[tuple[str, Any]] = []
+    for name in ("stdout", "stderr"):
+        for stream in (getattr(sys, f"__{name}__"), getattr(sys, name)):
+            if stream is not None and all(stream is not seen for _, seen in streams):
+                streams.append((name, stream))
+    return streams
 
 
 def _settle_files(namespaces: list[dict[str, Any]], close: bool) -> None:
