@@ -997,3 +997,28 @@ def test_a_worker_that_imports_main_does_so_under_its_own_name_and_number(progra
         f"imported as {pool}-worker-1 (1,)",
         f"imported as {pool}-worker-2 (2,)",
     ], run.stderr
+
+
+PARENT_GONE = """
+import logging, os, signal, sys
+import warden
+
+def fin():
+    logging.getLogger("app.fin").info("logged by the finalizer, its parent gone")
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+    ex = warden.ProcessPoolExecutor(1, finalizer=fin)
+    print("worker", ex.submit(os.getpid).result(timeout=60), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # the worker ends through its exit path
+"""
+
+
+def test_a_record_below_warning_that_cannot_reach_the_parent_is_written_on_the_workers_stderr(program):
+    """A worker whose parent is gone writes what its code logs on its own
+    stderr, whatever the level the logger let through, in ``basicConfig``'s
+    default format (``logging.lastResort`` drops what is below WARNING)."""
+    run = program(PARENT_GONE).run(timeout=60)
+    assert run.returncode == -9, run.stderr
+    assert run.lines[0].startswith("worker "), run.stdout
+    assert "INFO:app.fin:logged by the finalizer, its parent gone" in run.stderr.splitlines(), run.stderr

@@ -648,12 +648,32 @@ class ParentHandler(logging.Handler):
                     self.sock.send(_dumps(attrs, protocol=5))
         except (OSError, pickle.PicklingError):
             # The parent is gone or not reading: keep the record on our stderr.
-            last = logging.lastResort
-            if last is not None and record.levelno >= last.level:
-                with contextlib.suppress(Exception):
-                    last.handle(record)
+            with contextlib.suppress(Exception):
+                _on_stderr.handle(record)
         except Exception:
             self.handleError(record)
+
+
+class _OnStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Where a record goes that the parent could not be handed: this
+    process's stderr at the time (as ``logging.lastResort`` writes), in
+    ``basicConfig``'s default format, whatever its level (the logger let it
+    through; ``lastResort`` would drop what is below WARNING)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+_on_stderr = _OnStderr()
 
 
 def _cut_head(text: str, limit: int) -> str:
