@@ -1282,6 +1282,31 @@ def test_a_failing_initializer_breaks_the_executor_at_its_first_failure_and_name
     ex.shutdown()
 
 
+def record_then_exit(out, code):
+    record(out, "init")
+    os._exit(code)  # as a crash in an extension the initializer loads would end it
+
+
+@pytest.mark.parametrize("start", ["zygote", "exec"])
+def test_an_initializer_that_ends_its_worker_breaks_the_executor_at_the_first_death_and_says_so(
+    tmp_path, start
+):
+    """The standard library's executor breaks when a worker dies; a worker
+    that dies in its initializer (a segfault, ``os._exit``) is no different
+    from one whose initializer raises: the executor breaks at once, rather
+    than starting the initializer again up to the restart limit."""
+    out = tmp_path / "log"
+    ex = warden.ProcessPoolExecutor(1, initializer=record_then_exit, initargs=(out, 4), start=start)
+    try:
+        with pytest.raises(BrokenProcessPool) as raised:
+            ex.submit(square, 2).result(timeout=60)
+        assert "died in its start hook: it ended with exit code 4" in str(raised.value)
+        assert "restart limit" not in str(raised.value)
+        assert len(out.read_text().splitlines()) == 1, "the initializer ran once"
+    finally:
+        ex.shutdown()
+
+
 def initializer_raising_task_interrupted():
     raise warden.TaskInterrupted("the initializer's own reason")
 

@@ -69,8 +69,8 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
     * ``restart_limit=(count, seconds)``: more than ``count`` worker failures
       that no task explains (a worker that cannot start, dies idle, or breaks
       the protocol) within ``seconds`` fail the pool; ``None`` for no limit.
-      An initializer that raises breaks the executor at once, as
-      ``concurrent.futures`` documents;
+      An initializer that raises, or ends its worker, breaks the executor
+      at once, as ``concurrent.futures`` documents;
     * ``max_memory_per_child`` (bytes, or a string like ``"512MiB"``): a
       worker above it after a task retires (its finalizer runs) and is
       replaced; the task's result is kept;

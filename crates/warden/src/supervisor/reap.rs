@@ -153,6 +153,9 @@ impl Supervisor {
         // system refused its threads before it said hello is a start refused
         // for want of them, not a failure (see `start_refused_for_shortage`).
         let before_hello = w.phase == WorkerPhase::Starting;
+        // Dead while its start hook ran, without being told to stop: the
+        // hook crashed it (a segfault in an extension it loads, `os._exit`).
+        let died_in_start_hook = w.phase == WorkerPhase::Initializing && w.cause.is_none();
         let short_of_threads =
             w.cause.is_none() && before_hello && status == ExitStatus::Code(crate::worker::EXIT_SHORT_OF_THREADS);
         let short_of_threads_what =
@@ -175,6 +178,11 @@ impl Supervisor {
         if short_of_threads && self.phase != PoolPhase::Failed && !self.cfg.one_off {
             let serving = self.workers.values().filter(|w| w.is_serving()).count();
             self.start_refused_for_shortage(Instant::now(), serving, short_of_threads_what());
+        }
+        if counted && died_in_start_hook && self.cfg.fail_on_start_error && self.phase != PoolPhase::Failed {
+            // As a start hook that fails: the pool fails at once, not after
+            // the restart intensity's worth of crashes in the same hook.
+            self.fail(format!("worker {pid} died in its start hook: it ended with {status}"));
         }
         if counted && self.phase != PoolPhase::Failed {
             let what = match &exit.cause {

@@ -749,6 +749,27 @@ fn crashes_beyond_the_restart_limit_fail_the_pool_and_its_queued_tasks() {
 }
 
 #[test]
+fn a_worker_that_dies_in_its_start_hook_fails_a_pool_that_fails_on_start_errors_at_once() {
+    let mut h = harness(1, 10);
+    Arc::get_mut(&mut h.sup.cfg).expect("the only holder of the config").fail_on_start_error = true;
+    h.submit(1);
+    let w = h.worker(WorkerPhase::Initializing);
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGSEGV));
+    h.sup.reap(w.id);
+    let reason = h.link.failure().expect("the pool failed at the first such death");
+    assert!(reason.contains("died in its start hook"), "{reason}");
+    assert!(reason.contains("SIGSEGV"), "{reason}");
+    assert_eq!(h.outcomes(), [(1, "pool failed")]);
+
+    // Without it, such a death counts toward the restart intensity.
+    let mut h = harness(1, 10);
+    let w = h.worker(WorkerPhase::Initializing);
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGSEGV));
+    h.sup.reap(w.id);
+    assert_eq!(h.link.failure(), None);
+}
+
+#[test]
 fn a_worker_killed_before_its_hello_is_reported_as_killed_not_as_a_program_that_is_no_worker() {
     let mut h = harness(1, 0);
     let w = h.worker(WorkerPhase::Starting);
