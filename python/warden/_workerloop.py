@@ -1388,7 +1388,7 @@ class Handler:
             except BaseException as e:
                 if e is not stop:  # given back: not a failure of the context
                     errors.append(f"worker_context exit raised {_type_name(e)}: {text_of(e)}")
-                    say_exception()
+                    say_exception(f"warden: worker {os.getpid()}: exception in worker_context exit:\n")
             _context._clear()
         finalizer = self.hooks.get("finalizer")
         if finalizer is not None:
