@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -3200,6 +3201,81 @@ def test_a_stopped_tasks_finally_block_has_half_the_grace_period_before_the_exit
     assert [what for pid, what in steps if pid == stopped] == ["finally done", "finalizer"]
     assert sorted(what for _, what in steps) == ["finalizer", "finalizer", "finally done"]
     assert "exit path runs beside it" not in run.stderr
+
+
+STOP_CLEANUP_RAISES = """
+import os, sys, time
+import warden
+
+def started(path):
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+
+def cleanup_raises(path):
+    try:
+        started(path)  # (in the try: a stop as soon as it is seen still runs its cleanup)
+        time.sleep(60)
+    finally:
+        raise ValueError("cleanup failed during the stop")
+
+def unwinds(path):
+    try:
+        started(path)  # (in the try: a stop as soon as it is seen still runs its cleanup)
+        time.sleep(60)
+    finally:
+        pass
+
+def unwinds_in_a_group(path):
+    try:
+        started(path)  # (in the try: a stop as soon as it is seen still runs its cleanup)
+        time.sleep(60)
+    except BaseException as e:  # as a task group the stop went through
+        raise BaseExceptionGroup("the group's tasks failed", [e])
+
+if __name__ == "__main__":
+    path = sys.argv[1]
+    with warden.ProcessPoolExecutor(1, task_timeout=0.5) as ex:
+        for fn in (cleanup_raises, unwinds, unwinds_in_a_group):
+            try:
+                ex.submit(fn, path).result(timeout=60)
+            except warden.TaskTimeout:
+                print("timed out", flush=True)
+    with warden.Pool(1) as pool:
+        for fn in (cleanup_raises, unwinds):
+            before = len(open(path).readlines())
+            result = pool.apply_async(fn, (path,))
+            while len(open(path).readlines()) == before:  # until it runs
+                time.sleep(0.01)
+            print("cancelled", result.cancel(running=True), flush=True)
+            try:
+                result.get(60)
+            except Exception as e:
+                print(type(e).__name__, flush=True)
+"""
+
+
+def test_an_exception_a_tasks_cleanup_raises_as_it_is_stopped_is_said_on_the_workers_stderr(
+    program, tmp_path
+):
+    # The caller rightly gets the stop's error (TaskTimeout, CancelledError),
+    # and the worker dropped the exception of the task's finally block
+    # without a word: a Process child that is terminated prints it. A task
+    # that only unwinds prints nothing.
+    path = tmp_path / "started"
+    path.touch()
+    run = program(STOP_CLEANUP_RAISES).run(timeout=120, args=(str(path),))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["timed out"] * 3 + ["cancelled True", "CancelledError"] * 2
+    pids = path.read_text().split()
+    reports = re.findall(
+        r"^warden: worker (\d+): exception in a task being stopped:\nTraceback \(most recent call last\):\n",
+        run.stderr,
+        re.MULTILINE,
+    )
+    assert reports == [pids[0], pids[3]], run.stderr
+    assert run.stderr.count("ValueError: cleanup failed during the stop") == 2, run.stderr
+    assert run.stderr.count("TaskInterrupted") == 2, run.stderr  # what each was handling
+    assert "BaseExceptionGroup" not in run.stderr, run.stderr
 
 
 def swallow_stops_for(path, seconds):

@@ -614,6 +614,13 @@ def _unpicklable_result(value: Any, why: Exception) -> pickle.PicklingError:
     return error
 
 
+def _only_stops(exc: BaseException) -> bool:
+    """Whether ``exc`` is an exception group of nothing but stops (a task
+    group the stop went through): the stop itself, not an error of the
+    task's."""
+    return isinstance(exc, BaseExceptionGroup) and exc.split(TaskInterrupted)[1] is None
+
+
 def _interrupted() -> _warden.RemoteFailure:
     return _warden.RemoteFailure(
         _warden.RemoteKind.INTERRUPTED, "TaskInterrupted", "the worker was told to stop", "", b""
@@ -1228,6 +1235,12 @@ class Handler:
             return _interrupted() if self.stopping else _error(e)
         except BaseException as e:
             self.running = False
+            if self.stopping and not _only_stops(e):
+                # Raised by the task's own cleanup as it was being stopped:
+                # the caller has the stop's error (a timeout, a cancel), so
+                # this one would reach nobody. Said here, as a Process
+                # child's is when it is terminated.
+                say_exception(f"warden: worker {os.getpid()}: exception in a task being stopped:\n")
             return _error(e)
         finally:
             self.running = False
