@@ -8,12 +8,14 @@ import concurrent.futures as cf
 import copy
 import gc
 import multiprocessing
+import multiprocessing.pool
 import os
 import pickle
 import signal
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
@@ -1029,6 +1031,9 @@ class FailsWhenUnpickled:
         raise ValueError("setstate refused")
 
 
+FAILS_WHEN_UNPICKLED_LINE = FailsWhenUnpickled.__setstate__.__code__.co_firstlineno + 1
+
+
 def return_fails_when_unpickled():
     return FailsWhenUnpickled()
 
@@ -1038,6 +1043,56 @@ def test_a_result_that_cannot_be_unpickled_says_so_and_is_not_taken_for_the_task
         ex.submit(return_fails_when_unpickled).result(timeout=30)
     assert info.value.__notes__ == ["(raised in this process: cannot unpickle the task's result)"]
     assert ex.submit(square, 2).result(timeout=30) == 4
+
+
+def fails_when_unpickled_by_each_way_a_result_comes(how):
+    """The error the caller gets when the ``FailsWhenUnpickled`` a task
+    returned cannot be unpickled, through ``how``."""
+    if how.startswith("executor"):
+        with warden.ProcessPoolExecutor(1) as executor:
+            if how == "executor.run":
+                return asyncio.run(_awaited(executor.run(return_fails_when_unpickled)))
+            return executor.submit(return_fails_when_unpickled).exception(timeout=30)
+    with warden.Pool(1) as pool:
+        try:
+            if how == "Pool.apply":
+                pool.apply(return_fails_when_unpickled)
+            elif how == "Pool.map":
+                pool.map(call_it, [return_fails_when_unpickled] * 2, chunksize=2)
+            elif how == "Pool.imap":
+                list(pool.imap(call_it, [return_fails_when_unpickled] * 2, chunksize=2))
+            else:
+                return asyncio.run(_awaited(pool.run(return_fails_when_unpickled)))
+        except ValueError as e:
+            return e
+    return None
+
+
+async def _awaited(coroutine):
+    try:
+        await coroutine
+    except ValueError as e:
+        return e
+    return None
+
+
+def call_it(fn):
+    return fn()
+
+
+@pytest.mark.parametrize(
+    "how", ["executor.submit", "executor.run", "Pool.apply", "Pool.map", "Pool.imap", "Pool.run"]
+)
+def test_a_result_that_cannot_be_unpickled_shows_where_its_unpickling_raised(how):
+    # The error was rebuilt with no traceback text: what the caller saw had
+    # only warden's frames, not the __setstate__ that raised.
+    error = fails_when_unpickled_by_each_way_a_result_comes(how)
+    assert isinstance(error, ValueError), error
+    assert error.__notes__[0].startswith("(raised in this process: cannot unpickle")
+    shown = "".join(traceback.format_exception(error))
+    assert f'File "{__file__}", line {FAILS_WHEN_UNPICKLED_LINE}, in __setstate__' in shown, shown
+    assert 'raise ValueError("setstate refused")' in shown, shown
+    assert isinstance(error.__cause__, (cf.process._RemoteTraceback, multiprocessing.pool.RemoteTraceback))
 
 
 class Unprintable(Exception):

@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import CancelledError
 from pickle import dumps as _dumps  # bound at import: a task that patches pickle cannot break warden
 from pickle import loads as _loads
+from traceback import format_exception as _format_exception
 
 try:
     import concurrent.futures.process
@@ -177,7 +178,10 @@ class ErrorData:
         item of an ``imap`` that cannot be pickled): rebuilt as ``exc`` itself
         when it pickles, else as a :class:`RemoteError` saying ``context``.
         Never as a ``SystemExit`` or another ``BaseException`` that is not an
-        ``Exception``: waiting for a result must not end the program."""
+        ``Exception``: waiting for a result must not end the program. Its
+        traceback is kept as text, as a worker's error's is: the rebuilt
+        exception's cause shows where it was raised (a ``__setstate__`` of
+        the program's), not only warden's frames that raise it again."""
         type_name = type(exc).__qualname__
         text = text_of(exc)
         try:
@@ -188,10 +192,17 @@ class ErrorData:
             data = b""
         if not data:
             return cls(ErrorKind.OTHER, f"{context}: {type_name}: {text}")
+        try:
+            frames = "".join(_format_exception(type(exc), exc, exc.__traceback__))
+        except TaskInterrupted:
+            raise  # a worker's stop (a nested pool's call), not the error's
+        except BaseException as why:  # a __notes__ or __cause__ that raises when read (SystemExit too)
+            unformatted = f"its traceback could not be formatted: {type(why).__name__}: {text_of(why)}"
+            frames = f"{type_name}: {text}\n({unformatted})\n"
         error = cls(
             ErrorKind.REMOTE,
             f"{context}: {type_name}: {text}",
-            RemoteFailure(RemoteKind.RAISED, type_name, text, "", data),
+            RemoteFailure(RemoteKind.RAISED, type_name, text, frames, data),
         )
         # Rebuilt as itself, it would read as the task's own error.
         error.note = f"(raised in this process: {context})"
