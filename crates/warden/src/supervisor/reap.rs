@@ -155,7 +155,11 @@ impl Supervisor {
         let before_hello = w.phase == WorkerPhase::Starting;
         // Dead while its start hook ran, without being told to stop: the
         // hook crashed it (a segfault in an extension it loads, `os._exit`).
-        let died_in_start_hook = w.phase == WorkerPhase::Initializing && w.cause.is_none();
+        // Not by SIGKILL, which comes from outside (the OOM killer, or the
+        // worker itself once its channel is gone): such a death is the
+        // pool's surroundings', counted as any other.
+        let died_in_start_hook =
+            w.phase == WorkerPhase::Initializing && w.cause.is_none() && status != ExitStatus::Signal(libc::SIGKILL);
         let short_of_threads =
             w.cause.is_none() && before_hello && status == ExitStatus::Code(crate::worker::EXIT_SHORT_OF_THREADS);
         let short_of_threads_what =

@@ -767,6 +767,14 @@ fn a_worker_that_dies_in_its_start_hook_fails_a_pool_that_fails_on_start_errors_
     w.stand.exit_with(ExitStatus::Signal(libc::SIGSEGV));
     h.sup.reap(w.id);
     assert_eq!(h.link.failure(), None);
+
+    // So does a SIGKILL, which comes from outside the hook (the OOM killer).
+    let mut h = harness(1, 10);
+    Arc::get_mut(&mut h.sup.cfg).expect("the only holder of the config").fail_on_start_error = true;
+    let w = h.worker(WorkerPhase::Initializing);
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGKILL));
+    h.sup.reap(w.id);
+    assert_eq!(h.link.failure(), None);
 }
 
 #[test]
