@@ -1300,6 +1300,59 @@ def test_max_tasks_per_child_replaces_workers(tmp_path):
     assert len(fins) == len(set(fins)) and set(pids) <= set(fins) and len(fins) <= 4
 
 
+def record_time(path, word):
+    with open(path, "a") as f:
+        f.write(f"{word} {os.getpid()} {time.time()}\n")
+
+
+def record_time_slowly(path, word):
+    time.sleep(1)  # a finalizer closing connections
+    record_time(path, word)
+
+
+def most_at_once(path):
+    """The most workers alive at one time, from each one's first and last
+    recorded times (each inside its process's life: the true count is at
+    least this)."""
+    first, last = {}, {}
+    for line in path.read_text().splitlines():
+        _, pid, at = line.split()
+        first.setdefault(pid, float(at))
+        last[pid] = float(at)
+    edges = sorted([(first[pid], 1) for pid in first] + [(last[pid], -1) for pid in first])
+    alive = most = 0
+    for _, step in edges:
+        alive += step
+        most = max(most, alive)
+    return most, len(first)
+
+
+@pytest.mark.parametrize("kind", ["recycled", "timed-out"])
+def test_workers_in_a_slow_exit_path_never_make_the_pool_more_than_twice_its_size(tmp_path, kind):
+    """Each worker leaving (recycled after its task, or stopped at its
+    task's timeout) runs a finalizer that takes a second; its replacement
+    starts beside it, but no more than the pool's size of workers are on
+    their way out at a time, so that they cannot pile up without bound."""
+    out = tmp_path / "log"
+    hooks = {
+        "initializer": record_time,
+        "initargs": (out, "init"),
+        "finalizer": record_time_slowly,
+        "finalargs": (out, "fin"),
+    }
+    if kind == "recycled":
+        with warden.ProcessPoolExecutor(2, max_tasks_per_child=1, **hooks) as ex:
+            assert len(set(ex.map(getpid, range(12)))) == 12
+    else:
+        with warden.ProcessPoolExecutor(2, task_timeout=0.2, **hooks) as ex:
+            for f in [ex.submit(time.sleep, 30) for _ in range(8)]:
+                with pytest.raises(warden.TaskTimeout):
+                    f.result(timeout=120)
+    most, workers = most_at_once(out)
+    assert workers >= 8
+    assert most <= 4, f"{most} workers alive at once in a pool of 2"
+
+
 def wait_for_lines(path, prefix, n, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

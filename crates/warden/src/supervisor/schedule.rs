@@ -183,11 +183,19 @@ impl Supervisor {
         // A worker asked to stop for its task keeps its place until it
         // answers: it may serve on.
         let mut serving = self.workers.values().filter(|w| w.holds_its_place()).count();
+        // Workers on their way out (retiring, stopped, killed and not yet
+        // reaped) leave their places to replacements at once, but no more
+        // than the pool's size of them at a time: a slow exit path (a
+        // finalizer closing connections) with every task recycling its
+        // worker, or timing out, would otherwise pile up processes without
+        // bound. A pool of n has at most 2n worker processes.
+        let leaving = self.workers.len() - serving;
+        let most = want.max(self.cfg.workers) + self.cfg.workers;
         // While the system is short of processes or threads, workers start
         // one at a time: two started together could each get part of the
         // threads they need and wait for the rest, which the other holds.
         let mut starting = self.workers.values().filter(|w| w.phase == WorkerPhase::Starting).count();
-        while serving < want && self.phase != PoolPhase::Failed {
+        while serving < want && serving + leaving < most && self.phase != PoolPhase::Failed {
             if self.shortage.is_some() && starting > 0 {
                 return;
             }

@@ -1558,6 +1558,26 @@ fn a_bounded_close_leaves_the_grace_of_a_worker_that_took_its_stop_as_it_was() {
 }
 
 #[test]
+fn a_pool_of_n_has_at_most_2n_worker_processes_while_workers_are_on_their_way_out() {
+    let mut h = harness(1, 10);
+    Arc::get_mut(&mut h.sup.cfg).expect("sole owner").workers = 1;
+    let _retiring = h.worker(WorkerPhase::Retiring);
+    let stopping = h.worker(WorkerPhase::Stopping);
+    // Its place is free, but two processes of a pool of one are still on
+    // their way out (a slow finalizer, a stop's grace period): the
+    // replacement waits until one of them is gone.
+    h.sup.ensure_workers(Instant::now());
+    assert!(h.sup.spawn_retry_at.is_none(), "no start was tried");
+    if let Some(mut w) = h.sup.workers.remove(&stopping.id) {
+        w.status = Some(ExitStatus::Code(0));
+    }
+    // One leaving: the replacement starts beside it (the stand-in program
+    // cannot start: the failed try sets a retry time).
+    h.sup.ensure_workers(Instant::now());
+    assert!(h.sup.spawn_retry_at.is_some(), "the start was tried");
+}
+
+#[test]
 fn while_the_system_is_short_of_threads_workers_start_one_at_a_time() {
     let mut h = harness(2, 10);
     Arc::get_mut(&mut h.sup.cfg).expect("sole owner").workers = 2;
