@@ -1331,8 +1331,8 @@ def most_at_once(path):
 def test_workers_in_a_slow_exit_path_never_make_the_pool_more_than_twice_its_size(tmp_path, kind):
     """Each worker leaving (recycled after its task, or stopped at its
     task's timeout) runs a finalizer that takes a second; its replacement
-    starts beside it, but no more than the pool's size of workers are on
-    their way out at a time, so that they cannot pile up without bound."""
+    starts beside it, unless the pool has twice its size of workers already,
+    so that they cannot pile up without bound."""
     out = tmp_path / "log"
     hooks = {
         "initializer": record_time,

@@ -937,28 +937,33 @@ def test_what_a_task_leaves_running_in_its_workers_group_ends_with_the_worker(ki
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("kind", ["executor", "process"])
-def test_what_a_worker_killed_outright_left_in_its_group_gets_sigterm_and_runs_its_handler(tmp_path, kind):
+def test_what_a_worker_killed_outright_left_in_its_group_gets_sigterm_and_runs_its_handler(tmp_path):
     """A worker SIGKILLed from outside (the OOM killer, ``kill -9``) never ran
     its exit path: what it left in its process group is sent SIGTERM, and
     has the grace period to clean up, before the SIGKILL that ends what is
     left. The pool goes on meanwhile."""
     cleaned, ready = tmp_path / "cleaned", tmp_path / "ready"
-    if kind == "executor":
-        with warden.ProcessPoolExecutor(1) as ex:
-            child, worker = ex.submit(
-                start_a_child_that_cleans_up_on_sigterm, str(cleaned), str(ready)
-            ).result(timeout=60)
-            os.kill(worker, signal.SIGKILL)
-            assert wait_until(cleaned.exists, timeout=30), "the child's SIGTERM handler ran"
-            assert ex.submit(os.getpid).result(timeout=60) not in (worker, child), "the pool serves on"
-    else:
-        proc = warden.Process(target=start_such_a_child_then_die_of_sigkill, args=(str(cleaned), str(ready)))
-        proc.start()
-        proc.join(60)
-        assert proc.exitcode == -signal.SIGKILL
+    with warden.ProcessPoolExecutor(1) as ex:
+        child, worker = ex.submit(start_a_child_that_cleans_up_on_sigterm, str(cleaned), str(ready)).result(
+            timeout=60
+        )
+        os.kill(worker, signal.SIGKILL)
         assert wait_until(cleaned.exists, timeout=30), "the child's SIGTERM handler ran"
+        assert ex.submit(os.getpid).result(timeout=60) not in (worker, child), "the pool serves on"
     assert cleaned.read_text() == "cleaned up"
+
+
+def test_a_process_killed_outright_is_seen_ended_at_once_what_it_left_killed_with_it(tmp_path):
+    """A ``Process`` child's end is its pool's end, which ``join()`` and
+    ``exitcode`` wait for: what it left in its group is SIGKILLed as it is
+    reaped, given no grace period that would hold its end back."""
+    cleaned, ready = tmp_path / "cleaned", tmp_path / "ready"
+    proc = warden.Process(target=start_such_a_child_then_die_of_sigkill, args=(str(cleaned), str(ready)))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == -signal.SIGKILL
+    assert not proc.is_alive()
+    assert not cleaned.exists(), "the child was given no grace period: killed with the process"
 
 
 JOBLIB_JOBS = """

@@ -18,7 +18,13 @@
 //!   stays a zombie: a child of this process in state `Z`.
 //! * A worker that went through its exit path, or that the pool had already
 //!   signalled (a stop, `terminate()`, `kill()`), is reaped at once: its
-//!   group has had its chance, or the pool meant to kill it outright.
+//!   group has had its chance, or the pool meant to kill it outright. So is
+//!   a one-off child (a Python `Process`): its end is the end of its pool,
+//!   which `join()` and `exitcode` wait for, and must be seen at once.
+//! * Only this process sends the SIGKILL at the end of the grace period: if
+//!   it dies meanwhile (SIGKILL, the OOM killer), what in the group ignores
+//!   SIGTERM is left running, orphaned (as the standard library leaves all
+//!   of it); what obeys SIGTERM has had it.
 
 use std::time::{Duration, Instant};
 
@@ -62,7 +68,10 @@ impl Supervisor {
     /// is reaped here, before its replacement is started.)
     pub(super) fn release(&mut self, id: u64, now: Instant) {
         let Some(w) = self.workers.get_mut(&id) else { return };
-        let unwarned = w.goodbye.is_none() && !matches!(w.phase, WorkerPhase::Stopping | WorkerPhase::Killed);
+        // A one-off child is not: its end (`join()`, `exitcode`) is the
+        // pool's, which would wait for the group.
+        let unwarned =
+            w.goodbye.is_none() && !matches!(w.phase, WorkerPhase::Stopping | WorkerPhase::Killed) && !self.cfg.one_off;
         if !unwarned || w.process.others_in_group() != Some(true) {
             if let Err(e) = w.process.try_wait() {
                 tracing::error!(pool = %self.cfg.name, pid = w.raw_pid(), "waitid failed: {e}");

@@ -184,11 +184,11 @@ impl Supervisor {
         // answers: it may serve on.
         let mut serving = self.workers.values().filter(|w| w.holds_its_place()).count();
         // Workers on their way out (retiring, stopped, killed and not yet
-        // reaped) leave their places to replacements at once, but no more
-        // than the pool's size of them at a time: a slow exit path (a
+        // reaped) leave their places to replacements at once, unless the
+        // pool of n has 2n worker processes already: a slow exit path (a
         // finalizer closing connections) with every task recycling its
         // worker, or timing out, would otherwise pile up processes without
-        // bound. A pool of n has at most 2n worker processes.
+        // bound.
         let leaving = self.workers.len() - serving;
         let most = want.max(self.cfg.workers) + self.cfg.workers;
         // While the system is short of processes or threads, workers start

@@ -701,7 +701,7 @@ fn a_dead_workers_group_that_outlives_the_grace_period_is_reaped_then() {
 }
 
 #[test]
-fn a_worker_the_pool_stopped_or_that_left_nothing_in_its_group_is_reaped_at_once() {
+fn a_worker_the_pool_stopped_or_that_left_nothing_in_its_group_or_a_one_off_child_is_reaped_at_once() {
     let mut h = harness(1, 10);
     let w = h.worker(WorkerPhase::Ready);
     w.stand.leave_others_in_group(true);
@@ -718,6 +718,15 @@ fn a_worker_the_pool_stopped_or_that_left_nothing_in_its_group_is_reaped_at_once
     h.sup.reap(w.id);
     assert!(w.stand.reaped(), "nothing left in its group: reaped at once");
     assert_eq!(w.stand.signals(), [], "and its group not signalled");
+
+    // A one-off child's end is its pool's: seen at once, its group killed.
+    let mut h = harness(1, 10);
+    Arc::get_mut(&mut h.sup.cfg).expect("sole owner").one_off = true;
+    let w = h.worker(WorkerPhase::Ready);
+    w.stand.leave_others_in_group(true);
+    w.stand.exit_with(ExitStatus::Signal(libc::SIGKILL));
+    h.sup.reap(w.id);
+    assert!(w.stand.reaped(), "a one-off child is reaped at once");
 }
 
 #[test]
