@@ -631,6 +631,12 @@ class ParentHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if _handled_here(record.name):
             return
+        if _parent_gone:
+            # Sent now, a record could land in the socket of a parent that
+            # is still closing its descriptors as it dies, and be lost.
+            with contextlib.suppress(Exception):
+                _on_stderr.handle(record)
+            return
         try:
             data = encode(record)
             try:
@@ -749,6 +755,18 @@ _PLAIN = (
 _forwarding: list[logging.Logger] = []
 #: In a worker: the socket its records go to the parent by.
 _channel: socket.socket | None = None
+
+#: In a worker: its exit path began because the parent is gone (see
+#: :func:`parent_gone`).
+_parent_gone = False
+
+
+def parent_gone() -> None:
+    """In a worker whose exit path began because its parent is gone: what it
+    logs from now on goes to its stderr, not into the parent's socket."""
+    global _parent_gone
+    _parent_gone = True
+
 
 #: In a worker: whether the root logger had handlers when forwarding began
 #: (the main module's top-level ``basicConfig()``, run again in the worker).

@@ -1340,6 +1340,8 @@ class Handler:
         the signal to end by instead (a ``Process`` child terminated while its
         exit path ran ends as the ``terminate()`` asked)."""
         errors: list[str] = []
+        if reason == "parent_gone":
+            _logging_parent_gone()
         if self.mode == "pool" and reason.startswith("retired:") and reason != "retired:stopped":
             # As a process ending normally does (the standard library's
             # workers too): wait for the non-daemon threads its tasks
@@ -2067,6 +2069,16 @@ def _logging_steps_aside() -> None:
     step_aside = getattr(support, "step_aside", None)
     if step_aside is not None:
         step_aside()
+
+
+def _logging_parent_gone() -> None:
+    """The exit path began because the parent is gone: records logged from
+    here on (a finalizer's) go to this worker's stderr
+    (``warden._logging.parent_gone``)."""
+    support = sys.modules.get("warden._logging")
+    parent_gone = getattr(support, "parent_gone", None)
+    if parent_gone is not None:
+        parent_gone()
 
 
 #: The forwarding to install once ``logging`` is imported: (fd, levels).
