@@ -15,7 +15,6 @@ import threading
 from concurrent.futures import CancelledError
 from pickle import dumps as _dumps  # bound at import: a task that patches pickle cannot break warden
 from pickle import loads as _loads
-from traceback import format_exception as _format_exception
 
 try:
     import concurrent.futures.process
@@ -33,7 +32,7 @@ except RuntimeError:
         threading._register_atexit = _register  # type: ignore[attr-defined]
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
-from ._remote import RemoteError, TaskAborted, TaskInterrupted, short_repr, text_of
+from ._remote import RemoteError, TaskAborted, TaskInterrupted, short_repr, text_of, traceback_text
 from ._warden import CoreError, ErrorKind, RemoteFailure, RemoteKind, TaskError
 
 __all__ = [
@@ -192,13 +191,7 @@ class ErrorData:
             data = b""
         if not data:
             return cls(ErrorKind.OTHER, f"{context}: {type_name}: {text}")
-        try:
-            frames = "".join(_format_exception(type(exc), exc, exc.__traceback__))
-        except TaskInterrupted:
-            raise  # a worker's stop (a nested pool's call), not the error's
-        except BaseException as why:  # a __notes__ or __cause__ that raises when read (SystemExit too)
-            unformatted = f"its traceback could not be formatted: {type(why).__name__}: {text_of(why)}"
-            frames = f"{type_name}: {text}\n({unformatted})\n"
+        frames = traceback_text(exc, exc.__traceback__, type_name, text)
         error = cls(
             ErrorKind.REMOTE,
             f"{context}: {type_name}: {text}",

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import TracebackType
 
 __all__ = ["RemoteError", "TaskAborted", "TaskInterrupted"]
 
@@ -69,3 +70,19 @@ def short_repr(value: object, limit: int = 200) -> str:
     characters, and never an error of its own."""
     text = text_of(value, repr)
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def traceback_text(exc: BaseException, frames: TracebackType | None, type_name: str, message: str) -> str:
+    """``exc`` with its traceback from ``frames``, as the standard library
+    formats it; where that fails (a ``__notes__`` or ``__cause__`` that
+    raises when read, ``SystemExit`` too), its type and message and why.
+    A stop of this worker raised meanwhile is not the exception's: it goes on."""
+    import traceback  # a worker imports it only once a task fails
+
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, frames))
+    except TaskInterrupted:
+        raise
+    except BaseException as why:
+        unformatted = f"its traceback could not be formatted: {type(why).__name__}: {text_of(why)}"
+        return f"{type_name}: {message}\n({unformatted})\n"

@@ -58,7 +58,7 @@ from pickle import loads as _loads  # bound at import: a task that patches pickl
 
 from . import _context, _native, _oob, _pickle, _warden
 from ._pickle import BY_REF, dumps, dumps_oob, loads_call
-from ._remote import RemoteError, TaskAborted, TaskInterrupted, short_repr, text_of
+from ._remote import RemoteError, TaskAborted, TaskInterrupted, short_repr, text_of, traceback_text
 from ._stderr import say, say_exception
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing at run time
@@ -550,15 +550,7 @@ def _error(exc: BaseException, kind: _warden.RemoteKind = _warden.RemoteKind.RAI
     frames = exc.__traceback__
     if frames is not None and frames.tb_frame.f_code.co_filename == __file__:
         frames = frames.tb_next  # the worker's own frame is noise to the user
-    import traceback
-
-    try:
-        tb = "".join(traceback.format_exception(type(exc), exc, frames))
-    except TaskInterrupted:
-        raise
-    except BaseException as why:  # a __notes__ or __cause__ that raises when read (SystemExit too)
-        unformatted = f"its traceback could not be formatted: {type(why).__name__}: {text_of(why)}"
-        tb = f"{type_name}: {message}\n({unformatted})\n"
+    tb = traceback_text(exc, frames, type_name, message)
     # Both are for reading (the exception itself goes whole, pickled): a
     # message of 100 MB would otherwise travel three times. A traceback keeps
     # its start (the frames) and its end (the exception raised).
@@ -1341,7 +1333,9 @@ class Handler:
         exit path ran ends as the ``terminate()`` asked)."""
         errors: list[str] = []
         if reason == "parent_gone":
-            _logging_parent_gone()
+            # Records logged from here on (a finalizer's) go to this
+            # worker's stderr (``warden._logging.parent_gone``).
+            _tell_logging("parent_gone")
         if self.mode == "pool" and reason.startswith("retired:") and reason != "retired:stopped":
             # As a process ending normally does (the standard library's
             # workers too): wait for the non-daemon threads its tasks
@@ -2061,24 +2055,19 @@ def _forward_logging(fd: int, levels: dict[str, int]) -> None:
         sys.meta_path.insert(0, _AfterImport("logging", lambda _: _forward_deferred()))
 
 
+def _tell_logging(what: str) -> None:
+    """Calls ``warden._logging``'s ``what`` if the worker has imported it
+    (it does once its code imports ``logging``)."""
+    call = getattr(sys.modules.get("warden._logging"), what, None)
+    if call is not None:
+        call()
+
+
 def _logging_steps_aside() -> None:
     """After the worker's own code could configure logging (its initializer,
     its ``worker_context``): where it added handlers of its own, forwarding
     steps aside (``warden._logging.step_aside``)."""
-    support = sys.modules.get("warden._logging")
-    step_aside = getattr(support, "step_aside", None)
-    if step_aside is not None:
-        step_aside()
-
-
-def _logging_parent_gone() -> None:
-    """The exit path began because the parent is gone: records logged from
-    here on (a finalizer's) go to this worker's stderr
-    (``warden._logging.parent_gone``)."""
-    support = sys.modules.get("warden._logging")
-    parent_gone = getattr(support, "parent_gone", None)
-    if parent_gone is not None:
-        parent_gone()
+    _tell_logging("step_aside")
 
 
 #: The forwarding to install once ``logging`` is imported: (fd, levels).

@@ -75,11 +75,16 @@ pub(crate) fn keep_to_one_arena_under_an_address_space_limit() {
 /// without a `/proc` of its own, the workers' pids would name other
 /// processes). `Err` says why not.
 pub(crate) fn sizes_readable_here() -> Result<(), String> {
-    let me = std::process::id();
+    proc_is_this_namespaces()?;
+    resident_bytes(std::process::id() as i32).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Whether `/proc` is mounted and shows this PID namespace's processes
+/// (under `unshare --pid` without a `/proc` of its own, its pids are
+/// another namespace's). `Err` says why not.
+pub(crate) fn proc_is_this_namespaces() -> Result<(), String> {
     match std::fs::read_link("/proc/self") {
-        Ok(seen) if seen.as_os_str() == me.to_string().as_str() => {
-            resident_bytes(me as i32).map(|_| ()).map_err(|e| e.to_string())
-        }
+        Ok(seen) if seen.as_os_str() == std::process::id().to_string().as_str() => Ok(()),
         Ok(seen) => Err(format!("/proc is another PID namespace's: it shows this process as {seen:?}")),
         Err(e) => Err(e.to_string()),
     }

@@ -68,7 +68,7 @@ impl Supervisor {
     /// is reaped here, before its replacement is started.)
     pub(super) fn release(&mut self, id: u64, now: Instant) {
         let Some(w) = self.workers.get_mut(&id) else { return };
-        // A one-off child is not: its end (`join()`, `exitcode`) is the
+        // Never a one-off child: its end (`join()`, `exitcode`) is its
         // pool's, which would wait for the group.
         let unwarned =
             w.goodbye.is_none() && !matches!(w.phase, WorkerPhase::Stopping | WorkerPhase::Killed) && !self.cfg.one_off;

@@ -180,10 +180,7 @@ fn exit_status(st: rustix::process::WaitIdStatus) -> ExitStatus {
 /// group `leader`, as `/proc` shows; `None` where `/proc` cannot say (not
 /// mounted, or another PID namespace's, whose ids are not this one's).
 pub(super) fn others_in_group(leader: i32) -> Option<bool> {
-    let me = std::process::id().to_string();
-    if std::fs::read_link("/proc/self").ok()?.as_os_str() != me.as_str() {
-        return None;
-    }
+    crate::memory::proc_is_this_namespaces().ok()?;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let name = entry.file_name();
         let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
