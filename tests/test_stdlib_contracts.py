@@ -129,6 +129,46 @@ def test_an_executor_a_thread_makes_once_the_main_thread_has_finished_refuses_wo
         assert ended == "jobs ended: cannot schedule new futures after interpreter shutdown", run.stderr
 
 
+def test_a_first_call_still_being_pickled_as_the_main_thread_finishes_is_refused_as_after_exit(
+    program,
+):
+    """A thread's first submit to a new executor pickles its call while the
+    main thread finishes (the exit closes the executor meanwhile): the call
+    is refused with the standard library's words for an executor that had
+    taken no work by then, not those for one shut down. (The standard
+    library pickles later, on its feeder thread, and runs the call: the
+    difference of pickling at ``submit()`` listed in docs/python.md.)"""
+    prog = user_program(
+        program,
+        """
+        import threading
+
+        main = threading.Event()
+
+        class SlowToPickle:
+            def __reduce__(self):
+                main.set()
+                time.sleep(1.0)
+                return (int, (7,))
+
+        def jobs():
+            ex = Executor(1)
+            try:
+                ex.submit(abs, SlowToPickle())
+                note("submitted")
+            except RuntimeError as e:
+                note(f"refused: {e}")
+
+        if __name__ == "__main__":
+            threading.Thread(target=jobs).start()  # not a daemon
+            main.wait(60)
+        """,
+    )
+    run = prog.run(timeout=60, env={"IMPL": "warden"})
+    assert run.returncode == 0, run.stderr
+    assert prog.out_lines() == ["refused: cannot schedule new futures after interpreter shutdown"], run.stderr
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_an_open_executors_tasks_run_at_exit_before_atexit_handlers_and_weakref_finalizers(program, impl):
     """``concurrent.futures`` joins its executors in ``threading``'s exit

@@ -174,6 +174,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             _pickle.main_thread_done and threading.current_thread() is threading.main_thread()
         )
         self._runner: _runner.Runner | None = None
+        self._took_work = False
         self._first_workers_seen = False
 
     @property
@@ -329,13 +330,21 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             _runner.close_fd(segment)
             raise
         try:
-            return runner, runner.submit(
+            task = runner.submit(
                 payload, on_done, timeout, owner=owner, segment=segment, track_start=track_start
             )
         except _warden.CoreError as e:
             if runner.interrupted and e.kind == _warden.ErrorKind.CLOSED:
                 raise RuntimeError(_runner.INTERRUPTED_EXECUTOR) from None
+            if e.kind == _warden.ErrorKind.CLOSED and not self._took_work and not self._shutdown_called:
+                # The interpreter's exit closed the executor while this, its
+                # first call, was being pickled: the standard library's words
+                # for an executor that had taken no work when the main thread
+                # finished (its later calls get "after shutdown").
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown") from None
             raise core_error(e) from None
+        self._took_work = True
+        return runner, task
 
     def _submit_payload(self, call: tuple[bytes, int | None], timeout: float | None = None) -> Future[Any]:
         future: Future[Any] = Future()
