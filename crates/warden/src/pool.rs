@@ -180,16 +180,19 @@ impl Builder {
     /// parent death. It runs on the worker's main thread, or on its monitor thread
     /// when a stop signal arrives while a task runs. A worker that ends on its
     /// own, in a task (`std::process::exit`, an abort, a fatal signal, SIGKILL),
-    /// does not run it: see [`Builder::on_worker_lost`] for those.
+    /// does not run it: see [`Builder::on_worker_lost`] for those. Nor does a
+    /// worker whose start hook failed (panicked, or ended the process): the
+    /// exit hook undoes what a start hook that finished set up.
     pub fn on_exit(mut self, hook: fn(ExitReason)) -> Self {
         self.on_exit = Some(hook);
         self
     }
 
     /// Retires a worker (running its exit hook) after this many tasks and
-    /// starts a fresh one.
+    /// starts a fresh one. At least 1: [`Builder::build`] refuses 0 with a
+    /// configuration error.
     pub fn max_tasks_per_child(mut self, n: u64) -> Self {
-        self.cfg.max_tasks_per_child = Some(n.max(1));
+        self.cfg.max_tasks_per_child = Some(n);
         self
     }
 
@@ -281,7 +284,7 @@ impl Builder {
     /// for those it had begun by the time its result was read. Where this
     /// process's `/proc` cannot be read (none mounted, or another PID
     /// namespace's), [`Builder::build`] fails with a configuration error
-    /// instead of a cap that holds nothing.
+    /// instead of a cap that holds nothing; and so it does for 0 bytes.
     pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
         self.cfg.memory.soft = Some(bytes);
         self
@@ -305,7 +308,7 @@ impl Builder {
     /// briefly; processes a task starts are not counted; shared pages count
     /// in full, as `ps` counts them. Where this process's `/proc` cannot
     /// be read (none mounted, or another PID namespace's), [`Builder::build`]
-    /// fails with a configuration error.
+    /// fails with a configuration error; and so it does for 0 bytes.
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.cfg.memory.hard = Some(bytes);
         self
@@ -347,12 +350,15 @@ impl Builder {
 
     /// How many tasks a worker may have been sent at once (default 1: a task is
     /// only sent to an idle worker). More hides the round trip for tiny tasks.
+    /// At least 1: [`Builder::build`] refuses 0 with a configuration error.
     pub fn prefetch(mut self, n: usize) -> Self {
-        self.cfg.prefetch = n.max(1);
+        self.cfg.prefetch = n;
         self
     }
 
-    /// Sets an environment variable in every worker.
+    /// Sets an environment variable in every worker. A name that is empty or
+    /// has an `=`, or a nul byte in either, makes [`Builder::build`] fail
+    /// with a configuration error.
     pub fn env(mut self, key: impl Into<std::ffi::OsString>, value: impl Into<std::ffi::OsString>) -> Self {
         self.cfg.command.env.push((key.into(), value.into()));
         self
@@ -502,6 +508,20 @@ impl Builder {
         }
         if self.cfg.task_timeout == Some(Duration::ZERO) {
             return Err(Error::config("task_timeout must be longer than zero (leave it unset for no timeout)"));
+        }
+        if self.cfg.max_tasks_per_child == Some(0) {
+            return Err(Error::config("max_tasks_per_child must be at least 1 (leave it unset for no limit)"));
+        }
+        if self.cfg.prefetch == 0 {
+            return Err(Error::config("prefetch must be at least 1 (a worker is sent one task at a time)"));
+        }
+        if self.cfg.memory.soft == Some(0) || self.cfg.memory.hard == Some(0) {
+            return Err(Error::config(
+                "max_memory_per_child and memory_limit must be more than zero bytes (leave them unset for no cap)",
+            ));
+        }
+        if let Some(why) = self.cfg.command.invalid() {
+            return Err(Error::config(format!("{why}: no process can be started with it")));
         }
         if self.cfg.init_timeout == Duration::ZERO || self.cfg.hook_timeout == Some(Duration::ZERO) {
             return Err(Error::config("init_timeout (and start_hook_timeout) must be longer than zero"));

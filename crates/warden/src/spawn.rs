@@ -112,6 +112,36 @@ impl WorkerCommand {
     }
 }
 
+impl WorkerCommand {
+    /// What makes this command impossible to start, said in the user's
+    /// terms: a nul byte (`execve` takes C strings, so it would cut the
+    /// string short) in the program, an argument, the working directory or
+    /// an environment variable, or an environment variable's name that is
+    /// empty or has an `=` (the child would read another variable).
+    pub(crate) fn invalid(&self) -> Option<String> {
+        use std::os::unix::ffi::OsStrExt;
+        let nul = |s: &std::ffi::OsStr| s.as_bytes().contains(&0);
+        if nul(self.program.as_os_str()) {
+            return Some(format!("the worker's program {:?} has a nul byte", self.program));
+        }
+        if let Some(arg) = self.arg0.iter().chain(&self.args).find(|a| nul(a)) {
+            return Some(format!("the worker's argument {arg:?} has a nul byte"));
+        }
+        if let Some(cwd) = self.cwd.as_ref().filter(|c| nul(c.as_os_str())) {
+            return Some(format!("the worker's working directory {cwd:?} has a nul byte"));
+        }
+        for (key, value) in &self.env {
+            if key.is_empty() || key.as_bytes().contains(&b'=') || nul(key) {
+                return Some(format!("the environment variable name {key:?} is empty or has an '=' or a nul byte"));
+            }
+            if nul(value) {
+                return Some(format!("the environment variable {key:?} has a nul byte in its value {value:?}"));
+            }
+        }
+        None
+    }
+}
+
 /// A started worker process.
 #[derive(Debug)]
 pub(crate) struct Spawned {

@@ -145,7 +145,7 @@ pub enum ExitReason {
     Signal(i32),
     /// The parent died: its channel reached end-of-file or the death signal came.
     ParentGone,
-    /// The start hook failed.
+    /// The start hook failed (the exit hook does not run then).
     InitFailed,
     /// The parent sent something the worker could not understand, or the
     /// worker's channel was closed in the worker itself (by a task closing

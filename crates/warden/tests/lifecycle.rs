@@ -240,6 +240,10 @@ fn main() {
         a_one_off_child_returns_its_value_and_runs_its_exit_hook,
     ));
     tests.push(trial(
+        "settings_no_worker_could_start_or_serve_with_are_refused_by_build",
+        settings_no_worker_could_start_or_serve_with_are_refused_by_build,
+    ));
+    tests.push(trial(
         "a_one_off_child_with_a_zero_timeout_is_refused_as_a_config_error",
         a_one_off_child_with_a_zero_timeout_is_refused_as_a_config_error,
     ));
@@ -2134,6 +2138,30 @@ fn a_zero_per_task_timeout_is_refused_as_a_config_error_and_the_pool_goes_on() -
     check(pool.spawn_with(echo, 7, short)?.join()? == 7, "the pool goes on")?;
     pool.shutdown();
     Ok(())
+}
+
+/// A setting no worker could start or serve with is the caller's mistake,
+/// said by `build` itself: not restarts that fail one after another until the
+/// restart limit blames the workers, nor a silent change to another value.
+fn settings_no_worker_could_start_or_serve_with_are_refused_by_build() -> TestResult {
+    let cases: [(&str, warden::Builder); 7] = [
+        ("a nul byte in its value", builder().env("BAD", "a\0b")),
+        ("'='", builder().env("A=B", "c")),
+        ("'='", builder().env("", "c")),
+        ("max_tasks_per_child", builder().max_tasks_per_child(0)),
+        ("prefetch", builder().prefetch(0)),
+        ("memory_limit", builder().memory_limit(0)),
+        ("max_memory_per_child", builder().max_memory_per_child(0)),
+    ];
+    for (says, b) in cases {
+        let err = b.workers(1).build().err().ok_or(format!("must be refused: {says}"))?;
+        check(matches!(err.kind(), warden::ErrorKind::Config(_)), format!("a config error: {err:?}"))?;
+        check(err.to_string().contains(says), format!("says {says:?}: {err}"))?;
+    }
+    let options = warden::ChildOptions { env: vec![("BAD".into(), "a\0b".into())], ..Default::default() };
+    let err = warden::spawn_with(echo, 1, options).err().ok_or("a one-off child's bad env must be refused")?;
+    check(matches!(err.kind(), warden::ErrorKind::Config(_)), format!("a config error: {err:?}"))?;
+    check(err.to_string().contains("\"BAD\" has a nul byte"), format!("names the variable: {err}"))
 }
 
 fn a_one_off_child_with_a_zero_timeout_is_refused_as_a_config_error() -> TestResult {
