@@ -2621,6 +2621,54 @@ def test_a_pool_made_with_no_descriptor_to_spare_fails_at_once_with_oserror_emfi
     assert "OSError" in lines and "served" in lines, lines
 
 
+POOL_LARGER_THAN_ITS_DESCRIPTORS = """
+import os, resource, sys
+import warden
+
+def big(i):
+    return bytes(200_000) + bytes([i % 256])
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    kind = sys.argv[1]
+    pool = warden.ProcessPoolExecutor(64) if kind == "executor" else warden.Pool(64)
+    with pool:
+        if kind == "executor":
+            futures = [pool.submit(big, i) for i in range(300)]
+            results = [f.result(60) for f in futures]
+        else:
+            results = [r.get(60) for r in [pool.apply_async(big, (i,)) for i in range(300)]]
+        right = all(r == bytes(200_000) + bytes([i % 256]) for i, r in enumerate(results))
+        print("results", right, flush=True)
+        try:
+            lowest = os.dup(0)
+            os.close(lowest)
+            print("free", 128 - lowest, flush=True)
+        except OSError as e:
+            print("free none:", e, flush=True)
+    print("then", warden.ProcessPoolExecutor(2).submit(abs, -2).result(30), flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["executor", "pool"])
+def test_a_pool_larger_than_its_descriptors_allow_serves_with_fewer_workers_and_loses_no_result(
+    program, kind
+):
+    """``ulimit -n 128`` and a pool of 64: each worker holds descriptors in
+    the parent (its channel, its pidfd), and each result with large buffers
+    one more until it is taken. Before, the pool started workers until the
+    table was full, and then results failed with ``EMFILE``; now it stops a
+    quarter short of the limit, says so on stderr, and every result comes."""
+    run = program(POOL_LARGER_THAN_ITS_DESCRIPTORS).run(timeout=120, args=(kind,))
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "results True", run.stderr
+    assert lines[1].startswith("free ") and not lines[1].startswith("free none"), lines
+    assert int(lines[1].split()[1]) >= 24, lines
+    assert lines[2] == "then 2", run.stderr
+    assert "(ulimit -n: 128) free" in run.stderr, run.stderr
+
+
 FDS_CLOSED_BY_THE_PROGRAM = """
 import os, sys, time
 import warden

@@ -78,6 +78,17 @@ pub fn fds_scarce(fd: RawFd) -> bool {
     u64::try_from(fd).is_ok_and(|fd| fd >= soft.saturating_sub(reserve))
 }
 
+/// Whether this process is short of descriptors now, by the rule of
+/// [`fds_scarce`]: the lowest free number (that of a copy of `any`, closed
+/// at once) is within the reserve, or none is free at all.
+pub(super) fn fds_scarce_now(any: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    match rustix::io::fcntl_dupfd_cloexec(any, 0) {
+        Ok(copy) => fds_scarce(copy.as_raw_fd()),
+        Err(e) => e == rustix::io::Errno::MFILE,
+    }
+}
+
 /// The cap of the pause after one that ended with its descriptor `closed`,
 /// or after `cap` with it still open.
 fn next_cap(cap: Duration, closed: bool) -> Duration {

@@ -2,6 +2,7 @@
 //! worker gets the next task (idle workers first, then pipelines up to
 //! `prefetch`); retiring idle workers once the pool closes.
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -197,6 +198,23 @@ impl Supervisor {
         let mut starting = self.workers.values().filter(|w| w.phase == WorkerPhase::Starting).count();
         while serving < want && serving + leaving < most && self.phase != PoolPhase::Failed {
             if self.shortage.is_some() && starting > 0 {
+                return;
+            }
+            // Each worker holds descriptors here (its channel, its pidfd), and
+            // so does each result with large buffers until it is taken: past
+            // the first worker, one more is started only while a quarter of
+            // what `ulimit -n` allows stays free, or the workers would fill
+            // the table and the results they send could not be received.
+            let any = self.workers.values().next().map(|w| w.sock.as_fd());
+            if any.is_some_and(super::pace::fds_scarce_now) {
+                let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+                let limit = limit.map_or_else(|| "unlimited".to_owned(), |l| l.to_string());
+                let error = format!(
+                    "{serving} of {want} workers serving: another would leave fewer than a quarter of the \
+                     descriptors this process may open (ulimit -n: {limit}) free"
+                );
+                self.emit(LifecycleEvent::SpawnFailed { error: error.clone() });
+                self.start_refused_for_shortage(now, serving, error);
                 return;
             }
             match self.spawn_one() {
