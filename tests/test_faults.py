@@ -2669,6 +2669,34 @@ def test_a_pool_larger_than_its_descriptors_allow_serves_with_fewer_workers_and_
     assert "(ulimit -n: 128) free" in run.stderr, run.stderr
 
 
+POOL_VIEW_SHORT_OF_WORKERS = """
+import os, resource, time
+import warden
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    with warden.Pool(64) as pool:
+        print("map", pool.map(abs, range(-50, 0)) == list(range(50, 0, -1)), flush=True)
+        for look in ("first", "second"):
+            began = time.monotonic()
+            workers = pool._pool
+            took = time.monotonic() - began
+            alive = sum(w.is_alive() for w in workers)
+            print(look, len(workers), 0 < alive < 64, took < 10, flush=True)
+"""
+
+
+def test_a_pool_the_system_refuses_workers_lists_all_its_places_in_pool_without_waiting_for_them(program):
+    """``Pool._pool`` holds ``processes`` places (dask counts them as the
+    workers). A pool short of workers because the system refuses them (here
+    ``ulimit -n``; ``ulimit -u`` alike) lists the places none fills as
+    workers never started, at once: before, the first look waited its whole
+    start wait (30 s), each later one 2 s, and the list was short."""
+    run = program(POOL_VIEW_SHORT_OF_WORKERS).run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["map True", "first 64 True True", "second 64 True True"], run.stderr
+
+
 FDS_CLOSED_BY_THE_PROGRAM = """
 import os, sys, time
 import warden

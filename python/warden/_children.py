@@ -185,10 +185,27 @@ def wait_for_workers(runner: _runner.Runner, count: int, timeout: float = START_
     ``count`` live workers or has shut down. ``multiprocessing.Pool`` has
     started all its processes when its constructor returns; a warden pool's
     first workers may still be waiting for its zygote."""
-    deadline = time.monotonic() + timeout
+    began = time.monotonic()
     core = runner.core
-    while len(core.workers()) < count and not core.is_shut_down() and time.monotonic() < deadline:
+    while len(core.workers()) < count and not core.is_shut_down() and not starts_refused(runner, began):
+        if time.monotonic() - began >= timeout:
+            return
         time.sleep(0.01)
+
+
+#: How recent a refused start makes a pool short of workers for the views:
+#: while the system refuses its starts, the pool tries again at least once a
+#: second (and each refusal is an event).
+_SHORT_FOR = 2.0
+
+
+def starts_refused(runner: _runner.Runner, since: float) -> bool:
+    """Whether ``runner``'s pool could not start a worker since ``since`` (a
+    ``time.monotonic()``) or in the last :data:`_SHORT_FOR` seconds: it is
+    short of workers while the system refuses them (``ulimit -u``, ``-n``),
+    and a view waiting for them would wait in vain."""
+    ago = runner.core.seconds_since_start_refused()
+    return ago is not None and ago < max(time.monotonic() - since, _SHORT_FOR)
 
 
 #: The phases of a worker on its way out (its exit path runs).
@@ -217,9 +234,10 @@ def workers_of(runner: _runner.Runner | None, leaving: bool = True) -> list[Work
 
 
 class VacantWorker:
-    """A place in ``Pool._pool`` no worker of a stopped pool filled (it
-    stopped before they started): as a ``multiprocessing.Process`` never
-    started, with no pid, not alive, no exit code."""
+    """A place in ``Pool._pool`` no worker filled: the pool stopped before
+    they started, or the system refuses them (``ulimit -u``, ``-n``). As a
+    ``multiprocessing.Process`` never started: no pid, not alive, no exit
+    code."""
 
     daemon = True
     pid = ident = exitcode = None

@@ -20,7 +20,7 @@ from multiprocessing.pool import MaybeEncodingError, RemoteTraceback  # type: ig
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, cast
 
 from . import _native, _progress, _runner, _warden
-from ._children import VacantWorker, WorkerProcess, wait_for_workers, workers_of
+from ._children import VacantWorker, WorkerProcess, starts_refused, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
 from ._futures import refuse_pickling, shared_copy
 from ._handles import PoolHandle
@@ -234,7 +234,10 @@ class Pool(multiprocessing.pool.Pool):
         replaced, the look waits for it (at most :data:`REPLACE_WAIT`
         seconds, as the standard library replaces one in the same pass); and
         once the pool has stopped, the workers it had, exited. The first look
-        waits (bounded) for the pool's first workers to start."""
+        waits (bounded) for the pool's first workers to start. While the
+        system refuses the pool some of its workers (``ulimit -u``, ``-n``),
+        no look waits for them: the places they would fill hold workers that
+        have exited, or ones never started (no pid, not alive)."""
         runner = self._runner
         if not self._first_workers_seen:
             self._first_workers_seen = True
@@ -247,19 +250,27 @@ class Pool(multiprocessing.pool.Pool):
         # closed: those finishing the work are the pool's workers still.
         serving = workers_of(runner, leaving=self._state != RUN)
         if len(serving) < size and self._state == RUN:
-            deadline = time.monotonic() + REPLACE_WAIT
-            while len(serving) < size and not runner.core.is_shut_down() and time.monotonic() < deadline:
+            began = time.monotonic()
+            while (
+                len(serving) < size
+                and not runner.core.is_shut_down()
+                and not starts_refused(runner, began)
+                and time.monotonic() - began < REPLACE_WAIT
+            ):
                 time.sleep(0.005)
                 serving = workers_of(runner, leaving=False)
         # Short of workers (the pool stopped, or cannot start them): those
         # seen last stand in, exited, as the standard library keeps them;
         # in a stopped pool, then those that exited last, and places no
-        # worker filled (it stopped before they started).
+        # worker filled (it stopped before they started); in a running pool
+        # the system refuses workers, places none filled yet.
         seen = {id(w) for w in serving}
         workers: list[WorkerProcess | VacantWorker] = (
             cast("list[WorkerProcess | VacantWorker]", serving)
             + [w for w in self._last_workers if id(w) not in seen][: max(0, size - len(serving))]
         )
+        if len(workers) < size and self._state == RUN and not runner.core.is_shut_down():
+            workers += [VacantWorker(runner.worker_name(i + 1)) for i in range(len(workers), size)]
         if len(workers) < size and runner.core.is_shut_down():
             # Workers that ran and exited before any look: the last to exit.
             listed = {w.pid for w in workers}

@@ -125,6 +125,8 @@ struct Inner {
     zygote: Mutex<Option<i32>>,
     /// Why the pool's zygote refused to fork, if it did.
     zygote_refused: Mutex<Option<String>>,
+    /// When a worker of the pool last could not be started.
+    start_refused: Mutex<Option<Instant>>,
     pid_known: Condvar,
     last_exit: Mutex<Option<WorkerEnd>>,
     /// The workers that exited, the last [`EXIT_LOG`] of them, for
@@ -195,6 +197,7 @@ impl Inner {
                 }
             }
             LifecycleEvent::ZygoteRefused { reason } => *lock(&self.zygote_refused) = Some(reason.clone()),
+            LifecycleEvent::SpawnFailed { .. } => *lock(&self.start_refused) = Some(Instant::now()),
             _ => {}
         }
     }
@@ -677,6 +680,12 @@ impl CorePool {
     /// exec since), if it did.
     fn zygote_refused(&self) -> Option<String> {
         lock(&self.inner.zygote_refused).clone()
+    }
+
+    /// How many seconds ago a worker of the pool last could not be started
+    /// (the system refused it, or it failed), if one ever was.
+    fn seconds_since_start_refused(&self) -> Option<f64> {
+        lock(&self.inner.start_refused).map(|at| at.elapsed().as_secs_f64())
     }
 
     /// Why the pool failed, if it did.

@@ -181,6 +181,7 @@ impl Supervisor {
         self.emit(LifecycleEvent::WorkerExited(exit.clone()));
         if short_of_threads && self.phase != PoolPhase::Failed && !self.cfg.one_off {
             let serving = self.workers.values().filter(|w| w.is_serving()).count();
+            self.emit(LifecycleEvent::SpawnFailed { error: short_of_threads_what() });
             self.start_refused_for_shortage(Instant::now(), serving, short_of_threads_what());
         }
         if counted && died_in_start_hook && self.cfg.fail_on_start_error && self.phase != PoolPhase::Failed {
