@@ -48,6 +48,7 @@ import multiprocessing.spawn
 import multiprocessing.util
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -273,8 +274,8 @@ def _connection_transfer(frame: Any) -> Any:
         return None
     codes = [getattr(getattr(kind, name, None), "__code__", None) for name in _TRANSFER_STEPS]
     recv_bytes, recv, send_bytes = codes
-    inner = None
-    for _ in range(3):
+    reading = started = False
+    for _ in range(4):
         if frame is None:
             return None
         code = frame.f_code
@@ -282,12 +283,55 @@ def _connection_transfer(frame: Any) -> Any:
             return frame
         if code is recv_bytes:
             # Past its length (``buf`` is bound), or reading it, a byte in.
-            if "buf" in frame.f_locals or (inner is not None and "chunk" in inner.f_locals):
-                return frame
-            return None
-        inner = frame if code is recv else None
+            return frame if "buf" in frame.f_locals or started else None
+        if code is _READ_WHEN_READY:
+            # Past its wait: reading bytes that are there, or just back
+            # with them (not yet bound to ``_recv``'s ``chunk``).
+            reading = frame.f_lineno == _READ_LINE
+        else:
+            started = code is recv and (reading or "chunk" in frame.f_locals)
+            reading = False
         frame = frame.f_back
     return None
+
+
+def _read_when_ready(handle: int, size: int, _os_read: Callable[[int, int], bytes] = os.read) -> bytes:
+    """A ``multiprocessing`` connection's read of up to ``size`` bytes, in
+    a worker: it waits for them first. A stop that lands in the wait has
+    taken nothing, and is raised at once; one that lands in the read (which
+    finds the bytes there) may come as the read returns, its bytes not yet
+    stored anywhere the frames show, and is raised once the whole message
+    is through (see :func:`_connection_transfer`). With a bare ``os.read``
+    the two look the same: a read blocked on an empty pipe, and one just
+    back with a message's length."""
+    poller = select.poll()
+    poller.register(handle, select.POLLIN)
+    poller.poll()
+    return _os_read(handle, size)
+
+
+_READ_WHEN_READY = _read_when_ready.__code__
+#: The line of its read (its last).
+_READ_LINE = max(line for *_, line in _READ_WHEN_READY.co_lines() if line is not None)
+
+
+def _guard_connection_reads(connection: Any) -> None:
+    """``multiprocessing.connection.Connection`` reads through
+    :func:`_read_when_ready` in this worker (its ``_recv``'s default
+    ``read``), where it has the form this knows."""
+    recv = getattr(getattr(connection, "Connection", None), "_recv", None)
+    if recv is not None and recv.__defaults__ == (os.read,):
+        recv.__defaults__ = (_read_when_ready,)
+
+
+def _guard_connection_reads_on_import() -> None:
+    """:func:`_guard_connection_reads`, now if ``multiprocessing.connection``
+    is imported, else once it is."""
+    connection = sys.modules.get("multiprocessing.connection")
+    if connection is not None:
+        _guard_connection_reads(connection)
+    else:
+        sys.meta_path.insert(0, _AfterImport("multiprocessing.connection", _guard_connection_reads))
 
 
 #: A connection's steps that :func:`_connection_transfer` knows: the
@@ -1051,6 +1095,7 @@ class Handler:
                 _use_parents_resource_tracker(init["resource_tracker"])
             if self.mode == "pool":
                 _stdlib_worker_submodules()
+            _guard_connection_reads_on_import()
             me = multiprocessing.current_process()
             within = tuple(init.get("within", ()))
             identity = (*within, worker)
