@@ -770,6 +770,49 @@ def test_a_stop_landing_where_the_interpreter_ignores_exceptions_still_stops_the
     assert "Exception ignored" not in run.stderr and "still running" not in run.stderr, run.stderr
 
 
+def test_a_stop_the_interpreter_clears_in_a_files_flush_is_raised_again_and_the_finalizer_runs_after_the_task(
+    program,
+):
+    """``open(path, "w").write(...)``: the file, freed unclosed, is flushed as
+    it goes, and a stop raised in that flush is an error the interpreter
+    clears (outside its dev mode), reported nowhere. The task ran on as if
+    never stopped (on 3.11, 39 stops of 100), until the unwind grace was out
+    (2.5 s); then the finalizer ran on another thread beside it. The stop
+    is now asked for again until the task unwinds: every finalizer runs on
+    the main thread, once its task has stopped."""
+    prog = program(
+        """
+        import os, random, sys, threading, warden
+        def task(path):
+            while True:
+                open(path, "w").write("x" * 100)  # closed, and flushed, as it is freed
+        def fin(path):
+            print("finalizer on the main thread:", threading.current_thread() is threading.main_thread(),
+                  file=open(path, "a"), flush=True)
+        if __name__ == "__main__":
+            out = os.path.abspath("finalizers.txt")
+            ends = set()
+            with warden.ProcessPoolExecutor(2, finalizer=fin, finalargs=(out,)) as ex:
+                futures = [
+                    ex.schedule(task, (os.path.abspath(f"data-{i % 2}"),), timeout=random.uniform(0.01, 0.2))
+                    for i in range(40)
+                ]
+                for f in futures:
+                    try:
+                        f.result(timeout=60)
+                        ends.add("returned")
+                    except warden.TaskTimeout:
+                        ends.add("timed out")
+            print(sorted(ends))
+            print(sorted(set(open(out).read().splitlines())))
+        """
+    )
+    run = prog.run(timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["['timed out']", "['finalizer on the main thread: True']"], run.stderr
+    assert "still running" not in run.stderr, run.stderr
+
+
 def test_task_timeout_raises_a_timeout_error_and_replaces_the_worker():
     # The initializer imports this module in the worker, so the first task's
     # 0.5 s is not spent importing it on a loaded machine.

@@ -562,6 +562,29 @@ def _frame_it_was_called_from(stop: BaseException) -> Any:
     return sys._getframe(2)
 
 
+def _being_handled(stop: BaseException) -> bool:
+    """Whether this thread is handling ``stop`` (an ``except`` or ``finally``
+    block, an ``__exit__`` it reached), or an error raised while it was."""
+    error = sys.exc_info()[1]
+    for _ in range(64):
+        if error is None:
+            return False
+        if error is stop:
+            return True
+        error = error.__context__
+    return False
+
+
+#: The directory of warden's own Python code.
+_WARDENS = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _is_wardens(frame: Any) -> bool:
+    """Whether ``frame`` runs warden's own code (the worker loop around the
+    task, a call of the task into warden)."""
+    return bool(frame.f_code.co_filename.startswith(_WARDENS))
+
+
 def _ask_again_soon(delay: float = 0.05) -> None:
     """Sends the stop signal to the main thread again after ``delay``: a
     stop held back because the task seemed to have just taken a lock finds
@@ -872,6 +895,8 @@ class Handler:
         # Set once a stop has been raised in the running task (or start),
         # until it ends: a stop the interpreter swallowed then is raised again.
         self.stop_raised = False
+        #: The stop raised, while ``stop_raised``.
+        self.raised_stop: BaseException | None = None
         # A stop came while a task ran (it was interrupted): the worker
         # context's exit is told (see _end_hooks).
         self.task_stopped = False
@@ -988,11 +1013,22 @@ class Handler:
                 return
             self.held_back = held_back  # on its way: its trace function raises it
             return
+        if self.stop_raised and frame is not None:
+            # The stop signal again while the task has not unwound (the core
+            # asks, now and then, until it has). Where the interpreter
+            # swallowed the stop (raised in the flush of a file freed
+            # unclosed, an error it clears), the task runs on as if never
+            # stopped: it is raised again; not in a task that is unwinding
+            # (handling the stop, or an error raised while handling it).
+            swallowed = self.raised_stop
+            if swallowed is not None and not _being_handled(swallowed) and not _is_wardens(frame):
+                raise swallowed
         if self.running:
             self.running = False
             self.stop_raised = True
             self.task_stopped = True
             stop = TaskInterrupted(signal.Signals(signum).name)
+            self.raised_stop = stop
             cancel = None
             ask_again = True
             call = _proxy_call(frame)

@@ -102,6 +102,11 @@ pub const EXIT_PANICKED: i32 = 101;
 /// the pool's grace period when that is longer.
 pub const UNWIND_GRACE: Duration = Duration::from_millis(500);
 
+/// How long after a stop the monitor first asks for it again while the
+/// interrupted step has not unwound (see [`monitor`]); then at doubling
+/// intervals.
+const ASK_AGAIN_FIRST: Duration = Duration::from_millis(50);
+
 /// How long the monitor waits for an interrupted task to unwind, in
 /// milliseconds (set from the pool's grace period at the start).
 static UNWIND_MS: AtomicU64 = AtomicU64::new(500);
@@ -156,7 +161,10 @@ pub struct ExitHookOutcome {
 /// A worker's exit hook: runs once, on whichever thread runs the exit path.
 pub type ExitHook = Arc<dyn Fn(&ExitReason) -> ExitHookOutcome + Send + Sync>;
 
-/// Asks the running task to stop (called on the monitor thread).
+/// Asks the running task to stop (called on the monitor thread). It is
+/// called again now and then while the task has not unwound (a stop the
+/// task's code swallowed is asked for once more): each call after the first
+/// is the same stop, asked again.
 pub type Interrupter = Arc<dyn Fn() + Send + Sync>;
 
 /// Set while the main thread is in a step a stop must not cut short.
@@ -879,12 +887,22 @@ fn monitor(core: Arc<WorkerState>, interrupter: Option<Interrupter>) {
     if let Some(interrupt) = interrupter {
         interrupt();
         let mut deadline = Instant::now() + unwind_grace();
+        // The stop is asked for again, at doubling intervals, while the step
+        // has not unwound: the interrupted code may have swallowed it (the
+        // interpreter clears an error raised in the flush of a file freed
+        // unclosed), and then runs on as if never stopped.
+        let mut again = ASK_AGAIN_FIRST;
+        let mut ask_at = Instant::now() + again;
         loop {
             if !in_a_step(core.state.load(Ordering::SeqCst)) {
                 return; // unwound: the main thread runs the exit path
             }
             if STOPS_HELD.load(Ordering::SeqCst) {
                 deadline = Instant::now() + unwind_grace();
+            } else if Instant::now() >= ask_at && Instant::now() < deadline {
+                interrupt();
+                again *= 2;
+                ask_at = Instant::now() + again;
             } else if Instant::now() >= deadline {
                 // Said, not left silent: a `finally` block of the task's is
                 // cut short when the exit path ends the process.
