@@ -1374,6 +1374,54 @@ def test_readers_of_small_items_stopped_over_and_over_never_cut_a_message_in_two
     assert run.lines == ["intact"], run.stdout + run.stderr[-3000:]
 
 
+THREAD_LOCKS_AROUND_STOPS = """
+import os, queue, random, sys, threading
+import warden
+
+LOCK = threading.Lock()
+QUEUE = queue.Queue()
+
+def task(kind):
+    while True:
+        if kind == "queue":
+            QUEUE.put(1)  # takes its mutex through a Condition's __enter__
+            QUEUE.get()
+        else:
+            LOCK.acquire()
+            try:
+                sum(range(200))
+            finally:
+                LOCK.release()
+
+def fin(path):
+    free = LOCK.acquire(timeout=1.0) and QUEUE.mutex.acquire(timeout=1.0)
+    with open(path, "a") as f:
+        print("free" if free else "held", file=f)
+
+if __name__ == "__main__":
+    out = os.path.abspath("finalizers.txt")
+    with warden.ProcessPoolExecutor(2, finalizer=fin, finalargs=(out,)) as ex:
+        futures = [ex.schedule(task, (sys.argv[1],), timeout=random.uniform(0.01, 0.1)) for _ in range(60)]
+        ends = {type(f.exception(timeout=60)).__name__ for f in futures}
+    print(sorted(ends), sorted(set(open(out).read().splitlines())))
+"""
+
+
+@pytest.mark.parametrize("kind", ["queue", "acquire-try"])
+def test_a_threading_lock_a_stop_lands_beside_is_never_left_held_for_the_finalizer(program, kind):
+    """A task stopped over and over as it takes a ``threading.Lock`` with
+    ``acquire()`` before its ``try``, or a ``queue.Queue``'s mutex (through
+    ``threading.Condition.__enter__``, Python code around the lock's): a
+    stop raised just after the lock was taken, before the ``try`` or the
+    ``with`` had it in charge, left it held, and the worker's finalizer
+    waited on it until the worker was killed (about one stop in ten). It
+    is now raised once the lock is in their charge, as for the
+    ``multiprocessing`` locks."""
+    run = program(THREAD_LOCKS_AROUND_STOPS).run(args=(kind,), timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["['TaskTimeout'] ['free']"], run.stdout + run.stderr[-3000:]
+
+
 AROUND_A_MANAGER_LOCK = """
 import contextlib, multiprocessing, sys, time
 import warden

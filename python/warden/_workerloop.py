@@ -164,7 +164,7 @@ def _raise_after_hand_over(frame: Any, stop: BaseException) -> Callable[[], None
         owner = frame.f_locals.get("self")
         # In the body, or once the lock is given back (the ``with``'s exit
         # has run); not on the ``with``'s exit line before it has.
-        return _raise_in_the_withs_charge(target, stop, lambda _now: not _semlock_held(owner))
+        return _raise_in_the_withs_charge(target, stop, lambda _now: not _lock_held(owner))
     return _raise_in(frame, stop, lambda _now, event: event == "return")
 
 
@@ -439,15 +439,33 @@ def _raise_in(
     return clear
 
 
-def _semlock_held(obj: Any) -> bool:
-    """Whether ``obj`` is a process-shared lock of ``multiprocessing`` (or a
-    ``Condition`` or synchronized value around one) this thread holds."""
+#: ``threading``'s lock types: a ``Lock``, and the ``RLock`` ones (C and Python).
+_THREAD_LOCK = type(threading.Lock())
+_THREAD_RLOCKS = (type(threading.RLock()), threading._PyRLock)  # type: ignore[attr-defined]
+
+
+def _lock_held(obj: Any) -> bool:
+    """Whether ``obj`` is a lock (or a ``Condition`` or synchronized value
+    around one) this thread holds: a process-shared lock of
+    ``multiprocessing``, or a ``threading`` ``RLock``, exactly; a
+    ``threading.Lock``, which knows no owner, if anyone holds it (a second
+    look tells: see ``Handler.on_signal``)."""
     try:
         lock = getattr(obj, "_lock", obj)
-        return bool(lock._semlock._is_mine())
+        semlock = getattr(lock, "_semlock", None)
+        if semlock is not None:
+            return bool(semlock._is_mine())
+        if isinstance(lock, _THREAD_RLOCKS):
+            return bool(lock._is_owned())  # type: ignore[union-attr]
+        if isinstance(lock, _THREAD_LOCK):
+            return bool(lock.locked())
     except Exception:
-        return False
+        pass
+    return False
 
+
+#: The methods that take a lock, as :func:`_lock_just_taken` finds them called.
+_TAKING = frozenset({"acquire", "__enter__"})
 
 #: How the receiver of a method call may have been loaded: a name, then attributes.
 _NAME_LOADS = frozenset(
@@ -456,12 +474,15 @@ _NAME_LOADS = frozenset(
 
 
 def _lock_just_taken(frame: Any) -> Any:
-    """The process-shared lock that the call the frame has just returned
-    from took, or ``None``: ``lock.acquire(...)`` (``self._rlock.acquire``
-    in a ``Queue``'s ``get``) called from plain code, the form that gives the
-    lock back in a ``try``'s ``finally`` it has yet to enter. Found from the
-    bytecode: the call's receiver is a name and attributes, read again."""
-    if frame is None or "multiprocessing.synchronize" not in sys.modules:
+    """The lock (see :func:`_lock_held`) that the call the frame has just
+    returned from took, or ``None``: ``lock.acquire(...)``
+    (``self._rlock.acquire`` in a ``Queue``'s ``get``) called from plain
+    code, the form that gives the lock back in a ``try``'s ``finally`` it
+    has yet to enter; or ``self._lock.__enter__()``, a ``threading.Condition``'s
+    ``__enter__`` (which ``queue.Queue`` enters), whose ``with`` has yet to
+    take the lock in charge. Found from the bytecode: the call's receiver is
+    a name and attributes, read again."""
+    if frame is None:
         return None
     import dis
 
@@ -474,7 +495,7 @@ def _lock_just_taken(frame: Any) -> Any:
         i = at - 1
         if ins[at].opname == "CALL" and i >= 0 and ins[i].opname == "PRECALL":
             i -= 1  # 3.11, a call site not specialised yet: PRECALL then CALL
-        while i >= 0 and not (ins[i].opname in ("LOAD_METHOD", "LOAD_ATTR") and ins[i].argval == "acquire"):
+        while i >= 0 and not (ins[i].opname in ("LOAD_METHOD", "LOAD_ATTR") and ins[i].argval in _TAKING):
             if ins[i].opname.startswith(("CALL", "PRECALL")) or ins[i].starts_line:
                 return None  # another call between, or another statement
             i -= 1
@@ -498,7 +519,7 @@ def _lock_just_taken(frame: Any) -> Any:
             obj = getattr(obj, attr)
     except Exception:
         return None
-    return obj if _semlock_held(obj) else None
+    return obj if _lock_held(obj) else None
 
 
 def _handler_of(code: Any, offset: int) -> int | None:
@@ -536,7 +557,7 @@ def _raise_once_in_charge(frame: Any, lock: Any, stop: BaseException) -> Callabl
             return False
         lines += 1
         handler = _handler_of(now.f_code, now.f_lasti)
-        return (handler != outside and handler is not None) or not _semlock_held(lock) or lines > 20
+        return (handler != outside and handler is not None) or not _lock_held(lock) or lines > 20
 
     return _raise_in(frame, stop, due)
 
@@ -1065,9 +1086,7 @@ class Handler:
                 if lock is not None and frame.f_code.co_name == "__enter__" and frame.f_back is not None:
                     # Taken by a context manager of the program's: raised
                     # once its with statement has it in charge.
-                    cancel = _raise_in_the_withs_charge(
-                        frame.f_back, stop, lambda _now: not _semlock_held(lock)
-                    )
+                    cancel = _raise_in_the_withs_charge(frame.f_back, stop, lambda _now: not _lock_held(lock))
                 elif lock is not None:
                     # The same for ``lock.acquire()`` followed by ``try:``.
                     cancel = _raise_once_in_charge(frame, lock, stop)
