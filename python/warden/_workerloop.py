@@ -265,9 +265,10 @@ def _connection_transfer(frame: Any) -> Any:
     the pipe (or the start of one that never ends), and the next reader
     (another worker, the parent) takes those bytes for a length: the pipe
     is misframed for good, and that reader's ``get(timeout=)`` waits for
-    bytes that never come. A reader counts as started once it has read a
-    byte; a writer as soon as it writes (its first write may already have
-    put a part into the pipe)."""
+    bytes that never come. A reader counts as started once its wait for
+    bytes is over (see :func:`_read_when_ready`) or it has stored some; a
+    writer as soon as it writes (its first write may already have put a
+    part into the pipe)."""
     connection = sys.modules.get("multiprocessing.connection")
     kind = getattr(connection, "Connection", None)
     if kind is None or frame is None:
