@@ -150,6 +150,7 @@ bench-py: develop
 	$(T) 600 $(VPY) bench/bench_copies.py
 	$(T) 600 $(VPY) bench/bench_cancel.py
 	$(T) 600 $(VPY) bench/bench_fd_pressure.py
+	$(T) 600 $(VPY) bench/bench_queue_reads.py
 
 # Peers measured against warden: benchmark-only dependencies, installed here.
 $(VENV)/.bench-peers: $(VENV)/.tools

@@ -298,17 +298,29 @@ def _connection_transfer(frame: Any) -> Any:
 
 def _read_when_ready(handle: int, size: int, _os_read: Callable[[int, int], bytes] = os.read) -> bytes:
     """A ``multiprocessing`` connection's read of up to ``size`` bytes, in
-    a worker: it waits for them first. A stop that lands in the wait has
-    taken nothing, and is raised at once; one that lands in the read (which
-    finds the bytes there) may come as the read returns, its bytes not yet
-    stored anywhere the frames show, and is raised once the whole message
-    is through (see :func:`_connection_transfer`). With a bare ``os.read``
-    the two look the same: a read blocked on an empty pipe, and one just
-    back with a message's length."""
-    poller = select.poll()
-    poller.register(handle, select.POLLIN)
-    poller.poll()
+    a worker: the read of a message's length (4 bytes) waits for them
+    first. A stop that lands in the wait has taken nothing, and is raised
+    at once; one that lands in the read (which finds the bytes there) may
+    come as the read returns, its bytes not yet stored anywhere the frames
+    show, and is raised once the whole message is through (see
+    :func:`_connection_transfer`). With a bare ``os.read`` the two look the
+    same: a read blocked on an empty pipe, and one just back with a
+    message's length. (The rest of a message is read as it comes: a stop
+    there is raised once it is through, blocked or not.)"""
+    if size == 4:
+        poller = _POLLERS.get(handle)
+        if poller is None:
+            if len(_POLLERS) > 256:
+                _POLLERS.clear()
+            poller = _POLLERS[handle] = select.poll()
+            poller.register(handle, select.POLLIN)
+        poller.poll()
     return _os_read(handle, size)
+
+
+#: A poller per descriptor read by :func:`_read_when_ready` (polling takes
+#: the descriptor's number, whatever file it is now).
+_POLLERS: dict[int, Any] = {}
 
 
 _READ_WHEN_READY = _read_when_ready.__code__
