@@ -1380,12 +1380,19 @@ import warden
 
 LOCK = threading.Lock()
 QUEUE = queue.Queue()
+LOCKS = {"lock": LOCK}
 
 def task(kind):
     while True:
         if kind == "queue":
             QUEUE.put(1)  # takes its mutex through a Condition's __enter__
             QUEUE.get()
+        elif kind == "subscript":
+            LOCKS["lock"].acquire()
+            try:
+                sum(range(200))
+            finally:
+                LOCKS["lock"].release()
         else:
             LOCK.acquire()
             try:
@@ -1407,10 +1414,11 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("kind", ["queue", "acquire-try"])
+@pytest.mark.parametrize("kind", ["queue", "acquire-try", "subscript"])
 def test_a_threading_lock_a_stop_lands_beside_is_never_left_held_for_the_finalizer(program, kind):
     """A task stopped over and over as it takes a ``threading.Lock`` with
-    ``acquire()`` before its ``try``, or a ``queue.Queue``'s mutex (through
+    ``acquire()`` before its ``try`` (the lock named, or reached through a
+    subscript), or a ``queue.Queue``'s mutex (through
     ``threading.Condition.__enter__``, Python code around the lock's): a
     stop raised just after the lock was taken, before the ``try`` or the
     ``with`` had it in charge, left it held, and the worker's finalizer

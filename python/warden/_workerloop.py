@@ -457,12 +457,22 @@ _THREAD_LOCK = type(threading.Lock())
 _THREAD_RLOCKS = (type(threading.RLock()), threading._PyRLock)  # type: ignore[attr-defined]
 
 
+class _SomeLock:
+    """A lock :func:`_lock_just_taken` found taken but could not read again:
+    held, as far as :func:`_lock_held` can tell."""
+
+
+_A_LOCK = _SomeLock()
+
+
 def _lock_held(obj: Any) -> bool:
     """Whether ``obj`` is a lock (or a ``Condition`` or synchronized value
     around one) this thread holds: a process-shared lock of
     ``multiprocessing``, or a ``threading`` ``RLock``, exactly; a
     ``threading.Lock``, which knows no owner, if anyone holds it (a second
     look tells: see ``Handler.on_signal``)."""
+    if obj is _A_LOCK:
+        return True
     try:
         lock = getattr(obj, "_lock", obj)
         semlock = getattr(lock, "_semlock", None)
@@ -520,7 +530,10 @@ def _lock_just_taken(frame: Any) -> Any:
             attrs.append(ins[j].argval)
             j -= 1
         if j < 0 or ins[j].opname not in _NAME_LOADS:
-            return None
+            # Reached otherwise (``locks["a"].acquire()``, ``get_lock().acquire()``):
+            # not read again (that could run the program's code); taken for
+            # a lock just taken, which the second look tells from a blocked one.
+            return _A_LOCK
         name = ins[j].argval
         if name in frame.f_locals:
             obj = frame.f_locals[name]
