@@ -2697,6 +2697,38 @@ def test_a_pool_the_system_refuses_workers_lists_all_its_places_in_pool_without_
     assert run.stdout.splitlines() == ["map True", "first 64 True True", "second 64 True True"], run.stderr
 
 
+VIEWS_WITH_NO_DESCRIPTOR_TO_SPARE = """
+import os
+import warden
+
+if __name__ == "__main__":
+    with warden.Pool(2) as pool:
+        print("map", pool.map(abs, [-1, -2]), flush=True)
+        files = []
+        try:
+            while True:
+                files.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        workers = pool._pool  # a first look, with no descriptor left for its pidfds
+        alive = [w.is_alive() for w in workers]
+        codes = [w.exitcode for w in workers]
+        for fd in files:
+            os.close(fd)
+        print("alive", alive, codes, flush=True)
+"""
+
+
+def test_a_look_at_the_workers_with_no_descriptor_to_spare_still_sees_them_alive(program):
+    """Each view of a worker opens a pidfd. With the table full (the
+    program's own files), none could be opened, and two live workers that
+    had just served read as not alive, with no exit code; their pool's
+    list of its workers now answers instead."""
+    run = program(VIEWS_WITH_NO_DESCRIPTOR_TO_SPARE).run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["map [1, 2]", "alive [True, True] [None, None]"], run.stderr
+
+
 FDS_CLOSED_BY_THE_PROGRAM = """
 import os, sys, time
 import warden

@@ -57,8 +57,16 @@ class WorkerProcess:
         self._closer: Any = None
         #: The program has the pidfd as ``sentinel`` (kept until the pool ends).
         self._sentinel_taken = False
-        with contextlib.suppress(OSError):
+        #: No pidfd could be opened for a worker that runs (no descriptor to
+        #: spare): whether it is alive is read from its pool's list.
+        self._without_pidfd = False
+        try:
             fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            self._without_pidfd = True
+        else:
             if self._listed():  # opened before the core could reap it: it is ours
                 self._pidfd = fd
                 self._closer = weakref.finalize(self, os.close, fd)
@@ -90,7 +98,7 @@ class WorkerProcess:
         """Whether the worker is still running."""
         fd = self._pidfd
         if fd is None:
-            return False
+            return self._without_pidfd and not self._core.is_shut_down() and self._listed()
         try:
             readable, _, _ = select.select([fd], [], [], 0)
         except (OSError, ValueError):  # closed meanwhile: its pool has shut down
