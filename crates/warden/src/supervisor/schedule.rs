@@ -163,7 +163,10 @@ impl Supervisor {
         // zygote) still starts them: each runs its start hook, then retires,
         // as every worker `multiprocessing.Pool` starts runs its initializer.
         let owed = usize::try_from(self.spawned).map_or(0, |spawned| self.cfg.workers.saturating_sub(spawned));
-        if owed == 0 {
+        // Not while the system refuses the pool its workers (processes,
+        // threads, descriptors): the drain would wait for starts that do
+        // not come, until the init timeout.
+        if owed == 0 || self.shortage.is_some() {
             return draining;
         }
         let serving = self.workers.values().filter(|w| w.is_serving()).count();

@@ -1606,6 +1606,21 @@ fn while_the_system_is_short_of_threads_workers_start_one_at_a_time() {
 }
 
 #[test]
+fn a_pool_closed_while_the_system_refuses_it_workers_owes_none_of_those_it_never_started() {
+    let mut h = harness(1, 10);
+    Arc::get_mut(&mut h.sup.cfg).expect("sole owner").workers = 16;
+    h.sup.spawned = 4;
+    h.sup.phase = PoolPhase::Closing { drain: true };
+    // Closed before all its workers started, a pool starts them (each runs
+    // its start hook, as every worker multiprocessing.Pool starts does)...
+    assert_eq!(h.sup.wanted_workers(), 12);
+    // ...but not those the system refuses it: the drain would wait for
+    // them until the init timeout.
+    h.sup.start_refused_for_shortage(Instant::now(), 4, "no descriptor to spare".into());
+    assert_eq!(h.sup.wanted_workers(), 0);
+}
+
+#[test]
 fn a_one_off_child_refused_its_threads_fails_with_that_reason_instead_of_waiting_for_ever() {
     let mut h = harness(1, 10);
     Arc::get_mut(&mut h.sup.cfg).expect("sole owner").one_off = true;
