@@ -353,6 +353,7 @@ def test_a_process_refused_for_want_of_descriptors_is_left_unstarted_and_starts_
         if __name__ == "__main__":
             cls = warden.Process if "{kind}" == "warden" else multiprocessing.get_context("spawn").Process
             resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+            said = []
             for free in range(9):
                 held = []
                 try:
@@ -369,17 +370,21 @@ def test_a_process_refused_for_want_of_descriptors_is_left_unstarted_and_starts_
                     outcome = "started"
                 except OSError as e:
                     outcome = f"refused {{errno.errorcode.get(e.errno)}} {{p.exitcode}} {{p.is_alive()}}"
+                    said.append(str(e))
                 for fd in held:
                     os.close(fd)
                 if outcome != "started":
                     p.start()
                 p.join(60)
                 print(free, outcome, p.exitcode, flush=True)
+            print("a pool's words:", any("worker" in words for words in said), flush=True)
         """
     )
     run = prog.run()
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
+    # (The error speaks of the process, not of a pool's first worker.)
+    assert lines.pop() == "a pool's words: False", run.stdout
     assert len(lines) == 9, run.stderr
     for line in lines:
         _free, outcome = line.split(" ", 1)

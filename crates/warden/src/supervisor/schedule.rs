@@ -240,7 +240,8 @@ impl Supervisor {
                         // program's own files, the buffers of tasks in flight
                         // and the workers starting hold them for a while: a
                         // shortage.
-                        self.fail(format!("{error}: no descriptor to spare before the first worker"));
+                        let what = if self.cfg.one_off { "to start it" } else { "before the first worker" };
+                        self.fail(format!("{error}: no descriptor to spare {what}"));
                     } else if is_shortage(&e) && !self.cfg.one_off {
                         self.start_refused_for_shortage(now, serving, error);
                     } else {
