@@ -939,10 +939,9 @@ class Handler:
         # the frame and instruction it came in, the stop, what cancels it,
         # when it came (time.monotonic()).
         self.held_back: tuple[Any, int, BaseException, Callable[[], None], float] | None = None
-        # Set once a stop has been raised in the running task (or start),
-        # until it ends: a stop the interpreter swallowed then is raised again.
-        self.stop_raised = False
-        #: The stop raised, while ``stop_raised``.
+        # The stop raised in the running task (or start), until it ends: a
+        # stop the interpreter swallowed then is raised again. (Let go as the
+        # task ends: its traceback holds the task's frames.)
         self.raised_stop: BaseException | None = None
         # A stop came while a task ran (it was interrupted): the worker
         # context's exit is told (see _end_hooks).
@@ -960,7 +959,7 @@ class Handler:
         if isinstance(stop, _ExitWaitEnded):
             return  # an exit handler's wait ended by a stop: what was asked
         if (
-            self.stop_raised
+            self.raised_stop is not None
             and isinstance(stop, TaskInterrupted)
             and threading.current_thread() is threading.main_thread()
             and _raise_at_next_instruction(_frame_it_was_called_from(stop), stop)
@@ -1060,7 +1059,7 @@ class Handler:
                 return
             self.held_back = held_back  # on its way: its trace function raises it
             return
-        if self.stop_raised and frame is not None:
+        if self.raised_stop is not None and frame is not None:
             # The stop signal again while the task has not unwound (the core
             # asks, now and then, until it has). Where the interpreter
             # swallowed the stop (raised in the flush of a file freed
@@ -1068,11 +1067,10 @@ class Handler:
             # stopped: it is raised again; not in a task that is unwinding
             # (handling the stop, or an error raised while handling it).
             swallowed = self.raised_stop
-            if swallowed is not None and not _being_handled(swallowed) and not _is_wardens(frame):
+            if not _being_handled(swallowed) and not _is_wardens(frame):
                 raise swallowed
         if self.running:
             self.running = False
-            self.stop_raised = True
             self.task_stopped = True
             stop = TaskInterrupted(signal.Signals(signum).name)
             self.raised_stop = stop
@@ -1293,7 +1291,7 @@ class Handler:
             return failure
         finally:
             self.running = False
-            self.stop_raised = False
+            self.raised_stop = None
         if self.mode == "pool":
             # As the standard library's pool and executor workers, which are
             # processes, say it (seen with multiprocessing.log_to_stderr()).
@@ -1362,7 +1360,7 @@ class Handler:
             return _error(e)
         finally:
             self.running = False
-            self.stop_raised = False
+            self.raised_stop = None
 
     def _run_process(self, payload: bytes) -> bytes | _warden.RemoteFailure:
         """Runs a one-off ``Process`` as ``multiprocessing``'s bootstrap does:
@@ -1545,7 +1543,7 @@ class Handler:
         finished starting (what a partly run initializer registered still
         runs): gc, atexit (with warden's exit callbacks), flush. Once: the
         registries are empty afterwards."""
-        self.stop_raised = False  # the exit path is not to be interrupted
+        self.raised_stop = None  # the exit path is not to be interrupted
         # Except, in a Process child, what the program's __del__ methods and
         # exit handlers wait for (a Queue's data going into a full pipe, a
         # child to join, a sleep), once the child is told to stop: a

@@ -110,9 +110,7 @@ impl WorkerCommand {
             cwd: None,
         }
     }
-}
 
-impl WorkerCommand {
     /// What makes this command impossible to start, said in the user's
     /// terms: a nul byte (`execve` takes C strings, so it would cut the
     /// string short) in the program, an argument, the working directory or
