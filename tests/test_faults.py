@@ -2510,21 +2510,32 @@ def test_a_shortage_of_threads_is_said_once_by_the_pool_not_once_per_worker_refu
     assert len(said) == 1 and said[0].endswith("while the shortage lasts"), run.stderr
 
 
-DESCRIPTOR_SHORTAGE = """
-import os, sys, threading, time
-import warden
-
-def work(x):
-    time.sleep(0.05)
-    return x
-
-def hog(held, seconds):
+#: For test programs: takes every descriptor the program has left, as its
+#: own files would, and returns them (the program imports ``os``).
+FILL_TABLE = """
+def fill_table():
     files = []
     try:
         while True:
             files.append(os.open("/dev/null", os.O_RDONLY))
     except OSError:
         pass
+    return files
+"""
+
+DESCRIPTOR_SHORTAGE = (
+    """
+import os, sys, threading, time
+import warden
+"""
+    + FILL_TABLE
+    + """
+def work(x):
+    time.sleep(0.05)
+    return x
+
+def hog(held, seconds):
+    files = fill_table()
     held.set()
     time.sleep(seconds)
     for fd in files:
@@ -2554,6 +2565,7 @@ if __name__ == "__main__":
         print("results", results == list(range(30)), flush=True)
         print("after", get(submit(work, 99)), flush=True)
 """
+)
 
 
 @pytest.mark.parametrize("start", ["exec", "zygote"])
@@ -2570,17 +2582,15 @@ def test_a_pool_outlasts_a_passing_shortage_of_descriptors_and_loses_no_task(pro
     assert run.stdout.splitlines() == ["first -1", "results True", "after 99"], run.stderr
 
 
-DESCRIPTORS_EXHAUSTED = """
+DESCRIPTORS_EXHAUSTED = (
+    """
 import errno, os
 import warden
-
+"""
+    + FILL_TABLE
+    + """
 def fill(leave):
-    files = []
-    try:
-        while True:
-            files.append(os.open("/dev/null", os.O_RDONLY))
-    except OSError:
-        pass
+    files = fill_table()
     for _ in range(leave):
         os.close(files.pop())
     return files
@@ -2606,6 +2616,7 @@ if __name__ == "__main__":
     with warden.ProcessPoolExecutor(2) as ex:
         print("then", ex.submit(abs, -2).result(30), flush=True)
 """
+)
 
 
 def test_a_pool_made_with_no_descriptor_to_spare_fails_at_once_with_oserror_emfile(program):
@@ -2697,19 +2708,17 @@ def test_a_pool_the_system_refuses_workers_lists_all_its_places_in_pool_without_
     assert run.stdout.splitlines() == ["map True", "first 64 True True", "second 64 True True"], run.stderr
 
 
-VIEWS_WITH_NO_DESCRIPTOR_TO_SPARE = """
+VIEWS_WITH_NO_DESCRIPTOR_TO_SPARE = (
+    """
 import os
 import warden
-
+"""
+    + FILL_TABLE
+    + """
 if __name__ == "__main__":
     with warden.Pool(2) as pool:
         print("map", pool.map(abs, [-1, -2]), flush=True)
-        files = []
-        try:
-            while True:
-                files.append(os.open("/dev/null", os.O_RDONLY))
-        except OSError:
-            pass
+        files = fill_table()
         workers = pool._pool  # a first look, with no descriptor left for its pidfds
         alive = [w.is_alive() for w in workers]
         codes = [w.exitcode for w in workers]
@@ -2717,6 +2726,7 @@ if __name__ == "__main__":
             os.close(fd)
         print("alive", alive, codes, flush=True)
 """
+)
 
 
 def test_a_look_at_the_workers_with_no_descriptor_to_spare_still_sees_them_alive(program):
