@@ -2971,10 +2971,17 @@ if __name__ == "__main__":
     print("joined", flush=True)
     # Nothing left behind, not even unreaped (a zygote whose pidfd was
     # closed); the resource tracker aside, which is no pool's.
+    # Read by each process's parent, not from the threads' lists: a pool's
+    # thread may end, and its list go, while they are read.
     children = set()
-    for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as f:
-            children.update(int(pid) for pid in f.read().split())
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = f.read().rsplit(") ", 1)[1].split()[1]
+        except OSError:  # a process that ended meanwhile
+            continue
+        if parent == str(os.getpid()):
+            children.add(int(pid))
     children.discard(resource_tracker._resource_tracker._pid)
     print("children left", sorted(children), flush=True)
 """
