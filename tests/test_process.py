@@ -757,6 +757,72 @@ def test_daemon_cannot_change_after_start():
     p.join(30)
 
 
+BEING_PICKLED = threading.Event()
+
+
+class SlowToPickle:
+    """An argument whose pickling takes a while and says when it began: a
+    start() is then surely under way when another thread acts."""
+
+    def __reduce__(self):
+        BEING_PICKLED.set()
+        time.sleep(0.3)
+        return (SlowToPickle, ())
+
+
+def write_and_exit(path, _slow):
+    write(path, "started\n")
+
+
+@contextlib.contextmanager
+def starting_in_another_thread(p):
+    BEING_PICKLED.clear()
+    errors = []
+
+    def start():
+        try:
+            p.start()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    try:
+        assert BEING_PICKLED.wait(30)
+        yield
+    finally:
+        thread.join(60)
+    assert not errors, errors
+
+
+def test_a_process_started_from_two_threads_at_once_starts_one_child_and_refuses_the_second_start(tmp_path):
+    """The second start() was let through while the first one ran: two
+    children, one of which the object had no handle on (terminate() and
+    join() left it running, and the program waited for it at exit)."""
+    out = tmp_path / "out"
+    p = warden.Process(target=write_and_exit, args=(out, SlowToPickle()))
+    with starting_in_another_thread(p), pytest.raises(AssertionError, match="cannot start a process twice"):
+        p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    time.sleep(0.5)  # time for a second child to have written
+    assert out.read_text() == "started\n"
+
+
+def test_a_process_being_started_in_another_thread_cannot_be_closed(tmp_path):
+    """close() during another thread's start() found no child yet and
+    closed the object; the child then started, and nothing could join or
+    stop it (``ValueError: process object is closed``)."""
+    out = tmp_path / "out"
+    p = warden.Process(target=write_and_exit, args=(out, SlowToPickle()))
+    with starting_in_another_thread(p), pytest.raises(ValueError, match="still running"):
+        p.close()
+    p.join(30)
+    assert p.exitcode == 0
+    assert out.read_text() == "started\n"
+    p.close()
+
+
 def test_close_releases_and_refuses_while_running():
     p = warden.Process(target=sleep_forever)
     p.start()

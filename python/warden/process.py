@@ -14,6 +14,7 @@ import multiprocessing.context
 import multiprocessing.process
 import os
 import re
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,12 @@ if TYPE_CHECKING:
 
 #: How long ``start()`` waits for the child's pid.
 START_TIMEOUT = 30.0
+
+# The objects whose start() runs, by id: a second start() of one from another
+# thread meanwhile is refused, as is its close(). Its child is not known
+# until the first start() returns, so nothing could stop another child.
+_starting: set[int] = set()
+_starting_lock = threading.RLock()  # a signal handler may close() meanwhile
 
 
 def current_process() -> multiprocessing.process.BaseProcess:
@@ -176,12 +183,23 @@ class Process(multiprocessing.context.Process):
 
     def start(self) -> None:
         """Starts the child; returns once its pid is known."""
-        self._check_closed()  # type: ignore[attr-defined]
-        self._check_not_handle("start")
-        if self._popen is not None:
-            raise AssertionError("cannot start a process twice")
-        if self._parent_pid != os.getpid():  # type: ignore[attr-defined]
-            raise AssertionError("can only start a process object created by current process")
+        # Claimed under a lock: a start() or close() in another thread
+        # meanwhile is refused, as the child is not known until this returns.
+        with _starting_lock:
+            self._check_closed()  # type: ignore[attr-defined]
+            self._check_not_handle("start")
+            if self._popen is not None or id(self) in _starting:
+                raise AssertionError("cannot start a process twice")
+            if self._parent_pid != os.getpid():  # type: ignore[attr-defined]
+                raise AssertionError("can only start a process object created by current process")
+            _starting.add(id(self))
+        try:
+            self._start()
+        finally:
+            with _starting_lock:
+                _starting.discard(id(self))
+
+    def _start(self) -> None:
         # Here, not at import: the child imports this module to unpickle its
         # Process, and needs none of what starting one takes.
         from . import _runner
@@ -301,21 +319,24 @@ class Process(multiprocessing.context.Process):
 
     def close(self) -> None:
         """Releases what the object holds; ``ValueError`` if the child still runs."""
-        if self._closed:
-            return
-        if self._popen is not None:
-            if not self._popen.core.is_shut_down():
+        # Under the lock a start() claims the object with: one meanwhile in
+        # another thread either has started its child, or finds it closed.
+        with _starting_lock:
+            if self._closed:
+                return
+            if id(self) in _starting or (self._popen is not None and not self._popen.core.is_shut_down()):
                 raise ValueError(
                     "Cannot close a process while it is still running. "
                     "You should first call join() or terminate()."
                 )
-            self._handle_exitcode = self.exitcode
-            self._popen.core.dispose()
-            multiprocessing.process._children.discard(self)  # type: ignore[attr-defined]
-        if self._sentinel_closer is not None:
-            self._sentinel_closer()
-            self._sentinel_fd = None
-        self._closed = True
+            if self._popen is not None:
+                self._handle_exitcode = self.exitcode
+                self._popen.core.dispose()
+                multiprocessing.process._children.discard(self)  # type: ignore[attr-defined]
+            if self._sentinel_closer is not None:
+                self._sentinel_closer()
+                self._sentinel_fd = None
+            self._closed = True
 
     # -- state -------------------------------------------------------------
 
