@@ -140,6 +140,9 @@ def test_a_process_named_with_text_a_c_string_cannot_hold_starts_and_keeps_its_n
         (exit_with, (2**31,), 0),
         (exit_with, (-(2**31) - 1,), 255),
         (exit_with, (2**40 + 3,), 3),
+        # Beyond a C long: -1 (it was the low bits: 2**64 + 3 gave 3, 2**63 gave 0).
+        (exit_with, (2**64 + 3,), 255),
+        (exit_with, (-(2**63) - 1,), 255),
         # Printed, as a code that is not an int is; when that fails, still 1
         # (it was 0: the child's error report raised, and ended it quietly).
         (exit_with_a_code_that_cannot_be_printed, (), 1),

@@ -739,8 +739,11 @@ def _system_exit_code(e: SystemExit) -> int:
     if e.code is None:
         return 0
     if isinstance(e.code, int):
-        # As the interpreter passes it to exit(3): a C int, of which the
-        # system keeps the low 8 bits (2**31 gives 0, 2**40 + 3 gives 3).
+        # As the interpreter passes it to exit(3): read as a C long (-1 if
+        # it does not fit), then cut to a C int, of which the system keeps
+        # the low 8 bits (2**31 gives 0, 2**40 + 3 gives 3, 2**63 gives 255).
+        if not -(2**63) <= e.code < 2**63:
+            return -1
         return (e.code + 2**31) % 2**32 - 2**31
     try:
         sys.stderr.write(str(e.code) + "\n")
