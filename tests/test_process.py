@@ -826,6 +826,71 @@ def test_a_process_being_started_in_another_thread_cannot_be_closed(tmp_path):
     p.close()
 
 
+def sleep_forever_slow_to_start(path, _slow):
+    sleep_forever(path)
+
+
+@pytest.mark.parametrize(("how", "code"), [("terminate", -signal.SIGTERM), ("kill", -signal.SIGKILL)])
+def test_a_process_stopped_while_another_thread_starts_it_is_stopped_once_it_has_started(tmp_path, how, code):
+    """terminate() and kill() found no child yet and did nothing: the child
+    then ran its target to the end."""
+    out = tmp_path / "out"
+    p = warden.Process(target=sleep_forever_slow_to_start, args=(out, SlowToPickle()))
+    try:
+        with starting_in_another_thread(p):
+            getattr(p, how)()
+        p.join(20)
+        assert p.exitcode == code
+    finally:
+        p.kill()
+        p.join(10)
+
+
+FORKED_COPY_STOPS_THE_CHILD = """
+import os, sys, time
+import warden
+
+def sleep_forever(path):
+    with open(path, "a") as f:
+        f.write("started\\n")
+    try:
+        time.sleep(60)
+    finally:
+        with open(path, "a") as f:
+            f.write("finally\\n")
+
+if __name__ == "__main__":
+    how, path = sys.argv[1], os.environ["OUT"]
+    p = warden.Process(target=sleep_forever, args=(path,))
+    p.start()
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            getattr(p, how)()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    started = time.monotonic()
+    p.join(20)
+    print(p.exitcode, time.monotonic() - started < 10, flush=True)
+    with open(path) as f:
+        print(f.read().split(), flush=True)
+"""
+
+
+@pytest.mark.parametrize(("how", "code"), [("terminate", -signal.SIGTERM), ("kill", -signal.SIGKILL)])
+def test_a_copy_of_the_parent_made_by_fork_can_stop_its_child(program, how, code):
+    """In the copy, terminate() and kill() did nothing: the copy's core runs
+    no thread to act on them, and the child slept on. The standard library's
+    signal the child from any copy."""
+    run = program(FORKED_COPY_STOPS_THE_CHILD).run(timeout=60, args=(how,))
+    assert run.returncode == 0, run.stderr
+    stopped_with = ["started", "finally"] if how == "terminate" else ["started"]
+    assert run.lines == [f"{code} True", str(stopped_with)], run.stdout + run.stderr
+
+
 def test_close_releases_and_refuses_while_running():
     p = warden.Process(target=sleep_forever)
     p.start()

@@ -14,6 +14,7 @@ import multiprocessing.context
 import multiprocessing.process
 import os
 import re
+import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -30,8 +31,11 @@ START_TIMEOUT = 30.0
 
 # The objects whose start() runs, by id: a second start() of one from another
 # thread meanwhile is refused, as is its close(). Its child is not known
-# until the first start() returns, so nothing could stop another child.
+# until the first start() returns, so nothing could stop another child; a
+# terminate() or kill() meanwhile is kept, by the same id, for start() to
+# pass on as it returns.
 _starting: set[int] = set()
+_stops_asked: dict[int, str] = {}
 _starting_lock = threading.RLock()  # a signal handler may close() meanwhile
 
 
@@ -198,6 +202,9 @@ class Process(multiprocessing.context.Process):
         finally:
             with _starting_lock:
                 _starting.discard(id(self))
+                asked = _stops_asked.pop(id(self), None)
+            if asked is not None and self._popen is not None:
+                getattr(self._popen.core, asked)()
 
     def _start(self) -> None:
         # Here, not at import: the child imports this module to unpickle its
@@ -305,17 +312,31 @@ class Process(multiprocessing.context.Process):
         """Asks the child to stop: SIGTERM (its target is interrupted, or its
         own SIGTERM handler runs, and its exit path runs), SIGKILL after the
         grace period. Returns at once."""
-        self._check_closed()  # type: ignore[attr-defined]
-        self._check_not_handle("terminate")
-        if self._popen is not None:
-            self._popen.core.terminate()
+        self._stop("terminate")
 
     def kill(self) -> None:
         """Kills the child with SIGKILL now. Returns at once."""
+        self._stop("kill")
+
+    def _stop(self, how: str) -> None:
+        """``terminate()`` (``how`` is its name) or ``kill()``. While another
+        thread's ``start()`` runs, that one passes it on as it returns (the
+        child is not known before). In a copy of the parent made by
+        ``os.fork()``, whose core runs nothing, the child gets the signal
+        from here, as the standard library's would."""
         self._check_closed()  # type: ignore[attr-defined]
-        self._check_not_handle("kill")
-        if self._popen is not None:
-            self._popen.core.kill()
+        self._check_not_handle(how)
+        with _starting_lock:
+            if id(self) in _starting:
+                if _stops_asked.get(id(self)) != "kill":
+                    _stops_asked[id(self)] = how
+                return
+        if self._popen is None:
+            return
+        if self._parent_pid != os.getpid():  # type: ignore[attr-defined]
+            _signal_from_a_copy(self._parent_pid, self._pid, how)  # type: ignore[attr-defined]
+            return
+        getattr(self._popen.core, how)()
 
     def close(self) -> None:
         """Releases what the object holds; ``ValueError`` if the child still runs."""
@@ -400,6 +421,34 @@ class Process(multiprocessing.context.Process):
         if self._config.get("daemon"):  # type: ignore[attr-defined]
             parts.append("daemon")
         return "<" + " ".join(parts) + ">"
+
+
+def _signal_from_a_copy(parent: int, pid: int | None, how: str) -> None:
+    """``terminate()`` or ``kill()`` of child ``pid`` of process ``parent``,
+    from a copy of that process made by ``os.fork()``: SIGTERM (and SIGCONT,
+    for a child that was stopped) or SIGKILL, through a pidfd, and only to a
+    process whose parent is still ``parent`` (not one that reused the pid of
+    a child reaped meanwhile). The SIGKILL after the grace period is the
+    parent's to send, as its core watches the child."""
+    if pid is None:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # ended, and reaped
+        return
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if int(f.read().rsplit(")", 1)[1].split()[1]) != parent:
+                return
+        if how == "kill":
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        else:
+            signal.pidfd_send_signal(fd, signal.SIGTERM)
+            signal.pidfd_send_signal(fd, signal.SIGCONT)
+    except (OSError, ValueError, IndexError):
+        pass  # it ended meanwhile
+    finally:
+        os.close(fd)
 
 
 def _exit_sentinel(pid: int, runner: Any) -> int:
