@@ -891,6 +891,110 @@ def test_a_copy_of_the_parent_made_by_fork_can_stop_its_child(program, how, code
     assert run.lines == [f"{code} True", str(stopped_with)], run.stdout + run.stderr
 
 
+PID_REUSED_AFTER_THE_CHILD = """
+import os, subprocess, sys, time
+import warden
+
+def sleep_a_little():
+    time.sleep(0.3)
+
+def reuse(pid):
+    # The parent's next child gets the pid the ended one had.
+    for _ in range(50):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        other = subprocess.Popen(["sleep", "30"])
+        if other.pid == pid:
+            return other
+        other.kill()
+        other.wait()
+    print("no reuse", flush=True)
+    sys.exit(0)
+
+if __name__ == "__main__":
+    when = sys.argv[1]
+    p = warden.Process(target=sleep_a_little)
+    p.start()
+    if when == "after it ended":
+        p.join(30)
+        other = reuse(p.pid)
+        copy = os.fork()
+        if copy == 0:
+            p.terminate()
+            p.kill()
+            os._exit(0)
+    else:
+        go, ready = os.pipe()
+        copy = os.fork()
+        if copy == 0:
+            os.read(go, 1)
+            p.terminate()
+            p.kill()
+            os._exit(0)
+        p.join(30)
+        other = reuse(p.pid)
+        os.write(ready, b"x")
+    os.waitpid(copy, 0)
+    time.sleep(0.2)
+    print("the process given the pid", other.poll(), flush=True)
+    other.kill()
+    other.wait()
+"""
+
+
+@pytest.mark.skipif(
+    not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK), reason="choosing the next pid needs root"
+)
+@pytest.mark.parametrize("when", ["after it ended", "before it ended"])
+def test_a_copy_made_by_fork_never_signals_a_process_that_reused_its_ended_childs_pid(program, when):
+    """The copy signalled whatever process of the parent had the pid: once
+    the child had ended and been reaped, another child of the parent given
+    its pid (here a ``sleep``) was terminated."""
+    run = program(PID_REUSED_AFTER_THE_CHILD).run(timeout=60, args=(when,))
+    assert run.returncode == 0, run.stderr
+    if run.lines == ["no reuse"]:
+        pytest.skip("the pid was taken by another process each time")
+    assert run.lines == ["the process given the pid None"], run.stdout + run.stderr
+
+
+FORKED_WHILE_A_THREAD_STARTS_ANOTHER = """
+import os, signal, threading, time
+import warden
+from warden import process
+
+if __name__ == "__main__":
+    p = warden.Process(target=time.sleep, args=(30,))
+    p.start()
+    # Another thread in the middle of a start(), a close() or a stop of
+    # another Process as the copy is made: it holds their lock.
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with process._starting_lock:
+            held.set()
+            release.wait(30)
+
+    threading.Thread(target=hold).start()
+    held.wait(30)
+    copy = os.fork()
+    if copy == 0:
+        signal.alarm(10)  # the copy waited for ever on the lock
+        p.terminate()
+        os._exit(0)
+    _, status = os.waitpid(copy, 0)
+    release.set()
+    print("copy", os.waitstatus_to_exitcode(status), flush=True)
+    p.join(20)
+    print("child", p.exitcode, flush=True)
+"""
+
+
+def test_a_copy_made_by_fork_while_another_thread_starts_a_process_can_stop_its_child(program):
+    run = program(FORKED_WHILE_A_THREAD_STARTS_ANOTHER).run(timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["copy 0", f"child {-signal.SIGTERM}"], run.stdout + run.stderr
+
+
 def test_close_releases_and_refuses_while_running():
     p = warden.Process(target=sleep_forever)
     p.start()

@@ -39,6 +39,20 @@ _stops_asked: dict[int, str] = {}
 _starting_lock = threading.RLock()  # a signal handler may close() meanwhile
 
 
+def _after_fork_in_child() -> None:
+    """A copy of this process made by ``os.fork()`` has none of its other
+    threads: it would wait for ever on the lock one of them held, and no
+    start() of theirs goes on there (a Process is started by the process
+    that made it)."""
+    global _starting_lock
+    _starting_lock = threading.RLock()
+    _starting.clear()
+    _stops_asked.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def current_process() -> multiprocessing.process.BaseProcess:
     """The ``Process`` object of this process: the ``warden.Process`` in a
     child started by one, the worker in a pool worker, else the main process."""
@@ -100,6 +114,7 @@ class Process(multiprocessing.context.Process):
     _handle_of: int | None = None
     _handle_exitcode: int | None = None
     _pid: int | None = None
+    _started_as: tuple[int, int] | None = None  # see _parent_and_start_time()
     _sentinel_fd: int | None = None
     # Not weakref.finalize[...]: typing.get_type_hints() evaluates it, and
     # finalize cannot be subscripted at run time.
@@ -137,7 +152,7 @@ class Process(multiprocessing.context.Process):
                 # The parent's handles on the child stay here; in the child
                 # the object reads as one not started by it (``exitcode``
                 # None), as a spawned child's ``current_process()`` does.
-                for key in ("_popen", "_pid", "_sentinel_fd", "_sentinel_closer"):
+                for key in ("_popen", "_pid", "_started_as", "_sentinel_fd", "_sentinel_closer"):
                     if key in state:
                         state[key] = None
             return (_new_process, (type(self),), state)
@@ -277,6 +292,7 @@ class Process(multiprocessing.context.Process):
                 self._popen = None
                 raise _start_error(self._name, runner.core.failure() or "no pid")  # type: ignore[attr-defined]
             self._pid = pid
+            self._started_as = _parent_and_start_time(pid)
             # As the standard library does: the child has them, this object need not.
             del self._target, self._args, self._kwargs  # type: ignore[attr-defined]
             multiprocessing.process._children.add(self)  # type: ignore[attr-defined]
@@ -334,7 +350,8 @@ class Process(multiprocessing.context.Process):
         if self._popen is None:
             return
         if self._parent_pid != os.getpid():  # type: ignore[attr-defined]
-            _signal_from_a_copy(self._parent_pid, self._pid, how)  # type: ignore[attr-defined]
+            if not self._popen.core.is_shut_down():  # not seen ended when the copy was made
+                _signal_from_a_copy(self._pid, self._started_as, how)
             return
         getattr(self._popen.core, how)()
 
@@ -423,29 +440,39 @@ class Process(multiprocessing.context.Process):
         return "<" + " ".join(parts) + ">"
 
 
-def _signal_from_a_copy(parent: int, pid: int | None, how: str) -> None:
-    """``terminate()`` or ``kill()`` of child ``pid`` of process ``parent``,
-    from a copy of that process made by ``os.fork()``: SIGTERM (and SIGCONT,
-    for a child that was stopped) or SIGKILL, through a pidfd, and only to a
-    process whose parent is still ``parent`` (not one that reused the pid of
-    a child reaped meanwhile). The SIGKILL after the grace period is the
-    parent's to send, as its core watches the child."""
-    if pid is None:
+def _parent_and_start_time(pid: int) -> tuple[int, int] | None:
+    """Process ``pid``'s parent and start time (clock ticks since boot), from
+    ``/proc/PID/stat``: what tells it from a later process given its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _signal_from_a_copy(pid: int | None, started_as: tuple[int, int] | None, how: str) -> None:
+    """``terminate()`` or ``kill()`` of child ``pid``, from a copy of its
+    parent made by ``os.fork()``: SIGTERM (and SIGCONT, for a child that was
+    stopped) or SIGKILL, through a pidfd, and only to the process with the
+    parent and start time the child had (``started_as``), not to one that
+    reused its pid once the parent reaped it. The SIGKILL after the grace
+    period is the parent's to send, as its core watches the child."""
+    if pid is None or started_as is None:
         return
     try:
         fd = os.pidfd_open(pid)
     except OSError:  # ended, and reaped
         return
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            if int(f.read().rsplit(")", 1)[1].split()[1]) != parent:
-                return
+        if _parent_and_start_time(pid) != started_as:  # read once the pidfd holds what it names
+            return
         if how == "kill":
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         else:
             signal.pidfd_send_signal(fd, signal.SIGTERM)
             signal.pidfd_send_signal(fd, signal.SIGCONT)
-    except (OSError, ValueError, IndexError):
+    except OSError:
         pass  # it ended meanwhile
     finally:
         os.close(fd)
