@@ -899,7 +899,8 @@ class Runner:
             # A system call failed (no descriptor left under ``ulimit -n``):
             # the ``OSError`` the standard library's constructor raises.
             if isinstance(e, _warden.CoreError) and e.errno is not None:
-                what = "the process" if one_off else "the pool"
+                # A one-off child is named, as _start_error names it.
+                what = f"process {name}" if one_off else "the pool"
                 raise OSError(e.errno, f"cannot start {what}: {e}") from None
             # Settings this system cannot honour (a memory cap without /proc).
             if isinstance(e, _warden.CoreError) and e.kind == _warden.ErrorKind.CONFIG:
