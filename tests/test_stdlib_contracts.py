@@ -1000,6 +1000,39 @@ def test_a_concurrent_futures_program_runs_with_warden_imported_in_its_place(pro
     ]
 
 
+@pytest.mark.parametrize("modules", ["concurrent.futures multiprocessing", "warden warden"])
+def test_a_program_naming_the_process_submodules_runs_with_warden_imported_in_their_place(program, modules):
+    """``cf.process.BrokenProcessPool`` (and ``mp.process.parent_process``)
+    with ``import warden as cf``: ``warden.process`` stands in for both
+    ``concurrent.futures.process`` and ``multiprocessing.process``. It had
+    none of their names, and the ``except`` clause of a program whose worker
+    died raised ``AttributeError`` in place of catching the error."""
+    cf_module, mp_module = modules.split()
+    prog = program(
+        f"""
+        import os
+        import {cf_module} as cf
+        import {mp_module} as mp
+
+        def crash():
+            os._exit(3)
+
+        if __name__ == "__main__":
+            with cf.ProcessPoolExecutor(1) as ex:
+                try:
+                    ex.submit(crash).result(timeout=60)
+                except cf.process.BrokenProcessPool as e:
+                    print("caught", isinstance(e, cf.BrokenExecutor))
+            print(cf.process.ProcessPoolExecutor is cf.ProcessPoolExecutor)
+            print(isinstance(mp.process.current_process(), mp.process.BaseProcess))
+            print(mp.process.parent_process(), mp.process.active_children())
+        """
+    )
+    run = prog.run(timeout=90)
+    assert run.returncode == 0, run.stderr
+    assert run.lines == ["caught True", "True", "True", "None []"], run.stdout + run.stderr
+
+
 def wait_cut_short_by_its_own_timer(seconds):
     import _thread
 

@@ -24,7 +24,47 @@ from . import _warden
 from ._pickle import dumps_for_spawn, spawning_object
 
 if TYPE_CHECKING:
+    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing.process import BaseProcess, active_children, parent_process
+
     from ._runner import Runner
+    from .executor import ProcessPoolExecutor
+
+__all__ = [
+    "BaseProcess",
+    "BrokenProcessPool",
+    "Process",
+    "ProcessPoolExecutor",
+    "active_children",
+    "current_process",
+    "parent_process",
+]
+
+#: The public names of ``concurrent.futures.process`` and
+#: ``multiprocessing.process`` that this module stands in for, where a
+#: program switched over with ``import warden as cf`` (or ``as
+#: multiprocessing``) reaches them as ``cf.process.BrokenProcessPool``:
+#: imported on first access, not by the child that imports this module to
+#: unpickle its ``Process``.
+_STANDING_IN_FOR = {
+    "BrokenProcessPool": "concurrent.futures.process",
+    "ProcessPoolExecutor": "warden.executor",
+    "BaseProcess": "multiprocessing.process",
+    "active_children": "multiprocessing.process",
+    "parent_process": "multiprocessing.process",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _STANDING_IN_FOR.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
 
 #: How long ``start()`` waits for the child's pid.
 START_TIMEOUT = 30.0
