@@ -1559,6 +1559,29 @@ def test_a_future_or_pool_result_passed_to_a_task_is_refused_naming_it_and_nothi
     assert ex.submit(square, 5).result(60) == 25
 
 
+def test_a_copy_of_a_pending_result_or_future_completes_with_it(ex):
+    """A copy of a pending pool result or future shares its state, as
+    ``copy.copy()`` of the standard library's ``map_async`` result does:
+    it used to copy the attributes of the moment, and never completed
+    (``get()`` waited for ever)."""
+    with warden.Pool(1) as pool:
+        # The worker is held while the copies are made: each is of a pending one.
+        blocker = pool.apply_async(sleep_then, (0.5,))
+        pending = [
+            pool.map_async(square, range(3)),
+            pool.starmap_async(square, [(1,), (2,)]),
+            pool.apply_async(square, (3,)),
+        ]
+        copies = [copy.copy(r) for r in pending]
+        assert not any(c.ready() for c in copies)
+        future = ex.submit(sleep_then, 0.5, 7)
+        future_copy = copy.copy(future)
+        assert not future_copy.done()
+        assert [c.get(60) for c in copies] == [[0, 1, 4], [1, 4], 9]
+        assert all(c.successful() for c in copies) and blocker.get(60) is None
+    assert future_copy.result(60) == 7 and future_copy.done()
+
+
 @pytest.mark.parametrize("how", [copy.copy, copy.deepcopy])
 def test_copying_a_pool_or_executor_is_refused_at_once(ex, how):
     # A copy used to be an inert handle that failed later, naming this very

@@ -70,9 +70,10 @@ def refuse_pickling(obj: object, instead: str) -> NoReturn:
 def shared_copy(obj: _C) -> _C:
     """``copy.copy()`` of a future or a pool's result, as the standard
     library's allow it (its pickling refused): a new object sharing the
-    state of ``obj``."""
+    state of ``obj``, its very attributes, so that a copy of a pending one
+    completes with it (a copy of its attributes at the time never would)."""
     new = type(obj).__new__(type(obj))
-    new.__dict__.update(obj.__dict__)
+    new.__dict__ = obj.__dict__
     return new
 
 
