@@ -26,6 +26,7 @@ PROGRAM = """
     import multiprocessing.synchronize
     from collections.abc import Callable, Iterator
     from concurrent.futures import as_completed, wait
+    from types import TracebackType
     from typing import ParamSpec, TypeVar
 
     import warden
@@ -40,6 +41,17 @@ PROGRAM = """
             self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
         ) -> concurrent.futures.Future[T]:
             return super().submit(fn, *args, **kwargs)
+
+
+    class Quiet(warden.ProcessPoolExecutor):
+        # As typeshed types the standard library's __exit__.
+        def __exit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc_val: BaseException | None,
+            exc_tb: TracebackType | None,
+        ) -> bool | None:
+            return super().__exit__(exc_type, exc_val, exc_tb)
 
 
     def gather(futures: list[concurrent.futures.Future[int]]) -> int:
@@ -103,6 +115,14 @@ PROGRAM = """
         return waits_on(warden.Event())
 
 
+    def catches_the_executors_error_by_its_submodules_name(ex: warden.ProcessPoolExecutor) -> int:
+        # ``import warden as cf`` in place of concurrent.futures: cf.process.BrokenProcessPool.
+        try:
+            return ex.submit(square, 2).result()
+        except warden.process.BrokenProcessPool:
+            return -1
+
+
     def returns_from_inside_the_with_block(n: int) -> int:
         # The executor's __exit__ never swallows the exception: no "missing return".
         with warden.ProcessPoolExecutor(1) as ex:
@@ -112,6 +132,7 @@ PROGRAM = """
 
 POOL_PROGRAM = """
     import multiprocessing.pool
+    from types import TracebackType
 
     import warden
 
@@ -144,6 +165,17 @@ POOL_PROGRAM = """
     class MyPool(warden.Pool):
         def extra(self) -> int:
             return 1
+
+
+    class QuietPool(warden.Pool):
+        # As typeshed types the standard library's __exit__.
+        def __exit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc_val: BaseException | None,
+            exc_tb: TracebackType | None,
+        ) -> None:
+            super().__exit__(exc_type, exc_val, exc_tb)
 
 
     def a_subclass_enters_as_itself() -> int:

@@ -10,9 +10,10 @@ import operator
 import os
 import threading
 import time
+import types
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from . import _pickle, _progress, _runner, _warden
 from ._children import WorkerProcess, wait_for_workers, workers_of
@@ -495,12 +496,18 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             runner.core.terminate()
         runner.join_bounded()
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
+    # Typed as typeshed types the standard library's, for overrides.
+    def __exit__(  # type: ignore[exit-return]
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: types.TracebackType | None,
+    ) -> bool | None:
         # Ctrl-C inside the with block (bare, or in an exception group, as a
         # trio nursery raises it), or (in a worker) a stop that reached the
         # task using this executor: stop the workers rather than wait.
         if exc_type is not None and (
-            issubclass(exc_type, KeyboardInterrupt) or _runner.is_ctrl_c(exc) or _runner.stop_requested
+            issubclass(exc_type, KeyboardInterrupt) or _runner.is_ctrl_c(exc_val) or _runner.stop_requested
         ):
             runner = self._runner
             if runner is not None and not runner.interrupted:

@@ -673,7 +673,12 @@ class Pool(multiprocessing.pool.Pool):
         self._check_running()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: types.TracebackType | None,
+    ) -> None:
         self.terminate()
 
 
