@@ -1362,11 +1362,28 @@ class LyingLength:
         return iter(range(self.yields))
 
 
-def test_map_over_an_iterable_longer_than_its_len_returns_the_first_len_results_quietly(pool, capfd):
-    # What the standard library means to do: its MapResult is sized by len(),
-    # though its list then takes in late chunks at odd places ([0, None, 4]).
-    assert pool.map_async(square, LyingLength(says=2, yields=5), 1).get(timeout=60) == [0, 1]
-    # The chunks past len() run too; theirs are the results delivered next.
+class LyingPairs(LyingLength):
+    """Pairs ``(2, i)``, with a ``len()`` that is not their number."""
+
+    def __iter__(self):
+        return ((2, i) for i in range(self.yields))
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, None])
+def test_map_over_an_iterable_longer_than_its_len_returns_every_result(pool, capfd, chunksize):
+    """A map's result holds every item the iterable gave, as ``map()`` would:
+    it used to hold the first ``len()`` of them and drop the rest quietly
+    (the standard library's list takes the late chunks in, or not, as they
+    come before or after the ones ``len()`` promised)."""
+    assert pool.map_async(square, LyingLength(says=2, yields=5), chunksize).get(timeout=60) == [
+        0,
+        1,
+        4,
+        9,
+        16,
+    ]
+    assert pool.starmap(pow, LyingPairs(says=1, yields=3), chunksize) == [1, 2, 4]
+    assert pool.map(square, LyingLength(says=12, yields=40), chunksize) == [x * x for x in range(40)]
     assert pool.map(square, range(3), 1) == [0, 1, 4]
     time.sleep(0.2)
     assert "Traceback" not in capfd.readouterr().err

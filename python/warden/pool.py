@@ -524,6 +524,8 @@ class Pool(multiprocessing.pool.Pool):
         made = 0
         try:
             for i, chunk in enumerate(chunks(items, chunksize) if count else ()):
+                if i >= count:
+                    result._one_more_chunk()
                 if chunksize == 1 and (not star or type(chunk[0]) is tuple):
                     # One item, one plain call (cheaper to pickle: a call of
                     # a function with scalar arguments takes the short cut);
@@ -544,8 +546,7 @@ class Pool(multiprocessing.pool.Pool):
         except BaseException:
             result._abandon()
             raise
-        if made < count:
-            result._fewer_chunks(made)
+        result._queued(made)
         return result
 
     def imap(  # type: ignore[override]  # chunksize: an int, never None (a TypeError there too)
@@ -880,6 +881,9 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
         self._progress: _progress.Progress | None = None
         self._left = chunks
         self._count = chunks
+        #: Until the map's last chunk is queued, it is not ready, whatever
+        #: its iterable's ``len()`` said (see ``_one_more_chunk``, ``_queued``).
+        self._queueing = chunks > 0
         #: The map's chunk size (the standard library's attribute).
         self._chunksize = 0
         # Chunks that came before one ahead of them; each joins ``_gathered``
@@ -934,10 +938,6 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
         with self._lock:
             if self._left < 0:
                 return
-            if index >= self._count:
-                # Past what the iterable's len() said: the result holds
-                # len() items, as the standard library's is sized.
-                return
             if error is not None:
                 if self._first_error is None:
                     self._first_error = error
@@ -951,9 +951,18 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
                     chunks[self._merged] = None
                     self._merged += 1
             self._left -= 1
-            done = self._left == 0
+            done = self._left == 0 and not self._queueing
         if done:
             self._complete()
+
+    def _one_more_chunk(self) -> None:
+        """The iterable gave more items than its ``len()`` said: one more
+        chunk is being queued, and the result holds its items too (as the
+        standard library's list grows by them)."""
+        with self._lock:
+            self._count += 1
+            self._left += 1
+            self._chunks.append(None)
 
     def _unpicklable_chunk(self, index: int, error: ErrorData) -> None:
         """Chunk ``index`` could not be pickled: the map fails with ``error``
@@ -965,17 +974,19 @@ class MapResult(ApplyResult[list[_T]], multiprocessing.pool.MapResult[_T]):
                 self._first_error = error
                 self._chunks = []
                 self._gathered = []
-        self._fewer_chunks(index + 1)
+        self._queued(index + 1)
         for task in self._tasks:
             _runner.cancel(self._core, task, False)
         _deliver_apart(_ChunkOutcome(self, index, False), False, error)
 
-    def _fewer_chunks(self, made: int) -> None:
-        """The iterable ran out before its ``len()`` said it would: only
-        ``made`` chunks were queued, and the map is ready once they are in."""
+    def _queued(self, made: int) -> None:
+        """The map's last chunk is queued: ``made`` chunks in all (fewer than
+        its iterable's ``len()`` said, if it ran out first), and the map is
+        ready once they are in."""
         with self._lock:
-            if self._left < 0:
+            if self._left < 0 or not self._queueing:
                 return
+            self._queueing = False
             self._left -= self._count - made
             self._count = made
             del self._chunks[made:]
