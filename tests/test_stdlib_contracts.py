@@ -934,6 +934,21 @@ def test_a_result_that_cannot_be_pickled_raises_maybe_encoding_error(impl):
         assert pool.apply(identity, (3,)) == 3
 
 
+def pair_of(*args):
+    return args
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, None])
+def test_a_starmap_over_items_that_are_not_iterable_fails_in_the_standard_librarys_words(impl, chunksize):
+    # warden's said "__mp_main__.pair_of() argument after * must be an
+    # iterable, not int", naming the function by its worker's module.
+    with impl.Pool(2) as pool:
+        with pytest.raises(TypeError) as raised:
+            pool.starmap(pair_of, range(3), chunksize)
+        assert str(raised.value) == "'int' object is not iterable"
+        assert pool.starmap(pair_of, [(1, 2), [3], "ab"], chunksize) == [(1, 2), (3,), ("a", "b")]
+
+
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 def test_an_imap_result_that_cannot_be_pickled_names_that_result_as_the_standard_library_does(impl, method):
     with impl.Pool(1) as pool:

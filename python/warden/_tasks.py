@@ -13,7 +13,9 @@ def run_chunk(fn: Callable[..., Any], chunk: Iterable[Any], star: bool) -> list[
     # Comprehensions, not ``list(map(...))``: a ``StopIteration`` that ``fn``
     # raises must fail the chunk, not end it early (dropping the items after).
     if star:
-        return [fn(*args) for args in chunk]
+        # (tuple(): an item that is not iterable fails as the standard
+        # library's itertools.starmap fails it, "'int' object is not iterable".)
+        return [fn(*tuple(args)) for args in chunk]
     return [fn(item) for item in chunk]
 
 
