@@ -906,8 +906,9 @@ def sleep_a_little():
     time.sleep(0.3)
 
 def reuse(pid):
-    # The parent's next child gets the pid the ended one had.
-    for _ in range(50):
+    # The parent's next child gets the pid the ended one had (once it is
+    # free: another process may take it first, or the child be reaped late).
+    for _ in range(200):
         with open("/proc/sys/kernel/ns_last_pid", "w") as f:
             f.write(str(pid - 1))
         other = subprocess.Popen(["sleep", "30"])
@@ -915,8 +916,8 @@ def reuse(pid):
             return other
         other.kill()
         other.wait()
-    print("no reuse", flush=True)
-    sys.exit(0)
+        time.sleep(0.02)
+    return None
 
 if __name__ == "__main__":
     when = sys.argv[1]
@@ -940,8 +941,11 @@ if __name__ == "__main__":
             os._exit(0)
         p.join(30)
         other = reuse(p.pid)
-        os.write(ready, b"x")
+        os.write(ready, b"x")  # the copy goes on, also without a reuse
     os.waitpid(copy, 0)
+    if other is None:
+        print("no reuse", flush=True)
+        sys.exit(0)
     time.sleep(0.2)
     print("the process given the pid", other.poll(), flush=True)
     other.kill()
