@@ -5,6 +5,7 @@ kills at once. And stop signals that the workers' own code handles."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shlex
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -788,6 +790,87 @@ def test_a_program_ended_by_a_terminals_ctrl_c_lets_its_children_finish_handling
     _, err = type_ctrl_c_when_ready(proc, master)
     assert proc.returncode == -signal.SIGINT, err
     assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"]
+
+
+# A main module that writes to its terminal as it is loaded: in the parent,
+# and in each worker, zygote or child that loads it; and whose interpreters
+# write to it as they start (``-X importtime``, on the terminal as stderr).
+# With ``stty tostop``, a process outside the terminal's foreground group
+# that writes to it gets SIGTTOU, which stops it.
+WRITES_TO_ITS_TERMINAL_AS_IT_LOADS = """
+import os, sys, termios
+import warden
+
+with open("/dev/tty", "w") as tty:
+    tty.write(f"loading in {os.getpid()}\\n")
+
+def negate(x):
+    return -x
+
+def record(path):
+    with open(path, "w") as f:
+        f.write("ran")
+
+if __name__ == "__main__":
+    attrs = termios.tcgetattr(0)
+    attrs[3] |= termios.TOSTOP  # stty tostop
+    termios.tcsetattr(0, termios.TCSANOW, attrs)
+    os.dup2(0, 2)  # the terminal as stderr, for the new interpreters' -X importtime
+    how = sys.argv[1]
+    if how == "process":
+        p = warden.Process(target=record, args=(os.environ["OUT"],))
+        p.start()
+        p.join(30)
+        print("exit code", p.exitcode, flush=True)
+        p.kill()
+    else:
+        ex = warden.ProcessPoolExecutor(1, start=how)
+        try:
+            print("result", ex.submit(negate, 3).result(timeout=30), flush=True)
+        finally:
+            ex.shutdown(wait=False, cancel_futures=True)
+"""
+
+
+@needs_setsid
+@pytest.mark.parametrize("how", ["zygote", "exec", "process"])
+def test_a_main_module_that_writes_to_the_terminal_under_tostop_does_not_stop_the_processes_that_load_it(
+    program, how
+):
+    """Under ``stty tostop``, a worker (or the zygote, or a ``Process``
+    child) that wrote to the terminal before its loop began was stopped by
+    SIGTTOU for good: its group is not the terminal's foreground one, and it
+    ignored the terminal's stop signals only once its loop had started. The
+    pool waited its start timeout (60 s), and the child never ran its
+    target. They are ignored from before the ``exec`` now."""
+    prog = program(WRITES_TO_ITS_TERMINAL_AS_IT_LOADS)
+    master, slave = os.openpty()
+    try:
+        command = ["setsid", "--ctty", sys.executable, "-X", "importtime", str(prog.path), how]
+        proc = prog.start(stdin=slave, command=command)
+    finally:
+        os.close(slave)
+
+    def read_the_terminal():
+        # What the interpreters write to it, read as a terminal shows it.
+        with contextlib.suppress(OSError):  # EIO once nothing has it open
+            while os.read(master, 65536):
+                pass
+
+    reader = threading.Thread(target=read_the_terminal, daemon=True)
+    reader.start()
+    try:
+        out, err = finish(proc, timeout=90)
+    finally:
+        proc.kill()
+        reader.join(10)
+        os.close(master)
+    assert proc.returncode == 0, err
+    if how == "process":
+        assert out.splitlines() == ["exit code 0"], err
+        assert prog.out_lines() == ["ran"]
+    else:
+        assert out.splitlines() == ["result -3"], err
 
 
 # A SIGINT handler of the program's own, set after its children started,

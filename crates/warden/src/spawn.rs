@@ -25,6 +25,11 @@
 //!   `O_CLOEXEC`;
 //! * its own process group, so a Ctrl-C at the terminal reaches the parent
 //!   only, and the pool can signal the worker together with anything it started;
+//!   SIGTTIN and SIGTTOU ignored, as that group is never the terminal's
+//!   foreground one: the interpreter's start-up, or a main module a zygote
+//!   imports, that reads the terminal gets `EIO`, and one that writes to it
+//!   under `stty tostop` writes, instead of being stopped with nothing to
+//!   resume it;
 //! * `PR_SET_PDEATHSIG = SIGHUP`, armed before `exec` (and again by the worker
 //!   itself, which also checks its parent pid in case the parent died first).
 //!   SIGHUP, "the other side hung up", is a signal the pool itself never sends,
@@ -624,6 +629,16 @@ mod raw_spawn {
                         default.sa_sigaction = libc::SIG_DFL;
                         libc::sigaction(sig, &default, std::ptr::null_mut());
                     }
+                }
+                // Not the terminal's foreground group: from here on, before
+                // the program has even started, reading the terminal fails
+                // with EIO and writing to it (under `stty tostop`) goes
+                // through, rather than stopping this process for good (see
+                // `signals::ignore_terminal_stops`, which the worker does too).
+                for sig in [libc::SIGTTIN, libc::SIGTTOU] {
+                    let mut ignore: libc::sigaction = std::mem::zeroed();
+                    ignore.sa_sigaction = libc::SIG_IGN;
+                    libc::sigaction(sig, &ignore, std::ptr::null_mut());
                 }
                 let mut none: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut none);
