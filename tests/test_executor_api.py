@@ -1559,11 +1559,13 @@ def test_a_future_or_pool_result_passed_to_a_task_is_refused_naming_it_and_nothi
     assert ex.submit(square, 5).result(60) == 25
 
 
-def test_a_copy_of_a_pending_result_or_future_completes_with_it(ex):
-    """A copy of a pending pool result or future shares its state, as
-    ``copy.copy()`` of the standard library's ``map_async`` result does:
-    it used to copy the attributes of the moment, and never completed
-    (``get()`` waited for ever)."""
+def test_a_copy_of_a_pending_result_or_future_is_the_same_task_and_completes_with_it(ex):
+    """``copy.copy()`` of a pending pool result, ``imap`` iterator or future
+    is the object itself, as the only thing a copy could be is another way
+    to wait for the same task. It used to copy the attributes of the moment,
+    and never completed (``get()`` waited for ever); a copy sharing them
+    completed, but ``wait()`` and ``as_completed()`` given it were told of
+    the original, and an ``imap`` whose original was dropped stopped feeding."""
     with warden.Pool(1) as pool:
         # The worker is held while the copies are made: each is of a pending one.
         blocker = pool.apply_async(sleep_then, (0.5,))
@@ -1574,12 +1576,18 @@ def test_a_copy_of_a_pending_result_or_future_completes_with_it(ex):
         ]
         copies = [copy.copy(r) for r in pending]
         assert not any(c.ready() for c in copies)
+        lazy = copy.copy(pool.imap(square, range(10)))  # the original dropped at once
+        gc.collect()
         future = ex.submit(sleep_then, 0.5, 7)
         future_copy = copy.copy(future)
+        del future
         assert not future_copy.done()
         assert [c.get(60) for c in copies] == [[0, 1, 4], [1, 4], 9]
         assert all(c.successful() for c in copies) and blocker.get(60) is None
-    assert future_copy.result(60) == 7 and future_copy.done()
+        assert list(lazy) == [x * x for x in range(10)]
+    done, _ = cf.wait([future_copy], timeout=60)
+    assert done == {future_copy}
+    assert [f.result() for f in cf.as_completed([future_copy], timeout=60)] == [7]
 
 
 @pytest.mark.parametrize("how", [copy.copy, copy.deepcopy])

@@ -69,12 +69,12 @@ def refuse_pickling(obj: object, instead: str) -> NoReturn:
 
 def shared_copy(obj: _C) -> _C:
     """``copy.copy()`` of a future or a pool's result, as the standard
-    library's allow it (its pickling refused): a new object sharing the
-    state of ``obj``, its very attributes, so that a copy of a pending one
-    completes with it (a copy of its attributes at the time never would)."""
-    new = type(obj).__new__(type(obj))
-    new.__dict__ = obj.__dict__
-    return new
+    library's allow it (its pickling refused): the object itself. A copy
+    could only be another way to wait for the same task, and one with its
+    own identity would not be the one the pool completes, nor the one
+    ``wait()``, ``as_completed()`` and done-callbacks are given (nor, for an
+    ``imap``'s iterator, the one its feeder keeps going)."""
+    return obj
 
 
 # Generic for type checkers, as concurrent.futures.Future is in typeshed: a

@@ -55,6 +55,10 @@ _STANDING_IN_FOR = {
 }
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_STANDING_IN_FOR))
+
+
 def __getattr__(name: str) -> Any:
     home = _STANDING_IN_FOR.get(name)
     if home is None:
