@@ -32,7 +32,6 @@ from ._pickle import loads
 # At run time too (typing is imported anyway), so that typing.get_type_hints()
 # of the methods that name them works.
 _T = TypeVar("_T")
-_C = TypeVar("_C")
 
 _CANCELLED = (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED)
 
@@ -67,16 +66,6 @@ def refuse_pickling(obj: object, instead: str) -> NoReturn:
     )
 
 
-def shared_copy(obj: _C) -> _C:
-    """``copy.copy()`` of a future or a pool's result, as the standard
-    library's allow it (its pickling refused): the object itself. A copy
-    could only be another way to wait for the same task, and one with its
-    own identity would not be the one the pool completes, nor the one
-    ``wait()``, ``as_completed()`` and done-callbacks are given (nor, for an
-    ``imap``'s iterator, the one its feeder keeps going)."""
-    return obj
-
-
 # Generic for type checkers, as concurrent.futures.Future is in typeshed: a
 # string subscript makes no TypeVar at run time (it only names one for them).
 class Future(_base.Future["_T"]):
@@ -109,7 +98,12 @@ class Future(_base.Future["_T"]):
         refuse_pickling(self, "its result()")
 
     def __copy__(self) -> Future[_T]:
-        return shared_copy(self)
+        """The future itself (as a pool's results and ``imap`` iterators
+        are): a copy could only be another way to wait for the same task,
+        and one with an identity of its own would not be the one the pool
+        completes, nor the one ``wait()``, ``as_completed()`` and
+        done-callbacks are given."""
+        return self
 
     def __init__(self) -> None:
         # _base.Future.__init__, but for the condition and its two lists.

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar, cast
 from . import _native, _progress, _runner, _warden
 from ._children import VacantWorker, WorkerProcess, starts_refused, wait_for_workers, workers_of
 from ._errors import ErrorData, core_error
-from ._futures import refuse_pickling, shared_copy
+from ._futures import refuse_pickling
 from ._handles import PoolHandle
 from ._inherit import own_api_only
 from ._pickle import dumps_call, dumps_oob, loads
@@ -707,7 +707,7 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
         refuse_pickling(self, "its get()")
 
     def __copy__(self) -> ApplyResult[_T]:
-        return shared_copy(self)
+        return self  # as a Future's (see Future.__copy__)
 
     def __init__(
         self,
@@ -1033,7 +1033,9 @@ class IMapIterator(_StdIMapIterator[_T]):
         refuse_pickling(self, "its results (a list of them)")
 
     def __copy__(self) -> IMapIterator[_T]:
-        return shared_copy(self)
+        # As a Future's (see Future.__copy__); the pool's feeder keeps only
+        # this very iterator going.
+        return self
 
     def __init__(self, pool: Pool, chunked: bool = False) -> None:
         # multiprocessing.pool.IMapIterator.__init__ is not called.
