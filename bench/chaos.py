@@ -124,7 +124,7 @@ def run_warden(
         # Worker logging's channel is one per process, kept for its life (not
         # the pool's resource): off here, so the fd check sees the pool's alone.
         ex = warden.ProcessPoolExecutor(workers, forward_logging=False)
-        core = ex._ensure_runner().core
+        core = ex._warden_ensure_runner().core
 
         def busy_pids() -> list[int]:
             return [w.pid for w in core.workers() if w.running_task is not None and w.phase == "ready"]

@@ -1674,12 +1674,12 @@ def test_tiny_tasks_in_bursts_all_come_back_right_from_the_same_workers():
     twice, and no worker answers out of turn (the pool would kill it)."""
     with warden.ProcessPoolExecutor(2) as ex:
         ex.submit(identity, 0).result(timeout=60)
-        assert wait_until(lambda: len(ex._runner.core.workers()) == 2, timeout=60)
-        before = {w.pid for w in ex._runner.core.workers()}
+        assert wait_until(lambda: len(ex._warden_runner.core.workers()) == 2, timeout=60)
+        before = {w.pid for w in ex._warden_runner.core.workers()}
         for burst in range(200):
             futures = [ex.submit(identity, (burst, i)) for i in range(50)]
             assert [f.result(timeout=60) for f in futures] == [(burst, i) for i in range(50)]
-        assert {w.pid for w in ex._runner.core.workers()} == before
+        assert {w.pid for w in ex._warden_runner.core.workers()} == before
 
 
 def test_a_task_sent_ahead_to_a_busy_worker_can_still_be_cancelled(tmp_path):
@@ -1692,12 +1692,12 @@ def test_a_task_sent_ahead_to_a_busy_worker_can_still_be_cancelled(tmp_path):
         ahead = [ex.submit(identity, n) for n in range(4)]
         assert all(f.cancel() for f in ahead)
         assert all(f.cancelled() for f in ahead)
-        pids = {w.pid for w in ex._runner.core.workers()}
+        pids = {w.pid for w in ex._warden_runner.core.workers()}
         go.write_text("x")
         assert [f.result(timeout=60) for f in busy] == [0, 1]
         assert ex.submit(identity, "after").result(timeout=60) == "after"
         # Nobody was stopped for it.
-        assert {w.pid for w in ex._runner.core.workers()} == pids
+        assert {w.pid for w in ex._warden_runner.core.workers()} == pids
 
 
 def note_and_sleep(path, n):
@@ -1722,7 +1722,7 @@ def test_cancelling_tasks_sent_ahead_never_cuts_off_a_task_runs_a_cancelled_one_
         ex = warden.ProcessPoolExecutor(2)
         try:
             ex.submit(identity, 0).result(timeout=60)
-            assert wait_until(lambda ex=ex: len(ex._runner.core.workers()) == 2, timeout=60)
+            assert wait_until(lambda ex=ex: len(ex._warden_runner.core.workers()) == 2, timeout=60)
             futures = [ex.submit(note_and_sleep, str(started), n) for n in range(400)]
             time.sleep(0.1)  # both workers busy, tasks sent ahead to each
             if how == "cancel":

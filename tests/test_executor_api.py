@@ -635,7 +635,7 @@ def test_a_future_cancelled_while_workers_take_tasks_never_runs_and_the_rest_run
 
 def running_in_pool(ex, n=1):
     """Whether at least ``n`` workers are running a task."""
-    return sum(w.running_task is not None for w in ex._runner.core.workers()) >= n
+    return sum(w.running_task is not None for w in ex._warden_runner.core.workers()) >= n
 
 
 def test_a_task_is_known_by_one_id_in_python_and_in_the_core():
@@ -643,7 +643,7 @@ def test_a_task_is_known_by_one_id_in_python_and_in_the_core():
     task running under, and the one its outcome comes back with."""
     with warden.ProcessPoolExecutor(1) as ex:
         assert ex.submit(square, 2).result(30) == 4
-        runner = ex._runner
+        runner = ex._warden_runner
         outcomes: list[tuple[bool, object]] = []
         done = threading.Event()
 
@@ -672,7 +672,7 @@ def test_shutdown_wait_runs_queued_tasks_and_resolves_every_future():
     fs = [ex.submit(sleep_then, 0.05, i) for i in range(6)]
     ex.shutdown(wait=True)
     assert [f.result(timeout=0) for f in fs] == list(range(6))
-    assert ex._runner.core.is_shut_down()
+    assert ex._warden_runner.core.is_shut_down()
 
 
 def test_shutdown_without_wait_returns_at_once_and_workers_still_finish():
@@ -687,7 +687,7 @@ def test_shutdown_without_wait_returns_at_once_and_workers_still_finish():
 def test_shutdown_before_any_task_starts_no_process():
     ex = warden.ProcessPoolExecutor(2)
     ex.shutdown()
-    assert ex._runner is None
+    assert ex._warden_runner is None
 
 
 # -- failures that stay with their task ---------------------------------------------
@@ -1632,7 +1632,7 @@ def test_an_unreachable_executor_shuts_down_on_its_own():
     ex = warden.ProcessPoolExecutor(1)
     future = ex.submit(getpid)
     pid = future.result()
-    core = ex._runner.core
+    core = ex._warden_runner.core
     del ex
     gc.collect()
     assert core.join(30)

@@ -607,7 +607,7 @@ if __name__ == "__main__":
     held, release = threading.Event(), threading.Event()
 
     def hold():
-        with ex._lock, pool._feeders_lock, tracker._lock:
+        with ex._warden_lock, pool._warden_feeders_lock, tracker._lock:
             held.set()
             release.wait()
 
@@ -1050,7 +1050,7 @@ def test_sighup_from_outside_stops_a_busy_worker_by_that_signal_through_its_exit
         # the task over: a stop before the worker starts it gives it back,
         # and it runs on the replacement).
         assert wait_until(started.exists, timeout=60)
-        os.kill(busy_pids(ex._runner)[0], signal.SIGHUP)
+        os.kill(busy_pids(ex._warden_runner)[0], signal.SIGHUP)
         with pytest.raises(warden.WorkerCrashed) as info:
             f.result(timeout=60)
         assert info.value.signal == signal.SIGHUP
@@ -1216,16 +1216,16 @@ def test_workers_killed_while_running_tasks_fail_only_those_tasks_and_never_the_
                 ex.submit(die_by_sigkill).result(timeout=60)
             assert info.value.signal == signal.SIGKILL
         assert ex.submit(square, 7).result(timeout=60) == 49
-        assert ex._runner.core.failure() is None
+        assert ex._warden_runner.core.failure() is None
 
 
 def test_workers_dying_idle_past_the_restart_limit_fail_the_pool_saying_so():
     ex = warden.ProcessPoolExecutor(1, restart_limit=(2, 60.0))
     try:
         assert ex.submit(square, 2).result(timeout=60) == 4
-        kill_idle_workers(ex._runner, 3)
-        assert wait_until(lambda: ex._runner.core.failure() is not None, timeout=30)
-        failure = ex._runner.core.failure()
+        kill_idle_workers(ex._warden_runner, 3)
+        assert wait_until(lambda: ex._warden_runner.core.failure() is not None, timeout=30)
+        failure = ex._warden_runner.core.failure()
         assert "restart limit" in failure and "signal 9" in failure
         with pytest.raises(warden.PoolFailed):
             ex.submit(square, 3)
@@ -1236,9 +1236,9 @@ def test_workers_dying_idle_past_the_restart_limit_fail_the_pool_saying_so():
 def test_no_restart_limit_keeps_a_pool_serving_whatever_dies():
     with warden.ProcessPoolExecutor(1, restart_limit=None) as ex:
         assert ex.submit(square, 2).result(timeout=60) == 4
-        kill_idle_workers(ex._runner, 4)
+        kill_idle_workers(ex._warden_runner, 4)
         assert ex.submit(square, 5).result(timeout=60) == 25
-        assert ex._runner.core.failure() is None
+        assert ex._warden_runner.core.failure() is None
 
 
 def test_a_stop_signal_to_a_worker_still_starting_is_a_stop_not_a_failed_start_that_breaks_the_executor():
@@ -1277,7 +1277,7 @@ def test_a_stop_signal_to_a_worker_still_starting_is_a_stop_not_a_failed_start_t
         finally:
             done.set()
             killer.join(10)
-        assert ex._runner.core.failure() is None
+        assert ex._warden_runner.core.failure() is None
         assert sent >= 300
         assert ex.submit(square, 5).result(timeout=60) == 25
 
@@ -2483,7 +2483,7 @@ if __name__ == "__main__":
 
         threading.Thread(target=lift).start()
         time.sleep(0.5)
-        workers = [w.pid for w in ex._runner.core.workers()]
+        workers = [w.pid for w in ex._warden_runner.core.workers()]
         theirs = sum(len(os.listdir(f"/proc/{pid}/task")) for pid in workers)
         with open(os.path.join(cgroup, "tasks")) as f:
             now = len(f.read().split())

@@ -1162,7 +1162,7 @@ def test_terminating_a_pool_whose_workers_handle_sigterm_runs_their_exit_path_at
         assert wait_until(lambda: count(out, "ready") == 2, timeout=30)
         pool.apply_async(busy, (out,))  # one worker busy, the other idle
         assert wait_until(lambda: count(out, "task") == 1, timeout=30)
-        pids = [w.pid for w in pool._runner.core.workers()]
+        pids = [w.pid for w in pool._warden_runner.core.workers()]
         pool.terminate()
         pool.join()
     finally:

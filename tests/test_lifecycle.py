@@ -205,13 +205,15 @@ def test_finalizer_runs_on_every_retirement_path(tmp_path, path):
     elif path == "shutdown":
         ex = warden.ProcessPoolExecutor(2, **pool_kwargs(out))
         list(ex.map(sleep_then, [0.2, 0.2]))
-        pids = [w.pid for w in ex._runner.core.workers()]
+        pids = [w.pid for w in ex._warden_runner.core.workers()]
         ex.shutdown()
     else:
         pool = warden.Pool(2, **pool_kwargs(out))
         pool.map_async(sleep_then, [30, 30], chunksize=1)
-        assert wait_until(lambda: sum(w.running_task is not None for w in pool._runner.core.workers()) == 2)
-        pids = [w.pid for w in pool._runner.core.workers()]
+        assert wait_until(
+            lambda: sum(w.running_task is not None for w in pool._warden_runner.core.workers()) == 2
+        )
+        pids = [w.pid for w in pool._warden_runner.core.workers()]
         pool.terminate()
     for pid in pids:
         assert wait_until(lambda pid=pid: not alive(pid))
@@ -241,7 +243,7 @@ def test_finalizers_run_when_the_parent_is_killed(program):
             ex.submit(os.getpid).result()  # the other worker: idle
             while not os.path.exists(out) or open(out).read().count("busy") < 1:
                 time.sleep(0.02)
-            print(" ".join(str(w.pid) for w in ex._runner.core.workers()), flush=True)
+            print(" ".join(str(w.pid) for w in ex._warden_runner.core.workers()), flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         """
     )

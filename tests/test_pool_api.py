@@ -819,7 +819,7 @@ def test_a_chunked_imap_unordered_ends_at_its_first_failed_chunk_like_the_standa
 def test_the_chunks_after_a_failed_one_still_run_and_leave_the_pool_clean(pool, tmp_path):
     it = pool.imap(fail_on, range(40), chunksize=2)
     assert drain(it) == [0, 1, "E"]
-    assert wait_until(lambda: not pool._runner.pending)  # every chunk ran; nothing waits
+    assert wait_until(lambda: not pool._warden_runner.pending)  # every chunk ran; nothing waits
     assert it._chunks == {} and it._pool is None  # nor is any result kept
     assert pool.map(square, range(10), chunksize=3) == [x * x for x in range(10)]
     pool.close()
@@ -1091,7 +1091,7 @@ def test_terminate_cancels_tasks_and_finalizers_still_run(tmp_path):
     p = warden.Pool(2, finalizer=record, finalargs=(out, "fin"))
     running = [p.apply_async(sleep_then, (30,)) for _ in range(2)]
     queued = p.apply_async(square, (2,))
-    assert wait_until(lambda: sum(w.running_task is not None for w in p._runner.core.workers()) == 2)
+    assert wait_until(lambda: sum(w.running_task is not None for w in p._warden_runner.core.workers()) == 2)
     start = time.monotonic()
     p.terminate()
     assert time.monotonic() - start < 5
@@ -1116,7 +1116,9 @@ def test_terminate_under_a_lock_its_error_callbacks_take_returns_and_join_runs_t
     p = warden.Pool(2)
     try:
         results = [p.apply_async(sleep_then, (0.2, i), callback=note, error_callback=note) for i in range(20)]
-        assert wait_until(lambda: sum(w.running_task is not None for w in p._runner.core.workers()) == 2)
+        assert wait_until(
+            lambda: sum(w.running_task is not None for w in p._warden_runner.core.workers()) == 2
+        )
         with lock:
             start = time.monotonic()
             p.terminate()
@@ -1144,7 +1146,9 @@ def test_terminate_returns_once_slow_callbacks_of_what_it_cancelled_have_run():
     try:
         for i in range(400):
             p.apply_async(sleep_then, (0.2, i), callback=note, error_callback=note)
-        assert wait_until(lambda: sum(w.running_task is not None for w in p._runner.core.workers()) == 2)
+        assert wait_until(
+            lambda: sum(w.running_task is not None for w in p._warden_runner.core.workers()) == 2
+        )
         p.terminate()
         assert len(seen) == 400  # 2 s of callbacks, none of them stuck
     finally:
@@ -1170,7 +1174,7 @@ def test_a_ctrl_c_while_terminate_waits_for_callbacks_leaves_join_to_wait_for_th
             pool = warden.Pool(2)
             for i in range(12):
                 pool.apply_async(sleep_then, (30, i), error_callback=note)
-            while sum(w.running_task is not None for w in pool._runner.core.workers()) < 2:
+            while sum(w.running_task is not None for w in pool._warden_runner.core.workers()) < 2:
                 time.sleep(0.02)
             threading.Timer(0.8, os.kill, (os.getpid(), signal.SIGINT)).start()
             try:
@@ -1246,7 +1250,7 @@ def test_context_manager_exit_terminates_like_the_standard_library(tmp_path):
     out = tmp_path / "log"
     with warden.Pool(1, finalizer=record, finalargs=(out, "fin")) as p:
         r = p.apply_async(sleep_then, (30,))
-        assert wait_until(lambda: any(w.running_task is not None for w in p._runner.core.workers()))
+        assert wait_until(lambda: any(w.running_task is not None for w in p._warden_runner.core.workers()))
     assert p._state == "TERMINATE"
     with pytest.raises(CancelledError):
         r.get(5)

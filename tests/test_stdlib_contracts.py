@@ -1048,6 +1048,162 @@ def test_a_program_naming_the_process_submodules_runs_with_warden_imported_in_th
     assert run.lines == ["caught True", "True", "True", "None []"], run.stdout + run.stderr
 
 
+SUBCLASSES_WITH_PRIVATE_NAMES_OF_THEIR_OWN = """
+import concurrent.futures, multiprocessing, multiprocessing.pool, os, signal, sys, time
+import warden
+
+if os.environ["IMPL"] == "warden":
+    Process, Executor, Pool, Event = warden.Process, warden.ProcessPoolExecutor, warden.Pool, warden.Event
+else:
+    ctx = multiprocessing.get_context("spawn")
+    Process, Event = ctx.Process, ctx.Event
+    Executor, Pool = concurrent.futures.ProcessPoolExecutor, multiprocessing.pool.Pool
+
+class Worker(Process):
+    # Names a subclass picks for itself, as real ones do: a stop event, a
+    # start helper, the pid it saw.
+    def __init__(self, event):
+        super().__init__()
+        self._stop = event
+        self._pid = None
+        self._sentinel_fd = "mine"
+
+    def _start(self):
+        raise AssertionError("the subclass's own helper, not the start")
+
+    def _on_sigterm(self, signum, frame):
+        print("child: stopping", flush=True)
+        sys.exit(0)
+
+    def run(self):
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        while not self._stop.is_set():
+            time.sleep(0.01)
+
+class Graceful(Process):
+    def _stop(self, signum, frame):  # its SIGTERM handler
+        sys.exit(3)
+
+    def run(self):
+        signal.signal(signal.SIGTERM, self._stop)
+        time.sleep(60)
+
+class Bounded(Executor):
+    def __init__(self, n):
+        super().__init__(n)
+        self._lock = "the subclass's"
+        self._queue = []
+        self._name = 42
+        self._start = self._limits = self._hooks = None
+
+    def submit(self, fn, /, *args, **kwargs):
+        self._queue.append(fn)
+        return super().submit(fn, *args, **kwargs)
+
+class Named(Pool):
+    def __init__(self, n):
+        super().__init__(n)
+        self._name = None
+        self._submit = self._interrupt = self._hooks = self._imap = "the subclass's"
+
+if __name__ == "__main__":
+    event = Event()
+    p = Worker(event)
+    p.start()
+    time.sleep(0.5)
+    event.set()
+    p.join(60)
+    print("event", p.exitcode, p.pid is not None, p._pid, p._sentinel_fd)
+    for stop in ("terminate", "kill"):
+        p = Worker(Event())
+        p.start()
+        time.sleep(0.5)
+        getattr(p, stop)()
+        p.join(60)
+        print(stop, p.exitcode)
+    g = Graceful()
+    g.start()
+    time.sleep(0.5)
+    g.terminate()
+    g.join(60)
+    print("graceful", g.exitcode)
+
+    with Bounded(2) as ex:
+        print("executor", [f.result(timeout=60) for f in [ex.submit(abs, -i) for i in range(4)]])
+        print(list(ex.map(abs, [-1, -2], timeout=60)), len(ex._queue))
+    with Named(2) as pool:
+        print("pool", pool.map(abs, [-1, -2, -3]), pool.apply_async(abs, (-4,)).get(60))
+        print(list(pool.imap(abs, [-5, -6])), pool._name, pool._imap)
+"""
+
+
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_subclasses_keeping_private_names_of_their_own_start_stop_and_serve_as_the_standard_librarys(
+    program, impl
+):
+    # warden's own private names are its alone (`_warden_`): a subclass that
+    # uses `_stop`, `_start`, `_pid`, `_lock`, `_queue`, `_name` for itself,
+    # as the standard library leaves it free to, changes nothing warden does.
+    run = program(SUBCLASSES_WITH_PRIVATE_NAMES_OF_THEIR_OWN).run(env={"IMPL": impl}, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.lines == [
+        "event 0 True None mine",
+        "child: stopping",
+        "terminate 0",
+        "kill -9",
+        "graceful 3",
+        "executor [0, 1, 2, 3]",
+        "[1, 2] 6",
+        "pool [1, 2, 3] 4",
+        "[5, 6] None the subclass's",
+    ], run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(
+    "made, standing_in_for",
+    [
+        (lambda: warden.Process(target=abs, args=(-1,)), multiprocessing.get_context("spawn").Process),
+        (lambda: warden.Pool(1), multiprocessing.pool.Pool),
+        (lambda: warden.ProcessPoolExecutor(1), concurrent.futures.ProcessPoolExecutor),
+    ],
+    ids=["Process", "Pool", "ProcessPoolExecutor"],
+)
+def test_every_private_name_warden_adds_to_a_class_users_subclass_is_marked_as_warden_s(
+    made, standing_in_for
+):
+    # Private names the standard library's class has are a subclass's to
+    # avoid; any other a subclass may take for itself. So warden's own, on
+    # the class and on a used object, all begin with `_warden_`.
+    obj = made()
+    try:
+        if isinstance(obj, warden.Process):
+            obj.start()
+            obj.join(60)
+            obj.sentinel  # noqa: B018  (sets what it keeps)
+        elif isinstance(obj, warden.Pool):
+            obj.map(abs, [-1, -2])
+            list(obj.imap(abs, [-1]))
+        else:
+            obj.submit(abs, -1).result(timeout=60)
+            list(obj.map(abs, [-1], timeout=60))
+        names = {
+            n for klass in type(obj).__mro__ if klass.__module__.startswith("warden") for n in vars(klass)
+        }
+        names |= set(vars(obj))
+    finally:
+        if isinstance(obj, warden.Pool):
+            obj.terminate()
+        elif isinstance(obj, warden.ProcessPoolExecutor):
+            obj.shutdown()
+    theirs = set(dir(standing_in_for))
+    if standing_in_for is multiprocessing.pool.Pool:
+        theirs |= set(vars(multiprocessing.pool.ThreadPool(1)))  # its attributes, without processes
+    else:
+        theirs |= set(vars(standing_in_for()))  # unstarted: neither starts a process
+    private = {n for n in names if n.startswith("_") and not n.startswith("__")}
+    assert sorted(n for n in private - theirs if not n.startswith("_warden_")) == []
+
+
 def wait_cut_short_by_its_own_timer(seconds):
     import _thread
 
@@ -1813,7 +1969,7 @@ def test_a_joined_pool_kept_by_the_program_holds_no_pidfd_of_its_workers():
         slow = pool.apply_async(time.sleep, (0.5,))
         assert len(pool._pool) == 2
         pool.close()  # the idle worker retires
-        assert wait_until(lambda: len(pool._runner.core.workers()) == 1, timeout=30)
+        assert wait_until(lambda: len(pool._warden_runner.core.workers()) == 1, timeout=30)
         assert len(pool._pool) == 2
         slow.get(60)
         pool.join()
@@ -1968,7 +2124,7 @@ def test_pool_workers_terminated_while_their_initializer_imports_end_quietly(pro
                 time.sleep(0.02)
             time.sleep(0.2)
             pool.terminate()
-            print("failure", pool._runner.core.failure())
+            print("failure", pool._warden_runner.core.failure())
         """
     )
     run = prog.run(timeout=60)
@@ -2046,7 +2202,7 @@ def test_a_worker_told_to_stop_drops_the_work_pending_in_executors_it_started(pr
             while time.monotonic() < deadline and not os.path.exists(os.environ["OUT"]):
                 time.sleep(0.02)
             pool.terminate()
-            exit = pool._runner.core.last_exit()
+            exit = pool._warden_runner.core.last_exit()
             print("worker ended by signal", exit.signal)
         """
     )

@@ -55,7 +55,7 @@ def zygote_pid(ex):
 
     def ready():
         nonlocal pid
-        pid = ex._runner.core.zygote_pid()
+        pid = ex._warden_runner.core.zygote_pid()
         return pid is not None
 
     assert wait_until(ready, timeout=30)
@@ -77,7 +77,7 @@ def test_zygote_workers_are_forked_children_of_the_pool_process_in_their_own_gro
 def test_exec_workers_are_not_forked():
     with warden.ProcessPoolExecutor(1, start="exec") as ex:
         assert ex.submit(whoami).result(30)[3] is None
-        assert ex._runner.core.zygote_pid() is None
+        assert ex._warden_runner.core.zygote_pid() is None
 
 
 @pytest.mark.usefixtures("start_method")
@@ -140,7 +140,7 @@ def test_the_zygote_never_runs_a_task_nor_counts_as_a_worker():
     with warden.ProcessPoolExecutor(2, start="zygote") as ex:
         pids = {f.result(30) for f in [ex.submit(nap, 0.05) for _ in range(8)]}
         zygote = zygote_pid(ex)
-        workers = {w.pid for w in ex._runner.core.workers()}
+        workers = {w.pid for w in ex._warden_runner.core.workers()}
     assert zygote not in pids
     assert zygote not in workers
     assert pids <= workers
@@ -158,8 +158,8 @@ def test_killing_the_zygote_mid_run_leaves_the_pool_serving():
         # Replacements keep coming (by exec until a new zygote is ready).
         pids = [ex.submit(os.getpid).result(30) for _ in range(6)]
         assert len(set(pids)) == 6
-        assert wait_until(lambda: ex._runner.core.zygote_pid() not in (None, first), timeout=30)
-        second = ex._runner.core.zygote_pid()
+        assert wait_until(lambda: ex._warden_runner.core.zygote_pid() not in (None, first), timeout=30)
+        second = ex._warden_runner.core.zygote_pid()
         # Once it is ready, workers come from the new zygote.
         assert wait_until(lambda: ex.submit(whoami).result(30)[3] == second, timeout=30)
 
@@ -190,8 +190,8 @@ def test_workers_started_after_the_program_tightened_its_umask_and_limits_get_th
             # One worker per task; the first may have started before the change.
             seen = [ex.submit(umask_and_files_limit).result(30) for _ in range(5)]
             assert [s[:2] for s in seen[1:]] == [(0o077, (lowered, hard))] * 4
-            assert wait_until(lambda: ex._runner.core.zygote_pid() not in (None, first), timeout=30)
-            second = ex._runner.core.zygote_pid()
+            assert wait_until(lambda: ex._warden_runner.core.zygote_pid() not in (None, first), timeout=30)
+            second = ex._warden_runner.core.zygote_pid()
             # Forks of the new zygote have them too.
             assert wait_until(lambda: ex.submit(umask_and_files_limit).result(30)[2] == second, timeout=30)
             assert ex.submit(umask_and_files_limit).result(30)[:2] == (0o077, (lowered, hard))
@@ -214,7 +214,7 @@ if __name__ == "__main__":
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with warden.ProcessPoolExecutor(1, start="zygote", max_tasks_per_child=1) as ex:
         ex.submit(umask_and_files_limit).result(60)
-        assert ex._runner.core.zygote_pid() is not None
+        assert ex._warden_runner.core.zygote_pid() is not None
         os.umask(0o077)
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096) - 1, hard))
         for _ in range(4):
@@ -248,16 +248,16 @@ def oom_score_adj():
 if __name__ == "__main__":
     with warden.ProcessPoolExecutor(1, start="zygote", max_tasks_per_child=1) as ex:
         before, _ = ex.submit(oom_score_adj).result(30)
-        first = ex._runner.core.zygote_pid()
+        first = ex._warden_runner.core.zygote_pid()
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write(str(before + 300))
         # One worker per task; the first may have started before the change.
         seen = [ex.submit(oom_score_adj).result(30)[0] for _ in range(4)]
         print(before, seen[1:])
         deadline = time.monotonic() + 30
-        while ex._runner.core.zygote_pid() in (None, first) and time.monotonic() < deadline:
+        while ex._warden_runner.core.zygote_pid() in (None, first) and time.monotonic() < deadline:
             time.sleep(0.05)
-        second = ex._runner.core.zygote_pid()
+        second = ex._warden_runner.core.zygote_pid()
         while ex.submit(oom_score_adj).result(30)[1] != second and time.monotonic() < deadline:
             time.sleep(0.05)
         print("from the new zygote:", ex.submit(oom_score_adj).result(30) == (before + 300, second))
@@ -296,8 +296,8 @@ def test_workers_started_after_the_program_ignored_a_signal_ignore_it_too():
             # One worker per task; the first may have started before the change.
             seen = [ex.submit(sigusr1_ignored).result(30)[0] for _ in range(4)]
             assert seen[1:] == [True] * 3
-            assert wait_until(lambda: ex._runner.core.zygote_pid() not in (None, first), timeout=30)
-            second = ex._runner.core.zygote_pid()
+            assert wait_until(lambda: ex._warden_runner.core.zygote_pid() not in (None, first), timeout=30)
+            second = ex._warden_runner.core.zygote_pid()
             assert wait_until(lambda: ex.submit(sigusr1_ignored).result(30) == (True, second), timeout=30)
     finally:
         signal.signal(signal.SIGUSR1, before)
@@ -323,7 +323,7 @@ def test_a_stopped_zygote_is_replaced_and_costs_no_task(tmp_path):
         pids = [f.result(60) for f in futures]
         assert len(set(pids)) == 60  # a worker each: nothing failed, nothing ran twice
         assert not alive(first)
-        assert wait_until(lambda: ex._runner.core.zygote_pid() not in (None, first), timeout=30)
+        assert wait_until(lambda: ex._warden_runner.core.zygote_pid() not in (None, first), timeout=30)
 
 
 THREADED_PRELOAD = """
@@ -337,7 +337,7 @@ def test_a_zygote_that_cannot_fork_falls_back_to_exec(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with warden.ProcessPoolExecutor(2, start="zygote", preload=["starts_a_thread"]) as ex:
         seen = [ex.submit(whoami).result(30) for _ in range(4)]
-        refused = ex._runner.core.zygote_refused()
+        refused = ex._warden_runner.core.zygote_refused()
     assert all(forked_from is None for *_, forked_from in seen)
     assert refused is not None and "threads" in refused
 
@@ -751,7 +751,7 @@ def test_a_named_preload_that_keeps_a_file_open_makes_the_pool_start_workers_by_
     monkeypatch.syspath_prepend(str(tmp_path))
     with warden.ProcessPoolExecutor(2, start="zygote", preload=["keeps_a_file"], max_tasks_per_child=1) as ex:
         seen = [ex.submit(write_to_preloads_file, i).result(30) for i in range(4)]
-        refused = ex._runner.core.zygote_refused()
+        refused = ex._warden_runner.core.zygote_refused()
     assert [wrote for _, wrote in seen] == ["ok"] * 4
     assert all(forked_from is None for forked_from, _ in seen)
     assert refused is not None and "fds open" in refused and str(log) in refused

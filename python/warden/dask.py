@@ -142,7 +142,7 @@ def _stop(ex: ProcessPoolExecutor, timeout: float) -> None:
     period): calls not started are cancelled, running ones get ``timeout``
     seconds, then the workers are stopped (their finalizers run)."""
     ex.shutdown(wait=False, cancel_futures=True)
-    runner = ex._runner
+    runner = ex._warden_runner
     if runner is not None and not runner.join(timeout):
         ex.terminate_workers()
 

@@ -141,10 +141,10 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         exit_timeout = _runner.seconds("exit_timeout", exit_timeout)
         if exit_timeout is not None and not exit_timeout >= 0:
             raise ValueError(f"exit_timeout must be a number of seconds >= 0, not {exit_timeout!r}")
-        self._start, self._preload = _runner.start_options(start, preload)
+        self._warden_start, self._warden_preload = _runner.start_options(start, preload)
         if on_worker_lost is not None and not callable(on_worker_lost):
             raise TypeError("on_worker_lost must be a callable")
-        self._limits: dict[str, Any] = {
+        self._warden_limits: dict[str, Any] = {
             "restart": _runner.restart_limit(restart_limit),
             "max_memory_per_child": _runner.memory_size("max_memory_per_child", max_memory_per_child),
             "memory_limit": _runner.memory_size("memory_limit", memory_limit),
@@ -153,17 +153,17 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         self._max_workers = max_workers
         # Only a compatibility view: workers always start like "spawn".
         self._mp_context = mp_context if mp_context is not None else multiprocessing.get_context("spawn")
-        self._hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
+        self._warden_hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
         # A failing initializer is logged as concurrent.futures' workers log it.
-        self._hooks["failure_logger"] = "concurrent.futures"
+        self._warden_hooks["failure_logger"] = "concurrent.futures"
         self._max_tasks_per_child = max_tasks_per_child
-        self._task_timeout = task_timeout
-        self._forward_logging = forward_logging
-        self._exit_timeout = exit_timeout
-        self._name = f"ProcessPoolExecutor-{next(_counter)}"
-        self._lock = threading.Lock()
-        _runner.renew_locks_after_fork(self, "_lock")
-        self._shutdown_called = False
+        self._warden_task_timeout = task_timeout
+        self._warden_forward_logging = forward_logging
+        self._warden_exit_timeout = exit_timeout
+        self._warden_name = f"ProcessPoolExecutor-{next(_counter)}"
+        self._warden_lock = threading.Lock()
+        _runner.renew_locks_after_fork(self, "_warden_lock")
+        self._warden_shutdown_called = False
         # Once the main thread has finished (before non-daemon threads are
         # joined and atexit handlers run), the executors made before take no
         # new work, as the standard library's refuse it; what was submitted
@@ -171,23 +171,23 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         # makes then, as there (a thread making one per job would otherwise
         # keep the program from ending). One made on the main thread after it
         # (in an ``atexit`` handler) works, as a ``Pool`` made then does.
-        self._made_after_main = (
+        self._warden_made_after_main = (
             _pickle.main_thread_done and threading.current_thread() is threading.main_thread()
         )
-        self._runner: _runner.Runner | None = None
-        self._took_work = False
-        self._first_workers_seen = False
+        self._warden_runner: _runner.Runner | None = None
+        self._warden_took_work = False
+        self._warden_first_workers_seen = False
 
     @property
     def _processes(self) -> dict[int, WorkerProcess]:  # type: ignore[override]  # a read-only view
         """The live workers serving the pool, by pid (a compatibility view, as
         the standard library's executor has it): ``pid``, ``is_alive()``,
         ``exitcode``, ``terminate()``, ``kill()``, ``join(timeout)``."""
-        runner = self._runner
-        if runner is not None and not self._first_workers_seen:
+        runner = self._warden_runner
+        if runner is not None and not self._warden_first_workers_seen:
             # The standard library has started a worker when submit()
             # returns; a warden pool's may still be waiting for its zygote.
-            self._first_workers_seen = True
+            self._warden_first_workers_seen = True
             wait_for_workers(runner, 1)
         # As the standard library's, which drops a worker that ends (after
         # max_tasks_per_child, say) before it starts the next: the workers
@@ -198,7 +198,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
     def _broken(self) -> str | bool:  # type: ignore[override]  # a read-only view
         """Why the pool failed (what ``PoolFailed`` says), or ``False``: a
         compatibility view, as the standard library's executor has it."""
-        runner = self._runner
+        runner = self._warden_runner
         failure = runner.core.failure() if runner is not None else None
         return failure if failure is not None else False
 
@@ -206,43 +206,45 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
     def _shutdown_thread(self) -> bool:  # type: ignore[override]  # a read-only view
         """Whether ``shutdown`` (or ``terminate_workers``...) was called: a
         compatibility view, as the standard library's executor has it."""
-        return self._shutdown_called
+        return self._warden_shutdown_called
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (PoolHandle, ("ProcessPoolExecutor", self._name, os.getpid(), self._max_workers))
+        return (PoolHandle, ("ProcessPoolExecutor", self._warden_name, os.getpid(), self._max_workers))
 
     def __copy__(self) -> ProcessPoolExecutor:
         # Pickling gives a child an inert handle; a copy in this process would
         # be one that fails later, naming this process as the owner.
-        raise TypeError(f"cannot copy {type(self).__name__} {self._name!r}: its workers belong to it alone")
+        raise TypeError(
+            f"cannot copy {type(self).__name__} {self._warden_name!r}: its workers belong to it alone"
+        )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ProcessPoolExecutor:
         return self.__copy__()
 
-    def _ensure_runner(self) -> _runner.Runner:
+    def _warden_ensure_runner(self) -> _runner.Runner:
         # Workers start with the first task, as the standard library starts
         # them on demand; the pickled initargs go to every worker.
-        if self._runner is None:
+        if self._warden_runner is None:
             with _runner.ctrl_c_held():
-                self._runner = self._make_runner()
-        return self._runner
+                self._warden_runner = self._warden_make_runner()
+        return self._warden_runner
 
-    def _make_runner(self) -> _runner.Runner:
+    def _warden_make_runner(self) -> _runner.Runner:
         runner = _runner.Runner(
             mode="pool",
-            name=self._name,
+            name=self._warden_name,
             workers=self._max_workers,
-            hooks=self._hooks,
+            hooks=self._warden_hooks,
             max_tasks_per_child=self._max_tasks_per_child,
-            task_timeout=self._task_timeout,
-            forward_logging=self._forward_logging,
-            exit_timeout=self._exit_timeout,
-            start=self._start,
-            preload=self._preload,
+            task_timeout=self._warden_task_timeout,
+            forward_logging=self._warden_forward_logging,
+            exit_timeout=self._warden_exit_timeout,
+            start=self._warden_start,
+            preload=self._warden_preload,
             # As concurrent.futures documents: an initializer that raises
             # breaks the executor (its pending and later tasks fail).
             fail_on_init_error=True,
-            **self._limits,
+            **self._warden_limits,
         )
         # An executor nobody can reach any more shuts down on its own
         # (queued tasks still run); the callback holds the runner only.
@@ -259,7 +261,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
 
         Raises at once if the call cannot be pickled (the pool is unaffected).
         """
-        return self._submit_payload(self._payload(fn, args, kwargs))
+        return self._warden_submit_payload(self._warden_payload(fn, args, kwargs))
 
     def schedule(
         self,
@@ -275,17 +277,19 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         replaced. ``None``: the pool's ``task_timeout``, if any.
         """
         limit = _runner.task_timeout(timeout, "timeout")
-        return self._submit_payload(self._payload(function, tuple(args), dict(kwargs or {})), limit)
+        return self._warden_submit_payload(
+            self._warden_payload(function, tuple(args), dict(kwargs or {})), limit
+        )
 
-    def _refusal(self) -> str | None:
+    def _warden_refusal(self) -> str | None:
         """Why a submit now raises, if the executor or the interpreter is
         shutting down (not because of the call); ``None`` while it takes work."""
-        if self._shutdown_called:
+        if self._warden_shutdown_called:
             return "cannot schedule new futures after shutdown"
-        if self._runner is not None and self._runner.interrupted:
+        if self._warden_runner is not None and self._warden_runner.interrupted:
             return _runner.INTERRUPTED_EXECUTOR
-        if _pickle.main_thread_done and not self._made_after_main:
-            if self._runner is not None:
+        if _pickle.main_thread_done and not self._warden_made_after_main:
+            if self._warden_runner is not None:
                 # The standard library's words: its running executors were shut down then.
                 return "cannot schedule new futures after shutdown"
             return "cannot schedule new futures after interpreter shutdown"
@@ -293,22 +297,22 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
             return "cannot schedule new futures after interpreter shutdown"
         return None
 
-    def _payload(
+    def _warden_payload(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[bytes, int | None]:
-        refusal = self._refusal()
+        refusal = self._warden_refusal()
         if refusal is not None:
             raise RuntimeError(refusal)
-        if self._runner is None:
+        if self._warden_runner is None:
             # The first submit starts the pool before it pickles the call, so
             # that the workers' start overlaps the pickling (and, the first
             # time, the pickler's imports).
-            with self._lock:
-                if not self._shutdown_called:
-                    self._ensure_runner()
+            with self._warden_lock:
+                if not self._warden_shutdown_called:
+                    self._warden_ensure_runner()
         return dumps_call(fn, args, kwargs)
 
-    def _queue(
+    def _warden_queue(
         self,
         call: tuple[bytes, int | None],
         on_done: Callable[[bool, Any], None],
@@ -323,10 +327,10 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         reports as the task. Returns the runner and the task id."""
         payload, segment = call
         try:
-            with self._lock:
-                if self._shutdown_called:
+            with self._warden_lock:
+                if self._warden_shutdown_called:
                     raise RuntimeError("cannot schedule new futures after shutdown")
-                runner = self._ensure_runner()
+                runner = self._warden_ensure_runner()
         except BaseException:
             _runner.close_fd(segment)
             raise
@@ -337,25 +341,31 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         except _warden.CoreError as e:
             if runner.interrupted and e.kind == _warden.ErrorKind.CLOSED:
                 raise RuntimeError(_runner.INTERRUPTED_EXECUTOR) from None
-            if e.kind == _warden.ErrorKind.CLOSED and not self._took_work and not self._shutdown_called:
+            if (
+                e.kind == _warden.ErrorKind.CLOSED
+                and not self._warden_took_work
+                and not self._warden_shutdown_called
+            ):
                 # The interpreter's exit closed the executor while this, its
                 # first call, was being pickled: the standard library's words
                 # for an executor that had taken no work when the main thread
                 # finished (its later calls get "after shutdown").
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown") from None
             raise core_error(e) from None
-        self._took_work = True
+        self._warden_took_work = True
         return runner, task
 
-    def _submit_payload(self, call: tuple[bytes, int | None], timeout: float | None = None) -> Future[Any]:
+    def _warden_submit_payload(
+        self, call: tuple[bytes, int | None], timeout: float | None = None
+    ) -> Future[Any]:
         future: Future[Any] = Future()
-        runner, task = self._queue(call, future._deliver, future, track_start=True, timeout=timeout)
+        runner, task = self._warden_queue(call, future._deliver, future, track_start=True, timeout=timeout)
         future._runner, future._task = runner, task
         return future
 
-    def _starter(self, call: tuple[bytes, int | None]) -> _aio.Starter:
+    def _warden_starter(self, call: tuple[bytes, int | None]) -> _aio.Starter:
         def start(on_done: _aio.OnDone, owner: Any) -> Callable[[], object]:
-            runner, task = self._queue(call, on_done, owner)
+            runner, task = self._warden_queue(call, on_done, owner)
             # The one way to stop a task, queued or running: cancel(running=True)'s.
             return functools.partial(_runner.cancel_nowait, runner.core, task)
 
@@ -372,7 +382,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         """
         from . import _aio
 
-        value: _T = await _aio.call(self._starter(self._payload(fn, args, kwargs)))
+        value: _T = await _aio.call(self._warden_starter(self._warden_payload(fn, args, kwargs)))
         return value
 
     def amap(
@@ -387,7 +397,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         calls = _calls(fn, iterables, chunksize)
-        starters = (self._starter(self._payload(f, args, {})) for f, args in calls)
+        starters = (self._warden_starter(self._warden_payload(f, args, {})) for f, args in calls)
         from . import _aio
 
         return _aio.results(self, starters, chunked=chunksize > 1)
@@ -427,7 +437,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
                     # standard library's map does; and so does a shutdown
                     # from another thread, or the interpreter's exit, which
                     # runs what was submitted.)
-                    if self._refusal() is None:
+                    if self._warden_refusal() is None:
                         for future in futures:
                             future.cancel()
                     raise
@@ -448,9 +458,9 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         """Stops taking tasks. Queued tasks run (unless ``cancel_futures``),
         then every worker retires through its exit path. With ``wait``, returns
         once all of that is done and every future has its outcome."""
-        with self._lock:
-            self._shutdown_called = True
-            runner = self._runner
+        with self._warden_lock:
+            self._warden_shutdown_called = True
+            runner = self._warden_runner
         if runner is None:
             return
         if cancel_futures:
@@ -477,17 +487,17 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         """Stops every worker now (as in Python 3.14): queued and running tasks
         are cancelled, workers get SIGTERM (their finalizers run) and SIGKILL
         after the grace period; then shuts down. Returns when they are gone."""
-        self._stop_workers(kill=False)
+        self._warden_stop_workers(kill=False)
 
     def kill_workers(self) -> None:
         """Kills every worker with SIGKILL now (as in Python 3.14); no
         finalizers run. Queued and running tasks are cancelled."""
-        self._stop_workers(kill=True)
+        self._warden_stop_workers(kill=True)
 
-    def _stop_workers(self, kill: bool) -> None:
-        with self._lock:
-            self._shutdown_called = True
-            runner = self._runner
+    def _warden_stop_workers(self, kill: bool) -> None:
+        with self._warden_lock:
+            self._warden_shutdown_called = True
+            runner = self._warden_runner
         if runner is None:
             return
         if kill:
@@ -509,7 +519,7 @@ class ProcessPoolExecutor(concurrent.futures.process.ProcessPoolExecutor):
         if exc_type is not None and (
             issubclass(exc_type, KeyboardInterrupt) or _runner.is_ctrl_c(exc_val) or _runner.stop_requested
         ):
-            runner = self._runner
+            runner = self._warden_runner
             if runner is not None and not runner.interrupted:
                 runner.interrupt()
         self.shutdown(wait=True)

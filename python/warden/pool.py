@@ -131,19 +131,19 @@ class Pool(multiprocessing.pool.Pool):
         # keeps them (``len(pool._cache)`` is a common way to bound the work
         # in flight); an imap's iterator is not in it.
         self._cache: dict[int, ApplyResult[Any]] = {}
-        self._first_workers_seen = False
+        self._warden_first_workers_seen = False
         #: What ``_pool`` last listed (it lists them, exited, once the pool stops).
-        self._last_workers: Sequence[WorkerProcess | VacantWorker] = []
+        self._warden_last_workers: Sequence[WorkerProcess | VacantWorker] = []
         self._ctx = context
-        self._name = f"Pool-{next(_counter)}"
+        self._warden_name = f"Pool-{next(_counter)}"
         # RUN once made, as the standard library's: a constructor that raises
         # leaves no "unclosed running pool" to warn about.
         self._state = INIT
         # imap feeders still consuming their iterables: close() lets them
         # finish, and the last one closes the runner.
-        self._feeders = 0
-        self._feeders_lock = threading.Lock()
-        _runner.renew_locks_after_fork(self, "_feeders_lock")
+        self._warden_feeders = 0
+        self._warden_feeders_lock = threading.Lock()
+        _runner.renew_locks_after_fork(self, "_warden_feeders_lock")
         hooks = _runner.worker_hooks(initializer, initargs, finalizer, finalargs, worker_context)
         # Kept for the pool's life, as the standard library's pool keeps its
         # initargs: a shared object they pass (a spawn context's Lock or
@@ -151,7 +151,7 @@ class Pool(multiprocessing.pool.Pool):
         # does, and every worker, replacements too, opens it. On the pool,
         # not its runner, which the pool's finalizer holds: an initializer
         # that is a method of the pool's owner would keep both alive for good.
-        self._hooks = hooks
+        self._warden_hooks = hooks
         if on_worker_lost is not None and not callable(on_worker_lost):
             raise TypeError("on_worker_lost must be a callable")
         # A Ctrl-C is held back until the pool is made (see ctrl_c_held). Raised
@@ -160,9 +160,9 @@ class Pool(multiprocessing.pool.Pool):
         # pool with it, until another error and a garbage collection).
         try:
             with _runner.ctrl_c_held():
-                self._runner = _runner.Runner(
+                self._warden_runner = _runner.Runner(
                     mode="pool",
-                    name=self._name,
+                    name=self._warden_name,
                     workers=processes,
                     hooks=hooks,
                     max_tasks_per_child=maxtasksperchild,
@@ -179,46 +179,46 @@ class Pool(multiprocessing.pool.Pool):
                 # A pool nobody can reach any more is terminated, as the standard
                 # library does; results being waited for keep their pool reachable.
                 # (Not at interpreter exit: _runner shuts every pool down then.)
-                weakref.finalize(self, self._runner.terminate_nowait).atexit = False
+                weakref.finalize(self, self._warden_runner.terminate_nowait).atexit = False
         except KeyboardInterrupt:
-            runner = self.__dict__.get("_runner")
+            runner = self.__dict__.get("_warden_runner")
             if runner is not None:
                 runner.terminate_nowait()
             raise
         self._state = RUN
 
     #: RUN, CLOSE or TERMINATE, as the standard library's (see ``_state``).
-    _set_state = INIT
+    _warden_set_state = INIT
 
     @property
     def _state(self) -> str:
         """The standard library's attribute (read by code in the wild), also
         ``TERMINATE`` once a Ctrl-C while waiting on the pool stopped it."""
-        self._stopped_by_interrupt()
-        return self._set_state
+        self._warden_stopped_by_interrupt()
+        return self._warden_set_state
 
     @_state.setter
     def _state(self, state: str) -> None:
-        self._set_state = state
+        self._warden_set_state = state
 
-    def _interrupt(self) -> None:
+    def _warden_interrupt(self) -> None:
         """A Ctrl-C while waiting on the pool: it stops (see
         ``Runner.interrupt``); ``_pool`` keeps listing the workers it had."""
-        if not self._runner.interrupted:
-            self._remember_workers()
-        self._runner.interrupt()
+        if not self._warden_runner.interrupted:
+            self._warden_remember_workers()
+        self._warden_runner.interrupt()
 
-    def _stopped_by_interrupt(self) -> bool:
+    def _warden_stopped_by_interrupt(self) -> bool:
         """Whether a Ctrl-C while waiting on this pool stopped it: its state
         is then ``TERMINATE``, as after :meth:`terminate`."""
-        runner = getattr(self, "_runner", None)  # None if the constructor raised
+        runner = getattr(self, "_warden_runner", None)  # None if the constructor raised
         if runner is not None and runner.interrupted:
-            self._set_state = TERMINATE
+            self._warden_set_state = TERMINATE
             return True
         return False
 
     def __repr__(self) -> str:
-        self._stopped_by_interrupt()
+        self._warden_stopped_by_interrupt()
         cls = type(self)
         return f"<{cls.__module__}.{cls.__qualname__} state={self._state} pool_size={self._processes}>"
 
@@ -238,9 +238,9 @@ class Pool(multiprocessing.pool.Pool):
         system refuses the pool some of its workers (``ulimit -u``, ``-n``),
         no look waits for them: the places they would fill hold workers that
         have exited, or ones never started (no pid, not alive)."""
-        runner = self._runner
-        if not self._first_workers_seen:
-            self._first_workers_seen = True
+        runner = self._warden_runner
+        if not self._warden_first_workers_seen:
+            self._warden_first_workers_seen = True
             if self._state == RUN:
                 wait_for_workers(runner, self._processes)
             elif self._state == CLOSE:  # (its workers may retire as they start)
@@ -267,7 +267,7 @@ class Pool(multiprocessing.pool.Pool):
         seen = {id(w) for w in serving}
         workers: list[WorkerProcess | VacantWorker] = (
             cast("list[WorkerProcess | VacantWorker]", serving)
-            + [w for w in self._last_workers if id(w) not in seen][: max(0, size - len(serving))]
+            + [w for w in self._warden_last_workers if id(w) not in seen][: max(0, size - len(serving))]
         )
         if len(workers) < size and self._state == RUN and not runner.core.is_shut_down():
             workers += [VacantWorker(runner.worker_name(i + 1)) for i in range(len(workers), size)]
@@ -278,7 +278,7 @@ class Pool(multiprocessing.pool.Pool):
                 if len(workers) < size and pid not in listed:
                     workers.append(WorkerProcess(runner, len(workers) + 1, pid))
             workers += [VacantWorker(runner.worker_name(i + 1)) for i in range(len(workers), size)]
-        self._last_workers = workers
+        self._warden_last_workers = workers
         return workers
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
@@ -288,7 +288,7 @@ class Pool(multiprocessing.pool.Pool):
             _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (PoolHandle, ("Pool", self._name, os.getpid(), self._processes))
+        return (PoolHandle, ("Pool", self._warden_name, os.getpid(), self._processes))
 
     def __copy__(self) -> Pool:
         # The standard library's error, where pickling gives a child a handle.
@@ -298,16 +298,16 @@ class Pool(multiprocessing.pool.Pool):
         return self.__copy__()
 
     def _check_running(self) -> None:
-        if self._stopped_by_interrupt():
+        if self._warden_stopped_by_interrupt():
             raise ValueError(_runner.INTERRUPTED_POOL)
         if self._state != RUN:
             raise ValueError("Pool not running")
 
-    def _submit(
+    def _warden_submit(
         self, payload: bytes, segment: int | None, on_done: Callable[[bool, Any], None], owner: Any = None
     ) -> int:
         try:
-            return self._runner.submit(payload, on_done, owner=owner, segment=segment)
+            return self._warden_runner.submit(payload, on_done, owner=owner, segment=segment)
         except _warden.CoreError as e:
             if e.kind == _warden.ErrorKind.CLOSED:
                 self._check_running()
@@ -362,7 +362,7 @@ class Pool(multiprocessing.pool.Pool):
             _runner.close_fd(segment)
             raise
         try:
-            result._tasks.append(self._submit(payload, segment, result._deliver, result))
+            result._tasks.append(self._warden_submit(payload, segment, result._deliver, result))
         except BaseException:
             result._forget()
             raise
@@ -370,7 +370,7 @@ class Pool(multiprocessing.pool.Pool):
 
     # -- asyncio -----------------------------------------------------------
 
-    def _starter(self, call: tuple[bytes, int | None]) -> _aio.Starter:
+    def _warden_starter(self, call: tuple[bytes, int | None]) -> _aio.Starter:
         def start(on_done: _aio.OnDone, owner: Any) -> Callable[[], object]:
             payload, segment = call
             try:
@@ -378,9 +378,9 @@ class Pool(multiprocessing.pool.Pool):
             except BaseException:
                 _runner.close_fd(segment)
                 raise
-            task = self._submit(payload, segment, on_done, owner)
+            task = self._warden_submit(payload, segment, on_done, owner)
             # The one way to stop a task, queued or running: cancel(running=True)'s.
-            return functools.partial(_runner.cancel_nowait, self._runner.core, task)
+            return functools.partial(_runner.cancel_nowait, self._warden_runner.core, task)
 
         return start
 
@@ -392,7 +392,7 @@ class Pool(multiprocessing.pool.Pool):
         self._check_running()
         from . import _aio
 
-        return await _aio.call(self._starter(dumps_oob((func, args, kwds))), RemoteTraceback)  # type: ignore[no-any-return]
+        return await _aio.call(self._warden_starter(dumps_oob((func, args, kwds))), RemoteTraceback)  # type: ignore[no-any-return]
 
     def amap(
         self, func: Callable[[_S], _T], iterable: Iterable[_S], chunksize: int = 1
@@ -406,7 +406,7 @@ class Pool(multiprocessing.pool.Pool):
             raise ValueError(f"Chunksize must be 1+, not {chunksize:d}")
         it = iter(iterable)
         starters = (
-            self._starter(dumps_oob((run_chunk, (func, chunk, False), {})))
+            self._warden_starter(dumps_oob((run_chunk, (func, chunk, False), {})))
             for chunk in iter(lambda: tuple(itertools.islice(it, chunksize)), ())
         )
         from . import _aio
@@ -426,7 +426,7 @@ class Pool(multiprocessing.pool.Pool):
         """``list(map(func, iterable))`` computed by the workers, in chunks.
         ``progress`` (``True``, a tqdm bar or a dict of tqdm options) shows a
         bar that counts results as they arrive."""
-        return self._map_wait(self._map_async(func, iterable, False, chunksize, progress=progress))
+        return self._warden_map_wait(self._map_async(func, iterable, False, chunksize, progress=progress))
 
     def starmap(
         self,
@@ -437,10 +437,10 @@ class Pool(multiprocessing.pool.Pool):
         progress: _progress.ProgressArg = None,
     ) -> list[_T]:
         """Like :meth:`map`, calling ``func(*args)`` for each ``args``."""
-        return self._map_wait(self._map_async(func, iterable, True, chunksize, progress=progress))
+        return self._warden_map_wait(self._map_async(func, iterable, True, chunksize, progress=progress))
 
     @staticmethod
-    def _map_wait(result: MapResult[_T]) -> list[_T]:
+    def _warden_map_wait(result: MapResult[_T]) -> list[_T]:
         try:
             return result.get()
         finally:
@@ -483,15 +483,15 @@ class Pool(multiprocessing.pool.Pool):
         # imap's feeder does: a close() from another thread meanwhile takes
         # no new work, but a map that was running gets every chunk (the
         # standard library queues a map as one task).
-        with self._feeders_lock:
+        with self._warden_feeders_lock:
             self._check_running()
-            self._feeders += 1
+            self._warden_feeders += 1
         try:
-            return self._queue_map(func, iterable, star, chunksize, callback, error_callback, progress)
+            return self._warden_queue_map(func, iterable, star, chunksize, callback, error_callback, progress)
         finally:
-            self._feeder_done()
+            self._warden_feeder_done()
 
-    def _queue_map(
+    def _warden_queue_map(
         self,
         func: Callable[..., _T],
         iterable: Iterable[Any],
@@ -541,7 +541,7 @@ class Pool(multiprocessing.pool.Pool):
                     result._unpicklable_chunk(i, ErrorData.local(e, f"cannot pickle chunk {i} of the map"))
                     return result
                 del chunk, call
-                result._tasks.append(self._submit(payload, segment, deliver, result))
+                result._tasks.append(self._warden_submit(payload, segment, deliver, result))
                 made = i + 1
         except BaseException:
             result._abandon()
@@ -562,7 +562,7 @@ class Pool(multiprocessing.pool.Pool):
         as keeps them busy (see :data:`IMAP_AHEAD_CHUNKS`); dropping the
         iterator stops it. ``progress``: as for :meth:`map` (the bar's total
         is known only if the iterable has a length)."""
-        return self._imap(func, iterable, chunksize, unordered=False, progress=progress)
+        return self._warden_imap(func, iterable, chunksize, unordered=False, progress=progress)
 
     def imap_unordered(  # type: ignore[override]  # chunksize: as for imap
         self,
@@ -574,9 +574,9 @@ class Pool(multiprocessing.pool.Pool):
     ) -> _IMapResult[_T]:
         """Like :meth:`imap`, yielding results as they complete (an
         :class:`IMapUnorderedIterator`)."""
-        return self._imap(func, iterable, chunksize, unordered=True, progress=progress)
+        return self._warden_imap(func, iterable, chunksize, unordered=True, progress=progress)
 
-    def _imap(
+    def _warden_imap(
         self,
         func: Callable[..., _T],
         iterable: Iterable[Any],
@@ -599,31 +599,31 @@ class Pool(multiprocessing.pool.Pool):
             name="warden-feeder",
             daemon=True,
         )
-        with self._feeders_lock:
+        with self._warden_feeders_lock:
             # Checked again with the count: a close() from another thread
             # since the check above closed the runner without waiting for it.
             self._check_running()
-            self._feeders += 1
+            self._warden_feeders += 1
         try:
             feeder.start()
         except BaseException:
-            self._feeder_done(counted)
+            self._warden_feeder_done(counted)
             raise
         return result
 
-    def _feeder_done(self, counted: list[bool] | None = None) -> None:
+    def _warden_feeder_done(self, counted: list[bool] | None = None) -> None:
         """An imap feeder has consumed its iterable (or stopped): the last
         one closes the runner if :meth:`close` was called meanwhile.
         ``counted``: the feeder's mark, cleared by the first call for it."""
-        with self._feeders_lock:
+        with self._warden_feeders_lock:
             if counted is not None:
                 if not counted[0]:
                     return
                 counted[0] = False
-            self._feeders -= 1
-            close = self._feeders == 0 and self._state == CLOSE
+            self._warden_feeders -= 1
+            close = self._warden_feeders == 0 and self._state == CLOSE
         if close:
-            self._runner.close_nowait()
+            self._warden_runner.close_nowait()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -632,15 +632,15 @@ class Pool(multiprocessing.pool.Pool):
         An ``imap`` already started still gets every item of its iterable, and
         a map another thread is queuing every chunk, as with the standard
         library: the workers retire after the last one."""
-        self._stopped_by_interrupt()
-        with self._feeders_lock:
+        self._warden_stopped_by_interrupt()
+        with self._warden_feeders_lock:
             if self._state != RUN:
                 return
             self._state = CLOSE
-            close = self._feeders == 0
-        self._remember_workers()
+            close = self._warden_feeders == 0
+        self._warden_remember_workers()
         if close:
-            self._runner.close_nowait()
+            self._warden_runner.close_nowait()
 
     def terminate(self) -> None:
         """Cancels queued and running tasks and stops every worker: SIGTERM
@@ -653,22 +653,22 @@ class Pool(multiprocessing.pool.Pool):
         :meth:`join` waits for them all."""
         running, self._state = self._state == RUN, TERMINATE
         if running:
-            self._remember_workers()
-        self._runner.terminate_nowait()
-        self._runner.join_bounded(TERMINATE_DELIVERY_WAIT)
+            self._warden_remember_workers()
+        self._warden_runner.terminate_nowait()
+        self._warden_runner.join_bounded(TERMINATE_DELIVERY_WAIT)
 
-    def _remember_workers(self) -> None:
+    def _warden_remember_workers(self) -> None:
         """The workers ``_pool`` lists once the pool has stopped: those
         serving it now (as the standard library's list keeps them)."""
-        serving = workers_of(self._runner, leaving=False)
+        serving = workers_of(self._warden_runner, leaving=False)
         if serving:
-            self._last_workers = serving
+            self._warden_last_workers = serving
 
     def join(self) -> None:
         """Waits for the workers to exit; call :meth:`close` or :meth:`terminate` first."""
         if self._state == RUN:
             raise ValueError("Pool is still running")
-        self._runner.join()
+        self._warden_runner.join()
 
     def __enter__(self) -> Self:
         self._check_running()
@@ -721,7 +721,7 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
         self._pool: Pool | None = pool  # kept alive until the result is ready
         self._job = next(_job_counter)
         pool._cache[self._job] = self
-        self._core = pool._runner.core
+        self._core = pool._warden_runner.core
         self._tasks: list[int] = []
         self._ready = False
         # Made by the first wait that finds the result not ready: most results
@@ -735,7 +735,7 @@ class ApplyResult(multiprocessing.pool.ApplyResult[_T]):
     def _interrupt(self) -> None:
         pool = self._pool
         if pool is not None:
-            pool._interrupt()
+            pool._warden_interrupt()
 
     def _set_ready(self) -> None:
         with _EVENT_LOCK:
@@ -1040,8 +1040,8 @@ class IMapIterator(_StdIMapIterator[_T]):
     def __init__(self, pool: Pool, chunked: bool = False) -> None:
         # multiprocessing.pool.IMapIterator.__init__ is not called.
         self._pool: Pool | None = pool
-        self._interrupt = pool._interrupt
-        self._core = pool._runner.core
+        self._interrupt = pool._warden_interrupt
+        self._core = pool._warden_runner.core
         self._chunked = chunked
         # A chunked iteration that raised a task's error: it is over.
         self._failed = False
@@ -1396,11 +1396,11 @@ def _feed_imap(
             ahead.sent(size)
             try:
                 on_done = functools.partial(_deliver_imap_chunk, ahead, size, result_ref, index)
-                pool._runner.submit(payload, on_done, segment=segment)
+                pool._warden_runner.submit(payload, on_done, segment=segment)
             except _warden.CoreError:
                 ahead.sent(-size)  # never in flight
                 stopped = ErrorData(_warden.ErrorKind.CANCELLED, "the pool stopped taking tasks")
-                stopped.by_exit = pool._runner.cut_by_exit[0]
+                stopped.by_exit = pool._warden_runner.cut_by_exit[0]
                 result._put(index, False, stopped)
                 index += 1
                 break
@@ -1442,4 +1442,4 @@ def _feed_imap(
         if result is not None:
             result._set_length(index)
         del result
-        pool._feeder_done(counted)
+        pool._warden_feeder_done(counted)

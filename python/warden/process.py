@@ -155,14 +155,14 @@ class Process(multiprocessing.context.Process):
     started, joined or signalled.
     """
 
-    _handle_of: int | None = None
-    _handle_exitcode: int | None = None
-    _pid: int | None = None
-    _started_as: tuple[int, int] | None = None  # see _parent_and_start_time()
-    _sentinel_fd: int | None = None
+    _warden_handle_of: int | None = None
+    _warden_handle_exitcode: int | None = None
+    _warden_pid: int | None = None
+    _warden_started_as: tuple[int, int] | None = None  # see _parent_and_start_time()
+    _warden_sentinel_fd: int | None = None
     # Not weakref.finalize[...]: typing.get_type_hints() evaluates it, and
     # finalize cannot be subscripted at run time.
-    _sentinel_closer: weakref.finalize | None = None  # type: ignore[type-arg]
+    _warden_sentinel_closer: weakref.finalize | None = None  # type: ignore[type-arg]
 
     if TYPE_CHECKING:
         # Set by the standard library's __init__ and close(); here the
@@ -196,7 +196,13 @@ class Process(multiprocessing.context.Process):
                 # The parent's handles on the child stay here; in the child
                 # the object reads as one not started by it (``exitcode``
                 # None), as a spawned child's ``current_process()`` does.
-                for key in ("_popen", "_pid", "_started_as", "_sentinel_fd", "_sentinel_closer"):
+                for key in (
+                    "_popen",
+                    "_warden_pid",
+                    "_warden_started_as",
+                    "_warden_sentinel_fd",
+                    "_warden_sentinel_closer",
+                ):
                     if key in state:
                         state[key] = None
             return (_new_process, (type(self),), state)
@@ -205,10 +211,10 @@ class Process(multiprocessing.context.Process):
             (
                 type(self),
                 self._name,  # type: ignore[attr-defined]
-                self.pid if not self._closed else self._pid,
+                self.pid if not self._closed else self._warden_pid,
                 bool(self._config.get("daemon")),  # type: ignore[attr-defined]
                 None if self._closed else self.exitcode,
-                self._handle_of or self._parent_pid,  # type: ignore[attr-defined]
+                self._warden_handle_of or self._parent_pid,  # type: ignore[attr-defined]
             ),
         )
 
@@ -228,16 +234,16 @@ class Process(multiprocessing.context.Process):
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return new
 
-    def _check_not_handle(self, what: str) -> None:
-        if self._handle_of is not None:
+    def _warden_check_not_handle(self, what: str) -> None:
+        if self._warden_handle_of is not None:
             raise RuntimeError(
-                f"{self._name} is a handle to a process started by process {self._handle_of}; "  # type: ignore[attr-defined]
+                f"{self._name} is a handle to a process started by process {self._warden_handle_of}; "  # type: ignore[attr-defined]
                 f"only that process can {what} it"
             )
 
     # -- lifecycle ---------------------------------------------------------
 
-    def _own_attributes(self) -> list[tuple[str, Any]]:
+    def _warden_own_attributes(self) -> list[tuple[str, Any]]:
         """What the object keeps (a subclass's ``self.queue = queue`` in its
         ``__init__``), by name, for an error about what cannot go to the
         child; after the target and its arguments, which are named as such."""
@@ -250,14 +256,14 @@ class Process(multiprocessing.context.Process):
         # meanwhile is refused, as the child is not known until this returns.
         with _starting_lock:
             self._check_closed()  # type: ignore[attr-defined]
-            self._check_not_handle("start")
+            self._warden_check_not_handle("start")
             if self._popen is not None or id(self) in _starting:
                 raise AssertionError("cannot start a process twice")
             if self._parent_pid != os.getpid():  # type: ignore[attr-defined]
                 raise AssertionError("can only start a process object created by current process")
             _starting.add(id(self))
         try:
-            self._start()
+            self._warden_start()
         finally:
             with _starting_lock:
                 _starting.discard(id(self))
@@ -265,7 +271,7 @@ class Process(multiprocessing.context.Process):
             if asked is not None and self._popen is not None:
                 getattr(self._popen.core, asked)()
 
-    def _start(self) -> None:
+    def _warden_start(self) -> None:
         # Here, not at import: the child imports this module to unpickle its
         # Process, and needs none of what starting one takes.
         from . import _runner
@@ -282,7 +288,7 @@ class Process(multiprocessing.context.Process):
                 *_runner._named("args", self._args),  # type: ignore[attr-defined]
                 *_runner._named("kwargs", self._kwargs),  # type: ignore[attr-defined]
                 ("target", self._target),  # type: ignore[attr-defined]
-                *self._own_attributes(),
+                *self._warden_own_attributes(),
             ],
             functions=(type(self), self._target),  # type: ignore[attr-defined]
             # The arguments' large buffers go beside the task, in a segment
@@ -335,8 +341,8 @@ class Process(multiprocessing.context.Process):
                 runner.core.kill()
                 self._popen = None
                 raise _start_error(self._name, runner.core.failure() or "no pid")  # type: ignore[attr-defined]
-            self._pid = pid
-            self._started_as = _parent_and_start_time(pid)
+            self._warden_pid = pid
+            self._warden_started_as = _parent_and_start_time(pid)
             # As the standard library does: the child has them, this object need not.
             del self._target, self._args, self._kwargs  # type: ignore[attr-defined]
             multiprocessing.process._children.add(self)  # type: ignore[attr-defined]
@@ -348,7 +354,7 @@ class Process(multiprocessing.context.Process):
         SIGINT sent to this process alone stops the child gracefully (a
         second one kills it) and raises ``KeyboardInterrupt``."""
         self._check_closed()  # type: ignore[attr-defined]
-        self._check_not_handle("join")
+        self._warden_check_not_handle("join")
         if self._parent_pid != os.getpid():  # type: ignore[attr-defined]
             raise AssertionError("can only join a child process")
         if self._popen is None:
@@ -361,7 +367,7 @@ class Process(multiprocessing.context.Process):
         self._check_closed()  # type: ignore[attr-defined]
         if self is multiprocessing.current_process():
             return True
-        self._check_not_handle("inspect")
+        self._warden_check_not_handle("inspect")
         if self._parent_pid != os.getpid():  # type: ignore[attr-defined]
             raise AssertionError("can only test a child process")
         if self._popen is None:
@@ -372,20 +378,20 @@ class Process(multiprocessing.context.Process):
         """Asks the child to stop: SIGTERM (its target is interrupted, or its
         own SIGTERM handler runs, and its exit path runs), SIGKILL after the
         grace period. Returns at once."""
-        self._stop("terminate")
+        self._warden_stop("terminate")
 
     def kill(self) -> None:
         """Kills the child with SIGKILL now. Returns at once."""
-        self._stop("kill")
+        self._warden_stop("kill")
 
-    def _stop(self, how: str) -> None:
+    def _warden_stop(self, how: str) -> None:
         """``terminate()`` (``how`` is its name) or ``kill()``. While another
         thread's ``start()`` runs, that one passes it on as it returns (the
         child is not known before). In a copy of the parent made by
         ``os.fork()``, whose core runs nothing, the child gets the signal
         from here, as the standard library's would."""
         self._check_closed()  # type: ignore[attr-defined]
-        self._check_not_handle(how)
+        self._warden_check_not_handle(how)
         with _starting_lock:
             if id(self) in _starting:
                 if _stops_asked.get(id(self)) != "kill":
@@ -395,7 +401,7 @@ class Process(multiprocessing.context.Process):
             return
         if self._parent_pid != os.getpid():  # type: ignore[attr-defined]
             if not self._popen.core.is_shut_down():  # not seen ended when the copy was made
-                _signal_from_a_copy(self._pid, self._started_as, how)
+                _signal_from_a_copy(self._warden_pid, self._warden_started_as, how)
             return
         getattr(self._popen.core, how)()
 
@@ -412,12 +418,12 @@ class Process(multiprocessing.context.Process):
                     "You should first call join() or terminate()."
                 )
             if self._popen is not None:
-                self._handle_exitcode = self.exitcode
+                self._warden_handle_exitcode = self.exitcode
                 self._popen.core.dispose()
                 multiprocessing.process._children.discard(self)  # type: ignore[attr-defined]
-            if self._sentinel_closer is not None:
-                self._sentinel_closer()
-                self._sentinel_fd = None
+            if self._warden_sentinel_closer is not None:
+                self._warden_sentinel_closer()
+                self._warden_sentinel_fd = None
             self._closed = True
 
     # -- state -------------------------------------------------------------
@@ -427,8 +433,8 @@ class Process(multiprocessing.context.Process):
         """The child's exit code (``-N`` if a signal ``N`` ended it), ``None``
         while it runs or before it starts."""
         self._check_closed()  # type: ignore[attr-defined]
-        if self._handle_of is not None:
-            return self._handle_exitcode
+        if self._warden_handle_of is not None:
+            return self._warden_handle_exitcode
         if self._popen is None:
             return None
         return self._popen.exitcode()
@@ -439,7 +445,7 @@ class Process(multiprocessing.context.Process):
         self._check_closed()  # type: ignore[attr-defined]
         if self is multiprocessing.current_process():
             return os.getpid()
-        return self._pid
+        return self._warden_pid
 
     pid = ident
 
@@ -448,21 +454,21 @@ class Process(multiprocessing.context.Process):
         """An fd that becomes readable when the child exits (a pidfd), for
         ``multiprocessing.connection.wait``."""
         self._check_closed()  # type: ignore[attr-defined]
-        self._check_not_handle("wait for")
-        if self._pid is None:
+        self._warden_check_not_handle("wait for")
+        if self._warden_pid is None:
             raise ValueError("process not started")
-        if self._sentinel_fd is None:
-            fd = _exit_sentinel(self._pid, self._popen)
-            self._sentinel_fd = fd
-            self._sentinel_closer = weakref.finalize(self, os.close, fd)
-        return self._sentinel_fd
+        if self._warden_sentinel_fd is None:
+            fd = _exit_sentinel(self._warden_pid, self._popen)
+            self._warden_sentinel_fd = fd
+            self._warden_sentinel_closer = weakref.finalize(self, os.close, fd)
+        return self._warden_sentinel_fd
 
     def __repr__(self) -> str:
         if self is multiprocessing.current_process():
             status = "started"
         elif self._closed:
             status = "closed"
-        elif self._handle_of is not None:
+        elif self._warden_handle_of is not None:
             status = "handle"
         elif self._popen is None:
             status = "initial"
@@ -473,8 +479,8 @@ class Process(multiprocessing.context.Process):
         # The standard library's order and words: pid, parent, status, the
         # exit code by its signal's name (-SIGTERM), daemon.
         parts = [type(self).__name__, f"name={self._name!r}"]  # type: ignore[attr-defined]
-        if self._pid is not None and status != "closed":
-            parts.append(f"pid={self._pid}")
+        if self._warden_pid is not None and status != "closed":
+            parts.append(f"pid={self._warden_pid}")
         parts += [f"parent={self._parent_pid}", status]  # type: ignore[attr-defined]
         if status == "stopped":
             code = self.exitcode
@@ -551,11 +557,11 @@ def _process_handle(
 ) -> Process:
     handle = cls.__new__(cls)
     handle._name = name  # type: ignore[attr-defined]
-    handle._pid = pid
+    handle._warden_pid = pid
     handle._config = {"daemon": daemon}  # type: ignore[attr-defined]
     handle._parent_pid = owner  # type: ignore[attr-defined]
-    handle._handle_of = owner
-    handle._handle_exitcode = exitcode
+    handle._warden_handle_of = owner
+    handle._warden_handle_exitcode = exitcode
     handle._popen = None
     handle._closed = False
     handle._target = None  # type: ignore[attr-defined]
