@@ -318,6 +318,23 @@ def test_a_chunksize_below_one_is_refused_where_the_standard_library_computes_no
     assert pool.map(square, range(3)) == [0, 1, 4]  # and the pool goes on
 
 
+@pytest.mark.parametrize("chunksize", [0.375, -2])
+def test_a_chunksize_below_one_is_named_in_the_refusal_as_the_standard_library_names_it(
+    pool, std_pool, chunksize
+):
+    # A fraction below one (a computed chunk size) was refused with a
+    # formatting error about the message itself.
+    with pytest.raises(ValueError) as theirs:
+        list(std_pool.imap(square, range(3), chunksize=chunksize))
+    for call in (pool.imap, pool.imap_unordered):
+        with pytest.raises(ValueError) as ours:
+            list(call(square, range(3), chunksize=chunksize))
+        assert str(ours.value) == str(theirs.value)
+    with pytest.raises(ValueError) as ours:
+        pool.map(square, range(3), chunksize=chunksize)
+    assert str(ours.value) == str(theirs.value)
+
+
 def test_map_and_starmap_match_the_standard_library(pool, std_pool):
     data = list(range(50))
     assert pool.map(square, data) == std_pool.map(square, data)

@@ -403,7 +403,7 @@ class Pool(multiprocessing.pool.Pool):
         done, running ones included (see :meth:`ProcessPoolExecutor.amap`)."""
         self._check_running()
         if chunksize < 1:
-            raise ValueError(f"Chunksize must be 1+, not {chunksize:d}")
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         it = iter(iterable)
         starters = (
             self._warden_starter(dumps_oob((run_chunk, (func, chunk, False), {})))
@@ -510,7 +510,7 @@ class Pool(multiprocessing.pool.Pool):
         if length == 0:
             chunksize = 0
         elif chunksize < 1:
-            raise ValueError(f"Chunksize must be 1+, not {chunksize}")
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         count = -(-length // chunksize) if length else 0
         result: MapResult[_T] = MapResult(self, count, callback, error_callback)
         result._chunksize = chunksize
@@ -586,7 +586,7 @@ class Pool(multiprocessing.pool.Pool):
     ) -> IMapIterator[_T]:
         self._check_running()
         if chunksize < 1:
-            raise ValueError(f"Chunksize must be 1+, not {chunksize:d}")
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         kind = IMapUnorderedIterator if unordered else IMapIterator
         result: IMapIterator[_T] = kind(self, chunksize > 1)
         result._progress = _progress.make(progress, _progress.length(iterable))
