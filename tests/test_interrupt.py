@@ -545,10 +545,13 @@ def test_a_second_ctrl_c_kills_at_once(program):
     assert "Traceback" in err, (proc.returncode, err)
 
 
-def test_ctrl_c_while_joining_a_process_stops_it_gracefully(program):
+def test_a_sigint_the_program_sends_itself_while_joining_a_process_stops_it_gracefully(program):
+    """A SIGINT the program sends itself is its own, not passed on to its
+    children: the ``join()`` it interrupts stops the child being joined
+    gracefully (its ``finally`` runs), where it would run on unjoined."""
     prog = program(
         """
-        import os, time, warden
+        import os, signal, threading, time, warden
         def child(path):
             with open(path, "a") as f:
                 f.write("started\\n")
@@ -557,13 +560,22 @@ def test_ctrl_c_while_joining_a_process_stops_it_gracefully(program):
             finally:
                 with open(path, "a") as f:
                     f.write("child cleaned up\\n")
+        def interrupt_when_joining(main):
+            # Sent while the main thread is blocked in join() (waiting on a futex).
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with open(f"/proc/self/task/{main}/wchan") as f:
+                    if "futex" in f.read():
+                        break
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGINT)
         if __name__ == "__main__":
             out = os.environ["OUT"]
             p = warden.Process(target=child, args=(out,))
             p.start()
             while not os.path.exists(out):
                 time.sleep(0.02)
-            print("ready", flush=True)
+            threading.Thread(target=interrupt_when_joining, args=(threading.get_native_id(),)).start()
             try:
                 p.join()
             except KeyboardInterrupt:
@@ -571,15 +583,8 @@ def test_ctrl_c_while_joining_a_process_stops_it_gracefully(program):
                 print("exitcode", p.exitcode, flush=True)
         """
     )
-    proc = prog.start()
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
-    # Send it while the parent is blocked in join() (its only thread waiting on a futex).
-    assert wait_until(lambda: "futex" in read(f"/proc/{proc.pid}/wchan"), timeout=10)
-    os.kill(proc.pid, signal.SIGINT)
-    out, err = finish(proc)
-    assert proc.returncode == 0, err
-    assert out.strip() == f"exitcode {-signal.SIGTERM}"
+    out, err = finish(prog.start())
+    assert out.strip() == f"exitcode {-signal.SIGTERM}", err
     assert prog.out_lines() == ["started", "child cleaned up"]
     assert "Traceback" not in err
 
@@ -761,6 +766,38 @@ def test_a_terminals_ctrl_c_reaches_process_children_which_handle_it_while_the_p
     prog = program(CHILDREN_HANDLING_CTRL_C.format(body=CATCH_AND_JOIN))
     proc, master = start_under_a_terminal(prog, impl)
     out, err = type_ctrl_c_when_ready(proc, master)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["interrupted", "exit codes [0, 0]"], err
+    assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"]
+    assert "Traceback" not in err
+
+
+@needs_setsid
+@pytest.mark.parametrize(
+    "impl, to", [("warden", "group"), ("stdlib", "group"), ("warden", "parent")], ids=lambda x: x
+)
+def test_a_sigint_another_program_sends_reaches_process_children_which_handle_it_while_the_parent_joins_them(
+    program, impl, to
+):
+    """``timeout -s INT``, a shell's ``kill -INT %1`` or a supervisor send
+    SIGINT to the program's process group: the standard library's children,
+    in that group, get it too. A warden child leads a group of its own, and
+    so got nothing: the parent, interrupted, joined children that were never
+    told, for ever. The parent passes such a SIGINT on, as it passes on a
+    terminal's; also one sent to it alone, which it cannot tell apart (the
+    standard library's children would not get that one: its program waits
+    for them at exit)."""
+    prog = program(CHILDREN_HANDLING_CTRL_C.format(body=CATCH_AND_JOIN))
+    # A session (and process group) of its own, so that only it is signalled.
+    proc = prog.start(command=["setsid", sys.executable, str(prog.path), impl])
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)  # the parent is in its join
+    if to == "group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGINT)
+    out, err = finish(proc)
     assert proc.returncode == 0, err
     assert out.splitlines() == ["interrupted", "exit codes [0, 0]"], err
     assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"]
@@ -1071,10 +1108,10 @@ def test_a_terminals_ctrl_c_reaches_a_grandchild_which_handles_it_while_its_pare
 
 
 @needs_setsid
-def test_a_program_ended_by_a_sigint_sent_to_it_alone_stops_children_that_an_earlier_ctrl_c_reached(program):
+def test_a_program_ended_by_a_sigint_it_sends_itself_stops_children_that_an_earlier_ctrl_c_reached(program):
     """A child that got a terminal's Ctrl-C earlier, handled it and went
-    on, is not one that saw the SIGINT ending the program (sent with
-    ``kill`` to the parent alone): at exit it is stopped, not joined for
+    on, is not one that saw the SIGINT ending the program (one the program
+    sent itself, not passed on): at exit it is stopped, not joined for
     ever."""
     prog = program(
         """
@@ -1101,6 +1138,11 @@ def test_a_program_ended_by_a_sigint_sent_to_it_alone_stops_children_that_an_ear
                 p.join()
             except KeyboardInterrupt:
                 print("interrupted", flush=True)
+            # Its first `finally` done too: a stop landing in it would cut it
+            # short (see docs/python.md, Caveats).
+            while open(os.environ["OUT"]).read().split() != ["started", "handled", "a", "Ctrl-C", "finally"]:
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGINT)
             time.sleep(60)
         """
     )
@@ -1110,12 +1152,6 @@ def test_a_program_ended_by_a_sigint_sent_to_it_alone_stops_children_that_an_ear
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.2)
         os.write(master, b"\x03")
-        assert proc.stdout.readline().strip() == "interrupted"
-        # Its first `finally` done too: a stop landing in it would cut it
-        # short (see docs/python.md, Caveats).
-        handled = ["started", "handled a Ctrl-C", "finally"]
-        assert wait_until(lambda: prog.out_lines() == handled, timeout=10)
-        os.kill(proc.pid, signal.SIGINT)
         _, err = finish(proc)
     finally:
         os.close(master)

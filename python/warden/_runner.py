@@ -1045,8 +1045,8 @@ class Runner:
         self.core.terminate()
 
     def got_the_interrupt(self, since: int | None = None) -> bool:
-        """Whether the last SIGINT was a terminal's Ctrl-C passed on to this
-        runner's child, since ``since`` (a count of
+        """Whether the last SIGINT was passed on to this runner's child (a
+        terminal's Ctrl-C, or one another program sent), since ``since`` (a count of
         :func:`_warden.interrupts_forwarded`; by default, since the child
         started): it saw the Ctrl-C itself, as a child in the terminal's
         process group would."""

@@ -349,10 +349,11 @@ class Process(multiprocessing.context.Process):
 
     def join(self, timeout: float | None = None) -> None:
         """Waits until the child has exited (and run its exit path), or
-        ``timeout`` seconds. A terminal's Ctrl-C meanwhile reaches the child
-        too (it is passed on to it) and raises ``KeyboardInterrupt`` here; a
-        SIGINT sent to this process alone stops the child gracefully (a
-        second one kills it) and raises ``KeyboardInterrupt``."""
+        ``timeout`` seconds. A terminal's Ctrl-C meanwhile, or a SIGINT another
+        program sends, reaches the child too (it is passed on to it) and
+        raises ``KeyboardInterrupt`` here; a SIGINT this process sends itself
+        stops the child gracefully (a second one kills it) and raises
+        ``KeyboardInterrupt``."""
         self._check_closed()  # type: ignore[attr-defined]
         self._warden_check_not_handle("join")
         if self._parent_pid != os.getpid():  # type: ignore[attr-defined]

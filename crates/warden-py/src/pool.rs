@@ -805,15 +805,16 @@ pub fn fds_scarce(fd: RawFd) -> bool {
     warden::frontend::fds_scarce(fd)
 }
 
-/// How many times this process has passed a terminal's Ctrl-C on to its
-/// one-off children (the core's `interrupts_forwarded`).
+/// How many times this process has passed a SIGINT (a terminal's Ctrl-C,
+/// or one another program sent) on to its one-off children (the core's
+/// `interrupts_forwarded`).
 #[pyfunction]
 pub fn interrupts_forwarded() -> u64 {
     warden::interrupts_forwarded()
 }
 
-/// Whether the last SIGINT this process got was a terminal's Ctrl-C passed
-/// on to its one-off children (the core's `last_interrupt_forwarded`).
+/// Whether the last SIGINT this process got was passed on to its one-off
+/// children (the core's `last_interrupt_forwarded`).
 #[pyfunction]
 pub fn last_interrupt_forwarded() -> bool {
     warden::last_interrupt_forwarded()

@@ -1,4 +1,5 @@
-//! A terminal's Ctrl-C, passed on to one-off children.
+//! A terminal's Ctrl-C (or a SIGINT another program sends), passed on to
+//! one-off children.
 //!
 //! Every child warden starts leads a process group of its own, so that what
 //! it leaves running ends with it (see `supervisor::process`). A terminal
@@ -11,13 +12,23 @@
 //! For one-off children of pools built with
 //! [`Builder::forward_interrupts`](crate::Builder::forward_interrupts), the
 //! parent's SIGINT action is chained: when a SIGINT comes from the terminal
-//! (`si_code == SI_KERNEL`: the line discipline sends it, where `kill(2)`
-//! gives `SI_USER`), the handler sends SIGINT to the process group of every
-//! such child still running, then runs the action that was there before.
-//! The child then sees the Ctrl-C as it would in the terminal's group.
-//! One that came after the count the pool was built with (or was given:
+//! (`si_code == SI_KERNEL`: the line discipline sends it) or from another
+//! program with `kill(2)` (`SI_USER`), the handler sends SIGINT to the
+//! process group of every such child still running, then runs the action
+//! that was there before. The child then sees the Ctrl-C as it would in the
+//! terminal's group. One that came after the count the pool was built with
+//! (or was given:
 //! [`Builder::forward_interrupts_since`](crate::Builder::forward_interrupts_since))
 //! and before the child was in the table is sent to it as it enters.
+//!
+//! A SIGINT sent with `kill(2)` to the parent's process group (`timeout -s
+//! INT`, a shell's `kill -INT %1`, a supervisor stopping a job) reaches a
+//! child of the standard library's, in that group, directly; one sent to the
+//! parent alone does not. The two cannot be told apart, and both are passed
+//! on: a program asked from outside to stop as by Ctrl-C gets the children
+//! that handle it back, where under the standard library it would wait at
+//! exit for children never told. In a child, its parent's SIGINT passed on
+//! is one from another program too, so a nested child gets it in turn.
 //!
 //! # Caveats
 //!
@@ -30,14 +41,9 @@
 //!   next child started and [`chain_interrupt_handler`] (Python's `Process`
 //!   calls it as it starts and before each wait). A Ctrl-C in between
 //!   reaches the parent only.
-//! * A SIGINT sent with `kill(2)`, to the parent or to its process group,
-//!   is not passed on: the two cannot be told apart, and under the standard
-//!   library only the second reaches the children. The exception is a
-//!   worker's (a one-off child's) SIGINT sent by its warden parent: the
-//!   parent sends one only to pass a Ctrl-C on, so the child passes it on
-//!   to its own children (a nested child gets the Ctrl-C as it would in the
-//!   terminal's group), and so does one that a program in the parent sent
-//!   to the child with `kill`.
+//! * Not passed on: a SIGINT the parent sends itself (`kill(getpid(), ..)`,
+//!   `raise`), which it means for itself alone, and one sent by a child it
+//!   reaches (a child telling its parent something).
 //! * At most [`SLOTS`] children at once are reached; more are started
 //!   without it (logged).
 //! * A copy of the parent made by `fork()` inherits the handler but passes
@@ -65,10 +71,9 @@ const TAKEN: i32 = -1;
 static SENT: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
 /// The process the table is for: a copy made by `fork()` must not act on it.
 static OWNER: AtomicI32 = AtomicI32::new(0);
-/// How many terminal SIGINTs this process has passed on.
+/// How many SIGINTs (a terminal's, another program's) this process has passed on.
 static FORWARDED: AtomicU64 = AtomicU64::new(0);
-/// The last SIGINT this process got (with the handler in place) was the
-/// terminal's, and passed on.
+/// The last SIGINT this process got (with the handler in place) was passed on.
 static LAST_FORWARDED: AtomicBool = AtomicBool::new(false);
 /// The action that was installed before ours, which ours chains to. Never
 /// freed: a handler running on another thread may still be reading it.
@@ -79,9 +84,6 @@ static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
 /// the same action each time, and must not leak a copy each time. Under
 /// [`INSTALL`].
 static RECORDED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-/// The warden parent this process serves as a worker for (0 if none): its
-/// SIGINTs are Ctrl-Cs it passed on, to be passed on further.
-static PARENT: AtomicI32 = AtomicI32::new(0);
 /// How many slots are taken (children being reached).
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 /// The process whose keeper thread runs (see [`keep_chained`]); 0 if none.
@@ -100,8 +102,8 @@ fn getpid() -> i32 {
     unsafe { libc::getpid() }
 }
 
-/// How many times this process has passed a terminal's Ctrl-C on to its
-/// one-off children (see [`Builder::forward_interrupts`](crate::Builder::forward_interrupts)).
+/// How many times this process has passed a SIGINT (a terminal's Ctrl-C,
+/// or one another program sent) on to its one-off children (see [`Builder::forward_interrupts`](crate::Builder::forward_interrupts)).
 /// A caller that notes it before a wait can tell, when the wait is
 /// interrupted, whether its child got the Ctrl-C too.
 pub fn interrupts_forwarded() -> u64 {
@@ -109,8 +111,9 @@ pub fn interrupts_forwarded() -> u64 {
 }
 
 /// Whether the last SIGINT this process got while the forwarding handler was
-/// in place was a terminal's Ctrl-C, passed on; false after one sent with
-/// `kill(2)`, which reached this process only. With
+/// in place was passed on (a terminal's Ctrl-C, or one another program
+/// sent); false after one this process sent itself, or one of its children
+/// sent, which reached this process only. With
 /// [`interrupts_forwarded`], a program ending because of a SIGINT can tell
 /// whether its children got it too.
 pub fn last_interrupt_forwarded() -> bool {
@@ -123,16 +126,16 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
     let errno = unsafe { *libc::__errno_location() };
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler;
     // checked for null all the same (a chaining handler might pass none).
-    let from_terminal = !info.is_null() && {
+    let passed_on = !info.is_null() && {
         // SAFETY: as above; si_pid is set for SI_USER (kill(2)).
         let (code, sender) = unsafe { ((*info).si_code, (*info).si_pid()) };
-        code == libc::SI_KERNEL || (code == libc::SI_USER && sender != 0 && sender == PARENT.load(Ordering::SeqCst))
+        code == libc::SI_KERNEL || (code == libc::SI_USER && sent_by_another_program(sender))
     };
     let owner = getpid() == OWNER.load(Ordering::SeqCst);
     if owner {
-        LAST_FORWARDED.store(from_terminal, Ordering::SeqCst);
+        LAST_FORWARDED.store(passed_on, Ordering::SeqCst);
     }
-    if from_terminal && owner {
+    if passed_on && owner {
         let number = FORWARDED.fetch_add(1, Ordering::SeqCst) + 1;
         for (slot, sent) in GROUPS.iter().zip(&SENT) {
             let group = slot.load(Ordering::SeqCst);
@@ -165,6 +168,14 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
     unsafe { *libc::__errno_location() = errno };
 }
 
+/// Whether a SIGINT sent with `kill(2)` by `sender` came from another
+/// program: not from this process itself (`os.kill(os.getpid(), ...)`, a
+/// signal it means for itself alone) and not from one of the children it
+/// reaches (a child telling its parent something). Async-signal-safe.
+fn sent_by_another_program(sender: libc::pid_t) -> bool {
+    sender > 0 && sender != getpid() && !GROUPS.iter().any(|slot| slot.load(Ordering::SeqCst) == sender)
+}
+
 /// Chains the forwarding SIGINT handler in front of the current one again,
 /// if this process has started a child it passes Ctrl-C on to and the
 /// handler is no longer in place: for a front end, after it changed the
@@ -174,13 +185,6 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
 pub fn chain_interrupt_handler() -> bool {
     let _guard = install_lock();
     OWNER.load(Ordering::SeqCst) == getpid() && install()
-}
-
-/// Notes that this process serves as a worker of `parent`, which sends it
-/// a SIGINT only to pass a Ctrl-C on: such a SIGINT is passed on to this
-/// process's own one-off children as the terminal's is.
-pub(crate) fn note_parent(parent: u32) {
-    PARENT.store(i32::try_from(parent).unwrap_or(0), Ordering::SeqCst);
 }
 
 /// Makes this process the one that passes a terminal's Ctrl-C on to its

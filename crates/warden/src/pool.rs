@@ -459,8 +459,9 @@ impl Builder {
 
     /// Passes a terminal's Ctrl-C on to a one-off child ([`Builder::one_off`]),
     /// as it would reach a child in the terminal's process group: while the
-    /// child runs, a SIGINT the terminal sends this process is sent to the
-    /// child's process group too (a Rust worker stops gracefully; Python's
+    /// child runs, a SIGINT the terminal (or another program, with `kill`)
+    /// sends this process is sent to the child's process group too (a Rust
+    /// worker stops gracefully; Python's
     /// `Process` raises `KeyboardInterrupt` in its target). `build` refuses
     /// it for a pool that is not one-off: its workers are stopped by their
     /// pool, not by the terminal.
@@ -475,10 +476,11 @@ impl Builder {
     ///   next child started and
     ///   [`frontend::chain_interrupt_handler`](crate::frontend::chain_interrupt_handler)
     ///   do at once.
-    /// * Only the terminal's SIGINT (`SI_KERNEL`) is passed on: one sent with
-    ///   `kill(2)` to this process or its group cannot be told apart. In a
-    ///   worker (a one-off child), so is one its warden parent sent, which
-    ///   is how a Ctrl-C reached it: a nested child gets it too.
+    /// * A SIGINT sent with `kill(2)` to this process or to its group (the
+    ///   two cannot be told apart) is passed on as the terminal's is, unless
+    ///   this process sent it itself or a child it reaches sent it. A child's
+    ///   parent passing a Ctrl-C on is another program to it: a nested child
+    ///   gets it too.
     /// * At most 4096 children at once are reached (more are logged).
     pub fn forward_interrupts(mut self) -> Self {
         self.cfg.forward_interrupts = true;

@@ -941,9 +941,6 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     let stream = unsafe { UnixStream::from_raw_fd(env.fd) };
     // Processes the tasks start must not inherit the channel.
     let _ = rustix::io::fcntl_setfd(&stream, rustix::io::FdFlags::CLOEXEC);
-    // A SIGINT from the parent is a Ctrl-C it passed on: children this
-    // worker starts get it in turn.
-    crate::interrupts::note_parent(env.parent);
 
     let core = Arc::new(WorkerState::new(stream, env.max_frame, env.parent, STARTING, env.one_off));
     *lock(&CHANNEL) = Some(Arc::downgrade(&core));

@@ -271,6 +271,10 @@ fn main() {
         "a_terminals_ctrl_c_counted_before_a_one_off_child_started_reaches_it_as_it_starts",
         a_terminals_ctrl_c_before_a_child_started_reaches_it,
     ));
+    tests.push(trial(
+        "a_sigint_another_program_sends_reaches_a_one_off_child_which_stops_through_its_exit_hook",
+        a_sigint_another_program_sends_reaches_a_one_off_child,
+    ));
     libtest_mimic::run(&args, tests).exit();
 }
 
@@ -1875,7 +1879,24 @@ fn a_one_off_child_whose_function_panics_exits_with_code_101_after_its_exit_hook
 /// its foreground process group, the host's, and not to the child, which
 /// leads a group of its own. The host handles SIGINT, so it passes it on.
 fn a_terminals_ctrl_c_reaches_a_one_off_child() -> TestResult {
-    ctrl_c_under_a_terminal("ctrl-c-child")
+    ctrl_c_under_a_terminal("ctrl-c-child", Interrupt::Typed)
+}
+
+/// As above, but the SIGINT is sent to the host alone with `kill(2)` by
+/// another program (this test), as `timeout -s INT` or a shell's `kill`
+/// sends it: the child, in a group of its own, gets it only if the host
+/// passes it on.
+fn a_sigint_another_program_sends_reaches_a_one_off_child() -> TestResult {
+    ctrl_c_under_a_terminal("ctrl-c-child", Interrupt::Sent)
+}
+
+/// How the Ctrl-C reaches the scenario host.
+#[derive(Clone, Copy)]
+enum Interrupt {
+    /// Typed on its terminal: the terminal signals its foreground group.
+    Typed,
+    /// Sent to it alone by this test, with `kill(2)`.
+    Sent,
 }
 
 /// As above; the host then starts a second child, with the count taken
@@ -1883,13 +1904,13 @@ fn a_terminals_ctrl_c_reaches_a_one_off_child() -> TestResult {
 /// Ctrl-C as it starts (a front end holding a Ctrl-C back while it starts a
 /// child relies on it), where it would run on for a minute.
 fn a_terminals_ctrl_c_before_a_child_started_reaches_it() -> TestResult {
-    ctrl_c_under_a_terminal("ctrl-c-before-child")
+    ctrl_c_under_a_terminal("ctrl-c-before-child", Interrupt::Typed)
 }
 
-/// Runs the scenario host under a pseudo-terminal (see above), types Ctrl-C
-/// once it names its child, and checks that the child ended through its
-/// exit hook, with the Ctrl-C.
-fn ctrl_c_under_a_terminal(scenario: &str) -> TestResult {
+/// Runs the scenario host under a pseudo-terminal (see above), interrupts
+/// it once it names its child (`interrupt`), and checks that the child
+/// ended through its exit hook, with the Ctrl-C.
+fn ctrl_c_under_a_terminal(scenario: &str, interrupt: Interrupt) -> TestResult {
     let hooks = Hooks::new();
     let (mut master, mut slave) = (-1, -1);
     // SAFETY: openpty(3) writes two fds; no name, termios or window size.
@@ -1920,7 +1941,15 @@ fn ctrl_c_under_a_terminal(scenario: &str) -> TestResult {
         }
     };
     std::thread::sleep(Duration::from_millis(200));
-    std::io::Write::write_all(&mut &master, b"\x03")?;
+    match interrupt {
+        Interrupt::Typed => std::io::Write::write_all(&mut &master, b"\x03")?,
+        Interrupt::Sent => {
+            let host_pid = i32::try_from(host.id())?;
+            // SAFETY: kill(2) of the host, our child, not yet reaped.
+            let sent = unsafe { libc::kill(host_pid, libc::SIGINT) };
+            check(sent == 0, format!("kill: {}", std::io::Error::last_os_error()))?;
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = host.try_wait()? {
