@@ -804,6 +804,57 @@ def test_a_sigint_another_program_sends_reaches_process_children_which_handle_it
     assert "Traceback" not in err
 
 
+POOL_WORKER_TELLS_ITS_PARENT = """
+import os, signal, sys, time
+if sys.argv[1] == "warden":
+    import warden as mp
+else:
+    import multiprocessing
+    mp = multiprocessing.get_context("spawn")
+
+def log(text):
+    with open(os.environ["OUT"], "a") as f:
+        f.write(text + "\\n")
+
+def child():
+    log("started")
+    time.sleep(1.5)
+    log("done")
+
+def tell_the_parent():
+    os.kill(os.getppid(), signal.SIGINT)
+
+if __name__ == "__main__":
+    open(os.environ["OUT"], "a").close()
+    p = mp.Process(target=child)
+    p.start()
+    while "started" not in open(os.environ["OUT"]).read():
+        time.sleep(0.02)
+    with mp.Pool(1) as pool:
+        try:
+            pool.apply(tell_the_parent)
+            time.sleep(30)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    p.join(30)
+    print("exit code", p.exitcode, flush=True)
+"""
+
+
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_a_sigint_a_pool_worker_sends_its_parent_does_not_reach_the_parents_other_children(program, impl):
+    """A SIGINT from a process the program started (a pool worker aborting
+    the run, a child's own child) is the program's own business: passed on,
+    it interrupted the program's other children, which under the standard
+    library never see it."""
+    prog = program(POOL_WORKER_TELLS_ITS_PARENT)
+    proc = prog.start(args=(impl,))
+    out, err = finish(proc, timeout=60)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["interrupted", "exit code 0"], err
+    assert prog.out_lines() == ["started", "done"], err
+
+
 @needs_setsid
 @pytest.mark.parametrize("impl", ["warden", "stdlib"])
 @pytest.mark.parametrize(

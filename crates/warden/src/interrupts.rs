@@ -42,8 +42,16 @@
 //!   calls it as it starts and before each wait). A Ctrl-C in between
 //!   reaches the parent only.
 //! * Not passed on: a SIGINT the parent sends itself (`kill(getpid(), ..)`,
-//!   `raise`), which it means for itself alone, and one sent by a child it
-//!   reaches (a child telling its parent something).
+//!   `raise`), which it means for itself alone, and one sent by a process
+//!   it started, however far down (a child, a pool worker, a child's own
+//!   child: one telling its parent something), found by walking `/proc` up
+//!   from the sender in the handler, or by a child that left the table
+//!   within 2 s. A sender that ended before the handler ran, other than
+//!   such a child, counts as another program.
+//! * A SIGINT sent to every process of a program (`pkill -INT python`,
+//!   systemd's `KillMode=control-group` with `KillSignal=SIGINT`) reaches a
+//!   child twice: once from the sender, once passed on. Send it to the
+//!   parent or its group instead.
 //! * At most [`SLOTS`] children at once are reached; more are started
 //!   without it (logged).
 //! * A copy of the parent made by `fork()` inherits the handler but passes
@@ -84,6 +92,18 @@ static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
 /// the same action each time, and must not leak a copy each time. Under
 /// [`INSTALL`].
 static RECORDED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// How long a child that left the table still counts as one of this
+/// process's own, for a SIGINT it sent: see [`sent_by_another_program`].
+const ENDED_WINDOW_MS: u64 = 2_000;
+/// How many children that left the table are remembered.
+const ENDED_SLOTS: usize = 64;
+/// The children that left the table last (a ring: [`ENDED_NEXT`] is the
+/// next to overwrite), and when (ms of `CLOCK_MONOTONIC`).
+static ENDED: [AtomicI32; ENDED_SLOTS] = [const { AtomicI32::new(0) }; ENDED_SLOTS];
+/// When each of [`ENDED`] left the table.
+static ENDED_AT: [AtomicU64; ENDED_SLOTS] = [const { AtomicU64::new(0) }; ENDED_SLOTS];
+/// The next slot of [`ENDED`] to fill.
+static ENDED_NEXT: AtomicUsize = AtomicUsize::new(0);
 /// How many slots are taken (children being reached).
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 /// The process whose keeper thread runs (see [`keep_chained`]); 0 if none.
@@ -170,10 +190,102 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
 
 /// Whether a SIGINT sent with `kill(2)` by `sender` came from another
 /// program: not from this process itself (`os.kill(os.getpid(), ...)`, a
-/// signal it means for itself alone) and not from one of the children it
-/// reaches (a child telling its parent something). Async-signal-safe.
+/// signal it means for itself alone) and not from a process it started,
+/// however far down (a child, a pool worker, a child's own child: one telling
+/// its parent something), nor from a child reached that ended within
+/// [`ENDED_WINDOW_MS`] (one that sent it and exited at once may have left
+/// the table before this runs). A sender outside this process's pid
+/// namespace reads as 0: another program. Async-signal-safe: atomics, and
+/// `open`/`read`/`close` of `/proc/<pid>/stat` up the sender's parents.
 fn sent_by_another_program(sender: libc::pid_t) -> bool {
-    sender > 0 && sender != getpid() && !GROUPS.iter().any(|slot| slot.load(Ordering::SeqCst) == sender)
+    if sender == 0 {
+        return true;
+    }
+    let me = getpid();
+    if sender == me || GROUPS.iter().any(|slot| slot.load(Ordering::SeqCst) == sender) {
+        return false;
+    }
+    let now = monotonic_ms();
+    let ended_lately = ENDED.iter().zip(&ENDED_AT).any(|(pid, at)| {
+        pid.load(Ordering::SeqCst) == sender && now.saturating_sub(at.load(Ordering::SeqCst)) <= ENDED_WINDOW_MS
+    });
+    !ended_lately && !descends_from(sender, me)
+}
+
+/// Whether process `pid` is a descendant of `ancestor`, by the parents
+/// `/proc` gives (at most 64 generations). False if `pid` is gone.
+fn descends_from(mut pid: libc::pid_t, ancestor: libc::pid_t) -> bool {
+    for _ in 0..64 {
+        match parent_of(pid) {
+            Some(parent) if parent == ancestor => return true,
+            Some(parent) if parent > 1 => pid = parent,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// The parent of process `pid`, from `/proc/<pid>/stat` (the field after the
+/// state, past the last `)` that ends the command name). Async-signal-safe:
+/// no allocation.
+fn parent_of(pid: libc::pid_t) -> Option<libc::pid_t> {
+    let mut path = [0u8; 32];
+    let mut len = 0;
+    for &b in b"/proc/" {
+        path[len] = b;
+        len += 1;
+    }
+    let mut digits = [0u8; 12];
+    let mut count = 0;
+    let mut rest = u32::try_from(pid).ok()?;
+    loop {
+        digits[count] = b'0' + (rest % 10) as u8;
+        count += 1;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for i in (0..count).rev() {
+        path[len] = digits[i];
+        len += 1;
+    }
+    for &b in b"/stat\0" {
+        path[len] = b;
+        len += 1;
+    }
+    // SAFETY: a NUL-terminated path in a live buffer; open(2) is async-signal-safe.
+    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    let mut buf = [0u8; 512];
+    // SAFETY: reads into a live buffer of its length; read(2) and close(2)
+    // are async-signal-safe.
+    let read = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    // SAFETY: as above, on the fd just opened.
+    unsafe { libc::close(fd) };
+    let data = buf.get(..usize::try_from(read).ok()?)?;
+    let after_name = data.iter().rposition(|&b| b == b')')? + 1;
+    let mut fields = data.get(after_name..)?.split(|&b| b == b' ').filter(|field| !field.is_empty());
+    let _state = fields.next()?;
+    let mut parent: libc::pid_t = 0;
+    for &b in fields.next()? {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        parent = parent.checked_mul(10)?.checked_add(libc::pid_t::from(b - b'0'))?;
+    }
+    Some(parent)
+}
+
+/// Milliseconds of `CLOCK_MONOTONIC`. Async-signal-safe.
+fn monotonic_ms() -> u64 {
+    // SAFETY: a zeroed timespec is a valid out-parameter.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: clock_gettime(2) writes `now`; it is async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1000 + u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000_000
 }
 
 /// Chains the forwarding SIGINT handler in front of the current one again,
@@ -301,7 +413,10 @@ impl Forwarded {
 impl Drop for Forwarded {
     fn drop(&mut self) {
         if let Some(slot) = self.slot {
-            GROUPS[slot].store(0, Ordering::SeqCst);
+            let pid = GROUPS[slot].swap(0, Ordering::SeqCst);
+            let ended = ENDED_NEXT.fetch_add(1, Ordering::SeqCst) % ENDED_SLOTS;
+            ENDED_AT[ended].store(monotonic_ms(), Ordering::SeqCst);
+            ENDED[ended].store(pid, Ordering::SeqCst);
             LIVE.fetch_sub(1, Ordering::SeqCst);
         }
     }
@@ -360,6 +475,40 @@ mod tests {
             action.sa_sigaction = handler;
             libc::sigaction(libc::SIGINT, &action, ptr::null_mut());
         }
+    }
+
+    #[test]
+    fn a_sigint_from_a_process_this_one_started_however_far_down_is_not_another_programs() {
+        let me = getpid();
+        // SAFETY: getppid(2) has no preconditions.
+        assert_eq!(parent_of(me), Some(unsafe { libc::getppid() }));
+        // A child, and the child's own child (a shell running `sleep`).
+        let mut child = std::process::Command::new("sh").args(["-c", "sleep 30 & wait"]).spawn().unwrap();
+        let child_pid = child.id() as libc::pid_t;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let grandchild = loop {
+            let found =
+                std::fs::read_to_string(format!("/proc/{child_pid}/task/{child_pid}/children")).unwrap_or_default();
+            if let Some(pid) = found.split_whitespace().next() {
+                break pid.parse::<libc::pid_t>().unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "the shell started no child");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let verdicts = (
+            sent_by_another_program(me),
+            sent_by_another_program(child_pid),
+            sent_by_another_program(grandchild),
+            sent_by_another_program(1),
+            sent_by_another_program(0),
+        );
+        // SAFETY: kill(2) of the grandchild and the child, ours to end.
+        unsafe {
+            libc::kill(grandchild, libc::SIGKILL);
+            libc::kill(child_pid, libc::SIGKILL);
+        }
+        let _ = child.wait();
+        assert_eq!(verdicts, (false, false, false, true, true));
     }
 
     #[test]
