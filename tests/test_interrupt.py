@@ -804,6 +804,70 @@ def test_a_sigint_another_program_sends_reaches_process_children_which_handle_it
     assert "Traceback" not in err
 
 
+CHILDREN_CLEANING_UP_SLOWLY = """
+import os, sys, time
+if sys.argv[1] == "warden":
+    import warden as mp
+else:
+    import multiprocessing
+    mp = multiprocessing.get_context("spawn")
+
+def log(text):
+    with open(os.environ["OUT"], "a") as f:
+        f.write(text + "\\n")
+
+def child(i):
+    log(f"started {i}")
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        time.sleep(1)  # its cleanup, which a second KeyboardInterrupt would cut short
+        log(f"cleaned up {i}")
+
+if __name__ == "__main__":
+    open(os.environ["OUT"], "a").close()
+    children = [mp.Process(target=child, args=(i,)) for i in range(2)]
+    for p in children:
+        p.start()
+    while sum(line.startswith("started") for line in open(os.environ["OUT"])) < 2:
+        time.sleep(0.02)
+    print("ready", *(p.pid for p in children), flush=True)
+    try:
+        for p in children:
+            p.join()
+    except KeyboardInterrupt:
+        for p in children:
+            p.join(30)
+    print("exit codes", [p.exitcode for p in children], flush=True)
+"""
+
+
+@needs_setsid
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+@pytest.mark.parametrize("first", ["children", "parent"])
+def test_a_sigint_sent_to_every_process_reaches_each_child_once(program, impl, first):
+    """``pkill -INT python`` or systemd (``KillMode=control-group``) signal
+    every process of a program. A warden child got that SIGINT from the
+    sender and again from its parent, which passes on what reaches it: the
+    second ``KeyboardInterrupt`` cut the first one's cleanup short."""
+    prog = program(CHILDREN_CLEANING_UP_SLOWLY)
+    proc = prog.start(command=["setsid", sys.executable, str(prog.path), impl])
+    assert proc.stdout is not None
+    ready = proc.stdout.readline().split()
+    assert ready[:1] == ["ready"], ready
+    children = [int(pid) for pid in ready[1:]]
+    time.sleep(0.2)  # the parent is in its join
+    order = [children, [proc.pid]] if first == "children" else [[proc.pid], children]
+    for pids in order:
+        for pid in pids:
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.1)  # as a sender going through many processes
+    out, err = finish(proc, timeout=60)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["exit codes [0, 0]"], err
+    assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"], err
+
+
 POOL_WORKER_TELLS_ITS_PARENT = """
 import os, signal, sys, time
 if sys.argv[1] == "warden":

@@ -1373,8 +1373,12 @@ class Handler:
         ``Process`` is a program of its own): it raises ``KeyboardInterrupt``
         there, not ``TaskInterrupted``, and does not stop the worker. Setting
         its handler back also takes it from the core's, which stops
-        treating it as a stop signal."""
+        treating it as a stop signal. The core's forwarding handler is then
+        chained in front of it: a SIGINT sent to every process of the program
+        reaches this one from its sender and again from the parent, which
+        passes it on, and the target gets it once."""
         signal.signal(signal.SIGINT, _startup_sigint)
+        _warden.prepare_interrupt_forwarding()
         me = multiprocessing.current_process()
         me._inheriting = True  # type: ignore[attr-defined]
         segment, self.segment = self.segment, None

@@ -50,8 +50,11 @@
 //!   such a child, counts as another program.
 //! * A SIGINT sent to every process of a program (`pkill -INT python`,
 //!   systemd's `KillMode=control-group` with `KillSignal=SIGINT`) reaches a
-//!   child twice: once from the sender, once passed on. Send it to the
-//!   parent or its group instead.
+//!   child twice: once from the sender, once passed on. A child that has the
+//!   handler in place (Python's `Process` children chain it in front of
+//!   their own as their target starts) lets the program's handler have the
+//!   first only ([`arrived_twice`]); one whose program replaced it, while no
+//!   keeper thread runs there, gets both.
 //! * At most [`SLOTS`] children at once are reached; more are started
 //!   without it (logged).
 //! * A copy of the parent made by `fork()` inherits the handler but passes
@@ -92,6 +95,16 @@ static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
 /// the same action each time, and must not leak a copy each time. Under
 /// [`INSTALL`].
 static RECORDED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// The warden parent this process serves as a worker or child for (0 if
+/// none): what it passes on may also reach this process from its sender.
+static PARENT: AtomicI32 = AtomicI32::new(0);
+/// When this process last got a SIGINT (ms of `CLOCK_MONOTONIC`, 0 if not
+/// lately), and whether from [`PARENT`]: see [`arrived_twice`].
+static LAST_AT: AtomicU64 = AtomicU64::new(0);
+/// Whether the SIGINT at [`LAST_AT`] came from [`PARENT`].
+static LAST_FROM_PARENT: AtomicBool = AtomicBool::new(false);
+/// How far apart the two arrivals of one interrupt may be.
+const TWICE_WINDOW_MS: u64 = 500;
 /// How long a child that left the table still counts as one of this
 /// process's own, for a SIGINT it sent: see [`sent_by_another_program`].
 const ENDED_WINDOW_MS: u64 = 2_000;
@@ -146,12 +159,20 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
     let errno = unsafe { *libc::__errno_location() };
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler;
     // checked for null all the same (a chaining handler might pass none).
-    let passed_on = !info.is_null() && {
+    let (code, sender) = if info.is_null() {
+        (0, 0)
+    } else {
         // SAFETY: as above; si_pid is set for SI_USER (kill(2)).
-        let (code, sender) = unsafe { ((*info).si_code, (*info).si_pid()) };
-        code == libc::SI_KERNEL || (code == libc::SI_USER && sent_by_another_program(sender))
+        unsafe { ((*info).si_code, (*info).si_pid()) }
     };
     let owner = getpid() == OWNER.load(Ordering::SeqCst);
+    if owner && arrived_twice(code, sender) {
+        // SAFETY: as above.
+        unsafe { *libc::__errno_location() = errno };
+        return;
+    }
+    let passed_on =
+        !info.is_null() && (code == libc::SI_KERNEL || (code == libc::SI_USER && sent_by_another_program(sender)));
     if owner {
         LAST_FORWARDED.store(passed_on, Ordering::SeqCst);
     }
@@ -186,6 +207,31 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
     }
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = errno };
+}
+
+/// Whether this SIGINT, in a child of a warden parent, is the second
+/// arrival of one interrupt: a SIGINT sent to every process of a program
+/// (`pkill -INT python`, systemd's `KillMode=control-group`) reaches a child
+/// from its sender and again from its parent, which passes on what reached
+/// it. One from the parent within [`TWICE_WINDOW_MS`] of one from elsewhere,
+/// or the other way round, is that; the program's handler gets the first
+/// only, so the second does not cut short what the first began (a
+/// `KeyboardInterrupt`'s cleanup). Two from the same side (a terminal's
+/// Ctrl-C typed twice, passed on twice) are two. Async-signal-safe.
+fn arrived_twice(code: libc::c_int, sender: libc::pid_t) -> bool {
+    let parent = PARENT.load(Ordering::SeqCst);
+    if parent == 0 {
+        return false;
+    }
+    let from_parent = code == libc::SI_USER && sender == parent;
+    let now = monotonic_ms();
+    let before = LAST_AT.swap(now, Ordering::SeqCst);
+    let before_from_parent = LAST_FROM_PARENT.swap(from_parent, Ordering::SeqCst);
+    let twice = before != 0 && now.saturating_sub(before) <= TWICE_WINDOW_MS && before_from_parent != from_parent;
+    if twice {
+        LAST_AT.store(0, Ordering::SeqCst); // a third is an interrupt of its own
+    }
+    twice
 }
 
 /// Whether a SIGINT sent with `kill(2)` by `sender` came from another
@@ -297,6 +343,12 @@ fn monotonic_ms() -> u64 {
 pub fn chain_interrupt_handler() -> bool {
     let _guard = install_lock();
     OWNER.load(Ordering::SeqCst) == getpid() && install()
+}
+
+/// Notes that this process serves as a worker or child of `parent`, which
+/// passes on the SIGINTs that reach it: see [`arrived_twice`].
+pub(crate) fn note_parent(parent: u32) {
+    PARENT.store(i32::try_from(parent).unwrap_or(0), Ordering::SeqCst);
 }
 
 /// Makes this process the one that passes a terminal's Ctrl-C on to its

@@ -942,6 +942,9 @@ pub fn serve<H: Handler>(env: WorkerEnv, mut handler: H) -> ExitStatus {
     // Processes the tasks start must not inherit the channel.
     let _ = rustix::io::fcntl_setfd(&stream, rustix::io::FdFlags::CLOEXEC);
 
+    // What its parent passes on may also reach it from its sender.
+    crate::interrupts::note_parent(env.parent);
+
     let core = Arc::new(WorkerState::new(stream, env.max_frame, env.parent, STARTING, env.one_off));
     *lock(&CHANNEL) = Some(Arc::downgrade(&core));
 
