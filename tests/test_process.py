@@ -1055,68 +1055,6 @@ def test_a_started_process_pickles_into_an_inert_handle():
         p.join(30)
 
 
-A_PROCESS_WHOSE_METHOD_IS_ANOTHERS_TARGET = """
-import os, sys, time, multiprocessing
-import warden
-
-if os.environ["IMPL"] == "warden":
-    Process, Event = warden.Process, warden.Event
-else:
-    ctx = multiprocessing.get_context("spawn")
-    Process, Event = ctx.Process, ctx.Event
-
-class Service(Process):
-    def __init__(self):
-        super().__init__()
-        self._stop = Event()
-        self.interval = 0.05
-
-    def heartbeat(self):
-        while not self._stop.wait(self.interval):
-            pass
-        print("heartbeat stopped", self.interval, flush=True)
-
-    def run(self):
-        beat = Process(target=self.heartbeat)  # a method of this process, in another
-        beat.start()
-        time.sleep(0.3)
-        self._stop.set()
-        beat.join(30)
-        print("service: heartbeat exit code", beat.exitcode, flush=True)
-
-if __name__ == "__main__":
-    service = Service()
-    service.start()
-    service.join(60)
-    print("service exit code", service.exitcode, flush=True)
-    unstarted = Service()
-    beat = Process(target=unstarted.heartbeat)
-    beat.start()
-    time.sleep(0.3)
-    unstarted._stop.set()
-    beat.join(30)
-    print("heartbeat exit code", beat.exitcode, flush=True)
-"""
-
-
-@pytest.mark.parametrize("impl", ["warden", "stdlib"])
-def test_a_method_of_a_process_subclass_as_another_process_target_sees_the_subclasss_own_attributes(
-    program, impl
-):
-    # The process object goes to the other child as a handle, which had
-    # only name, pid, daemon and exit code: the target's `self._stop` was
-    # missing (AttributeError), where the standard library pickles it all.
-    run = program(A_PROCESS_WHOSE_METHOD_IS_ANOTHERS_TARGET).run(env={"IMPL": impl}, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert run.lines == [
-        "heartbeat stopped 0.05",
-        "service: heartbeat exit code 0",
-        "service exit code 0",
-        "heartbeat stopped 0.05",
-        "heartbeat exit code 0",
-    ], run.stdout + run.stderr
-
-
 def test_start_returns_promptly_with_a_live_pid():
     start = time.monotonic()
     p = warden.Process(target=sleep_forever)

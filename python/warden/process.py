@@ -151,9 +151,8 @@ class Process(multiprocessing.context.Process):
 
     Pickling a ``Process`` (for instance as part of ``self`` in
     ``Process(target=self.method)``) gives the child an inert handle that
-    reports ``name``, ``pid``, ``daemon`` and ``exitcode``, has the
-    attributes a subclass set of its own, and cannot be started, joined or
-    signalled.
+    reports ``name``, ``pid``, ``daemon`` and ``exitcode`` and cannot be
+    started, joined or signalled.
     """
 
     _warden_handle_of: int | None = None
@@ -207,12 +206,6 @@ class Process(multiprocessing.context.Process):
                     if key in state:
                         state[key] = None
             return (_new_process, (type(self),), state)
-        # What a subclass keeps of its own (``self._stop = Event()``) goes
-        # along, as the standard library's pickled object has it: a method
-        # of the object as a target (``Process(target=self.heartbeat)``)
-        # finds it. As the pickle's state, so that one referring back to the
-        # object (a cycle) is the handle.
-        own = {k: v for k, v in vars(self).items() if k not in _MACHINERY and not k.startswith("_warden_")}
         return (
             _process_handle,
             (
@@ -223,7 +216,6 @@ class Process(multiprocessing.context.Process):
                 None if self._closed else self.exitcode,
                 self._warden_handle_of or self._parent_pid,  # type: ignore[attr-defined]
             ),
-            own or None,
         )
 
     def __copy__(self) -> Process:
@@ -555,24 +547,6 @@ def _exit_sentinel(pid: int, runner: Any) -> int:
     read_end, write_end = os.pipe()
     os.close(write_end)
     return read_end
-
-
-#: What ``multiprocessing.process.BaseProcess`` keeps on the object: the
-#: rest of its ``__dict__`` (but warden's ``_warden_*``) is a subclass's own.
-_MACHINERY = frozenset(
-    {
-        "_identity",
-        "_config",
-        "_parent_pid",
-        "_parent_name",
-        "_popen",
-        "_closed",
-        "_target",
-        "_args",
-        "_kwargs",
-        "_name",
-    }
-)
 
 
 def _new_process(cls: type[Process]) -> Process:
