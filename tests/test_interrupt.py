@@ -861,11 +861,78 @@ def test_a_sigint_sent_to_every_process_reaches_each_child_once(program, impl, f
     for pids in order:
         for pid in pids:
             os.kill(pid, signal.SIGINT)
-        time.sleep(0.1)  # as a sender going through many processes
+        time.sleep(0.02)  # as a sender going through many processes
     out, err = finish(proc, timeout=60)
     assert proc.returncode == 0, err
     assert out.splitlines() == ["exit codes [0, 0]"], err
     assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"], err
+
+
+CHILDREN_INTERRUPTING_THEMSELVES_AGAIN = """
+import os, signal, sys, threading, time
+if sys.argv[1] == "warden":
+    import warden as mp
+else:
+    import multiprocessing
+    mp = multiprocessing.get_context("spawn")
+
+def log(text):
+    with open(os.environ["OUT"], "a") as f:
+        f.write(text + "\\n")
+
+def child(i):
+    log(f"started {i}")
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        # A timeout of its own, as a SIGINT to itself.
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            time.sleep(10)
+            log(f"not interrupted again {i}")
+        except KeyboardInterrupt:
+            log(f"interrupted again {i}")
+
+if __name__ == "__main__":
+    open(os.environ["OUT"], "a").close()
+    children = [mp.Process(target=child, args=(i,)) for i in range(2)]
+    for p in children:
+        p.start()
+    while sum(line.startswith("started") for line in open(os.environ["OUT"])) < 2:
+        time.sleep(0.02)
+    print("ready", flush=True)
+    try:
+        for p in children:
+            p.join()
+    except KeyboardInterrupt:
+        for p in children:
+            p.join(30)
+    print("exit codes", [p.exitcode for p in children], flush=True)
+"""
+
+
+@needs_setsid
+@pytest.mark.parametrize("impl", ["warden", "stdlib"])
+def test_a_sigint_a_child_sends_itself_just_after_one_passed_on_is_its_own(program, impl):
+    """A child drops the second arrival of one interrupt (from its sender
+    and from its parent): a SIGINT it sends itself soon after one its
+    parent passed on is never that, and was dropped, so a child timing out
+    its own wait with one waited for ever."""
+    prog = program(CHILDREN_INTERRUPTING_THEMSELVES_AGAIN)
+    proc = prog.start(command=["setsid", sys.executable, str(prog.path), impl])
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)  # the parent is in its join
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = finish(proc, timeout=60)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["exit codes [0, 0]"], err
+    assert sorted(prog.out_lines()) == [
+        "interrupted again 0",
+        "interrupted again 1",
+        "started 0",
+        "started 1",
+    ], err
 
 
 POOL_WORKER_TELLS_ITS_PARENT = """

@@ -54,7 +54,14 @@
 //!   handler in place (Python's `Process` children chain it in front of
 //!   their own as their target starts) lets the program's handler have the
 //!   first only ([`arrived_twice`]); one whose program replaced it, while no
-//!   keeper thread runs there, gets both.
+//!   keeper thread runs there, gets both. A SIGINT another program sends
+//!   the child itself within 200 ms of one its parent passed on (or the
+//!   other way round) is taken for such a second arrival, and dropped.
+//! * A sender more than 64 generations down, or one that has left the
+//!   parent's tree (a watchdog started with `sh -c '... &'`, reparented to
+//!   init), counts as another program.
+//! * A program waiting in C's `system()` (Python's `os.system`) ignores
+//!   SIGINT meanwhile: nothing is passed on then.
 //! * At most [`SLOTS`] children at once are reached; more are started
 //!   without it (logged).
 //! * A copy of the parent made by `fork()` inherits the handler but passes
@@ -104,7 +111,7 @@ static LAST_AT: AtomicU64 = AtomicU64::new(0);
 /// Whether the SIGINT at [`LAST_AT`] came from [`PARENT`].
 static LAST_FROM_PARENT: AtomicBool = AtomicBool::new(false);
 /// How far apart the two arrivals of one interrupt may be.
-const TWICE_WINDOW_MS: u64 = 500;
+const TWICE_WINDOW_MS: u64 = 200;
 /// How long a child that left the table still counts as one of this
 /// process's own, for a SIGINT it sent: see [`sent_by_another_program`].
 const ENDED_WINDOW_MS: u64 = 2_000;
@@ -213,17 +220,19 @@ extern "C" fn on_sigint(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
 /// arrival of one interrupt: a SIGINT sent to every process of a program
 /// (`pkill -INT python`, systemd's `KillMode=control-group`) reaches a child
 /// from its sender and again from its parent, which passes on what reached
-/// it. One from the parent within [`TWICE_WINDOW_MS`] of one from elsewhere,
-/// or the other way round, is that; the program's handler gets the first
-/// only, so the second does not cut short what the first began (a
-/// `KeyboardInterrupt`'s cleanup). Two from the same side (a terminal's
-/// Ctrl-C typed twice, passed on twice) are two. Async-signal-safe.
+/// it. Only SIGINTs sent with `kill(2)` by another process pair up: one from
+/// the parent within [`TWICE_WINDOW_MS`] of one from elsewhere, or the other
+/// way round, is that; the program's handler gets the first only, so the
+/// second does not cut short what the first began (a `KeyboardInterrupt`'s
+/// cleanup). Two from the same side (a terminal's Ctrl-C typed twice, passed
+/// on twice) are two, and one the process sends itself (a timer of its
+/// own, `raise`) is always its own. Async-signal-safe.
 fn arrived_twice(code: libc::c_int, sender: libc::pid_t) -> bool {
     let parent = PARENT.load(Ordering::SeqCst);
-    if parent == 0 {
+    if parent == 0 || code != libc::SI_USER || sender == getpid() {
         return false;
     }
-    let from_parent = code == libc::SI_USER && sender == parent;
+    let from_parent = sender == parent;
     let now = monotonic_ms();
     let before = LAST_AT.swap(now, Ordering::SeqCst);
     let before_from_parent = LAST_FROM_PARENT.swap(from_parent, Ordering::SeqCst);
