@@ -804,8 +804,12 @@ def test_a_sigint_another_program_sends_reaches_process_children_which_handle_it
     assert "Traceback" not in err
 
 
-CHILDREN_CLEANING_UP_SLOWLY = """
-import os, sys, time
+# Children that handle a SIGINT (KeyboardInterrupt), on warden or the
+# standard library (spawn): "slowly" cleans up for a second, which a second
+# KeyboardInterrupt would cut short; "again" sends itself a SIGINT 0.1 s
+# later (a timeout of its own) and notes whether it came.
+CHILDREN_HANDLING_A_SIGINT = """
+import os, signal, sys, threading, time
 if sys.argv[1] == "warden":
     import warden as mp
 else:
@@ -816,17 +820,25 @@ def log(text):
     with open(os.environ["OUT"], "a") as f:
         f.write(text + "\\n")
 
-def child(i):
+def child(i, how):
     log(f"started {i}")
     try:
         time.sleep(60)
     except KeyboardInterrupt:
-        time.sleep(1)  # its cleanup, which a second KeyboardInterrupt would cut short
-        log(f"cleaned up {i}")
+        if how == "slowly":
+            time.sleep(1)
+            log(f"cleaned up {i}")
+            return
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            time.sleep(10)
+            log(f"not interrupted again {i}")
+        except KeyboardInterrupt:
+            log(f"interrupted again {i}")
 
 if __name__ == "__main__":
     open(os.environ["OUT"], "a").close()
-    children = [mp.Process(target=child, args=(i,)) for i in range(2)]
+    children = [mp.Process(target=child, args=(i, sys.argv[2])) for i in range(2)]
     for p in children:
         p.start()
     while sum(line.startswith("started") for line in open(os.environ["OUT"])) < 2:
@@ -850,8 +862,8 @@ def test_a_sigint_sent_to_every_process_reaches_each_child_once(program, impl, f
     every process of a program. A warden child got that SIGINT from the
     sender and again from its parent, which passes on what reaches it: the
     second ``KeyboardInterrupt`` cut the first one's cleanup short."""
-    prog = program(CHILDREN_CLEANING_UP_SLOWLY)
-    proc = prog.start(command=["setsid", sys.executable, str(prog.path), impl])
+    prog = program(CHILDREN_HANDLING_A_SIGINT)
+    proc = prog.start(command=["setsid", sys.executable, str(prog.path), impl, "slowly"])
     assert proc.stdout is not None
     ready = proc.stdout.readline().split()
     assert ready[:1] == ["ready"], ready
@@ -868,49 +880,6 @@ def test_a_sigint_sent_to_every_process_reaches_each_child_once(program, impl, f
     assert sorted(prog.out_lines()) == ["cleaned up 0", "cleaned up 1", "started 0", "started 1"], err
 
 
-CHILDREN_INTERRUPTING_THEMSELVES_AGAIN = """
-import os, signal, sys, threading, time
-if sys.argv[1] == "warden":
-    import warden as mp
-else:
-    import multiprocessing
-    mp = multiprocessing.get_context("spawn")
-
-def log(text):
-    with open(os.environ["OUT"], "a") as f:
-        f.write(text + "\\n")
-
-def child(i):
-    log(f"started {i}")
-    try:
-        time.sleep(60)
-    except KeyboardInterrupt:
-        # A timeout of its own, as a SIGINT to itself.
-        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
-        try:
-            time.sleep(10)
-            log(f"not interrupted again {i}")
-        except KeyboardInterrupt:
-            log(f"interrupted again {i}")
-
-if __name__ == "__main__":
-    open(os.environ["OUT"], "a").close()
-    children = [mp.Process(target=child, args=(i,)) for i in range(2)]
-    for p in children:
-        p.start()
-    while sum(line.startswith("started") for line in open(os.environ["OUT"])) < 2:
-        time.sleep(0.02)
-    print("ready", flush=True)
-    try:
-        for p in children:
-            p.join()
-    except KeyboardInterrupt:
-        for p in children:
-            p.join(30)
-    print("exit codes", [p.exitcode for p in children], flush=True)
-"""
-
-
 @needs_setsid
 @pytest.mark.parametrize("impl", ["warden", "stdlib"])
 def test_a_sigint_a_child_sends_itself_just_after_one_passed_on_is_its_own(program, impl):
@@ -918,10 +887,10 @@ def test_a_sigint_a_child_sends_itself_just_after_one_passed_on_is_its_own(progr
     and from its parent): a SIGINT it sends itself soon after one its
     parent passed on is never that, and was dropped, so a child timing out
     its own wait with one waited for ever."""
-    prog = program(CHILDREN_INTERRUPTING_THEMSELVES_AGAIN)
-    proc = prog.start(command=["setsid", sys.executable, str(prog.path), impl])
+    prog = program(CHILDREN_HANDLING_A_SIGINT)
+    proc = prog.start(command=["setsid", sys.executable, str(prog.path), impl, "again"])
     assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "ready"
+    assert proc.stdout.readline().split()[:1] == ["ready"]
     time.sleep(0.2)  # the parent is in its join
     os.killpg(proc.pid, signal.SIGINT)
     out, err = finish(proc, timeout=60)
